@@ -1,0 +1,1 @@
+"""Evaluation: domain benchmarks and memorization-leakage audits."""

@@ -1,0 +1,104 @@
+"""The `ksg` command."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.table import Table
+
+from knowledgesg.console import console
+from knowledgesg.errors import KsgError
+
+app = typer.Typer(
+    name="ksg",
+    help="KnowledgeSG: privacy-first synthetic data for federated fine-tuning of language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+STATE_STYLES = {"done": "green", "cached": "cyan", "ran": "green", "stale": "yellow", "pending": "dim", "failed": "red", "interrupted": "yellow"}
+
+
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}s"
+
+
+@app.command()
+def run(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="pipeline spec (YAML)")],
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="default: runs/<spec name>")] = None,
+) -> None:
+    """Run a pipeline; stages already done with the same inputs are skipped (resume after a crash)."""
+    from knowledgesg.runner import Runner
+    from knowledgesg.spec import load_spec
+
+    start = time.perf_counter()
+    spec, base_dir = load_spec(spec_path)
+    run_dir = run_dir or Path("runs") / spec.name
+    outcomes = Runner(spec, base_dir, run_dir).run()
+    table = Table(title=f"{spec.name}: {run_dir}")
+    for column, justify in (("stage", "left"), ("status", "left"), ("time", "right"), ("records", "right")):
+        table.add_column(column, justify=justify)
+    for outcome in outcomes:
+        style = STATE_STYLES.get(outcome.status, "")
+        time_text = _seconds(outcome.duration_s) + (" (earlier)" if outcome.status == "cached" else "")
+        table.add_row(outcome.name, f"[{style}]{outcome.status}[/]", time_text, str(outcome.records))
+    console.print(table)
+    console.print(f"finished in {time.perf_counter() - start:.1f}s")
+
+
+@app.command()
+def status(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run directory")]) -> None:
+    """Each stage of a run: done, cached, stale, interrupted, failed or pending."""
+    from knowledgesg.status import run_status
+
+    table = Table(title=str(run_dir))
+    for column in ("stage", "state", "time", "records", "finished", "detail"):
+        table.add_column(column)
+    for state in run_status(run_dir):
+        style = STATE_STYLES.get(state.state, "")
+        table.add_row(state.name, f"[{style}]{state.state}[/]", _seconds(state.duration_s), "" if state.records is None else str(state.records), state.finished_at or "", state.detail)
+    console.print(table)
+
+
+@app.command()
+def models() -> None:
+    """The offline model names and whether each is converted in the cache."""
+    from knowledgesg.models import MARKER, REGISTRY, TINY, cache_root
+
+    cache = cache_root()
+    table = Table(title=f"models (cache: {cache})")
+    for column in ("name", "kind", "cached", "install"):
+        table.add_column(column)
+    for name, entry in REGISTRY.items():
+        table.add_row(name, entry.kind, "yes" if (cache / "models" / name / MARKER).is_file() else "no", entry.install)
+    table.add_row(TINY, "causal-lm", "yes" if (cache / "models" / TINY / MARKER).is_file() else "no", "(built from a config, for tests)")
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit code. Known errors print as one line on stderr."""
+    try:
+        app(args=argv, prog_name="ksg", standalone_mode=False)
+    except KsgError as err:
+        print(f"ksg: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except click.exceptions.Exit as err:
+        return err.exit_code
+    except click.ClickException as err:
+        err.show()
+        return err.exit_code
+    except click.exceptions.Abort:
+        print("ksg: aborted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Crash-safe artifact I/O: every file is written to a temporary sibling and renamed into place.
+
+A rename within one directory is atomic on POSIX, so a reader (or a resumed run) sees either the
+old file, the new file, or no file, never a torn one.
+
+`KSG_CRASH_AT=N` (tests only) makes the process SIGKILL itself at the N-th crash point, where the
+crash points are "temporary file written, not yet renamed" and "file renamed" for every artifact.
+The crash-safety tests walk N over every point of a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+_crash_points_passed = 0
+
+
+def _crash_point() -> None:
+    global _crash_points_passed
+    target = os.environ.get("KSG_CRASH_AT")
+    if not target:
+        return
+    _crash_points_passed += 1
+    if _crash_points_passed == int(target):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+    """Open a temporary file beside `path`; on success, fsync and rename it onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        _crash_point()
+        os.replace(tmp_name, path)
+        _crash_point()
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_open(path) as handle:
+        handle.write(text)
+
+
+def canonical_json(obj: Any) -> str:
+    """The one JSON spelling used for fingerprints and artifacts: sorted keys, no spaces."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write one canonical JSON object per line; return the number of rows."""
+    count = 0
+    with atomic_open(path) as handle:
+        for row in rows:
+            handle.write(canonical_json(row) + "\n")
+            count += 1
+    return count
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

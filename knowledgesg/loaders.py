@@ -1,0 +1,188 @@
+"""Read private data from files into validated records, failing on the first bad line.
+
+Each problem is reported as one line naming the file, the line (or record number, for formats
+without lines) and the field, so that a data owner can fix it without reading our code.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from knowledgesg.errors import InputError, data_error
+from knowledgesg.records import RECORD_FIELDS, REQUIRED_FIELDS, InstructionRecord, Record, TextRecord
+from knowledgesg.spec import DataSource
+
+SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+Row = tuple[int, dict[str, Any]]  # (line or record number, the raw row)
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        return "hf_disk"
+    fmt = SUFFIX_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        known = ", ".join(sorted(SUFFIX_FORMATS))
+        raise InputError(f"{path}: unknown data format '{path.suffix or '(no suffix)'}' (known: {known}, or a saved datasets directory; or set 'format')")
+    return fmt
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise data_error(path, f"not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}); re-encode the file as UTF-8", line=line) from None
+
+
+def _rows_jsonl(path: Path) -> Iterator[Row]:
+    for number, line in enumerate(_decode(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise data_error(path, f"malformed JSON ({err.msg} at column {err.colno})", line=number) from None
+        if not isinstance(row, dict):
+            raise data_error(path, f"expected a JSON object, got {type(row).__name__}", line=number)
+        yield number, row
+
+
+def _rows_json(path: Path) -> Iterator[Row]:
+    try:
+        data = json.loads(_decode(path))
+    except json.JSONDecodeError as err:
+        raise data_error(path, f"malformed JSON ({err.msg})", line=err.lineno) from None
+    if not isinstance(data, list):
+        raise data_error(path, f"expected a JSON list of objects, got {type(data).__name__}")
+    for number, row in enumerate(data, start=1):
+        if not isinstance(row, dict):
+            raise InputError(f"{path}: record {number}: expected a JSON object, got {type(row).__name__}")
+        yield number, row
+
+
+def _rows_csv(path: Path) -> Iterator[Row]:
+    reader = csv.DictReader(io.StringIO(_decode(path), newline=""))
+    try:
+        for row in reader:
+            if None in row:  # more cells than header columns
+                raise data_error(path, f"{len(reader.fieldnames or [])} columns in the header but more cells on this line", line=reader.line_num)
+            yield reader.line_num, row
+    except csv.Error as err:
+        raise data_error(path, f"malformed CSV ({err})", line=reader.line_num) from None
+
+
+def _rows_parquet(path: Path) -> Iterator[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several unrelated types for a corrupt file
+        raise data_error(path, f"not a readable Parquet file ({type(err).__name__}: {err})") from None
+    yield from enumerate(table.to_pylist(), start=1)
+
+
+def _rows_hf_disk(path: Path) -> Iterator[Row]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets raises FileNotFoundError or ValueError for a non-dataset dir
+        raise data_error(path, f"not a saved `datasets` directory ({type(err).__name__}: {err})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if len(loaded) != 1:
+            raise data_error(path, f"holds several splits ({', '.join(loaded)}); point 'path' at one split's directory")
+        loaded = next(iter(loaded.values()))
+    yield from enumerate(loaded, start=1)
+
+
+READERS = {"jsonl": _rows_jsonl, "json": _rows_json, "csv": _rows_csv, "parquet": _rows_parquet, "hf_disk": _rows_hf_disk}
+
+
+def _field_value(path: Path, number: int, row: dict[str, Any], record_field: str, column: str, required: bool, line_based: bool) -> str | None:
+    where = {"line": number} if line_based else {}
+    prefix = "" if line_based else f"record {number}: "
+    if column not in row:
+        if required:
+            raise data_error(path, f"{prefix}missing" + (f" (mapped to record field '{record_field}')" if column != record_field else ""), field=column, **where)
+        return None
+    value = row[column]
+    if value is None:
+        if required:
+            raise data_error(path, f"{prefix}is null", field=column, **where)
+        return None
+    if record_field in ("id", "user_id") and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise data_error(path, f"{prefix}must be a string, got {type(value).__name__}", field=column, **where)
+    if required and not value.strip():
+        raise data_error(path, f"{prefix}is empty", field=column, **where)
+    return value
+
+
+def rows_to_records(path: Path, rows: Iterator[Row], source: DataSource, source_name: str, line_based: bool) -> list[Record]:
+    kind = source.kind or "instruction"
+    allowed = RECORD_FIELDS[kind]
+    for mapping_name, mapping in (("fields", source.fields), ("constants", source.constants)):
+        unknown = sorted(set(mapping) - set(allowed))
+        if unknown:
+            raise InputError(f"{path}: {mapping_name} maps unknown record field '{unknown[0]}' (a {kind} record has: {', '.join(allowed)})")
+    record_type = InstructionRecord if kind == "instruction" else TextRecord
+    records: list[Record] = []
+    first_seen: dict[str, int] = {}
+    for number, row in rows:
+        values: dict[str, str] = {}
+        for record_field in allowed:
+            if record_field in source.constants:
+                values[record_field] = source.constants[record_field]
+                continue
+            column = source.fields.get(record_field, record_field)
+            required = record_field in REQUIRED_FIELDS[kind] or record_field in source.fields
+            value = _field_value(path, number, row, record_field, column, required, line_based)
+            if value is not None:
+                values[record_field] = value
+        raw_id = values.pop("id", None) or str(number)
+        if raw_id in first_seen:
+            where = "line" if line_based else "record"
+            raise data_error(path, f"duplicate id '{raw_id}' (first at {where} {first_seen[raw_id]})", field=source.fields.get("id", "id"), **({"line": number} if line_based else {}))
+        first_seen[raw_id] = number
+        records.append(record_type(id=f"{source_name}/{raw_id}", source=source_name, **values))
+    if not records:
+        raise data_error(path, "no records")
+    return records
+
+
+def subsample(records: list[Record], size: int | None, seed: int, source_name: str) -> list[Record]:
+    """A seeded random subset, kept in file order so outputs diff cleanly."""
+    if size is None or size >= len(records):
+        return records
+    keep = sorted(random.Random(f"{seed}:{source_name}").sample(range(len(records)), size))
+    return [records[i] for i in keep]
+
+
+def source_name_of(source: DataSource) -> str:
+    if source.name:
+        return source.name
+    return source.builtin if source.builtin else Path(source.path).stem  # type: ignore[arg-type]
+
+
+def load_source(source: DataSource, base_dir: Path, seed: int) -> list[Record]:
+    """Load one data source of the spec into records (ids prefixed with the source name)."""
+    name = source_name_of(source)
+    if source.builtin is not None:
+        from knowledgesg.builtin_data import load_builtin
+
+        records = load_builtin(source.builtin, source_name=name, expected_kind=source.kind)
+    else:
+        path = source.path if source.path.is_absolute() else base_dir / source.path  # type: ignore[union-attr]
+        if not path.exists():
+            raise InputError(f"{path}: data file not found")
+        fmt = detect_format(path) if source.format == "auto" else source.format
+        records = rows_to_records(path, READERS[fmt](path), source, name, line_based=fmt in ("jsonl", "csv"))
+    return subsample(records, source.sample, seed, name)

@@ -1,0 +1,74 @@
+"""A stage's manifest: what it was given, what it made, and the fingerprint that decides caching.
+
+The manifest is written last, after every output is in place, so its presence is what makes a
+stage complete. Its output hashes let a later run notice a tampered or truncated artifact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from knowledgesg.fileio import read_json, sha256_file, sha256_text, write_json
+
+MANIFEST = "manifest.json"
+
+
+class OutputEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sha256: str
+    bytes: int
+    records: int | None = None
+    # Where the artifact lives in a real deployment: "server", or "client:<id>" for data that
+    # never leaves that client. Server-side stages may only read "server" artifacts.
+    side: str = "server"
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    package_version: str
+    code_sha256: str
+    fingerprint: str
+    params: dict[str, Any]
+    seed: int
+    inputs: dict[str, str]  # external input file -> sha256
+    outputs: dict[str, OutputEntry]  # path relative to the stage directory -> entry
+    started_at: str
+    finished_at: str
+    duration_s: float
+
+    def outputs_digest(self) -> str:
+        return sha256_text("".join(f"{path}={entry.sha256};" for path, entry in sorted(self.outputs.items())))
+
+    def record_count(self) -> int:
+        return sum(entry.records or 0 for entry in self.outputs.values())
+
+
+def read_manifest(stage_dir: Path) -> Manifest | None:
+    path = stage_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return Manifest.model_validate(read_json(path))
+    except (ValueError, OSError):
+        return None  # a manifest we cannot read is no proof of completion
+
+
+def write_manifest(stage_dir: Path, manifest: Manifest) -> None:
+    write_json(stage_dir / MANIFEST, manifest.model_dump(mode="json"))
+
+
+def verify_outputs(stage_dir: Path, manifest: Manifest) -> str | None:
+    """None if every output is on disk with its recorded hash, else what is wrong with the first that is not."""
+    for relative, entry in sorted(manifest.outputs.items()):
+        path = stage_dir / relative
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
+            return f"{path} no longer matches its manifest (sha256 changed)"
+    return None

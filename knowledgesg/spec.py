@@ -1,0 +1,211 @@
+"""The pipeline spec: one YAML file that says what a run does, validated strictly.
+
+Unknown or mistyped keys are errors that name the key and the file: a typo in a privacy
+setting must never be silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from knowledgesg.errors import InputError
+
+DataFormat = Literal["auto", "jsonl", "json", "csv", "parquet", "hf_disk"]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSource(StrictModel):
+    """One file, data-set directory or built-in data set, and how its columns map to record fields."""
+
+    path: Path | None = None
+    builtin: str | None = None
+    format: DataFormat = "auto"
+    kind: Literal["instruction", "text"] | None = None  # default: instruction (a builtin knows its own)
+    # record field -> column name in the file, e.g. {instruction: question, response: answer}
+    fields: dict[str, str] = Field(default_factory=dict)
+    # record field -> the same value for every record, e.g. {instruction: "Classify the sentiment."}
+    constants: dict[str, str] = Field(default_factory=dict)
+    name: str | None = None
+    sample: int | None = Field(default=None, gt=0, description="keep a seeded random subset of this size")
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> DataSource:
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError("give exactly one of 'path' or 'builtin'")
+        return self
+
+
+class PartitionSpec(StrictModel):
+    """How pooled private data is split into clients."""
+
+    method: Literal["natural", "iid", "dirichlet"]
+    num_clients: int | None = Field(default=None, ge=1)
+    field: str = "source"  # natural: the record field whose values are the clients
+    alpha: float = Field(default=1.0, gt=0)  # dirichlet concentration; small = skewed
+    label_field: str = "response"  # dirichlet: the labels the skew is over
+    names: list[str] | None = None  # client ids, in order; default client_0, client_1, ...
+    min_client_records: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _needs_count(self) -> PartitionSpec:
+        if self.method in ("iid", "dirichlet") and self.num_clients is None and self.names is None:
+            raise ValueError(f"partition method '{self.method}' needs num_clients or names")
+        if self.names is not None and self.num_clients is not None and len(self.names) != self.num_clients:
+            raise ValueError(f"names has {len(self.names)} entries but num_clients is {self.num_clients}")
+        return self
+
+
+class ClientSpec(StrictModel):
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    data: list[DataSource] = Field(min_length=1)
+
+
+class ClientsSpec(StrictModel):
+    """Either pooled `data` split by `partition`, or explicit `members` that each bring their data."""
+
+    data: list[DataSource] = Field(default_factory=list)
+    partition: PartitionSpec | None = None
+    members: list[ClientSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> ClientsSpec:
+        pooled = bool(self.data) or self.partition is not None
+        if pooled and self.members:
+            raise ValueError("give either 'data' with 'partition', or 'members', not both")
+        if not pooled and not self.members:
+            raise ValueError("no clients: give 'data' with 'partition', or 'members'")
+        if pooled and (not self.data or self.partition is None):
+            raise ValueError("pooled client data needs both 'data' and 'partition'")
+        ids = [m.id for m in self.members]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate client id(s): {', '.join(duplicates)}")
+        return self
+
+
+class ModelsSpec(StrictModel):
+    """Model names by role: a registry name, a local directory or a Hugging Face id."""
+
+    base: str
+    professional: str | None = None
+    embedder: str | None = None
+    cache_dir: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class PrivacySpec(StrictModel):
+    """The privacy budget. `target_epsilon: .inf` is the non-private reference."""
+
+    target_epsilon: float = 8.0
+    delta: float | None = None  # default 1/(10 N) per client, N = its number of privacy units
+    unit: Literal["record", "user"] = "record"
+    cap_epsilon: float | None = None  # per-client total a stage may never push past
+
+    @field_validator("target_epsilon")
+    @classmethod
+    def _positive_epsilon(cls, value: float) -> float:
+        if not value > 0 or math.isnan(value):
+            raise ValueError(f"must be > 0 (or .inf for the non-private reference), got {value}")
+        return value
+
+    @field_validator("delta")
+    @classmethod
+    def _delta_range(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value < 1:
+            raise ValueError(f"must be in (0, 1), got {value}")
+        return value
+
+    @field_validator("cap_epsilon")
+    @classmethod
+    def _positive_cap(cls, value: float | None) -> float | None:
+        if value is not None and not value > 0:
+            raise ValueError(f"must be > 0, got {value}")
+        return value
+
+
+class StageSpec(StrictModel):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class PipelineSpec(StrictModel):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    models: ModelsSpec
+    clients: ClientsSpec
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    stages: list[StageSpec] = Field(min_length=1)
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _bare_stage_names(cls, value: Any) -> Any:
+        # `- ingest` is shorthand for `- {name: ingest}`.
+        if isinstance(value, list):
+            return [{"name": item} if isinstance(item, str) else item for item in value]
+        return value
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    """The first problem, as `file: key.path: message` (pydantic's own text, made one line)."""
+    first = error.errors()[0]
+    loc = tuple(first["loc"])
+    if first["type"] == "extra_forbidden":
+        parent = _where(loc[:-1]) if len(loc) > 1 else "the top level"
+        message = f"unknown key '{loc[-1]}' in {parent}"
+    elif first["type"] == "missing":
+        message = f"{_where(loc)}: required key is missing"
+    else:
+        text = first["msg"].removeprefix("Value error, ")
+        message = f"{_where(loc)}: {text}" if loc else text
+    more = len(error.errors()) - 1
+    return f"{source}: {message}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+
+
+def load_spec(path: str | Path) -> tuple[PipelineSpec, Path]:
+    """Read and validate a spec; return it with the directory its relative paths are resolved from."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: spec file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not valid UTF-8 at byte {err.start}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise InputError(f"{where}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: a spec is a YAML mapping, got {type(raw).__name__}")
+    return parse_spec(raw, source=str(path)), path.parent.resolve()
+
+
+def parse_spec(raw: dict[str, Any], source: str) -> PipelineSpec:
+    try:
+        spec = PipelineSpec.model_validate(raw)
+    except ValidationError as err:
+        raise InputError(format_validation_error(source, err)) from None
+    # Stage names and parameters are checked now, not when the stage is reached minutes later.
+    from pipelines import validate_stage_params
+
+    for index, stage in enumerate(spec.stages):
+        validate_stage_params(stage, where=f"{source}: stages[{index}]")
+    return spec
+
+
+def spec_to_dict(spec: PipelineSpec) -> dict[str, Any]:
+    return spec.model_dump(mode="json")

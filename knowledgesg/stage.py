@@ -1,0 +1,83 @@
+"""The contract between the runner and a stage.
+
+A stage is a small recipe: it declares its parameters (a pydantic model), the spec sections and
+external files its result depends on, and a `run` that writes its outputs through the context.
+It reads other stages only through their artifacts (`ctx.artifact`), never their internals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from knowledgesg.errors import KsgError
+from knowledgesg.fileio import read_json, write_json, write_jsonl
+from knowledgesg.manifest import OutputEntry, read_manifest
+from knowledgesg.spec import PipelineSpec
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Stage:
+    name: ClassVar[str]
+    Params: ClassVar[type[BaseModel]] = NoParams
+    # Top-level spec sections whose values shape this stage's outputs (part of its fingerprint).
+    uses: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, params: BaseModel) -> None:
+        self.params = params
+
+    def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
+        """Files outside the run directory that this stage reads; their hashes join the fingerprint."""
+        return []
+
+    def run(self, ctx: StageContext) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class StageContext:
+    spec: PipelineSpec
+    base_dir: Path  # relative paths in the spec are resolved from here
+    run_dir: Path
+    stage_dir: Path
+    outputs: dict[str, OutputEntry] = field(default_factory=dict)
+    declared: dict[str, tuple[int | None, str]] = field(default_factory=dict)  # path -> (records, side)
+
+    @property
+    def seed(self) -> int:
+        return self.spec.seed
+
+    def path(self, relative: str) -> Path:
+        return self.stage_dir / relative
+
+    def declare_output(self, relative: str, records: int | None = None, side: str = "server") -> Path:
+        """Register a file the stage wrote itself (atomically!); hashed when the stage finishes."""
+        self.declared[relative] = (records, side)
+        return self.path(relative)
+
+    def write_jsonl(self, relative: str, rows: list[dict[str, Any]], side: str = "server") -> Path:
+        count = write_jsonl(self.path(relative), rows)
+        return self.declare_output(relative, records=count, side=side)
+
+    def write_json(self, relative: str, obj: Any, side: str = "server") -> Path:
+        write_json(self.path(relative), obj)
+        return self.declare_output(relative, side=side)
+
+    def artifact(self, stage: str, relative: str) -> Path:
+        """A completed earlier stage's output; refuses what its manifest does not list."""
+        stage_dir = self.run_dir / "stages" / stage
+        manifest = read_manifest(stage_dir)
+        if manifest is None:
+            raise KsgError(f"stage '{stage}' has not completed in {self.run_dir}; it must run before this one")
+        if relative not in manifest.outputs:
+            raise KsgError(f"stage '{stage}' has no output '{relative}'")
+        return stage_dir / relative
+
+    def read_artifact_json(self, stage: str, relative: str) -> Any:
+        return read_json(self.artifact(stage, relative))

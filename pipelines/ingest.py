@@ -1,0 +1,86 @@
+"""Stage `ingest`: load each client's private data, validate it, and partition pooled data.
+
+Outputs per client (client side: they never leave it): `clients/<id>/records.jsonl` and
+`clients/<id>/stats.json`. Server side: `partition.json`, the client sizes only.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from rich.table import Table
+
+from knowledgesg.builtin_data import VENDOR
+from knowledgesg.console import console, track
+from knowledgesg.errors import InputError
+from knowledgesg.loaders import load_source, source_name_of
+from knowledgesg.partition import partition
+from knowledgesg.records import Record
+from knowledgesg.spec import DataSource, PipelineSpec
+from knowledgesg.stage import Stage, StageContext
+
+MAX_HISTOGRAM_CLASSES = 20  # responses with more distinct values than this are not labels
+
+
+def _sources(spec: PipelineSpec) -> list[DataSource]:
+    return spec.clients.data or [source for member in spec.clients.members for source in member.data]
+
+
+def _load_all(sources: list[DataSource], base_dir: Path, seed: int) -> list[Record]:
+    names = [source_name_of(s) for s in sources]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InputError(f"clients: two data sources are named '{repeated[0]}'; give each a distinct 'name'")
+    records: list[Record] = []
+    for source in track(sources, "loading data", total=len(sources)):
+        records.extend(load_source(source, base_dir, seed))
+    return records
+
+
+def client_stats(records: list[Record]) -> dict:
+    kinds = Counter(r.kind for r in records)
+    responses = Counter(r.response for r in records if r.kind == "instruction")
+    stats = {"records": len(records), "kinds": dict(sorted(kinds.items())), "sources": dict(sorted(Counter(r.source for r in records).items()))}
+    if 0 < len(responses) <= MAX_HISTOGRAM_CLASSES:
+        stats["labels"] = dict(sorted(responses.items()))
+    return stats
+
+
+class Ingest(Stage):
+    name = "ingest"
+    uses = ("clients",)
+
+    def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
+        paths = []
+        for source in _sources(spec):
+            if source.builtin is not None:
+                paths.append(VENDOR)
+            else:
+                path = source.path if source.path.is_absolute() else base_dir / source.path
+                if not path.exists():
+                    raise InputError(f"{path}: data file not found")
+                paths.append(path)
+        return sorted(set(paths))
+
+    def run(self, ctx: StageContext) -> None:
+        clients_spec = ctx.spec.clients
+        if clients_spec.members:
+            clients = {member.id: _load_all(member.data, ctx.base_dir, ctx.seed) for member in clients_spec.members}
+        else:
+            clients = partition(_load_all(clients_spec.data, ctx.base_dir, ctx.seed), clients_spec.partition, ctx.seed)
+        sizes = {}
+        for client_id, records in clients.items():
+            side = f"client:{client_id}"
+            rows = [r.model_copy(update={"client_id": client_id}).model_dump() for r in records]
+            ctx.write_jsonl(f"clients/{client_id}/records.jsonl", rows, side=side)
+            ctx.write_json(f"clients/{client_id}/stats.json", client_stats(records), side=side)
+            sizes[client_id] = len(records)
+        method = clients_spec.partition.method if clients_spec.partition else "members"
+        ctx.write_json("partition.json", {"method": method, "seed": ctx.seed, "clients": sizes})
+        table = Table(title=f"clients ({method})")
+        table.add_column("client")
+        table.add_column("records", justify="right")
+        for client_id, size in sizes.items():
+            table.add_row(client_id, str(size))
+        console.print(table)

@@ -1,0 +1,34 @@
+"""Stage `prepare_models`: resolve every model the spec names, converting packaged GGUF once.
+
+Its artifact, `models.json`, is how later stages find their models (path and weight hash), so
+a run records exactly which weights it used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from knowledgesg.models import resolve_model, source_files
+from knowledgesg.spec import PipelineSpec
+from knowledgesg.stage import Stage, StageContext
+
+ROLES = ("base", "professional", "embedder")
+
+
+def named_models(spec: PipelineSpec) -> dict[str, str]:
+    return {role: getattr(spec.models, role) for role in ROLES if getattr(spec.models, role)}
+
+
+class PrepareModels(Stage):
+    name = "prepare_models"
+    uses = ("models",)
+
+    def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
+        return [file for name in named_models(spec).values() for file in source_files(name)]
+
+    def run(self, ctx: StageContext) -> None:
+        resolved = {}
+        for role, name in named_models(ctx.spec).items():
+            model = resolve_model(name, ctx.spec.models.cache_dir)
+            resolved[role] = {"name": model.name, "path": model.path, "kind": model.kind, "weights_sha256": model.weights_sha256, "description": model.description}
+        ctx.write_json("models.json", resolved)

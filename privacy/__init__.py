@@ -1,0 +1,1 @@
+"""Differential privacy: DP-SGD training with Opacus, accounting, the privacy ledger and report."""

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory) -> Path:
+    """One model cache for the whole session, so the tiny model is built once."""
+    cache = Path(os.environ.get("KSG_TEST_CACHE_DIR") or tmp_path_factory.mktemp("model-cache"))
+    os.environ["KSG_CACHE_DIR"] = str(cache)
+    return cache
+
+
+def tiny_spec(data: list[dict] | None = None, **overrides) -> dict:
+    """A small valid spec: two IID clients over one JSONL file, the tiny model."""
+    spec = {
+        "name": "t",
+        "seed": 7,
+        "models": {"base": "tiny-random-llama"},
+        "clients": {
+            "data": data if data is not None else [{"path": "data.jsonl"}],
+            "partition": {"method": "iid", "num_clients": 2},
+        },
+        "stages": ["ingest"],
+    }
+    spec.update(overrides)
+    return spec
+
+
+def sentiment_rows(n: int = 40) -> list[dict]:
+    labels = ["negative", "neutral", "positive"]
+    return [
+        {"id": f"r{i}", "instruction": "What is the sentiment?", "input": f"Company {i} reported results number {i * 7}.", "response": labels[i % 3]}
+        for i in range(n)
+    ]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_spec(directory: Path, spec: dict, name: str = "spec.yaml") -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch) -> Path:
+    """A directory with data.jsonl (40 sentiment rows) as the current directory."""
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows())
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`ksg ARGS` in a fresh process, as a user would run it."""
+    return subprocess.run(
+        [sys.executable, "-c", "from knowledgesg.cli import entry; entry()", *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )
+
+
+def stage_files(run_dir: Path) -> dict[str, bytes]:
+    """Every artifact of a run, manifests with their timestamps removed."""
+    out = {}
+    for path in sorted((run_dir / "stages").rglob("*")):
+        if path.is_file():
+            data = path.read_bytes()
+            if path.name == "manifest.json":
+                manifest = json.loads(data)
+                for key in ("started_at", "finished_at", "duration_s"):
+                    manifest.pop(key)
+                data = json.dumps(manifest, sort_keys=True).encode()
+            out[str(path.relative_to(run_dir))] = data
+    return out

@@ -1,0 +1,135 @@
+"""Every kind of bad input: one line on stderr naming file, line and field; exit 2; no run dir."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from knowledgesg.cli import main
+from tests.conftest import sentiment_rows, tiny_spec, write_jsonl, write_spec
+
+
+def _jsonl(text: str):
+    return lambda d: (d / "data.jsonl").write_text(text, encoding="utf-8")
+
+
+def _bytes(name: str, data: bytes):
+    return lambda d: (d / name).write_bytes(data)
+
+
+GOOD = '{"id": "a", "instruction": "Q?", "response": "yes"}\n'
+
+# (case id, spec overrides for the data source, how to make the file(s), expected stderr pattern)
+DATA_CASES = [
+    ("missing-file", {"path": "nope.jsonl"}, None, r"nope\.jsonl: data file not found"),
+    ("malformed-json-line", {"path": "data.jsonl"}, _jsonl(GOOD + '{"id": "b", "instruction": \n'), r"data\.jsonl:2: malformed JSON"),
+    ("json-line-not-object", {"path": "data.jsonl"}, _jsonl(GOOD + '["a", "b"]\n'), r"data\.jsonl:2: expected a JSON object, got list"),
+    ("missing-field", {"path": "data.jsonl"}, _jsonl(GOOD + '{"id": "b", "instruction": "Q?"}\n'), r"data\.jsonl:2: field 'response': missing"),
+    ("empty-field", {"path": "data.jsonl"}, _jsonl(GOOD + '{"id": "b", "instruction": "  ", "response": "no"}\n'), r"data\.jsonl:2: field 'instruction': is empty"),
+    ("null-field", {"path": "data.jsonl"}, _jsonl(GOOD + '{"id": "b", "instruction": "Q", "response": null}\n'), r"data\.jsonl:2: field 'response': is null"),
+    ("wrong-type", {"path": "data.jsonl"}, _jsonl(GOOD + '{"id": "b", "instruction": 42, "response": "no"}\n'), r"data\.jsonl:2: field 'instruction': must be a string, got int"),
+    ("duplicate-id", {"path": "data.jsonl"}, _jsonl(GOOD + GOOD), r"data\.jsonl:2: field 'id': duplicate id 'a' \(first at line 1\)"),
+    ("non-utf8-jsonl", {"path": "data.jsonl"}, _bytes("data.jsonl", GOOD.encode() + b'{"id": "b", "instruction": "caf\xe9", "response": "x"}\n'), r"data\.jsonl:2: not valid UTF-8"),
+    ("non-utf8-csv", {"path": "d.csv"}, _bytes("d.csv", b"instruction,response\nok,yes\nna\xefve,no\n"), r"d\.csv:3: not valid UTF-8"),
+    ("unknown-format", {"path": "d.xlsx"}, _bytes("d.xlsx", b"PK\x03\x04"), r"d\.xlsx: unknown data format '\.xlsx'"),
+    ("empty-file", {"path": "data.jsonl"}, _jsonl("\n\n"), r"data\.jsonl: no records"),
+    ("json-not-list", {"path": "d.json"}, _bytes("d.json", b'{"instruction": "Q", "response": "A"}'), r"d\.json: expected a JSON list of objects, got dict"),
+    ("json-record-missing-field", {"path": "d.json"}, _bytes("d.json", b'[{"instruction": "Q", "response": "A"}, {"instruction": "Q2"}]'), r"d\.json: field 'response': record 2: missing"),
+    ("csv-missing-column", {"path": "d.csv", "fields": {"instruction": "question"}}, _bytes("d.csv", b"instruction,response\nQ,A\n"), r"d\.csv:2: field 'question': missing \(mapped to record field 'instruction'\)"),
+    ("csv-extra-cells", {"path": "d.csv"}, _bytes("d.csv", b"instruction,response\nQ,A\nQ2,A2,surplus\n"), r"d\.csv:3: 2 columns in the header but more cells"),
+    ("corrupt-parquet", {"path": "d.parquet"}, _bytes("d.parquet", b"PAR1 this is not parquet"), r"d\.parquet: not a readable Parquet file"),
+    ("not-a-dataset-dir", {"path": "ds"}, lambda d: (d / "ds").mkdir(), r"ds: not a saved `datasets` directory"),
+    ("unknown-record-field", {"path": "data.jsonl", "fields": {"question": "q"}}, _jsonl(GOOD), r"data\.jsonl: fields maps unknown record field 'question'"),
+    ("unknown-builtin", {"builtin": "fpb_trian"}, None, r"unknown builtin data set 'fpb_trian' \(known: .*fpb_train"),
+    ("builtin-kind-mismatch", {"builtin": "pubmed_abstracts", "kind": "instruction"}, None, r"builtin data set 'pubmed_abstracts' holds text records, but the spec says kind: instruction"),
+]
+
+
+@pytest.mark.parametrize("case_id,source,make,pattern", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_bad_data_is_one_line_exit_2_and_no_run_dir(tmp_path: Path, monkeypatch, capsys, case_id, source, make, pattern):
+    monkeypatch.chdir(tmp_path)
+    if make:
+        make(tmp_path)
+    spec = write_spec(tmp_path, tiny_spec(data=[source]))
+    code = main(["run", str(spec), "--run-dir", "run"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert re.search(pattern, err), err
+    assert not (tmp_path / "run").exists()
+
+
+SPEC_CASES = [
+    ("unknown-top-key", lambda s: s.update(stagez=[]), r"spec\.yaml: unknown key 'stagez' in the top level"),
+    ("unknown-nested-key", lambda s: s["clients"]["partition"].update(alpah=0.5), r"spec\.yaml: unknown key 'alpah' in clients\.partition"),
+    ("wrong-type", lambda s: s.update(seed="abc"), r"spec\.yaml: seed: Input should be a valid integer"),
+    ("missing-models", lambda s: s.pop("models"), r"spec\.yaml: models: required key is missing"),
+    ("unknown-stage", lambda s: s.update(stages=["ingest", "dp_trian"]), r"spec\.yaml: stages\[1\]: unknown stage 'dp_trian'"),
+    ("bad-stage-param", lambda s: s.update(stages=[{"name": "ingest", "params": {"x": 1}}]), r"stages\[0\]\.params: unknown key 'x'"),
+    ("epsilon-not-positive", lambda s: s.update(privacy={"target_epsilon": 0}), r"privacy\.target_epsilon: must be > 0"),
+    ("delta-out-of-range", lambda s: s.update(privacy={"delta": 1.5}), r"privacy\.delta: must be in \(0, 1\)"),
+    ("cap-not-positive", lambda s: s.update(privacy={"cap_epsilon": -1}), r"privacy\.cap_epsilon: must be > 0"),
+    ("alpha-not-positive", lambda s: s["clients"]["partition"].update(alpha=0), r"clients\.partition\.alpha: Input should be greater than 0"),
+    ("both-client-layouts", lambda s: s["clients"].update(members=[{"id": "a", "data": [{"path": "x.jsonl"}]}]), r"clients: give either 'data' with 'partition', or 'members', not both"),
+    ("path-and-builtin", lambda s: s["clients"]["data"][0].update(builtin="fpb_train"), r"give exactly one of 'path' or 'builtin'"),
+    ("names-count-mismatch", lambda s: s["clients"]["partition"].update(names=["a", "b", "c"]), r"names has 3 entries but num_clients is 2"),
+    ("unknown-model", lambda s: s["models"].update(base="smollm3"), r"model 'smollm3': not a registered name"),
+    ("too-many-clients", lambda s: s["clients"]["partition"].update(num_clients=50, names=None), r"partition: client 'client_\d+' got 0 records"),
+]
+
+
+@pytest.mark.parametrize("case_id,mutate,pattern", SPEC_CASES, ids=[c[0] for c in SPEC_CASES])
+def test_bad_spec_is_one_line_exit_2(workdir: Path, capsys, case_id, mutate, pattern):
+    spec = tiny_spec()
+    if case_id == "unknown-model":
+        spec["stages"] = ["prepare_models", "ingest"]
+    mutate(spec)
+    path = write_spec(workdir, spec)
+    code = main(["run", str(path), "--run-dir", "run"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert re.search(pattern, err), err
+    assert not (workdir / "run").exists()
+
+
+def test_yaml_syntax_error_names_the_line(workdir: Path, capsys):
+    (workdir / "spec.yaml").write_text("name: t\nseed: [1, 2\nmodels: {}\n", encoding="utf-8")
+    assert main(["run", "spec.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search(r"spec\.yaml:\d+: invalid YAML", err), err
+
+
+def test_missing_spec_file(workdir: Path, capsys):
+    assert main(["run", "absent.yaml"]) == 2
+    assert "absent.yaml: spec file not found" in capsys.readouterr().err
+
+
+def test_spec_that_is_not_a_mapping(workdir: Path, capsys):
+    (workdir / "spec.yaml").write_text("- just\n- a list\n", encoding="utf-8")
+    assert main(["run", "spec.yaml"]) == 2
+    assert "a spec is a YAML mapping, got list" in capsys.readouterr().err
+
+
+def test_bad_input_on_resume_keeps_earlier_work(workdir: Path, capsys):
+    """A run dir that existed before keeps its completed stages; the failed stage leaves nothing."""
+    spec = tiny_spec(stages=["prepare_models", "ingest"])
+    path = write_spec(workdir, spec)
+    assert main(["run", str(path), "--run-dir", "run"]) == 0
+    write_jsonl(workdir / "data.jsonl", [*sentiment_rows(5), {"id": "bad", "instruction": "Q"}])
+    assert main(["run", str(path), "--run-dir", "run"]) == 2
+    assert "data.jsonl:6: field 'response': missing" in capsys.readouterr().err
+    assert (workdir / "run/stages/prepare_models/manifest.json").is_file()
+    assert not (workdir / "run/stages/ingest").exists()
+
+
+def test_no_private_text_in_error_messages(tmp_path: Path, monkeypatch, capsys):
+    """Errors name where the problem is, never the private content around it."""
+    monkeypatch.chdir(tmp_path)
+    secret = "Patient Jane Roe, SSN 078-05-1120"
+    write_jsonl(tmp_path / "data.jsonl", [{"id": "a", "instruction": secret, "response": 7}])
+    assert main(["run", str(write_spec(tmp_path, tiny_spec())), "--run-dir", "run"]) == 2
+    err = capsys.readouterr().err
+    assert "must be a string" in err and secret not in err and "078-05" not in err

@@ -1,0 +1,35 @@
+"""The demo spec, as the README runs it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from knowledgesg.spec import load_spec
+from tests.conftest import REPO, run_cli
+
+DEMO = REPO / "pipelines" / "specs" / "demo.yaml"
+SPECS = sorted((REPO / "pipelines" / "specs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_every_shipped_spec_validates_and_says_how_to_run_it(path: Path):
+    spec, _ = load_spec(path)
+    assert path.read_text().startswith(f"# Run: ksg run pipelines/specs/{path.name}")
+    assert spec.stages
+
+
+@pytest.mark.slow
+def test_demo_runs_then_reruns_all_cached_fast(tmp_path: Path):
+    first = run_cli("run", str(DEMO), "--run-dir", str(tmp_path / "demo"), timeout=1800)
+    assert first.returncode == 0, first.stderr
+    assert "ran" in first.stderr
+    start = time.perf_counter()
+    second = run_cli("run", str(DEMO), "--run-dir", str(tmp_path / "demo"))
+    elapsed = time.perf_counter() - start
+    assert second.returncode == 0, second.stderr
+    table = [line for line in second.stderr.splitlines() if line.startswith("│")]
+    assert table and all("cached" in line for line in table), second.stderr
+    assert elapsed < 10, f"a fully cached rerun took {elapsed:.1f}s"

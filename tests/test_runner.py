@@ -1,0 +1,130 @@
+"""The runner: caching by fingerprint, reruns on change, tamper detection, status, determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from knowledgesg.cli import main
+from knowledgesg.errors import KsgError
+from knowledgesg.fileio import sha256_file
+from knowledgesg.runner import Runner, run_lock
+from knowledgesg.spec import load_spec
+from knowledgesg.status import run_status
+from tests.conftest import stage_files, tiny_spec, write_spec
+
+
+def _run(spec_path: Path, run_dir: Path):
+    spec, base_dir = load_spec(spec_path)
+    return {o.name: o.status for o in Runner(spec, base_dir, run_dir).run()}
+
+
+@pytest.fixture
+def two_stage(workdir: Path) -> Path:
+    return write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest"]))
+
+
+def test_second_run_is_all_cached(two_stage: Path, workdir: Path):
+    assert _run(two_stage, workdir / "run") == {"prepare_models": "ran", "ingest": "ran"}
+    assert _run(two_stage, workdir / "run") == {"prepare_models": "cached", "ingest": "cached"}
+
+
+def test_manifest_records_inputs_outputs_and_counts(two_stage: Path, workdir: Path):
+    _run(two_stage, workdir / "run")
+    manifest = json.loads((workdir / "run/stages/ingest/manifest.json").read_text())
+    assert manifest["stage"] == "ingest" and manifest["seed"] == 7 and manifest["package_version"]
+    assert manifest["inputs"] == {str(workdir / "data.jsonl"): sha256_file(workdir / "data.jsonl")}
+    records = manifest["outputs"]["clients/client_0/records.jsonl"]
+    path = workdir / "run/stages/ingest/clients/client_0/records.jsonl"
+    assert records["sha256"] == sha256_file(path)
+    assert records["records"] == len(path.read_text().splitlines()) == 20
+    assert records["side"] == "client:client_0"
+    assert manifest["outputs"]["partition.json"]["side"] == "server"
+    assert json.loads((workdir / "run/stages/ingest/partition.json").read_text())["clients"] == {"client_0": 20, "client_1": 20}
+
+
+def test_changed_parameter_reruns_that_stage_and_later_only(two_stage: Path, workdir: Path):
+    _run(two_stage, workdir / "run")
+    spec = tiny_spec(stages=["prepare_models", "ingest"])
+    spec["clients"]["partition"]["num_clients"] = 4
+    assert _run(write_spec(workdir, spec), workdir / "run") == {"prepare_models": "cached", "ingest": "ran"}
+    spec["models"]["base"] = str(Path(json.loads((workdir / "run/stages/prepare_models/models.json").read_text())["base"]["path"]))
+    # a changed first stage reruns every stage after it, even one whose own settings did not change
+    assert _run(write_spec(workdir, spec), workdir / "run") == {"prepare_models": "ran", "ingest": "ran"}
+
+
+def test_changed_input_file_reruns(two_stage: Path, workdir: Path):
+    _run(two_stage, workdir / "run")
+    with open(workdir / "data.jsonl", "a") as handle:
+        handle.write('{"id": "new", "instruction": "Q", "response": "neutral"}\n')
+    assert _run(two_stage, workdir / "run")["ingest"] == "ran"
+
+
+def test_tampered_artifact_is_detected_and_rerun(two_stage: Path, workdir: Path, capsys):
+    _run(two_stage, workdir / "run")
+    artifact = workdir / "run/stages/ingest/clients/client_1/records.jsonl"
+    original = artifact.read_bytes()
+    artifact.write_bytes(original.replace(b"neutral", b"positive", 1))
+    assert _run(two_stage, workdir / "run")["ingest"] == "ran"
+    assert "no longer matches its manifest" in capsys.readouterr().err
+    assert artifact.read_bytes() == original
+
+
+def test_deleted_artifact_is_detected_and_rerun(two_stage: Path, workdir: Path):
+    _run(two_stage, workdir / "run")
+    (workdir / "run/stages/ingest/partition.json").unlink()
+    assert _run(two_stage, workdir / "run")["ingest"] == "ran"
+
+
+def test_same_seed_same_artifacts(two_stage: Path, workdir: Path):
+    _run(two_stage, workdir / "a")
+    _run(two_stage, workdir / "b")
+    assert stage_files(workdir / "a") == stage_files(workdir / "b")
+
+
+def test_status_reports_each_state(two_stage: Path, workdir: Path, capsys):
+    run_dir = workdir / "run"
+    _run(two_stage, run_dir)
+    assert [s.state for s in run_status(run_dir)] == ["done", "done"]
+    _run(two_stage, run_dir)
+    assert [s.state for s in run_status(run_dir)] == ["cached", "cached"]
+    (run_dir / "stages/ingest/partition.json").write_text("{}")
+    assert [s.state for s in run_status(run_dir)] == ["cached", "stale"]
+    (run_dir / "stages/ingest/manifest.json").unlink()
+    assert [s.state for s in run_status(run_dir)] == ["cached", "pending"]
+    assert main(["status", str(run_dir)]) == 0
+    assert "pending" in capsys.readouterr().err
+
+
+def test_status_shows_failed_stage(workdir: Path):
+    spec = write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest"]))
+    _run(spec, workdir / "run")
+    (workdir / "data.jsonl").write_text('{"instruction": "Q"}\n')
+    with pytest.raises(KsgError):
+        _run(spec, workdir / "run")
+    states = run_status(workdir / "run")
+    assert states[1].state == "failed" and "field 'response': missing" in states[1].detail
+
+
+def test_status_of_a_non_run_directory(tmp_path: Path, capsys):
+    assert main(["status", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_second_runner_on_same_dir_is_refused(two_stage: Path, workdir: Path):
+    run_dir = workdir / "run"
+    run_dir.mkdir()
+    with run_lock(run_dir):
+        with pytest.raises(KsgError, match="another `ksg run` is using this run directory"):
+            _run(two_stage, run_dir)
+
+
+def test_explicit_members_and_natural_partition(workdir: Path):
+    (workdir / "b.jsonl").write_text('{"id": "x", "instruction": "Q", "response": "A", "user_id": "u1"}\n')
+    spec = tiny_spec()
+    spec["clients"] = {"members": [{"id": "hosp_a", "data": [{"path": "data.jsonl"}]}, {"id": "hosp_b", "data": [{"path": "b.jsonl"}]}]}
+    _run(write_spec(workdir, spec), workdir / "run")
+    rows = [json.loads(line) for line in (workdir / "run/stages/ingest/clients/hosp_b/records.jsonl").read_text().splitlines()]
+    assert rows == [{"client_id": "hosp_b", "id": "b/x", "input": "", "instruction": "Q", "kind": "instruction", "response": "A", "source": "b", "user_id": "u1"}]
