@@ -50,7 +50,26 @@ def run(
         time_text = _seconds(outcome.duration_s) + (" (earlier)" if outcome.status == "cached" else "")
         table.add_row(outcome.name, f"[{style}]{outcome.status}[/]", time_text, str(outcome.records))
     console.print(table)
+    _print_privacy_summary(spec, run_dir)
     console.print(f"finished in {time.perf_counter() - start:.1f}s")
+
+
+def _print_privacy_summary(spec, run_dir: Path) -> None:
+    """One line per client from the ledger's stored figures (the full report recomputes them)."""
+    from privacy.ledger import read_ledger
+
+    entries = read_ledger(run_dir, [s.name for s in spec.stages])
+    if not entries:
+        return
+    console.print("privacy (from the ledger):")
+    for client_id in dict.fromkeys(e.client_id for e in entries):
+        mine = [e for e in entries if e.client_id == client_id]
+        releases = ", ".join(
+            f"{e.release} epsilon {e.epsilon.reported:.3f} ({e.epsilon.reported_by})" if e.private else f"{e.release} [bold red]NOT PRIVATE[/]"
+            for e in mine
+        )
+        console.print(f"  {client_id}: {releases} at delta {mine[0].delta:.2e}")
+    console.print(f"  full report with the three accountants and plots: ksg privacy-report {run_dir}")
 
 
 @app.command()
@@ -65,6 +84,29 @@ def status(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run di
         style = STATE_STYLES.get(state.state, "")
         table.add_row(state.name, f"[{style}]{state.state}[/]", _seconds(state.duration_s), "" if state.records is None else str(state.records), state.finished_at or "", state.detail)
     console.print(table)
+
+
+@app.command("privacy-report")
+def privacy_report(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run directory")]) -> None:
+    """Per client: each release, its mechanism and (epsilon, delta) by PRV, RDP and PLD; the composed total."""
+    from privacy.report import _fmt, build_report, write_report
+
+    report = build_report(run_dir)
+    table = Table(title=f"privacy report: {report.spec_name} (target epsilon {_fmt(report.target_epsilon)})")
+    for column in ("client", "release", "unit", "q", "sigma", "steps", "delta", "eps PRV", "eps RDP", "eps PLD"):
+        table.add_column(column, justify="left" if column in ("client", "release", "unit") else "right")
+    for client in report.clients:
+        for entry in client.releases:
+            m = entry.mechanism
+            label = entry.release if entry.private else f"{entry.release} [bold red]NOT PRIVATE[/]"
+            table.add_row(client.client_id, label, entry.unit, _fmt(m.sample_rate), _fmt(m.noise_multiplier), str(m.steps), f"{entry.delta:.2e}", _fmt(entry.epsilon.prv), _fmt(entry.epsilon.rdp), _fmt(entry.epsilon.pld))
+        cap = "" if client.cap_epsilon is None else f", cap {client.cap_epsilon:g}"
+        table.add_row(client.client_id, f"[bold]total (PLD){cap}[/]", "", "", "", "", f"{client.delta:.2e}", _fmt(client.total.prv), _fmt(client.total.rdp), f"[bold]{_fmt(client.total.pld)}[/]", end_section=True)
+    console.print(table)
+    for assumption in report.assumptions:
+        console.print(f"- {assumption}")
+    json_path, html_path = write_report(report, run_dir)
+    console.print(f"wrote {json_path} and {html_path}")
 
 
 @app.command()

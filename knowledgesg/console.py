@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -9,7 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 T = TypeVar("T")
-console = Console(stderr=True)
+# Off a terminal (CI logs, pipes) rich assumes 80 columns and truncates tables; logs can be wider.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def progress_bar() -> Progress:

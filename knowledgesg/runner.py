@@ -24,12 +24,13 @@ from pathlib import Path
 from knowledgesg import __version__
 from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
-from knowledgesg.fileio import canonical_json, read_json, sha256_file, sha256_text, write_json
+from knowledgesg.fileio import canonical_json, read_json, sha256_file, sha256_text, write_json, write_text
 from knowledgesg.manifest import Manifest, OutputEntry, read_manifest, verify_outputs, write_manifest
 from knowledgesg.spec import PipelineSpec, parse_spec, spec_to_dict
 from knowledgesg.stage import Stage, StageContext
 
 SPEC_COPY = "spec.json"
+STARTED_WITH = ".started_with"  # the fingerprint a stage directory was started with
 EVENTS = "events.jsonl"
 CODE_PACKAGES = ("knowledgesg", "pipelines", "privacy", "eval")
 
@@ -201,16 +202,26 @@ class Runner:
         return manifest, ""
 
     def _execute(self, stage: Stage, stage_dir: Path, fingerprint: str, inputs: dict[str, str]) -> Manifest:
-        if stage_dir.exists():
-            shutil.rmtree(stage_dir)  # a partial or stale stage: start it clean
-        stage_dir.mkdir(parents=True)
-        ctx = StageContext(spec=self.spec, base_dir=self.base_dir, run_dir=self.run_dir, stage_dir=stage_dir)
+        started_with = stage_dir / STARTED_WITH
+        resumable = started_with.is_file() and started_with.read_text() == fingerprint and not (stage_dir / "manifest.json").exists()
+        if stage_dir.exists() and not resumable:
+            shutil.rmtree(stage_dir)  # stale, or partial from other settings: start it clean
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        if resumable:
+            for orphan in list(stage_dir.rglob(".*.tmp")):  # files and directories a kill left
+                shutil.rmtree(orphan) if orphan.is_dir() else orphan.unlink()
+        else:
+            write_text(started_with, fingerprint)
+        ctx = StageContext(spec=self.spec, base_dir=self.base_dir, run_dir=self.run_dir, stage_dir=stage_dir, stage_name=stage.name)
         started_at, start = _now(), time.perf_counter()
         append_event(self.run_dir, stage=stage.name, status="started")
         try:
             stage.run(ctx)
         except BaseException as err:
-            shutil.rmtree(stage_dir, ignore_errors=True)
+            if isinstance(err, KsgError):
+                shutil.rmtree(stage_dir, ignore_errors=True)  # refused: leave nothing behind
+            # otherwise (a bug, an interrupt) completed units stay for the resume; without a
+            # manifest the stage is never taken as complete
             message = str(err) if isinstance(err, KsgError) else f"{type(err).__name__}: {err}"
             append_event(self.run_dir, stage=stage.name, status="failed", message=message)
             raise

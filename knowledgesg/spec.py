@@ -152,6 +152,15 @@ class PipelineSpec(StrictModel):
             return [{"name": item} if isinstance(item, str) else item for item in value]
         return value
 
+    @field_validator("stages")
+    @classmethod
+    def _unique_stage_names(cls, value: list[StageSpec]) -> list[StageSpec]:
+        names = [stage.name for stage in value]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"stage '{repeated[0]}' appears more than once (a stage's name is its directory in the run)")
+        return value
+
 
 def _where(loc: tuple[Any, ...]) -> str:
     out = ""

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from knowledgesg.errors import KsgError
 from knowledgesg.fileio import read_json, write_json, write_jsonl
-from knowledgesg.manifest import OutputEntry, read_manifest
+from knowledgesg.manifest import read_manifest
 from knowledgesg.spec import PipelineSpec
 
 
@@ -46,7 +46,7 @@ class StageContext:
     base_dir: Path  # relative paths in the spec are resolved from here
     run_dir: Path
     stage_dir: Path
-    outputs: dict[str, OutputEntry] = field(default_factory=dict)
+    stage_name: str = ""
     declared: dict[str, tuple[int | None, str]] = field(default_factory=dict)  # path -> (records, side)
 
     @property
@@ -69,6 +69,23 @@ class StageContext:
         write_json(self.path(relative), obj)
         return self.declare_output(relative, side=side)
 
+    def completed_unit(self, unit: str) -> dict | None:
+        """A unit (e.g. one client) this stage finished before a crash: its outputs are re-declared.
+
+        Returns the payload given to `mark_unit_done`, or None if the unit must be (re)done.
+        """
+        marker = self.path(f"units/{unit}.json")
+        if not marker.is_file():
+            return None
+        saved = read_json(marker)
+        for relative, (records, side) in saved["outputs"].items():
+            self.declare_output(relative, records=records, side=side)
+        return saved["payload"]
+
+    def mark_unit_done(self, unit: str, outputs: list[str], payload: Any) -> None:
+        """Written after the unit's outputs (atomically, last): the unit survives a crash."""
+        write_json(self.path(f"units/{unit}.json"), {"outputs": {r: list(self.declared[r]) for r in outputs}, "payload": payload})
+
     def artifact(self, stage: str, relative: str) -> Path:
         """A completed earlier stage's output; refuses what its manifest does not list."""
         stage_dir = self.run_dir / "stages" / stage
@@ -78,6 +95,12 @@ class StageContext:
         if relative not in manifest.outputs:
             raise KsgError(f"stage '{stage}' has no output '{relative}'")
         return stage_dir / relative
+
+    def completed_stages_before(self) -> list[str]:
+        """Names of the stages before this one in the spec that have completed."""
+        names = [s.name for s in self.spec.stages]
+        earlier = names[: names.index(self.stage_name)] if self.stage_name in names else []
+        return [n for n in earlier if read_manifest(self.run_dir / "stages" / n) is not None]
 
     def read_artifact_json(self, stage: str, relative: str) -> Any:
         return read_json(self.artifact(stage, relative))

@@ -7,10 +7,11 @@ from pydantic import ValidationError
 from knowledgesg.errors import InputError
 from knowledgesg.spec import StageSpec, format_validation_error
 from knowledgesg.stage import Stage
+from pipelines.dp_train import DPTrain
 from pipelines.ingest import Ingest
 from pipelines.prepare_models import PrepareModels
 
-STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (PrepareModels, Ingest)}
+STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (PrepareModels, Ingest, DPTrain)}
 
 __all__ = ["STAGES", "validate_stage_params"]
 

@@ -75,6 +75,7 @@ SPEC_CASES = [
     ("both-client-layouts", lambda s: s["clients"].update(members=[{"id": "a", "data": [{"path": "x.jsonl"}]}]), r"clients: give either 'data' with 'partition', or 'members', not both"),
     ("path-and-builtin", lambda s: s["clients"]["data"][0].update(builtin="fpb_train"), r"give exactly one of 'path' or 'builtin'"),
     ("names-count-mismatch", lambda s: s["clients"]["partition"].update(names=["a", "b", "c"]), r"names has 3 entries but num_clients is 2"),
+    ("duplicate-stage", lambda s: s.update(stages=["ingest", "ingest"]), r"stages: stage 'ingest' appears more than once"),
     ("unknown-model", lambda s: s["models"].update(base="smollm3"), r"model 'smollm3': not a registered name"),
     ("too-many-clients", lambda s: s["clients"]["partition"].update(num_clients=50, names=None), r"partition: client 'client_\d+' got 0 records"),
 ]

@@ -65,3 +65,28 @@ def test_sigkill_from_outside_mid_stage_then_resume(workdir: Path, tmp_path_fact
     assert reference.returncode == 0, reference.stderr
     assert stage_files(workdir / "run") == stage_files(workdir / "ref")
     assert not list(cache.glob("models/.tiny-random-llama.build-*")), "a half-built model was left in the cache"
+
+
+def test_sigkill_during_dp_train_resumes_at_the_unfinished_client(workdir: Path):
+    """Kill dp_train after client_0 is done: the resume keeps client_0 and trains only client_1."""
+    write_jsonl(workdir / "data.jsonl", sentiment_rows(40))
+    train = {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48, "epochs": 2.0}}
+    spec = write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest", train]))
+    reference = run_cli("run", str(spec), "--run-dir", "ref")
+    assert reference.returncode == 0, reference.stderr
+    proc = subprocess.Popen([sys.executable, "-c", "from knowledgesg.cli import entry; entry()", "run", str(spec), "--run-dir", "run"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = workdir / "run/stages/dp_train/units/client_0.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not marker.is_file():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert marker.is_file() and not (workdir / "run/stages/dp_train/manifest.json").exists()
+    done_at = marker.stat().st_mtime_ns
+    resumed = run_cli("run", str(spec), "--run-dir", "run")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "dp_train client_0" not in resumed.stderr and "dp_train client_1" in resumed.stderr
+    assert marker.stat().st_mtime_ns == done_at
+    assert stage_files(workdir / "run") == stage_files(workdir / "ref")
+    assert not list((workdir / "run").rglob(".*.tmp"))

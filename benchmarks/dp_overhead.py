@@ -1,0 +1,118 @@
+"""DP-SGD step against a non-DP LoRA step on the same batch: time and peak memory.
+
+Usage:  .venv/bin/python benchmarks/dp_overhead.py [--model smollm2-135m-instruct] [--steps 6]
+
+Each mode runs in its own fresh process (peak RSS is per process), alternating A B A B so that
+machine noise hits both; the table reports medians and the DP/non-DP ratios. Both modes use the
+same model, LoRA (r=8 on q_proj, v_proj), Adam, per-sequence response-only loss, and the same
+batch of real FPB training examples padded to the same length. Writes
+benchmarks/results/dp_overhead.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_process(mode: str, model_name: str, steps: int, batch: int, length: int) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from knowledgesg.builtin_data import load_builtin
+    from knowledgesg.models import load_causal_lm, resolve_model
+    from knowledgesg.sft import Example, collate, per_sequence_loss, tokenize_example
+    from privacy.dp_sgd import DPSGD, DPSGDSettings
+
+    torch.manual_seed(0)
+    model, tokenizer = load_causal_lm(resolve_model(model_name))
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    model.train()
+    records = load_builtin("fpb_train", "fpb")[:batch]
+    examples = [tokenize_example(tokenizer, r, length) for r in records]
+    # pad every sequence to exactly `length` tokens (prompt side) so both modes see the same work
+    examples = [Example([tokenizer.pad_token_id] * (length - len(e.input_ids)) + e.input_ids, [-100] * (length - len(e.labels)) + e.labels) for e in examples]
+    inputs = collate(examples, tokenizer.pad_token_id)
+    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    def unit_loss(module, x, row_unit, n):
+        # one function for both modes, so that the logits are freed at the same point in both
+        return per_sequence_loss(module(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits, x["labels"])
+
+    if mode == "dp":
+        dp = DPSGD(model, lambda ps: torch.optim.Adam(ps, lr=1e-3), DPSGDSettings(1.0, 1.0, batch / 1000, batch), torch.Generator().manual_seed(0))
+        for _ in range(steps):
+            start = time.perf_counter()
+            dp.step([(inputs, torch.arange(batch), batch)], unit_loss)
+            times.append(time.perf_counter() - start)
+    else:
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        for _ in range(steps):
+            start = time.perf_counter()
+            unit_loss(model, inputs, None, batch).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # the first step pays one-off allocation costs in both modes; report the rest
+    return {"mode": mode, "step_s": statistics.median(times[1:]), "peak_rss_mib": peak / 1024, "training_rss_mib": (peak - baseline_rss) / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--child", choices=["dp", "plain"])
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(one_process(args.child, args.model, args.steps, args.batch, args.length)))
+        return
+    command = " ".join([".venv/bin/python", "benchmarks/dp_overhead.py", *sys.argv[1:]])
+    results: dict[str, list[dict]] = {"dp": [], "plain": []}
+    for _ in range(args.repeats):
+        for mode in ("plain", "dp"):
+            out = subprocess.run([sys.executable, __file__, "--child", mode, "--model", args.model, "--steps", str(args.steps), "--batch", str(args.batch), "--length", str(args.length)],
+                                 capture_output=True, text=True, check=True, cwd=ROOT)
+            results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(mode, results[mode][-1], flush=True)
+    med = {mode: {k: statistics.median(r[k] for r in rs) for k in ("step_s", "peak_rss_mib", "training_rss_mib")} for mode, rs in results.items()}
+    time_ratio = med["dp"]["step_s"] / med["plain"]["step_s"]
+    mem_ratio = med["dp"]["peak_rss_mib"] / med["plain"]["peak_rss_mib"]
+    machine = f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}, torch {__import__('torch').__version__}"
+    lines = [
+        "# DP-SGD overhead: one DP step against one non-DP LoRA step, same batch",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {machine}  ",
+        f"Model: {args.model}, LoRA r=8 on q_proj and v_proj, Adam; batch {args.batch} x {args.length} tokens (real FPB training examples); "
+        f"{args.steps} steps per process (first dropped), {args.repeats} processes per mode alternating; medians.",
+        "",
+        "| mode | step time (s) | peak RSS (MiB) | RSS added by training (MiB) |",
+        "|---|---:|---:|---:|",
+        f"| non-DP LoRA | {med['plain']['step_s']:.3f} | {med['plain']['peak_rss_mib']:.0f} | {med['plain']['training_rss_mib']:.0f} |",
+        f"| DP-SGD (Opacus, per-sample clip + noise) | {med['dp']['step_s']:.3f} | {med['dp']['peak_rss_mib']:.0f} | {med['dp']['training_rss_mib']:.0f} |",
+        f"| **ratio DP / non-DP** | **{time_ratio:.2f}x** | **{mem_ratio:.2f}x** | |",
+        "",
+        f"Goal (issue 3): at most 1.15x time and 1.3x memory. Time: {'met' if time_ratio <= 1.15 else 'NOT met'}; memory: {'met' if mem_ratio <= 1.3 else 'NOT met'}.",
+        "Peak RSS is the whole process (model weights included), read with getrusage in a fresh process per mode.",
+    ]
+    out_path = ROOT / "benchmarks" / "results" / "dp_overhead.md"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

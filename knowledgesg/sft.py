@@ -1,0 +1,61 @@
+"""Supervised fine-tuning data: chat-formatted examples whose loss covers response tokens only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from knowledgesg.records import InstructionRecord
+
+IGNORE = -100
+
+
+def user_message(record: InstructionRecord) -> str:
+    return f"{record.instruction}\n{record.input}" if record.input else record.instruction
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE on prompt tokens
+
+
+def tokenize_example(tokenizer, record: InstructionRecord, max_length: int) -> Example:
+    """Prompt through the chat template, then the response and end-of-turn token.
+
+    Too long: the prompt loses its oldest tokens first, so that at least half the budget stays
+    for the response, which is what the loss is computed on.
+    """
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": user_message(record)}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    response = tokenizer(record.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    response = response[: max(max_length - len(prompt), max_length // 2)]
+    prompt = prompt[len(prompt) - (max_length - len(response)) :] if len(prompt) + len(response) > max_length else prompt
+    return Example(input_ids=prompt + response, labels=[IGNORE] * len(prompt) + response)
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch (training: every sequence starts at position 0)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy over each sequence's response tokens: shape [batch].
+
+    Not the model's built-in loss, which averages over every token of the batch and so makes
+    one example's gradient depend on the lengths of the others: that breaks DP-SGD's
+    per-example sensitivity bound.
+    """
+    shift_logits, shift_labels = logits[:, :-1, :], labels[:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE, reduction="none")
+    counts = (shift_labels != IGNORE).sum(dim=1).clamp(min=1)
+    return token_loss.sum(dim=1) / counts

@@ -1,0 +1,164 @@
+"""Privacy accounting: mechanisms as data, epsilons from three accountants, noise calibration.
+
+Pure functions over `Mechanism` records, no training code. The reported epsilon of a release is
+PRV (Gopi et al. 2021, via Opacus), falling back to RDP when PRV fails numerically; RDP and PLD
+(Google's dp-accounting) are computed for the same mechanism and shown beside it. A client's
+total over heterogeneous releases is composed with PLD.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from knowledgesg.errors import InputError
+
+
+class Mechanism(BaseModel):
+    """One released mechanism, composed `steps` times.
+
+    poisson_gaussian: DP-SGD (Poisson sampling at `sample_rate`, Gaussian noise sigma * C).
+    gaussian: the Gaussian mechanism (noise std = sigma * sensitivity), e.g. a DP histogram.
+    post_processing: a function of earlier releases only: free.
+    non_private: no guarantee at all (epsilon is infinite).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["poisson_gaussian", "gaussian", "post_processing", "non_private"]
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    steps: int = 1
+
+    def history(self) -> list[tuple[float, float, int]]:
+        """Opacus accountant history entries: (sigma, q, steps)."""
+        if self.kind == "poisson_gaussian":
+            return [(self.noise_multiplier, self.sample_rate, self.steps)]
+        if self.kind == "gaussian":
+            return [(self.noise_multiplier, 1.0, self.steps)]
+        return []
+
+    def dp_event(self):
+        import dp_accounting
+
+        if self.kind == "non_private":
+            return dp_accounting.NonPrivateDpEvent()
+        if self.kind == "post_processing" or self.steps == 0:
+            return dp_accounting.NoOpDpEvent()
+        gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier)
+        single = dp_accounting.PoissonSampledDpEvent(self.sample_rate, gaussian) if self.kind == "poisson_gaussian" else gaussian
+        return dp_accounting.SelfComposedDpEvent(single, self.steps)
+
+
+class Epsilons(BaseModel):
+    """Epsilon at one delta by each accountant; `reported` is the figure we stand behind."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    delta: float
+    prv: float | None
+    rdp: float
+    pld: float
+    reported: float
+    reported_by: Literal["prv", "rdp", "pld", "none"]
+
+
+def _quiet_absl() -> None:
+    # dp-accounting logs a warning per RDP order it drops for non-convergence; the bound stays valid.
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def epsilon_rdp(mechanisms: list[Mechanism], delta: float) -> float:
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    _quiet_absl()
+    accountant = RdpAccountant()
+    accountant.compose(dp_accounting.ComposedDpEvent([m.dp_event() for m in mechanisms]))
+    return float(accountant.get_epsilon(delta))
+
+
+def epsilon_pld(mechanisms: list[Mechanism], delta: float, discretization: float = 1e-4) -> float:
+    """PLD upper bound (pessimistic discretisation: a coarser grid is faster and only looser)."""
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+
+    if any(m.kind == "non_private" for m in mechanisms):
+        return math.inf
+    accountant = PLDAccountant(value_discretization_interval=discretization)
+    accountant.compose(dp_accounting.ComposedDpEvent([m.dp_event() for m in mechanisms]))
+    return float(accountant.get_epsilon(delta))
+
+
+def epsilon_prv(mechanisms: list[Mechanism], delta: float) -> float:
+    """PRV upper bound; raises when it cannot be computed (the caller falls back to RDP)."""
+    from opacus.accountants import PRVAccountant
+
+    if any(m.kind == "non_private" for m in mechanisms):
+        return math.inf
+    history = [entry for m in mechanisms for entry in m.history() if entry[2] > 0]
+    if not history:
+        return 0.0
+    accountant = PRVAccountant()
+    accountant.history = history
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = float(accountant.get_epsilon(delta, eps_error=0.01))
+    if not math.isfinite(value) or value < 0:
+        raise ArithmeticError(f"PRV returned {value}")
+    return value
+
+
+def epsilons(mechanisms: list[Mechanism], delta: float) -> Epsilons:
+    rdp, pld = epsilon_rdp(mechanisms, delta), epsilon_pld(mechanisms, delta)
+    try:
+        prv = epsilon_prv(mechanisms, delta)
+    except (ArithmeticError, ValueError, RuntimeError, IndexError):
+        prv = None
+    if all(m.kind in ("post_processing",) or m.steps == 0 for m in mechanisms):
+        return Epsilons(delta=delta, prv=0.0, rdp=0.0, pld=0.0, reported=0.0, reported_by="none")
+    if any(m.kind == "non_private" for m in mechanisms):
+        return Epsilons(delta=delta, prv=math.inf, rdp=math.inf, pld=math.inf, reported=math.inf, reported_by="none")
+    reported, by = (prv, "prv") if prv is not None else (rdp, "rdp")
+    return Epsilons(delta=delta, prv=prv, rdp=rdp, pld=pld, reported=reported, reported_by=by)
+
+
+def default_delta(num_units: int) -> float:
+    """1/(10 N): well below 1/N, the level at which releasing one unit's data outright is 'private'."""
+    return 1.0 / (10 * num_units)
+
+
+def check_delta(delta: float, num_units: int, unit: str) -> None:
+    if not 0 < delta < 1.0 / num_units:
+        raise InputError(
+            f"privacy.delta = {delta:g} is not below 1/N = {1.0 / num_units:g} for N = {num_units} {unit}s: "
+            f"at that delta a mechanism may publish a {unit} outright; use at most {default_delta(num_units):g}"
+        )
+
+
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> tuple[float, str]:
+    """The smallest noise multiplier whose epsilon is at most the target, and within 0.5% of it."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if not target_epsilon > 0:
+        raise InputError(f"privacy.target_epsilon must be > 0, got {target_epsilon}")
+    for accountant in ("prv", "rdp"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sigma = get_noise_multiplier(
+                    target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                    steps=steps, accountant=accountant, epsilon_tolerance=0.005 * target_epsilon,
+                )
+            return float(sigma), accountant
+        except ValueError as err:
+            if "too low" in str(err):
+                raise InputError(f"privacy.target_epsilon = {target_epsilon:g} cannot be reached at delta {delta:g} with {steps} steps at sampling rate {sample_rate:.4g}: the budget is too low") from None
+        except (ArithmeticError, RuntimeError, IndexError):
+            continue
+    raise InputError(f"could not calibrate noise for epsilon {target_epsilon:g} (q={sample_rate:.4g}, steps={steps})")

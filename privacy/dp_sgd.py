@@ -1,0 +1,127 @@
+"""DP-SGD on Opacus: Poisson sampling over privacy units, per-unit clipping, Gaussian noise.
+
+Opacus computes per-row gradients (`GradSampleModule`) and its `DPOptimizer` clips, noises and
+scales them. What we add around it:
+- sampling over *units*: a unit is a record, or for user-level privacy all of a user's records,
+  whose row gradients are summed into one unit gradient before clipping;
+- virtual steps: a logical Poisson batch is split into physical micro-batches (whole units
+  only) with the optimizer's skip-step signal, the mechanism Opacus's BatchMemoryManager uses;
+- empty Poisson batches take a noise-only step, which the accountant counts like any other.
+The non-private reference runs through this same code with noise 0 and no clipping.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import PRVAccountant
+from opacus.optimizers import DPOptimizer
+
+from knowledgesg.errors import KsgError
+
+
+def poisson_batches(num_units: int, sample_rate: float, steps: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """Each step, every unit joins independently with probability `sample_rate` (may be empty)."""
+    for _ in range(steps):
+        chosen = torch.rand(num_units, generator=generator) < sample_rate
+        yield chosen.nonzero().flatten().tolist()
+
+
+def micro_batches(units: list[int], rows_per_unit: list[int], max_rows: int) -> list[list[int]]:
+    """Split a logical batch into physical ones of whole units (a unit is never split: it would be clipped twice)."""
+    batches, current, size = [], [], 0
+    for unit in units:
+        if current and size + rows_per_unit[unit] > max_rows:
+            batches.append(current)
+            current, size = [], 0
+        current.append(unit)
+        size += rows_per_unit[unit]
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass(frozen=True)
+class DPSGDSettings:
+    noise_multiplier: float  # 0 for the non-private reference
+    clip_norm: float  # math.inf for the non-private reference
+    sample_rate: float
+    expected_batch_units: float
+
+
+class DPSGD:
+    """A model wrapped for per-unit gradients, with its DP optimizer and accountant."""
+
+    def __init__(self, model: torch.nn.Module, make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], settings: DPSGDSettings, noise_generator: torch.Generator) -> None:
+        self.settings = settings
+        self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        # Built from the trainable parameters only, after the model is on its device: an
+        # optimizer made earlier holds stale tensors and silently never updates the adapter.
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        if not self.params:
+            raise KsgError("the model has no trainable parameters (LoRA was not applied?)")
+        self.optimizer = DPOptimizer(
+            make_optimizer(self.params),
+            noise_multiplier=settings.noise_multiplier,
+            # No clipping is an infinite norm, but Opacus's noise std is sigma * C and 0 * inf is
+            # NaN: the largest finite float clips nothing and keeps 0 * C == 0.
+            max_grad_norm=settings.clip_norm if math.isfinite(settings.clip_norm) else sys.float_info.max,
+            expected_batch_size=max(1, round(settings.expected_batch_units)),
+            loss_reduction="mean",
+            generator=noise_generator,
+        )
+        self.accountant = PRVAccountant()
+        self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=settings.sample_rate))
+        self.steps = 0
+        self.empty_steps = 0
+
+    @property
+    def private(self) -> bool:
+        return self.settings.noise_multiplier > 0 and math.isfinite(self.settings.clip_norm)
+
+    def step(self, batches: list[tuple[dict[str, torch.Tensor], torch.Tensor, int]], unit_loss: Callable[[torch.nn.Module, dict[str, torch.Tensor], torch.Tensor, int], torch.Tensor]) -> float | None:
+        """One logical DP-SGD step over physical batches of (inputs, row->unit index, units).
+
+        `unit_loss` returns each unit's loss, shape [units]; their sum is differentiated (the
+        optimizer divides the noisy sum by the expected batch size). Returns the mean unit loss.
+        """
+        if not batches:
+            for p in self.params:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            self.optimizer.step()  # clip nothing, add noise, count the step
+            self.optimizer.zero_grad(set_to_none=True)
+            self.steps += 1
+            self.empty_steps += 1
+            return None
+        total, units = 0.0, 0
+        for index, (inputs, row_unit, n_units) in enumerate(batches):
+            losses = unit_loss(self.module, inputs, row_unit, n_units)
+            with warnings.catch_warnings():
+                # With frozen embeddings no layer input needs a gradient, so PyTorch notes that
+                # the full backward hooks fire on output gradients, which is all Opacus uses.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                losses.sum().backward()
+            if len(row_unit) != n_units:  # user level: sum row gradients into unit gradients
+                for p in self.params:
+                    summed = torch.zeros((n_units, *p.shape), dtype=p.grad_sample.dtype, device=p.device)
+                    p.grad_sample = summed.index_add_(0, row_unit.to(p.device), p.grad_sample)
+            self.optimizer.signal_skip_step(do_skip=index < len(batches) - 1)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            total += float(losses.detach().sum())
+            units += n_units
+        self.steps += 1
+        return total / units
+
+    def accounted_history(self) -> list[tuple[float, float, int]]:
+        """What the accountant saw, merged: [(sigma, q, steps)]."""
+        merged: dict[tuple[float, float], int] = {}
+        for sigma, q, n in self.accountant.history:
+            merged[(sigma, q)] = merged.get((sigma, q), 0) + n
+        return [(sigma, q, n) for (sigma, q), n in merged.items()]

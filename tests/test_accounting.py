@@ -1,0 +1,77 @@
+"""Accounting math against pinned reference values; calibration; budgets; composition."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from knowledgesg.errors import InputError
+from privacy.accounting import Mechanism, calibrate_noise, check_delta, default_delta, epsilon_pld, epsilons
+from privacy.ledger import LedgerEntry, check_budget, composed_total
+
+REFERENCE = Mechanism(kind="poisson_gaussian", noise_multiplier=1.0, sample_rate=0.0256, steps=117)
+
+
+def test_matches_dp_accounting_references_within_2_percent():
+    eps = epsilons([REFERENCE], delta=1e-5)
+    assert eps.rdp == pytest.approx(2.335, rel=0.02)
+    assert eps.pld == pytest.approx(1.924, rel=0.02)
+    assert eps.prv == pytest.approx(1.934, rel=0.02)
+    assert eps.reported == eps.prv and eps.reported_by == "prv"
+
+
+@pytest.mark.parametrize("target,q,steps,delta", [(8.0, 0.04, 25, 4e-4), (1.0, 0.01, 300, 1e-5), (3.0, 0.1, 50, 1e-4), (0.5, 0.005, 1000, 1e-6)])
+def test_calibration_hits_the_target_within_1_percent(target, q, steps, delta):
+    sigma, accountant = calibrate_noise(target, delta, q, steps)
+    achieved = epsilons([Mechanism(kind="poisson_gaussian", noise_multiplier=sigma, sample_rate=q, steps=steps)], delta)
+    assert accountant == "prv"
+    assert achieved.prv <= target * 1.001  # never above the target (PRV's own error aside)
+    assert achieved.prv == pytest.approx(target, rel=0.01)
+
+
+def test_more_noise_less_epsilon_more_steps_more_epsilon():
+    base = epsilons([REFERENCE], 1e-5).reported
+    assert epsilons([REFERENCE.model_copy(update={"noise_multiplier": 2.0})], 1e-5).reported < base
+    assert epsilons([REFERENCE.model_copy(update={"steps": 500})], 1e-5).reported > base
+
+
+def test_impossible_budgets_are_refused():
+    with pytest.raises(InputError, match="target_epsilon must be > 0"):
+        calibrate_noise(0.0, 1e-5, 0.01, 100)
+    with pytest.raises(InputError, match="budget is too low"):
+        calibrate_noise(1e-6, 1e-9, 0.9, 10_000)
+    with pytest.raises(InputError, match=r"privacy.delta = 0.01 is not below 1/N = 0.01 for N = 100 records"):
+        check_delta(0.01, 100, "record")
+    check_delta(default_delta(100), 100, "record")
+    assert default_delta(1000) == pytest.approx(1e-4)
+
+
+def test_non_private_and_post_processing():
+    assert math.isinf(epsilons([Mechanism(kind="non_private", steps=10)], 1e-5).reported)
+    free = epsilons([Mechanism(kind="post_processing")], 1e-5)
+    assert free.reported == 0.0 and free.reported_by == "none"
+    assert composed_total([REFERENCE, Mechanism(kind="post_processing")], 1e-5).reported == pytest.approx(epsilon_pld([REFERENCE], 1e-5))
+
+
+def test_composition_of_heterogeneous_releases():
+    histogram = Mechanism(kind="gaussian", noise_multiplier=5.0)
+    single = composed_total([REFERENCE], 1e-5).reported
+    both = composed_total([REFERENCE, histogram], 1e-5)
+    twice = composed_total([REFERENCE, REFERENCE], 1e-5).reported
+    assert single < both.reported < twice < 2 * single  # composition is sub-additive for Gaussians
+    assert both.reported_by == "pld" and both.prv is not None
+
+
+def _entry(client: str, mechanism: Mechanism) -> LedgerEntry:
+    return LedgerEntry(client_id=client, stage="dp_train", release="dp_adapter", artifact="x", unit="record", delta=1e-5, mechanism=mechanism, epsilon=epsilons([mechanism], 1e-5), private=True)
+
+
+def test_budget_guard_names_spent_requested_and_cap():
+    spent = [_entry("a", REFERENCE)]
+    check_budget(spent, "a", [Mechanism(kind="post_processing")], 1e-5, cap=2.0, stage="synthesize")
+    with pytest.raises(InputError, match=r"client 'a': stage 'dp_train' would exceed the privacy budget cap \(spent epsilon 1\.92\d, requested 1\.92\d, composed total 2\.\d+ > cap 2\.5\)"):
+        check_budget(spent, "a", [REFERENCE], 1e-5, cap=2.5, stage="dp_train")
+    with pytest.raises(InputError, match=r"client 'a': privacy budget cap already spent before stage 'fedtune' \(spent epsilon 1\.92\d, cap 1\.5\)"):
+        check_budget(spent, "a", [REFERENCE], 1e-5, cap=1.5, stage="fedtune")
+    check_budget(spent, "b", [REFERENCE], 1e-5, cap=2.5, stage="dp_train")  # another client's spending is not a's

@@ -1,0 +1,160 @@
+"""DP-SGD mechanism on the tiny model: clipping, noise, units, virtual steps, empty batches."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from knowledgesg.models import load_causal_lm, resolve_model
+from knowledgesg.records import InstructionRecord
+from knowledgesg.sft import collate, per_sequence_loss, tokenize_example
+from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches, poisson_batches
+
+TEXTS = ["Profits rose sharply .", "Sales fell", "The company announced a new plant in Oulu .", "Shares were flat", "Net loss widened to EUR 2 mn ."]
+LABELS = ["positive", "negative", "neutral", "neutral", "negative"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, tokenizer = load_causal_lm(resolve_model("tiny-random-llama"))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero, which would zero every gradient of A
+            torch.nn.init.normal_(p, std=0.02)
+    model.train()
+    records = [InstructionRecord(id=f"s/{i}", instruction="Sentiment?", input=t, response=l, source="s") for i, (t, l) in enumerate(zip(TEXTS, LABELS))]
+    examples = [tokenize_example(tokenizer, r, 64) for r in records]
+    return model, tokenizer, examples
+
+
+def _trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in _trainable(model)])
+
+
+def unit_loss(module, inputs, row_unit, n_units):
+    per_row = per_sequence_loss(module(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits, inputs["labels"])
+    counts = torch.bincount(row_unit, minlength=n_units)
+    return torch.zeros(n_units).index_add_(0, row_unit, per_row / counts[row_unit])
+
+
+def _dp_update(setup, units, settings, max_rows=64, seed=0):
+    """Parameter change of one DP-SGD step (SGD, lr 1) over the given units."""
+    model, tokenizer, examples = setup
+    model = copy.deepcopy(model)
+    before = _flat(model)
+    dp = DPSGD(model, lambda ps: torch.optim.SGD(ps, lr=1.0), settings, torch.Generator().manual_seed(seed))
+    rows_per_unit = [len(u) for u in units]
+
+    def physical(batch):
+        rows = [r for u in batch for r in units[u]]
+        row_unit = torch.tensor([i for i, u in enumerate(batch) for _ in units[u]])
+        return collate([examples[r] for r in rows], tokenizer.pad_token_id), row_unit, len(batch)
+
+    batches = [physical(b) for b in micro_batches(list(range(len(units))), rows_per_unit, max_rows)] if units else []
+    dp.step(batches, unit_loss)
+    return _flat(dp.module._module) - before, dp
+
+
+def _reference_unit_grads(setup, units):
+    """Each unit's gradient, computed alone on a plain copy of the model (no Opacus)."""
+    model, tokenizer, examples = setup
+    grads = []
+    for unit in units:
+        plain = copy.deepcopy(model)
+        batch = collate([examples[r] for r in unit], tokenizer.pad_token_id)
+        per_sequence_loss(plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in _trainable(plain)]))
+    return grads
+
+
+def _clip(g: torch.Tensor, c: float) -> torch.Tensor:
+    return g * min(1.0, c / (float(g.norm()) + 1e-6))
+
+
+@pytest.mark.parametrize("units", [[[0], [1], [2], [3], [4]], [[0, 1], [2], [3, 4]]], ids=["record-level", "user-level"])
+def test_clipped_unit_gradients_match_one_at_a_time_reference(setup, units):
+    clip, expected_batch = 0.05, 4
+    reference = _reference_unit_grads(setup, units)
+    assert min(float(g.norm()) for g in reference) > clip, "clipping must be active for this test to mean anything"
+    expected = -sum(_clip(g, clip) for g in reference) / expected_batch
+    update, _ = _dp_update(setup, units, DPSGDSettings(noise_multiplier=0.0, clip_norm=clip, sample_rate=0.5, expected_batch_units=expected_batch))
+    assert torch.allclose(update, expected, atol=1e-6, rtol=1e-4)
+    assert float(update.norm()) <= clip * len(units) / expected_batch + 1e-6  # each unit contributes at most C
+
+
+def test_virtual_steps_equal_one_physical_batch(setup):
+    units = [[0], [1, 2], [3], [4]]
+    settings = DPSGDSettings(noise_multiplier=0.0, clip_norm=0.05, sample_rate=0.5, expected_batch_units=4)
+    whole, _ = _dp_update(setup, units, settings, max_rows=64)
+    split, dp = _dp_update(setup, units, settings, max_rows=1)
+    assert torch.allclose(whole, split, atol=1e-7)
+    assert dp.accounted_history() == [(0.0, 0.5, 1)]  # four physical passes, one accounted step
+
+
+def test_noise_has_the_right_scale_on_an_empty_batch(setup):
+    sigma, clip, batch = 2.0, 0.5, 4
+    update, dp = _dp_update(setup, [], DPSGDSettings(noise_multiplier=sigma, clip_norm=clip, sample_rate=0.1, expected_batch_units=batch))
+    assert dp.empty_steps == 1 and dp.accounted_history() == [(sigma, 0.1, 1)]
+    expected_std = sigma * clip / batch
+    assert update.numel() > 1000  # std of the std estimate: 1/sqrt(2n) = 2% here
+    assert float(update.std()) == pytest.approx(expected_std, rel=0.05)
+    assert abs(float(update.mean())) < 4 * expected_std / math.sqrt(update.numel())
+
+
+def test_infinity_path_adds_no_noise_and_does_not_clip(setup):
+    units = [[0], [1], [2]]
+    settings = DPSGDSettings(noise_multiplier=0.0, clip_norm=math.inf, sample_rate=0.5, expected_batch_units=3)
+    first, dp = _dp_update(setup, units, settings, seed=1)
+    second, _ = _dp_update(setup, units, settings, seed=2)
+    assert torch.equal(first, second) and not dp.private
+    expected = -sum(_reference_unit_grads(setup, units)) / 3
+    assert torch.allclose(first, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_empty_poisson_batches_happen_and_are_counted():
+    batches = list(poisson_batches(20, 0.02, 200, torch.Generator().manual_seed(0)))
+    sizes = [len(b) for b in batches]
+    assert sizes.count(0) > 100  # (1 - 0.02)^20 = 0.67 of the steps are empty
+    assert sum(sizes) / len(sizes) == pytest.approx(20 * 0.02, rel=0.35)
+
+
+def test_micro_batches_never_split_a_unit():
+    batches = micro_batches([0, 1, 2, 3], [3, 1, 4, 2], max_rows=4)
+    assert batches == [[0, 1], [2], [3]]
+
+
+def test_per_sequence_loss_does_not_depend_on_batchmates(setup):
+    """The trap: the model's built-in loss averages over all tokens of the batch."""
+    model, tokenizer, examples = setup
+    short, long_ = examples[1], examples[2]
+    assert len(long_.input_ids) > len(short.input_ids)
+    plain = copy.deepcopy(model).eval()
+
+    def loss_of_first(batch_examples, builtin: bool) -> float:
+        batch = collate(batch_examples, tokenizer.pad_token_id)
+        out = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"] if builtin else None)
+        return float(out.loss) if builtin else float(per_sequence_loss(out.logits, batch["labels"])[0])
+
+    with torch.no_grad():
+        assert loss_of_first([short], False) == pytest.approx(loss_of_first([short, long_], False), rel=1e-5)
+        # the built-in loss for the same first example changes with its batchmate
+        assert loss_of_first([short, long_], True) != pytest.approx(loss_of_first([short, short], True), rel=1e-3)
+
+
+def test_the_no_update_check_fires_when_weights_did_not_move(setup):
+    from knowledgesg.errors import KsgError
+    from pipelines.dp_train import DPTrain
+
+    model = setup[0]
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(KsgError, match="LoRA weights did not change after the first DP-SGD step"):
+        DPTrain._check_adapter_moved(model, frozen)

@@ -1,0 +1,151 @@
+"""The dp_train stage and the privacy report, through the runner and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from knowledgesg.cli import main
+from tests.conftest import sentiment_rows, stage_files, tiny_spec, write_jsonl, write_spec
+
+TRAIN = {"name": "dp_train", "params": {"batch_size": 4, "max_physical_batch": 3, "max_length": 48, "epochs": 1.0}}
+
+
+def _spec(workdir: Path, privacy: dict | None = None, train: dict | None = None, rows: int = 40) -> Path:
+    write_jsonl(workdir / "data.jsonl", sentiment_rows(rows))
+    spec = tiny_spec(stages=["prepare_models", "ingest", train or TRAIN], privacy=privacy or {"target_epsilon": 8.0})
+    return write_spec(workdir, spec)
+
+
+def _json(path: Path):
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    """One DP run at epsilon 8 shared by the read-only checks below."""
+    workdir = tmp_path_factory.mktemp("dp")
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        assert main(["run", str(_spec(workdir)), "--run-dir", "run"]) == 0
+    finally:
+        os.chdir(cwd)
+    return workdir / "run"
+
+
+def test_privacy_json_reports_the_mechanism_run_at_the_target(dp_run: Path):
+    privacy = _json(dp_run / "stages/dp_train/clients/client_0/privacy.json")
+    assert privacy["private"] and privacy["label"] == "DP" and privacy["unit"] == "record"
+    assert privacy["num_units"] == 20 and privacy["delta"] == pytest.approx(1 / 200)
+    m = privacy["mechanism"]
+    assert m["kind"] == "poisson_gaussian" and m["sample_rate"] == pytest.approx(4 / 20) and m["steps"] == 5
+    assert privacy["epsilon"]["prv"] == pytest.approx(8.0, rel=0.01) and privacy["epsilon"]["prv"] <= 8.0 * 1.001
+    assert privacy["epsilon"]["rdp"] > privacy["epsilon"]["prv"]  # RDP is the loosest of the three
+    assert privacy["calibrated_by"] == "prv" and "not cryptographically secure" in " ".join(privacy["assumptions"])
+
+
+def test_adapter_is_peft_loadable_and_trained(dp_run: Path):
+    from peft import PeftModel
+
+    from knowledgesg.models import load_causal_lm, resolve_model
+
+    base, _ = load_causal_lm(resolve_model("tiny-random-llama"))
+    adapter_dir = dp_run / "stages/dp_train/clients/client_1/adapter"
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(float(p.abs().max()) > 0 for p in lora_b)  # B starts at zero: it moved
+    assert sorted(p.name for p in adapter_dir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_sides_ledger_and_loss_curve(dp_run: Path):
+    manifest = _json(dp_run / "stages/dp_train/manifest.json")
+    sides = {path: entry["side"] for path, entry in manifest["outputs"].items()}
+    assert sides["clients/client_0/loss.json"] == "client:client_0"  # un-noised loss on private data
+    assert sides["clients/client_0/adapter/adapter_model.safetensors"] == "server"
+    ledger = _json(dp_run / "stages/dp_train/ledger.json")
+    assert [e["client_id"] for e in ledger] == ["client_0", "client_1"]
+    assert all(e["release"] == "dp_adapter" and e["private"] for e in ledger)
+    losses = _json(dp_run / "stages/dp_train/clients/client_0/loss.json")
+    assert len(losses) == 5 and all(l["loss"] is None or l["loss"] > 0 for l in losses)
+
+
+def test_privacy_report_command(dp_run: Path, capsys):
+    assert main(["privacy-report", str(dp_run)]) == 0
+    out = capsys.readouterr().err
+    assert "client_0" in out and "total (PLD)" in out and "not cryptographically secure" in out
+    report = _json(dp_run / "privacy_report.json")
+    client = report["clients"][0]
+    assert client["total"]["pld"] == pytest.approx(client["releases"][0]["epsilon"]["pld"], rel=1e-6)
+    assert client["curve"][-1]["steps"] == 5 and client["curve"][0]["prv"] < client["curve"][-1]["prv"]
+    html = (dp_run / "privacy_report.html").read_text()
+    assert "<img" in html and "data:image/png;base64," in html and "Poisson sampling" in html
+
+
+def test_rerun_is_cached_and_training_is_deterministic(dp_run: Path, workdir: Path):
+    spec = _spec(workdir)
+    assert main(["run", str(spec), "--run-dir", "again"]) == 0
+    ours, theirs = stage_files(workdir / "again"), stage_files(dp_run)
+    adapter = "stages/dp_train/clients/client_0/adapter/adapter_model.safetensors"
+    assert ours[adapter] == theirs[adapter]
+
+
+def test_non_private_reference_is_marked_everywhere(workdir: Path, capsys):
+    assert main(["run", str(_spec(workdir, privacy={"target_epsilon": math.inf})), "--run-dir", "run"]) == 0
+    privacy = _json(workdir / "run/stages/dp_train/clients/client_0/privacy.json")
+    assert privacy["label"] == "NOT PRIVATE" and not privacy["private"]
+    assert privacy["mechanism"]["kind"] == "non_private" and math.isinf(privacy["epsilon"]["reported"])
+    assert main(["privacy-report", "run"]) == 0
+    assert "NOT PRIVATE" in capsys.readouterr().err
+    assert "NOT PRIVATE" in (workdir / "run/privacy_report.html").read_text()
+
+
+def test_user_level_privacy_samples_users(workdir: Path):
+    rows = [dict(r, user=f"u{i % 6}") for i, r in enumerate(sentiment_rows(48))]
+    write_jsonl(workdir / "data.jsonl", rows)
+    spec = tiny_spec(stages=["prepare_models", "ingest", {"name": "dp_train", "params": {"batch_size": 2, "max_length": 48, "max_records_per_user": 3}}],
+                     privacy={"target_epsilon": 4.0, "unit": "user"})
+    spec["clients"]["data"] = [{"path": "data.jsonl", "fields": {"user_id": "user"}}]
+    spec["clients"]["partition"] = {"method": "iid", "num_clients": 1}
+    assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 0
+    privacy = _json(workdir / "run/stages/dp_train/clients/client_0/privacy.json")
+    assert privacy["unit"] == "user" and privacy["num_units"] == 6 and privacy["delta"] == pytest.approx(1 / 60)
+    assert privacy["mechanism"]["sample_rate"] == pytest.approx(2 / 6)
+
+
+@pytest.mark.parametrize("privacy,train,pattern", [
+    ({"target_epsilon": 8.0, "delta": 0.06}, None, r"privacy.delta = 0.06 is not below 1/N = 0.05 for N = 20 records"),
+    ({"target_epsilon": 8.0, "cap_epsilon": 5.0}, None, r"client 'client_0': stage 'dp_train' would exceed the privacy budget cap \(spent epsilon 0.000, requested 7.9\d+, composed total 7.9\d+ > cap 5\)"),
+    ({"target_epsilon": 8.0, "unit": "user"}, None, r"privacy.unit is 'user' but record 'data/r0' has no user_id"),
+    ({"target_epsilon": 8.0}, {"name": "dp_train", "params": {"batch_size": 20}}, r"client 'client_0': 20 records is too few for dp_train with batch_size 20"),
+    ({"target_epsilon": 1e-4}, None, r"cannot be reached .* the budget is too low"),
+], ids=["delta-too-large", "cap-exceeded", "user-without-id", "batch-too-large", "epsilon-unreachable"])
+def test_impossible_budgets_fail_cleanly(workdir: Path, capsys, privacy, train, pattern):
+    import re
+
+    assert main(["run", str(_spec(workdir, privacy=privacy, train=train)), "--run-dir", "run"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ksg: error:")]
+    assert len(errors) == 1 and re.search(pattern, errors[0]), errors
+    assert not (workdir / "run").exists()
+
+
+def test_cap_already_spent_by_an_earlier_release(workdir: Path, capsys):
+    """Two DP trainings of the same clients compose; the second is refused once the cap is spent."""
+    first = {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48}}
+    spec = tiny_spec(stages=["prepare_models", "ingest", first], privacy={"target_epsilon": 3.0, "cap_epsilon": 5.0})
+    assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 0
+    from privacy.ledger import read_ledger
+
+    entries = read_ledger(workdir / "run", ["dp_train"])
+    assert len(entries) == 2 and entries[0].epsilon.reported == pytest.approx(3.0, rel=0.01)
+    from privacy.ledger import check_budget
+    from knowledgesg.errors import InputError
+
+    with pytest.raises(InputError, match="would exceed the privacy budget cap"):
+        check_budget(entries, "client_0", [entries[0].mechanism, entries[0].mechanism], entries[0].delta, 5.0, "dp_train_again")
