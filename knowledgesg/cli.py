@@ -64,11 +64,10 @@ def _print_privacy_summary(spec, run_dir: Path) -> None:
     console.print("privacy (from the ledger):")
     for client_id in dict.fromkeys(e.client_id for e in entries):
         mine = [e for e in entries if e.client_id == client_id]
-        releases = ", ".join(
-            f"{e.release} epsilon {e.epsilon.reported:.3f} ({e.epsilon.reported_by})" if e.private else f"{e.release} [bold red]NOT PRIVATE[/]"
-            for e in mine
-        )
-        console.print(f"  {client_id}: {releases} at delta {mine[0].delta:.2e}")
+        console.print(f"  {client_id} (delta {mine[0].delta:.2e}):")
+        for e in mine:
+            cost = f"epsilon {e.epsilon.reported:.3f} ({e.epsilon.reported_by})" if e.private else "[bold red]NOT PRIVATE[/]"
+            console.print(f"    {e.stage}: {e.release}: {cost}")
     console.print(f"  full report with the three accountants and plots: ksg privacy-report {run_dir}")
 
 

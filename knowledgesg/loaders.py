@@ -172,6 +172,18 @@ def source_name_of(source: DataSource) -> str:
     return source.builtin if source.builtin else Path(source.path).stem  # type: ignore[arg-type]
 
 
+def source_path(source: DataSource, base_dir: Path) -> Path:
+    """The file or directory a data source reads (the vendored data for a builtin)."""
+    if source.builtin is not None:
+        from knowledgesg.builtin_data import VENDOR
+
+        return VENDOR
+    path = source.path if source.path.is_absolute() else base_dir / source.path  # type: ignore[union-attr]
+    if not path.exists():
+        raise InputError(f"{path}: data file not found")
+    return path
+
+
 def load_source(source: DataSource, base_dir: Path, seed: int) -> list[Record]:
     """Load one data source of the spec into records (ids prefixed with the source name)."""
     name = source_name_of(source)
@@ -180,9 +192,7 @@ def load_source(source: DataSource, base_dir: Path, seed: int) -> list[Record]:
 
         records = load_builtin(source.builtin, source_name=name, expected_kind=source.kind)
     else:
-        path = source.path if source.path.is_absolute() else base_dir / source.path  # type: ignore[union-attr]
-        if not path.exists():
-            raise InputError(f"{path}: data file not found")
+        path = source_path(source, base_dir)
         fmt = detect_format(path) if source.format == "auto" else source.format
         records = rows_to_records(path, READERS[fmt](path), source, name, line_based=fmt in ("jsonl", "csv"))
     return subsample(records, source.sample, seed, name)

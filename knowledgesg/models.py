@@ -92,7 +92,7 @@ def _read_marker(directory: Path) -> dict | None:
 
 
 def _weights_sha(directory: Path) -> str:
-    files = sorted(directory.glob("*.safetensors"))
+    files = sorted(directory.rglob("*.safetensors"))
     return sha256_file(files[0]) if len(files) == 1 else ",".join(sha256_file(f) for f in files)
 
 
@@ -164,7 +164,7 @@ def build_tiny_random_llama(out: Path, seed: int = 0) -> str:
     tokenizer.chat_template = CHAT_TEMPLATE
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
@@ -174,11 +174,43 @@ def build_tiny_random_llama(out: Path, seed: int = 0) -> str:
     return "tiny random Llama (2 layers, hidden 64, byte-level tokenizer), for tests"
 
 
+def build_tiny_random_embedder(out: Path, seed: int = 0) -> str:
+    """A 2-layer BERT with mean pooling and a character-level WordPiece vocabulary, for tests."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Pooling, Transformer
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    symbols = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *symbols, *[f"##{c}" for c in symbols], *list(".,?!'-:;()%$/")]
+    core = Tokenizer(models.WordPiece(vocab={w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    core.normalizer = normalizers.BertNormalizer(lowercase=True)
+    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    core.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer = BertTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(seed)
+    bert_dir = out / "bert"
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)).save_pretrained(bert_dir)
+    tokenizer.save_pretrained(bert_dir)
+    transformer = Transformer(str(bert_dir), max_seq_length=256)
+    SentenceTransformer(modules=[transformer, Pooling(32, pooling_mode="mean")], device="cpu").save(str(out))
+    shutil.rmtree(bert_dir)
+    return "tiny random BERT sentence embedder (2 layers, hidden 32), for tests"
+
+
+TINY_EMBEDDER = "tiny-random-embedder"
+
+
 def resolve_model(name: str, cache_dir: Path | None = None) -> ResolvedModel:
     """Turn a model name from the spec into something transformers can load offline."""
     cache = cache_root(cache_dir)
     if name == TINY:
         path = _build_cached(TINY, cache, build_tiny_random_llama)
+    elif name == TINY_EMBEDDER:
+        path = _build_cached(TINY_EMBEDDER, cache, build_tiny_random_embedder)
+        marker = _read_marker(path)
+        return ResolvedModel(name, str(path), "embedder", marker["weights_sha256"], marker["description"])
     elif name in REGISTRY:
         entry = REGISTRY[name]
         builder = _convert_gguf if entry.kind == "causal-lm" else _copy_embedder
@@ -192,7 +224,7 @@ def resolve_model(name: str, cache_dir: Path | None = None) -> ResolvedModel:
     elif "/" in name and not name.startswith((".", "/", "~")):
         return ResolvedModel(name, name, "causal-lm", None, f"Hugging Face model {name}")
     else:
-        known = ", ".join([*REGISTRY, TINY])
+        known = ", ".join([*REGISTRY, TINY, TINY_EMBEDDER])
         raise InputError(f"model '{name}': not a registered name ({known}), a local model directory, or a Hugging Face id (owner/name)")
     marker = _read_marker(path)
     kind = REGISTRY[name].kind if name in REGISTRY else "causal-lm"
@@ -211,7 +243,9 @@ def load_causal_lm(model: ResolvedModel, device: str = "cpu"):
     """(model, tokenizer) in float32 on `device`, in eval mode, with a pad token set."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a sub-second bar per load only buries our own output
     tokenizer = AutoTokenizer.from_pretrained(model.path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

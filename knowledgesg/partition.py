@@ -51,10 +51,15 @@ def partition_dirichlet(records: list[Record], spec: PartitionSpec, rng: np.rand
     """
     names = client_names(spec, spec.num_clients or len(spec.names or []))
     by_label: dict[str, list[int]] = defaultdict(list)
+    unlabelled = []  # text records have no label: they are dealt out evenly instead
     for index, record in enumerate(records):
-        by_label[_field(record, spec.label_field)].append(index)
+        if record.kind == "text" and not hasattr(record, spec.label_field):
+            unlabelled.append(index)
+        else:
+            by_label[_field(record, spec.label_field)].append(index)
+    spread = np.array_split(np.array(unlabelled, dtype=int)[rng.permutation(len(unlabelled))], len(names))
     for _ in range(MAX_DIRICHLET_DRAWS):
-        parts: list[list[int]] = [[] for _ in names]
+        parts: list[list[int]] = [chunk.tolist() for chunk in spread]
         for label in sorted(by_label):
             indices = np.array(by_label[label])[rng.permutation(len(by_label[label]))]
             shares = rng.dirichlet([spec.alpha] * len(names))

@@ -7,32 +7,31 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class InstructionRecord(BaseModel):
-    """One instruction-response pair. `user_id` groups records for user-level privacy."""
+class _Record(BaseModel):
+    """What every record has: a unique id, its origin, and its owner."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["instruction"] = "instruction"
     id: str = Field(min_length=1)
+    client_id: str = ""
+    source: str = Field(min_length=1)
+    user_id: str | None = None  # groups records for user-level privacy
+
+
+class InstructionRecord(_Record):
+    """One instruction-response pair."""
+
+    kind: Literal["instruction"] = "instruction"
     instruction: str = Field(min_length=1)
     input: str = ""
     response: str = Field(min_length=1)
-    client_id: str = ""
-    source: str = Field(min_length=1)
-    user_id: str | None = None
 
 
-class TextRecord(BaseModel):
+class TextRecord(_Record):
     """A piece of unstructured text (an abstract, a transcript) before it is structured."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     kind: Literal["text"] = "text"
-    id: str = Field(min_length=1)
     text: str = Field(min_length=1)
-    client_id: str = ""
-    source: str = Field(min_length=1)
-    user_id: str | None = None
 
 
 Record = InstructionRecord | TextRecord

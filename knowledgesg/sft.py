@@ -21,17 +21,20 @@ class Example:
     labels: list[int]  # IGNORE on prompt tokens
 
 
-def tokenize_example(tokenizer, record: InstructionRecord, max_length: int) -> Example:
+def tokenize_example(tokenizer, record: InstructionRecord, max_length: int, loss_on: str = "response") -> Example:
     """Prompt through the chat template, then the response and end-of-turn token.
 
+    `loss_on="response"` trains p(response | prompt). `"all"` also trains the user turn, which a
+    model must learn if it is to write new inputs (synthesis) from a public instruction alone.
     Too long: the prompt loses its oldest tokens first, so that at least half the budget stays
-    for the response, which is what the loss is computed on.
+    for the response.
     """
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": user_message(record)}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     response = tokenizer(record.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     response = response[: max(max_length - len(prompt), max_length // 2)]
     prompt = prompt[len(prompt) - (max_length - len(response)) :] if len(prompt) + len(response) > max_length else prompt
-    return Example(input_ids=prompt + response, labels=[IGNORE] * len(prompt) + response)
+    prompt_labels = prompt if loss_on == "all" else [IGNORE] * len(prompt)
+    return Example(input_ids=prompt + response, labels=prompt_labels + response)
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

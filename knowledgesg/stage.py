@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from knowledgesg.errors import KsgError
-from knowledgesg.fileio import read_json, write_json, write_jsonl
+from knowledgesg.fileio import read_json, sha256_text, write_json, write_jsonl
 from knowledgesg.manifest import read_manifest
 from knowledgesg.spec import PipelineSpec
 
@@ -53,6 +53,12 @@ class StageContext:
     def seed(self) -> int:
         return self.spec.seed
 
+    def derive_seed(self, *parts: str) -> int:
+        """A seed for one purpose (e.g. "sampler", client id) from the spec seed: independent of
+        what ran before, so a unit resumed after a crash replays exactly."""
+        digest = sha256_text(":".join([str(self.spec.seed), self.stage_name, *parts]))
+        return int(digest[:15], 16)
+
     def path(self, relative: str) -> Path:
         return self.stage_dir / relative
 
@@ -61,9 +67,10 @@ class StageContext:
         self.declared[relative] = (records, side)
         return self.path(relative)
 
-    def write_jsonl(self, relative: str, rows: list[dict[str, Any]], side: str = "server") -> Path:
+    def write_jsonl(self, relative: str, rows: list[dict[str, Any]], side: str = "server", records: bool = True) -> Path:
+        """`records=False` for a log (e.g. prompts sent): its rows are not data records."""
         count = write_jsonl(self.path(relative), rows)
-        return self.declare_output(relative, records=count, side=side)
+        return self.declare_output(relative, records=count if records else None, side=side)
 
     def write_json(self, relative: str, obj: Any, side: str = "server") -> Path:
         write_json(self.path(relative), obj)

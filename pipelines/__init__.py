@@ -10,8 +10,10 @@ from knowledgesg.stage import Stage
 from pipelines.dp_train import DPTrain
 from pipelines.ingest import Ingest
 from pipelines.prepare_models import PrepareModels
+from pipelines.structure import Structure
+from pipelines.synthesize import Synthesize
 
-STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (PrepareModels, Ingest, DPTrain)}
+STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (PrepareModels, Ingest, Structure, DPTrain, Synthesize)}
 
 __all__ = ["STAGES", "validate_stage_params"]
 

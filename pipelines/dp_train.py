@@ -48,6 +48,8 @@ class DPTrainParams(BaseModel):
     lora_alpha: int = Field(default=16, ge=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
     max_records_per_user: int = Field(default=8, ge=1, description="user-level privacy: records a user contributes")
+    loss_on: Literal["response", "all"] = Field(default="response", description="'all' also learns the user turn, needed to synthesize inputs")
+    source_stage: Literal["ingest", "structure"] = Field(default="ingest", description="the stage whose client records are trained on")
 
 
 @dataclass
@@ -120,7 +122,7 @@ class DPTrain(Stage):
         plans = []
         spent = read_ledger(ctx.run_dir, ctx.completed_stages_before())
         for client_id in partition["clients"]:
-            rows = read_jsonl(ctx.artifact("ingest", f"clients/{client_id}/records.jsonl"))
+            rows = read_jsonl(ctx.artifact(self.params.source_stage, f"clients/{client_id}/records.jsonl"))
             records = [InstructionRecord.model_validate(r) for r in rows if r["kind"] == "instruction"]
             plan = self.plan(ctx, client_id, records)
             # Every client's budget is checked before any client trains: a refusal leaves nothing.
@@ -140,34 +142,30 @@ class DPTrain(Stage):
 
         from knowledgesg.models import ResolvedModel, load_causal_lm, resolve_device
         from knowledgesg.sft import collate, per_sequence_loss, tokenize_example
-        from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches, poisson_batches
+        from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches, poisson_batches, unit_means
 
         p: DPTrainParams = self.params
-        torch.manual_seed(ctx.seed)
+        torch.manual_seed(ctx.derive_seed(plan.client_id, "init"))
         device = resolve_device(ctx.spec.models.device)
         model, tokenizer = load_causal_lm(ResolvedModel(**base), device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations inside peft
             model = get_peft_model(model, LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=0.0, target_modules=p.target_modules, task_type="CAUSAL_LM"))
         model.train()
-        examples = [tokenize_example(tokenizer, record, p.max_length) for record in plan.records]
+        examples = [tokenize_example(tokenizer, record, p.max_length, p.loss_on) for record in plan.records]
         rows_per_unit = [len(unit) for unit in plan.units]
 
         def make_optimizer(params):
             return torch.optim.Adam(params, lr=p.learning_rate) if p.optimizer == "adam" else torch.optim.SGD(params, lr=p.learning_rate)
 
-        seed_base = f"{ctx.seed}:{plan.client_id}"
-        sampler_rng = torch.Generator().manual_seed(int.from_bytes(seed_base.encode(), "little") % (2**63))
-        noise_rng = torch.Generator(device=device).manual_seed((int.from_bytes(seed_base.encode(), "little") + 1) % (2**63))
+        sampler_rng = torch.Generator().manual_seed(ctx.derive_seed(plan.client_id, "sampler"))
+        noise_rng = torch.Generator(device=device).manual_seed(ctx.derive_seed(plan.client_id, "noise"))
         settings = DPSGDSettings(plan.noise_multiplier, plan.clip_norm, plan.sample_rate, p.batch_size)
         dp = DPSGD(model, make_optimizer, settings, noise_rng)
 
         def unit_loss(module, inputs, row_unit, n_units):
             out = module(input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device))
-            per_row = per_sequence_loss(out.logits, inputs["labels"].to(device))
-            rows_in_unit = torch.bincount(row_unit.to(device), minlength=n_units)
-            # a unit's loss is the mean over its records; summed over units by the caller
-            return torch.zeros(n_units, device=device).index_add_(0, row_unit.to(device), per_row / rows_in_unit[row_unit.to(device)])
+            return unit_means(per_sequence_loss(out.logits, inputs["labels"].to(device)), row_unit.to(device), n_units)
 
         def physical(units: list[int]):
             rows = [r for u in units for r in plan.units[u]]

@@ -11,10 +11,9 @@ from pathlib import Path
 
 from rich.table import Table
 
-from knowledgesg.builtin_data import VENDOR
 from knowledgesg.console import console, track
 from knowledgesg.errors import InputError
-from knowledgesg.loaders import load_source, source_name_of
+from knowledgesg.loaders import load_source, source_name_of, source_path
 from knowledgesg.partition import partition
 from knowledgesg.records import Record
 from knowledgesg.spec import DataSource, PipelineSpec
@@ -52,16 +51,7 @@ class Ingest(Stage):
     uses = ("clients",)
 
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
-        paths = []
-        for source in _sources(spec):
-            if source.builtin is not None:
-                paths.append(VENDOR)
-            else:
-                path = source.path if source.path.is_absolute() else base_dir / source.path
-                if not path.exists():
-                    raise InputError(f"{path}: data file not found")
-                paths.append(path)
-        return sorted(set(paths))
+        return sorted({source_path(source, base_dir) for source in _sources(spec)})
 
     def run(self, ctx: StageContext) -> None:
         clients_spec = ctx.spec.clients

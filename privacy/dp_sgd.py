@@ -47,6 +47,12 @@ def micro_batches(units: list[int], rows_per_unit: list[int], max_rows: int) -> 
     return batches
 
 
+def unit_means(per_row: torch.Tensor, row_unit: torch.Tensor, n_units: int) -> torch.Tensor:
+    """Each unit's loss as the mean of its rows' losses, shape [n_units]."""
+    rows_in_unit = torch.bincount(row_unit, minlength=n_units)
+    return torch.zeros(n_units, dtype=per_row.dtype, device=per_row.device).index_add_(0, row_unit, per_row / rows_in_unit[row_unit])
+
+
 @dataclass(frozen=True)
 class DPSGDSettings:
     noise_multiplier: float  # 0 for the non-private reference

@@ -75,3 +75,14 @@ def test_budget_guard_names_spent_requested_and_cap():
     with pytest.raises(InputError, match=r"client 'a': privacy budget cap already spent before stage 'fedtune' \(spent epsilon 1\.92\d, cap 1\.5\)"):
         check_budget(spent, "a", [REFERENCE], 1e-5, cap=1.5, stage="fedtune")
     check_budget(spent, "b", [REFERENCE], 1e-5, cap=2.5, stage="dp_train")  # another client's spending is not a's
+
+
+def test_rdp_is_reported_when_prv_fails(monkeypatch):
+    import privacy.accounting as accounting
+
+    def broken(*args, **kwargs):
+        raise ArithmeticError("PRV returned nan")
+
+    monkeypatch.setattr(accounting, "epsilon_prv", broken)
+    eps = accounting.epsilons([REFERENCE], 1e-5)
+    assert eps.prv is None and eps.reported_by == "rdp" and eps.reported == pytest.approx(2.335, rel=0.02)

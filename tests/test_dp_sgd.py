@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from knowledgesg.models import load_causal_lm, resolve_model
 from knowledgesg.records import InstructionRecord
 from knowledgesg.sft import collate, per_sequence_loss, tokenize_example
-from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches, poisson_batches
+from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches, poisson_batches, unit_means
 
 TEXTS = ["Profits rose sharply .", "Sales fell", "The company announced a new plant in Oulu .", "Shares were flat", "Net loss widened to EUR 2 mn ."]
 LABELS = ["positive", "negative", "neutral", "neutral", "negative"]
@@ -42,8 +42,7 @@ def _flat(model) -> torch.Tensor:
 
 def unit_loss(module, inputs, row_unit, n_units):
     per_row = per_sequence_loss(module(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits, inputs["labels"])
-    counts = torch.bincount(row_unit, minlength=n_units)
-    return torch.zeros(n_units).index_add_(0, row_unit, per_row / counts[row_unit])
+    return unit_means(per_row, row_unit, n_units)
 
 
 def _dp_update(setup, units, settings, max_rows=64, seed=0):
@@ -158,3 +157,8 @@ def test_the_no_update_check_fires_when_weights_did_not_move(setup):
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     with pytest.raises(KsgError, match="LoRA weights did not change after the first DP-SGD step"):
         DPTrain._check_adapter_moved(model, frozen)
+
+
+def test_unit_means():
+    per_row = torch.tensor([1.0, 3.0, 5.0, 2.0])
+    assert unit_means(per_row, torch.tensor([0, 0, 1, 2]), 3).tolist() == [2.0, 5.0, 2.0]

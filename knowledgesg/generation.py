@@ -1,0 +1,137 @@
+"""Batched generation shared by every stage that generates.
+
+Prompts are sorted by length and cut into batches so that little padding is wasted; each batch is
+left-padded (so every sequence's next token sits in the last column) and decoded step by step
+with the KV cache. A sequence leaves the batch as soon as it produces its end-of-turn token or
+reaches the token budget, so short answers do not wait for the longest one (HF `generate` keeps
+finished rows in the batch until all are done). Results come back in the caller's order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(default=96, ge=1)
+    do_sample: bool = True
+    temperature: float = Field(default=0.9, gt=0)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)
+    repetition_penalty: float = Field(default=1.0, gt=0)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    new_tokens: int
+    finished: bool  # stopped at end-of-turn rather than at the token budget
+
+
+def chat_prompt_ids(tokenizer, user: str, assistant_prefix: str = "") -> list[int]:
+    """Token ids of a chat prompt whose assistant turn starts with `assistant_prefix`."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    return ids + (tokenizer(assistant_prefix, add_special_tokens=False)["input_ids"] if assistant_prefix else [])
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first: memory peaks early)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class Generator:
+    def __init__(self, model, tokenizer, batch_size: int = 16, device: str = "cpu") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.device = device
+        stops = {tokenizer.eos_token_id}
+        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+            stops.add(im_end)
+        self.stop_ids = sorted(i for i in stops if i is not None)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, progress: str | None = None) -> list[Completion]:
+        import torch
+
+        from knowledgesg.console import track
+
+        results: list[Completion | None] = [None] * len(prompts)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        batches = length_batches([len(p) for p in prompts], self.batch_size)
+        sampler = torch.Generator(device=self.device).manual_seed(seed)
+        self.model.eval()
+        for batch in track(batches, progress or "generating", total=len(batches)):
+            width = max(len(prompts[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]) :] = 1
+            for i, (tokens, finished) in zip(batch, self._decode(ids.to(self.device), mask.to(self.device), params, sampler)):
+                results[i] = Completion(self.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens) + finished, finished)
+        return results  # type: ignore[return-value]
+
+    def _decode(self, ids, mask, params: SamplingParams, sampler) -> list[tuple[list[int], bool]]:
+        """Greedy or sampled decoding of one left-padded batch; rows leave when done."""
+        import torch
+        from transformers import DynamicCache
+
+        n = ids.shape[0]
+        outputs: list[list[int]] = [[] for _ in range(n)]
+        finished = [False] * n
+        active = list(range(n))
+        cache = DynamicCache()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        history = ids.clone()  # for the repetition penalty
+        step_ids = ids
+        with torch.no_grad():
+            for _ in range(params.max_new_tokens):
+                logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1, :].float()
+                chosen = self._choose(logits, history, params, sampler)
+                keep = []
+                for row, token in enumerate(chosen.tolist()):
+                    owner = active[row]
+                    if token in self.stop_ids:
+                        finished[owner] = True
+                        continue
+                    outputs[owner].append(token)
+                    if len(outputs[owner]) < params.max_new_tokens:
+                        keep.append(row)
+                if not keep:
+                    break
+                if len(keep) < len(active):
+                    index = torch.tensor(keep, device=ids.device)
+                    cache.batch_select_indices(index)
+                    mask, positions, history, chosen = mask[index], positions[index], history[index], chosen[index]
+                    active = [active[row] for row in keep]
+                mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=mask.device)], dim=1)
+                positions = positions[:, -1:] + 1
+                step_ids = chosen[:, None]
+                history = torch.cat([history, step_ids], dim=1)
+        return list(zip(outputs, finished))
+
+    @staticmethod
+    def _choose(logits, history, params: SamplingParams, sampler):
+        import torch
+
+        if params.repetition_penalty != 1.0:  # CTRL's penalty, as transformers applies it
+            seen = torch.gather(logits, 1, history)
+            logits = logits.scatter(1, history, torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty))
+        if not params.do_sample:
+            return logits.argmax(dim=-1)
+        logits = logits / params.temperature
+        if params.top_k:
+            kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if params.top_p < 1.0:
+            ordered, order = torch.sort(logits, descending=True)
+            cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+            drop = cumulative - ordered.softmax(dim=-1) > params.top_p  # keep the smallest set reaching top_p
+            logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=sampler).squeeze(1)

@@ -1,0 +1,213 @@
+"""Stage `structure` (runs on each client, before dp_train): unstructured text to pairs.
+
+The FedIT-U2S idea: each client's long texts (abstracts, transcripts) are cut into token-aware
+chunks; for each chunk the k most similar examples of a *public* example pool are retrieved
+(MiniLM embeddings, faiss) and shown as few-shot examples; the base model writes one question and
+its answer grounded in the chunk. A pair is kept only if it parses, its answer is grounded in the
+chunk (share of its content words found there), and it is not a duplicate.
+
+With a labelled pool (e.g. FiQA sentiment), the chunk's most informative sentence becomes the
+input (grounded by construction) and the model labels it, prompted with the retrieved examples:
+a 135M model cannot both copy a sentence and label it in one generation (measured on the
+earnings-call transcripts).
+
+Its output is private: it stays on the client and feeds dp_train (`source_stage: structure`),
+together with the client's own instruction records, which pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from collections import Counter
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from knowledgesg.console import console
+from knowledgesg.dedup import near_duplicates
+from knowledgesg.errors import InputError
+from knowledgesg.fileio import read_jsonl
+from knowledgesg.generation import SamplingParams
+from knowledgesg.loaders import load_source, source_path
+from knowledgesg.records import InstructionRecord, TextRecord
+from knowledgesg.sft import user_message
+from knowledgesg.spec import DataSource, PipelineSpec
+from knowledgesg.stage import Stage, StageContext
+
+STOPWORDS = frozenset("the a an and or of to in on for with by at from as is are was were be been this that these those it its their there which who what when how why not no".split())
+NEAR_DUPLICATE_JACCARD = 0.7
+INSTRUCTION = "Write one question that this text answers, and answer it with a sentence copied from the text."
+
+
+class StructureParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pool: DataSource = Field(description="the public example pool (instruction records), e.g. {builtin: medquad}")
+    k: int = Field(default=3, ge=1, le=10)
+    selection: Literal["retrieved", "random"] = Field(default="retrieved", description="'random' is the ablation baseline")
+    chunk_tokens: int = Field(default=192, ge=16)
+    overlap_tokens: int = Field(default=32, ge=0)
+    max_chunks_per_client: int | None = Field(default=None, ge=1)
+    example_words: int = Field(default=25, ge=5, description="a pool example's answer is cut to this many words in the prompt")
+    sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(do_sample=False, max_new_tokens=128))
+    batch_size: int = Field(default=8, ge=1)
+    min_grounding: float = Field(default=0.5, ge=0, le=1)
+    labels: list[str] | None = Field(default=None, description="a labelled pool: the answer must be one of these, and the question is what must be grounded")
+
+
+def content_words(text: str) -> list[str]:
+    return [w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 2 and w not in STOPWORDS]
+
+
+def grounding(answer: str, chunk: str) -> float:
+    """Share of the answer's content words that occur in the chunk (0 for an empty answer)."""
+    words = content_words(answer)
+    if not words:
+        return 0.0
+    present = set(content_words(chunk))
+    return sum(w in present for w in words) / len(words)
+
+
+def parse_pair(completion: str, min_answer_words: int = 2) -> tuple[str, str] | None:
+    """'<question>\\nAnswer: <answer>' (the prompt ends with 'Question:'), or None."""
+    match = re.match(r"\s*(.+?)\s*\n?\s*Answer\s*:\s*(.+)", completion, flags=re.DOTALL | re.IGNORECASE)
+    if not match:
+        return None
+    question = match.group(1).strip()
+    # the answer ends where the model starts another question, example or text
+    answer = re.split(r"(?:^|\n)\s*(?:Question|Example|Text)\s*\d*\s*:", match.group(2))[0].strip()
+    if len(question.split()) < 3 or len(answer.split()) < min_answer_words:
+        return None
+    return question, answer
+
+
+def few_shot_prompt(examples: list[InstructionRecord], chunk: str, example_words: int) -> str:
+    """Examples first, then the text, then the request. With the request last, a small model
+    asks about the text rather than imitating the examples' topics (measured: see
+    benchmarks/results/structure_ablation.md)."""
+    shots = "\n\n".join(f"Question: {user_message(e)}\nAnswer: {' '.join(e.response.split()[:example_words])}" for e in examples)
+    return f"Examples of questions and answers:\n\n{shots}\n\nText: {chunk}\n\n{INSTRUCTION}"
+
+
+def key_sentence(text: str, min_words: int = 6, max_words: int = 60) -> str | None:
+    """The sentence of a chunk with the most content words (None if none has a usable length)."""
+    sentences = [x.strip() for x in re.split(r"(?<=[.!?])\s+|\n+", text) if min_words <= len(x.split()) <= max_words]
+    return max(sentences, key=lambda x: (len(set(content_words(x))), -len(x)), default=None)
+
+
+def labelled_prompt(examples: list[InstructionRecord], instruction: str, sentence: str) -> str:
+    shots = "\n\n".join(f"Question: {user_message(e)}\nAnswer: {e.response}" for e in examples)
+    return f"{shots}\n\nQuestion: {instruction}\n{sentence}"
+
+
+class Structure(Stage):
+    name = "structure"
+    Params = StructureParams
+
+    def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
+        return [source_path(self.params.pool, base_dir)]  # editing the pool reruns the stage
+
+    def run(self, ctx: StageContext) -> None:
+        from knowledgesg.chunking import chunk_text
+        from knowledgesg.generation import Generator, chat_prompt_ids
+        from knowledgesg.models import ResolvedModel, cache_root, load_causal_lm, resolve_device
+        from knowledgesg.retrieval import build_or_load_index, embed, index_meta, load_embedder
+
+        p: StructureParams = self.params
+        models = ctx.read_artifact_json("prepare_models", "models.json")
+        if "embedder" not in models:
+            raise InputError("stage 'structure' needs models.embedder in the spec (e.g. minilm-l6-v2)")
+        pool = [r for r in load_source(p.pool, ctx.base_dir, ctx.seed) if isinstance(r, InstructionRecord)]
+        if not pool:
+            raise InputError("structure: the example pool has no instruction records")
+        if len(pool) < p.k:
+            raise InputError(f"structure: the example pool has {len(pool)} records, fewer than k = {p.k}")
+        device = resolve_device(ctx.spec.models.device)
+        embedder = load_embedder(models["embedder"]["path"], device)
+        index = build_or_load_index([user_message(r) for r in pool], embedder, models["embedder"]["weights_sha256"], cache_root(ctx.spec.models.cache_dir))
+        console.print(f"structure: example pool of {len(pool)} ({'built' if index.built else 'reused'} index {index.directory.name})")
+        ctx.write_json("pool_index.json", {**index_meta(index), "cache_key": index.directory.name})
+        model, tokenizer = load_causal_lm(ResolvedModel(**models["base"]), device)
+        generator = Generator(model, tokenizer, p.batch_size, device)
+        partition = ctx.read_artifact_json("ingest", "partition.json")
+        for client_id in partition["clients"]:
+            rows = read_jsonl(ctx.artifact("ingest", f"clients/{client_id}/records.jsonl"))
+            texts = [TextRecord.model_validate(r) for r in rows if r["kind"] == "text"]
+            own = [r for r in rows if r["kind"] == "instruction"]
+            if not texts:
+                raise InputError(f"structure: client '{client_id}' has no text records to structure (give its corpus kind: text)")
+            chunks = [c for t in texts for c in chunk_text(tokenizer, t.id, t.text, p.chunk_tokens, p.overlap_tokens)]
+            chunks = chunks[: p.max_chunks_per_client] if p.max_chunks_per_client else chunks
+            if p.selection == "retrieved":
+                _, neighbours = index.search(embed(embedder, [c.text for c in chunks]), p.k)
+            else:
+                rng = random.Random(ctx.derive_seed(client_id, "random-examples"))
+                neighbours = [rng.sample(range(len(pool)), p.k) for _ in chunks]
+            seed = ctx.derive_seed(client_id, "structure")
+            if p.labels:
+                sentences = [key_sentence(c.text) for c in chunks]
+                instructions = [pool[row[0]].instruction for row in neighbours]  # the nearest example's public task line
+                prompts = [chat_prompt_ids(tokenizer, labelled_prompt([pool[j] for j in row], instruction, sentence or ""), "Answer:")
+                           for row, instruction, sentence in zip(neighbours, instructions, sentences)]
+                completions = generator.generate(prompts, p.sampling.model_copy(update={"max_new_tokens": 8}), seed, f"structure {client_id}")
+                pairs, stats = self.keep_labelled(client_id, chunks, sentences, instructions, completions, p.labels)
+            else:
+                prompts = [chat_prompt_ids(tokenizer, few_shot_prompt([pool[j] for j in row], c.text, p.example_words), "Question:") for c, row in zip(chunks, neighbours)]
+                completions = generator.generate(prompts, p.sampling, seed, f"structure {client_id}")
+                pairs, stats = self.keep(client_id, chunks, completions, p.min_grounding)
+            side = f"client:{client_id}"
+            ctx.write_jsonl(f"clients/{client_id}/records.jsonl", own + pairs, side=side)
+            ctx.write_json(f"clients/{client_id}/structure_stats.json", stats, side=side)
+            console.print(f"structure {client_id}: {stats['kept']} pairs from {stats['chunks']} chunks; rejected {stats['rejected']}")
+
+    @staticmethod
+    def keep_labelled(client_id: str, chunks, sentences, instructions, completions, labels: list[str]) -> tuple[list[dict], dict]:
+        from pipelines.synthesize import parse_label
+
+        rejected: Counter = Counter()
+        candidates = []
+        for chunk, sentence, instruction, completion in zip(chunks, sentences, instructions, completions):
+            label = parse_label(completion.text, labels) if sentence else None
+            if sentence is None:
+                rejected["no usable sentence"] += 1
+            elif label is None:
+                rejected["no label"] += 1
+            else:
+                candidates.append((chunk, instruction, sentence, label))
+        duplicates = near_duplicates([sentence for _, _, sentence, _ in candidates], NEAR_DUPLICATE_JACCARD, seed=1)
+        rejected["duplicate"] += len(duplicates)
+        pairs = [
+            InstructionRecord(id=f"structured/{client_id}/{chunk.record_id}/{chunk.index}", instruction=instruction, input=sentence, response=label,
+                              client_id=client_id, source=f"structured:{chunk.record_id.split('/')[0]}").model_dump()
+            for number, (chunk, instruction, sentence, label) in enumerate(candidates) if number not in duplicates
+        ]
+        return pairs, {"chunks": len(chunks), "kept": len(pairs), "rejected": dict(rejected), "labels": dict(Counter(p["response"] for p in pairs))}
+
+    @staticmethod
+    def keep(client_id: str, chunks, completions, min_grounding: float) -> tuple[list[dict], dict]:
+        rejected: Counter = Counter()
+        candidates = []
+        for chunk, completion in zip(chunks, completions):
+            parsed = parse_pair(completion.text)
+            if parsed is None:
+                rejected["unparseable"] += 1
+                continue
+            score = grounding(parsed[1], chunk.text)
+            if score < min_grounding:
+                rejected["not grounded"] += 1
+                continue
+            candidates.append((chunk, *parsed, score))
+        duplicates = near_duplicates([question for _, question, _, _ in candidates], NEAR_DUPLICATE_JACCARD, seed=1)
+        rejected["duplicate"] += len(duplicates)
+        pairs, scores = [], []
+        for number, (chunk, question, answer, score) in enumerate(candidates):
+            if number in duplicates:
+                continue
+            scores.append(score)
+            instruction, _, input_text = question.partition("\n")
+            pairs.append(InstructionRecord(id=f"structured/{client_id}/{chunk.record_id}/{chunk.index}", instruction=instruction.strip(), input=input_text.strip(), response=answer,
+                                           client_id=client_id, source=f"structured:{chunk.record_id.split('/')[0]}").model_dump())
+        stats = {"chunks": len(chunks), "kept": len(pairs), "rejected": dict(rejected), "mean_grounding": round(sum(scores) / len(scores), 4) if scores else None}
+        return pairs, stats

@@ -1,0 +1,246 @@
+"""Stage `synthesize`: new instruction-response pairs from the base model plus each DP adapter.
+
+Generation from a DP adapter is post-processing, free of privacy cost, *because* no private
+record enters a prompt: every prompt is built from public seeds only (a task instruction, a
+public opening phrase, control codes), and every prompt actually sent is kept in
+`clients/<id>/prompts.jsonl` for audit. Class balance for a labelled task comes from a uniform
+prior, or from a DP histogram of the client's labels whose cost enters the ledger; never from
+the exact private counts.
+
+Two passes per candidate: the model writes the user turn (continuing a public seed), then answers
+it. Candidates are filtered (unfinished, unparseable, too short or long, exact and near
+duplicates), then selected to the target class balance.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from knowledgesg.console import console
+from knowledgesg.dedup import near_duplicates, normalized
+from knowledgesg.errors import InputError
+from knowledgesg.fileio import read_jsonl, sha256_file
+from knowledgesg.generation import SamplingParams
+from knowledgesg.records import InstructionRecord
+from knowledgesg.stage import Stage, StageContext
+from privacy.accounting import Mechanism, epsilons
+from privacy.ledger import LEDGER, LedgerEntry, check_budget, read_ledger
+
+MARK = "\x00USER_TEXT\x00"
+
+
+class Seed(BaseModel):
+    """Public text only: a task instruction (first line of the user turn) and/or an opening phrase."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instruction: str = ""
+    prefix: str = ""
+    domain: str = ""
+    task: str = ""
+
+
+class SynthesizeParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    per_client: int = Field(default=60, ge=1, description="pairs to keep per client")
+    oversample: float = Field(default=2.0, ge=1.0, description="candidates generated per kept pair")
+    seeds: list[Seed] = Field(min_length=1)
+    labels: list[str] | None = Field(default=None, description="a labelled task's answers; responses must name one")
+    class_balance: Literal["uniform", "dp_histogram"] = "uniform"
+    histogram_noise_multiplier: float = Field(default=20.0, gt=0, description="DP histogram: noise std / sensitivity")
+    user_contribution_bound: int = Field(default=8, ge=1, description="user-level privacy: the most records one user adds to the histogram")
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    response_max_new_tokens: int = Field(default=96, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    min_words: int = Field(default=4, ge=1)
+    max_words: int = Field(default=120, ge=1)
+    near_duplicate_jaccard: float = Field(default=0.7, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _histogram_needs_labels(self) -> SynthesizeParams:
+        if self.class_balance == "dp_histogram" and not self.labels:
+            raise ValueError("class_balance 'dp_histogram' needs labels")
+        return self
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def parse_label(response: str, labels: list[str]) -> str | None:
+    """The label a response names first, or None."""
+    found = [(m.start(), label) for label in labels for m in [re.search(rf"\b{re.escape(label.lower())}\b", response.lower())] if m]
+    return min(found)[1] if found else None
+
+
+def user_turn_prefix(tokenizer, seed: Seed) -> str:
+    """The chat-template text up to where the user's own words start, after the public seed."""
+    opening = (seed.instruction + "\n" if seed.instruction else "") + seed.prefix
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": opening + MARK}], tokenize=False, add_generation_prompt=False)
+    return rendered.split(MARK)[0]
+
+
+def class_quotas(total: int, labels: list[str], weights: list[float]) -> dict[str, int]:
+    weights = [max(0.0, w) for w in weights]
+    if sum(weights) <= 0:
+        weights = [1.0] * len(labels)
+    raw = [total * w / sum(weights) for w in weights]
+    quotas = [math.floor(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: raw[i] - quotas[i], reverse=True)[: total - sum(quotas)]:
+        quotas[i] += 1
+    return dict(zip(labels, quotas))
+
+
+def dp_label_histogram(records: list[InstructionRecord], labels: list[str], noise_multiplier: float, sensitivity: float, generator) -> dict[str, float]:
+    """Runs on the client: label counts plus Gaussian noise of std noise_multiplier * sensitivity."""
+    import torch
+
+    counts = Counter(r.response.strip().lower() for r in records)
+    noise = torch.randn(len(labels), generator=generator, dtype=torch.float64) * noise_multiplier * sensitivity
+    return {label: float(counts.get(label.lower(), 0)) + float(n) for label, n in zip(labels, noise)}
+
+
+class Synthesize(Stage):
+    name = "synthesize"
+    Params = SynthesizeParams
+    uses = ("privacy",)
+
+    def run(self, ctx: StageContext) -> None:
+        p: SynthesizeParams = self.params
+        partition = ctx.read_artifact_json("ingest", "partition.json")
+        spent = read_ledger(ctx.run_dir, ctx.completed_stages_before())
+        adapters = {e.client_id: e for e in spent if e.release == "dp_adapter"}
+        missing = [c for c in partition["clients"] if c not in adapters]
+        if missing:
+            raise InputError(f"synthesize needs a DP adapter per client; none for {', '.join(missing)} (run dp_train first)")
+        models = ctx.read_artifact_json("prepare_models", "models.json")
+        ledger: list[LedgerEntry] = []
+        for client_id in partition["clients"]:
+            adapter = adapters[client_id]
+            weights = [1.0] * len(p.labels or [])
+            if p.class_balance == "dp_histogram":
+                histogram_entry, weights = self.release_histogram(ctx, client_id, adapter, spent)
+                ledger.append(histogram_entry)
+            ledger.append(self.synthesize_client(ctx, client_id, adapter, models["base"], weights))
+        ctx.write_json(LEDGER, [e.model_dump(mode="json") for e in ledger])
+
+    def release_histogram(self, ctx: StageContext, client_id: str, adapter: LedgerEntry, spent: list[LedgerEntry]) -> tuple[LedgerEntry, list[float]]:
+        import torch
+
+        p: SynthesizeParams = self.params
+        mechanism = Mechanism(kind="gaussian", noise_multiplier=p.histogram_noise_multiplier)
+        check_budget(spent, client_id, [mechanism], adapter.delta, ctx.spec.privacy.cap_epsilon, self.name)
+        rows = read_jsonl(ctx.artifact("ingest", f"clients/{client_id}/records.jsonl"))
+        records = [InstructionRecord.model_validate(r) for r in rows if r["kind"] == "instruction"]
+        sensitivity = 1.0 if ctx.spec.privacy.unit == "record" else float(p.user_contribution_bound)
+        generator = torch.Generator().manual_seed(ctx.derive_seed(client_id, "histogram"))
+        noisy = dp_label_histogram(records, p.labels, p.histogram_noise_multiplier, sensitivity, generator)
+        relative = f"clients/{client_id}/label_histogram.json"
+        ctx.write_json(relative, {"labels": noisy, "noise_std": p.histogram_noise_multiplier * sensitivity, "sensitivity": sensitivity})
+        entry = LedgerEntry(client_id=client_id, stage=self.name, release="dp_label_histogram", artifact=f"stages/{self.name}/{relative}",
+                            unit=ctx.spec.privacy.unit, delta=adapter.delta, mechanism=mechanism, epsilon=epsilons([mechanism], adapter.delta), private=True)
+        return entry, [noisy[label] for label in p.labels]
+
+    def synthesize_client(self, ctx: StageContext, client_id: str, adapter: LedgerEntry, base: dict, weights: list[float]) -> LedgerEntry:
+        from peft import PeftModel
+
+        from knowledgesg.generation import Generator, chat_prompt_ids
+        from knowledgesg.models import ResolvedModel, load_causal_lm, resolve_device
+
+        p: SynthesizeParams = self.params
+        device = resolve_device(ctx.spec.models.device)
+        model, tokenizer = load_causal_lm(ResolvedModel(**base), device)
+        adapter_dir = ctx.run_dir / Path(adapter.artifact).parent
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        generator = Generator(model, tokenizer, p.batch_size, device)
+        count = math.ceil(p.per_client * p.oversample)
+        seeds = [p.seeds[i % len(p.seeds)] for i in range(count)]
+
+        # pass 1: the DP model writes the user turn, continuing a public seed
+        prefixes = [user_turn_prefix(tokenizer, seed) for seed in seeds]
+        first = generator.generate([tokenizer(text, add_special_tokens=False)["input_ids"] for text in prefixes], p.sampling, ctx.derive_seed(client_id, "inputs"), f"synthesize {client_id}: inputs")
+        user_texts = [seed.prefix + c.text for seed, c in zip(seeds, first)]
+        # pass 2: it answers each finished user turn
+        answerable = [i for i, c in enumerate(first) if c.finished and c.text.strip()]
+        second_prompts = [chat_prompt_ids(tokenizer, (seeds[i].instruction + "\n" if seeds[i].instruction else "") + user_texts[i]) for i in answerable]
+        answers = generator.generate(second_prompts, p.sampling.model_copy(update={"max_new_tokens": p.response_max_new_tokens}), ctx.derive_seed(client_id, "responses"), f"synthesize {client_id}: responses")
+        answer_of = dict(zip(answerable, answers))
+
+        prompts_sent = [{"pass": 1, "prompt": text} for text in prefixes] + [{"pass": 2, "prompt": tokenizer.decode(ids)} for ids in second_prompts]
+        ctx.write_jsonl(f"clients/{client_id}/prompts.jsonl", prompts_sent, records=False)
+        kept, stats = self.filter(ctx, client_id, seeds, user_texts, first, answer_of, sha256_file(ctx.run_dir / adapter.artifact), weights)
+        ctx.write_jsonl(f"clients/{client_id}/synthetic.jsonl", kept)
+        ctx.write_json(f"clients/{client_id}/filter_stats.json", stats)
+        console.print(f"synthesize {client_id}: kept {len(kept)} of {count} candidates; rejected {dict(sorted(stats['rejected'].items()))}")
+        mechanism = Mechanism(kind="post_processing")
+        return LedgerEntry(client_id=client_id, stage=self.name, release="synthetic_data (post-processing of the DP adapter)",
+                           artifact=f"stages/{self.name}/clients/{client_id}/synthetic.jsonl", unit=ctx.spec.privacy.unit,
+                           delta=adapter.delta, mechanism=mechanism, epsilon=epsilons([mechanism], adapter.delta), private=adapter.private)
+
+    def filter(self, ctx: StageContext, client_id: str, seeds: list[Seed], user_texts: list[str], first, answer_of: dict, adapter_sha256: str, weights: list[float]) -> tuple[list[dict], dict]:
+        p: SynthesizeParams = self.params
+        rejected: Counter = Counter()
+        candidates = []  # (index, label)
+        seen = set()
+        for i, completion in enumerate(first):
+            text = user_texts[i].strip()
+            if not completion.finished:
+                rejected["input unfinished"] += 1
+                continue
+            if not p.min_words <= len(words(text)) <= p.max_words:
+                rejected["input length"] += 1
+                continue
+            if "\n" in text or (p.labels and sum(label.lower() in words(text) for label in p.labels) >= 2):
+                rejected["input format (several paragraphs, or lists the answers)"] += 1
+                continue
+            answer = answer_of.get(i)
+            if answer is None or not answer.finished or not answer.text.strip():
+                rejected["response unfinished or empty"] += 1
+                continue
+            label = parse_label(answer.text, p.labels) if p.labels else None
+            if p.labels and label is None:
+                rejected["no label in response"] += 1
+                continue
+            key = normalized(text)
+            if key in seen:
+                rejected["exact duplicate"] += 1
+                continue
+            seen.add(key)
+            candidates.append((i, label))
+        dropped = near_duplicates([user_texts[i] for i, _ in candidates], p.near_duplicate_jaccard, ctx.derive_seed(client_id, "minhash") % (2**31))
+        rejected["near duplicate"] += len(dropped)
+        candidates = [c for k, c in enumerate(candidates) if k not in dropped]
+        if p.labels:
+            quotas = class_quotas(p.per_client, p.labels, weights)
+            chosen, taken = [], Counter()
+            for i, label in candidates:
+                if taken[label] < quotas[label]:
+                    chosen.append((i, label))
+                    taken[label] += 1
+            rejected["over class quota"] += len(candidates) - len(chosen)
+            candidates = chosen
+        else:
+            quotas = None
+            rejected["over per_client"] += max(0, len(candidates) - p.per_client)
+            candidates = candidates[: p.per_client]
+        rows = []
+        for n, (i, label) in enumerate(candidates):
+            seed = seeds[i]
+            instruction, input_text = (seed.instruction, user_texts[i].strip()) if seed.instruction else (user_texts[i].strip(), "")
+            rows.append({
+                "kind": "instruction", "id": f"synthetic/{client_id}/{n}", "client_id": client_id, "source": f"synthetic:{client_id}",
+                "instruction": instruction, "input": input_text, "response": label if label else answer_of[i].text.strip(), "user_id": None,
+                "provenance": {"seed": seed.model_dump(), "sampling": p.sampling.model_dump(), "adapter_sha256": adapter_sha256,
+                               "raw_response": answer_of[i].text.strip()},
+            })
+        stats = {"generated": len(first), "kept": len(rows), "rejected": dict(rejected), "quotas": quotas,
+                 "kept_per_label": dict(Counter(r["response"] for r in rows)) if p.labels else None, "class_balance": p.class_balance}
+        return rows, stats
+

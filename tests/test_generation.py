@@ -1,0 +1,155 @@
+"""The batched generation engine and the text helpers of synthesize and structure."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from knowledgesg.chunking import chunk_text
+from knowledgesg.generation import Completion, Generator, SamplingParams, chat_prompt_ids, length_batches
+from knowledgesg.models import load_causal_lm, resolve_model
+from pipelines.structure import grounding, parse_pair
+from pipelines.synthesize import class_quotas, dp_label_histogram, near_duplicates, parse_label
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_causal_lm(resolve_model("tiny-random-llama"))
+
+
+def test_length_batches_cover_every_prompt_once():
+    batches = length_batches([5, 1, 9, 3, 9, 2], batch_size=4)
+    assert batches == [[2, 4, 0, 3], [5, 1]]
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(tiny):
+    model, tokenizer = tiny
+    prompts = [chat_prompt_ids(tokenizer, text) for text in ["hi", "what is the sentiment of profits rose?", "a much longer prompt about quarterly revenue and margins", "ok"]]
+    greedy = SamplingParams(do_sample=False, max_new_tokens=12)
+    batched = Generator(model, tokenizer, batch_size=4).generate(prompts, greedy, seed=0)
+    alone = [Generator(model, tokenizer, batch_size=1).generate([p], greedy, seed=0)[0] for p in prompts]
+    assert [c.text for c in batched] == [c.text for c in alone]
+    assert all(c.new_tokens <= 12 for c in batched)
+
+
+def test_greedy_equals_transformers_generate(tiny):
+    model, tokenizer = tiny
+    engine = Generator(model, tokenizer, batch_size=3)
+    prompts = [chat_prompt_ids(tokenizer, text) for text in ["hello there", "quarterly revenue rose", "x"]]
+    ours = engine.generate(prompts, SamplingParams(do_sample=False, max_new_tokens=10, repetition_penalty=1.3), seed=0)
+    for ids, completion in zip(prompts, ours):
+        with torch.no_grad():
+            reference = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=10,
+                                       do_sample=False, repetition_penalty=1.3, eos_token_id=engine.stop_ids, pad_token_id=tokenizer.pad_token_id)
+        new = [t for t in reference[0, len(ids):].tolist() if t not in engine.stop_ids]
+        assert completion.text == tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_top_k_and_top_p_restrict_the_choice():
+    logits = torch.tensor([[5.0, 4.0, 1.0, 0.0]])
+    history = torch.zeros((1, 1), dtype=torch.long)
+    draws = lambda params: {int(Generator._choose(logits, history, params, torch.Generator().manual_seed(s))) for s in range(200)}
+    assert draws(SamplingParams(top_k=2, top_p=1.0, temperature=5.0)) == {0, 1}
+    assert draws(SamplingParams(top_k=0, top_p=0.5, temperature=1.0)) == {0}  # 0.73 of the mass is token 0 alone
+    assert draws(SamplingParams(top_k=0, top_p=1.0, temperature=50.0)) == {0, 1, 2, 3}
+
+
+def test_generation_stops_at_end_of_turn(tiny):
+    model, tokenizer = tiny
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():  # make end-of-turn overwhelmingly likely: the output must stop at once
+        model.lm_head.bias = None
+        saved = model.lm_head.weight[end].clone()
+        model.lm_head.weight[end] = 50.0
+        try:
+            [completion] = Generator(model, tokenizer).generate([chat_prompt_ids(tokenizer, "hello")], SamplingParams(do_sample=False, max_new_tokens=20), seed=0)
+        finally:
+            model.lm_head.weight[end] = saved
+    assert completion == Completion(text="", new_tokens=1, finished=True)
+
+
+def test_sampling_is_seeded(tiny):
+    model, tokenizer = tiny
+    prompts = [chat_prompt_ids(tokenizer, "write a headline")] * 3
+    params = SamplingParams(max_new_tokens=10, temperature=1.0)
+    a = Generator(model, tokenizer).generate(prompts, params, seed=1)
+    b = Generator(model, tokenizer).generate(prompts, params, seed=1)
+    c = Generator(model, tokenizer).generate(prompts, params, seed=2)
+    assert a == b and a != c
+
+
+def test_chunks_have_bounded_length_exact_overlap_and_cover_the_text(tiny):
+    _, tokenizer = tiny
+    text = " ".join(f"word{i}" for i in range(300))
+    chunks = chunk_text(tokenizer, "doc/1", text, chunk_tokens=100, overlap_tokens=20)
+    assert len(chunks) > 3
+    assert all(c.end_token - c.start_token <= 100 for c in chunks)
+    for before, after in zip(chunks, chunks[1:]):
+        assert before.start_token < after.start_token <= before.end_token - 20  # overlap of at least 20
+    assert chunks[0].start_token == 0 and chunks[-1].end_token == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    whole_words = set(text.split())
+    assert all(set(c.text.split()) <= whole_words for c in chunks)  # no word cut in two
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    with pytest.raises(ValueError, match="overlap_tokens"):
+        chunk_text(tokenizer, "doc/1", text, chunk_tokens=10, overlap_tokens=10)
+
+
+def test_a_short_text_is_one_chunk(tiny):
+    _, tokenizer = tiny
+    [chunk] = chunk_text(tokenizer, "doc/2", "  Short abstract.  ", chunk_tokens=100, overlap_tokens=10)
+    assert chunk.text == "Short abstract."
+
+
+@pytest.mark.parametrize("completion,expected", [
+    (" What does metformin treat?\nAnswer: Type 2 diabetes in adults.", ("What does metformin treat?", "Type 2 diabetes in adults.")),
+    (" What is A1C used for?\nAnswer: It measures blood sugar.\nQuestion: another one?", ("What is A1C used for?", "It measures blood sugar.")),
+    (" no answer marker here at all", None),
+    (" What links HDL and heart disease?\n\nAnswer:\n\nQuestion: What links HDL and heart disease?", None),  # empty answer
+    (" Why?\nAnswer: yes", None),  # too short to be a question and an answer
+    ("", None),
+])
+def test_parse_pair(completion, expected):
+    assert parse_pair(completion) == expected
+
+
+def test_grounding_is_the_share_of_answer_words_in_the_chunk():
+    chunk = "Metformin lowers blood glucose in patients with type 2 diabetes."
+    assert grounding("Metformin lowers glucose", chunk) == 1.0
+    assert grounding("Insulin pumps deliver insulin", chunk) == 0.0
+    assert grounding("", chunk) == 0.0
+
+
+def test_near_duplicates_drop_small_edits_and_keep_distinct_texts():
+    texts = [
+        "The company reported a sharp rise in quarterly operating profit driven by strong demand in Europe",
+        "The company reported a sharp rise in quarterly operating profit driven by strong demand in Asia",
+        "Shares of the bank fell after it cut its full year outlook on weaker lending",
+    ]
+    assert near_duplicates(texts, threshold=0.7, seed=1) == {1}
+
+
+def test_parse_label_takes_the_first_label_named():
+    labels = ["negative", "neutral", "positive"]
+    assert parse_label("Positive. It is not negative.", labels) == "positive"
+    assert parse_label("The answer is neutral", labels) == "neutral"
+    assert parse_label("nonpositive", labels) is None
+
+
+def test_class_quotas_follow_weights_and_sum_to_total():
+    assert class_quotas(10, ["a", "b", "c"], [1, 1, 1]) == {"a": 4, "b": 3, "c": 3}
+    assert class_quotas(10, ["a", "b"], [3.0, -2.0]) == {"a": 10, "b": 0}  # a negative noisy count is zero
+    assert class_quotas(6, ["a", "b"], [-1.0, -1.0]) == {"a": 3, "b": 3}  # nothing left: uniform
+
+
+def test_dp_label_histogram_noise_has_the_stated_scale():
+    from knowledgesg.records import InstructionRecord
+
+    records = [InstructionRecord(id=f"s/{i}", instruction="Q", response=l, source="s") for i, l in enumerate(["neutral"] * 30 + ["positive"] * 10)]
+    generator = torch.Generator().manual_seed(0)
+    draws = [dp_label_histogram(records, ["negative", "neutral", "positive"], 4.0, 2.0, generator) for _ in range(2000)]
+    neutral = torch.tensor([d["neutral"] for d in draws], dtype=torch.float64)
+    assert float(neutral.mean()) == pytest.approx(30, abs=0.6)
+    assert float(neutral.std()) == pytest.approx(8.0, rel=0.05)
+    assert Counter(round(d["negative"]) > 0 for d in draws)[True] > 700  # zero counts get noise too

@@ -1,0 +1,193 @@
+"""The synthesize and structure stages on the tiny models, through the runner."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from knowledgesg.cli import main
+from knowledgesg.generation import Completion
+from pipelines.synthesize import Seed, Synthesize, SynthesizeParams
+from tests.conftest import sentiment_rows, tiny_spec, write_jsonl, write_spec
+
+SEED = {"instruction": "What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}.", "domain": "finance", "task": "sentiment"}
+SYNTH = {"name": "synthesize", "params": {"per_client": 4, "labels": ["negative", "neutral", "positive"], "sampling": {"max_new_tokens": 16},
+                                          "response_max_new_tokens": 6, "min_words": 1, "seeds": [SEED]}}
+TRAIN = {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48, "loss_on": "all"}}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def private_text_in(prompts: list[str], private_texts: list[str], n: int = 6) -> list[str]:
+    """Private texts of which any n consecutive words appear in a prompt."""
+    joined = [" ".join(re.findall(r"\w+", p.lower())) for p in prompts]
+    leaks = []
+    for text in private_texts:
+        tokens = re.findall(r"\w+", text.lower())
+        grams = {" ".join(tokens[i : i + n]) for i in range(max(1, len(tokens) - n + 1))}
+        if any(g and g in p for g in grams for p in joined):
+            leaks.append(text)
+    return leaks
+
+
+@pytest.fixture(scope="module")
+def synth_run(tmp_path_factory):
+    import os
+
+    workdir = tmp_path_factory.mktemp("synth")
+    write_jsonl(workdir / "data.jsonl", sentiment_rows(40))
+    spec = tiny_spec(stages=["prepare_models", "ingest", TRAIN, dict(SYNTH, params=dict(SYNTH["params"], class_balance="dp_histogram"))])
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 0
+    finally:
+        os.chdir(cwd)
+    return workdir / "run"
+
+
+def test_no_private_text_in_any_prompt_sent(synth_run: Path):
+    for client in ("client_0", "client_1"):
+        private = [r["input"] for r in _jsonl(synth_run / f"stages/ingest/clients/{client}/records.jsonl")]
+        prompts = [row["prompt"] for row in _jsonl(synth_run / f"stages/synthesize/clients/{client}/prompts.jsonl")]
+        first_pass = [row for row in _jsonl(synth_run / f"stages/synthesize/clients/{client}/prompts.jsonl") if row["pass"] == 1]
+        assert len(first_pass) == 8 and all(SEED["instruction"] in row["prompt"] for row in first_pass)
+        assert private_text_in(prompts, private) == []
+        # the check itself can fail: a prompt carrying a private sentence is caught
+        assert private_text_in(prompts + [f"Classify: {private[3]}"], private) == [private[3]]
+
+
+def test_ledger_counts_the_histogram_and_calls_synthesis_free(synth_run: Path):
+    ledger = json.loads((synth_run / "stages/synthesize/ledger.json").read_text())
+    kinds = [(e["client_id"], e["release"].split(" ")[0], e["mechanism"]["kind"]) for e in ledger]
+    assert kinds == [("client_0", "dp_label_histogram", "gaussian"), ("client_0", "synthetic_data", "post_processing"),
+                     ("client_1", "dp_label_histogram", "gaussian"), ("client_1", "synthetic_data", "post_processing")]
+    assert ledger[1]["epsilon"]["reported"] == 0.0 and ledger[0]["epsilon"]["reported"] > 0
+    histogram = json.loads((synth_run / "stages/synthesize/clients/client_0/label_histogram.json").read_text())
+    assert histogram["noise_std"] == 20.0 and set(histogram["labels"]) == {"negative", "neutral", "positive"}
+    assert main(["privacy-report", str(synth_run)]) == 0
+    report = json.loads((synth_run / "privacy_report.json").read_text())
+    total = report["clients"][0]["total"]["pld"]
+    assert total > report["clients"][0]["releases"][0]["epsilon"]["pld"]  # the histogram composed in
+
+
+def test_synthesize_needs_dp_adapters(workdir: Path, capsys):
+    spec = tiny_spec(stages=["prepare_models", "ingest", SYNTH])
+    assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 2
+    assert "synthesize needs a DP adapter per client; none for client_0, client_1" in capsys.readouterr().err
+
+
+def test_filter_keeps_well_formed_pairs_to_the_class_quota_with_provenance(tmp_path: Path):
+    params = SynthesizeParams(per_client=2, labels=["negative", "positive"], seeds=[Seed(**SEED)], min_words=3)
+    stage = Synthesize(params)
+    texts = ["Profits rose sharply in the quarter", "Profits rose sharply in the quarter", "Sales fell for the third year running",
+             "Too short", "Costs fell and margins widened strongly", "The bank cut its dividend amid losses", "Unfinished input text here",
+             "Is this negative or positive news", "Shares rose today\nThe end of the story"]
+    first = [Completion(t, 5, finished=(i != 6)) for i, t in enumerate(texts)]
+    answers = {0: Completion("positive", 1, True), 1: Completion("positive", 1, True), 2: Completion("Negative.", 1, True),
+               3: Completion("positive", 1, True), 4: Completion("I think it is fine", 5, True), 5: Completion("negative", 1, True),
+               7: Completion("positive", 1, True), 8: Completion("positive", 1, True)}
+
+    class Ctx:
+        def derive_seed(self, *parts):
+            return 1
+
+    rows, stats = stage.filter(Ctx(), "c0", [Seed(**SEED)] * len(texts), texts, first, answers, "sha", [1.0, 1.0])
+    assert [(r["input"], r["response"]) for r in rows] == [("Profits rose sharply in the quarter", "positive"), ("Sales fell for the third year running", "negative")]
+    assert stats["rejected"] == {"input unfinished": 1, "input length": 1, "no label in response": 1, "exact duplicate": 1, "near duplicate": 0, "over class quota": 1,
+                                 "input format (several paragraphs, or lists the answers)": 2}
+    assert rows[0]["provenance"]["seed"]["domain"] == "finance" and rows[0]["provenance"]["adapter_sha256"] == "sha"
+    assert rows[0]["source"] == "synthetic:c0" and rows[0]["instruction"] == SEED["instruction"]
+
+
+def _structure_spec(workdir: Path, pool: dict, members: list[dict] | None = None) -> Path:
+    spec = tiny_spec(stages=["prepare_models", "ingest", {"name": "structure", "params": {
+        "pool": pool, "chunk_tokens": 64, "overlap_tokens": 8, "max_chunks_per_client": 3, "example_words": 8,
+        "sampling": {"do_sample": False, "max_new_tokens": 16}}}])
+    spec["models"]["embedder"] = "tiny-random-embedder"
+    (workdir / "notes.jsonl").write_text("".join(json.dumps({"id": f"n{i}", "text": f"Patient {i} improved on therapy. " * 12}) + "\n" for i in range(4)))
+    spec["clients"] = {"members": members or [{"id": "hosp", "data": [{"path": "notes.jsonl", "kind": "text"}, {"path": "data.jsonl"}]}]}
+    return write_spec(workdir, spec)
+
+
+def test_structure_chunks_retrieves_generates_and_passes_own_records_through(workdir: Path, capsys):
+    spec = _structure_spec(workdir, {"builtin": "medquad", "sample": 30})
+    assert main(["run", str(spec), "--run-dir", "run"]) == 0
+    stats = json.loads((workdir / "run/stages/structure/clients/hosp/structure_stats.json").read_text())
+    assert stats["chunks"] == 3 and stats["kept"] + sum(stats["rejected"].values()) == 3
+    records = _jsonl(workdir / "run/stages/structure/clients/hosp/records.jsonl")
+    assert len([r for r in records if r["source"] == "data"]) == 40  # the client's own pairs, unchanged
+    manifest = json.loads((workdir / "run/stages/structure/manifest.json").read_text())
+    assert manifest["outputs"]["clients/hosp/records.jsonl"]["side"] == "client:hosp"
+    assert "built index" in capsys.readouterr().err
+    # a second run over the same pool reuses the cached index
+    assert main(["run", str(spec), "--run-dir", "run2"]) == 0
+    assert "reused index" in capsys.readouterr().err
+
+
+def test_structure_errors_for_an_empty_corpus_and_an_empty_pool(workdir: Path, capsys):
+    spec = _structure_spec(workdir, {"builtin": "medquad", "sample": 30}, members=[{"id": "hosp", "data": [{"path": "data.jsonl"}]}])
+    assert main(["run", str(spec), "--run-dir", "run"]) == 2
+    assert "structure: client 'hosp' has no text records to structure" in capsys.readouterr().err
+    (workdir / "pool.jsonl").write_text("")
+    assert main(["run", str(_structure_spec(workdir, {"path": "pool.jsonl"})), "--run-dir", "run"]) == 2
+    assert "pool.jsonl: no records" in capsys.readouterr().err
+    assert main(["run", str(_structure_spec(workdir, {"builtin": "pubmed_abstracts"})), "--run-dir", "run"]) == 2
+    assert "structure: the example pool has no instruction records" in capsys.readouterr().err
+
+
+def test_structure_keep_rejects_ungrounded_unparseable_and_duplicates():
+    from knowledgesg.chunking import Chunk
+    from pipelines.structure import Structure
+
+    chunks = [Chunk("pm/1", i, "Metformin lowers blood glucose in type 2 diabetes.", 0, 10) for i in range(4)]
+    completions = [Completion(" What does metformin lower?\nAnswer: Metformin lowers blood glucose.", 9, True),
+                   Completion(" What does metformin lower here?\nAnswer: Metformin lowers blood glucose.", 9, True),
+                   Completion(" What cures cancer?\nAnswer: Chemotherapy always cures tumours.", 9, True),
+                   Completion(" I cannot answer that.", 5, True)]
+    pairs, stats = Structure.keep("hosp", chunks, completions, min_grounding=0.5)
+    assert [p["instruction"] for p in pairs] == ["What does metformin lower?"]
+    assert stats["rejected"] == {"duplicate": 1, "not grounded": 1, "unparseable": 1}
+
+
+def test_structure_with_a_labelled_pool_labels_the_chunks_key_sentence():
+    from knowledgesg.chunking import Chunk
+    from pipelines.structure import Structure, key_sentence
+
+    text = "Good morning. Total revenue declined 7.5% versus last year, which exceeded our expectation. Thanks."
+    assert key_sentence(text) == "Total revenue declined 7.5% versus last year, which exceeded our expectation."
+    assert key_sentence("Hi. Thanks all.") is None
+    instruction = "What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}."
+    chunks = [Chunk("ects/1", i, text, 0, 20) for i in range(3)]
+    sentences = [key_sentence(text), key_sentence(text), None]
+    completions = [Completion(" negative", 1, True), Completion(" I am not sure", 4, True), Completion(" positive", 1, True)]
+    pairs, stats = Structure.keep_labelled("bank", chunks, sentences, [instruction] * 3, completions, ["negative", "neutral", "positive"])
+    assert [(p["instruction"], p["input"], p["response"]) for p in pairs] == [(instruction, sentences[0], "negative")]
+    assert stats["rejected"] == {"no label": 1, "no usable sentence": 1, "duplicate": 0}
+
+
+def test_dirichlet_deals_text_records_out_evenly():
+    from knowledgesg.partition import partition
+    from knowledgesg.records import InstructionRecord, TextRecord
+    from knowledgesg.spec import PartitionSpec
+
+    records = [InstructionRecord(id=f"s/{i}", instruction="Q", response=["a", "b"][i % 2], source="s") for i in range(60)]
+    records += [TextRecord(id=f"t/{i}", text="long text", source="t") for i in range(9)]
+    clients = partition(records, PartitionSpec(method="dirichlet", num_clients=3, alpha=1.0), seed=0)
+    assert [sum(r.kind == "text" for r in part) for part in clients.values()] == [3, 3, 3]
+    assert sum(len(part) for part in clients.values()) == 69
+
+
+def test_structure_fingerprint_covers_its_pool_file(workdir: Path):
+    from knowledgesg.spec import load_spec
+    from pipelines.structure import Structure, StructureParams
+
+    (workdir / "pool.jsonl").write_text('{"instruction": "What is A1C?", "response": "A blood test."}\n')
+    spec, base = load_spec(write_spec(workdir, tiny_spec()))
+    stage = Structure(StructureParams(pool={"path": "pool.jsonl"}))
+    assert stage.external_inputs(spec, base) == [workdir / "pool.jsonl"]
