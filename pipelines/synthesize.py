@@ -120,23 +120,29 @@ class Synthesize(Stage):
         missing = [c for c in partition["clients"] if c not in adapters]
         if missing:
             raise InputError(f"synthesize needs a DP adapter per client; none for {', '.join(missing)} (run dp_train first)")
+        if p.class_balance == "dp_histogram":  # refuse before any client's work, not midway
+            for client_id in partition["clients"]:
+                check_budget(spent, client_id, [self.histogram_mechanism()], adapters[client_id].delta, ctx.spec.privacy.cap_epsilon, self.name)
         models = ctx.read_artifact_json("prepare_models", "models.json")
         ledger: list[LedgerEntry] = []
         for client_id in partition["clients"]:
             adapter = adapters[client_id]
             weights = [1.0] * len(p.labels or [])
             if p.class_balance == "dp_histogram":
-                histogram_entry, weights = self.release_histogram(ctx, client_id, adapter, spent)
+                histogram_entry, weights = self.release_histogram(ctx, client_id, adapter)
                 ledger.append(histogram_entry)
             ledger.append(self.synthesize_client(ctx, client_id, adapter, models["base"], weights))
         ctx.write_json(LEDGER, [e.model_dump(mode="json") for e in ledger])
 
-    def release_histogram(self, ctx: StageContext, client_id: str, adapter: LedgerEntry, spent: list[LedgerEntry]) -> tuple[LedgerEntry, list[float]]:
+    def histogram_mechanism(self) -> Mechanism:
+        return Mechanism(kind="gaussian", noise_multiplier=self.params.histogram_noise_multiplier)
+
+    def release_histogram(self, ctx: StageContext, client_id: str, adapter: LedgerEntry) -> tuple[LedgerEntry, list[float]]:
+        """Runs on the client: the one release of this stage that reads private records."""
         import torch
 
         p: SynthesizeParams = self.params
-        mechanism = Mechanism(kind="gaussian", noise_multiplier=p.histogram_noise_multiplier)
-        check_budget(spent, client_id, [mechanism], adapter.delta, ctx.spec.privacy.cap_epsilon, self.name)
+        mechanism = self.histogram_mechanism()
         rows = read_jsonl(ctx.artifact("ingest", f"clients/{client_id}/records.jsonl"))
         records = [InstructionRecord.model_validate(r) for r in rows if r["kind"] == "instruction"]
         sensitivity = 1.0 if ctx.spec.privacy.unit == "record" else float(p.user_contribution_bound)

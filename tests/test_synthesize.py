@@ -52,6 +52,8 @@ def synth_run(tmp_path_factory):
 
 
 def test_no_private_text_in_any_prompt_sent(synth_run: Path):
+    # Pass-1 prompts are built by us from public seeds; pass-2 prompts add the DP model's own
+    # output. Verbatim regurgitation by a real model would show up here too, as it should.
     for client in ("client_0", "client_1"):
         private = [r["input"] for r in _jsonl(synth_run / f"stages/ingest/clients/{client}/records.jsonl")]
         prompts = [row["prompt"] for row in _jsonl(synth_run / f"stages/synthesize/clients/{client}/prompts.jsonl")]
@@ -191,3 +193,14 @@ def test_structure_fingerprint_covers_its_pool_file(workdir: Path):
     spec, base = load_spec(write_spec(workdir, tiny_spec()))
     stage = Structure(StructureParams(pool={"path": "pool.jsonl"}))
     assert stage.external_inputs(spec, base) == [workdir / "pool.jsonl"]
+
+
+def test_histogram_budget_is_refused_before_any_client_works(workdir: Path, capsys):
+    hist = dict(SYNTH, params=dict(SYNTH["params"], class_balance="dp_histogram", histogram_noise_multiplier=0.5))
+    privacy = {"target_epsilon": 8.0, "cap_epsilon": 9.0}
+    assert main(["run", str(write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest", TRAIN], privacy=privacy))), "--run-dir", "run"]) == 0
+    spec = tiny_spec(stages=["prepare_models", "ingest", TRAIN, hist], privacy=privacy)
+    assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 2
+    err = capsys.readouterr().err
+    assert "client 'client_0': stage 'synthesize' would exceed the privacy budget cap" in err and "synthesize client_0" not in err
+    assert (workdir / "run/stages/dp_train/manifest.json").is_file() and not (workdir / "run/stages/synthesize").exists()
