@@ -5,9 +5,14 @@ from __future__ import annotations
 import re
 
 
+def words(text: str) -> list[str]:
+    """Lower-case word tokens (letters and digits)."""
+    return re.findall(r"\w+", text.lower())
+
+
 def normalized(text: str) -> str:
-    """Lower case, letters and digits only, single spaces: the key for exact duplicates."""
-    return " ".join(re.findall(r"\w+", text.lower()))
+    """Single-spaced words: the key for exact duplicates."""
+    return " ".join(words(text))
 
 
 def near_duplicates(texts: list[str], threshold: float, seed: int) -> set[int]:

@@ -25,7 +25,7 @@ from knowledgesg import __version__
 from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.fileio import canonical_json, read_json, sha256_file, sha256_text, write_json, write_text
-from knowledgesg.manifest import Manifest, OutputEntry, read_manifest, verify_outputs, write_manifest
+from knowledgesg.manifest import MANIFEST, Manifest, OutputEntry, read_manifest, verify_outputs, write_manifest
 from knowledgesg.spec import PipelineSpec, parse_spec, spec_to_dict
 from knowledgesg.stage import Stage, StageContext
 
@@ -137,9 +137,10 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 
 
 def sweep_orphans(run_dir: Path) -> None:
-    """Remove temporary files a killed run left (SIGKILL allows no cleanup). Call under the lock."""
-    for orphan in run_dir.glob(".*.tmp"):
-        orphan.unlink()
+    """Remove the temporary files and directories a killed run left anywhere in the run
+    (SIGKILL allows no cleanup). Call under the lock: then no temporary is anyone's work."""
+    for orphan in list(run_dir.rglob(".*.tmp")):
+        shutil.rmtree(orphan) if orphan.is_dir() else orphan.unlink(missing_ok=True)
 
 
 def load_run_spec(run_dir: Path) -> tuple[PipelineSpec, Path]:
@@ -203,14 +204,11 @@ class Runner:
 
     def _execute(self, stage: Stage, stage_dir: Path, fingerprint: str, inputs: dict[str, str]) -> Manifest:
         started_with = stage_dir / STARTED_WITH
-        resumable = started_with.is_file() and started_with.read_text() == fingerprint and not (stage_dir / "manifest.json").exists()
+        resumable = started_with.is_file() and started_with.read_text() == fingerprint and not (stage_dir / MANIFEST).exists()
         if stage_dir.exists() and not resumable:
             shutil.rmtree(stage_dir)  # stale, or partial from other settings: start it clean
         stage_dir.mkdir(parents=True, exist_ok=True)
-        if resumable:
-            for orphan in list(stage_dir.rglob(".*.tmp")):  # files and directories a kill left
-                shutil.rmtree(orphan) if orphan.is_dir() else orphan.unlink()
-        else:
+        if not resumable:
             write_text(started_with, fingerprint)
         ctx = StageContext(spec=self.spec, base_dir=self.base_dir, run_dir=self.run_dir, stage_dir=stage_dir, stage_name=stage.name)
         started_at, start = _now(), time.perf_counter()

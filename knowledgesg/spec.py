@@ -18,6 +18,11 @@ from knowledgesg.errors import InputError
 DataFormat = Literal["auto", "jsonl", "json", "csv", "parquet", "hf_disk"]
 
 
+def repeated(values: list[str]) -> list[str]:
+    """The values that occur more than once, sorted."""
+    return sorted({v for v in values if values.count(v) > 1})
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -84,8 +89,7 @@ class ClientsSpec(StrictModel):
             raise ValueError("no clients: give 'data' with 'partition', or 'members'")
         if pooled and (not self.data or self.partition is None):
             raise ValueError("pooled client data needs both 'data' and 'partition'")
-        ids = [m.id for m in self.members]
-        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        duplicates = repeated([m.id for m in self.members])
         if duplicates:
             raise ValueError(f"duplicate client id(s): {', '.join(duplicates)}")
         return self
@@ -155,10 +159,9 @@ class PipelineSpec(StrictModel):
     @field_validator("stages")
     @classmethod
     def _unique_stage_names(cls, value: list[StageSpec]) -> list[StageSpec]:
-        names = [stage.name for stage in value]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ValueError(f"stage '{repeated[0]}' appears more than once (a stage's name is its directory in the run)")
+        twice = repeated([stage.name for stage in value])
+        if twice:
+            raise ValueError(f"stage '{twice[0]}' appears more than once (a stage's name is its directory in the run)")
         return value
 
 

@@ -16,7 +16,7 @@ from knowledgesg.errors import InputError
 from knowledgesg.loaders import load_source, source_name_of, source_path
 from knowledgesg.partition import partition
 from knowledgesg.records import Record
-from knowledgesg.spec import DataSource, PipelineSpec
+from knowledgesg.spec import DataSource, PipelineSpec, repeated
 from knowledgesg.stage import Stage, StageContext
 
 MAX_HISTOGRAM_CLASSES = 20  # responses with more distinct values than this are not labels
@@ -27,10 +27,9 @@ def _sources(spec: PipelineSpec) -> list[DataSource]:
 
 
 def _load_all(sources: list[DataSource], base_dir: Path, seed: int) -> list[Record]:
-    names = [source_name_of(s) for s in sources]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise InputError(f"clients: two data sources are named '{repeated[0]}'; give each a distinct 'name'")
+    twice = repeated([source_name_of(s) for s in sources])
+    if twice:
+        raise InputError(f"clients: two data sources are named '{twice[0]}'; give each a distinct 'name'")
     records: list[Record] = []
     for source in track(sources, "loading data", total=len(sources)):
         records.extend(load_source(source, base_dir, seed))

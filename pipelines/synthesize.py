@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from knowledgesg.console import console
-from knowledgesg.dedup import near_duplicates, normalized
+from knowledgesg.dedup import near_duplicates, normalized, words
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_jsonl, sha256_file
 from knowledgesg.generation import SamplingParams
@@ -68,10 +68,6 @@ class SynthesizeParams(BaseModel):
         if self.class_balance == "dp_histogram" and not self.labels:
             raise ValueError("class_balance 'dp_histogram' needs labels")
         return self
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
 
 
 def parse_label(response: str, labels: list[str]) -> str | None:

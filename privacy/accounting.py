@@ -114,12 +114,17 @@ def epsilon_prv(mechanisms: list[Mechanism], delta: float) -> float:
     return value
 
 
+def epsilon_prv_or_none(mechanisms: list[Mechanism], delta: float) -> float | None:
+    """PRV, or None where it fails numerically (callers then report RDP or PLD)."""
+    try:
+        return epsilon_prv(mechanisms, delta)
+    except (ArithmeticError, ValueError, RuntimeError, IndexError):
+        return None
+
+
 def epsilons(mechanisms: list[Mechanism], delta: float) -> Epsilons:
     rdp, pld = epsilon_rdp(mechanisms, delta), epsilon_pld(mechanisms, delta)
-    try:
-        prv = epsilon_prv(mechanisms, delta)
-    except (ArithmeticError, ValueError, RuntimeError, IndexError):
-        prv = None
+    prv = epsilon_prv_or_none(mechanisms, delta)
     if all(m.kind in ("post_processing",) or m.steps == 0 for m in mechanisms):
         return Epsilons(delta=delta, prv=0.0, rdp=0.0, pld=0.0, reported=0.0, reported_by="none")
     if any(m.kind == "non_private" for m in mechanisms):

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_json
 from knowledgesg.manifest import read_manifest
-from privacy.accounting import Epsilons, Mechanism, epsilon_pld, epsilon_prv, epsilon_rdp
+from privacy.accounting import Epsilons, Mechanism, epsilon_pld, epsilon_prv_or_none, epsilon_rdp
 
 LEDGER = "ledger.json"
 
@@ -50,25 +50,21 @@ def composed_total(mechanisms: list[Mechanism], delta: float) -> Epsilons:
     if not mechanisms or all(m.kind == "post_processing" for m in mechanisms):
         return Epsilons(delta=delta, prv=0.0, rdp=0.0, pld=0.0, reported=0.0, reported_by="none")
     pld = epsilon_pld(mechanisms, delta)
-    try:
-        prv = epsilon_prv(mechanisms, delta)
-    except (ArithmeticError, ValueError, RuntimeError, IndexError):
-        prv = None
-    return Epsilons(delta=delta, prv=prv, rdp=epsilon_rdp(mechanisms, delta), pld=pld, reported=pld, reported_by="pld" if math.isfinite(pld) else "none")
+    return Epsilons(delta=delta, prv=epsilon_prv_or_none(mechanisms, delta), rdp=epsilon_rdp(mechanisms, delta), pld=pld, reported=pld, reported_by="pld" if math.isfinite(pld) else "none")
 
 
-def check_budget(spent: list[LedgerEntry], client_id: str, planned: list[Mechanism], delta: float, cap: float | None, stage: str) -> Epsilons:
-    """Refuse a stage whose releases would push a client past its cap; return the would-be total."""
+def check_budget(spent: list[LedgerEntry], client_id: str, planned: list[Mechanism], delta: float, cap: float | None, stage: str) -> None:
+    """Refuse a stage whose releases would push a client past its cap (nothing to check without one)."""
+    if cap is None:
+        return
     before = [e.mechanism for e in spent if e.client_id == client_id]
     spent_total = composed_total(before, delta).reported
-    total = composed_total(before + planned, delta)
-    if cap is not None:
-        if spent_total >= cap:
-            raise InputError(f"client '{client_id}': privacy budget cap already spent before stage '{stage}' (spent epsilon {spent_total:.3f}, cap {cap:g})")
-        if total.reported > cap:
-            requested = composed_total(planned, delta).reported
-            raise InputError(
-                f"client '{client_id}': stage '{stage}' would exceed the privacy budget cap "
-                f"(spent epsilon {spent_total:.3f}, requested {requested:.3f}, composed total {total.reported:.3f} > cap {cap:g})"
-            )
-    return total
+    if spent_total >= cap:
+        raise InputError(f"client '{client_id}': privacy budget cap already spent before stage '{stage}' (spent epsilon {spent_total:.3f}, cap {cap:g})")
+    total = composed_total(before + planned, delta).reported
+    if total > cap:
+        requested = composed_total(planned, delta).reported
+        raise InputError(
+            f"client '{client_id}': stage '{stage}' would exceed the privacy budget cap "
+            f"(spent epsilon {spent_total:.3f}, requested {requested:.3f}, composed total {total:.3f} > cap {cap:g})"
+        )

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import write_json, write_text
 from knowledgesg.runner import load_run_spec
-from privacy.accounting import Epsilons, Mechanism, epsilon_pld, epsilon_prv, epsilon_rdp
+from privacy.accounting import Epsilons, Mechanism, epsilon_pld, epsilon_prv_or_none, epsilon_rdp
 from privacy.ledger import LedgerEntry, composed_total, read_ledger
 
 ASSUMPTIONS = [
@@ -68,11 +68,7 @@ def epsilon_curve(mechanism: Mechanism, delta: float, points: int = 5) -> list[C
     curve = []
     for k in marks:
         partial = [mechanism.model_copy(update={"steps": k})]
-        try:
-            prv = epsilon_prv(partial, delta)
-        except (ArithmeticError, ValueError, RuntimeError, IndexError):
-            prv = None
-        curve.append(CurvePoint(steps=k, prv=prv, rdp=epsilon_rdp(partial, delta), pld=epsilon_pld(partial, delta, discretization=1e-3)))
+        curve.append(CurvePoint(steps=k, prv=epsilon_prv_or_none(partial, delta), rdp=epsilon_rdp(partial, delta), pld=epsilon_pld(partial, delta, discretization=1e-3)))
     return curve
 
 
