@@ -45,8 +45,12 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 
 class Generator:
-    def __init__(self, model, tokenizer, batch_size: int = 16, device: str = "cpu") -> None:
+    def __init__(self, model, tokenizer, batch_size: int = 16, device: str = "cpu", stop_at_newline: bool = False) -> None:
+        """`stop_at_newline`: a completion also ends at a line break (few-shot prompts to a base
+        model, whose answer is one line and which would otherwise write the next example)."""
         self.model = model
+        self.stop_at_newline = stop_at_newline
+        self._newline: dict[int, bool] = {}
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.device = device
@@ -74,7 +78,10 @@ class Generator:
                 ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
                 mask[row, width - len(prompts[i]) :] = 1
             for i, (tokens, finished) in zip(batch, self._decode(ids.to(self.device), mask.to(self.device), params, sampler)):
-                results[i] = Completion(self.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens) + finished, finished)
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if self.stop_at_newline:
+                    text = text.split("\n")[0]
+                results[i] = Completion(text, len(tokens) + finished, finished)
         return results  # type: ignore[return-value]
 
     def _decode(self, ids, mask, params: SamplingParams, sampler) -> list[tuple[list[int], bool]]:
@@ -100,6 +107,10 @@ class Generator:
                     if token in self.stop_ids:
                         finished[owner] = True
                         continue
+                    if self.stop_at_newline and self._has_newline(token):
+                        outputs[owner].append(token)  # the line's own text may precede the break
+                        finished[owner] = True
+                        continue
                     outputs[owner].append(token)
                     if len(outputs[owner]) < params.max_new_tokens:
                         keep.append(row)
@@ -115,6 +126,11 @@ class Generator:
                 step_ids = chosen[:, None]
                 history = torch.cat([history, step_ids], dim=1)
         return list(zip(outputs, finished))
+
+    def _has_newline(self, token: int) -> bool:
+        if token not in self._newline:
+            self._newline[token] = "\n" in self.tokenizer.decode([token])
+        return self._newline[token]
 
     @staticmethod
     def _choose(logits, history, params: SamplingParams, sampler):

@@ -210,7 +210,7 @@ class Runner:
         stage_dir.mkdir(parents=True, exist_ok=True)
         if not resumable:
             write_text(started_with, fingerprint)
-        ctx = StageContext(spec=self.spec, base_dir=self.base_dir, run_dir=self.run_dir, stage_dir=stage_dir, stage_name=stage.name)
+        ctx = StageContext(spec=self.spec, base_dir=self.base_dir, run_dir=self.run_dir, stage_dir=stage_dir, stage_name=stage.name, runs_on=stage.runs_on)
         started_at, start = _now(), time.perf_counter()
         append_event(self.run_dir, stage=stage.name, status="started")
         try:

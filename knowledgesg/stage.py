@@ -28,6 +28,9 @@ class Stage:
     Params: ClassVar[type[BaseModel]] = NoParams
     # Top-level spec sections whose values shape this stage's outputs (part of its fingerprint).
     uses: ClassVar[tuple[str, ...]] = ()
+    # "server": the stage may read only server-side artifacts (the context refuses the rest).
+    # "any": it runs where the data is (on each client, or a part of it on the server).
+    runs_on: ClassVar[str] = "any"
 
     def __init__(self, params: BaseModel) -> None:
         self.params = params
@@ -47,6 +50,7 @@ class StageContext:
     run_dir: Path
     stage_dir: Path
     stage_name: str = ""
+    runs_on: str = "any"
     declared: dict[str, tuple[int | None, str]] = field(default_factory=dict)  # path -> (records, side)
 
     @property
@@ -101,6 +105,9 @@ class StageContext:
             raise KsgError(f"stage '{stage}' has not completed in {self.run_dir}; it must run before this one")
         if relative not in manifest.outputs:
             raise KsgError(f"stage '{stage}' has no output '{relative}'")
+        side = manifest.outputs[relative].side
+        if self.runs_on == "server" and side != "server":
+            raise KsgError(f"stage '{self.stage_name}' runs on the server and may not read '{stage}/{relative}' ({side} side: it never leaves that client)")
         return stage_dir / relative
 
     def completed_stages_before(self) -> list[str]:

@@ -10,10 +10,11 @@ from knowledgesg.stage import Stage
 from pipelines.dp_train import DPTrain
 from pipelines.ingest import Ingest
 from pipelines.prepare_models import PrepareModels
+from pipelines.refine import Refine
 from pipelines.structure import Structure
 from pipelines.synthesize import Synthesize
 
-STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (PrepareModels, Ingest, Structure, DPTrain, Synthesize)}
+STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (PrepareModels, Ingest, Structure, DPTrain, Synthesize, Refine)}
 
 __all__ = ["STAGES", "validate_stage_params"]
 

@@ -61,7 +61,7 @@ class SynthesizeParams(BaseModel):
     batch_size: int = Field(default=16, ge=1)
     min_words: int = Field(default=4, ge=1)
     max_words: int = Field(default=120, ge=1)
-    near_duplicate_jaccard: float = Field(default=0.7, gt=0, le=1)
+    near_duplicate_jaccard: float = Field(default=0.7, gt=0, le=0.9, description="MinHash LSH cannot band a threshold above 0.9")
 
     @model_validator(mode="after")
     def _histogram_needs_labels(self) -> SynthesizeParams:

@@ -1,0 +1,75 @@
+"""Log-likelihood scoring with a causal LM: the judge in `refine` and the benchmarks in `eval`.
+
+A choice is scored by the summed log-probability of its tokens after the context (as
+lm-evaluation-harness does): context and continuation are tokenized separately, so a choice's
+tokens are the same after every context. Rows are grouped by length to waste little padding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from knowledgesg.generation import length_batches
+
+
+def encode_context(tokenizer, text: str) -> list[int]:
+    """With the tokenizer's special tokens (Gemma's BOS: its base model degrades without it)."""
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def encode_continuation(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def continuation_logprobs(model, contexts: list[list[int]], continuations: list[list[int]], pad_id: int, batch_size: int = 8, device: str = "cpu") -> list[np.ndarray]:
+    """Per-token log-probabilities of each continuation given its context."""
+    import torch
+
+    if len(contexts) != len(continuations):
+        raise ValueError("one continuation per context")
+    if any(not c for c in continuations):
+        raise ValueError("an empty continuation has no log-probability")
+    sequences = [ctx + cont for ctx, cont in zip(contexts, continuations)]
+    results: list[np.ndarray | None] = [None] * len(sequences)
+    model.eval()
+    with torch.no_grad():
+        for batch in length_batches([len(s) for s in sequences], batch_size):
+            width = max(len(sequences[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
+                mask[row, : len(sequences[i])] = 1
+            logprobs = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(dim=-1)
+            for row, i in enumerate(batch):
+                start, end = len(contexts[i]), len(sequences[i])
+                # the token at position t is predicted by the logits at t - 1
+                targets = ids[row, start:end].to(logprobs.device)
+                results[i] = logprobs[row, start - 1 : end - 1].gather(1, targets[:, None]).squeeze(1).cpu().numpy()
+    return results  # type: ignore[return-value]
+
+
+def choice_logprobs(model, tokenizer, prompts: list[str], choices: list[str], batch_size: int = 8, device: str = "cpu") -> np.ndarray:
+    """[len(prompts), len(choices)] summed log-probabilities of each choice after each prompt.
+
+    The choices are written as they follow the prompt, leading space included (" positive").
+    """
+    contexts = [encode_context(tokenizer, p) for p in prompts]
+    encoded = [encode_continuation(tokenizer, c) for c in choices]
+    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(choices))]
+    scores = continuation_logprobs(model, [contexts[i] for i, _ in pairs], [encoded[j] for _, j in pairs], pad_id(tokenizer), batch_size, device)
+    table = np.empty((len(prompts), len(choices)))
+    for (i, j), token_scores in zip(pairs, scores):
+        table[i, j] = float(token_scores.sum())
+    return table
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def normalized_choice_probs(table: np.ndarray) -> np.ndarray:
+    """Softmax over each row's choices: the model's probabilities restricted to the choices."""
+    shifted = table - table.max(axis=1, keepdims=True)
+    weights = np.exp(shifted)
+    return weights / weights.sum(axis=1, keepdims=True)

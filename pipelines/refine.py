@@ -1,0 +1,207 @@
+"""Stage `refine` (server): a professional model judges the synthetic data and rewrites its answers.
+
+Judging is a constrained answer scored by log-probability: the professional model reads a few
+public examples of good and bad task inputs, then the candidate, and we compare the probability
+it gives " Yes" and " No" after "Good:". This needs no output parsing (a small base model's free
+text often cannot be parsed), gives a graded score that can be thresholded or ranked, and costs
+one forward pass per candidate and answer. The candidate's mean token log-probability (fluency)
+is recorded beside it.
+
+Then knowledge distillation: for a labelled task the professional model assigns the label (the
+choice with the highest log-probability after public few-shot examples in the FinGPT format);
+for an open task it writes the response (greedy, few-shot). Every candidate keeps its scores and
+the decision with its reason in `clients/<id>/decisions.jsonl`; the kept ones, with their new
+responses, are `clients/<id>/refined.jsonl`.
+
+It runs on the server, so it reads only server-side artifacts (synthetic data and the model
+list): the context refuses a client-side artifact, and a test audits every file it opens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from itertools import zip_longest
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from knowledgesg.console import console
+from knowledgesg.errors import InputError
+from knowledgesg.fileio import read_jsonl
+from knowledgesg.generation import SamplingParams
+from knowledgesg.loaders import load_source, source_path
+from knowledgesg.records import InstructionRecord
+from knowledgesg.spec import DataSource, PipelineSpec
+from knowledgesg.stage import Stage, StageContext
+
+# Written for any domain; a spec can replace them with its own public examples.
+DEFAULT_BAD_EXAMPLES = [
+    "Click here to subscribe to our newsletter and get the latest offers!",
+    "the the company company said said that that",
+    "I love pizza and my cat sleeps on the sofa all day.",
+    "asdf qwerty lorem ipsum 1234",
+]
+
+
+class RefineParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pool: DataSource = Field(description="public examples for the few-shot prompts, e.g. {builtin: fiqa_train}")
+    task: str = Field(description="what a good input is for, in words, e.g. 'financial news sentiment'")
+    labels: list[str] | None = Field(default=None, description="a labelled task: the professional model assigns one of these")
+    shots: int = Field(default=3, ge=1, le=12, description="few-shot examples in each prompt")
+    bad_examples: list[str] = Field(default_factory=lambda: list(DEFAULT_BAD_EXAMPLES), min_length=1)
+    threshold: float = Field(default=0.5, ge=0, le=1, description="keep candidates whose judge p(yes) reaches this")
+    keep_top_fraction: float | None = Field(default=None, gt=0, le=1, description="instead: keep this top share of each client's candidates by p(yes)")
+    example_words: int = Field(default=60, ge=5, description="a pool example is cut to this many words in a prompt")
+    sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(do_sample=False, max_new_tokens=96))
+    batch_size: int = Field(default=8, ge=1)
+
+    @model_validator(mode="after")
+    def _enough_labels(self) -> RefineParams:
+        if self.labels is not None and len(self.labels) < 2:
+            raise ValueError("labels: a labelled task needs at least two labels")
+        return self
+
+
+def candidate_text(record: InstructionRecord) -> str:
+    """What is judged: the part the DP model wrote (the input of a labelled pair, else the instruction)."""
+    return record.input or record.instruction
+
+
+def clip_words(text: str, limit: int) -> str:
+    return " ".join(text.split()[:limit])
+
+
+def judge_prompt(task: str, good: list[str], bad: list[str], candidate: str) -> str:
+    """Good and bad public examples alternate, so neither answer is favoured by position."""
+    blocks = []
+    for g, b in zip_longest(good, bad):
+        blocks += [f"Text: {g}\nGood: Yes" for _ in [g] if g is not None] + [f"Text: {b}\nGood: No" for _ in [b] if b is not None]
+    header = f"Is each text a clear, well-formed example of {task}? Answer Yes or No."
+    return header + "\n\n" + "\n\n".join(blocks) + f"\n\nText: {candidate}\nGood:"
+
+
+def label_prompt(shots: list[InstructionRecord], record: InstructionRecord, example_words: int) -> str:
+    """The FinGPT instruction format, with public labelled examples first."""
+    blocks = [f"Instruction: {s.instruction}\nInput: {clip_words(s.input, example_words)}\nAnswer: {s.response.strip()}" for s in shots]
+    return "\n\n".join(blocks + [f"Instruction: {record.instruction}\nInput: {record.input}\nAnswer:"])
+
+
+def answer_prompt(shots: list[InstructionRecord], record: InstructionRecord, example_words: int) -> str:
+    def question(r: InstructionRecord) -> str:
+        return f"{r.instruction} {r.input}".strip()
+
+    blocks = [f"Question: {question(s)}\nAnswer: {clip_words(s.response, example_words)}" for s in shots]
+    return "\n\n".join(blocks + [f"Question: {question(record)}\nAnswer:"])
+
+
+def balanced_shots(pool: list[InstructionRecord], labels: list[str] | None, count: int) -> list[InstructionRecord]:
+    """The first examples of each label in turn (a fixed, balanced, public prompt)."""
+    if not labels:
+        return pool[:count]
+    by_label = {label: [r for r in pool if r.response.strip().lower() == label.lower()] for label in labels}
+    shots = [r for group in zip_longest(*by_label.values()) for r in group if r is not None]
+    return shots[:count]
+
+
+def decide(p_yes: list[float], threshold: float, top_fraction: float | None) -> list[tuple[bool, str]]:
+    """Keep/drop with its reason, by threshold or by rank (ties broken by position)."""
+    if top_fraction is None:
+        return [(p >= threshold, f"judge p(yes) {p:.3f} {'>=' if p >= threshold else '<'} threshold {threshold:g}") for p in p_yes]
+    keep = math.ceil(top_fraction * len(p_yes))
+    order = sorted(range(len(p_yes)), key=lambda i: (-p_yes[i], i))
+    rank = {i: r for r, i in enumerate(order)}
+    return [(rank[i] < keep, f"judge p(yes) {p_yes[i]:.3f} ranks {rank[i] + 1} of {len(p_yes)}; top {keep} kept") for i in range(len(p_yes))]
+
+
+class Refine(Stage):
+    name = "refine"
+    Params = RefineParams
+    runs_on = "server"
+
+    def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
+        return [source_path(self.params.pool, base_dir)]
+
+    def run(self, ctx: StageContext) -> None:
+        from knowledgesg.models import ResolvedModel, load_causal_lm, resolve_device
+
+        p: RefineParams = self.params
+        models = ctx.read_artifact_json("prepare_models", "models.json")
+        if "professional" not in models:
+            raise InputError("refine needs models.professional in the spec (e.g. gemma-3-270m)")
+        pool = [r for r in load_source(p.pool, ctx.base_dir, ctx.seed) if isinstance(r, InstructionRecord)]
+        if not pool:
+            raise InputError(f"refine: the pool {p.pool.builtin or p.pool.path} has no instruction records")
+        shots = balanced_shots(pool, p.labels, p.shots)
+        good = [clip_words(candidate_text(r), p.example_words) for r in shots]
+        partition = ctx.read_artifact_json("ingest", "partition.json")
+        device = resolve_device(ctx.spec.models.device)
+        model, tokenizer = load_causal_lm(ResolvedModel(**models["professional"]), device)
+        summary = {}
+        for client_id in partition["clients"]:
+            rows = read_jsonl(ctx.artifact("synthesize", f"clients/{client_id}/synthetic.jsonl"))
+            records = [InstructionRecord.model_validate({k: v for k, v in r.items() if k != "provenance"}) for r in rows]
+            decisions, kept = self.refine_client(ctx, client_id, model, tokenizer, device, rows, records, good, shots)
+            ctx.write_jsonl(f"clients/{client_id}/decisions.jsonl", decisions, records=False)
+            ctx.write_jsonl(f"clients/{client_id}/refined.jsonl", kept)
+            summary[client_id] = self.client_summary(decisions, kept)
+            console.print(f"refine {client_id}: kept {len(kept)} of {len(rows)}; {summary[client_id]['dropped_by_reason']}")
+        ctx.write_json("summary.json", {"professional_model": models["professional"]["name"], "method": "judge p(yes) by log-probability", "clients": summary})
+
+    def refine_client(self, ctx: StageContext, client_id: str, model, tokenizer, device: str, rows: list[dict], records: list[InstructionRecord],
+                      good: list[str], shots: list[InstructionRecord]) -> tuple[list[dict], list[dict]]:
+        from knowledgesg.scoring import choice_logprobs, continuation_logprobs, encode_context, encode_continuation, normalized_choice_probs, pad_id
+
+        p: RefineParams = self.params
+        if not records:
+            return [], []
+        texts = [candidate_text(r) for r in records]
+        judged = choice_logprobs(model, tokenizer, [judge_prompt(p.task, good, p.bad_examples, t) for t in texts], [" Yes", " No"], p.batch_size, device)
+        p_yes = normalized_choice_probs(judged)[:, 0].tolist()
+        context = encode_context(tokenizer, "Text:")
+        fluency = [float(s.mean()) for s in continuation_logprobs(model, [context] * len(texts), [encode_continuation(tokenizer, " " + t) for t in texts], pad_id(tokenizer), p.batch_size, device)]
+        verdicts = decide(p_yes, p.threshold, p.keep_top_fraction)
+        chosen = [i for i, (keep, _) in enumerate(verdicts) if keep]
+        responses = self.distil(ctx, client_id, model, tokenizer, device, [records[i] for i in chosen], shots)
+        decisions, kept = [], []
+        for i, record in enumerate(records):
+            keep, reason = verdicts[i]
+            decision = {"id": record.id, "kept": keep, "reason": reason, "judge_p_yes": round(p_yes[i], 6), "fluency_mean_logprob": round(fluency[i], 6), "synthetic_response": record.response}
+            if keep:
+                new = responses[chosen.index(i)]
+                if new["response"] is None:
+                    decision.update(kept=False, reason=f"{reason}; professional answer empty")
+                else:
+                    decision.update({k: v for k, v in new.items() if k != "response"}, refined_response=new["response"])
+                    provenance = dict(rows[i].get("provenance") or {})
+                    provenance["refine"] = {k: v for k, v in decision.items() if k not in ("id", "kept")}
+                    kept.append({**record.model_dump(), "id": record.id.replace("synthetic/", "refined/", 1), "response": new["response"], "provenance": provenance})
+            decisions.append(decision)
+        return decisions, kept
+
+    def distil(self, ctx: StageContext, client_id: str, model, tokenizer, device: str, records: list[InstructionRecord], shots: list[InstructionRecord]) -> list[dict]:
+        """The professional model's response to each kept record: a label, or a written answer."""
+        from knowledgesg.generation import Generator
+        from knowledgesg.scoring import choice_logprobs, encode_context, normalized_choice_probs
+
+        p: RefineParams = self.params
+        if not records:
+            return []
+        if p.labels:
+            probs = normalized_choice_probs(choice_logprobs(model, tokenizer, [label_prompt(shots, r, p.example_words) for r in records], [" " + label for label in p.labels], p.batch_size, device))
+            return [{"response": p.labels[int(row.argmax())], "label_probs": {label: round(float(x), 6) for label, x in zip(p.labels, row)},
+                     "label_changed": p.labels[int(row.argmax())].lower() != r.response.strip().lower()} for r, row in zip(records, probs)]
+        generator = Generator(model, tokenizer, p.batch_size, device, stop_at_newline=True)
+        prompts = [encode_context(tokenizer, answer_prompt(shots, r, p.example_words)) for r in records]
+        answers = generator.generate(prompts, p.sampling, ctx.derive_seed(client_id, "answers"), f"refine {client_id}: answers")
+        return [{"response": a.text.strip() or None} for a in answers]
+
+    @staticmethod
+    def client_summary(decisions: list[dict], kept: list[dict]) -> dict:
+        dropped = Counter("professional answer empty" if d["reason"].endswith("empty") else "judge" for d in decisions if not d["kept"])
+        changed = sum(1 for d in decisions if d.get("label_changed"))
+        return {"candidates": len(decisions), "kept": len(kept), "dropped_by_reason": dict(dropped),
+                "labels_changed": changed, "mean_p_yes": round(sum(d["judge_p_yes"] for d in decisions) / max(1, len(decisions)), 4)}
+

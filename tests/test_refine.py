@@ -1,0 +1,138 @@
+"""The refine stage on the tiny models: decisions, distillation, and what the server may read."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from knowledgesg.cli import main
+from knowledgesg.errors import KsgError
+from knowledgesg.generation import Completion
+from knowledgesg.manifest import read_manifest
+from knowledgesg.spec import load_spec
+from knowledgesg.stage import StageContext
+from pipelines.refine import Refine, RefineParams, balanced_shots, decide, judge_prompt, label_prompt
+from knowledgesg.records import InstructionRecord
+from tests.conftest import sentiment_rows, tiny_spec, write_jsonl, write_spec
+from tests.test_synthesize import SYNTH, TRAIN
+
+LABELS = ["negative", "neutral", "positive"]
+REFINE = {"name": "refine", "params": {"pool": {"path": "pool.jsonl"}, "task": "financial news sentiment", "labels": LABELS, "keep_top_fraction": 0.5}}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def canned_generate(self, prompts, params, seed, progress=None):
+    """The tiny random model rarely writes a usable pair; refine is what is tested here, so the
+    synthetic candidates are fixed sentences (answers name a label, inputs vary in quality)."""
+    if params.max_new_tokens == SYNTH["params"]["response_max_new_tokens"]:
+        return [Completion(LABELS[i % 3], 1, True) for i in range(len(prompts))]
+    texts = ["Shares of the bank fell sharply after it cut its outlook.", "Revenue grew in line with analyst expectations this quarter.",
+             "zz qq the the the", "The company raised its dividend after record profits.", "my cat likes the sofa a lot today",
+             "Oil prices slipped as inventories built up unexpectedly."]
+    return [Completion(texts[i % len(texts)], 12, True) for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="module")
+def refine_run(tmp_path_factory):
+    from knowledgesg.generation import Generator
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(Generator, "generate", canned_generate)
+    workdir = tmp_path_factory.mktemp("refine")
+    write_jsonl(workdir / "data.jsonl", sentiment_rows(40))
+    pool = [dict(r, id=f"pool{i}", input=f"Shares of firm {i} moved after the report.") for i, r in enumerate(sentiment_rows(9))]
+    write_jsonl(workdir / "pool.jsonl", pool)
+    synth = dict(SYNTH, params=dict(SYNTH["params"], per_client=6, oversample=1.0, near_duplicate_jaccard=0.9))
+    spec = tiny_spec(stages=["prepare_models", "ingest", TRAIN, synth, REFINE], models={"base": "tiny-random-llama", "professional": "tiny-random-llama"})
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 0
+    finally:
+        os.chdir(cwd)
+        monkeypatch.undo()
+    return workdir
+
+
+def test_every_candidate_has_scores_and_a_reasoned_decision(refine_run: Path):
+    run = refine_run / "run"
+    for client in ("client_0", "client_1"):
+        synthetic = _jsonl(run / f"stages/synthesize/clients/{client}/synthetic.jsonl")
+        decisions = _jsonl(run / f"stages/refine/clients/{client}/decisions.jsonl")
+        refined = _jsonl(run / f"stages/refine/clients/{client}/refined.jsonl")
+        assert synthetic, "the tiny model kept no synthetic pair: the test would prove nothing"
+        assert [d["id"] for d in decisions] == [s["id"] for s in synthetic]
+        assert all(0.0 <= d["judge_p_yes"] <= 1.0 and d["reason"].startswith("judge p(yes)") for d in decisions)
+        kept = [d for d in decisions if d["kept"]]
+        assert len(kept) == len(refined) == -(-len(synthetic) // 2)  # top half, rounded up
+        assert min(d["judge_p_yes"] for d in kept) >= max((d["judge_p_yes"] for d in decisions if not d["kept"]), default=0.0)
+        for row, decision in zip(refined, kept):
+            assert row["response"] in LABELS and row["response"] == max(decision["label_probs"], key=decision["label_probs"].get)
+            assert row["provenance"]["refine"]["judge_p_yes"] == decision["judge_p_yes"]
+            assert decision["label_changed"] == (decision["synthetic_response"] != row["response"])
+
+
+def test_refine_opens_no_private_artifact(refine_run: Path):
+    """Run the stage again under an audit hook; every file it opens in the run must be server side."""
+    run = refine_run / "run"
+    spec, _ = load_spec(refine_run / "spec.yaml")
+    stage_dir = refine_run / "rerun"
+    stage_dir.mkdir()
+    opened: list[Path] = []
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open" and isinstance(args[0], (str, os.PathLike)) and recording:
+            opened.append(Path(os.fsdecode(args[0])).resolve())
+
+    recording = False
+    sys.addaudithook(hook)
+    cwd = os.getcwd()
+    os.chdir(refine_run)
+    try:
+        recording = True
+        ctx = StageContext(spec=spec, base_dir=refine_run, run_dir=run, stage_dir=stage_dir, stage_name="refine", runs_on="server")
+        Refine(RefineParams.model_validate(REFINE["params"])).run(ctx)
+    finally:
+        recording = False
+        os.chdir(cwd)
+    in_run = [p for p in opened if p.is_relative_to(run.resolve())]
+    assert any(p.name == "synthetic.jsonl" for p in in_run)  # the hook does see the stage's reads
+    for path in in_run:
+        stage = path.relative_to(run.resolve() / "stages").parts[0]
+        relative = str(path.relative_to(run.resolve() / "stages" / stage))
+        manifest = read_manifest(run / "stages" / stage)
+        side = manifest.outputs[relative].side if relative in manifest.outputs else "server"
+        assert side == "server", f"refine opened {stage}/{relative} ({side})"
+    # the same audit catches a private read: the private records are client side in the manifest
+    assert read_manifest(run / "stages/ingest").outputs["clients/client_0/records.jsonl"].side == "client:client_0"
+
+
+def test_a_server_stage_is_refused_a_client_artifact(refine_run: Path):
+    spec, _ = load_spec(refine_run / "spec.yaml")
+    ctx = StageContext(spec=spec, base_dir=refine_run, run_dir=refine_run / "run", stage_dir=refine_run / "x", stage_name="refine", runs_on="server")
+    with pytest.raises(KsgError, match="client:client_0 side"):
+        ctx.artifact("ingest", "clients/client_0/records.jsonl")
+    assert ctx.artifact("ingest", "partition.json").is_file()
+
+
+def test_decide_by_threshold_and_by_rank():
+    assert [k for k, _ in decide([0.2, 0.5, 0.9], 0.5, None)] == [False, True, True]
+    verdicts = decide([0.2, 0.9, 0.9, 0.4], 0.5, 0.5)
+    assert [k for k, _ in verdicts] == [False, True, True, False]
+    assert verdicts[0][1] == "judge p(yes) 0.200 ranks 4 of 4; top 2 kept"
+
+
+def test_prompts_alternate_public_examples_and_balance_labels():
+    prompt = judge_prompt("sentiment", ["good one", "good two"], ["bad one"], "candidate")
+    assert prompt.index("good one") < prompt.index("bad one") < prompt.index("good two") < prompt.index("candidate")
+    assert prompt.endswith("Text: candidate\nGood:")
+    pool = [InstructionRecord(id=str(i), source="pool", instruction="Q?", input=f"text {i}", response=LABELS[i % 3 if i < 3 else 0]) for i in range(6)]
+    assert [r.response for r in balanced_shots(pool, LABELS, 3)] == LABELS
+    assert label_prompt(pool[:1], pool[4], 10).endswith("Instruction: Q?\nInput: text 4\nAnswer:")
