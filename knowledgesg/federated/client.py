@@ -1,0 +1,204 @@
+"""A client's side of `fedtune`: local LoRA training from the global adapter, one round at a time.
+
+The same `fit` runs in every engine. Everything random in a round (initial state aside, which
+comes from the server) is seeded from (job seed, client, round), so a round replays exactly and
+the engines agree. Local rules:
+- FedProx adds mu/2 ||w - x||^2 (x: the received adapter) to the loss.
+- SCAFFOLD (option II of Karimireddy et al.) corrects each SGD gradient by (c - c_i) and then sets
+  c_i+ = c_i - c + (x - y) / (K lr); the client keeps c_i between rounds.
+- Private data is trained on with DP-SGD only (Opacus, via privacy.dp_sgd): Poisson-sampled
+  batches at the planned rate, `steps` noisy steps per round; the accountant's count is returned
+  so that the server can check it against its plan.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from knowledgesg.errors import InputError, KsgError
+from knowledgesg.federated.protocol import ClientTask, ClientUpdate, LoraShape, Params
+from knowledgesg.fileio import read_jsonl, sha256_text
+from knowledgesg.records import InstructionRecord
+
+
+def task_seed(task: ClientTask, purpose: str) -> int:
+    return int(sha256_text(f"{task.seed}:fedtune:{task.client_id}:{task.round}:{purpose}")[:15], 16)
+
+
+class LoraModel:
+    """The base model with a LoRA adapter, loaded once per process and reused every round."""
+
+    _cache: dict[tuple, LoraModel] = {}
+
+    def __init__(self, base_model: dict, lora: LoraShape, device: str) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        from knowledgesg.models import ResolvedModel, load_causal_lm
+
+        model, self.tokenizer = load_causal_lm(ResolvedModel(**base_model), device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            self.model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+        self.device = device
+
+    @classmethod
+    def get(cls, base_model: dict, lora: LoraShape, device: str) -> LoraModel:
+        key = (base_model["path"], base_model.get("weights_sha256"), lora.model_dump_json(), device)
+        if key not in cls._cache:
+            cls._cache.clear()  # one model per process: a new job replaces the old one
+            cls._cache[key] = cls(base_model, lora, device)
+        return cls._cache[key]
+
+    def trainable(self) -> dict:
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def get_params(self) -> Params:
+        return {name: p.detach().cpu().numpy().astype(np.float32, copy=True) for name, p in self.trainable().items()}
+
+    def set_params(self, params: Params) -> None:
+        import torch
+
+        trainable = self.trainable()
+        if set(trainable) != set(params):
+            raise KsgError(f"adapter parameters do not match the model's LoRA layout ({len(params)} received, {len(trainable)} expected)")
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(torch.from_numpy(params[name]).to(p.device))
+
+
+def initial_params(base_model: dict, lora: LoraShape, seed: int, device: str = "cpu") -> Params:
+    """The global adapter before round 1: LoRA's own initialisation (A random, B zero), seeded."""
+    import torch
+
+    torch.manual_seed(seed)
+    LoraModel._cache.clear()
+    lora_model = LoraModel.get(base_model, lora, device)
+    for module in lora_model.model.modules():
+        if hasattr(module, "reset_lora_parameters"):
+            module.reset_lora_parameters("default", True)
+    return lora_model.get_params()
+
+
+class ClientRuntime:
+    """One process's client side: runs tasks, keeps each client's SCAFFOLD control variate."""
+
+    def __init__(self) -> None:
+        self.controls: dict[str, Params] = {}
+
+    def fit(self, task: ClientTask, params: Params, server_control: Params | None = None, client_control: Params | None = None) -> ClientUpdate:
+        import torch
+
+        from knowledgesg.sft import tokenize_example
+
+        lora = LoraModel.get(task.base_model, task.lora, task.device)
+        lora.set_params(params)
+        torch.manual_seed(task_seed(task, "torch"))
+        records = self.records(task)
+        if not records:
+            raise InputError(f"client '{task.client_id}': no training records for round {task.round}")
+        examples = [tokenize_example(lora.tokenizer, r, task.training.max_length, task.training.loss_on) for r in records]
+        if task.local_dp is not None:
+            loss, dp_steps = self._fit_dp(task, lora, examples, records)
+            control_delta = None
+        else:
+            control = client_control if client_control is not None else self.controls.get(task.client_id)
+            loss, control_delta = self._fit_plain(task, lora, examples, params, server_control, control)
+            dp_steps = 0
+        trained = lora.get_params()
+        update = {name: trained[name] - params[name] for name in params}
+        return ClientUpdate(task.client_id, update, len(records), loss, control_delta, dp_steps)
+
+    def records(self, task: ClientTask) -> list[InstructionRecord]:
+        if task.records is not None:
+            return [InstructionRecord.model_validate({k: v for k, v in r.items() if k != "provenance"}) for r in task.records]
+        path = Path(task.run_dir or ".") / "stages" / task.private_source / "clients" / task.client_id / "records.jsonl"
+        if not path.is_file():
+            raise InputError(f"client '{task.client_id}': private records not found at {path}")
+        return [InstructionRecord.model_validate(r) for r in read_jsonl(path) if r.get("kind") == "instruction"]
+
+    def _fit_plain(self, task: ClientTask, lora: LoraModel, examples, x: Params, server_c: Params | None, client_c: Params | None) -> tuple[float, Params | None]:
+        import torch
+
+        from knowledgesg.sft import collate, per_sequence_loss
+
+        t = task.training
+        params = lora.trainable()
+        optimizer = torch.optim.Adam(params.values(), lr=t.learning_rate) if t.optimizer == "adam" else torch.optim.SGD(params.values(), lr=t.learning_rate)
+        anchor = {n: torch.from_numpy(x[n]).to(p.device) for n, p in params.items()}
+        correction = None
+        if task.scaffold:
+            zero = {n: np.zeros_like(v) for n, v in x.items()}
+            server_c, client_c = server_c or zero, client_c or zero
+            correction = {n: torch.from_numpy(server_c[n] - client_c[n]).to(p.device) for n, p in params.items()}
+        rng = np.random.default_rng(task_seed(task, "batches"))
+        lora.model.train()
+        losses = []
+        for _ in range(t.steps):
+            batch = collate([examples[i] for i in rng.choice(len(examples), size=min(t.batch_size, len(examples)), replace=False)], lora.tokenizer.pad_token_id)
+            out = lora.model(input_ids=batch["input_ids"].to(lora.device), attention_mask=batch["attention_mask"].to(lora.device))
+            loss = per_sequence_loss(out.logits, batch["labels"].to(lora.device)).mean()
+            if t.proximal_mu > 0:
+                loss = loss + t.proximal_mu / 2 * sum(((p - anchor[n]) ** 2).sum() for n, p in params.items())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if correction is not None:
+                for n, p in params.items():
+                    p.grad.add_(correction[n])
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        lora.model.eval()
+        control_delta = None
+        if task.scaffold:
+            y = lora.get_params()
+            scale = 1.0 / (t.steps * t.learning_rate)
+            new_c = {n: client_c[n] - server_c[n] + (x[n] - y[n]) * scale for n in x}
+            control_delta = {n: new_c[n] - client_c[n] for n in x}
+            self.controls[task.client_id] = new_c
+        return float(np.mean(losses)), control_delta
+
+    def _fit_dp(self, task: ClientTask, lora: LoraModel, examples, records: list[InstructionRecord]) -> tuple[float | None, int]:
+        import torch
+
+        from knowledgesg.sft import collate, per_sequence_loss
+        from pipelines.dp_train import group_units
+        from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches, poisson_batches, unit_means
+
+        t, dp = task.training, task.local_dp
+        units = group_units(records, dp.unit, dp.max_records_per_user)
+        rows_per_unit = [len(u) for u in units]
+        expected = dp.sample_rate * len(units)
+
+        def make_optimizer(params):
+            return torch.optim.Adam(params, lr=t.learning_rate) if t.optimizer == "adam" else torch.optim.SGD(params, lr=t.learning_rate)
+
+        sampler = torch.Generator().manual_seed(task_seed(task, "sampler"))
+        noise = torch.Generator(device=lora.device).manual_seed(task_seed(task, "noise"))
+        lora.model.train()
+        engine = DPSGD(lora.model, make_optimizer, DPSGDSettings(dp.noise_multiplier, dp.clip_norm, dp.sample_rate, expected), noise)
+
+        def unit_loss(module, inputs, row_unit, n_units):
+            out = module(input_ids=inputs["input_ids"].to(lora.device), attention_mask=inputs["attention_mask"].to(lora.device))
+            return unit_means(per_sequence_loss(out.logits, inputs["labels"].to(lora.device)), row_unit.to(lora.device), n_units)
+
+        def physical(batch_units: list[int]):
+            rows = [r for u in batch_units for r in units[u]]
+            row_unit = torch.tensor([i for i, u in enumerate(batch_units) for _ in units[u]])
+            return collate([examples[r] for r in rows], lora.tokenizer.pad_token_id), row_unit, len(batch_units)
+
+        losses = []
+        try:
+            for batch_units in poisson_batches(len(units), dp.sample_rate, t.steps, sampler):
+                loss = engine.step([physical(mb) for mb in micro_batches(batch_units, rows_per_unit, t.batch_size)], unit_loss)
+                if loss is not None:
+                    losses.append(loss)
+        finally:
+            engine.module._close()  # unwrap: the cached model is reused next round without hooks
+            lora.model.eval()
+        history = engine.accounted_history()
+        counted = sum(n for _, _, n in history)
+        if counted != t.steps or any(sigma != dp.noise_multiplier or q != dp.sample_rate for sigma, q, _ in history):
+            raise KsgError(f"client '{task.client_id}': the accountant counted {history}, not the planned {t.steps} steps at sigma {dp.noise_multiplier}, q {dp.sample_rate}")
+        return (float(np.mean(losses)) if losses else None), counted

@@ -1,0 +1,37 @@
+"""Engines run a job directory: `job.json` and `initial.npz` in, `final.npz` and `rounds.json` out.
+
+The job travels as files so that the server loop can run in this process (`local`, and
+`flower-sim`, whose ServerApp runs in a thread here) or in a ServerApp process that a SuperLink
+started (`flower-deploy`); the results come back the same way in every case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from knowledgesg.federated.protocol import RoundRecord, load_params, save_params
+from knowledgesg.federated.server import FedJob, LocalTransport, Transport, run_federation
+from knowledgesg.fileio import read_json, write_json
+
+JOB, INITIAL, FINAL, ROUNDS = "job.json", "initial.npz", "final.npz", "rounds.json"
+
+
+def print_round(record: RoundRecord) -> None:
+    from knowledgesg.console import console
+
+    loss = f"{record.mean_loss:.4f}" if record.mean_loss is not None else "-"
+    console.print(f"fedtune round {record.round}: clients {', '.join(record.clients) or '(none sampled)'}, examples {record.num_examples}, "
+                  f"mean local loss {loss}, global step norm {record.update_norm:.4g}, {record.seconds:.1f}s")
+
+
+def run_job_file(job_path: Path, make_transport: Callable[[FedJob], Transport]) -> None:
+    job = FedJob.model_validate(read_json(job_path))
+    final, history = run_federation(job, load_params(job_path.parent / INITIAL), make_transport(job), print_round)
+    save_params(job_path.parent / FINAL, final)
+    write_json(job_path.parent / ROUNDS, [asdict(r) for r in history])
+
+
+def run_local(job_path: Path) -> None:
+    run_job_file(job_path, lambda job: LocalTransport())

@@ -1,0 +1,163 @@
+"""`fedtune` over Flower: a ServerApp that runs the shared server loop through Flower's Grid, and a
+ClientApp that runs the shared client `fit`. Used by both Flower engines:
+
+- `flower-sim`: Flower's simulation runtime (Ray) in this process, one virtual SuperNode per client.
+- `flower-deploy`: the app bundle in `flower_app/` (which imports `server_app` and `client_app`)
+  is submitted with `flwr run` to a SuperLink; each client's SuperNode runs the ClientApp.
+
+A SuperNode says which client it is: `client-id` in its node config (deploy), or its
+`partition-id` in the job's client list (simulation). The server asks every node once ("query"),
+then addresses each round's tasks by client id, so client sampling is the same as in `local`.
+Private data never travels: a task for private data names the stage to read on the client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from knowledgesg.errors import KsgError
+from knowledgesg.federated.protocol import ClientTask, ClientUpdate, Params
+
+QUERY = "query"
+NODE_WAIT_S = 120.0
+
+
+def _quiet_flower() -> None:
+    # No phoning home from a private deployment: no update check, no telemetry.
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+def to_array_record(params: Params):
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({name: Array(params[name]) for name in sorted(params)})
+
+
+def from_array_record(record) -> Params:
+    return {name: np.asarray(array.numpy(), dtype=np.float32) for name, array in record.items()}
+
+
+class FlowerTransport:
+    """Delivers tasks through a Flower Grid and collects the replies."""
+
+    def __init__(self, grid, clients: list[str]) -> None:
+        self.grid = grid
+        self.nodes = self._identify(clients)
+
+    def _identify(self, clients: list[str]) -> dict[str, int]:
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        deadline = time.monotonic() + NODE_WAIT_S
+        node_ids = list(self.grid.get_node_ids())
+        while len(node_ids) < len(clients) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            node_ids = list(self.grid.get_node_ids())
+        query = [Message(RecordDict({"config": ConfigRecord({"clients": json.dumps(clients)})}), dst_node_id=n, message_type=QUERY) for n in node_ids]
+        nodes = {}
+        for reply in self.grid.send_and_receive(query, timeout=NODE_WAIT_S):
+            if reply.has_content():
+                nodes[str(reply.content["config"]["client-id"])] = reply.metadata.src_node_id
+        missing = [c for c in clients if c not in nodes]
+        if missing:
+            raise KsgError(f"no SuperNode answered as client {', '.join(missing)} (connected nodes: {len(node_ids)})")
+        return nodes
+
+    def fit(self, tasks: list[ClientTask], params: Params, server_control: Params | None) -> list[ClientUpdate]:
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        messages = []
+        for task in tasks:
+            content = {"arrays": to_array_record(params), "config": ConfigRecord({"task": task.model_dump_json()})}
+            if server_control:
+                content["control"] = to_array_record(server_control)
+            messages.append(Message(RecordDict(content), dst_node_id=self.nodes[task.client_id], message_type="train"))
+        updates = []
+        for reply in self.grid.send_and_receive(messages):
+            if not reply.has_content():
+                raise KsgError(f"a client failed in Flower: {reply.error.reason if reply.has_error() else 'no reply'}")
+            content = reply.content
+            metrics = content["metrics"]
+            loss = float(metrics["loss"]) if "loss" in metrics else None
+            updates.append(ClientUpdate(str(content["config"]["client-id"]), from_array_record(content["arrays"]), int(metrics["num-examples"]), loss,
+                                        from_array_record(content["control_delta"]) if "control_delta" in content else None, int(metrics["dp-steps"])))
+        return updates
+
+
+def client_identity(node_config: dict, clients: list[str]) -> str:
+    if "client-id" in node_config:
+        return str(node_config["client-id"])
+    return clients[int(node_config["partition-id"])]
+
+
+def make_client_app():
+    from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from knowledgesg.federated.client import ClientRuntime
+
+    _quiet_flower()
+    app = ClientApp()
+    runtime = ClientRuntime()
+
+    @app.query()
+    def identify(msg: Message, context: Context) -> Message:
+        clients = json.loads(str(msg.content["config"]["clients"]))
+        return Message(RecordDict({"config": ConfigRecord({"client-id": client_identity(context.node_config, clients)})}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        task = ClientTask.model_validate_json(str(msg.content["config"]["task"]))
+        if task.run_dir is not None and "run-dir" in context.node_config:
+            task = task.model_copy(update={"run_dir": str(context.node_config["run-dir"])})  # the node's own storage
+        server_control = from_array_record(msg.content["control"]) if "control" in msg.content else None
+        # SCAFFOLD's c_i lives in the node's context state, which Flower keeps across rounds
+        client_control = from_array_record(context.state["control"]) if "control" in context.state else None
+        update = runtime.fit(task, from_array_record(msg.content["arrays"]), server_control, client_control)
+        content = {"arrays": to_array_record(update.update), "config": ConfigRecord({"client-id": update.client_id}),
+                   "metrics": MetricRecord({"num-examples": update.num_examples, "dp-steps": update.dp_steps, **({"loss": update.loss} if update.loss is not None else {})})}
+        if update.control_delta is not None:
+            content["control_delta"] = to_array_record(update.control_delta)
+            context.state["control"] = to_array_record(runtime.controls[update.client_id])
+        return Message(RecordDict(content), reply_to=msg)
+
+    return app
+
+
+def make_server_app(job_path: Path | None = None):
+    """The ServerApp; without `job_path` it reads the job from the run config (`flwr run --run-config`)."""
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+
+    _quiet_flower()
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        from knowledgesg.federated.engines import run_job_file
+
+        path = Path(job_path or str(context.run_config["job"]))
+        run_job_file(path, lambda job: FlowerTransport(grid, job.clients))
+
+    return app
+
+
+def run_simulation(job_path: Path, num_clients: int) -> None:
+    """Flower's simulation runtime: Ray actors run the ClientApp, one virtual SuperNode per client."""
+    import logging
+    import warnings
+
+    _quiet_flower()
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    from flwr.simulation import run_simulation as flower_run_simulation
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        flower_run_simulation(make_server_app(job_path), make_client_app(), num_supernodes=num_clients,
+                              backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": max(1, min(num_clients, os.cpu_count() or 1))}})

@@ -1,0 +1,115 @@
+"""What the server and the clients of `fedtune` say to each other, as plain data.
+
+The same messages travel in every engine: as Python objects in `local`, inside Flower `Message`s
+(a JSON `ClientTask` in a ConfigRecord, parameters in ArrayRecords) in `flower-sim` and
+`flower-deploy`. Parameters are LoRA tensors by name, as float32 numpy arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Params = dict[str, np.ndarray]
+
+RULES = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "scaffold", "median", "trimmed_mean", "krum")
+
+
+class LocalTraining(BaseModel):
+    """Each sampled client's work in a round."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(default=4, ge=1, description="local optimizer steps per round")
+    batch_size: int = Field(default=8, ge=1)
+    learning_rate: float = Field(default=2e-3, gt=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    max_length: int = Field(default=128, ge=16)
+    loss_on: Literal["response", "all"] = "response"
+    proximal_mu: float = Field(default=0.0, ge=0, description="FedProx: mu/2 ||w - x||^2 added to the local loss")
+
+
+class LoraShape(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(default=8, ge=1)
+    alpha: int = Field(default=16, ge=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class LocalDP(BaseModel):
+    """DP-SGD local steps on private records: the mechanism the client runs (from the server's plan)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    noise_multiplier: float = Field(gt=0)
+    clip_norm: float = Field(gt=0)
+    sample_rate: float = Field(gt=0, le=1)
+    unit: Literal["record", "user"] = "record"
+    max_records_per_user: int = 8
+
+
+class ClientTask(BaseModel):
+    """One round's instruction to one client."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    round: int
+    client_id: str
+    seed: int
+    base_model: dict  # ResolvedModel fields (name, path, kind, weights_sha256, description)
+    lora: LoraShape
+    training: LocalTraining
+    scaffold: bool = False
+    # Synthetic (public) training data travels with the task; private data never does: the
+    # client reads it from its own storage (`private_source`) and trains with DP-SGD.
+    records: list[dict] | None = None
+    private_source: str | None = None  # stage whose clients/<id>/records.jsonl the client reads
+    local_dp: LocalDP | None = None
+    run_dir: str | None = None  # where a client on this machine finds its storage (local, flower-sim)
+    device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _one_data_source(self) -> ClientTask:
+        if (self.records is None) == (self.private_source is None):
+            raise ValueError("a task carries synthetic records or names a private source, not both")
+        if self.private_source is not None and self.local_dp is None:
+            raise ValueError("private data is trained on with DP-SGD only")
+        return self
+
+
+@dataclass
+class ClientUpdate:
+    client_id: str
+    update: Params  # trained minus received parameters
+    num_examples: int
+    loss: float | None
+    control_delta: Params | None = None  # SCAFFOLD: c_i+ - c_i
+    dp_steps: int = 0  # DP-SGD steps the client's accountant counted this round
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    clients: list[str]
+    num_examples: int
+    mean_loss: float | None
+    update_norm: float
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def save_params(path: Path, params: Params) -> None:
+    from knowledgesg.fileio import atomic_open
+
+    with atomic_open(path, "wb", encoding=None) as handle:
+        np.savez(handle, **params)
+
+
+def load_params(path: Path) -> Params:
+    with np.load(path) as data:
+        return {name: data[name] for name in sorted(data.files)}

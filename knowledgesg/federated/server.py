@@ -1,0 +1,181 @@
+"""The server's side of `fedtune`: sample clients, send tasks, aggregate. One loop for every engine.
+
+An engine is a `Transport`: it delivers a round's tasks to the clients and returns their updates
+(in process for `local`, through Flower's Grid for `flower-sim` and `flower-deploy`). Sampling,
+aggregation (knowledgesg.aggregation) and client-level DP noise happen here, identically.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Literal, Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from knowledgesg import aggregation as agg
+from knowledgesg.errors import KsgError
+from knowledgesg.federated.protocol import RULES, ClientTask, ClientUpdate, LocalTraining, LoraShape, Params, RoundRecord
+from knowledgesg.fileio import sha256_text
+
+
+class RuleSettings(BaseModel):
+    """The aggregation rule and its hyperparameters (see knowledgesg.aggregation for the updates)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal[RULES] = "fedavg"  # type: ignore[valid-type]
+    server_lr: float = Field(default=1.0, gt=0, description="eta; the adaptive rules want about 1e-2")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="FedAvgM beta")
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.99, ge=0, lt=1)
+    tau: float = Field(default=1e-3, gt=0)
+    trim: int = Field(default=1, ge=0, description="trimmed mean: values dropped from each side")
+    byzantine: int = Field(default=0, ge=0, description="Krum: malicious clients tolerated")
+
+
+class ClientDP(BaseModel):
+    """Client-level DP-FedAvg: clip each update to `clip_norm`, add N(0, (sigma clip)^2) at the server."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    clip_norm: float = Field(gt=0)
+    noise_multiplier: float = Field(gt=0)
+
+
+class FedJob(BaseModel):
+    """Everything the server loop needs; written to the stage directory as `job.json`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int
+    rounds: int = Field(ge=1)
+    clients: list[str] = Field(min_length=1)
+    clients_per_round: int = Field(ge=1)
+    rule: RuleSettings
+    client_dp: ClientDP | None = None
+    training: LocalTraining
+    lora: LoraShape
+    base_model: dict
+    device: str = "cpu"
+    run_dir: str | None = None
+    # per client: synthetic records to send, or the private stage its client reads
+    records: dict[str, list[dict]] | None = None
+    private_source: str | None = None
+    local_dp: dict[str, dict] | None = None  # client -> LocalDP fields
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FedJob:
+        if self.clients_per_round > len(self.clients):
+            raise ValueError(f"clients_per_round {self.clients_per_round} exceeds the {len(self.clients)} clients")
+        if self.rule.name == "scaffold" and self.training.optimizer != "sgd":
+            raise ValueError("scaffold's control variates assume local SGD: set training.optimizer: sgd")
+        if self.client_dp is not None and self.rule.name not in ("fedavg", "fedprox"):
+            raise ValueError("client-level DP-FedAvg replaces the aggregation: use rule fedavg")
+        if self.rule.name == "krum" and self.clients_per_round - self.rule.byzantine - 2 < 1:
+            raise ValueError(f"krum needs clients_per_round - byzantine - 2 >= 1 (got {self.clients_per_round} and {self.rule.byzantine})")
+        if self.rule.name == "trimmed_mean" and not 2 * self.rule.trim < self.clients_per_round:
+            raise ValueError(f"trimmed_mean cannot drop {self.rule.trim} from each side of {self.clients_per_round} updates a round")
+        if self.private_source is not None and (self.training.proximal_mu > 0 or self.rule.name == "scaffold"):
+            raise ValueError("DP-SGD local steps support plain local training only (no FedProx term, no SCAFFOLD correction)")
+        return self
+
+    @property
+    def sample_rate(self) -> float:
+        return self.clients_per_round / len(self.clients)
+
+    def round_seed(self, round_number: int, purpose: str) -> int:
+        return int(sha256_text(f"{self.seed}:fedtune:server:{round_number}:{purpose}")[:15], 16)
+
+
+def sample_clients(job: FedJob, round_number: int) -> list[str]:
+    """Uniformly without replacement; with client-level DP, Poisson at q (what its accountant assumes)."""
+    rng = np.random.default_rng(job.round_seed(round_number, "sample"))
+    if job.client_dp is not None:
+        return [c for c in job.clients if rng.random() < job.sample_rate]
+    chosen = rng.choice(len(job.clients), size=job.clients_per_round, replace=False)
+    return [job.clients[i] for i in sorted(chosen)]
+
+
+def participation(job: FedJob) -> dict[str, int]:
+    """Rounds each client will be sampled in: known before training, so budgets are checked first."""
+    counts = dict.fromkeys(job.clients, 0)
+    for r in range(1, job.rounds + 1):
+        for c in sample_clients(job, r):
+            counts[c] += 1
+    return counts
+
+
+def task_for(job: FedJob, client_id: str, round_number: int) -> ClientTask:
+    from knowledgesg.federated.protocol import LocalDP
+
+    return ClientTask(
+        round=round_number, client_id=client_id, seed=job.seed, base_model=job.base_model, lora=job.lora, training=job.training,
+        scaffold=job.rule.name == "scaffold", records=job.records[client_id] if job.records is not None else None,
+        private_source=job.private_source, local_dp=LocalDP(**job.local_dp[client_id]) if job.local_dp else None,
+        run_dir=job.run_dir, device=job.device,
+    )
+
+
+class Transport(Protocol):
+    def fit(self, tasks: list[ClientTask], params: Params, server_control: Params | None) -> list[ClientUpdate]: ...
+
+
+def aggregate(job: FedJob, x: Params, updates: list[ClientUpdate], state: agg.ServerState, round_number: int) -> Params:
+    rule = job.rule
+    deltas = [u.update for u in updates]
+    weights = [float(u.num_examples) for u in updates]
+    if job.client_dp is not None:
+        rng = np.random.default_rng(job.round_seed(round_number, "client_dp_noise"))
+        return agg.dp_fedavg(x, deltas, job.client_dp.clip_norm, job.client_dp.noise_multiplier, job.sample_rate * len(job.clients), rng)
+    if not updates:
+        return x
+    if rule.name in ("fedavg", "fedprox"):
+        return agg.fedavg(x, deltas, weights, rule.server_lr)
+    if rule.name == "fedavgm":
+        return agg.fedavgm(x, deltas, weights, state, rule.server_lr, rule.momentum)
+    if rule.name in ("fedadagrad", "fedyogi", "fedadam"):
+        return agg.fedopt(rule.name, x, deltas, weights, state, rule.server_lr, rule.beta1, rule.beta2, rule.tau)
+    if rule.name == "scaffold":
+        return agg.scaffold(x, deltas, [u.control_delta for u in updates], state, len(job.clients), rule.server_lr)
+    if rule.name == "median":
+        return agg.coordinate_median(x, deltas)
+    if rule.name == "trimmed_mean":
+        return agg.trimmed_mean(x, deltas, rule.trim)
+    return agg.krum(x, deltas, rule.byzantine)
+
+
+def run_federation(job: FedJob, x: Params, transport: Transport, on_round: Callable[[RoundRecord], None] | None = None) -> tuple[Params, list[RoundRecord]]:
+    state = agg.ServerState()
+    history = []
+    for r in range(1, job.rounds + 1):
+        start = time.perf_counter()
+        chosen = sample_clients(job, r)
+        tasks = [task_for(job, c, r) for c in chosen]
+        updates = transport.fit(tasks, x, state.c or None) if tasks else []
+        if sorted(u.client_id for u in updates) != sorted(chosen):
+            raise KsgError(f"round {r}: updates came from {sorted(u.client_id for u in updates)}, expected {chosen}")
+        updates.sort(key=lambda u: chosen.index(u.client_id))  # arrival order must not change the result
+        new_x = aggregate(job, x, updates, state, r)
+        step = np.sqrt(sum(float(((new_x[n] - x[n]) ** 2).sum()) for n in x))
+        x = {n: v.astype(np.float32) for n, v in new_x.items()}
+        losses = [u.loss for u in updates if u.loss is not None]
+        record = RoundRecord(r, chosen, sum(u.num_examples for u in updates), float(np.mean(losses)) if losses else None, step, time.perf_counter() - start,
+                             {"dp_steps": {u.client_id: u.dp_steps for u in updates if u.dp_steps}})
+        history.append(record)
+        if on_round:
+            on_round(record)
+    return x, history
+
+
+class LocalTransport:
+    """In process, clients one after another: deterministic, for tests and single machines."""
+
+    def __init__(self) -> None:
+        from knowledgesg.federated.client import ClientRuntime
+
+        self.runtime = ClientRuntime()
+
+    def fit(self, tasks: list[ClientTask], params: Params, server_control: Params | None) -> list[ClientUpdate]:
+        return [self.runtime.fit(task, params, server_control) for task in tasks]
