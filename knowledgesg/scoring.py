@@ -22,7 +22,12 @@ def encode_continuation(tokenizer, text: str) -> list[int]:
 
 
 def continuation_logprobs(model, contexts: list[list[int]], continuations: list[list[int]], pad_id: int, batch_size: int = 8, device: str = "cpu") -> list[np.ndarray]:
-    """Per-token log-probabilities of each continuation given its context."""
+    """Per-token log-probabilities of each continuation given its context.
+
+    Rows are left-padded so that every continuation ends in the last column; the model then
+    computes logits for the last positions only (`logits_to_keep`). With Gemma's 262k-token
+    vocabulary, logits for every position of a few-shot prompt cost far more than the model.
+    """
     import torch
 
     if len(contexts) != len(continuations):
@@ -35,17 +40,21 @@ def continuation_logprobs(model, contexts: list[list[int]], continuations: list[
     with torch.no_grad():
         for batch in length_batches([len(s) for s in sequences], batch_size):
             width = max(len(sequences[i]) for i in batch)
+            keep = max(len(continuations[i]) for i in batch) + 1
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, i in enumerate(batch):
-                ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
-                mask[row, : len(sequences[i])] = 1
-            logprobs = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(dim=-1)
+                ids[row, width - len(sequences[i]) :] = torch.tensor(sequences[i])
+                mask[row, width - len(sequences[i]) :] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), logits_to_keep=keep).logits
+            logprobs = logits.float().log_softmax(dim=-1)  # [rows, keep, vocab]: positions width-keep .. width-1
             for row, i in enumerate(batch):
-                start, end = len(contexts[i]), len(sequences[i])
-                # the token at position t is predicted by the logits at t - 1
-                targets = ids[row, start:end].to(logprobs.device)
-                results[i] = logprobs[row, start - 1 : end - 1].gather(1, targets[:, None]).squeeze(1).cpu().numpy()
+                n = len(continuations[i])
+                # the token at position t is predicted at t - 1: the continuation's tokens (the last
+                # n columns) are predicted by kept columns keep-n-1 .. keep-2
+                targets = torch.tensor(continuations[i], device=logprobs.device)
+                results[i] = logprobs[row, keep - n - 1 : keep - 1].gather(1, targets[:, None]).squeeze(1).cpu().numpy()
     return results  # type: ignore[return-value]
 
 

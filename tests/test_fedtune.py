@@ -1,0 +1,247 @@
+"""Federated tuning: the server loop, the engines (local, Flower simulation, Flower deployment over
+TLS with SuperNode authentication), and the fedtune stage with its ledger entries."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from knowledgesg import aggregation as agg
+from knowledgesg.cli import main
+from knowledgesg.federated.client import initial_params
+from knowledgesg.federated.engines import FINAL, INITIAL, JOB, run_local
+from knowledgesg.federated.protocol import ClientUpdate, LocalTraining, LoraShape, load_params, save_params
+from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, participation, run_federation, sample_clients
+from knowledgesg.fileio import write_json
+from knowledgesg.models import resolve_model
+from tests.conftest import sentiment_rows, tiny_spec, write_jsonl, write_spec
+from tests.test_refine import REFINE, canned_generate
+from tests.test_synthesize import SYNTH, TRAIN
+
+LABELS = ["negative", "neutral", "positive"]
+CLIENTS = ["a", "b", "c"]
+
+
+def tiny_base() -> dict:
+    m = resolve_model("tiny-random-llama")
+    return {"name": m.name, "path": m.path, "kind": m.kind, "weights_sha256": m.weights_sha256, "description": m.description}
+
+
+def records_for(client: str, n: int = 12) -> list[dict]:
+    return [{"kind": "instruction", "id": f"{client}{i}", "source": "synthetic", "instruction": "What is the sentiment?",
+             "input": f"Firm {client} item {i} shares moved", "response": LABELS[i % 3]} for i in range(n)]
+
+
+def make_job(directory: Path, rule: str = "fedavg", rounds: int = 2, per_round: int = 2, clients: list[str] = CLIENTS) -> Path:
+    job = FedJob(seed=11, rounds=rounds, clients=clients, clients_per_round=per_round, rule=RuleSettings(name=rule),
+                 training=LocalTraining(steps=2, batch_size=4, max_length=48, optimizer="sgd" if rule == "scaffold" else "adam"),
+                 lora=LoraShape(r=4), base_model=tiny_base(), records={c: records_for(c) for c in clients})
+    directory.mkdir(parents=True, exist_ok=True)
+    save_params(directory / INITIAL, initial_params(job.base_model, job.lora, 5))
+    write_json(directory / JOB, job.model_dump(mode="json"))
+    return directory / JOB
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+# -- the server loop, with scripted clients ---------------------------------------------------
+
+
+class ScriptedTransport:
+    """Clients whose updates are fixed arrays: the loop's arithmetic can be checked by hand."""
+
+    def __init__(self, updates: dict[str, np.ndarray], examples: dict[str, int]) -> None:
+        self.updates, self.examples, self.seen = updates, examples, []
+
+    def fit(self, tasks, params, server_control):
+        self.seen.append([t.client_id for t in tasks])
+        return [ClientUpdate(t.client_id, {"w": self.updates[t.client_id]}, self.examples[t.client_id], 1.0,
+                             {"w": self.updates[t.client_id] * 0.5}) for t in reversed(tasks)]  # arrival order shuffled
+
+
+def scripted_job(rule: str, per_round: int = 3, client_dp: ClientDP | None = None, rounds: int = 1) -> FedJob:
+    return FedJob(seed=3, rounds=rounds, clients=CLIENTS, clients_per_round=per_round, rule=RuleSettings(name=rule, server_lr=1.0 if rule != "fedadam" else 0.1),
+                  training=LocalTraining(optimizer="sgd"), lora=LoraShape(), base_model={"path": "unused"}, records={c: [] for c in CLIENTS}, client_dp=client_dp)
+
+
+UPDATES = {"a": np.array([1.0, 0.0]), "b": np.array([0.0, 2.0]), "c": np.array([9.0, 9.0])}
+EXAMPLES = {"a": 1, "b": 3, "c": 4}
+
+
+def test_fedavg_in_the_loop_weights_by_examples_and_ignores_arrival_order():
+    x0 = {"w": np.array([1.0, 1.0])}
+    final, history = run_federation(scripted_job("fedavg"), x0, ScriptedTransport(UPDATES, EXAMPLES))
+    expected = x0["w"] + (1 * UPDATES["a"] + 3 * UPDATES["b"] + 4 * UPDATES["c"]) / 8
+    assert np.allclose(final["w"], expected)
+    assert history[0].clients == CLIENTS and history[0].num_examples == 8
+
+
+@pytest.mark.parametrize("rule", ["fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold", "median", "trimmed_mean", "krum"])
+def test_each_rule_in_the_loop_is_the_aggregation_function(rule):
+    x0 = {"w": np.array([1.0, 1.0])}
+    job = scripted_job(rule, rounds=2)
+    final, _ = run_federation(job, x0, ScriptedTransport(UPDATES, EXAMPLES))
+    # the same two rounds by hand, with knowledgesg.aggregation (itself checked against numpy references)
+    state, x = agg.ServerState(), x0
+    ups, weights = [{"w": UPDATES[c]} for c in CLIENTS], [float(EXAMPLES[c]) for c in CLIENTS]
+    for _ in range(2):
+        x = {"fedavgm": lambda: agg.fedavgm(x, ups, weights, state, 1.0, 0.9),
+             "scaffold": lambda: agg.scaffold(x, ups, [{"w": u["w"] * 0.5} for u in ups], state, 3, 1.0),
+             "median": lambda: agg.coordinate_median(x, ups), "trimmed_mean": lambda: agg.trimmed_mean(x, ups, 1),
+             "krum": lambda: agg.krum(x, ups, 0)}.get(rule, lambda: agg.fedopt(rule, x, ups, weights, state, 0.1 if rule == "fedadam" else 1.0, 0.9, 0.99, 1e-3))()
+    assert np.allclose(final["w"], x["w"], atol=1e-6)
+
+
+def test_scaffold_sends_the_server_control_variate_from_round_two():
+    received = []
+
+    class Recording(ScriptedTransport):
+        def fit(self, tasks, params, server_control):
+            received.append(server_control)
+            return super().fit(tasks, params, server_control)
+
+    run_federation(scripted_job("scaffold", rounds=2), {"w": np.zeros(2)}, Recording(UPDATES, EXAMPLES))
+    assert received[0] is None
+    assert np.allclose(received[1]["w"], np.mean([UPDATES[c] * 0.5 for c in CLIENTS], axis=0))  # all 3 of 3 sampled: c = mean dc
+
+
+def test_client_sampling_is_seeded_uniform_or_poisson_with_dp():
+    job = scripted_job("fedavg", per_round=2, rounds=40)
+    rounds = [sample_clients(job, r) for r in range(1, 41)]
+    assert all(len(r) == 2 for r in rounds) and rounds == [sample_clients(job, r) for r in range(1, 41)]
+    counts = participation(job)
+    assert sum(counts.values()) == 80 and min(counts.values()) > 15  # every client gets its turn
+    dp_job = scripted_job("fedavg", per_round=2, rounds=200, client_dp=ClientDP(clip_norm=1.0, noise_multiplier=1.0))
+    sizes = [len(sample_clients(dp_job, r)) for r in range(1, 201)]
+    assert len(set(sizes)) > 1 and abs(np.mean(sizes) - 2.0) < 0.3  # Poisson at q = 2/3: size varies, mean 2
+
+
+def test_client_level_dp_clips_and_noises_over_the_expected_count():
+    job = scripted_job("fedavg", per_round=3, client_dp=ClientDP(clip_norm=1.0, noise_multiplier=0.5))
+    final, history = run_federation(job, {"w": np.zeros(2)}, ScriptedTransport(UPDATES, EXAMPLES))
+    chosen = history[0].clients
+    rng = np.random.default_rng(job.round_seed(1, "client_dp_noise"))
+    expected = agg.dp_fedavg({"w": np.zeros(2)}, [{"w": UPDATES[c]} for c in chosen], 1.0, 0.5, 3.0, rng)
+    assert np.allclose(final["w"], expected["w"])
+
+
+def test_impossible_robust_settings_are_refused_before_training():
+    with pytest.raises(ValueError, match="krum needs"):
+        scripted_job("krum", per_round=2)
+    with pytest.raises(ValueError, match="trimmed_mean cannot drop 1"):
+        scripted_job("trimmed_mean", per_round=2)
+
+
+# -- the engines, on the tiny model ---------------------------------------------------------------
+
+
+def test_local_and_flower_sim_agree_on_fedavg(tmp_path: Path):
+    from knowledgesg.federated.flower import run_simulation
+
+    local_job, sim_job = make_job(tmp_path / "local"), make_job(tmp_path / "sim")
+    run_local(local_job)
+    run_simulation(sim_job, len(CLIENTS))
+    local, sim = load_params(local_job.parent / FINAL), load_params(sim_job.parent / FINAL)
+    assert max_difference(local, load_params(local_job.parent / INITIAL)) > 1e-4  # training moved the adapter
+    assert max_difference(local, sim) < 1e-6
+    local_rounds = json.loads((local_job.parent / "rounds.json").read_text())
+    sim_rounds = json.loads((sim_job.parent / "rounds.json").read_text())
+    assert [r["clients"] for r in local_rounds] == [r["clients"] for r in sim_rounds]
+    assert [r["mean_loss"] for r in local_rounds] == pytest.approx([r["mean_loss"] for r in sim_rounds], abs=1e-6)
+
+
+def test_flower_deploy_over_tls_with_authenticated_supernodes(tmp_path: Path):
+    """A SuperLink and two SuperNodes as separate processes on 127.0.0.1, TLS on, SuperNode
+    authentication on: the registered nodes train, a node with an unregistered key is refused."""
+    from knowledgesg.federated.deploy import LocalFederation, make_node_key, node_config, submit
+
+    clients = ["a", "b"]
+    local_job, deploy_job = make_job(tmp_path / "local", clients=clients), make_job(tmp_path / "deploy", clients=clients)
+    run_local(local_job)
+    with LocalFederation(tmp_path / "federation") as federation:
+        federation.start_superlink()
+        assert (federation.certs.ca.read_text().startswith("-----BEGIN CERTIFICATE-----"))
+        for c in clients:
+            private, public = make_node_key(federation.directory / "keys", c)
+            federation.register(public)
+            federation.start_supernode(c, private, node_config(c, tmp_path))
+        rogue_key, _ = make_node_key(federation.directory / "keys", "rogue")  # never registered
+        rogue = federation.start_supernode("rogue", rogue_key, node_config("a", tmp_path))
+        assert rogue.wait(timeout=120) != 0
+        assert "Failed to activate SuperNode" in federation.log_tail("supernode-rogue", 3000)
+        submit(deploy_job, federation.flwr_home, timeout_s=600)
+        # TLS is really on: the SuperLink refuses plain HTTP
+        port = int(federation.address.rsplit(":", 1)[1])
+        plain = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=30)
+        assert plain.stdout in ("000", "400"), plain.stdout
+    assert max_difference(load_params(local_job.parent / FINAL), load_params(deploy_job.parent / FINAL)) < 1e-6
+
+
+# -- the stage ------------------------------------------------------------------------------------
+
+
+def run_pipeline(workdir: Path, fedtune: dict, privacy: dict | None = None, cap: float | None = None) -> int:
+    from knowledgesg.generation import Generator
+
+    write_jsonl(workdir / "data.jsonl", sentiment_rows(40))
+    pool = [dict(r, id=f"pool{i}", input=f"Shares of firm {i} moved after the report.") for i, r in enumerate(sentiment_rows(9))]
+    write_jsonl(workdir / "pool.jsonl", pool)
+    synth = dict(SYNTH, params=dict(SYNTH["params"], per_client=6, oversample=1.0, near_duplicate_jaccard=0.9))
+    spec = tiny_spec(stages=["prepare_models", "ingest", TRAIN, synth, REFINE, {"name": "fedtune", "params": fedtune}],
+                     models={"base": "tiny-random-llama", "professional": "tiny-random-llama"})
+    spec["privacy"] = {"target_epsilon": 8.0, **(privacy or {}), **({"cap_epsilon": cap} if cap else {})}
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(Generator, "generate", canned_generate)
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        return main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"])
+    finally:
+        os.chdir(cwd)
+        monkeypatch.undo()
+
+
+FEDTUNE = {"rounds": 2, "training": {"steps": 2, "batch_size": 4, "max_length": 48}, "lora": {"r": 4}}
+
+
+def test_stage_on_synthetic_data_costs_nothing_and_writes_the_adapter(tmp_path: Path):
+    assert run_pipeline(tmp_path, dict(FEDTUNE, merge=True)) == 0
+    stage = tmp_path / "run/stages/fedtune"
+    assert (stage / "adapter/adapter_model.safetensors").is_file() and (stage / "merged/config.json").is_file()
+    assert not (stage / "work").exists()  # the job (with the synthetic shares) is not left behind
+    rounds = json.loads((stage / "rounds.json").read_text())
+    assert [r["round"] for r in rounds] == [1, 2] and all(r["clients"] == ["client_0", "client_1"] for r in rounds)
+    ledger = json.loads((stage / "ledger.json").read_text())
+    assert [(e["client_id"], e["mechanism"]["kind"], e["epsilon"]["reported"]) for e in ledger] == [("client_0", "post_processing", 0.0), ("client_1", "post_processing", 0.0)]
+    assert main(["privacy-report", str(tmp_path / "run")]) == 0
+    report = json.loads((tmp_path / "run/privacy_report.json").read_text())
+    stages = [r["stage"] for r in report["clients"][0]["releases"]]
+    assert "fedtune" in stages
+    assert report["clients"][0]["total"]["pld"] == pytest.approx(report["clients"][0]["releases"][0]["epsilon"]["pld"], rel=1e-6)  # dp_train alone
+
+
+def test_stage_on_private_data_enters_its_dp_sgd_cost(tmp_path: Path):
+    params = dict(FEDTUNE, data="private", local_dp={"target_epsilon": 2.0})
+    assert run_pipeline(tmp_path, params) == 0
+    stage = tmp_path / "run/stages/fedtune"
+    ledger = json.loads((stage / "ledger.json").read_text())
+    for entry in ledger:
+        mechanism = entry["mechanism"]
+        assert mechanism["kind"] == "poisson_gaussian" and mechanism["steps"] == 2 * 2 and mechanism["sample_rate"] == pytest.approx(4 / 20)
+        assert 1.9 < entry["epsilon"]["reported"] <= 2.0
+    rounds = json.loads((stage / "rounds.json").read_text())
+    assert sum(n for r in rounds for n in r["extra"]["dp_steps"].values()) == 2 * 2 * 2  # counted by the clients' accountants
+
+
+def test_stage_refuses_a_budget_past_the_cap_before_training(tmp_path: Path):
+    params = dict(FEDTUNE, data="private", local_dp={"target_epsilon": 6.0})
+    assert run_pipeline(tmp_path, params, cap=9.0) == 2  # 7.98 spent, PLD-composed with 5.99: 9.89
+    assert not (tmp_path / "run/stages/fedtune").exists()

@@ -1,0 +1,31 @@
+"""Log-likelihood scoring: batched, left-padded, last-positions-only logits equal one-at-a-time scoring."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from knowledgesg.models import load_causal_lm, resolve_model
+from knowledgesg.scoring import choice_logprobs, continuation_logprobs, normalized_choice_probs
+
+
+def test_batched_scores_equal_one_sequence_at_a_time():
+    model, tok = load_causal_lm(resolve_model("tiny-random-llama"))
+    contexts = [tok(t)["input_ids"] for t in ("Instruction: the sentiment?\nInput: shares fell\nAnswer:", "Hi", "A much longer context " * 5)]
+    continuations = [tok(t, add_special_tokens=False)["input_ids"] for t in (" negative", " there, friend", " x")]
+    got = continuation_logprobs(model, contexts, continuations, tok.pad_token_id, batch_size=3)
+    for context, continuation, scores in zip(contexts, continuations, got):
+        with torch.no_grad():
+            logprobs = model(input_ids=torch.tensor([context + continuation])).logits.float().log_softmax(-1)[0]
+        reference = [float(logprobs[len(context) - 1 + j, token]) for j, token in enumerate(continuation)]
+        assert len(scores) == len(continuation)
+        assert np.allclose(scores, reference, atol=1e-5)
+
+
+def test_choice_table_and_normalisation():
+    model, tok = load_causal_lm(resolve_model("tiny-random-llama"))
+    table = choice_logprobs(model, tok, ["Answer:", "Other answer:"], [" yes", " no", " maybe"], batch_size=2)
+    assert table.shape == (2, 3) and (table < 0).all()
+    probs = normalized_choice_probs(table)
+    assert np.allclose(probs.sum(axis=1), 1.0)
+    assert np.allclose(np.log(probs[:, 0] / probs[:, 1]), table[:, 0] - table[:, 1])
