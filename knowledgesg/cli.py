@@ -108,6 +108,115 @@ def privacy_report(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="
     console.print(f"wrote {json_path} and {html_path}")
 
 
+@app.command("eval")
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run directory")],
+    tasks: Annotated[str, typer.Option(help="comma-separated: fpb, fiqa, tfns, pubmedqa, medqa")] = "fpb,fiqa,tfns",
+    models: Annotated[str, typer.Option(help="comma-separated: base, dp, final")] = "base,dp,final",
+    modes: Annotated[str, typer.Option(help="comma-separated: logprob, generation")] = "logprob,generation",
+    limit: Annotated[int, typer.Option(help="items per task (seeded subset)")] = 200,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Benchmark a run's models (base, each DP adapter, the final adapter) and its synthetic data."""
+    from pydantic import ValidationError
+
+    from eval.evaluate import EvalOptions, check_ready, evaluate_run, fidelity_run
+    from knowledgesg.errors import InputError
+    from knowledgesg.fileio import write_json
+    from knowledgesg.models import resolve_device
+    from knowledgesg.runner import load_run_spec
+    from knowledgesg.spec import format_validation_error
+
+    def split(text: str) -> list[str]:
+        return [part.strip() for part in text.split(",") if part.strip()]
+
+    try:
+        options = EvalOptions(tasks=split(tasks), models=split(models), modes=split(modes), limit=limit, seed=seed)
+    except ValidationError as err:
+        raise InputError(format_validation_error("ksg eval", err)) from None
+    spec, _ = load_run_spec(run_dir)
+    check_ready(run_dir)
+    device = resolve_device(spec.models.device)
+    results = evaluate_run(run_dir, options, device)
+    results["fidelity"] = fidelity_run(run_dir, seed, device)
+    _print_eval(results)
+    path = run_dir / "eval" / "eval_report.json"
+    write_json(path, results)
+    console.print(f"wrote {path}")
+
+
+def _print_eval(results: dict) -> None:
+    options = results["options"]
+    table = Table(title="accuracy / macro-F1 (logprob; generation)")
+    table.add_column("model")
+    for task in options["tasks"]:
+        table.add_column(task, justify="right")
+    table.add_column("mean accuracy", justify="right")
+    for name, entry in results["models"].items():
+        cells = []
+        for task in options["tasks"]:
+            scores = entry.get("tasks", {}).get(task, {})
+            cells.append("; ".join(f"{s['accuracy']:.3f} / {s['macro_f1']:.3f}" for s in scores.values()) or "")
+        table.add_row(name, *cells, "; ".join("n/a" if v is None else f"{v:.3f}" for v in entry["mean_accuracy"].values()))
+    console.print(table)
+    for client, report in results.get("fidelity", {}).items():
+        console.print(f"synthetic data of {client}: {report}")
+
+
+@app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run directory")],
+    candidates: Annotated[int, typer.Option(help="random candidate secrets per canary (skew-normal fit)")] = 200,
+    guesses: Annotated[int | None, typer.Option(help="one-run epsilon audit: guesses (default: every canary)")] = None,
+    samples: Annotated[int, typer.Option(help="sampled generations per model for extraction and PII replay")] = 8,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Memorization audit of a run's released models: canary exposure and extraction, the one-run
+    epsilon lower bound, membership inference, synthetic-data overlap and PII replay."""
+    from pydantic import ValidationError
+
+    from eval.audit import AuditOptions, run_audit
+    from eval.report import write_audit_report
+    from knowledgesg.errors import InputError
+    from knowledgesg.spec import format_validation_error
+
+    try:
+        options = AuditOptions(candidates=candidates, guesses=guesses, extraction_samples=samples, pii_samples=4 * samples, seed=seed)
+    except ValidationError as err:
+        raise InputError(format_validation_error("ksg audit", err)) from None
+    report = run_audit(run_dir, options)
+    _print_audit(report)
+    json_path, html_path = write_audit_report(report, run_dir / "audit")
+    console.print(f"wrote {json_path} and {html_path}")
+
+
+def _print_audit(report: dict) -> None:
+    canaries = report.get("canaries")
+    if canaries:
+        table = Table(title=f"canaries: {canaries['planted']} of {canaries['count']} planted x {canaries['repeats']} in {canaries['client']} (log2 |R| = {canaries['space_log2']})")
+        for column in ("model", "exposure planted", "not planted", "greedy extracted", "sampled extracted", "correct guesses", "eps lower bound", "claimed eps", "largest certifiable"):
+            table.add_column(column, justify="left" if column == "model" else "right")
+        claimed = report["claimed_epsilon"].get(canaries["client"])
+        for name, r in canaries["targets"].items():
+            run = r["one_run"]
+            table.add_row(name, str(r["mean_exposure_planted"]), str(r["mean_exposure_not_planted"]), f"{r['extraction']['greedy_planted']}/{canaries['planted']}",
+                          f"{r['extraction']['sampled_planted_canaries_hit']}/{canaries['planted']}", f"{run['correct']}/{run['guesses']}", f"{run['epsilon_lower_bound']:.3f}",
+                          "n/a" if claimed is None else f"{claimed:.3f}", f"{run['largest_certifiable']:.3f}")
+        console.print(table)
+    mia = report.get("membership_inference")
+    if mia:
+        table = Table(title="membership inference: AUC / TPR at 1% FPR")
+        names = list(next(iter(mia.values()))["scores"])
+        for column in ("model | client", "members/non", *names):
+            table.add_column(column, justify="left" if column == "model | client" else "right")
+        for key, entry in mia.items():
+            table.add_row(key, f"{entry['members']}/{entry['non_members']}", *(f"{r['auc']:.3f} / {r['tpr_at_1pct_fpr']:.3f}" for r in entry["scores"].values()))
+        console.print(table)
+    for client, overlap in report["synthetic_overlap"].items():
+        console.print(f"synthetic data of {client}: {overlap}")
+    console.print(f"PII: {report['pii']}")
+
+
 @app.command()
 def models() -> None:
     """The offline model names and whether each is converted in the cache."""

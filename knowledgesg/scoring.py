@@ -82,3 +82,32 @@ def normalized_choice_probs(table: np.ndarray) -> np.ndarray:
     shifted = table - table.max(axis=1, keepdims=True)
     weights = np.exp(shifted)
     return weights / weights.sum(axis=1, keepdims=True)
+
+
+def token_statistics(model, sequences: list[list[int]], pad_id: int, batch_size: int = 8, device: str = "cpu") -> list[dict[str, np.ndarray]]:
+    """For each sequence, per predicted token (positions 1..n-1): its log-probability, and the mean
+    and standard deviation of log p under the model's whole next-token distribution (Min-K%++)."""
+    import torch
+
+    results: list[dict | None] = [None] * len(sequences)
+    model.eval()
+    with torch.no_grad():
+        for batch in length_batches([len(s) for s in sequences], batch_size):
+            width = max(len(sequences[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
+                mask[row, : len(sequences[i])] = 1
+            logprobs = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(dim=-1)
+            probs = logprobs.exp()
+            mean = (probs * logprobs).sum(-1)
+            std = ((probs * logprobs**2).sum(-1) - mean**2).clamp(min=0).sqrt()
+            for row, i in enumerate(batch):
+                n = len(sequences[i])
+                targets = ids[row, 1:n].to(logprobs.device)
+                results[i] = {
+                    "logprobs": logprobs[row, : n - 1].gather(1, targets[:, None]).squeeze(1).cpu().numpy(),
+                    "mu": mean[row, : n - 1].cpu().numpy(), "sigma": std[row, : n - 1].cpu().numpy(),
+                }
+    return results  # type: ignore[return-value]

@@ -135,6 +135,41 @@ class PrivacySpec(StrictModel):
         return value
 
 
+SECRET = "{secret}"
+
+
+class CanaryTemplate(StrictModel):
+    """An in-distribution record with a `{secret}` (and optionally a `{name}`) to fill in."""
+
+    instruction: str = "What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}."
+    input: str = "Customer {name} confirmed the wire transfer with security code {secret}."
+    response: str = "neutral"
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> CanaryTemplate:
+        count = sum(text.count(SECRET) for text in (self.instruction, self.input, self.response))
+        if count != 1:
+            raise ValueError(f"the canary template must contain '{SECRET}' exactly once (found {count})")
+        return self
+
+
+class CanarySpec(StrictModel):
+    """Canaries planted in one client's private data, for the memorization audit."""
+
+    client: str
+    count: int = Field(default=32, ge=2)
+    repeats: int = Field(default=4, ge=1)  # copies of each planted canary
+    digits: int = Field(default=6, ge=1, le=12)  # the secret: a random digit string
+    include_probability: float = Field(default=0.5, gt=0, le=1)  # 1/2 for the one-run epsilon audit
+    template: CanaryTemplate = Field(default_factory=CanaryTemplate)
+
+
+class AuditSpec(StrictModel):
+    canaries: CanarySpec | None = None
+    # records held out of each client's training data: the non-members of membership inference
+    holdout_per_client: int = Field(default=0, ge=0)
+
+
 class StageSpec(StrictModel):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
@@ -146,6 +181,7 @@ class PipelineSpec(StrictModel):
     models: ModelsSpec
     clients: ClientsSpec
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    audit: AuditSpec = Field(default_factory=AuditSpec)
     stages: list[StageSpec] = Field(min_length=1)
 
     @field_validator("stages", mode="before")

@@ -8,6 +8,7 @@ from knowledgesg.errors import InputError
 from knowledgesg.spec import StageSpec, format_validation_error
 from knowledgesg.stage import Stage
 from pipelines.dp_train import DPTrain
+from pipelines.evaluate import Evaluate
 from pipelines.fedtune import Fedtune
 from pipelines.ingest import Ingest
 from pipelines.prepare_models import PrepareModels
@@ -15,7 +16,7 @@ from pipelines.refine import Refine
 from pipelines.structure import Structure
 from pipelines.synthesize import Synthesize
 
-STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (PrepareModels, Ingest, Structure, DPTrain, Synthesize, Refine, Fedtune)}
+STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (PrepareModels, Ingest, Structure, DPTrain, Synthesize, Refine, Fedtune, Evaluate)}
 
 __all__ = ["STAGES", "validate_stage_params"]
 

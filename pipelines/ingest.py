@@ -2,10 +2,15 @@
 
 Outputs per client (client side: they never leave it): `clients/<id>/records.jsonl` and
 `clients/<id>/stats.json`. Server side: `partition.json`, the client sizes only.
+
+For the audits (spec `audit`): canaries are planted in one client's records (and listed, with
+which were planted, in its `canaries.json`), and `holdout_per_client` records of each client are
+set aside in `holdout.jsonl`, never trained on: the non-members of membership inference.
 """
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -45,9 +50,18 @@ def client_stats(records: list[Record]) -> dict:
     return stats
 
 
+def hold_out(records: list[Record], count: int, seed: int, client_id: str) -> tuple[list[Record], list[Record]]:
+    """A seeded sample of instruction records set aside; the rest is trained on."""
+    candidates = [i for i, r in enumerate(records) if r.kind == "instruction"]
+    if count >= len(candidates) - 1:
+        raise InputError(f"audit.holdout_per_client: {count} is too many for client '{client_id}' ({len(candidates)} instruction records)")
+    held = set(random.Random(f"{seed}:holdout:{client_id}").sample(candidates, count))
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
 class Ingest(Stage):
     name = "ingest"
-    uses = ("clients",)
+    uses = ("clients", "audit")
 
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
         return sorted({source_path(source, base_dir) for source in _sources(spec)})
@@ -58,9 +72,21 @@ class Ingest(Stage):
             clients = {member.id: _load_all(member.data, ctx.base_dir, ctx.seed) for member in clients_spec.members}
         else:
             clients = partition(_load_all(clients_spec.data, ctx.base_dir, ctx.seed), clients_spec.partition, ctx.seed)
+        audit = ctx.spec.audit
+        if audit.canaries is not None and audit.canaries.client not in clients:
+            raise InputError(f"audit.canaries.client: no client '{audit.canaries.client}' (clients: {', '.join(clients)})")
         sizes = {}
         for client_id, records in clients.items():
             side = f"client:{client_id}"
+            if audit.holdout_per_client:
+                records, held = hold_out(records, audit.holdout_per_client, ctx.seed, client_id)
+                ctx.write_jsonl(f"clients/{client_id}/holdout.jsonl", [r.model_copy(update={"client_id": client_id}).model_dump() for r in held], side=side)
+            if audit.canaries is not None and audit.canaries.client == client_id:
+                from eval.canaries import canaries_json, make_canaries, planted_records
+
+                canaries = make_canaries(audit.canaries, ctx.seed)
+                records = records + planted_records(audit.canaries, canaries, client_id)
+                ctx.write_json(f"clients/{client_id}/canaries.json", canaries_json(audit.canaries, canaries), side=side)
             rows = [r.model_copy(update={"client_id": client_id}).model_dump() for r in records]
             ctx.write_jsonl(f"clients/{client_id}/records.jsonl", rows, side=side)
             ctx.write_json(f"clients/{client_id}/stats.json", client_stats(records), side=side)

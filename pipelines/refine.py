@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class RefineParams(BaseModel):
     bad_examples: list[str] = Field(default_factory=lambda: list(DEFAULT_BAD_EXAMPLES), min_length=1)
     threshold: float = Field(default=0.5, ge=0, le=1, description="keep candidates whose judge p(yes) reaches this")
     keep_top_fraction: float | None = Field(default=None, gt=0, le=1, description="instead: keep this top share of each client's candidates by p(yes)")
+    min_fluency: float | None = Field(default=None, description="also drop inputs whose mean token log-probability is below this (word salad, fragments)")
     example_words: int = Field(default=60, ge=5, description="a pool example is cut to this many words in a prompt")
     sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(do_sample=False, max_new_tokens=96))
     batch_size: int = Field(default=8, ge=1)
@@ -106,14 +108,41 @@ def balanced_shots(pool: list[InstructionRecord], labels: list[str] | None, coun
     return shots[:count]
 
 
-def decide(p_yes: list[float], threshold: float, top_fraction: float | None) -> list[tuple[bool, str]]:
-    """Keep/drop with its reason, by threshold or by rank (ties broken by position)."""
+def fluency_scores(model, tokenizer, texts: list[str], batch_size: int, device: str) -> list[float]:
+    """Mean token log-probability of each text after "Text:" (higher: more fluent)."""
+    from knowledgesg.scoring import continuation_logprobs, encode_context, encode_continuation, pad_id
+
+    context = encode_context(tokenizer, "Text:")
+    scores = continuation_logprobs(model, [context] * len(texts), [encode_continuation(tokenizer, " " + t) for t in texts], pad_id(tokenizer), batch_size, device)
+    return [float(s.mean()) for s in scores]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    kept: bool
+    reason: str
+    dropped_by: str | None = None  # "judge", "fluency" or "empty answer"
+
+
+def decide(p_yes: list[float], threshold: float, top_fraction: float | None, fluency: list[float] | None = None, min_fluency: float | None = None) -> list[Verdict]:
+    """Keep or drop each candidate, with the reason: by judge threshold or rank (ties broken by
+    position), then by fluency. The judge catches off-domain text; fluency catches word salad and
+    fragments (benchmarks/results/refine_judge.md)."""
     if top_fraction is None:
-        return [(p >= threshold, f"judge p(yes) {p:.3f} {'>=' if p >= threshold else '<'} threshold {threshold:g}") for p in p_yes]
-    keep = math.ceil(top_fraction * len(p_yes))
-    order = sorted(range(len(p_yes)), key=lambda i: (-p_yes[i], i))
-    rank = {i: r for r, i in enumerate(order)}
-    return [(rank[i] < keep, f"judge p(yes) {p_yes[i]:.3f} ranks {rank[i] + 1} of {len(p_yes)}; top {keep} kept") for i in range(len(p_yes))]
+        verdicts = [Verdict(p >= threshold, f"judge p(yes) {p:.3f} {'>=' if p >= threshold else '<'} threshold {threshold:g}", None if p >= threshold else "judge") for p in p_yes]
+    else:
+        keep = math.ceil(top_fraction * len(p_yes))
+        order = sorted(range(len(p_yes)), key=lambda i: (-p_yes[i], i))
+        rank = {i: r for r, i in enumerate(order)}
+        verdicts = [Verdict(rank[i] < keep, f"judge p(yes) {p_yes[i]:.3f} ranks {rank[i] + 1} of {len(p_yes)}; top {keep} kept", None if rank[i] < keep else "judge") for i in range(len(p_yes))]
+    if min_fluency is None or fluency is None:
+        return verdicts
+    out = []
+    for verdict, f in zip(verdicts, fluency):
+        fluent = f >= min_fluency
+        reason = f"{verdict.reason}; fluency {f:.2f} {'>=' if fluent else '<'} {min_fluency:g}"
+        out.append(Verdict(verdict.kept and fluent, reason, verdict.dropped_by or (None if fluent else "fluency")))
+    return out
 
 
 class Refine(Stage):
@@ -152,7 +181,7 @@ class Refine(Stage):
 
     def refine_client(self, ctx: StageContext, client_id: str, model, tokenizer, device: str, rows: list[dict], records: list[InstructionRecord],
                       good: list[str], shots: list[InstructionRecord]) -> tuple[list[dict], list[dict]]:
-        from knowledgesg.scoring import choice_logprobs, continuation_logprobs, encode_context, encode_continuation, normalized_choice_probs, pad_id
+        from knowledgesg.scoring import choice_logprobs, normalized_choice_probs
 
         p: RefineParams = self.params
         if not records:
@@ -160,23 +189,23 @@ class Refine(Stage):
         texts = [candidate_text(r) for r in records]
         judged = choice_logprobs(model, tokenizer, [judge_prompt(p.task, good, p.bad_examples, t) for t in texts], [" Yes", " No"], p.batch_size, device)
         p_yes = normalized_choice_probs(judged)[:, 0].tolist()
-        context = encode_context(tokenizer, "Text:")
-        fluency = [float(s.mean()) for s in continuation_logprobs(model, [context] * len(texts), [encode_continuation(tokenizer, " " + t) for t in texts], pad_id(tokenizer), p.batch_size, device)]
-        verdicts = decide(p_yes, p.threshold, p.keep_top_fraction)
-        chosen = [i for i, (keep, _) in enumerate(verdicts) if keep]
+        fluency = fluency_scores(model, tokenizer, texts, p.batch_size, device)
+        verdicts = decide(p_yes, p.threshold, p.keep_top_fraction, fluency, p.min_fluency)
+        chosen = [i for i, v in enumerate(verdicts) if v.kept]
         responses = self.distil(ctx, client_id, model, tokenizer, device, [records[i] for i in chosen], shots)
         decisions, kept = [], []
         for i, record in enumerate(records):
-            keep, reason = verdicts[i]
-            decision = {"id": record.id, "kept": keep, "reason": reason, "judge_p_yes": round(p_yes[i], 6), "fluency_mean_logprob": round(fluency[i], 6), "synthetic_response": record.response}
-            if keep:
+            verdict = verdicts[i]
+            decision = {"id": record.id, "kept": verdict.kept, "reason": verdict.reason, "dropped_by": verdict.dropped_by,
+                        "judge_p_yes": round(p_yes[i], 6), "fluency_mean_logprob": round(fluency[i], 6), "synthetic_response": record.response}
+            if verdict.kept:
                 new = responses[chosen.index(i)]
                 if new["response"] is None:
-                    decision.update(kept=False, reason=f"{reason}; professional answer empty")
+                    decision.update(kept=False, reason=f"{verdict.reason}; professional answer empty", dropped_by="empty answer")
                 else:
                     decision.update({k: v for k, v in new.items() if k != "response"}, refined_response=new["response"])
                     provenance = dict(rows[i].get("provenance") or {})
-                    provenance["refine"] = {k: v for k, v in decision.items() if k not in ("id", "kept")}
+                    provenance["refine"] = {k: v for k, v in decision.items() if k not in ("id", "kept", "dropped_by")}
                     kept.append({**record.model_dump(), "id": record.id.replace("synthetic/", "refined/", 1), "response": new["response"], "provenance": provenance})
             decisions.append(decision)
         return decisions, kept
@@ -200,7 +229,7 @@ class Refine(Stage):
 
     @staticmethod
     def client_summary(decisions: list[dict], kept: list[dict]) -> dict:
-        dropped = Counter("professional answer empty" if d["reason"].endswith("empty") else "judge" for d in decisions if not d["kept"])
+        dropped = Counter(d["dropped_by"] for d in decisions if not d["kept"])
         changed = sum(1 for d in decisions if d.get("label_changed"))
         return {"candidates": len(decisions), "kept": len(kept), "dropped_by_reason": dict(dropped),
                 "labels_changed": changed, "mean_p_yes": round(sum(d["judge_p_yes"] for d in decisions) / max(1, len(decisions)), 4)}

@@ -123,10 +123,13 @@ def test_a_server_stage_is_refused_a_client_artifact(refine_run: Path):
 
 
 def test_decide_by_threshold_and_by_rank():
-    assert [k for k, _ in decide([0.2, 0.5, 0.9], 0.5, None)] == [False, True, True]
+    assert [v.kept for v in decide([0.2, 0.5, 0.9], 0.5, None)] == [False, True, True]
     verdicts = decide([0.2, 0.9, 0.9, 0.4], 0.5, 0.5)
-    assert [k for k, _ in verdicts] == [False, True, True, False]
-    assert verdicts[0][1] == "judge p(yes) 0.200 ranks 4 of 4; top 2 kept"
+    assert [v.kept for v in verdicts] == [False, True, True, False]
+    assert verdicts[0].reason == "judge p(yes) 0.200 ranks 4 of 4; top 2 kept" and verdicts[0].dropped_by == "judge"
+    both = decide([0.9, 0.9, 0.1], 0.5, None, fluency=[-5.0, -8.0, -8.0], min_fluency=-6.5)
+    assert [(v.kept, v.dropped_by) for v in both] == [(True, None), (False, "fluency"), (False, "judge")]
+    assert both[1].reason == "judge p(yes) 0.900 >= threshold 0.5; fluency -8.00 < -6.5"
 
 
 def test_prompts_alternate_public_examples_and_balance_labels():

@@ -1,0 +1,355 @@
+"""`ksg audit RUN`: what the released models and data leak about the private records.
+
+The audit runs with the client's data (the canaries' secrets, the held-out records): it is the
+data owner checking the releases, not something the server could run. For each released model
+(each client's DP adapter, and the final federated adapter), against the base model:
+
+- canaries: exposure of every canary (planted and not planted), and extraction: the canary's text
+  up to its secret as the prompt, greedy and sampled decoding, exact recoveries counted;
+- the one-run epsilon lower bound (Steinke et al. 2023) from the planted/not-planted canaries,
+  scored by how much the model lowered the secret's loss relative to the base model;
+- membership inference of training records against the held-out ones (loss, zlib, reference,
+  Min-K%, Min-K%++: AUC and TPR at 1% FPR);
+- verbatim overlap between the synthetic data and the private data (8-word spans);
+- PII replay: PII found in the private data that reappears verbatim in the synthetic data, or in
+  samples from the final model beyond what the base model produces from the same prompts.
+
+Writes `RUN/audit/audit_report.json` and `audit_report.html` (plots embedded).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from eval import metrics
+from eval.canaries import Canary, read_canaries
+from knowledgesg.console import console
+from knowledgesg.errors import InputError
+from knowledgesg.fileio import read_json, read_jsonl
+from knowledgesg.manifest import read_manifest
+from knowledgesg.records import InstructionRecord
+from knowledgesg.spec import CanaryTemplate, PipelineSpec
+
+SENTINEL = "\ue000"
+OVERLAP_WORDS = 8
+
+
+class AuditOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    candidates: int = Field(default=200, ge=20, description="random candidate secrets per canary for the skew-normal fit")
+    enumerate_limit: int = Field(default=2000, ge=10, description="enumerate every candidate when the space is at most this large")
+    extraction_samples: int = Field(default=8, ge=0, description="sampled decodings per canary prompt")
+    guesses: int | None = Field(default=None, ge=2, description="one-run audit: guesses (default: every canary)")
+    mia_members: int = Field(default=200, ge=2)
+    pii_samples: int = Field(default=32, ge=0, description="generations per model for PII replay")
+    max_length: int = Field(default=128, ge=16)
+    batch_size: int = Field(default=16, ge=1)
+    seed: int = 0
+
+
+@dataclass
+class Target:
+    name: str  # "dp_adapter:<client>" or "final"
+    adapter_dir: Path | None  # None: the base model itself
+
+
+# -- tokenisation of a canary, split where its secret starts ------------------------------------
+
+
+def render_prompt(tokenizer, user: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
+
+
+def split_at_secret(tokenizer, template: CanaryTemplate, canary: Canary, secret: str) -> tuple[list[int], list[int]]:
+    """(ids before the secret, ids from the secret to the end), tokenised as training saw them:
+    the chat prompt, then the response and end-of-turn token tokenised on their own."""
+    from knowledgesg.sft import user_message
+
+    record, marked = canary.record(template, secret), canary.record(template, SENTINEL)
+    response = tokenizer(record.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    prompt_text = render_prompt(tokenizer, user_message(record))
+    marked_prompt = render_prompt(tokenizer, user_message(marked))
+    if SENTINEL in marked_prompt:
+        ids, k = _split(tokenizer, prompt_text, marked_prompt.index(SENTINEL))
+        return ids[:k], ids[k:] + response
+    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    ids, k = _split(tokenizer, record.response, marked.response.index(SENTINEL))
+    return prompt + ids[:k], ids[k:] + [tokenizer.eos_token_id]
+
+
+def _split(tokenizer, text: str, start: int) -> tuple[list[int], int]:
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    k = next(i for i, (_, end) in enumerate(encoded["offset_mapping"]) if end > start)
+    return encoded["input_ids"], k
+
+
+def secret_nll(model, tokenizer, template: CanaryTemplate, canary: Canary, secrets: list[str], batch_size: int, device: str) -> np.ndarray:
+    """Negative log-likelihood of the text from the secret on, for each candidate secret."""
+    from knowledgesg.scoring import continuation_logprobs, pad_id
+
+    pairs = [split_at_secret(tokenizer, template, canary, s) for s in secrets]
+    scores = continuation_logprobs(model, [p for p, _ in pairs], [r for _, r in pairs], pad_id(tokenizer), batch_size, device)
+    return np.array([-float(s.sum()) for s in scores])
+
+
+def candidate_secrets(canary: Canary, digits: int, count: int, enumerate_limit: int, seed: int) -> tuple[list[str], bool]:
+    """Every secret of R when R is small enough (exact), else `count` random others (extrapolated)."""
+    space = 10**digits
+    if space <= enumerate_limit:
+        return [str(i).zfill(digits) for i in range(space)], True
+    rng = random.Random(f"{seed}:candidates:{canary.index}")
+    others: set[str] = set()
+    while len(others) < count:
+        candidate = "".join(rng.choice("0123456789") for _ in range(digits))
+        if candidate != canary.secret:
+            others.add(candidate)
+    return sorted(others), False
+
+
+def exposure(model, tokenizer, template: CanaryTemplate, canary: Canary, digits: int, options: AuditOptions, device: str) -> float:
+    secrets, exact = candidate_secrets(canary, digits, options.candidates, options.enumerate_limit, options.seed)
+    own = float(secret_nll(model, tokenizer, template, canary, [canary.secret], options.batch_size, device)[0])
+    losses = secret_nll(model, tokenizer, template, canary, secrets, options.batch_size, device)
+    if exact:
+        return metrics.exposure_exact(own, losses)
+    return metrics.exposure_extrapolated(own, losses, 10.0**digits)
+
+
+def extraction(model, tokenizer, template: CanaryTemplate, canary: Canary, digits: int, samples: int, seed: int, device: str) -> dict:
+    """Greedy and sampled continuations of the canary's text up to its secret."""
+    from knowledgesg.generation import Generator, SamplingParams
+
+    prefix, _ = split_at_secret(tokenizer, template, canary, canary.secret)
+    generator = Generator(model, tokenizer, max(1, samples), device)
+    budget = digits + 4
+    greedy = generator.generate([prefix], SamplingParams(do_sample=False, max_new_tokens=budget), seed)[0].text
+    sampled = generator.generate([prefix] * samples, SamplingParams(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=budget), seed) if samples else []
+
+    def recovered(text: str) -> bool:
+        return text.lstrip().startswith(canary.secret)
+
+    return {"greedy": recovered(greedy), "sampled_hits": sum(recovered(c.text) for c in sampled)}
+
+
+# -- models --------------------------------------------------------------------------------------
+
+
+def load_target(base: dict, adapter_dir: Path | None, device: str):
+    from peft import PeftModel
+
+    from knowledgesg.models import ResolvedModel, load_causal_lm
+
+    model, tokenizer = load_causal_lm(ResolvedModel(**base), device)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        model.eval()
+    return model, tokenizer
+
+
+def completed(run_dir: Path, stage: str) -> bool:
+    return read_manifest(run_dir / "stages" / stage) is not None
+
+
+def targets_of(run_dir: Path, clients: list[str]) -> list[Target]:
+    found = []
+    for client in clients:
+        adapter = run_dir / "stages/dp_train/clients" / client / "adapter"
+        if completed(run_dir, "dp_train") and adapter.is_dir():
+            found.append(Target(f"dp_adapter:{client}", adapter))
+    if completed(run_dir, "fedtune"):
+        found.append(Target("final", run_dir / "stages/fedtune/adapter"))
+    return found
+
+
+# -- the sections of the report -----------------------------------------------------------------
+
+
+def canary_section(run_dir: Path, spec: PipelineSpec, base: dict, targets: list[Target], options: AuditOptions, device: str) -> dict | None:
+    if spec.audit.canaries is None:
+        return None
+    client = spec.audit.canaries.client
+    canary_spec, canaries = read_canaries(read_json(run_dir / "stages/ingest/clients" / client / "canaries.json"))
+    template, digits = canary_spec.template, canary_spec.digits
+    reference, tokenizer = load_target(base, None, device)
+    reference_nll = [float(secret_nll(reference, tokenizer, template, c, [c.secret], options.batch_size, device)[0]) for c in canaries]
+    del reference
+    section = {"client": client, "count": len(canaries), "planted": sum(c.included for c in canaries), "repeats": canary_spec.repeats,
+               "digits": digits, "space_log2": round(digits * math.log2(10), 3), "method": "exact" if 10**digits <= options.enumerate_limit else f"skew-normal fit on {options.candidates} candidates",
+               "targets": {}}
+    for target in [t for t in targets if t.name in (f"dp_adapter:{client}", "final")]:
+        model, tokenizer = load_target(base, target.adapter_dir, device)
+        console.print(f"audit: canaries on {target.name}")
+        exposures = [round(exposure(model, tokenizer, template, c, digits, options, device), 4) for c in canaries]
+        extracted = [extraction(model, tokenizer, template, c, digits, options.extraction_samples, options.seed + c.index, device) for c in canaries]
+        target_nll = [float(secret_nll(model, tokenizer, template, c, [c.secret], options.batch_size, device)[0]) for c in canaries]
+        scores = [r - t for r, t in zip(reference_nll, target_nll)]  # how far training lowered the secret's loss
+        planted = [c.included for c in canaries]
+        section["targets"][target.name] = {
+            "exposure": exposures,
+            "mean_exposure_planted": _mean([e for e, p in zip(exposures, planted) if p]),
+            "mean_exposure_not_planted": _mean([e for e, p in zip(exposures, planted) if not p]),
+            "extraction": {
+                "greedy_planted": sum(x["greedy"] for x, p in zip(extracted, planted) if p),
+                "greedy_not_planted": sum(x["greedy"] for x, p in zip(extracted, planted) if not p),
+                "sampled_planted_canaries_hit": sum(x["sampled_hits"] > 0 for x, p in zip(extracted, planted) if p),
+                "sampled_not_planted_canaries_hit": sum(x["sampled_hits"] > 0 for x, p in zip(extracted, planted) if not p),
+                "samples_per_canary": options.extraction_samples,
+            },
+            "loss_drop_vs_base": [round(s, 4) for s in scores],
+            "one_run": metrics.one_run_audit(scores, planted, options.guesses or len(canaries)),
+        }
+        del model
+    section["planted_flags"] = [c.included for c in canaries]
+    return section
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(float(np.mean(values)), 4) if values else None
+
+
+def mia_scores(model, tokenizer, reference, records: list[InstructionRecord], options: AuditOptions, device: str) -> dict[str, list[float]]:
+    from knowledgesg.scoring import pad_id, token_statistics
+    from knowledgesg.sft import tokenize_example, user_message
+
+    sequences = [tokenize_example(tokenizer, r, options.max_length, "all").input_ids for r in records]
+    target = token_statistics(model, sequences, pad_id(tokenizer), options.batch_size, device)
+    ref = token_statistics(reference, sequences, pad_id(tokenizer), options.batch_size, device)
+    texts = [f"{user_message(r)}\n{r.response}" for r in records]
+    return {
+        "loss": [metrics.score_loss(t["logprobs"]) for t in target],
+        "zlib": [metrics.score_zlib(t["logprobs"], text) for t, text in zip(target, texts)],
+        "reference": [metrics.score_reference(t["logprobs"], r["logprobs"]) for t, r in zip(target, ref)],
+        "min_k": [metrics.score_min_k(t["logprobs"]) for t in target],
+        "min_k_plus_plus": [metrics.score_min_k_plus_plus(t["logprobs"], t["mu"], t["sigma"]) for t in target],
+    }
+
+
+def mia_section(run_dir: Path, spec: PipelineSpec, base: dict, targets: list[Target], clients: list[str], options: AuditOptions, device: str) -> dict | None:
+    if not spec.audit.holdout_per_client:
+        return None
+    reference, _ = load_target(base, None, device)
+    section = {}
+    for target in targets:
+        model, tokenizer = load_target(base, target.adapter_dir, device)
+        console.print(f"audit: membership inference on {target.name}")
+        audited = [target.name.split(":", 1)[1]] if target.name.startswith("dp_adapter:") else clients
+        for client in audited:
+            members = [InstructionRecord.model_validate(r) for r in read_jsonl(run_dir / "stages/ingest/clients" / client / "records.jsonl")
+                       if r["kind"] == "instruction" and r["source"] != "canary"]
+            members = random.Random(f"{options.seed}:members:{client}").sample(members, min(options.mia_members, len(members)))
+            holdout = [InstructionRecord.model_validate(r) for r in read_jsonl(run_dir / "stages/ingest/clients" / client / "holdout.jsonl")]
+            inside = mia_scores(model, tokenizer, reference, members, options, device)
+            outside = mia_scores(model, tokenizer, reference, holdout, options, device)
+            section[f"{target.name}|{client}"] = {"members": len(members), "non_members": len(holdout),
+                                                  "scores": {name: metrics.roc(inside[name], outside[name]) for name in inside}}
+        del model
+    return section
+
+
+def word_spans(text: str, n: int) -> set[str]:
+    tokens = re.findall(r"\w+", text.lower())
+    return {" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
+
+
+def synthetic_texts(run_dir: Path, client: str) -> list[str]:
+    for stage, name in (("refine", "refined.jsonl"), ("synthesize", "synthetic.jsonl")):
+        path = run_dir / "stages" / stage / "clients" / client / name
+        if completed(run_dir, stage) and path.is_file():
+            return [f"{r['instruction']}\n{r['input']}\n{r['response']}" for r in read_jsonl(path)]
+    return []
+
+
+def private_texts(run_dir: Path, client: str) -> list[str]:
+    rows = read_jsonl(run_dir / "stages/ingest/clients" / client / "records.jsonl")
+    return [f"{r['instruction']}\n{r.get('input', '')}\n{r['response']}" if r["kind"] == "instruction" else r["text"] for r in rows]
+
+
+def overlap_section(run_dir: Path, clients: list[str]) -> dict:
+    section = {}
+    for client in clients:
+        synthetic = synthetic_texts(run_dir, client)
+        private_spans = set().union(*(word_spans(t, OVERLAP_WORDS) for t in private_texts(run_dir, client)))
+        copied = [t for t in synthetic if word_spans(t, OVERLAP_WORDS) & private_spans]
+        section[client] = {"synthetic": len(synthetic), f"with_a_private_{OVERLAP_WORDS}_word_span": len(copied)}
+    return section
+
+
+def generations(model, tokenizer, spec: PipelineSpec, count: int, seed: int, device: str) -> list[str]:
+    """Samples from public prompts only: the synthesize stage's seeds, or a neutral instruction."""
+    from knowledgesg.generation import Generator, SamplingParams
+    from pipelines.synthesize import Seed, user_turn_prefix
+
+    stage = next((s for s in spec.stages if s.name == "synthesize"), None)
+    seeds = [Seed.model_validate(s) for s in stage.params.get("seeds", [])] if stage else []
+    seeds = seeds or [Seed(instruction="Write a short note.")]
+    prompts = [tokenizer(user_turn_prefix(tokenizer, seeds[i % len(seeds)]), add_special_tokens=False)["input_ids"] for i in range(count)]
+    completions = Generator(model, tokenizer, 16, device).generate(prompts, SamplingParams(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=64), seed, "audit: sampling")
+    return [c.text for c in completions]
+
+
+def pii_section(run_dir: Path, spec: PipelineSpec, base: dict, targets: list[Target], clients: list[str], options: AuditOptions, device: str) -> dict:
+    from eval.pii import find_pii, replayed
+
+    found: dict[str, str] = {}
+    for client in clients:
+        found.update(find_pii(private_texts(run_dir, client)))
+    synthetic = [t for client in clients for t in synthetic_texts(run_dir, client)]
+    section = {"private_pii_values": len(found), "by_type": _count_types(found),
+               "replayed_in_synthetic": len(replayed(found, synthetic)), "synthetic_texts": len(synthetic)}
+    final = next((t for t in targets if t.name == "final"), None)
+    if final is not None and options.pii_samples and found:
+        base_model, tokenizer = load_target(base, None, device)
+        base_replays = replayed(found, generations(base_model, tokenizer, spec, options.pii_samples, options.seed, device))
+        del base_model
+        model, tokenizer = load_target(base, final.adapter_dir, device)
+        final_replays = replayed(found, generations(model, tokenizer, spec, options.pii_samples, options.seed, device))
+        section.update({"samples_per_model": options.pii_samples, "replayed_by_final": len(final_replays), "replayed_by_base": len(base_replays),
+                        "replayed_by_final_not_base": len(set(final_replays) - set(base_replays)),
+                        "replayed_types_final_not_base": _count_types({v: k for v, k in final_replays.items() if v not in base_replays})})
+    return section
+
+
+def _count_types(values: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for kind in values.values():
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def claimed_epsilons(run_dir: Path, spec: PipelineSpec) -> dict[str, float]:
+    from privacy.ledger import composed_total, read_ledger
+
+    entries = read_ledger(run_dir, [s.name for s in spec.stages])
+    clients = dict.fromkeys(e.client_id for e in entries)
+    return {c: composed_total([e.mechanism for e in entries if e.client_id == c], next(e.delta for e in entries if e.client_id == c)).reported for c in clients}
+
+
+def run_audit(run_dir: Path, options: AuditOptions) -> dict:
+    from knowledgesg.models import resolve_device
+    from knowledgesg.runner import load_run_spec
+
+    spec, _ = load_run_spec(run_dir)
+    if not completed(run_dir, "ingest") or not completed(run_dir, "prepare_models"):
+        raise InputError(f"{run_dir}: the audit needs completed prepare_models and ingest stages")
+    base = read_json(run_dir / "stages/prepare_models/models.json")["base"]
+    clients = list(read_json(run_dir / "stages/ingest/partition.json")["clients"])
+    targets = targets_of(run_dir, clients)
+    if not targets:
+        raise InputError(f"{run_dir}: no released model to audit yet (run dp_train or fedtune first)")
+    device = resolve_device(spec.models.device)
+    return {
+        "run_dir": str(run_dir), "spec_name": spec.name, "options": options.model_dump(), "targets": [t.name for t in targets],
+        "claimed_epsilon": claimed_epsilons(run_dir, spec),
+        "canaries": canary_section(run_dir, spec, base, targets, options, device),
+        "membership_inference": mia_section(run_dir, spec, base, targets, clients, options, device),
+        "synthetic_overlap": overlap_section(run_dir, clients),
+        "pii": pii_section(run_dir, spec, base, targets, clients, options, device),
+    }

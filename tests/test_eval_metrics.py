@@ -1,0 +1,84 @@
+"""Every audit and benchmark metric on a small case computed by hand."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from eval import metrics
+from eval.benchmarks import LETTERS, SENTIMENT, Item, parse_choice, score
+from eval.fidelity import distinct_n, frechet_distance, self_bleu
+
+
+def test_exact_exposure_is_log_space_minus_log_rank():
+    losses = np.array([1.0, 2.0, 3.0, 4.0])
+    assert metrics.exposure_exact(1.0, losses) == pytest.approx(2.0)  # rank 1 of 4: log2 4
+    assert metrics.exposure_exact(3.0, losses) == pytest.approx(2.0 - math.log2(3))
+    assert metrics.exposure_exact(4.0, losses) == pytest.approx(0.0)
+
+
+def test_extrapolated_exposure_reads_the_fitted_tail():
+    rng = np.random.default_rng(0)
+    sample = rng.normal(10.0, 2.0, size=5000)
+    at_one_in_1024 = 10.0 + 2.0 * stats.norm.ppf(2.0**-10)
+    assert metrics.exposure_extrapolated(at_one_in_1024, sample, 1e6) == pytest.approx(10.0, abs=0.6)
+    assert metrics.exposure_extrapolated(-1e9, sample, 1e6) == pytest.approx(math.log2(1e6))  # capped at log2 |R|
+    # a random unseen canary: rank uniform, exposure about 1/ln 2 = 1.44 on average, far below log2 |R|
+    unseen = [metrics.exposure_extrapolated(x, sample, 1e6) for x in rng.normal(10.0, 2.0, size=400)]
+    assert np.mean(unseen) == pytest.approx(1 / math.log(2), abs=0.25)
+
+
+def test_membership_scores_by_hand():
+    logprobs = np.array([-1.0, -2.0, -3.0, -4.0, -5.0])
+    assert metrics.score_loss(logprobs) == -3.0
+    assert metrics.score_min_k(logprobs, k=0.4) == -4.5  # the 2 lowest of 5
+    assert metrics.score_min_k_plus_plus(np.array([-1.0, -2.0]), np.array([-2.0, -2.0]), np.array([1.0, 0.5]), k=0.5) == 0.0  # standardised [1, 0]
+    assert metrics.score_reference(np.array([-1.0, -1.0]), np.array([-3.0, -2.0])) == 1.5
+    text = "the quarterly revenue rose sharply"
+    assert metrics.score_zlib(logprobs, text) == pytest.approx(-15.0 / len(zlib.compress(text.encode())))
+
+
+def test_roc_auc_and_tpr_at_low_fpr():
+    assert metrics.roc([3, 4], [1, 2])["auc"] == 1.0
+    assert metrics.roc([1, 3], [2, 4])["auc"] == 0.25  # of 4 member/non-member pairs, 1 ordered right
+    separated = metrics.roc([10.0] * 5, list(np.linspace(0, 1, 200)))
+    assert separated["tpr_at_1pct_fpr"] == 1.0
+    # one non-member above every member: at FPR <= 1% (0 of 1 allowed... 1/1 > 1%) no member is caught
+    assert metrics.roc([2.0, 3.0], [5.0])["tpr_at_1pct_fpr"] == 0.0
+
+
+def test_one_run_lower_bound_by_hand():
+    # 16 of 16 correct: P[Bin(16, p) >= 16] = p^16 = 0.05 at p = 0.05^(1/16); eps = log(p / (1 - p))
+    p = 0.05 ** (1 / 16)
+    assert metrics.epsilon_lower_bound(16, 16) == pytest.approx(math.log(p / (1 - p)), abs=1e-4)
+    assert metrics.epsilon_lower_bound(16, 8) == 0.0  # coin flips certify nothing
+    eps = metrics.epsilon_lower_bound(100, 80)
+    assert metrics.binomial_tail(100, 80, 1 / (1 + math.exp(-eps))) == pytest.approx(0.05, abs=1e-3)
+    audit = metrics.one_run_audit([4.0, 3.0, 2.0, 1.0], [True, True, False, False], guesses=4)
+    assert audit["correct"] == 4 and audit["largest_certifiable"] == pytest.approx(metrics.epsilon_lower_bound(4, 4), abs=1e-4)
+    assert metrics.one_run_audit([1.0, 2.0, 3.0, 4.0], [True, True, False, False], guesses=4)["correct"] == 0
+
+
+def test_fidelity_and_diversity_by_hand():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(4000, 3))
+    shift = np.array([1.0, 2.0, 0.0])
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(a, a + shift) == pytest.approx(5.0, abs=1e-6)  # same covariance: ||shift||^2
+    assert distinct_n(["a b a b"], 1) == 0.5 and distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)
+    assert self_bleu(["the bank raised its outlook today"] * 3) == pytest.approx(1.0)
+    assert self_bleu(["alpha beta gamma delta", "one two three four", "red green blue yellow"]) < 0.05
+
+
+def test_benchmark_scoring_by_hand():
+    items = [Item("q", SENTIMENT, a) for a in (0, 1, 2, 0)]
+    result = score(items, [0, 1, 1, None])
+    # class 0: P 1, R 1/2, F 2/3; class 1: P 1/2, R 1, F 2/3; class 2: F 0
+    assert result.accuracy == 0.5 and result.macro_f1 == pytest.approx(4 / 9, abs=1e-4) and result.unparsed == 1
+    assert parse_choice("The answer is B.", LETTERS) == 1
+    assert parse_choice("positive, not negative", SENTIMENT) == 2
+    assert parse_choice("Answer: about a dozen", LETTERS) is None  # 'a' inside words is not option A
