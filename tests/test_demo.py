@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -26,6 +27,15 @@ def test_demo_runs_then_reruns_all_cached_fast(tmp_path: Path):
     first = run_cli("run", str(DEMO), "--run-dir", str(tmp_path / "demo"), timeout=1800)
     assert first.returncode == 0, first.stderr
     assert "ran" in first.stderr
+    run = tmp_path / "demo" / "stages"
+    # refine judged every synthetic pair and kept some; fedtune trained on them at no privacy cost
+    decisions = [json.loads(line) for client in ("bank_a", "bank_b", "bank_c") for line in (run / f"refine/clients/{client}/decisions.jsonl").read_text().splitlines()]
+    assert decisions and any(d["kept"] for d in decisions) and all("judge p(yes)" in d["reason"] for d in decisions)
+    ledger = json.loads((run / "fedtune/ledger.json").read_text())
+    assert [e["epsilon"]["reported"] for e in ledger] == [0.0, 0.0, 0.0]
+    assert (run / "fedtune/adapter/adapter_model.safetensors").is_file()
+    report = run_cli("privacy-report", str(tmp_path / "demo"))
+    assert report.returncode == 0 and "final_adapter" in report.stdout + report.stderr
     start = time.perf_counter()
     second = run_cli("run", str(DEMO), "--run-dir", str(tmp_path / "demo"))
     elapsed = time.perf_counter() - start

@@ -241,6 +241,34 @@ def test_stage_on_private_data_enters_its_dp_sgd_cost(tmp_path: Path):
     assert sum(n for r in rounds for n in r["extra"]["dp_steps"].values()) == 2 * 2 * 2  # counted by the clients' accountants
 
 
+def test_client_level_dp_fedavg_on_private_data_enters_the_ledger(tmp_path: Path):
+    params = dict(FEDTUNE, data="private", local_dp={"target_epsilon": 2.0}, clients_per_round=1, client_dp={"clip_norm": 0.5, "noise_multiplier": 1.0})
+    assert run_pipeline(tmp_path, params) == 0
+    ledger = json.loads((tmp_path / "run/stages/fedtune/ledger.json").read_text())
+    client_level = [e for e in ledger if e["unit"] == "client"]
+    assert [e["client_id"] for e in client_level] == ["client_0", "client_1"]
+    for entry in client_level:  # Poisson client sampling at q = 1 of 2 clients, one event per round
+        assert entry["mechanism"] == {"kind": "poisson_gaussian", "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 2}
+        assert entry["epsilon"]["reported"] > 0
+    privacy = json.loads((tmp_path / "run/stages/fedtune/privacy.json").read_text())
+    assert privacy["client_level_dp_fedavg"]["mechanism"]["sample_rate"] == 0.5
+
+
+def test_fedprox_term_pulls_the_update_towards_the_global_adapter(tmp_path: Path):
+    from knowledgesg.federated.client import ClientRuntime
+    from knowledgesg.federated.server import task_for
+
+    sizes = {}
+    for mu in (0.0, 1000.0):
+        job = FedJob(seed=2, rounds=1, clients=["a"], clients_per_round=1, rule=RuleSettings(name="fedprox"),
+                     training=LocalTraining(steps=4, batch_size=4, max_length=48, optimizer="sgd", learning_rate=1e-3, proximal_mu=mu),
+                     lora=LoraShape(r=4), base_model=tiny_base(), records={"a": records_for("a")})
+        x = initial_params(job.base_model, job.lora, 5)
+        update = ClientRuntime().fit(task_for(job, "a", 1), x).update
+        sizes[mu] = float(np.sqrt(sum((u**2).sum() for u in update.values())))
+    assert 0 < sizes[1000.0] < 0.5 * sizes[0.0]
+
+
 def test_stage_refuses_a_budget_past_the_cap_before_training(tmp_path: Path):
     params = dict(FEDTUNE, data="private", local_dp={"target_epsilon": 6.0})
     assert run_pipeline(tmp_path, params, cap=9.0) == 2  # 7.98 spent, PLD-composed with 5.99: 9.89
