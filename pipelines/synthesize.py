@@ -62,6 +62,7 @@ class SynthesizeParams(BaseModel):
     min_words: int = Field(default=4, ge=1)
     max_words: int = Field(default=120, ge=1)
     near_duplicate_jaccard: float = Field(default=0.7, gt=0, le=0.9, description="MinHash LSH cannot band a threshold above 0.9")
+    single_paragraph: bool = Field(default=True, description="an input is one paragraph: keep the first, which is complete once a line break follows it")
 
     @model_validator(mode="after")
     def _histogram_needs_labels(self) -> SynthesizeParams:
@@ -168,16 +169,16 @@ class Synthesize(Stage):
         # pass 1: the DP model writes the user turn, continuing a public seed
         prefixes = [user_turn_prefix(tokenizer, seed) for seed in seeds]
         first = generator.generate([tokenizer(text, add_special_tokens=False)["input_ids"] for text in prefixes], p.sampling, ctx.derive_seed(client_id, "inputs"), f"synthesize {client_id}: inputs")
-        user_texts = [seed.prefix + c.text for seed, c in zip(seeds, first)]
+        user_texts, complete = self.user_turns(seeds, first)
         # pass 2: it answers each finished user turn
-        answerable = [i for i, c in enumerate(first) if c.finished and c.text.strip()]
+        answerable = [i for i, text in enumerate(user_texts) if complete[i] and text.strip()]
         second_prompts = [chat_prompt_ids(tokenizer, (seeds[i].instruction + "\n" if seeds[i].instruction else "") + user_texts[i]) for i in answerable]
         answers = generator.generate(second_prompts, p.sampling.model_copy(update={"max_new_tokens": p.response_max_new_tokens}), ctx.derive_seed(client_id, "responses"), f"synthesize {client_id}: responses")
         answer_of = dict(zip(answerable, answers))
 
         prompts_sent = [{"pass": 1, "prompt": text} for text in prefixes] + [{"pass": 2, "prompt": tokenizer.decode(ids)} for ids in second_prompts]
         ctx.write_jsonl(f"clients/{client_id}/prompts.jsonl", prompts_sent, records=False)
-        kept, stats = self.filter(ctx, client_id, seeds, user_texts, first, answer_of, sha256_file(ctx.run_dir / adapter.artifact), weights)
+        kept, stats = self.filter(ctx, client_id, seeds, user_texts, complete, answer_of, sha256_file(ctx.run_dir / adapter.artifact), weights)
         ctx.write_jsonl(f"clients/{client_id}/synthetic.jsonl", kept)
         ctx.write_json(f"clients/{client_id}/filter_stats.json", stats)
         console.print(f"synthesize {client_id}: kept {len(kept)} of {count} candidates; rejected {dict(sorted(stats['rejected'].items()))}")
@@ -186,14 +187,30 @@ class Synthesize(Stage):
                            artifact=f"stages/{self.name}/clients/{client_id}/synthetic.jsonl", unit=ctx.spec.privacy.unit,
                            delta=adapter.delta, mechanism=mechanism, epsilon=epsilons([mechanism], adapter.delta), private=adapter.private)
 
-    def filter(self, ctx: StageContext, client_id: str, seeds: list[Seed], user_texts: list[str], first, answer_of: dict, adapter_sha256: str, weights: list[float]) -> tuple[list[dict], dict]:
+    def user_turns(self, seeds: list[Seed], first) -> tuple[list[str], list[bool]]:
+        """Each generated user turn and whether it is complete. With `single_paragraph`, a turn
+        that runs on past a line break is cut there: the first paragraph is whole (measured on
+        the demo, a third of the DP model's inputs ran on into a second paragraph)."""
+        texts, complete = [], []
+        for seed, completion in zip(seeds, first):
+            text = seed.prefix + completion.text
+            stripped = text.strip()
+            if self.params.single_paragraph and "\n" in stripped:
+                texts.append(stripped.split("\n")[0].strip())
+                complete.append(True)
+            else:
+                texts.append(text)
+                complete.append(completion.finished)
+        return texts, complete
+
+    def filter(self, ctx: StageContext, client_id: str, seeds: list[Seed], user_texts: list[str], complete: list[bool], answer_of: dict, adapter_sha256: str, weights: list[float]) -> tuple[list[dict], dict]:
         p: SynthesizeParams = self.params
         rejected: Counter = Counter()
         candidates = []  # (index, label)
         seen = set()
-        for i, completion in enumerate(first):
+        for i in range(len(user_texts)):
             text = user_texts[i].strip()
-            if not completion.finished:
+            if not complete[i]:
                 rejected["input unfinished"] += 1
                 continue
             if not p.min_words <= len(words(text)) <= p.max_words:
@@ -203,10 +220,11 @@ class Synthesize(Stage):
                 rejected["input format (several paragraphs, or lists the answers)"] += 1
                 continue
             answer = answer_of.get(i)
-            if answer is None or not answer.finished or not answer.text.strip():
+            label = parse_label(answer.text, p.labels) if p.labels and answer is not None else None
+            # a labelled answer is complete once it names a label, even if it runs on
+            if answer is None or not answer.text.strip() or not (answer.finished or label is not None):
                 rejected["response unfinished or empty"] += 1
                 continue
-            label = parse_label(answer.text, p.labels) if p.labels else None
             if p.labels and label is None:
                 rejected["no label in response"] += 1
                 continue
@@ -242,7 +260,7 @@ class Synthesize(Stage):
                 "provenance": {"seed": seed.model_dump(), "sampling": p.sampling.model_dump(), "adapter_sha256": adapter_sha256,
                                "raw_response": answer_of[i].text.strip()},
             })
-        stats = {"generated": len(first), "kept": len(rows), "rejected": dict(rejected), "quotas": quotas,
+        stats = {"generated": len(user_texts), "kept": len(rows), "rejected": dict(rejected), "quotas": quotas,
                  "kept_per_label": dict(Counter(r["response"] for r in rows)) if p.labels else None, "class_balance": p.class_balance}
         return rows, stats
 

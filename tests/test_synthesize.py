@@ -91,7 +91,8 @@ def test_filter_keeps_well_formed_pairs_to_the_class_quota_with_provenance(tmp_p
              "Too short", "Costs fell and margins widened strongly", "The bank cut its dividend amid losses", "Unfinished input text here",
              "Is this negative or positive news", "Shares rose today\nThe end of the story"]
     first = [Completion(t, 5, finished=(i != 6)) for i, t in enumerate(texts)]
-    answers = {0: Completion("positive", 1, True), 1: Completion("positive", 1, True), 2: Completion("Negative.", 1, True),
+    # an answer that names a label is complete even if it runs on (2); a second paragraph is cut (8)
+    answers = {0: Completion("positive", 1, True), 1: Completion("positive", 1, True), 2: Completion("Negative. The sales of the", 8, False),
                3: Completion("positive", 1, True), 4: Completion("I think it is fine", 5, True), 5: Completion("negative", 1, True),
                7: Completion("positive", 1, True), 8: Completion("positive", 1, True)}
 
@@ -99,10 +100,13 @@ def test_filter_keeps_well_formed_pairs_to_the_class_quota_with_provenance(tmp_p
         def derive_seed(self, *parts):
             return 1
 
-    rows, stats = stage.filter(Ctx(), "c0", [Seed(**SEED)] * len(texts), texts, first, answers, "sha", [1.0, 1.0])
+    seeds = [Seed(**SEED)] * len(texts)
+    user_texts, complete = stage.user_turns(seeds, first)
+    assert user_texts[8] == "Shares rose today" and complete[8] and not complete[6]
+    rows, stats = stage.filter(Ctx(), "c0", seeds, user_texts, complete, answers, "sha", [1.0, 1.0])
     assert [(r["input"], r["response"]) for r in rows] == [("Profits rose sharply in the quarter", "positive"), ("Sales fell for the third year running", "negative")]
-    assert stats["rejected"] == {"input unfinished": 1, "input length": 1, "no label in response": 1, "exact duplicate": 1, "near duplicate": 0, "over class quota": 1,
-                                 "input format (several paragraphs, or lists the answers)": 2}
+    assert stats["rejected"] == {"input unfinished": 1, "input length": 1, "no label in response": 1, "exact duplicate": 1, "near duplicate": 0, "over class quota": 2,
+                                 "input format (several paragraphs, or lists the answers)": 1}
     assert rows[0]["provenance"]["seed"]["domain"] == "finance" and rows[0]["provenance"]["adapter_sha256"] == "sha"
     assert rows[0]["source"] == "synthetic:c0" and rows[0]["instruction"] == SEED["instruction"]
 
