@@ -296,6 +296,8 @@ def generations(model, tokenizer, spec: PipelineSpec, count: int, seed: int, dev
 
 
 def pii_section(run_dir: Path, spec: PipelineSpec, base: dict, targets: list[Target], clients: list[str], options: AuditOptions, device: str) -> dict:
+    """PII of the private data replayed verbatim: in the synthetic data, and in samples from each
+    released model beyond what the base model produces from the same public prompts."""
     from eval.pii import find_pii, replayed
 
     found: dict[str, str] = {}
@@ -303,17 +305,19 @@ def pii_section(run_dir: Path, spec: PipelineSpec, base: dict, targets: list[Tar
         found.update(find_pii(private_texts(run_dir, client)))
     synthetic = [t for client in clients for t in synthetic_texts(run_dir, client)]
     section = {"private_pii_values": len(found), "by_type": _count_types(found),
-               "replayed_in_synthetic": len(replayed(found, synthetic)), "synthetic_texts": len(synthetic)}
-    final = next((t for t in targets if t.name == "final"), None)
-    if final is not None and options.pii_samples and found:
-        base_model, tokenizer = load_target(base, None, device)
-        base_replays = replayed(found, generations(base_model, tokenizer, spec, options.pii_samples, options.seed, device))
-        del base_model
-        model, tokenizer = load_target(base, final.adapter_dir, device)
-        final_replays = replayed(found, generations(model, tokenizer, spec, options.pii_samples, options.seed, device))
-        section.update({"samples_per_model": options.pii_samples, "replayed_by_final": len(final_replays), "replayed_by_base": len(base_replays),
-                        "replayed_by_final_not_base": len(set(final_replays) - set(base_replays)),
-                        "replayed_types_final_not_base": _count_types({v: k for v, k in final_replays.items() if v not in base_replays})})
+               "replayed_in_synthetic": len(replayed(found, synthetic)), "synthetic_texts": len(synthetic), "models": {}}
+    if not (options.pii_samples and found):
+        return section
+    base_model, tokenizer = load_target(base, None, device)
+    base_replays = replayed(found, generations(base_model, tokenizer, spec, options.pii_samples, options.seed, device))
+    del base_model
+    section.update(samples_per_model=options.pii_samples, replayed_by_base=len(base_replays))
+    for target in targets:
+        model, tokenizer = load_target(base, target.adapter_dir, device)
+        replays = replayed(found, generations(model, tokenizer, spec, options.pii_samples, options.seed, device))
+        beyond = {v: k for v, k in replays.items() if v not in base_replays}
+        section["models"][target.name] = {"replayed": len(replays), "replayed_not_by_base": len(beyond), "types_not_by_base": _count_types(beyond)}
+        del model
     return section
 
 

@@ -168,7 +168,8 @@ def audit(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run directory")],
     candidates: Annotated[int, typer.Option(help="random candidate secrets per canary (skew-normal fit)")] = 200,
     guesses: Annotated[int | None, typer.Option(help="one-run epsilon audit: guesses (default: every canary)")] = None,
-    samples: Annotated[int, typer.Option(help="sampled generations per model for extraction and PII replay")] = 8,
+    samples: Annotated[int, typer.Option(help="sampled decodings per canary; 4x as many generations per model for PII replay")] = 8,
+    mia_members: Annotated[int, typer.Option(help="training records per client scored for membership inference")] = 200,
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Memorization audit of a run's released models: canary exposure and extraction, the one-run
@@ -181,7 +182,7 @@ def audit(
     from knowledgesg.spec import format_validation_error
 
     try:
-        options = AuditOptions(candidates=candidates, guesses=guesses, extraction_samples=samples, pii_samples=4 * samples, seed=seed)
+        options = AuditOptions(candidates=candidates, guesses=guesses, extraction_samples=samples, pii_samples=4 * samples, mia_members=mia_members, seed=seed)
     except ValidationError as err:
         raise InputError(format_validation_error("ksg audit", err)) from None
     report = run_audit(run_dir, options)

@@ -1,0 +1,161 @@
+"""The headline comparison, finance: does the pipeline beat the obvious private alternatives?
+
+Usage:  .venv/bin/python benchmarks/finance_comparison.py [--per-source 150] [--limit 100] [--workdir DIR]
+
+Private data: FPB and TFNS training sentences (their test sentences removed), `--per-source` of
+each, split over 3 banks (Dirichlet 1.0 over labels), with 32 canaries planted in bank_a (each
+with probability 1/2, 4 copies) and 30 sentences per bank held out for membership inference.
+Three runs of the same spec, differing only where the row says:
+
+- A (epsilon 8): dp_train -> synthesize -> refine -> fedtune on the refined data -> evaluate;
+- B: A's directory copied, fedtune on the unrefined synthetic data (earlier stages are cached);
+- C (NOT PRIVATE): dp_train with no noise -> evaluate.
+
+Rows: base model; non-private fine-tuning (C, each bank's adapter, mean over banks); DP
+fine-tuning at epsilon 8 evaluated directly (A, the same); synthetic data without refinement (B,
+the federated adapter); the full pipeline (A, the federated adapter). Accuracy by label
+log-probability on `--limit` seeded items of each test set (the same items for every row).
+Exposure: mean over planted canaries on the row's model (bank_a's adapter, or the federated
+one). PII: values found in the private data that the row's model replays and the base model
+does not. Epsilon: bank_a's composed total from the ledger. Writes
+benchmarks/results/finance_comparison.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command, machine, write_result  # noqa: E402
+
+LABELS = ["negative", "neutral", "positive"]
+SEEDS = [
+    {"instruction": "What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}.", "domain": "finance", "task": "sentiment"},
+    {"instruction": "What is the sentiment of this tweet? Please choose an answer from {negative/neutral/positive}.", "domain": "finance", "task": "sentiment"},
+]
+
+
+def base_spec(args, name: str, epsilon: float) -> dict:
+    return {
+        "name": name, "seed": args.seed,
+        "models": {"base": "smollm2-135m-instruct", "professional": "gemma-3-270m", "embedder": "minilm-l6-v2"},
+        "clients": {"data": [{"builtin": "fpb_train", "sample": args.per_source}, {"builtin": "tfns_train", "sample": args.per_source}],
+                    "partition": {"method": "dirichlet", "num_clients": 3, "alpha": 1.0, "label_field": "response", "names": ["bank_a", "bank_b", "bank_c"]}},
+        "privacy": {"target_epsilon": epsilon, "unit": "record"},
+        "audit": {"canaries": {"client": "bank_a", "count": 32, "repeats": 4, "digits": 6}, "holdout_per_client": 30},
+        "stages": ["prepare_models", "ingest",
+                   {"name": "dp_train", "params": {"loss_on": "all", "epochs": args.epochs, "batch_size": 8, "max_length": 128, "learning_rate": 0.002, "clip_norm": 1.0}}],
+    }
+
+
+def evaluate(args, models: list[str]) -> dict:
+    return {"name": "evaluate", "params": {"tasks": ["fpb", "fiqa", "tfns"], "modes": ["logprob"], "models": models, "limit": args.limit, "fidelity": True}}
+
+
+def synthesis_stages(args, synthetic_stage: str) -> list[dict]:
+    return [
+        {"name": "synthesize", "params": {"per_client": args.synthetic, "oversample": 2.5, "labels": LABELS, "class_balance": "uniform", "seeds": SEEDS,
+                                          "sampling": {"max_new_tokens": 48, "temperature": 0.9, "top_p": 0.95}, "response_max_new_tokens": 8,
+                                          "min_words": 5, "max_words": 60}},
+        {"name": "refine", "params": {"pool": {"builtin": "fiqa_train"}, "labels": LABELS, "shots": 6, "threshold": 0.5, "min_fluency": -6.5,
+                                      "task": "financial sentiment analysis: a single news headline or tweet about markets or companies"}},
+        {"name": "fedtune", "params": {"engine": "local", "synthetic_stage": synthetic_stage, "rounds": args.rounds, "rule": {"name": "fedavg"},
+                                       "training": {"steps": args.local_steps, "batch_size": 8, "max_length": 128, "learning_rate": 0.002, "loss_on": "response"}}},
+    ]
+
+
+def ksg(*argv: str) -> float:
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", "from knowledgesg.cli import entry; entry()", *argv], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"ksg {' '.join(argv)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def run_spec(workdir: Path, spec: dict, run_dir: Path) -> float:
+    path = workdir / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return ksg("run", str(path), "--run-dir", str(run_dir))
+
+
+def accuracy(run_dir: Path, model: str) -> dict:
+    results = json.loads((run_dir / "stages/evaluate/results.json").read_text())["models"]
+    if model == "dp":
+        dp = [m for name, m in results.items() if name.startswith("dp_adapter:")]
+        return {task: sum(m["tasks"][task]["logprob"]["accuracy"] for m in dp) / len(dp) for task in ("fpb", "fiqa", "tfns")}
+    return {task: results[model]["tasks"][task]["logprob"]["accuracy"] for task in ("fpb", "fiqa", "tfns")}
+
+
+def audit_figures(run_dir: Path, target: str) -> tuple[str, str]:
+    report = json.loads((run_dir / "audit/audit_report.json").read_text())
+    if target == "base":
+        return "-", "-"
+    exposure = report["canaries"]["targets"][target]["mean_exposure_planted"]
+    pii = report["pii"]["models"].get(target, {}).get("replayed_not_by_base", "-")
+    return f"{exposure:.2f}", str(pii)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--per-source", type=int, default=150)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--synthetic", type=int, default=40, help="synthetic pairs per bank")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=4)
+    parser.add_argument("--limit", type=int, default=100, help="test items per task")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="finance-comparison-"))
+    runs = {"A": workdir / "A", "B": workdir / "B", "C": workdir / "C"}
+    times = {}
+    spec_a = base_spec(args, "finance-eps8", 8.0)
+    spec_a["stages"] += synthesis_stages(args, "refine") + [evaluate(args, ["base", "dp", "final"])]
+    times["A: epsilon 8, full pipeline"] = run_spec(workdir, spec_a, runs["A"])
+    shutil.copytree(runs["A"], runs["B"])
+    spec_b = base_spec(args, "finance-eps8", 8.0)
+    spec_b["stages"] += synthesis_stages(args, "synthesize") + [evaluate(args, ["final"])]
+    times["B: fedtune on unrefined synthetic data (A's earlier stages cached)"] = run_spec(workdir, spec_b, runs["B"])
+    spec_c = base_spec(args, "finance-nonprivate", float("inf"))
+    spec_c["stages"] += [evaluate(args, ["dp"])]
+    times["C: NOT PRIVATE fine-tuning"] = run_spec(workdir, spec_c, runs["C"])
+    for name, run_dir in runs.items():
+        times[f"audit {name}"] = ksg("audit", str(run_dir), "--candidates", "100", "--samples", "4", "--mia-members", "60")
+
+    eps_a = json.loads((runs["A"] / "audit/audit_report.json").read_text())["claimed_epsilon"]["bank_a"]
+    rows = []
+    for label, run, model, target, eps in (
+        ("base model, no tuning", "A", "base", "base", "0"),
+        ("NOT PRIVATE: fine-tuning on the private data (upper bound)", "C", "dp", "dp_adapter:bank_a", "inf"),
+        ("DP fine-tuning at epsilon 8, evaluated directly", "A", "dp", "dp_adapter:bank_a", f"{eps_a:.2f}"),
+        ("synthetic data from the DP model, no refinement (federated)", "B", "final", "final", f"{eps_a:.2f}"),
+        ("full pipeline: synthesis, refinement, federated tuning", "A", "final", "final", f"{eps_a:.2f}"),
+    ):
+        acc = accuracy(runs[run], model)
+        mean = sum(acc.values()) / 3
+        exposure, pii = audit_figures(runs[run], target)
+        rows.append(f"| {label} | {acc['fpb']:.3f} | {acc['fiqa']:.3f} | {acc['tfns']:.3f} | **{mean:.3f}** | {exposure} | {pii} | {eps} |")
+    refined = sum(1 for c in ("bank_a", "bank_b", "bank_c") for _ in (runs["A"] / f"stages/refine/clients/{c}/refined.jsonl").read_text().splitlines())
+    synthetic = sum(1 for c in ("bank_a", "bank_b", "bank_c") for _ in (runs["A"] / f"stages/synthesize/clients/{c}/synthetic.jsonl").read_text().splitlines())
+    write_result("finance_comparison", [
+        "# Finance: the pipeline against the obvious private alternatives", "",
+        f"Command: `{command()}`", f"Machine: {machine()}", f"Seed {args.seed}; {args.per_source} FPB + {args.per_source} TFNS training sentences over 3 banks; "
+        f"{synthetic} synthetic pairs kept by synthesize, {refined} after refine; fedtune {args.rounds} rounds x {args.local_steps} local steps; "
+        f"accuracy by label log-probability on {args.limit} seeded test items per task.", "",
+        "| row | FPB | FiQA | TFNS | mean | canary exposure (planted, bits of 19.9) | PII replays beyond base | epsilon (bank_a) |",
+        "|---|---|---|---|---|---|---|---|", *rows, "", "Times:", *[f"- {k}: {v:.0f} s" for k, v in times.items()],
+    ])
+
+
+if __name__ == "__main__":
+    main()
