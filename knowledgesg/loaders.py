@@ -196,3 +196,11 @@ def load_source(source: DataSource, base_dir: Path, seed: int) -> list[Record]:
         fmt = detect_format(path) if source.format == "auto" else source.format
         records = rows_to_records(path, READERS[fmt](path), source, name, line_based=fmt in ("jsonl", "csv"))
     return subsample(records, source.sample, seed, name)
+
+
+def load_example_pool(source: DataSource, base_dir: Path, seed: int, stage: str, minimum: int = 1) -> list[InstructionRecord]:
+    """A public pool of instruction records (few-shot examples), refused if it has too few."""
+    pool = [r for r in load_source(source, base_dir, seed) if isinstance(r, InstructionRecord)]
+    if len(pool) < minimum:
+        raise InputError(f"{stage}: the example pool {source_name_of(source)} has {len(pool)} instruction records, fewer than the {minimum} needed")
+    return pool

@@ -31,7 +31,7 @@ from knowledgesg.console import console
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_jsonl
 from knowledgesg.generation import SamplingParams
-from knowledgesg.loaders import load_source, source_path
+from knowledgesg.loaders import load_example_pool, source_path
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import DataSource, PipelineSpec
 from knowledgesg.stage import Stage, StageContext
@@ -160,9 +160,7 @@ class Refine(Stage):
         models = ctx.read_artifact_json("prepare_models", "models.json")
         if "professional" not in models:
             raise InputError("refine needs models.professional in the spec (e.g. gemma-3-270m)")
-        pool = [r for r in load_source(p.pool, ctx.base_dir, ctx.seed) if isinstance(r, InstructionRecord)]
-        if not pool:
-            raise InputError(f"refine: the pool {p.pool.builtin or p.pool.path} has no instruction records")
+        pool = load_example_pool(p.pool, ctx.base_dir, ctx.seed, "refine")
         shots = balanced_shots(pool, p.labels, p.shots)
         good = [clip_words(candidate_text(r), p.example_words) for r in shots]
         partition = ctx.read_artifact_json("ingest", "partition.json")

@@ -30,7 +30,7 @@ from knowledgesg.dedup import near_duplicates
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_jsonl
 from knowledgesg.generation import SamplingParams
-from knowledgesg.loaders import load_source, source_path
+from knowledgesg.loaders import load_example_pool, source_path
 from knowledgesg.records import InstructionRecord, TextRecord
 from knowledgesg.sft import user_message
 from knowledgesg.spec import DataSource, PipelineSpec
@@ -119,11 +119,7 @@ class Structure(Stage):
         models = ctx.read_artifact_json("prepare_models", "models.json")
         if "embedder" not in models:
             raise InputError("stage 'structure' needs models.embedder in the spec (e.g. minilm-l6-v2)")
-        pool = [r for r in load_source(p.pool, ctx.base_dir, ctx.seed) if isinstance(r, InstructionRecord)]
-        if not pool:
-            raise InputError("structure: the example pool has no instruction records")
-        if len(pool) < p.k:
-            raise InputError(f"structure: the example pool has {len(pool)} records, fewer than k = {p.k}")
+        pool = load_example_pool(p.pool, ctx.base_dir, ctx.seed, "structure", minimum=p.k)
         device = resolve_device(ctx.spec.models.device)
         embedder = load_embedder(models["embedder"]["path"], device)
         index = build_or_load_index([user_message(r) for r in pool], embedder, models["embedder"]["weights_sha256"], cache_root(ctx.spec.models.cache_dir))

@@ -63,6 +63,18 @@ def workdir(tmp_path: Path, monkeypatch) -> Path:
     return tmp_path
 
 
+def run_in(directory: Path, *argv: str) -> int:
+    """`ksg ARGV` in this process, from `directory` (relative paths in specs resolve from there)."""
+    from knowledgesg.cli import main
+
+    cwd = os.getcwd()
+    os.chdir(directory)
+    try:
+        return main(list(argv))
+    finally:
+        os.chdir(cwd)
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """`ksg ARGS` in a fresh process, as a user would run it."""
     return subprocess.run(

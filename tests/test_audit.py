@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +10,10 @@ import pytest
 
 from eval.audit import AuditOptions, exposure, split_at_secret
 from eval.canaries import make_canaries, planted_records
-from knowledgesg.cli import main
 from knowledgesg.models import load_causal_lm, resolve_model
 from knowledgesg.sft import tokenize_example
 from knowledgesg.spec import CanarySpec, CanaryTemplate
-from tests.conftest import run_cli, sentiment_rows, tiny_spec, write_jsonl, write_spec
+from tests.conftest import run_cli, run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
 from tests.test_synthesize import TRAIN
 
 CANARIES = {"client": "client_0", "count": 8, "repeats": 2, "digits": 2}
@@ -27,13 +25,8 @@ def audited_run(tmp_path_factory):
     write_jsonl(workdir / "data.jsonl", sentiment_rows(60))
     spec = tiny_spec(stages=["prepare_models", "ingest", TRAIN, {"name": "evaluate", "params": {"tasks": ["fpb", "medqa"], "limit": 6, "modes": ["logprob", "generation"]}}])
     spec["audit"] = {"canaries": CANARIES, "holdout_per_client": 6}
-    cwd = os.getcwd()
-    os.chdir(workdir)
-    try:
-        assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 0
-        assert main(["audit", "run", "--candidates", "20", "--samples", "2"]) == 0
-    finally:
-        os.chdir(cwd)
+    assert run_in(workdir, "run", str(write_spec(workdir, spec)), "--run-dir", "run") == 0
+    assert run_in(workdir, "audit", "run", "--candidates", "20", "--samples", "2") == 0
     return workdir / "run"
 
 

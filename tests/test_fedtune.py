@@ -4,7 +4,6 @@ TLS with SuperNode authentication), and the fedtune stage with its ledger entrie
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from knowledgesg.federated.protocol import ClientUpdate, LocalTraining, LoraShap
 from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, participation, run_federation, sample_clients
 from knowledgesg.fileio import write_json
 from knowledgesg.models import resolve_model
-from tests.conftest import sentiment_rows, tiny_spec, write_jsonl, write_spec
+from tests.conftest import run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
 from tests.test_refine import REFINE, canned_generate
 from tests.test_synthesize import SYNTH, TRAIN
 
@@ -200,12 +199,9 @@ def run_pipeline(workdir: Path, fedtune: dict, privacy: dict | None = None, cap:
     spec["privacy"] = {"target_epsilon": 8.0, **(privacy or {}), **({"cap_epsilon": cap} if cap else {})}
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(Generator, "generate", canned_generate)
-    cwd = os.getcwd()
-    os.chdir(workdir)
     try:
-        return main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"])
+        return run_in(workdir, "run", str(write_spec(workdir, spec)), "--run-dir", "run")
     finally:
-        os.chdir(cwd)
         monkeypatch.undo()
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from knowledgesg.cli import main
 from knowledgesg.errors import KsgError
 from knowledgesg.generation import Completion
 from knowledgesg.manifest import read_manifest
@@ -17,7 +16,7 @@ from knowledgesg.spec import load_spec
 from knowledgesg.stage import StageContext
 from pipelines.refine import Refine, RefineParams, balanced_shots, decide, judge_prompt, label_prompt
 from knowledgesg.records import InstructionRecord
-from tests.conftest import sentiment_rows, tiny_spec, write_jsonl, write_spec
+from tests.conftest import run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
 from tests.test_synthesize import SYNTH, TRAIN
 
 LABELS = ["negative", "neutral", "positive"]
@@ -51,12 +50,9 @@ def refine_run(tmp_path_factory):
     write_jsonl(workdir / "pool.jsonl", pool)
     synth = dict(SYNTH, params=dict(SYNTH["params"], per_client=6, oversample=1.0, near_duplicate_jaccard=0.9))
     spec = tiny_spec(stages=["prepare_models", "ingest", TRAIN, synth, REFINE], models={"base": "tiny-random-llama", "professional": "tiny-random-llama"})
-    cwd = os.getcwd()
-    os.chdir(workdir)
     try:
-        assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 0
+        assert run_in(workdir, "run", str(write_spec(workdir, spec)), "--run-dir", "run") == 0
     finally:
-        os.chdir(cwd)
         monkeypatch.undo()
     return workdir
 

@@ -11,7 +11,7 @@ import pytest
 from knowledgesg.cli import main
 from knowledgesg.generation import Completion
 from pipelines.synthesize import Seed, Synthesize, SynthesizeParams
-from tests.conftest import sentiment_rows, tiny_spec, write_jsonl, write_spec
+from tests.conftest import run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
 
 SEED = {"instruction": "What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}.", "domain": "finance", "task": "sentiment"}
 SYNTH = {"name": "synthesize", "params": {"per_client": 4, "labels": ["negative", "neutral", "positive"], "sampling": {"max_new_tokens": 16},
@@ -37,17 +37,10 @@ def private_text_in(prompts: list[str], private_texts: list[str], n: int = 6) ->
 
 @pytest.fixture(scope="module")
 def synth_run(tmp_path_factory):
-    import os
-
     workdir = tmp_path_factory.mktemp("synth")
     write_jsonl(workdir / "data.jsonl", sentiment_rows(40))
     spec = tiny_spec(stages=["prepare_models", "ingest", TRAIN, dict(SYNTH, params=dict(SYNTH["params"], class_balance="dp_histogram"))])
-    cwd = os.getcwd()
-    os.chdir(workdir)
-    try:
-        assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 0
-    finally:
-        os.chdir(cwd)
+    assert run_in(workdir, "run", str(write_spec(workdir, spec)), "--run-dir", "run") == 0
     return workdir / "run"
 
 
@@ -144,7 +137,7 @@ def test_structure_errors_for_an_empty_corpus_and_an_empty_pool(workdir: Path, c
     assert main(["run", str(_structure_spec(workdir, {"path": "pool.jsonl"})), "--run-dir", "run"]) == 2
     assert "pool.jsonl: no records" in capsys.readouterr().err
     assert main(["run", str(_structure_spec(workdir, {"builtin": "pubmed_abstracts"})), "--run-dir", "run"]) == 2
-    assert "structure: the example pool has no instruction records" in capsys.readouterr().err
+    assert "structure: the example pool pubmed_abstracts has 0 instruction records, fewer than the 3 needed" in capsys.readouterr().err
 
 
 def test_structure_keep_rejects_ungrounded_unparseable_and_duplicates():
