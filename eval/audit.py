@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from eval import metrics
 from eval.canaries import Canary, read_canaries
-from knowledgesg.console import console
+from knowledgesg.console import console, track
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_json, read_jsonl
 from knowledgesg.manifest import read_manifest
@@ -187,8 +187,8 @@ def canary_section(run_dir: Path, spec: PipelineSpec, base: dict, targets: list[
     for target in [t for t in targets if t.name in (f"dp_adapter:{client}", "final")]:
         model, tokenizer = load_target(base, target.adapter_dir, device)
         console.print(f"audit: canaries on {target.name}")
-        exposures = [round(exposure(model, tokenizer, template, c, digits, options, device), 4) for c in canaries]
-        extracted = [extraction(model, tokenizer, template, c, digits, options.extraction_samples, options.seed + c.index, device) for c in canaries]
+        exposures = [round(exposure(model, tokenizer, template, c, digits, options, device), 4) for c in track(canaries, f"exposure on {target.name}", total=len(canaries))]
+        extracted = [extraction(model, tokenizer, template, c, digits, options.extraction_samples, options.seed + c.index, device) for c in track(canaries, f"extraction on {target.name}", total=len(canaries))]
         target_nll = [float(secret_nll(model, tokenizer, template, c, [c.secret], options.batch_size, device)[0]) for c in canaries]
         scores = [r - t for r, t in zip(reference_nll, target_nll)]  # how far training lowered the secret's loss
         planted = [c.included for c in canaries]

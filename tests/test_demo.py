@@ -36,6 +36,14 @@ def test_demo_runs_then_reruns_all_cached_fast(tmp_path: Path):
     assert (run / "fedtune/adapter/adapter_model.safetensors").is_file()
     report = run_cli("privacy-report", str(tmp_path / "demo"))
     assert report.returncode == 0 and "final_adapter" in report.stdout + report.stderr
+    # the real models through the evaluation: both answer modes, every model kind
+    evaluated = run_cli("eval", str(tmp_path / "demo"), "--tasks", "fpb", "--limit", "30", "--models", "base,final", timeout=1800)
+    assert evaluated.returncode == 0, evaluated.stderr
+    results = json.loads((tmp_path / "demo/eval/eval_report.json").read_text())
+    for model in ("base", "final"):
+        fpb = results["models"][model]["tasks"]["fpb"]
+        assert fpb["logprob"]["n"] == 30 and 0.0 <= fpb["logprob"]["accuracy"] <= 1.0 and fpb["generation"]["n"] == 30
+    assert set(results["fidelity"]) == {"bank_a", "bank_b", "bank_c"}
     start = time.perf_counter()
     second = run_cli("run", str(DEMO), "--run-dir", str(tmp_path / "demo"))
     elapsed = time.perf_counter() - start
