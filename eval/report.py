@@ -55,7 +55,8 @@ def roc_figure(section: dict) -> str | None:
         for name, result in section[key]["scores"].items():
             ax.plot(result["fpr"], result["tpr"], label=f"{name} (AUC {result['auc']:.2f})")
         ax.plot([0, 1], [0, 1], color="#999", linestyle=":")
-        ax.set(title=f"membership inference: {key}", xlabel="false positive rate", ylabel="true positive rate")
+        ax.set_title(f"membership inference\n{key}", fontsize=9)
+        ax.set(xlabel="false positive rate", ylabel="true positive rate")
         ax.legend(fontsize=7)
     return _png(fig)
 
