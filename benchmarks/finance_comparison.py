@@ -4,7 +4,7 @@ Usage:  .venv/bin/python benchmarks/finance_comparison.py [--per-source 150] [--
 
 Private data: FPB and TFNS training sentences (their test sentences removed), `--per-source` of
 each, split over 3 banks (Dirichlet 1.0 over labels), with 32 canaries planted in bank_a (each
-with probability 1/2, 4 copies) and 30 sentences per bank held out for membership inference.
+with probability 1/2, 4 copies) and 10 sentences per bank held out for membership inference.
 Three runs of the same spec, differing only where the row says:
 
 - A (epsilon 8): dp_train -> synthesize -> refine -> fedtune on the refined data -> evaluate;
@@ -51,7 +51,7 @@ def base_spec(args, name: str, epsilon: float) -> dict:
         "clients": {"data": [{"builtin": "fpb_train", "sample": args.per_source}, {"builtin": "tfns_train", "sample": args.per_source}],
                     "partition": {"method": "dirichlet", "num_clients": 3, "alpha": 1.0, "label_field": "response", "names": ["bank_a", "bank_b", "bank_c"]}},
         "privacy": {"target_epsilon": epsilon, "unit": "record"},
-        "audit": {"canaries": {"client": "bank_a", "count": 32, "repeats": 4, "digits": 6}, "holdout_per_client": 30},
+        "audit": {"canaries": {"client": "bank_a", "count": 32, "repeats": 4, "digits": 6}, "holdout_per_client": 10},
         "stages": ["prepare_models", "ingest",
                    {"name": "dp_train", "params": {"loss_on": "all", "epochs": args.epochs, "batch_size": 8, "max_length": 128, "learning_rate": 0.002, "clip_norm": 1.0}}],
     }

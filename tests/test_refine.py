@@ -135,3 +135,22 @@ def test_prompts_alternate_public_examples_and_balance_labels():
     pool = [InstructionRecord(id=str(i), source="pool", instruction="Q?", input=f"text {i}", response=LABELS[i % 3 if i < 3 else 0]) for i in range(6)]
     assert [r.response for r in balanced_shots(pool, LABELS, 3)] == LABELS
     assert label_prompt(pool[:1], pool[4], 10).endswith("Instruction: Q?\nInput: text 4\nAnswer:")
+
+
+def test_open_task_answers_are_written_by_the_professional_model():
+    from knowledgesg.models import load_causal_lm, resolve_model
+    from pipelines.refine import answer_prompt
+
+    model, tokenizer = load_causal_lm(resolve_model("tiny-random-llama"))
+    params = RefineParams.model_validate({"pool": {"builtin": "medquad"}, "task": "medical questions", "sampling": {"do_sample": False, "max_new_tokens": 6}})
+    shots = [InstructionRecord(id="s", source="pool", instruction="What causes flu?", response="A virus spread by droplets.")]
+    records = [InstructionRecord(id=f"r{i}", source="synthetic", instruction=f"What causes condition {i}?", response="unknown") for i in range(3)]
+    assert answer_prompt(shots, records[0], 40).endswith("Question: What causes condition 0?\nAnswer:")
+
+    class Ctx:
+        def derive_seed(self, *parts):
+            return 3
+
+    answers = Refine(params).distil(Ctx(), "c", model, tokenizer, "cpu", records, shots)
+    assert len(answers) == 3 and all(set(a) == {"response"} for a in answers)
+    assert all(a["response"] is None or (a["response"] and "\n" not in a["response"]) for a in answers)  # one line, or dropped as empty
