@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -50,6 +51,21 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def write_dir(target: Path, build: Callable[[Path], None]) -> None:
+    """A directory written whole: `build` fills a temporary sibling, which then replaces `target`
+    (a copy left by a run killed after the rename is replaced too)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
 
 
 def write_text(path: str | Path, text: str) -> None:

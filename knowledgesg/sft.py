@@ -51,6 +51,35 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def make_optimizer(name: str, learning_rate: float):
+    """`name` ("adam" or "sgd") as a factory over parameters: DP-SGD builds its optimizer late."""
+
+    def build(params) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=learning_rate) if name == "adam" else torch.optim.SGD(params, lr=learning_rate)
+
+    return build
+
+
+def unit_batch(examples: list[Example], units: list[list[int]], batch_units: list[int], pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+    """One physical DP-SGD batch: the rows of the chosen privacy units, each row's unit index, and
+    the number of units (what `privacy.dp_sgd.DPSGD.step` takes)."""
+    rows = [r for u in batch_units for r in units[u]]
+    row_unit = torch.tensor([i for i, u in enumerate(batch_units) for _ in units[u]])
+    return collate([examples[r] for r in rows], pad_id), row_unit, len(batch_units)
+
+
+def unit_loss_on(device: str):
+    """The per-unit loss DP-SGD differentiates: each sequence's mean response loss, averaged over
+    the rows of its privacy unit."""
+    from privacy.dp_sgd import unit_means
+
+    def unit_loss(module, inputs: dict[str, torch.Tensor], row_unit: torch.Tensor, n_units: int) -> torch.Tensor:
+        out = module(input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device))
+        return unit_means(per_sequence_loss(out.logits, inputs["labels"].to(device)), row_unit.to(device), n_units)
+
+    return unit_loss
+
+
 def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean token cross-entropy over each sequence's response tokens: shape [batch].
 

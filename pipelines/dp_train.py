@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from knowledgesg.console import console, progress_bar
 from knowledgesg.errors import InputError, KsgError
-from knowledgesg.fileio import read_jsonl, sha256_file, write_json
+from knowledgesg.fileio import read_jsonl, sha256_file, write_dir, write_json
 from knowledgesg.records import InstructionRecord
 from knowledgesg.stage import Stage, StageContext
 from privacy.accounting import Mechanism, calibrate_noise, check_delta, default_delta, epsilons
@@ -78,6 +76,17 @@ def canonical_adapter_config(path: Path) -> None:
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
     write_json(path, config)
+
+
+def save_adapter(model, target: Path) -> None:
+    """The PEFT adapter alone (no model card: peft's template is not ours to release), written whole."""
+
+    def build(directory: Path) -> None:
+        model.save_pretrained(directory)
+        (directory / "README.md").unlink(missing_ok=True)
+        canonical_adapter_config(directory / "adapter_config.json")
+
+    write_dir(target, build)
 
 
 def group_units(records: list[InstructionRecord], unit: str, max_per_user: int) -> list[list[int]]:
@@ -141,8 +150,8 @@ class DPTrain(Stage):
         from peft import LoraConfig, get_peft_model
 
         from knowledgesg.models import ResolvedModel, load_causal_lm, resolve_device
-        from knowledgesg.sft import collate, per_sequence_loss, tokenize_example
-        from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches, poisson_batches, unit_means
+        from knowledgesg.sft import make_optimizer, tokenize_example, unit_batch, unit_loss_on
+        from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches, poisson_batches
 
         p: DPTrainParams = self.params
         torch.manual_seed(ctx.derive_seed(plan.client_id, "init"))
@@ -155,22 +164,11 @@ class DPTrain(Stage):
         examples = [tokenize_example(tokenizer, record, p.max_length, p.loss_on) for record in plan.records]
         rows_per_unit = [len(unit) for unit in plan.units]
 
-        def make_optimizer(params):
-            return torch.optim.Adam(params, lr=p.learning_rate) if p.optimizer == "adam" else torch.optim.SGD(params, lr=p.learning_rate)
-
         sampler_rng = torch.Generator().manual_seed(ctx.derive_seed(plan.client_id, "sampler"))
         noise_rng = torch.Generator(device=device).manual_seed(ctx.derive_seed(plan.client_id, "noise"))
         settings = DPSGDSettings(plan.noise_multiplier, plan.clip_norm, plan.sample_rate, p.batch_size)
-        dp = DPSGD(model, make_optimizer, settings, noise_rng)
-
-        def unit_loss(module, inputs, row_unit, n_units):
-            out = module(input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device))
-            return unit_means(per_sequence_loss(out.logits, inputs["labels"].to(device)), row_unit.to(device), n_units)
-
-        def physical(units: list[int]):
-            rows = [r for u in units for r in plan.units[u]]
-            row_unit = torch.tensor([i for i, u in enumerate(units) for _ in plan.units[u]])
-            return collate([examples[r] for r in rows], tokenizer.pad_token_id), row_unit, len(units)
+        dp = DPSGD(model, make_optimizer(p.optimizer, p.learning_rate), settings, noise_rng)
+        unit_loss = unit_loss_on(device)
 
         lora_before = {n: t.detach().clone() for n, t in model.named_parameters() if t.requires_grad}
         losses = []
@@ -178,7 +176,7 @@ class DPTrain(Stage):
         with progress_bar() as bar:
             task = bar.add_task(f"dp_train {plan.client_id}{label}", total=plan.steps)
             for step, units in enumerate(poisson_batches(len(plan.units), plan.sample_rate, plan.steps, sampler_rng)):
-                loss = dp.step([physical(mb) for mb in micro_batches(units, rows_per_unit, p.max_physical_batch)], unit_loss)
+                loss = dp.step([unit_batch(examples, plan.units, mb, tokenizer.pad_token_id) for mb in micro_batches(units, rows_per_unit, p.max_physical_batch)], unit_loss)
                 losses.append({"step": step + 1, "units": len(units), "loss": None if loss is None else round(loss, 6)})
                 if step == 0 or (step == 1 and losses[0]["loss"] is None):
                     self._check_adapter_moved(model, lora_before)
@@ -196,16 +194,8 @@ class DPTrain(Stage):
 
     def _save(self, ctx: StageContext, plan: ClientPlan, model, losses: list[dict], empty_steps: int, base: dict) -> LedgerEntry:
         client_dir = f"clients/{plan.client_id}"
-        # save_pretrained writes in place: write to a temporary directory, then rename it in.
-        tmp = Path(tempfile.mkdtemp(prefix=".adapter.", suffix=".tmp", dir=ctx.stage_dir))
-        model.save_pretrained(tmp)
-        (tmp / "README.md").unlink(missing_ok=True)  # peft's model card template: not ours to release
-        canonical_adapter_config(tmp / "adapter_config.json")
         target = ctx.path(f"{client_dir}/adapter")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            shutil.rmtree(target)  # from a run killed before this client was marked done
-        tmp.rename(target)
+        save_adapter(model, target)  # replaces one left by a run killed before this client was marked done
         for name in ("adapter_model.safetensors", "adapter_config.json"):
             ctx.declare_output(f"{client_dir}/adapter/{name}")
         mechanism = plan.mechanism()

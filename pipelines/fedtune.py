@@ -16,9 +16,7 @@ request, per-round metrics, and the privacy record.
 
 from __future__ import annotations
 
-import math
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -29,9 +27,9 @@ from knowledgesg.errors import InputError, KsgError
 from knowledgesg.federated.deploy import DeploySettings
 from knowledgesg.federated.protocol import LocalTraining, LoraShape
 from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, participation
-from knowledgesg.fileio import read_json, read_jsonl, sha256_file
+from knowledgesg.fileio import read_json, read_jsonl
 from knowledgesg.stage import Stage, StageContext
-from privacy.accounting import Mechanism, calibrate_noise, epsilons
+from privacy.accounting import Mechanism, calibrate_noise, default_delta, epsilons
 from privacy.ledger import LEDGER, LedgerEntry, check_budget, read_ledger
 
 
@@ -86,27 +84,29 @@ class Fedtune(Stage):
         spent = read_ledger(ctx.run_dir, ctx.completed_stages_before())
         adapters = {e.client_id: e for e in spent if e.release == "dp_adapter"}
         models = ctx.read_artifact_json("prepare_models", "models.json")
-        job = self.build_job(ctx, clients, partition, models["base"])
+        job = self.build_job(ctx, clients, models["base"])
         rounds = participation(job)
-        planned = self.plan_mechanisms(ctx, job, rounds, partition)
-        deltas = {c: adapters[c].delta if c in adapters else 1.0 / (10 * partition["clients"][c]) for c in clients}
+        # the delta a client's ledger is kept at: its DP adapter's, else the spec's or 1/(10 N)
+        deltas = {c: adapters[c].delta if c in adapters else ctx.spec.privacy.delta or default_delta(partition["clients"][c]) for c in clients}
+        planned = self.plan_mechanisms(job, rounds, partition, deltas)
         for client_id, mechanisms in planned.items():  # every budget before any training
             check_budget(spent, client_id, mechanisms, deltas[client_id], ctx.spec.privacy.cap_epsilon, self.name)
-        if job.local_dp is not None:
-            job.local_dp = {c: dict(job.local_dp[c], noise_multiplier=planned[c][0].noise_multiplier) for c in clients}
+        if self.params.data == "private":  # the mechanism each client runs, as planned
+            job.local_dp = {c: {"noise_multiplier": planned[c][0].noise_multiplier, "clip_norm": self.params.local_dp.clip_norm,
+                                "sample_rate": planned[c][0].sample_rate, "unit": "record"} for c in clients}
 
         work = ctx.path("work")
         work.mkdir(parents=True, exist_ok=True)
         final, history = self.run_engine(ctx, job, work)
         self.check_dp_steps(job, history, rounds)
-        self.save(ctx, job, final, models["base"])
+        self.save(ctx, job, final)
         ctx.write_json("rounds.json", history)
         ledger = [e for c in clients for e in self.ledger_entries(ctx, c, planned[c], deltas[c], rounds[c])]
         ctx.write_json("privacy.json", self.privacy_record(job, rounds, ledger))
         ctx.write_json(LEDGER, [e.model_dump(mode="json") for e in ledger])
         shutil.rmtree(work)  # the job carries the synthetic shares and the working parameters
 
-    def build_job(self, ctx: StageContext, clients: list[str], partition: dict, base: dict) -> FedJob:
+    def build_job(self, ctx: StageContext, clients: list[str], base: dict) -> FedJob:
         p: FedtuneParams = self.params
         records = None
         if p.data == "synthetic":
@@ -117,16 +117,12 @@ class Fedtune(Stage):
                 raise InputError(f"fedtune: no {p.synthetic_stage} records for {', '.join(empty)} (nothing to train on)")
         elif ctx.spec.privacy.unit != "record":
             raise InputError("fedtune on private data supports privacy.unit: record (the server plans the sampling rate from record counts)")
-        local_dp = None
-        if p.local_dp is not None:
-            local_dp = {c: {"noise_multiplier": p.local_dp.noise_multiplier or 1.0, "clip_norm": p.local_dp.clip_norm,
-                            "sample_rate": self.sample_rate(c, partition), "unit": "record"} for c in clients}
         from knowledgesg.models import resolve_device
 
         try:
             return FedJob(seed=ctx.derive_seed("job") % (2**31), rounds=p.rounds, clients=clients, clients_per_round=p.clients_per_round or len(clients),
                           rule=p.rule, client_dp=p.client_dp, training=p.training, lora=p.lora, base_model=base, device=resolve_device(ctx.spec.models.device),
-                          run_dir=str(ctx.run_dir.resolve()), records=records, private_source="ingest" if p.data == "private" else None, local_dp=local_dp)
+                          run_dir=str(ctx.run_dir.resolve()), records=records, private_source="ingest" if p.data == "private" else None)
         except ValueError as err:
             raise InputError(f"fedtune: {err}") from None
 
@@ -137,19 +133,19 @@ class Fedtune(Stage):
             raise InputError(f"client '{client_id}': {n} records is too few for DP-SGD local steps with batch_size {batch}")
         return batch / n
 
-    def plan_mechanisms(self, ctx: StageContext, job: FedJob, rounds: dict[str, int], partition: dict) -> dict[str, list[Mechanism]]:
-        """What each client's private data will go through in this stage (nothing, on synthetic data)."""
+    def plan_mechanisms(self, job: FedJob, rounds: dict[str, int], partition: dict, deltas: dict[str, float]) -> dict[str, list[Mechanism]]:
+        """What each client's private data will go through in this stage (nothing, on synthetic data);
+        the noise is calibrated at the delta the client's ledger is kept at."""
         p: FedtuneParams = self.params
         planned = {}
         for c in job.clients:
             mechanisms = []
             if p.data == "private":
                 steps = rounds[c] * p.training.steps
-                q = job.local_dp[c]["sample_rate"]
+                q = self.sample_rate(c, partition)
                 sigma = p.local_dp.noise_multiplier
                 if sigma is None:
-                    delta = 1.0 / (10 * partition["clients"][c])
-                    sigma, _ = calibrate_noise(p.local_dp.target_epsilon, ctx.spec.privacy.delta or delta, q, max(1, steps))
+                    sigma, _ = calibrate_noise(p.local_dp.target_epsilon, deltas[c], q, max(1, steps))
                 mechanisms.append(Mechanism(kind="poisson_gaussian", noise_multiplier=sigma, sample_rate=q, steps=steps))
                 if p.client_dp is not None:
                     mechanisms.append(self.client_level_mechanism(job))
@@ -161,11 +157,11 @@ class Fedtune(Stage):
 
     def run_engine(self, ctx: StageContext, job: FedJob, work: Path):
         from knowledgesg.federated.client import initial_params
-        from knowledgesg.federated.engines import FINAL, JOB, ROUNDS, run_local
+        from knowledgesg.federated.engines import FINAL, INITIAL, JOB, ROUNDS, run_local
         from knowledgesg.federated.protocol import load_params, save_params
         from knowledgesg.fileio import write_json
 
-        save_params(work / "initial.npz", initial_params(job.base_model, job.lora, ctx.derive_seed("init") % (2**31), job.device))
+        save_params(work / INITIAL, initial_params(job.base_model, job.lora, ctx.derive_seed("init") % (2**31), job.device))
         write_json(work / JOB, job.model_dump(mode="json"))
         for stale in (FINAL, ROUNDS):
             (work / stale).unlink(missing_ok=True)
@@ -197,35 +193,26 @@ class Fedtune(Stage):
         if counted != expected:
             raise KsgError(f"fedtune: DP-SGD steps counted {counted} differ from the plan {expected}; refusing to report an epsilon")
 
-    def save(self, ctx: StageContext, job: FedJob, final, base: dict) -> None:
+    def save(self, ctx: StageContext, job: FedJob, final) -> None:
         from knowledgesg.federated.client import LoraModel
-        from pipelines.dp_train import canonical_adapter_config
+        from knowledgesg.fileio import write_dir
+        from pipelines.dp_train import save_adapter
 
         lora = LoraModel.get(job.base_model, job.lora, job.device)
         lora.set_params(final)
-        tmp = Path(tempfile.mkdtemp(prefix=".adapter.", suffix=".tmp", dir=ctx.stage_dir))
-        lora.model.save_pretrained(tmp)
-        (tmp / "README.md").unlink(missing_ok=True)
-        canonical_adapter_config(tmp / "adapter_config.json")
-        self._move_in(tmp, ctx.path("adapter"))
+        save_adapter(lora.model, ctx.path("adapter"))
         for name in ("adapter_model.safetensors", "adapter_config.json"):
             ctx.declare_output(f"adapter/{name}")
         if self.params.merge:
             import copy
 
-            tmp = Path(tempfile.mkdtemp(prefix=".merged.", suffix=".tmp", dir=ctx.stage_dir))
-            merged = copy.deepcopy(lora.model).merge_and_unload()
-            merged.save_pretrained(tmp)
-            lora.tokenizer.save_pretrained(tmp)
-            self._move_in(tmp, ctx.path("merged"))
+            def build(directory: Path) -> None:
+                copy.deepcopy(lora.model).merge_and_unload().save_pretrained(directory)
+                lora.tokenizer.save_pretrained(directory)
+
+            write_dir(ctx.path("merged"), build)
             for path in sorted(ctx.path("merged").iterdir()):
                 ctx.declare_output(f"merged/{path.name}")
-
-    @staticmethod
-    def _move_in(tmp: Path, target: Path) -> None:
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
 
     def ledger_entries(self, ctx: StageContext, client_id: str, mechanisms: list[Mechanism], delta: float, rounds: int) -> list[LedgerEntry]:
         """One entry per mechanism that touched the client's private data; on synthetic data, one free entry."""
@@ -249,7 +236,7 @@ class Fedtune(Stage):
                   "releases": [{"client_id": e.client_id, "release": e.release, "unit": e.unit, "epsilon": e.epsilon.model_dump(), "delta": e.delta} for e in ledger]}
         if job.client_dp is not None:
             mechanism = self.client_level_mechanism(job)
-            delta = 1.0 / (10 * len(job.clients))
+            delta = default_delta(len(job.clients))
             record["client_level_dp_fedavg"] = {"mechanism": mechanism.model_dump(), "unit": "client", "delta": delta,
                                                 "epsilon": epsilons([mechanism], delta).model_dump(),
                                                 "note": "a guarantee for whole clients, on top of the record-level ledger"}

@@ -122,11 +122,11 @@ class ClientRuntime:
     def _fit_plain(self, task: ClientTask, lora: LoraModel, examples, x: Params, server_c: Params | None, client_c: Params | None) -> tuple[float, Params | None]:
         import torch
 
-        from knowledgesg.sft import collate, per_sequence_loss
+        from knowledgesg.sft import collate, make_optimizer, per_sequence_loss
 
         t = task.training
         params = lora.trainable()
-        optimizer = torch.optim.Adam(params.values(), lr=t.learning_rate) if t.optimizer == "adam" else torch.optim.SGD(params.values(), lr=t.learning_rate)
+        optimizer = make_optimizer(t.optimizer, t.learning_rate)(params.values())
         anchor = {n: torch.from_numpy(x[n]).to(p.device) for n, p in params.items()}
         correction = None
         if task.scaffold:
@@ -162,36 +162,24 @@ class ClientRuntime:
     def _fit_dp(self, task: ClientTask, lora: LoraModel, examples, records: list[InstructionRecord]) -> tuple[float | None, int]:
         import torch
 
-        from knowledgesg.sft import collate, per_sequence_loss
+        from knowledgesg.sft import make_optimizer, unit_batch, unit_loss_on
         from pipelines.dp_train import group_units
-        from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches, poisson_batches, unit_means
+        from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches, poisson_batches
 
         t, dp = task.training, task.local_dp
         units = group_units(records, dp.unit, dp.max_records_per_user)
         rows_per_unit = [len(u) for u in units]
         expected = dp.sample_rate * len(units)
-
-        def make_optimizer(params):
-            return torch.optim.Adam(params, lr=t.learning_rate) if t.optimizer == "adam" else torch.optim.SGD(params, lr=t.learning_rate)
-
         sampler = torch.Generator().manual_seed(task_seed(task, "sampler"))
         noise = torch.Generator(device=lora.device).manual_seed(task_seed(task, "noise"))
         lora.model.train()
-        engine = DPSGD(lora.model, make_optimizer, DPSGDSettings(dp.noise_multiplier, dp.clip_norm, dp.sample_rate, expected), noise)
-
-        def unit_loss(module, inputs, row_unit, n_units):
-            out = module(input_ids=inputs["input_ids"].to(lora.device), attention_mask=inputs["attention_mask"].to(lora.device))
-            return unit_means(per_sequence_loss(out.logits, inputs["labels"].to(lora.device)), row_unit.to(lora.device), n_units)
-
-        def physical(batch_units: list[int]):
-            rows = [r for u in batch_units for r in units[u]]
-            row_unit = torch.tensor([i for i, u in enumerate(batch_units) for _ in units[u]])
-            return collate([examples[r] for r in rows], lora.tokenizer.pad_token_id), row_unit, len(batch_units)
+        engine = DPSGD(lora.model, make_optimizer(t.optimizer, t.learning_rate), DPSGDSettings(dp.noise_multiplier, dp.clip_norm, dp.sample_rate, expected), noise)
+        unit_loss = unit_loss_on(lora.device)
 
         losses = []
         try:
             for batch_units in poisson_batches(len(units), dp.sample_rate, t.steps, sampler):
-                loss = engine.step([physical(mb) for mb in micro_batches(batch_units, rows_per_unit, t.batch_size)], unit_loss)
+                loss = engine.step([unit_batch(examples, units, mb, lora.tokenizer.pad_token_id) for mb in micro_batches(batch_units, rows_per_unit, t.batch_size)], unit_loss)
                 if loss is not None:
                     losses.append(loss)
         finally:
