@@ -25,3 +25,31 @@ def write_result(name: str, lines: list[str]) -> None:
     text = "\n".join(lines) + "\n"
     (RESULTS / f"{name}.md").write_text(text)
     print(text)
+
+
+def lora_batch(model_name: str, batch: int, length: int):
+    """(model with LoRA r=8 on q, v in train mode, one batch of real FPB examples each padded to
+    exactly `length` tokens, the base model's parameter count): the same work in every mode."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from knowledgesg.builtin_data import load_builtin
+    from knowledgesg.models import load_causal_lm, resolve_model
+    from knowledgesg.sft import Example, collate, tokenize_example
+
+    torch.manual_seed(0)
+    model, tokenizer = load_causal_lm(resolve_model(model_name))
+    parameters = sum(p.numel() for p in model.parameters())
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    model.train()
+    examples = [tokenize_example(tokenizer, r, length) for r in load_builtin("fpb_train", "fpb")[:batch]]
+    examples = [Example([tokenizer.pad_token_id] * (length - len(e.input_ids)) + e.input_ids, [-100] * (length - len(e.labels)) + e.labels) for e in examples]
+    return model, collate(examples, tokenizer.pad_token_id), parameters
+
+
+def sequence_losses(module, inputs, row_unit, n_units):
+    """Per-sequence losses, as DPSGD.step calls a unit loss (one sequence per unit here); one
+    function for every mode, so that the logits are freed at the same point in each."""
+    from knowledgesg.sft import per_sequence_loss
+
+    return per_sequence_loss(module(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits, inputs["labels"])

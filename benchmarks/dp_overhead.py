@@ -22,43 +22,30 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import lora_batch, sequence_losses  # noqa: E402
 
 
 def one_process(mode: str, model_name: str, steps: int, batch: int, length: int) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
 
-    from knowledgesg.builtin_data import load_builtin
-    from knowledgesg.models import load_causal_lm, resolve_model
-    from knowledgesg.sft import Example, collate, per_sequence_loss, tokenize_example
     from privacy.dp_sgd import DPSGD, DPSGDSettings
 
-    torch.manual_seed(0)
-    model, tokenizer = load_causal_lm(resolve_model(model_name))
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    model.train()
-    records = load_builtin("fpb_train", "fpb")[:batch]
-    examples = [tokenize_example(tokenizer, r, length) for r in records]
-    # pad every sequence to exactly `length` tokens (prompt side) so both modes see the same work
-    examples = [Example([tokenizer.pad_token_id] * (length - len(e.input_ids)) + e.input_ids, [-100] * (length - len(e.labels)) + e.labels) for e in examples]
-    inputs = collate(examples, tokenizer.pad_token_id)
+    model, inputs, _ = lora_batch(model_name, batch, length)
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
-    def unit_loss(module, x, row_unit, n):
-        # one function for both modes, so that the logits are freed at the same point in both
-        return per_sequence_loss(module(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits, x["labels"])
 
     if mode == "dp":
         dp = DPSGD(model, lambda ps: torch.optim.Adam(ps, lr=1e-3), DPSGDSettings(1.0, 1.0, batch / 1000, batch), torch.Generator().manual_seed(0))
         for _ in range(steps):
             start = time.perf_counter()
-            dp.step([(inputs, torch.arange(batch), batch)], unit_loss)
+            dp.step([(inputs, torch.arange(batch), batch)], sequence_losses)
             times.append(time.perf_counter() - start)
     else:
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         for _ in range(steps):
             start = time.perf_counter()
-            unit_loss(model, inputs, None, batch).mean().backward()
+            sequence_losses(model, inputs, None, batch).mean().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - start)

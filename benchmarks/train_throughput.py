@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command, machine, write_result  # noqa: E402
+from _common import command, lora_batch, machine, sequence_losses, write_result  # noqa: E402
 
 
 def matmul_peak(size: int = 2048, repeats: int = 8) -> float:
@@ -39,35 +39,21 @@ def _timed(fn) -> float:
 
 def step_times(model_name: str, steps: int, batch: int, length: int, dp: bool) -> tuple[list[float], int]:
     import torch
-    from peft import LoraConfig, get_peft_model
 
-    from knowledgesg.builtin_data import load_builtin
-    from knowledgesg.models import load_causal_lm, resolve_model
-    from knowledgesg.sft import Example, collate, per_sequence_loss, tokenize_example
     from privacy.dp_sgd import DPSGD, DPSGDSettings
 
-    torch.manual_seed(0)
-    model, tokenizer = load_causal_lm(resolve_model(model_name))
-    parameters = sum(p.numel() for p in model.parameters())
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    model.train()
-    examples = [tokenize_example(tokenizer, r, length) for r in load_builtin("fpb_train", "fpb")[:batch]]
-    examples = [Example([tokenizer.pad_token_id] * (length - len(e.input_ids)) + e.input_ids, [-100] * (length - len(e.labels)) + e.labels) for e in examples]
-    inputs = collate(examples, tokenizer.pad_token_id)
-
-    def unit_loss(module, x, row_unit, n):
-        return per_sequence_loss(module(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits, x["labels"])
+    model, inputs, parameters = lora_batch(model_name, batch, length)
 
     times = []
     if dp:
         engine = DPSGD(model, lambda ps: torch.optim.Adam(ps, lr=1e-3), DPSGDSettings(1.0, 1.0, batch / 1000, batch), torch.Generator().manual_seed(0))
         for _ in range(steps + 1):
-            times.append(_timed(lambda: engine.step([(inputs, torch.arange(batch), batch)], unit_loss)))
+            times.append(_timed(lambda: engine.step([(inputs, torch.arange(batch), batch)], sequence_losses)))
     else:
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
         def plain_step():
-            loss = unit_loss(model, inputs, None, batch).sum()
+            loss = sequence_losses(model, inputs, None, batch).sum()
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

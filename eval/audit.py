@@ -114,9 +114,11 @@ def candidate_secrets(canary: Canary, digits: int, count: int, enumerate_limit: 
     return sorted(others), False
 
 
-def exposure(model, tokenizer, template: CanaryTemplate, canary: Canary, digits: int, options: AuditOptions, device: str) -> float:
+def exposure(model, tokenizer, template: CanaryTemplate, canary: Canary, digits: int, options: AuditOptions, device: str, own: float | None = None) -> float:
+    """`own`: the canary's loss on this model, if the caller already has it."""
     secrets, exact = candidate_secrets(canary, digits, options.candidates, options.enumerate_limit, options.seed)
-    own = float(secret_nll(model, tokenizer, template, canary, [canary.secret], options.batch_size, device)[0])
+    if own is None:
+        own = float(secret_nll(model, tokenizer, template, canary, [canary.secret], options.batch_size, device)[0])
     losses = secret_nll(model, tokenizer, template, canary, secrets, options.batch_size, device)
     if exact:
         return metrics.exposure_exact(own, losses)
@@ -172,24 +174,23 @@ def targets_of(run_dir: Path, clients: list[str]) -> list[Target]:
 # -- the sections of the report -----------------------------------------------------------------
 
 
-def canary_section(run_dir: Path, spec: PipelineSpec, base: dict, targets: list[Target], options: AuditOptions, device: str) -> dict | None:
+def canary_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, targets: list[Target], options: AuditOptions, device: str) -> dict | None:
     if spec.audit.canaries is None:
         return None
     client = spec.audit.canaries.client
     canary_spec, canaries = read_canaries(read_json(run_dir / "stages/ingest/clients" / client / "canaries.json"))
     template, digits = canary_spec.template, canary_spec.digits
-    reference, tokenizer = load_target(base, None, device)
-    reference_nll = [float(secret_nll(reference, tokenizer, template, c, [c.secret], options.batch_size, device)[0]) for c in canaries]
-    del reference
+    reference_model, tokenizer = reference
+    reference_nll = [float(secret_nll(reference_model, tokenizer, template, c, [c.secret], options.batch_size, device)[0]) for c in canaries]
     section = {"client": client, "count": len(canaries), "planted": sum(c.included for c in canaries), "repeats": canary_spec.repeats,
                "digits": digits, "space_log2": round(digits * math.log2(10), 3), "method": "exact" if 10**digits <= options.enumerate_limit else f"skew-normal fit on {options.candidates} candidates",
                "targets": {}}
     for target in [t for t in targets if t.name in (f"dp_adapter:{client}", "final")]:
         model, tokenizer = load_target(base, target.adapter_dir, device)
         console.print(f"audit: canaries on {target.name}")
-        exposures = [round(exposure(model, tokenizer, template, c, digits, options, device), 4) for c in track(canaries, f"exposure on {target.name}", total=len(canaries))]
-        extracted = [extraction(model, tokenizer, template, c, digits, options.extraction_samples, options.seed + c.index, device) for c in track(canaries, f"extraction on {target.name}", total=len(canaries))]
         target_nll = [float(secret_nll(model, tokenizer, template, c, [c.secret], options.batch_size, device)[0]) for c in canaries]
+        exposures = [round(exposure(model, tokenizer, template, c, digits, options, device, own), 4) for c, own in track(list(zip(canaries, target_nll)), f"exposure on {target.name}", total=len(canaries))]
+        extracted = [extraction(model, tokenizer, template, c, digits, options.extraction_samples, options.seed + c.index, device) for c in track(canaries, f"extraction on {target.name}", total=len(canaries))]
         scores = [r - t for r, t in zip(reference_nll, target_nll)]  # how far training lowered the secret's loss
         planted = [c.included for c in canaries]
         section["targets"][target.name] = {
@@ -232,10 +233,10 @@ def mia_scores(model, tokenizer, reference, records: list[InstructionRecord], op
     }
 
 
-def mia_section(run_dir: Path, spec: PipelineSpec, base: dict, targets: list[Target], clients: list[str], options: AuditOptions, device: str) -> dict | None:
+def mia_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, targets: list[Target], clients: list[str], options: AuditOptions, device: str) -> dict | None:
     if not spec.audit.holdout_per_client:
         return None
-    reference, _ = load_target(base, None, device)
+    reference, _ = reference
     section = {}
     for target in targets:
         model, tokenizer = load_target(base, target.adapter_dir, device)
@@ -295,7 +296,7 @@ def generations(model, tokenizer, spec: PipelineSpec, count: int, seed: int, dev
     return [c.text for c in completions]
 
 
-def pii_section(run_dir: Path, spec: PipelineSpec, base: dict, targets: list[Target], clients: list[str], options: AuditOptions, device: str) -> dict:
+def pii_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, targets: list[Target], clients: list[str], options: AuditOptions, device: str) -> dict:
     """PII of the private data replayed verbatim: in the synthetic data, and in samples from each
     released model beyond what the base model produces from the same public prompts."""
     from eval.pii import find_pii, replayed
@@ -308,9 +309,8 @@ def pii_section(run_dir: Path, spec: PipelineSpec, base: dict, targets: list[Tar
                "replayed_in_synthetic": len(replayed(found, synthetic)), "synthetic_texts": len(synthetic), "models": {}}
     if not (options.pii_samples and found):
         return section
-    base_model, tokenizer = load_target(base, None, device)
+    base_model, tokenizer = reference
     base_replays = replayed(found, generations(base_model, tokenizer, spec, options.pii_samples, options.seed, device))
-    del base_model
     section.update(samples_per_model=options.pii_samples, replayed_by_base=len(base_replays))
     for target in targets:
         model, tokenizer = load_target(base, target.adapter_dir, device)
@@ -349,11 +349,12 @@ def run_audit(run_dir: Path, options: AuditOptions) -> dict:
     if not targets:
         raise InputError(f"{run_dir}: no released model to audit yet (run dp_train or fedtune first)")
     device = resolve_device(spec.models.device)
+    reference = load_target(base, None, device)  # the base model: every section compares against it
     return {
         "run_dir": str(run_dir), "spec_name": spec.name, "options": options.model_dump(), "targets": [t.name for t in targets],
         "claimed_epsilon": claimed_epsilons(run_dir, spec),
-        "canaries": canary_section(run_dir, spec, base, targets, options, device),
-        "membership_inference": mia_section(run_dir, spec, base, targets, clients, options, device),
+        "canaries": canary_section(run_dir, spec, base, reference, targets, options, device),
+        "membership_inference": mia_section(run_dir, spec, base, reference, targets, clients, options, device),
         "synthetic_overlap": overlap_section(run_dir, clients),
-        "pii": pii_section(run_dir, spec, base, targets, clients, options, device),
+        "pii": pii_section(run_dir, spec, base, reference, targets, clients, options, device),
     }

@@ -44,6 +44,21 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def pad_batch(sequences: list[list[int]], pad_id: int, left: bool):
+    """(ids, attention mask) as [rows, longest] tensors. Left padding puts every sequence's end in
+    the last column (decoding, scoring the last tokens); right padding starts each at position 0."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        span = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+        ids[row, span] = torch.tensor(sequence)
+        mask[row, span] = 1
+    return ids, mask
+
+
 class Generator:
     def __init__(self, model, tokenizer, batch_size: int = 16, device: str = "cpu", stop_at_newline: bool = False) -> None:
         """`stop_at_newline`: a completion also ends at a line break (few-shot prompts to a base
@@ -71,12 +86,7 @@ class Generator:
         sampler = torch.Generator(device=self.device).manual_seed(seed)
         self.model.eval()
         for batch in track(batches, progress or "generating", total=len(batches)):
-            width = max(len(prompts[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
-                mask[row, width - len(prompts[i]) :] = 1
+            ids, mask = pad_batch([prompts[i] for i in batch], pad, left=True)
             for i, (tokens, finished) in zip(batch, self._decode(ids.to(self.device), mask.to(self.device), params, sampler)):
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 if self.stop_at_newline:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from knowledgesg.generation import length_batches
+from knowledgesg.generation import length_batches, pad_batch
 
 
 def encode_context(tokenizer, text: str) -> list[int]:
@@ -39,13 +39,8 @@ def continuation_logprobs(model, contexts: list[list[int]], continuations: list[
     model.eval()
     with torch.no_grad():
         for batch in length_batches([len(s) for s in sequences], batch_size):
-            width = max(len(sequences[i]) for i in batch)
             keep = max(len(continuations[i]) for i in batch) + 1
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, width - len(sequences[i]) :] = torch.tensor(sequences[i])
-                mask[row, width - len(sequences[i]) :] = 1
+            ids, mask = pad_batch([sequences[i] for i in batch], pad_id, left=True)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), logits_to_keep=keep).logits
             logprobs = logits.float().log_softmax(dim=-1)  # [rows, keep, vocab]: positions width-keep .. width-1
@@ -93,12 +88,7 @@ def token_statistics(model, sequences: list[list[int]], pad_id: int, batch_size:
     model.eval()
     with torch.no_grad():
         for batch in length_batches([len(s) for s in sequences], batch_size):
-            width = max(len(sequences[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, : len(sequences[i])] = torch.tensor(sequences[i])
-                mask[row, : len(sequences[i])] = 1
+            ids, mask = pad_batch([sequences[i] for i in batch], pad_id, left=False)
             logprobs = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(dim=-1)
             probs = logprobs.exp()
             mean = (probs * logprobs).sum(-1)

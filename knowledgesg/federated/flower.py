@@ -71,12 +71,11 @@ class FlowerTransport:
     def fit(self, tasks: list[ClientTask], params: Params, server_control: Params | None) -> list[ClientUpdate]:
         from flwr.app import ConfigRecord, Message, RecordDict
 
-        messages = []
-        for task in tasks:
-            content = {"arrays": to_array_record(params), "config": ConfigRecord({"task": task.model_dump_json()})}
-            if server_control:
-                content["control"] = to_array_record(server_control)
-            messages.append(Message(RecordDict(content), dst_node_id=self.nodes[task.client_id], message_type="train"))
+        shared = {"arrays": to_array_record(params)}  # the same for every client of the round: converted once
+        if server_control:
+            shared["control"] = to_array_record(server_control)
+        messages = [Message(RecordDict({**shared, "config": ConfigRecord({"task": task.model_dump_json()})}), dst_node_id=self.nodes[task.client_id], message_type="train")
+                    for task in tasks]
         updates = []
         for reply in self.grid.send_and_receive(messages):
             if not reply.has_content():
