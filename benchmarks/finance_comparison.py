@@ -24,20 +24,16 @@ benchmarks/results/finance_comparison.md.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
+from _comparison import count_lines, run_three, table  # noqa: E402
 
 LABELS = ["negative", "neutral", "positive"]
+TASKS = ["fpb", "fiqa", "tfns"]
 SEEDS = [
     {"instruction": "What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}.", "domain": "finance", "task": "sentiment"},
     {"instruction": "What is the sentiment of this tweet? Please choose an answer from {negative/neutral/positive}.", "domain": "finance", "task": "sentiment"},
@@ -46,7 +42,7 @@ SEEDS = [
 
 def base_spec(args, name: str, epsilon: float) -> dict:
     return {
-        "name": name, "seed": args.seed,
+        "name": f"finance-{name}", "seed": args.seed,
         "models": {"base": "smollm2-135m-instruct", "professional": "gemma-3-270m", "embedder": "minilm-l6-v2"},
         "clients": {"data": [{"builtin": "fpb_train", "sample": args.per_source}, {"builtin": "tfns_train", "sample": args.per_source}],
                     "partition": {"method": "dirichlet", "num_clients": 3, "alpha": 1.0, "label_field": "response", "names": ["bank_a", "bank_b", "bank_c"]}},
@@ -58,7 +54,7 @@ def base_spec(args, name: str, epsilon: float) -> dict:
 
 
 def evaluate(args, models: list[str]) -> dict:
-    return {"name": "evaluate", "params": {"tasks": ["fpb", "fiqa", "tfns"], "modes": ["logprob"], "models": models, "limit": args.limit, "fidelity": True}}
+    return {"name": "evaluate", "params": {"tasks": TASKS, "modes": ["logprob"], "models": models, "limit": args.limit, "fidelity": True}}
 
 
 def synthesis_stages(args, synthetic_stage: str) -> list[dict]:
@@ -71,46 +67,6 @@ def synthesis_stages(args, synthetic_stage: str) -> list[dict]:
         {"name": "fedtune", "params": {"engine": "local", "synthetic_stage": synthetic_stage, "rounds": args.rounds, "rule": {"name": "fedavg"},
                                        "training": {"steps": args.local_steps, "batch_size": 8, "max_length": 128, "learning_rate": 0.002, "loss_on": "response"}}},
     ]
-
-
-def ksg(*argv: str) -> float:
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", "from knowledgesg.cli import entry; entry()", *argv], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"ksg {' '.join(argv)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start
-
-
-def run_spec(workdir: Path, spec: dict, run_dir: Path) -> float:
-    path = workdir / f"{spec['name']}.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return ksg("run", str(path), "--run-dir", str(run_dir))
-
-
-def accuracy(run_dir: Path, model: str) -> dict:
-    results = json.loads((run_dir / "stages/evaluate/results.json").read_text())["models"]
-    if model == "dp":
-        dp = [m for name, m in results.items() if name.startswith("dp_adapter:")]
-        return {task: sum(m["tasks"][task]["logprob"]["accuracy"] for m in dp) / len(dp) for task in ("fpb", "fiqa", "tfns")}
-    return {task: results[model]["tasks"][task]["logprob"]["accuracy"] for task in ("fpb", "fiqa", "tfns")}
-
-
-def audit_figures(run_dir: Path, target: str) -> tuple[str, str]:
-    report = json.loads((run_dir / "audit/audit_report.json").read_text())
-    if target == "base":
-        return "-", "-"
-    exposure = report["canaries"]["targets"][target]["mean_exposure_planted"]
-    pii = report["pii"]["models"].get(target, {}).get("replayed_not_by_base", "-")
-    return f"{exposure:.2f}", str(pii)
-
-
-def bank_a_epsilon(run_dir: Path) -> float:
-    from knowledgesg.runner import load_run_spec
-    from privacy.ledger import composed_total, read_ledger
-
-    spec, _ = load_run_spec(run_dir)
-    entries = [e for e in read_ledger(run_dir, [s.name for s in spec.stages]) if e.client_id == "bank_a"]
-    return composed_total([e.mechanism for e in entries], entries[0].delta).reported
 
 
 def main() -> None:
@@ -127,44 +83,16 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="finance-comparison-"))
-    runs = {"A": workdir / "A", "B": workdir / "B", "C": workdir / "C"}
-    times = {}
-    spec_a = base_spec(args, "finance-eps8", 8.0)
-    spec_a["stages"] += synthesis_stages(args, "refine") + [evaluate(args, ["base", "dp", "final"])]
-    times["A: epsilon 8, full pipeline"] = run_spec(workdir, spec_a, runs["A"])
-    shutil.copytree(runs["A"], runs["B"])
-    spec_b = base_spec(args, "finance-eps8", 8.0)
-    spec_b["stages"] += synthesis_stages(args, "synthesize") + [evaluate(args, ["final"])]
-    times["B: fedtune on unrefined synthetic data (A's earlier stages cached)"] = run_spec(workdir, spec_b, runs["B"])
-    spec_c = base_spec(args, "finance-nonprivate", float("inf"))
-    spec_c["stages"] += [evaluate(args, ["dp"])]
-    times["C: NOT PRIVATE fine-tuning"] = run_spec(workdir, spec_c, runs["C"])
-    if not args.skip_audit:
-        for name, run_dir in runs.items():
-            times[f"audit {name}"] = ksg("audit", str(run_dir), "--candidates", "100", "--samples", "4", "--mia-members", "60")
-
-    eps_a = bank_a_epsilon(runs["A"])
-    rows = []
-    for label, run, model, target, eps in (
-        ("base model, no tuning", "A", "base", "base", "0"),
-        ("NOT PRIVATE: fine-tuning on the private data (upper bound)", "C", "dp", "dp_adapter:bank_a", "inf"),
-        ("DP fine-tuning at epsilon 8, evaluated directly", "A", "dp", "dp_adapter:bank_a", f"{eps_a:.2f}"),
-        ("synthetic data from the DP model, no refinement (federated)", "B", "final", "final", f"{eps_a:.2f}"),
-        ("full pipeline: synthesis, refinement, federated tuning", "A", "final", "final", f"{eps_a:.2f}"),
-    ):
-        acc = accuracy(runs[run], model)
-        mean = sum(acc.values()) / 3
-        exposure, pii = ("not run", "not run") if args.skip_audit else audit_figures(runs[run], target)
-        rows.append(f"| {label} | {acc['fpb']:.3f} | {acc['fiqa']:.3f} | {acc['tfns']:.3f} | **{mean:.3f}** | {exposure} | {pii} | {eps} |")
-    refined = sum(1 for c in ("bank_a", "bank_b", "bank_c") for _ in (runs["A"] / f"stages/refine/clients/{c}/refined.jsonl").read_text().splitlines())
-    synthetic = sum(1 for c in ("bank_a", "bank_b", "bank_c") for _ in (runs["A"] / f"stages/synthesize/clients/{c}/synthetic.jsonl").read_text().splitlines())
+    audit_argv = None if args.skip_audit else ["--candidates", "100", "--samples", "4", "--mia-members", "60"]
+    runs, times = run_three(workdir, lambda name, eps: base_spec(args, name, eps), lambda stage: synthesis_stages(args, stage),
+                            lambda models: evaluate(args, models), 8.0, audit_argv)
     write_result("finance_comparison", [
         "# Finance: the pipeline against the obvious private alternatives", "",
         f"Command: `{command()}`", f"Machine: {machine()}", f"Seed {args.seed}; {args.per_source} FPB + {args.per_source} TFNS training sentences over 3 banks; "
-        f"{synthetic} synthetic pairs kept by synthesize, {refined} after refine; fedtune {args.rounds} rounds x {args.local_steps} local steps; "
-        f"accuracy by label log-probability on {args.limit} seeded test items per task.", "",
+        f"{count_lines(runs['A'], 'synthesize', 'synthetic.jsonl')} synthetic pairs kept by synthesize, {count_lines(runs['A'], 'refine', 'refined.jsonl')} after refine; "
+        f"fedtune {args.rounds} rounds x {args.local_steps} local steps; accuracy by label log-probability on {args.limit} seeded test items per task.", "",
         "| row | FPB | FiQA | TFNS | mean | canary exposure (planted, bits of 19.9) | PII replays beyond base | epsilon (bank_a) |",
-        "|---|---|---|---|---|---|---|---|", *rows, "", "Times:", *[f"- {k}: {v:.0f} s" for k, v in times.items()],
+        "|---|---|---|---|---|---|---|---|", *table(runs, TASKS, "bank_a", 8.0, audit_argv is not None), "", "Times:", *[f"- {k}: {v:.0f} s" for k, v in times.items()],
     ])
 
 

@@ -34,11 +34,23 @@ def continuation_logprobs(model, contexts: list[list[int]], continuations: list[
         raise ValueError("one continuation per context")
     if any(not c for c in continuations):
         raise ValueError("an empty continuation has no log-probability")
-    sequences = [ctx + cont for ctx, cont in zip(contexts, continuations)]
-    results: list[np.ndarray | None] = [None] * len(sequences)
+    results: list[np.ndarray | None] = [None] * len(contexts)
+    # one-token continuations after the same context (a label, a Yes/No, an option letter) are
+    # all read from one forward pass of that context
+    shared: dict[tuple[int, ...], list[int]] = {}
+    for i, continuation in enumerate(continuations):
+        if len(continuation) == 1:
+            shared.setdefault(tuple(contexts[i]), []).append(i)
+    owners = list(shared.values())
+    for rows, logprobs in zip(owners, next_token_logprobs(model, [list(c) for c in shared], [[continuations[i][0] for i in rows] for rows in owners], pad_id, batch_size, device)):
+        for i, value in zip(rows, logprobs):
+            results[i] = np.array([value], dtype=np.float32)
+    rest = [i for i, continuation in enumerate(continuations) if len(continuation) > 1]
+    sequences = {i: contexts[i] + continuations[i] for i in rest}
     model.eval()
     with torch.no_grad():
-        for batch in length_batches([len(s) for s in sequences], batch_size):
+        for chunk in length_batches([len(sequences[i]) for i in rest], batch_size):
+            batch = [rest[k] for k in chunk]
             keep = max(len(continuations[i]) for i in batch) + 1
             ids, mask = pad_batch([sequences[i] for i in batch], pad_id, left=True)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -50,6 +62,23 @@ def continuation_logprobs(model, contexts: list[list[int]], continuations: list[
                 # n columns) are predicted by kept columns keep-n-1 .. keep-2
                 targets = torch.tensor(continuations[i], device=logprobs.device)
                 results[i] = logprobs[row, keep - n - 1 : keep - 1].gather(1, targets[:, None]).squeeze(1).cpu().numpy()
+    return results  # type: ignore[return-value]
+
+
+def next_token_logprobs(model, contexts: list[list[int]], wanted: list[list[int]], pad_id: int, batch_size: int = 8, device: str = "cpu") -> list[np.ndarray]:
+    """For each context, the log-probabilities of its `wanted` tokens as the next token."""
+    import torch
+
+    results: list[np.ndarray | None] = [None] * len(contexts)
+    model.eval()
+    with torch.no_grad():
+        for batch in length_batches([len(c) for c in contexts], batch_size):
+            ids, mask = pad_batch([contexts[i] for i in batch], pad_id, left=True)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), logits_to_keep=1).logits
+            logprobs = logits[:, -1].float().log_softmax(dim=-1)
+            for row, i in enumerate(batch):
+                results[i] = logprobs[row, torch.tensor(wanted[i], device=logprobs.device)].cpu().numpy()
     return results  # type: ignore[return-value]
 
 

@@ -11,8 +11,11 @@ from knowledgesg.scoring import choice_logprobs, continuation_logprobs, normaliz
 
 def test_batched_scores_equal_one_sequence_at_a_time():
     model, tok = load_causal_lm(resolve_model("tiny-random-llama"))
-    contexts = [tok(t)["input_ids"] for t in ("Instruction: the sentiment?\nInput: shares fell\nAnswer:", "Hi", "A much longer context " * 5)]
-    continuations = [tok(t, add_special_tokens=False)["input_ids"] for t in (" negative", " there, friend", " x")]
+    texts = [("Instruction: the sentiment?\nInput: shares fell\nAnswer:", " negative"), ("Hi", " there, friend"), ("A much longer context " * 5, "x"),
+             ("Hi", "y"), ("Hi", "z"), ("Answer:", "x")]  # one-token continuations after a shared context take the shared path
+    contexts = [tok(c)["input_ids"] for c, _ in texts]
+    continuations = [tok(t, add_special_tokens=False)["input_ids"] for _, t in texts]
+    assert sum(len(c) == 1 for c in continuations) >= 4
     got = continuation_logprobs(model, contexts, continuations, tok.pad_token_id, batch_size=3)
     for context, continuation, scores in zip(contexts, continuations, got):
         with torch.no_grad():

@@ -1,0 +1,126 @@
+"""What the two comparison tables (finance, medicine) share: three runs of one spec through `ksg`,
+and the five rows read back from their artifacts.
+
+- A (the target epsilon): dp_train -> synthesize -> refine -> fedtune on the refined data -> evaluate;
+- B: A's directory copied, fedtune on the unrefined synthetic data (earlier stages are cached);
+- C (NOT PRIVATE): dp_train with no noise -> evaluate.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    run: str  # "A", "B" or "C"
+    model: str  # "base", "dp" (the clients' DP adapters, on average) or "final" (the federated adapter)
+    audit_target: str  # the model the canary and PII columns are measured on
+    synthetic: str | None = None  # the synthetic data this row's model was tuned on: "synthesize" or "refine"
+
+
+def rows(first_client: str, epsilon: float) -> list[Row]:
+    return [
+        Row("base model, no tuning", "A", "base", "base"),
+        Row("NOT PRIVATE: fine-tuning on the private data (upper bound)", "C", "dp", f"dp_adapter:{first_client}"),
+        Row(f"DP fine-tuning at epsilon {epsilon:g}, evaluated directly", "A", "dp", f"dp_adapter:{first_client}"),
+        Row("synthetic data from the DP model, no refinement (federated)", "B", "final", "final", "synthesize"),
+        Row("full pipeline: synthesis, refinement, federated tuning", "A", "final", "final", "refine"),
+    ]
+
+
+def ksg(*argv: str) -> float:
+    """Seconds one `ksg` command took; a failure ends the benchmark with its output."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", "from knowledgesg.cli import entry; entry()", *argv], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"ksg {' '.join(argv)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def run_spec(workdir: Path, spec: dict, run_dir: Path) -> float:
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return ksg("run", str(path), "--run-dir", str(run_dir))
+
+
+def run_three(workdir: Path, base_spec: Callable[[str, float], dict], synthesis: Callable[[str], list[dict]], evaluate: Callable[[list[str]], dict],
+              epsilon: float, audit_argv: list[str] | None) -> tuple[dict[str, Path], dict[str, float]]:
+    """`base_spec(name, epsilon)` ends with dp_train; `synthesis(synthetic_stage)` adds
+    synthesize, refine and fedtune (on `synthetic_stage`'s output); `evaluate(models)` the
+    evaluate stage. Returns the run directories and the seconds each step took."""
+    runs = {"A": workdir / "A", "B": workdir / "B", "C": workdir / "C"}
+    times = {}
+    spec_a = base_spec("private", epsilon)
+    spec_a["stages"] += synthesis("refine") + [evaluate(["base", "dp", "final"])]
+    times[f"A: epsilon {epsilon:g}, full pipeline"] = run_spec(workdir, spec_a, runs["A"])
+    shutil.copytree(runs["A"], runs["B"])
+    spec_b = base_spec("private", epsilon)
+    spec_b["stages"] += synthesis("synthesize") + [evaluate(["final"])]
+    times["B: fedtune on unrefined synthetic data (A's earlier stages cached)"] = run_spec(workdir, spec_b, runs["B"])
+    spec_c = base_spec("nonprivate", float("inf"))
+    spec_c["stages"] += [evaluate(["dp"])]
+    times["C: NOT PRIVATE fine-tuning"] = run_spec(workdir, spec_c, runs["C"])
+    if audit_argv is not None:
+        for name, run_dir in runs.items():
+            times[f"audit {name}"] = ksg("audit", str(run_dir), *audit_argv)
+    return runs, times
+
+
+def accuracy(run_dir: Path, model: str, tasks: list[str]) -> dict[str, float]:
+    results = json.loads((run_dir / "stages/evaluate/results.json").read_text())["models"]
+    if model == "dp":
+        dp = [m for name, m in results.items() if name.startswith("dp_adapter:")]
+        return {task: sum(m["tasks"][task]["logprob"]["accuracy"] for m in dp) / len(dp) for task in tasks}
+    return {task: results[model]["tasks"][task]["logprob"]["accuracy"] for task in tasks}
+
+
+def audit_figures(run_dir: Path, target: str) -> tuple[str, str]:
+    """(mean exposure of the planted canaries, PII values replayed beyond the base model)."""
+    if target == "base":
+        return "-", "-"
+    report = json.loads((run_dir / "audit/audit_report.json").read_text())
+    exposure = report["canaries"]["targets"][target]["mean_exposure_planted"]
+    pii = report["pii"]["models"].get(target, {}).get("replayed_not_by_base", "-")
+    return f"{exposure:.2f}", str(pii)
+
+
+def client_epsilon(run_dir: Path, client: str) -> float:
+    """The client's composed epsilon over every ledger entry of the run."""
+    from knowledgesg.runner import load_run_spec
+    from privacy.ledger import composed_total, read_ledger
+
+    spec, _ = load_run_spec(run_dir)
+    entries = [e for e in read_ledger(run_dir, [s.name for s in spec.stages]) if e.client_id == client]
+    return composed_total([e.mechanism for e in entries], entries[0].delta).reported
+
+
+def count_lines(run_dir: Path, stage: str, file: str) -> int:
+    return sum(len(path.read_text().splitlines()) for path in (run_dir / "stages" / stage / "clients").glob(f"*/{file}"))
+
+
+def table(runs: dict[str, Path], tasks: list[str], first_client: str, epsilon: float, audited: bool,
+          extra_columns: Callable[[Row], list[str]] = lambda row: []) -> list[str]:
+    """One markdown line per row: accuracy per task and their mean, the extra columns, canary
+    exposure, PII replays, epsilon."""
+    eps = client_epsilon(runs["A"], first_client)
+    lines = []
+    for row in rows(first_client, epsilon):
+        acc = accuracy(runs[row.run], row.model, tasks)
+        mean = sum(acc.values()) / len(acc)
+        exposure, pii = audit_figures(runs[row.run], row.audit_target) if audited else ("not run", "not run")
+        row_eps = "0" if row.model == "base" else "inf" if row.run == "C" else f"{eps:.2f}"
+        cells = [row.label, *(f"{acc[t]:.3f}" for t in tasks), f"**{mean:.3f}**", *extra_columns(row), exposure, pii, row_eps]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines

@@ -1,0 +1,73 @@
+"""End-to-end time of the demo, from an empty model cache and from a warm one, and of a resumed
+finished run.
+
+Usage:  .venv/bin/python benchmarks/pipeline_time.py [--spec pipelines/specs/demo.yaml] [--workdir DIR]
+
+1. `ksg run SPEC` into a fresh run directory with an empty model cache ($KSG_CACHE_DIR pointed
+   at a new folder): what a fresh machine pays once `scripts/setup.sh` has installed the
+   packages (the GGUF conversions are included);
+2. the same into another fresh run directory with the now-filled cache: every later run;
+3. `ksg run SPEC` again on run 2's finished directory: a resume that finds every stage done.
+Per stage, `duration_s` from the manifests of runs 1 and 2. Writes benchmarks/results/pipeline_time.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command, machine, write_result  # noqa: E402
+
+
+def timed_run(spec: Path, run_dir: Path, cache: Path) -> float:
+    import subprocess
+
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", "from knowledgesg.cli import entry; entry()", "run", str(spec), "--run-dir", str(run_dir)],
+                            env={**os.environ, "KSG_CACHE_DIR": str(cache)}, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"ksg run {spec} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def stage_times(run_dir: Path) -> dict[str, float]:
+    from knowledgesg.runner import load_run_spec
+
+    spec, _ = load_run_spec(run_dir)
+    return {s.name: json.loads((run_dir / "stages" / s.name / "manifest.json").read_text())["duration_s"] for s in spec.stages}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", type=Path, default=Path("pipelines/specs/demo.yaml"))
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="pipeline-time-"))
+    cache = workdir / "model-cache"
+    cache.mkdir(parents=True, exist_ok=True)
+
+    cold = timed_run(args.spec, workdir / "cold", cache)
+    warm = timed_run(args.spec, workdir / "warm", cache)
+    resumed = timed_run(args.spec, workdir / "warm", cache)
+    cold_stages, warm_stages = stage_times(workdir / "cold"), stage_times(workdir / "warm")
+    write_result("pipeline_time", [
+        f"# End-to-end time: `ksg run {args.spec}`", "",
+        f"Command: `{command()}`", f"Machine: {machine()}", "",
+        "| run | seconds | minutes |", "|---|---|---|",
+        f"| fresh run directory, empty model cache (conversions included) | {cold:.0f} | {cold / 60:.1f} |",
+        f"| fresh run directory, models cached | {warm:.0f} | {warm / 60:.1f} |",
+        f"| resumed finished run (every stage found done) | {resumed:.1f} | {resumed / 60:.2f} |", "",
+        "| stage | empty cache, s | models cached, s |", "|---|---|---|",
+        *[f"| {name} | {cold_stages[name]:.1f} | {warm_stages[name]:.1f} |" for name in cold_stages],
+        "", "The whole-run times include process start and the privacy summary; stage times are the stages' own.",
+    ])
+
+
+if __name__ == "__main__":
+    main()
