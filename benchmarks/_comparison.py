@@ -4,6 +4,9 @@ and the five rows read back from their artifacts.
 - A (the target epsilon): dp_train -> synthesize -> refine -> fedtune on the refined data -> evaluate;
 - B: A's directory copied, fedtune on the unrefined synthetic data (earlier stages are cached);
 - C (NOT PRIVATE): dp_train with no noise -> evaluate.
+
+Then `ksg audit` on each run's released models (A: the DP adapters and the final adapter; B: its
+final adapter; C: its non-private adapters).
 """
 
 from __future__ import annotations
@@ -55,26 +58,44 @@ def run_spec(workdir: Path, spec: dict, run_dir: Path) -> float:
     return ksg("run", str(path), "--run-dir", str(run_dir))
 
 
+AUDITED_MODELS = {"A": "dp,final", "B": "final", "C": "dp"}  # B's DP adapters are A's
+
+
 def run_three(workdir: Path, base_spec: Callable[[str, float], dict], synthesis: Callable[[str], list[dict]], evaluate: Callable[[list[str]], dict],
               epsilon: float, audit_argv: list[str] | None) -> tuple[dict[str, Path], dict[str, float]]:
     """`base_spec(name, epsilon)` ends with dp_train; `synthesis(synthetic_stage)` adds
     synthesize, refine and fedtune (on `synthetic_stage`'s output); `evaluate(models)` the
-    evaluate stage. Returns the run directories and the seconds each step took."""
+    evaluate stage. A step whose marker file `<step>.done` is in `workdir` is not run again, so an
+    interrupted benchmark goes on where it stopped. Returns the run directories and the seconds
+    each step took (from `times.json`: a step done by an earlier invocation keeps its time)."""
     runs = {"A": workdir / "A", "B": workdir / "B", "C": workdir / "C"}
-    times = {}
+    times_path = workdir / "times.json"
+    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
+
+    def step(name: str, label: str, work: Callable[[], float]) -> None:
+        marker = workdir / f"{name}.done"
+        if not marker.is_file():
+            times[label] = work()
+            times_path.write_text(json.dumps(times, indent=1))
+            marker.touch()
+
+    def run_b() -> float:
+        shutil.rmtree(runs["B"], ignore_errors=True)
+        shutil.copytree(runs["A"], runs["B"])
+        spec_b = base_spec("private", epsilon)
+        spec_b["stages"] += synthesis("synthesize") + [evaluate(["final"])]
+        return run_spec(workdir, spec_b, runs["B"])
+
     spec_a = base_spec("private", epsilon)
     spec_a["stages"] += synthesis("refine") + [evaluate(["base", "dp", "final"])]
-    times[f"A: epsilon {epsilon:g}, full pipeline"] = run_spec(workdir, spec_a, runs["A"])
-    shutil.copytree(runs["A"], runs["B"])
-    spec_b = base_spec("private", epsilon)
-    spec_b["stages"] += synthesis("synthesize") + [evaluate(["final"])]
-    times["B: fedtune on unrefined synthetic data (A's earlier stages cached)"] = run_spec(workdir, spec_b, runs["B"])
     spec_c = base_spec("nonprivate", float("inf"))
     spec_c["stages"] += [evaluate(["dp"])]
-    times["C: NOT PRIVATE fine-tuning"] = run_spec(workdir, spec_c, runs["C"])
+    step("A", f"A: epsilon {epsilon:g}, full pipeline", lambda: run_spec(workdir, spec_a, runs["A"]))
+    step("B", "B: fedtune on unrefined synthetic data (A's earlier stages cached)", run_b)
+    step("C", "C: NOT PRIVATE fine-tuning", lambda: run_spec(workdir, spec_c, runs["C"]))
     if audit_argv is not None:
         for name, run_dir in runs.items():
-            times[f"audit {name}"] = ksg("audit", str(run_dir), *audit_argv)
+            step(f"audit-{name}", f"audit {name} ({AUDITED_MODELS[name]})", lambda run_dir=run_dir, name=name: ksg("audit", str(run_dir), "--models", AUDITED_MODELS[name], *audit_argv))
     return runs, times
 
 

@@ -24,6 +24,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,6 +53,7 @@ class AuditOptions(BaseModel):
     pii_samples: int = Field(default=32, ge=0, description="generations per model for PII replay")
     max_length: int = Field(default=128, ge=16)
     batch_size: int = Field(default=16, ge=1)
+    models: list[Literal["dp", "final"]] = Field(default_factory=lambda: ["dp", "final"], min_length=1, description="released models to audit")
     seed: int = 0
 
 
@@ -169,6 +171,11 @@ def targets_of(run_dir: Path, clients: list[str]) -> list[Target]:
     if completed(run_dir, "fedtune"):
         found.append(Target("final", run_dir / "stages/fedtune/adapter"))
     return found
+
+
+def of_kinds(targets: list[Target], kinds: list[str]) -> list[Target]:
+    """The targets of the kinds asked for: "dp" (every client's DP adapter), "final"."""
+    return [t for t in targets if (t.name.startswith("dp_adapter:") and "dp" in kinds) or (t.name == "final" and "final" in kinds)]
 
 
 # -- the sections of the report -----------------------------------------------------------------
@@ -345,9 +352,9 @@ def run_audit(run_dir: Path, options: AuditOptions) -> dict:
         raise InputError(f"{run_dir}: the audit needs completed prepare_models and ingest stages")
     base = read_json(run_dir / "stages/prepare_models/models.json")["base"]
     clients = list(read_json(run_dir / "stages/ingest/partition.json")["clients"])
-    targets = targets_of(run_dir, clients)
+    targets = of_kinds(targets_of(run_dir, clients), options.models)
     if not targets:
-        raise InputError(f"{run_dir}: no released model to audit yet (run dp_train or fedtune first)")
+        raise InputError(f"{run_dir}: no released model of the kinds asked for ({', '.join(options.models)}) to audit yet (run dp_train or fedtune first)")
     device = resolve_device(spec.models.device)
     reference = load_target(base, None, device)  # the base model: every section compares against it
     return {

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from eval.audit import Target, completed, load_target, private_texts, synthetic_texts, targets_of
+from eval.audit import Target, completed, load_target, of_kinds, private_texts, synthetic_texts, targets_of
 from eval.benchmarks import TASKS, evaluate_model
 from knowledgesg.console import console
 from knowledgesg.errors import InputError
@@ -41,10 +41,7 @@ class EvalOptions(BaseModel):
 
 
 def chosen_targets(run_dir: Path, clients: list[str], which: list[str]) -> list[Target]:
-    released = targets_of(run_dir, clients)
-    targets = [Target("base", None)] if "base" in which else []
-    targets += [t for t in released if (t.name.startswith("dp_adapter:") and "dp" in which) or (t.name == "final" and "final" in which)]
-    return targets
+    return ([Target("base", None)] if "base" in which else []) + of_kinds(targets_of(run_dir, clients), which)
 
 
 def mean_accuracy(results: dict, mode: str) -> float | None:

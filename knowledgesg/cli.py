@@ -108,6 +108,11 @@ def privacy_report(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="
     console.print(f"wrote {json_path} and {html_path}")
 
 
+def split(text: str) -> list[str]:
+    """A comma-separated option as its parts."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 @app.command("eval")
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run directory")],
@@ -126,9 +131,6 @@ def evaluate(
     from knowledgesg.models import resolve_device
     from knowledgesg.runner import load_run_spec
     from knowledgesg.spec import format_validation_error
-
-    def split(text: str) -> list[str]:
-        return [part.strip() for part in text.split(",") if part.strip()]
 
     try:
         options = EvalOptions(tasks=split(tasks), models=split(models), modes=split(modes), limit=limit, seed=seed)
@@ -170,6 +172,7 @@ def audit(
     guesses: Annotated[int | None, typer.Option(help="one-run epsilon audit: guesses (default: every canary)")] = None,
     samples: Annotated[int, typer.Option(help="sampled decodings per canary; 4x as many generations per model for PII replay")] = 8,
     mia_members: Annotated[int, typer.Option(help="training records per client scored for membership inference")] = 200,
+    models: Annotated[str, typer.Option(help="comma-separated released models to audit: dp, final (the base model is always the reference)")] = "dp,final",
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Memorization audit of a run's released models: canary exposure and extraction, the one-run
@@ -182,7 +185,7 @@ def audit(
     from knowledgesg.spec import format_validation_error
 
     try:
-        options = AuditOptions(candidates=candidates, guesses=guesses, extraction_samples=samples, pii_samples=4 * samples, mia_members=mia_members, seed=seed)
+        options = AuditOptions(candidates=candidates, guesses=guesses, extraction_samples=samples, pii_samples=4 * samples, mia_members=mia_members, models=split(models), seed=seed)
     except ValidationError as err:
         raise InputError(format_validation_error("ksg audit", err)) from None
     report = run_audit(run_dir, options)

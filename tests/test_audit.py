@@ -101,3 +101,12 @@ def test_planted_records_and_bad_canary_specs(tmp_path: Path):
     bad["audit"] = {"canaries": {"client": "client_0", "template": {"input": "no secret here"}}}
     result = run_cli("run", str(write_spec(tmp_path, bad)), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 2 and "exactly once" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_audit_of_chosen_models(audited_run: Path, capsys):
+    # this run released DP adapters only: asking for the final model alone is refused in one line
+    assert run_in(audited_run.parent, "audit", "run", "--models", "final") == 2
+    assert "no released model of the kinds asked for (final)" in capsys.readouterr().err
+    assert run_in(audited_run.parent, "audit", "run", "--models", "dp,bogus") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ksg audit" in err and "models" in err
