@@ -145,3 +145,16 @@ def table(runs: dict[str, Path], tasks: list[str], first_client: str, epsilon: f
         cells = [row.label, *(f"{acc[t]:.3f}" for t in tasks), f"**{mean:.3f}**", *extra_columns(row), exposure, pii, row_eps]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def per_client_table(runs: dict[str, Path], tasks: list[str]) -> list[str]:
+    """The DP and non-private rows are means over clients; each client's own adapter here, with
+    the number of training records it held (ingest's partition)."""
+    sizes = json.loads((runs["A"] / "stages/ingest/partition.json").read_text())["clients"]
+    lines = ["| client | training records (planted canary copies included) | adapter | " + " | ".join(tasks) + " | mean |", "|---|---|---|" + "---|" * (len(tasks) + 1)]
+    for client, size in sizes.items():
+        for run, kind in (("C", "NOT PRIVATE"), ("A", "DP")):
+            results = json.loads((runs[run] / "stages/evaluate/results.json").read_text())["models"][f"dp_adapter:{client}"]["tasks"]
+            acc = [results[t]["logprob"]["accuracy"] for t in tasks]
+            lines.append(f"| {client} | {size} | {kind} | " + " | ".join(f"{a:.3f}" for a in acc) + f" | {sum(acc) / len(acc):.3f} |")
+    return lines
