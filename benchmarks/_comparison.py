@@ -127,14 +127,30 @@ def client_epsilon(run_dir: Path, client: str) -> float:
     return composed_total([e.mechanism for e in entries], entries[0].delta).reported
 
 
+def copied_synthetic(run_a: Path, stage: str) -> str:
+    """Synthetic texts of `stage` (synthesize or refine) that share an 8-word span with their
+    client's private data, public prompt spans aside: "copied / all", over every client."""
+    from eval.audit import OVERLAP_WORDS, private_texts, public_prompts, sharing_private_spans
+    from knowledgesg.fileio import read_jsonl
+
+    name = {"synthesize": "synthetic.jsonl", "refine": "refined.jsonl"}[stage]
+    copied = total = 0
+    for path in sorted((run_a / "stages" / stage / "clients").glob(f"*/{name}")):
+        client = path.parent.name
+        texts = [f"{r['instruction']}\n{r['input']}\n{r['response']}" for r in read_jsonl(path)]
+        copied += len(sharing_private_spans(texts, private_texts(run_a, client), public_prompts(run_a, client), OVERLAP_WORDS))
+        total += len(texts)
+    return f"{copied} / {total}"
+
+
 def count_lines(run_dir: Path, stage: str, file: str) -> int:
     return sum(len(path.read_text().splitlines()) for path in (run_dir / "stages" / stage / "clients").glob(f"*/{file}"))
 
 
 def table(runs: dict[str, Path], tasks: list[str], first_client: str, epsilon: float, audited: bool,
           extra_columns: Callable[[Row], list[str]] = lambda row: []) -> list[str]:
-    """One markdown line per row: accuracy per task and their mean, the extra columns, canary
-    exposure, PII replays, epsilon."""
+    """One markdown line per row: accuracy per task and their mean, the extra columns, synthetic
+    texts copying a private span, canary exposure, PII replays, epsilon."""
     eps = client_epsilon(runs["A"], first_client)
     lines = []
     for row in rows(first_client, epsilon):
@@ -142,7 +158,8 @@ def table(runs: dict[str, Path], tasks: list[str], first_client: str, epsilon: f
         mean = sum(acc.values()) / len(acc)
         exposure, pii = audit_figures(runs[row.run], row.audit_target) if audited else ("not run", "not run")
         row_eps = "0" if row.model == "base" else "inf" if row.run == "C" else f"{eps:.2f}"
-        cells = [row.label, *(f"{acc[t]:.3f}" for t in tasks), f"**{mean:.3f}**", *extra_columns(row), exposure, pii, row_eps]
+        copied = copied_synthetic(runs["A"], row.synthetic) if row.synthetic else "-"
+        cells = [row.label, *(f"{acc[t]:.3f}" for t in tasks), f"**{mean:.3f}**", *extra_columns(row), copied, exposure, pii, row_eps]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -95,8 +95,8 @@ def main() -> None:
         f"{count_lines(runs['A'], 'synthesize', 'synthetic.jsonl')} synthetic pairs kept by synthesize, {count_lines(runs['A'], 'refine', 'refined.jsonl')} after refine; "
         f"fedtune {args.rounds} rounds x {args.local_steps} local steps; accuracy by label log-probability on {args.limit} seeded test items per task.", "",
         f"Audit: `ksg audit RUN --models M {' '.join(audit_argv)}` with M = {AUDITED_MODELS}." if audit_argv else "Audit: not run.", "",
-        "| row | FPB | FiQA | TFNS | mean | canary exposure (planted, bits of 19.9) | PII replays beyond base | epsilon (bank_a) |",
-        "|---|---|---|---|---|---|---|---|", *table(runs, TASKS, "bank_a", 8.0, audit_argv is not None), "", "Each client's own adapter (the DP and NOT PRIVATE rows are their means):", "", *per_client_table(runs, TASKS),
+        "| row | FPB | FiQA | TFNS | mean | synthetic texts with a private 8-word span | canary exposure (planted, bits of 19.9) | PII replays beyond base | epsilon (bank_a) |",
+        "|---|---|---|---|---|---|---|---|---|", *table(runs, TASKS, "bank_a", 8.0, audit_argv is not None), "", "Each client's own adapter (the DP and NOT PRIVATE rows are their means):", "", *per_client_table(runs, TASKS),
         "", "Times:", *[f"- {k}: {v:.0f} s" for k, v in times.items()],
     ])
 

@@ -146,8 +146,8 @@ def main() -> None:
         f"{count_lines(runs['A'], 'synthesize', 'synthetic.jsonl')} synthetic pairs kept by synthesize, {count_lines(runs['A'], 'refine', 'refined.jsonl')} after refine; "
         f"fedtune {args.rounds} rounds x {args.local_steps} local steps; accuracy by answer log-probability on {args.limit} seeded test items per task.", "",
         f"Audit: `ksg audit RUN --models M {' '.join(audit_argv)}` with M = {AUDITED_MODELS}." if audit_argv else "Audit: not run.", "",
-        "| row | PubMedQA | MedQA | mean | Fréchet to private (floor) | canary exposure (planted, bits of 19.9) | PII replays beyond base | epsilon (hospital_a) |",
-        "|---|---|---|---|---|---|---|---|", *table(runs, TASKS, "hospital_a", 8.0, audit_argv is not None, fidelity_cells(runs["A"], args.seed)),
+        "| row | PubMedQA | MedQA | mean | Fréchet to private (floor) | synthetic texts with a private 8-word span | canary exposure (planted, bits of 19.9) | PII replays beyond base | epsilon (hospital_a) |",
+        "|---|---|---|---|---|---|---|---|---|", *table(runs, TASKS, "hospital_a", 8.0, audit_argv is not None, fidelity_cells(runs["A"], args.seed)),
         "", "Each client's own adapter (the DP and NOT PRIVATE rows are their means):", "", *per_client_table(runs, TASKS),
         "", "Times:", *[f"- {k}: {v:.0f} s" for k, v in times.items()],
     ])

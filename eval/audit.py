@@ -284,10 +284,30 @@ def overlap_section(run_dir: Path, clients: list[str]) -> dict:
     section = {}
     for client in clients:
         synthetic = synthetic_texts(run_dir, client)
-        private_spans = set().union(*(word_spans(t, OVERLAP_WORDS) for t in private_texts(run_dir, client)))
-        copied = [t for t in synthetic if word_spans(t, OVERLAP_WORDS) & private_spans]
+        copied = sharing_private_spans(synthetic, private_texts(run_dir, client), public_prompts(run_dir, client), OVERLAP_WORDS)
         section[client] = {"synthetic": len(synthetic), f"with_a_private_{OVERLAP_WORDS}_word_span": len(copied)}
     return section
+
+
+def sharing_private_spans(synthetic: list[str], private: list[str], public: list[str], n: int) -> list[str]:
+    """The synthetic texts that share an n-word span with a private text. Spans that also occur in
+    the public prompts do not count: private records and synthetic ones repeat the same public
+    instruction ("What is the sentiment of this news? ..."), which is no leak."""
+    public_spans = set().union(*(line_spans(t, n) for t in public))
+    private_spans = set().union(*(line_spans(t, n) for t in private)) - public_spans
+    return [t for t in synthetic if line_spans(t, n) & private_spans]
+
+
+def line_spans(text: str, n: int) -> set[str]:
+    """Spans within one line: a record's fields are joined by line breaks, and a span that runs
+    from the public instruction into the input would match every record that starts alike."""
+    return set().union(*(word_spans(line, n) for line in text.split("\n")))
+
+
+def public_prompts(run_dir: Path, client: str) -> list[str]:
+    """The first-pass prompts synthesize sent for this client: public seeds only, by construction."""
+    path = run_dir / "stages/synthesize/clients" / client / "prompts.jsonl"
+    return [r["prompt"] for r in read_jsonl(path) if r["pass"] == 1] if completed(run_dir, "synthesize") and path.is_file() else []
 
 
 def generations(model, tokenizer, spec: PipelineSpec, count: int, seed: int, device: str) -> list[str]:

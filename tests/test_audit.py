@@ -110,3 +110,14 @@ def test_audit_of_chosen_models(audited_run: Path, capsys):
     assert run_in(audited_run.parent, "audit", "run", "--models", "dp,bogus") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ksg audit" in err and "models" in err
+
+
+def test_overlap_ignores_the_public_instruction_and_finds_a_copied_sentence():
+    from eval.audit import sharing_private_spans
+
+    instruction = "What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}."
+    private = [f"{instruction}\nThe company said operating profit of the Finnish group rose to EUR 12 million in the third quarter\nneutral"]
+    fresh = f"{instruction}\nThe company said that shares of a retailer fell after weak holiday sales\nnegative"  # spans across the line break do not count
+    copied = f"{instruction}\nWe hear operating profit of the Finnish group rose to EUR 12 million\npositive"
+    assert sharing_private_spans([fresh, copied], private, [f"user\n{instruction}\n"], 8) == [copied]
+    assert sharing_private_spans([fresh], private, [], 8) == [fresh]  # without the public prompts the instruction alone counts
