@@ -97,7 +97,7 @@ def main() -> None:
         f"Audit: `ksg audit RUN --models M {' '.join(audit_argv)}` with M = {AUDITED_MODELS}." if audit_argv else "Audit: not run.", "",
         "| row | FPB | FiQA | TFNS | mean | synthetic texts with a private 8-word span | canary exposure (planted, bits of 19.9) | PII replays beyond base | epsilon (bank_a) |",
         "|---|---|---|---|---|---|---|---|---|", *table(runs, TASKS, "bank_a", 8.0, audit_argv is not None), "", "Each client's own adapter (the DP and NOT PRIVATE rows are their means):", "", *per_client_table(runs, TASKS),
-        "", "Times:", *[f"- {k}: {v:.0f} s" for k, v in times.items()],
+        "", "Times (wall clock; other jobs shared the 2 cores for much of it, so these are not speed figures):", *[f"- {k}: {v:.0f} s" for k, v in times.items()],
     ])
 
 

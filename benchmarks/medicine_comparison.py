@@ -149,7 +149,7 @@ def main() -> None:
         "| row | PubMedQA | MedQA | mean | Fréchet to private (floor) | synthetic texts with a private 8-word span | canary exposure (planted, bits of 19.9) | PII replays beyond base | epsilon (hospital_a) |",
         "|---|---|---|---|---|---|---|---|---|", *table(runs, TASKS, "hospital_a", 8.0, audit_argv is not None, fidelity_cells(runs["A"], args.seed)),
         "", "Each client's own adapter (the DP and NOT PRIVATE rows are their means):", "", *per_client_table(runs, TASKS),
-        "", "Times:", *[f"- {k}: {v:.0f} s" for k, v in times.items()],
+        "", "Times (wall clock; other jobs shared the 2 cores for much of it, so these are not speed figures):", *[f"- {k}: {v:.0f} s" for k, v in times.items()],
     ])
 
 
