@@ -57,6 +57,8 @@ def stage_times(run_dir: Path) -> dict[str, float]:
 
 
 def main() -> None:
+    import numpy as np
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=64, help="private records per client at 1x")
     parser.add_argument("--synthetic", type=int, default=8, help="synthetic pairs per client at 1x")
@@ -73,10 +75,14 @@ def main() -> None:
         "2 clients, 1x each": (2, args.records, args.synthetic),
         "4 clients, 1x each": (4, args.records, args.synthetic),
     }
-    totals, stages = {}, {}
+    totals_path = workdir / "times.json"  # whole-run seconds, kept so that an interrupted benchmark goes on
+    totals = json.loads(totals_path.read_text()) if totals_path.is_file() else {}
+    stages = {}
     for n, (label, (clients, records, synthetic)) in enumerate(configs.items()):
         run_dir = workdir / f"run{n}"
-        totals[label] = run_spec(workdir, spec(args, f"scaling-{n}", clients, records, synthetic), run_dir)
+        if label not in totals:
+            totals[label] = run_spec(workdir, spec(args, f"scaling-{n}", clients, records, synthetic), run_dir)
+            totals_path.write_text(json.dumps(totals, indent=1))
         stages[label] = stage_times(run_dir)
         print(label, f"{totals[label]:.0f} s", stages[label], flush=True)
 
@@ -89,13 +95,22 @@ def main() -> None:
         base_work = stages[reference]["synthesize"] + stages[reference]["refine"]
         lines.append(f"| {label} | {scale:g} | " + " | ".join(f"{stages[label][s]:.1f}" for s in STAGES) + f" | {totals[label]:.1f} | "
                      f"{totals[label] / totals[reference]:.2f} | {stages[label]['dp_train'] / stages[reference]['dp_train']:.2f} | {work / base_work:.2f} |")
+    fits = []
+    for axis, labels in (("records (1 client)", ["1 client, 1x", "1 client, 2x", "1 client, 4x"]), ("clients (1x each)", ["1 client, 1x", "2 clients, 1x each", "4 clients, 1x each"])):
+        scales = [1.0, 2.0, 4.0]
+        seconds = [totals[label] for label in labels]
+        slope, intercept = np.polyfit(scales, seconds, 1)
+        worst = max(abs(t - (intercept + slope * x)) for x, t in zip(scales, seconds))
+        fits.append(f"| {axis} | {intercept:.1f} | {slope:.1f} | {worst:.1f} |")
     write_result("scaling", [
         "# Pipeline time against records and clients", "",
         f"Command: `{command()}`", f"Machine: {machine()}",
         f"1x = {args.records} FPB training sentences and {args.synthetic} synthetic pairs per client; one epoch of DP-SGD at epsilon 8 "
         "(batch 8, 96 tokens); fedtune 2 rounds x 2 steps with every client. Seconds per stage from each stage's manifest; "
         "the whole run includes process start and prepare_models (cached models).", "",
-        *lines,
+        *lines, "",
+        "Least-squares line through the whole-run times, seconds = fixed + per_unit x scale; the largest distance of a point from it:", "",
+        "| axis | fixed (s) | per 1x (s) | largest residual (s) |", "|---|---|---|---|", *fits,
     ])
 
 
