@@ -68,6 +68,8 @@ def run_three(workdir: Path, base_spec: Callable[[str, float], dict], synthesis:
     evaluate stage. A step whose marker file `<step>.done` is in `workdir` is not run again, so an
     interrupted benchmark goes on where it stopped. Returns the run directories and the seconds
     each step took (from `times.json`: a step done by an earlier invocation keeps its time)."""
+    from knowledgesg.fileio import write_json
+
     runs = {"A": workdir / "A", "B": workdir / "B", "C": workdir / "C"}
     times_path = workdir / "times.json"
     times = json.loads(times_path.read_text()) if times_path.is_file() else {}
@@ -76,7 +78,7 @@ def run_three(workdir: Path, base_spec: Callable[[str, float], dict], synthesis:
         marker = workdir / f"{name}.done"
         if not marker.is_file():
             times[label] = work()
-            times_path.write_text(json.dumps(times, indent=1))
+            write_json(times_path, times)  # whole or not at all: a later invocation reads it
             marker.touch()
 
     def run_b() -> float:

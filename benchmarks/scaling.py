@@ -75,6 +75,8 @@ def main() -> None:
         "2 clients, 1x each": (2, args.records, args.synthetic),
         "4 clients, 1x each": (4, args.records, args.synthetic),
     }
+    from knowledgesg.fileio import write_json
+
     totals_path = workdir / "times.json"  # whole-run seconds, kept so that an interrupted benchmark goes on
     totals = json.loads(totals_path.read_text()) if totals_path.is_file() else {}
     stages = {}
@@ -82,7 +84,7 @@ def main() -> None:
         run_dir = workdir / f"run{n}"
         if label not in totals:
             totals[label] = run_spec(workdir, spec(args, f"scaling-{n}", clients, records, synthetic), run_dir)
-            totals_path.write_text(json.dumps(totals, indent=1))
+            write_json(totals_path, totals)
         stages[label] = stage_times(run_dir)
         print(label, f"{totals[label]:.0f} s", stages[label], flush=True)
 
