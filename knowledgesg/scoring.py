@@ -42,7 +42,7 @@ def continuation_logprobs(model, contexts: list[list[int]], continuations: list[
         if len(continuation) == 1:
             shared.setdefault(tuple(contexts[i]), []).append(i)
     owners = list(shared.values())
-    for rows, logprobs in zip(owners, next_token_logprobs(model, [list(c) for c in shared], [[continuations[i][0] for i in rows] for rows in owners], pad_id, batch_size, device)):
+    for rows, logprobs in zip(owners, next_token_logprobs(model, [contexts[rows[0]] for rows in owners], [[continuations[i][0] for i in rows] for rows in owners], pad_id, batch_size, device)):
         for i, value in zip(rows, logprobs):
             results[i] = np.array([value], dtype=np.float32)
     rest = [i for i, continuation in enumerate(continuations) if len(continuation) > 1]
@@ -52,10 +52,7 @@ def continuation_logprobs(model, contexts: list[list[int]], continuations: list[
         for chunk in length_batches([len(sequences[i]) for i in rest], batch_size):
             batch = [rest[k] for k in chunk]
             keep = max(len(continuations[i]) for i in batch) + 1
-            ids, mask = pad_batch([sequences[i] for i in batch], pad_id, left=True)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), logits_to_keep=keep).logits
-            logprobs = logits.float().log_softmax(dim=-1)  # [rows, keep, vocab]: positions width-keep .. width-1
+            logprobs = last_logprobs(model, [sequences[i] for i in batch], pad_id, keep, device)  # [rows, keep, vocab]: positions width-keep .. width-1
             for row, i in enumerate(batch):
                 n = len(continuations[i])
                 # the token at position t is predicted at t - 1: the continuation's tokens (the last
@@ -73,13 +70,19 @@ def next_token_logprobs(model, contexts: list[list[int]], wanted: list[list[int]
     model.eval()
     with torch.no_grad():
         for batch in length_batches([len(c) for c in contexts], batch_size):
-            ids, mask = pad_batch([contexts[i] for i in batch], pad_id, left=True)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), logits_to_keep=1).logits
-            logprobs = logits[:, -1].float().log_softmax(dim=-1)
+            logprobs = last_logprobs(model, [contexts[i] for i in batch], pad_id, 1, device)[:, -1]
             for row, i in enumerate(batch):
                 results[i] = logprobs[row, torch.tensor(wanted[i], device=logprobs.device)].cpu().numpy()
     return results  # type: ignore[return-value]
+
+
+def last_logprobs(model, sequences: list[list[int]], pad_id: int, keep: int, device: str):
+    """Log-softmax over the vocabulary at the last `keep` positions of each sequence, left-padded
+    into one batch so that every sequence ends in the last column: [rows, keep, vocab]."""
+    ids, mask = pad_batch(sequences, pad_id, left=True)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), logits_to_keep=keep).logits
+    return logits.float().log_softmax(dim=-1)
 
 
 def choice_logprobs(model, tokenizer, prompts: list[str], choices: list[str], batch_size: int = 8, device: str = "cpu") -> np.ndarray:
