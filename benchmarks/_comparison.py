@@ -132,14 +132,11 @@ def client_epsilon(run_dir: Path, client: str) -> float:
 def copied_synthetic(run_a: Path, stage: str) -> str:
     """Synthetic texts of `stage` (synthesize or refine) that share an 8-word span with their
     client's private data, public prompt spans aside: "copied / all", over every client."""
-    from eval.audit import OVERLAP_WORDS, private_texts, public_prompts, sharing_private_spans
-    from knowledgesg.fileio import read_jsonl
+    from eval.audit import OVERLAP_WORDS, private_texts, public_prompts, sharing_private_spans, synthetic_texts
 
-    name = {"synthesize": "synthetic.jsonl", "refine": "refined.jsonl"}[stage]
     copied = total = 0
-    for path in sorted((run_a / "stages" / stage / "clients").glob(f"*/{name}")):
-        client = path.parent.name
-        texts = [f"{r['instruction']}\n{r['input']}\n{r['response']}" for r in read_jsonl(path)]
+    for client in json.loads((run_a / "stages/ingest/partition.json").read_text())["clients"]:
+        texts = synthetic_texts(run_a, client, (stage,))
         copied += len(sharing_private_spans(texts, private_texts(run_a, client), public_prompts(run_a, client), OVERLAP_WORDS))
         total += len(texts)
     return f"{copied} / {total}"

@@ -89,20 +89,18 @@ def evaluate(args, models: list[str]) -> dict:
 def fidelity_cells(run_a: Path, seed: int):
     """Fréchet distance of each row's synthetic data to the private data, mean over hospitals,
     computed here from run A's files (the benchmark stands in for the hospitals)."""
-    from eval.audit import private_texts
+    from eval.audit import private_texts, synthetic_texts
     from eval.fidelity import fidelity_report
-    from knowledgesg.fileio import read_jsonl
     from knowledgesg.models import resolve_device
     from knowledgesg.retrieval import embed, load_embedder
 
     models = json.loads((run_a / "stages/prepare_models/models.json").read_text())
     embedder = load_embedder(models["embedder"]["path"], resolve_device("auto"))
-    files = {"synthesize": "synthetic.jsonl", "refine": "refined.jsonl"}
     figures = {}
-    for stage, name in files.items():
+    for stage in ("synthesize", "refine"):
         reports = []
         for client in CLIENTS:
-            synthetic = [f"{r['instruction']}\n{r['input']}\n{r['response']}" for r in read_jsonl(run_a / "stages" / stage / "clients" / client / name)]
+            synthetic = synthetic_texts(run_a, client, (stage,))
             reports.append(fidelity_report(private_texts(run_a, client), synthetic, lambda texts: embed(embedder, texts), seed))
         usable = [r for r in reports if "skipped" not in r]
         figures[stage] = (f"{sum(r['frechet_synthetic_vs_private'] for r in usable) / len(usable):.3f} "

@@ -267,9 +267,13 @@ def word_spans(text: str, n: int) -> set[str]:
     return {" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
 
 
-def synthetic_texts(run_dir: Path, client: str) -> list[str]:
-    for stage, name in (("refine", "refined.jsonl"), ("synthesize", "synthetic.jsonl")):
-        path = run_dir / "stages" / stage / "clients" / client / name
+SYNTHETIC_FILES = {"refine": "refined.jsonl", "synthesize": "synthetic.jsonl"}
+
+
+def synthetic_texts(run_dir: Path, client: str, stages: tuple[str, ...] = ("refine", "synthesize")) -> list[str]:
+    """The client's synthetic records as texts, from the first of `stages` that has completed."""
+    for stage in stages:
+        path = run_dir / "stages" / stage / "clients" / client / SYNTHETIC_FILES[stage]
         if completed(run_dir, stage) and path.is_file():
             return [f"{r['instruction']}\n{r['input']}\n{r['response']}" for r in read_jsonl(path)]
     return []
