@@ -11,7 +11,9 @@ final adapter; C: its non-private adapters).
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -42,10 +44,32 @@ def rows(first_client: str, epsilon: float) -> list[Row]:
     ]
 
 
-def ksg(*argv: str) -> float:
-    """Seconds one `ksg` command took; a failure ends the benchmark with its output."""
+def add_run_arguments(parser: argparse.ArgumentParser, synthetic: int, seed: int, mia_members: int) -> None:
+    """The options both comparison tables take, with each table's defaults."""
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--synthetic", type=int, default=synthetic, help="synthetic pairs per client")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=4)
+    parser.add_argument("--limit", type=int, default=100, help="test items per task")
+    parser.add_argument("--seed", type=int, default=seed)
+    parser.add_argument("--audit-candidates", type=int, default=100, help="random candidate secrets per canary")
+    parser.add_argument("--audit-samples", type=int, default=4, help="sampled decodings per canary (4x as many generations for PII replay)")
+    parser.add_argument("--mia-members", type=int, default=mia_members, help="training records per client scored for membership inference")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--skip-audit", action="store_true", help="accuracy (and fidelity) only: no audit columns (saves about half the time)")
+
+
+def audit_argv(args: argparse.Namespace) -> list[str] | None:
+    """The `ksg audit` options the run arguments ask for; None with --skip-audit."""
+    return None if args.skip_audit else ["--candidates", str(args.audit_candidates), "--samples", str(args.audit_samples), "--mia-members", str(args.mia_members)]
+
+
+def ksg(*argv: str, env: dict[str, str] | None = None) -> float:
+    """Seconds one `ksg` command took (with `env` added to the environment); a failure ends the
+    benchmark with its output."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", "from knowledgesg.cli import entry; entry()", *argv], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", "from knowledgesg.cli import entry; entry()", *argv], capture_output=True, text=True,
+                            env={**os.environ, **(env or {})})
     if result.returncode != 0:
         raise SystemExit(f"ksg {' '.join(argv)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return time.perf_counter() - start

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
-from _comparison import AUDITED_MODELS, per_client_table, count_lines, run_three, table  # noqa: E402
+from _comparison import AUDITED_MODELS, add_run_arguments, audit_argv, count_lines, per_client_table, run_three, table  # noqa: E402
 
 LABELS = ["negative", "neutral", "positive"]
 TASKS = ["fpb", "fiqa", "tfns"]
@@ -72,31 +72,21 @@ def synthesis_stages(args, synthetic_stage: str) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--per-source", type=int, default=150)
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--synthetic", type=int, default=40, help="synthetic pairs per bank")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=4)
-    parser.add_argument("--limit", type=int, default=100, help="test items per task")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--audit-candidates", type=int, default=100, help="random candidate secrets per canary")
-    parser.add_argument("--audit-samples", type=int, default=4, help="sampled decodings per canary (4x as many generations for PII replay)")
-    parser.add_argument("--mia-members", type=int, default=60, help="training records per client scored for membership inference")
-    parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--skip-audit", action="store_true", help="accuracy only: no canary exposure or PII columns (saves about half the time)")
+    add_run_arguments(parser, synthetic=40, seed=42, mia_members=60)
     args = parser.parse_args()
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="finance-comparison-"))
-    audit_argv = None if args.skip_audit else ["--candidates", str(args.audit_candidates), "--samples", str(args.audit_samples), "--mia-members", str(args.mia_members)]
+    audits = audit_argv(args)
     runs, times = run_three(workdir, lambda name, eps: base_spec(args, name, eps), lambda stage: synthesis_stages(args, stage),
-                            lambda models: evaluate(args, models), 8.0, audit_argv)
+                            lambda models: evaluate(args, models), 8.0, audits)
     write_result("finance_comparison", [
         "# Finance: the pipeline against the obvious private alternatives", "",
         f"Command: `{command()}`", f"Machine: {machine()}", f"Seed {args.seed}; {args.per_source} FPB + {args.per_source} TFNS training sentences over 3 banks; "
         f"{count_lines(runs['A'], 'synthesize', 'synthetic.jsonl')} synthetic pairs kept by synthesize, {count_lines(runs['A'], 'refine', 'refined.jsonl')} after refine; "
         f"fedtune {args.rounds} rounds x {args.local_steps} local steps; accuracy by label log-probability on {args.limit} seeded test items per task.", "",
-        f"Audit: `ksg audit RUN --models M {' '.join(audit_argv)}` with M = {AUDITED_MODELS}." if audit_argv else "Audit: not run.", "",
+        f"Audit: `ksg audit RUN --models M {' '.join(audits)}` with M = {AUDITED_MODELS}." if audits else "Audit: not run.", "",
         "| row | FPB | FiQA | TFNS | mean | synthetic texts with a private 8-word span | canary exposure (planted, bits of 19.9) | PII replays beyond base | epsilon (bank_a) |",
-        "|---|---|---|---|---|---|---|---|---|", *table(runs, TASKS, "bank_a", 8.0, audit_argv is not None), "", "Each client's own adapter (the DP and NOT PRIVATE rows are their means):", "", *per_client_table(runs, TASKS),
+        "|---|---|---|---|---|---|---|---|---|", *table(runs, TASKS, "bank_a", 8.0, audits is not None), "", "Each client's own adapter (the DP and NOT PRIVATE rows are their means):", "", *per_client_table(runs, TASKS),
         "", "Times (wall clock; other jobs shared the 2 cores for much of it, so these are not speed figures):", *[f"- {k}: {v:.0f} s" for k, v in times.items()],
     ])
 

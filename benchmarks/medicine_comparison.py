@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
-from _comparison import AUDITED_MODELS, per_client_table, Row, count_lines, run_three, table  # noqa: E402
+from _comparison import AUDITED_MODELS, Row, add_run_arguments, audit_argv, count_lines, per_client_table, run_three, table  # noqa: E402
 
 TASKS = ["pubmedqa", "medqa"]
 CLIENTS = ["hospital_a", "hospital_b"]
@@ -117,25 +117,15 @@ def main() -> None:
     parser.add_argument("--medquad", type=int, default=60, help="private MedQuAD pairs")
     parser.add_argument("--dialogues", type=int, default=60, help="private GenMedGPT-5k dialogues")
     parser.add_argument("--abstracts", type=int, default=12, help="private PubMed abstracts, structured into pairs")
-    parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--synthetic", type=int, default=16, help="synthetic pairs per hospital")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=4)
-    parser.add_argument("--limit", type=int, default=100, help="test items per task")
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--audit-candidates", type=int, default=100, help="random candidate secrets per canary")
-    parser.add_argument("--audit-samples", type=int, default=4, help="sampled decodings per canary (4x as many generations for PII replay)")
-    parser.add_argument("--mia-members", type=int, default=40, help="training records per client scored for membership inference")
-    parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--skip-audit", action="store_true", help="accuracy and fidelity only")
+    add_run_arguments(parser, synthetic=16, seed=7, mia_members=40)
     args = parser.parse_args()
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="medicine-comparison-"))
     workdir.mkdir(parents=True, exist_ok=True)
     private, public = split_medquad(workdir, args.medquad, args.seed)
-    audit_argv = None if args.skip_audit else ["--candidates", str(args.audit_candidates), "--samples", str(args.audit_samples), "--mia-members", str(args.mia_members)]
+    audits = audit_argv(args)
     runs, times = run_three(workdir, lambda name, eps: base_spec(args, private, public, name, eps), lambda stage: synthesis_stages(args, public, stage),
-                            lambda models: evaluate(args, models), 8.0, audit_argv)
+                            lambda models: evaluate(args, models), 8.0, audits)
     write_result("medicine_comparison", [
         "# Medicine: the pipeline against the obvious private alternatives", "",
         f"Command: `{command()}`", f"Machine: {machine()}",
@@ -143,9 +133,9 @@ def main() -> None:
         f"{args.abstracts} PubMed abstracts over 2 hospitals ({count_lines(runs['A'], 'structure', 'records.jsonl')} training records once `structure` has turned the abstracts into pairs); "
         f"{count_lines(runs['A'], 'synthesize', 'synthetic.jsonl')} synthetic pairs kept by synthesize, {count_lines(runs['A'], 'refine', 'refined.jsonl')} after refine; "
         f"fedtune {args.rounds} rounds x {args.local_steps} local steps; accuracy by answer log-probability on {args.limit} seeded test items per task.", "",
-        f"Audit: `ksg audit RUN --models M {' '.join(audit_argv)}` with M = {AUDITED_MODELS}." if audit_argv else "Audit: not run.", "",
+        f"Audit: `ksg audit RUN --models M {' '.join(audits)}` with M = {AUDITED_MODELS}." if audits else "Audit: not run.", "",
         "| row | PubMedQA | MedQA | mean | Fréchet to private (floor) | synthetic texts with a private 8-word span | canary exposure (planted, bits of 19.9) | PII replays beyond base | epsilon (hospital_a) |",
-        "|---|---|---|---|---|---|---|---|---|", *table(runs, TASKS, "hospital_a", 8.0, audit_argv is not None, fidelity_cells(runs["A"], args.seed)),
+        "|---|---|---|---|---|---|---|---|---|", *table(runs, TASKS, "hospital_a", 8.0, audits is not None, fidelity_cells(runs["A"], args.seed)),
         "", "Each client's own adapter (the DP and NOT PRIVATE rows are their means):", "", *per_client_table(runs, TASKS),
         "", "Times (wall clock; other jobs shared the 2 cores for much of it, so these are not speed figures):", *[f"- {k}: {v:.0f} s" for k, v in times.items()],
     ])

@@ -15,25 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
+from _comparison import ksg  # noqa: E402
 
 
 def timed_run(spec: Path, run_dir: Path, cache: Path) -> float:
-    import subprocess
-
-    start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", "from knowledgesg.cli import entry; entry()", "run", str(spec), "--run-dir", str(run_dir)],
-                            env={**os.environ, "KSG_CACHE_DIR": str(cache)}, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"ksg run {spec} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start
+    return ksg("run", str(spec), "--run-dir", str(run_dir), env={"KSG_CACHE_DIR": str(cache)})
 
 
 def stage_times(run_dir: Path) -> dict[str, float]:
