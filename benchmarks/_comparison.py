@@ -144,13 +144,13 @@ def audit_figures(run_dir: Path, target: str) -> tuple[str, str]:
 
 
 def client_epsilon(run_dir: Path, client: str) -> float:
-    """The client's composed epsilon over every ledger entry of the run."""
+    """The client's composed epsilon over every release in its ledger (reruns included)."""
     from knowledgesg.runner import load_run_spec
-    from privacy.ledger import composed_total, read_ledger
+    from privacy.ledger import client_delta, composed_total, ledger_directory, run_releases
 
-    spec, _ = load_run_spec(run_dir)
-    entries = [e for e in read_ledger(run_dir, [s.name for s in spec.stages]) if e.client_id == client]
-    return composed_total([e.mechanism for e in entries], entries[0].delta).reported
+    spec, base_dir = load_run_spec(run_dir)
+    entries = run_releases(run_dir, [s.name for s in spec.stages], ledger_directory(spec.privacy.ledger_dir, base_dir, run_dir))[client]
+    return composed_total(entries, client_delta(entries)).reported
 
 
 def copied_synthetic(run_a: Path, stage: str) -> str:

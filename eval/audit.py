@@ -6,8 +6,10 @@ data owner checking the releases, not something the server could run. For each r
 
 - canaries: exposure of every canary (planted and not planted), and extraction: the canary's text
   up to its secret as the prompt, greedy and sampled decoding, exact recoveries counted;
-- the one-run epsilon lower bound (Steinke et al. 2023) from the planted/not-planted canaries,
-  scored by how much the model lowered the secret's loss relative to the base model;
+- the one-run epsilon lower bound (Steinke et al. 2023, with its delta term) from the planted and
+  not planted canaries, scored by how much the model lowered the secret's loss relative to the
+  base model, beside the epsilon it must stay below: the claimed epsilon of the canary's unit,
+  which for a canary repeated k times at record level is the group epsilon of k records;
 - membership inference of training records against the held-out ones (loss, zlib, reference,
   Min-K%, Min-K%++: AUC and TPR at 1% FPR);
 - verbatim overlap between the synthetic data and the private data (8-word spans);
@@ -35,8 +37,11 @@ from knowledgesg.console import console, track
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_json, read_jsonl
 from knowledgesg.manifest import read_manifest
+from knowledgesg.prompts import Seed, user_turn_prefix
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import CanaryTemplate, PipelineSpec
+from privacy.accounting import group_epsilon
+from privacy.ledger import LedgerEntry, compose, read_stage_ledgers
 
 SENTINEL = "\ue000"
 OVERLAP_WORDS = 8
@@ -181,15 +186,37 @@ def of_kinds(targets: list[Target], kinds: list[str]) -> list[Target]:
 # -- the sections of the report -----------------------------------------------------------------
 
 
+def canary_group_size(spec: PipelineSpec) -> int:
+    """Units one canary spans: at record level each copy is a unit; at user level a canary (all
+    its copies share a user_id) is one unit."""
+    return 1 if spec.privacy.unit == "user" else spec.audit.canaries.repeats
+
+
+def claimed_for_canaries(entries: list[LedgerEntry], target: str, client: str, group: int) -> dict:
+    """The epsilon the audited release claims for one canary (a group of `group` units): for a DP
+    adapter, its own release; for the final adapter, everything this run released from the
+    client's data (the final adapter is computed from all of it)."""
+    mine = [e for e in entries if e.client_id == client and e.counts_against_budget]
+    if target.startswith("dp_adapter:"):
+        mine = [e for e in mine if e.release == "dp_adapter"][-1:]
+    if not mine:
+        return {"epsilon": None, "delta": None, "group_size": group, "releases": []}
+    delta = mine[-1].delta
+    epsilon = group_epsilon([e.effective_mechanism() for e in mine], group, delta)
+    return {"epsilon": epsilon, "delta": delta, "group_size": group, "releases": [f"{e.stage}: {e.release}" for e in mine]}
+
+
 def canary_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, targets: list[Target], options: AuditOptions, device: str) -> dict | None:
     if spec.audit.canaries is None:
         return None
     client = spec.audit.canaries.client
     canary_spec, canaries = read_canaries(read_json(run_dir / "stages/ingest/clients" / client / "canaries.json"))
     template, digits = canary_spec.template, canary_spec.digits
+    group = canary_group_size(spec)
+    entries = read_stage_ledgers(run_dir, [s.name for s in spec.stages])
     reference_model, tokenizer = reference
     reference_nll = [float(secret_nll(reference_model, tokenizer, template, c, [c.secret], options.batch_size, device)[0]) for c in canaries]
-    section = {"client": client, "count": len(canaries), "planted": sum(c.included for c in canaries), "repeats": canary_spec.repeats,
+    section = {"client": client, "count": len(canaries), "planted": sum(c.included for c in canaries), "repeats": canary_spec.repeats, "group_size": group,
                "digits": digits, "space_log2": round(digits * math.log2(10), 3), "method": "exact" if 10**digits <= options.enumerate_limit else f"skew-normal fit on {options.candidates} candidates",
                "targets": {}}
     for target in [t for t in targets if t.name in (f"dp_adapter:{client}", "final")]:
@@ -200,6 +227,7 @@ def canary_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, tar
         extracted = [extraction(model, tokenizer, template, c, digits, options.extraction_samples, options.seed + c.index, device) for c in track(canaries, f"extraction on {target.name}", total=len(canaries))]
         scores = [r - t for r, t in zip(reference_nll, target_nll)]  # how far training lowered the secret's loss
         planted = [c.included for c in canaries]
+        claimed = claimed_for_canaries(entries, target.name, client, group)
         section["targets"][target.name] = {
             "exposure": exposures,
             "mean_exposure_planted": _mean([e for e, p in zip(exposures, planted) if p]),
@@ -212,7 +240,8 @@ def canary_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, tar
                 "samples_per_canary": options.extraction_samples,
             },
             "loss_drop_vs_base": [round(s, 4) for s in scores],
-            "one_run": metrics.one_run_audit(scores, planted, options.guesses or len(canaries)),
+            "claimed": claimed,
+            "one_run": metrics.one_run_audit(scores, planted, options.guesses or len(canaries), delta=claimed["delta"] or 0.0),
         }
         del model
     section["planted_flags"] = [c.included for c in canaries]
@@ -317,7 +346,6 @@ def public_prompts(run_dir: Path, client: str) -> list[str]:
 def generations(model, tokenizer, spec: PipelineSpec, count: int, seed: int, device: str) -> list[str]:
     """Samples from public prompts only: the synthesize stage's seeds, or a neutral instruction."""
     from knowledgesg.generation import Generator, SamplingParams
-    from pipelines.synthesize import Seed, user_turn_prefix
 
     stage = next((s for s in spec.stages if s.name == "synthesize"), None)
     seeds = [Seed.model_validate(s) for s in stage.params.get("seeds", [])] if stage else []
@@ -360,11 +388,14 @@ def _count_types(values: dict[str, str]) -> dict[str, int]:
 
 
 def claimed_epsilons(run_dir: Path, spec: PipelineSpec) -> dict[str, float]:
-    from privacy.ledger import composed_total, read_ledger
-
-    entries = read_ledger(run_dir, [s.name for s in spec.stages])
-    clients = dict.fromkeys(e.client_id for e in entries)
-    return {c: composed_total([e.mechanism for e in entries if e.client_id == c], next(e.delta for e in entries if e.client_id == c)).reported for c in clients}
+    """Each client's record-level total over this run's releases (per unit, not per canary)."""
+    entries = read_stage_ledgers(run_dir, [s.name for s in spec.stages])
+    totals = {}
+    for client in dict.fromkeys(e.client_id for e in entries):
+        mine = [e for e in entries if e.client_id == client and e.counts_against_budget]
+        if mine:
+            totals[client] = compose([e.effective_mechanism() for e in mine], mine[-1].delta).reported
+    return totals
 
 
 def run_audit(run_dir: Path, options: AuditOptions) -> dict:

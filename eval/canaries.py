@@ -31,7 +31,9 @@ class Canary:
         def fill(text: str) -> str:
             return text.replace("{secret}", value).replace("{name}", self.name)
 
-        return InstructionRecord(id=f"canary/{self.index}/{copy}", source="canary", client_id=client_id,
+        # every copy names the canary as its user: at user level a canary is one unit, at record
+        # level its copies are a group (the audit compares with the group's epsilon)
+        return InstructionRecord(id=f"canary/{self.index}/{copy}", source="canary", client_id=client_id, user_id=f"canary-{self.index}",
                                  instruction=fill(template.instruction), input=fill(template.input), response=fill(template.response))
 
 

@@ -3,7 +3,8 @@
 Models: `base` (no tuning), `dp` (each client's DP adapter, evaluated directly) and `final` (the
 federated adapter), on the benchmarks of eval.benchmarks; the same seeded items for every model.
 Synthetic data: fidelity and diversity per client (eval.fidelity), computed where the private
-data is.
+data is; those figures are statistics of private data without noise, so they stay on each
+client's side (`clients/<id>/fidelity.json`), never in the server-side report.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from eval.audit import Target, completed, load_target, of_kinds, private_texts, 
 from eval.benchmarks import TASKS, evaluate_model
 from knowledgesg.console import console
 from knowledgesg.errors import InputError
-from knowledgesg.fileio import read_json
+from knowledgesg.fileio import read_json, write_json
+
+EVAL_REPORT = "eval_report.json"
+SIDES = "sides.json"  # each output of `ksg eval` and its side, as a stage manifest would say
 
 
 class EvalOptions(BaseModel):
@@ -82,3 +86,15 @@ def check_ready(run_dir: Path) -> None:
     for stage in ("prepare_models", "ingest"):
         if not completed(run_dir, stage):
             raise InputError(f"{run_dir}: stage {stage} has not completed; evaluation needs a run that has")
+
+
+def write_eval_outputs(directory: Path, results: dict, fidelity: dict[str, dict]) -> list[Path]:
+    """The server-side report (public benchmarks, released models) and each client's fidelity
+    figures on its own side, with a `sides.json` that says which is which."""
+    sides = {EVAL_REPORT: "server"}
+    write_json(directory / EVAL_REPORT, results)
+    for client, report in fidelity.items():
+        write_json(directory / "clients" / client / "fidelity.json", report)
+        sides[f"clients/{client}/fidelity.json"] = f"client:{client}"
+    write_json(directory / SIDES, sides)
+    return [directory / path for path in sides]

@@ -9,12 +9,14 @@
   lowest k% token log-probabilities) and Min-K%++ (Zhang et al. 2024: the same over token
   log-probabilities standardised by the mean and std of log p under the model's next-token
   distribution). AUC and TPR at 1% FPR.
-- One-run epsilon lower bound (Steinke, Nasr and Jagielski 2023): canaries included with
+- One-run epsilon lower bound (Steinke, Nasr and Jagielski 2023): m canaries included with
   probability 1/2; the auditor guesses "in" for the r+ highest scores and "out" for the r-
-  lowest. Under (epsilon, 0)-DP the number of correct guesses among r = r+ + r- is stochastically
-  dominated by Binomial(r, e^eps / (1 + e^eps)), so the largest epsilon at which v correct
-  guesses are still at least 5% likely bounds epsilon from below with 95% confidence. (The
-  delta term of their theorem is left out, as delta is far below 1/r here.)
+  lowest. Under (epsilon, delta)-DP, P[at least v of r guesses correct] is at most
+  P[Binomial(r, e^eps / (1 + e^eps)) >= v] + 2 m delta alpha, with
+  alpha = max_i P[v > Binomial(r, .) >= v - i] / i (their Theorem 5.2, the delta term included).
+  The largest epsilon at which v correct guesses are still at least 5% likely bounds epsilon from
+  below with 95% confidence. A canary repeated k times is a group of k units: the bound is
+  about the group's epsilon (see privacy.accounting.group_epsilon), not the per-unit one.
 """
 
 from __future__ import annotations
@@ -97,32 +99,50 @@ def binomial_tail(r: int, v: int, p: float) -> float:
     return float(stats.binom.sf(v - 1, r, p))
 
 
-def epsilon_lower_bound(r: int, v: int, confidence: float = 0.95) -> float:
+def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
+    """P[at least v of r guesses correct] under (epsilon, delta)-DP, m canaries (Steinke et al. 2023, Thm 5.2)."""
+    from scipy import stats
+
+    if not 0 <= v <= r <= m:
+        raise ValueError(f"need 0 <= v <= r <= m, got v={v}, r={r}, m={m}")
+    p = 1 / (1 + math.exp(-epsilon))
+    tail = binomial_tail(r, v, p)
+    if delta == 0 or v == 0:
+        return min(1.0, tail)
+    below = stats.binom.pmf(np.arange(v - 1, -1, -1), r, p)  # P[W = v-1], P[W = v-2], ...
+    alpha = float(np.max(np.cumsum(below) / np.arange(1, v + 1)))
+    return min(1.0, tail + 2 * m * delta * alpha)
+
+
+def epsilon_lower_bound(r: int, v: int, confidence: float = 0.95, m: int | None = None, delta: float = 0.0) -> float:
     """The largest epsilon at which v or more correct of r guesses still has probability >= 1 - confidence."""
     beta = 1 - confidence
-    if r == 0 or binomial_tail(r, v, 0.5) > beta:
+    m = r if m is None else m
+    if r == 0 or one_run_p_value(m, r, v, 0.0, delta) >= beta:
         return 0.0  # no better than coin flips at this confidence
 
-    def tail(eps: float) -> float:
-        return binomial_tail(r, v, 1 / (1 + math.exp(-eps)))
+    def rejected(eps: float) -> bool:
+        return one_run_p_value(m, r, v, eps, delta) < beta
 
     low, high = 0.0, 1.0
-    while tail(high) <= beta and high < 100:
+    while rejected(high) and high < 100:
         high *= 2
     for _ in range(100):
         mid = (low + high) / 2
-        low, high = (mid, high) if tail(mid) <= beta else (low, mid)
+        low, high = (mid, high) if rejected(mid) else (low, mid)
     return low
 
 
-def one_run_audit(scores: list[float], included: list[bool], guesses: int, confidence: float = 0.95) -> dict:
-    """Guess "in" for the guesses/2 highest scores and "out" for the guesses/2 lowest."""
+def one_run_audit(scores: list[float], included: list[bool], guesses: int, confidence: float = 0.95, delta: float = 0.0) -> dict:
+    """Guess "in" for the guesses/2 highest scores and "out" for the guesses/2 lowest; the bound
+    holds for (epsilon, delta)-DP with the delta given (the canary unit's)."""
     if guesses < 2 or guesses > len(scores):
         raise ValueError(f"guesses must be between 2 and the {len(scores)} canaries, got {guesses}")
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     half = guesses // 2
     guessed_in, guessed_out = order[:half], order[len(order) - (guesses - half):]
     correct = sum(included[i] for i in guessed_in) + sum(not included[i] for i in guessed_out)
-    return {"canaries": len(scores), "guesses": guesses, "correct": correct,
-            "epsilon_lower_bound": round(epsilon_lower_bound(guesses, correct, confidence), 4),
-            "largest_certifiable": round(epsilon_lower_bound(guesses, guesses, confidence), 4), "confidence": confidence}
+    m = len(scores)
+    return {"canaries": m, "guesses": guesses, "correct": correct, "delta": delta,
+            "epsilon_lower_bound": round(epsilon_lower_bound(guesses, correct, confidence, m, delta), 4),
+            "largest_certifiable": round(epsilon_lower_bound(guesses, guesses, confidence, m, delta), 4), "confidence": confidence}

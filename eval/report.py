@@ -70,14 +70,16 @@ def epsilon_figure(report: dict) -> str | None:
     section = report.get("canaries")
     if not section or not section["targets"]:
         return None
-    claimed = report["claimed_epsilon"].get(section["client"])
     names = list(section["targets"])
     bounds = [section["targets"][n]["one_run"]["epsilon_lower_bound"] for n in names]
+    claimed = [section["targets"][n]["claimed"]["epsilon"] for n in names]
     certifiable = section["targets"][names[0]]["one_run"]["largest_certifiable"]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     ax.bar(names, bounds, color="#2980b9", label="empirical lower bound (95%)")
-    if claimed is not None and claimed != float("inf"):
-        ax.axhline(claimed, color="#c0392b", label=f"claimed epsilon {claimed:.2f}")
+    finite = [(i, c) for i, c in enumerate(claimed) if c is not None and c != float("inf")]
+    if finite:
+        ax.scatter([i for i, _ in finite], [c for _, c in finite], color="#c0392b", marker="_", s=900, linewidths=3,
+                   label=f"claimed epsilon, group of {section['group_size']}")
     ax.axhline(certifiable, color="#7f8c8d", linestyle=":", label=f"largest certifiable with these guesses {certifiable:.2f}")
     ax.set(title=f"epsilon: claimed and audited ({section['client']})", ylabel="epsilon")
     ax.legend(fontsize=8)
@@ -94,9 +96,11 @@ def render_html(report: dict) -> str:
     if canaries:
         for name, result in canaries["targets"].items():
             x, run = result["extraction"], result["one_run"]
+            claimed = result["claimed"]["epsilon"]
             rows.append(f"<tr><td>{html.escape(name)}</td><td>{result['mean_exposure_planted']}</td><td>{result['mean_exposure_not_planted']}</td>"
                         f"<td>{x['greedy_planted']} / {canaries['planted']}</td><td>{x['sampled_planted_canaries_hit']} / {canaries['planted']}</td>"
-                        f"<td>{run['correct']} / {run['guesses']}</td><td>{run['epsilon_lower_bound']}</td><td>{run['largest_certifiable']}</td></tr>")
+                        f"<td>{run['correct']} / {run['guesses']}</td><td>{run['epsilon_lower_bound']}</td>"
+                        f"<td>{'n/a' if claimed is None else round(claimed, 3)}</td><td>{run['largest_certifiable']}</td></tr>")
     mia_rows = []
     for key, entry in (report.get("membership_inference") or {}).items():
         cells = "".join(f"<td>{r['auc']:.3f} / {r['tpr_at_1pct_fpr']:.3f}</td>" for r in entry["scores"].values())
@@ -109,7 +113,8 @@ def render_html(report: dict) -> str:
 <p>Run <code>{html.escape(report['run_dir'])}</code>. Claimed epsilon per client (composed over the ledger):</p><ul>{claimed}</ul>
 <h2>Canaries</h2>
 {f"<p>{canaries['count']} canaries in client {html.escape(canaries['client'])}, {canaries['planted']} planted x {canaries['repeats']}; secrets of {canaries['digits']} digits (log2 |R| = {canaries['space_log2']}); exposure by {html.escape(canaries['method'])}.</p>" if canaries else "<p>No canaries in this run's spec (audit.canaries).</p>"}
-<table><tr><th>model</th><th>mean exposure, planted</th><th>not planted</th><th>greedy extractions</th><th>sampled extractions</th><th>correct guesses</th><th>epsilon lower bound</th><th>largest certifiable</th></tr>{"".join(rows)}</table>
+{f"<p>Each canary is a group of {canaries['group_size']} privacy unit(s) (its {canaries['repeats']} copies): the lower bound certifies the epsilon of such a group at the client's delta, so it is compared with the claimed group epsilon (privacy.accounting.group_epsilon), not the per-record one.</p>" if canaries else ""}
+<table><tr><th>model</th><th>mean exposure, planted</th><th>not planted</th><th>greedy extractions</th><th>sampled extractions</th><th>correct guesses</th><th>epsilon lower bound</th><th>claimed epsilon (group)</th><th>largest certifiable</th></tr>{"".join(rows)}</table>
 {_img(exposure_figure(canaries), "exposure histograms") if canaries else ""}
 {_img(epsilon_figure(report), "claimed epsilon and the empirical lower bound") if canaries else ""}
 <h2>Membership inference (AUC / TPR at 1% FPR)</h2>
@@ -123,7 +128,10 @@ def render_html(report: dict) -> str:
 
 
 def write_audit_report(report: dict, directory: Path) -> tuple[Path, Path]:
+    """The audit reads the canaries' secrets and the held-out records: it is the data owners'
+    check, and its figures (un-noised statistics of private data) stay on their side."""
     json_path, html_path = directory / "audit_report.json", directory / "audit_report.html"
     write_json(json_path, report)
     write_text(html_path, render_html(report))
+    write_json(directory / "sides.json", {json_path.name: "clients", html_path.name: "clients"})
     return json_path, html_path

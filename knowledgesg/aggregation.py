@@ -18,13 +18,15 @@ n_i (their example counts), and D = sum_i n_i d_i / sum_i n_i is the weighted me
 - Robust: coordinate-wise median; trimmed mean (drop the `trim` largest and smallest values of
   each coordinate); Krum (Blanchard et al. 2017): the update with the least sum of squared
   distances to its n - f - 2 nearest others.
-- Client-level DP-FedAvg (McMahan et al. 2018): clip each update to L2 norm S, sum, add
-  N(0, (sigma S)^2) per coordinate, divide by the *expected* number of clients q N (fixed, so the
-  sensitivity is S / (q N)). Accounting: Poisson sampling at q, `rounds` compositions.
+- Client-level DP-FedAvg (McMahan et al. 2018): each update clipped to L2 norm S (by the client
+  before it sends it; the server checks), summed, N(0, (sigma S)^2) added per coordinate, divided
+  by the *expected* number of clients q N (fixed, so the sensitivity is S / (q N)). Accounting:
+  Poisson sampling at q (each client's own coin), `rounds` compositions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -126,11 +128,19 @@ def clip_update(update: Params, max_norm: float) -> Params:
     return {n: v * scale for n, v in update.items()}
 
 
-def dp_fedavg(x: Params, updates: list[Params], clip_norm: float, noise_multiplier: float, expected_clients: float, rng: np.random.Generator) -> Params:
-    """Client-level DP: clipped sum plus Gaussian noise, over the expected (not actual) client count."""
-    clipped = [clip_update(u, clip_norm) for u in updates]
+def update_norm(update: Params) -> float:
+    return float(np.linalg.norm(flatten(update)))
+
+
+def dp_fedavg(x: Params, clipped: list[Params], clip_norm: float, noise_multiplier: float, expected_clients: float,
+              noise: Callable[[tuple[int, ...], float], np.ndarray]) -> Params:
+    """Client-level DP: the sum of clipped updates plus Gaussian noise from `noise(shape, std)`,
+    over the expected (not actual) client count. Refuses an update above the clip norm."""
+    for update in clipped:
+        if update_norm(update) > clip_norm * (1 + 1e-5):
+            raise ValueError(f"an update of norm {update_norm(update):.6g} exceeds the clip norm {clip_norm}: clients clip before sending")
     step = {}
     for name in x:
-        total = sum((c[name] for c in clipped), np.zeros_like(x[name]))
-        step[name] = (total + rng.normal(0.0, noise_multiplier * clip_norm, size=x[name].shape)) / expected_clients
+        total = sum((c[name].astype(np.float64) for c in clipped), np.zeros(x[name].shape))
+        step[name] = (total + noise(x[name].shape, noise_multiplier * clip_norm)) / expected_clients
     return apply(x, step)

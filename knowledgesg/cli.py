@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-STATE_STYLES = {"done": "green", "cached": "cyan", "ran": "green", "stale": "yellow", "pending": "dim", "failed": "red", "interrupted": "yellow"}
+STATE_STYLES = {"done": "green", "cached": "cyan", "kept": "cyan", "ran": "green", "stale": "yellow", "pending": "dim", "failed": "red", "interrupted": "yellow"}
 
 
 def _seconds(value: float | None) -> str:
@@ -36,50 +37,59 @@ def run(
 ) -> None:
     """Run a pipeline; stages already done with the same inputs are skipped (resume after a crash)."""
     from knowledgesg.runner import Runner
-    from knowledgesg.spec import load_spec
+    from pipelines import load_pipeline
 
     start = time.perf_counter()
-    spec, base_dir = load_spec(spec_path)
+    spec, base_dir, stages = load_pipeline(spec_path)
     run_dir = run_dir or Path("runs") / spec.name
-    outcomes = Runner(spec, base_dir, run_dir).run()
+    outcomes = Runner(spec, base_dir, run_dir, stages).run()
     table = Table(title=f"{spec.name}: {run_dir}")
     for column, justify in (("stage", "left"), ("status", "left"), ("time", "right"), ("records", "right")):
         table.add_column(column, justify=justify)
     for outcome in outcomes:
         style = STATE_STYLES.get(outcome.status, "")
-        time_text = _seconds(outcome.duration_s) + (" (earlier)" if outcome.status == "cached" else "")
+        time_text = _seconds(outcome.duration_s) + (" (earlier)" if outcome.status in ("cached", "kept") else "")
         table.add_row(outcome.name, f"[{style}]{outcome.status}[/]", time_text, str(outcome.records))
     console.print(table)
-    _print_privacy_summary(spec, run_dir)
+    _print_privacy_summary(spec, base_dir, run_dir)
     console.print(f"finished in {time.perf_counter() - start:.1f}s")
 
 
-def _print_privacy_summary(spec, run_dir: Path) -> None:
-    """One line per client from the ledger's stored figures (the full report recomputes them)."""
-    from privacy.ledger import read_ledger
+def _print_privacy_summary(spec, base_dir: Path, run_dir: Path) -> None:
+    """Per client, from the ledgers: each release with its stored epsilon, and the composed total
+    over every release ever made from the client's data (the full report recomputes them)."""
+    from privacy.ledger import client_delta, composed_total, ledger_directory, run_releases
+    from privacy.report import release_label
 
-    entries = read_ledger(run_dir, [s.name for s in spec.stages])
-    if not entries:
+    releases = run_releases(run_dir, [s.name for s in spec.stages], ledger_directory(spec.privacy.ledger_dir, base_dir, run_dir))
+    if not releases:
         return
     console.print("privacy (from the ledger):")
-    for client_id in dict.fromkeys(e.client_id for e in entries):
-        mine = [e for e in entries if e.client_id == client_id]
-        console.print(f"  {client_id} (delta {mine[0].delta:.2e}):")
-        for e in mine:
-            cost = f"epsilon {e.epsilon.reported:.3f} ({e.epsilon.reported_by})" if e.private else "[bold red]NOT PRIVATE[/]"
-            console.print(f"    {e.stage}: {e.release}: {cost}")
-    console.print(f"  full report with the three accountants and plots: ksg privacy-report {run_dir}")
+    for client_id, entries in releases.items():
+        delta = client_delta(entries)
+        total = composed_total(entries, delta)
+        console.print(f"  {client_id} (delta {delta:.2e}): total epsilon {total.reported:.3f} over {sum(e.costs_privacy for e in entries)} release(s) with a cost"
+                      if math.isfinite(total.reported) else f"  {client_id} (delta {delta:.2e}): total [bold red]NOT PRIVATE[/]")
+        for e in entries:
+            label = release_label(e).replace("NOT PRIVATE", "[bold red]NOT PRIVATE[/]")
+            cost = f"epsilon {e.epsilon.reported:.3f} ({e.epsilon.reported_by})" if e.private else "no guarantee"
+            where = "" if Path(e.run_dir) == run_dir.resolve() else " [dim](another run)[/]"
+            console.print(f"    {e.stage}: {label}: {cost}{where}")
+    console.print(f"  full report with the three accountants, the threat model and plots: ksg privacy-report {run_dir}")
 
 
 @app.command()
 def status(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run directory")]) -> None:
     """Each stage of a run: done, cached, stale, interrupted, failed or pending."""
+    from knowledgesg.runner import SPEC_COPY, load_run_spec
     from knowledgesg.status import run_status
+    from pipelines import build_stages
 
+    spec, base_dir = load_run_spec(run_dir)
     table = Table(title=str(run_dir))
     for column in ("stage", "state", "time", "records", "finished", "detail"):
         table.add_column(column)
-    for state in run_status(run_dir):
+    for state in run_status(run_dir, spec, base_dir, build_stages(spec, str(run_dir / SPEC_COPY))):
         style = STATE_STYLES.get(state.state, "")
         table.add_row(state.name, f"[{style}]{state.state}[/]", _seconds(state.duration_s), "" if state.records is None else str(state.records), state.finished_at or "", state.detail)
     console.print(table)
@@ -87,21 +97,33 @@ def status(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run di
 
 @app.command("privacy-report")
 def privacy_report(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run directory")]) -> None:
-    """Per client: each release, its mechanism and (epsilon, delta) by PRV, RDP and PLD; the composed total."""
-    from privacy.report import _fmt, build_report, write_report
+    """Per client: every release ever made from its data, its mechanism, (epsilon, delta) by PRV,
+    RDP and PLD and whom it holds against; the composed total; the threat model."""
+    from privacy.report import build_report, fmt, release_label, write_report
+    from privacy.units import UNIT_NAMES
 
     report = build_report(run_dir)
-    table = Table(title=f"privacy report: {report.spec_name} (target epsilon {_fmt(report.target_epsilon)})")
-    for column in ("client", "release", "unit", "q", "sigma", "steps", "delta", "eps PRV", "eps RDP", "eps PLD"):
-        table.add_column(column, justify="left" if column in ("client", "release", "unit") else "right")
+    table = Table(title=f"privacy report: {report.spec_name} (target epsilon {fmt(report.target_epsilon)})")
+    for column in ("client", "release", "unit", "q", "sigma", "steps", "delta", "eps PRV", "eps RDP", "eps PLD", "status"):
+        table.add_column(column, justify="left" if column in ("client", "release", "unit", "status") else "right")
     for client in report.clients:
-        for entry in client.releases:
-            m = entry.mechanism
-            label = entry.release if entry.private else f"{entry.release} [bold red]NOT PRIVATE[/]"
-            table.add_row(client.client_id, label, entry.unit, _fmt(m.sample_rate), _fmt(m.noise_multiplier), str(m.steps), f"{entry.delta:.2e}", _fmt(entry.epsilon.prv), _fmt(entry.epsilon.rdp), _fmt(entry.epsilon.pld))
+        for row in client.releases:
+            e, m = row.entry, row.entry.mechanism
+            steps = "-" if m.kind == "post_processing" else str(m.steps)
+            table.add_row(client.client_id, release_label(e).replace("NOT PRIVATE", "[bold red]NOT PRIVATE[/]"), UNIT_NAMES.get(e.unit, e.unit), fmt(m.sample_rate),
+                          fmt(m.noise_multiplier), steps, f"{e.delta:.2e}", fmt(e.epsilon.prv), fmt(e.epsilon.rdp), fmt(e.epsilon.pld), row.status)
         cap = "" if client.cap_epsilon is None else f", cap {client.cap_epsilon:g}"
-        table.add_row(client.client_id, f"[bold]total (PLD){cap}[/]", "", "", "", "", f"{client.delta:.2e}", _fmt(client.total.prv), _fmt(client.total.rdp), f"[bold]{_fmt(client.total.pld)}[/]", end_section=True)
+        n = "" if client.num_units is None else f", N x delta {client.n_times_delta:.1e}"
+        table.add_row(client.client_id, f"[bold]total (PLD){cap}[/]", ", ".join(client.units), "", "", "", f"{client.delta:.2e}", fmt(client.total.prv), fmt(client.total.rdp),
+                      f"[bold]{fmt(client.total.pld)}[/]", f"N = {client.num_units}{n}" if client.num_units else "", end_section=client.client_level is None)
+        if client.client_level is not None:
+            table.add_row(client.client_id, "client-level DP-FedAvg (final-model holders only)", "client", "", "", "", f"{client.client_level.delta:.2e}",
+                          fmt(client.client_level.prv), fmt(client.client_level.rdp), fmt(client.client_level.pld), "", end_section=True)
     console.print(table)
+    console.print("whom each figure protects against:")
+    for party in report.threat_model[1:]:
+        console.print(f"- {party['party']}: {party['protected_by']}")
+    console.print("assumptions:")
     for assumption in report.assumptions:
         console.print(f"- {assumption}")
     json_path, html_path = write_report(report, run_dir)
@@ -125,9 +147,8 @@ def evaluate(
     """Benchmark a run's models (base, each DP adapter, the final adapter) and its synthetic data."""
     from pydantic import ValidationError
 
-    from eval.evaluate import EvalOptions, check_ready, evaluate_run, fidelity_run
+    from eval.evaluate import EvalOptions, check_ready, evaluate_run, fidelity_run, write_eval_outputs
     from knowledgesg.errors import InputError
-    from knowledgesg.fileio import write_json
     from knowledgesg.models import resolve_device
     from knowledgesg.runner import load_run_spec
     from knowledgesg.spec import format_validation_error
@@ -140,11 +161,12 @@ def evaluate(
     check_ready(run_dir)
     device = resolve_device(spec.models.device)
     results = evaluate_run(run_dir, options, device)
-    results["fidelity"] = fidelity_run(run_dir, seed, device)
     _print_eval(results)
-    path = run_dir / "eval" / "eval_report.json"
-    write_json(path, results)
-    console.print(f"wrote {path}")
+    fidelity = fidelity_run(run_dir, seed, device)
+    paths = write_eval_outputs(run_dir / "eval", results, fidelity)
+    for client, report in fidelity.items():
+        console.print(f"synthetic data of {client} (client side, computed against its private data): {report}")
+    console.print(f"wrote {', '.join(str(p) for p in paths)}")
 
 
 def _print_eval(results: dict) -> None:
@@ -161,8 +183,6 @@ def _print_eval(results: dict) -> None:
             cells.append("; ".join(f"{s['accuracy']:.3f} / {s['macro_f1']:.3f}" for s in scores.values()) or "")
         table.add_row(name, *cells, "; ".join("n/a" if v is None else f"{v:.3f}" for v in entry["mean_accuracy"].values()))
     console.print(table)
-    for client, report in results.get("fidelity", {}).items():
-        console.print(f"synthetic data of {client}: {report}")
 
 
 @app.command()
@@ -198,11 +218,11 @@ def _print_audit(report: dict) -> None:
     canaries = report.get("canaries")
     if canaries:
         table = Table(title=f"canaries: {canaries['planted']} of {canaries['count']} planted x {canaries['repeats']} in {canaries['client']} (log2 |R| = {canaries['space_log2']})")
-        for column in ("model", "exposure planted", "not planted", "greedy extracted", "sampled extracted", "correct guesses", "eps lower bound", "claimed eps", "largest certifiable"):
+        for column in ("model", "exposure planted", "not planted", "greedy extracted", "sampled extracted", "correct guesses", "eps lower bound", f"claimed eps (group of {canaries['group_size']})", "largest certifiable"):
             table.add_column(column, justify="left" if column == "model" else "right")
-        claimed = report["claimed_epsilon"].get(canaries["client"])
         for name, r in canaries["targets"].items():
             run = r["one_run"]
+            claimed = r["claimed"]["epsilon"]
             table.add_row(name, str(r["mean_exposure_planted"]), str(r["mean_exposure_not_planted"]), f"{r['extraction']['greedy_planted']}/{canaries['planted']}",
                           f"{r['extraction']['sampled_planted_canaries_hit']}/{canaries['planted']}", f"{run['correct']}/{run['guesses']}", f"{run['epsilon_lower_bound']:.3f}",
                           "n/a" if claimed is None else f"{claimed:.3f}", f"{run['largest_certifiable']:.3f}")

@@ -11,6 +11,7 @@ The crash-safety tests walk N over every point of a run.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import shutil
@@ -53,13 +54,16 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         raise
 
 
-def write_dir(target: Path, build: Callable[[Path], None]) -> None:
+def write_dir(target: Path, build: Callable[[Path], None], before_publish: Callable[[Path], None] | None = None) -> None:
     """A directory written whole: `build` fills a temporary sibling, which then replaces `target`
-    (a copy left by a run killed after the rename is replaced too)."""
+    (a copy left by a run killed after the rename is replaced too). `before_publish` sees the
+    finished temporary directory first (e.g. to record a release in a ledger before it is out)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         build(tmp)
+        if before_publish is not None:
+            before_publish(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -78,8 +82,13 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
+def json_text(obj: Any) -> str:
+    """The text `write_json` writes."""
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
+    write_text(path, json_text(obj))
 
 
 def read_json(path: str | Path) -> Any:
@@ -107,6 +116,19 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+KEYED_PREFIX = "hmac-sha256:"
+
+
+def hmac_file(path: str | Path, key: bytes) -> str:
+    """A keyed digest: it proves a file unchanged to whoever holds the key, and to no one else
+    confirms a guess of the file's contents (what a plain hash of private data would do)."""
+    digest = hmac.new(key, digestmod=hashlib.sha256)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return KEYED_PREFIX + digest.hexdigest()
 
 
 def sha256_text(text: str) -> str:

@@ -11,20 +11,31 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from knowledgesg.fileio import read_json, sha256_file, sha256_text, write_json
+from knowledgesg.fileio import KEYED_PREFIX, hmac_file, read_json, sha256_file, sha256_text, write_json
 
 MANIFEST = "manifest.json"
 
 
 class OutputEntry(BaseModel):
+    """One output. A client-side output (private data, or statistics of it) is recorded by a
+    keyed digest and no size: a plain hash or a byte count of private data would let anyone who
+    reads the manifest confirm a guess of one record, given the others. Record counts are kept:
+    the number of records per client is treated as public (see the privacy report)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    sha256: str
-    bytes: int
+    sha256: str  # hex sha256 (server side) or "hmac-sha256:<hex>" keyed by the client key
+    bytes: int | None
     records: int | None = None
     # Where the artifact lives in a real deployment: "server", or "client:<id>" for data that
     # never leaves that client. Server-side stages may only read "server" artifacts.
     side: str = "server"
+
+
+def output_entry(path: Path, records: int | None, side: str, client_key: bytes) -> OutputEntry:
+    if side == "server":
+        return OutputEntry(sha256=sha256_file(path), bytes=path.stat().st_size, records=records, side=side)
+    return OutputEntry(sha256=hmac_file(path, client_key), bytes=None, records=records, side=side)
 
 
 class Manifest(BaseModel):
@@ -34,6 +45,7 @@ class Manifest(BaseModel):
     package_version: str
     code_sha256: str
     fingerprint: str
+    content_fingerprint: str | None = None  # the fingerprint without the code version
     params: dict[str, Any]
     seed: int
     inputs: dict[str, str]  # external input file -> sha256
@@ -63,12 +75,18 @@ def write_manifest(stage_dir: Path, manifest: Manifest) -> None:
     write_json(stage_dir / MANIFEST, manifest.model_dump(mode="json"))
 
 
-def verify_outputs(stage_dir: Path, manifest: Manifest) -> str | None:
-    """None if every output is on disk with its recorded hash, else what is wrong with the first that is not."""
+def verify_outputs(stage_dir: Path, manifest: Manifest, client_key: bytes | None) -> str | None:
+    """None if every output is on disk with its recorded digest, else what is wrong with the first
+    that is not. Without the client key, client-side outputs cannot be checked: they count as changed."""
     for relative, entry in sorted(manifest.outputs.items()):
         path = stage_dir / relative
         if not path.is_file():
             return f"{path} is missing"
-        if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
+        if entry.sha256.startswith(KEYED_PREFIX):
+            if client_key is None:
+                return f"{path} cannot be checked without the run's client key"
+            if hmac_file(path, client_key) != entry.sha256:
+                return f"{path} no longer matches its manifest (digest changed)"
+        elif path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
             return f"{path} no longer matches its manifest (sha256 changed)"
     return None

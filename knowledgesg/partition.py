@@ -8,7 +8,7 @@ import numpy as np
 
 from knowledgesg.errors import InputError
 from knowledgesg.records import Record
-from knowledgesg.spec import PartitionSpec
+from knowledgesg.spec import PartitionSpec, unsafe_identifier_reason
 
 MAX_DIRICHLET_DRAWS = 100
 
@@ -27,7 +27,11 @@ def _field(record: Record, name: str) -> str:
 def partition_natural(records: list[Record], spec: PartitionSpec) -> dict[str, list[Record]]:
     groups: dict[str, list[Record]] = defaultdict(list)
     for record in records:
-        groups[_field(record, spec.field)].append(record)
+        value = _field(record, spec.field)
+        reason = unsafe_identifier_reason(value) if not spec.names else None
+        if reason:  # the value becomes a client id, and so a directory name
+            raise InputError(f"partition: record '{record.id}' field '{spec.field}': value {value!r} cannot name a client ({reason}); give partition.names")
+        groups[value].append(record)
     values = sorted(groups)
     expected = spec.num_clients or (len(spec.names) if spec.names else None)
     if expected is not None and expected != len(values):

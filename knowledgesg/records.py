@@ -16,6 +16,8 @@ class _Record(BaseModel):
     client_id: str = ""
     source: str = Field(min_length=1)
     user_id: str | None = None  # groups records for user-level privacy
+    # the source document a record was derived from (`structure`): its records are one privacy unit
+    document_id: str | None = None
 
 
 class InstructionRecord(_Record):
@@ -38,7 +40,7 @@ Record = InstructionRecord | TextRecord
 
 # The record fields a data source can fill from its columns, per record kind.
 RECORD_FIELDS: dict[str, tuple[str, ...]] = {
-    "instruction": ("id", "instruction", "input", "response", "user_id"),
+    "instruction": ("id", "instruction", "input", "response", "user_id", "document_id"),
     "text": ("id", "text", "user_id"),
 }
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {

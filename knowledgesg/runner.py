@@ -12,6 +12,7 @@ manifest (or with one for another fingerprint) is wiped and the stage rerun from
 from __future__ import annotations
 
 import fcntl
+import importlib
 import shutil
 import time
 from collections.abc import Iterator
@@ -22,10 +23,11 @@ from functools import cache
 from pathlib import Path
 
 from knowledgesg import __version__
+from knowledgesg.client_key import client_key, existing_client_key
 from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
-from knowledgesg.fileio import canonical_json, read_json, sha256_file, sha256_text, write_json, write_text
-from knowledgesg.manifest import MANIFEST, Manifest, OutputEntry, read_manifest, verify_outputs, write_manifest
+from knowledgesg.fileio import canonical_json, hmac_file, read_json, sha256_file, sha256_text, write_json, write_text
+from knowledgesg.manifest import MANIFEST, Manifest, output_entry, read_manifest, verify_outputs, write_manifest
 from knowledgesg.spec import PipelineSpec, parse_spec, spec_to_dict
 from knowledgesg.stage import Stage, StageContext
 
@@ -38,7 +40,7 @@ CODE_PACKAGES = ("knowledgesg", "pipelines", "privacy", "eval")
 @dataclass
 class StageOutcome:
     name: str
-    status: str  # ran | cached | failed
+    status: str  # ran | cached | kept (a privacy release kept across a code upgrade) | failed
     duration_s: float
     records: int
     reason: str = ""
@@ -47,8 +49,6 @@ class StageOutcome:
 @cache
 def code_sha256() -> str:
     """One hash over the source of every package a stage can call into: the code version."""
-    import importlib
-
     digest = []
     for package in CODE_PACKAGES:
         root = Path(importlib.import_module(package).__file__).parent  # type: ignore[arg-type]
@@ -58,21 +58,22 @@ def code_sha256() -> str:
 
 
 class HashCache:
-    """sha256 of external files, remembered by (size, mtime) so reruns do not reread large files."""
+    """Digests of external files, remembered by (size, mtime) so reruns do not reread large files.
+    Private inputs get a keyed digest (HMAC), never a plain hash (see manifest.OutputEntry)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.entries: dict[str, list] = read_json(path) if path.is_file() else {}
         self.dirty = False
 
-    def sha256(self, file: Path) -> str:
+    def digest(self, file: Path, key: bytes | None) -> str:
         stat = file.stat()
-        key = str(file.resolve())
-        entry = self.entries.get(key)
+        name = ("keyed:" if key is not None else "") + str(file.resolve())
+        entry = self.entries.get(name)
         if entry and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns:
             return entry[2]
-        value = sha256_file(file)
-        self.entries[key] = [stat.st_size, stat.st_mtime_ns, value]
+        value = hmac_file(file, key) if key is not None else sha256_file(file)
+        self.entries[name] = [stat.st_size, stat.st_mtime_ns, value]
         self.dirty = True
         return value
 
@@ -82,38 +83,62 @@ class HashCache:
             self.dirty = False
 
 
-def build_stage(spec: PipelineSpec, index: int) -> Stage:
-    from pipelines import STAGES
-
-    stage_spec = spec.stages[index]
-    stage_class = STAGES[stage_spec.name]
-    return stage_class(stage_class.Params.model_validate(stage_spec.params))
-
-
 def _files_under(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
 
 
-def stage_fingerprint(stage: Stage, spec: PipelineSpec, base_dir: Path, previous: str, hashes: HashCache) -> tuple[str, dict[str, str]]:
+@dataclass(frozen=True)
+class Fingerprint:
+    full: str  # everything that shapes the stage's outputs, the code version included
+    content: str  # the same without the code version (a DP release is kept across code upgrades)
+    inputs: dict[str, str]  # external input -> digest
+
+
+def stage_fingerprint(stage: Stage, spec: PipelineSpec, base_dir: Path, previous: str, hashes: HashCache, key: bytes | None) -> Fingerprint:
+    """`key`: the client key, for a stage whose external inputs are private (None: not known yet)."""
     inputs = {}
     for path in stage.external_inputs(spec, base_dir):
         for file in _files_under(path):
-            inputs[str(file)] = hashes.sha256(file)
+            if stage.private_inputs and key is None:
+                inputs[str(file)] = "(private, not keyed yet)"
+            else:
+                inputs[str(file)] = hashes.digest(file, key if stage.private_inputs else None)
     spec_dict = spec_to_dict(spec)
-    payload = {
+    content = {
         "stage": stage.name,
         "params": stage.params.model_dump(mode="json"),
         "seed": spec.seed,
         "sections": {section: spec_dict[section] for section in stage.uses},
-        "code": code_sha256(),
         "inputs": inputs,
         "previous": previous,
     }
-    return sha256_text(canonical_json(payload)), inputs
+    return Fingerprint(full=sha256_text(canonical_json({**content, "code": code_sha256()})), content=sha256_text(canonical_json(content)), inputs=inputs)
 
 
-def chain_after(fingerprint: str, manifest: Manifest) -> str:
-    return sha256_text(fingerprint + manifest.outputs_digest())
+def reusable_manifest(stage: Stage, stage_dir: Path, fingerprint: Fingerprint, key: bytes | None) -> tuple[Manifest | None, str, str]:
+    """(manifest, status, reason): "cached" when nothing changed; "kept" when a stage that
+    releases private data changed only in code version, since running it again would be a new
+    release that spends budget; else (None, "", why it must run)."""
+    manifest = read_manifest(stage_dir)
+    if manifest is None:
+        return None, "", ""
+    if manifest.fingerprint == fingerprint.full:
+        status = "cached"
+    elif stage.releases() and manifest.content_fingerprint == fingerprint.content:
+        status = "kept"
+    else:
+        return None, "", "inputs, parameters or code changed since it last ran"
+    problem = verify_outputs(stage_dir, manifest, key)
+    if problem:
+        return None, "", problem
+    return manifest, status, ""
+
+
+def chain_after(manifest: Manifest) -> str:
+    """What the next stage's fingerprint takes from this one: its content fingerprint (the code
+    version is in every stage's own fingerprint already) and the digest of its outputs. So a
+    stage rerun for a code change that gives the same outputs changes nothing downstream."""
+    return sha256_text((manifest.content_fingerprint or manifest.fingerprint) + manifest.outputs_digest())
 
 
 def _now() -> str:
@@ -152,64 +177,84 @@ def load_run_spec(run_dir: Path) -> tuple[PipelineSpec, Path]:
 
 
 class Runner:
-    def __init__(self, spec: PipelineSpec, base_dir: Path, run_dir: Path) -> None:
+    def __init__(self, spec: PipelineSpec, base_dir: Path, run_dir: Path, stages: list[Stage]) -> None:
+        if [stage.name for stage in stages] != [s.name for s in spec.stages]:
+            raise ValueError("the stages must be the spec's, in order (build them with pipelines.build_stages)")
         self.spec = spec
         self.base_dir = base_dir
         self.run_dir = run_dir
+        self.stages = stages
 
     def run(self) -> list[StageOutcome]:
+        self.preflight()  # before the run directory is created or touched
         created = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             with run_lock(self.run_dir):
                 sweep_orphans(self.run_dir)
                 write_json(self.run_dir / SPEC_COPY, {"spec": spec_to_dict(self.spec), "base_dir": str(self.base_dir)})
-                return self._run_stages()
+                return self._run_stages(client_key(self.run_dir, self.spec))
         except InputError:
             if created:  # bad input: leave nothing behind that looks like a run
                 shutil.rmtree(self.run_dir, ignore_errors=True)
             raise
 
-    def _run_stages(self) -> list[StageOutcome]:
+    def preflight(self) -> None:
+        """The data checks of every stage that will run (the ones after the last cached stage)."""
+        for stage in self.stages[self._cached_prefix():]:
+            stage.preflight(self.spec, self.base_dir)
+
+    def _cached_prefix(self) -> int:
+        """How many leading stages have a manifest for their current fingerprint, judged without
+        writing anything. The outputs are verified (hashed) later, under the lock; a stage whose
+        outputs turn out tampered with then reruns, and checks its input as it runs."""
+        key = existing_client_key(self.run_dir, self.spec) if self.run_dir.is_dir() else None
+        hashes = HashCache(self.run_dir / ".input_hashes.json")
+        previous = "root"
+        for index, stage in enumerate(self.stages):
+            fingerprint = stage_fingerprint(stage, self.spec, self.base_dir, previous, hashes, key)
+            manifest = read_manifest(self.run_dir / "stages" / stage.name)
+            if manifest is None or fingerprint.full != manifest.fingerprint and not (stage.releases() and fingerprint.content == manifest.content_fingerprint):
+                return index
+            previous = chain_after(manifest)
+        return len(self.stages)
+
+    def _run_stages(self, key: bytes) -> list[StageOutcome]:
         hashes = HashCache(self.run_dir / ".input_hashes.json")
         outcomes, previous = [], "root"
-        for index in range(len(self.spec.stages)):
-            stage = build_stage(self.spec, index)
-            fingerprint, inputs = stage_fingerprint(stage, self.spec, self.base_dir, previous, hashes)
+        for stage in self.stages:
+            fingerprint = stage_fingerprint(stage, self.spec, self.base_dir, previous, hashes, key)
             hashes.save()
             stage_dir = self.run_dir / "stages" / stage.name
-            manifest, reason = self._cached_manifest(stage_dir, fingerprint)
+            manifest, status, reason = reusable_manifest(stage, stage_dir, fingerprint, key)
             if manifest is not None:
-                outcomes.append(StageOutcome(stage.name, "cached", manifest.duration_s, manifest.record_count()))
-                append_event(self.run_dir, stage=stage.name, status="cached")
+                if status == "kept":
+                    console.print(f"[cyan]{stage.name}[/]: the code changed since it ran; its privacy release is kept (running it again would spend budget "
+                                  f"on a new release: remove {stage_dir} to do so)")
+                outcomes.append(StageOutcome(stage.name, status, manifest.duration_s, manifest.record_count()))
+                append_event(self.run_dir, stage=stage.name, status=status)
             else:
                 if reason:
                     console.print(f"[yellow]{stage.name}[/]: {reason}; rerunning")
-                manifest = self._execute(stage, stage_dir, fingerprint, inputs)
+                manifest = self._execute(stage, stage_dir, fingerprint, key)
                 outcomes.append(StageOutcome(stage.name, "ran", manifest.duration_s, manifest.record_count(), reason))
-            previous = chain_after(fingerprint, manifest)
+            previous = chain_after(manifest)
         return outcomes
 
-    @staticmethod
-    def _cached_manifest(stage_dir: Path, fingerprint: str) -> tuple[Manifest | None, str]:
-        manifest = read_manifest(stage_dir)
-        if manifest is None:
-            return None, ""
-        if manifest.fingerprint != fingerprint:
-            return None, "inputs, parameters or code changed since it last ran"
-        problem = verify_outputs(stage_dir, manifest)
-        if problem:
-            return None, problem
-        return manifest, ""
-
-    def _execute(self, stage: Stage, stage_dir: Path, fingerprint: str, inputs: dict[str, str]) -> Manifest:
+    def _execute(self, stage: Stage, stage_dir: Path, fingerprint: Fingerprint, key: bytes) -> Manifest:
         started_with = stage_dir / STARTED_WITH
-        resumable = started_with.is_file() and started_with.read_text() == fingerprint and not (stage_dir / MANIFEST).exists()
+        resumable = started_with.is_file() and started_with.read_text() == fingerprint.full and not (stage_dir / MANIFEST).exists()
+        # a stale stage is set aside, not deleted, until its rerun succeeds: a rerun refused (say,
+        # by the privacy budget cap) leaves the earlier, complete outputs as they were
+        previous = stage_dir.with_name(f".{stage.name}.previous.tmp")
         if stage_dir.exists() and not resumable:
-            shutil.rmtree(stage_dir)  # stale, or partial from other settings: start it clean
+            if (stage_dir / MANIFEST).exists():
+                stage_dir.rename(previous)
+            else:
+                shutil.rmtree(stage_dir)  # partial from other settings: start it clean
         stage_dir.mkdir(parents=True, exist_ok=True)
         if not resumable:
-            write_text(started_with, fingerprint)
+            write_text(started_with, fingerprint.full)
         ctx = StageContext(spec=self.spec, base_dir=self.base_dir, run_dir=self.run_dir, stage_dir=stage_dir, stage_name=stage.name, runs_on=stage.runs_on)
         started_at, start = _now(), time.perf_counter()
         append_event(self.run_dir, stage=stage.name, status="started")
@@ -218,28 +263,29 @@ class Runner:
         except BaseException as err:
             if isinstance(err, KsgError):
                 shutil.rmtree(stage_dir, ignore_errors=True)  # refused: leave nothing behind
+                if previous.exists():
+                    previous.rename(stage_dir)
             # otherwise (a bug, an interrupt) completed units stay for the resume; without a
             # manifest the stage is never taken as complete
             message = str(err) if isinstance(err, KsgError) else f"{type(err).__name__}: {err}"
             append_event(self.run_dir, stage=stage.name, status="failed", message=message)
             raise
-        outputs = {
-            relative: OutputEntry(sha256=sha256_file(ctx.path(relative)), bytes=ctx.path(relative).stat().st_size, records=records, side=side)
-            for relative, (records, side) in sorted(ctx.declared.items())
-        }
+        outputs = {relative: output_entry(ctx.path(relative), records, side, key) for relative, (records, side) in sorted(ctx.declared.items())}
         manifest = Manifest(
             stage=stage.name,
             package_version=__version__,
             code_sha256=code_sha256(),
-            fingerprint=fingerprint,
+            fingerprint=fingerprint.full,
+            content_fingerprint=fingerprint.content,
             params=stage.params.model_dump(mode="json"),
             seed=self.spec.seed,
-            inputs=inputs,
+            inputs=fingerprint.inputs,
             outputs=outputs,
             started_at=started_at,
             finished_at=_now(),
             duration_s=round(time.perf_counter() - start, 3),
         )
         write_manifest(stage_dir, manifest)
+        shutil.rmtree(previous, ignore_errors=True)
         append_event(self.run_dir, stage=stage.name, status="done", duration_s=manifest.duration_s)
         return manifest

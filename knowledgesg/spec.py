@@ -7,11 +7,12 @@ setting must never be silently ignored.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from knowledgesg.errors import InputError
 
@@ -21,6 +22,28 @@ DataFormat = Literal["auto", "jsonl", "json", "csv", "parquet", "hf_disk"]
 def repeated(values: list[str]) -> list[str]:
     """The values that occur more than once, sorted."""
     return sorted({v for v in values if values.count(v) > 1})
+
+
+SAFE_IDENTIFIER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+def unsafe_identifier_reason(value: str) -> str | None:
+    """Why `value` may not name a client, run or source (it becomes a path), or None if it may."""
+    if not SAFE_IDENTIFIER.fullmatch(value):
+        return "use 1 to 64 letters, digits, '_', '-' or '.', not starting with '.' or '-'"
+    if ".." in value:
+        return "'..' is not allowed"
+    return None
+
+
+def safe_identifier(value: str) -> str:
+    reason = unsafe_identifier_reason(value)
+    if reason:
+        raise ValueError(f"unsafe identifier {value!r}: {reason}")
+    return value
+
+
+SafeId = Annotated[str, AfterValidator(safe_identifier)]
 
 
 class StrictModel(BaseModel):
@@ -38,7 +61,7 @@ class DataSource(StrictModel):
     fields: dict[str, str] = Field(default_factory=dict)
     # record field -> the same value for every record, e.g. {instruction: "Classify the sentiment."}
     constants: dict[str, str] = Field(default_factory=dict)
-    name: str | None = None
+    name: SafeId | None = None
     sample: int | None = Field(default=None, gt=0, description="keep a seeded random subset of this size")
 
     @model_validator(mode="after")
@@ -56,7 +79,7 @@ class PartitionSpec(StrictModel):
     field: str = "source"  # natural: the record field whose values are the clients
     alpha: float = Field(default=1.0, gt=0)  # dirichlet concentration; small = skewed
     label_field: str = "response"  # dirichlet: the labels the skew is over
-    names: list[str] | None = None  # client ids, in order; default client_0, client_1, ...
+    names: list[SafeId] | None = None  # client ids, in order; default client_0, client_1, ...
     min_client_records: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
@@ -65,11 +88,13 @@ class PartitionSpec(StrictModel):
             raise ValueError(f"partition method '{self.method}' needs num_clients or names")
         if self.names is not None and self.num_clients is not None and len(self.names) != self.num_clients:
             raise ValueError(f"names has {len(self.names)} entries but num_clients is {self.num_clients}")
+        if self.names is not None and repeated(self.names):
+            raise ValueError(f"duplicate client name(s): {', '.join(repeated(self.names))}")
         return self
 
 
 class ClientSpec(StrictModel):
-    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    id: SafeId
     data: list[DataSource] = Field(min_length=1)
 
 
@@ -109,9 +134,13 @@ class PrivacySpec(StrictModel):
     """The privacy budget. `target_epsilon: .inf` is the non-private reference."""
 
     target_epsilon: float = 8.0
-    delta: float | None = None  # default 1/(10 N) per client, N = its number of privacy units
+    delta: float | None = None  # default per client: at most 1e-5 and 1/(100 N), N its number of units
     unit: Literal["record", "user"] = "record"
-    cap_epsilon: float | None = None  # per-client total a stage may never push past
+    cap_epsilon: float | None = None  # per-client total, over every release ever made from its data
+    ledger_dir: Path | None = None  # the clients' append-only ledgers; default RUN/ledger ($KSG_LEDGER_DIR wins)
+    # Noise from the public seed instead of OS entropy: anyone with the spec can cancel it, so
+    # every release made this way is NOT PRIVATE. For tests and debugging only.
+    reproducible_noise: bool = False
 
     @field_validator("target_epsilon")
     @classmethod
@@ -130,8 +159,8 @@ class PrivacySpec(StrictModel):
     @field_validator("cap_epsilon")
     @classmethod
     def _positive_cap(cls, value: float | None) -> float | None:
-        if value is not None and not value > 0:
-            raise ValueError(f"must be > 0, got {value}")
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"must be a finite number > 0, got {value}")
         return value
 
 
@@ -156,7 +185,7 @@ class CanaryTemplate(StrictModel):
 class CanarySpec(StrictModel):
     """Canaries planted in one client's private data, for the memorization audit."""
 
-    client: str
+    client: SafeId
     count: int = Field(default=32, ge=2)
     repeats: int = Field(default=4, ge=1)  # copies of each planted canary
     digits: int = Field(default=6, ge=1, le=12)  # the secret: a random digit string
@@ -176,7 +205,7 @@ class StageSpec(StrictModel):
 
 
 class PipelineSpec(StrictModel):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: SafeId
     seed: int = 0
     models: ModelsSpec
     clients: ClientsSpec
@@ -243,16 +272,11 @@ def load_spec(path: str | Path) -> tuple[PipelineSpec, Path]:
 
 
 def parse_spec(raw: dict[str, Any], source: str) -> PipelineSpec:
+    """The spec's schema only; the stage registry (`pipelines.validate_pipeline`) checks the stages."""
     try:
-        spec = PipelineSpec.model_validate(raw)
+        return PipelineSpec.model_validate(raw)
     except ValidationError as err:
         raise InputError(format_validation_error(source, err)) from None
-    # Stage names and parameters are checked now, not when the stage is reached minutes later.
-    from pipelines import validate_stage_params
-
-    for index, stage in enumerate(spec.stages):
-        validate_stage_params(stage, where=f"{source}: stages[{index}]")
-    return spec
 
 
 def spec_to_dict(spec: PipelineSpec) -> dict[str, Any]:

@@ -17,6 +17,10 @@ from knowledgesg.errors import KsgError
 from knowledgesg.fileio import read_json, sha256_text, write_json, write_jsonl
 from knowledgesg.manifest import read_manifest
 from knowledgesg.spec import PipelineSpec
+from privacy.ledger import ClientLedger, LedgerEntry, ledger_directory, merge_releases, read_stage_ledgers
+from privacy.noise import SecureRandom
+
+LEDGER_KEY = "ledger_key.json"  # ingest writes one per client (client side): its data's fingerprint
 
 
 class NoParams(BaseModel):
@@ -31,13 +35,28 @@ class Stage:
     # "server": the stage may read only server-side artifacts (the context refuses the rest).
     # "any": it runs where the data is (on each client, or a part of it on the server).
     runs_on: ClassVar[str] = "any"
+    # True when the external inputs are private data: their digests are then keyed (HMAC), so a
+    # manifest cannot be used to confirm a guess of the data.
+    private_inputs: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel) -> None:
         self.params = params
 
+    def requires(self) -> tuple[str, ...]:
+        """Stages that must come before this one in a spec (checked before anything runs)."""
+        return ()
+
+    def releases(self) -> bool:
+        """Whether running this stage releases something computed from private data (and so
+        spends privacy budget): such a stage is not rerun for a code upgrade alone."""
+        return False
+
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
         """Files outside the run directory that this stage reads; their hashes join the fingerprint."""
         return []
+
+    def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
+        """Checks that need the data, run before the run directory is touched (raise InputError)."""
 
     def run(self, ctx: StageContext) -> None:
         raise NotImplementedError
@@ -58,10 +77,34 @@ class StageContext:
         return self.spec.seed
 
     def derive_seed(self, *parts: str) -> int:
-        """A seed for one purpose (e.g. "sampler", client id) from the spec seed: independent of
-        what ran before, so a unit resumed after a crash replays exactly."""
+        """A seed for one public purpose (e.g. generation from a DP model, a LoRA initialisation)
+        from the spec seed: anyone with the spec can reproduce it, so it never drives DP noise or
+        sampling (see `release_random`)."""
         digest = sha256_text(":".join([str(self.spec.seed), self.stage_name, *parts]))
         return int(digest[:15], 16)
+
+    def release_random(self, client_id: str, purpose: str) -> SecureRandom:
+        """The randomness of one DP release on a client: fresh OS entropy every time, unless the
+        spec asks for reproducible (NOT PRIVATE) noise."""
+        return SecureRandom.for_release(self.spec.privacy.reproducible_noise, self.spec.seed, self.stage_name, client_id, purpose)
+
+    @property
+    def noise_origin(self) -> str:
+        return "reproducible" if self.spec.privacy.reproducible_noise else "os_entropy"
+
+    @property
+    def ledger_dir(self) -> Path:
+        return ledger_directory(self.spec.privacy.ledger_dir, self.base_dir, self.run_dir)
+
+    def client_ledger(self, client_id: str) -> ClientLedger:
+        """The client's own append-only ledger, found by the fingerprint of its data."""
+        key = read_json(self.artifact("ingest", f"clients/{client_id}/{LEDGER_KEY}"))["data_key"]
+        return ClientLedger(self.ledger_dir, key)
+
+    def spent(self, client_id: str) -> list[LedgerEntry]:
+        """Every release ever made from this client's data: its own ledger and this run's stage copies."""
+        copies = [e for e in read_stage_ledgers(self.run_dir, self.completed_stages_before()) if e.client_id == client_id]
+        return merge_releases(self.client_ledger(client_id).entries(), copies)
 
     def path(self, relative: str) -> Path:
         return self.stage_dir / relative

@@ -5,15 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from knowledgesg.client_key import existing_client_key
 from knowledgesg.fileio import read_jsonl
 from knowledgesg.manifest import read_manifest, verify_outputs
-from knowledgesg.runner import EVENTS, HashCache, build_stage, chain_after, load_run_spec, stage_fingerprint
+from knowledgesg.runner import EVENTS, HashCache, chain_after, reusable_manifest, stage_fingerprint
+from knowledgesg.spec import PipelineSpec
+from knowledgesg.stage import Stage
 
 
 @dataclass
 class StageState:
     name: str
-    state: str  # done | cached | stale | failed | running? | pending
+    state: str  # done | cached | kept | stale | failed | interrupted | pending
     duration_s: float | None
     records: int | None
     finished_at: str | None
@@ -29,22 +32,26 @@ def _last_events(run_dir: Path) -> dict[str, dict]:
     return last
 
 
-def run_status(run_dir: Path) -> list[StageState]:
-    spec, base_dir = load_run_spec(run_dir)
+def run_status(run_dir: Path, spec: PipelineSpec, base_dir: Path, stages: list[Stage]) -> list[StageState]:
+    """`spec` and `base_dir` as saved in the run (runner.load_run_spec), `stages` built from it."""
     hashes = HashCache(run_dir / ".input_hashes.json")
+    key = existing_client_key(run_dir, spec)
     events = _last_events(run_dir)
     states, previous = [], "root"
-    for index, stage_spec in enumerate(spec.stages):
-        stage = build_stage(spec, index)
+    for stage in stages:
         stage_dir = run_dir / "stages" / stage.name
         manifest = read_manifest(stage_dir)
         last = events.get(stage.name, {})
-        fingerprint = stage_fingerprint(stage, spec, base_dir, previous, hashes)[0] if previous else None
-        if manifest is not None and fingerprint == manifest.fingerprint:
-            problem = verify_outputs(stage_dir, manifest)
-            state = "stale" if problem else ("cached" if last.get("status") == "cached" else "done")
-            states.append(StageState(stage.name, state, manifest.duration_s, manifest.record_count(), manifest.finished_at, problem or ""))
-            previous = chain_after(fingerprint, manifest) if not problem else ""
+        reusable, status, problem = reusable_manifest(stage, stage_dir, stage_fingerprint(stage, spec, base_dir, previous, hashes, key), key) if previous else (None, "", "")
+        if reusable is not None:
+            state = "kept" if status == "kept" else ("cached" if last.get("status") == "cached" else "done")
+            detail = "code changed; its privacy release is kept" if status == "kept" else ""
+            states.append(StageState(stage.name, state, manifest.duration_s, manifest.record_count(), manifest.finished_at, detail))
+            previous = chain_after(manifest)
+            continue
+        if manifest is not None and problem and "changed since" not in problem:
+            states.append(StageState(stage.name, "stale", manifest.duration_s, manifest.record_count(), manifest.finished_at, problem))
+            previous = ""
             continue
         previous = ""  # nothing after an incomplete stage can be current
         if last.get("status") == "failed":

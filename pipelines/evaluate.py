@@ -16,6 +16,9 @@ class Evaluate(Stage):
     name = "evaluate"
     Params = EvalOptions
 
+    def requires(self) -> tuple[str, ...]:
+        return ("prepare_models", "ingest")
+
     def run(self, ctx: StageContext) -> None:
         from knowledgesg.models import resolve_device
 

@@ -3,10 +3,17 @@
 By default the clients train on the refined synthetic data (each on the share its own DP adapter
 produced), which costs no privacy: it is post-processing of the DP adapters. With `data: private`
 each client trains on its own private records with DP-SGD local steps; the noise is calibrated
-to `local_dp.target_epsilon` for the steps the client will actually run (its rounds are known
-before training, as sampling is seeded), and that cost enters the ledger. Client-level DP-FedAvg
-(`client_dp`) clips and noises whole client updates at the server, with Poisson client sampling
-at q = clients_per_round / clients; on private data its cost enters the ledger too (unit: client).
+to `local_dp.target_epsilon` for the most steps the client can run (its rounds are known before
+training, as sampling is seeded; with client-level DP, every round), every budget is checked
+first, and each client checks its own cap and enters each round's release in its own ledger
+before its update leaves. Nothing un-noised about private data goes to the server: no loss, no
+example count (updates are weighted equally), noise drawn by the client from OS entropy.
+
+Client-level DP-FedAvg (`client_dp`): each client draws its own participation coin (q =
+clients_per_round / clients) and clips its update; the server adds the noise (OS entropy). The
+server sees each clipped update, so that guarantee (unit: client) holds against holders of the
+final model only, and the report says so; on private data it is listed beside the record-level
+ledger, on synthetic data in `privacy.json`.
 
 The same server loop and client code run in every engine (knowledgesg.federated): `local` in
 this process, `flower-sim` on Flower's simulation runtime, `flower-deploy` through a SuperLink
@@ -16,21 +23,25 @@ request, per-round metrics, and the privacy record.
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from knowledgesg.adapters import ADAPTER_FILES, save_adapter
 from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
+from knowledgesg.federated.client import LOCAL_LOG, LoraModel, initial_params
 from knowledgesg.federated.deploy import DeploySettings
-from knowledgesg.federated.protocol import LocalTraining, LoraShape
+from knowledgesg.federated.engines import FINAL, INITIAL, JOB, ROUNDS, run_local
+from knowledgesg.federated.protocol import LocalDP, LocalTraining, LoraShape, load_params, save_params
 from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, participation
-from knowledgesg.fileio import read_json, read_jsonl
+from knowledgesg.fileio import read_json, read_jsonl, write_dir, write_json
 from knowledgesg.stage import Stage, StageContext
 from privacy.accounting import Mechanism, calibrate_noise, default_delta, epsilons
-from privacy.ledger import LEDGER, LedgerEntry, check_budget, read_ledger
+from privacy.ledger import LEDGER, TRUST_SERVER_NOISE, LedgerEntry, check_budget, new_release_id, now, read_stage_ledgers, trust_line
 
 
 class LocalDPParams(BaseModel):
@@ -77,32 +88,43 @@ class Fedtune(Stage):
     Params = FedtuneParams
     uses = ("privacy",)
 
+    def requires(self) -> tuple[str, ...]:
+        return ("prepare_models", "ingest") + ((self.params.synthetic_stage,) if self.params.data == "synthetic" else ())
+
+    def releases(self) -> bool:
+        return self.params.data == "private"
+
     def run(self, ctx: StageContext) -> None:
         p: FedtuneParams = self.params
         partition = ctx.read_artifact_json("ingest", "partition.json")
         clients = list(partition["clients"])
-        spent = read_ledger(ctx.run_dir, ctx.completed_stages_before())
-        adapters = {e.client_id: e for e in spent if e.release == "dp_adapter"}
+        adapters = {e.client_id: e for e in read_stage_ledgers(ctx.run_dir, ctx.completed_stages_before()) if e.release == "dp_adapter"}
         models = ctx.read_artifact_json("prepare_models", "models.json")
         job = self.build_job(ctx, clients, models["base"])
         rounds = participation(job)
-        # the delta a client's ledger is kept at: its DP adapter's, else the spec's or 1/(10 N)
+        # the delta a client's ledger is kept at: its DP adapter's, else the spec's or the default
         deltas = {c: adapters[c].delta if c in adapters else ctx.spec.privacy.delta or default_delta(partition["clients"][c]) for c in clients}
         planned = self.plan_mechanisms(job, rounds, partition, deltas)
-        for client_id, mechanisms in planned.items():  # every budget before any training
-            check_budget(spent, client_id, mechanisms, deltas[client_id], ctx.spec.privacy.cap_epsilon, self.name)
-        if self.params.data == "private":  # the mechanism each client runs, as planned
-            job.local_dp = {c: {"noise_multiplier": planned[c][0].noise_multiplier, "clip_norm": self.params.local_dp.clip_norm,
-                                "sample_rate": planned[c][0].sample_rate, "unit": "record"} for c in clients}
+        for client_id, mechanisms in planned.items():  # every budget, over all releases ever, before any training
+            check_budget(ctx.spent(client_id), client_id, mechanisms, deltas[client_id], ctx.spec.privacy.cap_epsilon, self.name)
+        if p.data == "private":  # the mechanism each client runs, as planned; each keeps its own ledger
+            job.local_dp = {c: LocalDP(noise_multiplier=planned[c][0].noise_multiplier, clip_norm=p.local_dp.clip_norm, sample_rate=planned[c][0].sample_rate,
+                                       num_units=partition["clients"][c], delta=deltas[c], cap_epsilon=ctx.spec.privacy.cap_epsilon,
+                                       ledger_dir=str(ctx.ledger_dir), reproducible_noise=ctx.spec.privacy.reproducible_noise) for c in clients}
 
         work = ctx.path("work")
         work.mkdir(parents=True, exist_ok=True)
         final, history = self.run_engine(ctx, job, work)
-        self.check_dp_steps(job, history, rounds)
+        received = [LedgerEntry.model_validate(e) for record in history for e in record.pop("releases")]
+        self.check_dp_steps(job, received, rounds)
         self.save(ctx, job, final)
         ctx.write_json("rounds.json", history)
-        ledger = [e for c in clients for e in self.ledger_entries(ctx, c, planned[c], deltas[c], rounds[c])]
-        ctx.write_json("privacy.json", self.privacy_record(job, rounds, ledger))
+        for c in clients:  # the clients' own logs of their training (un-noised): client side
+            if ctx.path(f"clients/{c}/{LOCAL_LOG}").is_file():
+                ctx.declare_output(f"clients/{c}/{LOCAL_LOG}", side=f"client:{c}")
+        ledger = received + [e for c in clients for e in self.server_entries(ctx, job, c, deltas[c], adapters[c].unit if c in adapters else ctx.spec.privacy.unit)]
+        ledger.sort(key=lambda e: clients.index(e.client_id))
+        ctx.write_json("privacy.json", self.privacy_record(ctx, job, rounds, ledger))
         ctx.write_json(LEDGER, [e.model_dump(mode="json") for e in ledger])
         shutil.rmtree(work)  # the job carries the synthetic shares and the working parameters
 
@@ -122,7 +144,8 @@ class Fedtune(Stage):
         try:
             return FedJob(seed=ctx.derive_seed("job") % (2**31), rounds=p.rounds, clients=clients, clients_per_round=p.clients_per_round or len(clients),
                           rule=p.rule, client_dp=p.client_dp, training=p.training, lora=p.lora, base_model=base, device=resolve_device(ctx.spec.models.device),
-                          run_dir=str(ctx.run_dir.resolve()), records=records, private_source="ingest" if p.data == "private" else None)
+                          run_dir=str(ctx.run_dir.resolve()), records=records, private_source="ingest" if p.data == "private" else None,
+                          reproducible_noise=ctx.spec.privacy.reproducible_noise)
         except ValueError as err:
             raise InputError(f"fedtune: {err}") from None
 
@@ -134,8 +157,8 @@ class Fedtune(Stage):
         return batch / n
 
     def plan_mechanisms(self, job: FedJob, rounds: dict[str, int], partition: dict, deltas: dict[str, float]) -> dict[str, list[Mechanism]]:
-        """What each client's private data will go through in this stage (nothing, on synthetic data);
-        the noise is calibrated at the delta the client's ledger is kept at."""
+        """What each client's private records will go through in this stage at most (nothing, on
+        synthetic data); the noise is calibrated at the delta the client's ledger is kept at."""
         p: FedtuneParams = self.params
         planned = {}
         for c in job.clients:
@@ -147,20 +170,17 @@ class Fedtune(Stage):
                 if sigma is None:
                     sigma, _ = calibrate_noise(p.local_dp.target_epsilon, deltas[c], q, max(1, steps))
                 mechanisms.append(Mechanism(kind="poisson_gaussian", noise_multiplier=sigma, sample_rate=q, steps=steps))
-                if p.client_dp is not None:
-                    mechanisms.append(self.client_level_mechanism(job))
             planned[c] = mechanisms
         return planned
 
     def client_level_mechanism(self, job: FedJob) -> Mechanism:
         return Mechanism(kind="poisson_gaussian", noise_multiplier=job.client_dp.noise_multiplier, sample_rate=job.sample_rate, steps=job.rounds)
 
-    def run_engine(self, ctx: StageContext, job: FedJob, work: Path):
-        from knowledgesg.federated.client import initial_params
-        from knowledgesg.federated.engines import FINAL, INITIAL, JOB, ROUNDS, run_local
-        from knowledgesg.federated.protocol import load_params, save_params
-        from knowledgesg.fileio import write_json
+    def client_level_delta(self, ctx: StageContext, job: FedJob) -> float:
+        """Neighbours differ in a whole client, so N is the number of clients: at most 1e-5."""
+        return default_delta(len(job.clients))
 
+    def run_engine(self, ctx: StageContext, job: FedJob, work: Path):
         save_params(work / INITIAL, initial_params(job.base_model, job.lora, ctx.derive_seed("init") % (2**31), job.device))
         write_json(work / JOB, job.model_dump(mode="json"))
         for stale in (FINAL, ROUNDS):
@@ -181,30 +201,28 @@ class Fedtune(Stage):
             raise KsgError(f"fedtune: the {engine} engine finished without a final adapter (see its log above)")
         return load_params(work / FINAL), read_json(work / ROUNDS)
 
-    def check_dp_steps(self, job: FedJob, history: list[dict], rounds: dict[str, int]) -> None:
-        """The clients' accountants must have counted exactly the planned DP-SGD steps."""
+    def check_dp_steps(self, job: FedJob, received: list[LedgerEntry], rounds: dict[str, int]) -> None:
+        """The releases the clients recorded must match the plan (their own accountants already
+        checked each round before sending; this is the server's check of their reports)."""
         if job.local_dp is None:
             return
         counted = dict.fromkeys(job.clients, 0)
-        for record in history:
-            for c, n in record["extra"]["dp_steps"].items():
-                counted[c] += n
+        for entry in received:
+            if entry.mechanism.noise_multiplier != job.local_dp[entry.client_id].noise_multiplier:
+                raise KsgError(f"fedtune: client '{entry.client_id}' reported noise {entry.mechanism.noise_multiplier}, not the planned {job.local_dp[entry.client_id].noise_multiplier}")
+            counted[entry.client_id] += entry.mechanism.steps
         expected = {c: rounds[c] * job.training.steps for c in job.clients}
-        if counted != expected:
-            raise KsgError(f"fedtune: DP-SGD steps counted {counted} differ from the plan {expected}; refusing to report an epsilon")
+        exceeded = {c: n for c, n in counted.items() if n > expected[c]}
+        if exceeded or (job.client_dp is None and counted != expected):
+            raise KsgError(f"fedtune: DP-SGD steps reported {counted} differ from the plan {expected} (the releases are in the clients' ledgers)")
 
     def save(self, ctx: StageContext, job: FedJob, final) -> None:
-        from knowledgesg.federated.client import LoraModel
-        from knowledgesg.fileio import write_dir
-        from pipelines.dp_train import save_adapter
-
         lora = LoraModel.get(job.base_model, job.lora, job.device)
         lora.set_params(final)
         save_adapter(lora.model, ctx.path("adapter"))
-        for name in ("adapter_model.safetensors", "adapter_config.json"):
+        for name in ADAPTER_FILES:
             ctx.declare_output(f"adapter/{name}")
         if self.params.merge:
-            import copy
 
             def build(directory: Path) -> None:
                 copy.deepcopy(lora.model).merge_and_unload().save_pretrained(directory)
@@ -214,30 +232,37 @@ class Fedtune(Stage):
             for path in sorted(ctx.path("merged").iterdir()):
                 ctx.declare_output(f"merged/{path.name}")
 
-    def ledger_entries(self, ctx: StageContext, client_id: str, mechanisms: list[Mechanism], delta: float, rounds: int) -> list[LedgerEntry]:
-        """One entry per mechanism that touched the client's private data; on synthetic data, one free entry."""
+    def server_entries(self, ctx: StageContext, job: FedJob, client_id: str, delta: float, unit: str) -> list[LedgerEntry]:
+        """What the server adds to its ledger copy: on synthetic data one free entry per client (at
+        the unit of the DP adapter it descends from); on private data with client-level DP the
+        client-level guarantee (unit client, which does not count against the record-level budget
+        and holds against fewer parties)."""
         p: FedtuneParams = self.params
-        artifact = f"stages/{self.name}/adapter/adapter_model.safetensors"
+        common = {"release_id": new_release_id(), "client_id": client_id, "stage": self.name, "artifact": f"stages/{self.name}/adapter/adapter_model.safetensors",
+                  "artifact_sha256": None, "run_dir": str(ctx.run_dir.resolve()), "released_at": now()}
+        if p.data == "synthetic":
+            mechanism = Mechanism(kind="post_processing")
+            return [LedgerEntry(**common, release=f"final_adapter (trained on {p.synthetic_stage} synthetic data: post-processing)", unit=unit,
+                                delta=delta, mechanism=mechanism, epsilon=epsilons([mechanism], delta), private=True, noise="none", trust=trust_line("none", mechanism))]
+        if job.client_dp is None:
+            return []
+        mechanism, client_delta = self.client_level_mechanism(job), self.client_level_delta(ctx, job)
+        return [LedgerEntry(**common, release="final_adapter: client-level DP-FedAvg (noise added by the server)", unit="client", num_units=len(job.clients),
+                            delta=client_delta, mechanism=mechanism, epsilon=epsilons([mechanism], client_delta), private=not ctx.spec.privacy.reproducible_noise,
+                            noise=ctx.noise_origin, trust=TRUST_SERVER_NOISE)]
 
-        def entry(release: str, mechanism: Mechanism, unit: str) -> LedgerEntry:
-            return LedgerEntry(client_id=client_id, stage=self.name, release=release, artifact=artifact, unit=unit, delta=delta,
-                               mechanism=mechanism, epsilon=epsilons([mechanism], delta), private=True)
-
-        if not mechanisms:
-            return [entry(f"final_adapter (trained on {p.synthetic_stage} synthetic data: post-processing)", Mechanism(kind="post_processing"), ctx.spec.privacy.unit)]
-        entries = [entry(f"final_adapter: DP-SGD local steps on private data ({rounds} rounds x {p.training.steps} steps)", mechanisms[0], ctx.spec.privacy.unit)]
-        if len(mechanisms) > 1:  # a client-level guarantee also bounds each record: composing both is conservative
-            entries.append(entry("final_adapter: client-level DP-FedAvg", mechanisms[1], "client"))
-        return entries
-
-    def privacy_record(self, job: FedJob, rounds: dict[str, int], ledger: list[LedgerEntry]) -> dict:
+    def privacy_record(self, ctx: StageContext, job: FedJob, rounds: dict[str, int], ledger: list[LedgerEntry]) -> dict:
         p: FedtuneParams = self.params
-        record = {"data": p.data, "rounds_per_client": rounds, "engine": p.engine, "rule": job.rule.model_dump(),
-                  "releases": [{"client_id": e.client_id, "release": e.release, "unit": e.unit, "epsilon": e.epsilon.model_dump(), "delta": e.delta} for e in ledger]}
+        record = {"data": p.data, "rounds_asked_per_client": rounds, "engine": p.engine, "rule": job.rule.model_dump(),
+                  "weights": "equal (clients send no example counts on private data)" if p.data == "private" else "by synthetic example count",
+                  "releases": [{"client_id": e.client_id, "release": e.release, "unit": e.unit, "epsilon": e.epsilon.model_dump(), "delta": e.delta,
+                                "trust": e.trust} for e in ledger]}
         if job.client_dp is not None:
-            mechanism = self.client_level_mechanism(job)
-            delta = default_delta(len(job.clients))
-            record["client_level_dp_fedavg"] = {"mechanism": mechanism.model_dump(), "unit": "client", "delta": delta,
-                                                "epsilon": epsilons([mechanism], delta).model_dump(),
-                                                "note": "a guarantee for whole clients, on top of the record-level ledger"}
+            mechanism, delta = self.client_level_mechanism(job), self.client_level_delta(ctx, job)
+            record["client_level_dp_fedavg"] = {
+                "mechanism": mechanism.model_dump(), "unit": "client", "delta": delta, "epsilon": epsilons([mechanism], delta).model_dump(),
+                "who_adds_the_noise": "the server (OS entropy)", "who_clips": "each client, before its update leaves",
+                "participation": "each client's own coin at q = clients_per_round / clients; not recorded in rounds.json",
+                "trust": TRUST_SERVER_NOISE,
+            }
         return record

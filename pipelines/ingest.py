@@ -1,7 +1,13 @@
 """Stage `ingest`: load each client's private data, validate it, and partition pooled data.
 
-Outputs per client (client side: they never leave it): `clients/<id>/records.jsonl` and
-`clients/<id>/stats.json`. Server side: `partition.json`, the client sizes only.
+Outputs per client (client side: they never leave it): `clients/<id>/records.jsonl`,
+`clients/<id>/stats.json`, and `clients/<id>/ledger_key.json`, the fingerprint of the client's
+data that names its privacy ledger. Server side: `partition.json`, the client sizes only (the
+number of records per client is treated as public; the privacy report says so).
+
+Before anything is written (`preflight`), the data is loaded and partitioned, and what can only
+be checked against it is checked: every client id is safe as a directory name and unique, the
+canary client exists, the holdout fits, and a given `privacy.delta` is below 1/N for every client.
 
 For the audits (spec `audit`): canaries are planted in one client's records (and listed, with
 which were planted, in its `canaries.json`), and `holdout_per_client` records of each client are
@@ -16,13 +22,17 @@ from pathlib import Path
 
 from rich.table import Table
 
+from eval.canaries import canaries_json, make_canaries, planted_records
 from knowledgesg.console import console, track
 from knowledgesg.errors import InputError
 from knowledgesg.loaders import load_source, source_name_of, source_path
 from knowledgesg.partition import partition
-from knowledgesg.records import Record
+from knowledgesg.records import InstructionRecord, Record
 from knowledgesg.spec import DataSource, PipelineSpec, repeated
-from knowledgesg.stage import Stage, StageContext
+from knowledgesg.stage import LEDGER_KEY, Stage, StageContext
+from privacy.accounting import check_delta
+from privacy.ledger import data_key
+from privacy.units import privacy_units
 
 MAX_HISTOGRAM_CLASSES = 20  # responses with more distinct values than this are not labels
 
@@ -59,31 +69,61 @@ def hold_out(records: list[Record], count: int, seed: int, client_id: str) -> tu
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
 
+def client_records(spec: PipelineSpec, base_dir: Path) -> dict[str, list[Record]]:
+    """Each client's records, loaded and (for pooled data) partitioned: pure, nothing written."""
+    clients_spec = spec.clients
+    if clients_spec.members:
+        return {member.id: _load_all(member.data, base_dir, spec.seed) for member in clients_spec.members}
+    return partition(_load_all(clients_spec.data, base_dir, spec.seed), clients_spec.partition, spec.seed)
+
+
+def training_units(records: list[Record], unit: str) -> int:
+    """N for DP training: units of the instruction records, each text document one unit (what
+    `structure` makes of it stays one unit)."""
+    instructions = [r for r in records if isinstance(r, InstructionRecord)]
+    documents = {r.id for r in records if r.kind == "text"}
+    return privacy_units(instructions, unit, max_records=1).count + len(documents) if instructions or documents else 0
+
+
 class Ingest(Stage):
     name = "ingest"
     uses = ("clients", "audit")
+    private_inputs = True
+
+    def __init__(self, params) -> None:
+        super().__init__(params)
+        self._loaded: dict[str, list[Record]] | None = None  # from preflight, for run
 
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
         return sorted({source_path(source, base_dir) for source in _sources(spec)})
 
-    def run(self, ctx: StageContext) -> None:
-        clients_spec = ctx.spec.clients
-        if clients_spec.members:
-            clients = {member.id: _load_all(member.data, ctx.base_dir, ctx.seed) for member in clients_spec.members}
-        else:
-            clients = partition(_load_all(clients_spec.data, ctx.base_dir, ctx.seed), clients_spec.partition, ctx.seed)
-        audit = ctx.spec.audit
+    def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
+        clients = client_records(spec, base_dir)
+        audit = spec.audit
         if audit.canaries is not None and audit.canaries.client not in clients:
             raise InputError(f"audit.canaries.client: no client '{audit.canaries.client}' (clients: {', '.join(clients)})")
+        for client_id, records in clients.items():
+            if audit.holdout_per_client:
+                records, _ = hold_out(records, audit.holdout_per_client, spec.seed, client_id)
+            if spec.privacy.delta is not None:
+                if audit.canaries is not None and audit.canaries.client == client_id:
+                    records = records + planted_records(audit.canaries, make_canaries(audit.canaries, spec.seed), client_id)
+                check_delta(spec.privacy.delta, training_units(records, spec.privacy.unit), spec.privacy.unit)
+        self._loaded = clients
+
+    def run(self, ctx: StageContext) -> None:
+        clients = self._loaded if self._loaded is not None else client_records(ctx.spec, ctx.base_dir)
+        audit = ctx.spec.audit
         sizes = {}
         for client_id, records in clients.items():
             side = f"client:{client_id}"
+            # the fingerprint of the client's own data, before the audit's holdout and canaries:
+            # changing the audit settings must not start a fresh ledger
+            ctx.write_json(f"clients/{client_id}/{LEDGER_KEY}", {"data_key": data_key([r.model_dump() for r in records])}, side=side)
             if audit.holdout_per_client:
                 records, held = hold_out(records, audit.holdout_per_client, ctx.seed, client_id)
                 ctx.write_jsonl(f"clients/{client_id}/holdout.jsonl", [r.model_copy(update={"client_id": client_id}).model_dump() for r in held], side=side)
             if audit.canaries is not None and audit.canaries.client == client_id:
-                from eval.canaries import canaries_json, make_canaries, planted_records
-
                 canaries = make_canaries(audit.canaries, ctx.seed)
                 records = records + planted_records(audit.canaries, canaries, client_id)
                 ctx.write_json(f"clients/{client_id}/canaries.json", canaries_json(audit.canaries, canaries), side=side)
@@ -91,7 +131,7 @@ class Ingest(Stage):
             ctx.write_jsonl(f"clients/{client_id}/records.jsonl", rows, side=side)
             ctx.write_json(f"clients/{client_id}/stats.json", client_stats(records), side=side)
             sizes[client_id] = len(records)
-        method = clients_spec.partition.method if clients_spec.partition else "members"
+        method = ctx.spec.clients.partition.method if ctx.spec.clients.partition else "members"
         ctx.write_json("partition.json", {"method": method, "seed": ctx.seed, "clients": sizes})
         table = Table(title=f"clients ({method})")
         table.add_column("client")

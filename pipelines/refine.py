@@ -150,6 +150,9 @@ class Refine(Stage):
     Params = RefineParams
     runs_on = "server"
 
+    def requires(self) -> tuple[str, ...]:
+        return ("prepare_models", "ingest", "synthesize")
+
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
         return [source_path(self.params.pool, base_dir)]
 

@@ -12,15 +12,17 @@ a 135M model cannot both copy a sentence and label it in one generation (measure
 earnings-call transcripts).
 
 Its output is private: it stays on the client and feeds dp_train (`source_stage: structure`),
-together with the client's own instruction records, which pass through unchanged.
+together with the client's own instruction records, which pass through unchanged. Every pair
+carries the id of the text it came from as `document_id` (and that text's `user_id`): the pairs
+of one transcript are one privacy unit in dp_train, the "source document".
 """
 
 from __future__ import annotations
 
 import random
 import re
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,6 +33,7 @@ from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_jsonl
 from knowledgesg.generation import SamplingParams
 from knowledgesg.loaders import load_example_pool, source_path
+from knowledgesg.prompts import parse_label
 from knowledgesg.records import InstructionRecord, TextRecord
 from knowledgesg.sft import user_message
 from knowledgesg.spec import DataSource, PipelineSpec
@@ -106,6 +109,9 @@ class Structure(Stage):
     name = "structure"
     Params = StructureParams
 
+    def requires(self) -> tuple[str, ...]:
+        return ("prepare_models", "ingest")
+
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
         return [source_path(self.params.pool, base_dir)]  # editing the pool reruns the stage
 
@@ -134,6 +140,7 @@ class Structure(Stage):
             own = [r for r in rows if r["kind"] == "instruction"]
             if not texts:
                 raise InputError(f"structure: client '{client_id}' has no text records to structure (give its corpus kind: text)")
+            users = {t.id: t.user_id for t in texts}
             chunks = [c for t in texts for c in chunk_text(tokenizer, t.id, t.text, p.chunk_tokens, p.overlap_tokens)]
             chunks = chunks[: p.max_chunks_per_client] if p.max_chunks_per_client else chunks
             if p.selection == "retrieved":
@@ -148,20 +155,18 @@ class Structure(Stage):
                 prompts = [chat_prompt_ids(tokenizer, labelled_prompt([pool[j] for j in row], instruction, sentence or ""), "Answer:")
                            for row, instruction, sentence in zip(neighbours, instructions, sentences)]
                 completions = generator.generate(prompts, p.sampling.model_copy(update={"max_new_tokens": 8}), seed, f"structure {client_id}")
-                pairs, stats = self.keep_labelled(client_id, chunks, sentences, instructions, completions, p.labels)
+                pairs, stats = self.keep_labelled(client_id, chunks, sentences, instructions, completions, p.labels, users)
             else:
                 prompts = [chat_prompt_ids(tokenizer, few_shot_prompt([pool[j] for j in row], c.text, p.example_words), "Question:") for c, row in zip(chunks, neighbours)]
                 completions = generator.generate(prompts, p.sampling, seed, f"structure {client_id}")
-                pairs, stats = self.keep(client_id, chunks, completions, p.min_grounding)
+                pairs, stats = self.keep(client_id, chunks, completions, p.min_grounding, users)
             side = f"client:{client_id}"
             ctx.write_jsonl(f"clients/{client_id}/records.jsonl", own + pairs, side=side)
             ctx.write_json(f"clients/{client_id}/structure_stats.json", stats, side=side)
             console.print(f"structure {client_id}: {stats['kept']} pairs from {stats['chunks']} chunks; rejected {stats['rejected']}")
 
     @staticmethod
-    def keep_labelled(client_id: str, chunks, sentences, instructions, completions, labels: list[str]) -> tuple[list[dict], dict]:
-        from pipelines.synthesize import parse_label
-
+    def keep_labelled(client_id: str, chunks, sentences, instructions, completions, labels: list[str], users: dict[str, str | None]) -> tuple[list[dict], dict]:
         rejected: Counter = Counter()
         candidates = []
         for chunk, sentence, instruction, completion in zip(chunks, sentences, instructions, completions):
@@ -176,13 +181,14 @@ class Structure(Stage):
         rejected["duplicate"] += len(duplicates)
         pairs = [
             InstructionRecord(id=f"structured/{client_id}/{chunk.record_id}/{chunk.index}", instruction=instruction, input=sentence, response=label,
-                              client_id=client_id, source=f"structured:{chunk.record_id.split('/')[0]}").model_dump()
+                              client_id=client_id, source=f"structured:{chunk.record_id.split('/')[0]}",
+                              document_id=chunk.record_id, user_id=users[chunk.record_id]).model_dump()
             for number, (chunk, instruction, sentence, label) in enumerate(candidates) if number not in duplicates
         ]
         return pairs, {"chunks": len(chunks), "kept": len(pairs), "rejected": dict(rejected), "labels": dict(Counter(p["response"] for p in pairs))}
 
     @staticmethod
-    def keep(client_id: str, chunks, completions, min_grounding: float) -> tuple[list[dict], dict]:
+    def keep(client_id: str, chunks, completions, min_grounding: float, users: dict[str, str | None]) -> tuple[list[dict], dict]:
         rejected: Counter = Counter()
         candidates = []
         for chunk, completion in zip(chunks, completions):
@@ -204,6 +210,7 @@ class Structure(Stage):
             scores.append(score)
             instruction, _, input_text = question.partition("\n")
             pairs.append(InstructionRecord(id=f"structured/{client_id}/{chunk.record_id}/{chunk.index}", instruction=instruction.strip(), input=input_text.strip(), response=answer,
-                                           client_id=client_id, source=f"structured:{chunk.record_id.split('/')[0]}").model_dump())
+                                           client_id=client_id, source=f"structured:{chunk.record_id.split('/')[0]}",
+                                           document_id=chunk.record_id, user_id=users[chunk.record_id]).model_dump())
         stats = {"chunks": len(chunks), "kept": len(pairs), "rejected": dict(rejected), "mean_grounding": round(sum(scores) / len(scores), 4) if scores else None}
         return pairs, stats

@@ -5,7 +5,9 @@ record enters a prompt: every prompt is built from public seeds only (a task ins
 public opening phrase, control codes), and every prompt actually sent is kept in
 `clients/<id>/prompts.jsonl` for audit. Class balance for a labelled task comes from a uniform
 prior, or from a DP histogram of the client's labels whose cost enters the ledger; never from
-the exact private counts.
+the exact private counts. The histogram runs on the client: each unit's records are truncated to
+its contribution bound before counting, the noise comes from OS entropy, and the release is in
+the client's ledger before the noisy counts are written.
 
 Two passes per candidate: the model writes the user turn (continuing a public seed), then answers
 it. Candidates are filtered (unfinished, unparseable, too short or long, exact and near
@@ -15,35 +17,25 @@ duplicates), then selected to the target class balance.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from knowledgesg.console import console
 from knowledgesg.dedup import near_duplicates, normalized, words
 from knowledgesg.errors import InputError
-from knowledgesg.fileio import read_jsonl, sha256_file
+from knowledgesg.fileio import json_text, read_jsonl, sha256_file, sha256_text, write_text
 from knowledgesg.generation import SamplingParams
+from knowledgesg.prompts import Seed, parse_label, user_turn_prefix
 from knowledgesg.records import InstructionRecord
 from knowledgesg.stage import Stage, StageContext
 from privacy.accounting import Mechanism, epsilons
-from privacy.ledger import LEDGER, LedgerEntry, check_budget, read_ledger
-
-MARK = "\x00USER_TEXT\x00"
-
-
-class Seed(BaseModel):
-    """Public text only: a task instruction (first line of the user turn) and/or an opening phrase."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    instruction: str = ""
-    prefix: str = ""
-    domain: str = ""
-    task: str = ""
+from privacy.ledger import LEDGER, LedgerEntry, check_budget, new_release_id, now, read_stage_ledgers, trust_line
+from privacy.noise import SecureRandom
+from privacy.units import Units, bounded_label_counts, privacy_units
 
 
 class SynthesizeParams(BaseModel):
@@ -55,7 +47,7 @@ class SynthesizeParams(BaseModel):
     labels: list[str] | None = Field(default=None, description="a labelled task's answers; responses must name one")
     class_balance: Literal["uniform", "dp_histogram"] = "uniform"
     histogram_noise_multiplier: float = Field(default=20.0, gt=0, description="DP histogram: noise std / sensitivity")
-    user_contribution_bound: int = Field(default=8, ge=1, description="user-level privacy: the most records one user adds to the histogram")
+    user_contribution_bound: int = Field(default=8, ge=1, description="user-level privacy: the most records one user adds to the histogram (the rest are not counted)")
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     response_max_new_tokens: int = Field(default=96, ge=1)
     batch_size: int = Field(default=16, ge=1)
@@ -71,19 +63,6 @@ class SynthesizeParams(BaseModel):
         return self
 
 
-def parse_label(response: str, labels: list[str]) -> str | None:
-    """The label a response names first, or None."""
-    found = [(m.start(), label) for label in labels for m in [re.search(rf"\b{re.escape(label.lower())}\b", response.lower())] if m]
-    return min(found)[1] if found else None
-
-
-def user_turn_prefix(tokenizer, seed: Seed) -> str:
-    """The chat-template text up to where the user's own words start, after the public seed."""
-    opening = (seed.instruction + "\n" if seed.instruction else "") + seed.prefix
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": opening + MARK}], tokenize=False, add_generation_prompt=False)
-    return rendered.split(MARK)[0]
-
-
 def class_quotas(total: int, labels: list[str], weights: list[float]) -> dict[str, int]:
     weights = [max(0.0, w) for w in weights]
     if sum(weights) <= 0:
@@ -95,13 +74,12 @@ def class_quotas(total: int, labels: list[str], weights: list[float]) -> dict[st
     return dict(zip(labels, quotas))
 
 
-def dp_label_histogram(records: list[InstructionRecord], labels: list[str], noise_multiplier: float, sensitivity: float, generator) -> dict[str, float]:
-    """Runs on the client: label counts plus Gaussian noise of std noise_multiplier * sensitivity."""
-    import torch
-
-    counts = Counter(r.response.strip().lower() for r in records)
-    noise = torch.randn(len(labels), generator=generator, dtype=torch.float64) * noise_multiplier * sensitivity
-    return {label: float(counts.get(label.lower(), 0)) + float(n) for label, n in zip(labels, noise)}
+def dp_label_histogram(records: list[InstructionRecord], labels: list[str], units: Units, noise_multiplier: float, random: SecureRandom) -> dict[str, float]:
+    """Runs on the client: label counts over the units' bounded records, plus Gaussian noise of
+    std noise_multiplier * sensitivity, where the sensitivity is the most records one unit adds."""
+    counts = bounded_label_counts(records, labels, units)
+    noise = random.normal((len(labels),), noise_multiplier * units.max_records, dtype=torch.float64)
+    return {label: float(counts[label]) + float(n) for label, n in zip(labels, noise)}
 
 
 class Synthesize(Stage):
@@ -109,17 +87,23 @@ class Synthesize(Stage):
     Params = SynthesizeParams
     uses = ("privacy",)
 
+    def requires(self) -> tuple[str, ...]:
+        return ("prepare_models", "ingest", "dp_train")
+
+    def releases(self) -> bool:
+        return self.params.class_balance == "dp_histogram"
+
     def run(self, ctx: StageContext) -> None:
         p: SynthesizeParams = self.params
         partition = ctx.read_artifact_json("ingest", "partition.json")
-        spent = read_ledger(ctx.run_dir, ctx.completed_stages_before())
-        adapters = {e.client_id: e for e in spent if e.release == "dp_adapter"}
+        released = read_stage_ledgers(ctx.run_dir, ctx.completed_stages_before())
+        adapters = {e.client_id: e for e in released if e.release == "dp_adapter"}
         missing = [c for c in partition["clients"] if c not in adapters]
         if missing:
             raise InputError(f"synthesize needs a DP adapter per client; none for {', '.join(missing)} (run dp_train first)")
         if p.class_balance == "dp_histogram":  # refuse before any client's work, not midway
             for client_id in partition["clients"]:
-                check_budget(spent, client_id, [self.histogram_mechanism()], adapters[client_id].delta, ctx.spec.privacy.cap_epsilon, self.name)
+                check_budget(ctx.spent(client_id), client_id, [self.histogram_mechanism()], adapters[client_id].delta, ctx.spec.privacy.cap_epsilon, self.name)
         models = ctx.read_artifact_json("prepare_models", "models.json")
         ledger: list[LedgerEntry] = []
         for client_id in partition["clients"]:
@@ -136,19 +120,23 @@ class Synthesize(Stage):
 
     def release_histogram(self, ctx: StageContext, client_id: str, adapter: LedgerEntry) -> tuple[LedgerEntry, list[float]]:
         """Runs on the client: the one release of this stage that reads private records."""
-        import torch
-
         p: SynthesizeParams = self.params
         mechanism = self.histogram_mechanism()
         rows = read_jsonl(ctx.artifact("ingest", f"clients/{client_id}/records.jsonl"))
         records = [InstructionRecord.model_validate(r) for r in rows if r["kind"] == "instruction"]
-        sensitivity = 1.0 if ctx.spec.privacy.unit == "record" else float(p.user_contribution_bound)
-        generator = torch.Generator().manual_seed(ctx.derive_seed(client_id, "histogram"))
-        noisy = dp_label_histogram(records, p.labels, p.histogram_noise_multiplier, sensitivity, generator)
+        units = privacy_units(records, ctx.spec.privacy.unit, p.user_contribution_bound)
+        random = ctx.release_random(client_id, "histogram")
+        noisy = dp_label_histogram(records, p.labels, units, p.histogram_noise_multiplier, random)
         relative = f"clients/{client_id}/label_histogram.json"
-        ctx.write_json(relative, {"labels": noisy, "noise_std": p.histogram_noise_multiplier * sensitivity, "sensitivity": sensitivity})
-        entry = LedgerEntry(client_id=client_id, stage=self.name, release="dp_label_histogram", artifact=f"stages/{self.name}/{relative}",
-                            unit=ctx.spec.privacy.unit, delta=adapter.delta, mechanism=mechanism, epsilon=epsilons([mechanism], adapter.delta), private=True)
+        text = json_text({"labels": noisy, "noise_std": p.histogram_noise_multiplier * units.max_records, "sensitivity": units.max_records, "unit": units.kind})
+        origin = ctx.noise_origin
+        entry = LedgerEntry(release_id=new_release_id(), client_id=client_id, stage=self.name, release="dp_label_histogram", artifact=f"stages/{self.name}/{relative}",
+                            artifact_sha256=sha256_text(text), run_dir=str(ctx.run_dir.resolve()), released_at=now(), unit=units.kind, num_units=units.count,
+                            delta=adapter.delta, mechanism=mechanism, epsilon=epsilons([mechanism], adapter.delta), private=random.private, noise=origin,
+                            trust=trust_line(origin, mechanism))
+        ctx.client_ledger(client_id).append(entry)  # before the counts are written where the server reads them
+        write_text(ctx.path(relative), text)
+        ctx.declare_output(relative)
         return entry, [noisy[label] for label in p.labels]
 
     def synthesize_client(self, ctx: StageContext, client_id: str, adapter: LedgerEntry, base: dict, weights: list[float]) -> LedgerEntry:
@@ -183,9 +171,11 @@ class Synthesize(Stage):
         ctx.write_json(f"clients/{client_id}/filter_stats.json", stats)
         console.print(f"synthesize {client_id}: kept {len(kept)} of {count} candidates; rejected {dict(sorted(stats['rejected'].items()))}")
         mechanism = Mechanism(kind="post_processing")
-        return LedgerEntry(client_id=client_id, stage=self.name, release="synthetic_data (post-processing of the DP adapter)",
-                           artifact=f"stages/{self.name}/clients/{client_id}/synthetic.jsonl", unit=ctx.spec.privacy.unit,
-                           delta=adapter.delta, mechanism=mechanism, epsilon=epsilons([mechanism], adapter.delta), private=adapter.private)
+        artifact = f"stages/{self.name}/clients/{client_id}/synthetic.jsonl"
+        return LedgerEntry(release_id=new_release_id(), client_id=client_id, stage=self.name, release="synthetic_data (post-processing of the DP adapter)",
+                           artifact=artifact, artifact_sha256=sha256_file(ctx.run_dir / artifact), run_dir=str(ctx.run_dir.resolve()), released_at=now(),
+                           unit=adapter.unit, num_units=adapter.num_units, delta=adapter.delta, mechanism=mechanism, epsilon=epsilons([mechanism], adapter.delta),
+                           private=adapter.private, noise="none", trust=trust_line("none", mechanism))
 
     def user_turns(self, seeds: list[Seed], first) -> tuple[list[str], list[bool]]:
         """Each generated user turn and whether it is complete. With `single_paragraph`, a turn

@@ -6,7 +6,9 @@ scales them. What we add around it:
   whose row gradients are summed into one unit gradient before clipping;
 - virtual steps: a logical Poisson batch is split into physical micro-batches (whole units
   only) with the optimizer's skip-step signal, the mechanism Opacus's BatchMemoryManager uses;
-- empty Poisson batches take a noise-only step, which the accountant counts like any other.
+- empty Poisson batches take a noise-only step, which the accountant counts like any other;
+- the Poisson coins and the Gaussian noise come from a `privacy.noise.SecureRandom` (OS entropy
+  on the client), never from torch's seeded generator (`SecureDPOptimizer`).
 The non-private reference runs through this same code with noise 0 and no clipping.
 """
 
@@ -22,15 +24,32 @@ import torch
 from opacus import GradSampleModule
 from opacus.accountants import PRVAccountant
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from knowledgesg.errors import KsgError
+from privacy.noise import SecureRandom
 
 
-def poisson_batches(num_units: int, sample_rate: float, steps: int, generator: torch.Generator) -> Iterator[list[int]]:
+def poisson_batches(num_units: int, sample_rate: float, steps: int, coins: SecureRandom) -> Iterator[list[int]]:
     """Each step, every unit joins independently with probability `sample_rate` (may be empty)."""
     for _ in range(steps):
-        chosen = torch.rand(num_units, generator=generator) < sample_rate
-        yield chosen.nonzero().flatten().tolist()
+        yield coins.bernoulli(num_units, sample_rate).nonzero().flatten().tolist()
+
+
+class SecureDPOptimizer(DPOptimizer):
+    """Opacus's DPOptimizer with its noise drawn from a SecureRandom instead of torch's generator
+    (torch's CPU generator is a Mersenne Twister: seeded, it can be replayed)."""
+
+    def __init__(self, *args, noise: SecureRandom, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.noise = noise
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            p.grad = (p.summed_grad + self.noise.normal(p.summed_grad.shape, std, p.summed_grad.dtype, p.summed_grad.device)).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
 
 def micro_batches(units: list[int], rows_per_unit: list[int], max_rows: int) -> list[list[int]]:
@@ -64,7 +83,7 @@ class DPSGDSettings:
 class DPSGD:
     """A model wrapped for per-unit gradients, with its DP optimizer and accountant."""
 
-    def __init__(self, model: torch.nn.Module, make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], settings: DPSGDSettings, noise_generator: torch.Generator) -> None:
+    def __init__(self, model: torch.nn.Module, make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], settings: DPSGDSettings, noise: SecureRandom) -> None:
         self.settings = settings
         self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
         # Built from the trainable parameters only, after the model is on its device: an
@@ -72,7 +91,7 @@ class DPSGD:
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         if not self.params:
             raise KsgError("the model has no trainable parameters (LoRA was not applied?)")
-        self.optimizer = DPOptimizer(
+        self.optimizer = SecureDPOptimizer(
             make_optimizer(self.params),
             noise_multiplier=settings.noise_multiplier,
             # No clipping is an infinite norm, but Opacus's noise std is sigma * C and 0 * inf is
@@ -80,7 +99,7 @@ class DPSGD:
             max_grad_norm=settings.clip_norm if math.isfinite(settings.clip_norm) else sys.float_info.max,
             expected_batch_size=max(1, round(settings.expected_batch_units)),
             loss_reduction="mean",
-            generator=noise_generator,
+            noise=noise,
         )
         self.accountant = PRVAccountant()
         self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=settings.sample_rate))

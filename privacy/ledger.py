@@ -1,41 +1,156 @@
-"""The privacy ledger: every release that leaves a client, and each client's composed total.
+"""The privacy ledger: every release that ever left a client, kept on the client, never forgotten.
 
-A stage that releases something writes `ledger.json` (a list of entries) among its artifacts;
-the ledger of a run is those lists in stage order. Nothing is tracked in memory across stages,
-so a resumed run recomputes exactly the same totals.
+Each release is recorded twice:
+
+- in the client's own ledger (`ClientLedger`): one append-only JSONL file per client data set in
+  the ledger directory, named by a fingerprint of the client's data, so that a rerun, or another
+  run over the same data pointed at the same directory, keeps counting. An entry is appended
+  and fsynced *before* the release is published (renamed into the stage's outputs, or sent to
+  the server), and it is never rewritten or deleted: a rerun is a new release that adds to the
+  total, and a release that a crash may have let out is counted even if it is redone.
+- in the stage's `ledger.json` among its artifacts: the server's copy of what it received.
+
+A client's spent budget composes (PLD) every release found in either, each once (by its
+`release_id`); a stage that would push it past `privacy.cap_epsilon` refuses to start. The
+ledger directory is `$KSG_LEDGER_DIR` (the data owner's own setting wins), else
+`privacy.ledger_dir`, else `RUN/ledger`. It holds a fingerprint of the client's data, so it
+belongs to the client and is never copied to the server.
 """
 
 from __future__ import annotations
 
+import fcntl
 import math
+import os
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from knowledgesg.errors import InputError
-from knowledgesg.fileio import read_json
+from knowledgesg.errors import InputError, KsgError
+from knowledgesg.fileio import canonical_json, read_json, sha256_text
 from knowledgesg.manifest import read_manifest
 from privacy.accounting import Epsilons, Mechanism, epsilon_pld, epsilon_prv_or_none, epsilon_rdp
 
 LEDGER = "ledger.json"
+LEDGER_ENV = "KSG_LEDGER_DIR"
+
+NoiseUsed = Literal["os_entropy", "reproducible", "none"]
+
+# Who a guarantee holds against, by how its noise was made; shown beside every release.
+TRUST_CLIENT_NOISE = "everyone, the server operator included: the noise is drawn on the client from OS entropy"
+TRUST_REPRODUCIBLE = "no one: the noise comes from the public spec seed (privacy.reproducible_noise), so anyone with the spec can regenerate and cancel it"
+TRUST_NON_PRIVATE = "no one: trained without noise or clipping (the non-private reference)"
+TRUST_POST_PROCESSING = "inherits the guarantee of the releases it is computed from: no private record is read"
+TRUST_SERVER_NOISE = "holders of the final model only: the server adds this noise and sees each client's clipped update"
 
 
 class LedgerEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
+    release_id: str  # the same release wherever a copy of its entry is kept
     client_id: str
     stage: str
     release: str  # what left the client, e.g. "dp_adapter"; or a post-processing step
     artifact: str  # the released artifact, relative to the run directory
-    unit: str  # record | user
+    artifact_sha256: str | None = None  # of the released bytes, as they were published
+    run_dir: str  # the run that released it
+    released_at: str
+    unit: str  # record | source_document | user | client
+    num_units: int | None = None  # N, treated as public (it sets the sampling rate B/N)
     delta: float
     mechanism: Mechanism
     epsilon: Epsilons
     private: bool
+    noise: NoiseUsed
+    trust: str
+
+    @property
+    def counts_against_budget(self) -> bool:
+        """Client-level figures are a different unit (whole clients) and hold against fewer parties."""
+        return self.unit != "client"
+
+    @property
+    def costs_privacy(self) -> bool:
+        """A release that spends budget (not post-processing)."""
+        return self.counts_against_budget and self.mechanism.kind != "post_processing"
+
+    def effective_mechanism(self) -> Mechanism:
+        """What the release is against the adversary of the threat model: a release whose noise
+        anyone can regenerate, or that has none, guarantees nothing."""
+        if not self.private and self.mechanism.kind != "post_processing":
+            return Mechanism(kind="non_private", steps=self.mechanism.steps)
+        return self.mechanism
 
 
-def read_ledger(run_dir: Path, stages: list[str]) -> list[LedgerEntry]:
-    """Entries of the given completed stages, in that order."""
+def new_release_id() -> str:
+    return uuid.uuid4().hex
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def trust_line(noise: NoiseUsed, mechanism: Mechanism) -> str:
+    if mechanism.kind == "post_processing":
+        return TRUST_POST_PROCESSING
+    if mechanism.kind == "non_private":
+        return TRUST_NON_PRIVATE
+    return TRUST_REPRODUCIBLE if noise == "reproducible" else TRUST_CLIENT_NOISE
+
+
+def data_key(rows: list[dict]) -> str:
+    """A fingerprint of a client's data: its records by id, whatever their order or owner name."""
+    lines = sorted(canonical_json({k: v for k, v in row.items() if k != "client_id"}) for row in rows)
+    return sha256_text("\n".join(lines))
+
+
+def ledger_directory(configured: Path | None, base_dir: Path, run_dir: Path) -> Path:
+    if os.environ.get(LEDGER_ENV):
+        return Path(os.environ[LEDGER_ENV])
+    if configured is not None:
+        return configured if configured.is_absolute() else base_dir / configured
+    return run_dir / "ledger"
+
+
+class ClientLedger:
+    """One client data set's append-only ledger file."""
+
+    def __init__(self, directory: Path, key: str) -> None:
+        self.path = directory / f"{key[:32]}.jsonl"
+
+    def entries(self) -> list[LedgerEntry]:
+        if not self.path.is_file():
+            return []
+        entries = []
+        with open(self.path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    entries.append(LedgerEntry.model_validate_json(line))
+                except ValidationError as err:
+                    # never skip a line: a ledger we cannot read is no proof of what was spent
+                    raise KsgError(f"{self.path}:{number}: unreadable ledger entry ({err.errors()[0]['msg']}); refusing to compute a budget") from None
+        return entries
+
+    def append(self, entry: LedgerEntry) -> None:
+        """One line in one write, under an exclusive lock, fsynced before returning."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = (entry.model_dump_json() + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read_stage_ledgers(run_dir: Path, stages: list[str]) -> list[LedgerEntry]:
+    """The entries in the `ledger.json` of the given completed stages, in that order."""
     entries = []
     for stage in stages:
         stage_dir = run_dir / "stages" / stage
@@ -45,26 +160,66 @@ def read_ledger(run_dir: Path, stages: list[str]) -> list[LedgerEntry]:
     return entries
 
 
-def composed_total(mechanisms: list[Mechanism], delta: float) -> Epsilons:
-    """A client's total over heterogeneous releases: PLD composition (PRV and RDP beside it)."""
-    if not mechanisms or all(m.kind == "post_processing" for m in mechanisms):
+def merge_releases(*sources: list[LedgerEntry]) -> list[LedgerEntry]:
+    """Every release once, in order of first appearance."""
+    seen: dict[str, LedgerEntry] = {}
+    for entries in sources:
+        for entry in entries:
+            seen.setdefault(entry.release_id, entry)
+    return list(seen.values())
+
+
+def composed_total(entries: list[LedgerEntry], delta: float) -> Epsilons:
+    """A client's total over its releases that count against its budget: PLD composition, with
+    PRV and RDP beside it. A release without a guarantee makes the total infinite."""
+    mechanisms = [e.effective_mechanism() for e in entries if e.counts_against_budget]
+    return compose(mechanisms, delta)
+
+
+def compose(mechanisms: list[Mechanism], delta: float) -> Epsilons:
+    if not mechanisms or all(m.kind == "post_processing" or m.steps == 0 for m in mechanisms):
         return Epsilons(delta=delta, prv=0.0, rdp=0.0, pld=0.0, reported=0.0, reported_by="none")
+    if any(m.kind == "non_private" for m in mechanisms):
+        return Epsilons(delta=delta, prv=math.inf, rdp=math.inf, pld=math.inf, reported=math.inf, reported_by="none")
     pld = epsilon_pld(mechanisms, delta)
-    return Epsilons(delta=delta, prv=epsilon_prv_or_none(mechanisms, delta), rdp=epsilon_rdp(mechanisms, delta), pld=pld, reported=pld, reported_by="pld" if math.isfinite(pld) else "none")
+    return Epsilons(delta=delta, prv=epsilon_prv_or_none(mechanisms, delta), rdp=epsilon_rdp(mechanisms, delta), pld=pld, reported=pld, reported_by="pld")
 
 
-def check_budget(spent: list[LedgerEntry], client_id: str, planned: list[Mechanism], delta: float, cap: float | None, stage: str) -> None:
-    """Refuse a stage whose releases would push a client past its cap (nothing to check without one)."""
+def check_budget(before: list[LedgerEntry], client_id: str, planned: list[Mechanism], delta: float, cap: float | None, stage: str) -> None:
+    """Refuse a stage whose releases would push a client past its cap. `before` is every release
+    ever made from the client's data (its ledger); nothing to check without a cap."""
     if cap is None:
         return
-    before = [e.mechanism for e in spent if e.client_id == client_id]
     spent_total = composed_total(before, delta).reported
     if spent_total >= cap:
-        raise InputError(f"client '{client_id}': privacy budget cap already spent before stage '{stage}' (spent epsilon {spent_total:.3f}, cap {cap:g})")
-    total = composed_total(before + planned, delta).reported
+        raise InputError(f"client '{client_id}': privacy budget cap already spent before stage '{stage}' "
+                         f"(spent epsilon {spent_total:.3f} over {len(before)} release(s), cap {cap:g})")
+    total = compose([e.effective_mechanism() for e in before if e.counts_against_budget] + planned, delta).reported
     if total > cap:
-        requested = composed_total(planned, delta).reported
+        requested = compose(planned, delta).reported
         raise InputError(
             f"client '{client_id}': stage '{stage}' would exceed the privacy budget cap "
             f"(spent epsilon {spent_total:.3f}, requested {requested:.3f}, composed total {total:.3f} > cap {cap:g})"
         )
+
+
+def run_releases(run_dir: Path, stages: list[str], ledger_dir: Path) -> dict[str, list[LedgerEntry]]:
+    """Per client of a run: every release ever made from its data (its ledger, wherever and
+    whenever made) and every entry of this run's stage ledgers, each once."""
+    copies = read_stage_ledgers(run_dir, stages)
+    partition = run_dir / "stages" / "ingest" / "partition.json"
+    clients = list(read_json(partition)["clients"]) if partition.is_file() else list(dict.fromkeys(e.client_id for e in copies))
+    releases = {}
+    for client in clients:
+        key_file = run_dir / "stages" / "ingest" / "clients" / client / "ledger_key.json"
+        own = ClientLedger(ledger_dir, read_json(key_file)["data_key"]).entries() if key_file.is_file() else []
+        mine = merge_releases(own, [e for e in copies if e.client_id == client])
+        if mine:
+            releases[client] = mine
+    return releases
+
+
+def client_delta(entries: list[LedgerEntry]) -> float:
+    """The delta a client's total is reported at: that of its latest record-level release."""
+    counted = [e for e in entries if e.counts_against_budget]
+    return (counted or entries)[-1].delta

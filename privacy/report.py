@@ -1,7 +1,9 @@
-"""`ksg privacy-report RUN`: per client, what was released and at what (epsilon, delta).
+"""`ksg privacy-report RUN`: per client, every release ever made from its data, at what (epsilon, delta),
+against whom.
 
-Everything here is recomputed from the ledger entries that the stages wrote, with the same
-accountants; nothing is copied from logs. Writes `privacy_report.json` and `privacy_report.html`
+Everything is recomputed from ledger entries with the same accountants; nothing is copied from
+logs. The releases are the client's own ledger (reruns and other runs over the same data
+included) and this run's stage copies. Writes `privacy_report.json` and `privacy_report.html`
 (plots embedded) into the run directory.
 """
 
@@ -16,17 +18,42 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from knowledgesg.errors import InputError
-from knowledgesg.fileio import write_json, write_text
+from knowledgesg.fileio import sha256_file, write_json, write_text
 from knowledgesg.runner import load_run_spec
 from privacy.accounting import Epsilons, Mechanism, epsilon_pld, epsilon_prv_or_none, epsilon_rdp
-from privacy.ledger import LedgerEntry, composed_total, read_ledger
+from privacy.ledger import LedgerEntry, client_delta, compose, composed_total, ledger_directory, run_releases
+from privacy.units import UNIT_NAMES
+
+THREAT_MODEL = [
+    {"party": "data owner (each client)",
+     "sees": "its own records, its ledger, its un-noised training logs (loss curves), its audit",
+     "protected_by": "(it is the owner)"},
+    {"party": "server operator (and anyone holding the spec, the server's files and every other record)",
+     "sees": "the spec and seed; every server-side artifact: DP adapters, synthetic data, refine decisions, the final adapter, "
+             "partition sizes, manifests (client-side files appear only as keyed digests); each client's noised DP-SGD updates in fedtune; "
+             "under client-level DP-FedAvg, each client's clipped update",
+     "protected_by": "the record-level epsilon of every release whose noise the client drew from OS entropy; NOT the client-level DP-FedAvg figure "
+                     "(the server adds that noise itself)"},
+    {"party": "anyone with the released models or synthetic data only",
+     "sees": "the DP adapters, the final adapter, the synthetic data",
+     "protected_by": "the record-level epsilon; with client-level DP-FedAvg also the client-level figure for whole clients"},
+]
 
 ASSUMPTIONS = [
-    "Poisson sampling: each privacy unit joins each step independently with the stated probability.",
-    "The unit of privacy is what the spec says (a record, or all of one user's records); neighbouring data sets differ in one unit.",
-    "delta is per client; epsilon is reported by PRV for a release and composed by PLD for a client's total.",
-    "The noise comes from torch's seeded Mersenne Twister generator, which is not cryptographically secure.",
-    "Generation from a DP adapter is post-processing (free) only because no private record enters a prompt.",
+    "Poisson sampling: each privacy unit joins each step independently with the stated probability q; the coins are drawn on the client.",
+    "The unit of privacy is stated per release: a record, a source document (all pairs made from one transcript or abstract), or a user; "
+    "neighbouring data sets differ in one unit, and a unit contributes at most the stated number of records.",
+    "N, the number of records and privacy units per client, is treated as public: partition.json lists it, it sets q = B/N, "
+    "and the default delta (at most 1e-5 and 1/(100 N), a power of ten) depends on its order of magnitude.",
+    "delta is per client; N x delta is shown so that a delta near 1/N (which would allow publishing a whole unit) is visible.",
+    "The noise and the sampling coins of every release come from AES-256-CTR keyed with 32 bytes of OS entropy on the client, drawn "
+    "afresh for each release and never stored or sent; each Gaussian value sums four draws (Opacus's floating-point defence). "
+    "A release made with privacy.reproducible_noise is NOT PRIVATE: anyone with the spec can regenerate its noise.",
+    "A client's total composes (PLD) every record-level release ever recorded for its data, reruns and other runs sharing the ledger "
+    "included; a release interrupted after it was recorded is counted even if it was redone.",
+    "Generation from a DP adapter is post-processing (free) only because no private record enters a prompt (every prompt sent is kept).",
+    "Not protected: how long a stage takes (a timing side channel), and in the single-process simulation one machine holds both sides; "
+    "files whose manifest side is client:<id> stay with that client in a deployment.",
 ]
 
 
@@ -37,15 +64,25 @@ class CurvePoint(BaseModel):
     pld: float
 
 
+class ReleaseRow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    entry: LedgerEntry
+    status: str  # where the release stands as seen from this run
+
+
 class ClientReport(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     client_id: str
-    unit: str
+    units: list[str]
+    num_units: int | None
     delta: float
+    n_times_delta: float | None
     private: bool
-    releases: list[LedgerEntry]
-    total: Epsilons
+    releases: list[ReleaseRow]
+    total: Epsilons  # record-level releases, composed
+    client_level: Epsilons | None  # client-level DP-FedAvg, against holders of the final model only
     cap_epsilon: float | None
     curve: list[CurvePoint]
 
@@ -56,7 +93,9 @@ class PrivacyReport(BaseModel):
     run_dir: str
     spec_name: str
     target_epsilon: float
+    ledger_dir: str
     clients: list[ClientReport]
+    threat_model: list[dict[str, str]]
     assumptions: list[str]
 
 
@@ -72,27 +111,53 @@ def epsilon_curve(mechanism: Mechanism, delta: float, points: int = 5) -> list[C
     return curve
 
 
+def release_status(entry: LedgerEntry, run_dir: Path) -> str:
+    if Path(entry.run_dir) != run_dir.resolve():
+        return f"released by another run ({entry.run_dir})"
+    artifact = run_dir / entry.artifact.split("#", 1)[0]
+    if entry.artifact_sha256 is None or "#" in entry.artifact:
+        return "this run"
+    if artifact.is_file() and sha256_file(artifact) == entry.artifact_sha256:
+        return "this run, current"
+    return "this run, since replaced or removed (still counted)"
+
+
+def client_report(client_id: str, entries: list[LedgerEntry], run_dir: Path, cap: float | None) -> ClientReport:
+    delta = client_delta(entries)
+    counted = [e for e in entries if e.counts_against_budget]
+    client_level = [e.effective_mechanism() for e in entries if not e.counts_against_budget]
+    sizes = [e.num_units for e in counted if e.num_units is not None]
+    first_sgd = next((e for e in counted if e.mechanism.kind == "poisson_gaussian"), None)
+    return ClientReport(
+        client_id=client_id, units=list(dict.fromkeys(UNIT_NAMES.get(e.unit, e.unit) for e in counted)), num_units=sizes[-1] if sizes else None,
+        delta=delta, n_times_delta=sizes[-1] * delta if sizes else None, private=all(e.private for e in entries),
+        releases=[ReleaseRow(entry=e, status=release_status(e, run_dir)) for e in entries], total=composed_total(entries, delta),
+        client_level=compose(client_level, next(e.delta for e in entries if not e.counts_against_budget)) if client_level else None,
+        cap_epsilon=cap, curve=epsilon_curve(first_sgd.mechanism, delta) if first_sgd else [],
+    )
+
+
 def build_report(run_dir: Path) -> PrivacyReport:
-    spec, _ = load_run_spec(run_dir)
-    entries = read_ledger(run_dir, [s.name for s in spec.stages])
-    if not entries:
+    spec, base_dir = load_run_spec(run_dir)
+    ledger_dir = ledger_directory(spec.privacy.ledger_dir, base_dir, run_dir)
+    releases = run_releases(run_dir, [s.name for s in spec.stages], ledger_dir)
+    if not releases:
         raise InputError(f"{run_dir}: no releases in the ledger yet (run a stage such as dp_train first)")
-    clients = []
-    for client_id in dict.fromkeys(e.client_id for e in entries):
-        mine = [e for e in entries if e.client_id == client_id]
-        delta = mine[0].delta
-        curve = next((epsilon_curve(e.mechanism, delta) for e in mine if e.mechanism.kind == "poisson_gaussian"), [])
-        clients.append(ClientReport(
-            client_id=client_id, unit=mine[0].unit, delta=delta, private=all(e.private for e in mine), releases=mine,
-            total=composed_total([e.mechanism for e in mine], delta), cap_epsilon=spec.privacy.cap_epsilon, curve=curve,
-        ))
-    return PrivacyReport(run_dir=str(run_dir), spec_name=spec.name, target_epsilon=spec.privacy.target_epsilon, clients=clients, assumptions=ASSUMPTIONS)
+    clients = [client_report(client, entries, run_dir, spec.privacy.cap_epsilon) for client, entries in releases.items()]
+    return PrivacyReport(run_dir=str(run_dir), spec_name=spec.name, target_epsilon=spec.privacy.target_epsilon, ledger_dir=str(ledger_dir),
+                         clients=clients, threat_model=THREAT_MODEL, assumptions=ASSUMPTIONS)
 
 
-def _fmt(value: float | None) -> str:
+def fmt(value: float | None) -> str:
     if value is None:
         return "n/a"
     return "inf" if math.isinf(value) else f"{value:.3f}"
+
+
+def release_label(entry: LedgerEntry) -> str:
+    if entry.private or entry.mechanism.kind == "post_processing":
+        return entry.release
+    return f"{entry.release} NOT PRIVATE" + (" (reproducible noise)" if entry.noise == "reproducible" else "")
 
 
 def _figure_png(report: PrivacyReport) -> str:
@@ -105,18 +170,18 @@ def _figure_png(report: PrivacyReport) -> str:
     for client in report.clients:
         if client.curve:
             left.plot([p.steps for p in client.curve], [p.prv if p.prv is not None else p.rdp for p in client.curve], marker="o", label=client.client_id)
-    left.set(title="epsilon (PRV) against DP-SGD steps", xlabel="steps", ylabel="epsilon")
+    left.set(title="epsilon (PRV) against DP-SGD steps, first release", xlabel="steps", ylabel="epsilon")
     if any(c.curve for c in report.clients):
         left.legend()
     finite = [c for c in report.clients if math.isfinite(c.total.pld)]
     width = 0.25
     for offset, name in enumerate(("prv", "rdp", "pld")):
-        values = [getattr(c.releases[0].epsilon, name) or 0.0 for c in finite]
+        values = [getattr(c.total, name) or 0.0 for c in finite]
         right.bar([i + (offset - 1) * width for i in range(len(finite))], values, width, label=name.upper())
     right.set_xticks(range(len(finite)), [c.client_id for c in finite])
-    right.set(title="first release: the three accountants", ylabel="epsilon")
+    right.set(title="each client's total: the three accountants", ylabel="epsilon")
     if finite:
-        right.legend()
+        right.legend(loc="lower right", fontsize=8, framealpha=0.9)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
@@ -125,28 +190,40 @@ def _figure_png(report: PrivacyReport) -> str:
 
 
 def render_html(report: PrivacyReport) -> str:
+    esc = html.escape
     rows = []
     for client in report.clients:
-        for entry in client.releases:
-            m = entry.mechanism
-            flag = "" if entry.private else ' <b style="color:#b00">NOT PRIVATE</b>'
+        for row in client.releases:
+            entry, m = row.entry, row.entry.mechanism
+            label = esc(release_label(entry)).replace("NOT PRIVATE", '<b style="color:#b00">NOT PRIVATE</b>')
             rows.append(
-                f"<tr><td>{html.escape(client.client_id)}</td><td>{html.escape(entry.stage)}</td><td>{html.escape(entry.release)}{flag}</td>"
-                f"<td>{m.kind}</td><td>{_fmt(m.sample_rate)}</td><td>{_fmt(m.noise_multiplier)}</td><td>{m.steps}</td>"
-                f"<td>{entry.delta:.2e}</td><td>{_fmt(entry.epsilon.prv)}</td><td>{_fmt(entry.epsilon.rdp)}</td><td>{_fmt(entry.epsilon.pld)}</td></tr>"
+                f"<tr><td>{esc(client.client_id)}</td><td>{esc(entry.stage)}</td><td>{label}</td><td>{esc(UNIT_NAMES.get(entry.unit, entry.unit))}</td>"
+                f"<td>{m.kind}</td><td>{fmt(m.sample_rate)}</td><td>{fmt(m.noise_multiplier)}</td><td>{'-' if m.kind == 'post_processing' else m.steps}</td>"
+                f"<td>{entry.delta:.2e}</td><td>{fmt(entry.epsilon.prv)}</td><td>{fmt(entry.epsilon.rdp)}</td><td>{fmt(entry.epsilon.pld)}</td>"
+                f"<td>{esc(row.status)}</td><td>{esc(entry.trust)}</td></tr>"
             )
-        cap = "" if client.cap_epsilon is None else f" (cap {client.cap_epsilon:g})"
-        rows.append(f'<tr class="total"><td>{html.escape(client.client_id)}</td><td colspan="6">total over {len(client.releases)} release(s), PLD composition{cap}</td>'
-                    f"<td>{client.delta:.2e}</td><td>{_fmt(client.total.prv)}</td><td>{_fmt(client.total.rdp)}</td><td><b>{_fmt(client.total.pld)}</b></td></tr>")
-    assumptions = "".join(f"<li>{html.escape(a)}</li>" for a in report.assumptions)
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Privacy report: {html.escape(report.spec_name)}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
-td:first-child,td:nth-child(2),td:nth-child(3){{text-align:left}}tr.total{{background:#eef}}</style></head><body>
-<h1>Privacy report: {html.escape(report.spec_name)}</h1>
-<p>Run <code>{html.escape(report.run_dir)}</code>; target epsilon {_fmt(report.target_epsilon)}. Every figure is recomputed from the run's ledger.</p>
-<table><tr><th>client</th><th>stage</th><th>release</th><th>mechanism</th><th>q</th><th>sigma</th><th>steps</th><th>delta</th><th>eps PRV</th><th>eps RDP</th><th>eps PLD</th></tr>
+        cap = "" if client.cap_epsilon is None else f"; cap {client.cap_epsilon:g}"
+        n = "" if client.num_units is None else f"; N = {client.num_units}, N x delta = {client.n_times_delta:.2e}"
+        rows.append(f'<tr class="total"><td>{esc(client.client_id)}</td><td colspan="7">total over {sum(r.entry.costs_privacy for r in client.releases)} '
+                    f"release(s) with a privacy cost, PLD composition; unit {esc(', '.join(client.units))}{n}{cap}</td>"
+                    f"<td>{client.delta:.2e}</td><td>{fmt(client.total.prv)}</td><td>{fmt(client.total.rdp)}</td><td><b>{fmt(client.total.pld)}</b></td><td colspan=\"2\"></td></tr>")
+        if client.client_level is not None:
+            rows.append(f'<tr class="total"><td>{esc(client.client_id)}</td><td colspan="7">client-level DP-FedAvg (unit: client), against holders of the final model only</td>'
+                        f"<td>{client.client_level.delta:.2e}</td><td>{fmt(client.client_level.prv)}</td><td>{fmt(client.client_level.rdp)}</td><td>{fmt(client.client_level.pld)}</td><td colspan=\"2\"></td></tr>")
+    threat = "".join(f"<tr><td>{esc(t['party'])}</td><td>{esc(t['sees'])}</td><td>{esc(t['protected_by'])}</td></tr>" for t in report.threat_model)
+    assumptions = "".join(f"<li>{esc(a)}</li>" for a in report.assumptions)
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Privacy report: {esc(report.spec_name)}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin-bottom:1em}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right;vertical-align:top}}
+td:first-child,td:nth-child(2),td:nth-child(3),td:nth-child(4),td:nth-child(13),td:nth-child(14){{text-align:left}}tr.total{{background:#eef}}
+table.threat td,table.threat th{{text-align:left;max-width:40em}}td{{white-space:nowrap}}td:nth-child(3),td:nth-child(13),td:nth-child(14),table.threat td{{white-space:normal}}</style></head><body>
+<h1>Privacy report: {esc(report.spec_name)}</h1>
+<p>Run <code>{esc(report.run_dir)}</code>; target epsilon {fmt(report.target_epsilon)}; the clients' ledgers are in <code>{esc(report.ledger_dir)}</code>.
+Every figure is recomputed from the ledger entries: every release ever made from each client's data, reruns included.</p>
+<table><tr><th>client</th><th>stage</th><th>release</th><th>unit</th><th>mechanism</th><th>q</th><th>sigma</th><th>steps</th><th>delta</th><th>eps PRV</th><th>eps RDP</th><th>eps PLD</th><th>status</th><th>holds against</th></tr>
 {"".join(rows)}</table>
-<h2>Plots</h2><img alt="epsilon against steps, and the three accountants" src="data:image/png;base64,{_figure_png(report)}">
+<h2>Threat model</h2>
+<table class="threat"><tr><th>party</th><th>what it sees</th><th>what protects the data owner from it</th></tr>{threat}</table>
+<h2>Plots</h2><img alt="epsilon against steps, and each client's total by the three accountants" src="data:image/png;base64,{_figure_png(report)}">
 <h2>Assumptions</h2><ul>{assumptions}</ul></body></html>
 """
 

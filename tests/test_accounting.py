@@ -7,8 +7,8 @@ import math
 import pytest
 
 from knowledgesg.errors import InputError
-from privacy.accounting import Mechanism, calibrate_noise, check_delta, default_delta, epsilon_pld, epsilons
-from privacy.ledger import LedgerEntry, check_budget, composed_total
+from privacy.accounting import Mechanism, calibrate_noise, check_delta, default_delta, epsilon_pld, epsilons, group_epsilon
+from privacy.ledger import LedgerEntry, check_budget, compose, composed_total, new_release_id, now
 
 REFERENCE = Mechanism(kind="poisson_gaussian", noise_multiplier=1.0, sample_rate=0.0256, steps=117)
 
@@ -44,27 +44,50 @@ def test_impossible_budgets_are_refused():
     with pytest.raises(InputError, match=r"privacy.delta = 0.01 is not below 1/N = 0.01 for N = 100 records"):
         check_delta(0.01, 100, "record")
     check_delta(default_delta(100), 100, "record")
-    assert default_delta(1000) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("n,expected", [(20, 1e-5), (133, 1e-5), (1000, 1e-5), (1500, 1e-6), (20_000, 1e-7)])
+def test_default_delta_is_far_below_one_over_n_and_a_power_of_ten(n, expected):
+    delta = default_delta(n)
+    assert delta == pytest.approx(expected) and delta <= 1e-5 and n * delta <= 0.01
 
 
 def test_non_private_and_post_processing():
     assert math.isinf(epsilons([Mechanism(kind="non_private", steps=10)], 1e-5).reported)
     free = epsilons([Mechanism(kind="post_processing")], 1e-5)
     assert free.reported == 0.0 and free.reported_by == "none"
-    assert composed_total([REFERENCE, Mechanism(kind="post_processing")], 1e-5).reported == pytest.approx(epsilon_pld([REFERENCE], 1e-5))
+    assert compose([REFERENCE, Mechanism(kind="post_processing")], 1e-5).reported == pytest.approx(epsilon_pld([REFERENCE], 1e-5))
 
 
 def test_composition_of_heterogeneous_releases():
     histogram = Mechanism(kind="gaussian", noise_multiplier=5.0)
-    single = composed_total([REFERENCE], 1e-5).reported
-    both = composed_total([REFERENCE, histogram], 1e-5)
-    twice = composed_total([REFERENCE, REFERENCE], 1e-5).reported
+    single = compose([REFERENCE], 1e-5).reported
+    both = compose([REFERENCE, histogram], 1e-5)
+    twice = compose([REFERENCE, REFERENCE], 1e-5).reported
     assert single < both.reported < twice < 2 * single  # composition is sub-additive for Gaussians
     assert both.reported_by == "pld" and both.prv is not None
 
 
-def _entry(client: str, mechanism: Mechanism) -> LedgerEntry:
-    return LedgerEntry(client_id=client, stage="dp_train", release="dp_adapter", artifact="x", unit="record", delta=1e-5, mechanism=mechanism, epsilon=epsilons([mechanism], 1e-5), private=True)
+def _entry(client: str, mechanism: Mechanism, private: bool = True, unit: str = "record") -> LedgerEntry:
+    return LedgerEntry(release_id=new_release_id(), client_id=client, stage="dp_train", release="dp_adapter", artifact="x", run_dir="/r", released_at=now(),
+                       unit=unit, delta=1e-5, mechanism=mechanism, epsilon=epsilons([mechanism], 1e-5), private=private,
+                       noise="os_entropy" if private else "reproducible", trust="t")
+
+
+def test_a_release_without_a_guarantee_makes_the_total_infinite_and_client_level_is_apart():
+    assert math.isinf(composed_total([_entry("a", REFERENCE), _entry("a", REFERENCE, private=False)], 1e-5).reported)
+    client_level = _entry("a", REFERENCE, unit="client")
+    assert composed_total([_entry("a", REFERENCE), client_level], 1e-5).reported == pytest.approx(compose([REFERENCE], 1e-5).reported)
+
+
+def test_group_epsilon_is_tight_for_one_and_grows_with_the_group():
+    single = epsilon_pld([REFERENCE], 1e-5)
+    assert group_epsilon([REFERENCE], 1, 1e-5) == pytest.approx(single, rel=0.02)
+    two, four = group_epsilon([REFERENCE], 2, 1e-5), group_epsilon([REFERENCE], 4, 1e-5)
+    assert single < two < four
+    histogram = Mechanism(kind="gaussian", noise_multiplier=8.0)
+    # the Gaussian mechanism for a group of 4: sensitivity 4, i.e. sigma / 4
+    assert group_epsilon([histogram], 4, 1e-5) == pytest.approx(epsilon_pld([Mechanism(kind="gaussian", noise_multiplier=2.0)], 1e-5), rel=0.02)
 
 
 def test_budget_guard_names_spent_requested_and_cap():
@@ -72,9 +95,9 @@ def test_budget_guard_names_spent_requested_and_cap():
     check_budget(spent, "a", [Mechanism(kind="post_processing")], 1e-5, cap=2.0, stage="synthesize")
     with pytest.raises(InputError, match=r"client 'a': stage 'dp_train' would exceed the privacy budget cap \(spent epsilon 1\.92\d, requested 1\.92\d, composed total 2\.\d+ > cap 2\.5\)"):
         check_budget(spent, "a", [REFERENCE], 1e-5, cap=2.5, stage="dp_train")
-    with pytest.raises(InputError, match=r"client 'a': privacy budget cap already spent before stage 'fedtune' \(spent epsilon 1\.92\d, cap 1\.5\)"):
+    with pytest.raises(InputError, match=r"client 'a': privacy budget cap already spent before stage 'fedtune' \(spent epsilon 1\.92\d over 1 release\(s\), cap 1\.5\)"):
         check_budget(spent, "a", [REFERENCE], 1e-5, cap=1.5, stage="fedtune")
-    check_budget(spent, "b", [REFERENCE], 1e-5, cap=2.5, stage="dp_train")  # another client's spending is not a's
+    check_budget([], "b", [REFERENCE], 1e-5, cap=2.5, stage="dp_train")  # b's ledger is its own
 
 
 def test_rdp_is_reported_when_prv_fails(monkeypatch):

@@ -93,14 +93,25 @@ def test_krum_selects_the_update_closest_to_its_neighbours():
         agg.krum_index(updates[:3], byzantine=1)
 
 
-def test_dp_fedavg_clips_each_update_and_divides_by_the_expected_count():
+def _gaussian(seed: int):
+    rng = np.random.default_rng(seed)
+    return lambda shape, std: rng.normal(0.0, std, size=shape)
+
+
+def test_dp_fedavg_sums_clipped_updates_and_divides_by_the_expected_count():
     updates = [{"w": np.array([3.0, 4.0])}, {"w": np.array([0.3, 0.4])}]  # norms 5 and 0.5
-    no_noise = agg.dp_fedavg({"w": np.zeros(2)}, updates, clip_norm=1.0, noise_multiplier=0.0, expected_clients=4.0, rng=np.random.default_rng(0))
-    # clipped: [0.6, 0.8] and [0.3, 0.4] (under the norm, unchanged); sum [0.9, 1.2]; / 4
-    assert close(no_noise, {"w": np.array([0.225, 0.3])})
+    clipped = [agg.clip_update(u, 1.0) for u in updates]  # what each client does before sending
+    assert close(clipped[0], {"w": np.array([0.6, 0.8])}) and close(clipped[1], updates[1])
+    no_noise = agg.dp_fedavg({"w": np.zeros(2)}, clipped, clip_norm=1.0, noise_multiplier=0.0, expected_clients=4.0, noise=_gaussian(0))
+    assert close(no_noise, {"w": np.array([0.225, 0.3])})  # sum [0.9, 1.2] / 4
     x0 = {"w": np.zeros(20_000)}
-    noisy = agg.dp_fedavg(x0, [{"w": np.zeros(20_000)}], clip_norm=2.0, noise_multiplier=1.5, expected_clients=10.0, rng=np.random.default_rng(1))
+    noisy = agg.dp_fedavg(x0, [{"w": np.zeros(20_000)}], clip_norm=2.0, noise_multiplier=1.5, expected_clients=10.0, noise=_gaussian(1))
     assert float(noisy["w"].std()) == pytest.approx(1.5 * 2.0 / 10.0, rel=0.03)
+
+
+def test_dp_fedavg_refuses_an_update_the_client_did_not_clip():
+    with pytest.raises(ValueError, match="exceeds the clip norm 1.0: clients clip before sending"):
+        agg.dp_fedavg({"w": np.zeros(2)}, [{"w": np.array([3.0, 4.0])}], clip_norm=1.0, noise_multiplier=1.0, expected_clients=1.0, noise=_gaussian(0))
 
 
 def test_empty_or_weightless_rounds_are_refused():

@@ -53,7 +53,11 @@ def test_audit_report_has_every_section(audited_run: Path):
     canaries = report["canaries"]["targets"]["dp_adapter:client_0"]
     assert len(canaries["exposure"]) == 8 and all(0 <= e <= np.log2(100) + 1e-9 for e in canaries["exposure"])
     assert report["canaries"]["method"] == "exact"  # 100 candidates: enumerated
-    assert canaries["one_run"]["guesses"] == 8 and canaries["one_run"]["epsilon_lower_bound"] <= report["claimed_epsilon"]["client_0"]
+    # each canary is 2 records: the bound is about a group of 2, at the client's delta (its delta term included)
+    claimed = canaries["claimed"]
+    assert claimed["group_size"] == 2 and claimed["epsilon"] > report["claimed_epsilon"]["client_0"] and claimed["releases"] == ["dp_train: dp_adapter"]
+    assert canaries["one_run"]["guesses"] == 8 and canaries["one_run"]["delta"] == pytest.approx(1e-5)
+    assert canaries["one_run"]["epsilon_lower_bound"] <= claimed["epsilon"]
     mia = report["membership_inference"]["dp_adapter:client_0|client_0"]
     assert set(mia["scores"]) == {"loss", "zlib", "reference", "min_k", "min_k_plus_plus"} and mia["non_members"] == 6
     assert "private_pii_values" in report["pii"]

@@ -70,7 +70,18 @@ SPEC_CASES = [
     ("bad-stage-param", lambda s: s.update(stages=[{"name": "ingest", "params": {"x": 1}}]), r"stages\[0\]\.params: unknown key 'x'"),
     ("epsilon-not-positive", lambda s: s.update(privacy={"target_epsilon": 0}), r"privacy\.target_epsilon: must be > 0"),
     ("delta-out-of-range", lambda s: s.update(privacy={"delta": 1.5}), r"privacy\.delta: must be in \(0, 1\)"),
-    ("cap-not-positive", lambda s: s.update(privacy={"cap_epsilon": -1}), r"privacy\.cap_epsilon: must be > 0"),
+    ("cap-not-positive", lambda s: s.update(privacy={"cap_epsilon": -1}), r"privacy\.cap_epsilon: must be a finite number > 0"),
+    ("client-name-traversal", lambda s: s["clients"]["partition"].update(names=["../evil", "b"]), r"clients\.partition\.names\[0\]: unsafe identifier '\.\./evil'"),
+    ("client-name-absolute", lambda s: s["clients"]["partition"].update(names=["/tmp/x", "b"]), r"names\[0\]: unsafe identifier '/tmp/x'"),
+    ("client-name-dotdot", lambda s: s["clients"]["partition"].update(names=["a..b", "b"]), r"unsafe identifier 'a\.\.b': '\.\.' is not allowed"),
+    ("duplicate-client-names", lambda s: s["clients"]["partition"].update(names=["a", "a"]), r"clients\.partition: duplicate client name\(s\): a"),
+    ("member-id-traversal", lambda s: s.update(clients={"members": [{"id": "../../x", "data": [{"path": "data.jsonl"}]}]}), r"clients\.members\[0\]\.id: unsafe identifier"),
+    ("run-name-unsafe", lambda s: s.update(name="../runs"), r"spec\.yaml: name: unsafe identifier"),
+    ("source-name-unsafe", lambda s: s["clients"]["data"][0].update(name="a/b"), r"clients\.data\[0\]\.name: unsafe identifier 'a/b'"),
+    ("canary-client-unknown", lambda s: s.update(audit={"canaries": {"client": "zz"}}), r"audit\.canaries\.client: no client 'zz' \(clients: client_0, client_1\)"),
+    ("stage-order", lambda s: s.update(stages=["prepare_models", "dp_train", "ingest"]), r"spec\.yaml: stages\[1\] \(dp_train\) needs stage 'ingest' before it"),
+    ("stage-missing", lambda s: s.update(stages=["prepare_models", "ingest", {"name": "fedtune", "params": {"synthetic_stage": "synthesize"}}]),
+     r"stages\[2\] \(fedtune\) needs stage 'synthesize' before it"),
     ("alpha-not-positive", lambda s: s["clients"]["partition"].update(alpha=0), r"clients\.partition\.alpha: Input should be greater than 0"),
     ("both-client-layouts", lambda s: s["clients"].update(members=[{"id": "a", "data": [{"path": "x.jsonl"}]}]), r"clients: give either 'data' with 'partition', or 'members', not both"),
     ("path-and-builtin", lambda s: s["clients"]["data"][0].update(builtin="fpb_train"), r"give exactly one of 'path' or 'builtin'"),
@@ -120,10 +131,11 @@ def test_bad_input_on_resume_keeps_earlier_work(workdir: Path, capsys):
     path = write_spec(workdir, spec)
     assert main(["run", str(path), "--run-dir", "run"]) == 0
     write_jsonl(workdir / "data.jsonl", [*sentiment_rows(5), {"id": "bad", "instruction": "Q"}])
+    before = {p: p.read_bytes() for p in (workdir / "run").rglob("*") if p.is_file()}
     assert main(["run", str(path), "--run-dir", "run"]) == 2
     assert "data.jsonl:6: field 'response': missing" in capsys.readouterr().err
-    assert (workdir / "run/stages/prepare_models/manifest.json").is_file()
-    assert not (workdir / "run/stages/ingest").exists()
+    # refused before anything was written: every earlier artifact is untouched (ingest now stale)
+    assert {p: p.read_bytes() for p in (workdir / "run").rglob("*") if p.is_file()} == before
 
 
 def test_no_private_text_in_error_messages(tmp_path: Path, monkeypatch, capsys):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from knowledgesg.spec import load_spec
+from pipelines import load_pipeline
 from tests.conftest import REPO, run_cli
 
 DEMO = REPO / "pipelines" / "specs" / "demo.yaml"
@@ -17,7 +17,7 @@ SPECS = sorted((REPO / "pipelines" / "specs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 def test_every_shipped_spec_validates_and_says_how_to_run_it(path: Path):
-    spec, _ = load_spec(path)
+    spec, _, stages = load_pipeline(path)  # the schema, and the stages' parameters and order
     assert path.read_text().startswith(f"# Run: ksg run pipelines/specs/{path.name}")
     assert spec.stages
 
@@ -43,7 +43,8 @@ def test_demo_runs_then_reruns_all_cached_fast(tmp_path: Path):
     for model in ("base", "final"):
         fpb = results["models"][model]["tasks"]["fpb"]
         assert fpb["logprob"]["n"] == 30 and 0.0 <= fpb["logprob"]["accuracy"] <= 1.0 and fpb["generation"]["n"] == 30
-    assert set(results["fidelity"]) == {"bank_a", "bank_b", "bank_c"}
+    sides = json.loads((tmp_path / "demo/eval/sides.json").read_text())  # fidelity: each bank's side only
+    assert "fidelity" not in results and {sides[f"clients/{c}/fidelity.json"] for c in ("bank_a", "bank_b", "bank_c")} == {"client:bank_a", "client:bank_b", "client:bank_c"}
     start = time.perf_counter()
     second = run_cli("run", str(DEMO), "--run-dir", str(tmp_path / "demo"))
     elapsed = time.perf_counter() - start

@@ -13,6 +13,7 @@ from knowledgesg.models import load_causal_lm, resolve_model
 from knowledgesg.records import InstructionRecord
 from knowledgesg.sft import collate, per_sequence_loss, tokenize_example
 from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches, poisson_batches, unit_means
+from privacy.noise import SecureRandom
 
 TEXTS = ["Profits rose sharply .", "Sales fell", "The company announced a new plant in Oulu .", "Shares were flat", "Net loss widened to EUR 2 mn ."]
 LABELS = ["positive", "negative", "neutral", "neutral", "negative"]
@@ -50,7 +51,7 @@ def _dp_update(setup, units, settings, max_rows=64, seed=0):
     model, tokenizer, examples = setup
     model = copy.deepcopy(model)
     before = _flat(model)
-    dp = DPSGD(model, lambda ps: torch.optim.SGD(ps, lr=1.0), settings, torch.Generator().manual_seed(seed))
+    dp = DPSGD(model, lambda ps: torch.optim.SGD(ps, lr=1.0), settings, SecureRandom.from_public_seed("test", seed))
     rows_per_unit = [len(u) for u in units]
 
     def physical(batch):
@@ -120,7 +121,7 @@ def test_infinity_path_adds_no_noise_and_does_not_clip(setup):
 
 
 def test_empty_poisson_batches_happen_and_are_counted():
-    batches = list(poisson_batches(20, 0.02, 200, torch.Generator().manual_seed(0)))
+    batches = list(poisson_batches(20, 0.02, 200, SecureRandom.from_os_entropy()))
     sizes = [len(b) for b in batches]
     assert sizes.count(0) > 100  # (1 - 0.02)^20 = 0.67 of the steps are empty
     assert sum(sizes) / len(sizes) == pytest.approx(20 * 0.02, rel=0.35)

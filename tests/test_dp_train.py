@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from knowledgesg.cli import main
 from tests.conftest import sentiment_rows, stage_files, tiny_spec, write_jsonl, write_spec
@@ -43,12 +42,12 @@ def dp_run(tmp_path_factory):
 def test_privacy_json_reports_the_mechanism_run_at_the_target(dp_run: Path):
     privacy = _json(dp_run / "stages/dp_train/clients/client_0/privacy.json")
     assert privacy["private"] and privacy["label"] == "DP" and privacy["unit"] == "record"
-    assert privacy["num_units"] == 20 and privacy["delta"] == pytest.approx(1 / 200)
+    assert privacy["num_units"] == 20 and privacy["delta"] == pytest.approx(1e-5) and privacy["n_times_delta"] == pytest.approx(2e-4)
     m = privacy["mechanism"]
     assert m["kind"] == "poisson_gaussian" and m["sample_rate"] == pytest.approx(4 / 20) and m["steps"] == 5
     assert privacy["epsilon"]["prv"] == pytest.approx(8.0, rel=0.01) and privacy["epsilon"]["prv"] <= 8.0 * 1.001
     assert privacy["epsilon"]["rdp"] > privacy["epsilon"]["prv"]  # RDP is the loosest of the three
-    assert privacy["calibrated_by"] == "prv" and "not cryptographically secure" in " ".join(privacy["assumptions"])
+    assert privacy["calibrated_by"] == "prv" and "OS entropy" in privacy["noise"] and "server operator included" in privacy["trust"]
 
 
 def test_adapter_is_peft_loadable_and_trained(dp_run: Path):
@@ -79,21 +78,29 @@ def test_sides_ledger_and_loss_curve(dp_run: Path):
 def test_privacy_report_command(dp_run: Path, capsys):
     assert main(["privacy-report", str(dp_run)]) == 0
     out = capsys.readouterr().err
-    assert "client_0" in out and "total (PLD)" in out and "not cryptographically secure" in out
+    assert "client_0" in out and "total (PLD)" in out and "OS entropy" in out and "server operator" in out
     report = _json(dp_run / "privacy_report.json")
     client = report["clients"][0]
-    assert client["total"]["pld"] == pytest.approx(client["releases"][0]["epsilon"]["pld"], rel=1e-6)
+    assert client["total"]["pld"] == pytest.approx(client["releases"][0]["entry"]["epsilon"]["pld"], rel=1e-6)
+    assert client["units"] == ["record"] and client["num_units"] == 20 and client["n_times_delta"] == pytest.approx(2e-4)
+    assert client["releases"][0]["status"] == "this run, current"
     assert client["curve"][-1]["steps"] == 5 and client["curve"][0]["prv"] < client["curve"][-1]["prv"]
     html = (dp_run / "privacy_report.html").read_text()
-    assert "<img" in html and "data:image/png;base64," in html and "Poisson sampling" in html
+    assert "<img" in html and "data:image/png;base64," in html and "Poisson sampling" in html and "Threat model" in html
 
 
-def test_rerun_is_cached_and_training_is_deterministic(dp_run: Path, workdir: Path):
-    spec = _spec(workdir)
-    assert main(["run", str(spec), "--run-dir", "again"]) == 0
-    ours, theirs = stage_files(workdir / "again"), stage_files(dp_run)
+def test_reproducible_noise_replays_byte_for_byte_and_is_marked_not_private(workdir: Path, capsys):
+    spec = _spec(workdir, privacy={"target_epsilon": 8.0, "reproducible_noise": True})
+    assert main(["run", str(spec), "--run-dir", "one"]) == 0 and main(["run", str(spec), "--run-dir", "two"]) == 0
     adapter = "stages/dp_train/clients/client_0/adapter/adapter_model.safetensors"
-    assert ours[adapter] == theirs[adapter]
+    assert stage_files(workdir / "one")[adapter] == stage_files(workdir / "two")[adapter]
+    privacy = _json(workdir / "one/stages/dp_train/clients/client_0/privacy.json")
+    assert not privacy["private"] and privacy["label"] == "NOT PRIVATE (reproducible noise)" and "regenerate" in privacy["trust"]
+    out = capsys.readouterr().err
+    assert "NOT PRIVATE (reproducible noise)" in out and "total NOT PRIVATE" in out
+    assert main(["privacy-report", str(workdir / "one")]) == 0
+    report = _json(workdir / "one/privacy_report.json")
+    assert math.isinf(report["clients"][0]["total"]["pld"]) and "NOT PRIVATE" in (workdir / "one/privacy_report.html").read_text()
 
 
 def test_non_private_reference_is_marked_everywhere(workdir: Path, capsys):
@@ -115,17 +122,18 @@ def test_user_level_privacy_samples_users(workdir: Path):
     spec["clients"]["partition"] = {"method": "iid", "num_clients": 1}
     assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 0
     privacy = _json(workdir / "run/stages/dp_train/clients/client_0/privacy.json")
-    assert privacy["unit"] == "user" and privacy["num_units"] == 6 and privacy["delta"] == pytest.approx(1 / 60)
+    assert privacy["unit"] == "user" and privacy["num_units"] == 6 and privacy["delta"] == pytest.approx(1e-5)
     assert privacy["mechanism"]["sample_rate"] == pytest.approx(2 / 6)
 
 
 @pytest.mark.parametrize("privacy,train,pattern", [
     ({"target_epsilon": 8.0, "delta": 0.06}, None, r"privacy.delta = 0.06 is not below 1/N = 0.05 for N = 20 records"),
-    ({"target_epsilon": 8.0, "cap_epsilon": 5.0}, None, r"client 'client_0': stage 'dp_train' would exceed the privacy budget cap \(spent epsilon 0.000, requested 7.9\d+, composed total 7.9\d+ > cap 5\)"),
+    ({"target_epsilon": 8.0, "cap_epsilon": 5.0}, None, r"spec.yaml: privacy.target_epsilon = 8 is above privacy.cap_epsilon = 5: dp_train alone would exceed the cap"),
+    ({"target_epsilon": float("inf"), "cap_epsilon": 5.0}, None, r"privacy.cap_epsilon = 5 cannot hold: target_epsilon .inf trains without noise"),
     ({"target_epsilon": 8.0, "unit": "user"}, None, r"privacy.unit is 'user' but record 'data/r0' has no user_id"),
     ({"target_epsilon": 8.0}, {"name": "dp_train", "params": {"batch_size": 20}}, r"client 'client_0': 20 records is too few for dp_train with batch_size 20"),
     ({"target_epsilon": 1e-4}, None, r"cannot be reached .* the budget is too low"),
-], ids=["delta-too-large", "cap-exceeded", "user-without-id", "batch-too-large", "epsilon-unreachable"])
+], ids=["delta-too-large", "cap-below-target", "cap-with-no-noise", "user-without-id", "batch-too-large", "epsilon-unreachable"])
 def test_impossible_budgets_fail_cleanly(workdir: Path, capsys, privacy, train, pattern):
     import re
 
@@ -140,12 +148,12 @@ def test_cap_already_spent_by_an_earlier_release(workdir: Path, capsys):
     first = {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48}}
     spec = tiny_spec(stages=["prepare_models", "ingest", first], privacy={"target_epsilon": 3.0, "cap_epsilon": 5.0})
     assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 0
-    from privacy.ledger import read_ledger
+    from privacy.ledger import read_stage_ledgers
 
-    entries = read_ledger(workdir / "run", ["dp_train"])
+    entries = read_stage_ledgers(workdir / "run", ["dp_train"])
     assert len(entries) == 2 and entries[0].epsilon.reported == pytest.approx(3.0, rel=0.01)
-    from privacy.ledger import check_budget
     from knowledgesg.errors import InputError
+    from privacy.ledger import check_budget
 
     with pytest.raises(InputError, match="would exceed the privacy budget cap"):
         check_budget(entries, "client_0", [entries[0].mechanism, entries[0].mechanism], entries[0].delta, 5.0, "dp_train_again")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from knowledgesg import aggregation as agg
 from knowledgesg.cli import main
@@ -55,20 +56,27 @@ def max_difference(a: dict, b: dict) -> float:
 
 
 class ScriptedTransport:
-    """Clients whose updates are fixed arrays: the loop's arithmetic can be checked by hand."""
+    """Clients whose updates are fixed arrays: the loop's arithmetic can be checked by hand. Like
+    real clients, they clip their update when client-level DP asks them to."""
 
     def __init__(self, updates: dict[str, np.ndarray], examples: dict[str, int]) -> None:
         self.updates, self.examples, self.seen = updates, examples, []
 
     def fit(self, tasks, params, server_control):
         self.seen.append([t.client_id for t in tasks])
-        return [ClientUpdate(t.client_id, {"w": self.updates[t.client_id]}, self.examples[t.client_id], 1.0,
-                             {"w": self.updates[t.client_id] * 0.5}) for t in reversed(tasks)]  # arrival order shuffled
+        replies = []
+        for t in reversed(tasks):  # arrival order shuffled
+            update = {"w": self.updates[t.client_id]}
+            if t.update_clip_norm is not None:
+                update = agg.clip_update(update, t.update_clip_norm)
+            replies.append(ClientUpdate(t.client_id, update, self.examples[t.client_id], 1.0, {"w": self.updates[t.client_id] * 0.5}))
+        return replies
 
 
-def scripted_job(rule: str, per_round: int = 3, client_dp: ClientDP | None = None, rounds: int = 1) -> FedJob:
+def scripted_job(rule: str, per_round: int = 3, client_dp: ClientDP | None = None, rounds: int = 1, reproducible_noise: bool = False) -> FedJob:
     return FedJob(seed=3, rounds=rounds, clients=CLIENTS, clients_per_round=per_round, rule=RuleSettings(name=rule, server_lr=1.0 if rule != "fedadam" else 0.1),
-                  training=LocalTraining(optimizer="sgd"), lora=LoraShape(), base_model={"path": "unused"}, records={c: [] for c in CLIENTS}, client_dp=client_dp)
+                  training=LocalTraining(optimizer="sgd"), lora=LoraShape(), base_model={"path": "unused"}, records={c: [] for c in CLIENTS}, client_dp=client_dp,
+                  reproducible_noise=reproducible_noise)
 
 
 UPDATES = {"a": np.array([1.0, 0.0]), "b": np.array([0.0, 2.0]), "c": np.array([9.0, 9.0])}
@@ -112,23 +120,26 @@ def test_scaffold_sends_the_server_control_variate_from_round_two():
     assert np.allclose(received[1]["w"], np.mean([UPDATES[c] * 0.5 for c in CLIENTS], axis=0))  # all 3 of 3 sampled: c = mean dc
 
 
-def test_client_sampling_is_seeded_uniform_or_poisson_with_dp():
+def test_client_sampling_is_seeded_uniform_and_client_level_dp_asks_everyone():
     job = scripted_job("fedavg", per_round=2, rounds=40)
     rounds = [sample_clients(job, r) for r in range(1, 41)]
     assert all(len(r) == 2 for r in rounds) and rounds == [sample_clients(job, r) for r in range(1, 41)]
     counts = participation(job)
     assert sum(counts.values()) == 80 and min(counts.values()) > 15  # every client gets its turn
-    dp_job = scripted_job("fedavg", per_round=2, rounds=200, client_dp=ClientDP(clip_norm=1.0, noise_multiplier=1.0))
-    sizes = [len(sample_clients(dp_job, r)) for r in range(1, 201)]
-    assert len(set(sizes)) > 1 and abs(np.mean(sizes) - 2.0) < 0.3  # Poisson at q = 2/3: size varies, mean 2
+    # client-level DP: every client is asked, and each draws its own coin (see test_privacy_threats)
+    dp_job = scripted_job("fedavg", per_round=2, rounds=5, client_dp=ClientDP(clip_norm=1.0, noise_multiplier=1.0))
+    assert all(sample_clients(dp_job, r) == CLIENTS for r in range(1, 6)) and participation(dp_job) == dict.fromkeys(CLIENTS, 5)
 
 
-def test_client_level_dp_clips_and_noises_over_the_expected_count():
-    job = scripted_job("fedavg", per_round=3, client_dp=ClientDP(clip_norm=1.0, noise_multiplier=0.5))
+def test_client_level_dp_sums_client_clipped_updates_and_noises_over_the_expected_count():
+    from privacy.noise import SecureRandom
+
+    job = scripted_job("fedavg", per_round=3, client_dp=ClientDP(clip_norm=1.0, noise_multiplier=0.5), reproducible_noise=True)
     final, history = run_federation(job, {"w": np.zeros(2)}, ScriptedTransport(UPDATES, EXAMPLES))
-    chosen = history[0].clients
-    rng = np.random.default_rng(job.round_seed(1, "client_dp_noise"))
-    expected = agg.dp_fedavg({"w": np.zeros(2)}, [{"w": UPDATES[c]} for c in chosen], 1.0, 0.5, 3.0, rng)
+    assert history[0].joined is None  # who joined is not recorded
+    noise = SecureRandom.for_release(True, job.seed, "fedtune-server-noise")  # the server's (here: reproducible) generator
+    clipped = [agg.clip_update({"w": UPDATES[c]}, 1.0) for c in CLIENTS]
+    expected = agg.dp_fedavg({"w": np.zeros(2)}, clipped, 1.0, 0.5, 3.0, lambda shape, std: noise.normal(shape, std, dtype=torch.float64).numpy())
     assert np.allclose(final["w"], expected["w"])
 
 
@@ -214,40 +225,57 @@ def test_stage_on_synthetic_data_costs_nothing_and_writes_the_adapter(tmp_path: 
     assert (stage / "adapter/adapter_model.safetensors").is_file() and (stage / "merged/config.json").is_file()
     assert not (stage / "work").exists()  # the job (with the synthetic shares) is not left behind
     rounds = json.loads((stage / "rounds.json").read_text())
-    assert [r["round"] for r in rounds] == [1, 2] and all(r["clients"] == ["client_0", "client_1"] for r in rounds)
+    assert [r["round"] for r in rounds] == [1, 2] and all(r["clients"] == r["joined"] == ["client_0", "client_1"] for r in rounds)
+    assert all(r["num_examples"] > 0 and r["mean_loss"] > 0 for r in rounds)  # synthetic data: public figures
     ledger = json.loads((stage / "ledger.json").read_text())
     assert [(e["client_id"], e["mechanism"]["kind"], e["epsilon"]["reported"]) for e in ledger] == [("client_0", "post_processing", 0.0), ("client_1", "post_processing", 0.0)]
     assert main(["privacy-report", str(tmp_path / "run")]) == 0
     report = json.loads((tmp_path / "run/privacy_report.json").read_text())
-    stages = [r["stage"] for r in report["clients"][0]["releases"]]
-    assert "fedtune" in stages
-    assert report["clients"][0]["total"]["pld"] == pytest.approx(report["clients"][0]["releases"][0]["epsilon"]["pld"], rel=1e-6)  # dp_train alone
+    releases = report["clients"][0]["releases"]
+    assert "fedtune" in [r["entry"]["stage"] for r in releases]
+    assert report["clients"][0]["total"]["pld"] == pytest.approx(releases[0]["entry"]["epsilon"]["pld"], rel=1e-6)  # dp_train alone
 
 
 def test_stage_on_private_data_enters_its_dp_sgd_cost(tmp_path: Path):
+    from privacy.accounting import Mechanism
+    from privacy.ledger import compose
+
     params = dict(FEDTUNE, data="private", local_dp={"target_epsilon": 2.0})
     assert run_pipeline(tmp_path, params) == 0
     stage = tmp_path / "run/stages/fedtune"
     ledger = json.loads((stage / "ledger.json").read_text())
-    for entry in ledger:
-        mechanism = entry["mechanism"]
-        assert mechanism["kind"] == "poisson_gaussian" and mechanism["steps"] == 2 * 2 and mechanism["sample_rate"] == pytest.approx(4 / 20)
-        assert 1.9 < entry["epsilon"]["reported"] <= 2.0
+    assert [e["client_id"] for e in ledger] == ["client_0", "client_0", "client_1", "client_1"]  # one release per round joined
+    for client in ("client_0", "client_1"):
+        mine = [Mechanism.model_validate(e["mechanism"]) for e in ledger if e["client_id"] == client]
+        assert all(m.kind == "poisson_gaussian" and m.steps == 2 and m.sample_rate == pytest.approx(4 / 20) for m in mine)
+        assert 1.9 < compose(mine, ledger[0]["delta"]).reported <= 2.02  # the two rounds compose to the budget
+    assert all(e["noise"] == "os_entropy" and "server operator included" in e["trust"] for e in ledger)
     rounds = json.loads((stage / "rounds.json").read_text())
+    assert all(r["num_examples"] is None and r["mean_loss"] is None for r in rounds)  # un-noised statistics stay on the client
     assert sum(n for r in rounds for n in r["extra"]["dp_steps"].values()) == 2 * 2 * 2  # counted by the clients' accountants
+    log = [json.loads(line) for line in (stage / "clients/client_0/local_log.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in log] == [1, 2] and all(row["examples"] == 20 for row in log)
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["outputs"]["clients/client_0/local_log.jsonl"]["side"] == "client:client_0"
 
 
-def test_client_level_dp_fedavg_on_private_data_enters_the_ledger(tmp_path: Path):
+def test_client_level_dp_fedavg_on_private_data_is_listed_apart_from_the_record_budget(tmp_path: Path):
     params = dict(FEDTUNE, data="private", local_dp={"target_epsilon": 2.0}, clients_per_round=1, client_dp={"clip_norm": 0.5, "noise_multiplier": 1.0})
     assert run_pipeline(tmp_path, params) == 0
     ledger = json.loads((tmp_path / "run/stages/fedtune/ledger.json").read_text())
     client_level = [e for e in ledger if e["unit"] == "client"]
     assert [e["client_id"] for e in client_level] == ["client_0", "client_1"]
-    for entry in client_level:  # Poisson client sampling at q = 1 of 2 clients, one event per round
+    for entry in client_level:  # each client's own coin at q = 1 of 2 clients, one event per round
         assert entry["mechanism"] == {"kind": "poisson_gaussian", "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 2}
-        assert entry["epsilon"]["reported"] > 0
+        assert entry["epsilon"]["reported"] > 0 and entry["delta"] == pytest.approx(1e-5) and "final model only" in entry["trust"]
+    rounds = json.loads((tmp_path / "run/stages/fedtune/rounds.json").read_text())
+    assert all(r["joined"] is None and r["extra"] == {} for r in rounds)
     privacy = json.loads((tmp_path / "run/stages/fedtune/privacy.json").read_text())
-    assert privacy["client_level_dp_fedavg"]["mechanism"]["sample_rate"] == 0.5
+    record = privacy["client_level_dp_fedavg"]
+    assert record["mechanism"]["sample_rate"] == 0.5 and record["who_adds_the_noise"].startswith("the server") and "each client" in record["who_clips"]
+    assert main(["privacy-report", str(tmp_path / "run")]) == 0
+    report = json.loads((tmp_path / "run/privacy_report.json").read_text())
+    assert report["clients"][0]["client_level"]["pld"] == pytest.approx(client_level[0]["epsilon"]["pld"], rel=1e-6)
 
 
 def test_fedprox_term_pulls_the_update_towards_the_global_adapter(tmp_path: Path):

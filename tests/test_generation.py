@@ -10,8 +10,9 @@ import torch
 from knowledgesg.chunking import chunk_text
 from knowledgesg.generation import Completion, Generator, SamplingParams, chat_prompt_ids, length_batches
 from knowledgesg.models import load_causal_lm, resolve_model
+from knowledgesg.prompts import parse_label
 from pipelines.structure import grounding, parse_pair
-from pipelines.synthesize import class_quotas, dp_label_histogram, near_duplicates, parse_label
+from pipelines.synthesize import class_quotas, dp_label_histogram, near_duplicates
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +146,13 @@ def test_class_quotas_follow_weights_and_sum_to_total():
 
 def test_dp_label_histogram_noise_has_the_stated_scale():
     from knowledgesg.records import InstructionRecord
+    from privacy.noise import SecureRandom
+    from privacy.units import privacy_units
 
-    records = [InstructionRecord(id=f"s/{i}", instruction="Q", response=l, source="s") for i, l in enumerate(["neutral"] * 30 + ["positive"] * 10)]
-    generator = torch.Generator().manual_seed(0)
-    draws = [dp_label_histogram(records, ["negative", "neutral", "positive"], 4.0, 2.0, generator) for _ in range(2000)]
+    records = [InstructionRecord(id=f"s/{i}", instruction="Q", response=l, source="s", user_id=f"u{i // 2}") for i, l in enumerate(["neutral"] * 30 + ["positive"] * 10)]
+    units = privacy_units(records, "user", max_records=2)  # 20 users of 2 records: sensitivity 2
+    random = SecureRandom.from_os_entropy()
+    draws = [dp_label_histogram(records, ["negative", "neutral", "positive"], units, 4.0, random) for _ in range(2000)]
     neutral = torch.tensor([d["neutral"] for d in draws], dtype=torch.float64)
     assert float(neutral.mean()) == pytest.approx(30, abs=0.6)
     assert float(neutral.std()) == pytest.approx(8.0, rel=0.05)

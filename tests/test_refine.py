@@ -12,10 +12,10 @@ import pytest
 from knowledgesg.errors import KsgError
 from knowledgesg.generation import Completion
 from knowledgesg.manifest import read_manifest
+from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import load_spec
 from knowledgesg.stage import StageContext
 from pipelines.refine import Refine, RefineParams, balanced_shots, decide, judge_prompt, label_prompt
-from knowledgesg.records import InstructionRecord
 from tests.conftest import run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
 from tests.test_synthesize import SYNTH, TRAIN
 

@@ -9,16 +9,21 @@ import pytest
 
 from knowledgesg.cli import main
 from knowledgesg.errors import KsgError
-from knowledgesg.fileio import sha256_file
-from knowledgesg.runner import Runner, run_lock
-from knowledgesg.spec import load_spec
+from knowledgesg.fileio import hmac_file, sha256_file
+from knowledgesg.runner import Runner, load_run_spec, run_lock
 from knowledgesg.status import run_status
+from pipelines import build_stages, load_pipeline
 from tests.conftest import stage_files, tiny_spec, write_spec
 
 
 def _run(spec_path: Path, run_dir: Path):
-    spec, base_dir = load_spec(spec_path)
-    return {o.name: o.status for o in Runner(spec, base_dir, run_dir).run()}
+    spec, base_dir, stages = load_pipeline(spec_path)
+    return {o.name: o.status for o in Runner(spec, base_dir, run_dir, stages).run()}
+
+
+def _status(run_dir: Path):
+    spec, base_dir = load_run_spec(run_dir)
+    return run_status(run_dir, spec, base_dir, build_stages(spec))
 
 
 @pytest.fixture
@@ -35,13 +40,16 @@ def test_manifest_records_inputs_outputs_and_counts(two_stage: Path, workdir: Pa
     _run(two_stage, workdir / "run")
     manifest = json.loads((workdir / "run/stages/ingest/manifest.json").read_text())
     assert manifest["stage"] == "ingest" and manifest["seed"] == 7 and manifest["package_version"]
-    assert manifest["inputs"] == {str(workdir / "data.jsonl"): sha256_file(workdir / "data.jsonl")}
+    # private inputs and client-side outputs by a keyed digest only: the manifest cannot confirm a guess
+    key = (workdir / "run/.client_key").read_bytes()
+    assert manifest["inputs"] == {str(workdir / "data.jsonl"): hmac_file(workdir / "data.jsonl", key)}
     records = manifest["outputs"]["clients/client_0/records.jsonl"]
     path = workdir / "run/stages/ingest/clients/client_0/records.jsonl"
-    assert records["sha256"] == sha256_file(path)
+    assert records["sha256"] == hmac_file(path, key) != sha256_file(path) and records["bytes"] is None
     assert records["records"] == len(path.read_text().splitlines()) == 20
     assert records["side"] == "client:client_0"
-    assert manifest["outputs"]["partition.json"]["side"] == "server"
+    partition = manifest["outputs"]["partition.json"]
+    assert partition["side"] == "server" and partition["sha256"] == sha256_file(workdir / "run/stages/ingest/partition.json")
     assert json.loads((workdir / "run/stages/ingest/partition.json").read_text())["clients"] == {"client_0": 20, "client_1": 20}
 
 
@@ -79,33 +87,43 @@ def test_deleted_artifact_is_detected_and_rerun(two_stage: Path, workdir: Path):
 
 
 def test_same_seed_same_artifacts(two_stage: Path, workdir: Path):
+    """Deterministic stages give the same files; only the manifests' keyed digests differ, as each
+    run has its own client key (with reproducible_noise that key too comes from the seed)."""
     _run(two_stage, workdir / "a")
     _run(two_stage, workdir / "b")
-    assert stage_files(workdir / "a") == stage_files(workdir / "b")
+    def artifacts(run: str) -> dict:  # the fingerprints (manifest, .started_with) cover keyed digests
+        return {k: v for k, v in stage_files(workdir / run).items() if not k.endswith(("manifest.json", ".started_with"))}
+
+    a, b = stage_files(workdir / "a"), stage_files(workdir / "b")
+    assert artifacts("a") == artifacts("b")
+    assert a["stages/ingest/manifest.json"] != b["stages/ingest/manifest.json"]
+    spec = tiny_spec(stages=["prepare_models", "ingest"], privacy={"reproducible_noise": True})
+    _run(write_spec(workdir, spec, "reproducible.yaml"), workdir / "c")
+    _run(write_spec(workdir, spec, "reproducible.yaml"), workdir / "d")
+    assert stage_files(workdir / "c") == stage_files(workdir / "d")
 
 
 def test_status_reports_each_state(two_stage: Path, workdir: Path, capsys):
     run_dir = workdir / "run"
     _run(two_stage, run_dir)
-    assert [s.state for s in run_status(run_dir)] == ["done", "done"]
+    assert [s.state for s in _status(run_dir)] == ["done", "done"]
     _run(two_stage, run_dir)
-    assert [s.state for s in run_status(run_dir)] == ["cached", "cached"]
+    assert [s.state for s in _status(run_dir)] == ["cached", "cached"]
     (run_dir / "stages/ingest/partition.json").write_text("{}")
-    assert [s.state for s in run_status(run_dir)] == ["cached", "stale"]
+    assert [s.state for s in _status(run_dir)] == ["cached", "stale"]
     (run_dir / "stages/ingest/manifest.json").unlink()
-    assert [s.state for s in run_status(run_dir)] == ["cached", "pending"]
+    assert [s.state for s in _status(run_dir)] == ["cached", "pending"]
     assert main(["status", str(run_dir)]) == 0
     assert "pending" in capsys.readouterr().err
 
 
 def test_status_shows_failed_stage(workdir: Path):
-    spec = write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest"]))
-    _run(spec, workdir / "run")
-    (workdir / "data.jsonl").write_text('{"instruction": "Q"}\n')
+    _run(write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest"])), workdir / "run")
+    spec = write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest", {"name": "dp_train", "params": {"batch_size": 20}}]))
     with pytest.raises(KsgError):
         _run(spec, workdir / "run")
-    states = run_status(workdir / "run")
-    assert states[1].state == "failed" and "field 'response': missing" in states[1].detail
+    states = _status(workdir / "run")
+    assert [s.state for s in states] == ["cached", "cached", "failed"] and "20 records is too few for dp_train" in states[2].detail
 
 
 def test_status_of_a_non_run_directory(tmp_path: Path, capsys):
@@ -127,4 +145,4 @@ def test_explicit_members_and_natural_partition(workdir: Path):
     spec["clients"] = {"members": [{"id": "hosp_a", "data": [{"path": "data.jsonl"}]}, {"id": "hosp_b", "data": [{"path": "b.jsonl"}]}]}
     _run(write_spec(workdir, spec), workdir / "run")
     rows = [json.loads(line) for line in (workdir / "run/stages/ingest/clients/hosp_b/records.jsonl").read_text().splitlines()]
-    assert rows == [{"client_id": "hosp_b", "id": "b/x", "input": "", "instruction": "Q", "kind": "instruction", "response": "A", "source": "b", "user_id": "u1"}]
+    assert rows == [{"client_id": "hosp_b", "document_id": None, "id": "b/x", "input": "", "instruction": "Q", "kind": "instruction", "response": "A", "source": "b", "user_id": "u1"}]

@@ -10,7 +10,8 @@ import pytest
 
 from knowledgesg.cli import main
 from knowledgesg.generation import Completion
-from pipelines.synthesize import Seed, Synthesize, SynthesizeParams
+from knowledgesg.prompts import Seed
+from pipelines.synthesize import Synthesize, SynthesizeParams
 from tests.conftest import run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
 
 SEED = {"instruction": "What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}.", "domain": "finance", "task": "sentiment"}
@@ -64,17 +65,19 @@ def test_ledger_counts_the_histogram_and_calls_synthesis_free(synth_run: Path):
                      ("client_1", "dp_label_histogram", "gaussian"), ("client_1", "synthetic_data", "post_processing")]
     assert ledger[1]["epsilon"]["reported"] == 0.0 and ledger[0]["epsilon"]["reported"] > 0
     histogram = json.loads((synth_run / "stages/synthesize/clients/client_0/label_histogram.json").read_text())
-    assert histogram["noise_std"] == 20.0 and set(histogram["labels"]) == {"negative", "neutral", "positive"}
+    assert histogram["noise_std"] == 20.0 and histogram["sensitivity"] == 1 and set(histogram["labels"]) == {"negative", "neutral", "positive"}
+    assert ledger[0]["noise"] == "os_entropy" and ledger[1]["noise"] == "none"
     assert main(["privacy-report", str(synth_run)]) == 0
     report = json.loads((synth_run / "privacy_report.json").read_text())
     total = report["clients"][0]["total"]["pld"]
-    assert total > report["clients"][0]["releases"][0]["epsilon"]["pld"]  # the histogram composed in
+    assert total > report["clients"][0]["releases"][0]["entry"]["epsilon"]["pld"]  # the histogram composed in
 
 
 def test_synthesize_needs_dp_adapters(workdir: Path, capsys):
     spec = tiny_spec(stages=["prepare_models", "ingest", SYNTH])
     assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 2
-    assert "synthesize needs a DP adapter per client; none for client_0, client_1" in capsys.readouterr().err
+    assert "spec.yaml: stages[2] (synthesize) needs stage 'dp_train' before it" in capsys.readouterr().err
+    assert not (workdir / "run").exists()
 
 
 def test_filter_keeps_well_formed_pairs_to_the_class_quota_with_provenance(tmp_path: Path):
@@ -149,8 +152,10 @@ def test_structure_keep_rejects_ungrounded_unparseable_and_duplicates():
                    Completion(" What does metformin lower here?\nAnswer: Metformin lowers blood glucose.", 9, True),
                    Completion(" What cures cancer?\nAnswer: Chemotherapy always cures tumours.", 9, True),
                    Completion(" I cannot answer that.", 5, True)]
-    pairs, stats = Structure.keep("hosp", chunks, completions, min_grounding=0.5)
+    pairs, stats = Structure.keep("hosp", chunks, completions, min_grounding=0.5, users={"pm/1": "patient-7"})
     assert [p["instruction"] for p in pairs] == ["What does metformin lower?"]
+    # the pair's privacy unit is its source document (and its user, when the text has one)
+    assert pairs[0]["document_id"] == "pm/1" and pairs[0]["user_id"] == "patient-7"
     assert stats["rejected"] == {"duplicate": 1, "not grounded": 1, "unparseable": 1}
 
 
@@ -165,8 +170,8 @@ def test_structure_with_a_labelled_pool_labels_the_chunks_key_sentence():
     chunks = [Chunk("ects/1", i, text, 0, 20) for i in range(3)]
     sentences = [key_sentence(text), key_sentence(text), None]
     completions = [Completion(" negative", 1, True), Completion(" I am not sure", 4, True), Completion(" positive", 1, True)]
-    pairs, stats = Structure.keep_labelled("bank", chunks, sentences, [instruction] * 3, completions, ["negative", "neutral", "positive"])
-    assert [(p["instruction"], p["input"], p["response"]) for p in pairs] == [(instruction, sentences[0], "negative")]
+    pairs, stats = Structure.keep_labelled("bank", chunks, sentences, [instruction] * 3, completions, ["negative", "neutral", "positive"], users={"ects/1": None})
+    assert [(p["instruction"], p["input"], p["response"], p["document_id"]) for p in pairs] == [(instruction, sentences[0], "negative", "ects/1")]
     assert stats["rejected"] == {"no label": 1, "no usable sentence": 1, "duplicate": 0}
 
 

@@ -1,27 +1,41 @@
 """A client's side of `fedtune`: local LoRA training from the global adapter, one round at a time.
 
-The same `fit` runs in every engine. Everything random in a round (initial state aside, which
-comes from the server) is seeded from (job seed, client, round), so a round replays exactly and
-the engines agree. Local rules:
+The same `fit` runs in every engine. On synthetic (public) data everything random in a round is
+seeded from (job seed, client, round), so a round replays exactly and the engines agree. Local
+rules:
 - FedProx adds mu/2 ||w - x||^2 (x: the received adapter) to the loss.
 - SCAFFOLD (option II of Karimireddy et al.) corrects each SGD gradient by (c - c_i) and then sets
   c_i+ = c_i - c + (x - y) / (K lr); the client keeps c_i between rounds.
 - Private data is trained on with DP-SGD only (Opacus, via privacy.dp_sgd): Poisson-sampled
-  batches at the planned rate, `steps` noisy steps per round; the accountant's count is returned
-  so that the server can check it against its plan.
+  batches at the planned rate, `steps` noisy steps per round, coins and noise from the client's
+  own OS entropy. Before the update leaves, the client checks its accountant against the plan
+  and its own budget cap, and enters the release in its own ledger. Its loss and example count
+  stay in a client-side log (`stages/fedtune/clients/<id>/local_log.jsonl`).
+- Client-level DP-FedAvg: the client draws its own participation coin and clips its whole update
+  before sending it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from knowledgesg.aggregation import clip_update
 from knowledgesg.errors import InputError, KsgError
-from knowledgesg.federated.protocol import ClientTask, ClientUpdate, LoraShape, Params
-from knowledgesg.fileio import read_jsonl, sha256_text
+from knowledgesg.federated.protocol import ClientTask, ClientUpdate, LocalDP, LoraShape, Params
+from knowledgesg.fileio import read_json, read_jsonl, sha256_text
 from knowledgesg.records import InstructionRecord
+from privacy.accounting import Mechanism, epsilons
+from privacy.ledger import ClientLedger, LedgerEntry, check_budget, new_release_id, now, trust_line
+from privacy.noise import SecureRandom
+from privacy.units import privacy_units
+
+LOCAL_LOG = "local_log.jsonl"
 
 
 def task_seed(task: ClientTask, purpose: str) -> int:
@@ -82,17 +96,37 @@ def initial_params(base_model: dict, lora: LoraShape, seed: int, device: str = "
     return lora_model.get_params()
 
 
+def joins_round(task: ClientTask) -> bool:
+    """Client-level DP: this client's own participation coin for the round (OS entropy: neither
+    the server nor anyone with the spec can predict it)."""
+    if task.join_probability is None:
+        return True
+    return SecureRandom.for_release(task.reproducible_coins, task.seed, "fedtune-join", task.client_id, task.round).coin(task.join_probability)
+
+
+def update_digest(update: Params) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(update):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(update[name], dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
 class ClientRuntime:
     """One process's client side: runs tasks, keeps each client's SCAFFOLD control variate."""
 
     def __init__(self) -> None:
         self.controls: dict[str, Params] = {}
 
-    def fit(self, task: ClientTask, params: Params, server_control: Params | None = None, client_control: Params | None = None) -> ClientUpdate:
+    def fit(self, task: ClientTask, params: Params, server_control: Params | None = None, client_control: Params | None = None,
+            ledger_dir: str | None = None) -> ClientUpdate:
+        """`ledger_dir`: the node's own ledger directory (a SuperNode's setting), if it has one."""
         import torch
 
         from knowledgesg.sft import tokenize_example
 
+        if not joins_round(task):
+            return ClientUpdate(task.client_id, None, None, None)
         lora = LoraModel.get(task.base_model, task.lora, task.device)
         lora.set_params(params)
         torch.manual_seed(task_seed(task, "torch"))
@@ -109,15 +143,55 @@ class ClientRuntime:
             dp_steps = 0
         trained = lora.get_params()
         update = {name: trained[name] - params[name] for name in params}
-        return ClientUpdate(task.client_id, update, len(records), loss, control_delta, dp_steps)
+        if task.update_clip_norm is not None:
+            update = clip_update(update, task.update_clip_norm)
+        if task.local_dp is None:
+            return ClientUpdate(task.client_id, update, len(records), loss, control_delta, dp_steps)
+        release = self._record_release(task, update, dp_steps, ledger_dir)
+        self._log(task, {"round": task.round, "examples": len(records), "mean_loss": loss, "dp_steps": dp_steps, "release_id": release.release_id})
+        return ClientUpdate(task.client_id, update, None, None, None, dp_steps, release.model_dump(mode="json"))
 
     def records(self, task: ClientTask) -> list[InstructionRecord]:
         if task.records is not None:
             return [InstructionRecord.model_validate({k: v for k, v in r.items() if k != "provenance"}) for r in task.records]
-        path = Path(task.run_dir or ".") / "stages" / task.private_source / "clients" / task.client_id / "records.jsonl"
+        path = self.storage(task) / "stages" / task.private_source / "clients" / task.client_id / "records.jsonl"
         if not path.is_file():
             raise InputError(f"client '{task.client_id}': private records not found at {path}")
         return [InstructionRecord.model_validate(r) for r in read_jsonl(path) if r.get("kind") == "instruction"]
+
+    @staticmethod
+    def storage(task: ClientTask) -> Path:
+        return Path(task.run_dir or ".")
+
+    def _ledger(self, task: ClientTask, node_ledger_dir: str | None) -> ClientLedger:
+        storage = self.storage(task)
+        key = read_json(storage / "stages" / "ingest" / "clients" / task.client_id / "ledger_key.json")["data_key"]
+        directory = node_ledger_dir or os.environ.get("KSG_LEDGER_DIR") or task.local_dp.ledger_dir or str(storage / "ledger")
+        return ClientLedger(Path(directory), key)
+
+    def _record_release(self, task: ClientTask, update: Params, dp_steps: int, node_ledger_dir: str | None) -> LedgerEntry:
+        """The client's own check and record, before its update leaves: its cap over everything
+        its data ever released, then the ledger entry, fsynced."""
+        dp: LocalDP = task.local_dp
+        origin = "reproducible" if dp.reproducible_noise else "os_entropy"
+        mechanism = Mechanism(kind="poisson_gaussian", noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=dp_steps)
+        ledger = self._ledger(task, node_ledger_dir)
+        check_budget(ledger.entries(), task.client_id, [mechanism], dp.delta, dp.cap_epsilon, f"fedtune round {task.round}")
+        entry = LedgerEntry(release_id=new_release_id(), client_id=task.client_id, stage="fedtune",
+                            release=f"fedtune round {task.round} update: DP-SGD local steps on private data",
+                            artifact=f"stages/fedtune/rounds.json#round={task.round}", artifact_sha256=update_digest(update),
+                            run_dir=str(self.storage(task).resolve()), released_at=now(), unit=dp.unit, num_units=dp.num_units, delta=dp.delta,
+                            mechanism=mechanism, epsilon=epsilons([mechanism], dp.delta), private=origin == "os_entropy", noise=origin,
+                            trust=trust_line(origin, mechanism))
+        ledger.append(entry)
+        return entry
+
+    def _log(self, task: ClientTask, row: dict) -> None:
+        """Un-noised figures of the client's own training: kept on the client only."""
+        path = self.storage(task) / "stages" / "fedtune" / "clients" / task.client_id / LOCAL_LOG
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row, sort_keys=True) + "\n")
 
     def _fit_plain(self, task: ClientTask, lora: LoraModel, examples, x: Params, server_c: Params | None, client_c: Params | None) -> tuple[float, Params | None]:
         import torch
@@ -160,26 +234,24 @@ class ClientRuntime:
         return float(np.mean(losses)), control_delta
 
     def _fit_dp(self, task: ClientTask, lora: LoraModel, examples, records: list[InstructionRecord]) -> tuple[float | None, int]:
-        import torch
-
         from knowledgesg.sft import make_optimizer, unit_batch, unit_loss_on
-        from pipelines.dp_train import group_units
         from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches, poisson_batches
 
         t, dp = task.training, task.local_dp
-        units = group_units(records, dp.unit, dp.max_records_per_user)
-        rows_per_unit = [len(u) for u in units]
-        expected = dp.sample_rate * len(units)
-        sampler = torch.Generator().manual_seed(task_seed(task, "sampler"))
-        noise = torch.Generator(device=lora.device).manual_seed(task_seed(task, "noise"))
+        units = privacy_units(records, dp.unit, dp.max_records_per_user)
+        if units.count != dp.num_units:
+            raise KsgError(f"client '{task.client_id}': the plan assumed {dp.num_units} privacy units, this client has {units.count}; refusing to train")
+        expected = dp.sample_rate * units.count
+        coins = SecureRandom.for_release(dp.reproducible_noise, task.seed, "fedtune", task.client_id, task.round, "sampler")
+        noise = SecureRandom.for_release(dp.reproducible_noise, task.seed, "fedtune", task.client_id, task.round, "noise")
         lora.model.train()
         engine = DPSGD(lora.model, make_optimizer(t.optimizer, t.learning_rate), DPSGDSettings(dp.noise_multiplier, dp.clip_norm, dp.sample_rate, expected), noise)
         unit_loss = unit_loss_on(lora.device)
 
         losses = []
         try:
-            for batch_units in poisson_batches(len(units), dp.sample_rate, t.steps, sampler):
-                loss = engine.step([unit_batch(examples, units, mb, lora.tokenizer.pad_token_id) for mb in micro_batches(batch_units, rows_per_unit, t.batch_size)], unit_loss)
+            for batch_units in poisson_batches(units.count, dp.sample_rate, t.steps, coins):
+                loss = engine.step([unit_batch(examples, units.members, mb, lora.tokenizer.pad_token_id) for mb in micro_batches(batch_units, units.rows_per_unit, t.batch_size)], unit_loss)
                 if loss is not None:
                     losses.append(loss)
         finally:
@@ -188,5 +260,5 @@ class ClientRuntime:
         history = engine.accounted_history()
         counted = sum(n for _, _, n in history)
         if counted != t.steps or any(sigma != dp.noise_multiplier or q != dp.sample_rate for sigma, q, _ in history):
-            raise KsgError(f"client '{task.client_id}': the accountant counted {history}, not the planned {t.steps} steps at sigma {dp.noise_multiplier}, q {dp.sample_rate}")
+            raise KsgError(f"client '{task.client_id}': the accountant counted {history}, not the planned {t.steps} steps at sigma {dp.noise_multiplier}, q {dp.sample_rate}; refusing to send")
         return (float(np.mean(losses)) if losses else None), counted

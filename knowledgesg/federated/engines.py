@@ -21,8 +21,10 @@ JOB, INITIAL, FINAL, ROUNDS = "job.json", "initial.npz", "final.npz", "rounds.js
 def print_round(record: RoundRecord) -> None:
     from knowledgesg.console import console
 
-    loss = f"{record.mean_loss:.4f}" if record.mean_loss is not None else "-"
-    console.print(f"fedtune round {record.round}: clients {', '.join(record.clients) or '(none sampled)'}, examples {record.num_examples}, "
+    loss = f"{record.mean_loss:.4f}" if record.mean_loss is not None else "- (stays on the clients)"
+    examples = record.num_examples if record.num_examples is not None else "-"
+    joined = ", ".join(record.joined) if record.joined is not None else "not recorded (each client's own coin)"
+    console.print(f"fedtune round {record.round}: asked {', '.join(record.clients) or '(none sampled)'}, joined {joined}, examples {examples}, "
                   f"mean local loss {loss}, global step norm {record.update_norm:.4g}, {record.seconds:.1f}s")
 
 

@@ -80,12 +80,31 @@ class FlowerTransport:
         for reply in self.grid.send_and_receive(messages):
             if not reply.has_content():
                 raise KsgError(f"a client failed in Flower: {reply.error.reason if reply.has_error() else 'no reply'}")
-            content = reply.content
-            metrics = content["metrics"]
-            loss = float(metrics["loss"]) if "loss" in metrics else None
-            updates.append(ClientUpdate(str(content["config"]["client-id"]), from_array_record(content["arrays"]), int(metrics["num-examples"]), loss,
-                                        from_array_record(content["control_delta"]) if "control_delta" in content else None, int(metrics["dp-steps"])))
+            updates.append(update_from_content(reply.content))
         return updates
+
+
+def update_from_content(content) -> ClientUpdate:
+    """A client's reply: only the fields it chose to send (no count or loss on private data)."""
+    config, metrics = content["config"], content["metrics"]
+    release = json.loads(str(config["release"])) if "release" in config else None
+    return ClientUpdate(
+        str(config["client-id"]), from_array_record(content["arrays"]) if "arrays" in content else None,
+        int(metrics["num-examples"]) if "num-examples" in metrics else None, float(metrics["loss"]) if "loss" in metrics else None,
+        from_array_record(content["control_delta"]) if "control_delta" in content else None, int(metrics["dp-steps"]), release,
+    )
+
+
+def update_content(update: ClientUpdate) -> dict:
+    config = {"client-id": update.client_id, **({"release": json.dumps(update.release)} if update.release is not None else {})}
+    metrics = {"dp-steps": update.dp_steps, **({"num-examples": update.num_examples} if update.num_examples is not None else {}),
+               **({"loss": update.loss} if update.loss is not None else {})}
+    content = {"config": config, "metrics": metrics}
+    if update.update is not None:
+        content["arrays"] = update.update
+    if update.control_delta is not None:
+        content["control_delta"] = update.control_delta
+    return content
 
 
 def client_identity(node_config: dict, clients: list[str]) -> str:
@@ -117,11 +136,14 @@ def make_client_app():
         server_control = from_array_record(msg.content["control"]) if "control" in msg.content else None
         # SCAFFOLD's c_i lives in the node's context state, which Flower keeps across rounds
         client_control = from_array_record(context.state["control"]) if "control" in context.state else None
-        update = runtime.fit(task, from_array_record(msg.content["arrays"]), server_control, client_control)
-        content = {"arrays": to_array_record(update.update), "config": ConfigRecord({"client-id": update.client_id}),
-                   "metrics": MetricRecord({"num-examples": update.num_examples, "dp-steps": update.dp_steps, **({"loss": update.loss} if update.loss is not None else {})})}
+        ledger_dir = str(context.node_config["ledger-dir"]) if "ledger-dir" in context.node_config else None
+        update = runtime.fit(task, from_array_record(msg.content["arrays"]), server_control, client_control, ledger_dir)
+        fields = update_content(update)
+        content = {"config": ConfigRecord(fields["config"]), "metrics": MetricRecord(fields["metrics"])}
+        for name in ("arrays", "control_delta"):
+            if name in fields:
+                content[name] = to_array_record(fields[name])
         if update.control_delta is not None:
-            content["control_delta"] = to_array_record(update.control_delta)
             context.state["control"] = to_array_record(runtime.controls[update.client_id])
         return Message(RecordDict(content), reply_to=msg)
 

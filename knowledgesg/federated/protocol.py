@@ -42,15 +42,22 @@ class LoraShape(BaseModel):
 
 
 class LocalDP(BaseModel):
-    """DP-SGD local steps on private records: the mechanism the client runs (from the server's plan)."""
+    """DP-SGD local steps on private records: the mechanism the client runs (from the server's plan),
+    and what the client needs to keep its own ledger. The client draws its own noise; it refuses
+    to send an update that would take it past `cap_epsilon`."""
 
     model_config = ConfigDict(extra="forbid")
 
     noise_multiplier: float = Field(gt=0)
     clip_norm: float = Field(gt=0)
     sample_rate: float = Field(gt=0, le=1)
+    num_units: int = Field(ge=1, description="N as planned; the client checks it against its own data")
+    delta: float = Field(gt=0, lt=1)
     unit: Literal["record", "user"] = "record"
     max_records_per_user: int = 8
+    cap_epsilon: float | None = None
+    ledger_dir: str | None = None  # default: <run_dir>/ledger; a SuperNode's `ledger-dir` wins
+    reproducible_noise: bool = False  # NOT PRIVATE: noise from the public seed
 
 
 class ClientTask(BaseModel):
@@ -60,7 +67,7 @@ class ClientTask(BaseModel):
 
     round: int
     client_id: str
-    seed: int
+    seed: int  # public: seeds non-private randomness only (batches of synthetic data)
     base_model: dict  # ResolvedModel fields (name, path, kind, weights_sha256, description)
     lora: LoraShape
     training: LocalTraining
@@ -70,6 +77,11 @@ class ClientTask(BaseModel):
     records: list[dict] | None = None
     private_source: str | None = None  # stage whose clients/<id>/records.jsonl the client reads
     local_dp: LocalDP | None = None
+    # client-level DP-FedAvg: the client joins with this probability, by its own coin, and clips
+    # its update to `update_clip_norm` before it leaves
+    join_probability: float | None = Field(default=None, gt=0, le=1)
+    update_clip_norm: float | None = Field(default=None, gt=0)
+    reproducible_coins: bool = False  # NOT PRIVATE: the join coin from the public seed
     run_dir: str | None = None  # where a client on this machine finds its storage (local, flower-sim)
     device: str = "cpu"
 
@@ -85,22 +97,31 @@ class ClientTask(BaseModel):
 @dataclass
 class ClientUpdate:
     client_id: str
-    update: Params  # trained minus received parameters
-    num_examples: int
+    update: Params | None  # trained minus received parameters; None: the client's coin said no
+    # On private data the client sends neither its example count nor its loss (un-noised
+    # statistics of its records): the server weights updates equally.
+    num_examples: int | None
     loss: float | None
     control_delta: Params | None = None  # SCAFFOLD: c_i+ - c_i
     dp_steps: int = 0  # DP-SGD steps the client's accountant counted this round
+    release: dict | None = None  # the ledger entry the client recorded for this update
+
+    @property
+    def joined(self) -> bool:
+        return self.update is not None
 
 
 @dataclass
 class RoundRecord:
     round: int
-    clients: list[str]
-    num_examples: int
-    mean_loss: float | None
+    clients: list[str]  # asked this round (with client-level DP: all; each drew its own coin)
+    joined: list[str] | None  # None with client-level DP: who joined is not recorded
+    num_examples: int | None  # None on private data
+    mean_loss: float | None  # None on private data
     update_norm: float
     seconds: float
     extra: dict = field(default_factory=dict)
+    releases: list[dict] = field(default_factory=list)  # ledger entries the clients sent
 
 
 def save_params(path: Path, params: Params) -> None:

@@ -3,6 +3,12 @@
 An engine is a `Transport`: it delivers a round's tasks to the clients and returns their updates
 (in process for `local`, through Flower's Grid for `flower-sim` and `flower-deploy`). Sampling,
 aggregation (knowledgesg.aggregation) and client-level DP noise happen here, identically.
+
+Client sampling is seeded from the public job seed, which is fine where nothing is claimed for
+it. Client-level DP-FedAvg does claim amplification by sampling, so there every client is asked
+every round and draws its own coin, and who joined is not recorded; its noise is drawn here from
+OS entropy. The server sees each clipped update: that guarantee protects against holders of the
+final model, not against the server operator.
 """
 
 from __future__ import annotations
@@ -12,12 +18,15 @@ from collections.abc import Callable
 from typing import Literal, Protocol
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from knowledgesg import aggregation as agg
 from knowledgesg.errors import KsgError
-from knowledgesg.federated.protocol import RULES, ClientTask, ClientUpdate, LocalTraining, LoraShape, Params, RoundRecord
+from knowledgesg.federated.client import ClientRuntime
+from knowledgesg.federated.protocol import RULES, ClientTask, ClientUpdate, LocalDP, LocalTraining, LoraShape, Params, RoundRecord
 from knowledgesg.fileio import sha256_text
+from privacy.noise import SecureRandom
 
 
 class RuleSettings(BaseModel):
@@ -36,7 +45,7 @@ class RuleSettings(BaseModel):
 
 
 class ClientDP(BaseModel):
-    """Client-level DP-FedAvg: clip each update to `clip_norm`, add N(0, (sigma clip)^2) at the server."""
+    """Client-level DP-FedAvg: each client clips its update to `clip_norm`; the server adds N(0, (sigma clip)^2)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -49,7 +58,7 @@ class FedJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    seed: int
+    seed: int  # public: client sampling and the batches of synthetic data, never DP noise
     rounds: int = Field(ge=1)
     clients: list[str] = Field(min_length=1)
     clients_per_round: int = Field(ge=1)
@@ -63,7 +72,8 @@ class FedJob(BaseModel):
     # per client: synthetic records to send, or the private stage its client reads
     records: dict[str, list[dict]] | None = None
     private_source: str | None = None
-    local_dp: dict[str, dict] | None = None  # client -> LocalDP fields
+    local_dp: dict[str, LocalDP] | None = None  # client -> the DP-SGD mechanism it runs
+    reproducible_noise: bool = False  # NOT PRIVATE: client-level noise and coins from the public seed
 
     @model_validator(mode="after")
     def _consistent(self) -> FedJob:
@@ -90,16 +100,19 @@ class FedJob(BaseModel):
 
 
 def sample_clients(job: FedJob, round_number: int) -> list[str]:
-    """Uniformly without replacement; with client-level DP, Poisson at q (what its accountant assumes)."""
-    rng = np.random.default_rng(job.round_seed(round_number, "sample"))
+    """The clients asked this round: uniformly without replacement, from the public seed; with
+    client-level DP every client, each of which then draws its own coin (what its accountant
+    assumes: Poisson sampling at q that no one else can predict)."""
     if job.client_dp is not None:
-        return [c for c in job.clients if rng.random() < job.sample_rate]
+        return list(job.clients)
+    rng = np.random.default_rng(job.round_seed(round_number, "sample"))
     chosen = rng.choice(len(job.clients), size=job.clients_per_round, replace=False)
     return [job.clients[i] for i in sorted(chosen)]
 
 
 def participation(job: FedJob) -> dict[str, int]:
-    """Rounds each client will be sampled in: known before training, so budgets are checked first."""
+    """Rounds each client will be asked in: known before training, so budgets are checked first
+    (with client-level DP an upper bound: a client joins only when its coin says so)."""
     counts = dict.fromkeys(job.clients, 0)
     for r in range(1, job.rounds + 1):
         for c in sample_clients(job, r):
@@ -108,13 +121,13 @@ def participation(job: FedJob) -> dict[str, int]:
 
 
 def task_for(job: FedJob, client_id: str, round_number: int) -> ClientTask:
-    from knowledgesg.federated.protocol import LocalDP
-
+    client_dp = job.client_dp
     return ClientTask(
         round=round_number, client_id=client_id, seed=job.seed, base_model=job.base_model, lora=job.lora, training=job.training,
         scaffold=job.rule.name == "scaffold", records=job.records[client_id] if job.records is not None else None,
-        private_source=job.private_source, local_dp=LocalDP(**job.local_dp[client_id]) if job.local_dp else None,
-        run_dir=job.run_dir, device=job.device,
+        private_source=job.private_source, local_dp=job.local_dp[client_id] if job.local_dp else None,
+        join_probability=job.sample_rate if client_dp else None, update_clip_norm=client_dp.clip_norm if client_dp else None,
+        reproducible_coins=job.reproducible_noise, run_dir=job.run_dir, device=job.device,
     )
 
 
@@ -122,15 +135,16 @@ class Transport(Protocol):
     def fit(self, tasks: list[ClientTask], params: Params, server_control: Params | None) -> list[ClientUpdate]: ...
 
 
-def aggregate(job: FedJob, x: Params, updates: list[ClientUpdate], state: agg.ServerState, round_number: int) -> Params:
+def aggregate(job: FedJob, x: Params, updates: list[ClientUpdate], state: agg.ServerState, round_number: int, noise: SecureRandom | None) -> Params:
     rule = job.rule
     deltas = [u.update for u in updates]
-    weights = [float(u.num_examples) for u in updates]
     if job.client_dp is not None:
-        rng = np.random.default_rng(job.round_seed(round_number, "client_dp_noise"))
-        return agg.dp_fedavg(x, deltas, job.client_dp.clip_norm, job.client_dp.noise_multiplier, job.sample_rate * len(job.clients), rng)
+        return agg.dp_fedavg(x, deltas, job.client_dp.clip_norm, job.client_dp.noise_multiplier, job.sample_rate * len(job.clients),
+                             lambda shape, std: noise.normal(shape, std, dtype=torch.float64).numpy())
     if not updates:
         return x
+    # on private data the clients do not send their example counts (a statistic of their data)
+    weights = [float(u.num_examples) for u in updates] if all(u.num_examples is not None for u in updates) else [1.0] * len(updates)
     if rule.name in ("fedavg", "fedprox"):
         return agg.fedavg(x, deltas, weights, rule.server_lr)
     if rule.name == "fedavgm":
@@ -148,21 +162,28 @@ def aggregate(job: FedJob, x: Params, updates: list[ClientUpdate], state: agg.Se
 
 def run_federation(job: FedJob, x: Params, transport: Transport, on_round: Callable[[RoundRecord], None] | None = None) -> tuple[Params, list[RoundRecord]]:
     state = agg.ServerState()
+    # client-level DP noise: fresh OS entropy for the whole job (never from the public seed)
+    noise = SecureRandom.for_release(job.reproducible_noise, job.seed, "fedtune-server-noise") if job.client_dp is not None else None
     history = []
     for r in range(1, job.rounds + 1):
         start = time.perf_counter()
-        chosen = sample_clients(job, r)
-        tasks = [task_for(job, c, r) for c in chosen]
-        updates = transport.fit(tasks, x, state.c or None) if tasks else []
-        if sorted(u.client_id for u in updates) != sorted(chosen):
-            raise KsgError(f"round {r}: updates came from {sorted(u.client_id for u in updates)}, expected {chosen}")
-        updates.sort(key=lambda u: chosen.index(u.client_id))  # arrival order must not change the result
-        new_x = aggregate(job, x, updates, state, r)
+        asked = sample_clients(job, r)
+        replies = transport.fit([task_for(job, c, r) for c in asked], x, state.c or None) if asked else []
+        if sorted(u.client_id for u in replies) != sorted(asked):
+            raise KsgError(f"round {r}: replies came from {sorted(u.client_id for u in replies)}, expected {asked}")
+        replies.sort(key=lambda u: asked.index(u.client_id))  # arrival order must not change the result
+        updates = [u for u in replies if u.joined]
+        new_x = aggregate(job, x, updates, state, r, noise)
         step = np.sqrt(sum(float(((new_x[n] - x[n]) ** 2).sum()) for n in x))
         x = {n: v.astype(np.float32) for n, v in new_x.items()}
+        private = job.local_dp is not None
         losses = [u.loss for u in updates if u.loss is not None]
-        record = RoundRecord(r, chosen, sum(u.num_examples for u in updates), float(np.mean(losses)) if losses else None, step, time.perf_counter() - start,
-                             {"dp_steps": {u.client_id: u.dp_steps for u in updates if u.dp_steps}})
+        record = RoundRecord(
+            r, asked, None if job.client_dp is not None else [u.client_id for u in updates],
+            None if private else sum(u.num_examples for u in updates), None if private or not losses else float(np.mean(losses)),
+            step, time.perf_counter() - start, {"dp_steps": {u.client_id: u.dp_steps for u in updates if u.dp_steps}} if job.client_dp is None else {},
+            [u.release for u in updates if u.release is not None],
+        )
         history.append(record)
         if on_round:
             on_round(record)
@@ -173,8 +194,6 @@ class LocalTransport:
     """In process, clients one after another: deterministic, for tests and single machines."""
 
     def __init__(self) -> None:
-        from knowledgesg.federated.client import ClientRuntime
-
         self.runtime = ClientRuntime()
 
     def fit(self, tasks: list[ClientTask], params: Params, server_control: Params | None) -> list[ClientUpdate]:

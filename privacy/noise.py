@@ -1,0 +1,90 @@
+"""Where the randomness of a DP release comes from: a cryptographic generator the server cannot replay.
+
+Each release (a DP-SGD run, a noisy histogram, a round of local DP-SGD steps) draws its own key
+of 32 bytes from the operating system (`os.urandom`) on the data owner's side, and expands it
+with AES-256 in counter mode: a standard CSPRNG construction, so without the key its output can
+be neither predicted nor regenerated. The key lives in memory only; it is never written, logged
+or sent. Poisson sampling and Gaussian noise both come from it.
+
+`privacy.reproducible_noise: true` keys the same generator from the public spec seed instead:
+the same code and distribution, but anyone holding the spec can regenerate the noise and cancel
+it, so such a release is NOT PRIVATE and is marked so everywhere. It exists for tests and
+debugging only.
+
+Gaussian values: Box-Muller over 53-bit uniforms in float64. Each noise value is the sum of four
+draws divided by two (the same standard deviation), Opacus's secure-mode defence against the
+floating-point attacks on Gaussian samplers (Jin et al. 2022; Holohan and Braghin 2021).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from typing import Literal
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+NoiseOrigin = Literal["os_entropy", "reproducible"]
+DRAWS_PER_VALUE = 4  # summed, then divided by sqrt(4) = 2
+_MANTISSA = np.uint64(11)  # a uint64 shifted right by 11 leaves 53 random bits: a double's precision
+
+
+class SecureRandom:
+    """AES-256-CTR keystream as uniform, Bernoulli and Gaussian draws."""
+
+    def __init__(self, key: bytes, origin: NoiseOrigin) -> None:
+        if len(key) != 32:
+            raise ValueError("the key is 32 bytes (AES-256)")
+        self.origin = origin
+        self._stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+
+    @classmethod
+    def from_os_entropy(cls) -> SecureRandom:
+        return cls(os.urandom(32), "os_entropy")
+
+    @classmethod
+    def from_public_seed(cls, *parts: object) -> SecureRandom:
+        """Reproducible, hence NOT PRIVATE: the key is a hash of public values (the spec seed, ...)."""
+        return cls(hashlib.sha256(":".join(map(str, parts)).encode()).digest(), "reproducible")
+
+    @classmethod
+    def for_release(cls, reproducible: bool, *public_parts: object) -> SecureRandom:
+        return cls.from_public_seed(*public_parts) if reproducible else cls.from_os_entropy()
+
+    @property
+    def private(self) -> bool:
+        return self.origin == "os_entropy"
+
+    def _words(self, count: int) -> np.ndarray:
+        return np.frombuffer(self._stream.update(bytes(8 * count)), dtype=np.uint64)
+
+    def uniform(self, count: int) -> torch.Tensor:
+        """Doubles in (0, 1): 53 random bits, offset by half a step so that 0 never occurs."""
+        values = ((self._words(count) >> _MANTISSA).astype(np.float64) + 0.5) * 2.0**-53
+        return torch.from_numpy(values)
+
+    def bernoulli(self, count: int, probability: float) -> torch.Tensor:
+        return self.uniform(count) < probability
+
+    def coin(self, probability: float) -> bool:
+        return bool(self.bernoulli(1, probability)[0])
+
+    def standard_normal(self, count: int) -> torch.Tensor:
+        """Box-Muller: two uniforms give two independent N(0, 1) values (float64)."""
+        pairs = (count + 1) // 2
+        u = self.uniform(2 * pairs)
+        radius = torch.sqrt(-2.0 * torch.log(u[:pairs]))
+        angle = (2.0 * math.pi) * u[pairs:]
+        return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:count]
+
+    def normal(self, shape: torch.Size | tuple[int, ...], std: float, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
+        """N(0, std^2) of the given shape: the sum of four draws over two, cast to `dtype` last."""
+        count = math.prod(shape)
+        if std == 0 or count == 0:
+            return torch.zeros(shape, dtype=dtype, device=device)
+        draws = self.standard_normal(DRAWS_PER_VALUE * count).view(DRAWS_PER_VALUE, count)
+        values = draws.sum(0) * (std / math.sqrt(DRAWS_PER_VALUE))
+        return values.view(shape).to(dtype=dtype, device=device)

@@ -1,0 +1,370 @@
+"""The privacy claims as attacks. Each test runs an attack as the server operator (or anyone with
+the spec, the released artifacts and every other record) would, and checks that it fails. Where
+it can, a control runs the same attack against noise regenerable from the spec
+(`privacy.reproducible_noise`) and checks that it succeeds there: the attack is real."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from knowledgesg.cli import main
+from knowledgesg.fileio import read_json, sha256_file
+from knowledgesg.generation import Completion
+from knowledgesg.records import InstructionRecord
+from privacy.noise import SecureRandom
+from privacy.units import bounded_label_counts, privacy_units
+from tests.conftest import run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
+from tests.test_synthesize import SYNTH
+
+LABELS = ["negative", "neutral", "positive"]
+ADAPTER = "stages/dp_train/clients/client_0/adapter/adapter_model.safetensors"
+# one DP-SGD step of plain SGD (q = 4/20, epochs 0.2): the released B matrices are -lr (g + z) / B
+ONE_STEP = {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48, "epochs": 0.2, "optimizer": "sgd", "learning_rate": 0.01, "loss_on": "all"}}
+HISTOGRAM = dict(SYNTH, params=dict(SYNTH["params"], class_balance="dp_histogram", histogram_noise_multiplier=1.0))
+
+
+def run(workdir: Path, run_dir: str, privacy: dict | None = None, stages: list | None = None, name: str = "spec.yaml", **overrides) -> int:
+    spec = tiny_spec(stages=stages or ["prepare_models", "ingest", ONE_STEP, HISTOGRAM], privacy={"target_epsilon": 8.0, **(privacy or {})}, **overrides)
+    return run_in(workdir, "run", str(write_spec(workdir, spec, name)), "--run-dir", run_dir)
+
+
+def lora_b(path: Path) -> np.ndarray:
+    tensors = load_file(str(path))
+    return np.concatenate([tensors[k].ravel() for k in sorted(tensors) if "lora_B" in k])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """The data owner's release, an attacker's replay of the same spec over the same records, and
+    the same two with reproducible noise."""
+    workdir = tmp_path_factory.mktemp("threats")
+    write_jsonl(workdir / "data.jsonl", sentiment_rows(40))
+    for run_dir in ("released", "replay"):
+        assert run(workdir, run_dir) == 0
+    for run_dir in ("released_r", "replay_r"):
+        assert run(workdir, run_dir, privacy={"reproducible_noise": True}, name="reproducible.yaml") == 0
+    return workdir
+
+
+# 1. The DP noise is not a function of the public spec -------------------------------------------
+
+
+def test_replaying_training_from_the_spec_does_not_reproduce_the_released_adapter(runs: Path):
+    """The attacker holds the spec and every record and retrains: if that reproduced the released
+    adapter bit for bit, it could tell D from D' with certainty (epsilon infinite)."""
+    assert (runs / "released" / ADAPTER).read_bytes() != (runs / "replay" / ADAPTER).read_bytes()
+    # control: noise regenerable from the spec is replayed exactly, and such a release says NOT PRIVATE
+    assert (runs / "released_r" / ADAPTER).read_bytes() == (runs / "replay_r" / ADAPTER).read_bytes()
+    assert read_json(runs / "released_r/stages/dp_train/clients/client_0/privacy.json")["label"] == "NOT PRIVATE (reproducible noise)"
+    assert read_json(runs / "released/stages/dp_train/clients/client_0/privacy.json")["label"] == "DP"
+
+
+def test_a_released_histogram_cannot_be_denoised_with_the_spec(runs: Path):
+    """The attacker regenerates the histogram's noise from the public seed, as the code would if
+    it were seeded from the spec, and subtracts it."""
+    spec = read_json(runs / "released/spec.json")["spec"]
+    for run_dir, reproducible in (("released", False), ("released_r", True)):
+        for client in ("client_0", "client_1"):
+            released = read_json(runs / run_dir / f"stages/synthesize/clients/{client}/label_histogram.json")
+            rows = [r for r in map(json.loads, (runs / run_dir / f"stages/ingest/clients/{client}/records.jsonl").read_text().splitlines())]
+            truth = [sum(r["response"] == label for r in rows) for label in LABELS]
+            guess = SecureRandom.from_public_seed(spec["seed"], "synthesize", client, "histogram").normal((3,), released["noise_std"], dtype=torch.float64)
+            denoised = [released["labels"][label] - float(n) for label, n in zip(LABELS, guess)]
+            recovered = np.allclose(denoised, truth, atol=1e-9)
+            assert recovered == reproducible, (run_dir, client, denoised, truth)
+
+
+# 2. A rerun is a new release with new noise --------------------------------------------------------
+
+
+def test_two_releases_of_a_rerun_do_not_cancel(tmp_path: Path, monkeypatch):
+    """The server reruns dp_train with another learning rate and keeps both adapters. With the same
+    batches and noise, B1 / lr1 = B2 / lr2 = -(g + z) / B exactly; with A1 - A2 that recovers the
+    noise and then the clipped gradient sum."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    for reproducible in (False, True):
+        released = []
+        for lr in (0.01, 0.02):
+            step = dict(ONE_STEP, params=dict(ONE_STEP["params"], learning_rate=lr))
+            assert run(tmp_path, f"run-{reproducible}", privacy={"reproducible_noise": reproducible}, stages=["prepare_models", "ingest", step]) == 0
+            released.append(lora_b(tmp_path / f"run-{reproducible}" / ADAPTER) / lr)
+        gap = float(np.abs(released[0] - released[1]).max() / np.abs(released[0]).max())
+        assert (gap < 1e-5) == reproducible, gap  # cancels exactly only when the noise is replayed
+        ledger = [json.loads(line) for p in (tmp_path / f"run-{reproducible}/ledger").glob("*.jsonl") for line in p.read_text().splitlines()]
+        assert sorted(e["client_id"] for e in ledger) == ["client_0", "client_0", "client_1", "client_1"]  # both releases counted
+
+
+# 3. The ledger never forgets ---------------------------------------------------------------------
+
+
+def test_the_ledger_counts_reruns_and_other_runs_and_the_cap_refuses_the_third(tmp_path: Path, monkeypatch, capsys):
+    from privacy.accounting import Mechanism
+    from privacy.ledger import compose
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    shared = {"target_epsilon": 3.0, "ledger_dir": "ledger"}
+    train = {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48}}
+    assert run(tmp_path, "a", privacy=shared, stages=["prepare_models", "ingest", train]) == 0
+    rerun = dict(train, params=dict(train["params"], learning_rate=1e-3))
+    assert run(tmp_path, "a", privacy=shared, stages=["prepare_models", "ingest", rerun]) == 0  # replaces the first adapter
+    entries = [json.loads(line) for p in (tmp_path / "ledger").glob("*.jsonl") for line in p.read_text().splitlines()]
+    mine = [e for e in entries if e["client_id"] == "client_0"]
+    assert len(mine) == 2 and len({e["release_id"] for e in mine}) == 2
+    two = compose([Mechanism.model_validate(e["mechanism"]) for e in mine], mine[0]["delta"]).reported
+    three = compose([Mechanism.model_validate(mine[0]["mechanism"])] * 3, mine[0]["delta"]).reported
+    assert main(["privacy-report", "a"]) == 0
+    report = read_json(tmp_path / "a/privacy_report.json")
+    client = next(c for c in report["clients"] if c["client_id"] == "client_0")
+    assert client["total"]["pld"] == pytest.approx(two, rel=1e-6) and len(client["releases"]) == 2
+    assert {r["status"] for r in client["releases"]} == {"this run, current", "this run, since replaced or removed (still counted)"}
+    # a new run directory over the same data, pointed at the same ledger, keeps counting
+    cap = round((two + three) / 2, 2)
+    capsys.readouterr()
+    assert run(tmp_path, "b", privacy={**shared, "cap_epsilon": cap}, stages=["prepare_models", "ingest", train]) == 2
+    error = capsys.readouterr().err
+    assert re.search(rf"client 'client_0': stage 'dp_train' would exceed the privacy budget cap \(spent epsilon {two:.3f}, requested 2\.9\d+, composed total \d\.\d+ > cap {cap:g}\)", error), error
+    assert not (tmp_path / "b").exists()
+    # the data owner's own ledger setting wins over the spec's
+    monkeypatch.setenv("KSG_LEDGER_DIR", str(tmp_path / "owner-ledger"))
+    assert run(tmp_path, "c", privacy=shared, stages=["prepare_models", "ingest", train]) == 0
+    assert len(list((tmp_path / "owner-ledger").glob("*.jsonl"))) == 2
+
+
+# 4 and 10. Nothing un-noised about private data reaches a server-side file ------------------------
+
+
+def server_side_files(run_dir: Path) -> list[Path]:
+    """Everything the server holds: stage outputs marked server, every manifest, the run's own
+    files, the privacy report and `ksg eval`'s server-side report."""
+    files = [run_dir / name for name in ("spec.json", "events.jsonl", "privacy_report.json", "privacy_report.html", ".input_hashes.json")]
+    for manifest_path in (run_dir / "stages").glob("*/manifest.json"):
+        stage_dir = manifest_path.parent
+        files += [manifest_path, stage_dir / ".started_with"]
+        files += [stage_dir / rel for rel, out in read_json(manifest_path)["outputs"].items() if out["side"] == "server"]
+    sides = read_json(run_dir / "eval/sides.json")
+    files += [run_dir / "eval" / rel for rel, side in sides.items() if side == "server"]
+    return [f for f in files if f.is_file()]
+
+
+def test_no_server_side_file_holds_an_unnoised_private_statistic(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    fedtune = {"name": "fedtune", "params": {"data": "private", "local_dp": {"target_epsilon": 2.0}, "rounds": 2,
+                                             "training": {"steps": 2, "batch_size": 4, "max_length": 48}, "lora": {"r": 4}}}
+    stages = ["prepare_models", "ingest", ONE_STEP, HISTOGRAM, fedtune]
+    assert run(tmp_path, "run", stages=stages, models={"base": "tiny-random-llama", "embedder": "tiny-random-embedder"}) == 0
+    assert main(["eval", "run", "--tasks", "fpb", "--models", "base", "--modes", "logprob", "--limit", "4"]) == 0
+    run_dir = tmp_path / "run"
+
+    taints: dict[str, str] = {}  # text that must not occur -> what it is
+    for client in ("client_0", "client_1"):
+        for step in read_json(run_dir / f"stages/dp_train/clients/{client}/loss.json"):
+            if step["loss"] is not None:
+                taints[str(step["loss"])] = f"{client} dp_train loss"
+        for line in (run_dir / f"stages/fedtune/clients/{client}/local_log.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if row["mean_loss"] is not None:
+                taints[repr(row["mean_loss"])[:9]] = f"{client} fedtune local loss"
+        for name, value in read_json(run_dir / f"eval/clients/{client}/fidelity.json").items():
+            if isinstance(value, float) and value != int(value):
+                taints[repr(value)[:9]] = f"{client} fidelity {name}"
+        for path in (run_dir / f"stages/ingest/clients/{client}").iterdir():
+            taints[sha256_file(path)] = f"plain hash of {path.name}"
+            taints[f'"bytes": {path.stat().st_size},'] = f"size of {path.name}"
+        for row in map(json.loads, (run_dir / f"stages/ingest/clients/{client}/records.jsonl").read_text().splitlines()):
+            taints[row["input"]] = "a private record"
+    taints[sha256_file(tmp_path / "data.jsonl")] = "plain hash of the private data file"
+
+    files = server_side_files(run_dir)
+    assert len(files) > 20 and any(f.name == "rounds.json" for f in files) and any(f.name == "eval_report.json" for f in files)
+    leaks = [(f.relative_to(run_dir), what) for f in files for text, what in taints.items() if text in f.read_text(errors="replace")]
+    assert leaks == []
+    rounds = read_json(run_dir / "stages/fedtune/rounds.json")
+    assert all(r["num_examples"] is None and r["mean_loss"] is None for r in rounds)
+    assert "fidelity" not in read_json(run_dir / "eval/eval_report.json")
+    # the check can fail: a server-side file with a client's loss in it is caught
+    (run_dir / "stages/fedtune/rounds.json").write_text(json.dumps({"mean_loss": json.loads((run_dir / "stages/fedtune/clients/client_0/local_log.jsonl").read_text().splitlines()[0])["mean_loss"]}))
+    assert any(f.name == "rounds.json" and text in f.read_text() for f in files for text in taints)
+
+
+def test_a_manifest_cannot_confirm_a_guess_of_a_private_record(runs: Path):
+    """The attacker knows every record but one, and a few candidates for it; it rebuilds the
+    client's records.jsonl for each candidate and compares its hash with the manifest's."""
+    path = runs / "released/stages/ingest/clients/client_0/records.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    secret = json.loads(lines[3])
+    candidates = [dict(secret, input=f"Company {k} reported results number {k * 7}.") for k in range(40, 45)] + [secret]
+    rebuilt = ["".join(lines[:3] + [json.dumps(c, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n"] + lines[4:]) for c in candidates]
+    import hashlib
+
+    digests = [hashlib.sha256(text.encode()).hexdigest() for text in rebuilt]
+    assert digests[-1] == sha256_file(path)  # the reconstruction is exact: a plain hash would confirm the secret
+    recorded = read_json(runs / "released/stages/ingest/manifest.json")["outputs"]["clients/client_0/records.jsonl"]
+    assert recorded["sha256"].startswith("hmac-sha256:") and recorded["bytes"] is None
+    assert not any(d in recorded["sha256"] for d in digests)
+
+
+# 5. Derived records keep their source as the unit of privacy -------------------------------------
+
+
+def test_pairs_from_one_document_are_one_privacy_unit(tmp_path: Path, monkeypatch):
+    from knowledgesg.generation import Generator
+
+    words = iter(f"alpha{i} beta{i} gamma{i} delta{i}" for i in range(1000))
+
+    def canned(self, prompts, params, seed, progress=None):  # every chunk yields a parseable, grounded pair
+        return [Completion(f" Which {next(words)} happened?\nAnswer: Patient improved on therapy.", 9, True) for _ in prompts]
+
+    monkeypatch.setattr(Generator, "generate", canned)
+    monkeypatch.chdir(tmp_path)
+    notes = [{"id": f"n{i}", "text": f"Patient {i} improved on therapy. " * 30} for i in range(6)]
+    write_jsonl(tmp_path / "notes.jsonl", notes)
+    structure = {"name": "structure", "params": {"pool": {"builtin": "medquad", "sample": 25}, "chunk_tokens": 48, "overlap_tokens": 8, "example_words": 8}}
+    train = {"name": "dp_train", "params": {"batch_size": 2, "max_length": 48, "source_stage": "structure", "max_records_per_user": 3}}
+    spec = tiny_spec(stages=["prepare_models", "ingest", structure, train], models={"base": "tiny-random-llama", "embedder": "tiny-random-embedder"})
+    spec["clients"] = {"members": [{"id": "hosp", "data": [{"path": "notes.jsonl", "kind": "text"}]}]}
+    assert run_in(tmp_path, "run", str(write_spec(tmp_path, spec)), "--run-dir", "run") == 0
+    pairs = [json.loads(line) for line in (tmp_path / "run/stages/structure/clients/hosp/records.jsonl").read_text().splitlines()]
+    per_document = {d: sum(p["document_id"] == d for p in pairs) for d in {p["document_id"] for p in pairs}}
+    assert len(per_document) == 6 and min(per_document.values()) > 3  # several pairs per transcript
+    privacy = read_json(tmp_path / "run/stages/dp_train/clients/hosp/privacy.json")
+    assert privacy["unit"] == "source_document" and privacy["num_units"] == 6 and privacy["max_records_per_unit"] == 3
+    assert privacy["mechanism"]["sample_rate"] == pytest.approx(2 / 6)  # units, not the pairs
+    ledger = read_json(tmp_path / "run/stages/dp_train/ledger.json")
+    assert ledger[0]["unit"] == "source_document"
+    assert main(["privacy-report", "run"]) == 0
+    assert read_json(tmp_path / "run/privacy_report.json")["clients"][0]["units"] == ["source document"]
+
+
+# 6. A heavy user moves the histogram by at most its bound -----------------------------------------
+
+
+def test_a_heavy_user_moves_the_histogram_by_at_most_the_bound():
+    light = [InstructionRecord(id=f"r{i}", instruction="Q", response=LABELS[i % 3], source="s", user_id=f"u{i}") for i in range(30)]
+    heavy = [InstructionRecord(id=f"h{i}", instruction="Q", response="positive", source="s", user_id="heavy") for i in range(50)]
+    bound = 8
+    without = bounded_label_counts(light, LABELS, privacy_units(light, "user", bound))
+    units = privacy_units(light + heavy, "user", bound)
+    with_heavy = bounded_label_counts(light + heavy, LABELS, units)
+    assert sum(abs(with_heavy[label] - without[label]) for label in LABELS) == bound == units.max_records  # not 50
+    # at record level every record is its own unit: sensitivity 1
+    assert privacy_units(light + heavy, "record", bound).max_records == 1
+
+
+def test_the_histogram_stage_counts_bounded_users(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = [dict(r, user="heavy" if i < 20 else f"u{i}") for i, r in enumerate(sentiment_rows(40))]
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    histogram = dict(HISTOGRAM, params=dict(HISTOGRAM["params"], user_contribution_bound=3))
+    train = {"name": "dp_train", "params": {"batch_size": 2, "max_length": 48, "loss_on": "all", "max_records_per_user": 3}}
+    spec = tiny_spec(stages=["prepare_models", "ingest", train, histogram], privacy={"target_epsilon": 8.0, "unit": "user"})
+    spec["clients"] = {"data": [{"path": "data.jsonl", "fields": {"user_id": "user"}}], "partition": {"method": "iid", "num_clients": 1}}
+    assert run_in(tmp_path, "run", str(write_spec(tmp_path, spec)), "--run-dir", "run") == 0
+    released = read_json(tmp_path / "run/stages/synthesize/clients/client_0/label_histogram.json")
+    assert released["unit"] == "user" and released["sensitivity"] == 3 and released["noise_std"] == pytest.approx(3.0)
+
+
+# 7. Client-level DP-FedAvg: the clients' own coins, clipping on the client -------------------------
+
+
+def test_participation_coins_are_the_clients_own():
+    from knowledgesg.federated.client import joins_round
+    from knowledgesg.federated.protocol import ClientTask, LocalTraining, LoraShape
+
+    def pattern(reproducible: bool) -> list[bool]:
+        tasks = [ClientTask(round=r, client_id="a", seed=11, base_model={}, lora=LoraShape(), training=LocalTraining(), records=[],
+                            join_probability=0.5, update_clip_norm=1.0, reproducible_coins=reproducible) for r in range(1, 201)]
+        return [joins_round(t) for t in tasks]
+
+    first, second = pattern(False), pattern(False)
+    assert first != second and 0.4 < np.mean(first) < 0.6  # Poisson at q, and not predictable from the job's seed
+    assert pattern(True) == pattern(True)  # control: seeded coins are replayed by anyone with the spec
+
+
+# 8. The audit compares with the group epsilon, delta term included ----------------------------------
+
+
+def test_the_one_run_bound_includes_its_delta_term():
+    from eval.metrics import epsilon_lower_bound, one_run_p_value
+
+    assert one_run_p_value(100, 100, 80, 1.0, 1e-3) > one_run_p_value(100, 100, 80, 1.0, 0.0)
+    assert epsilon_lower_bound(100, 80, m=100, delta=1e-2) < epsilon_lower_bound(100, 80, m=100, delta=0.0)
+
+
+# 11. Identifiers from a spec never become paths outside the run -----------------------------------
+
+
+@pytest.mark.parametrize("names", [["../../escape", "b"], ["/tmp/escape", "b"], ["a", "a"]], ids=["traversal", "absolute", "duplicate"])
+def test_unsafe_or_duplicate_client_names_are_refused_before_anything_is_written(tmp_path: Path, monkeypatch, capsys, names):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    spec = tiny_spec()
+    spec["clients"]["partition"]["names"] = names
+    before = sorted(p.name for p in tmp_path.parent.iterdir())
+    assert main(["run", str(write_spec(tmp_path, spec)), "--run-dir", "run"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "spec.yaml"] and sorted(p.name for p in tmp_path.parent.iterdir()) == before
+
+
+def test_a_natural_partition_value_that_is_a_path_is_refused(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", [dict(r, bank="../../elsewhere" if i == 7 else "bank_a") for i, r in enumerate(sentiment_rows(20))])
+    spec = tiny_spec()
+    spec["clients"] = {"data": [{"path": "data.jsonl", "fields": {"user_id": "bank"}}], "partition": {"method": "natural", "field": "user_id"}}
+    assert main(["run", str(write_spec(tmp_path, spec)), "--run-dir", "run"]) == 2
+    err = capsys.readouterr().err
+    assert "partition: record 'data/r7' field 'user_id': value '../../elsewhere' cannot name a client" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path.parent / "elsewhere").exists()
+
+
+# 12. delta far below 1/N, shown as N x delta ----------------------------------------------------------
+
+
+def test_default_delta_and_the_report_state_n_and_n_times_delta(runs: Path):
+    privacy = read_json(runs / "released/stages/dp_train/clients/client_0/privacy.json")
+    n = privacy["num_units"]
+    assert privacy["delta"] <= min(1e-5, 1 / (100 * n)) and privacy["n_times_delta"] == pytest.approx(n * privacy["delta"])
+    assert main(["privacy-report", str(runs / "released")]) == 0
+    report = read_json(runs / "released/privacy_report.json")
+    assert report["clients"][0]["n_times_delta"] == pytest.approx(n * privacy["delta"])
+    assert any("treated as public" in a for a in report["assumptions"])
+    assert [t["party"].split(" ")[0] for t in report["threat_model"]] == ["data", "server", "anyone"]
+    assert not math.isinf(report["clients"][0]["total"]["pld"])
+
+
+# A finished release is reused, never redrawn -----------------------------------------------------
+
+
+def test_a_code_upgrade_keeps_finished_releases_and_a_refused_rerun_keeps_the_last(tmp_path: Path, monkeypatch, capsys):
+    import knowledgesg.runner as runner
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    train = {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48}}
+    stages = ["prepare_models", "ingest", train]
+    privacy = {"target_epsilon": 8.0, "cap_epsilon": 9.0}
+    assert run(tmp_path, "run", privacy=privacy, stages=stages) == 0
+    released = (tmp_path / "run" / ADAPTER).read_bytes()
+    monkeypatch.setattr(runner, "code_sha256", lambda: "a newer version of the code")
+    capsys.readouterr()
+    assert run(tmp_path, "run", privacy=privacy, stages=stages) == 0  # the upgrade alone: kept, no new release
+    out = capsys.readouterr().err
+    assert "its privacy release is kept" in out and re.search(r"dp_train\s+│ kept", out), out
+    assert (tmp_path / "run" / ADAPTER).read_bytes() == released
+    assert sum(1 for p in (tmp_path / "run/ledger").glob("*.jsonl") for _ in p.read_text().splitlines()) == 2  # one per client
+    # a real change is a new release; past the cap it is refused, and the last release stays on disk
+    changed = dict(train, params=dict(train["params"], learning_rate=1e-3))
+    assert run(tmp_path, "run", privacy=privacy, stages=["prepare_models", "ingest", changed]) == 2
+    assert "would exceed the privacy budget cap" in capsys.readouterr().err
+    assert (tmp_path / "run" / ADAPTER).read_bytes() == released and (tmp_path / "run/stages/dp_train/manifest.json").is_file()
+    assert not list((tmp_path / "run/stages").glob(".*.tmp"))
