@@ -35,7 +35,7 @@ def main() -> None:
     from knowledgesg.builtin_data import load_builtin
     from knowledgesg.generation import Generator, SamplingParams, chat_prompt_ids
     from knowledgesg.models import load_causal_lm, resolve_model
-    from knowledgesg.sft import user_message
+    from knowledgesg.prompts import user_message
 
     torch.manual_seed(0)
     model, tokenizer = load_causal_lm(resolve_model(args.model))

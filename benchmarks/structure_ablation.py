@@ -35,8 +35,8 @@ def main() -> None:
     from knowledgesg.chunking import chunk_text
     from knowledgesg.generation import Generator, SamplingParams, chat_prompt_ids
     from knowledgesg.models import cache_root, load_causal_lm, resolve_model
+    from knowledgesg.prompts import user_message
     from knowledgesg.retrieval import build_or_load_index, embed, load_embedder
-    from knowledgesg.sft import user_message
     from pipelines.structure import few_shot_prompt, grounding, parse_pair
 
     model, tokenizer = load_causal_lm(resolve_model("smollm2-135m-instruct"))

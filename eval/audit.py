@@ -37,7 +37,7 @@ from knowledgesg.console import console, track
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_json, read_jsonl
 from knowledgesg.manifest import read_manifest
-from knowledgesg.prompts import Seed, user_turn_prefix
+from knowledgesg.prompts import Seed, user_message, user_turn_prefix
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import CanaryTemplate, PipelineSpec
 from privacy.accounting import group_epsilon
@@ -78,7 +78,6 @@ def render_prompt(tokenizer, user: str) -> str:
 def split_at_secret(tokenizer, template: CanaryTemplate, canary: Canary, secret: str) -> tuple[list[int], list[int]]:
     """(ids before the secret, ids from the secret to the end), tokenised as training saw them:
     the chat prompt, then the response and end-of-turn token tokenised on their own."""
-    from knowledgesg.sft import user_message
 
     record, marked = canary.record(template, secret), canary.record(template, SENTINEL)
     response = tokenizer(record.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -254,11 +253,11 @@ def _mean(values: list[float]) -> float | None:
 
 def mia_scores(model, tokenizer, reference, records: list[InstructionRecord], options: AuditOptions, device: str) -> dict[str, list[float]]:
     from knowledgesg.scoring import pad_id, token_statistics
-    from knowledgesg.sft import tokenize_example, user_message
+    from knowledgesg.sft import tokenize_example
 
     sequences = [tokenize_example(tokenizer, r, options.max_length, "all").input_ids for r in records]
-    target = token_statistics(model, sequences, pad_id(tokenizer), options.batch_size, device)
-    ref = token_statistics(reference, sequences, pad_id(tokenizer), options.batch_size, device)
+    target = token_statistics(model, sequences, pad_id(tokenizer), options.batch_size, device, "audit: membership scores")
+    ref = token_statistics(reference, sequences, pad_id(tokenizer), options.batch_size, device, "audit: reference scores")
     texts = [f"{user_message(r)}\n{r.response}" for r in records]
     return {
         "loss": [metrics.score_loss(t["logprobs"]) for t in target],

@@ -1,4 +1,12 @@
-"""Domain benchmarks: financial sentiment (FPB, FiQA, TFNS) and medical QA (PubMedQA, MedQA).
+"""Domain benchmarks: financial sentiment (FPB, FiQA, TFNS) and medical QA (PubMedQA, MedQA), and
+the user's own test sets.
+
+A task is a built-in name or a file of the user's items (JSONL, JSON, CSV, Parquet or a saved
+`datasets` directory, read by the same loaders as private data):
+- labelled items: instruction records (`instruction`, `input`, `response`, mapped with `fields`
+  like private data); the choices are the distinct responses (2 to 20 of them);
+- multiple-choice items: rows with `question`, `options` (a list, or a mapping letter -> text)
+  and `answer` (the letter, the option's index from 0, or its text).
 
 Two ways to read a model's answer, both reported:
 - `logprob`: the choice with the highest log-probability as the answer (summed over its tokens),
@@ -15,10 +23,16 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from knowledgesg.builtin_data import VENDOR, load_builtin
 from knowledgesg.errors import InputError
-from knowledgesg.sft import user_message
+from knowledgesg.loaders import READERS, SUFFIX_FORMATS, detect_format, load_source
+from knowledgesg.prompts import user_message
+from knowledgesg.records import InstructionRecord
+from knowledgesg.spec import DataSource
+
+MAX_LABELS = 20
 
 SENTIMENT = ["negative", "neutral", "positive"]
 LETTERS = ["A", "B", "C", "D"]
@@ -69,11 +83,86 @@ FINANCE = ("fpb", "fiqa", "tfns")
 MEDICINE = ("pubmedqa", "medqa")
 
 
-def load_task(name: str, limit: int | None = None, seed: int = 0) -> list[Item]:
+Task = str | DataSource  # a built-in name, a test file's path, or a file with its field mapping
+
+
+def is_task_file(task: Task) -> bool:
+    return isinstance(task, DataSource) or Path(task).suffix.lower() in SUFFIX_FORMATS or Path(task).is_dir()
+
+
+def task_source(task: Task) -> DataSource:
+    return task if isinstance(task, DataSource) else DataSource(path=Path(task))
+
+
+def task_name(task: Task) -> str:
+    """How a task is named in results: a built-in's name, a file's `name` or stem."""
+    if not is_task_file(task):
+        return task
+    source = task_source(task)
+    return source.name or (source.path.stem if source.path else str(source.builtin))
+
+
+def answer_index(key: str, letters: list[str], texts: list[str]) -> int | None:
+    """The option an answer names: by letter, by index from 0, or by its text."""
+    if key in letters:
+        return letters.index(key)
+    if key.isdigit() and int(key) < len(texts):
+        return int(key)
+    return texts.index(key) if key in texts else None
+
+
+def multiple_choice_item(path: Path, number: int, row: dict) -> Item:
+    question, options, answer = row.get("question"), row.get("options"), row.get("answer")
+    if isinstance(options, str):
+        try:
+            options = json.loads(options)  # a CSV cell holding a JSON list or mapping
+        except json.JSONDecodeError:
+            raise InputError(f"{path}: record {number}: field 'options': a list or mapping of the options, got a string that is not JSON") from None
+    if isinstance(options, dict):
+        letters, texts = list(options), [str(v) for v in options.values()]
+    elif isinstance(options, list) and len(options) <= 26:
+        letters, texts = [chr(ord("A") + i) for i in range(len(options))], [str(v) for v in options]
+    else:
+        raise InputError(f"{path}: record {number}: field 'options': a list (at most 26) or a mapping letter -> text, got {type(options).__name__}")
+    if not isinstance(question, str) or not question.strip() or len(texts) < 2:
+        raise InputError(f"{path}: record {number}: field 'question': a non-empty question with at least 2 options is needed")
+    index = answer_index(str(answer).strip(), letters, texts)
+    if index is None:
+        raise InputError(f"{path}: record {number}: field 'answer': {answer!r} is neither an option letter, an index nor an option's text")
+    listing = "\n".join(f"{letter}. {text}" for letter, text in zip(letters, texts))
+    return Item(f"{question}\n{listing}\nAnswer with the letter of the correct option.", letters, index)
+
+
+def labelled_items(records: list[InstructionRecord], path: Path) -> list[Item]:
+    labels = sorted({r.response.strip().lower() for r in records})
+    if not 2 <= len(labels) <= MAX_LABELS:
+        raise InputError(f"{path}: a labelled test set needs 2 to {MAX_LABELS} distinct responses to choose between, found {len(labels)} "
+                         "(for multiple choice give 'question', 'options' and 'answer')")
+    return [Item(user_message(r), labels, labels.index(r.response.strip().lower())) for r in records]
+
+
+def file_task(source: DataSource, base_dir: Path) -> list[Item]:
+    """The user's own test items, through the same loaders (and field mapping) as private data."""
+    path = source.path if source.path.is_absolute() else base_dir / source.path
+    if not path.exists():
+        raise InputError(f"{path}: test set not found")
+    fmt = detect_format(path) if source.format == "auto" else source.format
+    rows = list(READERS[fmt](path))
+    if rows and "options" in rows[0][1] and not source.fields:
+        return [multiple_choice_item(path, number, row) for number, row in rows]
+    records = [r for r in load_source(source, base_dir, seed=0) if isinstance(r, InstructionRecord)]
+    return labelled_items(records, path)
+
+
+def load_task(task: Task, limit: int | None = None, seed: int = 0, base_dir: Path = Path(".")) -> list[Item]:
     """A task's items; `limit` draws a seeded random subset (the same for every model)."""
-    if name not in TASKS:
-        raise InputError(f"unknown benchmark '{name}' (known: {', '.join(TASKS)})")
-    items = TASKS[name]()
+    name = task_name(task)
+    if is_task_file(task):
+        items = file_task(task_source(task), base_dir)
+    elif name not in TASKS:
+        raise InputError(f"unknown benchmark '{name}' (known: {', '.join(TASKS)}, or a test file: {', '.join(SUFFIX_FORMATS)})")
+    else:
+        items = TASKS[name]()
     if limit is not None and limit < len(items):
         items = random.Random(f"{seed}:{name}").sample(items, limit)
     return items
@@ -116,7 +205,7 @@ def predict_logprob(model, tokenizer, items: list[Item], batch_size: int, device
             contexts.append(ids)
             continuations.append(choice_ids(tokenizer, choice))
             owners.append(n)
-    scores = continuation_logprobs(model, contexts, continuations, pad_id(tokenizer), batch_size, device)
+    scores = continuation_logprobs(model, contexts, continuations, pad_id(tokenizer), batch_size, device, "eval: scoring choices")
     predictions: list[int] = []
     position = 0
     for item in items:
@@ -153,15 +242,17 @@ def score(items: list[Item], predictions: list[int | None]) -> Score:
     return Score(round(accuracy, 4), round(macro_f1, 4), len(items), sum(p is None for p in predictions))
 
 
-def evaluate_model(model, tokenizer, tasks: list[str], modes: list[str], limit: int | None, seed: int, batch_size: int = 8, device: str = "cpu") -> dict:
+def evaluate_model(model, tokenizer, tasks: list[Task], modes: list[str], limit: int | None, seed: int, batch_size: int = 8, device: str = "cpu",
+                   base_dir: Path = Path(".")) -> dict:
+    """Scores per task name; a test file's relative path is resolved from `base_dir`."""
     results = {}
     for task in tasks:
-        items = load_task(task, limit, seed)
+        items = load_task(task, limit, seed, base_dir)
         entry = {}
         if "logprob" in modes:
             entry["logprob"] = score(items, predict_logprob(model, tokenizer, items, batch_size, device)).__dict__
         if "generation" in modes:
             entry["generation"] = score(items, predict_generation(model, tokenizer, items, batch_size, device)).__dict__
-        results[task] = entry
+        results[task_name(task)] = entry
     return results
 

@@ -1,7 +1,10 @@
 """`ksg eval RUN` and the `evaluate` stage: benchmark the run's models, measure its synthetic data.
 
 Models: `base` (no tuning), `dp` (each client's DP adapter, evaluated directly) and `final` (the
-federated adapter), on the benchmarks of eval.benchmarks; the same seeded items for every model.
+federated adapter), on the benchmarks of eval.benchmarks or the user's own test files; the same
+seeded items for every model. A client's private test set (`private_tasks`) is scored where it
+lies, on that client's side: base, its own DP adapter and the final adapter; those figures are
+statistics of private data, so they stay there (`clients/<id>/private_eval.json`).
 Synthetic data: fidelity and diversity per client (eval.fidelity), computed where the private
 data is; those figures are statistics of private data without noise, so they stay on each
 client's side (`clients/<id>/fidelity.json`), never in the server-side report.
@@ -15,19 +18,22 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from eval.audit import Target, completed, load_target, of_kinds, private_texts, synthetic_texts, targets_of
-from eval.benchmarks import TASKS, evaluate_model
+from eval.benchmarks import TASKS, evaluate_model, is_task_file, load_task, task_name
 from knowledgesg.console import console
 from knowledgesg.errors import InputError
-from knowledgesg.fileio import read_json, write_json
+from knowledgesg.fileio import read_json, write_json, write_text
+from knowledgesg.spec import DataSource
 
 EVAL_REPORT = "eval_report.json"
+EVAL_HTML = "eval_report.html"
 SIDES = "sides.json"  # each output of `ksg eval` and its side, as a stage manifest would say
 
 
 class EvalOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    tasks: list[str] = Field(default_factory=lambda: ["fpb", "fiqa", "tfns"])
+    tasks: list[str | DataSource] = Field(default_factory=lambda: ["fpb", "fiqa", "tfns"], description="built-in benchmarks, or public test files (a path, or {path, fields, ...})")
+    private_tasks: dict[str, list[str | DataSource]] = Field(default_factory=dict, description="client -> its private test files, scored on its side")
     modes: list[Literal["logprob", "generation"]] = Field(default_factory=lambda: ["logprob", "generation"], min_length=1)
     models: list[Literal["base", "dp", "final"]] = Field(default_factory=lambda: ["base", "dp", "final"], min_length=1)
     limit: int | None = Field(default=200, ge=1, description="items per task (a seeded subset, the same for every model)")
@@ -37,11 +43,25 @@ class EvalOptions(BaseModel):
 
     @field_validator("tasks")
     @classmethod
-    def _known(cls, value: list[str]) -> list[str]:
-        unknown = [t for t in value if t not in TASKS]
+    def _known(cls, value: list[str | DataSource]) -> list[str | DataSource]:
+        unknown = [t for t in value if not is_task_file(t) and t not in TASKS]
         if unknown or not value:
-            raise ValueError(f"unknown benchmark {unknown[0] if unknown else '(none given)'} (known: {', '.join(TASKS)})")
+            raise ValueError(f"unknown benchmark {unknown[0] if unknown else '(none given)'} (known: {', '.join(TASKS)}, or a test file .jsonl/.json/.csv/.parquet)")
         return value
+
+    @field_validator("private_tasks")
+    @classmethod
+    def _files(cls, value: dict[str, list[str | DataSource]]) -> dict[str, list[str | DataSource]]:
+        for client, files in value.items():
+            if not files or any(not is_task_file(f) for f in files):
+                raise ValueError(f"client '{client}': private tasks are test files (.jsonl/.json/.csv/.parquet), got {files}")
+        return value
+
+
+def check_task_files(options: EvalOptions, base_dir: Path) -> None:
+    """Read every test file once before any model loads: a bad file is one line, and nothing ran."""
+    for task in [t for t in options.tasks if is_task_file(t)] + [f for files in options.private_tasks.values() for f in files]:
+        load_task(task, None, options.seed, base_dir)
 
 
 def chosen_targets(run_dir: Path, clients: list[str], which: list[str]) -> list[Target]:
@@ -53,20 +73,37 @@ def mean_accuracy(results: dict, mode: str) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
 
-def evaluate_run(run_dir: Path, options: EvalOptions, device: str) -> dict:
+def score_target(target: Target, base: dict, tasks: list[str | DataSource], options: EvalOptions, device: str, base_dir: Path) -> dict:
+    console.print(f"eval: {target.name} on {', '.join(task_name(t) for t in tasks)}")
+    model, tokenizer = load_target(base, target.adapter_dir, device)
+    results = evaluate_model(model, tokenizer, tasks, list(options.modes), options.limit, options.seed, options.batch_size, device, base_dir)
+    return {"tasks": results, "mean_accuracy": {mode: mean_accuracy(results, mode) for mode in options.modes}}
+
+
+def evaluate_run(run_dir: Path, options: EvalOptions, device: str, base_dir: Path = Path(".")) -> dict:
+    """The server-side results: public tasks only (a private test set's figures stay on its client)."""
     base = read_json(run_dir / "stages/prepare_models/models.json")["base"]
     clients = list(read_json(run_dir / "stages/ingest/partition.json")["clients"])
-    models = {}
-    for target in chosen_targets(run_dir, clients, options.models):
-        console.print(f"eval: {target.name} on {', '.join(options.tasks)}")
-        model, tokenizer = load_target(base, target.adapter_dir, device)
-        results = evaluate_model(model, tokenizer, options.tasks, list(options.modes), options.limit, options.seed, options.batch_size, device)
-        models[target.name] = {"tasks": results, "mean_accuracy": {mode: mean_accuracy(results, mode) for mode in options.modes}}
-        del model
+    models = {target.name: score_target(target, base, options.tasks, options, device, base_dir) for target in chosen_targets(run_dir, clients, options.models)}
     dp = [m for name, m in models.items() if name.startswith("dp_adapter:")]
     if dp:  # DP fine-tuning evaluated directly: the clients' adapters on average
         models["dp (mean over clients)"] = {"mean_accuracy": {mode: round(sum(m["mean_accuracy"][mode] for m in dp) / len(dp), 4) for mode in options.modes}}
-    return {"options": options.model_dump(), "models": models}
+    return {"options": options.model_dump(exclude={"private_tasks"}), "models": models}
+
+
+def evaluate_private(run_dir: Path, options: EvalOptions, device: str, base_dir: Path = Path(".")) -> dict[str, dict]:
+    """Per client with a private test set, on its side: the base model, its own DP adapter and the
+    final adapter (the releases it can run locally)."""
+    base = read_json(run_dir / "stages/prepare_models/models.json")["base"]
+    clients = list(read_json(run_dir / "stages/ingest/partition.json")["clients"])
+    unknown = [c for c in options.private_tasks if c not in clients]
+    if unknown:
+        raise InputError(f"private_tasks: no client '{unknown[0]}' in this run (clients: {', '.join(clients)})")
+    results = {}
+    for client, tasks in options.private_tasks.items():
+        targets = [t for t in chosen_targets(run_dir, clients, ["base", "dp", "final"]) if t.name in ("base", f"dp_adapter:{client}", "final")]
+        results[client] = {"side": f"client:{client}", "models": {t.name: score_target(t, base, tasks, options, device, base_dir) for t in targets}}
+    return results
 
 
 def fidelity_run(run_dir: Path, seed: int, device: str) -> dict[str, dict]:
@@ -88,13 +125,37 @@ def check_ready(run_dir: Path) -> None:
             raise InputError(f"{run_dir}: stage {stage} has not completed; evaluation needs a run that has")
 
 
-def write_eval_outputs(directory: Path, results: dict, fidelity: dict[str, dict]) -> list[Path]:
+def write_eval_outputs(directory: Path, results: dict, fidelity: dict[str, dict], private: dict[str, dict] | None = None) -> list[Path]:
     """The server-side report (public benchmarks, released models) and each client's fidelity
-    figures on its own side, with a `sides.json` that says which is which."""
-    sides = {EVAL_REPORT: "server"}
+    figures and private test scores on its own side, with a `sides.json` that says which is which."""
+    sides = {EVAL_REPORT: "server", EVAL_HTML: "server"}
     write_json(directory / EVAL_REPORT, results)
+    write_text(directory / EVAL_HTML, render_eval_html(results))
     for client, report in fidelity.items():
         write_json(directory / "clients" / client / "fidelity.json", report)
         sides[f"clients/{client}/fidelity.json"] = f"client:{client}"
+    for client, report in (private or {}).items():
+        write_json(directory / "clients" / client / "private_eval.json", report)
+        sides[f"clients/{client}/private_eval.json"] = f"client:{client}"
     write_json(directory / SIDES, sides)
     return [directory / path for path in sides]
+
+
+def render_eval_html(results: dict) -> str:
+    """The server-side results as a table: accuracy / macro-F1 per model, task and answer mode."""
+    import html
+
+    models = {name: entry for name, entry in results["models"].items() if "tasks" in entry}
+    tasks = list(dict.fromkeys(task for entry in models.values() for task in entry["tasks"]))
+    head = "".join(f"<th>{html.escape(t)}</th>" for t in tasks)
+    rows = []
+    for name, entry in results["models"].items():
+        cells = "".join("<td>" + "<br>".join(f"{mode}: {s['accuracy']:.3f} / {s['macro_f1']:.3f} (n={s['n']})" for mode, s in entry.get("tasks", {}).get(t, {}).items()) + "</td>"
+                        for t in tasks)
+        mean = "; ".join(f"{mode} {'n/a' if v is None else f'{v:.3f}'}" for mode, v in entry["mean_accuracy"].items())
+        rows.append(f"<tr><td>{html.escape(name)}</td>{cells}<td>{mean}</td></tr>")
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Evaluation</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><body>
+<h1>Evaluation</h1><p>Accuracy / macro-F1 on the same seeded items for every model (public tasks only: a client's private test set is scored on its side).</p>
+<table id="results"><tr><th>model</th>{head}<th>mean accuracy</th></tr>{"".join(rows)}</table></body></html>
+"""

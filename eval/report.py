@@ -108,7 +108,7 @@ def render_html(report: dict) -> str:
     claimed = "".join(f"<li>{html.escape(c)}: {e:.3f}</li>" for c, e in report["claimed_epsilon"].items())
     pii = report.get("pii") or {}
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Audit: {html.escape(report['spec_name'])}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}</style></head><body>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}</style><script>/* for headless checks: each image says whether it decoded */window.addEventListener("load",()=>document.querySelectorAll("img").forEach(i=>i.dataset.loaded=String(i.complete&&i.naturalWidth>0)))</script></head><body>
 <h1>Memorization audit: {html.escape(report['spec_name'])}</h1>
 <p>Run <code>{html.escape(report['run_dir'])}</code>. Claimed epsilon per client (composed over the ledger):</p><ul>{claimed}</ul>
 <h2>Canaries</h2>

@@ -12,7 +12,7 @@ import click
 import typer
 from rich.table import Table
 
-from knowledgesg.console import console
+from knowledgesg.console import console, quiet_dependencies
 from knowledgesg.errors import KsgError
 
 app = typer.Typer(
@@ -23,11 +23,22 @@ app = typer.Typer(
     add_completion=False,
 )
 
+@app.callback()
+def options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also show the libraries' warnings, logs and progress bars")] = False) -> None:
+    """KnowledgeSG: privacy-first synthetic data for federated fine-tuning of language models."""
+    if not verbose:
+        quiet_dependencies()
+
+
 STATE_STYLES = {"done": "green", "cached": "cyan", "kept": "cyan", "ran": "green", "stale": "yellow", "pending": "dim", "failed": "red", "interrupted": "yellow"}
 
 
 def _seconds(value: float | None) -> str:
     return "" if value is None else f"{value:.1f}s"
+
+
+def _mib(value: float | None) -> str:
+    return "" if value is None else (f"{value / 1024:.2f} GiB" if value >= 1024 else f"{value:.0f} MiB")
 
 
 @app.command()
@@ -44,15 +55,32 @@ def run(
     run_dir = run_dir or Path("runs") / spec.name
     outcomes = Runner(spec, base_dir, run_dir, stages).run()
     table = Table(title=f"{spec.name}: {run_dir}")
-    for column, justify in (("stage", "left"), ("status", "left"), ("time", "right"), ("records", "right")):
+    for column, justify in (("stage", "left"), ("status", "left"), ("time", "right"), ("records", "right"), ("peak memory", "right")):
         table.add_column(column, justify=justify)
     for outcome in outcomes:
         style = STATE_STYLES.get(outcome.status, "")
         time_text = _seconds(outcome.duration_s) + (" (earlier)" if outcome.status in ("cached", "kept") else "")
-        table.add_row(outcome.name, f"[{style}]{outcome.status}[/]", time_text, str(outcome.records))
+        table.add_row(outcome.name, f"[{style}]{outcome.status}[/]", time_text, str(outcome.records), _mib(outcome.peak_rss_mib))
     console.print(table)
     _print_privacy_summary(spec, base_dir, run_dir)
+    console.print(f"run report: {_refresh_run_report(run_dir)}")
     console.print(f"finished in {time.perf_counter() - start:.1f}s")
+
+
+def _refresh_run_report(run_dir: Path) -> Path:
+    """RUN/report.html from what is on disk now: the stage table, privacy totals, report links."""
+    from knowledgesg.run_report import write_run_report
+    from knowledgesg.runner import SPEC_COPY, load_run_spec
+    from knowledgesg.status import run_status
+    from pipelines import build_stages
+    from privacy.ledger import client_delta, composed_total, ledger_directory, run_releases
+
+    spec, base_dir = load_run_spec(run_dir)
+    states = run_status(run_dir, spec, base_dir, build_stages(spec, str(run_dir / SPEC_COPY)))
+    releases = run_releases(run_dir, [s.name for s in spec.stages], ledger_directory(spec.privacy.ledger_dir, base_dir, run_dir))
+    privacy = [(client, composed_total(entries, client_delta(entries)).reported, client_delta(entries), sum(e.costs_privacy for e in entries))
+               for client, entries in releases.items()]
+    return write_run_report(run_dir, spec.name, states, privacy)
 
 
 def _print_privacy_summary(spec, base_dir: Path, run_dir: Path) -> None:
@@ -76,6 +104,59 @@ def _print_privacy_summary(spec, base_dir: Path, run_dir: Path) -> None:
             where = "" if Path(e.run_dir) == run_dir.resolve() else " [dim](another run)[/]"
             console.print(f"    {e.stage}: {label}: {cost}{where}")
     console.print(f"  full report with the three accountants, the threat model and plots: ksg privacy-report {run_dir}")
+
+
+@app.command()
+def init(
+    data: Annotated[list[Path], typer.Argument(metavar="DATA...", help="your data files (JSONL, JSON, CSV, Parquet, or saved datasets directories)")],
+    domain: Annotated[str, typer.Option(help="finance or medicine: the public example pools and prompts")] = "finance",
+    out: Annotated[Path, typer.Option("--out", "-o", help="where to write the spec")] = Path("spec.yaml"),
+    name: Annotated[str | None, typer.Option(help="the run's name (default: from --out)")] = None,
+    force: Annotated[bool, typer.Option(help="overwrite an existing spec")] = False,
+) -> None:
+    """Write a starter spec from your files: formats and fields detected, every choice commented."""
+    from knowledgesg.errors import InputError
+    from pipelines.starter import DOMAINS, write_starter_spec
+
+    if domain not in DOMAINS:
+        raise InputError(f"ksg init: --domain is one of {', '.join(DOMAINS)}, got {domain!r}")
+    text = write_starter_spec(list(data), domain, out, name, force)
+    for line in text.splitlines():
+        if line.startswith("# - "):
+            console.print(line[2:])
+    console.print(f"wrote {out}; next: ksg check {out}, then ksg run {out}")
+
+
+@app.command()
+def check(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="pipeline spec (YAML)")],
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="the run whose ledger counts (default: runs/<spec name>)")] = None,
+) -> None:
+    """Check a spec without running it: the spec, every data file, the models, and each client's planned epsilon against the cap."""
+    from pipelines import load_pipeline
+    from pipelines.check import check_pipeline, refuse_over_cap
+
+    spec, base_dir, stages = load_pipeline(spec_path)
+    notes, checks = check_pipeline(spec, base_dir, stages, run_dir or Path("runs") / spec.name)
+    console.print(f"{spec_path}: the spec and its {len(stages)} stages are valid; the data loads and partitions")
+    for role, name, note in notes:
+        console.print(f"  model {role}: {name} ({note})")
+    if checks:
+        table = Table(title="planned privacy per client (dp_train calibration, and a DP histogram if synthesize makes one)")
+        for column in ("client", "records", "N", "unit", "q", "steps", "sigma", "delta", "planned eps", "spent before", "total", "cap", ""):
+            table.add_column(column, justify="left" if column in ("client", "unit", "") else "right")
+        for c in checks:
+            table.add_row(c.client_id, str(c.records), str(c.units or "-"), c.unit or "-", f"{c.sample_rate:.4f}" if c.sample_rate else "-", str(c.steps or "-"),
+                          f"{c.noise_multiplier:.3f}" if c.noise_multiplier is not None else "-", f"{c.delta:.1e}" if c.delta else "-",
+                          _eps(c.planned_epsilon), f"{_eps(c.spent_epsilon)} ({c.releases_before})", _eps(c.total_epsilon),
+                          "-" if c.cap is None else f"{c.cap:g}", "[green]ok[/]" if c.within_cap else "[bold red]over the cap[/]")
+        console.print(table)
+    refuse_over_cap(checks)
+    console.print("nothing was written")
+
+
+def _eps(value: float) -> str:
+    return "inf" if math.isinf(value) else f"{value:.3f}"
 
 
 @app.command()
@@ -127,7 +208,7 @@ def privacy_report(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="
     for assumption in report.assumptions:
         console.print(f"- {assumption}")
     json_path, html_path = write_report(report, run_dir)
-    console.print(f"wrote {json_path} and {html_path}")
+    console.print(f"wrote {json_path} and {html_path} (run report: {_refresh_run_report(run_dir)})")
 
 
 def split(text: str) -> list[str]:
@@ -138,7 +219,8 @@ def split(text: str) -> list[str]:
 @app.command("eval")
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run directory")],
-    tasks: Annotated[str, typer.Option(help="comma-separated: fpb, fiqa, tfns, pubmedqa, medqa")] = "fpb,fiqa,tfns",
+    tasks: Annotated[str, typer.Option(help="comma-separated: fpb, fiqa, tfns, pubmedqa, medqa, or test files of your own (.jsonl/.json/.csv/.parquet)")] = "fpb,fiqa,tfns",
+    private: Annotated[list[str] | None, typer.Option(help="CLIENT=FILE: a client's private test set, scored on its side (repeatable)")] = None,
     models: Annotated[str, typer.Option(help="comma-separated: base, dp, final")] = "base,dp,final",
     modes: Annotated[str, typer.Option(help="comma-separated: logprob, generation")] = "logprob,generation",
     limit: Annotated[int, typer.Option(help="items per task (seeded subset)")] = 200,
@@ -147,26 +229,36 @@ def evaluate(
     """Benchmark a run's models (base, each DP adapter, the final adapter) and its synthetic data."""
     from pydantic import ValidationError
 
-    from eval.evaluate import EvalOptions, check_ready, evaluate_run, fidelity_run, write_eval_outputs
+    from eval.evaluate import EvalOptions, check_ready, check_task_files, evaluate_private, evaluate_run, fidelity_run, write_eval_outputs
     from knowledgesg.errors import InputError
     from knowledgesg.models import resolve_device
     from knowledgesg.runner import load_run_spec
     from knowledgesg.spec import format_validation_error
 
+    private_tasks: dict[str, list[str]] = {}
+    for item in private or []:
+        client, sep, path = item.partition("=")
+        if not sep or not client or not path:
+            raise InputError(f"ksg eval: --private takes CLIENT=FILE, got {item!r}")
+        private_tasks.setdefault(client, []).append(path)
     try:
-        options = EvalOptions(tasks=split(tasks), models=split(models), modes=split(modes), limit=limit, seed=seed)
+        options = EvalOptions(tasks=split(tasks), private_tasks=private_tasks, models=split(models), modes=split(modes), limit=limit, seed=seed)
     except ValidationError as err:
         raise InputError(format_validation_error("ksg eval", err)) from None
     spec, _ = load_run_spec(run_dir)
     check_ready(run_dir)
+    check_task_files(options, Path("."))
     device = resolve_device(spec.models.device)
     results = evaluate_run(run_dir, options, device)
     _print_eval(results)
+    private_results = evaluate_private(run_dir, options, device)
+    for client, report in private_results.items():
+        console.print(f"{client}'s private test set (client side): " + ", ".join(f"{m} {e['mean_accuracy']}" for m, e in report["models"].items()))
     fidelity = fidelity_run(run_dir, seed, device)
-    paths = write_eval_outputs(run_dir / "eval", results, fidelity)
+    paths = write_eval_outputs(run_dir / "eval", results, fidelity, private_results)
     for client, report in fidelity.items():
         console.print(f"synthetic data of {client} (client side, computed against its private data): {report}")
-    console.print(f"wrote {', '.join(str(p) for p in paths)}")
+    console.print(f"wrote {', '.join(str(p) for p in paths)} (run report: {_refresh_run_report(run_dir)})")
 
 
 def _print_eval(results: dict) -> None:
@@ -211,7 +303,7 @@ def audit(
     report = run_audit(run_dir, options)
     _print_audit(report)
     json_path, html_path = write_audit_report(report, run_dir / "audit")
-    console.print(f"wrote {json_path} and {html_path}")
+    console.print(f"wrote {json_path} and {html_path} (run report: {_refresh_run_report(run_dir)})")
 
 
 def _print_audit(report: dict) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -30,3 +33,21 @@ def track(items: Iterable[T], description: str, total: int | None = None) -> Ite
     """Iterate with a progress bar that disappears when done."""
     with progress_bar() as bar:
         yield from bar.track(items, total=total, description=description)
+
+
+# The libraries whose warnings and progress bars a normal run does not show (`ksg -v` does).
+DEPENDENCIES = r"(transformers|peft|opacus|torch|flwr|ray|datasets|sentence_transformers|huggingface_hub|accelerate|safetensors|spacy|presidio_analyzer|sklearn|scipy|numpy|dp_accounting|faiss|nltk|pydantic)(\.|$)"
+
+
+def quiet_dependencies() -> None:
+    """No dependency warnings, log chatter or per-load progress bars: our own lines and bars only.
+    Environment variables first: the libraries read them when they are imported."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow this too
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", module=DEPENDENCIES)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("absl", "flwr", "ray", "datasets", "sentence_transformers", "presidio-analyzer", "opacus"):
+        logging.getLogger(name).setLevel(logging.ERROR)

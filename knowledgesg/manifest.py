@@ -53,6 +53,7 @@ class Manifest(BaseModel):
     started_at: str
     finished_at: str
     duration_s: float
+    peak_rss_mib: float | None = None  # this process, sampled while the stage ran
 
     def outputs_digest(self) -> str:
         return sha256_text("".join(f"{path}={entry.sha256};" for path, entry in sorted(self.outputs.items())))

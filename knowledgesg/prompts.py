@@ -10,6 +10,8 @@ import re
 
 from pydantic import BaseModel, ConfigDict
 
+from knowledgesg.records import InstructionRecord
+
 MARK = "\x00USER_TEXT\x00"
 
 
@@ -22,6 +24,11 @@ class Seed(BaseModel):
     prefix: str = ""
     domain: str = ""
     task: str = ""
+
+
+def user_message(record: InstructionRecord) -> str:
+    """A record's user turn: its instruction, and its input on the next line."""
+    return f"{record.instruction}\n{record.input}" if record.input else record.instruction
 
 
 def user_turn_prefix(tokenizer, seed: Seed) -> str:

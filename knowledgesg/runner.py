@@ -28,6 +28,7 @@ from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.fileio import canonical_json, hmac_file, read_json, sha256_file, sha256_text, write_json, write_text
 from knowledgesg.manifest import MANIFEST, Manifest, output_entry, read_manifest, verify_outputs, write_manifest
+from knowledgesg.memory import PeakMemory
 from knowledgesg.spec import PipelineSpec, parse_spec, spec_to_dict
 from knowledgesg.stage import Stage, StageContext
 
@@ -44,6 +45,7 @@ class StageOutcome:
     duration_s: float
     records: int
     reason: str = ""
+    peak_rss_mib: float | None = None
 
 
 @cache
@@ -98,6 +100,9 @@ def stage_fingerprint(stage: Stage, spec: PipelineSpec, base_dir: Path, previous
     """`key`: the client key, for a stage whose external inputs are private (None: not known yet)."""
     inputs = {}
     for path in stage.external_inputs(spec, base_dir):
+        if not path.exists():  # the stage's own checks name it; the fingerprint only notes it
+            inputs[str(path)] = "(missing)"
+            continue
         for file in _files_under(path):
             if stage.private_inputs and key is None:
                 inputs[str(file)] = "(private, not keyed yet)"
@@ -231,13 +236,13 @@ class Runner:
                 if status == "kept":
                     console.print(f"[cyan]{stage.name}[/]: the code changed since it ran; its privacy release is kept (running it again would spend budget "
                                   f"on a new release: remove {stage_dir} to do so)")
-                outcomes.append(StageOutcome(stage.name, status, manifest.duration_s, manifest.record_count()))
+                outcomes.append(StageOutcome(stage.name, status, manifest.duration_s, manifest.record_count(), peak_rss_mib=manifest.peak_rss_mib))
                 append_event(self.run_dir, stage=stage.name, status=status)
             else:
                 if reason:
                     console.print(f"[yellow]{stage.name}[/]: {reason}; rerunning")
                 manifest = self._execute(stage, stage_dir, fingerprint, key)
-                outcomes.append(StageOutcome(stage.name, "ran", manifest.duration_s, manifest.record_count(), reason))
+                outcomes.append(StageOutcome(stage.name, "ran", manifest.duration_s, manifest.record_count(), reason, manifest.peak_rss_mib))
             previous = chain_after(manifest)
         return outcomes
 
@@ -259,7 +264,8 @@ class Runner:
         started_at, start = _now(), time.perf_counter()
         append_event(self.run_dir, stage=stage.name, status="started")
         try:
-            stage.run(ctx)
+            with PeakMemory() as memory:
+                stage.run(ctx)
         except BaseException as err:
             if isinstance(err, KsgError):
                 shutil.rmtree(stage_dir, ignore_errors=True)  # refused: leave nothing behind
@@ -284,6 +290,7 @@ class Runner:
             started_at=started_at,
             finished_at=_now(),
             duration_s=round(time.perf_counter() - start, 3),
+            peak_rss_mib=memory.mib,
         )
         write_manifest(stage_dir, manifest)
         shutil.rmtree(previous, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from knowledgesg.console import track
 from knowledgesg.generation import length_batches, pad_batch
 
 
@@ -21,7 +22,14 @@ def encode_continuation(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def continuation_logprobs(model, contexts: list[list[int]], continuations: list[list[int]], pad_id: int, batch_size: int = 8, device: str = "cpu") -> list[np.ndarray]:
+def _batches(lengths: list[int], batch_size: int, progress: str | None) -> list[list[int]]:
+    """Length-grouped batches, under a progress bar when `progress` names the step."""
+    batches = length_batches(lengths, batch_size)
+    return list(track(batches, progress, total=len(batches))) if progress and len(batches) > 1 else batches
+
+
+def continuation_logprobs(model, contexts: list[list[int]], continuations: list[list[int]], pad_id: int, batch_size: int = 8, device: str = "cpu",
+                          progress: str | None = None) -> list[np.ndarray]:
     """Per-token log-probabilities of each continuation given its context.
 
     Rows are left-padded so that every continuation ends in the last column; the model then
@@ -42,14 +50,14 @@ def continuation_logprobs(model, contexts: list[list[int]], continuations: list[
         if len(continuation) == 1:
             shared.setdefault(tuple(contexts[i]), []).append(i)
     owners = list(shared.values())
-    for rows, logprobs in zip(owners, next_token_logprobs(model, [contexts[rows[0]] for rows in owners], [[continuations[i][0] for i in rows] for rows in owners], pad_id, batch_size, device)):
+    for rows, logprobs in zip(owners, next_token_logprobs(model, [contexts[rows[0]] for rows in owners], [[continuations[i][0] for i in rows] for rows in owners], pad_id, batch_size, device, progress)):
         for i, value in zip(rows, logprobs):
             results[i] = np.array([value], dtype=np.float32)
     rest = [i for i, continuation in enumerate(continuations) if len(continuation) > 1]
     sequences = {i: contexts[i] + continuations[i] for i in rest}
     model.eval()
     with torch.no_grad():
-        for chunk in length_batches([len(sequences[i]) for i in rest], batch_size):
+        for chunk in _batches([len(sequences[i]) for i in rest], batch_size, progress):
             batch = [rest[k] for k in chunk]
             keep = max(len(continuations[i]) for i in batch) + 1
             logprobs = last_logprobs(model, [sequences[i] for i in batch], pad_id, keep, device)  # [rows, keep, vocab]: positions width-keep .. width-1
@@ -62,14 +70,15 @@ def continuation_logprobs(model, contexts: list[list[int]], continuations: list[
     return results  # type: ignore[return-value]
 
 
-def next_token_logprobs(model, contexts: list[list[int]], wanted: list[list[int]], pad_id: int, batch_size: int = 8, device: str = "cpu") -> list[np.ndarray]:
+def next_token_logprobs(model, contexts: list[list[int]], wanted: list[list[int]], pad_id: int, batch_size: int = 8, device: str = "cpu",
+                        progress: str | None = None) -> list[np.ndarray]:
     """For each context, the log-probabilities of its `wanted` tokens as the next token."""
     import torch
 
     results: list[np.ndarray | None] = [None] * len(contexts)
     model.eval()
     with torch.no_grad():
-        for batch in length_batches([len(c) for c in contexts], batch_size):
+        for batch in _batches([len(c) for c in contexts], batch_size, progress):
             logprobs = last_logprobs(model, [contexts[i] for i in batch], pad_id, 1, device)[:, -1]
             for row, i in enumerate(batch):
                 results[i] = logprobs[row, torch.tensor(wanted[i], device=logprobs.device)].cpu().numpy()
@@ -85,7 +94,7 @@ def last_logprobs(model, sequences: list[list[int]], pad_id: int, keep: int, dev
     return logits.float().log_softmax(dim=-1)
 
 
-def choice_logprobs(model, tokenizer, prompts: list[str], choices: list[str], batch_size: int = 8, device: str = "cpu") -> np.ndarray:
+def choice_logprobs(model, tokenizer, prompts: list[str], choices: list[str], batch_size: int = 8, device: str = "cpu", progress: str | None = None) -> np.ndarray:
     """[len(prompts), len(choices)] summed log-probabilities of each choice after each prompt.
 
     The choices are written as they follow the prompt, leading space included (" positive").
@@ -93,7 +102,7 @@ def choice_logprobs(model, tokenizer, prompts: list[str], choices: list[str], ba
     contexts = [encode_context(tokenizer, p) for p in prompts]
     encoded = [encode_continuation(tokenizer, c) for c in choices]
     pairs = [(i, j) for i in range(len(prompts)) for j in range(len(choices))]
-    scores = continuation_logprobs(model, [contexts[i] for i, _ in pairs], [encoded[j] for _, j in pairs], pad_id(tokenizer), batch_size, device)
+    scores = continuation_logprobs(model, [contexts[i] for i, _ in pairs], [encoded[j] for _, j in pairs], pad_id(tokenizer), batch_size, device, progress)
     table = np.empty((len(prompts), len(choices)))
     for (i, j), token_scores in zip(pairs, scores):
         table[i, j] = float(token_scores.sum())
@@ -111,7 +120,7 @@ def normalized_choice_probs(table: np.ndarray) -> np.ndarray:
     return weights / weights.sum(axis=1, keepdims=True)
 
 
-def token_statistics(model, sequences: list[list[int]], pad_id: int, batch_size: int = 8, device: str = "cpu") -> list[dict[str, np.ndarray]]:
+def token_statistics(model, sequences: list[list[int]], pad_id: int, batch_size: int = 8, device: str = "cpu", progress: str | None = None) -> list[dict[str, np.ndarray]]:
     """For each sequence, per predicted token (positions 1..n-1): its log-probability, and the mean
     and standard deviation of log p under the model's whole next-token distribution (Min-K%++)."""
     import torch
@@ -119,7 +128,7 @@ def token_statistics(model, sequences: list[list[int]], pad_id: int, batch_size:
     results: list[dict | None] = [None] * len(sequences)
     model.eval()
     with torch.no_grad():
-        for batch in length_batches([len(s) for s in sequences], batch_size):
+        for batch in _batches([len(s) for s in sequences], batch_size, progress):
             ids, mask = pad_batch([sequences[i] for i in batch], pad_id, left=False)
             logprobs = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(dim=-1)
             probs = logprobs.exp()

@@ -6,13 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from knowledgesg.prompts import user_message
 from knowledgesg.records import InstructionRecord
 
 IGNORE = -100
-
-
-def user_message(record: InstructionRecord) -> str:
-    return f"{record.instruction}\n{record.input}" if record.input else record.instruction
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from knowledgesg.client_key import existing_client_key
 from knowledgesg.fileio import read_jsonl
-from knowledgesg.manifest import read_manifest, verify_outputs
+from knowledgesg.manifest import read_manifest
 from knowledgesg.runner import EVENTS, HashCache, chain_after, reusable_manifest, stage_fingerprint
 from knowledgesg.spec import PipelineSpec
 from knowledgesg.stage import Stage
@@ -21,6 +21,7 @@ class StageState:
     records: int | None
     finished_at: str | None
     detail: str = ""
+    peak_rss_mib: float | None = None
 
 
 def _last_events(run_dir: Path) -> dict[str, dict]:
@@ -42,22 +43,31 @@ def run_status(run_dir: Path, spec: PipelineSpec, base_dir: Path, stages: list[S
         stage_dir = run_dir / "stages" / stage.name
         manifest = read_manifest(stage_dir)
         last = events.get(stage.name, {})
-        reusable, status, problem = reusable_manifest(stage, stage_dir, stage_fingerprint(stage, spec, base_dir, previous, hashes, key), key) if previous else (None, "", "")
+        fingerprint = stage_fingerprint(stage, spec, base_dir, previous, hashes, key) if previous else None
+        reusable, status, problem = reusable_manifest(stage, stage_dir, fingerprint, key) if fingerprint else (None, "", "")
         if reusable is not None:
             state = "kept" if status == "kept" else ("cached" if last.get("status") == "cached" else "done")
             detail = "code changed; its privacy release is kept" if status == "kept" else ""
-            states.append(StageState(stage.name, state, manifest.duration_s, manifest.record_count(), manifest.finished_at, detail))
+            states.append(StageState(stage.name, state, manifest.duration_s, manifest.record_count(), manifest.finished_at, detail, manifest.peak_rss_mib))
             previous = chain_after(manifest)
             continue
         if manifest is not None and problem and "changed since" not in problem:
-            states.append(StageState(stage.name, "stale", manifest.duration_s, manifest.record_count(), manifest.finished_at, problem))
+            states.append(StageState(stage.name, "stale", manifest.duration_s, manifest.record_count(), manifest.finished_at, problem, manifest.peak_rss_mib))
             previous = ""
+            continue
+        if manifest is not None and fingerprint is not None and manifest.content_fingerprint == fingerprint.content:
+            # only the code changed: `ksg run` reruns it, and if its outputs come out the same the
+            # stages after it are judged as before, so the chain goes on
+            states.append(StageState(stage.name, "stale", manifest.duration_s, manifest.record_count(), manifest.finished_at,
+                                     "the code changed since it ran; `ksg run` reruns it", manifest.peak_rss_mib))
+            previous = chain_after(manifest)
             continue
         previous = ""  # nothing after an incomplete stage can be current
         if last.get("status") == "failed":
             states.append(StageState(stage.name, "failed", None, None, last.get("time"), last.get("message", "")))
         elif manifest is not None:
-            states.append(StageState(stage.name, "stale", manifest.duration_s, manifest.record_count(), manifest.finished_at, "spec, inputs or code changed since it ran"))
+            states.append(StageState(stage.name, "stale", manifest.duration_s, manifest.record_count(), manifest.finished_at, "spec, inputs or code changed since it ran",
+                                     manifest.peak_rss_mib))
         elif last.get("status") == "started":
             states.append(StageState(stage.name, "interrupted", None, None, last.get("time"), "started but never finished; `ksg run` resumes it"))
         else:

@@ -17,11 +17,12 @@ from pipelines.evaluate import Evaluate
 from pipelines.fedtune import Fedtune
 from pipelines.ingest import Ingest
 from pipelines.prepare_models import PrepareModels
+from pipelines.publish import Publish
 from pipelines.refine import Refine
 from pipelines.structure import Structure
 from pipelines.synthesize import Synthesize
 
-STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (PrepareModels, Ingest, Structure, DPTrain, Synthesize, Refine, Fedtune, Evaluate)}
+STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (PrepareModels, Ingest, Structure, DPTrain, Synthesize, Refine, Fedtune, Evaluate, Publish)}
 
 __all__ = ["STAGES", "build_stages", "load_pipeline", "parse_pipeline", "validate_pipeline"]
 

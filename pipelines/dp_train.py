@@ -28,8 +28,9 @@ from knowledgesg.console import console, progress_bar
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.fileio import read_jsonl, sha256_file
 from knowledgesg.records import InstructionRecord
+from knowledgesg.spec import PrivacySpec
 from knowledgesg.stage import Stage, StageContext
-from privacy.accounting import Mechanism, calibrate_noise, check_delta, default_delta, epsilons
+from privacy.accounting import Mechanism, RunningEpsilon, calibrate_noise, check_delta, default_delta, epsilons
 from privacy.ledger import LEDGER, LedgerEntry, check_budget, new_release_id, now, trust_line
 from privacy.units import UNIT_NAMES, Units, privacy_units
 
@@ -105,9 +106,10 @@ class DPTrain(Stage):
     def releases(self) -> bool:
         return True
 
-    def plan(self, ctx: StageContext, client_id: str, records: list[InstructionRecord]) -> ClientPlan:
+    def plan(self, privacy: PrivacySpec, client_id: str, records: list[InstructionRecord]) -> ClientPlan:
+        """The mechanism one client will run: units, delta, sampling rate, steps and the calibrated
+        noise (also what `ksg check` shows before anything runs)."""
         p: DPTrainParams = self.params
-        privacy = ctx.spec.privacy
         units = privacy_units(records, privacy.unit, p.max_records_per_user)
         n, name = units.count, UNIT_NAMES[units.kind]
         if n < 2 or p.batch_size >= n:
@@ -122,7 +124,8 @@ class DPTrain(Stage):
             sigma, by = p.noise_multiplier, "given"
         else:
             sigma, by = calibrate_noise(privacy.target_epsilon, delta, sample_rate, steps)
-        return ClientPlan(client_id, records, units, delta, sample_rate, steps, sigma, p.clip_norm, by, noise_origin=ctx.noise_origin)
+        return ClientPlan(client_id, records, units, delta, sample_rate, steps, sigma, p.clip_norm, by,
+                          noise_origin="reproducible" if privacy.reproducible_noise else "os_entropy")
 
     def run(self, ctx: StageContext) -> None:
         partition = ctx.read_artifact_json("ingest", "partition.json")
@@ -130,7 +133,7 @@ class DPTrain(Stage):
         for client_id in partition["clients"]:
             rows = read_jsonl(ctx.artifact(self.params.source_stage, f"clients/{client_id}/records.jsonl"))
             records = [InstructionRecord.model_validate(r) for r in rows if r["kind"] == "instruction"]
-            plan = self.plan(ctx, client_id, records)
+            plan = self.plan(ctx.spec.privacy, client_id, records)
             # Every client's budget, over everything ever released from its data, is checked
             # before any client trains: a refusal leaves nothing.
             check_budget(ctx.spent(client_id), client_id, [plan.mechanism()], plan.delta, ctx.spec.privacy.cap_epsilon, self.name)
@@ -170,6 +173,7 @@ class DPTrain(Stage):
         lora_before = {n: t.detach().clone() for n, t in model.named_parameters() if t.requires_grad}
         losses = []
         label = "" if plan.private else f" [{plan.label}]"
+        running = RunningEpsilon(plan.noise_multiplier, plan.sample_rate, plan.delta) if plan.noised else None
         with progress_bar() as bar:
             task = bar.add_task(f"dp_train {plan.client_id}{label}", total=plan.steps)
             for step, chosen in enumerate(poisson_batches(len(units), plan.sample_rate, plan.steps, coins)):
@@ -177,7 +181,8 @@ class DPTrain(Stage):
                 losses.append({"step": step + 1, "units": len(chosen), "loss": None if loss is None else round(loss, 6)})
                 if step == 0 or (step == 1 and losses[0]["loss"] is None):
                     self._check_adapter_moved(model, lora_before)
-                bar.advance(task)
+                spent = f" epsilon {running(step + 1):.2f} (RDP)" if running else ""
+                bar.update(task, advance=1, description=f"dp_train {plan.client_id}{label}{spent}")
         history = dp.accounted_history()
         if plan.noised and (len(history) != 1 or history[0][2] != plan.steps):
             raise KsgError(f"client '{plan.client_id}': the accountant counted {history} but {plan.steps} steps ran; refusing to report an epsilon")

@@ -1,23 +1,43 @@
 """Stage `evaluate`: benchmarks of the run's models, and fidelity of its synthetic data.
 
 `results.json` holds accuracy and macro-F1 per model, task and answer mode (server side: public
-test data, released models). `clients/<id>/fidelity.json` holds each client's fidelity and
-diversity figures, computed against its private data, so it stays on that client's side.
+test data, released models). Test files of the user's own (`tasks`, relative to the spec) are
+scored the same two ways. `clients/<id>/fidelity.json` holds each client's fidelity and diversity
+figures and `clients/<id>/private_eval.json` its scores on its private test set
+(`private_tasks`): statistics of private data, so they stay on that client's side.
 """
 
 from __future__ import annotations
 
-from eval.evaluate import EvalOptions, check_ready, evaluate_run, fidelity_run
+from pathlib import Path
+
+from eval.benchmarks import is_task_file, task_source
+from eval.evaluate import EvalOptions, check_ready, check_task_files, evaluate_private, evaluate_run, fidelity_run
 from knowledgesg.console import console
+from knowledgesg.errors import InputError
+from knowledgesg.loaders import source_path
+from knowledgesg.spec import PipelineSpec
 from knowledgesg.stage import Stage, StageContext
 
 
 class Evaluate(Stage):
     name = "evaluate"
     Params = EvalOptions
+    private_inputs = True  # a client's private test set is among them: keyed digests only
 
     def requires(self) -> tuple[str, ...]:
         return ("prepare_models", "ingest")
+
+    def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
+        options: EvalOptions = self.params
+        files = [t for t in options.tasks if is_task_file(t)] + [f for files in options.private_tasks.values() for f in files]
+        return [source_path(task_source(f), base_dir) for f in files]
+
+    def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
+        for path in self.external_inputs(spec, base_dir):
+            if not path.exists():
+                raise InputError(f"{path}: test set not found (evaluate: tasks or private_tasks)")
+        check_task_files(self.params, base_dir)
 
     def run(self, ctx: StageContext) -> None:
         from knowledgesg.models import resolve_device
@@ -25,10 +45,14 @@ class Evaluate(Stage):
         options: EvalOptions = self.params
         check_ready(ctx.run_dir)
         device = resolve_device(ctx.spec.models.device)
-        results = evaluate_run(ctx.run_dir, options, device)
+        results = evaluate_run(ctx.run_dir, options, device, ctx.base_dir)
         ctx.write_json("results.json", results)
         for name, entry in results["models"].items():
             console.print(f"evaluate {name}: mean accuracy {entry['mean_accuracy']}")
+        for client, report in evaluate_private(ctx.run_dir, options, device, ctx.base_dir).items():
+            ctx.write_json(f"clients/{client}/private_eval.json", report, side=f"client:{client}")
+            scores = ", ".join(f"{model}: {entry['mean_accuracy']}" for model, entry in report["models"].items())
+            console.print(f"evaluate {client} (its private test set, on its side): {scores}")
         if options.fidelity:
             for client, report in fidelity_run(ctx.run_dir, options.seed, device).items():
                 ctx.write_json(f"clients/{client}/fidelity.json", report, side=f"client:{client}")

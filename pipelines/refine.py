@@ -188,7 +188,7 @@ class Refine(Stage):
         if not records:
             return [], []
         texts = [candidate_text(r) for r in records]
-        judged = choice_logprobs(model, tokenizer, [judge_prompt(p.task, good, p.bad_examples, t) for t in texts], [" Yes", " No"], p.batch_size, device)
+        judged = choice_logprobs(model, tokenizer, [judge_prompt(p.task, good, p.bad_examples, t) for t in texts], [" Yes", " No"], p.batch_size, device, f"refine {client_id}: judging")
         p_yes = normalized_choice_probs(judged)[:, 0].tolist()
         fluency = fluency_scores(model, tokenizer, texts, p.batch_size, device)
         verdicts = decide(p_yes, p.threshold, p.keep_top_fraction, fluency, p.min_fluency)
@@ -220,7 +220,8 @@ class Refine(Stage):
         if not records:
             return []
         if p.labels:
-            probs = normalized_choice_probs(choice_logprobs(model, tokenizer, [label_prompt(shots, r, p.example_words) for r in records], [" " + label for label in p.labels], p.batch_size, device))
+            probs = normalized_choice_probs(choice_logprobs(model, tokenizer, [label_prompt(shots, r, p.example_words) for r in records], [" " + label for label in p.labels], p.batch_size, device,
+                                                             f"refine {client_id}: labelling"))
             return [{"response": p.labels[int(row.argmax())], "label_probs": {label: round(float(x), 6) for label, x in zip(p.labels, row)},
                      "label_changed": p.labels[int(row.argmax())].lower() != r.response.strip().lower()} for r, row in zip(records, probs)]
         generator = Generator(model, tokenizer, p.batch_size, device, stop_at_newline=True)

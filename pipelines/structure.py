@@ -33,9 +33,8 @@ from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_jsonl
 from knowledgesg.generation import SamplingParams
 from knowledgesg.loaders import load_example_pool, source_path
-from knowledgesg.prompts import parse_label
+from knowledgesg.prompts import parse_label, user_message
 from knowledgesg.records import InstructionRecord, TextRecord
-from knowledgesg.sft import user_message
 from knowledgesg.spec import DataSource, PipelineSpec
 from knowledgesg.stage import Stage, StageContext
 

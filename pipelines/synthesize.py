@@ -21,7 +21,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from knowledgesg.console import console
@@ -78,7 +77,7 @@ def dp_label_histogram(records: list[InstructionRecord], labels: list[str], unit
     """Runs on the client: label counts over the units' bounded records, plus Gaussian noise of
     std noise_multiplier * sensitivity, where the sensitivity is the most records one unit adds."""
     counts = bounded_label_counts(records, labels, units)
-    noise = random.normal((len(labels),), noise_multiplier * units.max_records, dtype=torch.float64)
+    noise = random.normal_values((len(labels),), noise_multiplier * units.max_records)
     return {label: float(counts[label]) + float(n) for label, n in zip(labels, noise)}
 
 

@@ -136,6 +136,25 @@ def epsilons(mechanisms: list[Mechanism], delta: float) -> Epsilons:
 MAX_DEFAULT_DELTA = 1e-5
 
 
+class RunningEpsilon:
+    """Epsilon after k steps of one DP-SGD mechanism by RDP, for progress display: the one-step RDP
+    curve is computed once, so each call is a few array operations (RDP bounds the PRV figure
+    the release will report from above)."""
+
+    def __init__(self, noise_multiplier: float, sample_rate: float, delta: float) -> None:
+        from opacus.accountants.analysis import rdp
+        from opacus.accountants.rdp import RDPAccountant
+
+        self.orders = RDPAccountant.DEFAULT_ALPHAS
+        self.delta = delta
+        self.one_step = rdp.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=self.orders)
+
+    def __call__(self, steps: int) -> float:
+        from opacus.accountants.analysis import rdp
+
+        return float(rdp.get_privacy_spent(orders=self.orders, rdp=self.one_step * steps, delta=self.delta)[0])
+
+
 def default_delta(num_units: int) -> float:
     """At most 1e-5 and at most 1/(100 N), rounded down to a power of ten.
 

@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import PRVAccountant
@@ -33,7 +34,7 @@ from privacy.noise import SecureRandom
 def poisson_batches(num_units: int, sample_rate: float, steps: int, coins: SecureRandom) -> Iterator[list[int]]:
     """Each step, every unit joins independently with probability `sample_rate` (may be empty)."""
     for _ in range(steps):
-        yield coins.bernoulli(num_units, sample_rate).nonzero().flatten().tolist()
+        yield np.flatnonzero(coins.bernoulli(num_units, sample_rate)).tolist()
 
 
 class SecureDPOptimizer(DPOptimizer):

@@ -20,6 +20,7 @@ belongs to the client and is never copied to the server.
 from __future__ import annotations
 
 import fcntl
+import functools
 import math
 import os
 import uuid
@@ -172,17 +173,26 @@ def merge_releases(*sources: list[LedgerEntry]) -> list[LedgerEntry]:
 def composed_total(entries: list[LedgerEntry], delta: float) -> Epsilons:
     """A client's total over its releases that count against its budget: PLD composition, with
     PRV and RDP beside it. A release without a guarantee makes the total infinite."""
-    mechanisms = [e.effective_mechanism() for e in entries if e.counts_against_budget]
-    return compose(mechanisms, delta)
+    costing = [e for e in entries if e.costs_privacy]
+    if len(costing) == 1 and costing[0].private and costing[0].delta == delta:  # one release: its own figures
+        own = costing[0].epsilon
+        return own.model_copy(update={"reported": own.pld, "reported_by": "pld"})
+    return compose([e.effective_mechanism() for e in entries if e.counts_against_budget], delta)
 
 
 def compose(mechanisms: list[Mechanism], delta: float) -> Epsilons:
+    return _compose(tuple(mechanisms), delta).model_copy()
+
+
+@functools.lru_cache(maxsize=256)
+def _compose(mechanisms: tuple[Mechanism, ...], delta: float) -> Epsilons:
+    """The accountants cost seconds; a report asks for the same totals several times."""
     if not mechanisms or all(m.kind == "post_processing" or m.steps == 0 for m in mechanisms):
         return Epsilons(delta=delta, prv=0.0, rdp=0.0, pld=0.0, reported=0.0, reported_by="none")
     if any(m.kind == "non_private" for m in mechanisms):
         return Epsilons(delta=delta, prv=math.inf, rdp=math.inf, pld=math.inf, reported=math.inf, reported_by="none")
-    pld = epsilon_pld(mechanisms, delta)
-    return Epsilons(delta=delta, prv=epsilon_prv_or_none(mechanisms, delta), rdp=epsilon_rdp(mechanisms, delta), pld=pld, reported=pld, reported_by="pld")
+    pld = epsilon_pld(list(mechanisms), delta)
+    return Epsilons(delta=delta, prv=epsilon_prv_or_none(list(mechanisms), delta), rdp=epsilon_rdp(list(mechanisms), delta), pld=pld, reported=pld, reported_by="pld")
 
 
 def check_budget(before: list[LedgerEntry], client_id: str, planned: list[Mechanism], delta: float, cap: float | None, stage: str) -> None:

@@ -24,7 +24,6 @@ import os
 from typing import Literal
 
 import numpy as np
-import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 NoiseOrigin = Literal["os_entropy", "reproducible"]
@@ -61,30 +60,43 @@ class SecureRandom:
     def _words(self, count: int) -> np.ndarray:
         return np.frombuffer(self._stream.update(bytes(8 * count)), dtype=np.uint64)
 
-    def uniform(self, count: int) -> torch.Tensor:
+    def uniform(self, count: int) -> np.ndarray:
         """Doubles in (0, 1): 53 random bits, offset by half a step so that 0 never occurs."""
-        values = ((self._words(count) >> _MANTISSA).astype(np.float64) + 0.5) * 2.0**-53
-        return torch.from_numpy(values)
+        return ((self._words(count) >> _MANTISSA).astype(np.float64) + 0.5) * 2.0**-53
 
-    def bernoulli(self, count: int, probability: float) -> torch.Tensor:
+    def bernoulli(self, count: int, probability: float) -> np.ndarray:
         return self.uniform(count) < probability
 
     def coin(self, probability: float) -> bool:
         return bool(self.bernoulli(1, probability)[0])
 
-    def standard_normal(self, count: int) -> torch.Tensor:
-        """Box-Muller: two uniforms give two independent N(0, 1) values (float64)."""
-        pairs = (count + 1) // 2
-        u = self.uniform(2 * pairs)
+    def _gaussian(self, count: int, std: float):
+        """`count` values of N(0, std^2) as a float64 torch tensor: Box-Muller (two uniforms give
+        two values), four draws per value summed and divided by two. torch is imported here, when
+        noise is first drawn, so that `ksg` starts without it."""
+        import torch
+
+        draws = DRAWS_PER_VALUE * count
+        pairs = (draws + 1) // 2
+        u = torch.from_numpy(self.uniform(2 * pairs))
         radius = torch.sqrt(-2.0 * torch.log(u[:pairs]))
         angle = (2.0 * math.pi) * u[pairs:]
-        return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:count]
+        normals = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:draws]
+        return normals.view(DRAWS_PER_VALUE, count).sum(0) * (std / math.sqrt(DRAWS_PER_VALUE))
 
-    def normal(self, shape: torch.Size | tuple[int, ...], std: float, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.Tensor:
-        """N(0, std^2) of the given shape: the sum of four draws over two, cast to `dtype` last."""
+    def normal(self, shape, std: float, dtype=None, device="cpu"):
+        """N(0, std^2) of the given shape as a torch tensor, cast to `dtype` (default float32) last."""
+        import torch
+
+        dtype = dtype or torch.float32
         count = math.prod(shape)
         if std == 0 or count == 0:
             return torch.zeros(shape, dtype=dtype, device=device)
-        draws = self.standard_normal(DRAWS_PER_VALUE * count).view(DRAWS_PER_VALUE, count)
-        values = draws.sum(0) * (std / math.sqrt(DRAWS_PER_VALUE))
-        return values.view(shape).to(dtype=dtype, device=device)
+        return self._gaussian(count, std).view(shape).to(dtype=dtype, device=device)
+
+    def normal_values(self, shape: tuple[int, ...], std: float) -> np.ndarray:
+        """The same Gaussian values as numpy float64 (noisy counts, aggregated updates)."""
+        count = math.prod(shape)
+        if std == 0 or count == 0:
+            return np.zeros(shape)
+        return self._gaussian(count, std).numpy().reshape(shape)

@@ -215,7 +215,7 @@ def render_html(report: PrivacyReport) -> str:
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Privacy report: {esc(report.spec_name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin-bottom:1em}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right;vertical-align:top}}
 td:first-child,td:nth-child(2),td:nth-child(3),td:nth-child(4),td:nth-child(13),td:nth-child(14){{text-align:left}}tr.total{{background:#eef}}
-table.threat td,table.threat th{{text-align:left;max-width:40em}}td{{white-space:nowrap}}td:nth-child(3),td:nth-child(13),td:nth-child(14),table.threat td{{white-space:normal}}</style></head><body>
+table.threat td,table.threat th{{text-align:left;max-width:40em}}td{{white-space:nowrap}}td:nth-child(3),td:nth-child(13),td:nth-child(14),table.threat td{{white-space:normal}}</style><script>/* for headless checks: each image says whether it decoded */window.addEventListener("load",()=>document.querySelectorAll("img").forEach(i=>i.dataset.loaded=String(i.complete&&i.naturalWidth>0)))</script></head><body>
 <h1>Privacy report: {esc(report.spec_name)}</h1>
 <p>Run <code>{esc(report.run_dir)}</code>; target epsilon {fmt(report.target_epsilon)}; the clients' ledgers are in <code>{esc(report.ledger_dir)}</code>.
 Every figure is recomputed from the ledger entries: every release ever made from each client's data, reruns included.</p>

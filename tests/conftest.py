@@ -91,7 +91,7 @@ def stage_files(run_dir: Path) -> dict[str, bytes]:
             data = path.read_bytes()
             if path.name == "manifest.json":
                 manifest = json.loads(data)
-                for key in ("started_at", "finished_at", "duration_s"):
+                for key in ("started_at", "finished_at", "duration_s", "peak_rss_mib"):
                     manifest.pop(key)
                 data = json.dumps(manifest, sort_keys=True).encode()
             out[str(path.relative_to(run_dir))] = data

@@ -34,6 +34,10 @@ def test_demo_runs_then_reruns_all_cached_fast(tmp_path: Path):
     ledger = json.loads((run / "fedtune/ledger.json").read_text())
     assert [e["epsilon"]["reported"] for e in ledger] == [0.0, 0.0, 0.0]
     assert (run / "fedtune/adapter/adapter_model.safetensors").is_file()
+    # the published releases carry every bank's privacy statement
+    card = (run / "publish/final_adapter/README.md").read_text()
+    assert all(f"| {bank} | source document" in card for bank in ("bank_a", "bank_b", "bank_c")) and "base_model: smollm2-135m-instruct" in card
+    assert (run / "publish/synthetic_data/dataset_info.json").is_file() and (tmp_path / "demo/report.html").is_file()
     report = run_cli("privacy-report", str(tmp_path / "demo"))
     assert report.returncode == 0 and "final_adapter" in report.stdout + report.stderr
     # the real models through the evaluation: both answer modes, every model kind

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from knowledgesg import aggregation as agg
 from knowledgesg.cli import main
@@ -139,7 +138,7 @@ def test_client_level_dp_sums_client_clipped_updates_and_noises_over_the_expecte
     assert history[0].joined is None  # who joined is not recorded
     noise = SecureRandom.for_release(True, job.seed, "fedtune-server-noise")  # the server's (here: reproducible) generator
     clipped = [agg.clip_update({"w": UPDATES[c]}, 1.0) for c in CLIENTS]
-    expected = agg.dp_fedavg({"w": np.zeros(2)}, clipped, 1.0, 0.5, 3.0, lambda shape, std: noise.normal(shape, std, dtype=torch.float64).numpy())
+    expected = agg.dp_fedavg({"w": np.zeros(2)}, clipped, 1.0, 0.5, 3.0, noise.normal_values)
     assert np.allclose(final["w"], expected["w"])
 
 
@@ -198,14 +197,14 @@ def test_flower_deploy_over_tls_with_authenticated_supernodes(tmp_path: Path):
 # -- the stage ------------------------------------------------------------------------------------
 
 
-def run_pipeline(workdir: Path, fedtune: dict, privacy: dict | None = None, cap: float | None = None) -> int:
+def run_pipeline(workdir: Path, fedtune: dict, privacy: dict | None = None, cap: float | None = None, extra_stages: list | None = None) -> int:
     from knowledgesg.generation import Generator
 
     write_jsonl(workdir / "data.jsonl", sentiment_rows(40))
     pool = [dict(r, id=f"pool{i}", input=f"Shares of firm {i} moved after the report.") for i, r in enumerate(sentiment_rows(9))]
     write_jsonl(workdir / "pool.jsonl", pool)
     synth = dict(SYNTH, params=dict(SYNTH["params"], per_client=6, oversample=1.0, near_duplicate_jaccard=0.9))
-    spec = tiny_spec(stages=["prepare_models", "ingest", TRAIN, synth, REFINE, {"name": "fedtune", "params": fedtune}],
+    spec = tiny_spec(stages=["prepare_models", "ingest", TRAIN, synth, REFINE, {"name": "fedtune", "params": fedtune}, *(extra_stages or [])],
                      models={"base": "tiny-random-llama", "professional": "tiny-random-llama"})
     spec["privacy"] = {"target_epsilon": 8.0, **(privacy or {}), **({"cap_epsilon": cap} if cap else {})}
     monkeypatch = pytest.MonkeyPatch()

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import Literal, Protocol
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from knowledgesg import aggregation as agg
@@ -140,7 +139,7 @@ def aggregate(job: FedJob, x: Params, updates: list[ClientUpdate], state: agg.Se
     deltas = [u.update for u in updates]
     if job.client_dp is not None:
         return agg.dp_fedavg(x, deltas, job.client_dp.clip_norm, job.client_dp.noise_multiplier, job.sample_rate * len(job.clients),
-                             lambda shape, std: noise.normal(shape, std, dtype=torch.float64).numpy())
+                             noise.normal_values)
     if not updates:
         return x
     # on private data the clients do not send their example counts (a statistic of their data)

@@ -1,0 +1,125 @@
+"""`ksg check SPEC`: everything that can be known before a run, without writing anything.
+
+The spec (schema, stage parameters and order, budgets), every data file (ingest's own loading,
+partitioning and checks, with the same one-line errors), the models (resolvable offline, without
+converting anything), and the privacy each client will spend: dp_train's plan from the
+calibration (its units, delta, sampling rate, steps, noise), a DP histogram if synthesize makes
+one, composed with everything its ledger already holds, against the cap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from eval.canaries import make_canaries, planted_records
+from knowledgesg.errors import InputError
+from knowledgesg.models import REGISTRY, TINY, source_files
+from knowledgesg.records import InstructionRecord, Record
+from knowledgesg.spec import PipelineSpec
+from knowledgesg.stage import Stage
+from pipelines.dp_train import DPTrain
+from pipelines.ingest import Ingest, client_records, hold_out
+from pipelines.synthesize import Synthesize
+from privacy.ledger import ClientLedger, LedgerEntry, compose, data_key, ledger_directory
+from privacy.units import UNIT_NAMES
+
+
+@dataclass
+class ClientCheck:
+    client_id: str
+    records: int
+    units: int | None
+    unit: str | None
+    sample_rate: float | None
+    steps: int | None
+    noise_multiplier: float | None
+    delta: float | None
+    planned_epsilon: float
+    spent_epsilon: float
+    total_epsilon: float
+    cap: float | None
+    releases_before: int
+
+    @property
+    def within_cap(self) -> bool:
+        return self.cap is None or self.total_epsilon <= self.cap
+
+
+def model_notes(spec: PipelineSpec) -> list[tuple[str, str, str]]:
+    """(role, name, what was checked) for each model of the spec; a missing package is an error."""
+    notes = []
+    for role in ("base", "professional", "embedder"):
+        name = getattr(spec.models, role)
+        if name is None:
+            continue
+        if name in REGISTRY:
+            source_files(name)  # raises, naming the pip line, when a package is missing
+            notes.append((role, name, "packaged: installed"))
+        elif name == TINY:
+            notes.append((role, name, "built from a config"))
+        elif Path(name).expanduser().is_dir():
+            notes.append((role, name, "local directory: found"))
+        else:
+            notes.append((role, name, "a Hugging Face id: not checked offline (loaded at run time)"))
+    return notes
+
+
+def planning_records(records: list[Record]) -> list[InstructionRecord]:
+    """The records dp_train will see, as far as units go: each text document stands for the pairs
+    `structure` will make of it (one unit)."""
+    out = []
+    for record in records:
+        if isinstance(record, InstructionRecord):
+            out.append(record)
+        else:
+            out.append(InstructionRecord(id=record.id, source=record.source, instruction="(pairs structured from this document)", response="-",
+                                         user_id=record.user_id, document_id=record.id))
+    return out
+
+
+def training_records(spec: PipelineSpec, client_id: str, records: list[Record]) -> list[Record]:
+    """A client's records as ingest will leave them for training: holdout out, canaries in."""
+    if spec.audit.holdout_per_client:
+        records, _ = hold_out(records, spec.audit.holdout_per_client, spec.seed, client_id)
+    if spec.audit.canaries is not None and spec.audit.canaries.client == client_id:
+        records = records + planted_records(spec.audit.canaries, make_canaries(spec.audit.canaries, spec.seed), client_id)
+    return records
+
+
+def check_pipeline(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_dir: Path) -> tuple[list[tuple[str, str, str]], list[ClientCheck]]:
+    for stage in stages:
+        stage.preflight(spec, base_dir)
+    notes = model_notes(spec)
+    if not any(isinstance(s, Ingest) for s in stages):
+        return notes, []
+    train = next((s for s in stages if isinstance(s, DPTrain)), None)
+    synthesize = next((s for s in stages if isinstance(s, Synthesize) and s.releases()), None)
+    ledger_dir = ledger_directory(spec.privacy.ledger_dir, base_dir, run_dir)
+    checks = []
+    for client_id, records in client_records(spec, base_dir).items():
+        before: list[LedgerEntry] = ClientLedger(ledger_dir, data_key([r.model_dump() for r in records])).entries()
+        trained = training_records(spec, client_id, records)
+        planned, plan = [], None
+        if train is not None:
+            plan = train.plan(spec.privacy, client_id, planning_records(trained) if train.params.source_stage == "structure" else [r for r in trained if isinstance(r, InstructionRecord)])
+            planned.append(plan.mechanism())
+        if synthesize is not None:
+            planned.append(synthesize.histogram_mechanism())
+        delta = plan.delta if plan else (spec.privacy.delta or 1e-5)
+        counted = [e.effective_mechanism() for e in before if e.counts_against_budget]
+        checks.append(ClientCheck(
+            client_id=client_id, records=len(trained), units=plan.units.count if plan else None, unit=UNIT_NAMES[plan.units.kind] if plan else None,
+            sample_rate=plan.sample_rate if plan else None, steps=plan.steps if plan else None, noise_multiplier=plan.noise_multiplier if plan else None,
+            delta=plan.delta if plan else None, planned_epsilon=compose(planned, delta).reported, spent_epsilon=compose(counted, delta).reported,
+            total_epsilon=compose(counted + planned, delta).reported, cap=spec.privacy.cap_epsilon, releases_before=sum(e.costs_privacy for e in before),
+        ))
+    return notes, checks
+
+
+def refuse_over_cap(checks: list[ClientCheck]) -> None:
+    over = [c for c in checks if not c.within_cap]
+    if over:
+        c = over[0]
+        raise InputError(f"client '{c.client_id}': the planned releases would exceed the privacy budget cap (spent epsilon {c.spent_epsilon:.3f}, "
+                         f"planned {c.planned_epsilon:.3f}, composed total {c.total_epsilon:.3f} > cap {c.cap:g})")

@@ -1,0 +1,218 @@
+"""What a user meets: their own test sets, cards that carry the privacy statement, `ksg init` and
+`ksg check`, quiet output, and one report page per run, checked in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+from knowledgesg.cli import main
+from knowledgesg.fileio import read_json
+from tests.conftest import run_cli, sentiment_rows, tiny_spec, write_jsonl, write_spec
+from tests.test_fedtune import run_pipeline
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+def chromium_dom(page: Path, profile: Path) -> str:
+    """The page's DOM after it loaded, as headless Chromium rendered it."""
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium package)")
+        pytest.skip("chromium is not installed here (apt-get install chromium); CI installs it")
+    done = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory) -> Path:
+    """A run through fedtune, evaluate and publish on the tiny model (canned synthetic text)."""
+    workdir = tmp_path_factory.mktemp("published")
+    write_jsonl(workdir / "own.jsonl", sentiment_rows(6))  # a public test file of the user's, and client_0's private one
+    write_jsonl(workdir / "held_out.jsonl", sentiment_rows(5))
+    (workdir / "mapped.csv").write_text("q,label\nIs revenue up this quarter?,yes\nDid the bank close branches?,no\nWas the dividend cut?,no\n")
+    mapped = {"path": "mapped.csv", "fields": {"instruction": "q", "response": "label"}, "name": "mapped"}  # the same field mapping as private data
+    evaluate = {"name": "evaluate", "params": {"tasks": ["fpb", "own.jsonl", mapped], "private_tasks": {"client_0": ["held_out.jsonl"]}, "models": ["base", "final"],
+                                               "modes": ["logprob"], "limit": 4, "fidelity": False}}
+    assert run_pipeline(workdir, {"rounds": 1, "training": {"steps": 1, "batch_size": 4, "max_length": 48}, "lora": {"r": 4}}, extra_stages=[evaluate, "publish"]) == 0
+    return workdir / "run"
+
+
+# -- cards ---------------------------------------------------------------------------------------
+
+
+def test_the_final_adapter_has_a_model_card_with_the_privacy_statement(published: Path):
+    from peft import PeftModel
+
+    from knowledgesg.models import load_causal_lm, resolve_model
+
+    directory = published / "stages/publish/final_adapter"
+    base, _ = load_causal_lm(resolve_model("tiny-random-llama"))
+    PeftModel.from_pretrained(base, directory)  # loads as PEFT
+    card = (directory / "README.md").read_text()
+    matter = yaml.safe_load(card.split("---")[1])
+    assert matter["library_name"] == "peft" and matter["base_model"] == "tiny-random-llama" and "differential-privacy" in matter["tags"]
+    ledger = read_json(published / "stages/dp_train/ledger.json")
+    for entry in ledger:  # each client's epsilon, delta, unit and trust line, from the ledger
+        row = next(line for line in card.splitlines() if line.startswith(f"| {entry['client_id']} |"))
+        assert f"{entry['epsilon']['pld']:.3f}"[:-1] in row or f"{entry['epsilon']['reported']:.2f}" in row
+        assert "record" in row and f"{entry['delta']:.1e}" in row and "server operator included" in row
+    assert "## Evaluation" in card and "| base |" in card and "| final |" in card and "logprob" in card
+    assert "prepare_models -> ingest -> dp_train -> synthesize -> refine -> fedtune -> evaluate" in card
+
+
+def test_the_synthetic_data_is_a_datasets_directory_with_a_card(published: Path):
+    import datasets
+
+    directory = published / "stages/publish/synthetic_data"
+    loaded = datasets.load_from_disk(str(directory))
+    refined = sum(len((published / f"stages/refine/clients/{c}/refined.jsonl").read_text().splitlines()) for c in ("client_0", "client_1"))
+    assert len(loaded) == refined and set(loaded.column_names) >= {"instruction", "input", "response", "client_id", "provenance"}
+    card = (directory / "README.md").read_text()
+    assert "## Privacy" in card and "## Filtering" in card and "## Refinement" in card and "post-processing" in card
+    manifest = read_json(published / "stages/publish/manifest.json")
+    assert all(out["side"] == "server" for out in manifest["outputs"].values())
+
+
+# -- the user's own test sets ---------------------------------------------------------------------
+
+
+def test_the_evaluate_stage_scores_own_files_and_keeps_the_private_one_on_its_side(published: Path):
+    results = read_json(published / "stages/evaluate/results.json")
+    assert set(results["models"]["final"]["tasks"]) == {"fpb", "own", "mapped"} and "held_out" not in json.dumps(results)
+    assert results["models"]["final"]["tasks"]["mapped"]["logprob"]["n"] == 3
+    manifest = read_json(published / "stages/evaluate/manifest.json")
+    assert manifest["outputs"]["clients/client_0/private_eval.json"]["side"] == "client:client_0"
+    assert all(digest.startswith("hmac-sha256:") for digest in manifest["inputs"].values())  # a private test file's digest is keyed
+    kept = read_json(published / "stages/evaluate/clients/client_0/private_eval.json")
+    assert kept["models"]["dp_adapter:client_0"]["tasks"]["held_out"]["logprob"]["n"] == 4
+
+
+def test_eval_scores_a_users_own_files_and_keeps_a_private_test_set_on_its_client(published: Path, tmp_path: Path, capsys):
+    labelled = write_jsonl(tmp_path / "my_test.jsonl", sentiment_rows(6))
+    (tmp_path / "mc.csv").write_text('question,options,answer\n"Which is a fruit?","[""apple"", ""stone""]",A\n"2 + 2?","[""3"", ""4"", ""5""]",1\n')
+    private = write_jsonl(tmp_path / "private.jsonl", sentiment_rows(5))
+    code = main(["eval", str(published), "--tasks", f"fpb,{labelled},{tmp_path / 'mc.csv'}", "--private", f"client_0={private}",
+                 "--models", "base", "--modes", "logprob,generation", "--limit", "4"])
+    assert code == 0, capsys.readouterr().err
+    report = read_json(published / "eval/eval_report.json")
+    scores = report["models"]["base"]["tasks"]
+    assert set(scores) == {"fpb", "my_test", "mc"} and scores["mc"]["logprob"]["n"] == 2 and scores["my_test"]["generation"]["n"] == 4
+    assert "private_tasks" not in report["options"] and "private" not in json.dumps(report)
+    sides = read_json(published / "eval/sides.json")
+    assert sides["clients/client_0/private_eval.json"] == "client:client_0" and sides["eval_report.html"] == "server"
+    kept = read_json(published / "eval/clients/client_0/private_eval.json")
+    assert set(kept["models"]) == {"base", "dp_adapter:client_0", "final"} and kept["models"]["final"]["tasks"]["private"]["logprob"]["n"] == 4
+
+
+@pytest.mark.parametrize("content,pattern", [
+    ('{"instruction": "Q", "response": "same"}\n{"instruction": "Q2", "response": "same"}\n', r"needs 2 to 20 distinct responses to choose between, found 1"),
+    ('{"question": "Q?", "options": ["a", "b"], "answer": "C"}\n', r"record 1: field 'answer': 'C' is neither an option letter"),
+], ids=["one-label", "bad-answer"])
+def test_a_bad_test_file_is_one_line_and_exit_2(published: Path, tmp_path: Path, capsys, content, pattern):
+    (tmp_path / "bad.jsonl").write_text(content)
+    assert main(["eval", str(published), "--tasks", str(tmp_path / "bad.jsonl"), "--models", "base", "--modes", "logprob"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(pattern, err[0]), err
+
+
+# -- ksg init and ksg check -----------------------------------------------------------------------
+
+
+def test_init_writes_a_commented_spec_that_check_and_run_accept(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rows = [{"uid": f"u{i}", "sentence": f"Company {i} reported results number {i * 7}.", "sentiment": ["negative", "neutral", "positive"][i % 3]} for i in range(90)]
+    import csv
+
+    with open(tmp_path / "bank.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["uid", "sentence", "sentiment"])
+        writer.writeheader()
+        writer.writerows(rows)
+    assert main(["init", "bank.csv", "--out", "spec.yaml"]) == 0
+    text = (tmp_path / "spec.yaml").read_text()
+    assert text.startswith("# Run: ksg run spec.yaml") and "'sentiment' takes 3 values" in text
+    spec = yaml.safe_load(text)
+    assert spec["clients"]["data"][0]["fields"] == {"id": "uid", "response": "sentiment", "input": "sentence"}
+    assert spec["clients"]["partition"]["method"] == "dirichlet" and [s if isinstance(s, str) else s["name"] for s in spec["stages"]][-1] == "publish"
+    assert main(["init", "bank.csv", "--out", "spec.yaml"]) == 2  # never overwrites
+    capsys.readouterr()
+    assert main(["check", "spec.yaml"]) == 0
+    out = capsys.readouterr().err
+    assert "planned privacy per client" in out and "nothing was written" in out and re.search(r"client_0 .* 7\.9\d\d .* ok", out), out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_init_with_several_files_and_text_makes_members_and_structures(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "hospital_a.jsonl", [{"question": f"What helps condition {i}?", "answer": f"Rest and fluids help condition {i}."} for i in range(30)])
+    write_jsonl(tmp_path / "notes.jsonl", [{"id": f"n{i}", "note": "The patient improved on the new therapy over two weeks. " * 12} for i in range(5)])
+    assert main(["init", "hospital_a.jsonl", "notes.jsonl", "--domain", "medicine", "--out", "med.yaml"]) == 0
+    spec = yaml.safe_load((tmp_path / "med.yaml").read_text())
+    assert [m["id"] for m in spec["clients"]["members"]] == ["hospital_a", "notes"]
+    assert spec["clients"]["members"][1]["data"][0] == {"path": "notes.jsonl", "kind": "text", "fields": {"text": "note"}}
+    names = [s if isinstance(s, str) else s["name"] for s in spec["stages"]]
+    assert "structure" in names and spec["models"]["embedder"] == "minilm-l6-v2"
+    assert next(s for s in spec["stages"] if isinstance(s, dict) and s["name"] == "dp_train")["params"]["source_stage"] == "structure"
+
+
+def test_check_refuses_a_plan_past_the_cap_and_counts_the_ledger(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    train = {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48}}
+    spec = write_spec(tmp_path, tiny_spec(stages=["prepare_models", "ingest", train], privacy={"target_epsilon": 6.0, "cap_epsilon": 7.0}))
+    assert main(["check", str(spec)]) == 0
+    assert main(["run", str(spec), "--run-dir", "runs/t"]) == 0  # spends about 6 per client
+    capsys.readouterr()
+    assert main(["check", str(spec)]) == 2  # the same again would compose past 7
+    err = capsys.readouterr().err
+    assert "spent before" in err and "over the cap" in err
+    assert [l for l in err.splitlines() if l.startswith("ksg: error:")][0].startswith("ksg: error: client 'client_0': the planned releases would exceed the privacy budget cap")
+
+
+# -- quiet output, peak memory and the run report --------------------------------------------------
+
+
+def test_dependency_warnings_are_quiet_unless_verbose():
+    from knowledgesg.console import quiet_dependencies
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_dependencies()
+        warnings.warn_explicit("`is_gradient_checkpointing` is deprecated", FutureWarning, "modeling_utils.py", 1, module="transformers.modeling_utils")
+        warnings.warn_explicit("a warning of ours", UserWarning, "stage.py", 1, module="knowledgesg.stage")
+    assert [str(w.message) for w in caught] == ["a warning of ours"]
+
+
+def test_a_normal_run_is_quiet_and_reports_peak_memory(tmp_path: Path):
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    spec = write_spec(tmp_path, tiny_spec(stages=["prepare_models", "ingest", {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48}}]))
+    done = run_cli("run", str(spec), "--run-dir", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr and "Traceback" not in done.stderr and "Loading weights" not in done.stderr, done.stderr
+    assert "peak memory" in done.stderr and re.search(r"dp_train .* \d+ MiB", done.stderr)
+    assert read_json(tmp_path / "run/stages/dp_train/manifest.json")["peak_rss_mib"] > 50
+
+
+def test_the_run_report_page_renders_with_its_tables_and_figures(published: Path, tmp_path: Path):
+    assert main(["privacy-report", str(published)]) == 0  # also refreshes report.html
+    dom = chromium_dom(published / "report.html", tmp_path / "profile")
+    stages = re.search(r'<table id="stages">(.*?)</table>', dom, re.S).group(1)
+    for stage in ("prepare_models", "ingest", "dp_train", "synthesize", "refine", "fedtune", "evaluate", "publish"):
+        assert f"<td>{stage}</td>" in stages
+    assert dom.count("<rect") == 8 and 'aria-label="time per stage"' in dom  # one bar per stage
+    assert re.search(r'<table id="privacy">.*client_0.*client_1', dom, re.S)
+    assert 'href="privacy_report.html"' in dom and 'href="stages/publish/final_adapter/README.md"' in dom
+    privacy = chromium_dom(published / "privacy_report.html", tmp_path / "profile")
+    assert 'data-loaded="true"' in privacy and 'data-loaded="false"' not in privacy and "Threat model" in privacy
