@@ -27,8 +27,11 @@ def write_result(name: str, lines: list[str]) -> None:
     print(text)
 
 
-def lora_batch(model_name: str, batch: int, length: int):
-    """(model with LoRA r=8 on q, v in train mode, one batch of real FPB examples each padded to
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_batch(model_name: str, batch: int, length: int, r: int = 8, targets: list[str] | None = None):
+    """(model with LoRA (r=8 on q, v unless told) in train mode, one batch of real FPB examples each padded to
     exactly `length` tokens, the base model's parameter count): the same work in every mode."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -40,7 +43,7 @@ def lora_batch(model_name: str, batch: int, length: int):
     torch.manual_seed(0)
     model, tokenizer = load_causal_lm(resolve_model(model_name))
     parameters = sum(p.numel() for p in model.parameters())
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets or ["q_proj", "v_proj"], lora_dropout=0.0))
     model.train()
     examples = [tokenize_example(tokenizer, r, length) for r in load_builtin("fpb_train", "fpb")[:batch]]
     examples = [Example([tokenizer.pad_token_id] * (length - len(e.input_ids)) + e.input_ids, [-100] * (length - len(e.labels)) + e.labels) for e in examples]
@@ -48,8 +51,8 @@ def lora_batch(model_name: str, batch: int, length: int):
 
 
 def sequence_losses(module, inputs, row_unit, n_units):
-    """Per-sequence losses, as DPSGD.step calls a unit loss (one sequence per unit here); one
-    function for every mode, so that the logits are freed at the same point in each."""
-    from knowledgesg.sft import per_sequence_loss
+    """Per-sequence losses, as DPSGD.step calls a unit loss (one sequence per unit here): the
+    training code's own loss (head on labelled positions only), the same in every mode."""
+    from knowledgesg.sft import sequence_losses as training_losses
 
-    return per_sequence_loss(module(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits, inputs["labels"])
+    return training_losses(module, inputs, "cpu")

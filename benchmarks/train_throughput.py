@@ -1,13 +1,23 @@
-"""Training throughput as a fraction of this machine's measured matmul peak.
+"""DP-SGD training throughput against the machine's matmul roof, before and after the batching work.
 
-Usage:  .venv/bin/python benchmarks/train_throughput.py [--model smollm2-135m-instruct] [--steps 5]
+Usage:  .venv/bin/python benchmarks/train_throughput.py [--model smollm2-135m-instruct] [--steps 6]
+            [--batch 16] [--max-rows 8] [--loss-on response]
 
-Peak: the best of several float32 square matmuls (torch, all cores), in GFLOP/s at 2 n^3 flops
-each. Training: non-DP and DP-SGD LoRA steps (r=8 on q, v; batch 8 x 128 tokens of real FPB
-examples), median step time. Useful work per step is counted as 4 N flops per token (N: the
-model's parameters; 2N forward, 2N for the activation gradients backward; the frozen weights
-need no weight gradients, and LoRA's own are negligible); attention's n^2 terms are left out,
-so the fraction is a slight underestimate. Writes benchmarks/results/train_throughput.md.
+Roofs: the best of several float32 matmuls, (a) square 2048 x 2048, and (b) at the model's own
+shapes: one decoder layer's projections on [tokens, hidden] inputs (q, k, v, o, gate, up, down)
+and the vocabulary head, weighted by their flops, with as many rows as one micro-batch holds.
+
+Training: one logical DP-SGD batch of `--batch` real FPB training examples (chat template, real
+lengths, no padding to a fixed width), split into physical batches of at most `--max-rows` rows,
+LoRA r=8 on q, v, Adam, Opacus per-sample clipping and noise, run two ways on the same model and
+the same units, alternating step by step so that machine noise hits both:
+- before: full logits at every position, micro-batches cut in the sampled order;
+- after:  the vocabulary head applied only to labelled positions, units grouped by length into
+          the micro-batches of least padded cost (`privacy.dp_sgd.micro_batches`).
+Throughput counts non-pad tokens only. Useful work per token is 4 N (2N forward, 2N for the
+activation gradients; frozen weights need no weight gradients): the issue's measure. "Needed"
+work counts the head (vocab x hidden) only at the labelled positions that have a loss, which is
+all the training objective needs. Writes benchmarks/results/train_throughput.md.
 """
 
 from __future__ import annotations
@@ -19,72 +29,141 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command, lora_batch, machine, sequence_losses, write_result  # noqa: E402
+from _common import command, machine, write_result  # noqa: E402
 
 
-def matmul_peak(size: int = 2048, repeats: int = 8) -> float:
+def _best_time(fn, repeats: int) -> float:
+    fn()  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def square_peak(size: int = 2048, repeats: int = 8) -> float:
     import torch
 
     a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.matmul(a, b)  # warm up
-    best = min(_timed(lambda: torch.matmul(a, b)) for _ in range(repeats))
-    return 2 * size**3 / best / 1e9
+    return 2 * size**3 / _best_time(lambda: torch.matmul(a, b), repeats) / 1e9
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def step_times(model_name: str, steps: int, batch: int, length: int, dp: bool) -> tuple[list[float], int]:
+def model_shape_roof(config, rows: int, repeats: int = 5) -> tuple[float, list[tuple[str, float]]]:
+    """GFLOP/s of the model's own matmuls on `rows` token rows, flop-weighted over one forward pass."""
     import torch
 
-    from privacy.dp_sgd import DPSGD, DPSGDSettings
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    layers = config.num_hidden_layers
+    shapes = [("q, o", h, h, 2 * layers), ("k, v", h, kv, 2 * layers), ("gate, up", h, i, 2 * layers), ("down", i, h, layers), ("head", h, config.vocab_size, 1)]
+    total_flops = total_time = 0.0
+    each = []
+    for name, fan_in, fan_out, count in shapes:
+        x, w = torch.randn(rows, fan_in), torch.randn(fan_in, fan_out)
+        seconds = _best_time(lambda: torch.matmul(x, w), repeats)
+        flops = 2 * rows * fan_in * fan_out
+        each.append((f"{name}: [{rows}, {fan_in}] x [{fan_in}, {fan_out}]", flops / seconds / 1e9))
+        total_flops += flops * count
+        total_time += seconds * count
+    return total_flops / total_time / 1e9, each
 
-    model, inputs, parameters = lora_batch(model_name, batch, length)
 
-    times = []
-    if dp:
-        engine = DPSGD(model, lambda ps: torch.optim.Adam(ps, lr=1e-3), DPSGDSettings(1.0, 1.0, batch / 1000, batch), torch.Generator().manual_seed(0))
-        for _ in range(steps + 1):
-            times.append(_timed(lambda: engine.step([(inputs, torch.arange(batch), batch)], sequence_losses)))
-    else:
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+def in_sampled_order(units: list[int], rows_per_unit: list[int], widths: list[int], max_rows: int) -> list[list[int]]:
+    """The previous micro-batching: whole units, in the order they were sampled, cut at max_rows."""
+    batches, current, size = [], [], 0
+    for unit in units:
+        if current and size + rows_per_unit[unit] > max_rows:
+            batches.append(current)
+            current, size = [], 0
+        current.append(unit)
+        size += rows_per_unit[unit]
+    return batches + ([current] if current else [])
 
-        def plain_step():
-            loss = sequence_losses(model, inputs, None, batch).sum()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
 
-        for _ in range(steps + 1):
-            times.append(_timed(plain_step))
-    return times[1:], parameters  # the first step warms up
+def full_logits_loss(module, inputs, row_unit, n_units):
+    from knowledgesg.sft import per_sequence_loss
+    from privacy.dp_sgd import unit_means
+
+    logits = module(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    return unit_means(per_sequence_loss(logits, inputs["labels"]), row_unit, n_units)
 
 
 def main() -> None:
+    import random
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from knowledgesg.builtin_data import load_builtin
+    from knowledgesg.models import load_causal_lm, resolve_model
+    from knowledgesg.sft import IGNORE, tokenize_example, unit_batch, unit_loss_on, unit_widths
+    from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches
+    from privacy.noise import SecureRandom
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=16, help="units in the logical batch")
+    parser.add_argument("--max-rows", type=int, default=8)
+    parser.add_argument("--loss-on", choices=["response", "all"], default="response")
     args = parser.parse_args()
 
-    peak = matmul_peak()
-    tokens = args.batch * args.length
+    torch.manual_seed(0)
+    model, tokenizer = load_causal_lm(resolve_model(args.model))
+    config = model.config
+    parameters = sum(p.numel() for p in model.parameters())
+    head_parameters = config.vocab_size * config.hidden_size
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    model.train()
+    records = load_builtin("fpb_train", "fpb")
+    examples = [tokenize_example(tokenizer, r, 128, args.loss_on) for r in records[:2000]]
+    units = [[i] for i in range(len(examples))]
+    rows_per_unit, widths = [1] * len(units), unit_widths(examples, units)
+    engine = DPSGD(model, lambda ps: torch.optim.Adam(ps, lr=1e-4), DPSGDSettings(1.0, 1.0, args.batch / len(units), args.batch), SecureRandom.from_os_entropy())
+    variants = {"before": (in_sampled_order, full_logits_loss), "after": (micro_batches, unit_loss_on("cpu"))}
+    rng = random.Random(0)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    counts = {"tokens": [], "labelled": [], "padded_before": [], "padded_after": []}
+    for step in range(args.steps + 1):
+        chosen = rng.sample(range(len(units)), args.batch)  # the same units for both variants
+        tokens = sum(len(examples[u].input_ids) for u in chosen)
+        labelled = sum(sum(t != IGNORE for t in examples[u].labels[1:]) for u in chosen)
+        for name, (split, loss) in (variants.items() if step % 2 == 0 else reversed(variants.items())):
+            batches = [unit_batch(examples, units, mb, tokenizer.pad_token_id) for mb in split(chosen, rows_per_unit, widths, args.max_rows)]
+            start = time.perf_counter()
+            engine.step(batches, loss)
+            if step:  # the first step warms up
+                times[name].append(time.perf_counter() - start)
+                counts[f"padded_{name}"].append(sum(b[0]["input_ids"].numel() for b in batches))
+        if step:
+            counts["tokens"].append(tokens)
+            counts["labelled"].append(labelled)
+
+    peak = square_peak()
+    roof, shapes = model_shape_roof(config, rows=args.max_rows * 96)
+    tokens = statistics.mean(counts["tokens"])
+    labelled = statistics.mean(counts["labelled"])
     rows = []
-    for label, dp in (("LoRA, no DP", False), ("LoRA, DP-SGD (Opacus)", True)):
-        times, parameters = step_times(args.model, args.steps, args.batch, args.length, dp)
-        median = statistics.median(times)
-        achieved = 4 * parameters * tokens / median / 1e9
-        rows.append(f"| {label} | {median:.2f} | {tokens / median:.0f} | {achieved:.1f} | {achieved / peak:.1%} |")
+    for name in variants:
+        seconds = statistics.median(times[name])
+        rate = tokens / seconds
+        useful = 4 * parameters * tokens / seconds / 1e9
+        needed = (4 * (parameters - head_parameters) * tokens + 4 * head_parameters * labelled) / seconds / 1e9
+        padded = statistics.mean(counts[f"padded_{name}"])
+        rows.append(f"| {name} | {seconds:.2f} | {padded:.0f} | {rate:.0f} | {useful / peak:.1%} | {useful / roof:.1%} | {needed / roof:.1%} |")
+    speedup = statistics.median(times["before"]) / statistics.median(times["after"])
     write_result("train_throughput", [
-        "# Training throughput against the machine's matmul peak", "",
+        "# DP-SGD training throughput against the matmul roof", "",
         f"Command: `{command()}`", f"Machine: {machine()}",
-        f"Model: {args.model} ({parameters / 1e6:.0f} M parameters); batch {args.batch} x {args.length} tokens; median of {args.steps} steps after one warm-up.",
-        f"Measured float32 matmul peak (2048 x 2048, best of 8): **{peak:.1f} GFLOP/s**.", "",
-        "| step | seconds | tokens/s | useful GFLOP/s (4 N per token) | fraction of peak |", "|---|---|---|---|---|", *rows,
+        f"Model: {args.model} ({parameters / 1e6:.0f} M parameters, head {head_parameters / 1e6:.1f} M); LoRA r=8 on q, v; Adam; DP-SGD (Opacus).",
+        f"One logical batch of {args.batch} real FPB training examples (chat template, loss on {args.loss_on}), at most {args.max_rows} rows per pass; "
+        f"{tokens:.0f} non-pad tokens and {labelled:.0f} labelled tokens per step on average; median of {args.steps} steps per variant, alternating.", "",
+        f"Roofs: float32 matmul 2048 x 2048 **{peak:.1f} GFLOP/s**; at the model's own shapes ({args.max_rows * 96} rows, flop-weighted) **{roof:.1f} GFLOP/s**.", "",
+        "| variant | s / step | tokens computed (padding included) | non-pad tokens/s | 4N/token vs square peak | 4N/token vs model-shape roof | needed flops vs model-shape roof |",
+        "|---|---:|---:|---:|---:|---:|---:|", *rows, "",
+        f"Speed-up after / before: **{speedup:.2f}x** (same units, same model, same process).", "",
+        "Matmul throughput at the model's shapes:", "", *[f"- {name}: {rate:.1f} GFLOP/s" for name, rate in shapes],
     ])
 
 

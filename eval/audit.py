@@ -97,13 +97,31 @@ def _split(tokenizer, text: str, start: int) -> tuple[list[int], int]:
     return encoded["input_ids"], k
 
 
-def secret_nll(model, tokenizer, template: CanaryTemplate, canary: Canary, secrets: list[str], batch_size: int, device: str) -> np.ndarray:
-    """Negative log-likelihood of the text from the secret on, for each candidate secret."""
+def own_secret_nll(model, tokenizer, template: CanaryTemplate, canaries: list[Canary], batch_size: int, device: str) -> list[float]:
+    """Each canary's negative log-likelihood of the text from its own secret on: one batched,
+    length-grouped pass over all canaries."""
     from knowledgesg.scoring import continuation_logprobs, pad_id
 
-    pairs = [split_at_secret(tokenizer, template, canary, s) for s in secrets]
+    pairs = [split_at_secret(tokenizer, template, c, c.secret) for c in canaries]
     scores = continuation_logprobs(model, [p for p, _ in pairs], [r for _, r in pairs], pad_id(tokenizer), batch_size, device)
-    return np.array([-float(s.sum()) for s in scores])
+    return [-float(s.sum()) for s in scores]
+
+
+def secret_nll(model, tokenizer, template: CanaryTemplate, canary: Canary, secrets: list[str], batch_size: int, device: str) -> np.ndarray:
+    """Negative log-likelihood of the text from the secret on, for each candidate secret. The
+    candidates share the canary's text before the secret: it is run once per distinct prefix
+    (`shared_prefix_logprobs`)."""
+    from knowledgesg.scoring import pad_id, shared_prefix_logprobs
+
+    pairs = [split_at_secret(tokenizer, template, canary, s) for s in secrets]
+    by_prefix: dict[tuple[int, ...], list[int]] = {}
+    for i, (prefix, _) in enumerate(pairs):
+        by_prefix.setdefault(tuple(prefix), []).append(i)
+    nll = np.empty(len(secrets))
+    for prefix, rows in by_prefix.items():
+        for i, scores in zip(rows, shared_prefix_logprobs(model, list(prefix), [pairs[i][1] for i in rows], pad_id(tokenizer), max(batch_size, 32), device)):
+            nll[i] = -float(scores.sum())
+    return nll
 
 
 def candidate_secrets(canary: Canary, digits: int, count: int, enumerate_limit: int, seed: int) -> tuple[list[str], bool]:
@@ -124,27 +142,29 @@ def exposure(model, tokenizer, template: CanaryTemplate, canary: Canary, digits:
     """`own`: the canary's loss on this model, if the caller already has it."""
     secrets, exact = candidate_secrets(canary, digits, options.candidates, options.enumerate_limit, options.seed)
     if own is None:
-        own = float(secret_nll(model, tokenizer, template, canary, [canary.secret], options.batch_size, device)[0])
+        own = own_secret_nll(model, tokenizer, template, [canary], options.batch_size, device)[0]
     losses = secret_nll(model, tokenizer, template, canary, secrets, options.batch_size, device)
     if exact:
         return metrics.exposure_exact(own, losses)
     return metrics.exposure_extrapolated(own, losses, 10.0**digits)
 
 
-def extraction(model, tokenizer, template: CanaryTemplate, canary: Canary, digits: int, samples: int, seed: int, device: str) -> dict:
-    """Greedy and sampled continuations of the canary's text up to its secret."""
+def extractions(model, tokenizer, template: CanaryTemplate, canaries: list[Canary], digits: int, samples: int, seed: int, device: str) -> list[dict]:
+    """Greedy and sampled continuations of each canary's text up to its secret, all canaries in
+    one batched greedy pass and one batched sampled pass."""
     from knowledgesg.generation import Generator, SamplingParams
 
-    prefix, _ = split_at_secret(tokenizer, template, canary, canary.secret)
-    generator = Generator(model, tokenizer, max(1, samples), device)
+    prefixes = [split_at_secret(tokenizer, template, c, c.secret)[0] for c in canaries]
+    generator = Generator(model, tokenizer, 32, device)
     budget = digits + 4
-    greedy = generator.generate([prefix], SamplingParams(do_sample=False, max_new_tokens=budget), seed)[0].text
-    sampled = generator.generate([prefix] * samples, SamplingParams(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=budget), seed) if samples else []
+    greedy = generator.generate(prefixes, SamplingParams(do_sample=False, max_new_tokens=budget), seed)
+    sampled = generator.generate([p for p in prefixes for _ in range(samples)], SamplingParams(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=budget), seed) if samples else []
 
-    def recovered(text: str) -> bool:
+    def recovered(text: str, canary: Canary) -> bool:
         return text.lstrip().startswith(canary.secret)
 
-    return {"greedy": recovered(greedy), "sampled_hits": sum(recovered(c.text) for c in sampled)}
+    return [{"greedy": recovered(greedy[k].text, c), "sampled_hits": sum(recovered(x.text, c) for x in sampled[k * samples : (k + 1) * samples])}
+            for k, c in enumerate(canaries)]
 
 
 # -- models --------------------------------------------------------------------------------------
@@ -214,16 +234,16 @@ def canary_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, tar
     group = canary_group_size(spec)
     entries = read_stage_ledgers(run_dir, [s.name for s in spec.stages])
     reference_model, tokenizer = reference
-    reference_nll = [float(secret_nll(reference_model, tokenizer, template, c, [c.secret], options.batch_size, device)[0]) for c in canaries]
+    reference_nll = own_secret_nll(reference_model, tokenizer, template, canaries, options.batch_size, device)
     section = {"client": client, "count": len(canaries), "planted": sum(c.included for c in canaries), "repeats": canary_spec.repeats, "group_size": group,
                "digits": digits, "space_log2": round(digits * math.log2(10), 3), "method": "exact" if 10**digits <= options.enumerate_limit else f"skew-normal fit on {options.candidates} candidates",
                "targets": {}}
     for target in [t for t in targets if t.name in (f"dp_adapter:{client}", "final")]:
         model, tokenizer = load_target(base, target.adapter_dir, device)
         console.print(f"audit: canaries on {target.name}")
-        target_nll = [float(secret_nll(model, tokenizer, template, c, [c.secret], options.batch_size, device)[0]) for c in canaries]
+        target_nll = own_secret_nll(model, tokenizer, template, canaries, options.batch_size, device)
         exposures = [round(exposure(model, tokenizer, template, c, digits, options, device, own), 4) for c, own in track(list(zip(canaries, target_nll)), f"exposure on {target.name}", total=len(canaries))]
-        extracted = [extraction(model, tokenizer, template, c, digits, options.extraction_samples, options.seed + c.index, device) for c in track(canaries, f"extraction on {target.name}", total=len(canaries))]
+        extracted = extractions(model, tokenizer, template, canaries, digits, options.extraction_samples, options.seed, device)
         scores = [r - t for r, t in zip(reference_nll, target_nll)]  # how far training lowered the secret's loss
         planted = [c.included for c in canaries]
         claimed = claimed_for_canaries(entries, target.name, client, group)
@@ -251,39 +271,62 @@ def _mean(values: list[float]) -> float | None:
     return round(float(np.mean(values)), 4) if values else None
 
 
-def mia_scores(model, tokenizer, reference, records: list[InstructionRecord], options: AuditOptions, device: str) -> dict[str, list[float]]:
-    from knowledgesg.scoring import pad_id, token_statistics
+def mia_sequences(tokenizer, records: list[InstructionRecord], max_length: int) -> list[list[int]]:
     from knowledgesg.sft import tokenize_example
 
-    sequences = [tokenize_example(tokenizer, r, options.max_length, "all").input_ids for r in records]
-    target = token_statistics(model, sequences, pad_id(tokenizer), options.batch_size, device, "audit: membership scores")
-    ref = token_statistics(reference, sequences, pad_id(tokenizer), options.batch_size, device, "audit: reference scores")
+    return [tokenize_example(tokenizer, r, max_length, "all").input_ids for r in records]
+
+
+def mia_scores(model, tokenizer, reference_logprobs: list[np.ndarray], records: list[InstructionRecord], options: AuditOptions, device: str) -> dict[str, list[float]]:
+    """Every membership score from one pass of the target over the records (the variants reuse
+    its per-token statistics) and the reference model's per-token log-probabilities."""
+    from knowledgesg.scoring import pad_id, token_statistics
+
+    target = token_statistics(model, mia_sequences(tokenizer, records, options.max_length), pad_id(tokenizer), options.batch_size, device, "audit: membership scores")
     texts = [f"{user_message(r)}\n{r.response}" for r in records]
     return {
         "loss": [metrics.score_loss(t["logprobs"]) for t in target],
         "zlib": [metrics.score_zlib(t["logprobs"], text) for t, text in zip(target, texts)],
-        "reference": [metrics.score_reference(t["logprobs"], r["logprobs"]) for t, r in zip(target, ref)],
+        "reference": [metrics.score_reference(t["logprobs"], r) for t, r in zip(target, reference_logprobs)],
         "min_k": [metrics.score_min_k(t["logprobs"]) for t in target],
         "min_k_plus_plus": [metrics.score_min_k_plus_plus(t["logprobs"], t["mu"], t["sigma"]) for t in target],
     }
 
 
+def mia_records(run_dir: Path, client: str, options: AuditOptions) -> tuple[list[InstructionRecord], list[InstructionRecord]]:
+    """(members sampled from the client's training records, its held-out non-members)."""
+    members = [InstructionRecord.model_validate(r) for r in read_jsonl(run_dir / "stages/ingest/clients" / client / "records.jsonl")
+               if r["kind"] == "instruction" and r["source"] != "canary"]
+    members = random.Random(f"{options.seed}:members:{client}").sample(members, min(options.mia_members, len(members)))
+    return members, [InstructionRecord.model_validate(r) for r in read_jsonl(run_dir / "stages/ingest/clients" / client / "holdout.jsonl")]
+
+
 def mia_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, targets: list[Target], clients: list[str], options: AuditOptions, device: str) -> dict | None:
+    from knowledgesg.scoring import pad_id, token_statistics
+
     if not spec.audit.holdout_per_client:
         return None
-    reference, _ = reference
+    reference_model, tokenizer = reference
+    records = {client: mia_records(run_dir, client, options) for client in clients}
+    reference_cache: dict[tuple[str, int], list[np.ndarray]] = {}
+
+    def reference_logprobs(client: str, side: int) -> list[np.ndarray]:
+        """The base model's pass over a record set, shared by every target that audits it."""
+        if (client, side) not in reference_cache:
+            stats = token_statistics(reference_model, mia_sequences(tokenizer, records[client][side], options.max_length), pad_id(tokenizer), options.batch_size, device,
+                                     "audit: reference scores")
+            reference_cache[(client, side)] = [t["logprobs"] for t in stats]
+        return reference_cache[(client, side)]
+
     section = {}
     for target in targets:
         model, tokenizer = load_target(base, target.adapter_dir, device)
         console.print(f"audit: membership inference on {target.name}")
         audited = [target.name.split(":", 1)[1]] if target.name.startswith("dp_adapter:") else clients
         for client in audited:
-            members = [InstructionRecord.model_validate(r) for r in read_jsonl(run_dir / "stages/ingest/clients" / client / "records.jsonl")
-                       if r["kind"] == "instruction" and r["source"] != "canary"]
-            members = random.Random(f"{options.seed}:members:{client}").sample(members, min(options.mia_members, len(members)))
-            holdout = [InstructionRecord.model_validate(r) for r in read_jsonl(run_dir / "stages/ingest/clients" / client / "holdout.jsonl")]
-            inside = mia_scores(model, tokenizer, reference, members, options, device)
-            outside = mia_scores(model, tokenizer, reference, holdout, options, device)
+            members, holdout = records[client]
+            inside = mia_scores(model, tokenizer, reference_logprobs(client, 0), members, options, device)
+            outside = mia_scores(model, tokenizer, reference_logprobs(client, 1), holdout, options, device)
             section[f"{target.name}|{client}"] = {"members": len(members), "non_members": len(holdout),
                                                   "scores": {name: metrics.roc(inside[name], outside[name]) for name in inside}}
         del model

@@ -70,6 +70,43 @@ def continuation_logprobs(model, contexts: list[list[int]], continuations: list[
     return results  # type: ignore[return-value]
 
 
+def shared_prefix_logprobs(model, prefix: list[int], continuations: list[list[int]], pad_id: int, batch_size: int = 32, device: str = "cpu") -> list[np.ndarray]:
+    """Per-token log-probabilities of continuations that all follow one prefix.
+
+    The prefix runs once; its key-value cache is copied to every batch of continuations, which
+    are right-padded after it. An audit's candidate secrets share everything before the secret,
+    so a hundred candidates cost one pass over the prefix instead of a hundred.
+    """
+    import copy
+
+    import torch
+    from transformers import DynamicCache
+
+    if any(not c for c in continuations):
+        raise ValueError("an empty continuation has no log-probability")
+    results: list[np.ndarray | None] = [None] * len(continuations)
+    width = len(prefix)
+    model.eval()
+    with torch.no_grad():
+        cache = DynamicCache()
+        first = model(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1].float().log_softmax(-1)
+        for chunk in length_batches([len(c) for c in continuations], batch_size):
+            ids, mask = pad_batch([continuations[i] for i in chunk], pad_id, left=False)
+            rows = len(chunk)
+            rows_cache = copy.deepcopy(cache)
+            rows_cache.batch_repeat_interleave(rows)
+            mask = torch.cat([torch.ones((rows, width), dtype=mask.dtype), mask], dim=1)
+            positions = torch.arange(width, width + ids.shape[1])[None].expand(rows, -1)
+            # column t predicts the continuation's token t + 1: the last column predicts nothing
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), past_key_values=rows_cache,
+                           use_cache=True).logits[:, :-1].float().log_softmax(-1)
+            for row, i in enumerate(chunk):
+                tokens = torch.tensor(continuations[i], device=logits.device)
+                rest = logits[row, : len(tokens) - 1].gather(1, tokens[1:, None]).squeeze(1)
+                results[i] = torch.cat([first[tokens[:1]], rest]).cpu().numpy()
+    return results  # type: ignore[return-value]
+
+
 def next_token_logprobs(model, contexts: list[list[int]], wanted: list[list[int]], pad_id: int, batch_size: int = 8, device: str = "cpu",
                         progress: str | None = None) -> list[np.ndarray]:
     """For each context, the log-probabilities of its `wanted` tokens as the next token."""

@@ -8,6 +8,7 @@ import torch
 
 from knowledgesg.prompts import user_message
 from knowledgesg.records import InstructionRecord
+from privacy.dp_sgd import unit_means
 
 IGNORE = -100
 
@@ -65,16 +66,60 @@ def unit_batch(examples: list[Example], units: list[list[int]], batch_units: lis
     return collate([examples[r] for r in rows], pad_id), row_unit, len(batch_units)
 
 
+def unit_widths(examples: list[Example], units: list[list[int]]) -> list[int]:
+    """Each unit's longest row, in tokens: the width it pads a micro-batch to."""
+    return [max(len(examples[r].input_ids) for r in unit) for unit in units]
+
+
 def unit_loss_on(device: str):
     """The per-unit loss DP-SGD differentiates: each sequence's mean response loss, averaged over
     the rows of its privacy unit."""
-    from privacy.dp_sgd import unit_means
 
     def unit_loss(module, inputs: dict[str, torch.Tensor], row_unit: torch.Tensor, n_units: int) -> torch.Tensor:
-        out = module(input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device))
-        return unit_means(per_sequence_loss(out.logits, inputs["labels"].to(device)), row_unit.to(device), n_units)
+        return unit_means(sequence_losses(module, inputs, device), row_unit.to(device), n_units)
 
     return unit_loss
+
+
+# Model families whose causal-LM head is a plain linear map of the decoder's last hidden state
+# (no logit soft-capping or scaling after it), so it may be applied to the labelled positions alone.
+PLAIN_HEAD_FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder, output head) of a causal LM seen through Opacus's and peft's wrappers, or None when
+    the head cannot be split off: another family, or a trained head (its per-row gradients need
+    batch-first inputs, which a gather of labelled positions does not keep)."""
+    while hasattr(model, "_module"):  # opacus.GradSampleModule: hooks sit on the inner layers
+        model = model._module
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "model_type", None) not in PLAIN_HEAD_FAMILIES:
+        return None
+    head = base.get_output_embeddings()
+    if head is None or any(p.requires_grad for p in head.parameters()):
+        return None
+    return base.get_decoder(), head
+
+
+def sequence_losses(model, inputs: dict[str, torch.Tensor], device: str) -> torch.Tensor:
+    """Each row's mean cross-entropy over its labelled tokens, shape [rows].
+
+    The vocabulary projection (49k x 576 for SmolLM2, a fifth of the model's flops per token) is
+    applied only where a token is predicted that carries a label: not on padding, and with
+    `loss_on="response"` not on the prompt. Same value as `per_sequence_loss` on the full logits.
+    """
+    ids, mask, labels = inputs["input_ids"].to(device), inputs["attention_mask"].to(device), inputs["labels"].to(device)
+    parts = decoder_and_head(model)
+    if parts is None:
+        return per_sequence_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
+    decoder, head = parts
+    hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    targets = labels[:, 1:]
+    labelled = targets != IGNORE
+    token_loss = torch.nn.functional.cross_entropy(head(hidden[:, :-1][labelled]).float(), targets[labelled], reduction="none")
+    rows = labelled.nonzero()[:, 0]
+    sums = torch.zeros(len(ids), dtype=token_loss.dtype, device=token_loss.device).index_add_(0, rows, token_loss)
+    return sums / labelled.sum(dim=1).clamp(min=1)
 
 
 def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

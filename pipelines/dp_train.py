@@ -151,7 +151,7 @@ class DPTrain(Stage):
         from peft import LoraConfig, get_peft_model
 
         from knowledgesg.models import ResolvedModel, load_causal_lm, resolve_device
-        from knowledgesg.sft import make_optimizer, tokenize_example, unit_batch, unit_loss_on
+        from knowledgesg.sft import make_optimizer, tokenize_example, unit_batch, unit_loss_on, unit_widths
         from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches, poisson_batches
 
         p: DPTrainParams = self.params
@@ -164,6 +164,7 @@ class DPTrain(Stage):
         model.train()
         examples = [tokenize_example(tokenizer, record, p.max_length, p.loss_on) for record in plan.records]
         units, rows_per_unit = plan.units.members, plan.units.rows_per_unit
+        widths = unit_widths(examples, units)
 
         coins = ctx.release_random(plan.client_id, "sampler")  # OS entropy, fresh for this release
         settings = DPSGDSettings(plan.noise_multiplier, plan.clip_norm, plan.sample_rate, p.batch_size)
@@ -177,7 +178,7 @@ class DPTrain(Stage):
         with progress_bar() as bar:
             task = bar.add_task(f"dp_train {plan.client_id}{label}", total=plan.steps)
             for step, chosen in enumerate(poisson_batches(len(units), plan.sample_rate, plan.steps, coins)):
-                loss = dp.step([unit_batch(examples, units, mb, tokenizer.pad_token_id) for mb in micro_batches(chosen, rows_per_unit, p.max_physical_batch)], unit_loss)
+                loss = dp.step([unit_batch(examples, units, mb, tokenizer.pad_token_id) for mb in micro_batches(chosen, rows_per_unit, widths, p.max_physical_batch)], unit_loss)
                 losses.append({"step": step + 1, "units": len(chosen), "loss": None if loss is None else round(loss, 6)})
                 if step == 0 or (step == 1 and losses[0]["loss"] is None):
                     self._check_adapter_moved(model, lora_before)

@@ -53,18 +53,34 @@ class SecureDPOptimizer(DPOptimizer):
             _mark_as_processed(p.summed_grad)
 
 
-def micro_batches(units: list[int], rows_per_unit: list[int], max_rows: int) -> list[list[int]]:
-    """Split a logical batch into physical ones of whole units (a unit is never split: it would be clipped twice)."""
-    batches, current, size = [], [], 0
-    for unit in units:
-        if current and size + rows_per_unit[unit] > max_rows:
-            batches.append(current)
-            current, size = [], 0
-        current.append(unit)
-        size += rows_per_unit[unit]
-    if current:
-        batches.append(current)
-    return batches
+def micro_batches(units: list[int], rows_per_unit: list[int], widths: list[int], max_rows: int, pass_overhead_tokens: int = 64) -> list[list[int]]:
+    """Split a logical batch into physical ones of whole units, grouped by length.
+
+    A unit is never split (it would be clipped twice) and rows of different units never share a
+    row. Each physical batch is padded to its longest row, so its cost is about rows x width
+    tokens, plus a fixed cost per forward pass (`pass_overhead_tokens`, in token-equivalents).
+    Units sorted longest first are cut into the contiguous groups of least total cost (dynamic
+    programming; at most `max_rows` rows each). The DP update is a sum of clipped unit gradients,
+    so the grouping changes only the order of a float sum.
+    """
+    order = sorted(units, key=lambda u: (-widths[u], u))
+    n = len(order)
+    best = [0.0] + [math.inf] * n  # best[i]: least cost of the first i units
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        rows = 0
+        for start in range(end - 1, -1, -1):  # group order[start:end], padded to order[start]'s width
+            rows += rows_per_unit[order[start]]
+            if rows > max_rows and start < end - 1:
+                break
+            cost = best[start] + rows * widths[order[start]] + pass_overhead_tokens
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    batches, end = [], n
+    while end > 0:
+        batches.append(order[cut[end] : end])
+        end = cut[end]
+    return batches[::-1]
 
 
 def unit_means(per_row: torch.Tensor, row_unit: torch.Tensor, n_units: int) -> torch.Tensor:

@@ -58,11 +58,18 @@ class SecureRandom:
         return self.origin == "os_entropy"
 
     def _words(self, count: int) -> np.ndarray:
-        return np.frombuffer(self._stream.update(bytes(8 * count)), dtype=np.uint64)
+        """`count` uint64 words of keystream (written into one buffer: noise for millions of LoRA
+        parameters is drawn every step)."""
+        out = bytearray(8 * count + 15)  # update_into wants room for one more block
+        self._stream.update_into(bytes(8 * count), out)
+        return np.frombuffer(out, dtype=np.uint64, count=count)
 
     def uniform(self, count: int) -> np.ndarray:
         """Doubles in (0, 1): 53 random bits, offset by half a step so that 0 never occurs."""
-        return ((self._words(count) >> _MANTISSA).astype(np.float64) + 0.5) * 2.0**-53
+        values = (self._words(count) >> _MANTISSA).astype(np.float64)
+        values += 0.5
+        values *= 2.0**-53
+        return values
 
     def bernoulli(self, count: int, probability: float) -> np.ndarray:
         return self.uniform(count) < probability
@@ -76,13 +83,17 @@ class SecureRandom:
         noise is first drawn, so that `ksg` starts without it."""
         import torch
 
-        draws = DRAWS_PER_VALUE * count
-        pairs = (draws + 1) // 2
-        u = torch.from_numpy(self.uniform(2 * pairs))
-        radius = torch.sqrt(-2.0 * torch.log(u[:pairs]))
-        angle = (2.0 * math.pi) * u[pairs:]
-        normals = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:draws]
-        return normals.view(DRAWS_PER_VALUE, count).sum(0) * (std / math.sqrt(DRAWS_PER_VALUE))
+        # Box-Muller on 2 * count pairs gives the 4 * count draws: cosines and sines, each read as
+        # two rows of `count`; in place, since this runs on every parameter at every step
+        # the uniforms of `uniform`, converted by torch on every core: (word >> 11) keeps 53 bits
+        words = torch.from_numpy(self._words(4 * count).view(np.int64))
+        u = (words >> 11).bitwise_and_((1 << 53) - 1).to(torch.float64).add_(0.5).mul_(2.0**-53)
+        radius = u[: 2 * count].log_().mul_(-2.0).sqrt_()
+        angle = u[2 * count :].mul_(2.0 * math.pi)
+        cosines = torch.cos(angle).mul_(radius)
+        sines = angle.sin_().mul_(radius)
+        total = cosines.view(2, count).sum(0).add_(sines.view(2, count).sum(0))
+        return total.mul_(std / math.sqrt(DRAWS_PER_VALUE))
 
     def normal(self, shape, std: float, dtype=None, device="cpu"):
         """N(0, std^2) of the given shape as a torch tensor, cast to `dtype` (default float32) last."""

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 
 from knowledgesg.models import load_causal_lm, resolve_model
 from knowledgesg.records import InstructionRecord
-from knowledgesg.sft import collate, per_sequence_loss, tokenize_example
+from knowledgesg.sft import collate, per_sequence_loss, sequence_losses, tokenize_example, unit_loss_on, unit_widths
 from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches, poisson_batches, unit_means
 from privacy.noise import SecureRandom
 
@@ -41,9 +41,9 @@ def _flat(model) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in _trainable(model)])
 
 
-def unit_loss(module, inputs, row_unit, n_units):
-    per_row = per_sequence_loss(module(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits, inputs["labels"])
-    return unit_means(per_row, row_unit, n_units)
+# what dp_train differentiates (logits on labelled positions only, through Opacus's hooks); the
+# references below compute the full logits on a plain model
+unit_loss = unit_loss_on("cpu")
 
 
 def _dp_update(setup, units, settings, max_rows=64, seed=0):
@@ -59,7 +59,8 @@ def _dp_update(setup, units, settings, max_rows=64, seed=0):
         row_unit = torch.tensor([i for i, u in enumerate(batch) for _ in units[u]])
         return collate([examples[r] for r in rows], tokenizer.pad_token_id), row_unit, len(batch)
 
-    batches = [physical(b) for b in micro_batches(list(range(len(units))), rows_per_unit, max_rows)] if units else []
+    widths = unit_widths(examples, units) if units else []
+    batches = [physical(b) for b in micro_batches(list(range(len(units))), rows_per_unit, widths, max_rows)] if units else []
     dp.step(batches, unit_loss)
     return _flat(dp.module._module) - before, dp
 
@@ -128,8 +129,44 @@ def test_empty_poisson_batches_happen_and_are_counted():
 
 
 def test_micro_batches_never_split_a_unit():
-    batches = micro_batches([0, 1, 2, 3], [3, 1, 4, 2], max_rows=4)
-    assert batches == [[0, 1], [2], [3]]
+    rows = [3, 1, 4, 2]
+    batches = micro_batches([0, 1, 2, 3], rows, [50, 50, 50, 50], max_rows=4)
+    assert sorted(u for b in batches for u in b) == [0, 1, 2, 3]
+    assert all(sum(rows[u] for u in b) <= 4 or len(b) == 1 for b in batches)
+
+
+def test_micro_batches_group_by_length_when_padding_costs_more_than_a_pass():
+    # one long unit beside seven short ones: padding the short ones to 128 costs 7 x 68 tokens,
+    # more than a second forward pass (64)
+    widths = [128] + [60] * 7
+    assert micro_batches(list(range(8)), [1] * 8, widths, max_rows=8, pass_overhead_tokens=64) == [[0], [1, 2, 3, 4, 5, 6, 7]]
+    # similar lengths stay in one pass
+    assert micro_batches(list(range(8)), [1] * 8, [64, 60, 60, 60, 58, 60, 60, 62], max_rows=8) == [[0, 7, 1, 2, 3, 5, 6, 4]]
+
+
+def test_loss_on_labelled_positions_equals_the_full_logits_loss(setup):
+    """The vocabulary projection is applied to labelled positions only; the losses are unchanged."""
+    model, tokenizer, examples = setup
+    plain = copy.deepcopy(model).eval()
+    records = [InstructionRecord(id=f"a/{i}", instruction="Say it", input=t, response=l, source="s") for i, (t, l) in enumerate(zip(TEXTS, LABELS))]
+    for loss_on in ("response", "all"):
+        batch = collate([tokenize_example(tokenizer, r, 64, loss_on) for r in records], tokenizer.pad_token_id)
+        with torch.no_grad():
+            full = per_sequence_loss(plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+            gathered = sequence_losses(plain, batch, "cpu")
+        assert (batch["attention_mask"] == 0).any()  # padding is there to be skipped
+        assert torch.allclose(gathered, full, atol=1e-5, rtol=1e-5), (loss_on, gathered, full)
+
+
+def test_length_grouped_micro_batches_leave_the_dp_update_unchanged(setup):
+    """Same units, one physical batch against length-grouped ones of at most 2 rows: the same
+    clipped sum (no noise), so the same update to float tolerance."""
+    units = [[0], [1, 3], [2], [4]]
+    settings = DPSGDSettings(noise_multiplier=0.0, clip_norm=0.05, sample_rate=0.5, expected_batch_units=4)
+    whole, _ = _dp_update(setup, units, settings, max_rows=64)
+    grouped, _ = _dp_update(setup, units, settings, max_rows=2)
+    assert whole.abs().max() > 0
+    assert torch.allclose(whole, grouped, atol=1e-7, rtol=1e-5)
 
 
 def test_per_sequence_loss_does_not_depend_on_batchmates(setup):
@@ -163,3 +200,19 @@ def test_the_no_update_check_fires_when_weights_did_not_move(setup):
 def test_unit_means():
     per_row = torch.tensor([1.0, 3.0, 5.0, 2.0])
     assert unit_means(per_row, torch.tensor([0, 0, 1, 2]), 3).tolist() == [2.0, 5.0, 2.0]
+
+
+def test_secure_gaussian_is_box_muller_over_the_keystream_uniforms_and_normal():
+    """The fast in-place sampler gives exactly the values of the plain construction (four
+    Box-Muller draws per value over `uniform`'s 53-bit doubles, summed and halved), and they are
+    normal with the asked-for scale."""
+    from scipy import stats
+
+    key, n, std = b"k" * 32, 20_000, 0.7
+    got = SecureRandom(key, "reproducible").normal((n,), std, dtype=torch.float64)
+    u = torch.from_numpy(SecureRandom(key, "reproducible").uniform(4 * n))
+    radius, angle = torch.sqrt(-2.0 * torch.log(u[: 2 * n])), 2.0 * math.pi * u[2 * n :]
+    draws = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)]).view(4, n)
+    assert torch.allclose(got, draws.sum(0) * (std / 2), atol=1e-12, rtol=0)
+    assert stats.kstest(got.numpy() / std, "norm").pvalue > 1e-3
+    assert float(got.std()) == pytest.approx(std, rel=0.03)

@@ -196,7 +196,7 @@ class ClientRuntime:
     def _fit_plain(self, task: ClientTask, lora: LoraModel, examples, x: Params, server_c: Params | None, client_c: Params | None) -> tuple[float, Params | None]:
         import torch
 
-        from knowledgesg.sft import collate, make_optimizer, per_sequence_loss
+        from knowledgesg.sft import collate, make_optimizer, sequence_losses
 
         t = task.training
         params = lora.trainable()
@@ -212,8 +212,7 @@ class ClientRuntime:
         losses = []
         for _ in range(t.steps):
             batch = collate([examples[i] for i in rng.choice(len(examples), size=min(t.batch_size, len(examples)), replace=False)], lora.tokenizer.pad_token_id)
-            out = lora.model(input_ids=batch["input_ids"].to(lora.device), attention_mask=batch["attention_mask"].to(lora.device))
-            loss = per_sequence_loss(out.logits, batch["labels"].to(lora.device)).mean()
+            loss = sequence_losses(lora.model, batch, lora.device).mean()
             if t.proximal_mu > 0:
                 loss = loss + t.proximal_mu / 2 * sum(((p - anchor[n]) ** 2).sum() for n, p in params.items())
             optimizer.zero_grad(set_to_none=True)
@@ -234,7 +233,7 @@ class ClientRuntime:
         return float(np.mean(losses)), control_delta
 
     def _fit_dp(self, task: ClientTask, lora: LoraModel, examples, records: list[InstructionRecord]) -> tuple[float | None, int]:
-        from knowledgesg.sft import make_optimizer, unit_batch, unit_loss_on
+        from knowledgesg.sft import make_optimizer, unit_batch, unit_loss_on, unit_widths
         from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches, poisson_batches
 
         t, dp = task.training, task.local_dp
@@ -247,11 +246,12 @@ class ClientRuntime:
         lora.model.train()
         engine = DPSGD(lora.model, make_optimizer(t.optimizer, t.learning_rate), DPSGDSettings(dp.noise_multiplier, dp.clip_norm, dp.sample_rate, expected), noise)
         unit_loss = unit_loss_on(lora.device)
+        widths = unit_widths(examples, units.members)
 
         losses = []
         try:
             for batch_units in poisson_batches(units.count, dp.sample_rate, t.steps, coins):
-                loss = engine.step([unit_batch(examples, units.members, mb, lora.tokenizer.pad_token_id) for mb in micro_batches(batch_units, units.rows_per_unit, t.batch_size)], unit_loss)
+                loss = engine.step([unit_batch(examples, units.members, mb, lora.tokenizer.pad_token_id) for mb in micro_batches(batch_units, units.rows_per_unit, widths, t.batch_size)], unit_loss)
                 if loss is not None:
                     losses.append(loss)
         finally:
