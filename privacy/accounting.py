@@ -8,6 +8,7 @@ total over heterogeneous releases is composed with PLD.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Literal
@@ -123,6 +124,13 @@ def epsilon_prv_or_none(mechanisms: list[Mechanism], delta: float) -> float | No
 
 
 def epsilons(mechanisms: list[Mechanism], delta: float) -> Epsilons:
+    return _epsilons(tuple(mechanisms), delta).model_copy()
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilons(mechanisms_tuple: tuple[Mechanism, ...], delta: float) -> Epsilons:
+    """Cached: the three accountants cost seconds, and planning, release and report ask for the same mechanism."""
+    mechanisms = list(mechanisms_tuple)
     rdp, pld = epsilon_rdp(mechanisms, delta), epsilon_pld(mechanisms, delta)
     prv = epsilon_prv_or_none(mechanisms, delta)
     if all(m.kind in ("post_processing",) or m.steps == 0 for m in mechanisms):
@@ -213,8 +221,10 @@ def group_epsilon(mechanisms: list[Mechanism], size: int, delta: float, discreti
     return float(accountant.get_epsilon(delta))
 
 
+@functools.lru_cache(maxsize=256)
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> tuple[float, str]:
-    """The smallest noise multiplier whose epsilon is at most the target, and within 0.5% of it."""
+    """The smallest noise multiplier whose epsilon is at most the target, and within 0.5% of it
+    (cached: a bisection over the PRV accountant costs seconds; `ksg check` and the run ask alike)."""
     from opacus.accountants.utils import get_noise_multiplier
 
     if not target_epsilon > 0:
