@@ -5,7 +5,8 @@ scales them. What we add around it:
 - sampling over *units*: a unit is a record, or for user-level privacy all of a user's records,
   whose row gradients are summed into one unit gradient before clipping;
 - virtual steps: a logical Poisson batch is split into physical micro-batches (whole units
-  only) with the optimizer's skip-step signal, the mechanism Opacus's BatchMemoryManager uses;
+  only, grouped by length to waste little padding) with the optimizer's skip-step signal, the
+  mechanism Opacus's BatchMemoryManager uses;
 - empty Poisson batches take a noise-only step, which the accountant counts like any other;
 - the Poisson coins and the Gaussian noise come from a `privacy.noise.SecureRandom` (OS entropy
   on the client), never from torch's seeded generator (`SecureDPOptimizer`).
