@@ -119,6 +119,8 @@ def secret_nll(model, tokenizer, template: CanaryTemplate, canary: Canary, secre
         by_prefix.setdefault(tuple(prefix), []).append(i)
     nll = np.empty(len(secrets))
     for prefix, rows in by_prefix.items():
+        # a candidate row is the secret and the text after it (about a dozen tokens), so even
+        # 32 rows are fewer tokens than the batch_size rows of whole prompts the option sizes
         for i, scores in zip(rows, shared_prefix_logprobs(model, list(prefix), [pairs[i][1] for i in rows], pad_id(tokenizer), max(batch_size, 32), device)):
             nll[i] = -float(scores.sum())
     return nll
@@ -277,12 +279,13 @@ def mia_sequences(tokenizer, records: list[InstructionRecord], max_length: int) 
     return [tokenize_example(tokenizer, r, max_length, "all").input_ids for r in records]
 
 
-def mia_scores(model, tokenizer, reference_logprobs: list[np.ndarray], records: list[InstructionRecord], options: AuditOptions, device: str) -> dict[str, list[float]]:
-    """Every membership score from one pass of the target over the records (the variants reuse
-    its per-token statistics) and the reference model's per-token log-probabilities."""
+def mia_scores(model, tokenizer, reference_logprobs: list[np.ndarray], records: list[InstructionRecord], sequences: list[list[int]], options: AuditOptions,
+               device: str) -> dict[str, list[float]]:
+    """Every membership score from one pass of the target over the records' token ids (the
+    variants reuse its per-token statistics) and the reference model's per-token log-probabilities."""
     from knowledgesg.scoring import pad_id, token_statistics
 
-    target = token_statistics(model, mia_sequences(tokenizer, records, options.max_length), pad_id(tokenizer), options.batch_size, device, "audit: membership scores")
+    target = token_statistics(model, sequences, pad_id(tokenizer), options.batch_size, device, "audit: membership scores")
     texts = [f"{user_message(r)}\n{r.response}" for r in records]
     return {
         "loss": [metrics.score_loss(t["logprobs"]) for t in target],
@@ -308,13 +311,14 @@ def mia_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, target
         return None
     reference_model, tokenizer = reference
     records = {client: mia_records(run_dir, client, options) for client in clients}
+    # tokenised once (every model shares the base tokenizer); (client, 0) members, (client, 1) non-members
+    sequences = {(client, side): mia_sequences(tokenizer, group, options.max_length) for client, pair in records.items() for side, group in enumerate(pair)}
     reference_cache: dict[tuple[str, int], list[np.ndarray]] = {}
 
     def reference_logprobs(client: str, side: int) -> list[np.ndarray]:
         """The base model's pass over a record set, shared by every target that audits it."""
         if (client, side) not in reference_cache:
-            stats = token_statistics(reference_model, mia_sequences(tokenizer, records[client][side], options.max_length), pad_id(tokenizer), options.batch_size, device,
-                                     "audit: reference scores")
+            stats = token_statistics(reference_model, sequences[(client, side)], pad_id(tokenizer), options.batch_size, device, "audit: reference scores")
             reference_cache[(client, side)] = [t["logprobs"] for t in stats]
         return reference_cache[(client, side)]
 
@@ -325,8 +329,8 @@ def mia_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, target
         audited = [target.name.split(":", 1)[1]] if target.name.startswith("dp_adapter:") else clients
         for client in audited:
             members, holdout = records[client]
-            inside = mia_scores(model, tokenizer, reference_logprobs(client, 0), members, options, device)
-            outside = mia_scores(model, tokenizer, reference_logprobs(client, 1), holdout, options, device)
+            inside = mia_scores(model, tokenizer, reference_logprobs(client, 0), members, sequences[(client, 0)], options, device)
+            outside = mia_scores(model, tokenizer, reference_logprobs(client, 1), holdout, sequences[(client, 1)], options, device)
             section[f"{target.name}|{client}"] = {"members": len(members), "non_members": len(holdout),
                                                   "scores": {name: metrics.roc(inside[name], outside[name]) for name in inside}}
         del model

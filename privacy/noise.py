@@ -83,11 +83,12 @@ class SecureRandom:
         noise is first drawn, so that `ksg` starts without it."""
         import torch
 
-        # Box-Muller on 2 * count pairs gives the 4 * count draws: cosines and sines, each read as
-        # two rows of `count`; in place, since this runs on every parameter at every step
-        # the uniforms of `uniform`, converted by torch on every core: (word >> 11) keeps 53 bits
+        # the same uniforms as `uniform`, converted by torch on every core ((word >> 11) keeps 53
+        # bits; the mask undoes the sign extension of the int64 view)
         words = torch.from_numpy(self._words(4 * count).view(np.int64))
         u = (words >> 11).bitwise_and_((1 << 53) - 1).to(torch.float64).add_(0.5).mul_(2.0**-53)
+        # Box-Muller on 2 * count pairs gives the 4 * count draws: cosines and sines, each read as
+        # two rows of `count`; in place, since this runs on every parameter at every step
         radius = u[: 2 * count].log_().mul_(-2.0).sqrt_()
         angle = u[2 * count :].mul_(2.0 * math.pi)
         cosines = torch.cos(angle).mul_(radius)
