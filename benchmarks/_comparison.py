@@ -138,9 +138,9 @@ def audit_figures(run_dir: Path, target: str) -> tuple[str, str]:
     if target == "base":
         return "-", "-"
     report = json.loads((run_dir / "audit/audit_report.json").read_text())
-    exposure = report["canaries"]["targets"][target]["mean_exposure_planted"]
+    exposure = report["canaries"]["targets"][target]["kinds"]["all"]["mean_exposure_planted"]
     pii = report["pii"]["models"].get(target, {}).get("replayed_not_by_base", "-")
-    return f"{exposure:.2f}", str(pii)
+    return ("-" if exposure is None else f"{exposure:.2f}"), str(pii)
 
 
 def client_epsilon(run_dir: Path, client: str) -> float:

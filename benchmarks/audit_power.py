@@ -1,22 +1,27 @@
-"""Does the audit have power? The same data and canaries, trained without privacy and at epsilon 8.
+"""Does the audit have power? The same data and canaries, trained without privacy and at epsilon 1, 4 and 8.
 
-Usage:  .venv/bin/python benchmarks/audit_power.py [--records 240] [--epochs 3] [--canaries 32] [--repeats 8]
+Usage:  .venv/bin/python benchmarks/audit_power.py --workdir DIR [--records 700] [--holdout 500] [--canaries 250] [--epochs 2]
 
-One client holds FPB training sentences plus canaries ("Customer <name> confirmed the wire
-transfer with security code <6 digits>."), each planted with probability 1/2 and repeated; 40
-further sentences are held out as non-members. SmolLM2-135M-Instruct gets a LoRA adapter with
-loss on the whole sequence (as the demo trains its synthesizing model), once with no noise
-(NOT PRIVATE) and once with DP-SGD calibrated to epsilon 8; everything else is identical. Then
-`ksg audit` on each. Writes benchmarks/results/audit_power.md.
+One client holds FPB training sentences plus canaries of two kinds ("Customer <name> confirmed the
+wire transfer with security code <secret>."): random 6-digit secrets and designed ones of 4 rare
+words, `--canaries` of each, each planted once with probability 1/2 (the one-run design).
+`--holdout` further sentences are held out as non-members. SmolLM2-135M-Instruct gets a LoRA
+adapter with loss on the whole sequence (as the demo trains its synthesizing model), with no
+noise (NOT PRIVATE) and with DP-SGD calibrated to epsilon 1, 4 and 8; everything else is
+identical. Then `ksg audit` on each.
+
+Resumable: every run lives in DIR and `ksg run` caches finished stages; a finished audit is kept
+(audit/audit_report.json), so running the same command again picks up where it stopped. The
+results file is rewritten after each row with the rows done so far.
+Writes benchmarks/results/audit_power.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,70 +29,126 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
+from _comparison import ksg  # noqa: E402
+
+EPSILONS = (math.inf, 8.0, 4.0, 1.0)  # the rows that decide the goals first
+
+
+def label(epsilon: float) -> str:
+    return "NOT PRIVATE" if math.isinf(epsilon) else f"epsilon {epsilon:g}"
 
 
 def spec_for(epsilon: float, args) -> dict:
     return {
-        "name": f"audit-power-{'nonprivate' if epsilon == float('inf') else f'eps{epsilon:g}'}",
+        "name": f"audit-power-{'nonprivate' if math.isinf(epsilon) else f'eps{epsilon:g}'}",
         "seed": args.seed,
         "models": {"base": "smollm2-135m-instruct"},
         "clients": {"data": [{"builtin": "fpb_train", "sample": args.records}], "partition": {"method": "iid", "num_clients": 1, "names": ["bank_a"]}},
         "privacy": {"target_epsilon": epsilon},
-        "audit": {"canaries": {"client": "bank_a", "count": args.canaries, "repeats": args.repeats, "digits": 6}, "holdout_per_client": 40},
+        "audit": {"canaries": {"client": "bank_a", "count": args.canaries, "kinds": ["digits", "rare_words"], "repeats": 1, "digits": 6, "words": 4},
+                  "holdout_per_client": args.holdout},
         "stages": ["prepare_models", "ingest", {"name": "dp_train", "params": {
             "loss_on": "all", "epochs": args.epochs, "batch_size": 8, "max_length": 96, "learning_rate": args.lr, "clip_norm": 1.0}}],
     }
 
 
-def run(argv: list[str]) -> None:
-    result = subprocess.run([sys.executable, "-c", "from knowledgesg.cli import entry; entry()", *argv], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"ksg {' '.join(argv)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+AUDIT_ARGS = ["--candidates", "100", "--exposure-canaries", "8", "--samples", "4", "--mia-members", "200", "--pii-spans", "0", "--bootstrap", "1000", "--models", "dp"]
+
+
+def run_row(epsilon: float, args, timings: dict) -> dict:
+    spec = spec_for(epsilon, args)
+    spec_path = args.workdir / f"{spec['name']}.yaml"
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    run_dir = args.workdir / spec["name"]
+    report_path = run_dir / "audit/audit_report.json"
+    if spec["name"] not in timings:
+        trained = ksg("run", str(spec_path), "--run-dir", str(run_dir))
+        audited = ksg("audit", str(run_dir), *AUDIT_ARGS)
+        timings[spec["name"]] = {"run_s": round(trained, 1), "audit_s": round(audited, 1)}
+        (args.workdir / "timings.json").write_text(json.dumps(timings, indent=1))
+    return json.loads(report_path.read_text())
+
+
+def ci(interval: list[float] | None) -> str:
+    return f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
+
+
+def canary_rows(epsilon: float, report: dict) -> list[str]:
+    section = report["canaries"]
+    target = section["targets"]["dp_adapter:bank_a"]
+    claimed = target["claimed"]["epsilon"]
+    rows = []
+    for kind, entry in target["kinds"].items():
+        run, member = entry["one_run"], entry["membership"]
+        exposure = f"{entry['mean_exposure_planted']} / {entry['mean_exposure_not_planted']}"
+        rows.append(f"| {label(epsilon)} | {'inf' if claimed is None or math.isinf(claimed) else f'{claimed:.2f}'} | {kind} | {entry['planted']}/{entry['canaries']} | "
+                    f"{run['correct']}/{run['guesses']} | **{run['epsilon_lower_bound']:.3f}** | {run['largest_certifiable']:.2f} | "
+                    f"{member['tpr_at_1pct_fpr']:.3f}{ci(member.get('tpr_at_1pct_fpr_ci'))} | {member['auc']:.3f}{ci(member.get('auc_ci'))} | {exposure} | "
+                    f"{entry['greedy_extracted_planted']}/{entry['tried_planted']} |")
+    return rows
+
+
+def mia_rows(epsilon: float, report: dict) -> list[str]:
+    entry = report["membership_inference"]["dp_adapter:bank_a|bank_a"]
+    return [f"| {label(epsilon)} | {entry['members']}/{entry['non_members']} | {name} | {r['auc']:.3f}{ci(r.get('auc_ci'))} | "
+            f"{r['tpr_at_1pct_fpr']:.3f}{ci(r.get('tpr_at_1pct_fpr_ci'))} | {r['tpr_at_0_1pct_fpr']:.3f}{'' if r['tpr_at_0_1pct_fpr_measurable'] else ' (at 0 FPR)'} |"
+            for name, r in entry["scores"].items()]
+
+
+def designed_against_random(epsilon: float, report: dict) -> str:
+    kinds = report["canaries"]["targets"]["dp_adapter:bank_a"]["kinds"]
+    random_tpr, designed_tpr = kinds["digits"]["membership"]["tpr_at_1pct_fpr"], kinds["rare_words"]["membership"]["tpr_at_1pct_fpr"]
+    ratio = "inf" if random_tpr == 0 and designed_tpr > 0 else ("n/a" if random_tpr == 0 else f"{designed_tpr / random_tpr:.1f}x")
+    return f"| {label(epsilon)} | {random_tpr:.3f} | {designed_tpr:.3f} | {ratio} |"
+
+
+def write(args, reports: dict[float, dict], timings: dict) -> None:
+    pending = [label(e) for e in EPSILONS if e not in reports]
+    lines = [
+        "# Audit power: the same data and canaries, NOT PRIVATE and at epsilon 1, 4, 8", "",
+        f"Command: `{command()}`", f"Machine: {machine()}",
+        f"Data: {args.records} FPB training sentences in one client, {args.holdout} of them held out as non-members; {args.canaries} canaries of each kind "
+        "(random 6-digit secrets, log2 |R| = 19.9; designed: 4 rare words from a list of 4,096, log2 |R| = 48) planted once each with probability 1/2. "
+        f"SmolLM2-135M-Instruct, LoRA r=8 on q,v, loss on all tokens, {args.epochs:g} epochs, batch 8, lr {args.lr}, clip 1.0, seed {args.seed}; "
+        "DP-SGD with Poisson sampling, PRV accounting, delta 1e-5.",
+        f"Audit: `ksg audit RUN {' '.join(AUDIT_ARGS)}`. Canary score: the drop of the secret's loss from the base model to the released one. "
+        "One-run bound (Steinke et al. 2023 with its delta term): guesses at 5, 10, 20, 50 and 100% of the canaries, Bonferroni-corrected to 95% overall. "
+        "Each canary is one record, so the claimed epsilon for it is the per-record epsilon.", "",
+    ]
+    if pending:
+        lines += [f"**Partial**: {', '.join(pending)} not run yet; the same command continues from here.", ""]
+    order = [e for e in EPSILONS if e in reports]
+    lines += ["## Canaries: one-run lower bound and the canaries as a membership test", "",
+              "| training | claimed epsilon | canaries | planted | correct / guesses | epsilon lower bound (95%) | largest certifiable | TPR at 1% FPR [95% CI] | AUC [95% CI] | mean exposure planted / not (bits, 8 of each kind) | greedy extractions (planted, of the 8) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|", *[row for e in order for row in canary_rows(e, reports[e])], "",
+              "## Designed against random canaries: TPR at 1% FPR", "", "| training | random digits | rare words | ratio |", "|---|---|---|---|",
+              *[designed_against_random(e, reports[e]) for e in order], "",
+              "## Membership inference of training records (held-out records as non-members)", "",
+              "| training | members / non-members | score | AUC [95% CI] | TPR at 1% FPR [95% CI] | TPR at 0.1% FPR |", "|---|---|---|---|---|---|",
+              *[row for e in order for row in mia_rows(e, reports[e])], "",
+              "## Time", "", *[f"- {name}: `ksg run` {t['run_s']:.0f} s, `ksg audit` {t['audit_s']:.0f} s" for name, t in timings.items()]]
+    write_result("audit_power", lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--records", type=int, default=240)
-    parser.add_argument("--epochs", type=float, default=3.0)
-    parser.add_argument("--canaries", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--records", type=int, default=700)
+    parser.add_argument("--holdout", type=int, default=500)
+    parser.add_argument("--canaries", type=int, default=250, help="canaries of each kind")
+    parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=0.004)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("--workdir", type=Path, required=True, help="the runs live here; the same command resumes from it")
     args = parser.parse_args()
-
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="audit-power-"))
-    rows, timings = [], []
-    for epsilon in (float("inf"), 8.0):
-        spec = spec_for(epsilon, args)
-        spec_path = workdir / f"{spec['name']}.yaml"
-        spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
-        run_dir = workdir / spec["name"]
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    timings_path = args.workdir / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    reports: dict[float, dict] = {}
+    for epsilon in EPSILONS:
         start = time.perf_counter()
-        run(["run", str(spec_path), "--run-dir", str(run_dir)])
-        trained = time.perf_counter() - start
-        run(["audit", str(run_dir), "--candidates", "200", "--samples", "8"])
-        timings.append(f"{spec['name']}: training {trained:.0f} s, audit {time.perf_counter() - start - trained:.0f} s")
-        report = json.loads((run_dir / "audit/audit_report.json").read_text())
-        canaries = report["canaries"]
-        target = canaries["targets"]["dp_adapter:bank_a"]
-        mia = report["membership_inference"]["dp_adapter:bank_a|bank_a"]["scores"]
-        run_audit, extraction = target["one_run"], target["extraction"]
-        claimed = report["claimed_epsilon"]["bank_a"]
-        label = "NOT PRIVATE (no noise)" if epsilon == float("inf") else "epsilon 8 (DP-SGD)"
-        rows.append(f"| {label} | {'inf' if claimed == float('inf') else f'{claimed:.2f}'} | {target['mean_exposure_planted']} | {target['mean_exposure_not_planted']} | "
-                    f"{extraction['greedy_planted']}/{canaries['planted']} | {extraction['sampled_planted_canaries_hit']}/{canaries['planted']} | "
-                    f"{mia['loss']['auc']:.3f} | {mia['reference']['auc']:.3f} | {mia['min_k_plus_plus']['auc']:.3f} | "
-                    f"{run_audit['correct']}/{run_audit['guesses']} | {run_audit['epsilon_lower_bound']:.3f} | {run_audit['largest_certifiable']:.3f} |")
-    write_result("audit_power", [
-        "# Audit power: the same data and canaries, non-private and at epsilon 8", "",
-        f"Command: `{command()}`", f"Machine: {machine()}",
-        f"Data: {args.records} FPB training sentences (one client) + {args.canaries} canaries planted with probability 1/2, x{args.repeats}; "
-        f"40 held-out sentences as non-members; SmolLM2-135M-Instruct, LoRA r=8 on q,v, loss on all tokens, {args.epochs:g} epochs, batch 8, lr {args.lr}; seed {args.seed}.",
-        "Exposure: log2 |R| = 19.93 (6-digit secrets), skew-normal fit on 200 random candidates per canary; a random unseen canary scores about 1.4 on average.", "",
-        "| training | claimed epsilon | mean exposure, planted | not planted | greedy extractions | sampled (8 tries) | MIA AUC loss | reference | Min-K%++ | correct guesses | epsilon lower bound (95%) | largest certifiable |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, "", *[f"- {t}" for t in timings],
-    ])
+        reports[epsilon] = run_row(epsilon, args, timings)
+        print(f"{label(epsilon)}: {time.perf_counter() - start:.0f} s", flush=True)
+        write(args, reports, timings)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
 
 
-def before(model, tokenizer, template, canaries, digits, options, samples) -> list[float]:
+def before(model, tokenizer, spec, canaries, options, samples) -> list[float]:
     from eval import metrics
     from eval.audit import candidate_secrets, split_at_secret
     from knowledgesg.generation import Generator, SamplingParams
     from knowledgesg.scoring import continuation_logprobs, pad_id
+
+    template, digits = spec.template, spec.digits
 
     def nll(canary, secrets):
         pairs = [split_at_secret(tokenizer, template, canary, s) for s in secrets]
@@ -44,7 +46,7 @@ def before(model, tokenizer, template, canaries, digits, options, samples) -> li
     exposures = []
     for canary in canaries:
         own = nll(canary, [canary.secret])[0]
-        secrets, _ = candidate_secrets(canary, digits, options.candidates, options.enumerate_limit, options.seed)
+        secrets, _ = candidate_secrets(canary, spec, options.candidates, options.enumerate_limit, options.seed)
         exposures.append(metrics.exposure_extrapolated(own, np.array(nll(canary, secrets)), 10.0**digits))
         prefix, _ = split_at_secret(tokenizer, template, canary, canary.secret)
         generator = Generator(model, tokenizer, max(1, samples), "cpu")
@@ -53,12 +55,12 @@ def before(model, tokenizer, template, canaries, digits, options, samples) -> li
     return exposures
 
 
-def after(model, tokenizer, template, canaries, digits, options, samples) -> list[float]:
+def after(model, tokenizer, spec, canaries, options, samples) -> list[float]:
     from eval.audit import exposure, extractions, own_secret_nll
 
-    own = own_secret_nll(model, tokenizer, template, canaries, options.batch_size, "cpu")
-    exposures = [exposure(model, tokenizer, template, c, digits, options, "cpu", o) for c, o in zip(canaries, own)]
-    extractions(model, tokenizer, template, canaries, digits, samples, options.seed, "cpu")
+    own = own_secret_nll(model, tokenizer, spec.template, canaries, options.batch_size, "cpu")
+    exposures = [exposure(model, tokenizer, spec, c, options, "cpu", o) for c, o in zip(canaries, own)]
+    extractions(model, tokenizer, spec, canaries, samples, options.seed, "cpu")
     return exposures
 
 
@@ -85,7 +87,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         for name, fn in ((("before", before), ("after", after)) if repeat % 2 == 0 else (("after", after), ("before", before))):
             start = time.perf_counter()
-            results[name] = fn(model, tokenizer, spec.template, canaries, spec.digits, options, args.samples)
+            results[name] = fn(model, tokenizer, spec, canaries, options, args.samples)
             times[name].append(time.perf_counter() - start)
             print(name, round(times[name][-1], 1), "s", flush=True)
     largest = max(abs(a - b) for a, b in zip(results["before"], results["after"]))

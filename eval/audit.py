@@ -1,29 +1,35 @@
 """`ksg audit RUN`: what the released models and data leak about the private records.
 
 The audit runs with the client's data (the canaries' secrets, the held-out records): it is the
-data owner checking the releases, not something the server could run. For each released model
-(each client's DP adapter, and the final federated adapter), against the base model:
+data owner checking the releases, not something the server could run. Each figure names the
+release it is about: each client's DP adapter, the final federated adapter (trained on refined
+synthetic data only), or the synthetic data itself. Against the base model:
 
-- canaries: exposure of every canary (planted and not planted), and extraction: the canary's text
-  up to its secret as the prompt, greedy and sampled decoding, exact recoveries counted;
+- canaries, of each kind (random digits; rare words, a designed canary): every canary scored by
+  how far training lowered its secret's loss; exposure and sampled extraction on a sample of each
+  kind;
 - the one-run epsilon lower bound (Steinke et al. 2023, with its delta term) from the planted and
-  not planted canaries, scored by how much the model lowered the secret's loss relative to the
-  base model, beside the epsilon it must stay below: the claimed epsilon of the canary's unit,
-  which for a canary repeated k times at record level is the group epsilon of k records;
+  not planted canaries, at declared numbers of guesses with a Bonferroni correction, beside the
+  epsilon it must stay below: the claimed epsilon of the canary's unit, which for a canary
+  repeated k times at record level is the group epsilon of k records; and the canaries as a
+  membership test (TPR at low FPR);
+- the synthetic data as a release: how much of each canary's secret it contains, through the
+  same one-run bound;
 - membership inference of training records against the held-out ones (loss, zlib, reference,
-  Min-K%, Min-K%++: AUC and TPR at 1% FPR);
+  Min-K%, Min-K%++, RMIA-style: AUC and TPR at 1% and 0.1% FPR with bootstrap intervals);
 - verbatim overlap between the synthetic data and the private data (8-word spans);
-- PII replay: PII found in the private data that reappears verbatim in the synthetic data, or in
-  samples from the final model beyond what the base model produces from the same prompts.
+- PII: values found in the private data replayed verbatim in the synthetic data or in samples
+  from public prompts, and Lukas et al.'s extraction, reconstruction and inference attacks on
+  spans of the training records, beyond what the base model does on the same spans.
 
 Writes `RUN/audit/audit_report.json` and `audit_report.html` (plots embedded).
 """
 
 from __future__ import annotations
 
-import math
 import random
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,14 +38,18 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from eval import metrics
-from eval.canaries import Canary, read_canaries
+from eval.canaries import Canary, random_secret, read_canaries, secret_budget_tokens, space_log2, space_size
+from eval.pii import PiiSpan, find_pii_spans, occurs, replayed
 from knowledgesg.console import console, track
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_json, read_jsonl
+from knowledgesg.generation import Generator, SamplingParams
 from knowledgesg.manifest import read_manifest
+from knowledgesg.models import ResolvedModel, load_causal_lm
 from knowledgesg.prompts import Seed, user_message, user_turn_prefix
 from knowledgesg.records import InstructionRecord
-from knowledgesg.spec import CanaryTemplate, PipelineSpec
+from knowledgesg.scoring import SHARED_PREFIX_MIN, common_prefix_length, continuation_logprobs, pad_id, shared_prefix_logprobs, token_statistics
+from knowledgesg.spec import CanarySpec, CanaryTemplate, PipelineSpec
 from privacy.accounting import group_epsilon
 from privacy.ledger import LedgerEntry, compose, read_stage_ledgers
 
@@ -50,12 +60,17 @@ OVERLAP_WORDS = 8
 class AuditOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    candidates: int = Field(default=200, ge=20, description="random candidate secrets per canary for the skew-normal fit")
+    candidates: int = Field(default=100, ge=20, description="random candidate secrets per canary for the skew-normal fit")
     enumerate_limit: int = Field(default=2000, ge=10, description="enumerate every candidate when the space is at most this large")
-    extraction_samples: int = Field(default=8, ge=0, description="sampled decodings per canary prompt")
-    guesses: int | None = Field(default=None, ge=2, description="one-run audit: guesses (default: every canary)")
-    mia_members: int = Field(default=200, ge=2)
-    pii_samples: int = Field(default=32, ge=0, description="generations per model for PII replay")
+    exposure_canaries: int = Field(default=4, ge=0, description="canaries of each kind whose exposure and extraction are measured (every canary is scored for the one-run audit)")
+    extraction_samples: int = Field(default=8, ge=0, description="sampled decodings per canary of the exposure sample (and one greedy)")
+    guesses: int | None = Field(default=None, ge=2, description="one-run audit: one number of guesses (default: 5%, 10%, 20%, 50% and all of the canaries, Bonferroni-corrected)")
+    mia_members: int = Field(default=100, ge=2, description="training records per client scored as members (the non-members are all the held-out records)")
+    bootstrap: int = Field(default=1000, ge=0, description="bootstrap resamples for the intervals of AUC and TPR at low FPR")
+    pii_samples: int = Field(default=32, ge=0, description="generations per model from public prompts for PII replay")
+    pii_occurrences: int = Field(default=16, ge=0, description="PII spans in the private records attacked with the text before them")
+    pii_attack_samples: int = Field(default=4, ge=1, description="sampled continuations per attacked PII span")
+    pii_candidates: int = Field(default=10, ge=2, description="candidates per PII span in the inference attack (the true one among them)")
     max_length: int = Field(default=128, ge=16)
     batch_size: int = Field(default=16, ge=1)
     models: list[Literal["dp", "final"]] = Field(default_factory=lambda: ["dp", "final"], min_length=1, description="released models to audit")
@@ -67,19 +82,25 @@ class Target:
     name: str  # "dp_adapter:<client>" or "final"
     adapter_dir: Path | None  # None: the base model itself
 
+    @property
+    def release(self) -> str:
+        """What was released, in a reader's words: the figures about this target are about it."""
+        if self.name.startswith("dp_adapter:"):
+            return f"{self.name.split(':', 1)[1]}'s DP adapter, trained with DP-SGD on its private records"
+        return "the final adapter, tuned federatedly on the refined synthetic data"
 
-# -- tokenisation of a canary, split where its secret starts ------------------------------------
+
+# -- tokenisation of a record, split where a span (a canary's secret, a PII value) starts ---------
 
 
 def render_prompt(tokenizer, user: str) -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
 
 
-def split_at_secret(tokenizer, template: CanaryTemplate, canary: Canary, secret: str) -> tuple[list[int], list[int]]:
-    """(ids before the secret, ids from the secret to the end), tokenised as training saw them:
-    the chat prompt, then the response and end-of-turn token tokenised on their own."""
-
-    record, marked = canary.record(template, secret), canary.record(template, SENTINEL)
+def split_record(tokenizer, record: InstructionRecord, marked: InstructionRecord) -> tuple[list[int], list[int]]:
+    """(ids before the span, ids from the span to the end), tokenised as training saw them: the chat
+    prompt, then the response and end-of-turn token tokenised on their own. `marked` is the same
+    record with SENTINEL where the span starts and the text before it unchanged."""
     response = tokenizer(record.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     prompt_text = render_prompt(tokenizer, user_message(record))
     marked_prompt = render_prompt(tokenizer, user_message(marked))
@@ -91,6 +112,10 @@ def split_at_secret(tokenizer, template: CanaryTemplate, canary: Canary, secret:
     return prompt + ids[:k], ids[k:] + [tokenizer.eos_token_id]
 
 
+def split_at_secret(tokenizer, template: CanaryTemplate, canary: Canary, secret: str) -> tuple[list[int], list[int]]:
+    return split_record(tokenizer, canary.record(template, secret), canary.record(template, SENTINEL))
+
+
 def _split(tokenizer, text: str, start: int) -> tuple[list[int], int]:
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     k = next(i for i, (_, end) in enumerate(encoded["offset_mapping"]) if end > start)
@@ -100,66 +125,70 @@ def _split(tokenizer, text: str, start: int) -> tuple[list[int], int]:
 def own_secret_nll(model, tokenizer, template: CanaryTemplate, canaries: list[Canary], batch_size: int, device: str) -> list[float]:
     """Each canary's negative log-likelihood of the text from its own secret on: one batched,
     length-grouped pass over all canaries."""
-    from knowledgesg.scoring import continuation_logprobs, pad_id
-
     pairs = [split_at_secret(tokenizer, template, c, c.secret) for c in canaries]
-    scores = continuation_logprobs(model, [p for p, _ in pairs], [r for _, r in pairs], pad_id(tokenizer), batch_size, device)
-    return [-float(s.sum()) for s in scores]
+    # the canaries share the chat template and the template's text up to the name: run it once
+    shared = min(common_prefix_length([p + r for p, r in pairs]), *(len(p) for p, _ in pairs)) if len(pairs) > 1 else 0
+    if shared < SHARED_PREFIX_MIN:
+        scores = continuation_logprobs(model, [p for p, _ in pairs], [r for _, r in pairs], pad_id(tokenizer), batch_size, device)
+        return [-float(s.sum()) for s in scores]
+    scores = shared_prefix_logprobs(model, pairs[0][0][:shared], [(p + r)[shared:] for p, r in pairs], pad_id(tokenizer), batch_size, device)
+    return [-float(s[len(s) - len(r):].sum()) for s, (_, r) in zip(scores, pairs)]
 
 
-def secret_nll(model, tokenizer, template: CanaryTemplate, canary: Canary, secrets: list[str], batch_size: int, device: str) -> np.ndarray:
-    """Negative log-likelihood of the text from the secret on, for each candidate secret. The
-    candidates share the canary's text before the secret: it is run once per distinct prefix
+def continuations_nll(model, tokenizer, pairs: list[tuple[list[int], list[int]]], batch_size: int, device: str) -> np.ndarray:
+    """Negative log-likelihood of each (prefix, continuation) pair's continuation. Pairs that share
+    a prefix (the candidates for one canary's secret or one PII span) run it once
     (`shared_prefix_logprobs`)."""
-    from knowledgesg.scoring import pad_id, shared_prefix_logprobs
-
-    pairs = [split_at_secret(tokenizer, template, canary, s) for s in secrets]
     by_prefix: dict[tuple[int, ...], list[int]] = {}
     for i, (prefix, _) in enumerate(pairs):
         by_prefix.setdefault(tuple(prefix), []).append(i)
-    nll = np.empty(len(secrets))
+    nll = np.empty(len(pairs))
     for prefix, rows in by_prefix.items():
-        # a candidate row is the secret and the text after it (about a dozen tokens), so even
+        # a candidate row is the span and the text after it (about a dozen tokens), so even
         # 32 rows are fewer tokens than the batch_size rows of whole prompts the option sizes
         for i, scores in zip(rows, shared_prefix_logprobs(model, list(prefix), [pairs[i][1] for i in rows], pad_id(tokenizer), max(batch_size, 32), device)):
             nll[i] = -float(scores.sum())
     return nll
 
 
-def candidate_secrets(canary: Canary, digits: int, count: int, enumerate_limit: int, seed: int) -> tuple[list[str], bool]:
-    """Every secret of R when R is small enough (exact), else `count` random others (extrapolated)."""
-    space = 10**digits
-    if space <= enumerate_limit:
-        return [str(i).zfill(digits) for i in range(space)], True
+def secret_nll(model, tokenizer, template: CanaryTemplate, canary: Canary, secrets: list[str], batch_size: int, device: str) -> np.ndarray:
+    """Negative log-likelihood of the text from the secret on, for each candidate secret."""
+    return continuations_nll(model, tokenizer, [split_at_secret(tokenizer, template, canary, s) for s in secrets], batch_size, device)
+
+
+def candidate_secrets(canary: Canary, spec: CanarySpec, count: int, enumerate_limit: int, seed: int) -> tuple[list[str], bool]:
+    """Every other secret of R when R is small enough (exact), else `count` random others
+    (extrapolated). The canary's own secret is never among them: its loss is the caller's."""
+    space = space_size(spec, canary.kind)
+    if canary.kind == "digits" and space <= enumerate_limit:
+        return [s for s in (str(i).zfill(spec.digits) for i in range(space)) if s != canary.secret], True
     rng = random.Random(f"{seed}:candidates:{canary.index}")
     others: set[str] = set()
-    while len(others) < count:
-        candidate = "".join(rng.choice("0123456789") for _ in range(digits))
+    while len(others) < min(count, space - 1):
+        candidate = random_secret(spec, canary.kind, rng)
         if candidate != canary.secret:
             others.add(candidate)
     return sorted(others), False
 
 
-def exposure(model, tokenizer, template: CanaryTemplate, canary: Canary, digits: int, options: AuditOptions, device: str, own: float | None = None) -> float:
+def exposure(model, tokenizer, spec: CanarySpec, canary: Canary, options: AuditOptions, device: str, own: float | None = None) -> float:
     """`own`: the canary's loss on this model, if the caller already has it."""
-    secrets, exact = candidate_secrets(canary, digits, options.candidates, options.enumerate_limit, options.seed)
+    secrets, exact = candidate_secrets(canary, spec, options.candidates, options.enumerate_limit, options.seed)
     if own is None:
-        own = own_secret_nll(model, tokenizer, template, [canary], options.batch_size, device)[0]
-    losses = secret_nll(model, tokenizer, template, canary, secrets, options.batch_size, device)
-    if exact:
-        return metrics.exposure_exact(own, losses)
-    return metrics.exposure_extrapolated(own, losses, 10.0**digits)
+        own = own_secret_nll(model, tokenizer, spec.template, [canary], options.batch_size, device)[0]
+    losses = secret_nll(model, tokenizer, spec.template, canary, secrets, options.batch_size, device)
+    if exact:  # all of R: the others, and the canary's own secret at its own loss
+        return metrics.exposure_exact(own, np.append(losses, own))
+    return metrics.exposure_extrapolated(own, losses, float(space_size(spec, canary.kind)))
 
 
-def extractions(model, tokenizer, template: CanaryTemplate, canaries: list[Canary], digits: int, samples: int, seed: int, device: str) -> list[dict]:
+def extractions(model, tokenizer, spec: CanarySpec, canaries: list[Canary], samples: int, seed: int, device: str) -> list[dict]:
     """Greedy and sampled continuations of each canary's text up to its secret, all canaries in
     one batched greedy pass and one batched sampled pass."""
-    from knowledgesg.generation import Generator, SamplingParams
-
-    prefixes = [split_at_secret(tokenizer, template, c, c.secret)[0] for c in canaries]
+    prefixes = [split_at_secret(tokenizer, spec.template, c, c.secret)[0] for c in canaries]
     generator = Generator(model, tokenizer, 32, device)
-    budget = digits + 4
-    greedy = generator.generate(prefixes, SamplingParams(do_sample=False, max_new_tokens=budget), seed)
+    budget = max(secret_budget_tokens(spec, c.kind) for c in canaries)
+    greedy = generator.generate(prefixes, SamplingParams(do_sample=False, max_new_tokens=budget), seed, "audit: canary extraction")
     sampled = generator.generate([p for p in prefixes for _ in range(samples)], SamplingParams(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=budget), seed) if samples else []
 
     def recovered(text: str, canary: Canary) -> bool:
@@ -174,8 +203,6 @@ def extractions(model, tokenizer, template: CanaryTemplate, canaries: list[Canar
 
 def load_target(base: dict, adapter_dir: Path | None, device: str):
     from peft import PeftModel
-
-    from knowledgesg.models import ResolvedModel, load_causal_lm
 
     model, tokenizer = load_causal_lm(ResolvedModel(**base), device)
     if adapter_dir is not None:
@@ -215,8 +242,8 @@ def canary_group_size(spec: PipelineSpec) -> int:
 
 def claimed_for_canaries(entries: list[LedgerEntry], target: str, client: str, group: int) -> dict:
     """The epsilon the audited release claims for one canary (a group of `group` units): for a DP
-    adapter, its own release; for the final adapter, everything this run released from the
-    client's data (the final adapter is computed from all of it)."""
+    adapter, its own release; for the final adapter and the synthetic data, everything this run
+    released from the client's data (they are computed from all of it)."""
     mine = [e for e in entries if e.client_id == client and e.counts_against_budget]
     if target.startswith("dp_adapter:"):
         mine = [e for e in mine if e.release == "dp_adapter"][-1:]
@@ -227,46 +254,111 @@ def claimed_for_canaries(entries: list[LedgerEntry], target: str, client: str, g
     return {"epsilon": epsilon, "delta": delta, "group_size": group, "releases": [f"{e.stage}: {e.release}" for e in mine]}
 
 
+def exposure_sample(canaries: list[Canary], per_kind: int) -> list[Canary]:
+    """The first `per_kind` canaries of each kind (their secrets and inclusion are random already)."""
+    chosen: list[Canary] = []
+    for kind in dict.fromkeys(c.kind for c in canaries):
+        chosen += [c for c in canaries if c.kind == kind][:per_kind]
+    return chosen
+
+
+def one_run(scores: list[float], planted: list[bool], options: AuditOptions, delta: float) -> dict:
+    counts = [min(options.guesses, len(scores))] if options.guesses else metrics.guess_counts(len(scores))
+    return metrics.one_run_audit_declared(scores, planted, counts, delta=delta)
+
+
+def canary_results(canaries: list[Canary], scores: list[float], options: AuditOptions, delta: float, include_probability: float) -> dict:
+    """For each kind and for all canaries together: the one-run epsilon lower bound (its theorem
+    needs each canary planted independently with probability 1/2; otherwise None), and the
+    canaries as a membership test (planted against not planted, by the same score)."""
+    results = {}
+    for kind in [*dict.fromkeys(c.kind for c in canaries), "all"]:
+        rows = [i for i, c in enumerate(canaries) if kind in ("all", c.kind)]
+        planted = [canaries[i].included for i in rows]
+        chosen = [scores[i] for i in rows]
+        entry = {"canaries": len(rows), "planted": sum(planted), "one_run": one_run(chosen, planted, options, delta) if include_probability == 0.5 else None}
+        if 0 < sum(planted) < len(rows):
+            inside = [x for x, p in zip(chosen, planted) if p]
+            entry["membership"] = metrics.roc(inside, [x for x, p in zip(chosen, planted) if not p], options.bootstrap, options.seed)
+        results[kind] = entry
+    return results
+
+
 def canary_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, targets: list[Target], options: AuditOptions, device: str) -> dict | None:
     if spec.audit.canaries is None:
         return None
     client = spec.audit.canaries.client
     canary_spec, canaries = read_canaries(read_json(run_dir / "stages/ingest/clients" / client / "canaries.json"))
-    template, digits = canary_spec.template, canary_spec.digits
+    template = canary_spec.template
     group = canary_group_size(spec)
     entries = read_stage_ledgers(run_dir, [s.name for s in spec.stages])
     reference_model, tokenizer = reference
     reference_nll = own_secret_nll(reference_model, tokenizer, template, canaries, options.batch_size, device)
-    section = {"client": client, "count": len(canaries), "planted": sum(c.included for c in canaries), "repeats": canary_spec.repeats, "group_size": group,
-               "digits": digits, "space_log2": round(digits * math.log2(10), 3), "method": "exact" if 10**digits <= options.enumerate_limit else f"skew-normal fit on {options.candidates} candidates",
-               "targets": {}}
+    sample = exposure_sample(canaries, options.exposure_canaries)
+    planted = [c.included for c in canaries]
+    kinds = {kind: {"count": sum(c.kind == kind for c in canaries), "planted": sum(c.included for c in canaries if c.kind == kind),
+                    "space_log2": round(space_log2(canary_spec, kind), 3), "exposure_measured": sum(c.kind == kind for c in sample),
+                    "method": "exact" if space_size(canary_spec, kind) <= options.enumerate_limit else f"skew-normal fit on {options.candidates} candidates"}
+             for kind in canary_spec.kinds}
+    section = {"client": client, "count": len(canaries), "planted": sum(planted), "repeats": canary_spec.repeats, "group_size": group, "kinds": kinds,
+               "include_probability": canary_spec.include_probability,
+               "canaries": [{"index": c.index, "kind": c.kind, "included": c.included} for c in canaries], "targets": {}}
     for target in [t for t in targets if t.name in (f"dp_adapter:{client}", "final")]:
         model, tokenizer = load_target(base, target.adapter_dir, device)
         console.print(f"audit: canaries on {target.name}")
         target_nll = own_secret_nll(model, tokenizer, template, canaries, options.batch_size, device)
-        exposures = [round(exposure(model, tokenizer, template, c, digits, options, device, own), 4) for c, own in track(list(zip(canaries, target_nll)), f"exposure on {target.name}", total=len(canaries))]
-        extracted = extractions(model, tokenizer, template, canaries, digits, options.extraction_samples, options.seed, device)
+        own = {c.index: target_nll[c.index] for c in sample}
+        exposures = {c.index: round(exposure(model, tokenizer, canary_spec, c, options, device, own[c.index]), 4) for c in track(sample, f"exposure on {target.name}", total=len(sample))}
+        extracted = extractions(model, tokenizer, canary_spec, sample, options.extraction_samples, options.seed, device) if sample else []
         scores = [r - t for r, t in zip(reference_nll, target_nll)]  # how far training lowered the secret's loss
-        planted = [c.included for c in canaries]
         claimed = claimed_for_canaries(entries, target.name, client, group)
+        by_kind = canary_results(canaries, scores, options, claimed["delta"] or 0.0, canary_spec.include_probability)
+        for kind, entry in by_kind.items():
+            def of_kind(c: Canary) -> bool:
+                return kind in ("all", c.kind)
+
+            mine = [c for c in sample if of_kind(c)]
+            entry.update(
+                mean_exposure_planted=_mean([exposures[c.index] for c in mine if c.included]),
+                mean_exposure_not_planted=_mean([exposures[c.index] for c in mine if not c.included]),
+                greedy_extracted_planted=sum(x["greedy"] for x, c in zip(extracted, sample) if of_kind(c) and c.included),
+                greedy_extracted_not_planted=sum(x["greedy"] for x, c in zip(extracted, sample) if of_kind(c) and not c.included),
+                sampled_extracted_planted=sum(x["sampled_hits"] > 0 for x, c in zip(extracted, sample) if of_kind(c) and c.included),
+                tried_planted=sum(c.included for c in mine))
         section["targets"][target.name] = {
-            "exposure": exposures,
-            "mean_exposure_planted": _mean([e for e, p in zip(exposures, planted) if p]),
-            "mean_exposure_not_planted": _mean([e for e, p in zip(exposures, planted) if not p]),
-            "extraction": {
-                "greedy_planted": sum(x["greedy"] for x, p in zip(extracted, planted) if p),
-                "greedy_not_planted": sum(x["greedy"] for x, p in zip(extracted, planted) if not p),
-                "sampled_planted_canaries_hit": sum(x["sampled_hits"] > 0 for x, p in zip(extracted, planted) if p),
-                "sampled_not_planted_canaries_hit": sum(x["sampled_hits"] > 0 for x, p in zip(extracted, planted) if not p),
-                "samples_per_canary": options.extraction_samples,
-            },
-            "loss_drop_vs_base": [round(s, 4) for s in scores],
-            "claimed": claimed,
-            "one_run": metrics.one_run_audit(scores, planted, options.guesses or len(canaries), delta=claimed["delta"] or 0.0),
+            "release": target.release, "claimed": claimed, "exposure": {str(i): e for i, e in exposures.items()},
+            "loss_drop_vs_base": [round(x, 4) for x in scores], "samples_per_canary": options.extraction_samples, "kinds": by_kind,
         }
         del model
-    section["planted_flags"] = [c.included for c in canaries]
+    synthetic = synthetic_texts(run_dir, client)
+    if synthetic:
+        section["targets"]["synthetic_data"] = synthetic_canary_audit(canaries, synthetic, claimed_for_canaries(entries, "synthetic_data", client, group), options,
+                                                                      canary_spec.include_probability)
     return section
+
+
+def secret_parts(canary: Canary) -> list[str]:
+    """What of a secret can turn up on its own: a rare word, or the whole digit string."""
+    return canary.secret.split() if canary.kind == "rare_words" else [canary.secret]
+
+
+def synthetic_canary_audit(canaries: list[Canary], synthetic: list[str], claimed: dict, options: AuditOptions, include_probability: float = 0.5) -> dict:
+    """The synthetic data as a release: how much of each canary's secret it contains (the share of
+    its rare words, or its digit string, found on word boundaries), scored the same way for planted
+    and not planted canaries, so the one-run bound applies to the synthetic data itself."""
+    corpus = "\n".join(synthetic).lower()
+
+    def found(part: str) -> bool:
+        return re.search(rf"(?<!\w){re.escape(part.lower())}(?!\w)", corpus) is not None
+
+    scores = [float(np.mean([found(p) for p in secret_parts(c)])) for c in canaries]
+    by_kind = canary_results(canaries, scores, options, claimed["delta"] or 0.0, include_probability)
+    for kind in by_kind:
+        rows = [(c, x) for c, x in zip(canaries, scores) if kind in ("all", c.kind)]
+        by_kind[kind].update(whole_secret_found_planted=sum(x == 1.0 for c, x in rows if c.included),
+                             whole_secret_found_not_planted=sum(x == 1.0 for c, x in rows if not c.included))
+    return {"release": f"the synthetic data made from the canary client's DP adapter ({len(synthetic)} records)", "claimed": claimed,
+            "secret_share_found": [round(x, 4) for x in scores], "kinds": by_kind}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -283,7 +375,6 @@ def mia_scores(model, tokenizer, reference_logprobs: list[np.ndarray], records: 
                device: str) -> dict[str, list[float]]:
     """Every membership score from one pass of the target over the records' token ids (the
     variants reuse its per-token statistics) and the reference model's per-token log-probabilities."""
-    from knowledgesg.scoring import pad_id, token_statistics
 
     target = token_statistics(model, sequences, pad_id(tokenizer), options.batch_size, device, "audit: membership scores")
     texts = [f"{user_message(r)}\n{r.response}" for r in records]
@@ -293,6 +384,7 @@ def mia_scores(model, tokenizer, reference_logprobs: list[np.ndarray], records: 
         "reference": [metrics.score_reference(t["logprobs"], r) for t, r in zip(target, reference_logprobs)],
         "min_k": [metrics.score_min_k(t["logprobs"]) for t in target],
         "min_k_plus_plus": [metrics.score_min_k_plus_plus(t["logprobs"], t["mu"], t["sigma"]) for t in target],
+        "rmia": [metrics.score_rmia(t["logprobs"], r) for t, r in zip(target, reference_logprobs)],
     }
 
 
@@ -305,8 +397,6 @@ def mia_records(run_dir: Path, client: str, options: AuditOptions) -> tuple[list
 
 
 def mia_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, targets: list[Target], clients: list[str], options: AuditOptions, device: str) -> dict | None:
-    from knowledgesg.scoring import pad_id, token_statistics
-
     if not spec.audit.holdout_per_client:
         return None
     reference_model, tokenizer = reference
@@ -331,8 +421,8 @@ def mia_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, target
             members, holdout = records[client]
             inside = mia_scores(model, tokenizer, reference_logprobs(client, 0), members, sequences[(client, 0)], options, device)
             outside = mia_scores(model, tokenizer, reference_logprobs(client, 1), holdout, sequences[(client, 1)], options, device)
-            section[f"{target.name}|{client}"] = {"members": len(members), "non_members": len(holdout),
-                                                  "scores": {name: metrics.roc(inside[name], outside[name]) for name in inside}}
+            section[f"{target.name}|{client}"] = {"release": target.release, "members": len(members), "non_members": len(holdout),
+                                                  "scores": {name: metrics.roc(inside[name], outside[name], options.bootstrap, options.seed) for name in inside}}
         del model
     return section
 
@@ -391,8 +481,6 @@ def public_prompts(run_dir: Path, client: str) -> list[str]:
 
 def generations(model, tokenizer, spec: PipelineSpec, count: int, seed: int, device: str) -> list[str]:
     """Samples from public prompts only: the synthesize stage's seeds, or a neutral instruction."""
-    from knowledgesg.generation import Generator, SamplingParams
-
     stage = next((s for s in spec.stages if s.name == "synthesize"), None)
     seeds = [Seed.model_validate(s) for s in stage.params.get("seeds", [])] if stage else []
     seeds = seeds or [Seed(instruction="Write a short note.")]
@@ -401,27 +489,145 @@ def generations(model, tokenizer, spec: PipelineSpec, count: int, seed: int, dev
     return [c.text for c in completions]
 
 
-def pii_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, targets: list[Target], clients: list[str], options: AuditOptions, device: str) -> dict:
-    """PII of the private data replayed verbatim: in the synthetic data, and in samples from each
-    released model beyond what the base model produces from the same public prompts."""
-    from eval.pii import find_pii, replayed
+FIELDS = ("instruction", "input", "response")
 
-    found: dict[str, str] = {}
+
+@dataclass(frozen=True)
+class PiiTarget:
+    """One PII span in one private training record: what the targeted attacks go after."""
+
+    client: str
+    record: InstructionRecord
+    field: str
+    span: PiiSpan
+
+    def with_value(self, value: str) -> InstructionRecord:
+        text = getattr(self.record, self.field)
+        return self.record.model_copy(update={self.field: text[: self.span.start] + value + text[self.span.end :]})
+
+    def marked(self) -> InstructionRecord:
+        return self.with_value(SENTINEL + self.span.value)
+
+
+def trained_fields(spec: PipelineSpec) -> tuple[str, ...]:
+    """The record fields DP training put in its loss: the response, and the user turn with
+    `loss_on: all`. A span elsewhere was never a target the model was trained to write."""
+    stage = next((s for s in spec.stages if s.name == "dp_train"), None)
+    return FIELDS if stage is not None and stage.params.get("loss_on") == "all" else ("response",)
+
+
+def pii_targets(run_dir: Path, clients: list[str], fields: tuple[str, ...], options: AuditOptions) -> tuple[dict[str, dict[str, str]], list[PiiTarget]]:
+    """(each client's PII values -> their type, found in all its private data; a seeded sample of
+    at most `pii_occurrences` spans per client in the trained fields of its training records, to
+    attack)."""
+    found: dict[str, dict[str, str]] = {}
+    chosen: list[PiiTarget] = []
     for client in clients:
-        found.update(find_pii(private_texts(run_dir, client)))
+        rows = read_jsonl(run_dir / "stages/ingest/clients" / client / "records.jsonl")
+        records = [InstructionRecord.model_validate(r) for r in rows if r["kind"] == "instruction" and r["source"] != "canary"]
+        documents = [r["text"] for r in rows if r["kind"] == "text"]
+        texts = [getattr(r, field) for r in records for field in FIELDS] + documents
+        spans = find_pii_spans(texts)
+        found[client] = {}
+        for span in spans:
+            found[client].setdefault(span.value, span.kind)
+        mine = [PiiTarget(client, records[s.text // len(FIELDS)], FIELDS[s.text % len(FIELDS)], s) for s in spans
+                if s.text < len(FIELDS) * len(records) and FIELDS[s.text % len(FIELDS)] in fields]
+        chosen += random.Random(f"{options.seed}:pii:{client}").sample(mine, min(options.pii_occurrences, len(mine)))
+    return found, chosen
+
+
+def pii_attacks(model, tokenizer, targets: list[PiiTarget], found: dict[str, dict[str, str]], options: AuditOptions, device: str) -> list[dict]:
+    """The attacks of Lukas et al. (IEEE S&P 2023) on each PII span, with the attacker holding the
+    record's text before the span (extraction), or the whole record with the span masked
+    (reconstruction, inference):
+
+    - extraction: `pii_attack_samples` sampled continuations of the text before the span; hit if
+      one of them writes the value verbatim;
+    - reconstruction: the PII of the span's type that those samples wrote are the candidates, each
+      filled into the masked record and ranked by the model's likelihood of the record from the
+      span on; hit if the best is the true value;
+    - inference: the candidates are the true value and `pii_candidates - 1` other values of the
+      same type from the same client's private data, in a seeded random order; hit if the model
+      ranks the true one first (chance 1/k).
+    """
+    n = options.pii_attack_samples
+    prefixes = [split_record(tokenizer, t.record, t.marked())[0] for t in targets]
+    budget = max(len(tokenizer(t.span.value, add_special_tokens=False)["input_ids"]) for t in targets) + 4
+    completions = Generator(model, tokenizer, 32, device).generate([p for p in prefixes for _ in range(n)], SamplingParams(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=budget),
+                                                                 options.seed, "audit: PII extraction")
+    samples = [[c.text for c in completions[k * n : (k + 1) * n]] for k in range(len(targets))]
+    written = find_pii_spans([text for group in samples for text in group])
+    candidate_sets = []
+    for k, target in enumerate(targets):
+        reconstruct = sorted({s.value for s in written if s.text // n == k and s.kind == target.span.kind})
+        others = sorted(v for v, kind in found[target.client].items() if kind == target.span.kind and v != target.span.value)
+        rng = random.Random(f"{options.seed}:pii-inference:{target.record.id}:{target.span.start}")
+        infer = [target.span.value, *rng.sample(others, min(options.pii_candidates - 1, len(others)))]
+        rng.shuffle(infer)  # a tie goes to whichever comes first: not always the true value
+        candidate_sets.append((reconstruct, infer))
+    pairs, owners = [], []
+    for k, (target, (reconstruct, infer)) in enumerate(zip(targets, candidate_sets)):
+        for attack, values in (("reconstruction", reconstruct), ("inference", infer)):
+            for value in values:
+                pairs.append(split_record(tokenizer, target.with_value(value), target.marked()))
+                owners.append((k, attack, value))
+    nll = continuations_nll(model, tokenizer, pairs, options.batch_size, device) if pairs else np.empty(0)
+    best: dict[tuple[int, str], tuple[float, str]] = {}
+    for (k, attack, value), loss in zip(owners, nll):
+        if (k, attack) not in best or loss < best[(k, attack)][0]:
+            best[(k, attack)] = (float(loss), value)
+    results = []
+    for k, (target, (reconstruct, infer)) in enumerate(zip(targets, candidate_sets)):
+        results.append({"extracted": any(occurs(target.span.value, text) for text in samples[k]),
+                        "reconstructed": bool(reconstruct) and best[(k, "reconstruction")][1] == target.span.value,
+                        "inferred": best[(k, "inference")][1] == target.span.value if len(infer) > 1 else None, "choices": len(infer)})
+    return results
+
+
+def attack_summary(results: list[dict], baseline: list[dict]) -> dict:
+    """Rates with 95% Wilson intervals, and the hits the base model did not also make."""
+    summary = {"spans": len(results)}
+    for attack, key in (("extraction", "extracted"), ("reconstruction", "reconstructed"), ("inference", "inferred")):
+        rows = [(r[key], b[key]) for r, b in zip(results, baseline) if r[key] is not None]
+        hits = sum(bool(r) for r, _ in rows)
+        summary[attack] = {"tried": len(rows), "hits": hits, "rate": round(hits / len(rows), 4) if rows else None, "ci": metrics.wilson_interval(hits, len(rows)),
+                           "hits_not_by_base": sum(bool(r) and not b for r, b in rows)}
+    chances = [1 / r["choices"] for r in results if r["inferred"] is not None]
+    summary["inference"]["chance"] = round(float(np.mean(chances)), 4) if chances else None
+    return summary
+
+
+def pii_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, targets: list[Target], clients: list[str], options: AuditOptions, device: str) -> dict:
+    """PII of the private data: replayed verbatim in the synthetic data and in samples from each
+    released model from public prompts (beyond what the base model writes from the same prompts),
+    and the targeted attacks of Lukas et al. on spans of the training records, each model against
+    the base model on the same spans."""
+    by_client, attacked = pii_targets(run_dir, clients, trained_fields(spec), options)
+    found = {value: kind for values in by_client.values() for value, kind in values.items()}
     synthetic = [t for client in clients for t in synthetic_texts(run_dir, client)]
     section = {"private_pii_values": len(found), "by_type": _count_types(found),
                "replayed_in_synthetic": len(replayed(found, synthetic)), "synthetic_texts": len(synthetic), "models": {}}
-    if not (options.pii_samples and found):
+    if not found:
         return section
     base_model, tokenizer = reference
-    base_replays = replayed(found, generations(base_model, tokenizer, spec, options.pii_samples, options.seed, device))
-    section.update(samples_per_model=options.pii_samples, replayed_by_base=len(base_replays))
+    base_replays = replayed(found, generations(base_model, tokenizer, spec, options.pii_samples, options.seed, device)) if options.pii_samples else {}
+    base_attacks = pii_attacks(base_model, tokenizer, attacked, by_client, options, device) if attacked else []
+    section.update(samples_per_model=options.pii_samples, replayed_by_base=len(base_replays), attacked_spans=len(attacked),
+                   attack_samples_per_span=options.pii_attack_samples, attacked_types=_count_types({f"{t.client}:{i}": t.span.kind for i, t in enumerate(attacked)}),
+                   base_attacks=attack_summary(base_attacks, base_attacks) if attacked else None)
     for target in targets:
         model, tokenizer = load_target(base, target.adapter_dir, device)
-        replays = replayed(found, generations(model, tokenizer, spec, options.pii_samples, options.seed, device))
-        beyond = {v: k for v, k in replays.items() if v not in base_replays}
-        section["models"][target.name] = {"replayed": len(replays), "replayed_not_by_base": len(beyond), "types_not_by_base": _count_types(beyond)}
+        entry: dict = {"release": target.release}
+        if options.pii_samples:
+            replays = replayed(found, generations(model, tokenizer, spec, options.pii_samples, options.seed, device))
+            beyond = {v: k for v, k in replays.items() if v not in base_replays}
+            entry.update(replayed=len(replays), replayed_not_by_base=len(beyond), types_not_by_base=_count_types(beyond))
+        rows = [i for i, t in enumerate(attacked) if not target.name.startswith("dp_adapter:") or t.client == target.name.split(":", 1)[1]]
+        if rows:
+            results = pii_attacks(model, tokenizer, [attacked[i] for i in rows], by_client, options, device)
+            entry["attacks"] = attack_summary(results, [base_attacks[i] for i in rows])
+        section["models"][target.name] = entry
         del model
     return section
 
@@ -458,11 +664,14 @@ def run_audit(run_dir: Path, options: AuditOptions) -> dict:
         raise InputError(f"{run_dir}: no released model of the kinds asked for ({', '.join(options.models)}) to audit yet (run dp_train or fedtune first)")
     device = resolve_device(spec.models.device)
     reference = load_target(base, None, device)  # the base model: every section compares against it
-    return {
-        "run_dir": str(run_dir), "spec_name": spec.name, "options": options.model_dump(), "targets": [t.name for t in targets],
-        "claimed_epsilon": claimed_epsilons(run_dir, spec),
-        "canaries": canary_section(run_dir, spec, base, reference, targets, options, device),
-        "membership_inference": mia_section(run_dir, spec, base, reference, targets, clients, options, device),
-        "synthetic_overlap": overlap_section(run_dir, clients),
-        "pii": pii_section(run_dir, spec, base, reference, targets, clients, options, device),
-    }
+    report = {"run_dir": str(run_dir), "spec_name": spec.name, "options": options.model_dump(), "targets": [t.name for t in targets],
+              "releases": {t.name: t.release for t in targets}, "claimed_epsilon": claimed_epsilons(run_dir, spec), "seconds": {}}
+    sections = {"canaries": lambda: canary_section(run_dir, spec, base, reference, targets, options, device),
+                "membership_inference": lambda: mia_section(run_dir, spec, base, reference, targets, clients, options, device),
+                "synthetic_overlap": lambda: overlap_section(run_dir, clients),
+                "pii": lambda: pii_section(run_dir, spec, base, reference, targets, clients, options, device)}
+    for name, section in sections.items():
+        start = time.perf_counter()
+        report[name] = section()
+        report["seconds"][name] = round(time.perf_counter() - start, 1)
+    return report

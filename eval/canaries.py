@@ -1,20 +1,37 @@
 """Canaries: random secrets in an in-distribution template, planted in one client's private data.
 
 Each canary is planted with probability `include_probability` (1/2 for the one-run audit of
-Steinke et al.), `repeats` times. The secret is a random digit string, so the space of
-candidates R (10^digits) is known exactly. The canaries and which of them were planted live on
-the client (`canaries.json`, written by `ingest`): the audit runs there.
+Steinke et al.), `repeats` times. Its secret is drawn uniformly from a known space R, so exposure
+can be measured against it:
+
+- `digits`: a random digit string (R: 10^digits), Carlini et al.'s secret sharer;
+- `rare_words`: `words` words from a vendored list of 4,096 rare English words (R: 4096^words), a
+  designed canary in input space after Panda et al. (ICLR 2025, "Privacy auditing of large
+  language models"): text the model finds unlikely moves its loss most when trained on, so a
+  planted one stands out from the ones that were not.
+
+The canaries and which of them were planted live on the client (`canaries.json`, written by
+`ingest`): the audit runs there.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
 
 from knowledgesg.records import InstructionRecord
-from knowledgesg.spec import CanarySpec, CanaryTemplate
+from knowledgesg.spec import CanaryKind, CanarySpec, CanaryTemplate
 
 NAMES = ["Avery", "Blake", "Casey", "Dana", "Ellis", "Finley", "Gray", "Harper", "Jordan", "Kendall", "Logan", "Morgan", "Parker", "Quinn", "Reese", "Sawyer"]
+RARE_WORDS_FILE = Path(__file__).resolve().parent.parent / "knowledgesg" / "vendor" / "rare_words.txt"
+
+
+@lru_cache(maxsize=1)
+def rare_words() -> tuple[str, ...]:
+    return tuple(RARE_WORDS_FILE.read_text(encoding="utf-8").split())
 
 
 @dataclass(frozen=True)
@@ -23,6 +40,7 @@ class Canary:
     name: str
     secret: str
     included: bool
+    kind: CanaryKind = "digits"
 
     def record(self, template: CanaryTemplate, secret: str | None = None, copy: int = 0, client_id: str = "") -> InstructionRecord:
         """The canary as a training record; with another `secret`, a candidate for its exposure."""
@@ -37,13 +55,38 @@ class Canary:
                                  instruction=fill(template.instruction), input=fill(template.input), response=fill(template.response))
 
 
+def random_secret(spec: CanarySpec, kind: CanaryKind, rng: random.Random) -> str:
+    if kind == "digits":
+        return "".join(rng.choice("0123456789") for _ in range(spec.digits))
+    return " ".join(rng.choice(rare_words()) for _ in range(spec.words))
+
+
+def space_size(spec: CanarySpec, kind: CanaryKind) -> int:
+    """|R|: how many secrets a canary of this kind could have had."""
+    return 10**spec.digits if kind == "digits" else len(rare_words()) ** spec.words
+
+
+def space_log2(spec: CanarySpec, kind: CanaryKind) -> float:
+    return spec.digits * math.log2(10) if kind == "digits" else spec.words * math.log2(len(rare_words()))
+
+
+def secret_budget_tokens(spec: CanarySpec, kind: CanaryKind) -> int:
+    """New tokens enough to write out a secret: a digit is a token; a rare word takes a few."""
+    return spec.digits + 4 if kind == "digits" else 4 * spec.words + 4
+
+
 def make_canaries(spec: CanarySpec, seed: int) -> list[Canary]:
-    rng = random.Random(f"{seed}:canaries")
+    """`count` canaries of each kind, numbered across kinds. Each kind draws from a stream of its
+    own (the first kind, `digits` alone, keeps the stream canaries have always had), so adding a
+    kind leaves the others' secrets and inclusion draws as they were."""
     canaries = []
-    for index in range(spec.count):
-        secret = "".join(rng.choice("0123456789") for _ in range(spec.digits))
-        name = NAMES[index % len(NAMES)] + (f" {index // len(NAMES) + 1}" if index >= len(NAMES) else "")
-        canaries.append(Canary(index, name, secret, rng.random() < spec.include_probability))
+    for kind in spec.kinds:
+        rng = random.Random(f"{seed}:canaries" if kind == "digits" else f"{seed}:canaries:{kind}")
+        for _ in range(spec.count):
+            index = len(canaries)
+            secret = random_secret(spec, kind, rng)
+            name = NAMES[index % len(NAMES)] + (f" {index // len(NAMES) + 1}" if index >= len(NAMES) else "")
+            canaries.append(Canary(index, name, secret, rng.random() < spec.include_probability, kind))
     return canaries
 
 

@@ -8,7 +8,8 @@
   reference model (the loss drop from the base model), Min-K% (Shi et al. 2024: the mean of the
   lowest k% token log-probabilities) and Min-K%++ (Zhang et al. 2024: the same over token
   log-probabilities standardised by the mean and std of log p under the model's next-token
-  distribution). AUC and TPR at 1% FPR.
+  distribution), and an RMIA-style likelihood ratio against the base model (Zarifzadeh et al.
+  2024). AUC and TPR at 1% and 0.1% FPR, with bootstrap intervals.
 - One-run epsilon lower bound (Steinke, Nasr and Jagielski 2023): m canaries included with
   probability 1/2; the auditor guesses "in" for the r+ highest scores and "out" for the r-
   lowest. Under (epsilon, delta)-DP, P[at least v of r guesses correct] is at most
@@ -76,15 +77,75 @@ def score_min_k_plus_plus(token_logprobs: np.ndarray, mu: np.ndarray, sigma: np.
     return _lowest_mean(standardised, k)
 
 
-def roc(member_scores: list[float], nonmember_scores: list[float]) -> dict:
-    """AUC, TPR at 1% FPR and the curve (higher score = member)."""
+def score_rmia(token_logprobs: np.ndarray, reference_logprobs: np.ndarray, a: float = 0.3) -> float:
+    """RMIA-style score (Zarifzadeh et al. 2024), offline with one reference model, the base model:
+    the likelihood ratio p_target(x) / p(x), with p(x) approximated from the reference (an OUT
+    model) as ((1 + a) p_ref + (1 - a)) / 2, token by token, and averaged in log space over the
+    sequence. With their gamma = 1 the comparison against population samples is monotone in this
+    ratio, so the ratio ranks the records as RMIA does."""
+    marginal = ((1 + a) * np.exp(np.asarray(reference_logprobs, dtype=float)) + (1 - a)) / 2
+    return float(np.mean(np.asarray(token_logprobs, dtype=float) - np.log(marginal)))
+
+
+FPR_TARGETS = (0.01, 0.001)
+
+
+def roc(member_scores: list[float], nonmember_scores: list[float], bootstrap: int = 0, seed: int = 0, curve_points: int = 200) -> dict:
+    """AUC and TPR at 1% and 0.1% FPR (higher score = member), each with a 95% bootstrap interval
+    when `bootstrap` resamples are asked for, and the curve (thinned to about `curve_points`).
+
+    A TPR at an FPR below 1/(non-members) is the TPR at no false positive at all: `measurable`
+    says whether the target FPR is at least one non-member."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    labels = [1] * len(member_scores) + [0] * len(nonmember_scores)
-    scores = list(member_scores) + list(nonmember_scores)
+    members, others = np.asarray(member_scores, dtype=float), np.asarray(nonmember_scores, dtype=float)
+    labels = np.r_[np.ones(len(members)), np.zeros(len(others))]
+    scores = np.r_[members, others]
     fpr, tpr, _ = roc_curve(labels, scores)
-    return {"auc": round(float(roc_auc_score(labels, scores)), 4), "tpr_at_1pct_fpr": round(tpr_at_fpr(fpr, tpr, 0.01), 4),
-            "fpr": [round(float(x), 4) for x in fpr], "tpr": [round(float(x), 4) for x in tpr]}
+    result = {"auc": round(float(roc_auc_score(labels, scores)), 4), "members": len(members), "non_members": len(others)}
+    intervals = _bootstrap_intervals(members, others, bootstrap, seed) if bootstrap else {}
+    for target in FPR_TARGETS:
+        key = f"tpr_at_{_pct(target)}_fpr"
+        result[key] = round(tpr_at_fpr(fpr, tpr, target), 4)
+        result[f"{key}_measurable"] = target * len(others) >= 1
+        if intervals:
+            result[f"{key}_ci"] = intervals[key]
+    if intervals:
+        result["auc_ci"] = intervals["auc"]
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), curve_points)).round().astype(int))
+    result.update(fpr=[round(float(x), 4) for x in fpr[keep]], tpr=[round(float(x), 4) for x in tpr[keep]])
+    return result
+
+
+def _pct(fraction: float) -> str:
+    return f"{fraction * 100:g}pct".replace(".", "_")
+
+
+def _bootstrap_intervals(members: np.ndarray, others: np.ndarray, resamples: int, seed: int) -> dict[str, list[float]]:
+    """95% percentile intervals, members and non-members resampled apart (their counts are fixed
+    by the design)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {"auc": [], **{f"tpr_at_{_pct(t)}_fpr": [] for t in FPR_TARGETS}}
+    labels = np.r_[np.ones(len(members)), np.zeros(len(others))]
+    for _ in range(resamples):
+        scores = np.r_[rng.choice(members, len(members)), rng.choice(others, len(others))]
+        fpr, tpr, _ = roc_curve(labels, scores)
+        draws["auc"].append(roc_auc_score(labels, scores))
+        for target in FPR_TARGETS:
+            draws[f"tpr_at_{_pct(target)}_fpr"].append(tpr_at_fpr(fpr, tpr, target))
+    return {key: [round(float(np.percentile(values, 2.5)), 4), round(float(np.percentile(values, 97.5)), 4)] for key, values in draws.items()}
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a rate."""
+    if trials == 0:
+        return [0.0, 1.0]
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
 def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
@@ -146,3 +207,23 @@ def one_run_audit(scores: list[float], included: list[bool], guesses: int, confi
     return {"canaries": m, "guesses": guesses, "correct": correct, "delta": delta,
             "epsilon_lower_bound": round(epsilon_lower_bound(guesses, correct, confidence, m, delta), 4),
             "largest_certifiable": round(epsilon_lower_bound(guesses, guesses, confidence, m, delta), 4), "confidence": confidence}
+
+
+GUESS_SHARES = (0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def guess_counts(canaries: int, shares: tuple[float, ...] = GUESS_SHARES) -> list[int]:
+    """The numbers of guesses tried, declared before any score is seen: shares of the canaries."""
+    return sorted({max(2, min(canaries, round(share * canaries))) for share in shares})
+
+
+def one_run_audit_declared(scores: list[float], included: list[bool], counts: list[int], confidence: float = 0.95, delta: float = 0.0) -> dict:
+    """The one-run audit at each declared number of guesses, each at confidence 1 - (1 - confidence)
+    / len(counts) (Bonferroni), so the best of them still holds at `confidence`: an auditor who
+    guesses only where the scores are extreme certifies more than one forced to guess on every
+    canary, and trying several counts this way costs no validity."""
+    each = 1 - (1 - confidence) / len(counts)
+    tried = [one_run_audit(scores, included, r, each, delta) for r in counts]
+    best = max(tried, key=lambda t: (t["epsilon_lower_bound"], t["guesses"]))  # on a tie, the count that looked at most canaries
+    return {**best, "confidence": confidence, "confidence_each": round(each, 6), "largest_certifiable": max(t["largest_certifiable"] for t in tried),
+            "tried": [{k: t[k] for k in ("guesses", "correct", "epsilon_lower_bound")} for t in tried]}

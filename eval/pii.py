@@ -11,6 +11,7 @@ bundled snapshot instead.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 
 ENTITIES = ("PERSON", "LOCATION", "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN", "US_BANK_NUMBER", "US_PASSPORT", "US_DRIVER_LICENSE", "MEDICAL_LICENSE")
@@ -42,19 +43,43 @@ def analyzer():
     return AnalyzerEngine(nlp_engine=engine, supported_languages=["en"])
 
 
+@dataclass(frozen=True)
+class PiiSpan:
+    text: int  # index of the text it was found in
+    start: int
+    end: int
+    value: str
+    kind: str
+
+
+def find_pii_spans(texts: list[str], min_score: float = 0.4) -> list[PiiSpan]:
+    """Every PII span found in the texts (leading and trailing blanks trimmed off the span)."""
+    engine = analyzer()
+    spans = []
+    for index, text in enumerate(texts):
+        for result in engine.analyze(text=text, language="en", entities=list(ENTITIES), score_threshold=min_score):
+            raw = text[result.start : result.end]
+            value = raw.strip()
+            if len(value) >= MIN_LENGTH:
+                start = result.start + len(raw) - len(raw.lstrip())
+                spans.append(PiiSpan(index, start, start + len(value), value, result.entity_type))
+    return spans
+
+
 def find_pii(texts: list[str], min_score: float = 0.4) -> dict[str, str]:
     """value -> entity type, for every PII span found in the texts."""
-    engine = analyzer()
     found: dict[str, str] = {}
-    for text in texts:
-        for result in engine.analyze(text=text, language="en", entities=list(ENTITIES), score_threshold=min_score):
-            value = text[result.start : result.end].strip()
-            if len(value) >= MIN_LENGTH:
-                found.setdefault(value, result.entity_type)
+    for span in find_pii_spans(texts, min_score):
+        found.setdefault(span.value, span.kind)
     return found
+
+
+def occurs(value: str, text: str) -> bool:
+    """`value` verbatim in `text`, on word boundaries."""
+    return re.search(rf"(?<!\w){re.escape(value)}(?!\w)", text) is not None
 
 
 def replayed(values: dict[str, str], texts: list[str]) -> dict[str, str]:
     """The PII values that occur verbatim (on word boundaries) in any of the texts."""
     joined = "\n".join(texts)
-    return {v: kind for v, kind in values.items() if re.search(rf"(?<!\w){re.escape(v)}(?!\w)", joined)}
+    return {v: kind for v, kind in values.items() if occurs(v, joined)}

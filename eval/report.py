@@ -1,128 +1,245 @@
-"""The audit report: `audit_report.json` and `audit_report.html` (plots embedded), written atomically."""
+"""The audit report: `audit_report.json` and `audit_report.html` (plots embedded), written atomically.
+
+Every section of the page is a table or a figure; each row names the release it is about, and the
+canary rows end with what a reader should conclude (`conclusion`)."""
 
 from __future__ import annotations
 
 import base64
 import html
 import io
+import math
 from pathlib import Path
 
 from knowledgesg.fileio import write_json, write_text
+
+PLANTED, ABSENT = "#c0392b", "#7f8c8d"
+MIA_NAMES = {"loss": "loss", "zlib": "zlib", "reference": "reference (base model)", "min_k": "Min-K%", "min_k_plus_plus": "Min-K%++", "rmia": "RMIA-style (base model)"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _png(fig) -> str:
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=100)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    _pyplot().close(fig)
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def exposure_figure(section: dict) -> str | None:
-    import matplotlib
+def _num(value, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf (NOT PRIVATE)"
+    return f"{value:.{digits}f}"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    targets = section["targets"]
-    if not targets:
+def _ci(interval: list[float] | None) -> str:
+    return f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
+
+
+def conclusion(run: dict | None, claimed: float | None) -> str:
+    """What the one-run figures let a reader conclude about a release."""
+    if run is None:
+        return "No one-run bound: it needs canaries planted with probability 1/2 (audit.canaries.include_probability)."
+    bound, certifiable = run["epsilon_lower_bound"], run["largest_certifiable"]
+    if claimed is None or math.isinf(claimed):
+        if bound > 0:
+            return f"No guarantee is claimed, and the audit shows leakage: epsilon is at least {bound:.2f}."
+        return "No guarantee is claimed; this audit found no leakage, which does not show the release is private."
+    if bound > claimed:
+        return f"VIOLATION: the audited lower bound {bound:.2f} exceeds the claimed {claimed:.2f}: the DP implementation or its accounting is wrong."
+    if bound > 0:
+        return f"Consistent with the claim: leakage measured (epsilon at least {bound:.2f}), within the claimed {claimed:.2f}."
+    return (f"Consistent with the claim: no leakage detected. This design could certify at most {certifiable:.2f}, "
+            f"so the audit cannot tell a claim of {claimed:.2f} from a smaller one.")
+
+
+# -- figures ---------------------------------------------------------------------------------------
+
+
+def loss_drop_figure(section: dict) -> str | None:
+    """For each audited model: how far training lowered each canary's secret loss, planted against
+    not planted, one panel per model and kind."""
+    plt = _pyplot()
+    models = [(name, t) for name, t in section["targets"].items() if "loss_drop_vs_base" in t]
+    if not models:
         return None
-    fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 3.5), squeeze=False)
-    for ax, (name, result) in zip(axes[0], targets.items()):
-        planted = [e for e, p in zip(result["exposure"], section["planted_flags"]) if p]
-        absent = [e for e, p in zip(result["exposure"], section["planted_flags"]) if not p]
-        bins = [x * section["space_log2"] / 20 for x in range(21)]
-        ax.hist([planted, absent], bins=bins, label=["planted", "not planted"], color=["#c0392b", "#7f8c8d"])
-        ax.axvline(section["space_log2"], color="k", linestyle=":", label="log2 |R| (fully memorized)")
-        ax.set(title=f"canary exposure: {name}", xlabel="exposure (bits)", ylabel="canaries")
-        ax.legend(fontsize=8)
+    kinds = list(section["kinds"])
+    fig, axes = plt.subplots(len(kinds), len(models), figsize=(4.6 * len(models), 3.2 * len(kinds)), squeeze=False)
+    for column, (name, result) in enumerate(models):
+        for row, kind in enumerate(kinds):
+            ax = axes[row][column]
+            rows = [(x, c["included"]) for x, c in zip(result["loss_drop_vs_base"], section["canaries"]) if c["kind"] == kind]
+            ax.hist([[x for x, p in rows if p], [x for x, p in rows if not p]], bins=25, label=["planted", "not planted"], color=[PLANTED, ABSENT])
+            ax.set_title(f"{name}: {kind} canaries", fontsize=9)
+            ax.set(xlabel="loss drop vs base (nats)", ylabel="canaries")
+            ax.legend(fontsize=7)
     return _png(fig)
 
 
-def roc_figure(section: dict) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not section:
+def roc_figure(curves: dict[str, dict], title: str) -> str | None:
+    """ROC curves on log-log axes: what matters is the TPR at low FPR."""
+    plt = _pyplot()
+    if not curves:
         return None
-    keys = list(section)[:4]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for name, result in section[key]["scores"].items():
-            ax.plot(result["fpr"], result["tpr"], label=f"{name} (AUC {result['auc']:.2f})")
-        ax.plot([0, 1], [0, 1], color="#999", linestyle=":")
-        ax.set_title(f"membership inference\n{key}", fontsize=9)
-        ax.set(xlabel="false positive rate", ylabel="true positive rate")
-        ax.legend(fontsize=7)
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    for name, result in curves.items():
+        ax.plot([max(x, 1e-4) for x in result["fpr"]], [max(y, 1e-4) for y in result["tpr"]], label=f"{name} (AUC {result['auc']:.2f})")
+    ax.plot([1e-4, 1], [1e-4, 1], color="#999", linestyle=":")
+    ax.set(xscale="log", yscale="log", xlabel="false positive rate", ylabel="true positive rate", xlim=(1e-3, 1), ylim=(1e-3, 1.05))
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
     return _png(fig)
 
 
-def epsilon_figure(report: dict) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    section = report.get("canaries")
-    if not section or not section["targets"]:
+def epsilon_figure(section: dict) -> str | None:
+    plt = _pyplot()
+    names = [n for n, t in section["targets"].items() if t["kinds"]["all"]["one_run"] is not None]
+    if not names:
         return None
-    names = list(section["targets"])
-    bounds = [section["targets"][n]["one_run"]["epsilon_lower_bound"] for n in names]
+    audits = [section["targets"][n]["kinds"]["all"]["one_run"] for n in names]
     claimed = [section["targets"][n]["claimed"]["epsilon"] for n in names]
-    certifiable = section["targets"][names[0]]["one_run"]["largest_certifiable"]
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    ax.bar(names, bounds, color="#2980b9", label="empirical lower bound (95%)")
-    finite = [(i, c) for i, c in enumerate(claimed) if c is not None and c != float("inf")]
+    fig, ax = plt.subplots(figsize=(1.8 * len(names) + 3, 3.6))
+    ax.bar(names, [a["epsilon_lower_bound"] for a in audits], color="#2980b9", label="audited lower bound (95%)")
+    ax.scatter(names, [a["largest_certifiable"] for a in audits], color="#7f8c8d", marker="v", label="largest certifiable by this design")
+    finite = [(i, c) for i, c in enumerate(claimed) if c is not None and not math.isinf(c)]
     if finite:
-        ax.scatter([i for i, _ in finite], [c for _, c in finite], color="#c0392b", marker="_", s=900, linewidths=3,
-                   label=f"claimed epsilon, group of {section['group_size']}")
-    ax.axhline(certifiable, color="#7f8c8d", linestyle=":", label=f"largest certifiable with these guesses {certifiable:.2f}")
-    ax.set(title=f"epsilon: claimed and audited ({section['client']})", ylabel="epsilon")
-    ax.legend(fontsize=8)
+        ax.scatter([i for i, _ in finite], [c for _, c in finite], color=PLANTED, marker="_", s=900, linewidths=3, label=f"claimed epsilon, group of {section['group_size']}")
+    ax.set(title=f"epsilon: claimed and audited ({section['client']}, all canaries)", ylabel="epsilon")
+    ax.tick_params(axis="x", labelsize=8)
+    ax.legend(fontsize=7)
     return _png(fig)
 
 
 def _img(data: str | None, alt: str) -> str:
-    return f'<img alt="{alt}" src="data:image/png;base64,{data}">' if data else "<p>(nothing to plot)</p>"
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">' if data else "<p>(nothing to plot)</p>"
+
+
+def _table(header: list[str], rows: list[list[str]], empty: str) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>" if rows else f"<p>{html.escape(empty)}</p>"
+
+
+# -- sections ----------------------------------------------------------------------------------------
+
+
+def canary_html(canaries: dict | None) -> str:
+    esc = html.escape
+    if not canaries:
+        return "<p>No canaries in this run's spec (<code>audit.canaries</code>).</p>"
+    design = _table(["kind", "canaries", "planted", "log2 |R| (bits)", "exposure measured on", "exposure method"],
+                    [[esc(k), str(d["count"]), str(d["planted"]), f"{d['space_log2']:.1f}", str(d["exposure_measured"]), esc(d["method"])] for k, d in canaries["kinds"].items()], "")
+    rows, verdicts = [], []
+    for name, result in canaries["targets"].items():
+        claimed = result["claimed"]["epsilon"]
+        for kind, entry in result["kinds"].items():
+            run, member = entry["one_run"], entry.get("membership") or {}
+            exposure = f"{_num(entry.get('mean_exposure_planted'), 2)} / {_num(entry.get('mean_exposure_not_planted'), 2)}" if "mean_exposure_planted" in entry else "-"
+            extracted = (f"{entry['greedy_extracted_planted']} / {entry['tried_planted']} (not planted: {entry['greedy_extracted_not_planted']})" if "greedy_extracted_planted" in entry
+                         else f"whole secret: {entry['whole_secret_found_planted']} / {entry['planted']} (not planted: {entry['whole_secret_found_not_planted']})")
+            bound = [f"<b>{run['epsilon_lower_bound']:.3f}</b>", f"{run['correct']} / {run['guesses']}", f"{run['largest_certifiable']:.3f}"] if run else ["n/a"] * 3
+            rows.append([esc(name), esc(kind), f"{entry['planted']} / {entry['canaries']}", _num(claimed), *bound, tpr_cell(member, "1pct") if member else "n/a",
+                         f"{member['auc']:.3f}" if member else "n/a", exposure, extracted])
+        verdicts.append([esc(name), esc(result["release"]), esc(conclusion(result["kinds"]["all"]["one_run"], claimed))])
+    table = _table(["release", "canaries", "planted / all", f"claimed epsilon (group of {canaries['group_size']})", "audited lower bound (95%)", "correct / guesses",
+                    "largest certifiable", "TPR at 1% FPR [95% CI]", "AUC", "mean exposure planted / not (bits)", "extracted (greedy), of the planted in the exposure sample"], rows, "")
+    return f"""<p>{canaries['count']} canaries in client {esc(canaries['client'])}, each planted with probability {canaries.get('include_probability', 0.5):g} ({canaries['planted']} planted), {canaries['repeats']} cop{'y' if canaries['repeats'] == 1 else 'ies'} each.
+A canary's copies are a group of {canaries['group_size']} privacy unit(s): the lower bound certifies the epsilon of such a group at the client's delta, so it is compared with the claimed group
+epsilon (<code>privacy.accounting.group_epsilon</code>). Every canary is scored by how far training lowered its secret's loss below the base model's; the one-run bound
+(Steinke, Nasr and Jagielski 2023) guesses at declared shares of the canaries, Bonferroni-corrected. The synthetic data is scored by the share of each secret it contains.</p>
+<h3>Design</h3>{design}
+<h3>Results</h3>{table}
+<h3>What to conclude</h3>{_table(["release", "what it is", "conclusion (all canaries)"], verdicts, "")}
+{_img(epsilon_figure(canaries), "claimed epsilon and the audited lower bound")}
+{_img(loss_drop_figure(canaries), "loss drop of planted and not planted canaries")}"""
+
+
+def mia_html(section: dict | None) -> str:
+    if not section:
+        return "<p>No held-out records (<code>audit.holdout_per_client</code>): membership inference needs non-members.</p>"
+    rows, figures = [], []
+    for key, entry in section.items():
+        for name, r in entry["scores"].items():
+            rows.append([html.escape(key), f"{entry['members']} / {entry['non_members']}", html.escape(MIA_NAMES.get(name, name)), f"{r['auc']:.3f}{_ci(r.get('auc_ci'))}",
+                         tpr_cell(r, "1pct"), tpr_cell(r, "0_1pct")])
+    for key in list(section)[:6]:
+        figures.append(_img(roc_figure({MIA_NAMES.get(n, n): r for n, r in section[key]["scores"].items()}, f"membership inference: {key}"), f"ROC curves {key}"))
+    return _table(["release | client", "members / non-members", "score", "AUC [95% CI]", "TPR at 1% FPR [95% CI]", "TPR at 0.1% FPR [95% CI]"], rows, "") + "".join(figures)
+
+
+def overlap_html(section: dict | None) -> str:
+    rows = [[html.escape(client), str(entry["synthetic"]), str(next(v for k, v in entry.items() if k.startswith("with_a_private")))] for client, entry in (section or {}).items()]
+    return _table(["client", "synthetic records", "sharing an 8-word span with its private data (public prompt text excluded)"], rows, "No synthetic data in this run.")
+
+
+def tpr_cell(result: dict, target: str) -> str:
+    """TPR at a target FPR with its interval; below one non-member the target FPR cannot be met
+    but by no false positive at all, and the cell says so."""
+    cell = f"{result[f'tpr_at_{target}_fpr']:.3f}{_ci(result.get(f'tpr_at_{target}_fpr_ci'))}"
+    return cell if result.get(f"tpr_at_{target}_fpr_measurable", True) else f"{cell} (at 0 FPR: too few non-members)"
+
+
+def _rate(entry: dict) -> str:
+    if not entry["tried"]:
+        return "n/a"
+    return f"{entry['hits']} / {entry['tried']} = {entry['rate']:.3f}{_ci(entry['ci'])}"
+
+
+def pii_html(pii: dict) -> str:
+    esc = html.escape
+    found = _table(["type", "values"], [[esc(k), str(v)] for k, v in pii.get("by_type", {}).items()], "No PII found in the private data.")
+    summary = (f"<p>{pii['private_pii_values']} distinct PII values in the private data; {pii['replayed_in_synthetic']} of them appear verbatim in the "
+               f"{pii['synthetic_texts']} synthetic records.</p>")
+    replay_rows = [[esc(name), str(m["replayed"]), str(m["replayed_not_by_base"]), esc(", ".join(f"{k}: {v}" for k, v in m["types_not_by_base"].items()) or "-")]
+                   for name, m in pii.get("models", {}).items() if "replayed" in m]
+    replay = _table(["release", f"values replayed in {pii.get('samples_per_model', 0)} samples from public prompts", "of them not by the base model", "types not by the base model"],
+                    replay_rows, "No sampling from public prompts.")
+    attack_rows = []
+    if pii.get("base_attacks"):
+        attack_rows.append(["base model (reference)", str(pii["base_attacks"]["spans"]), _rate(pii["base_attacks"]["extraction"]), _rate(pii["base_attacks"]["reconstruction"]),
+                            f"{_rate(pii['base_attacks']['inference'])} (chance {_num(pii['base_attacks']['inference']['chance'])})", "-"])
+    for name, m in pii.get("models", {}).items():
+        if "attacks" in m:
+            a = m["attacks"]
+            beyond = ", ".join(f"{attack}: {a[attack]['hits_not_by_base']}" for attack in ("extraction", "reconstruction", "inference"))
+            attack_rows.append([esc(name), str(a["spans"]), _rate(a["extraction"]), _rate(a["reconstruction"]), f"{_rate(a['inference'])} (chance {_num(a['inference']['chance'])})", beyond])
+    attacks = _table(["model", "PII spans attacked", "extraction (text before the span)", "reconstruction (masked record)", "inference (candidates)", "hits the base model did not make"],
+                     attack_rows, "No PII span in the training records to attack.")
+    return f"""{summary}{found}
+<h3>Replay from public prompts</h3>{replay}
+<h3>Targeted attacks (Lukas et al. 2023), {pii.get('attack_samples_per_span', 0)} samples per span</h3>
+<p>Each attack holds what an outsider with the rest of the record would: the text before the span (extraction) or the whole record with the span masked
+(reconstruction from the model's own samples, inference among the true value and others of its type). Rates with 95% Wilson intervals.</p>{attacks}"""
 
 
 def render_html(report: dict) -> str:
-    canaries = report.get("canaries")
-    rows = []
-    if canaries:
-        for name, result in canaries["targets"].items():
-            x, run = result["extraction"], result["one_run"]
-            claimed = result["claimed"]["epsilon"]
-            rows.append(f"<tr><td>{html.escape(name)}</td><td>{result['mean_exposure_planted']}</td><td>{result['mean_exposure_not_planted']}</td>"
-                        f"<td>{x['greedy_planted']} / {canaries['planted']}</td><td>{x['sampled_planted_canaries_hit']} / {canaries['planted']}</td>"
-                        f"<td>{run['correct']} / {run['guesses']}</td><td>{run['epsilon_lower_bound']}</td>"
-                        f"<td>{'n/a' if claimed is None else round(claimed, 3)}</td><td>{run['largest_certifiable']}</td></tr>")
-    mia_rows = []
-    for key, entry in (report.get("membership_inference") or {}).items():
-        cells = "".join(f"<td>{r['auc']:.3f} / {r['tpr_at_1pct_fpr']:.3f}</td>" for r in entry["scores"].values())
-        mia_rows.append(f"<tr><td>{html.escape(key)}</td><td>{entry['members']} / {entry['non_members']}</td>{cells}</tr>")
-    claimed = "".join(f"<li>{html.escape(c)}: {e:.3f}</li>" for c, e in report["claimed_epsilon"].items())
-    pii = report.get("pii") or {}
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Audit: {html.escape(report['spec_name'])}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child{{text-align:left}}</style><script>/* for headless checks: each image says whether it decoded */window.addEventListener("load",()=>document.querySelectorAll("img").forEach(i=>i.dataset.loaded=String(i.complete&&i.naturalWidth>0)))</script></head><body>
-<h1>Memorization audit: {html.escape(report['spec_name'])}</h1>
-<p>Run <code>{html.escape(report['run_dir'])}</code>. Claimed epsilon per client (composed over the ledger):</p><ul>{claimed}</ul>
+    esc = html.escape
+    claimed = _table(["client", "claimed epsilon (per unit, composed over this run's releases)"], [[esc(c), _num(e)] for c, e in report["claimed_epsilon"].items()], "No release counted yet.")
+    releases = _table(["release", "what it is"], [[esc(n), esc(d)] for n, d in report.get("releases", {}).items()], "")
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Audit: {esc(report['spec_name'])}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;margin:.5em 0 1em}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right;vertical-align:top}}td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}</style><script>/* for headless checks: each image says whether it decoded */window.addEventListener("load",()=>document.querySelectorAll("img").forEach(i=>i.dataset.loaded=String(i.complete&&i.naturalWidth>0)))</script></head><body>
+<h1>Memorization audit: {esc(report['spec_name'])}</h1>
+<p>Run <code>{esc(report['run_dir'])}</code>. The audit uses the clients' own data (canaries, held-out records): it is the data owners' check, and this page stays on their side.</p>
+{claimed}
+<h2>Releases audited</h2>{releases}
 <h2>Canaries</h2>
-{f"<p>{canaries['count']} canaries in client {html.escape(canaries['client'])}, {canaries['planted']} planted x {canaries['repeats']}; secrets of {canaries['digits']} digits (log2 |R| = {canaries['space_log2']}); exposure by {html.escape(canaries['method'])}.</p>" if canaries else "<p>No canaries in this run's spec (audit.canaries).</p>"}
-{f"<p>Each canary is a group of {canaries['group_size']} privacy unit(s) (its {canaries['repeats']} copies): the lower bound certifies the epsilon of such a group at the client's delta, so it is compared with the claimed group epsilon (privacy.accounting.group_epsilon), not the per-record one.</p>" if canaries else ""}
-<table><tr><th>model</th><th>mean exposure, planted</th><th>not planted</th><th>greedy extractions</th><th>sampled extractions</th><th>correct guesses</th><th>epsilon lower bound</th><th>claimed epsilon (group)</th><th>largest certifiable</th></tr>{"".join(rows)}</table>
-{_img(exposure_figure(canaries), "exposure histograms") if canaries else ""}
-{_img(epsilon_figure(report), "claimed epsilon and the empirical lower bound") if canaries else ""}
-<h2>Membership inference (AUC / TPR at 1% FPR)</h2>
-<table><tr><th>model | client</th><th>members / non-members</th><th>loss</th><th>zlib</th><th>reference</th><th>Min-K%</th><th>Min-K%++</th></tr>{"".join(mia_rows)}</table>
-{_img(roc_figure(report.get("membership_inference") or {}), "ROC curves") if report.get("membership_inference") else "<p>No held-out records (audit.holdout_per_client).</p>"}
-<h2>Synthetic data and PII</h2>
-<pre>{html.escape(str(report.get("synthetic_overlap")))}</pre>
-<pre>{html.escape(str(pii))}</pre>
+{canary_html(report.get("canaries"))}
+<h2>Membership inference</h2>
+{mia_html(report.get("membership_inference"))}
+<h2>Synthetic data: verbatim overlap</h2>
+{overlap_html(report.get("synthetic_overlap"))}
+<h2>PII</h2>
+{pii_html(report.get("pii") or {"private_pii_values": 0, "replayed_in_synthetic": 0, "synthetic_texts": 0})}
 </body></html>
 """
 

@@ -280,15 +280,20 @@ def _print_eval(results: dict) -> None:
 @app.command()
 def audit(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run directory")],
-    candidates: Annotated[int, typer.Option(help="random candidate secrets per canary (skew-normal fit)")] = 200,
-    guesses: Annotated[int | None, typer.Option(help="one-run epsilon audit: guesses (default: every canary)")] = None,
-    samples: Annotated[int, typer.Option(help="sampled decodings per canary; 4x as many generations per model for PII replay")] = 8,
-    mia_members: Annotated[int, typer.Option(help="training records per client scored for membership inference")] = 200,
+    candidates: Annotated[int, typer.Option(help="random candidate secrets per canary (skew-normal fit)")] = 100,
+    exposure_canaries: Annotated[int, typer.Option(help="canaries of each kind whose exposure and extraction are measured (all are scored for the one-run bound)")] = 4,
+    guesses: Annotated[int | None, typer.Option(help="one-run epsilon audit: one number of guesses (default: 5-100% of the canaries, Bonferroni-corrected)")] = None,
+    samples: Annotated[int, typer.Option(help="sampled decodings per canary of the exposure sample; 4x as many generations per model for PII replay")] = 8,
+    mia_members: Annotated[int, typer.Option(help="training records per client scored for membership inference")] = 100,
+    pii_spans: Annotated[int, typer.Option(help="PII spans per client attacked (extraction, reconstruction, inference)")] = 16,
+    pii_attack_samples: Annotated[int, typer.Option(help="sampled continuations per attacked PII span")] = 4,
+    bootstrap: Annotated[int, typer.Option(help="bootstrap resamples for the intervals of AUC and TPR at low FPR")] = 1000,
     models: Annotated[str, typer.Option(help="comma-separated released models to audit: dp, final (the base model is always the reference)")] = "dp,final",
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
-    """Memorization audit of a run's released models: canary exposure and extraction, the one-run
-    epsilon lower bound, membership inference, synthetic-data overlap and PII replay."""
+    """Memorization audit of a run's released models and synthetic data: canaries (random and
+    designed) with the one-run epsilon lower bound, membership inference with TPR at low FPR,
+    synthetic-data overlap, PII replay and attacks."""
     from pydantic import ValidationError
 
     from eval.audit import AuditOptions, run_audit
@@ -297,7 +302,8 @@ def audit(
     from knowledgesg.spec import format_validation_error
 
     try:
-        options = AuditOptions(candidates=candidates, guesses=guesses, extraction_samples=samples, pii_samples=4 * samples, mia_members=mia_members, models=split(models), seed=seed)
+        options = AuditOptions(candidates=candidates, exposure_canaries=exposure_canaries, guesses=guesses, extraction_samples=samples, pii_samples=4 * samples,
+                               mia_members=mia_members, pii_occurrences=pii_spans, pii_attack_samples=pii_attack_samples, bootstrap=bootstrap, models=split(models), seed=seed)
     except ValidationError as err:
         raise InputError(format_validation_error("ksg audit", err)) from None
     report = run_audit(run_dir, options)
@@ -309,28 +315,37 @@ def audit(
 def _print_audit(report: dict) -> None:
     canaries = report.get("canaries")
     if canaries:
-        table = Table(title=f"canaries: {canaries['planted']} of {canaries['count']} planted x {canaries['repeats']} in {canaries['client']} (log2 |R| = {canaries['space_log2']})")
-        for column in ("model", "exposure planted", "not planted", "greedy extracted", "sampled extracted", "correct guesses", "eps lower bound", f"claimed eps (group of {canaries['group_size']})", "largest certifiable"):
-            table.add_column(column, justify="left" if column == "model" else "right")
-        for name, r in canaries["targets"].items():
-            run = r["one_run"]
-            claimed = r["claimed"]["epsilon"]
-            table.add_row(name, str(r["mean_exposure_planted"]), str(r["mean_exposure_not_planted"]), f"{r['extraction']['greedy_planted']}/{canaries['planted']}",
-                          f"{r['extraction']['sampled_planted_canaries_hit']}/{canaries['planted']}", f"{run['correct']}/{run['guesses']}", f"{run['epsilon_lower_bound']:.3f}",
-                          "n/a" if claimed is None else f"{claimed:.3f}", f"{run['largest_certifiable']:.3f}")
+        table = Table(title=f"canaries: {canaries['planted']} of {canaries['count']} planted x {canaries['repeats']} in {canaries['client']}")
+        for column in ("release", "kind", "correct guesses", "eps lower bound", f"claimed eps (group of {canaries['group_size']})", "largest certifiable", "TPR at 1% FPR", "exposure planted / not"):
+            table.add_column(column, justify="left" if column in ("release", "kind") else "right")
+        for name, result in canaries["targets"].items():
+            claimed = result["claimed"]["epsilon"]
+            for kind, entry in result["kinds"].items():
+                run, member = entry["one_run"], entry.get("membership")
+                exposure = f"{entry['mean_exposure_planted']} / {entry['mean_exposure_not_planted']}" if "mean_exposure_planted" in entry else "-"
+                bound = [f"{run['correct']}/{run['guesses']}", f"{run['epsilon_lower_bound']:.3f}"] if run else ["n/a", "n/a"]
+                tpr = "n/a" if not member else f"{member['tpr_at_1pct_fpr']:.3f}" + ("" if member["tpr_at_1pct_fpr_measurable"] else " (at 0 FPR)")
+                table.add_row(name, kind, *bound, "n/a" if claimed is None else f"{claimed:.3f}", f"{run['largest_certifiable']:.3f}" if run else "n/a", tpr, exposure)
         console.print(table)
     mia = report.get("membership_inference")
     if mia:
-        table = Table(title="membership inference: AUC / TPR at 1% FPR")
+        table = Table(title="membership inference: AUC / TPR at 1% FPR / TPR at 0.1% FPR")
         names = list(next(iter(mia.values()))["scores"])
         for column in ("model | client", "members/non", *names):
             table.add_column(column, justify="left" if column == "model | client" else "right")
         for key, entry in mia.items():
-            table.add_row(key, f"{entry['members']}/{entry['non_members']}", *(f"{r['auc']:.3f} / {r['tpr_at_1pct_fpr']:.3f}" for r in entry["scores"].values()))
+            table.add_row(key, f"{entry['members']}/{entry['non_members']}", *(f"{r['auc']:.3f} / {r['tpr_at_1pct_fpr']:.3f} / {r['tpr_at_0_1pct_fpr']:.3f}" for r in entry["scores"].values()))
         console.print(table)
     for client, overlap in report["synthetic_overlap"].items():
-        console.print(f"synthetic data of {client}: {overlap}")
-    console.print(f"PII: {report['pii']}")
+        copied = next(v for k, v in overlap.items() if k.startswith("with_a_private"))
+        console.print(f"synthetic data of {client}: {overlap['synthetic']} records, {copied} sharing a long word span with its private data")
+    pii = report["pii"]
+    console.print(f"PII: {pii['private_pii_values']} values in the private data, {pii['replayed_in_synthetic']} replayed in the synthetic data")
+    for name, entry in pii["models"].items():
+        attacks = entry.get("attacks")
+        if attacks:
+            console.print(f"  {name}: " + ", ".join(f"{attack} {attacks[attack]['hits']}/{attacks[attack]['tried']} ({attacks[attack]['hits_not_by_base']} not by the base model)"
+                                                   for attack in ("extraction", "reconstruction", "inference")))
 
 
 @app.command()

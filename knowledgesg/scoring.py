@@ -157,25 +157,84 @@ def normalized_choice_probs(table: np.ndarray) -> np.ndarray:
     return weights / weights.sum(axis=1, keepdims=True)
 
 
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    first = sequences[0]
+    length = min(len(s) for s in sequences)
+    for s in sequences[1:]:
+        length = next((i for i in range(length) if s[i] != first[i]), length)
+    return length
+
+
+SHARED_PREFIX_MIN = 16  # a common prefix shorter than this is not worth a pass of its own
+
+
 def token_statistics(model, sequences: list[list[int]], pad_id: int, batch_size: int = 8, device: str = "cpu", progress: str | None = None) -> list[dict[str, np.ndarray]]:
     """For each sequence, per predicted token (positions 1..n-1): its log-probability, and the mean
-    and standard deviation of log p under the model's whole next-token distribution (Min-K%++)."""
+    and standard deviation of log p under the model's whole next-token distribution (Min-K%++).
+
+    Records of one data set share their chat template and instruction: when the sequences share a
+    prefix of SHARED_PREFIX_MIN tokens or more, it runs once and its statistics serve every row."""
     import torch
 
+    shared = min(common_prefix_length(sequences), min(len(s) for s in sequences) - 1) if len(sequences) > 1 else 0
+    if shared >= SHARED_PREFIX_MIN:
+        return _token_statistics_after_prefix(model, sequences, shared, pad_id, batch_size, device, progress)
     results: list[dict | None] = [None] * len(sequences)
     model.eval()
     with torch.no_grad():
         for batch in _batches([len(s) for s in sequences], batch_size, progress):
             ids, mask = pad_batch([sequences[i] for i in batch], pad_id, left=False)
-            logprobs = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(dim=-1)
-            probs = logprobs.exp()
-            mean = (probs * logprobs).sum(-1)
-            std = ((probs * logprobs**2).sum(-1) - mean**2).clamp(min=0).sqrt()
+            mean, std, logprobs = _distribution_statistics(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits)
             for row, i in enumerate(batch):
                 n = len(sequences[i])
                 targets = ids[row, 1:n].to(logprobs.device)
                 results[i] = {
                     "logprobs": logprobs[row, : n - 1].gather(1, targets[:, None]).squeeze(1).cpu().numpy(),
                     "mu": mean[row, : n - 1].cpu().numpy(), "sigma": std[row, : n - 1].cpu().numpy(),
+                }
+    return results  # type: ignore[return-value]
+
+
+def _distribution_statistics(logits):
+    """(mean, std of log p under p, log p) at every position of [rows, positions, vocab] logits."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    probs = logprobs.exp()
+    mean = (probs * logprobs).sum(-1)
+    std = ((probs * logprobs**2).sum(-1) - mean**2).clamp(min=0).sqrt()
+    return mean, std, logprobs
+
+
+def _token_statistics_after_prefix(model, sequences: list[list[int]], shared: int, pad_id: int, batch_size: int, device: str, progress: str | None) -> list[dict[str, np.ndarray]]:
+    """token_statistics with the first `shared` tokens, common to every sequence, run once: their
+    key-value cache is copied to each batch of the sequences' remainders (right-padded after it)."""
+    import copy
+
+    import torch
+    from transformers import DynamicCache
+
+    prefix = sequences[0][:shared]
+    results: list[dict | None] = [None] * len(sequences)
+    model.eval()
+    with torch.no_grad():
+        cache = DynamicCache()
+        mean, std, logprobs = _distribution_statistics(model(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True).logits)
+        # positions 0..shared-2 predict the shared tokens 1..shared-1; position shared-1 predicts each row's own next token
+        head_lp = logprobs[0, : shared - 1].gather(1, torch.tensor(prefix[1:], device=logprobs.device)[:, None]).squeeze(1)
+        head_mu, head_sigma, last = mean[0, :shared], std[0, :shared], logprobs[0, shared - 1]
+        for batch in _batches([len(s) - shared for s in sequences], batch_size, progress):
+            ids, mask = pad_batch([sequences[i][shared:] for i in batch], pad_id, left=False)
+            rows = len(batch)
+            rows_cache = copy.deepcopy(cache)
+            rows_cache.batch_repeat_interleave(rows)
+            full_mask = torch.cat([torch.ones((rows, shared), dtype=mask.dtype), mask], dim=1)
+            positions = torch.arange(shared, shared + ids.shape[1])[None].expand(rows, -1)
+            logits = model(input_ids=ids.to(device), attention_mask=full_mask.to(device), position_ids=positions.to(device), past_key_values=rows_cache, use_cache=True).logits
+            tail_mean, tail_std, tail_lp = _distribution_statistics(logits)
+            for row, i in enumerate(batch):
+                rest = len(sequences[i]) - shared  # tokens after the prefix; the last one predicts nothing
+                own = ids[row, :rest].to(tail_lp.device)
+                results[i] = {
+                    "logprobs": torch.cat([head_lp, last[own[:1]], tail_lp[row, : rest - 1].gather(1, own[1:, None]).squeeze(1)]).cpu().numpy(),
+                    "mu": torch.cat([head_mu, tail_mean[row, : rest - 1]]).cpu().numpy(), "sigma": torch.cat([head_sigma, tail_std[row, : rest - 1]]).cpu().numpy(),
                 }
     return results  # type: ignore[return-value]

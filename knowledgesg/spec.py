@@ -182,15 +182,32 @@ class CanaryTemplate(StrictModel):
         return self
 
 
+CanaryKind = Literal["digits", "rare_words"]
+
+
 class CanarySpec(StrictModel):
-    """Canaries planted in one client's private data, for the memorization audit."""
+    """Canaries planted in one client's private data, for the memorization audit.
+
+    Each kind in `kinds` gets `count` canaries: `digits`, a random digit string (Carlini et al.'s
+    secret sharer); `rare_words`, `words` words drawn from a vendored list of rare English words
+    (a designed canary after Panda et al. 2025: tokens the model finds unlikely are learnt, and
+    detected, far more readily)."""
 
     client: SafeId
-    count: int = Field(default=32, ge=2)
+    count: int = Field(default=32, ge=2)  # per kind
+    kinds: list[CanaryKind] = Field(default_factory=lambda: ["digits"], min_length=1)
     repeats: int = Field(default=4, ge=1)  # copies of each planted canary
-    digits: int = Field(default=6, ge=1, le=12)  # the secret: a random digit string
+    digits: int = Field(default=6, ge=1, le=12)  # the secret of a `digits` canary: a random digit string
+    words: int = Field(default=4, ge=1, le=8)  # the secret of a `rare_words` canary: this many rare words
     include_probability: float = Field(default=0.5, gt=0, le=1)  # 1/2 for the one-run epsilon audit
     template: CanaryTemplate = Field(default_factory=CanaryTemplate)
+
+    @field_validator("kinds")
+    @classmethod
+    def _distinct(cls, kinds: list[str]) -> list[str]:
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"each canary kind once, got {kinds}")
+        return kinds
 
 
 class AuditSpec(StrictModel):

@@ -3,30 +3,41 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from eval.audit import AuditOptions, exposure, split_at_secret
-from eval.canaries import make_canaries, planted_records
+from eval.audit import AuditOptions, candidate_secrets, exposure, split_at_secret
+from eval.canaries import make_canaries, planted_records, rare_words, space_size
 from knowledgesg.models import load_causal_lm, resolve_model
 from knowledgesg.sft import tokenize_example
 from knowledgesg.spec import CanarySpec, CanaryTemplate
 from tests.conftest import run_cli, run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
 from tests.test_synthesize import TRAIN
 
-CANARIES = {"client": "client_0", "count": 8, "repeats": 2, "digits": 2}
+CANARIES = {"client": "client_0", "count": 8, "repeats": 2, "digits": 2, "kinds": ["digits", "rare_words"], "words": 2}
+CONTACTS = ["Maria Gonzalez", "John Whitaker", "Priya Raman", "Lars Eriksson"]
+
+
+def rows_with_pii(n: int) -> list[dict]:
+    """Sentiment rows, every fourth naming a contact and an e-mail: PII for the attacks."""
+    rows = sentiment_rows(n)
+    for i in range(0, n, 4):
+        name = CONTACTS[(i // 4) % len(CONTACTS)]
+        rows[i]["input"] += f" Contact {name} at {name.split()[0].lower()}.{i}@example.com for details."
+    return rows
 
 
 @pytest.fixture(scope="module")
 def audited_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("audit")
-    write_jsonl(workdir / "data.jsonl", sentiment_rows(60))
+    write_jsonl(workdir / "data.jsonl", rows_with_pii(60))
     spec = tiny_spec(stages=["prepare_models", "ingest", TRAIN, {"name": "evaluate", "params": {"tasks": ["fpb", "medqa"], "limit": 6, "modes": ["logprob", "generation"]}}])
     spec["audit"] = {"canaries": CANARIES, "holdout_per_client": 6}
     assert run_in(workdir, "run", str(write_spec(workdir, spec)), "--run-dir", "run") == 0
-    assert run_in(workdir, "audit", "run", "--candidates", "20", "--samples", "2") == 0
+    assert run_in(workdir, "audit", "run", "--candidates", "20", "--samples", "2", "--bootstrap", "50") == 0
     return workdir / "run"
 
 
@@ -50,19 +61,46 @@ def test_ingest_plants_canaries_and_holds_records_out(audited_run: Path):
 def test_audit_report_has_every_section(audited_run: Path):
     report = json.loads((audited_run / "audit/audit_report.json").read_text())
     assert report["targets"] == ["dp_adapter:client_0", "dp_adapter:client_1"]
-    canaries = report["canaries"]["targets"]["dp_adapter:client_0"]
+    assert "DP adapter" in report["releases"]["dp_adapter:client_0"]
+    section = report["canaries"]
+    assert section["count"] == 16 and set(section["kinds"]) == {"digits", "rare_words"}
+    assert section["kinds"]["digits"]["method"] == "exact" and section["kinds"]["rare_words"]["method"].startswith("skew-normal")  # 100 digit secrets: enumerated
+    canaries = section["targets"]["dp_adapter:client_0"]
     # the report rounds exposures to 4 decimals: a canary ranked first shows round(log2(100), 4)
-    assert len(canaries["exposure"]) == 8 and all(0 <= e <= round(np.log2(100), 4) for e in canaries["exposure"])
-    assert report["canaries"]["method"] == "exact"  # 100 candidates: enumerated
+    digit_exposures = [e for i, e in canaries["exposure"].items() if section["canaries"][int(i)]["kind"] == "digits"]
+    assert len(canaries["exposure"]) == 16 and len(digit_exposures) == 8 and all(0 <= e <= round(np.log2(100), 4) for e in digit_exposures)
+    assert len(canaries["loss_drop_vs_base"]) == 16
     # each canary is 2 records: the bound is about a group of 2, at the client's delta (its delta term included)
     claimed = canaries["claimed"]
     assert claimed["group_size"] == 2 and claimed["epsilon"] > report["claimed_epsilon"]["client_0"] and claimed["releases"] == ["dp_train: dp_adapter"]
-    assert canaries["one_run"]["guesses"] == 8 and canaries["one_run"]["delta"] == pytest.approx(1e-5)
-    assert canaries["one_run"]["epsilon_lower_bound"] <= claimed["epsilon"]
+    for kind, m in (("digits", 8), ("rare_words", 8), ("all", 16)):
+        run = canaries["kinds"][kind]["one_run"]
+        assert run["canaries"] == m and run["delta"] == pytest.approx(1e-5) and run["guesses"] in {t["guesses"] for t in run["tried"]}
+        assert run["epsilon_lower_bound"] <= claimed["epsilon"] and run["confidence"] == 0.95
     mia = report["membership_inference"]["dp_adapter:client_0|client_0"]
-    assert set(mia["scores"]) == {"loss", "zlib", "reference", "min_k", "min_k_plus_plus"} and mia["non_members"] == 6
-    assert "private_pii_values" in report["pii"]
-    assert (audited_run / "audit/audit_report.html").read_text().count("data:image/png;base64,") >= 3
+    assert set(mia["scores"]) == {"loss", "zlib", "reference", "min_k", "min_k_plus_plus", "rmia"} and mia["non_members"] == 6
+    loss = mia["scores"]["loss"]
+    assert {"tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "tpr_at_1pct_fpr_ci", "auc_ci"} <= set(loss) and not loss["tpr_at_1pct_fpr_measurable"]
+    pii = report["pii"]
+    assert pii["by_type"].get("EMAIL_ADDRESS", 0) >= 10 and pii["attacked_spans"] > 0
+    attacks = pii["models"]["dp_adapter:client_0"]["attacks"]
+    assert attacks["inference"]["tried"] > 0 and 0 < attacks["inference"]["chance"] < 1
+    assert all(0 <= attacks[a]["hits"] <= attacks[a]["tried"] for a in ("extraction", "reconstruction", "inference"))
+    page = (audited_run / "audit/audit_report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 3 and "<pre>" not in page and "What to conclude" in page
+
+
+def test_the_audit_page_renders_every_section_as_tables_and_figures(audited_run: Path, tmp_path: Path):
+    from tests.test_user_facing import chromium_dom
+
+    dom = chromium_dom(audited_run / "audit/audit_report.html", tmp_path / "profile")
+    assert 'data-loaded="true"' in dom and 'data-loaded="false"' not in dom
+    sections = re.split(r"<h2>", dom)[1:]
+    assert [s.split("</h2>")[0] for s in sections] == ["Releases audited", "Canaries", "Membership inference", "Synthetic data: verbatim overlap", "PII"]
+    for section in sections:  # each section shows its figures as tables or plots, never raw data
+        assert "<table>" in section or "<img" in section or "No synthetic data" in section, section[:200]
+        assert "{'" not in section and "<pre>" not in section
+    assert dom.count("<img") >= 3 and "rare_words" in dom and "Targeted attacks" in dom
 
 
 def test_evaluate_stage_scores_every_model(audited_run: Path):
@@ -77,7 +115,7 @@ def test_exposure_of_unseen_canaries_is_near_zero():
     """On a model that never saw them, random canaries rank anywhere: exposure about 1.4 bits of 6.6."""
     model, tokenizer = load_causal_lm(resolve_model("tiny-random-llama"))
     spec = CanarySpec(client="x", count=12, digits=2)
-    values = [exposure(model, tokenizer, spec.template, c, 2, AuditOptions(batch_size=32), "cpu") for c in make_canaries(spec, seed=3)]
+    values = [exposure(model, tokenizer, spec, c, AuditOptions(batch_size=32), "cpu") for c in make_canaries(spec, seed=3)]
     assert np.mean(values) < 2.5 and max(values) <= np.log2(100)
 
 
@@ -90,6 +128,50 @@ def test_canary_split_matches_training_tokenization():
         trained = tokenize_example(tokenizer, canary.record(template), 512, "all").input_ids
         assert prefix + rest == trained
         assert canary.secret.startswith(tokenizer.decode(rest).strip()[:1])
+
+
+def test_canary_losses_after_their_shared_prefix_equal_each_canary_alone():
+    from eval.audit import own_secret_nll
+
+    model, tokenizer = load_causal_lm(resolve_model("tiny-random-llama"))
+    spec = CanarySpec(client="x", count=4, kinds=["digits", "rare_words"], words=2)
+    canaries = make_canaries(spec, seed=1)
+    together = own_secret_nll(model, tokenizer, spec.template, canaries, 3, "cpu")  # the shared-prefix path
+    alone = [own_secret_nll(model, tokenizer, spec.template, [c], 1, "cpu")[0] for c in canaries]
+    assert np.allclose(together, alone, atol=1e-3)
+
+
+def test_rare_word_canaries_beside_digit_ones():
+    spec = CanarySpec(client="x", count=30, kinds=["digits", "rare_words"], words=3)
+    canaries = make_canaries(spec, seed=5)
+    digits_only = make_canaries(CanarySpec(client="x", count=30), seed=5)
+    assert canaries[:30] == digits_only  # adding a kind leaves the digit canaries as they were
+    rare = canaries[30:]
+    assert [c.index for c in canaries] == list(range(60)) and {c.kind for c in rare} == {"rare_words"}
+    assert all(len(c.secret.split()) == 3 and set(c.secret.split()) <= set(rare_words()) for c in rare)
+    assert len(rare_words()) == 4096 and space_size(spec, "rare_words") == 4096**3
+    secrets, exact = candidate_secrets(rare[0], spec, 25, 2000, seed=0)
+    assert not exact and len(secrets) == 25 and rare[0].secret not in secrets and all(len(s.split()) == 3 for s in secrets)
+    with pytest.raises(ValueError, match="each canary kind once"):
+        CanarySpec(client="x", kinds=["digits", "digits"])
+
+
+def test_the_synthetic_data_is_audited_for_the_canaries_it_carries():
+    from eval.audit import synthetic_canary_audit
+
+    spec = CanarySpec(client="x", count=40, kinds=["digits", "rare_words"], words=2)
+    canaries = make_canaries(spec, seed=2)
+    leaked = [c for c in canaries if c.included][:12]
+    synthetic = [f"Customer {c.name} confirmed the wire transfer with security code {c.secret}." for c in leaked] + ["Shares rose 3% on strong demand."]
+    claimed = {"epsilon": 8.0, "delta": 1e-5}
+    audit = synthetic_canary_audit(canaries, synthetic, claimed, AuditOptions(bootstrap=20))
+    assert audit["claimed"] == claimed and "synthetic data" in audit["release"]
+    everything = audit["kinds"]["all"]
+    assert everything["whole_secret_found_planted"] == 12 and everything["whole_secret_found_not_planted"] == 0
+    assert next(t for t in everything["one_run"]["tried"] if t["guesses"] == 16)["correct"] >= 8  # its 8 "in" guesses are leaked planted ones
+    assert everything["membership"]["tpr_at_1pct_fpr"] == pytest.approx(12 / everything["planted"], abs=1e-4)
+    # a synthetic set that carries none: every score 0, nothing certified
+    assert synthetic_canary_audit(canaries, synthetic[-1:], claimed, AuditOptions(bootstrap=0))["kinds"]["all"]["one_run"]["epsilon_lower_bound"] == 0.0
 
 
 def test_planted_records_and_bad_canary_specs(tmp_path: Path):

@@ -63,6 +63,36 @@ def test_one_run_lower_bound_by_hand():
     assert metrics.one_run_audit([1.0, 2.0, 3.0, 4.0], [True, True, False, False], guesses=4)["correct"] == 0
 
 
+def test_declared_guesses_are_bonferroni_corrected():
+    # 200 canaries, the 20 highest planted and the 20 lowest not, the rest at random: guessing only
+    # the extremes certifies more than guessing all, and the best of the declared counts is still
+    # judged at 95% overall (each count at 1 - 0.05/5)
+    rng = np.random.default_rng(0)
+    included = [True] * 20 + list(rng.random(160) < 0.5) + [False] * 20
+    scores = list(np.linspace(10, 1, 200))
+    counts = metrics.guess_counts(200)
+    assert counts == [10, 20, 40, 100, 200]
+    audit = metrics.one_run_audit_declared(scores, included, counts)
+    assert audit["guesses"] == 40 and audit["correct"] == 40 and audit["confidence_each"] == pytest.approx(0.99)
+    assert audit["epsilon_lower_bound"] == pytest.approx(metrics.epsilon_lower_bound(40, 40, 0.99, 200), abs=1e-4)
+    assert audit["epsilon_lower_bound"] < metrics.epsilon_lower_bound(40, 40, 0.95, 200)  # the correction costs something
+    assert audit["epsilon_lower_bound"] > metrics.one_run_audit(scores, included, 200)["epsilon_lower_bound"]
+    assert len(audit["tried"]) == 5
+
+
+def test_tpr_at_low_fpr_with_intervals_and_rmia_by_hand():
+    rng = np.random.default_rng(0)
+    members, others = rng.normal(1.0, 1.0, 500), rng.normal(0.0, 1.0, 500)
+    result = metrics.roc(list(members), list(others), bootstrap=200, seed=1)
+    assert result["auc_ci"][0] < result["auc"] < result["auc_ci"][1]
+    assert result["tpr_at_1pct_fpr_ci"][0] <= result["tpr_at_1pct_fpr"] <= result["tpr_at_1pct_fpr_ci"][1]
+    assert result["tpr_at_1pct_fpr_measurable"] and not result["tpr_at_0_1pct_fpr_measurable"]  # 0.1% of 500 is half a record
+    assert len(result["fpr"]) <= 201
+    # p_target 0.5 on each token, p_ref 0.25: marginal ((1.3)(0.25) + 0.7) / 2 = 0.5125
+    assert metrics.score_rmia(np.log([0.5, 0.5]), np.log([0.25, 0.25])) == pytest.approx(math.log(0.5 / 0.5125))
+    assert metrics.wilson_interval(0, 100)[0] == 0.0 and metrics.wilson_interval(50, 100) == pytest.approx([0.4038, 0.5962], abs=1e-4)
+
+
 def test_fidelity_and_diversity_by_hand():
     rng = np.random.default_rng(1)
     a = rng.normal(size=(4000, 3))

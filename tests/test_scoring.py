@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from knowledgesg.models import load_causal_lm, resolve_model
-from knowledgesg.scoring import choice_logprobs, continuation_logprobs, normalized_choice_probs, shared_prefix_logprobs
+from knowledgesg.scoring import SHARED_PREFIX_MIN, choice_logprobs, continuation_logprobs, normalized_choice_probs, shared_prefix_logprobs, token_statistics
 
 
 def test_batched_scores_equal_one_sequence_at_a_time():
@@ -48,3 +48,17 @@ def test_choice_table_and_normalisation():
     probs = normalized_choice_probs(table)
     assert np.allclose(probs.sum(axis=1), 1.0)
     assert np.allclose(np.log(probs[:, 0] / probs[:, 1]), table[:, 0] - table[:, 1])
+
+
+def test_token_statistics_after_a_shared_prefix_equal_each_sequence_alone():
+    model, tok = load_causal_lm(resolve_model("tiny-random-llama"))
+    head = tok("System: you label financial news. Instruction: what is the sentiment of this sentence?", add_special_tokens=False)["input_ids"]
+    assert len(head) >= SHARED_PREFIX_MIN
+    tails = [" Shares fell 3% after the results.", " Profit rose.", " The bank kept its outlook for the year unchanged, as expected.", "!"]
+    sequences = [head + tok(t, add_special_tokens=False)["input_ids"] for t in tails]
+    shared = token_statistics(model, sequences, tok.pad_token_id, batch_size=3)  # takes the shared-prefix path
+    for sequence, got in zip(sequences, shared):
+        alone = token_statistics(model, [sequence], tok.pad_token_id)[0]  # one sequence: the plain path
+        assert len(got["logprobs"]) == len(sequence) - 1
+        for key in ("logprobs", "mu", "sigma"):
+            assert np.allclose(got[key], alone[key], atol=1e-4), key

@@ -1,0 +1,100 @@
+"""PII leakage with power: Lukas et al.'s attacks on a model trained on text full of PII, NOT PRIVATE and at epsilon 8.
+
+Usage:  .venv/bin/python benchmarks/pii_power.py --workdir DIR [--records 200] [--epochs 4] [--spans 150] [--samples 8]
+
+One client holds `--records` sentences of presidio's synthetic PII data set (names, addresses,
+phone numbers, cards, e-mails; none of a real person), each as the response to "Write the
+customer's message." SmolLM2-135M-Instruct gets a LoRA adapter (r=8 on q,v) with no noise and with
+DP-SGD at epsilon 8. Then `ksg audit` attacks `--spans` PII spans found in the training records:
+extraction (the text before the span, `--samples` sampled continuations), reconstruction (the
+model's own candidates ranked by the masked record's likelihood) and inference (the true value
+among 10 of its type), each against the base model on the same spans. Rates with 95% Wilson
+intervals. Resumable like audit_power.py: runs and finished audits are kept in DIR.
+Writes benchmarks/results/pii_power.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command, machine, write_result  # noqa: E402
+from _comparison import ksg  # noqa: E402
+
+SOURCE = Path(__file__).resolve().parent.parent / "knowledgesg" / "vendor" / "presidio_synth_pii" / "synth_dataset_v2.json"
+EPSILONS = (math.inf, 8.0)
+
+
+def write_records(path: Path, count: int) -> None:
+    rows = json.loads(SOURCE.read_text(encoding="utf-8"))[:count]
+    path.write_text("".join(json.dumps({"id": f"pii{i}", "instruction": "Write the customer's message.", "response": row["full_text"].strip()}) + "\n"
+                            for i, row in enumerate(rows)), encoding="utf-8")
+
+
+def spec_for(epsilon: float, args) -> dict:
+    return {
+        "name": f"pii-power-{'nonprivate' if math.isinf(epsilon) else f'eps{epsilon:g}'}",
+        "seed": args.seed,
+        "models": {"base": "smollm2-135m-instruct"},
+        "clients": {"members": [{"id": "bank_a", "data": [{"path": "pii_records.jsonl"}]}]},
+        "privacy": {"target_epsilon": epsilon},
+        "stages": ["prepare_models", "ingest", {"name": "dp_train", "params": {
+            "epochs": args.epochs, "batch_size": 8, "max_length": 96, "learning_rate": args.lr, "clip_norm": 1.0}}],
+    }
+
+
+def rate(entry: dict) -> str:
+    return f"{entry['hits']}/{entry['tried']} = {entry['rate']:.3f} [{entry['ci'][0]:.3f}, {entry['ci'][1]:.3f}]" if entry["tried"] else "n/a"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--records", type=int, default=200)
+    parser.add_argument("--epochs", type=float, default=4.0)
+    parser.add_argument("--spans", type=int, default=150)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=0.004)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--workdir", type=Path, required=True)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    write_records(args.workdir / "pii_records.jsonl", args.records)
+    audit_args = ["--pii-spans", str(args.spans), "--pii-attack-samples", str(args.samples), "--samples", "8", "--mia-members", "2", "--models", "dp"]
+    rows, base = [], None
+    for epsilon in EPSILONS:
+        spec = spec_for(epsilon, args)
+        spec_path = args.workdir / f"{spec['name']}.yaml"
+        spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        run_dir = args.workdir / spec["name"]
+        report_path = run_dir / "audit/audit_report.json"
+        if not report_path.is_file():
+            ksg("run", str(spec_path), "--run-dir", str(run_dir))
+            ksg("audit", str(run_dir), *audit_args)
+        pii = json.loads(report_path.read_text())["pii"]
+        if not pii.get("base_attacks"):
+            raise SystemExit(f"{run_dir}: presidio found no PII span to attack in the training records")
+        base = base or pii["base_attacks"]
+        attacks = pii["models"]["dp_adapter:bank_a"]["attacks"]
+        name = "NOT PRIVATE" if math.isinf(epsilon) else f"epsilon {epsilon:g}"
+        rows.append(f"| {name} | {attacks['spans']} | {rate(attacks['extraction'])} ({attacks['extraction']['hits_not_by_base']}) | "
+                    f"{rate(attacks['reconstruction'])} ({attacks['reconstruction']['hits_not_by_base']}) | {rate(attacks['inference'])} ({attacks['inference']['hits_not_by_base']}) |")
+    write_result("pii_power", [
+        "# PII leakage with power: Lukas et al.'s attacks, NOT PRIVATE and at epsilon 8", "",
+        f"Command: `{command()}`", f"Machine: {machine()}",
+        f"Data: the first {args.records} sentences of presidio's synthetic PII data set (`knowledgesg/vendor/presidio_synth_pii`), each the response to "
+        f"\"Write the customer's message.\"; SmolLM2-135M-Instruct, LoRA r=8 on q,v, {args.epochs:g} epochs, batch 8, lr {args.lr}, seed {args.seed}.",
+        f"Audit: `ksg audit RUN {' '.join(audit_args)}`; the PII spans are found by presidio in the training records; {args.samples} samples per span; "
+        f"inference among the true value and up to 9 others of its type (chance {base['inference']['chance']}). In brackets: hits the base model did not also make.", "",
+        "| model | spans | extraction | reconstruction | inference |", "|---|---|---|---|---|",
+        f"| base model | {base['spans']} | {rate(base['extraction'])} | {rate(base['reconstruction'])} | {rate(base['inference'])} |", *rows,
+    ])
+
+
+if __name__ == "__main__":
+    main()
