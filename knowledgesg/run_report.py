@@ -14,7 +14,7 @@ from knowledgesg.status import StageState
 REPORT = "report.html"
 LINKS = [
     ("privacy_report.html", "Privacy report", "every release of each client's data, (epsilon, delta) by three accountants, the threat model", "ksg privacy-report RUN"),
-    ("audit/audit_report.html", "Memorization audit", "canaries, the one-run epsilon lower bound, membership inference, PII replay", "ksg audit RUN"),
+    ("audit/audit_report.html", "Memorization audit", "canaries, the one-run epsilon lower bound, membership inference, PII replay and attacks", "ksg audit RUN"),
     ("eval/eval_report.html", "Evaluation", "accuracy and macro-F1 of the base model, each DP adapter and the final adapter", "ksg eval RUN"),
     ("stages/publish/final_adapter/README.md", "Model card", "the final adapter with its privacy statement", "the publish stage"),
     ("stages/publish/synthetic_data/README.md", "Dataset card", "the synthetic data with its privacy statement", "the publish stage"),

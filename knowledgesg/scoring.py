@@ -172,13 +172,28 @@ def token_statistics(model, sequences: list[list[int]], pad_id: int, batch_size:
     """For each sequence, per predicted token (positions 1..n-1): its log-probability, and the mean
     and standard deviation of log p under the model's whole next-token distribution (Min-K%++).
 
-    Records of one data set share their chat template and instruction: when the sequences share a
-    prefix of SHARED_PREFIX_MIN tokens or more, it runs once and its statistics serve every row."""
+    Records of one data set share their chat template and instruction: sequences that begin with
+    the same SHARED_PREFIX_MIN tokens are grouped, and each group's common prefix runs once and its
+    statistics serve every row of the group (a record cut from the left stands apart)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, sequence in enumerate(sequences):
+        groups.setdefault(tuple(sequence[:SHARED_PREFIX_MIN]), []).append(i)
+    results: list[dict | None] = [None] * len(sequences)
+    for rows in groups.values():
+        group = [sequences[i] for i in rows]
+        shared = min(common_prefix_length(group), min(len(s) for s in group) - 1) if len(group) > 1 else 0
+        if shared >= SHARED_PREFIX_MIN:
+            stats = _token_statistics_after_prefix(model, group, shared, pad_id, batch_size, device, progress)
+        else:
+            stats = _token_statistics_whole(model, group, pad_id, batch_size, device, progress)
+        for i, row in zip(rows, stats):
+            results[i] = row
+    return results  # type: ignore[return-value]
+
+
+def _token_statistics_whole(model, sequences: list[list[int]], pad_id: int, batch_size: int, device: str, progress: str | None) -> list[dict[str, np.ndarray]]:
     import torch
 
-    shared = min(common_prefix_length(sequences), min(len(s) for s in sequences) - 1) if len(sequences) > 1 else 0
-    if shared >= SHARED_PREFIX_MIN:
-        return _token_statistics_after_prefix(model, sequences, shared, pad_id, batch_size, device, progress)
     results: list[dict | None] = [None] * len(sequences)
     model.eval()
     with torch.no_grad():

@@ -37,7 +37,7 @@ def audited_run(tmp_path_factory):
     spec = tiny_spec(stages=["prepare_models", "ingest", TRAIN, {"name": "evaluate", "params": {"tasks": ["fpb", "medqa"], "limit": 6, "modes": ["logprob", "generation"]}}])
     spec["audit"] = {"canaries": CANARIES, "holdout_per_client": 6}
     assert run_in(workdir, "run", str(write_spec(workdir, spec)), "--run-dir", "run") == 0
-    assert run_in(workdir, "audit", "run", "--candidates", "20", "--samples", "2", "--bootstrap", "50") == 0
+    assert run_in(workdir, "audit", "run", "--candidates", "20", "--exposure-canaries", "8", "--samples", "2", "--bootstrap", "50") == 0
     return workdir / "run"
 
 

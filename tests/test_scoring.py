@@ -56,7 +56,8 @@ def test_token_statistics_after_a_shared_prefix_equal_each_sequence_alone():
     assert len(head) >= SHARED_PREFIX_MIN
     tails = [" Shares fell 3% after the results.", " Profit rose.", " The bank kept its outlook for the year unchanged, as expected.", "!"]
     sequences = [head + tok(t, add_special_tokens=False)["input_ids"] for t in tails]
-    shared = token_statistics(model, sequences, tok.pad_token_id, batch_size=3)  # takes the shared-prefix path
+    sequences.append(sequences[2][5:])  # cut from the left, as a long record is: it stands apart from the group
+    shared = token_statistics(model, sequences, tok.pad_token_id, batch_size=3)  # the group of four takes the shared-prefix path
     for sequence, got in zip(sequences, shared):
         alone = token_statistics(model, [sequence], tok.pad_token_id)[0]  # one sequence: the plain path
         assert len(got["logprobs"]) == len(sequence) - 1
