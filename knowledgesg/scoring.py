@@ -77,8 +77,6 @@ def shared_prefix_logprobs(model, prefix: list[int], continuations: list[list[in
     are right-padded after it. An audit's candidate secrets share everything before the secret,
     so a hundred candidates cost one pass over the prefix instead of a hundred.
     """
-    import copy
-
     import torch
     from transformers import DynamicCache
 
@@ -92,19 +90,28 @@ def shared_prefix_logprobs(model, prefix: list[int], continuations: list[list[in
         first = model(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1].float().log_softmax(-1)
         for chunk in length_batches([len(c) for c in continuations], batch_size):
             ids, mask = pad_batch([continuations[i] for i in chunk], pad_id, left=False)
-            rows = len(chunk)
-            rows_cache = copy.deepcopy(cache)
-            rows_cache.batch_repeat_interleave(rows)
-            mask = torch.cat([torch.ones((rows, width), dtype=mask.dtype), mask], dim=1)
-            positions = torch.arange(width, width + ids.shape[1])[None].expand(rows, -1)
             # column t predicts the continuation's token t + 1: the last column predicts nothing
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), past_key_values=rows_cache,
-                           use_cache=True).logits[:, :-1].float().log_softmax(-1)
+            logits = _logits_after_prefix(model, cache, width, ids, mask, device)[:, :-1].float().log_softmax(-1)
             for row, i in enumerate(chunk):
                 tokens = torch.tensor(continuations[i], device=logits.device)
                 rest = logits[row, : len(tokens) - 1].gather(1, tokens[1:, None]).squeeze(1)
                 results[i] = torch.cat([first[tokens[:1]], rest]).cpu().numpy()
     return results  # type: ignore[return-value]
+
+
+def _logits_after_prefix(model, cache, width: int, ids, mask, device: str):
+    """Logits of right-padded rows that all continue one prefix of `width` tokens, whose key-value
+    cache (`cache`, left untouched) is copied to every row."""
+    import copy
+
+    import torch
+
+    rows = ids.shape[0]
+    rows_cache = copy.deepcopy(cache)
+    rows_cache.batch_repeat_interleave(rows)
+    full_mask = torch.cat([torch.ones((rows, width), dtype=mask.dtype), mask], dim=1)
+    positions = torch.arange(width, width + ids.shape[1])[None].expand(rows, -1)
+    return model(input_ids=ids.to(device), attention_mask=full_mask.to(device), position_ids=positions.to(device), past_key_values=rows_cache, use_cache=True).logits
 
 
 def next_token_logprobs(model, contexts: list[list[int]], wanted: list[list[int]], pad_id: int, batch_size: int = 8, device: str = "cpu",
@@ -222,8 +229,6 @@ def _distribution_statistics(logits):
 def _token_statistics_after_prefix(model, sequences: list[list[int]], shared: int, pad_id: int, batch_size: int, device: str, progress: str | None) -> list[dict[str, np.ndarray]]:
     """token_statistics with the first `shared` tokens, common to every sequence, run once: their
     key-value cache is copied to each batch of the sequences' remainders (right-padded after it)."""
-    import copy
-
     import torch
     from transformers import DynamicCache
 
@@ -238,13 +243,7 @@ def _token_statistics_after_prefix(model, sequences: list[list[int]], shared: in
         head_mu, head_sigma, last = mean[0, :shared], std[0, :shared], logprobs[0, shared - 1]
         for batch in _batches([len(s) - shared for s in sequences], batch_size, progress):
             ids, mask = pad_batch([sequences[i][shared:] for i in batch], pad_id, left=False)
-            rows = len(batch)
-            rows_cache = copy.deepcopy(cache)
-            rows_cache.batch_repeat_interleave(rows)
-            full_mask = torch.cat([torch.ones((rows, shared), dtype=mask.dtype), mask], dim=1)
-            positions = torch.arange(shared, shared + ids.shape[1])[None].expand(rows, -1)
-            logits = model(input_ids=ids.to(device), attention_mask=full_mask.to(device), position_ids=positions.to(device), past_key_values=rows_cache, use_cache=True).logits
-            tail_mean, tail_std, tail_lp = _distribution_statistics(logits)
+            tail_mean, tail_std, tail_lp = _distribution_statistics(_logits_after_prefix(model, cache, shared, ids, mask, device))
             for row, i in enumerate(batch):
                 rest = len(sequences[i]) - shared  # tokens after the prefix; the last one predicts nothing
                 own = ids[row, :rest].to(tail_lp.device)
