@@ -1,6 +1,6 @@
 """Does the audit have power? The same data and canaries, trained without privacy and at epsilon 1, 4 and 8.
 
-Usage:  .venv/bin/python benchmarks/audit_power.py --workdir DIR [--records 700] [--holdout 500] [--canaries 250] [--epochs 2]
+Usage:  .venv/bin/python benchmarks/audit_power.py --workdir DIR [--records 600] [--holdout 500] [--canaries 400] [--epochs 4]
 
 One client holds FPB training sentences plus canaries of two kinds ("Customer <name> confirmed the
 wire transfer with security code <secret>."): random 6-digit secrets and designed ones of 4 rare
@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
 from _comparison import ksg  # noqa: E402
 
+from eval.audit import CANARY_SCORE  # noqa: E402
+
 EPSILONS = (math.inf, 8.0, 4.0, 1.0)  # the rows that decide the goals first
 
 
@@ -52,7 +54,7 @@ def spec_for(epsilon: float, args) -> dict:
     }
 
 
-AUDIT_ARGS = ["--candidates", "100", "--exposure-canaries", "8", "--samples", "4", "--mia-members", "200", "--pii-spans", "0", "--bootstrap", "1000", "--models", "dp"]
+AUDIT_ARGS = ["--candidates", "100", "--exposure-canaries", "8", "--samples", "4", "--mia-members", "100", "--pii-spans", "0", "--bootstrap", "1000", "--models", "dp"]
 
 
 def run_row(epsilon: float, args, timings: dict) -> dict:
@@ -62,10 +64,11 @@ def run_row(epsilon: float, args, timings: dict) -> dict:
     run_dir = args.workdir / spec["name"]
     report_path = run_dir / "audit/audit_report.json"
     if spec["name"] not in timings:
-        trained = ksg("run", str(spec_path), "--run-dir", str(run_dir))
-        audited = ksg("audit", str(run_dir), *AUDIT_ARGS)
-        timings[spec["name"]] = {"run_s": round(trained, 1), "audit_s": round(audited, 1)}
-        (args.workdir / "timings.json").write_text(json.dumps(timings, indent=1))
+        timings[spec["name"]] = {"run_s": round(ksg("run", str(spec_path), "--run-dir", str(run_dir)), 1)}
+    # an audit from before the canary score changed is redone on the same trained model
+    if "audit_s" not in timings[spec["name"]] or json.loads(report_path.read_text())["canaries"].get("score") != CANARY_SCORE:
+        timings[spec["name"]]["audit_s"] = round(ksg("audit", str(run_dir), *AUDIT_ARGS), 1)
+    (args.workdir / "timings.json").write_text(json.dumps(timings, indent=1))
     return json.loads(report_path.read_text())
 
 
@@ -82,7 +85,7 @@ def canary_rows(epsilon: float, report: dict) -> list[str]:
         run, member = entry["one_run"], entry["membership"]
         exposure = f"{entry['mean_exposure_planted']} / {entry['mean_exposure_not_planted']}"
         rows.append(f"| {label(epsilon)} | {'inf' if claimed is None or math.isinf(claimed) else f'{claimed:.2f}'} | {kind} | {entry['planted']}/{entry['canaries']} | "
-                    f"{run['correct']}/{run['guesses']} | **{run['epsilon_lower_bound']:.3f}** | {run['largest_certifiable']:.2f} | "
+                    f"{run['correct']}/{run['guesses']}{' in' if run.get('in_only') else ''} | **{run['epsilon_lower_bound']:.3f}** | {run['largest_certifiable']:.2f} | "
                     f"{member['tpr_at_1pct_fpr']:.3f}{ci(member.get('tpr_at_1pct_fpr_ci'))} | {member['auc']:.3f}{ci(member.get('auc_ci'))} | {exposure} | "
                     f"{entry['greedy_extracted_planted']}/{entry['tried_planted']} |")
     return rows
@@ -111,8 +114,9 @@ def write(args, reports: dict[float, dict], timings: dict) -> None:
         "(random 6-digit secrets, log2 |R| = 19.9; designed: 4 rare words from a list of 4,096, log2 |R| = 48) planted once each with probability 1/2. "
         f"SmolLM2-135M-Instruct, LoRA r=8 on q,v, loss on all tokens, {args.epochs:g} epochs, batch 8, lr {args.lr}, clip 1.0, seed {args.seed}; "
         "DP-SGD with Poisson sampling, PRV accounting, delta 1e-5.",
-        f"Audit: `ksg audit RUN {' '.join(AUDIT_ARGS)}`. Canary score: the drop of the secret's loss from the base model to the released one. "
-        "One-run bound (Steinke et al. 2023 with its delta term): guesses at 5, 10, 20, 50 and 100% of the canaries, Bonferroni-corrected to 95% overall. "
+        f"Audit: `ksg audit RUN {' '.join(AUDIT_ARGS)}`. Canary score: the drop of the loss of the secret's own tokens from the base model to the released one. "
+        "One-run bound (Steinke et al. 2023 with its delta term): \"in\" on the highest-scoring 5, 10, 20, 30, 40 and 50% of the canaries (abstaining on the rest, marked \"in\"), "
+        "and half \"in\", half \"out\" on all of them, Bonferroni-corrected to 95% overall. "
         "Each canary is one record, so the claimed epsilon for it is the per-record epsilon.", "",
     ]
     if pending:
@@ -132,10 +136,10 @@ def write(args, reports: dict[float, dict], timings: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--records", type=int, default=700)
+    parser.add_argument("--records", type=int, default=600)
     parser.add_argument("--holdout", type=int, default=500)
-    parser.add_argument("--canaries", type=int, default=250, help="canaries of each kind")
-    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--canaries", type=int, default=400, help="canaries of each kind")
+    parser.add_argument("--epochs", type=float, default=4.0)
     parser.add_argument("--lr", type=float, default=0.004)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--workdir", type=Path, required=True, help="the runs live here; the same command resumes from it")

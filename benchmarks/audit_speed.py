@@ -39,7 +39,7 @@ def before(model, tokenizer, spec, canaries, options, samples) -> list[float]:
     template, digits = spec.template, spec.digits
 
     def nll(canary, secrets):
-        pairs = [split_at_secret(tokenizer, template, canary, s) for s in secrets]
+        pairs = [split_at_secret(tokenizer, template, canary, s)[:2] for s in secrets]
         scores = continuation_logprobs(model, [p for p, _ in pairs], [r for _, r in pairs], pad_id(tokenizer), options.batch_size, "cpu")
         return [-float(s.sum()) for s in scores]
 
@@ -48,7 +48,7 @@ def before(model, tokenizer, spec, canaries, options, samples) -> list[float]:
         own = nll(canary, [canary.secret])[0]
         secrets, _ = candidate_secrets(canary, spec, options.candidates, options.enumerate_limit, options.seed)
         exposures.append(metrics.exposure_extrapolated(own, np.array(nll(canary, secrets)), 10.0**digits))
-        prefix, _ = split_at_secret(tokenizer, template, canary, canary.secret)
+        prefix = split_at_secret(tokenizer, template, canary, canary.secret)[0]
         generator = Generator(model, tokenizer, max(1, samples), "cpu")
         generator.generate([prefix], SamplingParams(do_sample=False, max_new_tokens=digits + 4), options.seed)
         generator.generate([prefix] * samples, SamplingParams(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=digits + 4), options.seed)

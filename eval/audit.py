@@ -6,11 +6,11 @@ release it is about: each client's DP adapter, the final federated adapter (trai
 synthetic data only), or the synthetic data itself. Against the base model:
 
 - canaries, of each kind (random digits; rare words, a designed canary): every canary scored by
-  how far training lowered its secret's loss; exposure and sampled extraction on a sample of each
-  kind;
+  how far training lowered the loss of its secret's own tokens; exposure and sampled extraction on
+  a sample of each kind;
 - the one-run epsilon lower bound (Steinke et al. 2023, with its delta term) from the planted and
-  not planted canaries, at declared numbers of guesses with a Bonferroni correction, beside the
-  epsilon it must stay below: the claimed epsilon of the canary's unit, which for a canary
+  not planted canaries, at declared numbers of guesses ("in" on the highest scores, or half "in"
+  and half "out") with a Bonferroni correction, beside the epsilon it must stay below: the claimed epsilon of the canary's unit, which for a canary
   repeated k times at record level is the group epsilon of k records; and the canaries as a
   membership test (TPR at low FPR);
 - the synthetic data as a release: how much of each canary's secret it contains, through the
@@ -54,6 +54,7 @@ from privacy.accounting import group_epsilon
 from privacy.ledger import LedgerEntry, compose, read_stage_ledgers
 
 SENTINEL = "\ue000"
+CANARY_SCORE = "secret tokens"  # what a canary's loss is summed over (before: the text from the secret to the end)
 OVERLAP_WORDS = 8
 
 
@@ -64,7 +65,7 @@ class AuditOptions(BaseModel):
     enumerate_limit: int = Field(default=2000, ge=10, description="enumerate every candidate when the space is at most this large")
     exposure_canaries: int = Field(default=4, ge=0, description="canaries of each kind whose exposure and extraction are measured (every canary is scored for the one-run audit)")
     extraction_samples: int = Field(default=8, ge=0, description="sampled decodings per canary of the exposure sample (and one greedy)")
-    guesses: int | None = Field(default=None, ge=2, description="one-run audit: one number of guesses (default: 5%, 10%, 20%, 50% and all of the canaries, Bonferroni-corrected)")
+    guesses: int | None = Field(default=None, ge=2, description="one-run audit: one number of guesses, half in and half out (default: 'in' on the top 5-50% of the canaries, and all of them half in and half out, Bonferroni-corrected)")
     mia_members: int = Field(default=100, ge=2, description="training records per client scored as members (the non-members are all the held-out records)")
     bootstrap: int = Field(default=1000, ge=0, description="bootstrap resamples for the intervals of AUC and TPR at low FPR")
     pii_samples: int = Field(default=32, ge=0, description="generations per model from public prompts for PII replay")
@@ -98,34 +99,50 @@ def render_prompt(tokenizer, user: str) -> str:
 
 
 def split_record(tokenizer, record: InstructionRecord, marked: InstructionRecord) -> tuple[list[int], list[int]]:
-    """(ids before the span, ids from the span to the end), tokenised as training saw them: the chat
-    prompt, then the response and end-of-turn token tokenised on their own. `marked` is the same
-    record with SENTINEL where the span starts and the text before it unchanged."""
+    """(ids before the span, ids from the span to the end): `split_span` with the span and the
+    text after it together."""
+    before, span, after = split_span(tokenizer, record, marked, 1)
+    return before, span + after
+
+
+def split_span(tokenizer, record: InstructionRecord, marked: InstructionRecord, length: int) -> tuple[list[int], list[int], list[int]]:
+    """(ids before the span, the ids that write its `length` characters, the ids after it),
+    tokenised as training saw them: the chat prompt, then the response and end-of-turn token
+    tokenised on their own. `marked` is the same record with SENTINEL where the span starts and
+    the text before it unchanged."""
     response = tokenizer(record.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     prompt_text = render_prompt(tokenizer, user_message(record))
     marked_prompt = render_prompt(tokenizer, user_message(marked))
     if SENTINEL in marked_prompt:
-        ids, k = _split(tokenizer, prompt_text, marked_prompt.index(SENTINEL))
-        return ids[:k], ids[k:] + response
+        ids, k, m = _split(tokenizer, prompt_text, marked_prompt.index(SENTINEL), length)
+        return ids[:k], ids[k:m], ids[m:] + response
     prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    ids, k = _split(tokenizer, record.response, marked.response.index(SENTINEL))
-    return prompt + ids[:k], ids[k:] + [tokenizer.eos_token_id]
+    ids, k, m = _split(tokenizer, record.response, marked.response.index(SENTINEL), length)
+    return prompt + ids[:k], ids[k:m], ids[m:] + [tokenizer.eos_token_id]
 
 
-def split_at_secret(tokenizer, template: CanaryTemplate, canary: Canary, secret: str) -> tuple[list[int], list[int]]:
-    return split_record(tokenizer, canary.record(template, secret), canary.record(template, SENTINEL))
+def split_at_secret(tokenizer, template: CanaryTemplate, canary: Canary, secret: str) -> tuple[list[int], list[int], list[int]]:
+    """(ids before the secret, the secret's own ids, the ids after it). Canaries are scored on the
+    secret's ids alone: the template text after it is the same for every canary, and training
+    lowers its loss whether or not a canary was planted, by an amount that varies from one canary
+    to the next (10 to 60 nats in `audit_power.md`) and drowns the secret's own signal."""
+    return split_span(tokenizer, canary.record(template, secret), canary.record(template, SENTINEL), len(secret))
 
 
-def _split(tokenizer, text: str, start: int) -> tuple[list[int], int]:
+def _split(tokenizer, text: str, start: int, length: int) -> tuple[list[int], int, int]:
+    """(ids of `text`, the first token that writes a character of text[start:start + length], the
+    first token after them)."""
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    k = next(i for i, (_, end) in enumerate(encoded["offset_mapping"]) if end > start)
-    return encoded["input_ids"], k
+    offsets = encoded["offset_mapping"]
+    k = next(i for i, (_, end) in enumerate(offsets) if end > start)
+    m = next((i for i, (begin, _) in enumerate(offsets) if i > k and begin >= start + length), len(offsets))
+    return encoded["input_ids"], k, m
 
 
 def own_secret_nll(model, tokenizer, template: CanaryTemplate, canaries: list[Canary], batch_size: int, device: str) -> list[float]:
-    """Each canary's negative log-likelihood of the text from its own secret on: one batched,
+    """Each canary's negative log-likelihood of its own secret's tokens: one batched,
     length-grouped pass over all canaries."""
-    pairs = [split_at_secret(tokenizer, template, c, c.secret) for c in canaries]
+    pairs = [split_at_secret(tokenizer, template, c, c.secret)[:2] for c in canaries]
     # the canaries share the chat template and the template's text up to the name: run it once
     shared = min(common_prefix_length([p + r for p, r in pairs]), *(len(p) for p, _ in pairs)) if len(pairs) > 1 else 0
     if shared < SHARED_PREFIX_MIN:
@@ -152,8 +169,8 @@ def continuations_nll(model, tokenizer, pairs: list[tuple[list[int], list[int]]]
 
 
 def secret_nll(model, tokenizer, template: CanaryTemplate, canary: Canary, secrets: list[str], batch_size: int, device: str) -> np.ndarray:
-    """Negative log-likelihood of the text from the secret on, for each candidate secret."""
-    return continuations_nll(model, tokenizer, [split_at_secret(tokenizer, template, canary, s) for s in secrets], batch_size, device)
+    """Negative log-likelihood of each candidate secret's own tokens."""
+    return continuations_nll(model, tokenizer, [split_at_secret(tokenizer, template, canary, s)[:2] for s in secrets], batch_size, device)
 
 
 def candidate_secrets(canary: Canary, spec: CanarySpec, count: int, enumerate_limit: int, seed: int) -> tuple[list[str], bool]:
@@ -263,8 +280,8 @@ def exposure_sample(canaries: list[Canary], per_kind: int) -> list[Canary]:
 
 
 def one_run(scores: list[float], planted: list[bool], options: AuditOptions, delta: float) -> dict:
-    counts = [min(options.guesses, len(scores))] if options.guesses else metrics.guess_counts(len(scores))
-    return metrics.one_run_audit_declared(scores, planted, counts, delta=delta)
+    declared = [(min(options.guesses, len(scores)), False)] if options.guesses else metrics.declared_guesses(len(scores))
+    return metrics.one_run_audit_declared(scores, planted, declared, delta=delta)
 
 
 def canary_results(canaries: list[Canary], scores: list[float], options: AuditOptions, delta: float, include_probability: float) -> dict:
@@ -300,7 +317,7 @@ def canary_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, tar
                     "space_log2": round(space_log2(canary_spec, kind), 3), "exposure_measured": sum(c.kind == kind for c in sample),
                     "method": "exact" if space_size(canary_spec, kind) <= options.enumerate_limit else f"skew-normal fit on {options.candidates} candidates"}
              for kind in canary_spec.kinds}
-    section = {"client": client, "count": len(canaries), "planted": sum(planted), "repeats": canary_spec.repeats, "group_size": group, "kinds": kinds,
+    section = {"client": client, "score": CANARY_SCORE, "count": len(canaries), "planted": sum(planted), "repeats": canary_spec.repeats, "group_size": group, "kinds": kinds,
                "include_probability": canary_spec.include_probability,
                "canaries": [{"index": c.index, "kind": c.kind, "included": c.included} for c in canaries], "targets": {}}
     for target in [t for t in targets if t.name in (f"dp_adapter:{client}", "final")]:

@@ -194,36 +194,45 @@ def epsilon_lower_bound(r: int, v: int, confidence: float = 0.95, m: int | None 
     return low
 
 
-def one_run_audit(scores: list[float], included: list[bool], guesses: int, confidence: float = 0.95, delta: float = 0.0) -> dict:
-    """Guess "in" for the guesses/2 highest scores and "out" for the guesses/2 lowest; the bound
-    holds for (epsilon, delta)-DP with the delta given (the canary unit's)."""
+def one_run_audit(scores: list[float], included: list[bool], guesses: int, confidence: float = 0.95, delta: float = 0.0, in_only: bool = False) -> dict:
+    """Guess "in" for the guesses/2 highest scores and "out" for the guesses/2 lowest, or with
+    `in_only` "in" for the `guesses` highest, abstaining on the rest (Steinke et al. allow both);
+    the bound holds for (epsilon, delta)-DP with the delta given (the canary unit's)."""
     if guesses < 2 or guesses > len(scores):
         raise ValueError(f"guesses must be between 2 and the {len(scores)} canaries, got {guesses}")
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
-    half = guesses // 2
-    guessed_in, guessed_out = order[:half], order[len(order) - (guesses - half):]
+    inside = guesses if in_only else guesses // 2
+    guessed_in, guessed_out = order[:inside], order[len(order) - (guesses - inside):]
     correct = sum(included[i] for i in guessed_in) + sum(not included[i] for i in guessed_out)
     m = len(scores)
-    return {"canaries": m, "guesses": guesses, "correct": correct, "delta": delta,
+    return {"canaries": m, "guesses": guesses, "in_only": in_only, "correct": correct, "delta": delta,
             "epsilon_lower_bound": round(epsilon_lower_bound(guesses, correct, confidence, m, delta), 4),
             "largest_certifiable": round(epsilon_lower_bound(guesses, guesses, confidence, m, delta), 4), "confidence": confidence}
 
 
-GUESS_SHARES = (0.05, 0.1, 0.2, 0.5, 1.0)
+IN_ONLY_SHARES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
 
 
-def guess_counts(canaries: int, shares: tuple[float, ...] = GUESS_SHARES) -> list[int]:
-    """The numbers of guesses tried, declared before any score is seen: shares of the canaries."""
+def guess_counts(canaries: int, shares: tuple[float, ...] = IN_ONLY_SHARES) -> list[int]:
+    """Numbers of guesses as shares of the canaries."""
     return sorted({max(2, min(canaries, round(share * canaries))) for share in shares})
 
 
-def one_run_audit_declared(scores: list[float], included: list[bool], counts: list[int], confidence: float = 0.95, delta: float = 0.0) -> dict:
-    """The one-run audit at each declared number of guesses, each at confidence 1 - (1 - confidence)
-    / len(counts) (Bonferroni), so the best of them still holds at `confidence`: an auditor who
+def declared_guesses(canaries: int) -> list[tuple[int, bool]]:
+    """The (number of guesses, in only) tried, declared before any score is seen: "in" on the
+    highest-scoring 5 to 50% of the canaries, abstaining on the rest (training raises a planted
+    canary's score, while not planting one does not lower it, so the low end says little), and a
+    guess on every canary, half "in" and half "out"."""
+    return [(n, True) for n in guess_counts(canaries)] + [(canaries, False)]
+
+
+def one_run_audit_declared(scores: list[float], included: list[bool], declared: list[tuple[int, bool]], confidence: float = 0.95, delta: float = 0.0) -> dict:
+    """The one-run audit for each declared way of guessing, each at confidence 1 - (1 - confidence)
+    / len(declared) (Bonferroni), so the best of them still holds at `confidence`: an auditor who
     guesses only where the scores are extreme certifies more than one forced to guess on every
-    canary, and trying several counts this way costs no validity."""
-    each = 1 - (1 - confidence) / len(counts)
-    tried = [one_run_audit(scores, included, r, each, delta) for r in counts]
+    canary, and trying several ways this way costs no validity."""
+    each = 1 - (1 - confidence) / len(declared)
+    tried = [one_run_audit(scores, included, r, each, delta, in_only) for r, in_only in declared]
     best = max(tried, key=lambda t: (t["epsilon_lower_bound"], t["guesses"]))  # on a tie, the count that looked at most canaries
     return {**best, "confidence": confidence, "confidence_each": round(each, 6), "largest_certifiable": max(t["largest_certifiable"] for t in tried),
-            "tried": [{k: t[k] for k in ("guesses", "correct", "epsilon_lower_bound")} for t in tried]}
+            "tried": [{k: t[k] for k in ("guesses", "in_only", "correct", "epsilon_lower_bound")} for t in tried]}

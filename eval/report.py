@@ -147,7 +147,7 @@ def canary_html(canaries: dict | None) -> str:
             exposure = f"{_num(entry.get('mean_exposure_planted'), 2)} / {_num(entry.get('mean_exposure_not_planted'), 2)}" if "mean_exposure_planted" in entry else "-"
             extracted = (f"{entry['greedy_extracted_planted']} / {entry['tried_planted']} (not planted: {entry['greedy_extracted_not_planted']})" if "greedy_extracted_planted" in entry
                          else f"whole secret: {entry['whole_secret_found_planted']} / {entry['planted']} (not planted: {entry['whole_secret_found_not_planted']})")
-            bound = [f"<b>{run['epsilon_lower_bound']:.3f}</b>", f"{run['correct']} / {run['guesses']}", f"{run['largest_certifiable']:.3f}"] if run else ["n/a"] * 3
+            bound = [f"<b>{run['epsilon_lower_bound']:.3f}</b>", f"{run['correct']} / {run['guesses']}" + (" (all 'in')" if run.get("in_only") else " (half 'in')"), f"{run['largest_certifiable']:.3f}"] if run else ["n/a"] * 3
             rows.append([esc(name), esc(kind), f"{entry['planted']} / {entry['canaries']}", _num(claimed), *bound, tpr_cell(member, "1pct") if member else "n/a",
                          f"{member['auc']:.3f}" if member else "n/a", exposure, extracted])
         verdicts.append([esc(name), esc(result["release"]), esc(conclusion(result["kinds"]["all"]["one_run"], claimed))])
@@ -155,8 +155,8 @@ def canary_html(canaries: dict | None) -> str:
                     "largest certifiable", "TPR at 1% FPR [95% CI]", "AUC", "mean exposure planted / not (bits)", "extracted (greedy), of the planted in the exposure sample"], rows, "")
     return f"""<p>{canaries['count']} canaries in client {esc(canaries['client'])}, each planted with probability {canaries.get('include_probability', 0.5):g} ({canaries['planted']} planted), {canaries['repeats']} cop{'y' if canaries['repeats'] == 1 else 'ies'} each.
 A canary's copies are a group of {canaries['group_size']} privacy unit(s): the lower bound certifies the epsilon of such a group at the client's delta, so it is compared with the claimed group
-epsilon (<code>privacy.accounting.group_epsilon</code>). Every canary is scored by how far training lowered its secret's loss below the base model's; the one-run bound
-(Steinke, Nasr and Jagielski 2023) guesses at declared shares of the canaries, Bonferroni-corrected. The synthetic data is scored by the share of each secret it contains.</p>
+epsilon (<code>privacy.accounting.group_epsilon</code>). Every canary is scored by how far training lowered the loss of its secret's own tokens below the base model's; the one-run bound
+(Steinke, Nasr and Jagielski 2023) guesses "in" on the highest-scoring 5 to 50% of the canaries (abstaining on the rest) and, once, half "in" and half "out" on all of them, Bonferroni-corrected. The synthetic data is scored by the share of each secret it contains.</p>
 <h3>Design</h3>{design}
 <h3>Results</h3>{table}
 <h3>What to conclude</h3>{_table(["release", "what it is", "conclusion (all canaries)"], verdicts, "")}

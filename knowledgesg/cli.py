@@ -30,7 +30,7 @@ def options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also 
         quiet_dependencies()
 
 
-STATE_STYLES = {"done": "green", "cached": "cyan", "kept": "cyan", "ran": "green", "stale": "yellow", "pending": "dim", "failed": "red", "interrupted": "yellow"}
+STATE_STYLES = {"done": "green", "cached": "cyan", "kept": "cyan", "received": "green", "ran": "green", "stale": "yellow", "pending": "dim", "failed": "red", "interrupted": "yellow"}
 
 
 def _seconds(value: float | None) -> str:
@@ -45,15 +45,30 @@ def _mib(value: float | None) -> str:
 def run(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="pipeline spec (YAML)")],
     run_dir: Annotated[Path | None, typer.Option("--run-dir", help="default: runs/<spec name>")] = None,
+    role: Annotated[str, typer.Option(help="all: every party in this process (the simulation); client: one client's stages on its own data, "
+                                           "then its releases to --exchange; server: the clients' releases from --exchange, then the server's stages")] = "all",
+    client: Annotated[str | None, typer.Option(help="with --role client: which member of the spec this machine is")] = None,
+    exchange: Annotated[Path | None, typer.Option(help="with --role client or server: the directory the releases cross through")] = None,
 ) -> None:
     """Run a pipeline; stages already done with the same inputs are skipped (resume after a crash)."""
+    from knowledgesg.errors import InputError
+    from knowledgesg.roles import Role
     from knowledgesg.runner import Runner
     from pipelines import load_pipeline
 
     start = time.perf_counter()
     spec, base_dir, stages = load_pipeline(spec_path)
-    run_dir = run_dir or Path("runs") / spec.name
-    outcomes = Runner(spec, base_dir, run_dir, stages).run()
+    if role not in ("all", "client", "server"):
+        raise InputError(f"--role: '{role}' is not one of all, client, server")
+    if role == "client" and client is None:
+        raise InputError("--role client: say which member this machine is with --client ID")
+    if client is not None and role != "client":
+        raise InputError("--client goes with --role client")
+    if role != "all" and exchange is None:
+        raise InputError(f"--role {role}: give --exchange DIR, the directory the releases cross through")
+    party = Role(role, client, exchange)  # type: ignore[arg-type]
+    run_dir = run_dir or Path("runs") / (spec.name if role == "all" else f"{spec.name}-{client or 'server'}")
+    outcomes = Runner(spec, base_dir, run_dir, stages, party).run()
     table = Table(title=f"{spec.name}: {run_dir}")
     for column, justify in (("stage", "left"), ("status", "left"), ("time", "right"), ("records", "right"), ("peak memory", "right")):
         table.add_column(column, justify=justify)
@@ -70,13 +85,13 @@ def run(
 def _refresh_run_report(run_dir: Path) -> Path:
     """RUN/report.html from what is on disk now: the stage table, privacy totals, report links."""
     from knowledgesg.run_report import write_run_report
-    from knowledgesg.runner import SPEC_COPY, load_run_spec
+    from knowledgesg.runner import SPEC_COPY, load_run_role, load_run_spec
     from knowledgesg.status import run_status
     from pipelines import build_stages
     from privacy.ledger import client_delta, composed_total, ledger_directory, run_releases
 
     spec, base_dir = load_run_spec(run_dir)
-    states = run_status(run_dir, spec, base_dir, build_stages(spec, str(run_dir / SPEC_COPY)))
+    states = run_status(run_dir, spec, base_dir, build_stages(spec, str(run_dir / SPEC_COPY)), load_run_role(run_dir))
     releases = run_releases(run_dir, [s.name for s in spec.stages], ledger_directory(spec.privacy.ledger_dir, base_dir, run_dir))
     privacy = [(client, composed_total(entries, client_delta(entries)).reported, client_delta(entries), sum(e.costs_privacy for e in entries))
                for client, entries in releases.items()]
@@ -86,12 +101,14 @@ def _refresh_run_report(run_dir: Path) -> Path:
 def _print_privacy_summary(spec, base_dir: Path, run_dir: Path) -> None:
     """Per client, from the ledgers: each release with its stored epsilon, and the composed total
     over every release ever made from the client's data (the full report recomputes them)."""
+    from knowledgesg.runner import load_run_role
     from privacy.ledger import client_delta, composed_total, ledger_directory, run_releases
     from privacy.report import release_label
 
     releases = run_releases(run_dir, [s.name for s in spec.stages], ledger_directory(spec.privacy.ledger_dir, base_dir, run_dir))
     if not releases:
         return
+    server = load_run_role(run_dir).kind == "server"
     console.print("privacy (from the ledger):")
     for client_id, entries in releases.items():
         delta = client_delta(entries)
@@ -101,7 +118,8 @@ def _print_privacy_summary(spec, base_dir: Path, run_dir: Path) -> None:
         for e in entries:
             label = release_label(e).replace("NOT PRIVATE", "[bold red]NOT PRIVATE[/]")
             cost = f"epsilon {e.epsilon.reported:.3f} ({e.epsilon.reported_by})" if e.private else "no guarantee"
-            where = "" if Path(e.run_dir) == run_dir.resolve() else " [dim](another run)[/]"
+            # on the server every entry was made on a client, in the client's run
+            where = "" if Path(e.run_dir) == run_dir.resolve() or server else " [dim](another run)[/]"
             console.print(f"    {e.stage}: {label}: {cost}{where}")
     console.print(f"  full report with the three accountants, the threat model and plots: ksg privacy-report {run_dir}")
 
@@ -162,7 +180,7 @@ def _eps(value: float) -> str:
 @app.command()
 def status(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run directory")]) -> None:
     """Each stage of a run: done, cached, stale, interrupted, failed or pending."""
-    from knowledgesg.runner import SPEC_COPY, load_run_spec
+    from knowledgesg.runner import SPEC_COPY, load_run_role, load_run_spec
     from knowledgesg.status import run_status
     from pipelines import build_stages
 
@@ -170,7 +188,7 @@ def status(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run di
     table = Table(title=str(run_dir))
     for column in ("stage", "state", "time", "records", "finished", "detail"):
         table.add_column(column)
-    for state in run_status(run_dir, spec, base_dir, build_stages(spec, str(run_dir / SPEC_COPY))):
+    for state in run_status(run_dir, spec, base_dir, build_stages(spec, str(run_dir / SPEC_COPY)), load_run_role(run_dir)):
         style = STATE_STYLES.get(state.state, "")
         table.add_row(state.name, f"[{style}]{state.state}[/]", _seconds(state.duration_s), "" if state.records is None else str(state.records), state.finished_at or "", state.detail)
     console.print(table)
@@ -282,7 +300,7 @@ def audit(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run directory")],
     candidates: Annotated[int, typer.Option(help="random candidate secrets per canary (skew-normal fit)")] = 100,
     exposure_canaries: Annotated[int, typer.Option(help="canaries of each kind whose exposure and extraction are measured (all are scored for the one-run bound)")] = 4,
-    guesses: Annotated[int | None, typer.Option(help="one-run epsilon audit: one number of guesses (default: 5-100% of the canaries, Bonferroni-corrected)")] = None,
+    guesses: Annotated[int | None, typer.Option(help="one-run epsilon audit: one number of guesses, half in and half out (default: 'in' on the top 5-50% of the canaries, and half in, half out on all, Bonferroni-corrected)")] = None,
     samples: Annotated[int, typer.Option(help="sampled decodings per canary of the exposure sample; 4x as many generations per model for PII replay")] = 8,
     mia_members: Annotated[int, typer.Option(help="training records per client scored for membership inference")] = 100,
     pii_spans: Annotated[int, typer.Option(help="PII spans per client attacked (extraction, reconstruction, inference)")] = 16,
@@ -323,7 +341,7 @@ def _print_audit(report: dict) -> None:
             for kind, entry in result["kinds"].items():
                 run, member = entry["one_run"], entry.get("membership")
                 exposure = f"{entry['mean_exposure_planted']} / {entry['mean_exposure_not_planted']}" if "mean_exposure_planted" in entry else "-"
-                bound = [f"{run['correct']}/{run['guesses']}", f"{run['epsilon_lower_bound']:.3f}"] if run else ["n/a", "n/a"]
+                bound = [f"{run['correct']}/{run['guesses']}{' in' if run.get('in_only') else ''}", f"{run['epsilon_lower_bound']:.3f}"] if run else ["n/a", "n/a"]
                 tpr = "n/a" if not member else f"{member['tpr_at_1pct_fpr']:.3f}" + ("" if member["tpr_at_1pct_fpr_measurable"] else " (at 0 FPR)")
                 table.add_row(name, kind, *bound, "n/a" if claimed is None else f"{claimed:.3f}", f"{run['largest_certifiable']:.3f}" if run else "n/a", tpr, exposure)
         console.print(table)

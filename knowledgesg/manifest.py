@@ -54,6 +54,9 @@ class Manifest(BaseModel):
     finished_at: str
     duration_s: float
     peak_rss_mib: float | None = None  # this process, sampled while the stage ran
+    # on the server, for a stage the clients ran (knowledgesg.exchange): client -> the fingerprint
+    # of the stage as it ran on that client
+    received: dict[str, str] | None = None
 
     def outputs_digest(self) -> str:
         return sha256_text("".join(f"{path}={entry.sha256};" for path, entry in sorted(self.outputs.items())))

@@ -28,9 +28,12 @@ from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.fileio import canonical_json, hmac_file, read_json, sha256_file, sha256_text, write_json, write_text
 from knowledgesg.manifest import MANIFEST, Manifest, output_entry, read_manifest, verify_outputs, write_manifest
+from knowledgesg.exchange import export_releases, receive_ledgers, receive_stage
 from knowledgesg.memory import PeakMemory
+from knowledgesg.roles import Role, check_role, narrow_to_client
 from knowledgesg.spec import PipelineSpec, parse_spec, spec_to_dict
-from knowledgesg.stage import Stage, StageContext
+from knowledgesg.stage import LEDGER_KEY, Stage, StageContext
+from privacy.ledger import ClientLedger, ledger_directory
 
 SPEC_COPY = "spec.json"
 STARTED_WITH = ".started_with"  # the fingerprint a stage directory was started with
@@ -41,7 +44,7 @@ CODE_PACKAGES = ("knowledgesg", "pipelines", "privacy", "eval")
 @dataclass
 class StageOutcome:
     name: str
-    status: str  # ran | cached | kept (a privacy release kept across a code upgrade) | failed
+    status: str  # ran | cached | kept (a privacy release kept across a code upgrade) | received (from the clients) | failed
     duration_s: float
     records: int
     reason: str = ""
@@ -181,14 +184,24 @@ def load_run_spec(run_dir: Path) -> tuple[PipelineSpec, Path]:
     return parse_spec(saved["spec"], source=str(path)), Path(saved["base_dir"])
 
 
+def load_run_role(run_dir: Path) -> Role:
+    """The role the run directory was made by (the simulation for runs from before roles)."""
+    saved = read_json(run_dir / SPEC_COPY).get("role") or {}
+    return Role(saved.get("kind", "all"), saved.get("client"), Path(saved["exchange"]) if saved.get("exchange") else None)
+
+
 class Runner:
-    def __init__(self, spec: PipelineSpec, base_dir: Path, run_dir: Path, stages: list[Stage]) -> None:
+    def __init__(self, spec: PipelineSpec, base_dir: Path, run_dir: Path, stages: list[Stage], role: Role = Role()) -> None:
+        """`spec` and `stages` whole, as every party has them; `role` says which part this process runs."""
         if [stage.name for stage in stages] != [s.name for s in spec.stages]:
             raise ValueError("the stages must be the spec's, in order (build them with pipelines.build_stages)")
-        self.spec = spec
+        if role.kind != "all" and role.exchange is None:
+            raise ValueError("a client or server role needs an exchange directory")
+        self.stages = check_role(role, spec, stages, "spec")
+        self.spec = narrow_to_client(spec, role.client) if role.kind == "client" else spec
         self.base_dir = base_dir
         self.run_dir = run_dir
-        self.stages = stages
+        self.role = role
 
     def run(self) -> list[StageOutcome]:
         self.preflight()  # before the run directory is created or touched
@@ -197,17 +210,30 @@ class Runner:
         try:
             with run_lock(self.run_dir):
                 sweep_orphans(self.run_dir)
-                write_json(self.run_dir / SPEC_COPY, {"spec": spec_to_dict(self.spec), "base_dir": str(self.base_dir)})
-                return self._run_stages(client_key(self.run_dir, self.spec))
+                role = {"kind": self.role.kind, "client": self.role.client, "exchange": str(self.role.exchange) if self.role.exchange else None}
+                write_json(self.run_dir / SPEC_COPY, {"spec": spec_to_dict(self.spec), "base_dir": str(self.base_dir), "role": role})
+                outcomes = self._run_stages(client_key(self.run_dir, self.spec))
+                if self.role.kind == "client":
+                    self._send()
+                return outcomes
         except InputError:
             if created:  # bad input: leave nothing behind that looks like a run
                 shutil.rmtree(self.run_dir, ignore_errors=True)
             raise
 
     def preflight(self) -> None:
-        """The data checks of every stage that will run (the ones after the last cached stage)."""
+        """The data checks of every stage that will run here (the ones after the last cached stage)."""
         for stage in self.stages[self._cached_prefix():]:
-            stage.preflight(self.spec, self.base_dir)
+            if not self.role.receives(stage):
+                stage.preflight(self.spec, self.base_dir)
+
+    def _send(self) -> None:
+        """A client's releases, with its whole ledger, to the exchange (checked against its cap first)."""
+        assert self.role.client is not None and self.role.exchange is not None
+        key = read_json(self.run_dir / "stages/ingest/clients" / self.role.client / LEDGER_KEY)["data_key"]
+        ledger = ClientLedger.of_data(ledger_directory(self.spec.privacy.ledger_dir, self.base_dir, self.run_dir), key).entries()
+        sent = export_releases(self.run_dir, [s.name for s in self.stages], self.role.client, self.role.exchange, ledger, self.spec.privacy.cap_epsilon)
+        console.print(f"client {self.role.client}: releases of {', '.join(s.name for s in self.stages)} and {len(ledger)} ledger entr{'y' if len(ledger) == 1 else 'ies'} sent to {sent}")
 
     def _cached_prefix(self) -> int:
         """How many leading stages have a manifest for their current fingerprint, judged without
@@ -217,8 +243,13 @@ class Runner:
         hashes = HashCache(self.run_dir / ".input_hashes.json")
         previous = "root"
         for index, stage in enumerate(self.stages):
-            fingerprint = stage_fingerprint(stage, self.spec, self.base_dir, previous, hashes, key)
             manifest = read_manifest(self.run_dir / "stages" / stage.name)
+            if self.role.receives(stage):  # judged when it is received
+                if manifest is None:
+                    return index
+                previous = chain_after(manifest)
+                continue
+            fingerprint = stage_fingerprint(stage, self.spec, self.base_dir, previous, hashes, key)
             if manifest is None or fingerprint.full != manifest.fingerprint and not (stage.releases() and fingerprint.content == manifest.content_fingerprint):
                 return index
             previous = chain_after(manifest)
@@ -227,7 +258,17 @@ class Runner:
     def _run_stages(self, key: bytes) -> list[StageOutcome]:
         hashes = HashCache(self.run_dir / ".input_hashes.json")
         outcomes, previous = [], "root"
+        if self.role.kind == "server":
+            assert self.role.exchange is not None
+            receive_ledgers(self.run_dir, self.role.exchange, [m.id for m in self.spec.clients.members])
         for stage in self.stages:
+            if self.role.receives(stage):
+                assert self.role.exchange is not None
+                manifest, new = receive_stage(self.run_dir, self.role.exchange, stage.name, [m.id for m in self.spec.clients.members])
+                outcomes.append(StageOutcome(stage.name, "received" if new else "cached", manifest.duration_s, manifest.record_count(), peak_rss_mib=manifest.peak_rss_mib))
+                append_event(self.run_dir, stage=stage.name, status="received" if new else "cached")
+                previous = chain_after(manifest)
+                continue
             fingerprint = stage_fingerprint(stage, self.spec, self.base_dir, previous, hashes, key)
             hashes.save()
             stage_dir = self.run_dir / "stages" / stage.name
@@ -260,7 +301,7 @@ class Runner:
         stage_dir.mkdir(parents=True, exist_ok=True)
         if not resumable:
             write_text(started_with, fingerprint.full)
-        ctx = StageContext(spec=self.spec, base_dir=self.base_dir, run_dir=self.run_dir, stage_dir=stage_dir, stage_name=stage.name, runs_on=stage.runs_on)
+        ctx = StageContext(spec=self.spec, base_dir=self.base_dir, run_dir=self.run_dir, stage_dir=stage_dir, stage_name=stage.name, runs_on=stage.runs_on, role=self.role.kind)
         started_at, start = _now(), time.perf_counter()
         append_event(self.run_dir, stage=stage.name, status="started")
         try:

@@ -17,7 +17,7 @@ from knowledgesg.errors import KsgError
 from knowledgesg.fileio import read_json, sha256_text, write_json, write_jsonl
 from knowledgesg.manifest import read_manifest
 from knowledgesg.spec import PipelineSpec
-from privacy.ledger import ClientLedger, LedgerEntry, ledger_directory, merge_releases, read_stage_ledgers
+from privacy.ledger import ClientLedger, LedgerEntry, ledger_directory, merge_releases, read_received_ledger, read_stage_ledgers
 from privacy.noise import SecureRandom
 
 LEDGER_KEY = "ledger_key.json"  # ingest writes one per client (client side): its data's fingerprint
@@ -46,6 +46,11 @@ class Stage:
         """Stages that must come before this one in a spec (checked before anything runs)."""
         return ()
 
+    def side(self) -> str:
+        """Where the stage runs when each party runs its own part (`knowledgesg.roles`): "client"
+        (on each client, with its own data only), "server", or "both" (on every party)."""
+        return "server" if self.runs_on == "server" else "client"
+
     def releases(self) -> bool:
         """Whether running this stage releases something computed from private data (and so
         spends privacy budget): such a stage is not rerun for a code upgrade alone."""
@@ -70,6 +75,7 @@ class StageContext:
     stage_dir: Path
     stage_name: str = ""
     runs_on: str = "any"
+    role: str = "all"  # "all" (the simulation), "client" or "server": see knowledgesg.roles
     declared: dict[str, tuple[int | None, str]] = field(default_factory=dict)  # path -> (records, side)
 
     @property
@@ -99,12 +105,14 @@ class StageContext:
     def client_ledger(self, client_id: str) -> ClientLedger:
         """The client's own append-only ledger, found by the fingerprint of its data."""
         key = read_json(self.artifact("ingest", f"clients/{client_id}/{LEDGER_KEY}"))["data_key"]
-        return ClientLedger(self.ledger_dir, key)
+        return ClientLedger.of_data(self.ledger_dir, key)
 
     def spent(self, client_id: str) -> list[LedgerEntry]:
-        """Every release ever made from this client's data: its own ledger and this run's stage copies."""
+        """Every release ever made from this client's data: its own ledger (on the server: the
+        copy the client sent with its releases) and this run's stage copies."""
         copies = [e for e in read_stage_ledgers(self.run_dir, self.completed_stages_before()) if e.client_id == client_id]
-        return merge_releases(self.client_ledger(client_id).entries(), copies)
+        own = read_received_ledger(self.run_dir, client_id) if self.role == "server" else self.client_ledger(client_id).entries()
+        return merge_releases(own, copies)
 
     def path(self, relative: str) -> Path:
         return self.stage_dir / relative
@@ -149,7 +157,7 @@ class StageContext:
         if relative not in manifest.outputs:
             raise KsgError(f"stage '{stage}' has no output '{relative}'")
         side = manifest.outputs[relative].side
-        if self.runs_on == "server" and side != "server":
+        if (self.runs_on == "server" or self.role == "server") and side != "server":
             raise KsgError(f"stage '{self.stage_name}' runs on the server and may not read '{stage}/{relative}' ({side} side: it never leaves that client)")
         return stage_dir / relative
 

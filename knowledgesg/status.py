@@ -8,6 +8,7 @@ from pathlib import Path
 from knowledgesg.client_key import existing_client_key
 from knowledgesg.fileio import read_jsonl
 from knowledgesg.manifest import read_manifest
+from knowledgesg.roles import Role, check_role
 from knowledgesg.runner import EVENTS, HashCache, chain_after, reusable_manifest, stage_fingerprint
 from knowledgesg.spec import PipelineSpec
 from knowledgesg.stage import Stage
@@ -16,7 +17,7 @@ from knowledgesg.stage import Stage
 @dataclass
 class StageState:
     name: str
-    state: str  # done | cached | kept | stale | failed | interrupted | pending
+    state: str  # done | cached | kept | received | stale | failed | interrupted | pending
     duration_s: float | None
     records: int | None
     finished_at: str | None
@@ -33,16 +34,25 @@ def _last_events(run_dir: Path) -> dict[str, dict]:
     return last
 
 
-def run_status(run_dir: Path, spec: PipelineSpec, base_dir: Path, stages: list[Stage]) -> list[StageState]:
-    """`spec` and `base_dir` as saved in the run (runner.load_run_spec), `stages` built from it."""
+def run_status(run_dir: Path, spec: PipelineSpec, base_dir: Path, stages: list[Stage], role: Role = Role()) -> list[StageState]:
+    """`spec`, `base_dir` and `role` as saved in the run (runner.load_run_spec, load_run_role),
+    `stages` built from it."""
     hashes = HashCache(run_dir / ".input_hashes.json")
     key = existing_client_key(run_dir, spec)
     events = _last_events(run_dir)
     states, previous = [], "root"
-    for stage in stages:
+    for stage in check_role(role, spec, stages, str(run_dir)):
         stage_dir = run_dir / "stages" / stage.name
         manifest = read_manifest(stage_dir)
         last = events.get(stage.name, {})
+        if role.receives(stage):
+            if manifest is not None and manifest.received and previous:
+                states.append(StageState(stage.name, "received", manifest.duration_s, manifest.record_count(), manifest.finished_at, f"from {', '.join(manifest.received)}"))
+                previous = chain_after(manifest)
+            else:
+                states.append(StageState(stage.name, "pending", None, None, None, "waiting for the clients' releases"))
+                previous = ""
+            continue
         fingerprint = stage_fingerprint(stage, spec, base_dir, previous, hashes, key) if previous else None
         reusable, status, problem = reusable_manifest(stage, stage_dir, fingerprint, key) if fingerprint else (None, "", "")
         if reusable is not None:

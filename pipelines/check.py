@@ -98,7 +98,7 @@ def check_pipeline(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_
     ledger_dir = ledger_directory(spec.privacy.ledger_dir, base_dir, run_dir)
     checks = []
     for client_id, records in client_records(spec, base_dir).items():
-        before: list[LedgerEntry] = ClientLedger(ledger_dir, data_key([r.model_dump() for r in records])).entries()
+        before: list[LedgerEntry] = ClientLedger.of_data(ledger_dir, data_key([r.model_dump() for r in records])).entries()
         trained = training_records(spec, client_id, records)
         planned, plan = [], None
         if train is not None:

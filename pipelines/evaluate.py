@@ -28,6 +28,9 @@ class Evaluate(Stage):
     def requires(self) -> tuple[str, ...]:
         return ("prepare_models", "ingest")
 
+    def side(self) -> str:
+        return "server"  # public benchmarks; a client's private test set and fidelity stay on its side
+
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
         options: EvalOptions = self.params
         files = [t for t in options.tasks if is_task_file(t)] + [f for files in options.private_tasks.values() for f in files]
@@ -49,6 +52,10 @@ class Evaluate(Stage):
         ctx.write_json("results.json", results)
         for name, entry in results["models"].items():
             console.print(f"evaluate {name}: mean accuracy {entry['mean_accuracy']}")
+        if ctx.role == "server":
+            if options.private_tasks or options.fidelity:
+                console.print("evaluate: private test sets and fidelity need each client's data; with --role server only the public benchmarks run")
+            return
         for client, report in evaluate_private(ctx.run_dir, options, device, ctx.base_dir).items():
             ctx.write_json(f"clients/{client}/private_eval.json", report, side=f"client:{client}")
             scores = ", ".join(f"{model}: {entry['mean_accuracy']}" for model, entry in report["models"].items())

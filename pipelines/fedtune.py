@@ -94,6 +94,9 @@ class Fedtune(Stage):
     def releases(self) -> bool:
         return self.params.data == "private"
 
+    def side(self) -> str:
+        return "server"  # it drives the rounds; with private data the clients train on their side (Flower)
+
     def run(self, ctx: StageContext) -> None:
         p: FedtuneParams = self.params
         partition = ctx.read_artifact_json("ingest", "partition.json")

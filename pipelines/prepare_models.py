@@ -23,6 +23,9 @@ class PrepareModels(Stage):
     name = "prepare_models"
     uses = ("models",)
 
+    def side(self) -> str:
+        return "both"  # every party resolves the same models (their hashes are in models.json)
+
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
         return [file for name in named_models(spec).values() for file in source_files(name)]
 

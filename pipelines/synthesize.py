@@ -92,6 +92,11 @@ class Synthesize(Stage):
     def releases(self) -> bool:
         return self.params.class_balance == "dp_histogram"
 
+    def side(self) -> str:
+        # generating from a released DP adapter is post-processing: the server can do it; a DP
+        # histogram of the labels needs the client's records
+        return "client" if self.params.class_balance == "dp_histogram" else "server"
+
     def run(self, ctx: StageContext) -> None:
         p: SynthesizeParams = self.params
         partition = ctx.read_artifact_json("ingest", "partition.json")

@@ -116,11 +116,19 @@ def ledger_directory(configured: Path | None, base_dir: Path, run_dir: Path) -> 
     return run_dir / "ledger"
 
 
+RECEIVED = "received"  # on the server: RUN/received/<client>.jsonl, the ledger each client sent
+
+
 class ClientLedger:
     """One client data set's append-only ledger file."""
 
-    def __init__(self, directory: Path, key: str) -> None:
-        self.path = directory / f"{key[:32]}.jsonl"
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def of_data(cls, directory: Path, key: str) -> ClientLedger:
+        """The ledger of the client data set whose fingerprint is `key`, in `directory`."""
+        return cls(directory / f"{key[:32]}.jsonl")
 
     def entries(self) -> list[LedgerEntry]:
         if not self.path.is_file():
@@ -148,6 +156,16 @@ class ClientLedger:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def received_ledger(run_dir: Path, client_id: str) -> ClientLedger:
+    """On the server: the copy of a client's ledger that came with its releases, every entry the
+    client ever sent kept (append-only), so both sides can show what crossed."""
+    return ClientLedger(run_dir / RECEIVED / f"{client_id}.jsonl")
+
+
+def read_received_ledger(run_dir: Path, client_id: str) -> list[LedgerEntry]:
+    return received_ledger(run_dir, client_id).entries()
 
 
 def read_stage_ledgers(run_dir: Path, stages: list[str]) -> list[LedgerEntry]:
@@ -215,15 +233,16 @@ def check_budget(before: list[LedgerEntry], client_id: str, planned: list[Mechan
 
 def run_releases(run_dir: Path, stages: list[str], ledger_dir: Path) -> dict[str, list[LedgerEntry]]:
     """Per client of a run: every release ever made from its data (its ledger, wherever and
-    whenever made) and every entry of this run's stage ledgers, each once."""
+    whenever made; on the server, the copy the client sent) and every entry of this run's stage
+    ledgers, each once."""
     copies = read_stage_ledgers(run_dir, stages)
     partition = run_dir / "stages" / "ingest" / "partition.json"
     clients = list(read_json(partition)["clients"]) if partition.is_file() else list(dict.fromkeys(e.client_id for e in copies))
     releases = {}
     for client in clients:
         key_file = run_dir / "stages" / "ingest" / "clients" / client / "ledger_key.json"
-        own = ClientLedger(ledger_dir, read_json(key_file)["data_key"]).entries() if key_file.is_file() else []
-        mine = merge_releases(own, [e for e in copies if e.client_id == client])
+        own = ClientLedger.of_data(ledger_dir, read_json(key_file)["data_key"]).entries() if key_file.is_file() else []
+        mine = merge_releases(own, read_received_ledger(run_dir, client), [e for e in copies if e.client_id == client])
         if mine:
             releases[client] = mine
     return releases

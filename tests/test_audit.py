@@ -122,12 +122,12 @@ def test_exposure_of_unseen_canaries_is_near_zero():
 def test_canary_split_matches_training_tokenization():
     _, tokenizer = load_causal_lm(resolve_model("tiny-random-llama"))
     for template in (CanaryTemplate(), CanaryTemplate(instruction="Repeat the code.", input="", response="The code is {secret}.")):
-        spec = CanarySpec(client="x", count=2, digits=4, template=template)
-        canary = make_canaries(spec, seed=1)[0]
-        prefix, rest = split_at_secret(tokenizer, template, canary, canary.secret)
-        trained = tokenize_example(tokenizer, canary.record(template), 512, "all").input_ids
-        assert prefix + rest == trained
-        assert canary.secret.startswith(tokenizer.decode(rest).strip()[:1])
+        spec = CanarySpec(client="x", count=2, digits=4, kinds=["digits", "rare_words"], words=3, template=template)
+        for canary in make_canaries(spec, seed=1):
+            prefix, secret, after = split_at_secret(tokenizer, template, canary, canary.secret)
+            trained = tokenize_example(tokenizer, canary.record(template), 512, "all").input_ids
+            assert prefix + secret + after == trained
+            assert tokenizer.decode(secret).strip() == canary.secret  # the secret's own tokens, nothing after it
 
 
 def test_canary_losses_after_their_shared_prefix_equal_each_canary_alone():
@@ -168,7 +168,7 @@ def test_the_synthetic_data_is_audited_for_the_canaries_it_carries():
     assert audit["claimed"] == claimed and "synthetic data" in audit["release"]
     everything = audit["kinds"]["all"]
     assert everything["whole_secret_found_planted"] == 12 and everything["whole_secret_found_not_planted"] == 0
-    assert next(t for t in everything["one_run"]["tried"] if t["guesses"] == 16)["correct"] >= 8  # its 8 "in" guesses are leaked planted ones
+    assert next(t for t in everything["one_run"]["tried"] if t["guesses"] == 16 and t["in_only"])["correct"] >= 12  # its top 12 are the leaked planted ones
     assert everything["membership"]["tpr_at_1pct_fpr"] == pytest.approx(12 / everything["planted"], abs=1e-4)
     # a synthetic set that carries none: every score 0, nothing certified
     assert synthetic_canary_audit(canaries, synthetic[-1:], claimed, AuditOptions(bootstrap=0))["kinds"]["all"]["one_run"]["epsilon_lower_bound"] == 0.0

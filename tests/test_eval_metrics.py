@@ -64,20 +64,23 @@ def test_one_run_lower_bound_by_hand():
 
 
 def test_declared_guesses_are_bonferroni_corrected():
-    # 200 canaries, the 20 highest planted and the 20 lowest not, the rest at random: guessing only
-    # the extremes certifies more than guessing all, and the best of the declared counts is still
-    # judged at 95% overall (each count at 1 - 0.05/5)
+    # 200 canaries, the 20 highest planted and the 20 lowest not, the rest at random: guessing "in"
+    # only on the top certifies more than guessing on all, and the best of the declared ways is
+    # still judged at 95% overall (each at 1 - 0.05/7)
     rng = np.random.default_rng(0)
     included = [True] * 20 + list(rng.random(160) < 0.5) + [False] * 20
     scores = list(np.linspace(10, 1, 200))
-    counts = metrics.guess_counts(200)
-    assert counts == [10, 20, 40, 100, 200]
-    audit = metrics.one_run_audit_declared(scores, included, counts)
-    assert audit["guesses"] == 40 and audit["correct"] == 40 and audit["confidence_each"] == pytest.approx(0.99)
-    assert audit["epsilon_lower_bound"] == pytest.approx(metrics.epsilon_lower_bound(40, 40, 0.99, 200), abs=1e-4)
-    assert audit["epsilon_lower_bound"] < metrics.epsilon_lower_bound(40, 40, 0.95, 200)  # the correction costs something
-    assert audit["epsilon_lower_bound"] > metrics.one_run_audit(scores, included, 200)["epsilon_lower_bound"]
-    assert len(audit["tried"]) == 5
+    declared = metrics.declared_guesses(200)
+    assert declared == [(10, True), (20, True), (40, True), (60, True), (80, True), (100, True), (200, False)]
+    audit = metrics.one_run_audit_declared(scores, included, declared)
+    assert audit["guesses"] == 20 and audit["in_only"] and audit["correct"] == 20 and audit["confidence_each"] == pytest.approx(1 - 0.05 / 7)
+    assert audit["epsilon_lower_bound"] == pytest.approx(metrics.epsilon_lower_bound(20, 20, 1 - 0.05 / 7, 200), abs=1e-4)
+    assert audit["epsilon_lower_bound"] < metrics.epsilon_lower_bound(20, 20, 0.95, 200)  # the correction costs something
+    everything = metrics.one_run_audit(scores, included, 200)
+    assert audit["epsilon_lower_bound"] > everything["epsilon_lower_bound"] and not everything["in_only"]
+    assert len(audit["tried"]) == 7
+    # "in" only: the 40 guesses are the 40 highest scores, none of the lowest
+    assert metrics.one_run_audit(scores, included, 40, in_only=True)["correct"] == 20 + sum(included[20:40])
 
 
 def test_tpr_at_low_fpr_with_intervals_and_rmia_by_hand():

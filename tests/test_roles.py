@@ -1,0 +1,174 @@
+"""Each party runs its own part: two banks (`--role client`) and the server (`--role server`),
+releases crossing through an exchange directory, against the same spec run in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from knowledgesg.manifest import read_manifest
+from tests.conftest import run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
+from tests.test_fedtune import FEDTUNE
+from tests.test_refine import REFINE, canned_generate
+from tests.test_synthesize import SYNTH, TRAIN
+
+BANKS = ("bank_a", "bank_b")
+
+
+class OpenedFiles:
+    """Every file this process opens while recording (sys.addaudithook cannot be removed, so one
+    hook serves the module and records only between start and stop)."""
+
+    def __init__(self) -> None:
+        self.paths: list[Path] = []
+        self.recording = False
+        sys.addaudithook(self._hook)
+
+    def _hook(self, event: str, args: tuple) -> None:
+        if self.recording and event == "open" and isinstance(args[0], (str, os.PathLike)):
+            self.paths.append(Path(os.fsdecode(args[0])).resolve())
+
+    def run(self, directory: Path, *argv: str) -> tuple[int, list[Path]]:
+        start = len(self.paths)
+        self.recording = True
+        try:
+            code = run_in(directory, *argv)
+        finally:
+            self.recording = False
+        return code, self.paths[start:]
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """The same spec run as a simulation and split over three parties, each party with its own
+    directory: the banks' data lives only in their own."""
+    from knowledgesg.generation import Generator
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(Generator, "generate", canned_generate)
+    root = tmp_path_factory.mktemp("roles")
+    rows = sentiment_rows(48)
+    parties = {name: root / name for name in (*BANKS, "server", "simulation")}
+    for directory in parties.values():
+        directory.mkdir()
+    pool = [dict(r, id=f"pool{i}", input=f"Shares of firm {i} moved after the report.") for i, r in enumerate(sentiment_rows(9))]
+    members = [{"id": bank, "data": [{"path": f"{bank}/{bank}.jsonl"}]} for bank in BANKS]  # relative to the spec's directory
+    write_jsonl(parties["bank_a"] / "bank_a.jsonl", rows[:24])
+    write_jsonl(parties["bank_b"] / "bank_b.jsonl", [dict(r, id=f"b{i}") for i, r in enumerate(rows[24:])])
+    synth = dict(SYNTH, params=dict(SYNTH["params"], per_client=6, oversample=1.0, near_duplicate_jaccard=0.9))
+    refine = dict(REFINE, params=dict(REFINE["params"], pool={"path": "server/pool.jsonl"}))
+    write_jsonl(parties["server"] / "pool.jsonl", pool)
+    # reproducible noise (NOT PRIVATE, for this comparison only): the split run must then give
+    # the simulation's adapters and data byte for byte
+    spec = tiny_spec(clients={"members": members}, privacy={"target_epsilon": 8.0, "reproducible_noise": True},
+                     stages=["prepare_models", "ingest", TRAIN, synth, refine, {"name": "fedtune", "params": FEDTUNE}, "publish"], models={"base": "tiny-random-llama", "professional": "tiny-random-llama"})
+    spec_path = write_spec(root, spec)
+    exchange = root / "exchange"
+    opened = OpenedFiles()
+    try:
+        assert run_in(parties["simulation"], "run", str(spec_path), "--run-dir", "run") == 0
+        reads = {}
+        for bank in BANKS:
+            code, reads[bank] = opened.run(parties[bank], "run", str(spec_path), "--run-dir", "run", "--role", "client", "--client", bank, "--exchange", str(exchange))
+            assert code == 0
+        code, reads["server"] = opened.run(parties["server"], "run", str(spec_path), "--run-dir", "run", "--role", "server", "--exchange", str(exchange))
+        assert code == 0
+    finally:
+        monkeypatch.undo()
+    return {"parties": parties, "reads": reads, "exchange": exchange, "spec": spec_path, "opened": opened}
+
+
+def _entries(path: Path) -> list[dict]:
+    """Ledger entries without what differs between two runs of the same release (its id, time and run)."""
+    rows = json.loads(path.read_text())
+    return [{k: v for k, v in row.items() if k not in ("release_id", "released_at", "run_dir")} for row in rows]
+
+
+def test_the_split_run_gives_the_simulations_releases_and_data(federation):
+    simulation, server = federation["parties"]["simulation"] / "run", federation["parties"]["server"] / "run"
+    for bank in BANKS:
+        for relative in (f"dp_train/clients/{bank}/adapter/adapter_model.safetensors", f"synthesize/clients/{bank}/synthetic.jsonl", f"refine/clients/{bank}/refined.jsonl"):
+            assert (server / "stages" / relative).read_bytes() == (simulation / "stages" / relative).read_bytes(), relative
+    final = "fedtune/adapter/adapter_model.safetensors"
+    assert (server / "stages" / final).read_bytes() == (simulation / "stages" / final).read_bytes()
+    assert _entries(server / "stages/dp_train/ledger.json") == _entries(simulation / "stages/dp_train/ledger.json")
+    assert json.loads((server / "stages/ingest/partition.json").read_text())["clients"] == json.loads((simulation / "stages/ingest/partition.json").read_text())["clients"]
+    manifest = read_manifest(server / "stages/dp_train")
+    assert set(manifest.received) == set(BANKS)
+
+
+def test_no_party_opens_another_partys_data(federation):
+    parties, reads = federation["parties"], federation["reads"]
+    for bank in BANKS:
+        others = [parties[other].resolve() for other in parties if other != bank]
+        foreign = [p for p in reads[bank] if any(p.is_relative_to(directory) for directory in others)]
+        assert not foreign, f"{bank} opened {foreign[:3]}"
+        assert any(p.name == f"{bank}.jsonl" for p in reads[bank])  # the hook does see its reads
+    server_reads = reads["server"]
+    assert not [p for p in server_reads if any(p.is_relative_to(parties[bank].resolve()) for bank in BANKS)]
+    assert any(p.is_relative_to(federation["exchange"].resolve()) for p in server_reads)  # the hook does see its reads
+
+
+def test_the_server_holds_only_releases(federation):
+    server = federation["parties"]["server"] / "run"
+    for stage_dir in sorted((server / "stages").iterdir()):
+        manifest = read_manifest(stage_dir)
+        assert all(entry.side == "server" for entry in manifest.outputs.values()), stage_dir.name
+        on_disk = {str(p.relative_to(stage_dir)) for p in stage_dir.rglob("*") if p.is_file()} - {"manifest.json", ".started_with"}
+        assert on_disk <= set(manifest.outputs), f"{stage_dir.name}: files no manifest declares: {sorted(on_disk - set(manifest.outputs))[:3]}"
+    names = {p.name for p in server.rglob("*")}
+    assert not names & {"records.jsonl", "holdout.jsonl", "canaries.json", "loss.json", "ledger_key.json", "stats.json"}
+    # both sides show what crossed: the client's own ledger, and the server's copy of it
+    for bank in BANKS:
+        copy = [json.loads(line) for line in (server / "received" / f"{bank}.jsonl").read_text().splitlines()]
+        own = [json.loads(line) for line in next((federation["parties"][bank] / "run/ledger").glob("*.jsonl")).read_text().splitlines()]
+        assert copy == own and {e["release"] for e in copy} == {"dp_adapter"}
+
+
+def test_a_rerun_receives_nothing_new_and_a_tampered_release_is_refused(federation):
+    parties, exchange, spec = federation["parties"], federation["exchange"], str(federation["spec"])
+    assert run_in(parties["server"], "run", spec, "--run-dir", "run", "--role", "server", "--exchange", str(exchange)) == 0
+    events = [json.loads(line) for line in (parties["server"] / "run/events.jsonl").read_text().splitlines()]
+    assert [e["status"] for e in events[-7:]] == ["cached"] * 7
+    tampered = exchange.parent / "tampered"
+    shutil.copytree(exchange, tampered)
+    adapter = tampered / "bank_a/dp_train/clients/bank_a/adapter/adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-8] + b"\0" * 8)
+    assert run_in(parties["server"], "run", spec, "--run-dir", "elsewhere", "--role", "server", "--exchange", str(tampered)) == 1
+    # a client may send only under its own clients/<id>/
+    shutil.rmtree(tampered)
+    shutil.copytree(exchange, tampered)
+    (tampered / "bank_a/dp_train/clients/bank_b").mkdir(parents=True)
+    manifest = json.loads((tampered / "bank_a/dp_train/manifest.json").read_text())
+    manifest["outputs"]["clients/bank_b/x.json"] = manifest["outputs"]["ledger.json"]
+    shutil.copyfile(tampered / "bank_a/dp_train/ledger.json", tampered / "bank_a/dp_train/clients/bank_b/x.json")
+    (tampered / "bank_a/dp_train/manifest.json").write_text(json.dumps(manifest))
+    from knowledgesg.errors import KsgError
+    from knowledgesg.exchange import receive_stage
+
+    with pytest.raises(KsgError, match="outside clients/bank_a/"):
+        receive_stage(tmp := tampered.parent / "t-run", tampered, "dp_train", list(BANKS))
+    assert not tmp.exists()
+
+
+def test_role_mistakes_are_one_line_errors(federation, tmp_path, capsys):
+    spec, exchange = str(federation["spec"]), str(federation["exchange"])
+    assert run_in(tmp_path, "run", spec, "--role", "client", "--exchange", exchange) == 2
+    assert "--client ID" in capsys.readouterr().err
+    assert run_in(tmp_path, "run", spec, "--role", "client", "--client", "bank_z", "--exchange", exchange) == 2
+    assert "no member 'bank_z'" in capsys.readouterr().err
+    assert run_in(tmp_path, "run", spec, "--role", "server") == 2
+    assert "--exchange" in capsys.readouterr().err
+    # the server before every client has sent: it says whom it waits for, and writes no stage
+    assert run_in(tmp_path, "run", spec, "--run-dir", "early", "--role", "server", "--exchange", str(tmp_path / "empty")) == 1
+    assert "waiting for client 'bank_a'" in capsys.readouterr().err
+    assert not (tmp_path / "early/stages/ingest").exists()
+    pooled = write_spec(tmp_path, tiny_spec())
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(8))
+    assert run_in(tmp_path, "run", str(pooled), "--role", "server", "--exchange", exchange) == 2
+    assert "needs clients given as 'members'" in capsys.readouterr().err
