@@ -68,7 +68,13 @@ def run(
         raise InputError(f"--role {role}: give --exchange DIR, the directory the releases cross through")
     party = Role(role, client, exchange)  # type: ignore[arg-type]
     run_dir = run_dir or Path("runs") / (spec.name if role == "all" else f"{spec.name}-{client or 'server'}")
-    outcomes = Runner(spec, base_dir, run_dir, stages, party).run()
+    runner = Runner(spec, base_dir, run_dir, stages, party)
+    if role == "server" and spec.federation.transport == "flower":
+        from knowledgesg.federated.stages import fetch_over_flower
+
+        assert exchange is not None
+        fetch_over_flower(spec, base_dir, run_dir, exchange)  # each client's node runs its stages and sends its releases
+    outcomes = runner.run()
     table = Table(title=f"{spec.name}: {run_dir}")
     for column, justify in (("stage", "left"), ("status", "left"), ("time", "right"), ("records", "right"), ("peak memory", "right")):
         table.add_column(column, justify=justify)

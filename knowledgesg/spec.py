@@ -164,6 +164,25 @@ class PrivacySpec(StrictModel):
         return value
 
 
+class DeploySettings(StrictModel):
+    """Where the Flower federation runs (fedtune's flower-deploy engine, and the Flower transport of a run split by role)."""
+
+    launch: Literal["local", "none"] = Field(default="local", description="'local': start SuperLink and SuperNodes on 127.0.0.1; 'none': use a running federation")
+    superlink: str = Field(default="127.0.0.1:9093", description="the SuperLink's address (launch: none)")
+    root_certificates: Path | None = Field(default=None, description="the CA certificate the SuperLink's TLS certificate is signed by (launch: none)")
+    flwr_home: Path | None = Field(default=None, description="the flwr CLI's home (its config.toml names the SuperLink); default: a directory of the run")
+    timeout_s: float = Field(default=3600, gt=0)
+
+
+class FederationSpec(StrictModel):
+    """How the parties of a run split by role (`ksg run --role`, knowledgesg.roles) reach each
+    other: through an exchange directory, or with the server asking each client's SuperNode to
+    run its stages over Flower (`deploy` as for fedtune's flower-deploy engine)."""
+
+    transport: Literal["exchange", "flower"] = "exchange"
+    deploy: DeploySettings = Field(default_factory=DeploySettings)
+
+
 SECRET = "{secret}"
 
 
@@ -228,6 +247,7 @@ class PipelineSpec(StrictModel):
     clients: ClientsSpec
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
     audit: AuditSpec = Field(default_factory=AuditSpec)
+    federation: FederationSpec = Field(default_factory=FederationSpec)
     stages: list[StageSpec] = Field(min_length=1)
 
     @field_validator("stages", mode="before")

@@ -34,7 +34,7 @@ from knowledgesg.adapters import ADAPTER_FILES, save_adapter
 from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.federated.client import LOCAL_LOG, LoraModel, initial_params
-from knowledgesg.federated.deploy import DeploySettings
+from knowledgesg.spec import DeploySettings
 from knowledgesg.federated.engines import FINAL, INITIAL, JOB, ROUNDS, run_local
 from knowledgesg.federated.protocol import LocalDP, LocalTraining, LoraShape, load_params, save_params
 from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, participation

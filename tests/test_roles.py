@@ -172,3 +172,28 @@ def test_role_mistakes_are_one_line_errors(federation, tmp_path, capsys):
     write_jsonl(tmp_path / "data.jsonl", sentiment_rows(8))
     assert run_in(tmp_path, "run", str(pooled), "--role", "server", "--exchange", exchange) == 2
     assert "needs clients given as 'members'" in capsys.readouterr().err
+
+
+def test_the_server_drives_the_client_stages_over_flower(federation, tmp_path):
+    """`federation: {transport: flower}`: the server starts a SuperLink and one SuperNode per bank
+    (launch: local, TLS, registered node keys); each node runs its bank's stages in its own run
+    directory and sends back its releases; the server's result is the simulation's."""
+    import yaml
+
+    from knowledgesg.generation import Generator
+
+    spec = yaml.safe_load(federation["spec"].read_text())
+    spec["federation"] = {"transport": "flower", "deploy": {"launch": "local", "timeout_s": 600}}
+    path = write_spec(federation["spec"].parent, spec, "flower.yaml")
+    server, simulation = federation["parties"]["server"], federation["parties"]["simulation"] / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(Generator, "generate", canned_generate)
+        assert run_in(server, "run", str(path), "--run-dir", "flower-run", "--role", "server", "--exchange", str(tmp_path / "exchange")) == 0
+    for relative in ("dp_train/clients/bank_a/adapter/adapter_model.safetensors", "refine/clients/bank_b/refined.jsonl", "fedtune/adapter/adapter_model.safetensors"):
+        assert (server / "flower-run/stages" / relative).read_bytes() == (simulation / "stages" / relative).read_bytes(), relative
+    for bank in BANKS:
+        node_run = server / "flower-run.federation/nodes" / bank / "run"
+        assert (node_run / "stages/ingest/clients" / bank / "records.jsonl").is_file()  # the private records stay in the node's run
+        sent = {p.name for p in (tmp_path / "exchange" / bank).rglob("*")}
+        assert "adapter_model.safetensors" in sent and not sent & {"records.jsonl", "loss.json", "ledger_key.json"}
+    assert not list((server / "flower-run").rglob("records.jsonl"))

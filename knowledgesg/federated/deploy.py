@@ -21,24 +21,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from knowledgesg.errors import InputError, KsgError
+from knowledgesg.spec import DeploySettings
 
 APP_DIR = Path(__file__).parent / "flower_app"
 FEDERATION = "ksg"
-
-
-class DeploySettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    launch: Literal["local", "none"] = Field(default="local", description="'local': start SuperLink and SuperNodes on 127.0.0.1; 'none': use a running federation")
-    superlink: str = Field(default="127.0.0.1:9093", description="the SuperLink's address (launch: none)")
-    root_certificates: Path | None = Field(default=None, description="the CA certificate the SuperLink's TLS certificate is signed by (launch: none)")
-    flwr_home: Path | None = Field(default=None, description="the flwr CLI's home (its config.toml names the SuperLink); default: a directory of the run")
-    timeout_s: float = Field(default=3600, gt=0)
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:

@@ -43,30 +43,32 @@ def from_array_record(record) -> Params:
     return {name: np.asarray(array.numpy(), dtype=np.float32) for name, array in record.items()}
 
 
+def identify_nodes(grid, clients: list[str]) -> dict[str, int]:
+    """client id -> node id: every connected node is asked which client it is."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    deadline = time.monotonic() + NODE_WAIT_S
+    node_ids = list(grid.get_node_ids())
+    while len(node_ids) < len(clients) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        node_ids = list(grid.get_node_ids())
+    query = [Message(RecordDict({"config": ConfigRecord({"clients": json.dumps(clients)})}), dst_node_id=n, message_type=QUERY) for n in node_ids]
+    nodes = {}
+    for reply in grid.send_and_receive(query, timeout=NODE_WAIT_S):
+        if reply.has_content():
+            nodes[str(reply.content["config"]["client-id"])] = reply.metadata.src_node_id
+    missing = [c for c in clients if c not in nodes]
+    if missing:
+        raise KsgError(f"no SuperNode answered as client {', '.join(missing)} (connected nodes: {len(node_ids)})")
+    return nodes
+
+
 class FlowerTransport:
     """Delivers tasks through a Flower Grid and collects the replies."""
 
     def __init__(self, grid, clients: list[str]) -> None:
         self.grid = grid
-        self.nodes = self._identify(clients)
-
-    def _identify(self, clients: list[str]) -> dict[str, int]:
-        from flwr.app import ConfigRecord, Message, RecordDict
-
-        deadline = time.monotonic() + NODE_WAIT_S
-        node_ids = list(self.grid.get_node_ids())
-        while len(node_ids) < len(clients) and time.monotonic() < deadline:
-            time.sleep(0.5)
-            node_ids = list(self.grid.get_node_ids())
-        query = [Message(RecordDict({"config": ConfigRecord({"clients": json.dumps(clients)})}), dst_node_id=n, message_type=QUERY) for n in node_ids]
-        nodes = {}
-        for reply in self.grid.send_and_receive(query, timeout=NODE_WAIT_S):
-            if reply.has_content():
-                nodes[str(reply.content["config"]["client-id"])] = reply.metadata.src_node_id
-        missing = [c for c in clients if c not in nodes]
-        if missing:
-            raise KsgError(f"no SuperNode answered as client {', '.join(missing)} (connected nodes: {len(node_ids)})")
-        return nodes
+        self.nodes = identify_nodes(grid, clients)
 
     def fit(self, tasks: list[ClientTask], params: Params, server_control: Params | None) -> list[ClientUpdate]:
         from flwr.app import ConfigRecord, Message, RecordDict
@@ -118,6 +120,7 @@ def make_client_app():
     from flwr.clientapp import ClientApp
 
     from knowledgesg.federated.client import ClientRuntime
+    from knowledgesg.federated.stages import run_client_stages
 
     _quiet_flower()
     app = ClientApp()
@@ -127,6 +130,14 @@ def make_client_app():
     def identify(msg: Message, context: Context) -> Message:
         clients = json.loads(str(msg.content["config"]["clients"]))
         return Message(RecordDict({"config": ConfigRecord({"client-id": client_identity(context.node_config, clients)})}), reply_to=msg)
+
+    @app.query("run_stages")
+    def run_stages(msg: Message, context: Context) -> Message:
+        """The node's client stages on its own data; its releases as files (a failure is sent back
+        as the message's error, with its one-line reason)."""
+        if str(msg.content["config"]["client-id"]) != str(context.node_config.get("client-id")):
+            raise KsgError(f"asked to run the stages of client {msg.content['config']['client-id']}, but this node is {context.node_config.get('client-id')}")
+        return Message(RecordDict({"files": ConfigRecord(run_client_stages(context.node_config))}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -161,8 +172,13 @@ def make_server_app(job_path: Path | None = None):
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         from knowledgesg.federated.engines import run_job_file
+        from knowledgesg.federated.stages import StagesJob, collect_releases
 
         path = Path(job_path or str(context.run_config["job"]))
+        job = json.loads(path.read_text(encoding="utf-8"))
+        if job.get("kind") == "stages":
+            collect_releases(grid, StagesJob.model_validate(job))
+            return
         run_job_file(path, lambda job: FlowerTransport(grid, job.clients))
 
     return app

@@ -1,0 +1,146 @@
+"""The client stages over Flower (`federation: {transport: flower}`): the server asks each client's
+SuperNode to run its part of the spec, and what comes back is what a client writes to an exchange
+directory (`knowledgesg.exchange`): its releases, their manifests and its ledger.
+
+On the client, the ClientApp runs `ksg run SPEC --role client` in-process on the node's own spec,
+data and run directory (its node config: `client-id`, `spec`, `run-dir`, optionally `base-dir`,
+the directory the spec's relative paths resolve from), checks its ledger against its own cap,
+writes its part of the exchange in its own outbox (`<run-dir>.outbox`) and sends those files. On
+the server, the ServerApp writes each client's files into the server's exchange directory,
+whole or not at all, and the server stages go on as with an exchange directory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+from knowledgesg.errors import KsgError
+from knowledgesg.federated.deploy import LocalFederation, make_node_key, submit, write_flwr_config
+from knowledgesg.roles import Role
+from knowledgesg.runner import Runner
+from knowledgesg.spec import PipelineSpec, spec_to_dict
+from pipelines import load_pipeline
+
+RUN_STAGES = "query.run_stages"
+JOB, RESULT = "job.json", "result.json"
+
+
+class StagesJob(BaseModel):
+    """What the ServerApp is asked to do: collect every client's releases into `exchange`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["stages"] = "stages"
+    clients: list[str]
+    exchange: str
+    timeout_s: float
+    result: str  # where the ServerApp says which clients sent and which failed, and why
+
+
+def outbox_of(run_dir: Path) -> Path:
+    return run_dir.with_name(run_dir.name + ".outbox")
+
+
+def run_client_stages(node_config: dict) -> dict[str, bytes]:
+    """On the client's node: its stages on its own data; the files of its part of the exchange."""
+    client_id, run_dir = str(node_config["client-id"]), Path(str(node_config["run-dir"]))
+    spec, base_dir, stages = load_pipeline(Path(str(node_config["spec"])))
+    if "base-dir" in node_config:
+        base_dir = Path(str(node_config["base-dir"]))
+    outbox = outbox_of(run_dir)
+    Runner(spec, base_dir, run_dir, stages, Role("client", client_id, outbox)).run()
+    part = outbox / client_id
+    return {str(path.relative_to(part)): path.read_bytes() for path in sorted(part.rglob("*")) if path.is_file()}
+
+
+def write_client_part(exchange: Path, client_id: str, files: dict[str, bytes]) -> None:
+    """A client's files into EXCHANGE/<client>, replacing what it sent before, whole or not at all."""
+    staging = exchange / f".{client_id}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    for relative, data in files.items():
+        path = PurePosixPath(relative)
+        if path.is_absolute() or ".." in path.parts or not path.parts:
+            raise KsgError(f"client '{client_id}' sent a file outside its part of the exchange: '{relative}'")
+        target = staging / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    target, old = exchange / client_id, exchange / f".{client_id}.old.tmp"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def collect_releases(grid, job: StagesJob) -> None:
+    """In the ServerApp: ask every client's node to run its stages and keep what each sends."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from knowledgesg.federated.flower import identify_nodes
+
+    nodes = identify_nodes(grid, job.clients)
+    client_of = {node: client for client, node in nodes.items()}
+    messages = [Message(RecordDict({"config": ConfigRecord({"client-id": client})}), dst_node_id=node, message_type=RUN_STAGES) for client, node in nodes.items()]
+    exchange = Path(job.exchange)
+    exchange.mkdir(parents=True, exist_ok=True)
+    failed, sent = {}, []
+    for reply in grid.send_and_receive(messages, timeout=job.timeout_s):
+        client = client_of.get(reply.metadata.src_node_id)
+        if client is None or client in sent:
+            continue
+        if reply.has_error():
+            failed[client] = reply.error.reason
+            continue
+        files = reply.content["files"]
+        write_client_part(exchange, client, {name: bytes(files[name]) for name in files})
+        sent.append(client)
+    failed.update({c: f"no answer within {job.timeout_s:g} s" for c in job.clients if c not in sent and c not in failed})
+    Path(job.result).write_text(json.dumps({"sent": sent, "failed": failed}), encoding="utf-8")
+
+
+def fetch_over_flower(spec: PipelineSpec, base_dir: Path, run_dir: Path, exchange: Path) -> None:
+    """On the server: every client's releases into `exchange`, through the Flower deployment (with
+    `launch: local`, SuperLink and SuperNodes started here on 127.0.0.1, each node with its own
+    run directory under RUN.federation/nodes, beside the server's run: for tests and trials on one
+    machine)."""
+    settings = spec.federation.deploy
+    work = run_dir.resolve().with_name(run_dir.name + ".federation")
+    work.mkdir(parents=True, exist_ok=True)
+    clients = [m.id for m in spec.clients.members]
+    job = StagesJob(clients=clients, exchange=str(exchange.resolve()), timeout_s=settings.timeout_s, result=str(work / RESULT))
+    (work / RESULT).unlink(missing_ok=True)
+    (work / JOB).write_text(job.model_dump_json(), encoding="utf-8")
+    if settings.launch == "none":
+        if settings.root_certificates is None or not settings.root_certificates.is_file():
+            raise KsgError("federation.deploy.root_certificates: the SuperLink's CA certificate is required with launch: none (TLS is not optional)")
+        home = settings.flwr_home or work / "flwr_home"
+        write_flwr_config(home, settings.superlink, settings.root_certificates)
+        submit(work / JOB, home, settings.timeout_s)
+    else:
+        _submit_locally(spec, base_dir, work, clients, settings.timeout_s)
+    result = json.loads((work / RESULT).read_text(encoding="utf-8")) if (work / RESULT).is_file() else None
+    if result is None:
+        raise KsgError(f"the ServerApp ended without collecting the clients' releases (Flower logs in {work})")
+    if result["failed"]:
+        raise KsgError("client stages failed over Flower: " + "; ".join(f"{c}: {why}" for c, why in result["failed"].items()))
+
+
+def _submit_locally(spec: PipelineSpec, base_dir: Path, work: Path, clients: list[str], timeout_s: float) -> None:
+    """`launch: local`: a SuperLink and one SuperNode per client on 127.0.0.1 (TLS, registered
+    node keys), each node with its own run directory, for the duration of the job."""
+    spec_copy = work / "spec.yaml"  # the nodes' spec; its relative paths resolve from base-dir
+    spec_copy.write_text(yaml.safe_dump(spec_to_dict(spec), sort_keys=False), encoding="utf-8")
+    with LocalFederation(work / "local") as federation:
+        federation.start_superlink()
+        for client in clients:
+            private, public = make_node_key(federation.directory / "keys", client)
+            federation.register(public)
+            node_run = work / "nodes" / client / "run"
+            federation.start_supernode(client, private, f"client-id='{client}' run-dir='{node_run}' spec='{spec_copy}' base-dir='{base_dir.resolve()}'")
+        submit(work / JOB, federation.flwr_home, timeout_s)
