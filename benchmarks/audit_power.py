@@ -105,6 +105,24 @@ def designed_against_random(epsilon: float, report: dict) -> str:
     return f"| {label(epsilon)} | {random_tpr:.3f} | {designed_tpr:.3f} | {ratio} |"
 
 
+# What the earlier designs gave (kept: an ablation that did not reach the goal is still a result)
+EARLIER = [
+    "## Earlier designs (what led to this one)", "",
+    "| design | command | NOT PRIVATE one-run bound, rare words | all canaries | TPR at 1% FPR rare words / digits | planted rare-word canaries above every unplanted one |",
+    "|---|---|---|---|---|---|",
+    "| 2 epochs, 700 records (500 held out), 250 canaries of each kind; score: the loss of the text from the secret to the end; guesses half in, half out at 5-100% | "
+    "`benchmarks/audit_power.py --workdir /tmp/ap` at commit 6b508ab | 1.138 (45/50) | 0.876 | 0.331 / 0.009 | not measured |",
+    "| the same adapter, scored on the secret's own tokens, with \"in\"-only guesses declared | `benchmarks/canary_separation.py /tmp/ap/audit-power-nonprivate` | "
+    "1.611 (48/50 in) | 1.599 | 0.370 / 0.000 | 33 of 127 |",
+    "| pilot: 4 epochs, 60 FPB records, 40 canaries of each kind, otherwise as above | `ksg run` on that spec, then `benchmarks/canary_separation.py RUN` | "
+    "1.013 (16/16 in; 40 canaries certify little) | 1.008 | 0.864 / 0.250 | 19 of 22 |", "",
+    "The template text after the secret (\".\", the end of the turn, \"neutral\") is learned by every canary's training alike, by 10-60 nats that vary from "
+    "one canary to the next; scoring the secret's own tokens removes it. The low end of the scores says little (an unplanted canary's loss does not rise), "
+    "so guessing \"in\" on the top scores and abstaining on the rest certifies more. With 2 epochs a quarter of the planted rare-word canaries stood above "
+    "every unplanted one; with 4 epochs, most: an epsilon of 3 at 95% needs about 95 correct guesses in a row, hence 4 epochs and 400 canaries of each kind.", "",
+]
+
+
 def write(args, reports: dict[float, dict], timings: dict) -> None:
     pending = [label(e) for e in EPSILONS if e not in reports]
     lines = [
@@ -129,7 +147,7 @@ def write(args, reports: dict[float, dict], timings: dict) -> None:
               *[designed_against_random(e, reports[e]) for e in order], "",
               "## Membership inference of training records (held-out records as non-members)", "",
               "| training | members / non-members | score | AUC [95% CI] | TPR at 1% FPR [95% CI] | TPR at 0.1% FPR |", "|---|---|---|---|---|---|",
-              *[row for e in order for row in mia_rows(e, reports[e])], "",
+              *[row for e in order for row in mia_rows(e, reports[e])], "", *EARLIER,
               "## Time", "", *[f"- {name}: `ksg run` {t['run_s']:.0f} s, `ksg audit` {t['audit_s']:.0f} s" for name, t in timings.items()]]
     write_result("audit_power", lines)
 

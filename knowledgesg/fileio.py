@@ -5,7 +5,8 @@ old file, the new file, or no file, never a torn one.
 
 `KSG_CRASH_AT=N` (tests only) makes the process SIGKILL itself at the N-th crash point, where the
 crash points are "temporary file written, not yet renamed" and "file renamed" for every artifact.
-The crash-safety tests walk N over every point of a run.
+The crash-safety tests walk N over every point of a run. `KSG_CRASH_AFTER=<name>` kills it at
+one named point instead (`named_crash_point`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ def _crash_point() -> None:
         return
     _crash_points_passed += 1
     if _crash_points_passed == int(target):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def named_crash_point(name: str) -> None:
+    """`KSG_CRASH_AFTER=<name>` (tests only): SIGKILL this process here, e.g. between two rounds."""
+    if os.environ.get("KSG_CRASH_AFTER") == name:
         os.kill(os.getpid(), signal.SIGKILL)
 
 

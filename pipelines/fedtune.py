@@ -73,6 +73,9 @@ class FedtuneParams(BaseModel):
     local_dp: LocalDPParams | None = Field(default=None, description="required with data: private")
     merge: bool = Field(default=False, description="also write the base model with the adapter merged in")
     deploy: DeploySettings = Field(default_factory=DeploySettings)
+    min_clients: int | None = Field(default=None, ge=1, description="a round aggregates the updates that arrived if at least this many did (default: every client asked)")
+    round_retries: int = Field(default=0, ge=0, description="times the clients that failed are asked again before a round gives up (synthetic data only)")
+    round_timeout_s: float | None = Field(default=None, gt=0, description="Flower engines: how long a round waits for the clients' replies")
 
     @model_validator(mode="after")
     def _private_needs_dp(self) -> FedtuneParams:
@@ -119,7 +122,7 @@ class Fedtune(Stage):
         work.mkdir(parents=True, exist_ok=True)
         final, history = self.run_engine(ctx, job, work)
         received = [LedgerEntry.model_validate(e) for record in history for e in record.pop("releases")]
-        self.check_dp_steps(job, received, rounds)
+        self.check_dp_steps(job, received, rounds, {c for record in history for c in record["failed"]})
         self.save(ctx, job, final)
         ctx.write_json("rounds.json", history)
         for c in clients:  # the clients' own logs of their training (un-noised): client side
@@ -148,7 +151,8 @@ class Fedtune(Stage):
             return FedJob(seed=ctx.derive_seed("job") % (2**31), rounds=p.rounds, clients=clients, clients_per_round=p.clients_per_round or len(clients),
                           rule=p.rule, client_dp=p.client_dp, training=p.training, lora=p.lora, base_model=base, device=resolve_device(ctx.spec.models.device),
                           run_dir=str(ctx.run_dir.resolve()), records=records, private_source="ingest" if p.data == "private" else None,
-                          reproducible_noise=ctx.spec.privacy.reproducible_noise)
+                          reproducible_noise=ctx.spec.privacy.reproducible_noise, min_clients=p.min_clients, round_retries=p.round_retries,
+                          round_timeout_s=p.round_timeout_s)
         except ValueError as err:
             raise InputError(f"fedtune: {err}") from None
 
@@ -204,9 +208,10 @@ class Fedtune(Stage):
             raise KsgError(f"fedtune: the {engine} engine finished without a final adapter (see its log above)")
         return load_params(work / FINAL), read_json(work / ROUNDS)
 
-    def check_dp_steps(self, job: FedJob, received: list[LedgerEntry], rounds: dict[str, int]) -> None:
+    def check_dp_steps(self, job: FedJob, received: list[LedgerEntry], rounds: dict[str, int], failed: set[str]) -> None:
         """The releases the clients recorded must match the plan (their own accountants already
-        checked each round before sending; this is the server's check of their reports)."""
+        checked each round before sending; this is the server's check of their reports). A client
+        that failed in a round sent fewer (what it ran before failing is in its own ledger)."""
         if job.local_dp is None:
             return
         counted = dict.fromkeys(job.clients, 0)
@@ -216,7 +221,8 @@ class Fedtune(Stage):
             counted[entry.client_id] += entry.mechanism.steps
         expected = {c: rounds[c] * job.training.steps for c in job.clients}
         exceeded = {c: n for c, n in counted.items() if n > expected[c]}
-        if exceeded or (job.client_dp is None and counted != expected):
+        short = {c: n for c, n in counted.items() if n < expected[c] and c not in failed}
+        if exceeded or (job.client_dp is None and short):
             raise KsgError(f"fedtune: DP-SGD steps reported {counted} differ from the plan {expected} (the releases are in the clients' ledgers)")
 
     def save(self, ctx: StageContext, job: FedJob, final) -> None:

@@ -69,7 +69,13 @@ class ScriptedTransport:
             if t.update_clip_norm is not None:
                 update = agg.clip_update(update, t.update_clip_norm)
             replies.append(ClientUpdate(t.client_id, update, self.examples[t.client_id], 1.0, {"w": self.updates[t.client_id] * 0.5}))
-        return replies
+        return replies, {}
+
+    def client_state(self):
+        return {}
+
+    def restore(self, state):
+        pass
 
 
 def scripted_job(rule: str, per_round: int = 3, client_dp: ClientDP | None = None, rounds: int = 1, reproducible_noise: bool = False) -> FedJob:

@@ -15,22 +15,23 @@ from knowledgesg.federated.protocol import RoundRecord, load_params, save_params
 from knowledgesg.federated.server import FedJob, LocalTransport, Transport, run_federation
 from knowledgesg.fileio import read_json, write_json
 
-JOB, INITIAL, FINAL, ROUNDS = "job.json", "initial.npz", "final.npz", "rounds.json"
+JOB, INITIAL, FINAL, ROUNDS, CHECKPOINT = "job.json", "initial.npz", "final.npz", "rounds.json", "checkpoint.npz"
 
 
 def print_round(record: RoundRecord) -> None:
     from knowledgesg.console import console
 
     loss = f"{record.mean_loss:.4f}" if record.mean_loss is not None else "- (stays on the clients)"
+    failed = f", failed: {'; '.join(f'{c} ({why})' for c, why in record.failed.items())}" if record.failed else ""
     examples = record.num_examples if record.num_examples is not None else "-"
     joined = ", ".join(record.joined) if record.joined is not None else "not recorded (each client's own coin)"
     console.print(f"fedtune round {record.round}: asked {', '.join(record.clients) or '(none sampled)'}, joined {joined}, examples {examples}, "
-                  f"mean local loss {loss}, global step norm {record.update_norm:.4g}, {record.seconds:.1f}s")
+                  f"mean local loss {loss}, global step norm {record.update_norm:.4g}, {record.seconds:.1f}s{failed}")
 
 
 def run_job_file(job_path: Path, make_transport: Callable[[FedJob], Transport]) -> None:
     job = FedJob.model_validate(read_json(job_path))
-    final, history = run_federation(job, load_params(job_path.parent / INITIAL), make_transport(job), print_round)
+    final, history = run_federation(job, load_params(job_path.parent / INITIAL), make_transport(job), print_round, job_path.parent / CHECKPOINT)
     save_params(job_path.parent / FINAL, final)
     write_json(job_path.parent / ROUNDS, [asdict(r) for r in history])
 

@@ -66,11 +66,12 @@ def identify_nodes(grid, clients: list[str]) -> dict[str, int]:
 class FlowerTransport:
     """Delivers tasks through a Flower Grid and collects the replies."""
 
-    def __init__(self, grid, clients: list[str]) -> None:
+    def __init__(self, grid, clients: list[str], timeout_s: float | None = None) -> None:
         self.grid = grid
         self.nodes = identify_nodes(grid, clients)
+        self.timeout_s = timeout_s
 
-    def fit(self, tasks: list[ClientTask], params: Params, server_control: Params | None) -> list[ClientUpdate]:
+    def fit(self, tasks: list[ClientTask], params: Params, server_control: Params | None) -> tuple[list[ClientUpdate], dict[str, str]]:
         from flwr.app import ConfigRecord, Message, RecordDict
 
         shared = {"arrays": to_array_record(params)}  # the same for every client of the round: converted once
@@ -78,12 +79,23 @@ class FlowerTransport:
             shared["control"] = to_array_record(server_control)
         messages = [Message(RecordDict({**shared, "config": ConfigRecord({"task": task.model_dump_json()})}), dst_node_id=self.nodes[task.client_id], message_type="train")
                     for task in tasks]
-        updates = []
-        for reply in self.grid.send_and_receive(messages):
-            if not reply.has_content():
-                raise KsgError(f"a client failed in Flower: {reply.error.reason if reply.has_error() else 'no reply'}")
-            updates.append(update_from_content(reply.content))
-        return updates
+        client_of = {node: client for client, node in self.nodes.items()}
+        updates, failed = [], {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout_s):
+            client = client_of.get(reply.metadata.src_node_id, "?")
+            if reply.has_content():
+                updates.append(update_from_content(reply.content))
+            else:
+                failed[client] = reply.error.reason if reply.has_error() else "an empty reply"
+        arrived = {u.client_id for u in updates} | set(failed)
+        failed.update({t.client_id: f"no reply within {self.timeout_s:g} s" for t in tasks if t.client_id not in arrived})
+        return updates, failed
+
+    def client_state(self) -> dict[str, Params]:
+        return {}  # each node keeps its own (SCAFFOLD's c_i in its context state, for this Flower run)
+
+    def restore(self, state: dict[str, Params]) -> None:
+        pass
 
 
 def update_from_content(content) -> ClientUpdate:
@@ -179,7 +191,7 @@ def make_server_app(job_path: Path | None = None):
         if job.get("kind") == "stages":
             collect_releases(grid, StagesJob.model_validate(job))
             return
-        run_job_file(path, lambda job: FlowerTransport(grid, job.clients))
+        run_job_file(path, lambda job: FlowerTransport(grid, job.clients, job.round_timeout_s))
 
     return app
 

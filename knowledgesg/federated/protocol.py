@@ -122,6 +122,8 @@ class RoundRecord:
     seconds: float
     extra: dict = field(default_factory=dict)
     releases: list[dict] = field(default_factory=list)  # ledger entries the clients sent
+    failed: dict[str, str] = field(default_factory=dict)  # client asked -> why its update did not arrive
+    tries: int = 1  # 1 + the times the clients that had not answered were asked again
 
 
 def save_params(path: Path, params: Params) -> None:

@@ -13,8 +13,11 @@ final model, not against the server operator.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
@@ -23,8 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from knowledgesg import aggregation as agg
 from knowledgesg.errors import KsgError
 from knowledgesg.federated.client import ClientRuntime
-from knowledgesg.federated.protocol import RULES, ClientTask, ClientUpdate, LocalDP, LocalTraining, LoraShape, Params, RoundRecord
-from knowledgesg.fileio import sha256_text
+from knowledgesg.console import console
+from knowledgesg.federated.protocol import RULES, ClientTask, ClientUpdate, LocalDP, LocalTraining, LoraShape, Params, RoundRecord, load_params, save_params
+from knowledgesg.fileio import named_crash_point, sha256_text
 from privacy.noise import SecureRandom
 
 
@@ -73,6 +77,11 @@ class FedJob(BaseModel):
     private_source: str | None = None
     local_dp: dict[str, LocalDP] | None = None  # client -> the DP-SGD mechanism it runs
     reproducible_noise: bool = False  # NOT PRIVATE: client-level noise and coins from the public seed
+    # faults: a round aggregates what arrived if at least `min_clients` updates did (default:
+    # every client asked); before that, the clients that failed are asked again `round_retries` times
+    min_clients: int | None = Field(default=None, ge=1)
+    round_retries: int = Field(default=0, ge=0)
+    round_timeout_s: float | None = Field(default=None, gt=0, description="Flower: how long a round waits for its replies")
 
     @model_validator(mode="after")
     def _consistent(self) -> FedJob:
@@ -88,6 +97,10 @@ class FedJob(BaseModel):
             raise ValueError(f"trimmed_mean cannot drop {self.rule.trim} from each side of {self.clients_per_round} updates a round")
         if self.private_source is not None and (self.training.proximal_mu > 0 or self.rule.name == "scaffold"):
             raise ValueError("DP-SGD local steps support plain local training only (no FedProx term, no SCAFFOLD correction)")
+        if self.min_clients is not None and self.min_clients > self.clients_per_round:
+            raise ValueError(f"min_clients {self.min_clients} exceeds the {self.clients_per_round} clients asked each round")
+        if self.private_source is not None and self.round_retries:
+            raise ValueError("round_retries with data: private would run DP-SGD steps beyond the plan the budgets were checked against")
         return self
 
     @property
@@ -131,7 +144,16 @@ def task_for(job: FedJob, client_id: str, round_number: int) -> ClientTask:
 
 
 class Transport(Protocol):
-    def fit(self, tasks: list[ClientTask], params: Params, server_control: Params | None) -> list[ClientUpdate]: ...
+    def fit(self, tasks: list[ClientTask], params: Params, server_control: Params | None) -> tuple[list[ClientUpdate], dict[str, str]]:
+        """The updates that arrived, and for each client whose did not, why."""
+        ...
+
+    def client_state(self) -> dict[str, Params]:
+        """What the clients keep between rounds where this process holds it (SCAFFOLD's c_i in
+        `local`), for the checkpoint; {} where the clients keep it themselves."""
+        ...
+
+    def restore(self, state: dict[str, Params]) -> None: ...
 
 
 def aggregate(job: FedJob, x: Params, updates: list[ClientUpdate], state: agg.ServerState, round_number: int, noise: SecureRandom | None) -> Params:
@@ -159,18 +181,49 @@ def aggregate(job: FedJob, x: Params, updates: list[ClientUpdate], state: agg.Se
     return agg.krum(x, deltas, rule.byzantine)
 
 
-def run_federation(job: FedJob, x: Params, transport: Transport, on_round: Callable[[RoundRecord], None] | None = None) -> tuple[Params, list[RoundRecord]]:
+def collect_round(job: FedJob, transport: Transport, asked: list[str], round_number: int, x: Params, state: agg.ServerState) -> tuple[list[ClientUpdate], dict[str, str], int]:
+    """(replies in the order asked, client -> why it did not answer, tries): enough replies for the
+    round, asking the clients that failed again up to `round_retries` times; else a clear error."""
+    needed = len(asked) if job.min_clients is None else min(job.min_clients, len(asked))
+    replies: dict[str, ClientUpdate] = {}
+    failed: dict[str, str] = {}
+    tries = 0
+    while tries <= job.round_retries:
+        tries += 1
+        pending = [c for c in asked if c not in replies]
+        arrived, failed = transport.fit([task_for(job, c, round_number) for c in pending], x, state.c or None) if pending else ([], {})
+        strangers = sorted({u.client_id for u in arrived} - set(pending))
+        if strangers:
+            raise KsgError(f"round {round_number}: replies came from {strangers}, who were not asked")
+        replies.update({u.client_id: u for u in arrived})
+        if len(replies) == len(asked) or (len(replies) >= needed and tries > job.round_retries):
+            break
+    if len(replies) < needed:
+        reasons = "; ".join(f"{c}: {why}" for c, why in failed.items())
+        raise KsgError(f"round {round_number}: {len(replies)} of {len(asked)} clients answered after {tries} tr{'y' if tries == 1 else 'ies'}, "
+                       f"fewer than the {needed} needed (min_clients): {reasons}")
+    return [replies[c] for c in asked if c in replies], failed, tries  # arrival order must not change the result
+
+
+def run_federation(job: FedJob, x: Params, transport: Transport, on_round: Callable[[RoundRecord], None] | None = None,
+                   checkpoint: Path | None = None) -> tuple[Params, list[RoundRecord]]:
+    """The rounds; with `checkpoint`, the state after each round is saved there and a restarted
+    job with the same settings goes on after the last round saved."""
     state = agg.ServerState()
+    history: list[RoundRecord] = []
+    digest = sha256_text(job.model_dump_json())
+    if checkpoint is not None and checkpoint.is_file():
+        saved = load_checkpoint(checkpoint, digest)
+        if saved is not None:
+            x, state, history, clients = saved
+            transport.restore(clients)
+            console.print(f"fedtune: resuming after round {len(history)} of {job.rounds} (checkpoint {checkpoint.name})")
     # client-level DP noise: fresh OS entropy for the whole job (never from the public seed)
     noise = SecureRandom.for_release(job.reproducible_noise, job.seed, "fedtune-server-noise") if job.client_dp is not None else None
-    history = []
-    for r in range(1, job.rounds + 1):
+    for r in range(len(history) + 1, job.rounds + 1):
         start = time.perf_counter()
         asked = sample_clients(job, r)
-        replies = transport.fit([task_for(job, c, r) for c in asked], x, state.c or None) if asked else []
-        if sorted(u.client_id for u in replies) != sorted(asked):
-            raise KsgError(f"round {r}: replies came from {sorted(u.client_id for u in replies)}, expected {asked}")
-        replies.sort(key=lambda u: asked.index(u.client_id))  # arrival order must not change the result
+        replies, failed, tries = collect_round(job, transport, asked, r, x, state)
         updates = [u for u in replies if u.joined]
         new_x = aggregate(job, x, updates, state, r, noise)
         step = np.sqrt(sum(float(((new_x[n] - x[n]) ** 2).sum()) for n in x))
@@ -181,12 +234,48 @@ def run_federation(job: FedJob, x: Params, transport: Transport, on_round: Calla
             r, asked, None if job.client_dp is not None else [u.client_id for u in updates],
             None if private else sum(u.num_examples for u in updates), None if private or not losses else float(np.mean(losses)),
             step, time.perf_counter() - start, {"dp_steps": {u.client_id: u.dp_steps for u in updates if u.dp_steps}} if job.client_dp is None else {},
-            [u.release for u in updates if u.release is not None],
+            [u.release for u in updates if u.release is not None], failed, tries,
         )
         history.append(record)
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, digest, x, state, history, transport.client_state())
+            named_crash_point(f"fedtune-round-{r}")
         if on_round:
             on_round(record)
     return x, history
+
+
+def save_checkpoint(path: Path, digest: str, x: Params, state: agg.ServerState, history: list[RoundRecord], clients: dict[str, Params]) -> None:
+    """One file, written atomically: the global adapter, the server optimizer's state, the
+    clients' state this process holds, and the rounds so far, for the job with this digest."""
+    arrays = {f"x/{n}": v for n, v in x.items()}
+    for part, values in (("m", state.m), ("v", state.v), ("c", state.c)):
+        arrays.update({f"{part}/{n}": np.asarray(v, dtype=np.float32) for n, v in values.items()})
+    for client, values in clients.items():
+        arrays.update({f"client/{client}/{n}": v for n, v in values.items()})
+    meta = json.dumps({"job": digest, "history": [asdict(r) for r in history]})
+    arrays["meta"] = np.frombuffer(meta.encode("utf-8"), dtype=np.uint8)
+    save_params(path, arrays)
+
+
+def load_checkpoint(path: Path, digest: str) -> tuple[Params, agg.ServerState, list[RoundRecord], dict[str, Params]] | None:
+    """The saved state, or None when it belongs to a job with other settings."""
+    arrays = load_params(path)
+    meta = json.loads(arrays.pop("meta").tobytes().decode("utf-8"))
+    if meta["job"] != digest:
+        console.print(f"fedtune: {path.name} is from a job with other settings; starting from round 1")
+        return None
+    parts: dict[str, dict] = {"x": {}, "m": {}, "v": {}, "c": {}}
+    clients: dict[str, Params] = {}
+    for key, value in arrays.items():
+        head, _, name = key.partition("/")
+        if head == "client":
+            client, _, name = name.partition("/")
+            clients.setdefault(client, {})[name] = value
+        else:
+            parts[head][name] = value
+    state = agg.ServerState(m=parts["m"], v=parts["v"], c=parts["c"])
+    return parts["x"], state, [RoundRecord(**r) for r in meta["history"]], clients
 
 
 class LocalTransport:
@@ -195,5 +284,17 @@ class LocalTransport:
     def __init__(self) -> None:
         self.runtime = ClientRuntime()
 
-    def fit(self, tasks: list[ClientTask], params: Params, server_control: Params | None) -> list[ClientUpdate]:
-        return [self.runtime.fit(task, params, server_control) for task in tasks]
+    def fit(self, tasks: list[ClientTask], params: Params, server_control: Params | None) -> tuple[list[ClientUpdate], dict[str, str]]:
+        updates, failed = [], {}
+        for task in tasks:
+            try:
+                updates.append(self.runtime.fit(task, params, server_control))
+            except Exception as err:  # a client that fails is one failed client, not a failed federation
+                failed[task.client_id] = f"{type(err).__name__}: {err}"
+        return updates, failed
+
+    def client_state(self) -> dict[str, Params]:
+        return self.runtime.controls
+
+    def restore(self, state: dict[str, Params]) -> None:
+        self.runtime.controls = {c: dict(v) for c, v in state.items()}
