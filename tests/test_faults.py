@@ -79,3 +79,30 @@ def test_a_server_killed_between_rounds_resumes_from_the_last_round(workdir: Pat
     assert (workdir / "killed" / adapter).read_bytes() == (workdir / "run" / adapter).read_bytes()
     strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
     assert strip(_rounds(workdir, "killed")) == strip(_rounds(workdir))
+
+
+def test_over_flower_a_client_that_dies_mid_round_is_recorded_and_the_rounds_go_on(tmp_path: Path, monkeypatch):
+    """flower-deploy on 127.0.0.1 (TLS, registered nodes), three clients, min_clients 2: client c's
+    ClientApp is killed (SIGKILL) when round 1 reaches it. The round aggregates a and b and names c
+    with Flower's reason; round 2 goes on."""
+    from knowledgesg.federated.deploy import LocalFederation, make_node_key, node_config, submit
+    from knowledgesg.federated.engines import FINAL, JOB
+    from knowledgesg.federated.server import FedJob
+    from knowledgesg.fileio import read_json, write_json
+    from tests.test_fedtune import make_job
+
+    clients = ["a", "b", "c"]
+    job_path = make_job(tmp_path / "deploy", clients=clients, per_round=3)
+    job = FedJob.model_validate(read_json(job_path)).model_copy(update={"min_clients": 2, "round_timeout_s": 90.0})
+    write_json(job_path, job.model_dump(mode="json"))
+    monkeypatch.setenv("KSG_CRASH_AFTER", "fedtune-client-c-round-1")  # every node's environment; only c's ClientApp meets it
+    with LocalFederation(tmp_path / "federation") as federation:
+        federation.start_superlink()
+        for c in clients:
+            private, public = make_node_key(federation.directory / "keys", c)
+            federation.register(public)
+            federation.start_supernode(c, private, node_config(c, tmp_path))
+        submit(job_path, federation.flwr_home, timeout_s=600)
+    rounds = json.loads((job_path.parent / "rounds.json").read_text())
+    assert rounds[0]["joined"] == ["a", "b"] and set(rounds[0]["failed"]) == {"c"} and rounds[0]["failed"]["c"]
+    assert len(rounds) == 2 and (job_path.parent / FINAL).is_file() and job_path.name == JOB

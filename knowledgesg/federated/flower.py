@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from knowledgesg.errors import KsgError
+from knowledgesg.fileio import named_crash_point
 from knowledgesg.federated.protocol import ClientTask, ClientUpdate, Params
+from knowledgesg.federated.stages import RUN_STAGES, StagesJob, run_client_stages, write_client_part
 
 QUERY = "query"
 NODE_WAIT_S = 120.0
@@ -61,6 +63,30 @@ def identify_nodes(grid, clients: list[str]) -> dict[str, int]:
     if missing:
         raise KsgError(f"no SuperNode answered as client {', '.join(missing)} (connected nodes: {len(node_ids)})")
     return nodes
+
+
+def collect_releases(grid, job: StagesJob) -> None:
+    """In the ServerApp: ask every client's node to run its stages and keep what each sends."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    nodes = identify_nodes(grid, job.clients)
+    client_of = {node: client for client, node in nodes.items()}
+    messages = [Message(RecordDict({"config": ConfigRecord({"client-id": client})}), dst_node_id=node, message_type=RUN_STAGES) for client, node in nodes.items()]
+    exchange = Path(job.exchange)
+    exchange.mkdir(parents=True, exist_ok=True)
+    failed, sent = {}, []
+    for reply in grid.send_and_receive(messages, timeout=job.timeout_s):
+        client = client_of.get(reply.metadata.src_node_id)
+        if client is None or client in sent:
+            continue
+        if reply.has_error():
+            failed[client] = reply.error.reason
+            continue
+        files = reply.content["files"]
+        write_client_part(exchange, client, {name: bytes(files[name]) for name in files})
+        sent.append(client)
+    failed.update({c: f"no answer within {job.timeout_s:g} s" for c in job.clients if c not in sent and c not in failed})
+    Path(job.result).write_text(json.dumps({"sent": sent, "failed": failed}), encoding="utf-8")
 
 
 class FlowerTransport:
@@ -132,7 +158,6 @@ def make_client_app():
     from flwr.clientapp import ClientApp
 
     from knowledgesg.federated.client import ClientRuntime
-    from knowledgesg.federated.stages import run_client_stages
 
     _quiet_flower()
     app = ClientApp()
@@ -143,7 +168,7 @@ def make_client_app():
         clients = json.loads(str(msg.content["config"]["clients"]))
         return Message(RecordDict({"config": ConfigRecord({"client-id": client_identity(context.node_config, clients)})}), reply_to=msg)
 
-    @app.query("run_stages")
+    @app.query(RUN_STAGES.split(".", 1)[1])
     def run_stages(msg: Message, context: Context) -> Message:
         """The node's client stages on its own data; its releases as files (a failure is sent back
         as the message's error, with its one-line reason)."""
@@ -154,6 +179,7 @@ def make_client_app():
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         task = ClientTask.model_validate_json(str(msg.content["config"]["task"]))
+        named_crash_point(f"fedtune-client-{task.client_id}-round-{task.round}")  # tests: a client that dies mid-round
         if task.run_dir is not None and "run-dir" in context.node_config:
             task = task.model_copy(update={"run_dir": str(context.node_config["run-dir"])})  # the node's own storage
         server_control = from_array_record(msg.content["control"]) if "control" in msg.content else None
@@ -184,7 +210,6 @@ def make_server_app(job_path: Path | None = None):
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         from knowledgesg.federated.engines import run_job_file
-        from knowledgesg.federated.stages import StagesJob, collect_releases
 
         path = Path(job_path or str(context.run_config["job"]))
         job = json.loads(path.read_text(encoding="utf-8"))

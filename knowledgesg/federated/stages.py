@@ -7,7 +7,8 @@ data and run directory (its node config: `client-id`, `spec`, `run-dir`, optiona
 the directory the spec's relative paths resolve from), checks its ledger against its own cap,
 writes its part of the exchange in its own outbox (`<run-dir>.outbox`) and sends those files. On
 the server, the ServerApp writes each client's files into the server's exchange directory,
-whole or not at all, and the server stages go on as with an exchange directory.
+whole or not at all, and the server stages go on as with an exchange directory. (The ClientApp
+and ServerApp handlers are in `knowledgesg.federated.flower`.)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from knowledgesg.runner import Runner
 from knowledgesg.spec import PipelineSpec, spec_to_dict
 from pipelines import load_pipeline
 
-RUN_STAGES = "query.run_stages"
+RUN_STAGES = "query.run_stages"  # a Flower query; its action names the ClientApp handler
 JOB, RESULT = "job.json", "result.json"
 
 
@@ -76,32 +77,6 @@ def write_client_part(exchange: Path, client_id: str, files: dict[str, bytes]) -
         target.rename(old)
     staging.rename(target)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def collect_releases(grid, job: StagesJob) -> None:
-    """In the ServerApp: ask every client's node to run its stages and keep what each sends."""
-    from flwr.app import ConfigRecord, Message, RecordDict
-
-    from knowledgesg.federated.flower import identify_nodes
-
-    nodes = identify_nodes(grid, job.clients)
-    client_of = {node: client for client, node in nodes.items()}
-    messages = [Message(RecordDict({"config": ConfigRecord({"client-id": client})}), dst_node_id=node, message_type=RUN_STAGES) for client, node in nodes.items()]
-    exchange = Path(job.exchange)
-    exchange.mkdir(parents=True, exist_ok=True)
-    failed, sent = {}, []
-    for reply in grid.send_and_receive(messages, timeout=job.timeout_s):
-        client = client_of.get(reply.metadata.src_node_id)
-        if client is None or client in sent:
-            continue
-        if reply.has_error():
-            failed[client] = reply.error.reason
-            continue
-        files = reply.content["files"]
-        write_client_part(exchange, client, {name: bytes(files[name]) for name in files})
-        sent.append(client)
-    failed.update({c: f"no answer within {job.timeout_s:g} s" for c in job.clients if c not in sent and c not in failed})
-    Path(job.result).write_text(json.dumps({"sent": sent, "failed": failed}), encoding="utf-8")
 
 
 def fetch_over_flower(spec: PipelineSpec, base_dir: Path, run_dir: Path, exchange: Path) -> None:
