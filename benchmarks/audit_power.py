@@ -115,11 +115,15 @@ EARLIER = [
     "| the same adapter, scored on the secret's own tokens, with \"in\"-only guesses declared | `benchmarks/canary_separation.py /tmp/ap/audit-power-nonprivate` | "
     "1.611 (48/50 in) | 1.599 | 0.370 / 0.000 | 33 of 127 |",
     "| pilot: 4 epochs, 60 FPB records, 40 canaries of each kind, otherwise as above | `ksg run` on that spec, then `benchmarks/canary_separation.py RUN` | "
-    "1.013 (16/16 in; 40 canaries certify little) | 1.008 | 0.864 / 0.250 | 19 of 22 |", "",
+    "1.013 (16/16 in; 40 canaries certify little) | 1.008 | 0.864 / 0.250 | 19 of 22 |",
+    "| 4 epochs, 600 records (500 held out), 400 canaries of each kind, secret-token score, \"in\" guesses; rare words drawn with replacement across canaries | "
+    "`benchmarks/audit_power.py --workdir /tmp/ap2` at commit 7219a36 (NOT PRIVATE row only; rare-word AUC 0.910, MIA AUC 0.79-0.85) | 2.118 (78/80 in) | 2.100 | 0.264 / 0.016 | 35 of 201 |", "",
     "The template text after the secret (\".\", the end of the turn, \"neutral\") is learned by every canary's training alike, by 10-60 nats that vary from "
     "one canary to the next; scoring the secret's own tokens removes it. The low end of the scores says little (an unplanted canary's loss does not rise), "
     "so guessing \"in\" on the top scores and abstaining on the rest certifies more. With 2 epochs a quarter of the planted rare-word canaries stood above "
-    "every unplanted one; with 4 epochs, most: an epsilon of 3 at 95% needs about 95 correct guesses in a row, hence 4 epochs and 400 canaries of each kind.", "",
+    "every unplanted one; with 4 epochs, most: an epsilon of 3 at 95% needs about 95 correct guesses in a row, hence 4 epochs and 400 canaries of each kind. "
+    "At that size the unplanted canaries among the top scores shared 2 or 3 of their 4 words with planted ones (half of all unplanted canaries shared at least one): "
+    "a planted canary's words lowered their loss too. The rare-word canaries now share no word.", "",
 ]
 
 

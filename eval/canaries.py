@@ -78,13 +78,19 @@ def secret_budget_tokens(spec: CanarySpec, kind: CanaryKind) -> int:
 def make_canaries(spec: CanarySpec, seed: int) -> list[Canary]:
     """`count` canaries of each kind, numbered across kinds. Each kind draws from a stream of its
     own (the first kind, `digits` alone, keeps the stream canaries have always had), so adding a
-    kind leaves the others' secrets and inclusion draws as they were."""
+    kind leaves the others' secrets and inclusion draws as they were.
+
+    Rare-word secrets share no word: a canary that was not planted but shares words with planted
+    ones would have its loss lowered by theirs (in audit_power.md, the unplanted canaries among the
+    top scores shared 2 or 3 of their 4 words with planted ones), which blurs the very separation
+    the audit measures."""
     canaries = []
     for kind in spec.kinds:
         rng = random.Random(f"{seed}:canaries" if kind == "digits" else f"{seed}:canaries:{kind}")
-        for _ in range(spec.count):
+        unused = rng.sample(rare_words(), spec.count * spec.words) if kind == "rare_words" else []
+        for k in range(spec.count):
             index = len(canaries)
-            secret = random_secret(spec, kind, rng)
+            secret = " ".join(unused[k * spec.words : (k + 1) * spec.words]) if kind == "rare_words" else random_secret(spec, kind, rng)
             name = NAMES[index % len(NAMES)] + (f" {index // len(NAMES) + 1}" if index >= len(NAMES) else "")
             canaries.append(Canary(index, name, secret, rng.random() < spec.include_probability, kind))
     return canaries

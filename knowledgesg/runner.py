@@ -26,9 +26,9 @@ from knowledgesg import __version__
 from knowledgesg.client_key import client_key, existing_client_key
 from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
+from knowledgesg.exchange import export_releases, receive_ledgers, receive_stage
 from knowledgesg.fileio import canonical_json, hmac_file, read_json, sha256_file, sha256_text, write_json, write_text
 from knowledgesg.manifest import MANIFEST, Manifest, output_entry, read_manifest, verify_outputs, write_manifest
-from knowledgesg.exchange import export_releases, receive_ledgers, receive_stage
 from knowledgesg.memory import PeakMemory
 from knowledgesg.roles import Role, check_role, narrow_to_client
 from knowledgesg.spec import PipelineSpec, parse_spec, spec_to_dict

@@ -202,6 +202,7 @@ class CanaryTemplate(StrictModel):
 
 
 CanaryKind = Literal["digits", "rare_words"]
+RARE_WORDS = 4096  # the words in knowledgesg/vendor/rare_words.txt (a test checks it)
 
 
 class CanarySpec(StrictModel):
@@ -210,7 +211,7 @@ class CanarySpec(StrictModel):
     Each kind in `kinds` gets `count` canaries: `digits`, a random digit string (Carlini et al.'s
     secret sharer); `rare_words`, `words` words drawn from a vendored list of rare English words
     (a designed canary after Panda et al. 2025: tokens the model finds unlikely are learnt, and
-    detected, far more readily)."""
+    detected, far more readily), no word in two canaries."""
 
     client: SafeId
     count: int = Field(default=32, ge=2)  # per kind
@@ -227,6 +228,12 @@ class CanarySpec(StrictModel):
         if len(set(kinds)) != len(kinds):
             raise ValueError(f"each canary kind once, got {kinds}")
         return kinds
+
+    @model_validator(mode="after")
+    def _enough_rare_words(self) -> CanarySpec:
+        if "rare_words" in self.kinds and self.count * self.words > RARE_WORDS:
+            raise ValueError(f"{self.count} rare-word canaries of {self.words} words need {self.count * self.words} distinct words; the list has {RARE_WORDS}")
+        return self
 
 
 class AuditSpec(StrictModel):

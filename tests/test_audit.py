@@ -13,7 +13,7 @@ from eval.audit import AuditOptions, candidate_secrets, exposure, split_at_secre
 from eval.canaries import make_canaries, planted_records, rare_words, space_size
 from knowledgesg.models import load_causal_lm, resolve_model
 from knowledgesg.sft import tokenize_example
-from knowledgesg.spec import CanarySpec, CanaryTemplate
+from knowledgesg.spec import RARE_WORDS, CanarySpec, CanaryTemplate
 from tests.conftest import run_cli, run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
 from tests.test_synthesize import TRAIN
 
@@ -149,7 +149,11 @@ def test_rare_word_canaries_beside_digit_ones():
     rare = canaries[30:]
     assert [c.index for c in canaries] == list(range(60)) and {c.kind for c in rare} == {"rare_words"}
     assert all(len(c.secret.split()) == 3 and set(c.secret.split()) <= set(rare_words()) for c in rare)
-    assert len(rare_words()) == 4096 and space_size(spec, "rare_words") == 4096**3
+    assert len(rare_words()) == RARE_WORDS == 4096 and space_size(spec, "rare_words") == 4096**3
+    words = [w for c in rare for w in c.secret.split()]
+    assert len(set(words)) == len(words)  # no word in two canaries: an unplanted one never learns from a planted one
+    with pytest.raises(ValueError, match="need 4100 distinct words"):
+        CanarySpec(client="x", count=820, kinds=["rare_words"], words=5)
     secrets, exact = candidate_secrets(rare[0], spec, 25, 2000, seed=0)
     assert not exact and len(secrets) == 25 and rare[0].secret not in secrets and all(len(s.split()) == 3 for s in secrets)
     with pytest.raises(ValueError, match="each canary kind once"):
