@@ -36,7 +36,7 @@ from knowledgesg.errors import InputError, KsgError
 from knowledgesg.federated.client import LOCAL_LOG, LoraModel, initial_params
 from knowledgesg.spec import DeploySettings
 from knowledgesg.federated.engines import FINAL, INITIAL, JOB, ROUNDS, run_local
-from knowledgesg.federated.protocol import LocalDP, LocalTraining, LoraShape, load_params, save_params
+from knowledgesg.federated.protocol import LocalDP, LocalTraining, LoraShape, UpdateEncoding, load_params, save_params
 from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, participation
 from knowledgesg.fileio import read_json, read_jsonl, write_dir, write_json
 from knowledgesg.stage import Stage, StageContext
@@ -76,6 +76,7 @@ class FedtuneParams(BaseModel):
     min_clients: int | None = Field(default=None, ge=1, description="a round aggregates the updates that arrived if at least this many did (default: every client asked)")
     round_retries: int = Field(default=0, ge=0, description="times the clients that failed are asked again before a round gives up (synthetic data only)")
     round_timeout_s: float | None = Field(default=None, gt=0, description="Flower engines: how long a round waits for the clients' replies")
+    update_encoding: UpdateEncoding = Field(default="float32", description="how the clients' updates travel: float16 halves the bytes, int8 quarters them (some rounding)")
 
     @model_validator(mode="after")
     def _private_needs_dp(self) -> FedtuneParams:
@@ -152,7 +153,7 @@ class Fedtune(Stage):
                           rule=p.rule, client_dp=p.client_dp, training=p.training, lora=p.lora, base_model=base, device=resolve_device(ctx.spec.models.device),
                           run_dir=str(ctx.run_dir.resolve()), records=records, private_source="ingest" if p.data == "private" else None,
                           reproducible_noise=ctx.spec.privacy.reproducible_noise, min_clients=p.min_clients, round_retries=p.round_retries,
-                          round_timeout_s=p.round_timeout_s)
+                          round_timeout_s=p.round_timeout_s, update_encoding=p.update_encoding)
         except ValueError as err:
             raise InputError(f"fedtune: {err}") from None
 

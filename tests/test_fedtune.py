@@ -16,7 +16,7 @@ from knowledgesg.federated.client import initial_params
 from knowledgesg.federated.engines import FINAL, INITIAL, JOB, run_local
 from knowledgesg.federated.protocol import ClientUpdate, LocalTraining, LoraShape, load_params, save_params
 from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, participation, run_federation, sample_clients
-from knowledgesg.fileio import write_json
+from knowledgesg.fileio import read_json, write_json
 from knowledgesg.models import resolve_model
 from tests.conftest import run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
 from tests.test_refine import REFINE, canned_generate
@@ -302,3 +302,31 @@ def test_stage_refuses_a_budget_past_the_cap_before_training(tmp_path: Path):
     params = dict(FEDTUNE, data="private", local_dp={"target_epsilon": 6.0})
     assert run_pipeline(tmp_path, params, cap=9.0) == 2  # 7.98 spent, PLD-composed with 5.99: 9.89
     assert not (tmp_path / "run/stages/fedtune").exists()
+
+
+def test_updates_travel_in_float16_or_int8_with_the_bytes_recorded(tmp_path: Path):
+    from knowledgesg.federated.protocol import decode_update, encode_update, params_bytes
+
+    rng = np.random.default_rng(0)
+    update = {"a": rng.normal(0, 1e-2, (8, 16)).astype(np.float32), "b": rng.normal(0, 1e-3, (16,)).astype(np.float32)}
+    for encoding, ratio, tolerance in (("float16", 0.5, 1e-3), ("int8", 0.25, 0.5 / 127)):
+        sent = encode_update(update, encoding)
+        back = decode_update(sent)
+        assert params_bytes(sent) <= ratio * params_bytes(update) + 8 * len(update)  # + one float32 scale per tensor for int8
+        for name in update:  # float16: relative rounding; int8: half a step of max|value|/127
+            assert np.abs(back[name] - update[name]).max() <= tolerance * np.abs(update[name]).max()
+    # the same job end to end: int8 quarters the bytes up and moves the final adapter little
+    finals, rounds = {}, {}
+    for encoding in ("float32", "int8"):
+        job_path = make_job(tmp_path / encoding)
+        job = FedJob.model_validate(read_json(job_path)).model_copy(update={"update_encoding": encoding})
+        write_json(job_path, job.model_dump(mode="json"))
+        run_local(job_path)
+        finals[encoding], rounds[encoding] = load_params(job_path.parent / FINAL), read_json(job_path.parent / "rounds.json")
+    up = {e: sum(r["bytes_up"] for r in rounds[e]) for e in rounds}
+    assert 0.24 < up["int8"] / up["float32"] < 0.27 and rounds["int8"][0]["bytes_down"] == rounds["float32"][0]["bytes_down"] > 0
+    initial = load_params(tmp_path / "float32" / INITIAL)
+    moved = np.sqrt(sum(float(((finals["float32"][k] - initial[k]) ** 2).sum()) for k in initial))
+    assert 0 < max_difference(finals["float32"], finals["int8"]) and np.sqrt(sum(float(((finals["float32"][k] - finals["int8"][k]) ** 2).sum()) for k in initial)) < 0.05 * moved
+    with pytest.raises(ValueError, match="client-level DP needs"):
+        FedJob.model_validate({**job.model_dump(), "client_dp": {"clip_norm": 1.0, "noise_multiplier": 1.0}})

@@ -27,7 +27,7 @@ import numpy as np
 
 from knowledgesg.aggregation import clip_update
 from knowledgesg.errors import InputError, KsgError
-from knowledgesg.federated.protocol import ClientTask, ClientUpdate, LocalDP, LoraShape, Params
+from knowledgesg.federated.protocol import ClientTask, ClientUpdate, LocalDP, LoraShape, Params, encode_update
 from knowledgesg.fileio import read_json, read_jsonl, sha256_text
 from knowledgesg.records import InstructionRecord
 from privacy.accounting import Mechanism, epsilons
@@ -146,10 +146,10 @@ class ClientRuntime:
         if task.update_clip_norm is not None:
             update = clip_update(update, task.update_clip_norm)
         if task.local_dp is None:
-            return ClientUpdate(task.client_id, update, len(records), loss, control_delta, dp_steps)
+            return ClientUpdate(task.client_id, encode_update(update, task.update_encoding), len(records), loss, control_delta, dp_steps)
         release = self._record_release(task, update, dp_steps, ledger_dir)
         self._log(task, {"round": task.round, "examples": len(records), "mean_loss": loss, "dp_steps": dp_steps, "release_id": release.release_id})
-        return ClientUpdate(task.client_id, update, None, None, None, dp_steps, release.model_dump(mode="json"))
+        return ClientUpdate(task.client_id, encode_update(update, task.update_encoding), None, None, None, dp_steps, release.model_dump(mode="json"))
 
     def records(self, task: ClientTask) -> list[InstructionRecord]:
         if task.records is not None:

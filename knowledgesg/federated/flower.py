@@ -42,7 +42,7 @@ def to_array_record(params: Params):
 
 
 def from_array_record(record) -> Params:
-    return {name: np.asarray(array.numpy(), dtype=np.float32) for name, array in record.items()}
+    return {name: np.asarray(array.numpy()) for name, array in record.items()}  # as sent: an encoded update keeps its dtype
 
 
 def identify_nodes(grid, clients: list[str]) -> dict[str, int]:

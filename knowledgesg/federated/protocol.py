@@ -60,6 +60,39 @@ class LocalDP(BaseModel):
     reproducible_noise: bool = False  # NOT PRIVATE: noise from the public seed
 
 
+UpdateEncoding = Literal["float32", "float16", "int8"]
+SCALE = "@scale"  # int8: the per-tensor scale travels beside the tensor, under its name + SCALE
+
+
+def encode_update(update: Params, encoding: UpdateEncoding) -> Params:
+    """An update as a client sends it: float16 halves the bytes; int8 quarters them, with one
+    float32 scale per tensor (symmetric, max |value| to 127, rounded to nearest)."""
+    if encoding == "float32":
+        return update
+    if encoding == "float16":
+        return {name: value.astype(np.float16) for name, value in update.items()}
+    sent = {}
+    for name, value in update.items():
+        scale = float(np.abs(value).max()) / 127 or 1.0
+        sent[name] = np.round(value / scale).astype(np.int8)
+        sent[name + SCALE] = np.array([scale], dtype=np.float32)
+    return sent
+
+
+def decode_update(sent: Params) -> Params:
+    """float32 arrays again, whatever the encoding."""
+    decoded = {}
+    for name, value in sent.items():
+        if name.endswith(SCALE):
+            continue
+        decoded[name] = value.astype(np.float32) * sent[name + SCALE][0] if value.dtype == np.int8 else value.astype(np.float32)
+    return decoded
+
+
+def params_bytes(params: Params | None) -> int:
+    return sum(value.nbytes for value in params.values()) if params else 0
+
+
 class ClientTask(BaseModel):
     """One round's instruction to one client."""
 
@@ -82,6 +115,7 @@ class ClientTask(BaseModel):
     join_probability: float | None = Field(default=None, gt=0, le=1)
     update_clip_norm: float | None = Field(default=None, gt=0)
     reproducible_coins: bool = False  # NOT PRIVATE: the join coin from the public seed
+    update_encoding: UpdateEncoding = "float32"  # how the client's update travels (encode_update)
     run_dir: str | None = None  # where a client on this machine finds its storage (local, flower-sim)
     device: str = "cpu"
 
@@ -124,6 +158,8 @@ class RoundRecord:
     releases: list[dict] = field(default_factory=list)  # ledger entries the clients sent
     failed: dict[str, str] = field(default_factory=dict)  # client asked -> why its update did not arrive
     tries: int = 1  # 1 + the times the clients that had not answered were asked again
+    bytes_down: int = 0  # parameters sent to the clients (the global adapter, SCAFFOLD's c), every try
+    bytes_up: int = 0  # updates (as encoded) and control variates that came back
 
 
 def save_params(path: Path, params: Params) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -27,7 +27,8 @@ from knowledgesg import aggregation as agg
 from knowledgesg.errors import KsgError
 from knowledgesg.federated.client import ClientRuntime
 from knowledgesg.console import console
-from knowledgesg.federated.protocol import RULES, ClientTask, ClientUpdate, LocalDP, LocalTraining, LoraShape, Params, RoundRecord, load_params, save_params
+from knowledgesg.federated.protocol import (RULES, ClientTask, ClientUpdate, LocalDP, LocalTraining, LoraShape, Params, RoundRecord, UpdateEncoding, decode_update,
+                                            load_params, params_bytes, save_params)
 from knowledgesg.fileio import named_crash_point, sha256_text
 from privacy.noise import SecureRandom
 
@@ -82,6 +83,7 @@ class FedJob(BaseModel):
     min_clients: int | None = Field(default=None, ge=1)
     round_retries: int = Field(default=0, ge=0)
     round_timeout_s: float | None = Field(default=None, gt=0, description="Flower: how long a round waits for its replies")
+    update_encoding: UpdateEncoding = "float32"  # how the clients' updates travel (float16, int8: fewer bytes, some rounding)
 
     @model_validator(mode="after")
     def _consistent(self) -> FedJob:
@@ -99,6 +101,8 @@ class FedJob(BaseModel):
             raise ValueError("DP-SGD local steps support plain local training only (no FedProx term, no SCAFFOLD correction)")
         if self.min_clients is not None and self.min_clients > self.clients_per_round:
             raise ValueError(f"min_clients {self.min_clients} exceeds the {self.clients_per_round} clients asked each round")
+        if self.client_dp is not None and self.update_encoding != "float32":
+            raise ValueError("client-level DP needs each update's norm bound to hold as sent: use update_encoding float32")
         if self.private_source is not None and self.round_retries:
             raise ValueError("round_retries with data: private would run DP-SGD steps beyond the plan the budgets were checked against")
         return self
@@ -139,7 +143,7 @@ def task_for(job: FedJob, client_id: str, round_number: int) -> ClientTask:
         scaffold=job.rule.name == "scaffold", records=job.records[client_id] if job.records is not None else None,
         private_source=job.private_source, local_dp=job.local_dp[client_id] if job.local_dp else None,
         join_probability=job.sample_rate if client_dp else None, update_clip_norm=client_dp.clip_norm if client_dp else None,
-        reproducible_coins=job.reproducible_noise, run_dir=job.run_dir, device=job.device,
+        reproducible_coins=job.reproducible_noise, update_encoding=job.update_encoding, run_dir=job.run_dir, device=job.device,
     )
 
 
@@ -181,13 +185,22 @@ def aggregate(job: FedJob, x: Params, updates: list[ClientUpdate], state: agg.Se
     return agg.krum(x, deltas, rule.byzantine)
 
 
-def collect_round(job: FedJob, transport: Transport, asked: list[str], round_number: int, x: Params, state: agg.ServerState) -> tuple[list[ClientUpdate], dict[str, str], int]:
-    """(replies in the order asked, client -> why it did not answer, tries): enough replies for the
-    round, asking the clients that failed again up to `round_retries` times; else a clear error."""
+@dataclass
+class RoundReplies:
+    replies: list[ClientUpdate]  # in the order asked (arrival order must not change the result), decoded
+    failed: dict[str, str]  # client -> why it did not answer
+    tries: int
+    bytes_down: int
+    bytes_up: int
+
+
+def collect_round(job: FedJob, transport: Transport, asked: list[str], round_number: int, x: Params, state: agg.ServerState) -> RoundReplies:
+    """Enough replies for the round, asking the clients that failed again up to `round_retries`
+    times; else a clear error."""
     needed = len(asked) if job.min_clients is None else min(job.min_clients, len(asked))
     replies: dict[str, ClientUpdate] = {}
     failed: dict[str, str] = {}
-    tries = 0
+    tries = bytes_down = bytes_up = 0
     while tries <= job.round_retries:
         tries += 1
         pending = [c for c in asked if c not in replies]
@@ -195,6 +208,11 @@ def collect_round(job: FedJob, transport: Transport, asked: list[str], round_num
         strangers = sorted({u.client_id for u in arrived} - set(pending))
         if strangers:
             raise KsgError(f"round {round_number}: replies came from {strangers}, who were not asked")
+        bytes_down += len(pending) * (params_bytes(x) + params_bytes(state.c or None))
+        for u in arrived:
+            bytes_up += params_bytes(u.update) + params_bytes(u.control_delta)
+            if u.update is not None:
+                u.update = decode_update(u.update)
         replies.update({u.client_id: u for u in arrived})
         if len(replies) == len(asked) or (len(replies) >= needed and tries > job.round_retries):
             break
@@ -202,7 +220,7 @@ def collect_round(job: FedJob, transport: Transport, asked: list[str], round_num
         reasons = "; ".join(f"{c}: {why}" for c, why in failed.items())
         raise KsgError(f"round {round_number}: {len(replies)} of {len(asked)} clients answered after {tries} tr{'y' if tries == 1 else 'ies'}, "
                        f"fewer than the {needed} needed (min_clients): {reasons}")
-    return [replies[c] for c in asked if c in replies], failed, tries  # arrival order must not change the result
+    return RoundReplies([replies[c] for c in asked if c in replies], failed, tries, bytes_down, bytes_up)
 
 
 def run_federation(job: FedJob, x: Params, transport: Transport, on_round: Callable[[RoundRecord], None] | None = None,
@@ -223,8 +241,8 @@ def run_federation(job: FedJob, x: Params, transport: Transport, on_round: Calla
     for r in range(len(history) + 1, job.rounds + 1):
         start = time.perf_counter()
         asked = sample_clients(job, r)
-        replies, failed, tries = collect_round(job, transport, asked, r, x, state)
-        updates = [u for u in replies if u.joined]
+        round_replies = collect_round(job, transport, asked, r, x, state)
+        updates = [u for u in round_replies.replies if u.joined]
         new_x = aggregate(job, x, updates, state, r, noise)
         step = np.sqrt(sum(float(((new_x[n] - x[n]) ** 2).sum()) for n in x))
         x = {n: v.astype(np.float32) for n, v in new_x.items()}
@@ -234,7 +252,7 @@ def run_federation(job: FedJob, x: Params, transport: Transport, on_round: Calla
             r, asked, None if job.client_dp is not None else [u.client_id for u in updates],
             None if private else sum(u.num_examples for u in updates), None if private or not losses else float(np.mean(losses)),
             step, time.perf_counter() - start, {"dp_steps": {u.client_id: u.dp_steps for u in updates if u.dp_steps}} if job.client_dp is None else {},
-            [u.release for u in updates if u.release is not None], failed, tries,
+            [u.release for u in updates if u.release is not None], round_replies.failed, round_replies.tries, round_replies.bytes_down, round_replies.bytes_up,
         )
         history.append(record)
         if checkpoint is not None:
