@@ -330,3 +330,36 @@ def test_updates_travel_in_float16_or_int8_with_the_bytes_recorded(tmp_path: Pat
     assert 0 < max_difference(finals["float32"], finals["int8"]) and np.sqrt(sum(float(((finals["float32"][k] - finals["int8"][k]) ** 2).sum()) for k in initial)) < 0.05 * moved
     with pytest.raises(ValueError, match="client-level DP needs"):
         FedJob.model_validate({**job.model_dump(), "client_dp": {"clip_norm": 1.0, "noise_multiplier": 1.0}})
+
+
+def test_ffa_lora_trains_and_sends_b_only_with_the_same_a_everywhere(tmp_path: Path):
+    """FFA-LoRA: A is drawn from the public a_seed by every party and never trained; only B is in
+    the parameters the server sends and aggregates, so a round carries B's share of the bytes."""
+    from knowledgesg.federated.client import LoraModel
+
+    rounds = {}
+    for ffa in (False, True):
+        job_path = make_job(tmp_path / str(ffa))
+        job = FedJob.model_validate(read_json(job_path))
+        job = job.model_copy(update={"lora": job.lora.model_copy(update={"ffa": ffa, "a_seed": 5})})
+        write_json(job_path, job.model_dump(mode="json"))
+        save_params(job_path.parent / INITIAL, initial_params(job.base_model, job.lora, 5))
+        run_local(job_path)
+        rounds[ffa] = read_json(job_path.parent / "rounds.json")
+        final = load_params(job_path.parent / FINAL)
+        if ffa:
+            assert final and all("lora_B" in name for name in final)
+            assert all(np.abs(v).max() > 0 for v in final.values())  # B trained away from zero
+    plain = load_params(tmp_path / "False" / INITIAL)
+    b_share = sum(v.nbytes for n, v in plain.items() if "lora_B" in n) / sum(v.nbytes for v in plain.values())  # about half (B is smaller where k/v heads are fewer)
+    assert sum(r["bytes_up"] for r in rounds[True]) / sum(r["bytes_up"] for r in rounds[False]) == pytest.approx(b_share) and b_share < 0.55
+    # A is the same on two parties that build the model apart (a fresh process would do the same)
+    shape = job.lora
+    LoraModel._cache.clear()
+    first = {n: p.detach().clone() for n, p in LoraModel.get(job.base_model, shape, "cpu").model.named_parameters() if "lora_A" in n}
+    LoraModel._cache.clear()
+    import torch
+
+    torch.manual_seed(123)  # whatever the process's torch stream
+    second = {n: p.detach() for n, p in LoraModel.get(job.base_model, shape, "cpu").model.named_parameters() if "lora_A" in n}
+    assert first and all(torch.equal(first[n], second[n]) for n in first)

@@ -57,6 +57,11 @@ class LoraModel:
             warnings.simplefilter("ignore", FutureWarning)
             self.model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=lora.target_modules, task_type="CAUSAL_LM"))
         self.device = device
+        if lora.ffa:  # every party draws the same A from the public seed and never trains it
+            reset_lora(self.model, lora.a_seed)
+            for name, p in self.model.named_parameters():
+                if "lora_A" in name:
+                    p.requires_grad_(False)
 
     @classmethod
     def get(cls, base_model: dict, lora: LoraShape, device: str) -> LoraModel:
@@ -83,16 +88,28 @@ class LoraModel:
                 p.copy_(torch.from_numpy(params[name]).to(p.device))
 
 
-def initial_params(base_model: dict, lora: LoraShape, seed: int, device: str = "cpu") -> Params:
-    """The global adapter before round 1: LoRA's own initialisation (A random, B zero), seeded."""
+def reset_lora(model, seed: int | None = None) -> None:
+    """LoRA's own initialisation (A random, B zero), drawn from `seed` (None: torch's stream as it is)."""
     import torch
 
-    torch.manual_seed(seed)
-    LoraModel._cache.clear()
-    lora_model = LoraModel.get(base_model, lora, device)
-    for module in lora_model.model.modules():
+    if seed is not None:
+        torch.manual_seed(seed)
+    for module in model.modules():
         if hasattr(module, "reset_lora_parameters"):
             module.reset_lora_parameters("default", True)
+
+
+def initial_params(base_model: dict, lora: LoraShape, seed: int, device: str = "cpu") -> Params:
+    """The global adapter before round 1: LoRA's own initialisation, seeded (with FFA-LoRA, B only:
+    A is every party's own copy from `lora.a_seed`)."""
+    import torch
+
+    LoraModel._cache.clear()
+    if lora.ffa:
+        return LoraModel.get(base_model, lora, device).get_params()  # B zero; A drawn from a_seed as the model was built
+    torch.manual_seed(seed)
+    lora_model = LoraModel.get(base_model, lora, device)
+    reset_lora(lora_model.model)
     return lora_model.get_params()
 
 

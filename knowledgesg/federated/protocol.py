@@ -39,6 +39,11 @@ class LoraShape(BaseModel):
     r: int = Field(default=8, ge=1)
     alpha: int = Field(default=16, ge=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    # FFA-LoRA (Sun et al., ICLR 2024): A stays at LoRA's initialisation drawn from the public
+    # `a_seed` on every party; only B is trained, sent and aggregated (half the bytes, and the
+    # product of averaged factors is the average of the products)
+    ffa: bool = False
+    a_seed: int = 0
 
 
 class LocalDP(BaseModel):
