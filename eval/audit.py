@@ -38,7 +38,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from eval import metrics
-from eval.canaries import Canary, random_secret, read_canaries, secret_budget_tokens, space_log2, space_size
+from eval.canaries import Canary, random_secret, rare_words, read_canaries, secret_budget_tokens, space_log2, space_size
 from eval.pii import PiiSpan, find_pii_spans, occurs, replayed
 from knowledgesg.console import console, track
 from knowledgesg.errors import InputError
@@ -173,30 +173,40 @@ def secret_nll(model, tokenizer, template: CanaryTemplate, canary: Canary, secre
     return continuations_nll(model, tokenizer, [split_at_secret(tokenizer, template, canary, s)[:2] for s in secrets], batch_size, device)
 
 
-def candidate_secrets(canary: Canary, spec: CanarySpec, count: int, enumerate_limit: int, seed: int) -> tuple[list[str], bool]:
+def candidate_words(canary: Canary, canaries: list[Canary]) -> tuple[str, ...]:
+    """The rare words a candidate for this canary's secret may use: not the other canaries' words,
+    whose loss their own training lowered (a candidate made of them would outrank by that alone)."""
+    others = {w for c in canaries if c.kind == "rare_words" and c.index != canary.index for w in c.secret.split()}
+    return tuple(w for w in rare_words() if w not in others)
+
+
+def candidate_secrets(canary: Canary, spec: CanarySpec, count: int, enumerate_limit: int, seed: int, words: tuple[str, ...] | None = None) -> tuple[list[str], bool]:
     """Every other secret of R when R is small enough (exact), else `count` random others
-    (extrapolated). The canary's own secret is never among them: its loss is the caller's."""
-    space = space_size(spec, canary.kind)
+    (extrapolated), rare-word ones from `words` (candidate_words). The canary's own secret is never
+    among them: its loss is the caller's."""
+    space = space_size(spec, canary.kind, len(words) if words else None)
     if canary.kind == "digits" and space <= enumerate_limit:
         return [s for s in (str(i).zfill(spec.digits) for i in range(space)) if s != canary.secret], True
     rng = random.Random(f"{seed}:candidates:{canary.index}")
     others: set[str] = set()
     while len(others) < min(count, space - 1):
-        candidate = random_secret(spec, canary.kind, rng)
+        candidate = random_secret(spec, canary.kind, rng, words)
         if candidate != canary.secret:
             others.add(candidate)
     return sorted(others), False
 
 
-def exposure(model, tokenizer, spec: CanarySpec, canary: Canary, options: AuditOptions, device: str, own: float | None = None) -> float:
-    """`own`: the canary's loss on this model, if the caller already has it."""
-    secrets, exact = candidate_secrets(canary, spec, options.candidates, options.enumerate_limit, options.seed)
+def exposure(model, tokenizer, spec: CanarySpec, canary: Canary, options: AuditOptions, device: str, own: float | None = None,
+             words: tuple[str, ...] | None = None) -> float:
+    """`own`: the canary's loss on this model, if the caller already has it; `words`: the rare words
+    its candidates may use (candidate_words)."""
+    secrets, exact = candidate_secrets(canary, spec, options.candidates, options.enumerate_limit, options.seed, words)
     if own is None:
         own = own_secret_nll(model, tokenizer, spec.template, [canary], options.batch_size, device)[0]
     losses = secret_nll(model, tokenizer, spec.template, canary, secrets, options.batch_size, device)
     if exact:  # all of R: the others, and the canary's own secret at its own loss
         return metrics.exposure_exact(own, np.append(losses, own))
-    return metrics.exposure_extrapolated(own, losses, float(space_size(spec, canary.kind)))
+    return metrics.exposure_extrapolated(own, losses, float(space_size(spec, canary.kind, len(words) if words else None)))
 
 
 def extractions(model, tokenizer, spec: CanarySpec, canaries: list[Canary], samples: int, seed: int, device: str) -> list[dict]:
@@ -325,7 +335,8 @@ def canary_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, tar
         console.print(f"audit: canaries on {target.name}")
         target_nll = own_secret_nll(model, tokenizer, template, canaries, options.batch_size, device)
         own = {c.index: target_nll[c.index] for c in sample}
-        exposures = {c.index: round(exposure(model, tokenizer, canary_spec, c, options, device, own[c.index]), 4) for c in track(sample, f"exposure on {target.name}", total=len(sample))}
+        exposures = {c.index: round(exposure(model, tokenizer, canary_spec, c, options, device, own[c.index], candidate_words(c, canaries) if c.kind == "rare_words" else None), 4)
+                     for c in track(sample, f"exposure on {target.name}", total=len(sample))}
         extracted = extractions(model, tokenizer, canary_spec, sample, options.extraction_samples, options.seed, device) if sample else []
         scores = [r - t for r, t in zip(reference_nll, target_nll)]  # how far training lowered the secret's loss
         claimed = claimed_for_canaries(entries, target.name, client, group)

@@ -55,15 +55,16 @@ class Canary:
                                  instruction=fill(template.instruction), input=fill(template.input), response=fill(template.response))
 
 
-def random_secret(spec: CanarySpec, kind: CanaryKind, rng: random.Random) -> str:
+def random_secret(spec: CanarySpec, kind: CanaryKind, rng: random.Random, words: tuple[str, ...] | None = None) -> str:
+    """`words`: the rare words a secret may use (default: the whole list)."""
     if kind == "digits":
         return "".join(rng.choice("0123456789") for _ in range(spec.digits))
-    return " ".join(rng.choice(rare_words()) for _ in range(spec.words))
+    return " ".join(rng.choice(words or rare_words()) for _ in range(spec.words))
 
 
-def space_size(spec: CanarySpec, kind: CanaryKind) -> int:
-    """|R|: how many secrets a canary of this kind could have had."""
-    return 10**spec.digits if kind == "digits" else len(rare_words()) ** spec.words
+def space_size(spec: CanarySpec, kind: CanaryKind, words: int | None = None) -> int:
+    """|R|: how many secrets a canary of this kind could have had (`words`: from that many rare words)."""
+    return 10**spec.digits if kind == "digits" else (words or len(rare_words())) ** spec.words
 
 
 def space_log2(spec: CanarySpec, kind: CanaryKind) -> float:

@@ -1,18 +1,21 @@
 """Releases crossing from a client to the server (`knowledgesg.roles`), through an exchange directory.
 
     EXCHANGE/<client>/<stage>/manifest.json   the stage's manifest as it ran on the client, cut to
-                                              its server-side outputs (no input paths or digests)
+                                              its server-side outputs (no input paths or digests,
+                                              no timings)
     EXCHANGE/<client>/<stage>/<outputs>       those outputs: releases only (a DP adapter with its
                                               privacy statement and ledger entry, a DP histogram,
                                               the client's record count, the public pool index)
     EXCHANGE/<client>/ledger.jsonl            the client's ledger: every release ever made from its
-                                              data, so the server counts them all
+                                              data (run directories replaced by a label), so the
+                                              server counts them all
 
 A client checks its ledger against its own budget cap before anything is sent and writes its part
 whole (a temporary directory, then a rename). The server checks every file against the client's
-manifest, lets a client write only under its own `clients/<id>/` or into the top-level files the
-stages share (merged: each client's record count, the ledger entries; anything else must be the
-same from every client), and keeps every ledger entry it received (`privacy.ledger.received_ledger`).
+manifest and the stage's parameters against its own spec; a client may write only under its own
+`clients/<id>/` or into the top-level files the stages share, and only about itself (its record
+count, its ledger entries). The server keeps every ledger entry it received
+(`privacy.ledger.received_ledger`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 from knowledgesg import __version__
 from knowledgesg.errors import KsgError
 from knowledgesg.fileio import canonical_json, read_json, read_jsonl, sha256_file, sha256_text, write_json, write_jsonl
-from knowledgesg.manifest import Manifest, OutputEntry, read_manifest, write_manifest
+from knowledgesg.manifest import MANIFEST, Manifest, OutputEntry, read_manifest, write_manifest
 from privacy.ledger import LEDGER, LedgerEntry, client_delta, composed_total, received_ledger
 
 CLIENT_LEDGER = "ledger.jsonl"
@@ -44,8 +47,18 @@ def _concatenate(values: dict[str, Any]) -> Any:
     return [item for value in values.values() for item in value]
 
 
-# top-level files that several clients' stages write, each from its own data
+def _partition_about(value: Any) -> set[str]:
+    return set(value["clients"])
+
+
+def _ledger_about(value: Any) -> set[str]:
+    return {entry["client_id"] for entry in value}
+
+
+# top-level files that several clients' stages write, each about its own data: how they merge,
+# and which clients a client's copy speaks about (it may speak about itself only)
 MERGES: dict[str, Callable[[dict[str, Any]], Any]] = {"partition.json": _merge_partition, LEDGER: _concatenate}
+ABOUT: dict[str, Callable[[Any], set[str]]] = {"partition.json": _partition_about, LEDGER: _ledger_about}
 
 
 def check_sendable(client_id: str, ledger: list[LedgerEntry], cap: float | None) -> None:
@@ -57,98 +70,149 @@ def check_sendable(client_id: str, ledger: list[LedgerEntry], cap: float | None)
         raise KsgError(f"client '{client_id}': its releases compose to epsilon {total:.3f}, above its cap {cap:g}; nothing is sent")
 
 
-def export_releases(run_dir: Path, stage_names: list[str], client_id: str, exchange: Path, ledger: list[LedgerEntry], cap: float | None) -> Path:
-    """Put the server-side outputs of this client's stages, and its ledger, in EXCHANGE/<client>."""
-    check_sendable(client_id, ledger, cap)
+def check_path(relative: str, client_id: str, who: str) -> None:
+    """A file a client sends: a plain relative path, top-level or under its own clients/<id>/."""
+    path = PurePosixPath(relative)
+    if not relative or path.as_posix() != relative or path.is_absolute() or ".." in path.parts or path.name == MANIFEST:
+        raise KsgError(f"{who}: '{relative}' is not a plain relative path to a release")
+    parts = path.parts
+    if len(parts) > 1 and (parts[0] != "clients" or len(parts) < 3 or parts[1] != client_id):
+        raise KsgError(f"{who}: '{relative}' is outside clients/{client_id}/: a client sends only its own releases")
+
+
+def replace_part(exchange: Path, client_id: str, fill: Callable[[Path], None]) -> Path:
+    """EXCHANGE/<client>, written whole by `fill` into a fresh directory, then swapped in by rename."""
     exchange.mkdir(parents=True, exist_ok=True)
-    staging = exchange / f".{client_id}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    for name in stage_names:
-        manifest = read_manifest(run_dir / "stages" / name)
-        if manifest is None:
-            raise KsgError(f"stage '{name}' has not completed in {run_dir}: nothing to send")
-        sent = {relative: entry for relative, entry in manifest.outputs.items() if entry.side == "server"}
-        for relative in sent:
-            _check_path(relative, client_id, name, "this client")
-            target = staging / name / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(run_dir / "stages" / name / relative, target)
-        write_manifest(staging / name, manifest.model_copy(update={"outputs": sent, "inputs": {}}))
-    write_jsonl(staging / CLIENT_LEDGER, [e.model_dump(mode="json") for e in ledger])
-    target = exchange / client_id
-    old = exchange / f".{client_id}.old.tmp"
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
+    staging, target, old = exchange / f".{client_id}.tmp", exchange / client_id, exchange / f".{client_id}.old.tmp"
+    for leftover in (staging, old):
+        if leftover.is_symlink():
+            leftover.unlink()
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging.mkdir()
+    fill(staging)
+    if target.is_symlink():
+        target.unlink()
+    elif target.exists():
         target.rename(old)
     staging.rename(target)
     shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def _check_path(relative: str, client_id: str, stage: str, who: str) -> None:
-    parts = PurePosixPath(relative).parts
-    if ".." in parts or PurePosixPath(relative).is_absolute():
-        raise KsgError(f"{who}: stage '{stage}' output '{relative}' is not a plain relative path")
-    if len(parts) == 1:
-        return
-    if parts[0] != "clients" or len(parts) < 3 or parts[1] != client_id:
-        raise KsgError(f"{who}: stage '{stage}' output '{relative}' is outside clients/{client_id}/: a client sends only its own releases")
+def write_files(directory: Path, files: dict[str, bytes], client_id: str) -> None:
+    """Files a client sent (over Flower) into its part of the exchange; the paths checked first."""
+    for relative, data in files.items():
+        stage, _, inside = relative.partition("/")
+        if inside:  # <stage>/manifest.json or <stage>/<output>
+            if not stage or stage.startswith("."):
+                raise KsgError(f"client '{client_id}': '{relative}' names no stage")
+            if inside != MANIFEST:
+                check_path(inside, client_id, f"client '{client_id}'")
+        elif relative != CLIENT_LEDGER:
+            raise KsgError(f"client '{client_id}': '{relative}' is not part of a release")
+        target = directory / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+
+def export_releases(run_dir: Path, stage_names: list[str], client_id: str, exchange: Path, ledger: list[LedgerEntry], cap: float | None) -> Path:
+    """Put the server-side outputs of this client's stages, and its ledger, in EXCHANGE/<client>."""
+    check_sendable(client_id, ledger, cap)
+
+    def fill(staging: Path) -> None:
+        for name in stage_names:
+            manifest = read_manifest(run_dir / "stages" / name)
+            if manifest is None:
+                raise KsgError(f"stage '{name}' has not completed in {run_dir}: nothing to send")
+            sent = {relative: entry for relative, entry in manifest.outputs.items() if entry.side == "server"}
+            for relative in sent:
+                check_path(relative, client_id, f"stage '{name}'")
+                target = staging / name / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(run_dir / "stages" / name / relative, target)
+            # how long a stage took and the memory it used say something of the data: not sent
+            write_manifest(staging / name, manifest.model_copy(update={"outputs": sent, "inputs": {}, "duration_s": 0.0, "peak_rss_mib": None}))
+        # the client's own paths stay with it: the server needs each entry, not where it was made
+        write_jsonl(staging / CLIENT_LEDGER, [e.model_copy(update={"run_dir": f"client:{client_id}"}).model_dump(mode="json") for e in ledger])
+
+    return replace_part(exchange, client_id, fill)
 
 
 def _received_manifest(exchange: Path, client_id: str, stage: str) -> Manifest:
-    manifest = read_manifest(exchange / client_id / stage)
+    part = exchange / client_id
+    manifest = read_manifest(part / stage)
     if manifest is None:
         raise KsgError(f"waiting for client '{client_id}': no release of stage '{stage}' in {exchange} "
                        f"(on its machine: ksg run SPEC --role client --client {client_id} --exchange ...)")
     for relative, entry in manifest.outputs.items():
-        _check_path(relative, client_id, stage, f"client '{client_id}'")
-        path = exchange / client_id / stage / relative
+        check_path(relative, client_id, f"client '{client_id}'")
+        path = part / stage / relative
+        if path.is_symlink() or not path.resolve().is_relative_to(part.resolve()):
+            raise KsgError(f"client '{client_id}': {stage}/{relative} is a link out of its part of the exchange")
         if entry.side != "server" or not path.is_file() or sha256_file(path) != entry.sha256:
             raise KsgError(f"client '{client_id}': {stage}/{relative} does not match the manifest it sent (missing, changed, or not a release)")
     return manifest
 
 
-def receive_stage(run_dir: Path, exchange: Path, stage: str, clients: list[str]) -> tuple[Manifest, bool]:
-    """The stage's releases from every client, merged into RUN/stages/<stage> with a manifest that
-    names each client's run of it. (manifest, whether anything new was received)."""
-    received = {c: _received_manifest(exchange, c, stage) for c in clients}
-    fingerprint = sha256_text(canonical_json({c: [m.fingerprint, m.outputs_digest()] for c, m in received.items()}))
-    stage_dir = run_dir / "stages" / stage
-    existing = read_manifest(stage_dir)
-    if existing is not None and existing.fingerprint == fingerprint:
-        return existing, False
-    params = {canonical_json(m.params) for m in received.values()}
-    if len(params) > 1:
-        raise KsgError(f"stage '{stage}': the clients ran it with different parameters (is every party on the same spec?)")
-    shutil.rmtree(stage_dir, ignore_errors=True)
-    stage_dir.mkdir(parents=True)
+def _merge_shared(stage: str, relative: str, values: dict[str, Any]) -> Any:
+    for client_id, value in values.items():
+        if relative in ABOUT and ABOUT[relative](value) - {client_id}:
+            raise KsgError(f"client '{client_id}': its {stage}/{relative} speaks about other clients ({', '.join(sorted(ABOUT[relative](value) - {client_id}))})")
+    if relative in MERGES:
+        return MERGES[relative](values)
+    if len({canonical_json(v) for v in values.values()}) > 1:
+        raise KsgError(f"stage '{stage}': the clients sent different '{relative}' (it must be the same from every client)")
+    return next(iter(values.values()))
+
+
+def _merge_into(building: Path, exchange: Path, stage: str, received: dict[str, Manifest], fingerprint: str, params: dict, seed: int) -> None:
+    """Every client's files of the stage into `building`, the shared ones merged, manifest last."""
     outputs: dict[str, OutputEntry] = {}
     shared: dict[str, dict[str, Any]] = {}
     for client_id, manifest in received.items():
         for relative, entry in manifest.outputs.items():
             source = exchange / client_id / stage / relative
-            if "/" not in relative:
+            if len(PurePosixPath(relative).parts) == 1:
                 shared.setdefault(relative, {})[client_id] = read_json(source)
                 continue
-            target = stage_dir / relative
+            target = building / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
             outputs[relative] = entry
     for relative, values in shared.items():
-        if relative in MERGES:
-            merged = MERGES[relative](values)
-        elif len({canonical_json(v) for v in values.values()}) == 1:
-            merged = next(iter(values.values()))
-        else:
-            raise KsgError(f"stage '{stage}': the clients sent different '{relative}' (it must be the same from every client)")
-        write_json(stage_dir / relative, merged)
-        outputs[relative] = OutputEntry(sha256=sha256_file(stage_dir / relative), bytes=(stage_dir / relative).stat().st_size, side="server")
+        write_json(building / relative, _merge_shared(stage, relative, values))
+        outputs[relative] = OutputEntry(sha256=sha256_file(building / relative), bytes=(building / relative).stat().st_size, side="server")
     first = next(iter(received.values()))
-    manifest = Manifest(stage=stage, package_version=__version__, code_sha256=first.code_sha256, fingerprint=fingerprint, content_fingerprint=fingerprint,
-                        params=first.params, seed=first.seed, inputs={}, outputs=outputs, started_at=min(m.started_at for m in received.values()),
-                        finished_at=max(m.finished_at for m in received.values()), duration_s=max(m.duration_s for m in received.values()),
-                        received={c: m.fingerprint for c, m in received.items()})
-    write_manifest(stage_dir, manifest)
+    write_manifest(building, Manifest(stage=stage, package_version=__version__, code_sha256=first.code_sha256, fingerprint=fingerprint, content_fingerprint=fingerprint,
+                                      params=params, seed=seed, inputs={}, outputs=outputs, started_at=min(m.started_at for m in received.values()),
+                                      finished_at=max(m.finished_at for m in received.values()), duration_s=0.0, received={c: m.fingerprint for c, m in received.items()}))
+
+
+def receive_stage(run_dir: Path, exchange: Path, stage: str, clients: list[str], params: dict, seed: int) -> tuple[Manifest, bool]:
+    """The stage's releases from every client, merged into RUN/stages/<stage> with a manifest that
+    names each client's run of it; the clients must have run it as the server's spec says
+    (`params`, `seed`). (manifest, whether anything new was received)."""
+    received = {c: _received_manifest(exchange, c, stage) for c in clients}
+    for client_id, manifest in received.items():
+        if canonical_json(manifest.params) != canonical_json(params) or manifest.seed != seed:
+            raise KsgError(f"client '{client_id}' ran stage '{stage}' with other parameters or seed than this spec (is every party on the same spec?)")
+    fingerprint = sha256_text(canonical_json({c: [m.fingerprint, m.outputs_digest()] for c, m in received.items()}))
+    stage_dir = run_dir / "stages" / stage
+    existing = read_manifest(stage_dir)
+    if existing is not None and existing.fingerprint == fingerprint:
+        return existing, False
+    building = stage_dir.with_name(f".{stage}.received.tmp")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    try:
+        _merge_into(building, exchange, stage, received, fingerprint, params, seed)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    shutil.rmtree(stage_dir, ignore_errors=True)  # what was received before stays until the new one is whole
+    building.rename(stage_dir)
+    manifest = read_manifest(stage_dir)
+    assert manifest is not None
     return manifest, True
 
 
@@ -159,6 +223,8 @@ def receive_ledgers(run_dir: Path, exchange: Path, clients: list[str]) -> int:
         path = exchange / client_id / CLIENT_LEDGER
         if not path.is_file():
             continue
+        if path.is_symlink():
+            raise KsgError(f"client '{client_id}': its ledger is a link out of its part of the exchange")
         entries = [LedgerEntry.model_validate(row) for row in read_jsonl(path)]
         if any(e.client_id != client_id for e in entries):
             raise KsgError(f"client '{client_id}': its ledger holds another client's entries")

@@ -232,8 +232,9 @@ class Runner:
         assert self.role.client is not None and self.role.exchange is not None
         key = read_json(self.run_dir / "stages/ingest/clients" / self.role.client / LEDGER_KEY)["data_key"]
         ledger = ClientLedger.of_data(ledger_directory(self.spec.privacy.ledger_dir, self.base_dir, self.run_dir), key).entries()
-        sent = export_releases(self.run_dir, [s.name for s in self.stages], self.role.client, self.role.exchange, ledger, self.spec.privacy.cap_epsilon)
-        console.print(f"client {self.role.client}: releases of {', '.join(s.name for s in self.stages)} and {len(ledger)} ledger entr{'y' if len(ledger) == 1 else 'ies'} sent to {sent}")
+        stages = [s.name for s in self.stages if s.side() == "client"]  # what the server receives ("both" stages it runs itself)
+        sent = export_releases(self.run_dir, stages, self.role.client, self.role.exchange, ledger, self.spec.privacy.cap_epsilon)
+        console.print(f"client {self.role.client}: releases of {', '.join(stages)} and {len(ledger)} ledger entr{'y' if len(ledger) == 1 else 'ies'} sent to {sent}")
 
     def _cached_prefix(self) -> int:
         """How many leading stages have a manifest for their current fingerprint, judged without
@@ -264,7 +265,8 @@ class Runner:
         for stage in self.stages:
             if self.role.receives(stage):
                 assert self.role.exchange is not None
-                manifest, new = receive_stage(self.run_dir, self.role.exchange, stage.name, [m.id for m in self.spec.clients.members])
+                manifest, new = receive_stage(self.run_dir, self.role.exchange, stage.name, [m.id for m in self.spec.clients.members],
+                                              stage.params.model_dump(mode="json"), self.spec.seed)
                 outcomes.append(StageOutcome(stage.name, "received" if new else "cached", manifest.duration_s, manifest.record_count(), peak_rss_mib=manifest.peak_rss_mib))
                 append_event(self.run_dir, stage=stage.name, status="received" if new else "cached")
                 previous = chain_after(manifest)

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from knowledgesg.adapters import ADAPTER_FILES, save_adapter
 from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
-from knowledgesg.federated.client import LOCAL_LOG, LoraModel, initial_params
+from knowledgesg.federated.client import LOCAL_LOG, LoraModel, frozen_a_digest, initial_params
 from knowledgesg.spec import DeploySettings
 from knowledgesg.federated.engines import FINAL, INITIAL, JOB, ROUNDS, run_local
 from knowledgesg.federated.protocol import LocalDP, LocalTraining, LoraShape, UpdateEncoding, load_params, save_params
@@ -79,6 +79,12 @@ class FedtuneParams(BaseModel):
     update_encoding: UpdateEncoding = Field(default="float32", description="how the clients' updates travel: float16 halves the bytes, int8 quarters them (some rounding)")
 
     @model_validator(mode="after")
+    def _flower_rounds_end(self) -> FedtuneParams:
+        if self.engine != "local" and self.min_clients is not None and self.round_timeout_s is None:
+            raise ValueError("min_clients over Flower needs round_timeout_s: without it a round waits forever for a client that is gone")
+        return self
+
+    @model_validator(mode="after")
     def _private_needs_dp(self) -> FedtuneParams:
         if self.data == "private" and self.local_dp is None:
             raise ValueError("data: private trains on private records, which needs local_dp (DP-SGD local steps)")
@@ -108,6 +114,8 @@ class Fedtune(Stage):
         adapters = {e.client_id: e for e in read_stage_ledgers(ctx.run_dir, ctx.completed_stages_before()) if e.release == "dp_adapter"}
         models = ctx.read_artifact_json("prepare_models", "models.json")
         job = self.build_job(ctx, clients, models["base"])
+        if job.lora.ffa:  # the A every party must draw from a_seed, for each to check its own
+            job.lora = job.lora.model_copy(update={"a_sha256": frozen_a_digest(LoraModel.get(job.base_model, job.lora, job.device).model)})
         rounds = participation(job)
         # the delta a client's ledger is kept at: its DP adapter's, else the spec's or the default
         deltas = {c: adapters[c].delta if c in adapters else ctx.spec.privacy.delta or default_delta(partition["clients"][c]) for c in clients}
@@ -123,7 +131,11 @@ class Fedtune(Stage):
         work.mkdir(parents=True, exist_ok=True)
         final, history = self.run_engine(ctx, job, work)
         received = [LedgerEntry.model_validate(e) for record in history for e in record.pop("releases")]
-        self.check_dp_steps(job, received, rounds, {c for record in history for c in record["failed"]})
+        answered = dict.fromkeys(clients, 0)  # rounds each client was asked in and its reply arrived
+        for record in history:
+            for c in record["clients"]:
+                answered[c] += c not in record["failed"]
+        self.check_dp_steps(job, received, answered)
         self.save(ctx, job, final)
         ctx.write_json("rounds.json", history)
         for c in clients:  # the clients' own logs of their training (un-noised): client side
@@ -209,10 +221,10 @@ class Fedtune(Stage):
             raise KsgError(f"fedtune: the {engine} engine finished without a final adapter (see its log above)")
         return load_params(work / FINAL), read_json(work / ROUNDS)
 
-    def check_dp_steps(self, job: FedJob, received: list[LedgerEntry], rounds: dict[str, int], failed: set[str]) -> None:
-        """The releases the clients recorded must match the plan (their own accountants already
-        checked each round before sending; this is the server's check of their reports). A client
-        that failed in a round sent fewer (what it ran before failing is in its own ledger)."""
+    def check_dp_steps(self, job: FedJob, received: list[LedgerEntry], answered: dict[str, int]) -> None:
+        """The releases the clients sent must match the plan for the rounds their replies arrived in
+        (their own accountants already checked each round before sending; this is the server's
+        check of their reports). What a client ran in a round it failed is in its own ledger."""
         if job.local_dp is None:
             return
         counted = dict.fromkeys(job.clients, 0)
@@ -220,10 +232,9 @@ class Fedtune(Stage):
             if entry.mechanism.noise_multiplier != job.local_dp[entry.client_id].noise_multiplier:
                 raise KsgError(f"fedtune: client '{entry.client_id}' reported noise {entry.mechanism.noise_multiplier}, not the planned {job.local_dp[entry.client_id].noise_multiplier}")
             counted[entry.client_id] += entry.mechanism.steps
-        expected = {c: rounds[c] * job.training.steps for c in job.clients}
+        expected = {c: answered[c] * job.training.steps for c in job.clients}
         exceeded = {c: n for c, n in counted.items() if n > expected[c]}
-        short = {c: n for c, n in counted.items() if n < expected[c] and c not in failed}
-        if exceeded or (job.client_dp is None and short):
+        if exceeded or (job.client_dp is None and counted != expected):
             raise KsgError(f"fedtune: DP-SGD steps reported {counted} differ from the plan {expected} (the releases are in the clients' ledgers)")
 
     def save(self, ctx: StageContext, job: FedJob, final) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval.audit import AuditOptions, candidate_secrets, exposure, split_at_secret
+from eval.audit import AuditOptions, candidate_secrets, candidate_words, exposure, split_at_secret
 from eval.canaries import make_canaries, planted_records, rare_words, space_size
 from knowledgesg.models import load_causal_lm, resolve_model
 from knowledgesg.sft import tokenize_example
@@ -156,6 +156,11 @@ def test_rare_word_canaries_beside_digit_ones():
         CanarySpec(client="x", count=820, kinds=["rare_words"], words=5)
     secrets, exact = candidate_secrets(rare[0], spec, 25, 2000, seed=0)
     assert not exact and len(secrets) == 25 and rare[0].secret not in secrets and all(len(s.split()) == 3 for s in secrets)
+    # exposure's candidates leave out the other canaries' words (their loss was lowered by their own training)
+    pool = candidate_words(rare[0], canaries)
+    others = {w for c in rare[1:] for w in c.secret.split()}
+    secrets, _ = candidate_secrets(rare[0], spec, 25, 2000, seed=0, words=pool)
+    assert len(pool) == 4096 - len(others) and not {w for s in secrets for w in s.split()} & others
     with pytest.raises(ValueError, match="each canary kind once"):
         CanarySpec(client="x", kinds=["digits", "digits"])
 

@@ -39,14 +39,15 @@ def test_a_failed_client_is_recorded_and_the_round_goes_on_with_min_clients(work
     monkeypatch.setattr(ClientRuntime, "fit", _failing({"client_1"}))
     assert run_pipeline(workdir, dict(FEDTUNE, rounds=ROUNDS, min_clients=1)) == 0
     for record in _rounds(workdir):
-        assert record["joined"] == ["client_0"] and record["failed"] == {"client_1": "RuntimeError: node went down"} and record["tries"] == 1
+        # the server learns the kind of failure only: an exception's message may quote the client's data
+        assert record["joined"] == ["client_0"] and record["failed"] == {"client_1": "RuntimeError on the client (the message stays in its log)"} and record["tries"] == 1
 
 
 def test_too_few_clients_stop_the_federation_with_a_clear_error(workdir: Path, monkeypatch, capsys):
     monkeypatch.setattr(ClientRuntime, "fit", _failing({"client_1"}))
     assert run_pipeline(workdir, dict(FEDTUNE, rounds=ROUNDS)) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "round 1: 1 of 2 clients answered after 1 try, fewer than the 2 needed (min_clients): client_1: RuntimeError: node went down" in error
+    assert "round 1: 1 of 2 clients answered after 1 try, fewer than the 2 needed (min_clients): client_1: RuntimeError on the client" in error
     assert not (workdir / "run/stages/fedtune/manifest.json").exists()
 
 

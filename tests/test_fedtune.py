@@ -77,6 +77,8 @@ class ScriptedTransport:
     def restore(self, state):
         pass
 
+    holds_client_state = True
+
 
 def scripted_job(rule: str, per_round: int = 3, client_dp: ClientDP | None = None, rounds: int = 1, reproducible_noise: bool = False) -> FedJob:
     return FedJob(seed=3, rounds=rounds, clients=CLIENTS, clients_per_round=per_round, rule=RuleSettings(name=rule, server_lr=1.0 if rule != "fedadam" else 0.1),
@@ -311,7 +313,7 @@ def test_updates_travel_in_float16_or_int8_with_the_bytes_recorded(tmp_path: Pat
     update = {"a": rng.normal(0, 1e-2, (8, 16)).astype(np.float32), "b": rng.normal(0, 1e-3, (16,)).astype(np.float32)}
     for encoding, ratio, tolerance in (("float16", 0.5, 1e-3), ("int8", 0.25, 0.5 / 127)):
         sent = encode_update(update, encoding)
-        back = decode_update(sent)
+        back = decode_update(sent, update)
         assert params_bytes(sent) <= ratio * params_bytes(update) + 8 * len(update)  # + one float32 scale per tensor for int8
         for name in update:  # float16: relative rounding; int8: half a step of max|value|/127
             assert np.abs(back[name] - update[name]).max() <= tolerance * np.abs(update[name]).max()
@@ -363,3 +365,17 @@ def test_ffa_lora_trains_and_sends_b_only_with_the_same_a_everywhere(tmp_path: P
     torch.manual_seed(123)  # whatever the process's torch stream
     second = {n: p.detach() for n, p in LoraModel.get(job.base_model, shape, "cpu").model.named_parameters() if "lora_A" in n}
     assert first and all(torch.equal(first[n], second[n]) for n in first)
+
+
+def test_ffa_lora_a_party_whose_a_differs_is_refused():
+    from knowledgesg.errors import KsgError
+    from knowledgesg.federated.client import LoraModel, frozen_a_digest
+
+    shape = LoraShape(r=4, ffa=True, a_seed=5)
+    LoraModel._cache.clear()
+    digest = frozen_a_digest(LoraModel.get(tiny_base(), shape, "cpu").model)
+    LoraModel._cache.clear()
+    assert LoraModel.get(tiny_base(), shape.model_copy(update={"a_sha256": digest}), "cpu")  # the same A: accepted
+    LoraModel._cache.clear()
+    with pytest.raises(KsgError, match="differs from the server's"):
+        LoraModel.get(tiny_base(), shape.model_copy(update={"a_sha256": "0" * 64}), "cpu")

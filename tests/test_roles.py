@@ -127,7 +127,8 @@ def test_the_server_holds_only_releases(federation):
     for bank in BANKS:
         copy = [json.loads(line) for line in (server / "received" / f"{bank}.jsonl").read_text().splitlines()]
         own = [json.loads(line) for line in next((federation["parties"][bank] / "run/ledger").glob("*.jsonl")).read_text().splitlines()]
-        assert copy == own and {e["release"] for e in copy} == {"dp_adapter"}
+        assert {e["run_dir"] for e in copy} == {f"client:{bank}"}  # the bank's paths stay with it
+        assert [dict(e, run_dir="") for e in copy] == [dict(e, run_dir="") for e in own] and {e["release"] for e in copy} == {"dp_adapter"}
 
 
 def test_a_rerun_receives_nothing_new_and_a_tampered_release_is_refused(federation):
@@ -139,7 +140,27 @@ def test_a_rerun_receives_nothing_new_and_a_tampered_release_is_refused(federati
     shutil.copytree(exchange, tampered)
     adapter = tampered / "bank_a/dp_train/clients/bank_a/adapter/adapter_model.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:-8] + b"\0" * 8)
-    assert run_in(parties["server"], "run", spec, "--run-dir", "elsewhere", "--role", "server", "--exchange", str(tampered)) == 1
+    from knowledgesg.errors import KsgError
+    from knowledgesg.exchange import receive_stage
+
+    params = json.loads((exchange / "bank_a/dp_train/manifest.json").read_text())["params"]
+    with pytest.raises(KsgError, match="does not match the manifest it sent"):
+        receive_stage(tampered.parent / "t-run", tampered, "dp_train", list(BANKS), params, 7)
+    # the clients must have run the stage as the server's spec says
+    with pytest.raises(KsgError, match="other parameters or seed"):
+        receive_stage(tampered.parent / "t-run", exchange, "dp_train", list(BANKS), dict(params, epochs=99), 7)
+    # a client speaks about itself only: a ledger entry in another client's name is refused
+    shutil.rmtree(tampered)
+    shutil.copytree(exchange, tampered)
+    ledger_path = tampered / "bank_a/dp_train/ledger.json"
+    entries = json.loads(ledger_path.read_text())
+    ledger_path.write_text(json.dumps(entries + [dict(entries[0], client_id="bank_b", release_id="forged")]))
+    manifest_path = tampered / "bank_a/dp_train/manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["outputs"]["ledger.json"]["sha256"] = __import__("hashlib").sha256(ledger_path.read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(KsgError, match="speaks about other clients"):
+        receive_stage(tampered.parent / "t-run", tampered, "dp_train", list(BANKS), params, 7)
     # a client may send only under its own clients/<id>/
     shutil.rmtree(tampered)
     shutil.copytree(exchange, tampered)
@@ -148,12 +169,19 @@ def test_a_rerun_receives_nothing_new_and_a_tampered_release_is_refused(federati
     manifest["outputs"]["clients/bank_b/x.json"] = manifest["outputs"]["ledger.json"]
     shutil.copyfile(tampered / "bank_a/dp_train/ledger.json", tampered / "bank_a/dp_train/clients/bank_b/x.json")
     (tampered / "bank_a/dp_train/manifest.json").write_text(json.dumps(manifest))
-    from knowledgesg.errors import KsgError
-    from knowledgesg.exchange import receive_stage
-
     with pytest.raises(KsgError, match="outside clients/bank_a/"):
-        receive_stage(tmp := tampered.parent / "t-run", tampered, "dp_train", list(BANKS))
-    assert not tmp.exists()
+        receive_stage(tmp := tampered.parent / "t-run", tampered, "dp_train", list(BANKS), params, 7)
+    assert not (tmp / "stages/dp_train").exists() and not list(tmp.rglob("*.tmp"))  # nothing half-received
+    # a link out of the client's part of the exchange is refused, not followed
+    shutil.rmtree(tampered)
+    shutil.copytree(exchange, tampered)
+    adapter = tampered / "bank_a/dp_train/clients/bank_a/adapter/adapter_model.safetensors"
+    elsewhere = tampered.parent / "elsewhere.bin"
+    shutil.copyfile(adapter, elsewhere)
+    adapter.unlink()
+    adapter.symlink_to(elsewhere)
+    with pytest.raises(KsgError, match="a link out of its part"):
+        receive_stage(tmp, tampered, "dp_train", list(BANKS), params, 7)
 
 
 def test_role_mistakes_are_one_line_errors(federation, tmp_path, capsys):

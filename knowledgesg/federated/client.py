@@ -62,6 +62,9 @@ class LoraModel:
             for name, p in self.model.named_parameters():
                 if "lora_A" in name:
                     p.requires_grad_(False)
+            if lora.a_sha256 is not None and frozen_a_digest(self.model) != lora.a_sha256:
+                # another torch, peft or device can draw another A from the same seed
+                raise KsgError("FFA-LoRA: this party's A (from a_seed) differs from the server's; the same torch and peft versions are needed on every party")
 
     @classmethod
     def get(cls, base_model: dict, lora: LoraShape, device: str) -> LoraModel:
@@ -86,6 +89,15 @@ class LoraModel:
         with torch.no_grad():
             for name, p in trainable.items():
                 p.copy_(torch.from_numpy(params[name]).to(p.device))
+
+
+def frozen_a_digest(model) -> str:
+    """sha256 over the LoRA A matrices, in name order."""
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if "lora_A" in name:
+            digest.update(name.encode() + p.detach().cpu().numpy().astype(np.float32).tobytes())
+    return digest.hexdigest()
 
 
 def reset_lora(model, seed: int | None = None) -> None:

@@ -26,7 +26,7 @@ def print_round(record: RoundRecord) -> None:
     examples = record.num_examples if record.num_examples is not None else "-"
     joined = ", ".join(record.joined) if record.joined is not None else "not recorded (each client's own coin)"
     console.print(f"fedtune round {record.round}: asked {', '.join(record.clients) or '(none sampled)'}, joined {joined}, examples {examples}, "
-                  f"mean local loss {loss}, global step norm {record.update_norm:.4g}, {record.bytes_up / 1e6:.2f} MB up, {record.seconds:.1f}s{failed}")
+                  f"mean local loss {loss}, global step norm {record.update_norm:.4g}, {'' if record.bytes_up is None else f'{record.bytes_up / 1e6:.2f} MB up, '}{record.seconds:.1f}s{failed}")
 
 
 def run_job_file(job_path: Path, make_transport: Callable[[FedJob], Transport]) -> None:

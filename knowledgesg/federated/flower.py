@@ -13,17 +13,20 @@ Private data never travels: a task for private data names the stage to read on t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from knowledgesg.console import console
 from knowledgesg.errors import KsgError
 from knowledgesg.fileio import named_crash_point
-from knowledgesg.federated.protocol import ClientTask, ClientUpdate, Params
-from knowledgesg.federated.stages import RUN_STAGES, StagesJob, run_client_stages, write_client_part
+from knowledgesg.exchange import replace_part, write_files
+from knowledgesg.federated.protocol import RUN_STAGES, ClientTask, ClientUpdate, Params, StagesJob, failure_reason
 
 QUERY = "query"
 NODE_WAIT_S = 120.0
@@ -66,14 +69,14 @@ def identify_nodes(grid, clients: list[str]) -> dict[str, int]:
 
 
 def collect_releases(grid, job: StagesJob) -> None:
-    """In the ServerApp: ask every client's node to run its stages and keep what each sends."""
+    """In the ServerApp: ask every client's node to run its stages, keep what each sends in its part
+    of the exchange, and say in `job.result` who sent and who failed, and why."""
     from flwr.app import ConfigRecord, Message, RecordDict
 
     nodes = identify_nodes(grid, job.clients)
     client_of = {node: client for client, node in nodes.items()}
     messages = [Message(RecordDict({"config": ConfigRecord({"client-id": client})}), dst_node_id=node, message_type=RUN_STAGES) for client, node in nodes.items()]
     exchange = Path(job.exchange)
-    exchange.mkdir(parents=True, exist_ok=True)
     failed, sent = {}, []
     for reply in grid.send_and_receive(messages, timeout=job.timeout_s):
         client = client_of.get(reply.metadata.src_node_id)
@@ -82,11 +85,18 @@ def collect_releases(grid, job: StagesJob) -> None:
         if reply.has_error():
             failed[client] = reply.error.reason
             continue
-        files = reply.content["files"]
-        write_client_part(exchange, client, {name: bytes(files[name]) for name in files})
-        sent.append(client)
-    failed.update({c: f"no answer within {job.timeout_s:g} s" for c in job.clients if c not in sent and c not in failed})
+        try:
+            files = {name: bytes(value) for name, value in reply.content["files"].items()}
+            replace_part(exchange, client, functools.partial(write_files, files=files, client_id=client))
+            sent.append(client)
+        except (KeyError, KsgError) as err:
+            failed[client] = f"its reply could not be kept: {err}"
+    failed.update(unanswered(job.clients, sent, failed, job.timeout_s))
     Path(job.result).write_text(json.dumps({"sent": sent, "failed": failed}), encoding="utf-8")
+
+
+def unanswered(clients: list[str], answered: list[str], failed: dict[str, str], timeout_s: float | None) -> dict[str, str]:
+    return {c: f"no reply within {timeout_s:g} s" if timeout_s else "no reply" for c in clients if c not in answered and c not in failed}
 
 
 class FlowerTransport:
@@ -109,12 +119,15 @@ class FlowerTransport:
         updates, failed = [], {}
         for reply in self.grid.send_and_receive(messages, timeout=self.timeout_s):
             client = client_of.get(reply.metadata.src_node_id, "?")
-            if reply.has_content():
-                updates.append(update_from_content(reply.content))
-            else:
+            if not reply.has_content():
                 failed[client] = reply.error.reason if reply.has_error() else "an empty reply"
-        arrived = {u.client_id for u in updates} | set(failed)
-        failed.update({t.client_id: f"no reply within {self.timeout_s:g} s" for t in tasks if t.client_id not in arrived})
+                continue
+            update = update_from_content(reply.content)
+            if update.client_id != client:  # a node answers for itself only
+                failed[client] = f"its reply claimed to come from client {update.client_id}"
+                continue
+            updates.append(update)
+        failed.update(unanswered([t.client_id for t in tasks], [u.client_id for u in updates], failed, self.timeout_s))
         return updates, failed
 
     def client_state(self) -> dict[str, Params]:
@@ -122,6 +135,10 @@ class FlowerTransport:
 
     def restore(self, state: dict[str, Params]) -> None:
         pass
+
+    @property
+    def holds_client_state(self) -> bool:
+        return False
 
 
 def update_from_content(content) -> ClientUpdate:
@@ -153,7 +170,9 @@ def client_identity(node_config: dict, clients: list[str]) -> str:
     return clients[int(node_config["partition-id"])]
 
 
-def make_client_app():
+def make_client_app(run_stages: Callable[[dict], dict[str, bytes]] | None = None):
+    """The ClientApp; `run_stages` (node config -> the files of the node's releases) answers the
+    server's request to run a client's stages (knowledgesg.federated.stages.run_client_stages)."""
     from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
@@ -169,12 +188,17 @@ def make_client_app():
         return Message(RecordDict({"config": ConfigRecord({"client-id": client_identity(context.node_config, clients)})}), reply_to=msg)
 
     @app.query(RUN_STAGES.split(".", 1)[1])
-    def run_stages(msg: Message, context: Context) -> Message:
-        """The node's client stages on its own data; its releases as files (a failure is sent back
-        as the message's error, with its one-line reason)."""
-        if str(msg.content["config"]["client-id"]) != str(context.node_config.get("client-id")):
-            raise KsgError(f"asked to run the stages of client {msg.content['config']['client-id']}, but this node is {context.node_config.get('client-id')}")
-        return Message(RecordDict({"files": ConfigRecord(run_client_stages(context.node_config))}), reply_to=msg)
+    def client_stages(msg: Message, context: Context) -> Message:
+        """The node's client stages on its own data; its releases as files. A failure goes back as
+        the message's error, naming its kind only (failure_reason); the node's log has the rest."""
+        if run_stages is None or str(msg.content["config"]["client-id"]) != str(context.node_config.get("client-id")):
+            raise KsgError("this node runs no client stages, or is another client")
+        try:
+            files = run_stages(context.node_config)
+        except Exception as err:
+            console.print(f"client stages failed: {err}")
+            raise KsgError(failure_reason(err)) from None
+        return Message(RecordDict({"files": ConfigRecord(files)}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -186,7 +210,11 @@ def make_client_app():
         # SCAFFOLD's c_i lives in the node's context state, which Flower keeps across rounds
         client_control = from_array_record(context.state["control"]) if "control" in context.state else None
         ledger_dir = str(context.node_config["ledger-dir"]) if "ledger-dir" in context.node_config else None
-        update = runtime.fit(task, from_array_record(msg.content["arrays"]), server_control, client_control, ledger_dir)
+        try:
+            update = runtime.fit(task, from_array_record(msg.content["arrays"]), server_control, client_control, ledger_dir)
+        except Exception as err:
+            console.print(f"round {task.round} failed: {err}")
+            raise KsgError(failure_reason(err)) from None
         fields = update_content(update)
         content = {"config": ConfigRecord(fields["config"]), "metrics": MetricRecord(fields["metrics"])}
         for name in ("arrays", "control_delta"):

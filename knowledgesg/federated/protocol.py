@@ -44,6 +44,7 @@ class LoraShape(BaseModel):
     # product of averaged factors is the average of the products)
     ffa: bool = False
     a_seed: int = 0
+    a_sha256: str | None = None  # set by the server: every party checks its A against it
 
 
 class LocalDP(BaseModel):
@@ -65,6 +66,28 @@ class LocalDP(BaseModel):
     reproducible_noise: bool = False  # NOT PRIVATE: noise from the public seed
 
 
+def failure_reason(err: BaseException) -> str:
+    """What the server learns of a client's failure: its kind only. An exception's message may
+    quote the client's data (a record id, a count, a path): that stays in the client's own log."""
+    return f"{type(err).__name__} on the client (the message stays in its log)"
+
+
+RUN_STAGES = "query.run_stages"  # a Flower query; its action names the ClientApp handler
+
+
+class StagesJob(BaseModel):
+    """What the ServerApp is asked to do for a run split by role: collect every client's releases
+    into `exchange` (knowledgesg.federated.stages)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["stages"] = "stages"
+    clients: list[str]
+    exchange: str
+    timeout_s: float
+    result: str  # where the ServerApp says which clients sent and which failed, and why
+
+
 UpdateEncoding = Literal["float32", "float16", "int8"]
 SCALE = "@scale"  # int8: the per-tensor scale travels beside the tensor, under its name + SCALE
 
@@ -84,13 +107,21 @@ def encode_update(update: Params, encoding: UpdateEncoding) -> Params:
     return sent
 
 
-def decode_update(sent: Params) -> Params:
-    """float32 arrays again, whatever the encoding."""
+def decode_update(sent: Params, like: Params) -> Params:
+    """float32 arrays again, whatever the encoding; refuses (ValueError) one that does not have the
+    names and shapes of `like`, the parameters it updates."""
     decoded = {}
     for name, value in sent.items():
         if name.endswith(SCALE):
             continue
-        decoded[name] = value.astype(np.float32) * sent[name + SCALE][0] if value.dtype == np.int8 else value.astype(np.float32)
+        if value.dtype == np.int8:
+            if name + SCALE not in sent:
+                raise ValueError(f"'{name}' came as int8 without its scale")
+            decoded[name] = value.astype(np.float32) * sent[name + SCALE][0]
+        else:
+            decoded[name] = value.astype(np.float32)
+    if set(decoded) != set(like) or any(decoded[n].shape != like[n].shape for n in like):
+        raise ValueError("its names or shapes are not the adapter's")
     return decoded
 
 
@@ -164,7 +195,7 @@ class RoundRecord:
     failed: dict[str, str] = field(default_factory=dict)  # client asked -> why its update did not arrive
     tries: int = 1  # 1 + the times the clients that had not answered were asked again
     bytes_down: int = 0  # parameters sent to the clients (the global adapter, SCAFFOLD's c), every try
-    bytes_up: int = 0  # updates (as encoded) and control variates that came back
+    bytes_up: int | None = 0  # updates (as encoded) and control variates that came back; None with client-level DP
 
 
 def save_params(path: Path, params: Params) -> None:

@@ -28,7 +28,7 @@ from knowledgesg.errors import KsgError
 from knowledgesg.federated.client import ClientRuntime
 from knowledgesg.console import console
 from knowledgesg.federated.protocol import (RULES, ClientTask, ClientUpdate, LocalDP, LocalTraining, LoraShape, Params, RoundRecord, UpdateEncoding, decode_update,
-                                            load_params, params_bytes, save_params)
+                                            failure_reason, load_params, params_bytes, save_params)
 from knowledgesg.fileio import named_crash_point, sha256_text
 from privacy.noise import SecureRandom
 
@@ -159,6 +159,11 @@ class Transport(Protocol):
 
     def restore(self, state: dict[str, Params]) -> None: ...
 
+    @property
+    def holds_client_state(self) -> bool:
+        """Whether `client_state` is the clients' whole state (a checkpoint can then restore it)."""
+        ...
+
 
 def aggregate(job: FedJob, x: Params, updates: list[ClientUpdate], state: agg.ServerState, round_number: int, noise: SecureRandom | None) -> Params:
     rule = job.rule
@@ -211,10 +216,13 @@ def collect_round(job: FedJob, transport: Transport, asked: list[str], round_num
         bytes_down += len(pending) * (params_bytes(x) + params_bytes(state.c or None))
         for u in arrived:
             bytes_up += params_bytes(u.update) + params_bytes(u.control_delta)
-            if u.update is not None:
-                u.update = decode_update(u.update)
-        replies.update({u.client_id: u for u in arrived})
-        if len(replies) == len(asked) or (len(replies) >= needed and tries > job.round_retries):
+            try:
+                u.update = decode_update(u.update, x) if u.update is not None else None
+            except ValueError as err:
+                failed[u.client_id] = f"its update could not be read: {err}"
+                continue
+            replies[u.client_id] = u
+        if len(replies) == len(asked):
             break
     if len(replies) < needed:
         reasons = "; ".join(f"{c}: {why}" for c, why in failed.items())
@@ -230,7 +238,9 @@ def run_federation(job: FedJob, x: Params, transport: Transport, on_round: Calla
     state = agg.ServerState()
     history: list[RoundRecord] = []
     digest = sha256_text(job.model_dump_json())
-    if checkpoint is not None and checkpoint.is_file():
+    if checkpoint is not None and checkpoint.is_file() and job.rule.name == "scaffold" and not transport.holds_client_state:
+        console.print("fedtune: not resuming: the clients' SCAFFOLD control variates were theirs and are gone; starting from round 1")
+    elif checkpoint is not None and checkpoint.is_file():
         saved = load_checkpoint(checkpoint, digest)
         if saved is not None:
             x, state, history, clients = saved
@@ -252,7 +262,8 @@ def run_federation(job: FedJob, x: Params, transport: Transport, on_round: Calla
             r, asked, None if job.client_dp is not None else [u.client_id for u in updates],
             None if private else sum(u.num_examples for u in updates), None if private or not losses else float(np.mean(losses)),
             step, time.perf_counter() - start, {"dp_steps": {u.client_id: u.dp_steps for u in updates if u.dp_steps}} if job.client_dp is None else {},
-            [u.release for u in updates if u.release is not None], round_replies.failed, round_replies.tries, round_replies.bytes_down, round_replies.bytes_up,
+            [u.release for u in updates if u.release is not None], round_replies.failed, round_replies.tries, round_replies.bytes_down,
+            None if job.client_dp is not None else round_replies.bytes_up,  # with client-level DP, the bytes would count who joined
         )
         history.append(record)
         if checkpoint is not None:
@@ -308,7 +319,8 @@ class LocalTransport:
             try:
                 updates.append(self.runtime.fit(task, params, server_control))
             except Exception as err:  # a client that fails is one failed client, not a failed federation
-                failed[task.client_id] = f"{type(err).__name__}: {err}"
+                console.print(f"client {task.client_id}, round {task.round}: {err}")  # its own log (one process holds both sides here)
+                failed[task.client_id] = failure_reason(err)
         return updates, failed
 
     def client_state(self) -> dict[str, Params]:
@@ -316,3 +328,7 @@ class LocalTransport:
 
     def restore(self, state: dict[str, Params]) -> None:
         self.runtime.controls = {c: dict(v) for c, v in state.items()}
+
+    @property
+    def holds_client_state(self) -> bool:
+        return True

@@ -8,40 +8,26 @@ the directory the spec's relative paths resolve from), checks its ledger against
 writes its part of the exchange in its own outbox (`<run-dir>.outbox`) and sends those files. On
 the server, the ServerApp writes each client's files into the server's exchange directory,
 whole or not at all, and the server stages go on as with an exchange directory. (The ClientApp
-and ServerApp handlers are in `knowledgesg.federated.flower`.)
+and ServerApp handlers are in `knowledgesg.federated.flower`; the Flower App bundle hands them
+`run_client_stages`.)
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path, PurePosixPath
-from typing import Literal
+from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict
 
 from knowledgesg.errors import KsgError
 from knowledgesg.federated.deploy import LocalFederation, make_node_key, submit, write_flwr_config
+from knowledgesg.federated.protocol import StagesJob
 from knowledgesg.roles import Role
 from knowledgesg.runner import Runner
 from knowledgesg.spec import PipelineSpec, spec_to_dict
 from pipelines import load_pipeline
 
-RUN_STAGES = "query.run_stages"  # a Flower query; its action names the ClientApp handler
 JOB, RESULT = "job.json", "result.json"
-
-
-class StagesJob(BaseModel):
-    """What the ServerApp is asked to do: collect every client's releases into `exchange`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["stages"] = "stages"
-    clients: list[str]
-    exchange: str
-    timeout_s: float
-    result: str  # where the ServerApp says which clients sent and which failed, and why
 
 
 def outbox_of(run_dir: Path) -> Path:
@@ -58,25 +44,6 @@ def run_client_stages(node_config: dict) -> dict[str, bytes]:
     Runner(spec, base_dir, run_dir, stages, Role("client", client_id, outbox)).run()
     part = outbox / client_id
     return {str(path.relative_to(part)): path.read_bytes() for path in sorted(part.rglob("*")) if path.is_file()}
-
-
-def write_client_part(exchange: Path, client_id: str, files: dict[str, bytes]) -> None:
-    """A client's files into EXCHANGE/<client>, replacing what it sent before, whole or not at all."""
-    staging = exchange / f".{client_id}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    for relative, data in files.items():
-        path = PurePosixPath(relative)
-        if path.is_absolute() or ".." in path.parts or not path.parts:
-            raise KsgError(f"client '{client_id}' sent a file outside its part of the exchange: '{relative}'")
-        target = staging / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    target, old = exchange / client_id, exchange / f".{client_id}.old.tmp"
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    staging.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def fetch_over_flower(spec: PipelineSpec, base_dir: Path, run_dir: Path, exchange: Path) -> None:

@@ -1,6 +1,9 @@
-"""Entry points of the fedtune Flower App (see pyproject.toml beside this file)."""
+"""Entry points of the KnowledgeSG Flower App (see pyproject.toml beside this file): fedtune's
+ServerApp and ClientApp, and the client stages of a run split by role (the ClientApp answers the
+server's request to run them; knowledgesg.federated.stages)."""
 
 from knowledgesg.federated.flower import make_client_app, make_server_app
+from knowledgesg.federated.stages import run_client_stages
 
 server = make_server_app()
-client = make_client_app()
+client = make_client_app(run_client_stages)
