@@ -83,18 +83,18 @@ def test_a_server_killed_between_rounds_resumes_from_the_last_round(workdir: Pat
 
 
 def test_over_flower_a_client_that_dies_mid_round_is_recorded_and_the_rounds_go_on(tmp_path: Path, monkeypatch):
-    """flower-deploy on 127.0.0.1 (TLS, registered nodes), three clients, min_clients 2: client c's
-    ClientApp is killed (SIGKILL) when round 1 reaches it. The round aggregates a and b and names c
-    with Flower's reason; round 2 goes on."""
+    """flower-deploy on 127.0.0.1 (TLS, registered nodes), two clients, min_clients 1: client c's
+    ClientApp is killed (SIGKILL) when round 1 reaches it. The round waits `round_timeout_s`,
+    aggregates a, and names c with the reason; round 2 goes on."""
     from knowledgesg.federated.deploy import LocalFederation, make_node_key, node_config, submit
     from knowledgesg.federated.engines import FINAL, JOB
     from knowledgesg.federated.server import FedJob
     from knowledgesg.fileio import read_json, write_json
     from tests.test_fedtune import make_job
 
-    clients = ["a", "b", "c"]
-    job_path = make_job(tmp_path / "deploy", clients=clients, per_round=3)
-    job = FedJob.model_validate(read_json(job_path)).model_copy(update={"min_clients": 2, "round_timeout_s": 90.0})
+    clients = ["a", "c"]
+    job_path = make_job(tmp_path / "deploy", clients=clients, per_round=2)
+    job = FedJob.model_validate(read_json(job_path)).model_copy(update={"min_clients": 1, "round_timeout_s": 20.0})
     write_json(job_path, job.model_dump(mode="json"))
     monkeypatch.setenv("KSG_CRASH_AFTER", "fedtune-client-c-round-1")  # every node's environment; only c's ClientApp meets it
     with LocalFederation(tmp_path / "federation") as federation:
@@ -105,5 +105,6 @@ def test_over_flower_a_client_that_dies_mid_round_is_recorded_and_the_rounds_go_
             federation.start_supernode(c, private, node_config(c, tmp_path))
         submit(job_path, federation.flwr_home, timeout_s=600)
     rounds = json.loads((job_path.parent / "rounds.json").read_text())
-    assert rounds[0]["joined"] == ["a", "b"] and set(rounds[0]["failed"]) == {"c"} and rounds[0]["failed"]["c"]
+    assert rounds[0]["joined"] == ["a"] and set(rounds[0]["failed"]) == {"c"} and rounds[0]["failed"]["c"]
+    assert rounds[1]["joined"][0] == "a"  # the federation went on (c's node is back only once Flower notices its ClientApp died, after about a minute)
     assert len(rounds) == 2 and (job_path.parent / FINAL).is_file() and job_path.name == JOB

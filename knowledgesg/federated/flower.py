@@ -164,6 +164,13 @@ def update_content(update: ClientUpdate) -> dict:
     return content
 
 
+def log_on_node(message: str) -> None:
+    """The whole story of a client's failure, in its node's own log (the server gets its kind
+    only). A module function: the handlers that call it are pickled for Flower's simulation
+    runtime, and the console itself cannot be."""
+    console.print(message)
+
+
 def client_identity(node_config: dict, clients: list[str]) -> str:
     if "client-id" in node_config:
         return str(node_config["client-id"])
@@ -196,7 +203,7 @@ def make_client_app(run_stages: Callable[[dict], dict[str, bytes]] | None = None
         try:
             files = run_stages(context.node_config)
         except Exception as err:
-            console.print(f"client stages failed: {err}")
+            log_on_node(f"client stages failed: {err}")
             raise KsgError(failure_reason(err)) from None
         return Message(RecordDict({"files": ConfigRecord(files)}), reply_to=msg)
 
@@ -213,7 +220,7 @@ def make_client_app(run_stages: Callable[[dict], dict[str, bytes]] | None = None
         try:
             update = runtime.fit(task, from_array_record(msg.content["arrays"]), server_control, client_control, ledger_dir)
         except Exception as err:
-            console.print(f"round {task.round} failed: {err}")
+            log_on_node(f"round {task.round} failed: {err}")
             raise KsgError(failure_reason(err)) from None
         fields = update_content(update)
         content = {"config": ConfigRecord(fields["config"]), "metrics": MetricRecord(fields["metrics"])}
