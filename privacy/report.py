@@ -52,8 +52,9 @@ ASSUMPTIONS = [
     "A client's total composes (PLD) every record-level release ever recorded for its data, reruns and other runs sharing the ledger "
     "included; a release interrupted after it was recorded is counted even if it was redone.",
     "Generation from a DP adapter is post-processing (free) only because no private record enters a prompt (every prompt sent is kept).",
-    "Not protected: how long a stage takes (a timing side channel), and in the single-process simulation one machine holds both sides; "
-    "files whose manifest side is client:<id> stay with that client in a deployment.",
+    "Not protected: how long a stage takes (a timing side channel), and in the single-process simulation (`ksg run` without --role) "
+    "one machine holds both sides. Split by role (--role client / --role server), each party holds only its own files; only the "
+    "releases cross, checked by the server against the sender's manifest, and a client's failure reaches the server as its kind only.",
 ]
 
 
