@@ -214,9 +214,9 @@ class Fedtune(Stage):
 
             run_simulation(work / JOB, len(job.clients))
         else:
-            from knowledgesg.federated.deploy import run_deployed
+            from knowledgesg.federated.deploy import node_config, run_deployed
 
-            run_deployed(work / JOB, job.clients, self.params.deploy, ctx.run_dir)
+            run_deployed(work / JOB, job.clients, self.params.deploy, lambda client: node_config(client, ctx.run_dir))
         if not (work / FINAL).is_file():
             raise KsgError(f"fedtune: the {engine} engine finished without a final adapter (see its log above)")
         return load_params(work / FINAL), read_json(work / ROUNDS)

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,10 +200,13 @@ def submit(job_path: Path, flwr_home: Path, timeout_s: float) -> None:
         raise KsgError(f"flower-deploy: flwr run failed ({result.returncode}): {(result.stdout + result.stderr).strip()[-800:]}")
 
 
-def run_deployed(job_path: Path, clients: list[str], settings: DeploySettings, run_dir: Path) -> None:
+def run_deployed(job_path: Path, clients: list[str], settings: DeploySettings, node_config_of: Callable[[str], str], setting: str = "fedtune.deploy") -> None:
+    """Submit the job to a running federation (launch: none), or to one started here on 127.0.0.1
+    with one SuperNode per client, configured by `node_config_of(client)` (launch: local).
+    `setting`: where the settings are in the spec, for the error message."""
     if settings.launch == "none":
         if settings.root_certificates is None or not settings.root_certificates.is_file():
-            raise InputError("fedtune.deploy.root_certificates: the SuperLink's CA certificate is required with launch: none (TLS is not optional)")
+            raise InputError(f"{setting}.root_certificates: the SuperLink's CA certificate is required with launch: none (TLS is not optional)")
         home = settings.flwr_home or job_path.parent / "flwr_home"
         write_flwr_config(home, settings.superlink, settings.root_certificates)
         submit(job_path, home, settings.timeout_s)
@@ -212,5 +216,5 @@ def run_deployed(job_path: Path, clients: list[str], settings: DeploySettings, r
         for client_id in clients:
             private, public = make_node_key(federation.directory / "keys", client_id)
             federation.register(public)
-            federation.start_supernode(client_id, private, node_config(client_id, run_dir))
+            federation.start_supernode(client_id, private, node_config_of(client_id))
         submit(job_path, federation.flwr_home, settings.timeout_s)

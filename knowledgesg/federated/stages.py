@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from knowledgesg.errors import KsgError
-from knowledgesg.federated.deploy import LocalFederation, make_node_key, submit, write_flwr_config
+from knowledgesg.federated.deploy import run_deployed
 from knowledgesg.federated.protocol import StagesJob
 from knowledgesg.roles import Role
 from knowledgesg.runner import Runner
@@ -58,31 +58,15 @@ def fetch_over_flower(spec: PipelineSpec, base_dir: Path, run_dir: Path, exchang
     job = StagesJob(clients=clients, exchange=str(exchange.resolve()), timeout_s=settings.timeout_s, result=str(work / RESULT))
     (work / RESULT).unlink(missing_ok=True)
     (work / JOB).write_text(job.model_dump_json(), encoding="utf-8")
-    if settings.launch == "none":
-        if settings.root_certificates is None or not settings.root_certificates.is_file():
-            raise KsgError("federation.deploy.root_certificates: the SuperLink's CA certificate is required with launch: none (TLS is not optional)")
-        home = settings.flwr_home or work / "flwr_home"
-        write_flwr_config(home, settings.superlink, settings.root_certificates)
-        submit(work / JOB, home, settings.timeout_s)
-    else:
-        _submit_locally(spec, base_dir, work, clients, settings.timeout_s)
+    spec_copy = work / "spec.yaml"  # with launch: local, the nodes' spec; its relative paths resolve from base-dir
+    spec_copy.write_text(yaml.safe_dump(spec_to_dict(spec), sort_keys=False), encoding="utf-8")
+
+    def node_config_of(client: str) -> str:
+        return f"client-id='{client}' run-dir='{work / 'nodes' / client / 'run'}' spec='{spec_copy}' base-dir='{base_dir.resolve()}'"
+
+    run_deployed(work / JOB, clients, settings, node_config_of, "federation.deploy")
     result = json.loads((work / RESULT).read_text(encoding="utf-8")) if (work / RESULT).is_file() else None
     if result is None:
         raise KsgError(f"the ServerApp ended without collecting the clients' releases (Flower logs in {work})")
     if result["failed"]:
         raise KsgError("client stages failed over Flower: " + "; ".join(f"{c}: {why}" for c, why in result["failed"].items()))
-
-
-def _submit_locally(spec: PipelineSpec, base_dir: Path, work: Path, clients: list[str], timeout_s: float) -> None:
-    """`launch: local`: a SuperLink and one SuperNode per client on 127.0.0.1 (TLS, registered
-    node keys), each node with its own run directory, for the duration of the job."""
-    spec_copy = work / "spec.yaml"  # the nodes' spec; its relative paths resolve from base-dir
-    spec_copy.write_text(yaml.safe_dump(spec_to_dict(spec), sort_keys=False), encoding="utf-8")
-    with LocalFederation(work / "local") as federation:
-        federation.start_superlink()
-        for client in clients:
-            private, public = make_node_key(federation.directory / "keys", client)
-            federation.register(public)
-            node_run = work / "nodes" / client / "run"
-            federation.start_supernode(client, private, f"client-id='{client}' run-dir='{node_run}' spec='{spec_copy}' base-dir='{base_dir.resolve()}'")
-        submit(work / JOB, federation.flwr_home, timeout_s)
