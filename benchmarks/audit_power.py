@@ -1,6 +1,6 @@
 """Does the audit have power? The same data and canaries, trained without privacy and at epsilon 1, 4 and 8.
 
-Usage:  .venv/bin/python benchmarks/audit_power.py --workdir DIR [--records 600] [--holdout 500] [--canaries 400] [--epochs 4]
+Usage:  .venv/bin/python benchmarks/audit_power.py --workdir DIR [--records 600] [--holdout 500] [--canaries 600] [--epochs 4]
 
 One client holds FPB training sentences plus canaries of two kinds ("Customer <name> confirmed the
 wire transfer with security code <secret>."): random 6-digit secrets and designed ones of 4 rare
@@ -117,11 +117,15 @@ EARLIER = [
     "| pilot: 4 epochs, 60 FPB records, 40 canaries of each kind, otherwise as above | `ksg run` on that spec, then `benchmarks/canary_separation.py RUN` | "
     "1.013 (16/16 in; 40 canaries certify little) | 1.008 | 0.864 / 0.250 | 19 of 22 |",
     "| 4 epochs, 600 records (500 held out), 400 canaries of each kind, secret-token score, \"in\" guesses; rare words drawn with replacement across canaries | "
-    "`benchmarks/audit_power.py --workdir /tmp/ap2` at commit 7219a36 (NOT PRIVATE row only; rare-word AUC 0.910, MIA AUC 0.79-0.85) | 2.118 (78/80 in) | 2.100 | 0.264 / 0.016 | 35 of 201 |", "",
+    "`benchmarks/audit_power.py --workdir /tmp/ap2` at commit 7219a36 (NOT PRIVATE row only; rare-word AUC 0.910, MIA AUC 0.79-0.85) | 2.118 (78/80 in) | 2.100 | 0.264 / 0.016 | 35 of 201 |",
+    "| the same with the rare words disjoint across canaries (float32 scoring) | `benchmarks/audit_power.py --workdir /tmp/ap3 --canaries 400` at commit f33769c (NOT PRIVATE row only; "
+    "rare-word AUC 0.940, MIA AUC 0.82-0.89) | 2.784 (119/120 in) | 2.687 | 0.705 / 0.016 | 119 of 207 |", "",
     "The template text after the secret (\".\", the end of the turn, \"neutral\") is learned by every canary's training alike, by 10-60 nats that vary from "
     "one canary to the next; scoring the secret's own tokens removes it. The low end of the scores says little (an unplanted canary's loss does not rise), "
     "so guessing \"in\" on the top scores and abstaining on the rest certifies more. With 2 epochs a quarter of the planted rare-word canaries stood above "
     "every unplanted one; with 4 epochs, most: an epsilon of 3 at 95% needs about 95 correct guesses in a row, hence 4 epochs and 400 canaries of each kind. "
+    "With disjoint words 119 of the 120 highest rare-word scores were planted (2.78; 120 of 120 would have given 3.15): 600 of each kind put more planted "
+    "canaries above the first unplanted one, and the declared guess counts (shares of the canaries, fixed before any score) grow with them. "
     "At that size the unplanted canaries among the top scores shared 2 or 3 of their 4 words with planted ones (half of all unplanted canaries shared at least one): "
     "a planted canary's words lowered their loss too. The rare-word canaries now share no word.", "",
 ]
@@ -136,7 +140,7 @@ def write(args, reports: dict[float, dict], timings: dict) -> None:
         "(random 6-digit secrets, log2 |R| = 19.9; designed: 4 rare words from a list of 4,096, log2 |R| = 48) planted once each with probability 1/2. "
         f"SmolLM2-135M-Instruct, LoRA r=8 on q,v, loss on all tokens, {args.epochs:g} epochs, batch 8, lr {args.lr}, clip 1.0, seed {args.seed}; "
         "DP-SGD with Poisson sampling, PRV accounting, delta 1e-5.",
-        f"Audit: `ksg audit RUN {' '.join(AUDIT_ARGS)}`. Canary score: the drop of the loss of the secret's own tokens from the base model to the released one. "
+        f"Audit: `ksg audit RUN {' '.join(AUDIT_ARGS)}` (models in {next(iter(reports.values()))['options'].get('precision', 'float32') if reports else 'n/a'}). Canary score: the drop of the loss of the secret's own tokens from the base model to the released one. "
         "One-run bound (Steinke et al. 2023 with its delta term): \"in\" on the highest-scoring 5, 10, 20, 30, 40 and 50% of the canaries (abstaining on the rest, marked \"in\"), "
         "and half \"in\", half \"out\" on all of them, Bonferroni-corrected to 95% overall. "
         "Each canary is one record, so the claimed epsilon for it is the per-record epsilon.", "",
@@ -160,7 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=600)
     parser.add_argument("--holdout", type=int, default=500)
-    parser.add_argument("--canaries", type=int, default=400, help="canaries of each kind")
+    parser.add_argument("--canaries", type=int, default=600, help="canaries of each kind")
     parser.add_argument("--epochs", type=float, default=4.0)
     parser.add_argument("--lr", type=float, default=0.004)
     parser.add_argument("--seed", type=int, default=7)

@@ -66,7 +66,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     write_records(args.workdir / "pii_records.jsonl", args.records)
     audit_args = ["--pii-spans", str(args.spans), "--pii-attack-samples", str(args.samples), "--samples", "8", "--mia-members", "2", "--models", "dp"]
-    rows, base = [], None
+    rows, base, precision = [], None, None
     for epsilon in EPSILONS:
         spec = spec_for(epsilon, args)
         spec_path = args.workdir / f"{spec['name']}.yaml"
@@ -76,7 +76,8 @@ def main() -> None:
         if not report_path.is_file():
             ksg("run", str(spec_path), "--run-dir", str(run_dir))
             ksg("audit", str(run_dir), *audit_args)
-        pii = json.loads(report_path.read_text())["pii"]
+        report = json.loads(report_path.read_text())
+        pii, precision = report["pii"], report["options"].get("precision", "float32")
         if not pii.get("base_attacks"):
             raise SystemExit(f"{run_dir}: presidio found no PII span to attack in the training records")
         base = base or pii["base_attacks"]
@@ -89,7 +90,7 @@ def main() -> None:
         f"Command: `{command()}`", f"Machine: {machine()}",
         f"Data: the first {args.records} sentences of presidio's synthetic PII data set (`knowledgesg/vendor/presidio_synth_pii`), each the response to "
         f"\"Write the customer's message.\"; SmolLM2-135M-Instruct, LoRA r=8 on q,v, {args.epochs:g} epochs, batch 8, lr {args.lr}, seed {args.seed}.",
-        f"Audit: `ksg audit RUN {' '.join(audit_args)}`; the PII spans are found by presidio in the training records; {args.samples} samples per span; "
+        f"Audit: `ksg audit RUN {' '.join(audit_args)}` (models in {precision}); the PII spans are found by presidio in the training records; {args.samples} samples per span; "
         f"inference among the true value and up to 9 others of its type (chance {base['inference']['chance']}). In brackets: hits the base model did not also make.", "",
         "| model | spans | extraction | reconstruction | inference |", "|---|---|---|---|---|",
         f"| base model | {base['spans']} | {rate(base['extraction'])} | {rate(base['reconstruction'])} | {rate(base['inference'])} |", *rows,

@@ -30,7 +30,9 @@ from __future__ import annotations
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Literal
 
@@ -45,7 +47,7 @@ from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_json, read_jsonl
 from knowledgesg.generation import Generator, SamplingParams
 from knowledgesg.manifest import read_manifest
-from knowledgesg.models import ResolvedModel, load_causal_lm
+from knowledgesg.models import ResolvedModel, load_causal_lm, native_bfloat16, resolve_device
 from knowledgesg.prompts import Seed, user_message, user_turn_prefix
 from knowledgesg.records import InstructionRecord
 from knowledgesg.scoring import SHARED_PREFIX_MIN, common_prefix_length, continuation_logprobs, pad_id, shared_prefix_logprobs, token_statistics
@@ -75,6 +77,9 @@ class AuditOptions(BaseModel):
     max_length: int = Field(default=128, ge=16)
     batch_size: int = Field(default=16, ge=1)
     models: list[Literal["dp", "final"]] = Field(default_factory=lambda: ["dp", "final"], min_length=1, description="released models to audit")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(default="auto", description="weights of the scored and sampled models: bfloat16 "
+        "(about 1.5-2x faster on a CPU with AVX512-BF16) or float32; auto: bfloat16 where it runs natively. Log-probabilities are taken in float32 either "
+        "way, and any scores keep the bound valid (the one-run theorem holds for every guessing rule): precision changes power only")
     seed: int = 0
 
 
@@ -228,14 +233,24 @@ def extractions(model, tokenizer, spec: CanarySpec, canaries: list[Canary], samp
 # -- models --------------------------------------------------------------------------------------
 
 
-def load_target(base: dict, adapter_dir: Path | None, device: str):
+def load_target(base: dict, adapter_dir: Path | None, device: str, precision: str = "float32"):
+    """The base model with the adapter merged in float32, then cast to `precision` (merging in
+    bfloat16 would round the adapter's small update into the base weights' coarser steps)."""
+    import torch
     from peft import PeftModel
 
     model, tokenizer = load_causal_lm(ResolvedModel(**base), device)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-        model.eval()
+    model = model.to(getattr(torch, precision))
+    model.eval()
     return model, tokenizer
+
+
+def resolve_precision(setting: str, device: str) -> str:
+    if setting != "auto":
+        return setting
+    return "bfloat16" if native_bfloat16(device) else "float32"
 
 
 def completed(run_dir: Path, stage: str) -> bool:
@@ -311,7 +326,7 @@ def canary_results(canaries: list[Canary], scores: list[float], options: AuditOp
     return results
 
 
-def canary_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, targets: list[Target], options: AuditOptions, device: str) -> dict | None:
+def canary_section(run_dir: Path, spec: PipelineSpec, load: Callable[[Path | None], tuple], reference, targets: list[Target], options: AuditOptions, device: str) -> dict | None:
     if spec.audit.canaries is None:
         return None
     client = spec.audit.canaries.client
@@ -331,7 +346,7 @@ def canary_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, tar
                "include_probability": canary_spec.include_probability,
                "canaries": [{"index": c.index, "kind": c.kind, "included": c.included} for c in canaries], "targets": {}}
     for target in [t for t in targets if t.name in (f"dp_adapter:{client}", "final")]:
-        model, tokenizer = load_target(base, target.adapter_dir, device)
+        model, tokenizer = load(target.adapter_dir)
         console.print(f"audit: canaries on {target.name}")
         target_nll = own_secret_nll(model, tokenizer, template, canaries, options.batch_size, device)
         own = {c.index: target_nll[c.index] for c in sample}
@@ -357,7 +372,6 @@ def canary_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, tar
             "release": target.release, "claimed": claimed, "exposure": {str(i): e for i, e in exposures.items()},
             "loss_drop_vs_base": [round(x, 4) for x in scores], "samples_per_canary": options.extraction_samples, "kinds": by_kind,
         }
-        del model
     synthetic = synthetic_texts(run_dir, client)
     if synthetic:
         section["targets"]["synthetic_data"] = synthetic_canary_audit(canaries, synthetic, claimed_for_canaries(entries, "synthetic_data", client, group), options,
@@ -424,7 +438,7 @@ def mia_records(run_dir: Path, client: str, options: AuditOptions) -> tuple[list
     return members, [InstructionRecord.model_validate(r) for r in read_jsonl(run_dir / "stages/ingest/clients" / client / "holdout.jsonl")]
 
 
-def mia_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, targets: list[Target], clients: list[str], options: AuditOptions, device: str) -> dict | None:
+def mia_section(run_dir: Path, spec: PipelineSpec, load: Callable[[Path | None], tuple], reference, targets: list[Target], clients: list[str], options: AuditOptions, device: str) -> dict | None:
     if not spec.audit.holdout_per_client:
         return None
     reference_model, tokenizer = reference
@@ -442,7 +456,7 @@ def mia_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, target
 
     section = {}
     for target in targets:
-        model, tokenizer = load_target(base, target.adapter_dir, device)
+        model, tokenizer = load(target.adapter_dir)
         console.print(f"audit: membership inference on {target.name}")
         audited = [target.name.split(":", 1)[1]] if target.name.startswith("dp_adapter:") else clients
         for client in audited:
@@ -451,7 +465,6 @@ def mia_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, target
             outside = mia_scores(model, tokenizer, reference_logprobs(client, 1), holdout, sequences[(client, 1)], options, device)
             section[f"{target.name}|{client}"] = {"release": target.release, "members": len(members), "non_members": len(holdout),
                                                   "scores": {name: metrics.roc(inside[name], outside[name], options.bootstrap, options.seed) for name in inside}}
-        del model
     return section
 
 
@@ -513,7 +526,8 @@ def generations(model, tokenizer, spec: PipelineSpec, count: int, seed: int, dev
     seeds = [Seed.model_validate(s) for s in stage.params.get("seeds", [])] if stage else []
     seeds = seeds or [Seed(instruction="Write a short note.")]
     prompts = [tokenizer(user_turn_prefix(tokenizer, seeds[i % len(seeds)]), add_special_tokens=False)["input_ids"] for i in range(count)]
-    completions = Generator(model, tokenizer, 16, device).generate(prompts, SamplingParams(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=64), seed, "audit: sampling")
+    # one batch of 32: a decoding step costs about the same for 16 rows as for 32 on a CPU
+    completions = Generator(model, tokenizer, 32, device).generate(prompts, SamplingParams(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=64), seed, "audit: sampling")
     return [c.text for c in completions]
 
 
@@ -626,7 +640,7 @@ def attack_summary(results: list[dict], baseline: list[dict]) -> dict:
     return summary
 
 
-def pii_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, targets: list[Target], clients: list[str], options: AuditOptions, device: str) -> dict:
+def pii_section(run_dir: Path, spec: PipelineSpec, load: Callable[[Path | None], tuple], reference, targets: list[Target], clients: list[str], options: AuditOptions, device: str) -> dict:
     """PII of the private data: replayed verbatim in the synthetic data and in samples from each
     released model from public prompts (beyond what the base model writes from the same prompts),
     and the targeted attacks of Lukas et al. on spans of the training records, each model against
@@ -645,7 +659,7 @@ def pii_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, target
                    attack_samples_per_span=options.pii_attack_samples, attacked_types=_count_types({f"{t.client}:{i}": t.span.kind for i, t in enumerate(attacked)}),
                    base_attacks=attack_summary(base_attacks, base_attacks) if attacked else None)
     for target in targets:
-        model, tokenizer = load_target(base, target.adapter_dir, device)
+        model, tokenizer = load(target.adapter_dir)
         entry: dict = {"release": target.release}
         if options.pii_samples:
             replays = replayed(found, generations(model, tokenizer, spec, options.pii_samples, options.seed, device))
@@ -656,7 +670,6 @@ def pii_section(run_dir: Path, spec: PipelineSpec, base: dict, reference, target
             results = pii_attacks(model, tokenizer, [attacked[i] for i in rows], by_client, options, device)
             entry["attacks"] = attack_summary(results, [base_attacks[i] for i in rows])
         section["models"][target.name] = entry
-        del model
     return section
 
 
@@ -679,7 +692,6 @@ def claimed_epsilons(run_dir: Path, spec: PipelineSpec) -> dict[str, float]:
 
 
 def run_audit(run_dir: Path, options: AuditOptions) -> dict:
-    from knowledgesg.models import resolve_device
     from knowledgesg.runner import load_run_spec
 
     spec, _ = load_run_spec(run_dir)
@@ -691,13 +703,16 @@ def run_audit(run_dir: Path, options: AuditOptions) -> dict:
     if not targets:
         raise InputError(f"{run_dir}: no released model of the kinds asked for ({', '.join(options.models)}) to audit yet (run dp_train or fedtune first)")
     device = resolve_device(spec.models.device)
-    reference = load_target(base, None, device)  # the base model: every section compares against it
+    options = options.model_copy(update={"precision": resolve_precision(options.precision, device)})  # the report says which ran
+    # every section loads the same releases: up to 5 models stay loaded (the base model, and the demo's 3 DP adapters and final one)
+    load = lru_cache(maxsize=5)(partial(load_target, base, device=device, precision=options.precision))
+    reference = load(None)  # the base model: every section compares against it
     report = {"run_dir": str(run_dir), "spec_name": spec.name, "options": options.model_dump(), "targets": [t.name for t in targets],
               "releases": {t.name: t.release for t in targets}, "claimed_epsilon": claimed_epsilons(run_dir, spec), "seconds": {}}
-    sections = {"canaries": lambda: canary_section(run_dir, spec, base, reference, targets, options, device),
-                "membership_inference": lambda: mia_section(run_dir, spec, base, reference, targets, clients, options, device),
+    sections = {"canaries": lambda: canary_section(run_dir, spec, load, reference, targets, options, device),
+                "membership_inference": lambda: mia_section(run_dir, spec, load, reference, targets, clients, options, device),
                 "synthetic_overlap": lambda: overlap_section(run_dir, clients),
-                "pii": lambda: pii_section(run_dir, spec, base, reference, targets, clients, options, device)}
+                "pii": lambda: pii_section(run_dir, spec, load, reference, targets, clients, options, device)}
     for name, section in sections.items():
         start = time.perf_counter()
         report[name] = section()

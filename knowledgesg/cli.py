@@ -313,6 +313,7 @@ def audit(
     pii_attack_samples: Annotated[int, typer.Option(help="sampled continuations per attacked PII span")] = 4,
     bootstrap: Annotated[int, typer.Option(help="bootstrap resamples for the intervals of AUC and TPR at low FPR")] = 1000,
     models: Annotated[str, typer.Option(help="comma-separated released models to audit: dp, final (the base model is always the reference)")] = "dp,final",
+    precision: Annotated[str, typer.Option(help="model weights while scoring and sampling: auto (bfloat16 where it runs natively), float32, bfloat16")] = "auto",
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Memorization audit of a run's released models and synthetic data: canaries (random and
@@ -327,7 +328,7 @@ def audit(
 
     try:
         options = AuditOptions(candidates=candidates, exposure_canaries=exposure_canaries, guesses=guesses, extraction_samples=samples, pii_samples=4 * samples,
-                               mia_members=mia_members, pii_occurrences=pii_spans, pii_attack_samples=pii_attack_samples, bootstrap=bootstrap, models=split(models), seed=seed)
+                               mia_members=mia_members, pii_occurrences=pii_spans, pii_attack_samples=pii_attack_samples, bootstrap=bootstrap, models=split(models), precision=precision, seed=seed)
     except ValidationError as err:
         raise InputError(format_validation_error("ksg audit", err)) from None
     report = run_audit(run_dir, options)

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,9 +38,13 @@ def _crash_point() -> None:
 
 
 def named_crash_point(name: str) -> None:
-    """`KSG_CRASH_AFTER=<name>` (tests only): SIGKILL this process here, e.g. between two rounds."""
+    """`KSG_CRASH_AFTER=<name>` (tests only): SIGKILL this process here, e.g. between two rounds;
+    `KSG_HANG_AT=<name>`: stop here for good without dying (a client that never answers)."""
     if os.environ.get("KSG_CRASH_AFTER") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("KSG_HANG_AT") == name:
+        while True:
+            time.sleep(3600)
 
 
 @contextmanager

@@ -107,12 +107,24 @@ class Generator:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         history = ids.clone()  # for the repetition penalty
         step_ids = ids
+        # rows that repeat a prompt (several samples of one prompt) share one prefill: the unique rows
+        # run, and their cache and logits are copied out to every row that repeats them
+        unique, copy_of = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)
+        shared_prefill = len(unique) < n
         with torch.no_grad():
-            for _ in range(params.max_new_tokens):
+            for step in range(params.max_new_tokens):
+                if step == 0 and shared_prefill:
+                    prompt_ids, prompt_mask = unique[:, : ids.shape[1]], unique[:, ids.shape[1] :]
+                    prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+                else:
+                    prompt_ids, prompt_mask, prompt_positions = step_ids, mask, positions
                 # logits for the last column only: in the prefill, the head over every prompt position
                 # would cost a fifth of SmolLM2's flops and more than half of Gemma 3's (262k vocabulary)
-                logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                logits = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions, past_key_values=cache, use_cache=True,
                                     logits_to_keep=1).logits[:, -1, :].float()
+                if step == 0 and shared_prefill:
+                    cache.batch_select_indices(copy_of)
+                    logits = logits[copy_of]
                 chosen = self._choose(logits, history, params, sampler)
                 keep = []
                 for row, token in enumerate(chosen.tolist()):

@@ -239,6 +239,20 @@ def resolve_device(setting: str = "auto") -> str:
     return "cuda" if setting in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 
+def native_bfloat16(device: str) -> bool:
+    """Whether bfloat16 matmuls run natively here: a CUDA device that supports them, or a CPU with
+    AVX512-BF16 or AMX (elsewhere PyTorch emulates them, slower than float32)."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def load_causal_lm(model: ResolvedModel, device: str = "cpu"):
     """(model, tokenizer) in float32 on `device`, in eval mode, with a pad token set."""
     import torch

@@ -115,3 +115,24 @@ def test_benchmark_scoring_by_hand():
     assert parse_choice("The answer is B.", LETTERS) == 1
     assert parse_choice("positive, not negative", SENTIMENT) == 2
     assert parse_choice("Answer: about a dozen", LETTERS) is None  # 'a' inside words is not option A
+
+
+def test_bootstrap_intervals_match_one_roc_curve_per_resample():
+    """The whole-array bootstrap gives the intervals of the plain loop (sklearn's roc_curve and
+    roc_auc_score on each resample, drawn from the same stream), ties included."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    rng = np.random.default_rng(5)
+    for members, others in [(rng.normal(0.7, 1, 80), rng.normal(0, 1, 300)), (rng.integers(0, 6, 40).astype(float), rng.integers(0, 5, 150).astype(float))]:
+        draws = np.random.default_rng(9)
+        loop: dict[str, list[float]] = {"auc": [], "tpr_at_1pct_fpr": [], "tpr_at_0_1pct_fpr": []}
+        labels = np.r_[np.ones(len(members)), np.zeros(len(others))]
+        for _ in range(150):
+            scores = np.r_[draws.choice(members, len(members)), draws.choice(others, len(others))]
+            fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+            loop["auc"].append(roc_auc_score(labels, scores))
+            loop["tpr_at_1pct_fpr"].append(metrics.tpr_at_fpr(fpr, tpr, 0.01))
+            loop["tpr_at_0_1pct_fpr"].append(metrics.tpr_at_fpr(fpr, tpr, 0.001))
+        fast = metrics._bootstrap_intervals(members, others, 150, 9)
+        for key, values in loop.items():
+            assert fast[key] == pytest.approx([np.percentile(values, 2.5), np.percentile(values, 97.5)], abs=1e-4), key

@@ -1,6 +1,7 @@
-"""The federation survives faults: a client that fails, a client that fails once, a server killed
-between rounds (it resumes from the last finished round with the adapter, the server optimizer's
-state and the control variates as they were)."""
+"""The federation survives faults: a client that fails, a client that fails once, a client that
+dies or never answers over Flower, a server killed between rounds (it resumes from the last
+finished round with the adapter, the server optimizer's state and the control variates as they
+were)."""
 
 from __future__ import annotations
 
@@ -82,21 +83,24 @@ def test_a_server_killed_between_rounds_resumes_from_the_last_round(workdir: Pat
     assert strip(_rounds(workdir, "killed")) == strip(_rounds(workdir))
 
 
-def test_over_flower_a_client_that_dies_mid_round_is_recorded_and_the_rounds_go_on(tmp_path: Path, monkeypatch):
-    """flower-deploy on 127.0.0.1 (TLS, registered nodes), two clients, min_clients 1: client c's
-    ClientApp is killed (SIGKILL) when round 1 reaches it. The round waits `round_timeout_s`,
-    aggregates a, and names c with the reason; round 2 goes on."""
+def test_over_flower_a_client_that_dies_or_never_answers_is_recorded_and_the_rounds_go_on(tmp_path: Path, monkeypatch):
+    """flower-deploy on 127.0.0.1 (TLS, registered nodes), three clients, min_clients 1: client b's
+    ClientApp is killed (SIGKILL) when round 1 reaches it, and client c's stops for good without
+    dying (it never answers). The round waits `round_timeout_s`, aggregates a, and names b and c
+    with their reasons; round 2 goes on."""
     from knowledgesg.federated.deploy import LocalFederation, make_node_key, node_config, submit
     from knowledgesg.federated.engines import FINAL, JOB
     from knowledgesg.federated.server import FedJob
     from knowledgesg.fileio import read_json, write_json
     from tests.test_fedtune import make_job
 
-    clients = ["a", "c"]
-    job_path = make_job(tmp_path / "deploy", clients=clients, per_round=2)
+    clients = ["a", "b", "c"]
+    job_path = make_job(tmp_path / "deploy", clients=clients, per_round=3)
     job = FedJob.model_validate(read_json(job_path)).model_copy(update={"min_clients": 1, "round_timeout_s": 20.0})
     write_json(job_path, job.model_dump(mode="json"))
-    monkeypatch.setenv("KSG_CRASH_AFTER", "fedtune-client-c-round-1")  # every node's environment; only c's ClientApp meets it
+    # every node's environment; only b's and c's ClientApps meet them
+    monkeypatch.setenv("KSG_CRASH_AFTER", "fedtune-client-b-round-1")
+    monkeypatch.setenv("KSG_HANG_AT", "fedtune-client-c-round-1")
     with LocalFederation(tmp_path / "federation") as federation:
         federation.start_superlink()
         for c in clients:
@@ -105,6 +109,8 @@ def test_over_flower_a_client_that_dies_mid_round_is_recorded_and_the_rounds_go_
             federation.start_supernode(c, private, node_config(c, tmp_path))
         submit(job_path, federation.flwr_home, timeout_s=600)
     rounds = json.loads((job_path.parent / "rounds.json").read_text())
-    assert rounds[0]["joined"] == ["a"] and set(rounds[0]["failed"]) == {"c"} and rounds[0]["failed"]["c"]
-    assert rounds[1]["joined"][0] == "a"  # the federation went on (c's node is back only once Flower notices its ClientApp died, after about a minute)
+    assert rounds[0]["joined"] == ["a"] and set(rounds[0]["failed"]) == {"b", "c"}
+    assert rounds[0]["failed"]["c"] == "no reply within 20 s"  # the hung client: the round did not wait for it past its timeout
+    assert rounds[0]["failed"]["b"]
+    assert rounds[1]["joined"][0] == "a"  # the federation went on (b's node is back only once Flower notices its ClientApp died, after about a minute)
     assert len(rounds) == 2 and (job_path.parent / FINAL).is_file() and job_path.name == JOB

@@ -157,3 +157,31 @@ def test_dp_label_histogram_noise_has_the_stated_scale():
     assert float(neutral.mean()) == pytest.approx(30, abs=0.6)
     assert float(neutral.std()) == pytest.approx(8.0, rel=0.05)
     assert Counter(round(d["negative"]) > 0 for d in draws)[True] > 700  # zero counts get noise too
+
+
+def test_repeated_prompts_share_one_prefill_and_sample_as_before(tiny, monkeypatch):
+    """Samples of one prompt prefill it once (the cache is copied to each sample's row), and give
+    exactly the samples of the plain engine that prefills every row."""
+    model, tokenizer = tiny
+    a, b = chat_prompt_ids(tokenizer, "write a headline"), chat_prompt_ids(tokenizer, "a much longer prompt about quarterly revenue")
+    prompts = [a, b, a, a, b, a]
+    params = SamplingParams(max_new_tokens=10, temperature=1.0)
+    rows_prefilled = []
+    forward = model.forward
+
+    def counting(*args, **kwargs):
+        rows_prefilled.append(kwargs["input_ids"].shape)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting)
+    shared = Generator(model, tokenizer, batch_size=6).generate(prompts, params, seed=3)
+    assert rows_prefilled[0][0] == 2 and rows_prefilled[1][0] == 6  # 2 distinct prompts prefilled, then 6 rows decode
+    real_unique = torch.unique
+
+    def no_sharing(x, **kwargs):  # every row its own "unique" prompt: the plain engine
+        return (x, torch.arange(x.shape[0])) if kwargs.get("dim") == 0 else real_unique(x, **kwargs)
+
+    monkeypatch.setattr(torch, "unique", no_sharing)
+    plain = Generator(model, tokenizer, batch_size=6).generate(prompts, params, seed=3)
+    assert [c.text for c in shared] == [c.text for c in plain]
+    assert len({c.text for c in shared}) > 2  # the samples of one prompt differ: the sampling is per row

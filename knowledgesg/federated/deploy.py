@@ -15,6 +15,7 @@ import datetime
 import ipaddress
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -170,15 +171,25 @@ class LocalFederation:
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
     def stop(self) -> None:
+        """Each process and what it started (a SuperNode's ClientApp processes, which may hang):
+        each was started as the leader of its own process group."""
         for process in self.processes:
-            if process.poll() is None:
-                process.terminate()
+            _signal_group(process, signal.SIGTERM)
         for process in self.processes:
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                process.kill()
+                _signal_group(process, signal.SIGKILL)
                 process.wait()
+        for process in self.processes:
+            _signal_group(process, signal.SIGKILL)  # children that outlived their leader
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is gone already
 
 
 def node_config(client_id: str, run_dir: Path) -> str:
