@@ -21,7 +21,9 @@ n_i (their example counts), and D = sum_i n_i d_i / sum_i n_i is the weighted me
 - Client-level DP-FedAvg (McMahan et al. 2018): each update clipped to L2 norm S (by the client
   before it sends it; the server checks), summed, N(0, (sigma S)^2) added per coordinate, divided
   by the *expected* number of clients q N (fixed, so the sensitivity is S / (q N)). Accounting:
-  Poisson sampling at q (each client's own coin), `rounds` compositions.
+  Poisson sampling at q (each client's own coin), `rounds` compositions. With secure aggregation
+  the server gets the sum only (`dp_fedavg_sum`); the rules that need single updates (SCAFFOLD,
+  the robust ones) are then unavailable.
 """
 
 from __future__ import annotations
@@ -139,8 +141,14 @@ def dp_fedavg(x: Params, clipped: list[Params], clip_norm: float, noise_multipli
     for update in clipped:
         if update_norm(update) > clip_norm * (1 + 1e-5):
             raise ValueError(f"an update of norm {update_norm(update):.6g} exceeds the clip norm {clip_norm}: clients clip before sending")
-    step = {}
-    for name in x:
-        total = sum((c[name].astype(np.float64) for c in clipped), np.zeros(x[name].shape))
-        step[name] = (total + noise(x[name].shape, noise_multiplier * clip_norm)) / expected_clients
+    total = {name: sum((c[name].astype(np.float64) for c in clipped), np.zeros(x[name].shape)) for name in x}
+    return dp_fedavg_sum(x, total, clip_norm, noise_multiplier, expected_clients, noise)
+
+
+def dp_fedavg_sum(x: Params, total: Params, clip_norm: float, noise_multiplier: float, expected_clients: float,
+                  noise: Callable[[tuple[int, ...], float], np.ndarray]) -> Params:
+    """Client-level DP from the sum of the clipped updates alone (what secure aggregation gives
+    the server): the same noise and scaling as `dp_fedavg`; the server cannot check each update's
+    norm here, the clients' clipping is what bounds it."""
+    step = {name: (np.asarray(total[name], dtype=np.float64) + noise(x[name].shape, noise_multiplier * clip_norm)) / expected_clients for name in x}
     return apply(x, step)

@@ -15,6 +15,11 @@ server sees each clipped update, so that guarantee (unit: client) holds against 
 final model only, and the report says so; on private data it is listed beside the record-level
 ledger, on synthetic data in `privacy.json`.
 
+Secure aggregation (`secure_aggregation: true` or its settings; Flower engines): Flower's SecAgg+
+hides each update from the server, which gets the weighted mean of each round's updates only
+(knowledgesg.federated.secagg). With client-level DP each client still clips and the server still
+adds the noise, but it sees only the sum of the clipped updates (before its noise), not each one.
+
 The same server loop and client code run in every engine (knowledgesg.federated): `local` in
 this process, `flower-sim` on Flower's simulation runtime, `flower-deploy` through a SuperLink
 and SuperNodes (TLS, SuperNode authentication). Outputs: the final adapter, a merged model on
@@ -28,7 +33,7 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from knowledgesg.adapters import ADAPTER_FILES, save_adapter
 from knowledgesg.console import console
@@ -37,11 +42,15 @@ from knowledgesg.federated.client import LOCAL_LOG, LoraModel, frozen_a_digest, 
 from knowledgesg.spec import DeploySettings
 from knowledgesg.federated.engines import FINAL, INITIAL, JOB, ROUNDS, run_local
 from knowledgesg.federated.protocol import LocalDP, LocalTraining, LoraShape, UpdateEncoding, load_params, save_params
+from knowledgesg.federated.secagg import SecureAggregation, conflicts
 from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, participation
 from knowledgesg.fileio import read_json, read_jsonl, write_dir, write_json
 from knowledgesg.stage import Stage, StageContext
 from privacy.accounting import Mechanism, calibrate_noise, default_delta, epsilons
 from privacy.ledger import LEDGER, TRUST_SERVER_NOISE, LedgerEntry, check_budget, new_release_id, now, read_stage_ledgers, trust_line
+
+TRUST_SERVER_NOISE_SECURE_SUM = ("holders of the final model only: the server adds this noise; with secure aggregation it sees the sum of the "
+                                 "clients' clipped updates (before its noise), not each one")
 
 
 class LocalDPParams(BaseModel):
@@ -77,11 +86,33 @@ class FedtuneParams(BaseModel):
     round_retries: int = Field(default=0, ge=0, description="times the clients that failed are asked again before a round gives up (synthetic data only)")
     round_timeout_s: float | None = Field(default=None, gt=0, description="Flower engines: how long a round waits for the clients' replies")
     update_encoding: UpdateEncoding = Field(default="float32", description="how the clients' updates travel: float16 halves the bytes, int8 quarters them (some rounding)")
+    secure_aggregation: SecureAggregation | None = Field(default=None, description="Flower's SecAgg+: the server sees the sum of each round's updates only (true: the defaults)")
+
+    @field_validator("secure_aggregation", mode="before")
+    @classmethod
+    def _secure_aggregation_flag(cls, value):
+        if value is True:
+            return {}
+        return None if value is False else value
 
     @model_validator(mode="after")
     def _flower_rounds_end(self) -> FedtuneParams:
         if self.engine != "local" and self.min_clients is not None and self.round_timeout_s is None:
             raise ValueError("min_clients over Flower needs round_timeout_s: without it a round waits forever for a client that is gone")
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation_fits(self) -> FedtuneParams:
+        """What can be checked before the clients are known (the job checks the rest)."""
+        if self.secure_aggregation is None:
+            return self
+        if self.engine == "local":
+            raise ValueError("secure_aggregation runs over Flower: use engine flower-sim or flower-deploy (in one process there is no one to hide the updates from)")
+        asked = self.clients_per_round if self.client_dp is None else None
+        problem = conflicts(self.secure_aggregation, self.rule.name, self.update_encoding, self.round_retries, self.min_clients, asked,
+                            self.client_dp.clip_norm if self.client_dp else None)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
@@ -165,7 +196,7 @@ class Fedtune(Stage):
                           rule=p.rule, client_dp=p.client_dp, training=p.training, lora=p.lora, base_model=base, device=resolve_device(ctx.spec.models.device),
                           run_dir=str(ctx.run_dir.resolve()), records=records, private_source="ingest" if p.data == "private" else None,
                           reproducible_noise=ctx.spec.privacy.reproducible_noise, min_clients=p.min_clients, round_retries=p.round_retries,
-                          round_timeout_s=p.round_timeout_s, update_encoding=p.update_encoding)
+                          round_timeout_s=p.round_timeout_s, update_encoding=p.update_encoding, secure_aggregation=p.secure_aggregation)
         except ValueError as err:
             raise InputError(f"fedtune: {err}") from None
 
@@ -270,7 +301,7 @@ class Fedtune(Stage):
         mechanism, client_delta = self.client_level_mechanism(job), self.client_level_delta(ctx, job)
         return [LedgerEntry(**common, release="final_adapter: client-level DP-FedAvg (noise added by the server)", unit="client", num_units=len(job.clients),
                             delta=client_delta, mechanism=mechanism, epsilon=epsilons([mechanism], client_delta), private=not ctx.spec.privacy.reproducible_noise,
-                            noise=ctx.noise_origin, trust=TRUST_SERVER_NOISE)]
+                            noise=ctx.noise_origin, trust=TRUST_SERVER_NOISE_SECURE_SUM if job.secure_aggregation else TRUST_SERVER_NOISE)]
 
     def privacy_record(self, ctx: StageContext, job: FedJob, rounds: dict[str, int], ledger: list[LedgerEntry]) -> dict:
         p: FedtuneParams = self.params
@@ -278,12 +309,20 @@ class Fedtune(Stage):
                   "weights": "equal (clients send no example counts on private data)" if p.data == "private" else "by synthetic example count",
                   "releases": [{"client_id": e.client_id, "release": e.release, "unit": e.unit, "epsilon": e.epsilon.model_dump(), "delta": e.delta,
                                 "trust": e.trust} for e in ledger]}
+        if job.secure_aggregation is not None:
+            record["secure_aggregation"] = {
+                "protocol": "SecAgg+ (Flower)", "settings": job.secure_aggregation.model_dump(),
+                "the_server_sees": "the weighted mean of each round's updates (quantized), and who is in it; no single update",
+                "clipping": "each coordinate of a (weighted) update is cut to +-clipping_range before quantization",
+            }
         if job.client_dp is not None:
             mechanism, delta = self.client_level_mechanism(job), self.client_level_delta(ctx, job)
             record["client_level_dp_fedavg"] = {
                 "mechanism": mechanism.model_dump(), "unit": "client", "delta": delta, "epsilon": epsilons([mechanism], delta).model_dump(),
                 "who_adds_the_noise": "the server (OS entropy)", "who_clips": "each client, before its update leaves",
+                "what_the_server_sees": ("the sum of the clipped updates, before its noise (secure aggregation)" if job.secure_aggregation
+                                         else "each client's clipped update"),
                 "participation": "each client's own coin at q = clients_per_round / clients; not recorded in rounds.json",
-                "trust": TRUST_SERVER_NOISE,
+                "trust": TRUST_SERVER_NOISE_SECURE_SUM if job.secure_aggregation else TRUST_SERVER_NOISE,
             }
         return record

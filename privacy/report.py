@@ -24,20 +24,37 @@ from privacy.accounting import Epsilons, Mechanism, epsilon_pld, epsilon_prv_or_
 from privacy.ledger import LedgerEntry, client_delta, compose, composed_total, ledger_directory, run_releases
 from privacy.units import UNIT_NAMES
 
+SERVER_SEES_UPDATES = ("each client's noised DP-SGD updates in fedtune; under client-level DP-FedAvg, each client's clipped update "
+                       "(each client clips, the server adds the noise)")
+SERVER_SEES_SECURE_SUM = ("in fedtune with secure aggregation (SecAgg+), only the sum of each round's updates: under client-level DP-FedAvg "
+                          "the sum of the clients' clipped updates before the server adds its noise (each client clips, the server adds the "
+                          "noise), never a single client's update unless it colludes with reconstruction_threshold clients")
+
 THREAT_MODEL = [
     {"party": "data owner (each client)",
      "sees": "its own records, its ledger, its un-noised training logs (loss curves), its audit",
      "protected_by": "(it is the owner)"},
     {"party": "server operator (and anyone holding the spec, the server's files and every other record)",
      "sees": "the spec and seed; every server-side artifact: DP adapters, synthetic data, refine decisions, the final adapter, "
-             "partition sizes, manifests (client-side files appear only as keyed digests); each client's noised DP-SGD updates in fedtune; "
-             "under client-level DP-FedAvg, each client's clipped update",
+             "partition sizes, manifests (client-side files appear only as keyed digests); " + SERVER_SEES_UPDATES,
      "protected_by": "the record-level epsilon of every release whose noise the client drew from OS entropy; NOT the client-level DP-FedAvg figure "
                      "(the server adds that noise itself)"},
     {"party": "anyone with the released models or synthetic data only",
      "sees": "the DP adapters, the final adapter, the synthetic data",
      "protected_by": "the record-level epsilon; with client-level DP-FedAvg also the client-level figure for whole clients"},
 ]
+
+
+def threat_model(spec) -> list[dict[str, str]]:
+    """THREAT_MODEL for this run: what the server sees of the fedtune updates depends on whether
+    they went through secure aggregation."""
+    fedtune = next((stage.params for stage in spec.stages if stage.name == "fedtune"), {})
+    if fedtune.get("secure_aggregation") in (None, False):
+        return THREAT_MODEL
+    server = dict(THREAT_MODEL[1])
+    server["sees"] = server["sees"].replace(SERVER_SEES_UPDATES, SERVER_SEES_SECURE_SUM)
+    return [THREAT_MODEL[0], server, *THREAT_MODEL[2:]]
+
 
 ASSUMPTIONS = [
     "Poisson sampling: each privacy unit joins each step independently with the stated probability q; the coins are drawn on the client.",
@@ -146,7 +163,7 @@ def build_report(run_dir: Path) -> PrivacyReport:
         raise InputError(f"{run_dir}: no releases in the ledger yet (run a stage such as dp_train first)")
     clients = [client_report(client, entries, run_dir, spec.privacy.cap_epsilon) for client, entries in releases.items()]
     return PrivacyReport(run_dir=str(run_dir), spec_name=spec.name, target_epsilon=spec.privacy.target_epsilon, ledger_dir=str(ledger_dir),
-                         clients=clients, threat_model=THREAT_MODEL, assumptions=ASSUMPTIONS)
+                         clients=clients, threat_model=threat_model(spec), assumptions=ASSUMPTIONS)
 
 
 def fmt(value: float | None) -> str:

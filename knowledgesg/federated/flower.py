@@ -9,6 +9,10 @@ A SuperNode says which client it is: `client-id` in its node config (deploy), or
 `partition-id` in the job's client list (simulation). The server asks every node once ("query"),
 then addresses each round's tasks by client id, so client sampling is the same as in `local`.
 Private data never travels: a task for private data names the stage to read on the client.
+
+With `secure_aggregation`, a round runs Flower's SecAgg+ workflow instead of one "train" message
+per client (knowledgesg.federated.secagg); the ClientApp's train handler is the same, behind the
+SecAgg+ mod.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from knowledgesg.errors import KsgError
 from knowledgesg.fileio import named_crash_point
 from knowledgesg.exchange import replace_part, write_files
 from knowledgesg.federated.protocol import RUN_STAGES, ClientTask, ClientUpdate, Params, StagesJob, failure_reason
+from knowledgesg.federated.secagg import SecAggPlan, SecureSum, secure_aggregation_mod, secure_sum
 
 QUERY = "query"
 NODE_WAIT_S = 120.0
@@ -130,6 +135,9 @@ class FlowerTransport:
         failed.update(unanswered([t.client_id for t in tasks], [u.client_id for u in updates], failed, self.timeout_s))
         return updates, failed
 
+    def fit_secure(self, tasks: list[ClientTask], params: Params, weights: dict[str, int], plan: SecAggPlan, round_number: int) -> SecureSum:
+        return secure_sum(self.grid, self.nodes, tasks, params, weights, plan, round_number, self.timeout_s)
+
     def client_state(self) -> dict[str, Params]:
         return {}  # each node keeps its own (SCAFFOLD's c_i in its context state, for this Flower run)
 
@@ -207,7 +215,7 @@ def make_client_app(run_stages: Callable[[dict], dict[str, bytes]] | None = None
             raise KsgError(failure_reason(err)) from None
         return Message(RecordDict({"files": ConfigRecord(files)}), reply_to=msg)
 
-    @app.train()
+    @app.train(mods=[secure_aggregation_mod])  # SecAgg+ rounds; other train messages pass straight through
     def train(msg: Message, context: Context) -> Message:
         task = ClientTask.model_validate_json(str(msg.content["config"]["task"]))
         named_crash_point(f"fedtune-client-{task.client_id}-round-{task.round}")  # tests: a client that dies mid-round

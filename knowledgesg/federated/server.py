@@ -9,6 +9,12 @@ it. Client-level DP-FedAvg does claim amplification by sampling, so there every 
 every round and draws its own coin, and who joined is not recorded; its noise is drawn here from
 OS entropy. The server sees each clipped update: that guarantee protects against holders of the
 final model, not against the server operator.
+
+With `secure_aggregation` (Flower engines: knowledgesg.federated.secagg) the server gets only the
+weighted mean of a round's updates, through SecAgg+, and aggregates that: FedAvg, FedProx,
+FedAvgM and the adaptive rules need no more; with client-level DP the mean times the clients in
+the sum is the sum of the clipped updates, to which the server adds its noise as before. It then
+sees that sum only (before its noise), never a single clipped update.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from knowledgesg.federated.client import ClientRuntime
 from knowledgesg.console import console
 from knowledgesg.federated.protocol import (RULES, ClientTask, ClientUpdate, LocalDP, LocalTraining, LoraShape, Params, RoundRecord, UpdateEncoding, decode_update,
                                             failure_reason, load_params, params_bytes, save_params)
+from knowledgesg.federated.secagg import SecAggPlan, SecureAggregation, SecureSum, conflicts, quantized_clip_norm, resolve
 from knowledgesg.fileio import named_crash_point, sha256_text
 from privacy.noise import SecureRandom
 
@@ -84,6 +91,7 @@ class FedJob(BaseModel):
     round_retries: int = Field(default=0, ge=0)
     round_timeout_s: float | None = Field(default=None, gt=0, description="Flower: how long a round waits for its replies")
     update_encoding: UpdateEncoding = "float32"  # how the clients' updates travel (float16, int8: fewer bytes, some rounding)
+    secure_aggregation: SecureAggregation | None = None  # SecAgg+ (Flower engines): the server sees the sum of the updates only
 
     @model_validator(mode="after")
     def _consistent(self) -> FedJob:
@@ -105,7 +113,16 @@ class FedJob(BaseModel):
             raise ValueError("client-level DP needs each update's norm bound to hold as sent: use update_encoding float32")
         if self.private_source is not None and self.round_retries:
             raise ValueError("round_retries with data: private would run DP-SGD steps beyond the plan the budgets were checked against")
+        if self.secure_aggregation is not None:
+            problem = conflicts(self.secure_aggregation, self.rule.name, self.update_encoding, self.round_retries, self.min_clients,
+                                self.asked_per_round, self.client_dp.clip_norm if self.client_dp else None)
+            if problem:
+                raise ValueError(problem)
         return self
+
+    @property
+    def asked_per_round(self) -> int:
+        return len(self.clients) if self.client_dp is not None else self.clients_per_round
 
     @property
     def sample_rate(self) -> float:
@@ -165,6 +182,12 @@ class Transport(Protocol):
         ...
 
 
+class SecureTransport(Transport, Protocol):
+    def fit_secure(self, tasks: list[ClientTask], params: Params, weights: dict[str, int], plan: SecAggPlan, round_number: int) -> SecureSum:
+        """The weighted mean of the updates, through secure aggregation, and who is in it."""
+        ...
+
+
 def aggregate(job: FedJob, x: Params, updates: list[ClientUpdate], state: agg.ServerState, round_number: int, noise: SecureRandom | None) -> Params:
     rule = job.rule
     deltas = [u.update for u in updates]
@@ -188,6 +211,52 @@ def aggregate(job: FedJob, x: Params, updates: list[ClientUpdate], state: agg.Se
     if rule.name == "trimmed_mean":
         return agg.trimmed_mean(x, deltas, rule.trim)
     return agg.krum(x, deltas, rule.byzantine)
+
+
+def aggregate_mean(job: FedJob, x: Params, mean: Params, in_sum: int, state: agg.ServerState, noise: SecureRandom | None) -> Params:
+    """The rules that need only the (weighted) mean update, from the mean secure aggregation gives."""
+    rule = job.rule
+    if job.client_dp is not None:  # every client's weight is 1: the mean times the count is the sum
+        total = {n: np.asarray(v, dtype=np.float64) * in_sum for n, v in mean.items()}
+        return agg.dp_fedavg_sum(x, total, job.client_dp.clip_norm, job.client_dp.noise_multiplier, job.sample_rate * len(job.clients), noise.normal_values)
+    if rule.name in ("fedavg", "fedprox"):
+        return agg.apply(x, mean, rule.server_lr)
+    if rule.name == "fedavgm":
+        return agg.fedavgm(x, [mean], [1.0], state, rule.server_lr, rule.momentum)
+    if rule.name in ("fedadagrad", "fedyogi", "fedadam"):
+        return agg.fedopt(rule.name, x, [mean], [1.0], state, rule.server_lr, rule.beta1, rule.beta2, rule.tau)
+    raise KsgError(f"rule {rule.name} needs each update, which secure aggregation does not give the server")
+
+
+def secure_weights(job: FedJob, asked: list[str]) -> tuple[dict[str, int], float]:
+    """Each client's weight in the secure sum, and the largest: the server's own figures, as in
+    `aggregate` (synthetic example counts, which the server sent; else 1: private data and
+    client-level DP weight equally)."""
+    if job.client_dp is None and job.records is not None:
+        weights = {c: len(job.records[c]) for c in asked}
+    else:
+        weights = dict.fromkeys(asked, 1)
+    return weights, float(max(weights.values()))
+
+
+def secure_round(job: FedJob, transport: SecureTransport, asked: list[str], round_number: int, x: Params) -> tuple[RoundReplies, SecureSum]:
+    """A round through secure aggregation: the mean of the updates in the sum, and what the clients
+    sent beside them; else a clear error."""
+    if not hasattr(transport, "fit_secure"):
+        raise KsgError("secure aggregation runs over Flower (engine flower-sim or flower-deploy)")
+    weights, max_weight = secure_weights(job, asked)
+    plan = resolve(job.secure_aggregation, len(asked), job.client_dp.clip_norm if job.client_dp else None, max_weight)
+    tasks = [task_for(job, c, round_number) for c in asked]
+    if job.client_dp is not None:  # each client clips a little tighter, so that its rounded update keeps the norm bound
+        clip = quantized_clip_norm(job.client_dp.clip_norm, plan, sum(v.size for v in x.values()))
+        tasks = [t.model_copy(update={"update_clip_norm": clip}) for t in tasks]
+    result = transport.fit_secure(tasks, x, weights, plan, round_number)
+    needed = len(asked) if job.min_clients is None else min(job.min_clients, len(asked))
+    if len(result.in_sum) < needed:
+        reasons = "; ".join(f"{c}: {why}" for c, why in result.failed.items())
+        raise KsgError(f"round {round_number}: {len(result.in_sum)} of {len(asked)} clients are in the secure sum, fewer than the {needed} needed (min_clients): {reasons}")
+    replies = RoundReplies(result.replies, result.failed, 1, len(asked) * params_bytes(x), result.bytes_up)
+    return replies, result
 
 
 @dataclass
@@ -251,17 +320,27 @@ def run_federation(job: FedJob, x: Params, transport: Transport, on_round: Calla
     for r in range(len(history) + 1, job.rounds + 1):
         start = time.perf_counter()
         asked = sample_clients(job, r)
-        round_replies = collect_round(job, transport, asked, r, x, state)
-        updates = [u for u in round_replies.replies if u.joined]
-        new_x = aggregate(job, x, updates, state, r, noise)
+        extra = {}
+        if job.secure_aggregation is None:
+            round_replies = collect_round(job, transport, asked, r, x, state)
+            updates = [u for u in round_replies.replies if u.joined]
+            new_x = aggregate(job, x, updates, state, r, noise)
+        else:  # the replies carry no update: the mean of those in the sum is all the server gets
+            round_replies, secure = secure_round(job, transport, asked, r, x)
+            updates = round_replies.replies
+            new_x = aggregate_mean(job, x, secure.mean, len(secure.in_sum), state, noise)
+            extra["secure_aggregation"] = {"in_sum": secure.in_sum}  # with client-level DP, every client that answered (zeros if its coin said no)
         step = np.sqrt(sum(float(((new_x[n] - x[n]) ** 2).sum()) for n in x))
         x = {n: v.astype(np.float32) for n, v in new_x.items()}
         private = job.local_dp is not None
         losses = [u.loss for u in updates if u.loss is not None]
+        examples = [u.num_examples for u in updates]
+        if job.client_dp is None:
+            extra["dp_steps"] = {u.client_id: u.dp_steps for u in updates if u.dp_steps}
         record = RoundRecord(
             r, asked, None if job.client_dp is not None else [u.client_id for u in updates],
-            None if private else sum(u.num_examples for u in updates), None if private or not losses else float(np.mean(losses)),
-            step, time.perf_counter() - start, {"dp_steps": {u.client_id: u.dp_steps for u in updates if u.dp_steps}} if job.client_dp is None else {},
+            None if private or None in examples else sum(examples), None if private or not losses else float(np.mean(losses)),
+            step, time.perf_counter() - start, extra,
             [u.release for u in updates if u.release is not None], round_replies.failed, round_replies.tries, round_replies.bytes_down,
             None if job.client_dp is not None else round_replies.bytes_up,  # with client-level DP, the bytes would count who joined
         )

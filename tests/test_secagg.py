@@ -1,0 +1,251 @@
+"""Secure aggregation (Flower's SecAgg+) for fedtune: the server gets the weighted mean of a round's
+updates only. One run on Flower's simulation runtime (the expensive part, shared by the module)
+against the same job without it on the local engine (which agrees with flower-sim to 1e-6: see
+test_fedtune), plus cheap checks of the server arithmetic, the client mod and the refusals."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from knowledgesg import aggregation as agg
+from knowledgesg.cli import main
+from knowledgesg.federated import secagg, server
+from knowledgesg.federated.client import ClientRuntime, initial_params
+from knowledgesg.federated.engines import CHECKPOINT, FINAL, INITIAL, JOB, ROUNDS, run_local
+from knowledgesg.federated.protocol import LocalTraining, LoraShape, load_params, save_params
+from knowledgesg.federated.secagg import SecureAggregation, SecureSum
+from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, run_federation, task_for
+from knowledgesg.fileio import write_json
+from pipelines.fedtune import FedtuneParams
+from privacy.report import threat_model
+from tests.conftest import tiny_spec, write_spec
+from tests.test_fedtune import CLIENTS, UPDATES, ScriptedTransport, records_for, tiny_base
+
+# unequal shares: the secure sum must weight by example count as plain FedAvg does
+COUNTS = {"a": 12, "b": 8, "c": 16}
+# coarse on purpose, so that the rounding is visible: one quantum is 2 * 1.0 / 2**16
+SETTINGS = SecureAggregation(clipping_range=1.0, quantization_range=2**16)
+QUANTUM = 2 * SETTINGS.clipping_range / SETTINGS.quantization_range
+# a coordinate of the mean is off by < 3 clients x one quantum / (sum of count / largest count = 36 / 16)
+BOUND = secagg.mean_error_bound(secagg.resolve(SETTINGS, 3, None, max(COUNTS.values())), list(COUNTS.values()))
+
+
+def job_in(directory: Path, secure: SecureAggregation | None) -> Path:
+    job = FedJob(seed=11, rounds=1, clients=CLIENTS, clients_per_round=3, rule=RuleSettings(name="fedavg"),
+                 training=LocalTraining(steps=2, batch_size=4, max_length=48), lora=LoraShape(r=4), base_model=tiny_base(),
+                 records={c: records_for(c, COUNTS[c]) for c in CLIENTS}, secure_aggregation=secure)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_params(directory / INITIAL, initial_params(job.base_model, job.lora, 5))
+    write_json(directory / JOB, job.model_dump(mode="json"))
+    return directory / JOB
+
+
+def max_difference(a: dict, b: dict) -> float:
+    return max(float(np.abs(np.asarray(a[k], dtype=np.float64) - b[k]).max()) for k in a)
+
+
+def holds(arrays: dict[str, np.ndarray], update: dict[str, np.ndarray], atol: float = 1e-6) -> bool:
+    """Whether some array here equals one of the update's tensors (by shape and value)."""
+    return any(a.shape == u.shape and np.allclose(a, u, atol=atol) for a in arrays.values() for u in update.values() if np.abs(u).max() > 10 * atol)
+
+
+def server_arrays(directory: Path) -> dict[str, np.ndarray]:
+    """Every array in the parameter files the server writes in the job directory."""
+    return {f"{path.name}:{k}": v for path in sorted(directory.glob("*.npz")) for k, v in load_params(path).items() if k != "meta"}
+
+
+def numbers_in(path: Path) -> int:
+    return len(re.findall(r"-?\d+\.\d+(?:e-?\d+)?", path.read_text()))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same one-round job: without secure aggregation (local engine), and with it (flower-sim),
+    with what reached the server's aggregation in each, and the replies the secure server received."""
+    from knowledgesg.federated.flower import run_simulation
+
+    root = tmp_path_factory.mktemp("secagg")
+    plain_job, secure_job = job_in(root / "plain", None), job_in(root / "secure", SETTINGS)
+    x0 = load_params(plain_job.parent / INITIAL)
+    job = FedJob.model_validate_json(plain_job.read_text())
+    runtime = ClientRuntime()  # each client's update as it would leave the client
+    sent = {c: runtime.fit(task_for(job, c, 1), x0).update for c in CLIENTS}
+
+    seen: dict[str, list] = {"plain": [], "secure": [], "replies": []}
+    patch = pytest.MonkeyPatch()
+    aggregate, aggregate_mean, receive = server.aggregate, server.aggregate_mean, secagg.RecordingGrid.send_and_receive
+    patch.setattr(server, "aggregate", lambda job, x, updates, *rest: seen["plain"].append([u.update for u in updates]) or aggregate(job, x, updates, *rest))
+    patch.setattr(server, "aggregate_mean", lambda job, x, mean, *rest: seen["secure"].append(mean) or aggregate_mean(job, x, mean, *rest))
+
+    def recording(self, messages, *, timeout=None):
+        replies = receive(self, messages, timeout=timeout)
+        seen["replies"].extend(r.content for r in replies if r.has_content())
+        return replies
+
+    patch.setattr(secagg.RecordingGrid, "send_and_receive", recording)
+    try:
+        run_local(plain_job)
+        run_simulation(secure_job, len(CLIENTS))
+    finally:
+        patch.undo()
+    return {"x0": x0, "sent": sent, "seen": seen, "plain": plain_job.parent, "secure": secure_job.parent}
+
+
+def test_secure_fedavg_is_plain_fedavg_within_the_quantization_error(runs):
+    x0, plain, secure = runs["x0"], load_params(runs["plain"] / FINAL), load_params(runs["secure"] / FINAL)
+    step = max(float(np.abs(plain[k] - x0[k]).max()) for k in x0)
+    difference = max_difference(secure, plain)
+    assert BOUND == pytest.approx(3 * QUANTUM * 16 / 36) and BOUND < 0.02 * step  # the bound is tight against the update itself
+    assert BOUND / 10 < difference <= BOUND + 1e-7  # rounding happened (this went through SecAgg+), and within its bound
+    record = json.loads((runs["secure"] / ROUNDS).read_text())[0]
+    assert record["clients"] == CLIENTS and record["joined"] == CLIENTS and record["failed"] == {}
+    assert record["extra"]["secure_aggregation"] == {"in_sum": CLIENTS}
+    assert record["num_examples"] == sum(COUNTS.values())  # the example counts still travel beside the masked update
+
+
+def test_the_server_holds_the_weighted_mean_only_never_a_single_update(runs):
+    sent, seen, x0 = runs["sent"], runs["seen"], runs["x0"]
+    trained = {c: {n: x0[n] + u[n] for n in u} for c, u in sent.items()}  # a client's adapter gives away its update as well
+    # the check finds each update where the server has it: plain FedAvg aggregates the updates themselves
+    [plain_input] = seen["plain"]
+    assert all(any(holds(u, sent[c]) for u in plain_input) for c in CLIENTS)
+    # with SecAgg+ the aggregation gets the example-weighted mean (to the rounding) and nothing else
+    [secure_mean] = seen["secure"]
+    weighted = agg.weighted_mean([sent[c] for c in CLIENTS], [COUNTS[c] for c in CLIENTS])
+    assert max_difference(secure_mean, weighted) <= BOUND + 1e-7
+    assert not any(holds(secure_mean, sent[c], atol=BOUND) for c in CLIENTS)
+    # what the secure server received: no arrays (the mod cleared them), and masked vectors that,
+    # read as if unmasked, are nowhere near any client's weighted update
+    masked = [reply.config_records["secaggplus_configs"]["masked_params"] for reply in seen["replies"]
+              if "masked_params" in reply.config_records.get("secaggplus_configs", {})]
+    assert len(masked) == len(CLIENTS)
+    assert all(len(record) == 0 for reply in seen["replies"] for record in reply.array_records.values())
+    from flwr.common import bytes_to_ndarray
+
+    names = sorted(x0)
+    for vector in masked:
+        read = dict(zip(names, (a * QUANTUM - SETTINGS.clipping_range for a in (bytes_to_ndarray(b) for b in vector[1:]))))
+        for c in CLIENTS:
+            assert not holds(read, {n: v * COUNTS[c] / max(COUNTS.values()) for n, v in sent[c].items()}, atol=100 * QUANTUM)
+    # and no server-side file holds a client's update or its trained adapter, in either run
+    # (the server never writes them even without SecAgg+: the difference is what it receives, above)
+    smallest = min(v.size for v in x0.values())
+    for run in ("plain", "secure"):
+        files = server_arrays(runs[run])
+        assert {f"{FINAL}:{n}" for n in x0} <= set(files) and any(k.startswith(CHECKPOINT) for k in files)
+        assert not any(holds(files, sent[c]) or holds(files, trained[c]) for c in CLIENTS), run
+        assert numbers_in(runs[run] / ROUNDS) < smallest  # the round records (also in the checkpoint) are too few numbers to hold a tensor
+
+
+def test_client_level_dp_adds_noise_to_the_sum_of_updates_clipped_for_the_rounding():
+    """The server arithmetic with a scripted secure sum: mean x count = the sum of the clipped
+    updates, noised as in plain DP-FedAvg (reproducible noise: the same draws)."""
+
+    class SecureScripted(ScriptedTransport):
+        def fit_secure(self, tasks, params, weights, plan, round_number):
+            self.clips = {t.update_clip_norm for t in tasks}
+            updates, _ = self.fit(tasks, params, None)
+            assert set(weights.values()) == {1}  # client-level DP: every client weighs 1
+            return SecureSum(agg.weighted_mean([u.update for u in updates], [1.0] * len(updates)), sorted(u.client_id for u in updates),
+                             [], {}, 0)
+
+    x0 = {"w": np.array([1.0, 1.0])}
+    jobs = {secure: FedJob(seed=3, rounds=2, clients=CLIENTS, clients_per_round=3, rule=RuleSettings(), training=LocalTraining(optimizer="sgd"),
+                           lora=LoraShape(), base_model={"path": "unused"}, records={c: [] for c in CLIENTS}, reproducible_noise=True,
+                           client_dp=ClientDP(clip_norm=1.0, noise_multiplier=0.5), secure_aggregation=SecureAggregation() if secure else None)
+            for secure in (False, True)}
+    transport = SecureScripted(UPDATES, {c: 1 for c in CLIENTS})
+    plain, _ = run_federation(jobs[False], x0, ScriptedTransport(UPDATES, {c: 1 for c in CLIENTS}))
+    secure, history = run_federation(jobs[True], x0, transport)
+    expected_clip = 1.0 - np.sqrt(2) * 2 * 1.0 / 2**22  # clipping_range = clip_norm; sqrt(d) quanta below it
+    [clip] = transport.clips
+    assert clip == pytest.approx(expected_clip, abs=1e-12) and clip < 1.0
+    assert np.abs(secure["w"] - plain["w"]).max() <= 2 * (1.0 - expected_clip)  # the tighter clip, over two rounds
+    assert history[0].joined is None and history[0].extra["secure_aggregation"] == {"in_sum": CLIENTS}
+
+
+def test_the_client_mod_sends_zeros_and_no_training_figures_when_its_coin_says_no():
+    import time
+
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
+    from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    job = FedJob(seed=3, rounds=1, clients=CLIENTS, clients_per_round=3, rule=RuleSettings(), training=LocalTraining(), lora=LoraShape(),
+                 base_model={"path": "unused"}, records={c: [] for c in CLIENTS}, client_dp=ClientDP(clip_norm=1.0, noise_multiplier=0.5),
+                 secure_aggregation=SecureAggregation())
+    params = {"w": np.ones((2, 3), dtype=np.float32)}
+    fit_ins = FitIns(ndarrays_to_parameters([params["w"]]), {"task": task_for(job, "a", 1).model_dump_json(), "names": '["w"]', "weight": 1})
+
+    def arriving(content: RecordDict) -> Message:  # as a node receives it from the SuperLink
+        return Message(content=content, metadata=Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+                                                          group_id="1", created_at=time.time(), ttl=60.0, message_type="train"))
+
+    msg = arriving(compat.fitins_to_recorddict(fit_ins, True))
+    context = Context(run_id=0, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+    def handler(inner, ctx):  # our train handler's reply when the coin says no: no arrays
+        assert np.array_equal(inner.content["arrays"]["w"].numpy(), params["w"])
+        return Message(RecordDict({"config": ConfigRecord({"client-id": "a"}), "metrics": MetricRecord({"dp-steps": 0})}), reply_to=inner)
+
+    fit_res = compat.recorddict_to_fitres(secagg.as_legacy_fit(msg, context, handler).content, True)
+    assert np.array_equal(parameters_to_ndarrays(fit_res.parameters)[0], np.zeros((2, 3), dtype=np.float32))
+    assert fit_res.num_examples == 1 and fit_res.metrics == {"client-id": "a"}
+    # a node that requires secure aggregation refuses a plain train message
+    plain = arriving(RecordDict({"arrays": ArrayRecord({"w": Array(params["w"])})}))
+    strict = Context(run_id=0, node_id=1, node_config={"secure-aggregation": "required"}, state=RecordDict(), run_config={})
+    with pytest.raises(Exception, match="secure aggregation only"):
+        secagg.secure_aggregation_mod(plain, strict, handler)
+
+
+REFUSED = [
+    ({"rule": RuleSettings(name="median")}, "rule median needs each update"),
+    ({"rule": RuleSettings(name="krum")}, "rule krum needs each update"),
+    ({"rule": RuleSettings(name="trimmed_mean")}, "rule trimmed_mean needs each update"),
+    ({"rule": RuleSettings(name="scaffold"), "training": LocalTraining(optimizer="sgd")}, "rule scaffold needs each update"),
+    ({"update_encoding": "int8"}, "use update_encoding float32"),
+    ({"round_retries": 1}, "leave round_retries at 0"),
+    ({"min_clients": 1}, "min_clients 1 is below the reconstruction threshold 2"),
+    ({"secure_aggregation": SecureAggregation(num_shares=5)}, "num_shares 5 exceeds the 3 clients"),
+    ({"secure_aggregation": SecureAggregation(reconstruction_threshold=4)}, "reconstruction_threshold 4 must be below"),
+    ({"secure_aggregation": SecureAggregation(quantization_range=2**31)}, "must stay below 2\\^32"),
+    ({"client_dp": ClientDP(clip_norm=2.0, noise_multiplier=1.0), "secure_aggregation": SecureAggregation(clipping_range=1.0)}, "would cut clipped updates"),
+]
+
+
+@pytest.mark.parametrize("change,message", REFUSED, ids=[m.split(":")[0][:40] for _, m in REFUSED])
+def test_combinations_that_need_single_updates_are_refused(change, message):
+    settings = {"seed": 3, "rounds": 1, "clients": CLIENTS, "clients_per_round": 3, "rule": RuleSettings(), "training": LocalTraining(),
+                "lora": LoraShape(), "base_model": {"path": "unused"}, "records": {c: [] for c in CLIENTS}, "secure_aggregation": SecureAggregation()}
+    with pytest.raises(ValueError, match=message):
+        FedJob(**(settings | change))
+
+
+def test_the_local_engine_and_a_bad_setting_are_one_line_exit_2(workdir: Path, capsys):
+    with pytest.raises(ValueError, match="secure_aggregation runs over Flower"):
+        FedtuneParams(secure_aggregation=True)
+    assert FedtuneParams(engine="flower-sim", secure_aggregation=True).secure_aggregation == SecureAggregation()
+    for params, pattern in (({"engine": "local", "secure_aggregation": True}, r"secure_aggregation runs over Flower"),
+                            ({"engine": "flower-sim", "secure_aggregation": {"num_shares": 2}}, r"secure_aggregation\.num_shares.*greater than or equal to 3")):
+        spec = tiny_spec()
+        spec["stages"] = ["prepare_models", "ingest", {"name": "fedtune", "params": params}]
+        code = main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and re.search(pattern, err), err
+        assert not (workdir / "run").exists()
+
+
+def test_the_privacy_report_says_what_the_server_sees_with_and_without_secure_aggregation():
+    def spec_with(fedtune: dict) -> SimpleNamespace:
+        return SimpleNamespace(stages=[SimpleNamespace(name="ingest", params={}), SimpleNamespace(name="fedtune", params=fedtune)])
+
+    plain, secure = (threat_model(spec_with(p))[1]["sees"] for p in ({"client_dp": {}}, {"client_dp": {}, "secure_aggregation": True}))
+    assert "each client's clipped update" in plain and "each client clips, the server adds the noise" in plain
+    assert "only the sum of each round's updates" in secure and "sum of the clients' clipped updates before the server adds its noise" in secure
+    assert "each client's clipped update" not in secure and "each client clips, the server adds the noise" in secure
