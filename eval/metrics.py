@@ -137,7 +137,7 @@ def _bootstrap_intervals(members: np.ndarray, others: np.ndarray, resamples: int
     members, others, counts_m, counts_o = members[order_m], others[order_o], counts_m[:, order_m], counts_o[:, order_o]
     # Mann-Whitney: a member above a non-member counts 1, a tie 1/2
     wins = (members[:, None] > others[None, :]) + 0.5 * (members[:, None] == others[None, :])
-    intervals = {"auc": np.einsum("bi,ij,bj->b", counts_m, wins, counts_o) / (n_m * n_o)}
+    intervals = {"auc": ((counts_m @ wins) * counts_o).sum(axis=1) / (n_m * n_o)}
     # members at or above each member value, per resample (members sorted ascending)
     at_or_above_m = np.cumsum(counts_m[:, ::-1], axis=1)[:, ::-1]
     at_or_above_o = np.cumsum(counts_o[:, ::-1], axis=1)[:, ::-1]

@@ -163,7 +163,7 @@ def test_client_level_dp_adds_noise_to_the_sum_of_updates_clipped_for_the_roundi
     transport = SecureScripted(UPDATES, {c: 1 for c in CLIENTS})
     plain, _ = run_federation(jobs[False], x0, ScriptedTransport(UPDATES, {c: 1 for c in CLIENTS}))
     secure, history = run_federation(jobs[True], x0, transport)
-    expected_clip = 1.0 - np.sqrt(2) * 2 * 1.0 / 2**22  # clipping_range = clip_norm; sqrt(d) quanta below it
+    expected_clip = 1.0 - 1.01 * np.sqrt(2) * 2 * 1.0 / 2**22  # clipping_range = clip_norm; sqrt(d) quanta (and 1%) below it
     [clip] = transport.clips
     assert clip == pytest.approx(expected_clip, abs=1e-12) and clip < 1.0
     assert np.abs(secure["w"] - plain["w"]).max() <= 2 * (1.0 - expected_clip)  # the tighter clip, over two rounds
@@ -249,3 +249,56 @@ def test_the_privacy_report_says_what_the_server_sees_with_and_without_secure_ag
     assert "each client's clipped update" in plain and "each client clips, the server adds the noise" in plain
     assert "only the sum of each round's updates" in secure and "sum of the clients' clipped updates before the server adds its noise" in secure
     assert "each client's clipped update" not in secure and "each client clips, the server adds the noise" in secure
+
+
+def test_masks_come_from_the_whole_seed_not_its_32_bit_fold():
+    """Flower 1.41 seeds its mask generator with the XOR of the seed's 32-bit words, so two seeds
+    with the same fold give the same mask (a 2^32 search finds a pairwise mask); ours differ, and
+    both ends of a secure round use ours."""
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+
+    a = bytes(range(32))
+    b = (int.from_bytes(a[:4], "little") ^ 0xDEADBEEF).to_bytes(4, "little") + a[4:8] + (int.from_bytes(a[8:12], "little") ^ 0xDEADBEEF).to_bytes(4, "little") + a[12:]
+    shapes = [(3, 4), ()]
+    assert all(np.array_equal(x, y) for x, y in zip(pseudo_rand_gen(a, 2**32, shapes), pseudo_rand_gen(b, 2**32, shapes)))  # the flaw
+    mine_a, mine_b = secagg.full_key_masks(a, 2**32, shapes), secagg.full_key_masks(b, 2**32, shapes)
+    assert not np.array_equal(mine_a[0], mine_b[0]) and mine_a[0].shape == (3, 4) and mine_a[1].shape == ()
+    assert np.array_equal(mine_a[0], secagg.full_key_masks(a, 2**32, shapes)[0])  # deterministic: the masks cancel
+    secagg.use_full_key_masks()
+    import importlib
+
+    for name in ("flwr.client.mod.secure_aggregation.secaggplus_mod", "flwr.server.workflow.secure_aggregation.secaggplus_workflow"):
+        assert importlib.import_module(name).pseudo_rand_gen is secagg.full_key_masks, name
+
+
+@pytest.mark.parametrize("levels", [2**22, 2**30])
+def test_an_update_clipped_for_the_rounding_keeps_the_norm_bound_through_flowers_quantization(levels):
+    """What enters the sum (Flower's quantize, then dequantize) moves each coordinate by less than
+    one quantum, the premise of quantized_clip_norm (so the norm stays at most client_dp.clip_norm
+    for any direction of the rounding), when the client sends float64, even at the finest grid."""
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    clip_norm, size = 0.7, 5000
+    plan = secagg.resolve(SecureAggregation(quantization_range=levels), 3, clip_norm, 1.0)
+    tighter = secagg.quantized_clip_norm(clip_norm, plan, size)
+    rng = np.random.default_rng(0)
+    worst_norm = worst_move = 0.0
+    for _ in range(20):
+        update = rng.normal(size=size)
+        update *= tighter / np.linalg.norm(update)
+        sent = update.astype(np.float32).astype(np.float64)  # the client's float32 update, as as_legacy_fit passes it on
+        rounded = dequantize(quantize([sent], plan.clipping_range, plan.quantization_range), plan.clipping_range, plan.quantization_range)[0]
+        worst_norm = max(worst_norm, float(np.linalg.norm(rounded)))
+        worst_move = max(worst_move, float(np.abs(rounded - sent).max()))
+    assert worst_move < plan.quantum and worst_norm <= clip_norm
+
+
+def test_a_node_that_requires_secure_aggregation_refuses_a_protocol_too_weak_to_hide_its_update():
+    from flwr.app import ConfigRecord
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+    with pytest.raises(secagg.KsgError, match="threshold 1 of 1 shares"):
+        secagg.refuse_weak_protocol(ConfigRecord({Key.STAGE: Stage.SETUP, Key.THRESHOLD: 1, Key.SHARE_NUMBER: 1}), 2)
+    with pytest.raises(secagg.KsgError, match="named 1 clients"):
+        secagg.refuse_weak_protocol(ConfigRecord({Key.STAGE: Stage.SHARE_KEYS, "7": [b"pk1", b"pk2"]}), 2)
+    secagg.refuse_weak_protocol(ConfigRecord({Key.STAGE: Stage.SETUP, Key.THRESHOLD: 2, Key.SHARE_NUMBER: 3}), 2)  # enough: no error

@@ -172,17 +172,26 @@ class LocalFederation:
 
     def stop(self) -> None:
         """Each process and what it started (a SuperNode's ClientApp processes, which may hang):
-        each was started as the leader of its own process group."""
-        for process in self.processes:
+        each was started as the leader of its own process group. A group is signalled only while
+        its leader is unreaped (running, or a zombie still holding the group id), so the id cannot
+        have passed to another process."""
+        running = [p for p in self.processes if p.returncode is None]
+        for process in running:
             _signal_group(process, signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                _signal_group(process, signal.SIGKILL)
-                process.wait()
-        for process in self.processes:
-            _signal_group(process, signal.SIGKILL)  # children that outlived their leader
+        deadline = time.monotonic() + 15
+        for process in running:
+            while not _exited(process.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            _signal_group(process, signal.SIGKILL)  # what outlived the leader, or a leader too slow to stop
+            process.wait()
+
+
+def _exited(pid: int) -> bool:
+    """Whether the process has exited (a zombie not yet reaped counts), without reaping it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:

@@ -30,6 +30,8 @@ assumes holds for what enters the sum.
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib
 import json
 import math
 from dataclasses import dataclass
@@ -123,11 +125,34 @@ def mean_error_bound(plan: SecAggPlan, weights: list[float]) -> float:
 def quantized_clip_norm(clip_norm: float, plan: SecAggPlan, num_params: int) -> float:
     """The norm a client clips to so that its update, once rounded to the quantization grid (each
     coordinate moves by less than one quantum), still has norm at most `clip_norm`."""
-    clip = clip_norm - math.sqrt(num_params) * plan.quantum
+    clip = clip_norm - 1.01 * math.sqrt(num_params) * plan.quantum  # 1%: float64 rounding in the shift and scale
     if clip < 0.5 * clip_norm:
         raise KsgError(f"secure aggregation: quantization_range {plan.quantization_range} is too coarse for {num_params} parameters under client-level DP "
                        f"(rounding could move an update by {math.sqrt(num_params) * plan.quantum:.3g}, against clip norm {clip_norm:g}): raise it")
     return clip
+
+
+def full_key_masks(seed: bytes, num_range: int, dimensions_list: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """The masks of one seed, from all of it: SHAKE-256 of the seed, read as little-endian 32-bit
+    words modulo `num_range` (a power of 2 at most 2^32: uniform). Flower 1.41's `pseudo_rand_gen`
+    folds the seed to 32 bits and seeds numpy's RandomState with that, so a server that learns the
+    private-mask seeds at unmasking could find a pairwise mask in 2^32 tries and recover an update
+    (flwrlabs/flower#7522). Both ends call this instead (`use_full_key_masks`)."""
+    sizes = [math.prod(d) for d in dimensions_list]  # a shape () holds one value
+    words = np.frombuffer(hashlib.shake_256(seed).digest(4 * sum(sizes)), dtype="<u4").astype(np.int64) % num_range
+    masks, start = [], 0
+    for dimension, size in zip(dimensions_list, sizes):
+        masks.append(words[start : start + size].reshape(dimension))
+        start += size
+    return masks
+
+
+def use_full_key_masks() -> None:
+    """Point Flower's SecAgg+ server workflow and client mod at `full_key_masks` (both import
+    `pseudo_rand_gen` by name into their modules); every party calls it before a secure round."""
+    # by module path: the package re-exports the function `secaggplus_mod` under its module's name
+    for name in ("flwr.client.mod.secure_aggregation.secaggplus_mod", "flwr.server.workflow.secure_aggregation.secaggplus_workflow"):
+        importlib.import_module(name).pseudo_rand_gen = full_key_masks
 
 
 @dataclass
@@ -193,6 +218,7 @@ def secure_sum(grid, nodes: dict[str, int], tasks: list[ClientTask], params: Par
     from flwr.server.workflow import SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
+    use_full_key_masks()
     names = sorted(params)
     parameters = ndarrays_to_parameters([params[n] for n in names])  # the same for every client: serialized once
     fit_ins = {nodes[t.client_id]: FitIns(parameters, {TASK: t.model_dump_json(), NAMES: json.dumps(names), WEIGHT: weights[t.client_id]}) for t in tasks}
@@ -229,17 +255,40 @@ def reply_metadata(client: str, metrics: dict) -> ClientUpdate:
 # -- client ---------------------------------------------------------------------------------
 
 
+REQUIRED = "secure-aggregation"  # node config: "required" refuses plain train messages
+MIN_THRESHOLD = "secure-aggregation-min-threshold"  # node config: the least threshold (and neighbours) it accepts; default 2
+
+
 def secure_aggregation_mod(msg, context, call_next):
     """A mod on the ClientApp's train handler: SecAgg+ messages go through Flower's `secaggplus_mod`;
     others pass on, unless this node requires secure aggregation."""
     from flwr.client.mod import secaggplus_mod
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+    required = str(context.node_config.get(REQUIRED, "")) == "required"
     if RECORD_KEY_CONFIGS in msg.content.config_records:
+        if required:
+            refuse_weak_protocol(msg.content.config_records[RECORD_KEY_CONFIGS], int(context.node_config.get(MIN_THRESHOLD, 2)))
+        use_full_key_masks()
         return secaggplus_mod(msg, context, functools.partial(as_legacy_fit, call_next=call_next))
-    if str(context.node_config.get("secure-aggregation", "")) == "required":
+    if required:
         raise KsgError("this node sends its updates through secure aggregation only (node config secure-aggregation = \"required\")")
     return call_next(msg, context)
+
+
+def refuse_weak_protocol(configs, minimum: int) -> None:
+    """The server chooses the threshold and each client's neighbours: one that sends threshold 1,
+    or no neighbours but the client itself, would get the update masked by the client's own mask
+    alone and then its one share, the seed. A node that requires secure aggregation refuses both
+    (Flower's mod already refuses to unmask with fewer active neighbours than the threshold)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+    stage = configs.get(Key.STAGE)
+    if stage == Stage.SETUP and min(int(configs[Key.THRESHOLD]), int(configs[Key.SHARE_NUMBER])) < minimum:
+        raise KsgError(f"secure aggregation: the server asked for threshold {configs[Key.THRESHOLD]} of {configs[Key.SHARE_NUMBER]} shares; "
+                       f"this node requires at least {minimum}")
+    if stage == Stage.SHARE_KEYS and sum(key != Key.STAGE for key in configs) < minimum:
+        raise KsgError(f"secure aggregation: the server named {sum(key != Key.STAGE for key in configs)} clients to share keys with; this node requires at least {minimum}")
 
 
 def as_legacy_fit(msg, context, call_next):
@@ -268,5 +317,7 @@ def as_legacy_fit(msg, context, call_next):
     metadata = dict(content["config"].items()) | dict(content["metrics"].items())
     if ClientTask.model_validate_json(task_json).join_probability is not None:
         metadata = {k: v for k, v in metadata.items() if k not in ("num-examples", "loss", "dp-steps")}
-    fit_res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([update[n] for n in names]), int(fit_ins.config[WEIGHT]), metadata)
+    # float64: Flower quantizes in the dtype it is given, and in float32 its shift and scale alone move a coordinate by
+    # more than the one quantum quantized_clip_norm allows for (32 quanta at 2^30 levels)
+    fit_res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([update[n].astype(np.float64) for n in names]), int(fit_ins.config[WEIGHT]), metadata)
     return Message(compat.fitres_to_recorddict(fit_res, keep_input=True), reply_to=msg)
