@@ -22,8 +22,8 @@ LABELS = ["positive", "negative", "neutral", "neutral", "negative"]
 @pytest.fixture(scope="module")
 def setup():
     model, tokenizer = load_causal_lm(resolve_model("tiny-random-llama"))
+    torch.manual_seed(0)  # before peft draws A: the fixture must not depend on the tests that ran before it
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    torch.manual_seed(0)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B starts at zero, which would zero every gradient of A
             torch.nn.init.normal_(p, std=0.02)
@@ -183,8 +183,9 @@ def test_per_sequence_loss_does_not_depend_on_batchmates(setup):
 
     with torch.no_grad():
         assert loss_of_first([short], False) == pytest.approx(loss_of_first([short, long_], False), rel=1e-5)
-        # the built-in loss for the same first example changes with its batchmate
-        assert loss_of_first([short, long_], True) != pytest.approx(loss_of_first([short, short], True), rel=1e-3)
+        # the built-in loss for the same first example changes with its batchmate (beyond the tolerance the
+        # per-sequence loss meets above; on a random tiny model every token's loss is near log(vocabulary), so by little)
+        assert loss_of_first([short, long_], True) != pytest.approx(loss_of_first([short, short], True), rel=1e-5)
 
 
 def test_the_no_update_check_fires_when_weights_did_not_move(setup):
