@@ -141,6 +141,7 @@ def _bootstrap_intervals(members: np.ndarray, others: np.ndarray, resamples: int
     # members at or above each member value, per resample (members sorted ascending)
     at_or_above_m = np.cumsum(counts_m[:, ::-1], axis=1)[:, ::-1]
     at_or_above_o = np.cumsum(counts_o[:, ::-1], axis=1)[:, ::-1]
+    at_or_above_m = np.concatenate([at_or_above_m, np.zeros((resamples, 1))], axis=1)  # a threshold above every member: none
     for target in FPR_TARGETS:
         allowed = math.floor(target * n_o + 1e-9)  # non-members the threshold may let through
         if allowed >= n_o:
@@ -150,8 +151,7 @@ def _bootstrap_intervals(members: np.ndarray, others: np.ndarray, resamples: int
             position = (at_or_above_o >= allowed + 1).sum(axis=1) - 1
             cut = others[position]
             first_above = np.searchsorted(members, cut, side="right")
-            padded = np.concatenate([at_or_above_m, np.zeros((resamples, 1))], axis=1)
-            tpr = padded[np.arange(resamples), first_above] / n_m
+            tpr = at_or_above_m[np.arange(resamples), first_above] / n_m
         intervals[f"tpr_at_{_pct(target)}_fpr"] = tpr
     return {key: [round(float(np.percentile(values, 2.5)), 4), round(float(np.percentile(values, 97.5)), 4)] for key, values in intervals.items()}
 

@@ -30,30 +30,25 @@ SERVER_SEES_SECURE_SUM = ("in fedtune with secure aggregation (SecAgg+), only th
                           "the sum of the clients' clipped updates before the server adds its noise (each client clips, the server adds the "
                           "noise), never a single client's update unless it colludes with reconstruction_threshold clients")
 
-THREAT_MODEL = [
-    {"party": "data owner (each client)",
-     "sees": "its own records, its ledger, its un-noised training logs (loss curves), its audit",
-     "protected_by": "(it is the owner)"},
-    {"party": "server operator (and anyone holding the spec, the server's files and every other record)",
-     "sees": "the spec and seed; every server-side artifact: DP adapters, synthetic data, refine decisions, the final adapter, "
-             "partition sizes, manifests (client-side files appear only as keyed digests); " + SERVER_SEES_UPDATES,
-     "protected_by": "the record-level epsilon of every release whose noise the client drew from OS entropy; NOT the client-level DP-FedAvg figure "
-                     "(the server adds that noise itself)"},
-    {"party": "anyone with the released models or synthetic data only",
-     "sees": "the DP adapters, the final adapter, the synthetic data",
-     "protected_by": "the record-level epsilon; with client-level DP-FedAvg also the client-level figure for whole clients"},
-]
-
 
 def threat_model(spec) -> list[dict[str, str]]:
-    """THREAT_MODEL for this run: what the server sees of the fedtune updates depends on whether
+    """Who sees what, for this run: what the server sees of the fedtune updates depends on whether
     they went through secure aggregation."""
     fedtune = next((stage.params for stage in spec.stages if stage.name == "fedtune"), {})
-    if fedtune.get("secure_aggregation") in (None, False):
-        return THREAT_MODEL
-    server = dict(THREAT_MODEL[1])
-    server["sees"] = server["sees"].replace(SERVER_SEES_UPDATES, SERVER_SEES_SECURE_SUM)
-    return [THREAT_MODEL[0], server, *THREAT_MODEL[2:]]
+    updates = SERVER_SEES_UPDATES if fedtune.get("secure_aggregation") in (None, False) else SERVER_SEES_SECURE_SUM
+    return [
+        {"party": "data owner (each client)",
+         "sees": "its own records, its ledger, its un-noised training logs (loss curves), its audit",
+         "protected_by": "(it is the owner)"},
+        {"party": "server operator (and anyone holding the spec, the server's files and every other record)",
+         "sees": "the spec and seed; every server-side artifact: DP adapters, synthetic data, refine decisions, the final adapter, "
+                 "partition sizes, manifests (client-side files appear only as keyed digests); " + updates,
+         "protected_by": "the record-level epsilon of every release whose noise the client drew from OS entropy; NOT the client-level DP-FedAvg figure "
+                         "(the server adds that noise itself)"},
+        {"party": "anyone with the released models or synthetic data only",
+         "sees": "the DP adapters, the final adapter, the synthetic data",
+         "protected_by": "the record-level epsilon; with client-level DP-FedAvg also the client-level figure for whole clients"},
+    ]
 
 
 ASSUMPTIONS = [

@@ -287,8 +287,9 @@ def refuse_weak_protocol(configs, minimum: int) -> None:
     if stage == Stage.SETUP and min(int(configs[Key.THRESHOLD]), int(configs[Key.SHARE_NUMBER])) < minimum:
         raise KsgError(f"secure aggregation: the server asked for threshold {configs[Key.THRESHOLD]} of {configs[Key.SHARE_NUMBER]} shares; "
                        f"this node requires at least {minimum}")
-    if stage == Stage.SHARE_KEYS and sum(key != Key.STAGE for key in configs) < minimum:
-        raise KsgError(f"secure aggregation: the server named {sum(key != Key.STAGE for key in configs)} clients to share keys with; this node requires at least {minimum}")
+    named = sum(key != Key.STAGE for key in configs)  # one entry of public keys per client, itself included
+    if stage == Stage.SHARE_KEYS and named < minimum:
+        raise KsgError(f"secure aggregation: the server named {named} clients to share keys with; this node requires at least {minimum}")
 
 
 def as_legacy_fit(msg, context, call_next):
