@@ -6,7 +6,7 @@ old file, the new file, or no file, never a torn one.
 `KSG_CRASH_AT=N` (tests only) makes the process SIGKILL itself at the N-th crash point, where the
 crash points are "temporary file written, not yet renamed" and "file renamed" for every artifact.
 The crash-safety tests walk N over every point of a run. `KSG_CRASH_AFTER=<name>` kills it at
-one named point instead (`named_crash_point`).
+one named point instead (`named_crash_point`, which can also hang or raise there).
 """
 
 from __future__ import annotations
@@ -39,7 +39,11 @@ def _crash_point() -> None:
 
 def named_crash_point(name: str) -> None:
     """`KSG_CRASH_AFTER=<name>` (tests only): SIGKILL this process here, e.g. between two rounds;
-    `KSG_HANG_AT=<name>`: stop here for good without dying (a client that never answers)."""
+    `KSG_HANG_AT=<name>`: stop here for good without dying (a client that never answers);
+    `KSG_RAISE_AT=<name>`: raise here (a client that fails, e.g. one that drops out of SecAgg+
+    after sharing its keys)."""
+    if os.environ.get("KSG_RAISE_AT") == name:
+        raise RuntimeError(f"failure injected at {name}")
     if os.environ.get("KSG_CRASH_AFTER") == name:
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get("KSG_HANG_AT") == name:

@@ -302,3 +302,45 @@ def test_a_node_that_requires_secure_aggregation_refuses_a_protocol_too_weak_to_
     with pytest.raises(secagg.KsgError, match="named 1 clients"):
         secagg.refuse_weak_protocol(ConfigRecord({Key.STAGE: Stage.SHARE_KEYS, "7": [b"pk1", b"pk2"]}), 2)
     secagg.refuse_weak_protocol(ConfigRecord({Key.STAGE: Stage.SETUP, Key.THRESHOLD: 2, Key.SHARE_NUMBER: 3}), 2)  # enough: no error
+
+
+def test_over_flower_deploy_a_client_that_drops_out_after_sharing_its_keys_is_unmasked_out_of_the_sum(tmp_path: Path, monkeypatch):
+    """SecAgg+ on flower-deploy (a SuperLink and four SuperNodes on 127.0.0.1, TLS, registered node
+    keys; each node requires secure aggregation, so a plain train message would be refused). The
+    four clients set up the round and share their keys; d then fails while the others send their
+    masked updates. SecAgg+ recovers d's pairwise masks from the shares its neighbours hold, so the
+    mean is that of a, b and c (within the rounding), and the round records d as failed."""
+    from knowledgesg.federated.deploy import LocalFederation, make_node_key, node_config, submit
+
+    clients, counts = ["a", "b", "c", "d"], {"a": 12, "b": 8, "c": 16, "d": 10}
+    job = FedJob(seed=11, rounds=1, clients=clients, clients_per_round=4, min_clients=3, round_timeout_s=120.0, rule=RuleSettings(name="fedavg"),
+                 training=LocalTraining(steps=2, batch_size=4, max_length=48), lora=LoraShape(r=4), base_model=tiny_base(),
+                 records={c: records_for(c, counts[c]) for c in clients}, secure_aggregation=SETTINGS)
+    directory = tmp_path / "job"
+    directory.mkdir()
+    save_params(directory / INITIAL, initial_params(job.base_model, job.lora, 5))
+    write_json(directory / JOB, job.model_dump(mode="json"))
+    x0 = load_params(directory / INITIAL)
+    runtime = ClientRuntime()
+    sent = {c: runtime.fit(task_for(job, c, 1), x0).update for c in clients}
+
+    monkeypatch.setenv("KSG_RAISE_AT", "fedtune-client-d-round-1")  # every node's environment; in d's train handler: after setup and key sharing
+    with LocalFederation(tmp_path / "federation") as federation:
+        federation.start_superlink()
+        for c in clients:
+            private, public = make_node_key(federation.directory / "keys", c)
+            federation.register(public)
+            federation.start_supernode(c, private, f"{node_config(c, tmp_path)} {secagg.REQUIRED}='required'")
+        submit(directory / JOB, federation.flwr_home, timeout_s=600)
+
+    record = json.loads((directory / ROUNDS).read_text())[0]
+    assert record["extra"]["secure_aggregation"] == {"in_sum": ["a", "b", "c"]}
+    assert list(record["failed"]) == ["d"] and record["num_examples"] == counts["a"] + counts["b"] + counts["c"]
+    plan = secagg.resolve(SETTINGS, 4, None, max(counts.values()))
+    bound = secagg.mean_error_bound(plan, [counts[c] for c in "abc"])
+    step = load_params(directory / FINAL)
+    mean = {n: step[n].astype(np.float64) - x0[n] for n in x0}  # fedavg with server learning rate 1: the global step is the mean
+    survivors = agg.weighted_mean([sent[c] for c in "abc"], [counts[c] for c in "abc"])
+    everyone = agg.weighted_mean([sent[c] for c in clients], [counts[c] for c in clients])
+    assert max_difference(mean, survivors) <= bound + 1e-6  # float32 adapter: a little more rounding than the mean itself
+    assert max_difference(mean, everyone) > 10 * bound  # d's update is not in it (nor, the masks having cancelled, its mask)
