@@ -265,7 +265,7 @@ class Fedtune(Stage):
             counted[entry.client_id] += entry.mechanism.steps
         expected = {c: answered[c] * job.training.steps for c in job.clients}
         exceeded = {c: n for c, n in counted.items() if n > expected[c]}
-        if exceeded or (job.client_dp is None and counted != expected):
+        if exceeded or counted != expected:  # with client-level DP too: a client records every round asked, joined or not
             raise KsgError(f"fedtune: DP-SGD steps reported {counted} differ from the plan {expected} (the releases are in the clients' ledgers)")
 
     def save(self, ctx: StageContext, job: FedJob, final) -> None:
@@ -322,7 +322,9 @@ class Fedtune(Stage):
                 "who_adds_the_noise": "the server (OS entropy)", "who_clips": "each client, before its update leaves",
                 "what_the_server_sees": ("the sum of the clipped updates, before its noise (secure aggregation)" if job.secure_aggregation
                                          else "each client's clipped update"),
-                "participation": "each client's own coin at q = clients_per_round / clients; not recorded in rounds.json",
+                "participation": ("each client's own coin at q = clients_per_round / clients; not recorded in rounds.json or the ledger: a client "
+                                  "records and sends the round's DP-SGD release whether its coin said yes or no (charged to its budget either way), "
+                                  "with no digest of its update. A server that times the replies can still tell: a client that sits out answers sooner"),
                 "trust": TRUST_SERVER_NOISE_SECURE_SUM if job.secure_aggregation else TRUST_SERVER_NOISE,
             }
         return record

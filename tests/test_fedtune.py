@@ -285,6 +285,31 @@ def test_client_level_dp_fedavg_on_private_data_is_listed_apart_from_the_record_
     assert report["clients"][0]["client_level"]["pld"] == pytest.approx(client_level[0]["epsilon"]["pld"], rel=1e-6)
 
 
+def test_with_client_level_dp_the_servers_files_do_not_show_whom_the_coins_chose(tmp_path: Path):
+    """Each client's coin (q = 1/2) decides whether it trains in a round, and the server must not
+    learn the outcome: rounds.json has no `joined`, and the ledger entries the clients send (kept
+    by the server) are one per client and round, alike whether the coin said yes or no, with no
+    digest of the update (a digest of zeros would give a client that sat out away)."""
+    params = dict(FEDTUNE, data="private", local_dp={"target_epsilon": 2.0}, clients_per_round=1, rounds=4,
+                  client_dp={"clip_norm": 0.5, "noise_multiplier": 1.0})
+    assert run_pipeline(tmp_path, params, privacy={"reproducible_noise": True}) == 0  # coins from the seed: the same draws every run
+    stage = tmp_path / "run/stages/fedtune"
+    record_level = [e for e in json.loads((stage / "ledger.json").read_text()) if e["unit"] != "client"]
+    by_round = {(e["client_id"], int(e["artifact"].rsplit("=", 1)[1])): e for e in record_level}
+    assert len(record_level) == len(by_round) == 8  # one entry per client and round, joined or not
+    logs = {c: [json.loads(line) for line in (stage / f"clients/{c}/local_log.jsonl").read_text().splitlines()] for c in ("client_0", "client_1")}
+    joined = {(c, row["round"]): row["joined"] for c, rows in logs.items() for row in rows}  # client side only
+    assert set(joined) == set(by_round) and len(set(joined.values())) == 2  # both outcomes occurred
+    assert all(e["artifact_sha256"] is None for e in record_level)
+    alike = lambda e: {k: v for k, v in e.items() if k not in ("release_id", "released_at", "client_id", "artifact", "release", "num_units", "epsilon", "mechanism")} | {  # noqa: E731
+        "steps": e["mechanism"]["steps"], "sigma": e["mechanism"]["noise_multiplier"]}
+    for r in range(1, 5):
+        assert alike(by_round[("client_0", r)]) == alike(by_round[("client_1", r)])
+    assert all(by_round[key]["release"] == f"fedtune round {key[1]} update: DP-SGD local steps on private data" for key in by_round)
+    rounds = json.loads((stage / "rounds.json").read_text())
+    assert all(r["joined"] is None and r["num_examples"] is None and r["mean_loss"] is None for r in rounds)
+
+
 def test_fedprox_term_pulls_the_update_towards_the_global_adapter(tmp_path: Path):
     from knowledgesg.federated.client import ClientRuntime
     from knowledgesg.federated.server import task_for

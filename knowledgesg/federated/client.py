@@ -155,7 +155,13 @@ class ClientRuntime:
         from knowledgesg.sft import tokenize_example
 
         if not joins_round(task):
-            return ClientUpdate(task.client_id, None, None, None)
+            if task.local_dp is None:
+                return ClientUpdate(task.client_id, None, None, None)
+            # charged as if it had joined, and sent like any other round's release: an entry only for
+            # the rounds a client joined would show the server (its ledger copy) whom the coins chose
+            release = self._record_release(task, None, task.training.steps, ledger_dir)
+            self._log(task, {"round": task.round, "joined": False, "release_id": release.release_id})
+            return ClientUpdate(task.client_id, None, None, None, None, task.training.steps, release.model_dump(mode="json"))
         lora = LoraModel.get(task.base_model, task.lora, task.device)
         lora.set_params(params)
         torch.manual_seed(task_seed(task, "torch"))
@@ -177,7 +183,7 @@ class ClientRuntime:
         if task.local_dp is None:
             return ClientUpdate(task.client_id, encode_update(update, task.update_encoding), len(records), loss, control_delta, dp_steps)
         release = self._record_release(task, update, dp_steps, ledger_dir)
-        self._log(task, {"round": task.round, "examples": len(records), "mean_loss": loss, "dp_steps": dp_steps, "release_id": release.release_id})
+        self._log(task, {"round": task.round, "joined": True, "examples": len(records), "mean_loss": loss, "dp_steps": dp_steps, "release_id": release.release_id})
         return ClientUpdate(task.client_id, encode_update(update, task.update_encoding), None, None, None, dp_steps, release.model_dump(mode="json"))
 
     def records(self, task: ClientTask) -> list[InstructionRecord]:
@@ -198,9 +204,11 @@ class ClientRuntime:
         directory = node_ledger_dir or os.environ.get("KSG_LEDGER_DIR") or task.local_dp.ledger_dir or str(storage / "ledger")
         return ClientLedger.of_data(Path(directory), key)
 
-    def _record_release(self, task: ClientTask, update: Params, dp_steps: int, node_ledger_dir: str | None) -> LedgerEntry:
+    def _record_release(self, task: ClientTask, update: Params | None, dp_steps: int, node_ledger_dir: str | None) -> LedgerEntry:
         """The client's own check and record, before its update leaves: its cap over everything
-        its data ever released, then the ledger entry, fsynced."""
+        its data ever released, then the ledger entry, fsynced. With client-level DP the entry holds
+        no digest of the update: the server (without it, under secure aggregation) would learn from
+        the digest which clients sent zeros."""
         dp: LocalDP = task.local_dp
         origin = "reproducible" if dp.reproducible_noise else "os_entropy"
         mechanism = Mechanism(kind="poisson_gaussian", noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=dp_steps)
@@ -208,7 +216,7 @@ class ClientRuntime:
         check_budget(ledger.entries(), task.client_id, [mechanism], dp.delta, dp.cap_epsilon, f"fedtune round {task.round}")
         entry = LedgerEntry(release_id=new_release_id(), client_id=task.client_id, stage="fedtune",
                             release=f"fedtune round {task.round} update: DP-SGD local steps on private data",
-                            artifact=f"stages/fedtune/rounds.json#round={task.round}", artifact_sha256=update_digest(update),
+                            artifact=f"stages/fedtune/rounds.json#round={task.round}", artifact_sha256=update_digest(update) if task.join_probability is None else None,
                             run_dir=str(self.storage(task).resolve()), released_at=now(), unit=dp.unit, num_units=dp.num_units, delta=dp.delta,
                             mechanism=mechanism, epsilon=epsilons([mechanism], dp.delta), private=origin == "os_entropy", noise=origin,
                             trust=trust_line(origin, mechanism))

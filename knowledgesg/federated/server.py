@@ -341,7 +341,7 @@ def run_federation(job: FedJob, x: Params, transport: Transport, on_round: Calla
             r, asked, None if job.client_dp is not None else [u.client_id for u in updates],
             None if private or None in examples else sum(examples), None if private or not losses else float(np.mean(losses)),
             step, time.perf_counter() - start, extra,
-            [u.release for u in updates if u.release is not None], round_replies.failed, round_replies.tries, round_replies.bytes_down,
+            [u.release for u in round_replies.replies if u.release is not None], round_replies.failed,  # with client-level DP, from every client that answered round_replies.tries, round_replies.bytes_down,
             None if job.client_dp is not None else round_replies.bytes_up,  # with client-level DP, the bytes would count who joined
         )
         history.append(record)
