@@ -8,10 +8,17 @@ statistics of private data, so they stay there (`clients/<id>/private_eval.json`
 Synthetic data: fidelity and diversity per client (eval.fidelity), computed where the private
 data is; those figures are statistics of private data without noise, so they stay on each
 client's side (`clients/<id>/fidelity.json`), never in the server-side report.
+
+On a client's own machine (`ksg run --role client`), its run has no final adapter and no
+synthetic data: those are the server's. `ksg eval RUN --published DIR` takes them from the
+server's `publish` directory copied there (`Published`), so the bank scores the final adapter on
+its private test set and measures the synthetic data made from its DP adapter against its private
+records, on its side, and nothing about them goes back.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -64,8 +71,41 @@ def check_task_files(options: EvalOptions, base_dir: Path) -> None:
         load_task(task, None, options.seed, base_dir)
 
 
-def chosen_targets(run_dir: Path, clients: list[str], which: list[str]) -> list[Target]:
-    return ([Target("base", None)] if "base" in which else []) + of_kinds(targets_of(run_dir, clients), which)
+@dataclass(frozen=True)
+class Published:
+    """The server's `publish` directory (`final_adapter/`, `synthetic_data/`), as a client got it."""
+
+    directory: Path
+
+    @property
+    def final_adapter(self) -> Path:
+        return self.directory / "final_adapter"
+
+    @property
+    def synthetic_data(self) -> Path:
+        return self.directory / "synthetic_data"
+
+    def check(self, run_dir: Path) -> None:
+        """Before any model loads: a published directory whole, and a run without a final adapter of its own."""
+        for path in (self.final_adapter / "adapter_config.json", self.final_adapter / "adapter_model.safetensors", self.synthetic_data / "dataset_info.json"):
+            if not path.is_file():
+                raise InputError(f"{path}: not found (--published takes the server's stages/publish directory, with final_adapter/ and synthetic_data/)")
+        if completed(run_dir, "fedtune"):
+            raise InputError(f"{run_dir}: this run has a final adapter of its own (stages/fedtune); --published is for a client's run (--role client)")
+
+    def synthetic_texts(self, client: str) -> list[str]:
+        """The client's synthetic pairs as texts, as `eval.audit.synthetic_texts` reads them from a run."""
+        import datasets
+
+        rows = datasets.load_from_disk(str(self.synthetic_data))
+        return [f"{r['instruction']}\n{r['input']}\n{r['response']}" for r in rows if r["client_id"] == client]
+
+
+def chosen_targets(run_dir: Path, clients: list[str], which: list[str], published: Published | None = None) -> list[Target]:
+    targets = ([Target("base", None)] if "base" in which else []) + of_kinds(targets_of(run_dir, clients), which)
+    if published is not None and "final" in which:
+        targets.append(Target("final", published.final_adapter))
+    return targets
 
 
 def mean_accuracy(results: dict, mode: str) -> float | None:
@@ -80,18 +120,18 @@ def score_target(target: Target, base: dict, tasks: list[str | DataSource], opti
     return {"tasks": results, "mean_accuracy": {mode: mean_accuracy(results, mode) for mode in options.modes}}
 
 
-def evaluate_run(run_dir: Path, options: EvalOptions, device: str, base_dir: Path = Path(".")) -> dict:
+def evaluate_run(run_dir: Path, options: EvalOptions, device: str, base_dir: Path = Path("."), published: Published | None = None) -> dict:
     """The server-side results: public tasks only (a private test set's figures stay on its client)."""
     base = read_json(run_dir / "stages/prepare_models/models.json")["base"]
     clients = list(read_json(run_dir / "stages/ingest/partition.json")["clients"])
-    models = {target.name: score_target(target, base, options.tasks, options, device, base_dir) for target in chosen_targets(run_dir, clients, options.models)}
+    models = {target.name: score_target(target, base, options.tasks, options, device, base_dir) for target in chosen_targets(run_dir, clients, options.models, published)}
     dp = [m for name, m in models.items() if name.startswith("dp_adapter:")]
     if dp:  # DP fine-tuning evaluated directly: the clients' adapters on average
         models["dp (mean over clients)"] = {"mean_accuracy": {mode: round(sum(m["mean_accuracy"][mode] for m in dp) / len(dp), 4) for mode in options.modes}}
     return {"options": options.model_dump(exclude={"private_tasks"}), "models": models}
 
 
-def evaluate_private(run_dir: Path, options: EvalOptions, device: str, base_dir: Path = Path(".")) -> dict[str, dict]:
+def evaluate_private(run_dir: Path, options: EvalOptions, device: str, base_dir: Path = Path("."), published: Published | None = None) -> dict[str, dict]:
     """Per client with a private test set, on its side: the base model, its own DP adapter and the
     final adapter (the releases it can run locally)."""
     base = read_json(run_dir / "stages/prepare_models/models.json")["base"]
@@ -101,13 +141,13 @@ def evaluate_private(run_dir: Path, options: EvalOptions, device: str, base_dir:
         raise InputError(f"private_tasks: no client '{unknown[0]}' in this run (clients: {', '.join(clients)})")
     results = {}
     for client, tasks in options.private_tasks.items():
-        targets = [t for t in chosen_targets(run_dir, clients, ["base", "dp", "final"]) if t.name in ("base", f"dp_adapter:{client}", "final")]
+        targets = [t for t in chosen_targets(run_dir, clients, ["base", "dp", "final"], published) if t.name in ("base", f"dp_adapter:{client}", "final")]
         results[client] = {"side": f"client:{client}", "models": {t.name: score_target(t, base, tasks, options, device, base_dir) for t in targets}}
     return results
 
 
-def fidelity_run(run_dir: Path, seed: int, device: str) -> dict[str, dict]:
-    """Per client, on the client: synthetic against private texts (only the figures leave)."""
+def fidelity_run(run_dir: Path, seed: int, device: str, published: Published | None = None) -> dict[str, dict]:
+    """Per client, on the client: synthetic against private texts (the figures stay there)."""
     from eval.fidelity import fidelity_report
     from knowledgesg.retrieval import embed, load_embedder
 
@@ -116,7 +156,8 @@ def fidelity_run(run_dir: Path, seed: int, device: str) -> dict[str, dict]:
     if "embedder" not in models:
         return {c: {"skipped": "no models.embedder in the spec"} for c in clients}
     embedder = load_embedder(models["embedder"]["path"], device)
-    return {c: fidelity_report(private_texts(run_dir, c), synthetic_texts(run_dir, c), lambda texts: embed(embedder, texts), seed) for c in clients}
+    synthetic = published.synthetic_texts if published is not None else lambda client: synthetic_texts(run_dir, client)
+    return {c: fidelity_report(private_texts(run_dir, c), synthetic(c), lambda texts: embed(embedder, texts), seed) for c in clients}
 
 
 def check_ready(run_dir: Path) -> None:

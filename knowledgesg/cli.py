@@ -249,11 +249,13 @@ def evaluate(
     modes: Annotated[str, typer.Option(help="comma-separated: logprob, generation")] = "logprob,generation",
     limit: Annotated[int, typer.Option(help="items per task (seeded subset)")] = 200,
     seed: Annotated[int, typer.Option()] = 0,
+    published: Annotated[Path | None, typer.Option(help="on a client's run (--role client): the server's stages/publish directory, copied here; "
+                                                        "its final adapter and synthetic data are evaluated against this client's private data, on its side")] = None,
 ) -> None:
     """Benchmark a run's models (base, each DP adapter, the final adapter) and its synthetic data."""
     from pydantic import ValidationError
 
-    from eval.evaluate import EvalOptions, check_ready, check_task_files, evaluate_private, evaluate_run, fidelity_run, write_eval_outputs
+    from eval.evaluate import EvalOptions, Published, check_ready, check_task_files, evaluate_private, evaluate_run, fidelity_run, write_eval_outputs
     from knowledgesg.errors import InputError
     from knowledgesg.models import resolve_device
     from knowledgesg.runner import load_run_spec
@@ -271,14 +273,17 @@ def evaluate(
         raise InputError(format_validation_error("ksg eval", err)) from None
     spec, _ = load_run_spec(run_dir)
     check_ready(run_dir)
+    server_release = Published(published) if published is not None else None
+    if server_release is not None:
+        server_release.check(run_dir)
     check_task_files(options, Path("."))
     device = resolve_device(spec.models.device)
-    results = evaluate_run(run_dir, options, device)
+    results = evaluate_run(run_dir, options, device, published=server_release)
     _print_eval(results)
-    private_results = evaluate_private(run_dir, options, device)
+    private_results = evaluate_private(run_dir, options, device, published=server_release)
     for client, report in private_results.items():
         console.print(f"{client}'s private test set (client side): " + ", ".join(f"{m} {e['mean_accuracy']}" for m, e in report["models"].items()))
-    fidelity = fidelity_run(run_dir, seed, device)
+    fidelity = fidelity_run(run_dir, seed, device, server_release)
     paths = write_eval_outputs(run_dir / "eval", results, fidelity, private_results)
     for client, report in fidelity.items():
         console.print(f"synthetic data of {client} (client side, computed against its private data): {report}")

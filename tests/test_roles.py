@@ -66,7 +66,8 @@ def federation(tmp_path_factory):
     # reproducible noise (NOT PRIVATE, for this comparison only): the split run must then give
     # the simulation's adapters and data byte for byte
     spec = tiny_spec(clients={"members": members}, privacy={"target_epsilon": 8.0, "reproducible_noise": True},
-                     stages=["prepare_models", "ingest", TRAIN, synth, refine, {"name": "fedtune", "params": FEDTUNE}, "publish"], models={"base": "tiny-random-llama", "professional": "tiny-random-llama"})
+                     stages=["prepare_models", "ingest", TRAIN, synth, refine, {"name": "fedtune", "params": FEDTUNE}, "publish"],
+                     models={"base": "tiny-random-llama", "professional": "tiny-random-llama", "embedder": "tiny-random-embedder"})
     spec_path = write_spec(root, spec)
     exchange = root / "exchange"
     opened = OpenedFiles()
@@ -182,6 +183,32 @@ def test_a_rerun_receives_nothing_new_and_a_tampered_release_is_refused(federati
     adapter.symlink_to(elsewhere)
     with pytest.raises(KsgError, match="a link out of its part"):
         receive_stage(tmp, tampered, "dp_train", list(BANKS), params, 7)
+
+
+def test_a_bank_evaluates_the_servers_published_releases_on_its_own_side(federation, capsys):
+    """bank_a copies the server's publish directory to its machine and runs `ksg eval --published`
+    on its own run: the final adapter is scored on its private test set, and the synthetic data
+    made from its DP adapter is measured against its private records, there. The figures equal the
+    simulation's, and the bank opens no file of another party."""
+    parties = federation["parties"]
+    bank, simulation = parties["bank_a"], parties["simulation"]
+    shutil.copytree(parties["server"] / "run/stages/publish", bank / "published")
+    for directory in (bank, simulation):
+        write_jsonl(directory / "private_test.jsonl", sentiment_rows(5))
+    options = ["--private", "bank_a=private_test.jsonl", "--tasks", "fpb", "--limit", "4", "--modes", "logprob"]
+    code, reads = federation["opened"].run(bank, "eval", "run", *options, "--published", "published")
+    assert code == 0
+    assert run_in(simulation, "eval", "run", *options) == 0
+    mine, simulated = (json.loads((d / "run/eval/clients/bank_a/private_eval.json").read_text()) for d in (bank, simulation))
+    assert set(mine["models"]) == {"base", "dp_adapter:bank_a", "final"} and mine == simulated
+    mine, simulated = (json.loads((d / "run/eval/clients/bank_a/fidelity.json").read_text()) for d in (bank, simulation))
+    assert "skipped" not in mine and mine == simulated
+    others = [parties[p].resolve() for p in parties if p != "bank_a"]
+    assert not [p for p in reads if any(p.is_relative_to(d) for d in others)]
+    # the server's own run has its final adapter: --published there is a mistake, one line, exit 2
+    capsys.readouterr()
+    assert run_in(parties["server"], "eval", "run", "--published", "run/stages/publish", "--tasks", "fpb", "--limit", "2") == 2
+    assert "--published is for a client's run" in capsys.readouterr().err
 
 
 def test_role_mistakes_are_one_line_errors(federation, tmp_path, capsys):
