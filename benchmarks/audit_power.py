@@ -1,10 +1,11 @@
 """Does the audit have power? The same data and canaries, trained without privacy and at epsilon 1, 4 and 8.
 
-Usage:  .venv/bin/python benchmarks/audit_power.py --workdir DIR [--records 600] [--holdout 500] [--canaries 600] [--epochs 4]
+Usage:  .venv/bin/python benchmarks/audit_power.py --workdir DIR [--records 600] [--holdout 500] [--canaries 600] [--kinds rare_words] [--epochs 4]
 
-One client holds FPB training sentences plus canaries of two kinds ("Customer <name> confirmed the
-wire transfer with security code <secret>."): random 6-digit secrets and designed ones of 4 rare
-words, `--canaries` of each, each planted once with probability 1/2 (the one-run design).
+One client holds FPB training sentences plus canaries ("Customer <name> confirmed the wire
+transfer with security code <secret>."): designed ones of 4 rare words (`--kinds rare_words`, the
+default) and, with `--kinds digits,rare_words`, random 6-digit secrets too; `--canaries` of each,
+each planted once with probability 1/2 (the one-run design).
 `--holdout` further sentences are held out as non-members. SmolLM2-135M-Instruct gets a LoRA
 adapter with loss on the whole sequence (as the demo trains its synthesizing model), with no
 noise (NOT PRIVATE) and with DP-SGD calibrated to epsilon 1, 4 and 8; everything else is
@@ -47,7 +48,7 @@ def spec_for(epsilon: float, args) -> dict:
         "models": {"base": "smollm2-135m-instruct"},
         "clients": {"data": [{"builtin": "fpb_train", "sample": args.records}], "partition": {"method": "iid", "num_clients": 1, "names": ["bank_a"]}},
         "privacy": {"target_epsilon": epsilon},
-        "audit": {"canaries": {"client": "bank_a", "count": args.canaries, "kinds": ["digits", "rare_words"], "repeats": 1, "digits": 6, "words": 4},
+        "audit": {"canaries": {"client": "bank_a", "count": args.canaries, "kinds": args.kinds.split(","), "repeats": 1, "digits": 6, "words": 4},
                   "holdout_per_client": args.holdout},
         "stages": ["prepare_models", "ingest", {"name": "dp_train", "params": {
             "loss_on": "all", "epochs": args.epochs, "batch_size": 8, "max_length": 96, "learning_rate": args.lr, "clip_norm": 1.0}}],
@@ -98,11 +99,20 @@ def mia_rows(epsilon: float, report: dict) -> list[str]:
             for name, r in entry["scores"].items()]
 
 
-def designed_against_random(epsilon: float, report: dict) -> str:
+def designed_against_random(epsilon: float, report: dict) -> str | None:
     kinds = report["canaries"]["targets"]["dp_adapter:bank_a"]["kinds"]
+    if not {"digits", "rare_words"} <= set(kinds):
+        return None
     random_tpr, designed_tpr = kinds["digits"]["membership"]["tpr_at_1pct_fpr"], kinds["rare_words"]["membership"]["tpr_at_1pct_fpr"]
     ratio = "inf" if random_tpr == 0 and designed_tpr > 0 else ("n/a" if random_tpr == 0 else f"{designed_tpr / random_tpr:.1f}x")
     return f"| {label(epsilon)} | {random_tpr:.3f} | {designed_tpr:.3f} | {ratio} |"
+
+
+def designed_table(rows: list[str | None]) -> list[str]:
+    rows = [r for r in rows if r is not None]
+    if not rows:
+        return ["Designed against random canaries: this design plants rare-word canaries only; the comparison is in the earlier designs below (14.8x and 43.5x).", ""]
+    return ["## Designed against random canaries: TPR at 1% FPR", "", "| training | random digits | rare words | ratio |", "|---|---|---|---|", *rows, ""]
 
 
 # What the earlier designs gave (kept: an ablation that did not reach the goal is still a result)
@@ -119,13 +129,17 @@ EARLIER = [
     "| 4 epochs, 600 records (500 held out), 400 canaries of each kind, secret-token score, \"in\" guesses; rare words drawn with replacement across canaries | "
     "`benchmarks/audit_power.py --workdir /tmp/ap2` at commit 7219a36 (NOT PRIVATE row only; rare-word AUC 0.910, MIA AUC 0.79-0.85) | 2.118 (78/80 in) | 2.100 | 0.264 / 0.016 | 35 of 201 |",
     "| the same with the rare words disjoint across canaries (float32 scoring) | `benchmarks/audit_power.py --workdir /tmp/ap3 --canaries 400` at commit f33769c (NOT PRIVATE row only; "
-    "rare-word AUC 0.940, MIA AUC 0.82-0.89) | 2.784 (119/120 in) | 2.687 | 0.705 / 0.016 | 119 of 207 |", "",
+    "rare-word AUC 0.940, MIA AUC 0.82-0.89) | 2.784 (119/120 in) | 2.687 | 0.705 / 0.016 | 119 of 207 |",
+    "| the same with 600 canaries of each kind (bfloat16 scoring; `ksg run` 1609 s and `ksg audit` 1445 s beside other jobs) | `benchmarks/audit_power.py --workdir /work/bench/ap4 --kinds digits,rare_words` "
+    "at commit 8f496b1 (NOT PRIVATE row only; rare-word AUC 0.800, digits 0.514, MIA AUC 0.72-0.80) | 1.609 (110/120 in) | 1.598 | 0.201 / 0.014 | not measured |", "",
     "The template text after the secret (\".\", the end of the turn, \"neutral\") is learned by every canary's training alike, by 10-60 nats that vary from "
     "one canary to the next; scoring the secret's own tokens removes it. The low end of the scores says little (an unplanted canary's loss does not rise), "
     "so guessing \"in\" on the top scores and abstaining on the rest certifies more. With 2 epochs a quarter of the planted rare-word canaries stood above "
     "every unplanted one; with 4 epochs, most: an epsilon of 3 at 95% needs about 95 correct guesses in a row, hence 4 epochs and 400 canaries of each kind. "
-    "With disjoint words 119 of the 120 highest rare-word scores were planted (2.78; 120 of 120 would have given 3.15): 600 of each kind put more planted "
-    "canaries above the first unplanted one, and the declared guess counts (shares of the canaries, fixed before any score) grow with them. "
+    "With disjoint words 119 of the 120 highest rare-word scores were planted (2.78; 120 of 120 would have given 3.15). 600 canaries of each kind were meant to "
+    "put more planted canaries above the first unplanted one; instead every canary was memorized less (rare-word AUC 0.94 to 0.80, the training records' MIA AUC "
+    "0.82-0.89 to 0.72-0.80): 1,200 canaries beside 100 sentences share the same adapter (r=8 on q,v) and the same 4 epochs. The random-digit canaries certify "
+    "nothing at any size (AUC 0.51-0.53) and take half that capacity, so this design plants rare-word canaries only. "
     "At that size the unplanted canaries among the top scores shared 2 or 3 of their 4 words with planted ones (half of all unplanted canaries shared at least one): "
     "a planted canary's words lowered their loss too. The rare-word canaries now share no word.", "",
 ]
@@ -137,7 +151,7 @@ def write(args, reports: dict[float, dict], timings: dict) -> None:
         "# Audit power: the same data and canaries, NOT PRIVATE and at epsilon 1, 4, 8", "",
         f"Command: `{command()}`", f"Machine: {machine()}",
         f"Data: {args.records} FPB training sentences in one client, {args.holdout} of them held out as non-members; {args.canaries} canaries of each kind "
-        "(random 6-digit secrets, log2 |R| = 19.9; designed: 4 rare words from a list of 4,096, log2 |R| = 48) planted once each with probability 1/2. "
+        f"({args.kinds}; digits: random 6-digit secrets, log2 |R| = 19.9; rare_words, designed: 4 rare words from a list of 4,096, log2 |R| = 48) planted once each with probability 1/2. "
         f"SmolLM2-135M-Instruct, LoRA r=8 on q,v, loss on all tokens, {args.epochs:g} epochs, batch 8, lr {args.lr}, clip 1.0, seed {args.seed}; "
         "DP-SGD with Poisson sampling, PRV accounting, delta 1e-5.",
         f"Audit: `ksg audit RUN {' '.join(AUDIT_ARGS)}` (models in {next(iter(reports.values()))['options'].get('precision', 'float32') if reports else 'n/a'}). Canary score: the drop of the loss of the secret's own tokens from the base model to the released one. "
@@ -151,8 +165,7 @@ def write(args, reports: dict[float, dict], timings: dict) -> None:
     lines += ["## Canaries: one-run lower bound and the canaries as a membership test", "",
               "| training | claimed epsilon | canaries | planted | correct / guesses | epsilon lower bound (95%) | largest certifiable | TPR at 1% FPR [95% CI] | AUC [95% CI] | mean exposure planted / not (bits, 8 of each kind) | greedy extractions (planted, of the 8) |",
               "|---|---|---|---|---|---|---|---|---|---|---|", *[row for e in order for row in canary_rows(e, reports[e])], "",
-              "## Designed against random canaries: TPR at 1% FPR", "", "| training | random digits | rare words | ratio |", "|---|---|---|---|",
-              *[designed_against_random(e, reports[e]) for e in order], "",
+              *designed_table([designed_against_random(e, reports[e]) for e in order]),
               "## Membership inference of training records (held-out records as non-members)", "",
               "| training | members / non-members | score | AUC [95% CI] | TPR at 1% FPR [95% CI] | TPR at 0.1% FPR |", "|---|---|---|---|---|---|",
               *[row for e in order for row in mia_rows(e, reports[e])], "", *EARLIER,
@@ -165,6 +178,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=600)
     parser.add_argument("--holdout", type=int, default=500)
     parser.add_argument("--canaries", type=int, default=600, help="canaries of each kind")
+    parser.add_argument("--kinds", default="rare_words", help="canary kinds, comma-separated (digits,rare_words: also the designed-against-random table)")
     parser.add_argument("--epochs", type=float, default=4.0)
     parser.add_argument("--lr", type=float, default=0.004)
     parser.add_argument("--seed", type=int, default=7)

@@ -85,20 +85,32 @@ class Published:
     def synthetic_data(self) -> Path:
         return self.directory / "synthetic_data"
 
-    def check(self, run_dir: Path) -> None:
-        """Before any model loads: a published directory whole, and a run without a final adapter of its own."""
+    def check(self, run_dir: Path, role: str, clients: list[str]) -> None:
+        """Before any model loads: a client's run (`role`, as the run was made), and a published
+        directory whole, holding synthetic data of each of `clients`."""
+        if role != "client":
+            raise InputError(f"{run_dir}: --published is for a client's run (ksg run --role client); this run was made by the {role} role "
+                             "(the simulation and the server score their own final adapter)")
         for path in (self.final_adapter / "adapter_config.json", self.final_adapter / "adapter_model.safetensors", self.synthetic_data / "dataset_info.json"):
             if not path.is_file():
                 raise InputError(f"{path}: not found (--published takes the server's stages/publish directory, with final_adapter/ and synthetic_data/)")
-        if completed(run_dir, "fedtune"):
-            raise InputError(f"{run_dir}: this run has a final adapter of its own (stages/fedtune); --published is for a client's run (--role client)")
+        try:
+            found = set(self._rows()["client_id"])
+        except Exception as err:  # a torn or foreign datasets directory: say which, in one line
+            raise InputError(f"{self.synthetic_data}: not a readable datasets directory ({type(err).__name__}: {err})") from None
+        missing = [c for c in clients if c not in found]
+        if missing:
+            raise InputError(f"{self.synthetic_data}: no synthetic data of client '{missing[0]}' (it holds {', '.join(sorted(found)) or 'none'}): "
+                             "published by another run?")
+
+    def _rows(self):
+        import datasets
+
+        return datasets.load_from_disk(str(self.synthetic_data))
 
     def synthetic_texts(self, client: str) -> list[str]:
         """The client's synthetic pairs as texts, as `eval.audit.synthetic_texts` reads them from a run."""
-        import datasets
-
-        rows = datasets.load_from_disk(str(self.synthetic_data))
-        return [f"{r['instruction']}\n{r['input']}\n{r['response']}" for r in rows if r["client_id"] == client]
+        return [f"{r['instruction']}\n{r['input']}\n{r['response']}" for r in self._rows() if r["client_id"] == client]
 
 
 def chosen_targets(run_dir: Path, clients: list[str], which: list[str], published: Published | None = None) -> list[Target]:

@@ -258,7 +258,8 @@ def evaluate(
     from eval.evaluate import EvalOptions, Published, check_ready, check_task_files, evaluate_private, evaluate_run, fidelity_run, write_eval_outputs
     from knowledgesg.errors import InputError
     from knowledgesg.models import resolve_device
-    from knowledgesg.runner import load_run_spec
+    from knowledgesg.fileio import read_json
+    from knowledgesg.runner import load_run_role, load_run_spec
     from knowledgesg.spec import format_validation_error
 
     private_tasks: dict[str, list[str]] = {}
@@ -275,7 +276,7 @@ def evaluate(
     check_ready(run_dir)
     server_release = Published(published) if published is not None else None
     if server_release is not None:
-        server_release.check(run_dir)
+        server_release.check(run_dir, load_run_role(run_dir).kind, list(read_json(run_dir / "stages/ingest/partition.json")["clients"]))
     check_task_files(options, Path("."))
     device = resolve_device(spec.models.device)
     results = evaluate_run(run_dir, options, device, published=server_release)

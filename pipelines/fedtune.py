@@ -323,8 +323,10 @@ class Fedtune(Stage):
                 "what_the_server_sees": ("the sum of the clipped updates, before its noise (secure aggregation)" if job.secure_aggregation
                                          else "each client's clipped update"),
                 "participation": ("each client's own coin at q = clients_per_round / clients; not recorded in rounds.json or the ledger: a client "
-                                  "records and sends the round's DP-SGD release whether its coin said yes or no (charged to its budget either way), "
-                                  "with no digest of its update. A server that times the replies can still tell: a client that sits out answers sooner"),
+                                  "records the round's DP-SGD release before its coin, whatever it says (charged to its budget either way), with no "
+                                  "digest of its update. " + ("Still visible to a server that times the replies: a client that sits out sends zeros sooner"
+                                  if job.secure_aggregation else "Visible to the server in the replies: a client that sits out sends no update (use "
+                                  "secure_aggregation to hide it)")),
                 "trust": TRUST_SERVER_NOISE_SECURE_SUM if job.secure_aggregation else TRUST_SERVER_NOISE,
             }
         return record

@@ -205,10 +205,14 @@ def test_a_bank_evaluates_the_servers_published_releases_on_its_own_side(federat
     assert "skipped" not in mine and mine == simulated
     others = [parties[p].resolve() for p in parties if p != "bank_a"]
     assert not [p for p in reads if any(p.is_relative_to(d) for d in others)]
-    # the server's own run has its final adapter: --published there is a mistake, one line, exit 2
+    # mistakes are one line, exit 2, before any model loads: the server's own run (it has its final adapter), a torn copy
     capsys.readouterr()
     assert run_in(parties["server"], "eval", "run", "--published", "run/stages/publish", "--tasks", "fpb", "--limit", "2") == 2
     assert "--published is for a client's run" in capsys.readouterr().err
+    shutil.copytree(bank / "published", bank / "torn")
+    (bank / "torn/synthetic_data/dataset_info.json").unlink()
+    assert run_in(bank, "eval", "run", "--published", "torn", "--tasks", "fpb", "--limit", "2") == 2
+    assert "torn/synthetic_data/dataset_info.json: not found" in capsys.readouterr().err
 
 
 def test_role_mistakes_are_one_line_errors(federation, tmp_path, capsys):

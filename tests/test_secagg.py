@@ -105,7 +105,8 @@ def test_secure_fedavg_is_plain_fedavg_within_the_quantization_error(runs):
     assert BOUND / 10 < difference <= BOUND + 1e-7  # rounding happened (this went through SecAgg+), and within its bound
     record = json.loads((runs["secure"] / ROUNDS).read_text())[0]
     assert record["clients"] == CLIENTS and record["joined"] == CLIENTS and record["failed"] == {}
-    assert record["extra"]["secure_aggregation"] == {"in_sum": CLIENTS}
+    stages = ("setup", "share_keys", "collect_masked_vectors", "unmask")
+    assert record["extra"]["secure_aggregation"] == {"in_sum": CLIENTS, "answered": dict.fromkeys(stages, CLIENTS)}
     assert record["num_examples"] == sum(COUNTS.values())  # the example counts still travel beside the masked update
 
 
@@ -153,7 +154,7 @@ def test_client_level_dp_adds_noise_to_the_sum_of_updates_clipped_for_the_roundi
             updates, _ = self.fit(tasks, params, None)
             assert set(weights.values()) == {1}  # client-level DP: every client weighs 1
             return SecureSum(agg.weighted_mean([u.update for u in updates], [1.0] * len(updates)), sorted(u.client_id for u in updates),
-                             [], {}, 0)
+                             [], {}, 0, {})
 
     x0 = {"w": np.array([1.0, 1.0])}
     jobs = {secure: FedJob(seed=3, rounds=2, clients=CLIENTS, clients_per_round=3, rule=RuleSettings(), training=LocalTraining(optimizer="sgd"),
@@ -167,7 +168,7 @@ def test_client_level_dp_adds_noise_to_the_sum_of_updates_clipped_for_the_roundi
     [clip] = transport.clips
     assert clip == pytest.approx(expected_clip, abs=1e-12) and clip < 1.0
     assert np.abs(secure["w"] - plain["w"]).max() <= 2 * (1.0 - expected_clip)  # the tighter clip, over two rounds
-    assert history[0].joined is None and history[0].extra["secure_aggregation"] == {"in_sum": CLIENTS}
+    assert history[0].joined is None and history[0].extra["secure_aggregation"] == {"in_sum": CLIENTS, "answered": {}}
 
 
 def test_the_client_mod_sends_zeros_and_no_training_figures_when_its_coin_says_no():
@@ -334,7 +335,9 @@ def test_over_flower_deploy_a_client_that_drops_out_after_sharing_its_keys_is_un
         submit(directory / JOB, federation.flwr_home, timeout_s=600)
 
     record = json.loads((directory / ROUNDS).read_text())[0]
-    assert record["extra"]["secure_aggregation"] == {"in_sum": ["a", "b", "c"]}
+    # d shared its keys and then dropped: its pairwise masks were in the others' vectors and came out at unmasking
+    assert record["extra"]["secure_aggregation"] == {"in_sum": ["a", "b", "c"], "answered": {
+        "setup": clients, "share_keys": clients, "collect_masked_vectors": ["a", "b", "c"], "unmask": ["a", "b", "c"]}}
     assert list(record["failed"]) == ["d"] and record["num_examples"] == counts["a"] + counts["b"] + counts["c"]
     plan = secagg.resolve(SETTINGS, 4, None, max(counts.values()))
     bound = secagg.mean_error_bound(plan, [counts[c] for c in "abc"])

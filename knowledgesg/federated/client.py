@@ -150,24 +150,51 @@ class ClientRuntime:
     def fit(self, task: ClientTask, params: Params, server_control: Params | None = None, client_control: Params | None = None,
             ledger_dir: str | None = None) -> ClientUpdate:
         """`ledger_dir`: the node's own ledger directory (a SuperNode's setting), if it has one."""
+        if task.local_dp is not None and task.join_probability is not None:
+            return self._fit_client_level(task, params, ledger_dir)
+        if not joins_round(task):
+            return ClientUpdate(task.client_id, None, None, None)
+        records = self._records_to_train(task)
+        update, loss, control_delta, dp_steps = self._train(task, params, records, server_control, client_control)
+        if task.local_dp is None:
+            return ClientUpdate(task.client_id, encode_update(update, task.update_encoding), len(records), loss, control_delta, dp_steps)
+        release = self._record_release(task, update, dp_steps, ledger_dir)
+        self._log(task, {"round": task.round, "examples": len(records), "mean_loss": loss, "dp_steps": dp_steps, "release_id": release.release_id})
+        return ClientUpdate(task.client_id, encode_update(update, task.update_encoding), None, None, None, dp_steps, release.model_dump(mode="json"))
+
+    def _fit_client_level(self, task: ClientTask, params: Params, ledger_dir: str | None) -> ClientUpdate:
+        """Client-level DP on private data: what the server can see must not depend on the client's
+        coin. So the checks that can fail (the records, their privacy units, the budget) and the
+        round's ledger entry come first, for either outcome: the entry is charged as if the client
+        joined, holds no digest of its update, and is written before any training (an entry only for
+        the rounds a client joined, or a later one, would show the server whom the coins chose).
+        Then the coin; a client that sits out sends no update (zeros under secure aggregation)."""
+        records = self._records_to_train(task)
+        self._privacy_units(task, records)
+        release = self._record_release(task, None, task.training.steps, ledger_dir)
+        if not joins_round(task):
+            self._log(task, {"round": task.round, "joined": False, "release_id": release.release_id})
+            return ClientUpdate(task.client_id, None, None, None, None, task.training.steps, release.model_dump(mode="json"))
+        update, loss, _, dp_steps = self._train(task, params, records, None, None)
+        self._log(task, {"round": task.round, "joined": True, "examples": len(records), "mean_loss": loss, "dp_steps": dp_steps, "release_id": release.release_id})
+        return ClientUpdate(task.client_id, encode_update(update, task.update_encoding), None, None, None, dp_steps, release.model_dump(mode="json"))
+
+    def _records_to_train(self, task: ClientTask) -> list[InstructionRecord]:
+        records = self.records(task)
+        if not records:
+            raise InputError(f"client '{task.client_id}': no training records for round {task.round}")
+        return records
+
+    def _train(self, task: ClientTask, params: Params, records: list[InstructionRecord], server_control: Params | None,
+               client_control: Params | None) -> tuple[Params, float | None, Params | None, int]:
+        """(the update, clipped if the task says so; mean loss; SCAFFOLD's control delta; DP-SGD steps)."""
         import torch
 
         from knowledgesg.sft import tokenize_example
 
-        if not joins_round(task):
-            if task.local_dp is None:
-                return ClientUpdate(task.client_id, None, None, None)
-            # charged as if it had joined, and sent like any other round's release: an entry only for
-            # the rounds a client joined would show the server (its ledger copy) whom the coins chose
-            release = self._record_release(task, None, task.training.steps, ledger_dir)
-            self._log(task, {"round": task.round, "joined": False, "release_id": release.release_id})
-            return ClientUpdate(task.client_id, None, None, None, None, task.training.steps, release.model_dump(mode="json"))
         lora = LoraModel.get(task.base_model, task.lora, task.device)
         lora.set_params(params)
         torch.manual_seed(task_seed(task, "torch"))
-        records = self.records(task)
-        if not records:
-            raise InputError(f"client '{task.client_id}': no training records for round {task.round}")
         examples = [tokenize_example(lora.tokenizer, r, task.training.max_length, task.training.loss_on) for r in records]
         if task.local_dp is not None:
             loss, dp_steps = self._fit_dp(task, lora, examples, records)
@@ -180,11 +207,7 @@ class ClientRuntime:
         update = {name: trained[name] - params[name] for name in params}
         if task.update_clip_norm is not None:
             update = clip_update(update, task.update_clip_norm)
-        if task.local_dp is None:
-            return ClientUpdate(task.client_id, encode_update(update, task.update_encoding), len(records), loss, control_delta, dp_steps)
-        release = self._record_release(task, update, dp_steps, ledger_dir)
-        self._log(task, {"round": task.round, "joined": True, "examples": len(records), "mean_loss": loss, "dp_steps": dp_steps, "release_id": release.release_id})
-        return ClientUpdate(task.client_id, encode_update(update, task.update_encoding), None, None, None, dp_steps, release.model_dump(mode="json"))
+        return update, loss, control_delta, dp_steps
 
     def records(self, task: ClientTask) -> list[InstructionRecord]:
         if task.records is not None:
@@ -269,14 +292,20 @@ class ClientRuntime:
             self.controls[task.client_id] = new_c
         return float(np.mean(losses)), control_delta
 
+    @staticmethod
+    def _privacy_units(task: ClientTask, records: list[InstructionRecord]):
+        dp = task.local_dp
+        units = privacy_units(records, dp.unit, dp.max_records_per_user)
+        if units.count != dp.num_units:
+            raise KsgError(f"client '{task.client_id}': the plan assumed {dp.num_units} privacy units, this client has {units.count}; refusing to train")
+        return units
+
     def _fit_dp(self, task: ClientTask, lora: LoraModel, examples, records: list[InstructionRecord]) -> tuple[float | None, int]:
         from knowledgesg.sft import make_optimizer, unit_batch, unit_loss_on, unit_widths
         from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches, poisson_batches
 
         t, dp = task.training, task.local_dp
-        units = privacy_units(records, dp.unit, dp.max_records_per_user)
-        if units.count != dp.num_units:
-            raise KsgError(f"client '{task.client_id}': the plan assumed {dp.num_units} privacy units, this client has {units.count}; refusing to train")
+        units = self._privacy_units(task, records)
         expected = dp.sample_rate * units.count
         coins = SecureRandom.for_release(dp.reproducible_noise, task.seed, "fedtune", task.client_id, task.round, "sampler")
         noise = SecureRandom.for_release(dp.reproducible_noise, task.seed, "fedtune", task.client_id, task.round, "noise")

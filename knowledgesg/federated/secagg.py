@@ -162,6 +162,7 @@ class SecureSum:
     replies: list[ClientUpdate]  # what else they sent (update None: the server never has it)
     failed: dict[str, str]  # client asked -> why it is not in the sum
     bytes_up: int  # the masked vectors
+    answered: dict[str, list[str]]  # protocol stage (setup, share_keys, collect_masked_vectors, unmask) -> the clients that answered it
 
 
 # -- server ---------------------------------------------------------------------------------
@@ -174,11 +175,16 @@ class RecordingGrid:
         self.grid = grid
         self.errors: dict[int, str] = {}  # node -> the first error it replied with
         self.masked_bytes = 0
+        self.answered: dict[str, list[int]] = {}  # protocol stage -> the nodes that answered it
 
     def send_and_receive(self, messages, *, timeout: float | None = None):
         from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
+        messages = list(messages)
+        stages = {m.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE] for m in messages if RECORD_KEY_CONFIGS in m.content.config_records}
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        for stage in stages:  # one stage per call
+            self.answered.setdefault(str(stage), []).extend(r.metadata.src_node_id for r in replies if not r.has_error())
         for reply in replies:
             if reply.has_error():
                 self.errors.setdefault(reply.metadata.src_node_id, reply.error.reason)
@@ -240,7 +246,8 @@ def secure_sum(grid, nodes: dict[str, int], tasks: list[ClientTask], params: Par
     replies = {client_of[proxy.node_id]: reply_metadata(client_of[proxy.node_id], fit_res.metrics) for proxy, fit_res in strategy.results}
     mean = dict(zip(names, parameters_to_ndarrays(strategy.results[0][1].parameters)))  # every FitRes carries the aggregate
     failed = {c: recorder.errors.get(nodes[c], f"no reply within {timeout_s:g} s" if timeout_s else "no reply") for c in asked if c not in replies}
-    return SecureSum(mean, [c for c in asked if c in replies], [replies[c] for c in asked if c in replies], failed, recorder.masked_bytes)
+    answered = {stage: [c for c in asked if nodes[c] in nodes_of] for stage, nodes_of in recorder.answered.items()}
+    return SecureSum(mean, [c for c in asked if c in replies], [replies[c] for c in asked if c in replies], failed, recorder.masked_bytes, answered)
 
 
 def reply_metadata(client: str, metrics: dict) -> ClientUpdate:

@@ -329,7 +329,8 @@ def run_federation(job: FedJob, x: Params, transport: Transport, on_round: Calla
             round_replies, secure = secure_round(job, transport, asked, r, x)
             updates = round_replies.replies
             new_x = aggregate_mean(job, x, secure.mean, len(secure.in_sum), state, noise)
-            extra["secure_aggregation"] = {"in_sum": secure.in_sum}  # with client-level DP, every client that answered (zeros if its coin said no)
+            # with client-level DP, every client that answered (zeros if its coin said no)
+            extra["secure_aggregation"] = {"in_sum": secure.in_sum, "answered": secure.answered}
         step = np.sqrt(sum(float(((new_x[n] - x[n]) ** 2).sum()) for n in x))
         x = {n: v.astype(np.float32) for n, v in new_x.items()}
         private = job.local_dp is not None
@@ -341,7 +342,8 @@ def run_federation(job: FedJob, x: Params, transport: Transport, on_round: Calla
             r, asked, None if job.client_dp is not None else [u.client_id for u in updates],
             None if private or None in examples else sum(examples), None if private or not losses else float(np.mean(losses)),
             step, time.perf_counter() - start, extra,
-            [u.release for u in round_replies.replies if u.release is not None], round_replies.failed,  # with client-level DP, from every client that answered round_replies.tries, round_replies.bytes_down,
+            [u.release for u in round_replies.replies if u.release is not None],  # with client-level DP, from every client that answered
+            round_replies.failed, round_replies.tries, round_replies.bytes_down,
             None if job.client_dp is not None else round_replies.bytes_up,  # with client-level DP, the bytes would count who joined
         )
         history.append(record)
