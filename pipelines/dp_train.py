@@ -172,7 +172,7 @@ class DPTrain(Stage):
         unit_loss = unit_loss_on(device)
 
         lora_before = {n: t.detach().clone() for n, t in model.named_parameters() if t.requires_grad}
-        losses = []
+        losses, checked = [], False
         label = "" if plan.private else f" [{plan.label}]"
         running = RunningEpsilon(plan.noise_multiplier, plan.sample_rate, plan.delta) if plan.noised else None
         with progress_bar() as bar:
@@ -180,8 +180,12 @@ class DPTrain(Stage):
             for step, chosen in enumerate(poisson_batches(len(units), plan.sample_rate, plan.steps, coins)):
                 loss = dp.step([unit_batch(examples, units, mb, tokenizer.pad_token_id) for mb in micro_batches(chosen, rows_per_unit, widths, p.max_physical_batch)], unit_loss)
                 losses.append({"step": step + 1, "units": len(chosen), "loss": None if loss is None else round(loss, 6)})
-                if step == 0 or (step == 1 and losses[0]["loss"] is None):
+                # once, after the first step that must move the adapter: with noise, any step; without
+                # (NOT PRIVATE), the first whose Poisson sample was not empty (two empty ones in a row
+                # happen, and failed the check now and then)
+                if not checked and (plan.noised or loss is not None):
                     self._check_adapter_moved(model, lora_before)
+                    checked = True
                 spent = f" epsilon {running(step + 1):.2f} (RDP)" if running else ""
                 bar.update(task, advance=1, description=f"dp_train {plan.client_id}{label}{spent}")
         history = dp.accounted_history()
