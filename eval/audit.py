@@ -85,8 +85,9 @@ class AuditOptions(BaseModel):
 
 @dataclass
 class Target:
-    name: str  # "dp_adapter:<client>" or "final"
-    adapter_dir: Path | None  # None: the base model itself
+    name: str  # "dp_adapter:<client>", "final", "base" or "professional"
+    adapter_dir: Path | None  # None: the model itself
+    model_role: str = "base"  # the models.json entry the adapter is merged into
 
     @property
     def release(self) -> str:
@@ -266,6 +267,15 @@ def targets_of(run_dir: Path, clients: list[str]) -> list[Target]:
     if completed(run_dir, "fedtune"):
         found.append(Target("final", run_dir / "stages/fedtune/adapter"))
     return found
+
+
+def professional_target(run_dir: Path) -> Target | None:
+    """The professional model as the run's `refine` used it: tuned by `tune_professional` (public
+    data) if that stage completed, else as named in `models.professional`; None without one."""
+    if "professional" not in read_json(run_dir / "stages/prepare_models/models.json"):
+        return None
+    tuned = run_dir / "stages/tune_professional/adapter"
+    return Target("professional", tuned if completed(run_dir, "tune_professional") else None, "professional")
 
 
 def of_kinds(targets: list[Target], kinds: list[str]) -> list[Target]:

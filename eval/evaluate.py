@@ -24,7 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from eval.audit import Target, completed, load_target, of_kinds, private_texts, synthetic_texts, targets_of
+from eval.audit import Target, completed, load_target, of_kinds, private_texts, professional_target, synthetic_texts, targets_of
 from eval.benchmarks import TASKS, evaluate_model, is_task_file, load_task, task_name
 from knowledgesg.console import console
 from knowledgesg.errors import InputError
@@ -42,7 +42,8 @@ class EvalOptions(BaseModel):
     tasks: list[str | DataSource] = Field(default_factory=lambda: ["fpb", "fiqa", "tfns"], description="built-in benchmarks, or public test files (a path, or {path, fields, ...})")
     private_tasks: dict[str, list[str | DataSource]] = Field(default_factory=dict, description="client -> its private test files, scored on its side")
     modes: list[Literal["logprob", "generation"]] = Field(default_factory=lambda: ["logprob", "generation"], min_length=1)
-    models: list[Literal["base", "dp", "final"]] = Field(default_factory=lambda: ["base", "dp", "final"], min_length=1)
+    models: list[Literal["base", "dp", "final", "professional"]] = Field(default_factory=lambda: ["base", "dp", "final"], min_length=1,
+                                                                         description="'professional': the professional model as refine used it (tuned, if tune_professional ran)")
     limit: int | None = Field(default=200, ge=1, description="items per task (a seeded subset, the same for every model)")
     fidelity: bool = True
     batch_size: int = Field(default=8, ge=1)
@@ -117,6 +118,11 @@ def chosen_targets(run_dir: Path, clients: list[str], which: list[str], publishe
     targets = ([Target("base", None)] if "base" in which else []) + of_kinds(targets_of(run_dir, clients), which)
     if published is not None and "final" in which:
         targets.append(Target("final", published.final_adapter))
+    if "professional" in which:
+        professional = professional_target(run_dir)
+        if professional is None:
+            raise InputError("evaluate: models lists 'professional' but the spec names no models.professional")
+        targets.append(professional)
     return targets
 
 
@@ -125,18 +131,18 @@ def mean_accuracy(results: dict, mode: str) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
 
-def score_target(target: Target, base: dict, tasks: list[str | DataSource], options: EvalOptions, device: str, base_dir: Path) -> dict:
+def score_target(target: Target, models: dict, tasks: list[str | DataSource], options: EvalOptions, device: str, base_dir: Path) -> dict:
     console.print(f"eval: {target.name} on {', '.join(task_name(t) for t in tasks)}")
-    model, tokenizer = load_target(base, target.adapter_dir, device)
+    model, tokenizer = load_target(models[target.model_role], target.adapter_dir, device)
     results = evaluate_model(model, tokenizer, tasks, list(options.modes), options.limit, options.seed, options.batch_size, device, base_dir)
     return {"tasks": results, "mean_accuracy": {mode: mean_accuracy(results, mode) for mode in options.modes}}
 
 
 def evaluate_run(run_dir: Path, options: EvalOptions, device: str, base_dir: Path = Path("."), published: Published | None = None) -> dict:
     """The server-side results: public tasks only (a private test set's figures stay on its client)."""
-    base = read_json(run_dir / "stages/prepare_models/models.json")["base"]
+    resolved = read_json(run_dir / "stages/prepare_models/models.json")
     clients = list(read_json(run_dir / "stages/ingest/partition.json")["clients"])
-    models = {target.name: score_target(target, base, options.tasks, options, device, base_dir) for target in chosen_targets(run_dir, clients, options.models, published)}
+    models = {target.name: score_target(target, resolved, options.tasks, options, device, base_dir) for target in chosen_targets(run_dir, clients, options.models, published)}
     dp = [m for name, m in models.items() if name.startswith("dp_adapter:")]
     if dp:  # DP fine-tuning evaluated directly: the clients' adapters on average
         models["dp (mean over clients)"] = {"mean_accuracy": {mode: round(sum(m["mean_accuracy"][mode] for m in dp) / len(dp), 4) for mode in options.modes}}
@@ -146,7 +152,7 @@ def evaluate_run(run_dir: Path, options: EvalOptions, device: str, base_dir: Pat
 def evaluate_private(run_dir: Path, options: EvalOptions, device: str, base_dir: Path = Path("."), published: Published | None = None) -> dict[str, dict]:
     """Per client with a private test set, on its side: the base model, its own DP adapter and the
     final adapter (the releases it can run locally)."""
-    base = read_json(run_dir / "stages/prepare_models/models.json")["base"]
+    resolved = read_json(run_dir / "stages/prepare_models/models.json")
     clients = list(read_json(run_dir / "stages/ingest/partition.json")["clients"])
     unknown = [c for c in options.private_tasks if c not in clients]
     if unknown:
@@ -154,7 +160,7 @@ def evaluate_private(run_dir: Path, options: EvalOptions, device: str, base_dir:
     results = {}
     for client, tasks in options.private_tasks.items():
         targets = [t for t in chosen_targets(run_dir, clients, ["base", "dp", "final"], published) if t.name in ("base", f"dp_adapter:{client}", "final")]
-        results[client] = {"side": f"client:{client}", "models": {t.name: score_target(t, base, tasks, options, device, base_dir) for t in targets}}
+        results[client] = {"side": f"client:{client}", "models": {t.name: score_target(t, resolved, tasks, options, device, base_dir) for t in targets}}
     return results
 
 

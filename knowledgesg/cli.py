@@ -245,7 +245,7 @@ def evaluate(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run directory")],
     tasks: Annotated[str, typer.Option(help="comma-separated: fpb, fiqa, tfns, pubmedqa, medqa, or test files of your own (.jsonl/.json/.csv/.parquet)")] = "fpb,fiqa,tfns",
     private: Annotated[list[str] | None, typer.Option(help="CLIENT=FILE: a client's private test set, scored on its side (repeatable)")] = None,
-    models: Annotated[str, typer.Option(help="comma-separated: base, dp, final")] = "base,dp,final",
+    models: Annotated[str, typer.Option(help="comma-separated: base, dp, final, professional")] = "base,dp,final",
     modes: Annotated[str, typer.Option(help="comma-separated: logprob, generation")] = "logprob,generation",
     limit: Annotated[int, typer.Option(help="items per task (seeded subset)")] = 200,
     seed: Annotated[int, typer.Option()] = 0,

@@ -21,8 +21,9 @@ from pipelines.publish import Publish
 from pipelines.refine import Refine
 from pipelines.structure import Structure
 from pipelines.synthesize import Synthesize
+from pipelines.tune_professional import TuneProfessional
 
-STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (PrepareModels, Ingest, Structure, DPTrain, Synthesize, Refine, Fedtune, Evaluate, Publish)}
+STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (PrepareModels, Ingest, Structure, DPTrain, Synthesize, TuneProfessional, Refine, Fedtune, Evaluate, Publish)}
 
 __all__ = ["STAGES", "build_stages", "load_pipeline", "parse_pipeline", "validate_pipeline"]
 

@@ -24,17 +24,23 @@ from collections import Counter
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from eval.audit import load_target
+from eval.benchmarks import choice_ids, context_ids
 from knowledgesg.console import console
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_jsonl
 from knowledgesg.generation import SamplingParams
 from knowledgesg.loaders import load_example_pool, source_path
+from knowledgesg.prompts import user_message
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import DataSource, PipelineSpec
 from knowledgesg.stage import Stage, StageContext
+from pipelines.tune_professional import tuned_professional_adapter
 
 # Written for any domain; a spec can replace them with its own public examples.
 DEFAULT_BAD_EXAMPLES = [
@@ -59,11 +65,17 @@ class RefineParams(BaseModel):
     example_words: int = Field(default=60, ge=5, description="a pool example is cut to this many words in a prompt")
     sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(do_sample=False, max_new_tokens=96))
     batch_size: int = Field(default=8, ge=1)
+    label_source: Literal["professional", "agreement", "confident"] = Field(
+        default="professional", description="a labelled task's answer: the professional's label; only pairs where it agrees with the DP model's; "
+                                            "or the professional's where it is at least min_label_confidence sure, else the DP model's")
+    min_label_confidence: float = Field(default=0.6, gt=0, le=1, description="with label_source: confident")
 
     @model_validator(mode="after")
     def _enough_labels(self) -> RefineParams:
         if self.labels is not None and len(self.labels) < 2:
             raise ValueError("labels: a labelled task needs at least two labels")
+        if self.labels is None and self.label_source != "professional":
+            raise ValueError(f"label_source: {self.label_source} needs labels (a labelled task)")
         return self
 
 
@@ -106,6 +118,14 @@ def balanced_shots(pool: list[InstructionRecord], labels: list[str] | None, coun
     by_label = {label: [r for r in pool if r.response.strip().lower() == label.lower()] for label in labels}
     shots = [r for group in zip_longest(*by_label.values()) for r in group if r is not None]
     return shots[:count]
+
+
+def direct_choice_logprobs(model, tokenizer, contexts: list[list[int]], choices: list[list[int]], batch_size: int, device: str, progress: str) -> np.ndarray:
+    """[len(contexts), len(choices)] summed log-probabilities of each tokenized choice after each context."""
+    from knowledgesg.scoring import continuation_logprobs, pad_id
+
+    scores = continuation_logprobs(model, [c for c in contexts for _ in choices], [choice for _ in contexts for choice in choices], pad_id(tokenizer), batch_size, device, progress)
+    return np.array([float(s.sum()) for s in scores]).reshape(len(contexts), len(choices))
 
 
 def fluency_scores(model, tokenizer, texts: list[str], batch_size: int, device: str) -> list[float]:
@@ -157,7 +177,7 @@ class Refine(Stage):
         return [source_path(self.params.pool, base_dir)]
 
     def run(self, ctx: StageContext) -> None:
-        from knowledgesg.models import ResolvedModel, load_causal_lm, resolve_device
+        from knowledgesg.models import resolve_device
 
         p: RefineParams = self.params
         models = ctx.read_artifact_json("prepare_models", "models.json")
@@ -168,20 +188,22 @@ class Refine(Stage):
         good = [clip_words(candidate_text(r), p.example_words) for r in shots]
         partition = ctx.read_artifact_json("ingest", "partition.json")
         device = resolve_device(ctx.spec.models.device)
-        model, tokenizer = load_causal_lm(ResolvedModel(**models["professional"]), device)
+        tuned = tuned_professional_adapter(ctx)
+        model, tokenizer = load_target(models["professional"], tuned, device)
         summary = {}
         for client_id in partition["clients"]:
             rows = read_jsonl(ctx.artifact("synthesize", f"clients/{client_id}/synthetic.jsonl"))
             records = [InstructionRecord.model_validate({k: v for k, v in r.items() if k != "provenance"}) for r in rows]
-            decisions, kept = self.refine_client(ctx, client_id, model, tokenizer, device, rows, records, good, shots)
+            decisions, kept = self.refine_client(ctx, client_id, model, tokenizer, device, rows, records, good, shots, tuned is not None)
             ctx.write_jsonl(f"clients/{client_id}/decisions.jsonl", decisions, records=False)
             ctx.write_jsonl(f"clients/{client_id}/refined.jsonl", kept)
             summary[client_id] = self.client_summary(decisions, kept)
             console.print(f"refine {client_id}: kept {len(kept)} of {len(rows)}; {summary[client_id]['dropped_by_reason']}")
-        ctx.write_json("summary.json", {"professional_model": models["professional"]["name"], "method": "judge p(yes) by log-probability", "clients": summary})
+        ctx.write_json("summary.json", {"professional_model": models["professional"]["name"], "tuned_by": "tune_professional (public data)" if tuned else None,
+                                        "method": "judge p(yes) by log-probability", "label_source": p.label_source if p.labels else None, "clients": summary})
 
     def refine_client(self, ctx: StageContext, client_id: str, model, tokenizer, device: str, rows: list[dict], records: list[InstructionRecord],
-                      good: list[str], shots: list[InstructionRecord]) -> tuple[list[dict], list[dict]]:
+                      good: list[str], shots: list[InstructionRecord], tuned: bool) -> tuple[list[dict], list[dict]]:
         from knowledgesg.scoring import choice_logprobs, normalized_choice_probs
 
         p: RefineParams = self.params
@@ -193,7 +215,7 @@ class Refine(Stage):
         fluency = fluency_scores(model, tokenizer, texts, p.batch_size, device)
         verdicts = decide(p_yes, p.threshold, p.keep_top_fraction, fluency, p.min_fluency)
         chosen = [i for i, v in enumerate(verdicts) if v.kept]
-        responses = self.distil(ctx, client_id, model, tokenizer, device, [records[i] for i in chosen], shots)
+        responses = self.distil(ctx, client_id, model, tokenizer, device, [records[i] for i in chosen], shots, tuned)
         decisions, kept = [], []
         for i, record in enumerate(records):
             verdict = verdicts[i]
@@ -203,6 +225,9 @@ class Refine(Stage):
                 new = responses[chosen.index(i)]
                 if new["response"] is None:
                     decision.update(kept=False, reason=f"{verdict.reason}; professional answer empty", dropped_by="empty answer")
+                elif new.get("labels_disagree"):
+                    decision.update(kept=False, reason=f"{verdict.reason}; the professional labels it {new['professional_label']}, the DP model {record.response.strip()}",
+                                    dropped_by="labels disagree")
                 else:
                     decision.update({k: v for k, v in new.items() if k != "response"}, refined_response=new["response"])
                     provenance = dict(rows[i].get("provenance") or {})
@@ -211,8 +236,10 @@ class Refine(Stage):
             decisions.append(decision)
         return decisions, kept
 
-    def distil(self, ctx: StageContext, client_id: str, model, tokenizer, device: str, records: list[InstructionRecord], shots: list[InstructionRecord]) -> list[dict]:
-        """The professional model's response to each kept record: a label, or a written answer."""
+    def distil(self, ctx: StageContext, client_id: str, model, tokenizer, device: str, records: list[InstructionRecord], shots: list[InstructionRecord],
+               tuned: bool) -> list[dict]:
+        """The professional model's response to each kept record: a label, or a written answer.
+        A professional tuned by `tune_professional` labels in the format it learned, without shots."""
         from knowledgesg.generation import Generator
         from knowledgesg.scoring import choice_logprobs, encode_context, normalized_choice_probs
 
@@ -220,14 +247,29 @@ class Refine(Stage):
         if not records:
             return []
         if p.labels:
-            probs = normalized_choice_probs(choice_logprobs(model, tokenizer, [label_prompt(shots, r, p.example_words) for r in records], [" " + label for label in p.labels], p.batch_size, device,
-                                                             f"refine {client_id}: labelling"))
-            return [{"response": p.labels[int(row.argmax())], "label_probs": {label: round(float(x), 6) for label, x in zip(p.labels, row)},
-                     "label_changed": p.labels[int(row.argmax())].lower() != r.response.strip().lower()} for r, row in zip(records, probs)]
+            if tuned:
+                contexts = [context_ids(tokenizer, user_message(r)) for r in records]
+                table = direct_choice_logprobs(model, tokenizer, contexts, [choice_ids(tokenizer, label) for label in p.labels], p.batch_size, device, f"refine {client_id}: labelling")
+            else:
+                table = choice_logprobs(model, tokenizer, [label_prompt(shots, r, p.example_words) for r in records], [" " + label for label in p.labels], p.batch_size, device,
+                                        f"refine {client_id}: labelling")
+            return [self.labelled(r, row) for r, row in zip(records, normalized_choice_probs(table))]
         generator = Generator(model, tokenizer, p.batch_size, device, stop_at_newline=True)
         prompts = [encode_context(tokenizer, answer_prompt(shots, r, p.example_words)) for r in records]
         answers = generator.generate(prompts, p.sampling, ctx.derive_seed(client_id, "answers"), f"refine {client_id}: answers")
         return [{"response": a.text.strip() or None} for a in answers]
+
+    def labelled(self, record: InstructionRecord, probs) -> dict:
+        """The answer `label_source` picks from the professional's label probabilities and the DP
+        model's own label (the synthetic response)."""
+        p: RefineParams = self.params
+        professional = p.labels[int(probs.argmax())]
+        own = next((label for label in p.labels if label.lower() == record.response.strip().lower()), None)
+        confident = float(probs.max()) >= p.min_label_confidence
+        response = own if p.label_source == "confident" and not confident and own is not None else professional
+        return {"response": response, "professional_label": professional, "label_probs": {label: round(float(x), 6) for label, x in zip(p.labels, probs)},
+                "label_changed": response.lower() != record.response.strip().lower(),
+                "labels_disagree": p.label_source == "agreement" and professional != own}
 
     @staticmethod
     def client_summary(decisions: list[dict], kept: list[dict]) -> dict:

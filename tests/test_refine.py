@@ -151,6 +151,6 @@ def test_open_task_answers_are_written_by_the_professional_model():
         def derive_seed(self, *parts):
             return 3
 
-    answers = Refine(params).distil(Ctx(), "c", model, tokenizer, "cpu", records, shots)
+    answers = Refine(params).distil(Ctx(), "c", model, tokenizer, "cpu", records, shots, tuned=False)
     assert len(answers) == 3 and all(set(a) == {"response"} for a in answers)
     assert all(a["response"] is None or (a["response"] and "\n" not in a["response"]) for a in answers)  # one line, or dropped as empty

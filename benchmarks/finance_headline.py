@@ -1,0 +1,255 @@
+"""The headline where privacy bites: finance with about a thousand records per bank, every private
+alternative beside the pipeline, at the same epsilon per bank.
+
+Usage:  .venv/bin/python benchmarks/finance_headline.py --workdir DIR [--epsilons 8] [--per-source 1800] [--limit 400]
+
+Private data: FPB and TFNS training sentences (their test sentences and repeats removed),
+`--per-source` of each, split over 3 banks by Dirichlet(1.0) over labels with at least
+`--min-bank` records each. Public data: FiQA's training set (872 labelled records). Runs, each a
+`ksg run` of one spec (resumable: a finished run leaves `<run>.done` in the work directory, an
+interrupted one resumes at its last finished stage):
+
+- U (public only): SmolLM2 tuned without noise on FiQA's public training set, the same recipe
+  as dp_train (no private record is read);
+- A<eps>: dp_train at epsilon <eps> -> synthesize -> tune_professional (Gemma 3 270M on FiQA,
+  public) -> refine -> fedtune on the refined data -> evaluate base, professional, DP adapters, final;
+- B<eps>: A's directory copied, fedtune on the unrefined synthetic data;
+- D<eps>: DP-FedAvg: fedtune on the private data with DP-SGD local steps at the same epsilon
+  and about as many steps per bank as dp_train;
+- C (NOT PRIVATE, upper bound): one client holding all banks' records, dp_train without noise.
+
+Accuracy by label log-probability on `--limit` seeded items of each test set (the same items for
+every row), with standard errors (binomial per task; the mean's from the three). "Share of the gap
+closed" = (pipeline - best private alternative among rows 2-4) / (NOT PRIVATE - that alternative).
+Writes benchmarks/results/finance_headline.md (partial results as runs finish).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import command, machine, write_result  # noqa: E402
+from _comparison import client_epsilon, count_lines, run_spec  # noqa: E402
+
+LABELS = ["negative", "neutral", "positive"]
+TASKS = ["fpb", "fiqa", "tfns"]
+BANKS = ["bank_a", "bank_b", "bank_c"]
+SEEDS = [
+    {"instruction": "What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}.", "domain": "finance", "task": "sentiment"},
+    {"instruction": "What is the sentiment of this tweet? Please choose an answer from {negative/neutral/positive}.", "domain": "finance", "task": "sentiment"},
+]
+MODELS = {"base": "smollm2-135m-instruct", "professional": "gemma-3-270m", "embedder": "minilm-l6-v2"}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", type=Path, required=True, help="runs and markers; run again with the same directory to resume")
+    parser.add_argument("--epsilons", default="8", help="comma-separated, per bank (the curve: 1,2,4,8)")
+    parser.add_argument("--per-source", type=int, default=1800, help="FPB and TFNS training sentences each")
+    parser.add_argument("--min-bank", type=int, default=1000, help="records each bank holds at least (the Dirichlet split is redrawn until it does)")
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--batch-size", type=int, default=16, help="dp_train's expected Poisson batch")
+    parser.add_argument("--synthetic", type=int, default=300, help="synthetic pairs per bank")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--local-steps", type=int, default=25)
+    parser.add_argument("--limit", type=int, default=400, help="test items per task")
+    parser.add_argument("--label-source", default="professional", choices=["professional", "agreement", "confident"])
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--only", default=None, help="comma-separated runs to do now (U, A8, B8, D8, C); default all")
+    return parser.parse_args()
+
+
+def private_data(args) -> dict:
+    return {"data": [{"builtin": "fpb_train", "sample": args.per_source}, {"builtin": "tfns_train", "sample": args.per_source}],
+            "partition": {"method": "dirichlet", "alpha": 1.0, "label_field": "response", "names": BANKS, "min_client_records": args.min_bank}}
+
+
+def dp_train(args) -> dict:
+    return {"name": "dp_train", "params": {"loss_on": "all", "epochs": args.epochs, "batch_size": args.batch_size, "max_physical_batch": 16,
+                                           "max_length": 128, "learning_rate": 0.002, "clip_norm": 1.0}}
+
+
+def evaluate(args, models: list[str]) -> dict:
+    return {"name": "evaluate", "params": {"tasks": TASKS, "modes": ["logprob"], "models": models, "limit": args.limit, "fidelity": False}}
+
+
+def spec(args, name: str, epsilon: float, clients: dict, stages: list) -> dict:
+    return {"name": f"headline-{name}", "seed": args.seed, "models": MODELS, "clients": clients,
+            "privacy": {"target_epsilon": epsilon, "unit": "record"}, "stages": ["prepare_models", "ingest", *stages]}
+
+
+def fedtune(args, synthetic_stage: str) -> dict:
+    return {"name": "fedtune", "params": {"engine": "local", "synthetic_stage": synthetic_stage, "rounds": args.rounds, "rule": {"name": "fedavg"},
+                                          "training": {"steps": args.local_steps, "batch_size": 8, "max_length": 128, "learning_rate": 0.002, "loss_on": "response"}}}
+
+
+def synthesis(args) -> list[dict]:
+    return [
+        {"name": "synthesize", "params": {"per_client": args.synthetic, "oversample": 2.0, "labels": LABELS, "class_balance": "uniform", "seeds": SEEDS,
+                                          "sampling": {"max_new_tokens": 48, "temperature": 0.9, "top_p": 0.95}, "response_max_new_tokens": 8,
+                                          "min_words": 5, "max_words": 60, "batch_size": 32}},
+        {"name": "tune_professional", "params": {"data": {"builtin": "fiqa_train"}, "epochs": 2, "batch_size": 8, "learning_rate": 0.001, "max_length": 128}},
+        {"name": "refine", "params": {"pool": {"builtin": "fiqa_train"}, "labels": LABELS, "shots": 6, "threshold": 0.5, "min_fluency": -6.5, "label_source": args.label_source,
+                                      "task": "financial sentiment analysis: a single news headline or tweet about markets or companies"}},
+    ]
+
+
+def eps_name(epsilon: float) -> str:
+    return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
+
+
+def plan(args) -> dict[str, dict]:
+    """Every run's spec by name, in the order they run (the most telling first)."""
+    runs = {"U": spec(args, "public", math.inf, {"data": [{"builtin": "fiqa_train"}], "partition": {"method": "iid", "names": ["public"]}},
+                      [dp_train(args), evaluate(args, ["dp"])])}
+    for epsilon in [float(e) for e in args.epsilons.split(",")]:
+        e = eps_name(epsilon)
+        runs[f"A{e}"] = spec(args, f"pipeline-{e}", epsilon, private_data(args),
+                             [dp_train(args), *synthesis(args), fedtune(args, "refine"), evaluate(args, ["base", "professional", "dp", "final"])])
+        runs[f"B{e}"] = spec(args, f"pipeline-{e}", epsilon, private_data(args), [dp_train(args), *synthesis(args), fedtune(args, "synthesize"), evaluate(args, ["final"])])
+        steps = max(1, round(args.epochs * args.min_bank / args.batch_size / args.rounds))
+        runs[f"D{e}"] = spec(args, f"dp-fedavg-{e}", epsilon, private_data(args), [
+            {"name": "fedtune", "params": {"engine": "local", "data": "private", "rounds": args.rounds, "rule": {"name": "fedavg"},
+                                           "local_dp": {"target_epsilon": epsilon, "clip_norm": 1.0},
+                                           "training": {"steps": steps, "batch_size": args.batch_size, "max_length": 128, "learning_rate": 0.002, "loss_on": "all"}}},
+            evaluate(args, ["final"])])
+    pooled = dict(private_data(args), partition={"method": "iid", "names": ["pooled"]})
+    runs["C"] = spec(args, "nonprivate-pooled", math.inf, pooled, [dp_train(args), evaluate(args, ["dp"])])
+    return runs
+
+
+def run(args, name: str, spec_: dict, times: dict) -> None:
+    workdir: Path = args.workdir
+    marker = workdir / f"{name}.done"
+    if marker.is_file():
+        return
+    run_dir = workdir / name
+    if name.startswith("B") and not (run_dir / "stages").is_dir():  # A's stages up to refine are reused, not recomputed
+        shutil.copytree(workdir / f"A{name[1:]}", run_dir)
+    print(f"[{time.strftime('%H:%M:%S')}] run {name}", flush=True)
+    seconds = run_spec(workdir, spec_, run_dir)
+    times[name] = round(times.get(name, 0) + seconds, 1)
+    (workdir / "times.json").write_text(json.dumps(times, indent=1))
+    marker.touch()
+
+
+def results(run_dir: Path) -> dict:
+    path = run_dir / "stages/evaluate/results.json"
+    return json.loads(path.read_text())["models"] if path.is_file() else {}
+
+
+def scores(entry: dict) -> tuple[dict[str, float], dict[str, float]]:
+    """Accuracy per task and its binomial standard error."""
+    acc, se = {}, {}
+    for task in TASKS:
+        s = entry["tasks"][task]["logprob"]
+        acc[task], se[task] = s["accuracy"], math.sqrt(s["accuracy"] * (1 - s["accuracy"]) / s["n"])
+    return acc, se
+
+
+def mean_of(acc: dict[str, float], se: dict[str, float]) -> tuple[float, float]:
+    return sum(acc.values()) / len(acc), math.sqrt(sum(v * v for v in se.values())) / len(se)
+
+
+def row_entries(workdir: Path, e: str) -> list[tuple[str, str, dict | list[dict] | None]]:
+    """(row number, label, its results entry or entries) for one epsilon; None where not run yet."""
+    a, b, c, d, u = (results(workdir / n) for n in (f"A{e}", f"B{e}", "C", f"D{e}", "U"))
+    dp = [a[f"dp_adapter:{bank}"] for bank in BANKS if f"dp_adapter:{bank}" in a] or None
+    return [
+        ("1", "base model (SmolLM2-135M-Instruct), no tuning", a.get("base")),
+        ("2", "public only: tuned on FiQA's public training set, no private record", u.get("dp_adapter:public")),
+        ("3", "professional model (Gemma 3 270M tuned on FiQA, public), evaluated directly", a.get("professional")),
+        ("4a", f"each bank's own DP adapter at epsilon {e} (mean over banks)", dp),
+        ("4b", f"DP-FedAvg: federated DP-SGD on the private data at epsilon {e}", d.get("final")),
+        ("5", "synthetic data from the DP models, unrefined, federated", b.get("final")),
+        ("6", "full pipeline: synthesize, refine, fedtune", a.get("final")),
+        ("7", "NOT PRIVATE: one model on the pooled private data (upper bound)", c.get("dp_adapter:pooled")),
+    ]
+
+
+def table(workdir: Path, e: str) -> tuple[list[str], dict[str, float]]:
+    lines = ["| row | model | FPB | FiQA | TFNS | mean +- SE |", "|---|---|---|---|---|---|"]
+    means: dict[str, float] = {}
+    for number, label, entry in row_entries(workdir, e):
+        if entry is None:
+            lines.append(f"| {number} | {label} | not run yet | | | |")
+            continue
+        entries = entry if isinstance(entry, list) else [entry]
+        per = [scores(x) for x in entries]
+        acc = {t: sum(p[0][t] for p in per) / len(per) for t in TASKS}
+        se = {t: math.sqrt(sum(p[1][t] ** 2 for p in per)) / len(per) for t in TASKS}
+        mean, mean_se = mean_of(acc, se)
+        means[number] = mean
+        lines.append(f"| {number} | {label} | " + " | ".join(f"{acc[t]:.3f}" for t in TASKS) + f" | **{mean:.3f}** +- {mean_se:.3f} |")
+    return lines, means
+
+
+def gap_line(means: dict[str, float], ses: str = "") -> str:
+    alternatives = {k: means[k] for k in ("2", "3", "4a", "4b") if k in means}
+    if "6" not in means or "7" not in means or len(alternatives) < 4:
+        return "Share of the gap closed: needs rows 2-4, 6 and 7."
+    best = max(alternatives, key=alternatives.get)
+    share = (means["6"] - alternatives[best]) / (means["7"] - alternatives[best])
+    return f"Share of the gap closed: (row 6 {means['6']:.3f} - row {best} {alternatives[best]:.3f}) / (row 7 {means['7']:.3f} - row {best}) = **{share:.0%}**."
+
+
+def details(workdir: Path, e: str) -> list[str]:
+    a = workdir / f"A{e}"
+    lines = []
+    if (a / "stages/ingest/partition.json").is_file():
+        sizes = json.loads((a / "stages/ingest/partition.json").read_text())["clients"]
+        lines.append("Banks' records: " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + ".")
+        eps = ", ".join(f"{bank} {client_epsilon(a, bank):.2f}" for bank in BANKS) if (a / "stages/dp_train/ledger.json").is_file() else "dp_train not finished"
+        lines.append(f"Composed epsilon per bank in run A{e} (every release in its ledger): {eps}.")
+    if (a / "stages/synthesize").is_dir() and count_lines(a, "synthesize", "synthetic.jsonl"):
+        lines.append(f"Synthetic pairs kept by synthesize: {count_lines(a, 'synthesize', 'synthetic.jsonl')}; after refine: {count_lines(a, 'refine', 'refined.jsonl') or 'not run yet'}.")
+    summary = a / "stages/refine/summary.json"
+    if summary.is_file():
+        clients = json.loads(summary.read_text())["clients"]
+        lines.append("Refine per bank: " + "; ".join(f"{k}: kept {v['kept']} of {v['candidates']}, labels changed {v['labels_changed']}, dropped {v['dropped_by_reason']}"
+                                                      for k, v in clients.items()) + ".")
+    tuned = a / "stages/tune_professional/summary.json"
+    if tuned.is_file():
+        t = json.loads(tuned.read_text())
+        lines.append(f"tune_professional: {t['steps']} steps on {t['records']} public FiQA records, loss {t['first_loss']:.3f} -> {t['last_loss']:.3f}.")
+    return lines
+
+
+def report(args) -> None:
+    times = json.loads((args.workdir / "times.json").read_text()) if (args.workdir / "times.json").is_file() else {}
+    lines = ["# The headline: finance at about a thousand records per bank, every private alternative beside the pipeline", "",
+             f"Command: `{command()}`", f"Machine: {machine()}", "",
+             f"{args.per_source} FPB + {args.per_source} TFNS training sentences (test sentences removed) over 3 banks, Dirichlet(1.0) over labels, "
+             f"at least {args.min_bank} each; dp_train {args.epochs:g} epochs, expected batch {args.batch_size}, LoRA r=8 on q,v, loss on the whole turn; "
+             f"{args.synthetic} synthetic pairs per bank; fedtune {args.rounds} rounds x {args.local_steps} local steps; accuracy by label log-probability "
+             f"on {args.limit} seeded items per test set (FinLoRA's FPB and FiQA test files, TFNS's validation split), the same items for every row; "
+             "SE: binomial per task, the mean's from the three.", ""]
+    for e in [eps_name(float(x)) for x in args.epsilons.split(",")]:
+        rows, means = table(args.workdir, e)
+        lines += [f"## epsilon {e} per bank (delta 1e-5 or 1/(100 N))", "", *rows, "", gap_line(means), "", *details(args.workdir, e), ""]
+    lines += ["Wall clock per run (a run resumed over several invocations adds them; other jobs may have shared the 2 cores):",
+              *[f"- {k}: {v:.0f} s" for k, v in times.items()]]
+    write_result("finance_headline", lines)
+
+
+def main() -> None:
+    args = parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    times = json.loads((args.workdir / "times.json").read_text()) if (args.workdir / "times.json").is_file() else {}
+    only = set(args.only.split(",")) if args.only else None
+    for name, spec_ in plan(args).items():
+        if only is None or name in only:
+            run(args, name, spec_, times)
+            report(args)
+    report(args)
+
+
+if __name__ == "__main__":
+    main()

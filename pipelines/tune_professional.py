@@ -1,0 +1,147 @@
+"""Stage `tune_professional` (server): make the professional model a domain expert from public data.
+
+The seed paper's professional model is a domain expert (for finance, a model tuned on public
+financial sentiment). None is packaged here, so this stage builds one: LoRA on
+`models.professional`, trained without noise on a public labelled source only (e.g.
+`{builtin: fiqa_train}`), in the prompt format that `refine` labels with and `evaluate` scores
+with (`eval.benchmarks.context_ids`, the answer after it). No private record is read: the stage
+runs on the server, its data is named in the spec, and `summary.json` records it as public.
+
+A `refine` or `evaluate` stage after this one uses the tuned professional (the model named in
+`models.professional` with this adapter merged). A user with a real expert model names it in
+`models.professional` instead and leaves this stage out.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from eval.benchmarks import choice_ids, context_ids
+from knowledgesg.adapters import ADAPTER_FILES, save_adapter
+from knowledgesg.console import console, progress_bar
+from knowledgesg.errors import InputError, KsgError
+from knowledgesg.loaders import load_example_pool, source_name_of, source_path
+from knowledgesg.prompts import user_message
+from knowledgesg.records import InstructionRecord
+from knowledgesg.sft import IGNORE, Example, collate
+from knowledgesg.spec import DataSource, PipelineSpec
+from knowledgesg.stage import Stage, StageContext
+
+ADAPTER = "adapter"
+
+
+class TuneProfessionalParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: DataSource = Field(description="public labelled instruction records, e.g. {builtin: fiqa_train}; never a client's data")
+    epochs: float = Field(default=2.0, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    max_length: int = Field(default=128, ge=16)
+    lora_r: int = Field(default=8, ge=1)
+    lora_alpha: int = Field(default=16, ge=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+def answer_example(tokenizer, record: InstructionRecord, max_length: int) -> Example:
+    """The record's user turn as `evaluate` and `refine` prompt it, then its response; the loss
+    covers the response only. Too long: the prompt loses its oldest tokens."""
+    prompt = context_ids(tokenizer, user_message(record))
+    answer = (choice_ids(tokenizer, record.response.strip()) + [tokenizer.eos_token_id])[: max_length // 2]
+    prompt = prompt[-(max_length - len(answer)):]
+    return Example(input_ids=prompt + answer, labels=[IGNORE] * len(prompt) + answer)
+
+
+class TuneProfessional(Stage):
+    name = "tune_professional"
+    Params = TuneProfessionalParams
+    runs_on = "server"
+    uses = ("models",)
+
+    def requires(self) -> tuple[str, ...]:
+        return ("prepare_models",)
+
+    def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
+        return [source_path(self.params.data, base_dir)]
+
+    def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
+        if spec.models.professional is None:
+            raise InputError("tune_professional needs models.professional in the spec (the model it tunes, e.g. gemma-3-270m)")
+        client_sources = list(spec.clients.data) + [source for member in spec.clients.members for source in member.data]
+        if any(self._same_origin(self.params.data, source, base_dir) for source in client_sources):
+            shown = self.params.data.builtin or self.params.data.path
+            raise InputError(f"tune_professional params.data: {shown} is also a client's data source; the professional model is tuned on public data only")
+
+    @staticmethod
+    def _same_origin(a: DataSource, b: DataSource, base_dir: Path) -> bool:
+        if a.builtin or b.builtin:
+            return a.builtin == b.builtin
+        return source_path(a, base_dir).resolve() == source_path(b, base_dir).resolve()
+
+    def run(self, ctx: StageContext) -> None:
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        from knowledgesg.models import ResolvedModel, load_causal_lm, resolve_device
+
+        p: TuneProfessionalParams = self.params
+        records = [r for r in load_example_pool(p.data, ctx.base_dir, ctx.seed, self.name, minimum=p.batch_size) if r.response.strip()]
+        professional = ctx.read_artifact_json("prepare_models", "models.json")["professional"]
+        device = resolve_device(ctx.spec.models.device)
+        torch.manual_seed(ctx.derive_seed("init"))
+        model, tokenizer = load_causal_lm(ResolvedModel(**professional), device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations inside peft
+            model = get_peft_model(model, LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=0.0, target_modules=p.target_modules, task_type="CAUSAL_LM"))
+        model.train()
+        examples = [answer_example(tokenizer, r, p.max_length) for r in records]
+        optimizer = torch.optim.Adam([t for t in model.parameters() if t.requires_grad], lr=p.learning_rate)
+        order = random.Random(ctx.derive_seed("order"))
+        steps = max(1, round(p.epochs * len(examples) / p.batch_size))
+        losses = []
+        with progress_bar() as bar:
+            task = bar.add_task(f"tune_professional on {len(examples)} public records", total=steps)
+            batches = self._batches(len(examples), p.batch_size, steps, order)
+            for step, rows in enumerate(batches, start=1):
+                batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows], tokenizer.pad_token_id).items()}
+                loss = model(**batch).loss
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append({"step": step, "loss": round(loss.item(), 6)})
+                bar.update(task, advance=1)
+        if not torch.isfinite(torch.tensor(losses[-1]["loss"])):
+            raise KsgError(f"tune_professional: the loss diverged ({losses[-1]['loss']}); lower learning_rate")
+        save_adapter(model, ctx.path(ADAPTER))
+        for name in ADAPTER_FILES:
+            ctx.declare_output(f"{ADAPTER}/{name}")
+        ctx.write_json("loss.json", losses)
+        ctx.write_json("summary.json", {
+            "data": "public", "source": source_name_of(p.data), "records": len(examples), "steps": steps, "epochs": p.epochs,
+            "professional_model": {"name": professional["name"], "weights_sha256": professional["weights_sha256"]},
+            "prompt_format": "evaluate's: the user turn through the chat template if the tokenizer has one, else followed by 'Answer:'",
+            "first_loss": losses[0]["loss"], "last_loss": losses[-1]["loss"],
+            "privacy": "trained on public data only: no client record is read, no privacy budget is spent",
+        })
+        console.print(f"tune_professional: {steps} steps on {len(examples)} public records from {source_name_of(p.data)}, loss {losses[0]['loss']:.3f} -> {losses[-1]['loss']:.3f}")
+
+    @staticmethod
+    def _batches(n: int, batch_size: int, steps: int, order: random.Random) -> list[list[int]]:
+        """Shuffled epochs cut into batches, `steps` of them (public data: no sampling to account)."""
+        batches: list[list[int]] = []
+        while len(batches) < steps:
+            indices = list(range(n))
+            order.shuffle(indices)
+            batches += [indices[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+        return batches[:steps]
+
+
+def tuned_professional_adapter(ctx: StageContext) -> Path | None:
+    """The adapter a completed `tune_professional` before this stage made, or None."""
+    if TuneProfessional.name not in ctx.completed_stages_before():
+        return None
+    return ctx.artifact(TuneProfessional.name, f"{ADAPTER}/adapter_model.safetensors").parent

@@ -1,0 +1,110 @@
+"""tune_professional: the professional model tuned on public data, used by refine and evaluate,
+and refused a client's data; refine's label policies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from knowledgesg.cli import main
+from knowledgesg.records import InstructionRecord
+from pipelines.refine import Refine, RefineParams
+from tests.conftest import run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
+
+LABELS = ["negative", "neutral", "positive"]
+MODELS = {"base": "tiny-random-llama", "professional": "tiny-random-llama"}
+TUNE = {"name": "tune_professional", "params": {"data": {"path": "public.jsonl"}, "epochs": 60, "batch_size": 4, "learning_rate": 0.01, "max_length": 160,
+                                                "target_modules": ["q_proj", "v_proj", "lm_head"]}}  # the tiny random model learns through its head only
+
+
+def public_rows() -> list[dict]:
+    """A public labelled pool whose label follows the first word of the input (learnable by the tiny model)."""
+    words = {"Losses": "negative", "Flat": "neutral", "Gains": "positive"}
+    return [{"id": f"p{i}", "instruction": "What is the sentiment?", "input": f"{word} at firm {i}.", "response": label}
+            for i, (word, label) in enumerate(list(words.items()) * 4)]
+
+
+@pytest.fixture(scope="module")
+def tuned_run(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("professional")
+    write_jsonl(workdir / "data.jsonl", sentiment_rows(40))
+    write_jsonl(workdir / "public.jsonl", public_rows())
+    evaluate = {"name": "evaluate", "params": {"tasks": ["public.jsonl"], "modes": ["logprob"], "models": ["base", "professional"], "limit": None, "fidelity": False}}
+    spec = tiny_spec(stages=["prepare_models", "ingest", TUNE, evaluate], models=MODELS)
+    assert run_in(workdir, "run", str(write_spec(workdir, spec)), "--run-dir", "run") == 0
+    return workdir
+
+
+def test_tuned_professional_learns_the_public_labels_and_evaluate_scores_it(tuned_run: Path):
+    stage = tuned_run / "run/stages/tune_professional"
+    summary = json.loads((stage / "summary.json").read_text())
+    assert summary["data"] == "public" and summary["records"] == 12 and summary["last_loss"] < summary["first_loss"] / 2
+    assert (stage / "adapter/adapter_model.safetensors").is_file()
+    results = json.loads((tuned_run / "run/stages/evaluate/results.json").read_text())["models"]
+    # the base model is the same tiny model: only the merged adapter can make the difference
+    assert results["professional"]["tasks"]["public"]["logprob"]["accuracy"] == 1.0
+    assert results["base"]["tasks"]["public"]["logprob"]["accuracy"] < 0.7
+
+
+def test_refine_labels_with_the_tuned_professional(tuned_run: Path):
+    """refine finds the adapter of a tune_professional before it, and labels in the format it was
+    tuned in (the tiny model learns the public pool's labels, it does not generalise)."""
+    from eval.audit import load_target
+    from knowledgesg.spec import load_spec
+    from knowledgesg.stage import StageContext
+    from pipelines.tune_professional import tuned_professional_adapter
+
+    spec, _ = load_spec(tuned_run / "spec.yaml")
+    spec.stages.append(spec.stages[-1].model_copy(update={"name": "refine"}))
+    context = {"spec": spec, "base_dir": tuned_run, "run_dir": tuned_run / "run", "stage_dir": tuned_run / "x", "runs_on": "server"}
+    adapter = tuned_professional_adapter(StageContext(stage_name="refine", **context))
+    assert adapter == tuned_run / "run/stages/tune_professional/adapter"
+    assert tuned_professional_adapter(StageContext(stage_name="tune_professional", **context)) is None  # only a later stage uses it
+
+    professional = json.loads((tuned_run / "run/stages/prepare_models/models.json").read_text())["professional"]
+    model, tokenizer = load_target(professional, adapter, "cpu")
+    words = {"Losses": "negative", "Flat": "neutral", "Gains": "positive"}
+    records = [InstructionRecord(id=f"s{i}", source="synthetic", instruction="What is the sentiment?", input=f"{word} at firm {i}.", response="neutral")
+               for i, word in enumerate(words)]
+    refine = Refine(RefineParams(pool={"path": "public.jsonl"}, task="t", labels=LABELS))
+    answers = refine.distil(None, "c", model, tokenizer, "cpu", records, shots=[], tuned=True)
+    assert [a["response"] for a in answers] == list(words.values())
+
+
+def test_tune_professional_refuses_a_clients_data(workdir: Path, capsys):
+    spec = tiny_spec(stages=["prepare_models", "ingest", dict(TUNE, params=dict(TUNE["params"], data={"path": "data.jsonl"}))], models=MODELS)
+    assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.jsonl is also a client's data source" in err[0]
+    assert not (workdir / "run").exists()
+
+
+def test_tune_professional_needs_a_professional_model(workdir: Path, capsys):
+    write_jsonl(workdir / "public.jsonl", public_rows())
+    spec = tiny_spec(stages=["prepare_models", "ingest", TUNE])
+    assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 2
+    assert "tune_professional needs models.professional" in capsys.readouterr().err
+    assert not (workdir / "run").exists()
+
+
+@pytest.mark.parametrize("source, probs, own, answer, dropped", [
+    ("professional", [0.1, 0.2, 0.7], "negative", "positive", False),
+    ("agreement", [0.1, 0.2, 0.7], "negative", "positive", True),
+    ("agreement", [0.1, 0.2, 0.7], "positive", "positive", False),
+    ("confident", [0.1, 0.2, 0.7], "negative", "positive", False),  # 0.7 >= 0.6: the professional's
+    ("confident", [0.3, 0.2, 0.5], "negative", "negative", False),  # unsure: the DP model's own label
+])
+def test_label_source_picks_between_the_professional_and_the_dp_model(source, probs, own, answer, dropped):
+    refine = Refine(RefineParams(pool={"path": "p.jsonl"}, task="t", labels=LABELS, label_source=source, min_label_confidence=0.6))
+    record = InstructionRecord(id="s1", source="synthetic", instruction="What is the sentiment?", input="x", response=own)
+    out = refine.labelled(record, np.array(probs))
+    assert out["response"] == answer and out["labels_disagree"] == dropped and out["professional_label"] == "positive"
+    assert out["label_changed"] == (answer != own)
+
+
+def test_label_source_needs_labels():
+    with pytest.raises(ValueError, match="label_source: agreement needs labels"):
+        RefineParams(pool={"path": "p.jsonl"}, task="t", label_source="agreement")
