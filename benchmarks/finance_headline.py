@@ -27,6 +27,7 @@ Writes benchmarks/results/finance_headline.md (partial results as runs finish).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
@@ -34,9 +35,11 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
-from _comparison import client_epsilon, count_lines, run_spec  # noqa: E402
+from _comparison import client_epsilon, count_lines, ksg  # noqa: E402
 
 LABELS = ["negative", "neutral", "positive"]
 TASKS = ["fpb", "fiqa", "tfns"]
@@ -125,24 +128,42 @@ def plan(args) -> dict[str, dict]:
     return runs
 
 
+def spec_digest(spec_: dict) -> str:
+    return hashlib.sha256(json.dumps(spec_, sort_keys=True).encode()).hexdigest()
+
+
+def finished(workdir: Path, name: str, spec_: dict | None = None) -> bool:
+    """A run is finished when its marker holds the digest of the spec it finished with (other
+    arguments make another spec, which `ksg run` resumes from the stages they leave alike)."""
+    marker = workdir / f"{name}.done"
+    return marker.is_file() and (spec_ is None or marker.read_text() == spec_digest(spec_))
+
+
 def run(args, name: str, spec_: dict, times: dict) -> None:
     workdir: Path = args.workdir
-    marker = workdir / f"{name}.done"
-    if marker.is_file():
+    if finished(workdir, name, spec_):
         return
     run_dir = workdir / name
-    if name.startswith("B") and not (run_dir / "stages").is_dir():  # A's stages up to refine are reused, not recomputed
+    if name.startswith("B") and not (run_dir / "stages").is_dir():
+        # A's stages up to refine are reused, not recomputed: a copy of a finished A only (an
+        # unfinished one would make B draw its own DP adapters, a second release of the banks' data)
+        if not finished(workdir, f"A{name[1:]}"):
+            print(f"run {name} waits for A{name[1:]}", flush=True)
+            return
         shutil.copytree(workdir / f"A{name[1:]}", run_dir)
     print(f"[{time.strftime('%H:%M:%S')}] run {name}", flush=True)
-    seconds = run_spec(workdir, spec_, run_dir)
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec_, sort_keys=False))
+    seconds = ksg("run", str(path), "--run-dir", str(run_dir))
     times[name] = round(times.get(name, 0) + seconds, 1)
     (workdir / "times.json").write_text(json.dumps(times, indent=1))
-    marker.touch()
+    (workdir / f"{name}.done").write_text(spec_digest(spec_))
 
 
-def results(run_dir: Path) -> dict:
-    path = run_dir / "stages/evaluate/results.json"
-    return json.loads(path.read_text())["models"] if path.is_file() else {}
+def results(workdir: Path, name: str) -> dict:
+    """A finished run's evaluation (a B copied from A holds A's until its own evaluate ran)."""
+    path = workdir / name / "stages/evaluate/results.json"
+    return json.loads(path.read_text())["models"] if finished(workdir, name) and path.is_file() else {}
 
 
 def scores(entry: dict) -> tuple[dict[str, float], dict[str, float]]:
@@ -160,7 +181,7 @@ def mean_of(acc: dict[str, float], se: dict[str, float]) -> tuple[float, float]:
 
 def row_entries(workdir: Path, e: str) -> list[tuple[str, str, dict | list[dict] | None]]:
     """(row number, label, its results entry or entries) for one epsilon; None where not run yet."""
-    a, b, c, d, u = (results(workdir / n) for n in (f"A{e}", f"B{e}", "C", f"D{e}", "U"))
+    a, b, c, d, u = (results(workdir, n) for n in (f"A{e}", f"B{e}", "C", f"D{e}", "U"))
     dp = [a[f"dp_adapter:{bank}"] for bank in BANKS if f"dp_adapter:{bank}" in a] or None
     return [
         ("1", "base model (SmolLM2-135M-Instruct), no tuning", a.get("base")),
@@ -184,18 +205,22 @@ def table(workdir: Path, e: str) -> tuple[list[str], dict[str, float]]:
         entries = entry if isinstance(entry, list) else [entry]
         per = [scores(x) for x in entries]
         acc = {t: sum(p[0][t] for p in per) / len(per) for t in TASKS}
-        se = {t: math.sqrt(sum(p[1][t] ** 2 for p in per)) / len(per) for t in TASKS}
+        # the banks' adapters are scored on the same items: their errors are not independent, so
+        # the mean's SE is taken as the mean of theirs (an upper bound), not divided by sqrt(3)
+        se = {t: sum(p[1][t] for p in per) / len(per) for t in TASKS}
         mean, mean_se = mean_of(acc, se)
         means[number] = mean
         lines.append(f"| {number} | {label} | " + " | ".join(f"{acc[t]:.3f}" for t in TASKS) + f" | **{mean:.3f}** +- {mean_se:.3f} |")
     return lines, means
 
 
-def gap_line(means: dict[str, float], ses: str = "") -> str:
+def gap_line(means: dict[str, float]) -> str:
     alternatives = {k: means[k] for k in ("2", "3", "4a", "4b") if k in means}
     if "6" not in means or "7" not in means or len(alternatives) < 4:
         return "Share of the gap closed: needs rows 2-4, 6 and 7."
     best = max(alternatives, key=alternatives.get)
+    if means["7"] <= alternatives[best]:
+        return f"Share of the gap closed: none to close (row {best} {alternatives[best]:.3f} is at or above NOT PRIVATE's {means['7']:.3f})."
     share = (means["6"] - alternatives[best]) / (means["7"] - alternatives[best])
     return f"Share of the gap closed: (row 6 {means['6']:.3f} - row {best} {alternatives[best]:.3f}) / (row 7 {means['7']:.3f} - row {best}) = **{share:.0%}**."
 
@@ -228,9 +253,10 @@ def report(args) -> None:
              f"Command: `{command()}`", f"Machine: {machine()}", "",
              f"{args.per_source} FPB + {args.per_source} TFNS training sentences (test sentences removed) over 3 banks, Dirichlet(1.0) over labels, "
              f"at least {args.min_bank} each; dp_train {args.epochs:g} epochs, expected batch {args.batch_size}, LoRA r=8 on q,v, loss on the whole turn; "
-             f"{args.synthetic} synthetic pairs per bank; fedtune {args.rounds} rounds x {args.local_steps} local steps; accuracy by label log-probability "
+             f"{args.synthetic} synthetic pairs per bank; refine label_source {args.label_source}; fedtune {args.rounds} rounds x {args.local_steps} local steps; accuracy by label log-probability "
              f"on {args.limit} seeded items per test set (FinLoRA's FPB and FiQA test files, TFNS's validation split), the same items for every row; "
-             "SE: binomial per task, the mean's from the three.", ""]
+             "SE: binomial per task, the mean's from the three (row 4a: the mean of the banks' SEs, as they share test items). "
+             "DP-FedAvg runs as many local DP-SGD steps per bank as dp_train gives the smallest bank.", ""]
     for e in [eps_name(float(x)) for x in args.epsilons.split(",")]:
         rows, means = table(args.workdir, e)
         lines += [f"## epsilon {e} per bank (delta 1e-5 or 1/(100 N))", "", *rows, "", gap_line(means), "", *details(args.workdir, e), ""]
