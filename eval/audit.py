@@ -269,13 +269,14 @@ def targets_of(run_dir: Path, clients: list[str]) -> list[Target]:
     return found
 
 
-def professional_target(run_dir: Path) -> Target | None:
-    """The professional model as the run's `refine` used it: tuned by `tune_professional` (public
-    data) if that stage completed, else as named in `models.professional`; None without one."""
+def professional_target(run_dir: Path, stages_before: list[str]) -> Target | None:
+    """The professional model as a stage after `stages_before` sees it: tuned by a completed
+    `tune_professional` (public data) among them, else as named in `models.professional`; None
+    without one."""
     if "professional" not in read_json(run_dir / "stages/prepare_models/models.json"):
         return None
-    tuned = run_dir / "stages/tune_professional/adapter"
-    return Target("professional", tuned if completed(run_dir, "tune_professional") else None, "professional")
+    tuned = "tune_professional" in stages_before and completed(run_dir, "tune_professional")
+    return Target("professional", run_dir / "stages/tune_professional/adapter" if tuned else None, "professional")
 
 
 def of_kinds(targets: list[Target], kinds: list[str]) -> list[Target]:
@@ -491,8 +492,13 @@ def synthetic_texts(run_dir: Path, client: str, stages: tuple[str, ...] = ("refi
     for stage in stages:
         path = run_dir / "stages" / stage / "clients" / client / SYNTHETIC_FILES[stage]
         if completed(run_dir, stage) and path.is_file():
-            return [f"{r['instruction']}\n{r['input']}\n{r['response']}" for r in read_jsonl(path)]
+            return [pair_text(r) for r in read_jsonl(path)]
     return []
+
+
+def pair_text(row: dict) -> str:
+    """A synthetic pair as one text (what fidelity and the overlap search compare with private records)."""
+    return f"{row['instruction']}\n{row['input']}\n{row['response']}"
 
 
 def private_texts(run_dir: Path, client: str) -> list[str]:

@@ -19,12 +19,13 @@ records, on its side, and nothing about them goes back.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from eval.audit import Target, completed, load_target, of_kinds, private_texts, professional_target, synthetic_texts, targets_of
+from eval.audit import Target, completed, load_target, of_kinds, pair_text, private_texts, professional_target, synthetic_texts, targets_of
 from eval.benchmarks import TASKS, evaluate_model, is_task_file, load_task, task_name
 from knowledgesg.console import console
 from knowledgesg.errors import InputError
@@ -96,7 +97,7 @@ class Published:
             if not path.is_file():
                 raise InputError(f"{path}: not found (--published takes the server's stages/publish directory, with final_adapter/ and synthetic_data/)")
         try:
-            found = set(self._rows()["client_id"])
+            found = set(self._rows["client_id"])
         except Exception as err:  # a torn or foreign datasets directory: say which, in one line
             raise InputError(f"{self.synthetic_data}: not a readable datasets directory ({type(err).__name__}: {err})") from None
         missing = [c for c in clients if c not in found]
@@ -104,22 +105,24 @@ class Published:
             raise InputError(f"{self.synthetic_data}: no synthetic data of client '{missing[0]}' (it holds {', '.join(sorted(found)) or 'none'}): "
                              "published by another run?")
 
+    @cached_property
     def _rows(self):
+        """The published `datasets` directory, read once (check, then each client's texts)."""
         import datasets
 
         return datasets.load_from_disk(str(self.synthetic_data))
 
     def synthetic_texts(self, client: str) -> list[str]:
         """The client's synthetic pairs as texts, as `eval.audit.synthetic_texts` reads them from a run."""
-        return [f"{r['instruction']}\n{r['input']}\n{r['response']}" for r in self._rows() if r["client_id"] == client]
+        return [pair_text(r) for r in self._rows if r["client_id"] == client]
 
 
-def chosen_targets(run_dir: Path, clients: list[str], which: list[str], published: Published | None = None) -> list[Target]:
+def chosen_targets(run_dir: Path, clients: list[str], which: list[str], published: Published | None = None, stages_before: list[str] = ()) -> list[Target]:
     targets = ([Target("base", None)] if "base" in which else []) + of_kinds(targets_of(run_dir, clients), which)
     if published is not None and "final" in which:
         targets.append(Target("final", published.final_adapter))
     if "professional" in which:
-        professional = professional_target(run_dir)
+        professional = professional_target(run_dir, list(stages_before))
         if professional is None:
             raise InputError("evaluate: models lists 'professional' but the spec names no models.professional")
         targets.append(professional)
@@ -138,11 +141,13 @@ def score_target(target: Target, models: dict, tasks: list[str | DataSource], op
     return {"tasks": results, "mean_accuracy": {mode: mean_accuracy(results, mode) for mode in options.modes}}
 
 
-def evaluate_run(run_dir: Path, options: EvalOptions, device: str, base_dir: Path = Path("."), published: Published | None = None) -> dict:
-    """The server-side results: public tasks only (a private test set's figures stay on its client)."""
+def evaluate_run(run_dir: Path, options: EvalOptions, device: str, base_dir: Path = Path("."), published: Published | None = None,
+                 stages_before: list[str] = ()) -> dict:
+    """The server-side results: public tasks only (a private test set's figures stay on its client).
+    `stages_before`: the completed stages whose models this evaluation sees (a tuned professional)."""
     resolved = read_json(run_dir / "stages/prepare_models/models.json")
     clients = list(read_json(run_dir / "stages/ingest/partition.json")["clients"])
-    models = {target.name: score_target(target, resolved, options.tasks, options, device, base_dir) for target in chosen_targets(run_dir, clients, options.models, published)}
+    models = {target.name: score_target(target, resolved, options.tasks, options, device, base_dir) for target in chosen_targets(run_dir, clients, options.models, published, stages_before)}
     dp = [m for name, m in models.items() if name.startswith("dp_adapter:")]
     if dp:  # DP fine-tuning evaluated directly: the clients' adapters on average
         models["dp (mean over clients)"] = {"mean_accuracy": {mode: round(sum(m["mean_accuracy"][mode] for m in dp) / len(dp), 4) for mode in options.modes}}
@@ -184,12 +189,15 @@ def check_ready(run_dir: Path) -> None:
             raise InputError(f"{run_dir}: stage {stage} has not completed; evaluation needs a run that has")
 
 
-def write_eval_outputs(directory: Path, results: dict, fidelity: dict[str, dict], private: dict[str, dict] | None = None) -> list[Path]:
-    """The server-side report (public benchmarks, released models) and each client's fidelity
-    figures and private test scores on its own side, with a `sides.json` that says which is which."""
-    sides = {EVAL_REPORT: "server", EVAL_HTML: "server"}
-    write_json(directory / EVAL_REPORT, results)
-    write_text(directory / EVAL_HTML, render_eval_html(results))
+def write_eval_outputs(directory: Path, results: dict | None, fidelity: dict[str, dict], private: dict[str, dict] | None = None) -> list[Path]:
+    """The server-side report (public benchmarks, released models; None on a client that scores
+    only what is its own) and each client's fidelity figures and private test scores on its own
+    side, with a `sides.json` that says which is which."""
+    sides = {}
+    if results is not None:
+        sides = {EVAL_REPORT: "server", EVAL_HTML: "server"}
+        write_json(directory / EVAL_REPORT, results)
+        write_text(directory / EVAL_HTML, render_eval_html(results))
     for client, report in fidelity.items():
         write_json(directory / "clients" / client / "fidelity.json", report)
         sides[f"clients/{client}/fidelity.json"] = f"client:{client}"
@@ -198,6 +206,15 @@ def write_eval_outputs(directory: Path, results: dict, fidelity: dict[str, dict]
         sides[f"clients/{client}/private_eval.json"] = f"client:{client}"
     write_json(directory / SIDES, sides)
     return [directory / path for path in sides]
+
+
+def evaluate_published_on_client(run_dir: Path, options: EvalOptions, published: Published, device: str, base_dir: Path) -> list[Path]:
+    """On a client's own run: the server's published releases against its private data (its
+    private test set, if `options` names one, and the fidelity of the synthetic data its DP adapter
+    made); the public benchmarks are the server's to run. Writes RUN/eval/ (client side only)."""
+    private = evaluate_private(run_dir, options, device, base_dir, published)
+    fidelity = fidelity_run(run_dir, options.seed, device, published) if options.fidelity else {}
+    return write_eval_outputs(run_dir / "eval", None, fidelity, private)
 
 
 def render_eval_html(results: dict) -> str:

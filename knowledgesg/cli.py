@@ -75,6 +75,11 @@ def run(
         assert exchange is not None
         fetch_over_flower(spec, base_dir, run_dir, exchange)  # each client's node runs its stages and sends its releases
     outcomes = runner.run()
+    if role == "server" and spec.federation.transport == "flower" and any(o.name == "publish" for o in outcomes):
+        from knowledgesg.federated.stages import deliver_over_flower
+
+        delivered = deliver_over_flower(spec, base_dir, run_dir)  # each client's node keeps the releases and evaluates them on its side
+        console.print(f"published releases kept by {', '.join(delivered['kept'])} ({len(delivered['files'])} files each); their evaluation stays on each client")
     table = Table(title=f"{spec.name}: {run_dir}")
     for column, justify in (("stage", "left"), ("status", "left"), ("time", "right"), ("records", "right"), ("peak memory", "right")):
         table.add_column(column, justify=justify)
@@ -279,7 +284,7 @@ def evaluate(
         server_release.check(run_dir, load_run_role(run_dir).kind, list(read_json(run_dir / "stages/ingest/partition.json")["clients"]))
     check_task_files(options, Path("."))
     device = resolve_device(spec.models.device)
-    results = evaluate_run(run_dir, options, device, published=server_release)
+    results = evaluate_run(run_dir, options, device, published=server_release, stages_before=[stage.name for stage in spec.stages])
     _print_eval(results)
     private_results = evaluate_private(run_dir, options, device, published=server_release)
     for client, report in private_results.items():

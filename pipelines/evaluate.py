@@ -41,6 +41,8 @@ class Evaluate(Stage):
             if not path.exists():
                 raise InputError(f"{path}: test set not found (evaluate: tasks or private_tasks)")
         check_task_files(self.params, base_dir)
+        if "professional" in self.params.models and spec.models.professional is None:
+            raise InputError("evaluate: models lists 'professional' but the spec names no models.professional")
 
     def run(self, ctx: StageContext) -> None:
         from knowledgesg.models import resolve_device
@@ -48,7 +50,7 @@ class Evaluate(Stage):
         options: EvalOptions = self.params
         check_ready(ctx.run_dir)
         device = resolve_device(ctx.spec.models.device)
-        results = evaluate_run(ctx.run_dir, options, device, ctx.base_dir)
+        results = evaluate_run(ctx.run_dir, options, device, ctx.base_dir, stages_before=ctx.completed_stages_before())
         ctx.write_json("results.json", results)
         for name, entry in results["models"].items():
             console.print(f"evaluate {name}: mean accuracy {entry['mean_accuracy']}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
@@ -189,7 +190,11 @@ class Refine(Stage):
         partition = ctx.read_artifact_json("ingest", "partition.json")
         device = resolve_device(ctx.spec.models.device)
         tuned = tuned_professional_adapter(ctx)
-        model, tokenizer = load_target(models["professional"], tuned, device)
+        model, tokenizer = load_target(models["professional"], None, device)
+        if tuned is not None:  # unmerged: the judge and the fluency score run without it, as measured (refine_judge.md)
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, tuned)
         summary = {}
         for client_id in partition["clients"]:
             rows = read_jsonl(ctx.artifact("synthesize", f"clients/{client_id}/synthetic.jsonl"))
@@ -204,15 +209,12 @@ class Refine(Stage):
 
     def refine_client(self, ctx: StageContext, client_id: str, model, tokenizer, device: str, rows: list[dict], records: list[InstructionRecord],
                       good: list[str], shots: list[InstructionRecord], tuned: bool) -> tuple[list[dict], list[dict]]:
-        from knowledgesg.scoring import choice_logprobs, normalized_choice_probs
-
         p: RefineParams = self.params
         if not records:
             return [], []
         texts = [candidate_text(r) for r in records]
-        judged = choice_logprobs(model, tokenizer, [judge_prompt(p.task, good, p.bad_examples, t) for t in texts], [" Yes", " No"], p.batch_size, device, f"refine {client_id}: judging")
-        p_yes = normalized_choice_probs(judged)[:, 0].tolist()
-        fluency = fluency_scores(model, tokenizer, texts, p.batch_size, device)
+        with model.disable_adapter() if tuned else nullcontext():
+            p_yes, fluency = self.judge(client_id, model, tokenizer, device, texts, good)
         verdicts = decide(p_yes, p.threshold, p.keep_top_fraction, fluency, p.min_fluency)
         chosen = [i for i, v in enumerate(verdicts) if v.kept]
         responses = self.distil(ctx, client_id, model, tokenizer, device, [records[i] for i in chosen], shots, tuned)
@@ -226,6 +228,7 @@ class Refine(Stage):
                 if new["response"] is None:
                     decision.update(kept=False, reason=f"{verdict.reason}; professional answer empty", dropped_by="empty answer")
                 elif new.get("labels_disagree"):
+                    decision.update({k: v for k, v in new.items() if k != "response"})
                     decision.update(kept=False, reason=f"{verdict.reason}; the professional labels it {new['professional_label']}, the DP model {record.response.strip()}",
                                     dropped_by="labels disagree")
                 else:
@@ -235,6 +238,14 @@ class Refine(Stage):
                     kept.append({**record.model_dump(), "id": record.id.replace("synthetic/", "refined/", 1), "response": new["response"], "provenance": provenance})
             decisions.append(decision)
         return decisions, kept
+
+    def judge(self, client_id: str, model, tokenizer, device: str, texts: list[str], good: list[str]) -> tuple[list[float], list[float]]:
+        """Each candidate's judge p(yes) and fluency (mean token log-probability)."""
+        from knowledgesg.scoring import choice_logprobs, normalized_choice_probs
+
+        p: RefineParams = self.params
+        judged = choice_logprobs(model, tokenizer, [judge_prompt(p.task, good, p.bad_examples, t) for t in texts], [" Yes", " No"], p.batch_size, device, f"refine {client_id}: judging")
+        return normalized_choice_probs(judged)[:, 0].tolist(), fluency_scores(model, tokenizer, texts, p.batch_size, device)
 
     def distil(self, ctx: StageContext, client_id: str, model, tokenizer, device: str, records: list[InstructionRecord], shots: list[InstructionRecord],
                tuned: bool) -> list[dict]:

@@ -17,6 +17,7 @@ duplicates), then selected to the target class balance.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Literal
@@ -54,12 +55,23 @@ class SynthesizeParams(BaseModel):
     max_words: int = Field(default=120, ge=1)
     near_duplicate_jaccard: float = Field(default=0.7, gt=0, le=0.9, description="MinHash LSH cannot band a threshold above 0.9")
     single_paragraph: bool = Field(default=True, description="an input is one paragraph: keep the first, which is complete once a line break follows it")
+    cut_unfinished: bool = Field(default=True, description="an input or open answer that ran out of tokens is cut after its last full sentence "
+                                                           "(then filtered like any other) instead of dropped")
 
     @model_validator(mode="after")
     def _histogram_needs_labels(self) -> SynthesizeParams:
         if self.class_balance == "dp_histogram" and not self.labels:
             raise ValueError("class_balance 'dp_histogram' needs labels")
         return self
+
+
+SENTENCE_END = re.compile(r"[.!?][\"')\]]?(?=\s|$)")  # "3.5" is no sentence end: a space or the end must follow
+
+
+def last_full_sentence(text: str) -> str | None:
+    """`text` up to the end of its last full sentence, or None if it has none."""
+    ends = [m.end() for m in SENTENCE_END.finditer(text)]
+    return text[: ends[-1]].rstrip() if ends else None
 
 
 def class_quotas(total: int, labels: list[str], weights: list[float]) -> dict[str, int]:
@@ -192,15 +204,30 @@ class Synthesize(Stage):
             if self.params.single_paragraph and "\n" in stripped:
                 texts.append(stripped.split("\n")[0].strip())
                 complete.append(True)
+            elif not completion.finished and self.params.cut_unfinished and last_full_sentence(completion.text):
+                # out of tokens mid-sentence: the sentences before it are whole (the cut is within
+                # what the model wrote, never inside the public seed)
+                texts.append(seed.prefix + last_full_sentence(completion.text))
+                complete.append(True)
             else:
                 texts.append(text)
                 complete.append(completion.finished)
         return texts, complete
 
+    def whole_response(self, answer, label: str | None) -> str | None:
+        """The answer's text if it is whole: finished, naming a label, or (open answers, with
+        `cut_unfinished`) cut after its last full sentence; else None."""
+        if answer is None or not answer.text.strip():
+            return None
+        if answer.finished or label is not None:
+            return answer.text.strip()
+        return last_full_sentence(answer.text.strip()) if self.params.cut_unfinished and not self.params.labels else None
+
     def filter(self, ctx: StageContext, client_id: str, seeds: list[Seed], user_texts: list[str], complete: list[bool], answer_of: dict, adapter_sha256: str, weights: list[float]) -> tuple[list[dict], dict]:
         p: SynthesizeParams = self.params
         rejected: Counter = Counter()
         candidates = []  # (index, label)
+        responses: dict[int, str] = {}
         seen = set()
         for i in range(len(user_texts)):
             text = user_texts[i].strip()
@@ -215,8 +242,9 @@ class Synthesize(Stage):
                 continue
             answer = answer_of.get(i)
             label = parse_label(answer.text, p.labels) if p.labels and answer is not None else None
+            response = self.whole_response(answer, label)
             # a labelled answer is complete once it names a label, even if it runs on
-            if answer is None or not answer.text.strip() or not (answer.finished or label is not None):
+            if answer is None or not response:
                 rejected["response unfinished or empty"] += 1
                 continue
             if p.labels and label is None:
@@ -228,6 +256,7 @@ class Synthesize(Stage):
                 continue
             seen.add(key)
             candidates.append((i, label))
+            responses[i] = response
         dropped = near_duplicates([user_texts[i] for i, _ in candidates], p.near_duplicate_jaccard, ctx.derive_seed(client_id, "minhash") % (2**31))
         rejected["near duplicate"] += len(dropped)
         candidates = [c for k, c in enumerate(candidates) if k not in dropped]
@@ -250,11 +279,12 @@ class Synthesize(Stage):
             instruction, input_text = (seed.instruction, user_texts[i].strip()) if seed.instruction else (user_texts[i].strip(), "")
             rows.append({
                 "kind": "instruction", "id": f"synthetic/{client_id}/{n}", "client_id": client_id, "source": f"synthetic:{client_id}",
-                "instruction": instruction, "input": input_text, "response": label if label else answer_of[i].text.strip(), "user_id": None,
+                "instruction": instruction, "input": input_text, "response": label if label else responses[i], "user_id": None,
                 "provenance": {"seed": seed.model_dump(), "sampling": p.sampling.model_dump(), "adapter_sha256": adapter_sha256,
                                "raw_response": answer_of[i].text.strip()},
             })
-        stats = {"generated": len(user_texts), "kept": len(rows), "rejected": dict(rejected), "quotas": quotas,
+        cut = sum(1 for i, _ in candidates if answer_of[i].text.strip() != responses[i] and not p.labels)
+        stats = {"generated": len(user_texts), "kept": len(rows), "rejected": dict(rejected), "quotas": quotas, "responses_cut_at_a_sentence_end": cut,
                  "kept_per_label": dict(Counter(r["response"] for r in rows)) if p.labels else None, "class_balance": p.class_balance}
         return rows, stats
 

@@ -24,10 +24,10 @@ from eval.benchmarks import choice_ids, context_ids
 from knowledgesg.adapters import ADAPTER_FILES, save_adapter
 from knowledgesg.console import console, progress_bar
 from knowledgesg.errors import InputError, KsgError
+from knowledgesg.fileio import sha256_file
 from knowledgesg.loaders import load_example_pool, source_name_of, source_path
 from knowledgesg.prompts import user_message
 from knowledgesg.records import InstructionRecord
-from knowledgesg.sft import IGNORE, Example, collate
 from knowledgesg.spec import DataSource, PipelineSpec
 from knowledgesg.stage import Stage, StageContext
 
@@ -47,9 +47,11 @@ class TuneProfessionalParams(BaseModel):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
-def answer_example(tokenizer, record: InstructionRecord, max_length: int) -> Example:
+def answer_example(tokenizer, record: InstructionRecord, max_length: int):
     """The record's user turn as `evaluate` and `refine` prompt it, then its response; the loss
     covers the response only. Too long: the prompt loses its oldest tokens."""
+    from knowledgesg.sft import IGNORE, Example  # torch and opacus: not when the stage registry is imported
+
     prompt = context_ids(tokenizer, user_message(record))
     answer = (choice_ids(tokenizer, record.response.strip()) + [tokenizer.eos_token_id])[: max_length // 2]
     prompt = prompt[-(max_length - len(answer)):]
@@ -60,7 +62,7 @@ class TuneProfessional(Stage):
     name = "tune_professional"
     Params = TuneProfessionalParams
     runs_on = "server"
-    uses = ("models",)
+    uses = ("models", "clients")  # a change of the clients' data reruns the stage, and so its check that it reads none of it
 
     def requires(self) -> tuple[str, ...]:
         return ("prepare_models",)
@@ -72,24 +74,21 @@ class TuneProfessional(Stage):
         if spec.models.professional is None:
             raise InputError("tune_professional needs models.professional in the spec (the model it tunes, e.g. gemma-3-270m)")
         client_sources = list(spec.clients.data) + [source for member in spec.clients.members for source in member.data]
-        if any(self._same_origin(self.params.data, source, base_dir) for source in client_sources):
+        if any(same_data(self.params.data, source, base_dir) for source in client_sources):
             shown = self.params.data.builtin or self.params.data.path
             raise InputError(f"tune_professional params.data: {shown} is also a client's data source; the professional model is tuned on public data only")
-
-    @staticmethod
-    def _same_origin(a: DataSource, b: DataSource, base_dir: Path) -> bool:
-        if a.builtin or b.builtin:
-            return a.builtin == b.builtin
-        return source_path(a, base_dir).resolve() == source_path(b, base_dir).resolve()
 
     def run(self, ctx: StageContext) -> None:
         import torch
         from peft import LoraConfig, get_peft_model
 
         from knowledgesg.models import ResolvedModel, load_causal_lm, resolve_device
+        from knowledgesg.sft import collate
 
         p: TuneProfessionalParams = self.params
-        records = [r for r in load_example_pool(p.data, ctx.base_dir, ctx.seed, self.name, minimum=p.batch_size) if r.response.strip()]
+        records = [r for r in load_example_pool(p.data, ctx.base_dir, ctx.seed, self.name) if r.response.strip()]
+        if len(records) < p.batch_size:
+            raise InputError(f"tune_professional: {source_name_of(p.data)} has {len(records)} records with a response, fewer than batch_size {p.batch_size}")
         professional = ctx.read_artifact_json("prepare_models", "models.json")["professional"]
         device = resolve_device(ctx.spec.models.device)
         torch.manual_seed(ctx.derive_seed("init"))
@@ -138,6 +137,31 @@ class TuneProfessional(Stage):
             order.shuffle(indices)
             batches += [indices[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
         return batches[:steps]
+
+
+def same_data(public: DataSource, client: DataSource, base_dir: Path) -> bool:
+    """Whether `public` could read `client`'s data: the same builtin, the same file or directory
+    (by path, link or content), one inside the other, or a path into the built-in data. The
+    client's files need not exist here (on the server, with roles, they do not)."""
+    from knowledgesg.builtin_data import VENDOR
+
+    if public.builtin or client.builtin:
+        inside_vendor = public.path is not None and absolute(public.path, base_dir).is_relative_to(VENDOR.resolve())
+        return public.builtin == client.builtin or inside_vendor
+    mine, theirs = absolute(public.path, base_dir), absolute(client.path, base_dir)
+    if mine == theirs or mine.is_relative_to(theirs) or theirs.is_relative_to(mine):
+        return True
+    if mine.exists() and theirs.exists():
+        if mine.samefile(theirs):
+            return True
+        if mine.is_file() and theirs.is_file() and mine.stat().st_size == theirs.stat().st_size:
+            return sha256_file(mine) == sha256_file(theirs)  # a copy
+    return False
+
+
+def absolute(path: Path | None, base_dir: Path) -> Path:
+    assert path is not None
+    return (path if path.is_absolute() else base_dir / path).resolve()
 
 
 def tuned_professional_adapter(ctx: StageContext) -> Path | None:

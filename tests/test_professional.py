@@ -80,6 +80,11 @@ def test_tune_professional_refuses_a_clients_data(workdir: Path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data.jsonl is also a client's data source" in err[0]
     assert not (workdir / "run").exists()
+    (workdir / "copy.jsonl").write_bytes((workdir / "data.jsonl").read_bytes())  # a copy is the same data
+    spec["stages"][2]["params"]["data"] = {"path": "copy.jsonl"}
+    assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 2
+    assert "copy.jsonl is also a client's data source" in capsys.readouterr().err
+    assert not (workdir / "run").exists()
 
 
 def test_tune_professional_needs_a_professional_model(workdir: Path, capsys):
@@ -108,3 +113,29 @@ def test_label_source_picks_between_the_professional_and_the_dp_model(source, pr
 def test_label_source_needs_labels():
     with pytest.raises(ValueError, match="label_source: agreement needs labels"):
         RefineParams(pool={"path": "p.jsonl"}, task="t", label_source="agreement")
+
+
+def test_a_pipeline_refines_with_the_tuned_professional(tmp_path: Path):
+    """dp_train -> synthesize -> tune_professional -> refine (label_source: agreement): refine says
+    it used the tuned model, and keeps only pairs whose labels the two models agree on."""
+    from knowledgesg.generation import Generator
+    from tests.test_refine import REFINE, canned_generate
+    from tests.test_synthesize import SYNTH, TRAIN
+
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    write_jsonl(tmp_path / "public.jsonl", public_rows())
+    write_jsonl(tmp_path / "pool.jsonl", [dict(r, id=f"pool{i}") for i, r in enumerate(public_rows())])
+    synth = dict(SYNTH, params=dict(SYNTH["params"], per_client=6, oversample=1.0, near_duplicate_jaccard=0.9))
+    refine = dict(REFINE, params=dict(REFINE["params"], label_source="agreement", keep_top_fraction=1.0))
+    spec = tiny_spec(stages=["prepare_models", "ingest", TRAIN, synth, TUNE, refine], models=MODELS)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(Generator, "generate", canned_generate)
+        assert run_in(tmp_path, "run", str(write_spec(tmp_path, spec)), "--run-dir", "run") == 0
+    summary = json.loads((tmp_path / "run/stages/refine/summary.json").read_text())
+    assert summary["tuned_by"] == "tune_professional (public data)" and summary["label_source"] == "agreement"
+    for client in ("client_0", "client_1"):
+        decisions = [json.loads(line) for line in (tmp_path / f"run/stages/refine/clients/{client}/decisions.jsonl").read_text().splitlines()]
+        assert decisions and all("professional_label" in d for d in decisions)  # every candidate was labelled (keep_top_fraction 1)
+        for d in decisions:
+            agree = d["professional_label"] == d["synthetic_response"]
+            assert d["kept"] == agree and (agree or d["dropped_by"] == "labels disagree")

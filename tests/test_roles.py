@@ -236,7 +236,10 @@ def test_role_mistakes_are_one_line_errors(federation, tmp_path, capsys):
 def test_the_server_drives_the_client_stages_over_flower(federation, tmp_path):
     """`federation: {transport: flower}`: the server starts a SuperLink and one SuperNode per bank
     (launch: local, TLS, registered node keys); each node runs its bank's stages in its own run
-    directory and sends back its releases; the server's result is the simulation's."""
+    directory and sends back its releases; the server's result is the simulation's. Once it has
+    published, the server delivers the releases to every node, which keeps them and measures the
+    synthetic data against its own records there: the figures equal the simulation's and never
+    reach the server."""
     import yaml
 
     from knowledgesg.generation import Generator
@@ -256,3 +259,17 @@ def test_the_server_drives_the_client_stages_over_flower(federation, tmp_path):
         sent = {p.name for p in (tmp_path / "exchange" / bank).rglob("*")}
         assert "adapter_model.safetensors" in sent and not sent & {"records.jsonl", "loss.json", "ledger_key.json"}
     assert not list((server / "flower-run").rglob("records.jsonl"))
+
+    from eval.evaluate import fidelity_run
+
+    delivery = json.loads((server / "flower-run.federation/delivery.json").read_text())
+    assert sorted(delivery["kept"]) == list(BANKS) and not delivery["failed"] and set(delivery) == {"kept", "failed", "files"}
+    expected = fidelity_run(simulation, 0, "cpu")
+    for bank in BANKS:
+        node_run = server / "flower-run.federation/nodes" / bank / "run"
+        for relative in ("final_adapter/adapter_model.safetensors", "synthetic_data/dataset_info.json"):
+            assert (node_run.with_name("run.published") / relative).read_bytes() == (server / "flower-run/stages/publish" / relative).read_bytes()
+        fidelity = json.loads((node_run / f"eval/clients/{bank}/fidelity.json").read_text())
+        assert "skipped" not in fidelity and fidelity == json.loads(json.dumps(expected[bank]))
+        assert json.loads((node_run / "eval/sides.json").read_text()) == {f"clients/{bank}/fidelity.json": f"client:{bank}"}
+    assert not [p for p in server.rglob("fidelity.json") if "nodes" not in p.parts]  # the figures stay on the nodes

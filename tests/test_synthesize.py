@@ -107,6 +107,32 @@ def test_filter_keeps_well_formed_pairs_to_the_class_quota_with_provenance(tmp_p
     assert rows[0]["source"] == "synthetic:c0" and rows[0]["instruction"] == SEED["instruction"]
 
 
+def test_unfinished_text_is_cut_after_its_last_full_sentence():
+    from pipelines.synthesize import last_full_sentence
+
+    assert last_full_sentence("Profits rose sharply. Then the firm said that") == "Profits rose sharply."
+    assert last_full_sentence('He said "we grew!" and then') == 'He said "we grew!"'
+    assert last_full_sentence("Rates rose 3.5") is None and last_full_sentence("no end at all") is None
+    seed = Seed(**SEED)
+    first = [Completion("Profits rose sharply in March. Then the firm", 48, False), Completion("Rates rose 3.5", 48, False)]
+    texts, complete = Synthesize(SynthesizeParams(seeds=[seed])).user_turns([seed, seed], first)
+    assert texts[0] == seed.prefix + "Profits rose sharply in March." and complete == [True, False]
+    kept, _ = Synthesize(SynthesizeParams(seeds=[seed], cut_unfinished=False)).user_turns([seed, seed], first)
+    assert kept[0] == seed.prefix + first[0].text  # the switch turns the cut off
+
+    open_task = Synthesize(SynthesizeParams(seeds=[seed], min_words=3))
+
+    class Ctx:
+        def derive_seed(self, *parts):
+            return 1
+
+    answers = {0: Completion("It is caused by a virus. It spreads through", 96, False), 1: Completion("Usually about 3.5", 96, False)}
+    rows, stats = open_task.filter(Ctx(), "c0", [seed, seed], ["What causes flu in winter?", "How long does a cold last?"], [True, True], answers, "sha", [])
+    assert [r["response"] for r in rows] == ["It is caused by a virus."] and stats["responses_cut_at_a_sentence_end"] == 1
+    assert rows[0]["provenance"]["raw_response"] == "It is caused by a virus. It spreads through"
+    assert stats["rejected"]["response unfinished or empty"] == 1
+
+
 def _structure_spec(workdir: Path, pool: dict, members: list[dict] | None = None) -> Path:
     spec = tiny_spec(stages=["prepare_models", "ingest", {"name": "structure", "params": {
         "pool": pool, "chunk_tokens": 64, "overlap_tokens": 8, "max_chunks_per_client": 3, "example_words": 8,

@@ -28,9 +28,9 @@ import numpy as np
 
 from knowledgesg.console import console
 from knowledgesg.errors import KsgError
-from knowledgesg.fileio import named_crash_point
+from knowledgesg.fileio import named_crash_point, sha256_bytes
 from knowledgesg.exchange import replace_part, write_files
-from knowledgesg.federated.protocol import RUN_STAGES, ClientTask, ClientUpdate, Params, StagesJob, failure_reason
+from knowledgesg.federated.protocol import DELIVER_PUBLISHED, RUN_STAGES, ClientTask, ClientUpdate, DeliveryJob, Params, StagesJob, failure_reason
 from knowledgesg.federated.secagg import SecAggPlan, SecureSum, secure_aggregation_mod, secure_sum
 
 QUERY = "query"
@@ -98,6 +98,35 @@ def collect_releases(grid, job: StagesJob) -> None:
             failed[client] = f"its reply could not be kept: {err}"
     failed.update(unanswered(job.clients, sent, failed, job.timeout_s))
     Path(job.result).write_text(json.dumps({"sent": sent, "failed": failed}), encoding="utf-8")
+
+
+def deliver_published(grid, job: DeliveryJob) -> None:
+    """In the ServerApp: send the server's published releases (final adapter, synthetic data) to
+    every client's node, which keeps them and evaluates them against its own data there. A node
+    answers with the digests of what it kept, never a figure; `job.result` says who kept them."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    nodes = identify_nodes(grid, job.clients)
+    client_of = {node: client for client, node in nodes.items()}
+    root = Path(job.published)
+    files = {path.relative_to(root).as_posix(): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+    digests = {name: sha256_bytes(data) for name, data in files.items()}
+    messages = [Message(RecordDict({"files": ConfigRecord(files), "config": ConfigRecord({"client-id": client})}), dst_node_id=node, message_type=DELIVER_PUBLISHED)
+                for client, node in nodes.items()]
+    kept, failed = [], {}
+    for reply in grid.send_and_receive(messages, timeout=job.timeout_s):
+        client = client_of.get(reply.metadata.src_node_id)
+        if client is None or client in kept:
+            continue
+        if reply.has_error():
+            failed[client] = reply.error.reason
+            continue
+        if json.loads(str(reply.content["config"]["kept"])) != digests:
+            failed[client] = "the copy it kept differs from what was sent"
+            continue
+        kept.append(client)
+    failed.update(unanswered(job.clients, kept, failed, job.timeout_s))
+    Path(job.result).write_text(json.dumps({"kept": kept, "failed": failed, "files": digests}), encoding="utf-8")
 
 
 def unanswered(clients: list[str], answered: list[str], failed: dict[str, str], timeout_s: float | None) -> dict[str, str]:
@@ -185,9 +214,11 @@ def client_identity(node_config: dict, clients: list[str]) -> str:
     return clients[int(node_config["partition-id"])]
 
 
-def make_client_app(run_stages: Callable[[dict], dict[str, bytes]] | None = None):
+def make_client_app(run_stages: Callable[[dict], dict[str, bytes]] | None = None, take_published: Callable[[dict, dict[str, bytes]], dict[str, str]] | None = None):
     """The ClientApp; `run_stages` (node config -> the files of the node's releases) answers the
-    server's request to run a client's stages (knowledgesg.federated.stages.run_client_stages)."""
+    server's request to run a client's stages (knowledgesg.federated.stages.run_client_stages),
+    `take_published` (node config, files -> their digests) its delivery of the published releases
+    (knowledgesg.federated.stages.take_published)."""
     from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
@@ -214,6 +245,19 @@ def make_client_app(run_stages: Callable[[dict], dict[str, bytes]] | None = None
             log_on_node(f"client stages failed: {err}")
             raise KsgError(failure_reason(err)) from None
         return Message(RecordDict({"files": ConfigRecord(files)}), reply_to=msg)
+
+    @app.query(DELIVER_PUBLISHED.split(".", 1)[1])
+    def published(msg: Message, context: Context) -> Message:
+        """The server's published releases: kept in the node's own run and evaluated there; the
+        reply is the digests of the files kept (the figures stay on the node)."""
+        if take_published is None or str(msg.content["config"]["client-id"]) != str(context.node_config.get("client-id")):
+            raise KsgError("this node takes no published releases, or is another client")
+        try:
+            kept = take_published(context.node_config, {name: bytes(value) for name, value in msg.content["files"].items()})
+        except Exception as err:
+            log_on_node(f"the published releases could not be kept or evaluated: {err}")
+            raise KsgError(failure_reason(err)) from None
+        return Message(RecordDict({"config": ConfigRecord({"kept": json.dumps(kept)})}), reply_to=msg)
 
     @app.train(mods=[secure_aggregation_mod])  # SecAgg+ rounds; other train messages pass straight through
     def train(msg: Message, context: Context) -> Message:
@@ -258,6 +302,9 @@ def make_server_app(job_path: Path | None = None):
         job = json.loads(path.read_text(encoding="utf-8"))
         if job.get("kind") == "stages":
             collect_releases(grid, StagesJob.model_validate(job))
+            return
+        if job.get("kind") == "deliver":
+            deliver_published(grid, DeliveryJob.model_validate(job))
             return
         run_job_file(path, lambda job: FlowerTransport(grid, job.clients, job.round_timeout_s))
 

@@ -88,6 +88,22 @@ class StagesJob(BaseModel):
     result: str  # where the ServerApp says which clients sent and which failed, and why
 
 
+DELIVER_PUBLISHED = "query.published"  # the server's published releases, to every client's node
+
+
+class DeliveryJob(BaseModel):
+    """What the ServerApp is asked to do once the server has published: send the `publish`
+    directory to every client's node, which keeps it and evaluates it against its own data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["deliver"] = "deliver"
+    clients: list[str]
+    published: str  # the server's stages/publish directory
+    timeout_s: float
+    result: str  # where the ServerApp says which clients kept the releases and which failed, and why
+
+
 UpdateEncoding = Literal["float32", "float16", "int8"]
 SCALE = "@scale"  # int8: the per-tensor scale travels beside the tensor, under its name + SCALE
 

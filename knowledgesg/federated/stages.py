@@ -15,23 +15,33 @@ and ServerApp handlers are in `knowledgesg.federated.flower`; the Flower App bun
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import yaml
 
+from eval.evaluate import EvalOptions, Published, evaluate_published_on_client
 from knowledgesg.errors import KsgError
 from knowledgesg.federated.deploy import run_deployed
-from knowledgesg.federated.protocol import StagesJob
-from knowledgesg.roles import Role
-from knowledgesg.runner import Runner
+from knowledgesg.federated.protocol import DeliveryJob, StagesJob
+from knowledgesg.fileio import sha256_bytes, write_dir
+from knowledgesg.models import resolve_device
+from knowledgesg.roles import Role, narrow_to_client
+from knowledgesg.runner import Runner, load_run_role
 from knowledgesg.spec import PipelineSpec, spec_to_dict
 from pipelines import load_pipeline
 
 JOB, RESULT = "job.json", "result.json"
+DELIVERY = "delivery.json"  # on the server, beside the run: who kept the published releases
 
 
 def outbox_of(run_dir: Path) -> Path:
     return run_dir.with_name(run_dir.name + ".outbox")
+
+
+def published_of(run_dir: Path) -> Path:
+    """Where a client's node keeps the server's published releases: beside its run, as a bank
+    would copy them for `ksg eval RUN --published DIR`."""
+    return run_dir.with_name(run_dir.name + ".published")
 
 
 def run_client_stages(node_config: dict) -> dict[str, bytes]:
@@ -70,3 +80,68 @@ def fetch_over_flower(spec: PipelineSpec, base_dir: Path, run_dir: Path, exchang
         raise KsgError(f"the ServerApp ended without collecting the clients' releases (Flower logs in {work})")
     if result["failed"]:
         raise KsgError("client stages failed over Flower: " + "; ".join(f"{c}: {why}" for c, why in result["failed"].items()))
+
+
+def take_published(node_config: dict, files: dict[str, bytes]) -> dict[str, str]:
+    """On the client's node: the server's published releases, kept whole beside its run, then
+    evaluated against its own data there, as `ksg eval RUN --published DIR` does (the spec's
+    evaluate stage says which private test set, if any, and whether fidelity). Returns the digests
+    of the files kept: the figures stay in the node's RUN/eval/."""
+    client_id, run_dir = str(node_config["client-id"]), Path(str(node_config["run-dir"]))
+    spec, base_dir, _ = load_pipeline(Path(str(node_config["spec"])))
+    if "base-dir" in node_config:
+        base_dir = Path(str(node_config["base-dir"]))
+    for relative in files:
+        path = PurePosixPath(relative)
+        if not relative or path.as_posix() != relative or path.is_absolute() or ".." in path.parts:
+            raise KsgError(f"the published releases: '{relative}' is not a plain relative path")
+
+    def fill(directory: Path) -> None:
+        for relative, data in files.items():
+            (directory / relative).parent.mkdir(parents=True, exist_ok=True)
+            (directory / relative).write_bytes(data)
+
+    target = published_of(run_dir)
+    write_dir(target, fill)
+    published = Published(target)
+    published.check(run_dir, load_run_role(run_dir).kind, [client_id])
+    evaluate_published_on_client(run_dir, client_eval_options(narrow_to_client(spec, client_id), client_id), published, resolve_device(spec.models.device), base_dir)
+    return {relative: sha256_bytes(data) for relative, data in files.items()}
+
+
+def client_eval_options(spec: PipelineSpec, client_id: str) -> EvalOptions:
+    """The spec's evaluate options as one client applies them: its own private test set only."""
+    params = next((dict(stage.params) for stage in spec.stages if stage.name == "evaluate"), {})
+    options = EvalOptions.model_validate(params)
+    return options.model_copy(update={"private_tasks": {k: v for k, v in options.private_tasks.items() if k == client_id}})
+
+
+def deliver_over_flower(spec: PipelineSpec, base_dir: Path, run_dir: Path) -> dict:
+    """On the server, once it has published: the `publish` directory to every client's node over
+    the Flower deployment (each keeps it and evaluates it on its side). Returns the ServerApp's
+    result (who kept the releases, the digests sent), also written to RUN.federation/delivery.json."""
+    settings = spec.federation.deploy
+    work = run_dir.resolve().with_name(run_dir.name + ".federation")
+    work.mkdir(parents=True, exist_ok=True)
+    clients = [m.id for m in spec.clients.members]
+    publish = run_dir / "stages/publish"
+    digests = {p.relative_to(publish).as_posix(): sha256_bytes(p.read_bytes()) for p in sorted(publish.rglob("*")) if p.is_file()}
+    earlier = json.loads((work / DELIVERY).read_text(encoding="utf-8")) if (work / DELIVERY).is_file() else None
+    if earlier is not None and earlier["files"] == digests and sorted(earlier["kept"]) == sorted(clients):
+        return earlier  # every client kept these very files already (a rerun of a finished run)
+    job = DeliveryJob(clients=clients, published=str(publish.resolve()), timeout_s=settings.timeout_s, result=str(work / DELIVERY))
+    (work / DELIVERY).unlink(missing_ok=True)
+    (work / JOB).write_text(job.model_dump_json(), encoding="utf-8")
+    spec_copy = work / "spec.yaml"
+    spec_copy.write_text(yaml.safe_dump(spec_to_dict(spec), sort_keys=False), encoding="utf-8")
+
+    def node_config_of(client: str) -> str:
+        return f"client-id='{client}' run-dir='{work / 'nodes' / client / 'run'}' spec='{spec_copy}' base-dir='{base_dir.resolve()}'"
+
+    run_deployed(work / JOB, clients, settings, node_config_of, "federation.deploy")
+    result = json.loads((work / DELIVERY).read_text(encoding="utf-8")) if (work / DELIVERY).is_file() else None
+    if result is None:
+        raise KsgError(f"the ServerApp ended without delivering the published releases (Flower logs in {work})")
+    if result["failed"]:
+        raise KsgError("delivering the published releases failed: " + "; ".join(f"{c}: {why}" for c, why in result["failed"].items()))
+    return result
