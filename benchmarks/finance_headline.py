@@ -38,7 +38,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command, machine, write_result  # noqa: E402
+from _common import RESULTS, command, machine, write_result  # noqa: E402
 from _comparison import client_epsilon, count_lines, ksg  # noqa: E402
 
 LABELS = ["negative", "neutral", "positive"]
@@ -247,10 +247,66 @@ def details(workdir: Path, e: str) -> list[str]:
     return lines
 
 
+def plot_curve(workdir: Path, epsilons: list[str], path: Path) -> bool:
+    """Mean accuracy against epsilon for the rows that depend on it, with the rows that do not as
+    lines across; False (and no file) with fewer than two epsilons finished."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    flat: dict[str, float] = {}
+    labels = {}
+    for e in epsilons:
+        x = math.inf if e == "inf" else float(e)
+        for number, label, entry in row_entries(workdir, e):
+            if entry is None:
+                continue
+            entries = entry if isinstance(entry, list) else [entry]
+            per = [scores(one) for one in entries]
+            mean = sum(sum(acc.values()) / len(acc) for acc, _ in per) / len(per)
+            labels[number] = label
+            if number in ("1", "2", "3", "7"):
+                flat[number] = mean
+            else:
+                curves.setdefault(number, []).append((x, mean))
+    if max((len(points) for points in curves.values()), default=0) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = sorted({x for points in curves.values() for x, _ in points if not math.isinf(x)})
+    position = {x: i for i, x in enumerate(finite)}
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for number, points in sorted(curves.items()):
+        points = sorted(p for p in points if not math.isinf(p[0]))
+        ax.plot([position[x] for x, _ in points], [y for _, y in points], marker="o", label=f"{number}: {labels[number]}")
+    for number, y in sorted(flat.items()):
+        ax.axhline(y, linestyle="--", linewidth=1, color="grey" if number != "7" else "black")
+        ax.text(len(finite) - 1, y, f" {number}", va="center", fontsize=8)
+    ax.set_xticks(range(len(finite)), [f"{x:g}" for x in finite])
+    ax.set_xlabel("epsilon per bank (delta 1e-5 or 1/(100 N))")
+    ax.set_ylabel("mean accuracy, FPB / FiQA / TFNS")
+    ax.set_title("The headline against epsilon (dashed: rows that spend no budget, and NOT PRIVATE)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def code_version() -> str:
+    """The commit of the package code in the working directory (every `ksg run` here imports it),
+    and whether it has local changes: a run's caches are only reused by the same code."""
+    import subprocess
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "knowledgesg", "pipelines", "privacy", "eval"], capture_output=True, text=True).stdout.strip()
+    return f"commit {head}" + (" with local changes" if dirty else "")
+
+
 def report(args) -> None:
     times = json.loads((args.workdir / "times.json").read_text()) if (args.workdir / "times.json").is_file() else {}
     lines = ["# The headline: finance at about a thousand records per bank, every private alternative beside the pipeline", "",
-             f"Command: `{command()}`", f"Machine: {machine()}", "",
+             f"Command: `{command()}` (from `{Path.cwd()}`)", f"Machine: {machine()}", f"Package code the `ksg` runs import (the working directory's): {code_version()}", "",
              f"{args.per_source} FPB + {args.per_source} TFNS training sentences (test sentences removed) over 3 banks, Dirichlet(1.0) over labels, "
              f"at least {args.min_bank} each; dp_train {args.epochs:g} epochs, expected batch {args.batch_size}, LoRA r=8 on q,v, loss on the whole turn; "
              f"{args.synthetic} synthetic pairs per bank; refine label_source {args.label_source}; fedtune {args.rounds} rounds x {args.local_steps} local steps; accuracy by label log-probability "
@@ -260,6 +316,9 @@ def report(args) -> None:
     for e in [eps_name(float(x)) for x in args.epsilons.split(",")]:
         rows, means = table(args.workdir, e)
         lines += [f"## epsilon {e} per bank (delta 1e-5 or 1/(100 N))", "", *rows, "", gap_line(means), "", *details(args.workdir, e), ""]
+    curve = RESULTS / "finance_headline_curve.png"
+    if plot_curve(args.workdir, [eps_name(float(x)) for x in args.epsilons.split(",")], curve):
+        lines += [f"![mean accuracy against epsilon]({curve.name})", ""]
     lines += ["Wall clock per run (a run resumed over several invocations adds them; other jobs may have shared the 2 cores):",
               *[f"- {k}: {v:.0f} s" for k, v in times.items()]]
     write_result("finance_headline", lines)
