@@ -191,7 +191,7 @@ class Refine(Stage):
         device = resolve_device(ctx.spec.models.device)
         tuned = tuned_professional_adapter(ctx)
         model, tokenizer = load_target(models["professional"], None, device)
-        if tuned is not None:  # unmerged: the judge and the fluency score run without it, as measured (refine_judge.md)
+        if tuned is not None:  # unmerged: the judge and the fluency score run without it, on the model refine_judge.md measured
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, tuned)

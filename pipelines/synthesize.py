@@ -173,7 +173,7 @@ class Synthesize(Stage):
         # pass 1: the DP model writes the user turn, continuing a public seed
         prefixes = [user_turn_prefix(tokenizer, seed) for seed in seeds]
         first = generator.generate([tokenizer(text, add_special_tokens=False)["input_ids"] for text in prefixes], p.sampling, ctx.derive_seed(client_id, "inputs"), f"synthesize {client_id}: inputs")
-        user_texts, complete = self.user_turns(seeds, first)
+        user_texts, complete, cut_inputs = self.user_turns(seeds, first)
         # pass 2: it answers each finished user turn
         answerable = [i for i, text in enumerate(user_texts) if complete[i] and text.strip()]
         second_prompts = [chat_prompt_ids(tokenizer, (seeds[i].instruction + "\n" if seeds[i].instruction else "") + user_texts[i]) for i in answerable]
@@ -182,7 +182,7 @@ class Synthesize(Stage):
 
         prompts_sent = [{"pass": 1, "prompt": text} for text in prefixes] + [{"pass": 2, "prompt": tokenizer.decode(ids)} for ids in second_prompts]
         ctx.write_jsonl(f"clients/{client_id}/prompts.jsonl", prompts_sent, records=False)
-        kept, stats = self.filter(ctx, client_id, seeds, user_texts, complete, answer_of, sha256_file(ctx.run_dir / adapter.artifact), weights)
+        kept, stats = self.filter(ctx, client_id, seeds, user_texts, complete, answer_of, sha256_file(ctx.run_dir / adapter.artifact), weights, cut_inputs)
         ctx.write_jsonl(f"clients/{client_id}/synthetic.jsonl", kept)
         ctx.write_json(f"clients/{client_id}/filter_stats.json", stats)
         console.print(f"synthesize {client_id}: kept {len(kept)} of {count} candidates; rejected {dict(sorted(stats['rejected'].items()))}")
@@ -193,26 +193,31 @@ class Synthesize(Stage):
                            unit=adapter.unit, num_units=adapter.num_units, delta=adapter.delta, mechanism=mechanism, epsilon=epsilons([mechanism], adapter.delta),
                            private=adapter.private, noise="none", trust=trust_line("none", mechanism))
 
-    def user_turns(self, seeds: list[Seed], first) -> tuple[list[str], list[bool]]:
-        """Each generated user turn and whether it is complete. With `single_paragraph`, a turn
-        that runs on past a line break is cut there: the first paragraph is whole (measured on
-        the demo, a third of the DP model's inputs ran on into a second paragraph)."""
-        texts, complete = [], []
+    def user_turns(self, seeds: list[Seed], first) -> tuple[list[str], list[bool], list[bool]]:
+        """Each generated user turn, whether it is complete, and whether it was cut at a sentence
+        end. With `single_paragraph`, a turn that runs on past a line break is cut there: the
+        first paragraph is whole (measured on the demo, a third of the DP model's inputs ran on
+        into a second paragraph)."""
+        texts, complete, cut = [], [], []
         for seed, completion in zip(seeds, first):
             text = seed.prefix + completion.text
             stripped = text.strip()
+            whole = last_full_sentence(completion.text) if not completion.finished and self.params.cut_unfinished else None
             if self.params.single_paragraph and "\n" in stripped:
                 texts.append(stripped.split("\n")[0].strip())
                 complete.append(True)
-            elif not completion.finished and self.params.cut_unfinished and last_full_sentence(completion.text):
+                cut.append(False)
+            elif whole:
                 # out of tokens mid-sentence: the sentences before it are whole (the cut is within
                 # what the model wrote, never inside the public seed)
-                texts.append(seed.prefix + last_full_sentence(completion.text))
+                texts.append(seed.prefix + whole)
                 complete.append(True)
+                cut.append(True)
             else:
                 texts.append(text)
                 complete.append(completion.finished)
-        return texts, complete
+                cut.append(False)
+        return texts, complete, cut
 
     def whole_response(self, answer, label: str | None) -> str | None:
         """The answer's text if it is whole: finished, naming a label, or (open answers, with
@@ -223,7 +228,8 @@ class Synthesize(Stage):
             return answer.text.strip()
         return last_full_sentence(answer.text.strip()) if self.params.cut_unfinished and not self.params.labels else None
 
-    def filter(self, ctx: StageContext, client_id: str, seeds: list[Seed], user_texts: list[str], complete: list[bool], answer_of: dict, adapter_sha256: str, weights: list[float]) -> tuple[list[dict], dict]:
+    def filter(self, ctx: StageContext, client_id: str, seeds: list[Seed], user_texts: list[str], complete: list[bool], answer_of: dict, adapter_sha256: str, weights: list[float],
+               cut_inputs: list[bool] | None = None) -> tuple[list[dict], dict]:
         p: SynthesizeParams = self.params
         rejected: Counter = Counter()
         candidates = []  # (index, label)
@@ -284,7 +290,8 @@ class Synthesize(Stage):
                                "raw_response": answer_of[i].text.strip()},
             })
         cut = sum(1 for i, _ in candidates if answer_of[i].text.strip() != responses[i] and not p.labels)
-        stats = {"generated": len(user_texts), "kept": len(rows), "rejected": dict(rejected), "quotas": quotas, "responses_cut_at_a_sentence_end": cut,
+        stats = {"generated": len(user_texts), "kept": len(rows), "rejected": dict(rejected), "quotas": quotas,
+                 "inputs_cut_at_a_sentence_end": sum(1 for i, _ in candidates if cut_inputs and cut_inputs[i]), "responses_cut_at_a_sentence_end": cut,
                  "kept_per_label": dict(Counter(r["response"] for r in rows)) if p.labels else None, "class_balance": p.class_balance}
         return rows, stats
 

@@ -62,7 +62,7 @@ class TuneProfessional(Stage):
     name = "tune_professional"
     Params = TuneProfessionalParams
     runs_on = "server"
-    uses = ("models", "clients")  # a change of the clients' data reruns the stage, and so its check that it reads none of it
+    uses = ("models", "clients")  # a change of the clients' data sources in the spec reruns the stage, and so its check
 
     def requires(self) -> tuple[str, ...]:
         return ("prepare_models",)
@@ -145,9 +145,9 @@ def same_data(public: DataSource, client: DataSource, base_dir: Path) -> bool:
     client's files need not exist here (on the server, with roles, they do not)."""
     from knowledgesg.builtin_data import VENDOR
 
-    if public.builtin or client.builtin:
-        inside_vendor = public.path is not None and absolute(public.path, base_dir).is_relative_to(VENDOR.resolve())
-        return public.builtin == client.builtin or inside_vendor
+    if public.builtin or client.builtin:  # a path into the vendored data may be a builtin's file
+        paths = [absolute(source.path, base_dir) for source in (public, client) if source.path is not None]
+        return public.builtin == client.builtin or any(path.is_relative_to(VENDOR.resolve()) for path in paths)
     mine, theirs = absolute(public.path, base_dir), absolute(client.path, base_dir)
     if mine == theirs or mine.is_relative_to(theirs) or theirs.is_relative_to(mine):
         return True

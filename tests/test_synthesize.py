@@ -97,7 +97,7 @@ def test_filter_keeps_well_formed_pairs_to_the_class_quota_with_provenance(tmp_p
             return 1
 
     seeds = [Seed(**SEED)] * len(texts)
-    user_texts, complete = stage.user_turns(seeds, first)
+    user_texts, complete, _ = stage.user_turns(seeds, first)
     assert user_texts[8] == "Shares rose today" and complete[8] and not complete[6]
     rows, stats = stage.filter(Ctx(), "c0", seeds, user_texts, complete, answers, "sha", [1.0, 1.0])
     assert [(r["input"], r["response"]) for r in rows] == [("Profits rose sharply in the quarter", "positive"), ("Sales fell for the third year running", "negative")]
@@ -115,9 +115,9 @@ def test_unfinished_text_is_cut_after_its_last_full_sentence():
     assert last_full_sentence("Rates rose 3.5") is None and last_full_sentence("no end at all") is None
     seed = Seed(**SEED)
     first = [Completion("Profits rose sharply in March. Then the firm", 48, False), Completion("Rates rose 3.5", 48, False)]
-    texts, complete = Synthesize(SynthesizeParams(seeds=[seed])).user_turns([seed, seed], first)
-    assert texts[0] == seed.prefix + "Profits rose sharply in March." and complete == [True, False]
-    kept, _ = Synthesize(SynthesizeParams(seeds=[seed], cut_unfinished=False)).user_turns([seed, seed], first)
+    texts, complete, cut = Synthesize(SynthesizeParams(seeds=[seed])).user_turns([seed, seed], first)
+    assert texts[0] == seed.prefix + "Profits rose sharply in March." and complete == [True, False] and cut == [True, False]
+    kept, _, _ = Synthesize(SynthesizeParams(seeds=[seed], cut_unfinished=False)).user_turns([seed, seed], first)
     assert kept[0] == seed.prefix + first[0].text  # the switch turns the cut off
 
     open_task = Synthesize(SynthesizeParams(seeds=[seed], min_words=3))

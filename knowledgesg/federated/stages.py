@@ -101,10 +101,11 @@ def take_published(node_config: dict, files: dict[str, bytes]) -> dict[str, str]
             (directory / relative).parent.mkdir(parents=True, exist_ok=True)
             (directory / relative).write_bytes(data)
 
-    target = published_of(run_dir)
-    write_dir(target, fill)
-    published = Published(target)
-    published.check(run_dir, load_run_role(run_dir).kind, [client_id])
+    role = load_run_role(run_dir).kind
+    # checked whole before it replaces an earlier copy; a bank whose synthetic pairs were all
+    # dropped has no rows in it, and still measures the final adapter on its test set
+    write_dir(published_of(run_dir), fill, before_publish=lambda copy: Published(copy).check(run_dir, role, []))
+    published = Published(published_of(run_dir))
     evaluate_published_on_client(run_dir, client_eval_options(narrow_to_client(spec, client_id), client_id), published, resolve_device(spec.models.device), base_dir)
     return {relative: sha256_bytes(data) for relative, data in files.items()}
 
@@ -119,7 +120,11 @@ def client_eval_options(spec: PipelineSpec, client_id: str) -> EvalOptions:
 def deliver_over_flower(spec: PipelineSpec, base_dir: Path, run_dir: Path) -> dict:
     """On the server, once it has published: the `publish` directory to every client's node over
     the Flower deployment (each keeps it and evaluates it on its side). Returns the ServerApp's
-    result (who kept the releases, the digests sent), also written to RUN.federation/delivery.json."""
+    result (who kept the releases, the digests sent), also written to RUN.federation/delivery.json.
+    Files every client kept already are not sent again: delete delivery.json to send them anew
+    (a node that lost its copy, or changed its evaluate settings). A node replies once its
+    evaluation is done, so the time it takes (a hint of the size of its test set) and
+    `deploy.timeout_s` apply to the evaluation too."""
     settings = spec.federation.deploy
     work = run_dir.resolve().with_name(run_dir.name + ".federation")
     work.mkdir(parents=True, exist_ok=True)
