@@ -4,7 +4,8 @@ The spec (schema, stage parameters and order, budgets), every data file (ingest'
 partitioning and checks, with the same one-line errors), the models (resolvable offline, without
 converting anything), and the privacy each client will spend: dp_train's plan from the
 calibration (its units, delta, sampling rate, steps, noise), a DP histogram if synthesize makes
-one, composed with everything its ledger already holds, against the cap.
+one, fedtune's DP-SGD local steps on private data (as if asked in every round), composed with
+everything its ledger already holds, against the cap.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from knowledgesg.records import InstructionRecord, Record
 from knowledgesg.spec import PipelineSpec
 from knowledgesg.stage import Stage
 from pipelines.dp_train import DPTrain
+from pipelines.fedtune import Fedtune
 from pipelines.ingest import Ingest, client_records, hold_out
 from pipelines.synthesize import Synthesize
+from privacy.accounting import default_delta
 from privacy.ledger import ClientLedger, LedgerEntry, compose, data_key, ledger_directory
 from privacy.units import UNIT_NAMES
 
@@ -95,6 +98,7 @@ def check_pipeline(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_
         return notes, []
     train = next((s for s in stages if isinstance(s, DPTrain)), None)
     synthesize = next((s for s in stages if isinstance(s, Synthesize) and s.releases()), None)
+    private_fedtune = next((s for s in stages if isinstance(s, Fedtune) and s.releases()), None)  # DP-SGD local steps on private data
     ledger_dir = ledger_directory(spec.privacy.ledger_dir, base_dir, run_dir)
     checks = []
     for client_id, records in client_records(spec, base_dir).items():
@@ -106,7 +110,10 @@ def check_pipeline(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_
             planned.append(plan.mechanism())
         if synthesize is not None:
             planned.append(synthesize.histogram_mechanism())
-        delta = plan.delta if plan else (spec.privacy.delta or 1e-5)
+        delta = plan.delta if plan else (spec.privacy.delta or default_delta(len(trained)))
+        if private_fedtune is not None:  # asked in every round: an upper bound where clients are sampled
+            rounds = private_fedtune.params.rounds
+            planned += private_fedtune.plan_mechanisms([client_id], {client_id: rounds}, {client_id: len(trained)}, {client_id: delta})[client_id]
         counted = [e.effective_mechanism() for e in before if e.counts_against_budget]
         checks.append(ClientCheck(
             client_id=client_id, records=len(trained), units=plan.units.count if plan else None, unit=UNIT_NAMES[plan.units.kind] if plan else None,

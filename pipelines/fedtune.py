@@ -150,7 +150,7 @@ class Fedtune(Stage):
         rounds = participation(job)
         # the delta a client's ledger is kept at: its DP adapter's, else the spec's or the default
         deltas = {c: adapters[c].delta if c in adapters else ctx.spec.privacy.delta or default_delta(partition["clients"][c]) for c in clients}
-        planned = self.plan_mechanisms(job, rounds, partition, deltas)
+        planned = self.plan_mechanisms(clients, rounds, partition["clients"], deltas)
         for client_id, mechanisms in planned.items():  # every budget, over all releases ever, before any training
             check_budget(ctx.spent(client_id), client_id, mechanisms, deltas[client_id], ctx.spec.privacy.cap_epsilon, self.name)
         if p.data == "private":  # the mechanism each client runs, as planned; each keeps its own ledger
@@ -200,23 +200,24 @@ class Fedtune(Stage):
         except ValueError as err:
             raise InputError(f"fedtune: {err}") from None
 
-    def sample_rate(self, client_id: str, partition: dict) -> float:
-        n = partition["clients"][client_id]
+    def sample_rate(self, client_id: str, records: dict[str, int]) -> float:
+        n = records[client_id]
         batch = self.params.training.batch_size
         if batch >= n:
             raise InputError(f"client '{client_id}': {n} records is too few for DP-SGD local steps with batch_size {batch}")
         return batch / n
 
-    def plan_mechanisms(self, job: FedJob, rounds: dict[str, int], partition: dict, deltas: dict[str, float]) -> dict[str, list[Mechanism]]:
-        """What each client's private records will go through in this stage at most (nothing, on
-        synthetic data); the noise is calibrated at the delta the client's ledger is kept at."""
+    def plan_mechanisms(self, clients: list[str], rounds: dict[str, int], records: dict[str, int], deltas: dict[str, float]) -> dict[str, list[Mechanism]]:
+        """What each client's private records (`records`: how many each holds) will go through in
+        this stage at most, asked in `rounds` rounds (nothing, on synthetic data); the noise is
+        calibrated at the delta the client's ledger is kept at. `ksg check` plans with every round."""
         p: FedtuneParams = self.params
         planned = {}
-        for c in job.clients:
+        for c in clients:
             mechanisms = []
             if p.data == "private":
                 steps = rounds[c] * p.training.steps
-                q = self.sample_rate(c, partition)
+                q = self.sample_rate(c, records)
                 sigma = p.local_dp.noise_multiplier
                 if sigma is None:
                     sigma, _ = calibrate_noise(p.local_dp.target_epsilon, deltas[c], q, max(1, steps))

@@ -181,6 +181,22 @@ def test_check_refuses_a_plan_past_the_cap_and_counts_the_ledger(tmp_path: Path,
     assert [l for l in err.splitlines() if l.startswith("ksg: error:")][0].startswith("ksg: error: client 'client_0': the planned releases would exceed the privacy budget cap")
 
 
+def test_check_plans_dp_fedavg_on_private_data(tmp_path: Path, monkeypatch, capsys):
+    """fedtune's DP-SGD local steps on private data are a release `ksg check` must count: it had
+    planned epsilon 0 for them."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    fedtune = {"name": "fedtune", "params": {"data": "private", "local_dp": {"target_epsilon": 3.0}, "rounds": 2,
+                                             "training": {"steps": 2, "batch_size": 4, "max_length": 48}}}
+    spec = tiny_spec(stages=["prepare_models", "ingest", fedtune], privacy={"cap_epsilon": 4.0})
+    assert main(["check", str(write_spec(tmp_path, spec))]) == 0
+    out = capsys.readouterr().err
+    assert re.search(r"client_0 .* 2\.9\d\d .* ok", out), out
+    spec["privacy"]["cap_epsilon"] = 2.0
+    assert main(["check", str(write_spec(tmp_path, spec))]) == 2
+    assert "would exceed the privacy budget cap" in capsys.readouterr().err
+
+
 # -- quiet output, peak memory and the run report --------------------------------------------------
 
 
