@@ -66,6 +66,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--label-source", default="professional", choices=["professional", "agreement", "confident"])
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--only", default=None, help="comma-separated runs to do now (U, A8, B8, D8, C); default all")
+    parser.add_argument("--early-eval", default=None, help="a run (e.g. A8) whose base model and DP adapters to score now with `ksg eval`, "
+                                                          "beside a benchmark still running it; then write the report and stop")
     return parser.parse_args()
 
 
@@ -161,9 +163,22 @@ def run(args, name: str, spec_: dict, times: dict) -> None:
 
 
 def results(workdir: Path, name: str) -> dict:
-    """A finished run's evaluation (a B copied from A holds A's until its own evaluate ran)."""
+    """A finished run's evaluation (a B copied from A holds A's until its own evaluate ran). Before
+    it finishes, `ksg eval` of its released models (`--early-eval`, the same options) stands in."""
     path = workdir / name / "stages/evaluate/results.json"
-    return json.loads(path.read_text())["models"] if finished(workdir, name) and path.is_file() else {}
+    if finished(workdir, name) and path.is_file():
+        return json.loads(path.read_text())["models"]
+    early = workdir / name / "eval/eval_report.json"
+    return json.loads(early.read_text())["models"] if early.is_file() and name.startswith("A") else {}
+
+
+def early_eval(args, name: str) -> None:
+    """`ksg eval` of a run's base model and DP adapters while the run goes on (rows 1 and 4a
+    before the pipeline's own evaluate stage): the same tasks, items and mode."""
+    run_dir = args.workdir / name
+    if (run_dir / "eval/eval_report.json").is_file() or not (run_dir / "stages/dp_train/manifest.json").is_file():
+        return
+    ksg("eval", str(run_dir), "--models", "base,dp", "--tasks", ",".join(TASKS), "--modes", "logprob", "--limit", str(args.limit))
 
 
 def scores(entry: dict) -> tuple[dict[str, float], dict[str, float]]:
@@ -328,6 +343,10 @@ def main() -> None:
     args = parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     times = json.loads((args.workdir / "times.json").read_text()) if (args.workdir / "times.json").is_file() else {}
+    if args.early_eval:
+        early_eval(args, args.early_eval)
+        report(args)
+        return
     only = set(args.only.split(",")) if args.only else None
     for name, spec_ in plan(args).items():
         if only is None or name in only:
