@@ -153,3 +153,8 @@ def sha256_text(text: str) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    """Every file under `root`, by its path relative to it (POSIX form), in sorted order."""
+    return {path.relative_to(root).as_posix(): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}

@@ -144,10 +144,15 @@ def choice_logprobs(model, tokenizer, prompts: list[str], choices: list[str], ba
     The choices are written as they follow the prompt, leading space included (" positive").
     """
     contexts = [encode_context(tokenizer, p) for p in prompts]
-    encoded = [encode_continuation(tokenizer, c) for c in choices]
-    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(choices))]
-    scores = continuation_logprobs(model, [contexts[i] for i, _ in pairs], [encoded[j] for _, j in pairs], pad_id(tokenizer), batch_size, device, progress)
-    table = np.empty((len(prompts), len(choices)))
+    return choice_logprobs_of_ids(model, tokenizer, contexts, [encode_continuation(tokenizer, c) for c in choices], batch_size, device, progress)
+
+
+def choice_logprobs_of_ids(model, tokenizer, contexts: list[list[int]], choices: list[list[int]], batch_size: int = 8, device: str = "cpu",
+                           progress: str | None = None) -> np.ndarray:
+    """`choice_logprobs` for contexts and choices already tokenized (e.g. through a chat template)."""
+    pairs = [(i, j) for i in range(len(contexts)) for j in range(len(choices))]
+    scores = continuation_logprobs(model, [contexts[i] for i, _ in pairs], [choices[j] for _, j in pairs], pad_id(tokenizer), batch_size, device, progress)
+    table = np.empty((len(contexts), len(choices)))
     for (i, j), token_scores in zip(pairs, scores):
         table[i, j] = float(token_scores.sum())
     return table

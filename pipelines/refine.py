@@ -27,7 +27,6 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from eval.audit import load_target
@@ -119,14 +118,6 @@ def balanced_shots(pool: list[InstructionRecord], labels: list[str] | None, coun
     by_label = {label: [r for r in pool if r.response.strip().lower() == label.lower()] for label in labels}
     shots = [r for group in zip_longest(*by_label.values()) for r in group if r is not None]
     return shots[:count]
-
-
-def direct_choice_logprobs(model, tokenizer, contexts: list[list[int]], choices: list[list[int]], batch_size: int, device: str, progress: str) -> np.ndarray:
-    """[len(contexts), len(choices)] summed log-probabilities of each tokenized choice after each context."""
-    from knowledgesg.scoring import continuation_logprobs, pad_id
-
-    scores = continuation_logprobs(model, [c for c in contexts for _ in choices], [choice for _ in contexts for choice in choices], pad_id(tokenizer), batch_size, device, progress)
-    return np.array([float(s.sum()) for s in scores]).reshape(len(contexts), len(choices))
 
 
 def fluency_scores(model, tokenizer, texts: list[str], batch_size: int, device: str) -> list[float]:
@@ -252,7 +243,7 @@ class Refine(Stage):
         """The professional model's response to each kept record: a label, or a written answer.
         A professional tuned by `tune_professional` labels in the format it learned, without shots."""
         from knowledgesg.generation import Generator
-        from knowledgesg.scoring import choice_logprobs, encode_context, normalized_choice_probs
+        from knowledgesg.scoring import choice_logprobs, choice_logprobs_of_ids, encode_context, normalized_choice_probs
 
         p: RefineParams = self.params
         if not records:
@@ -260,7 +251,7 @@ class Refine(Stage):
         if p.labels:
             if tuned:
                 contexts = [context_ids(tokenizer, user_message(r)) for r in records]
-                table = direct_choice_logprobs(model, tokenizer, contexts, [choice_ids(tokenizer, label) for label in p.labels], p.batch_size, device, f"refine {client_id}: labelling")
+                table = choice_logprobs_of_ids(model, tokenizer, contexts, [choice_ids(tokenizer, label) for label in p.labels], p.batch_size, device, f"refine {client_id}: labelling")
             else:
                 table = choice_logprobs(model, tokenizer, [label_prompt(shots, r, p.example_words) for r in records], [" " + label for label in p.labels], p.batch_size, device,
                                         f"refine {client_id}: labelling")

@@ -28,7 +28,7 @@ import numpy as np
 
 from knowledgesg.console import console
 from knowledgesg.errors import KsgError
-from knowledgesg.fileio import named_crash_point, sha256_bytes
+from knowledgesg.fileio import named_crash_point, read_tree, sha256_bytes
 from knowledgesg.exchange import replace_part, write_files
 from knowledgesg.federated.protocol import DELIVER_PUBLISHED, RUN_STAGES, ClientTask, ClientUpdate, DeliveryJob, Params, StagesJob, failure_reason
 from knowledgesg.federated.secagg import SecAggPlan, SecureSum, secure_aggregation_mod, secure_sum
@@ -73,30 +73,48 @@ def identify_nodes(grid, clients: list[str]) -> dict[str, int]:
     return nodes
 
 
-def collect_releases(grid, job: StagesJob) -> None:
-    """In the ServerApp: ask every client's node to run its stages, keep what each sends in its part
-    of the exchange, and say in `job.result` who sent and who failed, and why."""
-    from flwr.app import ConfigRecord, Message, RecordDict
+def ask_every_client(grid, nodes: dict[str, int], content_of: Callable[[str], dict], message_type: str, timeout_s: float | None,
+                     take: Callable[[str, object], str | None]) -> tuple[list[str], dict[str, str]]:
+    """One message to each client's node and its reply, kept by `take(client, reply content)`, which
+    returns why a reply cannot be kept, or None. Returns the clients whose reply was kept, and for
+    every other client why not (its error, what `take` said, or no reply within the timeout)."""
+    from flwr.app import Message, RecordDict
 
-    nodes = identify_nodes(grid, job.clients)
     client_of = {node: client for client, node in nodes.items()}
-    messages = [Message(RecordDict({"config": ConfigRecord({"client-id": client})}), dst_node_id=node, message_type=RUN_STAGES) for client, node in nodes.items()]
-    exchange = Path(job.exchange)
-    failed, sent = {}, []
-    for reply in grid.send_and_receive(messages, timeout=job.timeout_s):
+    messages = [Message(RecordDict(content_of(client)), dst_node_id=node, message_type=message_type) for client, node in nodes.items()]
+    kept, failed = [], {}
+    for reply in grid.send_and_receive(messages, timeout=timeout_s):
         client = client_of.get(reply.metadata.src_node_id)
-        if client is None or client in sent:
+        if client is None or client in kept:
             continue
         if reply.has_error():
             failed[client] = reply.error.reason
             continue
+        why = take(client, reply.content)
+        if why is not None:
+            failed[client] = why
+            continue
+        kept.append(client)
+    failed.update(unanswered(list(nodes), kept, failed, timeout_s))
+    return kept, failed
+
+
+def collect_releases(grid, job: StagesJob) -> None:
+    """In the ServerApp: ask every client's node to run its stages, keep what each sends in its part
+    of the exchange, and say in `job.result` who sent and who failed, and why."""
+    from flwr.app import ConfigRecord
+
+    exchange = Path(job.exchange)
+
+    def keep(client: str, content) -> str | None:
         try:
-            files = {name: bytes(value) for name, value in reply.content["files"].items()}
+            files = {name: bytes(value) for name, value in content["files"].items()}
             replace_part(exchange, client, functools.partial(write_files, files=files, client_id=client))
-            sent.append(client)
         except (KeyError, KsgError) as err:
-            failed[client] = f"its reply could not be kept: {err}"
-    failed.update(unanswered(job.clients, sent, failed, job.timeout_s))
+            return f"its reply could not be kept: {err}"
+        return None
+
+    sent, failed = ask_every_client(grid, identify_nodes(grid, job.clients), lambda client: {"config": ConfigRecord({"client-id": client})}, RUN_STAGES, job.timeout_s, keep)
     Path(job.result).write_text(json.dumps({"sent": sent, "failed": failed}), encoding="utf-8")
 
 
@@ -104,28 +122,16 @@ def deliver_published(grid, job: DeliveryJob) -> None:
     """In the ServerApp: send the server's published releases (final adapter, synthetic data) to
     every client's node, which keeps them and evaluates them against its own data there. A node
     answers with the digests of what it kept, never a figure; `job.result` says who kept them."""
-    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.app import ConfigRecord
 
-    nodes = identify_nodes(grid, job.clients)
-    client_of = {node: client for client, node in nodes.items()}
-    root = Path(job.published)
-    files = {path.relative_to(root).as_posix(): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+    files = read_tree(Path(job.published))
     digests = {name: sha256_bytes(data) for name, data in files.items()}
-    messages = [Message(RecordDict({"files": ConfigRecord(files), "config": ConfigRecord({"client-id": client})}), dst_node_id=node, message_type=DELIVER_PUBLISHED)
-                for client, node in nodes.items()]
-    kept, failed = [], {}
-    for reply in grid.send_and_receive(messages, timeout=job.timeout_s):
-        client = client_of.get(reply.metadata.src_node_id)
-        if client is None or client in kept:
-            continue
-        if reply.has_error():
-            failed[client] = reply.error.reason
-            continue
-        if json.loads(str(reply.content["config"]["kept"])) != digests:
-            failed[client] = "the copy it kept differs from what was sent"
-            continue
-        kept.append(client)
-    failed.update(unanswered(job.clients, kept, failed, job.timeout_s))
+
+    def check(client: str, content) -> str | None:
+        return None if json.loads(str(content["config"]["kept"])) == digests else "the copy it kept differs from what was sent"
+
+    kept, failed = ask_every_client(grid, identify_nodes(grid, job.clients), lambda client: {"files": ConfigRecord(files), "config": ConfigRecord({"client-id": client})},
+                                    DELIVER_PUBLISHED, job.timeout_s, check)
     Path(job.result).write_text(json.dumps({"kept": kept, "failed": failed, "files": digests}), encoding="utf-8")
 
 

@@ -23,7 +23,7 @@ from eval.evaluate import EvalOptions, Published, evaluate_published_on_client
 from knowledgesg.errors import KsgError
 from knowledgesg.federated.deploy import run_deployed
 from knowledgesg.federated.protocol import DeliveryJob, StagesJob
-from knowledgesg.fileio import sha256_bytes, write_dir
+from knowledgesg.fileio import read_tree, sha256_bytes, write_dir
 from knowledgesg.models import resolve_device
 from knowledgesg.roles import Role, narrow_to_client
 from knowledgesg.runner import Runner, load_run_role
@@ -52,21 +52,21 @@ def run_client_stages(node_config: dict) -> dict[str, bytes]:
         base_dir = Path(str(node_config["base-dir"]))
     outbox = outbox_of(run_dir)
     Runner(spec, base_dir, run_dir, stages, Role("client", client_id, outbox)).run()
-    part = outbox / client_id
-    return {str(path.relative_to(part)): path.read_bytes() for path in sorted(part.rglob("*")) if path.is_file()}
+    return read_tree(outbox / client_id)
 
 
-def fetch_over_flower(spec: PipelineSpec, base_dir: Path, run_dir: Path, exchange: Path) -> None:
-    """On the server: every client's releases into `exchange`, through the Flower deployment (with
-    `launch: local`, SuperLink and SuperNodes started here on 127.0.0.1, each node with its own
-    run directory under RUN.federation/nodes, beside the server's run: for tests and trials on one
-    machine)."""
-    settings = spec.federation.deploy
-    work = run_dir.resolve().with_name(run_dir.name + ".federation")
-    work.mkdir(parents=True, exist_ok=True)
-    clients = [m.id for m in spec.clients.members]
-    job = StagesJob(clients=clients, exchange=str(exchange.resolve()), timeout_s=settings.timeout_s, result=str(work / RESULT))
-    (work / RESULT).unlink(missing_ok=True)
+def federation_dir(run_dir: Path) -> Path:
+    """Beside the server's run: the Flower jobs, their results, and with `launch: local` the nodes'
+    own run directories (RUN.federation/nodes/<client>/run)."""
+    return run_dir.resolve().with_name(run_dir.name + ".federation")
+
+
+def run_server_job(spec: PipelineSpec, base_dir: Path, run_dir: Path, job: StagesJob | DeliveryJob) -> dict | None:
+    """Submit a job to the Flower deployment (with `launch: local`, SuperLink and SuperNodes started
+    here on 127.0.0.1, each node with its own run directory: for tests and trials on one machine)
+    and return the result the ServerApp wrote, or None if it wrote none."""
+    work = federation_dir(run_dir)
+    Path(job.result).unlink(missing_ok=True)
     (work / JOB).write_text(job.model_dump_json(), encoding="utf-8")
     spec_copy = work / "spec.yaml"  # with launch: local, the nodes' spec; its relative paths resolve from base-dir
     spec_copy.write_text(yaml.safe_dump(spec_to_dict(spec), sort_keys=False), encoding="utf-8")
@@ -74,8 +74,18 @@ def fetch_over_flower(spec: PipelineSpec, base_dir: Path, run_dir: Path, exchang
     def node_config_of(client: str) -> str:
         return f"client-id='{client}' run-dir='{work / 'nodes' / client / 'run'}' spec='{spec_copy}' base-dir='{base_dir.resolve()}'"
 
-    run_deployed(work / JOB, clients, settings, node_config_of, "federation.deploy")
-    result = json.loads((work / RESULT).read_text(encoding="utf-8")) if (work / RESULT).is_file() else None
+    run_deployed(work / JOB, job.clients, spec.federation.deploy, node_config_of, "federation.deploy")
+    result = Path(job.result)
+    return json.loads(result.read_text(encoding="utf-8")) if result.is_file() else None
+
+
+def fetch_over_flower(spec: PipelineSpec, base_dir: Path, run_dir: Path, exchange: Path) -> None:
+    """On the server: every client's releases into `exchange`, through the Flower deployment."""
+    work = federation_dir(run_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    clients = [m.id for m in spec.clients.members]
+    job = StagesJob(clients=clients, exchange=str(exchange.resolve()), timeout_s=spec.federation.deploy.timeout_s, result=str(work / RESULT))
+    result = run_server_job(spec, base_dir, run_dir, job)
     if result is None:
         raise KsgError(f"the ServerApp ended without collecting the clients' releases (Flower logs in {work})")
     if result["failed"]:
@@ -125,26 +135,16 @@ def deliver_over_flower(spec: PipelineSpec, base_dir: Path, run_dir: Path) -> di
     (a node that lost its copy, or changed its evaluate settings). A node replies once its
     evaluation is done, so the time it takes (a hint of the size of its test set) and
     `deploy.timeout_s` apply to the evaluation too."""
-    settings = spec.federation.deploy
-    work = run_dir.resolve().with_name(run_dir.name + ".federation")
+    work = federation_dir(run_dir)
     work.mkdir(parents=True, exist_ok=True)
     clients = [m.id for m in spec.clients.members]
     publish = run_dir / "stages/publish"
-    digests = {p.relative_to(publish).as_posix(): sha256_bytes(p.read_bytes()) for p in sorted(publish.rglob("*")) if p.is_file()}
+    digests = {name: sha256_bytes(data) for name, data in read_tree(publish).items()}
     earlier = json.loads((work / DELIVERY).read_text(encoding="utf-8")) if (work / DELIVERY).is_file() else None
     if earlier is not None and earlier["files"] == digests and sorted(earlier["kept"]) == sorted(clients):
         return earlier  # every client kept these very files already (a rerun of a finished run)
-    job = DeliveryJob(clients=clients, published=str(publish.resolve()), timeout_s=settings.timeout_s, result=str(work / DELIVERY))
-    (work / DELIVERY).unlink(missing_ok=True)
-    (work / JOB).write_text(job.model_dump_json(), encoding="utf-8")
-    spec_copy = work / "spec.yaml"
-    spec_copy.write_text(yaml.safe_dump(spec_to_dict(spec), sort_keys=False), encoding="utf-8")
-
-    def node_config_of(client: str) -> str:
-        return f"client-id='{client}' run-dir='{work / 'nodes' / client / 'run'}' spec='{spec_copy}' base-dir='{base_dir.resolve()}'"
-
-    run_deployed(work / JOB, clients, settings, node_config_of, "federation.deploy")
-    result = json.loads((work / DELIVERY).read_text(encoding="utf-8")) if (work / DELIVERY).is_file() else None
+    job = DeliveryJob(clients=clients, published=str(publish.resolve()), timeout_s=spec.federation.deploy.timeout_s, result=str(work / DELIVERY))
+    result = run_server_job(spec, base_dir, run_dir, job)
     if result is None:
         raise KsgError(f"the ServerApp ended without delivering the published releases (Flower logs in {work})")
     if result["failed"]:
