@@ -1,7 +1,7 @@
 """The headline where privacy bites: finance with about a thousand records per bank, every private
 alternative beside the pipeline, at the same epsilon per bank.
 
-Usage:  .venv/bin/python benchmarks/finance_headline.py --workdir DIR [--epsilons 8] [--per-source 1800] [--limit 400]
+Usage:  .venv/bin/python benchmarks/finance_headline.py --workdir DIR [--epsilons 8] [--ablations agreement,volume] [--per-source 1800] [--limit 400]
 
 Private data: FPB and TFNS training sentences (their test sentences and repeats removed),
 `--per-source` of each, split over 3 banks by Dirichlet(1.0) over labels with at least
@@ -16,7 +16,9 @@ interrupted one resumes at its last finished stage):
 - B<eps>: A's directory copied, fedtune on the unrefined synthetic data;
 - D<eps>: DP-FedAvg: fedtune on the private data with DP-SGD local steps at the same epsilon
   and about as many steps per bank as dp_train;
-- C (NOT PRIVATE, upper bound): one client holding all banks' records, dp_train without noise.
+- C (NOT PRIVATE, upper bound): one client holding all banks' records, dp_train without noise;
+- A<eps>-<ablation> (`--ablations agreement,confident,volume`): A's directory copied, one
+  argument changed (refine's label_source, or twice the synthetic pairs), the stages it touches rerun.
 
 Accuracy by label log-probability on `--limit` seeded items of each test set (the same items for
 every row), with standard errors (binomial per task; the mean's from the three). "Share of the gap
@@ -49,6 +51,12 @@ SEEDS = [
     {"instruction": "What is the sentiment of this tweet? Please choose an answer from {negative/neutral/positive}.", "domain": "finance", "task": "sentiment"},
 ]
 MODELS = {"base": "smollm2-135m-instruct", "professional": "gemma-3-270m", "embedder": "minilm-l6-v2"}
+# one change each to the pipeline's arguments, and what it asks
+ABLATIONS = {
+    "agreement": ({"label_source": "agreement"}, "refine keeps only the pairs where the professional and the DP model give the same label"),
+    "confident": ({"label_source": "confident"}, "refine takes the professional's label where it is at least 0.6 sure, else the DP model's"),
+    "volume": ({"synthetic": 600}, "twice the synthetic pairs per bank (600)"),
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--local-steps", type=int, default=25)
     parser.add_argument("--limit", type=int, default=400, help="test items per task")
     parser.add_argument("--label-source", default="professional", choices=["professional", "agreement", "confident"])
+    parser.add_argument("--ablations", default="", help="comma-separated changes to the pipeline, each a copy of a finished A<eps> run with only that "
+                                                       f"changed (its DP adapters reused, never redrawn): {', '.join(ABLATIONS)}")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--only", default=None, help="comma-separated runs to do now (U, A8, B8, D8, C); default all")
     parser.add_argument("--early-eval", default=None, help="a run (e.g. A8) whose base model and DP adapters to score now with `ksg eval`, "
@@ -114,19 +124,26 @@ def plan(args) -> dict[str, dict]:
     """Every run's spec by name, in the order they run (the most telling first)."""
     runs = {"U": spec(args, "public", math.inf, {"data": [{"builtin": "fiqa_train"}], "partition": {"method": "iid", "names": ["public"]}},
                       [dp_train(args), evaluate(args, ["dp"])])}
-    for epsilon in [float(e) for e in args.epsilons.split(",")]:
+    pooled = dict(private_data(args), partition={"method": "iid", "names": ["pooled"]})
+    for i, epsilon in enumerate(float(e) for e in args.epsilons.split(",")):
         e = eps_name(epsilon)
         runs[f"A{e}"] = spec(args, f"pipeline-{e}", epsilon, private_data(args),
                              [dp_train(args), *synthesis(args), fedtune(args, "refine"), evaluate(args, ["base", "professional", "dp", "final"])])
         runs[f"B{e}"] = spec(args, f"pipeline-{e}", epsilon, private_data(args), [dp_train(args), *synthesis(args), fedtune(args, "synthesize"), evaluate(args, ["final"])])
+        if i == 0:
+            # the upper bound right after the first pipeline rows: it runs in one piece (one
+            # client's dp_train), while DP-FedAvg below resumes from its last finished round
+            runs["C"] = spec(args, "nonprivate-pooled", math.inf, pooled, [dp_train(args), evaluate(args, ["dp"])])
         steps = max(1, round(args.epochs * args.min_bank / args.batch_size / args.rounds))
         runs[f"D{e}"] = spec(args, f"dp-fedavg-{e}", epsilon, private_data(args), [
             {"name": "fedtune", "params": {"engine": "local", "data": "private", "rounds": args.rounds, "rule": {"name": "fedavg"},
                                            "local_dp": {"target_epsilon": epsilon, "clip_norm": 1.0},
                                            "training": {"steps": steps, "batch_size": args.batch_size, "max_length": 128, "learning_rate": 0.002, "loss_on": "all"}}},
             evaluate(args, ["final"])])
-    pooled = dict(private_data(args), partition={"method": "iid", "names": ["pooled"]})
-    runs["C"] = spec(args, "nonprivate-pooled", math.inf, pooled, [dp_train(args), evaluate(args, ["dp"])])
+        for ablation in filter(None, args.ablations.split(",")):
+            changed = argparse.Namespace(**{**vars(args), **ABLATIONS[ablation][0]})
+            runs[f"A{e}-{ablation}"] = spec(args, f"pipeline-{e}", epsilon, private_data(args),
+                                            [dp_train(args), *synthesis(changed), fedtune(args, "refine"), evaluate(args, ["final"])])
     return runs
 
 
@@ -141,18 +158,28 @@ def finished(workdir: Path, name: str, spec_: dict | None = None) -> bool:
     return marker.is_file() and (spec_ is None or marker.read_text() == spec_digest(spec_))
 
 
+def copied_from(name: str) -> str | None:
+    """The run whose directory this one starts from: A<eps> for B<eps> and for A<eps>-<ablation>."""
+    if name.startswith("B"):
+        return f"A{name[1:]}"
+    if name.startswith("A") and "-" in name:
+        return name.split("-")[0]
+    return None
+
+
 def run(args, name: str, spec_: dict, times: dict) -> None:
     workdir: Path = args.workdir
     if finished(workdir, name, spec_):
         return
     run_dir = workdir / name
-    if name.startswith("B") and not (run_dir / "stages").is_dir():
-        # A's stages up to refine are reused, not recomputed: a copy of a finished A only (an
-        # unfinished one would make B draw its own DP adapters, a second release of the banks' data)
-        if not finished(workdir, f"A{name[1:]}"):
-            print(f"run {name} waits for A{name[1:]}", flush=True)
+    source = copied_from(name)
+    if source and not (run_dir / "stages").is_dir():
+        # A's stages are reused where this run leaves them alike: a copy of a finished A only (an
+        # unfinished one would make this run draw its own DP adapters, a second release of the banks' data)
+        if not finished(workdir, source):
+            print(f"run {name} waits for {source}", flush=True)
             return
-        shutil.copytree(workdir / f"A{name[1:]}", run_dir)
+        shutil.copytree(workdir / source, run_dir)
     print(f"[{time.strftime('%H:%M:%S')}] run {name}", flush=True)
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec_, sort_keys=False))
@@ -238,6 +265,25 @@ def gap_line(means: dict[str, float]) -> str:
         return f"Share of the gap closed: none to close (row {best} {alternatives[best]:.3f} is at or above NOT PRIVATE's {means['7']:.3f})."
     share = (means["6"] - alternatives[best]) / (means["7"] - alternatives[best])
     return f"Share of the gap closed: (row 6 {means['6']:.3f} - row {best} {alternatives[best]:.3f}) / (row 7 {means['7']:.3f} - row {best}) = **{share:.0%}**."
+
+
+def ablation_table(args, e: str) -> list[str]:
+    """The full pipeline (row 6) beside each ablation's final model, with what refine kept."""
+    ablations = list(filter(None, args.ablations.split(",")))
+    if not ablations:
+        return []
+    lines = [f"### Ablations at epsilon {e}: one change each to the full pipeline, its DP adapters reused", "",
+             "| pipeline | FPB | FiQA | TFNS | mean +- SE | pairs after refine |", "|---|---|---|---|---|---|"]
+    for name, label in [(f"A{e}", "as in row 6"), *((f"A{e}-{a}", ABLATIONS[a][1]) for a in ablations)]:
+        entry = results(args.workdir, name).get("final") if finished(args.workdir, name) else None
+        if entry is None:
+            lines.append(f"| {label} | not run yet | | | | |")
+            continue
+        acc, se = scores(entry)
+        mean, mean_se = mean_of(acc, se)
+        kept = count_lines(args.workdir / name, "refine", "refined.jsonl")
+        lines.append(f"| {label} | " + " | ".join(f"{acc[t]:.3f}" for t in TASKS) + f" | **{mean:.3f}** +- {mean_se:.3f} | {kept} |")
+    return [*lines, ""]
 
 
 def details(workdir: Path, e: str) -> list[str]:
@@ -331,6 +377,7 @@ def report(args) -> None:
     for e in [eps_name(float(x)) for x in args.epsilons.split(",")]:
         rows, means = table(args.workdir, e)
         lines += [f"## epsilon {e} per bank (delta 1e-5 or 1/(100 N))", "", *rows, "", gap_line(means), "", *details(args.workdir, e), ""]
+        lines += ablation_table(args, e)
     curve = RESULTS / "finance_headline_curve.png"
     if plot_curve(args.workdir, [eps_name(float(x)) for x in args.epsilons.split(",")], curve):
         lines += [f"![mean accuracy against epsilon]({curve.name})", ""]
@@ -341,6 +388,9 @@ def report(args) -> None:
 
 def main() -> None:
     args = parse_args()
+    unknown = set(filter(None, args.ablations.split(","))) - set(ABLATIONS)
+    if unknown:
+        sys.exit(f"--ablations: unknown {', '.join(sorted(unknown))} (known: {', '.join(ABLATIONS)})")
     args.workdir.mkdir(parents=True, exist_ok=True)
     times = json.loads((args.workdir / "times.json").read_text()) if (args.workdir / "times.json").is_file() else {}
     if args.early_eval:
