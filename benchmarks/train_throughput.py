@@ -1,7 +1,7 @@
 """DP-SGD training throughput against the machine's matmul roof, before and after the batching work.
 
 Usage:  .venv/bin/python benchmarks/train_throughput.py [--model smollm2-135m-instruct] [--steps 6]
-            [--batch 16] [--max-rows 8] [--loss-on response]
+            [--batch 16] [--max-rows 8] [--loss-on response] [--bfloat16]
 
 Roofs: the best of several float32 matmuls, (a) square 2048 x 2048, and (b) at the model's own
 shapes: one decoder layer's projections on [tokens, hidden] inputs (q, k, v, o, gate, up, down)
@@ -13,7 +13,10 @@ LoRA r=8 on q, v, Adam, Opacus per-sample clipping and noise, run two ways on th
 the same units, alternating step by step so that machine noise hits both:
 - before: full logits at every position, micro-batches cut in the sampled order;
 - after:  the vocabulary head applied only to labelled positions, units grouped by length into
-          the micro-batches of least padded cost (`privacy.dp_sgd.micro_batches`).
+          the micro-batches of least padded cost (`privacy.dp_sgd.micro_batches`);
+- with `--bfloat16`, also "after, bfloat16 base": the same on a second copy of the model whose
+  frozen weights are bfloat16 (dp_train's `precision: bfloat16`; the adapter and its clipped
+  gradients stay float32), with the cosine between its clipped gradient sum and float32's.
 Throughput counts non-pad tokens only. Useful work per token is 4 N (2N forward, 2N for the
 activation gradients; frozen weights need no weight gradients): the issue's measure. "Needed"
 work counts the head (vocab x hidden) only at the labelled positions that have a loss, which is
@@ -23,6 +26,7 @@ all the training objective needs. Writes benchmarks/results/train_throughput.md.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -81,6 +85,19 @@ def in_sampled_order(units: list[int], rows_per_unit: list[int], widths: list[in
     return batches + ([current] if current else [])
 
 
+def keep_clipped_sums(dp) -> None:
+    """Keep each step's sum of clipped gradients, before the noise, as `dp.last_clipped_sum`."""
+    import torch
+
+    add_noise = dp.optimizer.add_noise
+
+    def recording() -> None:
+        dp.last_clipped_sum = torch.cat([p.summed_grad.detach().flatten() for p in dp.optimizer.params])
+        add_noise()
+
+    dp.optimizer.add_noise = recording
+
+
 def full_logits_loss(module, inputs, row_unit, n_units):
     from knowledgesg.sft import per_sequence_loss
     from privacy.dp_sgd import unit_means
@@ -107,6 +124,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="units in the logical batch")
     parser.add_argument("--max-rows", type=int, default=8)
     parser.add_argument("--loss-on", choices=["response", "all"], default="response")
+    parser.add_argument("--bfloat16", action="store_true", help="add the variant with bfloat16 base weights")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -114,28 +132,46 @@ def main() -> None:
     config = model.config
     parameters = sum(p.numel() for p in model.parameters())
     head_parameters = config.vocab_size * config.hidden_size
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    low = get_peft_model(copy.deepcopy(model).to(torch.bfloat16), lora).train() if args.bfloat16 else None
+    model = get_peft_model(model, lora)
     model.train()
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero, and at learning rate 0 would keep A's gradients at zero
+            torch.nn.init.normal_(weight, std=0.02)
+    if low is not None:  # the same adapter on both copies
+        low.load_state_dict(model.state_dict(), strict=False)
     records = load_builtin("fpb_train", "fpb")
     examples = [tokenize_example(tokenizer, r, 128, args.loss_on) for r in records[:2000]]
     units = [[i] for i in range(len(examples))]
     rows_per_unit, widths = [1] * len(units), unit_widths(examples, units)
-    engine = DPSGD(model, lambda ps: torch.optim.Adam(ps, lr=1e-4), DPSGDSettings(1.0, 1.0, args.batch / len(units), args.batch), SecureRandom.from_os_entropy())
-    variants = {"before": (in_sampled_order, full_logits_loss), "after": (micro_batches, unit_loss_on("cpu"))}
+    settings = DPSGDSettings(1.0, 1.0, args.batch / len(units), args.batch)
+    # learning rate 0: every step starts from the same adapter, so the variants' gradients compare
+    engine = DPSGD(model, lambda ps: torch.optim.SGD(ps, lr=0.0), settings, SecureRandom.from_os_entropy())
+    variants = {"before": (in_sampled_order, full_logits_loss, engine), "after": (micro_batches, unit_loss_on("cpu"), engine)}
+    if low is not None:
+        variants["after, bfloat16 base"] = (micro_batches, unit_loss_on("cpu"), DPSGD(low, lambda ps: torch.optim.SGD(ps, lr=0.0), settings, SecureRandom.from_os_entropy()))
+    cosines: list[float] = []
     rng = random.Random(0)
     times: dict[str, list[float]] = {name: [] for name in variants}
-    counts = {"tokens": [], "labelled": [], "padded_before": [], "padded_after": []}
+    counts = {"tokens": [], "labelled": [], **{f"padded_{name}": [] for name in variants}}
+    for _, _, dp in variants.values():
+        keep_clipped_sums(dp)
     for step in range(args.steps + 1):
         chosen = rng.sample(range(len(units)), args.batch)  # the same units for both variants
         tokens = sum(len(examples[u].input_ids) for u in chosen)
         labelled = sum(sum(t != IGNORE for t in examples[u].labels[1:]) for u in chosen)
-        for name, (split, loss) in (variants.items() if step % 2 == 0 else reversed(variants.items())):
+        clipped_sums = {}
+        for name, (split, loss, dp) in (variants.items() if step % 2 == 0 else reversed(variants.items())):
             batches = [unit_batch(examples, units, mb, tokenizer.pad_token_id) for mb in split(chosen, rows_per_unit, widths, args.max_rows)]
             start = time.perf_counter()
-            engine.step(batches, loss)
+            dp.step(batches, loss)
             if step:  # the first step warms up
                 times[name].append(time.perf_counter() - start)
                 counts[f"padded_{name}"].append(sum(b[0]["input_ids"].numel() for b in batches))
+            clipped_sums[name] = dp.last_clipped_sum
+        if low is not None:
+            cosines.append(float(torch.nn.functional.cosine_similarity(clipped_sums["after"], clipped_sums["after, bfloat16 base"], dim=0)))
         if step:
             counts["tokens"].append(tokens)
             counts["labelled"].append(labelled)
@@ -163,6 +199,8 @@ def main() -> None:
         "| variant | s / step | tokens computed (padding included) | non-pad tokens/s | 4N/token vs square peak | 4N/token vs model-shape roof | needed flops vs model-shape roof |",
         "|---|---:|---:|---:|---:|---:|---:|", *rows, "",
         f"Speed-up after / before: **{speedup:.2f}x** (same units, same model, same process).", "",
+        *([f"Speed-up of bfloat16 base weights over float32 (both 'after'): **{statistics.median(times['after']) / statistics.median(times['after, bfloat16 base']):.2f}x**; "
+           f"cosine between their clipped gradient sums (before noise), per step: min {min(cosines):.4f}, median {statistics.median(cosines):.4f}.", ""] if low is not None else []),
         "Matmul throughput at the model's shapes:", "", *[f"- {name}: {rate:.1f} GFLOP/s" for name, rate in shapes],
     ])
 

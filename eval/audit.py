@@ -47,7 +47,7 @@ from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_json, read_jsonl
 from knowledgesg.generation import Generator, SamplingParams
 from knowledgesg.manifest import read_manifest
-from knowledgesg.models import ResolvedModel, load_causal_lm, native_bfloat16, resolve_device
+from knowledgesg.models import ResolvedModel, load_causal_lm, resolve_device, resolve_precision
 from knowledgesg.prompts import Seed, user_message, user_turn_prefix
 from knowledgesg.records import InstructionRecord
 from knowledgesg.scoring import SHARED_PREFIX_MIN, common_prefix_length, continuation_logprobs, pad_id, shared_prefix_logprobs, token_statistics
@@ -246,12 +246,6 @@ def load_target(base: dict, adapter_dir: Path | None, device: str, precision: st
     model = model.to(getattr(torch, precision))
     model.eval()
     return model, tokenizer
-
-
-def resolve_precision(setting: str, device: str) -> str:
-    if setting != "auto":
-        return setting
-    return "bfloat16" if native_bfloat16(device) else "float32"
 
 
 def completed(run_dir: Path, stage: str) -> bool:

@@ -253,6 +253,13 @@ def native_bfloat16(device: str) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def resolve_precision(setting: str, device: str) -> str:
+    """"float32" or "bfloat16" for a precision setting ("auto": bfloat16 where it runs natively)."""
+    if setting != "auto":
+        return setting
+    return "bfloat16" if native_bfloat16(device) else "float32"
+
+
 def load_causal_lm(model: ResolvedModel, device: str = "cpu"):
     """(model, tokenizer) in float32 on `device`, in eval mode, with a pad token set."""
     import torch

@@ -111,7 +111,7 @@ def sequence_losses(model, inputs: dict[str, torch.Tensor], device: str) -> torc
     ids, mask, labels = inputs["input_ids"].to(device), inputs["attention_mask"].to(device), inputs["labels"].to(device)
     parts = decoder_and_head(model)
     if parts is None:
-        return per_sequence_loss(model(input_ids=ids, attention_mask=mask).logits, labels)
+        return per_sequence_loss(model(input_ids=ids, attention_mask=mask).logits.float(), labels)
     decoder, head = parts
     hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
     targets = labels[:, 1:]

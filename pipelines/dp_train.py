@@ -59,6 +59,9 @@ class DPTrainParams(BaseModel):
     max_records_per_user: int = Field(default=8, ge=1, description="records one user (or source document) contributes")
     loss_on: Literal["response", "all"] = Field(default="response", description="'all' also learns the user turn, needed to synthesize inputs")
     source_stage: Literal["ingest", "structure"] = Field(default="ingest", description="the stage whose client records are trained on")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        default="float32", description="the frozen base weights (bfloat16 matmuls run 2-3x faster on a CPU with AVX512-BF16; auto: bfloat16 where native). "
+        "The adapter, its per-unit gradients, their clipping and the noise stay float32 either way, so the sensitivity bound is exact")
 
 
 @dataclass
@@ -150,7 +153,7 @@ class DPTrain(Stage):
         import torch
         from peft import LoraConfig, get_peft_model
 
-        from knowledgesg.models import ResolvedModel, load_causal_lm, resolve_device
+        from knowledgesg.models import ResolvedModel, load_causal_lm, resolve_device, resolve_precision
         from knowledgesg.sft import make_optimizer, tokenize_example, unit_batch, unit_loss_on, unit_widths
         from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches, poisson_batches
 
@@ -158,6 +161,10 @@ class DPTrain(Stage):
         torch.manual_seed(ctx.derive_seed(plan.client_id, "init"))
         device = resolve_device(ctx.spec.models.device)
         model, tokenizer = load_causal_lm(ResolvedModel(**base), device)
+        # frozen weights only: peft makes the adapter float32 over a bfloat16 base (and DPSGD
+        # refuses anything else), so hidden states pass in bfloat16 and gradients are clipped in float32
+        dtype = resolve_precision(p.precision, device)
+        model = model.to(getattr(torch, dtype))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations inside peft
             model = get_peft_model(model, LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=0.0, target_modules=p.target_modules, task_type="CAUSAL_LM"))
@@ -191,7 +198,7 @@ class DPTrain(Stage):
         history = dp.accounted_history()
         if plan.noised and (len(history) != 1 or history[0][2] != plan.steps):
             raise KsgError(f"client '{plan.client_id}': the accountant counted {history} but {plan.steps} steps ran; refusing to report an epsilon")
-        return self._save(ctx, plan, model, losses, dp.empty_steps, base)
+        return self._save(ctx, plan, model, losses, dp.empty_steps, {**base, "dtype": dtype})
 
     @staticmethod
     def _check_adapter_moved(model, before: dict) -> None:
@@ -256,6 +263,6 @@ class DPTrain(Stage):
             "assumptions": [f"Poisson sampling: each {UNIT_NAMES[units.kind]} joins each step with probability {plan.sample_rate:.4g}",
                             f"unit of privacy: {UNIT_NAMES[units.kind]}, at most {units.max_records} record(s) each",
                             f"N = {units.count} is treated as public (it sets the sampling rate)"],
-            "base_model": {"name": base["name"], "weights_sha256": base["weights_sha256"]},
+            "base_model": {"name": base["name"], "weights_sha256": base["weights_sha256"], "dtype": base["dtype"]},
             "adapter_sha256": entry.artifact_sha256,
         }

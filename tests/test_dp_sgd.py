@@ -9,6 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from knowledgesg.errors import KsgError
 from knowledgesg.models import load_causal_lm, resolve_model
 from knowledgesg.records import InstructionRecord
 from knowledgesg.sft import collate, per_sequence_loss, sequence_losses, tokenize_example, unit_loss_on, unit_widths
@@ -217,3 +218,35 @@ def test_secure_gaussian_is_box_muller_over_the_keystream_uniforms_and_normal():
     assert torch.allclose(got, draws.sum(0) * (std / 2), atol=1e-12, rtol=0)
     assert stats.kstest(got.numpy() / std, "norm").pvalue > 1e-3
     assert float(got.std()) == pytest.approx(std, rel=0.03)
+
+
+def _bfloat16_base(setup):
+    """The fixture's model with its frozen weights in bfloat16 (the adapter stays float32)."""
+    model = copy.deepcopy(setup[0])
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    return (model, *setup[1:])
+
+
+def test_bfloat16_base_weights_still_clip_each_unit_exactly(setup):
+    """A bfloat16 base passes bfloat16 hidden states, but each unit's gradient is clipped in
+    float32: one unit at a time, the update's norm is C to float32 precision (with a bfloat16
+    adapter it came out up to 0.9% off)."""
+    low = _bfloat16_base(setup)
+    assert {p.dtype for p in low[0].parameters() if p.requires_grad} == {torch.float32}
+    assert any(p.dtype == torch.bfloat16 for p in low[0].parameters() if not p.requires_grad)
+    clip = 0.05
+    settings = DPSGDSettings(noise_multiplier=0.0, clip_norm=clip, sample_rate=0.5, expected_batch_units=1)
+    for unit in range(len(TEXTS)):
+        low_update, _ = _dp_update(low, [[unit]], settings)
+        assert float(low_update.norm()) == pytest.approx(clip, rel=2e-5)
+        # and it points where the float32 model's does: bfloat16 changes the gradient a little
+        full_update, _ = _dp_update(setup, [[unit]], settings)
+        assert float(torch.nn.functional.cosine_similarity(low_update, full_update, dim=0)) > 0.98
+
+
+def test_dp_sgd_refuses_parameters_below_float32(setup):
+    low = copy.deepcopy(setup[0]).to(torch.bfloat16)
+    with pytest.raises(KsgError, match="float32 parameters only"):
+        DPSGD(low, lambda ps: torch.optim.SGD(ps, lr=1.0), DPSGDSettings(1.0, 1.0, 0.5, 1), SecureRandom.from_public_seed("test", 0))

@@ -157,3 +157,14 @@ def test_cap_already_spent_by_an_earlier_release(workdir: Path, capsys):
 
     with pytest.raises(InputError, match="would exceed the privacy budget cap"):
         check_budget(entries, "client_0", [entries[0].mechanism, entries[0].mechanism], entries[0].delta, 5.0, "dp_train_again")
+
+
+def test_bfloat16_base_trains_a_float32_adapter(workdir: Path):
+    train = {"name": "dp_train", "params": {**TRAIN["params"], "precision": "bfloat16"}}
+    assert main(["run", str(_spec(workdir, train=train)), "--run-dir", "run"]) == 0
+    privacy = _json(workdir / "run/stages/dp_train/clients/client_0/privacy.json")
+    assert privacy["base_model"]["dtype"] == "bfloat16" and privacy["private"]
+    from safetensors import safe_open
+
+    with safe_open(workdir / "run/stages/dp_train/clients/client_0/adapter/adapter_model.safetensors", "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float32"}
