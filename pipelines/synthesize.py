@@ -51,6 +51,9 @@ class SynthesizeParams(BaseModel):
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     response_max_new_tokens: int = Field(default=96, ge=1)
     batch_size: int = Field(default=16, ge=1)
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        default="float32", description="the sampling model's weights, after the adapter is merged in float32 (bfloat16 runs 2-3x faster on a CPU with "
+        "AVX512-BF16; auto: bfloat16 where native); the next-token distribution is taken in float32 either way")
     min_words: int = Field(default=4, ge=1)
     max_words: int = Field(default=120, ge=1)
     near_duplicate_jaccard: float = Field(default=0.7, gt=0, le=0.9, description="MinHash LSH cannot band a threshold above 0.9")
@@ -156,16 +159,20 @@ class Synthesize(Stage):
         return entry, [noisy[label] for label in p.labels]
 
     def synthesize_client(self, ctx: StageContext, client_id: str, adapter: LedgerEntry, base: dict, weights: list[float]) -> LedgerEntry:
+        import torch
         from peft import PeftModel
 
         from knowledgesg.generation import Generator, chat_prompt_ids
-        from knowledgesg.models import ResolvedModel, load_causal_lm, resolve_device
+        from knowledgesg.models import ResolvedModel, load_causal_lm, resolve_device, resolve_precision
 
         p: SynthesizeParams = self.params
         device = resolve_device(ctx.spec.models.device)
         model, tokenizer = load_causal_lm(ResolvedModel(**base), device)
         adapter_dir = ctx.run_dir / Path(adapter.artifact).parent
-        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        # merged in float32, then cast: merging in bfloat16 would round the adapter's small update
+        # into the base weights' coarser steps
+        dtype = resolve_precision(p.precision, device)
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().to(getattr(torch, dtype))
         generator = Generator(model, tokenizer, p.batch_size, device)
         count = math.ceil(p.per_client * p.oversample)
         seeds = [p.seeds[i % len(p.seeds)] for i in range(count)]
@@ -184,7 +191,7 @@ class Synthesize(Stage):
         ctx.write_jsonl(f"clients/{client_id}/prompts.jsonl", prompts_sent, records=False)
         kept, stats = self.filter(ctx, client_id, seeds, user_texts, complete, answer_of, sha256_file(ctx.run_dir / adapter.artifact), weights, cut_inputs)
         ctx.write_jsonl(f"clients/{client_id}/synthetic.jsonl", kept)
-        ctx.write_json(f"clients/{client_id}/filter_stats.json", stats)
+        ctx.write_json(f"clients/{client_id}/filter_stats.json", {**stats, "precision": dtype})
         console.print(f"synthesize {client_id}: kept {len(kept)} of {count} candidates; rejected {dict(sorted(stats['rejected'].items()))}")
         mechanism = Mechanism(kind="post_processing")
         artifact = f"stages/{self.name}/clients/{client_id}/synthetic.jsonl"

@@ -232,3 +232,17 @@ def test_histogram_budget_is_refused_before_any_client_works(workdir: Path, caps
     err = capsys.readouterr().err
     assert "client 'client_0': stage 'synthesize' would exceed the privacy budget cap" in err and "synthesize client_0" not in err
     assert (workdir / "run/stages/dp_train/manifest.json").is_file() and not (workdir / "run/stages/synthesize").exists()
+
+
+def test_a_bfloat16_client_trains_and_samples(workdir: Path):
+    """dp_train and synthesize with `precision: bfloat16` (as `auto` picks on a CPU with
+    AVX512-BF16) run end to end and say which precision ran."""
+    write_jsonl(workdir / "data.jsonl", sentiment_rows(40))
+    train = dict(TRAIN, params=dict(TRAIN["params"], precision="bfloat16"))
+    spec = tiny_spec(stages=["prepare_models", "ingest", train, dict(SYNTH, params=dict(SYNTH["params"], precision="bfloat16"))])
+    assert run_in(workdir, "run", str(write_spec(workdir, spec)), "--run-dir", "run") == 0
+    for client in ("client_0", "client_1"):
+        stats = json.loads((workdir / f"run/stages/synthesize/clients/{client}/filter_stats.json").read_text())
+        assert stats["precision"] == "bfloat16"
+        assert len(_jsonl(workdir / f"run/stages/synthesize/clients/{client}/prompts.jsonl")) >= 8  # every candidate was sampled
+        assert json.loads((workdir / f"run/stages/dp_train/clients/{client}/privacy.json").read_text())["base_model"]["dtype"] == "bfloat16"
