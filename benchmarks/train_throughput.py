@@ -9,7 +9,7 @@ and the vocabulary head, weighted by their flops, with as many rows as one micro
 
 Training: one logical DP-SGD batch of `--batch` real FPB training examples (chat template, real
 lengths, no padding to a fixed width), split into physical batches of at most `--max-rows` rows,
-LoRA r=8 on q, v, Adam, Opacus per-sample clipping and noise, run two ways on the same model and
+LoRA r=8 on q, v, SGD at learning rate 0 (each step from the same adapter), Opacus per-sample clipping and noise, run two ways on the same model and
 the same units, alternating step by step so that machine noise hits both:
 - before: full logits at every position, micro-batches cut in the sampled order;
 - after:  the vocabulary head applied only to labelled positions, units grouped by length into
@@ -192,7 +192,7 @@ def main() -> None:
     write_result("train_throughput", [
         "# DP-SGD training throughput against the matmul roof", "",
         f"Command: `{command()}`", f"Machine: {machine()}",
-        f"Model: {args.model} ({parameters / 1e6:.0f} M parameters, head {head_parameters / 1e6:.1f} M); LoRA r=8 on q, v; Adam; DP-SGD (Opacus).",
+        f"Model: {args.model} ({parameters / 1e6:.0f} M parameters, head {head_parameters / 1e6:.1f} M); LoRA r=8 on q, v (B drawn at std 0.02); SGD at learning rate 0, so every step starts from the same adapter; DP-SGD (Opacus).",
         f"One logical batch of {args.batch} real FPB training examples (chat template, loss on {args.loss_on}), at most {args.max_rows} rows per pass; "
         f"{tokens:.0f} non-pad tokens and {labelled:.0f} labelled tokens per step on average; median of {args.steps} steps per variant, alternating.", "",
         f"Roofs: float32 matmul 2048 x 2048 **{peak:.1f} GFLOP/s**; at the model's own shapes ({args.max_rows * 96} rows, flop-weighted) **{roof:.1f} GFLOP/s**.", "",
