@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from knowledgesg import aggregation as agg
@@ -407,3 +408,22 @@ def test_ffa_lora_a_party_whose_a_differs_is_refused():
     LoraModel._cache.clear()
     with pytest.raises(KsgError, match="differs from the server's"):
         LoraModel.get(tiny_base(), shape.model_copy(update={"a_sha256": "0" * 64}), "cpu")
+
+
+def test_bfloat16_base_weights_train_a_float32_adapter_under_local_dp(tmp_path: Path, monkeypatch):
+    from knowledgesg.federated.client import LoraModel
+
+    built = []  # (precision asked, trainable dtypes, frozen dtypes) of each model the clients and server build
+    original = LoraModel.__init__
+
+    def recording(self, base_model, lora, device, precision="float32"):
+        original(self, base_model, lora, device, precision)
+        built.append((precision, {p.dtype for p in self.model.parameters() if p.requires_grad}, {p.dtype for p in self.model.parameters() if not p.requires_grad}))
+
+    monkeypatch.setattr(LoraModel, "__init__", recording)
+    training = dict(FEDTUNE["training"], precision="bfloat16")
+    assert run_pipeline(tmp_path, dict(FEDTUNE, training=training, data="private", local_dp={"target_epsilon": 2.0})) == 0
+    trained = [b for b in built if b[0] == "bfloat16"]
+    assert trained and all(t == {torch.float32} and f == {torch.bfloat16} for _, t, f in trained)  # DPSGD would refuse a bfloat16 adapter
+    ledger = json.loads((tmp_path / "run/stages/fedtune/ledger.json").read_text())
+    assert len(ledger) == 4 and all(e["mechanism"]["kind"] == "poisson_gaussian" for e in ledger)

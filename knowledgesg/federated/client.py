@@ -47,12 +47,15 @@ class LoraModel:
 
     _cache: dict[tuple, LoraModel] = {}
 
-    def __init__(self, base_model: dict, lora: LoraShape, device: str) -> None:
+    def __init__(self, base_model: dict, lora: LoraShape, device: str, precision: str = "float32") -> None:
+        import torch
         from peft import LoraConfig, get_peft_model
 
-        from knowledgesg.models import ResolvedModel, load_causal_lm
+        from knowledgesg.models import ResolvedModel, load_causal_lm, resolve_precision
 
         model, self.tokenizer = load_causal_lm(ResolvedModel(**base_model), device)
+        # the frozen weights only: peft keeps the adapter float32 over a bfloat16 base
+        model = model.to(getattr(torch, resolve_precision(precision, device)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             self.model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=lora.target_modules, task_type="CAUSAL_LM"))
@@ -67,11 +70,11 @@ class LoraModel:
                 raise KsgError("FFA-LoRA: this party's A (from a_seed) differs from the server's; the same torch and peft versions are needed on every party")
 
     @classmethod
-    def get(cls, base_model: dict, lora: LoraShape, device: str) -> LoraModel:
-        key = (base_model["path"], base_model.get("weights_sha256"), lora.model_dump_json(), device)
+    def get(cls, base_model: dict, lora: LoraShape, device: str, precision: str = "float32") -> LoraModel:
+        key = (base_model["path"], base_model.get("weights_sha256"), lora.model_dump_json(), device, precision)
         if key not in cls._cache:
             cls._cache.clear()  # one model per process: a new job replaces the old one
-            cls._cache[key] = cls(base_model, lora, device)
+            cls._cache[key] = cls(base_model, lora, device, precision)
         return cls._cache[key]
 
     def trainable(self) -> dict:
@@ -192,7 +195,7 @@ class ClientRuntime:
 
         from knowledgesg.sft import tokenize_example
 
-        lora = LoraModel.get(task.base_model, task.lora, task.device)
+        lora = LoraModel.get(task.base_model, task.lora, task.device, task.training.precision)
         lora.set_params(params)
         torch.manual_seed(task_seed(task, "torch"))
         examples = [tokenize_example(lora.tokenizer, r, task.training.max_length, task.training.loss_on) for r in records]

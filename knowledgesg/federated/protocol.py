@@ -31,6 +31,9 @@ class LocalTraining(BaseModel):
     max_length: int = Field(default=128, ge=16)
     loss_on: Literal["response", "all"] = "response"
     proximal_mu: float = Field(default=0.0, ge=0, description="FedProx: mu/2 ||w - x||^2 added to the local loss")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        default="float32", description="each party's frozen base weights (auto: bfloat16 where its CPU or GPU runs it natively); "
+        "the adapter, the update sent and, with local DP, the clipped gradients stay float32")
 
 
 class LoraShape(BaseModel):
