@@ -24,6 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from eval.audit import load_target
 from knowledgesg.console import console
 from knowledgesg.dedup import near_duplicates, normalized, words
 from knowledgesg.errors import InputError
@@ -159,20 +160,13 @@ class Synthesize(Stage):
         return entry, [noisy[label] for label in p.labels]
 
     def synthesize_client(self, ctx: StageContext, client_id: str, adapter: LedgerEntry, base: dict, weights: list[float]) -> LedgerEntry:
-        import torch
-        from peft import PeftModel
-
         from knowledgesg.generation import Generator, chat_prompt_ids
-        from knowledgesg.models import ResolvedModel, load_causal_lm, resolve_device, resolve_precision
+        from knowledgesg.models import resolve_device, resolve_precision
 
         p: SynthesizeParams = self.params
         device = resolve_device(ctx.spec.models.device)
-        model, tokenizer = load_causal_lm(ResolvedModel(**base), device)
-        adapter_dir = ctx.run_dir / Path(adapter.artifact).parent
-        # merged in float32, then cast: merging in bfloat16 would round the adapter's small update
-        # into the base weights' coarser steps
         dtype = resolve_precision(p.precision, device)
-        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().to(getattr(torch, dtype))
+        model, tokenizer = load_target(base, ctx.run_dir / Path(adapter.artifact).parent, device, dtype)  # merged in float32, then cast
         generator = Generator(model, tokenizer, p.batch_size, device)
         count = math.ceil(p.per_client * p.oversample)
         seeds = [p.seeds[i % len(p.seeds)] for i in range(count)]
