@@ -82,7 +82,7 @@ def main() -> None:
               f"| synthetic pairs kept | {results['float32']['synthetic']} | {results['bfloat16']['synthetic']} |",
               f"| pairs after refine | {results['float32']['refined']} | {results['bfloat16']['refined']} |"]
     for model in results["float32"]["models"]:
-        if model in results["bfloat16"]["models"]:
+        if model in results["bfloat16"]["models"] and "tasks" in results["float32"]["models"][model]:  # not the "dp (mean over clients)" summary
             lines.append(f"| {model}: mean accuracy, FPB / FiQA / TFNS ({args.limit} items each, label log-prob) | "
                          f"{mean_accuracy(results['float32']['models'][model]):.3f} | {mean_accuracy(results['bfloat16']['models'][model]):.3f} |")
     lines += ["", "Each DP adapter is a fresh release with its own noise, so the two runs differ by the noise as well as by the precision: "

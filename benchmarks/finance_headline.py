@@ -33,10 +33,14 @@ import hashlib
 import json
 import math
 import shutil
+import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -177,7 +181,8 @@ def run(args, name: str, spec_: dict, times: dict) -> None:
         # A's stages are reused where this run leaves them alike: a copy of a finished A only (an
         # unfinished one would make this run draw its own DP adapters, a second release of the banks' data)
         if not finished(workdir, source):
-            print(f"run {name} waits for {source}", flush=True)
+            print(f"run {name} waits for {source}" + (f" (its results are in {STORE.name}, but its directory is not in {workdir}: run it here with --only {source})"
+                                                      if load_store()["runs"].get(source) else ""), flush=True)
             return
         shutil.copytree(workdir / source, run_dir)
     print(f"[{time.strftime('%H:%M:%S')}] run {name}", flush=True)
@@ -187,6 +192,7 @@ def run(args, name: str, spec_: dict, times: dict) -> None:
     times[name] = round(times.get(name, 0) + seconds, 1)
     (workdir / "times.json").write_text(json.dumps(times, indent=1))
     (workdir / f"{name}.done").write_text(spec_digest(spec_))
+    save_run(workdir, name, spec_, times[name])
 
 
 def results(workdir: Path, name: str) -> dict:
@@ -208,52 +214,116 @@ def early_eval(args, name: str) -> None:
     ksg("eval", str(run_dir), "--models", "base,dp", "--tasks", ",".join(TASKS), "--modes", "logprob", "--limit", str(args.limit))
 
 
-def scores(entry: dict) -> tuple[dict[str, float], dict[str, float]]:
-    """Accuracy per task and its binomial standard error."""
-    acc, se = {}, {}
-    for task in TASKS:
-        s = entry["tasks"][task]["logprob"]
-        acc[task], se[task] = s["accuracy"], math.sqrt(s["accuracy"] * (1 - s["accuracy"]) / s["n"])
-    return acc, se
+@dataclass(frozen=True)
+class RowScore:
+    """One row's accuracy per task, their mean and the mean's standard error."""
+
+    acc: dict[str, float]
+    mean: float
+    se: float
+
+    def cells(self) -> str:
+        return " | ".join(f"{self.acc[t]:.3f}" for t in TASKS) + f" | **{self.mean:.3f}** +- {self.se:.3f}"
 
 
-def mean_of(acc: dict[str, float], se: dict[str, float]) -> tuple[float, float]:
-    return sum(acc.values()) / len(acc), math.sqrt(sum(v * v for v in se.values())) / len(se)
+def score(entry: dict | list[dict]) -> RowScore:
+    """Accuracy per task with binomial standard errors; a list (the banks' DP adapters) is
+    averaged, and as its models are scored on the same items their errors are not independent, so
+    the mean's SE is taken as the mean of theirs (an upper bound), not divided by sqrt(3)."""
+    entries = entry if isinstance(entry, list) else [entry]
+    acc = {t: 0.0 for t in TASKS}
+    se = {t: 0.0 for t in TASKS}
+    for one in entries:
+        for task in TASKS:
+            s = one["tasks"][task]["logprob"]
+            acc[task] += s["accuracy"] / len(entries)
+            se[task] += math.sqrt(s["accuracy"] * (1 - s["accuracy"]) / s["n"]) / len(entries)
+    return RowScore(acc, sum(acc.values()) / len(acc), math.sqrt(sum(v * v for v in se.values())) / len(se))
 
 
-def row_entries(workdir: Path, e: str) -> list[tuple[str, str, dict | list[dict] | None]]:
-    """(row number, label, its results entry or entries) for one epsilon; None where not run yet."""
-    a, b, c, d, u = (results(workdir, n) for n in (f"A{e}", f"B{e}", "C", f"D{e}", "U"))
-    dp = [a[f"dp_adapter:{bank}"] for bank in BANKS if f"dp_adapter:{bank}" in a] or None
-    return [
-        ("1", "base model (SmolLM2-135M-Instruct), no tuning", a.get("base")),
-        ("2", "public only: tuned on FiQA's public training set, no private record", u.get("dp_adapter:public")),
-        ("3", "professional model (Gemma 3 270M tuned on FiQA, public), evaluated directly", a.get("professional")),
-        ("4a", f"each bank's own DP adapter at epsilon {e} (mean over banks)", dp),
-        ("4b", f"DP-FedAvg: federated DP-SGD on the private data at epsilon {e}", d.get("final")),
-        ("5", "synthetic data from the DP models, unrefined, federated", b.get("final")),
-        ("6", "full pipeline: synthesize, refine, fedtune", a.get("final")),
-        ("7", "NOT PRIVATE: one model on the pooled private data (upper bound)", c.get("dp_adapter:pooled")),
-    ]
+def rows_of(name: str, models: dict) -> dict[str, RowScore]:
+    """The table rows a finished run gives, by row number ("final" for an ablation's pipeline)."""
+    picked: dict[str, dict | list[dict] | None]
+    if name == "U":
+        picked = {"2": models.get("dp_adapter:public")}
+    elif name == "C":
+        picked = {"7": models.get("dp_adapter:pooled")}
+    elif name.startswith("D"):
+        picked = {"4b": models.get("final")}
+    elif name.startswith("B"):
+        picked = {"5": models.get("final")}
+    elif "-" in name:
+        picked = {"final": models.get("final")}
+    else:
+        dp = [models[f"dp_adapter:{bank}"] for bank in BANKS if f"dp_adapter:{bank}" in models] or None
+        picked = {"1": models.get("base"), "3": models.get("professional"), "4a": dp, "6": models.get("final")}
+    return {number: score(entry) for number, entry in picked.items() if entry}
 
 
-def table(workdir: Path, e: str) -> tuple[list[str], dict[str, float]]:
+# What finished runs measured, kept in the repository: a run directory lives in a work directory
+# that the next session (often a fresh machine) may not have, and a row measured once is not
+# measured again to finish the table.
+STORE = RESULTS / "finance_headline_runs.json"
+
+
+def load_store() -> dict:
+    return json.loads(STORE.read_text()) if STORE.is_file() else {"runs": {}}
+
+
+def save_run(workdir: Path, name: str, spec_: dict, seconds: float) -> None:
+    """Keep a finished run's rows, details and wall clock in the store (temp file, then rename)."""
+    store = load_store()
+    rows = rows_of(name, results(workdir, name))
+    store["runs"][name] = {"digest": spec_digest(spec_), "code": code_version(), "machine": machine(), "seconds": round(seconds, 1),
+                           "rows": {k: asdict(v) for k, v in rows.items()}, "details": details(workdir / name) if name.startswith("A") else []}
+    tmp = STORE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(store, indent=1) + "\n")
+    tmp.replace(STORE)
+
+
+def stored(name: str, spec_: dict) -> dict | None:
+    """The store's entry for a run of this very spec (another spec is another run)."""
+    entry = load_store()["runs"].get(name)
+    return entry if entry and entry["digest"] == spec_digest(spec_) else None
+
+
+def run_rows(args, name: str, specs: dict[str, dict]) -> dict[str, RowScore]:
+    """A run's rows: from its directory here when it has finished (or been scored early), else from the store."""
+    here = rows_of(name, results(args.workdir, name))
+    if here:
+        return here
+    entry = stored(name, specs[name]) if name in specs else None
+    return {k: RowScore(**v) for k, v in entry["rows"].items()} if entry else {}
+
+
+ROW_LABELS = {
+    "1": "base model (SmolLM2-135M-Instruct), no tuning",
+    "2": "public only: tuned on FiQA's public training set, no private record",
+    "3": "professional model (Gemma 3 270M tuned on FiQA, public), evaluated directly",
+    "4a": "each bank's own DP adapter at epsilon {e} (mean over banks)",
+    "4b": "DP-FedAvg: federated DP-SGD on the private data at epsilon {e}",
+    "5": "synthetic data from the DP models, unrefined, federated",
+    "6": "full pipeline: synthesize, refine, fedtune",
+    "7": "NOT PRIVATE: one model on the pooled private data (upper bound)",
+}
+
+
+def row_scores(args, e: str, specs: dict[str, dict]) -> dict[str, RowScore]:
+    """Every row measured so far at one epsilon, by row number."""
+    found: dict[str, RowScore] = {}
+    for name in ("U", f"A{e}", f"B{e}", f"D{e}", "C"):
+        for number, value in run_rows(args, name, specs).items():
+            found.setdefault(number, value)
+    return found
+
+
+def table(args, e: str, specs: dict[str, dict]) -> tuple[list[str], dict[str, float]]:
     lines = ["| row | model | FPB | FiQA | TFNS | mean +- SE |", "|---|---|---|---|---|---|"]
-    means: dict[str, float] = {}
-    for number, label, entry in row_entries(workdir, e):
-        if entry is None:
-            lines.append(f"| {number} | {label} | not run yet | | | |")
-            continue
-        entries = entry if isinstance(entry, list) else [entry]
-        per = [scores(x) for x in entries]
-        acc = {t: sum(p[0][t] for p in per) / len(per) for t in TASKS}
-        # the banks' adapters are scored on the same items: their errors are not independent, so
-        # the mean's SE is taken as the mean of theirs (an upper bound), not divided by sqrt(3)
-        se = {t: sum(p[1][t] for p in per) / len(per) for t in TASKS}
-        mean, mean_se = mean_of(acc, se)
-        means[number] = mean
-        lines.append(f"| {number} | {label} | " + " | ".join(f"{acc[t]:.3f}" for t in TASKS) + f" | **{mean:.3f}** +- {mean_se:.3f} |")
-    return lines, means
+    found = row_scores(args, e, specs)
+    for number, label in ROW_LABELS.items():
+        label = label.format(e=e)
+        lines.append(f"| {number} | {label} | {found[number].cells()} |" if number in found else f"| {number} | {label} | not run yet | | | |")
+    return lines, {k: v.mean for k, v in found.items()}
 
 
 def gap_line(means: dict[str, float]) -> str:
@@ -267,7 +337,7 @@ def gap_line(means: dict[str, float]) -> str:
     return f"Share of the gap closed: (row 6 {means['6']:.3f} - row {best} {alternatives[best]:.3f}) / (row 7 {means['7']:.3f} - row {best}) = **{share:.0%}**."
 
 
-def ablation_table(args, e: str) -> list[str]:
+def ablation_table(args, e: str, specs: dict[str, dict]) -> list[str]:
     """The full pipeline (row 6) beside each ablation's final model, with what refine kept."""
     ablations = list(filter(None, args.ablations.split(",")))
     if not ablations:
@@ -275,71 +345,68 @@ def ablation_table(args, e: str) -> list[str]:
     lines = [f"### Ablations at epsilon {e}: one change each to the full pipeline, its DP adapters reused", "",
              "| pipeline | FPB | FiQA | TFNS | mean +- SE | pairs after refine |", "|---|---|---|---|---|---|"]
     for name, label in [(f"A{e}", "as in row 6"), *((f"A{e}-{a}", ABLATIONS[a][1]) for a in ablations)]:
-        entry = results(args.workdir, name).get("final") if finished(args.workdir, name) else None
-        if entry is None:
+        found = run_rows(args, name, specs)
+        value = found.get("6" if name == f"A{e}" else "final")
+        if value is None:
             lines.append(f"| {label} | not run yet | | | | |")
             continue
-        acc, se = scores(entry)
-        mean, mean_se = mean_of(acc, se)
-        kept = count_lines(args.workdir / name, "refine", "refined.jsonl")
-        lines.append(f"| {label} | " + " | ".join(f"{acc[t]:.3f}" for t in TASKS) + f" | **{mean:.3f}** +- {mean_se:.3f} | {kept} |")
+        kept = count_lines(args.workdir / name, "refine", "refined.jsonl") if (args.workdir / name).is_dir() else "see the store"
+        lines.append(f"| {label} | {value.cells()} | {kept} |")
     return [*lines, ""]
 
 
-def details(workdir: Path, e: str) -> list[str]:
-    a = workdir / f"A{e}"
+def details(run_dir: Path) -> list[str]:
+    """What a pipeline run did: the banks' sizes and composed epsilons, synthetic pairs, refine and tune_professional."""
     lines = []
-    if (a / "stages/ingest/partition.json").is_file():
-        sizes = json.loads((a / "stages/ingest/partition.json").read_text())["clients"]
+    if (run_dir / "stages/ingest/partition.json").is_file():
+        sizes = json.loads((run_dir / "stages/ingest/partition.json").read_text())["clients"]
         lines.append("Banks' records: " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + ".")
-        eps = ", ".join(f"{bank} {client_epsilon(a, bank):.2f}" for bank in BANKS) if (a / "stages/dp_train/ledger.json").is_file() else "dp_train not finished"
-        lines.append(f"Composed epsilon per bank in run A{e} (every release in its ledger): {eps}.")
-    if (a / "stages/synthesize").is_dir() and count_lines(a, "synthesize", "synthetic.jsonl"):
-        lines.append(f"Synthetic pairs kept by synthesize: {count_lines(a, 'synthesize', 'synthetic.jsonl')}; after refine: {count_lines(a, 'refine', 'refined.jsonl') or 'not run yet'}.")
-    summary = a / "stages/refine/summary.json"
+        eps = ", ".join(f"{bank} {client_epsilon(run_dir, bank):.2f}" for bank in BANKS) if (run_dir / "stages/dp_train/ledger.json").is_file() else "dp_train not finished"
+        lines.append(f"Composed epsilon per bank in run {run_dir.name} (every release in its ledger): {eps}.")
+    if (run_dir / "stages/synthesize").is_dir() and count_lines(run_dir, "synthesize", "synthetic.jsonl"):
+        lines.append(f"Synthetic pairs kept by synthesize: {count_lines(run_dir, 'synthesize', 'synthetic.jsonl')}; "
+                     f"after refine: {count_lines(run_dir, 'refine', 'refined.jsonl') or 'not run yet'}.")
+    summary = run_dir / "stages/refine/summary.json"
     if summary.is_file():
         clients = json.loads(summary.read_text())["clients"]
         lines.append("Refine per bank: " + "; ".join(f"{k}: kept {v['kept']} of {v['candidates']}, labels changed {v['labels_changed']}, dropped {v['dropped_by_reason']}"
                                                       for k, v in clients.items()) + ".")
-    tuned = a / "stages/tune_professional/summary.json"
+    tuned = run_dir / "stages/tune_professional/summary.json"
     if tuned.is_file():
         t = json.loads(tuned.read_text())
         lines.append(f"tune_professional: {t['steps']} steps on {t['records']} public FiQA records, loss {t['first_loss']:.3f} -> {t['last_loss']:.3f}.")
     return lines
 
 
-def plot_curve(workdir: Path, epsilons: list[str], path: Path) -> bool:
+def run_details(args, e: str, specs: dict[str, dict]) -> list[str]:
+    name = f"A{e}"
+    if (args.workdir / name).is_dir():
+        return details(args.workdir / name)
+    entry = stored(name, specs[name])
+    return entry["details"] if entry else []
+
+
+def plot_curve(args, epsilons: list[str], specs: dict[str, dict], path: Path) -> bool:
     """Mean accuracy against epsilon for the rows that depend on it, with the rows that do not as
     lines across; False (and no file) with fewer than two epsilons finished."""
     curves: dict[str, list[tuple[float, float]]] = {}
     flat: dict[str, float] = {}
-    labels = {}
     for e in epsilons:
         x = math.inf if e == "inf" else float(e)
-        for number, label, entry in row_entries(workdir, e):
-            if entry is None:
-                continue
-            entries = entry if isinstance(entry, list) else [entry]
-            per = [scores(one) for one in entries]
-            mean = sum(sum(acc.values()) / len(acc) for acc, _ in per) / len(per)
-            labels[number] = label
+        for number, value in row_scores(args, e, specs).items():
             if number in ("1", "2", "3", "7"):
-                flat[number] = mean
+                flat[number] = value.mean
             else:
-                curves.setdefault(number, []).append((x, mean))
+                curves.setdefault(number, []).append((x, value.mean))
     if max((len(points) for points in curves.values()), default=0) < 2:
         return False
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     finite = sorted({x for points in curves.values() for x, _ in points if not math.isinf(x)})
     position = {x: i for i, x in enumerate(finite)}
     fig, ax = plt.subplots(figsize=(8, 5))
     for number, points in sorted(curves.items()):
         points = sorted(p for p in points if not math.isinf(p[0]))
-        ax.plot([position[x] for x, _ in points], [y for _, y in points], marker="o", label=f"{number}: {labels[number]}")
+        ax.plot([position[x] for x, _ in points], [y for _, y in points], marker="o", label=f"{number}: {ROW_LABELS[number].format(e='e')}")
     for number, y in sorted(flat.items()):
         ax.axhline(y, linestyle="--", linewidth=1, color="grey" if number != "7" else "black")
         ax.text(len(finite) - 1, y, f" {number}", va="center", fontsize=8)
@@ -357,14 +424,13 @@ def plot_curve(workdir: Path, epsilons: list[str], path: Path) -> bool:
 def code_version() -> str:
     """The commit of the package code in the working directory (every `ksg run` here imports it),
     and whether it has local changes: a run's caches are only reused by the same code."""
-    import subprocess
-
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "knowledgesg", "pipelines", "privacy", "eval"], capture_output=True, text=True).stdout.strip()
     return f"commit {head}" + (" with local changes" if dirty else "")
 
 
 def report(args) -> None:
+    specs = plan(args)
     times = json.loads((args.workdir / "times.json").read_text()) if (args.workdir / "times.json").is_file() else {}
     lines = ["# The headline: finance at about a thousand records per bank, every private alternative beside the pipeline", "",
              f"Command: `{command()}` (from `{Path.cwd()}`)", f"Machine: {machine()}", f"Package code the `ksg` runs import (the working directory's): {code_version()}", "",
@@ -375,14 +441,20 @@ def report(args) -> None:
              "SE: binomial per task, the mean's from the three (row 4a: the mean of the banks' SEs, as they share test items). "
              "DP-FedAvg runs as many local DP-SGD steps per bank as dp_train gives the smallest bank.", ""]
     for e in [eps_name(float(x)) for x in args.epsilons.split(",")]:
-        rows, means = table(args.workdir, e)
-        lines += [f"## epsilon {e} per bank (delta 1e-5 or 1/(100 N))", "", *rows, "", gap_line(means), "", *details(args.workdir, e), ""]
-        lines += ablation_table(args, e)
+        rows, means = table(args, e, specs)
+        lines += [f"## epsilon {e} per bank (delta 1e-5 or 1/(100 N))", "", *rows, "", gap_line(means), "", *run_details(args, e, specs), ""]
+        lines += ablation_table(args, e, specs)
     curve = RESULTS / "finance_headline_curve.png"
-    if plot_curve(args.workdir, [eps_name(float(x)) for x in args.epsilons.split(",")], curve):
+    if plot_curve(args, [eps_name(float(x)) for x in args.epsilons.split(",")], specs, curve):
         lines += [f"![mean accuracy against epsilon]({curve.name})", ""]
-    lines += ["Wall clock per run (a run resumed over several invocations adds them; other jobs may have shared the 2 cores):",
-              *[f"- {k}: {v:.0f} s" for k, v in times.items()]]
+    lines += [f"Where each run was measured ({STORE.name} keeps every finished run's rows; a run measured on another machine is read from there):"]
+    for name in specs:
+        entry = stored(name, specs[name])
+        if name in times and (args.workdir / name).is_dir():
+            lines.append(f"- {name}: {times[name]:.0f} s here ({code_version()})")
+        elif entry:
+            lines.append(f"- {name}: {entry['seconds']:.0f} s, {entry['code']}, {entry['machine']}" + (f"; {entry['note']}" if entry.get("note") else ""))
+    lines.append("(A run resumed over several invocations adds their times; other jobs may have shared the 2 cores.)")
     write_result("finance_headline", lines)
 
 
@@ -399,9 +471,14 @@ def main() -> None:
         return
     only = set(args.only.split(",")) if args.only else None
     for name, spec_ in plan(args).items():
-        if only is None or name in only:
-            run(args, name, spec_, times)
-            report(args)
+        if only is not None and name not in only:
+            continue
+        # a run the store already holds is not measured again, unless named in --only
+        if only is None and stored(name, spec_) and not (args.workdir / name).is_dir():
+            print(f"run {name}: in {STORE.name} already (pass --only {name} to run it again here)", flush=True)
+            continue
+        run(args, name, spec_, times)
+        report(args)
     report(args)
 
 

@@ -47,7 +47,7 @@ from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_json, read_jsonl
 from knowledgesg.generation import Generator, SamplingParams
 from knowledgesg.manifest import read_manifest
-from knowledgesg.models import ResolvedModel, load_causal_lm, resolve_device, resolve_precision
+from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_device, resolve_precision
 from knowledgesg.prompts import Seed, user_message, user_turn_prefix
 from knowledgesg.records import InstructionRecord
 from knowledgesg.scoring import SHARED_PREFIX_MIN, common_prefix_length, continuation_logprobs, pad_id, shared_prefix_logprobs, token_statistics
@@ -77,7 +77,7 @@ class AuditOptions(BaseModel):
     max_length: int = Field(default=128, ge=16)
     batch_size: int = Field(default=16, ge=1)
     models: list[Literal["dp", "final"]] = Field(default_factory=lambda: ["dp", "final"], min_length=1, description="released models to audit")
-    precision: Literal["auto", "float32", "bfloat16"] = Field(default="auto", description="weights of the scored and sampled models: bfloat16 "
+    precision: Precision = Field(default="auto", description="weights of the scored and sampled models: bfloat16 "
         "(about 1.5-2x faster on a CPU with AVX512-BF16) or float32; auto: bfloat16 where it runs natively. Log-probabilities are taken in float32 either "
         "way, and any scores keep the bound valid (the one-run theorem holds for every guessing rule): precision changes power only")
     seed: int = 0
@@ -240,10 +240,11 @@ def load_target(base: dict, adapter_dir: Path | None, device: str, precision: st
     import torch
     from peft import PeftModel
 
-    model, tokenizer = load_causal_lm(ResolvedModel(**base), device)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    model = model.to(getattr(torch, precision))
+    if adapter_dir is None:
+        model, tokenizer = load_causal_lm(ResolvedModel(**base), device, precision)
+    else:
+        model, tokenizer = load_causal_lm(ResolvedModel(**base), device)
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload().to(getattr(torch, precision))
     model.eval()
     return model, tokenizer
 

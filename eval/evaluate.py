@@ -30,6 +30,7 @@ from eval.benchmarks import TASKS, evaluate_model, is_task_file, load_task, task
 from knowledgesg.console import console
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_json, write_json, write_text
+from knowledgesg.models import Precision, resolve_precision
 from knowledgesg.spec import DataSource
 
 EVAL_REPORT = "eval_report.json"
@@ -49,6 +50,7 @@ class EvalOptions(BaseModel):
     fidelity: bool = True
     batch_size: int = Field(default=8, ge=1)
     seed: int = 0
+    precision: Precision = Field(default="float32", description="weights of the scored models (auto: bfloat16 where native); adapters are merged in float32 first")
 
     @field_validator("tasks")
     @classmethod
@@ -136,7 +138,7 @@ def mean_accuracy(results: dict, mode: str) -> float | None:
 
 def score_target(target: Target, models: dict, tasks: list[str | DataSource], options: EvalOptions, device: str, base_dir: Path) -> dict:
     console.print(f"eval: {target.name} on {', '.join(task_name(t) for t in tasks)}")
-    model, tokenizer = load_target(models[target.model_role], target.adapter_dir, device)
+    model, tokenizer = load_target(models[target.model_role], target.adapter_dir, device, resolve_precision(options.precision, device))
     results = evaluate_model(model, tokenizer, tasks, list(options.modes), options.limit, options.seed, options.batch_size, device, base_dir)
     return {"tasks": results, "mean_accuracy": {mode: mean_accuracy(results, mode) for mode in options.modes}}
 
@@ -151,7 +153,7 @@ def evaluate_run(run_dir: Path, options: EvalOptions, device: str, base_dir: Pat
     dp = [m for name, m in models.items() if name.startswith("dp_adapter:")]
     if dp:  # DP fine-tuning evaluated directly: the clients' adapters on average
         models["dp (mean over clients)"] = {"mean_accuracy": {mode: round(sum(m["mean_accuracy"][mode] for m in dp) / len(dp), 4) for mode in options.modes}}
-    return {"options": options.model_dump(exclude={"private_tasks"}), "models": models}
+    return {"options": {**options.model_dump(exclude={"private_tasks"}), "precision": resolve_precision(options.precision, device)}, "models": models}
 
 
 def evaluate_private(run_dir: Path, options: EvalOptions, device: str, base_dir: Path = Path("."), published: Published | None = None) -> dict[str, dict]:

@@ -254,6 +254,7 @@ def evaluate(
     modes: Annotated[str, typer.Option(help="comma-separated: logprob, generation")] = "logprob,generation",
     limit: Annotated[int, typer.Option(help="items per task (seeded subset)")] = 200,
     seed: Annotated[int, typer.Option()] = 0,
+    precision: Annotated[str, typer.Option(help="weights of the scored models: float32, bfloat16, or auto (bfloat16 where it runs natively)")] = "float32",
     published: Annotated[Path | None, typer.Option(help="on a client's run (--role client): the server's stages/publish directory, copied here; "
                                                         "its final adapter and synthetic data are evaluated against this client's private data, on its side")] = None,
 ) -> None:
@@ -274,7 +275,7 @@ def evaluate(
             raise InputError(f"ksg eval: --private takes CLIENT=FILE, got {item!r}")
         private_tasks.setdefault(client, []).append(path)
     try:
-        options = EvalOptions(tasks=split(tasks), private_tasks=private_tasks, models=split(models), modes=split(modes), limit=limit, seed=seed)
+        options = EvalOptions(tasks=split(tasks), private_tasks=private_tasks, models=split(models), modes=split(modes), limit=limit, seed=seed, precision=precision)
     except ValidationError as err:
         raise InputError(format_validation_error("ksg eval", err)) from None
     spec, _ = load_run_spec(run_dir)

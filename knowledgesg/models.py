@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from knowledgesg.console import console
 from knowledgesg.errors import InputError
@@ -253,15 +254,21 @@ def native_bfloat16(device: str) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(setting: str, device: str) -> str:
+# The weights a stage computes with. What is trained (adapters), its gradients, their clipping and
+# any noise stay float32 in every setting; "auto" takes bfloat16 where its matmuls run natively.
+Precision = Literal["auto", "float32", "bfloat16"]
+
+
+def resolve_precision(setting: Precision, device: str) -> str:
     """"float32" or "bfloat16" for a precision setting ("auto": bfloat16 where it runs natively)."""
     if setting != "auto":
         return setting
     return "bfloat16" if native_bfloat16(device) else "float32"
 
 
-def load_causal_lm(model: ResolvedModel, device: str = "cpu"):
-    """(model, tokenizer) in float32 on `device`, in eval mode, with a pad token set."""
+def load_causal_lm(model: ResolvedModel, device: str = "cpu", dtype: str = "float32"):
+    """(model, tokenizer) with weights in `dtype` ("float32" or "bfloat16": a Precision after
+    resolve_precision) on `device`, in eval mode, with a pad token set."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -270,7 +277,7 @@ def load_causal_lm(model: ResolvedModel, device: str = "cpu"):
     tokenizer = AutoTokenizer.from_pretrained(model.path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    lm = AutoModelForCausalLM.from_pretrained(model.path, dtype=torch.float32).to(device)
+    lm = AutoModelForCausalLM.from_pretrained(model.path, dtype=getattr(torch, dtype)).to(device)
     lm.eval()
     return lm, tokenizer
 

@@ -27,6 +27,7 @@ from knowledgesg.adapters import ADAPTER_FILES, save_adapter
 from knowledgesg.console import console, progress_bar
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.fileio import read_jsonl, sha256_file
+from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_device, resolve_precision
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import PrivacySpec
 from knowledgesg.stage import Stage, StageContext
@@ -59,7 +60,7 @@ class DPTrainParams(BaseModel):
     max_records_per_user: int = Field(default=8, ge=1, description="records one user (or source document) contributes")
     loss_on: Literal["response", "all"] = Field(default="response", description="'all' also learns the user turn, needed to synthesize inputs")
     source_stage: Literal["ingest", "structure"] = Field(default="ingest", description="the stage whose client records are trained on")
-    precision: Literal["auto", "float32", "bfloat16"] = Field(
+    precision: Precision = Field(
         default="float32", description="the frozen base weights (bfloat16 matmuls run 2-3x faster on a CPU with AVX512-BF16; auto: bfloat16 where native). "
         "The adapter, its per-unit gradients, their clipping and the noise stay float32 either way, so the sensitivity bound is exact")
 
@@ -153,18 +154,16 @@ class DPTrain(Stage):
         import torch
         from peft import LoraConfig, get_peft_model
 
-        from knowledgesg.models import ResolvedModel, load_causal_lm, resolve_device, resolve_precision
         from knowledgesg.sft import make_optimizer, tokenize_example, unit_batch, unit_loss_on, unit_widths
         from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches, poisson_batches
 
         p: DPTrainParams = self.params
         torch.manual_seed(ctx.derive_seed(plan.client_id, "init"))
         device = resolve_device(ctx.spec.models.device)
-        model, tokenizer = load_causal_lm(ResolvedModel(**base), device)
         # frozen weights only: peft makes the adapter float32 over a bfloat16 base (and DPSGD
         # refuses anything else), so hidden states pass in bfloat16 and gradients are clipped in float32
         dtype = resolve_precision(p.precision, device)
-        model = model.to(getattr(torch, dtype))
+        model, tokenizer = load_causal_lm(ResolvedModel(**base), device, dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations inside peft
             model = get_peft_model(model, LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=0.0, target_modules=p.target_modules, task_type="CAUSAL_LM"))

@@ -36,6 +36,7 @@ from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_jsonl
 from knowledgesg.generation import SamplingParams
 from knowledgesg.loaders import load_example_pool, source_path
+from knowledgesg.models import Precision, resolve_device, resolve_precision
 from knowledgesg.prompts import user_message
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import DataSource, PipelineSpec
@@ -69,6 +70,7 @@ class RefineParams(BaseModel):
         default="professional", description="a labelled task's answer: the professional's label; only pairs where it agrees with the DP model's; "
                                             "or the professional's where it is at least min_label_confidence sure, else the DP model's")
     min_label_confidence: float = Field(default=0.6, gt=0, le=1, description="with label_source: confident")
+    precision: Precision = Field(default="float32", description="the professional's weights while it judges, scores and answers (auto: bfloat16 where native)")
 
     @model_validator(mode="after")
     def _enough_labels(self) -> RefineParams:
@@ -169,7 +171,6 @@ class Refine(Stage):
         return [source_path(self.params.pool, base_dir)]
 
     def run(self, ctx: StageContext) -> None:
-        from knowledgesg.models import resolve_device
 
         p: RefineParams = self.params
         models = ctx.read_artifact_json("prepare_models", "models.json")
@@ -181,7 +182,8 @@ class Refine(Stage):
         partition = ctx.read_artifact_json("ingest", "partition.json")
         device = resolve_device(ctx.spec.models.device)
         tuned = tuned_professional_adapter(ctx)
-        model, tokenizer = load_target(models["professional"], None, device)
+        dtype = resolve_precision(p.precision, device)
+        model, tokenizer = load_target(models["professional"], None, device, dtype)
         if tuned is not None:  # unmerged: the judge and the fluency score run without it, on the model refine_judge.md measured
             from peft import PeftModel
 
@@ -196,7 +198,7 @@ class Refine(Stage):
             summary[client_id] = self.client_summary(decisions, kept)
             console.print(f"refine {client_id}: kept {len(kept)} of {len(rows)}; {summary[client_id]['dropped_by_reason']}")
         ctx.write_json("summary.json", {"professional_model": models["professional"]["name"], "tuned_by": "tune_professional (public data)" if tuned else None,
-                                        "method": "judge p(yes) by log-probability", "label_source": p.label_source if p.labels else None, "clients": summary})
+                                        "method": "judge p(yes) by log-probability", "label_source": p.label_source if p.labels else None, "precision": dtype, "clients": summary})
 
     def refine_client(self, ctx: StageContext, client_id: str, model, tokenizer, device: str, rows: list[dict], records: list[InstructionRecord],
                       good: list[str], shots: list[InstructionRecord], tuned: bool) -> tuple[list[dict], list[dict]]:

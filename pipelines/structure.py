@@ -33,6 +33,7 @@ from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_jsonl
 from knowledgesg.generation import SamplingParams
 from knowledgesg.loaders import load_example_pool, source_path
+from knowledgesg.models import Precision, ResolvedModel, cache_root, load_causal_lm, resolve_device, resolve_precision
 from knowledgesg.prompts import parse_label, user_message
 from knowledgesg.records import InstructionRecord, TextRecord
 from knowledgesg.spec import DataSource, PipelineSpec
@@ -57,6 +58,7 @@ class StructureParams(BaseModel):
     batch_size: int = Field(default=8, ge=1)
     min_grounding: float = Field(default=0.5, ge=0, le=1)
     labels: list[str] | None = Field(default=None, description="a labelled pool: the answer must be one of these, and the question is what must be grounded")
+    precision: Precision = Field(default="float32", description="the base model's weights while it writes pairs (auto: bfloat16 where native)")
 
 
 def content_words(text: str) -> list[str]:
@@ -117,7 +119,6 @@ class Structure(Stage):
     def run(self, ctx: StageContext) -> None:
         from knowledgesg.chunking import chunk_text
         from knowledgesg.generation import Generator, chat_prompt_ids
-        from knowledgesg.models import ResolvedModel, cache_root, load_causal_lm, resolve_device
         from knowledgesg.retrieval import build_or_load_index, embed, index_meta, load_embedder
 
         p: StructureParams = self.params
@@ -130,7 +131,8 @@ class Structure(Stage):
         index = build_or_load_index([user_message(r) for r in pool], embedder, models["embedder"]["weights_sha256"], cache_root(ctx.spec.models.cache_dir))
         console.print(f"structure: example pool of {len(pool)} ({'built' if index.built else 'reused'} index {index.directory.name})")
         ctx.write_json("pool_index.json", {**index_meta(index), "cache_key": index.directory.name})
-        model, tokenizer = load_causal_lm(ResolvedModel(**models["base"]), device)
+        dtype = resolve_precision(p.precision, device)
+        model, tokenizer = load_causal_lm(ResolvedModel(**models["base"]), device, dtype)
         generator = Generator(model, tokenizer, p.batch_size, device)
         partition = ctx.read_artifact_json("ingest", "partition.json")
         for client_id in partition["clients"]:
@@ -161,7 +163,7 @@ class Structure(Stage):
                 pairs, stats = self.keep(client_id, chunks, completions, p.min_grounding, users)
             side = f"client:{client_id}"
             ctx.write_jsonl(f"clients/{client_id}/records.jsonl", own + pairs, side=side)
-            ctx.write_json(f"clients/{client_id}/structure_stats.json", stats, side=side)
+            ctx.write_json(f"clients/{client_id}/structure_stats.json", {**stats, "precision": dtype}, side=side)
             console.print(f"structure {client_id}: {stats['kept']} pairs from {stats['chunks']} chunks; rejected {stats['rejected']}")
 
     @staticmethod

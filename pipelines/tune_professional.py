@@ -26,6 +26,7 @@ from knowledgesg.console import console, progress_bar
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.fileio import sha256_file
 from knowledgesg.loaders import load_example_pool, source_name_of, source_path
+from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_device, resolve_precision
 from knowledgesg.prompts import user_message
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import DataSource, PipelineSpec
@@ -45,6 +46,7 @@ class TuneProfessionalParams(BaseModel):
     lora_r: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=16, ge=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    precision: Precision = Field(default="float32", description="the professional's frozen weights (auto: bfloat16 where native); its adapter trains in float32")
 
 
 def answer_example(tokenizer, record: InstructionRecord, max_length: int):
@@ -82,7 +84,6 @@ class TuneProfessional(Stage):
         import torch
         from peft import LoraConfig, get_peft_model
 
-        from knowledgesg.models import ResolvedModel, load_causal_lm, resolve_device
         from knowledgesg.sft import collate
 
         p: TuneProfessionalParams = self.params
@@ -92,7 +93,8 @@ class TuneProfessional(Stage):
         professional = ctx.read_artifact_json("prepare_models", "models.json")["professional"]
         device = resolve_device(ctx.spec.models.device)
         torch.manual_seed(ctx.derive_seed("init"))
-        model, tokenizer = load_causal_lm(ResolvedModel(**professional), device)
+        dtype = resolve_precision(p.precision, device)
+        model, tokenizer = load_causal_lm(ResolvedModel(**professional), device, dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations inside peft
             model = get_peft_model(model, LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=0.0, target_modules=p.target_modules, task_type="CAUSAL_LM"))
@@ -121,7 +123,7 @@ class TuneProfessional(Stage):
         ctx.write_json("loss.json", losses)
         ctx.write_json("summary.json", {
             "data": "public", "source": source_name_of(p.data), "records": len(examples), "steps": steps, "epochs": p.epochs,
-            "professional_model": {"name": professional["name"], "weights_sha256": professional["weights_sha256"]},
+            "professional_model": {"name": professional["name"], "weights_sha256": professional["weights_sha256"], "dtype": dtype},
             "prompt_format": "evaluate's: the user turn through the chat template if the tokenizer has one, else followed by 'Answer:'",
             "first_loss": losses[0]["loss"], "last_loss": losses[-1]["loss"],
             "privacy": "trained on public data only: no client record is read, no privacy budget is spent",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,33 @@ def test_tiny_model_generates_through_the_chat_template():
     batch = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**batch, max_new_tokens=5, do_sample=False)
     assert out.shape[1] == batch["input_ids"].shape[1] + 5 or tokenizer.eos_token_id in out[0].tolist()
+
+
+def test_weights_load_in_the_precision_asked_and_an_adapter_merges_in_float32(tmp_path: Path):
+    """bfloat16 weights are float32's rounded once; an adapter is merged into the float32 weights
+    and only then rounded, so a small update survives that bfloat16's step would swallow."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from eval.audit import load_target
+
+    tiny = models.resolve_model("tiny-random-llama")
+    full, _ = models.load_causal_lm(tiny)
+    half, _ = models.load_causal_lm(tiny, dtype="bfloat16")
+    assert {p.dtype for p in full.parameters()} == {torch.float32} and {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(a.to(torch.bfloat16), b) for a, b in zip(full.parameters(), half.parameters()))
+
+    lora = get_peft_model(full, LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"], lora_dropout=0.0))
+    for name, param in lora.named_parameters():
+        if "lora_" in name:
+            torch.nn.init.constant_(param, 1e-2)  # a 2e-4 update per weight: below bfloat16's step for most of them
+    lora.save_pretrained(tmp_path / "adapter")
+    merged, _ = load_target(asdict(tiny), tmp_path / "adapter", "cpu", "bfloat16")
+    q32 = models.load_causal_lm(tiny)[0].model.layers[0].self_attn.q_proj.weight.detach()
+    q_merged = merged.model.layers[0].self_attn.q_proj.weight.detach()
+    assert q_merged.dtype == torch.bfloat16
+    assert torch.equal(q_merged, (q32 + 2e-4).to(torch.bfloat16))  # merged in float32, rounded once
+    assert not torch.equal(q_merged, q32.to(torch.bfloat16) + torch.tensor(2e-4, dtype=torch.bfloat16))  # what merging in bfloat16 would give
 
 
 def test_missing_package_says_what_to_install(monkeypatch):

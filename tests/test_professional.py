@@ -49,6 +49,22 @@ def test_tuned_professional_learns_the_public_labels_and_evaluate_scores_it(tune
     assert results["base"]["tasks"]["public"]["logprob"]["accuracy"] < 0.7
 
 
+def test_the_professional_tunes_and_is_scored_over_bfloat16_weights(tmp_path: Path):
+    """tune_professional and evaluate with `precision: bfloat16`: the frozen weights are bfloat16,
+    the adapter still learns the public labels (in float32), and evaluate says which precision ran."""
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    write_jsonl(tmp_path / "public.jsonl", public_rows())
+    tune = dict(TUNE, params=dict(TUNE["params"], precision="bfloat16"))
+    evaluate = {"name": "evaluate", "params": {"tasks": ["public.jsonl"], "modes": ["logprob"], "models": ["professional"], "limit": None, "fidelity": False, "precision": "bfloat16"}}
+    spec = tiny_spec(stages=["prepare_models", "ingest", tune, evaluate], models=MODELS)
+    assert run_in(tmp_path, "run", str(write_spec(tmp_path, spec)), "--run-dir", "run") == 0
+    summary = json.loads((tmp_path / "run/stages/tune_professional/summary.json").read_text())
+    assert summary["professional_model"]["dtype"] == "bfloat16" and summary["last_loss"] < summary["first_loss"] / 2
+    results = json.loads((tmp_path / "run/stages/evaluate/results.json").read_text())
+    assert results["options"]["precision"] == "bfloat16"
+    assert results["models"]["professional"]["tasks"]["public"]["logprob"]["accuracy"] == 1.0
+
+
 def test_refine_labels_with_the_tuned_professional(tuned_run: Path):
     """refine finds the adapter of a tune_professional before it, and labels in the format it was
     tuned in (the tiny model learns the public pool's labels, it does not generalise)."""
@@ -126,13 +142,13 @@ def test_a_pipeline_refines_with_the_tuned_professional(tmp_path: Path):
     write_jsonl(tmp_path / "public.jsonl", public_rows())
     write_jsonl(tmp_path / "pool.jsonl", [dict(r, id=f"pool{i}") for i, r in enumerate(public_rows())])
     synth = dict(SYNTH, params=dict(SYNTH["params"], per_client=6, oversample=1.0, near_duplicate_jaccard=0.9))
-    refine = dict(REFINE, params=dict(REFINE["params"], label_source="agreement", keep_top_fraction=1.0))
+    refine = dict(REFINE, params=dict(REFINE["params"], label_source="agreement", keep_top_fraction=1.0, precision="bfloat16"))
     spec = tiny_spec(stages=["prepare_models", "ingest", TRAIN, synth, TUNE, refine], models=MODELS)
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setattr(Generator, "generate", canned_generate)
         assert run_in(tmp_path, "run", str(write_spec(tmp_path, spec)), "--run-dir", "run") == 0
     summary = json.loads((tmp_path / "run/stages/refine/summary.json").read_text())
-    assert summary["tuned_by"] == "tune_professional (public data)" and summary["label_source"] == "agreement"
+    assert summary["tuned_by"] == "tune_professional (public data)" and summary["label_source"] == "agreement" and summary["precision"] == "bfloat16"
     for client in ("client_0", "client_1"):
         decisions = [json.loads(line) for line in (tmp_path / f"run/stages/refine/clients/{client}/decisions.jsonl").read_text().splitlines()]
         assert decisions and all("professional_label" in d for d in decisions)  # every candidate was labelled (keep_top_fraction 1)

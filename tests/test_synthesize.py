@@ -133,10 +133,10 @@ def test_unfinished_text_is_cut_after_its_last_full_sentence():
     assert stats["rejected"]["response unfinished or empty"] == 1
 
 
-def _structure_spec(workdir: Path, pool: dict, members: list[dict] | None = None) -> Path:
+def _structure_spec(workdir: Path, pool: dict, members: list[dict] | None = None, precision: str = "float32") -> Path:
     spec = tiny_spec(stages=["prepare_models", "ingest", {"name": "structure", "params": {
         "pool": pool, "chunk_tokens": 64, "overlap_tokens": 8, "max_chunks_per_client": 3, "example_words": 8,
-        "sampling": {"do_sample": False, "max_new_tokens": 16}}}])
+        "sampling": {"do_sample": False, "max_new_tokens": 16}, "precision": precision}}])
     spec["models"]["embedder"] = "tiny-random-embedder"
     (workdir / "notes.jsonl").write_text("".join(json.dumps({"id": f"n{i}", "text": f"Patient {i} improved on therapy. " * 12}) + "\n" for i in range(4)))
     spec["clients"] = {"members": members or [{"id": "hosp", "data": [{"path": "notes.jsonl", "kind": "text"}, {"path": "data.jsonl"}]}]}
@@ -147,15 +147,18 @@ def test_structure_chunks_retrieves_generates_and_passes_own_records_through(wor
     spec = _structure_spec(workdir, {"builtin": "medquad", "sample": 30})
     assert main(["run", str(spec), "--run-dir", "run"]) == 0
     stats = json.loads((workdir / "run/stages/structure/clients/hosp/structure_stats.json").read_text())
-    assert stats["chunks"] == 3 and stats["kept"] + sum(stats["rejected"].values()) == 3
+    assert stats["chunks"] == 3 and stats["kept"] + sum(stats["rejected"].values()) == 3 and stats["precision"] == "float32"
     records = _jsonl(workdir / "run/stages/structure/clients/hosp/records.jsonl")
     assert len([r for r in records if r["source"] == "data"]) == 40  # the client's own pairs, unchanged
     manifest = json.loads((workdir / "run/stages/structure/manifest.json").read_text())
     assert manifest["outputs"]["clients/hosp/records.jsonl"]["side"] == "client:hosp"
     assert "built index" in capsys.readouterr().err
-    # a second run over the same pool reuses the cached index
+    # a second run over the same pool reuses the cached index; it writes with bfloat16 weights
+    spec = _structure_spec(workdir, {"builtin": "medquad", "sample": 30}, precision="bfloat16")
     assert main(["run", str(spec), "--run-dir", "run2"]) == 0
     assert "reused index" in capsys.readouterr().err
+    stats = json.loads((workdir / "run2/stages/structure/clients/hosp/structure_stats.json").read_text())
+    assert stats["precision"] == "bfloat16" and stats["kept"] + sum(stats["rejected"].values()) == 3
 
 
 def test_structure_errors_for_an_empty_corpus_and_an_empty_pool(workdir: Path, capsys):

@@ -29,6 +29,7 @@ from knowledgesg.aggregation import clip_update
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.federated.protocol import ClientTask, ClientUpdate, LocalDP, LoraShape, Params, encode_update
 from knowledgesg.fileio import read_json, read_jsonl, sha256_text
+from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_precision
 from knowledgesg.records import InstructionRecord
 from privacy.accounting import Mechanism, epsilons
 from privacy.ledger import ClientLedger, LedgerEntry, check_budget, new_release_id, now, trust_line
@@ -47,15 +48,11 @@ class LoraModel:
 
     _cache: dict[tuple, LoraModel] = {}
 
-    def __init__(self, base_model: dict, lora: LoraShape, device: str, precision: str = "float32") -> None:
-        import torch
+    def __init__(self, base_model: dict, lora: LoraShape, device: str, precision: Precision = "float32") -> None:
         from peft import LoraConfig, get_peft_model
 
-        from knowledgesg.models import ResolvedModel, load_causal_lm, resolve_precision
-
-        model, self.tokenizer = load_causal_lm(ResolvedModel(**base_model), device)
         # the frozen weights only: peft keeps the adapter float32 over a bfloat16 base
-        model = model.to(getattr(torch, resolve_precision(precision, device)))
+        model, self.tokenizer = load_causal_lm(ResolvedModel(**base_model), device, resolve_precision(precision, device))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             self.model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=lora.target_modules, task_type="CAUSAL_LM"))
@@ -70,7 +67,7 @@ class LoraModel:
                 raise KsgError("FFA-LoRA: this party's A (from a_seed) differs from the server's; the same torch and peft versions are needed on every party")
 
     @classmethod
-    def get(cls, base_model: dict, lora: LoraShape, device: str, precision: str = "float32") -> LoraModel:
+    def get(cls, base_model: dict, lora: LoraShape, device: str, precision: Precision = "float32") -> LoraModel:
         key = (base_model["path"], base_model.get("weights_sha256"), lora.model_dump_json(), device, precision)
         if key not in cls._cache:
             cls._cache.clear()  # one model per process: a new job replaces the old one

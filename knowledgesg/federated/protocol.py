@@ -14,6 +14,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from knowledgesg.models import Precision
+
 Params = dict[str, np.ndarray]
 
 RULES = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "scaffold", "median", "trimmed_mean", "krum")
@@ -31,7 +33,7 @@ class LocalTraining(BaseModel):
     max_length: int = Field(default=128, ge=16)
     loss_on: Literal["response", "all"] = "response"
     proximal_mu: float = Field(default=0.0, ge=0, description="FedProx: mu/2 ||w - x||^2 added to the local loss")
-    precision: Literal["auto", "float32", "bfloat16"] = Field(
+    precision: Precision = Field(
         default="float32", description="each party's frozen base weights (auto: bfloat16 where its CPU or GPU runs it natively); "
         "the adapter, the update sent and, with local DP, the clipped gradients stay float32")
 
