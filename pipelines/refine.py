@@ -171,7 +171,6 @@ class Refine(Stage):
         return [source_path(self.params.pool, base_dir)]
 
     def run(self, ctx: StageContext) -> None:
-
         p: RefineParams = self.params
         models = ctx.read_artifact_json("prepare_models", "models.json")
         if "professional" not in models:
