@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -25,6 +29,43 @@ def write_result(name: str, lines: list[str]) -> None:
     text = "\n".join(lines) + "\n"
     (RESULTS / f"{name}.md").write_text(text)
     print(text)
+
+
+def code_version() -> str:
+    """The commit of the package code in the working directory (every `ksg` child imports it),
+    and whether it has local changes: a run's caches are only reused by the same code."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "knowledgesg", "pipelines", "privacy", "eval"], capture_output=True, text=True).stdout.strip()
+    return f"commit {head}" + (" with local changes" if dirty else "")
+
+
+def spec_digest(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RunStore:
+    """What a long benchmark's finished runs measured, kept in the repository: a run directory
+    lives in a work directory that the next session (often a fresh machine) may not have, and a
+    run measured once is not measured again to finish a table. An entry belongs to the spec it
+    ran (its digest): another spec is another run."""
+
+    path: Path
+
+    def runs(self) -> dict[str, dict]:
+        return json.loads(self.path.read_text())["runs"] if self.path.is_file() else {}
+
+    def entry(self, name: str, spec: dict) -> dict | None:
+        entry = self.runs().get(name)
+        return entry if entry and entry["digest"] == spec_digest(spec) else None
+
+    def save(self, name: str, spec: dict, seconds: float, **fields) -> None:
+        """Keep a finished run with the code and machine it ran on (temp file, then rename)."""
+        runs = self.runs()
+        runs[name] = {"digest": spec_digest(spec), "code": code_version(), "machine": machine(), "seconds": round(seconds, 1), **fields}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+        tmp.replace(self.path)
 
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -12,8 +12,11 @@ noise (NOT PRIVATE) and with DP-SGD calibrated to epsilon 1, 4 and 8; everything
 identical. Then `ksg audit` on each.
 
 Resumable: every run lives in DIR and `ksg run` caches finished stages; a finished audit is kept
-(audit/audit_report.json), so running the same command again picks up where it stopped. The
-results file is rewritten after each row with the rows done so far.
+(audit/audit_report.json), so running the same command again picks up where it stopped. A
+finished row (its table lines, times, code and machine) goes to
+benchmarks/results/audit_power_runs.json, which is committed: a later session, on a machine
+without DIR, reads it and runs only the rows it lacks (`--only nonprivate,eps8` measures those
+again). The results file is rewritten after each row with the rows done so far.
 Writes benchmarks/results/audit_power.md.
 """
 
@@ -29,21 +32,27 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command, machine, write_result  # noqa: E402
+from _common import RESULTS, RunStore, command, machine, write_result  # noqa: E402
 from _comparison import ksg  # noqa: E402
 
 from eval.audit import CANARY_SCORE  # noqa: E402
 
 EPSILONS = (math.inf, 8.0, 4.0, 1.0)  # the rows that decide the goals first
+# finished rows (see RunStore); an entry belongs to the spec, the audit's arguments and the canary score it ran
+STORE = RunStore(RESULTS / "audit_power_runs.json")
 
 
 def label(epsilon: float) -> str:
     return "NOT PRIVATE" if math.isinf(epsilon) else f"epsilon {epsilon:g}"
 
 
+def short_name(epsilon: float) -> str:
+    return "nonprivate" if math.isinf(epsilon) else f"eps{epsilon:g}"
+
+
 def spec_for(epsilon: float, args) -> dict:
     return {
-        "name": f"audit-power-{'nonprivate' if math.isinf(epsilon) else f'eps{epsilon:g}'}",
+        "name": f"audit-power-{short_name(epsilon)}",
         "seed": args.seed,
         "models": {"base": "smollm2-135m-instruct"},
         "clients": {"data": [{"builtin": "fpb_train", "sample": args.records}], "partition": {"method": "iid", "num_clients": 1, "names": ["bank_a"]}},
@@ -53,6 +62,11 @@ def spec_for(epsilon: float, args) -> dict:
         "stages": ["prepare_models", "ingest", {"name": "dp_train", "params": {
             "loss_on": "all", "epochs": args.epochs, "batch_size": 8, "max_length": 96, "learning_rate": args.lr, "clip_norm": 1.0}}],
     }
+
+
+def measured(epsilon: float, args) -> dict:
+    """What a row's figures depend on: its spec, the audit's arguments and the canary score."""
+    return {"spec": spec_for(epsilon, args), "audit": AUDIT_ARGS, "score": CANARY_SCORE}
 
 
 AUDIT_ARGS = ["--candidates", "100", "--exposure-canaries", "8", "--samples", "4", "--mia-members", "100", "--pii-spans", "0", "--bootstrap", "1000", "--models", "dp"]
@@ -145,35 +159,44 @@ EARLIER = [
 ]
 
 
-def write(args, reports: dict[float, dict], timings: dict) -> None:
-    pending = [label(e) for e in EPSILONS if e not in reports]
+def row_entry(epsilon: float, report: dict, timing: dict) -> dict:
+    """What the store keeps of a finished row: its table lines, the precision it was scored in and its times."""
+    return {"canary_rows": canary_rows(epsilon, report), "mia_rows": mia_rows(epsilon, report), "designed_row": designed_against_random(epsilon, report),
+            "precision": report["options"].get("precision", "float32"), "run_s": timing["run_s"], "audit_s": timing["audit_s"]}
+
+
+def write(args, rows: dict[float, dict], from_store: set[float]) -> None:
+    pending = [label(e) for e in EPSILONS if e not in rows]
     lines = [
         "# Audit power: the same data and canaries, NOT PRIVATE and at epsilon 1, 4, 8", "",
-        f"Command: `{command()}`", f"Machine: {machine()}",
+        f"Command: `{command()}`" + (f" (it read {', '.join(label(e) for e in EPSILONS if e in from_store)} from {STORE.path.name}: where and how those ran is at the end)" if from_store else ""),
+        f"Machine: {machine()}",
         f"Data: {args.records} FPB training sentences in one client, {args.holdout} of them held out as non-members; {args.canaries} canaries of each kind "
         f"({args.kinds}; digits: random 6-digit secrets, log2 |R| = 19.9; rare_words, designed: 4 rare words from a list of 4,096, log2 |R| = 48) planted once each with probability 1/2. "
         f"SmolLM2-135M-Instruct, LoRA r=8 on q,v, loss on all tokens, {args.epochs:g} epochs, batch 8, lr {args.lr}, clip 1.0, seed {args.seed}; "
         "DP-SGD with Poisson sampling, PRV accounting, delta 1e-5.",
-        f"Audit: `ksg audit RUN {' '.join(AUDIT_ARGS)}` (models in {next(iter(reports.values()))['options'].get('precision', 'float32') if reports else 'n/a'}). Canary score: the drop of the loss of the secret's own tokens from the base model to the released one. "
+        f"Audit: `ksg audit RUN {' '.join(AUDIT_ARGS)}` (models in {', '.join(sorted({r['precision'] for r in rows.values()})) or 'n/a'}). Canary score: the drop of the loss of the secret's own tokens from the base model to the released one. "
         "One-run bound (Steinke et al. 2023 with its delta term): \"in\" on the highest-scoring 5, 10, 20, 30, 40 and 50% of the canaries (abstaining on the rest, marked \"in\"), "
         "and half \"in\", half \"out\" on all of them, Bonferroni-corrected to 95% overall. "
         "Each canary is one record, so the claimed epsilon for it is the per-record epsilon.", "",
     ]
     if pending:
         lines += [f"**Partial**: {', '.join(pending)} not run yet; the same command continues from here.", ""]
-    order = [e for e in EPSILONS if e in reports]
+    order = [e for e in EPSILONS if e in rows]
     lines += ["## Canaries: one-run lower bound and the canaries as a membership test", "",
               "| training | claimed epsilon | canaries | planted | correct / guesses | epsilon lower bound (95%) | largest certifiable | TPR at 1% FPR [95% CI] | AUC [95% CI] | mean exposure planted / not (bits, 8 of each kind) | greedy extractions (planted, of the 8) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|", *[row for e in order for row in canary_rows(e, reports[e])], "",
-              *designed_table([designed_against_random(e, reports[e]) for e in order]),
+              "|---|---|---|---|---|---|---|---|---|---|---|", *[line for e in order for line in rows[e]["canary_rows"]], "",
+              *designed_table([rows[e]["designed_row"] for e in order]),
               "## Membership inference of training records (held-out records as non-members)", "",
               "| training | members / non-members | score | AUC [95% CI] | TPR at 1% FPR [95% CI] | TPR at 0.1% FPR |", "|---|---|---|---|---|---|",
-              *[row for e in order for row in mia_rows(e, reports[e])], "", *EARLIER,
-              "## Time", "", *[f"- {name}: `ksg run` {t['run_s']:.0f} s, `ksg audit` {t['audit_s']:.0f} s" for name, t in timings.items()]]
+              *[line for e in order for line in rows[e]["mia_rows"]], "", *EARLIER,
+              "## Where and how long each row ran", "",
+              *[f"- {label(e)}: `ksg run` {rows[e]['run_s']:.0f} s, `ksg audit` {rows[e]['audit_s']:.0f} s; {rows[e]['code']}, {rows[e]['machine']}"
+                + (f"; {rows[e]['note']}" if rows[e].get("note") else "") for e in order]]
     write_result("audit_power", lines)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=600)
     parser.add_argument("--holdout", type=int, default=500)
@@ -183,16 +206,37 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.004)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--workdir", type=Path, required=True, help="the runs live here; the same command resumes from it")
-    args = parser.parse_args()
+    parser.add_argument("--only", default=None, help="measure these rows (nonprivate, eps8, eps4, eps1; comma-separated) even if the store holds them, and no others; none: only rewrite the report")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
+    only = set(args.only.split(",")) if args.only else None
+    known = {short_name(e) for e in EPSILONS} | {"none"}
+    if only and only - known:
+        sys.exit(f"--only: unknown {', '.join(sorted(only - known))} (known: {', '.join(short_name(e) for e in EPSILONS)}, none)")
     args.workdir.mkdir(parents=True, exist_ok=True)
     timings_path = args.workdir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-    reports: dict[float, dict] = {}
+    rows: dict[float, dict] = {}
+    from_store: set[float] = set()
     for epsilon in EPSILONS:
+        key, entry = measured(epsilon, args), STORE.entry(short_name(epsilon), measured(epsilon, args))
+        if (only is None and entry) or (only is not None and short_name(epsilon) not in only):
+            if entry:
+                rows[epsilon] = entry
+                from_store.add(epsilon)
+                print(f"{label(epsilon)}: in {STORE.path.name} already" + ("" if only else f" (pass --only {short_name(epsilon)} to measure it again)"), flush=True)
+            continue
         start = time.perf_counter()
-        reports[epsilon] = run_row(epsilon, args, timings)
+        report = run_row(epsilon, args, timings)
         print(f"{label(epsilon)}: {time.perf_counter() - start:.0f} s", flush=True)
-        write(args, reports, timings)
+        timing = timings[spec_for(epsilon, args)["name"]]
+        STORE.save(short_name(epsilon), key, timing["run_s"] + timing["audit_s"], **row_entry(epsilon, report, timing))
+        rows[epsilon] = STORE.entry(short_name(epsilon), key)
+        write(args, rows, from_store)
+    write(args, rows, from_store)
 
 
 if __name__ == "__main__":

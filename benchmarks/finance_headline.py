@@ -29,11 +29,9 @@ Writes benchmarks/results/finance_headline.md (partial results as runs finish).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -44,7 +42,7 @@ import matplotlib.pyplot as plt
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, command, machine, write_result  # noqa: E402
+from _common import RESULTS, RunStore, code_version, command, machine, spec_digest, write_result  # noqa: E402
 from _comparison import client_epsilon, count_lines, ksg  # noqa: E402
 
 LABELS = ["negative", "neutral", "positive"]
@@ -151,10 +149,6 @@ def plan(args) -> dict[str, dict]:
     return runs
 
 
-def spec_digest(spec_: dict) -> str:
-    return hashlib.sha256(json.dumps(spec_, sort_keys=True).encode()).hexdigest()
-
-
 def finished(workdir: Path, name: str, spec_: dict | None = None) -> bool:
     """A run is finished when its marker holds the digest of the spec it finished with (other
     arguments make another spec, which `ksg run` resumes from the stages they leave alike)."""
@@ -181,8 +175,8 @@ def run(args, name: str, spec_: dict, times: dict) -> None:
         # A's stages are reused where this run leaves them alike: a copy of a finished A only (an
         # unfinished one would make this run draw its own DP adapters, a second release of the banks' data)
         if not finished(workdir, source):
-            print(f"run {name} waits for {source}" + (f" (its results are in {STORE.name}, but its directory is not in {workdir}: run it here with --only {source})"
-                                                      if load_store()["runs"].get(source) else ""), flush=True)
+            print(f"run {name} waits for {source}" + (f" (its results are in {STORE.path.name}, but its directory is not in {workdir}: run it here with --only {source})"
+                                                      if source in STORE.runs() else ""), flush=True)
             return
         shutil.copytree(workdir / source, run_dir)
     print(f"[{time.strftime('%H:%M:%S')}] run {name}", flush=True)
@@ -192,7 +186,8 @@ def run(args, name: str, spec_: dict, times: dict) -> None:
     times[name] = round(times.get(name, 0) + seconds, 1)
     (workdir / "times.json").write_text(json.dumps(times, indent=1))
     (workdir / f"{name}.done").write_text(spec_digest(spec_))
-    save_run(workdir, name, spec_, times[name])
+    STORE.save(name, spec_, times[name], rows={k: asdict(v) for k, v in rows_of(name, results(workdir, name)).items()},
+               details=details(workdir / name) if name.startswith("A") else [])
 
 
 def results(workdir: Path, name: str) -> dict:
@@ -260,31 +255,8 @@ def rows_of(name: str, models: dict) -> dict[str, RowScore]:
     return {number: score(entry) for number, entry in picked.items() if entry}
 
 
-# What finished runs measured, kept in the repository: a run directory lives in a work directory
-# that the next session (often a fresh machine) may not have, and a row measured once is not
-# measured again to finish the table.
-STORE = RESULTS / "finance_headline_runs.json"
-
-
-def load_store() -> dict:
-    return json.loads(STORE.read_text()) if STORE.is_file() else {"runs": {}}
-
-
-def save_run(workdir: Path, name: str, spec_: dict, seconds: float) -> None:
-    """Keep a finished run's rows, details and wall clock in the store (temp file, then rename)."""
-    store = load_store()
-    rows = rows_of(name, results(workdir, name))
-    store["runs"][name] = {"digest": spec_digest(spec_), "code": code_version(), "machine": machine(), "seconds": round(seconds, 1),
-                           "rows": {k: asdict(v) for k, v in rows.items()}, "details": details(workdir / name) if name.startswith("A") else []}
-    tmp = STORE.with_suffix(".tmp")
-    tmp.write_text(json.dumps(store, indent=1) + "\n")
-    tmp.replace(STORE)
-
-
-def stored(name: str, spec_: dict) -> dict | None:
-    """The store's entry for a run of this very spec (another spec is another run)."""
-    entry = load_store()["runs"].get(name)
-    return entry if entry and entry["digest"] == spec_digest(spec_) else None
+# finished runs' rows, details and wall clock (see RunStore)
+STORE = RunStore(RESULTS / "finance_headline_runs.json")
 
 
 def run_rows(args, name: str, specs: dict[str, dict]) -> dict[str, RowScore]:
@@ -292,7 +264,7 @@ def run_rows(args, name: str, specs: dict[str, dict]) -> dict[str, RowScore]:
     here = rows_of(name, results(args.workdir, name))
     if here:
         return here
-    entry = stored(name, specs[name]) if name in specs else None
+    entry = STORE.entry(name, specs[name]) if name in specs else None
     return {k: RowScore(**v) for k, v in entry["rows"].items()} if entry else {}
 
 
@@ -382,7 +354,7 @@ def run_details(args, e: str, specs: dict[str, dict]) -> list[str]:
     name = f"A{e}"
     if (args.workdir / name).is_dir():
         return details(args.workdir / name)
-    entry = stored(name, specs[name])
+    entry = STORE.entry(name, specs[name])
     return entry["details"] if entry else []
 
 
@@ -421,14 +393,6 @@ def plot_curve(args, epsilons: list[str], specs: dict[str, dict], path: Path) ->
     return True
 
 
-def code_version() -> str:
-    """The commit of the package code in the working directory (every `ksg run` here imports it),
-    and whether it has local changes: a run's caches are only reused by the same code."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "knowledgesg", "pipelines", "privacy", "eval"], capture_output=True, text=True).stdout.strip()
-    return f"commit {head}" + (" with local changes" if dirty else "")
-
-
 def report(args) -> None:
     specs = plan(args)
     times = json.loads((args.workdir / "times.json").read_text()) if (args.workdir / "times.json").is_file() else {}
@@ -447,9 +411,9 @@ def report(args) -> None:
     curve = RESULTS / "finance_headline_curve.png"
     if plot_curve(args, [eps_name(float(x)) for x in args.epsilons.split(",")], specs, curve):
         lines += [f"![mean accuracy against epsilon]({curve.name})", ""]
-    lines += [f"Where each run was measured ({STORE.name} keeps every finished run's rows; a run measured on another machine is read from there):"]
+    lines += [f"Where each run was measured ({STORE.path.name} keeps every finished run's rows; a run measured on another machine is read from there):"]
     for name in specs:
-        entry = stored(name, specs[name])
+        entry = STORE.entry(name, specs[name])
         if name in times and (args.workdir / name).is_dir():
             lines.append(f"- {name}: {times[name]:.0f} s here ({code_version()})")
         elif entry:
@@ -474,8 +438,8 @@ def main() -> None:
         if only is not None and name not in only:
             continue
         # a run the store already holds is not measured again, unless named in --only
-        if only is None and stored(name, spec_) and not (args.workdir / name).is_dir():
-            print(f"run {name}: in {STORE.name} already (pass --only {name} to run it again here)", flush=True)
+        if only is None and STORE.entry(name, spec_) and not (args.workdir / name).is_dir():
+            print(f"run {name}: in {STORE.path.name} already (pass --only {name} to run it again here)", flush=True)
             continue
         run(args, name, spec_, times)
         report(args)

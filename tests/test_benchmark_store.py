@@ -1,0 +1,49 @@
+"""The long benchmarks' committed stores of finished runs: an entry is found only for the spec it
+ran, a save leaves no temp file, and the stores in the repository still belong to the specs the
+benchmarks build today (a changed default would otherwise make a committed row silently unread)."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import audit_power  # noqa: E402
+import finance_headline  # noqa: E402
+from _common import RunStore  # noqa: E402
+
+
+def test_an_entry_is_found_only_for_the_spec_it_ran_and_a_save_leaves_no_temp_file(tmp_path):
+    store = RunStore(tmp_path / "runs.json")
+    assert store.entry("A8", {"epochs": 2}) is None
+    store.save("A8", {"epochs": 2}, 12.34, rows={"6": 0.44})
+    store.save("U", {"epochs": 2, "data": "fiqa"}, 5.0)
+    entry = store.entry("A8", {"epochs": 2})
+    assert entry["rows"] == {"6": 0.44} and entry["seconds"] == 12.3 and entry["machine"] and entry["code"].startswith("commit")
+    assert store.entry("A8", {"epochs": 3}) is None  # another spec is another run
+    assert set(store.runs()) == {"A8", "U"}
+    assert [p.name for p in tmp_path.iterdir()] == ["runs.json"]
+
+
+def test_the_headline_store_belongs_to_the_specs_the_benchmark_builds_today(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["finance_headline.py", "--workdir", "unused"])
+    specs = finance_headline.plan(finance_headline.parse_args())
+    stored = finance_headline.STORE.runs()
+    assert stored, "the committed store is empty"
+    for name, entry in stored.items():
+        assert finance_headline.STORE.entry(name, specs[name]) == entry, f"{name}: stored for another spec"
+        assert entry["rows"], name
+
+
+@pytest.mark.parametrize("name", sorted(audit_power.STORE.runs()))
+def test_the_audit_power_store_belongs_to_the_rows_the_benchmark_measures_today(name):
+    defaults = audit_power.parse_args(["--workdir", "unused"])
+    epsilon = next(e for e in audit_power.EPSILONS if audit_power.short_name(e) == name)
+    entry = audit_power.STORE.entry(name, audit_power.measured(epsilon, defaults))
+    assert entry is not None, f"{name}: stored for another spec, audit or canary score"
+    assert entry["canary_rows"] and entry["mia_rows"]
+    assert all(line.startswith(f"| {audit_power.label(epsilon)} |") for line in entry["canary_rows"] + entry["mia_rows"])
+    assert not math.isnan(entry["run_s"] + entry["audit_s"])
