@@ -45,12 +45,12 @@ from eval.pii import PiiSpan, find_pii_spans, occurs, replayed
 from knowledgesg.console import console, track
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_json, read_jsonl
-from knowledgesg.generation import Generator, SamplingParams
+from knowledgesg.generation import SHARED_PREFIX_MIN, Generator, SamplingParams, common_prefix_length
 from knowledgesg.manifest import read_manifest
 from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_device, resolve_precision
 from knowledgesg.prompts import Seed, user_message, user_turn_prefix
 from knowledgesg.records import InstructionRecord
-from knowledgesg.scoring import SHARED_PREFIX_MIN, common_prefix_length, continuation_logprobs, pad_id, shared_prefix_logprobs, token_statistics
+from knowledgesg.scoring import continuation_logprobs, pad_id, shared_prefix_logprobs, token_statistics
 from knowledgesg.spec import CanarySpec, CanaryTemplate, PipelineSpec
 from privacy.accounting import group_epsilon
 from privacy.ledger import LedgerEntry, compose, read_stage_ledgers

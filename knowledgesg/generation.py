@@ -2,7 +2,9 @@
 
 Prompts are sorted by length and cut into batches so that little padding is wasted; each batch is
 left-padded (so every sequence's next token sits in the last column) and decoded step by step
-with the KV cache. A sequence leaves the batch as soon as it produces its end-of-turn token or
+with the KV cache. The prompts of a batch that begin alike (a chat template and instruction,
+few-shot examples) run their common prefix once: its cache is copied to every row, and each row's
+own tokens follow it, left-padded after the prefix. A sequence leaves the batch as soon as it produces its end-of-turn token or
 reaches the token budget, so short answers do not wait for the longest one (HF `generate` keeps
 finished rows in the batch until all are done). Results come back in the caller's order.
 """
@@ -42,6 +44,37 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first: memory peaks early)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+SHARED_PREFIX_MIN = 16  # a common prefix shorter than this is not worth a pass of its own
+
+
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    first = sequences[0]
+    length = min(len(s) for s in sequences)
+    for s in sequences[1:]:
+        length = next((i for i in range(length) if s[i] != first[i]), length)
+    return length
+
+
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """How many leading tokens every sequence shares, leaving each at least one token of its own
+    (its last position gives the next-token logits); 0 where that is under SHARED_PREFIX_MIN."""
+    if len(sequences) < 2:
+        return 0
+    shared = min(common_prefix_length(sequences), min(len(s) for s in sequences) - 1)
+    return shared if shared >= SHARED_PREFIX_MIN else 0
+
+
+def run_prefix(model, prefix: list[int], device: str):
+    """The key-value cache of `prefix`, run once as a batch of one."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int, left: bool):
@@ -86,36 +119,42 @@ class Generator:
         sampler = torch.Generator(device=self.device).manual_seed(seed)
         self.model.eval()
         for batch in track(batches, progress or "generating", total=len(batches)):
-            ids, mask = pad_batch([prompts[i] for i in batch], pad, left=True)
-            for i, (tokens, finished) in zip(batch, self._decode(ids.to(self.device), mask.to(self.device), params, sampler)):
+            for i, (tokens, finished) in zip(batch, self._decode([prompts[i] for i in batch], pad, params, sampler)):
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 if self.stop_at_newline:
                     text = text.split("\n")[0]
                 results[i] = Completion(text, len(tokens) + finished, finished)
         return results  # type: ignore[return-value]
 
-    def _decode(self, ids, mask, params: SamplingParams, sampler) -> list[tuple[list[int], bool]]:
-        """Greedy or sampled decoding of one left-padded batch; rows leave when done."""
+    def _decode(self, prompts: list[list[int]], pad: int, params: SamplingParams, sampler) -> list[tuple[list[int], bool]]:
+        """Greedy or sampled decoding of one batch of prompts; rows leave when done."""
         import torch
         from transformers import DynamicCache
 
-        n = ids.shape[0]
+        n = len(prompts)
+        shared = shared_prefix_length(prompts)
+        cache = run_prefix(self.model, prompts[0][:shared], self.device) if shared else DynamicCache()
+        ids, own_mask = (t.to(self.device) for t in pad_batch([p[shared:] for p in prompts], pad, left=True))
+        # the mask covers the prefix too; a row's left padding sits between it and the row's own tokens
+        mask = torch.cat([torch.ones((n, shared), dtype=own_mask.dtype, device=own_mask.device), own_mask], dim=1)
         outputs: list[list[int]] = [[] for _ in range(n)]
         finished = [False] * n
         active = list(range(n))
-        cache = DynamicCache()
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        history = ids.clone()  # for the repetition penalty
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+        history = torch.cat([torch.tensor([prompts[0][:shared]] * n, dtype=ids.dtype, device=ids.device).reshape(n, shared), ids], dim=1)  # for the repetition penalty
         step_ids = ids
         # rows that repeat a prompt (several samples of one prompt) share one prefill: the unique rows
         # run, and their cache and logits are copied out to every row that repeats them
-        unique, copy_of = torch.unique(torch.cat([ids, mask], dim=1), dim=0, return_inverse=True)
+        unique, copy_of = torch.unique(torch.cat([ids, own_mask], dim=1), dim=0, return_inverse=True)
         shared_prefill = len(unique) < n
+        if shared:
+            cache.batch_repeat_interleave(len(unique) if shared_prefill else n)
         with torch.no_grad():
             for step in range(params.max_new_tokens):
                 if step == 0 and shared_prefill:
-                    prompt_ids, prompt_mask = unique[:, : ids.shape[1]], unique[:, ids.shape[1] :]
-                    prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+                    prompt_ids = unique[:, : ids.shape[1]]
+                    prompt_mask = torch.cat([mask[: len(unique), :shared], unique[:, ids.shape[1] :]], dim=1)
+                    prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
                 else:
                     prompt_ids, prompt_mask, prompt_positions = step_ids, mask, positions
                 # logits for the last column only: in the prefill, the head over every prompt position

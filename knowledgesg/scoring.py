@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from knowledgesg.console import track
-from knowledgesg.generation import length_batches, pad_batch
+from knowledgesg.generation import SHARED_PREFIX_MIN, length_batches, pad_batch, run_prefix, shared_prefix_length
 
 
 def encode_context(tokenizer, text: str) -> list[int]:
@@ -55,12 +55,16 @@ def continuation_logprobs(model, contexts: list[list[int]], continuations: list[
             results[i] = np.array([value], dtype=np.float32)
     rest = [i for i, continuation in enumerate(continuations) if len(continuation) > 1]
     sequences = {i: contexts[i] + continuations[i] for i in rest}
+    # every row keeps at least one context token of its own: it predicts the continuation's first token
+    shared = shared_prefix_length([contexts[i] for i in rest]) if rest else 0
     model.eval()
     with torch.no_grad():
+        prefix = run_prefix(model, contexts[rest[0]][:shared], device) if shared else None
         for chunk in _batches([len(sequences[i]) for i in rest], batch_size, progress):
             batch = [rest[k] for k in chunk]
             keep = max(len(continuations[i]) for i in batch) + 1
-            logprobs = last_logprobs(model, [sequences[i] for i in batch], pad_id, keep, device)  # [rows, keep, vocab]: positions width-keep .. width-1
+            # [rows, keep, vocab]: the last `keep` positions
+            logprobs = last_logprobs(model, [sequences[i][shared:] for i in batch], pad_id, keep, device, prefix, shared)
             for row, i in enumerate(batch):
                 n = len(continuations[i])
                 # the token at position t is predicted at t - 1: the continuation's tokens (the last
@@ -99,9 +103,10 @@ def shared_prefix_logprobs(model, prefix: list[int], continuations: list[list[in
     return results  # type: ignore[return-value]
 
 
-def _logits_after_prefix(model, cache, width: int, ids, mask, device: str):
-    """Logits of right-padded rows that all continue one prefix of `width` tokens, whose key-value
-    cache (`cache`, left untouched) is copied to every row."""
+def _logits_after_prefix(model, cache, width: int, ids, mask, device: str, keep: int = 0):
+    """Logits of padded rows (left or right) that all continue one prefix of `width` tokens, whose
+    key-value cache (`cache`, left untouched) is copied to every row; `keep`: the last columns only
+    (0: all). Left padding sits between the prefix and a row's own tokens, masked out."""
     import copy
 
     import torch
@@ -110,29 +115,37 @@ def _logits_after_prefix(model, cache, width: int, ids, mask, device: str):
     rows_cache = copy.deepcopy(cache)
     rows_cache.batch_repeat_interleave(rows)
     full_mask = torch.cat([torch.ones((rows, width), dtype=mask.dtype), mask], dim=1)
-    positions = torch.arange(width, width + ids.shape[1])[None].expand(rows, -1)
-    return model(input_ids=ids.to(device), attention_mask=full_mask.to(device), position_ids=positions.to(device), past_key_values=rows_cache, use_cache=True).logits
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, width:]
+    return model(input_ids=ids.to(device), attention_mask=full_mask.to(device), position_ids=positions.to(device), past_key_values=rows_cache, use_cache=True,
+                 logits_to_keep=keep).logits
 
 
 def next_token_logprobs(model, contexts: list[list[int]], wanted: list[list[int]], pad_id: int, batch_size: int = 8, device: str = "cpu",
                         progress: str | None = None) -> list[np.ndarray]:
-    """For each context, the log-probabilities of its `wanted` tokens as the next token."""
+    """For each context, the log-probabilities of its `wanted` tokens as the next token. Contexts
+    that share a prefix (a chat template and instruction, a judge's or labeller's few-shot
+    examples) run it once."""
     import torch
 
     results: list[np.ndarray | None] = [None] * len(contexts)
+    shared = shared_prefix_length(contexts)
     model.eval()
     with torch.no_grad():
-        for batch in _batches([len(c) for c in contexts], batch_size, progress):
-            logprobs = last_logprobs(model, [contexts[i] for i in batch], pad_id, 1, device)[:, -1]
+        prefix = run_prefix(model, contexts[0][:shared], device) if shared else None
+        for batch in _batches([len(c) - shared for c in contexts], batch_size, progress):
+            logprobs = last_logprobs(model, [contexts[i][shared:] for i in batch], pad_id, 1, device, prefix, shared)[:, -1]
             for row, i in enumerate(batch):
                 results[i] = logprobs[row, torch.tensor(wanted[i], device=logprobs.device)].cpu().numpy()
     return results  # type: ignore[return-value]
 
 
-def last_logprobs(model, sequences: list[list[int]], pad_id: int, keep: int, device: str):
+def last_logprobs(model, sequences: list[list[int]], pad_id: int, keep: int, device: str, prefix=None, width: int = 0):
     """Log-softmax over the vocabulary at the last `keep` positions of each sequence, left-padded
-    into one batch so that every sequence ends in the last column: [rows, keep, vocab]."""
+    into one batch so that every sequence ends in the last column: [rows, keep, vocab]. With
+    `prefix` (the cache of `run_prefix`), the sequences continue its `width` tokens."""
     ids, mask = pad_batch(sequences, pad_id, left=True)
+    if prefix is not None:
+        return _logits_after_prefix(model, prefix, width, ids, mask, device, keep).float().log_softmax(dim=-1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), logits_to_keep=keep).logits
     return logits.float().log_softmax(dim=-1)
@@ -169,17 +182,6 @@ def normalized_choice_probs(table: np.ndarray) -> np.ndarray:
     return weights / weights.sum(axis=1, keepdims=True)
 
 
-def common_prefix_length(sequences: list[list[int]]) -> int:
-    first = sequences[0]
-    length = min(len(s) for s in sequences)
-    for s in sequences[1:]:
-        length = next((i for i in range(length) if s[i] != first[i]), length)
-    return length
-
-
-SHARED_PREFIX_MIN = 16  # a common prefix shorter than this is not worth a pass of its own
-
-
 def token_statistics(model, sequences: list[list[int]], pad_id: int, batch_size: int = 8, device: str = "cpu", progress: str | None = None) -> list[dict[str, np.ndarray]]:
     """For each sequence, per predicted token (positions 1..n-1): its log-probability, and the mean
     and standard deviation of log p under the model's whole next-token distribution (Min-K%++).
@@ -193,8 +195,8 @@ def token_statistics(model, sequences: list[list[int]], pad_id: int, batch_size:
     results: list[dict | None] = [None] * len(sequences)
     for rows in groups.values():
         group = [sequences[i] for i in rows]
-        shared = min(common_prefix_length(group), min(len(s) for s in group) - 1) if len(group) > 1 else 0
-        if shared >= SHARED_PREFIX_MIN:
+        shared = shared_prefix_length(group)
+        if shared:
             stats = _token_statistics_after_prefix(model, group, shared, pad_id, batch_size, device, progress)
         else:
             stats = _token_statistics_whole(model, group, pad_id, batch_size, device, progress)

@@ -185,3 +185,38 @@ def test_repeated_prompts_share_one_prefill_and_sample_as_before(tiny, monkeypat
     plain = Generator(model, tokenizer, batch_size=6).generate(prompts, params, seed=3)
     assert [c.text for c in shared] == [c.text for c in plain]
     assert len({c.text for c in shared}) > 2  # the samples of one prompt differ: the sampling is per row
+
+
+def test_prompts_that_begin_alike_run_their_prefix_once_and_generate_as_before(tiny, monkeypatch):
+    """A batch's common prefix (chat template, instruction) runs once as one row; each row's own
+    tokens follow it after their left padding. Greedy and seeded sampling, with the repetition
+    penalty reading the prefix too, give what the engine gives without sharing; repeated prompts
+    still prefill once."""
+    from knowledgesg import generation
+
+    model, tokenizer = tiny
+    head = "Instruction: what is the sentiment of this news for the company's shareholders? Answer with one word.\nInput: "
+    prompts = [chat_prompt_ids(tokenizer, head + text) for text in ["profits rose", "the bank cut its dividend after a weak quarter", "ok", "profits rose"]]
+    shared = generation.shared_prefix_length(prompts)
+    assert shared >= generation.SHARED_PREFIX_MIN
+    shapes = []
+    forward = model.forward
+
+    def counting(*args, **kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting)
+    runs = {}
+    for name, minimum in (("shared", generation.SHARED_PREFIX_MIN), ("plain", 10**9)):
+        monkeypatch.setattr(generation, "SHARED_PREFIX_MIN", minimum)
+        shapes.clear()
+        runs[name] = [Generator(model, tokenizer, batch_size=4).generate(prompts, params, seed=5)
+                      for params in (SamplingParams(do_sample=False, max_new_tokens=10, repetition_penalty=1.3), SamplingParams(max_new_tokens=10, temperature=1.0))]
+        runs[name + " shapes"] = list(shapes)
+    assert runs["shared shapes"][0] == (1, shared)  # the prefix, once
+    assert runs["shared shapes"][1][0] == 3  # then the 3 distinct prompts' own tokens
+    assert runs["plain shapes"][0][0] == 3 and runs["plain shapes"][0][1] > shared
+    for shared_run, plain_run in zip(runs["shared"], runs["plain"]):
+        assert [c.text for c in shared_run] == [c.text for c in plain_run]
+        assert [c.new_tokens for c in shared_run] == [c.new_tokens for c in plain_run]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from knowledgesg.generation import SHARED_PREFIX_MIN
 from knowledgesg.models import load_causal_lm, resolve_model
-from knowledgesg.scoring import SHARED_PREFIX_MIN, choice_logprobs, continuation_logprobs, normalized_choice_probs, shared_prefix_logprobs, token_statistics
+from knowledgesg.scoring import choice_logprobs, continuation_logprobs, normalized_choice_probs, shared_prefix_logprobs, token_statistics
 
 
 def test_batched_scores_equal_one_sequence_at_a_time():
@@ -63,3 +64,26 @@ def test_token_statistics_after_a_shared_prefix_equal_each_sequence_alone():
         assert len(got["logprobs"]) == len(sequence) - 1
         for key in ("logprobs", "mu", "sigma"):
             assert np.allclose(got[key], alone[key], atol=1e-4), key
+
+
+def test_contexts_that_begin_alike_run_their_prefix_once_and_score_as_each_whole_sequence(monkeypatch):
+    """next_token_logprobs (one-token choices) and the multi-token rows of continuation_logprobs
+    run the contexts' common prefix once; every score equals scoring the whole sequence alone."""
+    from knowledgesg import scoring
+
+    model, tok = load_causal_lm(resolve_model("tiny-random-llama"))
+    head = "Examples of financial sentiment. Input: shares fell. Answer: negative. Input: profit rose. Answer: positive. Input: "
+    contexts = [tok(head + t + " Answer:")["input_ids"] for t in ["the bank kept its outlook", "revenue missed badly", "ok"]]
+    continuations = [tok(t, add_special_tokens=False)["input_ids"] for t in ["x", " negative and more", " x y z w"]]
+    assert len(continuations[0]) == 1 and min(len(c) for c in continuations[1:]) > 1
+    prefixes = []
+    real_run_prefix = scoring.run_prefix
+    monkeypatch.setattr(scoring, "run_prefix", lambda model, prefix, device: prefixes.append(len(prefix)) or real_run_prefix(model, prefix, device))
+    pairs = [(c, k) for c in contexts for k in continuations]  # each context with one-token and multi-token continuations
+    got = continuation_logprobs(model, [c for c, _ in pairs], [k for _, k in pairs], tok.pad_token_id, batch_size=2)
+    assert len(prefixes) == 2 and min(prefixes) >= SHARED_PREFIX_MIN  # once for the one-token rows, once for the rest
+    for (context, continuation), scores in zip(pairs, got):
+        with torch.no_grad():
+            logprobs = model(input_ids=torch.tensor([context + continuation])).logits.float().log_softmax(-1)[0]
+        reference = [float(logprobs[len(context) - 1 + j, token]) for j, token in enumerate(continuation)]
+        assert np.allclose(scores, reference, atol=1e-5)
