@@ -1,6 +1,6 @@
 """Does the audit have power? The same data and canaries, trained without privacy and at epsilon 1, 4 and 8.
 
-Usage:  .venv/bin/python benchmarks/audit_power.py --workdir DIR [--records 600] [--holdout 500] [--canaries 600] [--kinds rare_words] [--epochs 4]
+Usage:  .venv/bin/python benchmarks/audit_power.py --workdir DIR [--records 600] [--holdout 500] [--canaries 600] [--kinds rare_words] [--epochs 4] [--in-guesses 120] [--seed 8]
 
 One client holds FPB training sentences plus canaries ("Customer <name> confirmed the wire
 transfer with security code <secret>."): designed ones of 4 rare words (`--kinds rare_words`, the
@@ -66,10 +66,14 @@ def spec_for(epsilon: float, args) -> dict:
 
 def measured(epsilon: float, args) -> dict:
     """What a row's figures depend on: its spec, the audit's arguments and the canary score."""
-    return {"spec": spec_for(epsilon, args), "audit": AUDIT_ARGS, "score": CANARY_SCORE}
+    return {"spec": spec_for(epsilon, args), "audit": audit_args(args), "score": CANARY_SCORE}
 
 
-AUDIT_ARGS = ["--candidates", "100", "--exposure-canaries", "8", "--samples", "4", "--mia-members", "100", "--pii-spans", "0", "--bootstrap", "1000", "--models", "dp"]
+def audit_args(args) -> list[str]:
+    # float32 scoring: the designs scored in bfloat16 (ap4, ap5) put fewer planted canaries among the top scores than the one scored in float32 (ap3)
+    declared = ["--in-guesses", str(args.in_guesses)] if args.in_guesses else []
+    return ["--candidates", "100", "--exposure-canaries", "8", "--samples", "4", "--mia-members", "100", "--pii-spans", "0", "--bootstrap", "1000", "--models", "dp",
+            "--precision", "float32", *declared]
 
 
 def run_row(epsilon: float, args, timings: dict) -> dict:
@@ -82,7 +86,7 @@ def run_row(epsilon: float, args, timings: dict) -> dict:
         timings[spec["name"]] = {"run_s": round(ksg("run", str(spec_path), "--run-dir", str(run_dir)), 1)}
     # an audit from before the canary score changed is redone on the same trained model
     if "audit_s" not in timings[spec["name"]] or json.loads(report_path.read_text())["canaries"].get("score") != CANARY_SCORE:
-        timings[spec["name"]]["audit_s"] = round(ksg("audit", str(run_dir), *AUDIT_ARGS), 1)
+        timings[spec["name"]]["audit_s"] = round(ksg("audit", str(run_dir), *audit_args(args)), 1)
     (args.workdir / "timings.json").write_text(json.dumps(timings, indent=1))
     return json.loads(report_path.read_text())
 
@@ -145,7 +149,9 @@ EARLIER = [
     "| the same with the rare words disjoint across canaries (float32 scoring) | `benchmarks/audit_power.py --workdir /tmp/ap3 --canaries 400` at commit f33769c (NOT PRIVATE row only; "
     "rare-word AUC 0.940, MIA AUC 0.82-0.89) | 2.784 (119/120 in) | 2.687 | 0.705 / 0.016 | 119 of 207 |",
     "| the same with 600 canaries of each kind (bfloat16 scoring; `ksg run` 1609 s and `ksg audit` 1445 s beside other jobs) | `benchmarks/audit_power.py --workdir /work/bench/ap4 --kinds digits,rare_words` "
-    "at commit 8f496b1 (NOT PRIVATE row only; rare-word AUC 0.800, digits 0.514, MIA AUC 0.72-0.80) | 1.609 (110/120 in) | 1.598 | 0.201 / 0.014 | not measured |", "",
+    "at commit 8f496b1 (NOT PRIVATE row only; rare-word AUC 0.800, digits 0.514, MIA AUC 0.72-0.80) | 1.609 (110/120 in) | 1.598 | 0.201 / 0.014 | not measured |",
+    "| 600 rare-word canaries only, seed 7 (bfloat16 scoring; `ksg run` 3695 s, `ksg audit` 895 s) | `benchmarks/audit_power.py --workdir /work/bench/ap5` at commit 87ca4c6 (NOT PRIVATE row only; "
+    "rare-word AUC 0.913 [0.890, 0.936], TPR at 1% FPR 0.398 [0.323, 0.534]; MIA AUC 0.80-0.89, Min-K%++ TPR at 1% FPR 0.29) | 2.358 (117/120 in) | 2.358 | 0.398 / - | not measured |", "",
     "The template text after the secret (\".\", the end of the turn, \"neutral\") is learned by every canary's training alike, by 10-60 nats that vary from "
     "one canary to the next; scoring the secret's own tokens removes it. The low end of the scores says little (an unplanted canary's loss does not rise), "
     "so guessing \"in\" on the top scores and abstaining on the rest certifies more. With 2 epochs a quarter of the planted rare-word canaries stood above "
@@ -155,7 +161,10 @@ EARLIER = [
     "0.82-0.89 to 0.72-0.80): 1,200 canaries beside 100 sentences share the same adapter (r=8 on q,v) and the same 4 epochs. The random-digit canaries certify "
     "nothing at any size (AUC 0.51-0.53) and take half that capacity, so this design plants rare-word canaries only. "
     "At that size the unplanted canaries among the top scores shared 2 or 3 of their 4 words with planted ones (half of all unplanted canaries shared at least one): "
-    "a planted canary's words lowered their loss too. The rare-word canaries now share no word.", "",
+    "a planted canary's words lowered their loss too. The rare-word canaries now share no word. "
+    "With 600 rare-word canaries and no digits, 117 of the 120 highest scores were planted: 2.36 after the correction for seven tries (one declared number, 120, would have "
+    "given 2.69 from the same guesses, 119 of 120 3.20). Both that design and the one with disjoint words did best with the top 120 (20% of 600, 30% of 400), so the "
+    "current design declares 120 \"in\" guesses in advance, on fresh canaries (seed 8) whose coins no earlier result saw, and scores in float32.", "",
 ]
 
 
@@ -175,9 +184,12 @@ def write(args, rows: dict[float, dict], from_store: set[float]) -> None:
         f"({args.kinds}; digits: random 6-digit secrets, log2 |R| = 19.9; rare_words, designed: 4 rare words from a list of 4,096, log2 |R| = 48) planted once each with probability 1/2. "
         f"SmolLM2-135M-Instruct, LoRA r=8 on q,v, loss on all tokens, {args.epochs:g} epochs, batch 8, lr {args.lr}, clip 1.0, seed {args.seed}; "
         "DP-SGD with Poisson sampling, PRV accounting, delta 1e-5.",
-        f"Audit: `ksg audit RUN {' '.join(AUDIT_ARGS)}` (models in {', '.join(sorted({r['precision'] for r in rows.values()})) or 'n/a'}). Canary score: the drop of the loss of the secret's own tokens from the base model to the released one. "
-        "One-run bound (Steinke et al. 2023 with its delta term): \"in\" on the highest-scoring 5, 10, 20, 30, 40 and 50% of the canaries (abstaining on the rest, marked \"in\"), "
-        "and half \"in\", half \"out\" on all of them, Bonferroni-corrected to 95% overall. "
+        f"Audit: `ksg audit RUN {' '.join(audit_args(args))}`. Canary score: the drop of the loss of the secret's own tokens from the base model to the released one. "
+        + (f"One-run bound (Steinke et al. 2023 with its delta term): \"in\" on the {args.in_guesses} highest-scoring canaries, abstaining on the rest, at 95%: one number of guesses, "
+           "declared before this design ran, from the earlier designs below (the best of their declared tries was the top 120 in both of the last two, on other canaries: seed 7), so no correction for trying several. "
+           if args.in_guesses else
+           "One-run bound (Steinke et al. 2023 with its delta term): \"in\" on the highest-scoring 5, 10, 20, 30, 40 and 50% of the canaries (abstaining on the rest, marked \"in\"), "
+           "and half \"in\", half \"out\" on all of them, Bonferroni-corrected to 95% overall. ") +
         "Each canary is one record, so the claimed epsilon for it is the per-record epsilon.", "",
     ]
     if pending:
@@ -204,7 +216,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kinds", default="rare_words", help="canary kinds, comma-separated (digits,rare_words: also the designed-against-random table)")
     parser.add_argument("--epochs", type=float, default=4.0)
     parser.add_argument("--lr", type=float, default=0.004)
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=8, help="the canaries and their coins (the earlier designs, whose results chose --in-guesses, ran at 7)")
+    parser.add_argument("--in-guesses", type=int, default=120, help="'in' guesses on the top scores, declared in advance (the best count of the last two designs); 0: the audit's seven Bonferroni-corrected tries")
     parser.add_argument("--workdir", type=Path, required=True, help="the runs live here; the same command resumes from it")
     parser.add_argument("--only", default=None, help="measure these rows (nonprivate, eps8, eps4, eps1; comma-separated) even if the store holds them, and no others; none: only rewrite the report")
     return parser.parse_args(argv)

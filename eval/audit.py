@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from eval import metrics
 from eval.canaries import Canary, random_secret, rare_words, read_canaries, secret_budget_tokens, space_log2, space_size
@@ -68,6 +68,8 @@ class AuditOptions(BaseModel):
     exposure_canaries: int = Field(default=4, ge=0, description="canaries of each kind whose exposure and extraction are measured (every canary is scored for the one-run audit)")
     extraction_samples: int = Field(default=8, ge=0, description="sampled decodings per canary of the exposure sample (and one greedy)")
     guesses: int | None = Field(default=None, ge=2, description="one-run audit: one number of guesses, half in and half out (default: 'in' on the top 5-50% of the canaries, and all of them half in and half out, Bonferroni-corrected)")
+    in_guesses: int | None = Field(default=None, ge=2, description="one-run audit: one number of 'in' guesses on the highest scores, abstaining on the rest. Declared "
+        "before the run (from a pilot with other canaries), it needs no Bonferroni correction: 119 of 120 certify 3.20 where the default's seven tries certify 2.77")
     mia_members: int = Field(default=100, ge=2, description="training records per client scored as members (the non-members are all the held-out records)")
     bootstrap: int = Field(default=1000, ge=0, description="bootstrap resamples for the intervals of AUC and TPR at low FPR")
     pii_samples: int = Field(default=32, ge=0, description="generations per model from public prompts for PII replay")
@@ -81,6 +83,21 @@ class AuditOptions(BaseModel):
         "(about 1.5-2x faster on a CPU with AVX512-BF16) or float32; auto: bfloat16 where it runs natively. Log-probabilities are taken in float32 either "
         "way, and any scores keep the bound valid (the one-run theorem holds for every guessing rule): precision changes power only")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def one_way_of_guessing(self) -> AuditOptions:
+        if self.guesses is not None and self.in_guesses is not None:
+            raise ValueError("guesses and in_guesses are two ways of guessing: declare one")
+        return self
+
+    def guessing(self) -> str:
+        """How the one-run audit guesses, in words for the report."""
+        if self.in_guesses:
+            return f"guesses \"in\" on the {self.in_guesses} highest-scoring canaries and abstains on the rest, a number declared before the run (no correction for trying several)"
+        if self.guesses:
+            return f"guesses \"in\" on the top half and \"out\" on the bottom half of {self.guesses} canaries, one declared number"
+        return ("guesses \"in\" on the highest-scoring 5 to 50% of the canaries (abstaining on the rest) and, once, half \"in\" and half \"out\" on all of them, "
+                "Bonferroni-corrected")
 
 
 @dataclass
@@ -311,7 +328,12 @@ def exposure_sample(canaries: list[Canary], per_kind: int) -> list[Canary]:
 
 
 def one_run(scores: list[float], planted: list[bool], options: AuditOptions, delta: float) -> dict:
-    declared = [(min(options.guesses, len(scores)), False)] if options.guesses else metrics.declared_guesses(len(scores))
+    if options.in_guesses:
+        declared = [(min(options.in_guesses, len(scores)), True)]
+    elif options.guesses:
+        declared = [(min(options.guesses, len(scores)), False)]
+    else:
+        declared = metrics.declared_guesses(len(scores))
     return metrics.one_run_audit_declared(scores, planted, declared, delta=delta)
 
 
@@ -348,7 +370,7 @@ def canary_section(run_dir: Path, spec: PipelineSpec, load: Callable[[Path | Non
                     "space_log2": round(space_log2(canary_spec, kind), 3), "exposure_measured": sum(c.kind == kind for c in sample),
                     "method": "exact" if space_size(canary_spec, kind) <= options.enumerate_limit else f"skew-normal fit on {options.candidates} candidates"}
              for kind in canary_spec.kinds}
-    section = {"client": client, "score": CANARY_SCORE, "count": len(canaries), "planted": sum(planted), "repeats": canary_spec.repeats, "group_size": group, "kinds": kinds,
+    section = {"client": client, "score": CANARY_SCORE, "guessing": options.guessing(), "count": len(canaries), "planted": sum(planted), "repeats": canary_spec.repeats, "group_size": group, "kinds": kinds,
                "include_probability": canary_spec.include_probability,
                "canaries": [{"index": c.index, "kind": c.kind, "included": c.included} for c in canaries], "targets": {}}
     for target in [t for t in targets if t.name in (f"dp_adapter:{client}", "final")]:

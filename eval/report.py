@@ -133,6 +133,11 @@ def _table(header: list[str], rows: list[list[str]], empty: str) -> str:
 # -- sections ----------------------------------------------------------------------------------------
 
 
+# what a report written before the audit recorded its way of guessing did
+GUESSING_BEFORE = ('guesses "in" on the highest-scoring 5 to 50% of the canaries (abstaining on the rest) and, once, half "in" and half "out" on all of them, '
+                   "Bonferroni-corrected")
+
+
 def canary_html(canaries: dict | None) -> str:
     esc = html.escape
     if not canaries:
@@ -156,7 +161,7 @@ def canary_html(canaries: dict | None) -> str:
     return f"""<p>{canaries['count']} canaries in client {esc(canaries['client'])}, each planted with probability {canaries.get('include_probability', 0.5):g} ({canaries['planted']} planted), {canaries['repeats']} cop{'y' if canaries['repeats'] == 1 else 'ies'} each.
 A canary's copies are a group of {canaries['group_size']} privacy unit(s): the lower bound certifies the epsilon of such a group at the client's delta, so it is compared with the claimed group
 epsilon (<code>privacy.accounting.group_epsilon</code>). Every canary is scored by how far training lowered the loss of its secret's own tokens below the base model's; the one-run bound
-(Steinke, Nasr and Jagielski 2023) guesses "in" on the highest-scoring 5 to 50% of the canaries (abstaining on the rest) and, once, half "in" and half "out" on all of them, Bonferroni-corrected. The synthetic data is scored by the share of each secret it contains.</p>
+(Steinke, Nasr and Jagielski 2023) {esc(canaries.get("guessing", GUESSING_BEFORE))}. The synthetic data is scored by the share of each secret it contains.</p>
 <h3>Design</h3>{design}
 <h3>Results</h3>{table}
 <h3>What to conclude</h3>{_table(["release", "what it is", "conclusion (all canaries)"], verdicts, "")}

@@ -319,6 +319,7 @@ def audit(
     candidates: Annotated[int, typer.Option(help="random candidate secrets per canary (skew-normal fit)")] = 100,
     exposure_canaries: Annotated[int, typer.Option(help="canaries of each kind whose exposure and extraction are measured (all are scored for the one-run bound)")] = 4,
     guesses: Annotated[int | None, typer.Option(help="one-run epsilon audit: one number of guesses, half in and half out (default: 'in' on the top 5-50% of the canaries, and half in, half out on all, Bonferroni-corrected)")] = None,
+    in_guesses: Annotated[int | None, typer.Option(help="one-run epsilon audit: 'in' on this many highest-scoring canaries, declared before the run (from a pilot), no Bonferroni correction")] = None,
     samples: Annotated[int, typer.Option(help="sampled decodings per canary of the exposure sample; 4x as many generations per model for PII replay")] = 8,
     mia_members: Annotated[int, typer.Option(help="training records per client scored for membership inference")] = 100,
     pii_spans: Annotated[int, typer.Option(help="PII spans per client attacked (extraction, reconstruction, inference)")] = 16,
@@ -339,7 +340,7 @@ def audit(
     from knowledgesg.spec import format_validation_error
 
     try:
-        options = AuditOptions(candidates=candidates, exposure_canaries=exposure_canaries, guesses=guesses, extraction_samples=samples, pii_samples=4 * samples,
+        options = AuditOptions(candidates=candidates, exposure_canaries=exposure_canaries, guesses=guesses, in_guesses=in_guesses, extraction_samples=samples, pii_samples=4 * samples,
                                mia_members=mia_members, pii_occurrences=pii_spans, pii_attack_samples=pii_attack_samples, bootstrap=bootstrap, models=split(models), precision=precision, seed=seed)
     except ValidationError as err:
         raise InputError(format_validation_error("ksg audit", err)) from None

@@ -83,6 +83,24 @@ def test_declared_guesses_are_bonferroni_corrected():
     assert metrics.one_run_audit(scores, included, 40, in_only=True)["correct"] == 20 + sum(included[20:40])
 
 
+def test_one_declared_number_of_in_guesses_is_judged_at_95_percent_alone():
+    """`ksg audit --in-guesses N`: "in" on the N highest scores, the only way tried, so no
+    Bonferroni correction; on the same scores it certifies more than the seven default tries."""
+    from eval.audit import AuditOptions, one_run
+
+    rng = np.random.default_rng(1)
+    included = [True] * 120 + list(rng.random(480) < 0.45)
+    scores = list(np.linspace(10, 1, 600))
+    declared = one_run(scores, included, AuditOptions(in_guesses=120), 1e-5)
+    default = one_run(scores, included, AuditOptions(), 1e-5)
+    assert declared["guesses"] == 120 and declared["in_only"] and declared["correct"] == 120 and len(declared["tried"]) == 1
+    assert declared["confidence_each"] == pytest.approx(0.95)
+    assert declared["epsilon_lower_bound"] == pytest.approx(metrics.epsilon_lower_bound(120, 120, 0.95, 600, 1e-5), abs=1e-4)
+    assert declared["epsilon_lower_bound"] > default["epsilon_lower_bound"] + 0.4  # 3.66 against 3.12
+    with pytest.raises(ValueError, match="declare one"):
+        AuditOptions(in_guesses=120, guesses=120)
+
+
 def test_tpr_at_low_fpr_with_intervals_and_rmia_by_hand():
     rng = np.random.default_rng(0)
     members, others = rng.normal(1.0, 1.0, 500), rng.normal(0.0, 1.0, 500)
