@@ -235,7 +235,8 @@ def main() -> None:
     rows: dict[float, dict] = {}
     from_store: set[float] = set()
     for epsilon in EPSILONS:
-        key, entry = measured(epsilon, args), STORE.entry(short_name(epsilon), measured(epsilon, args))
+        key = measured(epsilon, args)
+        entry = STORE.entry(short_name(epsilon), key)
         if (only is None and entry) or (only is not None and short_name(epsilon) not in only):
             if entry:
                 rows[epsilon] = entry

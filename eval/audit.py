@@ -96,8 +96,7 @@ class AuditOptions(BaseModel):
             return f"guesses \"in\" on the {self.in_guesses} highest-scoring canaries and abstains on the rest, a number declared before the run (no correction for trying several)"
         if self.guesses:
             return f"guesses \"in\" on the top half and \"out\" on the bottom half of {self.guesses} canaries, one declared number"
-        return ("guesses \"in\" on the highest-scoring 5 to 50% of the canaries (abstaining on the rest) and, once, half \"in\" and half \"out\" on all of them, "
-                "Bonferroni-corrected")
+        return metrics.DECLARED_GUESSING
 
 
 @dataclass

@@ -229,6 +229,8 @@ def one_run_audit(scores: list[float], included: list[bool], guesses: int, confi
 
 
 IN_ONLY_SHARES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
+DECLARED_GUESSING = ('guesses "in" on the highest-scoring 5 to 50% of the canaries (abstaining on the rest) and, once, half "in" and half "out" on all of them, '
+                     "Bonferroni-corrected")  # declared_guesses, in words for the report
 
 
 def guess_counts(canaries: int, shares: tuple[float, ...] = IN_ONLY_SHARES) -> list[int]:

@@ -11,6 +11,7 @@ import io
 import math
 from pathlib import Path
 
+from eval.metrics import DECLARED_GUESSING
 from knowledgesg.fileio import write_json, write_text
 
 PLANTED, ABSENT = "#c0392b", "#7f8c8d"
@@ -133,13 +134,9 @@ def _table(header: list[str], rows: list[list[str]], empty: str) -> str:
 # -- sections ----------------------------------------------------------------------------------------
 
 
-# what a report written before the audit recorded its way of guessing did
-GUESSING_BEFORE = ('guesses "in" on the highest-scoring 5 to 50% of the canaries (abstaining on the rest) and, once, half "in" and half "out" on all of them, '
-                   "Bonferroni-corrected")
-
-
 def canary_html(canaries: dict | None) -> str:
     esc = html.escape
+    # an audit written before the section recorded its way of guessing used the declared default
     if not canaries:
         return "<p>No canaries in this run's spec (<code>audit.canaries</code>).</p>"
     design = _table(["kind", "canaries", "planted", "log2 |R| (bits)", "exposure measured on", "exposure method"],
@@ -161,7 +158,7 @@ def canary_html(canaries: dict | None) -> str:
     return f"""<p>{canaries['count']} canaries in client {esc(canaries['client'])}, each planted with probability {canaries.get('include_probability', 0.5):g} ({canaries['planted']} planted), {canaries['repeats']} cop{'y' if canaries['repeats'] == 1 else 'ies'} each.
 A canary's copies are a group of {canaries['group_size']} privacy unit(s): the lower bound certifies the epsilon of such a group at the client's delta, so it is compared with the claimed group
 epsilon (<code>privacy.accounting.group_epsilon</code>). Every canary is scored by how far training lowered the loss of its secret's own tokens below the base model's; the one-run bound
-(Steinke, Nasr and Jagielski 2023) {esc(canaries.get("guessing", GUESSING_BEFORE))}. The synthetic data is scored by the share of each secret it contains.</p>
+(Steinke, Nasr and Jagielski 2023) {esc(canaries.get("guessing", DECLARED_GUESSING))}. The synthetic data is scored by the share of each secret it contains.</p>
 <h3>Design</h3>{design}
 <h3>Results</h3>{table}
 <h3>What to conclude</h3>{_table(["release", "what it is", "conclusion (all canaries)"], verdicts, "")}

@@ -4,8 +4,8 @@ Prompts are sorted by length and cut into batches so that little padding is wast
 left-padded (so every sequence's next token sits in the last column) and decoded step by step
 with the KV cache. The prompts of a batch that begin alike (a chat template and instruction,
 few-shot examples) run their common prefix once: its cache is copied to every row, and each row's
-own tokens follow it, left-padded after the prefix. A sequence leaves the batch as soon as it produces its end-of-turn token or
-reaches the token budget, so short answers do not wait for the longest one (HF `generate` keeps
+own tokens follow it, left-padded after the prefix. A sequence leaves the batch as soon as it
+produces its end-of-turn token or reaches the token budget, so short answers do not wait for the longest one (HF `generate` keeps
 finished rows in the batch until all are done). Results come back in the caller's order.
 """
 
@@ -77,6 +77,15 @@ def run_prefix(model, prefix: list[int], device: str):
     return cache
 
 
+def after_prefix(mask, width: int):
+    """(the mask of rows that continue a `width`-token prefix, prefix included; the positions of
+    the rows' own columns). A row's left padding sits between the prefix and its own tokens."""
+    import torch
+
+    full = torch.cat([torch.ones((mask.shape[0], width), dtype=mask.dtype, device=mask.device), mask], dim=1)
+    return full, (full.cumsum(-1) - 1).clamp(min=0)[:, width:]
+
+
 def pad_batch(sequences: list[list[int]], pad_id: int, left: bool):
     """(ids, attention mask) as [rows, longest] tensors. Left padding puts every sequence's end in
     the last column (decoding, scoring the last tokens); right padding starts each at position 0."""
@@ -135,13 +144,11 @@ class Generator:
         shared = shared_prefix_length(prompts)
         cache = run_prefix(self.model, prompts[0][:shared], self.device) if shared else DynamicCache()
         ids, own_mask = (t.to(self.device) for t in pad_batch([p[shared:] for p in prompts], pad, left=True))
-        # the mask covers the prefix too; a row's left padding sits between it and the row's own tokens
-        mask = torch.cat([torch.ones((n, shared), dtype=own_mask.dtype, device=own_mask.device), own_mask], dim=1)
+        mask, positions = after_prefix(own_mask, shared)
         outputs: list[list[int]] = [[] for _ in range(n)]
         finished = [False] * n
         active = list(range(n))
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-        history = torch.cat([torch.tensor([prompts[0][:shared]] * n, dtype=ids.dtype, device=ids.device).reshape(n, shared), ids], dim=1)  # for the repetition penalty
+        history = torch.cat([torch.tensor(prompts[0][:shared], dtype=ids.dtype, device=ids.device).repeat(n, 1), ids], dim=1)  # for the repetition penalty
         step_ids = ids
         # rows that repeat a prompt (several samples of one prompt) share one prefill: the unique rows
         # run, and their cache and logits are copied out to every row that repeats them
@@ -153,8 +160,7 @@ class Generator:
             for step in range(params.max_new_tokens):
                 if step == 0 and shared_prefill:
                     prompt_ids = unique[:, : ids.shape[1]]
-                    prompt_mask = torch.cat([mask[: len(unique), :shared], unique[:, ids.shape[1] :]], dim=1)
-                    prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+                    prompt_mask, prompt_positions = after_prefix(unique[:, ids.shape[1] :], shared)
                 else:
                     prompt_ids, prompt_mask, prompt_positions = step_ids, mask, positions
                 # logits for the last column only: in the prefill, the head over every prompt position

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from knowledgesg.console import track
-from knowledgesg.generation import SHARED_PREFIX_MIN, length_batches, pad_batch, run_prefix, shared_prefix_length
+from knowledgesg.generation import SHARED_PREFIX_MIN, after_prefix, length_batches, pad_batch, run_prefix, shared_prefix_length
 
 
 def encode_context(tokenizer, text: str) -> list[int]:
@@ -109,13 +109,9 @@ def _logits_after_prefix(model, cache, width: int, ids, mask, device: str, keep:
     (0: all). Left padding sits between the prefix and a row's own tokens, masked out."""
     import copy
 
-    import torch
-
-    rows = ids.shape[0]
     rows_cache = copy.deepcopy(cache)
-    rows_cache.batch_repeat_interleave(rows)
-    full_mask = torch.cat([torch.ones((rows, width), dtype=mask.dtype), mask], dim=1)
-    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, width:]
+    rows_cache.batch_repeat_interleave(ids.shape[0])
+    full_mask, positions = after_prefix(mask, width)
     return model(input_ids=ids.to(device), attention_mask=full_mask.to(device), position_ids=positions.to(device), past_key_values=rows_cache, use_cache=True,
                  logits_to_keep=keep).logits
 
