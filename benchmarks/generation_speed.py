@@ -1,6 +1,6 @@
 """Batched generation engine against one-sequence-at-a-time `generate`: tokens per second.
 
-Usage:  .venv/bin/python benchmarks/generation_speed.py [--prompts 32] [--new-tokens 64] [--batch 16]
+Usage:  .venv/bin/python benchmarks/generation_speed.py [--prompts 32] [--new-tokens 64] [--batch 16] [--single-prompts N]
 
 Same model, same prompts, greedy decoding with the same token budget and stop tokens, both in one
 process, each run twice (alternating) and the medians compared. Two workloads:
@@ -28,10 +28,14 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--single-prompts", type=int, default=None,
+                        help="time one-at-a-time `generate` on the first N prompts only (its tokens/s; at about 9 tok/s all of them take long)")
     args = parser.parse_args()
 
     import torch
+    from transformers import DynamicCache
 
+    from knowledgesg import kv_cache
     from knowledgesg.builtin_data import load_builtin
     from knowledgesg.generation import Generator, SamplingParams, chat_prompt_ids, length_batches, pad_batch
     from knowledgesg.models import load_causal_lm, resolve_model
@@ -49,7 +53,7 @@ def main() -> None:
 
     def one_at_a_time(prompts) -> tuple[int, float]:
         start, tokens = time.perf_counter(), 0
-        for ids in prompts:
+        for ids in prompts[: args.single_prompts]:
             with torch.no_grad():
                 out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                      max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=single.stop_ids, pad_token_id=tokenizer.pad_token_id)
@@ -74,30 +78,41 @@ def main() -> None:
         completions = engine.generate(prompts, params, seed=0)
         return sum(c.new_tokens for c in completions), time.perf_counter() - start
 
+    def batched_cat_cache(prompts) -> tuple[int, float]:
+        """The engine as it was before its in-place cache: transformers' DynamicCache, which
+        appends every step with torch.cat (a copy of the whole cache)."""
+        roomy = kv_cache.RoomyCache
+        kv_cache.RoomyCache = lambda room=0: DynamicCache()
+        try:
+            return batched(prompts)
+        finally:
+            kv_cache.RoomyCache = roomy
+
     table = []
     for workload, prompts in workloads.items():
-        rates: dict[str, list[float]] = {"one": [], "generate": [], "batched": []}
+        rates: dict[str, list[float]] = {"one": [], "generate": [], "cat": [], "batched": []}
         tokens_seen: dict[str, int] = {}
         for _ in range(2):
-            for name, fn in (("one", one_at_a_time), ("generate", generate_same_batches), ("batched", batched)):
+            for name, fn in (("one", one_at_a_time), ("generate", generate_same_batches), ("cat", batched_cat_cache), ("batched", batched)):
                 tokens, seconds = fn(prompts)
                 rates[name].append(tokens / seconds)
                 tokens_seen[name] = tokens
                 print(workload, name, tokens, f"{seconds:.2f}s", f"{tokens / seconds:.1f} tok/s", flush=True)
-        one, peer, many = statistics.median(rates["one"]), statistics.median(rates["generate"]), statistics.median(rates["batched"])
-        table.append(f"| {workload} | {tokens_seen['one']} / {tokens_seen['generate']} / {tokens_seen['batched']} | {one:.1f} | {peer:.1f} | {many:.1f} | "
-                     f"**{many / one:.1f}x** | **{many / peer:.2f}x** |")
+        one, peer, cat, many = (statistics.median(rates[name]) for name in ("one", "generate", "cat", "batched"))
+        table.append(f"| {workload} | {tokens_seen['one']} / {tokens_seen['generate']} / {tokens_seen['batched']} | {one:.1f} | {peer:.1f} | {cat:.1f} | {many:.1f} | "
+                     f"**{many / one:.1f}x** | **{many / peer:.2f}x** | {many / cat:.2f}x |")
     write_result("generation_speed", [
         "# Generation: batched engine against one-sequence-at-a-time `generate`",
         "",
         f"Command: `{command()}`  ",
         f"Machine: {machine()}  ",
-        f"Model: {args.model}; {args.prompts} prompts per workload, greedy, at most {args.new_tokens} new tokens, stop at end of turn; "
+        f"Model: {args.model}; {args.prompts} prompts per workload"
+        f"{f' (one at a time: the first {args.single_prompts})' if args.single_prompts else ''}, greedy, at most {args.new_tokens} new tokens, stop at end of turn; "
         f"engine batch {args.batch} (length-grouped, left-padded, KV cache, finished rows leave, logits for the last column only) against "
         "`model.generate` on one sequence and `model.generate` on the engine's own padded batches; each run twice, alternating; medians.",
         "",
-        "| workload | new tokens (one / generate batched / engine) | `generate`, one at a time, tok/s | `generate`, same batches, tok/s | engine, tok/s | vs one at a time | vs `generate` on the same batches |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| workload | new tokens (one / generate batched / engine) | `generate`, one at a time, tok/s | `generate`, same batches, tok/s | engine with a torch.cat cache, tok/s | engine, tok/s | vs one at a time | vs `generate` on the same batches | vs the torch.cat cache |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *table,
         "",
         "Goals (issue 13): long answers at least 400 tok/s and 1.5x `generate` on the same batches; one-word answers at least 5x one at a time. "

@@ -66,12 +66,13 @@ def shared_prefix_length(sequences: list[list[int]]) -> int:
     return shared if shared >= SHARED_PREFIX_MIN else 0
 
 
-def run_prefix(model, prefix: list[int], device: str):
-    """The key-value cache of `prefix`, run once as a batch of one."""
+def run_prefix(model, prefix: list[int], device: str, room: int = 0):
+    """The key-value cache of `prefix`, run once as a batch of one, with `room` spare token slots."""
     import torch
-    from transformers import DynamicCache
 
-    cache = DynamicCache()
+    from knowledgesg.kv_cache import RoomyCache
+
+    cache = RoomyCache(room)
     with torch.no_grad():
         model(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
     return cache
@@ -138,11 +139,13 @@ class Generator:
     def _decode(self, prompts: list[list[int]], pad: int, params: SamplingParams, sampler) -> list[tuple[list[int], bool]]:
         """Greedy or sampled decoding of one batch of prompts; rows leave when done."""
         import torch
-        from transformers import DynamicCache
+
+        from knowledgesg.kv_cache import RoomyCache
 
         n = len(prompts)
         shared = shared_prefix_length(prompts)
-        cache = run_prefix(self.model, prompts[0][:shared], self.device) if shared else DynamicCache()
+        room = max(len(p) for p in prompts) - shared + params.max_new_tokens  # every token this batch will add after the prefix
+        cache = run_prefix(self.model, prompts[0][:shared], self.device, room) if shared else RoomyCache(params.max_new_tokens)
         ids, own_mask = (t.to(self.device) for t in pad_batch([p[shared:] for p in prompts], pad, left=True))
         mask, positions = after_prefix(own_mask, shared)
         outputs: list[list[int]] = [[] for _ in range(n)]
