@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
+from train_throughput import model_shape_roof  # noqa: E402
 
 
 def main() -> None:
@@ -101,6 +102,14 @@ def main() -> None:
         one, peer, cat, many = (statistics.median(rates[name]) for name in ("one", "generate", "cat", "batched"))
         table.append(f"| {workload} | {tokens_seen['one']} / {tokens_seen['generate']} / {tokens_seen['batched']} | {one:.1f} | {peer:.1f} | {cat:.1f} | {many:.1f} | "
                      f"**{many / one:.1f}x** | **{many / peer:.2f}x** | {many / cat:.2f}x |")
+    # the ceiling the matmuls alone set on decoding: one step computes `batch` rows through every
+    # projection and the head; attention, norms and sampling come on top
+    config = model.config
+    kv = config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+    flops_per_token = 2 * (config.num_hidden_layers * (2 * config.hidden_size**2 + 2 * config.hidden_size * kv + 3 * config.hidden_size * config.intermediate_size)
+                           + config.hidden_size * config.vocab_size)
+    roof, shapes = model_shape_roof(config, rows=args.batch)
+    ceiling = roof * 1e9 / flops_per_token
     write_result("generation_speed", [
         "# Generation: batched engine against one-sequence-at-a-time `generate`",
         "",
@@ -114,6 +123,11 @@ def main() -> None:
         "| workload | new tokens (one / generate batched / engine) | `generate`, one at a time, tok/s | `generate`, same batches, tok/s | engine with a torch.cat cache, tok/s | engine, tok/s | vs one at a time | vs `generate` on the same batches | vs the torch.cat cache |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *table,
+        "",
+        f"Matmuls at the decode shapes ({args.batch} rows, flop-weighted over one forward pass): **{roof:.1f} GFLOP/s** "
+        f"({'; '.join(f'{name} {rate:.0f}' for name, rate in shapes)}). "
+        f"At {flops_per_token / 1e6:.0f} MFLOP per token that caps decoding at **{ceiling:.0f} tok/s** at batch {args.batch} before attention, "
+        "norms and sampling.",
         "",
         "Goals (issue 13): long answers at least 400 tok/s and 1.5x `generate` on the same batches; one-word answers at least 5x one at a time. "
         "Tokens/s depend on the machine (compare its matmul peak in train_throughput.md); the ratios come from one run.",

@@ -1,8 +1,8 @@
 """A key-value cache that appends in place.
 
 transformers' DynamicCache appends each decode step's keys and values with `torch.cat`, which
-copies the whole cache of every layer at every step: at batch 64 with 150-token prompts that copy
-was 62% of a SmolLM2 decode step (`benchmarks/results/decode_batch.md`). Here each layer keeps its
+copies the whole cache of every layer at every step: 1.08x the step time at batch 64 with
+150-token contexts, 1.33x with 400 (`benchmarks/results/kv_cache_append.md`). Here each layer keeps its
 keys and values in a buffer with room for the tokens still to come, and a step writes one column
 into it. The attention reads a view of the filled part, so the model code is unchanged.
 
@@ -19,7 +19,8 @@ from transformers.cache_utils import DynamicLayer
 
 class RoomyLayer(DynamicLayer):
     """A DynamicLayer whose `keys` and `values` are views of buffers `room` tokens longer than
-    needed when they were last allocated; it reallocates only when a write would not fit."""
+    needed when they were last allocated; it reallocates only when a write would not fit. The
+    inherited `crop` shortens the views, and the dropped columns become room again."""
 
     def __init__(self, room: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -50,10 +51,6 @@ class RoomyLayer(DynamicLayer):
         self.keys = self._keys[:, :, :length]
         self.values = self._values[:, :, :length]
 
-    def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        # the buffers keep the dropped columns as spare room; the views above say what is filled
-
     def reset(self) -> None:
         self._keys = self._values = None
         super().reset()
@@ -69,24 +66,12 @@ class RoomyLayer(DynamicLayer):
             self._view(length)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        # one gather per buffer, room included: moving the kept rows up inside the buffer, row by
+        # row, was slower here (a Python loop of up to batch x layers copies each time a row left)
         length = self.get_seq_length()
-        if length == 0:
-            return
-        if indices.dtype == torch.bool:
-            indices = indices.nonzero().squeeze(1)
-        sources = indices.tolist()
-        if all(source >= row for row, source in enumerate(sources)):
-            # rows leaving the batch (the engine's finished rows): each kept row moves up into its
-            # place in the same buffer, in order, so no source is overwritten before it is read and
-            # nothing is allocated (a fresh allocation here costs more than the copy: page faults)
-            for row, source in enumerate(sources):
-                if source != row:
-                    self._keys[row, :, :length] = self._keys[source, :, :length]
-                    self._values[row, :, :length] = self._values[source, :, :length]
-            self._keys, self._values = self._keys[: len(sources)], self._values[: len(sources)]
-        else:
+        if length > 0:
             self._keys, self._values = self._keys[indices], self._values[indices]
-        self._view(length)
+            self._view(length)
 
 
 class RoomyCache(DynamicCache):
