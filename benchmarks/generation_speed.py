@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
-from train_throughput import model_shape_roof  # noqa: E402
+from train_throughput import matmul_shapes, model_shape_roof  # noqa: E402
 
 
 def main() -> None:
@@ -104,11 +104,8 @@ def main() -> None:
                      f"**{many / one:.1f}x** | **{many / peer:.2f}x** | {many / cat:.2f}x |")
     # the ceiling the matmuls alone set on decoding: one step computes `batch` rows through every
     # projection and the head; attention, norms and sampling come on top
-    config = model.config
-    kv = config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
-    flops_per_token = 2 * (config.num_hidden_layers * (2 * config.hidden_size**2 + 2 * config.hidden_size * kv + 3 * config.hidden_size * config.intermediate_size)
-                           + config.hidden_size * config.vocab_size)
-    roof, shapes = model_shape_roof(config, rows=args.batch)
+    flops_per_token = sum(2 * fan_in * fan_out * count for _, fan_in, fan_out, count in matmul_shapes(model.config))
+    roof, shapes = model_shape_roof(model.config, rows=args.batch)
     ceiling = roof * 1e9 / flops_per_token
     write_result("generation_speed", [
         "# Generation: batched engine against one-sequence-at-a-time `generate`",

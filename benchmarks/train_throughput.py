@@ -53,17 +53,21 @@ def square_peak(size: int = 2048, repeats: int = 8) -> float:
     return 2 * size**3 / _best_time(lambda: torch.matmul(a, b), repeats) / 1e9
 
 
+def matmul_shapes(config) -> list[tuple[str, int, int, int]]:
+    """(name, fan-in, fan-out, count in one forward pass) of the model's matmuls."""
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    layers = config.num_hidden_layers
+    return [("q, o", h, h, 2 * layers), ("k, v", h, kv, 2 * layers), ("gate, up", h, i, 2 * layers), ("down", i, h, layers), ("head", h, config.vocab_size, 1)]
+
+
 def model_shape_roof(config, rows: int, repeats: int = 5) -> tuple[float, list[tuple[str, float]]]:
     """GFLOP/s of the model's own matmuls on `rows` token rows, flop-weighted over one forward pass."""
     import torch
 
-    h, i = config.hidden_size, config.intermediate_size
-    kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    layers = config.num_hidden_layers
-    shapes = [("q, o", h, h, 2 * layers), ("k, v", h, kv, 2 * layers), ("gate, up", h, i, 2 * layers), ("down", i, h, layers), ("head", h, config.vocab_size, 1)]
     total_flops = total_time = 0.0
     each = []
-    for name, fan_in, fan_out, count in shapes:
+    for name, fan_in, fan_out, count in matmul_shapes(config):
         x, w = torch.randn(rows, fan_in), torch.randn(fan_in, fan_out)
         seconds = _best_time(lambda: torch.matmul(x, w), repeats)
         flops = 2 * rows * fan_in * fan_out
