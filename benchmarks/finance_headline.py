@@ -17,8 +17,10 @@ interrupted one resumes at its last finished stage):
 - D<eps>: DP-FedAvg: fedtune on the private data with DP-SGD local steps at the same epsilon
   and about as many steps per bank as dp_train;
 - C (NOT PRIVATE, upper bound): one client holding all banks' records, dp_train without noise;
-- A<eps>-<ablation> (`--ablations agreement,confident,volume`): A's directory copied, one
-  argument changed (refine's label_source, or twice the synthetic pairs), the stages it touches rerun.
+- A<eps>-<ablation> (`--ablations agreement,confident,volume,public,unrefined_public`): A's
+  directory copied, one change (refine's label_source, twice the synthetic pairs, or the final
+  tuning's data: FiQA's public training set beside the refined or unrefined pairs), the stages it
+  touches rerun.
 
 Accuracy by label log-probability on `--limit` seeded items of each test set (the same items for
 every row), with standard errors (binomial per task; the mean's from the three). "Share of the gap
@@ -58,6 +60,11 @@ ABLATIONS = {
     "agreement": ({"label_source": "agreement"}, "refine keeps only the pairs where the professional and the DP model give the same label"),
     "confident": ({"label_source": "confident"}, "refine takes the professional's label where it is at least 0.6 sure, else the DP model's"),
     "volume": ({"synthetic": 600}, "twice the synthetic pairs per bank (600)"),
+    # the unrefined pairs keep the banks' tasks (FPB, TFNS) and the public row keeps FiQA: the
+    # final tuning on both (fedtune's `public` pool, new in the package code after the rows above ran)
+    "public": ({"final_public": True}, "the final tuning also trains on FiQA's public training set (dealt out over the banks' shares)"),
+    "unrefined_public": ({"final_public": True, "final_stage": "synthesize"},
+                         "the final tuning on the unrefined synthetic pairs (the DP models' own labels) and FiQA's public training set"),
 }
 
 
@@ -80,6 +87,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", default=None, help="comma-separated runs to do now (U, A8, B8, D8, C); default all")
     parser.add_argument("--early-eval", default=None, help="a run (e.g. A8) whose base model and DP adapters to score now with `ksg eval`, "
                                                           "beside a benchmark still running it; then write the report and stop")
+    parser.set_defaults(final_public=False, final_stage="refine")  # the final tuning's data, as in row 6 (the ablations change them)
     return parser.parse_args()
 
 
@@ -103,7 +111,8 @@ def spec(args, name: str, epsilon: float, clients: dict, stages: list) -> dict:
 
 
 def fedtune(args, synthetic_stage: str) -> dict:
-    return {"name": "fedtune", "params": {"engine": "local", "synthetic_stage": synthetic_stage, "rounds": args.rounds, "rule": {"name": "fedavg"},
+    public = {"public": {"builtin": "fiqa_train"}} if args.final_public else {}
+    return {"name": "fedtune", "params": {"engine": "local", "synthetic_stage": synthetic_stage, "rounds": args.rounds, "rule": {"name": "fedavg"}, **public,
                                           "training": {"steps": args.local_steps, "batch_size": 8, "max_length": 128, "learning_rate": 0.002, "loss_on": "response"}}}
 
 
@@ -145,7 +154,7 @@ def plan(args) -> dict[str, dict]:
         for ablation in filter(None, args.ablations.split(",")):
             changed = argparse.Namespace(**{**vars(args), **ABLATIONS[ablation][0]})
             runs[f"A{e}-{ablation}"] = spec(args, f"pipeline-{e}", epsilon, private_data(args),
-                                            [dp_train(args), *synthesis(changed), fedtune(args, "refine"), evaluate(args, ["final"])])
+                                            [dp_train(args), *synthesis(changed), fedtune(changed, changed.final_stage), evaluate(args, ["final"])])
     return runs
 
 

@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from knowledgesg.builtin_data import VENDOR, load_builtin
 from knowledgesg.errors import InputError, data_error
+from knowledgesg.fileio import sha256_file
 from knowledgesg.records import RECORD_FIELDS, REQUIRED_FIELDS, InstructionRecord, Record, TextRecord
 from knowledgesg.spec import DataSource
 
@@ -175,8 +177,6 @@ def source_name_of(source: DataSource) -> str:
 def source_path(source: DataSource, base_dir: Path) -> Path:
     """The file or directory a data source reads (the vendored data for a builtin)."""
     if source.builtin is not None:
-        from knowledgesg.builtin_data import VENDOR
-
         return VENDOR
     path = source.path if source.path.is_absolute() else base_dir / source.path  # type: ignore[union-attr]
     if not path.exists():
@@ -188,8 +188,6 @@ def load_source(source: DataSource, base_dir: Path, seed: int) -> list[Record]:
     """Load one data source of the spec into records (ids prefixed with the source name)."""
     name = source_name_of(source)
     if source.builtin is not None:
-        from knowledgesg.builtin_data import load_builtin
-
         records = load_builtin(source.builtin, source_name=name, expected_kind=source.kind)
     else:
         path = source_path(source, base_dir)
@@ -204,3 +202,32 @@ def load_example_pool(source: DataSource, base_dir: Path, seed: int, stage: str,
     if len(pool) < minimum:
         raise InputError(f"{stage}: the example pool {source_name_of(source)} has {len(pool)} instruction records, fewer than the {minimum} needed")
     return pool
+
+
+def same_data(public: DataSource, client: DataSource, base_dir: Path) -> bool:
+    """Whether `public` could read `client`'s data: the same builtin, the same file or directory
+    (by path, link or content), one inside the other, or a path into the built-in data. The
+    client's files need not exist here (on the server, with roles, they do not)."""
+    if public.builtin or client.builtin:  # a path into the vendored data may be a builtin's file
+        paths = [absolute(source.path, base_dir) for source in (public, client) if source.path is not None]
+        return public.builtin == client.builtin or any(path.is_relative_to(VENDOR.resolve()) for path in paths)
+    mine, theirs = absolute(public.path, base_dir), absolute(client.path, base_dir)
+    if mine == theirs or mine.is_relative_to(theirs) or theirs.is_relative_to(mine):
+        return True
+    if mine.exists() and theirs.exists():
+        if mine.samefile(theirs):
+            return True
+        if mine.is_file() and theirs.is_file() and mine.stat().st_size == theirs.stat().st_size:
+            return sha256_file(mine) == sha256_file(theirs)  # a copy
+    return False
+
+
+def refuse_client_data(public: DataSource, clients: list[DataSource], base_dir: Path, field: str) -> None:
+    """A server stage's public data (`field` names it in the spec) must not be a client's."""
+    if any(same_data(public, source, base_dir) for source in clients):
+        raise InputError(f"{field}: {public.builtin or public.path} is also a client's data source; it must be public data")
+
+
+def absolute(path: Path | None, base_dir: Path) -> Path:
+    assert path is not None
+    return (path if path.is_absolute() else base_dir / path).resolve()

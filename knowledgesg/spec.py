@@ -119,6 +119,10 @@ class ClientsSpec(StrictModel):
             raise ValueError(f"duplicate client id(s): {', '.join(duplicates)}")
         return self
 
+    def sources(self) -> list[DataSource]:
+        """Every data source a client reads, pooled or its own."""
+        return self.data or [source for member in self.members for source in member.data]
+
 
 class ModelsSpec(StrictModel):
     """Model names by role: a registry name, a local directory or a Hugging Face id."""

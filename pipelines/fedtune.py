@@ -29,6 +29,7 @@ request, per-round metrics, and the privacy record.
 from __future__ import annotations
 
 import copy
+import random
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -39,12 +40,13 @@ from knowledgesg.adapters import ADAPTER_FILES, save_adapter
 from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.federated.client import LOCAL_LOG, LoraModel, frozen_a_digest, initial_params
-from knowledgesg.spec import DeploySettings
+from knowledgesg.spec import DataSource, DeploySettings, PipelineSpec
 from knowledgesg.federated.engines import FINAL, INITIAL, JOB, ROUNDS, run_local
 from knowledgesg.federated.protocol import LocalDP, LocalTraining, LoraShape, UpdateEncoding, load_params, save_params
 from knowledgesg.federated.secagg import SecureAggregation, conflicts
 from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, participation
 from knowledgesg.fileio import read_json, read_jsonl, write_dir, write_json
+from knowledgesg.loaders import load_example_pool, refuse_client_data, source_name_of, source_path
 from knowledgesg.stage import Stage, StageContext
 from privacy.accounting import Mechanism, calibrate_noise, default_delta, epsilons
 from privacy.ledger import LEDGER, TRUST_SERVER_NOISE, LedgerEntry, check_budget, new_release_id, now, read_stage_ledgers, trust_line
@@ -87,6 +89,8 @@ class FedtuneParams(BaseModel):
     round_timeout_s: float | None = Field(default=None, gt=0, description="Flower engines: how long a round waits for the clients' replies")
     update_encoding: UpdateEncoding = Field(default="float32", description="how the clients' updates travel: float16 halves the bytes, int8 quarters them (some rounding)")
     secure_aggregation: SecureAggregation | None = Field(default=None, description="Flower's SecAgg+: the server sees the sum of each round's updates only (true: the defaults)")
+    public: DataSource | None = Field(default=None, description="public labelled records (e.g. {builtin: fiqa_train}) trained on beside the synthetic "
+                                                                  "data, dealt out evenly over the clients' shares; never a client's data, no privacy cost")
 
     @field_validator("secure_aggregation", mode="before")
     @classmethod
@@ -121,6 +125,8 @@ class FedtuneParams(BaseModel):
             raise ValueError("data: private trains on private records, which needs local_dp (DP-SGD local steps)")
         if self.data == "synthetic" and self.local_dp is not None:
             raise ValueError("local_dp applies to data: private only")
+        if self.data == "private" and self.public is not None:
+            raise ValueError("public records join the synthetic shares: data: synthetic only (DP-SGD local steps on private data are calibrated to the private records)")
         return self
 
 
@@ -135,6 +141,13 @@ class Fedtune(Stage):
     def releases(self) -> bool:
         return self.params.data == "private"
 
+    def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
+        return [source_path(self.params.public, base_dir)] if self.params.public else []
+
+    def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
+        if self.params.public:
+            refuse_client_data(self.params.public, spec.clients.sources(), base_dir, "fedtune params.public")
+
     def side(self) -> str:
         return "server"  # it drives the rounds; with private data the clients train on their side (Flower)
 
@@ -144,7 +157,12 @@ class Fedtune(Stage):
         clients = list(partition["clients"])
         adapters = {e.client_id: e for e in read_stage_ledgers(ctx.run_dir, ctx.completed_stages_before()) if e.release == "dp_adapter"}
         models = ctx.read_artifact_json("prepare_models", "models.json")
-        job = self.build_job(ctx, clients, models["base"])
+        records = self.synthetic_shares(ctx, clients) if p.data == "synthetic" else None
+        public = self.public_pool(ctx) if p.public else []
+        if public:  # dealt out like cards: the pool is trained on once per pass over the shares
+            for i, client in enumerate(clients):
+                records[client] += public[i::len(clients)]
+        job = self.build_job(ctx, clients, models["base"], records)
         if job.lora.ffa:  # the A every party must draw from a_seed, for each to check its own
             job.lora = job.lora.model_copy(update={"a_sha256": frozen_a_digest(LoraModel.get(job.base_model, job.lora, job.device).model)})
         rounds = participation(job)
@@ -174,20 +192,28 @@ class Fedtune(Stage):
                 ctx.declare_output(f"clients/{c}/{LOCAL_LOG}", side=f"client:{c}")
         ledger = received + [e for c in clients for e in self.server_entries(ctx, job, c, deltas[c], adapters[c].unit if c in adapters else ctx.spec.privacy.unit)]
         ledger.sort(key=lambda e: clients.index(e.client_id))
-        ctx.write_json("privacy.json", self.privacy_record(ctx, job, rounds, ledger))
+        ctx.write_json("privacy.json", self.privacy_record(ctx, job, rounds, ledger, len(public)))
         ctx.write_json(LEDGER, [e.model_dump(mode="json") for e in ledger])
         shutil.rmtree(work)  # the job carries the synthetic shares and the working parameters
 
-    def build_job(self, ctx: StageContext, clients: list[str], base: dict) -> FedJob:
+    def synthetic_shares(self, ctx: StageContext, clients: list[str]) -> dict[str, list[dict]]:
         p: FedtuneParams = self.params
-        records = None
-        if p.data == "synthetic":
-            name = "refined.jsonl" if p.synthetic_stage == "refine" else "synthetic.jsonl"
-            records = {c: read_jsonl(ctx.artifact(p.synthetic_stage, f"clients/{c}/{name}")) for c in clients}
-            empty = [c for c, rows in records.items() if not rows]
-            if empty:
-                raise InputError(f"fedtune: no {p.synthetic_stage} records for {', '.join(empty)} (nothing to train on)")
-        elif ctx.spec.privacy.unit != "record":
+        name = "refined.jsonl" if p.synthetic_stage == "refine" else "synthetic.jsonl"
+        records = {c: read_jsonl(ctx.artifact(p.synthetic_stage, f"clients/{c}/{name}")) for c in clients}
+        empty = [c for c, rows in records.items() if not rows]
+        if empty:
+            raise InputError(f"fedtune: no {p.synthetic_stage} records for {', '.join(empty)} (nothing to train on)")
+        return records
+
+    def public_pool(self, ctx: StageContext) -> list[dict]:
+        """The public records with a response, shuffled by the run's seed."""
+        pool = [r.model_dump(mode="json") for r in load_example_pool(self.params.public, ctx.base_dir, ctx.seed, self.name) if r.response.strip()]
+        random.Random(ctx.derive_seed("public")).shuffle(pool)
+        return pool
+
+    def build_job(self, ctx: StageContext, clients: list[str], base: dict, records: dict[str, list[dict]] | None) -> FedJob:
+        p: FedtuneParams = self.params
+        if p.data == "private" and ctx.spec.privacy.unit != "record":
             raise InputError("fedtune on private data supports privacy.unit: record (the server plans the sampling rate from record counts)")
         from knowledgesg.models import resolve_device
 
@@ -304,12 +330,15 @@ class Fedtune(Stage):
                             delta=client_delta, mechanism=mechanism, epsilon=epsilons([mechanism], client_delta), private=not ctx.spec.privacy.reproducible_noise,
                             noise=ctx.noise_origin, trust=TRUST_SERVER_NOISE_SECURE_SUM if job.secure_aggregation else TRUST_SERVER_NOISE)]
 
-    def privacy_record(self, ctx: StageContext, job: FedJob, rounds: dict[str, int], ledger: list[LedgerEntry]) -> dict:
+    def privacy_record(self, ctx: StageContext, job: FedJob, rounds: dict[str, int], ledger: list[LedgerEntry], public_records: int) -> dict:
         p: FedtuneParams = self.params
         record = {"data": p.data, "rounds_asked_per_client": rounds, "engine": p.engine, "rule": job.rule.model_dump(),
-                  "weights": "equal (clients send no example counts on private data)" if p.data == "private" else "by synthetic example count",
+                  "weights": "equal (clients send no example counts on private data)" if p.data == "private" else "by example count",
                   "releases": [{"client_id": e.client_id, "release": e.release, "unit": e.unit, "epsilon": e.epsilon.model_dump(), "delta": e.delta,
                                 "trust": e.trust} for e in ledger]}
+        if p.public is not None:
+            record["public_data"] = {"source": source_name_of(p.public), "records": public_records,
+                                     "privacy": "public data, dealt out over the clients' shares: no privacy cost"}
         if job.secure_aggregation is not None:
             record["secure_aggregation"] = {
                 "protocol": "SecAgg+ (Flower)", "settings": job.secure_aggregation.model_dump(),

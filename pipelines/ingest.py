@@ -37,10 +37,6 @@ from privacy.units import privacy_units
 MAX_HISTOGRAM_CLASSES = 20  # responses with more distinct values than this are not labels
 
 
-def _sources(spec: PipelineSpec) -> list[DataSource]:
-    return spec.clients.data or [source for member in spec.clients.members for source in member.data]
-
-
 def _load_all(sources: list[DataSource], base_dir: Path, seed: int) -> list[Record]:
     twice = repeated([source_name_of(s) for s in sources])
     if twice:
@@ -95,7 +91,7 @@ class Ingest(Stage):
         self._loaded: dict[str, list[Record]] | None = None  # from preflight, for run
 
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
-        return sorted({source_path(source, base_dir) for source in _sources(spec)})
+        return sorted({source_path(source, base_dir) for source in spec.clients.sources()})
 
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
         clients = client_records(spec, base_dir)

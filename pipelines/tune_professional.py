@@ -24,8 +24,7 @@ from eval.benchmarks import choice_ids, context_ids
 from knowledgesg.adapters import ADAPTER_FILES, save_adapter
 from knowledgesg.console import console, progress_bar
 from knowledgesg.errors import InputError, KsgError
-from knowledgesg.fileio import sha256_file
-from knowledgesg.loaders import load_example_pool, source_name_of, source_path
+from knowledgesg.loaders import load_example_pool, refuse_client_data, source_name_of, source_path
 from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_device, resolve_precision
 from knowledgesg.prompts import user_message
 from knowledgesg.records import InstructionRecord
@@ -75,10 +74,7 @@ class TuneProfessional(Stage):
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
         if spec.models.professional is None:
             raise InputError("tune_professional needs models.professional in the spec (the model it tunes, e.g. gemma-3-270m)")
-        client_sources = list(spec.clients.data) + [source for member in spec.clients.members for source in member.data]
-        if any(same_data(self.params.data, source, base_dir) for source in client_sources):
-            shown = self.params.data.builtin or self.params.data.path
-            raise InputError(f"tune_professional params.data: {shown} is also a client's data source; the professional model is tuned on public data only")
+        refuse_client_data(self.params.data, spec.clients.sources(), base_dir, "tune_professional params.data")
 
     def run(self, ctx: StageContext) -> None:
         import torch
@@ -139,31 +135,6 @@ class TuneProfessional(Stage):
             order.shuffle(indices)
             batches += [indices[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
         return batches[:steps]
-
-
-def same_data(public: DataSource, client: DataSource, base_dir: Path) -> bool:
-    """Whether `public` could read `client`'s data: the same builtin, the same file or directory
-    (by path, link or content), one inside the other, or a path into the built-in data. The
-    client's files need not exist here (on the server, with roles, they do not)."""
-    from knowledgesg.builtin_data import VENDOR
-
-    if public.builtin or client.builtin:  # a path into the vendored data may be a builtin's file
-        paths = [absolute(source.path, base_dir) for source in (public, client) if source.path is not None]
-        return public.builtin == client.builtin or any(path.is_relative_to(VENDOR.resolve()) for path in paths)
-    mine, theirs = absolute(public.path, base_dir), absolute(client.path, base_dir)
-    if mine == theirs or mine.is_relative_to(theirs) or theirs.is_relative_to(mine):
-        return True
-    if mine.exists() and theirs.exists():
-        if mine.samefile(theirs):
-            return True
-        if mine.is_file() and theirs.is_file() and mine.stat().st_size == theirs.stat().st_size:
-            return sha256_file(mine) == sha256_file(theirs)  # a copy
-    return False
-
-
-def absolute(path: Path | None, base_dir: Path) -> Path:
-    assert path is not None
-    return (path if path.is_absolute() else base_dir / path).resolve()
 
 
 def tuned_professional_adapter(ctx: StageContext) -> Path | None:

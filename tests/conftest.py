@@ -7,9 +7,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+# pytest-xdist runs the files in one worker per core (`-n auto` in pyproject.toml): most of the
+# Flower tests' time is their processes polling each other, which another worker's tests fill.
+# Each worker, and every process it starts (the CLI, Flower's apps, through the environment),
+# computes on its share of the cores: torch's default of one thread per core in each worker puts
+# twice the threads on the cores, and each runs several times slower.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    THREADS = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = THREADS
+    torch.set_num_threads(int(THREADS))
 
 
 @pytest.fixture(scope="session", autouse=True)

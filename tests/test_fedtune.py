@@ -227,14 +227,23 @@ def run_pipeline(workdir: Path, fedtune: dict, privacy: dict | None = None, cap:
 FEDTUNE = {"rounds": 2, "training": {"steps": 2, "batch_size": 4, "max_length": 48}, "lora": {"r": 4}}
 
 
+def public_records(n: int) -> list[dict]:
+    return [dict(r, id=f"public{i}", input=f"Public headline {i}: the index closed the week.") for i, r in enumerate(sentiment_rows(n))]
+
+
 def test_stage_on_synthetic_data_costs_nothing_and_writes_the_adapter(tmp_path: Path):
-    assert run_pipeline(tmp_path, dict(FEDTUNE, merge=True)) == 0
+    write_jsonl(tmp_path / "public.jsonl", public_records(7))
+    assert run_pipeline(tmp_path, dict(FEDTUNE, merge=True, public={"path": "public.jsonl"})) == 0
     stage = tmp_path / "run/stages/fedtune"
     assert (stage / "adapter/adapter_model.safetensors").is_file() and (stage / "merged/config.json").is_file()
     assert not (stage / "work").exists()  # the job (with the synthetic shares) is not left behind
     rounds = json.loads((stage / "rounds.json").read_text())
     assert [r["round"] for r in rounds] == [1, 2] and all(r["clients"] == r["joined"] == ["client_0", "client_1"] for r in rounds)
-    assert all(r["num_examples"] > 0 and r["mean_loss"] > 0 for r in rounds)  # synthetic data: public figures
+    assert all(r["mean_loss"] > 0 for r in rounds)  # synthetic and public data: public figures
+    # the public pool is dealt out over the two shares (4 + 3 records) beside the refined synthetic records
+    refined = sum(len((tmp_path / f"run/stages/refine/clients/{c}/refined.jsonl").read_text().splitlines()) for c in ["client_0", "client_1"])
+    assert all(r["num_examples"] == refined + 7 for r in rounds) and refined > 0
+    assert json.loads((stage / "privacy.json").read_text())["public_data"]["records"] == 7
     ledger = json.loads((stage / "ledger.json").read_text())
     assert [(e["client_id"], e["mechanism"]["kind"], e["epsilon"]["reported"]) for e in ledger] == [("client_0", "post_processing", 0.0), ("client_1", "post_processing", 0.0)]
     assert main(["privacy-report", str(tmp_path / "run")]) == 0
@@ -242,6 +251,16 @@ def test_stage_on_synthetic_data_costs_nothing_and_writes_the_adapter(tmp_path: 
     releases = report["clients"][0]["releases"]
     assert "fedtune" in [r["entry"]["stage"] for r in releases]
     assert report["clients"][0]["total"]["pld"] == pytest.approx(releases[0]["entry"]["epsilon"]["pld"], rel=1e-6)  # dp_train alone
+
+
+def test_a_public_pool_that_is_a_clients_data_is_refused_before_anything_is_written(tmp_path: Path, capsys):
+    assert run_pipeline(tmp_path, dict(FEDTUNE, public={"path": "data.jsonl"})) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ksg: error: fedtune params.public: data.jsonl is also a client's data source; it must be public data"] and not (tmp_path / "run").exists()
+    # and on private data there is nothing to mix it into (the DP-SGD noise is calibrated to the private records)
+    write_jsonl(tmp_path / "public.jsonl", public_records(7))
+    assert run_pipeline(tmp_path, dict(FEDTUNE, data="private", local_dp={"target_epsilon": 4.0}, public={"path": "public.jsonl"})) == 2
+    assert "data: synthetic only" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_stage_on_private_data_enters_its_dp_sgd_cost(tmp_path: Path):
