@@ -11,7 +11,7 @@ the same code and distribution, but anyone holding the spec can regenerate the n
 it, so such a release is NOT PRIVATE and is marked so everywhere. It exists for tests and
 debugging only.
 
-Gaussian values: Box-Muller over 53-bit uniforms in float64. Each noise value is the sum of four
+Gaussian values: Box-Muller over uniforms in float64 with 52 random bits (a double's mantissa). Each noise value is the sum of four
 draws divided by two (the same standard deviation), Opacus's secure-mode defence against the
 floating-point attacks on Gaussian samplers (Jin et al. 2022; Holohan and Braghin 2021).
 """
@@ -28,7 +28,12 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 NoiseOrigin = Literal["os_entropy", "reproducible"]
 DRAWS_PER_VALUE = 4  # summed, then divided by sqrt(4) = 2
-_MANTISSA = np.uint64(11)  # a uint64 shifted right by 11 leaves 53 random bits: a double's precision
+# A uniform double from 52 random bits with no integer-to-float conversion: the bits go into the
+# mantissa of a double in [1, 2) (exponent of 1.0), and subtracting 1 - 2^-53 (exactly, by
+# Sterbenz) gives (m + 1/2) 2^-52 in (0, 1): offset by half a step, so 0 never occurs.
+_MANTISSA_MASK = (1 << 52) - 1
+_ONE_BITS = 0x3FF0000000000000
+_HALF_STEP_BELOW_ONE = 1.0 - 2.0**-53
 
 
 class SecureRandom:
@@ -39,6 +44,7 @@ class SecureRandom:
             raise ValueError("the key is 32 bytes (AES-256)")
         self.origin = origin
         self._stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+        self._zeros, self._buffer = b"", bytearray()
 
     @classmethod
     def from_os_entropy(cls) -> SecureRandom:
@@ -58,17 +64,19 @@ class SecureRandom:
         return self.origin == "os_entropy"
 
     def _words(self, count: int) -> np.ndarray:
-        """`count` uint64 words of keystream (written into one buffer: noise for millions of LoRA
-        parameters is drawn every step)."""
-        out = bytearray(8 * count + 15)  # update_into wants room for one more block
-        self._stream.update_into(bytes(8 * count), out)
-        return np.frombuffer(out, dtype=np.uint64, count=count)
+        """`count` uint64 words of keystream, in a buffer kept from one draw to the next (noise for
+        millions of LoRA parameters is drawn every step, and a fresh buffer of that size faults
+        its pages in each time). The words are valid until the next draw."""
+        size = 8 * count
+        if len(self._zeros) < size:
+            self._zeros, self._buffer = bytes(size), bytearray(size + 15)  # update_into wants room for one more block
+        self._stream.update_into(memoryview(self._zeros)[:size], self._buffer)
+        return np.frombuffer(self._buffer, dtype=np.uint64, count=count)
 
     def uniform(self, count: int) -> np.ndarray:
-        """Doubles in (0, 1): 53 random bits, offset by half a step so that 0 never occurs."""
-        values = (self._words(count) >> _MANTISSA).astype(np.float64)
-        values += 0.5
-        values *= 2.0**-53
+        """Doubles in (0, 1), each (m + 1/2) 2^-52 for 52 random bits m."""
+        values = ((self._words(count) & np.uint64(_MANTISSA_MASK)) | np.uint64(_ONE_BITS)).view(np.float64)
+        values -= _HALF_STEP_BELOW_ONE
         return values
 
     def bernoulli(self, count: int, probability: float) -> np.ndarray:
@@ -83,10 +91,9 @@ class SecureRandom:
         noise is first drawn, so that `ksg` starts without it."""
         import torch
 
-        # the same uniforms as `uniform`, converted by torch on every core ((word >> 11) keeps 53
-        # bits; the mask undoes the sign extension of the int64 view)
+        # the same uniforms as `uniform`, made in place in the keystream buffer, by torch on every core
         words = torch.from_numpy(self._words(4 * count).view(np.int64))
-        u = (words >> 11).bitwise_and_((1 << 53) - 1).to(torch.float64).add_(0.5).mul_(2.0**-53)
+        u = words.bitwise_and_(_MANTISSA_MASK).bitwise_or_(_ONE_BITS).view(torch.float64).sub_(_HALF_STEP_BELOW_ONE)
         # Box-Muller on 2 * count pairs gives the 4 * count draws: cosines and sines, each read as
         # two rows of `count`; in place, since this runs on every parameter at every step
         radius = u[: 2 * count].log_().mul_(-2.0).sqrt_()

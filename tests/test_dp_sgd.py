@@ -204,20 +204,29 @@ def test_unit_means():
     assert unit_means(per_row, torch.tensor([0, 0, 1, 2]), 3).tolist() == [2.0, 5.0, 2.0]
 
 
+def _box_muller(u: torch.Tensor, n: int, std: float) -> torch.Tensor:
+    """The plain construction: 4n uniforms, four Box-Muller draws per value, summed and halved."""
+    radius, angle = torch.sqrt(-2.0 * torch.log(u[: 2 * n])), 2.0 * math.pi * u[2 * n :]
+    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)]).view(4, n).sum(0) * (std / 2)
+
+
 def test_secure_gaussian_is_box_muller_over_the_keystream_uniforms_and_normal():
-    """The fast in-place sampler gives exactly the values of the plain construction (four
-    Box-Muller draws per value over `uniform`'s 53-bit doubles, summed and halved), and they are
-    normal with the asked-for scale."""
+    """The fast in-place sampler gives exactly the values of the plain construction over
+    `uniform`'s doubles, and they are normal with the asked-for scale. The uniforms are
+    (m + 1/2) 2^-52 for 52 random bits m. The keystream runs on across draws into the reused
+    buffer: a second draw is the plain construction over the next uniforms."""
     from scipy import stats
 
     key, n, std = b"k" * 32, 20_000, 0.7
-    got = SecureRandom(key, "reproducible").normal((n,), std, dtype=torch.float64)
-    u = torch.from_numpy(SecureRandom(key, "reproducible").uniform(4 * n))
-    radius, angle = torch.sqrt(-2.0 * torch.log(u[: 2 * n])), 2.0 * math.pi * u[2 * n :]
-    draws = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)]).view(4, n)
-    assert torch.allclose(got, draws.sum(0) * (std / 2), atol=1e-12, rtol=0)
+    one = SecureRandom(key, "reproducible")
+    got, second = one.normal((n,), std, dtype=torch.float64), one.normal((n,), std, dtype=torch.float64)
+    u = torch.from_numpy(SecureRandom(key, "reproducible").uniform(8 * n))
+    assert torch.allclose(got, _box_muller(u[: 4 * n], n, std), atol=1e-12, rtol=0)
+    assert torch.allclose(second, _box_muller(u[4 * n :], n, std), atol=1e-12, rtol=0)
     assert stats.kstest(got.numpy() / std, "norm").pvalue > 1e-3
     assert float(got.std()) == pytest.approx(std, rel=0.03)
+    steps = u.numpy() * 2.0**52 - 0.5
+    assert (steps == steps.round()).all() and steps.min() >= 0 and steps.max() < 2.0**52 and len(set(steps.tolist())) == 8 * n
 
 
 def _bfloat16_base(setup):
