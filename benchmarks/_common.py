@@ -60,9 +60,17 @@ class RunStore:
         return entry if entry and entry["digest"] == spec_digest(spec) else None
 
     def save(self, name: str, spec: dict, seconds: float, **fields) -> None:
-        """Keep a finished run with the code and machine it ran on (temp file, then rename)."""
+        """Keep a finished run with the code and machine it ran on (temp file, then rename). A run
+        measured again keeps its earlier measurements under "earlier", newest last: a DP run draws
+        new noise each time, so a repeat is a second sample, not a correction."""
         runs = self.runs()
+        earlier = []
+        if name in runs:
+            previous = runs[name]
+            earlier = [*previous.pop("earlier", []), previous]
         runs[name] = {"digest": spec_digest(spec), "code": code_version(), "machine": machine(), "seconds": round(seconds, 1), **fields}
+        if earlier:
+            runs[name]["earlier"] = earlier
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
         tmp.replace(self.path)

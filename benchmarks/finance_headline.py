@@ -428,6 +428,10 @@ def report(args) -> None:
         elif entry:
             lines.append(f"- {name}: {entry['seconds']:.0f} s, {entry['code']}, {entry['machine']}" + (f"; {entry['note']}" if entry.get("note") else ""))
     lines.append("(A run resumed over several invocations adds their times; other jobs may have shared the 2 cores.)")
+    repeats = [f"- {name}, measured before with {entry['code']}: " + "; ".join(f"row {k} {RowScore(**v).mean:.3f} +- {RowScore(**v).se:.3f}" for k, v in entry["rows"].items())
+               for name, now in STORE.runs().items() for entry in now.get("earlier", [])]
+    if repeats:
+        lines += ["", "Earlier measurements of runs measured again (a DP run draws new noise each time: a second sample; the tables show the newest):", *repeats]
     write_result("finance_headline", lines)
 
 

@@ -25,6 +25,13 @@ def test_an_entry_is_found_only_for_the_spec_it_ran_and_a_save_leaves_no_temp_fi
     assert set(store.runs()) == {"A8", "U"}
     assert [p.name for p in tmp_path.iterdir()] == ["runs.json"]
 
+    # measured again: the newest is the entry, the earlier ones stay beside it, oldest first
+    store.save("A8", {"epochs": 2}, 20.0, rows={"6": 0.47})
+    store.save("A8", {"epochs": 2}, 30.0, rows={"6": 0.45})
+    entry = store.entry("A8", {"epochs": 2})
+    assert entry["rows"] == {"6": 0.45} and [e["rows"]["6"] for e in entry["earlier"]] == [0.44, 0.47]
+    assert all("earlier" not in e for e in entry["earlier"])
+
 
 def test_the_headline_store_belongs_to_the_specs_the_benchmark_builds_today(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["finance_headline.py", "--workdir", "unused"])
