@@ -28,11 +28,11 @@ def timed_run(spec: Path, run_dir: Path, cache: Path) -> float:
     return ksg("run", str(spec), "--run-dir", str(run_dir), env={"KSG_CACHE_DIR": str(cache)})
 
 
-def stage_times(run_dir: Path) -> dict[str, float]:
+def stage_manifests(run_dir: Path) -> dict[str, dict]:
     from knowledgesg.runner import load_run_spec
 
     spec, _ = load_run_spec(run_dir)
-    return {s.name: json.loads((run_dir / "stages" / s.name / "manifest.json").read_text())["duration_s"] for s in spec.stages}
+    return {s.name: json.loads((run_dir / "stages" / s.name / "manifest.json").read_text()) for s in spec.stages}
 
 
 def main() -> None:
@@ -47,7 +47,8 @@ def main() -> None:
     cold = timed_run(args.spec, workdir / "cold", cache)
     warm = timed_run(args.spec, workdir / "warm", cache)
     resumed = timed_run(args.spec, workdir / "warm", cache)
-    cold_stages, warm_stages = stage_times(workdir / "cold"), stage_times(workdir / "warm")
+    cold_stages, warm_stages = stage_manifests(workdir / "cold"), stage_manifests(workdir / "warm")
+    peak = max(m.get("peak_rss_mib") or 0 for m in [*cold_stages.values(), *warm_stages.values()])
     write_result("pipeline_time", [
         f"# End-to-end time: `ksg run {args.spec}`", "",
         f"Command: `{command()}`", f"Machine: {machine()}", "",
@@ -55,9 +56,11 @@ def main() -> None:
         f"| fresh run directory, empty model cache (conversions included) | {cold:.0f} | {cold / 60:.1f} |",
         f"| fresh run directory, models cached | {warm:.0f} | {warm / 60:.1f} |",
         f"| resumed finished run (every stage found done) | {resumed:.1f} | {resumed / 60:.2f} |", "",
-        "| stage | empty cache, s | models cached, s |", "|---|---|---|",
-        *[f"| {name} | {cold_stages[name]:.1f} | {warm_stages[name]:.1f} |" for name in cold_stages],
+        "| stage | empty cache, s | models cached, s | peak resident memory, empty cache / cached, MiB |", "|---|---|---|---|",
+        *[f"| {name} | {cold_stages[name]['duration_s']:.1f} | {warm_stages[name]['duration_s']:.1f} | "
+          f"{cold_stages[name].get('peak_rss_mib') or 0:.0f} / {warm_stages[name].get('peak_rss_mib') or 0:.0f} |" for name in cold_stages],
         "", "The whole-run times include process start and the privacy summary; stage times are the stages' own.",
+        f"Peak resident memory (each stage's manifest: the `ksg` process's peak while the stage ran): {peak:.0f} MiB, {peak / 1024:.2f} GiB.",
     ])
 
 

@@ -34,7 +34,7 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from knowledgesg.adapters import ADAPTER_FILES, save_adapter
 from knowledgesg.console import console
@@ -92,6 +92,15 @@ class FedtuneParams(BaseModel):
     public: DataSource | None = Field(default=None, description="public labelled records (e.g. {builtin: fiqa_train}) trained on beside the synthetic "
                                                                   "data, dealt out evenly over the clients' shares; never a client's data, no privacy cost")
 
+    @model_serializer(mode="wrap")
+    def _without_an_unset_public_pool(self, handler):
+        """`public` is left out of the stage's fingerprint while unset, so that a run from before
+        it existed still matches: a finished fedtune on private data is kept, not released again."""
+        dumped = handler(self)
+        if self.public is None:
+            dumped.pop("public", None)
+        return dumped
+
     @field_validator("secure_aggregation", mode="before")
     @classmethod
     def _secure_aggregation_flag(cls, value):
@@ -145,8 +154,9 @@ class Fedtune(Stage):
         return [source_path(self.params.public, base_dir)] if self.params.public else []
 
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
-        if self.params.public:
+        if self.params.public:  # before the run starts: not after dp_train, synthesize and refine
             refuse_client_data(self.params.public, spec.clients.sources(), base_dir, "fedtune params.public")
+            load_example_pool(self.params.public, base_dir, spec.seed, "fedtune params.public")
 
     def side(self) -> str:
         return "server"  # it drives the rounds; with private data the clients train on their side (Flower)

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,9 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 # computes on its share of the cores: torch's default of one thread per core in each worker puts
 # twice the threads on the cores, and each runs several times slower.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    THREADS = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = THREADS
-    torch.set_num_threads(int(THREADS))
+    import torch
+
+    THREADS = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))  # the cores -n auto counted
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -34,7 +34,7 @@ def test_an_entry_is_found_only_for_the_spec_it_ran_and_a_save_leaves_no_temp_fi
 
 
 def test_the_headline_store_belongs_to_the_specs_the_benchmark_builds_today(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["finance_headline.py", "--workdir", "unused"])
+    monkeypatch.setattr(sys, "argv", ["finance_headline.py", "--workdir", "unused", "--ablations", ",".join(finance_headline.ABLATIONS)])
     specs = finance_headline.plan(finance_headline.parse_args())
     stored = finance_headline.STORE.runs()
     assert stored, "the committed store is empty"

@@ -261,6 +261,13 @@ def test_a_public_pool_that_is_a_clients_data_is_refused_before_anything_is_writ
     write_jsonl(tmp_path / "public.jsonl", public_records(7))
     assert run_pipeline(tmp_path, dict(FEDTUNE, data="private", local_dp={"target_epsilon": 4.0}, public={"path": "public.jsonl"})) == 2
     assert "data: synthetic only" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    # a pool that is not there is named before the run starts, not after dp_train, synthesize and refine
+    assert run_pipeline(tmp_path, dict(FEDTUNE, public={"path": "missing.jsonl"})) == 2
+    assert "missing.jsonl: data file not found" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    # unset, the pool is not in the stage's fingerprint: a fedtune that ran before it existed still matches
+    from pipelines.fedtune import FedtuneParams
+
+    assert "public" not in FedtuneParams().model_dump(mode="json") and "public" in FedtuneParams(public={"path": "public.jsonl"}).model_dump(mode="json")
 
 
 def test_stage_on_private_data_enters_its_dp_sgd_cost(tmp_path: Path):
