@@ -204,6 +204,15 @@ def load_example_pool(source: DataSource, base_dir: Path, seed: int, stage: str,
     return pool
 
 
+def load_labelled_pool(source: DataSource, base_dir: Path, seed: int, stage: str) -> list[InstructionRecord]:
+    """A public pool's instruction records that carry a response (what a stage can train on),
+    refused if there are none."""
+    pool = [r for r in load_example_pool(source, base_dir, seed, stage) if r.response.strip()]
+    if not pool:
+        raise InputError(f"{stage}: the pool {source_name_of(source)} has no instruction records with a response")
+    return pool
+
+
 def same_data(public: DataSource, client: DataSource, base_dir: Path) -> bool:
     """Whether `public` could read `client`'s data: the same builtin, the same file or directory
     (by path, link or content), one inside the other, or a path into the built-in data. The

@@ -46,7 +46,7 @@ from knowledgesg.federated.protocol import LocalDP, LocalTraining, LoraShape, Up
 from knowledgesg.federated.secagg import SecureAggregation, conflicts
 from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, participation
 from knowledgesg.fileio import read_json, read_jsonl, write_dir, write_json
-from knowledgesg.loaders import load_example_pool, refuse_client_data, source_name_of, source_path
+from knowledgesg.loaders import load_labelled_pool, refuse_client_data, source_name_of, source_path
 from knowledgesg.stage import Stage, StageContext
 from privacy.accounting import Mechanism, calibrate_noise, default_delta, epsilons
 from privacy.ledger import LEDGER, TRUST_SERVER_NOISE, LedgerEntry, check_budget, new_release_id, now, read_stage_ledgers, trust_line
@@ -156,7 +156,7 @@ class Fedtune(Stage):
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
         if self.params.public:  # before the run starts: not after dp_train, synthesize and refine
             refuse_client_data(self.params.public, spec.clients.sources(), base_dir, "fedtune params.public")
-            load_example_pool(self.params.public, base_dir, spec.seed, "fedtune params.public")
+            load_labelled_pool(self.params.public, base_dir, spec.seed, "fedtune params.public")
 
     def side(self) -> str:
         return "server"  # it drives the rounds; with private data the clients train on their side (Flower)
@@ -217,7 +217,7 @@ class Fedtune(Stage):
 
     def public_pool(self, ctx: StageContext) -> list[dict]:
         """The public records with a response, shuffled by the run's seed."""
-        pool = [r.model_dump(mode="json") for r in load_example_pool(self.params.public, ctx.base_dir, ctx.seed, self.name) if r.response.strip()]
+        pool = [r.model_dump(mode="json") for r in load_labelled_pool(self.params.public, ctx.base_dir, ctx.seed, self.name)]
         random.Random(ctx.derive_seed("public")).shuffle(pool)
         return pool
 

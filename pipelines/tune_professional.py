@@ -24,7 +24,7 @@ from eval.benchmarks import choice_ids, context_ids
 from knowledgesg.adapters import ADAPTER_FILES, save_adapter
 from knowledgesg.console import console, progress_bar
 from knowledgesg.errors import InputError, KsgError
-from knowledgesg.loaders import load_example_pool, refuse_client_data, source_name_of, source_path
+from knowledgesg.loaders import load_labelled_pool, refuse_client_data, source_name_of, source_path
 from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_device, resolve_precision
 from knowledgesg.prompts import user_message
 from knowledgesg.records import InstructionRecord
@@ -83,7 +83,7 @@ class TuneProfessional(Stage):
         from knowledgesg.sft import collate
 
         p: TuneProfessionalParams = self.params
-        records = [r for r in load_example_pool(p.data, ctx.base_dir, ctx.seed, self.name) if r.response.strip()]
+        records = load_labelled_pool(p.data, ctx.base_dir, ctx.seed, self.name)
         if len(records) < p.batch_size:
             raise InputError(f"tune_professional: {source_name_of(p.data)} has {len(records)} records with a response, fewer than batch_size {p.batch_size}")
         professional = ctx.read_artifact_json("prepare_models", "models.json")["professional"]

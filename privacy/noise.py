@@ -11,9 +11,10 @@ the same code and distribution, but anyone holding the spec can regenerate the n
 it, so such a release is NOT PRIVATE and is marked so everywhere. It exists for tests and
 debugging only.
 
-Gaussian values: Box-Muller over uniforms in float64 with 52 random bits (a double's mantissa). Each noise value is the sum of four
-draws divided by two (the same standard deviation), Opacus's secure-mode defence against the
-floating-point attacks on Gaussian samplers (Jin et al. 2022; Holohan and Braghin 2021).
+Gaussian values: Box-Muller over uniforms in float64 with 52 random bits (a double's mantissa).
+Each noise value is the sum of four draws divided by two (the same standard deviation), Opacus's
+secure-mode defence against the floating-point attacks on Gaussian samplers (Jin et al. 2022;
+Holohan and Braghin 2021).
 """
 
 from __future__ import annotations

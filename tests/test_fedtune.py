@@ -264,6 +264,10 @@ def test_a_public_pool_that_is_a_clients_data_is_refused_before_anything_is_writ
     # a pool that is not there is named before the run starts, not after dp_train, synthesize and refine
     assert run_pipeline(tmp_path, dict(FEDTUNE, public={"path": "missing.jsonl"})) == 2
     assert "missing.jsonl: data file not found" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    write_jsonl(tmp_path / "unlabelled.jsonl", [dict(r, response="") for r in public_records(3)])
+    assert run_pipeline(tmp_path, dict(FEDTUNE, public={"path": "unlabelled.jsonl"})) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"ksg: error: {tmp_path / 'unlabelled.jsonl'}:1: field 'response': is empty"]  # file, record, field
+    assert not (tmp_path / "run").exists()
     # unset, the pool is not in the stage's fingerprint: a fedtune that ran before it existed still matches
     from pipelines.fedtune import FedtuneParams
 
