@@ -220,29 +220,36 @@ def early_eval(args, name: str) -> None:
 
 @dataclass(frozen=True)
 class RowScore:
-    """One row's accuracy per task, their mean and the mean's standard error."""
+    """One row's accuracy per task, their mean and the mean's standard error, and the mean of the
+    tasks' macro-F1 (None in rows stored before it was kept: they show "n/a")."""
 
     acc: dict[str, float]
     mean: float
     se: float
+    f1: float | None = None
 
     def cells(self) -> str:
-        return " | ".join(f"{self.acc[t]:.3f}" for t in TASKS) + f" | **{self.mean:.3f}** +- {self.se:.3f}"
+        f1 = "n/a" if self.f1 is None else f"{self.f1:.3f}"
+        return " | ".join(f"{self.acc[t]:.3f}" for t in TASKS) + f" | **{self.mean:.3f}** +- {self.se:.3f} | {f1}"
 
 
 def score(entry: dict | list[dict]) -> RowScore:
     """Accuracy per task with binomial standard errors; a list (the banks' DP adapters) is
     averaged, and as its models are scored on the same items their errors are not independent, so
-    the mean's SE is taken as the mean of theirs (an upper bound), not divided by sqrt(3)."""
+    the mean's SE is taken as the mean of theirs (an upper bound), not divided by sqrt(3).
+    Macro-F1 (mean over labels, so a model that never says "neutral" loses a third of it) is
+    averaged over the tasks and the list the same way."""
     entries = entry if isinstance(entry, list) else [entry]
     acc = {t: 0.0 for t in TASKS}
     se = {t: 0.0 for t in TASKS}
+    f1 = 0.0
     for one in entries:
         for task in TASKS:
             s = one["tasks"][task]["logprob"]
             acc[task] += s["accuracy"] / len(entries)
             se[task] += math.sqrt(s["accuracy"] * (1 - s["accuracy"]) / s["n"]) / len(entries)
-    return RowScore(acc, sum(acc.values()) / len(acc), math.sqrt(sum(v * v for v in se.values())) / len(se))
+            f1 += s["macro_f1"] / len(entries) / len(TASKS)
+    return RowScore(acc, sum(acc.values()) / len(acc), math.sqrt(sum(v * v for v in se.values())) / len(se), round(f1, 4))
 
 
 def rows_of(name: str, models: dict) -> dict[str, RowScore]:
@@ -299,11 +306,11 @@ def row_scores(args, e: str, specs: dict[str, dict]) -> dict[str, RowScore]:
 
 
 def table(args, e: str, specs: dict[str, dict]) -> tuple[list[str], dict[str, float]]:
-    lines = ["| row | model | FPB | FiQA | TFNS | mean +- SE |", "|---|---|---|---|---|---|"]
+    lines = ["| row | model | FPB | FiQA | TFNS | mean +- SE | macro-F1 |", "|---|---|---|---|---|---|---|"]
     found = row_scores(args, e, specs)
     for number, label in ROW_LABELS.items():
         label = label.format(e=e)
-        lines.append(f"| {number} | {label} | {found[number].cells()} |" if number in found else f"| {number} | {label} | not run yet | | | |")
+        lines.append(f"| {number} | {label} | {found[number].cells()} |" if number in found else f"| {number} | {label} | not run yet | | | | |")
     return lines, {k: v.mean for k, v in found.items()}
 
 
@@ -324,14 +331,14 @@ def ablation_table(args, e: str, specs: dict[str, dict]) -> list[str]:
     if not ablations:
         return []
     lines = [f"### Ablations at epsilon {e}: one change each to the full pipeline, its DP adapters reused", "",
-             "| pipeline | FPB | FiQA | TFNS | mean +- SE | pairs after refine |", "|---|---|---|---|---|---|"]
+             "| pipeline | FPB | FiQA | TFNS | mean +- SE | macro-F1 | pairs after refine |", "|---|---|---|---|---|---|---|"]
     for name, label in [(f"A{e}", "as in row 6"), *((f"A{e}-{a}", ABLATIONS[a][1]) for a in ablations)]:
         found = run_rows(args, name, specs)
         value = found.get("6" if name == f"A{e}" else "final")
         if value is None:
-            lines.append(f"| {label} | not run yet | | | | |")
+            lines.append(f"| {label} | not run yet | | | | | |")
             continue
-        kept = count_lines(args.workdir / name, "refine", "refined.jsonl") if (args.workdir / name).is_dir() else "see the store"
+        kept = count_lines(args.workdir / name, "refine", "refined.jsonl") if finished(args.workdir, name) else "see the store"
         lines.append(f"| {label} | {value.cells()} | {kept} |")
     return [*lines, ""]
 
@@ -361,7 +368,7 @@ def details(run_dir: Path) -> list[str]:
 
 def run_details(args, e: str, specs: dict[str, dict]) -> list[str]:
     name = f"A{e}"
-    if (args.workdir / name).is_dir():
+    if finished(args.workdir, name):  # an unfinished run here (measured again) has not replaced the stored one yet
         return details(args.workdir / name)
     entry = STORE.entry(name, specs[name])
     return entry["details"] if entry else []
@@ -411,7 +418,8 @@ def report(args) -> None:
              f"at least {args.min_bank} each; dp_train {args.epochs:g} epochs, expected batch {args.batch_size}, LoRA r=8 on q,v, loss on the whole turn; "
              f"{args.synthetic} synthetic pairs per bank; refine label_source {args.label_source}; fedtune {args.rounds} rounds x {args.local_steps} local steps; accuracy by label log-probability "
              f"on {args.limit} seeded items per test set (FinLoRA's FPB and FiQA test files, TFNS's validation split), the same items for every row; "
-             "SE: binomial per task, the mean's from the three (row 4a: the mean of the banks' SEs, as they share test items). "
+             "SE: binomial per task, the mean's from the three (row 4a: the mean of the banks' SEs, as they share test items); macro-F1: the mean of the three tasks' "
+             "(n/a: a row stored before it was kept). "
              "DP-FedAvg runs as many local DP-SGD steps per bank as dp_train gives the smallest bank.", ""]
     for e in [eps_name(float(x)) for x in args.epsilons.split(",")]:
         rows, means = table(args, e, specs)
@@ -422,11 +430,12 @@ def report(args) -> None:
         lines += [f"![mean accuracy against epsilon]({curve.name})", ""]
     lines += [f"Where each run was measured ({STORE.path.name} keeps every finished run's rows; a run measured on another machine is read from there):"]
     for name in specs:
+        # the store records the code each finished run imported; the checkout running this report may be newer
         entry = STORE.entry(name, specs[name])
-        if name in times and (args.workdir / name).is_dir():
-            lines.append(f"- {name}: {times[name]:.0f} s here ({code_version()})")
-        elif entry:
+        if entry:
             lines.append(f"- {name}: {entry['seconds']:.0f} s, {entry['code']}, {entry['machine']}" + (f"; {entry['note']}" if entry.get("note") else ""))
+        if name in times and not finished(args.workdir, name):
+            lines.append(f"- {name}: {'measured again, ' if entry else ''}unfinished here after {times[name]:.0f} s ({code_version()})")
     lines.append("(A run resumed over several invocations adds their times; other jobs may have shared the 2 cores.)")
     repeats = [f"- {name}, measured before with {entry['code']}: " + "; ".join(f"row {k} {RowScore(**v).mean:.3f} +- {RowScore(**v).se:.3f}" for k, v in entry["rows"].items())
                for name, now in STORE.runs().items() for entry in now.get("earlier", [])]

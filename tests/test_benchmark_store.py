@@ -43,6 +43,17 @@ def test_the_headline_store_belongs_to_the_specs_the_benchmark_builds_today(monk
         assert entry["rows"], name
 
 
+
+def test_a_headline_row_averages_macro_f1_over_tasks_and_banks_and_a_stored_row_without_it_shows_na():
+    def entry(accuracy, f1):
+        return {"tasks": {t: {"logprob": {"accuracy": accuracy, "macro_f1": f1, "n": 100}} for t in finance_headline.TASKS}}
+
+    banks = finance_headline.score([entry(0.5, 0.3), entry(0.7, 0.5)])
+    assert math.isclose(banks.mean, 0.6) and math.isclose(banks.f1, 0.4)
+    assert banks.cells().endswith("| 0.400")
+    stored = finance_headline.RowScore(acc=banks.acc, mean=banks.mean, se=banks.se)  # as rows saved before macro-F1 was kept
+    assert stored.cells().endswith("| n/a")
+
 def test_the_audit_power_store_belongs_to_the_rows_the_benchmark_measures_today():
     defaults = audit_power.parse_args(["--workdir", "unused"])
     for name, stored in audit_power.STORE.runs().items():
