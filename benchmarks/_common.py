@@ -71,6 +71,18 @@ class RunStore:
         runs[name] = {"digest": spec_digest(spec), "code": code_version(), "machine": machine(), "seconds": round(seconds, 1), **fields}
         if earlier:
             runs[name]["earlier"] = earlier
+        self._write(runs)
+
+    def add(self, name: str, spec: dict, **fields) -> None:
+        """Further figures of the run measured last (e.g. its released models scored on more test
+        items): they join its entry, which stays the same measurement."""
+        runs = self.runs()
+        if self.entry(name, spec) is None:
+            raise KeyError(f"{name}: no finished run of this spec in {self.path.name}")
+        runs[name].update(fields)
+        self._write(runs)
+
+    def _write(self, runs: dict) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
         tmp.replace(self.path)

@@ -1,7 +1,7 @@
 """The headline where privacy bites: finance with about a thousand records per bank, every private
 alternative beside the pipeline, at the same epsilon per bank.
 
-Usage:  .venv/bin/python benchmarks/finance_headline.py --workdir DIR [--epsilons 8] [--ablations agreement,volume] [--per-source 1800] [--limit 400]
+Usage:  .venv/bin/python benchmarks/finance_headline.py --workdir DIR [--epsilons 8] [--ablations agreement,volume] [--per-source 1800] [--limit 400] [--full-eval]
 
 Private data: FPB and TFNS training sentences (their test sentences and repeats removed),
 `--per-source` of each, split over 3 banks by Dirichlet(1.0) over labels with at least
@@ -25,6 +25,9 @@ interrupted one resumes at its last finished stage):
 Accuracy by label log-probability on `--limit` seeded items of each test set (the same items for
 every row), with standard errors (binomial per task; the mean's from the three). "Share of the gap
 closed" = (pipeline - best private alternative among rows 2-4) / (NOT PRIVATE - that alternative).
+`--full-eval` then scores each finished run's released models on every item of the three test
+sets, by label log-probability and by parsed generation (`ksg eval --limit 0`; nothing is trained
+or released again), and keeps those rows beside the run's: the report's full-test-set tables.
 Writes benchmarks/results/finance_headline.md (partial results as runs finish).
 """
 
@@ -84,6 +87,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ablations", default="", help="comma-separated changes to the pipeline, each a copy of a finished A<eps> run with only that "
                                                        f"changed (its DP adapters reused, never redrawn): {', '.join(ABLATIONS)}")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--full-eval", action="store_true", help="score each finished run here on the whole test sets in both answer modes (`ksg eval --limit 0 "
+                        "--modes logprob,generation`, no new training) and keep those rows beside the run's in the store; then the report")
     parser.add_argument("--only", default=None, help="comma-separated runs to do now (U, A8, B8, D8, C); default all")
     parser.add_argument("--early-eval", default=None, help="a run (e.g. A8) whose base model and DP adapters to score now with `ksg eval`, "
                                                           "beside a benchmark still running it; then write the report and stop")
@@ -206,7 +211,8 @@ def results(workdir: Path, name: str) -> dict:
     if finished(workdir, name) and path.is_file():
         return json.loads(path.read_text())["models"]
     early = workdir / name / "eval/eval_report.json"
-    return json.loads(early.read_text())["models"] if early.is_file() and name.startswith("A") else {}
+    # an ablation's copy holds A's eval directory: not its own
+    return json.loads(early.read_text())["models"] if early.is_file() and name.startswith("A") and "-" not in name else {}
 
 
 def early_eval(args, name: str) -> None:
@@ -233,7 +239,7 @@ class RowScore:
         return " | ".join(f"{self.acc[t]:.3f}" for t in TASKS) + f" | **{self.mean:.3f}** +- {self.se:.3f} | {f1}"
 
 
-def score(entry: dict | list[dict]) -> RowScore:
+def score(entry: dict | list[dict], mode: str = "logprob") -> RowScore:
     """Accuracy per task with binomial standard errors; a list (the banks' DP adapters) is
     averaged, and as its models are scored on the same items their errors are not independent, so
     the mean's SE is taken as the mean of theirs (an upper bound), not divided by sqrt(3).
@@ -245,14 +251,14 @@ def score(entry: dict | list[dict]) -> RowScore:
     f1 = 0.0
     for one in entries:
         for task in TASKS:
-            s = one["tasks"][task]["logprob"]
+            s = one["tasks"][task][mode]
             acc[task] += s["accuracy"] / len(entries)
             se[task] += math.sqrt(s["accuracy"] * (1 - s["accuracy"]) / s["n"]) / len(entries)
             f1 += s["macro_f1"] / len(entries) / len(TASKS)
     return RowScore(acc, sum(acc.values()) / len(acc), math.sqrt(sum(v * v for v in se.values())) / len(se), round(f1, 4))
 
 
-def rows_of(name: str, models: dict) -> dict[str, RowScore]:
+def rows_of(name: str, models: dict, mode: str = "logprob") -> dict[str, RowScore]:
     """The table rows a finished run gives, by row number ("final" for an ablation's pipeline)."""
     picked: dict[str, dict | list[dict] | None]
     if name == "U":
@@ -268,11 +274,56 @@ def rows_of(name: str, models: dict) -> dict[str, RowScore]:
     else:
         dp = [models[f"dp_adapter:{bank}"] for bank in BANKS if f"dp_adapter:{bank}" in models] or None
         picked = {"1": models.get("base"), "3": models.get("professional"), "4a": dp, "6": models.get("final")}
-    return {number: score(entry) for number, entry in picked.items() if entry}
+    return {number: score(entry, mode) for number, entry in picked.items() if entry}
 
 
 # finished runs' rows, details and wall clock (see RunStore)
 STORE = RunStore(RESULTS / "finance_headline_runs.json")
+
+
+FULL_MODES = ["logprob", "generation"]
+
+
+def full_eval(args, name: str, spec_: dict) -> None:
+    """`ksg eval` of a finished run's released models (those its evaluate stage scored) on every
+    item of the three test sets, by label log-probability and by parsed generation. Scoring
+    released models again trains nothing and releases nothing; the rows join the run's entry."""
+    entry = STORE.entry(name, spec_)
+    if not finished(args.workdir, name, spec_) or entry is None:
+        print(f"run {name}: not finished here, so not scored on the full test sets", flush=True)
+        return
+    if "full_rows" in entry:
+        return
+    run_dir = args.workdir / name
+    models = next(stage["params"]["models"] for stage in spec_["stages"] if isinstance(stage, dict) and stage["name"] == "evaluate")
+    print(f"[{time.strftime('%H:%M:%S')}] run {name}: its models on the full test sets", flush=True)
+    seconds = ksg("eval", str(run_dir), "--models", ",".join(models), "--tasks", ",".join(TASKS), "--modes", ",".join(FULL_MODES), "--limit", "0")
+    report = json.loads((run_dir / "eval/eval_report.json").read_text())["models"]
+    scored = next(iter(report.values()))["tasks"]
+    STORE.add(name, spec_, full_rows={mode: {k: asdict(v) for k, v in rows_of(name, report, mode).items()} for mode in FULL_MODES},
+              full_items={t: scored[t]["logprob"]["n"] for t in TASKS}, full_eval_seconds=round(seconds, 1))
+
+
+def full_table(args, e: str, specs: dict[str, dict]) -> list[str]:
+    """The rows scored on the full test sets, one table per answer mode; [] before any is."""
+    names = [n for n in ("U", f"A{e}", f"B{e}", f"D{e}", "C") if n in specs] + [n for n in specs if n.startswith(f"A{e}-")]
+    entries = {n: STORE.entry(n, specs[n]) for n in names}
+    entries = {n: v for n, v in entries.items() if v and "full_rows" in v}
+    if not entries:
+        return []
+    sizes = ", ".join(f"{t} {n}" for t, n in next(iter(entries.values()))["full_items"].items())
+    lines = [f"### epsilon {e}, every item of the test sets ({sizes})", "",
+             "Accuracy and macro-F1 by label log-probability and by parsed generation (greedy, 12 new tokens; an answer naming no label counts as wrong). "
+             "Rows not listed have not been scored on the full sets yet.", ""]
+    for mode in FULL_MODES:
+        lines += [f"By {'label log-probability' if mode == 'logprob' else 'parsed generation'}:", "",
+                  "| row | model | FPB | FiQA | TFNS | mean +- SE | macro-F1 |", "|---|---|---|---|---|---|---|"]
+        for name, entry in entries.items():
+            for number, value in entry["full_rows"][mode].items():
+                label = ROW_LABELS[number].format(e=e) if number in ROW_LABELS else f"6 with one change: {ABLATIONS[name.split('-', 1)[1]][1]}"
+                lines.append(f"| {number if number in ROW_LABELS else name} | {label} | {RowScore(**value).cells()} |")
+        lines.append("")
+    return lines
 
 
 def run_rows(args, name: str, specs: dict[str, dict]) -> dict[str, RowScore]:
@@ -425,6 +476,7 @@ def report(args) -> None:
         rows, means = table(args, e, specs)
         lines += [f"## epsilon {e} per bank (delta 1e-5 or 1/(100 N))", "", *rows, "", gap_line(means), "", *run_details(args, e, specs), ""]
         lines += ablation_table(args, e, specs)
+        lines += full_table(args, e, specs)
     curve = RESULTS / "finance_headline_curve.png"
     if plot_curve(args, [eps_name(float(x)) for x in args.epsilons.split(",")], specs, curve):
         lines += [f"![mean accuracy against epsilon]({curve.name})", ""]
@@ -456,6 +508,12 @@ def main() -> None:
         report(args)
         return
     only = set(args.only.split(",")) if args.only else None
+    if args.full_eval:
+        for name, spec_ in plan(args).items():
+            if only is None or name in only:
+                full_eval(args, name, spec_)
+                report(args)
+        return
     for name, spec_ in plan(args).items():
         if only is not None and name not in only:
             continue

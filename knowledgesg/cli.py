@@ -252,7 +252,7 @@ def evaluate(
     private: Annotated[list[str] | None, typer.Option(help="CLIENT=FILE: a client's private test set, scored on its side (repeatable)")] = None,
     models: Annotated[str, typer.Option(help="comma-separated: base, dp, final, professional")] = "base,dp,final",
     modes: Annotated[str, typer.Option(help="comma-separated: logprob, generation")] = "logprob,generation",
-    limit: Annotated[int, typer.Option(help="items per task (seeded subset)")] = 200,
+    limit: Annotated[int, typer.Option(min=0, help="items per task (a seeded subset, the same for every model); 0: every item")] = 200,
     seed: Annotated[int, typer.Option()] = 0,
     precision: Annotated[str, typer.Option(help="weights of the scored models: float32, bfloat16, or auto (bfloat16 where it runs natively)")] = "float32",
     published: Annotated[Path | None, typer.Option(help="on a client's run (--role client): the server's stages/publish directory, copied here; "
@@ -275,7 +275,7 @@ def evaluate(
             raise InputError(f"ksg eval: --private takes CLIENT=FILE, got {item!r}")
         private_tasks.setdefault(client, []).append(path)
     try:
-        options = EvalOptions(tasks=split(tasks), private_tasks=private_tasks, models=split(models), modes=split(modes), limit=limit, seed=seed, precision=precision)
+        options = EvalOptions(tasks=split(tasks), private_tasks=private_tasks, models=split(models), modes=split(modes), limit=limit or None, seed=seed, precision=precision)
     except ValidationError as err:
         raise InputError(format_validation_error("ksg eval", err)) from None
     spec, _ = load_run_spec(run_dir)

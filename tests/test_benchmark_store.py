@@ -4,6 +4,7 @@ benchmarks build today (a changed default would otherwise make a committed row s
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import audit_power  # noqa: E402
 import finance_headline  # noqa: E402
-from _common import RunStore  # noqa: E402
+from _common import RunStore, spec_digest  # noqa: E402
 
 
 def test_an_entry_is_found_only_for_the_spec_it_ran_and_a_save_leaves_no_temp_file(tmp_path):
@@ -53,6 +54,40 @@ def test_a_headline_row_averages_macro_f1_over_tasks_and_banks_and_a_stored_row_
     assert banks.cells().endswith("| 0.400")
     stored = finance_headline.RowScore(acc=banks.acc, mean=banks.mean, se=banks.se)  # as rows saved before macro-F1 was kept
     assert stored.cells().endswith("| n/a")
+
+
+def test_full_eval_scores_a_finished_runs_models_on_every_item_and_keeps_the_rows_in_its_entry(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["finance_headline.py", "--workdir", str(tmp_path)])
+    args = finance_headline.parse_args()
+    specs = finance_headline.plan(args)
+    store = RunStore(tmp_path / "runs.json")
+    monkeypatch.setattr(finance_headline, "STORE", store)
+    calls = []
+
+    def fake_ksg(*argv):  # what `ksg eval` writes: every model it was asked for, both modes
+        calls.append(argv)
+        scores = {"logprob": {"accuracy": 0.5, "macro_f1": 0.4, "n": 10}, "generation": {"accuracy": 0.3, "macro_f1": 0.2, "n": 10}}
+        report = {"models": {"final": {"tasks": {t: scores for t in finance_headline.TASKS}}}}
+        (Path(argv[1]) / "eval").mkdir(parents=True)
+        (Path(argv[1]) / "eval/eval_report.json").write_text(json.dumps(report))
+        return 7.0
+
+    monkeypatch.setattr(finance_headline, "ksg", fake_ksg)
+    finance_headline.full_eval(args, "D8", specs["D8"])
+    assert calls == [] and store.runs() == {}  # not finished here: nothing scored
+
+    (tmp_path / "D8").mkdir()
+    (tmp_path / "D8.done").write_text(spec_digest(specs["D8"]))
+    store.save("D8", specs["D8"], 100.0, rows={})
+    finance_headline.full_eval(args, "D8", specs["D8"])
+    finance_headline.full_eval(args, "D8", specs["D8"])  # scored once
+    assert len(calls) == 1 and calls[0][0] == "eval" and calls[0][calls[0].index("--limit") + 1] == "0"
+    assert calls[0][calls[0].index("--models") + 1] == "final" and calls[0][calls[0].index("--modes") + 1] == "logprob,generation"
+    entry = store.entry("D8", specs["D8"])
+    assert "earlier" not in entry and entry["seconds"] == 100.0 and entry["full_eval_seconds"] == 7.0  # the same measurement, more figures
+    assert entry["full_rows"]["generation"]["4b"]["mean"] == 0.3 and entry["full_items"] == {t: 10 for t in finance_headline.TASKS}
+    table = "\n".join(finance_headline.full_table(args, "8", specs))
+    assert "fpb 10, fiqa 10, tfns 10" in table and "| 4b | DP-FedAvg" in table and "**0.300** +- " in table and "**0.500** +- " in table
 
 def test_the_audit_power_store_belongs_to_the_rows_the_benchmark_measures_today():
     defaults = audit_power.parse_args(["--workdir", "unused"])
