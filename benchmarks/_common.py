@@ -73,12 +73,13 @@ class RunStore:
             runs[name]["earlier"] = earlier
         self._write(runs)
 
-    def add(self, name: str, spec: dict, **fields) -> None:
-        """Further figures of the run measured last (e.g. its released models scored on more test
-        items): they join its entry, which stays the same measurement."""
+    def add(self, name: str, spec: dict, measured: dict, **fields) -> None:
+        """Further figures of the measurement `measured` (the entry as read before they were made,
+        e.g. its released models scored on more test items): they join that entry. Raises if the
+        entry is another measurement by now (a newer save) or another spec."""
         runs = self.runs()
-        if self.entry(name, spec) is None:
-            raise KeyError(f"{name}: no finished run of this spec in {self.path.name}")
+        if self.entry(name, spec) != measured:
+            raise KeyError(f"{name}: the store no longer holds that measurement of this spec ({self.path.name})")
         runs[name].update(fields)
         self._write(runs)
 

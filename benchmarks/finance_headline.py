@@ -188,7 +188,7 @@ def run(args, name: str, spec_: dict, times: dict) -> None:
     if source and not (run_dir / "stages").is_dir():
         # A's stages are reused where this run leaves them alike: a copy of a finished A only (an
         # unfinished one would make this run draw its own DP adapters, a second release of the banks' data)
-        if not finished(workdir, source):
+        if not finished(workdir, source, plan(args)[source]):
             print(f"run {name} waits for {source}" + (f" (its results are in {STORE.path.name}, but its directory is not in {workdir}: run it here with --only {source})"
                                                       if source in STORE.runs() else ""), flush=True)
             return
@@ -200,19 +200,22 @@ def run(args, name: str, spec_: dict, times: dict) -> None:
     times[name] = round(times.get(name, 0) + seconds, 1)
     (workdir / "times.json").write_text(json.dumps(times, indent=1))
     (workdir / f"{name}.done").write_text(spec_digest(spec_))
-    STORE.save(name, spec_, times[name], rows={k: asdict(v) for k, v in rows_of(name, results(workdir, name)).items()},
+    STORE.save(name, spec_, times[name], rows={k: asdict(v) for k, v in rows_of(name, results(args, name, spec_)).items()},
                details=details(workdir / name) if name.startswith("A") else [])
 
 
-def results(workdir: Path, name: str) -> dict:
+def results(args, name: str, spec_: dict) -> dict:
     """A finished run's evaluation (a B copied from A holds A's until its own evaluate ran). Before
-    it finishes, `ksg eval` of its released models (`--early-eval`, the same options) stands in."""
-    path = workdir / name / "stages/evaluate/results.json"
-    if finished(workdir, name) and path.is_file():
-        return json.loads(path.read_text())["models"]
-    early = workdir / name / "eval/eval_report.json"
-    # an ablation's copy holds A's eval directory: not its own
-    return json.loads(early.read_text())["models"] if early.is_file() and name.startswith("A") and "-" not in name else {}
+    it finishes, `ksg eval` of its released models (`--early-eval`: the same items and mode) stands in."""
+    path = args.workdir / name / "stages/evaluate/results.json"
+    if finished(args.workdir, name, spec_):
+        return json.loads(path.read_text())["models"] if path.is_file() else {}
+    early = args.workdir / name / "eval/eval_report.json"
+    # an ablation's copy holds A's eval directory, not its own; and --full-eval leaves another limit there
+    if not (early.is_file() and name.startswith("A") and "-" not in name):
+        return {}
+    report = json.loads(early.read_text())
+    return report["models"] if report["options"]["limit"] == args.limit and "logprob" in report["options"]["modes"] else {}
 
 
 def early_eval(args, name: str) -> None:
@@ -294,14 +297,23 @@ def full_eval(args, name: str, spec_: dict) -> None:
         return
     if "full_rows" in entry:
         return
+    if measured_rows(rows_of(name, results(args, name, spec_))) != measured_rows({k: RowScore(**v) for k, v in entry["rows"].items()}):
+        # e.g. a run measured again here while the store still holds the measurement before it
+        print(f"run {name}: the run here is not the measurement the store holds, so not scored on the full test sets", flush=True)
+        return
     run_dir = args.workdir / name
     models = next(stage["params"]["models"] for stage in spec_["stages"] if isinstance(stage, dict) and stage["name"] == "evaluate")
     print(f"[{time.strftime('%H:%M:%S')}] run {name}: its models on the full test sets", flush=True)
     seconds = ksg("eval", str(run_dir), "--models", ",".join(models), "--tasks", ",".join(TASKS), "--modes", ",".join(FULL_MODES), "--limit", "0")
     report = json.loads((run_dir / "eval/eval_report.json").read_text())["models"]
     scored = next(iter(report.values()))["tasks"]
-    STORE.add(name, spec_, full_rows={mode: {k: asdict(v) for k, v in rows_of(name, report, mode).items()} for mode in FULL_MODES},
+    STORE.add(name, spec_, entry, full_rows={mode: {k: asdict(v) for k, v in rows_of(name, report, mode).items()} for mode in FULL_MODES},
               full_items={t: scored[t]["logprob"]["n"] for t in TASKS}, full_eval_seconds=round(seconds, 1))
+
+
+def measured_rows(rows: dict[str, RowScore]) -> dict[str, tuple]:
+    """What identifies a measurement's rows (macro-F1 aside: rows stored before it was kept lack it)."""
+    return {k: (v.acc, v.mean, v.se) for k, v in rows.items()}
 
 
 def full_table(args, e: str, specs: dict[str, dict]) -> list[str]:
@@ -327,12 +339,15 @@ def full_table(args, e: str, specs: dict[str, dict]) -> list[str]:
 
 
 def run_rows(args, name: str, specs: dict[str, dict]) -> dict[str, RowScore]:
-    """A run's rows: from its directory here when it has finished (or been scored early), else from the store."""
-    here = rows_of(name, results(args.workdir, name))
-    if here:
-        return here
-    entry = STORE.entry(name, specs[name]) if name in specs else None
-    return {k: RowScore(**v) for k, v in entry["rows"].items()} if entry else {}
+    """A run's rows: from its directory here when it has finished, else from the store, else (a
+    first measurement under way) from its early `ksg eval`. A run measured again shows the stored
+    measurement until the new one finishes: rows of two measurements are never mixed."""
+    if name not in specs:
+        return {}
+    entry = STORE.entry(name, specs[name])
+    if finished(args.workdir, name, specs[name]) or entry is None:
+        return rows_of(name, results(args, name, specs[name]))
+    return {k: RowScore(**v) for k, v in entry["rows"].items()}
 
 
 ROW_LABELS = {
@@ -389,7 +404,7 @@ def ablation_table(args, e: str, specs: dict[str, dict]) -> list[str]:
         if value is None:
             lines.append(f"| {label} | not run yet | | | | | |")
             continue
-        kept = count_lines(args.workdir / name, "refine", "refined.jsonl") if finished(args.workdir, name) else "see the store"
+        kept = count_lines(args.workdir / name, "refine", "refined.jsonl") if finished(args.workdir, name, specs[name]) else "see the store"
         lines.append(f"| {label} | {value.cells()} | {kept} |")
     return [*lines, ""]
 
@@ -419,7 +434,7 @@ def details(run_dir: Path) -> list[str]:
 
 def run_details(args, e: str, specs: dict[str, dict]) -> list[str]:
     name = f"A{e}"
-    if finished(args.workdir, name):  # an unfinished run here (measured again) has not replaced the stored one yet
+    if finished(args.workdir, name, specs[name]):  # an unfinished run here (measured again) has not replaced the stored one yet
         return details(args.workdir / name)
     entry = STORE.entry(name, specs[name])
     return entry["details"] if entry else []
@@ -462,7 +477,6 @@ def plot_curve(args, epsilons: list[str], specs: dict[str, dict], path: Path) ->
 
 def report(args) -> None:
     specs = plan(args)
-    times = json.loads((args.workdir / "times.json").read_text()) if (args.workdir / "times.json").is_file() else {}
     lines = ["# The headline: finance at about a thousand records per bank, every private alternative beside the pipeline", "",
              f"Command: `{command()}` (from `{Path.cwd()}`)", f"Machine: {machine()}", f"Package code the `ksg` runs import (the working directory's): {code_version()}", "",
              f"{args.per_source} FPB + {args.per_source} TFNS training sentences (test sentences removed) over 3 banks, Dirichlet(1.0) over labels, "
@@ -486,8 +500,8 @@ def report(args) -> None:
         entry = STORE.entry(name, specs[name])
         if entry:
             lines.append(f"- {name}: {entry['seconds']:.0f} s, {entry['code']}, {entry['machine']}" + (f"; {entry['note']}" if entry.get("note") else ""))
-        if name in times and not finished(args.workdir, name):
-            lines.append(f"- {name}: {'measured again, ' if entry else ''}unfinished here after {times[name]:.0f} s ({code_version()})")
+        if (args.workdir / name).is_dir() and not finished(args.workdir, name, specs[name]):
+            lines.append(f"- {name}: {'measured again here, ' if entry else ''}not finished yet")
     lines.append("(A run resumed over several invocations adds their times; other jobs may have shared the 2 cores.)")
     repeats = [f"- {name}, measured before with {entry['code']}: " + "; ".join(f"row {k} {RowScore(**v).mean:.3f} +- {RowScore(**v).se:.3f}" for k, v in entry["rows"].items())
                for name, now in STORE.runs().items() for entry in now.get("earlier", [])]

@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import asdict
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import audit_power  # noqa: E402
@@ -32,6 +35,12 @@ def test_an_entry_is_found_only_for_the_spec_it_ran_and_a_save_leaves_no_temp_fi
     entry = store.entry("A8", {"epochs": 2})
     assert entry["rows"] == {"6": 0.45} and [e["rows"]["6"] for e in entry["earlier"]] == [0.44, 0.47]
     assert all("earlier" not in e for e in entry["earlier"])
+
+    # more figures of the newest measurement join it; figures made from a stale reading do not
+    store.add("A8", {"epochs": 2}, entry, full_rows={"6": 0.5})
+    assert store.entry("A8", {"epochs": 2}) == {**entry, "full_rows": {"6": 0.5}}
+    with pytest.raises(KeyError):
+        store.add("A8", {"epochs": 2}, entry, full_rows={"6": 0.6})
 
 
 def test_the_headline_store_belongs_to_the_specs_the_benchmark_builds_today(monkeypatch):
@@ -76,15 +85,22 @@ def test_full_eval_scores_a_finished_runs_models_on_every_item_and_keeps_the_row
     finance_headline.full_eval(args, "D8", specs["D8"])
     assert calls == [] and store.runs() == {}  # not finished here: nothing scored
 
-    (tmp_path / "D8").mkdir()
+    evaluated = {"final": {"tasks": {t: {"logprob": {"accuracy": 0.6, "macro_f1": 0.5, "n": 400}} for t in finance_headline.TASKS}}}
+    (tmp_path / "D8/stages/evaluate").mkdir(parents=True)
+    (tmp_path / "D8/stages/evaluate/results.json").write_text(json.dumps({"models": evaluated}))
     (tmp_path / "D8.done").write_text(spec_digest(specs["D8"]))
-    store.save("D8", specs["D8"], 100.0, rows={})
+    measured = {k: asdict(v) for k, v in finance_headline.rows_of("D8", evaluated).items()}
+    store.save("D8", specs["D8"], 100.0, rows={"4b": {**measured["4b"], "mean": 0.41}})  # another measurement of the same spec
+    finance_headline.full_eval(args, "D8", specs["D8"])
+    assert calls == []  # the run here is not the stored measurement: its figures would join another's
+
+    store.save("D8", specs["D8"], 100.0, rows=measured)
     finance_headline.full_eval(args, "D8", specs["D8"])
     finance_headline.full_eval(args, "D8", specs["D8"])  # scored once
     assert len(calls) == 1 and calls[0][0] == "eval" and calls[0][calls[0].index("--limit") + 1] == "0"
     assert calls[0][calls[0].index("--models") + 1] == "final" and calls[0][calls[0].index("--modes") + 1] == "logprob,generation"
     entry = store.entry("D8", specs["D8"])
-    assert "earlier" not in entry and entry["seconds"] == 100.0 and entry["full_eval_seconds"] == 7.0  # the same measurement, more figures
+    assert entry["seconds"] == 100.0 and entry["rows"] == measured and entry["full_eval_seconds"] == 7.0  # the same measurement, more figures
     assert entry["full_rows"]["generation"]["4b"]["mean"] == 0.3 and entry["full_items"] == {t: 10 for t in finance_headline.TASKS}
     table = "\n".join(finance_headline.full_table(args, "8", specs))
     assert "fpb 10, fiqa 10, tfns 10" in table and "| 4b | DP-FedAvg" in table and "**0.300** +- " in table and "**0.500** +- " in table

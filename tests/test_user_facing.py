@@ -121,7 +121,8 @@ def test_eval_scores_a_users_own_files_and_keeps_a_private_test_set_on_its_clien
 def test_eval_limit_0_scores_every_item(published: Path, tmp_path: Path, capsys):
     labelled = write_jsonl(tmp_path / "my_test.jsonl", sentiment_rows(6))
     assert main(["eval", str(published), "--tasks", str(labelled), "--models", "base", "--modes", "logprob", "--limit", "0"]) == 0, capsys.readouterr().err
-    assert read_json(published / "eval/eval_report.json")["models"]["base"]["tasks"]["my_test"]["logprob"]["n"] == 6
+    report = read_json(published / "eval/eval_report.json")
+    assert report["options"]["limit"] is None and report["models"]["base"]["tasks"]["my_test"]["logprob"]["n"] == 6
 
 @pytest.mark.parametrize("content,pattern", [
     ('{"instruction": "Q", "response": "same"}\n{"instruction": "Q2", "response": "same"}\n', r"needs 2 to 20 distinct responses to choose between, found 1"),
