@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def command() -> str:
-    return " ".join([".venv/bin/python", os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    return shlex.join([".venv/bin/python", os.path.relpath(sys.argv[0]), *sys.argv[1:]])
 
 
 def machine() -> str:

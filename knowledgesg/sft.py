@@ -82,8 +82,9 @@ def unit_loss_on(device: str):
 
 
 # Model families whose causal-LM head is a plain linear map of the decoder's last hidden state
-# (no logit soft-capping or scaling after it), so it may be applied to the labelled positions alone.
-PLAIN_HEAD_FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
+# (no scaling after it; Gemma's logit soft-capping where its config sets none, as Gemma 3's does),
+# so it may be applied to the labelled positions alone.
+PLAIN_HEAD_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text"}
 
 
 def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
@@ -93,7 +94,7 @@ def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     while hasattr(model, "_module"):  # opacus.GradSampleModule: hooks sit on the inner layers
         model = model._module
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "model_type", None) not in PLAIN_HEAD_FAMILIES:
+    if getattr(base.config, "model_type", None) not in PLAIN_HEAD_FAMILIES or getattr(base.config, "final_logit_softcapping", None) is not None:
         return None
     head = base.get_output_embeddings()
     if head is None or any(p.requires_grad for p in head.parameters()):
@@ -101,25 +102,42 @@ def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     return base.get_decoder(), head
 
 
-def sequence_losses(model, inputs: dict[str, torch.Tensor], device: str) -> torch.Tensor:
-    """Each row's mean cross-entropy over its labelled tokens, shape [rows].
-
-    The vocabulary projection (49k x 576 for SmolLM2, a fifth of the model's flops per token) is
-    applied only where a token is predicted that carries a label: not on padding, and with
-    `loss_on="response"` not on the prompt. Same value as `per_sequence_loss` on the full logits.
-    """
-    ids, mask, labels = inputs["input_ids"].to(device), inputs["attention_mask"].to(device), inputs["labels"].to(device)
+def labelled_token_losses(model, inputs: dict[str, torch.Tensor], device: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(cross-entropy of each labelled token, the row it is in), with the vocabulary projection
+    (49k x 576 for SmolLM2, a fifth of the model's flops per token; 262k x 640 for Gemma 3, more
+    than the rest of the model) applied only where a token is predicted that carries a label: not
+    on padding, and with `loss_on="response"` not on the prompt. None when the head cannot be split off."""
     parts = decoder_and_head(model)
     if parts is None:
-        return per_sequence_loss(model(input_ids=ids, attention_mask=mask).logits.float(), labels)
+        return None
     decoder, head = parts
+    ids, mask, labels = inputs["input_ids"].to(device), inputs["attention_mask"].to(device), inputs["labels"].to(device)
     hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
     targets = labels[:, 1:]
     labelled = targets != IGNORE
     token_loss = torch.nn.functional.cross_entropy(head(hidden[:, :-1][labelled]).float(), targets[labelled], reduction="none")
-    rows = labelled.nonzero()[:, 0]
-    sums = torch.zeros(len(ids), dtype=token_loss.dtype, device=token_loss.device).index_add_(0, rows, token_loss)
-    return sums / labelled.sum(dim=1).clamp(min=1)
+    return token_loss, labelled.nonzero()[:, 0]
+
+
+def sequence_losses(model, inputs: dict[str, torch.Tensor], device: str) -> torch.Tensor:
+    """Each row's mean cross-entropy over its labelled tokens, shape [rows]: the same value as
+    `per_sequence_loss` on the full logits, with the head on labelled positions only."""
+    gathered = labelled_token_losses(model, inputs, device)
+    if gathered is None:
+        return per_sequence_loss(model(input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device)).logits.float(), inputs["labels"].to(device))
+    token_loss, rows = gathered
+    rows_n = len(inputs["input_ids"])
+    sums = torch.zeros(rows_n, dtype=token_loss.dtype, device=token_loss.device).index_add_(0, rows, token_loss)
+    return sums / torch.bincount(rows, minlength=rows_n).clamp(min=1)
+
+
+def batch_token_loss(model, inputs: dict[str, torch.Tensor], device: str) -> torch.Tensor:
+    """The mean cross-entropy over every labelled token of the batch, as a model's built-in loss
+    computes it (fine without privacy, e.g. on public data), with the head on labelled positions only."""
+    gathered = labelled_token_losses(model, inputs, device)
+    if gathered is None:
+        return model(**{k: v.to(device) for k, v in inputs.items()}).loss
+    return gathered[0].mean()
 
 
 def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,7 @@ class TuneProfessional(Stage):
         import torch
         from peft import LoraConfig, get_peft_model
 
-        from knowledgesg.sft import collate
+        from knowledgesg.sft import batch_token_loss, collate
 
         p: TuneProfessionalParams = self.params
         records = load_labelled_pool(p.data, ctx.base_dir, ctx.seed, self.name)
@@ -104,8 +104,7 @@ class TuneProfessional(Stage):
             task = bar.add_task(f"tune_professional on {len(examples)} public records", total=steps)
             batches = self._batches(len(examples), p.batch_size, steps, order)
             for step, rows in enumerate(batches, start=1):
-                batch = {k: v.to(device) for k, v in collate([examples[i] for i in rows], tokenizer.pad_token_id).items()}
-                loss = model(**batch).loss
+                loss = batch_token_loss(model, collate([examples[i] for i in rows], tokenizer.pad_token_id), device)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()

@@ -159,6 +159,51 @@ def test_loss_on_labelled_positions_equals_the_full_logits_loss(setup):
         assert torch.allclose(gathered, full, atol=1e-5, rtol=1e-5), (loss_on, gathered, full)
 
 
+def _tiny_gemma3(softcapping: float | None):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                              head_dim=16, sliding_window=8, final_logit_softcapping=softcapping)
+    model = get_peft_model(Gemma3ForCausalLM(config), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    for name, parameter in model.named_parameters():  # B away from zero, so that the adapter has a gradient to compare
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.1)
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_the_batch_loss_on_labelled_positions_equals_the_models_own_loss_and_gradient(setup, family):
+    """tune_professional's loss (public data: the batch's token mean) with the head on labelled
+    positions only: the model's built-in loss and the adapter's gradient, unchanged. Gemma 3's
+    262k-token head made the full logits cost more than the rest of the model."""
+    from knowledgesg.sft import batch_token_loss, decoder_and_head
+
+    if family == "llama":
+        model = copy.deepcopy(setup[0])
+        batch = collate(setup[2][:4], setup[1].pad_token_id)
+    else:
+        model = _tiny_gemma3(None)
+        ids = [[2, 17, 41, 99, 5, 8, 250], [2, 31, 7, 12], [2, 60, 61, 62, 63, 64]]
+        batch = {"input_ids": torch.tensor([r + [0] * (7 - len(r)) for r in ids]), "attention_mask": torch.tensor([[1] * len(r) + [0] * (7 - len(r)) for r in ids]),
+                 "labels": torch.tensor([[-100] * (len(r) - 2) + r[-2:] + [-100] * (7 - len(r)) for r in ids])}
+        assert decoder_and_head(_tiny_gemma3(30.0)) is None  # soft-capped logits: the head is not split off
+    assert decoder_and_head(model) is not None
+    model.train()
+    trained = [t for t in model.parameters() if t.requires_grad]
+
+    def loss_and_grads(loss_fn):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), [t.grad.clone() for t in trained]
+
+    own, own_grads = loss_and_grads(lambda: model(**batch).loss)
+    gathered, gathered_grads = loss_and_grads(lambda: batch_token_loss(model, batch, "cpu"))
+    assert torch.allclose(gathered, own, atol=1e-5, rtol=1e-5), (gathered, own)
+    assert any(g.abs().max() > 0 for g in own_grads)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(gathered_grads, own_grads))
+
 def test_length_grouped_micro_batches_leave_the_dp_update_unchanged(setup):
     """Same units, one physical batch against length-grouped ones of at most 2 rows: the same
     clipped sum (no noise), so the same update to float tolerance."""
