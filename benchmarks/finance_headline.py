@@ -478,7 +478,7 @@ def plot_curve(args, epsilons: list[str], specs: dict[str, dict], path: Path) ->
 def report(args) -> None:
     specs = plan(args)
     lines = ["# The headline: finance at about a thousand records per bank, every private alternative beside the pipeline", "",
-             f"Command: `{command()}` (from `{Path.cwd()}`)", f"Machine: {machine()}", f"Package code the `ksg` runs import (the working directory's): {code_version()}", "",
+             f"Command: `{command()}` (from `{Path.cwd()}`)", f"Machine: {machine()}", f"Package code in the working directory, which a `ksg` run started by this command imports: {code_version()} (each finished run's own is listed at the end)", "",
              f"{args.per_source} FPB + {args.per_source} TFNS training sentences (test sentences removed) over 3 banks, Dirichlet(1.0) over labels, "
              f"at least {args.min_bank} each; dp_train {args.epochs:g} epochs, expected batch {args.batch_size}, LoRA r=8 on q,v, loss on the whole turn; "
              f"{args.synthetic} synthetic pairs per bank; refine label_source {args.label_source}; fedtune {args.rounds} rounds x {args.local_steps} local steps; accuracy by label log-probability "
