@@ -304,7 +304,8 @@ def full_eval(args, name: str, spec_: dict) -> None:
     run_dir = args.workdir / name
     models = next(stage["params"]["models"] for stage in spec_["stages"] if isinstance(stage, dict) and stage["name"] == "evaluate")
     print(f"[{time.strftime('%H:%M:%S')}] run {name}: its models on the full test sets", flush=True)
-    seconds = ksg("eval", str(run_dir), "--models", ",".join(models), "--tasks", ",".join(TASKS), "--modes", ",".join(FULL_MODES), "--limit", "0")
+    seconds = ksg("eval", str(run_dir), "--models", ",".join(models), "--tasks", ",".join(TASKS), "--modes", ",".join(FULL_MODES), "--limit", "0",
+                  "--no-fidelity")
     report = json.loads((run_dir / "eval/eval_report.json").read_text())["models"]
     scored = next(iter(report.values()))["tasks"]
     STORE.add(name, spec_, entry, full_rows={mode: {k: asdict(v) for k, v in rows_of(name, report, mode).items()} for mode in FULL_MODES},

@@ -255,6 +255,7 @@ def evaluate(
     limit: Annotated[int, typer.Option(min=0, help="items per task (a seeded subset, the same for every model); 0: every item")] = 200,
     seed: Annotated[int, typer.Option()] = 0,
     precision: Annotated[str, typer.Option(help="weights of the scored models: float32, bfloat16, or auto (bfloat16 where it runs natively)")] = "float32",
+    fidelity: Annotated[bool, typer.Option(help="also score each client's synthetic data against its private records (on its side)")] = True,
     published: Annotated[Path | None, typer.Option(help="on a client's run (--role client): the server's stages/publish directory, copied here; "
                                                         "its final adapter and synthetic data are evaluated against this client's private data, on its side")] = None,
 ) -> None:
@@ -275,7 +276,8 @@ def evaluate(
             raise InputError(f"ksg eval: --private takes CLIENT=FILE, got {item!r}")
         private_tasks.setdefault(client, []).append(path)
     try:
-        options = EvalOptions(tasks=split(tasks), private_tasks=private_tasks, models=split(models), modes=split(modes), limit=limit or None, seed=seed, precision=precision)
+        options = EvalOptions(tasks=split(tasks), private_tasks=private_tasks, models=split(models), modes=split(modes), limit=limit or None, seed=seed, precision=precision,
+                              fidelity=fidelity)
     except ValidationError as err:
         raise InputError(format_validation_error("ksg eval", err)) from None
     spec, _ = load_run_spec(run_dir)
@@ -290,7 +292,7 @@ def evaluate(
     private_results = evaluate_private(run_dir, options, device, published=server_release)
     for client, report in private_results.items():
         console.print(f"{client}'s private test set (client side): " + ", ".join(f"{m} {e['mean_accuracy']}" for m, e in report["models"].items()))
-    fidelity = fidelity_run(run_dir, seed, device, server_release)
+    fidelity = fidelity_run(run_dir, seed, device, server_release) if options.fidelity else {}
     paths = write_eval_outputs(run_dir / "eval", results, fidelity, private_results)
     for client, report in fidelity.items():
         console.print(f"synthetic data of {client} (client side, computed against its private data): {report}")
@@ -409,6 +411,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ksg: error: {err}", file=sys.stderr)
         return err.exit_code
     except click.exceptions.Exit as err:
+        return err.exit_code
+    except click.UsageError as err:
+        # one line, as every other bad input: the command, what is wrong, where help is
+        command = err.ctx.command_path if err.ctx is not None else "ksg"
+        # typer already puts its "Did you mean" into an unknown command's message; click's format would repeat it
+        message = err.message if isinstance(err, click.exceptions.NoSuchCommand) else err.format_message()
+        print(f"ksg: error: {command}: {message} (see {command} --help)", file=sys.stderr)
         return err.exit_code
     except click.ClickException as err:
         err.show()

@@ -97,7 +97,7 @@ def test_full_eval_scores_a_finished_runs_models_on_every_item_and_keeps_the_row
     store.save("D8", specs["D8"], 100.0, rows=measured)
     finance_headline.full_eval(args, "D8", specs["D8"])
     finance_headline.full_eval(args, "D8", specs["D8"])  # scored once
-    assert len(calls) == 1 and calls[0][0] == "eval" and calls[0][calls[0].index("--limit") + 1] == "0"
+    assert len(calls) == 1 and calls[0][0] == "eval" and calls[0][calls[0].index("--limit") + 1] == "0" and "--no-fidelity" in calls[0]
     assert calls[0][calls[0].index("--models") + 1] == "final" and calls[0][calls[0].index("--modes") + 1] == "logprob,generation"
     entry = store.entry("D8", specs["D8"])
     assert entry["seconds"] == 100.0 and entry["rows"] == measured and entry["full_eval_seconds"] == 7.0  # the same measurement, more figures

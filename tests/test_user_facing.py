@@ -115,13 +115,16 @@ def test_eval_scores_a_users_own_files_and_keeps_a_private_test_set_on_its_clien
     assert sides["clients/client_0/private_eval.json"] == "client:client_0" and sides["eval_report.html"] == "server"
     kept = read_json(published / "eval/clients/client_0/private_eval.json")
     assert set(kept["models"]) == {"base", "dp_adapter:client_0", "final"} and kept["models"]["final"]["tasks"]["private"]["logprob"]["n"] == 4
+    assert sides["clients/client_0/fidelity.json"] == "client:client_0"  # the synthetic data, scored by default
 
 
 
 def test_eval_limit_0_scores_every_item(published: Path, tmp_path: Path, capsys):
     labelled = write_jsonl(tmp_path / "my_test.jsonl", sentiment_rows(6))
-    assert main(["eval", str(published), "--tasks", str(labelled), "--models", "base", "--modes", "logprob", "--limit", "0"]) == 0, capsys.readouterr().err
+    assert main(["eval", str(published), "--tasks", str(labelled), "--models", "base", "--modes", "logprob", "--limit", "0",
+                 "--no-fidelity"]) == 0, capsys.readouterr().err
     report = read_json(published / "eval/eval_report.json")
+    assert not any("fidelity" in path for path in read_json(published / "eval/sides.json"))
     assert report["options"]["limit"] is None and report["models"]["base"]["tasks"]["my_test"]["logprob"]["n"] == 6
 
 @pytest.mark.parametrize("content,pattern", [
@@ -134,6 +137,17 @@ def test_a_bad_test_file_is_one_line_and_exit_2(published: Path, tmp_path: Path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(pattern, err[0]), err
 
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["eval", "runs/x", "--limit", "-1"], r"^ksg: error: ksg eval: Invalid value for '--limit': -1 is not in the range x>=0\. \(see ksg eval --help\)$"),
+    (["evl"], r"^ksg: error: ksg: No such command 'evl'\. Did you mean 'eval'\? \(see ksg --help\)$"),
+    (["run"], r"^ksg: error: ksg run: Missing argument 'SPEC'\."),
+], ids=["bad-value", "unknown-command", "missing-argument"])
+def test_a_usage_error_is_one_line_and_exit_2(capsys, argv, pattern):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(pattern, err[0]), err
 
 # -- ksg init and ksg check -----------------------------------------------------------------------
 
