@@ -179,6 +179,38 @@ def copied_from(name: str) -> str | None:
     return None
 
 
+def dp_releases(args, name: str, spec_: dict) -> list[str] | None:
+    """The release ids of the DP adapters a pipeline run (A<eps>, or a copy of one) is built on:
+    from its ledger when it finished here, else as stored (None: not known, e.g. stored before
+    they were kept). A run measured again draws new adapters, and its copies must follow it."""
+    ledger = args.workdir / name / "stages/dp_train/ledger.json"
+    if finished(args.workdir, name, spec_) and ledger.is_file():
+        return sorted(e["release_id"] for e in json.loads(ledger.read_text()))
+    entry = STORE.entry(name, spec_)
+    return entry.get("dp_releases") if entry else None
+
+
+def on_earlier_adapters(args, name: str, specs: dict[str, dict]) -> bool:
+    """A copied run (B<eps>, an ablation) whose rows were measured on DP adapters other than
+    its source's now: the source was measured again after it, so the two do not belong together."""
+    source = copied_from(name)
+    if source is None or name not in specs or source not in specs or not run_rows(args, name, specs):
+        return False
+    return dp_releases(args, name, specs[name]) != dp_releases(args, source, specs[source])
+
+
+def keep_dp_releases(args, specs: dict[str, dict]) -> None:
+    """Into each stored pipeline run (A, B, ablation) that lacks them, the ids of its DP adapters,
+    read from its directory here when that is the stored measurement (runs saved before the ids
+    were kept): so a later session, without this directory, still tells which rows belong together."""
+    for name, spec_ in specs.items():
+        entry = STORE.entry(name, spec_)
+        if not name.startswith(("A", "B")) or entry is None or "dp_releases" in entry or not finished(args.workdir, name, spec_):
+            continue
+        if measured_rows(rows_of(name, results(args, name, spec_))) == measured_rows({k: RowScore(**v) for k, v in entry["rows"].items()}):
+            STORE.add(name, spec_, entry, dp_releases=dp_releases(args, name, spec_))
+
+
 def run(args, name: str, spec_: dict, times: dict) -> None:
     workdir: Path = args.workdir
     if finished(workdir, name, spec_):
@@ -201,7 +233,7 @@ def run(args, name: str, spec_: dict, times: dict) -> None:
     (workdir / "times.json").write_text(json.dumps(times, indent=1))
     (workdir / f"{name}.done").write_text(spec_digest(spec_))
     STORE.save(name, spec_, times[name], rows={k: asdict(v) for k, v in rows_of(name, results(args, name, spec_)).items()},
-               details=details(workdir / name) if name.startswith("A") else [])
+               details=details(workdir / name) if name.startswith("A") else [], dp_releases=dp_releases(args, name, spec_))
 
 
 def results(args, name: str, spec_: dict) -> dict:
@@ -375,8 +407,9 @@ def row_scores(args, e: str, specs: dict[str, dict]) -> dict[str, RowScore]:
 def table(args, e: str, specs: dict[str, dict]) -> tuple[list[str], dict[str, float]]:
     lines = ["| row | model | FPB | FiQA | TFNS | mean +- SE | macro-F1 |", "|---|---|---|---|---|---|---|"]
     found = row_scores(args, e, specs)
+    stale = on_earlier_adapters(args, f"B{e}", specs)
     for number, label in ROW_LABELS.items():
-        label = label.format(e=e)
+        label = label.format(e=e) + (f" (on the DP adapters of an earlier A{e}: B{e} not run again since)" if number == "5" and stale else "")
         lines.append(f"| {number} | {label} | {found[number].cells()} |" if number in found else f"| {number} | {label} | not run yet | | | | |")
     return lines, {k: v.mean for k, v in found.items()}
 
@@ -406,7 +439,8 @@ def ablation_table(args, e: str, specs: dict[str, dict]) -> list[str]:
             lines.append(f"| {label} | not run yet | | | | | |")
             continue
         kept = count_lines(args.workdir / name, "refine", "refined.jsonl") if finished(args.workdir, name, specs[name]) else "see the store"
-        lines.append(f"| {label} | {value.cells()} | {kept} |")
+        stale = f" (on the DP adapters of an earlier A{e}: not run again since)" if on_earlier_adapters(args, name, specs) else ""
+        lines.append(f"| {label}{stale} | {value.cells()} | {kept} |")
     return [*lines, ""]
 
 
@@ -523,6 +557,7 @@ def main() -> None:
         report(args)
         return
     only = set(args.only.split(",")) if args.only else None
+    keep_dp_releases(args, plan(args))
     if args.full_eval:
         for name, spec_ in plan(args).items():
             if only is None or name in only:

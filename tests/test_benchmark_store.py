@@ -114,3 +114,45 @@ def test_the_audit_power_store_belongs_to_the_rows_the_benchmark_measures_today(
         assert entry["canary_rows"] and entry["mia_rows"]
         assert all(line.startswith(f"| {audit_power.label(epsilon)} |") for line in entry["canary_rows"] + entry["mia_rows"])
         assert not math.isnan(entry["run_s"] + entry["audit_s"])
+
+
+def test_a_copied_run_measured_on_an_earlier_as_dp_adapters_is_marked_in_the_table(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["finance_headline.py", "--workdir", str(tmp_path), "--ablations", "public"])
+    args = finance_headline.parse_args()
+    specs = finance_headline.plan(args)
+    store = RunStore(tmp_path / "runs.json")
+    monkeypatch.setattr(finance_headline, "STORE", store)
+    final = {"final": {"tasks": {t: {"logprob": {"accuracy": 0.5, "macro_f1": 0.4, "n": 400}} for t in finance_headline.TASKS}}}
+
+    def finish_here(name: str, release_ids: list[str]) -> None:
+        stages = tmp_path / name / "stages"
+        (stages / "evaluate").mkdir(parents=True)
+        (stages / "evaluate/results.json").write_text(json.dumps({"models": final}))
+        (stages / "dp_train").mkdir()
+        (stages / "dp_train/ledger.json").write_text(json.dumps([{"release_id": r, "client_id": b} for r, b in zip(release_ids, finance_headline.BANKS)]))
+        (tmp_path / f"{name}.done").write_text(spec_digest(specs[name]))
+
+    def row_5() -> str:
+        return next(line for line in finance_headline.table(args, "8", specs)[0] if line.startswith("| 5 |"))
+
+    # B8 stored from an A8 whose adapters were not recorded; A8 measured again here since
+    store.save("B8", specs["B8"], 10.0, rows={k: asdict(v) for k, v in finance_headline.rows_of("B8", final).items()})
+    finish_here("A8", ["r1", "r2", "r3"])
+    assert "on the DP adapters of an earlier A8" in row_5() and "0.500" in row_5()
+    assert finance_headline.dp_releases(args, "A8", specs["A8"]) == ["r1", "r2", "r3"]
+
+    # B8 run again here, copied from this A8: its rows belong with A8's
+    finish_here("B8", ["r3", "r1", "r2"])
+    assert "earlier" not in row_5() and "0.500" in row_5()
+    # the store learns the ids from the directories of the measurements it holds (B8's here is
+    # the stored one; A8 was never stored), so a session without them tells the same
+    finance_headline.keep_dp_releases(args, specs)
+    assert store.entry("B8", specs["B8"])["dp_releases"] == ["r1", "r2", "r3"] and store.entry("A8", specs["A8"]) is None
+
+    # an ablation stored with its adapters' ids, then A8 measured a third time
+    store.save("A8-public", specs["A8-public"], 5.0, rows={"final": asdict(finance_headline.score(final["final"]))}, dp_releases=["r1", "r2", "r3"])
+    ablation = next(line for line in finance_headline.ablation_table(args, "8", specs) if "FiQA's public training set" in line)
+    assert "earlier" not in ablation
+    (tmp_path / "A8/stages/dp_train/ledger.json").write_text(json.dumps([{"release_id": r} for r in ("s1", "s2", "s3")]))
+    ablation = next(line for line in finance_headline.ablation_table(args, "8", specs) if "FiQA's public training set" in line)
+    assert "on the DP adapters of an earlier A8" in ablation
