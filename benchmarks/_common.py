@@ -10,6 +10,7 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,7 +70,8 @@ class RunStore:
         if name in runs:
             previous = runs[name]
             earlier = [*previous.pop("earlier", []), previous]
-        runs[name] = {"digest": spec_digest(spec), "code": code_version(), "machine": machine(), "seconds": round(seconds, 1), **fields}
+        runs[name] = {"digest": spec_digest(spec), "code": code_version(), "machine": machine(), "seconds": round(seconds, 1),
+                      "saved_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"), **fields}
         if earlier:
             runs[name]["earlier"] = earlier
         self._write(runs)

@@ -179,27 +179,44 @@ def copied_from(name: str) -> str | None:
     return None
 
 
+def ledger_release_ids(run_dir: Path) -> list[str] | None:
+    """The release ids of the DP adapters in a run directory's dp_train ledger (None: none there)."""
+    ledger = run_dir / "stages/dp_train/ledger.json"
+    return sorted(e["release_id"] for e in json.loads(ledger.read_text())) if ledger.is_file() else None
+
+
 def dp_releases(args, name: str, spec_: dict) -> list[str] | None:
-    """The release ids of the DP adapters a pipeline run (A<eps>, or a copy of one) is built on:
-    from its ledger when it finished here, else as stored (None: not known, e.g. stored before
-    they were kept). A run measured again draws new adapters, and its copies must follow it."""
-    ledger = args.workdir / name / "stages/dp_train/ledger.json"
-    if finished(args.workdir, name, spec_) and ledger.is_file():
-        return sorted(e["release_id"] for e in json.loads(ledger.read_text()))
+    """The DP adapters a pipeline run (A<eps>, or a copy of one) is built on: from its directory
+    when it finished here, else as stored (None: not known, e.g. stored before they were kept)."""
+    if finished(args.workdir, name, spec_):
+        return ledger_release_ids(args.workdir / name)
     entry = STORE.entry(name, spec_)
     return entry.get("dp_releases") if entry else None
 
 
 def on_earlier_adapters(args, name: str, specs: dict[str, dict]) -> bool:
-    """A copied run (B<eps>, an ablation) whose rows were measured on DP adapters other than
-    its source's now: the source was measured again after it, so the two do not belong together."""
+    """A copied run (B<eps>, an ablation) whose rows were measured on DP adapters other than its
+    source's now: its source was measured again after it, so the two do not belong together.
+    Where either side's adapters are not known, the store's order decides: the source measured
+    again (it keeps earlier measurements) and saved after the copy, or with no time to tell."""
     source = copied_from(name)
     if source is None or name not in specs or source not in specs or not run_rows(args, name, specs):
         return False
-    return dp_releases(args, name, specs[name]) != dp_releases(args, source, specs[source])
+    mine, theirs = dp_releases(args, name, specs[name]), dp_releases(args, source, specs[source])
+    if mine is not None and theirs is not None:
+        return mine != theirs
+    copy, original = STORE.entry(name, specs[name]), STORE.entry(source, specs[source])
+    if copy is None or original is None or not original.get("earlier"):
+        return False
+    return copy.get("saved_at") is None or original.get("saved_at") is None or copy["saved_at"] < original["saved_at"]
 
 
-def keep_dp_releases(args, specs: dict[str, dict]) -> None:
+def stale_mark(args, name: str, specs: dict[str, dict]) -> str:
+    """What a row's label says when its run is on earlier DP adapters than its source's."""
+    return f" (on the DP adapters of an earlier {copied_from(name)}: not measured again since)" if on_earlier_adapters(args, name, specs) else ""
+
+
+def backfill_dp_release_ids(args, specs: dict[str, dict]) -> None:
     """Into each stored pipeline run (A, B, ablation) that lacks them, the ids of its DP adapters,
     read from its directory here when that is the stored measurement (runs saved before the ids
     were kept): so a later session, without this directory, still tells which rows belong together."""
@@ -208,7 +225,7 @@ def keep_dp_releases(args, specs: dict[str, dict]) -> None:
         if not name.startswith(("A", "B")) or entry is None or "dp_releases" in entry or not finished(args.workdir, name, spec_):
             continue
         if measured_rows(rows_of(name, results(args, name, spec_))) == measured_rows({k: RowScore(**v) for k, v in entry["rows"].items()}):
-            STORE.add(name, spec_, entry, dp_releases=dp_releases(args, name, spec_))
+            STORE.add(name, spec_, entry, dp_releases=ledger_release_ids(args.workdir / name))
 
 
 def run(args, name: str, spec_: dict, times: dict) -> None:
@@ -233,7 +250,8 @@ def run(args, name: str, spec_: dict, times: dict) -> None:
     (workdir / "times.json").write_text(json.dumps(times, indent=1))
     (workdir / f"{name}.done").write_text(spec_digest(spec_))
     STORE.save(name, spec_, times[name], rows={k: asdict(v) for k, v in rows_of(name, results(args, name, spec_)).items()},
-               details=details(workdir / name) if name.startswith("A") else [], dp_releases=dp_releases(args, name, spec_))
+               details=details(workdir / name) if name.startswith("A") else [],
+               **({"dp_releases": ledger_release_ids(workdir / name)} if name.startswith(("A", "B")) else {}))
 
 
 def results(args, name: str, spec_: dict) -> dict:
@@ -366,6 +384,7 @@ def full_table(args, e: str, specs: dict[str, dict]) -> list[str]:
         for name, entry in entries.items():
             for number, value in entry["full_rows"][mode].items():
                 label = ROW_LABELS[number].format(e=e) if number in ROW_LABELS else f"6 with one change: {ABLATIONS[name.split('-', 1)[1]][1]}"
+                label += stale_mark(args, name, specs)
                 lines.append(f"| {number if number in ROW_LABELS else name} | {label} | {RowScore(**value).cells()} |")
         lines.append("")
     return lines
@@ -407,9 +426,8 @@ def row_scores(args, e: str, specs: dict[str, dict]) -> dict[str, RowScore]:
 def table(args, e: str, specs: dict[str, dict]) -> tuple[list[str], dict[str, float]]:
     lines = ["| row | model | FPB | FiQA | TFNS | mean +- SE | macro-F1 |", "|---|---|---|---|---|---|---|"]
     found = row_scores(args, e, specs)
-    stale = on_earlier_adapters(args, f"B{e}", specs)
     for number, label in ROW_LABELS.items():
-        label = label.format(e=e) + (f" (on the DP adapters of an earlier A{e}: B{e} not run again since)" if number == "5" and stale else "")
+        label = label.format(e=e) + (stale_mark(args, f"B{e}", specs) if number == "5" else "")
         lines.append(f"| {number} | {label} | {found[number].cells()} |" if number in found else f"| {number} | {label} | not run yet | | | | |")
     return lines, {k: v.mean for k, v in found.items()}
 
@@ -439,8 +457,7 @@ def ablation_table(args, e: str, specs: dict[str, dict]) -> list[str]:
             lines.append(f"| {label} | not run yet | | | | | |")
             continue
         kept = count_lines(args.workdir / name, "refine", "refined.jsonl") if finished(args.workdir, name, specs[name]) else "see the store"
-        stale = f" (on the DP adapters of an earlier A{e}: not run again since)" if on_earlier_adapters(args, name, specs) else ""
-        lines.append(f"| {label}{stale} | {value.cells()} | {kept} |")
+        lines.append(f"| {label}{stale_mark(args, name, specs)} | {value.cells()} | {kept} |")
     return [*lines, ""]
 
 
@@ -483,6 +500,8 @@ def plot_curve(args, epsilons: list[str], specs: dict[str, dict], path: Path) ->
     for e in epsilons:
         x = math.inf if e == "inf" else float(e)
         for number, value in row_scores(args, e, specs).items():
+            if number == "5" and on_earlier_adapters(args, f"B{e}", specs):
+                continue  # not of this epsilon's pipeline run any more
             if number in ("1", "2", "3", "7"):
                 flat[number] = value.mean
             else:
@@ -557,7 +576,7 @@ def main() -> None:
         report(args)
         return
     only = set(args.only.split(",")) if args.only else None
-    keep_dp_releases(args, plan(args))
+    backfill_dp_release_ids(args, plan(args))
     if args.full_eval:
         for name, spec_ in plan(args).items():
             if only is None or name in only:

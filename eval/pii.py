@@ -53,11 +53,18 @@ class PiiSpan:
 
 
 def find_pii_spans(texts: list[str], min_score: float = 0.4) -> list[PiiSpan]:
-    """Every PII span found in the texts (leading and trailing blanks trimmed off the span)."""
-    engine = analyzer()
+    """Every PII span found in the texts (leading and trailing blanks trimmed off the span).
+
+    Each distinct text is analysed once, its spaCy passes batched: records repeat their
+    instruction and their label (150 FPB records' 450 fields hold 154 distinct texts)."""
+    from presidio_analyzer import BatchAnalyzerEngine
+
+    distinct = list(dict.fromkeys(texts))
+    found = BatchAnalyzerEngine(analyzer()).analyze_iterator(distinct, language="en", batch_size=64, entities=list(ENTITIES), score_threshold=min_score)
+    results = dict(zip(distinct, found, strict=True))
     spans = []
     for index, text in enumerate(texts):
-        for result in engine.analyze(text=text, language="en", entities=list(ENTITIES), score_threshold=min_score):
+        for result in results[text]:
             raw = text[result.start : result.end]
             value = raw.strip()
             if len(value) >= MIN_LENGTH:

@@ -292,9 +292,9 @@ def evaluate(
     private_results = evaluate_private(run_dir, options, device, published=server_release)
     for client, report in private_results.items():
         console.print(f"{client}'s private test set (client side): " + ", ".join(f"{m} {e['mean_accuracy']}" for m, e in report["models"].items()))
-    fidelity = fidelity_run(run_dir, seed, device, server_release) if options.fidelity else {}
-    paths = write_eval_outputs(run_dir / "eval", results, fidelity, private_results)
-    for client, report in fidelity.items():
+    fidelity_reports = fidelity_run(run_dir, seed, device, server_release) if options.fidelity else {}
+    paths = write_eval_outputs(run_dir / "eval", results, fidelity_reports, private_results)
+    for client, report in fidelity_reports.items():
         console.print(f"synthetic data of {client} (client side, computed against its private data): {report}")
     console.print(f"wrote {', '.join(str(p) for p in paths)} (run report: {_refresh_run_report(run_dir)})")
 
@@ -403,6 +403,13 @@ def models() -> None:
     console.print(table)
 
 
+def command_named_in(argv: list[str]) -> str:
+    """`ksg <command>` for the command argv names, else `ksg`: click's parser raises some errors
+    (an option missing its value) before it has a context to say whose they are."""
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    return f"ksg {argv[0]}" if argv and argv[0] in commands else "ksg"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code. Known errors print as one line on stderr."""
     try:
@@ -412,9 +419,12 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except click.exceptions.Exit as err:
         return err.exit_code
+    except click.exceptions.NoArgsIsHelpError as err:  # plain `ksg`: the help is the answer
+        err.show()
+        return err.exit_code
     except click.UsageError as err:
         # one line, as every other bad input: the command, what is wrong, where help is
-        command = err.ctx.command_path if err.ctx is not None else "ksg"
+        command = err.ctx.command_path if err.ctx is not None else command_named_in(sys.argv[1:] if argv is None else argv)
         # typer already puts its "Did you mean" into an unknown command's message; click's format would repeat it
         message = err.message if isinstance(err, click.exceptions.NoSuchCommand) else err.format_message()
         print(f"ksg: error: {command}: {message} (see {command} --help)", file=sys.stderr)

@@ -11,6 +11,7 @@ import pytest
 
 from eval.audit import AuditOptions, candidate_secrets, candidate_words, exposure, split_at_secret
 from eval.canaries import make_canaries, planted_records, rare_words, space_size
+from eval.pii import ENTITIES, analyzer, find_pii_spans
 from knowledgesg.models import load_causal_lm, resolve_model
 from knowledgesg.sft import tokenize_example
 from knowledgesg.spec import RARE_WORDS, CanarySpec, CanaryTemplate
@@ -217,3 +218,19 @@ def test_overlap_ignores_the_public_instruction_and_finds_a_copied_sentence():
     copied = f"{instruction}\nWe hear operating profit of the Finnish group rose to EUR 12 million\npositive"
     assert sharing_private_spans([fresh, copied], private, [f"user\n{instruction}\n"], 8) == [copied]
     assert sharing_private_spans([fresh], private, [], 8) == [fresh]  # without the public prompts the instruction alone counts
+
+
+def test_pii_in_a_repeated_text_is_found_at_every_index_it_occurs_as_if_each_text_were_analysed_alone():
+    texts = ["Contact Maria Gonzalez at maria.gonzalez@example.com.", "neutral", "Contact Maria Gonzalez at maria.gonzalez@example.com.", "",
+             "Call John Whitaker on 212-555-0143.", "neutral"]
+    spans = find_pii_spans(texts)
+    alone = []  # presidio's analysis of one text at a time, trimmed as find_pii_spans trims
+    for index, text in enumerate(texts):
+        for result in analyzer().analyze(text=text, language="en", entities=list(ENTITIES), score_threshold=0.4):
+            raw = text[result.start : result.end]
+            start = result.start + len(raw) - len(raw.lstrip())
+            if len(raw.strip()) >= 4:
+                alone.append((index, start, start + len(raw.strip()), raw.strip(), result.entity_type))
+    assert sorted((s.text, s.start, s.end, s.value, s.kind) for s in spans) == sorted(alone)
+    kinds = {(s.text, s.kind) for s in spans}
+    assert {(0, "EMAIL_ADDRESS"), (2, "EMAIL_ADDRESS"), (4, "PHONE_NUMBER")} <= kinds and not {i for i, _ in kinds} & {1, 3, 5}

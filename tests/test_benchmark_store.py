@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -116,43 +117,76 @@ def test_the_audit_power_store_belongs_to_the_rows_the_benchmark_measures_today(
         assert not math.isnan(entry["run_s"] + entry["audit_s"])
 
 
-def test_a_copied_run_measured_on_an_earlier_as_dp_adapters_is_marked_in_the_table(tmp_path, monkeypatch):
+def test_a_copied_runs_rows_are_marked_when_its_source_was_measured_again_on_new_dp_adapters(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["finance_headline.py", "--workdir", str(tmp_path), "--ablations", "public"])
     args = finance_headline.parse_args()
     specs = finance_headline.plan(args)
     store = RunStore(tmp_path / "runs.json")
     monkeypatch.setattr(finance_headline, "STORE", store)
-    final = {"final": {"tasks": {t: {"logprob": {"accuracy": 0.5, "macro_f1": 0.4, "n": 400}} for t in finance_headline.TASKS}}}
 
-    def finish_here(name: str, release_ids: list[str]) -> None:
-        stages = tmp_path / name / "stages"
-        (stages / "evaluate").mkdir(parents=True)
-        (stages / "evaluate/results.json").write_text(json.dumps({"models": final}))
-        (stages / "dp_train").mkdir()
-        (stages / "dp_train/ledger.json").write_text(json.dumps([{"release_id": r, "client_id": b} for r, b in zip(release_ids, finance_headline.BANKS)]))
-        (tmp_path / f"{name}.done").write_text(spec_digest(specs[name]))
+    def models(accuracy: float) -> dict:
+        scores = {t: {"logprob": {"accuracy": accuracy, "macro_f1": 0.4, "n": 400}} for t in finance_headline.TASKS}
+        return {"final": {"tasks": scores}, **{f"dp_adapter:{b}": {"tasks": scores} for b in finance_headline.BANKS}}
+
+    def measure(name: str, accuracy: float, release_ids: list[str] | None, here: bool = True) -> None:
+        """A finished run as `run()` leaves it: its directory (when `here`) and its store entry."""
+        if here:
+            stages = tmp_path / name / "stages"
+            shutil.rmtree(tmp_path / name, ignore_errors=True)
+            (stages / "evaluate").mkdir(parents=True)
+            (stages / "evaluate/results.json").write_text(json.dumps({"models": models(accuracy)}))
+            (stages / "dp_train").mkdir()
+            (stages / "dp_train/ledger.json").write_text(json.dumps([{"release_id": r} for r in release_ids]))
+            (tmp_path / f"{name}.done").write_text(spec_digest(specs[name]))
+        ids = {"dp_releases": sorted(release_ids)} if release_ids is not None and here else {}
+        store.save(name, specs[name], 1.0, rows={k: asdict(v) for k, v in finance_headline.rows_of(name, models(accuracy)).items()}, **ids)
 
     def row_5() -> str:
         return next(line for line in finance_headline.table(args, "8", specs)[0] if line.startswith("| 5 |"))
 
-    # B8 stored from an A8 whose adapters were not recorded; A8 measured again here since
-    store.save("B8", specs["B8"], 10.0, rows={k: asdict(v) for k, v in finance_headline.rows_of("B8", final).items()})
-    finish_here("A8", ["r1", "r2", "r3"])
-    assert "on the DP adapters of an earlier A8" in row_5() and "0.500" in row_5()
-    assert finance_headline.dp_releases(args, "A8", specs["A8"]) == ["r1", "r2", "r3"]
+    def forget_ids_and_directories() -> None:  # as stored before the ids were kept, read on another machine
+        runs = store.runs()
+        for entry in [*runs.values(), *(e for v in runs.values() for e in v.get("earlier", []))]:
+            entry.pop("dp_releases", None)
+            entry.pop("saved_at", None)
+        store._write(runs)
+        for name in ("A8", "B8"):
+            shutil.rmtree(tmp_path / name, ignore_errors=True)
+            (tmp_path / f"{name}.done").unlink(missing_ok=True)
 
-    # B8 run again here, copied from this A8: its rows belong with A8's
-    finish_here("B8", ["r3", "r1", "r2"])
-    assert "earlier" not in row_5() and "0.500" in row_5()
-    # the store learns the ids from the directories of the measurements it holds (B8's here is
-    # the stored one; A8 was never stored), so a session without them tells the same
-    finance_headline.keep_dp_releases(args, specs)
-    assert store.entry("B8", specs["B8"])["dp_releases"] == ["r1", "r2", "r3"] and store.entry("A8", specs["A8"]) is None
+    # A8 and B8 as measured on another machine before the ids were kept: they belong together
+    measure("A8", 0.40, None, here=False)
+    measure("B8", 0.45, None, here=False)
+    assert "earlier" not in row_5() and "0.450" in row_5()
 
-    # an ablation stored with its adapters' ids, then A8 measured a third time
-    store.save("A8-public", specs["A8-public"], 5.0, rows={"final": asdict(finance_headline.score(final["final"]))}, dp_releases=["r1", "r2", "r3"])
+    # A8 measured again here: the stored B8 is of the earlier A8, whether or not ids are known
+    measure("A8", 0.42, ["r1", "r2", "r3"])
+    assert "on the DP adapters of an earlier A8" in row_5() and "0.450" in row_5()
+    finance_headline.backfill_dp_release_ids(args, specs)
+    assert store.entry("A8", specs["A8"])["dp_releases"] == ["r1", "r2", "r3"] and "dp_releases" not in store.entry("B8", specs["B8"])
+    assert "on the DP adapters of an earlier A8" in row_5()
+
+    # B8 measured again here, copied from this A8: its rows belong with A8's, here and in a session without the directories
+    measure("B8", 0.47, ["r3", "r1", "r2"])
+    assert "earlier" not in row_5() and "0.470" in row_5()
+    (tmp_path / "B8/stages/dp_train/ledger.json").unlink()
+    assert store.entry("B8", specs["B8"])["dp_releases"] == ["r1", "r2", "r3"]
+    shutil.rmtree(tmp_path / "A8"), shutil.rmtree(tmp_path / "B8"), (tmp_path / "A8.done").unlink(), (tmp_path / "B8.done").unlink()
+    assert "earlier" not in row_5() and "0.470" in row_5()
+
+    # without ids at all, the store's order tells: B8 saved after A8's measurement again
+    forget_ids_and_directories()
+    assert "earlier" in row_5()  # no time kept: the source measured again is the cautious reading
+    measure("A8", 0.43, None, here=False)
+    assert "earlier" in row_5()
+    measure("B8", 0.48, None, here=False)
+    assert "earlier" not in row_5() and "0.480" in row_5()
+
+    # an ablation on the adapters of A8's measurement, then A8 measured a third time
+    measure("A8", 0.44, ["s1", "s2", "s3"])
+    measure("A8-public", 0.50, ["s1", "s2", "s3"])
     ablation = next(line for line in finance_headline.ablation_table(args, "8", specs) if "FiQA's public training set" in line)
-    assert "earlier" not in ablation
-    (tmp_path / "A8/stages/dp_train/ledger.json").write_text(json.dumps([{"release_id": r} for r in ("s1", "s2", "s3")]))
+    assert "earlier" not in ablation and "0.500" in ablation
+    measure("A8", 0.46, ["t1", "t2", "t3"])
     ablation = next(line for line in finance_headline.ablation_table(args, "8", specs) if "FiQA's public training set" in line)
     assert "on the DP adapters of an earlier A8" in ablation

@@ -118,8 +118,7 @@ def test_eval_scores_a_users_own_files_and_keeps_a_private_test_set_on_its_clien
     assert sides["clients/client_0/fidelity.json"] == "client:client_0"  # the synthetic data, scored by default
 
 
-
-def test_eval_limit_0_scores_every_item(published: Path, tmp_path: Path, capsys):
+def test_eval_limit_0_scores_every_item_and_no_fidelity_skips_the_synthetic_data(published: Path, tmp_path: Path, capsys):
     labelled = write_jsonl(tmp_path / "my_test.jsonl", sentiment_rows(6))
     assert main(["eval", str(published), "--tasks", str(labelled), "--models", "base", "--modes", "logprob", "--limit", "0",
                  "--no-fidelity"]) == 0, capsys.readouterr().err
@@ -138,16 +137,22 @@ def test_a_bad_test_file_is_one_line_and_exit_2(published: Path, tmp_path: Path,
     assert len(err) == 1 and re.search(pattern, err[0]), err
 
 
-
 @pytest.mark.parametrize("argv,pattern", [
     (["eval", "runs/x", "--limit", "-1"], r"^ksg: error: ksg eval: Invalid value for '--limit': -1 is not in the range x>=0\. \(see ksg eval --help\)$"),
     (["evl"], r"^ksg: error: ksg: No such command 'evl'\. Did you mean 'eval'\? \(see ksg --help\)$"),
-    (["run"], r"^ksg: error: ksg run: Missing argument 'SPEC'\."),
-], ids=["bad-value", "unknown-command", "missing-argument"])
+    (["run"], r"^ksg: error: ksg run: Missing argument 'SPEC'\. \(see ksg run --help\)$"),
+    (["eval", "runs/x", "--limit"], r"^ksg: error: ksg eval: Option '--limit' requires an argument\. \(see ksg eval --help\)$"),
+], ids=["bad-value", "unknown-command", "missing-argument", "option-without-value"])
 def test_a_usage_error_is_one_line_and_exit_2(capsys, argv, pattern):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(pattern, err[0]), err
+
+
+def test_ksg_alone_prints_its_help_and_no_error(capsys):
+    main([])
+    out, err = capsys.readouterr()
+    assert "eval" in out and "audit" in out and "error" not in err
 
 # -- ksg init and ksg check -----------------------------------------------------------------------
 
