@@ -224,7 +224,7 @@ def backfill_dp_release_ids(args, specs: dict[str, dict]) -> None:
         entry = STORE.entry(name, spec_)
         if not name.startswith(("A", "B")) or entry is None or "dp_releases" in entry or not finished(args.workdir, name, spec_):
             continue
-        if measured_rows(rows_of(name, results(args, name, spec_))) == measured_rows({k: RowScore(**v) for k, v in entry["rows"].items()}):
+        if is_stored_measurement(args, name, spec_, entry):
             STORE.add(name, spec_, entry, dp_releases=ledger_release_ids(args.workdir / name))
 
 
@@ -347,7 +347,7 @@ def full_eval(args, name: str, spec_: dict) -> None:
         return
     if "full_rows" in entry:
         return
-    if measured_rows(rows_of(name, results(args, name, spec_))) != measured_rows({k: RowScore(**v) for k, v in entry["rows"].items()}):
+    if not is_stored_measurement(args, name, spec_, entry):
         # e.g. a run measured again here while the store still holds the measurement before it
         print(f"run {name}: the run here is not the measurement the store holds, so not scored on the full test sets", flush=True)
         return
@@ -365,6 +365,12 @@ def full_eval(args, name: str, spec_: dict) -> None:
 def measured_rows(rows: dict[str, RowScore]) -> dict[str, tuple]:
     """What identifies a measurement's rows (macro-F1 aside: rows stored before it was kept lack it)."""
     return {k: (v.acc, v.mean, v.se) for k, v in rows.items()}
+
+
+def is_stored_measurement(args, name: str, spec_: dict, entry: dict) -> bool:
+    """The run's directory here gives the rows of the store's entry: the same measurement (a run
+    measured again has the same spec and other noise, so the spec alone does not tell)."""
+    return measured_rows(rows_of(name, results(args, name, spec_))) == measured_rows({k: RowScore(**v) for k, v in entry["rows"].items()})
 
 
 def full_table(args, e: str, specs: dict[str, dict]) -> list[str]:
