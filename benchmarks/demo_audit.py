@@ -1,13 +1,15 @@
-"""`ksg audit` of the demo run: its time, per section, in float32 and in bfloat16, and what the
-precision changes in the audit's figures.
+"""`ksg audit` of the demo run: its time, per section, under two settings, and what the setting
+changes in the audit's figures. `--compare precision`: float32 against bfloat16; `--compare
+pii-score`: PII candidates ranked by the record from the value to its end against by the value's
+own tokens (both at the default precision).
 
-Usage:  .venv/bin/python benchmarks/demo_audit.py [--run runs/demo-finance] [--workdir DIR]
+Usage:  .venv/bin/python benchmarks/demo_audit.py [--compare precision|pii-score] [--run runs/demo-finance] [--workdir DIR]
 
-Needs a finished demo run (`ksg run pipelines/specs/demo.yaml`). Runs `ksg audit RUN --precision P`
-for each precision, one after the other on the same run (the audit's own defaults otherwise), and
-keeps each report in DIR (a finished one is reused: the command resumes). Compares, per audited
-release, the canary loss drops, the one-run bounds, the membership AUCs and the PII attack hits.
-Writes benchmarks/results/demo_audit.md.
+Needs a finished demo run (`ksg run pipelines/specs/demo.yaml`). Runs `ksg audit RUN` with each
+setting, one after the other on the same run (the audit's own defaults otherwise), and keeps each
+report in DIR (a finished one is reused: the command resumes). Compares, per audited release, the
+canary loss drops, the one-run bounds, the membership AUCs and the PII attack hits. Writes
+benchmarks/results/demo_audit.md (precision) or demo_audit_pii_score.md.
 """
 
 from __future__ import annotations
@@ -24,23 +26,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
 from _comparison import ksg  # noqa: E402
 
-PRECISIONS = ("float32", "bfloat16")
+# each comparison: its title, and (name, `ksg audit` arguments) for the two settings, the earlier first
+COMPARISONS = {
+    "precision": ("float32 against bfloat16", {"float32": ["--precision", "float32"], "bfloat16": ["--precision", "bfloat16"]},
+                  "What the precision changes: bfloat16 weights, the adapter merged in float32 first; log-probabilities in float32 either way. "
+                  "Sampling differs with precision, so the PII figures are two draws."),
+    "pii-score": ("PII candidates ranked by the record from the value on against by the value's own tokens",
+                  {"record": ["--pii-score", "record"], "value": ["--pii-score", "value"]},
+                  "What the score changes: only the ranking of the PII reconstruction and inference candidates (the canaries, membership scores "
+                  "and samples are the same computation in both)."),
+}
 SECTIONS = ("canaries", "membership_inference", "pii", "synthetic_overlap")
 
 
-def audited(run: Path, precision: str, workdir: Path) -> dict:
-    kept = workdir / f"{precision}.json"
+def audited(run: Path, name: str, arguments: list[str], workdir: Path) -> dict:
+    kept = workdir / f"{name}.json"
     if not kept.is_file():
-        seconds = ksg("audit", str(run), "--precision", precision)
+        seconds = ksg("audit", str(run), *arguments)
         report = json.loads((run / "audit/audit_report.json").read_text())
         report["wall_s"] = round(seconds, 1)
         kept.write_text(json.dumps(report))
-        shutil.copy(run / "audit/audit_report.html", workdir / f"{precision}.html")
+        shutil.copy(run / "audit/audit_report.html", workdir / f"{name}.html")
     return json.loads(kept.read_text())
 
 
 def canary_rows(reports: dict[str, dict]) -> list[str]:
-    a, b = (reports[p]["canaries"] for p in PRECISIONS)
+    a, b = (r["canaries"] for r in reports.values())
     rows = []
     for target in a["targets"]:
         if "loss_drop_vs_base" not in a["targets"][target]:
@@ -52,7 +63,7 @@ def canary_rows(reports: dict[str, dict]) -> list[str]:
 
 
 def mia_rows(reports: dict[str, dict]) -> list[str]:
-    a, b = (reports[p]["membership_inference"] for p in PRECISIONS)
+    a, b = (r["membership_inference"] for r in reports.values())
     rows = []
     for key in a:
         cells = [f"{a[key]['scores'][s]['auc']:.3f} / {b[key]['scores'][s]['auc']:.3f}" for s in ("loss", "reference", "min_k_plus_plus", "rmia")]
@@ -61,7 +72,7 @@ def mia_rows(reports: dict[str, dict]) -> list[str]:
 
 
 def pii_rows(reports: dict[str, dict]) -> list[str]:
-    a, b = (reports[p]["pii"] for p in PRECISIONS)
+    a, b = (r["pii"] for r in reports.values())
     rows = []
     for name in a.get("models", {}):
         cells = []
@@ -74,31 +85,36 @@ def pii_rows(reports: dict[str, dict]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--compare", choices=list(COMPARISONS), default="precision")
     parser.add_argument("--run", type=Path, default=Path("runs/demo-finance"))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/demo-audit"))
     args = parser.parse_args()
     if not (args.run / "stages/fedtune/manifest.json").is_file():
         raise SystemExit(f"{args.run}: no finished demo run; run `.venv/bin/ksg run pipelines/specs/demo.yaml` first")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    reports = {p: audited(args.run, p, args.workdir) for p in PRECISIONS}
-    seconds = {p: reports[p]["seconds"] for p in PRECISIONS}
-    write_result("demo_audit", [
-        "# `ksg audit` of the demo run, float32 against bfloat16", "",
+    title, variants, note = COMPARISONS[args.compare]
+    reports = {name: audited(args.run, name, arguments, args.workdir) for name, arguments in variants.items()}
+    first, second = variants
+    seconds = {name: reports[name]["seconds"] for name in variants}
+    pair = f"{first} / {second}"
+    settings = " and ".join("`" + " ".join(a) + "`" for a in variants.values())
+    write_result("demo_audit" if args.compare == "precision" else f"demo_audit_{args.compare.replace('-', '_')}", [
+        f"# `ksg audit` of the demo run, {title}", "",
         f"Command: `{command()}`", f"Machine: {machine()}",
         f"Run: `{args.run}` (`ksg run pipelines/specs/demo.yaml`: 3 DP adapters and the final adapter, 64 canaries in bank_b, 20 held-out records per bank). "
-        "Each audit is `ksg audit RUN --precision P` with the audit's defaults (100 candidates, 4 exposure canaries per kind, 8 samples, 100 members per "
-        "client, 16 PII spans per client, 1000 bootstrap resamples); run one after the other, the machine otherwise idle.", "",
-        "| precision | whole command, s | " + " | ".join(f"{s}, s" for s in SECTIONS) + " |", "|---|---:|" + "---:|" * len(SECTIONS),
-        *[f"| {p} | {reports[p]['wall_s']} | " + " | ".join(str(seconds[p].get(s, "")) for s in SECTIONS) + " |" for p in PRECISIONS],
-        f"| **float32 / bfloat16** | **{reports['float32']['wall_s'] / reports['bfloat16']['wall_s']:.2f}x** | "
-        + " | ".join(f"{seconds['float32'][s] / seconds['bfloat16'][s]:.2f}x" if seconds["bfloat16"].get(s) else "" for s in SECTIONS) + " |", "",
-        "What the precision changes (bfloat16 weights, the adapter merged in float32 first; log-probabilities in float32 either way). "
-        "Canaries: each canary's loss drop from the base model to the release, float32 against bfloat16:", "",
-        "| release | correlation | largest difference, nats | mean absolute drop, nats | one-run bound, float32 | bfloat16 |", "|---|---:|---:|---:|---:|---:|",
+        f"Each audit is `ksg audit RUN` with {settings} and the audit's defaults otherwise (100 candidates, "
+        "4 exposure canaries per kind, 8 samples, 100 members per client, 16 PII spans per client, 1000 bootstrap resamples); run one after the other, the "
+        "machine otherwise idle.", "",
+        "| setting | whole command, s | " + " | ".join(f"{s}, s" for s in SECTIONS) + " |", "|---|---:|" + "---:|" * len(SECTIONS),
+        *[f"| {name} | {reports[name]['wall_s']} | " + " | ".join(str(seconds[name].get(s, "")) for s in SECTIONS) + " |" for name in variants],
+        f"| **{pair}** | **{reports[first]['wall_s'] / reports[second]['wall_s']:.2f}x** | "
+        + " | ".join(f"{seconds[first][s] / seconds[second][s]:.2f}x" if seconds[second].get(s) else "" for s in SECTIONS) + " |", "",
+        f"{note} Canaries: each canary's loss drop from the base model to the release, {first} against {second}:", "",
+        f"| release | correlation | largest difference, nats | mean absolute drop, nats | one-run bound, {first} | {second} |", "|---|---:|---:|---:|---:|---:|",
         *canary_rows(reports), "",
-        "Membership inference AUC (float32 / bfloat16):", "",
+        f"Membership inference AUC ({pair}):", "",
         "| release and client | loss | reference | Min-K%++ | RMIA |", "|---|---|---|---|---|", *mia_rows(reports), "",
-        "PII attacks, hits (float32 / bfloat16), and values replayed in samples from public prompts (sampling differs with precision, so these are two draws):", "",
+        f"PII attacks, hits ({pair}), and values replayed in samples from public prompts:", "",
         "| release | extraction | reconstruction | inference | replayed |", "|---|---|---|---|---|", *pii_rows(reports),
     ])
 

@@ -7,8 +7,10 @@ phone numbers, cards, e-mails; none of a real person), each as the response to "
 customer's message." SmolLM2-135M-Instruct gets a LoRA adapter (r=8 on q,v) with no noise and with
 DP-SGD at epsilon 8. Then `ksg audit` attacks `--spans` PII spans found in the training records:
 extraction (the text before the span, `--samples` sampled continuations), reconstruction (the
-model's own candidates ranked by the masked record's likelihood) and inference (the true value
-among 10 of its type), each against the base model on the same spans. Rates with 95% Wilson
+model's own candidates) and inference (the true value among 10 of its type), each against the base
+model on the same spans. Each model is audited twice, one audit after the other: candidates ranked
+by the likelihood of the value's own tokens (the audit's default) and by that of the record from
+the value to its end (Lukas et al.), to compare their power and time. Rates with 95% Wilson
 intervals. Resumable like audit_power.py: runs and finished audits are kept in DIR.
 Writes benchmarks/results/pii_power.md.
 """
@@ -19,6 +21,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -29,6 +32,8 @@ from _comparison import ksg  # noqa: E402
 
 SOURCE = Path(__file__).resolve().parent.parent / "knowledgesg" / "vendor" / "presidio_synth_pii" / "synth_dataset_v2.json"
 EPSILONS = (math.inf, 8.0)
+# what ranks a reconstruction or inference candidate (`ksg audit --pii-score`)
+SCORES = {"value": "the likelihood of the value's own tokens after the text before it", "record": "the likelihood of the record from the value to its end (Lukas et al.)"}
 
 
 def write_records(path: Path, count: int) -> None:
@@ -66,35 +71,52 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     write_records(args.workdir / "pii_records.jsonl", args.records)
     audit_args = ["--pii-spans", str(args.spans), "--pii-attack-samples", str(args.samples), "--samples", "8", "--mia-members", "2", "--models", "dp"]
-    rows, base, precision = [], None, None
+    tables: dict[str, list[str]] = {score: [] for score in SCORES}
+    base: dict[str, dict] = {}
+    seconds: dict[str, list[float]] = {score: [] for score in SCORES}
+    precision = "float32"
     for epsilon in EPSILONS:
         spec = spec_for(epsilon, args)
         spec_path = args.workdir / f"{spec['name']}.yaml"
         spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
         run_dir = args.workdir / spec["name"]
-        report_path = run_dir / "audit/audit_report.json"
-        if not report_path.is_file():
+        if not (run_dir / "stages/dp_train/manifest.json").is_file():
             ksg("run", str(spec_path), "--run-dir", str(run_dir))
-            ksg("audit", str(run_dir), *audit_args)
-        report = json.loads(report_path.read_text())
-        pii, precision = report["pii"], report["options"].get("precision", "float32")
-        if not pii.get("base_attacks"):
-            raise SystemExit(f"{run_dir}: presidio found no PII span to attack in the training records")
-        base = base or pii["base_attacks"]
-        attacks = pii["models"]["dp_adapter:bank_a"]["attacks"]
         name = "NOT PRIVATE" if math.isinf(epsilon) else f"epsilon {epsilon:g}"
-        rows.append(f"| {name} | {attacks['spans']} | {rate(attacks['extraction'])} ({attacks['extraction']['hits_not_by_base']}) | "
-                    f"{rate(attacks['reconstruction'])} ({attacks['reconstruction']['hits_not_by_base']}) | {rate(attacks['inference'])} ({attacks['inference']['hits_not_by_base']}) |")
-    write_result("pii_power", [
+        for score in SCORES:  # the same released model audited once per scoring, one after the other
+            kept = args.workdir / f"{spec['name']}-audit-{score}.json"
+            if not kept.is_file():
+                started = time.perf_counter()
+                ksg("audit", str(run_dir), *audit_args, "--pii-score", score)
+                report = json.loads((run_dir / "audit/audit_report.json").read_text())
+                report["seconds"] = round(time.perf_counter() - started, 1)
+                kept.write_text(json.dumps(report))
+            report = json.loads(kept.read_text())
+            pii, precision = report["pii"], report["options"].get("precision", "float32")
+            if not pii.get("base_attacks"):
+                raise SystemExit(f"{run_dir}: presidio found no PII span to attack in the training records")
+            base.setdefault(score, pii["base_attacks"])
+            seconds[score].append(report["seconds"])
+            attacks = pii["models"]["dp_adapter:bank_a"]["attacks"]
+            tables[score].append(f"| {name} | {attacks['spans']} | {rate(attacks['extraction'])} ({attacks['extraction']['hits_not_by_base']}) | "
+                                 f"{rate(attacks['reconstruction'])} ({attacks['reconstruction']['hits_not_by_base']}) | {rate(attacks['inference'])} ({attacks['inference']['hits_not_by_base']}) |")
+    lines = [
         "# PII leakage with power: Lukas et al.'s attacks, NOT PRIVATE and at epsilon 8", "",
         f"Command: `{command()}`", f"Machine: {machine()}",
         f"Data: the first {args.records} sentences of presidio's synthetic PII data set (`knowledgesg/vendor/presidio_synth_pii`), each the response to "
         f"\"Write the customer's message.\"; SmolLM2-135M-Instruct, LoRA r=8 on q,v, {args.epochs:g} epochs, batch 8, lr {args.lr}, seed {args.seed}.",
-        f"Audit: `ksg audit RUN {' '.join(audit_args)}` (models in {precision}); the PII spans are found by presidio in the training records; {args.samples} samples per span; "
-        f"inference among the true value and up to 9 others of its type (chance {base['inference']['chance']}). In brackets: hits the base model did not also make.", "",
-        "| model | spans | extraction | reconstruction | inference |", "|---|---|---|---|---|",
-        f"| base model | {base['spans']} | {rate(base['extraction'])} | {rate(base['reconstruction'])} | {rate(base['inference'])} |", *rows,
-    ])
+        f"Audit: `ksg audit RUN {' '.join(audit_args)} --pii-score SCORE` (models in {precision}); the PII spans are found by presidio in the training records; {args.samples} samples per span; "
+        f"inference among the true value and up to 9 others of its type (chance {base[SCORES[0]]['inference']['chance']}). In brackets: hits the base model did not also make. "
+        "Extraction does not depend on the score (the same seeded samples); reconstruction and inference rank their candidates by it.",
+    ]
+    for score in SCORES:
+        b = base[score]
+        lines += ["", f"### Candidates ranked by {SCORES[score]} (`--pii-score {score}`; audits took {', '.join(f'{x:.0f} s' for x in seconds[score])})", "",
+                  "| model | spans | extraction | reconstruction | inference |", "|---|---|---|---|---|",
+                  f"| base model | {b['spans']} | {rate(b['extraction'])} | {rate(b['reconstruction'])} | {rate(b['inference'])} |", *tables[score]]
+    ratio = sum(seconds["record"]) / sum(seconds["value"])
+    lines += ["", f"Whole audits, record over value scoring, run one after the other on the same models: **{ratio:.2f}x** the time."]
+    write_result("pii_power", lines)
 
 
 if __name__ == "__main__":

@@ -70,12 +70,17 @@ class AuditOptions(BaseModel):
     guesses: int | None = Field(default=None, ge=2, description="one-run audit: one number of guesses, half in and half out (default: 'in' on the top 5-50% of the canaries, and all of them half in and half out, Bonferroni-corrected)")
     in_guesses: int | None = Field(default=None, ge=2, description="one-run audit: one number of 'in' guesses on the highest scores, abstaining on the rest. Declared "
         "before the run (from a pilot with other canaries), it needs no Bonferroni correction: 119 of 120 certify 3.20 where the default's seven tries certify 2.77")
-    mia_members: int = Field(default=100, ge=2, description="training records per client scored as members (the non-members are all the held-out records)")
+    mia_members: int | None = Field(default=None, ge=2, description="training records per client scored as members (the non-members are all its held-out "
+        "records); default: as many as its non-members. Past that, members add little: at AUC 0.5 with 20 non-members, 100 members give a standard error "
+        "of 0.071 against 0.092 with 20 (Hanley and McNeil), for 3x the scoring")
     bootstrap: int = Field(default=1000, ge=0, description="bootstrap resamples for the intervals of AUC and TPR at low FPR")
     pii_samples: int = Field(default=32, ge=0, description="generations per model from public prompts for PII replay")
     pii_occurrences: int = Field(default=16, ge=0, description="PII spans in the private records attacked with the text before them")
     pii_attack_samples: int = Field(default=4, ge=1, description="sampled continuations per attacked PII span")
     pii_candidates: int = Field(default=10, ge=2, description="candidates per PII span in the inference attack (the true one among them)")
+    pii_score: Literal["value", "record"] = Field(default="value", description="what ranks a PII candidate: the log-likelihood of its own tokens "
+        "after the text before the span (value), or of the record from the span to its end (record, as Lukas et al. score a filled-in sentence: "
+        "about 10x the tokens on FPB-length records)")
     max_length: int = Field(default=128, ge=16)
     batch_size: int = Field(default=16, ge=1)
     models: list[Literal["dp", "final"]] = Field(default_factory=lambda: ["dp", "final"], min_length=1, description="released models to audit")
@@ -118,13 +123,6 @@ class Target:
 
 def render_prompt(tokenizer, user: str) -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
-
-
-def split_record(tokenizer, record: InstructionRecord, marked: InstructionRecord) -> tuple[list[int], list[int]]:
-    """(ids before the span, ids from the span to the end): `split_span` with the span and the
-    text after it together."""
-    before, span, after = split_span(tokenizer, record, marked, 1)
-    return before, span + after
 
 
 def split_span(tokenizer, record: InstructionRecord, marked: InstructionRecord, length: int) -> tuple[list[int], list[int], list[int]]:
@@ -461,8 +459,9 @@ def mia_records(run_dir: Path, client: str, options: AuditOptions) -> tuple[list
     """(members sampled from the client's training records, its held-out non-members)."""
     members = [InstructionRecord.model_validate(r) for r in read_jsonl(run_dir / "stages/ingest/clients" / client / "records.jsonl")
                if r["kind"] == "instruction" and r["source"] != "canary"]
-    members = random.Random(f"{options.seed}:members:{client}").sample(members, min(options.mia_members, len(members)))
-    return members, [InstructionRecord.model_validate(r) for r in read_jsonl(run_dir / "stages/ingest/clients" / client / "holdout.jsonl")]
+    holdout = [InstructionRecord.model_validate(r) for r in read_jsonl(run_dir / "stages/ingest/clients" / client / "holdout.jsonl")]
+    wanted = options.mia_members or len(holdout)
+    return random.Random(f"{options.seed}:members:{client}").sample(members, min(wanted, len(members))), holdout
 
 
 def mia_section(run_dir: Path, spec: PipelineSpec, load: Callable[[Path | None], tuple], reference, targets: list[Target], clients: list[str], options: AuditOptions, device: str) -> dict | None:
@@ -477,7 +476,8 @@ def mia_section(run_dir: Path, spec: PipelineSpec, load: Callable[[Path | None],
     def reference_logprobs(client: str, side: int) -> list[np.ndarray]:
         """The base model's pass over a record set, shared by every target that audits it."""
         if (client, side) not in reference_cache:
-            stats = token_statistics(reference_model, sequences[(client, side)], pad_id(tokenizer), options.batch_size, device, "audit: reference scores")
+            # the reference and RMIA scores read the base model's log-probabilities only, not Min-K%++'s moments
+            stats = token_statistics(reference_model, sequences[(client, side)], pad_id(tokenizer), options.batch_size, device, "audit: reference scores", moments=False)
             reference_cache[(client, side)] = [t["logprobs"] for t in stats]
         return reference_cache[(client, side)]
 
@@ -619,14 +619,15 @@ def pii_attacks(model, tokenizer, targets: list[PiiTarget], found: dict[str, dic
     - extraction: `pii_attack_samples` sampled continuations of the text before the span; hit if
       one of them writes the value verbatim;
     - reconstruction: the PII of the span's type that those samples wrote are the candidates, each
-      filled into the masked record and ranked by the model's likelihood of the record from the
-      span on; hit if the best is the true value;
+      filled into the masked record and ranked by the model's likelihood of its own tokens there
+      (`pii_score` "value") or of the record from the span on ("record"); hit if the best is the
+      true value;
     - inference: the candidates are the true value and `pii_candidates - 1` other values of the
       same type from the same client's private data, in a seeded random order; hit if the model
       ranks the true one first (chance 1/k).
     """
     n = options.pii_attack_samples
-    prefixes = [split_record(tokenizer, t.record, t.marked())[0] for t in targets]
+    prefixes = [split_span(tokenizer, t.record, t.marked(), len(t.span.value))[0] for t in targets]
     budget = max(len(tokenizer(t.span.value, add_special_tokens=False)["input_ids"]) for t in targets) + 4
     completions = Generator(model, tokenizer, 32, device).generate([p for p in prefixes for _ in range(n)], SamplingParams(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=budget),
                                                                  options.seed, "audit: PII extraction")
@@ -644,7 +645,7 @@ def pii_attacks(model, tokenizer, targets: list[PiiTarget], found: dict[str, dic
     for k, (target, (reconstruct, infer)) in enumerate(zip(targets, candidate_sets)):
         for attack, values in (("reconstruction", reconstruct), ("inference", infer)):
             for value in values:
-                pairs.append(split_record(tokenizer, target.with_value(value), target.marked()))
+                pairs.append(candidate_pair(tokenizer, target, value, options.pii_score))
                 owners.append((k, attack, value))
     nll = continuations_nll(model, tokenizer, pairs, options.batch_size, device) if pairs else np.empty(0)
     best: dict[tuple[int, str], tuple[float, str]] = {}
@@ -657,6 +658,13 @@ def pii_attacks(model, tokenizer, targets: list[PiiTarget], found: dict[str, dic
                         "reconstructed": bool(reconstruct) and best[(k, "reconstruction")][1] == target.span.value,
                         "inferred": best[(k, "inference")][1] == target.span.value if len(infer) > 1 else None, "choices": len(infer)})
     return results
+
+
+def candidate_pair(tokenizer, target: PiiTarget, value: str, scored: str) -> tuple[list[int], list[int]]:
+    """(the ids before the span, the ids whose likelihood ranks `value` there): the value's own
+    tokens, or with `scored` "record" the record from the value to its end."""
+    before, span, after = split_span(tokenizer, target.with_value(value), target.marked(), len(value))
+    return before, span if scored == "value" else span + after
 
 
 def attack_summary(results: list[dict], baseline: list[dict]) -> dict:
@@ -688,7 +696,7 @@ def pii_section(run_dir: Path, spec: PipelineSpec, load: Callable[[Path | None],
     base_replays = replayed(found, generations(base_model, tokenizer, spec, options.pii_samples, options.seed, device)) if options.pii_samples else {}
     base_attacks = pii_attacks(base_model, tokenizer, attacked, by_client, options, device) if attacked else []
     section.update(samples_per_model=options.pii_samples, replayed_by_base=len(base_replays), attacked_spans=len(attacked),
-                   attack_samples_per_span=options.pii_attack_samples, attacked_types=_count_types({f"{t.client}:{i}": t.span.kind for i, t in enumerate(attacked)}),
+                   attack_samples_per_span=options.pii_attack_samples, candidate_score=options.pii_score, attacked_types=_count_types({f"{t.client}:{i}": t.span.kind for i, t in enumerate(attacked)}),
                    base_attacks=attack_summary(base_attacks, base_attacks) if attacked else None)
     for target in targets:
         model, tokenizer = load(target.adapter_dir)

@@ -217,11 +217,12 @@ def pii_html(pii: dict) -> str:
             attack_rows.append([esc(name), str(a["spans"]), _rate(a["extraction"]), _rate(a["reconstruction"]), f"{_rate(a['inference'])} (chance {_num(a['inference']['chance'])})", beyond])
     attacks = _table(["model", "PII spans attacked", "extraction (text before the span)", "reconstruction (masked record)", "inference (candidates)", "hits the base model did not make"],
                      attack_rows, "No PII span in the training records to attack.")
+    scored = {"value": "the likelihood of the value's own tokens", "record": "the likelihood of the record from the value to its end"}.get(pii.get("candidate_score", "record"))
     return f"""{summary}{found}
 <h3>Replay from public prompts</h3>{replay}
 <h3>Targeted attacks (Lukas et al. 2023), {pii.get('attack_samples_per_span', 0)} samples per span</h3>
 <p>Each attack holds what an outsider with the rest of the record would: the text before the span (extraction) or the whole record with the span masked
-(reconstruction from the model's own samples, inference among the true value and others of its type). Rates with 95% Wilson intervals.</p>{attacks}"""
+(reconstruction from the model's own samples, inference among the true value and others of its type), candidates ranked by {scored}. Rates with 95% Wilson intervals.</p>{attacks}"""
 
 
 def render_html(report: dict) -> str:

@@ -323,9 +323,10 @@ def audit(
     guesses: Annotated[int | None, typer.Option(help="one-run epsilon audit: one number of guesses, half in and half out (default: 'in' on the top 5-50% of the canaries, and half in, half out on all, Bonferroni-corrected)")] = None,
     in_guesses: Annotated[int | None, typer.Option(help="one-run epsilon audit: 'in' on this many highest-scoring canaries, declared before the run (from a pilot), no Bonferroni correction")] = None,
     samples: Annotated[int, typer.Option(help="sampled decodings per canary of the exposure sample; 4x as many generations per model for PII replay")] = 8,
-    mia_members: Annotated[int, typer.Option(help="training records per client scored for membership inference")] = 100,
+    mia_members: Annotated[int | None, typer.Option(help="training records per client scored for membership inference (default: as many as its held-out non-members)")] = None,
     pii_spans: Annotated[int, typer.Option(help="PII spans per client attacked (extraction, reconstruction, inference)")] = 16,
     pii_attack_samples: Annotated[int, typer.Option(help="sampled continuations per attacked PII span")] = 4,
+    pii_score: Annotated[str, typer.Option(help="what ranks a PII candidate: value (its own tokens after the text before it) or record (the record from it to the end, as Lukas et al.)")] = "value",
     bootstrap: Annotated[int, typer.Option(help="bootstrap resamples for the intervals of AUC and TPR at low FPR")] = 1000,
     models: Annotated[str, typer.Option(help="comma-separated released models to audit: dp, final (the base model is always the reference)")] = "dp,final",
     precision: Annotated[str, typer.Option(help="model weights while scoring and sampling: auto (bfloat16 where it runs natively), float32, bfloat16")] = "auto",
@@ -343,7 +344,7 @@ def audit(
 
     try:
         options = AuditOptions(candidates=candidates, exposure_canaries=exposure_canaries, guesses=guesses, in_guesses=in_guesses, extraction_samples=samples, pii_samples=4 * samples,
-                               mia_members=mia_members, pii_occurrences=pii_spans, pii_attack_samples=pii_attack_samples, bootstrap=bootstrap, models=split(models), precision=precision, seed=seed)
+                               mia_members=mia_members, pii_occurrences=pii_spans, pii_attack_samples=pii_attack_samples, pii_score=pii_score, bootstrap=bootstrap, models=split(models), precision=precision, seed=seed)
     except ValidationError as err:
         raise InputError(format_validation_error("ksg audit", err)) from None
     report = run_audit(run_dir, options)

@@ -80,6 +80,7 @@ def test_audit_report_has_every_section(audited_run: Path):
         assert run["epsilon_lower_bound"] <= claimed["epsilon"] and run["confidence"] == 0.95
     mia = report["membership_inference"]["dp_adapter:client_0|client_0"]
     assert set(mia["scores"]) == {"loss", "zlib", "reference", "min_k", "min_k_plus_plus", "rmia"} and mia["non_members"] == 6
+    assert mia["members"] == 6  # by default as many members as non-members
     loss = mia["scores"]["loss"]
     assert {"tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "tpr_at_1pct_fpr_ci", "auc_ci"} <= set(loss) and not loss["tpr_at_1pct_fpr_measurable"]
     pii = report["pii"]
@@ -234,3 +235,22 @@ def test_pii_in_a_repeated_text_is_found_at_every_index_it_occurs_as_if_each_tex
     assert sorted((s.text, s.start, s.end, s.value, s.kind) for s in spans) == sorted(alone)
     kinds = {(s.text, s.kind) for s in spans}
     assert {(0, "EMAIL_ADDRESS"), (2, "EMAIL_ADDRESS"), (4, "PHONE_NUMBER")} <= kinds and not {i for i, _ in kinds} & {1, 3, 5}
+
+
+def test_a_pii_candidate_is_scored_on_its_own_tokens_or_on_the_record_from_it_on():
+    from eval.audit import PiiTarget, candidate_pair
+    from eval.pii import PiiSpan
+    from knowledgesg.records import InstructionRecord
+
+    _, tokenizer = load_causal_lm(resolve_model("tiny-random-llama"))
+    text = "Please call Maria Gonzalez about the merger today."
+    record = InstructionRecord(id="r1", source="test", instruction="What is the sentiment of this news?", input=text, response="neutral")
+    start = text.index("Maria")
+    target = PiiTarget("client_0", record, "input", PiiSpan(text=0, start=start, end=start + len("Maria Gonzalez"), kind="PERSON", value="Maria Gonzalez"))
+    trained = tokenize_example(tokenizer, target.with_value("John Whitaker"), 512, "all").input_ids
+    before, value = candidate_pair(tokenizer, target, "John Whitaker", "value")
+    same_before, to_the_end = candidate_pair(tokenizer, target, "John Whitaker", "record")
+    assert before == same_before and tokenizer.decode(value).strip() == "John Whitaker"
+    assert to_the_end[: len(value)] == value and len(to_the_end) > len(value) + 5
+    assert before + to_the_end == trained[: len(before) + len(to_the_end)]  # tokenised as training saw the record
+    assert "merger" in tokenizer.decode(to_the_end) and "merger" not in tokenizer.decode(value)

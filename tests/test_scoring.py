@@ -66,6 +66,30 @@ def test_token_statistics_after_a_shared_prefix_equal_each_sequence_alone():
             assert np.allclose(got[key], alone[key], atol=1e-4), key
 
 
+def test_token_statistics_equal_the_whole_distribution_computed_directly():
+    """Min-K%++'s mean and std of log p, and each token's log p, against float64 sums over the
+    model's full next-token distribution (the statistics are taken a few positions at a time)."""
+    import torch
+
+    from knowledgesg.scoring import STATISTICS_CHUNK
+
+    model, tok = load_causal_lm(resolve_model("tiny-random-llama"))
+    sequences = [tok(t, add_special_tokens=False)["input_ids"] for t in ["Shares fell 3% after the weak results were published this morning.", "Profit rose.", "ok then"]]
+    assert sum(len(s) for s in sequences) > 2 * STATISTICS_CHUNK  # the chunks cross rows and padding
+    got = token_statistics(model, sequences, tok.pad_token_id, batch_size=3)
+    logprobs_only = token_statistics(model, sequences, tok.pad_token_id, batch_size=3, moments=False)
+    for sequence, stats, light in zip(sequences, got, logprobs_only):
+        with torch.no_grad():
+            logp = model(input_ids=torch.tensor([sequence])).logits[0, :-1].double().log_softmax(-1)
+        p = logp.exp()
+        mean = (p * logp).sum(-1)
+        std = ((p * (logp - mean[:, None]) ** 2).sum(-1)).sqrt()
+        own = logp.gather(1, torch.tensor(sequence[1:])[:, None]).squeeze(1)
+        assert np.allclose(stats["logprobs"], own.numpy(), atol=1e-4) and np.allclose(stats["mu"], mean.numpy(), atol=1e-4)
+        assert np.allclose(stats["sigma"], std.numpy(), atol=1e-3)
+        assert np.allclose(light["logprobs"], own.numpy(), atol=1e-4) and not light["mu"].any()
+
+
 def test_contexts_that_begin_alike_run_their_prefix_once_and_score_as_each_whole_sequence(monkeypatch):
     """next_token_logprobs (one-token choices) and the multi-token rows of continuation_logprobs
     run the contexts' common prefix once; every score equals scoring the whole sequence alone."""
