@@ -1,6 +1,6 @@
 """Does the audit have power? The same data and canaries, trained without privacy and at epsilon 1, 4 and 8.
 
-Usage:  .venv/bin/python benchmarks/audit_power.py --workdir DIR [--records 600] [--holdout 500] [--canaries 600] [--kinds rare_words] [--epochs 4] [--in-guesses 120] [--seed 8]
+Usage:  .venv/bin/python benchmarks/audit_power.py --workdir DIR [--records 600] [--holdout 500] [--canaries 600] [--kinds rare_words] [--epochs 6] [--in-guesses 120] [--seed 10]
 
 One client holds FPB training sentences plus canaries ("Customer <name> confirmed the wire
 transfer with security code <secret>."): designed ones of 4 rare words (`--kinds rare_words`, the
@@ -152,9 +152,12 @@ EARLIER = [
     "at commit 8f496b1 (NOT PRIVATE row only; rare-word AUC 0.800, digits 0.514, MIA AUC 0.72-0.80) | 1.609 (110/120 in) | 1.598 | 0.201 / 0.014 | not measured |",
     "| 600 rare-word canaries only, seed 7 (bfloat16 scoring; `ksg run` 3695 s, `ksg audit` 895 s) | `benchmarks/audit_power.py --workdir /work/bench/ap5` at commit 87ca4c6 (NOT PRIVATE row only; "
     "rare-word AUC 0.913 [0.890, 0.936], TPR at 1% FPR 0.398 [0.323, 0.534]; MIA AUC 0.80-0.89, Min-K%++ TPR at 1% FPR 0.29) | 2.358 (117/120 in) | 2.358 | 0.398 / - | not measured |",
-    "| the same on fresh canaries (seed 9), 100 \"in\" guesses declared in advance, float32 scoring (`ksg run` 736 s, `ksg audit` 333 s), tried after the current design's NOT PRIVATE row | "
+    "| the same on fresh canaries (seed 9), 100 \"in\" guesses declared in advance, float32 scoring (`ksg run` 736 s, `ksg audit` 333 s), tried after the seed-8 design's NOT PRIVATE row (next line) | "
     "`benchmarks/audit_power.py --workdir /work/bench/ap7 --seed 9 --in-guesses 100` at commit 1d15132 (NOT PRIVATE row only; rare-word AUC 0.757 [0.718, 0.794], "
-    "TPR at 1% FPR 0.113 [0.068, 0.245]) | 1.718 (91/100 in) | 1.718 | 0.113 / - | not measured |", "",
+    "TPR at 1% FPR 0.113 [0.068, 0.245]) | 1.718 (91/100 in) | 1.718 | 0.113 / - | not measured |",
+    "| 4 epochs, fresh canaries (seed 8), 120 \"in\" guesses declared in advance, float32 scoring (`ksg run` 884 s, `ksg audit` 283 s); its DP rows: 70-72 of 120 at epsilon 8, 4, 1, "
+    "bounds 0.016, 0.083, 0.049, AUC 0.51-0.53 | `benchmarks/audit_power.py --workdir /work/bench/ap6 --seed 8 --epochs 4` at commit 776d4ab, DP rows at 44b9400 (rare-word AUC 0.894 "
+    "[0.866, 0.918]; MIA AUC 0.82-0.91, Min-K%++ TPR at 1% FPR 0.34 [0.12, 0.49]) | 2.905 (118/120 in) | 2.905 | 0.374 / - | 81 of 326 |", "",
     "The template text after the secret (\".\", the end of the turn, \"neutral\") is learned by every canary's training alike, by 10-60 nats that vary from "
     "one canary to the next; scoring the secret's own tokens removes it. The low end of the scores says little (an unplanted canary's loss does not rise), "
     "so guessing \"in\" on the top scores and abstaining on the rest certifies more. With 2 epochs a quarter of the planted rare-word canaries stood above "
@@ -171,7 +174,8 @@ EARLIER = [
     "planted, 2.91, short of 3. Its top 100 held 99 planted canaries (3.01) and its top 80 all 80 (3.25), so 100 declared guesses were tried on fresh canaries "
     "(seed 9): that run memorized far less (planted canaries' loss drop 26 nats against 35 at seed 8, unplanted 19 in both; final training loss 1.16 against 0.93; "
     "AUC 0.76 against 0.89), and certified 1.72. The same recipe gives NOT PRIVATE bounds from 1.7 to 2.9 from one draw of records, canaries and batches to the next: "
-    "a bound of 3 needs a recipe that memorizes with margin (more epochs or a larger adapter), not a better number of guesses.", "",
+    "a bound of 3 needs a recipe that memorizes with margin (more epochs or a larger adapter), not a better number of guesses. The current design trains 6 epochs "
+    "instead of 4, declared with its seed (10) and its 120 guesses before it ran, and was run once.", "",
 ]
 
 
@@ -193,7 +197,7 @@ def write(args, rows: dict[float, dict], from_store: set[float]) -> None:
         "DP-SGD with Poisson sampling, PRV accounting, delta 1e-5.",
         f"Audit: `ksg audit RUN {' '.join(audit_args(args))}`. Canary score: the drop of the loss of the secret's own tokens from the base model to the released one. "
         + (f"One-run bound (Steinke et al. 2023 with its delta term): \"in\" on the {args.in_guesses} highest-scoring canaries, abstaining on the rest, at 95%: one number of guesses, "
-           "declared before this design ran, from the earlier designs below (the best of their declared tries was the top 120 in both of the last two, on other canaries: seed 7), so no correction for trying several. "
+           "declared before this design ran, from the earlier designs below (the best count in the two designs before the declared ones, on other canaries: seed 7), so no correction for trying several. "
            if args.in_guesses else
            "One-run bound (Steinke et al. 2023 with its delta term): \"in\" on the highest-scoring 5, 10, 20, 30, 40 and 50% of the canaries (abstaining on the rest, marked \"in\"), "
            "and half \"in\", half \"out\" on all of them, Bonferroni-corrected to 95% overall. ") +
@@ -221,9 +225,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--holdout", type=int, default=500)
     parser.add_argument("--canaries", type=int, default=600, help="canaries of each kind")
     parser.add_argument("--kinds", default="rare_words", help="canary kinds, comma-separated (digits,rare_words: also the designed-against-random table)")
-    parser.add_argument("--epochs", type=float, default=4.0)
+    parser.add_argument("--epochs", type=float, default=6.0)
     parser.add_argument("--lr", type=float, default=0.004)
-    parser.add_argument("--seed", type=int, default=8, help="the canaries and their coins (the earlier designs, whose results chose --in-guesses, ran at 7)")
+    parser.add_argument("--seed", type=int, default=10, help="the canaries and their coins (the designs that chose --in-guesses ran at 7; 8 and 9 ran the 4-epoch recipe)")
     parser.add_argument("--in-guesses", type=int, default=120, help="'in' guesses on the top scores, declared in advance (the best count of the two designs before it); 0: the audit's seven Bonferroni-corrected tries")
     parser.add_argument("--workdir", type=Path, required=True, help="the runs live here; the same command resumes from it")
     parser.add_argument("--only", default=None, help="measure these rows (nonprivate, eps8, eps4, eps1; comma-separated) even if the store holds them, and no others; none: only rewrite the report")

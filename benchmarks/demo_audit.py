@@ -103,8 +103,8 @@ def main() -> None:
         f"Command: `{command()}`", f"Machine: {machine()}",
         f"Run: `{args.run}` (`ksg run pipelines/specs/demo.yaml`: 3 DP adapters and the final adapter, 64 canaries in bank_b, 20 held-out records per bank). "
         f"Each audit is `ksg audit RUN` with {settings} and the audit's defaults otherwise (100 candidates, "
-        "4 exposure canaries per kind, 8 samples, 100 members per client, 16 PII spans per client, 1000 bootstrap resamples); run one after the other, the "
-        "machine otherwise idle.", "",
+        "4 exposure canaries per kind, 8 samples, as many members per client as it holds out, 16 PII spans per client, 1000 bootstrap resamples); run one after the "
+        "other, the machine otherwise idle.", "",
         "| setting | whole command, s | " + " | ".join(f"{s}, s" for s in SECTIONS) + " |", "|---|---:|" + "---:|" * len(SECTIONS),
         *[f"| {name} | {reports[name]['wall_s']} | " + " | ".join(str(seconds[name].get(s, "")) for s in SECTIONS) + " |" for name in variants],
         f"| **{pair}** | **{reports[first]['wall_s'] / reports[second]['wall_s']:.2f}x** | "

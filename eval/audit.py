@@ -616,8 +616,8 @@ def pii_attacks(model, tokenizer, targets: list[PiiTarget], found: dict[str, dic
     record's text before the span (extraction), or the whole record with the span masked
     (reconstruction, inference):
 
-    - extraction: `pii_attack_samples` sampled continuations of the text before the span; hit if
-      one of them writes the value verbatim;
+    - extraction: `pii_attack_samples` sampled continuations of the text before the span, as many
+      tokens as the value takes and 4 more; hit if one of them writes the value verbatim;
     - reconstruction: the PII of the span's type that those samples wrote are the candidates, each
       filled into the masked record and ranked by the model's likelihood of its own tokens there
       (`pii_score` "value") or of the record from the span on ("record"); hit if the best is the
@@ -627,11 +627,7 @@ def pii_attacks(model, tokenizer, targets: list[PiiTarget], found: dict[str, dic
       ranks the true one first (chance 1/k).
     """
     n = options.pii_attack_samples
-    prefixes = [split_span(tokenizer, t.record, t.marked(), len(t.span.value))[0] for t in targets]
-    budget = max(len(tokenizer(t.span.value, add_special_tokens=False)["input_ids"]) for t in targets) + 4
-    completions = Generator(model, tokenizer, 32, device).generate([p for p in prefixes for _ in range(n)], SamplingParams(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=budget),
-                                                                 options.seed, "audit: PII extraction")
-    samples = [[c.text for c in completions[k * n : (k + 1) * n]] for k in range(len(targets))]
+    samples = extraction_samples(model, tokenizer, targets, n, options.seed, device)
     written = find_pii_spans([text for group in samples for text in group])
     candidate_sets = []
     for k, target in enumerate(targets):
@@ -658,6 +654,23 @@ def pii_attacks(model, tokenizer, targets: list[PiiTarget], found: dict[str, dic
                         "reconstructed": bool(reconstruct) and best[(k, "reconstruction")][1] == target.span.value,
                         "inferred": best[(k, "inference")][1] == target.span.value if len(infer) > 1 else None, "choices": len(infer)})
     return results
+
+
+def extraction_samples(model, tokenizer, targets: list[PiiTarget], n: int, seed: int, device: str) -> list[list[str]]:
+    """`n` sampled continuations of the text before each span, at most as many tokens as the span's
+    own value takes and 4 more, whatever other spans are attacked beside it (one budget for all let
+    a 16-token address make every name's samples 20 tokens long)."""
+    prefixes = [split_span(tokenizer, t.record, t.marked(), len(t.span.value))[0] for t in targets]
+    budgets = [len(tokenizer(t.span.value, add_special_tokens=False)["input_ids"]) + 4 for t in targets]
+    generator = Generator(model, tokenizer, 32, device)
+    samples: list[list[str]] = [[] for _ in targets]
+    for budget in sorted(set(budgets)):
+        group = [k for k, b in enumerate(budgets) if b == budget]
+        completions = generator.generate([prefixes[k] for k in group for _ in range(n)], SamplingParams(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=budget),
+                                         seed, "audit: PII extraction")
+        for j, k in enumerate(group):
+            samples[k] = [c.text for c in completions[j * n : (j + 1) * n]]
+    return samples
 
 
 def candidate_pair(tokenizer, target: PiiTarget, value: str, scored: str) -> tuple[list[int], list[int]]:

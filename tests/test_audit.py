@@ -254,3 +254,33 @@ def test_a_pii_candidate_is_scored_on_its_own_tokens_or_on_the_record_from_it_on
     assert to_the_end[: len(value)] == value and len(to_the_end) > len(value) + 5
     assert before + to_the_end == trained[: len(before) + len(to_the_end)]  # tokenised as training saw the record
     assert "merger" in tokenizer.decode(to_the_end) and "merger" not in tokenizer.decode(value)
+
+
+def test_extraction_samples_are_as_long_as_each_span_value_needs(monkeypatch):
+    from eval import audit
+    from eval.audit import PiiTarget, extraction_samples
+    from eval.pii import PiiSpan
+    from knowledgesg.records import InstructionRecord
+
+    model, tokenizer = load_causal_lm(resolve_model("tiny-random-llama"))
+    targets = []
+    for i, value in enumerate(["Maria", "Flat 4, 1200 Kingsbridge Road, Upper Westfield, Northamptonshire"]):
+        text = f"Please write to {value} about the merger today."
+        record = InstructionRecord(id=f"r{i}", source="test", instruction="What is the sentiment of this news?", input=text, response="neutral")
+        start = text.index(value)
+        targets.append(PiiTarget("client_0", record, "input", PiiSpan(text=i, start=start, end=start + len(value), kind="LOCATION", value=value)))
+    budgets = [len(tokenizer(t.span.value, add_special_tokens=False)["input_ids"]) + 4 for t in targets]
+    assert budgets[1] > budgets[0] + 5
+    calls = []
+    real_generate = audit.Generator.generate
+
+    def generate(self, prompts, params, seed, progress=None):
+        completions = real_generate(self, prompts, params, seed, progress)
+        calls.append((len(prompts), params.max_new_tokens, [c.new_tokens - c.finished for c in completions]))
+        return completions
+
+    monkeypatch.setattr(audit.Generator, "generate", generate)
+    samples = extraction_samples(model, tokenizer, targets, 3, seed=0, device="cpu")
+    assert [len(group) for group in samples] == [3, 3]
+    assert sorted((rows, budget) for rows, budget, _ in calls) == [(3, budgets[0]), (3, budgets[1])]  # each span's prompts under its own budget
+    assert all(n <= budget for _, budget, lengths in calls for n in lengths)
