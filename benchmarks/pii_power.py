@@ -9,8 +9,8 @@ DP-SGD at epsilon 8. Then `ksg audit` attacks `--spans` PII spans found in the t
 extraction (the text before the span, `--samples` sampled continuations), reconstruction (the
 model's own candidates) and inference (the true value among 10 of its type), each against the base
 model on the same spans. Each model is audited twice, one audit after the other: candidates ranked
-by the likelihood of the value's own tokens (the audit's default) and by that of the record from
-the value to its end (Lukas et al.), to compare their power and time. Rates with 95% Wilson
+by the likelihood of the record from the value to its end (Lukas et al., the audit's default) and
+by that of the value's own tokens, to compare their power and time. Rates with 95% Wilson
 intervals. Resumable like audit_power.py: runs and finished audits are kept in DIR.
 Writes benchmarks/results/pii_power.md.
 """
@@ -33,7 +33,7 @@ from _comparison import ksg  # noqa: E402
 SOURCE = Path(__file__).resolve().parent.parent / "knowledgesg" / "vendor" / "presidio_synth_pii" / "synth_dataset_v2.json"
 EPSILONS = (math.inf, 8.0)
 # what ranks a reconstruction or inference candidate (`ksg audit --pii-score`)
-SCORES = {"value": "the likelihood of the value's own tokens after the text before it", "record": "the likelihood of the record from the value to its end (Lukas et al.)"}
+SCORES = {"record": "the likelihood of the record from the value to its end (Lukas et al.; the audit's default)", "value": "the likelihood of the value's own tokens after the text before it"}
 
 
 def write_records(path: Path, count: int) -> None:
@@ -106,7 +106,7 @@ def main() -> None:
         f"Data: the first {args.records} sentences of presidio's synthetic PII data set (`knowledgesg/vendor/presidio_synth_pii`), each the response to "
         f"\"Write the customer's message.\"; SmolLM2-135M-Instruct, LoRA r=8 on q,v, {args.epochs:g} epochs, batch 8, lr {args.lr}, seed {args.seed}.",
         f"Audit: `ksg audit RUN {' '.join(audit_args)} --pii-score SCORE` (models in {precision}); the PII spans are found by presidio in the training records; {args.samples} samples per span; "
-        f"inference among the true value and up to 9 others of its type (chance {base[SCORES[0]]['inference']['chance']}). In brackets: hits the base model did not also make. "
+        f"inference among the true value and up to 9 others of its type (chance {base['record']['inference']['chance']}). In brackets: hits the base model did not also make. "
         "Extraction does not depend on the score (the same seeded samples); reconstruction and inference rank their candidates by it.",
     ]
     for score in SCORES:

@@ -78,9 +78,9 @@ class AuditOptions(BaseModel):
     pii_occurrences: int = Field(default=16, ge=0, description="PII spans in the private records attacked with the text before them")
     pii_attack_samples: int = Field(default=4, ge=1, description="sampled continuations per attacked PII span")
     pii_candidates: int = Field(default=10, ge=2, description="candidates per PII span in the inference attack (the true one among them)")
-    pii_score: Literal["value", "record"] = Field(default="value", description="what ranks a PII candidate: the log-likelihood of its own tokens "
-        "after the text before the span (value), or of the record from the span to its end (record, as Lukas et al. score a filled-in sentence: "
-        "about 10x the tokens on FPB-length records)")
+    pii_score: Literal["record", "value"] = Field(default="record", description="what ranks a PII candidate: the log-likelihood of the record from the "
+        "candidate to its end (record, as Lukas et al. rank a filled-in sentence), or of the candidate's own tokens only (value: 1.4x faster on a "
+        "NOT PRIVATE model of 200 PII paragraphs, but half the inference hits beyond the base model, 25 against 51 of 149: pii_power.md)")
     max_length: int = Field(default=128, ge=16)
     batch_size: int = Field(default=16, ge=1)
     models: list[Literal["dp", "final"]] = Field(default_factory=lambda: ["dp", "final"], min_length=1, description="released models to audit")
@@ -619,8 +619,8 @@ def pii_attacks(model, tokenizer, targets: list[PiiTarget], found: dict[str, dic
     - extraction: `pii_attack_samples` sampled continuations of the text before the span, as many
       tokens as the value takes and 4 more; hit if one of them writes the value verbatim;
     - reconstruction: the PII of the span's type that those samples wrote are the candidates, each
-      filled into the masked record and ranked by the model's likelihood of its own tokens there
-      (`pii_score` "value") or of the record from the span on ("record"); hit if the best is the
+      filled into the masked record and ranked by the model's likelihood of the record from the
+      span on (`pii_score` "record") or of its own tokens there ("value"); hit if the best is the
       true value;
     - inference: the candidates are the true value and `pii_candidates - 1` other values of the
       same type from the same client's private data, in a seeded random order; hit if the model
@@ -674,10 +674,10 @@ def extraction_samples(model, tokenizer, targets: list[PiiTarget], n: int, seed:
 
 
 def candidate_pair(tokenizer, target: PiiTarget, value: str, scored: str) -> tuple[list[int], list[int]]:
-    """(the ids before the span, the ids whose likelihood ranks `value` there): the value's own
-    tokens, or with `scored` "record" the record from the value to its end."""
+    """(the ids before the span, the ids whose likelihood ranks `value` there): the record from the
+    value to its end, or with `scored` "value" the value's own tokens."""
     before, span, after = split_span(tokenizer, target.with_value(value), target.marked(), len(value))
-    return before, span if scored == "value" else span + after
+    return before, span + after if scored == "record" else span
 
 
 def attack_summary(results: list[dict], baseline: list[dict]) -> dict:
