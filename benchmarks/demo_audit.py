@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import shutil
 import sys
 from pathlib import Path
@@ -37,6 +38,13 @@ COMPARISONS = {
                   "and samples are the same computation in both)."),
 }
 SECTIONS = ("canaries", "membership_inference", "pii", "synthetic_overlap")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (whether bfloat16 runs natively depends on it), or the architecture."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.is_file() else []
+    return names[0] if names else platform.machine()
 
 
 def audited(run: Path, name: str, arguments: list[str], workdir: Path) -> dict:
@@ -104,7 +112,8 @@ def main() -> None:
         f"Run: `{args.run}` (`ksg run pipelines/specs/demo.yaml`: 3 DP adapters and the final adapter, 64 canaries in bank_b, 20 held-out records per bank). "
         f"Each audit is `ksg audit RUN` with {settings} and the audit's defaults otherwise (100 candidates, "
         "4 exposure canaries per kind, 8 samples, as many members per client as it holds out, 16 PII spans per client, 1000 bootstrap resamples); run one after the "
-        "other, the machine otherwise idle.", "",
+        f"other, the machine otherwise idle. Weights: {', '.join(sorted({r['options'].get('precision', 'float32') for r in reports.values()}))} "
+        f"({cpu_model()}; `--precision auto` runs bfloat16 only where the CPU has it natively).", "",
         "| setting | whole command, s | " + " | ".join(f"{s}, s" for s in SECTIONS) + " |", "|---|---:|" + "---:|" * len(SECTIONS),
         *[f"| {name} | {reports[name]['wall_s']} | " + " | ".join(str(seconds[name].get(s, "")) for s in SECTIONS) + " |" for name in variants],
         f"| **{pair}** | **{reports[first]['wall_s'] / reports[second]['wall_s']:.2f}x** | "
