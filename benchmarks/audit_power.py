@@ -156,7 +156,7 @@ EARLIER = [
     "`benchmarks/audit_power.py --workdir /work/bench/ap7 --seed 9 --in-guesses 100` at commit 1d15132 (NOT PRIVATE row only; rare-word AUC 0.757 [0.718, 0.794], "
     "TPR at 1% FPR 0.113 [0.068, 0.245]) | 1.718 (91/100 in) | 1.718 | 0.113 / - | not measured |",
     "| 4 epochs, fresh canaries (seed 8), 120 \"in\" guesses declared in advance, float32 scoring (`ksg run` 884 s, `ksg audit` 283 s); its DP rows: 70-72 of 120 at epsilon 8, 4, 1, "
-    "bounds 0.016, 0.083, 0.049, AUC 0.51-0.53 | `benchmarks/audit_power.py --workdir /work/bench/ap6 --seed 8 --epochs 4` at commit 776d4ab, DP rows at 44b9400 (rare-word AUC 0.894 "
+    "bounds 0.016, 0.083, 0.049, AUC 0.51-0.53 (their rows: audit_power_runs_4epochs.json) | `benchmarks/audit_power.py --workdir /work/bench/ap6 --seed 8 --epochs 4` at commit 776d4ab, DP rows at 44b9400 (rare-word AUC 0.894 "
     "[0.866, 0.918]; MIA AUC 0.82-0.91, Min-K%++ TPR at 1% FPR 0.34 [0.12, 0.49]) | 2.905 (118/120 in) | 2.905 | 0.374 / - | 81 of 326 |", "",
     "The template text after the secret (\".\", the end of the turn, \"neutral\") is learned by every canary's training alike, by 10-60 nats that vary from "
     "one canary to the next; scoring the secret's own tokens removes it. The low end of the scores says little (an unplanted canary's loss does not rise), "
@@ -170,7 +170,7 @@ EARLIER = [
     "a planted canary's words lowered their loss too. The rare-word canaries now share no word. "
     "With 600 rare-word canaries and no digits, 117 of the 120 highest scores were planted: 2.36 after the correction for seven tries (one declared number, 120, would have "
     "given 2.69 from the same guesses, 119 of 120 3.20). Both that design and the one with disjoint words did best with the top 120 (20% of 600, 30% of 400), so the "
-    "current design declares 120 \"in\" guesses in advance, on fresh canaries (seed 8) whose coins no earlier result saw, and scores in float32: 118 of its 120 were "
+    "next design declared 120 \"in\" guesses in advance, on fresh canaries (seed 8) whose coins no earlier result saw, and scores in float32: 118 of its 120 were "
     "planted, 2.91, short of 3. Its top 100 held 99 planted canaries (3.01) and its top 80 all 80 (3.25), so 100 declared guesses were tried on fresh canaries "
     "(seed 9): that run memorized far less (planted canaries' loss drop 26 nats against 35 at seed 8, unplanted 19 in both; final training loss 1.16 against 0.93; "
     "AUC 0.76 against 0.89), and certified 1.72. The same recipe gives NOT PRIVATE bounds from 1.7 to 2.9 from one draw of records, canaries and batches to the next: "
