@@ -1,15 +1,16 @@
 """`ksg audit` of the demo run: its time, per section, under two settings, and what the setting
 changes in the audit's figures. `--compare precision`: float32 against bfloat16; `--compare
 pii-score`: PII candidates ranked by the record from the value to its end against by the value's
-own tokens (both at the default precision).
+own tokens; `--compare pii-sentence`: the record against the value and the rest of its sentence
+(both at the default precision).
 
-Usage:  .venv/bin/python benchmarks/demo_audit.py [--compare precision|pii-score] [--run runs/demo-finance] [--workdir DIR]
+Usage:  .venv/bin/python benchmarks/demo_audit.py [--compare precision|pii-score|pii-sentence] [--run runs/demo-finance] [--workdir DIR]
 
 Needs a finished demo run (`ksg run pipelines/specs/demo.yaml`). Runs `ksg audit RUN` with each
 setting, one after the other on the same run (the audit's own defaults otherwise), and keeps each
 report in DIR (a finished one is reused: the command resumes). Compares, per audited release, the
 canary loss drops, the one-run bounds, the membership AUCs and the PII attack hits. Writes
-benchmarks/results/demo_audit.md (precision) or demo_audit_pii_score.md.
+benchmarks/results/demo_audit.md (precision), demo_audit_pii_score.md or demo_audit_pii_sentence.md.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ COMPARISONS = {
                   {"record": ["--pii-score", "record"], "value": ["--pii-score", "value"]},
                   "What the score changes: only the ranking of the PII reconstruction and inference candidates (the canaries, membership scores "
                   "and samples are the same computation in both)."),
+    "pii-sentence": ("PII candidates ranked by the record from the value on against by the value and the rest of its sentence",
+                     {"record": ["--pii-score", "record"], "sentence": ["--pii-score", "sentence"]},
+                     "What the score changes: only the ranking of the PII reconstruction and inference candidates (the canaries, membership scores "
+                     "and samples are the same computation in both)."),
 }
 SECTIONS = ("canaries", "membership_inference", "pii", "synthetic_overlap")
 

@@ -53,7 +53,7 @@ from knowledgesg.records import InstructionRecord
 from knowledgesg.scoring import continuation_logprobs, pad_id, shared_prefix_logprobs, token_statistics
 from knowledgesg.spec import CanarySpec, CanaryTemplate, PipelineSpec
 from privacy.accounting import group_epsilon
-from privacy.ledger import LedgerEntry, compose, read_stage_ledgers
+from privacy.ledger import LedgerEntry, composed_total, read_stage_ledgers
 
 SENTINEL = "\ue000"
 CANARY_SCORE = "secret tokens"  # what a canary's loss is summed over (before: the text from the secret to the end)
@@ -78,9 +78,10 @@ class AuditOptions(BaseModel):
     pii_occurrences: int = Field(default=16, ge=0, description="PII spans in the private records attacked with the text before them")
     pii_attack_samples: int = Field(default=4, ge=1, description="sampled continuations per attacked PII span")
     pii_candidates: int = Field(default=10, ge=2, description="candidates per PII span in the inference attack (the true one among them)")
-    pii_score: Literal["record", "value"] = Field(default="record", description="what ranks a PII candidate: the log-likelihood of the record from the "
-        "candidate to its end (record, as Lukas et al. rank a filled-in sentence), or of the candidate's own tokens only (value: 1.4x faster on a "
-        "NOT PRIVATE model of 200 PII paragraphs, but half the inference hits beyond the base model, 25 against 51 of 149: pii_power.md)")
+    pii_score: Literal["record", "sentence", "value"] = Field(default="record", description="what ranks a PII candidate: the log-likelihood of the record from the "
+        "candidate to its end (record), of the candidate and the rest of its sentence (sentence: the filled-in sentence, Lukas et al.'s unit; the rest "
+        "of the record is the same text after every candidate), or of the candidate's own tokens only (value: 1.4x faster on a NOT PRIVATE model of "
+        "200 PII paragraphs, but half the inference hits beyond the base model, 25 against 51 of 149: pii_power.md)")
     max_length: int = Field(default=128, ge=16)
     batch_size: int = Field(default=16, ge=1)
     models: list[Literal["dp", "final"]] = Field(default_factory=lambda: ["dp", "final"], min_length=1, description="released models to audit")
@@ -231,12 +232,13 @@ def exposure(model, tokenizer, spec: CanarySpec, canary: Canary, options: AuditO
 
 def extractions(model, tokenizer, spec: CanarySpec, canaries: list[Canary], samples: int, seed: int, device: str) -> list[dict]:
     """Greedy and sampled continuations of each canary's text up to its secret, all canaries in
-    one batched greedy pass and one batched sampled pass."""
+    one batched greedy pass and one batched sampled pass, each row under its own kind's budget."""
     prefixes = [split_at_secret(tokenizer, spec.template, c, c.secret)[0] for c in canaries]
     generator = Generator(model, tokenizer, 32, device)
-    budget = max(secret_budget_tokens(spec, c.kind) for c in canaries)
-    greedy = generator.generate(prefixes, SamplingParams(do_sample=False, max_new_tokens=budget), seed, "audit: canary extraction")
-    sampled = generator.generate([p for p in prefixes for _ in range(samples)], SamplingParams(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=budget), seed) if samples else []
+    budgets = [secret_budget_tokens(spec, c.kind) for c in canaries]
+    greedy = generator.generate(prefixes, SamplingParams(do_sample=False, max_new_tokens=max(budgets)), seed, "audit: canary extraction", budgets)
+    sampled = generator.generate([p for p in prefixes for _ in range(samples)], SamplingParams(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=max(budgets)), seed,
+                                 budgets=[b for b in budgets for _ in range(samples)]) if samples else []
 
     def recovered(text: str, canary: Canary) -> bool:
         return text.lstrip().startswith(canary.secret)
@@ -620,8 +622,8 @@ def pii_attacks(model, tokenizer, targets: list[PiiTarget], found: dict[str, dic
       tokens as the value takes and 4 more; hit if one of them writes the value verbatim;
     - reconstruction: the PII of the span's type that those samples wrote are the candidates, each
       filled into the masked record and ranked by the model's likelihood of the record from the
-      span on (`pii_score` "record") or of its own tokens there ("value"); hit if the best is the
-      true value;
+      span on (`pii_score` "record"), of the span and the rest of its sentence ("sentence") or of
+      its own tokens there ("value"); hit if the best is the true value;
     - inference: the candidates are the true value and `pii_candidates - 1` other values of the
       same type from the same client's private data, in a seeded random order; hit if the model
       ranks the true one first (chance 1/k).
@@ -637,17 +639,20 @@ def pii_attacks(model, tokenizer, targets: list[PiiTarget], found: dict[str, dic
         infer = [target.span.value, *rng.sample(others, min(options.pii_candidates - 1, len(others)))]
         rng.shuffle(infer)  # a tie goes to whichever comes first: not always the true value
         candidate_sets.append((reconstruct, infer))
-    pairs, owners = [], []
+    pairs, scored, owners = [], {}, []
     for k, (target, (reconstruct, infer)) in enumerate(zip(targets, candidate_sets)):
         for attack, values in (("reconstruction", reconstruct), ("inference", infer)):
             for value in values:
-                pairs.append(candidate_pair(tokenizer, target, value, options.pii_score))
+                if (k, value) not in scored:  # a value both attacks rank (the true one, reconstructed) is scored once
+                    scored[(k, value)] = len(pairs)
+                    pairs.append(candidate_pair(tokenizer, target, value, options.pii_score))
                 owners.append((k, attack, value))
     nll = continuations_nll(model, tokenizer, pairs, options.batch_size, device) if pairs else np.empty(0)
     best: dict[tuple[int, str], tuple[float, str]] = {}
-    for (k, attack, value), loss in zip(owners, nll):
+    for k, attack, value in owners:
+        loss = float(nll[scored[(k, value)]])
         if (k, attack) not in best or loss < best[(k, attack)][0]:
-            best[(k, attack)] = (float(loss), value)
+            best[(k, attack)] = (loss, value)
     results = []
     for k, (target, (reconstruct, infer)) in enumerate(zip(targets, candidate_sets)):
         results.append({"extracted": any(occurs(target.span.value, text) for text in samples[k]),
@@ -659,25 +664,35 @@ def pii_attacks(model, tokenizer, targets: list[PiiTarget], found: dict[str, dic
 def extraction_samples(model, tokenizer, targets: list[PiiTarget], n: int, seed: int, device: str) -> list[list[str]]:
     """`n` sampled continuations of the text before each span, at most as many tokens as the span's
     own value takes and 4 more, whatever other spans are attacked beside it (one budget for all let
-    a 16-token address make every name's samples 20 tokens long)."""
+    a 16-token address make every name's samples 20 tokens long): one batched call, each row
+    leaving at its own budget."""
     prefixes = [split_span(tokenizer, t.record, t.marked(), len(t.span.value))[0] for t in targets]
     budgets = [len(tokenizer(t.span.value, add_special_tokens=False)["input_ids"]) + 4 for t in targets]
-    generator = Generator(model, tokenizer, 32, device)
-    samples: list[list[str]] = [[] for _ in targets]
-    for budget in sorted(set(budgets)):
-        group = [k for k, b in enumerate(budgets) if b == budget]
-        completions = generator.generate([prefixes[k] for k in group for _ in range(n)], SamplingParams(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=budget),
-                                         seed, "audit: PII extraction")
-        for j, k in enumerate(group):
-            samples[k] = [c.text for c in completions[j * n : (j + 1) * n]]
-    return samples
+    completions = Generator(model, tokenizer, 32, device).generate([p for p in prefixes for _ in range(n)], SamplingParams(do_sample=True, temperature=1.0, top_p=1.0,
+                                                                   max_new_tokens=max(budgets)), seed, "audit: PII extraction", [b for b in budgets for _ in range(n)])
+    return [[c.text for c in completions[k * n : (k + 1) * n]] for k in range(len(targets))]
 
 
 def candidate_pair(tokenizer, target: PiiTarget, value: str, scored: str) -> tuple[list[int], list[int]]:
     """(the ids before the span, the ids whose likelihood ranks `value` there): the record from the
-    value to its end, or with `scored` "value" the value's own tokens."""
+    value to its end, with `scored` "sentence" the value and the rest of its sentence, or with
+    "value" the value's own tokens."""
+    if scored == "sentence":
+        before, sentence, _ = split_span(tokenizer, target.with_value(value), target.marked(), len(value) + sentence_tail(target))
+        return before, sentence
     before, span, after = split_span(tokenizer, target.with_value(value), target.marked(), len(value))
     return before, span + after if scored == "record" else span
+
+
+SENTENCE_END = re.compile(r"[.!?](?=\s)|\n")
+
+
+def sentence_tail(target: PiiTarget) -> int:
+    """Characters from the end of the span to the end of its sentence (its terminal mark or line
+    break included; the end of the field where none comes first)."""
+    text = getattr(target.record, target.field)
+    end = SENTENCE_END.search(text, target.span.end)
+    return (end.end() if end else len(text)) - target.span.end
 
 
 def attack_summary(results: list[dict], baseline: list[dict]) -> dict:
@@ -734,13 +749,14 @@ def _count_types(values: dict[str, str]) -> dict[str, int]:
 
 
 def claimed_epsilons(run_dir: Path, spec: PipelineSpec) -> dict[str, float]:
-    """Each client's record-level total over this run's releases (per unit, not per canary)."""
+    """Each client's record-level total over this run's releases (per unit, not per canary), as the
+    privacy report computes it (one release: its own recorded figures, no accountant rerun)."""
     entries = read_stage_ledgers(run_dir, [s.name for s in spec.stages])
     totals = {}
     for client in dict.fromkeys(e.client_id for e in entries):
         mine = [e for e in entries if e.client_id == client and e.counts_against_budget]
         if mine:
-            totals[client] = compose([e.effective_mechanism() for e in mine], mine[-1].delta).reported
+            totals[client] = composed_total(mine, mine[-1].delta).reported
     return totals
 
 

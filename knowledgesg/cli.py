@@ -326,7 +326,7 @@ def audit(
     mia_members: Annotated[int | None, typer.Option(help="training records per client scored for membership inference (default: as many as its held-out non-members)")] = None,
     pii_spans: Annotated[int, typer.Option(help="PII spans per client attacked (extraction, reconstruction, inference)")] = 16,
     pii_attack_samples: Annotated[int, typer.Option(help="sampled continuations per attacked PII span")] = 4,
-    pii_score: Annotated[str, typer.Option(help="what ranks a PII candidate: record (the record from it to the end, as Lukas et al.) or value (its own tokens: faster, weaker)")] = "record",
+    pii_score: Annotated[str, typer.Option(help="what ranks a PII candidate: record (the record from it to the end), sentence (it and the rest of its sentence: the filled-in sentence, as Lukas et al.) or value (its own tokens: faster, weaker)")] = "record",
     bootstrap: Annotated[int, typer.Option(help="bootstrap resamples for the intervals of AUC and TPR at low FPR")] = 1000,
     models: Annotated[str, typer.Option(help="comma-separated released models to audit: dp, final (the base model is always the reference)")] = "dp,final",
     precision: Annotated[str, typer.Option(help="model weights while scoring and sampling: auto (bfloat16 where it runs natively), float32, bfloat16")] = "auto",

@@ -118,34 +118,43 @@ class Generator:
             stops.add(im_end)
         self.stop_ids = sorted(i for i in stops if i is not None)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, progress: str | None = None) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seed: int, progress: str | None = None,
+                 budgets: list[int] | None = None) -> list[Completion]:
+        """`budgets`: each prompt's own token budget (at most `params.max_new_tokens`), for callers
+        whose prompts want answers of different lengths: they still share batches, and a row
+        leaves at its own budget."""
         import torch
 
         from knowledgesg.console import track
 
+        if budgets is not None and (len(budgets) != len(prompts) or not all(1 <= b <= params.max_new_tokens for b in budgets)):
+            raise ValueError("one budget per prompt, each from 1 to max_new_tokens")
+        budgets = budgets or [params.max_new_tokens] * len(prompts)
         results: list[Completion | None] = [None] * len(prompts)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         batches = length_batches([len(p) for p in prompts], self.batch_size)
         sampler = torch.Generator(device=self.device).manual_seed(seed)
         self.model.eval()
         for batch in track(batches, progress or "generating", total=len(batches)):
-            for i, (tokens, finished) in zip(batch, self._decode([prompts[i] for i in batch], pad, params, sampler)):
+            for i, (tokens, finished) in zip(batch, self._decode([prompts[i] for i in batch], pad, params, sampler, [budgets[i] for i in batch])):
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 if self.stop_at_newline:
                     text = text.split("\n")[0]
                 results[i] = Completion(text, len(tokens) + finished, finished)
         return results  # type: ignore[return-value]
 
-    def _decode(self, prompts: list[list[int]], pad: int, params: SamplingParams, sampler) -> list[tuple[list[int], bool]]:
-        """Greedy or sampled decoding of one batch of prompts; rows leave when done."""
+    def _decode(self, prompts: list[list[int]], pad: int, params: SamplingParams, sampler, budgets: list[int]) -> list[tuple[list[int], bool]]:
+        """Greedy or sampled decoding of one batch of prompts; rows leave when done (at an
+        end-of-turn token or their own budget)."""
         import torch
 
         from knowledgesg.kv_cache import RoomyCache
 
         n = len(prompts)
         shared = shared_prefix_length(prompts)
-        room = max(len(p) for p in prompts) - shared + params.max_new_tokens  # every token this batch will add after the prefix
-        cache = run_prefix(self.model, prompts[0][:shared], self.device, room) if shared else RoomyCache(params.max_new_tokens)
+        longest = max(budgets)
+        room = max(len(p) for p in prompts) - shared + longest  # every token this batch will add after the prefix
+        cache = run_prefix(self.model, prompts[0][:shared], self.device, room) if shared else RoomyCache(longest)
         ids, own_mask = (t.to(self.device) for t in pad_batch([p[shared:] for p in prompts], pad, left=True))
         mask, positions = after_prefix(own_mask, shared)
         outputs: list[list[int]] = [[] for _ in range(n)]
@@ -160,7 +169,7 @@ class Generator:
         if shared:
             cache.batch_repeat_interleave(len(unique) if shared_prefill else n)
         with torch.no_grad():
-            for step in range(params.max_new_tokens):
+            for step in range(longest):
                 if step == 0 and shared_prefill:
                     prompt_ids = unique[:, : ids.shape[1]]
                     prompt_mask, prompt_positions = after_prefix(unique[:, ids.shape[1] :], shared)
@@ -185,7 +194,7 @@ class Generator:
                         finished[owner] = True
                         continue
                     outputs[owner].append(token)
-                    if len(outputs[owner]) < params.max_new_tokens:
+                    if len(outputs[owner]) < budgets[owner]:
                         keep.append(row)
                 if not keep:
                     break
@@ -223,4 +232,9 @@ class Generator:
             cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
             drop = cumulative - ordered.softmax(dim=-1) > params.top_p  # keep the smallest set reaching top_p
             logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-        return torch.multinomial(logits.softmax(dim=-1), 1, generator=sampler).squeeze(1)
+        # inverse-CDF sampling: the same distribution as torch.multinomial, about 10x faster here
+        # (2-8 ms against 48-90 ms for 32 rows over SmolLM2's 49k vocabulary, 2 cores); `right`: a
+        # token of probability 0 (cut by top-k or top-p) has a flat CDF step and is never chosen
+        cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+        u = torch.rand((cdf.shape[0], 1), generator=sampler, device=cdf.device) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=cdf.shape[1] - 1)

@@ -237,23 +237,27 @@ def test_pii_in_a_repeated_text_is_found_at_every_index_it_occurs_as_if_each_tex
     assert {(0, "EMAIL_ADDRESS"), (2, "EMAIL_ADDRESS"), (4, "PHONE_NUMBER")} <= kinds and not {i for i, _ in kinds} & {1, 3, 5}
 
 
-def test_a_pii_candidate_is_scored_on_its_own_tokens_or_on_the_record_from_it_on():
+def test_a_pii_candidate_is_scored_on_its_own_tokens_its_sentence_or_the_record_from_it_on():
     from eval.audit import PiiTarget, candidate_pair
     from eval.pii import PiiSpan
     from knowledgesg.records import InstructionRecord
 
     _, tokenizer = load_causal_lm(resolve_model("tiny-random-llama"))
-    text = "Please call Maria Gonzalez about the merger today."
+    text = "Please call Maria Gonzalez about the merger today. Shares rose on the news."
     record = InstructionRecord(id="r1", source="test", instruction="What is the sentiment of this news?", input=text, response="neutral")
     start = text.index("Maria")
     target = PiiTarget("client_0", record, "input", PiiSpan(text=0, start=start, end=start + len("Maria Gonzalez"), kind="PERSON", value="Maria Gonzalez"))
     trained = tokenize_example(tokenizer, target.with_value("John Whitaker"), 512, "all").input_ids
     before, value = candidate_pair(tokenizer, target, "John Whitaker", "value")
     same_before, to_the_end = candidate_pair(tokenizer, target, "John Whitaker", "record")
-    assert before == same_before and tokenizer.decode(value).strip() == "John Whitaker"
+    also_before, sentence = candidate_pair(tokenizer, target, "John Whitaker", "sentence")
+    assert before == same_before == also_before and tokenizer.decode(value).strip() == "John Whitaker"
     assert to_the_end[: len(value)] == value and len(to_the_end) > len(value) + 5
     assert before + to_the_end == trained[: len(before) + len(to_the_end)]  # tokenised as training saw the record
     assert "merger" in tokenizer.decode(to_the_end) and "merger" not in tokenizer.decode(value)
+    # the sentence: the value and the rest of its sentence, the mark that ends it included, nothing after
+    assert to_the_end[: len(sentence)] == sentence and tokenizer.decode(sentence).strip() == "John Whitaker about the merger today."
+    assert "Shares" in tokenizer.decode(to_the_end)
 
 
 def test_extraction_samples_are_as_long_as_each_span_value_needs(monkeypatch):
@@ -274,13 +278,13 @@ def test_extraction_samples_are_as_long_as_each_span_value_needs(monkeypatch):
     calls = []
     real_generate = audit.Generator.generate
 
-    def generate(self, prompts, params, seed, progress=None):
-        completions = real_generate(self, prompts, params, seed, progress)
-        calls.append((len(prompts), params.max_new_tokens, [c.new_tokens - c.finished for c in completions]))
+    def generate(self, prompts, params, seed, progress=None, budgets=None):
+        completions = real_generate(self, prompts, params, seed, progress, budgets)
+        calls.append((budgets, [c.new_tokens - c.finished for c in completions]))
         return completions
 
     monkeypatch.setattr(audit.Generator, "generate", generate)
     samples = extraction_samples(model, tokenizer, targets, 3, seed=0, device="cpu")
     assert [len(group) for group in samples] == [3, 3]
-    assert sorted((rows, budget) for rows, budget, _ in calls) == [(3, budgets[0]), (3, budgets[1])]  # each span's prompts under its own budget
-    assert all(n <= budget for _, budget, lengths in calls for n in lengths)
+    assert [b for b, _ in calls] == [[budgets[0]] * 3 + [budgets[1]] * 3]  # one batched call, each span's samples under its own budget
+    assert all(n <= budget for own, lengths in calls for n, budget in zip(lengths, own))

@@ -57,6 +57,28 @@ def test_top_k_and_top_p_restrict_the_choice():
     assert draws(SamplingParams(top_k=0, top_p=1.0, temperature=50.0)) == {0, 1, 2, 3}
 
 
+def test_sampling_draws_each_token_with_its_probability():
+    # 20,000 rows in one call: the inverse-CDF sampler against the softmax it samples from
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0, -30.0]]).repeat(20_000, 1)
+    history = torch.zeros((20_000, 1), dtype=torch.long)
+    draws = Generator._choose(logits, history, SamplingParams(top_k=0, top_p=1.0, temperature=1.0), torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(draws, minlength=5).float() / 20_000
+    assert torch.allclose(frequencies, logits[0].softmax(-1), atol=0.01)  # 4 standard errors at p = 0.5 is 0.014
+    assert frequencies[4] == 0
+
+
+def test_rows_leave_at_their_own_budgets(tiny):
+    model, tokenizer = tiny
+    prompts = [chat_prompt_ids(tokenizer, text) for text in ["hello there", "quarterly revenue rose", "x"]]
+    greedy = SamplingParams(do_sample=False, max_new_tokens=9)
+    mixed = Generator(model, tokenizer, batch_size=3).generate(prompts, greedy, seed=0, budgets=[2, 9, 5])
+    for prompt, budget, completion in zip(prompts, [2, 9, 5], mixed):  # as if each had been asked alone under its budget
+        [alone] = Generator(model, tokenizer).generate([prompt], greedy.model_copy(update={"max_new_tokens": budget}), seed=0)
+        assert completion == alone and completion.new_tokens <= budget
+    with pytest.raises(ValueError):
+        Generator(model, tokenizer).generate(prompts, greedy, seed=0, budgets=[2, 10, 5])
+
+
 def test_generation_stops_at_end_of_turn(tiny):
     model, tokenizer = tiny
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
