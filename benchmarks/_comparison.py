@@ -64,12 +64,12 @@ def audit_argv(args: argparse.Namespace) -> list[str] | None:
     return None if args.skip_audit else ["--candidates", str(args.audit_candidates), "--samples", str(args.audit_samples), "--mia-members", str(args.mia_members)]
 
 
-def ksg(*argv: str, env: dict[str, str] | None = None) -> float:
-    """Seconds one `ksg` command took (with `env` added to the environment); a failure ends the
-    benchmark with its output."""
+def ksg(*argv: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> float:
+    """Seconds one `ksg` command took (with `env` added to the environment; `cwd`: the checkout
+    whose code runs, e.g. an earlier commit's worktree); a failure ends the benchmark with its output."""
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", "from knowledgesg.cli import entry; entry()", *argv], capture_output=True, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, cwd=cwd)
     if result.returncode != 0:
         raise SystemExit(f"ksg {' '.join(argv)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return time.perf_counter() - start

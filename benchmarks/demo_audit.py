@@ -5,10 +5,12 @@ own tokens; `--compare pii-sentence`: the record against the value and the rest 
 (both at the default precision).
 
 Usage:  .venv/bin/python benchmarks/demo_audit.py [--compare precision|pii-score|pii-sentence] [--run runs/demo-finance] [--workdir DIR]
+        [--before WORKTREE]
 
 Needs a finished demo run (`ksg run pipelines/specs/demo.yaml`). Runs `ksg audit RUN` with each
 setting, one after the other on the same run (the audit's own defaults otherwise), and keeps each
-report in DIR (a finished one is reused: the command resumes). Compares, per audited release, the
+report in DIR (a finished one is reused: the command resumes). `--before`: a worktree of earlier
+code, whose audit with the defaults is timed first, for a before-and-after ratio from one session. Compares, per audited release, the
 canary loss drops, the one-run bounds, the membership AUCs and the PII attack hits. Writes
 benchmarks/results/demo_audit.md (precision), demo_audit_pii_score.md or demo_audit_pii_sentence.md.
 """
@@ -19,6 +21,7 @@ import argparse
 import json
 import platform
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,15 +55,20 @@ def cpu_model() -> str:
     return names[0] if names else platform.machine()
 
 
-def audited(run: Path, name: str, arguments: list[str], workdir: Path) -> dict:
+def audited(run: Path, name: str, arguments: list[str], workdir: Path, code: Path | None = None) -> dict:
+    """The audit with `arguments`, run by this checkout's code or by that of `code` (a worktree)."""
     kept = workdir / f"{name}.json"
     if not kept.is_file():
-        seconds = ksg("audit", str(run), *arguments)
+        seconds = ksg("audit", str(run), *arguments, cwd=code)
         report = json.loads((run / "audit/audit_report.json").read_text())
         report["wall_s"] = round(seconds, 1)
         kept.write_text(json.dumps(report))
         shutil.copy(run / "audit/audit_report.html", workdir / f"{name}.html")
     return json.loads(kept.read_text())
+
+
+def code_commit(checkout: Path) -> str:
+    return subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def canary_rows(reports: dict[str, dict]) -> list[str]:
@@ -101,11 +109,14 @@ def main() -> None:
     parser.add_argument("--compare", choices=list(COMPARISONS), default="precision")
     parser.add_argument("--run", type=Path, default=Path("runs/demo-finance"))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/demo-audit"))
+    parser.add_argument("--before", type=Path, help="a worktree of earlier code: its `ksg audit RUN` with the defaults is timed too, first")
     args = parser.parse_args()
     if not (args.run / "stages/fedtune/manifest.json").is_file():
         raise SystemExit(f"{args.run}: no finished demo run; run `.venv/bin/ksg run pipelines/specs/demo.yaml` first")
     args.workdir.mkdir(parents=True, exist_ok=True)
     title, variants, note = COMPARISONS[args.compare]
+    # the earlier code first, then the two settings: one after the other, the machine otherwise idle
+    before = audited(args.run, "before", [], args.workdir, args.before) if args.before else None
     reports = {name: audited(args.run, name, arguments, args.workdir) for name, arguments in variants.items()}
     first, second = variants
     seconds = {name: reports[name]["seconds"] for name in variants}
@@ -120,9 +131,13 @@ def main() -> None:
         f"other, the machine otherwise idle. Weights: {', '.join(sorted({r['options'].get('precision', 'float32') for r in reports.values()}))} "
         f"({cpu_model()}; `--precision auto` runs bfloat16 only where the CPU has it natively).", "",
         "| setting | whole command, s | " + " | ".join(f"{s}, s" for s in SECTIONS) + " |", "|---|---:|" + "---:|" * len(SECTIONS),
+        *([f"| before: the code of {args.before} at {code_commit(args.before)}, defaults | {before['wall_s']} | "
+            + " | ".join(str(before["seconds"].get(s, "")) for s in SECTIONS) + " |"] if before else []),
         *[f"| {name} | {reports[name]['wall_s']} | " + " | ".join(str(seconds[name].get(s, "")) for s in SECTIONS) + " |" for name in variants],
         f"| **{pair}** | **{reports[first]['wall_s'] / reports[second]['wall_s']:.2f}x** | "
-        + " | ".join(f"{seconds[first][s] / seconds[second][s]:.2f}x" if seconds[second].get(s) else "" for s in SECTIONS) + " |", "",
+        + " | ".join(f"{seconds[first][s] / seconds[second][s]:.2f}x" if seconds[second].get(s) else "" for s in SECTIONS) + " |",
+        *([f"| **before / {first}** | **{before['wall_s'] / reports[first]['wall_s']:.2f}x** | "
+           + " | ".join(f"{before['seconds'][s] / seconds[first][s]:.2f}x" if seconds[first].get(s) else "" for s in SECTIONS) + " |"] if before else []), "",
         f"{note} Canaries: each canary's loss drop from the base model to the release, {first} against {second}:", "",
         f"| release | correlation | largest difference, nats | mean absolute drop, nats | one-run bound, {first} | {second} |", "|---|---:|---:|---:|---:|---:|",
         *canary_rows(reports), "",

@@ -79,9 +79,9 @@ class AuditOptions(BaseModel):
     pii_attack_samples: int = Field(default=4, ge=1, description="sampled continuations per attacked PII span")
     pii_candidates: int = Field(default=10, ge=2, description="candidates per PII span in the inference attack (the true one among them)")
     pii_score: Literal["record", "sentence", "value"] = Field(default="record", description="what ranks a PII candidate: the log-likelihood of the record from the "
-        "candidate to its end (record), of the candidate and the rest of its sentence (sentence: the filled-in sentence, Lukas et al.'s unit; the rest "
-        "of the record is the same text after every candidate), or of the candidate's own tokens only (value: 1.4x faster on a NOT PRIVATE model of "
-        "200 PII paragraphs, but half the inference hits beyond the base model, 25 against 51 of 149: pii_power.md)")
+        "candidate to its end (record), of the candidate and the rest of its sentence (sentence: Lukas et al.'s filled-in sentence; 1.19x faster on a "
+        "NOT PRIVATE model of 200 PII paragraphs, 43 inference hits beyond the base model against 53: pii_power_sentence.md), or of the candidate's own "
+        "tokens only (value: 1.4x faster, but half the inference hits beyond the base model, 25 against 51 of 149: pii_power.md)")
     max_length: int = Field(default=128, ge=16)
     batch_size: int = Field(default=16, ge=1)
     models: list[Literal["dp", "final"]] = Field(default_factory=lambda: ["dp", "final"], min_length=1, description="released models to audit")
