@@ -74,9 +74,12 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, required=True)
     args = parser.parse_args()
     scores = args.scores.split(",")
-    epsilons = [float(e) for e in args.epsilons.split(",")]
-    if not scores or any(score not in SCORES for score in scores):
-        raise SystemExit(f"--scores: choose from {', '.join(SCORES)}")
+    if any(score not in SCORES for score in scores):
+        raise SystemExit(f"--scores {args.scores}: choose from {', '.join(SCORES)}")
+    try:
+        epsilons = [float(e) for e in args.epsilons.split(",")]
+    except ValueError:
+        raise SystemExit(f"--epsilons {args.epsilons}: comma-separated numbers or inf") from None
     args.workdir.mkdir(parents=True, exist_ok=True)
     write_records(args.workdir / "pii_records.jsonl", args.records)
     audit_args = ["--pii-spans", str(args.spans), "--pii-attack-samples", str(args.samples), "--samples", "8", "--mia-members", "2", "--models", "dp"]

@@ -53,7 +53,7 @@ from knowledgesg.records import InstructionRecord
 from knowledgesg.scoring import continuation_logprobs, pad_id, shared_prefix_logprobs, token_statistics
 from knowledgesg.spec import CanarySpec, CanaryTemplate, PipelineSpec
 from privacy.accounting import group_epsilon
-from privacy.ledger import LedgerEntry, composed_total, read_stage_ledgers
+from privacy.ledger import LedgerEntry, client_delta, composed_total, read_stage_ledgers
 
 SENTINEL = "\ue000"
 CANARY_SCORE = "secret tokens"  # what a canary's loss is summed over (before: the text from the secret to the end)
@@ -754,9 +754,9 @@ def claimed_epsilons(run_dir: Path, spec: PipelineSpec) -> dict[str, float]:
     entries = read_stage_ledgers(run_dir, [s.name for s in spec.stages])
     totals = {}
     for client in dict.fromkeys(e.client_id for e in entries):
-        mine = [e for e in entries if e.client_id == client and e.counts_against_budget]
-        if mine:
-            totals[client] = composed_total(mine, mine[-1].delta).reported
+        mine = [e for e in entries if e.client_id == client]
+        if any(e.counts_against_budget for e in mine):
+            totals[client] = composed_total(mine, client_delta(mine)).reported
     return totals
 
 
