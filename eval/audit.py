@@ -50,7 +50,7 @@ from knowledgesg.manifest import read_manifest
 from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_device, resolve_precision
 from knowledgesg.prompts import Seed, user_message, user_turn_prefix
 from knowledgesg.records import InstructionRecord
-from knowledgesg.scoring import continuation_logprobs, pad_id, shared_prefix_logprobs, token_statistics
+from knowledgesg.scoring import continuation_logprobs, pad_id, prefixed_logprobs, shared_prefix_logprobs, token_statistics
 from knowledgesg.spec import CanarySpec, CanaryTemplate, PipelineSpec
 from privacy.accounting import group_epsilon
 from privacy.ledger import LedgerEntry, client_delta, composed_total, read_stage_ledgers
@@ -58,6 +58,12 @@ from privacy.ledger import LedgerEntry, client_delta, composed_total, read_stage
 SENTINEL = "\ue000"
 CANARY_SCORE = "secret tokens"  # what a canary's loss is summed over (before: the text from the secret to the end)
 OVERLAP_WORDS = 8
+# continuation tokens per batch of candidate scoring: about three PII spans' ten candidates of 33
+# tokens, with the batch's [tokens, vocabulary] logits at 200 MB for SmolLM2
+CANDIDATE_BATCH_TOKENS = 1024
+# rows decoded together by the audit's samplers: on 2 cores a decoding step of 128 rows costs 2.2x
+# one of 32, for 4x the tokens (decode_batch.md)
+SAMPLING_ROWS = 128
 
 
 class AuditOptions(BaseModel):
@@ -173,25 +179,16 @@ def own_secret_nll(model, tokenizer, template: CanaryTemplate, canaries: list[Ca
     return [-float(s[len(s) - len(r):].sum()) for s, (_, r) in zip(scores, pairs)]
 
 
-def continuations_nll(model, tokenizer, pairs: list[tuple[list[int], list[int]]], batch_size: int, device: str) -> np.ndarray:
+def continuations_nll(model, tokenizer, pairs: list[tuple[list[int], list[int]]], device: str) -> np.ndarray:
     """Negative log-likelihood of each (prefix, continuation) pair's continuation. Pairs that share
-    a prefix (the candidates for one canary's secret or one PII span) run it once
-    (`shared_prefix_logprobs`)."""
-    by_prefix: dict[tuple[int, ...], list[int]] = {}
-    for i, (prefix, _) in enumerate(pairs):
-        by_prefix.setdefault(tuple(prefix), []).append(i)
-    nll = np.empty(len(pairs))
-    for prefix, rows in by_prefix.items():
-        # a candidate row is the span and the text after it (about a dozen tokens), so even
-        # 32 rows are fewer tokens than the batch_size rows of whole prompts the option sizes
-        for i, scores in zip(rows, shared_prefix_logprobs(model, list(prefix), [pairs[i][1] for i in rows], pad_id(tokenizer), max(batch_size, 32), device)):
-            nll[i] = -float(scores.sum())
-    return nll
+    a prefix (the candidates for one canary's secret or one PII span) run it once, and the rows of
+    several prefixes share a batch (`prefixed_logprobs`)."""
+    return np.array([-float(s.sum()) for s in prefixed_logprobs(model, pairs, pad_id(tokenizer), CANDIDATE_BATCH_TOKENS, device)])
 
 
-def secret_nll(model, tokenizer, template: CanaryTemplate, canary: Canary, secrets: list[str], batch_size: int, device: str) -> np.ndarray:
+def secret_nll(model, tokenizer, template: CanaryTemplate, canary: Canary, secrets: list[str], device: str) -> np.ndarray:
     """Negative log-likelihood of each candidate secret's own tokens."""
-    return continuations_nll(model, tokenizer, [split_at_secret(tokenizer, template, canary, s)[:2] for s in secrets], batch_size, device)
+    return continuations_nll(model, tokenizer, [split_at_secret(tokenizer, template, canary, s)[:2] for s in secrets], device)
 
 
 def candidate_words(canary: Canary, canaries: list[Canary]) -> tuple[str, ...]:
@@ -224,7 +221,7 @@ def exposure(model, tokenizer, spec: CanarySpec, canary: Canary, options: AuditO
     secrets, exact = candidate_secrets(canary, spec, options.candidates, options.enumerate_limit, options.seed, words)
     if own is None:
         own = own_secret_nll(model, tokenizer, spec.template, [canary], options.batch_size, device)[0]
-    losses = secret_nll(model, tokenizer, spec.template, canary, secrets, options.batch_size, device)
+    losses = secret_nll(model, tokenizer, spec.template, canary, secrets, device)
     if exact:  # all of R: the others, and the canary's own secret at its own loss
         return metrics.exposure_exact(own, np.append(losses, own))
     return metrics.exposure_extrapolated(own, losses, float(space_size(spec, canary.kind, len(words) if words else None)))
@@ -234,7 +231,7 @@ def extractions(model, tokenizer, spec: CanarySpec, canaries: list[Canary], samp
     """Greedy and sampled continuations of each canary's text up to its secret, all canaries in
     one batched greedy pass and one batched sampled pass, each row under its own kind's budget."""
     prefixes = [split_at_secret(tokenizer, spec.template, c, c.secret)[0] for c in canaries]
-    generator = Generator(model, tokenizer, 32, device)
+    generator = Generator(model, tokenizer, SAMPLING_ROWS, device)
     budgets = [secret_budget_tokens(spec, c.kind) for c in canaries]
     greedy = generator.generate(prefixes, SamplingParams(do_sample=False, max_new_tokens=max(budgets)), seed, "audit: canary extraction", budgets)
     sampled = generator.generate([p for p in prefixes for _ in range(samples)], SamplingParams(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=max(budgets)), seed,
@@ -560,8 +557,7 @@ def generations(model, tokenizer, spec: PipelineSpec, count: int, seed: int, dev
     seeds = [Seed.model_validate(s) for s in stage.params.get("seeds", [])] if stage else []
     seeds = seeds or [Seed(instruction="Write a short note.")]
     prompts = [tokenizer(user_turn_prefix(tokenizer, seeds[i % len(seeds)]), add_special_tokens=False)["input_ids"] for i in range(count)]
-    # one batch of 32: a decoding step costs about the same for 16 rows as for 32 on a CPU
-    completions = Generator(model, tokenizer, 32, device).generate(prompts, SamplingParams(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=64), seed, "audit: sampling")
+    completions = Generator(model, tokenizer, SAMPLING_ROWS, device).generate(prompts, SamplingParams(do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=64), seed, "audit: sampling")
     return [c.text for c in completions]
 
 
@@ -642,12 +638,14 @@ def pii_attacks(model, tokenizer, targets: list[PiiTarget], found: dict[str, dic
     pairs, scored, owners = [], {}, []
     for k, (target, (reconstruct, infer)) in enumerate(zip(targets, candidate_sets)):
         for attack, values in (("reconstruction", reconstruct), ("inference", infer)):
+            if attack == "reconstruction" and target.span.value not in reconstruct:
+                continue  # the samples never wrote the true value: a miss, whichever of theirs ranks first
             for value in values:
                 if (k, value) not in scored:  # a value both attacks rank (the true one, reconstructed) is scored once
                     scored[(k, value)] = len(pairs)
                     pairs.append(candidate_pair(tokenizer, target, value, options.pii_score))
                 owners.append((k, attack, value))
-    nll = continuations_nll(model, tokenizer, pairs, options.batch_size, device) if pairs else np.empty(0)
+    nll = continuations_nll(model, tokenizer, pairs, device) if pairs else np.empty(0)
     best: dict[tuple[int, str], tuple[float, str]] = {}
     for k, attack, value in owners:
         loss = float(nll[scored[(k, value)]])
@@ -656,7 +654,7 @@ def pii_attacks(model, tokenizer, targets: list[PiiTarget], found: dict[str, dic
     results = []
     for k, (target, (reconstruct, infer)) in enumerate(zip(targets, candidate_sets)):
         results.append({"extracted": any(occurs(target.span.value, text) for text in samples[k]),
-                        "reconstructed": bool(reconstruct) and best[(k, "reconstruction")][1] == target.span.value,
+                        "reconstructed": target.span.value in reconstruct and best[(k, "reconstruction")][1] == target.span.value,
                         "inferred": best[(k, "inference")][1] == target.span.value if len(infer) > 1 else None, "choices": len(infer)})
     return results
 
@@ -668,7 +666,7 @@ def extraction_samples(model, tokenizer, targets: list[PiiTarget], n: int, seed:
     leaving at its own budget."""
     prefixes = [split_span(tokenizer, t.record, t.marked(), len(t.span.value))[0] for t in targets]
     budgets = [len(tokenizer(t.span.value, add_special_tokens=False)["input_ids"]) + 4 for t in targets]
-    completions = Generator(model, tokenizer, 32, device).generate([p for p in prefixes for _ in range(n)], SamplingParams(do_sample=True, temperature=1.0, top_p=1.0,
+    completions = Generator(model, tokenizer, SAMPLING_ROWS, device).generate([p for p in prefixes for _ in range(n)], SamplingParams(do_sample=True, temperature=1.0, top_p=1.0,
                                                                    max_new_tokens=max(budgets)), seed, "audit: PII extraction", [b for b in budgets for _ in range(n)])
     return [[c.text for c in completions[k * n : (k + 1) * n]] for k in range(len(targets))]
 

@@ -102,6 +102,64 @@ def shared_prefix_logprobs(model, prefix: list[int], continuations: list[list[in
     return results  # type: ignore[return-value]
 
 
+def prefixed_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, tokens_per_batch: int = 1024, device: str = "cpu") -> list[np.ndarray]:
+    """Per-token log-probabilities of each (prefix, continuation) pair's continuation, for many
+    prefixes each shared by several pairs (an audit's candidates for each of many PII spans or
+    canary secrets).
+
+    Rows of several prefixes share a batch of about `tokens_per_batch` continuation tokens: the
+    batch's distinct prefixes run once, left-padded together, and each row takes its prefix's
+    key-value cache, its continuation right-padded after it. `shared_prefix_logprobs` per prefix
+    runs ten candidates of thirty tokens as a 300-row matmul; on a CPU, where [rows, 576] x
+    [576, 1536] runs faster the more rows it has, fewer and fuller batches do the same work sooner.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    if any(not prefix or not continuation for prefix, continuation in pairs):
+        raise ValueError("every pair needs a prefix and a continuation")
+    owners: dict[tuple[int, ...], list[int]] = {}
+    for i, (prefix, _) in enumerate(pairs):
+        owners.setdefault(tuple(prefix), []).append(i)
+    # longest continuations first, a prefix's rows together: little padding, few prefixes per batch
+    groups = sorted(owners.values(), key=lambda rows: (-max(len(pairs[i][1]) for i in rows), rows[0]))
+    order = [i for rows in groups for i in sorted(rows, key=lambda i: -len(pairs[i][1]))]
+    results: list[np.ndarray | None] = [None] * len(pairs)
+    model.eval()
+    with torch.no_grad():
+        for batch in _token_budget_batches([len(pairs[i][1]) for i in order], tokens_per_batch):
+            rows = [order[k] for k in batch]
+            prefixes = list(dict.fromkeys(tuple(pairs[i][0]) for i in rows))
+            slot = torch.tensor([prefixes.index(tuple(pairs[i][0])) for i in rows])
+            prefix_ids, prefix_mask = pad_batch([list(p) for p in prefixes], pad_id, left=True)
+            cache = DynamicCache()
+            first = model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device), position_ids=((prefix_mask.cumsum(-1) - 1).clamp(min=0)).to(device),
+                          past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float().log_softmax(-1)
+            cache.batch_select_indices(slot.to(device))
+            ids, mask = pad_batch([pairs[i][1] for i in rows], pad_id, left=False)
+            positions = prefix_mask.sum(-1)[slot][:, None] + torch.arange(ids.shape[1])[None, :]
+            logits = model(input_ids=ids.to(device), attention_mask=torch.cat([prefix_mask[slot], mask], dim=1).to(device), position_ids=positions.to(device),
+                           past_key_values=cache, use_cache=True).logits
+            # column t predicts the continuation's token t + 1: the last column predicts nothing
+            _, _, chosen = _distribution_statistics(logits, _next_ids(ids), moments=False)
+            for row, i in enumerate(rows):
+                n = len(pairs[i][1])
+                results[i] = torch.cat([first[slot[row], ids[row, :1].to(first.device)], chosen[row, : n - 1]]).cpu().numpy()
+    return results  # type: ignore[return-value]
+
+
+def _token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive runs of positions whose rows, each padded to the run's longest (its first:
+    `lengths` come longest first), take at most `budget` tokens; at least one row each."""
+    batches: list[list[int]] = []
+    for k, length in enumerate(lengths):
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= budget:
+            batches[-1].append(k)
+        else:
+            batches.append([k])
+    return batches
+
+
 def _logits_after_prefix(model, cache, width: int, ids, mask, device: str, keep: int = 0):
     """Logits of padded rows (left or right) that all continue one prefix of `width` tokens, whose
     key-value cache (`cache`, left untouched) is copied to every row; `keep`: the last columns only

@@ -288,3 +288,37 @@ def test_extraction_samples_are_as_long_as_each_span_value_needs(monkeypatch):
     assert [len(group) for group in samples] == [3, 3]
     assert [b for b, _ in calls] == [[budgets[0]] * 3 + [budgets[1]] * 3]  # one batched call, each span's samples under its own budget
     assert all(n <= budget for own, lengths in calls for n, budget in zip(lengths, own))
+
+
+def test_reconstruction_ranks_what_the_samples_wrote_and_misses_without_the_true_value(monkeypatch):
+    """Reconstruction hits only when the samples wrote the true value and it ranks first among the
+    values they wrote; where they never wrote it, their values are not scored at all."""
+    from eval import audit
+    from eval.audit import AuditOptions, PiiTarget, pii_attacks
+    from eval.pii import PiiSpan
+    from knowledgesg.records import InstructionRecord
+
+    written = [["Anna Berg", "Tom Hale"], ["Tom Hale", "Lena Roth"], ["Lena Roth", "Maria Santos"]]  # span 0 wrote its true value; 1 and 2 did not / did
+    truth = ["Anna Berg", "Kurt Maier", "Maria Santos"]
+    targets = []
+    for i, value in enumerate(truth):
+        text = f"Please write to {value} about the merger."
+        record = InstructionRecord(id=f"r{i}", source="test", instruction="Sentiment?", input=text, response="neutral")
+        targets.append(PiiTarget("client_0", record, "input", PiiSpan(text=i, start=16, end=16 + len(value), kind="PERSON", value=value)))
+    found = {"client_0": {v: "PERSON" for v in [*truth, "Tom Hale", "Lena Roth", "Omar Diaz"]}}
+    monkeypatch.setattr(audit, "extraction_samples", lambda model, tokenizer, targets, n, seed, device: [[f"{v}." for v in group] for group in written])
+    monkeypatch.setattr(audit, "find_pii_spans", lambda texts: [PiiSpan(k, 0, len(t) - 1, t[:-1], "PERSON") for k, t in enumerate(texts)])
+    monkeypatch.setattr(audit, "candidate_pair", lambda tokenizer, target, value, scored: ([target.span.text], [value]))
+    loss = {"Anna Berg": 1.0, "Tom Hale": 2.0, "Lena Roth": 0.5, "Kurt Maier": 3.0, "Maria Santos": 0.9, "Omar Diaz": 5.0}
+    scored = []
+
+    def continuations_nll(model, tokenizer, pairs, device):
+        scored.extend((prefix[0], value[0]) for prefix, value in pairs)
+        return np.array([loss[value[0]] for _, value in pairs])
+
+    monkeypatch.setattr(audit, "continuations_nll", continuations_nll)
+    results = pii_attacks(None, None, targets, found, AuditOptions(pii_attack_samples=2, pii_candidates=2), "cpu")
+    assert [r["reconstructed"] for r in results] == [True, False, False]  # span 2's true value was written, but Lena Roth ranks first
+    assert sum(k == 1 for k, _ in scored) == 2  # span 1: its two inference candidates only (its samples never wrote Kurt Maier)
+    assert {(0, "Anna Berg"), (0, "Tom Hale"), (2, "Lena Roth"), (2, "Maria Santos")} <= set(scored)
+    assert len(scored) == len(set(scored))  # a value both attacks rank is scored once

@@ -111,3 +111,24 @@ def test_contexts_that_begin_alike_run_their_prefix_once_and_score_as_each_whole
             logprobs = model(input_ids=torch.tensor([context + continuation])).logits.float().log_softmax(-1)[0]
         reference = [float(logprobs[len(context) - 1 + j, token]) for j, token in enumerate(continuation)]
         assert np.allclose(scores, reference, atol=1e-5)
+
+
+def test_prefixed_scores_of_many_prefixes_equal_scoring_each_whole_sequence():
+    """The audit's candidates for several PII spans at once: prefixes of different lengths
+    (left-padded together in one batch), several rows per prefix, continuations of different
+    lengths, batches that split a prefix's rows."""
+    from knowledgesg.scoring import prefixed_logprobs
+
+    model, tok = load_causal_lm(resolve_model("tiny-random-llama"))
+    prefixes = [tok(t)["input_ids"] for t in ["The secret code of the vault is", "Call", "Our client, whose address we keep on file, lives at"]]
+    tails = [" 1234 .", " 99", " 5", " 31415926 and more text", " Jane Doe on Monday ."]
+    pairs = [(p, tok(t, add_special_tokens=False)["input_ids"]) for p in prefixes for t in tails[: 2 + len(p) % 4]]
+    assert len({len(p) for p, _ in pairs}) == 3 and len({len(c) for _, c in pairs}) > 2
+    for budget in (1, 24, 4096):  # one row a batch; rows of one prefix split over batches; everything in one
+        got = prefixed_logprobs(model, pairs, tok.pad_token_id, tokens_per_batch=budget)
+        for (prefix, continuation), scores in zip(pairs, got):
+            with torch.no_grad():
+                logprobs = model(input_ids=torch.tensor([prefix + continuation])).logits.float().log_softmax(-1)[0]
+            reference = [float(logprobs[len(prefix) - 1 + j, token]) for j, token in enumerate(continuation)]
+            assert len(scores) == len(continuation)
+            assert np.allclose(scores, reference, atol=1e-5), budget
