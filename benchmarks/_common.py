@@ -21,9 +21,19 @@ def command() -> str:
 
 
 def machine() -> str:
+    """The architecture and CPU model (the same cores have given half or twice the matmul
+    throughput of another session's: the figures are only comparable with their CPU named),
+    cores, Python and torch."""
     import torch
 
-    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+    return f"{platform.machine()} ({cpu_model()}), {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown CPU" where it has none)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.is_file() else []
+    return names[0] if names else "unknown CPU"
 
 
 def write_result(name: str, lines: list[str]) -> None:

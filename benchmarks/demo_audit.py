@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command, machine, write_result  # noqa: E402
+from _common import command, cpu_model, machine, write_result  # noqa: E402
 from _comparison import ksg  # noqa: E402
 
 # each comparison: its title, and (name, `ksg audit` arguments) for the two settings, the earlier first
@@ -48,13 +47,6 @@ COMPARISONS = {
 SECTIONS = ("canaries", "membership_inference", "pii", "synthetic_overlap")
 
 
-def cpu_model() -> str:
-    """The CPU's model name (whether bfloat16 runs natively depends on it), or the architecture."""
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.is_file() else []
-    return names[0] if names else platform.machine()
-
-
 def audited(run: Path, name: str, arguments: list[str], workdir: Path, code: Path | None = None) -> dict:
     """The audit with `arguments`, run by this checkout's code or by that of `code` (a worktree)."""
     kept = workdir / f"{name}.json"
@@ -62,6 +54,7 @@ def audited(run: Path, name: str, arguments: list[str], workdir: Path, code: Pat
         seconds = ksg("audit", str(run), *arguments, cwd=code)
         report = json.loads((run / "audit/audit_report.json").read_text())
         report["wall_s"] = round(seconds, 1)
+        report["code"] = code_commit(code or Path.cwd())  # the package code that ran it
         kept.write_text(json.dumps(report))
         shutil.copy(run / "audit/audit_report.html", workdir / f"{name}.html")
     return json.loads(kept.read_text())
@@ -133,7 +126,7 @@ def main() -> None:
         "| setting | whole command, s | " + " | ".join(f"{s}, s" for s in SECTIONS) + " |", "|---|---:|" + "---:|" * len(SECTIONS),
         *([f"| before: the code of {args.before} at {code_commit(args.before)}, defaults | {before['wall_s']} | "
             + " | ".join(str(before["seconds"].get(s, "")) for s in SECTIONS) + " |"] if before else []),
-        *[f"| {name} | {reports[name]['wall_s']} | " + " | ".join(str(seconds[name].get(s, "")) for s in SECTIONS) + " |" for name in variants],
+        *[f"| {name} (code {reports[name].get('code', 'not recorded')}) | {reports[name]['wall_s']} | " + " | ".join(str(seconds[name].get(s, "")) for s in SECTIONS) + " |" for name in variants],
         f"| **{pair}** | **{reports[first]['wall_s'] / reports[second]['wall_s']:.2f}x** | "
         + " | ".join(f"{seconds[first][s] / seconds[second][s]:.2f}x" if seconds[second].get(s) else "" for s in SECTIONS) + " |",
         *([f"| **before / {first}** | **{before['wall_s'] / reports[first]['wall_s']:.2f}x** | "
@@ -145,7 +138,21 @@ def main() -> None:
         "| release and client | loss | reference | Min-K%++ | RMIA |", "|---|---|---|---|---|", *mia_rows(reports), "",
         f"PII attacks, hits ({pair}), and values replayed in samples from public prompts:", "",
         "| release | extraction | reconstruction | inference | replayed |", "|---|---|---|---|---|", *pii_rows(reports),
+        *(before_rows(before, first, reports[first]) if before else []),
     ])
+
+
+def before_rows(before: dict, name: str, after: dict) -> list[str]:
+    """What the code change did to the figures: the earlier code's audit against this one's at
+    the setting `name`."""
+    pair = {"before": before, name: after}
+    return ["", f"The code before against this code ({name}): what the change did to the figures. Canary loss drops:", "",
+            f"| release | correlation | largest difference, nats | mean absolute drop, nats | one-run bound, before | {name} |", "|---|---:|---:|---:|---:|---:|",
+            *canary_rows(pair), "", f"Membership inference AUC (before / {name}):", "",
+            "| release and client | loss | reference | Min-K%++ | RMIA |", "|---|---|---|---|---|", *mia_rows(pair), "",
+            f"PII attacks, hits (before / {name}), and values replayed in samples from public prompts (a sampled row's draws depend on the rows decoded "
+            "beside it: where the code batches its samplers differently, extraction and reconstruction are two draws):", "",
+            "| release | extraction | reconstruction | inference | replayed |", "|---|---|---|---|---|", *pii_rows(pair)]
 
 
 if __name__ == "__main__":

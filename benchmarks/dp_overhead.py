@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -23,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ALL_LINEAR, lora_batch, sequence_losses  # noqa: E402
+from _common import ALL_LINEAR, lora_batch, machine, sequence_losses  # noqa: E402
 
 
 def one_process(mode: str, model_name: str, steps: int, batch: int, length: int, r: int, targets: list[str]) -> dict:
@@ -80,12 +79,11 @@ def main() -> None:
     med = {mode: {k: statistics.median(r[k] for r in rs) for k in ("step_s", "peak_rss_mib", "training_rss_mib")} for mode, rs in results.items()}
     time_ratio = med["dp"]["step_s"] / med["plain"]["step_s"]
     mem_ratio = med["dp"]["peak_rss_mib"] / med["plain"]["peak_rss_mib"]
-    machine = f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}, torch {__import__('torch').__version__}"
     lines = [
         "# DP-SGD overhead: one DP step against one non-DP LoRA step, same batch",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {machine}  ",
+        f"Machine: {machine()}  ",
         f"Model: {args.model}, LoRA r={args.r} on {'every linear layer' if args.targets == 'all' else 'q_proj and v_proj'}, Adam; batch {args.batch} x {args.length} tokens (real FPB training examples); "
         f"{args.steps} steps per process (first dropped), {args.repeats} processes per mode alternating; medians.",
         "",
