@@ -9,7 +9,7 @@ work of `ksg audit` runs two ways, alternating, in one process:
   (every candidate scored with its whole prefix), one greedy and one sampled generation call
   per canary (the code before this change, kept here as the baseline);
 - after: every canary's own secret in one batched call, each canary's candidates scored after
-  its prefix's key-value cache (`shared_prefix_logprobs`), extraction of all canaries in one
+  its prefix's key-value cache (`prefixed_logprobs`; `shared_prefix_logprobs` when audit_speed.md was made), extraction of all canaries in one
   greedy and one sampled call (`eval.audit`).
 It checks that both give the same exposures (to float tolerance). Membership inference is not
 timed here: its change is that the base model's pass over each record set is shared by every

@@ -61,7 +61,11 @@ def audited(run: Path, name: str, arguments: list[str], workdir: Path, code: Pat
 
 
 def code_commit(checkout: Path) -> str:
-    return subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    """The checkout's commit, marked where tracked files differ from it (the audit ran other code)."""
+    def git(*arguments: str) -> str:
+        return subprocess.run(["git", "-C", str(checkout), *arguments], capture_output=True, text=True, check=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def canary_rows(reports: dict[str, dict]) -> list[str]:
@@ -124,7 +128,7 @@ def main() -> None:
         f"other, the machine otherwise idle. Weights: {', '.join(sorted({r['options'].get('precision', 'float32') for r in reports.values()}))} "
         f"({cpu_model()}; `--precision auto` runs bfloat16 only where the CPU has it natively).", "",
         "| setting | whole command, s | " + " | ".join(f"{s}, s" for s in SECTIONS) + " |", "|---|---:|" + "---:|" * len(SECTIONS),
-        *([f"| before: the code of {args.before} at {code_commit(args.before)}, defaults | {before['wall_s']} | "
+        *([f"| before: the code of {args.before} at {before.get('code', 'not recorded')}, defaults | {before['wall_s']} | "
             + " | ".join(str(before["seconds"].get(s, "")) for s in SECTIONS) + " |"] if before else []),
         *[f"| {name} (code {reports[name].get('code', 'not recorded')}) | {reports[name]['wall_s']} | " + " | ".join(str(seconds[name].get(s, "")) for s in SECTIONS) + " |" for name in variants],
         f"| **{pair}** | **{reports[first]['wall_s'] / reports[second]['wall_s']:.2f}x** | "

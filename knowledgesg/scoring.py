@@ -78,8 +78,8 @@ def shared_prefix_logprobs(model, prefix: list[int], continuations: list[list[in
     """Per-token log-probabilities of continuations that all follow one prefix.
 
     The prefix runs once; its key-value cache is copied to every batch of continuations, which
-    are right-padded after it. An audit's candidate secrets share everything before the secret,
-    so a hundred candidates cost one pass over the prefix instead of a hundred.
+    are right-padded after it: the audit's canaries share their chat template and the template's
+    text up to the secret. (Many prefixes, each with its own rows: `prefixed_logprobs`.)
     """
     import torch
     from transformers import DynamicCache
@@ -107,11 +107,12 @@ def prefixed_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: i
     prefixes each shared by several pairs (an audit's candidates for each of many PII spans or
     canary secrets).
 
-    Rows of several prefixes share a batch of about `tokens_per_batch` continuation tokens: the
-    batch's distinct prefixes run once, left-padded together, and each row takes its prefix's
-    key-value cache, its continuation right-padded after it. `shared_prefix_logprobs` per prefix
-    runs ten candidates of thirty tokens as a 300-row matmul; on a CPU, where [rows, 576] x
-    [576, 1536] runs faster the more rows it has, fewer and fuller batches do the same work sooner.
+    Rows of several prefixes share a batch of at most `tokens_per_batch` continuation tokens
+    (padding included; a longer row has a batch of its own): the batch's distinct prefixes run
+    once, left-padded together, and each row takes its prefix's key-value cache, its continuation
+    right-padded after it. `shared_prefix_logprobs` per prefix runs ten candidates of thirty
+    tokens as a 300-row matmul; on a CPU, where [rows, 576] x [576, 1536] runs faster the more rows
+    it has, fewer and fuller batches do the same work sooner.
     """
     import torch
     from transformers import DynamicCache
@@ -149,14 +150,17 @@ def prefixed_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: i
 
 
 def _token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
-    """Consecutive runs of positions whose rows, each padded to the run's longest (its first:
-    `lengths` come longest first), take at most `budget` tokens; at least one row each."""
+    """Consecutive runs of positions whose rows, each padded to the run's longest, take at most
+    `budget` tokens; at least one row each."""
     batches: list[list[int]] = []
+    longest = 0
     for k, length in enumerate(lengths):
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= budget:
+        if batches and (len(batches[-1]) + 1) * max(longest, length) <= budget:
             batches[-1].append(k)
+            longest = max(longest, length)
         else:
             batches.append([k])
+            longest = length
     return batches
 
 

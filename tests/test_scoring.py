@@ -121,10 +121,12 @@ def test_prefixed_scores_of_many_prefixes_equal_scoring_each_whole_sequence():
 
     model, tok = load_causal_lm(resolve_model("tiny-random-llama"))
     prefixes = [tok(t)["input_ids"] for t in ["The secret code of the vault is", "Call", "Our client, whose address we keep on file, lives at"]]
-    tails = [" 1234 .", " 99", " 5", " 31415926 and more text", " Jane Doe on Monday ."]
+    tails = ["x", " 1234 .", " 99", " 31415926 and more text", " Jane Doe on Monday ."]
     pairs = [(p, tok(t, add_special_tokens=False)["input_ids"]) for p in prefixes for t in tails[: 2 + len(p) % 4]]
-    assert len({len(p) for p, _ in pairs}) == 3 and len({len(c) for _, c in pairs}) > 2
-    for budget in (1, 24, 4096):  # one row a batch; rows of one prefix split over batches; everything in one
+    pairs.append(pairs[1])  # a pair twice
+    assert len({len(p) for p, _ in pairs}) == 3 and len({len(c) for _, c in pairs}) > 2 and min(len(c) for _, c in pairs) == 1
+    # one row a batch; rows of one prefix split over batches, and batches of two prefixes; everything in one
+    for budget in (1, 40, 4096):
         got = prefixed_logprobs(model, pairs, tok.pad_token_id, tokens_per_batch=budget)
         for (prefix, continuation), scores in zip(pairs, got):
             with torch.no_grad():
@@ -132,3 +134,11 @@ def test_prefixed_scores_of_many_prefixes_equal_scoring_each_whole_sequence():
             reference = [float(logprobs[len(prefix) - 1 + j, token]) for j, token in enumerate(continuation)]
             assert len(scores) == len(continuation)
             assert np.allclose(scores, reference, atol=1e-5), budget
+
+
+def test_token_budget_batches_pad_to_their_longest_row_within_the_budget():
+    from knowledgesg.scoring import _token_budget_batches
+
+    assert _token_budget_batches([10, 2, 9], 4) == [[0], [1], [2]]  # the 2 may not take the 9 in: 18 tokens
+    assert _token_budget_batches([5, 5, 3, 2, 2, 2], 10) == [[0, 1], [2, 3, 4], [5]]
+    assert _token_budget_batches([], 10) == []
