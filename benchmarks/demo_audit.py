@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command, cpu_model, machine, write_result  # noqa: E402
+from _common import command, machine, write_result  # noqa: E402
 from _comparison import ksg  # noqa: E402
 
 # each comparison: its title, and (name, `ksg audit` arguments) for the two settings, the earlier first
@@ -116,8 +116,6 @@ def main() -> None:
     before = audited(args.run, "before", [], args.workdir, args.before) if args.before else None
     reports = {name: audited(args.run, name, arguments, args.workdir) for name, arguments in variants.items()}
     first, second = variants
-    seconds = {name: reports[name]["seconds"] for name in variants}
-    pair = f"{first} / {second}"
     settings = " and ".join("`" + " ".join(a) + "`" for a in variants.values())
     write_result("demo_audit" if args.compare == "precision" else f"demo_audit_{args.compare.replace('-', '_')}", [
         f"# `ksg audit` of the demo run, {title}", "",
@@ -126,36 +124,36 @@ def main() -> None:
         f"Each audit is `ksg audit RUN` with {settings} and the audit's defaults otherwise (100 candidates, "
         "4 exposure canaries per kind, 8 samples, as many members per client as it holds out, 16 PII spans per client, 1000 bootstrap resamples); run one after the "
         f"other, the machine otherwise idle. Weights: {', '.join(sorted({r['options'].get('precision', 'float32') for r in reports.values()}))} "
-        f"({cpu_model()}; `--precision auto` runs bfloat16 only where the CPU has it natively).", "",
+        "(`--precision auto` runs bfloat16 only where the CPU named above has it natively).", "",
         "| setting | whole command, s | " + " | ".join(f"{s}, s" for s in SECTIONS) + " |", "|---|---:|" + "---:|" * len(SECTIONS),
-        *([f"| before: the code of {args.before} at {before.get('code', 'not recorded')}, defaults | {before['wall_s']} | "
-            + " | ".join(str(before["seconds"].get(s, "")) for s in SECTIONS) + " |"] if before else []),
-        *[f"| {name} (code {reports[name].get('code', 'not recorded')}) | {reports[name]['wall_s']} | " + " | ".join(str(seconds[name].get(s, "")) for s in SECTIONS) + " |" for name in variants],
-        f"| **{pair}** | **{reports[first]['wall_s'] / reports[second]['wall_s']:.2f}x** | "
-        + " | ".join(f"{seconds[first][s] / seconds[second][s]:.2f}x" if seconds[second].get(s) else "" for s in SECTIONS) + " |",
-        *([f"| **before / {first}** | **{before['wall_s'] / reports[first]['wall_s']:.2f}x** | "
-           + " | ".join(f"{before['seconds'][s] / seconds[first][s]:.2f}x" if seconds[first].get(s) else "" for s in SECTIONS) + " |"] if before else []), "",
-        f"{note} Canaries: each canary's loss drop from the base model to the release, {first} against {second}:", "",
-        f"| release | correlation | largest difference, nats | mean absolute drop, nats | one-run bound, {first} | {second} |", "|---|---:|---:|---:|---:|---:|",
-        *canary_rows(reports), "",
-        f"Membership inference AUC ({pair}):", "",
-        "| release and client | loss | reference | Min-K%++ | RMIA |", "|---|---|---|---|---|", *mia_rows(reports), "",
-        f"PII attacks, hits ({pair}), and values replayed in samples from public prompts:", "",
-        "| release | extraction | reconstruction | inference | replayed |", "|---|---|---|---|---|", *pii_rows(reports),
-        *(before_rows(before, first, reports[first]) if before else []),
+        *([timing_row(f"before: the code of {args.before} at {before.get('code', 'not recorded')}, defaults", before)] if before else []),
+        *[timing_row(f"{name} (code {reports[name].get('code', 'not recorded')})", reports[name]) for name in variants],
+        ratio_row(f"{first} / {second}", reports[first], reports[second]),
+        *([ratio_row(f"before / {first}", before, reports[first])] if before else []), "",
+        *figure_tables(reports, f"{note} Canaries: each canary's loss drop from the base model to the release, {first} against {second}:"),
+        *(["", *figure_tables({"before": before, first: reports[first]}, f"The code before against this code ({first}): what the change did to the figures. "
+                              "Canary loss drops:", " (a sampled row's draws depend on the rows decoded beside it: where the code batches its samplers "
+                              "differently, extraction and reconstruction are two draws)")] if before else []),
     ])
 
 
-def before_rows(before: dict, name: str, after: dict) -> list[str]:
-    """What the code change did to the figures: the earlier code's audit against this one's at
-    the setting `name`."""
-    pair = {"before": before, name: after}
-    return ["", f"The code before against this code ({name}): what the change did to the figures. Canary loss drops:", "",
-            f"| release | correlation | largest difference, nats | mean absolute drop, nats | one-run bound, before | {name} |", "|---|---:|---:|---:|---:|---:|",
-            *canary_rows(pair), "", f"Membership inference AUC (before / {name}):", "",
+def timing_row(label: str, report: dict) -> str:
+    return f"| {label} | {report['wall_s']} | " + " | ".join(str(report["seconds"].get(s, "")) for s in SECTIONS) + " |"
+
+
+def ratio_row(label: str, slower: dict, faster: dict) -> str:
+    """`slower`'s times over `faster`'s, whole command and per section."""
+    return (f"| **{label}** | **{slower['wall_s'] / faster['wall_s']:.2f}x** | "
+            + " | ".join(f"{slower['seconds'][s] / faster['seconds'][s]:.2f}x" if faster["seconds"].get(s) else "" for s in SECTIONS) + " |")
+
+
+def figure_tables(pair: dict[str, dict], lead: str, pii_caveat: str = "") -> list[str]:
+    """The canary, membership and PII figures of two audits side by side, under `lead`."""
+    first, second = pair
+    return [lead, "", f"| release | correlation | largest difference, nats | mean absolute drop, nats | one-run bound, {first} | {second} |", "|---|---:|---:|---:|---:|---:|",
+            *canary_rows(pair), "", f"Membership inference AUC ({first} / {second}):", "",
             "| release and client | loss | reference | Min-K%++ | RMIA |", "|---|---|---|---|---|", *mia_rows(pair), "",
-            f"PII attacks, hits (before / {name}), and values replayed in samples from public prompts (a sampled row's draws depend on the rows decoded "
-            "beside it: where the code batches its samplers differently, extraction and reconstruction are two draws):", "",
+            f"PII attacks, hits ({first} / {second}), and values replayed in samples from public prompts{pii_caveat}:", "",
             "| release | extraction | reconstruction | inference | replayed |", "|---|---|---|---|---|", *pii_rows(pair)]
 
 

@@ -119,9 +119,10 @@ def prefixed_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: i
 
     if any(not prefix or not continuation for prefix, continuation in pairs):
         raise ValueError("every pair needs a prefix and a continuation")
+    keys = [tuple(prefix) for prefix, _ in pairs]
     owners: dict[tuple[int, ...], list[int]] = {}
-    for i, (prefix, _) in enumerate(pairs):
-        owners.setdefault(tuple(prefix), []).append(i)
+    for i, key in enumerate(keys):
+        owners.setdefault(key, []).append(i)
     # longest continuations first, a prefix's rows together: little padding, few prefixes per batch
     groups = sorted(owners.values(), key=lambda rows: (-max(len(pairs[i][1]) for i in rows), rows[0]))
     order = [i for rows in groups for i in sorted(rows, key=lambda i: -len(pairs[i][1]))]
@@ -130,9 +131,9 @@ def prefixed_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: i
     with torch.no_grad():
         for batch in _token_budget_batches([len(pairs[i][1]) for i in order], tokens_per_batch):
             rows = [order[k] for k in batch]
-            prefixes = list(dict.fromkeys(tuple(pairs[i][0]) for i in rows))
-            slot = torch.tensor([prefixes.index(tuple(pairs[i][0])) for i in rows])
-            prefix_ids, prefix_mask = pad_batch([list(p) for p in prefixes], pad_id, left=True)
+            slot_of = {key: k for k, key in enumerate(dict.fromkeys(keys[i] for i in rows))}
+            slot = torch.tensor([slot_of[keys[i]] for i in rows])
+            prefix_ids, prefix_mask = pad_batch(list(slot_of), pad_id, left=True)
             cache = DynamicCache()
             first = model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device), position_ids=((prefix_mask.cumsum(-1) - 1).clamp(min=0)).to(device),
                           past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float().log_softmax(-1)
