@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
 from _comparison import ksg  # noqa: E402
 
+from knowledgesg.fileio import write_json  # noqa: E402
+
 # each comparison: its title, and (name, `ksg audit` arguments) for the two settings, the earlier first
 COMPARISONS = {
     "precision": ("float32 against bfloat16", {"float32": ["--precision", "float32"], "bfloat16": ["--precision", "bfloat16"]},
@@ -55,8 +57,8 @@ def audited(run: Path, name: str, arguments: list[str], workdir: Path, code: Pat
         report = json.loads((run / "audit/audit_report.json").read_text())
         report["wall_s"] = round(seconds, 1)
         report["code"] = code_commit(code or Path.cwd())  # the package code that ran it
-        kept.write_text(json.dumps(report))
         shutil.copy(run / "audit/audit_report.html", workdir / f"{name}.html")
+        write_json(kept, report)  # last, whole or not at all: a kept report marks the audit done
     return json.loads(kept.read_text())
 
 
@@ -109,7 +111,9 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="a worktree of earlier code: its `ksg audit RUN` with the defaults is timed too, first")
     args = parser.parse_args()
     if not (args.run / "stages/fedtune/manifest.json").is_file():
-        raise SystemExit(f"{args.run}: no finished demo run; run `.venv/bin/ksg run pipelines/specs/demo.yaml` first")
+        parser.exit(2, f"{args.run}: no finished demo run; run `.venv/bin/ksg run pipelines/specs/demo.yaml` first\n")
+    if args.before and not (args.before / "knowledgesg/cli.py").is_file():
+        parser.exit(2, f"--before {args.before}: not a checkout of this project (no knowledgesg/cli.py there)\n")
     args.workdir.mkdir(parents=True, exist_ok=True)
     title, variants, note = COMPARISONS[args.compare]
     # the earlier code first, then the two settings: one after the other, the machine otherwise idle

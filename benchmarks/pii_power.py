@@ -75,11 +75,11 @@ def main() -> None:
     args = parser.parse_args()
     scores = args.scores.split(",")
     if any(score not in SCORES for score in scores):
-        raise SystemExit(f"--scores {args.scores}: choose from {', '.join(SCORES)}")
+        parser.exit(2, f"--scores {args.scores}: choose from {', '.join(SCORES)}\n")
     try:
         epsilons = [float(e) for e in args.epsilons.split(",")]
     except ValueError:
-        raise SystemExit(f"--epsilons {args.epsilons}: comma-separated numbers or inf") from None
+        parser.exit(2, f"--epsilons {args.epsilons}: comma-separated numbers or inf\n")
     args.workdir.mkdir(parents=True, exist_ok=True)
     write_records(args.workdir / "pii_records.jsonl", args.records)
     audit_args = ["--pii-spans", str(args.spans), "--pii-attack-samples", str(args.samples), "--samples", "8", "--mia-members", "2", "--models", "dp"]
