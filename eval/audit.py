@@ -50,7 +50,7 @@ from knowledgesg.manifest import read_manifest
 from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_device, resolve_precision
 from knowledgesg.prompts import Seed, user_message, user_turn_prefix
 from knowledgesg.records import InstructionRecord
-from knowledgesg.scoring import continuation_logprobs, pad_id, prefixed_logprobs, shared_prefix_logprobs, token_statistics
+from knowledgesg.scoring import continuation_logprobs, pad_id, prefixed_logprobs, token_statistics
 from knowledgesg.spec import CanarySpec, CanaryTemplate, PipelineSpec
 from privacy.accounting import group_epsilon
 from privacy.ledger import LedgerEntry, client_delta, composed_total, read_stage_ledgers
@@ -175,7 +175,7 @@ def own_secret_nll(model, tokenizer, template: CanaryTemplate, canaries: list[Ca
     if shared < SHARED_PREFIX_MIN:
         scores = continuation_logprobs(model, [p for p, _ in pairs], [r for _, r in pairs], pad_id(tokenizer), batch_size, device)
         return [-float(s.sum()) for s in scores]
-    scores = shared_prefix_logprobs(model, pairs[0][0][:shared], [(p + r)[shared:] for p, r in pairs], pad_id(tokenizer), batch_size, device)
+    scores = prefixed_logprobs(model, [(pairs[0][0][:shared], (p + r)[shared:]) for p, r in pairs], pad_id(tokenizer), CANDIDATE_BATCH_TOKENS, device)
     return [-float(s[len(s) - len(r):].sum()) for s, (_, r) in zip(scores, pairs)]
 
 

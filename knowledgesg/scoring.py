@@ -74,45 +74,17 @@ def continuation_logprobs(model, contexts: list[list[int]], continuations: list[
     return results  # type: ignore[return-value]
 
 
-def shared_prefix_logprobs(model, prefix: list[int], continuations: list[list[int]], pad_id: int, batch_size: int = 32, device: str = "cpu") -> list[np.ndarray]:
-    """Per-token log-probabilities of continuations that all follow one prefix.
-
-    The prefix runs once; its key-value cache is copied to every batch of continuations, which
-    are right-padded after it: the audit's canaries share their chat template and the template's
-    text up to the secret. (Many prefixes, each with its own rows: `prefixed_logprobs`.)
-    """
-    import torch
-    from transformers import DynamicCache
-
-    if any(not c for c in continuations):
-        raise ValueError("an empty continuation has no log-probability")
-    results: list[np.ndarray | None] = [None] * len(continuations)
-    width = len(prefix)
-    model.eval()
-    with torch.no_grad():
-        cache = DynamicCache()
-        first = model(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1].float().log_softmax(-1)
-        for chunk in length_batches([len(c) for c in continuations], batch_size):
-            ids, mask = pad_batch([continuations[i] for i in chunk], pad_id, left=False)
-            # column t predicts the continuation's token t + 1: the last column predicts nothing
-            _, _, chosen = _distribution_statistics(_logits_after_prefix(model, cache, width, ids, mask, device), _next_ids(ids), moments=False)
-            for row, i in enumerate(chunk):
-                n = len(continuations[i])
-                results[i] = torch.cat([first[ids[row, :1].to(first.device)], chosen[row, : n - 1]]).cpu().numpy()
-    return results  # type: ignore[return-value]
-
-
 def prefixed_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, tokens_per_batch: int = 1024, device: str = "cpu") -> list[np.ndarray]:
     """Per-token log-probabilities of each (prefix, continuation) pair's continuation, for many
     prefixes each shared by several pairs (an audit's candidates for each of many PII spans or
-    canary secrets).
+    canary secrets; all its canaries after their template's common text).
 
     Rows of several prefixes share a batch of at most `tokens_per_batch` continuation tokens
     (padding included; a longer row has a batch of its own): the batch's distinct prefixes run
     once, left-padded together, and each row takes its prefix's key-value cache, its continuation
-    right-padded after it. `shared_prefix_logprobs` per prefix runs ten candidates of thirty
-    tokens as a 300-row matmul; on a CPU, where [rows, 576] x [576, 1536] runs faster the more rows
-    it has, fewer and fuller batches do the same work sooner.
+    right-padded after it. Batching per prefix ran ten candidates of thirty tokens as a 300-row
+    matmul; on a CPU, where [rows, 576] x [576, 1536] runs faster the more rows it has, fewer and
+    fuller batches do the same work sooner.
     """
     import torch
     from transformers import DynamicCache

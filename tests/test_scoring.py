@@ -7,7 +7,7 @@ import torch
 
 from knowledgesg.generation import SHARED_PREFIX_MIN
 from knowledgesg.models import load_causal_lm, resolve_model
-from knowledgesg.scoring import choice_logprobs, continuation_logprobs, normalized_choice_probs, shared_prefix_logprobs, token_statistics
+from knowledgesg.scoring import choice_logprobs, continuation_logprobs, normalized_choice_probs, token_statistics
 
 
 def test_batched_scores_equal_one_sequence_at_a_time():
@@ -22,22 +22,6 @@ def test_batched_scores_equal_one_sequence_at_a_time():
         with torch.no_grad():
             logprobs = model(input_ids=torch.tensor([context + continuation])).logits.float().log_softmax(-1)[0]
         reference = [float(logprobs[len(context) - 1 + j, token]) for j, token in enumerate(continuation)]
-        assert len(scores) == len(continuation)
-        assert np.allclose(scores, reference, atol=1e-5)
-
-
-def test_shared_prefix_scores_equal_scoring_each_whole_sequence():
-    """The audit's candidates: one prefix run once, its cache reused by right-padded continuations
-    of different lengths, in batches smaller than the candidate count."""
-    model, tok = load_causal_lm(resolve_model("tiny-random-llama"))
-    prefix = tok("The secret code of the vault is")["input_ids"]
-    continuations = [tok(t, add_special_tokens=False)["input_ids"] for t in [" 1234 .", " 99", " 5", " 31415926 and more text", " 0000 ."]]
-    assert len({len(c) for c in continuations}) > 2
-    got = shared_prefix_logprobs(model, prefix, continuations, tok.pad_token_id, batch_size=2)
-    for continuation, scores in zip(continuations, got):
-        with torch.no_grad():
-            logprobs = model(input_ids=torch.tensor([prefix + continuation])).logits.float().log_softmax(-1)[0]
-        reference = [float(logprobs[len(prefix) - 1 + j, token]) for j, token in enumerate(continuation)]
         assert len(scores) == len(continuation)
         assert np.allclose(scores, reference, atol=1e-5)
 
