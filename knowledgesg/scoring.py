@@ -63,14 +63,14 @@ def continuation_logprobs(model, contexts: list[list[int]], continuations: list[
         for chunk in _batches([len(sequences[i]) for i in rest], batch_size, progress):
             batch = [rest[k] for k in chunk]
             keep = max(len(continuations[i]) for i in batch) + 1
-            # [rows, keep, vocab]: the last `keep` positions
-            logprobs = last_logprobs(model, [sequences[i][shared:] for i in batch], pad_id, keep, device, prefix, shared)
+            ids, inputs = _left_padded([sequences[i][shared:] for i in batch], pad_id, device, prefix, shared)
+            # [rows, keep]: the log-probabilities of the tokens the last `keep` positions predict
+            _, _, chosen = _next_token_statistics(model, _next_ids(ids[:, -keep:]), False, keep, **inputs)
             for row, i in enumerate(batch):
-                n = len(continuations[i])
                 # the token at position t is predicted at t - 1: the continuation's tokens (the last
                 # n columns) are predicted by kept columns keep-n-1 .. keep-2
-                targets = torch.tensor(continuations[i], device=logprobs.device)
-                results[i] = logprobs[row, keep - n - 1 : keep - 1].gather(1, targets[:, None]).squeeze(1).cpu().numpy()
+                n = len(continuations[i])
+                results[i] = chosen[row, keep - n - 1 : keep - 1].cpu().numpy()
     return results  # type: ignore[return-value]
 
 
@@ -112,10 +112,9 @@ def prefixed_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: i
             cache.batch_select_indices(slot.to(device))
             ids, mask = pad_batch([pairs[i][1] for i in rows], pad_id, left=False)
             positions = prefix_mask.sum(-1)[slot][:, None] + torch.arange(ids.shape[1])[None, :]
-            logits = model(input_ids=ids.to(device), attention_mask=torch.cat([prefix_mask[slot], mask], dim=1).to(device), position_ids=positions.to(device),
-                           past_key_values=cache, use_cache=True).logits
             # column t predicts the continuation's token t + 1: the last column predicts nothing
-            _, _, chosen = _distribution_statistics(logits, _next_ids(ids), moments=False)
+            _, _, chosen = _next_token_statistics(model, _next_ids(ids), False, input_ids=ids.to(device), attention_mask=torch.cat([prefix_mask[slot], mask], dim=1).to(device),
+                                                  position_ids=positions.to(device), past_key_values=cache, use_cache=True)
             for row, i in enumerate(rows):
                 n = len(pairs[i][1])
                 results[i] = torch.cat([first[slot[row], ids[row, :1].to(first.device)], chosen[row, : n - 1]]).cpu().numpy()
@@ -137,17 +136,16 @@ def _token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
     return batches
 
 
-def _logits_after_prefix(model, cache, width: int, ids, mask, device: str, keep: int = 0):
-    """Logits of padded rows (left or right) that all continue one prefix of `width` tokens, whose
-    key-value cache (`cache`, left untouched) is copied to every row; `keep`: the last columns only
-    (0: all). Left padding sits between the prefix and a row's own tokens, masked out."""
+def _inputs_after_prefix(cache, width: int, ids, mask, device: str) -> dict:
+    """The model inputs of padded rows (left or right) that all continue one prefix of `width`
+    tokens, whose key-value cache (`cache`, left untouched) is copied to every row. Left padding
+    sits between the prefix and a row's own tokens, masked out."""
     import copy
 
     rows_cache = copy.deepcopy(cache)
     rows_cache.batch_repeat_interleave(ids.shape[0])
     full_mask, positions = after_prefix(mask, width)
-    return model(input_ids=ids.to(device), attention_mask=full_mask.to(device), position_ids=positions.to(device), past_key_values=rows_cache, use_cache=True,
-                 logits_to_keep=keep).logits
+    return {"input_ids": ids.to(device), "attention_mask": full_mask.to(device), "position_ids": positions.to(device), "past_key_values": rows_cache, "use_cache": True}
 
 
 def next_token_logprobs(model, contexts: list[list[int]], wanted: list[list[int]], pad_id: int, batch_size: int = 8, device: str = "cpu",
@@ -173,12 +171,18 @@ def last_logprobs(model, sequences: list[list[int]], pad_id: int, keep: int, dev
     """Log-softmax over the vocabulary at the last `keep` positions of each sequence, left-padded
     into one batch so that every sequence ends in the last column: [rows, keep, vocab]. With
     `prefix` (the cache of `run_prefix`), the sequences continue its `width` tokens."""
+    _, inputs = _left_padded(sequences, pad_id, device, prefix, width)
+    return model(**inputs, logits_to_keep=keep).logits.float().log_softmax(dim=-1)
+
+
+def _left_padded(sequences: list[list[int]], pad_id: int, device: str, prefix=None, width: int = 0):
+    """(the ids, the model inputs) of sequences left-padded into one batch, each ending in the
+    last column; with `prefix` (the cache of `run_prefix`), continuing its `width` tokens."""
     ids, mask = pad_batch(sequences, pad_id, left=True)
     if prefix is not None:
-        return _logits_after_prefix(model, prefix, width, ids, mask, device, keep).float().log_softmax(dim=-1)
+        return ids, _inputs_after_prefix(prefix, width, ids, mask, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), logits_to_keep=keep).logits
-    return logits.float().log_softmax(dim=-1)
+    return ids, {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
 
 
 def choice_logprobs(model, tokenizer, prompts: list[str], choices: list[str], batch_size: int = 8, device: str = "cpu", progress: str | None = None) -> np.ndarray:
@@ -246,7 +250,7 @@ def _token_statistics_whole(model, sequences: list[list[int]], pad_id: int, batc
     with torch.no_grad():
         for batch in _batches([len(s) for s in sequences], batch_size, progress):
             ids, mask = pad_batch([sequences[i] for i in batch], pad_id, left=False)
-            mean, std, logprobs = _distribution_statistics(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits, _next_ids(ids), moments)
+            mean, std, logprobs = _next_token_statistics(model, _next_ids(ids), moments, input_ids=ids.to(device), attention_mask=mask.to(device))
             for row, i in enumerate(batch):
                 n = len(sequences[i])
                 results[i] = {"logprobs": logprobs[row, : n - 1].cpu().numpy(), "mu": mean[row, : n - 1].cpu().numpy(), "sigma": std[row, : n - 1].cpu().numpy()}
@@ -281,6 +285,84 @@ def _distribution_statistics(logits, targets, moments: bool = True):
     return out[0].reshape(rows, positions), std.reshape(rows, positions), out[2].reshape(rows, positions)
 
 
+# architectures whose logits are the output head's matmul of the last hidden state (Gemma 2's
+# then soft-capped): their statistics can be taken a slice of the vocabulary at a time
+FACTORED_HEADS = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"})
+# vocabulary rows of the output head per matmul: a [positions, 4096] float32 slab of logits stays in
+# cache through the passes the statistics make over it, where the whole [positions, vocabulary]
+# logits go through memory several times (SmolLM2, 1024 positions: 200 MB)
+HEAD_CHUNK = 4096
+
+
+def _next_token_statistics(model, targets, moments: bool, keep: int = 0, **inputs):
+    """`_distribution_statistics` of the model's logits at the last `keep` positions (0: every
+    position) of a forward pass with `inputs`; for a FACTORED_HEADS model computed from the last
+    hidden state a slice of the vocabulary at a time, never holding the whole logits."""
+    head = _factored_head(model)
+    if head is None:
+        return _distribution_statistics(model(**inputs, logits_to_keep=keep).logits, targets, moments)
+    hidden = model.get_decoder()(**inputs).last_hidden_state
+    return _head_statistics(hidden[:, -keep:] if keep else hidden, targets, *head, moments)
+
+
+def _factored_head(model):
+    """(the output head's weight, the final logit soft cap or None) where the logits are that
+    matmul of the last hidden state; None for any other model, or a head with a bias or an adapter."""
+    import torch
+
+    head = model.get_output_embeddings()
+    if getattr(model.config, "model_type", None) not in FACTORED_HEADS or type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    return head.weight, getattr(model.config, "final_logit_softcapping", None)
+
+
+def _head_statistics(hidden, targets, weight, cap: float | None, moments: bool = True):
+    """`_distribution_statistics` from last hidden states [rows, positions, hidden]: the logits of
+    HEAD_CHUNK tokens at a time, each row's total probability mass (and with `moments` the first
+    two moments of its logits under p) accumulated online about its running maximum logit, in
+    float64. About the maximum, not zero: the top token adds exactly 0, so a peaked distribution's
+    small spread is not lost to cancellation against logits of tens of nats."""
+    import torch
+
+    rows, positions, _ = hidden.shape
+    flat, wanted = hidden.reshape(rows * positions, -1), targets.reshape(-1).to(hidden.device)
+    n = flat.shape[0]
+    top = None
+    mass, first, second = (torch.zeros(n, dtype=torch.float64, device=flat.device) for _ in range(3))
+    chosen = torch.empty(n, device=flat.device)
+    for start in range(0, weight.shape[0], HEAD_CHUNK):
+        logits = torch.nn.functional.linear(flat, weight[start : start + HEAD_CHUNK]).float()
+        if cap is not None:  # as Gemma 2's forward caps its logits
+            logits = logits.div_(cap).tanh_().mul_(cap)
+        inside = ((wanted >= start) & (wanted < start + logits.shape[1])).nonzero().squeeze(1)
+        chosen[inside] = logits[inside, wanted[inside] - start]
+        new_top = logits.amax(-1) if top is None else torch.maximum(top, logits.amax(-1))
+        if top is not None:  # re-centre what came before on the new maximum
+            shift = (new_top - top).double()
+            rescale = shift.neg().exp()
+            if moments:  # sum w (z - new) = sum w (z - old) - shift sum w, and likewise for the square
+                second = (second - 2 * shift * first + shift**2 * mass) * rescale
+                first = (first - shift * mass) * rescale
+            mass = mass * rescale
+        centred = logits.sub_(new_top[:, None])
+        weights = centred.exp()
+        mass += weights.sum(-1, dtype=torch.float64)
+        if moments:
+            weights.mul_(centred)
+            first += weights.sum(-1, dtype=torch.float64)
+            second += weights.mul_(centred).sum(-1, dtype=torch.float64)
+        top = new_top
+    log_mass = mass.log()
+    logprobs = (chosen.double() - top.double() - log_mass).float().reshape(rows, positions)
+    if not moments:
+        zeros = torch.zeros(rows, positions, device=flat.device)
+        return zeros, zeros, logprobs
+    mean_centred = first / mass
+    mean = (mean_centred - log_mass).float()  # log p = (z - top) - log mass
+    std = (second / mass - mean_centred**2).clamp(min=0).sqrt().float()
+    return mean.reshape(rows, positions), std.reshape(rows, positions), logprobs
+
+
 def _next_ids(ids):
     """The token each position predicts ([rows, positions]; the last column, which predicts
     nothing, gets a placeholder)."""
@@ -309,7 +391,7 @@ def _token_statistics_after_prefix(model, sequences: list[list[int]], shared: in
         last = logits[0, shared - 1].float().log_softmax(-1)
         for batch in _batches([len(s) - shared for s in sequences], batch_size, progress):
             ids, mask = pad_batch([sequences[i][shared:] for i in batch], pad_id, left=False)
-            tail_mean, tail_std, tail_lp = _distribution_statistics(_logits_after_prefix(model, cache, shared, ids, mask, device), _next_ids(ids), moments)
+            tail_mean, tail_std, tail_lp = _next_token_statistics(model, _next_ids(ids), moments, **_inputs_after_prefix(cache, shared, ids, mask, device))
             for row, i in enumerate(batch):
                 rest = len(sequences[i]) - shared  # tokens after the prefix; the last one predicts nothing
                 first = last[ids[row, :1].to(last.device)]

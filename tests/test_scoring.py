@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from knowledgesg.generation import SHARED_PREFIX_MIN
 from knowledgesg.models import load_causal_lm, resolve_model
 from knowledgesg.scoring import choice_logprobs, continuation_logprobs, normalized_choice_probs, token_statistics
 
+
+
+@pytest.fixture(autouse=True)
+def small_head_slices(monkeypatch):
+    """The tiny model's 259-token vocabulary in ragged slices of 40 (a real model's 49k or 262k
+    take HEAD_CHUNK at a time): every test here crosses slices."""
+    from knowledgesg import scoring
+
+    monkeypatch.setattr(scoring, "HEAD_CHUNK", 40)
 
 def test_batched_scores_equal_one_sequence_at_a_time():
     model, tok = load_causal_lm(resolve_model("tiny-random-llama"))
@@ -50,14 +60,25 @@ def test_token_statistics_after_a_shared_prefix_equal_each_sequence_alone():
             assert np.allclose(got[key], alone[key], atol=1e-4), key
 
 
-def test_token_statistics_equal_the_whole_distribution_computed_directly():
+@pytest.mark.parametrize("head", ["sliced", "whole logits"])
+def test_token_statistics_equal_the_whole_distribution_computed_directly(head, monkeypatch):
     """Min-K%++'s mean and std of log p, and each token's log p, against float64 sums over the
-    model's full next-token distribution (the statistics are taken a few positions at a time)."""
+    model's full next-token distribution: from the output head a ragged slice of the vocabulary
+    at a time (a Llama), or from the model's whole logits a few positions at a time (an
+    architecture whose head is not known to factor)."""
     import torch
 
+    from knowledgesg import scoring
     from knowledgesg.scoring import STATISTICS_CHUNK
 
     model, tok = load_causal_lm(resolve_model("tiny-random-llama"))
+    if head == "sliced":
+        assert model.config.vocab_size % scoring.HEAD_CHUNK and model.config.vocab_size > 3 * scoring.HEAD_CHUNK
+    else:
+        monkeypatch.setattr(scoring, "FACTORED_HEADS", frozenset())
+    calls = []
+    real_head_statistics = scoring._head_statistics
+    monkeypatch.setattr(scoring, "_head_statistics", lambda *args, **kwargs: calls.append(1) or real_head_statistics(*args, **kwargs))
     sequences = [tok(t, add_special_tokens=False)["input_ids"] for t in ["Shares fell 3% after the weak results were published this morning.", "Profit rose.", "ok then"]]
     assert sum(len(s) for s in sequences) > 2 * STATISTICS_CHUNK  # the chunks cross rows and padding
     got = token_statistics(model, sequences, tok.pad_token_id, batch_size=3)
@@ -72,6 +93,28 @@ def test_token_statistics_equal_the_whole_distribution_computed_directly():
         assert np.allclose(stats["logprobs"], own.numpy(), atol=1e-4) and np.allclose(stats["mu"], mean.numpy(), atol=1e-4)
         assert np.allclose(stats["sigma"], std.numpy(), atol=1e-3)
         assert np.allclose(light["logprobs"], own.numpy(), atol=1e-4) and not light["mu"].any()
+    assert bool(calls) == (head == "sliced")
+
+
+@pytest.mark.parametrize("cap", [None, 30.0])
+def test_head_statistics_a_slice_at_a_time_equal_those_of_the_whole_logits(cap, monkeypatch):
+    """Logits of tens of nats, whose maximum sits in a later slice for some rows (the running
+    maximum must rescale what came before), with and without Gemma 2's final soft cap."""
+    from knowledgesg import scoring
+
+    monkeypatch.setattr(scoring, "HEAD_CHUNK", 10)
+    generator = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(3, 5, 16, generator=generator) * 4, torch.randn(103, 16, generator=generator)
+    targets = torch.randint(0, 103, (3, 5), generator=generator)
+    logits = torch.nn.functional.linear(hidden, weight)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    assert logits.abs().max() > 25 and len(set(logits.argmax(-1).flatten().div(10, rounding_mode="floor").tolist())) > 3
+    for moments in (True, False):
+        expected = scoring._distribution_statistics(logits, targets, moments)
+        got = scoring._head_statistics(hidden, targets, weight, cap, moments)
+        for name, a, b in zip(("mean", "std", "log p"), expected, got):
+            assert torch.allclose(a, b, atol=1e-4), (name, moments)
 
 
 def test_contexts_that_begin_alike_run_their_prefix_once_and_score_as_each_whole_sequence(monkeypatch):
@@ -126,3 +169,35 @@ def test_token_budget_batches_pad_to_their_longest_row_within_the_budget():
     assert _token_budget_batches([10, 2, 9], 4) == [[0], [1], [2]]  # the 2 may not take the 9 in: 18 tokens
     assert _token_budget_batches([5, 5, 3, 2, 2, 2], 10) == [[0, 1], [2, 3, 4], [5]]
     assert _token_budget_batches([], 10) == []
+
+
+def test_a_gemma_with_a_final_logit_cap_scores_as_its_own_logits():
+    """Gemma's head (tied to its embeddings) and Gemma 2's final soft cap, set on a tiny random
+    Gemma 3 whose logits reach well into the cap: the sliced head gives the model's own numbers."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from knowledgesg.scoring import _factored_head, prefixed_logprobs
+
+    config = Gemma3TextConfig(vocab_size=301, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                              head_dim=16, sliding_window=8, final_logit_softcapping=5.0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40)
+    assert _factored_head(model) is not None
+    generator = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(1, 301, (n,), generator=generator).tolist() for n in (12, 7, 20)]
+    with torch.no_grad():
+        logits = [model(input_ids=torch.tensor([s])).logits[0] for s in sequences]
+    assert max(float(z.abs().max()) for z in logits) > 4.5  # the cap bends these logits
+    stats = token_statistics(model, sequences, 0, batch_size=2)
+    pairs = [(s[:5], s[5:]) for s in sequences]
+    candidates = prefixed_logprobs(model, pairs, 0, tokens_per_batch=16)
+    for sequence, z, got, scored in zip(sequences, logits, stats, candidates):
+        logp = z[:-1].double().log_softmax(-1)
+        own = logp.gather(1, torch.tensor(sequence[1:])[:, None]).squeeze(1).numpy()
+        assert np.allclose(got["logprobs"], own, atol=1e-4) and np.allclose(scored, own[4:], atol=1e-4)
+        p = logp.exp()
+        mean = (p * logp).sum(-1)
+        assert np.allclose(got["mu"], mean.numpy(), atol=1e-4)
+        assert np.allclose(got["sigma"], ((p * (logp - mean[:, None]) ** 2).sum(-1)).sqrt().numpy(), atol=1e-3)
