@@ -242,3 +242,25 @@ def test_prompts_that_begin_alike_run_their_prefix_once_and_generate_as_before(t
     for shared_run, plain_run in zip(runs["shared"], runs["plain"]):
         assert [c.text for c in shared_run] == [c.text for c in plain_run]
         assert [c.new_tokens for c in shared_run] == [c.new_tokens for c in plain_run]
+
+
+def test_the_nucleus_found_among_the_top_tokens_is_the_one_a_full_sort_finds():
+    """Rows from flat to peaked, so that at a small `first_k` some nuclei reach past the top
+    tokens (those rows rank their whole vocabulary) and some do not."""
+    from knowledgesg.generation import nucleus
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 500, generator=generator) * torch.logspace(-1, 1.2, 40)[:, None]
+
+    def by_sort(top_p):  # the definition, in float64: sort everything, keep while the tokens above hold at most top_p
+        ordered, order = torch.sort(logits, descending=True)
+        probs = ordered.double().softmax(dim=-1)
+        keep = probs.cumsum(dim=-1) - probs <= top_p
+        return torch.zeros_like(keep).scatter(1, order, keep)
+
+    for top_p in (0.5, 0.9, 0.95):
+        expected = by_sort(top_p)
+        sizes = expected.sum(dim=-1)
+        assert (sizes > 8).any() and (sizes < 8).any() and sizes.min() >= 1
+        for first_k in (1, 8, 64, 500):
+            assert torch.equal(nucleus(logits, top_p, first_k), expected), (top_p, first_k)
