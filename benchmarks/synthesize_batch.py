@@ -5,8 +5,8 @@ Usage:  .venv/bin/python benchmarks/synthesize_batch.py --run /tmp/demo/run [--c
 Needs a demo run whose dp_train finished (`ksg run pipelines/specs/demo.yaml`). With the demo
 spec's synthesize parameters (60 candidates per bank, top-p 0.95, temperature 0.9, 48 tokens for
 the user turn, 8 for the answer) and the client's DP adapter merged as synthesize merges it, the
-stage's two passes run as the stage runs them (`Synthesize.user_turns` between them): the DP model
-writes each user turn after a public seed, then answers the complete ones. Each batch size runs
+stage's two passes run through the stage's own `Synthesize.two_passes`: the DP model writes each
+user turn after a public seed, then answers the complete ones. Each batch size runs
 twice, alternating, in one process; medians. The complete user turns are counted as a check that
 the batch size changes the speed, not what is written (a row's draws depend on the rows decoded
 beside it, so the texts are another sample). Writes benchmarks/results/synthesize_batch.md.
@@ -45,8 +45,7 @@ def main() -> None:
 
     from eval.audit import load_target
     from knowledgesg.fileio import read_json
-    from knowledgesg.generation import Generator, chat_prompt_ids
-    from knowledgesg.prompts import user_turn_prefix
+    from knowledgesg.generation import Generator
     from pipelines.synthesize import Synthesize, SynthesizeParams
 
     spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "pipelines/specs/demo.yaml").read_text())
@@ -56,17 +55,12 @@ def main() -> None:
     model, tokenizer = load_target(base, adapter, "cpu", "float32")
     count = math.ceil(params.per_client * params.oversample)
     seeds = [params.seeds[i % len(params.seeds)] for i in range(count)]
-    prefixes = [tokenizer(user_turn_prefix(tokenizer, seed), add_special_tokens=False)["input_ids"] for seed in seeds]
 
     def both_passes(batch: int) -> tuple[float, int, int]:
-        generator = Generator(model, tokenizer, batch)
         start = time.perf_counter()
-        first = generator.generate(prefixes, params.sampling, seed=1)
-        texts, complete, _ = stage.user_turns(seeds, first)
-        answerable = [i for i, text in enumerate(texts) if complete[i] and text.strip()]
-        second = [chat_prompt_ids(tokenizer, (seeds[i].instruction + "\n" if seeds[i].instruction else "") + texts[i]) for i in answerable]
-        answers = generator.generate(second, params.sampling.model_copy(update={"max_new_tokens": params.response_max_new_tokens}), seed=2)
-        return time.perf_counter() - start, sum(c.new_tokens for c in first) + sum(c.new_tokens for c in answers), len(answerable)
+        passes = stage.two_passes(Generator(model, tokenizer, batch), seeds, 1, 2)
+        seconds = time.perf_counter() - start
+        return seconds, sum(c.new_tokens for c in passes.first) + sum(c.new_tokens for c in passes.answer_of.values()), len(passes.answer_of)
 
     times: dict[int, list[float]] = {b: [] for b in batches}
     tokens: dict[int, list[int]] = {b: [] for b in batches}
@@ -86,7 +80,7 @@ def main() -> None:
         f"Command: `{command()}`", f"Machine: {machine()}", "",
         f"{args.client}'s DP adapter from `{args.run}`, merged in float32; the demo spec's synthesize parameters ({count} candidates, temperature "
         f"{params.sampling.temperature}, top-p {params.sampling.top_p}, {params.sampling.max_new_tokens} tokens for the user turn, {params.response_max_new_tokens} for the answer); "
-        "both passes as the stage runs them; each batch size twice, alternating, in one process; medians.", "",
+        "both passes by the stage's own `Synthesize.two_passes`; each batch size twice, alternating, in one process; medians.", "",
         f"| engine batch | seconds, both passes | new tokens/s | speed-up over batch {batches[0]} | complete user turns, each run |",
         "|---:|---:|---:|---:|---:|", *rows, "",
         "A row's draws depend on the rows decoded beside it: each batch size writes another sample of the same distribution.",

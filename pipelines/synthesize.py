@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -99,6 +100,19 @@ def dp_label_histogram(records: list[InstructionRecord], labels: list[str], unit
     return {label: float(counts[label]) + float(n) for label, n in zip(labels, noise)}
 
 
+@dataclass
+class Passes:
+    """What synthesize's two generation passes wrote for one client."""
+
+    prefixes: list[str]  # pass 1's prompts: the chat template up to the user's words, after a public seed
+    first: list  # pass 1's completions
+    user_texts: list[str]
+    complete: list[bool]
+    cut_inputs: list[bool]
+    second_prompts: list[list[int]]  # pass 2's prompts, for the finished user turns
+    answer_of: dict  # index of a finished user turn -> pass 2's completion
+
+
 class Synthesize(Stage):
     name = "synthesize"
     Params = SynthesizeParams
@@ -162,29 +176,20 @@ class Synthesize(Stage):
         return entry, [noisy[label] for label in p.labels]
 
     def synthesize_client(self, ctx: StageContext, client_id: str, adapter: LedgerEntry, base: dict, weights: list[float]) -> LedgerEntry:
-        from knowledgesg.generation import Generator, chat_prompt_ids
+        from knowledgesg.generation import Generator
 
         p: SynthesizeParams = self.params
         device = resolve_device(ctx.spec.models.device)
         dtype = resolve_precision(p.precision, device)
         model, tokenizer = load_target(base, ctx.run_dir / Path(adapter.artifact).parent, device, dtype)  # merged in float32, then cast
-        generator = Generator(model, tokenizer, p.batch_size, device)
         count = math.ceil(p.per_client * p.oversample)
         seeds = [p.seeds[i % len(p.seeds)] for i in range(count)]
-
-        # pass 1: the DP model writes the user turn, continuing a public seed
-        prefixes = [user_turn_prefix(tokenizer, seed) for seed in seeds]
-        first = generator.generate([tokenizer(text, add_special_tokens=False)["input_ids"] for text in prefixes], p.sampling, ctx.derive_seed(client_id, "inputs"), f"synthesize {client_id}: inputs")
-        user_texts, complete, cut_inputs = self.user_turns(seeds, first)
-        # pass 2: it answers each finished user turn
-        answerable = [i for i, text in enumerate(user_texts) if complete[i] and text.strip()]
-        second_prompts = [chat_prompt_ids(tokenizer, (seeds[i].instruction + "\n" if seeds[i].instruction else "") + user_texts[i]) for i in answerable]
-        answers = generator.generate(second_prompts, p.sampling.model_copy(update={"max_new_tokens": p.response_max_new_tokens}), ctx.derive_seed(client_id, "responses"), f"synthesize {client_id}: responses")
-        answer_of = dict(zip(answerable, answers))
-
-        prompts_sent = [{"pass": 1, "prompt": text} for text in prefixes] + [{"pass": 2, "prompt": tokenizer.decode(ids)} for ids in second_prompts]
+        passes = self.two_passes(Generator(model, tokenizer, p.batch_size, device), seeds, ctx.derive_seed(client_id, "inputs"), ctx.derive_seed(client_id, "responses"),
+                                 f"synthesize {client_id}")
+        prompts_sent = [{"pass": 1, "prompt": text} for text in passes.prefixes] + [{"pass": 2, "prompt": tokenizer.decode(ids)} for ids in passes.second_prompts]
         ctx.write_jsonl(f"clients/{client_id}/prompts.jsonl", prompts_sent, records=False)
-        kept, stats = self.filter(ctx, client_id, seeds, user_texts, complete, answer_of, sha256_file(ctx.run_dir / adapter.artifact), weights, cut_inputs)
+        kept, stats = self.filter(ctx, client_id, seeds, passes.user_texts, passes.complete, passes.answer_of, sha256_file(ctx.run_dir / adapter.artifact), weights,
+                                  passes.cut_inputs)
         ctx.write_jsonl(f"clients/{client_id}/synthetic.jsonl", kept)
         ctx.write_json(f"clients/{client_id}/filter_stats.json", {**stats, "precision": dtype})
         console.print(f"synthesize {client_id}: kept {len(kept)} of {count} candidates; rejected {dict(sorted(stats['rejected'].items()))}")
@@ -194,6 +199,22 @@ class Synthesize(Stage):
                            artifact=artifact, artifact_sha256=sha256_file(ctx.run_dir / artifact), run_dir=str(ctx.run_dir.resolve()), released_at=now(),
                            unit=adapter.unit, num_units=adapter.num_units, delta=adapter.delta, mechanism=mechanism, epsilon=epsilons([mechanism], adapter.delta),
                            private=adapter.private, noise="none", trust=trust_line("none", mechanism))
+
+    def two_passes(self, generator, seeds: list[Seed], input_seed: int, response_seed: int, progress: str | None = None) -> Passes:
+        """Pass 1: the DP model writes a user turn after each public seed; pass 2: it answers each
+        finished user turn."""
+        from knowledgesg.generation import chat_prompt_ids
+
+        p: SynthesizeParams = self.params
+        tokenizer = generator.tokenizer
+        prefixes = [user_turn_prefix(tokenizer, seed) for seed in seeds]
+        first = generator.generate([tokenizer(text, add_special_tokens=False)["input_ids"] for text in prefixes], p.sampling, input_seed, progress and f"{progress}: inputs")
+        user_texts, complete, cut_inputs = self.user_turns(seeds, first)
+        answerable = [i for i, text in enumerate(user_texts) if complete[i] and text.strip()]
+        second_prompts = [chat_prompt_ids(tokenizer, (seeds[i].instruction + "\n" if seeds[i].instruction else "") + user_texts[i]) for i in answerable]
+        answers = generator.generate(second_prompts, p.sampling.model_copy(update={"max_new_tokens": p.response_max_new_tokens}), response_seed,
+                                     progress and f"{progress}: responses")
+        return Passes(prefixes, first, user_texts, complete, cut_inputs, second_prompts, dict(zip(answerable, answers)))
 
     def user_turns(self, seeds: list[Seed], first) -> tuple[list[str], list[bool], list[bool]]:
         """Each generated user turn, whether it is complete, and whether it was cut at a sentence
