@@ -251,7 +251,8 @@ def run(args, name: str, spec_: dict, times: dict) -> None:
     (workdir / f"{name}.done").write_text(spec_digest(spec_))
     STORE.save(name, spec_, times[name], rows={k: asdict(v) for k, v in rows_of(name, results(args, name, spec_)).items()},
                details=details(workdir / name) if name.startswith("A") else [],
-               **({"dp_releases": ledger_release_ids(workdir / name)} if name.startswith(("A", "B")) else {}))
+               **({"dp_releases": ledger_release_ids(workdir / name)} if name.startswith(("A", "B")) else {}),
+               **({"synthetic_pairs": synthetic_pairs(args, name, spec_)} if name.startswith("A") else {}))
 
 
 def results(args, name: str, spec_: dict) -> dict:
@@ -455,16 +456,34 @@ def ablation_table(args, e: str, specs: dict[str, dict]) -> list[str]:
     if not ablations:
         return []
     lines = [f"### Ablations at epsilon {e}: one change each to the full pipeline, its DP adapters reused", "",
-             "| pipeline | FPB | FiQA | TFNS | mean +- SE | macro-F1 | pairs after refine |", "|---|---|---|---|---|---|---|"]
+             "| pipeline | FPB | FiQA | TFNS | mean +- SE | macro-F1 | synthetic pairs the final tuning reads |", "|---|---|---|---|---|---|---|"]
     for name, label in [(f"A{e}", "as in row 6"), *((f"A{e}-{a}", ABLATIONS[a][1]) for a in ablations)]:
         found = run_rows(args, name, specs)
         value = found.get("6" if name == f"A{e}" else "final")
         if value is None:
             lines.append(f"| {label} | not run yet | | | | | |")
             continue
-        kept = count_lines(args.workdir / name, "refine", "refined.jsonl") if finished(args.workdir, name, specs[name]) else "see the store"
-        lines.append(f"| {label}{stale_mark(args, name, specs)} | {value.cells()} | {kept} |")
+        stage = final_stage(specs[name])
+        count = synthetic_pairs(args, name, specs[name]).get(stage, "not kept")
+        lines.append(f"| {label}{stale_mark(args, name, specs)} | {value.cells()} | {count} ({stage}) |")
     return [*lines, ""]
+
+
+SYNTHETIC_FILES = {"synthesize": "synthetic.jsonl", "refine": "refined.jsonl"}
+
+
+def final_stage(spec_: dict) -> str:
+    """The stage whose synthetic pairs the run's fedtune trains on."""
+    return next(stage["params"]["synthetic_stage"] for stage in spec_["stages"] if isinstance(stage, dict) and stage["name"] == "fedtune")
+
+
+def synthetic_pairs(args, name: str, spec_: dict) -> dict[str, int]:
+    """Synthetic pairs per stage (synthesize, refine) in a pipeline run: counted in its directory
+    when it finished here, else as stored."""
+    if finished(args.workdir, name, spec_):
+        return {stage: count_lines(args.workdir / name, stage, file) for stage, file in SYNTHETIC_FILES.items()}
+    entry = STORE.entry(name, spec_)
+    return entry.get("synthetic_pairs", {}) if entry else {}
 
 
 def details(run_dir: Path) -> list[str]:
