@@ -36,6 +36,19 @@ def cpu_model() -> str:
     return names[0] if names else "unknown CPU"
 
 
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated integers, each at least 1 (e.g. engine batch sizes)."""
+    import argparse
+
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated integers, got '{text}'") from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"every entry at least 1, got '{text}'")
+    return values
+
+
 def write_result(name: str, lines: list[str]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines) + "\n"

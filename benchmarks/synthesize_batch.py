@@ -22,24 +22,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command, machine, write_result  # noqa: E402
+from _common import command, machine, positive_ints, write_result  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", type=Path, required=True, help="a demo run directory whose dp_train finished")
     parser.add_argument("--client", default="bank_a")
-    parser.add_argument("--batches", default="16,64", help="comma-separated engine batch sizes")
+    parser.add_argument("--batches", type=positive_ints, default="16,64", help="comma-separated engine batch sizes")
     args = parser.parse_args()
     adapter = args.run / "stages/dp_train/clients" / args.client / "adapter"
     if not adapter.is_dir():
         parser.exit(2, f"{args.run}: no DP adapter of '{args.client}' (stages/dp_train/clients/{args.client}/adapter); run `ksg run pipelines/specs/demo.yaml` first\n")
-    try:
-        batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        parser.exit(2, f"--batches: comma-separated integers, got '{args.batches}'\n")
-    if min(batches) < 1:
-        parser.exit(2, "--batches: every entry at least 1\n")
+    batches = args.batches
 
     import yaml
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command, machine, write_result  # noqa: E402
+from _common import command, machine, positive_ints, write_result  # noqa: E402
 
 
 def whole_sort_nucleus(logits, top_p: float, first_k: int = 0, dtype=None):
@@ -45,14 +45,11 @@ def whole_sort_nucleus_float64(logits, top_p: float, first_k: int = 0):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--batches", default="16,64", help="comma-separated engine batch sizes")
+    parser.add_argument("--batches", type=positive_ints, default="16,64", help="comma-separated engine batch sizes")
     args = parser.parse_args()
-    try:
-        batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        parser.exit(2, f"--batches: comma-separated integers, got '{args.batches}'\n")
-    if args.prompts < 1 or min(batches) < 1:
-        parser.exit(2, "--prompts and every --batches entry: at least 1\n")
+    if args.prompts < 1:
+        parser.exit(2, "--prompts: at least 1\n")
+    batches = args.batches
 
     from knowledgesg import generation
     from knowledgesg.builtin_data import load_builtin

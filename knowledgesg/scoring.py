@@ -161,18 +161,18 @@ def next_token_logprobs(model, contexts: list[list[int]], wanted: list[list[int]
     with torch.no_grad():
         prefix = run_prefix(model, contexts[0][:shared], device) if shared else None
         for batch in _batches([len(c) - shared for c in contexts], batch_size, progress):
-            logprobs = last_logprobs(model, [contexts[i][shared:] for i in batch], pad_id, 1, device, prefix, shared)[:, -1]
+            logprobs = last_logprobs(model, [contexts[i][shared:] for i in batch], pad_id, device, prefix, shared)
             for row, i in enumerate(batch):
                 results[i] = logprobs[row, torch.tensor(wanted[i], device=logprobs.device)].cpu().numpy()
     return results  # type: ignore[return-value]
 
 
-def last_logprobs(model, sequences: list[list[int]], pad_id: int, keep: int, device: str, prefix=None, width: int = 0):
-    """Log-softmax over the vocabulary at the last `keep` positions of each sequence, left-padded
-    into one batch so that every sequence ends in the last column: [rows, keep, vocab]. With
-    `prefix` (the cache of `run_prefix`), the sequences continue its `width` tokens."""
+def last_logprobs(model, sequences: list[list[int]], pad_id: int, device: str, prefix=None, width: int = 0):
+    """Log-softmax over the vocabulary after the last token of each sequence, left-padded into one
+    batch so that every sequence ends in the last column: [rows, vocab]. With `prefix` (the cache
+    of `run_prefix`), the sequences continue its `width` tokens."""
     _, inputs = _left_padded(sequences, pad_id, device, prefix, width)
-    return model(**inputs, logits_to_keep=keep).logits.float().log_softmax(dim=-1)
+    return model(**inputs, logits_to_keep=1).logits[:, -1].float().log_softmax(dim=-1)
 
 
 def _left_padded(sequences: list[list[int]], pad_id: int, device: str, prefix=None, width: int = 0):

@@ -106,6 +106,28 @@ def test_full_eval_scores_a_finished_runs_models_on_every_item_and_keeps_the_row
     table = "\n".join(finance_headline.full_table(args, "8", specs))
     assert "fpb 10, fiqa 10, tfns 10" in table and "| 4b | DP-FedAvg" in table and "**0.300** +- " in table and "**0.500** +- " in table
 
+def test_the_ablation_table_counts_the_pairs_the_final_tuning_reads_here_and_from_the_store(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["finance_headline.py", "--workdir", str(tmp_path), "--ablations", "public,unrefined_public"])
+    args = finance_headline.parse_args()
+    specs = finance_headline.plan(args)
+    store = RunStore(tmp_path / "runs.json")
+    monkeypatch.setattr(finance_headline, "STORE", store)
+    assert finance_headline.final_stage(specs["A8"]) == "refine" and finance_headline.final_stage(specs["A8-unrefined_public"]) == "synthesize"
+    row = {"final": {"acc": {t: 0.5 for t in finance_headline.TASKS}, "mean": 0.5, "se": 0.01}}
+    # A8-unrefined_public finished here: its own files are counted (synthesize's, since it tunes on those)
+    for stage, file, rows in [("synthesize", "synthetic.jsonl", 5), ("refine", "refined.jsonl", 3)]:
+        (tmp_path / f"A8-unrefined_public/stages/{stage}/clients/bank_a").mkdir(parents=True)
+        (tmp_path / f"A8-unrefined_public/stages/{stage}/clients/bank_a/{file}").write_text("{}\n" * rows)
+    scores = {"tasks": {t: {"logprob": {"accuracy": 0.5, "macro_f1": 0.4, "n": 100}} for t in finance_headline.TASKS}}
+    (tmp_path / "A8-unrefined_public/stages/evaluate").mkdir(parents=True)
+    (tmp_path / "A8-unrefined_public/stages/evaluate/results.json").write_text(json.dumps({"models": {"final": scores}}))
+    (tmp_path / "A8-unrefined_public.done").write_text(spec_digest(specs["A8-unrefined_public"]))
+    # A8-public measured elsewhere: its stored counts
+    store.save("A8-public", specs["A8-public"], 1.0, rows=row, synthetic_pairs={"synthesize": 692, "refine": 481})
+    table = "\n".join(finance_headline.ablation_table(args, "8", specs))
+    assert "| 5 (synthesize) |" in table and "| 481 (refine) |" in table
+
+
 def test_the_audit_power_store_belongs_to_the_rows_the_benchmark_measures_today():
     defaults = audit_power.parse_args(["--workdir", "unused"])
     for name, stored in audit_power.STORE.runs().items():
