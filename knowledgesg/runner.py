@@ -231,7 +231,7 @@ class Runner:
         """A client's releases, with its whole ledger, to the exchange (checked against its cap first)."""
         assert self.role.client is not None and self.role.exchange is not None
         key = read_json(self.run_dir / "stages/ingest/clients" / self.role.client / LEDGER_KEY)["data_key"]
-        ledger = ClientLedger.of_data(ledger_directory(self.spec.privacy.ledger_dir, self.base_dir, self.run_dir), key).entries()
+        ledger = ClientLedger.of_data(ledger_directory(self.spec.privacy.ledger_dir, self.base_dir, self.run_dir), key, self.role.client).entries()
         stages = [s.name for s in self.stages if s.side() == "client"]  # what the server receives ("both" stages it runs itself)
         sent = export_releases(self.run_dir, stages, self.role.client, self.role.exchange, ledger, self.spec.privacy.cap_epsilon)
         console.print(f"client {self.role.client}: releases of {', '.join(stages)} and {len(ledger)} ledger entr{'y' if len(ledger) == 1 else 'ies'} sent to {sent}")

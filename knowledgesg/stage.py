@@ -103,9 +103,10 @@ class StageContext:
         return ledger_directory(self.spec.privacy.ledger_dir, self.base_dir, self.run_dir)
 
     def client_ledger(self, client_id: str) -> ClientLedger:
-        """The client's own append-only ledger, found by the fingerprint of its data."""
+        """The client's own append-only ledger, found by the fingerprint of its data (with the
+        client's ledgers of other versions of that data)."""
         key = read_json(self.artifact("ingest", f"clients/{client_id}/{LEDGER_KEY}"))["data_key"]
-        return ClientLedger.of_data(self.ledger_dir, key)
+        return ClientLedger.of_data(self.ledger_dir, key, client_id)
 
     def spent(self, client_id: str) -> list[LedgerEntry]:
         """Every release ever made from this client's data: its own ledger (on the server: the

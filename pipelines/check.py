@@ -24,7 +24,7 @@ from pipelines.fedtune import Fedtune
 from pipelines.ingest import Ingest, client_records, hold_out
 from pipelines.synthesize import Synthesize
 from privacy.accounting import default_delta
-from privacy.ledger import ClientLedger, LedgerEntry, compose, data_key, ledger_directory
+from privacy.ledger import ClientLedger, LedgerEntry, compose, data_key, ledger_directory, unit_digests
 from privacy.units import UNIT_NAMES
 
 
@@ -102,7 +102,8 @@ def check_pipeline(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_
     ledger_dir = ledger_directory(spec.privacy.ledger_dir, base_dir, run_dir)
     checks = []
     for client_id, records in client_records(spec, base_dir).items():
-        before: list[LedgerEntry] = ClientLedger.of_data(ledger_dir, data_key([r.model_dump() for r in records])).entries()
+        rows = [r.model_dump() for r in records]
+        before: list[LedgerEntry] = ClientLedger.of_data(ledger_dir, data_key(rows), client_id, unit_digests(rows)).entries()
         trained = training_records(spec, client_id, records)
         planned, plan = [], None
         if train is not None:

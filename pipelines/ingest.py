@@ -31,7 +31,7 @@ from knowledgesg.records import InstructionRecord, Record
 from knowledgesg.spec import DataSource, PipelineSpec, repeated
 from knowledgesg.stage import LEDGER_KEY, Stage, StageContext
 from privacy.accounting import check_delta
-from privacy.ledger import data_key
+from privacy.ledger import ClientLedger, data_key, unit_digests
 from privacy.units import privacy_units
 
 MAX_HISTOGRAM_CLASSES = 20  # responses with more distinct values than this are not labels
@@ -115,7 +115,11 @@ class Ingest(Stage):
             side = f"client:{client_id}"
             # the fingerprint of the client's own data, before the audit's holdout and canaries:
             # changing the audit settings must not start a fresh ledger
-            ctx.write_json(f"clients/{client_id}/{LEDGER_KEY}", {"data_key": data_key([r.model_dump() for r in records])}, side=side)
+            rows = [r.model_dump() for r in records]
+            key = data_key(rows)
+            ctx.write_json(f"clients/{client_id}/{LEDGER_KEY}", {"data_key": key}, side=side)
+            # in the ledger directory, not among the outputs: a later version of this data finds its ledger by them
+            ClientLedger.of_data(ctx.ledger_dir, key, client_id, unit_digests(rows)).keep_units()
             if audit.holdout_per_client:
                 records, held = hold_out(records, audit.holdout_per_client, ctx.seed, client_id)
                 ctx.write_jsonl(f"clients/{client_id}/holdout.jsonl", [r.model_copy(update={"client_id": client_id}).model_dump() for r in held], side=side)

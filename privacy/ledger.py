@@ -10,6 +10,15 @@ Each release is recorded twice:
   total, and a release that a crash may have let out is counted even if it is redone.
 - in the stage's `ledger.json` among its artifacts: the server's copy of what it received.
 
+A data set that changes (a record added or edited, the file renamed, another sample of the same
+source) gets a ledger of its own, but its budget is not fresh: ingest keeps beside each ledger
+(`<name>.units.json`) keyed digests of the records' contents and user ids, and a client's spent
+budget counts every ledger of the same client in the directory that shares one of them with its
+data (a person in both data sets is in both releases). Composing all of them, not only the
+releases each record took part in, overstates what a record spent, on the safe side. Another
+client's ledger is never counted (the simulation keeps every client's ledgers in one directory,
+and its banks may hold equal sentences of one public data set).
+
 A client's spent budget composes (PLD) every release found in either, each once (by its
 `release_id`); a stage that would push it past `privacy.cap_epsilon` refuses to start. The
 ledger directory is `$KSG_LEDGER_DIR` (the data owner's own setting wins), else
@@ -21,9 +30,13 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import hashlib
+import hmac
+import json
 import math
 import os
 import uuid
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -108,6 +121,19 @@ def data_key(rows: list[dict]) -> str:
     return sha256_text("\n".join(lines))
 
 
+# fields that name or place a record rather than say what it is: a renamed file or source changes them
+_NAMING_FIELDS = frozenset({"id", "source", "client_id", "user_id", "document_id"})
+
+
+def unit_digests(rows: list[dict]) -> list[str]:
+    """What ties a data set to the people in it: a digest of each record's content and of each
+    user id, so that another version of the data (a record added, the file renamed, another
+    sample) is found to share people with this one."""
+    digests = {sha256_text("record:" + canonical_json({k: v for k, v in row.items() if k not in _NAMING_FIELDS})) for row in rows}
+    digests |= {sha256_text(f"user:{row['user_id']}") for row in rows if row.get("user_id") is not None}
+    return sorted(digests)
+
+
 def ledger_directory(configured: Path | None, base_dir: Path, run_dir: Path) -> Path:
     if os.environ.get(LEDGER_ENV):
         return Path(os.environ[LEDGER_ENV])
@@ -119,18 +145,56 @@ def ledger_directory(configured: Path | None, base_dir: Path, run_dir: Path) -> 
 RECEIVED = "received"  # on the server: RUN/received/<client>.jsonl, the ledger each client sent
 
 
-class ClientLedger:
-    """One client data set's append-only ledger file."""
+UNIT_KEY = ".unit_key"  # in a ledger directory: the secret its ledgers' unit digests are keyed with
 
-    def __init__(self, path: Path) -> None:
+
+class ClientLedger:
+    """One client data set's append-only ledger file, and through the keyed unit digests beside
+    it (written by ingest), the client's ledgers of other versions of that data."""
+
+    def __init__(self, path: Path, client_id: str | None = None, digests: Iterable[str] = ()) -> None:
         self.path = path
+        self.client_id = client_id
+        self.digests = tuple(digests)  # the data's `unit_digests`, where the caller has the data
 
     @classmethod
-    def of_data(cls, directory: Path, key: str) -> ClientLedger:
+    def of_data(cls, directory: Path, key: str, client_id: str | None = None, digests: Iterable[str] = ()) -> ClientLedger:
         """The ledger of the client data set whose fingerprint is `key`, in `directory`."""
-        return cls(directory / f"{key[:32]}.jsonl")
+        return cls(directory / f"{key[:32]}.jsonl", client_id, digests)
+
+    @property
+    def units_path(self) -> Path:
+        return self.path.with_name(self.path.name.removesuffix(".jsonl") + ".units.json")
+
+    def keep_units(self) -> None:
+        """Beside the ledger, once: the client's name and its data's unit digests, keyed with the
+        directory's own secret (ingest calls this, before any release of the data)."""
+        if self.client_id is None or not self.digests or self.units_path.is_file():
+            return
+        units = sorted(_keyed(_unit_secret(self.path.parent, create=True), self.digests))
+        tmp = self.units_path.with_name(f".{self.units_path.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(json.dumps({"client_id": self.client_id, "units": units}))
+        tmp.replace(self.units_path)
 
     def entries(self) -> list[LedgerEntry]:
+        """Every release of this data set and of the client's other data sets in the directory
+        that share a person with it, each once."""
+        return merge_releases(self._own_entries(), *(other._own_entries() for other in self._overlapping()))
+
+    def _overlapping(self) -> list[ClientLedger]:
+        """The client's ledgers of other data sets in the directory that share a unit with this one."""
+        secret = _unit_secret(self.path.parent, create=False)
+        if self.client_id is None or secret is None:  # no digests were ever kept here
+            return []
+        mine = set(json.loads(self.units_path.read_text())["units"]) if self.units_path.is_file() else _keyed(secret, self.digests)
+        found = []
+        for path in sorted(self.path.parent.glob("*.units.json")):
+            other = json.loads(path.read_text())
+            if path != self.units_path and other["client_id"] == self.client_id and mine.intersection(other["units"]):
+                found.append(ClientLedger(path.with_name(path.name.removesuffix(".units.json") + ".jsonl")))
+        return found
+
+    def _own_entries(self) -> list[LedgerEntry]:
         if not self.path.is_file():
             return []
         entries = []
@@ -156,6 +220,34 @@ class ClientLedger:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _keyed(secret: bytes, digests: Iterable[str]) -> set[str]:
+    return {hmac.new(secret, digest.encode(), hashlib.sha256).hexdigest()[:32] for digest in digests}
+
+
+def _unit_secret(directory: Path, create: bool) -> bytes | None:
+    """The ledger directory's own key for unit digests, made once from OS entropy (whole or not
+    at all: written to a temp file, then linked into place); None where there is none and `create` is False."""
+    path = directory / UNIT_KEY
+    if not path.is_file():
+        if not create:
+            return None
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".unit_key.{uuid.uuid4().hex}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, os.urandom(32))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # fails if another process made it first: theirs is kept
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_bytes()
 
 
 def received_ledger(run_dir: Path, client_id: str) -> ClientLedger:
@@ -241,7 +333,7 @@ def run_releases(run_dir: Path, stages: list[str], ledger_dir: Path) -> dict[str
     releases = {}
     for client in clients:
         key_file = run_dir / "stages" / "ingest" / "clients" / client / "ledger_key.json"
-        own = ClientLedger.of_data(ledger_dir, read_json(key_file)["data_key"]).entries() if key_file.is_file() else []
+        own = ClientLedger.of_data(ledger_dir, read_json(key_file)["data_key"], client).entries() if key_file.is_file() else []
         mine = merge_releases(own, read_received_ledger(run_dir, client), [e for e in copies if e.client_id == client])
         if mine:
             releases[client] = mine

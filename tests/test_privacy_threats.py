@@ -18,6 +18,7 @@ from knowledgesg.cli import main
 from knowledgesg.fileio import read_json, sha256_file
 from knowledgesg.generation import Completion
 from knowledgesg.records import InstructionRecord
+from privacy.ledger import LedgerEntry
 from privacy.noise import SecureRandom
 from privacy.units import bounded_label_counts, privacy_units
 from tests.conftest import run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
@@ -137,6 +138,63 @@ def test_the_ledger_counts_reruns_and_other_runs_and_the_cap_refuses_the_third(t
     monkeypatch.setenv("KSG_LEDGER_DIR", str(tmp_path / "owner-ledger"))
     assert run(tmp_path, "c", privacy=shared, stages=["prepare_models", "ingest", train]) == 0
     assert len(list((tmp_path / "owner-ledger").glob("*.jsonl"))) == 2
+
+
+def test_another_version_of_the_data_does_not_start_a_fresh_budget(tmp_path: Path, monkeypatch, capsys):
+    """The data owner adds a record and renames the file (so its fingerprint and ledger are new);
+    the people in both versions keep the budget they spent. Data sharing no record starts fresh."""
+    from privacy.accounting import Mechanism
+    from privacy.ledger import compose
+
+    monkeypatch.chdir(tmp_path)
+    rows = sentiment_rows(41)
+    write_jsonl(tmp_path / "data.jsonl", rows[:40])
+    shared = {"target_epsilon": 3.0, "ledger_dir": "ledger"}
+    stages = ["prepare_models", "ingest", {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48}}]
+    assert run(tmp_path, "a", privacy=shared, stages=stages) == 0
+    first = json.loads(next((tmp_path / "ledger").glob("*.jsonl")).read_text().splitlines()[0])
+    one = compose([Mechanism.model_validate(first["mechanism"])], first["delta"]).reported
+    two = compose([Mechanism.model_validate(first["mechanism"])] * 2, first["delta"]).reported
+    cap = round((one + two) / 2, 2)  # room for one release of the data, not two
+
+    write_jsonl(tmp_path / "renamed.jsonl", rows)
+    capsys.readouterr()
+    assert run(tmp_path, "b", privacy={**shared, "cap_epsilon": cap}, stages=stages, clients={"data": [{"path": "renamed.jsonl"}], "partition": {"method": "iid", "num_clients": 2}}) == 2
+    error = capsys.readouterr().err
+    assert re.search(rf"client 'client_\d': stage 'dp_train' would exceed the privacy budget cap \(spent epsilon {one:.3f}, ", error), error
+
+    fresh = [dict(r, id=f"o{i}", input=r["input"].replace("Company", "Firm")) for i, r in enumerate(rows[:40])]
+    write_jsonl(tmp_path / "other.jsonl", fresh)
+    assert run(tmp_path, "c", privacy={**shared, "cap_epsilon": cap}, stages=stages, clients={"data": [{"path": "other.jsonl"}], "partition": {"method": "iid", "num_clients": 2}}) == 0
+
+
+def test_a_ledger_counts_the_same_clients_overlapping_data_only(tmp_path: Path):
+    """In one ledger directory (the simulation keeps every client's there): the client's ledger of
+    an overlapping data version counts; another client's, or a disjoint version's, does not."""
+    from privacy.ledger import ClientLedger, unit_digests
+
+    rows = sentiment_rows(6)
+    entry = {"release_id": "", "client_id": "", "stage": "dp_train", "release": "dp_adapter", "artifact": "a", "run_dir": "r",
+                                   "released_at": "2026-01-01T00:00:00+00:00", "unit": "record", "num_units": 4, "delta": 1e-5,
+                                   "mechanism": {"kind": "poisson_gaussian", "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 2},
+                                   "epsilon": {"delta": 1e-5, "prv": 1.0, "rdp": 1.0, "pld": 1.0, "reported": 1.0, "reported_by": "pld"}, "private": True, "noise": "os_entropy", "trust": "t"}
+
+    def ledger(key: str, client: str, data: list[dict], release: str) -> ClientLedger:
+        book = ClientLedger.of_data(tmp_path, key, client, unit_digests(data))
+        book.keep_units()
+        book.append(LedgerEntry.model_validate(dict(entry, release_id=release, client_id=client)))
+        return book
+
+    ledger("k1", "bank", rows[:4], "first")
+    ledger("k2", "other_bank", rows[2:5], "theirs")  # shares records with k1, another client
+    ledger("k3", "bank", rows[5:], "disjoint")
+    later = ClientLedger.of_data(tmp_path, "k4", "bank", unit_digests([dict(r, id=f"x{i}", source="renamed") for i, r in enumerate(rows[3:5])]))
+    assert [e.release_id for e in later.entries()] == ["first"]  # before its ingest: from the digests
+    later.keep_units()
+    assert [e.release_id for e in later.entries()] == ["first"]
+    assert ClientLedger.of_data(tmp_path, "k4", "bank").entries() == later.entries()  # after it: from the file beside the ledger
+    kept = [path.read_text() for path in tmp_path.glob("*.json*")]
+    assert len(kept) == 7 and not any(digest in text for text in kept for digest in unit_digests(rows))  # keyed, never the plain digests
 
 
 # 4 and 10. Nothing un-noised about private data reaches a server-side file ------------------------

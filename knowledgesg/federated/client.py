@@ -225,7 +225,7 @@ class ClientRuntime:
         storage = self.storage(task)
         key = read_json(storage / "stages" / "ingest" / "clients" / task.client_id / "ledger_key.json")["data_key"]
         directory = node_ledger_dir or os.environ.get("KSG_LEDGER_DIR") or task.local_dp.ledger_dir or str(storage / "ledger")
-        return ClientLedger.of_data(Path(directory), key)
+        return ClientLedger.of_data(Path(directory), key, task.client_id)
 
     def _record_release(self, task: ClientTask, update: Params | None, dp_steps: int, node_ledger_dir: str | None) -> LedgerEntry:
         """The client's own check and record, before its update leaves: its cap over everything
