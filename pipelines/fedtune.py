@@ -284,7 +284,9 @@ class Fedtune(Stage):
         else:
             from knowledgesg.federated.deploy import node_config, run_deployed
 
-            run_deployed(work / JOB, job.clients, self.params.deploy, lambda client: node_config(client, ctx.run_dir))
+            privacy = ctx.spec.privacy
+            run_deployed(work / JOB, job.clients, self.params.deploy,
+                         lambda client: node_config(client, ctx.run_dir, ctx.ledger_dir, privacy.cap_epsilon, privacy.reproducible_noise))
         if not (work / FINAL).is_file():
             raise KsgError(f"fedtune: the {engine} engine finished without a final adapter (see its log above)")
         return load_params(work / FINAL), read_json(work / ROUNDS)

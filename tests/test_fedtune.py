@@ -359,6 +359,39 @@ def test_fedprox_term_pulls_the_update_towards_the_global_adapter(tmp_path: Path
     assert 0 < sizes[1000.0] < 0.5 * sizes[0.0]
 
 
+def test_on_a_data_owners_node_its_own_ledger_cap_and_noise_hold_not_the_servers(tmp_path: Path):
+    """A server's task names a ledger directory, no cap and (an attack) reproducible noise it could
+    regenerate and subtract: a node with its own settings keeps its ledger, its cap, its OS entropy."""
+    from knowledgesg.errors import InputError, KsgError
+    from knowledgesg.federated.client import ClientRuntime, NodeSettings
+    from knowledgesg.federated.protocol import LocalDP
+    from knowledgesg.federated.server import task_for
+
+    records = records_for("a", 10)
+    dp = LocalDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.3, num_units=len(records), delta=1e-5, ledger_dir=str(tmp_path / "named-by-server"))
+    node_run = tmp_path / "node-run"
+    (node_run / "stages/ingest/clients/a").mkdir(parents=True)
+    (node_run / "stages/ingest/clients/a/ledger_key.json").write_text(json.dumps({"data_key": "d" * 64}))
+    job = FedJob(seed=2, rounds=1, clients=["a"], clients_per_round=1, rule=RuleSettings(name="fedavg"), training=LocalTraining(steps=2, batch_size=4, max_length=48),
+                 lora=LoraShape(r=4), base_model=tiny_base(), records={"a": records}, local_dp={"a": dp}, run_dir=str(node_run))
+    x = initial_params(job.base_model, job.lora, 5)
+    task, owner = task_for(job, "a", 1), tmp_path / "owner-ledger"
+
+    replayable = task.model_copy(update={"local_dp": dp.model_copy(update={"reproducible_noise": True})})
+    with pytest.raises(KsgError, match="reproducible-noise"):
+        ClientRuntime().fit(replayable, x, node=NodeSettings(str(owner)))
+    assert not owner.exists()  # refused before any training or entry
+    with pytest.raises(InputError, match=r"cap 0\.5"):
+        ClientRuntime().fit(task, x, node=NodeSettings(str(owner), cap_epsilon=0.5))  # the server sent no cap
+
+    ClientRuntime().fit(task, x, node=NodeSettings(str(owner)))
+    entries = [json.loads(line) for path in owner.glob("*.jsonl") for line in path.read_text().splitlines()]
+    assert len(entries) == 1 and entries[0]["noise"] == "os_entropy" and not (tmp_path / "named-by-server").exists()
+    # in the server's own process (a simulation) the task's settings are the spec's, and hold
+    ClientRuntime().fit(task, x)
+    assert len(list((tmp_path / "named-by-server").glob("*.jsonl"))) == 1
+
+
 def test_stage_refuses_a_budget_past_the_cap_before_training(tmp_path: Path):
     params = dict(FEDTUNE, data="private", local_dp={"target_epsilon": 6.0})
     assert run_pipeline(tmp_path, params, cap=9.0) == 2  # 7.98 spent, PLD-composed with 5.99: 9.89

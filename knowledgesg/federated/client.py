@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from knowledgesg.fileio import read_json, read_jsonl, sha256_text
 from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_precision
 from knowledgesg.records import InstructionRecord
 from privacy.accounting import Mechanism, epsilons
-from privacy.ledger import ClientLedger, LedgerEntry, check_budget, new_release_id, now, trust_line
+from privacy.ledger import LEDGER_ENV, ClientLedger, LedgerEntry, check_budget, new_release_id, now, trust_line
 from privacy.noise import SecureRandom
 from privacy.units import privacy_units
 
@@ -141,6 +142,37 @@ def update_digest(update: Params) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class NodeSettings:
+    """What a data owner's SuperNode decides for itself, whatever a task from the server says (its
+    node config, `flower-supernode --node-config`): where its ledger is, its own budget cap, and
+    whether its noise may come from the public seed. The server's task plans the mechanism only: a
+    server that asked for reproducible noise could regenerate it and subtract it from the update."""
+
+    ledger_dir: str
+    cap_epsilon: float | None = None
+    reproducible_noise: bool = False
+
+    @classmethod
+    def of(cls, node_config: dict) -> NodeSettings:
+        """`ledger-dir` (else $KSG_LEDGER_DIR, else RUN/ledger in the node's `run-dir`),
+        `cap-epsilon`, `reproducible-noise` (true only for trials: NOT PRIVATE)."""
+        ledger = node_config.get("ledger-dir") or os.environ.get(LEDGER_ENV) or str(Path(str(node_config["run-dir"])) / "ledger")
+        cap = float(node_config["cap-epsilon"]) if node_config.get("cap-epsilon") is not None else None
+        return cls(str(ledger), cap, str(node_config.get("reproducible-noise", False)).lower() == "true")
+
+    def govern(self, task: ClientTask) -> ClientTask:
+        """The task with the node's own settings; refused if the server asks for reproducible noise
+        or coins the node does not allow. A cap from the server may tighten the node's, never loosen it."""
+        if (task.reproducible_coins or (task.local_dp is not None and task.local_dp.reproducible_noise)) and not self.reproducible_noise:
+            raise KsgError(f"client '{task.client_id}': the server asks for noise from the public seed (NOT PRIVATE), which this node's config does not allow (reproducible-noise)")
+        if task.local_dp is None:
+            return task
+        caps = [c for c in (self.cap_epsilon, task.local_dp.cap_epsilon) if c is not None]
+        local_dp = task.local_dp.model_copy(update={"ledger_dir": self.ledger_dir, "cap_epsilon": min(caps) if caps else None, "reproducible_noise": self.reproducible_noise})
+        return task.model_copy(update={"local_dp": local_dp, "reproducible_coins": self.reproducible_noise and task.reproducible_coins})
+
+
 class ClientRuntime:
     """One process's client side: runs tasks, keeps each client's SCAFFOLD control variate."""
 
@@ -148,21 +180,24 @@ class ClientRuntime:
         self.controls: dict[str, Params] = {}
 
     def fit(self, task: ClientTask, params: Params, server_control: Params | None = None, client_control: Params | None = None,
-            ledger_dir: str | None = None) -> ClientUpdate:
-        """`ledger_dir`: the node's own ledger directory (a SuperNode's setting), if it has one."""
+            node: NodeSettings | None = None) -> ClientUpdate:
+        """`node`: the settings of the data owner's SuperNode this runs on (None: the client runs
+        in the server's process, a simulation, and the task's settings are the spec's)."""
+        if node is not None:
+            task = node.govern(task)
         if task.local_dp is not None and task.join_probability is not None:
-            return self._fit_client_level(task, params, ledger_dir)
+            return self._fit_client_level(task, params, node)
         if not joins_round(task):
             return ClientUpdate(task.client_id, None, None, None)
         records = self._records_to_train(task)
         update, loss, control_delta, dp_steps = self._train(task, params, records, server_control, client_control)
         if task.local_dp is None:
             return ClientUpdate(task.client_id, encode_update(update, task.update_encoding), len(records), loss, control_delta, dp_steps)
-        release = self._record_release(task, update, dp_steps, ledger_dir)
+        release = self._record_release(task, update, dp_steps, node)
         self._log(task, {"round": task.round, "examples": len(records), "mean_loss": loss, "dp_steps": dp_steps, "release_id": release.release_id})
         return ClientUpdate(task.client_id, encode_update(update, task.update_encoding), None, None, None, dp_steps, release.model_dump(mode="json"))
 
-    def _fit_client_level(self, task: ClientTask, params: Params, ledger_dir: str | None) -> ClientUpdate:
+    def _fit_client_level(self, task: ClientTask, params: Params, node: NodeSettings | None) -> ClientUpdate:
         """Client-level DP on private data: what the server can see must not depend on the client's
         coin. So the checks that can fail (the records, their privacy units, the budget) and the
         round's ledger entry come first, for either outcome: the entry is charged as if the client
@@ -171,7 +206,7 @@ class ClientRuntime:
         Then the coin; a client that sits out sends no update (zeros under secure aggregation)."""
         records = self._records_to_train(task)
         self._privacy_units(task, records)
-        release = self._record_release(task, None, task.training.steps, ledger_dir)
+        release = self._record_release(task, None, task.training.steps, node)
         if not joins_round(task):
             self._log(task, {"round": task.round, "joined": False, "release_id": release.release_id})
             return ClientUpdate(task.client_id, None, None, None, None, task.training.steps, release.model_dump(mode="json"))
@@ -221,13 +256,13 @@ class ClientRuntime:
     def storage(task: ClientTask) -> Path:
         return Path(task.run_dir or ".")
 
-    def _ledger(self, task: ClientTask, node_ledger_dir: str | None) -> ClientLedger:
+    def _ledger(self, task: ClientTask, node: NodeSettings | None) -> ClientLedger:
         storage = self.storage(task)
         key = read_json(storage / "stages" / "ingest" / "clients" / task.client_id / "ledger_key.json")["data_key"]
-        directory = node_ledger_dir or os.environ.get("KSG_LEDGER_DIR") or task.local_dp.ledger_dir or str(storage / "ledger")
+        directory = node.ledger_dir if node is not None else os.environ.get(LEDGER_ENV) or task.local_dp.ledger_dir or str(storage / "ledger")
         return ClientLedger.of_data(Path(directory), key, task.client_id)
 
-    def _record_release(self, task: ClientTask, update: Params | None, dp_steps: int, node_ledger_dir: str | None) -> LedgerEntry:
+    def _record_release(self, task: ClientTask, update: Params | None, dp_steps: int, node: NodeSettings | None) -> LedgerEntry:
         """The client's own check and record, before its update leaves: its cap over everything
         its data ever released, then the ledger entry, fsynced. With client-level DP the entry holds
         no digest of the update: the server (without it, under secure aggregation) would learn from
@@ -235,7 +270,7 @@ class ClientRuntime:
         dp: LocalDP = task.local_dp
         origin = "reproducible" if dp.reproducible_noise else "os_entropy"
         mechanism = Mechanism(kind="poisson_gaussian", noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=dp_steps)
-        ledger = self._ledger(task, node_ledger_dir)
+        ledger = self._ledger(task, node)
         check_budget(ledger.entries(), task.client_id, [mechanism], dp.delta, dp.cap_epsilon, f"fedtune round {task.round}")
         entry = LedgerEntry(release_id=new_release_id(), client_id=task.client_id, stage="fedtune",
                             release=f"fedtune round {task.round} update: DP-SGD local steps on private data",

@@ -201,8 +201,17 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         pass  # the group is gone already
 
 
-def node_config(client_id: str, run_dir: Path) -> str:
-    return f"client-id='{client_id}' run-dir='{run_dir.resolve()}'"
+def node_config(client_id: str, run_dir: Path, ledger_dir: Path | None = None, cap_epsilon: float | None = None, reproducible_noise: bool = False) -> str:
+    """A SuperNode's config (`--node-config`). The privacy settings are the node's own: with
+    `launch: local` (a trial on one machine, where the spec's author runs every node) the spec's."""
+    parts = [f"client-id='{client_id}'", f"run-dir='{run_dir.resolve()}'"]
+    if ledger_dir is not None:
+        parts.append(f"ledger-dir='{ledger_dir.resolve()}'")
+    if cap_epsilon is not None:
+        parts.append(f"cap-epsilon={float(cap_epsilon)}")
+    if reproducible_noise:
+        parts.append("reproducible-noise=true")
+    return " ".join(parts)
 
 
 def submit(job_path: Path, flwr_home: Path, timeout_s: float) -> None:

@@ -228,7 +228,7 @@ def make_client_app(run_stages: Callable[[dict], dict[str, bytes]] | None = None
     from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
-    from knowledgesg.federated.client import ClientRuntime
+    from knowledgesg.federated.client import ClientRuntime, NodeSettings
 
     _quiet_flower()
     app = ClientApp()
@@ -274,9 +274,10 @@ def make_client_app(run_stages: Callable[[dict], dict[str, bytes]] | None = None
         server_control = from_array_record(msg.content["control"]) if "control" in msg.content else None
         # SCAFFOLD's c_i lives in the node's context state, which Flower keeps across rounds
         client_control = from_array_record(context.state["control"]) if "control" in context.state else None
-        ledger_dir = str(context.node_config["ledger-dir"]) if "ledger-dir" in context.node_config else None
+        # on a data owner's node, its own ledger, cap and noise settings hold, not the server's
+        node = NodeSettings.of(context.node_config) if "run-dir" in context.node_config else None
         try:
-            update = runtime.fit(task, from_array_record(msg.content["arrays"]), server_control, client_control, ledger_dir)
+            update = runtime.fit(task, from_array_record(msg.content["arrays"]), server_control, client_control, node)
         except Exception as err:
             log_on_node(f"round {task.round} failed: {err}")
             raise KsgError(failure_reason(err)) from None
