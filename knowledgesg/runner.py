@@ -12,6 +12,8 @@ manifest (or with one for another fingerprint) is wiped and the stage rerun from
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import hmac
 import importlib
 import shutil
 import time
@@ -64,7 +66,8 @@ def code_sha256() -> str:
 
 class HashCache:
     """Digests of external files, remembered by (size, mtime) so reruns do not reread large files.
-    Private inputs get a keyed digest (HMAC), never a plain hash (see manifest.OutputEntry)."""
+    Private inputs get a keyed digest (HMAC), never a plain hash (see manifest.OutputEntry), and
+    their size and mtime are kept keyed too: a byte count confirms a guess of a short record."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -74,11 +77,14 @@ class HashCache:
     def digest(self, file: Path, key: bytes | None) -> str:
         stat = file.stat()
         name = ("keyed:" if key is not None else "") + str(file.resolve())
+        signature: list = [stat.st_size, stat.st_mtime_ns]
+        if key is not None:
+            signature = [hmac.new(key, f"{stat.st_size}:{stat.st_mtime_ns}".encode(), hashlib.sha256).hexdigest()]
         entry = self.entries.get(name)
-        if entry and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns:
-            return entry[2]
+        if entry and entry[:-1] == signature:
+            return entry[-1]
         value = hmac_file(file, key) if key is not None else sha256_file(file)
-        self.entries[name] = [stat.st_size, stat.st_mtime_ns, value]
+        self.entries[name] = [*signature, value]
         self.dirty = True
         return value
 

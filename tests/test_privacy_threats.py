@@ -241,6 +241,7 @@ def test_no_server_side_file_holds_an_unnoised_private_statistic(tmp_path: Path,
         for row in map(json.loads, (run_dir / f"stages/ingest/clients/{client}/records.jsonl").read_text().splitlines()):
             taints[row["input"]] = "a private record"
     taints[sha256_file(tmp_path / "data.jsonl")] = "plain hash of the private data file"
+    taints[str((tmp_path / "data.jsonl").stat().st_mtime_ns)] = "the private data file's mtime (kept beside its size)"
 
     files = server_side_files(run_dir)
     assert len(files) > 20 and any(f.name == "rounds.json" for f in files) and any(f.name == "eval_report.json" for f in files)
