@@ -182,6 +182,19 @@ def sweep_orphans(run_dir: Path) -> None:
         shutil.rmtree(orphan) if orphan.is_dir() else orphan.unlink(missing_ok=True)
 
 
+# stages every run starts with, cheap to redo: a run refused after them is removed whole
+PREPARATION = ("prepare_models", "ingest")
+
+
+def holds_work(run_dir: Path) -> bool:
+    """Whether a run refused for bad input has more than its preparation to lose: a ledger entry
+    (never deleted: the release it counts may have been seen) or a finished later stage (a DP
+    adapter, an hour of work that resuming keeps)."""
+    ledgers = [*(run_dir / "ledger").glob("*.jsonl"), *(run_dir / "stages").glob("*/ledger.json")]
+    finished = [m for m in (run_dir / "stages").glob("*/manifest.json") if m.parent.name not in PREPARATION]
+    return any(path.stat().st_size for path in ledgers) or bool(finished) or any((run_dir / "stages").glob("*/units/*.json"))
+
+
 def load_run_spec(run_dir: Path) -> tuple[PipelineSpec, Path]:
     path = run_dir / SPEC_COPY
     if not path.is_file():
@@ -223,7 +236,7 @@ class Runner:
                     self._send()
                 return outcomes
         except InputError:
-            if created:  # bad input: leave nothing behind that looks like a run
+            if created and not holds_work(self.run_dir):  # bad input: leave nothing behind that looks like a run
                 shutil.rmtree(self.run_dir, ignore_errors=True)
             raise
 

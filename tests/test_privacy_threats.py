@@ -140,6 +140,19 @@ def test_the_ledger_counts_reruns_and_other_runs_and_the_cap_refuses_the_third(t
     assert len(list((tmp_path / "owner-ledger").glob("*.jsonl"))) == 2
 
 
+def test_a_new_run_refused_after_a_release_keeps_its_ledger_and_releases(tmp_path: Path, monkeypatch, capsys):
+    """Bad input found by a later stage (here the cap, at the histogram) ends a new run with exit 2,
+    but a run that has already released leaves its ledger and DP adapters: deleting them would
+    forget a release the server may have seen, and the hour of DP-SGD a resume keeps."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    train = {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48}}
+    assert run(tmp_path, "run", privacy={"target_epsilon": 3.0, "cap_epsilon": 3.01}, stages=["prepare_models", "ingest", train, HISTOGRAM]) == 2
+    assert "would exceed the privacy budget cap" in capsys.readouterr().err
+    entries = [line for path in (tmp_path / "run/ledger").glob("*.jsonl") for line in path.read_text().splitlines()]
+    assert len(entries) == 2 and (tmp_path / "run" / ADAPTER).is_file() and (tmp_path / "run/stages/dp_train/manifest.json").is_file()
+
+
 def test_another_version_of_the_data_does_not_start_a_fresh_budget(tmp_path: Path, monkeypatch, capsys):
     """The data owner adds a record and renames the file (so its fingerprint and ledger are new);
     the people in both versions keep the budget they spent. Data sharing no record starts fresh."""
