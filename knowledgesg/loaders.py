@@ -200,7 +200,7 @@ def load_example_pool(source: DataSource, base_dir: Path, seed: int, stage: str,
     """A public pool of instruction records (few-shot examples), refused if it has too few."""
     pool = [r for r in load_source(source, base_dir, seed) if isinstance(r, InstructionRecord)]
     if len(pool) < minimum:
-        raise InputError(f"{stage}: the example pool {source_name_of(source)} has {len(pool)} instruction records, fewer than the {minimum} needed")
+        raise InputError(f"{stage}: the example pool {source.builtin or source.path} has {len(pool)} instruction records, fewer than the {minimum} needed")
     return pool
 
 
@@ -209,7 +209,7 @@ def load_labelled_pool(source: DataSource, base_dir: Path, seed: int, stage: str
     refused if there are none."""
     pool = [r for r in load_example_pool(source, base_dir, seed, stage) if r.response.strip()]
     if not pool:
-        raise InputError(f"{stage}: the pool {source_name_of(source)} has no instruction records with a response")
+        raise InputError(f"{stage}: the pool {source.builtin or source.path} has no instruction records with a response")
     return pool
 
 

@@ -35,7 +35,7 @@ from knowledgesg.console import console
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_jsonl
 from knowledgesg.generation import SamplingParams
-from knowledgesg.loaders import load_example_pool, source_path
+from knowledgesg.loaders import load_example_pool, refuse_client_data, source_path
 from knowledgesg.models import Precision, resolve_device, resolve_precision
 from knowledgesg.prompts import user_message
 from knowledgesg.records import InstructionRecord
@@ -170,11 +170,17 @@ class Refine(Stage):
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
         return [source_path(self.params.pool, base_dir)]
 
+    def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
+        """Before the run starts, not after dp_train has spent the budget. The pool's examples go
+        into the server's prompts: a client's data there would put private records in them."""
+        if spec.models.professional is None:
+            raise InputError("refine needs models.professional in the spec (e.g. gemma-3-270m)")
+        refuse_client_data(self.params.pool, spec.clients.sources(), base_dir, "refine params.pool")
+        load_example_pool(self.params.pool, base_dir, spec.seed, "refine params.pool")
+
     def run(self, ctx: StageContext) -> None:
         p: RefineParams = self.params
         models = ctx.read_artifact_json("prepare_models", "models.json")
-        if "professional" not in models:
-            raise InputError("refine needs models.professional in the spec (e.g. gemma-3-270m)")
         pool = load_example_pool(p.pool, ctx.base_dir, ctx.seed, "refine")
         shots = balanced_shots(pool, p.labels, p.shots)
         good = [clip_words(candidate_text(r), p.example_words) for r in shots]

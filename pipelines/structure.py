@@ -116,6 +116,11 @@ class Structure(Stage):
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
         return [source_path(self.params.pool, base_dir)]  # editing the pool reruns the stage
 
+    def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
+        if spec.models.embedder is None:
+            raise InputError("stage 'structure' needs models.embedder in the spec (e.g. minilm-l6-v2)")
+        load_example_pool(self.params.pool, base_dir, spec.seed, "structure params.pool", minimum=self.params.k)
+
     def run(self, ctx: StageContext) -> None:
         from knowledgesg.chunking import chunk_text
         from knowledgesg.generation import Generator, chat_prompt_ids

@@ -138,6 +138,30 @@ def test_bad_input_on_resume_keeps_earlier_work(workdir: Path, capsys):
     assert {p: p.read_bytes() for p in (workdir / "run").rglob("*") if p.is_file()} == before
 
 
+REFINE_AFTER_RELEASE = ["prepare_models", "ingest", {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48}},
+                        {"name": "synthesize", "params": {"per_client": 4, "labels": ["negative", "neutral", "positive"], "seeds": [{"instruction": "Q?"}]}}]
+POOL_CASES = [
+    ("refine-pool-is-a-clients-data", [*REFINE_AFTER_RELEASE, {"name": "refine", "params": {"pool": {"path": "data.jsonl"}, "task": "t"}}], None,
+     r"^ksg: error: refine params\.pool: data\.jsonl is also a client's data source; it must be public data$"),
+    ("refine-pool-malformed", [*REFINE_AFTER_RELEASE, {"name": "refine", "params": {"pool": {"path": "pool.jsonl"}, "task": "t"}}],
+     GOOD + '{"id": "b", "instruction": \n', r"pool\.jsonl:2: malformed JSON"),
+    ("structure-pool-too-small", ["prepare_models", "ingest", {"name": "structure", "params": {"pool": {"path": "pool.jsonl"}, "k": 3}}], GOOD,
+     r"structure params\.pool: the example pool pool\.jsonl has 1 instruction records, fewer than the 3 needed"),
+]
+
+
+@pytest.mark.parametrize("case_id,stages,pool,pattern", POOL_CASES, ids=[c[0] for c in POOL_CASES])
+def test_a_later_stages_bad_pool_is_refused_before_the_run_starts(workdir: Path, capsys, case_id, stages, pool, pattern):
+    """Not after dp_train has spent the budget: each stage's pool is checked before anything runs."""
+    if pool is not None:
+        (workdir / "pool.jsonl").write_text(pool, encoding="utf-8")
+    spec = tiny_spec(stages=stages, models={"base": "tiny-random-llama", "professional": "tiny-random-llama", "embedder": "tiny-random-embedder"})
+    assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(pattern, err), err
+    assert not (workdir / "run").exists()
+
+
 def test_no_private_text_in_error_messages(tmp_path: Path, monkeypatch, capsys):
     """Errors name where the problem is, never the private content around it."""
     monkeypatch.chdir(tmp_path)

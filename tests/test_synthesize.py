@@ -169,7 +169,7 @@ def test_structure_errors_for_an_empty_corpus_and_an_empty_pool(workdir: Path, c
     assert main(["run", str(_structure_spec(workdir, {"path": "pool.jsonl"})), "--run-dir", "run"]) == 2
     assert "pool.jsonl: no records" in capsys.readouterr().err
     assert main(["run", str(_structure_spec(workdir, {"builtin": "pubmed_abstracts"})), "--run-dir", "run"]) == 2
-    assert "structure: the example pool pubmed_abstracts has 0 instruction records, fewer than the 3 needed" in capsys.readouterr().err
+    assert "structure params.pool: the example pool pubmed_abstracts has 0 instruction records, fewer than the 3 needed" in capsys.readouterr().err
 
 
 def test_structure_keep_rejects_ungrounded_unparseable_and_duplicates():
