@@ -13,15 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from eval.canaries import make_canaries, planted_records
 from knowledgesg.errors import InputError
 from knowledgesg.models import REGISTRY, TINY, source_files
-from knowledgesg.records import InstructionRecord, Record
+from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import PipelineSpec
 from knowledgesg.stage import Stage
 from pipelines.dp_train import DPTrain
 from pipelines.fedtune import Fedtune
-from pipelines.ingest import Ingest, client_records, hold_out
+from pipelines.ingest import Ingest, client_records, planning_records, training_records
 from pipelines.synthesize import Synthesize
 from privacy.accounting import default_delta
 from privacy.ledger import ClientLedger, LedgerEntry, compose, data_key, ledger_directory, unit_digests
@@ -66,28 +65,6 @@ def model_notes(spec: PipelineSpec) -> list[tuple[str, str, str]]:
         else:
             notes.append((role, name, "a Hugging Face id: not checked offline (loaded at run time)"))
     return notes
-
-
-def planning_records(records: list[Record]) -> list[InstructionRecord]:
-    """The records dp_train will see, as far as units go: each text document stands for the pairs
-    `structure` will make of it (one unit)."""
-    out = []
-    for record in records:
-        if isinstance(record, InstructionRecord):
-            out.append(record)
-        else:
-            out.append(InstructionRecord(id=record.id, source=record.source, instruction="(pairs structured from this document)", response="-",
-                                         user_id=record.user_id, document_id=record.id))
-    return out
-
-
-def training_records(spec: PipelineSpec, client_id: str, records: list[Record]) -> list[Record]:
-    """A client's records as ingest will leave them for training: holdout out, canaries in."""
-    if spec.audit.holdout_per_client:
-        records, _ = hold_out(records, spec.audit.holdout_per_client, spec.seed, client_id)
-    if spec.audit.canaries is not None and spec.audit.canaries.client == client_id:
-        records = records + planted_records(spec.audit.canaries, make_canaries(spec.audit.canaries, spec.seed), client_id)
-    return records
 
 
 def check_pipeline(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_dir: Path) -> tuple[list[tuple[str, str, str]], list[ClientCheck]]:

@@ -29,8 +29,9 @@ from knowledgesg.errors import InputError, KsgError
 from knowledgesg.fileio import read_jsonl, sha256_file
 from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_device, resolve_precision
 from knowledgesg.records import InstructionRecord
-from knowledgesg.spec import PrivacySpec
+from knowledgesg.spec import PipelineSpec, PrivacySpec
 from knowledgesg.stage import Stage, StageContext
+from pipelines.ingest import client_records, planning_records, training_records
 from privacy.accounting import Mechanism, RunningEpsilon, calibrate_noise, check_delta, default_delta, epsilons
 from privacy.ledger import LEDGER, LedgerEntry, check_budget, new_release_id, now, trust_line
 from privacy.units import UNIT_NAMES, Units, privacy_units
@@ -110,6 +111,13 @@ class DPTrain(Stage):
     def releases(self) -> bool:
         return True
 
+    def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
+        """Every client's plan before the run starts, as `ksg check` shows it: too few records for
+        the batch, a delta too large, a budget no noise reaches are refused before anything runs."""
+        for client_id, records in client_records(spec, base_dir).items():
+            trained = training_records(spec, client_id, records)
+            self.plan(spec.privacy, client_id, planning_records(trained) if self.params.source_stage == "structure" else [r for r in trained if isinstance(r, InstructionRecord)])
+
     def plan(self, privacy: PrivacySpec, client_id: str, records: list[InstructionRecord]) -> ClientPlan:
         """The mechanism one client will run: units, delta, sampling rate, steps and the calibrated
         noise (also what `ksg check` shows before anything runs)."""
@@ -127,7 +135,10 @@ class DPTrain(Stage):
         if p.noise_multiplier is not None:
             sigma, by = p.noise_multiplier, "given"
         else:
-            sigma, by = calibrate_noise(privacy.target_epsilon, delta, sample_rate, steps)
+            try:
+                sigma, by = calibrate_noise(privacy.target_epsilon, delta, sample_rate, steps)
+            except InputError as err:
+                raise InputError(f"client '{client_id}': {err}") from None
         return ClientPlan(client_id, records, units, delta, sample_rate, steps, sigma, p.clip_norm, by,
                           noise_origin="reproducible" if privacy.reproducible_noise else "os_entropy")
 

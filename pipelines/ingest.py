@@ -65,6 +65,28 @@ def hold_out(records: list[Record], count: int, seed: int, client_id: str) -> tu
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
 
+def planning_records(records: list[Record]) -> list[InstructionRecord]:
+    """The records dp_train will see, as far as units go: each text document stands for the pairs
+    `structure` will make of it (one unit)."""
+    out = []
+    for record in records:
+        if isinstance(record, InstructionRecord):
+            out.append(record)
+        else:
+            out.append(InstructionRecord(id=record.id, source=record.source, instruction="(pairs structured from this document)", response="-",
+                                         user_id=record.user_id, document_id=record.id))
+    return out
+
+
+def training_records(spec: PipelineSpec, client_id: str, records: list[Record]) -> list[Record]:
+    """A client's records as ingest will leave them for training: holdout out, canaries in."""
+    if spec.audit.holdout_per_client:
+        records, _ = hold_out(records, spec.audit.holdout_per_client, spec.seed, client_id)
+    if spec.audit.canaries is not None and spec.audit.canaries.client == client_id:
+        records = records + planted_records(spec.audit.canaries, make_canaries(spec.audit.canaries, spec.seed), client_id)
+    return records
+
+
 def client_records(spec: PipelineSpec, base_dir: Path) -> dict[str, list[Record]]:
     """Each client's records, loaded and (for pooled data) partitioned: pure, nothing written."""
     clients_spec = spec.clients

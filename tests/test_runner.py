@@ -117,13 +117,20 @@ def test_status_reports_each_state(two_stage: Path, workdir: Path, capsys):
     assert "pending" in capsys.readouterr().err
 
 
-def test_status_shows_failed_stage(workdir: Path):
+def test_status_shows_failed_stage(workdir: Path, monkeypatch):
+    from pipelines.dp_train import DPTrain
+
     _run(write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest"])), workdir / "run")
-    spec = write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest", {"name": "dp_train", "params": {"batch_size": 20}}]))
+    spec = write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest", {"name": "dp_train", "params": {"batch_size": 4}}]))
+
+    def fails(self, ctx):
+        raise KsgError("the disk filled up")
+
+    monkeypatch.setattr(DPTrain, "run", fails)
     with pytest.raises(KsgError):
         _run(spec, workdir / "run")
     states = _status(workdir / "run")
-    assert [s.state for s in states] == ["cached", "cached", "failed"] and "20 records is too few for dp_train" in states[2].detail
+    assert [s.state for s in states] == ["cached", "cached", "failed"] and "the disk filled up" in states[2].detail
 
 
 def test_status_of_a_non_run_directory(tmp_path: Path, capsys):
