@@ -93,6 +93,21 @@ def write_text(path: str | Path, text: str) -> None:
         handle.write(text)
 
 
+def unmakeable_directory(path: Path) -> str | None:
+    """Why `path` cannot be (or become) a directory this process writes in, or None: it is a
+    file, or its nearest existing ancestor is a file or not writable."""
+    if path.exists():
+        return None if path.is_dir() else "exists and is not a directory"
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is not a directory"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{ancestor} is not writable"
+    return None
+
+
 def canonical_json(obj: Any) -> str:
     """The one JSON spelling used for fingerprints and artifacts: sorted keys, no spaces."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)

@@ -12,6 +12,7 @@ manifest (or with one for another fingerprint) is wiped and the stage rerun from
 from __future__ import annotations
 
 import fcntl
+import json
 import hashlib
 import hmac
 import importlib
@@ -29,7 +30,7 @@ from knowledgesg.client_key import client_key, existing_client_key
 from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.exchange import export_releases, receive_ledgers, receive_stage
-from knowledgesg.fileio import canonical_json, hmac_file, read_json, sha256_file, sha256_text, write_json, write_text
+from knowledgesg.fileio import canonical_json, hmac_file, read_json, sha256_file, sha256_text, unmakeable_directory, write_json, write_text
 from knowledgesg.manifest import MANIFEST, Manifest, output_entry, read_manifest, verify_outputs, write_manifest
 from knowledgesg.memory import PeakMemory
 from knowledgesg.roles import Role, check_role, narrow_to_client
@@ -195,17 +196,28 @@ def holds_work(run_dir: Path) -> bool:
     return any(path.stat().st_size for path in ledgers) or bool(finished) or any((run_dir / "stages").glob("*/units/*.json"))
 
 
-def load_run_spec(run_dir: Path) -> tuple[PipelineSpec, Path]:
+def _saved_run(run_dir: Path) -> dict:
+    """The run's copy of its spec (`spec.json`), refused in one line if it is not one."""
     path = run_dir / SPEC_COPY
     if not path.is_file():
         raise InputError(f"{run_dir}: not a run directory (no {SPEC_COPY})")
-    saved = read_json(path)
-    return parse_spec(saved["spec"], source=str(path)), Path(saved["base_dir"])
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: not the run's spec copy ({type(err).__name__}: {err}); the run directory is damaged") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("spec"), dict) or not isinstance(saved.get("base_dir"), str):
+        raise InputError(f"{path}: not the run's spec copy (expected an object with 'spec' and 'base_dir'); the run directory is damaged")
+    return saved
+
+
+def load_run_spec(run_dir: Path) -> tuple[PipelineSpec, Path]:
+    saved = _saved_run(run_dir)
+    return parse_spec(saved["spec"], source=str(run_dir / SPEC_COPY)), Path(saved["base_dir"])
 
 
 def load_run_role(run_dir: Path) -> Role:
     """The role the run directory was made by (the simulation for runs from before roles)."""
-    saved = read_json(run_dir / SPEC_COPY).get("role") or {}
+    saved = _saved_run(run_dir).get("role") or {}
     return Role(saved.get("kind", "all"), saved.get("client"), Path(saved["exchange"]) if saved.get("exchange") else None)
 
 
@@ -223,9 +235,15 @@ class Runner:
         self.role = role
 
     def run(self) -> list[StageOutcome]:
+        problem = unmakeable_directory(self.run_dir)
+        if problem:
+            raise InputError(f"--run-dir {self.run_dir}: {problem}")
         self.preflight()  # before the run directory is created or touched
         created = not self.run_dir.exists()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(f"--run-dir {self.run_dir}: cannot be created ({err.strerror})") from None
         try:
             with run_lock(self.run_dir):
                 sweep_orphans(self.run_dir)

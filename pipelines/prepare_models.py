@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from knowledgesg.models import resolve_model, source_files
+from knowledgesg.errors import InputError
+from knowledgesg.fileio import unmakeable_directory
+from knowledgesg.models import cache_root, resolve_model, source_files
 from knowledgesg.spec import PipelineSpec
 from knowledgesg.stage import Stage, StageContext
 
@@ -28,6 +30,12 @@ class PrepareModels(Stage):
 
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
         return [file for name in named_models(spec).values() for file in source_files(name)]
+
+    def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
+        root = cache_root(spec.models.cache_dir)
+        problem = unmakeable_directory(root)
+        if problem:
+            raise InputError(f"models.cache_dir {root}: {problem}")
 
     def run(self, ctx: StageContext) -> None:
         resolved = {}

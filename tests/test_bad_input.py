@@ -162,6 +162,30 @@ def test_a_later_stages_bad_pool_is_refused_before_the_run_starts(workdir: Path,
     assert not (workdir / "run").exists()
 
 
+@pytest.mark.parametrize("where,pattern", [
+    (["--run-dir", "afile"], r"^ksg: error: --run-dir afile: exists and is not a directory$"),
+    (["--run-dir", "afile/run"], r"^ksg: error: --run-dir afile/run: afile is not a directory$"),
+    ([], r"^ksg: error: models\.cache_dir afile/cache: afile is not a directory$"),
+], ids=["run-dir-is-a-file", "run-dir-under-a-file", "cache-dir-under-a-file"])
+def test_a_run_or_cache_directory_that_cannot_be_made_is_one_line(workdir: Path, capsys, where, pattern):
+    (workdir / "afile").write_text("keep me")
+    spec = tiny_spec(stages=["prepare_models", "ingest"], models={"base": "tiny-random-llama", "cache_dir": "afile/cache"} if not where else {"base": "tiny-random-llama"})
+    assert main(["run", str(write_spec(workdir, spec)), *(where or ["--run-dir", "run"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(pattern, err), err
+    assert (workdir / "afile").read_text() == "keep me" and not (workdir / "run").exists()
+
+
+@pytest.mark.parametrize("content", [b"{", b"{}", b"[1]", b"\xff", b'{"spec": 3, "base_dir": "."}'], ids=["truncated", "empty-object", "list", "not-utf8", "spec-not-object"])
+@pytest.mark.parametrize("command", [["status"], ["privacy-report"], ["audit"], ["eval", "--tasks", "fpb"]], ids=lambda c: c[0])
+def test_a_damaged_spec_copy_in_a_run_directory_is_one_line(tmp_path: Path, capsys, content, command):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run/spec.json").write_bytes(content)
+    assert main([command[0], str(tmp_path / "run"), *command[1:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "spec.json: not the run's spec copy" in err, err
+
+
 def test_no_private_text_in_error_messages(tmp_path: Path, monkeypatch, capsys):
     """Errors name where the problem is, never the private content around it."""
     monkeypatch.chdir(tmp_path)
