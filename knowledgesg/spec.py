@@ -301,13 +301,32 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     return f"{source}: {message}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one
+    silently: a spec saying target_epsilon 1.0 and then 50.0 would run at 50)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' given twice (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str):
+    """A YAML document, with every key of a mapping given once."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+
+
 def load_spec(path: str | Path) -> tuple[PipelineSpec, Path]:
     """Read and validate a spec; return it with the directory its relative paths are resolved from."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: spec file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: not valid UTF-8 at byte {err.start}") from None
     except yaml.YAMLError as err:

@@ -20,7 +20,7 @@ from typing import Literal
 import yaml
 
 from knowledgesg.errors import InputError
-from knowledgesg.fileio import write_text
+from knowledgesg.fileio import unmakeable_directory, write_text
 from knowledgesg.loaders import READERS, detect_format
 from knowledgesg.spec import unsafe_identifier_reason
 from pipelines import parse_pipeline
@@ -215,6 +215,12 @@ def write_starter_spec(files: list[Path], domain: Domain, spec_path: Path, name:
     missing = [str(f) for f in files if not f.exists()]
     if missing:
         raise InputError(f"{missing[0]}: data file not found")
+    if any((spec_path.exists() and spec_path.samefile(f)) or (f.is_dir() and spec_path.resolve().is_relative_to(f.resolve())) for f in files):
+        raise InputError(f"{spec_path}: is one of the data files (or inside one); --force would overwrite your data: choose another --out")
+    # where the spec file could not be written (as where a directory could not be made: its nearest existing ancestor)
+    problem = "is a directory" if spec_path.is_dir() else None if spec_path.exists() else unmakeable_directory(spec_path)
+    if problem:
+        raise InputError(f"--out {spec_path}: {problem}")
     name = name or re.sub(r"[^A-Za-z0-9_.-]+", "-", spec_path.stem).strip(".-") or "my-pipeline"
     text = starter_spec(files, domain, name, spec_path)
     parse_pipeline(yaml.safe_load(text), str(spec_path))  # never write a spec `ksg run` would refuse

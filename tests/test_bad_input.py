@@ -39,6 +39,8 @@ DATA_CASES = [
     ("json-record-missing-field", {"path": "d.json"}, _bytes("d.json", b'[{"instruction": "Q", "response": "A"}, {"instruction": "Q2"}]'), r"d\.json: field 'response': record 2: missing"),
     ("csv-missing-column", {"path": "d.csv", "fields": {"instruction": "question"}}, _bytes("d.csv", b"instruction,response\nQ,A\n"), r"d\.csv:2: field 'question': missing \(mapped to record field 'instruction'\)"),
     ("csv-extra-cells", {"path": "d.csv"}, _bytes("d.csv", b"instruction,response\nQ,A\nQ2,A2,surplus\n"), r"d\.csv:3: 2 columns in the header but more cells"),
+    ("csv-fewer-cells", {"path": "d.csv"}, _bytes("d.csv", b"instruction,response\nQ,A\nQ2\n"), r"d\.csv:3: 2 columns in the header but 1 cells on this line"),
+    ("csv-byte-order-mark-then-bad-row", {"path": "d.csv"}, _bytes("d.csv", b"\xef\xbb\xbfinstruction,response\nQ,A\nQ2, \n"), r"d\.csv:3: field 'response': is empty"),
     ("corrupt-parquet", {"path": "d.parquet"}, _bytes("d.parquet", b"PAR1 this is not parquet"), r"d\.parquet: not a readable Parquet file"),
     ("not-a-dataset-dir", {"path": "ds"}, lambda d: (d / "ds").mkdir(), r"ds: not a saved `datasets` directory"),
     ("unknown-record-field", {"path": "data.jsonl", "fields": {"question": "q"}}, _jsonl(GOOD), r"data\.jsonl: fields maps unknown record field 'question'"),
@@ -112,6 +114,15 @@ def test_yaml_syntax_error_names_the_line(workdir: Path, capsys):
     assert main(["run", "spec.yaml"]) == 2
     err = capsys.readouterr().err.strip()
     assert re.search(r"spec\.yaml:\d+: invalid YAML", err), err
+
+
+def test_a_key_given_twice_in_the_spec_is_refused_not_overwritten(workdir: Path, capsys):
+    """PyYAML would keep the second silently: this spec would have trained at epsilon 50."""
+    text = "name: t\nprivacy:\n  target_epsilon: 1.0\n  target_epsilon: 50.0\nclients: {data: [{path: data.jsonl}]}\nstages: [ingest]\n"
+    (workdir / "spec.yaml").write_text(text, encoding="utf-8")
+    assert main(["run", "spec.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "ksg: error: spec.yaml:4: invalid YAML (key 'target_epsilon' given twice (first at line 3))", err
 
 
 def test_missing_spec_file(workdir: Path, capsys):

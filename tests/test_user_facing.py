@@ -180,6 +180,18 @@ def test_init_writes_a_commented_spec_that_check_and_run_accept(tmp_path: Path, 
     assert not (tmp_path / "runs").exists()
 
 
+def test_init_never_writes_its_spec_over_the_data_or_under_a_file(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "bank.jsonl", sentiment_rows(30))
+    before = (tmp_path / "bank.jsonl").read_bytes()
+    assert main(["init", "bank.jsonl", "--out", "bank.jsonl", "--force"]) == 2
+    assert "bank.jsonl: is one of the data files" in capsys.readouterr().err
+    assert (tmp_path / "bank.jsonl").read_bytes() == before
+    assert main(["init", "bank.jsonl", "--out", "bank.jsonl/spec.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "ksg: error: --out bank.jsonl/spec.yaml: bank.jsonl is not a directory", err
+
+
 def test_init_with_several_files_and_text_makes_members_and_structures(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "hospital_a.jsonl", [{"question": f"What helps condition {i}?", "answer": f"Rest and fluids help condition {i}."} for i in range(30)])
