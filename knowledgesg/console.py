@@ -26,6 +26,9 @@ def progress_bar() -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=True,
+        # off a terminal a bar cannot redraw in place: it would only leave a blank line in the log
+        # (before a one-line error, say)
+        disable=not console.is_terminal,
     )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from knowledgesg.cli import main
-from tests.conftest import sentiment_rows, tiny_spec, write_jsonl, write_spec
+from tests.conftest import run_cli, sentiment_rows, tiny_spec, write_jsonl, write_spec
 
 
 def _jsonl(text: str):
@@ -195,6 +195,17 @@ def test_a_damaged_spec_copy_in_a_run_directory_is_one_line(tmp_path: Path, caps
     assert main([command[0], str(tmp_path / "run"), *command[1:]]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "spec.json: not the run's spec copy" in err, err
+
+
+def test_in_a_log_the_error_is_the_only_line(tmp_path: Path):
+    """Off a terminal (a log file, a pipe) a progress bar cannot redraw: none is drawn, so a data
+    error stays the one line on stderr (a transient bar left a blank line before it)."""
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(5))
+    with open(tmp_path / "data.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('{"id": "b", "instruction": \n')
+    spec = write_spec(tmp_path, tiny_spec(stages=["ingest"]))
+    result = run_cli("run", str(spec), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1 and "data.jsonl:6: malformed JSON" in result.stderr, result.stderr
 
 
 def test_no_private_text_in_error_messages(tmp_path: Path, monkeypatch, capsys):
