@@ -241,9 +241,9 @@ class DPTrain(Stage):
             ctx.declare_output(f"{client_dir}/adapter/{name}")
         ctx.write_json(f"{client_dir}/privacy.json", self.privacy_record(ctx, plan, entry, empty_steps, base))
         shown = f"epsilon {eps.reported:.3f} ({eps.reported_by}) at delta {plan.delta:.2e}" if plan.private else plan.label
-        final = next((l["loss"] for l in reversed(losses) if l["loss"] is not None), None)
+        # the loss is an un-noised figure of the private data: it stays in loss.json (client side), not in a log a server may hold
         console.print(f"dp_train {plan.client_id}: {plan.steps} steps, sigma {plan.noise_multiplier:.3f}, q {plan.sample_rate:.4f}, "
-                      f"N = {plan.units.count} ({UNIT_NAMES[plan.units.kind]} level), {shown}, last loss {final}")
+                      f"N = {plan.units.count} ({UNIT_NAMES[plan.units.kind]} level), {shown}")
         outputs = [f"{client_dir}/adapter/{name}" for name in ADAPTER_FILES] + [f"{client_dir}/privacy.json", f"{client_dir}/loss.json"]
         ctx.mark_unit_done(plan.client_id, outputs, entry.model_dump(mode="json"))
         return entry
