@@ -151,7 +151,7 @@ class DPTrain(Stage):
             plan = self.plan(ctx.spec.privacy, client_id, records)
             # Every client's budget, over everything ever released from its data, is checked
             # before any client trains: a refusal leaves nothing.
-            check_budget(ctx.spent(client_id), client_id, [plan.mechanism()], plan.delta, ctx.spec.privacy.cap_epsilon, self.name)
+            check_budget(ctx.spent(client_id), client_id, [plan.mechanism()], plan.delta, ctx.spec.privacy.cap_epsilon, self.name, plan.units.kind)
             plans.append(plan)
         models = ctx.read_artifact_json("prepare_models", "models.json")
         ledger = []

@@ -180,7 +180,8 @@ class Fedtune(Stage):
         deltas = {c: adapters[c].delta if c in adapters else ctx.spec.privacy.delta or default_delta(partition["clients"][c]) for c in clients}
         planned = self.plan_mechanisms(clients, rounds, partition["clients"], deltas)
         for client_id, mechanisms in planned.items():  # every budget, over all releases ever, before any training
-            check_budget(ctx.spent(client_id), client_id, mechanisms, deltas[client_id], ctx.spec.privacy.cap_epsilon, self.name)
+            check_budget(ctx.spent(client_id), client_id, mechanisms, deltas[client_id], ctx.spec.privacy.cap_epsilon, self.name,
+                         "record" if p.data == "private" else None)  # on private data: record level only (checked in its params)
         if p.data == "private":  # the mechanism each client runs, as planned; each keeps its own ledger
             job.local_dp = {c: LocalDP(noise_multiplier=planned[c][0].noise_multiplier, clip_norm=p.local_dp.clip_norm, sample_rate=planned[c][0].sample_rate,
                                        num_units=partition["clients"][c], delta=deltas[c], cap_epsilon=ctx.spec.privacy.cap_epsilon,

@@ -139,7 +139,8 @@ class Synthesize(Stage):
             raise InputError(f"synthesize needs a DP adapter per client; none for {', '.join(missing)} (run dp_train first)")
         if p.class_balance == "dp_histogram":  # refuse before any client's work, not midway
             for client_id in partition["clients"]:
-                check_budget(ctx.spent(client_id), client_id, [self.histogram_mechanism()], adapters[client_id].delta, ctx.spec.privacy.cap_epsilon, self.name)
+                check_budget(ctx.spent(client_id), client_id, [self.histogram_mechanism()], adapters[client_id].delta, ctx.spec.privacy.cap_epsilon, self.name,
+                             ctx.spec.privacy.unit)
         models = ctx.read_artifact_json("prepare_models", "models.json")
         ledger: list[LedgerEntry] = []
         for client_id in partition["clients"]:

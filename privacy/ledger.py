@@ -305,9 +305,25 @@ def _compose(mechanisms: tuple[Mechanism, ...], delta: float) -> Epsilons:
     return Epsilons(delta=delta, prv=epsilon_prv_or_none(list(mechanisms), delta), rdp=epsilon_rdp(list(mechanisms), delta), pld=pld, reported=pld, reported_by="pld")
 
 
-def check_budget(before: list[LedgerEntry], client_id: str, planned: list[Mechanism], delta: float, cap: float | None, stage: str) -> None:
+def _protected(unit: str) -> str:
+    """What one unit of a release stands for in the client's data: a user, or one of its records
+    (a source document is one record of the data ingest read; structure's pairs come from it)."""
+    return "user" if unit == "user" else "record"
+
+
+def check_budget(before: list[LedgerEntry], client_id: str, planned: list[Mechanism], delta: float, cap: float | None, stage: str,
+                 unit: str | None = None) -> None:
     """Refuse a stage whose releases would push a client past its cap. `before` is every release
-    ever made from the client's data (its ledger); nothing to check without a cap."""
+    ever made from the client's data (its ledger); nothing to check without a cap. With `unit`
+    (what the stage's releases protect), a stage whose unit differs from the earlier releases' is
+    refused, cap or not: a record-level epsilon says nothing of a user with many records until it
+    is turned into a group epsilon, which needs a bound the ledger does not have, so their sum
+    would understate what a user spent."""
+    earlier = {_protected(e.unit) for e in before if e.costs_privacy}
+    if unit is not None and earlier and earlier != {_protected(unit)}:
+        raise InputError(f"client '{client_id}': stage '{stage}' releases at the {_protected(unit)} level, but this data's earlier releases are at the "
+                         f"{' and '.join(sorted(earlier))} level; the ledger cannot compose the two (group privacy needs a bound on each user's records): "
+                         f"keep privacy.unit as before, or start another ledger")
     if cap is None:
         return
     spent_total = composed_total(before, delta).reported

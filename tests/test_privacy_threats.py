@@ -181,6 +181,19 @@ def test_another_version_of_the_data_does_not_start_a_fresh_budget(tmp_path: Pat
     assert run(tmp_path, "c", privacy={**shared, "cap_epsilon": cap}, stages=stages, clients={"data": [{"path": "other.jsonl"}], "partition": {"method": "iid", "num_clients": 2}}) == 0
 
 
+def test_releases_at_another_privacy_unit_are_not_summed_as_if_alike(tmp_path: Path, monkeypatch, capsys):
+    """Record-level DP-SGD, then user-level DP-SGD on the same data and ledger: the record-level
+    epsilon is not a user's (a user with k records spends a group epsilon), so the second is refused."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", [dict(r, user_id=f"u{i % 10}") for i, r in enumerate(sentiment_rows(40))])
+    stages = ["prepare_models", "ingest", {"name": "dp_train", "params": {"batch_size": 2, "max_length": 48}}]
+    assert run(tmp_path, "a", privacy={"target_epsilon": 3.0, "ledger_dir": "ledger"}, stages=stages) == 0
+    capsys.readouterr()
+    assert run(tmp_path, "b", privacy={"target_epsilon": 3.0, "ledger_dir": "ledger", "unit": "user"}, stages=stages) == 2
+    assert re.search(r"client 'client_\d': stage 'dp_train' releases at the user level, but this data's earlier releases are at the record level", capsys.readouterr().err)
+    assert run(tmp_path, "c", privacy={"target_epsilon": 3.0, "ledger_dir": "ledger"}, stages=stages) == 0  # the same unit composes as before
+
+
 def test_a_ledger_counts_the_same_clients_overlapping_data_only(tmp_path: Path):
     """In one ledger directory (the simulation keeps every client's there): the client's ledger of
     an overlapping data version counts; another client's, or a disjoint version's, does not."""

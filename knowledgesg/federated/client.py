@@ -271,7 +271,7 @@ class ClientRuntime:
         origin = "reproducible" if dp.reproducible_noise else "os_entropy"
         mechanism = Mechanism(kind="poisson_gaussian", noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=dp_steps)
         ledger = self._ledger(task, node)
-        check_budget(ledger.entries(), task.client_id, [mechanism], dp.delta, dp.cap_epsilon, f"fedtune round {task.round}")
+        check_budget(ledger.entries(), task.client_id, [mechanism], dp.delta, dp.cap_epsilon, f"fedtune round {task.round}", dp.unit)
         entry = LedgerEntry(release_id=new_release_id(), client_id=task.client_id, stage="fedtune",
                             release=f"fedtune round {task.round} update: DP-SGD local steps on private data",
                             artifact=f"stages/fedtune/rounds.json#round={task.round}", artifact_sha256=update_digest(update) if task.join_probability is None else None,
