@@ -156,14 +156,20 @@ def evaluate_run(run_dir: Path, options: EvalOptions, device: str, base_dir: Pat
     return {"options": {**options.model_dump(exclude={"private_tasks"}), "precision": resolve_precision(options.precision, device)}, "models": models}
 
 
+def check_private_clients(run_dir: Path, options: EvalOptions) -> list[str]:
+    """The run's clients; refused if a private test set names another (before any scoring)."""
+    clients = list(read_json(run_dir / "stages/ingest/partition.json")["clients"])
+    unknown = [c for c in options.private_tasks if c not in clients]
+    if unknown:
+        raise InputError(f"--private: no client '{unknown[0]}' in this run (clients: {', '.join(clients)})")
+    return clients
+
+
 def evaluate_private(run_dir: Path, options: EvalOptions, device: str, base_dir: Path = Path("."), published: Published | None = None) -> dict[str, dict]:
     """Per client with a private test set, on its side: the base model, its own DP adapter and the
     final adapter (the releases it can run locally)."""
     resolved = read_json(run_dir / "stages/prepare_models/models.json")
-    clients = list(read_json(run_dir / "stages/ingest/partition.json")["clients"])
-    unknown = [c for c in options.private_tasks if c not in clients]
-    if unknown:
-        raise InputError(f"private_tasks: no client '{unknown[0]}' in this run (clients: {', '.join(clients)})")
+    clients = check_private_clients(run_dir, options)
     results = {}
     for client, tasks in options.private_tasks.items():
         targets = [t for t in chosen_targets(run_dir, clients, ["base", "dp", "final"], published) if t.name in ("base", f"dp_adapter:{client}", "final")]

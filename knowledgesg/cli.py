@@ -262,7 +262,7 @@ def evaluate(
     """Benchmark a run's models (base, each DP adapter, the final adapter) and its synthetic data."""
     from pydantic import ValidationError
 
-    from eval.evaluate import EvalOptions, Published, check_ready, check_task_files, evaluate_private, evaluate_run, fidelity_run, write_eval_outputs
+    from eval.evaluate import EvalOptions, Published, check_private_clients, check_ready, check_task_files, evaluate_private, evaluate_run, fidelity_run, write_eval_outputs
     from knowledgesg.errors import InputError
     from knowledgesg.models import resolve_device
     from knowledgesg.fileio import read_json
@@ -286,6 +286,7 @@ def evaluate(
     if server_release is not None:
         server_release.check(run_dir, load_run_role(run_dir).kind, list(read_json(run_dir / "stages/ingest/partition.json")["clients"]))
     check_task_files(options, Path("."))
+    check_private_clients(run_dir, options)  # before the public tasks are scored, not after
     device = resolve_device(spec.models.device)
     results = evaluate_run(run_dir, options, device, published=server_release, stages_before=[stage.name for stage in spec.stages])
     _print_eval(results)

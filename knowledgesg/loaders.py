@@ -74,12 +74,9 @@ def _rows_csv(path: Path) -> Iterator[Row]:
     reader = csv.DictReader(io.StringIO(_decode(path).removeprefix("\ufeff"), newline=""))
     try:
         for row in reader:
-            columns = len(reader.fieldnames or [])
             if None in row:  # more cells than header columns
-                raise data_error(path, f"{columns} columns in the header but more cells on this line", line=reader.line_num)
-            if None in row.values():  # fewer (DictReader fills them with None), e.g. after an unclosed quote
-                raise data_error(path, f"{columns} columns in the header but {sum(v is not None for v in row.values())} cells on this line", line=reader.line_num)
-            yield reader.line_num, row
+                raise data_error(path, f"{len(reader.fieldnames or [])} columns in the header but more cells on this line", line=reader.line_num)
+            yield reader.line_num, row  # fewer: the missing cells are None, as an optional field left out
     except csv.Error as err:
         raise data_error(path, f"malformed CSV ({err})", line=reader.line_num) from None
 

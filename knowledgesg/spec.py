@@ -306,11 +306,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     silently: a spec saying target_epsilon 1.0 and then 50.0 would run at 50)."""
 
     def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
+        seen: dict[tuple[str, str], int] = {}
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' given twice (first at line {seen[key] + 1})", key_node.start_mark)
+            # a merge key (`<<: *defaults`) brings keys the mapping may override: YAML's own rule
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key_node.value}' given twice (first at line {seen[key] + 1})", key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 

@@ -125,11 +125,16 @@ def data_key(rows: list[dict]) -> str:
 _NAMING_FIELDS = frozenset({"id", "source", "client_id", "user_id", "document_id"})
 
 
+def _normalized(value):
+    """A field's text as a person would read it: case and runs of blanks do not make another record."""
+    return " ".join(value.lower().split()) if isinstance(value, str) else value
+
+
 def unit_digests(rows: list[dict]) -> list[str]:
     """What ties a data set to the people in it: a digest of each record's content and of each
     user id, so that another version of the data (a record added, the file renamed, another
     sample) is found to share people with this one."""
-    digests = {sha256_text("record:" + canonical_json({k: v for k, v in row.items() if k not in _NAMING_FIELDS})) for row in rows}
+    digests = {sha256_text("record:" + canonical_json({k: _normalized(v) for k, v in row.items() if k not in _NAMING_FIELDS})) for row in rows}
     digests |= {sha256_text(f"user:{row['user_id']}") for row in rows if row.get("user_id") is not None}
     return sorted(digests)
 
@@ -178,20 +183,33 @@ class ClientLedger:
 
     def entries(self) -> list[LedgerEntry]:
         """Every release of this data set and of the client's other data sets in the directory
-        that share a person with it, each once."""
-        return merge_releases(self._own_entries(), *(other._own_entries() for other in self._overlapping()))
+        that share a person with it, each once, oldest first."""
+        merged = merge_releases(self._own_entries(), *(other._own_entries() for other in self._overlapping()))
+        return sorted(merged, key=lambda e: e.released_at)
 
     def _overlapping(self) -> list[ClientLedger]:
-        """The client's ledgers of other data sets in the directory that share a unit with this one."""
-        secret = _unit_secret(self.path.parent, create=False)
-        if self.client_id is None or secret is None:  # no digests were ever kept here
+        """The client's ledgers of other data sets in the directory that share a unit with this
+        one; and, on the safe side, those of the client kept without unit digests (written before
+        they were kept, or by a run whose ingest has not written them): their overlap is unknown."""
+        if self.client_id is None or not self.path.parent.is_dir():
             return []
-        mine = set(json.loads(self.units_path.read_text())["units"]) if self.units_path.is_file() else _keyed(secret, self.digests)
+        secret = _unit_secret(self.path.parent, create=False)
+        mine = set()
+        if self.units_path.is_file():
+            mine = set(json.loads(self.units_path.read_text())["units"])
+        elif secret is not None:
+            mine = _keyed(secret, self.digests)
         found = []
-        for path in sorted(self.path.parent.glob("*.units.json")):
-            other = json.loads(path.read_text())
-            if path != self.units_path and other["client_id"] == self.client_id and mine.intersection(other["units"]):
-                found.append(ClientLedger(path.with_name(path.name.removesuffix(".units.json") + ".jsonl")))
+        for ledger_path in sorted(self.path.parent.glob("*.jsonl")):
+            other = ClientLedger(ledger_path)
+            if ledger_path == self.path:
+                continue
+            if other.units_path.is_file():
+                kept = json.loads(other.units_path.read_text())
+                if kept["client_id"] == self.client_id and mine.intersection(kept["units"]):
+                    found.append(other)
+            elif any(e.client_id == self.client_id for e in other._own_entries()):
+                found.append(other)
         return found
 
     def _own_entries(self) -> list[LedgerEntry]:
@@ -245,8 +263,11 @@ def _unit_secret(directory: Path, create: bool) -> bytes | None:
             os.link(tmp, path)  # fails if another process made it first: theirs is kept
         except FileExistsError:
             pass
+        except OSError:  # a file system without hard links: a rename (last writer wins a race no one else can have begun using)
+            if not path.exists():
+                os.replace(tmp, path)
         finally:
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)
     return path.read_bytes()
 
 

@@ -39,7 +39,6 @@ DATA_CASES = [
     ("json-record-missing-field", {"path": "d.json"}, _bytes("d.json", b'[{"instruction": "Q", "response": "A"}, {"instruction": "Q2"}]'), r"d\.json: field 'response': record 2: missing"),
     ("csv-missing-column", {"path": "d.csv", "fields": {"instruction": "question"}}, _bytes("d.csv", b"instruction,response\nQ,A\n"), r"d\.csv:2: field 'question': missing \(mapped to record field 'instruction'\)"),
     ("csv-extra-cells", {"path": "d.csv"}, _bytes("d.csv", b"instruction,response\nQ,A\nQ2,A2,surplus\n"), r"d\.csv:3: 2 columns in the header but more cells"),
-    ("csv-fewer-cells", {"path": "d.csv"}, _bytes("d.csv", b"instruction,response\nQ,A\nQ2\n"), r"d\.csv:3: 2 columns in the header but 1 cells on this line"),
     ("csv-byte-order-mark-then-bad-row", {"path": "d.csv"}, _bytes("d.csv", b"\xef\xbb\xbfinstruction,response\nQ,A\nQ2, \n"), r"d\.csv:3: field 'response': is empty"),
     ("corrupt-parquet", {"path": "d.parquet"}, _bytes("d.parquet", b"PAR1 this is not parquet"), r"d\.parquet: not a readable Parquet file"),
     ("not-a-dataset-dir", {"path": "ds"}, lambda d: (d / "ds").mkdir(), r"ds: not a saved `datasets` directory"),
@@ -123,6 +122,9 @@ def test_a_key_given_twice_in_the_spec_is_refused_not_overwritten(workdir: Path,
     assert main(["run", "spec.yaml"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "ksg: error: spec.yaml:4: invalid YAML (key 'target_epsilon' given twice (first at line 3))", err
+    from knowledgesg.spec import load_yaml
+
+    assert load_yaml("base: &b {x: 1, y: 0}\nother: {<<: *b, y: 2}\n")["other"] == {"x": 1, "y": 2}  # a merge key's keys may be overridden
 
 
 def test_missing_spec_file(workdir: Path, capsys):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import pytest
+import yaml
 
 from knowledgesg import aggregation as agg
 from knowledgesg.cli import main
@@ -390,6 +391,11 @@ def test_on_a_data_owners_node_its_own_ledger_cap_and_noise_hold_not_the_servers
     # in the server's own process (a simulation) the task's settings are the spec's, and hold
     ClientRuntime().fit(task, x)
     assert len(list((tmp_path / "named-by-server").glob("*.jsonl"))) == 1
+    # a node config naming the node's spec: its privacy section, as the node's own ingest and dp_train read it
+    (tmp_path / "node.yaml").write_text(yaml.safe_dump(tiny_spec(privacy={"target_epsilon": 8.0, "ledger_dir": "owner-ledger", "cap_epsilon": 9.0})))
+    settings = NodeSettings.of({"run-dir": str(node_run), "spec": str(tmp_path / "node.yaml")})
+    assert settings == NodeSettings(str(owner), 9.0, False)
+    assert NodeSettings.of({"run-dir": str(node_run), "spec": str(tmp_path / "node.yaml"), "cap-epsilon": 2.0, "ledger-dir": "elsewhere"}) == NodeSettings("elsewhere", 2.0, False)
 
 
 def test_stage_refuses_a_budget_past_the_cap_before_training(tmp_path: Path):

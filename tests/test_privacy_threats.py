@@ -214,13 +214,19 @@ def test_a_ledger_counts_the_same_clients_overlapping_data_only(tmp_path: Path):
     ledger("k1", "bank", rows[:4], "first")
     ledger("k2", "other_bank", rows[2:5], "theirs")  # shares records with k1, another client
     ledger("k3", "bank", rows[5:], "disjoint")
-    later = ClientLedger.of_data(tmp_path, "k4", "bank", unit_digests([dict(r, id=f"x{i}", source="renamed") for i, r in enumerate(rows[3:5])]))
+    # renamed, re-cased and re-spaced: the same records to a person
+    changed = [dict(r, id=f"x{i}", source="renamed", input="  " + r["input"].upper().replace(" ", "   ")) for i, r in enumerate(rows[3:5])]
+    later = ClientLedger.of_data(tmp_path, "k4", "bank", unit_digests(changed))
     assert [e.release_id for e in later.entries()] == ["first"]  # before its ingest: from the digests
     later.keep_units()
     assert [e.release_id for e in later.entries()] == ["first"]
     assert ClientLedger.of_data(tmp_path, "k4", "bank").entries() == later.entries()  # after it: from the file beside the ledger
     kept = [path.read_text() for path in tmp_path.glob("*.json*")]
     assert len(kept) == 7 and not any(digest in text for text in kept for digest in unit_digests(rows))  # keyed, never the plain digests
+    # a ledger of the client kept before unit digests were: its overlap is unknown, so it counts
+    for client, release in (("bank", "from before"), ("other_bank", "theirs before")):
+        ClientLedger.of_data(tmp_path, f"k0{client}", client).append(LedgerEntry.model_validate(dict(entry, release_id=release, client_id=client)))
+    assert [e.release_id for e in later.entries()] == ["from before", "first"]
 
 
 # 4 and 10. Nothing un-noised about private data reaches a server-side file ------------------------

@@ -118,6 +118,15 @@ def test_eval_scores_a_users_own_files_and_keeps_a_private_test_set_on_its_clien
     assert sides["clients/client_0/fidelity.json"] == "client:client_0"  # the synthetic data, scored by default
 
 
+def test_eval_refuses_a_private_test_set_of_an_unknown_client_before_scoring_anything(published: Path, tmp_path: Path, capsys, monkeypatch):
+    import eval.evaluate
+
+    private = write_jsonl(tmp_path / "private.jsonl", sentiment_rows(5))
+    monkeypatch.setattr(eval.evaluate, "evaluate_run", lambda *a, **k: pytest.fail("scored the public tasks first"))
+    assert main(["eval", str(published), "--tasks", "fpb", "--private", f"bank_z={private}", "--models", "base", "--limit", "4"]) == 2
+    assert capsys.readouterr().err.strip() == "ksg: error: --private: no client 'bank_z' in this run (clients: client_0, client_1)"
+
+
 def test_eval_limit_0_scores_every_item_and_no_fidelity_skips_the_synthetic_data(published: Path, tmp_path: Path, capsys):
     labelled = write_jsonl(tmp_path / "my_test.jsonl", sentiment_rows(6))
     assert main(["eval", str(published), "--tasks", str(labelled), "--models", "base", "--modes", "logprob", "--limit", "0",

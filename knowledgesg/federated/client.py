@@ -32,8 +32,9 @@ from knowledgesg.federated.protocol import ClientTask, ClientUpdate, LocalDP, Lo
 from knowledgesg.fileio import read_json, read_jsonl, sha256_text
 from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_precision
 from knowledgesg.records import InstructionRecord
+from knowledgesg.spec import load_spec
 from privacy.accounting import Mechanism, epsilons
-from privacy.ledger import LEDGER_ENV, ClientLedger, LedgerEntry, check_budget, new_release_id, now, trust_line
+from privacy.ledger import LEDGER_ENV, ClientLedger, LedgerEntry, check_budget, ledger_directory, new_release_id, now, trust_line
 from privacy.noise import SecureRandom
 from privacy.units import privacy_units
 
@@ -155,11 +156,19 @@ class NodeSettings:
 
     @classmethod
     def of(cls, node_config: dict) -> NodeSettings:
-        """`ledger-dir` (else $KSG_LEDGER_DIR, else RUN/ledger in the node's `run-dir`),
-        `cap-epsilon`, `reproducible-noise` (true only for trials: NOT PRIVATE)."""
-        ledger = node_config.get("ledger-dir") or os.environ.get(LEDGER_ENV) or str(Path(str(node_config["run-dir"])) / "ledger")
-        cap = float(node_config["cap-epsilon"]) if node_config.get("cap-epsilon") is not None else None
-        return cls(str(ledger), cap, str(node_config.get("reproducible-noise", False)).lower() == "true")
+        """From the node config: `ledger-dir`, `cap-epsilon`, `reproducible-noise` (true only for
+        trials: NOT PRIVATE); where one is not set, the node's own `spec` (its privacy section, as
+        its ingest and dp_train read it: the same ledger), else $KSG_LEDGER_DIR or RUN/ledger in
+        the node's `run-dir`, no cap, noise from OS entropy."""
+        run_dir = Path(str(node_config["run-dir"]))
+        privacy, base_dir = None, run_dir
+        if node_config.get("spec"):
+            spec, base_dir = load_spec(str(node_config["spec"]))
+            privacy, base_dir = spec.privacy, Path(str(node_config.get("base-dir", base_dir)))
+        ledger = node_config.get("ledger-dir") or ledger_directory(privacy.ledger_dir if privacy else None, base_dir, run_dir)
+        cap = node_config.get("cap-epsilon", privacy.cap_epsilon if privacy else None)
+        reproducible = str(node_config.get("reproducible-noise", False)).lower() == "true" or bool(privacy and privacy.reproducible_noise)
+        return cls(str(ledger), float(cap) if cap is not None else None, reproducible)
 
     def govern(self, task: ClientTask) -> ClientTask:
         """The task with the node's own settings; refused if the server asks for reproducible noise
