@@ -23,7 +23,7 @@ from pipelines.fedtune import Fedtune
 from pipelines.ingest import Ingest, client_records, planning_records, training_records
 from pipelines.synthesize import Synthesize
 from privacy.accounting import default_delta
-from privacy.ledger import ClientLedger, LedgerEntry, compose, data_key, ledger_directory, unit_digests
+from privacy.ledger import ClientLedger, LedgerEntry, check_budget, compose, data_key, ledger_directory, unit_digests
 from privacy.units import UNIT_NAMES
 
 
@@ -86,6 +86,7 @@ def check_pipeline(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_
         if train is not None:
             plan = train.plan(spec.privacy, client_id, planning_records(trained) if train.params.source_stage == "structure" else [r for r in trained if isinstance(r, InstructionRecord)])
             planned.append(plan.mechanism())
+            check_budget(before, client_id, [], plan.delta, None, train.name, plan.units.kind)  # releases at another privacy unit: refused, as the run would
         if synthesize is not None:
             planned.append(synthesize.histogram_mechanism())
         delta = plan.delta if plan else (spec.privacy.delta or default_delta(len(trained)))

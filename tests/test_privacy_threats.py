@@ -190,7 +190,11 @@ def test_releases_at_another_privacy_unit_are_not_summed_as_if_alike(tmp_path: P
     assert run(tmp_path, "a", privacy={"target_epsilon": 3.0, "ledger_dir": "ledger"}, stages=stages) == 0
     capsys.readouterr()
     assert run(tmp_path, "b", privacy={"target_epsilon": 3.0, "ledger_dir": "ledger", "unit": "user"}, stages=stages) == 2
-    assert re.search(r"client 'client_\d': stage 'dp_train' releases at the user level, but this data's earlier releases are at the record level", capsys.readouterr().err)
+    refused = r"client 'client_\d': stage 'dp_train' releases at the user level, but this data's earlier releases are at the record level"
+    assert re.search(refused, capsys.readouterr().err)
+    spec = tiny_spec(stages=stages, privacy={"target_epsilon": 3.0, "ledger_dir": "ledger", "unit": "user"})
+    assert main(["check", str(write_spec(tmp_path, spec, "user.yaml")), "--run-dir", "b"]) == 2  # ksg check says so too
+    assert re.search(refused, capsys.readouterr().err)
     assert run(tmp_path, "c", privacy={"target_epsilon": 3.0, "ledger_dir": "ledger"}, stages=stages) == 0  # the same unit composes as before
 
 
