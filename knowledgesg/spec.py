@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from knowledgesg.builtin_data import BUILTINS
 from knowledgesg.errors import InputError
 
 DataFormat = Literal["auto", "jsonl", "json", "csv", "parquet", "hf_disk"]
@@ -68,6 +69,8 @@ class DataSource(StrictModel):
     def _one_origin(self) -> DataSource:
         if (self.path is None) == (self.builtin is None):
             raise ValueError("give exactly one of 'path' or 'builtin'")
+        if self.builtin is not None and self.builtin not in BUILTINS:  # here, so the error names the spec key
+            raise ValueError(f"unknown builtin data set '{self.builtin}' (known: {', '.join(sorted(BUILTINS))})")
         return self
 
 

@@ -43,7 +43,7 @@ DATA_CASES = [
     ("corrupt-parquet", {"path": "d.parquet"}, _bytes("d.parquet", b"PAR1 this is not parquet"), r"d\.parquet: not a readable Parquet file"),
     ("not-a-dataset-dir", {"path": "ds"}, lambda d: (d / "ds").mkdir(), r"ds: not a saved `datasets` directory"),
     ("unknown-record-field", {"path": "data.jsonl", "fields": {"question": "q"}}, _jsonl(GOOD), r"data\.jsonl: fields maps unknown record field 'question'"),
-    ("unknown-builtin", {"builtin": "fpb_trian"}, None, r"unknown builtin data set 'fpb_trian' \(known: .*fpb_train"),
+    ("unknown-builtin", {"builtin": "fpb_trian"}, None, r"spec\.yaml: clients\.data\[0\]: unknown builtin data set 'fpb_trian' \(known: .*fpb_train"),
     ("builtin-kind-mismatch", {"builtin": "pubmed_abstracts", "kind": "instruction"}, None, r"builtin data set 'pubmed_abstracts' holds text records, but the spec says kind: instruction"),
 ]
 
