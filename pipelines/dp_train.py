@@ -127,7 +127,7 @@ class DPTrain(Stage):
         if n < 2 or p.batch_size >= n:
             raise InputError(f"client '{client_id}': {n} {name}s is too few for dp_train with batch_size {p.batch_size} (need more {name}s than the batch)")
         delta = privacy.delta if privacy.delta is not None else default_delta(n)
-        check_delta(delta, n, name)
+        check_delta(delta, n, name, client_id)
         sample_rate = p.batch_size / n
         steps = max(1, math.ceil(p.epochs / sample_rate))
         if math.isinf(privacy.target_epsilon):

@@ -126,7 +126,7 @@ class Ingest(Stage):
             if spec.privacy.delta is not None:
                 if audit.canaries is not None and audit.canaries.client == client_id:
                     records = records + planted_records(audit.canaries, make_canaries(audit.canaries, spec.seed), client_id)
-                check_delta(spec.privacy.delta, training_units(records, spec.privacy.unit), spec.privacy.unit)
+                check_delta(spec.privacy.delta, training_units(records, spec.privacy.unit), spec.privacy.unit, client_id)
         self._loaded = clients
 
     def run(self, ctx: StageContext) -> None:

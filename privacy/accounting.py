@@ -173,10 +173,10 @@ def default_delta(num_units: int) -> float:
     return min(MAX_DEFAULT_DELTA, 10.0 ** -math.ceil(math.log10(100 * max(1, num_units))))
 
 
-def check_delta(delta: float, num_units: int, unit: str) -> None:
+def check_delta(delta: float, num_units: int, unit: str, client_id: str | None = None) -> None:
     if not 0 < delta < 1.0 / num_units:
         raise InputError(
-            f"privacy.delta = {delta:g} is not below 1/N = {1.0 / num_units:g} for N = {num_units} {unit}s: "
+            (f"client '{client_id}': " if client_id else "") + f"privacy.delta = {delta:g} is not below 1/N = {1.0 / num_units:g} for N = {num_units} {unit}s: "
             f"at that delta a mechanism may publish a {unit} outright; use at most {default_delta(num_units):g}"
         )
 
