@@ -25,6 +25,12 @@ def repeated(values: list[str]) -> list[str]:
     return sorted({v for v in values if values.count(v) > 1})
 
 
+def repeated_as_directories(names: list[str]) -> list[str]:
+    """Names that are one directory on a case-insensitive file system (macOS, Windows): `A`, `a`."""
+    folded = [n.casefold() for n in names]
+    return sorted({n for n, f in zip(names, folded) if folded.count(f) > 1})
+
+
 SAFE_IDENTIFIER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
@@ -91,8 +97,8 @@ class PartitionSpec(StrictModel):
             raise ValueError(f"partition method '{self.method}' needs num_clients or names")
         if self.names is not None and self.num_clients is not None and len(self.names) != self.num_clients:
             raise ValueError(f"names has {len(self.names)} entries but num_clients is {self.num_clients}")
-        if self.names is not None and repeated(self.names):
-            raise ValueError(f"duplicate client name(s): {', '.join(repeated(self.names))}")
+        if self.names is not None and repeated_as_directories(self.names):
+            raise ValueError(f"duplicate client name(s), letter case aside (each is a directory): {', '.join(repeated_as_directories(self.names))}")
         return self
 
 
@@ -117,9 +123,9 @@ class ClientsSpec(StrictModel):
             raise ValueError("no clients: give 'data' with 'partition', or 'members'")
         if pooled and (not self.data or self.partition is None):
             raise ValueError("pooled client data needs both 'data' and 'partition'")
-        duplicates = repeated([m.id for m in self.members])
+        duplicates = repeated_as_directories([m.id for m in self.members])
         if duplicates:
-            raise ValueError(f"duplicate client id(s): {', '.join(duplicates)}")
+            raise ValueError(f"duplicate client id(s), letter case aside (each is a directory): {', '.join(duplicates)}")
         return self
 
     def sources(self) -> list[DataSource]:

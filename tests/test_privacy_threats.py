@@ -400,7 +400,7 @@ def test_the_one_run_bound_includes_its_delta_term():
 # 11. Identifiers from a spec never become paths outside the run -----------------------------------
 
 
-@pytest.mark.parametrize("names", [["../../escape", "b"], ["/tmp/escape", "b"], ["a", "a"]], ids=["traversal", "absolute", "duplicate"])
+@pytest.mark.parametrize("names", [["../../escape", "b"], ["/tmp/escape", "b"], ["a", "a"], ["Bank", "bank"]], ids=["traversal", "absolute", "duplicate", "one-directory-letter-case-aside"])
 def test_unsafe_or_duplicate_client_names_are_refused_before_anything_is_written(tmp_path: Path, monkeypatch, capsys, names):
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
