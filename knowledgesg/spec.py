@@ -303,6 +303,8 @@ def format_validation_error(source: str, error: ValidationError) -> str:
         message = f"unknown key '{loc[-1]}' in {parent}"
     elif first["type"] == "missing":
         message = f"{_where(loc)}: required key is missing"
+    elif first["type"] in ("model_type", "model_attributes_type", "dict_type"):  # pydantic names its class: say what the spec needs
+        message = f"{_where(loc)}: should be a mapping (key: value), got {type(first['input']).__name__}"
     else:
         text = first["msg"].removeprefix("Value error, ")
         message = f"{_where(loc)}: {text}" if loc else text
@@ -346,7 +348,7 @@ def load_spec(path: str | Path) -> tuple[PipelineSpec, Path]:
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         raise InputError(f"{where}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
     if not isinstance(raw, dict):
-        raise InputError(f"{path}: a spec is a YAML mapping, got {type(raw).__name__}")
+        raise InputError(f"{path}: a spec is a YAML mapping (key: value), got {'an empty file' if raw is None else type(raw).__name__}")
     return parse_spec(raw, source=str(path)), path.parent.resolve()
 
 

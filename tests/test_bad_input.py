@@ -90,6 +90,7 @@ SPEC_CASES = [
     ("duplicate-stage", lambda s: s.update(stages=["ingest", "ingest"]), r"stages: stage 'ingest' appears more than once"),
     ("unknown-model", lambda s: s["models"].update(base="smollm3"), r"model 'smollm3': not a registered name"),
     ("too-many-clients", lambda s: s["clients"]["partition"].update(num_clients=50, names=None), r"partition: client 'client_\d+' got 0 records"),
+    ("section-not-a-mapping", lambda s: s.update(models=3), r"spec\.yaml: models: should be a mapping \(key: value\), got int"),
 ]
 
 
@@ -135,7 +136,7 @@ def test_missing_spec_file(workdir: Path, capsys):
 def test_spec_that_is_not_a_mapping(workdir: Path, capsys):
     (workdir / "spec.yaml").write_text("- just\n- a list\n", encoding="utf-8")
     assert main(["run", "spec.yaml"]) == 2
-    assert "a spec is a YAML mapping, got list" in capsys.readouterr().err
+    assert "a spec is a YAML mapping (key: value), got list" in capsys.readouterr().err
 
 
 def test_bad_input_on_resume_keeps_earlier_work(workdir: Path, capsys):
