@@ -203,6 +203,23 @@ def build_tiny_random_embedder(out: Path, seed: int = 0) -> str:
 TINY_EMBEDDER = "tiny-random-embedder"
 
 
+def check_model_name(name: str) -> str:
+    """What `resolve_model` will make of a name, checked without building or converting anything:
+    "packaged", "tiny", "local" or "hub"; the same one-line error for a name it would refuse."""
+    if name in (TINY, TINY_EMBEDDER):
+        return "tiny"
+    if name in REGISTRY:
+        return "packaged"
+    if Path(name).expanduser().is_dir():
+        if not (Path(name).expanduser() / "config.json").is_file():
+            raise InputError(f"model '{name}': directory has no config.json (not a saved Hugging Face model)")
+        return "local"
+    if "/" in name and not name.startswith((".", "/", "~")):
+        return "hub"
+    known = ", ".join([*REGISTRY, TINY, TINY_EMBEDDER])
+    raise InputError(f"model '{name}': not a registered name ({known}), a local model directory, or a Hugging Face id (owner/name)")
+
+
 def resolve_model(name: str, cache_dir: Path | None = None) -> ResolvedModel:
     """Turn a model name from the spec into something transformers can load offline."""
     cache = cache_root(cache_dir)
@@ -216,17 +233,12 @@ def resolve_model(name: str, cache_dir: Path | None = None) -> ResolvedModel:
         entry = REGISTRY[name]
         builder = _convert_gguf if entry.kind == "causal-lm" else _copy_embedder
         path = _build_cached(name, cache, lambda out: builder(entry, out))
-    elif Path(name).expanduser().is_dir():
+    elif check_model_name(name) == "local":
         path = Path(name).expanduser().resolve()
-        if not (path / "config.json").is_file():
-            raise InputError(f"model '{name}': directory has no config.json (not a saved Hugging Face model)")
         kind = "embedder" if (path / "modules.json").is_file() else "causal-lm"
         return ResolvedModel(name, str(path), kind, _weights_sha(path) or None, f"local directory {path}")
-    elif "/" in name and not name.startswith((".", "/", "~")):
+    else:  # a Hugging Face id (check_model_name refused anything else)
         return ResolvedModel(name, name, "causal-lm", None, f"Hugging Face model {name}")
-    else:
-        known = ", ".join([*REGISTRY, TINY, TINY_EMBEDDER])
-        raise InputError(f"model '{name}': not a registered name ({known}), a local model directory, or a Hugging Face id (owner/name)")
     marker = _read_marker(path)
     kind = REGISTRY[name].kind if name in REGISTRY else "causal-lm"
     return ResolvedModel(name, str(path), kind, marker["weights_sha256"], marker["description"])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from knowledgesg.errors import InputError
-from knowledgesg.models import REGISTRY, TINY, source_files
+from knowledgesg.models import check_model_name, source_files
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import PipelineSpec
 from knowledgesg.stage import Stage
@@ -55,12 +55,16 @@ def model_notes(spec: PipelineSpec) -> list[tuple[str, str, str]]:
         name = getattr(spec.models, role)
         if name is None:
             continue
-        if name in REGISTRY:
+        try:
+            kind = check_model_name(name)
+        except InputError as err:
+            raise InputError(f"models.{role}: {err}") from None
+        if kind == "packaged":
             source_files(name)  # raises, naming the pip line, when a package is missing
             notes.append((role, name, "packaged: installed"))
-        elif name == TINY:
+        elif kind == "tiny":
             notes.append((role, name, "built from a config"))
-        elif Path(name).expanduser().is_dir():
+        elif kind == "local":
             notes.append((role, name, "local directory: found"))
         else:
             notes.append((role, name, "a Hugging Face id: not checked offline (loaded at run time)"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import unmakeable_directory
-from knowledgesg.models import REGISTRY, TINY, cache_root, resolve_model, source_files
+from knowledgesg.models import REGISTRY, TINY, cache_root, check_model_name, resolve_model, source_files
 from knowledgesg.spec import PipelineSpec
 from knowledgesg.stage import Stage, StageContext
 
@@ -32,6 +32,11 @@ class PrepareModels(Stage):
         return [file for name in named_models(spec).values() for file in source_files(name)]
 
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
+        for role, name in named_models(spec).items():
+            try:
+                check_model_name(name)
+            except InputError as err:
+                raise InputError(f"models.{role}: {err}") from None
         if not any(name in REGISTRY or name == TINY for name in named_models(spec).values()):
             return  # local directories and Hugging Face ids are read where they are
         root = cache_root(spec.models.cache_dir)

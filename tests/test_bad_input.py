@@ -88,7 +88,8 @@ SPEC_CASES = [
     ("path-and-builtin", lambda s: s["clients"]["data"][0].update(builtin="fpb_train"), r"give exactly one of 'path' or 'builtin'"),
     ("names-count-mismatch", lambda s: s["clients"]["partition"].update(names=["a", "b", "c"]), r"names has 3 entries but num_clients is 2"),
     ("duplicate-stage", lambda s: s.update(stages=["ingest", "ingest"]), r"stages: stage 'ingest' appears more than once"),
-    ("unknown-model", lambda s: s["models"].update(base="smollm3"), r"model 'smollm3': not a registered name"),
+    ("unknown-model", lambda s: s["models"].update(base="smollm3"), r"models\.base: model 'smollm3': not a registered name"),
+    ("model-directory-without-config", lambda s: s["models"].update(professional="."), r"models\.professional: model '\.': directory has no config\.json"),
     ("too-many-clients", lambda s: s["clients"]["partition"].update(num_clients=50, names=None), r"partition: client 'client_\d+' got 0 records"),
     ("section-not-a-mapping", lambda s: s.update(models=3), r"spec\.yaml: models: should be a mapping \(key: value\), got int"),
 ]
@@ -97,7 +98,7 @@ SPEC_CASES = [
 @pytest.mark.parametrize("case_id,mutate,pattern", SPEC_CASES, ids=[c[0] for c in SPEC_CASES])
 def test_bad_spec_is_one_line_exit_2(workdir: Path, capsys, case_id, mutate, pattern):
     spec = tiny_spec()
-    if case_id == "unknown-model":
+    if case_id in ("unknown-model", "model-directory-without-config"):
         spec["stages"] = ["prepare_models", "ingest"]
     mutate(spec)
     path = write_spec(workdir, spec)
