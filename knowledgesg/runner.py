@@ -156,6 +156,26 @@ def chain_after(manifest: Manifest) -> str:
     return sha256_text((manifest.content_fingerprint or manifest.fingerprint) + manifest.outputs_digest())
 
 
+class Chain:
+    """What each stage's fingerprint takes from the stages before it: for most, all of them (the
+    last one's content fingerprint and outputs, which hold the rest); for a stage that declares
+    `reads`, only those. A stage after it still depends on everything before it."""
+
+    def __init__(self) -> None:
+        self.running = "root"
+        self.links: dict[str, str] = {}
+
+    def before(self, stage: Stage) -> str:
+        if stage.reads is None:
+            return self.running
+        return sha256_text(canonical_json({name: self.links.get(name) for name in stage.reads}))
+
+    def add(self, stage: Stage, manifest: Manifest) -> None:
+        link = chain_after(manifest)
+        self.links[stage.name] = link
+        self.running = link if stage.reads is None else sha256_text(self.running + link)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -279,23 +299,23 @@ class Runner:
         outputs turn out tampered with then reruns, and checks its input as it runs."""
         key = existing_client_key(self.run_dir, self.spec) if self.run_dir.is_dir() else None
         hashes = HashCache(self.run_dir / ".input_hashes.json")
-        previous = "root"
+        chain = Chain()
         for index, stage in enumerate(self.stages):
             manifest = read_manifest(self.run_dir / "stages" / stage.name)
             if self.role.receives(stage):  # judged when it is received
                 if manifest is None:
                     return index
-                previous = chain_after(manifest)
+                chain.add(stage, manifest)
                 continue
-            fingerprint = stage_fingerprint(stage, self.spec, self.base_dir, previous, hashes, key)
+            fingerprint = stage_fingerprint(stage, self.spec, self.base_dir, chain.before(stage), hashes, key)
             if manifest is None or fingerprint.full != manifest.fingerprint and not (stage.releases() and fingerprint.content == manifest.content_fingerprint):
                 return index
-            previous = chain_after(manifest)
+            chain.add(stage, manifest)
         return len(self.stages)
 
     def _run_stages(self, key: bytes) -> list[StageOutcome]:
         hashes = HashCache(self.run_dir / ".input_hashes.json")
-        outcomes, previous = [], "root"
+        outcomes, chain = [], Chain()
         if self.role.kind == "server":
             assert self.role.exchange is not None
             receive_ledgers(self.run_dir, self.role.exchange, [m.id for m in self.spec.clients.members])
@@ -306,9 +326,9 @@ class Runner:
                                               stage.params.model_dump(mode="json"), self.spec.seed)
                 outcomes.append(StageOutcome(stage.name, "received" if new else "cached", manifest.duration_s, manifest.record_count(), peak_rss_mib=manifest.peak_rss_mib))
                 append_event(self.run_dir, stage=stage.name, status="received" if new else "cached")
-                previous = chain_after(manifest)
+                chain.add(stage, manifest)
                 continue
-            fingerprint = stage_fingerprint(stage, self.spec, self.base_dir, previous, hashes, key)
+            fingerprint = stage_fingerprint(stage, self.spec, self.base_dir, chain.before(stage), hashes, key)
             hashes.save()
             stage_dir = self.run_dir / "stages" / stage.name
             manifest, status, reason = reusable_manifest(stage, stage_dir, fingerprint, key)
@@ -323,7 +343,7 @@ class Runner:
                     console.print(f"[yellow]{stage.name}[/]: {reason}; rerunning")
                 manifest = self._execute(stage, stage_dir, fingerprint, key)
                 outcomes.append(StageOutcome(stage.name, "ran", manifest.duration_s, manifest.record_count(), reason, manifest.peak_rss_mib))
-            previous = chain_after(manifest)
+            chain.add(stage, manifest)
         return outcomes
 
     def _execute(self, stage: Stage, stage_dir: Path, fingerprint: Fingerprint, key: bytes) -> Manifest:
@@ -340,7 +360,8 @@ class Runner:
         stage_dir.mkdir(parents=True, exist_ok=True)
         if not resumable:
             write_text(started_with, fingerprint.full)
-        ctx = StageContext(spec=self.spec, base_dir=self.base_dir, run_dir=self.run_dir, stage_dir=stage_dir, stage_name=stage.name, runs_on=stage.runs_on, role=self.role.kind)
+        ctx = StageContext(spec=self.spec, base_dir=self.base_dir, run_dir=self.run_dir, stage_dir=stage_dir, stage_name=stage.name, runs_on=stage.runs_on, role=self.role.kind,
+                           reads=stage.reads)
         started_at, start = _now(), time.perf_counter()
         append_event(self.run_dir, stage=stage.name, status="started")
         try:

@@ -38,6 +38,11 @@ class Stage:
     # True when the external inputs are private data: their digests are then keyed (HMAC), so a
     # manifest cannot be used to confirm a guess of the data.
     private_inputs: ClassVar[bool] = False
+    # The earlier stages whose artifacts the stage reads, where that is fewer than all before it
+    # (None: any). Its fingerprint then follows those only, so a change to another earlier stage
+    # does not rerun it (tune_professional: public data only, not synthesize's output); the
+    # context refuses it any other stage's artifact, so the fingerprint cannot miss an input.
+    reads: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, params: BaseModel) -> None:
         self.params = params
@@ -76,6 +81,7 @@ class StageContext:
     stage_name: str = ""
     runs_on: str = "any"
     role: str = "all"  # "all" (the simulation), "client" or "server": see knowledgesg.roles
+    reads: tuple[str, ...] | None = None  # the stage's `reads`: the only earlier stages it may read
     declared: dict[str, tuple[int | None, str]] = field(default_factory=dict)  # path -> (records, side)
 
     @property
@@ -151,6 +157,8 @@ class StageContext:
 
     def artifact(self, stage: str, relative: str) -> Path:
         """A completed earlier stage's output; refuses what its manifest does not list."""
+        if self.reads is not None and stage not in self.reads:
+            raise KsgError(f"stage '{self.stage_name}' reads only {', '.join(self.reads)} (its fingerprint covers no other stage), not '{stage}'")
         stage_dir = self.run_dir / "stages" / stage
         manifest = read_manifest(stage_dir)
         if manifest is None:

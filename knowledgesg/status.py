@@ -9,7 +9,7 @@ from knowledgesg.client_key import existing_client_key
 from knowledgesg.fileio import read_jsonl
 from knowledgesg.manifest import read_manifest
 from knowledgesg.roles import Role, check_role
-from knowledgesg.runner import EVENTS, HashCache, chain_after, reusable_manifest, stage_fingerprint
+from knowledgesg.runner import EVENTS, Chain, HashCache, reusable_manifest, stage_fingerprint
 from knowledgesg.spec import PipelineSpec
 from knowledgesg.stage import Stage
 
@@ -40,39 +40,39 @@ def run_status(run_dir: Path, spec: PipelineSpec, base_dir: Path, stages: list[S
     hashes = HashCache(run_dir / ".input_hashes.json")
     key = existing_client_key(run_dir, spec)
     events = _last_events(run_dir)
-    states, previous = [], "root"
+    states, chain, current = [], Chain(), True  # current: every stage so far is done (after one that is not, nothing can be)
     for stage in check_role(role, spec, stages, str(run_dir)):
         stage_dir = run_dir / "stages" / stage.name
         manifest = read_manifest(stage_dir)
         last = events.get(stage.name, {})
         if role.receives(stage):
-            if manifest is not None and manifest.received and previous:
+            if manifest is not None and manifest.received and current:
                 states.append(StageState(stage.name, "received", manifest.duration_s, manifest.record_count(), manifest.finished_at, f"from {', '.join(manifest.received)}"))
-                previous = chain_after(manifest)
+                chain.add(stage, manifest)
             else:
                 states.append(StageState(stage.name, "pending", None, None, None, "waiting for the clients' releases"))
-                previous = ""
+                current = False
             continue
-        fingerprint = stage_fingerprint(stage, spec, base_dir, previous, hashes, key) if previous else None
+        fingerprint = stage_fingerprint(stage, spec, base_dir, chain.before(stage), hashes, key) if current else None
         reusable, status, problem = reusable_manifest(stage, stage_dir, fingerprint, key) if fingerprint else (None, "", "")
         if reusable is not None:
             state = "kept" if status == "kept" else ("cached" if last.get("status") == "cached" else "done")
             detail = "code changed; its privacy release is kept" if status == "kept" else ""
             states.append(StageState(stage.name, state, manifest.duration_s, manifest.record_count(), manifest.finished_at, detail, manifest.peak_rss_mib))
-            previous = chain_after(manifest)
+            chain.add(stage, manifest)
             continue
         if manifest is not None and problem and "changed since" not in problem:
             states.append(StageState(stage.name, "stale", manifest.duration_s, manifest.record_count(), manifest.finished_at, problem, manifest.peak_rss_mib))
-            previous = ""
+            current = False
             continue
         if manifest is not None and fingerprint is not None and manifest.content_fingerprint == fingerprint.content:
             # only the code changed: `ksg run` reruns it, and if its outputs come out the same the
             # stages after it are judged as before, so the chain goes on
             states.append(StageState(stage.name, "stale", manifest.duration_s, manifest.record_count(), manifest.finished_at,
                                      "the code changed since it ran; `ksg run` reruns it", manifest.peak_rss_mib))
-            previous = chain_after(manifest)
+            chain.add(stage, manifest)
             continue
-        previous = ""  # nothing after an incomplete stage can be current
+        current = False  # nothing after an incomplete stage can be current
         if last.get("status") == "failed":
             states.append(StageState(stage.name, "failed", None, None, last.get("time"), last.get("message", "")))
         elif manifest is not None:

@@ -64,6 +64,7 @@ class TuneProfessional(Stage):
     Params = TuneProfessionalParams
     runs_on = "server"
     uses = ("models", "clients")  # a change of the clients' data sources in the spec reruns the stage, and so its check
+    reads = ("prepare_models",)  # not synthesize's pairs: changing them does not retune the professional
 
     def requires(self) -> tuple[str, ...]:
         return ("prepare_models",)

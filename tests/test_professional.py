@@ -155,3 +155,38 @@ def test_a_pipeline_refines_with_the_tuned_professional(tmp_path: Path):
         for d in decisions:
             agree = d["professional_label"] == d["synthetic_response"]
             assert d["kept"] == agree and (agree or d["dropped_by"] == "labels disagree")
+
+
+def test_a_change_to_a_stage_the_professional_does_not_read_does_not_retune_it(tmp_path: Path):
+    """tune_professional reads only prepare_models (and public data): a change to dp_train before it
+    reruns dp_train and what reads it, not the tuning (28 minutes at the headline's scale)."""
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    write_jsonl(tmp_path / "public.jsonl", public_rows())
+    tune = dict(TUNE, params=dict(TUNE["params"], epochs=1))
+
+    def run(learning_rate: float, tune_params: dict) -> dict[str, str]:
+        train = {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48, "learning_rate": learning_rate}}
+        spec = tiny_spec(stages=["prepare_models", "ingest", train, dict(tune, params=tune_params)], models=MODELS)
+        assert run_in(tmp_path, "run", str(write_spec(tmp_path, spec)), "--run-dir", "run") == 0
+        return {stage: json.loads((tmp_path / f"run/stages/{stage}/manifest.json").read_text())["finished_at"] for stage in ("dp_train", "tune_professional")}
+
+    first = run(1e-3, tune["params"])
+    second = run(2e-3, tune["params"])
+    assert second["dp_train"] != first["dp_train"] and second["tune_professional"] == first["tune_professional"]
+    third = run(2e-3, dict(tune["params"], learning_rate=0.02))  # its own parameters: it reruns
+    assert third["tune_professional"] != second["tune_professional"] and third["dp_train"] == second["dp_train"]
+    from knowledgesg.runner import load_run_role, load_run_spec
+    from knowledgesg.status import run_status
+    from pipelines import build_stages
+
+    spec, base_dir = load_run_spec(tmp_path / "run")
+    assert {s.state for s in run_status(tmp_path / "run", spec, base_dir, build_stages(spec, "spec"), load_run_role(tmp_path / "run"))} <= {"done", "cached"}
+
+
+def test_a_stage_that_declares_what_it_reads_is_refused_anything_else(tmp_path: Path):
+    from knowledgesg.errors import KsgError
+    from knowledgesg.stage import StageContext
+
+    ctx = StageContext(spec=None, base_dir=tmp_path, run_dir=tmp_path, stage_dir=tmp_path / "stages/tune_professional", stage_name="tune_professional", reads=("prepare_models",))
+    with pytest.raises(KsgError, match="reads only prepare_models .* not 'synthesize'"):
+        ctx.artifact("synthesize", "clients/a/synthetic.jsonl")
