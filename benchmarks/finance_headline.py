@@ -242,6 +242,11 @@ def run(args, name: str, spec_: dict, times: dict) -> None:
                                                       if source in STORE.runs() else ""), flush=True)
             return
         shutil.copytree(workdir / source, run_dir)
+    elif name.startswith("A") and not (run_dir / "stages").is_dir():
+        shared = share_professional(workdir, run_dir)
+        if shared:
+            (run_dir / SHARED).write_text(json.dumps({"from": shared, "finished_at": professional_finished_at(run_dir)}))
+            print(f"run {name}: tune_professional from {shared} (public data only; `ksg run` reruns it unless its fingerprint matches)", flush=True)
     print(f"[{time.strftime('%H:%M:%S')}] run {name}", flush=True)
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec_, sort_keys=False))
@@ -249,10 +254,35 @@ def run(args, name: str, spec_: dict, times: dict) -> None:
     times[name] = round(times.get(name, 0) + seconds, 1)
     (workdir / "times.json").write_text(json.dumps(times, indent=1))
     (workdir / f"{name}.done").write_text(spec_digest(spec_))
+    shared = json.loads((run_dir / SHARED).read_text()) if (run_dir / SHARED).is_file() else None
+    kept = shared is not None and shared["finished_at"] == professional_finished_at(run_dir)  # not rerun: the copy's manifest
     STORE.save(name, spec_, times[name], rows={k: asdict(v) for k, v in rows_of(name, results(args, name, spec_)).items()},
+               **({"note": f"its tune_professional is {shared['from']}'s (public data, the same fingerprint: kept), so its time leaves that stage out"} if kept else {}),
                details=details(workdir / name) if name.startswith("A") else [],
                **({"dp_releases": ledger_release_ids(workdir / name)} if name.startswith(("A", "B")) else {}),
                **({"synthetic_pairs": synthetic_pairs(args, name, spec_)} if name.startswith("A") else {}))
+
+
+SHARED = "shared_professional.json"  # in a run directory: whose tune_professional was copied in, and its manifest's time
+
+
+def professional_finished_at(run_dir: Path) -> str | None:
+    manifest = run_dir / "stages/tune_professional/manifest.json"
+    return json.loads(manifest.read_text())["finished_at"] if manifest.is_file() else None
+
+
+def share_professional(workdir: Path, run_dir: Path) -> str | None:
+    """Into a new pipeline run at another epsilon, the professional another run in the work
+    directory tuned: it reads public data only and the same spec sections at every epsilon, and
+    its fingerprint does not follow dp_train's (`Stage.reads`), so `ksg run` keeps it where the
+    code and parameters are the same and reruns it where they are not. The run it came from, or None."""
+    for other in sorted(workdir.glob("A*/stages/tune_professional/manifest.json")):
+        source = other.parents[2]
+        if source != run_dir:
+            (run_dir / "stages").mkdir(parents=True)
+            shutil.copytree(other.parent, run_dir / "stages/tune_professional")
+            return source.name
+    return None
 
 
 def results(args, name: str, spec_: dict) -> dict:

@@ -212,3 +212,16 @@ def test_a_copied_runs_rows_are_marked_when_its_source_was_measured_again_on_new
     measure("A8", 0.46, ["t1", "t2", "t3"])
     ablation = next(line for line in finance_headline.ablation_table(args, "8", specs) if "FiQA's public training set" in line)
     assert "on the DP adapters of an earlier A8" in ablation
+
+
+def test_a_new_pipeline_run_starts_from_another_runs_professional(tmp_path):
+    """The professional is tuned on public data with the same fingerprint at every epsilon: a new A
+    run gets a copy (ksg run keeps it only if its fingerprint matches); nothing to copy, nothing done."""
+    assert finance_headline.share_professional(tmp_path, tmp_path / "A2") is None and not (tmp_path / "A2").exists()
+    stage = tmp_path / "A1/stages/tune_professional"
+    stage.mkdir(parents=True)
+    (stage / "manifest.json").write_text(json.dumps({"finished_at": "2026-12-04T22:00:00+00:00"}))
+    (stage / "adapter.bin").write_bytes(b"weights")
+    assert finance_headline.share_professional(tmp_path, tmp_path / "A2") == "A1"
+    assert (tmp_path / "A2/stages/tune_professional/adapter.bin").read_bytes() == b"weights"
+    assert finance_headline.professional_finished_at(tmp_path / "A2") == "2026-12-04T22:00:00+00:00"
