@@ -40,8 +40,9 @@ class Stage:
     private_inputs: ClassVar[bool] = False
     # The earlier stages whose artifacts the stage reads, where that is fewer than all before it
     # (None: any). Its fingerprint then follows those only, so a change to another earlier stage
-    # does not rerun it (tune_professional: public data only, not synthesize's output); the
-    # context refuses it any other stage's artifact, so the fingerprint cannot miss an input.
+    # does not rerun it (tune_professional: public data only, not synthesize's output). The
+    # context refuses it any other stage's artifact or ledger (`artifact`, `completed_stages_before`);
+    # a stage that declares `reads` must read earlier outputs through those only.
     reads: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, params: BaseModel) -> None:
@@ -174,6 +175,8 @@ class StageContext:
         """Names of the stages before this one in the spec that have completed."""
         names = [s.name for s in self.spec.stages]
         earlier = names[: names.index(self.stage_name)] if self.stage_name in names else []
+        if self.reads is not None:  # the stages its fingerprint follows, no others
+            earlier = [n for n in earlier if n in self.reads]
         return [n for n in earlier if read_manifest(self.run_dir / "stages" / n) is not None]
 
     def read_artifact_json(self, stage: str, relative: str) -> Any:

@@ -53,7 +53,9 @@ def run_status(run_dir: Path, spec: PipelineSpec, base_dir: Path, stages: list[S
                 states.append(StageState(stage.name, "pending", None, None, None, "waiting for the clients' releases"))
                 current = False
             continue
-        fingerprint = stage_fingerprint(stage, spec, base_dir, chain.before(stage), hashes, key) if current else None
+        # a stage that declares what it reads is judged by those stages alone, as `ksg run` judges it
+        judged = current or (stage.reads is not None and all(name in chain.links for name in stage.reads))
+        fingerprint = stage_fingerprint(stage, spec, base_dir, chain.before(stage), hashes, key) if judged else None
         reusable, status, problem = reusable_manifest(stage, stage_dir, fingerprint, key) if fingerprint else (None, "", "")
         if reusable is not None:
             state = "kept" if status == "kept" else ("cached" if last.get("status") == "cached" else "done")
