@@ -162,6 +162,11 @@ def hmac_file(path: str | Path, key: bytes) -> str:
     return KEYED_PREFIX + digest.hexdigest()
 
 
+def hmac_text(key: bytes, text: str) -> str:
+    """`hmac_file` of a short text (a file's size and mtime, a record's digest)."""
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+
+
 def sha256_text(text: str) -> str:
     return sha256_bytes(text.encode("utf-8"))
 

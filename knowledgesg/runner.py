@@ -12,10 +12,8 @@ manifest (or with one for another fingerprint) is wiped and the stage rerun from
 from __future__ import annotations
 
 import fcntl
-import json
-import hashlib
-import hmac
 import importlib
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -30,7 +28,7 @@ from knowledgesg.client_key import client_key, existing_client_key
 from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.exchange import export_releases, receive_ledgers, receive_stage
-from knowledgesg.fileio import canonical_json, hmac_file, read_json, sha256_file, sha256_text, unmakeable_directory, write_json, write_text
+from knowledgesg.fileio import canonical_json, hmac_file, hmac_text, read_json, sha256_file, sha256_text, unmakeable_directory, write_json, write_text
 from knowledgesg.manifest import MANIFEST, Manifest, output_entry, read_manifest, verify_outputs, write_manifest
 from knowledgesg.memory import PeakMemory
 from knowledgesg.roles import Role, check_role, narrow_to_client
@@ -80,7 +78,7 @@ class HashCache:
         name = ("keyed:" if key is not None else "") + str(file.resolve())
         signature: list = [stat.st_size, stat.st_mtime_ns]
         if key is not None:
-            signature = [hmac.new(key, f"{stat.st_size}:{stat.st_mtime_ns}".encode(), hashlib.sha256).hexdigest()]
+            signature = [hmac_text(key, f"{stat.st_size}:{stat.st_mtime_ns}")]
         entry = self.entries.get(name)
         if entry and entry[:-1] == signature:
             return entry[-1]

@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from knowledgesg.errors import InputError
-from knowledgesg.models import check_model_name, source_files
+from knowledgesg.models import source_files
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import PipelineSpec
 from knowledgesg.stage import Stage
 from pipelines.dp_train import DPTrain
 from pipelines.fedtune import Fedtune
 from pipelines.ingest import Ingest, client_records, planning_records, training_records
+from pipelines.prepare_models import model_kinds
 from pipelines.synthesize import Synthesize
 from privacy.accounting import default_delta
 from privacy.ledger import ClientLedger, LedgerEntry, check_budget, compose, data_key, ledger_directory, unit_digests
@@ -48,26 +49,18 @@ class ClientCheck:
         return self.cap is None or self.total_epsilon <= self.cap
 
 
+MODEL_NOTES = {"packaged": "packaged: installed", "tiny": "built from a config", "local": "local directory: found",
+               "hub": "a Hugging Face id: not checked offline (loaded at run time)"}
+
+
 def model_notes(spec: PipelineSpec) -> list[tuple[str, str, str]]:
     """(role, name, what was checked) for each model of the spec; a missing package is an error."""
     notes = []
-    for role in ("base", "professional", "embedder"):
+    for role, kind in model_kinds(spec).items():
         name = getattr(spec.models, role)
-        if name is None:
-            continue
-        try:
-            kind = check_model_name(name)
-        except InputError as err:
-            raise InputError(f"models.{role}: {err}") from None
         if kind == "packaged":
             source_files(name)  # raises, naming the pip line, when a package is missing
-            notes.append((role, name, "packaged: installed"))
-        elif kind == "tiny":
-            notes.append((role, name, "built from a config"))
-        elif kind == "local":
-            notes.append((role, name, "local directory: found"))
-        else:
-            notes.append((role, name, "a Hugging Face id: not checked offline (loaded at run time)"))
+        notes.append((role, name, MODEL_NOTES[kind]))
     return notes
 
 

@@ -121,12 +121,9 @@ class Ingest(Stage):
         if audit.canaries is not None and audit.canaries.client not in clients:
             raise InputError(f"audit.canaries.client: no client '{audit.canaries.client}' (clients: {', '.join(clients)})")
         for client_id, records in clients.items():
-            if audit.holdout_per_client:
-                records, _ = hold_out(records, audit.holdout_per_client, spec.seed, client_id)
+            trained = training_records(spec, client_id, records)  # the holdout checked here too
             if spec.privacy.delta is not None:
-                if audit.canaries is not None and audit.canaries.client == client_id:
-                    records = records + planted_records(audit.canaries, make_canaries(audit.canaries, spec.seed), client_id)
-                check_delta(spec.privacy.delta, training_units(records, spec.privacy.unit), spec.privacy.unit, client_id)
+                check_delta(spec.privacy.delta, training_units(trained, spec.privacy.unit), spec.privacy.unit, client_id)
         self._loaded = clients
 
     def run(self, ctx: StageContext) -> None:

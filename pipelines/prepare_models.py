@@ -10,7 +10,7 @@ from pathlib import Path
 
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import unmakeable_directory
-from knowledgesg.models import REGISTRY, TINY, cache_root, check_model_name, resolve_model, source_files
+from knowledgesg.models import cache_root, check_model_name, resolve_model, source_files
 from knowledgesg.spec import PipelineSpec
 from knowledgesg.stage import Stage, StageContext
 
@@ -19,6 +19,17 @@ ROLES = ("base", "professional", "embedder")
 
 def named_models(spec: PipelineSpec) -> dict[str, str]:
     return {role: getattr(spec.models, role) for role in ROLES if getattr(spec.models, role)}
+
+
+def model_kinds(spec: PipelineSpec) -> dict[str, str]:
+    """Each named model's kind (`check_model_name`), a name it would refuse naming its spec key."""
+    kinds = {}
+    for role, name in named_models(spec).items():
+        try:
+            kinds[role] = check_model_name(name)
+        except InputError as err:
+            raise InputError(f"models.{role}: {err}") from None
+    return kinds
 
 
 class PrepareModels(Stage):
@@ -32,13 +43,8 @@ class PrepareModels(Stage):
         return [file for name in named_models(spec).values() for file in source_files(name)]
 
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
-        for role, name in named_models(spec).items():
-            try:
-                check_model_name(name)
-            except InputError as err:
-                raise InputError(f"models.{role}: {err}") from None
-        if not any(name in REGISTRY or name == TINY for name in named_models(spec).values()):
-            return  # local directories and Hugging Face ids are read where they are
+        if not {"packaged", "tiny"} & set(model_kinds(spec).values()):
+            return  # local directories and Hugging Face ids are read where they are, not from the cache
         root = cache_root(spec.models.cache_dir)
         problem = unmakeable_directory(root)
         if problem:

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import fcntl
 import functools
-import hashlib
-import hmac
 import json
 import math
 import os
@@ -44,7 +42,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from knowledgesg.errors import InputError, KsgError
-from knowledgesg.fileio import canonical_json, read_json, sha256_text
+from knowledgesg.fileio import canonical_json, hmac_text, read_json, sha256_text, write_text
 from knowledgesg.manifest import read_manifest
 from privacy.accounting import Epsilons, Mechanism, epsilon_pld, epsilon_prv_or_none, epsilon_rdp
 
@@ -177,9 +175,7 @@ class ClientLedger:
         if self.client_id is None or not self.digests or self.units_path.is_file():
             return
         units = sorted(_keyed(_unit_secret(self.path.parent, create=True), self.digests))
-        tmp = self.units_path.with_name(f".{self.units_path.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps({"client_id": self.client_id, "units": units}))
-        tmp.replace(self.units_path)
+        write_text(self.units_path, json.dumps({"client_id": self.client_id, "units": units}))
 
     def entries(self) -> list[LedgerEntry]:
         """Every release of this data set and of the client's other data sets in the directory
@@ -201,9 +197,9 @@ class ClientLedger:
             mine = _keyed(secret, self.digests)
         found = []
         for ledger_path in sorted(self.path.parent.glob("*.jsonl")):
-            other = ClientLedger(ledger_path)
             if ledger_path == self.path:
                 continue
+            other = ClientLedger(ledger_path)
             if other.units_path.is_file():
                 kept = json.loads(other.units_path.read_text())
                 if kept["client_id"] == self.client_id and mine.intersection(kept["units"]):
@@ -241,7 +237,7 @@ class ClientLedger:
 
 
 def _keyed(secret: bytes, digests: Iterable[str]) -> set[str]:
-    return {hmac.new(secret, digest.encode(), hashlib.sha256).hexdigest()[:32] for digest in digests}
+    return {hmac_text(secret, digest)[:32] for digest in digests}
 
 
 def _unit_secret(directory: Path, create: bool) -> bytes | None:
