@@ -19,6 +19,16 @@ import finance_headline  # noqa: E402
 from _common import RunStore, spec_digest  # noqa: E402
 
 
+def headline(tmp_path, monkeypatch, *argv: str):
+    """finance_headline's arguments (a work directory of its own, `argv` added), its plan, and an
+    empty store of its own in place of the committed one."""
+    monkeypatch.setattr(sys, "argv", ["finance_headline.py", "--workdir", str(tmp_path), *argv])
+    args = finance_headline.parse_args()
+    store = RunStore(tmp_path / "runs.json")
+    monkeypatch.setattr(finance_headline, "STORE", store)
+    return args, finance_headline.plan(args), store
+
+
 def test_an_entry_is_found_only_for_the_spec_it_ran_and_a_save_leaves_no_temp_file(tmp_path):
     store = RunStore(tmp_path / "runs.json")
     assert store.entry("A8", {"epochs": 2}) is None
@@ -67,11 +77,7 @@ def test_a_headline_row_averages_macro_f1_over_tasks_and_banks_and_a_stored_row_
 
 
 def test_full_eval_scores_a_finished_runs_models_on_every_item_and_keeps_the_rows_in_its_entry(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["finance_headline.py", "--workdir", str(tmp_path)])
-    args = finance_headline.parse_args()
-    specs = finance_headline.plan(args)
-    store = RunStore(tmp_path / "runs.json")
-    monkeypatch.setattr(finance_headline, "STORE", store)
+    args, specs, store = headline(tmp_path, monkeypatch)
     calls = []
 
     def fake_ksg(*argv):  # what `ksg eval` writes: every model it was asked for, both modes
@@ -107,11 +113,7 @@ def test_full_eval_scores_a_finished_runs_models_on_every_item_and_keeps_the_row
     assert "fpb 10, fiqa 10, tfns 10" in table and "| 4b | DP-FedAvg" in table and "**0.300** +- " in table and "**0.500** +- " in table
 
 def test_the_ablation_table_counts_the_pairs_the_final_tuning_reads_here_and_from_the_store(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["finance_headline.py", "--workdir", str(tmp_path), "--ablations", "public,unrefined_public"])
-    args = finance_headline.parse_args()
-    specs = finance_headline.plan(args)
-    store = RunStore(tmp_path / "runs.json")
-    monkeypatch.setattr(finance_headline, "STORE", store)
+    args, specs, store = headline(tmp_path, monkeypatch, "--ablations", "public,unrefined_public")
     assert finance_headline.final_stage(specs["A8"]) == "refine" and finance_headline.final_stage(specs["A8-unrefined_public"]) == "synthesize"
     row = {"final": {"acc": {t: 0.5 for t in finance_headline.TASKS}, "mean": 0.5, "se": 0.01}}
     # A8-unrefined_public finished here: its own files are counted (synthesize's, since it tunes on those)
@@ -140,11 +142,7 @@ def test_the_audit_power_store_belongs_to_the_rows_the_benchmark_measures_today(
 
 
 def test_a_copied_runs_rows_are_marked_when_its_source_was_measured_again_on_new_dp_adapters(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["finance_headline.py", "--workdir", str(tmp_path), "--ablations", "public"])
-    args = finance_headline.parse_args()
-    specs = finance_headline.plan(args)
-    store = RunStore(tmp_path / "runs.json")
-    monkeypatch.setattr(finance_headline, "STORE", store)
+    args, specs, store = headline(tmp_path, monkeypatch, "--ablations", "public")
 
     def models(accuracy: float) -> dict:
         scores = {t: {"logprob": {"accuracy": accuracy, "macro_f1": 0.4, "n": 400}} for t in finance_headline.TASKS}
