@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 
 from knowledgesg.console import console, quiet_dependencies
-from knowledgesg.errors import KsgError
+from knowledgesg.errors import KsgError, SpecError
 
 app = typer.Typer(
     name="ksg",
@@ -74,7 +74,10 @@ def run(
 
         assert exchange is not None
         fetch_over_flower(spec, base_dir, run_dir, exchange)  # each client's node runs its stages and sends its releases
-    outcomes = runner.run()
+    try:
+        outcomes = runner.run()
+    except SpecError as err:
+        raise err.in_file(spec_path) from None
     if role == "server" and spec.federation.transport == "flower" and any(o.name == "publish" for o in outcomes):
         from knowledgesg.federated.stages import deliver_over_flower
 
@@ -166,7 +169,10 @@ def check(
     from pipelines.check import check_pipeline, refuse_over_cap
 
     spec, base_dir, stages = load_pipeline(spec_path)
-    notes, checks = check_pipeline(spec, base_dir, stages, run_dir or Path("runs") / spec.name)
+    try:
+        notes, checks = check_pipeline(spec, base_dir, stages, run_dir or Path("runs") / spec.name)
+    except SpecError as err:
+        raise err.in_file(spec_path) from None
     console.print(f"{spec_path}: the spec and its {len(stages)} stages are valid; the data loads and partitions")
     for role, name, note in notes:
         console.print(f"  model {role}: {name} ({note})")

@@ -30,3 +30,12 @@ def data_error(file: str | Path, message: str, *, line: int | None = None, field
     where = str(file) if line is None else f"{file}:{line}"
     what = message if field is None else f"field '{field}': {message}"
     return InputError(f"{where}: {what}")
+
+
+class SpecError(InputError):
+    """A spec setting found impossible only once the data is read (a partition no split
+    satisfies, a holdout larger than a client's data): the message starts with the spec key, and
+    the command that read the spec file puts the file's name before it (`in_file`)."""
+
+    def in_file(self, spec_file: str | Path) -> InputError:
+        return InputError(f"{spec_file}: {self}")

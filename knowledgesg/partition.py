@@ -6,7 +6,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from knowledgesg.errors import InputError
+from knowledgesg.errors import SpecError
 from knowledgesg.records import Record
 from knowledgesg.spec import PartitionSpec, unsafe_identifier_reason
 
@@ -17,25 +17,26 @@ def client_names(spec: PartitionSpec, count: int) -> list[str]:
     return list(spec.names) if spec.names else [f"client_{i}" for i in range(count)]
 
 
-def _field(record: Record, name: str) -> str:
+def _field(record: Record, name: str, key: str) -> str:
+    """The record's value in field `name`, which the spec's `clients.partition.<key>` named."""
     value = getattr(record, name, None)
     if value is None or value == "":
-        raise InputError(f"partition: record '{record.id}' has no value in field '{name}' to partition by")
+        raise SpecError(f"clients.partition.{key}: record '{record.id}' has no value in field '{name}' to partition by")
     return str(value)
 
 
 def partition_natural(records: list[Record], spec: PartitionSpec) -> dict[str, list[Record]]:
     groups: dict[str, list[Record]] = defaultdict(list)
     for record in records:
-        value = _field(record, spec.field)
+        value = _field(record, spec.field, "field")
         reason = unsafe_identifier_reason(value) if not spec.names else None
         if reason:  # the value becomes a client id, and so a directory name
-            raise InputError(f"partition: record '{record.id}' field '{spec.field}': value {value!r} cannot name a client ({reason}); give partition.names")
+            raise SpecError(f"clients.partition.field: record '{record.id}' field '{spec.field}': value {value!r} cannot name a client ({reason}); give partition.names")
         groups[value].append(record)
     values = sorted(groups)
     expected = spec.num_clients or (len(spec.names) if spec.names else None)
     if expected is not None and expected != len(values):
-        raise InputError(f"partition: field '{spec.field}' has {len(values)} distinct values ({', '.join(values[:5])}), but {expected} clients were asked for")
+        raise SpecError(f"clients.partition.field: field '{spec.field}' has {len(values)} distinct values ({', '.join(values[:5])}), but {expected} clients were asked for")
     if spec.names:
         return {name: groups[value] for name, value in zip(spec.names, values)}
     return {value: groups[value] for value in values}
@@ -60,7 +61,7 @@ def partition_dirichlet(records: list[Record], spec: PartitionSpec, rng: np.rand
         if record.kind == "text" and not hasattr(record, spec.label_field):
             unlabelled.append(index)
         else:
-            by_label[_field(record, spec.label_field)].append(index)
+            by_label[_field(record, spec.label_field, "label_field")].append(index)
     spread = np.array_split(np.array(unlabelled, dtype=int)[rng.permutation(len(unlabelled))], len(names))
     for _ in range(MAX_DIRICHLET_DRAWS):
         parts: list[list[int]] = [chunk.tolist() for chunk in spread]
@@ -72,8 +73,8 @@ def partition_dirichlet(records: list[Record], spec: PartitionSpec, rng: np.rand
                 part.extend(chunk.tolist())
         if min(len(p) for p in parts) >= spec.min_client_records:
             return {name: [records[i] for i in sorted(part)] for name, part in zip(names, parts)}
-    raise InputError(
-        f"partition: Dirichlet(alpha={spec.alpha}) left a client with fewer than {spec.min_client_records} records "
+    raise SpecError(
+        f"clients.partition: Dirichlet(alpha={spec.alpha}) left a client with fewer than {spec.min_client_records} records "
         f"in {MAX_DIRICHLET_DRAWS} draws over {len(records)} records; raise alpha or lower num_clients"
     )
 
@@ -89,5 +90,5 @@ def partition(records: list[Record], spec: PartitionSpec, seed: int) -> dict[str
         clients = partition_dirichlet(records, spec, rng)
     for name, part in clients.items():
         if len(part) < spec.min_client_records:
-            raise InputError(f"partition: client '{name}' got {len(part)} records (at least {spec.min_client_records} needed) from {len(records)} records; use fewer clients or more data")
+            raise SpecError(f"clients.partition: client '{name}' got {len(part)} records (at least {spec.min_client_records} needed) from {len(records)} records; use fewer clients or more data")
     return clients

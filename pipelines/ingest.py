@@ -24,7 +24,7 @@ from rich.table import Table
 
 from eval.canaries import canaries_json, make_canaries, planted_records
 from knowledgesg.console import console, track
-from knowledgesg.errors import InputError
+from knowledgesg.errors import SpecError
 from knowledgesg.loaders import load_source, source_name_of, source_path
 from knowledgesg.partition import partition
 from knowledgesg.records import InstructionRecord, Record
@@ -37,10 +37,11 @@ from privacy.units import privacy_units
 MAX_HISTOGRAM_CLASSES = 20  # responses with more distinct values than this are not labels
 
 
-def _load_all(sources: list[DataSource], base_dir: Path, seed: int) -> list[Record]:
+def _load_all(sources: list[DataSource], base_dir: Path, seed: int, key: str) -> list[Record]:
+    """The records of `sources`, the spec's `key` (its record ids name their source)."""
     twice = repeated([source_name_of(s) for s in sources])
     if twice:
-        raise InputError(f"clients: two data sources are named '{twice[0]}'; give each a distinct 'name'")
+        raise SpecError(f"{key}: two data sources are named '{twice[0]}'; give each a distinct 'name'")
     records: list[Record] = []
     for source in track(sources, "loading data", total=len(sources)):
         records.extend(load_source(source, base_dir, seed))
@@ -60,7 +61,7 @@ def hold_out(records: list[Record], count: int, seed: int, client_id: str) -> tu
     """A seeded sample of instruction records set aside; the rest is trained on."""
     candidates = [i for i, r in enumerate(records) if r.kind == "instruction"]
     if count >= len(candidates) - 1:
-        raise InputError(f"audit.holdout_per_client: {count} is too many for client '{client_id}' ({len(candidates)} instruction records)")
+        raise SpecError(f"audit.holdout_per_client: {count} is too many for client '{client_id}' ({len(candidates)} instruction records)")
     held = set(random.Random(f"{seed}:holdout:{client_id}").sample(candidates, count))
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
@@ -91,8 +92,8 @@ def client_records(spec: PipelineSpec, base_dir: Path) -> dict[str, list[Record]
     """Each client's records, loaded and (for pooled data) partitioned: pure, nothing written."""
     clients_spec = spec.clients
     if clients_spec.members:
-        return {member.id: _load_all(member.data, base_dir, spec.seed) for member in clients_spec.members}
-    return partition(_load_all(clients_spec.data, base_dir, spec.seed), clients_spec.partition, spec.seed)
+        return {member.id: _load_all(member.data, base_dir, spec.seed, f"clients.members[{i}].data") for i, member in enumerate(clients_spec.members)}
+    return partition(_load_all(clients_spec.data, base_dir, spec.seed, "clients.data"), clients_spec.partition, spec.seed)
 
 
 def training_units(records: list[Record], unit: str) -> int:
@@ -119,7 +120,7 @@ class Ingest(Stage):
         clients = client_records(spec, base_dir)
         audit = spec.audit
         if audit.canaries is not None and audit.canaries.client not in clients:
-            raise InputError(f"audit.canaries.client: no client '{audit.canaries.client}' (clients: {', '.join(clients)})")
+            raise SpecError(f"audit.canaries.client: no client '{audit.canaries.client}' (clients: {', '.join(clients)})")
         for client_id, records in clients.items():
             trained = training_records(spec, client_id, records)  # the holdout checked here too
             if spec.privacy.delta is not None:

@@ -79,7 +79,15 @@ SPEC_CASES = [
     ("member-id-traversal", lambda s: s.update(clients={"members": [{"id": "../../x", "data": [{"path": "data.jsonl"}]}]}), r"clients\.members\[0\]\.id: unsafe identifier"),
     ("run-name-unsafe", lambda s: s.update(name="../runs"), r"spec\.yaml: name: unsafe identifier"),
     ("source-name-unsafe", lambda s: s["clients"]["data"][0].update(name="a/b"), r"clients\.data\[0\]\.name: unsafe identifier 'a/b'"),
-    ("canary-client-unknown", lambda s: s.update(audit={"canaries": {"client": "zz"}}), r"audit\.canaries\.client: no client 'zz' \(clients: client_0, client_1\)"),
+    ("canary-client-unknown", lambda s: s.update(audit={"canaries": {"client": "zz"}}), r"spec\.yaml: audit\.canaries\.client: no client 'zz' \(clients: client_0, client_1\)"),
+    # spec settings found impossible once the data is read name the spec file and key too
+    ("holdout-too-large", lambda s: s.update(audit={"holdout_per_client": 30}), r"spec\.yaml: audit\.holdout_per_client: 30 is too many for client 'client_0'"),
+    ("natural-field-missing", lambda s: s["clients"].update(partition={"method": "natural", "field": "bank"}),
+     r"spec\.yaml: clients\.partition\.field: record 'data/r0' has no value in field 'bank' to partition by"),
+    ("dirichlet-unreachable", lambda s: s["clients"].update(partition={"method": "dirichlet", "num_clients": 2, "min_client_records": 25}),
+     r"spec\.yaml: clients\.partition: Dirichlet\(alpha=1\.0\) left a client with fewer than 25 records"),
+    ("two-sources-one-name", lambda s: s["clients"].update(data=[{"path": "data.jsonl"}, {"path": "data.jsonl"}]),
+     r"spec\.yaml: clients\.data: two data sources are named 'data'"),
     ("stage-order", lambda s: s.update(stages=["prepare_models", "dp_train", "ingest"]), r"spec\.yaml: stages\[1\] \(dp_train\) needs stage 'ingest' before it"),
     ("stage-missing", lambda s: s.update(stages=["prepare_models", "ingest", {"name": "fedtune", "params": {"synthetic_stage": "synthesize"}}]),
      r"stages\[2\] \(fedtune\) needs stage 'synthesize' before it"),
@@ -90,7 +98,7 @@ SPEC_CASES = [
     ("duplicate-stage", lambda s: s.update(stages=["ingest", "ingest"]), r"stages: stage 'ingest' appears more than once"),
     ("unknown-model", lambda s: s["models"].update(base="smollm3"), r"models\.base: model 'smollm3': not a registered name"),
     ("model-directory-without-config", lambda s: s["models"].update(professional="."), r"models\.professional: model '\.': directory has no config\.json"),
-    ("too-many-clients", lambda s: s["clients"]["partition"].update(num_clients=50, names=None), r"partition: client 'client_\d+' got 0 records"),
+    ("too-many-clients", lambda s: s["clients"]["partition"].update(num_clients=50, names=None), r"spec\.yaml: clients\.partition: client 'client_\d+' got 0 records"),
     ("section-not-a-mapping", lambda s: s.update(models=3), r"spec\.yaml: models: should be a mapping \(key: value\), got int"),
 ]
 

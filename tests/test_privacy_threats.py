@@ -419,7 +419,7 @@ def test_a_natural_partition_value_that_is_a_path_is_refused(tmp_path: Path, mon
     spec["clients"] = {"data": [{"path": "data.jsonl", "fields": {"user_id": "bank"}}], "partition": {"method": "natural", "field": "user_id"}}
     assert main(["run", str(write_spec(tmp_path, spec)), "--run-dir", "run"]) == 2
     err = capsys.readouterr().err
-    assert "partition: record 'data/r7' field 'user_id': value '../../elsewhere' cannot name a client" in err
+    assert "spec.yaml: clients.partition.field: record 'data/r7' field 'user_id': value '../../elsewhere' cannot name a client" in err
     assert not (tmp_path / "run").exists() and not (tmp_path.parent / "elsewhere").exists()
 
 
