@@ -17,10 +17,10 @@ interrupted one resumes at its last finished stage):
 - D<eps>: DP-FedAvg: fedtune on the private data with DP-SGD local steps at the same epsilon
   and about as many steps per bank as dp_train;
 - C (NOT PRIVATE, upper bound): one client holding all banks' records, dp_train without noise;
-- A<eps>-<ablation> (`--ablations agreement,confident,volume,public,unrefined_public`): A's
-  directory copied, one change (refine's label_source, twice the synthetic pairs, or the final
-  tuning's data: FiQA's public training set beside the refined or unrefined pairs), the stages it
-  touches rerun.
+- A<eps>-<ablation> (`--ablations agreement,confident,volume,public,unrefined_public,model_prior,unrefined_model_prior`): A's
+  directory copied, one change (refine's label_source, twice the synthetic pairs, the final
+  tuning's data: FiQA's public training set beside the refined or unrefined pairs, or
+  synthesize's class balance: the DP models' own label proportions), the stages it touches rerun.
 
 Accuracy by label log-probability on `--limit` seeded items of each test set (the same items for
 every row), with standard errors (binomial per task; the mean's from the three). "Share of the gap
@@ -68,6 +68,11 @@ ABLATIONS = {
     "public": ({"final_public": True}, "the final tuning also trains on FiQA's public training set (dealt out over the banks' shares)"),
     "unrefined_public": ({"final_public": True, "final_stage": "synthesize"},
                          "the final tuning on the unrefined synthetic pairs (the DP models' own labels) and FiQA's public training set"),
+    # a uniform prior makes a third of the synthetic pairs neutral, where FPB's and TFNS's test
+    # sets hold about 60%: the DP models' own proportions carry the prior they learned (no cost)
+    "model_prior": ({"class_balance": "model"}, "synthesize keeps the labels in the proportions the DP model writes them (its learned prior, no cost), not uniform"),
+    "unrefined_model_prior": ({"class_balance": "model", "final_stage": "synthesize"},
+                              "the final tuning on the unrefined synthetic pairs (the DP models' own labels) in the proportions the DP models write them"),
 }
 
 
@@ -92,7 +97,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", default=None, help="comma-separated runs to do now (U, A8, B8, D8, C); default all")
     parser.add_argument("--early-eval", default=None, help="a run (e.g. A8) whose base model and DP adapters to score now with `ksg eval`, "
                                                           "beside a benchmark still running it; then write the report and stop")
-    parser.set_defaults(final_public=False, final_stage="refine")  # the final tuning's data, as in row 6 (the ablations change them)
+    parser.set_defaults(final_public=False, final_stage="refine", class_balance="uniform")  # the final tuning's data, as in row 6 (the ablations change them)
     return parser.parse_args()
 
 
@@ -123,7 +128,7 @@ def fedtune(args, synthetic_stage: str) -> dict:
 
 def synthesis(args) -> list[dict]:
     return [
-        {"name": "synthesize", "params": {"per_client": args.synthetic, "oversample": 2.0, "labels": LABELS, "class_balance": "uniform", "seeds": SEEDS,
+        {"name": "synthesize", "params": {"per_client": args.synthetic, "oversample": 2.0, "labels": LABELS, "class_balance": args.class_balance, "seeds": SEEDS,
                                           "sampling": {"max_new_tokens": 48, "temperature": 0.9, "top_p": 0.95}, "response_max_new_tokens": 8,
                                           "min_words": 5, "max_words": 60, "batch_size": 32}},
         {"name": "tune_professional", "params": {"data": {"builtin": "fiqa_train"}, "epochs": 2, "batch_size": 8, "learning_rate": 0.001, "max_length": 128}},

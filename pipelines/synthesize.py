@@ -4,8 +4,8 @@ Generation from a DP adapter is post-processing, free of privacy cost, *because*
 record enters a prompt: every prompt is built from public seeds only (a task instruction, a
 public opening phrase, control codes), and every prompt actually sent is kept in
 `clients/<id>/prompts.jsonl` for audit. Class balance for a labelled task comes from a uniform
-prior, or from a DP histogram of the client's labels whose cost enters the ledger; never from
-the exact private counts. The histogram runs on the client: each unit's records are truncated to
+prior, from a DP histogram of the client's labels whose cost enters the ledger, or from the DP
+model itself (the labels in the proportions it writes them); never from the exact private counts. The histogram runs on the client: each unit's records are truncated to
 its contribution bound before counting, the noise comes from OS entropy, and the release is in
 the client's ledger before the noisy counts are written.
 
@@ -48,7 +48,12 @@ class SynthesizeParams(BaseModel):
     oversample: float = Field(default=2.0, ge=1.0, description="candidates generated per kept pair")
     seeds: list[Seed] = Field(min_length=1)
     labels: list[str] | None = Field(default=None, description="a labelled task's answers; responses must name one")
-    class_balance: Literal["uniform", "dp_histogram"] = "uniform"
+    # uniform: equal quotas; dp_histogram: quotas from a DP histogram of the client's labels (a
+    # release with a cost); model: no quotas, the labels in the proportions the DP model writes
+    # them, the label prior it learned under DP (post-processing: no cost). A uniform prior
+    # teaches the final model that a third of the items are neutral where FPB's and TFNS's test
+    # sets hold about 60%
+    class_balance: Literal["uniform", "dp_histogram", "model"] = "uniform"
     histogram_noise_multiplier: float = Field(default=20.0, gt=0, description="DP histogram: noise std / sensitivity")
     user_contribution_bound: int = Field(default=8, ge=1, description="user-level privacy: the most records one user adds to the histogram (the rest are not counted)")
     sampling: SamplingParams = Field(default_factory=SamplingParams)
@@ -67,8 +72,8 @@ class SynthesizeParams(BaseModel):
 
     @model_validator(mode="after")
     def _histogram_needs_labels(self) -> SynthesizeParams:
-        if self.class_balance == "dp_histogram" and not self.labels:
-            raise ValueError("class_balance 'dp_histogram' needs labels")
+        if self.class_balance != "uniform" and not self.labels:
+            raise ValueError(f"class_balance '{self.class_balance}' needs labels")
         return self
 
 
@@ -290,7 +295,7 @@ class Synthesize(Stage):
         dropped = near_duplicates([user_texts[i] for i, _ in candidates], p.near_duplicate_jaccard, ctx.derive_seed(client_id, "minhash") % (2**31))
         rejected["near duplicate"] += len(dropped)
         candidates = [c for k, c in enumerate(candidates) if k not in dropped]
-        if p.labels:
+        if p.labels and p.class_balance != "model":
             quotas = class_quotas(p.per_client, p.labels, weights)
             chosen, taken = [], Counter()
             for i, label in candidates:
@@ -301,6 +306,8 @@ class Synthesize(Stage):
             candidates = chosen
         else:
             quotas = None
+            # the candidates come in generation order, each drawn alike: the first per_client are a
+            # fair sample of what the model writes, its labels' proportions included
             rejected["over per_client"] += max(0, len(candidates) - p.per_client)
             candidates = candidates[: p.per_client]
         rows = []

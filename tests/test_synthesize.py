@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,34 @@ def test_filter_keeps_well_formed_pairs_to_the_class_quota_with_provenance(tmp_p
                                  "input format (several paragraphs, or lists the answers)": 1}
     assert rows[0]["provenance"]["seed"]["domain"] == "finance" and rows[0]["provenance"]["adapter_sha256"] == "sha"
     assert rows[0]["source"] == "synthetic:c0" and rows[0]["instruction"] == SEED["instruction"]
+
+
+def test_model_class_balance_keeps_the_labels_as_the_dp_model_writes_them():
+    """No quota: the first per_client well-formed candidates, so the labels keep the proportions
+    the DP model wrote them in (its learned prior), where a uniform prior evens them out."""
+    texts = ["Profits rose sharply in the quarter", "Sales fell for the third year running", "The bank cut its dividend amid losses",
+             "Costs fell and margins widened strongly", "Shares of the miner slid after the warning", "The retailer opened forty new stores",
+             "Bond yields climbed to a record high", "The airline expects weaker summer demand", "Regulators approved the merger on Friday",
+             "The insurer kept its full year outlook", "Oil prices steadied after a volatile week", "The chipmaker hired a new finance chief"]
+    labels = ["neutral", "neutral", "positive", "neutral", "negative", "neutral", "neutral", "positive", "neutral", "neutral", "negative", "neutral"]
+    answers = {i: Completion(label, 1, True) for i, label in enumerate(labels)}
+    seeds = [Seed(**SEED)] * len(texts)
+
+    class Ctx:
+        def derive_seed(self, *parts):
+            return 1
+
+    def kept(balance: str) -> tuple[list[str], dict]:
+        stage = Synthesize(SynthesizeParams(per_client=9, labels=["negative", "neutral", "positive"], seeds=[Seed(**SEED)], min_words=3, class_balance=balance))
+        rows, stats = stage.filter(Ctx(), "c0", seeds, texts, [True] * len(texts), answers, "sha", [1.0, 1.0, 1.0])
+        return [r["response"] for r in rows], stats
+
+    responses, stats = kept("model")
+    assert responses == labels[:9] and stats["quotas"] is None and stats["rejected"]["over per_client"] == 3
+    uniform, stats = kept("uniform")
+    assert sorted(Counter(uniform).values()) == [2, 2, 3] and stats["quotas"] == {"negative": 3, "neutral": 3, "positive": 3}
+    with pytest.raises(ValueError, match="class_balance 'model' needs labels"):
+        SynthesizeParams(seeds=[Seed(**SEED)], class_balance="model")
 
 
 def test_unfinished_text_is_cut_after_its_last_full_sentence():
