@@ -71,7 +71,10 @@ ABLATIONS = {
     # a uniform prior makes a third of the synthetic pairs neutral, where FPB's and TFNS's test
     # sets hold about 60%: the DP models' own proportions carry the prior they learned (no cost)
     "model_prior": ({"class_balance": "model"}, "synthesize keeps the labels in the proportions the DP model writes them (its learned prior, no cost), not uniform"),
-    "unrefined_model_prior": ({"class_balance": "model", "final_stage": "synthesize"},
+    # without tune_professional and refine, which the final tuning does not read: a copy run
+    # with newer code than its A run reruns every stage but the DP release (the code version is
+    # in each fingerprint), and these two take about 40 minutes
+    "unrefined_model_prior": ({"class_balance": "model", "final_stage": "synthesize", "refine": False},
                               "the final tuning on the unrefined synthetic pairs (the DP models' own labels) in the proportions the DP models write them"),
 }
 
@@ -97,7 +100,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", default=None, help="comma-separated runs to do now (U, A8, B8, D8, C); default all")
     parser.add_argument("--early-eval", default=None, help="a run (e.g. A8) whose base model and DP adapters to score now with `ksg eval`, "
                                                           "beside a benchmark still running it; then write the report and stop")
-    parser.set_defaults(final_public=False, final_stage="refine", class_balance="uniform")  # the final tuning's data, as in row 6 (the ablations change them)
+    parser.set_defaults(final_public=False, final_stage="refine", class_balance="uniform", refine=True)  # the final tuning's data, as in row 6 (the ablations change them)
     return parser.parse_args()
 
 
@@ -127,7 +130,8 @@ def fedtune(args, synthetic_stage: str) -> dict:
 
 
 def synthesis(args) -> list[dict]:
-    return [
+    """synthesize, and unless `args.refine` is off, tune_professional and refine."""
+    stages = [
         {"name": "synthesize", "params": {"per_client": args.synthetic, "oversample": 2.0, "labels": LABELS, "class_balance": args.class_balance, "seeds": SEEDS,
                                           "sampling": {"max_new_tokens": 48, "temperature": 0.9, "top_p": 0.95}, "response_max_new_tokens": 8,
                                           "min_words": 5, "max_words": 60, "batch_size": 32}},
@@ -135,6 +139,7 @@ def synthesis(args) -> list[dict]:
         {"name": "refine", "params": {"pool": {"builtin": "fiqa_train"}, "labels": LABELS, "shots": 6, "threshold": 0.5, "min_fluency": -6.5, "label_source": args.label_source,
                                       "task": "financial sentiment analysis: a single news headline or tweet about markets or companies"}},
     ]
+    return stages if args.refine else stages[:1]
 
 
 def eps_name(epsilon: float) -> str:
