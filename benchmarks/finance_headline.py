@@ -39,6 +39,7 @@ import math
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -252,6 +253,7 @@ def run(args, name: str, spec_: dict, times: dict) -> None:
                                                       if source in STORE.runs() else ""), flush=True)
             return
         shutil.copytree(workdir / source, run_dir)
+        drop_unused_stages(run_dir, spec_)
     elif name.startswith("A") and not (run_dir / "stages").is_dir():
         shared = share_professional(workdir, run_dir)
         if shared:
@@ -271,6 +273,15 @@ def run(args, name: str, spec_: dict, times: dict) -> None:
                details=details(workdir / name) if name.startswith("A") else [],
                **({"dp_releases": ledger_release_ids(workdir / name)} if name.startswith(("A", "B")) else {}),
                **({"synthetic_pairs": synthetic_pairs(args, name, spec_)} if name.startswith("A") else {}))
+
+
+def drop_unused_stages(run_dir: Path, spec_: dict) -> None:
+    """From a copied run directory, the stages its spec leaves out (an ablation without refine):
+    their artifacts would read as this run's. A stage that holds a ledger is never removed."""
+    names = {stage if isinstance(stage, str) else stage["name"] for stage in spec_["stages"]}
+    for stage_dir in sorted((run_dir / "stages").iterdir()):
+        if stage_dir.name not in names and not (stage_dir / "ledger.json").exists():
+            shutil.rmtree(stage_dir)
 
 
 SHARED = "shared_professional.json"  # in a run directory: whose tune_professional was copied in, and its manifest's time
@@ -506,7 +517,17 @@ def ablation_table(args, e: str, specs: dict[str, dict]) -> list[str]:
         stage = final_stage(specs[name])
         count = synthetic_pairs(args, name, specs[name]).get(stage, "not kept")
         lines.append(f"| {label}{stale_mark(args, name, specs)} | {value.cells()} | {count} ({stage}) |")
-    return [*lines, ""]
+    priors = [f"- {name}: " + " ".join(line for line in run_label_lines(args, name, specs[name]))
+              for name in (f"A{e}-{a}" for a in ablations) if run_label_lines(args, name, specs[name])]
+    return [*lines, "", *(["Label priors of the ablations (kept since the predictions were):", *priors, ""] if priors else [])]
+
+
+def run_label_lines(args, name: str, spec_: dict) -> list[str]:
+    """`label_lines` of a run: from its directory when it finished here, else as stored."""
+    if finished(args.workdir, name, spec_):
+        return label_lines(args.workdir / name)
+    entry = STORE.entry(name, spec_)
+    return [line for line in (entry or {}).get("details", []) if line.startswith(("Labels of", "Predicted labels"))]
 
 
 SYNTHETIC_FILES = {"synthesize": "synthetic.jsonl", "refine": "refined.jsonl"}
@@ -546,6 +567,29 @@ def details(run_dir: Path) -> list[str]:
     if tuned.is_file():
         t = json.loads(tuned.read_text())
         lines.append(f"tune_professional: {t['steps']} steps on {t['records']} public FiQA records, loss {t['first_loss']:.3f} -> {t['last_loss']:.3f}.")
+    return lines + label_lines(run_dir)
+
+
+def shares(counts: dict[str, int]) -> str:
+    total = sum(counts.values())
+    return " / ".join(f"{counts.get(label, 0) / total:.0%}" for label in LABELS) if total else "none"
+
+
+def label_lines(run_dir: Path) -> list[str]:
+    """The label prior along the run, as negative / neutral / positive shares: the synthetic pairs
+    (synthesize, refine) and each model's predictions on the test items beside their truth."""
+    lines = []
+    for stage, file in SYNTHETIC_FILES.items():
+        rows = [json.loads(line) for path in sorted((run_dir / "stages" / stage / "clients").glob(f"*/{file}")) for line in path.read_text().splitlines() if line]
+        if rows:
+            lines.append(f"Labels of the synthetic pairs after {stage} (negative / neutral / positive): {shares(Counter(r.get('response') for r in rows))} of {len(rows)}.")
+    evaluated = run_dir / "stages/evaluate/results.json"
+    models = json.loads(evaluated.read_text())["models"] if evaluated.is_file() else {}
+    for model, entry in models.items():
+        scores = {task: entry["tasks"][task]["logprob"] for task in TASKS if "predicted" in entry.get("tasks", {}).get(task, {}).get("logprob", {})}
+        if scores:
+            lines.append(f"Predicted labels of {model} (negative / neutral / positive; truth after the slash): "
+                         + "; ".join(f"{task.upper() if task != 'fiqa' else 'FiQA'} {shares(s['predicted'])} (truth {shares(s['truth'])})" for task, s in scores.items()) + ".")
     return lines
 
 

@@ -22,7 +22,7 @@ import json
 import random
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from knowledgesg.builtin_data import VENDOR, load_builtin
@@ -229,6 +229,10 @@ class Score:
     macro_f1: float
     n: int
     unparsed: int = 0
+    # how often each answer was predicted, and was right: a model that learned another label prior
+    # (a uniform one, or the professional's) shows here where accuracy alone does not say why
+    predicted: dict[str, int] = field(default_factory=dict)
+    truth: dict[str, int] = field(default_factory=dict)
 
 
 def score(items: list[Item], predictions: list[int | None]) -> Score:
@@ -239,7 +243,9 @@ def score(items: list[Item], predictions: list[int | None]) -> Score:
     filled = [p if p is not None else -1 for p in predictions]  # unparsed: wrong for every class
     accuracy = sum(p == t for p, t in zip(filled, truth)) / len(items)
     macro_f1 = float(f1_score(truth, filled, labels=list(range(k)), average="macro", zero_division=0))
-    return Score(round(accuracy, 4), round(macro_f1, 4), len(items), sum(p is None for p in predictions))
+    choices = items[0].choices
+    return Score(round(accuracy, 4), round(macro_f1, 4), len(items), sum(p is None for p in predictions),
+                 predicted={c: sum(p == k for p in filled) for k, c in enumerate(choices)}, truth={c: truth.count(k) for k, c in enumerate(choices)})
 
 
 def evaluate_model(model, tokenizer, tasks: list[Task], modes: list[str], limit: int | None, seed: int, batch_size: int = 8, device: str = "cpu",

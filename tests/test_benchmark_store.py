@@ -223,3 +223,27 @@ def test_a_new_pipeline_run_starts_from_another_runs_professional(tmp_path):
     assert finance_headline.share_professional(tmp_path, tmp_path / "A2") == "A1"
     assert (tmp_path / "A2/stages/tune_professional/adapter.bin").read_bytes() == b"weights"
     assert finance_headline.professional_finished_at(tmp_path / "A2") == "2026-12-04T22:00:00+00:00"
+
+
+def test_a_copy_without_refine_drops_the_copied_stages_and_the_label_priors_are_read_back(tmp_path, monkeypatch):
+    """An ablation without tune_professional and refine loses the copies of A's (their artifacts
+    would read as its own) but never a stage that holds a ledger; the label shares along a run
+    are read from its synthetic pairs and its evaluation's predictions."""
+    args, specs, _ = headline(tmp_path, monkeypatch, "--epsilons", "1", "--ablations", "unrefined_model_prior")
+    run_dir = tmp_path / "A1-unrefined_model_prior"
+    for stage in ("dp_train", "synthesize", "tune_professional", "refine", "fedtune"):
+        (run_dir / "stages" / stage).mkdir(parents=True)
+    (run_dir / "stages/refine/ledger.json").write_text("[]")  # as if it had released something: kept
+    finance_headline.drop_unused_stages(run_dir, specs["A1-unrefined_model_prior"])
+    assert sorted(p.name for p in (run_dir / "stages").iterdir()) == ["dp_train", "fedtune", "refine", "synthesize"]
+
+    bank = run_dir / "stages/synthesize/clients/bank_a"
+    bank.mkdir(parents=True)
+    bank.joinpath("synthetic.jsonl").write_text("".join(json.dumps({"response": r}) + "\n" for r in ["neutral", "neutral", "positive", "negative"]))
+    (run_dir / "stages/evaluate").mkdir()
+    score = {"accuracy": 0.5, "macro_f1": 0.4, "n": 4, "predicted": {"negative": 0, "neutral": 3, "positive": 1}, "truth": {"negative": 1, "neutral": 2, "positive": 1}}
+    (run_dir / "stages/evaluate/results.json").write_text(json.dumps({"models": {"final": {"tasks": {"fpb": {"logprob": score}}}, "base": {"tasks": {"fpb": {"logprob": {"accuracy": 0.1}}}}}}))
+    assert finance_headline.label_lines(run_dir) == [
+        "Labels of the synthetic pairs after synthesize (negative / neutral / positive): 25% / 50% / 25% of 4.",
+        "Predicted labels of final (negative / neutral / positive; truth after the slash): FPB 0% / 75% / 25% (truth 25% / 50% / 25%).",
+    ]

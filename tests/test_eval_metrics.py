@@ -130,6 +130,7 @@ def test_benchmark_scoring_by_hand():
     result = score(items, [0, 1, 1, None])
     # class 0: P 1, R 1/2, F 2/3; class 1: P 1/2, R 1, F 2/3; class 2: F 0
     assert result.accuracy == 0.5 and result.macro_f1 == pytest.approx(4 / 9, abs=1e-4) and result.unparsed == 1
+    assert result.predicted == {"negative": 1, "neutral": 2, "positive": 0} and result.truth == {"negative": 2, "neutral": 1, "positive": 1}
     assert parse_choice("The answer is B.", LETTERS) == 1
     assert parse_choice("positive, not negative", SENTIMENT) == 2
     assert parse_choice("Answer: about a dozen", LETTERS) is None  # 'a' inside words is not option A
