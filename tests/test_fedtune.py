@@ -398,6 +398,37 @@ def test_on_a_data_owners_node_its_own_ledger_cap_and_noise_hold_not_the_servers
     assert NodeSettings.of({"run-dir": str(node_run), "spec": str(tmp_path / "node.yaml"), "cap-epsilon": 2.0, "ledger-dir": "elsewhere"}) == NodeSettings("elsewhere", 2.0, False)
 
 
+def test_a_node_refuses_a_task_for_another_client_or_a_path_for_a_name(tmp_path: Path):
+    """The ledger counts a client's releases under its name: a server that sent the node's client
+    under another name ("A" for "a", one directory on a case-blind file system; "./a", the same
+    directory anywhere) would start it on a fresh budget past its cap. The node knows which client
+    it is (`client-id`) and refuses any other name before training; a name that is a path is
+    refused where the task is read."""
+    from pydantic import ValidationError
+
+    from knowledgesg.errors import KsgError
+    from knowledgesg.federated.client import ClientRuntime, NodeSettings
+    from knowledgesg.federated.protocol import ClientTask, LocalDP
+    from knowledgesg.federated.server import task_for
+
+    records = records_for("a", 10)
+    dp = LocalDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.3, num_units=len(records), delta=1e-5)
+    job = FedJob(seed=2, rounds=1, clients=["a"], clients_per_round=1, rule=RuleSettings(name="fedavg"), training=LocalTraining(steps=2, batch_size=4, max_length=48),
+                 lora=LoraShape(r=4), base_model=tiny_base(), records={"a": records}, local_dp={"a": dp}, run_dir=str(tmp_path / "node-run"))
+    x = initial_params(job.base_model, job.lora, 5)
+    task, owner = task_for(job, "a", 1), tmp_path / "owner-ledger"
+    node = NodeSettings.of({"run-dir": str(tmp_path / "node-run"), "ledger-dir": str(owner), "client-id": "a"})
+    assert node.client_id == "a"
+    with pytest.raises(KsgError, match="this node is client 'a', and the server's task names 'A': refused"):
+        ClientRuntime().fit(task.model_copy(update={"client_id": "A"}), x, node=node)
+    assert not owner.exists() and not (tmp_path / "node-run").exists()  # refused before any training, entry or log
+    for alias in ("./a", "../node-run/stages/ingest/clients/a"):
+        with pytest.raises(ValidationError, match="unsafe identifier"):
+            ClientTask.model_validate_json(task.model_copy(update={"client_id": alias}).model_dump_json())
+    with pytest.raises(ValidationError, match="unsafe identifier"):
+        ClientTask.model_validate_json(task.model_copy(update={"records": None, "private_source": "../../elsewhere"}).model_dump_json())
+
+
 def test_stage_refuses_a_budget_past_the_cap_before_training(tmp_path: Path):
     params = dict(FEDTUNE, data="private", local_dp={"target_epsilon": 6.0})
     assert run_pipeline(tmp_path, params, cap=9.0) == 2  # 7.98 spent, PLD-composed with 5.99: 9.89

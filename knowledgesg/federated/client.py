@@ -153,6 +153,10 @@ class NodeSettings:
     ledger_dir: str
     cap_epsilon: float | None = None
     reproducible_noise: bool = False
+    # which client the node is (`client-id`): a task naming another is refused. The ledger counts
+    # a client's releases under its name, so a server that renamed the node's client ("BANK_A",
+    # one directory on a case-blind file system) would otherwise start it on a fresh budget
+    client_id: str | None = None
 
     @classmethod
     def of(cls, node_config: dict) -> NodeSettings:
@@ -168,11 +172,15 @@ class NodeSettings:
         ledger = node_config.get("ledger-dir") or ledger_directory(privacy.ledger_dir if privacy else None, base_dir, run_dir)
         cap = node_config.get("cap-epsilon", privacy.cap_epsilon if privacy else None)
         reproducible = str(node_config.get("reproducible-noise", False)).lower() == "true" or bool(privacy and privacy.reproducible_noise)
-        return cls(str(ledger), float(cap) if cap is not None else None, reproducible)
+        client = node_config.get("client-id")
+        return cls(str(ledger), float(cap) if cap is not None else None, reproducible, str(client) if client is not None else None)
 
     def govern(self, task: ClientTask) -> ClientTask:
         """The task with the node's own settings; refused if the server asks for reproducible noise
-        or coins the node does not allow. A cap from the server may tighten the node's, never loosen it."""
+        or coins the node does not allow, or names another client. A cap from the server may tighten
+        the node's, never loosen it."""
+        if self.client_id is not None and task.client_id != self.client_id:
+            raise KsgError(f"this node is client '{self.client_id}', and the server's task names '{task.client_id}': refused")
         if (task.reproducible_coins or (task.local_dp is not None and task.local_dp.reproducible_noise)) and not self.reproducible_noise:
             raise KsgError(f"client '{task.client_id}': the server asks for noise from the public seed (NOT PRIVATE), which this node's config does not allow (reproducible-noise)")
         if task.local_dp is None:

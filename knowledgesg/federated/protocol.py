@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from knowledgesg.models import Precision
+from knowledgesg.spec import SafeId
 
 Params = dict[str, np.ndarray]
 
@@ -156,7 +157,7 @@ class ClientTask(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     round: int
-    client_id: str
+    client_id: SafeId  # a directory name on the client's side: no path in it
     seed: int  # public: seeds non-private randomness only (batches of synthetic data)
     base_model: dict  # ResolvedModel fields (name, path, kind, weights_sha256, description)
     lora: LoraShape
@@ -165,7 +166,7 @@ class ClientTask(BaseModel):
     # Synthetic (public) training data travels with the task; private data never does: the
     # client reads it from its own storage (`private_source`) and trains with DP-SGD.
     records: list[dict] | None = None
-    private_source: str | None = None  # stage whose clients/<id>/records.jsonl the client reads
+    private_source: SafeId | None = None  # stage whose clients/<id>/records.jsonl the client reads
     local_dp: LocalDP | None = None
     # client-level DP-FedAvg: the client joins with this probability, by its own coin, and clips
     # its update to `update_clip_norm` before it leaves
