@@ -287,7 +287,7 @@ class Fedtune(Stage):
 
             privacy = ctx.spec.privacy
             run_deployed(work / JOB, job.clients, self.params.deploy,
-                         lambda client: node_config(client, ctx.run_dir, ctx.ledger_dir, privacy.cap_epsilon, privacy.reproducible_noise))
+                         lambda client: node_config(client, ctx.run_dir, ctx.ledger_dir, privacy.cap_epsilon, privacy.reproducible_noise, privacy.delta, privacy.unit))
         if not (work / FINAL).is_file():
             raise KsgError(f"fedtune: the {engine} engine finished without a final adapter (see its log above)")
         return load_params(work / FINAL), read_json(work / ROUNDS)

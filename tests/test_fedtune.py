@@ -394,8 +394,8 @@ def test_on_a_data_owners_node_its_own_ledger_cap_and_noise_hold_not_the_servers
     # a node config naming the node's spec: its privacy section, as the node's own ingest and dp_train read it
     (tmp_path / "node.yaml").write_text(yaml.safe_dump(tiny_spec(privacy={"target_epsilon": 8.0, "ledger_dir": "owner-ledger", "cap_epsilon": 9.0})))
     settings = NodeSettings.of({"run-dir": str(node_run), "spec": str(tmp_path / "node.yaml")})
-    assert settings == NodeSettings(str(owner), 9.0, False)
-    assert NodeSettings.of({"run-dir": str(node_run), "spec": str(tmp_path / "node.yaml"), "cap-epsilon": 2.0, "ledger-dir": "elsewhere"}) == NodeSettings("elsewhere", 2.0, False)
+    assert settings == NodeSettings(str(owner), 9.0, False, unit="record")
+    assert NodeSettings.of({"run-dir": str(node_run), "spec": str(tmp_path / "node.yaml"), "cap-epsilon": 2.0, "ledger-dir": "elsewhere"}) == NodeSettings("elsewhere", 2.0, False, unit="record")
 
 
 def test_a_node_refuses_a_task_for_another_client_or_a_path_for_a_name(tmp_path: Path):
@@ -427,6 +427,46 @@ def test_a_node_refuses_a_task_for_another_client_or_a_path_for_a_name(tmp_path:
             ClientTask.model_validate_json(task.model_copy(update={"client_id": alias}).model_dump_json())
     with pytest.raises(ValidationError, match="unsafe identifier"):
         ClientTask.model_validate_json(task.model_copy(update={"records": None, "private_source": "../../elsewhere"}).model_dump_json())
+
+
+def test_a_node_refuses_a_plan_at_a_larger_delta_or_a_weaker_unit_than_its_own(tmp_path: Path):
+    """At a larger delta the same noise claims a smaller epsilon, and record-level units understate
+    what a user's records cost: a server naming either could pass the node's cap. The node refuses
+    a delta above its own (default: the 1e-5 ceiling every planned delta keeps), or not below 1/N
+    for its own N, and a unit other than its own, before any training or entry."""
+    from knowledgesg.errors import InputError, KsgError
+    from knowledgesg.federated.client import ClientRuntime, NodeSettings
+    from knowledgesg.federated.protocol import LocalDP
+    from knowledgesg.federated.server import task_for
+
+    records = records_for("a", 10)
+    owner, node_run = tmp_path / "owner-ledger", tmp_path / "node-run"
+    (node_run / "stages/ingest/clients/a").mkdir(parents=True)
+    (node_run / "stages/ingest/clients/a/ledger_key.json").write_text(json.dumps({"data_key": "d" * 64}))
+
+    def task_at(delta: float, unit: str = "record"):
+        dp = LocalDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.3, num_units=len(records), delta=delta, unit=unit)
+        job = FedJob(seed=2, rounds=1, clients=["a"], clients_per_round=1, rule=RuleSettings(name="fedavg"), training=LocalTraining(steps=2, batch_size=4, max_length=48),
+                     lora=LoraShape(r=4), base_model=tiny_base(), records={"a": records}, local_dp={"a": dp}, run_dir=str(node_run))
+        return task_for(job, "a", 1), initial_params(job.base_model, job.lora, 5)
+
+    with pytest.raises(KsgError, match=r"the server plans delta 0\.001, above this node's 1e-05 \(delta\): refused"):
+        ClientRuntime().fit(*task_at(1e-3), node=NodeSettings(str(owner), client_id="a"))
+    with pytest.raises(InputError, match=r"privacy\.delta = 0\.2 is not below 1/N = 0\.1 for N = 10 records"):
+        ClientRuntime().fit(*task_at(0.2), node=NodeSettings(str(owner), client_id="a", delta=0.2))  # the node's own delta, still below 1/N
+    with pytest.raises(KsgError, match=r"the server plans privacy per record, and this node protects each user \(unit\): refused"):
+        ClientRuntime().fit(*task_at(1e-6), node=NodeSettings(str(owner), client_id="a", unit="user"))
+    assert not owner.exists()
+    ClientRuntime().fit(*task_at(1e-6), node=NodeSettings(str(owner), client_id="a", unit="record"))
+    assert len(list(owner.glob("*.jsonl"))) == 1
+    assert NodeSettings.of({"run-dir": str(node_run), "delta": 1e-6, "unit": "user"}) == NodeSettings(str(node_run / "ledger"), delta=1e-6, unit="user")
+    # launch: local writes the spec's settings into each node's config, as Flower parses it
+    from flwr.common.config import parse_config_args
+
+    from knowledgesg.federated.deploy import node_config
+
+    config = parse_config_args([node_config("a", node_run, owner, 3.0, False, 1e-6, "user")])
+    assert NodeSettings.of(config) == NodeSettings(str(owner.resolve()), 3.0, False, "a", 1e-6, "user")
 
 
 def test_stage_refuses_a_budget_past_the_cap_before_training(tmp_path: Path):

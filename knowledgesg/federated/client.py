@@ -33,7 +33,7 @@ from knowledgesg.fileio import read_json, read_jsonl, sha256_text
 from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_precision
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import load_spec
-from privacy.accounting import Mechanism, epsilons
+from privacy.accounting import MAX_DEFAULT_DELTA, Mechanism, check_delta, epsilons
 from privacy.ledger import LEDGER_ENV, ClientLedger, LedgerEntry, check_budget, ledger_directory, new_release_id, now, trust_line
 from privacy.noise import SecureRandom
 from privacy.units import privacy_units
@@ -157,6 +157,11 @@ class NodeSettings:
     # a client's releases under its name, so a server that renamed the node's client ("BANK_A",
     # one directory on a case-blind file system) would otherwise start it on a fresh budget
     client_id: str | None = None
+    # the delta and privacy unit the data owner allows (node config `delta`, `unit`, else its
+    # spec's privacy section): at a larger delta the same noise claims a smaller epsilon, and
+    # record-level units understate a user's cost, so a server could otherwise pass the cap
+    delta: float | None = None
+    unit: str | None = None
 
     @classmethod
     def of(cls, node_config: dict) -> NodeSettings:
@@ -173,7 +178,10 @@ class NodeSettings:
         cap = node_config.get("cap-epsilon", privacy.cap_epsilon if privacy else None)
         reproducible = str(node_config.get("reproducible-noise", False)).lower() == "true" or bool(privacy and privacy.reproducible_noise)
         client = node_config.get("client-id")
-        return cls(str(ledger), float(cap) if cap is not None else None, reproducible, str(client) if client is not None else None)
+        delta = node_config.get("delta", privacy.delta if privacy else None)
+        unit = node_config.get("unit", privacy.unit if privacy else None)
+        return cls(str(ledger), float(cap) if cap is not None else None, reproducible, str(client) if client is not None else None,
+                   float(delta) if delta is not None else None, str(unit) if unit is not None else None)
 
     def govern(self, task: ClientTask) -> ClientTask:
         """The task with the node's own settings; refused if the server asks for reproducible noise
@@ -185,6 +193,11 @@ class NodeSettings:
             raise KsgError(f"client '{task.client_id}': the server asks for noise from the public seed (NOT PRIVATE), which this node's config does not allow (reproducible-noise)")
         if task.local_dp is None:
             return task
+        if self.unit is not None and task.local_dp.unit != self.unit:
+            raise KsgError(f"client '{task.client_id}': the server plans privacy per {task.local_dp.unit}, and this node protects each {self.unit} (unit): refused")
+        ceiling = self.delta if self.delta is not None else MAX_DEFAULT_DELTA
+        if task.local_dp.delta > ceiling:
+            raise KsgError(f"client '{task.client_id}': the server plans delta {task.local_dp.delta:g}, above this node's {ceiling:g} (delta): refused")
         caps = [c for c in (self.cap_epsilon, task.local_dp.cap_epsilon) if c is not None]
         local_dp = task.local_dp.model_copy(update={"ledger_dir": self.ledger_dir, "cap_epsilon": min(caps) if caps else None, "reproducible_noise": self.reproducible_noise})
         return task.model_copy(update={"local_dp": local_dp, "reproducible_coins": self.reproducible_noise and task.reproducible_coins})
@@ -202,6 +215,8 @@ class ClientRuntime:
         in the server's process, a simulation, and the task's settings are the spec's)."""
         if node is not None:
             task = node.govern(task)
+            if task.local_dp is not None:  # and below 1/N for the node's own N: a larger delta may publish a unit outright
+                check_delta(task.local_dp.delta, self._privacy_units(task, self._records_to_train(task)).count, task.local_dp.unit, task.client_id)
         if task.local_dp is not None and task.join_probability is not None:
             return self._fit_client_level(task, params, node)
         if not joins_round(task):

@@ -201,7 +201,8 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         pass  # the group is gone already
 
 
-def node_config(client_id: str, run_dir: Path, ledger_dir: Path | None = None, cap_epsilon: float | None = None, reproducible_noise: bool = False) -> str:
+def node_config(client_id: str, run_dir: Path, ledger_dir: Path | None = None, cap_epsilon: float | None = None, reproducible_noise: bool = False,
+                delta: float | None = None, unit: str | None = None) -> str:
     """A SuperNode's config (`--node-config`). The privacy settings are the node's own: with
     `launch: local` (a trial on one machine, where the spec's author runs every node) the spec's."""
     parts = [f"client-id='{client_id}'", f"run-dir='{run_dir.resolve()}'"]
@@ -211,6 +212,10 @@ def node_config(client_id: str, run_dir: Path, ledger_dir: Path | None = None, c
         parts.append(f"cap-epsilon={float(cap_epsilon)}")
     if reproducible_noise:
         parts.append("reproducible-noise=true")
+    if delta is not None:
+        parts.append(f"delta={float(delta)!r}")
+    if unit is not None:
+        parts.append(f"unit='{unit}'")
     return " ".join(parts)
 
 
