@@ -517,8 +517,8 @@ def ablation_table(args, e: str, specs: dict[str, dict]) -> list[str]:
         stage = final_stage(specs[name])
         count = synthetic_pairs(args, name, specs[name]).get(stage, "not kept")
         lines.append(f"| {label}{stale_mark(args, name, specs)} | {value.cells()} | {count} ({stage}) |")
-    priors = [f"- {name}: " + " ".join(line for line in run_label_lines(args, name, specs[name]))
-              for name in (f"A{e}-{a}" for a in ablations) if run_label_lines(args, name, specs[name])]
+    found_lines = {name: run_label_lines(args, name, specs[name]) for name in (f"A{e}-{a}" for a in ablations)}
+    priors = [f"- {name}: " + " ".join(lines) for name, lines in found_lines.items() if lines]
     return [*lines, "", *(["Label priors of the ablations (kept since the predictions were):", *priors, ""] if priors else [])]
 
 
@@ -557,7 +557,7 @@ def details(run_dir: Path) -> list[str]:
         lines.append(f"Composed epsilon per bank in run {run_dir.name} (every release in its ledger): {eps}.")
     if (run_dir / "stages/synthesize").is_dir() and count_lines(run_dir, "synthesize", "synthetic.jsonl"):
         lines.append(f"Synthetic pairs kept by synthesize: {count_lines(run_dir, 'synthesize', 'synthetic.jsonl')}; "
-                     f"after refine: {count_lines(run_dir, 'refine', 'refined.jsonl') or 'not run yet'}.")
+                     f"after refine: {count_lines(run_dir, 'refine', 'refined.jsonl') or ('not run yet' if (run_dir / 'stages/refine').is_dir() else 'no refine in this run')}.")
     summary = run_dir / "stages/refine/summary.json"
     if summary.is_file():
         clients = json.loads(summary.read_text())["clients"]
@@ -588,7 +588,7 @@ def label_lines(run_dir: Path) -> list[str]:
     for model, entry in models.items():
         scores = {task: entry["tasks"][task]["logprob"] for task in TASKS if "predicted" in entry.get("tasks", {}).get(task, {}).get("logprob", {})}
         if scores:
-            lines.append(f"Predicted labels of {model} (negative / neutral / positive; truth after the slash): "
+            lines.append(f"Predicted labels of {model} (negative / neutral / positive; the test items' truth in parentheses): "
                          + "; ".join(f"{task.upper() if task != 'fiqa' else 'FiQA'} {shares(s['predicted'])} (truth {shares(s['truth'])})" for task, s in scores.items()) + ".")
     return lines
 

@@ -31,12 +31,12 @@ def partition_natural(records: list[Record], spec: PartitionSpec) -> dict[str, l
         value = _field(record, spec.field, "field")
         reason = unsafe_identifier_reason(value) if not spec.names else None
         if reason:  # the value becomes a client id, and so a directory name
-            raise SpecError(f"clients.partition.field: record '{record.id}' field '{spec.field}': value {value!r} cannot name a client ({reason}); give partition.names")
+            raise SpecError(f"clients.partition.field: record '{record.id}' field '{spec.field}': value {value!r} cannot name a client ({reason}); give clients.partition.names")
         groups[value].append(record)
     values = sorted(groups)
     expected = spec.num_clients or (len(spec.names) if spec.names else None)
     if expected is not None and expected != len(values):
-        raise SpecError(f"clients.partition.field: field '{spec.field}' has {len(values)} distinct values ({', '.join(values[:5])}), but {expected} clients were asked for")
+        raise SpecError(f"clients.partition: field '{spec.field}' has {len(values)} distinct values ({', '.join(values[:5])}), but {expected} clients were asked for")
     if spec.names:
         return {name: groups[value] for name, value in zip(spec.names, values)}
     return {value: groups[value] for value in values}

@@ -92,7 +92,7 @@ def client_records(spec: PipelineSpec, base_dir: Path) -> dict[str, list[Record]
     """Each client's records, loaded and (for pooled data) partitioned: pure, nothing written."""
     clients_spec = spec.clients
     if clients_spec.members:
-        return {member.id: _load_all(member.data, base_dir, spec.seed, f"clients.members[{i}].data") for i, member in enumerate(clients_spec.members)}
+        return {member.id: _load_all(member.data, base_dir, spec.seed, f"clients.members (id {member.id}).data") for member in clients_spec.members}
     return partition(_load_all(clients_spec.data, base_dir, spec.seed, "clients.data"), clients_spec.partition, spec.seed)
 
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from knowledgesg.errors import InputError
+from knowledgesg.errors import InputError, SpecError
 
 
 class Mechanism(BaseModel):
@@ -174,11 +174,11 @@ def default_delta(num_units: int) -> float:
 
 
 def check_delta(delta: float, num_units: int, unit: str, client_id: str | None = None) -> None:
+    """A spec's delta against a client's N (the spec's key: its file is named by the command)."""
     if not 0 < delta < 1.0 / num_units:
-        raise InputError(
-            (f"client '{client_id}': " if client_id else "") + f"privacy.delta = {delta:g} is not below 1/N = {1.0 / num_units:g} for N = {num_units} {unit}s: "
-            f"at that delta a mechanism may publish a {unit} outright; use at most {default_delta(num_units):g}"
-        )
+        whose = f" of client '{client_id}'" if client_id else ""
+        raise SpecError(f"privacy.delta: {delta:g} is not below 1/N = {1.0 / num_units:g} for the N = {num_units} {unit}s{whose}: "
+                        f"at that delta a mechanism may publish a {unit} outright; use at most {default_delta(num_units):g}")
 
 
 def group_dp_event(mechanism: Mechanism, size: int):

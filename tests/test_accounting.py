@@ -41,7 +41,7 @@ def test_impossible_budgets_are_refused():
         calibrate_noise(0.0, 1e-5, 0.01, 100)
     with pytest.raises(InputError, match="budget is too low"):
         calibrate_noise(1e-6, 1e-9, 0.9, 10_000)
-    with pytest.raises(InputError, match=r"privacy.delta = 0.01 is not below 1/N = 0.01 for N = 100 records"):
+    with pytest.raises(InputError, match=r"privacy\.delta: 0\.01 is not below 1/N = 0\.01 for the N = 100 records"):
         check_delta(0.01, 100, "record")
     check_delta(default_delta(100), 100, "record")
 

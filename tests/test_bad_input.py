@@ -88,6 +88,8 @@ SPEC_CASES = [
      r"spec\.yaml: clients\.partition: Dirichlet\(alpha=1\.0\) left a client with fewer than 25 records"),
     ("two-sources-one-name", lambda s: s["clients"].update(data=[{"path": "data.jsonl"}, {"path": "data.jsonl"}]),
      r"spec\.yaml: clients\.data: two data sources are named 'data'"),
+    ("two-sources-one-name-member", lambda s: s.update(clients={"members": [{"id": "a", "data": [{"path": "data.jsonl"}, {"path": "data.jsonl"}]}, {"id": "b", "data": [{"path": "data.jsonl"}]}]}),
+     r"spec\.yaml: clients\.members \(id a\)\.data: two data sources are named 'data'"),
     ("stage-order", lambda s: s.update(stages=["prepare_models", "dp_train", "ingest"]), r"spec\.yaml: stages\[1\] \(dp_train\) needs stage 'ingest' before it"),
     ("stage-missing", lambda s: s.update(stages=["prepare_models", "ingest", {"name": "fedtune", "params": {"synthetic_stage": "synthesize"}}]),
      r"stages\[2\] \(fedtune\) needs stage 'synthesize' before it"),

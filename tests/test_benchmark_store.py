@@ -245,5 +245,5 @@ def test_a_copy_without_refine_drops_the_copied_stages_and_the_label_priors_are_
     (run_dir / "stages/evaluate/results.json").write_text(json.dumps({"models": {"final": {"tasks": {"fpb": {"logprob": score}}}, "base": {"tasks": {"fpb": {"logprob": {"accuracy": 0.1}}}}}}))
     assert finance_headline.label_lines(run_dir) == [
         "Labels of the synthetic pairs after synthesize (negative / neutral / positive): 25% / 50% / 25% of 4.",
-        "Predicted labels of final (negative / neutral / positive; truth after the slash): FPB 0% / 75% / 25% (truth 25% / 50% / 25%).",
+        "Predicted labels of final (negative / neutral / positive; the test items' truth in parentheses): FPB 0% / 75% / 25% (truth 25% / 50% / 25%).",
     ]

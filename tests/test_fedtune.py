@@ -432,9 +432,9 @@ def test_a_node_refuses_a_task_for_another_client_or_a_path_for_a_name(tmp_path:
 def test_a_node_refuses_a_plan_at_a_larger_delta_or_a_weaker_unit_than_its_own(tmp_path: Path):
     """At a larger delta the same noise claims a smaller epsilon, and record-level units understate
     what a user's records cost: a server naming either could pass the node's cap. The node refuses
-    a delta above its own (default: the 1e-5 ceiling every planned delta keeps), or not below 1/N
+    a delta above its own (else its ledger's, else the default for its own N), or not below 1/N
     for its own N, and a unit other than its own, before any training or entry."""
-    from knowledgesg.errors import InputError, KsgError
+    from knowledgesg.errors import KsgError
     from knowledgesg.federated.client import ClientRuntime, NodeSettings
     from knowledgesg.federated.protocol import LocalDP
     from knowledgesg.federated.server import task_for
@@ -450,15 +450,20 @@ def test_a_node_refuses_a_plan_at_a_larger_delta_or_a_weaker_unit_than_its_own(t
                      lora=LoraShape(r=4), base_model=tiny_base(), records={"a": records}, local_dp={"a": dp}, run_dir=str(node_run))
         return task_for(job, "a", 1), initial_params(job.base_model, job.lora, 5)
 
-    with pytest.raises(KsgError, match=r"the server plans delta 0\.001, above this node's 1e-05 \(delta\): refused"):
+    with pytest.raises(KsgError, match=r"the server plans delta 0\.001, above the default delta for its 10 records, 1e-05: refused"):
         ClientRuntime().fit(*task_at(1e-3), node=NodeSettings(str(owner), client_id="a"))
-    with pytest.raises(InputError, match=r"privacy\.delta = 0\.2 is not below 1/N = 0\.1 for N = 10 records"):
-        ClientRuntime().fit(*task_at(0.2), node=NodeSettings(str(owner), client_id="a", delta=0.2))  # the node's own delta, still below 1/N
-    with pytest.raises(KsgError, match=r"the server plans privacy per record, and this node protects each user \(unit\): refused"):
+    with pytest.raises(KsgError, match=r"the server plans delta 0\.001, above this node's delta, 0\.0001: refused"):
+        ClientRuntime().fit(*task_at(1e-3), node=NodeSettings(str(owner), client_id="a", delta=1e-4))
+    with pytest.raises(KsgError, match=r"the server plans delta 0\.2, not below 1/N = 0\.1 for its 10 records"):
+        ClientRuntime().fit(*task_at(0.2), node=NodeSettings(str(owner), client_id="a", delta=0.2))  # the node's own delta, yet not below 1/N
+    with pytest.raises(KsgError, match=r"the server's plan counts privacy per record, this node's privacy unit is the user \(unit\): refused"):
         ClientRuntime().fit(*task_at(1e-6), node=NodeSettings(str(owner), client_id="a", unit="user"))
     assert not owner.exists()
-    ClientRuntime().fit(*task_at(1e-6), node=NodeSettings(str(owner), client_id="a", unit="record"))
+    ClientRuntime().fit(*task_at(1e-7), node=NodeSettings(str(owner), client_id="a", unit="record"))
     assert len(list(owner.glob("*.jsonl"))) == 1
+    # once the ledger holds a release, its delta is the ceiling: the default (1e-5 for N = 10) no longer is
+    with pytest.raises(KsgError, match=r"the server plans delta 1e-06, above the delta of this client's ledger, 1e-07: refused"):
+        ClientRuntime().fit(*task_at(1e-6), node=NodeSettings(str(owner), client_id="a"))
     assert NodeSettings.of({"run-dir": str(node_run), "delta": 1e-6, "unit": "user"}) == NodeSettings(str(node_run / "ledger"), delta=1e-6, unit="user")
     # launch: local writes the spec's settings into each node's config, as Flower parses it
     from flwr.common.config import parse_config_args

@@ -33,8 +33,8 @@ from knowledgesg.fileio import read_json, read_jsonl, sha256_text
 from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_precision
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import load_spec
-from privacy.accounting import MAX_DEFAULT_DELTA, Mechanism, check_delta, epsilons
-from privacy.ledger import LEDGER_ENV, ClientLedger, LedgerEntry, check_budget, ledger_directory, new_release_id, now, trust_line
+from privacy.accounting import Mechanism, default_delta, epsilons
+from privacy.ledger import LEDGER_ENV, ClientLedger, LedgerEntry, check_budget, client_delta, ledger_directory, new_release_id, now, trust_line
 from privacy.noise import SecureRandom
 from privacy.units import privacy_units
 
@@ -194,13 +194,28 @@ class NodeSettings:
         if task.local_dp is None:
             return task
         if self.unit is not None and task.local_dp.unit != self.unit:
-            raise KsgError(f"client '{task.client_id}': the server plans privacy per {task.local_dp.unit}, and this node protects each {self.unit} (unit): refused")
-        ceiling = self.delta if self.delta is not None else MAX_DEFAULT_DELTA
-        if task.local_dp.delta > ceiling:
-            raise KsgError(f"client '{task.client_id}': the server plans delta {task.local_dp.delta:g}, above this node's {ceiling:g} (delta): refused")
+            raise KsgError(f"client '{task.client_id}': the server's plan counts privacy per {task.local_dp.unit}, this node's privacy unit is the {self.unit} (unit): refused")
         caps = [c for c in (self.cap_epsilon, task.local_dp.cap_epsilon) if c is not None]
         local_dp = task.local_dp.model_copy(update={"ledger_dir": self.ledger_dir, "cap_epsilon": min(caps) if caps else None, "reproducible_noise": self.reproducible_noise})
         return task.model_copy(update={"local_dp": local_dp, "reproducible_coins": self.reproducible_noise and task.reproducible_coins})
+
+    def check_delta(self, task: ClientTask, num_units: int, earlier: list[LedgerEntry]) -> None:
+        """The plan's delta as this data owner allows it, before any training: at most the node's
+        own (node config, else its spec), else the delta its ledger is kept at (its latest
+        release's, which the server plans with), else the default for its own N; and below 1/N.
+        At a larger delta the same noise claims a smaller epsilon, and the cap is easier to pass."""
+        delta = task.local_dp.delta
+        if self.delta is not None:
+            ceiling, whose = self.delta, "this node's delta"
+        elif earlier:
+            ceiling, whose = client_delta(earlier), "the delta of this client's ledger"
+        else:
+            ceiling, whose = default_delta(num_units), f"the default delta for its {num_units} {task.local_dp.unit}s"
+        if delta > ceiling:
+            raise KsgError(f"client '{task.client_id}': the server plans delta {delta:g}, above {whose}, {ceiling:g}: refused")
+        if not delta < 1.0 / num_units:
+            raise KsgError(f"client '{task.client_id}': the server plans delta {delta:g}, not below 1/N = {1.0 / num_units:g} for its {num_units} {task.local_dp.unit}s "
+                           "(a mechanism may then publish a unit outright): refused")
 
 
 class ClientRuntime:
@@ -215,8 +230,8 @@ class ClientRuntime:
         in the server's process, a simulation, and the task's settings are the spec's)."""
         if node is not None:
             task = node.govern(task)
-            if task.local_dp is not None:  # and below 1/N for the node's own N: a larger delta may publish a unit outright
-                check_delta(task.local_dp.delta, self._privacy_units(task, self._records_to_train(task)).count, task.local_dp.unit, task.client_id)
+            if task.local_dp is not None:
+                node.check_delta(task, self._privacy_units(task, self._records_to_train(task)).count, self._ledger(task, node).entries())
         if task.local_dp is not None and task.join_probability is not None:
             return self._fit_client_level(task, params, node)
         if not joins_round(task):

@@ -269,8 +269,8 @@ def make_client_app(run_stages: Callable[[dict], dict[str, bytes]] | None = None
     def train(msg: Message, context: Context) -> Message:
         task = ClientTask.model_validate_json(str(msg.content["config"]["task"]))
         named_crash_point(f"fedtune-client-{task.client_id}-round-{task.round}")  # tests: a client that dies mid-round
-        if task.run_dir is not None and "run-dir" in context.node_config:
-            task = task.model_copy(update={"run_dir": str(context.node_config["run-dir"])})  # the node's own storage
+        if "run-dir" in context.node_config:  # the node's own storage, whatever the task says (or leaves out: "." would be a fresh ledger key)
+            task = task.model_copy(update={"run_dir": str(context.node_config["run-dir"])})
         server_control = from_array_record(msg.content["control"]) if "control" in msg.content else None
         # SCAFFOLD's c_i lives in the node's context state, which Flower keeps across rounds
         client_control = from_array_record(context.state["control"]) if "control" in context.state else None

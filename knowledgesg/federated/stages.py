@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from eval.evaluate import EvalOptions, Published, evaluate_published_on_client
-from knowledgesg.errors import KsgError
+from knowledgesg.errors import KsgError, SpecError
 from knowledgesg.federated.deploy import run_deployed
 from knowledgesg.federated.protocol import DeliveryJob, StagesJob
 from knowledgesg.fileio import read_tree, sha256_bytes, write_dir
@@ -51,7 +51,10 @@ def run_client_stages(node_config: dict) -> dict[str, bytes]:
     if "base-dir" in node_config:
         base_dir = Path(str(node_config["base-dir"]))
     outbox = outbox_of(run_dir)
-    Runner(spec, base_dir, run_dir, stages, Role("client", client_id, outbox)).run()
+    try:
+        Runner(spec, base_dir, run_dir, stages, Role("client", client_id, outbox)).run()
+    except SpecError as err:  # in the node's log; the server learns the error's kind only
+        raise err.in_file(str(node_config["spec"])) from None
     return read_tree(outbox / client_id)
 
 
