@@ -17,7 +17,7 @@ interrupted one resumes at its last finished stage):
 - D<eps>: DP-FedAvg: fedtune on the private data with DP-SGD local steps at the same epsilon
   and about as many steps per bank as dp_train;
 - C (NOT PRIVATE, upper bound): one client holding all banks' records, dp_train without noise;
-- A<eps>-<ablation> (`--ablations agreement,confident,volume,public,unrefined_public,model_prior,unrefined_model_prior`): A's
+- A<eps>-<ablation> (`--ablations` among ABLATIONS below): A's
   directory copied, one change (refine's label_source, twice the synthetic pairs, the final
   tuning's data: FiQA's public training set beside the refined or unrefined pairs, or
   synthesize's class balance: the DP models' own label proportions), the stages it touches rerun.
@@ -63,6 +63,9 @@ MODELS = {"base": "smollm2-135m-instruct", "professional": "gemma-3-270m", "embe
 ABLATIONS = {
     "agreement": ({"label_source": "agreement"}, "refine keeps only the pairs where the professional and the DP model give the same label"),
     "confident": ({"label_source": "confident"}, "refine takes the professional's label where it is at least 0.6 sure, else the DP model's"),
+    "dp_labels": ({"label_source": "dp"}, "refine judges and filters the inputs but keeps the DP model's labels"),
+    "dp_labels_model_prior": ({"label_source": "dp", "class_balance": "model"},
+                              "refine keeps the DP model's labels, in the proportions the DP models write them (class_balance: model)"),
     "volume": ({"synthetic": 600}, "twice the synthetic pairs per bank (600)"),
     # the unrefined pairs keep the banks' tasks (FPB, TFNS) and the public row keeps FiQA: the
     # final tuning on both (fedtune's `public` pool, new in the package code after the rows above ran)

@@ -66,9 +66,11 @@ class RefineParams(BaseModel):
     example_words: int = Field(default=60, ge=5, description="a pool example is cut to this many words in a prompt")
     sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(do_sample=False, max_new_tokens=96))
     batch_size: int = Field(default=8, ge=1)
-    label_source: Literal["professional", "agreement", "confident"] = Field(
+    label_source: Literal["professional", "agreement", "confident", "dp"] = Field(
         default="professional", description="a labelled task's answer: the professional's label; only pairs where it agrees with the DP model's; "
-                                            "or the professional's where it is at least min_label_confidence sure, else the DP model's")
+                                            "the professional's where it is at least min_label_confidence sure, else the DP model's; or the DP "
+                                            "model's own (dp: the professional judges and filters the inputs only, for a professional that "
+                                            "knows good text but not the clients' labelling)")
     min_label_confidence: float = Field(default=0.6, gt=0, le=1, description="with label_source: confident")
     precision: Precision = Field(default="float32", description="the professional's weights while it judges, scores and answers (auto: bfloat16 where native)")
 
@@ -275,7 +277,8 @@ class Refine(Stage):
         professional = p.labels[int(probs.argmax())]
         own = next((label for label in p.labels if label.lower() == record.response.strip().lower()), None)
         confident = float(probs.max()) >= p.min_label_confidence
-        response = own if p.label_source == "confident" and not confident and own is not None else professional
+        keep_own = p.label_source == "dp" or (p.label_source == "confident" and not confident)
+        response = own if keep_own and own is not None else professional
         return {"response": response, "professional_label": professional, "label_probs": {label: round(float(x), 6) for label, x in zip(p.labels, probs)},
                 "label_changed": response.lower() != record.response.strip().lower(),
                 "labels_disagree": p.label_source == "agreement" and professional != own}

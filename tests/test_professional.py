@@ -117,6 +117,7 @@ def test_tune_professional_needs_a_professional_model(workdir: Path, capsys):
     ("agreement", [0.1, 0.2, 0.7], "positive", "positive", False),
     ("confident", [0.1, 0.2, 0.7], "negative", "positive", False),  # 0.7 >= 0.6: the professional's
     ("confident", [0.3, 0.2, 0.5], "negative", "negative", False),  # unsure: the DP model's own label
+    ("dp", [0.0, 0.01, 0.99], "negative", "negative", False),  # the DP model's own, however sure the professional
 ])
 def test_label_source_picks_between_the_professional_and_the_dp_model(source, probs, own, answer, dropped):
     refine = Refine(RefineParams(pool={"path": "p.jsonl"}, task="t", labels=LABELS, label_source=source, min_label_confidence=0.6))
