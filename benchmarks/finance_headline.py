@@ -80,6 +80,8 @@ ABLATIONS = {
     # in each fingerprint), and these two take about 40 minutes
     "unrefined_model_prior": ({"class_balance": "model", "final_stage": "synthesize", "refine": False},
                               "the final tuning on the unrefined synthetic pairs (the DP models' own labels) in the proportions the DP models write them"),
+    "unrefined_public_model_prior": ({"class_balance": "model", "final_stage": "synthesize", "refine": False, "final_public": True},
+                                     "the final tuning on the unrefined synthetic pairs in the proportions the DP models write them, and FiQA's public training set"),
 }
 
 
