@@ -104,18 +104,33 @@ class Fingerprint:
     inputs: dict[str, str]  # external input -> digest
 
 
+PACKAGE_ROOT = Path(__file__).resolve().parent  # the built-in data sets are files under it
+
+
+def input_name(path: Path, base_dir: Path) -> str:
+    """An external input's name in a fingerprint, wherever the project or the installed package
+    lies: relative to the package (a built-in data set) or to the spec's directory, else absolute.
+    An absolute name changed with the checkout's place, so a run resumed from another checkout or
+    after a reinstall ran ingest again and, its fingerprint changed, dp_train too: a new release."""
+    resolved = path.resolve()
+    for root, tag in ((PACKAGE_ROOT, "package"), (base_dir.resolve(), "spec dir")):
+        if resolved.is_relative_to(root):
+            return f"{tag}:{resolved.relative_to(root).as_posix()}"
+    return str(resolved)
+
+
 def stage_fingerprint(stage: Stage, spec: PipelineSpec, base_dir: Path, previous: str, hashes: HashCache, key: bytes | None) -> Fingerprint:
     """`key`: the client key, for a stage whose external inputs are private (None: not known yet)."""
     inputs = {}
     for path in stage.external_inputs(spec, base_dir):
         if not path.exists():  # the stage's own checks name it; the fingerprint only notes it
-            inputs[str(path)] = "(missing)"
+            inputs[input_name(path, base_dir)] = "(missing)"
             continue
         for file in _files_under(path):
             if stage.private_inputs and key is None:
-                inputs[str(file)] = "(private, not keyed yet)"
+                inputs[input_name(file, base_dir)] = "(private, not keyed yet)"
             else:
-                inputs[str(file)] = hashes.digest(file, key if stage.private_inputs else None)
+                inputs[input_name(file, base_dir)] = hashes.digest(file, key if stage.private_inputs else None)
     spec_dict = spec_to_dict(spec)
     content = {
         "stage": stage.name,
@@ -145,6 +160,18 @@ def reusable_manifest(stage: Stage, stage_dir: Path, fingerprint: Fingerprint, k
     if problem:
         return None, "", problem
     return manifest, status, ""
+
+
+def refuse_a_silent_new_release(stage: Stage, stage_dir: Path, reason: str) -> None:
+    """A stage that released private data in this run is not run again unasked: its rerun is a new
+    release that spends budget again, and what made it stale may be no choice of the user's (the
+    model cache or the checkout moved, a code upgrade changed an earlier stage's outputs). The user
+    asks for the new release by removing the stage's directory; its ledger entries stay counted."""
+    earlier = read_manifest(stage_dir)
+    if stage.releases() and earlier is not None:
+        raise InputError(f"{stage.name}: {reason or 'stale'} (its release of {earlier.finished_at}); running it again is a new release that "
+                         f"spends privacy budget again. To make it, remove {stage_dir} (its ledger entries stay counted); to keep the release, "
+                         "restore what changed")
 
 
 def chain_after(manifest: Manifest) -> str:
@@ -337,6 +364,7 @@ class Runner:
                 outcomes.append(StageOutcome(stage.name, status, manifest.duration_s, manifest.record_count(), peak_rss_mib=manifest.peak_rss_mib))
                 append_event(self.run_dir, stage=stage.name, status=status)
             else:
+                refuse_a_silent_new_release(stage, stage_dir, reason)
                 if reason:
                     console.print(f"[yellow]{stage.name}[/]: {reason}; rerunning")
                 manifest = self._execute(stage, stage_dir, fingerprint, key)

@@ -464,3 +464,31 @@ def test_a_code_upgrade_keeps_finished_releases_and_a_refused_rerun_keeps_the_la
     assert "would exceed the privacy budget cap" in capsys.readouterr().err
     assert (tmp_path / "run" / ADAPTER).read_bytes() == released and (tmp_path / "run/stages/dp_train/manifest.json").is_file()
     assert not list((tmp_path / "run/stages").glob(".*.tmp"))
+
+
+def test_a_release_stage_made_stale_is_not_run_again_unasked(tmp_path: Path, capsys):
+    """What makes dp_train stale after its release need not be the user's choice (the data file
+    touched, the model cache or the checkout moved, an upgrade that changed an earlier stage's
+    outputs); running it again is a second release of the same data. The runner refuses, leaving
+    the release and the ledger as they were, until the user removes the stage's directory."""
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    stages = ["prepare_models", "ingest", ONE_STEP]
+    assert run(tmp_path, "run", stages=stages) == 0
+    adapter = sha256_file(tmp_path / "run" / ADAPTER)
+
+    def entries() -> int:
+        return sum(len(p.read_text().splitlines()) for p in (tmp_path / "run/ledger").glob("*.jsonl"))
+
+    assert entries() == 2  # one DP adapter per client
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(41))  # one record more: ingest reruns, and dp_train is stale
+    capsys.readouterr()
+    assert run(tmp_path, "run", stages=stages) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(r"ksg: error: dp_train: .* \(its release of .*\); running it again is a new release that spends privacy budget again\. "
+                                                    r"To make it, remove .*stages/dp_train \(its ledger entries stay counted\)", err), err
+    assert entries() == 2 and sha256_file(tmp_path / "run" / ADAPTER) == adapter
+    import shutil
+
+    shutil.rmtree(tmp_path / "run/stages/dp_train")  # the user asks for the new release
+    assert run(tmp_path, "run", stages=stages) == 0
+    assert entries() == 4 and sha256_file(tmp_path / "run" / ADAPTER) != adapter

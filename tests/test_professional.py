@@ -4,6 +4,7 @@ and refused a client's data; refine's label policies."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -165,16 +166,18 @@ def test_a_change_to_a_stage_the_professional_does_not_read_does_not_retune_it(t
     write_jsonl(tmp_path / "public.jsonl", public_rows())
     tune = dict(TUNE, params=dict(TUNE["params"], epochs=1))
 
-    def ran(learning_rate: float, tune_params: dict) -> set[str]:
+    def ran(learning_rate: float, tune_params: dict, code: int = 0) -> set[str]:
         """The stages this run executed (not cached): from the events it appended."""
         train = {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48, "learning_rate": learning_rate}}
         spec = tiny_spec(stages=["prepare_models", "ingest", train, dict(tune, params=tune_params)], models=MODELS)
         events = tmp_path / "run/events.jsonl"
         seen = len(events.read_text().splitlines()) if events.is_file() else 0
-        assert run_in(tmp_path, "run", str(write_spec(tmp_path, spec)), "--run-dir", "run") == 0
+        assert run_in(tmp_path, "run", str(write_spec(tmp_path, spec)), "--run-dir", "run") == code
         return {e["stage"] for e in map(json.loads, events.read_text().splitlines()[seen:]) if e["status"] == "started"}
 
     assert {"dp_train", "tune_professional"} <= ran(1e-3, tune["params"])
+    assert ran(2e-3, tune["params"], code=2) == set()  # dp_train released: a second release is asked for by removing its directory
+    shutil.rmtree(tmp_path / "run/stages/dp_train")
     second = ran(2e-3, tune["params"])
     assert "dp_train" in second and "tune_professional" not in second
     third = ran(2e-3, dict(tune["params"], learning_rate=0.02))  # its own parameters: it reruns

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,13 +37,28 @@ def test_second_run_is_all_cached(two_stage: Path, workdir: Path):
     assert _run(two_stage, workdir / "run") == {"prepare_models": "cached", "ingest": "cached"}
 
 
+def test_a_project_moved_elsewhere_resumes_cached(two_stage: Path, workdir: Path, tmp_path: Path):
+    """The fingerprint names an input by its place in the project (or the package, for a built-in
+    data set), not by where the project lies: a project and its run copied to another directory (a
+    new machine, another checkout) resume cached. Named by absolute path, ingest ran again, and
+    after it dp_train: a second DP release of the same data."""
+    spec = tiny_spec(stages=["prepare_models", "ingest"], clients={"data": [{"path": "data.jsonl"}, {"builtin": "fpb_train", "sample": 20}],
+                                                                    "partition": {"method": "iid", "num_clients": 2}})
+    _run(write_spec(workdir, spec), workdir / "run")
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(workdir, moved)
+    assert _run(moved / "spec.yaml", moved / "run") == {"prepare_models": "cached", "ingest": "cached"}
+    inputs = json.loads((moved / "run/stages/ingest/manifest.json").read_text())["inputs"]
+    assert "spec dir:data.jsonl" in inputs and any(name.startswith("package:vendor/") for name in inputs)
+
+
 def test_manifest_records_inputs_outputs_and_counts(two_stage: Path, workdir: Path):
     _run(two_stage, workdir / "run")
     manifest = json.loads((workdir / "run/stages/ingest/manifest.json").read_text())
     assert manifest["stage"] == "ingest" and manifest["seed"] == 7 and manifest["package_version"]
     # private inputs and client-side outputs by a keyed digest only: the manifest cannot confirm a guess
     key = (workdir / "run/.client_key").read_bytes()
-    assert manifest["inputs"] == {str(workdir / "data.jsonl"): hmac_file(workdir / "data.jsonl", key)}
+    assert manifest["inputs"] == {"spec dir:data.jsonl": hmac_file(workdir / "data.jsonl", key)}
     records = manifest["outputs"]["clients/client_0/records.jsonl"]
     path = workdir / "run/stages/ingest/clients/client_0/records.jsonl"
     assert records["sha256"] == hmac_file(path, key) != sha256_file(path) and records["bytes"] is None
