@@ -78,8 +78,9 @@ def run_status(run_dir: Path, spec: PipelineSpec, base_dir: Path, stages: list[S
         if last.get("status") == "failed":
             states.append(StageState(stage.name, "failed", None, None, last.get("time"), last.get("message", "")))
         elif manifest is not None:
-            states.append(StageState(stage.name, "stale", manifest.duration_s, manifest.record_count(), manifest.finished_at, "spec, inputs or code changed since it ran",
-                                     manifest.peak_rss_mib))
+            detail = "spec, inputs or code changed since it ran" + ("; `ksg run` keeps its release if only code changed, else stops before a new one (remove its directory to make it)"
+                                                                          if stage.releases() else "")
+            states.append(StageState(stage.name, "stale", manifest.duration_s, manifest.record_count(), manifest.finished_at, detail, manifest.peak_rss_mib))
         elif last.get("status") == "started":
             states.append(StageState(stage.name, "interrupted", None, None, last.get("time"), "started but never finished; `ksg run` resumes it"))
         else:
