@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,7 @@ def test_two_releases_of_a_rerun_do_not_cancel(tmp_path: Path, monkeypatch):
         released = []
         for lr in (0.01, 0.02):
             step = dict(ONE_STEP, params=dict(ONE_STEP["params"], learning_rate=lr))
+            shutil.rmtree(tmp_path / f"run-{reproducible}/stages/dp_train", ignore_errors=True)  # a rerun is asked for by removing the stage
             assert run(tmp_path, f"run-{reproducible}", privacy={"reproducible_noise": reproducible}, stages=["prepare_models", "ingest", step]) == 0
             released.append(lora_b(tmp_path / f"run-{reproducible}" / ADAPTER) / lr)
         gap = float(np.abs(released[0] - released[1]).max() / np.abs(released[0]).max())
@@ -116,6 +118,7 @@ def test_the_ledger_counts_reruns_and_other_runs_and_the_cap_refuses_the_third(t
     train = {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48}}
     assert run(tmp_path, "a", privacy=shared, stages=["prepare_models", "ingest", train]) == 0
     rerun = dict(train, params=dict(train["params"], learning_rate=1e-3))
+    shutil.rmtree(tmp_path / "a/stages/dp_train")  # a new release, asked for
     assert run(tmp_path, "a", privacy=shared, stages=["prepare_models", "ingest", rerun]) == 0  # replaces the first adapter
     entries = [json.loads(line) for p in (tmp_path / "ledger").glob("*.jsonl") for line in p.read_text().splitlines()]
     mine = [e for e in entries if e["client_id"] == "client_0"]
@@ -458,12 +461,17 @@ def test_a_code_upgrade_keeps_finished_releases_and_a_refused_rerun_keeps_the_la
     assert "its privacy release is kept" in out and re.search(r"dp_train\s+│ kept", out), out
     assert (tmp_path / "run" / ADAPTER).read_bytes() == released
     assert sum(1 for p in (tmp_path / "run/ledger").glob("*.jsonl") for _ in p.read_text().splitlines()) == 2  # one per client
-    # a real change is a new release; past the cap it is refused, and the last release stays on disk
+    # a real change would be a new release: not made unasked, the last release stays on disk
     changed = dict(train, params=dict(train["params"], learning_rate=1e-3))
     assert run(tmp_path, "run", privacy=privacy, stages=["prepare_models", "ingest", changed]) == 2
-    assert "would exceed the privacy budget cap" in capsys.readouterr().err
+    assert "running it again is a new release" in capsys.readouterr().err
     assert (tmp_path / "run" / ADAPTER).read_bytes() == released and (tmp_path / "run/stages/dp_train/manifest.json").is_file()
-    assert not list((tmp_path / "run/stages").glob(".*.tmp"))
+    # asked for (the stage removed), past the cap it is refused: nothing half-written, the ledger as it was
+    shutil.rmtree(tmp_path / "run/stages/dp_train")
+    assert run(tmp_path, "run", privacy=privacy, stages=["prepare_models", "ingest", changed]) == 2
+    assert "would exceed the privacy budget cap" in capsys.readouterr().err
+    assert not (tmp_path / "run/stages/dp_train").exists() and not list((tmp_path / "run/stages").glob(".*.tmp"))
+    assert sum(1 for p in (tmp_path / "run/ledger").glob("*.jsonl") for _ in p.read_text().splitlines()) == 2
 
 
 def test_a_release_stage_made_stale_is_not_run_again_unasked(tmp_path: Path, capsys):
@@ -487,8 +495,6 @@ def test_a_release_stage_made_stale_is_not_run_again_unasked(tmp_path: Path, cap
     assert re.search(r"ksg: error: dp_train: .* \(its release of .*\); running it again is a new release that spends privacy budget again\. "
                                                     r"To make it, remove .*stages/dp_train \(its ledger entries stay counted\)", err), err
     assert entries() == 2 and sha256_file(tmp_path / "run" / ADAPTER) == adapter
-    import shutil
-
     shutil.rmtree(tmp_path / "run/stages/dp_train")  # the user asks for the new release
     assert run(tmp_path, "run", stages=stages) == 0
     assert entries() == 4 and sha256_file(tmp_path / "run" / ADAPTER) != adapter
