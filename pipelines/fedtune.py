@@ -48,6 +48,7 @@ from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, partici
 from knowledgesg.fileio import read_json, read_jsonl, write_dir, write_json
 from knowledgesg.loaders import load_labelled_pool, refuse_client_data, source_name_of, source_path
 from knowledgesg.stage import Stage, StageContext
+from pipelines.ingest import client_records, training_records
 from privacy.accounting import Mechanism, calibrate_noise, default_delta, epsilons
 from privacy.ledger import LEDGER, TRUST_SERVER_NOISE, LedgerEntry, check_budget, new_release_id, now, read_stage_ledgers, trust_line
 
@@ -157,6 +158,20 @@ class Fedtune(Stage):
         if self.params.public:  # before the run starts: not after dp_train, synthesize and refine
             refuse_client_data(self.params.public, spec.clients.sources(), base_dir, "fedtune params.public")
             load_labelled_pool(self.params.public, base_dir, spec.seed, "fedtune params.public")
+        if self.params.data == "private" and self.params.local_dp.noise_multiplier is None:
+            self.refuse_unreachable_local_budgets(spec, base_dir)
+
+    def refuse_unreachable_local_budgets(self, spec: PipelineSpec, base_dir: Path) -> None:
+        """A local_dp.target_epsilon that no noise reaches is refused before dp_train spends its
+        budget. Every client is asked in every round unless clients are sampled; then the fewest
+        rounds a client trains in (one) is planned, so only a budget no participation reaches is
+        refused here (the run plans the rounds the seed gives)."""
+        loaded = client_records(spec, base_dir)
+        every_round = self.params.clients_per_round is None or self.params.clients_per_round >= len(loaded)
+        for client_id, records in loaded.items():
+            n = len(training_records(spec, client_id, records))
+            delta = spec.privacy.delta or default_delta(n)
+            self.plan_mechanisms([client_id], {client_id: self.params.rounds if every_round else 1}, {client_id: n}, {client_id: delta})
 
     def side(self) -> str:
         return "server"  # it drives the rounds; with private data the clients train on their side (Flower)
@@ -257,7 +272,10 @@ class Fedtune(Stage):
                 q = self.sample_rate(c, records)
                 sigma = p.local_dp.noise_multiplier
                 if sigma is None:
-                    sigma, _ = calibrate_noise(p.local_dp.target_epsilon, deltas[c], q, max(1, steps))
+                    try:
+                        sigma, _ = calibrate_noise(p.local_dp.target_epsilon, deltas[c], q, max(1, steps), f"{self.name}: local_dp.target_epsilon")
+                    except InputError as err:
+                        raise InputError(f"client '{c}': {err}") from None
                 mechanisms.append(Mechanism(kind="poisson_gaussian", noise_multiplier=sigma, sample_rate=q, steps=steps))
             planned[c] = mechanisms
         return planned

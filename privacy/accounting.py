@@ -222,13 +222,14 @@ def group_epsilon(mechanisms: list[Mechanism], size: int, delta: float, discreti
 
 
 @functools.lru_cache(maxsize=256)
-def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> tuple[float, str]:
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, setting: str = "privacy.target_epsilon") -> tuple[float, str]:
     """The smallest noise multiplier whose epsilon is at most the target, and within 0.5% of it
-    (cached: a bisection over the PRV accountant costs seconds; `ksg check` and the run ask alike)."""
+    (cached: a bisection over the PRV accountant costs seconds; `ksg check` and the run ask alike).
+    `setting`: the spec key the target came from, for the errors."""
     from opacus.accountants.utils import get_noise_multiplier
 
     if not target_epsilon > 0:
-        raise InputError(f"privacy.target_epsilon must be > 0, got {target_epsilon}")
+        raise InputError(f"{setting} must be > 0, got {target_epsilon}")
     for accountant in ("prv", "rdp"):
         try:
             with warnings.catch_warnings():
@@ -240,7 +241,7 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
             return float(sigma), accountant
         except ValueError as err:
             if "too low" in str(err):
-                raise InputError(f"privacy.target_epsilon = {target_epsilon:g} cannot be reached at delta {delta:g} with {steps} steps at sampling rate {sample_rate:.4g}: the budget is too low") from None
+                raise InputError(f"{setting} = {target_epsilon:g} cannot be reached at delta {delta:g} with {steps} steps at sampling rate {sample_rate:.4g}: the budget is too low") from None
         except (ArithmeticError, RuntimeError, IndexError):
             continue
     raise InputError(f"could not calibrate noise for epsilon {target_epsilon:g} (q={sample_rate:.4g}, steps={steps})")

@@ -275,6 +275,17 @@ def test_a_public_pool_that_is_a_clients_data_is_refused_before_anything_is_writ
     assert "public" not in FedtuneParams().model_dump(mode="json") and "public" in FedtuneParams(public={"path": "public.jsonl"}).model_dump(mode="json")
 
 
+def test_an_unreachable_local_dp_budget_names_its_own_key_and_client(tmp_path: Path, capsys):
+    """The local steps' target is fedtune's local_dp.target_epsilon, not privacy.target_epsilon
+    (which dp_train reaches): the error names the key the user must change, before the run starts
+    (it came after dp_train, synthesize and refine had run)."""
+    assert run_pipeline(tmp_path, dict(FEDTUNE, data="private", local_dp={"target_epsilon": 1e-4})) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "client 'client_0': fedtune: local_dp.target_epsilon = 0.0001 cannot be reached" in err[0], "\n".join(err)
+    assert "privacy.target_epsilon" not in err[0]
+    assert not (tmp_path / "run").exists()  # refused before dp_train spent its budget
+
+
 def test_stage_on_private_data_enters_its_dp_sgd_cost(tmp_path: Path):
     from privacy.accounting import Mechanism
     from privacy.ledger import compose
