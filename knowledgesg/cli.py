@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -55,6 +56,7 @@ def run(
     from knowledgesg.roles import Role
     from knowledgesg.runner import Runner
     from pipelines import load_pipeline
+    from pipelines.check import refuse_planned_over_cap
 
     start = time.perf_counter()
     spec, base_dir, stages = load_pipeline(spec_path)
@@ -68,7 +70,7 @@ def run(
         raise InputError(f"--role {role}: give --exchange DIR, the directory the releases cross through")
     party = Role(role, client, exchange)  # type: ignore[arg-type]
     run_dir = run_dir or Path("runs") / (spec.name if role == "all" else f"{spec.name}-{client or 'server'}")
-    runner = Runner(spec, base_dir, run_dir, stages, party)
+    runner = Runner(spec, base_dir, run_dir, stages, party, partial(refuse_planned_over_cap, base_dir=base_dir, run_dir=run_dir))
     if role == "server" and spec.federation.transport == "flower":
         from knowledgesg.federated.stages import fetch_over_flower
 

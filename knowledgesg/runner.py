@@ -16,7 +16,7 @@ import importlib
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -267,8 +267,12 @@ def load_run_role(run_dir: Path) -> Role:
 
 
 class Runner:
-    def __init__(self, spec: PipelineSpec, base_dir: Path, run_dir: Path, stages: list[Stage], role: Role = Role()) -> None:
-        """`spec` and `stages` whole, as every party has them; `role` says which part this process runs."""
+    def __init__(self, spec: PipelineSpec, base_dir: Path, run_dir: Path, stages: list[Stage], role: Role = Role(),
+                 plan_check: Callable[[PipelineSpec, list[Stage]], None] | None = None) -> None:
+        """`spec` and `stages` whole, as every party has them; `role` says which part this process
+        runs. `plan_check` refuses, before anything is written, a run whose releases to come (the
+        release stages here without a finished manifest) would break the budget: the privacy
+        planning lives above the core (pipelines.check)."""
         if [stage.name for stage in stages] != [s.name for s in spec.stages]:
             raise ValueError("the stages must be the spec's, in order (build them with pipelines.build_stages)")
         if role.kind != "all" and role.exchange is None:
@@ -278,6 +282,7 @@ class Runner:
         self.base_dir = base_dir
         self.run_dir = run_dir
         self.role = role
+        self.plan_check = plan_check
 
     def run(self) -> list[StageOutcome]:
         problem = unmakeable_directory(self.run_dir)
@@ -308,6 +313,13 @@ class Runner:
         for stage in self.stages[self._cached_prefix():]:
             if not self.role.receives(stage):
                 stage.preflight(self.spec, self.base_dir)
+        if self.plan_check is not None:
+            self.plan_check(self.spec, self.releases_to_come())
+
+    def releases_to_come(self) -> list[Stage]:
+        """The release stages this process will run: those without a finished manifest (one with a
+        manifest is kept, or refused before a new release: refuse_a_silent_new_release)."""
+        return [s for s in self.stages if s.releases() and not self.role.receives(s) and read_manifest(self.run_dir / "stages" / s.name) is None]
 
     def _send(self) -> None:
         """A client's releases, with its whole ledger, to the exchange (checked against its cap first)."""

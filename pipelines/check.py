@@ -70,12 +70,25 @@ def check_pipeline(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_
     notes = model_notes(spec)
     if not any(isinstance(s, Ingest) for s in stages):
         return notes, []
+    return notes, plan_privacy(spec, base_dir, stages, run_dir)
+
+
+def plan_privacy(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_dir: Path, sure_only: bool = False) -> list[ClientCheck]:
+    """Each client's planned releases in `stages` (dp_train's calibrated plan, a DP histogram,
+    fedtune's local DP-SGD), composed with everything its ledger already holds. Where the server's
+    seed samples the clients of each round, fedtune is planned in every round (what `ksg check`
+    shows: the most it may cost), or with `sure_only` in none (what the run will surely spend, for
+    refusing a run before it starts; fedtune checks the rounds the seed gives when it runs).
+    Nothing is read when none of `stages` releases anything."""
     train = next((s for s in stages if isinstance(s, DPTrain)), None)
     synthesize = next((s for s in stages if isinstance(s, Synthesize) and s.releases()), None)
     private_fedtune = next((s for s in stages if isinstance(s, Fedtune) and s.releases()), None)  # DP-SGD local steps on private data
+    if train is None and synthesize is None and private_fedtune is None:
+        return []
     ledger_dir = ledger_directory(spec.privacy.ledger_dir, base_dir, run_dir)
     checks = []
-    for client_id, records in client_records(spec, base_dir).items():
+    loaded = client_records(spec, base_dir)
+    for client_id, records in loaded.items():
         rows = [r.model_dump() for r in records]
         before: list[LedgerEntry] = ClientLedger.of_data(ledger_dir, data_key(rows), client_id, unit_digests(rows)).entries()
         trained = training_records(spec, client_id, records)
@@ -87,7 +100,7 @@ def check_pipeline(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_
         if synthesize is not None:
             planned.append(synthesize.histogram_mechanism())
         delta = plan.delta if plan else (spec.privacy.delta or default_delta(len(trained)))
-        if private_fedtune is not None:  # asked in every round: an upper bound where clients are sampled
+        if private_fedtune is not None and (private_fedtune.asks_every_round(len(loaded)) or not sure_only):
             rounds = private_fedtune.params.rounds
             planned += private_fedtune.plan_mechanisms([client_id], {client_id: rounds}, {client_id: len(trained)}, {client_id: delta})[client_id]
         counted = [e.effective_mechanism() for e in before if e.counts_against_budget]
@@ -97,12 +110,19 @@ def check_pipeline(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_
             delta=plan.delta if plan else None, planned_epsilon=compose(planned, delta).reported, spent_epsilon=compose(counted, delta).reported,
             total_epsilon=compose(counted + planned, delta).reported, cap=spec.privacy.cap_epsilon, releases_before=sum(e.costs_privacy for e in before),
         ))
-    return notes, checks
+    return checks
 
 
 def refuse_over_cap(checks: list[ClientCheck]) -> None:
+    """The first client whose planned releases would take it past the cap, as one line."""
     over = [c for c in checks if not c.within_cap]
     if over:
         c = over[0]
         raise InputError(f"client '{c.client_id}': the planned releases would exceed the privacy budget cap (spent epsilon {c.spent_epsilon:.3f}, "
                          f"planned {c.planned_epsilon:.3f}, composed total {c.total_epsilon:.3f} > cap {c.cap:g})")
+
+
+def refuse_planned_over_cap(spec: PipelineSpec, stages: list[Stage], base_dir: Path, run_dir: Path) -> None:
+    """`ksg run`'s check before anything is written: the releases `stages` will surely make, with
+    the ledgers, within the cap (each stage checks again when it runs, with what it then knows)."""
+    refuse_over_cap(plan_privacy(spec, base_dir, stages, run_dir, sure_only=True))

@@ -167,11 +167,16 @@ class Fedtune(Stage):
         rounds a client trains in (one) is planned, so only a budget no participation reaches is
         refused here (the run plans the rounds the seed gives)."""
         loaded = client_records(spec, base_dir)
-        every_round = self.params.clients_per_round is None or self.params.clients_per_round >= len(loaded)
         for client_id, records in loaded.items():
             n = len(training_records(spec, client_id, records))
             delta = spec.privacy.delta or default_delta(n)
-            self.plan_mechanisms([client_id], {client_id: self.params.rounds if every_round else 1}, {client_id: n}, {client_id: delta})
+            self.plan_mechanisms([client_id], {client_id: self.params.rounds if self.asks_every_round(len(loaded)) else 1}, {client_id: n}, {client_id: delta})
+
+    def asks_every_round(self, clients: int) -> bool:
+        """Whether every client is planned in every round (no clients sampled by the server's seed;
+        with client-level DP each is asked and its own coin decides, so the plan counts every round)."""
+        p: FedtuneParams = self.params
+        return p.client_dp is not None or p.clients_per_round is None or p.clients_per_round >= clients
 
     def side(self) -> str:
         return "server"  # it drives the rounds; with private data the clients train on their side (Flower)

@@ -485,10 +485,20 @@ def test_a_node_refuses_a_plan_at_a_larger_delta_or_a_weaker_unit_than_its_own(t
     assert NodeSettings.of(config) == NodeSettings(str(owner.resolve()), 3.0, False, "a", 1e-6, "user")
 
 
-def test_stage_refuses_a_budget_past_the_cap_before_training(tmp_path: Path):
+def test_a_run_whose_releases_would_pass_the_cap_is_refused_before_anything_is_written(tmp_path: Path, capsys):
     params = dict(FEDTUNE, data="private", local_dp={"target_epsilon": 6.0})
-    assert run_pipeline(tmp_path, params, cap=9.0) == 2  # 7.98 spent, PLD-composed with 5.99: 9.89
-    assert not (tmp_path / "run/stages/fedtune").exists()
+    assert run_pipeline(tmp_path, params, cap=9.0) == 2  # dp_train's 7.98, PLD-composed with 5.99: 9.89
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "client 'client_0': the planned releases would exceed the privacy budget cap" in err[0], err
+    assert not (tmp_path / "run").exists()  # before: refused at fedtune, after dp_train, synthesize and refine had run
+
+
+def test_stage_refuses_a_budget_past_the_cap_before_training(tmp_path: Path):
+    """With one of two clients sampled per round by the server's seed, the plan before the run
+    counts no fedtune round as sure; the stage checks the rounds the seed gives."""
+    params = dict(FEDTUNE, data="private", local_dp={"target_epsilon": 6.0}, clients_per_round=1)
+    assert run_pipeline(tmp_path, params, cap=9.0) == 2
+    assert (tmp_path / "run/stages/dp_train/manifest.json").is_file() and not (tmp_path / "run/stages/fedtune").exists()
 
 
 def test_updates_travel_in_float16_or_int8_with_the_bytes_recorded(tmp_path: Path):
