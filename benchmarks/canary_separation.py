@@ -22,6 +22,7 @@ from _common import command  # noqa: E402
 from eval.audit import AuditOptions, canary_results, load_target, own_secret_nll, targets_of  # noqa: E402
 from eval.canaries import read_canaries  # noqa: E402
 from knowledgesg.fileio import read_json  # noqa: E402
+from knowledgesg.runner import run_models  # noqa: E402
 
 
 def planted_above_every_unplanted(scores: list[float], planted: list[bool]) -> int:
@@ -35,7 +36,7 @@ def main() -> None:
     parser.add_argument("--client", default="bank_a")
     args = parser.parse_args()
     print(f"command: {command()}")
-    base = read_json(args.run_dir / "stages/prepare_models/models.json")["base"]
+    base = run_models(args.run_dir)["base"]
     spec, canaries = read_canaries(read_json(args.run_dir / "stages/ingest/clients" / args.client / "canaries.json"))
     start = time.perf_counter()
     reference, tokenizer = load_target(base, None, "cpu")

@@ -93,8 +93,9 @@ def fidelity_cells(run_a: Path, seed: int):
     from eval.fidelity import fidelity_report
     from knowledgesg.models import resolve_device
     from knowledgesg.retrieval import embed, load_embedder
+    from knowledgesg.runner import run_models
 
-    models = json.loads((run_a / "stages/prepare_models/models.json").read_text())
+    models = run_models(run_a)
     embedder = load_embedder(models["embedder"]["path"], resolve_device("auto"))
     figures = {}
     for stage in ("synthesize", "refine"):

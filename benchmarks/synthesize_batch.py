@@ -39,14 +39,14 @@ def main() -> None:
     import yaml
 
     from eval.audit import load_target
-    from knowledgesg.fileio import read_json
     from knowledgesg.generation import Generator
+    from knowledgesg.runner import run_models
     from pipelines.synthesize import Synthesize, SynthesizeParams
 
     spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "pipelines/specs/demo.yaml").read_text())
     params = SynthesizeParams(**next(s["params"] for s in spec["stages"] if isinstance(s, dict) and s["name"] == "synthesize"))
     stage = Synthesize(params)
-    base = read_json(args.run / "stages/prepare_models/models.json")["base"]
+    base = run_models(args.run)["base"]
     model, tokenizer = load_target(base, adapter, "cpu", "float32")
     count = math.ceil(params.per_client * params.oversample)
     seeds = [params.seeds[i % len(params.seeds)] for i in range(count)]

@@ -50,6 +50,7 @@ from knowledgesg.manifest import read_manifest
 from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_device, resolve_precision
 from knowledgesg.prompts import Seed, user_message, user_turn_prefix
 from knowledgesg.records import InstructionRecord
+from knowledgesg.runner import load_run_spec, run_models
 from knowledgesg.scoring import continuation_logprobs, pad_id, prefixed_logprobs, token_statistics
 from knowledgesg.spec import CanarySpec, CanaryTemplate, PipelineSpec
 from privacy.accounting import group_epsilon
@@ -281,7 +282,7 @@ def professional_target(run_dir: Path, stages_before: list[str]) -> Target | Non
     """The professional model as a stage after `stages_before` sees it: tuned by a completed
     `tune_professional` (public data) among them, else as named in `models.professional`; None
     without one."""
-    if "professional" not in read_json(run_dir / "stages/prepare_models/models.json"):
+    if "professional" not in run_models(run_dir):
         return None
     tuned = "tune_professional" in stages_before and completed(run_dir, "tune_professional")
     return Target("professional", run_dir / "stages/tune_professional/adapter" if tuned else None, "professional")
@@ -759,12 +760,10 @@ def claimed_epsilons(run_dir: Path, spec: PipelineSpec) -> dict[str, float]:
 
 
 def run_audit(run_dir: Path, options: AuditOptions) -> dict:
-    from knowledgesg.runner import load_run_spec
-
     spec, _ = load_run_spec(run_dir)
     if not completed(run_dir, "ingest") or not completed(run_dir, "prepare_models"):
         raise InputError(f"{run_dir}: the audit needs completed prepare_models and ingest stages")
-    base = read_json(run_dir / "stages/prepare_models/models.json")["base"]
+    base = run_models(run_dir)["base"]
     clients = list(read_json(run_dir / "stages/ingest/partition.json")["clients"])
     targets = of_kinds(targets_of(run_dir, clients), options.models)
     if not targets:

@@ -31,6 +31,7 @@ from knowledgesg.console import console
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_json, write_json, write_text
 from knowledgesg.models import Precision, resolve_precision
+from knowledgesg.runner import run_models
 from knowledgesg.spec import DataSource
 
 EVAL_REPORT = "eval_report.json"
@@ -147,7 +148,7 @@ def evaluate_run(run_dir: Path, options: EvalOptions, device: str, base_dir: Pat
                  stages_before: list[str] = ()) -> dict:
     """The server-side results: public tasks only (a private test set's figures stay on its client).
     `stages_before`: the completed stages whose models this evaluation sees (a tuned professional)."""
-    resolved = read_json(run_dir / "stages/prepare_models/models.json")
+    resolved = run_models(run_dir)
     clients = list(read_json(run_dir / "stages/ingest/partition.json")["clients"])
     models = {target.name: score_target(target, resolved, options.tasks, options, device, base_dir) for target in chosen_targets(run_dir, clients, options.models, published, stages_before)}
     dp = [m for name, m in models.items() if name.startswith("dp_adapter:")]
@@ -168,7 +169,7 @@ def check_private_clients(run_dir: Path, options: EvalOptions) -> list[str]:
 def evaluate_private(run_dir: Path, options: EvalOptions, device: str, base_dir: Path = Path("."), published: Published | None = None) -> dict[str, dict]:
     """Per client with a private test set, on its side: the base model, its own DP adapter and the
     final adapter (the releases it can run locally)."""
-    resolved = read_json(run_dir / "stages/prepare_models/models.json")
+    resolved = run_models(run_dir)
     clients = check_private_clients(run_dir, options)
     results = {}
     for client, tasks in options.private_tasks.items():
@@ -182,7 +183,7 @@ def fidelity_run(run_dir: Path, seed: int, device: str, published: Published | N
     from eval.fidelity import fidelity_report
     from knowledgesg.retrieval import embed, load_embedder
 
-    models = read_json(run_dir / "stages/prepare_models/models.json")
+    models = run_models(run_dir)
     clients = list(read_json(run_dir / "stages/ingest/partition.json")["clients"])
     if "embedder" not in models:
         return {c: {"skipped": "no models.embedder in the spec"} for c in clients}

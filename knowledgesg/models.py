@@ -244,6 +244,38 @@ def resolve_model(name: str, cache_dir: Path | None = None) -> ResolvedModel:
     return ResolvedModel(name, str(path), kind, marker["weights_sha256"], marker["description"])
 
 
+IN_CACHE = "cache:"  # a models.json path inside the model cache, named relative to it
+
+
+def model_entry(model: ResolvedModel, cache_dir: Path | None) -> dict:
+    """A resolved model as prepare_models records it: a path inside the model cache is named
+    relative to the cache, so a run is not tied to where the cache lies (the same run resumed with
+    another KSG_CACHE_DIR, or on a data owner's machine, finds the model in its own cache)."""
+    path = model.path
+    cache = cache_root(cache_dir).resolve()
+    if Path(path).is_absolute() and Path(path).resolve().is_relative_to(cache):
+        path = IN_CACHE + Path(path).resolve().relative_to(cache).as_posix()
+    return {"name": model.name, "path": path, "kind": model.kind, "weights_sha256": model.weights_sha256, "description": model.description}
+
+
+def local_model(entry: dict, cache_dir: Path | None) -> dict:
+    """A models.json entry with its path on this machine: a model named inside the cache is found
+    in this machine's cache (built there again, from its package, if the cache moved or was
+    cleared), and refused if its weights differ from the ones the run used."""
+    if not entry["path"].startswith(IN_CACHE):
+        return entry  # a local directory, a Hugging Face id, or a run from before cache-relative paths
+    model = resolve_model(entry["name"], cache_dir)
+    if model.weights_sha256 != entry["weights_sha256"]:
+        raise InputError(f"model '{entry['name']}' in the model cache {cache_root(cache_dir)} has other weights ({model.weights_sha256[:12]}) than the run used "
+                         f"({entry['weights_sha256'][:12]}): install the package version the run was made with, or start a new run")
+    return {**entry, "path": model.path}
+
+
+def read_models(path: Path, cache_dir: Path | None) -> dict[str, dict]:
+    """prepare_models' models.json (at `path`), each model's path where this machine holds it."""
+    return {role: local_model(entry, cache_dir) for role, entry in json.loads(path.read_text()).items()}
+
+
 def resolve_device(setting: str = "auto") -> str:
     import torch
 

@@ -15,6 +15,7 @@ import fcntl
 import importlib
 import json
 import shutil
+import sysconfig
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from knowledgesg.exchange import export_releases, receive_ledgers, receive_stage
 from knowledgesg.fileio import canonical_json, hmac_file, hmac_text, read_json, sha256_file, sha256_text, unmakeable_directory, write_json, write_text
 from knowledgesg.manifest import MANIFEST, Manifest, output_entry, read_manifest, verify_outputs, write_manifest
 from knowledgesg.memory import PeakMemory
+from knowledgesg.models import read_models
 from knowledgesg.roles import Role, check_role, narrow_to_client
 from knowledgesg.spec import PipelineSpec, parse_spec, spec_to_dict
 from knowledgesg.stage import LEDGER_KEY, Stage, StageContext
@@ -105,18 +107,31 @@ class Fingerprint:
 
 
 PACKAGE_ROOT = Path(__file__).resolve().parent  # the built-in data sets are files under it
+# where installed packages lie (a packaged model's GGUF file is one of them)
+SITE_PACKAGES = tuple(dict.fromkeys(Path(sysconfig.get_paths()[key]).resolve() for key in ("purelib", "platlib")))
 
 
 def input_name(path: Path, base_dir: Path) -> str:
-    """An external input's name in a fingerprint, wherever the project or the installed package
-    lies: relative to the package (a built-in data set) or to the spec's directory, else absolute.
-    An absolute name changed with the checkout's place, so a run resumed from another checkout or
-    after a reinstall ran ingest again and, its fingerprint changed, dp_train too: a new release."""
+    """An external input's name in a fingerprint, wherever the project or the installed packages
+    lie: relative to this package (a built-in data set), to the spec's directory, or to the
+    environment's site-packages (a packaged model's weights), else absolute. An absolute name
+    changed with the checkout's place or the virtual environment's, so a run resumed from another
+    checkout or after a reinstall ran ingest (or prepare_models) again and, its fingerprint changed,
+    dp_train too: a new release."""
     resolved = path.resolve()
-    for root, tag in ((PACKAGE_ROOT, "package"), (base_dir.resolve(), "spec dir")):
-        if resolved.is_relative_to(root):
-            return f"{tag}:{resolved.relative_to(root).as_posix()}"
+    roots = ((PACKAGE_ROOT, "package"), (base_dir.resolve(), "spec dir"), *((root, "site-packages") for root in SITE_PACKAGES))
+    holding = [(root, tag) for root, tag in roots if resolved.is_relative_to(root)]
+    if holding:  # the innermost (a virtual environment or the package may lie in the spec's directory)
+        root, tag = max(holding, key=lambda held: len(held[0].parts))
+        return f"{tag}:{resolved.relative_to(root).as_posix()}"
     return str(resolved)
+
+
+def where_things_lie_left_out(section: str, settings: dict) -> dict:
+    """A spec section as a fingerprint takes it: the model cache's place says where the models
+    lie, not what a stage computes (models.json names them relative to it), so a run resumed with
+    the cache elsewhere is the same run."""
+    return {**settings, "cache_dir": None} if section == "models" else settings
 
 
 def stage_fingerprint(stage: Stage, spec: PipelineSpec, base_dir: Path, previous: str, hashes: HashCache, key: bytes | None) -> Fingerprint:
@@ -136,7 +151,7 @@ def stage_fingerprint(stage: Stage, spec: PipelineSpec, base_dir: Path, previous
         "stage": stage.name,
         "params": stage.params.model_dump(mode="json"),
         "seed": spec.seed,
-        "sections": {section: spec_dict[section] for section in stage.uses},
+        "sections": {section: where_things_lie_left_out(section, spec_dict[section]) for section in stage.uses},
         "inputs": inputs,
         "previous": previous,
     }
@@ -258,6 +273,12 @@ def _saved_run(run_dir: Path) -> dict:
 def load_run_spec(run_dir: Path) -> tuple[PipelineSpec, Path]:
     saved = _saved_run(run_dir)
     return parse_spec(saved["spec"], source=str(run_dir / SPEC_COPY)), Path(saved["base_dir"])
+
+
+def run_models(run_dir: Path) -> dict[str, dict]:
+    """A finished run's models (prepare_models' models.json), each where this machine holds it."""
+    spec, _ = load_run_spec(run_dir)
+    return read_models(run_dir / "stages/prepare_models/models.json", spec.models.cache_dir)
 
 
 def load_run_role(run_dir: Path) -> Role:

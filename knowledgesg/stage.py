@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from knowledgesg.errors import KsgError
 from knowledgesg.fileio import read_json, sha256_text, write_json, write_jsonl
 from knowledgesg.manifest import read_manifest
+from knowledgesg.models import read_models
 from knowledgesg.spec import PipelineSpec
 from privacy.ledger import ClientLedger, LedgerEntry, ledger_directory, merge_releases, read_received_ledger, read_stage_ledgers
 from privacy.noise import SecureRandom
@@ -181,3 +182,7 @@ class StageContext:
 
     def read_artifact_json(self, stage: str, relative: str) -> Any:
         return read_json(self.artifact(stage, relative))
+
+    def models(self) -> dict[str, dict]:
+        """prepare_models' models.json, each model's path where this machine's cache holds it."""
+        return read_models(self.artifact("prepare_models", "models.json"), self.spec.models.cache_dir)

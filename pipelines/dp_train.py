@@ -153,7 +153,7 @@ class DPTrain(Stage):
             # before any client trains: a refusal leaves nothing.
             check_budget(ctx.spent(client_id), client_id, [plan.mechanism()], plan.delta, ctx.spec.privacy.cap_epsilon, self.name, plan.units.kind)
             plans.append(plan)
-        models = ctx.read_artifact_json("prepare_models", "models.json")
+        models = ctx.models()
         ledger = []
         for plan in plans:
             done = ctx.completed_unit(plan.client_id)  # released before a crash: reused, never redrawn

@@ -186,7 +186,7 @@ class Fedtune(Stage):
         partition = ctx.read_artifact_json("ingest", "partition.json")
         clients = list(partition["clients"])
         adapters = {e.client_id: e for e in read_stage_ledgers(ctx.run_dir, ctx.completed_stages_before()) if e.release == "dp_adapter"}
-        models = ctx.read_artifact_json("prepare_models", "models.json")
+        models = ctx.models()
         records = self.synthetic_shares(ctx, clients) if p.data == "synthetic" else None
         public = self.public_pool(ctx) if p.public else []
         if public:  # dealt out like cards: the pool is trained on once per pass over the shares

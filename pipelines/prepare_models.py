@@ -1,7 +1,9 @@
 """Stage `prepare_models`: resolve every model the spec names, converting packaged GGUF once.
 
 Its artifact, `models.json`, is how later stages find their models (path and weight hash), so
-a run records exactly which weights it used.
+a run records exactly which weights it used. A model in the cache is named relative to the cache
+(`cache:models/NAME`): later stages read it with `StageContext.models()`, which finds it in this
+machine's cache.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from pathlib import Path
 
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import unmakeable_directory
-from knowledgesg.models import cache_root, check_model_name, resolve_model, source_files
+from knowledgesg.models import cache_root, check_model_name, model_entry, resolve_model, source_files
 from knowledgesg.spec import PipelineSpec
 from knowledgesg.stage import Stage, StageContext
 
@@ -51,8 +53,5 @@ class PrepareModels(Stage):
             raise InputError(f"models.cache_dir {root}: {problem}")
 
     def run(self, ctx: StageContext) -> None:
-        resolved = {}
-        for role, name in named_models(ctx.spec).items():
-            model = resolve_model(name, ctx.spec.models.cache_dir)
-            resolved[role] = {"name": model.name, "path": model.path, "kind": model.kind, "weights_sha256": model.weights_sha256, "description": model.description}
-        ctx.write_json("models.json", resolved)
+        cache_dir = ctx.spec.models.cache_dir
+        ctx.write_json("models.json", {role: model_entry(resolve_model(name, cache_dir), cache_dir) for role, name in named_models(ctx.spec).items()})

@@ -57,7 +57,7 @@ class Publish(Stage):
         return {c: [e for e in entries if e.client_id == c] for c in clients}
 
     def publish_adapter(self, ctx: StageContext, clients: list[str], releases: dict, synthetic: dict[str, int]) -> None:
-        base = ctx.read_artifact_json("prepare_models", "models.json")["base"]
+        base = ctx.models()["base"]
         rounds = ctx.read_artifact_json("fedtune", "rounds.json")
         params = FedtuneParams.model_validate(next(s for s in ctx.spec.stages if s.name == "fedtune").params)  # with its defaults
         job = {"lora": params.lora.model_dump(), "rule": params.rule.model_dump(), "clients": clients, "rounds": len(rounds)}

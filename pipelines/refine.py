@@ -182,7 +182,7 @@ class Refine(Stage):
 
     def run(self, ctx: StageContext) -> None:
         p: RefineParams = self.params
-        models = ctx.read_artifact_json("prepare_models", "models.json")
+        models = ctx.models()
         pool = load_example_pool(p.pool, ctx.base_dir, ctx.seed, "refine")
         shots = balanced_shots(pool, p.labels, p.shots)
         good = [clip_words(candidate_text(r), p.example_words) for r in shots]

@@ -127,7 +127,7 @@ class Structure(Stage):
         from knowledgesg.retrieval import build_or_load_index, embed, index_meta, load_embedder
 
         p: StructureParams = self.params
-        models = ctx.read_artifact_json("prepare_models", "models.json")  # with an embedder: preflight refused a spec without
+        models = ctx.models()  # with an embedder: preflight refused a spec without
         pool = load_example_pool(p.pool, ctx.base_dir, ctx.seed, "structure", minimum=p.k)
         device = resolve_device(ctx.spec.models.device)
         embedder = load_embedder(models["embedder"]["path"], device)

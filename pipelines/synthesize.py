@@ -146,7 +146,7 @@ class Synthesize(Stage):
             for client_id in partition["clients"]:
                 check_budget(ctx.spent(client_id), client_id, [self.histogram_mechanism()], adapters[client_id].delta, ctx.spec.privacy.cap_epsilon, self.name,
                              ctx.spec.privacy.unit)
-        models = ctx.read_artifact_json("prepare_models", "models.json")
+        models = ctx.models()
         ledger: list[LedgerEntry] = []
         for client_id in partition["clients"]:
             adapter = adapters[client_id]

@@ -87,7 +87,7 @@ class TuneProfessional(Stage):
         records = load_labelled_pool(p.data, ctx.base_dir, ctx.seed, self.name)
         if len(records) < p.batch_size:
             raise InputError(f"tune_professional: {source_name_of(p.data)} has {len(records)} records with a response, fewer than batch_size {p.batch_size}")
-        professional = ctx.read_artifact_json("prepare_models", "models.json")["professional"]
+        professional = ctx.models()["professional"]
         device = resolve_device(ctx.spec.models.device)
         torch.manual_seed(ctx.derive_seed("init"))
         dtype = resolve_precision(p.precision, device)

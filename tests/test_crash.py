@@ -44,8 +44,7 @@ def test_sigkill_at_every_crash_point_then_resume(workdir: Path):
 def test_sigkill_from_outside_mid_stage_then_resume(workdir: Path, tmp_path_factory):
     """A real `kill -9` while prepare_models builds a model in a fresh cache, then a resume.
 
-    The reference is an uninterrupted run against the same cache afterwards (models.json names
-    the cache path, so runs on different caches differ there by design).
+    The reference is an uninterrupted run against the same cache afterwards.
     """
     spec = _spec(workdir, ["prepare_models", "ingest"])
     cache = tmp_path_factory.mktemp("fresh-cache")

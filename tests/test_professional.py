@@ -12,6 +12,7 @@ import pytest
 
 from knowledgesg.cli import main
 from knowledgesg.records import InstructionRecord
+from knowledgesg.runner import run_models
 from pipelines.refine import Refine, RefineParams
 from tests.conftest import run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
 
@@ -81,7 +82,7 @@ def test_refine_labels_with_the_tuned_professional(tuned_run: Path):
     assert adapter == tuned_run / "run/stages/tune_professional/adapter"
     assert tuned_professional_adapter(StageContext(stage_name="tune_professional", **context)) is None  # only a later stage uses it
 
-    professional = json.loads((tuned_run / "run/stages/prepare_models/models.json").read_text())["professional"]
+    professional = run_models(tuned_run / "run")["professional"]
     model, tokenizer = load_target(professional, adapter, "cpu")
     words = {"Losses": "negative", "Flat": "neutral", "Gains": "positive"}
     records = [InstructionRecord(id=f"s{i}", source="synthetic", instruction="What is the sentiment?", input=f"{word} at firm {i}.", response="neutral")

@@ -11,7 +11,7 @@ import pytest
 from knowledgesg.cli import main
 from knowledgesg.errors import KsgError
 from knowledgesg.fileio import hmac_file, sha256_file
-from knowledgesg.runner import Runner, load_run_spec, run_lock
+from knowledgesg.runner import Runner, load_run_spec, run_lock, run_models
 from knowledgesg.status import run_status
 from pipelines import build_stages, load_pipeline
 from tests.conftest import stage_files, tiny_spec, write_spec
@@ -52,6 +52,30 @@ def test_a_project_moved_elsewhere_resumes_cached(two_stage: Path, workdir: Path
     assert "spec dir:data.jsonl" in inputs and any(name.startswith("package:vendor/") for name in inputs)
 
 
+def test_a_run_resumed_with_its_model_cache_elsewhere_is_the_same_run(workdir: Path, tmp_path: Path, monkeypatch):
+    """models.json names a cached model relative to the cache, and the cache's place is in no
+    fingerprint: a run resumed with another cache (KSG_CACHE_DIR, or models.cache_dir) keeps every
+    stage, and a later reader finds the model in the new cache (built there again). With absolute
+    paths, prepare_models' outputs changed with the cache, and so did every stage after it, the DP
+    release included. A cache whose model has other weights than the run used is refused."""
+    from knowledgesg.errors import InputError
+
+    spec = tiny_spec(stages=["prepare_models", "ingest", {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48}}], privacy={"target_epsilon": 8.0})
+    assert set(_run(write_spec(workdir, spec), workdir / "run").values()) == {"ran"}
+    models = json.loads((workdir / "run/stages/prepare_models/models.json").read_text())
+    assert models["base"]["path"] == "cache:models/tiny-random-llama"
+    monkeypatch.setenv("KSG_CACHE_DIR", str(tmp_path / "second-cache"))
+    assert set(_run(workdir / "spec.yaml", workdir / "run").values()) == {"cached"}
+    spec["models"]["cache_dir"] = str(tmp_path / "third-cache")
+    assert set(_run(write_spec(workdir, spec), workdir / "run").values()) == {"cached"}
+    base = run_models(workdir / "run")["base"]
+    assert base["path"] == str(tmp_path / "third-cache/models/tiny-random-llama") and (Path(base["path"]) / "config.json").is_file()
+    marker = tmp_path / "third-cache/models/tiny-random-llama/ksg_model.json"
+    marker.write_text(json.dumps(dict(json.loads(marker.read_text()), weights_sha256="0" * 64)))
+    with pytest.raises(InputError, match="has other weights"):
+        run_models(workdir / "run")
+
+
 def test_manifest_records_inputs_outputs_and_counts(two_stage: Path, workdir: Path):
     _run(two_stage, workdir / "run")
     manifest = json.loads((workdir / "run/stages/ingest/manifest.json").read_text())
@@ -74,7 +98,7 @@ def test_changed_parameter_reruns_that_stage_and_later_only(two_stage: Path, wor
     spec = tiny_spec(stages=["prepare_models", "ingest"])
     spec["clients"]["partition"]["num_clients"] = 4
     assert _run(write_spec(workdir, spec), workdir / "run") == {"prepare_models": "cached", "ingest": "ran"}
-    spec["models"]["base"] = str(Path(json.loads((workdir / "run/stages/prepare_models/models.json").read_text())["base"]["path"]))
+    spec["models"]["base"] = run_models(workdir / "run")["base"]["path"]  # the same model, named as a local directory
     # a changed first stage reruns every stage after it, even one whose own settings did not change
     assert _run(write_spec(workdir, spec), workdir / "run") == {"prepare_models": "ran", "ingest": "ran"}
 
