@@ -70,7 +70,9 @@ def run(
         raise InputError(f"--role {role}: give --exchange DIR, the directory the releases cross through")
     party = Role(role, client, exchange)  # type: ignore[arg-type]
     run_dir = run_dir or Path("runs") / (spec.name if role == "all" else f"{spec.name}-{client or 'server'}")
-    runner = Runner(spec, base_dir, run_dir, stages, party, partial(refuse_planned_over_cap, base_dir=base_dir, run_dir=run_dir))
+    # the plan's budgets are checked where the clients' data is (the server of a split run holds none)
+    plan_check = partial(refuse_planned_over_cap, base_dir=base_dir, run_dir=run_dir) if role != "server" else None
+    runner = Runner(spec, base_dir, run_dir, stages, party, plan_check)
     if role == "server" and spec.federation.transport == "flower":
         from knowledgesg.federated.stages import fetch_over_flower
 

@@ -334,6 +334,8 @@ class Runner:
         for stage in self.stages[self._cached_prefix():]:
             if not self.role.receives(stage):
                 stage.preflight(self.spec, self.base_dir)
+                if self.role.kind != "server":
+                    stage.preflight_private(self.spec, self.base_dir)
         if self.plan_check is not None:
             self.plan_check(self.spec, self.releases_to_come())
 

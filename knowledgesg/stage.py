@@ -70,6 +70,10 @@ class Stage:
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
         """Checks that need the data, run before the run directory is touched (raise InputError)."""
 
+    def preflight_private(self, spec: PipelineSpec, base_dir: Path) -> None:
+        """Checks that need the clients' private data, run before the run directory is touched
+        where that data is: not by the server of a run split over the parties."""
+
     def run(self, ctx: StageContext) -> None:
         raise NotImplementedError
 

@@ -67,6 +67,7 @@ def model_notes(spec: PipelineSpec) -> list[tuple[str, str, str]]:
 def check_pipeline(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_dir: Path) -> tuple[list[tuple[str, str, str]], list[ClientCheck]]:
     for stage in stages:
         stage.preflight(spec, base_dir)
+        stage.preflight_private(spec, base_dir)
     notes = model_notes(spec)
     if not any(isinstance(s, Ingest) for s in stages):
         return notes, []

@@ -18,6 +18,7 @@ from knowledgesg.errors import InputError
 from knowledgesg.loaders import source_path
 from knowledgesg.spec import PipelineSpec
 from knowledgesg.stage import Stage, StageContext
+from pipelines.ingest import client_ids
 
 
 class Evaluate(Stage):
@@ -43,6 +44,11 @@ class Evaluate(Stage):
         check_task_files(self.params, base_dir)
         if "professional" in self.params.models and spec.models.professional is None:
             raise InputError("evaluate: models lists 'professional' but the spec names no models.professional")
+        if self.params.private_tasks:  # before the run starts, not after every public benchmark was scored
+            clients = client_ids(spec, base_dir)
+            unknown = [c for c in self.params.private_tasks if c not in clients]
+            if unknown:
+                raise InputError(f"evaluate params.private_tasks: no client '{unknown[0]}' in the spec (clients: {', '.join(clients)})")
 
     def run(self, ctx: StageContext) -> None:
         from knowledgesg.models import resolve_device

@@ -34,21 +34,22 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from knowledgesg.adapters import ADAPTER_FILES, save_adapter
 from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.federated.client import LOCAL_LOG, LoraModel, frozen_a_digest, initial_params
-from knowledgesg.spec import DataSource, DeploySettings, PipelineSpec
+from knowledgesg.spec import DataSource, DeploySettings, PipelineSpec, format_validation_error
 from knowledgesg.federated.engines import FINAL, INITIAL, JOB, ROUNDS, run_local
 from knowledgesg.federated.protocol import LocalDP, LocalTraining, LoraShape, UpdateEncoding, load_params, save_params
 from knowledgesg.federated.secagg import SecureAggregation, conflicts
 from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, participation
 from knowledgesg.fileio import read_json, read_jsonl, write_dir, write_json
+from knowledgesg.models import resolve_device
 from knowledgesg.loaders import load_labelled_pool, refuse_client_data, source_name_of, source_path
 from knowledgesg.stage import Stage, StageContext
-from pipelines.ingest import client_records, training_records
+from pipelines.ingest import client_ids, client_records, training_records
 from privacy.accounting import Mechanism, calibrate_noise, default_delta, epsilons
 from privacy.ledger import LEDGER, TRUST_SERVER_NOISE, LedgerEntry, check_budget, new_release_id, now, read_stage_ledgers, trust_line
 
@@ -155,9 +156,14 @@ class Fedtune(Stage):
         return [source_path(self.params.public, base_dir)] if self.params.public else []
 
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
-        if self.params.public:  # before the run starts: not after dp_train, synthesize and refine
+        """Before the run starts, not after dp_train, synthesize and refine: the public pool, and
+        the job's settings against the clients (the server loop's own checks, on a stand-in job)."""
+        if self.params.public:
             refuse_client_data(self.params.public, spec.clients.sources(), base_dir, "fedtune params.public")
             load_labelled_pool(self.params.public, base_dir, spec.seed, "fedtune params.public")
+        self.new_job(spec, client_ids(spec, base_dir), seed=0, base={}, device="cpu", run_dir=None, records=None)
+
+    def preflight_private(self, spec: PipelineSpec, base_dir: Path) -> None:
         if self.params.data == "private" and self.params.local_dp.noise_multiplier is None:
             self.refuse_unreachable_local_budgets(spec, base_dir)
 
@@ -243,19 +249,22 @@ class Fedtune(Stage):
         return pool
 
     def build_job(self, ctx: StageContext, clients: list[str], base: dict, records: dict[str, list[dict]] | None) -> FedJob:
-        p: FedtuneParams = self.params
-        if p.data == "private" and ctx.spec.privacy.unit != "record":
-            raise InputError("fedtune on private data supports privacy.unit: record (the server plans the sampling rate from record counts)")
-        from knowledgesg.models import resolve_device
+        return self.new_job(ctx.spec, clients, ctx.derive_seed("job") % (2**31), base, resolve_device(ctx.spec.models.device), str(ctx.run_dir.resolve()), records)
 
+    def new_job(self, spec: PipelineSpec, clients: list[str], seed: int, base: dict, device: str, run_dir: str | None,
+                records: dict[str, list[dict]] | None) -> FedJob:
+        """The server loop's job, its settings checked against the clients (one line naming fedtune)."""
+        p: FedtuneParams = self.params
+        if p.data == "private" and spec.privacy.unit != "record":
+            raise InputError("fedtune on private data supports privacy.unit: record (the server plans the sampling rate from record counts)")
         try:
-            return FedJob(seed=ctx.derive_seed("job") % (2**31), rounds=p.rounds, clients=clients, clients_per_round=p.clients_per_round or len(clients),
-                          rule=p.rule, client_dp=p.client_dp, training=p.training, lora=p.lora, base_model=base, device=resolve_device(ctx.spec.models.device),
-                          run_dir=str(ctx.run_dir.resolve()), records=records, private_source="ingest" if p.data == "private" else None,
-                          reproducible_noise=ctx.spec.privacy.reproducible_noise, min_clients=p.min_clients, round_retries=p.round_retries,
+            return FedJob(seed=seed, rounds=p.rounds, clients=clients, clients_per_round=p.clients_per_round or len(clients),
+                          rule=p.rule, client_dp=p.client_dp, training=p.training, lora=p.lora, base_model=base, device=device,
+                          run_dir=run_dir, records=records, private_source="ingest" if p.data == "private" else None,
+                          reproducible_noise=spec.privacy.reproducible_noise, min_clients=p.min_clients, round_retries=p.round_retries,
                           round_timeout_s=p.round_timeout_s, update_encoding=p.update_encoding, secure_aggregation=p.secure_aggregation)
-        except ValueError as err:
-            raise InputError(f"fedtune: {err}") from None
+        except ValidationError as err:
+            raise InputError(format_validation_error("fedtune", err)) from None
 
     def sample_rate(self, client_id: str, records: dict[str, int]) -> float:
         n = records[client_id]

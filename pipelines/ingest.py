@@ -88,6 +88,14 @@ def training_records(spec: PipelineSpec, client_id: str, records: list[Record]) 
     return records
 
 
+def client_ids(spec: PipelineSpec, base_dir: Path) -> list[str]:
+    """The clients' names: the members', read from the spec alone (a server of a split run holds
+    no client data), or the partition's of pooled data (a simulation: the data is here)."""
+    if spec.clients.members:
+        return [member.id for member in spec.clients.members]
+    return list(client_records(spec, base_dir))
+
+
 def client_records(spec: PipelineSpec, base_dir: Path) -> dict[str, list[Record]]:
     """Each client's records, loaded and (for pooled data) partitioned: pure, nothing written."""
     clients_spec = spec.clients

@@ -76,6 +76,14 @@ class TuneProfessional(Stage):
         if spec.models.professional is None:
             raise InputError("tune_professional needs models.professional in the spec (the model it tunes, e.g. gemma-3-270m)")
         refuse_client_data(self.params.data, spec.clients.sources(), base_dir, "tune_professional params.data")
+        self.public_records(base_dir, spec.seed)  # before the run starts: the stage may come after dp_train
+
+    def public_records(self, base_dir: Path, seed: int) -> list[InstructionRecord]:
+        p: TuneProfessionalParams = self.params
+        records = load_labelled_pool(p.data, base_dir, seed, "tune_professional params.data")
+        if len(records) < p.batch_size:
+            raise InputError(f"tune_professional params.data: {p.data.builtin or p.data.path} has {len(records)} records with a response, fewer than batch_size {p.batch_size}")
+        return records
 
     def run(self, ctx: StageContext) -> None:
         import torch
@@ -84,9 +92,7 @@ class TuneProfessional(Stage):
         from knowledgesg.sft import batch_token_loss, collate
 
         p: TuneProfessionalParams = self.params
-        records = load_labelled_pool(p.data, ctx.base_dir, ctx.seed, self.name)
-        if len(records) < p.batch_size:
-            raise InputError(f"tune_professional: {source_name_of(p.data)} has {len(records)} records with a response, fewer than batch_size {p.batch_size}")
+        records = self.public_records(ctx.base_dir, ctx.seed)
         professional = ctx.models()["professional"]
         device = resolve_device(ctx.spec.models.device)
         torch.manual_seed(ctx.derive_seed("init"))

@@ -275,6 +275,27 @@ def test_a_public_pool_that_is_a_clients_data_is_refused_before_anything_is_writ
     assert "public" not in FedtuneParams().model_dump(mode="json") and "public" in FedtuneParams(public={"path": "public.jsonl"}).model_dump(mode="json")
 
 
+@pytest.mark.parametrize("params,message", [
+    (dict(FEDTUNE, rule={"name": "scaffold"}), "fedtune: scaffold's control variates assume local SGD: set training.optimizer: sgd"),
+    (dict(FEDTUNE, clients_per_round=5), "fedtune: clients_per_round 5 exceeds the 2 clients"),
+    (dict(FEDTUNE, rule={"name": "trimmed_mean", "trim": 1}), "fedtune: trimmed_mean cannot drop 1 from each side of 2 updates a round"),
+], ids=["scaffold-with-adam", "more-clients-than-there-are", "trimmed-mean-of-two"])
+def test_job_settings_the_clients_make_impossible_are_refused_before_anything_is_written(tmp_path: Path, capsys, params, message):
+    """The server loop's checks of its job run on a stand-in job before the run starts: they came
+    after dp_train had spent its budget and synthesize and refine had run."""
+    assert run_pipeline(tmp_path, params) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"ksg: error: {message}"] and not (tmp_path / "run").exists()
+
+
+def test_a_private_test_set_of_a_client_not_in_the_spec_is_refused_before_the_run_starts(tmp_path: Path, capsys):
+    write_jsonl(tmp_path / "held_out.jsonl", sentiment_rows(5))
+    evaluate = {"name": "evaluate", "params": {"tasks": ["fpb"], "private_tasks": {"client_9": ["held_out.jsonl"]}, "models": ["final"], "limit": 4}}
+    assert run_pipeline(tmp_path, FEDTUNE, extra_stages=[evaluate]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == ["ksg: error: evaluate params.private_tasks: no client 'client_9' in the spec (clients: client_0, client_1)"] and not (tmp_path / "run").exists()
+
+
 def test_an_unreachable_local_dp_budget_names_its_own_key_and_client(tmp_path: Path, capsys):
     """The local steps' target is fedtune's local_dp.target_epsilon, not privacy.target_epsilon
     (which dp_train reaches): the error names the key the user must change, before the run starts

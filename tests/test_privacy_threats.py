@@ -135,7 +135,7 @@ def test_the_ledger_counts_reruns_and_other_runs_and_the_cap_refuses_the_third(t
     capsys.readouterr()
     assert run(tmp_path, "b", privacy={**shared, "cap_epsilon": cap}, stages=["prepare_models", "ingest", train]) == 2
     error = capsys.readouterr().err
-    assert re.search(rf"client 'client_0': stage 'dp_train' would exceed the privacy budget cap \(spent epsilon {two:.3f}, requested 2\.9\d+, composed total \d\.\d+ > cap {cap:g}\)", error), error
+    assert re.search(rf"client 'client_0': the planned releases would exceed the privacy budget cap \(spent epsilon {two:.3f}, planned 2\.9\d+, composed total \d\.\d+ > cap {cap:g}\)", error), error
     assert not (tmp_path / "b").exists()
     # the data owner's own ledger setting wins over the spec's
     monkeypatch.setenv("KSG_LEDGER_DIR", str(tmp_path / "owner-ledger"))
@@ -146,12 +146,21 @@ def test_the_ledger_counts_reruns_and_other_runs_and_the_cap_refuses_the_third(t
 def test_a_new_run_refused_after_a_release_keeps_its_ledger_and_releases(tmp_path: Path, monkeypatch, capsys):
     """Bad input found by a later stage (here the cap, at the histogram) ends a new run with exit 2,
     but a run that has already released leaves its ledger and DP adapters: deleting them would
-    forget a release the server may have seen, and the hour of DP-SGD a resume keeps."""
+    forget a release the server may have seen, and the hour of DP-SGD a resume keeps. (`ksg run`
+    refuses this plan before it starts; the runner keeps the rule for what only a stage can find,
+    such as the cap over the rounds a seed gives sampled clients.)"""
+    from knowledgesg.errors import InputError
+    from knowledgesg.runner import Runner
+    from pipelines import load_pipeline
+
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
     train = {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48}}
-    assert run(tmp_path, "run", privacy={"target_epsilon": 3.0, "cap_epsilon": 3.01}, stages=["prepare_models", "ingest", train, HISTOGRAM]) == 2
-    assert "would exceed the privacy budget cap" in capsys.readouterr().err
+    spec_path = write_spec(tmp_path, tiny_spec(stages=["prepare_models", "ingest", train, HISTOGRAM], privacy={"target_epsilon": 3.0, "cap_epsilon": 3.01}))
+    assert run_in(tmp_path, "run", str(spec_path), "--run-dir", "refused") == 2 and not (tmp_path / "refused").exists()  # the plan: before anything
+    spec, base_dir, stages = load_pipeline(spec_path)
+    with pytest.raises(InputError, match="would exceed the privacy budget cap"):
+        Runner(spec, base_dir, tmp_path / "run", stages).run()  # no plan check: the histogram stage refuses
     entries = [line for path in (tmp_path / "run/ledger").glob("*.jsonl") for line in path.read_text().splitlines()]
     assert len(entries) == 2 and (tmp_path / "run" / ADAPTER).is_file() and (tmp_path / "run/stages/dp_train/manifest.json").is_file()
 
@@ -177,7 +186,7 @@ def test_another_version_of_the_data_does_not_start_a_fresh_budget(tmp_path: Pat
     capsys.readouterr()
     assert run(tmp_path, "b", privacy={**shared, "cap_epsilon": cap}, stages=stages, clients={"data": [{"path": "renamed.jsonl"}], "partition": {"method": "iid", "num_clients": 2}}) == 2
     error = capsys.readouterr().err
-    assert re.search(rf"client 'client_\d': stage 'dp_train' would exceed the privacy budget cap \(spent epsilon {one:.3f}, ", error), error
+    assert re.search(rf"client 'client_\d': the planned releases would exceed the privacy budget cap \(spent epsilon {one:.3f}, ", error), error
 
     fresh = [dict(r, id=f"o{i}", input=r["input"].replace("Company", "Firm")) for i, r in enumerate(rows[:40])]
     write_jsonl(tmp_path / "other.jsonl", fresh)

@@ -105,6 +105,17 @@ def test_tune_professional_refuses_a_clients_data(workdir: Path, capsys):
     assert not (workdir / "run").exists()
 
 
+def test_a_public_set_too_small_for_the_batch_is_refused_before_the_run_starts(workdir: Path, capsys):
+    """tune_professional may come after dp_train (the headline's runs): its data is read before
+    anything runs, not after the budget is spent."""
+    write_jsonl(workdir / "public.jsonl", public_rows()[:3])
+    spec = tiny_spec(stages=["prepare_models", "ingest", {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48}}, TUNE], models=MODELS,
+                     privacy={"target_epsilon": 8.0})
+    assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == ["ksg: error: tune_professional params.data: public.jsonl has 3 records with a response, fewer than batch_size 4"] and not (workdir / "run").exists()
+
+
 def test_tune_professional_needs_a_professional_model(workdir: Path, capsys):
     write_jsonl(workdir / "public.jsonl", public_rows())
     spec = tiny_spec(stages=["prepare_models", "ingest", TUNE])

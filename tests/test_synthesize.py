@@ -262,7 +262,7 @@ def test_histogram_budget_is_refused_before_any_client_works(workdir: Path, caps
     spec = tiny_spec(stages=["prepare_models", "ingest", TRAIN, hist], privacy=privacy)
     assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 2
     err = capsys.readouterr().err
-    assert "client 'client_0': stage 'synthesize' would exceed the privacy budget cap" in err and "synthesize client_0" not in err
+    assert "client 'client_0': the planned releases would exceed the privacy budget cap" in err and "synthesize client_0" not in err  # ksg run's plan
     assert (workdir / "run/stages/dp_train/manifest.json").is_file() and not (workdir / "run/stages/synthesize").exists()
 
 
