@@ -16,14 +16,13 @@ On structured data (`source_stage: structure`) the pairs made from one document 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from knowledgesg.adapters import ADAPTER_FILES, save_adapter
+from knowledgesg.adapters import ADAPTER_FILES, save_adapter, with_lora
 from knowledgesg.console import console, progress_bar
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.fileio import read_jsonl, sha256_file
@@ -163,7 +162,6 @@ class DPTrain(Stage):
 
     def train_client(self, ctx: StageContext, plan: ClientPlan, base: dict) -> LedgerEntry:
         import torch
-        from peft import LoraConfig, get_peft_model
 
         from knowledgesg.sft import make_optimizer, tokenize_example, unit_batch, unit_loss_on, unit_widths
         from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches, poisson_batches
@@ -175,9 +173,7 @@ class DPTrain(Stage):
         # refuses anything else), so hidden states pass in bfloat16 and gradients are clipped in float32
         dtype = resolve_precision(p.precision, device)
         model, tokenizer = load_causal_lm(ResolvedModel(**base), device, dtype)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations inside peft
-            model = get_peft_model(model, LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=0.0, target_modules=p.target_modules, task_type="CAUSAL_LM"))
+        model = with_lora(model, p.lora_r, p.lora_alpha, p.target_modules, "dp_train params.target_modules")
         model.train()
         examples = [tokenize_example(tokenizer, record, p.max_length, p.loss_on) for record in plan.records]
         units, rows_per_unit = plan.units.members, plan.units.rows_per_unit

@@ -15,13 +15,12 @@ A `refine` or `evaluate` stage after this one uses the tuned professional (the m
 from __future__ import annotations
 
 import random
-import warnings
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from eval.benchmarks import choice_ids, context_ids
-from knowledgesg.adapters import ADAPTER_FILES, save_adapter
+from knowledgesg.adapters import ADAPTER_FILES, save_adapter, with_lora
 from knowledgesg.console import console, progress_bar
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.loaders import load_labelled_pool, refuse_client_data, source_name_of, source_path
@@ -87,7 +86,6 @@ class TuneProfessional(Stage):
 
     def run(self, ctx: StageContext) -> None:
         import torch
-        from peft import LoraConfig, get_peft_model
 
         from knowledgesg.sft import batch_token_loss, collate
 
@@ -98,9 +96,7 @@ class TuneProfessional(Stage):
         torch.manual_seed(ctx.derive_seed("init"))
         dtype = resolve_precision(p.precision, device)
         model, tokenizer = load_causal_lm(ResolvedModel(**professional), device, dtype)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations inside peft
-            model = get_peft_model(model, LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=0.0, target_modules=p.target_modules, task_type="CAUSAL_LM"))
+        model = with_lora(model, p.lora_r, p.lora_alpha, p.target_modules, "tune_professional params.target_modules")
         model.train()
         examples = [answer_example(tokenizer, r, p.max_length) for r in records]
         optimizer = torch.optim.Adam([t for t in model.parameters() if t.requires_grad], lr=p.learning_rate)

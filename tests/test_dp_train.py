@@ -168,3 +168,13 @@ def test_bfloat16_base_trains_a_float32_adapter(workdir: Path):
 
     with safe_open(workdir / "run/stages/dp_train/clients/client_0/adapter/adapter_model.safetensors", "pt") as f:
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float32"}
+
+
+def test_a_target_module_the_model_lacks_is_one_line_naming_the_setting(workdir: Path, capsys):
+    """peft's own error was a traceback (exit 1); the line names the key and the model's linear layers."""
+    train = {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48, "target_modules": ["q_proj", "query"]}}
+    assert main(["run", str(_spec(workdir, train=train)), "--run-dir", "run"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ksg: error:")]
+    assert errors == ["ksg: error: dp_train params.target_modules: no module named 'query' in the model "
+                      "(its linear layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)"]
+    assert not list((workdir / "run").glob("ledger/*.jsonl")) and not (workdir / "run/stages/dp_train/manifest.json").exists()

@@ -20,12 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from knowledgesg.adapters import with_lora
 from knowledgesg.aggregation import clip_update
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.federated.protocol import ClientTask, ClientUpdate, LocalDP, LoraShape, Params, encode_update
@@ -51,13 +51,9 @@ class LoraModel:
     _cache: dict[tuple, LoraModel] = {}
 
     def __init__(self, base_model: dict, lora: LoraShape, device: str, precision: Precision = "float32") -> None:
-        from peft import LoraConfig, get_peft_model
-
         # the frozen weights only: peft keeps the adapter float32 over a bfloat16 base
         model, self.tokenizer = load_causal_lm(ResolvedModel(**base_model), device, resolve_precision(precision, device))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            self.model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=0.0, target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+        self.model = with_lora(model, lora.r, lora.alpha, lora.target_modules, "fedtune params.lora.target_modules")
         self.device = device
         if lora.ffa:  # every party draws the same A from the public seed and never trains it
             reset_lora(self.model, lora.a_seed)
