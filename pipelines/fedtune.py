@@ -41,6 +41,7 @@ from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.federated.client import LOCAL_LOG, LoraModel, frozen_a_digest, initial_params
 from knowledgesg.spec import DataSource, DeploySettings, PipelineSpec, format_validation_error
+from knowledgesg.federated.deploy import deploy_settings_here, node_config, run_deployed
 from knowledgesg.federated.engines import FINAL, INITIAL, JOB, ROUNDS, run_local
 from knowledgesg.federated.protocol import LocalDP, LocalTraining, LoraShape, UpdateEncoding, load_params, save_params
 from knowledgesg.federated.secagg import SecureAggregation, conflicts
@@ -162,6 +163,8 @@ class Fedtune(Stage):
             refuse_client_data(self.params.public, spec.clients.sources(), base_dir, "fedtune params.public")
             load_labelled_pool(self.params.public, base_dir, spec.seed, "fedtune params.public")
         self.new_job(spec, client_ids(spec, base_dir), seed=0, base={}, device="cpu", run_dir=None, records=None)
+        if self.params.engine == "flower-deploy":
+            deploy_settings_here(self.params.deploy, base_dir, "fedtune params.deploy")
 
     def preflight_private(self, spec: PipelineSpec, base_dir: Path) -> None:
         if self.params.data == "private" and self.params.local_dp.noise_multiplier is None:
@@ -315,10 +318,8 @@ class Fedtune(Stage):
 
             run_simulation(work / JOB, len(job.clients))
         else:
-            from knowledgesg.federated.deploy import node_config, run_deployed
-
             privacy = ctx.spec.privacy
-            run_deployed(work / JOB, job.clients, self.params.deploy,
+            run_deployed(work / JOB, job.clients, deploy_settings_here(self.params.deploy, ctx.base_dir, "fedtune params.deploy"),
                          lambda client: node_config(client, ctx.run_dir, ctx.ledger_dir, privacy.cap_epsilon, privacy.reproducible_noise, privacy.delta, privacy.unit))
         if not (work / FINAL).is_file():
             raise KsgError(f"fedtune: the {engine} engine finished without a final adapter (see its log above)")

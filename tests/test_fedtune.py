@@ -296,6 +296,23 @@ def test_a_private_test_set_of_a_client_not_in_the_spec_is_refused_before_the_ru
     assert err == ["ksg: error: evaluate params.private_tasks: no client 'client_9' in the spec (clients: client_0, client_1)"] and not (tmp_path / "run").exists()
 
 
+def test_a_running_federation_without_its_ca_certificate_is_refused_before_the_run_starts(tmp_path: Path, capsys):
+    from knowledgesg.errors import InputError
+    from knowledgesg.federated.deploy import deploy_settings_here
+    from knowledgesg.spec import DeploySettings
+
+    assert run_pipeline(tmp_path, dict(FEDTUNE, engine="flower-deploy", deploy={"launch": "none"})) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == ["ksg: error: fedtune params.deploy.root_certificates: the SuperLink's CA certificate is required with launch: none (TLS is not optional)"]
+    assert not (tmp_path / "run").exists()  # it came after dp_train, synthesize and refine, and the first round's set-up
+    # a relative path is read from the spec's directory, as every path in a spec is (it was read from the working directory)
+    settings = DeploySettings(launch="none", root_certificates=Path("ca.pem"))
+    with pytest.raises(InputError, match="ca.pem is not a file"):
+        deploy_settings_here(settings, tmp_path, "fedtune params.deploy")
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    assert deploy_settings_here(settings, tmp_path, "fedtune params.deploy").root_certificates == tmp_path / "ca.pem"
+
+
 def test_an_unreachable_local_dp_budget_names_its_own_key_and_client(tmp_path: Path, capsys):
     """The local steps' target is fedtune's local_dp.target_epsilon, not privacy.target_epsilon
     (which dp_train reaches): the error names the key the user must change, before the run starts

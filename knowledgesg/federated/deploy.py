@@ -234,6 +234,20 @@ def submit(job_path: Path, flwr_home: Path, timeout_s: float) -> None:
         raise KsgError(f"flower-deploy: flwr run failed ({result.returncode}): {(result.stdout + result.stderr).strip()[-800:]}")
 
 
+def deploy_settings_here(settings: DeploySettings, base_dir: Path, setting: str) -> DeploySettings:
+    """The settings with the CA certificate's path resolved from the spec's directory (as every
+    path in a spec is), refused in one line if launch: none has none to read."""
+    if settings.launch != "none":
+        return settings
+    certificate = settings.root_certificates
+    if certificate is not None and not certificate.expanduser().is_absolute():
+        certificate = base_dir / certificate
+    if certificate is None or not certificate.expanduser().is_file():
+        raise InputError(f"{setting}.root_certificates: the SuperLink's CA certificate is required with launch: none (TLS is not optional)"
+                         + (f"; {certificate} is not a file" if certificate is not None else ""))
+    return settings.model_copy(update={"root_certificates": certificate.expanduser()})
+
+
 def run_deployed(job_path: Path, clients: list[str], settings: DeploySettings, node_config_of: Callable[[str], str], setting: str = "fedtune.deploy") -> None:
     """Submit the job to a running federation (launch: none), or to one started here on 127.0.0.1
     with one SuperNode per client, configured by `node_config_of(client)` (launch: local).
