@@ -167,14 +167,15 @@ class Fedtune(Stage):
             deploy_settings_here(self.params.deploy, base_dir, "fedtune params.deploy")
 
     def preflight_private(self, spec: PipelineSpec, base_dir: Path) -> None:
-        if self.params.data == "private" and self.params.local_dp.noise_multiplier is None:
-            self.refuse_unreachable_local_budgets(spec, base_dir)
+        if self.params.data == "private":
+            self.refuse_impossible_local_plans(spec, base_dir)
 
-    def refuse_unreachable_local_budgets(self, spec: PipelineSpec, base_dir: Path) -> None:
-        """A local_dp.target_epsilon that no noise reaches is refused before dp_train spends its
-        budget. Every client is asked in every round unless clients are sampled; then the fewest
-        rounds a client trains in (one) is planned, so only a budget no participation reaches is
-        refused here (the run plans the rounds the seed gives)."""
+    def refuse_impossible_local_plans(self, spec: PipelineSpec, base_dir: Path) -> None:
+        """A client with no more records than the local batch, or a local_dp.target_epsilon that no
+        noise reaches, is refused before dp_train spends its budget. Every client is asked in every
+        round unless clients are sampled; then the fewest rounds a client trains in (one) is
+        planned, so only a budget no participation reaches is refused here (the run plans the
+        rounds the seed gives)."""
         loaded = client_records(spec, base_dir)
         for client_id, records in loaded.items():
             n = len(training_records(spec, client_id, records))
