@@ -282,7 +282,7 @@ def professional_target(run_dir: Path, stages_before: list[str]) -> Target | Non
     """The professional model as a stage after `stages_before` sees it: tuned by a completed
     `tune_professional` (public data) among them, else as named in `models.professional`; None
     without one."""
-    if "professional" not in run_models(run_dir):
+    if "professional" not in read_json(run_dir / "stages/prepare_models/models.json"):  # its names only: nothing is found or converted
         return None
     tuned = "tune_professional" in stages_before and completed(run_dir, "tune_professional")
     return Target("professional", run_dir / "stages/tune_professional/adapter" if tuned else None, "professional")
@@ -763,7 +763,7 @@ def run_audit(run_dir: Path, options: AuditOptions) -> dict:
     spec, _ = load_run_spec(run_dir)
     if not completed(run_dir, "ingest") or not completed(run_dir, "prepare_models"):
         raise InputError(f"{run_dir}: the audit needs completed prepare_models and ingest stages")
-    base = run_models(run_dir)["base"]
+    base = run_models(run_dir, ["base"])["base"]
     clients = list(read_json(run_dir / "stages/ingest/partition.json")["clients"])
     targets = of_kinds(targets_of(run_dir, clients), options.models)
     if not targets:

@@ -148,9 +148,10 @@ def evaluate_run(run_dir: Path, options: EvalOptions, device: str, base_dir: Pat
                  stages_before: list[str] = ()) -> dict:
     """The server-side results: public tasks only (a private test set's figures stay on its client).
     `stages_before`: the completed stages whose models this evaluation sees (a tuned professional)."""
-    resolved = run_models(run_dir)
     clients = list(read_json(run_dir / "stages/ingest/partition.json")["clients"])
-    models = {target.name: score_target(target, resolved, options.tasks, options, device, base_dir) for target in chosen_targets(run_dir, clients, options.models, published, stages_before)}
+    targets = chosen_targets(run_dir, clients, options.models, published, stages_before)
+    resolved = run_models(run_dir, {target.model_role for target in targets})
+    models = {target.name: score_target(target, resolved, options.tasks, options, device, base_dir) for target in targets}
     dp = [m for name, m in models.items() if name.startswith("dp_adapter:")]
     if dp:  # DP fine-tuning evaluated directly: the clients' adapters on average
         models["dp (mean over clients)"] = {"mean_accuracy": {mode: round(sum(m["mean_accuracy"][mode] for m in dp) / len(dp), 4) for mode in options.modes}}
@@ -169,7 +170,7 @@ def check_private_clients(run_dir: Path, options: EvalOptions) -> list[str]:
 def evaluate_private(run_dir: Path, options: EvalOptions, device: str, base_dir: Path = Path("."), published: Published | None = None) -> dict[str, dict]:
     """Per client with a private test set, on its side: the base model, its own DP adapter and the
     final adapter (the releases it can run locally)."""
-    resolved = run_models(run_dir)
+    resolved = run_models(run_dir, ["base"])  # the DP and final adapters are on the base model
     clients = check_private_clients(run_dir, options)
     results = {}
     for client, tasks in options.private_tasks.items():
@@ -183,11 +184,10 @@ def fidelity_run(run_dir: Path, seed: int, device: str, published: Published | N
     from eval.fidelity import fidelity_report
     from knowledgesg.retrieval import embed, load_embedder
 
-    models = run_models(run_dir)
     clients = list(read_json(run_dir / "stages/ingest/partition.json")["clients"])
-    if "embedder" not in models:
+    if "embedder" not in read_json(run_dir / "stages/prepare_models/models.json"):
         return {c: {"skipped": "no models.embedder in the spec"} for c in clients}
-    embedder = load_embedder(models["embedder"]["path"], device)
+    embedder = load_embedder(run_models(run_dir, ["embedder"])["embedder"]["path"], device)
     synthetic = published.synthetic_texts if published is not None else lambda client: synthetic_texts(run_dir, client)
     return {c: fidelity_report(private_texts(run_dir, c), synthetic(c), lambda texts: embed(embedder, texts), seed) for c in clients}
 

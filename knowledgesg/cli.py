@@ -73,12 +73,13 @@ def run(
     # the plan's budgets are checked where the clients' data is (the server of a split run holds none)
     plan_check = partial(refuse_planned_over_cap, base_dir=base_dir, run_dir=run_dir) if role != "server" else None
     runner = Runner(spec, base_dir, run_dir, stages, party, plan_check)
-    if role == "server" and spec.federation.transport == "flower":
-        from knowledgesg.federated.stages import fetch_over_flower
-
-        assert exchange is not None
-        fetch_over_flower(spec, base_dir, run_dir, exchange)  # each client's node runs its stages and sends its releases
     try:
+        if role == "server" and spec.federation.transport == "flower":
+            from knowledgesg.federated.stages import fetch_over_flower
+
+            assert exchange is not None
+            runner.preflight()  # the server's own checks, before the clients' nodes run their stages and spend their budgets
+            fetch_over_flower(spec, base_dir, run_dir, exchange)  # each client's node runs its stages and sends its releases
         outcomes = runner.run()
     except SpecError as err:
         raise err.in_file(spec_path) from None

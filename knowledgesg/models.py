@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -253,7 +253,7 @@ def model_entry(model: ResolvedModel, cache_dir: Path | None) -> dict:
     another KSG_CACHE_DIR, or on a data owner's machine, finds the model in its own cache)."""
     path = model.path
     cache = cache_root(cache_dir).resolve()
-    if Path(path).is_absolute() and Path(path).resolve().is_relative_to(cache):
+    if Path(path).is_dir() and Path(path).resolve().is_relative_to(cache):  # (a Hugging Face id is no directory here)
         path = IN_CACHE + Path(path).resolve().relative_to(cache).as_posix()
     return {"name": model.name, "path": path, "kind": model.kind, "weights_sha256": model.weights_sha256, "description": model.description}
 
@@ -271,9 +271,11 @@ def local_model(entry: dict, cache_dir: Path | None) -> dict:
     return {**entry, "path": model.path}
 
 
-def read_models(path: Path, cache_dir: Path | None) -> dict[str, dict]:
-    """prepare_models' models.json (at `path`), each model's path where this machine holds it."""
-    return {role: local_model(entry, cache_dir) for role, entry in json.loads(path.read_text()).items()}
+def read_models(path: Path, cache_dir: Path | None, roles: Iterable[str] | None = None) -> dict[str, dict]:
+    """prepare_models' models.json (at `path`), each model's path where this machine holds it; only
+    `roles` (default: every model), as finding a model may mean converting it into the cache."""
+    entries = json.loads(path.read_text())
+    return {role: local_model(entry, cache_dir) for role, entry in entries.items() if roles is None or role in set(roles)}
 
 
 def resolve_device(setting: str = "auto") -> str:

@@ -17,7 +17,7 @@ import json
 import shutil
 import sysconfig
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -275,10 +275,11 @@ def load_run_spec(run_dir: Path) -> tuple[PipelineSpec, Path]:
     return parse_spec(saved["spec"], source=str(run_dir / SPEC_COPY)), Path(saved["base_dir"])
 
 
-def run_models(run_dir: Path) -> dict[str, dict]:
-    """A finished run's models (prepare_models' models.json), each where this machine holds it."""
+def run_models(run_dir: Path, roles: Iterable[str] | None = None) -> dict[str, dict]:
+    """A run's models (prepare_models' models.json), each where this machine holds it: `roles`
+    only, if given (finding a model may mean converting it into this machine's cache)."""
     spec, _ = load_run_spec(run_dir)
-    return read_models(run_dir / "stages/prepare_models/models.json", spec.models.cache_dir)
+    return read_models(run_dir / "stages/prepare_models/models.json", spec.models.cache_dir, roles)
 
 
 def load_run_role(run_dir: Path) -> Role:

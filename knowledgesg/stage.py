@@ -24,6 +24,11 @@ from privacy.noise import SecureRandom
 LEDGER_KEY = "ledger_key.json"  # ingest writes one per client (client side): its data's fingerprint
 
 
+def unit_done(run_dir: Path, stage: str, unit: str) -> bool:
+    """Whether `stage` finished `unit` (e.g. one client's DP release) in this run before a crash."""
+    return (run_dir / "stages" / stage / "units" / f"{unit}.json").is_file()
+
+
 class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -144,15 +149,18 @@ class StageContext:
         write_json(self.path(relative), obj)
         return self.declare_output(relative, side=side)
 
+    def unit_done(self, unit: str) -> bool:
+        """Whether this stage finished `unit` before a crash (nothing declared, unlike completed_unit)."""
+        return unit_done(self.run_dir, self.stage_name, unit)
+
     def completed_unit(self, unit: str) -> dict | None:
         """A unit (e.g. one client) this stage finished before a crash: its outputs are re-declared.
 
         Returns the payload given to `mark_unit_done`, or None if the unit must be (re)done.
         """
-        marker = self.path(f"units/{unit}.json")
-        if not marker.is_file():
+        if not self.unit_done(unit):
             return None
-        saved = read_json(marker)
+        saved = read_json(self.path(f"units/{unit}.json"))
         for relative, (records, side) in saved["outputs"].items():
             self.declare_output(relative, records=records, side=side)
         return saved["payload"]

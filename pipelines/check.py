@@ -17,14 +17,14 @@ from knowledgesg.errors import InputError
 from knowledgesg.models import source_files
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import PipelineSpec
-from knowledgesg.stage import Stage
+from knowledgesg.stage import Stage, unit_done
 from pipelines.dp_train import DPTrain
 from pipelines.fedtune import Fedtune
 from pipelines.ingest import Ingest, client_records, planning_records, training_records
 from pipelines.prepare_models import model_kinds
 from pipelines.synthesize import Synthesize
 from privacy.accounting import default_delta
-from privacy.ledger import ClientLedger, LedgerEntry, check_budget, compose, data_key, ledger_directory, unit_digests
+from privacy.ledger import ClientLedger, LedgerEntry, check_budget, client_delta, compose, data_key, ledger_directory, unit_digests
 from privacy.units import UNIT_NAMES
 
 
@@ -96,11 +96,13 @@ def plan_privacy(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_di
         planned, plan = [], None
         if train is not None:
             plan = train.plan(spec.privacy, client_id, planning_records(trained) if train.params.source_stage == "structure" else [r for r in trained if isinstance(r, InstructionRecord)])
-            planned.append(plan.mechanism())
+            if not unit_done(run_dir, train.name, client_id):  # one released before a crash is in its ledger, reused
+                planned.append(plan.mechanism())
             check_budget(before, client_id, [], plan.delta, None, train.name, plan.units.kind)  # releases at another privacy unit: refused, as the run would
         if synthesize is not None:
             planned.append(synthesize.histogram_mechanism())
-        delta = plan.delta if plan else (spec.privacy.delta or default_delta(len(trained)))
+        # the delta the stages compose at: dp_train's, else the latest release's (the DP adapter's), else the spec's
+        delta = plan.delta if plan else client_delta(before) if before else (spec.privacy.delta or default_delta(len(trained)))
         if private_fedtune is not None and (private_fedtune.asks_every_round(len(loaded)) or not sure_only):
             rounds = private_fedtune.params.rounds
             planned += private_fedtune.plan_mechanisms([client_id], {client_id: rounds}, {client_id: len(trained)}, {client_id: delta})[client_id]
@@ -126,4 +128,5 @@ def refuse_over_cap(checks: list[ClientCheck]) -> None:
 def refuse_planned_over_cap(spec: PipelineSpec, stages: list[Stage], base_dir: Path, run_dir: Path) -> None:
     """`ksg run`'s check before anything is written: the releases `stages` will surely make, with
     the ledgers, within the cap (each stage checks again when it runs, with what it then knows)."""
-    refuse_over_cap(plan_privacy(spec, base_dir, stages, run_dir, sure_only=True))
+    if spec.privacy.cap_epsilon is not None:  # without a cap, each stage checks its unit as it runs
+        refuse_over_cap(plan_privacy(spec, base_dir, stages, run_dir, sure_only=True))

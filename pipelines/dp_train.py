@@ -149,8 +149,10 @@ class DPTrain(Stage):
             records = [InstructionRecord.model_validate(r) for r in rows if r["kind"] == "instruction"]
             plan = self.plan(ctx.spec.privacy, client_id, records)
             # Every client's budget, over everything ever released from its data, is checked
-            # before any client trains: a refusal leaves nothing.
-            check_budget(ctx.spent(client_id), client_id, [plan.mechanism()], plan.delta, ctx.spec.privacy.cap_epsilon, self.name, plan.units.kind)
+            # before any client trains: a refusal leaves nothing. A client released before a
+            # crash is in its ledger already (its release is reused, not made again).
+            planned = [] if ctx.unit_done(client_id) else [plan.mechanism()]
+            check_budget(ctx.spent(client_id), client_id, planned, plan.delta, ctx.spec.privacy.cap_epsilon, self.name, plan.units.kind)
             plans.append(plan)
         models = ctx.models()
         ledger = []

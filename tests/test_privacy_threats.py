@@ -507,3 +507,33 @@ def test_a_release_stage_made_stale_is_not_run_again_unasked(tmp_path: Path, cap
     shutil.rmtree(tmp_path / "run/stages/dp_train")  # the user asks for the new release
     assert run(tmp_path, "run", stages=stages) == 0
     assert entries() == 4 and sha256_file(tmp_path / "run" / ADAPTER) != adapter
+
+
+def test_the_plan_before_a_resume_counts_a_release_made_before_a_crash_once(tmp_path: Path, monkeypatch):
+    """dp_train released client_0 and the process died before its manifest: the resume reuses that
+    release, so ksg run's plan (and dp_train's own check) must not add it again on top of the ledger
+    entry it left (counted twice, a resume under a cap that fits was refused)."""
+    from pipelines import load_pipeline
+    from pipelines.check import plan_privacy
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    train = {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48}}
+    # a cap that holds one release of each client, not two
+    spec_path = write_spec(tmp_path, tiny_spec(stages=["prepare_models", "ingest", train], privacy={"target_epsilon": 3.0, "cap_epsilon": 3.5}))
+    assert run_in(tmp_path, "run", str(spec_path), "--run-dir", "run") == 0
+    # as if killed after client_0's release (its ledger entry and unit marker), before client_1's and the manifest
+    stage = tmp_path / "run/stages/dp_train"
+    (stage / "manifest.json").unlink()
+    (stage / "units/client_1.json").unlink()
+    for ledger in (tmp_path / "run/ledger").glob("*.jsonl"):
+        if '"client_1"' in ledger.read_text():
+            ledger.unlink()
+    spec, base_dir, stages = load_pipeline(spec_path)
+    planned = {c.client_id: c for c in plan_privacy(spec, base_dir, [s for s in stages if s.name == "dp_train"], tmp_path / "run", sure_only=True)}
+    assert planned["client_0"].planned_epsilon == 0 and planned["client_0"].spent_epsilon > 2.9
+    assert planned["client_0"].total_epsilon == pytest.approx(planned["client_0"].spent_epsilon, rel=1e-3)
+    assert planned["client_1"].planned_epsilon == pytest.approx(3.0, rel=0.01) and planned["client_1"].spent_epsilon == 0
+    # the resume: client_0's release is reused, client_1 trains
+    assert run_in(tmp_path, "run", str(spec_path), "--run-dir", "run") == 0
+    assert (stage / "manifest.json").is_file()
