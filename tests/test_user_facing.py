@@ -221,6 +221,8 @@ def test_check_refuses_a_plan_past_the_cap_and_counts_the_ledger(tmp_path: Path,
     spec = write_spec(tmp_path, tiny_spec(stages=["prepare_models", "ingest", train], privacy={"target_epsilon": 6.0, "cap_epsilon": 7.0}))
     assert main(["check", str(spec)]) == 0
     assert main(["run", str(spec), "--run-dir", "runs/t"]) == 0  # spends about 6 per client
+    assert main(["check", str(spec)]) == 0  # its resume releases nothing new: the finished dp_train is kept
+    shutil.rmtree(tmp_path / "runs/t/stages/dp_train")  # asking for a new release
     capsys.readouterr()
     assert main(["check", str(spec)]) == 2  # the same again would compose past 7
     err = capsys.readouterr().err
