@@ -170,8 +170,10 @@ def check_private_clients(run_dir: Path, options: EvalOptions) -> list[str]:
 def evaluate_private(run_dir: Path, options: EvalOptions, device: str, base_dir: Path = Path("."), published: Published | None = None) -> dict[str, dict]:
     """Per client with a private test set, on its side: the base model, its own DP adapter and the
     final adapter (the releases it can run locally)."""
-    resolved = run_models(run_dir, ["base"])  # the DP and final adapters are on the base model
     clients = check_private_clients(run_dir, options)
+    if not options.private_tasks:
+        return {}
+    resolved = run_models(run_dir, ["base"])  # the DP and final adapters are on the base model
     results = {}
     for client, tasks in options.private_tasks.items():
         targets = [t for t in chosen_targets(run_dir, clients, ["base", "dp", "final"], published) if t.name in ("base", f"dp_adapter:{client}", "final")]

@@ -275,7 +275,8 @@ def read_models(path: Path, cache_dir: Path | None, roles: Iterable[str] | None 
     """prepare_models' models.json (at `path`), each model's path where this machine holds it; only
     `roles` (default: every model), as finding a model may mean converting it into the cache."""
     entries = json.loads(path.read_text())
-    return {role: local_model(entry, cache_dir) for role, entry in entries.items() if roles is None or role in set(roles)}
+    wanted = entries.keys() if roles is None else set(roles)
+    return {role: local_model(entry, cache_dir) for role, entry in entries.items() if role in wanted}
 
 
 def resolve_device(setting: str = "auto") -> str:

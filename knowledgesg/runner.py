@@ -35,7 +35,7 @@ from knowledgesg.memory import PeakMemory
 from knowledgesg.models import read_models
 from knowledgesg.roles import Role, check_role, narrow_to_client
 from knowledgesg.spec import PipelineSpec, parse_spec, spec_to_dict
-from knowledgesg.stage import LEDGER_KEY, Stage, StageContext
+from knowledgesg.stage import LEDGER_KEY, Stage, StageContext, releases_to_come
 from privacy.ledger import ClientLedger, ledger_directory
 
 SPEC_COPY = "spec.json"
@@ -341,9 +341,9 @@ class Runner:
             self.plan_check(self.spec, self.releases_to_come())
 
     def releases_to_come(self) -> list[Stage]:
-        """The release stages this process will run: those without a finished manifest (one with a
-        manifest is kept, or refused before a new release: refuse_a_silent_new_release)."""
-        return [s for s in self.stages if s.releases() and not self.role.receives(s) and read_manifest(self.run_dir / "stages" / s.name) is None]
+        """The release stages this process will run (refuse_a_silent_new_release stops before a new
+        release of one with a finished manifest)."""
+        return releases_to_come([s for s in self.stages if not self.role.receives(s)], self.run_dir)
 
     def _send(self) -> None:
         """A client's releases, with its whole ledger, to the exchange (checked against its cap first)."""

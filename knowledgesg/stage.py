@@ -24,6 +24,12 @@ from privacy.noise import SecureRandom
 LEDGER_KEY = "ledger_key.json"  # ingest writes one per client (client side): its data's fingerprint
 
 
+def releases_to_come(stages: list[Stage], run_dir: Path) -> list[Stage]:
+    """The release stages of `stages` without a finished manifest in the run: one with a manifest
+    is in the ledger already, and a resume keeps it (or refuses before a new release)."""
+    return [s for s in stages if s.releases() and read_manifest(run_dir / "stages" / s.name) is None]
+
+
 def unit_done(run_dir: Path, stage: str, unit: str) -> bool:
     """Whether `stage` finished `unit` (e.g. one client's DP release) in this run before a crash."""
     return (run_dir / "stages" / stage / "units" / f"{unit}.json").is_file()

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from knowledgesg.errors import InputError
-from knowledgesg.manifest import read_manifest
 from knowledgesg.models import source_files
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import PipelineSpec
-from knowledgesg.stage import Stage, unit_done
+from knowledgesg.stage import Stage, releases_to_come, unit_done
 from pipelines.dp_train import DPTrain
 from pipelines.fedtune import Fedtune
 from pipelines.ingest import Ingest, client_records, planning_records, training_records
@@ -72,9 +71,7 @@ def check_pipeline(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_
     notes = model_notes(spec)
     if not any(isinstance(s, Ingest) for s in stages):
         return notes, []
-    # a release stage the run finished is in the ledger already, and ksg run keeps it (or stops before a new one)
-    to_come = [s for s in stages if not (s.releases() and read_manifest(run_dir / "stages" / s.name) is not None)]
-    return notes, plan_privacy(spec, base_dir, to_come, run_dir)
+    return notes, plan_privacy(spec, base_dir, releases_to_come(stages, run_dir), run_dir)
 
 
 def plan_privacy(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_dir: Path, sure_only: bool = False) -> list[ClientCheck]:

@@ -40,15 +40,15 @@ from knowledgesg.adapters import ADAPTER_FILES, save_adapter
 from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.federated.client import LOCAL_LOG, LoraModel, frozen_a_digest, initial_params
-from knowledgesg.spec import DataSource, DeploySettings, PipelineSpec, format_validation_error
 from knowledgesg.federated.deploy import deploy_settings_here, node_config, run_deployed
 from knowledgesg.federated.engines import FINAL, INITIAL, JOB, ROUNDS, run_local
 from knowledgesg.federated.protocol import LocalDP, LocalTraining, LoraShape, UpdateEncoding, load_params, save_params
 from knowledgesg.federated.secagg import SecureAggregation, conflicts
 from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, participation
 from knowledgesg.fileio import read_json, read_jsonl, write_dir, write_json
-from knowledgesg.models import resolve_device
 from knowledgesg.loaders import load_labelled_pool, refuse_client_data, source_name_of, source_path
+from knowledgesg.models import resolve_device
+from knowledgesg.spec import DataSource, DeploySettings, PipelineSpec, format_validation_error
 from knowledgesg.stage import Stage, StageContext
 from pipelines.ingest import client_ids, client_records, training_records
 from privacy.accounting import Mechanism, calibrate_noise, default_delta, epsilons
@@ -320,8 +320,9 @@ class Fedtune(Stage):
             run_simulation(work / JOB, len(job.clients))
         else:
             privacy = ctx.spec.privacy
-            run_deployed(work / JOB, job.clients, deploy_settings_here(self.params.deploy, ctx.base_dir, "fedtune params.deploy"),
-                         lambda client: node_config(client, ctx.run_dir, ctx.ledger_dir, privacy.cap_epsilon, privacy.reproducible_noise, privacy.delta, privacy.unit))
+            run_deployed(work / JOB, job.clients, self.params.deploy,
+                         lambda client: node_config(client, ctx.run_dir, ctx.ledger_dir, privacy.cap_epsilon, privacy.reproducible_noise, privacy.delta, privacy.unit),
+                         ctx.base_dir, "fedtune params.deploy")
         if not (work / FINAL).is_file():
             raise KsgError(f"fedtune: the {engine} engine finished without a final adapter (see its log above)")
         return load_params(work / FINAL), read_json(work / ROUNDS)

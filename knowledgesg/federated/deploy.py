@@ -240,21 +240,21 @@ def deploy_settings_here(settings: DeploySettings, base_dir: Path, setting: str)
     if settings.launch != "none":
         return settings
     certificate = settings.root_certificates
-    if certificate is not None and not certificate.expanduser().is_absolute():
-        certificate = base_dir / certificate
-    if certificate is None or not certificate.expanduser().is_file():
+    if certificate is not None:
+        certificate = base_dir / certificate.expanduser()  # an absolute path stays as it is
+    if certificate is None or not certificate.is_file():
         raise InputError(f"{setting}.root_certificates: the SuperLink's CA certificate is required with launch: none (TLS is not optional)"
                          + (f"; {certificate} is not a file" if certificate is not None else ""))
-    return settings.model_copy(update={"root_certificates": certificate.expanduser()})
+    return settings.model_copy(update={"root_certificates": certificate})
 
 
-def run_deployed(job_path: Path, clients: list[str], settings: DeploySettings, node_config_of: Callable[[str], str], setting: str = "fedtune.deploy") -> None:
+def run_deployed(job_path: Path, clients: list[str], settings: DeploySettings, node_config_of: Callable[[str], str], base_dir: Path,
+                 setting: str = "fedtune.deploy") -> None:
     """Submit the job to a running federation (launch: none), or to one started here on 127.0.0.1
     with one SuperNode per client, configured by `node_config_of(client)` (launch: local).
-    `setting`: where the settings are in the spec, for the error message."""
+    `base_dir`: the spec's directory; `setting`: where the settings are in the spec, for errors."""
+    settings = deploy_settings_here(settings, base_dir, setting)
     if settings.launch == "none":
-        if settings.root_certificates is None or not settings.root_certificates.is_file():
-            raise InputError(f"{setting}.root_certificates: the SuperLink's CA certificate is required with launch: none (TLS is not optional)")
         home = settings.flwr_home or job_path.parent / "flwr_home"
         write_flwr_config(home, settings.superlink, settings.root_certificates)
         submit(job_path, home, settings.timeout_s)

@@ -21,7 +21,7 @@ import yaml
 
 from eval.evaluate import EvalOptions, Published, evaluate_published_on_client
 from knowledgesg.errors import KsgError, SpecError
-from knowledgesg.federated.deploy import deploy_settings_here, run_deployed
+from knowledgesg.federated.deploy import run_deployed
 from knowledgesg.federated.protocol import DeliveryJob, StagesJob
 from knowledgesg.fileio import read_tree, sha256_bytes, write_dir
 from knowledgesg.models import resolve_device
@@ -77,7 +77,7 @@ def run_server_job(spec: PipelineSpec, base_dir: Path, run_dir: Path, job: Stage
     def node_config_of(client: str) -> str:
         return f"client-id='{client}' run-dir='{work / 'nodes' / client / 'run'}' spec='{spec_copy}' base-dir='{base_dir.resolve()}'"
 
-    run_deployed(work / JOB, job.clients, deploy_settings_here(spec.federation.deploy, base_dir, "federation.deploy"), node_config_of, "federation.deploy")
+    run_deployed(work / JOB, job.clients, spec.federation.deploy, node_config_of, base_dir, "federation.deploy")
     result = Path(job.result)
     return json.loads(result.read_text(encoding="utf-8")) if result.is_file() else None
 
