@@ -14,7 +14,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -122,14 +123,39 @@ def _build_cached(name: str, cache: Path, build: Callable[[Path], str]) -> Path:
     return target
 
 
+@contextmanager
+def gguf_files_read_once() -> Iterator[None]:
+    """Within it, each GGUF file is parsed once. transformers parses the whole file for the config,
+    again for the tokenizer and again for the weights, each time reading every entry of the
+    vocabulary (Gemma's 262k tokens, scores and types) one memmap slice at a time in Python: most
+    of a conversion's time. A parsed reader only reads from its read-only memmap, so one serves all three."""
+    import gguf
+
+    real = gguf.GGUFReader
+    readers: dict[tuple[str, str], object] = {}
+
+    def read_once(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = real(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = read_once  # transformers imports it from gguf at each call
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
+
+
 def _convert_gguf(entry: PackagedModel, out: Path) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = entry.source(out)
     console.print(f"converting {entry.name} from GGUF to safetensors (once; cached in {out.parent})")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with gguf_files_read_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     plain = AutoModelForCausalLM.from_config(quantised.config, dtype=torch.float32)
     plain.load_state_dict(quantised.state_dict(), strict=True)
     plain.save_pretrained(out)

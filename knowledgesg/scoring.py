@@ -319,8 +319,8 @@ def _factored_head(model):
 def _head_statistics(hidden, targets, weight, cap: float | None, moments: bool = True):
     """`_distribution_statistics` from last hidden states [rows, positions, hidden]: the logits of
     HEAD_CHUNK tokens at a time, each row's total probability mass (and with `moments` the first
-    two moments of its logits under p) accumulated online about its running maximum logit, in
-    float64. About the maximum, not zero: the top token adds exactly 0, so a peaked distribution's
+    two moments of its logits under p) accumulated online about its running maximum logit, the
+    slices' sums in float64. About the maximum, not zero: the top token adds exactly 0, so a peaked distribution's
     small spread is not lost to cancellation against logits of tens of nats."""
     import torch
 
@@ -346,11 +346,14 @@ def _head_statistics(hidden, targets, weight, cap: float | None, moments: bool =
             mass = mass * rescale
         centred = logits.sub_(new_top[:, None])
         weights = centred.exp()
-        mass += weights.sum(-1, dtype=torch.float64)
+        # a slice's float32 values summed in float32 (torch's cascade sum: relative error about 1e-7, the
+        # values' own precision), the slices' sums in float64; sum(dtype=float64) converted every element
+        # and took 40% of the time of the slice's matmul ([1024, 4096]: 10 ms against 0.1 ms)
+        mass += weights.sum(-1).double()
         if moments:
             weights.mul_(centred)
-            first += weights.sum(-1, dtype=torch.float64)
-            second += weights.mul_(centred).sum(-1, dtype=torch.float64)
+            first += weights.sum(-1).double()
+            second += weights.mul_(centred).sum(-1).double()
         top = new_top
     log_mass = mass.log()
     logprobs = (chosen.double() - top.double() - log_mass).float().reshape(rows, positions)

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from knowledgesg.errors import InputError
-from privacy.accounting import Mechanism, calibrate_noise, check_delta, default_delta, epsilon_pld, epsilons, group_epsilon
+from privacy.accounting import Mechanism, calibrate_noise, smallest_noise_multiplier, check_delta, default_delta, epsilon_pld, epsilons, group_epsilon
 from privacy.ledger import LedgerEntry, check_budget, compose, composed_total, new_release_id, now
 
 REFERENCE = Mechanism(kind="poisson_gaussian", noise_multiplier=1.0, sample_rate=0.0256, steps=117)
@@ -28,6 +28,21 @@ def test_calibration_hits_the_target_within_1_percent(target, q, steps, delta):
     assert accountant == "prv"
     assert achieved.prv <= target * 1.001  # never above the target (PRV's own error aside)
     assert achieved.prv == pytest.approx(target, rel=0.01)
+
+
+@pytest.mark.parametrize("target", [0.05, 1.0, 8.0, 30.0, 200.0])
+def test_noise_search_lands_just_under_the_target_in_few_calls_never_far_below_the_answer(target):
+    """On a curve that grows faster than 1/sigma as the noise falls (as DP-SGD's epsilon does): the
+    answer's epsilon is at most the target and within the tolerance, in at most 10 calls (Opacus's
+    bisection: 11-16), and no call asks about a sigma more than 4x below the answer (an accountant
+    asked about a tiny sigma can run out of memory)."""
+    def epsilon(sigma: float) -> float:
+        return 2.0 / sigma + 0.5 / sigma**3
+
+    asked: list[float] = []
+    sigma = smallest_noise_multiplier(lambda s: asked.append(s) or epsilon(s), target, 0.005 * target)
+    assert 0 <= target - epsilon(sigma) <= 0.005 * target
+    assert len(asked) <= 10 and min(asked) >= sigma / 4
 
 
 def test_more_noise_less_epsilon_more_steps_more_epsilon():

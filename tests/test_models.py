@@ -114,3 +114,36 @@ def test_packaged_embedder_embeds():
     vectors = embedder.encode(["interest rates rose", "the central bank raised rates", "my cat sleeps"], normalize_embeddings=True)
     assert vectors.shape == (3, 384)
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.2
+
+
+def test_a_gguf_file_is_parsed_once_for_config_tokenizer_and_weights(tmp_path: Path, monkeypatch):
+    """transformers parses a GGUF file for each of its three reads (most of a conversion's time,
+    Gemma's 262k-entry vocabulary read entry by entry): within gguf_files_read_once the second read
+    reuses the first parse and gets the same fields, and outside it each read parses again."""
+    import gguf
+    import numpy as np
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    for add, value in ((writer.add_context_length, 64), (writer.add_embedding_length, 8), (writer.add_block_count, 1),
+                       (writer.add_feed_forward_length, 16), (writer.add_head_count, 2)):
+        add(value)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    parses = []
+    real = gguf.GGUFReader
+
+    class CountingReader(real):
+        def __init__(self, *args, **kwargs):
+            parses.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    with models.gguf_files_read_once():
+        first, second = (load_gguf_checkpoint(str(path))["config"] for _ in range(2))
+    assert len(parses) == 1 and first == second and first["hidden_size"] == 8
+    assert gguf.GGUFReader is CountingReader  # put back as it was
+    load_gguf_checkpoint(str(path))
+    assert len(parses) == 2
