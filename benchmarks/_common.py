@@ -26,7 +26,17 @@ def machine() -> str:
     cores, Python and torch."""
     import torch
 
-    return f"{platform.machine()} ({cpu_model()}), {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+    return f"{platform.machine()} ({cpu_model()}{cpu_features()}), {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def cpu_features() -> str:
+    """The instruction sets that change what runs fastest here, as ", AVX512-BF16" (or ", AVX2"):
+    CPUs sold under one model name ("AMD EPYC") have differed between sessions, and with native
+    bfloat16 the audit's `--precision auto` runs bfloat16, without it float32."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), []) if cpuinfo.is_file() else []
+    named = [name for flag, name in (("avx512_bf16", "AVX512-BF16"), ("avx2", "AVX2")) if flag in flags]
+    return f", {named[0]}" if named else ""
 
 
 def cpu_model() -> str:

@@ -2,9 +2,10 @@
 changes in the audit's figures. `--compare precision`: float32 against bfloat16; `--compare
 pii-score`: PII candidates ranked by the record from the value to its end against by the value's
 own tokens; `--compare pii-sentence`: the record against the value and the rest of its sentence
-(both at the default precision).
+(both at the default precision); `--compare code`: the defaults by the code of `--before`, then
+by this checkout's (demo_audit_code.md).
 
-Usage:  .venv/bin/python benchmarks/demo_audit.py [--compare precision|pii-score|pii-sentence] [--run runs/demo-finance] [--workdir DIR]
+Usage:  .venv/bin/python benchmarks/demo_audit.py [--compare precision|pii-score|pii-sentence|code] [--run runs/demo-finance] [--workdir DIR]
         [--before WORKTREE]
 
 Needs a finished demo run (`ksg run pipelines/specs/demo.yaml`). Runs `ksg audit RUN` with each
@@ -105,7 +106,8 @@ def pii_rows(reports: dict[str, dict]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--compare", choices=list(COMPARISONS), default="precision")
+    parser.add_argument("--compare", choices=[*COMPARISONS, "code"], default="precision",
+                        help="code: the audit with the defaults by the code of --before, then by this checkout's")
     parser.add_argument("--run", type=Path, default=Path("runs/demo-finance"))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/demo-audit"))
     parser.add_argument("--before", type=Path, help="a worktree of earlier code: its `ksg audit RUN` with the defaults is timed too, first")
@@ -114,7 +116,11 @@ def main() -> None:
         parser.exit(2, f"{args.run}: no finished demo run; run `.venv/bin/ksg run pipelines/specs/demo.yaml` first\n")
     if args.before and not (args.before / "knowledgesg/cli.py").is_file():
         parser.exit(2, f"--before {args.before}: not a checkout of this project (no knowledgesg/cli.py there)\n")
+    if args.compare == "code" and not args.before:
+        parser.exit(2, "--compare code needs --before WORKTREE: the earlier code to compare this checkout's with\n")
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.compare == "code":
+        return compare_code(args)
     title, variants, note = COMPARISONS[args.compare]
     # the earlier code first, then the two settings: one after the other, the machine otherwise idle
     before = audited(args.run, "before", [], args.workdir, args.before) if args.before else None
@@ -138,6 +144,25 @@ def main() -> None:
         *(["", *figure_tables({"before": before, first: reports[first]}, f"The code before against this code ({first}): what the change did to the figures. "
                               "Canary loss drops:", " (a sampled row's draws depend on the rows decoded beside it: where the code batches its samplers "
                               "differently, extraction and reconstruction are two draws)")] if before else []),
+    ])
+
+
+def compare_code(args: argparse.Namespace) -> None:
+    """The earlier code's audit with the defaults, then this checkout's, one after the other on the same run."""
+    reports = {"before": audited(args.run, "before", [], args.workdir, args.before), "this code": audited(args.run, "this_code", [], args.workdir)}
+    write_result("demo_audit_code", [
+        "# `ksg audit` of the demo run, this code against earlier code", "",
+        f"Command: `{command()}`", f"Machine: {machine()}",
+        f"Run: `{args.run}` (`ksg run pipelines/specs/demo.yaml`: 3 DP adapters and the final adapter, 64 canaries in bank_b, 20 held-out records per bank). "
+        "Each audit is `ksg audit RUN` with the audit's defaults (100 candidates, 4 exposure canaries per kind, 8 samples, as many members per client as it "
+        "holds out, 16 PII spans per client, 1000 bootstrap resamples), first by the code of the worktree named below, then by this checkout's; "
+        f"the machine otherwise idle. Weights: {', '.join(sorted({r['options'].get('precision', 'float32') for r in reports.values()}))}.", "",
+        "| code | whole command, s | " + " | ".join(f"{s}, s" for s in SECTIONS) + " |", "|---|---:|" + "---:|" * len(SECTIONS),
+        timing_row(f"before: {args.before} at {reports['before'].get('code')}", reports["before"]),
+        timing_row(f"this code: {reports['this code'].get('code')}", reports["this code"]),
+        ratio_row("before / this code", reports["before"], reports["this code"]), "",
+        *figure_tables(reports, "What the change did to the figures. Canary loss drops:", " (a sampled row's draws depend on the rows decoded beside it: "
+                       "where the code batches its samplers differently, extraction and reconstruction are two draws)"),
     ])
 
 
