@@ -48,11 +48,13 @@ def main() -> None:
         calls.clear()
         # Opacus's search, its accountant counting calls the same way
         opacus_utils.create_accountant = lambda mechanism: CountingPRV(calls)
-        start = time.perf_counter()
-        theirs = opacus_utils.get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps, accountant="prv",
-                                                   epsilon_tolerance=0.005 * target, eps_error=0.01)
-        theirs_s, theirs_calls = time.perf_counter() - start, len(calls)
-        opacus_utils.create_accountant = real_create
+        try:
+            start = time.perf_counter()
+            theirs = opacus_utils.get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q, steps=steps, accountant="prv",
+                                                       epsilon_tolerance=0.005 * target, eps_error=0.01)
+            theirs_s, theirs_calls = time.perf_counter() - start, len(calls)
+        finally:
+            opacus_utils.create_accountant = real_create
         theirs_eps = epsilon_at(theirs)
         totals["ours"] += ours_s
         totals["opacus"] += theirs_s

@@ -45,6 +45,18 @@ def test_noise_search_lands_just_under_the_target_in_few_calls_never_far_below_t
     assert len(asked) <= 10 and min(asked) >= sigma / 4
 
 
+def test_noise_search_never_takes_a_nan_epsilon_for_one_within_budget():
+    """`eps > target` is False for NaN: an accountant's NaN must stop the search (the caller
+    falls back to another accountant), never become the answer."""
+    def epsilon(sigma: float) -> float:
+        return math.nan if 0.4 < sigma < 0.6 else 2.0 / sigma + 0.5 / sigma**3
+
+    with pytest.raises(ArithmeticError, match="NaN"):
+        smallest_noise_multiplier(epsilon, 8.0, 0.04)
+    with pytest.raises(ArithmeticError, match="no noise multiplier below"):
+        smallest_noise_multiplier(lambda sigma: 0.0, 8.0, 0.04)
+
+
 def test_more_noise_less_epsilon_more_steps_more_epsilon():
     base = epsilons([REFERENCE], 1e-5).reported
     assert epsilons([REFERENCE.model_copy(update={"noise_multiplier": 2.0})], 1e-5).reported < base
