@@ -242,7 +242,7 @@ def smallest_noise_multiplier(epsilon_at: Callable[[float], float], target: floa
     where epsilon would reach the target if it went as 1/sigma, at most DESCENT_STEP lower; then
     regula falsi in 1/sigma, where epsilon is nearly linear (Illinois: an end kept twice has its
     weight halved). About 8 accountant calls where Opacus's bisection from [0, 20] made 11 to 16:
-    1.78x faster over ten budgets (noise_calibration.md). Every candidate is judged by the
+    1.8x faster over ten budgets (noise_calibration.md). Every candidate is judged by the
     accountant: the answer's epsilon was computed, never interpolated. After MAX_SEARCH_STEPS
     calls the noisiest sigma judged within the budget is the answer (more noise than needed,
     never less). An epsilon that is not a number raises ArithmeticError (the caller then tries
