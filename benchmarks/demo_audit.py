@@ -48,6 +48,7 @@ COMPARISONS = {
                      "and samples are the same computation in both)."),
 }
 SECTIONS = ("canaries", "membership_inference", "pii", "synthetic_overlap")
+PACKAGE_DIRS = ("knowledgesg", "pipelines", "privacy", "eval")  # the code `ksg audit` imports
 
 
 def audited(run: Path, name: str, arguments: list[str], workdir: Path, code: Path | None = None) -> dict:
@@ -64,11 +65,12 @@ def audited(run: Path, name: str, arguments: list[str], workdir: Path, code: Pat
 
 
 def code_commit(checkout: Path) -> str:
-    """The checkout's commit, marked where tracked files differ from it (the audit ran other code)."""
+    """The checkout's commit, marked where the package's tracked files differ from it (the audit ran
+    other code; a changed benchmark script or README does not count)."""
     def git(*arguments: str) -> str:
         return subprocess.run(["git", "-C", str(checkout), *arguments], capture_output=True, text=True, check=True).stdout.strip()
 
-    return git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no", "--", *PACKAGE_DIRS) else "")
 
 
 def canary_rows(reports: dict[str, dict]) -> list[str]:
