@@ -32,11 +32,14 @@ def machine() -> str:
 def cpu_features() -> str:
     """The instruction sets that change what runs fastest here, as ", AVX512-BF16" (or ", AVX2"):
     CPUs sold under one model name ("AMD EPYC") have differed between sessions, and with native
-    bfloat16 the audit's `--precision auto` runs bfloat16, without it float32."""
+    bfloat16 `--precision auto` runs bfloat16, without it float32. Native bfloat16 is decided by
+    the function `auto` itself asks (every CPU with AMX also has AVX512-BF16)."""
+    from knowledgesg.models import native_bfloat16
+
+    if native_bfloat16("cpu"):
+        return ", AVX512-BF16"
     cpuinfo = Path("/proc/cpuinfo")
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), []) if cpuinfo.is_file() else []
-    named = [name for flag, name in (("avx512_bf16", "AVX512-BF16"), ("avx2", "AVX2")) if flag in flags]
-    return f", {named[0]}" if named else ""
+    return ", AVX2" if cpuinfo.is_file() and "avx2" in cpuinfo.read_text().split() else ""
 
 
 def cpu_model() -> str:

@@ -320,8 +320,8 @@ def _head_statistics(hidden, targets, weight, cap: float | None, moments: bool =
     """`_distribution_statistics` from last hidden states [rows, positions, hidden]: the logits of
     HEAD_CHUNK tokens at a time, each row's total probability mass (and with `moments` the first
     two moments of its logits under p) accumulated online about its running maximum logit, the
-    slices' sums in float64. About the maximum, not zero: the top token adds exactly 0, so a peaked distribution's
-    small spread is not lost to cancellation against logits of tens of nats."""
+    slices' sums in float64. About the maximum, not zero: the top token adds exactly 0, so a
+    peaked distribution's small spread is not lost to cancellation against logits of tens of nats."""
     import torch
 
     rows, positions, _ = hidden.shape

@@ -277,7 +277,7 @@ def smallest_noise_multiplier(epsilon_at: Callable[[float], float], target: floa
         u = (weight_high / low - weight_low / high) / (weight_high - weight_low)  # the line's root, in 1/sigma
         sigma = 1 / u if low < 1 / u < high else (low + high) / 2
         if (eps := judged(sigma)) > target:
-            low, eps_low, weight_low = sigma, eps, eps - target
+            low, weight_low = sigma, eps - target
             weight_high = weight_high / 2 if kept == 1 else weight_high
             kept = 1
         else:
