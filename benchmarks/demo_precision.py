@@ -1,10 +1,11 @@
-"""The demo with float32 weights against bfloat16 frozen/sampling weights (`precision: bfloat16`
-on dp_train and synthesize), from a warm model cache: per-stage time and what came out.
+"""The demo with float32 weights against bfloat16 frozen weights in the stages that train
+(`precision` on dp_train and on fedtune's training), from a warm model cache: per-stage time and
+what came out.
 
-Usage:  .venv/bin/python benchmarks/demo_precision.py --workdir DIR [--spec pipelines/specs/demo.yaml] [--limit 200]
+Usage:  .venv/bin/python benchmarks/demo_precision.py --workdir DIR [--spec pipelines/specs/demo.yaml] [--limit 200] [--stages dp_train,fedtune]
 
-Two `ksg run`s of the demo spec into fresh run directories, one with every `precision` as the
-spec leaves it (float32) and one with `precision: bfloat16` set on dp_train and synthesize, then
+Two `ksg run`s of the demo spec into fresh run directories, one with `precision: float32` and one
+with `precision: bfloat16` set on `--stages` (every other stage as the spec leaves it), then
 `ksg eval` of each run's final adapter and DP adapters on `--limit` FPB, FiQA and TFNS items
 (label log-probability). Quality is compared by what the runs produce: synthetic pairs kept,
 pairs after refine, and accuracy. A finished run leaves `<variant>.done` in the work directory
@@ -26,23 +27,37 @@ from _comparison import count_lines, ksg  # noqa: E402
 
 VARIANTS = ["float32", "bfloat16"]
 TASKS = ["fpb", "fiqa", "tfns"]
-FAST_STAGES = ("dp_train", "synthesize")
+STAGES = ("dp_train", "synthesize", "refine", "structure", "fedtune")
 
 
-def variant_spec(spec: dict, precision: str) -> dict:
+def variant_spec(spec: dict, precision: str, chosen: list[str]) -> dict:
+    """`spec` with `precision` set where each chosen stage takes it (fedtune: in its training)."""
     stages = []
     for stage in spec["stages"]:
-        if isinstance(stage, dict) and stage["name"] in FAST_STAGES and precision != "float32":
-            stage = {**stage, "params": {**stage.get("params", {}), "precision": precision}}
+        if isinstance(stage, dict) and stage["name"] in chosen:
+            params = stage.get("params", {})
+            if stage["name"] == "fedtune":
+                params = {**params, "training": {**params.get("training", {}), "precision": precision}}
+            else:
+                params = {**params, "precision": precision}
+            stage = {**stage, "params": params}
         stages.append(stage)
     return {**spec, "stages": stages}
 
 
-def run_variant(workdir: Path, spec: dict, precision: str, limit: int) -> dict:
+def stage_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in STAGES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"comma-separated stages among {', '.join(STAGES)}, got '{text}'")
+    return names
+
+
+def run_variant(workdir: Path, spec: dict, precision: str, limit: int, chosen: list[str]) -> dict:
     marker, run_dir = workdir / f"{precision}.done", workdir / precision
     if not marker.is_file():
         path = workdir / f"{precision}.yaml"
-        path.write_text(yaml.safe_dump(variant_spec(spec, precision), sort_keys=False))
+        path.write_text(yaml.safe_dump(variant_spec(spec, precision, chosen), sort_keys=False))
         seconds = ksg("run", str(path), "--run-dir", str(run_dir))
         ksg("eval", str(run_dir), "--models", "dp,final", "--tasks", ",".join(TASKS), "--modes", "logprob", "--limit", str(limit))
         marker.write_text(json.dumps({"seconds": seconds}))
@@ -61,16 +76,18 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--spec", type=Path, default=Path("pipelines/specs/demo.yaml"))
     parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--stages", type=stage_list, default=["dp_train", "fedtune"], help="the stages whose precision is set")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     spec = yaml.safe_load(args.spec.read_text())
-    results = {precision: run_variant(args.workdir, spec, precision, args.limit) for precision in VARIANTS}
+    results = {precision: run_variant(args.workdir, spec, precision, args.limit, args.stages) for precision in VARIANTS}
 
     stage_names = list(results["float32"]["stages"])
-    lines = [f"# The demo in float32 and with bfloat16 weights in {' and '.join(FAST_STAGES)}", "",
+    lines = [f"# The demo in float32 and with bfloat16 weights in {', '.join(args.stages)}", "",
              f"Command: `{command()}`", f"Machine: {machine()}", "",
-             f"Spec: {args.spec} (its audit canaries planted and holdout kept out, as in the README's demo); the bfloat16 run sets `precision: bfloat16` on {', '.join(FAST_STAGES)} "
-             "(frozen base weights in dp_train, with the adapter, its clipped gradients and the noise in float32; the merged sampling model in synthesize). "
+             f"Spec: {args.spec} (its audit canaries planted and holdout kept out, as in the README's demo); the runs set `precision: float32` and `precision: bfloat16` on "
+             f"{', '.join(args.stages)} (frozen base weights where a stage trains, with the adapter, its gradients, their clipping and any noise in float32; the merged "
+             "model where a stage samples or scores). "
              "Models cached; one run each, one after the other.", "",
              "| stage | float32, s | bfloat16, s | speed-up |", "|---|---:|---:|---:|"]
     for name in stage_names:

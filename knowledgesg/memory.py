@@ -3,6 +3,8 @@ tell a later stage's smaller peak from an earlier stage's larger one."""
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import resource
 import threading
@@ -18,6 +20,19 @@ def resident_bytes() -> int:
             return int(handle.read().split()[1]) * PAGE
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def release_freed_memory() -> None:
+    """Hand the pages of freed objects back to the OS. glibc's allocator keeps a process's freed heap
+    resident: after a stage's tensors were freed, 1.6 of SmolLM2's 2.2 GiB stayed until
+    `malloc_trim`, and the next stage's peak stood on them (the demo's refine measured 3.99 GiB after
+    a bfloat16 dp_train; 2.9 GiB after a float32 one). A no-op where there is no glibc."""
+    gc.collect()  # tensors in reference cycles are freed only by the collector
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # no glibc (macOS, musl; a libc.so.6 shim without malloc_trim)
+        return
+    trim(0)
 
 
 class PeakMemory:

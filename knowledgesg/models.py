@@ -339,9 +339,36 @@ def resolve_precision(setting: Precision, device: str) -> str:
     return "bfloat16" if native_bfloat16(device) else "float32"
 
 
-def load_causal_lm(model: ResolvedModel, device: str = "cpu", dtype: str = "float32"):
+# transformers' name for SDPA run on float32 copies of bfloat16 queries, keys and values, for
+# training: on a CPU, PyTorch's flash attention took 2.3x longer for its backward in bfloat16 than
+# in float32 (0.73 against 0.32 s of a 4.8 s DP-SGD step of SmolLM2, batch 16 x 112), where every
+# matmul around it ran twice as fast in bfloat16: 1.08x per DP-SGD step, 1.09x the demo's dp_train
+# (float32_attention.md). Not for scoring (0.96x) or decoding, whose growing cache it would copy
+# at every token.
+FLOAT32_SDPA = "sdpa_float32"
+
+
+def attend_in_float32(model) -> None:
+    """Run `model`'s attention as FLOAT32_SDPA (for bfloat16 weights on a CPU)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def sdpa_in_float32(module, query, key, value, attention_mask, **kwargs):
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.float()
+        output, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+        return output.to(query.dtype), weights
+
+    AttentionInterface.register(FLOAT32_SDPA, sdpa_in_float32)
+    AttentionMaskInterface.register(FLOAT32_SDPA, sdpa_mask)
+    model.set_attn_implementation(FLOAT32_SDPA)
+
+
+def load_causal_lm(model: ResolvedModel, device: str = "cpu", dtype: str = "float32", training: bool = False):
     """(model, tokenizer) with weights in `dtype` ("float32" or "bfloat16": a Precision after
-    resolve_precision) on `device`, in eval mode, with a pad token set."""
+    resolve_precision) on `device`, in eval mode, with a pad token set. `training`: bfloat16
+    weights on a CPU attend in float32 (FLOAT32_SDPA)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -351,6 +378,8 @@ def load_causal_lm(model: ResolvedModel, device: str = "cpu", dtype: str = "floa
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     lm = AutoModelForCausalLM.from_pretrained(model.path, dtype=getattr(torch, dtype)).to(device)
+    if training and dtype == "bfloat16" and device == "cpu":
+        attend_in_float32(lm)
     lm.eval()
     return lm, tokenizer
 

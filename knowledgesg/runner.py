@@ -31,7 +31,7 @@ from knowledgesg.errors import InputError, KsgError
 from knowledgesg.exchange import export_releases, receive_ledgers, receive_stage
 from knowledgesg.fileio import canonical_json, hmac_file, hmac_text, read_json, sha256_file, sha256_text, unmakeable_directory, write_json, write_text
 from knowledgesg.manifest import MANIFEST, Manifest, output_entry, read_manifest, verify_outputs, write_manifest
-from knowledgesg.memory import PeakMemory
+from knowledgesg.memory import PeakMemory, release_freed_memory
 from knowledgesg.models import read_models
 from knowledgesg.roles import Role, check_role, narrow_to_client
 from knowledgesg.spec import PipelineSpec, parse_spec, spec_to_dict
@@ -426,6 +426,7 @@ class Runner:
                            reads=stage.reads)
         started_at, start = _now(), time.perf_counter()
         append_event(self.run_dir, stage=stage.name, status="started")
+        release_freed_memory()  # the stages before freed their models: their pages leave before this stage's peak is taken
         try:
             with PeakMemory() as memory:
                 stage.run(ctx)

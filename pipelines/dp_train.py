@@ -174,7 +174,7 @@ class DPTrain(Stage):
         # frozen weights only: peft makes the adapter float32 over a bfloat16 base (and DPSGD
         # refuses anything else), so hidden states pass in bfloat16 and gradients are clipped in float32
         dtype = resolve_precision(p.precision, device)
-        model, tokenizer = load_causal_lm(ResolvedModel(**base), device, dtype)
+        model, tokenizer = load_causal_lm(ResolvedModel(**base), device, dtype, training=True)
         model = with_lora(model, p.lora_r, p.lora_alpha, p.target_modules, "dp_train params.target_modules")
         model.train()
         examples = [tokenize_example(tokenizer, record, p.max_length, p.loss_on) for record in plan.records]

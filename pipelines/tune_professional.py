@@ -95,7 +95,7 @@ class TuneProfessional(Stage):
         device = resolve_device(ctx.spec.models.device)
         torch.manual_seed(ctx.derive_seed("init"))
         dtype = resolve_precision(p.precision, device)
-        model, tokenizer = load_causal_lm(ResolvedModel(**professional), device, dtype)
+        model, tokenizer = load_causal_lm(ResolvedModel(**professional), device, dtype, training=True)
         model = with_lora(model, p.lora_r, p.lora_alpha, p.target_modules, "tune_professional params.target_modules")
         model.train()
         examples = [answer_example(tokenizer, r, p.max_length) for r in records]

@@ -113,14 +113,14 @@ class PrivacyReport(BaseModel):
 
 
 def epsilon_curve(mechanism: Mechanism, delta: float, points: int = 5) -> list[CurvePoint]:
-    """Epsilon after k steps of a DP-SGD release, by each accountant (PLD on a 10x coarser grid: plot precision)."""
+    """Epsilon after k steps of a DP-SGD release, by each accountant (PLD on its default grid, `pld_grid`)."""
     if mechanism.kind != "poisson_gaussian" or mechanism.steps < 1:
         return []
     marks = sorted({max(1, round(mechanism.steps * i / points)) for i in range(1, points + 1)})
     curve = []
     for k in marks:
         partial = [mechanism.model_copy(update={"steps": k})]
-        curve.append(CurvePoint(steps=k, prv=epsilon_prv_or_none(partial, delta), rdp=epsilon_rdp(partial, delta), pld=epsilon_pld(partial, delta, discretization=1e-3)))
+        curve.append(CurvePoint(steps=k, prv=epsilon_prv_or_none(partial, delta), rdp=epsilon_rdp(partial, delta), pld=epsilon_pld(partial, delta)))
     return curve
 
 

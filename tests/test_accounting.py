@@ -7,7 +7,7 @@ import math
 import pytest
 
 from knowledgesg.errors import InputError
-from privacy.accounting import Mechanism, calibrate_noise, smallest_noise_multiplier, check_delta, default_delta, epsilon_pld, epsilons, group_epsilon
+from privacy.accounting import Mechanism, calibrate_noise, smallest_noise_multiplier, check_delta, default_delta, epsilon_pld, epsilons, group_epsilon, pld_grid
 from privacy.ledger import LedgerEntry, check_budget, compose, composed_total, new_release_id, now
 
 REFERENCE = Mechanism(kind="poisson_gaussian", noise_multiplier=1.0, sample_rate=0.0256, steps=117)
@@ -105,6 +105,32 @@ def test_a_release_without_a_guarantee_makes_the_total_infinite_and_client_level
     assert math.isinf(composed_total([_entry("a", REFERENCE), _entry("a", REFERENCE, private=False)], 1e-5).reported)
     client_level = _entry("a", REFERENCE, unit="client")
     assert composed_total([_entry("a", REFERENCE), client_level], 1e-5).reported == pytest.approx(compose([REFERENCE], 1e-5).reported)
+
+
+@pytest.mark.parametrize("mechanism", [REFERENCE, Mechanism(kind="poisson_gaussian", noise_multiplier=0.5748, sample_rate=0.0625, steps=16),
+                                       Mechanism(kind="poisson_gaussian", noise_multiplier=0.8, sample_rate=0.001, steps=1000)])
+def test_the_default_pld_grid_bounds_epsilon_from_above_within_0_0015_of_a_fine_one(mechanism, monkeypatch):
+    import dp_accounting.pld
+
+    grids = []
+    real = dp_accounting.pld.PLDAccountant
+
+    def recording(value_discretization_interval, **kwargs):
+        grids.append(value_discretization_interval)
+        return real(value_discretization_interval=value_discretization_interval, **kwargs)
+
+    fine = epsilon_pld([mechanism], 1e-6, discretization=1e-4)
+    monkeypatch.setattr(dp_accounting.pld, "PLDAccountant", recording)
+    default = epsilon_pld([mechanism], 1e-6)
+    assert grids == [pld_grid([mechanism])] and grids[0] >= 1e-3  # the composition ran on the coarse grid
+    assert fine <= default <= fine + 0.0015
+
+
+def test_the_pld_grid_gets_finer_with_the_steps_it_composes_down_to_1e_4():
+    assert pld_grid([REFERENCE]) == 1e-3
+    assert pld_grid([REFERENCE] * 20) == pytest.approx(1 / (20 * REFERENCE.steps))
+    assert pld_grid([REFERENCE] * 200) == 1e-4
+    assert pld_grid([Mechanism(kind="post_processing", steps=0)]) == 1e-3
 
 
 def test_group_epsilon_is_tight_for_one_and_grows_with_the_group():

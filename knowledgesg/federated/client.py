@@ -52,7 +52,7 @@ class LoraModel:
 
     def __init__(self, base_model: dict, lora: LoraShape, device: str, precision: Precision = "float32") -> None:
         # the frozen weights only: peft keeps the adapter float32 over a bfloat16 base
-        model, self.tokenizer = load_causal_lm(ResolvedModel(**base_model), device, resolve_precision(precision, device))
+        model, self.tokenizer = load_causal_lm(ResolvedModel(**base_model), device, resolve_precision(precision, device), training=True)
         self.model = with_lora(model, lora.r, lora.alpha, lora.target_modules, "fedtune params.lora.target_modules")
         self.device = device
         if lora.ffa:  # every party draws the same A from the public seed and never trains it
