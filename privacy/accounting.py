@@ -326,4 +326,5 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
             raise InputError(f"{setting} = {target_epsilon:g} cannot be reached at delta {delta:g} with {steps} steps at sampling rate {sample_rate:.4g}: the budget is too low") from None
         except (ArithmeticError, RuntimeError, IndexError, ValueError):
             continue
-    raise InputError(f"could not calibrate noise for epsilon {target_epsilon:g} (q={sample_rate:.4g}, steps={steps})")
+    raise InputError(f"{setting}: could not calibrate noise for epsilon {target_epsilon:g} (q={sample_rate:.4g}, steps={steps}): neither the PRV nor the RDP "
+                     "accountant gave a usable epsilon")

@@ -153,6 +153,22 @@ def test_budget_guard_names_spent_requested_and_cap():
     check_budget([], "b", [REFERENCE], 1e-5, cap=2.5, stage="dp_train")  # b's ledger is its own
 
 
+def test_calibration_that_no_accountant_can_do_names_the_spec_key(monkeypatch):
+    import opacus.accountants
+
+    class Broken:
+        history: list = []
+
+        def get_epsilon(self, **kwargs):
+            return math.nan
+
+    monkeypatch.setattr(opacus.accountants, "create_accountant", lambda mechanism: Broken())
+    calibrate_noise.cache_clear()
+    with pytest.raises(InputError, match=r"^fedtune\.local_dp\.target_epsilon: could not calibrate noise for epsilon 3 "):
+        calibrate_noise(3.0, 1e-5, 0.02, 77, "fedtune.local_dp.target_epsilon")
+    calibrate_noise.cache_clear()
+
+
 def test_rdp_is_reported_when_prv_fails(monkeypatch):
     import privacy.accounting as accounting
 
