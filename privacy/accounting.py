@@ -100,16 +100,22 @@ def pld_grid(mechanisms: list[Mechanism]) -> float:
     return max(FINEST_PLD_GRID, min(COARSEST_PLD_GRID, 1.0 / max(1, sum(m.steps for m in mechanisms))))
 
 
-def epsilon_pld(mechanisms: list[Mechanism], delta: float, discretization: float | None = None) -> float:
-    """PLD upper bound (pessimistic discretisation: a coarser grid is faster and only looser)."""
+def _pld_epsilon(events: list, mechanisms: list[Mechanism], delta: float, discretization: float | None) -> float:
+    """Epsilon at `delta` of the composed DP `events` (those of `mechanisms`, or of a group of their
+    units) by PLD, on `discretization` or the grid `pld_grid` picks for `mechanisms`."""
     import dp_accounting
     from dp_accounting.pld import PLDAccountant
 
+    accountant = PLDAccountant(value_discretization_interval=pld_grid(mechanisms) if discretization is None else discretization)
+    accountant.compose(dp_accounting.ComposedDpEvent(events))
+    return float(accountant.get_epsilon(delta))
+
+
+def epsilon_pld(mechanisms: list[Mechanism], delta: float, discretization: float | None = None) -> float:
+    """PLD upper bound (pessimistic discretisation: a coarser grid is faster and only looser)."""
     if any(m.kind == "non_private" for m in mechanisms):
         return math.inf
-    accountant = PLDAccountant(value_discretization_interval=pld_grid(mechanisms) if discretization is None else discretization)
-    accountant.compose(dp_accounting.ComposedDpEvent([m.dp_event() for m in mechanisms]))
-    return float(accountant.get_epsilon(delta))
+    return _pld_epsilon([m.dp_event() for m in mechanisms], mechanisms, delta, discretization)
 
 
 def epsilon_prv(mechanisms: list[Mechanism], delta: float) -> float:
@@ -225,16 +231,11 @@ def group_dp_event(mechanism: Mechanism, size: int):
 
 def group_epsilon(mechanisms: list[Mechanism], size: int, delta: float, discretization: float | None = None) -> float:
     """Epsilon at `delta` for a group of `size` units over the composed releases (PLD, pessimistic grid)."""
-    import dp_accounting
-    from dp_accounting.pld import PLDAccountant
-
     if any(m.kind == "non_private" for m in mechanisms):
         return math.inf
     if all(m.kind == "post_processing" or m.steps == 0 for m in mechanisms):
         return 0.0
-    accountant = PLDAccountant(value_discretization_interval=pld_grid(mechanisms) if discretization is None else discretization)
-    accountant.compose(dp_accounting.ComposedDpEvent([group_dp_event(m, size) for m in mechanisms]))
-    return float(accountant.get_epsilon(delta))
+    return _pld_epsilon([group_dp_event(m, size) for m in mechanisms], mechanisms, delta, discretization)
 
 
 # a noise multiplier above this reaches no budget a user means: the target is too low
