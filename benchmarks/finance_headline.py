@@ -101,6 +101,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ablations", default="", help="comma-separated changes to the pipeline, each a copy of a finished A<eps> run with only that "
                                                        f"changed (its DP adapters reused, never redrawn): {', '.join(ABLATIONS)}")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--precision", default="float32", choices=["float32", "auto"],
+                        help="dp_train's and fedtune's base weights in the runs --only names (auto: bfloat16 where the CPU runs it natively, "
+                             "1.7x faster dp_train there: demo_precision.md); every other run keeps the precision it was stored with")
     parser.add_argument("--full-eval", action="store_true", help="score each finished run here on the whole test sets in both answer modes (`ksg eval --limit 0 "
                         "--modes logprob,generation`, no new training) and keep those rows beside the run's in the store; then the report")
     parser.add_argument("--only", default=None, help="comma-separated runs to do now (U, A8, B8, D8, C); default all")
@@ -115,9 +118,15 @@ def private_data(args) -> dict:
             "partition": {"method": "dirichlet", "alpha": 1.0, "label_field": "response", "names": BANKS, "min_client_records": args.min_bank}}
 
 
+def precision(args) -> dict:
+    """The training precision's spec key: none for float32, so the specs (and digests) of the runs
+    stored before the flag existed stay what they were."""
+    return {} if args.precision == "float32" else {"precision": args.precision}
+
+
 def dp_train(args) -> dict:
     return {"name": "dp_train", "params": {"loss_on": "all", "epochs": args.epochs, "batch_size": args.batch_size, "max_physical_batch": 16,
-                                           "max_length": 128, "learning_rate": 0.002, "clip_norm": 1.0}}
+                                           "max_length": 128, "learning_rate": 0.002, "clip_norm": 1.0, **precision(args)}}
 
 
 def evaluate(args, models: list[str]) -> dict:
@@ -132,7 +141,7 @@ def spec(args, name: str, epsilon: float, clients: dict, stages: list) -> dict:
 def fedtune(args, synthetic_stage: str) -> dict:
     public = {"public": {"builtin": "fiqa_train"}} if args.final_public else {}
     return {"name": "fedtune", "params": {"engine": "local", "synthetic_stage": synthetic_stage, "rounds": args.rounds, "rule": {"name": "fedavg"}, **public,
-                                          "training": {"steps": args.local_steps, "batch_size": 8, "max_length": 128, "learning_rate": 0.002, "loss_on": "response"}}}
+                                          "training": {"steps": args.local_steps, "batch_size": 8, "max_length": 128, "learning_rate": 0.002, "loss_on": "response", **precision(args)}}}
 
 
 def synthesis(args) -> list[dict]:
@@ -153,7 +162,21 @@ def eps_name(epsilon: float) -> str:
 
 
 def plan(args) -> dict[str, dict]:
-    """Every run's spec by name, in the order they run (the most telling first)."""
+    """Every run's spec by name, in the order they run (the most telling first). A run --only names
+    takes --precision; any other the precision the store holds it at (float32 where it holds none)."""
+    by_precision = {p: plan_at(argparse.Namespace(**{**vars(args), "precision": p})) for p in ("float32", "auto")}
+    only = set(args.only.split(",")) if args.only else set()
+
+    def precision_of(name: str) -> str:
+        if name in only:
+            return args.precision
+        return "auto" if STORE.entry(name, by_precision["auto"][name]) else "float32"
+
+    return {name: by_precision[precision_of(name)][name] for name in by_precision["float32"]}
+
+
+def plan_at(args) -> dict[str, dict]:
+    """Every run's spec by name at one training precision (`args.precision`)."""
     runs = {"U": spec(args, "public", math.inf, {"data": [{"builtin": "fiqa_train"}], "partition": {"method": "iid", "names": ["public"]}},
                       [dp_train(args), evaluate(args, ["dp"])])}
     pooled = dict(private_data(args), partition={"method": "iid", "names": ["pooled"]})
@@ -170,7 +193,7 @@ def plan(args) -> dict[str, dict]:
         runs[f"D{e}"] = spec(args, f"dp-fedavg-{e}", epsilon, private_data(args), [
             {"name": "fedtune", "params": {"engine": "local", "data": "private", "rounds": args.rounds, "rule": {"name": "fedavg"},
                                            "local_dp": {"target_epsilon": epsilon, "clip_norm": 1.0},
-                                           "training": {"steps": steps, "batch_size": args.batch_size, "max_length": 128, "learning_rate": 0.002, "loss_on": "all"}}},
+                                           "training": {"steps": steps, "batch_size": args.batch_size, "max_length": 128, "learning_rate": 0.002, "loss_on": "all", **precision(args)}}},
             evaluate(args, ["final"])])
         for ablation in filter(None, args.ablations.split(",")):
             changed = argparse.Namespace(**{**vars(args), **ABLATIONS[ablation][0]})
@@ -667,7 +690,8 @@ def report(args) -> None:
         # the store records the code each finished run imported; the checkout running this report may be newer
         entry = STORE.entry(name, specs[name])
         if entry:
-            lines.append(f"- {name}: {entry['seconds']:.0f} s, {entry['code']}, {entry['machine']}" + (f"; {entry['note']}" if entry.get("note") else ""))
+            trained_at = "; dp_train and fedtune at precision auto (bfloat16 base weights where native)" if '"precision"' in json.dumps(specs[name]) else ""
+            lines.append(f"- {name}: {entry['seconds']:.0f} s, {entry['code']}, {entry['machine']}{trained_at}" + (f"; {entry['note']}" if entry.get("note") else ""))
         if (args.workdir / name).is_dir() and not finished(args.workdir, name, specs[name]):
             lines.append(f"- {name}: {'measured again here, ' if entry else ''}not finished yet")
     lines.append("(A run resumed over several invocations adds their times; other jobs may have shared the 2 cores.)")
