@@ -47,7 +47,7 @@ from knowledgesg.federated.secagg import SecureAggregation, conflicts
 from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, participation
 from knowledgesg.fileio import read_json, read_jsonl, write_dir, write_json
 from knowledgesg.loaders import load_labelled_pool, refuse_client_data, source_name_of, source_path
-from knowledgesg.models import resolve_device
+from knowledgesg.models import resolve_device, resolve_precision
 from knowledgesg.spec import DataSource, DeploySettings, PipelineSpec, format_validation_error
 from knowledgesg.stage import Stage, StageContext
 from pipelines.ingest import client_ids, client_records, training_records
@@ -228,6 +228,7 @@ class Fedtune(Stage):
         self.check_dp_steps(job, received, answered)
         self.save(ctx, job, final)
         ctx.write_json("rounds.json", history)
+        ctx.write_json("training.json", self.training_record(job))
         for c in clients:  # the clients' own logs of their training (un-noised): client side
             if ctx.path(f"clients/{c}/{LOCAL_LOG}").is_file():
                 ctx.declare_output(f"clients/{c}/{LOCAL_LOG}", side=f"client:{c}")
@@ -377,6 +378,15 @@ class Fedtune(Stage):
         return [LedgerEntry(**common, release="final_adapter: client-level DP-FedAvg (noise added by the server)", unit="client", num_units=len(job.clients),
                             delta=client_delta, mechanism=mechanism, epsilon=epsilons([mechanism], client_delta), private=not ctx.spec.privacy.reproducible_noise,
                             noise=ctx.noise_origin, trust=TRUST_SERVER_NOISE_SECURE_SUM if job.secure_aggregation else TRUST_SERVER_NOISE)]
+
+    def training_record(self, job: FedJob) -> dict:
+        """The base weights' precision the clients were asked to train over, and the one they ran:
+        clients on this machine (engines local and flower-sim) resolve `auto` as it does; a
+        flower-deploy node resolves it on its own machine, which the server is not told (it would
+        say what that machine's CPU runs natively, nothing the training needs)."""
+        asked = job.training.precision
+        ran = "resolved by each node on its own machine" if self.params.engine == "flower-deploy" else resolve_precision(asked, job.device)
+        return {"precision": {"asked": asked, "ran": ran}}
 
     def privacy_record(self, ctx: StageContext, job: FedJob, rounds: dict[str, int], ledger: list[LedgerEntry], public_records: int) -> dict:
         p: FedtuneParams = self.params

@@ -245,6 +245,7 @@ def test_stage_on_synthetic_data_costs_nothing_and_writes_the_adapter(tmp_path: 
     refined = sum(len((tmp_path / f"run/stages/refine/clients/{c}/refined.jsonl").read_text().splitlines()) for c in ["client_0", "client_1"])
     assert all(r["num_examples"] == refined + 7 for r in rounds) and refined > 0
     assert json.loads((stage / "privacy.json").read_text())["public_data"]["records"] == 7
+    assert json.loads((stage / "training.json").read_text()) == {"precision": {"asked": "float32", "ran": "float32"}}
     ledger = json.loads((stage / "ledger.json").read_text())
     assert [(e["client_id"], e["mechanism"]["kind"], e["epsilon"]["reported"]) for e in ledger] == [("client_0", "post_processing", 0.0), ("client_1", "post_processing", 0.0)]
     assert main(["privacy-report", str(tmp_path / "run")]) == 0
@@ -631,3 +632,4 @@ def test_bfloat16_base_weights_train_a_float32_adapter_under_local_dp(tmp_path: 
     assert trained and all(t == {torch.float32} and f == {torch.bfloat16} for _, t, f in trained)  # DPSGD would refuse a bfloat16 adapter
     ledger = json.loads((tmp_path / "run/stages/fedtune/ledger.json").read_text())
     assert len(ledger) == 4 and all(e["mechanism"]["kind"] == "poisson_gaussian" for e in ledger)
+    assert json.loads((tmp_path / "run/stages/fedtune/training.json").read_text()) == {"precision": {"asked": "bfloat16", "ran": "bfloat16"}}
