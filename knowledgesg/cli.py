@@ -31,7 +31,7 @@ def options(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="also 
         quiet_dependencies()
 
 
-STATE_STYLES = {"done": "green", "cached": "cyan", "kept": "cyan", "received": "green", "ran": "green", "stale": "yellow", "pending": "dim", "failed": "red", "interrupted": "yellow"}
+STATE_STYLES = {"done": "green", "cached": "cyan", "kept": "cyan", "received": "green", "ran": "green", "stale": "yellow", "pending": "dim", "failed": "red", "running": "blue", "interrupted": "yellow"}
 
 
 def _seconds(value: float | None) -> str:

@@ -236,6 +236,20 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         yield
 
 
+def run_in_progress(run_dir: Path) -> bool:
+    """Whether a `ksg run` holds this run directory's lock now (a shared probe, let go at once)."""
+    lock = run_dir / ".lock"
+    if not lock.is_file():
+        return False
+    with open(lock) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
 def sweep_orphans(run_dir: Path) -> None:
     """Remove the temporary files and directories a killed run left anywhere in the run
     (SIGKILL allows no cleanup). Call under the lock: then no temporary is anyone's work."""

@@ -9,7 +9,7 @@ from knowledgesg.client_key import existing_client_key
 from knowledgesg.fileio import read_jsonl
 from knowledgesg.manifest import read_manifest
 from knowledgesg.roles import Role, check_role
-from knowledgesg.runner import EVENTS, Chain, HashCache, reusable_manifest, stage_fingerprint
+from knowledgesg.runner import EVENTS, Chain, HashCache, reusable_manifest, run_in_progress, stage_fingerprint
 from knowledgesg.spec import PipelineSpec
 from knowledgesg.stage import Stage
 
@@ -17,7 +17,7 @@ from knowledgesg.stage import Stage
 @dataclass
 class StageState:
     name: str
-    state: str  # done | cached | kept | received | stale | failed | interrupted | pending
+    state: str  # done | cached | kept | received | stale | failed | running | interrupted | pending
     duration_s: float | None
     records: int | None
     finished_at: str | None
@@ -40,6 +40,7 @@ def run_status(run_dir: Path, spec: PipelineSpec, base_dir: Path, stages: list[S
     hashes = HashCache(run_dir / ".input_hashes.json")
     key = existing_client_key(run_dir, spec)
     events = _last_events(run_dir)
+    live = run_in_progress(run_dir)  # a started stage is running, not interrupted, while a `ksg run` holds the lock
     states, chain, current = [], Chain(), True  # current: every stage so far is done (after one that is not, nothing can be)
     for stage in check_role(role, spec, stages, str(run_dir)):
         stage_dir = run_dir / "stages" / stage.name
@@ -81,6 +82,8 @@ def run_status(run_dir: Path, spec: PipelineSpec, base_dir: Path, stages: list[S
             detail = "spec, inputs or code changed since it ran" + ("; `ksg run` keeps its release if only code changed, else stops before a new one (remove its directory to make it)"
                                                                           if stage.releases() else "")
             states.append(StageState(stage.name, "stale", manifest.duration_s, manifest.record_count(), manifest.finished_at, detail, manifest.peak_rss_mib))
+        elif last.get("status") == "started" and live:
+            states.append(StageState(stage.name, "running", None, None, last.get("time"), "a `ksg run` is running it now"))
         elif last.get("status") == "started":
             states.append(StageState(stage.name, "interrupted", None, None, last.get("time"), "started but never finished; `ksg run` resumes it"))
         else:

@@ -11,7 +11,7 @@ import pytest
 from knowledgesg.cli import main
 from knowledgesg.errors import KsgError
 from knowledgesg.fileio import hmac_file, sha256_file
-from knowledgesg.runner import Runner, load_run_spec, run_lock, run_models
+from knowledgesg.runner import Runner, append_event, load_run_spec, run_lock, run_models
 from knowledgesg.status import run_status
 from pipelines import build_stages, load_pipeline
 from tests.conftest import stage_files, tiny_spec, write_spec
@@ -171,6 +171,17 @@ def test_status_shows_failed_stage(workdir: Path, monkeypatch):
         _run(spec, workdir / "run")
     states = _status(workdir / "run")
     assert [s.state for s in states] == ["cached", "cached", "failed"] and "the disk filled up" in states[2].detail
+
+
+def test_status_tells_a_running_stage_from_an_interrupted_one(two_stage: Path, workdir: Path):
+    run_dir = workdir / "run"
+    _run(two_stage, run_dir)
+    (run_dir / "stages/ingest/manifest.json").unlink()
+    append_event(run_dir, stage="ingest", status="started")  # as a run that is still at it, or was killed, leaves it
+    assert [s.state for s in _status(run_dir)] == ["done", "interrupted"]
+    with run_lock(run_dir):  # the lock a live `ksg run` holds
+        assert [s.state for s in _status(run_dir)] == ["done", "running"]
+    assert [s.state for s in _status(run_dir)] == ["done", "interrupted"]
 
 
 def test_status_of_a_non_run_directory(tmp_path: Path, capsys):
