@@ -433,7 +433,7 @@ def _mean(values: list[float]) -> float | None:
 
 
 def mia_sequences(tokenizer, records: list[InstructionRecord], max_length: int) -> list[list[int]]:
-    from knowledgesg.sft import tokenize_example
+    from knowledgesg.sft import tokenize_example  # imports torch and opacus: not when `ksg` starts
 
     return [tokenize_example(tokenizer, r, max_length, "all").input_ids for r in records]
 

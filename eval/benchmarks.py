@@ -27,9 +27,11 @@ from pathlib import Path
 
 from knowledgesg.builtin_data import VENDOR, load_builtin
 from knowledgesg.errors import InputError
+from knowledgesg.generation import Generator, SamplingParams, chat_prompt_ids
 from knowledgesg.loaders import READERS, SUFFIX_FORMATS, detect_format, load_source
 from knowledgesg.prompts import user_message
 from knowledgesg.records import InstructionRecord
+from knowledgesg.scoring import continuation_logprobs, encode_context, encode_continuation, pad_id
 from knowledgesg.spec import DataSource
 
 MAX_LABELS = 20
@@ -182,22 +184,15 @@ def has_chat_template(tokenizer) -> bool:
 
 
 def context_ids(tokenizer, prompt: str) -> list[int]:
-    from knowledgesg.generation import chat_prompt_ids
-    from knowledgesg.scoring import encode_context
-
     return chat_prompt_ids(tokenizer, prompt) if has_chat_template(tokenizer) else encode_context(tokenizer, f"{prompt}\nAnswer:")
 
 
 def choice_ids(tokenizer, choice: str) -> list[int]:
-    from knowledgesg.scoring import encode_continuation
-
     # the assistant turn starts a new line in a chat template; after "Answer:" a space leads
     return encode_continuation(tokenizer, choice if has_chat_template(tokenizer) else f" {choice}")
 
 
 def predict_logprob(model, tokenizer, items: list[Item], batch_size: int, device: str) -> list[int]:
-    from knowledgesg.scoring import continuation_logprobs, pad_id
-
     contexts, continuations, owners = [], [], []
     for n, item in enumerate(items):
         ids = context_ids(tokenizer, item.prompt)
@@ -216,8 +211,6 @@ def predict_logprob(model, tokenizer, items: list[Item], batch_size: int, device
 
 
 def predict_generation(model, tokenizer, items: list[Item], batch_size: int, device: str, max_new_tokens: int = 12) -> list[int | None]:
-    from knowledgesg.generation import Generator, SamplingParams
-
     generator = Generator(model, tokenizer, batch_size, device, stop_at_newline=not has_chat_template(tokenizer))
     completions = generator.generate([context_ids(tokenizer, item.prompt) for item in items], SamplingParams(do_sample=False, max_new_tokens=max_new_tokens), seed=0, progress="eval: generating")
     return [parse_choice(c.text, item.choices) for c, item in zip(completions, items)]

@@ -27,10 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from eval.audit import Target, completed, load_target, of_kinds, pair_text, private_texts, professional_target, synthetic_texts, targets_of
 from eval.benchmarks import TASKS, evaluate_model, is_task_file, load_task, task_name
+from eval.fidelity import fidelity_report
 from knowledgesg.console import console
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_json, write_json, write_text
 from knowledgesg.models import Precision, resolve_precision
+from knowledgesg.retrieval import embed, load_embedder
 from knowledgesg.runner import run_models
 from knowledgesg.spec import DataSource
 
@@ -183,9 +185,6 @@ def evaluate_private(run_dir: Path, options: EvalOptions, device: str, base_dir:
 
 def fidelity_run(run_dir: Path, seed: int, device: str, published: Published | None = None) -> dict[str, dict]:
     """Per client, on the client: synthetic against private texts (the figures stay there)."""
-    from eval.fidelity import fidelity_report
-    from knowledgesg.retrieval import embed, load_embedder
-
     clients = list(read_json(run_dir / "stages/ingest/partition.json")["clients"])
     if "embedder" not in read_json(run_dir / "stages/prepare_models/models.json"):
         return {c: {"skipped": "no models.embedder in the spec"} for c in clients}

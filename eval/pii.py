@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from knowledgesg.errors import InputError
+
 ENTITIES = ("PERSON", "LOCATION", "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN", "US_BANK_NUMBER", "US_PASSPORT", "US_DRIVER_LICENSE", "MEDICAL_LICENSE")
 MIN_LENGTH = 4  # shorter "PII" (initials, "May") replays by chance
 # presidio scores its phone pattern 0.4 without context words; 0.4 keeps phones and drops weaker guesses
@@ -24,8 +26,6 @@ def analyzer():
     import tldextract
     from presidio_analyzer import AnalyzerEngine
     from presidio_analyzer.nlp_engine import SpacyNlpEngine
-
-    from knowledgesg.errors import InputError
 
     offline = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
     tldextract.extract = offline  # presidio's EmailRecognizer calls tldextract.extract

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from knowledgesg.console import track
+
 
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -70,7 +72,7 @@ def run_prefix(model, prefix: list[int], device: str, room: int = 0):
     """The key-value cache of `prefix`, run once as a batch of one, with `room` spare token slots."""
     import torch
 
-    from knowledgesg.kv_cache import RoomyCache
+    from knowledgesg.kv_cache import RoomyCache  # imports transformers: not when `ksg` starts
 
     cache = RoomyCache(room)
     with torch.no_grad():
@@ -156,8 +158,6 @@ class Generator:
         leaves at its own budget."""
         import torch
 
-        from knowledgesg.console import track
-
         if budgets is not None and (len(budgets) != len(prompts) or not all(1 <= b <= params.max_new_tokens for b in budgets)):
             raise ValueError("one budget per prompt, each from 1 to max_new_tokens")
         budgets = budgets or [params.max_new_tokens] * len(prompts)
@@ -179,7 +179,7 @@ class Generator:
         end-of-turn token or their own budget)."""
         import torch
 
-        from knowledgesg.kv_cache import RoomyCache
+        from knowledgesg.kv_cache import RoomyCache  # imports transformers: not when `ksg` starts
 
         n = len(prompts)
         shared = shared_prefix_length(prompts)

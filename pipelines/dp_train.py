@@ -165,7 +165,7 @@ class DPTrain(Stage):
     def train_client(self, ctx: StageContext, plan: ClientPlan, base: dict) -> LedgerEntry:
         import torch
 
-        from knowledgesg.sft import make_optimizer, tokenize_example, unit_batch, unit_loss_on, unit_widths
+        from knowledgesg.sft import make_optimizer, tokenize_example, unit_batch, unit_loss_on, unit_widths  # imports torch and opacus: not when `ksg` starts
         from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches, poisson_batches
 
         p: DPTrainParams = self.params

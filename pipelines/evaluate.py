@@ -16,6 +16,7 @@ from eval.evaluate import EvalOptions, check_ready, check_task_files, evaluate_p
 from knowledgesg.console import console
 from knowledgesg.errors import InputError
 from knowledgesg.loaders import source_path
+from knowledgesg.models import resolve_device
 from knowledgesg.spec import PipelineSpec
 from knowledgesg.stage import Stage, StageContext
 from pipelines.ingest import client_ids
@@ -51,8 +52,6 @@ class Evaluate(Stage):
                 raise InputError(f"evaluate params.private_tasks: no client '{unknown[0]}' in the spec (clients: {', '.join(clients)})")
 
     def run(self, ctx: StageContext) -> None:
-        from knowledgesg.models import resolve_device
-
         options: EvalOptions = self.params
         check_ready(ctx.run_dir)
         device = resolve_device(ctx.spec.models.device)

@@ -42,6 +42,7 @@ from knowledgesg.errors import InputError, KsgError
 from knowledgesg.federated.client import LOCAL_LOG, LoraModel, frozen_a_digest, initial_params
 from knowledgesg.federated.deploy import deploy_settings_here, node_config, run_deployed
 from knowledgesg.federated.engines import FINAL, INITIAL, JOB, ROUNDS, run_local
+from knowledgesg.federated.flower import run_simulation
 from knowledgesg.federated.protocol import LocalDP, LocalTraining, LoraShape, UpdateEncoding, load_params, save_params
 from knowledgesg.federated.secagg import SecureAggregation, conflicts
 from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, participation
@@ -316,8 +317,6 @@ class Fedtune(Stage):
         if engine == "local":
             run_local(work / JOB)
         elif engine == "flower-sim":
-            from knowledgesg.federated.flower import run_simulation
-
             run_simulation(work / JOB, len(job.clients))
         else:
             privacy = ctx.spec.privacy

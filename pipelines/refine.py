@@ -34,11 +34,12 @@ from eval.benchmarks import choice_ids, context_ids
 from knowledgesg.console import console
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_jsonl
-from knowledgesg.generation import SamplingParams
+from knowledgesg.generation import Generator, SamplingParams
 from knowledgesg.loaders import load_example_pool, refuse_client_data, source_path
 from knowledgesg.models import Precision, resolve_device, resolve_precision
 from knowledgesg.prompts import user_message
 from knowledgesg.records import InstructionRecord
+from knowledgesg.scoring import choice_logprobs, choice_logprobs_of_ids, continuation_logprobs, encode_context, encode_continuation, normalized_choice_probs, pad_id
 from knowledgesg.spec import DataSource, PipelineSpec
 from knowledgesg.stage import Stage, StageContext
 from pipelines.tune_professional import tuned_professional_adapter
@@ -126,8 +127,6 @@ def balanced_shots(pool: list[InstructionRecord], labels: list[str] | None, coun
 
 def fluency_scores(model, tokenizer, texts: list[str], batch_size: int, device: str) -> list[float]:
     """Mean token log-probability of each text after "Text:" (higher: more fluent)."""
-    from knowledgesg.scoring import continuation_logprobs, encode_context, encode_continuation, pad_id
-
     context = encode_context(tokenizer, "Text:")
     scores = continuation_logprobs(model, [context] * len(texts), [encode_continuation(tokenizer, " " + t) for t in texts], pad_id(tokenizer), batch_size, device)
     return [float(s.mean()) for s in scores]
@@ -241,8 +240,6 @@ class Refine(Stage):
 
     def judge(self, client_id: str, model, tokenizer, device: str, texts: list[str], good: list[str]) -> tuple[list[float], list[float]]:
         """Each candidate's judge p(yes) and fluency (mean token log-probability)."""
-        from knowledgesg.scoring import choice_logprobs, normalized_choice_probs
-
         p: RefineParams = self.params
         judged = choice_logprobs(model, tokenizer, [judge_prompt(p.task, good, p.bad_examples, t) for t in texts], [" Yes", " No"], p.batch_size, device, f"refine {client_id}: judging")
         return normalized_choice_probs(judged)[:, 0].tolist(), fluency_scores(model, tokenizer, texts, p.batch_size, device)
@@ -251,9 +248,6 @@ class Refine(Stage):
                tuned: bool) -> list[dict]:
         """The professional model's response to each kept record: a label, or a written answer.
         A professional tuned by `tune_professional` labels in the format it learned, without shots."""
-        from knowledgesg.generation import Generator
-        from knowledgesg.scoring import choice_logprobs, choice_logprobs_of_ids, encode_context, normalized_choice_probs
-
         p: RefineParams = self.params
         if not records:
             return []

@@ -27,15 +27,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from knowledgesg.chunking import chunk_text
 from knowledgesg.console import console
 from knowledgesg.dedup import near_duplicates
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_jsonl
-from knowledgesg.generation import SamplingParams
+from knowledgesg.generation import Generator, SamplingParams, chat_prompt_ids
 from knowledgesg.loaders import load_example_pool, source_path
 from knowledgesg.models import Precision, ResolvedModel, cache_root, load_causal_lm, resolve_device, resolve_precision
 from knowledgesg.prompts import parse_label, user_message
 from knowledgesg.records import InstructionRecord, TextRecord
+from knowledgesg.retrieval import build_or_load_index, embed, index_meta, load_embedder
 from knowledgesg.spec import DataSource, PipelineSpec
 from knowledgesg.stage import Stage, StageContext
 
@@ -122,10 +124,6 @@ class Structure(Stage):
         load_example_pool(self.params.pool, base_dir, spec.seed, "structure params.pool", minimum=self.params.k)
 
     def run(self, ctx: StageContext) -> None:
-        from knowledgesg.chunking import chunk_text
-        from knowledgesg.generation import Generator, chat_prompt_ids
-        from knowledgesg.retrieval import build_or_load_index, embed, index_meta, load_embedder
-
         p: StructureParams = self.params
         models = ctx.models()  # with an embedder: preflight refused a spec without
         pool = load_example_pool(p.pool, ctx.base_dir, ctx.seed, "structure", minimum=p.k)

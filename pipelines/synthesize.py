@@ -30,7 +30,7 @@ from knowledgesg.console import console
 from knowledgesg.dedup import near_duplicates, normalized, words
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import json_text, read_jsonl, sha256_file, sha256_text, write_text
-from knowledgesg.generation import SamplingParams
+from knowledgesg.generation import Generator, SamplingParams, chat_prompt_ids
 from knowledgesg.models import Precision, resolve_device, resolve_precision
 from knowledgesg.prompts import Seed, parse_label, user_turn_prefix
 from knowledgesg.records import InstructionRecord
@@ -182,8 +182,6 @@ class Synthesize(Stage):
         return entry, [noisy[label] for label in p.labels]
 
     def synthesize_client(self, ctx: StageContext, client_id: str, adapter: LedgerEntry, base: dict, weights: list[float]) -> LedgerEntry:
-        from knowledgesg.generation import Generator
-
         p: SynthesizeParams = self.params
         device = resolve_device(ctx.spec.models.device)
         dtype = resolve_precision(p.precision, device)
@@ -209,8 +207,6 @@ class Synthesize(Stage):
     def two_passes(self, generator, seeds: list[Seed], input_seed: int, response_seed: int, progress: str | None = None) -> Passes:
         """Pass 1: the DP model writes a user turn after each public seed; pass 2: it answers each
         finished user turn."""
-        from knowledgesg.generation import chat_prompt_ids
-
         p: SynthesizeParams = self.params
         tokenizer = generator.tokenizer
         prefixes = [user_turn_prefix(tokenizer, seed) for seed in seeds]

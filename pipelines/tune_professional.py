@@ -87,7 +87,7 @@ class TuneProfessional(Stage):
     def run(self, ctx: StageContext) -> None:
         import torch
 
-        from knowledgesg.sft import batch_token_loss, collate
+        from knowledgesg.sft import batch_token_loss, collate  # imports torch and opacus: not when `ksg` starts
 
         p: TuneProfessionalParams = self.params
         records = self.public_records(ctx.base_dir, ctx.seed)

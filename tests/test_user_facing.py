@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -162,6 +163,17 @@ def test_ksg_alone_prints_its_help_and_no_error(capsys):
     main([])
     out, err = capsys.readouterr()
     assert "eval" in out and "audit" in out and "error" not in err
+
+
+def test_ksg_starts_without_torch():
+    """A finished run resumes in under a second because the CLI, the runner, the stage registry,
+    every stage module and the eval and privacy report modules import no torch, transformers,
+    peft or opacus: a stage loads them when it runs (a module-level import of one would cost seconds)."""
+    code = ("import importlib, pkgutil, sys; import knowledgesg.cli, knowledgesg.runner, knowledgesg.status, pipelines, eval.evaluate, eval.audit, eval.report, privacy.report; "
+            "[importlib.import_module('pipelines.' + m.name) for m in pkgutil.iter_modules(pipelines.__path__)]; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'opacus') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    assert loaded.stdout.strip() == "[]", loaded.stdout
 
 # -- ksg init and ksg check -----------------------------------------------------------------------
 

@@ -268,7 +268,7 @@ class ClientRuntime:
         """(the update, clipped if the task says so; mean loss; SCAFFOLD's control delta; DP-SGD steps)."""
         import torch
 
-        from knowledgesg.sft import tokenize_example
+        from knowledgesg.sft import tokenize_example  # imports torch and opacus: not when `ksg` starts
 
         lora = LoraModel.get(task.base_model, task.lora, task.device, task.training.precision)
         lora.set_params(params)
@@ -334,7 +334,7 @@ class ClientRuntime:
     def _fit_plain(self, task: ClientTask, lora: LoraModel, examples, x: Params, server_c: Params | None, client_c: Params | None) -> tuple[float, Params | None]:
         import torch
 
-        from knowledgesg.sft import collate, make_optimizer, sequence_losses
+        from knowledgesg.sft import collate, make_optimizer, sequence_losses  # imports torch and opacus: not when `ksg` starts
 
         t = task.training
         params = lora.trainable()
@@ -379,7 +379,7 @@ class ClientRuntime:
         return units
 
     def _fit_dp(self, task: ClientTask, lora: LoraModel, examples, records: list[InstructionRecord]) -> tuple[float | None, int]:
-        from knowledgesg.sft import make_optimizer, unit_batch, unit_loss_on, unit_widths
+        from knowledgesg.sft import make_optimizer, unit_batch, unit_loss_on, unit_widths  # imports torch and opacus: not when `ksg` starts
         from privacy.dp_sgd import DPSGD, DPSGDSettings, micro_batches, poisson_batches
 
         t, dp = task.training, task.local_dp

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.spec import DeploySettings
 
@@ -221,8 +222,6 @@ def node_config(client_id: str, run_dir: Path, ledger_dir: Path | None = None, c
 
 def submit(job_path: Path, flwr_home: Path, timeout_s: float) -> None:
     """`flwr run` the app bundle with this job; waits for the run to end, streaming its log."""
-    from knowledgesg.console import console
-
     app = job_path.parent / "flower_app"
     shutil.copytree(APP_DIR, app, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     command = [flower_bin("flwr"), "run", str(app), FEDERATION, "--run-config", f"job='{job_path.resolve()}'", "--stream"]

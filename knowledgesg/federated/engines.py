@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from knowledgesg.console import console
 from knowledgesg.federated.protocol import RoundRecord, load_params, save_params
 from knowledgesg.federated.server import FedJob, LocalTransport, Transport, run_federation
 from knowledgesg.fileio import read_json, write_json
@@ -19,8 +20,6 @@ JOB, INITIAL, FINAL, ROUNDS, CHECKPOINT = "job.json", "initial.npz", "final.npz"
 
 
 def print_round(record: RoundRecord) -> None:
-    from knowledgesg.console import console
-
     loss = f"{record.mean_loss:.4f}" if record.mean_loss is not None else "- (stays on the clients)"
     failed = f", failed: {'; '.join(f'{c} ({why})' for c, why in record.failed.items())}" if record.failed else ""
     examples = record.num_examples if record.num_examples is not None else "-"

@@ -28,10 +28,12 @@ import numpy as np
 
 from knowledgesg.console import console
 from knowledgesg.errors import KsgError
-from knowledgesg.fileio import named_crash_point, read_tree, sha256_bytes
 from knowledgesg.exchange import replace_part, write_files
+from knowledgesg.federated.client import ClientRuntime, NodeSettings
+from knowledgesg.federated.engines import run_job_file
 from knowledgesg.federated.protocol import DELIVER_PUBLISHED, RUN_STAGES, ClientTask, ClientUpdate, DeliveryJob, Params, StagesJob, failure_reason
 from knowledgesg.federated.secagg import SecAggPlan, SecureSum, secure_aggregation_mod, secure_sum
+from knowledgesg.fileio import named_crash_point, read_tree, sha256_bytes
 
 QUERY = "query"
 NODE_WAIT_S = 120.0
@@ -228,8 +230,6 @@ def make_client_app(run_stages: Callable[[dict], dict[str, bytes]] | None = None
     from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
-    from knowledgesg.federated.client import ClientRuntime, NodeSettings
-
     _quiet_flower()
     app = ClientApp()
     runtime = ClientRuntime()
@@ -303,8 +303,6 @@ def make_server_app(job_path: Path | None = None):
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        from knowledgesg.federated.engines import run_job_file
-
         path = Path(job_path or str(context.run_config["job"]))
         job = json.loads(path.read_text(encoding="utf-8"))
         if job.get("kind") == "stages":

@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from knowledgesg.fileio import atomic_open
 from knowledgesg.models import Precision
 from knowledgesg.spec import SafeId
 
@@ -221,8 +222,6 @@ class RoundRecord:
 
 
 def save_params(path: Path, params: Params) -> None:
-    from knowledgesg.fileio import atomic_open
-
     with atomic_open(path, "wb", encoding=None) as handle:
         np.savez(handle, **params)
 
