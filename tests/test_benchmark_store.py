@@ -249,3 +249,27 @@ def test_a_copy_without_refine_drops_the_copied_stages_and_the_label_priors_are_
         "Labels of the synthetic pairs after synthesize (negative / neutral / positive): 25% / 50% / 25% of 4.",
         "Predicted labels of final (negative / neutral / positive; the test items' truth in parentheses): FPB 0% / 75% / 25% (truth 25% / 50% / 25%).",
     ]
+
+
+def test_precision_auto_goes_to_the_runs_only_names_and_other_runs_keep_the_precision_they_were_stored_at(tmp_path, monkeypatch):
+    def precision(spec_: dict) -> tuple:
+        return finance_headline.stage_entry(spec_, "dp_train")["params"].get("precision"), finance_headline.stage_entry(spec_, "fedtune")["params"]["training"].get("precision")
+
+    args, specs, store = headline(tmp_path, monkeypatch, "--epsilons", "8", "--ablations", "unrefined_model_prior", "--only", "A8", "--precision", "auto")
+    assert precision(specs["A8"]) == ("auto", "auto")
+    assert precision(specs["A8-unrefined_model_prior"]) == precision(specs["B8"]) == (None, None)  # float32: the specs stored before the flag
+    store.save("A8", specs["A8"], 1.0, rows={})
+    # later, without --only: the run the store holds at auto is planned at auto, the rest at float32
+    args, specs, _ = headline(tmp_path, monkeypatch, "--epsilons", "8", "--ablations", "unrefined_model_prior")
+    assert precision(specs["A8"]) == ("auto", "auto") and precision(specs["B8"]) == (None, None)
+
+
+def test_an_ablation_copies_a_finished_ablation_with_the_same_synthetic_pairs_else_its_a(tmp_path, monkeypatch):
+    args, specs, _ = headline(tmp_path, monkeypatch, "--epsilons", "8", "--ablations", "unrefined_model_prior,unrefined_public300_model_prior,public")
+    assert finance_headline.copy_source(args, "A8-unrefined_public300_model_prior", specs["A8-unrefined_public300_model_prior"]) == "A8"
+    (tmp_path / "A8-public.done").write_text(finance_headline.spec_digest(specs["A8-public"]))  # finished, but uniform quotas: other pairs
+    assert finance_headline.copy_source(args, "A8-unrefined_public300_model_prior", specs["A8-unrefined_public300_model_prior"]) == "A8"
+    (tmp_path / "A8-unrefined_model_prior.done").write_text(finance_headline.spec_digest(specs["A8-unrefined_model_prior"]))
+    assert finance_headline.copy_source(args, "A8-unrefined_public300_model_prior", specs["A8-unrefined_public300_model_prior"]) == "A8-unrefined_model_prior"
+    public = finance_headline.stage_entry(specs["A8-unrefined_public300_model_prior"], "fedtune")["params"]["public"]
+    assert public == {"builtin": "fiqa_train", "sample": 300}
