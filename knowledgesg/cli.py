@@ -94,7 +94,7 @@ def run(
     for outcome in outcomes:
         style = STATE_STYLES.get(outcome.status, "")
         time_text = _seconds(outcome.duration_s) + (" (earlier)" if outcome.status in ("cached", "kept") else "")
-        table.add_row(outcome.name, f"[{style}]{outcome.status}[/]", time_text, str(outcome.records), _mib(outcome.peak_rss_mib))
+        table.add_row(outcome.name, f"[{style}]{outcome.status}[/]", time_text, "-" if outcome.records is None else str(outcome.records), _mib(outcome.peak_rss_mib))
     console.print(table)
     _print_privacy_summary(spec, base_dir, run_dir)
     console.print(f"run report: {_refresh_run_report(run_dir)}")
@@ -212,7 +212,7 @@ def status(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run di
         table.add_column(column)
     for state in run_status(run_dir, spec, base_dir, build_stages(spec, str(run_dir / SPEC_COPY)), load_run_role(run_dir)):
         style = STATE_STYLES.get(state.state, "")
-        table.add_row(state.name, f"[{style}]{state.state}[/]", _seconds(state.duration_s), "" if state.records is None else str(state.records), state.finished_at or "", state.detail)
+        table.add_row(state.name, f"[{style}]{state.state}[/]", _seconds(state.duration_s), "-" if state.records is None else str(state.records), state.finished_at or "", state.detail)
     console.print(table)
 
 

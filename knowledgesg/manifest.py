@@ -61,8 +61,10 @@ class Manifest(BaseModel):
     def outputs_digest(self) -> str:
         return sha256_text("".join(f"{path}={entry.sha256};" for path, entry in sorted(self.outputs.items())))
 
-    def record_count(self) -> int:
-        return sum(entry.records or 0 for entry in self.outputs.values())
+    def record_count(self) -> int | None:
+        """Records in the stage's record files; None where it wrote none (models, adapters, reports)."""
+        counts = [entry.records for entry in self.outputs.values() if entry.records is not None]
+        return sum(counts) if counts else None
 
 
 def read_manifest(stage_dir: Path) -> Manifest | None:

@@ -49,7 +49,7 @@ class StageOutcome:
     name: str
     status: str  # ran | cached | kept (a privacy release kept across a code upgrade) | received (from the clients) | failed
     duration_s: float
-    records: int
+    records: int | None  # None: the stage wrote no record files
     reason: str = ""
     peak_rss_mib: float | None = None
 

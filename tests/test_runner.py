@@ -147,6 +147,7 @@ def test_status_reports_each_state(two_stage: Path, workdir: Path, capsys):
     run_dir = workdir / "run"
     _run(two_stage, run_dir)
     assert [s.state for s in _status(run_dir)] == ["done", "done"]
+    assert [s.records for s in _status(run_dir)] == [None, 40]  # prepare_models writes no record files: no count, not 0
     _run(two_stage, run_dir)
     assert [s.state for s in _status(run_dir)] == ["cached", "cached"]
     (run_dir / "stages/ingest/partition.json").write_text("{}")
