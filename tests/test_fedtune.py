@@ -448,6 +448,27 @@ def test_on_a_data_owners_node_its_own_ledger_cap_and_noise_hold_not_the_servers
     assert NodeSettings.of({"run-dir": str(node_run), "spec": str(tmp_path / "node.yaml"), "cap-epsilon": 2.0, "ledger-dir": "elsewhere"}) == NodeSettings("elsewhere", 2.0, False, unit="record")
 
 
+def test_a_node_loads_the_base_model_from_its_own_cache_and_refuses_other_weights(tmp_path: Path):
+    """The server's task names the base model's path on the server's machine: a node loads a
+    packaged model from its own cache, and refuses weights other than the server's."""
+    from knowledgesg.errors import KsgError
+    from knowledgesg.federated.client import NodeSettings
+    from knowledgesg.federated.server import task_for
+
+    here = tiny_base()  # this machine's cache, which the node (model-cache unset) uses as well
+    on_server = dict(here, path="/srv/elsewhere/models/tiny-random-llama")
+    job = FedJob(seed=2, rounds=1, clients=["a"], clients_per_round=1, rule=RuleSettings(name="fedavg"), training=LocalTraining(steps=2, batch_size=4, max_length=48),
+                 lora=LoraShape(r=4), base_model=on_server, records={"a": records_for("a", 4)})
+    node = NodeSettings(str(tmp_path / "ledger"))
+    assert node.own_base_model(task_for(job, "a", 1)).base_model == here
+    other = job.model_copy(update={"base_model": dict(on_server, weights_sha256="0" * 64)})
+    with pytest.raises(KsgError, match="weights .* are not the server's"):
+        node.own_base_model(task_for(other, "a", 1))
+    hub = job.model_copy(update={"base_model": dict(here, name="owner/model", path="owner/model", weights_sha256=None)})
+    assert node.own_base_model(task_for(hub, "a", 1)).base_model["path"] == "owner/model"  # not a packaged name: as the server names it
+    assert NodeSettings.of({"run-dir": str(tmp_path), "model-cache": "/node/cache"}).model_cache == "/node/cache"
+
+
 def test_a_node_refuses_a_task_for_another_client_or_a_path_for_a_name(tmp_path: Path):
     """The ledger counts a client's releases under its name: a server that sent the node's client
     under another name ("A" for "a", one directory on a case-blind file system; "./a", the same

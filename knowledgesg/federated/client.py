@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from knowledgesg.aggregation import clip_update
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.federated.protocol import ClientTask, ClientUpdate, LocalDP, LoraShape, Params, encode_update
 from knowledgesg.fileio import read_json, read_jsonl, sha256_text
-from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_precision
+from knowledgesg.models import REGISTRY, TINY, Precision, ResolvedModel, load_causal_lm, resolve_model, resolve_precision
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import load_spec
 from privacy.accounting import Mechanism, default_delta, epsilons
@@ -158,6 +158,9 @@ class NodeSettings:
     # record-level units understate a user's cost, so a server could otherwise pass the cap
     delta: float | None = None
     unit: str | None = None
+    # the node's own model cache (node config `model-cache`, else its spec's models.cache_dir, else
+    # $KSG_CACHE_DIR or ~/.cache/knowledgesg): the server's task names a path on the server's machine
+    model_cache: str | None = None
 
     @classmethod
     def of(cls, node_config: dict) -> NodeSettings:
@@ -176,8 +179,9 @@ class NodeSettings:
         client = node_config.get("client-id")
         delta = node_config.get("delta", privacy.delta if privacy else None)
         unit = node_config.get("unit", privacy.unit if privacy else None)
+        cache = node_config.get("model-cache") or (spec.models.cache_dir if node_config.get("spec") else None)
         return cls(str(ledger), float(cap) if cap is not None else None, reproducible, str(client) if client is not None else None,
-                   float(delta) if delta is not None else None, str(unit) if unit is not None else None)
+                   float(delta) if delta is not None else None, str(unit) if unit is not None else None, str(cache) if cache is not None else None)
 
     def govern(self, task: ClientTask) -> ClientTask:
         """The task with the node's own settings; refused if the server asks for reproducible noise
@@ -194,6 +198,20 @@ class NodeSettings:
         caps = [c for c in (self.cap_epsilon, task.local_dp.cap_epsilon) if c is not None]
         local_dp = task.local_dp.model_copy(update={"ledger_dir": self.ledger_dir, "cap_epsilon": min(caps) if caps else None, "reproducible_noise": self.reproducible_noise})
         return task.model_copy(update={"local_dp": local_dp, "reproducible_coins": self.reproducible_noise and task.reproducible_coins})
+
+    def own_base_model(self, task: ClientTask) -> ClientTask:
+        """The task with the base model as this node has it: a packaged model from the node's own
+        model cache by its name (the server's path is a place on the server's machine), refused if
+        its weights are not the ones the server trains (updates of other weights would not average).
+        A local directory or a Hugging Face id is loaded as the server names it."""
+        server = task.base_model
+        if server["name"] not in REGISTRY and server["name"] != TINY:
+            return task
+        own = resolve_model(server["name"], Path(self.model_cache) if self.model_cache else None)
+        if server.get("weights_sha256") and own.weights_sha256 != server["weights_sha256"]:
+            raise KsgError(f"client '{task.client_id}': this node's {own.name} weights (sha256 {own.weights_sha256[:12]}) are not the server's "
+                           f"({server['weights_sha256'][:12]}): refused")
+        return task.model_copy(update={"base_model": asdict(own)})
 
     def check_delta(self, task: ClientTask, num_units: int, earlier: list[LedgerEntry]) -> None:
         """The plan's delta as this data owner allows it, before any training: at most the node's
@@ -225,7 +243,7 @@ class ClientRuntime:
         """`node`: the settings of the data owner's SuperNode this runs on (None: the client runs
         in the server's process, a simulation, and the task's settings are the spec's)."""
         if node is not None:
-            task = node.govern(task)
+            task = node.own_base_model(node.govern(task))
             if task.local_dp is not None:
                 node.check_delta(task, self._privacy_units(task, self._records_to_train(task)).count, self._ledger(task, node).entries())
         if task.local_dp is not None and task.join_probability is not None:
