@@ -124,7 +124,7 @@ class DPTrain(Stage):
         units = privacy_units(records, privacy.unit, p.max_records_per_user)
         n, name = units.count, UNIT_NAMES[units.kind]
         if n < 2 or p.batch_size >= n:
-            raise InputError(f"client '{client_id}': {n} {name}s is too few for dp_train with batch_size {p.batch_size} (need more {name}s than the batch)")
+            raise InputError(f"client '{client_id}': {n} {name}{'s' if n != 1 else ''}, too few for dp_train params.batch_size {p.batch_size} (it needs more {name}s than the batch)")
         delta = privacy.delta if privacy.delta is not None else default_delta(n)
         check_delta(delta, n, name, client_id)
         sample_rate = p.batch_size / n

@@ -276,7 +276,7 @@ class Fedtune(Stage):
         n = records[client_id]
         batch = self.params.training.batch_size
         if batch >= n:
-            raise InputError(f"client '{client_id}': {n} records is too few for DP-SGD local steps with batch_size {batch}")
+            raise InputError(f"client '{client_id}': {n} record{'s' if n != 1 else ''}, too few for DP-SGD local steps with fedtune params.training.batch_size {batch}")
         return batch / n
 
     def plan_mechanisms(self, clients: list[str], rounds: dict[str, int], records: dict[str, int], deltas: dict[str, float]) -> dict[str, list[Mechanism]]:
