@@ -113,7 +113,9 @@ def _field_value(path: Path, number: int, row: dict[str, Any], record_field: str
     prefix = "" if line_based else f"record {number}: "
     if column not in row:
         if required:
-            raise data_error(path, f"{prefix}missing" + (f" (mapped to record field '{record_field}')" if column != record_field else ""), field=column, **where)
+            hint = (f" (mapped to record field '{record_field}')" if column != record_field
+                    else f" (the record has {', '.join(map(str, row)) or 'no fields'}; map one with `fields: {{{record_field}: NAME}}` on the data source)")
+            raise data_error(path, f"{prefix}missing{hint}", field=column, **where)
         return None
     value = row[column]
     if value is None:

@@ -38,6 +38,8 @@ DATA_CASES = [
     ("json-not-list", {"path": "d.json"}, _bytes("d.json", b'{"instruction": "Q", "response": "A"}'), r"d\.json: expected a JSON list of objects, got dict"),
     ("json-record-missing-field", {"path": "d.json"}, _bytes("d.json", b'[{"instruction": "Q", "response": "A"}, {"instruction": "Q2"}]'), r"d\.json: field 'response': record 2: missing"),
     ("csv-missing-column", {"path": "d.csv", "fields": {"instruction": "question"}}, _bytes("d.csv", b"instruction,response\nQ,A\n"), r"d\.csv:2: field 'question': missing \(mapped to record field 'instruction'\)"),
+    ("csv-unmapped-columns", {"path": "d.csv"}, _bytes("d.csv", b"text,label\nhello,pos\n"),
+     r"d\.csv:2: field 'instruction': missing \(the record has text, label; map one with `fields: \{instruction: NAME\}` on the data source\)"),
     ("csv-extra-cells", {"path": "d.csv"}, _bytes("d.csv", b"instruction,response\nQ,A\nQ2,A2,surplus\n"), r"d\.csv:3: 2 columns in the header but more cells"),
     ("csv-byte-order-mark-then-bad-row", {"path": "d.csv"}, _bytes("d.csv", b"\xef\xbb\xbfinstruction,response\nQ,A\nQ2, \n"), r"d\.csv:3: field 'response': is empty"),
     ("corrupt-parquet", {"path": "d.parquet"}, _bytes("d.parquet", b"PAR1 this is not parquet"), r"d\.parquet: not a readable Parquet file"),
