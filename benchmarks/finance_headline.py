@@ -58,6 +58,7 @@ SEEDS = [
     {"instruction": "What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}.", "domain": "finance", "task": "sentiment"},
     {"instruction": "What is the sentiment of this tweet? Please choose an answer from {negative/neutral/positive}.", "domain": "finance", "task": "sentiment"},
 ]
+PRECISIONS = ("float32", "auto")  # training precisions a run's spec may name (float32: no key, as before the flag)
 MODELS = {"base": "smollm2-135m-instruct", "professional": "gemma-3-270m", "embedder": "minilm-l6-v2"}
 # one change each to the pipeline's arguments, and what it asks
 ABLATIONS = {
@@ -106,9 +107,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ablations", default="", help="comma-separated changes to the pipeline, each a copy of a finished A<eps> run with only that "
                                                        f"changed (its DP adapters reused, never redrawn): {', '.join(ABLATIONS)}")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--precision", default="float32", choices=["float32", "auto"],
-                        help="dp_train's and fedtune's base weights in the runs --only names (auto: bfloat16 where the CPU runs it natively, "
-                             "1.7x faster dp_train there: demo_precision.md); every other run keeps the precision it was stored with")
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
+                        help="with --only: dp_train's and fedtune's base weights in the runs it names that are not copies (auto: bfloat16 where the CPU runs "
+                             "it natively, 1.7x faster dp_train there: demo_precision.md); a copy runs at its A's, every other run at the precision it "
+                             "was started or stored at")
     parser.add_argument("--full-eval", action="store_true", help="score each finished run here on the whole test sets in both answer modes (`ksg eval --limit 0 "
                         "--modes logprob,generation`, no new training) and keep those rows beside the run's in the store; then the report")
     parser.add_argument("--only", default=None, help="comma-separated runs to do now (U, A8, B8, D8, C); default all")
@@ -126,7 +128,7 @@ def private_data(args) -> dict:
 def precision(args) -> dict:
     """The training precision's spec key: none for float32, so the specs (and digests) of the runs
     stored before the flag existed stay what they were."""
-    return {} if args.precision == "float32" else {"precision": args.precision}
+    return {} if args.precision in (None, "float32") else {"precision": args.precision}
 
 
 def dp_train(args) -> dict:
@@ -168,15 +170,28 @@ def eps_name(epsilon: float) -> str:
 
 
 def plan(args) -> dict[str, dict]:
-    """Every run's spec by name, in the order they run (the most telling first). A run --only names
-    takes --precision; any other the precision the store holds it at (float32 where it holds none)."""
-    by_precision = {p: plan_at(argparse.Namespace(**{**vars(args), "precision": p})) for p in ("float32", "auto")}
+    """Every run's spec by name, in the order they run (the most telling first), each at its own
+    training precision: a run --only names at --precision; else the precision of the run started
+    in the work directory, else of the one the store holds, else float32. A copy (B, an ablation)
+    runs on its A's directory, so it runs at A's precision; one the store holds keeps its own."""
+    by_precision = {p: plan_at(argparse.Namespace(**{**vars(args), "precision": p})) for p in PRECISIONS}
     only = set(args.only.split(",")) if args.only else set()
 
+    def started_here(name: str) -> str | None:
+        path = args.workdir / f"{name}.yaml"
+        started = yaml.safe_load(path.read_text()) if path.is_file() else None
+        return next((p for p in PRECISIONS if by_precision[p][name] == started), None)
+
+    def stored(name: str) -> str | None:
+        return next((p for p in PRECISIONS if STORE.entry(name, by_precision[p][name])), None)
+
     def precision_of(name: str) -> str:
-        if name in only:
+        source = copied_from(name)
+        if source is not None:
+            return (None if name in only else started_here(name) or stored(name)) or precision_of(source)
+        if name in only and args.precision:
             return args.precision
-        return "auto" if STORE.entry(name, by_precision["auto"][name]) else "float32"
+        return started_here(name) or stored(name) or "float32"
 
     return {name: by_precision[precision_of(name)][name] for name in by_precision["float32"]}
 
@@ -315,21 +330,30 @@ def stage_entry(spec_: dict, name: str) -> dict | str | None:
 
 def copy_source(args, name: str, spec_: dict) -> str:
     """The finished run here whose directory a copy starts from: its A, or a finished ablation of
-    that A with the same dp_train and synthesize (on the same DP adapters and seed synthesize
-    writes the same pairs; copying them saves that stage's 17 minutes, nothing else changes)."""
+    that A on the same DP adapters with the same dp_train and synthesize and more stages alike (on
+    the same adapters and seed synthesize writes the same pairs; copying them saves its 17 minutes,
+    nothing else changes). Ties go to A."""
     source = copied_from(name)
     specs = plan(args)
-    for other, other_spec in specs.items():
-        if (other.startswith(f"{source}-") and other != name and finished(args.workdir, other, other_spec)
-                and all(stage_entry(other_spec, stage) == stage_entry(spec_, stage) for stage in ("dp_train", "synthesize"))):
-            return other
-    return source
+
+    def alike(other: str) -> int:
+        return sum(stage_entry(specs[other], stage) == stage_entry(spec_, stage) for stage in stage_names(spec_))
+
+    adapters = ledger_release_ids(args.workdir / source)
+    candidates = [other for other in specs if other.startswith(f"{source}-") and other != name and finished(args.workdir, other, specs[other])
+                  and all(stage_entry(specs[other], stage) == stage_entry(spec_, stage) for stage in ("dp_train", "synthesize"))
+                  and ledger_release_ids(args.workdir / other) == adapters]
+    return max([source, *candidates], key=alike)  # max keeps the first of equals: A
+
+
+def stage_names(spec_: dict) -> list[str]:
+    return [stage if isinstance(stage, str) else stage["name"] for stage in spec_["stages"]]
 
 
 def drop_unused_stages(run_dir: Path, spec_: dict) -> None:
     """From a copied run directory, the stages its spec leaves out (an ablation without refine):
     their artifacts would read as this run's. A stage that holds a ledger is never removed."""
-    names = {stage if isinstance(stage, str) else stage["name"] for stage in spec_["stages"]}
+    names = set(stage_names(spec_))
     for stage_dir in sorted((run_dir / "stages").iterdir()):
         if stage_dir.name not in names and not (stage_dir / "ledger.json").exists():
             shutil.rmtree(stage_dir)
@@ -713,7 +737,7 @@ def report(args) -> None:
         # the store records the code each finished run imported; the checkout running this report may be newer
         entry = STORE.entry(name, specs[name])
         if entry:
-            trained_at = "; dp_train and fedtune at precision auto (bfloat16 base weights where native)" if '"precision"' in json.dumps(specs[name]) else ""
+            trained_at = "; trained at precision auto (bfloat16 base weights where native)" if '"precision"' in json.dumps(specs[name]) else ""
             lines.append(f"- {name}: {entry['seconds']:.0f} s, {entry['code']}, {entry['machine']}{trained_at}" + (f"; {entry['note']}" if entry.get("note") else ""))
         if (args.workdir / name).is_dir() and not finished(args.workdir, name, specs[name]):
             lines.append(f"- {name}: {'measured again here, ' if entry else ''}not finished yet")
@@ -730,6 +754,8 @@ def main() -> None:
     unknown = set(filter(None, args.ablations.split(","))) - set(ABLATIONS)
     if unknown:
         sys.exit(f"--ablations: unknown {', '.join(sorted(unknown))} (known: {', '.join(ABLATIONS)})")
+    if args.precision and not args.only:
+        sys.exit("--precision: give --only too (the runs to start at that precision; the others keep theirs)")
     args.workdir.mkdir(parents=True, exist_ok=True)
     times = json.loads((args.workdir / "times.json").read_text()) if (args.workdir / "times.json").is_file() else {}
     if args.early_eval:

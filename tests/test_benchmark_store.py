@@ -4,6 +4,7 @@ benchmarks build today (a changed default would otherwise make a committed row s
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
@@ -12,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import audit_power  # noqa: E402
@@ -251,25 +253,48 @@ def test_a_copy_without_refine_drops_the_copied_stages_and_the_label_priors_are_
     ]
 
 
-def test_precision_auto_goes_to_the_runs_only_names_and_other_runs_keep_the_precision_they_were_stored_at(tmp_path, monkeypatch):
+def test_precision_auto_goes_to_the_runs_only_names_and_their_copies_and_other_runs_keep_theirs(tmp_path, monkeypatch):
     def precision(spec_: dict) -> tuple:
         return finance_headline.stage_entry(spec_, "dp_train")["params"].get("precision"), finance_headline.stage_entry(spec_, "fedtune")["params"]["training"].get("precision")
 
     args, specs, store = headline(tmp_path, monkeypatch, "--epsilons", "8", "--ablations", "unrefined_model_prior", "--only", "A8", "--precision", "auto")
     assert precision(specs["A8"]) == ("auto", "auto")
-    assert precision(specs["A8-unrefined_model_prior"]) == precision(specs["B8"]) == (None, None)  # float32: the specs stored before the flag
+    assert precision(specs["A8-unrefined_model_prior"]) == precision(specs["B8"]) == ("auto", "auto")  # copies run on A8's directory
+    assert finance_headline.stage_entry(specs["D8"], "fedtune")["params"]["training"].get("precision") is None  # float32: no key, as stored before the flag
+    assert "precision" not in finance_headline.stage_entry(specs["C"], "dp_train")["params"]
+    stored_b8 = finance_headline.plan_at(argparse.Namespace(**{**vars(args), "precision": "float32"}))["B8"]
+    store.save("B8", stored_b8, 1.0, rows={})  # measured at float32 on an earlier A8
     store.save("A8", specs["A8"], 1.0, rows={})
-    # later, without --only: the run the store holds at auto is planned at auto, the rest at float32
+    # later, without --only: A8 as stored (auto), B8 as stored (float32), an ablation not run yet as its A
     args, specs, _ = headline(tmp_path, monkeypatch, "--epsilons", "8", "--ablations", "unrefined_model_prior")
-    assert precision(specs["A8"]) == ("auto", "auto") and precision(specs["B8"]) == (None, None)
+    assert precision(specs["A8"]) == ("auto", "auto") and specs["B8"] == stored_b8 and precision(specs["A8-unrefined_model_prior"]) == ("auto", "auto")
+    # a run started in the work directory (its spec written there) and not stored: planned as it started
+    (tmp_path / "D8.yaml").write_text(yaml.safe_dump(finance_headline.plan_at(argparse.Namespace(**{**vars(args), "precision": "auto"}))["D8"], sort_keys=False))
+    assert finance_headline.stage_entry(headline(tmp_path, monkeypatch, "--epsilons", "8")[1]["D8"], "fedtune")["params"]["training"]["precision"] == "auto"
 
 
-def test_an_ablation_copies_a_finished_ablation_with_the_same_synthetic_pairs_else_its_a(tmp_path, monkeypatch):
-    args, specs, _ = headline(tmp_path, monkeypatch, "--epsilons", "8", "--ablations", "unrefined_model_prior,unrefined_public300_model_prior,public")
+def test_an_ablation_copies_a_finished_ablation_with_the_same_synthetic_pairs_on_the_same_adapters_else_its_a(tmp_path, monkeypatch):
+    args, specs, _ = headline(tmp_path, monkeypatch, "--epsilons", "8", "--ablations", "unrefined_model_prior,unrefined_public300_model_prior,public,agreement")
+
+    def finish(name: str, releases: list[str]) -> None:
+        (tmp_path / f"{name}.done").write_text(finance_headline.spec_digest(specs[name]))
+        (tmp_path / name / "stages/dp_train").mkdir(parents=True, exist_ok=True)
+        (tmp_path / name / "stages/dp_train/ledger.json").write_text(json.dumps([{"release_id": r} for r in releases]))
+
+    finish("A8", ["r1", "r2"])
     assert finance_headline.copy_source(args, "A8-unrefined_public300_model_prior", specs["A8-unrefined_public300_model_prior"]) == "A8"
-    (tmp_path / "A8-public.done").write_text(finance_headline.spec_digest(specs["A8-public"]))  # finished, but uniform quotas: other pairs
+    finish("A8-public", ["r1", "r2"])  # finished, but uniform quotas: other pairs
     assert finance_headline.copy_source(args, "A8-unrefined_public300_model_prior", specs["A8-unrefined_public300_model_prior"]) == "A8"
-    (tmp_path / "A8-unrefined_model_prior.done").write_text(finance_headline.spec_digest(specs["A8-unrefined_model_prior"]))
+    assert finance_headline.copy_source(args, "A8-agreement", specs["A8-agreement"]) == "A8"  # A has its pairs and its professional: a tie goes to A
+    finish("A8-unrefined_model_prior", ["r0", "r2"])  # the same pairs' spec, on an earlier A8's adapters
+    assert finance_headline.copy_source(args, "A8-unrefined_public300_model_prior", specs["A8-unrefined_public300_model_prior"]) == "A8"
+    finish("A8-unrefined_model_prior", ["r1", "r2"])
     assert finance_headline.copy_source(args, "A8-unrefined_public300_model_prior", specs["A8-unrefined_public300_model_prior"]) == "A8-unrefined_model_prior"
     public = finance_headline.stage_entry(specs["A8-unrefined_public300_model_prior"], "fedtune")["params"]["public"]
     assert public == {"builtin": "fiqa_train", "sample": 300}
+
+
+def test_precision_without_only_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["finance_headline.py", "--workdir", str(tmp_path), "--precision", "auto"])
+    with pytest.raises(SystemExit, match="give --only too"):
+        finance_headline.main()
