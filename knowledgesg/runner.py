@@ -226,13 +226,20 @@ def append_event(run_dir: Path, **event: object) -> None:
         handle.write(canonical_json({"time": _now(), **event}) + "\n")
 
 
+LOCK_ATTEMPTS = 10  # 0.1 s apart
+
+
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     with open(run_dir / ".lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise KsgError(f"{run_dir}: another `ksg run` is using this run directory") from None
+        for attempt in range(LOCK_ATTEMPTS):
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == LOCK_ATTEMPTS - 1:
+                    raise KsgError(f"{run_dir}: another `ksg run` is using this run directory") from None
+                time.sleep(0.1)  # `ksg status` probes the lock for an instant: wait that out, not a run
         yield
 
 

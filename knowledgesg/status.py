@@ -25,13 +25,17 @@ class StageState:
     peak_rss_mib: float | None = None
 
 
-def _last_events(run_dir: Path) -> dict[str, dict]:
+def _last_events(run_dir: Path) -> tuple[dict[str, dict], str | None]:
+    """Each stage's last event, and the stage of the run's last event if that is a start (the one
+    a live `ksg run` is running: a stage a killed run left started before it is not)."""
     path = run_dir / EVENTS
     last: dict[str, dict] = {}
+    newest = None
     if path.is_file():
         for event in read_jsonl(path):
             last[event["stage"]] = event
-    return last
+            newest = event
+    return last, newest["stage"] if newest is not None and newest.get("status") == "started" else None
 
 
 def run_status(run_dir: Path, spec: PipelineSpec, base_dir: Path, stages: list[Stage], role: Role = Role()) -> list[StageState]:
@@ -39,8 +43,8 @@ def run_status(run_dir: Path, spec: PipelineSpec, base_dir: Path, stages: list[S
     `stages` built from it."""
     hashes = HashCache(run_dir / ".input_hashes.json")
     key = existing_client_key(run_dir, spec)
-    events = _last_events(run_dir)
-    live = run_in_progress(run_dir)  # a started stage is running, not interrupted, while a `ksg run` holds the lock
+    events, newest_start = _last_events(run_dir)
+    running = newest_start if run_in_progress(run_dir) else None  # the stage a live `ksg run` holds the lock for
     states, chain, current = [], Chain(), True  # current: every stage so far is done (after one that is not, nothing can be)
     for stage in check_role(role, spec, stages, str(run_dir)):
         stage_dir = run_dir / "stages" / stage.name
@@ -82,7 +86,7 @@ def run_status(run_dir: Path, spec: PipelineSpec, base_dir: Path, stages: list[S
             detail = "spec, inputs or code changed since it ran" + ("; `ksg run` keeps its release if only code changed, else stops before a new one (remove its directory to make it)"
                                                                           if stage.releases() else "")
             states.append(StageState(stage.name, "stale", manifest.duration_s, manifest.record_count(), manifest.finished_at, detail, manifest.peak_rss_mib))
-        elif last.get("status") == "started" and live:
+        elif last.get("status") == "started" and stage.name == running:
             states.append(StageState(stage.name, "running", None, None, last.get("time"), "a `ksg run` is running it now"))
         elif last.get("status") == "started":
             states.append(StageState(stage.name, "interrupted", None, None, last.get("time"), "started but never finished; `ksg run` resumes it"))

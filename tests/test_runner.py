@@ -182,6 +182,9 @@ def test_status_tells_a_running_stage_from_an_interrupted_one(two_stage: Path, w
     assert [s.state for s in _status(run_dir)] == ["done", "interrupted"]
     with run_lock(run_dir):  # the lock a live `ksg run` holds
         assert [s.state for s in _status(run_dir)] == ["done", "running"]
+        # a live run at another stage: the start a killed run left behind stays interrupted
+        append_event(run_dir, stage="prepare_models", status="started")
+        assert [s.state for s in _status(run_dir)] == ["done", "interrupted"]
     assert [s.state for s in _status(run_dir)] == ["done", "interrupted"]
 
 
@@ -196,6 +199,20 @@ def test_second_runner_on_same_dir_is_refused(two_stage: Path, workdir: Path):
     with run_lock(run_dir):
         with pytest.raises(KsgError, match="another `ksg run` is using this run directory"):
             _run(two_stage, run_dir)
+
+
+def test_a_run_starting_while_status_probes_the_lock_waits_for_it(workdir: Path):
+    import fcntl
+    import threading
+
+    run_dir = workdir / "run"
+    run_dir.mkdir()
+    (run_dir / ".lock").touch()
+    with open(run_dir / ".lock") as probe:
+        fcntl.flock(probe, fcntl.LOCK_SH)  # `ksg status` holds it for an instant
+        threading.Timer(0.3, fcntl.flock, (probe, fcntl.LOCK_UN)).start()
+        with run_lock(run_dir):  # refused at once without the wait
+            pass
 
 
 def test_explicit_members_and_natural_partition(workdir: Path):
