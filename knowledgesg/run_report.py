@@ -46,7 +46,7 @@ def render(run_dir: Path, spec_name: str, states: list[StageState], privacy: lis
     esc = html.escape
     stage_rows = "".join(
         f"<tr><td>{esc(s.name)}</td><td>{esc(s.state)}</td><td>{'' if s.duration_s is None else f'{s.duration_s:.1f} s'}</td>"
-        f"<td>{'' if s.records is None else s.records}</td><td>{_mib(s.peak_rss_mib)}</td><td>{esc(s.finished_at or '')}</td><td>{esc(s.detail)}</td></tr>"
+        f"<td>{'-' if s.records is None else s.records}</td><td>{_mib(s.peak_rss_mib)}</td><td>{esc(s.finished_at or '')}</td><td>{esc(s.detail)}</td></tr>"
         for s in states)
     privacy_rows = "".join(
         f"<tr><td>{esc(client)}</td><td>{'NOT PRIVATE' if math.isinf(total) else f'{total:.3f}'}</td><td>{delta:.1e}</td><td>{releases}</td></tr>"

@@ -48,7 +48,7 @@ from knowledgesg.federated.secagg import SecureAggregation, conflicts
 from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, participation
 from knowledgesg.fileio import read_json, read_jsonl, write_dir, write_json
 from knowledgesg.loaders import load_labelled_pool, refuse_client_data, source_name_of, source_path
-from knowledgesg.models import resolve_device, resolve_precision
+from knowledgesg.models import cache_root, resolve_device, resolve_precision
 from knowledgesg.spec import DataSource, DeploySettings, PipelineSpec, format_validation_error
 from knowledgesg.stage import Stage, StageContext
 from pipelines.ingest import client_ids, client_records, training_records
@@ -321,7 +321,8 @@ class Fedtune(Stage):
         else:
             privacy = ctx.spec.privacy
             run_deployed(work / JOB, job.clients, self.params.deploy,
-                         lambda client: node_config(client, ctx.run_dir, ctx.ledger_dir, privacy.cap_epsilon, privacy.reproducible_noise, privacy.delta, privacy.unit),
+                         lambda client: node_config(client, ctx.run_dir, ctx.ledger_dir, privacy.cap_epsilon, privacy.reproducible_noise, privacy.delta, privacy.unit,
+                                                    cache_root(ctx.spec.models.cache_dir)),
                          ctx.base_dir, "fedtune params.deploy")
         if not (work / FINAL).is_file():
             raise KsgError(f"fedtune: the {engine} engine finished without a final adapter (see its log above)")
@@ -384,7 +385,7 @@ class Fedtune(Stage):
         flower-deploy node resolves it on its own machine, which the server is not told (it would
         say what that machine's CPU runs natively, nothing the training needs)."""
         asked = job.training.precision
-        ran = "resolved by each node on its own machine" if self.params.engine == "flower-deploy" else resolve_precision(asked, job.device)
+        ran = "resolved by each node on its own machine" if self.params.engine == "flower-deploy" and asked == "auto" else resolve_precision(asked, job.device)
         return {"precision": {"asked": asked, "ran": ran}}
 
     def privacy_record(self, ctx: StageContext, job: FedJob, rounds: dict[str, int], ledger: list[LedgerEntry], public_records: int) -> dict:

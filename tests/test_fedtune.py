@@ -461,9 +461,10 @@ def test_a_node_loads_the_base_model_from_its_own_cache_and_refuses_other_weight
                  lora=LoraShape(r=4), base_model=on_server, records={"a": records_for("a", 4)})
     node = NodeSettings(str(tmp_path / "ledger"))
     assert node.own_base_model(task_for(job, "a", 1)).base_model == here
-    other = job.model_copy(update={"base_model": dict(on_server, weights_sha256="0" * 64)})
-    with pytest.raises(KsgError, match="weights .* are not the server's"):
-        node.own_base_model(task_for(other, "a", 1))
+    for digest in ("0" * 64, None):  # other weights, or none named
+        other = job.model_copy(update={"base_model": dict(on_server, weights_sha256=digest)})
+        with pytest.raises(KsgError, match="weights .* are not the server's"):
+            node.own_base_model(task_for(other, "a", 1))
     hub = job.model_copy(update={"base_model": dict(here, name="owner/model", path="owner/model", weights_sha256=None)})
     assert node.own_base_model(task_for(hub, "a", 1)).base_model["path"] == "owner/model"  # not a packaged name: as the server names it
     assert NodeSettings.of({"run-dir": str(tmp_path), "model-cache": "/node/cache"}).model_cache == "/node/cache"
@@ -541,8 +542,8 @@ def test_a_node_refuses_a_plan_at_a_larger_delta_or_a_weaker_unit_than_its_own(t
 
     from knowledgesg.federated.deploy import node_config
 
-    config = parse_config_args([node_config("a", node_run, owner, 3.0, False, 1e-6, "user")])
-    assert NodeSettings.of(config) == NodeSettings(str(owner.resolve()), 3.0, False, "a", 1e-6, "user")
+    config = parse_config_args([node_config("a", node_run, owner, 3.0, False, 1e-6, "user", tmp_path / "models")])
+    assert NodeSettings.of(config) == NodeSettings(str(owner.resolve()), 3.0, False, "a", 1e-6, "user", str((tmp_path / "models").resolve()))
 
 
 def test_a_run_whose_releases_would_pass_the_cap_is_refused_before_anything_is_written(tmp_path: Path, capsys):

@@ -208,9 +208,9 @@ class NodeSettings:
         if server["name"] not in REGISTRY and server["name"] != TINY:
             return task
         own = resolve_model(server["name"], Path(self.model_cache) if self.model_cache else None)
-        if server.get("weights_sha256") and own.weights_sha256 != server["weights_sha256"]:
+        if own.weights_sha256 != server.get("weights_sha256"):  # the server's own copy of a packaged model always has its digest
             raise KsgError(f"client '{task.client_id}': this node's {own.name} weights (sha256 {own.weights_sha256[:12]}) are not the server's "
-                           f"({server['weights_sha256'][:12]}): refused")
+                           f"({(server.get('weights_sha256') or 'none given')[:12]}): refused")
         return task.model_copy(update={"base_model": asdict(own)})
 
     def check_delta(self, task: ClientTask, num_units: int, earlier: list[LedgerEntry]) -> None:

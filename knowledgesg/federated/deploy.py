@@ -203,7 +203,7 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
 
 
 def node_config(client_id: str, run_dir: Path, ledger_dir: Path | None = None, cap_epsilon: float | None = None, reproducible_noise: bool = False,
-                delta: float | None = None, unit: str | None = None) -> str:
+                delta: float | None = None, unit: str | None = None, model_cache: Path | None = None) -> str:
     """A SuperNode's config (`--node-config`). The privacy settings are the node's own: with
     `launch: local` (a trial on one machine, where the spec's author runs every node) the spec's."""
     parts = [f"client-id='{client_id}'", f"run-dir='{run_dir.resolve()}'"]
@@ -217,6 +217,8 @@ def node_config(client_id: str, run_dir: Path, ledger_dir: Path | None = None, c
         parts.append(f"delta={float(delta)!r}")
     if unit is not None:
         parts.append(f"unit='{unit}'")
+    if model_cache is not None:
+        parts.append(f"model-cache='{model_cache.resolve()}'")
     return " ".join(parts)
 
 
