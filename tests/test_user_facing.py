@@ -165,15 +165,20 @@ def test_ksg_alone_prints_its_help_and_no_error(capsys):
     assert "eval" in out and "audit" in out and "error" not in err
 
 
-def test_ksg_starts_without_torch():
-    """A finished run resumes in under a second because the CLI, the runner, the stage registry,
-    every stage module and the eval and privacy report modules import no torch, transformers,
-    peft or opacus: a stage loads them when it runs (a module-level import of one would cost seconds)."""
-    code = ("import importlib, pkgutil, sys; import knowledgesg.cli, knowledgesg.runner, knowledgesg.status, pipelines, eval.evaluate, eval.audit, eval.report, privacy.report; "
+def test_ksg_resumes_a_finished_run_without_torch(workdir: Path):
+    """A finished run resumes in under a second because `ksg run` of a cached run, `ksg status`,
+    the stage registry, every stage module and the eval and privacy report modules import no
+    torch, transformers, peft or opacus: a stage loads them when it runs (each costs seconds)."""
+    spec = write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest"]))
+    assert main(["run", str(spec), "--run-dir", str(workdir / "run")]) == 0
+    code = ("import importlib, pkgutil, sys; from knowledgesg.cli import main; "
+            f"assert main(['run', {str(spec)!r}, '--run-dir', {str(workdir / 'run')!r}]) == 0; assert main(['status', {str(workdir / 'run')!r}]) == 0; "
+            "import pipelines, eval.evaluate, eval.audit, eval.report, privacy.report; "
             "[importlib.import_module('pipelines.' + m.name) for m in pkgutil.iter_modules(pipelines.__path__)]; "
             "print(sorted(m for m in ('torch', 'transformers', 'peft', 'opacus') if m in sys.modules))")
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
-    assert loaded.stdout.strip() == "[]", loaded.stdout
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.strip().splitlines()[-1] == "[]", loaded.stdout
 
 # -- ksg init and ksg check -----------------------------------------------------------------------
 
