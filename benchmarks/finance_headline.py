@@ -51,6 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, RunStore, code_version, command, machine, spec_digest, write_result  # noqa: E402
 from _comparison import client_epsilon, count_lines, ksg  # noqa: E402
 
+from knowledgesg.runner import run_in_progress  # noqa: E402
+
 LABELS = ["negative", "neutral", "positive"]
 TASKS = ["fpb", "fiqa", "tfns"]
 BANKS = ["bank_a", "bank_b", "bank_c"]
@@ -230,6 +232,17 @@ def finished(workdir: Path, name: str, spec_: dict | None = None) -> bool:
     return marker.is_file() and (spec_ is None or marker.read_text() == spec_digest(spec_))
 
 
+def released(workdir: Path, name: str, spec_: dict) -> bool:
+    """Whether a pipeline run's DP adapters are made here, so a copy may start from its directory:
+    the run finished, or it was started with this spec and its dp_train finished (manifest and
+    ledger written); and no `ksg run` is in its directory now (a copy would catch a stage half-written).
+    So an ablation need not wait for the rest of A (synthesize, refine, fedtune, evaluate)."""
+    run_dir, started = workdir / name, workdir / f"{name}.yaml"
+    made = finished(workdir, name, spec_) or (started.is_file() and yaml.safe_load(started.read_text()) == spec_
+                                              and all((run_dir / "stages/dp_train" / f).is_file() for f in ("manifest.json", "ledger.json")))
+    return made and not run_in_progress(run_dir)
+
+
 def copied_from(name: str) -> str | None:
     """The run whose directory this one starts from: A<eps> for B<eps> and for A<eps>-<ablation>."""
     if name.startswith("B"):
@@ -295,11 +308,11 @@ def run(args, name: str, spec_: dict, times: dict) -> None:
     run_dir = workdir / name
     source = copied_from(name)
     if source and not (run_dir / "stages").is_dir():
-        # A's stages are reused where this run leaves them alike: a copy of a finished A only (an
-        # unfinished one would make this run draw its own DP adapters, a second release of the banks' data)
-        if not finished(workdir, source, plan(args)[source]):
-            print(f"run {name} waits for {source}" + (f" (its results are in {STORE.path.name}, but its directory is not in {workdir}: run it here with --only {source})"
-                                                      if source in STORE.runs() else ""), flush=True)
+        # A's stages are reused where this run leaves them alike: a copy of an A whose DP adapters
+        # are made (without them this run would draw its own, a second release of the banks' data)
+        if not released(workdir, source, plan(args)[source]):
+            print(f"run {name} waits for {source}'s DP adapters" + (f" (its results are in {STORE.path.name}, but its directory is not in {workdir}: run it here with --only {source})"
+                                                                    if source in STORE.runs() else ""), flush=True)
             return
         shutil.copytree(workdir / copy_source(args, name, spec_), run_dir)
         drop_unused_stages(run_dir, spec_)

@@ -298,3 +298,21 @@ def test_precision_without_only_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["finance_headline.py", "--workdir", str(tmp_path), "--precision", "auto"])
     with pytest.raises(SystemExit, match="give --only too"):
         finance_headline.main()
+
+
+def test_a_copy_may_start_once_its_a_has_made_its_dp_adapters_and_no_run_is_in_its_directory(tmp_path, monkeypatch):
+    from knowledgesg.runner import run_lock
+
+    args, specs, _ = headline(tmp_path, monkeypatch, "--epsilons", "8", "--ablations", "unrefined_model_prior")
+    assert not finance_headline.released(tmp_path, "A8", specs["A8"])  # not started
+    (tmp_path / "A8.yaml").write_text(yaml.safe_dump(specs["A8"], sort_keys=False))
+    stage = tmp_path / "A8/stages/dp_train"
+    stage.mkdir(parents=True)
+    (stage / "manifest.json").write_text("{}")
+    assert not finance_headline.released(tmp_path, "A8", specs["A8"])  # no ledger: the release is not recorded
+    (stage / "ledger.json").write_text("[]")
+    assert finance_headline.released(tmp_path, "A8", specs["A8"])
+    with run_lock(tmp_path / "A8"):  # its `ksg run` goes on in the directory
+        assert not finance_headline.released(tmp_path, "A8", specs["A8"])
+    other = finance_headline.plan_at(argparse.Namespace(**{**vars(args), "precision": "auto"}))["A8"]
+    assert not finance_headline.released(tmp_path, "A8", other)  # started with another spec
