@@ -51,6 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, RunStore, code_version, command, machine, spec_digest, write_result  # noqa: E402
 from _comparison import client_epsilon, count_lines, ksg  # noqa: E402
 
+from eval.benchmarks import load_task, score as score_items  # noqa: E402
+from eval.evaluate import EvalOptions  # noqa: E402
 from knowledgesg.runner import run_in_progress  # noqa: E402
 
 LABELS = ["negative", "neutral", "positive"]
@@ -578,6 +580,22 @@ def table(args, e: str, specs: dict[str, dict]) -> tuple[list[str], dict[str, fl
     return lines, {k: v.mean for k, v in found.items()}
 
 
+def constant_answer_line(args) -> str:
+    """What one label given to every item scores on the same seeded test items evaluate draws: the
+    floor of a model that learned a label prior and nothing else. "neutral" is most of FPB's and
+    TFNS's items, so the mean of accuracies rewards it: each row's macro-F1 belongs beside its mean."""
+    items = {task: load_task(task, args.limit, EvalOptions.model_fields["seed"].default) for task in TASKS}
+    parts = []
+    for label in LABELS:
+        scores = {task: score_items(task_items, [item.choices.index(label) for item in task_items]) for task, task_items in items.items()}
+        mean, f1 = (sum(getattr(s, field) for s in scores.values()) / len(scores) for field in ("accuracy", "macro_f1"))
+        parts.append(f"{label} {mean:.3f} (" + ", ".join(f"{TASK_NAMES[t]} {s.accuracy:.3f}" for t, s in scores.items()) + f"; macro-F1 {f1:.3f})")
+    return "One answer to every test item, no model: " + "; ".join(parts) + "."
+
+
+TASK_NAMES = {"fpb": "FPB", "fiqa": "FiQA", "tfns": "TFNS"}
+
+
 def gap_line(means: dict[str, float]) -> str:
     alternatives = {k: means[k] for k in ("2", "3", "4a", "4b") if k in means}
     if "6" not in means or "7" not in means or len(alternatives) < 4:
@@ -739,7 +757,7 @@ def report(args) -> None:
              "DP-FedAvg runs as many local DP-SGD steps per bank as dp_train gives the smallest bank.", ""]
     for e in [eps_name(float(x)) for x in args.epsilons.split(",")]:
         rows, means = table(args, e, specs)
-        lines += [f"## epsilon {e} per bank (delta 1e-5 or 1/(100 N))", "", *rows, "", gap_line(means), "", *run_details(args, e, specs), ""]
+        lines += [f"## epsilon {e} per bank (delta 1e-5 or 1/(100 N))", "", *rows, "", gap_line(means), "", constant_answer_line(args), "", *run_details(args, e, specs), ""]
         lines += ablation_table(args, e, specs)
         lines += full_table(args, e, specs)
     curve = RESULTS / "finance_headline_curve.png"

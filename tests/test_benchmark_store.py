@@ -316,3 +316,12 @@ def test_a_copy_may_start_once_its_a_has_made_its_dp_adapters_and_no_run_is_in_i
         assert not finance_headline.released(tmp_path, "A8", specs["A8"])
     other = finance_headline.plan_at(argparse.Namespace(**{**vars(args), "precision": "auto"}))["A8"]
     assert not finance_headline.released(tmp_path, "A8", other)  # started with another spec
+
+
+def test_the_constant_answer_floor_is_each_labels_share_of_the_seeded_test_items(tmp_path, monkeypatch):
+    args, _, _ = headline(tmp_path, monkeypatch, "--limit", "50")
+    line = finance_headline.constant_answer_line(args)
+    items = finance_headline.load_task("fpb", 50, 0)
+    neutral = sum(item.choices[item.answer] == "neutral" for item in items) / len(items)
+    assert f"neutral {sum(sum(i.choices[i.answer] == 'neutral' for i in finance_headline.load_task(t, 50, 0)) / 50 for t in finance_headline.TASKS) / 3:.3f} (FPB {neutral:.3f}," in line
+    assert line.count("macro-F1") == 3
