@@ -278,6 +278,8 @@ def on_earlier_adapters(args, name: str, specs: dict[str, dict]) -> bool:
     if source is None or name not in specs or source not in specs or not run_rows(args, name, specs):
         return False
     mine, theirs = dp_releases(args, name, specs[name]), dp_releases(args, source, specs[source])
+    if theirs is None and not finished(args.workdir, source, specs[source]):  # A measured again at another precision: its stored rows are shown
+        theirs = (stored_at_another_precision(args, source)[1] or {}).get("dp_releases")
     if mine is not None and theirs is not None:
         return mine != theirs
     copy, original = STORE.entry(name, specs[name]), STORE.entry(source, specs[source])
@@ -287,8 +289,16 @@ def on_earlier_adapters(args, name: str, specs: dict[str, dict]) -> bool:
 
 
 def stale_mark(args, name: str, specs: dict[str, dict]) -> str:
-    """What a row's label says when its run is on earlier DP adapters than its source's."""
-    return f" (on the DP adapters of an earlier {copied_from(name)}: not measured again since)" if on_earlier_adapters(args, name, specs) else ""
+    """What a row's label says when its run is on other DP adapters than its source's rows shown:
+    an earlier A's, or the A being measured again here (whose own rows are its last measurement's
+    until it finishes)."""
+    if not on_earlier_adapters(args, name, specs):
+        return ""
+    source = copied_from(name)
+    measuring = ledger_release_ids(args.workdir / source) if not finished(args.workdir, source, specs[source]) else None
+    if measuring is not None and dp_releases(args, name, specs[name]) == measuring:
+        return f" (on the DP adapters of the {source} being measured again here, not those of its rows shown)"
+    return f" (on the DP adapters of an earlier {source}: not measured again since)"
 
 
 def backfill_dp_release_ids(args, specs: dict[str, dict]) -> None:
@@ -544,10 +554,22 @@ def run_rows(args, name: str, specs: dict[str, dict]) -> dict[str, RowScore]:
     measurement until the new one finishes: rows of two measurements are never mixed."""
     if name not in specs:
         return {}
-    entry = STORE.entry(name, specs[name])
+    entry = STORE.entry(name, specs[name]) or stored_at_another_precision(args, name)[1]
     if finished(args.workdir, name, specs[name]) or entry is None:
         return rows_of(name, results(args, name, specs[name]))
     return {k: RowScore(**v) for k, v in entry["rows"].items()}
+
+
+def stored_at_another_precision(args, name: str) -> tuple[str | None, dict | None]:
+    """(the training precision, the store's entry) of a run that is being measured again here at
+    another precision (its spec differs by that key only): the last whole measurement, shown until
+    the new one finishes. (None, None) where the store holds none."""
+    for precision in PRECISIONS:
+        spec_ = plan_at(argparse.Namespace(**{**vars(args), "precision": precision})).get(name)
+        entry = STORE.entry(name, spec_) if spec_ is not None else None
+        if entry is not None:
+            return precision, entry
+    return None, None
 
 
 ROW_LABELS = {
@@ -770,8 +792,12 @@ def report(args) -> None:
         if entry:
             trained_at = "; trained at precision auto (bfloat16 base weights where native)" if '"precision"' in json.dumps(specs[name]) else ""
             lines.append(f"- {name}: {entry['seconds']:.0f} s, {entry['code']}, {entry['machine']}{trained_at}" + (f"; {entry['note']}" if entry.get("note") else ""))
+        precision, earlier = (None, None) if entry else stored_at_another_precision(args, name)
+        if earlier:
+            lines.append(f"- {name}: {earlier['seconds']:.0f} s, {earlier['code']}, {earlier['machine']}; trained at precision {precision}, "
+                         "its rows shown until its measurement at another precision finishes")
         if (args.workdir / name).is_dir() and not finished(args.workdir, name, specs[name]):
-            lines.append(f"- {name}: {'measured again here, ' if entry else ''}not finished yet")
+            lines.append(f"- {name}: {'measured again here, ' if entry or earlier else ''}not finished yet")
     lines.append("(A run resumed over several invocations adds their times; other jobs may have shared the 2 cores.)")
     repeats = [f"- {name}, measured before with {entry['code']}: " + "; ".join(f"row {k} {RowScore(**v).mean:.3f} +- {RowScore(**v).se:.3f}" for k, v in entry["rows"].items())
                for name, now in STORE.runs().items() for entry in now.get("earlier", [])]
