@@ -325,3 +325,20 @@ def test_the_constant_answer_floor_is_each_labels_share_of_the_seeded_test_items
     neutral = sum(item.choices[item.answer] == "neutral" for item in items) / len(items)
     assert f"neutral {sum(sum(i.choices[i.answer] == 'neutral' for i in finance_headline.load_task(t, 50, 0)) / 50 for t in finance_headline.TASKS) / 3:.3f} (FPB {neutral:.3f}," in line
     assert line.count("macro-F1") == 3
+
+
+def test_a_run_measured_again_at_another_precision_shows_its_stored_rows_and_marks_the_copies_on_its_new_adapters(tmp_path, monkeypatch):
+    args, specs, store = headline(tmp_path, monkeypatch, "--epsilons", "8", "--ablations", "public")
+    scores = {t: {"logprob": {"accuracy": 0.4, "macro_f1": 0.3, "n": 400}} for t in finance_headline.TASKS}
+    stored = {k: asdict(v) for k, v in finance_headline.rows_of("A8", {"professional": {"tasks": scores}}).items()}
+    store.save("A8", specs["A8"], 1.0, rows=stored, dp_releases=["old"])  # float32, before the flag
+    args, specs, _ = headline(tmp_path, monkeypatch, "--epsilons", "8", "--ablations", "public", "--only", "A8", "--precision", "auto")
+    (tmp_path / "A8/stages/dp_train").mkdir(parents=True)
+    (tmp_path / "A8/stages/dp_train/ledger.json").write_text(json.dumps([{"release_id": "new"}]))
+    assert finance_headline.run_rows(args, "A8", specs)["3"].mean == pytest.approx(0.4)  # the stored measurement until the new one finishes
+    (tmp_path / "A8-public.done").write_text(spec_digest(specs["A8-public"]))
+    (tmp_path / "A8-public/stages/evaluate").mkdir(parents=True)
+    (tmp_path / "A8-public/stages/evaluate/results.json").write_text(json.dumps({"models": {"final": {"tasks": scores}}}))
+    (tmp_path / "A8-public/stages/dp_train").mkdir()
+    (tmp_path / "A8-public/stages/dp_train/ledger.json").write_text(json.dumps([{"release_id": "new"}]))
+    assert finance_headline.stale_mark(args, "A8-public", specs) == " (on the DP adapters of the A8 being measured again here, not those of its rows shown)"
