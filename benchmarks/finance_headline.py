@@ -182,20 +182,16 @@ def plan(args) -> dict[str, dict]:
     only = set(args.only.split(",")) if args.only else set()
 
     def started_here(name: str) -> str | None:
-        path = args.workdir / f"{name}.yaml"
-        started = yaml.safe_load(path.read_text()) if path.is_file() else None
+        started = started_spec(args.workdir, name)
         return next((p for p in PRECISIONS if by_precision[p][name] == started), None)
-
-    def stored(name: str) -> str | None:
-        return next((p for p in PRECISIONS if STORE.entry(name, by_precision[p][name])), None)
 
     def precision_of(name: str) -> str:
         source = copied_from(name)
         if source is not None:
-            return (None if name in only else started_here(name) or stored(name)) or precision_of(source)
+            return (None if name in only else started_here(name) or stored_measurement(args, name)[0]) or precision_of(source)
         if name in only and args.precision:
             return args.precision
-        return started_here(name) or stored(name) or "float32"
+        return started_here(name) or stored_measurement(args, name)[0] or "float32"
 
     return {name: by_precision[precision_of(name)][name] for name in by_precision["float32"]}
 
@@ -234,13 +230,19 @@ def finished(workdir: Path, name: str, spec_: dict | None = None) -> bool:
     return marker.is_file() and (spec_ is None or marker.read_text() == spec_digest(spec_))
 
 
+def started_spec(workdir: Path, name: str) -> dict | None:
+    """The spec a run was started with in the work directory (`run` writes it before `ksg run`), or None."""
+    path = workdir / f"{name}.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
 def released(workdir: Path, name: str, spec_: dict) -> bool:
     """Whether a pipeline run's DP adapters are made here, so a copy may start from its directory:
     the run finished, or it was started with this spec and its dp_train finished (manifest and
     ledger written); and no `ksg run` is in its directory now (a copy would catch a stage half-written).
     So an ablation need not wait for the rest of A (synthesize, refine, fedtune, evaluate)."""
-    run_dir, started = workdir / name, workdir / f"{name}.yaml"
-    made = finished(workdir, name, spec_) or (started.is_file() and yaml.safe_load(started.read_text()) == spec_
+    run_dir = workdir / name
+    made = finished(workdir, name, spec_) or (started_spec(workdir, name) == spec_
                                               and all((run_dir / "stages/dp_train" / f).is_file() for f in ("manifest.json", "ledger.json")))
     return made and not run_in_progress(run_dir)
 
@@ -279,7 +281,7 @@ def on_earlier_adapters(args, name: str, specs: dict[str, dict]) -> bool:
         return False
     mine, theirs = dp_releases(args, name, specs[name]), dp_releases(args, source, specs[source])
     if theirs is None and not finished(args.workdir, source, specs[source]):  # A measured again at another precision: its stored rows are shown
-        theirs = (stored_at_another_precision(args, source)[1] or {}).get("dp_releases")
+        theirs = (stored_measurement(args, source)[1] or {}).get("dp_releases")
     if mine is not None and theirs is not None:
         return mine != theirs
     copy, original = STORE.entry(name, specs[name]), STORE.entry(source, specs[source])
@@ -349,8 +351,12 @@ def run(args, name: str, spec_: dict, times: dict) -> None:
                **({"synthetic_pairs": synthetic_pairs(args, name, spec_)} if name.startswith("A") else {}))
 
 
+def stage_name(stage: dict | str) -> str:
+    return stage if isinstance(stage, str) else stage["name"]
+
+
 def stage_entry(spec_: dict, name: str) -> dict | str | None:
-    return next((stage for stage in spec_["stages"] if (stage if isinstance(stage, str) else stage["name"]) == name), None)
+    return next((stage for stage in spec_["stages"] if stage_name(stage) == name), None)
 
 
 def copy_source(args, name: str, spec_: dict) -> str:
@@ -372,7 +378,7 @@ def copy_source(args, name: str, spec_: dict) -> str:
 
 
 def stage_names(spec_: dict) -> list[str]:
-    return [stage if isinstance(stage, str) else stage["name"] for stage in spec_["stages"]]
+    return [stage_name(stage) for stage in spec_["stages"]]
 
 
 def drop_unused_stages(run_dir: Path, spec_: dict) -> None:
@@ -554,16 +560,16 @@ def run_rows(args, name: str, specs: dict[str, dict]) -> dict[str, RowScore]:
     measurement until the new one finishes: rows of two measurements are never mixed."""
     if name not in specs:
         return {}
-    entry = STORE.entry(name, specs[name]) or stored_at_another_precision(args, name)[1]
+    entry = STORE.entry(name, specs[name]) or stored_measurement(args, name)[1]
     if finished(args.workdir, name, specs[name]) or entry is None:
         return rows_of(name, results(args, name, specs[name]))
     return {k: RowScore(**v) for k, v in entry["rows"].items()}
 
 
-def stored_at_another_precision(args, name: str) -> tuple[str | None, dict | None]:
-    """(the training precision, the store's entry) of a run that is being measured again here at
-    another precision (its spec differs by that key only): the last whole measurement, shown until
-    the new one finishes. (None, None) where the store holds none."""
+def stored_measurement(args, name: str) -> tuple[str | None, dict | None]:
+    """(the training precision, the store's entry) of a run's stored measurement, at whichever
+    precision it ran (its spec differs by that key only): a run measured again here at another
+    precision shows it until the new one finishes. (None, None) where the store holds none."""
     for precision in PRECISIONS:
         spec_ = plan_at(argparse.Namespace(**{**vars(args), "precision": precision})).get(name)
         entry = STORE.entry(name, spec_) if spec_ is not None else None
@@ -792,7 +798,7 @@ def report(args) -> None:
         if entry:
             trained_at = "; trained at precision auto (bfloat16 base weights where native)" if '"precision"' in json.dumps(specs[name]) else ""
             lines.append(f"- {name}: {entry['seconds']:.0f} s, {entry['code']}, {entry['machine']}{trained_at}" + (f"; {entry['note']}" if entry.get("note") else ""))
-        precision, earlier = (None, None) if entry else stored_at_another_precision(args, name)
+        precision, earlier = (None, None) if entry else stored_measurement(args, name)
         if earlier:
             lines.append(f"- {name}: {earlier['seconds']:.0f} s, {earlier['code']}, {earlier['machine']}; trained at precision {precision}, "
                          "its rows shown until its measurement at another precision finishes")

@@ -169,17 +169,17 @@ class NodeSettings:
         its ingest and dp_train read it: the same ledger), else $KSG_LEDGER_DIR or RUN/ledger in
         the node's `run-dir`, no cap, noise from OS entropy."""
         run_dir = Path(str(node_config["run-dir"]))
-        privacy, base_dir = None, run_dir
+        privacy, base_dir, spec_cache = None, run_dir, None
         if node_config.get("spec"):
             spec, base_dir = load_spec(str(node_config["spec"]))
-            privacy, base_dir = spec.privacy, Path(str(node_config.get("base-dir", base_dir)))
+            privacy, base_dir, spec_cache = spec.privacy, Path(str(node_config.get("base-dir", base_dir))), spec.models.cache_dir
         ledger = node_config.get("ledger-dir") or ledger_directory(privacy.ledger_dir if privacy else None, base_dir, run_dir)
         cap = node_config.get("cap-epsilon", privacy.cap_epsilon if privacy else None)
         reproducible = str(node_config.get("reproducible-noise", False)).lower() == "true" or bool(privacy and privacy.reproducible_noise)
         client = node_config.get("client-id")
         delta = node_config.get("delta", privacy.delta if privacy else None)
         unit = node_config.get("unit", privacy.unit if privacy else None)
-        cache = node_config.get("model-cache") or (spec.models.cache_dir if node_config.get("spec") else None)
+        cache = node_config.get("model-cache") or spec_cache
         return cls(str(ledger), float(cap) if cap is not None else None, reproducible, str(client) if client is not None else None,
                    float(delta) if delta is not None else None, str(unit) if unit is not None else None, str(cache) if cache is not None else None)
 
