@@ -1,13 +1,14 @@
 """Batched generation engine against one-sequence-at-a-time `generate`: tokens per second.
 
-Usage:  .venv/bin/python benchmarks/generation_speed.py [--prompts 32] [--new-tokens 64] [--batch 16] [--single-prompts N]
+Usage:  .venv/bin/python benchmarks/generation_speed.py [--prompts 32] [--new-tokens 64] [--batch 16] [--single-prompts N] [--precision float32]
 
 Same model, same prompts, greedy decoding with the same token budget and stop tokens, both in one
 process, each run twice (alternating) and the medians compared. Two workloads:
 - long: public MedQuAD questions, answered up to the token budget (what synthesis and structure
   generate: sentences and answers);
 - short: FinGPT sentiment prompts over FPB test sentences, answered in a word or two.
-Writes benchmarks/results/generation_speed.md.
+Every variant runs with the model's weights in `--precision`. Writes benchmarks/results/generation_speed.md
+(float32) or generation_speed_bfloat16.md.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--single-prompts", type=int, default=None,
                         help="time one-at-a-time `generate` on the first N prompts only (its tokens/s; at about 9 tok/s all of them take long)")
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"], help="the model's weights, for every variant alike")
     args = parser.parse_args()
 
     import torch
@@ -43,7 +45,7 @@ def main() -> None:
     from knowledgesg.prompts import user_message
 
     torch.manual_seed(0)
-    model, tokenizer = load_causal_lm(resolve_model(args.model))
+    model, tokenizer = load_causal_lm(resolve_model(args.model), dtype=args.precision)
     workloads = {
         "long (MedQuAD questions)": [chat_prompt_ids(tokenizer, r.instruction) for r in load_builtin("medquad", "m")[: args.prompts]],
         "short (FPB sentiment)": [chat_prompt_ids(tokenizer, user_message(r)) for r in load_builtin("fpb_test", "fpb")[: args.prompts]],
@@ -105,14 +107,14 @@ def main() -> None:
     # the ceiling the matmuls alone set on decoding: one step computes `batch` rows through every
     # projection and the head; attention, norms and sampling come on top
     flops_per_token = sum(2 * fan_in * fan_out * count for _, fan_in, fan_out, count in matmul_shapes(model.config))
-    roof, shapes = model_shape_roof(model.config, rows=args.batch)
+    roof, shapes = model_shape_roof(model.config, rows=args.batch, dtype=args.precision)
     ceiling = roof * 1e9 / flops_per_token
-    write_result("generation_speed", [
+    write_result("generation_speed" if args.precision == "float32" else f"generation_speed_{args.precision}", [
         "# Generation: batched engine against one-sequence-at-a-time `generate`",
         "",
         f"Command: `{command()}`  ",
         f"Machine: {machine()}  ",
-        f"Model: {args.model}; {args.prompts} prompts per workload"
+        f"Model: {args.model}, weights in {args.precision}; {args.prompts} prompts per workload"
         f"{f' (one at a time: the first {args.single_prompts})' if args.single_prompts else ''}, greedy, at most {args.new_tokens} new tokens, stop at end of turn; "
         f"engine batch {args.batch} (length-grouped, left-padded, KV cache, finished rows leave, logits for the last column only) against "
         "`model.generate` on one sequence and `model.generate` on the engine's own padded batches; each run twice, alternating; medians.",
@@ -121,7 +123,7 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         *table,
         "",
-        f"Matmuls at the decode shapes ({args.batch} rows, flop-weighted over one forward pass): **{roof:.1f} GFLOP/s** "
+        f"Matmuls at the decode shapes ({args.batch} rows, {args.precision}, flop-weighted over one forward pass): **{roof:.1f} GFLOP/s** "
         f"({'; '.join(f'{name} {rate:.0f}' for name, rate in shapes)}). "
         f"At {flops_per_token / 1e6:.0f} MFLOP per token that caps decoding at **{ceiling:.0f} tok/s** at batch {args.batch} before attention, "
         "norms and sampling.",

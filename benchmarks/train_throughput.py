@@ -61,14 +61,14 @@ def matmul_shapes(config) -> list[tuple[str, int, int, int]]:
     return [("q, o", h, h, 2 * layers), ("k, v", h, kv, 2 * layers), ("gate, up", h, i, 2 * layers), ("down", i, h, layers), ("head", h, config.vocab_size, 1)]
 
 
-def model_shape_roof(config, rows: int, repeats: int = 5) -> tuple[float, list[tuple[str, float]]]:
-    """GFLOP/s of the model's own matmuls on `rows` token rows, flop-weighted over one forward pass."""
+def model_shape_roof(config, rows: int, repeats: int = 5, dtype: str = "float32") -> tuple[float, list[tuple[str, float]]]:
+    """GFLOP/s of the model's own matmuls on `rows` token rows in `dtype`, flop-weighted over one forward pass."""
     import torch
 
     total_flops = total_time = 0.0
     each = []
     for name, fan_in, fan_out, count in matmul_shapes(config):
-        x, w = torch.randn(rows, fan_in), torch.randn(fan_in, fan_out)
+        x, w = torch.randn(rows, fan_in, dtype=getattr(torch, dtype)), torch.randn(fan_in, fan_out, dtype=getattr(torch, dtype))
         seconds = _best_time(lambda: torch.matmul(x, w), repeats)
         flops = 2 * rows * fan_in * fan_out
         each.append((f"{name}: [{rows}, {fan_in}] x [{fan_in}, {fan_out}]", flops / seconds / 1e9))

@@ -61,8 +61,8 @@ class SynthesizeParams(BaseModel):
     batch_size: int = Field(default=64, ge=1, description="rows decoded together: on 2 cores the demo's two passes ran 1.77x faster at 64 than at 16 "
                             "(synthesize_batch.md), a decoding step of 64 rows costing far less than four of 16")
     precision: Precision = Field(
-        default="float32", description="the sampling model's weights, after the adapter is merged in float32 (bfloat16 runs 2-3x faster on a CPU with "
-        "AVX512-BF16; auto: bfloat16 where native); the next-token distribution is taken in float32 either way")
+        default="float32", description="the sampling model's weights, after the adapter is merged in float32 (bfloat16: the demo's synthesize 1.51x "
+        "faster on a CPU with AVX512-BF16, demo_precision.md; auto: bfloat16 where native); the next-token distribution is taken in float32 either way")
     min_words: int = Field(default=4, ge=1)
     max_words: int = Field(default=120, ge=1)
     near_duplicate_jaccard: float = Field(default=0.7, gt=0, le=0.9, description="MinHash LSH cannot band a threshold above 0.9")
