@@ -1,8 +1,9 @@
-"""The demo with float32 weights against bfloat16 frozen weights in the stages that train
-(`precision` on dp_train and on fedtune's training), from a warm model cache: per-stage time and
-what came out.
+"""The demo with float32 weights against bfloat16 weights in the stages `--stages` names (by
+default every stage that takes a `precision`: structure, dp_train, synthesize, refine and
+fedtune's training), from a warm model cache: per-stage time and what came out.
 
-Usage:  .venv/bin/python benchmarks/demo_precision.py --workdir DIR [--spec pipelines/specs/demo.yaml] [--limit 200] [--stages dp_train,fedtune]
+Usage:  .venv/bin/python benchmarks/demo_precision.py --workdir DIR [--spec pipelines/specs/demo.yaml] [--limit 200]
+        [--stages structure,dp_train,synthesize,refine,fedtune]
 
 Two `ksg run`s of the demo spec into fresh run directories, one with `precision: float32` and one
 with `precision: bfloat16` set on `--stages` (every other stage as the spec leaves it), then
@@ -76,7 +77,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--spec", type=Path, default=Path("pipelines/specs/demo.yaml"))
     parser.add_argument("--limit", type=int, default=200)
-    parser.add_argument("--stages", type=stage_list, default=["dp_train", "fedtune"], help="the stages whose precision is set")
+    parser.add_argument("--stages", type=stage_list, default=list(STAGES), help="the stages whose precision is set (a stage left out runs as the spec says)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     spec = yaml.safe_load(args.spec.read_text())

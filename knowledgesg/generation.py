@@ -48,16 +48,17 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def last_column(width: int, device="cpu"):
-    """`logits_to_keep` for the last column of a `width`-column forward pass. transformers slices
-    the hidden states with it: an int n gives `[:, -n:]`, which for width > 1 is not contiguous,
-    and torch's matmul with a head that needs no gradient then does not fold the rows into one mm
-    but multiplies each row by its own copy of the head ([55, 576] x [576, 49152] in bfloat16:
-    2.7 s against 0.015 s, a quarter of the demo's synthesize; float32 0.28 s against 0.04 s).
-    An index tensor gathers a contiguous copy of the column instead (a documented form of the argument)."""
+def last_columns(width: int, count: int = 1, device="cpu"):
+    """`logits_to_keep` for the last `count` columns of a `width`-column forward pass.
+
+    transformers slices the hidden states with it: an int n gives `[:, -n:]`, which for n < width
+    does not fold into one matrix across rows, and torch's matmul with a head that needs no
+    gradient then multiplies each row by its own copy of the head ([55, 576] x [576, 49152] in
+    bfloat16: 2.7 s against 0.015 s, a quarter of a demo bank's synthesize; float32 0.28 s against
+    0.04 s). An index tensor (a documented form of the argument) gathers a contiguous copy instead."""
     import torch
 
-    return 1 if width == 1 else torch.tensor([width - 1], device=device)
+    return count if count == width else torch.arange(width - count, width, device=device)
 
 
 SHARED_PREFIX_MIN = 16  # a common prefix shorter than this is not worth a pass of its own
@@ -221,7 +222,7 @@ class Generator:
                 # logits for the last column only: in the prefill, the head over every prompt position
                 # would cost a fifth of SmolLM2's flops and more than half of Gemma 3's (262k vocabulary)
                 logits = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions, past_key_values=cache, use_cache=True,
-                                    logits_to_keep=last_column(prompt_ids.shape[1], self.device)).logits[:, -1, :].float()
+                                    logits_to_keep=last_columns(prompt_ids.shape[1], device=self.device)).logits[:, -1, :].float()
                 if step == 0 and shared_prefill:
                     cache.batch_select_indices(copy_of)
                     logits = logits[copy_of]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from knowledgesg.console import track
-from knowledgesg.generation import SHARED_PREFIX_MIN, after_prefix, last_column, length_batches, pad_batch, run_prefix, shared_prefix_length
+from knowledgesg.generation import SHARED_PREFIX_MIN, after_prefix, last_columns, length_batches, pad_batch, run_prefix, shared_prefix_length
 
 
 def encode_context(tokenizer, text: str) -> list[int]:
@@ -108,7 +108,7 @@ def prefixed_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: i
             prefix_ids, prefix_mask = pad_batch(list(slot_of), pad_id, left=True)
             cache = DynamicCache()
             first = model(input_ids=prefix_ids.to(device), attention_mask=prefix_mask.to(device), position_ids=((prefix_mask.cumsum(-1) - 1).clamp(min=0)).to(device),
-                          past_key_values=cache, use_cache=True, logits_to_keep=last_column(prefix_ids.shape[1], device)).logits[:, -1].float().log_softmax(-1)
+                          past_key_values=cache, use_cache=True, logits_to_keep=last_columns(prefix_ids.shape[1], device=device)).logits[:, -1].float().log_softmax(-1)
             cache.batch_select_indices(slot.to(device))
             ids, mask = pad_batch([pairs[i][1] for i in rows], pad_id, left=False)
             positions = prefix_mask.sum(-1)[slot][:, None] + torch.arange(ids.shape[1])[None, :]
@@ -172,7 +172,7 @@ def last_logprobs(model, sequences: list[list[int]], pad_id: int, device: str, p
     batch so that every sequence ends in the last column: [rows, vocab]. With `prefix` (the cache
     of `run_prefix`), the sequences continue its `width` tokens."""
     _, inputs = _left_padded(sequences, pad_id, device, prefix, width)
-    return model(**inputs, logits_to_keep=last_column(inputs["input_ids"].shape[1], device)).logits[:, -1].float().log_softmax(dim=-1)
+    return model(**inputs, logits_to_keep=last_columns(inputs["input_ids"].shape[1], device=device)).logits[:, -1].float().log_softmax(dim=-1)
 
 
 def _left_padded(sequences: list[list[int]], pad_id: int, device: str, prefix=None, width: int = 0):
@@ -300,7 +300,8 @@ def _next_token_statistics(model, targets, moments: bool, keep: int = 0, **input
     hidden state a slice of the vocabulary at a time, never holding the whole logits."""
     head = _factored_head(model)
     if head is None:
-        return _distribution_statistics(model(**inputs, logits_to_keep=keep).logits, targets, moments)
+        width = inputs["input_ids"].shape[1]
+        return _distribution_statistics(model(**inputs, logits_to_keep=last_columns(width, keep, inputs["input_ids"].device) if keep else 0).logits, targets, moments)
     hidden = model.get_decoder()(**inputs).last_hidden_state
     return _head_statistics(hidden[:, -keep:] if keep else hidden, targets, *head, moments)
 

@@ -266,24 +266,34 @@ def test_the_nucleus_found_among_the_top_tokens_is_the_one_a_full_sort_finds():
             assert torch.equal(nucleus(logits, top_p, first_k), expected), (top_p, first_k)
 
 
-def test_the_output_head_multiplies_one_contiguous_matrix_in_batched_prefills(tiny):
-    """A batched prefill keeps the logits of its last column only. Sliced as `[:, -1:]`, that column
-    is not contiguous, and torch's matmul with a head that needs no gradient multiplies each row by a
-    copy of the head (2.7 s instead of 0.015 s for 55 rows of SmolLM2 in bfloat16). Every head input
-    of several rows, in generation, choice scoring and prefixed scoring, must be one contiguous matrix."""
-    from knowledgesg.scoring import choice_logprobs, prefixed_logprobs
+def test_the_output_head_multiplies_one_matrix_in_batched_passes(tiny, monkeypatch):
+    """A batched pass keeps the logits of its last columns only. Sliced as `[:, -n:]`, those columns
+    do not fold into one matrix across rows, and torch's matmul with a head that needs no gradient
+    multiplies each row by its own copy of the head (2.7 s instead of 0.015 s for 55 rows of SmolLM2
+    in bfloat16). Every head input of several rows must fold (torch's rule: stride(0) == stride(1) x
+    size(1)): in generation, prefixed scoring's prefix pass, last_logprobs, and the scoring of a
+    model whose head cannot be taken a slice at a time."""
+    from knowledgesg import scoring
 
     model, tokenizer = tiny
-    inputs = []
-    hook = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    seen: list[tuple[str, torch.Tensor]] = []
+    section = ""
+    hook = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.append((section, args[0])))
+    texts = ["profits rose sharply this quarter", "margins fell", "guidance unchanged for the year"]
     try:
-        prompts = [chat_prompt_ids(tokenizer, text) for text in ["profits rose sharply this quarter", "margins fell", "guidance unchanged for the year"]]
-        Generator(model, tokenizer, batch_size=3).generate(prompts, SamplingParams(do_sample=False, max_new_tokens=3), seed=0)
-        choice_logprobs(model, tokenizer, ["Sentiment of: profits rose. Answer:", "Sentiment of: the results were a disappointment. Answer:"], [" positive", " negative"])
+        section = "generation"
+        Generator(model, tokenizer, batch_size=3).generate([chat_prompt_ids(tokenizer, t) for t in texts], SamplingParams(do_sample=False, max_new_tokens=3), seed=0)
+        section = "prefixed_logprobs"
         prefixes = [tokenizer(t)["input_ids"] for t in ["The code of the vault is", "Our client lives at the address"]]
-        prefixed_logprobs(model, [(p, tokenizer(" 1234", add_special_tokens=False)["input_ids"]) for p in prefixes], tokenizer.pad_token_id)
+        scoring.prefixed_logprobs(model, [(p, tokenizer(" 1234", add_special_tokens=False)["input_ids"]) for p in prefixes], tokenizer.pad_token_id)
+        section = "last_logprobs"
+        scoring.last_logprobs(model, [tokenizer(t)["input_ids"] for t in texts], tokenizer.pad_token_id, "cpu")
+        section = "unsliced head"
+        monkeypatch.setattr(scoring, "_factored_head", lambda model: None)
+        scoring.continuation_logprobs(model, [tokenizer(t)["input_ids"] for t in texts], [tokenizer(" ok", add_special_tokens=False)["input_ids"]] * 3, tokenizer.pad_token_id)
     finally:
         hook.remove()
-    batched = [x for x in inputs if x.shape[0] > 1]
-    assert len(batched) >= 3
-    assert all(x.is_contiguous() for x in batched), [(tuple(x.shape), x.stride()) for x in batched if not x.is_contiguous()]
+    batched = [(name, x) for name, x in seen if x.shape[0] > 1]
+    assert {name for name, _ in batched} == {"generation", "prefixed_logprobs", "last_logprobs", "unsliced head"}
+    unfolded = [(name, tuple(x.shape), x.stride()) for name, x in batched if x.stride(0) != x.stride(1) * x.shape[1]]
+    assert not unfolded
