@@ -349,7 +349,18 @@ def load_spec(path: str | Path) -> tuple[PipelineSpec, Path]:
         raise InputError(f"{where}: invalid YAML ({getattr(err, 'problem', None) or err})") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: a spec is a YAML mapping (key: value), got {'an empty file' if raw is None else type(raw).__name__}")
-    return parse_spec(raw, source=str(path)), path.parent.resolve()
+    base_dir = path.parent.resolve()
+    return with_model_cache_under(parse_spec(raw, source=str(path)), base_dir), base_dir
+
+
+def with_model_cache_under(spec: PipelineSpec, base_dir: Path) -> PipelineSpec:
+    """The spec with a relative `models.cache_dir` taken from `base_dir` (the spec's directory), as
+    every other path in a spec is (client data, `privacy.ledger_dir`): the same cache whatever the
+    working directory of `ksg`. No fingerprint holds the cache's place, so this moves no stage."""
+    cache = spec.models.cache_dir
+    if cache is None or cache.expanduser().is_absolute():
+        return spec
+    return spec.model_copy(update={"models": spec.models.model_copy(update={"cache_dir": base_dir / cache})})
 
 
 def parse_spec(raw: dict[str, Any], source: str) -> PipelineSpec:

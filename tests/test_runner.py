@@ -76,6 +76,21 @@ def test_a_run_resumed_with_its_model_cache_elsewhere_is_the_same_run(workdir: P
         run_models(workdir / "run")
 
 
+def test_a_relative_model_cache_is_under_the_spec_directory(workdir: Path, tmp_path: Path, monkeypatch):
+    """models.cache_dir, when relative, is taken from the spec's directory like the spec's data and
+    ledger_dir, not from wherever `ksg` was started: a run started from another directory fills the
+    cache beside the spec, and none appears in the working directory."""
+    spec = tiny_spec(stages=["prepare_models"], models={"base": "tiny-random-llama", "cache_dir": "model-cache"})
+    path = write_spec(workdir, spec)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert _run(path, workdir / "run") == {"prepare_models": "ran"}
+    assert (workdir / "model-cache/models/tiny-random-llama/config.json").is_file()
+    assert not (elsewhere / "model-cache").exists()
+    assert run_models(workdir / "run")["base"]["path"] == str(workdir / "model-cache/models/tiny-random-llama")
+
+
 def test_manifest_records_inputs_outputs_and_counts(two_stage: Path, workdir: Path):
     _run(two_stage, workdir / "run")
     manifest = json.loads((workdir / "run/stages/ingest/manifest.json").read_text())
