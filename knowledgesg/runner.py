@@ -34,7 +34,7 @@ from knowledgesg.manifest import MANIFEST, Manifest, output_entry, read_manifest
 from knowledgesg.memory import PeakMemory, release_freed_memory
 from knowledgesg.models import read_models
 from knowledgesg.roles import Role, check_role, narrow_to_client
-from knowledgesg.spec import PipelineSpec, parse_spec, spec_to_dict
+from knowledgesg.spec import PipelineSpec, parse_spec, spec_to_dict, with_model_cache_under
 from knowledgesg.stage import LEDGER_KEY, Stage, StageContext, releases_to_come
 from privacy.ledger import ClientLedger, ledger_directory
 
@@ -293,7 +293,9 @@ def _saved_run(run_dir: Path) -> dict:
 
 def load_run_spec(run_dir: Path) -> tuple[PipelineSpec, Path]:
     saved = _saved_run(run_dir)
-    return parse_spec(saved["spec"], source=str(run_dir / SPEC_COPY)), Path(saved["base_dir"])
+    base_dir = Path(saved["base_dir"])
+    # a copy written before relative model caches were taken from the spec's directory still holds one
+    return with_model_cache_under(parse_spec(saved["spec"], source=str(run_dir / SPEC_COPY)), base_dir), base_dir
 
 
 def run_models(run_dir: Path, roles: Iterable[str] | None = None) -> dict[str, dict]:

@@ -355,8 +355,9 @@ def load_spec(path: str | Path) -> tuple[PipelineSpec, Path]:
 
 def with_model_cache_under(spec: PipelineSpec, base_dir: Path) -> PipelineSpec:
     """The spec with a relative `models.cache_dir` taken from `base_dir` (the spec's directory), as
-    every other path in a spec is (client data, `privacy.ledger_dir`): the same cache whatever the
-    working directory of `ksg`. No fingerprint holds the cache's place, so this moves no stage."""
+    the spec's client data and `privacy.ledger_dir` are: the same cache whatever the working
+    directory of `ksg` (a Flower node's `base-dir` moves its data and ledger, not its cache). No
+    fingerprint holds the cache's place, so this moves no stage."""
     cache = spec.models.cache_dir
     if cache is None or cache.expanduser().is_absolute():
         return spec

@@ -89,6 +89,12 @@ def test_a_relative_model_cache_is_under_the_spec_directory(workdir: Path, tmp_p
     assert (workdir / "model-cache/models/tiny-random-llama/config.json").is_file()
     assert not (elsewhere / "model-cache").exists()
     assert run_models(workdir / "run")["base"]["path"] == str(workdir / "model-cache/models/tiny-random-llama")
+    # a run's spec copy written before (the relative path as the user wrote it) reads the same cache
+    copy = json.loads((workdir / "run/spec.json").read_text())
+    copy["spec"]["models"]["cache_dir"] = "model-cache"
+    (workdir / "run/spec.json").write_text(json.dumps(copy))
+    assert run_models(workdir / "run")["base"]["path"] == str(workdir / "model-cache/models/tiny-random-llama")
+    assert not (elsewhere / "model-cache").exists()
 
 
 def test_manifest_records_inputs_outputs_and_counts(two_stage: Path, workdir: Path):
