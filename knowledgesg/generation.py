@@ -49,7 +49,8 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 
 def last_columns(width: int, count: int = 1, device="cpu"):
-    """`logits_to_keep` for the last `count` columns of a `width`-column forward pass.
+    """`logits_to_keep` for the last `count` columns of a `width`-column forward pass (0: every
+    column, as transformers reads 0).
 
     transformers slices the hidden states with it: an int n gives `[:, -n:]`, which for n < width
     does not fold into one matrix across rows, and torch's matmul with a head that needs no
@@ -58,7 +59,7 @@ def last_columns(width: int, count: int = 1, device="cpu"):
     0.04 s). An index tensor (a documented form of the argument) gathers a contiguous copy instead."""
     import torch
 
-    return count if count == width else torch.arange(width - count, width, device=device)
+    return count if count in (0, width) else torch.arange(width - count, width, device=device)
 
 
 SHARED_PREFIX_MIN = 16  # a common prefix shorter than this is not worth a pass of its own

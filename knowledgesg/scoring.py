@@ -300,8 +300,8 @@ def _next_token_statistics(model, targets, moments: bool, keep: int = 0, **input
     hidden state a slice of the vocabulary at a time, never holding the whole logits."""
     head = _factored_head(model)
     if head is None:
-        width = inputs["input_ids"].shape[1]
-        return _distribution_statistics(model(**inputs, logits_to_keep=last_columns(width, keep, inputs["input_ids"].device) if keep else 0).logits, targets, moments)
+        ids = inputs["input_ids"]
+        return _distribution_statistics(model(**inputs, logits_to_keep=last_columns(ids.shape[1], keep, ids.device)).logits, targets, moments)
     hidden = model.get_decoder()(**inputs).last_hidden_state
     return _head_statistics(hidden[:, -keep:] if keep else hidden, targets, *head, moments)
 
