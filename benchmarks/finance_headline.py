@@ -57,6 +57,7 @@ from knowledgesg.runner import run_in_progress  # noqa: E402
 
 LABELS = ["negative", "neutral", "positive"]
 TASKS = ["fpb", "fiqa", "tfns"]
+TASK_NAMES = {"fpb": "FPB", "fiqa": "FiQA", "tfns": "TFNS"}
 BANKS = ["bank_a", "bank_b", "bank_c"]
 SEEDS = [
     {"instruction": "What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}.", "domain": "finance", "task": "sentiment"},
@@ -620,8 +621,6 @@ def constant_answer_line(args) -> str:
         parts.append(f"{label} {mean:.3f} (" + ", ".join(f"{TASK_NAMES[t]} {s.accuracy:.3f}" for t, s in scores.items()) + f"; macro-F1 {f1:.3f})")
     return "One answer to every test item, no model: " + "; ".join(parts) + "."
 
-
-TASK_NAMES = {"fpb": "FPB", "fiqa": "FiQA", "tfns": "TFNS"}
 
 
 def gap_line(means: dict[str, float]) -> str:
