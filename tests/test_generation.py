@@ -269,8 +269,8 @@ def test_the_nucleus_found_among_the_top_tokens_is_the_one_a_full_sort_finds():
 def test_the_output_head_multiplies_one_matrix_in_batched_passes(tiny, monkeypatch):
     """A batched pass keeps the logits of its last columns only. Sliced as `[:, -n:]`, those columns
     do not fold into one matrix across rows, and torch's matmul with a head that needs no gradient
-    multiplies each row by its own copy of the head (2.7 s instead of 0.015 s for 55 rows of SmolLM2
-    in bfloat16). Every head input of several rows must fold (torch's rule: stride(0) == stride(1) x
+    multiplies each row by its own copy of the head (272x slower for 55 rows of SmolLM2 in bfloat16:
+    head_column.md). Every head input of several rows must fold (torch's rule: stride(0) == stride(1) x
     size(1)): in generation, prefixed scoring's prefix pass, last_logprobs, and the scoring of a
     model whose head cannot be taken a slice at a time."""
     from knowledgesg import scoring
