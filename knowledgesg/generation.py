@@ -55,7 +55,8 @@ def last_columns(width: int, count: int = 1, device="cpu"):
     transformers slices the hidden states with it: an int n gives `[:, -n:]`, which for n < width
     does not fold into one matrix across rows, and torch's matmul with a head that needs no
     gradient then multiplies each row by its own copy of the head (55 rows of SmolLM2 in bfloat16:
-    272x slower, float32 8x: head_column.md; a quarter of a demo bank's synthesize). An index tensor (a documented form of the argument) gathers a contiguous copy instead."""
+    272x slower, float32 8x: head_column.md; a quarter of a demo bank's synthesize). An index
+    tensor (a documented form of the argument) gathers a contiguous copy instead."""
     import torch
 
     return count if count in (0, width) else torch.arange(width - count, width, device=device)
