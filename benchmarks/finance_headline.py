@@ -93,6 +93,10 @@ ABLATIONS = {
     # view without outweighing the banks' (the size was set before any run of it)
     "unrefined_public300_model_prior": ({"class_balance": "model", "final_stage": "synthesize", "refine": False, "final_public": True, "public_sample": 300},
                                         "the final tuning on the unrefined synthetic pairs in the proportions the DP models write them, and 300 of FiQA's public training records"),
+    # the variant above with refine back in the pipeline (it judges and filters the inputs, the
+    # labels stay the DP models'): whether the whole pipeline keeps what the unrefined pairs carry
+    "dp_labels_model_prior_public300": ({"label_source": "dp", "class_balance": "model", "final_public": True, "public_sample": 300},
+                                        "refine keeps the DP model's labels, in the proportions the DP models write them, and the final tuning adds 300 of FiQA's public training records"),
 }
 
 
