@@ -18,6 +18,7 @@ records, on its side, and nothing about them goes back.
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -229,8 +230,6 @@ def evaluate_published_on_client(run_dir: Path, options: EvalOptions, published:
 
 def render_eval_html(results: dict) -> str:
     """The server-side results as a table: accuracy / macro-F1 per model, task and answer mode."""
-    import html
-
     models = {name: entry for name, entry in results["models"].items() if "tasks" in entry}
     tasks = list(dict.fromkeys(task for entry in models.values() for task in entry["tasks"]))
     head = "".join(f"<th>{html.escape(t)}</th>" for t in tasks)

@@ -197,6 +197,11 @@ def _rate(entry: dict) -> str:
     return f"{entry['hits']} / {entry['tried']} = {entry['rate']:.3f}{_ci(entry['ci'])}"
 
 
+# how `ksg audit --pii-score` ranks the PII candidates, as the report says it
+CANDIDATE_SCORES = {"record": "the likelihood of the record from the value to its end", "sentence": "the likelihood of the value and the rest of its sentence",
+                    "value": "the likelihood of the value's own tokens"}
+
+
 def pii_html(pii: dict) -> str:
     esc = html.escape
     found = _table(["type", "values"], [[esc(k), str(v)] for k, v in pii.get("by_type", {}).items()], "No PII found in the private data.")
@@ -217,7 +222,7 @@ def pii_html(pii: dict) -> str:
             attack_rows.append([esc(name), str(a["spans"]), _rate(a["extraction"]), _rate(a["reconstruction"]), f"{_rate(a['inference'])} (chance {_num(a['inference']['chance'])})", beyond])
     attacks = _table(["model", "PII spans attacked", "extraction (text before the span)", "reconstruction (masked record)", "inference (candidates)", "hits the base model did not make"],
                      attack_rows, "No PII span in the training records to attack.")
-    scored = {"value": "the likelihood of the value's own tokens", "record": "the likelihood of the record from the value to its end"}.get(pii.get("candidate_score", "record"))
+    scored = CANDIDATE_SCORES[pii.get("candidate_score", "record")]
     return f"""{summary}{found}
 <h3>Replay from public prompts</h3>{replay}
 <h3>Targeted attacks (Lukas et al. 2023), {pii.get('attack_samples_per_span', 0)} samples per span</h3>

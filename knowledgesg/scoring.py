@@ -7,6 +7,8 @@ tokens are the same after every context. Rows are grouped by length to waste lit
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from knowledgesg.console import track
@@ -140,8 +142,6 @@ def _inputs_after_prefix(cache, width: int, ids, mask, device: str) -> dict:
     """The model inputs of padded rows (left or right) that all continue one prefix of `width`
     tokens, whose key-value cache (`cache`, left untouched) is copied to every row. Left padding
     sits between the prefix and a row's own tokens, masked out."""
-    import copy
-
     rows_cache = copy.deepcopy(cache)
     rows_cache.batch_repeat_interleave(ids.shape[0])
     full_mask, positions = after_prefix(mask, width)

@@ -9,6 +9,7 @@ total over heterogeneous releases is composed with PLD.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import warnings
 from collections.abc import Callable
@@ -70,8 +71,6 @@ class Epsilons(BaseModel):
 
 def _quiet_absl() -> None:
     # dp-accounting logs a warning per RDP order it drops for non-convergence; the bound stays valid.
-    import logging
-
     logging.getLogger("absl").setLevel(logging.ERROR)
 
 

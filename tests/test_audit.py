@@ -260,6 +260,19 @@ def test_a_pii_candidate_is_scored_on_its_own_tokens_its_sentence_or_the_record_
     assert "Shares" in tokenizer.decode(to_the_end)
 
 
+def test_the_report_names_how_the_pii_candidates_were_ranked_for_every_score():
+    """Each `--pii-score` choice is said in words (`sentence` once printed "ranked by None")."""
+    from typing import get_args
+
+    from eval.report import pii_html
+
+    section = {"private_pii_values": 1, "replayed_in_synthetic": 0, "synthetic_texts": 0, "by_type": {"PERSON": 1}, "models": {}}
+    for score in get_args(AuditOptions.model_fields["pii_score"].annotation):
+        page = pii_html({**section, "candidate_score": score})
+        ranked = re.search(r"candidates ranked by ([^.<]+)", page).group(1)
+        assert "None" not in ranked and ("sentence" in ranked) == (score == "sentence"), (score, ranked)
+
+
 def test_extraction_samples_are_as_long_as_each_span_value_needs(monkeypatch):
     from eval import audit
     from eval.audit import PiiTarget, extraction_samples

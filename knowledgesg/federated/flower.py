@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -318,9 +320,6 @@ def make_server_app(job_path: Path | None = None):
 
 def run_simulation(job_path: Path, num_clients: int) -> None:
     """Flower's simulation runtime: Ray actors run the ClientApp, one virtual SuperNode per client."""
-    import logging
-    import warnings
-
     _quiet_flower()
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation as flower_run_simulation
