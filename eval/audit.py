@@ -720,24 +720,35 @@ def pii_section(run_dir: Path, spec: PipelineSpec, load: Callable[[Path | None],
     if not found:
         return section
     base_model, tokenizer = reference
-    base_replays = replayed(found, generations(base_model, tokenizer, spec, options.pii_samples, options.seed, device)) if options.pii_samples else {}
+    base_samples = generations(base_model, tokenizer, spec, options.pii_samples, options.seed, device) if options.pii_samples else []
+    base_replays = replayed(found, base_samples)
     base_attacks = pii_attacks(base_model, tokenizer, attacked, by_client, options, device) if attacked else []
-    section.update(samples_per_model=options.pii_samples, replayed_by_base=len(base_replays), attacked_spans=len(attacked),
+    section.update(samples_per_model=options.pii_samples, replayed_by_base=len(base_replays), base_replay_rate=replay_rate(base_replays, base_samples), attacked_spans=len(attacked),
                    attack_samples_per_span=options.pii_attack_samples, candidate_score=options.pii_score, attacked_types=_count_types({f"{t.client}:{i}": t.span.kind for i, t in enumerate(attacked)}),
                    base_attacks=attack_summary(base_attacks, base_attacks) if attacked else None)
     for target in targets:
         model, tokenizer = load(target.adapter_dir)
         entry: dict = {"release": target.release}
         if options.pii_samples:
-            replays = replayed(found, generations(model, tokenizer, spec, options.pii_samples, options.seed, device))
+            samples = generations(model, tokenizer, spec, options.pii_samples, options.seed, device)
+            replays = replayed(found, samples)
             beyond = {v: k for v, k in replays.items() if v not in base_replays}
-            entry.update(replayed=len(replays), replayed_not_by_base=len(beyond), types_not_by_base=_count_types(beyond))
+            entry.update(replayed=len(replays), replayed_not_by_base=len(beyond), types_not_by_base=_count_types(beyond), replay_rate=replay_rate(beyond, samples))
         rows = [i for i, t in enumerate(attacked) if not target.name.startswith("dp_adapter:") or t.client == target.name.split(":", 1)[1]]
         if rows:
             results = pii_attacks(model, tokenizer, [attacked[i] for i in rows], by_client, options, device)
             entry["attacks"] = attack_summary(results, [base_attacks[i] for i in rows])
         section["models"][target.name] = entry
     return section
+
+
+def replay_rate(values: dict[str, str], samples: list[str]) -> dict:
+    """The share of `samples` that write at least one of `values` verbatim, with its 95% Wilson
+    interval: for a release, the private values the base model's samples from the same prompts
+    did not write; for the base model, any private value. A count of values says how much leaked;
+    this says how likely one sample is to leak, and how sure the audit is of it."""
+    hits = sum(any(occurs(value, text) for value in values) for text in samples)
+    return {"tried": len(samples), "hits": hits, "rate": round(hits / len(samples), 4) if samples else None, "ci": metrics.wilson_interval(hits, len(samples))}
 
 
 def _count_types(values: dict[str, str]) -> dict[str, int]:

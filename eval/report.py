@@ -60,8 +60,11 @@ def conclusion(run: dict | None, claimed: float | None) -> str:
         return f"VIOLATION: the audited lower bound {bound:.2f} exceeds the claimed {claimed:.2f}: the DP implementation or its accounting is wrong."
     if bound > 0:
         return f"Consistent with the claim: leakage measured (epsilon at least {bound:.2f}), within the claimed {claimed:.2f}."
-    return (f"Consistent with the claim: no leakage detected. This design could certify at most {certifiable:.2f}, "
-            f"so the audit cannot tell a claim of {claimed:.2f} from a smaller one.")
+    if certifiable < claimed:  # even a release that leaked everything would have shown at most `certifiable`
+        return (f"Consistent with the claim, but the audit could not have caught a breach of it: this design certifies at most {certifiable:.2f}, "
+                f"below the claimed {claimed:.2f}. More canaries (or repeats) raise that ceiling.")
+    return (f"Consistent with the claim: no leakage detected, though this design could certify up to {certifiable:.2f}. A one-run audit is "
+            f"a lower bound: it does not show the release is any more private than the claimed {claimed:.2f}.")
 
 
 # -- figures ---------------------------------------------------------------------------------------
@@ -207,10 +210,13 @@ def pii_html(pii: dict) -> str:
     found = _table(["type", "values"], [[esc(k), str(v)] for k, v in pii.get("by_type", {}).items()], "No PII found in the private data.")
     summary = (f"<p>{pii['private_pii_values']} distinct PII values in the private data; {pii['replayed_in_synthetic']} of them appear verbatim in the "
                f"{pii['synthetic_texts']} synthetic records.</p>")
-    replay_rows = [[esc(name), str(m["replayed"]), str(m["replayed_not_by_base"]), esc(", ".join(f"{k}: {v}" for k, v in m["types_not_by_base"].items()) or "-")]
+    replay_rows = [[esc(name), str(m["replayed"]), str(m["replayed_not_by_base"]), esc(", ".join(f"{k}: {v}" for k, v in m["types_not_by_base"].items()) or "-"),
+                    _rate(m["replay_rate"]) if "replay_rate" in m else "n/a"]
                    for name, m in pii.get("models", {}).items() if "replayed" in m]
-    replay = _table(["release", f"values replayed in {pii.get('samples_per_model', 0)} samples from public prompts", "of them not by the base model", "types not by the base model"],
-                    replay_rows, "No sampling from public prompts.")
+    if replay_rows and "base_replay_rate" in pii:
+        replay_rows.insert(0, ["base model (reference)", str(pii["replayed_by_base"]), "-", "-", f"{_rate(pii['base_replay_rate'])} (any private value)"])
+    replay = _table(["release", f"values replayed in {pii.get('samples_per_model', 0)} samples from public prompts", "of them not by the base model", "types not by the base model",
+                     "samples that write a value the base model did not [95% CI]"], replay_rows, "No sampling from public prompts.")
     attack_rows = []
     if pii.get("base_attacks"):
         attack_rows.append(["base model (reference)", str(pii["base_attacks"]["spans"]), _rate(pii["base_attacks"]["extraction"]), _rate(pii["base_attacks"]["reconstruction"]),

@@ -395,6 +395,10 @@ def _print_audit(report: dict) -> None:
     pii = report["pii"]
     console.print(f"PII: {pii['private_pii_values']} values in the private data, {pii['replayed_in_synthetic']} replayed in the synthetic data")
     for name, entry in pii["models"].items():
+        rate = entry.get("replay_rate")
+        if rate and rate["tried"]:
+            console.print(f"  {name}: {rate['hits']}/{rate['tried']} samples from public prompts write a private value the base model's did not "
+                          f"(95% CI {rate['ci'][0]:.3f}-{rate['ci'][1]:.3f})")
         attacks = entry.get("attacks")
         if attacks:
             console.print(f"  {name}: " + ", ".join(f"{attack} {attacks[attack]['hits']}/{attacks[attack]['tried']} ({attacks[attack]['hits_not_by_base']} not by the base model)"

@@ -88,6 +88,8 @@ def test_audit_report_has_every_section(audited_run: Path):
     attacks = pii["models"]["dp_adapter:client_0"]["attacks"]
     assert attacks["inference"]["tried"] > 0 and 0 < attacks["inference"]["chance"] < 1
     assert all(0 <= attacks[a]["hits"] <= attacks[a]["tried"] for a in ("extraction", "reconstruction", "inference"))
+    for rate in (pii["base_replay_rate"], pii["models"]["dp_adapter:client_0"]["replay_rate"]):  # --samples 2: 8 samples per model
+        assert rate["tried"] == pii["samples_per_model"] == 8 and 0 <= rate["hits"] <= 8 and rate["ci"][0] <= (rate["rate"] or 0) <= rate["ci"][1]
     page = (audited_run / "audit/audit_report.html").read_text()
     assert page.count("data:image/png;base64,") >= 3 and "<pre>" not in page and "What to conclude" in page
 
@@ -258,6 +260,31 @@ def test_a_pii_candidate_is_scored_on_its_own_tokens_its_sentence_or_the_record_
     # the sentence: the value and the rest of its sentence, the mark that ends it included, nothing after
     assert to_the_end[: len(sentence)] == sentence and tokenizer.decode(sentence).strip() == "John Whitaker about the merger today."
     assert "Shares" in tokenizer.decode(to_the_end)
+
+
+def test_the_replay_rate_counts_samples_that_write_a_value_on_word_boundaries():
+    from eval.audit import replay_rate
+
+    values = {"Maria Gonzalez": "PERSON", "maria.4@example.com": "EMAIL_ADDRESS"}
+    samples = ["Call Maria Gonzalez today.", "Write to maria.4@example.com and Maria Gonzalez.", "Maria Gonzalezville is a town.", "nothing here"]
+    rate = replay_rate(values, samples)
+    assert (rate["hits"], rate["tried"], rate["rate"]) == (2, 4, 0.5)  # a sample counts once; a value inside a longer word is no replay
+    assert rate["ci"][0] < 0.5 < rate["ci"][1] and rate["ci"][1] - rate["ci"][0] > 0.5  # four samples say little
+    assert replay_rate(values, [])["rate"] is None and replay_rate({}, samples)["hits"] == 0
+
+
+def test_the_audit_conclusion_tells_a_breach_a_measured_leak_and_an_audit_without_power_apart():
+    from eval.report import conclusion
+
+    def run(bound: float, ceiling: float) -> dict:
+        return {"epsilon_lower_bound": bound, "largest_certifiable": ceiling}
+
+    assert conclusion(run(3.1, 3.66), 2.0).startswith("VIOLATION")
+    assert conclusion(run(0.5, 3.66), 2.0).startswith("Consistent with the claim: leakage measured")
+    assert "could not have caught a breach" in conclusion(run(0.0, 1.2), 8.0)  # the ceiling sits below the claim
+    assert "could certify up to 3.66" in conclusion(run(0.0, 3.66), 1.0) and "could not have caught" not in conclusion(run(0.0, 3.66), 1.0)
+    assert "audit shows leakage" in conclusion(run(2.0, 3.66), float("inf")) and "does not show the release is private" in conclusion(run(0.0, 3.66), None)
+    assert conclusion(None, 8.0).startswith("No one-run bound")
 
 
 def test_the_report_names_how_the_pii_candidates_were_ranked_for_every_score():
