@@ -25,6 +25,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
+from statistics import median
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -73,6 +74,9 @@ class RefineParams(BaseModel):
                                             "model's own (dp: the professional judges and filters the inputs only, for a professional that "
                                             "knows good text but not the clients' labelling)")
     min_label_confidence: float = Field(default=0.6, gt=0, le=1, description="with label_source: confident")
+    centre_by_seed: bool = Field(default=False, description="judge and fluency scores compared within each synthesize seed of a client: each seed's scores "
+                                                            "shifted so their median meets the client's, so a style the professional reads less easily "
+                                                            "(tweets beside news) is filtered as often as the others, not wholesale")
     precision: Precision = Field(default="float32", description="the professional's weights while it judges, scores and answers (auto: bfloat16 where native)")
 
     @model_validator(mode="after")
@@ -137,6 +141,19 @@ class Verdict:
     kept: bool
     reason: str
     dropped_by: str | None = None  # "judge", "fluency" or "empty answer"
+
+
+def seed_of(row: dict, record: InstructionRecord) -> str:
+    """The synthesize seed (public) a candidate was written under: its instruction."""
+    return ((row.get("provenance") or {}).get("seed") or {}).get("instruction") or record.instruction
+
+
+def centre_by_group(values: list[float], groups: list[str]) -> list[float]:
+    """Each value shifted by the median of all minus the median of its group: every group's median
+    meets the overall one, and a threshold then drops about the same share of each group."""
+    overall = median(values)
+    centre = {group: median([v for v, g in zip(values, groups) if g == group]) for group in set(groups)}
+    return [v - centre[g] + overall for v, g in zip(values, groups)]
 
 
 def decide(p_yes: list[float], threshold: float, top_fraction: float | None, fluency: list[float] | None = None, min_fluency: float | None = None) -> list[Verdict]:
@@ -214,7 +231,9 @@ class Refine(Stage):
         texts = [candidate_text(r) for r in records]
         with model.disable_adapter() if tuned else nullcontext():
             p_yes, fluency = self.judge(client_id, model, tokenizer, device, texts, good)
-        verdicts = decide(p_yes, p.threshold, p.keep_top_fraction, fluency, p.min_fluency)
+        seeds = [seed_of(row, record) for row, record in zip(rows, records)]
+        judged, fluent = (centre_by_group(p_yes, seeds), centre_by_group(fluency, seeds)) if p.centre_by_seed else (p_yes, fluency)
+        verdicts = decide(judged, p.threshold, p.keep_top_fraction, fluent, p.min_fluency)
         chosen = [i for i, v in enumerate(verdicts) if v.kept]
         responses = self.distil(ctx, client_id, model, tokenizer, device, [records[i] for i in chosen], shots, tuned)
         decisions, kept = [], []
@@ -222,6 +241,8 @@ class Refine(Stage):
             verdict = verdicts[i]
             decision = {"id": record.id, "kept": verdict.kept, "reason": verdict.reason, "dropped_by": verdict.dropped_by,
                         "judge_p_yes": round(p_yes[i], 6), "fluency_mean_logprob": round(fluency[i], 6), "synthetic_response": record.response}
+            if p.centre_by_seed:  # the scores the thresholds saw (the reason quotes them)
+                decision.update(seed=seeds[i], judge_p_yes_centred=round(judged[i], 6), fluency_centred=round(fluent[i], 6))
             if verdict.kept:
                 new = responses[chosen.index(i)]
                 if new["response"] is None:

@@ -15,12 +15,13 @@ from knowledgesg.manifest import read_manifest
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import load_spec
 from knowledgesg.stage import StageContext
-from pipelines.refine import Refine, RefineParams, balanced_shots, decide, judge_prompt, label_prompt
+from pipelines.refine import Refine, RefineParams, balanced_shots, centre_by_group, decide, judge_prompt, label_prompt
 from tests.conftest import run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
 from tests.test_synthesize import SYNTH, TRAIN
 
 LABELS = ["negative", "neutral", "positive"]
-REFINE = {"name": "refine", "params": {"pool": {"path": "pool.jsonl"}, "task": "financial news sentiment", "labels": LABELS, "keep_top_fraction": 0.5}}
+# centred by seed: with one seed the centring leaves every score as it is, so the checks below hold either way
+REFINE = {"name": "refine", "params": {"pool": {"path": "pool.jsonl"}, "task": "financial news sentiment", "labels": LABELS, "keep_top_fraction": 0.5, "centre_by_seed": True}}
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -66,6 +67,8 @@ def test_every_candidate_has_scores_and_a_reasoned_decision(refine_run: Path):
         assert synthetic, "the tiny model kept no synthetic pair: the test would prove nothing"
         assert [d["id"] for d in decisions] == [s["id"] for s in synthetic]
         assert all(0.0 <= d["judge_p_yes"] <= 1.0 and d["reason"].startswith("judge p(yes)") for d in decisions)
+        assert all(d["seed"] == synthetic[0]["provenance"]["seed"]["instruction"] and d["judge_p_yes_centred"] == pytest.approx(d["judge_p_yes"], abs=2e-6)
+                   for d in decisions)
         kept = [d for d in decisions if d["kept"]]
         assert len(kept) == len(refined) == -(-len(synthetic) // 2)  # top half, rounded up
         assert min(d["judge_p_yes"] for d in kept) >= max((d["judge_p_yes"] for d in decisions if not d["kept"]), default=0.0)
@@ -126,6 +129,23 @@ def test_decide_by_threshold_and_by_rank():
     both = decide([0.9, 0.9, 0.1], 0.5, None, fluency=[-5.0, -8.0, -8.0], min_fluency=-6.5)
     assert [(v.kept, v.dropped_by) for v in both] == [(True, None), (False, "fluency"), (False, "judge")]
     assert both[1].reason == "judge p(yes) 0.900 >= threshold 0.5; fluency -8.00 < -6.5"
+
+
+def test_centring_by_seed_filters_each_style_alike():
+    """Tweets read less fluently to a professional tuned on headlines; an absolute threshold then
+    drops them wholesale (stop 44: 194 of 446 tweet-style pairs against 101 of 454 news ones)."""
+    news, tweets = [-4.0, -4.5, -5.0, -5.5, -6.0, -7.0], [-5.0, -5.5, -6.0, -6.5, -7.0, -8.0]
+    seeds = ["news"] * 6 + ["tweet"] * 6
+
+    def dropped(fluency: list[float]) -> dict[str, int]:
+        verdicts = decide([0.9] * 12, 0.5, None, fluency=fluency, min_fluency=-6.2)
+        return {seed: sum(not v.kept for v, s in zip(verdicts, seeds) if s == seed) for seed in ("news", "tweet")}
+
+    assert dropped(news + tweets) == {"news": 1, "tweet": 3}  # uncentred: the tweets lose three times as many
+    centred = centre_by_group(news + tweets, seeds)
+    assert dropped(centred) == {"news": 2, "tweet": 2}
+    assert sorted(centred[:6]) == pytest.approx(sorted(centred[6:]))  # the two differ by a shift only: centred, they coincide
+    assert centre_by_group([1.0, 2.0, 3.0], ["a"] * 3) == [1.0, 2.0, 3.0]  # one group: unchanged
 
 
 def test_prompts_alternate_public_examples_and_balance_labels():
