@@ -100,7 +100,7 @@ ABLATIONS = {
     # that refine dropped the pairs written under the tweet seed about twice as often as the news
     # ones (its judge and fluency scores are lower for tweets): the same, its scores centred per seed
     "dp_labels_model_prior_public300_centred": ({"label_source": "dp", "class_balance": "model", "final_public": True, "public_sample": 300, "centre_by_seed": True},
-                                                "as the row before, with refine's scores centred per synthesize seed (each style filtered alike)"),
+                                                "as the row before, with refine's scores centred per synthesize seed (centre_by_seed)"),
 }
 
 

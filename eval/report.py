@@ -58,11 +58,13 @@ def conclusion(run: dict | None, claimed: float | None) -> str:
         return "No guarantee is claimed; this audit found no leakage, which does not show the release is private."
     if bound > claimed:
         return f"VIOLATION: the audited lower bound {bound:.2f} exceeds the claimed {claimed:.2f}: the DP implementation or its accounting is wrong."
+    blind = certifiable < claimed  # even a release that leaked everything would have shown at most `certifiable`
     if bound > 0:
-        return f"Consistent with the claim: leakage measured (epsilon at least {bound:.2f}), within the claimed {claimed:.2f}."
-    if certifiable < claimed:  # even a release that leaked everything would have shown at most `certifiable`
+        caveat = f" This design certifies at most {certifiable:.2f}, so it could not have caught a breach of the claim." if blind else ""
+        return f"Consistent with the claim: leakage measured (epsilon at least {bound:.2f}), within the claimed {claimed:.2f}.{caveat}"
+    if blind:
         return (f"Consistent with the claim, but the audit could not have caught a breach of it: this design certifies at most {certifiable:.2f}, "
-                f"below the claimed {claimed:.2f}. More canaries (or repeats) raise that ceiling.")
+                f"below the claimed {claimed:.2f}. More canaries raise that ceiling.")
     return (f"Consistent with the claim: no leakage detected, though this design could certify up to {certifiable:.2f}. A one-run audit is "
             f"a lower bound: it does not show the release is any more private than the claimed {claimed:.2f}.")
 

@@ -19,10 +19,11 @@ list): the context refuses a client-side artifact, and a test audits every file 
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import zip_longest
 from pathlib import Path
 from statistics import median
@@ -75,8 +76,9 @@ class RefineParams(BaseModel):
                                             "knows good text but not the clients' labelling)")
     min_label_confidence: float = Field(default=0.6, gt=0, le=1, description="with label_source: confident")
     centre_by_seed: bool = Field(default=False, description="judge and fluency scores compared within each synthesize seed of a client: each seed's scores "
-                                                            "shifted so their median meets the client's, so a style the professional reads less easily "
-                                                            "(tweets beside news) is filtered as often as the others, not wholesale")
+                                                            "shifted so their median meets the client's (p(yes) in logits), so a style the professional reads "
+                                                            "less easily (tweets beside news) is filtered about as often as the others, not wholesale; "
+                                                            "a seed with fewer than 5 candidates keeps its scores. The reasons quote the centred scores")
     precision: Precision = Field(default="float32", description="the professional's weights while it judges, scores and answers (auto: bfloat16 where native)")
 
     @model_validator(mode="after")
@@ -143,17 +145,31 @@ class Verdict:
     dropped_by: str | None = None  # "judge", "fluency" or "empty answer"
 
 
-def seed_of(row: dict, record: InstructionRecord) -> str:
-    """The synthesize seed (public) a candidate was written under: its instruction."""
-    return ((row.get("provenance") or {}).get("seed") or {}).get("instruction") or record.instruction
+MIN_CENTRED_GROUP = 5  # a seed with fewer candidates keeps its scores: its median would be mostly noise
+
+
+def seed_key(row: dict) -> str:
+    """The synthesize seed (public: instruction, prefix, domain, task) a candidate was written
+    under, as one string; "" where the row names none (one group, nothing centred)."""
+    seed = (row.get("provenance") or {}).get("seed")
+    return json.dumps(seed, sort_keys=True) if seed else ""
 
 
 def centre_by_group(values: list[float], groups: list[str]) -> list[float]:
-    """Each value shifted by the median of all minus the median of its group: every group's median
-    meets the overall one, and a threshold then drops about the same share of each group."""
+    """Each value of a group of at least MIN_CENTRED_GROUP shifted by the median of all minus the
+    median of its group: every such group's median meets the overall one, and a threshold then
+    drops about the same share of each (exactly where the groups differ by a shift only)."""
     overall = median(values)
-    centre = {group: median([v for v, g in zip(values, groups) if g == group]) for group in set(groups)}
-    return [v - centre[g] + overall for v, g in zip(values, groups)]
+    members = {group: [v for v, g in zip(values, groups) if g == group] for group in set(groups)}
+    shift = {group: overall - median(vs) if len(vs) >= MIN_CENTRED_GROUP else 0.0 for group, vs in members.items()}
+    return [v + shift[g] for v, g in zip(values, groups)]
+
+
+def centre_probabilities(p_yes: list[float], groups: list[str]) -> list[float]:
+    """`centre_by_group` for probabilities: in logits, mapped back, so they stay in (0, 1)."""
+    clipped = [min(max(p, 1e-9), 1 - 1e-9) for p in p_yes]
+    logits = centre_by_group([math.log(p / (1 - p)) for p in clipped], groups)
+    return [1 / (1 + math.exp(-x)) for x in logits]
 
 
 def decide(p_yes: list[float], threshold: float, top_fraction: float | None, fluency: list[float] | None = None, min_fluency: float | None = None) -> list[Verdict]:
@@ -231,9 +247,11 @@ class Refine(Stage):
         texts = [candidate_text(r) for r in records]
         with model.disable_adapter() if tuned else nullcontext():
             p_yes, fluency = self.judge(client_id, model, tokenizer, device, texts, good)
-        seeds = [seed_of(row, record) for row, record in zip(rows, records)]
-        judged, fluent = (centre_by_group(p_yes, seeds), centre_by_group(fluency, seeds)) if p.centre_by_seed else (p_yes, fluency)
+        seeds = [seed_key(row) for row in rows]
+        judged, fluent = (centre_probabilities(p_yes, seeds), centre_by_group(fluency, seeds)) if p.centre_by_seed else (p_yes, fluency)
         verdicts = decide(judged, p.threshold, p.keep_top_fraction, fluent, p.min_fluency)
+        if p.centre_by_seed:
+            verdicts = [replace(v, reason=f"scores centred by seed: {v.reason}") for v in verdicts]
         chosen = [i for i, v in enumerate(verdicts) if v.kept]
         responses = self.distil(ctx, client_id, model, tokenizer, device, [records[i] for i in chosen], shots, tuned)
         decisions, kept = [], []

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
 
-from eval.audit import AuditOptions, candidate_secrets, candidate_words, exposure, split_at_secret
+from eval.audit import AuditOptions, candidate_secrets, candidate_words, exposure, replay_rate, split_at_secret
 from eval.canaries import make_canaries, planted_records, rare_words, space_size
 from eval.pii import ENTITIES, analyzer, find_pii_spans
+from eval.report import conclusion, pii_html
 from knowledgesg.models import load_causal_lm, resolve_model
 from knowledgesg.sft import tokenize_example
 from knowledgesg.spec import RARE_WORDS, CanarySpec, CanaryTemplate
@@ -263,8 +265,6 @@ def test_a_pii_candidate_is_scored_on_its_own_tokens_its_sentence_or_the_record_
 
 
 def test_the_replay_rate_counts_samples_that_write_a_value_on_word_boundaries():
-    from eval.audit import replay_rate
-
     values = {"Maria Gonzalez": "PERSON", "maria.4@example.com": "EMAIL_ADDRESS"}
     samples = ["Call Maria Gonzalez today.", "Write to maria.4@example.com and Maria Gonzalez.", "Maria Gonzalezville is a town.", "nothing here"]
     rate = replay_rate(values, samples)
@@ -274,13 +274,12 @@ def test_the_replay_rate_counts_samples_that_write_a_value_on_word_boundaries():
 
 
 def test_the_audit_conclusion_tells_a_breach_a_measured_leak_and_an_audit_without_power_apart():
-    from eval.report import conclusion
-
     def run(bound: float, ceiling: float) -> dict:
         return {"epsilon_lower_bound": bound, "largest_certifiable": ceiling}
 
     assert conclusion(run(3.1, 3.66), 2.0).startswith("VIOLATION")
-    assert conclusion(run(0.5, 3.66), 2.0).startswith("Consistent with the claim: leakage measured")
+    assert conclusion(run(0.5, 3.66), 2.0).startswith("Consistent with the claim: leakage measured") and "could not" not in conclusion(run(0.5, 3.66), 2.0)
+    assert "could not have caught a breach" in conclusion(run(0.5, 1.2), 8.0)  # leakage measured, but under a ceiling below the claim
     assert "could not have caught a breach" in conclusion(run(0.0, 1.2), 8.0)  # the ceiling sits below the claim
     assert "could certify up to 3.66" in conclusion(run(0.0, 3.66), 1.0) and "could not have caught" not in conclusion(run(0.0, 3.66), 1.0)
     assert "audit shows leakage" in conclusion(run(2.0, 3.66), float("inf")) and "does not show the release is private" in conclusion(run(0.0, 3.66), None)
@@ -289,10 +288,6 @@ def test_the_audit_conclusion_tells_a_breach_a_measured_leak_and_an_audit_withou
 
 def test_the_report_names_how_the_pii_candidates_were_ranked_for_every_score():
     """Each `--pii-score` choice is said in words (`sentence` once printed "ranked by None")."""
-    from typing import get_args
-
-    from eval.report import pii_html
-
     section = {"private_pii_values": 1, "replayed_in_synthetic": 0, "synthetic_texts": 0, "by_type": {"PERSON": 1}, "models": {}}
     for score in get_args(AuditOptions.model_fields["pii_score"].annotation):
         page = pii_html({**section, "candidate_score": score})

@@ -15,13 +15,12 @@ from knowledgesg.manifest import read_manifest
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import load_spec
 from knowledgesg.stage import StageContext
-from pipelines.refine import Refine, RefineParams, balanced_shots, centre_by_group, decide, judge_prompt, label_prompt
+from pipelines.refine import Refine, RefineParams, balanced_shots, centre_by_group, centre_probabilities, decide, judge_prompt, label_prompt, seed_key
 from tests.conftest import run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
 from tests.test_synthesize import SYNTH, TRAIN
 
 LABELS = ["negative", "neutral", "positive"]
-# centred by seed: with one seed the centring leaves every score as it is, so the checks below hold either way
-REFINE = {"name": "refine", "params": {"pool": {"path": "pool.jsonl"}, "task": "financial news sentiment", "labels": LABELS, "keep_top_fraction": 0.5, "centre_by_seed": True}}
+REFINE = {"name": "refine", "params": {"pool": {"path": "pool.jsonl"}, "task": "financial news sentiment", "labels": LABELS, "keep_top_fraction": 0.5}}
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -67,8 +66,7 @@ def test_every_candidate_has_scores_and_a_reasoned_decision(refine_run: Path):
         assert synthetic, "the tiny model kept no synthetic pair: the test would prove nothing"
         assert [d["id"] for d in decisions] == [s["id"] for s in synthetic]
         assert all(0.0 <= d["judge_p_yes"] <= 1.0 and d["reason"].startswith("judge p(yes)") for d in decisions)
-        assert all(d["seed"] == synthetic[0]["provenance"]["seed"]["instruction"] and d["judge_p_yes_centred"] == pytest.approx(d["judge_p_yes"], abs=2e-6)
-                   for d in decisions)
+        assert not any("seed" in d or "judge_p_yes_centred" in d for d in decisions)  # the default compares every candidate of a client alike
         kept = [d for d in decisions if d["kept"]]
         assert len(kept) == len(refined) == -(-len(synthetic) // 2)  # top half, rounded up
         assert min(d["judge_p_yes"] for d in kept) >= max((d["judge_p_yes"] for d in decisions if not d["kept"]), default=0.0)
@@ -132,8 +130,9 @@ def test_decide_by_threshold_and_by_rank():
 
 
 def test_centring_by_seed_filters_each_style_alike():
-    """Tweets read less fluently to a professional tuned on headlines; an absolute threshold then
-    drops them wholesale (stop 44: 194 of 446 tweet-style pairs against 101 of 454 news ones)."""
+    """Tweets read less fluently to the professional's base model, whose judge is shown public
+    headlines; an absolute threshold then drops them wholesale (finance_headline's refine: 194 of
+    446 tweet-style pairs against 101 of 454 news ones, refine_styles.md)."""
     news, tweets = [-4.0, -4.5, -5.0, -5.5, -6.0, -7.0], [-5.0, -5.5, -6.0, -6.5, -7.0, -8.0]
     seeds = ["news"] * 6 + ["tweet"] * 6
 
@@ -145,7 +144,20 @@ def test_centring_by_seed_filters_each_style_alike():
     centred = centre_by_group(news + tweets, seeds)
     assert dropped(centred) == {"news": 2, "tweet": 2}
     assert sorted(centred[:6]) == pytest.approx(sorted(centred[6:]))  # the two differ by a shift only: centred, they coincide
-    assert centre_by_group([1.0, 2.0, 3.0], ["a"] * 3) == [1.0, 2.0, 3.0]  # one group: unchanged
+    assert centre_by_group([1.0, 2.0, 3.0, 4.0, 5.0], ["a"] * 5) == [1.0, 2.0, 3.0, 4.0, 5.0]  # one group: unchanged
+    # a seed with too few candidates to tell its median keeps its scores; the others still meet the median of all
+    assert centre_by_group([1.0, 2.0, 3.0, 4.0, 5.0, 9.0], ["a"] * 5 + ["b"]) == [1.5, 2.5, 3.5, 4.5, 5.5, 9.0]
+    probabilities = centre_probabilities([0.97, 0.98, 0.99, 0.995, 0.999, 0.2, 0.3, 0.4, 0.5, 0.6], ["x"] * 5 + ["y"] * 5)
+    assert all(0 < q < 1 for q in probabilities) and probabilities[7] > 0.4 and probabilities[2] < 0.99  # centred in logits: still probabilities
+
+
+def test_a_candidate_is_grouped_by_its_whole_public_seed():
+    news = {"instruction": "What is the sentiment of this news?", "prefix": "", "domain": "finance", "task": "sentiment"}
+    prefixed = [{"instruction": "", "prefix": prefix, "domain": "medicine", "task": "qa"} for prefix in ("What causes", "How is")]
+    rows = [{"instruction": "What causes gout?", "provenance": {"seed": prefixed[0]}}, {"instruction": "What causes anaemia?", "provenance": {"seed": prefixed[0]}},
+            {"instruction": "How is it treated?", "provenance": {"seed": prefixed[1]}}, {"instruction": news["instruction"], "provenance": {"seed": news}}, {"instruction": "x"}]
+    keys = [seed_key(row) for row in rows]
+    assert keys[0] == keys[1] != keys[2] != keys[3] and keys[4] == ""  # a prefix seed is one group, whatever text each row wrote
 
 
 def test_prompts_alternate_public_examples_and_balance_labels():
