@@ -95,14 +95,17 @@ class FedtuneParams(BaseModel):
     secure_aggregation: SecureAggregation | None = Field(default=None, description="Flower's SecAgg+: the server sees the sum of each round's updates only (true: the defaults)")
     public: DataSource | None = Field(default=None, description="public labelled records (e.g. {builtin: fiqa_train}) trained on beside the synthetic "
                                                                   "data, dealt out evenly over the clients' shares; never a client's data, no privacy cost")
+    seed: int | None = Field(default=None, description="a replicate of the final tuning: this stage's public randomness (LoRA initialisation, batch "
+                                                        "order, the public pool's dealing) from this number beside the spec's seed, the data unchanged")
 
     @model_serializer(mode="wrap")
-    def _without_an_unset_public_pool(self, handler):
-        """`public` is left out of the stage's fingerprint while unset, so that a run from before
-        it existed still matches: a finished fedtune on private data is kept, not released again."""
+    def _without_unset_newer_fields(self, handler):
+        """`public` and `seed` are left out of the stage's fingerprint while unset, so that a run
+        from before they existed still matches: a finished fedtune on private data is kept, not released again."""
         dumped = handler(self)
-        if self.public is None:
-            dumped.pop("public", None)
+        for name in ("public", "seed"):
+            if getattr(self, name) is None:
+                dumped.pop(name, None)
         return dumped
 
     @field_validator("secure_aggregation", mode="before")
@@ -248,14 +251,18 @@ class Fedtune(Stage):
             raise InputError(f"fedtune: no {p.synthetic_stage} records for {', '.join(empty)} (nothing to train on)")
         return records
 
+    def derive_seed(self, ctx: StageContext, purpose: str) -> int:
+        """The seed of one public purpose; `params.seed` makes a replicate (unset: as before it existed)."""
+        return ctx.derive_seed(purpose) if self.params.seed is None else ctx.derive_seed(purpose, f"replicate {self.params.seed}")
+
     def public_pool(self, ctx: StageContext) -> list[dict]:
         """The public records with a response, shuffled by the run's seed."""
         pool = [r.model_dump(mode="json") for r in load_labelled_pool(self.params.public, ctx.base_dir, ctx.seed, self.name)]
-        random.Random(ctx.derive_seed("public")).shuffle(pool)
+        random.Random(self.derive_seed(ctx, "public")).shuffle(pool)
         return pool
 
     def build_job(self, ctx: StageContext, clients: list[str], base: dict, records: dict[str, list[dict]] | None) -> FedJob:
-        return self.new_job(ctx.spec, clients, ctx.derive_seed("job") % (2**31), base, resolve_device(ctx.spec.models.device), str(ctx.run_dir.resolve()), records)
+        return self.new_job(ctx.spec, clients, self.derive_seed(ctx, "job") % (2**31), base, resolve_device(ctx.spec.models.device), str(ctx.run_dir.resolve()), records)
 
     def new_job(self, spec: PipelineSpec, clients: list[str], seed: int, base: dict, device: str, run_dir: str | None,
                 records: dict[str, list[dict]] | None) -> FedJob:
@@ -308,7 +315,7 @@ class Fedtune(Stage):
         return default_delta(len(job.clients))
 
     def run_engine(self, ctx: StageContext, job: FedJob, work: Path):
-        save_params(work / INITIAL, initial_params(job.base_model, job.lora, ctx.derive_seed("init") % (2**31), job.device))
+        save_params(work / INITIAL, initial_params(job.base_model, job.lora, self.derive_seed(ctx, "init") % (2**31), job.device))
         write_json(work / JOB, job.model_dump(mode="json"))
         for stale in (FINAL, ROUNDS):
             (work / stale).unlink(missing_ok=True)

@@ -255,6 +255,19 @@ def test_stage_on_synthetic_data_costs_nothing_and_writes_the_adapter(tmp_path: 
     assert report["clients"][0]["total"]["pld"] == pytest.approx(releases[0]["entry"]["epsilon"]["pld"], rel=1e-6)  # dp_train alone
 
 
+def test_a_replicate_seed_trains_again_on_the_same_data_and_nothing_before_it_reruns(tmp_path: Path):
+    assert run_pipeline(tmp_path, FEDTUNE) == 0
+    stage, run = tmp_path / "run/stages/fedtune", tmp_path / "run/stages"
+    before = {name: (run / name / "manifest.json").read_text() for name in ("dp_train", "synthesize", "refine")}
+    first = ((stage / "adapter/adapter_model.safetensors").read_bytes(), json.loads((stage / "rounds.json").read_text()))
+    assert run_pipeline(tmp_path, dict(FEDTUNE, seed=1)) == 0
+    second = ((stage / "adapter/adapter_model.safetensors").read_bytes(), json.loads((stage / "rounds.json").read_text()))
+    assert {name: (run / name / "manifest.json").read_text() for name in before} == before  # no second DP release, the same pairs
+    assert second[0] != first[0]  # another initialisation and batch order ...
+    assert [r["num_examples"] for r in second[1]] == [r["num_examples"] for r in first[1]]  # ... on the same records
+    assert json.loads((stage / "manifest.json").read_text())["params"]["seed"] == 1
+
+
 def test_a_public_pool_that_is_a_clients_data_is_refused_before_anything_is_written(tmp_path: Path, capsys):
     assert run_pipeline(tmp_path, dict(FEDTUNE, public={"path": "data.jsonl"})) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -274,6 +287,7 @@ def test_a_public_pool_that_is_a_clients_data_is_refused_before_anything_is_writ
     from pipelines.fedtune import FedtuneParams
 
     assert "public" not in FedtuneParams().model_dump(mode="json") and "public" in FedtuneParams(public={"path": "public.jsonl"}).model_dump(mode="json")
+    assert "seed" not in FedtuneParams().model_dump(mode="json") and FedtuneParams(seed=2).model_dump(mode="json")["seed"] == 2
 
 
 @pytest.mark.parametrize("params,message", [
