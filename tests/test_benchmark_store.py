@@ -18,6 +18,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import audit_power  # noqa: E402
 import finance_headline  # noqa: E402
+import finance_replicates as fr  # noqa: E402
 from _common import RunStore, spec_digest  # noqa: E402
 
 
@@ -342,3 +343,16 @@ def test_a_run_measured_again_at_another_precision_shows_its_stored_rows_and_mar
     (tmp_path / "A8-public/stages/dp_train").mkdir()
     (tmp_path / "A8-public/stages/dp_train/ledger.json").write_text(json.dumps([{"release_id": "new"}]))
     assert finance_headline.stale_mark(args, "A8-public", specs) == " (on the DP adapters of the A8 being measured again here, not those of its rows shown)"
+
+
+def test_replicates_are_grouped_by_draw_and_variant_and_compared_on_the_same_draw_only():
+    def run(draw: str, variant: str, seed: str, mean: float) -> fr.Replicate:
+        return fr.Replicate(draw, variant, seed, finance_headline.RowScore({t: mean for t in finance_headline.TASKS}, mean, 0.015))
+
+    runs = [run("hl", "A8-x", "spec", 0.60), run("hl", "A8-x", "2", 0.64), run("hl", "A8-y", "spec", 0.50), run("hl", "A8-y", "2", 0.54),
+            run("hl2", "A8-x", "spec", 0.70)]
+    spread = fr.spread_rows(runs)
+    assert [row.split(" | ")[:3] for row in spread] == [["| hl", "A8-x", "2"], ["| hl", "A8-y", "2"], ["| hl2", "A8-x", "1"]]
+    assert "**0.620** | 0.028 | 0.600 - 0.640" in spread[0] and "| n/a |" in spread[2]  # one replicate: no spread to tell
+    # x and y on hl: 0.10 apart, SE sqrt(2 x 0.028^2 / 2) = 0.028; hl2's single x is compared with nothing
+    assert fr.difference_rows(runs) == ["| hl | A8-x minus A8-y | +0.100 | 0.028 | +3.5 |"]
