@@ -114,6 +114,13 @@ ABLATIONS = {**ABLATIONS_BEFORE_REPLICATES,
     # the mean, against which the ablations' differences (0.05 and less) are to be read
     **{f"{name}_seed{seed}": ({**ABLATIONS_BEFORE_REPLICATES[name][0], "fedtune_seed": seed}, f"{ABLATIONS_BEFORE_REPLICATES[name][1]}; fedtune replicate seed {seed}")
        for name in ("unrefined_public300_model_prior", "dp_labels_model_prior_public300") for seed in (2, 3)},
+    # the replicates above moved the mean by about 0.1 with the final model's share of "neutral"
+    # answers: each client's 25 Adam steps a round at 0.002 end where the last batches leave the
+    # label prior. The same with a quarter of the step size (set before it ran), three replicates
+    **{f"unrefined_public300_model_prior_lr0005{suffix}": ({**ABLATIONS_BEFORE_REPLICATES["unrefined_public300_model_prior"][0], "final_learning_rate": 0.0005, "fedtune_seed": seed},
+                                                          f"{ABLATIONS_BEFORE_REPLICATES['unrefined_public300_model_prior'][1]}; the final tuning at learning rate 0.0005"
+                                                          + (f"; fedtune replicate seed {seed}" if seed else ""))
+       for suffix, seed in (("", None), ("_seed2", 2), ("_seed3", 3))},
 }
 
 
@@ -142,7 +149,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only", default=None, help="comma-separated runs to do now (U, A8, B8, D8, C); default all")
     parser.add_argument("--early-eval", default=None, help="a run (e.g. A8) whose base model and DP adapters to score now with `ksg eval`, "
                                                           "beside a benchmark still running it; then write the report and stop")
-    parser.set_defaults(final_public=False, public_sample=None, final_stage="refine", class_balance="uniform", refine=True, centre_by_seed=False, fedtune_seed=None)  # the final tuning's data, as in row 6 (the ablations change them)
+    parser.set_defaults(final_public=False, public_sample=None, final_stage="refine", class_balance="uniform", refine=True, centre_by_seed=False, fedtune_seed=None, final_learning_rate=0.002)  # the final tuning's data, as in row 6 (the ablations change them)
     return parser.parse_args()
 
 
@@ -176,7 +183,8 @@ def fedtune(args, synthetic_stage: str) -> dict:
     public = {"public": {"builtin": "fiqa_train", **sample}} if args.final_public else {}
     replicate = {"seed": args.fedtune_seed} if args.fedtune_seed is not None else {}
     return {"name": "fedtune", "params": {"engine": "local", "synthetic_stage": synthetic_stage, "rounds": args.rounds, "rule": {"name": "fedavg"}, **public, **replicate,
-                                          "training": {"steps": args.local_steps, "batch_size": 8, "max_length": 128, "learning_rate": 0.002, "loss_on": "response", **precision(args)}}}
+                                          "training": {"steps": args.local_steps, "batch_size": 8, "max_length": 128, "learning_rate": args.final_learning_rate,
+                                                       "loss_on": "response", **precision(args)}}}
 
 
 def synthesis(args) -> list[dict]:
