@@ -48,11 +48,15 @@ def replicate(run_dir: Path) -> Replicate:
                      seed=str(fedtune.get("seed", "spec")), row=score(models["final"]))
 
 
-def spread_rows(runs: list[Replicate]) -> list[str]:
-    """Per draw and variant: the replicates' mean, their standard deviation and range."""
+def by_draw_and_variant(runs: list[Replicate]) -> dict[tuple[str, str], list[Replicate]]:
     groups: dict[tuple[str, str], list[Replicate]] = {}
     for run in runs:
         groups.setdefault((run.draw, run.variant), []).append(run)
+    return groups
+
+
+def spread_rows(groups: dict[tuple[str, str], list[Replicate]]) -> list[str]:
+    """Per draw and variant: the replicates' mean, their standard deviation and range."""
     lines = []
     for (draw, variant), members in groups.items():
         means = [m.row.mean for m in members]
@@ -62,17 +66,15 @@ def spread_rows(runs: list[Replicate]) -> list[str]:
     return lines
 
 
-def difference_rows(runs: list[Replicate]) -> list[str]:
+def difference_rows(groups: dict[tuple[str, str], list[Replicate]]) -> list[str]:
     """Each pair of variants on the same draw: the difference of their replicate means, with its
     standard error from the replicates' spread (Welch), where both have at least two."""
-    by_variant: dict[tuple[str, str], list[float]] = {}
-    for run in runs:
-        by_variant.setdefault((run.draw, run.variant), []).append(run.row.mean)
+    means = {key: [m.row.mean for m in members] for key, members in groups.items()}
     lines = []
-    keys = list(by_variant)
+    keys = list(means)
     for i, (draw, first) in enumerate(keys):
         for other_draw, second in keys[i + 1:]:
-            a, b = by_variant[(draw, first)], by_variant[(other_draw, second)]
+            a, b = means[(draw, first)], means[(other_draw, second)]
             if other_draw != draw or len(a) < 2 or len(b) < 2:
                 continue
             se = math.sqrt(stdev(a) ** 2 / len(a) + stdev(b) ** 2 / len(b))
@@ -87,6 +89,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="finished run directories (evaluate scored their final model)")
     args = parser.parse_args()
     runs = [replicate(run_dir) for run_dir in args.runs]
+    groups = by_draw_and_variant(runs)
     tasks = " | ".join(t.upper() if t != "fiqa" else "FiQA" for t in TASKS)
     lines = ["# Replicates of the headline's final tuning: the spread the final tuning alone gives", "",
              f"Command: `{command()}`", f"Machine: {machine()} (no model runs: read from the runs' evaluate results)", "",
@@ -95,10 +98,10 @@ def main() -> None:
              *(run.cells() for run in runs), "",
              "## Spread over replicates", "",
              f"| draw (DP adapters) | variant | replicates | {tasks} | mean | SD of the mean over replicates | range |", "|---|---|---|---|---|---|---|---|---|",
-             *spread_rows(runs), "",
+             *spread_rows(groups), "",
              "## Differences between variants on the same draw", "",
              "| draw | variants | difference of the replicate means | SE (from the replicates' spread) | in SEs |", "|---|---|---|---|---|",
-             *difference_rows(runs)]
+             *difference_rows(groups)]
     write_result("finance_replicates", lines)
 
 

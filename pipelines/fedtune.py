@@ -256,7 +256,7 @@ class Fedtune(Stage):
         return ctx.derive_seed(purpose) if self.params.seed is None else ctx.derive_seed(purpose, f"replicate {self.params.seed}")
 
     def public_pool(self, ctx: StageContext) -> list[dict]:
-        """The public records with a response, shuffled by the run's seed."""
+        """The public records with a response, shuffled by the stage's seed (a replicate's own)."""
         pool = [r.model_dump(mode="json") for r in load_labelled_pool(self.params.public, ctx.base_dir, ctx.seed, self.name)]
         random.Random(self.derive_seed(ctx, "public")).shuffle(pool)
         return pool

@@ -351,8 +351,9 @@ def test_replicates_are_grouped_by_draw_and_variant_and_compared_on_the_same_dra
 
     runs = [run("hl", "A8-x", "spec", 0.60), run("hl", "A8-x", "2", 0.64), run("hl", "A8-y", "spec", 0.50), run("hl", "A8-y", "2", 0.54),
             run("hl2", "A8-x", "spec", 0.70)]
-    spread = fr.spread_rows(runs)
+    groups = fr.by_draw_and_variant(runs)
+    spread = fr.spread_rows(groups)
     assert [row.split(" | ")[:3] for row in spread] == [["| hl", "A8-x", "2"], ["| hl", "A8-y", "2"], ["| hl2", "A8-x", "1"]]
     assert "**0.620** | 0.028 | 0.600 - 0.640" in spread[0] and "| n/a |" in spread[2]  # one replicate: no spread to tell
     # x and y on hl: 0.10 apart, SE sqrt(2 x 0.028^2 / 2) = 0.028; hl2's single x is compared with nothing
-    assert fr.difference_rows(runs) == ["| hl | A8-x minus A8-y | +0.100 | 0.028 | +3.5 |"]
+    assert fr.difference_rows(groups) == ["| hl | A8-x minus A8-y | +0.100 | 0.028 | +3.5 |"]
