@@ -97,13 +97,15 @@ class FedtuneParams(BaseModel):
                                                                   "data, dealt out evenly over the clients' shares; never a client's data, no privacy cost")
     seed: int | None = Field(default=None, description="a replicate of the final tuning: this stage's public randomness (LoRA initialisation, batch "
                                                         "order, the public pool's dealing) from this number beside the spec's seed, the data unchanged")
+    average_last: int | None = Field(default=None, ge=1, description="the final adapter is the mean of the global adapters after the last this many "
+                                                                     "rounds (tail averaging; unset: the last round's)")
 
     @model_serializer(mode="wrap")
     def _without_unset_newer_fields(self, handler):
-        """`public` and `seed` are left out of the stage's fingerprint while unset, so that a run
+        """`public`, `seed` and `average_last` are left out of the stage's fingerprint while unset, so that a run
         from before they existed still matches: a finished fedtune on private data is kept, not released again."""
         dumped = handler(self)
-        for name in ("public", "seed"):
+        for name in ("public", "seed", "average_last"):
             if getattr(self, name) is None:
                 dumped.pop(name, None)
         return dumped
@@ -114,6 +116,12 @@ class FedtuneParams(BaseModel):
         if value is True:
             return {}
         return None if value is False else value
+
+    @model_validator(mode="after")
+    def _average_within_rounds(self) -> FedtuneParams:
+        if self.average_last is not None and self.average_last > self.rounds:
+            raise ValueError(f"average_last {self.average_last} exceeds rounds {self.rounds}")
+        return self
 
     @model_validator(mode="after")
     def _flower_rounds_end(self) -> FedtuneParams:
@@ -275,7 +283,8 @@ class Fedtune(Stage):
                           rule=p.rule, client_dp=p.client_dp, training=p.training, lora=p.lora, base_model=base, device=device,
                           run_dir=run_dir, records=records, private_source="ingest" if p.data == "private" else None,
                           reproducible_noise=spec.privacy.reproducible_noise, min_clients=p.min_clients, round_retries=p.round_retries,
-                          round_timeout_s=p.round_timeout_s, update_encoding=p.update_encoding, secure_aggregation=p.secure_aggregation)
+                          round_timeout_s=p.round_timeout_s, update_encoding=p.update_encoding, secure_aggregation=p.secure_aggregation,
+                          average_last=p.average_last or 1)
         except ValidationError as err:
             raise InputError(format_validation_error("fedtune", err)) from None
 
@@ -393,7 +402,9 @@ class Fedtune(Stage):
         say what that machine's CPU runs natively, nothing the training needs)."""
         asked = job.training.precision
         ran = "resolved by each node on its own machine" if self.params.engine == "flower-deploy" and asked == "auto" else resolve_precision(asked, job.device)
-        return {"precision": {"asked": asked, "ran": ran}}
+        last = job.rounds - job.average_last + 1
+        final = f"the mean of the global adapters after rounds {last}-{job.rounds}" if job.average_last > 1 else f"the global adapter after round {job.rounds}"
+        return {"precision": {"asked": asked, "ran": ran}, "final_adapter": final}
 
     def privacy_record(self, ctx: StageContext, job: FedJob, rounds: dict[str, int], ledger: list[LedgerEntry], public_records: int) -> dict:
         p: FedtuneParams = self.params

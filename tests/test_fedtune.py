@@ -14,6 +14,7 @@ import yaml
 
 from knowledgesg import aggregation as agg
 from knowledgesg.cli import main
+from knowledgesg.errors import KsgError
 from knowledgesg.federated.client import initial_params
 from knowledgesg.federated.engines import FINAL, INITIAL, JOB, run_local
 from knowledgesg.federated.protocol import ClientUpdate, LocalTraining, LoraShape, load_params, save_params
@@ -159,6 +160,33 @@ def test_impossible_robust_settings_are_refused_before_training():
         scripted_job("trimmed_mean", per_round=2)
 
 
+def test_the_final_adapter_averages_the_last_rounds_globals_and_resumes_with_their_sum(tmp_path: Path):
+    """FedAvg with fixed updates moves the global by the same step d each round: after round r it is
+    x0 + r d. Averaging the last 3 of 5 rounds gives x0 + 4 d (the last round alone: x0 + 5 d).
+    A server that stops after round 3 and restarts from its checkpoint keeps the sum it had."""
+    x0, d = {"w": np.array([1.0, 1.0])}, (1 * UPDATES["a"] + 3 * UPDATES["b"] + 4 * UPDATES["c"]) / 8
+    job = scripted_job("fedavg", rounds=5).model_copy(update={"average_last": 3})
+    final, history = run_federation(job, x0, ScriptedTransport(UPDATES, EXAMPLES))
+    assert np.allclose(final["w"], x0["w"] + 4 * d) and len(history) == 5
+    last_only, _ = run_federation(scripted_job("fedavg", rounds=5), x0, ScriptedTransport(UPDATES, EXAMPLES))
+    assert np.allclose(last_only["w"], x0["w"] + 5 * d)
+
+    class DownInRoundFour(ScriptedTransport):
+        def fit(self, tasks, params, server_control):
+            if len(self.seen) == 3:
+                self.seen.append([])
+                return [], {t.client_id: "down" for t in tasks}
+            return super().fit(tasks, params, server_control)
+
+    checkpoint = tmp_path / "checkpoint.npz"
+    with pytest.raises(KsgError, match="round 4"):
+        run_federation(job, x0, DownInRoundFour(UPDATES, EXAMPLES), checkpoint=checkpoint)
+    resumed, history = run_federation(job, x0, ScriptedTransport(UPDATES, EXAMPLES), checkpoint=checkpoint)
+    assert np.allclose(resumed["w"], final["w"]) and [r.round for r in history] == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="average_last 6 exceeds the 5 rounds"):
+        FedJob.model_validate({**job.model_dump(), "average_last": 6})
+
+
 # -- the engines, on the tiny model ---------------------------------------------------------------
 
 
@@ -234,7 +262,7 @@ def public_records(n: int) -> list[dict]:
 
 def test_stage_on_synthetic_data_costs_nothing_and_writes_the_adapter(tmp_path: Path):
     write_jsonl(tmp_path / "public.jsonl", public_records(7))
-    assert run_pipeline(tmp_path, dict(FEDTUNE, merge=True, public={"path": "public.jsonl"})) == 0
+    assert run_pipeline(tmp_path, dict(FEDTUNE, merge=True, public={"path": "public.jsonl"}, average_last=2)) == 0
     stage = tmp_path / "run/stages/fedtune"
     assert (stage / "adapter/adapter_model.safetensors").is_file() and (stage / "merged/config.json").is_file()
     assert not (stage / "work").exists()  # the job (with the synthetic shares) is not left behind
@@ -245,7 +273,8 @@ def test_stage_on_synthetic_data_costs_nothing_and_writes_the_adapter(tmp_path: 
     refined = sum(len((tmp_path / f"run/stages/refine/clients/{c}/refined.jsonl").read_text().splitlines()) for c in ["client_0", "client_1"])
     assert all(r["num_examples"] == refined + 7 for r in rounds) and refined > 0
     assert json.loads((stage / "privacy.json").read_text())["public_data"]["records"] == 7
-    assert json.loads((stage / "training.json").read_text()) == {"precision": {"asked": "float32", "ran": "float32"}}
+    assert json.loads((stage / "training.json").read_text()) == {"precision": {"asked": "float32", "ran": "float32"},
+                                                                            "final_adapter": "the mean of the global adapters after rounds 1-2"}
     ledger = json.loads((stage / "ledger.json").read_text())
     assert [(e["client_id"], e["mechanism"]["kind"], e["epsilon"]["reported"]) for e in ledger] == [("client_0", "post_processing", 0.0), ("client_1", "post_processing", 0.0)]
     assert main(["privacy-report", str(tmp_path / "run")]) == 0
@@ -288,6 +317,7 @@ def test_a_public_pool_that_is_a_clients_data_is_refused_before_anything_is_writ
 
     assert "public" not in FedtuneParams().model_dump(mode="json") and "public" in FedtuneParams(public={"path": "public.jsonl"}).model_dump(mode="json")
     assert "seed" not in FedtuneParams().model_dump(mode="json") and FedtuneParams(seed=2).model_dump(mode="json")["seed"] == 2
+    assert "average_last" not in FedtuneParams().model_dump(mode="json") and FedtuneParams(rounds=4, average_last=2).model_dump(mode="json")["average_last"] == 2
 
 
 @pytest.mark.parametrize("params,message", [
@@ -465,7 +495,6 @@ def test_on_a_data_owners_node_its_own_ledger_cap_and_noise_hold_not_the_servers
 def test_a_node_loads_the_base_model_from_its_own_cache_and_refuses_other_weights(tmp_path: Path):
     """The server's task names the base model's path on the server's machine: a node loads a
     packaged model from its own cache, and refuses weights other than the server's."""
-    from knowledgesg.errors import KsgError
     from knowledgesg.federated.client import NodeSettings
     from knowledgesg.federated.server import task_for
 
@@ -492,7 +521,6 @@ def test_a_node_refuses_a_task_for_another_client_or_a_path_for_a_name(tmp_path:
     refused where the task is read."""
     from pydantic import ValidationError
 
-    from knowledgesg.errors import KsgError
     from knowledgesg.federated.client import ClientRuntime, NodeSettings
     from knowledgesg.federated.protocol import ClientTask, LocalDP
     from knowledgesg.federated.server import task_for
@@ -520,7 +548,6 @@ def test_a_node_refuses_a_plan_at_a_larger_delta_or_a_weaker_unit_than_its_own(t
     what a user's records cost: a server naming either could pass the node's cap. The node refuses
     a delta above its own (else its ledger's, else the default for its own N), or not below 1/N
     for its own N, and a unit other than its own, before any training or entry."""
-    from knowledgesg.errors import KsgError
     from knowledgesg.federated.client import ClientRuntime, NodeSettings
     from knowledgesg.federated.protocol import LocalDP
     from knowledgesg.federated.server import task_for
@@ -638,7 +665,6 @@ def test_ffa_lora_trains_and_sends_b_only_with_the_same_a_everywhere(tmp_path: P
 
 
 def test_ffa_lora_a_party_whose_a_differs_is_refused():
-    from knowledgesg.errors import KsgError
     from knowledgesg.federated.client import LoraModel, frozen_a_digest
 
     shape = LoraShape(r=4, ffa=True, a_seed=5)
@@ -668,4 +694,5 @@ def test_bfloat16_base_weights_train_a_float32_adapter_under_local_dp(tmp_path: 
     assert trained and all(t == {torch.float32} and f == {torch.bfloat16} for _, t, f in trained)  # DPSGD would refuse a bfloat16 adapter
     ledger = json.loads((tmp_path / "run/stages/fedtune/ledger.json").read_text())
     assert len(ledger) == 4 and all(e["mechanism"]["kind"] == "poisson_gaussian" for e in ledger)
-    assert json.loads((tmp_path / "run/stages/fedtune/training.json").read_text()) == {"precision": {"asked": "bfloat16", "ran": "bfloat16"}}
+    assert json.loads((tmp_path / "run/stages/fedtune/training.json").read_text()) == {"precision": {"asked": "bfloat16", "ran": "bfloat16"},
+                                                                                                      "final_adapter": "the global adapter after round 2"}

@@ -92,9 +92,14 @@ class FedJob(BaseModel):
     round_timeout_s: float | None = Field(default=None, gt=0, description="Flower: how long a round waits for its replies")
     update_encoding: UpdateEncoding = "float32"  # how the clients' updates travel (float16, int8: fewer bytes, some rounding)
     secure_aggregation: SecureAggregation | None = None  # SecAgg+ (Flower engines): the server sees the sum of the updates only
+    # the final adapter: the mean of the global adapters after the last `average_last` rounds
+    # (tail averaging: one run's end steadied by its own last rounds; post-processing of what the rounds released)
+    average_last: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> FedJob:
+        if self.average_last > self.rounds:
+            raise ValueError(f"average_last {self.average_last} exceeds the {self.rounds} rounds")
         if self.clients_per_round > len(self.clients):
             raise ValueError(f"clients_per_round {self.clients_per_round} exceeds the {len(self.clients)} clients")
         if self.rule.name == "scaffold" and self.training.optimizer != "sgd":
@@ -306,13 +311,14 @@ def run_federation(job: FedJob, x: Params, transport: Transport, on_round: Calla
     job with the same settings goes on after the last round saved."""
     state = agg.ServerState()
     history: list[RoundRecord] = []
+    tail: Params = {}  # the sum of the global adapters after the rounds the final adapter averages
     digest = sha256_text(job.model_dump_json())
     if checkpoint is not None and checkpoint.is_file() and job.rule.name == "scaffold" and not transport.holds_client_state:
         console.print("fedtune: not resuming: the clients' SCAFFOLD control variates were theirs and are gone; starting from round 1")
     elif checkpoint is not None and checkpoint.is_file():
         saved = load_checkpoint(checkpoint, digest)
         if saved is not None:
-            x, state, history, clients = saved
+            x, state, history, clients, tail = saved
             transport.restore(clients)
             console.print(f"fedtune: resuming after round {len(history)} of {job.rounds} (checkpoint {checkpoint.name})")
     # client-level DP noise: fresh OS entropy for the whole job (never from the public seed)
@@ -347,18 +353,27 @@ def run_federation(job: FedJob, x: Params, transport: Transport, on_round: Calla
             None if job.client_dp is not None else round_replies.bytes_up,  # with client-level DP, the bytes would count who joined
         )
         history.append(record)
+        if r > job.rounds - job.average_last:
+            tail = {n: tail.get(n, 0.0) + v.astype(np.float64) for n, v in x.items()}
         if checkpoint is not None:
-            save_checkpoint(checkpoint, digest, x, state, history, transport.client_state())
+            save_checkpoint(checkpoint, digest, x, state, history, transport.client_state(), tail)
             named_crash_point(f"fedtune-round-{r}")
         if on_round:
             on_round(record)
+    if job.average_last > 1:
+        # LoRA's factors are averaged, not their products (as FedAvg averages the clients'): the
+        # tail's adapters lie on one trajectory, close enough for the product of means to stand in
+        x = {n: (v / job.average_last).astype(np.float32) for n, v in tail.items()}
     return x, history
 
 
-def save_checkpoint(path: Path, digest: str, x: Params, state: agg.ServerState, history: list[RoundRecord], clients: dict[str, Params]) -> None:
+def save_checkpoint(path: Path, digest: str, x: Params, state: agg.ServerState, history: list[RoundRecord], clients: dict[str, Params],
+                    tail: Params | None = None) -> None:
     """One file, written atomically: the global adapter, the server optimizer's state, the
-    clients' state this process holds, and the rounds so far, for the job with this digest."""
+    clients' state this process holds, the running sum of the tail's adapters (`average_last`),
+    and the rounds so far, for the job with this digest."""
     arrays = {f"x/{n}": v for n, v in x.items()}
+    arrays.update({f"tail/{n}": v for n, v in (tail or {}).items()})
     for part, values in (("m", state.m), ("v", state.v), ("c", state.c)):
         arrays.update({f"{part}/{n}": np.asarray(v, dtype=np.float32) for n, v in values.items()})
     for client, values in clients.items():
@@ -368,14 +383,14 @@ def save_checkpoint(path: Path, digest: str, x: Params, state: agg.ServerState, 
     save_params(path, arrays)
 
 
-def load_checkpoint(path: Path, digest: str) -> tuple[Params, agg.ServerState, list[RoundRecord], dict[str, Params]] | None:
+def load_checkpoint(path: Path, digest: str) -> tuple[Params, agg.ServerState, list[RoundRecord], dict[str, Params], Params] | None:
     """The saved state, or None when it belongs to a job with other settings."""
     arrays = load_params(path)
     meta = json.loads(arrays.pop("meta").tobytes().decode("utf-8"))
     if meta["job"] != digest:
         console.print(f"fedtune: {path.name} is from a job with other settings; starting from round 1")
         return None
-    parts: dict[str, dict] = {"x": {}, "m": {}, "v": {}, "c": {}}
+    parts: dict[str, dict] = {"x": {}, "m": {}, "v": {}, "c": {}, "tail": {}}
     clients: dict[str, Params] = {}
     for key, value in arrays.items():
         head, _, name = key.partition("/")
@@ -385,7 +400,7 @@ def load_checkpoint(path: Path, digest: str) -> tuple[Params, agg.ServerState, l
         else:
             parts[head][name] = value
     state = agg.ServerState(m=parts["m"], v=parts["v"], c=parts["c"])
-    return parts["x"], state, [RoundRecord(**r) for r in meta["history"]], clients
+    return parts["x"], state, [RoundRecord(**r) for r in meta["history"]], clients, parts["tail"]
 
 
 class LocalTransport:
