@@ -368,12 +368,12 @@ def run_federation(job: FedJob, x: Params, transport: Transport, on_round: Calla
 
 
 def save_checkpoint(path: Path, digest: str, x: Params, state: agg.ServerState, history: list[RoundRecord], clients: dict[str, Params],
-                    tail: Params | None = None) -> None:
+                    tail: Params) -> None:
     """One file, written atomically: the global adapter, the server optimizer's state, the
     clients' state this process holds, the running sum of the tail's adapters (`average_last`),
     and the rounds so far, for the job with this digest."""
     arrays = {f"x/{n}": v for n, v in x.items()}
-    arrays.update({f"tail/{n}": v for n, v in (tail or {}).items()})
+    arrays.update({f"tail/{n}": v for n, v in tail.items()})
     for part, values in (("m", state.m), ("v", state.v), ("c", state.c)):
         arrays.update({f"{part}/{n}": np.asarray(v, dtype=np.float32) for n, v in values.items()})
     for client, values in clients.items():
