@@ -70,7 +70,7 @@ def run_row(epsilon: float, args, timings: dict) -> dict:
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
     run_dir = args.workdir / spec["name"]
     source = args.dp_from / audit_power.spec_for(epsilon, args)["name"] if args.dp_from else None
-    if source is not None and not run_dir.exists():
+    if source is not None and source.is_dir() and not run_dir.exists():  # else this row trains its own
         shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns("audit"))
         print(f"{audit_power.label(epsilon)}: from {source} (its DP adapter)", flush=True)
     timing = timings.setdefault(spec["name"], {})
