@@ -38,8 +38,12 @@ from _comparison import ksg  # noqa: E402
 from eval.audit import CANARY_SCORE  # noqa: E402
 
 EPSILONS = (math.inf, 8.0, 4.0, 1.0)  # the rows that decide the goals first
-# finished rows (see RunStore); an entry belongs to the spec, the audit's arguments and the canary score it ran
-STORE = RunStore(RESULTS / "audit_power_runs.json")
+
+
+def store_for(variant: str | None) -> RunStore:
+    """Finished rows (see RunStore); an entry belongs to the spec, the audit's arguments and the
+    canary score it ran. A variant design keeps its own store, so its rows never displace the main table's."""
+    return RunStore(RESULTS / (f"audit_power_{variant}_runs.json" if variant else "audit_power_runs.json"))
 
 
 def label(epsilon: float) -> str:
@@ -113,7 +117,8 @@ def canary_rows(epsilon: float, report: dict) -> list[str]:
 def mia_rows(epsilon: float, report: dict) -> list[str]:
     entry = report["membership_inference"]["dp_adapter:bank_a|bank_a"]
     return [f"| {label(epsilon)} | {entry['members']}/{entry['non_members']} | {name} | {r['auc']:.3f}{ci(r.get('auc_ci'))} | "
-            f"{r['tpr_at_1pct_fpr']:.3f}{ci(r.get('tpr_at_1pct_fpr_ci'))} | {r['tpr_at_0_1pct_fpr']:.3f}{'' if r['tpr_at_0_1pct_fpr_measurable'] else ' (at 0 FPR)'} |"
+            f"{r['tpr_at_1pct_fpr']:.3f}{ci(r.get('tpr_at_1pct_fpr_ci'))} | {r['tpr_at_0_1pct_fpr']:.3f}{ci(r.get('tpr_at_0_1pct_fpr_ci'))}"
+            f"{'' if r['tpr_at_0_1pct_fpr_measurable'] else ' (at 0 FPR)'} |"
             for name, r in entry["scores"].items()]
 
 
@@ -186,10 +191,12 @@ def row_entry(epsilon: float, report: dict, timing: dict) -> dict:
 
 
 def write(args, rows: dict[float, dict], from_store: set[float]) -> None:
+    store = store_for(args.variant)
     pending = [label(e) for e in EPSILONS if e not in rows]
+    title = "# Audit power: the same data and canaries, NOT PRIVATE and at epsilon 1, 4, 8"
     lines = [
-        "# Audit power: the same data and canaries, NOT PRIVATE and at epsilon 1, 4, 8", "",
-        f"Command: `{command()}`" + (f" (it read {', '.join(label(e) for e in EPSILONS if e in from_store)} from {STORE.path.name}: where and how those ran is at the end)" if from_store else ""),
+        title + (f" (variant {args.variant}; the main design is in audit_power.md)" if args.variant else ""), "",
+        f"Command: `{command()}`" + (f" (it read {', '.join(label(e) for e in EPSILONS if e in from_store)} from {store.path.name}: where and how those ran is at the end)" if from_store else ""),
         f"Machine: {machine()}",
         f"Data: {args.records} FPB training sentences in one client, {args.holdout} of them held out as non-members; {args.canaries} canaries of each kind "
         f"({args.kinds}; digits: random 6-digit secrets, log2 |R| = 19.9; rare_words, designed: 4 rare words from a list of 4,096, log2 |R| = 48) planted once each with probability 1/2. "
@@ -203,7 +210,9 @@ def write(args, rows: dict[float, dict], from_store: set[float]) -> None:
            "and half \"in\", half \"out\" on all of them, Bonferroni-corrected to 95% overall. ") +
         "Each canary is one record, so the claimed epsilon for it is the per-record epsilon.", "",
     ]
-    if pending:
+    if pending and args.variant:
+        lines += [f"Not run in this variant: {', '.join(pending)} (`--only` names the rows to run).", ""]
+    elif pending:
         lines += [f"**Partial**: {', '.join(pending)} not run yet; the same command continues from here.", ""]
     order = [e for e in EPSILONS if e in rows]
     lines += ["## Canaries: one-run lower bound and the canaries as a membership test", "",
@@ -211,12 +220,12 @@ def write(args, rows: dict[float, dict], from_store: set[float]) -> None:
               "|---|---|---|---|---|---|---|---|---|---|---|", *[line for e in order for line in rows[e]["canary_rows"]], "",
               *designed_table([rows[e]["designed_row"] for e in order]),
               "## Membership inference of training records (held-out records as non-members)", "",
-              "| training | members / non-members | score | AUC [95% CI] | TPR at 1% FPR [95% CI] | TPR at 0.1% FPR |", "|---|---|---|---|---|---|",
-              *[line for e in order for line in rows[e]["mia_rows"]], "", *EARLIER,
+              "| training | members / non-members | score | AUC [95% CI] | TPR at 1% FPR [95% CI] | TPR at 0.1% FPR [95% CI] |", "|---|---|---|---|---|---|",
+              *[line for e in order for line in rows[e]["mia_rows"]], "", *([] if args.variant else EARLIER),
               "## Where and how long each row ran", "",
               *[f"- {label(e)}: `ksg run` {rows[e]['run_s']:.0f} s, `ksg audit` {rows[e]['audit_s']:.0f} s; {rows[e]['code']}, {rows[e]['machine']}"
                 + (f"; {rows[e]['note']}" if rows[e].get("note") else "") for e in order]]
-    write_result("audit_power", lines)
+    write_result(f"audit_power_{args.variant}" if args.variant else "audit_power", lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -230,6 +239,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=10, help="the canaries and their coins (the designs that chose --in-guesses ran at 7; 8 and 9 ran the 4-epoch recipe)")
     parser.add_argument("--in-guesses", type=int, default=120, help="'in' guesses on the top scores, declared in advance (the best count of the two designs before it); 0: the audit's seven Bonferroni-corrected tries")
     parser.add_argument("--workdir", type=Path, required=True, help="the runs live here; the same command resumes from it")
+    parser.add_argument("--variant", default=None, help="a design beside the main one (e.g. mia1000 with --records 1100 --holdout 1000): rows in audit_power_VARIANT_runs.json, table in audit_power_VARIANT.md")
     parser.add_argument("--only", default=None, help="measure these rows (nonprivate, eps8, eps4, eps1; comma-separated) even if the store holds them, and no others; none: only rewrite the report")
     return parser.parse_args(argv)
 
@@ -243,23 +253,24 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     timings_path = args.workdir / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    store = store_for(args.variant)
     rows: dict[float, dict] = {}
     from_store: set[float] = set()
     for epsilon in EPSILONS:
         key = measured(epsilon, args)
-        entry = STORE.entry(short_name(epsilon), key)
+        entry = store.entry(short_name(epsilon), key)
         if (only is None and entry) or (only is not None and short_name(epsilon) not in only):
             if entry:
                 rows[epsilon] = entry
                 from_store.add(epsilon)
-                print(f"{label(epsilon)}: in {STORE.path.name} already" + ("" if only else f" (pass --only {short_name(epsilon)} to measure it again)"), flush=True)
+                print(f"{label(epsilon)}: in {store.path.name} already" + ("" if only else f" (pass --only {short_name(epsilon)} to measure it again)"), flush=True)
             continue
         start = time.perf_counter()
         report = run_row(epsilon, args, timings)
         print(f"{label(epsilon)}: {time.perf_counter() - start:.0f} s", flush=True)
         timing = timings[spec_for(epsilon, args)["name"]]
-        STORE.save(short_name(epsilon), key, timing["run_s"] + timing["audit_s"], **row_entry(epsilon, report, timing))
-        rows[epsilon] = STORE.entry(short_name(epsilon), key)
+        store.save(short_name(epsilon), key, timing["run_s"] + timing["audit_s"], **row_entry(epsilon, report, timing))
+        rows[epsilon] = store.entry(short_name(epsilon), key)
         write(args, rows, from_store)
     write(args, rows, from_store)
 
