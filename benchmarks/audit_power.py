@@ -204,7 +204,7 @@ def write(args, rows: dict[float, dict], from_store: set[float]) -> None:
         "DP-SGD with Poisson sampling, PRV accounting, delta 1e-5.",
         f"Audit: `ksg audit RUN {' '.join(audit_args(args))}`. Canary score: the drop of the loss of the secret's own tokens from the base model to the released one. "
         + (f"One-run bound (Steinke et al. 2023 with its delta term): \"in\" on the {args.in_guesses} highest-scoring canaries, abstaining on the rest, at 95%: one number of guesses, "
-           "declared before this design ran, from the earlier designs below (the best count in the two designs before the declared ones, on other canaries: seed 7), so no correction for trying several. "
+           f"declared before this design ran, from the earlier designs {'in audit_power.md' if args.variant else 'below'} (the best count in the two designs before the declared ones, on other canaries: seed 7), so no correction for trying several. "
            if args.in_guesses else
            "One-run bound (Steinke et al. 2023 with its delta term): \"in\" on the highest-scoring 5, 10, 20, 30, 40 and 50% of the canaries (abstaining on the rest, marked \"in\"), "
            "and half \"in\", half \"out\" on all of them, Bonferroni-corrected to 95% overall. ") +

@@ -5,9 +5,14 @@ beside the differences between variants. The test-set standard error of one run 
 spread out. No model runs: it reads the runs' evaluate results.
 
 Usage:  .venv/bin/python benchmarks/finance_replicates.py RUN [RUN ...]
+        .venv/bin/python benchmarks/finance_replicates.py --store
 
 A run's variant is its directory name without a trailing `_seed<N>`; its draw of DP adapters is
-named by its work directory and the release ids in its dp_train ledger.
+named by its work directory and the release ids in its dp_train ledger. `--store` reads every
+measurement `finance_headline.py` kept in finance_headline_runs.json instead (each run's latest and
+its earlier ones, with their DP release ids), so replicates measured on machines whose run
+directories are gone still count: every variant with a `_seed<N>` replicate there, its draws
+numbered in the order they were first measured.
 Writes benchmarks/results/finance_replicates.md.
 """
 
@@ -23,8 +28,10 @@ from pathlib import Path
 from statistics import mean, stdev
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command, machine, write_result  # noqa: E402
+from _common import RESULTS, command, machine, write_result  # noqa: E402
 from finance_headline import TASKS, RowScore, score  # noqa: E402
+
+STORE = RESULTS / "finance_headline_runs.json"
 
 REPLICATE = re.compile(r"_seed\d+$")
 
@@ -46,6 +53,26 @@ def replicate(run_dir: Path) -> Replicate:
     releases = sorted(e["release_id"] for e in json.loads((run_dir / "stages/dp_train/ledger.json").read_text()))
     return Replicate(draw=f"{run_dir.parent.name} ({releases[0][:8]})", variant=REPLICATE.sub("", run_dir.name),
                      seed=str(fedtune.get("seed", "spec")), row=score(models["final"]))
+
+
+def stored_replicates(store: Path) -> list[Replicate]:
+    """Every stored measurement of a variant that has `_seed<N>` replicates, one per run name and
+    draw (a run measured again on the same draw counts once, its latest), by draw then name."""
+    runs = json.loads(store.read_text())["runs"]
+    replicated = {REPLICATE.sub("", name) for name in runs if REPLICATE.search(name)}
+    measured: dict[tuple[str, str], dict] = {}
+    for name, entry in runs.items():
+        if REPLICATE.sub("", name) not in replicated:
+            continue
+        for m in [*entry.get("earlier", []), entry]:  # oldest first: a later one on the same draw replaces it
+            if "final" in m.get("rows", {}) and m.get("dp_releases"):
+                measured[(name, sorted(m["dp_releases"])[0])] = m
+    first_seen: dict[str, str] = {}
+    for (_, release), m in sorted(measured.items(), key=lambda item: item[1]["saved_at"]):
+        first_seen.setdefault(release, f"draw {len(first_seen) + 1} ({release[:8]})")
+    found = [Replicate(draw=first_seen[release], variant=REPLICATE.sub("", name), seed=name.rsplit("_seed", 1)[1] if REPLICATE.search(name) else "spec",
+                       row=RowScore(**m["rows"]["final"])) for (name, release), m in measured.items()]
+    return sorted(found, key=lambda r: (r.draw, r.variant, r.seed != "spec", r.seed))
 
 
 def by_draw_and_variant(runs: list[Replicate]) -> dict[tuple[str, str], list[Replicate]]:
@@ -86,13 +113,16 @@ def difference_rows(groups: dict[tuple[str, str], list[Replicate]]) -> list[str]
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("runs", nargs="+", type=Path, help="finished run directories (evaluate scored their final model)")
+    parser.add_argument("runs", nargs="*", type=Path, help="finished run directories (evaluate scored their final model)")
+    parser.add_argument("--store", action="store_true", help=f"read every stored measurement in {STORE.name} instead of run directories")
     args = parser.parse_args()
-    runs = [replicate(run_dir) for run_dir in args.runs]
+    if args.store == bool(args.runs):
+        parser.error("give run directories or --store")
+    runs = stored_replicates(STORE) if args.store else [replicate(run_dir) for run_dir in args.runs]
     groups = by_draw_and_variant(runs)
     tasks = " | ".join(t.upper() if t != "fiqa" else "FiQA" for t in TASKS)
     lines = ["# Replicates of the headline's final tuning: the spread the final tuning alone gives", "",
-             f"Command: `{command()}`", f"Machine: {machine()} (no model runs: read from the runs' evaluate results)", "",
+             f"Command: `{command()}`", f"Machine: {machine()} (no model runs: read from the runs' evaluate results" + (f", as kept in {STORE.name})" if args.store else ")"), "",
              "Each run: the final model's accuracy by label log-probability on the headline's 400 seeded items per test set; SE: the test items' alone.", "",
              f"| draw (DP adapters) | variant | fedtune seed | {tasks} | mean +- SE | macro-F1 |", "|---|---|---|---|---|---|---|---|",
              *(run.cells() for run in runs), "",

@@ -47,8 +47,17 @@ def _ci(interval: list[float] | None) -> str:
     return f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
 
 
-def conclusion(run: dict | None, claimed: float | None) -> str:
-    """What the one-run figures let a reader conclude about a release."""
+def conclusion(run: dict | None, claimed: float | None, curve: dict | None = None) -> str:
+    """What the one-run figures let a reader conclude about a release (and, when its training loss
+    rose again at the end, that a low figure may be a model that forgot, not one that was private)."""
+    verdict = _one_run_verdict(run, claimed)
+    if curve and curve.get("rose_at_end"):
+        verdict += (f" CAUTION: its training loss rose at the end ({curve['lowest']:.2f} at best, {curve['last']:.2f} over the last tenth of the steps): "
+                    "the released model may have forgotten what it fit, so a low bound here does not show that training was private.")
+    return verdict
+
+
+def _one_run_verdict(run: dict | None, claimed: float | None) -> str:
     if run is None:
         return "No one-run bound: it needs canaries planted with probability 1/2 (audit.canaries.include_probability)."
     bound, certifiable = run["epsilon_lower_bound"], run["largest_certifiable"]
@@ -139,7 +148,17 @@ def _table(header: list[str], rows: list[list[str]], empty: str) -> str:
 # -- sections ----------------------------------------------------------------------------------------
 
 
-def canary_html(canaries: dict | None) -> str:
+def training_html(training: dict | None) -> str:
+    if not training:  # an audit from before the section existed
+        return "<p>Not in this audit (rerun <code>ksg audit</code> to add it).</p>"
+    rows = [[html.escape(name), str(c["steps_with_loss"]), f"{c['first']:.3f}", f"{c['lowest']:.3f}", f"{c['last']:.3f}",
+             "<b>yes: read its figures with care</b>" if c["rose_at_end"] else "no"] for name, c in training["releases"].items()]
+    return (f"<p>Mean training loss over tenths of each DP adapter's steps (its client's <code>loss.json</code>). A release whose loss rose again at the end "
+            f"(last tenth above {training['rose_factor']:g}x its lowest) may have forgotten what it fit: its audit figures then understate what training can leak.</p>"
+            + _table(["release", "steps with a loss", "first tenth", "lowest tenth", "last tenth", "rose at the end"], rows, "No training loss recorded for the audited releases."))
+
+
+def canary_html(canaries: dict | None, training: dict | None = None) -> str:
     esc = html.escape
     # an audit written before the section recorded its way of guessing used the declared default
     if not canaries:
@@ -157,7 +176,7 @@ def canary_html(canaries: dict | None) -> str:
             bound = [f"<b>{run['epsilon_lower_bound']:.3f}</b>", f"{run['correct']} / {run['guesses']}" + (" (all 'in')" if run.get("in_only") else " (half 'in')"), f"{run['largest_certifiable']:.3f}"] if run else ["n/a"] * 3
             rows.append([esc(name), esc(kind), f"{entry['planted']} / {entry['canaries']}", _num(claimed), *bound, tpr_cell(member, "1pct") if member else "n/a",
                          f"{member['auc']:.3f}" if member else "n/a", exposure, extracted])
-        verdicts.append([esc(name), esc(result["release"]), esc(conclusion(result["kinds"]["all"]["one_run"], claimed))])
+        verdicts.append([esc(name), esc(result["release"]), esc(conclusion(result["kinds"]["all"]["one_run"], claimed, (training or {}).get("releases", {}).get(name)))])
     table = _table(["release", "canaries", "planted / all", f"claimed epsilon (group of {canaries['group_size']})", "audited lower bound (95%)", "correct / guesses",
                     "largest certifiable", "TPR at 1% FPR [95% CI]", "AUC", "mean exposure planted / not (bits)", "extracted (greedy), of the planted in the exposure sample"], rows, "")
     return f"""<p>{canaries['count']} canaries in client {esc(canaries['client'])}, each planted with probability {canaries.get('include_probability', 0.5):g} ({canaries['planted']} planted), {canaries['repeats']} cop{'y' if canaries['repeats'] == 1 else 'ies'} each.
@@ -248,8 +267,10 @@ def render_html(report: dict) -> str:
 <p>Run <code>{esc(report['run_dir'])}</code>. The audit uses the clients' own data (canaries, held-out records): it is the data owners' check, and this page stays on their side.</p>
 {claimed}
 <h2>Releases audited</h2>{releases}
+<h2>Training loss of the audited releases</h2>
+{training_html(report.get("training"))}
 <h2>Canaries</h2>
-{canary_html(report.get("canaries"))}
+{canary_html(report.get("canaries"), report.get("training"))}
 <h2>Membership inference</h2>
 {mia_html(report.get("membership_inference"))}
 <h2>Synthetic data: verbatim overlap</h2>

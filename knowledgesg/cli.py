@@ -365,6 +365,10 @@ def audit(
 
 
 def _print_audit(report: dict) -> None:
+    for name, curve in (report.get("training") or {}).get("releases", {}).items():
+        if curve["rose_at_end"]:  # the values stay in the report (the data owner's side), not in a console log
+            console.print(f"[yellow]{name}: its training loss rose again at the end: the model may have forgotten what it fit, so its audit figures may understate "
+                          "what training can leak (see the report's training section)[/yellow]")
     canaries = report.get("canaries")
     if canaries:
         table = Table(title=f"canaries: {canaries['planted']} of {canaries['count']} planted x {canaries['repeats']} in {canaries['client']}")

@@ -10,7 +10,7 @@ from typing import get_args
 import numpy as np
 import pytest
 
-from eval.audit import AuditOptions, candidate_secrets, candidate_words, exposure, replay_rate, split_at_secret
+from eval.audit import AuditOptions, candidate_secrets, candidate_words, exposure, replay_rate, split_at_secret, training_curve
 from eval.canaries import make_canaries, planted_records, rare_words, space_size
 from eval.pii import ENTITIES, analyzer, find_pii_spans
 from eval.report import conclusion, pii_html
@@ -92,6 +92,10 @@ def test_audit_report_has_every_section(audited_run: Path):
     assert all(0 <= attacks[a]["hits"] <= attacks[a]["tried"] for a in ("extraction", "reconstruction", "inference"))
     for rate in (pii["base_replay_rate"], pii["models"]["dp_adapter:client_0"]["replay_rate"]):  # --samples 2: 8 samples per model
         assert rate["tried"] == pii["samples_per_model"] == 8 and 0 <= rate["hits"] <= 8 and rate["ci"][0] <= (rate["rate"] or 0) <= rate["ci"][1]
+    for client in ("client_0", "client_1"):  # each DP adapter's training curve, from its client's loss.json
+        losses = json.loads((audited_run / f"stages/dp_train/clients/{client}/loss.json").read_text())
+        curve = report["training"]["releases"][f"dp_adapter:{client}"]
+        assert curve["steps_with_loss"] == sum(e["loss"] is not None for e in losses) > 0 and curve["lowest"] <= min(curve["first"], curve["last"])
     page = (audited_run / "audit/audit_report.html").read_text()
     assert page.count("data:image/png;base64,") >= 3 and "<pre>" not in page and "What to conclude" in page
 
@@ -102,7 +106,8 @@ def test_the_audit_page_renders_every_section_as_tables_and_figures(audited_run:
     dom = chromium_dom(audited_run / "audit/audit_report.html", tmp_path / "profile")
     assert 'data-loaded="true"' in dom and 'data-loaded="false"' not in dom
     sections = re.split(r"<h2>", dom)[1:]
-    assert [s.split("</h2>")[0] for s in sections] == ["Releases audited", "Canaries", "Membership inference", "Synthetic data: verbatim overlap", "PII"]
+    assert [s.split("</h2>")[0] for s in sections] == ["Releases audited", "Training loss of the audited releases", "Canaries", "Membership inference",
+                                                                 "Synthetic data: verbatim overlap", "PII"]
     for section in sections:  # each section shows its figures as tables or plots, never raw data
         assert "<table>" in section or "<img" in section or "No synthetic data" in section, section[:200]
         assert "{'" not in section and "<pre>" not in section
@@ -284,6 +289,21 @@ def test_the_audit_conclusion_tells_a_breach_a_measured_leak_and_an_audit_withou
     assert "could certify up to 3.66" in conclusion(run(0.0, 3.66), 1.0) and "could not have caught" not in conclusion(run(0.0, 3.66), 1.0)
     assert "audit shows leakage" in conclusion(run(2.0, 3.66), float("inf")) and "does not show the release is private" in conclusion(run(0.0, 3.66), None)
     assert conclusion(None, 8.0).startswith("No one-run bound")
+
+
+def test_a_release_whose_training_loss_rose_again_at_the_end_is_flagged_in_its_conclusion():
+    """A NOT PRIVATE run that diverged late forgot its canaries (AUC 0.53 against 0.98): its low bound must not read as privacy."""
+    steady = [{"step": i + 1, "loss": 3.0 - 2.0 * i / 299} for i in range(300)]
+    diverged = [{"step": i + 1, "loss": 1.0 if i < 200 else 1.0 + 2.2 * (i - 200) / 99} for i in range(300)]
+    noisy_dp = [{"step": i + 1, "loss": None if i % 7 == 0 else 4.6 - 0.5 * i / 299 + (0.3 if i % 2 else -0.3)} for i in range(300)]
+    assert not training_curve(steady)["rose_at_end"] and training_curve(steady)["last"] == pytest.approx(1.1, abs=0.01)
+    flagged = training_curve(diverged)
+    assert flagged["rose_at_end"] and flagged["lowest"] == pytest.approx(1.0) and flagged["last"] > 2.5
+    assert not training_curve(noisy_dp)["rose_at_end"] and training_curve(noisy_dp)["steps_with_loss"] == 300 - 43  # steps with no sampled unit have no loss
+    assert training_curve([{"step": 1, "loss": None}]) is None and training_curve([]) is None
+    run = {"epsilon_lower_bound": 0.08, "largest_certifiable": 3.66}
+    assert "CAUTION" in conclusion(run, float("inf"), flagged) and "CAUTION" not in conclusion(run, float("inf"), training_curve(steady))
+    assert conclusion(run, 8.0, flagged).startswith("Consistent with the claim") and "forgotten" in conclusion(run, 8.0, flagged)
 
 
 def test_the_report_names_how_the_pii_candidates_were_ranked_for_every_score():
