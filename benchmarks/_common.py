@@ -157,3 +157,23 @@ def sequence_losses(module, inputs, row_unit, n_units):
     from knowledgesg.sft import sequence_losses as training_losses
 
     return training_losses(module, inputs, "cpu")
+
+
+def generate_on_batches(model, tokenizer, prompts: list[list[int]], batches: list[list[int]], new_tokens: int, stop_ids) -> tuple[int, float]:
+    """The engine's fair peer: greedy `model.generate` on the given batches of prompt indices,
+    each left-padded as the engine pads it. (tokens generated up to and including each row's first
+    stop token, seconds)."""
+    import time
+
+    import torch
+
+    from knowledgesg.generation import pad_batch
+
+    start, tokens = time.perf_counter(), 0
+    for batch in batches:
+        ids, mask = pad_batch([prompts[i] for i in batch], tokenizer.pad_token_id, left=True)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+        for row in out[:, ids.shape[1]:].tolist():
+            tokens += next((k + 1 for k, t in enumerate(row) if t in stop_ids), len(row))
+    return tokens, time.perf_counter() - start

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command, machine, write_result  # noqa: E402
+from _common import command, generate_on_batches, machine, write_result  # noqa: E402
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm"}
 ATTENTION_PREFIX = "aten::_scaled_dot_product"
@@ -90,7 +90,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from knowledgesg.builtin_data import load_builtin
-    from knowledgesg.generation import Generator, SamplingParams, chat_prompt_ids, pad_batch
+    from knowledgesg.generation import Generator, SamplingParams, chat_prompt_ids
     from knowledgesg.models import load_causal_lm, resolve_model
 
     model, tokenizer = load_causal_lm(resolve_model(args.model), dtype=args.precision)
@@ -105,15 +105,8 @@ def main() -> None:
 
     def run_generate() -> tuple[int, float]:
         """`model.generate` on the engine's rows, padded as the engine pads them, in `--batch` rows."""
-        start, tokens = time.perf_counter(), 0
-        for first in range(0, len(prompts), args.batch):
-            ids, mask = pad_batch(prompts[first : first + args.batch], tokenizer.pad_token_id, left=True)
-            with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False,
-                                     eos_token_id=engine.stop_ids, pad_token_id=tokenizer.pad_token_id)
-            for row in out[:, ids.shape[1] :].tolist():
-                tokens += next((k + 1 for k, t in enumerate(row) if t in engine.stop_ids), len(row))
-        return tokens, time.perf_counter() - start
+        batches = [list(range(first, min(first + args.batch, len(prompts)))) for first in range(0, len(prompts), args.batch)]
+        return generate_on_batches(model, tokenizer, prompts, batches, args.new_tokens, engine.stop_ids)
 
     run_engine()  # warm-up: allocator, kernels, tokenizer caches
     timings: dict[str, list[float]] = {"engine": [], "generate": []}

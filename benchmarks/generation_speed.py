@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import command, machine, write_result  # noqa: E402
+from _common import command, generate_on_batches, machine, write_result  # noqa: E402
 from train_throughput import matmul_shapes, model_shape_roof  # noqa: E402
 
 
@@ -40,7 +40,7 @@ def main() -> None:
 
     from knowledgesg import kv_cache
     from knowledgesg.builtin_data import load_builtin
-    from knowledgesg.generation import Generator, SamplingParams, chat_prompt_ids, length_batches, pad_batch
+    from knowledgesg.generation import Generator, SamplingParams, chat_prompt_ids, length_batches
     from knowledgesg.models import load_causal_lm, resolve_model
     from knowledgesg.prompts import user_message
 
@@ -65,16 +65,7 @@ def main() -> None:
 
     def generate_same_batches(prompts) -> tuple[int, float]:
         """The fair peer: `model.generate` on the engine's own length-grouped, left-padded batches."""
-        start, tokens = time.perf_counter(), 0
-        for batch in length_batches([len(p) for p in prompts], args.batch):
-            ids, mask = pad_batch([prompts[i] for i in batch], tokenizer.pad_token_id, left=True)
-            with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False,
-                                     eos_token_id=single.stop_ids, pad_token_id=tokenizer.pad_token_id)
-            for row in out[:, ids.shape[1]:].tolist():  # a row's tokens up to and including its first stop
-                stop = next((k for k, t in enumerate(row) if t in single.stop_ids), len(row) - 1)
-                tokens += stop + 1
-        return tokens, time.perf_counter() - start
+        return generate_on_batches(model, tokenizer, prompts, length_batches([len(p) for p in prompts], args.batch), args.new_tokens, single.stop_ids)
 
     def batched(prompts) -> tuple[int, float]:
         start = time.perf_counter()
