@@ -93,6 +93,21 @@ def spread_rows(groups: dict[tuple[str, str], list[Replicate]]) -> list[str]:
     return lines
 
 
+def across_draws_rows(groups: dict[tuple[str, str], list[Replicate]]) -> list[str]:
+    """Per variant measured on at least two draws of DP adapters: each draw's replicate mean, the
+    mean over draws and their SD (what a new DP release would score, before its final tuning's spread)."""
+    by_variant: dict[str, list[tuple[str, float, int]]] = {}
+    for (draw, variant), members in groups.items():
+        by_variant.setdefault(variant, []).append((draw, mean(m.row.mean for m in members), len(members)))
+    lines = []
+    for variant, draws in by_variant.items():
+        if len(draws) < 2:
+            continue
+        means = [m for _, m, _ in draws]
+        lines.append(f"| {variant} | {', '.join(f'{d.split()[1]}: {m:.3f} ({n})' for d, m, n in draws)} | **{mean(means):.3f}** | {stdev(means):.3f} |")
+    return lines
+
+
 def difference_rows(groups: dict[tuple[str, str], list[Replicate]]) -> list[str]:
     """Each pair of variants on the same draw: the difference of their replicate means, with its
     standard error from the replicates' spread (Welch), where both have at least two."""
@@ -129,6 +144,9 @@ def main() -> None:
              "## Spread over replicates", "",
              f"| draw (DP adapters) | variant | replicates | {tasks} | mean | SD of the mean over replicates | range |", "|---|---|---|---|---|---|---|---|---|",
              *spread_rows(groups), "",
+             "## Across draws of DP adapters", "",
+             "| variant | each draw's replicate mean (replicates) | mean over draws | SD between draws |", "|---|---|---|---|",
+             *across_draws_rows(groups), "",
              "## Differences between variants on the same draw", "",
              "| draw | variants | difference of the replicate means | SE (from the replicates' spread) | in SEs |", "|---|---|---|---|---|",
              *difference_rows(groups)]
