@@ -135,11 +135,15 @@ def test_the_ablation_table_counts_the_pairs_the_final_tuning_reads_here_and_fro
     assert "| 5 (synthesize) |" in table and "| 481 (refine) |" in table
 
 
-def test_the_audit_power_store_belongs_to_the_rows_the_benchmark_measures_today():
-    defaults = audit_power.parse_args(["--workdir", "unused"])
-    for name, stored in audit_power.STORE.runs().items():
+@pytest.mark.parametrize("variant, arguments", [(None, []), ("mia1000", ["--records", "1100", "--holdout", "1000", "--variant", "mia1000"])])
+def test_the_audit_power_store_belongs_to_the_rows_the_benchmark_measures_today(variant, arguments):
+    """Each committed store (the main design's, and a variant's with the arguments its results file names) holds rows of today's specs."""
+    defaults = audit_power.parse_args(["--workdir", "unused", *arguments])
+    store = audit_power.store_for(variant)
+    assert store.runs(), f"{store.path.name}: no rows"
+    for name, stored in store.runs().items():
         epsilon = next(e for e in audit_power.EPSILONS if audit_power.short_name(e) == name)
-        entry = audit_power.STORE.entry(name, audit_power.measured(epsilon, defaults))
+        entry = store.entry(name, audit_power.measured(epsilon, defaults))
         assert entry == stored, f"{name}: stored for another spec, audit or canary score"
         assert entry["canary_rows"] and entry["mia_rows"]
         assert all(line.startswith(f"| {audit_power.label(epsilon)} |") for line in entry["canary_rows"] + entry["mia_rows"])
@@ -357,3 +361,25 @@ def test_replicates_are_grouped_by_draw_and_variant_and_compared_on_the_same_dra
     assert "**0.620** | 0.028 | 0.600 - 0.640" in spread[0] and "| n/a |" in spread[2]  # one replicate: no spread to tell
     # x and y on hl: 0.10 apart, SE sqrt(2 x 0.028^2 / 2) = 0.028; hl2's single x is compared with nothing
     assert fr.difference_rows(groups) == ["| hl | A8-x minus A8-y | +0.100 | 0.028 | +3.5 |"]
+
+
+def test_replicates_from_the_store_count_every_draw_once_per_run_and_are_compared_across_draws(tmp_path):
+    """`--store`: a run's earlier measurements on other DP draws count, a repeat on the same draw counts once (its latest)."""
+    def measurement(mean: float, releases: list[str], saved_at: str) -> dict:
+        row = asdict(finance_headline.RowScore({t: mean for t in finance_headline.TASKS}, mean, 0.015, 0.5))
+        return {"digest": "d", "rows": {"final": row}, "dp_releases": releases, "saved_at": saved_at}
+
+    draw_1, draw_2 = ["r1b", "r1a"], ["r2a"]
+    runs = {
+        "A8-x": {**measurement(0.65, draw_2, "2026-12-05T02"), "earlier": [measurement(0.55, draw_1, "2026-12-04T01"), measurement(0.60, draw_1, "2026-12-04T02")]},
+        "A8-x_seed2": {**measurement(0.66, draw_2, "2026-12-05T03"), "earlier": [measurement(0.50, draw_1, "2026-12-04T03")]},
+        "A8-lonely": measurement(0.40, draw_1, "2026-12-04T04"),  # no replicate: not a replicated variant
+        "B8": {"digest": "d", "rows": {"5": {}}, "saved_at": "2026-12-04T00"},
+    }
+    store = tmp_path / "runs.json"
+    store.write_text(json.dumps({"runs": runs}))
+    found = fr.stored_replicates(store)
+    assert [(r.draw, r.variant, r.seed, r.row.mean) for r in found] == [
+        ("draw 1 (r1a)", "A8-x", "spec", 0.60), ("draw 1 (r1a)", "A8-x", "2", 0.50), ("draw 2 (r2a)", "A8-x", "spec", 0.65), ("draw 2 (r2a)", "A8-x", "2", 0.66)]
+    across = fr.across_draws_rows(fr.by_draw_and_variant(found))
+    assert across == ["| A8-x | 1: 0.550 (2), 2: 0.655 (2) | **0.603** | 0.074 |"]
