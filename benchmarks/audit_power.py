@@ -40,10 +40,15 @@ from eval.audit import CANARY_SCORE  # noqa: E402
 EPSILONS = (math.inf, 8.0, 4.0, 1.0)  # the rows that decide the goals first
 
 
+def result_name(variant: str | None) -> str:
+    """The results file's name (without .md); a variant design's is its own, so its rows never displace the main table's."""
+    return f"audit_power_{variant}" if variant else "audit_power"
+
+
 def store_for(variant: str | None) -> RunStore:
-    """Finished rows (see RunStore); an entry belongs to the spec, the audit's arguments and the
-    canary score it ran. A variant design keeps its own store, so its rows never displace the main table's."""
-    return RunStore(RESULTS / (f"audit_power_{variant}_runs.json" if variant else "audit_power_runs.json"))
+    """Finished rows (see RunStore), beside the results file; an entry belongs to the spec, the
+    audit's arguments and the canary score it ran."""
+    return RunStore(RESULTS / f"{result_name(variant)}_runs.json")
 
 
 def label(epsilon: float) -> str:
@@ -225,7 +230,7 @@ def write(args, rows: dict[float, dict], from_store: set[float]) -> None:
               "## Where and how long each row ran", "",
               *[f"- {label(e)}: `ksg run` {rows[e]['run_s']:.0f} s, `ksg audit` {rows[e]['audit_s']:.0f} s; {rows[e]['code']}, {rows[e]['machine']}"
                 + (f"; {rows[e]['note']}" if rows[e].get("note") else "") for e in order]]
-    write_result(f"audit_power_{args.variant}" if args.variant else "audit_power", lines)
+    write_result(result_name(args.variant), lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -33,7 +33,7 @@ from finance_headline import TASKS, RowScore, score  # noqa: E402
 
 STORE = RESULTS / "finance_headline_runs.json"
 
-REPLICATE = re.compile(r"_seed\d+$")
+REPLICATE = re.compile(r"_seed(\d+)$")
 
 
 @dataclass
@@ -67,12 +67,17 @@ def stored_replicates(store: Path) -> list[Replicate]:
         for m in [*entry.get("earlier", []), entry]:  # oldest first: a later one on the same draw replaces it
             if "final" in m.get("rows", {}) and m.get("dp_releases"):
                 measured[(name, sorted(m["dp_releases"])[0])] = m
-    first_seen: dict[str, str] = {}
+    draw_number: dict[str, int] = {}  # a draw's number: the order in which its first measurement was saved
     for (_, release), m in sorted(measured.items(), key=lambda item: item[1]["saved_at"]):
-        first_seen.setdefault(release, f"draw {len(first_seen) + 1} ({release[:8]})")
-    found = [Replicate(draw=first_seen[release], variant=REPLICATE.sub("", name), seed=name.rsplit("_seed", 1)[1] if REPLICATE.search(name) else "spec",
-                       row=RowScore(**m["rows"]["final"])) for (name, release), m in measured.items()]
-    return sorted(found, key=lambda r: (r.draw, r.variant, r.seed != "spec", r.seed))
+        draw_number.setdefault(release, len(draw_number) + 1)
+
+    def seed(name: str) -> str:
+        match = REPLICATE.search(name)
+        return match.group(1) if match else "spec"
+
+    ordered = sorted(measured.items(), key=lambda item: (draw_number[item[0][1]], REPLICATE.sub("", item[0][0]), seed(item[0][0]) != "spec", seed(item[0][0])))
+    return [Replicate(draw=f"draw {draw_number[release]} ({release[:8]})", variant=REPLICATE.sub("", name), seed=seed(name), row=RowScore(**m["rows"]["final"]))
+            for (name, release), m in ordered]
 
 
 def by_draw_and_variant(runs: list[Replicate]) -> dict[tuple[str, str], list[Replicate]]:
