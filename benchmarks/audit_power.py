@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -233,6 +234,13 @@ def write(args, rows: dict[float, dict], from_store: set[float]) -> None:
     write_result(result_name(args.variant), lines)
 
 
+def variant_name(text: str) -> str:
+    """A variant names two files in benchmarks/results: letters, digits and underscores only, so it cannot reach outside."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: letters, digits and underscores only (it names audit_power_VARIANT.md)")
+    return text
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=600)
@@ -244,7 +252,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=10, help="the canaries and their coins (the designs that chose --in-guesses ran at 7; 8 and 9 ran the 4-epoch recipe)")
     parser.add_argument("--in-guesses", type=int, default=120, help="'in' guesses on the top scores, declared in advance (the best count of the two designs before it); 0: the audit's seven Bonferroni-corrected tries")
     parser.add_argument("--workdir", type=Path, required=True, help="the runs live here; the same command resumes from it")
-    parser.add_argument("--variant", default=None, help="a design beside the main one (e.g. mia1000 with --records 1100 --holdout 1000): rows in audit_power_VARIANT_runs.json, table in audit_power_VARIANT.md")
+    parser.add_argument("--variant", default=None, type=variant_name, help="a design beside the main one (e.g. mia1000 with --records 1100 --holdout 1000): rows in audit_power_VARIANT_runs.json, table in audit_power_VARIANT.md")
     parser.add_argument("--only", default=None, help="measure these rows (nonprivate, eps8, eps4, eps1; comma-separated) even if the store holds them, and no others; none: only rewrite the report")
     return parser.parse_args(argv)
 

@@ -383,3 +383,11 @@ def test_replicates_from_the_store_count_every_draw_once_per_run_and_are_compare
         ("draw 1 (r1a)", "A8-x", "spec", 0.60), ("draw 1 (r1a)", "A8-x", "2", 0.50), ("draw 2 (r2a)", "A8-x", "spec", 0.65), ("draw 2 (r2a)", "A8-x", "2", 0.66)]
     across = fr.across_draws_rows(fr.by_draw_and_variant(found))
     assert across == ["| A8-x | 1: 0.550 (2), 2: 0.655 (2) | **0.603** | 0.074 |"]
+
+
+def test_an_audit_power_variant_names_only_files_in_the_results_folder():
+    assert audit_power.parse_args(["--workdir", "unused", "--variant", "mia1000"]).variant == "mia1000"
+    for unsafe in ("../evil", "a/b", ""):
+        with pytest.raises(SystemExit) as exit_info:
+            audit_power.parse_args(["--workdir", "unused", "--variant", unsafe])
+        assert exit_info.value.code == 2
