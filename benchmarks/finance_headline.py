@@ -776,9 +776,28 @@ def run_details(args, e: str, specs: dict[str, dict]) -> list[str]:
     return entry["details"] if entry else []
 
 
+# the pipeline as it runs best so far (README: "Replicates of the final tuning"), plotted beside
+# the rows: each replicate of its final tuning a dot, their mean the line
+BEST_VARIANT = "unrefined_public300_model_prior"
+BEST_VARIANT_REPLICATES = ("", "_seed2", "_seed3")
+
+
+def best_variant_points(args, epsilons: list[str], specs: dict[str, dict]) -> list[tuple[float, list[float]]]:
+    """(epsilon, the final models' means) of the best variant's replicates measured at each
+    epsilon: those named by --ablations, as shown in the ablation tables."""
+    points = []
+    for e in epsilons:
+        means = [value.mean for suffix in BEST_VARIANT_REPLICATES
+                 if (value := run_rows(args, f"A{e}-{BEST_VARIANT}{suffix}", specs).get("final")) is not None]
+        if means and e != "inf":
+            points.append((float(e), means))
+    return points
+
+
 def plot_curve(args, epsilons: list[str], specs: dict[str, dict], path: Path) -> bool:
-    """Mean accuracy against epsilon for the rows that depend on it, with the rows that do not as
-    lines across; False (and no file) with fewer than two epsilons finished."""
+    """Mean accuracy against epsilon for the rows that depend on it and the best variant's
+    replicates, with the rows that do not as lines across; False (and no file) with fewer than two
+    epsilons finished."""
     curves: dict[str, list[tuple[float, float]]] = {}
     flat: dict[str, float] = {}
     for e in epsilons:
@@ -790,15 +809,20 @@ def plot_curve(args, epsilons: list[str], specs: dict[str, dict], path: Path) ->
                 flat[number] = value.mean
             else:
                 curves.setdefault(number, []).append((x, value.mean))
-    if max((len(points) for points in curves.values()), default=0) < 2:
+    variant = best_variant_points(args, epsilons, specs)
+    if max((len(points) for points in [*curves.values(), variant]), default=0) < 2:
         return False
     matplotlib.use("Agg")
-    finite = sorted({x for points in curves.values() for x, _ in points if not math.isinf(x)})
+    finite = sorted({x for points in curves.values() for x, _ in points if not math.isinf(x)} | {x for x, _ in variant})
     position = {x: i for i, x in enumerate(finite)}
     fig, ax = plt.subplots(figsize=(8, 5))
     for number, points in sorted(curves.items()):
         points = sorted(p for p in points if not math.isinf(p[0]))
         ax.plot([position[x] for x, _ in points], [y for _, y in points], marker="o", label=f"{number}: {ROW_LABELS[number].format(e='e')}")
+    if variant:
+        line = ax.plot([position[x] for x, _ in variant], [sum(m) / len(m) for _, m in variant], marker="s", linewidth=2,
+                       label="best variant: unrefined pairs, model prior, 300 public (mean of its replicates; dots: each)")[0]
+        ax.scatter([position[x] for x, means in variant for _ in means], [m for _, means in variant for m in means], s=14, color=line.get_color(), alpha=0.6)
     for number, y in sorted(flat.items()):
         ax.axhline(y, linestyle="--", linewidth=1, color="grey" if number != "7" else "black")
         ax.text(len(finite) - 1, y, f" {number}", va="center", fontsize=8)

@@ -391,3 +391,21 @@ def test_an_audit_power_variant_names_only_files_in_the_results_folder():
         with pytest.raises(SystemExit) as exit_info:
             audit_power.parse_args(["--workdir", "unused", "--variant", unsafe])
         assert exit_info.value.code == 2
+
+
+def test_the_curve_draws_the_best_variant_from_its_replicates_at_each_epsilon(tmp_path, monkeypatch):
+    replicates = "unrefined_public300_model_prior,unrefined_public300_model_prior_seed2,unrefined_public300_model_prior_seed3"
+    args, specs, store = headline(tmp_path, monkeypatch, "--epsilons", "4,8", "--ablations", replicates)
+
+    def save(name: str, mean: float) -> None:
+        store.save(name, specs[name], 1.0, rows={"final": {"acc": {t: mean for t in finance_headline.TASKS}, "mean": mean, "se": 0.01}})
+
+    save("A8-unrefined_public300_model_prior", 0.60)
+    save("A8-unrefined_public300_model_prior_seed2", 0.66)
+    curve = tmp_path / "curve.png"
+    # one epsilon measured: no curve (and no file)
+    assert finance_headline.best_variant_points(args, ["4", "8"], specs) == [(8.0, [0.60, 0.66])]
+    assert not finance_headline.plot_curve(args, ["4", "8"], specs, curve) and not curve.exists()
+    save("A4-unrefined_public300_model_prior_seed3", 0.50)
+    assert finance_headline.best_variant_points(args, ["4", "8"], specs) == [(4.0, [0.50]), (8.0, [0.60, 0.66])]
+    assert finance_headline.plot_curve(args, ["4", "8"], specs, curve) and curve.stat().st_size > 0
