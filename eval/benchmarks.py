@@ -192,22 +192,25 @@ def choice_ids(tokenizer, choice: str) -> list[int]:
     return encode_continuation(tokenizer, choice if has_chat_template(tokenizer) else f" {choice}")
 
 
-def predict_logprob(model, tokenizer, items: list[Item], batch_size: int, device: str) -> list[int]:
-    contexts, continuations, owners = [], [], []
-    for n, item in enumerate(items):
+def choice_logprobs(model, tokenizer, items: list[Item], batch_size: int, device: str) -> list[list[float]]:
+    """Each item's choices' log-probabilities after its prompt (summed over each choice's tokens)."""
+    contexts, continuations = [], []
+    for item in items:
         ids = context_ids(tokenizer, item.prompt)
         for choice in item.choices:
             contexts.append(ids)
             continuations.append(choice_ids(tokenizer, choice))
-            owners.append(n)
     scores = continuation_logprobs(model, contexts, continuations, pad_id(tokenizer), batch_size, device, "eval: scoring choices")
-    predictions: list[int] = []
+    sums: list[list[float]] = []
     position = 0
     for item in items:
-        sums = [float(scores[position + j].sum()) for j in range(len(item.choices))]
-        predictions.append(max(range(len(sums)), key=sums.__getitem__))
+        sums.append([float(scores[position + j].sum()) for j in range(len(item.choices))])
         position += len(item.choices)
-    return predictions
+    return sums
+
+
+def predict_logprob(model, tokenizer, items: list[Item], batch_size: int, device: str) -> list[int]:
+    return [max(range(len(sums)), key=sums.__getitem__) for sums in choice_logprobs(model, tokenizer, items, batch_size, device)]
 
 
 def predict_generation(model, tokenizer, items: list[Item], batch_size: int, device: str, max_new_tokens: int = 12) -> list[int | None]:

@@ -12,6 +12,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -409,3 +410,19 @@ def test_the_curve_draws_the_best_variant_from_its_replicates_at_each_epsilon(tm
     save("A4-unrefined_public300_model_prior_seed3", 0.50)
     assert finance_headline.best_variant_points(args, ["4", "8"], specs) == [(4.0, [0.50]), (8.0, [0.60, 0.66])]
     assert finance_headline.plot_curve(args, ["4", "8"], specs, curve) and curve.stat().st_size > 0
+
+
+def test_prior_calibration_moves_the_models_mean_answer_on_the_synthetic_inputs_to_their_label_shares(monkeypatch):
+    import prior_calibration as pc
+
+    labels = finance_headline.LABELS
+    # synthetic pairs: 6 neutral, 2 negative, no positive; the model's raw scores lean to "positive" for every input
+    synthetic = [pc.Item(f"s{i}", labels, 1 if i < 6 else 0) for i in range(8)]
+    tests = {t: [pc.Item(f"{t}{i}", labels, 1) for i in range(4)] for t in pc.TASKS}
+    raw = np.log([0.2, 0.3, 0.5])
+    monkeypatch.setattr(pc, "choice_logprobs", lambda model, tokenizer, items, batch_size, device: [raw.tolist() for _ in items])
+    result = pc.calibrate(None, None, synthetic, tests)
+    assert result.prior == [0.25, 0.75, 0.0] and result.model_prior == [0.2, 0.3, 0.5]
+    assert all(s["accuracy"] == 0.0 and s["predicted"]["positive"] == 4 for s in result.before.values())
+    # after: each label's score is log(its synthetic share), so "neutral" wins on every item
+    assert all(s["accuracy"] == 1.0 and s["predicted"]["neutral"] == 4 for s in result.after.values())
