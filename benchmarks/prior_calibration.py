@@ -13,10 +13,12 @@ where pi is the synthetic pairs' label shares and mean p the model's mean probab
 label over the synthetic inputs (the prior-shift correction of Saerens, Latinne and Decaestecker,
 2002: it moves the model's average answer on the synthetic inputs to their labels' shares). With
 `--dp`, each bank's DP adapter is calibrated the same way to its own bank's synthetic pairs (what
-the DP-adapter row would gain from the same step). Nothing is trained or released; the test items
+the DP-adapter row would gain from the same step); with `--professional RUN`, the professional model
+tuned in RUN (public data) is calibrated to the first run's synthetic pairs (what the server could
+do with the professional and the same pairs, no tuning on them). Nothing is trained or released; the test items
 are the headline's (the same seeded `--limit` per task, float32 weights as its evaluate stage).
 
-Usage:  .venv/bin/python benchmarks/prior_calibration.py RUN_DIR [RUN_DIR ...] [--dp] [--limit 400]
+Usage:  .venv/bin/python benchmarks/prior_calibration.py RUN_DIR [RUN_DIR ...] [--dp] [--professional RUN] [--limit 400]
 Writes benchmarks/results/prior_calibration.md
 """
 
@@ -35,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import code_version, command, machine, write_result  # noqa: E402
 
-from eval.audit import Target, load_target, targets_of  # noqa: E402
+from eval.audit import Target, load_target, professional_target, targets_of  # noqa: E402
 from eval.benchmarks import SENTIMENT, Item, choice_logprobs, load_task, score  # noqa: E402
 from eval.evaluate import EvalOptions  # noqa: E402
 from knowledgesg.fileio import read_json, read_jsonl  # noqa: E402
@@ -49,6 +51,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("runs", nargs="+", type=Path, help="finished headline runs (a pipeline run or an ablation's copy)")
     parser.add_argument("--dp", action="store_true", help="also each bank's DP adapter of the first run, calibrated to its own bank's synthetic pairs")
+    parser.add_argument("--professional", type=Path, default=None, help="a finished pipeline run whose tuned professional to calibrate to the first run's synthetic pairs")
     parser.add_argument("--limit", type=int, default=400, help="test items per task (the headline's)")
     return parser.parse_args()
 
@@ -114,11 +117,18 @@ def main() -> None:
                 jobs.append((run_dir, target, clients))
             elif args.dp and run_dir == args.runs[0]:
                 jobs.append((run_dir, target, [target.name.split(":", 1)[1]]))
+    if args.professional:
+        professional = professional_target(args.professional, ["tune_professional"])
+        if professional is None or professional.adapter_dir is None:
+            sys.exit(f"{args.professional}: no tuned professional (tune_professional did not finish there)")
+        clients = list(read_json(args.runs[0] / "stages/ingest/partition.json")["clients"])
+        jobs.append((args.professional, professional, clients))
     rows = []
     for run_dir, target, clients in jobs:
         started = time.perf_counter()
         model, tokenizer = load_target(run_models(run_dir, {target.model_role})[target.model_role], target.adapter_dir, "cpu", DEFAULTS["precision"])
-        result = calibrate(model, tokenizer, synthetic_items(run_dir, clients), tests)
+        pairs_from = args.runs[0] if target.name == "professional" else run_dir
+        result = calibrate(model, tokenizer, synthetic_items(pairs_from, clients), tests)
         rows.append((run_dir.name, target.name, result))
         print(f"{run_dir.name} {target.name}: {mean(result.before):.3f} -> {mean(result.after):.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
 
