@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -146,9 +146,9 @@ def main() -> None:
                      + " | ".join(f"{a[t]['accuracy']:.3f}" for t in TASKS) + f" | **{mean(a):.3f}** | {shares(b, 'tfns')} -> {shares(a, 'tfns')} |")
     finals = [(mean(r.before), mean(r.after)) for _, name, r in rows if name == "final"]
     if len(finals) > 1:
-        sd = lambda xs: math.sqrt(sum((x - sum(xs) / len(xs)) ** 2 for x in xs) / (len(xs) - 1))  # noqa: E731
         before, after = [f[0] for f in finals], [f[1] for f in finals]
-        lines += ["", f"Final models: mean {sum(before) / len(before):.3f} (SD {sd(before):.3f}) before, {sum(after) / len(after):.3f} (SD {sd(after):.3f}) after."]
+        lines += ["", f"Final models: mean {statistics.mean(before):.3f} (SD {statistics.stdev(before):.3f}) before, "
+                      f"{statistics.mean(after):.3f} (SD {statistics.stdev(after):.3f}) after."]
     lines += ["", "Priors and biases (negative, neutral, positive):"]
     lines += [f"- {run} {name}: synthetic pairs {result.prior}, the model's mean on them {result.model_prior}, bias {result.bias}" for run, name, result in rows]
     write_result("prior_calibration", lines)
