@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.special import softmax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import code_version, command, machine, write_result  # noqa: E402
@@ -41,9 +42,11 @@ from eval.audit import Target, load_target, professional_target, targets_of  # n
 from eval.benchmarks import SENTIMENT, Item, choice_logprobs, load_task, score  # noqa: E402
 from eval.evaluate import EvalOptions  # noqa: E402
 from knowledgesg.fileio import read_json, read_jsonl  # noqa: E402
+from finance_headline import SYNTHETIC_FILES, TASKS  # noqa: E402
+from knowledgesg.prompts import user_message  # noqa: E402
+from knowledgesg.records import InstructionRecord  # noqa: E402
 from knowledgesg.runner import run_models  # noqa: E402
 
-TASKS = ["fpb", "fiqa", "tfns"]
 DEFAULTS = {name: EvalOptions.model_fields[name].default for name in ("seed", "batch_size", "precision")}
 
 
@@ -57,21 +60,17 @@ def parse_args() -> argparse.Namespace:
 
 
 def synthetic_items(run_dir: Path, clients: list[str]) -> list[Item]:
-    """The labelled synthetic pairs of `clients` that the run's final tuning read, as scoring items."""
+    """The labelled synthetic pairs of `clients` that the run's final tuning read, as scoring items
+    (the user turn as the final tuning and evaluate write it)."""
     stage = read_json(run_dir / "stages/fedtune/manifest.json")["params"]["synthetic_stage"]
-    file = {"synthesize": "synthetic.jsonl", "refine": "refined.jsonl"}[stage]
     items = []
     for client in clients:
-        for row in read_jsonl(run_dir / "stages" / stage / "clients" / client / file):
-            label = row["response"].strip().lower()
+        for row in read_jsonl(run_dir / "stages" / stage / "clients" / client / SYNTHETIC_FILES[stage]):
+            record = InstructionRecord.model_validate({k: v for k, v in row.items() if k in InstructionRecord.model_fields})  # the stage's provenance aside
+            label = record.response.strip().lower()
             if label in SENTIMENT:
-                items.append(Item(f"{row['instruction']}\n{row['input']}" if row["input"] else row["instruction"], SENTIMENT, SENTIMENT.index(label)))
+                items.append(Item(user_message(record), SENTIMENT, SENTIMENT.index(label)))
     return items
-
-
-def log_softmax(scores: np.ndarray) -> np.ndarray:
-    top = scores.max(axis=1, keepdims=True)
-    return scores - top - np.log(np.exp(scores - top).sum(axis=1, keepdims=True))
 
 
 @dataclass
@@ -87,7 +86,7 @@ def calibrate(model, tokenizer, synthetic: list[Item], tests: dict[str, list[Ite
     scored = np.array(choice_logprobs(model, tokenizer, synthetic, DEFAULTS["batch_size"], "cpu"))
     counts = np.bincount([item.answer for item in synthetic], minlength=len(SENTIMENT))
     prior = counts / counts.sum()
-    model_prior = np.exp(log_softmax(scored)).mean(axis=0)
+    model_prior = softmax(scored, axis=1).mean(axis=0)
     bias = np.log(np.maximum(prior, 1e-6)) - np.log(model_prior)
     before, after = {}, {}
     for task, items in tests.items():
