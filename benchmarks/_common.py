@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from knowledgesg.fileio import write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -65,7 +67,7 @@ def positive_ints(text: str) -> list[int]:
 def write_result(name: str, lines: list[str]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     text = "\n".join(lines) + "\n"
-    (RESULTS / f"{name}.md").write_text(text)
+    write_text(RESULTS / f"{name}.md", text)  # temp file, then rename: an interrupted benchmark leaves the last whole table
     print(text)
 
 

@@ -36,12 +36,12 @@ import numpy as np
 from scipy.special import softmax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import code_version, command, machine, write_result  # noqa: E402
+from _common import RESULTS, code_version, command, machine, write_result  # noqa: E402
 
 from eval.audit import Target, load_target, professional_target, targets_of  # noqa: E402
 from eval.benchmarks import SENTIMENT, Item, choice_logprobs, load_task, score  # noqa: E402
 from eval.evaluate import EvalOptions  # noqa: E402
-from knowledgesg.fileio import read_json, read_jsonl  # noqa: E402
+from knowledgesg.fileio import read_json, read_jsonl, write_text  # noqa: E402
 from finance_headline import SYNTHETIC_FILES, TASKS  # noqa: E402
 from knowledgesg.prompts import user_message  # noqa: E402
 from knowledgesg.records import InstructionRecord  # noqa: E402
@@ -151,7 +151,7 @@ def main() -> None:
     lines += ["", "Priors and biases (negative, neutral, positive):"]
     lines += [f"- {run} {name}: synthetic pairs {result.prior}, the model's mean on them {result.model_prior}, bias {result.bias}" for run, name, result in rows]
     write_result("prior_calibration", lines)
-    (Path(__file__).resolve().parent / "results" / "prior_calibration.json").write_text(
+    write_text(RESULTS / "prior_calibration.json",
         json.dumps([{"run": run, "model": name, **result.__dict__} for run, name, result in rows], indent=1))
 
 
