@@ -33,13 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.special import softmax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, code_version, command, machine, write_result  # noqa: E402
 
 from eval.audit import Target, load_target, professional_target, targets_of  # noqa: E402
-from eval.benchmarks import SENTIMENT, Item, choice_logprobs, load_task, score  # noqa: E402
+from eval.benchmarks import SENTIMENT, Item, choice_logprobs, fit_label_prior, load_task, score  # noqa: E402
 from eval.evaluate import EvalOptions  # noqa: E402
 from knowledgesg.fileio import read_json, read_jsonl, write_text  # noqa: E402
 from finance_headline import SYNTHETIC_FILES, TASKS  # noqa: E402
@@ -83,17 +82,16 @@ class Calibrated:
 
 
 def calibrate(model, tokenizer, synthetic: list[Item], tests: dict[str, list[Item]]) -> Calibrated:
-    scored = np.array(choice_logprobs(model, tokenizer, synthetic, DEFAULTS["batch_size"], "cpu"))
-    counts = np.bincount([item.answer for item in synthetic], minlength=len(SENTIMENT))
-    prior = counts / counts.sum()
-    model_prior = softmax(scored, axis=1).mean(axis=0)
-    bias = np.log(np.maximum(prior, 1e-6)) - np.log(model_prior)
+    """The pipeline's `calibrate` stage's fit (eval.benchmarks.fit_label_prior) on `synthetic`,
+    and the test items' answers before and after its bias."""
+    prior = fit_label_prior(choice_logprobs(model, tokenizer, synthetic, DEFAULTS["batch_size"], "cpu"), [item.answer for item in synthetic], SENTIMENT)
+    bias = np.array(prior.bias)
     before, after = {}, {}
     for task, items in tests.items():
         raw = np.array(choice_logprobs(model, tokenizer, items, DEFAULTS["batch_size"], "cpu"))
         before[task] = score(items, raw.argmax(axis=1).tolist()).__dict__
         after[task] = score(items, (raw + bias).argmax(axis=1).tolist()).__dict__
-    return Calibrated(prior.round(4).tolist(), model_prior.round(4).tolist(), bias.round(4).tolist(), before, after)
+    return Calibrated(*(np.round(v, 4).tolist() for v in (prior.shares, prior.model_mean, prior.bias)), before, after)
 
 
 def mean(scores: dict[str, dict]) -> float:

@@ -25,6 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from scipy.special import softmax
+
 from knowledgesg.builtin_data import VENDOR, load_builtin
 from knowledgesg.errors import InputError
 from knowledgesg.generation import Generator, SamplingParams, chat_prompt_ids
@@ -209,8 +213,48 @@ def choice_logprobs(model, tokenizer, items: list[Item], batch_size: int, device
     return sums
 
 
+def argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
 def predict_logprob(model, tokenizer, items: list[Item], batch_size: int, device: str) -> list[int]:
-    return [max(range(len(sums)), key=sums.__getitem__) for sums in choice_logprobs(model, tokenizer, items, batch_size, device)]
+    return [argmax(sums) for sums in choice_logprobs(model, tokenizer, items, batch_size, device)]
+
+
+class LabelPrior(BaseModel):
+    """A model's label prior fitted to labelled data it is to answer like (the `calibrate` stage:
+    the final model against the synthetic pairs its tuning read). `bias[k]` is added to label k's
+    log-probability before the argmax: b = log(share) - log(mean p), the prior-shift correction of
+    Saerens, Latinne and Decaestecker (2002), which moves the model's average answer on those
+    inputs to their labels' shares."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    labels: list[str] = Field(min_length=2)
+    shares: list[float]  # the labelled data's share of each label
+    model_mean: list[float]  # the model's mean probability of each label on the data's inputs
+    bias: list[float]
+    pairs: int = Field(ge=1, description="labelled items the prior was fitted on")
+
+    def bias_for(self, choices: list[str]) -> list[float] | None:
+        """The bias in the order of a task's choices, or None where the task's choices are not
+        these labels (another task: its scores are left as they are)."""
+        position = {label.lower(): k for k, label in enumerate(self.labels)}
+        if sorted(c.strip().lower() for c in choices) != sorted(position):
+            return None
+        return [self.bias[position[c.strip().lower()]] for c in choices]
+
+
+def fit_label_prior(scores: list[list[float]], answers: list[int], labels: list[str]) -> LabelPrior:
+    """The prior correction from a model's choice log-probabilities on labelled items (`scores`,
+    in the order of `labels`) and their labels (`answers`, indices into `labels`)."""
+    if not answers:
+        raise ValueError("no labelled items to fit a label prior on")
+    shares = np.bincount(answers, minlength=len(labels)) / len(answers)
+    model_mean = softmax(np.asarray(scores, dtype=np.float64), axis=1).mean(axis=0)
+    # a label the data never gives gets a large negative bias, not minus infinity (kept finite for JSON)
+    bias = np.log(np.maximum(shares, 1e-6)) - np.log(np.maximum(model_mean, 1e-12))
+    return LabelPrior(labels=list(labels), shares=shares.round(6).tolist(), model_mean=model_mean.round(6).tolist(), bias=bias.round(6).tolist(), pairs=len(answers))
 
 
 def predict_generation(model, tokenizer, items: list[Item], batch_size: int, device: str, max_new_tokens: int = 12) -> list[int | None]:
@@ -244,15 +288,23 @@ def score(items: list[Item], predictions: list[int | None]) -> Score:
                  predicted={c: sum(p == k for p in filled) for k, c in enumerate(choices)}, truth={c: truth.count(k) for k, c in enumerate(choices)})
 
 
+CALIBRATED = "logprob_calibrated"  # the logprob answer after a LabelPrior's bias, beside the raw one
+
+
 def evaluate_model(model, tokenizer, tasks: list[Task], modes: list[str], limit: int | None, seed: int, batch_size: int = 8, device: str = "cpu",
-                   base_dir: Path = Path(".")) -> dict:
-    """Scores per task name; a test file's relative path is resolved from `base_dir`."""
+                   base_dir: Path = Path("."), label_prior: LabelPrior | None = None) -> dict:
+    """Scores per task name; a test file's relative path is resolved from `base_dir`. With a
+    `label_prior`, a task whose choices are its labels is also scored after its bias (`CALIBRATED`)."""
     results = {}
     for task in tasks:
         items = load_task(task, limit, seed, base_dir)
         entry = {}
         if "logprob" in modes:
-            entry["logprob"] = score(items, predict_logprob(model, tokenizer, items, batch_size, device)).__dict__
+            scores = choice_logprobs(model, tokenizer, items, batch_size, device)
+            entry["logprob"] = score(items, [argmax(s) for s in scores]).__dict__
+            bias = label_prior.bias_for(items[0].choices) if label_prior is not None else None
+            if bias is not None:
+                entry[CALIBRATED] = score(items, [argmax([v + b for v, b in zip(s, bias)]) for s in scores]).__dict__
         if "generation" in modes:
             entry["generation"] = score(items, predict_generation(model, tokenizer, items, batch_size, device)).__dict__
         results[task_name(task)] = entry

@@ -27,7 +27,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from eval.audit import Target, completed, load_target, of_kinds, pair_text, private_texts, professional_target, synthetic_texts, targets_of
-from eval.benchmarks import TASKS, evaluate_model, is_task_file, load_task, task_name
+from eval.benchmarks import CALIBRATED, TASKS, LabelPrior, evaluate_model, is_task_file, load_task, task_name
 from eval.fidelity import fidelity_report
 from knowledgesg.console import console
 from knowledgesg.errors import InputError
@@ -40,6 +40,7 @@ from knowledgesg.spec import DataSource
 EVAL_REPORT = "eval_report.json"
 EVAL_HTML = "eval_report.html"
 SIDES = "sides.json"  # each output of `ksg eval` and its side, as a stage manifest would say
+LABEL_PRIOR = "label_prior.json"  # the calibrate stage's output, shipped beside the final adapter by publish
 
 
 class EvalOptions(BaseModel):
@@ -140,11 +141,29 @@ def mean_accuracy(results: dict, mode: str) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
 
-def score_target(target: Target, models: dict, tasks: list[str | DataSource], options: EvalOptions, device: str, base_dir: Path) -> dict:
+def final_label_prior(run_dir: Path, stages_before: list[str] = (), published: Published | None = None) -> LabelPrior | None:
+    """The final adapter's label prior: shipped beside a published adapter, or fitted by a
+    `calibrate` stage among `stages_before` (one after this evaluation leaves its scores raw)."""
+    if published is not None:
+        path = published.final_adapter / LABEL_PRIOR
+    elif "calibrate" in stages_before and completed(run_dir, "calibrate"):
+        path = run_dir / "stages/calibrate" / LABEL_PRIOR
+    else:
+        return None
+    return LabelPrior.model_validate(read_json(path)) if path.is_file() else None
+
+
+def score_target(target: Target, models: dict, tasks: list[str | DataSource], options: EvalOptions, device: str, base_dir: Path,
+                 label_prior: LabelPrior | None = None) -> dict:
+    """A model's scores per task and mode; with a `label_prior` (the final adapter's), the
+    log-probability answers after its bias too (`logprob_calibrated`), beside the raw ones."""
     console.print(f"eval: {target.name} on {', '.join(task_name(t) for t in tasks)}")
     model, tokenizer = load_target(models[target.model_role], target.adapter_dir, device, resolve_precision(options.precision, device))
-    results = evaluate_model(model, tokenizer, tasks, list(options.modes), options.limit, options.seed, options.batch_size, device, base_dir)
-    return {"tasks": results, "mean_accuracy": {mode: mean_accuracy(results, mode) for mode in options.modes}}
+    prior = label_prior if "logprob" in options.modes else None
+    results = evaluate_model(model, tokenizer, tasks, list(options.modes), options.limit, options.seed, options.batch_size, device, base_dir, prior)
+    modes = [*options.modes, *([CALIBRATED] if prior is not None else [])]
+    return {"tasks": results, "mean_accuracy": {mode: mean_accuracy(results, mode) for mode in modes},
+            **({"label_prior": prior.model_dump()} if prior is not None else {})}
 
 
 def evaluate_run(run_dir: Path, options: EvalOptions, device: str, base_dir: Path = Path("."), published: Published | None = None,
@@ -154,7 +173,9 @@ def evaluate_run(run_dir: Path, options: EvalOptions, device: str, base_dir: Pat
     clients = list(read_json(run_dir / "stages/ingest/partition.json")["clients"])
     targets = chosen_targets(run_dir, clients, options.models, published, stages_before)
     resolved = run_models(run_dir, {target.model_role for target in targets})
-    models = {target.name: score_target(target, resolved, options.tasks, options, device, base_dir) for target in targets}
+    prior = final_label_prior(run_dir, list(stages_before), published)
+    models = {target.name: score_target(target, resolved, options.tasks, options, device, base_dir, prior if target.name == "final" else None)
+              for target in targets}
     dp = [m for name, m in models.items() if name.startswith("dp_adapter:")]
     if dp:  # DP fine-tuning evaluated directly: the clients' adapters on average
         models["dp (mean over clients)"] = {"mean_accuracy": {mode: round(sum(m["mean_accuracy"][mode] for m in dp) / len(dp), 4) for mode in options.modes}}
@@ -170,17 +191,20 @@ def check_private_clients(run_dir: Path, options: EvalOptions) -> list[str]:
     return clients
 
 
-def evaluate_private(run_dir: Path, options: EvalOptions, device: str, base_dir: Path = Path("."), published: Published | None = None) -> dict[str, dict]:
+def evaluate_private(run_dir: Path, options: EvalOptions, device: str, base_dir: Path = Path("."), published: Published | None = None,
+                     stages_before: list[str] = ()) -> dict[str, dict]:
     """Per client with a private test set, on its side: the base model, its own DP adapter and the
-    final adapter (the releases it can run locally)."""
+    final adapter (the releases it can run locally; the final one with its label prior, if any)."""
     clients = check_private_clients(run_dir, options)
     if not options.private_tasks:
         return {}
     resolved = run_models(run_dir, ["base"])  # the DP and final adapters are on the base model
+    prior = final_label_prior(run_dir, list(stages_before), published)
     results = {}
     for client, tasks in options.private_tasks.items():
         targets = [t for t in chosen_targets(run_dir, clients, ["base", "dp", "final"], published) if t.name in ("base", f"dp_adapter:{client}", "final")]
-        results[client] = {"side": f"client:{client}", "models": {t.name: score_target(t, resolved, tasks, options, device, base_dir) for t in targets}}
+        results[client] = {"side": f"client:{client}",
+                           "models": {t.name: score_target(t, resolved, tasks, options, device, base_dir, prior if t.name == "final" else None) for t in targets}}
     return results
 
 

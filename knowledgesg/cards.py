@@ -60,7 +60,8 @@ def evaluation_table(results: dict | None) -> str:
     return "\n".join(rows) + "\n\nAccuracy on the same seeded items for every model; `logprob`: the most likely choice, `generation`: greedy, parsed."
 
 
-def model_card(spec_name: str, base: dict, job: dict, synthetic: dict[str, int], stages: list[str], releases: dict[str, list[LedgerEntry]], results: dict | None) -> str:
+def model_card(spec_name: str, base: dict, job: dict, synthetic: dict[str, int], stages: list[str], releases: dict[str, list[LedgerEntry]], results: dict | None,
+               label_prior: dict | None = None) -> str:
     matter = front_matter({"library_name": "peft", "base_model": base["name"], "tags": ["knowledgesg", "lora", "differential-privacy", "federated-learning", "synthetic-data"],
                            "pipeline_tag": "text-generation"})
     data_rows = "\n".join(f"| {client} | {count} |" for client, count in synthetic.items())
@@ -91,7 +92,7 @@ no private record was trained on in this stage and none entered a prompt.
 ## Evaluation
 
 {evaluation_table(results)}
-
+{_label_prior_section(label_prior)}
 ## Use
 
 ```python
@@ -101,6 +102,22 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 base = AutoModelForCausalLM.from_pretrained("<the base model>")
 model = PeftModel.from_pretrained(base, "path/to/this/directory")
 ```
+"""
+
+
+def _label_prior_section(prior: dict | None) -> str:
+    if prior is None:
+        return ""
+    rows = "\n".join(f"| {label} | {share:.3f} | {mean:.3f} | {bias:+.3f} |" for label, share, mean, bias in zip(prior["labels"], prior["shares"], prior["model_mean"], prior["bias"]))
+    return f"""
+## Label prior (`label_prior.json`)
+
+Fitted by the `calibrate` stage on the {prior['pairs']} synthetic pairs the final tuning read (no private record): add each label's bias
+to its log-probability before choosing, where the answer is one of these labels (`ksg eval --published` does).
+
+| label | share in the pairs | the adapter's mean probability on them | bias |
+|---|---|---|---|
+{rows}
 """
 
 

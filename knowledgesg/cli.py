@@ -301,7 +301,7 @@ def evaluate(
     device = resolve_device(spec.models.device)
     results = evaluate_run(run_dir, options, device, published=server_release, stages_before=[stage.name for stage in spec.stages])
     _print_eval(results)
-    private_results = evaluate_private(run_dir, options, device, published=server_release)
+    private_results = evaluate_private(run_dir, options, device, published=server_release, stages_before=[stage.name for stage in spec.stages])
     for client, report in private_results.items():
         console.print(f"{client}'s private test set (client side): " + ", ".join(f"{m} {e['mean_accuracy']}" for m, e in report["models"].items()))
     fidelity_reports = fidelity_run(run_dir, seed, device, server_release) if options.fidelity else {}
@@ -313,7 +313,8 @@ def evaluate(
 
 def _print_eval(results: dict) -> None:
     options = results["options"]
-    table = Table(title="accuracy / macro-F1 (logprob; generation)")
+    modes = list(dict.fromkeys(mode for entry in results["models"].values() for scores in entry.get("tasks", {}).values() for mode in scores))
+    table = Table(title=f"accuracy / macro-F1 ({'; '.join(modes)})")
     table.add_column("model")
     for task in options["tasks"]:
         table.add_column(task, justify="right")

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from knowledgesg.errors import InputError
 from knowledgesg.spec import PipelineSpec, format_validation_error, load_spec, parse_spec
 from knowledgesg.stage import Stage
+from pipelines.calibrate import Calibrate
 from pipelines.dp_train import DPTrain
 from pipelines.evaluate import Evaluate
 from pipelines.fedtune import Fedtune
@@ -23,7 +24,7 @@ from pipelines.structure import Structure
 from pipelines.synthesize import Synthesize
 from pipelines.tune_professional import TuneProfessional
 
-STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (PrepareModels, Ingest, Structure, DPTrain, Synthesize, TuneProfessional, Refine, Fedtune, Evaluate, Publish)}
+STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (PrepareModels, Ingest, Structure, DPTrain, Synthesize, TuneProfessional, Refine, Fedtune, Calibrate, Evaluate, Publish)}
 
 __all__ = ["STAGES", "build_stages", "load_pipeline", "parse_pipeline", "validate_pipeline"]
 

@@ -63,7 +63,7 @@ class Evaluate(Stage):
             if options.private_tasks or options.fidelity:
                 console.print("evaluate: private test sets and fidelity need each client's data; with --role server only the public benchmarks run")
             return
-        for client, report in evaluate_private(ctx.run_dir, options, device, ctx.base_dir).items():
+        for client, report in evaluate_private(ctx.run_dir, options, device, ctx.base_dir, stages_before=ctx.completed_stages_before()).items():
             ctx.write_json(f"clients/{client}/private_eval.json", report, side=f"client:{client}")
             scores = ", ".join(f"{model}: {entry['mean_accuracy']}" for model, entry in report["models"].items())
             console.print(f"evaluate {client} (its private test set, on its side): {scores}")

@@ -4,6 +4,7 @@
   Hugging Face format): base model, training data provenance, the stages that ran, the
   per-client privacy statement from the ledger (epsilon, delta, unit, N x delta, whom it holds
   against), and the evaluation table of an `evaluate` stage that ran before this one.
+  With a `calibrate` stage before it, `label_prior.json` beside the adapter (and a section of the card).
 - `synthetic_data/`: every client's synthetic pairs as a `datasets` directory
   (`datasets.load_from_disk`) with a dataset card carrying the same statement and the filter and
   refine statistics.
@@ -20,6 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from eval.evaluate import LABEL_PRIOR
 from knowledgesg.adapters import ADAPTER_FILES
 from knowledgesg.cards import dataset_card, model_card
 from knowledgesg.console import console
@@ -63,15 +65,19 @@ class Publish(Stage):
         job = {"lora": params.lora.model_dump(), "rule": params.rule.model_dump(), "clients": clients, "rounds": len(rounds)}
         completed = ctx.completed_stages_before()
         results = ctx.read_artifact_json("evaluate", "results.json") if "evaluate" in completed else None
-        card = model_card(ctx.spec.name, base, job, synthetic, completed, releases, results)
+        prior = ctx.read_artifact_json("calibrate", LABEL_PRIOR) if "calibrate" in completed else None
+        card = model_card(ctx.spec.name, base, job, synthetic, completed, releases, results, prior)
+
+        # the calibrate stage's label prior travels with the adapter: `ksg eval --published` applies it
+        shipped = (*ADAPTER_FILES, *((LABEL_PRIOR,) if prior is not None else ()))
 
         def build(directory: Path) -> None:
-            for name in ADAPTER_FILES:
-                shutil.copyfile(ctx.artifact("fedtune", f"adapter/{name}"), directory / name)
+            for name in shipped:
+                shutil.copyfile(ctx.artifact("calibrate" if name == LABEL_PRIOR else "fedtune", name if name == LABEL_PRIOR else f"adapter/{name}"), directory / name)
             write_text(directory / "README.md", card)
 
         write_dir(ctx.path("final_adapter"), build)
-        for name in (*ADAPTER_FILES, "README.md"):
+        for name in (*shipped, "README.md"):
             ctx.declare_output(f"final_adapter/{name}")
 
     def publish_synthetic(self, ctx: StageContext, clients: list[str], releases: dict) -> dict[str, int]:

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
+from eval.benchmarks import CALIBRATED
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import audit_power  # noqa: E402
 import finance_headline  # noqa: E402
@@ -410,6 +412,34 @@ def test_the_curve_draws_the_best_variant_from_its_replicates_at_each_epsilon(tm
     save("A4-unrefined_public300_model_prior_seed3", 0.50)
     assert finance_headline.best_variant_points(args, ["4", "8"], specs) == [(4.0, [0.50]), (8.0, [0.60, 0.66])]
     assert finance_headline.plot_curve(args, ["4", "8"], specs, curve) and curve.stat().st_size > 0
+
+
+def test_a_calibrated_variant_runs_the_calibrate_stage_and_reports_both_answers_with_their_share_of_the_gap(tmp_path, monkeypatch):
+    variants = ",".join(f"{finance_headline.CALIBRATED_VARIANT}{s}" for s in finance_headline.BEST_VARIANT_REPLICATES)
+    args, specs, store = headline(tmp_path, monkeypatch, "--epsilons", "8", "--ablations", f"{finance_headline.BEST_VARIANT},{variants}")
+    calibrated, plain = specs[f"A8-{finance_headline.CALIBRATED_VARIANT}"], specs[f"A8-{finance_headline.BEST_VARIANT}"]
+    names = finance_headline.stage_names(calibrated)
+    assert names[names.index("fedtune") + 1] == "calibrate"
+    # the same final tuning as the best variant: only the stages after it differ
+    assert [s for s in calibrated["stages"] if finance_headline.stage_name(s) != "calibrate"] == plain["stages"]
+
+    def scored(accuracy: float, calibrated_accuracy: float | None) -> dict:
+        entry = {"accuracy": accuracy, "macro_f1": 0.5, "n": 400}
+        return {"tasks": {t: {"logprob": entry, **({CALIBRATED: dict(entry, accuracy=calibrated_accuracy)} if calibrated_accuracy else {})}
+                          for t in finance_headline.TASKS}}
+
+    rows = finance_headline.rows_of("A8-x", {"final": scored(0.55, 0.65)})
+    assert set(rows) == {"final", "final_calibrated"} and rows["final_calibrated"].mean == pytest.approx(0.65)
+    assert set(finance_headline.rows_of("A8-x", {"final": scored(0.55, None)})) == {"final"}
+    for suffix, (raw, fitted) in zip(finance_headline.BEST_VARIANT_REPLICATES, ((0.55, 0.65), (0.50, 0.63), (0.60, 0.64))):
+        name = f"A8-{finance_headline.CALIBRATED_VARIANT}{suffix}"
+        store.save(name, specs[name], 1.0, rows={k: asdict(v) for k, v in finance_headline.rows_of(name, {"final": scored(raw, fitted)}).items()})
+    means = {"2": 0.44, "3": 0.46, "4a": 0.40, "4b": 0.42, "7": 0.71}
+    lines = finance_headline.variant_lines(args, "8", specs, means)
+    assert "0.550, 0.500, 0.600 (3 replicates): mean **0.550**" in lines[0] and "over row 3 (0.460): **36%**" in lines[0]
+    assert "0.650, 0.630, 0.640 (3 replicates): mean **0.640**, SD 0.010" in lines[1] and "**72%**" in lines[1]
+    table = "\n".join(finance_headline.ablation_table(args, "8", specs))
+    assert table.count("answering with its label prior") == 3
 
 
 def test_prior_calibration_moves_the_models_mean_answer_on_the_synthetic_inputs_to_their_label_shares(monkeypatch):
