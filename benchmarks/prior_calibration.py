@@ -18,8 +18,8 @@ tuned in RUN (public data) is calibrated to the first run's synthetic pairs (wha
 do with the professional and the same pairs, no tuning on them). Nothing is trained or released; the test items
 are the headline's (the same seeded `--limit` per task, float32 weights as its evaluate stage).
 
-Usage:  .venv/bin/python benchmarks/prior_calibration.py RUN_DIR [RUN_DIR ...] [--dp] [--professional RUN] [--limit 400]
-Writes benchmarks/results/prior_calibration.md
+Usage:  .venv/bin/python benchmarks/prior_calibration.py RUN_DIR [RUN_DIR ...] [--dp] [--professional RUN] [--no-finals] [--limit 400] [--name prior_calibration]
+Writes benchmarks/results/<name>.md and .json (default prior_calibration)
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dp", action="store_true", help="also each bank's DP adapter of the first run, calibrated to its own bank's synthetic pairs")
     parser.add_argument("--professional", type=Path, default=None, help="a finished pipeline run whose tuned professional to calibrate to the first run's synthetic pairs")
     parser.add_argument("--limit", type=int, default=400, help="test items per task (the headline's)")
+    parser.add_argument("--no-finals", action="store_true", help="leave the runs' final models out (e.g. only --professional on a run's pairs)")
+    parser.add_argument("--name", default="prior_calibration", help="results file stem in benchmarks/results (another epsilon's runs: another file)")
     return parser.parse_args()
 
 
@@ -110,7 +112,7 @@ def main() -> None:
     for run_dir in args.runs:
         clients = list(read_json(run_dir / "stages/ingest/partition.json")["clients"])
         for target in targets_of(run_dir, clients):
-            if target.name == "final":
+            if target.name == "final" and not args.no_finals:
                 jobs.append((run_dir, target, clients))
             elif args.dp and run_dir == args.runs[0]:
                 jobs.append((run_dir, target, [target.name.split(":", 1)[1]]))
@@ -148,8 +150,8 @@ def main() -> None:
                       f"{statistics.mean(after):.3f} (SD {statistics.stdev(after):.3f}) after."]
     lines += ["", "Priors and biases (negative, neutral, positive):"]
     lines += [f"- {run} {name}: synthetic pairs {result.prior}, the model's mean on them {result.model_prior}, bias {result.bias}" for run, name, result in rows]
-    write_result("prior_calibration", lines)
-    write_text(RESULTS / "prior_calibration.json",
+    write_result(args.name, lines)
+    write_text(RESULTS / f"{args.name}.json",
         json.dumps([{"run": run, "model": name, **result.__dict__} for run, name, result in rows], indent=1))
 
 
