@@ -47,6 +47,10 @@ def test_demo_runs_then_reruns_all_cached_fast(tmp_path: Path):
     for model in ("base", "final"):
         fpb = results["models"][model]["tasks"]["fpb"]
         assert fpb["logprob"]["n"] == 30 and 0.0 <= fpb["logprob"]["accuracy"] <= 1.0 and fpb["generation"]["n"] == 30
+    # the final adapter answers with the label prior calibrate fitted and publish shipped, beside its raw answer
+    prior = json.loads((run / "calibrate/label_prior.json").read_text())
+    assert json.loads((run / "publish/final_adapter/label_prior.json").read_text()) == prior and results["models"]["final"]["label_prior"] == prior
+    assert results["models"]["final"]["tasks"]["fpb"]["logprob_calibrated"]["n"] == 30 and "logprob_calibrated" not in results["models"]["base"]["tasks"]["fpb"]
     sides = json.loads((tmp_path / "demo/eval/sides.json").read_text())  # fidelity: each bank's side only
     assert "fidelity" not in results and {sides[f"clients/{c}/fidelity.json"] for c in ("bank_a", "bank_b", "bank_c")} == {"client:bank_a", "client:bank_b", "client:bank_c"}
     start = time.perf_counter()
