@@ -66,7 +66,8 @@ def federation(tmp_path_factory):
     # reproducible noise (NOT PRIVATE, for this comparison only): the split run must then give
     # the simulation's adapters and data byte for byte
     spec = tiny_spec(clients={"members": members}, privacy={"target_epsilon": 8.0, "reproducible_noise": True},
-                     stages=["prepare_models", "ingest", TRAIN, synth, refine, {"name": "fedtune", "params": FEDTUNE}, "publish"],
+                     stages=["prepare_models", "ingest", TRAIN, synth, refine, {"name": "fedtune", "params": FEDTUNE},
+                            {"name": "calibrate", "params": {"labels": ["negative", "neutral", "positive"]}}, "publish"],
                      models={"base": "tiny-random-llama", "professional": "tiny-random-llama", "embedder": "tiny-random-embedder"})
     spec_path = write_spec(root, spec)
     exchange = root / "exchange"
@@ -95,8 +96,9 @@ def test_the_split_run_gives_the_simulations_releases_and_data(federation):
     for bank in BANKS:
         for relative in (f"dp_train/clients/{bank}/adapter/adapter_model.safetensors", f"synthesize/clients/{bank}/synthetic.jsonl", f"refine/clients/{bank}/refined.jsonl"):
             assert (server / "stages" / relative).read_bytes() == (simulation / "stages" / relative).read_bytes(), relative
-    final = "fedtune/adapter/adapter_model.safetensors"
-    assert (server / "stages" / final).read_bytes() == (simulation / "stages" / final).read_bytes()
+    # the server alone fits the final adapter's label prior (no bank's file opened: test_no_party_opens_another_partys_data)
+    for final in ("fedtune/adapter/adapter_model.safetensors", "calibrate/label_prior.json", "publish/final_adapter/label_prior.json"):
+        assert (server / "stages" / final).read_bytes() == (simulation / "stages" / final).read_bytes(), final
     assert _entries(server / "stages/dp_train/ledger.json") == _entries(simulation / "stages/dp_train/ledger.json")
     assert json.loads((server / "stages/ingest/partition.json").read_text())["clients"] == json.loads((simulation / "stages/ingest/partition.json").read_text())["clients"]
     manifest = read_manifest(server / "stages/dp_train")
