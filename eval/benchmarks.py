@@ -13,6 +13,8 @@ Two ways to read a model's answer, both reported:
   after the prompt. For a chat model the prompt is the chat template with the FinGPT user turn and
   the choice is the assistant's reply; for a base model the prompt ends with "Answer:".
 - `generation`: greedy decoding, then the first choice the text names (unnamed: wrong, counted).
+And for a model with a label prior (`LabelPrior`: the final adapter after the `calibrate` stage),
+`logprob_calibrated`: the log-probabilities plus the prior's bias per label, then the argmax.
 Accuracy and macro-F1 over the choices (scikit-learn).
 """
 
@@ -294,7 +296,8 @@ CALIBRATED = "logprob_calibrated"  # the logprob answer after a LabelPrior's bia
 def evaluate_model(model, tokenizer, tasks: list[Task], modes: list[str], limit: int | None, seed: int, batch_size: int = 8, device: str = "cpu",
                    base_dir: Path = Path("."), label_prior: LabelPrior | None = None) -> dict:
     """Scores per task name; a test file's relative path is resolved from `base_dir`. With a
-    `label_prior`, a task whose choices are its labels is also scored after its bias (`CALIBRATED`)."""
+    `label_prior`, every task is also scored after its bias (`CALIBRATED`): a task whose choices are
+    not its labels keeps the raw answers there, so the mean over tasks compares with other models'."""
     results = {}
     for task in tasks:
         items = load_task(task, limit, seed, base_dir)
@@ -302,8 +305,9 @@ def evaluate_model(model, tokenizer, tasks: list[Task], modes: list[str], limit:
         if "logprob" in modes:
             scores = choice_logprobs(model, tokenizer, items, batch_size, device)
             entry["logprob"] = score(items, [argmax(s) for s in scores]).__dict__
-            bias = label_prior.bias_for(items[0].choices) if label_prior is not None else None
-            if bias is not None:
+            if label_prior is not None:
+                # a task whose choices are not the prior's labels: the prior does not apply, and the answer is the raw one
+                bias = label_prior.bias_for(items[0].choices) or [0.0] * len(items[0].choices)
                 entry[CALIBRATED] = score(items, [argmax([v + b for v, b in zip(s, bias)]) for s in scores]).__dict__
         if "generation" in modes:
             entry["generation"] = score(items, predict_generation(model, tokenizer, items, batch_size, device)).__dict__

@@ -57,7 +57,8 @@ def evaluation_table(results: dict | None) -> str:
         scores = results["models"][name]["tasks"]
         cells = ["; ".join(f"{mode} {s['accuracy']:.3f} (n={s['n']})" for mode, s in scores.get(task, {}).items()) or "-" for task in tasks]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(rows) + "\n\nAccuracy on the same seeded items for every model; `logprob`: the most likely choice, `generation`: greedy, parsed."
+    return "\n".join(rows) + ("\n\nAccuracy on the same seeded items for every model; `logprob`: the most likely choice, `generation`: greedy, parsed; "
+                               "`logprob_calibrated`: the most likely choice after the label prior below.")
 
 
 def model_card(spec_name: str, base: dict, job: dict, synthetic: dict[str, int], stages: list[str], releases: dict[str, list[LedgerEntry]], results: dict | None,

@@ -97,3 +97,14 @@ def test_calibrate_is_refused_before_anything_is_written_without_fedtune_or_on_p
     assert "calibrate: fedtune trains on private data" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
     assert main(["check", str(write_spec(tmp_path, private))]) == 2
+
+
+def test_a_task_whose_choices_are_not_the_priors_labels_keeps_its_raw_answer_in_the_calibrated_mode(monkeypatch):
+    import eval.benchmarks as benchmarks
+
+    items = [benchmarks.Item(f"q{i}", ["yes", "no", "maybe"], i % 3) for i in range(6)]
+    monkeypatch.setattr(benchmarks, "load_task", lambda task, limit, seed, base_dir: items)
+    monkeypatch.setattr(benchmarks, "choice_logprobs", lambda model, tokenizer, items, batch_size, device: [[0.0, -1.0, -2.0] for _ in items])
+    prior = LabelPrior(labels=LABELS, shares=[0.2, 0.5, 0.3], model_mean=[0.6, 0.2, 0.2], bias=[-5.0, 5.0, 0.0], pairs=10)
+    entry = benchmarks.evaluate_model(None, None, ["my.jsonl"], ["logprob"], None, 0, label_prior=prior)["my"]
+    assert entry[CALIBRATED] == entry["logprob"] and entry["logprob"]["predicted"] == {"yes": 6, "no": 0, "maybe": 0}
