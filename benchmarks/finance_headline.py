@@ -833,7 +833,7 @@ def variant_lines(args, e: str, specs: dict[str, dict], means: dict[str, float])
         if len(alternatives) == 4 and "7" in means:
             best = max(alternatives, key=alternatives.get)
             share = f"; share of the gap closed over row {best} ({alternatives[best]:.3f}): **{(mean - alternatives[best]) / (means['7'] - alternatives[best]):.0%}**"
-        lines.append(f"- {label}: " + ", ".join(f"{m:.3f}" for m in found) + f" ({len(found)} replicate{'s' if len(found) > 1 else ''}): mean **{mean:.3f}**{spread}{share}.")
+        lines.append(f"- {label}{stale_mark(args, f'A{e}-{variant}', specs)}: " + ", ".join(f"{m:.3f}" for m in found) + f" ({len(found)} replicate{'s' if len(found) > 1 else ''}): mean **{mean:.3f}**{spread}{share}.")
     return [*lines, ""] if lines else []
 
 

@@ -34,6 +34,7 @@ from finance_headline import TASKS, RowScore, score  # noqa: E402
 STORE = RESULTS / "finance_headline_runs.json"
 
 REPLICATE = re.compile(r"_seed(\d+)$")
+CALIBRATED = "_calibrated"  # finance_headline's variants with the calibrate stage after their final tuning
 
 
 @dataclass
@@ -76,8 +77,18 @@ def stored_replicates(store: Path) -> list[Replicate]:
         return match.group(1) if match else "spec"
 
     ordered = sorted(measured.items(), key=lambda item: (draw_number[item[0][1]], REPLICATE.sub("", item[0][0]), seed(item[0][0]) != "spec", seed(item[0][0])))
-    return [Replicate(draw=f"draw {draw_number[release]} ({release[:8]})", variant=REPLICATE.sub("", name), seed=seed(name), row=RowScore(**m["rows"]["final"]))
-            for (name, release), m in ordered]
+    replicates = []
+    for (name, release), m in ordered:
+        draw, variant = f"draw {draw_number[release]} ({release[:8]})", REPLICATE.sub("", name)
+        if variant.endswith(CALIBRATED):
+            # the calibrate stage runs after the variant's own fedtune (the same fingerprint): its raw
+            # answers are a replicate of that variant, its answers with the label prior a variant of their own
+            replicates.append(Replicate(draw, variant.removesuffix(CALIBRATED), seed(name), RowScore(**m["rows"]["final"])))
+            if "final_calibrated" in m["rows"]:
+                replicates.append(Replicate(draw, f"{variant} (answers with its label prior)", seed(name), RowScore(**m["rows"]["final_calibrated"])))
+        else:
+            replicates.append(Replicate(draw, variant, seed(name), RowScore(**m["rows"]["final"])))
+    return replicates
 
 
 def by_draw_and_variant(runs: list[Replicate]) -> dict[tuple[str, str], list[Replicate]]:

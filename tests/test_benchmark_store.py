@@ -387,6 +387,16 @@ def test_replicates_from_the_store_count_every_draw_once_per_run_and_are_compare
     across = fr.across_draws_rows(fr.by_draw_and_variant(found))
     assert across == ["| A8-x | 1: 0.550 (2), 2: 0.655 (2) | **0.603** | 0.074 |"]
 
+    # a calibrated run's raw answers are its variant's replicate (the same final tuning), its calibrated ones a variant of their own
+    draw_3 = ["r3a"]
+    calibrated = {**measurement(0.62, draw_3, "2026-12-06T01"), "rows": {"final": measurement(0.62, draw_3, "")["rows"]["final"],
+                                                                         "final_calibrated": measurement(0.64, draw_3, "")["rows"]["final"]}}
+    runs["A8-x_calibrated"], runs["A8-x_calibrated_seed2"] = calibrated, {**calibrated, "saved_at": "2026-12-06T02"}
+    store.write_text(json.dumps({"runs": runs}))
+    third = [(r.draw, r.variant, r.seed, r.row.mean) for r in fr.stored_replicates(store) if r.draw.startswith("draw 3")]
+    assert third == [("draw 3 (r3a)", "A8-x", "spec", 0.62), ("draw 3 (r3a)", "A8-x_calibrated (answers with its label prior)", "spec", 0.64),
+                     ("draw 3 (r3a)", "A8-x", "2", 0.62), ("draw 3 (r3a)", "A8-x_calibrated (answers with its label prior)", "2", 0.64)]
+
 
 def test_an_audit_power_variant_names_only_files_in_the_results_folder():
     assert audit_power.parse_args(["--workdir", "unused", "--variant", "mia1000"]).variant == "mia1000"
