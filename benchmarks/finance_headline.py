@@ -609,6 +609,7 @@ def full_table(args, e: str, specs: dict[str, dict]) -> list[str]:
         for name, entry in entries.items():
             for number, value in entry["full_rows"][mode].items():
                 label = ROW_LABELS[number].format(e=e) if number in ROW_LABELS else f"6 with one change: {ABLATIONS[name.split('-', 1)[1]][1]}"
+                label += "; the final adapter answering with its label prior" if number == "final_calibrated" else ""
                 label += stale_mark(args, name, specs)
                 lines.append(f"| {number if number in ROW_LABELS else name} | {label} | {RowScore(**value).cells()} |")
         lines.append("")

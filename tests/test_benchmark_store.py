@@ -450,6 +450,13 @@ def test_a_calibrated_variant_runs_the_calibrate_stage_and_reports_both_answers_
     assert "0.650, 0.630, 0.640 (3 replicates): mean **0.640**, SD 0.010" in lines[1] and "**72%**" in lines[1]
     table = "\n".join(finance_headline.ablation_table(args, "8", specs))
     assert table.count("answering with its label prior") == 3
+    # on the full test sets the two answers are told apart too
+    name = f"A8-{finance_headline.CALIBRATED_VARIANT}"
+    full = {k: asdict(v) for k, v in finance_headline.rows_of(name, {"final": scored(0.56, 0.66)}).items()}
+    store.add(name, specs[name], store.entry(name, specs[name]), full_rows={"logprob": full, "generation": {"final": full["final"]}},
+              full_items={t: 1000 for t in finance_headline.TASKS})
+    full_lines = [line for line in finance_headline.full_table(args, "8", specs) if line.startswith(f"| {name} |")]
+    assert len(full_lines) == 3 and sum("answering with its label prior" in line and "**0.660**" in line for line in full_lines) == 1
 
 
 def test_prior_calibration_moves_the_models_mean_answer_on_the_synthetic_inputs_to_their_label_shares(monkeypatch):
