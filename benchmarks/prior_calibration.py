@@ -42,9 +42,8 @@ from eval.benchmarks import SENTIMENT, Item, choice_logprobs, fit_label_prior, l
 from eval.evaluate import EvalOptions  # noqa: E402
 from knowledgesg.fileio import read_json, read_jsonl, write_text  # noqa: E402
 from finance_headline import SYNTHETIC_FILES, TASKS  # noqa: E402
-from knowledgesg.prompts import user_message  # noqa: E402
-from knowledgesg.records import InstructionRecord  # noqa: E402
 from knowledgesg.runner import run_models  # noqa: E402
+from pipelines.calibrate import labelled_items  # noqa: E402
 
 DEFAULTS = {name: EvalOptions.model_fields[name].default for name in ("seed", "batch_size", "precision")}
 
@@ -64,14 +63,8 @@ def synthetic_items(run_dir: Path, clients: list[str]) -> list[Item]:
     """The labelled synthetic pairs of `clients` that the run's final tuning read, as scoring items
     (the user turn as the final tuning and evaluate write it)."""
     stage = read_json(run_dir / "stages/fedtune/manifest.json")["params"]["synthetic_stage"]
-    items = []
-    for client in clients:
-        for row in read_jsonl(run_dir / "stages" / stage / "clients" / client / SYNTHETIC_FILES[stage]):
-            record = InstructionRecord.model_validate({k: v for k, v in row.items() if k in InstructionRecord.model_fields})  # the stage's provenance aside
-            label = record.response.strip().lower()
-            if label in SENTIMENT:
-                items.append(Item(user_message(record), SENTIMENT, SENTIMENT.index(label)))
-    return items
+    rows = [row for client in clients for row in read_jsonl(run_dir / "stages" / stage / "clients" / client / SYNTHETIC_FILES[stage])]
+    return labelled_items(rows, SENTIMENT)[0]  # as the calibrate stage reads them
 
 
 @dataclass

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.special import softmax
 
 from knowledgesg.builtin_data import VENDOR, load_builtin
@@ -219,10 +219,6 @@ def argmax(values: list[float]) -> int:
     return max(range(len(values)), key=values.__getitem__)
 
 
-def predict_logprob(model, tokenizer, items: list[Item], batch_size: int, device: str) -> list[int]:
-    return [argmax(sums) for sums in choice_logprobs(model, tokenizer, items, batch_size, device)]
-
-
 class LabelPrior(BaseModel):
     """A model's label prior fitted to labelled data it is to answer like (the `calibrate` stage:
     the final model against the synthetic pairs its tuning read). `bias[k]` is added to label k's
@@ -237,6 +233,13 @@ class LabelPrior(BaseModel):
     model_mean: list[float]  # the model's mean probability of each label on the data's inputs
     bias: list[float]
     pairs: int = Field(ge=1, description="labelled items the prior was fitted on")
+
+    @model_validator(mode="after")
+    def _one_figure_per_label(self) -> LabelPrior:
+        for name in ("shares", "model_mean", "bias"):
+            if len(getattr(self, name)) != len(self.labels):
+                raise ValueError(f"{name} has {len(getattr(self, name))} values for {len(self.labels)} labels")
+        return self
 
     def bias_for(self, choices: list[str]) -> list[float] | None:
         """The bias in the order of a task's choices, or None where the task's choices are not

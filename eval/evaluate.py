@@ -24,7 +24,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from eval.audit import Target, completed, load_target, of_kinds, pair_text, private_texts, professional_target, synthetic_texts, targets_of
 from eval.benchmarks import CALIBRATED, TASKS, LabelPrior, evaluate_model, is_task_file, load_task, task_name
@@ -35,7 +35,7 @@ from knowledgesg.fileio import read_json, write_json, write_text
 from knowledgesg.models import Precision, resolve_precision
 from knowledgesg.retrieval import embed, load_embedder
 from knowledgesg.runner import run_models
-from knowledgesg.spec import DataSource
+from knowledgesg.spec import DataSource, format_validation_error
 
 EVAL_REPORT = "eval_report.json"
 EVAL_HTML = "eval_report.html"
@@ -111,6 +111,8 @@ class Published:
         if missing:
             raise InputError(f"{self.synthetic_data}: no synthetic data of client '{missing[0]}' (it holds {', '.join(sorted(found)) or 'none'}): "
                              "published by another run?")
+        if (self.final_adapter / LABEL_PRIOR).is_file():
+            read_label_prior(self.final_adapter / LABEL_PRIOR)  # before any model loads
 
     @cached_property
     def _rows(self):
@@ -150,7 +152,15 @@ def final_label_prior(run_dir: Path, stages_before: list[str] = (), published: P
         path = run_dir / "stages/calibrate" / LABEL_PRIOR
     else:
         return None
-    return LabelPrior.model_validate(read_json(path)) if path.is_file() else None
+    return read_label_prior(path) if path.is_file() else None
+
+
+def read_label_prior(path: Path) -> LabelPrior:
+    """A `label_prior.json`; a torn or foreign one is one line naming the file and field."""
+    try:
+        return LabelPrior.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValidationError as err:
+        raise InputError(format_validation_error(str(path), err)) from None
 
 
 def score_target(target: Target, models: dict, tasks: list[str | DataSource], options: EvalOptions, device: str, base_dir: Path,

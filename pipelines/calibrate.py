@@ -34,7 +34,7 @@ from knowledgesg.prompts import user_message
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import PipelineSpec
 from knowledgesg.stage import Stage, StageContext
-from pipelines.fedtune import FedtuneParams
+from pipelines.fedtune import fedtune_params
 from pipelines.publish import SYNTHETIC_FILES
 
 
@@ -45,11 +45,6 @@ class CalibrateParams(BaseModel):
                                      description="the answers to calibrate (default: the pairs' distinct responses, 2 to 20 of them); pairs answering otherwise are left out")
     batch_size: int = Field(default=8, ge=1)
     precision: Precision = Field(default="float32", description="weights while scoring (as evaluate's default: the adapter is merged in float32)")
-
-
-def fedtune_params(spec: PipelineSpec) -> FedtuneParams:
-    """The spec's fedtune parameters with their defaults (whose synthetic pairs it read)."""
-    return FedtuneParams.model_validate(next(s for s in spec.stages if s.name == "fedtune").params)
 
 
 def labelled_items(rows: list[dict], labels: list[str] | None) -> tuple[list[Item], list[str], int]:

@@ -154,6 +154,11 @@ class FedtuneParams(BaseModel):
         return self
 
 
+def fedtune_params(spec: PipelineSpec) -> FedtuneParams:
+    """The spec's fedtune parameters with their defaults (a later stage reads which data it trained on)."""
+    return FedtuneParams.model_validate(next(s for s in spec.stages if s.name == "fedtune").params)
+
+
 class Fedtune(Stage):
     name = "fedtune"
     Params = FedtuneParams

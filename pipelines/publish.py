@@ -27,7 +27,7 @@ from knowledgesg.cards import dataset_card, model_card
 from knowledgesg.console import console
 from knowledgesg.fileio import read_jsonl, write_dir, write_text
 from knowledgesg.stage import Stage, StageContext
-from pipelines.fedtune import FedtuneParams
+from pipelines.fedtune import fedtune_params
 from privacy.ledger import LedgerEntry, read_stage_ledgers
 
 SYNTHETIC_FILES = {"refine": "refined.jsonl", "synthesize": "synthetic.jsonl"}
@@ -61,19 +61,20 @@ class Publish(Stage):
     def publish_adapter(self, ctx: StageContext, clients: list[str], releases: dict, synthetic: dict[str, int]) -> None:
         base = ctx.models()["base"]
         rounds = ctx.read_artifact_json("fedtune", "rounds.json")
-        params = FedtuneParams.model_validate(next(s for s in ctx.spec.stages if s.name == "fedtune").params)  # with its defaults
+        params = fedtune_params(ctx.spec)
         job = {"lora": params.lora.model_dump(), "rule": params.rule.model_dump(), "clients": clients, "rounds": len(rounds)}
         completed = ctx.completed_stages_before()
         results = ctx.read_artifact_json("evaluate", "results.json") if "evaluate" in completed else None
         prior = ctx.read_artifact_json("calibrate", LABEL_PRIOR) if "calibrate" in completed else None
         card = model_card(ctx.spec.name, base, job, synthetic, completed, releases, results, prior)
 
-        # the calibrate stage's label prior travels with the adapter: `ksg eval --published` applies it
-        shipped = (*ADAPTER_FILES, *((LABEL_PRIOR,) if prior is not None else ()))
+        shipped = {name: ctx.artifact("fedtune", f"adapter/{name}") for name in ADAPTER_FILES}
+        if prior is not None:  # the calibrate stage's label prior travels with the adapter: `ksg eval --published` applies it
+            shipped[LABEL_PRIOR] = ctx.artifact("calibrate", LABEL_PRIOR)
 
         def build(directory: Path) -> None:
-            for name in shipped:
-                shutil.copyfile(ctx.artifact("calibrate" if name == LABEL_PRIOR else "fedtune", name if name == LABEL_PRIOR else f"adapter/{name}"), directory / name)
+            for name, source in shipped.items():
+                shutil.copyfile(source, directory / name)
             write_text(directory / "README.md", card)
 
         write_dir(ctx.path("final_adapter"), build)

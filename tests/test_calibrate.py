@@ -108,3 +108,20 @@ def test_a_task_whose_choices_are_not_the_priors_labels_keeps_its_raw_answer_in_
     prior = LabelPrior(labels=LABELS, shares=[0.2, 0.5, 0.3], model_mean=[0.6, 0.2, 0.2], bias=[-5.0, 5.0, 0.0], pairs=10)
     entry = benchmarks.evaluate_model(None, None, ["my.jsonl"], ["logprob"], None, 0, label_prior=prior)["my"]
     assert entry[CALIBRATED] == entry["logprob"] and entry["logprob"]["predicted"] == {"yes": 6, "no": 0, "maybe": 0}
+
+
+def test_a_torn_or_foreign_label_prior_is_one_line_naming_the_file_and_field(tmp_path: Path):
+    from eval.evaluate import read_label_prior
+    from knowledgesg.errors import InputError
+
+    path = tmp_path / "label_prior.json"
+    good = LabelPrior(labels=LABELS, shares=[0.2, 0.5, 0.3], model_mean=[0.6, 0.2, 0.2], bias=[-1.0, 0.9, 0.4], pairs=10)
+    path.write_text(good.model_dump_json())
+    assert read_label_prior(path) == good
+    for text, field in ((good.model_dump_json().replace('"bias":[-1.0,0.9,0.4]', '"bias":[-1.0]'), "bias has 1 values for 3 labels"),
+                        (good.model_dump_json().replace('"pairs":10', '"pairs":"many"'), "pairs"),
+                        (good.model_dump_json()[:40], "")):
+        path.write_text(text)
+        with pytest.raises(InputError) as caught:
+            read_label_prior(path)
+        assert str(caught.value).startswith(f"{path}: ") and field in str(caught.value) and "\n" not in str(caught.value)
