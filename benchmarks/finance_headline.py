@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import statistics
 import sys
@@ -804,6 +805,59 @@ BEST_VARIANT_REPLICATES = ("", "_seed2", "_seed3")
 CALIBRATED_VARIANT = f"{BEST_VARIANT}_calibrated"  # the same final tuning, then the calibrate stage
 
 
+# every stored measurement of a replicated variant, on every draw of DP adapters: the curve draws
+# them, finance_replicates.py tabulates them
+REPLICATE = re.compile(r"_seed(\d+)$")
+CALIBRATED_SUFFIX = "_calibrated"  # the variants with the calibrate stage after their final tuning
+LABEL_PRIOR_ANSWERS = " (answers with its label prior)"  # a calibrated run's answers with its label prior, as a variant of their own
+
+
+@dataclass
+class Replicate:
+    draw: str  # the work directory and the first DP release id: which DP adapters
+    variant: str
+    seed: str  # fedtune's replicate seed ("spec" when unset: the spec's seed alone)
+    row: RowScore
+
+    def cells(self) -> str:
+        return f"| {self.draw} | {self.variant} | {self.seed} | {self.row.cells()} |"
+
+
+def stored_replicates(store: Path) -> list[Replicate]:
+    """Every stored measurement of a variant that has `_seed<N>` replicates, one per run name and
+    draw (a run measured again on the same draw counts once, its latest), by draw then name."""
+    runs = json.loads(store.read_text())["runs"]
+    replicated = {REPLICATE.sub("", name) for name in runs if REPLICATE.search(name)}
+    measured: dict[tuple[str, str], dict] = {}
+    for name, entry in runs.items():
+        if REPLICATE.sub("", name) not in replicated:
+            continue
+        for m in [*entry.get("earlier", []), entry]:  # oldest first: a later one on the same draw replaces it
+            if "final" in m.get("rows", {}) and m.get("dp_releases"):
+                measured[(name, sorted(m["dp_releases"])[0])] = m
+    draw_number: dict[str, int] = {}  # a draw's number: the order in which its first measurement was saved
+    for (_, release), m in sorted(measured.items(), key=lambda item: item[1]["saved_at"]):
+        draw_number.setdefault(release, len(draw_number) + 1)
+
+    def seed(name: str) -> str:
+        match = REPLICATE.search(name)
+        return match.group(1) if match else "spec"
+
+    ordered = sorted(measured.items(), key=lambda item: (draw_number[item[0][1]], REPLICATE.sub("", item[0][0]), seed(item[0][0]) != "spec", seed(item[0][0])))
+    replicates = []
+    for (name, release), m in ordered:
+        draw, variant = f"draw {draw_number[release]} ({release[:8]})", REPLICATE.sub("", name)
+        if variant.endswith(CALIBRATED_SUFFIX):
+            # the calibrate stage runs after the variant's own fedtune (the same fingerprint): its raw
+            # answers are a replicate of that variant, its answers with the label prior a variant of their own
+            replicates.append(Replicate(draw, variant.removesuffix(CALIBRATED_SUFFIX), seed(name), RowScore(**m["rows"]["final"])))
+            if "final_calibrated" in m["rows"]:
+                replicates.append(Replicate(draw, f"{variant}{LABEL_PRIOR_ANSWERS}", seed(name), RowScore(**m["rows"]["final_calibrated"])))
+        else:
+            replicates.append(Replicate(draw, variant, seed(name), RowScore(**m["rows"]["final"])))
+    return replicates
+
+
 def best_variant_points(args, epsilons: list[str], specs: dict[str, dict], variant: str = BEST_VARIANT, row: str = "final") -> list[tuple[float, list[float]]]:
     """(epsilon, the final models' means) of a variant's replicates measured at each epsilon:
     those named by --ablations, as shown in the ablation tables (`row`: "final_calibrated" for
@@ -817,24 +871,51 @@ def best_variant_points(args, epsilons: list[str], specs: dict[str, dict], varia
     return points
 
 
+def variant_draws(e: str, variant: str) -> list[list[float]]:
+    """Each DP draw's replicate means of a variant at epsilon e, from every stored measurement
+    (earlier draws too, whose run directories may be gone), in the order the draws were measured."""
+    by_draw: dict[str, list[float]] = {}
+    for run in stored_replicates(STORE.path):
+        if run.variant == f"A{e}-{variant}":
+            by_draw.setdefault(run.draw, []).append(run.row.mean)
+    return list(by_draw.values())
+
+
+def draws_mean(draws: list[list[float]]) -> float:
+    """The mean over draws of each draw's replicate mean: a draw with more replicates counts once."""
+    return statistics.mean(statistics.mean(d) for d in draws)
+
+
 def variant_lines(args, e: str, specs: dict[str, dict], means: dict[str, float]) -> list[str]:
-    """The best variant's replicates at one epsilon, raw and with the label prior: their mean, SD
-    and share of the gap closed over the best private alternative (rows 2-4)."""
+    """The best variant's replicates at one epsilon, raw and with the label prior, and over every
+    stored draw of DP adapters: their mean, SD and share of the gap closed over the best private
+    alternative (rows 2-4)."""
+    if e == "inf":
+        return []
     alternatives = {k: means[k] for k in ("2", "3", "4a", "4b") if k in means}
+
+    def share(mean: float) -> str:
+        if len(alternatives) < 4 or "7" not in means:
+            return ""
+        best = max(alternatives, key=alternatives.get)
+        return f"; share of the gap closed over row {best} ({alternatives[best]:.3f}): **{(mean - alternatives[best]) / (means['7'] - alternatives[best]):.0%}**"
+
     lines = []
     for variant, row, label in ((BEST_VARIANT, "final", "Best variant (unrefined pairs, model prior, 300 public)"),
                                 (CALIBRATED_VARIANT, "final", "Its calibrated runs' final adapters, raw answers"),
                                 (CALIBRATED_VARIANT, "final_calibrated", "The same adapters with their label prior (calibrate)")):
-        found = dict(best_variant_points(args, [e], specs, variant, row)).get(float(e)) if e != "inf" else None
+        found = dict(best_variant_points(args, [e], specs, variant, row)).get(float(e))
         if not found:
             continue
         mean = statistics.mean(found)
         spread = f", SD {statistics.stdev(found):.3f}" if len(found) > 1 else ""
-        share = ""
-        if len(alternatives) == 4 and "7" in means:
-            best = max(alternatives, key=alternatives.get)
-            share = f"; share of the gap closed over row {best} ({alternatives[best]:.3f}): **{(mean - alternatives[best]) / (means['7'] - alternatives[best]):.0%}**"
-        lines.append(f"- {label}{stale_mark(args, f'A{e}-{variant}', specs)}: " + ", ".join(f"{m:.3f}" for m in found) + f" ({len(found)} replicate{'s' if len(found) > 1 else ''}): mean **{mean:.3f}**{spread}{share}.")
+        lines.append(f"- {label}{stale_mark(args, f'A{e}-{variant}', specs)}: " + ", ".join(f"{m:.3f}" for m in found) + f" ({len(found)} replicate{'s' if len(found) > 1 else ''}): mean **{mean:.3f}**{spread}{share(mean)}.")
+    draws = variant_draws(e, BEST_VARIANT)
+    if len(draws) > 1:
+        per_draw = [statistics.mean(d) for d in draws]
+        lines.append(f"- Best variant over {len(draws)} draws of DP adapters (every stored measurement, calibrated runs' raw answers included; finance_replicates.md): "
+                     "each draw's replicate mean (replicates) " + ", ".join(f"{m:.3f} ({len(d)})" for m, d in zip(per_draw, draws))
+                     + f": mean **{draws_mean(draws):.3f}**, SD {statistics.stdev(per_draw):.3f} between draws{share(draws_mean(draws))}.")
     return [*lines, ""] if lines else []
 
 
@@ -853,8 +934,8 @@ def plot_curve(args, epsilons: list[str], specs: dict[str, dict], path: Path) ->
                 flat[number] = value.mean
             else:
                 curves.setdefault(number, []).append((x, value.mean))
-    variant = best_variant_points(args, epsilons, specs)
-    calibrated = best_variant_points(args, epsilons, specs, CALIBRATED_VARIANT, "final_calibrated")
+    variant = [(float(e), draws) for e in epsilons if e != "inf" and (draws := variant_draws(e, BEST_VARIANT))]
+    calibrated = [(float(e), draws) for e in epsilons if e != "inf" and (draws := variant_draws(e, CALIBRATED_VARIANT + LABEL_PRIOR_ANSWERS))]
     if max((len(points) for points in [*curves.values(), variant, calibrated]), default=0) < 2:
         return False
     matplotlib.use("Agg")
@@ -864,21 +945,22 @@ def plot_curve(args, epsilons: list[str], specs: dict[str, dict], path: Path) ->
     for number, points in sorted(curves.items()):
         points = sorted(p for p in points if not math.isinf(p[0]))
         ax.plot([position[x] for x, _ in points], [y for _, y in points], marker="o", label=f"{number}: {ROW_LABELS[number].format(e='e')}")
-    for points, label in ((variant, "best variant: unrefined pairs, model prior, 300 public (mean of its replicates; dots: each)"),
-                          (calibrated, "the best variant with its label prior (calibrate stage; mean of replicates; dots: each)")):
+    for points, label in ((variant, "best variant: unrefined pairs, model prior, 300 public"),
+                          (calibrated, "the best variant with its label prior (calibrate stage)")):
         if points:
-            line = ax.plot([position[x] for x, _ in points], [sum(m) / len(m) for _, m in points], marker="s", linewidth=2, label=label)[0]
-            ax.scatter([position[x] for x, means in points for _ in means], [m for _, means in points for m in means], s=14, color=line.get_color(), alpha=0.6)
+            label += " (mean over DP draws of each draw's replicate mean; dots: each replicate)"
+            line = ax.plot([position[x] for x, _ in points], [draws_mean(draws) for _, draws in points], marker="s", linewidth=2, label=label)[0]
+            ax.scatter([position[x] for x, draws in points for d in draws for _ in d], [m for _, draws in points for d in draws for m in d],
+                       s=14, color=line.get_color(), alpha=0.6)
     for number, y in sorted(flat.items()):
         ax.axhline(y, linestyle="--", linewidth=1, color="grey" if number != "7" else "black")
-        ax.text(len(finite) - 1, y, f" {number}", va="center", fontsize=8)
+        ax.text(1.0, y, f" {number}", va="center", fontsize=8, transform=ax.get_yaxis_transform())  # right of the axes, clear of the points
     ax.set_xticks(range(len(finite)), [f"{x:g}" for x in finite])
     ax.set_xlabel("epsilon per bank (delta 1e-5 or 1/(100 N))")
     ax.set_ylabel("mean accuracy, FPB / FiQA / TFNS")
     ax.set_title("The headline against epsilon (dashed: rows that spend no budget, and NOT PRIVATE)")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1)  # below the axes: inside, it hid the lines
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 

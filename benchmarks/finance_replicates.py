@@ -21,31 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, stdev
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command, machine, write_result  # noqa: E402
-from finance_headline import TASKS, RowScore, score  # noqa: E402
+from finance_headline import REPLICATE, TASKS, Replicate, score, stored_replicates  # noqa: E402
 
 STORE = RESULTS / "finance_headline_runs.json"
-
-REPLICATE = re.compile(r"_seed(\d+)$")
-CALIBRATED = "_calibrated"  # finance_headline's variants with the calibrate stage after their final tuning
-
-
-@dataclass
-class Replicate:
-    draw: str  # the work directory and the first DP release id: which DP adapters
-    variant: str
-    seed: str  # fedtune's replicate seed ("spec" when unset: the spec's seed alone)
-    row: RowScore
-
-    def cells(self) -> str:
-        return f"| {self.draw} | {self.variant} | {self.seed} | {self.row.cells()} |"
 
 
 def replicate(run_dir: Path) -> Replicate:
@@ -54,41 +38,6 @@ def replicate(run_dir: Path) -> Replicate:
     releases = sorted(e["release_id"] for e in json.loads((run_dir / "stages/dp_train/ledger.json").read_text()))
     return Replicate(draw=f"{run_dir.parent.name} ({releases[0][:8]})", variant=REPLICATE.sub("", run_dir.name),
                      seed=str(fedtune.get("seed", "spec")), row=score(models["final"]))
-
-
-def stored_replicates(store: Path) -> list[Replicate]:
-    """Every stored measurement of a variant that has `_seed<N>` replicates, one per run name and
-    draw (a run measured again on the same draw counts once, its latest), by draw then name."""
-    runs = json.loads(store.read_text())["runs"]
-    replicated = {REPLICATE.sub("", name) for name in runs if REPLICATE.search(name)}
-    measured: dict[tuple[str, str], dict] = {}
-    for name, entry in runs.items():
-        if REPLICATE.sub("", name) not in replicated:
-            continue
-        for m in [*entry.get("earlier", []), entry]:  # oldest first: a later one on the same draw replaces it
-            if "final" in m.get("rows", {}) and m.get("dp_releases"):
-                measured[(name, sorted(m["dp_releases"])[0])] = m
-    draw_number: dict[str, int] = {}  # a draw's number: the order in which its first measurement was saved
-    for (_, release), m in sorted(measured.items(), key=lambda item: item[1]["saved_at"]):
-        draw_number.setdefault(release, len(draw_number) + 1)
-
-    def seed(name: str) -> str:
-        match = REPLICATE.search(name)
-        return match.group(1) if match else "spec"
-
-    ordered = sorted(measured.items(), key=lambda item: (draw_number[item[0][1]], REPLICATE.sub("", item[0][0]), seed(item[0][0]) != "spec", seed(item[0][0])))
-    replicates = []
-    for (name, release), m in ordered:
-        draw, variant = f"draw {draw_number[release]} ({release[:8]})", REPLICATE.sub("", name)
-        if variant.endswith(CALIBRATED):
-            # the calibrate stage runs after the variant's own fedtune (the same fingerprint): its raw
-            # answers are a replicate of that variant, its answers with the label prior a variant of their own
-            replicates.append(Replicate(draw, variant.removesuffix(CALIBRATED), seed(name), RowScore(**m["rows"]["final"])))
-            if "final_calibrated" in m["rows"]:
-                replicates.append(Replicate(draw, f"{variant} (answers with its label prior)", seed(name), RowScore(**m["rows"]["final_calibrated"])))
-        else:
-            replicates.append(Replicate(draw, variant, seed(name), RowScore(**m["rows"]["final"])))
-    return replicates
 
 
 def by_draw_and_variant(runs: list[Replicate]) -> dict[tuple[str, str], list[Replicate]]:

@@ -406,22 +406,29 @@ def test_an_audit_power_variant_names_only_files_in_the_results_folder():
         assert exit_info.value.code == 2
 
 
-def test_the_curve_draws_the_best_variant_from_its_replicates_at_each_epsilon(tmp_path, monkeypatch):
+def test_the_curve_draws_the_best_variant_from_every_stored_draw_of_its_replicates_at_each_epsilon(tmp_path, monkeypatch):
     replicates = "unrefined_public300_model_prior,unrefined_public300_model_prior_seed2,unrefined_public300_model_prior_seed3"
     args, specs, store = headline(tmp_path, monkeypatch, "--epsilons", "4,8", "--ablations", replicates)
 
-    def save(name: str, mean: float) -> None:
-        store.save(name, specs[name], 1.0, rows={"final": {"acc": {t: mean for t in finance_headline.TASKS}, "mean": mean, "se": 0.01}})
+    def save(name: str, mean: float, draw: str) -> None:
+        store.save(name, specs[name], 1.0, rows={"final": {"acc": {t: mean for t in finance_headline.TASKS}, "mean": mean, "se": 0.01}}, dp_releases=[draw])
 
-    save("A8-unrefined_public300_model_prior", 0.60)
-    save("A8-unrefined_public300_model_prior_seed2", 0.66)
+    save("A8-unrefined_public300_model_prior", 0.60, "first")
+    save("A8-unrefined_public300_model_prior_seed2", 0.66, "first")
     curve = tmp_path / "curve.png"
     # one epsilon measured: no curve (and no file)
-    assert finance_headline.best_variant_points(args, ["4", "8"], specs) == [(8.0, [0.60, 0.66])]
+    assert finance_headline.variant_draws("8", finance_headline.BEST_VARIANT) == [[0.60, 0.66]]
     assert not finance_headline.plot_curve(args, ["4", "8"], specs, curve) and not curve.exists()
-    save("A4-unrefined_public300_model_prior_seed3", 0.50)
-    assert finance_headline.best_variant_points(args, ["4", "8"], specs) == [(4.0, [0.50]), (8.0, [0.60, 0.66])]
+    save("A4-unrefined_public300_model_prior_seed3", 0.50, "eps4")
+    assert finance_headline.variant_draws("4", finance_headline.BEST_VARIANT) == [[0.50]]
     assert finance_headline.plot_curve(args, ["4", "8"], specs, curve) and curve.stat().st_size > 0
+    # a new DP draw measured again under the same name: the earlier draw stays on the curve, each draw's mean counts once
+    save("A8-unrefined_public300_model_prior", 0.70, "second")
+    assert finance_headline.variant_draws("8", finance_headline.BEST_VARIANT) == [[0.60, 0.66], [0.70]]
+    assert finance_headline.draws_mean([[0.60, 0.66], [0.70]]) == pytest.approx(0.665)
+    # the ablation table's lines show the newest measurement of each name, and the draws beside them
+    lines = finance_headline.variant_lines(args, "8", specs, {})
+    assert any("over 2 draws" in line and "0.630 (2), 0.700 (1)" in line and "**0.665**" in line for line in lines)
 
 
 def test_a_calibrated_variant_runs_the_calibrate_stage_and_reports_both_answers_with_their_share_of_the_gap(tmp_path, monkeypatch):
