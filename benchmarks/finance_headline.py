@@ -798,7 +798,7 @@ def run_details(args, e: str, specs: dict[str, dict]) -> list[str]:
     return entry["details"] if entry else []
 
 
-# the pipeline as it runs best so far (README: "Replicates of the final tuning"), plotted beside
+# the pipeline as it runs best so far (finance_headline_notes.md: "Replicates of the final tuning"), plotted beside
 # the rows: each replicate of its final tuning a dot, their mean the line
 BEST_VARIANT = "unrefined_public300_model_prior"
 BEST_VARIANT_REPLICATES = ("", "_seed2", "_seed3")

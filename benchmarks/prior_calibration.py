@@ -2,7 +2,7 @@
 headline's final tuning?
 
 The headline's replicates of its final tuning differ mostly in how often the final model answers
-"neutral" (README: "Replicates of the final tuning"): on the same synthetic pairs (54% neutral) one
+"neutral" (finance_headline_notes.md: "Replicates of the final tuning"): on the same synthetic pairs (54% neutral) one
 replicate predicts TFNS 37% neutral and another 8%. This scores each final model on the synthetic
 pairs its tuning read (what the server holds: the DP models' output, post-processing, no privacy
 cost) and on the headline's test items, and adds to each label's log-probability
