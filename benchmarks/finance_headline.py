@@ -158,7 +158,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=400, help="test items per task")
     parser.add_argument("--label-source", default="professional", choices=["professional", "agreement", "confident"])
     parser.add_argument("--ablations", default="", help="comma-separated changes to the pipeline, each a copy of a finished A<eps> run with only that "
-                                                       f"changed (its DP adapters reused, never redrawn): {', '.join(ABLATIONS)}")
+                                                       f"changed (its DP adapters reused, never redrawn): {', '.join(ABLATIONS)}; `stored`: every ablation the store holds")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--precision", default=None, choices=PRECISIONS,
                         help="with --only: dp_train's and fedtune's base weights in the runs it names that are not copies (auto: bfloat16 where the CPU runs "
@@ -703,9 +703,13 @@ def ablation_table(args, e: str, specs: dict[str, dict]) -> list[str]:
         return []
     lines = [f"### Ablations at epsilon {e}: one change each to the full pipeline, its DP adapters reused", "",
              "| pipeline | FPB | FiQA | TFNS | mean +- SE | macro-F1 | synthetic pairs the final tuning reads |", "|---|---|---|---|---|---|---|"]
+    not_run = []  # listed by name under the table: a row for each ablation not run at this epsilon hid the ones that ran
     for name, label in [(f"A{e}", "as in row 6"), *((f"A{e}-{a}", ABLATIONS[a][1]) for a in ablations)]:
         found = run_rows(args, name, specs)
         value = found.get("6" if name == f"A{e}" else "final")
+        if value is None and name != f"A{e}":
+            not_run.append(f"`{name.removeprefix(f'A{e}-')}`")
+            continue
         if value is None:
             lines.append(f"| {label} | not run yet | | | | | |")
             continue
@@ -716,6 +720,8 @@ def ablation_table(args, e: str, specs: dict[str, dict]) -> list[str]:
             lines.append(f"| the same final adapter answering with its label prior (calibrate){stale_mark(args, name, specs)} | {found['final_calibrated'].cells()} | {count} ({stage}) |")
     found_lines = {name: run_label_lines(args, name, specs[name]) for name in (f"A{e}-{a}" for a in ablations)}
     priors = [f"- {name}: " + " ".join(lines) for name, lines in found_lines.items() if lines]
+    if not_run:
+        lines += ["", f"Not run at epsilon {e} yet: {', '.join(not_run)}."]
     return [*lines, "", *(["Label priors of the ablations (kept since the predictions were):", *priors, ""] if priors else [])]
 
 
@@ -1006,8 +1012,21 @@ def report(args) -> None:
     write_result("finance_headline", lines)
 
 
+def with_stored_ablations(ablations: str) -> str:
+    """`--ablations` with the name `stored` replaced by every ablation the store holds a
+    measurement of (at any epsilon), in the order ABLATIONS defines them: the report shows every
+    ablation run, including the ones that did not help, without a command naming thirty."""
+    named = list(filter(None, ablations.split(",")))
+    if "stored" not in named:
+        return ablations
+    held = {name.split("-", 1)[1] for name in STORE.runs() if name.startswith("A") and "-" in name}
+    named.remove("stored")
+    return ",".join([*named, *(a for a in ABLATIONS if a in held and a not in named)])
+
+
 def main() -> None:
     args = parse_args()
+    args.ablations = with_stored_ablations(args.ablations)
     unknown = set(filter(None, args.ablations.split(","))) - set(ABLATIONS)
     if unknown:
         sys.exit(f"--ablations: unknown {', '.join(sorted(unknown))} (known: {', '.join(ABLATIONS)})")

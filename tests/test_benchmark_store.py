@@ -136,6 +136,15 @@ def test_the_ablation_table_counts_the_pairs_the_final_tuning_reads_here_and_fro
     store.save("A8-public", specs["A8-public"], 1.0, rows=row, synthetic_pairs={"synthesize": 692, "refine": 481})
     table = "\n".join(finance_headline.ablation_table(args, "8", specs))
     assert "| 5 (synthesize) |" in table and "| 481 (refine) |" in table
+    # an ablation not run at an epsilon is one name in a line under the table, not an empty row; row 6 keeps its row
+    args, specs, _ = headline(tmp_path, monkeypatch, "--epsilons", "1,8", "--ablations", "public,unrefined_public")
+    table = finance_headline.ablation_table(args, "1", specs)
+    assert "Not run at epsilon 1 yet: `public`, `unrefined_public`." in table
+    assert sum("not run yet" in line for line in table) == 1 and not any(line.startswith("| the final tuning also") for line in table)
+    # `--ablations stored`: every ablation with a stored measurement, in the script's order, beside the ones named
+    assert finance_headline.with_stored_ablations("stored") == "public"
+    assert finance_headline.with_stored_ablations("volume,stored") == "volume,public"
+    assert finance_headline.with_stored_ablations("agreement") == "agreement"
 
 
 @pytest.mark.parametrize("variant, arguments", [(None, []), ("mia1000", ["--records", "1100", "--holdout", "1000", "--variant", "mia1000"])])
