@@ -57,6 +57,8 @@ class Manifest(BaseModel):
     # on the server, for a stage the clients ran (knowledgesg.exchange): client -> the fingerprint
     # of the stage as it ran on that client
     received: dict[str, str] | None = None
+    # what the stage found that its user should act on (server-side stages only: `StageContext.warn`)
+    warnings: list[str] = []
 
     def outputs_digest(self) -> str:
         return sha256_text("".join(f"{path}={entry.sha256};" for path, entry in sorted(self.outputs.items())))

@@ -478,6 +478,7 @@ class Runner:
             finished_at=_now(),
             duration_s=round(time.perf_counter() - start, 3),
             peak_rss_mib=memory.mib,
+            warnings=ctx.warnings,
         )
         write_manifest(stage_dir, manifest)
         shutil.rmtree(previous, ignore_errors=True)

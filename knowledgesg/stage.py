@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from knowledgesg.console import console
 from knowledgesg.errors import KsgError
 from knowledgesg.fileio import read_json, sha256_text, write_json, write_jsonl
 from knowledgesg.manifest import read_manifest
@@ -100,6 +101,7 @@ class StageContext:
     role: str = "all"  # "all" (the simulation), "client" or "server": see knowledgesg.roles
     reads: tuple[str, ...] | None = None  # the stage's `reads`: the only earlier stages it may read
     declared: dict[str, tuple[int | None, str]] = field(default_factory=dict)  # path -> (records, side)
+    warnings: list[str] = field(default_factory=list)  # the manifest keeps them
 
     @property
     def seed(self) -> int:
@@ -137,6 +139,15 @@ class StageContext:
         copies = [e for e in read_stage_ledgers(self.run_dir, self.completed_stages_before()) if e.client_id == client_id]
         own = read_received_ledger(self.run_dir, client_id) if self.role == "server" else self.client_ledger(client_id).entries()
         return merge_releases(own, copies)
+
+    def warn(self, message: str) -> None:
+        """A finding the user should act on: printed now, kept in the manifest, shown by `ksg
+        status` and the run report. Server-side stages only: a warning is free text in a
+        server-side file, and one from a client's stage could describe its private data."""
+        if self.runs_on != "server":
+            raise RuntimeError(f"{self.stage_name}: only a server-side stage may warn (its manifest is read on the server)")
+        console.print(f"[yellow]warning[/] {self.stage_name}: {message}")
+        self.warnings.append(message)
 
     def path(self, relative: str) -> Path:
         return self.stage_dir / relative

@@ -64,7 +64,7 @@ def run_status(run_dir: Path, spec: PipelineSpec, base_dir: Path, stages: list[S
         reusable, status, problem = reusable_manifest(stage, stage_dir, fingerprint, key) if fingerprint else (None, "", "")
         if reusable is not None:
             state = "kept" if status == "kept" else ("cached" if last.get("status") == "cached" else "done")
-            detail = "code changed; its privacy release is kept" if status == "kept" else ""
+            detail = "; ".join([*(["code changed; its privacy release is kept"] if status == "kept" else []), *(f"warning: {w}" for w in manifest.warnings)])
             states.append(StageState(stage.name, state, manifest.duration_s, manifest.record_count(), manifest.finished_at, detail, manifest.peak_rss_mib))
             chain.add(stage, manifest)
             continue

@@ -39,7 +39,7 @@ from knowledgesg.fileio import read_jsonl
 from knowledgesg.generation import Generator, SamplingParams
 from knowledgesg.loaders import load_example_pool, refuse_client_data, source_path
 from knowledgesg.models import Precision, resolve_device, resolve_precision
-from knowledgesg.prompts import user_message
+from knowledgesg.prompts import parse_label, user_message
 from knowledgesg.records import InstructionRecord
 from knowledgesg.scoring import choice_logprobs, choice_logprobs_of_ids, continuation_logprobs, encode_context, encode_continuation, normalized_choice_probs, pad_id
 from knowledgesg.spec import DataSource, PipelineSpec
@@ -193,6 +193,36 @@ def decide(p_yes: list[float], threshold: float, top_fraction: float | None, flu
     return out
 
 
+# A label at least this common among the synthetic pairs that refine keeps at under a quarter of
+# its share: the professional's labels took it away (FiQA's professional never says "neutral"; the
+# final model then rarely does, and FPB's and TFNS's test items are two-thirds neutral:
+# finance_headline.md, row 6 against the variants without relabelling)
+LABEL_SHIFT_MIN_SHARE = 0.10
+LABEL_SHIFT_FACTOR = 4
+
+
+def label_counts(counts: Counter, labels: list[str]) -> dict[str, int]:
+    """Pairs per label, in the labels' order (a response naming none counts under "none")."""
+    return {**{label: counts[label] for label in labels}, **({"none": counts[None]} if counts[None] else {})}
+
+
+def label_shift_warnings(synthetic: Counter, kept: Counter, labels: list[str], label_source: str) -> list[str]:
+    """One line for each label that refine's kept pairs hold at under a quarter of its share among
+    the synthetic pairs, where it was at least a tenth of them."""
+    total_before, total_after = sum(synthetic.values()), sum(kept.values())
+    if not total_before or not total_after:
+        return []
+    warnings = []
+    for label in labels:
+        share_before, share_after = synthetic[label] / total_before, kept[label] / total_after
+        if share_before >= LABEL_SHIFT_MIN_SHARE and share_after * LABEL_SHIFT_FACTOR < share_before:
+            advice = ("label_source: dp keeps the DP models' labels, which carry the label shares the clients' data taught them"
+                      if label_source != "dp" else "the judge and fluency filter dropped them; a lower threshold or min_fluency keeps more")
+            warnings.append(f"label {label!r} is {share_before:.0%} of the synthetic pairs and {share_after:.0%} of the {total_after} refine kept "
+                            f"(label_source: {label_source}); a final model tuned on them will seldom answer {label!r}. {advice}")
+    return warnings
+
+
 class Refine(Stage):
     name = "refine"
     Params = RefineParams
@@ -228,6 +258,7 @@ class Refine(Stage):
 
             model = PeftModel.from_pretrained(model, tuned)
         summary = {}
+        before, after = Counter(), Counter()  # labels of the synthetic pairs and of those kept, over every client
         for client_id in partition["clients"]:
             rows = read_jsonl(ctx.artifact("synthesize", f"clients/{client_id}/synthetic.jsonl"))
             records = [InstructionRecord.model_validate({k: v for k, v in r.items() if k != "provenance"}) for r in rows]
@@ -236,8 +267,15 @@ class Refine(Stage):
             ctx.write_jsonl(f"clients/{client_id}/refined.jsonl", kept)
             summary[client_id] = self.client_summary(decisions, kept)
             console.print(f"refine {client_id}: kept {len(kept)} of {len(rows)}; {summary[client_id]['dropped_by_reason']}")
+            if p.labels:
+                before.update(parse_label(r.response, p.labels) for r in records)
+                after.update(parse_label(r["response"], p.labels) for r in kept)
+        for warning in label_shift_warnings(before, after, p.labels or [], p.label_source):
+            ctx.warn(warning)
         ctx.write_json("summary.json", {"professional_model": models["professional"]["name"], "tuned_by": "tune_professional (public data)" if tuned else None,
-                                        "method": "judge p(yes) by log-probability", "label_source": p.label_source if p.labels else None, "precision": dtype, "clients": summary})
+                                        "method": "judge p(yes) by log-probability", "label_source": p.label_source if p.labels else None, "precision": dtype,
+                                        **({"labels": {"synthetic": label_counts(before, p.labels), "kept": label_counts(after, p.labels)}} if p.labels else {}),
+                                        "clients": summary})
 
     def refine_client(self, ctx: StageContext, client_id: str, model, tokenizer, device: str, rows: list[dict], records: list[InstructionRecord],
                       good: list[str], shots: list[InstructionRecord], tuned: bool) -> tuple[list[dict], list[dict]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from knowledgesg.manifest import read_manifest
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import load_spec
 from knowledgesg.stage import StageContext
-from pipelines.refine import Refine, RefineParams, balanced_shots, centre_by_group, centre_probabilities, decide, judge_prompt, label_prompt, seed_key
+from pipelines.refine import Refine, RefineParams, balanced_shots, centre_by_group, centre_probabilities, decide, judge_prompt, label_prompt, label_shift_warnings, seed_key
 from tests.conftest import run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
 from tests.test_synthesize import SYNTH, TRAIN
 
@@ -74,6 +75,30 @@ def test_every_candidate_has_scores_and_a_reasoned_decision(refine_run: Path):
             assert row["response"] in LABELS and row["response"] == max(decision["label_probs"], key=decision["label_probs"].get)
             assert row["provenance"]["refine"]["judge_p_yes"] == decision["judge_p_yes"]
             assert decision["label_changed"] == (decision["synthetic_response"] != row["response"])
+
+
+def test_refine_counts_the_labels_it_was_given_and_kept_and_warns_where_its_own_took_one_away(refine_run: Path):
+    stage = refine_run / "run/stages/refine"
+    summary = json.loads((stage / "summary.json").read_text())
+    synthetic = Counter(r["response"] for path in sorted((refine_run / "run/stages/synthesize/clients").glob("*/synthetic.jsonl")) for r in _jsonl(path))
+    kept = Counter(r["response"] for path in sorted((stage / "clients").glob("*/refined.jsonl")) for r in _jsonl(path))
+    assert summary["labels"] == {"synthetic": {label: synthetic[label] for label in LABELS}, "kept": {label: kept[label] for label in LABELS}}
+    warnings = read_manifest(stage).warnings
+    assert warnings == label_shift_warnings(synthetic, kept, LABELS, "professional")
+    # the canned candidates are a third of each label; the tiny professional relabels the kept ones
+    # with whatever its random weights prefer, so some label is taken away
+    assert warnings and all("of the synthetic pairs and" in w and "label_source: dp keeps" in w for w in warnings)
+
+
+def test_a_label_refine_takes_away_is_a_warning_and_a_small_or_rare_one_is_not():
+    synthetic = Counter(negative=30, neutral=37, positive=33)
+    (warning,) = label_shift_warnings(synthetic, Counter(negative=20, neutral=0, positive=80), LABELS, "professional")
+    assert "label 'neutral' is 37% of the synthetic pairs and 0% of the 100 refine kept (label_source: professional)" in warning and "label_source: dp keeps" in warning
+    assert label_shift_warnings(synthetic, Counter(negative=25, neutral=30, positive=45), LABELS, "professional") == []  # 37% to 30%: a shift, not a loss
+    assert label_shift_warnings(Counter(negative=5, neutral=50, positive=45), Counter(neutral=50, positive=50), LABELS, "professional") == []  # 5%: too rare to tell
+    (filtered,) = label_shift_warnings(synthetic, Counter(negative=40, neutral=2, positive=58), LABELS, "dp")
+    assert "the judge and fluency filter dropped them" in filtered  # with the DP labels kept, only the filter can have done it
+    assert label_shift_warnings(synthetic, Counter(), LABELS, "professional") == []  # nothing kept: the stage says so itself
 
 
 def test_refine_opens_no_private_artifact(refine_run: Path):

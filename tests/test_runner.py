@@ -11,9 +11,13 @@ import pytest
 from knowledgesg.cli import main
 from knowledgesg.errors import KsgError
 from knowledgesg.fileio import hmac_file, sha256_file
+from knowledgesg.manifest import read_manifest
 from knowledgesg.runner import Runner, append_event, load_run_spec, run_lock, run_models
+from knowledgesg.spec import parse_spec
+from knowledgesg.stage import StageContext
 from knowledgesg.status import run_status
 from pipelines import build_stages, load_pipeline
+from pipelines.prepare_models import PrepareModels
 from tests.conftest import stage_files, tiny_spec, write_spec
 
 
@@ -243,3 +247,29 @@ def test_explicit_members_and_natural_partition(workdir: Path):
     _run(write_spec(workdir, spec), workdir / "run")
     rows = [json.loads(line) for line in (workdir / "run/stages/ingest/clients/hosp_b/records.jsonl").read_text().splitlines()]
     assert rows == [{"client_id": "hosp_b", "document_id": None, "id": "b/x", "input": "", "instruction": "Q", "kind": "instruction", "response": "A", "source": "b", "user_id": "u1"}]
+
+
+def test_a_server_stages_warning_is_kept_in_its_manifest_and_shown_by_status_and_the_run_report(two_stage: Path, workdir: Path, monkeypatch, capsys):
+    original = PrepareModels.run
+
+    def warns(self, ctx):
+        original(self, ctx)
+        ctx.warn("the model cache is on a slow disk")
+
+    monkeypatch.setattr(PrepareModels, "runs_on", "server")  # it reads no client artifact either way
+    monkeypatch.setattr(PrepareModels, "run", warns)
+    run_dir = workdir / "run"
+    assert main(["run", str(two_stage), "--run-dir", str(run_dir)]) == 0
+    assert "warning prepare_models: the model cache is on a slow disk" in " ".join(capsys.readouterr().err.split())
+    assert read_manifest(run_dir / "stages/prepare_models").warnings == ["the model cache is on a slow disk"]
+    assert read_manifest(run_dir / "stages/ingest").warnings == []
+    assert [s.detail for s in _status(run_dir)] == ["warning: the model cache is on a slow disk", ""]
+    assert "warning: the model cache is on a slow disk" in (run_dir / "report.html").read_text()
+
+
+def test_a_stage_that_runs_where_the_data_is_may_not_warn(tmp_path: Path):
+    """A warning is free text in a manifest the server reads: a client's stage could put its data in one."""
+    ctx = StageContext(spec=parse_spec(tiny_spec(stages=["prepare_models", "ingest"]), "spec.yaml"), base_dir=tmp_path, run_dir=tmp_path, stage_dir=tmp_path, stage_name="ingest", runs_on="any")
+    with pytest.raises(RuntimeError, match="only a server-side stage may warn"):
+        ctx.warn("bank_a holds 3 records about Acme")
+    assert ctx.warnings == []
