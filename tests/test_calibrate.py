@@ -66,6 +66,10 @@ def test_calibrate_fits_on_the_pairs_fedtune_read_and_evaluate_and_publish_apply
     assert prior.pairs == sum(counts) == len(refined) > 0 and prior.shares == pytest.approx([c / sum(counts) for c in counts], abs=1e-6)
     manifest = json.loads((run / "calibrate/manifest.json").read_text())
     assert manifest["outputs"]["label_prior.json"]["side"] == "server"
+    # a label no pair gives is all but forbidden by the prior: the stage warns, once per such label
+    absent = [label for label, count in zip(LABELS, counts) if count == 0]
+    assert absent  # the tiny professional gives every kept pair the same label: the case is exercised
+    assert [w.split("'")[1] for w in manifest["warnings"]] == absent and all("refine relabelled them" in w for w in manifest["warnings"])
 
     results = json.loads((run / "evaluate/results.json").read_text())["models"]
     final = results["final"]
