@@ -100,6 +100,9 @@ def run(
         time_text = _seconds(outcome.duration_s) + (" (earlier)" if outcome.status in ("cached", "kept") else "")
         table.add_row(outcome.name, f"[{style}]{outcome.status}[/]", time_text, "-" if outcome.records is None else str(outcome.records), _mib(outcome.peak_rss_mib))
     console.print(table)
+    for outcome in outcomes:  # said while the stage ran; again here, where the run's outcome is read
+        for warning in outcome.warnings:
+            console.print(f"[yellow]warning[/] {outcome.name}: {warning}")
     _print_privacy_summary(spec, base_dir, run_dir)
     console.print(f"run report: {_refresh_run_report(run_dir)}")
     console.print(f"finished in {time.perf_counter() - start:.1f}s")

@@ -19,7 +19,7 @@ import sysconfig
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
@@ -52,6 +52,7 @@ class StageOutcome:
     records: int | None  # None: the stage wrote no record files
     reason: str = ""
     peak_rss_mib: float | None = None
+    warnings: list[str] = field(default_factory=list)  # its manifest's: a cached stage's stand as when it ran
 
 
 @cache
@@ -420,14 +421,14 @@ class Runner:
                 if status == "kept":
                     console.print(f"[cyan]{stage.name}[/]: the code changed since it ran; its privacy release is kept (running it again would spend budget "
                                   f"on a new release: remove {stage_dir} to do so)")
-                outcomes.append(StageOutcome(stage.name, status, manifest.duration_s, manifest.record_count(), peak_rss_mib=manifest.peak_rss_mib))
+                outcomes.append(StageOutcome(stage.name, status, manifest.duration_s, manifest.record_count(), peak_rss_mib=manifest.peak_rss_mib, warnings=manifest.warnings))
                 append_event(self.run_dir, stage=stage.name, status=status)
             else:
                 refuse_a_silent_new_release(stage, stage_dir, reason)
                 if reason:
                     console.print(f"[yellow]{stage.name}[/]: {reason}; rerunning")
                 manifest = self._execute(stage, stage_dir, fingerprint, key)
-                outcomes.append(StageOutcome(stage.name, "ran", manifest.duration_s, manifest.record_count(), reason, manifest.peak_rss_mib))
+                outcomes.append(StageOutcome(stage.name, "ran", manifest.duration_s, manifest.record_count(), reason, manifest.peak_rss_mib, manifest.warnings))
             chain.add(stage, manifest)
         return outcomes
 
