@@ -832,7 +832,7 @@ class Replicate:
 def stored_replicates(store: Path) -> list[Replicate]:
     """Every stored measurement of a variant that has `_seed<N>` replicates, one per run name and
     draw (a run measured again on the same draw counts once, its latest), by draw then name."""
-    runs = json.loads(store.read_text())["runs"]
+    runs = json.loads(store.read_text())["runs"] if store.is_file() else {}
     replicated = {REPLICATE.sub("", name) for name in runs if REPLICATE.search(name)}
     measured: dict[tuple[str, str], dict] = {}
     for name, entry in runs.items():
@@ -855,8 +855,12 @@ def stored_replicates(store: Path) -> list[Replicate]:
         draw, variant = f"draw {draw_number[release]} ({release[:8]})", REPLICATE.sub("", name)
         if variant.endswith(CALIBRATED_SUFFIX):
             # the calibrate stage runs after the variant's own fedtune (the same fingerprint): its raw
-            # answers are a replicate of that variant, its answers with the label prior a variant of their own
-            replicates.append(Replicate(draw, variant.removesuffix(CALIBRATED_SUFFIX), seed(name), RowScore(**m["rows"]["final"])))
+            # answers are a replicate of that variant, its answers with the label prior a variant of their own;
+            # where the plain variant ran on the same draw with the same seed, that is the same final
+            # tuning, counted once (the plain run's)
+            raw = Replicate(draw, variant.removesuffix(CALIBRATED_SUFFIX), seed(name), RowScore(**m["rows"]["final"]))
+            if not any((r.draw, r.variant, r.seed) == (raw.draw, raw.variant, raw.seed) for r in replicates):
+                replicates.append(raw)
             if "final_calibrated" in m["rows"]:
                 replicates.append(Replicate(draw, f"{variant}{LABEL_PRIOR_ANSWERS}", seed(name), RowScore(**m["rows"]["final_calibrated"])))
         else:
@@ -865,9 +869,9 @@ def stored_replicates(store: Path) -> list[Replicate]:
 
 
 def best_variant_points(args, epsilons: list[str], specs: dict[str, dict], variant: str = BEST_VARIANT, row: str = "final") -> list[tuple[float, list[float]]]:
-    """(epsilon, the final models' means) of a variant's replicates measured at each epsilon:
-    those named by --ablations, as shown in the ablation tables (`row`: "final_calibrated" for
-    the answers with the label prior)."""
+    """(epsilon, the final models' means) of a variant's replicates measured at each epsilon: the
+    newest measurement of each name in --ablations, as the ablation tables show them (`row`:
+    "final_calibrated" for the answers with the label prior); `variant_draws` has every draw."""
     points = []
     for e in epsilons:
         means = [value.mean for suffix in BEST_VARIANT_REPLICATES
@@ -901,7 +905,7 @@ def variant_lines(args, e: str, specs: dict[str, dict], means: dict[str, float])
     alternatives = {k: means[k] for k in ("2", "3", "4a", "4b") if k in means}
 
     def share(mean: float) -> str:
-        if len(alternatives) < 4 or "7" not in means:
+        if len(alternatives) < 4 or "7" not in means or means["7"] <= max(alternatives.values()):
             return ""
         best = max(alternatives, key=alternatives.get)
         return f"; share of the gap closed over row {best} ({alternatives[best]:.3f}): **{(mean - alternatives[best]) / (means['7'] - alternatives[best]):.0%}**"
@@ -1026,6 +1030,8 @@ def with_stored_ablations(ablations: str) -> str:
 
 def main() -> None:
     args = parse_args()
+    if "stored" in args.ablations.split(",") and not args.only:
+        sys.exit("--ablations stored: give --only too (e.g. --only none for the report): without it every stored ablation not finished here would run")
     args.ablations = with_stored_ablations(args.ablations)
     unknown = set(filter(None, args.ablations.split(","))) - set(ABLATIONS)
     if unknown:

@@ -26,10 +26,11 @@ from pathlib import Path
 from statistics import mean, stdev
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, command, machine, write_result  # noqa: E402
+from _common import command, machine, write_result  # noqa: E402
+import finance_headline  # noqa: E402
 from finance_headline import REPLICATE, TASKS, Replicate, score, stored_replicates  # noqa: E402
 
-STORE = RESULTS / "finance_headline_runs.json"
+STORE = finance_headline.STORE.path
 
 
 def replicate(run_dir: Path) -> Replicate:

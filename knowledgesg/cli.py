@@ -11,6 +11,7 @@ from typing import Annotated
 
 import click
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from knowledgesg.console import console, quiet_dependencies
@@ -102,7 +103,7 @@ def run(
     console.print(table)
     for outcome in outcomes:  # said while the stage ran; again here, where the run's outcome is read
         for warning in outcome.warnings:
-            console.print(f"[yellow]warning[/] {outcome.name}: {warning}")
+            console.print(f"[yellow]warning[/] {outcome.name}: {escape(warning)}")
     _print_privacy_summary(spec, base_dir, run_dir)
     console.print(f"run report: {_refresh_run_report(run_dir)}")
     console.print(f"finished in {time.perf_counter() - start:.1f}s")

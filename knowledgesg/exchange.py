@@ -131,7 +131,8 @@ def export_releases(run_dir: Path, stage_names: list[str], client_id: str, excha
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(run_dir / "stages" / name / relative, target)
             # how long a stage took and the memory it used say something of the data: not sent
-            write_manifest(staging / name, manifest.model_copy(update={"outputs": sent, "inputs": {}, "duration_s": 0.0, "peak_rss_mib": None}))
+            # nor its warnings (free text; a client's stage may not make any: StageContext.warn)
+            write_manifest(staging / name, manifest.model_copy(update={"outputs": sent, "inputs": {}, "duration_s": 0.0, "peak_rss_mib": None, "warnings": []}))
         # the client's own paths stay with it: the server needs each entry, not where it was made
         write_jsonl(staging / CLIENT_LEDGER, [e.model_copy(update={"run_dir": f"client:{client_id}"}).model_dump(mode="json") for e in ledger])
 
@@ -144,6 +145,8 @@ def _received_manifest(exchange: Path, client_id: str, stage: str) -> Manifest:
     if manifest is None:
         raise KsgError(f"waiting for client '{client_id}': no release of stage '{stage}' in {exchange} "
                        f"(on its machine: ksg run SPEC --role client --client {client_id} --exchange ...)")
+    if manifest.warnings:
+        raise KsgError(f"client '{client_id}': its {stage} manifest carries warnings (free text a client never sends)")
     for relative, entry in manifest.outputs.items():
         check_path(relative, client_id, f"client '{client_id}'")
         path = part / stage / relative

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+from rich.markup import escape
 
 from knowledgesg.console import console
 from knowledgesg.errors import KsgError
@@ -144,9 +145,9 @@ class StageContext:
         """A finding the user should act on: printed now, kept in the manifest, shown by `ksg
         status` and the run report. Server-side stages only: a warning is free text in a
         server-side file, and one from a client's stage could describe its private data."""
-        if self.runs_on != "server":
+        if self.runs_on != "server" or self.role == "client":
             raise RuntimeError(f"{self.stage_name}: only a server-side stage may warn (its manifest is read on the server)")
-        console.print(f"[yellow]warning[/] {self.stage_name}: {message}")
+        console.print(f"[yellow]warning[/] {self.stage_name}: {escape(message)}")
         self.warnings.append(message)
 
     def path(self, relative: str) -> Path:

@@ -93,6 +93,6 @@ class Calibrate(Stage):
         console.print(f"calibrate: the final adapter on {len(items)} {stage} pairs" + (f" ({skipped} answering with none of the labels left out)" if skipped else "")
                       + f": {shown}")
         for label, share, bias in zip(labels, prior.shares, prior.bias):
-            if share == 0:
-                ctx.warn(f"label {label!r} answers none of the {len(items)} {stage} pairs, so the label prior all but forbids it (bias {bias:+.1f} nats): "
-                         f"the pairs say it never occurs{'; refine relabelled them (its summary.json counts the labels it was given and kept)' if stage == 'refine' else ''}")
+            if share == 0:  # only with `labels` given: labels read off the pairs all occur
+                ctx.warn(f"label {label!r} answers none of the {len(items)} {stage} pairs, so the label prior all but forbids it (bias {bias:+.1f} nats)"
+                         + ("; refine's summary.json counts the labels it was given and kept" if stage == "refine" else ""))

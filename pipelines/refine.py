@@ -39,7 +39,7 @@ from knowledgesg.fileio import read_jsonl
 from knowledgesg.generation import Generator, SamplingParams
 from knowledgesg.loaders import load_example_pool, refuse_client_data, source_path
 from knowledgesg.models import Precision, resolve_device, resolve_precision
-from knowledgesg.prompts import parse_label, user_message
+from knowledgesg.prompts import user_message
 from knowledgesg.records import InstructionRecord
 from knowledgesg.scoring import choice_logprobs, choice_logprobs_of_ids, continuation_logprobs, encode_context, encode_continuation, normalized_choice_probs, pad_id
 from knowledgesg.spec import DataSource, PipelineSpec
@@ -201,9 +201,14 @@ LABEL_SHIFT_MIN_SHARE = 0.10
 LABEL_SHIFT_FACTOR = 4
 
 
+def label_named(response: str, labels: list[str]) -> str | None:
+    """The label a response is, as `labelled` and calibrate read it (the whole answer, any case), or None."""
+    return next((label for label in labels if label.lower() == response.strip().lower()), None)
+
+
 def label_counts(counts: Counter, labels: list[str]) -> dict[str, int]:
-    """Pairs per label, in the labels' order (a response naming none counts under "none")."""
-    return {**{label: counts[label] for label in labels}, **({"none": counts[None]} if counts[None] else {})}
+    """Pairs per label, in the labels' order, and those that answer with none of them."""
+    return {**{label: counts[label] for label in labels}, **({"(none of the labels)": counts[None]} if counts[None] else {})}
 
 
 def label_shift_warnings(synthetic: Counter, kept: Counter, labels: list[str], label_source: str) -> list[str]:
@@ -268,8 +273,8 @@ class Refine(Stage):
             summary[client_id] = self.client_summary(decisions, kept)
             console.print(f"refine {client_id}: kept {len(kept)} of {len(rows)}; {summary[client_id]['dropped_by_reason']}")
             if p.labels:
-                before.update(parse_label(r.response, p.labels) for r in records)
-                after.update(parse_label(r["response"], p.labels) for r in kept)
+                before.update(label_named(r.response, p.labels) for r in records)
+                after.update(label_named(r["response"], p.labels) for r in kept)
         for warning in label_shift_warnings(before, after, p.labels or [], p.label_source):
             ctx.warn(warning)
         ctx.write_json("summary.json", {"professional_model": models["professional"]["name"], "tuned_by": "tune_professional (public data)" if tuned else None,
@@ -346,7 +351,7 @@ class Refine(Stage):
         model's own label (the synthetic response)."""
         p: RefineParams = self.params
         professional = p.labels[int(probs.argmax())]
-        own = next((label for label in p.labels if label.lower() == record.response.strip().lower()), None)
+        own = label_named(record.response, p.labels)
         confident = float(probs.max()) >= p.min_label_confidence
         keep_own = p.label_source == "dp" or (p.label_source == "confident" and not confident)
         response = own if keep_own and own is not None else professional

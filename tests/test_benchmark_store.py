@@ -405,6 +405,13 @@ def test_replicates_from_the_store_count_every_draw_once_per_run_and_are_compare
     third = [(r.draw, r.variant, r.seed, r.row.mean) for r in fr.stored_replicates(store) if r.draw.startswith("draw 3")]
     assert third == [("draw 3 (r3a)", "A8-x", "spec", 0.62), ("draw 3 (r3a)", "A8-x_calibrated (answers with its label prior)", "spec", 0.64),
                      ("draw 3 (r3a)", "A8-x", "2", 0.62), ("draw 3 (r3a)", "A8-x_calibrated (answers with its label prior)", "2", 0.64)]
+    # the plain variant on the same draw with the same seed is the same final tuning: counted once, the plain run's
+    runs["A8-x_seed2"] = {**measurement(0.61, draw_3, "2026-12-06T00"), "earlier": [runs["A8-x_seed2"]]}
+    store.write_text(json.dumps({"runs": runs}))
+    third = [(r.draw, r.variant, r.seed, r.row.mean) for r in fr.stored_replicates(store) if r.draw.startswith("draw 3")]
+    assert third == [("draw 3 (r3a)", "A8-x", "2", 0.61), ("draw 3 (r3a)", "A8-x", "spec", 0.62),
+                     ("draw 3 (r3a)", "A8-x_calibrated (answers with its label prior)", "spec", 0.64), ("draw 3 (r3a)", "A8-x_calibrated (answers with its label prior)", "2", 0.64)]
+    assert fr.stored_replicates(tmp_path / "no_store.json") == []
 
 
 def test_an_audit_power_variant_names_only_files_in_the_results_folder():

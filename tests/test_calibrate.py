@@ -69,7 +69,7 @@ def test_calibrate_fits_on_the_pairs_fedtune_read_and_evaluate_and_publish_apply
     # a label no pair gives is all but forbidden by the prior: the stage warns, once per such label
     absent = [label for label, count in zip(LABELS, counts) if count == 0]
     assert absent  # the tiny professional gives every kept pair the same label: the case is exercised
-    assert [w.split("'")[1] for w in manifest["warnings"]] == absent and all("refine relabelled them" in w for w in manifest["warnings"])
+    assert [w.split("'")[1] for w in manifest["warnings"]] == absent and all("refine's summary.json counts the labels" in w for w in manifest["warnings"])
 
     results = json.loads((run / "evaluate/results.json").read_text())["models"]
     final = results["final"]

@@ -185,6 +185,14 @@ def test_a_rerun_receives_nothing_new_and_a_tampered_release_is_refused(federati
     adapter.symlink_to(elsewhere)
     with pytest.raises(KsgError, match="a link out of its part"):
         receive_stage(tmp, tampered, "dp_train", list(BANKS), params, 7)
+    # a manifest that carries warnings is refused: free text a client's stage may not write (StageContext.warn), and export strips them
+    assert json.loads((exchange / "bank_a/dp_train/manifest.json").read_text())["warnings"] == []
+    shutil.rmtree(tampered)
+    shutil.copytree(exchange, tampered)
+    manifest_path = tampered / "bank_a/dp_train/manifest.json"
+    manifest_path.write_text(json.dumps(dict(json.loads(manifest_path.read_text()), warnings=["bank_a's records mention Acme"])))
+    with pytest.raises(KsgError, match="carries warnings"):
+        receive_stage(tmp, tampered, "dp_train", list(BANKS), params, 7)
 
 
 def test_a_bank_evaluates_the_servers_published_releases_on_its_own_side(federation, capsys):

@@ -272,7 +272,9 @@ def test_a_server_stages_warning_is_kept_in_its_manifest_and_shown_by_status_and
 
 def test_a_stage_that_runs_where_the_data_is_may_not_warn(tmp_path: Path):
     """A warning is free text in a manifest the server reads: a client's stage could put its data in one."""
-    ctx = StageContext(spec=parse_spec(tiny_spec(stages=["prepare_models", "ingest"]), "spec.yaml"), base_dir=tmp_path, run_dir=tmp_path, stage_dir=tmp_path, stage_name="ingest", runs_on="any")
-    with pytest.raises(RuntimeError, match="only a server-side stage may warn"):
-        ctx.warn("bank_a holds 3 records about Acme")
-    assert ctx.warnings == []
+    for runs_on, role in (("any", "all"), ("server", "client")):  # a client's machine keeps no server-side stage's manifest either
+        ctx = StageContext(spec=parse_spec(tiny_spec(stages=["prepare_models", "ingest"]), "spec.yaml"), base_dir=tmp_path, run_dir=tmp_path, stage_dir=tmp_path,
+                           stage_name="ingest", runs_on=runs_on, role=role)
+        with pytest.raises(RuntimeError, match="only a server-side stage may warn"):
+            ctx.warn("bank_a holds 3 records about Acme")
+        assert ctx.warnings == []
