@@ -197,7 +197,11 @@ def test_init_writes_a_commented_spec_that_check_and_run_accept(tmp_path: Path, 
     assert text.startswith("# Run: ksg run spec.yaml") and "'sentiment' takes 3 values" in text
     spec = yaml.safe_load(text)
     assert spec["clients"]["data"][0]["fields"] == {"id": "uid", "response": "sentiment", "input": "sentence"}
-    assert spec["clients"]["partition"]["method"] == "dirichlet" and [s if isinstance(s, str) else s["name"] for s in spec["stages"]][-1] == "publish"
+    assert spec["clients"]["partition"]["method"] == "dirichlet" and [s if isinstance(s, str) else s["name"] for s in spec["stages"]][-2:] == ["calibrate", "publish"]
+    # a labelled task gets what the headline benchmark measured: the DP models' label proportions, their labels through refine
+    params = {s["name"]: s["params"] for s in spec["stages"] if isinstance(s, dict)}
+    assert params["synthesize"]["class_balance"] == "model" and params["refine"]["label_source"] == "dp"
+    assert params["calibrate"]["labels"] == params["synthesize"]["labels"] == ["negative", "neutral", "positive"]
     assert main(["init", "bank.csv", "--out", "spec.yaml"]) == 2  # never overwrites
     capsys.readouterr()
     assert main(["check", "spec.yaml"]) == 0
@@ -227,7 +231,7 @@ def test_init_with_several_files_and_text_makes_members_and_structures(tmp_path:
     assert [m["id"] for m in spec["clients"]["members"]] == ["hospital_a", "notes"]
     assert spec["clients"]["members"][1]["data"][0] == {"path": "notes.jsonl", "kind": "text", "fields": {"text": "note"}}
     names = [s if isinstance(s, str) else s["name"] for s in spec["stages"]]
-    assert "structure" in names and spec["models"]["embedder"] == "minilm-l6-v2"
+    assert "structure" in names and spec["models"]["embedder"] == "minilm-l6-v2" and "calibrate" not in names  # answers, not labels
     assert next(s for s in spec["stages"] if isinstance(s, dict) and s["name"] == "dp_train")["params"]["source_stage"] == "structure"
 
 
