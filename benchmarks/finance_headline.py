@@ -966,7 +966,7 @@ def plot_curve(args, epsilons: list[str], specs: dict[str, dict], path: Path) ->
         ax.axhline(y, linestyle="--", linewidth=1, color="grey" if number != "7" else "black")
         ax.text(1.0, y, f" {number}", va="center", fontsize=8, transform=ax.get_yaxis_transform())  # right of the axes, clear of the points
     ax.set_xticks(range(len(finite)), [f"{x:g}" for x in finite])
-    ax.set_xlabel("epsilon per bank (delta 1e-5 or 1/(100 N))")
+    ax.set_xlabel("epsilon per bank (delta 1e-6 each)")
     ax.set_ylabel("mean accuracy, FPB / FiQA / TFNS")
     ax.set_title("The headline against epsilon (dashed: rows that spend no budget, and NOT PRIVATE)")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1)  # below the axes: inside, it hid the lines
@@ -988,7 +988,7 @@ def report(args) -> None:
              "DP-FedAvg runs as many local DP-SGD steps per bank as dp_train gives the smallest bank.", ""]
     for e in [eps_name(float(x)) for x in args.epsilons.split(",")]:
         rows, means = table(args, e, specs)
-        lines += [f"## epsilon {e} per bank (delta 1e-5 or 1/(100 N))", "", *rows, "", gap_line(means), "", constant_answer_line(args), "", *run_details(args, e, specs), ""]
+        lines += [f"## epsilon {e} per bank (delta at most 1e-5 and 1/(100 N), rounded down to a power of ten: 1e-6 for banks of 1,000-9,999 records, as here)", "", *rows, "", gap_line(means), "", constant_answer_line(args), "", *run_details(args, e, specs), ""]
         lines += ablation_table(args, e, specs)
         lines += variant_lines(args, e, specs, means)
         lines += full_table(args, e, specs)
