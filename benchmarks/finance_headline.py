@@ -830,13 +830,18 @@ class Replicate:
 
 
 def stored_replicates(store: Path) -> list[Replicate]:
-    """Every stored measurement of a variant that has `_seed<N>` replicates, one per run name and
-    draw (a run measured again on the same draw counts once, its latest), by draw then name."""
+    """Every stored measurement of a variant that has `_seed<N>` replicates (at any epsilon: one
+    run at a new epsilon is that variant's first replicate there), one per run name and draw (a
+    run measured again on the same draw counts once, its latest), by draw then name."""
     runs = json.loads(store.read_text())["runs"] if store.is_file() else {}
-    replicated = {REPLICATE.sub("", name) for name in runs if REPLICATE.search(name)}
+
+    def variant_of(name: str) -> str:  # without the epsilon's run and the replicate seed: A8-x_seed2 -> x
+        return REPLICATE.sub("", name).split("-", 1)[-1]
+
+    replicated = {variant_of(name) for name in runs if REPLICATE.search(name)}
     measured: dict[tuple[str, str], dict] = {}
     for name, entry in runs.items():
-        if REPLICATE.sub("", name) not in replicated:
+        if "-" not in name or variant_of(name) not in replicated:
             continue
         for m in [*entry.get("earlier", []), entry]:  # oldest first: a later one on the same draw replaces it
             if "final" in m.get("rows", {}) and m.get("dp_releases"):

@@ -411,6 +411,12 @@ def test_replicates_from_the_store_count_every_draw_once_per_run_and_are_compare
     third = [(r.draw, r.variant, r.seed, r.row.mean) for r in fr.stored_replicates(store) if r.draw.startswith("draw 3")]
     assert third == [("draw 3 (r3a)", "A8-x", "2", 0.61), ("draw 3 (r3a)", "A8-x", "spec", 0.62),
                      ("draw 3 (r3a)", "A8-x_calibrated (answers with its label prior)", "spec", 0.64), ("draw 3 (r3a)", "A8-x_calibrated (answers with its label prior)", "2", 0.64)]
+    # a replicated variant's first run at another epsilon is a replicate there (its draw a new one); a variant never replicated is not
+    runs["A2-x"] = measurement(0.45, ["r0"], "2026-12-07T00")
+    store.write_text(json.dumps({"runs": runs}))
+    found = fr.stored_replicates(store)
+    assert [(r.draw, r.variant, r.seed, r.row.mean) for r in found if r.variant == "A2-x"] == [("draw 4 (r0)", "A2-x", "spec", 0.45)]
+    assert not any(r.variant == "A8-lonely" for r in found)
     assert fr.stored_replicates(tmp_path / "no_store.json") == []
 
 
