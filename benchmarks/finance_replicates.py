@@ -27,10 +27,9 @@ from statistics import mean, stdev
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import command, machine, write_result  # noqa: E402
-import finance_headline  # noqa: E402
-from finance_headline import REPLICATE, TASKS, Replicate, score, stored_replicates  # noqa: E402
+from finance_headline import REPLICATE, STORE as HEADLINE_STORE, TASKS, Replicate, score, stored_replicates  # noqa: E402
 
-STORE = finance_headline.STORE.path
+STORE = HEADLINE_STORE.path
 
 
 def replicate(run_dir: Path) -> Replicate:

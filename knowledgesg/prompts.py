@@ -38,6 +38,12 @@ def user_turn_prefix(tokenizer, seed: Seed) -> str:
     return rendered.split(MARK)[0]
 
 
+def label_named(response: str, labels: list[str]) -> str | None:
+    """The label a labelled pair's response is (the whole answer, any case), or None: how refine
+    and calibrate read a synthetic pair's label, where `parse_label` reads a generated answer."""
+    return next((label for label in labels if label.lower() == response.strip().lower()), None)
+
+
 def parse_label(response: str, labels: list[str]) -> str | None:
     """The label a response names first, or None."""
     found = [(m.start(), label) for label in labels for m in [re.search(rf"\b{re.escape(label.lower())}\b", response.lower())] if m]

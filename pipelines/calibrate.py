@@ -30,7 +30,7 @@ from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.fileio import read_jsonl
 from knowledgesg.models import Precision, resolve_device, resolve_precision
-from knowledgesg.prompts import user_message
+from knowledgesg.prompts import label_named, user_message
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import PipelineSpec
 from knowledgesg.stage import Stage, StageContext
@@ -51,14 +51,13 @@ def labelled_items(rows: list[dict], labels: list[str] | None) -> tuple[list[Ite
     """The pairs as scoring items over `labels` (default: their distinct responses), the labels,
     and how many pairs answer with none of them."""
     records = [InstructionRecord.model_validate({k: v for k, v in row.items() if k in InstructionRecord.model_fields}) for row in rows]  # provenance aside
-    answers = [r.response.strip().lower() for r in records]
     if labels is None:
-        labels = sorted(set(answers))
+        labels = sorted({r.response.strip().lower() for r in records})
         if not 2 <= len(labels) <= MAX_LABELS:
             raise KsgError(f"calibrate: the synthetic pairs give {len(labels)} distinct responses; a label prior needs 2 to {MAX_LABELS} "
                            "(free-text answers have none: leave the stage out, or name params.labels)")
-    lowered = [label.lower() for label in labels]
-    items = [Item(user_message(r), list(labels), lowered.index(a)) for r, a in zip(records, answers) if a in lowered]
+    named = [(r, label_named(r.response, labels)) for r in records]
+    items = [Item(user_message(r), list(labels), labels.index(label)) for r, label in named if label is not None]
     return items, list(labels), len(records) - len(items)
 
 

@@ -39,7 +39,7 @@ from knowledgesg.fileio import read_jsonl
 from knowledgesg.generation import Generator, SamplingParams
 from knowledgesg.loaders import load_example_pool, refuse_client_data, source_path
 from knowledgesg.models import Precision, resolve_device, resolve_precision
-from knowledgesg.prompts import user_message
+from knowledgesg.prompts import label_named, user_message
 from knowledgesg.records import InstructionRecord
 from knowledgesg.scoring import choice_logprobs, choice_logprobs_of_ids, continuation_logprobs, encode_context, encode_continuation, normalized_choice_probs, pad_id
 from knowledgesg.spec import DataSource, PipelineSpec
@@ -199,11 +199,6 @@ def decide(p_yes: list[float], threshold: float, top_fraction: float | None, flu
 # finance_headline.md, row 6 against the variants without relabelling)
 LABEL_SHIFT_MIN_SHARE = 0.10
 LABEL_SHIFT_FACTOR = 4
-
-
-def label_named(response: str, labels: list[str]) -> str | None:
-    """The label a response is, as `labelled` and calibrate read it (the whole answer, any case), or None."""
-    return next((label for label in labels if label.lower() == response.strip().lower()), None)
 
 
 def label_counts(counts: Counter, labels: list[str]) -> dict[str, int]:
