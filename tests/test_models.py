@@ -155,22 +155,35 @@ def test_packaged_embedder_embeds():
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.2
 
 
-def test_a_gguf_file_is_parsed_once_for_config_tokenizer_and_weights(tmp_path: Path, monkeypatch):
-    """transformers parses a GGUF file for each of its three reads (most of a conversion's time,
-    Gemma's 262k-entry vocabulary read entry by entry): within gguf_files_read_once the second read
-    reuses the first parse and gets the same fields, and outside it each read parses again."""
+def write_tiny_gguf(path: Path, vocabulary: int = 0) -> None:
+    """A GGUF file of a 1-layer llama, with a vocabulary of tokens, scores and types when asked (the
+    arrays a real model's parse spends its time in)."""
     import gguf
     import numpy as np
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    path = tmp_path / "tiny.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("tiny")
     for add, value in ((writer.add_context_length, 64), (writer.add_embedding_length, 8), (writer.add_block_count, 1),
                        (writer.add_feed_forward_length, 16), (writer.add_head_count, 2)):
         add(value)
+    if vocabulary:
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list([f"tok{i}é" for i in range(vocabulary)])
+        writer.add_token_scores([-float(i) / 3 for i in range(vocabulary)])
+        writer.add_token_types([1 + i % 3 for i in range(vocabulary)])
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+
+
+def test_a_gguf_file_is_parsed_once_for_config_tokenizer_and_weights(tmp_path: Path, monkeypatch):
+    """transformers parses a GGUF file for each of its three reads (most of a conversion's time,
+    Gemma's 262k-entry vocabulary read entry by entry): within gguf_files_read_once the second read
+    reuses the first parse and gets the same fields, and outside it each read parses again."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
     parses = []
     real = gguf.GGUFReader
 
@@ -186,3 +199,50 @@ def test_a_gguf_file_is_parsed_once_for_config_tokenizer_and_weights(tmp_path: P
     assert gguf.GGUFReader is CountingReader  # put back as it was
     load_gguf_checkpoint(str(path))
     assert len(parses) == 2
+
+
+def test_the_read_once_parse_gives_what_the_plain_reader_gives_over_a_plain_array(tmp_path: Path):
+    """gguf_files_read_once parses over a plain ndarray view of the memmap (np.memmap's per-slice
+    Python hooks were most of Gemma's parse): the same fields, values, types and tensors, vocabulary
+    included, and no part of them a memmap any more."""
+    import gguf
+    import numpy as np
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = tmp_path / "vocab.gguf"
+    write_tiny_gguf(path, vocabulary=300)
+    plain = gguf.GGUFReader(path)
+    expected = load_gguf_checkpoint(str(path))
+    with models.gguf_files_read_once():
+        fast = gguf.GGUFReader(path)
+        got = load_gguf_checkpoint(str(path))
+    assert got == expected and got["tokenizer"]["tokens"][299] == "tok299é" and got["tokenizer"]["scores"][3] == pytest.approx(-1.0)
+    assert list(fast.fields) == list(plain.fields) and len(fast.fields["tokenizer.ggml.tokens"].parts) == 5 + 2 * 300  # key, type, item type, count, then each string's length and bytes
+    for name, field in plain.fields.items():
+        mine = fast.fields[name]
+        assert (mine.types, mine.data) == (field.types, field.data)
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(mine.parts, field.parts, strict=True))
+        assert name.startswith("GGUF.") or not any(isinstance(part, np.memmap) for part in mine.parts)  # the header's three come first
+    assert any(isinstance(part, np.memmap) for part in plain.fields["tokenizer.ggml.tokens"].parts)  # what it replaced
+    assert [t.name for t in fast.tensors] == [t.name for t in plain.tensors] and np.array_equal(fast.tensors[0].data, plain.tensors[0].data)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_plain_copy_holds_the_same_weights_tied_as_the_config_says(tied: bool):
+    """plain_copy skips the random init of the model it builds (the strict load overwrites every
+    weight): its state is the source's, bit for bit, and its embeddings are tied exactly when the config ties them."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    source = LlamaForCausalLM(config)
+    copy = models.plain_copy(source)
+    assert copy is not source and type(copy) is type(source)
+    mine, theirs = copy.state_dict(), source.state_dict()
+    assert list(mine) == list(theirs) and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    assert (copy.lm_head.weight.data_ptr() == copy.model.embed_tokens.weight.data_ptr()) == tied
+    assert copy.lm_head.weight.data_ptr() != source.lm_head.weight.data_ptr()  # a copy, not the same tensors
+    ids = torch.tensor([[1, 5, 9, 3]])
+    assert torch.equal(copy(ids).logits, source(ids).logits)
