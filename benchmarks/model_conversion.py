@@ -3,7 +3,7 @@ three ways alternately in one process, and whether all give the same weights and
 transformers' own way (it parses each GGUF file three times, for config, tokenizer and weights, and
 the plain model is randomly initialised before the quantised weights overwrite it); one parse over
 the file's memmap (the code until stop 51); and the code now (`models.gguf_files_read_once`: one
-parse over a plain array; `models.plain_copy`: no random init).
+parse over a plain array, gguf's tensor-name map built once; `models.plain_copy`: no random init).
 
 Usage:  .venv/bin/python benchmarks/model_conversion.py [--repeats 1]
 
@@ -107,7 +107,8 @@ def main() -> None:
         "transformers reads a GGUF file for the config, again for the tokenizer and again for the weights, each time parsing every "
         "field, the vocabulary's strings one slice at a time in Python (Gemma 3: 262k tokens). `gguf_files_read_once` hands "
         "the three reads one parsed reader, which slices a plain ndarray view of the file's memmap (np.memmap runs Python hooks on "
-        "each slice); `plain_copy` builds the plain model without the random init its strict load overwrites.",
+        "each slice), and builds gguf's tensor-name map once per architecture (transformers builds it for each submodule); "
+        "`plain_copy` builds the plain model without the random init its strict load overwrites.",
     ])
 
 

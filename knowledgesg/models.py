@@ -9,6 +9,7 @@ config, load the state dict, and save that. A cache entry is complete only when 
 from __future__ import annotations
 
 import fcntl
+import functools
 import importlib.util
 import json
 import os
@@ -125,18 +126,21 @@ def _build_cached(name: str, cache: Path, build: Callable[[Path], str]) -> Path:
 
 @contextmanager
 def gguf_files_read_once() -> Iterator[None]:
-    """Within it, each GGUF file is parsed once, over a plain array. transformers parses the whole
-    file for the config, again for the tokenizer and again for the weights, each time reading every
-    entry of the vocabulary (Gemma's 262k tokens, scores and types) one slice at a time in Python: most
-    of a conversion's time. A parsed reader only reads from its read-only memmap, so one serves all
-    three; and it slices a plain ndarray view of that memmap, since np.memmap's Python-level
-    __getitem__ and __array_finalize__ ran for each of the million slices (Gemma's parse 1.7x faster)."""
+    """Within it, each GGUF file is parsed once, over a plain array, and gguf's tensor-name map is
+    built once per architecture. transformers parses the whole file for the config, again for the
+    tokenizer and again for the weights, each time reading every entry of the vocabulary (Gemma's
+    262k tokens, scores and types) one slice at a time in Python: most of a conversion's time. A
+    parsed reader only reads from its read-only memmap, so one serves all three; and it slices a
+    plain ndarray view of that memmap, since np.memmap's Python-level __getitem__ and
+    __array_finalize__ ran for each of the million slices (Gemma's parse 1.7x faster). transformers
+    also builds the tensor-name map (a few thousand name patterns) again for each of a model's
+    submodules, 355 for Gemma; it only looks names up in it."""
     import gguf
     import numpy as np
 
-    real = gguf.GGUFReader
+    real_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
 
-    class PlainArrayReader(real):
+    class PlainArrayReader(real_reader):
         def _build_fields(self, offs: int, count: int) -> int:
             self.data = self.data.view(np.ndarray)  # the same mapped bytes; the header before it is a few slices
             return super()._build_fields(offs, count)
@@ -149,11 +153,12 @@ def gguf_files_read_once() -> Iterator[None]:
             readers[key] = PlainArrayReader(path, mode)
         return readers[key]
 
-    gguf.GGUFReader = read_once  # transformers imports it from gguf at each call
+    # transformers imports both from gguf at each call
+    gguf.GGUFReader, gguf.get_tensor_name_map = read_once, functools.cache(real_name_map)
     try:
         yield
     finally:
-        gguf.GGUFReader = real
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_name_map
 
 
 def plain_copy(quantised):

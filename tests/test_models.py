@@ -197,6 +197,12 @@ def test_a_gguf_file_is_parsed_once_for_config_tokenizer_and_weights(tmp_path: P
         first, second = (load_gguf_checkpoint(str(path))["config"] for _ in range(2))
     assert len(parses) == 1 and first == second and first["hidden_size"] == 8
     assert gguf.GGUFReader is CountingReader  # put back as it was
+    real_map = gguf.get_tensor_name_map
+    with models.gguf_files_read_once():
+        maps = [gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n) for n in (2, 2, 3)]
+        assert maps[0] is maps[1] and maps[2] is not maps[0]  # built once per architecture and depth
+        assert maps[0].get_name("model.layers.1.self_attn.q_proj") == "blk.1.attn_q"
+    assert gguf.get_tensor_name_map is real_map
     load_gguf_checkpoint(str(path))
     assert len(parses) == 2
 
