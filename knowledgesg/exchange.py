@@ -2,7 +2,7 @@
 
     EXCHANGE/<client>/<stage>/manifest.json   the stage's manifest as it ran on the client, cut to
                                               its server-side outputs (no input paths or digests,
-                                              no timings)
+                                              no timings: its start and end are when it was sent)
     EXCHANGE/<client>/<stage>/<outputs>       those outputs: releases only (a DP adapter with its
                                               privacy statement and ledger entry, a DP histogram,
                                               the client's record count, the public pool index)
@@ -20,16 +20,20 @@ count, its ledger entries). The server keeps every ledger entry it received
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pydantic import ValidationError
+
 from knowledgesg import __version__
-from knowledgesg.errors import KsgError
-from knowledgesg.fileio import canonical_json, read_json, read_jsonl, sha256_file, sha256_text, write_json, write_jsonl
+from knowledgesg.errors import InputError, KsgError
+from knowledgesg.fileio import canonical_json, read_json, sha256_file, sha256_text, write_json, write_jsonl
 from knowledgesg.manifest import MANIFEST, Manifest, OutputEntry, read_manifest, write_manifest
-from privacy.ledger import LEDGER, LedgerEntry, client_delta, composed_total, received_ledger
+from knowledgesg.spec import format_validation_error
+from privacy.ledger import LEDGER, LedgerEntry, client_delta, composed_total, now, received_ledger
 
 CLIENT_LEDGER = "ledger.jsonl"
 
@@ -48,10 +52,14 @@ def _concatenate(values: dict[str, Any]) -> Any:
 
 
 def _partition_about(value: Any) -> set[str]:
+    if not isinstance(value, dict) or not isinstance(value.get("clients"), dict):
+        raise ValueError("should be an object whose 'clients' is an object of client records")
     return set(value["clients"])
 
 
 def _ledger_about(value: Any) -> set[str]:
+    if not isinstance(value, list) or not all(isinstance(entry, dict) and isinstance(entry.get("client_id"), str) for entry in value):
+        raise ValueError("should be a list of ledger entries, each with a 'client_id'")
     return {entry["client_id"] for entry in value}
 
 
@@ -118,6 +126,7 @@ def write_files(directory: Path, files: dict[str, bytes], client_id: str) -> Non
 def export_releases(run_dir: Path, stage_names: list[str], client_id: str, exchange: Path, ledger: list[LedgerEntry], cap: float | None) -> Path:
     """Put the server-side outputs of this client's stages, and its ledger, in EXCHANGE/<client>."""
     check_sendable(client_id, ledger, cap)
+    sent_at = now()
 
     def fill(staging: Path) -> None:
         for name in stage_names:
@@ -130,9 +139,13 @@ def export_releases(run_dir: Path, stage_names: list[str], client_id: str, excha
                 target = staging / name / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(run_dir / "stages" / name / relative, target)
-            # how long a stage took and the memory it used say something of the data: not sent
-            # nor its warnings (free text; a client's stage may not make any: StageContext.warn)
-            write_manifest(staging / name, manifest.model_copy(update={"outputs": sent, "inputs": {}, "duration_s": 0.0, "peak_rss_mib": None, "warnings": []}))
+            # how long a stage took and the memory it used say something of the data (dp_train's time
+            # follows the sampled records' lengths): not sent, nor the times that give it by
+            # subtraction (each stage's start and end: the server learns only when the part was sent,
+            # which it sees anyway), nor its warnings (free text; a client's stage may not make any:
+            # StageContext.warn)
+            write_manifest(staging / name, manifest.model_copy(update={"outputs": sent, "inputs": {}, "duration_s": 0.0, "peak_rss_mib": None, "warnings": [],
+                                                                       "started_at": sent_at, "finished_at": sent_at}))
         # the client's own paths stay with it: the server needs each entry, not where it was made
         write_jsonl(staging / CLIENT_LEDGER, [e.model_copy(update={"run_dir": f"client:{client_id}"}).model_dump(mode="json") for e in ledger])
 
@@ -159,8 +172,14 @@ def _received_manifest(exchange: Path, client_id: str, stage: str) -> Manifest:
 
 def _merge_shared(stage: str, relative: str, values: dict[str, Any]) -> Any:
     for client_id, value in values.items():
-        if relative in ABOUT and ABOUT[relative](value) - {client_id}:
-            raise KsgError(f"client '{client_id}': its {stage}/{relative} speaks about other clients ({', '.join(sorted(ABOUT[relative](value) - {client_id}))})")
+        if relative not in ABOUT:
+            continue
+        try:
+            about = ABOUT[relative](value)
+        except ValueError as err:
+            raise InputError(f"client '{client_id}': its {stage}/{relative} {err}") from None
+        if about - {client_id}:
+            raise KsgError(f"client '{client_id}': its {stage}/{relative} speaks about other clients ({', '.join(sorted(about - {client_id}))})")
     if relative in MERGES:
         return MERGES[relative](values)
     if len({canonical_json(v) for v in values.values()}) > 1:
@@ -176,7 +195,7 @@ def _merge_into(building: Path, exchange: Path, stage: str, received: dict[str, 
         for relative, entry in manifest.outputs.items():
             source = exchange / client_id / stage / relative
             if len(PurePosixPath(relative).parts) == 1:
-                shared.setdefault(relative, {})[client_id] = read_json(source)
+                shared.setdefault(relative, {})[client_id] = _client_json(client_id, f"{stage}/{relative}", source)
                 continue
             target = building / relative
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -219,6 +238,33 @@ def receive_stage(run_dir: Path, exchange: Path, stage: str, clients: list[str],
     return manifest, True
 
 
+def _client_json(client_id: str, name: str, path: Path) -> Any:
+    try:
+        return read_json(path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"client '{client_id}': its {name} is not JSON ({err})") from None
+
+
+def _received_entries(client_id: str, path: Path) -> list[LedgerEntry]:
+    """The ledger a client sent, each line a valid entry about that client (else one line naming
+    the line and field)."""
+    entries = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise InputError(f"client '{client_id}': its {CLIENT_LEDGER} is not UTF-8 text ({err})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(LedgerEntry.model_validate_json(line))
+        except ValidationError as err:
+            raise InputError(format_validation_error(f"client '{client_id}': its {CLIENT_LEDGER}, line {number}", err)) from None
+    if any(e.client_id != client_id for e in entries):
+        raise KsgError(f"client '{client_id}': its ledger holds another client's entries")
+    return entries
+
+
 def receive_ledgers(run_dir: Path, exchange: Path, clients: list[str]) -> int:
     """Append to the server's copy of each client's ledger the entries it has not seen; how many."""
     added = 0
@@ -228,9 +274,7 @@ def receive_ledgers(run_dir: Path, exchange: Path, clients: list[str]) -> int:
             continue
         if path.is_symlink():
             raise KsgError(f"client '{client_id}': its ledger is a link out of its part of the exchange")
-        entries = [LedgerEntry.model_validate(row) for row in read_jsonl(path)]
-        if any(e.client_id != client_id for e in entries):
-            raise KsgError(f"client '{client_id}': its ledger holds another client's entries")
+        entries = _received_entries(client_id, path)
         copy = received_ledger(run_dir, client_id)
         seen = {e.release_id for e in copy.entries()}
         for entry in entries:

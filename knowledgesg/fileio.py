@@ -93,6 +93,13 @@ def write_text(path: str | Path, text: str) -> None:
         handle.write(text)
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Whole or not at all, and readable by its owner only from the first byte (mkstemp makes the
+    file 0600): what keys are written with."""
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
+
+
 def unmakeable_directory(path: Path) -> str | None:
     """Why `path` cannot be (or become) a directory this process writes in, or None: it is a
     file, or its nearest existing ancestor is a file or not writable."""

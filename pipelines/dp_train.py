@@ -206,7 +206,7 @@ class DPTrain(Stage):
         history = dp.accounted_history()
         if plan.noised and (len(history) != 1 or history[0][2] != plan.steps):
             raise KsgError(f"client '{plan.client_id}': the accountant counted {history} but {plan.steps} steps ran; refusing to report an epsilon")
-        return self._save(ctx, plan, model, losses, dp.empty_steps, {**base, "dtype": dtype})
+        return self._save(ctx, plan, model, losses, {**base, "dtype": dtype})
 
     @staticmethod
     def _check_adapter_moved(model, before: dict) -> None:
@@ -214,7 +214,7 @@ class DPTrain(Stage):
         if not moved:
             raise KsgError("the LoRA weights did not change after the first DP-SGD step (optimizer not bound to the adapter's parameters)")
 
-    def _save(self, ctx: StageContext, plan: ClientPlan, model, losses: list[dict], empty_steps: int, base: dict) -> LedgerEntry:
+    def _save(self, ctx: StageContext, plan: ClientPlan, model, losses: list[dict], base: dict) -> LedgerEntry:
         client_dir = f"clients/{plan.client_id}"
         ctx.write_json(f"{client_dir}/loss.json", losses, side=f"client:{plan.client_id}")
         mechanism = plan.mechanism()
@@ -237,7 +237,7 @@ class DPTrain(Stage):
         entry = released[0]
         for name in ADAPTER_FILES:
             ctx.declare_output(f"{client_dir}/adapter/{name}")
-        ctx.write_json(f"{client_dir}/privacy.json", self.privacy_record(ctx, plan, entry, empty_steps, base))
+        ctx.write_json(f"{client_dir}/privacy.json", self.privacy_record(ctx, plan, entry, base))
         shown = f"epsilon {eps.reported:.3f} ({eps.reported_by}) at delta {plan.delta:.2e}" if plan.private else plan.label
         # the loss is an un-noised figure of the private data: it stays in loss.json (client side), not in a log a server may hold
         console.print(f"dp_train {plan.client_id}: {plan.steps} steps, sigma {plan.noise_multiplier:.3f}, q {plan.sample_rate:.4f}, "
@@ -246,7 +246,10 @@ class DPTrain(Stage):
         ctx.mark_unit_done(plan.client_id, outputs, entry.model_dump(mode="json"))
         return entry
 
-    def privacy_record(self, ctx: StageContext, plan: ClientPlan, entry: LedgerEntry, empty_steps: int, base: dict) -> dict:
+    def privacy_record(self, ctx: StageContext, plan: ClientPlan, entry: LedgerEntry, base: dict) -> dict:
+        """The release's statement, sent with the adapter: the mechanism and its accounting only.
+        What the secret Poisson sample did (how many units each step drew, how many steps drew
+        none: their odds move with whether a given unit is in the data) stays in loss.json."""
         units = plan.units
         return {
             "client_id": plan.client_id,
@@ -262,7 +265,6 @@ class DPTrain(Stage):
             "clip_norm": plan.clip_norm,
             "expected_batch_units": self.params.batch_size,
             "epochs": self.params.epochs,
-            "empty_batches": empty_steps,
             "calibrated_by": plan.calibrated_by,
             "epsilon": entry.epsilon.model_dump(),
             "noise": NOISE_SOURCES[plan.noise_origin],

@@ -103,7 +103,10 @@ def judge_prompt(task: str, good: list[str], bad: list[str], candidate: str) -> 
     """Good and bad public examples alternate, so neither answer is favoured by position."""
     blocks = []
     for g, b in zip_longest(good, bad):
-        blocks += [f"Text: {g}\nGood: Yes" for _ in [g] if g is not None] + [f"Text: {b}\nGood: No" for _ in [b] if b is not None]
+        if g is not None:
+            blocks.append(f"Text: {g}\nGood: Yes")
+        if b is not None:
+            blocks.append(f"Text: {b}\nGood: No")
     header = f"Is each text a clear, well-formed example of {task}? Answer Yes or No."
     return header + "\n\n" + "\n\n".join(blocks) + f"\n\nText: {candidate}\nGood:"
 

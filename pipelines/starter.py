@@ -128,9 +128,17 @@ def guess_file(path: Path, domain: Domain) -> FileGuess:
 
 
 def client_name(path: Path, taken: set[str]) -> str:
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem).strip("._-") or "client"
-    while name in taken or unsafe_identifier_reason(name):
-        name = f"{name}_{len(taken)}"
+    """A safe client name from a file's stem, unique among `taken` even on a case-insensitive
+    file system (each client is a directory). Made safe once, then only numbered: a suffix
+    cannot mend an unsafe name ('..', too long), so numbering one would never end."""
+    stem = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)).strip("._-")
+    base = stem[:56].rstrip("._-") or "client"  # room for a '_<n>' suffix within 64 characters
+    folded = {t.casefold() for t in taken}
+    name, number = base, 0
+    while name.casefold() in folded:
+        number += 1
+        name = f"{base}_{number}"
+    assert unsafe_identifier_reason(name) is None, name
     taken.add(name)
     return name
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,22 @@ def test_replaying_training_from_the_spec_does_not_reproduce_the_released_adapte
     assert (runs / "released_r" / ADAPTER).read_bytes() == (runs / "replay_r" / ADAPTER).read_bytes()
     assert read_json(runs / "released_r/stages/dp_train/clients/client_0/privacy.json")["label"] == "NOT PRIVATE (reproducible noise)"
     assert read_json(runs / "released/stages/dp_train/clients/client_0/privacy.json")["label"] == "DP"
+
+
+def test_the_release_statement_says_nothing_of_the_secret_draw(runs: Path):
+    """privacy.json travels with the adapter to the server. Two releases of the same records under
+    the same spec, with different secret noise and Poisson draws, must give the same statement but
+    for the release's own id and hash: a field that followed the draw (the units a step drew, the
+    steps that drew none) would be an un-noised figure of the sample, whose odds move with whether
+    a given record is in the data. It had carried the count of empty steps."""
+    def statement(run_dir: str) -> dict:
+        body = read_json(runs / run_dir / "stages/dp_train/clients/client_0/privacy.json")
+        return {k: v for k, v in body.items() if k not in ("release_id", "adapter_sha256")}
+
+    assert statement("released") == statement("replay")
+    assert (runs / "released" / ADAPTER).read_bytes() != (runs / "replay" / ADAPTER).read_bytes()  # other draws indeed
+    per_step = read_json(runs / "released/stages/dp_train/clients/client_0/loss.json")
+    assert [set(row) for row in per_step] == [{"step", "units", "loss"}]  # the draw stays on the client's side
 
 
 def test_a_released_histogram_cannot_be_denoised_with_the_spec(runs: Path):
@@ -537,3 +555,25 @@ def test_the_plan_before_a_resume_counts_a_release_made_before_a_crash_once(tmp_
     # the resume: client_0's release is reused, client_1 trains
     assert run_in(tmp_path, "run", str(spec_path), "--run-dir", "run") == 0
     assert (stage / "manifest.json").is_file()
+
+
+def test_keys_are_never_readable_by_others_not_even_before_a_chmod(tmp_path: Path, monkeypatch):
+    """The SuperLink's TLS key and each SuperNode's key are created owner-only (0600) and whole: a
+    file written with the umask's mode and narrowed by a chmod after is readable by other users
+    in between. With chmod refused, the keys must come out 0600 all the same."""
+    from knowledgesg.federated.deploy import make_certificates, make_node_key
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a key's mode must not depend on a chmod after it was written")
+
+    monkeypatch.setattr(os, "chmod", refuse)
+    monkeypatch.setattr(Path, "chmod", refuse)
+    umask = os.umask(0o022)  # the usual default: files readable by all
+    try:
+        private, _ = make_node_key(tmp_path / "keys", "bank_a")
+        certificates = make_certificates(tmp_path / "tls")
+    finally:
+        os.umask(umask)
+    for key in (private, certificates.server_key):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+    assert not list(tmp_path.rglob("*.tmp"))

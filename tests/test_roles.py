@@ -132,6 +132,13 @@ def test_the_server_holds_only_releases(federation):
         own = [json.loads(line) for line in next((federation["parties"][bank] / "run/ledger").glob("*.jsonl")).read_text().splitlines()]
         assert {e["run_dir"] for e in copy} == {f"client:{bank}"}  # the bank's paths stay with it
         assert [dict(e, run_dir="") for e in copy] == [dict(e, run_dir="") for e in own] and {e["release"] for e in copy} == {"dp_adapter"}
+        # no stage's running time crosses, nor the start and end that give it by subtraction (dp_train's follows the
+        # sampled records' lengths): every manifest the bank sent is stamped with the moment its part was sent
+        sent = [read_manifest(d) for d in sorted((federation["exchange"] / bank).iterdir()) if d.is_dir()]
+        kept = {m.stage: m for m in (read_manifest(d) for d in (federation["parties"][bank] / "run/stages").iterdir() if (d / "manifest.json").is_file())}
+        assert {m.stage for m in sent} >= {"ingest", "dp_train"} and len({(m.started_at, m.finished_at) for m in sent}) == 1
+        assert all(m.duration_s == 0 and m.peak_rss_mib is None and m.started_at == m.finished_at for m in sent)
+        assert kept["dp_train"].duration_s > 0  # the bank's own manifest keeps its times
 
 
 def test_a_rerun_receives_nothing_new_and_a_tampered_release_is_refused(federation):
@@ -193,6 +200,26 @@ def test_a_rerun_receives_nothing_new_and_a_tampered_release_is_refused(federati
     manifest_path.write_text(json.dumps(dict(json.loads(manifest_path.read_text()), warnings=["bank_a's records mention Acme"])))
     with pytest.raises(KsgError, match="carries warnings"):
         receive_stage(tmp, tampered, "dp_train", list(BANKS), params, 7)
+    # files of the wrong shape are one-line input errors naming the client, file, line and field, not a traceback
+    from knowledgesg.errors import InputError
+    from knowledgesg.exchange import receive_ledgers
+
+    for body, expected in ((b"{not json", r"its dp_train/ledger\.json is not JSON"), (b'{"clients": []}', r"its dp_train/ledger\.json should be a list of ledger entries")):
+        shutil.rmtree(tampered)
+        shutil.copytree(exchange, tampered)
+        ledger_path.write_bytes(body)
+        manifest = json.loads(manifest_path.read_text())
+        manifest["outputs"]["ledger.json"]["sha256"] = __import__("hashlib").sha256(body).hexdigest()
+        manifest_path.write_text(json.dumps(manifest))
+        with pytest.raises(InputError, match=expected):
+            receive_stage(tmp, tampered, "dp_train", list(BANKS), params, 7)
+        assert not (tmp / "stages/dp_train").exists() and not list(tmp.rglob("*.tmp"))
+    sent = tampered / "bank_a/ledger.jsonl"
+    lines = sent.read_text().splitlines()
+    sent.write_text("\n".join([lines[0], json.dumps(dict(json.loads(lines[0]), epsilon="eight"))]) + "\n")
+    with pytest.raises(InputError, match=r"client 'bank_a': its ledger\.jsonl, line 2: epsilon: "):
+        receive_ledgers(tmp, tampered, list(BANKS))
+    assert not (tmp / "received").exists()  # no entry taken from a ledger with a bad line
 
 
 def test_a_bank_evaluates_the_servers_published_releases_on_its_own_side(federation, capsys):

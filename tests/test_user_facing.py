@@ -235,6 +235,19 @@ def test_init_with_several_files_and_text_makes_members_and_structures(tmp_path:
     assert next(s for s in spec["stages"] if isinstance(s, dict) and s["name"] == "dp_train")["params"]["source_stage"] == "structure"
 
 
+def test_init_names_clients_safely_from_awkward_file_names(tmp_path: Path, monkeypatch):
+    """A file stem with '..', one of 70 characters, and two stems equal but for case (one
+    directory on macOS) each give a safe, distinct client name: the numbering loop had never
+    ended on the first two."""
+    monkeypatch.chdir(tmp_path)
+    stems = ["bank..a", "b" * 70, "Bank", "bank", "..."]
+    for stem in stems:
+        write_jsonl(tmp_path / f"{stem}.jsonl", sentiment_rows(12))
+    assert main(["init", *[f"{stem}.jsonl" for stem in stems], "--out", "spec.yaml"]) == 0
+    names = [m["id"] for m in yaml.safe_load((tmp_path / "spec.yaml").read_text())["clients"]["members"]]
+    assert names == ["bank.a", "b" * 56, "Bank", "bank_1", "client"], names
+
+
 def test_check_refuses_a_plan_past_the_cap_and_counts_the_ledger(tmp_path: Path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))

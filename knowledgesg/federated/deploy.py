@@ -26,6 +26,7 @@ from pathlib import Path
 
 from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
+from knowledgesg.fileio import write_bytes, write_text
 from knowledgesg.spec import DeploySettings
 
 APP_DIR = Path(__file__).parent / "flower_app"
@@ -84,10 +85,10 @@ def make_certificates(directory: Path, host: str = "127.0.0.1") -> Certificates:
             .not_valid_before(valid["not_valid_before"]).not_valid_after(valid["not_valid_after"])
             .add_extension(x509.SubjectAlternativeName(alt), critical=False).sign(ca_key, hashes.SHA256()))
     paths = Certificates(directory / "ca.crt", directory / "server.pem", directory / "server.key")
-    paths.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths.server_key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    paths.server_key.chmod(0o600)
+    write_bytes(paths.ca, ca.public_bytes(serialization.Encoding.PEM))
+    write_bytes(paths.server_cert, cert.public_bytes(serialization.Encoding.PEM))
+    # never readable by others, not even between its creation and a chmod
+    write_bytes(paths.server_key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     return paths
 
 
@@ -99,16 +100,14 @@ def make_node_key(directory: Path, name: str) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     private, public = directory / name, directory / f"{name}.pub"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-    private.chmod(0o600)
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    write_bytes(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))  # 0600 from the start
+    write_bytes(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
     return private, public
 
 
 def write_flwr_config(flwr_home: Path, address: str, ca: Path) -> None:
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = "{address}"\nroot-certificates = "{ca.resolve()}"\n', encoding="utf-8")
+    write_text(flwr_home / "config.toml",
+               f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = "{address}"\nroot-certificates = "{ca.resolve()}"\n')
 
 
 @dataclass

@@ -35,7 +35,7 @@ from knowledgesg.federated.client import ClientRuntime, NodeSettings
 from knowledgesg.federated.engines import run_job_file
 from knowledgesg.federated.protocol import DELIVER_PUBLISHED, RUN_STAGES, ClientTask, ClientUpdate, DeliveryJob, Params, StagesJob, failure_reason
 from knowledgesg.federated.secagg import SecAggPlan, SecureSum, secure_aggregation_mod, secure_sum
-from knowledgesg.fileio import named_crash_point, read_tree, sha256_bytes
+from knowledgesg.fileio import named_crash_point, read_tree, sha256_bytes, write_json
 
 QUERY = "query"
 NODE_WAIT_S = 120.0
@@ -119,7 +119,7 @@ def collect_releases(grid, job: StagesJob) -> None:
         return None
 
     sent, failed = ask_every_client(grid, identify_nodes(grid, job.clients), lambda client: {"config": ConfigRecord({"client-id": client})}, RUN_STAGES, job.timeout_s, keep)
-    Path(job.result).write_text(json.dumps({"sent": sent, "failed": failed}), encoding="utf-8")
+    write_json(job.result, {"sent": sent, "failed": failed})
 
 
 def deliver_published(grid, job: DeliveryJob) -> None:
@@ -136,7 +136,7 @@ def deliver_published(grid, job: DeliveryJob) -> None:
 
     kept, failed = ask_every_client(grid, identify_nodes(grid, job.clients), lambda client: {"files": ConfigRecord(files), "config": ConfigRecord({"client-id": client})},
                                     DELIVER_PUBLISHED, job.timeout_s, check)
-    Path(job.result).write_text(json.dumps({"kept": kept, "failed": failed, "files": digests}), encoding="utf-8")
+    write_json(job.result, {"kept": kept, "failed": failed, "files": digests})
 
 
 def unanswered(clients: list[str], answered: list[str], failed: dict[str, str], timeout_s: float | None) -> dict[str, str]:

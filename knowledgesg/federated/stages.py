@@ -23,7 +23,7 @@ from eval.evaluate import EvalOptions, Published, evaluate_published_on_client
 from knowledgesg.errors import KsgError, SpecError
 from knowledgesg.federated.deploy import run_deployed
 from knowledgesg.federated.protocol import DeliveryJob, StagesJob
-from knowledgesg.fileio import read_tree, sha256_bytes, write_dir
+from knowledgesg.fileio import read_tree, sha256_bytes, write_dir, write_text
 from knowledgesg.models import resolve_device
 from knowledgesg.roles import Role, narrow_to_client
 from knowledgesg.runner import Runner, load_run_role
@@ -70,16 +70,21 @@ def run_server_job(spec: PipelineSpec, base_dir: Path, run_dir: Path, job: Stage
     and return the result the ServerApp wrote, or None if it wrote none."""
     work = federation_dir(run_dir)
     Path(job.result).unlink(missing_ok=True)
-    (work / JOB).write_text(job.model_dump_json(), encoding="utf-8")
+    write_text(work / JOB, job.model_dump_json())
     spec_copy = work / "spec.yaml"  # with launch: local, the nodes' spec; its relative paths resolve from base-dir
-    spec_copy.write_text(yaml.safe_dump(spec_to_dict(spec), sort_keys=False), encoding="utf-8")
+    write_text(spec_copy, yaml.safe_dump(spec_to_dict(spec), sort_keys=False))
 
     def node_config_of(client: str) -> str:
         return f"client-id='{client}' run-dir='{work / 'nodes' / client / 'run'}' spec='{spec_copy}' base-dir='{base_dir.resolve()}'"
 
     run_deployed(work / JOB, job.clients, spec.federation.deploy, node_config_of, base_dir, "federation.deploy")
     result = Path(job.result)
-    return json.loads(result.read_text(encoding="utf-8")) if result.is_file() else None
+    if not result.is_file():
+        return None
+    try:
+        return json.loads(result.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:  # written whole by the ServerApp: this is another writer's file
+        raise KsgError(f"{result}: the ServerApp's result is not JSON ({err})") from None
 
 
 def fetch_over_flower(spec: PipelineSpec, base_dir: Path, run_dir: Path, exchange: Path) -> None:
