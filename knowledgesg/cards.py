@@ -39,8 +39,12 @@ def privacy_statement(releases: dict[str, list[LedgerEntry]]) -> str:
     if client_level:
         lines += ["Client-level DP-FedAvg (unit: a whole client; it holds against holders of the final model only, not against the server, "
                   "which adds that noise and sees each clipped update):", ""]
-        lines += [f"- {c}: epsilon {_eps(e.epsilon.reported)} at delta {e.delta:.1e}" for c, e in client_level] + [""]
-    lines += ["Noise was drawn on each client from OS entropy for every release; N is treated as public. A client's own ledger may hold more "
+        lines += [f"- {c}: epsilon {_eps(e.epsilon.reported)} at delta {e.delta:.1e}" + ("" if e.private else " (**NOT PRIVATE**: the server's noise came from the public spec seed)")
+                  for c, e in client_level] + [""]
+    reproducible = any(e.noise == "reproducible" for entries in releases.values() for e in entries)
+    drawn = ("Noise came from the public spec seed (privacy.reproducible_noise), not OS entropy" if reproducible
+             else "Noise was drawn on each client from OS entropy for every release" + (", but for client-level DP-FedAvg's, which the server draws" if client_level else ""))
+    lines += [f"{drawn}; N is treated as public. A client's own ledger may hold more "
               "releases of its data than this run made (earlier runs, reruns); the full report, with the threat model: `ksg privacy-report RUN`."]
     if any(not e.private and e.mechanism.kind != "post_processing" for entries in releases.values() for e in entries):
         lines += ["", "**NOT PRIVATE**: at least one release had no noise, or noise anyone with the spec can regenerate (privacy.reproducible_noise)."]

@@ -53,10 +53,18 @@ from knowledgesg.spec import DataSource, DeploySettings, PipelineSpec, format_va
 from knowledgesg.stage import Stage, StageContext
 from pipelines.ingest import client_ids, client_records, training_records
 from privacy.accounting import Mechanism, calibrate_noise, default_delta, epsilons
-from privacy.ledger import LEDGER, TRUST_SERVER_NOISE, LedgerEntry, check_budget, new_release_id, now, read_stage_ledgers, trust_line
+from privacy.ledger import LEDGER, TRUST_REPRODUCIBLE, TRUST_SERVER_NOISE, LedgerEntry, check_budget, new_release_id, now, read_stage_ledgers, trust_line
 
 TRUST_SERVER_NOISE_SECURE_SUM = ("holders of the final model only: the server adds this noise; with secure aggregation it sees the sum of the "
                                  "clients' clipped updates (before its noise), not each one")
+
+
+def client_level_trust(job: FedJob, noise_origin: str) -> str:
+    """Whom client-level DP-FedAvg's epsilon holds against: no one when the server's noise is
+    keyed from the public seed (anyone with the spec regenerates and cancels it)."""
+    if noise_origin == "reproducible":
+        return TRUST_REPRODUCIBLE
+    return TRUST_SERVER_NOISE_SECURE_SUM if job.secure_aggregation else TRUST_SERVER_NOISE
 
 
 class LocalDPParams(BaseModel):
@@ -397,7 +405,7 @@ class Fedtune(Stage):
         mechanism, client_delta = self.client_level_mechanism(job), self.client_level_delta(job)
         return [LedgerEntry(**common, release="final_adapter: client-level DP-FedAvg (noise added by the server)", unit="client", num_units=len(job.clients),
                             delta=client_delta, mechanism=mechanism, epsilon=epsilons([mechanism], client_delta), private=not ctx.spec.privacy.reproducible_noise,
-                            noise=ctx.noise_origin, trust=TRUST_SERVER_NOISE_SECURE_SUM if job.secure_aggregation else TRUST_SERVER_NOISE)]
+                            noise=ctx.noise_origin, trust=client_level_trust(job, ctx.noise_origin))]
 
     def training_record(self, job: FedJob) -> dict:
         """The base weights' precision the clients were asked to train over, and the one they ran:
@@ -429,7 +437,10 @@ class Fedtune(Stage):
             mechanism, delta = self.client_level_mechanism(job), self.client_level_delta(job)
             record["client_level_dp_fedavg"] = {
                 "mechanism": mechanism.model_dump(), "unit": "client", "delta": delta, "epsilon": epsilons([mechanism], delta).model_dump(),
-                "who_adds_the_noise": "the server (OS entropy)", "who_clips": "each client, before its update leaves",
+                "private": ctx.noise_origin != "reproducible",
+                "who_adds_the_noise": ("the server, from the public spec seed: NOT PRIVATE, anyone with the spec regenerates and cancels it"
+                                       if ctx.noise_origin == "reproducible" else "the server (OS entropy)"),
+                "who_clips": "each client, before its update leaves",
                 "what_the_server_sees": ("the sum of the clipped updates, before its noise (secure aggregation)" if job.secure_aggregation
                                          else "each client's clipped update"),
                 "participation": ("each client's own coin at q = clients_per_round / clients; not recorded in rounds.json or the ledger: a client "
@@ -437,6 +448,6 @@ class Fedtune(Stage):
                                   "digest of its update. " + ("Still visible to a server that times the replies: a client that sits out sends zeros sooner"
                                   if job.secure_aggregation else "Visible to the server in the replies: a client that sits out sends no update (use "
                                   "secure_aggregation to hide it)")),
-                "trust": TRUST_SERVER_NOISE_SECURE_SUM if job.secure_aggregation else TRUST_SERVER_NOISE,
+                "trust": client_level_trust(job, ctx.noise_origin),
             }
         return record

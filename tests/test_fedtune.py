@@ -437,6 +437,16 @@ def test_with_client_level_dp_the_servers_files_do_not_show_whom_the_coins_chose
     assert all(by_round[key]["release"] == f"fedtune round {key[1]} update: DP-SGD local steps on private data" for key in by_round)
     rounds = json.loads((stage / "rounds.json").read_text())
     assert all(r["joined"] is None and r["num_examples"] is None and r["mean_loss"] is None and r["tries"] == 1 and r["failed"] == {} for r in rounds)
+    # the server's client-level noise is keyed from the public seed here: its epsilon holds against no one, and every file says so
+    from knowledgesg.cards import privacy_statement
+    from privacy.ledger import TRUST_REPRODUCIBLE, LedgerEntry
+
+    client_level = [LedgerEntry.model_validate(e) for e in json.loads((stage / "ledger.json").read_text()) if e["unit"] == "client"]
+    assert client_level and all(e.trust == TRUST_REPRODUCIBLE and not e.private and e.noise == "reproducible" for e in client_level)
+    record = json.loads((stage / "privacy.json").read_text())["client_level_dp_fedavg"]
+    assert record["private"] is False and "NOT PRIVATE" in record["who_adds_the_noise"] and record["trust"] == TRUST_REPRODUCIBLE
+    card = privacy_statement({e.client_id: [e] for e in client_level})
+    assert card.count("(**NOT PRIVATE**: the server's noise came from the public spec seed)") == 2 and "OS entropy for every release" not in card
 
 
 def test_fedprox_term_pulls_the_update_towards_the_global_adapter(tmp_path: Path):
@@ -490,6 +500,14 @@ def test_on_a_data_owners_node_its_own_ledger_cap_and_noise_hold_not_the_servers
     settings = NodeSettings.of({"run-dir": str(node_run), "spec": str(tmp_path / "node.yaml")})
     assert settings == NodeSettings(str(owner), 9.0, False, unit="record")
     assert NodeSettings.of({"run-dir": str(node_run), "spec": str(tmp_path / "node.yaml"), "cap-epsilon": 2.0, "ledger-dir": "elsewhere"}) == NodeSettings("elsewhere", 2.0, False, unit="record")
+    # a deployed node with no settings of its own (no run-dir) would obey the task's: refused on private data
+    from knowledgesg.federated.flower import node_settings
+
+    with pytest.raises(KsgError, match="no run-dir in its node config"):
+        node_settings({"client-id": "a"}, replayable)
+    assert node_settings({"partition-id": 0, "num-partitions": 1}, replayable) is None  # a simulation's virtual node
+    assert node_settings({"client-id": "a"}, task.model_copy(update={"local_dp": None})) is None  # synthetic data: nothing private to protect
+    assert node_settings({"run-dir": str(node_run), "spec": str(tmp_path / "node.yaml")}, replayable) == settings
 
 
 def test_a_node_loads_the_base_model_from_its_own_cache_and_refuses_other_weights(tmp_path: Path):

@@ -224,6 +224,20 @@ def client_identity(node_config: dict, clients: list[str]) -> str:
     return clients[int(node_config["partition-id"])]
 
 
+def node_settings(node_config: dict, task: ClientTask) -> NodeSettings | None:
+    """The data owner's own settings on its SuperNode (`run-dir` in its node config), or None on
+    a simulation's virtual node (`partition-id`: the server's process, the spec's settings). A
+    deployed node without them would take its ledger, cap and noise source from the server's task:
+    a server asking for reproducible noise could then regenerate the noise and subtract it, so a
+    task on private data is refused there."""
+    if "run-dir" in node_config:
+        return NodeSettings.of(node_config)
+    if task.local_dp is not None and "partition-id" not in node_config:
+        raise KsgError(f"client '{task.client_id}': this node has no run-dir in its node config, so no ledger, cap or noise settings of its own; "
+                       "it trains on private data only with them (flower-supernode --node-config \"run-dir=... client-id=...\")")
+    return None
+
+
 def make_client_app(run_stages: Callable[[dict], dict[str, bytes]] | None = None, take_published: Callable[[dict, dict[str, bytes]], dict[str, str]] | None = None):
     """The ClientApp; `run_stages` (node config -> the files of the node's releases) answers the
     server's request to run a client's stages (knowledgesg.federated.stages.run_client_stages),
@@ -276,9 +290,9 @@ def make_client_app(run_stages: Callable[[dict], dict[str, bytes]] | None = None
         server_control = from_array_record(msg.content["control"]) if "control" in msg.content else None
         # SCAFFOLD's c_i lives in the node's context state, which Flower keeps across rounds
         client_control = from_array_record(context.state["control"]) if "control" in context.state else None
-        # on a data owner's node, its own ledger, cap and noise settings hold, not the server's
-        node = NodeSettings.of(context.node_config) if "run-dir" in context.node_config else None
         try:
+            # on a data owner's node, its own ledger, cap and noise settings hold, not the server's
+            node = node_settings(context.node_config, task)
             update = runtime.fit(task, from_array_record(msg.content["arrays"]), server_control, client_control, node)
         except Exception as err:
             log_on_node(f"round {task.round} failed: {err}")
