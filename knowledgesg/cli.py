@@ -268,7 +268,8 @@ def evaluate(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run directory")],
     tasks: Annotated[str, typer.Option(help="comma-separated: fpb, fiqa, tfns, pubmedqa, medqa, or test files of your own (.jsonl/.json/.csv/.parquet)")] = "fpb,fiqa,tfns",
     private: Annotated[list[str] | None, typer.Option(help="CLIENT=FILE: a client's private test set, scored on its side (repeatable)")] = None,
-    models: Annotated[str, typer.Option(help="comma-separated: base, dp, final, professional")] = "base,dp,final",
+    models: Annotated[str | None, typer.Option(help="comma-separated: base, dp, final, professional (default: base, dp, final, those the run has; "
+                                                      "a kind named here that the run lacks is an error)")] = None,
     modes: Annotated[str, typer.Option(help="comma-separated: logprob, generation")] = "logprob,generation",
     limit: Annotated[int, typer.Option(min=0, help="items per task (a seeded subset, the same for every model); 0: every item")] = 200,
     seed: Annotated[int, typer.Option()] = 0,
@@ -280,7 +281,8 @@ def evaluate(
     """Benchmark a run's models (base, each DP adapter, the final adapter) and its synthetic data."""
     from pydantic import ValidationError
 
-    from eval.evaluate import EvalOptions, Published, check_private_clients, check_ready, check_task_files, evaluate_private, evaluate_run, fidelity_run, write_eval_outputs
+    from eval.evaluate import (EvalOptions, Published, check_private_clients, check_ready, check_task_files, evaluate_private, evaluate_run, fidelity_run, refuse_missing_models,
+                               write_eval_outputs)
     from knowledgesg.runner import load_run_role, load_run_spec
     from knowledgesg.spec import format_validation_error
 
@@ -291,8 +293,8 @@ def evaluate(
             raise InputError(f"ksg eval: --private takes CLIENT=FILE, got {item!r}")
         private_tasks.setdefault(client, []).append(path)
     try:
-        options = EvalOptions(tasks=split(tasks), private_tasks=private_tasks, models=split(models), modes=split(modes), limit=limit or None, seed=seed, precision=precision,
-                              fidelity=fidelity)
+        options = EvalOptions(tasks=split(tasks), private_tasks=private_tasks, models=split(models or "base,dp,final"), modes=split(modes), limit=limit or None, seed=seed,
+                              precision=precision, fidelity=fidelity)
     except ValidationError as err:
         raise InputError(format_validation_error("ksg eval", err)) from None
     spec, _ = load_run_spec(run_dir)
@@ -302,6 +304,8 @@ def evaluate(
         server_release.check(run_dir, load_run_role(run_dir).kind, list(read_json(run_dir / "stages/ingest/partition.json")["clients"]))
     check_task_files(options, Path("."))
     check_private_clients(run_dir, options)  # before the public tasks are scored, not after
+    if models is not None:
+        refuse_missing_models(run_dir, options.models, server_release)
     device = resolve_device(spec.models.device)
     results = evaluate_run(run_dir, options, device, published=server_release, stages_before=[stage.name for stage in spec.stages])
     _print_eval(results)

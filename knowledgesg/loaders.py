@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import random
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,15 +71,22 @@ def _rows_json(path: Path) -> Iterator[Row]:
 
 
 def _rows_csv(path: Path) -> Iterator[Row]:
-    # a byte-order mark (Excel's "CSV UTF-8") would otherwise be part of the first column's name
-    reader = csv.DictReader(io.StringIO(_decode(path).removeprefix("\ufeff"), newline=""))
+    # a byte-order mark (Excel's "CSV UTF-8") would otherwise be part of the first column's name;
+    # strict: a quote never closed is an error, not the rest of the file read as one cell
+    reader = csv.DictReader(io.StringIO(_decode(path).removeprefix("\ufeff"), newline=""), strict=True)
+    starts = 1  # the line the row being read starts on (a quoted cell may span lines)
     try:
+        repeated = [name for name, count in Counter(reader.fieldnames or []).items() if count > 1]
+        if repeated:  # DictReader would keep the last column of that name and drop the others
+            raise data_error(path, f"column '{repeated[0]}' appears more than once in the header", line=1)
+        starts = reader.line_num + 1
         for row in reader:
             if None in row:  # more cells than header columns
                 raise data_error(path, f"{len(reader.fieldnames or [])} columns in the header but more cells on this line", line=reader.line_num)
             yield reader.line_num, row  # fewer: the missing cells are None, as an optional field left out
+            starts = reader.line_num + 1
     except csv.Error as err:
-        raise data_error(path, f"malformed CSV ({err})", line=reader.line_num) from None
+        raise data_error(path, f"malformed CSV in the row that starts here ({err}; a quote never closed?)", line=starts) from None
 
 
 def _rows_parquet(path: Path) -> Iterator[Row]:

@@ -331,9 +331,10 @@ class Runner:
         self.plan_check = plan_check
 
     def run(self) -> list[StageOutcome]:
-        problem = unmakeable_directory(self.run_dir)
-        if problem:
-            raise InputError(f"--run-dir {self.run_dir}: {problem}")
+        for flag, directory in (("--run-dir", self.run_dir), ("--exchange", self.role.exchange)):
+            problem = unmakeable_directory(directory) if directory is not None else None
+            if problem:
+                raise InputError(f"{flag} {directory}: {problem}")
         self.preflight()  # before the run directory is created or touched
         created = not self.run_dir.exists()
         try:

@@ -7,12 +7,13 @@ setting must never be silently ignored.
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from knowledgesg.builtin_data import BUILTINS
 from knowledgesg.errors import InputError
@@ -126,19 +127,36 @@ class ClientsSpec(StrictModel):
         duplicates = repeated_as_directories([m.id for m in self.members])
         if duplicates:
             raise ValueError(f"duplicate client id(s), letter case aside (each is a directory): {', '.join(duplicates)}")
+        self._each_source_once()
         return self
+
+    def _each_source_once(self) -> None:
+        """A file or built-in set named twice puts its records in the data twice: in two clients,
+        each client's ledger would count only its own releases of a record both released."""
+        where = [(f"data[{i}]", s) for i, s in enumerate(self.data)]
+        where += [(f"members[{m}].data[{i}]", s) for m, member in enumerate(self.members) for i, s in enumerate(member.data)]
+        seen: dict[str, str] = {}
+        for place, source in where:
+            key = f"builtin:{source.builtin}" if source.builtin else f"path:{os.path.normpath(source.path)}"
+            if key in seen:
+                raise ValueError(f"{place} names the same data as {seen[key]} ({key.split(':', 1)[1]}): each source once, "
+                                 "or a record in two clients' data is counted in neither ledger alone")
+            seen[key] = place
 
     def sources(self) -> list[DataSource]:
         """Every data source a client reads, pooled or its own."""
         return self.data or [source for member in self.members for source in member.data]
 
 
+ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+
 class ModelsSpec(StrictModel):
     """Model names by role: a registry name, a local directory or a Hugging Face id."""
 
-    base: str
-    professional: str | None = None
-    embedder: str | None = None
+    base: ModelName
+    professional: ModelName | None = None
+    embedder: ModelName | None = None
     cache_dir: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -338,7 +356,7 @@ def load_spec(path: str | Path) -> tuple[PipelineSpec, Path]:
     """Read and validate a spec; return it with the directory its relative paths are resolved from."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: spec file not found")
+        raise InputError(f"{path}: {'is a directory, not a spec file' if path.is_dir() else 'spec file not found'}")
     try:
         raw = load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:

@@ -16,6 +16,7 @@ set aside in `holdout.jsonl`, never trained on: the non-members of membership in
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -24,14 +25,15 @@ from rich.table import Table
 
 from eval.canaries import canaries_json, make_canaries, planted_records
 from knowledgesg.console import console, track
-from knowledgesg.errors import SpecError
+from knowledgesg.errors import InputError, SpecError
+from knowledgesg.fileio import unmakeable_directory
 from knowledgesg.loaders import load_source, source_name_of, source_path
 from knowledgesg.partition import partition
 from knowledgesg.records import InstructionRecord, Record
 from knowledgesg.spec import DataSource, PipelineSpec, repeated
 from knowledgesg.stage import LEDGER_KEY, Stage, StageContext
 from privacy.accounting import check_delta
-from privacy.ledger import ClientLedger, data_key, unit_digests
+from privacy.ledger import LEDGER_ENV, ClientLedger, data_key, ledger_directory, unit_digests
 from privacy.units import privacy_units
 
 MAX_HISTOGRAM_CLASSES = 20  # responses with more distinct values than this are not labels
@@ -112,6 +114,19 @@ def training_units(records: list[Record], unit: str) -> int:
     return privacy_units(instructions, unit, max_records=1).count + len(documents) if instructions or documents else 0
 
 
+def refuse_unmakeable_ledger_directory(spec: PipelineSpec, base_dir: Path) -> None:
+    """A ledger directory set by the spec or $KSG_LEDGER_DIR that cannot be one (a file, under a
+    file, not writable), refused before the run writes anything (the default, RUN/ledger, is
+    checked with the run directory)."""
+    if spec.privacy.ledger_dir is None and not os.environ.get(LEDGER_ENV):
+        return
+    directory = ledger_directory(spec.privacy.ledger_dir, base_dir, base_dir)
+    problem = unmakeable_directory(directory)
+    if problem:
+        setting = f"${LEDGER_ENV}" if os.environ.get(LEDGER_ENV) else "privacy.ledger_dir"
+        raise InputError(f"{setting} {directory}: {problem}")
+
+
 class Ingest(Stage):
     name = "ingest"
     uses = ("clients", "audit")
@@ -125,6 +140,7 @@ class Ingest(Stage):
         return sorted({source_path(source, base_dir) for source in spec.clients.sources()})
 
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
+        refuse_unmakeable_ledger_directory(spec, base_dir)
         clients = client_records(spec, base_dir)
         audit = spec.audit
         if audit.canaries is not None and audit.canaries.client not in clients:

@@ -236,6 +236,11 @@ def write_starter_spec(files: list[Path], domain: Domain, spec_path: Path, name:
     missing = [str(f) for f in files if not f.exists()]
     if missing:
         raise InputError(f"{missing[0]}: data file not found")
+    first: dict[Path, Path] = {}
+    for f in files:
+        if f.resolve() in first:  # each file is a client: one file twice puts its records in two clients' data
+            raise InputError(f"{f}: given twice (as {first[f.resolve()]}); a record in two clients' data would be counted in neither's ledger alone")
+        first[f.resolve()] = f
     if any((spec_path.exists() and spec_path.samefile(f)) or (f.is_dir() and spec_path.resolve().is_relative_to(f.resolve())) for f in files):
         raise InputError(f"{spec_path}: is one of the data files (or inside one); --force would overwrite your data: choose another --out")
     # where the spec file could not be written (as where a directory could not be made: its nearest existing ancestor)

@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Literal
 
-from knowledgesg.errors import InputError
+from knowledgesg.errors import SpecError
 from knowledgesg.records import InstructionRecord
 
 SpecUnit = Literal["record", "user"]
@@ -50,7 +50,7 @@ def privacy_units(records: list[InstructionRecord], unit: SpecUnit, max_records:
     for index, record in enumerate(records):
         if unit == "user":
             if record.user_id is None:
-                raise InputError(f"privacy.unit is 'user' but record '{record.id}' has no user_id (map one with fields: {{user_id: ...}})")
+                raise SpecError(f"privacy.unit is 'user' but record '{record.id}' has no user_id (map one with fields: {{user_id: ...}})")
             groups[f"user:{record.user_id}"].append(index)
         else:
             groups[f"document:{record.document_id}" if record.document_id else f"record:{index}"].append(index)

@@ -19,6 +19,13 @@ def _bytes(name: str, data: bytes):
     return lambda d: (d / name).write_bytes(data)
 
 
+def _copies(*paths: str) -> None:
+    """Copies of the workdir's data.jsonl at `paths` (relative to the current directory, the workdir)."""
+    for path in paths:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(Path("data.jsonl").read_bytes())
+
+
 GOOD = '{"id": "a", "instruction": "Q?", "response": "yes"}\n'
 
 # (case id, spec overrides for the data source, how to make the file(s), expected stderr pattern)
@@ -41,6 +48,8 @@ DATA_CASES = [
     ("csv-unmapped-columns", {"path": "d.csv"}, _bytes("d.csv", b"text,label\nhello,pos\n"),
      r"d\.csv:2: field 'instruction': missing \(the record has text, label; map one with `fields: \{instruction: NAME\}` on the data source\)"),
     ("csv-extra-cells", {"path": "d.csv"}, _bytes("d.csv", b"instruction,response\nQ,A\nQ2,A2,surplus\n"), r"d\.csv:3: 2 columns in the header but more cells"),
+    ("csv-repeated-column", {"path": "d.csv"}, _bytes("d.csv", b"instruction,response,response\nQ,A,x\n"), r"d\.csv:1: column 'response' appears more than once in the header"),
+    ("csv-quote-never-closed", {"path": "d.csv"}, _bytes("d.csv", b'instruction,response\nQ,A\n"Q2,A2\nQ3,A3\n'), r"d\.csv:3: malformed CSV in the row that starts here \(.*a quote never closed\?\)"),
     ("csv-byte-order-mark-then-bad-row", {"path": "d.csv"}, _bytes("d.csv", b"\xef\xbb\xbfinstruction,response\nQ,A\nQ2, \n"), r"d\.csv:3: field 'response': is empty"),
     ("corrupt-parquet", {"path": "d.parquet"}, _bytes("d.parquet", b"PAR1 this is not parquet"), r"d\.parquet: not a readable Parquet file"),
     ("not-a-dataset-dir", {"path": "ds"}, lambda d: (d / "ds").mkdir(), r"ds: not a saved `datasets` directory"),
@@ -88,10 +97,18 @@ SPEC_CASES = [
      r"spec\.yaml: clients\.partition\.field: record 'data/r0' has no value in field 'bank' to partition by"),
     ("dirichlet-unreachable", lambda s: s["clients"].update(partition={"method": "dirichlet", "num_clients": 2, "min_client_records": 25}),
      r"spec\.yaml: clients\.partition: Dirichlet\(alpha=1\.0\) left a client with fewer than 25 records"),
-    ("two-sources-one-name", lambda s: s["clients"].update(data=[{"path": "data.jsonl"}, {"path": "data.jsonl"}]),
+    ("two-sources-one-name", lambda s: (_copies("more/data.jsonl"), s["clients"].update(data=[{"path": "data.jsonl"}, {"path": "more/data.jsonl"}])),
      r"spec\.yaml: clients\.data: two data sources are named 'data'"),
-    ("two-sources-one-name-member", lambda s: s.update(clients={"members": [{"id": "a", "data": [{"path": "data.jsonl"}, {"path": "data.jsonl"}]}, {"id": "b", "data": [{"path": "data.jsonl"}]}]}),
+    ("two-sources-one-name-member", lambda s: (_copies("more/data.jsonl", "b.jsonl"),
+                                               s.update(clients={"members": [{"id": "a", "data": [{"path": "data.jsonl"}, {"path": "more/data.jsonl"}]}, {"id": "b", "data": [{"path": "b.jsonl"}]}]})),
      r"spec\.yaml: clients\.members \(id a\)\.data: two data sources are named 'data'"),
+    # one file in two clients: each client's ledger would count only its own releases of a record both released
+    ("one-file-two-members", lambda s: s.update(clients={"members": [{"id": "a", "data": [{"path": "data.jsonl"}]}, {"id": "b", "data": [{"path": "./data.jsonl"}]}]}),
+     r"spec\.yaml: clients: members\[1\]\.data\[0\] names the same data as members\[0\]\.data\[0\] \(data\.jsonl\)"),
+    ("one-builtin-twice", lambda s: s["clients"].update(data=[{"builtin": "fpb_train", "sample": 20}, {"builtin": "fpb_train", "sample": 30, "name": "more"}]),
+     r"spec\.yaml: clients: data\[1\] names the same data as data\[0\] \(fpb_train\)"),
+    ("empty-model-name", lambda s: s["models"].update(base=" "), r"spec\.yaml: models\.base: String should have at least 1 character"),
+    ("ledger-dir-is-a-file", lambda s: s.update(privacy={"ledger_dir": "data.jsonl"}), r"privacy\.ledger_dir /\S+/data\.jsonl: exists and is not a directory"),
     ("stage-order", lambda s: s.update(stages=["prepare_models", "dp_train", "ingest"]), r"spec\.yaml: stages\[1\] \(dp_train\) needs stage 'ingest' before it"),
     ("stage-missing", lambda s: s.update(stages=["prepare_models", "ingest", {"name": "fedtune", "params": {"synthetic_stage": "synthesize"}}]),
      r"stages\[2\] \(fedtune\) needs stage 'synthesize' before it"),
@@ -144,6 +161,30 @@ def test_a_key_given_twice_in_the_spec_is_refused_not_overwritten(workdir: Path,
 def test_missing_spec_file(workdir: Path, capsys):
     assert main(["run", "absent.yaml"]) == 2
     assert "absent.yaml: spec file not found" in capsys.readouterr().err
+    (workdir / "specs").mkdir()
+    assert main(["check", "specs"]) == 2
+    assert capsys.readouterr().err.strip() == "ksg: error: specs: is a directory, not a spec file"
+
+
+def test_an_exchange_that_cannot_be_a_directory_is_refused_before_anything_is_written(workdir: Path, capsys):
+    """It had run ingest, then failed with a traceback when sending, leaving the run directory."""
+    spec = write_spec(workdir, tiny_spec(clients={"members": [{"id": "a", "data": [{"path": "data.jsonl"}]}]}, stages=["prepare_models", "ingest"]))
+    for role in (["--role", "client", "--client", "a"], ["--role", "server"]):
+        assert main(["run", str(spec), "--run-dir", "run", *role, "--exchange", "data.jsonl"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "ksg: error: --exchange data.jsonl: exists and is not a directory", err
+        assert not (workdir / "run").exists()
+
+
+def test_eval_of_a_model_the_run_lacks_is_refused(workdir: Path, capsys):
+    """`--models final` on a run without fedtune had written an empty report and exited 0."""
+    assert main(["run", str(write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest"]))), "--run-dir", "run"]) == 0
+    capsys.readouterr()
+    for kind, stage in (("final", "fedtune"), ("dp", "dp_train")):
+        assert main(["eval", "run", "--models", kind, "--tasks", "fpb", "--limit", "2"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"ksg: error: --models {kind}: run has no such model ({stage} has not completed there)", err
+    assert not (workdir / "run/eval").exists()
 
 
 def test_spec_that_is_not_a_mapping(workdir: Path, capsys):

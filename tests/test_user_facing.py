@@ -246,6 +246,8 @@ def test_init_names_clients_safely_from_awkward_file_names(tmp_path: Path, monke
     assert main(["init", *[f"{stem}.jsonl" for stem in stems], "--out", "spec.yaml"]) == 0
     names = [m["id"] for m in yaml.safe_load((tmp_path / "spec.yaml").read_text())["clients"]["members"]]
     assert names == ["bank.a", "b" * 56, "Bank", "bank_1", "client"], names
+    assert main(["init", "Bank.jsonl", "./Bank.jsonl", "--out", "twice.yaml"]) == 2
+    assert not (tmp_path / "twice.yaml").exists()
 
 
 def test_check_refuses_a_plan_past_the_cap_and_counts_the_ledger(tmp_path: Path, monkeypatch, capsys):
