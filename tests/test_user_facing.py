@@ -296,6 +296,16 @@ def test_dependency_warnings_are_quiet_unless_verbose():
     assert [str(w.message) for w in caught] == ["a warning of ours"]
 
 
+def test_plain_tqdm_bars_are_quiet_unless_verbose():
+    """transformers' GGUF conversion draws a plain tqdm bar (`tqdm.auto`), which its own switches
+    do not reach: it had printed two bars into the demo's output."""
+    code = ("import sys; from knowledgesg.console import quiet_dependencies; quiet_dependencies() if sys.argv[1] == 'quiet' else None; "
+            "from tqdm.auto import tqdm; [x for x in tqdm(range(3), desc='converting')]")
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    runs = {mode: subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, env=env, check=True) for mode in ("quiet", "verbose")}
+    assert "converting" not in runs["quiet"].stderr and "converting" in runs["verbose"].stderr
+
+
 def test_a_normal_run_is_quiet_and_reports_peak_memory(tmp_path: Path):
     write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
     spec = write_spec(tmp_path, tiny_spec(stages=["prepare_models", "ingest", {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48}}]))
