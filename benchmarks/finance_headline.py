@@ -352,7 +352,7 @@ def on_earlier_adapters(args, name: str, specs: dict[str, dict]) -> bool:
 
 def stale_mark(args, name: str, specs: dict[str, dict]) -> str:
     """What a row's label says when its run is on other DP adapters than its source's rows shown:
-    an earlier A's, or the A being measured again here (whose own rows are its last measurement's
+    another draw's (earlier, or later and not finished here), or the A being measured again here (whose own rows are its last measurement's
     until it finishes)."""
     if not on_earlier_adapters(args, name, specs):
         return ""
@@ -360,7 +360,7 @@ def stale_mark(args, name: str, specs: dict[str, dict]) -> str:
     measuring = ledger_release_ids(args.workdir / source) if not finished(args.workdir, source, specs[source]) else None
     if measuring is not None and dp_releases(args, name, specs[name]) == measuring:
         return f" (on the DP adapters of the {source} being measured again here, not those of its rows shown)"
-    return f" (on the DP adapters of an earlier {source}: not measured again since)"
+    return f" (on another draw of DP adapters than the {source} rows shown)"
 
 
 def backfill_dp_release_ids(args, specs: dict[str, dict]) -> None:

@@ -198,30 +198,30 @@ def test_a_copied_runs_rows_are_marked_when_its_source_was_measured_again_on_new
     # A8 and B8 as measured on another machine before the ids were kept: they belong together
     measure("A8", 0.40, None, here=False)
     measure("B8", 0.45, None, here=False)
-    assert "earlier" not in row_5() and "0.450" in row_5()
+    assert "another draw" not in row_5() and "0.450" in row_5()
 
     # A8 measured again here: the stored B8 is of the earlier A8, whether or not ids are known
     measure("A8", 0.42, ["r1", "r2", "r3"])
-    assert "on the DP adapters of an earlier A8" in row_5() and "0.450" in row_5()
+    assert "on another draw of DP adapters than the A8 rows shown" in row_5() and "0.450" in row_5()
     finance_headline.backfill_dp_release_ids(args, specs)
     assert store.entry("A8", specs["A8"])["dp_releases"] == ["r1", "r2", "r3"] and "dp_releases" not in store.entry("B8", specs["B8"])
-    assert "on the DP adapters of an earlier A8" in row_5()
+    assert "on another draw of DP adapters than the A8 rows shown" in row_5()
 
     # B8 measured again here, copied from this A8: its rows belong with A8's, here and in a session without the directories
     measure("B8", 0.47, ["r3", "r1", "r2"])
-    assert "earlier" not in row_5() and "0.470" in row_5()
+    assert "another draw" not in row_5() and "0.470" in row_5()
     (tmp_path / "B8/stages/dp_train/ledger.json").unlink()
     assert store.entry("B8", specs["B8"])["dp_releases"] == ["r1", "r2", "r3"]
     shutil.rmtree(tmp_path / "A8"), shutil.rmtree(tmp_path / "B8"), (tmp_path / "A8.done").unlink(), (tmp_path / "B8.done").unlink()
-    assert "earlier" not in row_5() and "0.470" in row_5()
+    assert "another draw" not in row_5() and "0.470" in row_5()
 
     # without ids at all, the store's order tells: B8 saved after A8's measurement again
     forget_ids_and_directories()
-    assert "earlier" in row_5()  # no time kept: the source measured again is the cautious reading
+    assert "another draw" in row_5()  # no time kept: the source measured again is the cautious reading
     measure("A8", 0.43, None, here=False)
-    assert "earlier" in row_5()
+    assert "another draw" in row_5()
     measure("B8", 0.48, None, here=False)
-    assert "earlier" not in row_5() and "0.480" in row_5()
+    assert "another draw" not in row_5() and "0.480" in row_5()
 
     # an ablation on the adapters of A8's measurement, then A8 measured a third time
     measure("A8", 0.44, ["s1", "s2", "s3"])
@@ -230,7 +230,7 @@ def test_a_copied_runs_rows_are_marked_when_its_source_was_measured_again_on_new
     assert "earlier" not in ablation and "0.500" in ablation
     measure("A8", 0.46, ["t1", "t2", "t3"])
     ablation = next(line for line in finance_headline.ablation_table(args, "8", specs) if "FiQA's public training set" in line)
-    assert "on the DP adapters of an earlier A8" in ablation
+    assert "on another draw of DP adapters than the A8 rows shown" in ablation
 
 
 def test_a_new_pipeline_run_starts_from_another_runs_professional(tmp_path):
