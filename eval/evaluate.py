@@ -141,12 +141,10 @@ def chosen_targets(run_dir: Path, clients: list[str], which: list[str], publishe
 def refuse_missing_models(run_dir: Path, which: list[str], published: Published | None) -> None:
     """Each released kind asked for by name ("dp", "final") has a model in the run (or, for
     "final", a published adapter): asked for and absent is a mistake, not an empty table."""
-    clients = list(read_json(run_dir / "stages/ingest/partition.json")["clients"])
-    found = of_kinds(targets_of(run_dir, clients), which)
-    stage_of = {"dp": ("dp_train", lambda t: t.name.startswith("dp_adapter:")), "final": ("fedtune", lambda t: t.name == "final")}
-    for kind in which:
-        if kind in stage_of and not any(stage_of[kind][1](t) for t in found) and not (kind == "final" and published is not None):
-            raise InputError(f"--models {kind}: {run_dir} has no such model ({stage_of[kind][0]} has not completed there)")
+    targets = targets_of(run_dir, list(read_json(run_dir / "stages/ingest/partition.json")["clients"]))
+    for kind, stage in (("dp", "dp_train"), ("final", "fedtune")):
+        if kind in which and not of_kinds(targets, [kind]) and not (kind == "final" and published is not None):
+            raise InputError(f"--models {kind}: {run_dir} has no such model ({stage} has not completed there)")
 
 
 def mean_accuracy(results: dict, mode: str) -> float | None:

@@ -118,13 +118,13 @@ def refuse_unmakeable_ledger_directory(spec: PipelineSpec, base_dir: Path) -> No
     """A ledger directory set by the spec or $KSG_LEDGER_DIR that cannot be one (a file, under a
     file, not writable), refused before the run writes anything (the default, RUN/ledger, is
     checked with the run directory)."""
-    if spec.privacy.ledger_dir is None and not os.environ.get(LEDGER_ENV):
+    from_env = bool(os.environ.get(LEDGER_ENV))
+    if spec.privacy.ledger_dir is None and not from_env:
         return
-    directory = ledger_directory(spec.privacy.ledger_dir, base_dir, base_dir)
+    directory = ledger_directory(spec.privacy.ledger_dir, base_dir, base_dir)  # the run directory is not used: set explicitly
     problem = unmakeable_directory(directory)
     if problem:
-        setting = f"${LEDGER_ENV}" if os.environ.get(LEDGER_ENV) else "privacy.ledger_dir"
-        raise InputError(f"{setting} {directory}: {problem}")
+        raise InputError(f"{f'${LEDGER_ENV}' if from_env else 'privacy.ledger_dir'} {directory}: {problem}")
 
 
 class Ingest(Stage):
