@@ -12,6 +12,7 @@ import re
 import shutil
 import stat
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from knowledgesg.cli import main
 from knowledgesg.fileio import read_json, sha256_file
 from knowledgesg.generation import Completion
 from knowledgesg.records import InstructionRecord
+import privacy.dp_sgd
 from privacy.ledger import LedgerEntry
 from privacy.noise import SecureRandom
 from privacy.units import bounded_label_counts, privacy_units
@@ -31,6 +33,10 @@ LABELS = ["negative", "neutral", "positive"]
 ADAPTER = "stages/dp_train/clients/client_0/adapter/adapter_model.safetensors"
 # one DP-SGD step of plain SGD (q = 4/20, epochs 0.2): the released B matrices are -lr (g + z) / B
 ONE_STEP = {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48, "epochs": 0.2, "optimizer": "sgd", "learning_rate": 0.01, "loss_on": "all"}}
+# dp_train's privacy.json, but for release_id and adapter_sha256: each a function of the spec,
+# the base model and the record count (N, public: it sets q), none of the secret draw
+STATEMENT_FIELDS = {"client_id", "private", "label", "unit", "num_units", "max_records_per_unit", "delta", "n_times_delta", "target_epsilon",
+                    "mechanism", "clip_norm", "expected_batch_units", "epochs", "calibrated_by", "epsilon", "noise", "trust", "assumptions", "base_model"}
 HISTOGRAM = dict(SYNTH, params=dict(SYNTH["params"], class_balance="dp_histogram", histogram_noise_multiplier=1.0))
 
 
@@ -44,16 +50,38 @@ def lora_b(path: Path) -> np.ndarray:
     return np.concatenate([tensors[k].ravel() for k in sorted(tensors) if "lora_B" in k])
 
 
+class FixedDraw:
+    """Poisson sampling replaced by a set schedule, so that two releases differ only by their
+    noise: the sampler's coins are OS entropy too, and would make them differ even if the noise
+    were replayed from the spec. Counts its calls, so a test knows the patch took effect."""
+
+    def __init__(self, units: Callable[[int], list[int]]) -> None:
+        self.units = units
+        self.calls = 0
+
+    def __call__(self, num_units: int, sample_rate: float, steps: int, coins: SecureRandom) -> Iterator[list[int]]:
+        self.calls += 1
+        return iter([self.units(num_units) for _ in range(steps)])
+
+
+def first_four(num_units: int) -> list[int]:
+    return list(range(min(4, num_units)))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """The data owner's release, an attacker's replay of the same spec over the same records, and
-    the same two with reproducible noise."""
+    the same two with reproducible noise; every one on the same batches."""
     workdir = tmp_path_factory.mktemp("threats")
     write_jsonl(workdir / "data.jsonl", sentiment_rows(40))
-    for run_dir in ("released", "replay"):
-        assert run(workdir, run_dir) == 0
-    for run_dir in ("released_r", "replay_r"):
-        assert run(workdir, run_dir, privacy={"reproducible_noise": True}, name="reproducible.yaml") == 0
+    draw = FixedDraw(first_four)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(privacy.dp_sgd, "poisson_batches", draw)
+        for run_dir in ("released", "replay"):
+            assert run(workdir, run_dir) == 0
+        for run_dir in ("released_r", "replay_r"):
+            assert run(workdir, run_dir, privacy={"reproducible_noise": True}, name="reproducible.yaml") == 0
+    assert draw.calls == 8  # two clients, four runs: the releases differ by their noise alone
     return workdir
 
 
@@ -62,7 +90,8 @@ def runs(tmp_path_factory) -> Path:
 
 def test_replaying_training_from_the_spec_does_not_reproduce_the_released_adapter(runs: Path):
     """The attacker holds the spec and every record and retrains: if that reproduced the released
-    adapter bit for bit, it could tell D from D' with certainty (epsilon infinite)."""
+    adapter bit for bit, it could tell D from D' with certainty (epsilon infinite). The batches
+    are the same in every run here, so only noise the spec cannot regenerate tells them apart."""
     assert (runs / "released" / ADAPTER).read_bytes() != (runs / "replay" / ADAPTER).read_bytes()
     # control: noise regenerable from the spec is replayed exactly, and such a release says NOT PRIVATE
     assert (runs / "released_r" / ADAPTER).read_bytes() == (runs / "replay_r" / ADAPTER).read_bytes()
@@ -80,10 +109,19 @@ def test_the_release_statement_says_nothing_of_the_secret_draw(runs: Path):
         body = read_json(runs / run_dir / "stages/dp_train/clients/client_0/privacy.json")
         return {k: v for k, v in body.items() if k not in ("release_id", "adapter_sha256")}
 
-    assert statement("released") == statement("replay")
-    assert (runs / "released" / ADAPTER).read_bytes() != (runs / "replay" / ADAPTER).read_bytes()  # other draws indeed
-    per_step = read_json(runs / "released/stages/dp_train/clients/client_0/loss.json")
-    assert [set(row) for row in per_step] == [{"step", "units", "loss"}]  # the draw stays on the client's side
+    for run_dir, units in (("drew_none", lambda n: []), ("drew_all", lambda n: list(range(n)))):
+        draw = FixedDraw(units)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(privacy.dp_sgd, "poisson_batches", draw)
+            assert run(runs, run_dir) == 0
+        assert draw.calls == 2
+    assert statement("drew_none") == statement("drew_all") == statement("released")
+    for run_dir, units in (("drew_none", 0), ("drew_all", 20)):  # the two draws were indeed the extremes
+        per_step = read_json(runs / run_dir / "stages/dp_train/clients/client_0/loss.json")
+        assert [row["units"] for row in per_step] == [units]
+        assert [set(row) for row in per_step] == [{"step", "units", "loss"}]  # the draw stays on the client's side
+    # every field is one of these, each a function of the spec and the record count alone
+    assert set(statement("released")) <= STATEMENT_FIELDS, set(statement("released")) - STATEMENT_FIELDS
 
 
 def test_a_released_histogram_cannot_be_denoised_with_the_spec(runs: Path):
@@ -110,6 +148,8 @@ def test_two_releases_of_a_rerun_do_not_cancel(tmp_path: Path, monkeypatch):
     noise and then the clipped gradient sum."""
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    draw = FixedDraw(first_four)  # the same batches in both: only the noise may keep them apart
+    monkeypatch.setattr(privacy.dp_sgd, "poisson_batches", draw)
     for reproducible in (False, True):
         released = []
         for lr in (0.01, 0.02):
@@ -121,6 +161,7 @@ def test_two_releases_of_a_rerun_do_not_cancel(tmp_path: Path, monkeypatch):
         assert (gap < 1e-5) == reproducible, gap  # cancels exactly only when the noise is replayed
         ledger = [json.loads(line) for p in (tmp_path / f"run-{reproducible}/ledger").glob("*.jsonl") for line in p.read_text().splitlines()]
         assert sorted(e["client_id"] for e in ledger) == ["client_0", "client_0", "client_1", "client_1"]  # both releases counted
+    assert draw.calls == 8
 
 
 # 3. The ledger never forgets ---------------------------------------------------------------------
