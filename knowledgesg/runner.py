@@ -190,6 +190,45 @@ def refuse_a_silent_new_release(stage: Stage, stage_dir: Path, reason: str) -> N
                          "restore what changed")
 
 
+def finished_units(stage_dir: Path) -> list[str]:
+    """The units (one client's DP release, say) a stage without a manifest finished before it
+    stopped: each is in its client's ledger already."""
+    return sorted(p.stem for p in (stage_dir / "units").glob("*.json"))
+
+
+def started_with_text(fingerprint: Fingerprint) -> str:
+    return json.dumps({"full": fingerprint.full, "content": fingerprint.content})
+
+
+def resumes(stage: Stage, stage_dir: Path, fingerprint: Fingerprint) -> bool:
+    """Whether a stage directory without a manifest is resumed, its finished units kept: when it
+    was started with the same fingerprint, or, for a stage that releases, the same content (only
+    the code changed, as a finished release is kept: its units were released already, and
+    running them again would spend budget on new releases)."""
+    path = stage_dir / STARTED_WITH
+    if not path.is_file() or (stage_dir / MANIFEST).exists():
+        return False
+    text = path.read_text()
+    try:
+        started = json.loads(text)
+    except json.JSONDecodeError:
+        started = None
+    if not isinstance(started, dict):
+        started = {"full": text}  # written before the content fingerprint was kept beside it
+    return started.get("full") == fingerprint.full or (stage.releases() and started.get("content") == fingerprint.content)
+
+
+def refuse_dropping_partial_releases(stage: Stage, stage_dir: Path) -> None:
+    """A stage that releases and stopped part way, with inputs or parameters changed since, is not
+    started over unasked: its finished units are releases counted in the clients' ledgers, and
+    starting over would drop them and release again."""
+    units = finished_units(stage_dir) if stage.releases() and not (stage_dir / MANIFEST).exists() else []
+    if units:
+        raise InputError(f"{stage.name}: stopped part way after releasing for {', '.join(units)}, and its inputs or parameters changed since; starting it "
+                         f"over is a new release that spends privacy budget again. To make it, remove {stage_dir} (its ledger entries stay counted); "
+                         "to resume the release, restore what changed")
+
+
 def chain_after(manifest: Manifest) -> str:
     """What the next stage's fingerprint takes from this one: its content fingerprint (the code
     version is in every stage's own fingerprint already) and the digest of its outputs. So a
@@ -434,8 +473,9 @@ class Runner:
         return outcomes
 
     def _execute(self, stage: Stage, stage_dir: Path, fingerprint: Fingerprint, key: bytes) -> Manifest:
-        started_with = stage_dir / STARTED_WITH
-        resumable = started_with.is_file() and started_with.read_text() == fingerprint.full and not (stage_dir / MANIFEST).exists()
+        resumable = resumes(stage, stage_dir, fingerprint)
+        if not resumable:
+            refuse_dropping_partial_releases(stage, stage_dir)
         # a stale stage is set aside, not deleted, until its rerun succeeds: a rerun refused (say,
         # by the privacy budget cap) leaves the earlier, complete outputs as they were
         previous = stage_dir.with_name(f".{stage.name}.previous.tmp")
@@ -446,7 +486,7 @@ class Runner:
                 shutil.rmtree(stage_dir)  # partial from other settings: start it clean
         stage_dir.mkdir(parents=True, exist_ok=True)
         if not resumable:
-            write_text(started_with, fingerprint.full)
+            write_text(stage_dir / STARTED_WITH, started_with_text(fingerprint))
         ctx = StageContext(spec=self.spec, base_dir=self.base_dir, run_dir=self.run_dir, stage_dir=stage_dir, stage_name=stage.name, runs_on=stage.runs_on, role=self.role.kind,
                            reads=stage.reads)
         started_at, start = _now(), time.perf_counter()
@@ -456,12 +496,13 @@ class Runner:
             with PeakMemory() as memory:
                 stage.run(ctx)
         except BaseException as err:
-            if isinstance(err, KsgError):
-                shutil.rmtree(stage_dir, ignore_errors=True)  # refused: leave nothing behind
+            # refused: leave nothing behind, but for the units a release stage released (they are in
+            # the clients' ledgers; the resume reuses them). A bug or an interrupt leaves completed
+            # units for the resume too; without a manifest the stage is never taken as complete.
+            if isinstance(err, KsgError) and not (stage.releases() and finished_units(stage_dir)):
+                shutil.rmtree(stage_dir, ignore_errors=True)
                 if previous.exists():
                     previous.rename(stage_dir)
-            # otherwise (a bug, an interrupt) completed units stay for the resume; without a
-            # manifest the stage is never taken as complete
             message = str(err) if isinstance(err, KsgError) else f"{type(err).__name__}: {err}"
             append_event(self.run_dir, stage=stage.name, status="failed", message=message)
             raise

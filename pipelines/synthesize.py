@@ -118,6 +118,10 @@ class Passes:
     answer_of: dict  # index of a finished user turn -> pass 2's completion
 
 
+def histogram_unit(client_id: str) -> str:
+    return f"{client_id}.label_histogram"
+
+
 class Synthesize(Stage):
     name = "synthesize"
     Params = SynthesizeParams
@@ -144,8 +148,9 @@ class Synthesize(Stage):
             raise InputError(f"synthesize needs a DP adapter per client; none for {', '.join(missing)} (run dp_train first)")
         if p.class_balance == "dp_histogram":  # refuse before any client's work, not midway
             for client_id in partition["clients"]:
-                check_budget(ctx.spent(client_id), client_id, [self.histogram_mechanism()], adapters[client_id].delta, ctx.spec.privacy.cap_epsilon, self.name,
-                             ctx.spec.privacy.unit)
+                # a histogram released before a crash is in the client's ledger already, and is reused
+                planned = [] if ctx.unit_done(histogram_unit(client_id)) else [self.histogram_mechanism()]
+                check_budget(ctx.spent(client_id), client_id, planned, adapters[client_id].delta, ctx.spec.privacy.cap_epsilon, self.name, ctx.spec.privacy.unit)
         models = ctx.models()
         ledger: list[LedgerEntry] = []
         for client_id in partition["clients"]:
@@ -161,8 +166,12 @@ class Synthesize(Stage):
         return Mechanism(kind="gaussian", noise_multiplier=self.params.histogram_noise_multiplier)
 
     def release_histogram(self, ctx: StageContext, client_id: str, adapter: LedgerEntry) -> tuple[LedgerEntry, list[float]]:
-        """Runs on the client: the one release of this stage that reads private records."""
+        """Runs on the client: the one release of this stage that reads private records. Released
+        once per run: a resume after a crash reuses it (a new draw would be a new release)."""
         p: SynthesizeParams = self.params
+        done = ctx.completed_unit(histogram_unit(client_id))
+        if done:
+            return LedgerEntry.model_validate(done["entry"]), done["weights"]
         mechanism = self.histogram_mechanism()
         rows = read_jsonl(ctx.artifact("ingest", f"clients/{client_id}/records.jsonl"))
         records = [InstructionRecord.model_validate(r) for r in rows if r["kind"] == "instruction"]
@@ -179,7 +188,9 @@ class Synthesize(Stage):
         ctx.client_ledger(client_id).append(entry)  # before the counts are written where the server reads them
         write_text(ctx.path(relative), text)
         ctx.declare_output(relative)
-        return entry, [noisy[label] for label in p.labels]
+        weights = [noisy[label] for label in p.labels]
+        ctx.mark_unit_done(histogram_unit(client_id), [relative], {"entry": entry.model_dump(mode="json"), "weights": weights})
+        return entry, weights
 
     def synthesize_client(self, ctx: StageContext, client_id: str, adapter: LedgerEntry, base: dict, weights: list[float]) -> LedgerEntry:
         p: SynthesizeParams = self.params

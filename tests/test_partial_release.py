@@ -1,0 +1,122 @@
+"""A release stage that stopped part way: the clients it released for are in their ledgers, so a
+resume reuses those releases, whether the code changed since (kept, as a finished release is) or
+the stage was refused midway; and a change of inputs or parameters does not silently drop them
+and release again."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import knowledgesg.runner as runner
+from knowledgesg.errors import InputError
+from knowledgesg.fileio import sha256_file
+from pipelines.dp_train import DPTrain
+from pipelines.synthesize import Synthesize
+from tests.conftest import run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
+from tests.test_synthesize import SYNTH
+
+ADAPTER = "run/stages/dp_train/clients/client_0/adapter/adapter_model.safetensors"
+TRAIN = {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48}}
+PRIVACY = {"target_epsilon": 3.0, "cap_epsilon": 3.5}  # the cap holds one release per client, not two
+
+
+def run(workdir: Path, stages: list, privacy: dict = PRIVACY) -> int:
+    return run_in(workdir, "run", str(write_spec(workdir, tiny_spec(stages=stages, privacy=privacy))), "--run-dir", "run")
+
+
+def releases(workdir: Path, kind: str = "dp_adapter") -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for ledger in (workdir / "run/ledger").glob("*.jsonl"):
+        for line in ledger.read_text().splitlines():
+            entry = json.loads(line)
+            if entry["release"] == kind:
+                counts[entry["client_id"]] = counts.get(entry["client_id"], 0) + 1
+    return counts
+
+
+def stop_before(client_id: str, error: BaseException, method: str = "train_client", stage: type = DPTrain):
+    """The stage's per-client work, stopped with `error` when it reaches `client_id`."""
+    real = getattr(stage, method)
+
+    def stopped(self, ctx, client, *args, **kwargs):
+        if (client.client_id if hasattr(client, "client_id") else client) == client_id:
+            raise error
+        return real(self, ctx, client, *args, **kwargs)
+
+    return stopped
+
+
+@pytest.fixture
+def stopped_after_client_0(tmp_path: Path, monkeypatch) -> Path:
+    """dp_train released client_0, then the process died before client_1."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DPTrain, "train_client", stop_before("client_1", RuntimeError("killed")))
+        with pytest.raises(RuntimeError, match="killed"):
+            run(tmp_path, ["prepare_models", "ingest", TRAIN])
+    assert releases(tmp_path) == {"client_0": 1}
+    return tmp_path
+
+
+def test_a_code_upgrade_resumes_a_partial_release_and_keeps_what_it_released(stopped_after_client_0: Path, monkeypatch):
+    """The user pulls a fix and runs again: client_0's release is reused, not dropped and made
+    again (the stage had been started over, its adapter deleted and client_0 refused by the cap)."""
+    workdir = stopped_after_client_0
+    adapter = sha256_file(workdir / ADAPTER)
+    monkeypatch.setattr(runner, "code_sha256", lambda: "a newer version of the code")
+    assert run(workdir, ["prepare_models", "ingest", TRAIN]) == 0
+    assert releases(workdir) == {"client_0": 1, "client_1": 1}
+    assert sha256_file(workdir / ADAPTER) == adapter
+
+
+def test_a_partial_release_with_changed_parameters_is_not_started_over_unasked(stopped_after_client_0: Path, capsys):
+    workdir = stopped_after_client_0
+    adapter = sha256_file(workdir / ADAPTER)
+    changed = dict(TRAIN, params=dict(TRAIN["params"], learning_rate=1e-3))
+    capsys.readouterr()
+    assert run(workdir, ["prepare_models", "ingest", changed]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.search(r"ksg: error: dp_train: stopped part way after releasing for client_0, and its inputs or parameters changed since; .* "
+                     r"To make it, remove .*stages/dp_train", err), err
+    assert sha256_file(workdir / ADAPTER) == adapter and releases(workdir) == {"client_0": 1}
+    # with the parameters restored, the release resumes
+    assert run(workdir, ["prepare_models", "ingest", TRAIN]) == 0
+    assert releases(workdir) == {"client_0": 1, "client_1": 1} and sha256_file(workdir / ADAPTER) == adapter
+
+
+def test_a_stage_refused_midway_keeps_the_releases_it_made(tmp_path: Path, monkeypatch):
+    """A refusal (a one-line error) leaves nothing behind, but for what was released already: that
+    is in the client's ledger, and deleting it would make the resume release it again."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DPTrain, "train_client", stop_before("client_1", InputError("client_1: refused midway")))
+        assert run(tmp_path, ["prepare_models", "ingest", TRAIN]) == 2
+    assert (tmp_path / ADAPTER).is_file() and (tmp_path / "run/stages/dp_train/units/client_0.json").is_file()
+    adapter = sha256_file(tmp_path / ADAPTER)
+    assert run(tmp_path, ["prepare_models", "ingest", TRAIN]) == 0
+    assert releases(tmp_path) == {"client_0": 1, "client_1": 1} and sha256_file(tmp_path / ADAPTER) == adapter
+
+
+def test_a_label_histogram_is_released_once_across_a_crash(tmp_path: Path, monkeypatch):
+    """synthesize with `dp_histogram` released client_0's label counts, then died generating: the
+    resume reuses that release instead of drawing (and spending on) a new one."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    histogram = dict(SYNTH, params=dict(SYNTH["params"], class_balance="dp_histogram", histogram_noise_multiplier=1.0))
+    stages = ["prepare_models", "ingest", dict(TRAIN, params=dict(TRAIN["params"], epochs=0.2)), histogram]
+    privacy = {"target_epsilon": 8.0}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Synthesize, "synthesize_client", stop_before("client_0", RuntimeError("killed"), "synthesize_client", Synthesize))
+        with pytest.raises(RuntimeError, match="killed"):
+            run(tmp_path, stages, privacy)
+    counts = (tmp_path / "run/stages/synthesize/clients/client_0/label_histogram.json").read_text()
+    assert releases(tmp_path, "dp_label_histogram") == {"client_0": 1}
+    assert run(tmp_path, stages, privacy) == 0
+    assert releases(tmp_path, "dp_label_histogram") == {"client_0": 1, "client_1": 1}
+    assert (tmp_path / "run/stages/synthesize/clients/client_0/label_histogram.json").read_text() == counts
