@@ -105,6 +105,12 @@ class Fingerprint:
     full: str  # everything that shapes the stage's outputs, the code version included
     content: str  # the same without the code version (a DP release is kept across code upgrades)
     inputs: dict[str, str]  # external input -> digest
+    # the content as earlier versions of this code took it (the privacy cap and the ledger's place
+    # were in it until December 2026), so releases made then are still recognised as the same
+    earlier_content: tuple[str, ...] = ()
+
+    def same_content(self, content: str | None) -> bool:
+        return content is not None and (content == self.content or content in self.earlier_content)
 
 
 PACKAGE_ROOT = Path(__file__).resolve().parent  # the built-in data sets are files under it
@@ -128,11 +134,17 @@ def input_name(path: Path, base_dir: Path) -> str:
     return str(resolved)
 
 
-def where_things_lie_left_out(section: str, settings: dict) -> dict:
-    """A spec section as a fingerprint takes it: the model cache's place says where the models
-    lie, not what a stage computes (models.json names them relative to it), so a run resumed with
-    the cache elsewhere is the same run."""
-    return {**settings, "cache_dir": None} if section == "models" else settings
+# Settings that say where things lie or whether a release may be made, not what a stage computes:
+# the model cache's place (models.json names the models relative to it), the privacy budget's cap
+# and the ledger's place. A run resumed with the cache elsewhere, the ledger moved or the cap
+# tightened is the same run, and its releases are kept.
+NOT_WHAT_A_STAGE_COMPUTES = {"models": ("cache_dir",), "privacy": ("cap_epsilon", "ledger_dir")}
+EARLIER_LEFT_OUT = {"models": ("cache_dir",)}
+
+
+def where_things_lie_left_out(section: str, settings: dict, left_out: dict[str, tuple[str, ...]] = NOT_WHAT_A_STAGE_COMPUTES) -> dict:
+    """A spec section as a fingerprint takes it."""
+    return {**settings, **{name: None for name in left_out.get(section, ())}}
 
 
 def stage_fingerprint(stage: Stage, spec: PipelineSpec, base_dir: Path, previous: str, hashes: HashCache, key: bytes | None) -> Fingerprint:
@@ -148,15 +160,21 @@ def stage_fingerprint(stage: Stage, spec: PipelineSpec, base_dir: Path, previous
             else:
                 inputs[input_name(file, base_dir)] = hashes.digest(file, key if stage.private_inputs else None)
     spec_dict = spec_to_dict(spec)
-    content = {
-        "stage": stage.name,
-        "params": stage.params.model_dump(mode="json"),
-        "seed": spec.seed,
-        "sections": {section: where_things_lie_left_out(section, spec_dict[section]) for section in stage.uses},
-        "inputs": inputs,
-        "previous": previous,
-    }
-    return Fingerprint(full=sha256_text(canonical_json({**content, "code": code_sha256()})), content=sha256_text(canonical_json(content)), inputs=inputs)
+
+    def content(left_out: dict[str, tuple[str, ...]]) -> dict:
+        return {
+            "stage": stage.name,
+            "params": stage.params.model_dump(mode="json"),
+            "seed": spec.seed,
+            "sections": {section: where_things_lie_left_out(section, spec_dict[section], left_out) for section in stage.uses},
+            "inputs": inputs,
+            "previous": previous,
+        }
+
+    now = content(NOT_WHAT_A_STAGE_COMPUTES)
+    earlier = sha256_text(canonical_json(content(EARLIER_LEFT_OUT)))
+    return Fingerprint(full=sha256_text(canonical_json({**now, "code": code_sha256()})), content=sha256_text(canonical_json(now)), inputs=inputs,
+                       earlier_content=(earlier,))
 
 
 def reusable_manifest(stage: Stage, stage_dir: Path, fingerprint: Fingerprint, key: bytes | None) -> tuple[Manifest | None, str, str]:
@@ -168,7 +186,7 @@ def reusable_manifest(stage: Stage, stage_dir: Path, fingerprint: Fingerprint, k
         return None, "", ""
     if manifest.fingerprint == fingerprint.full:
         status = "cached"
-    elif stage.releases() and manifest.content_fingerprint == fingerprint.content:
+    elif stage.releases() and fingerprint.same_content(manifest.content_fingerprint):
         status = "kept"
     else:
         return None, "", "inputs, parameters or code changed since it last ran"
@@ -215,7 +233,7 @@ def resumes(stage: Stage, stage_dir: Path, fingerprint: Fingerprint) -> bool:
         started = None
     if not isinstance(started, dict):
         started = {"full": text}  # written before the content fingerprint was kept beside it
-    return started.get("full") == fingerprint.full or (stage.releases() and started.get("content") == fingerprint.content)
+    return started.get("full") == fingerprint.full or (stage.releases() and fingerprint.same_content(started.get("content")))
 
 
 def refuse_dropping_partial_releases(stage: Stage, stage_dir: Path) -> None:
@@ -433,7 +451,7 @@ class Runner:
                 chain.add(stage, manifest)
                 continue
             fingerprint = stage_fingerprint(stage, self.spec, self.base_dir, chain.before(stage), hashes, key)
-            if manifest is None or fingerprint.full != manifest.fingerprint and not (stage.releases() and fingerprint.content == manifest.content_fingerprint):
+            if manifest is None or fingerprint.full != manifest.fingerprint and not (stage.releases() and fingerprint.same_content(manifest.content_fingerprint)):
                 return index
             chain.add(stage, manifest)
         return len(self.stages)

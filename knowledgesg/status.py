@@ -72,7 +72,7 @@ def run_status(run_dir: Path, spec: PipelineSpec, base_dir: Path, stages: list[S
             states.append(StageState(stage.name, "stale", manifest.duration_s, manifest.record_count(), manifest.finished_at, problem, manifest.peak_rss_mib))
             current = False
             continue
-        if manifest is not None and fingerprint is not None and manifest.content_fingerprint == fingerprint.content:
+        if manifest is not None and fingerprint is not None and fingerprint.same_content(manifest.content_fingerprint):
             # only the code changed: `ksg run` reruns it, and if its outputs come out the same the
             # stages after it are judged as before, so the chain goes on
             states.append(StageState(stage.name, "stale", manifest.duration_s, manifest.record_count(), manifest.finished_at,

@@ -1,7 +1,8 @@
-"""A release stage that stopped part way: the clients it released for are in their ledgers, so a
-resume reuses those releases, whether the code changed since (kept, as a finished release is) or
-the stage was refused midway; and a change of inputs or parameters does not silently drop them
-and release again."""
+"""Releases across resumes. A release stage that stopped part way: the clients it released for
+are in their ledgers, so a resume reuses those releases, whether the code changed since (kept, as
+a finished release is) or the stage was refused midway; a change of inputs or parameters does not
+silently drop them and release again. And settings that decide whether a release may be made (the
+cap, the ledger's place), not what it is, leave a finished release as it is."""
 
 from __future__ import annotations
 
@@ -120,3 +121,35 @@ def test_a_label_histogram_is_released_once_across_a_crash(tmp_path: Path, monke
     assert run(tmp_path, stages, privacy) == 0
     assert releases(tmp_path, "dp_label_histogram") == {"client_0": 1, "client_1": 1}
     assert (tmp_path / "run/stages/synthesize/clients/client_0/label_histogram.json").read_text() == counts
+
+
+def test_tightening_the_cap_or_moving_the_ledger_keeps_a_finished_release(tmp_path: Path, monkeypatch, capsys):
+    """The cap and the ledger's place decide whether a release may be made, not what it is: after
+    dp_train, a tighter cap (still above what was spent) or the ledger moved with its entries is
+    the same run. Both had made dp_train stale, and its rerun refused as a new release."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    stages = ["prepare_models", "ingest", TRAIN]
+    assert run(tmp_path, stages, {"target_epsilon": 3.0, "cap_epsilon": 8.0}) == 0
+    adapter = sha256_file(tmp_path / ADAPTER)
+    (tmp_path / "run/ledger").rename(tmp_path / "ledgers")
+    capsys.readouterr()
+    assert run(tmp_path, stages, {"target_epsilon": 3.0, "cap_epsilon": 3.5, "ledger_dir": "ledgers"}) == 0
+    assert re.search(r"dp_train\s+│ cached", capsys.readouterr().err)
+    assert sha256_file(tmp_path / ADAPTER) == adapter and sum(1 for p in (tmp_path / "ledgers").glob("*.jsonl") for _ in p.read_text().splitlines()) == 2
+
+
+def test_a_release_made_before_the_cap_left_the_fingerprint_is_kept(tmp_path: Path, monkeypatch, capsys):
+    """A dp_train finished by the code before, whose content fingerprint held the cap, is still
+    the same release for the code now (kept, not refused as changed)."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    stages = ["prepare_models", "ingest", TRAIN]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "NOT_WHAT_A_STAGE_COMPUTES", runner.EARLIER_LEFT_OUT)
+        patch.setattr(runner, "code_sha256", lambda: "the code before")
+        assert run(tmp_path, stages) == 0
+    capsys.readouterr()
+    assert run(tmp_path, stages) == 0
+    assert re.search(r"dp_train\s+│ kept", capsys.readouterr().err)
+    assert releases(tmp_path) == {"client_0": 1, "client_1": 1}
