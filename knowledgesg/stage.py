@@ -20,7 +20,7 @@ from knowledgesg.fileio import read_json, sha256_text, write_json, write_jsonl
 from knowledgesg.manifest import read_manifest
 from knowledgesg.models import read_models
 from knowledgesg.spec import PipelineSpec
-from privacy.ledger import ClientLedger, LedgerEntry, ledger_directory, merge_releases, read_received_ledger, read_stage_ledgers
+from privacy.ledger import ClientLedger, LedgerEntry, check_budget, ledger_directory, merge_releases, read_received_ledger, read_stage_ledgers
 from privacy.noise import SecureRandom
 
 LEDGER_KEY = "ledger_key.json"  # ingest writes one per client (client side): its data's fingerprint
@@ -140,6 +140,18 @@ class StageContext:
         copies = [e for e in read_stage_ledgers(self.run_dir, self.completed_stages_before()) if e.client_id == client_id]
         own = read_received_ledger(self.run_dir, client_id) if self.role == "server" else self.client_ledger(client_id).entries()
         return merge_releases(own, copies)
+
+    def record_release(self, entry: LedgerEntry) -> None:
+        """Enter a release in its client's ledger (fsynced) before it is written where anyone
+        reads it, the cap checked again under the ledger's lock: the stage checked it when it
+        began, but another run may have released from the same data since."""
+        copies = [e for e in read_stage_ledgers(self.run_dir, self.completed_stages_before()) if e.client_id == entry.client_id]
+        planned = [entry.effective_mechanism()] if entry.counts_against_budget else []
+
+        def within_cap(own: list[LedgerEntry]) -> None:
+            check_budget(merge_releases(own, copies), entry.client_id, planned, entry.delta, self.spec.privacy.cap_epsilon, self.stage_name, entry.unit)
+
+        self.client_ledger(entry.client_id).append(entry, within_cap)
 
     def warn(self, message: str) -> None:
         """A finding the user should act on: printed now, kept in the manifest, shown by `ksg

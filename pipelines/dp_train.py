@@ -230,7 +230,7 @@ class DPTrain(Stage):
                 unit=plan.units.kind, num_units=plan.units.count, delta=plan.delta, mechanism=mechanism, epsilon=eps,
                 private=plan.private, noise=plan.noise_origin, trust=trust_line(plan.noise_origin, mechanism),
             )
-            ctx.client_ledger(plan.client_id).append(entry)
+            ctx.record_release(entry)
             released.append(entry)
 
         save_adapter(model, ctx.path(f"{client_dir}/adapter"), before_publish=record_release)

@@ -185,7 +185,7 @@ class Synthesize(Stage):
                             artifact_sha256=sha256_text(text), run_dir=str(ctx.run_dir.resolve()), released_at=now(), unit=units.kind, num_units=units.count,
                             delta=adapter.delta, mechanism=mechanism, epsilon=epsilons([mechanism], adapter.delta), private=random.private, noise=origin,
                             trust=trust_line(origin, mechanism))
-        ctx.client_ledger(client_id).append(entry)  # before the counts are written where the server reads them
+        ctx.record_release(entry)  # before the counts are written where the server reads them
         write_text(ctx.path(relative), text)
         ctx.declare_output(relative)
         weights = [noisy[label] for label in p.labels]

@@ -34,7 +34,7 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -223,13 +223,18 @@ class ClientLedger:
                     raise KsgError(f"{self.path}:{number}: unreadable ledger entry ({err.errors()[0]['msg']}); refusing to compute a budget") from None
         return entries
 
-    def append(self, entry: LedgerEntry) -> None:
-        """One line in one write, under an exclusive lock, fsynced before returning."""
+    def append(self, entry: LedgerEntry, check: Callable[[list[LedgerEntry]], None] | None = None) -> None:
+        """One line in one write, under an exclusive lock, fsynced before returning. `check` sees
+        the ledger's entries as they are under that lock, and refuses the entry by raising: two
+        runs releasing from the same data at once each checked the cap when they started, and
+        without this both would be entered, past it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = (entry.model_dump_json() + "\n").encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            if check is not None:
+                check(self.entries())
             os.write(fd, line)
             os.fsync(fd)
         finally:

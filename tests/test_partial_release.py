@@ -16,6 +16,8 @@ import knowledgesg.runner as runner
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import sha256_file
 from pipelines.dp_train import DPTrain
+from privacy.accounting import epsilons
+from privacy.ledger import TRUST_CLIENT_NOISE, LedgerEntry, new_release_id, now
 from pipelines.synthesize import Synthesize
 from tests.conftest import run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
 from tests.test_synthesize import SYNTH
@@ -153,3 +155,27 @@ def test_a_release_made_before_the_cap_left_the_fingerprint_is_kept(tmp_path: Pa
     assert run(tmp_path, stages) == 0
     assert re.search(r"dp_train\s+│ kept", capsys.readouterr().err)
     assert releases(tmp_path) == {"client_0": 1, "client_1": 1}
+
+
+def test_a_release_made_elsewhere_while_training_is_counted_before_the_adapter_is_entered(tmp_path: Path, monkeypatch, capsys):
+    """Two runs over the same data and ledger: each checked the cap when its dp_train began. The
+    release made by the other run while this one trained must be counted when this one is
+    entered: it is refused under the ledger's lock, and its adapter never appears."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    real = DPTrain.train_client
+
+    def another_run_released_meanwhile(self, ctx, plan, base):
+        mechanism = plan.mechanism()
+        ctx.client_ledger(plan.client_id).append(LedgerEntry(
+            release_id=new_release_id(), client_id=plan.client_id, stage="dp_train", release="dp_adapter", artifact="stages/dp_train/elsewhere",
+            run_dir="another run", released_at=now(), unit=plan.units.kind, num_units=plan.units.count, delta=plan.delta, mechanism=mechanism,
+            epsilon=epsilons([mechanism], plan.delta), private=True, noise="os_entropy", trust=TRUST_CLIENT_NOISE))
+        return real(self, ctx, plan, base)
+
+    monkeypatch.setattr(DPTrain, "train_client", another_run_released_meanwhile)
+    capsys.readouterr()
+    assert run(tmp_path, ["prepare_models", "ingest", TRAIN]) == 2
+    assert "client 'client_0': stage 'dp_train' would exceed the privacy budget cap" in capsys.readouterr().err
+    assert releases(tmp_path) == {"client_0": 1}  # the other run's, alone
+    assert not (tmp_path / "run/stages/dp_train").exists()

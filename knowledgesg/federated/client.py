@@ -331,15 +331,15 @@ class ClientRuntime:
         dp: LocalDP = task.local_dp
         origin = "reproducible" if dp.reproducible_noise else "os_entropy"
         mechanism = Mechanism(kind="poisson_gaussian", noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=dp_steps)
-        ledger = self._ledger(task, node)
-        check_budget(ledger.entries(), task.client_id, [mechanism], dp.delta, dp.cap_epsilon, f"fedtune round {task.round}", dp.unit)
         entry = LedgerEntry(release_id=new_release_id(), client_id=task.client_id, stage="fedtune",
                             release=f"fedtune round {task.round} update: DP-SGD local steps on private data",
                             artifact=f"stages/fedtune/rounds.json#round={task.round}", artifact_sha256=update_digest(update) if task.join_probability is None else None,
                             run_dir=str(self.storage(task).resolve()), released_at=now(), unit=dp.unit, num_units=dp.num_units, delta=dp.delta,
                             mechanism=mechanism, epsilon=epsilons([mechanism], dp.delta), private=origin == "os_entropy", noise=origin,
                             trust=trust_line(origin, mechanism))
-        ledger.append(entry)
+        # the cap checked under the ledger's lock: another run may be releasing from the same data
+        self._ledger(task, node).append(entry, lambda before: check_budget(before, task.client_id, [mechanism], dp.delta, dp.cap_epsilon,
+                                                                           f"fedtune round {task.round}", dp.unit))
         return entry
 
     def _log(self, task: ClientTask, row: dict) -> None:
