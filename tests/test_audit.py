@@ -130,6 +130,73 @@ def test_exposure_of_unseen_canaries_is_near_zero():
     assert np.mean(values) < 2.5 and max(values) <= np.log2(100)
 
 
+def test_exposure_is_log2_of_the_candidates_less_log2_of_the_secrets_rank(monkeypatch):
+    """exposure() on scripted losses (the model's place taken by a loss per secret): the checks of
+    the audit above hold for any exposure in range, this one pins its values."""
+    from scipy import stats
+
+    from eval import audit
+
+    def score_secrets(loss) -> None:  # every secret's loss, the canary's own included, from `loss`
+        monkeypatch.setattr(audit, "own_secret_nll", lambda model, tokenizer, template, canaries, batch_size, device: [loss(c.secret) for c in canaries])
+        monkeypatch.setattr(audit, "secret_nll", lambda model, tokenizer, template, canary, secrets, device: np.array([loss(s) for s in secrets], dtype=float))
+
+    digits = CanarySpec(client="x", count=2, digits=2)  # 100 secrets: every one scored (exact)
+    canary = make_canaries(digits, seed=3)[0]
+    for rank in (1, 4, 50, 100):
+        # losses 0..99 over the secrets, the canary's own at rank - 1: rank - 1 secrets below it
+        score_secrets(lambda secret, rank=rank: float((int(secret) - int(canary.secret) + rank - 1) % 100))
+        assert exposure(None, None, digits, canary, AuditOptions(), "cpu") == pytest.approx(np.log2(100) - np.log2(rank)), rank
+
+    words = CanarySpec(client="x", count=2, kinds=["rare_words"], words=2)  # 4096^2 secrets: a skew-normal fit to a sample of them
+    canary = make_canaries(words, seed=3)[0]
+    sample_losses = 5.0 + stats.norm.ppf((np.arange(AuditOptions().candidates) + 0.5) / AuditOptions().candidates)  # N(5, 1), evenly in probability
+    monkeypatch.setattr(audit, "secret_nll", lambda model, tokenizer, template, canary, secrets, device: sample_losses[: len(secrets)])
+    for own, expected, tolerance in ((5.0, 1.0, 0.05), (5.0 + stats.norm.ppf(0.01), np.log2(100), 0.2), (-1e3, np.log2(4096**2), 1e-9), (1e3, 0.0, 1e-9)):
+        assert exposure(None, None, words, canary, AuditOptions(), "cpu", own=own) == pytest.approx(expected, abs=tolerance), own
+
+
+def test_a_model_that_memorised_its_planted_canaries_exposes_them_and_not_the_others():
+    """Positive control of the canary measurements (the tiny model trained NOT PRIVATE on the
+    planted canaries' secrets): each planted secret ranks first of the 100, its loss drops more
+    than any unplanted one's, and the one-run audit certifies an epsilon above 0. The audit of the
+    DP run above would pass with all of these at zero."""
+    import torch
+
+    from eval.audit import canary_results, own_secret_nll
+    from knowledgesg.sft import IGNORE, Example, collate
+
+    model, tokenizer = load_causal_lm(resolve_model("tiny-random-llama"))
+    spec = CanarySpec(client="x", count=16, digits=2)
+    canaries = make_canaries(spec, seed=1)  # 8 planted, and no secret twice (a twin of a planted secret would rank high too)
+    planted = [c.included for c in canaries]
+    assert sum(planted) == 8 and len({c.secret for c in canaries}) == 16
+    before = own_secret_nll(model, tokenizer, spec.template, canaries, 32, "cpu")
+    # the loss on the secret's tokens only: the template's 180 tokens would take most of the training
+    rows = [split_at_secret(tokenizer, spec.template, c, c.secret) for c in canaries if c.included]
+    batch = collate([Example(input_ids=p + s + a, labels=[IGNORE] * len(p) + s + [IGNORE] * len(a)) for p, s, a in rows], tokenizer.pad_token_id)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors this small gain nothing from a second thread, and on busy cores it ran 20x slower
+    try:
+        model.train()
+        for _ in range(100):  # 80 steps memorise all 8 here (loss 0.04)
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        model.eval()
+        after = own_secret_nll(model, tokenizer, spec.template, canaries, 32, "cpu")
+        exposures = np.array([exposure(model, tokenizer, spec, c, AuditOptions(batch_size=32), "cpu") for c in canaries])
+    finally:
+        torch.set_num_threads(threads)
+    planted = np.array(planted)
+    assert exposures[planted].min() == pytest.approx(np.log2(100)) and exposures[~planted].mean() < 3, exposures
+    drops = np.array(before) - np.array(after)
+    assert drops[planted].min() > drops[~planted].max(), drops
+    audited = canary_results(canaries, list(drops), AuditOptions(bootstrap=20), 1e-5, spec.include_probability)["all"]
+    assert audited["one_run"]["epsilon_lower_bound"] > 0 and audited["membership"]["auc"] == 1.0
+
+
 def test_canary_split_matches_training_tokenization():
     _, tokenizer = load_causal_lm(resolve_model("tiny-random-llama"))
     for template in (CanaryTemplate(), CanaryTemplate(instruction="Repeat the code.", input="", response="The code is {secret}.")):

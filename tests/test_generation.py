@@ -171,12 +171,15 @@ def test_dp_label_histogram_noise_has_the_stated_scale():
     from privacy.noise import SecureRandom
     from privacy.units import privacy_units
 
-    records = [InstructionRecord(id=f"s/{i}", instruction="Q", response=l, source="s", user_id=f"u{i // 2}") for i, l in enumerate(["neutral"] * 30 + ["positive"] * 10)]
-    units = privacy_units(records, "user", max_records=2)  # 20 users of 2 records: sensitivity 2
-    random = SecureRandom.from_os_entropy()
+    # a heavy user with 10 neutral records, of which the bound keeps 2, and 15 users of 2 records
+    heavy = [InstructionRecord(id=f"h/{i}", instruction="Q", response="neutral", source="s", user_id="heavy") for i in range(10)]
+    records = heavy + [InstructionRecord(id=f"s/{i}", instruction="Q", response=l, source="s", user_id=f"u{i // 2}") for i, l in enumerate(["neutral"] * 20 + ["positive"] * 10)]
+    units = privacy_units(records, "user", max_records=2)  # sensitivity 2
+    # a fixed public seed: the distribution check gives the same answer every run (OS entropy would fail some runs)
+    random = SecureRandom.from_public_seed("test", "dp_label_histogram")
     draws = [dp_label_histogram(records, ["negative", "neutral", "positive"], units, 4.0, random) for _ in range(2000)]
     neutral = torch.tensor([d["neutral"] for d in draws], dtype=torch.float64)
-    assert float(neutral.mean()) == pytest.approx(30, abs=0.6)
+    assert float(neutral.mean()) == pytest.approx(2 + 20, abs=0.6)  # the heavy user's 2 kept records, not its 10 (30 in all)
     assert float(neutral.std()) == pytest.approx(8.0, rel=0.05)
     assert Counter(round(d["negative"]) > 0 for d in draws)[True] > 700  # zero counts get noise too
 

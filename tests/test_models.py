@@ -24,8 +24,12 @@ def test_tiny_model_builds_deterministically_and_is_cached(tmp_path: Path):
 def test_tiny_model_generates_through_the_chat_template():
     model, tokenizer = models.load_causal_lm(models.resolve_model("tiny-random-llama"))
     batch = tokenizer.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    out = model.generate(**batch, max_new_tokens=5, do_sample=False)
-    assert out.shape[1] == batch["input_ids"].shape[1] + 5 or tokenizer.eos_token_id in out[0].tolist()
+    prompt = batch["input_ids"][0].tolist()
+    # the registry's ChatML template, its special tokens each one token (not spelled out in bytes)
+    assert tokenizer.decode(prompt) == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    assert prompt.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 2 and prompt.count(tokenizer.eos_token_id) == 1
+    out = model.generate(**batch, max_new_tokens=5, do_sample=False)[0].tolist()
+    assert out[: len(prompt)] == prompt and len(prompt) < len(out) <= len(prompt) + 5  # the prompt, then 1 to 5 new tokens
 
 
 def test_weights_load_in_the_precision_asked_and_an_adapter_merges_in_float32(tmp_path: Path):

@@ -50,9 +50,12 @@ def max_difference(a: dict, b: dict) -> float:
     return max(float(np.abs(np.asarray(a[k], dtype=np.float64) - b[k]).max()) for k in a)
 
 
-def holds(arrays: dict[str, np.ndarray], update: dict[str, np.ndarray], atol: float = 1e-6) -> bool:
-    """Whether some array here equals one of the update's tensors (by shape and value)."""
-    return any(a.shape == u.shape and np.allclose(a, u, atol=atol) for a in arrays.values() for u in update.values() if np.abs(u).max() > 10 * atol)
+def holds(arrays: dict[str, np.ndarray], update: dict[str, np.ndarray], atol: float = 1e-6, min_magnitude: float = 1e-5) -> bool:
+    """Whether some array here equals one of the update's tensors (by shape and value). A tensor
+    no larger than min_magnitude is left out: an all-but-zero array would match it. The cut-off is
+    separate from atol because a generous atol may be near the update's own size (and a cut-off
+    tied to it would leave every tensor out, so that nothing could ever be found)."""
+    return any(a.shape == u.shape and np.allclose(a, u, atol=atol) for a in arrays.values() for u in update.values() if np.abs(u).max() > min_magnitude)
 
 
 def server_arrays(directory: Path) -> dict[str, np.ndarray]:
@@ -128,12 +131,27 @@ def test_the_server_holds_the_weighted_mean_only_never_a_single_update(runs):
     assert len(masked) == len(CLIENTS)
     assert all(len(record) == 0 for reply in seen["replies"] for record in reply.array_records.values())
     from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.quantization import quantize
 
     names = sorted(x0)
-    for vector in masked:
-        read = dict(zip(names, (a * QUANTUM - SETTINGS.clipping_range for a in (bytes_to_ndarray(b) for b in vector[1:]))))
-        for c in CLIENTS:
-            assert not holds(read, {n: v * COUNTS[c] / max(COUNTS.values()) for n, v in sent[c].items()}, atol=100 * QUANTUM)
+
+    def read_as_unmasked(quantized) -> dict[str, np.ndarray]:
+        return dict(zip(names, (a * QUANTUM - SETTINGS.clipping_range for a in quantized)))
+
+    # as each client weighs its update before quantizing it (example count / the largest; exact here)
+    weighted_updates = {c: {n: v.astype(np.float64) * COUNTS[c] / max(COUNTS.values()) for n, v in sent[c].items()} for c in CLIENTS}
+    # ten times the rounding, yet below every weighted tensor's size, so that a vector of zeros is no match
+    atol = 10 * QUANTUM
+    assert min(np.abs(v).max() for u in weighted_updates.values() for v in u.values()) > 2 * atol
+    for c in CLIENTS:
+        # the check finds a weighted update that was quantized as SecAgg+ does but left unmasked (what the
+        # server would read if the masks failed to hide it), and does not find one in a vector of zeros
+        unmasked = read_as_unmasked(quantize([weighted_updates[c][n] for n in names], SETTINGS.clipping_range, SETTINGS.quantization_range))
+        assert holds(unmasked, weighted_updates[c], atol=atol), c
+        assert not holds({n: np.zeros_like(v) for n, v in unmasked.items()}, weighted_updates[c], atol=atol), c
+    for vector in masked:  # the first entry is the weight factor, the tensors follow in the order of names
+        read = read_as_unmasked(bytes_to_ndarray(b) for b in vector[1:])
+        assert not any(holds(read, weighted_updates[c], atol=atol) for c in CLIENTS)
     # and no server-side file holds a client's update or its trained adapter, in either run
     # (the server never writes them even without SecAgg+: the difference is what it receives, above)
     smallest = min(v.size for v in x0.values())
