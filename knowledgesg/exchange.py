@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from knowledgesg import __version__
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.fileio import canonical_json, read_json, sha256_file, sha256_text, write_json, write_jsonl
-from knowledgesg.manifest import MANIFEST, Manifest, OutputEntry, read_manifest, write_manifest
+from knowledgesg.manifest import MANIFEST, Manifest, OutputEntry, output_entry, read_manifest, write_manifest
 from knowledgesg.spec import format_validation_error
 from privacy.ledger import LEDGER, LedgerEntry, client_delta, composed_total, now, received_ledger
 
@@ -134,11 +134,16 @@ def export_releases(run_dir: Path, stage_names: list[str], client_id: str, excha
             if manifest is None:
                 raise KsgError(f"stage '{name}' has not completed in {run_dir}: nothing to send")
             sent = {relative: entry for relative, entry in manifest.outputs.items() if entry.side == "server"}
-            for relative in sent:
+            for relative in list(sent):
                 check_path(relative, client_id, f"stage '{name}'")
                 target = staging / name / relative
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(run_dir / "stages" / name / relative, target)
+                if PurePosixPath(relative).name == LEDGER:
+                    # the stage's copy of its ledger entries, as the ledger sent below: without the client's own paths
+                    write_json(target, [dict(entry, run_dir=f"client:{client_id}") for entry in read_json(run_dir / "stages" / name / relative)])
+                    sent[relative] = output_entry(target, sent[relative].records, "server", b"")
+                else:
+                    shutil.copyfile(run_dir / "stages" / name / relative, target)
             # how long a stage took and the memory it used say something of the data (dp_train's time
             # follows the sampled records' lengths): not sent, nor the times that give it by
             # subtraction (each stage's start and end: the server learns only when the part was sent,

@@ -386,6 +386,8 @@ def test_stage_on_private_data_enters_its_dp_sgd_cost(tmp_path: Path):
     rounds = json.loads((stage / "rounds.json").read_text())
     assert all(r["num_examples"] is None and r["mean_loss"] is None for r in rounds)  # un-noised statistics stay on the client
     assert sum(n for r in rounds for n in r["extra"]["dp_steps"].values()) == 2 * 2 * 2  # counted by the clients' accountants
+    # the entries the clients send name them, not where they keep their runs; their own ledgers do
+    assert {e["run_dir"] for e in ledger} == {"client:client_0", "client:client_1"}
     log = [json.loads(line) for line in (stage / "clients/client_0/local_log.jsonl").read_text().splitlines()]
     assert [row["round"] for row in log] == [1, 2] and all(row["examples"] == 20 for row in log)
     manifest = json.loads((stage / "manifest.json").read_text())

@@ -139,6 +139,10 @@ def test_the_server_holds_only_releases(federation):
         assert {m.stage for m in sent} >= {"ingest", "dp_train"} and len({(m.started_at, m.finished_at) for m in sent}) == 1
         assert all(m.duration_s == 0 and m.peak_rss_mib is None and m.started_at == m.finished_at for m in sent)
         assert kept["dp_train"].duration_s > 0  # the bank's own manifest keeps its times
+        # nor where the bank keeps its runs (a path names its machine's user, its projects)
+        home = str(federation["parties"][bank].resolve())
+        assert not [p for p in (federation["exchange"] / bank).rglob("*") if p.is_file() and home in p.read_text(errors="replace")]
+    assert not [p for p in server.rglob("*") if p.is_file() and any(str(federation["parties"][b].resolve()) in p.read_text(errors="replace") for b in BANKS)]
 
 
 def test_a_rerun_receives_nothing_new_and_a_tampered_release_is_refused(federation):

@@ -45,6 +45,12 @@ def task_seed(task: ClientTask, purpose: str) -> int:
     return int(sha256_text(f"{task.seed}:fedtune:{task.client_id}:{task.round}:{purpose}")[:15], 16)
 
 
+
+def as_sent(release: LedgerEntry) -> dict:
+    """A release's ledger entry as the server gets it: without the client's own paths (its own
+    ledger keeps them)."""
+    return release.model_copy(update={"run_dir": f"client:{release.client_id}"}).model_dump(mode="json")
+
 class LoraModel:
     """The base model with a LoRA adapter, loaded once per process and reused every round."""
 
@@ -256,7 +262,7 @@ class ClientRuntime:
             return ClientUpdate(task.client_id, encode_update(update, task.update_encoding), len(records), loss, control_delta, dp_steps)
         release = self._record_release(task, update, dp_steps, node)
         self._log(task, {"round": task.round, "examples": len(records), "mean_loss": loss, "dp_steps": dp_steps, "release_id": release.release_id})
-        return ClientUpdate(task.client_id, encode_update(update, task.update_encoding), None, None, None, dp_steps, release.model_dump(mode="json"))
+        return ClientUpdate(task.client_id, encode_update(update, task.update_encoding), None, None, None, dp_steps, as_sent(release))
 
     def _fit_client_level(self, task: ClientTask, params: Params, node: NodeSettings | None) -> ClientUpdate:
         """Client-level DP on private data: what the server can see must not depend on the client's
@@ -270,10 +276,10 @@ class ClientRuntime:
         release = self._record_release(task, None, task.training.steps, node)
         if not joins_round(task):
             self._log(task, {"round": task.round, "joined": False, "release_id": release.release_id})
-            return ClientUpdate(task.client_id, None, None, None, None, task.training.steps, release.model_dump(mode="json"))
+            return ClientUpdate(task.client_id, None, None, None, None, task.training.steps, as_sent(release))
         update, loss, _, dp_steps = self._train(task, params, records, None, None)
         self._log(task, {"round": task.round, "joined": True, "examples": len(records), "mean_loss": loss, "dp_steps": dp_steps, "release_id": release.release_id})
-        return ClientUpdate(task.client_id, encode_update(update, task.update_encoding), None, None, None, dp_steps, release.model_dump(mode="json"))
+        return ClientUpdate(task.client_id, encode_update(update, task.update_encoding), None, None, None, dp_steps, as_sent(release))
 
     def _records_to_train(self, task: ClientTask) -> list[InstructionRecord]:
         records = self.records(task)
