@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import importlib
 import json
+import os
 import shutil
 import sysconfig
 import time
@@ -279,9 +280,16 @@ def _now() -> str:
 
 
 def append_event(run_dir: Path, **event: object) -> None:
-    # One short line per write with O_APPEND: lines from a killed run are whole or absent.
-    with open(run_dir / EVENTS, "a", encoding="utf-8") as handle:
-        handle.write(canonical_json({"time": _now(), **event}) + "\n")
+    """One short line in one write with O_APPEND: a killed run's lines are whole or absent. A
+    line cut short by a full disk or a power loss is ended first, so it stays the only bad line
+    (`ksg status` skips it) instead of joining the next event."""
+    fd = os.open(run_dir / EVENTS, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        cut_short = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+        os.write(fd, (("\n" if cut_short else "") + canonical_json({"time": _now(), **event}) + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
 
 
 LOCK_ATTEMPTS = 10  # 0.1 s apart

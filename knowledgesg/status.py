@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from knowledgesg.client_key import existing_client_key
-from knowledgesg.fileio import read_jsonl
+from knowledgesg.errors import InputError
 from knowledgesg.manifest import read_manifest
 from knowledgesg.roles import Role, check_role
 from knowledgesg.runner import EVENTS, Chain, HashCache, reusable_manifest, run_in_progress, stage_fingerprint
@@ -32,10 +33,23 @@ def _last_events(run_dir: Path) -> tuple[dict[str, dict], str | None]:
     last: dict[str, dict] = {}
     newest = None
     if path.is_file():
-        for event in read_jsonl(path):
+        for event in readable_events(path):
             last[event["stage"]] = event
             newest = event
     return last, newest["stage"] if newest is not None and newest.get("status") == "started" else None
+
+
+def readable_events(path: Path) -> list[dict]:
+    """The run's events, but for lines cut short (a full disk, the power lost mid-append): the
+    event each began was never written. Events are a log for `ksg status`; nothing a run reuses
+    is computed from them."""
+    events = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short (append_event ends it before the next event)
+    return events
 
 
 def run_status(run_dir: Path, spec: PipelineSpec, base_dir: Path, stages: list[Stage], role: Role = Role()) -> list[StageState]:
@@ -60,7 +74,15 @@ def run_status(run_dir: Path, spec: PipelineSpec, base_dir: Path, stages: list[S
             continue
         # a stage that declares what it reads is judged by those stages alone, as `ksg run` judges it
         judged = current or (stage.reads is not None and all(name in chain.links for name in stage.reads))
-        fingerprint = stage_fingerprint(stage, spec, base_dir, chain.before(stage), hashes, key) if judged else None
+        try:
+            fingerprint = stage_fingerprint(stage, spec, base_dir, chain.before(stage), hashes, key) if judged else None
+        except InputError as err:  # an input gone since it ran (raw data deleted after training, say): a state, not a failure
+            if manifest is None:
+                states.append(StageState(stage.name, "pending", None, None, None, str(err)))
+            else:
+                states.append(StageState(stage.name, "stale", manifest.duration_s, manifest.record_count(), manifest.finished_at, str(err), manifest.peak_rss_mib))
+            current = False
+            continue
         reusable, status, problem = reusable_manifest(stage, stage_dir, fingerprint, key) if fingerprint else (None, "", "")
         if reusable is not None:
             state = "kept" if status == "kept" else ("cached" if last.get("status") == "cached" else "done")

@@ -278,3 +278,33 @@ def test_a_stage_that_runs_where_the_data_is_may_not_warn(tmp_path: Path):
         with pytest.raises(RuntimeError, match="only a server-side stage may warn"):
             ctx.warn("bank_a holds 3 records about Acme")
         assert ctx.warnings == []
+
+
+def test_status_and_reports_work_once_the_raw_data_is_deleted(workdir: Path, capsys):
+    """Deleting the private data after training is a privacy practice: `ksg status` and the
+    privacy report still answer (exit 0), the stage that read it shown stale with the reason.
+    They had exited 2 ("data file not found") from the fingerprint."""
+    train = {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48, "epochs": 0.2}}
+    spec = write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest", train]))
+    run_dir = workdir / "run"
+    _run(spec, run_dir)
+    (workdir / "data.jsonl").unlink()
+    states = _status(run_dir)
+    assert [s.state for s in states] == ["done", "stale", "stale"] and "data file not found" in states[1].detail
+    capsys.readouterr()
+    assert main(["status", str(run_dir)]) == 0
+    assert main(["privacy-report", str(run_dir)]) == 0
+
+
+def test_an_event_line_cut_short_is_skipped_and_the_next_event_kept(two_stage: Path, workdir: Path):
+    """A line cut short mid-append (a full disk, a power loss) made every later `ksg status` and
+    run report fail on it; and the next event, appended to the same line, was lost with it."""
+    run_dir = workdir / "run"
+    _run(two_stage, run_dir)
+    with open(run_dir / "events.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('{"stage": "ingest", "sta')
+    assert [s.state for s in _status(run_dir)] == ["done", "done"]
+    (run_dir / "stages/ingest/manifest.json").unlink()
+    append_event(run_dir, stage="ingest", status="started")
+    assert [s.state for s in _status(run_dir)] == ["done", "interrupted"]
+    assert main(["status", str(run_dir)]) == 0
