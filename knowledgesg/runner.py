@@ -400,6 +400,7 @@ class Runner:
             problem = unmakeable_directory(directory) if directory is not None else None
             if problem:
                 raise InputError(f"{flag} {directory}: {problem}")
+        self.refuse_another_partys_run_directory()
         self.preflight()  # before the run directory is created or touched
         created = not self.run_dir.exists()
         try:
@@ -419,6 +420,17 @@ class Runner:
             if created and not holds_work(self.run_dir):  # bad input: leave nothing behind that looks like a run
                 shutil.rmtree(self.run_dir, ignore_errors=True)
             raise
+
+    def refuse_another_partys_run_directory(self) -> None:
+        """A run directory holds one party's part. Run as another party (the server in a client's
+        directory, say), the stages that party receives would replace the ones made there: a
+        client's released adapter deleted, a new release needed to make it again."""
+        if not (self.run_dir / SPEC_COPY).is_file():
+            return
+        made_by = load_run_role(self.run_dir)
+        if (made_by.kind, made_by.client) != (self.role.kind, self.role.client):
+            raise InputError(f"--run-dir {self.run_dir}: made by the {made_by.label}, not the {self.role.label}; one run directory holds one "
+                             "party's part: give this one another --run-dir")
 
     def preflight(self) -> None:
         """The data checks of every stage that will run here (the ones after the last cached stage)."""

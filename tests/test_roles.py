@@ -272,6 +272,14 @@ def test_role_mistakes_are_one_line_errors(federation, tmp_path, capsys):
     write_jsonl(tmp_path / "data.jsonl", sentiment_rows(8))
     assert run_in(tmp_path, "run", str(pooled), "--role", "server", "--exchange", exchange) == 2
     assert "needs clients given as 'members'" in capsys.readouterr().err
+    # another party's run directory: the server's received stages would have replaced bank_a's own
+    bank_a = federation["parties"]["bank_a"]
+    adapter = (bank_a / "run/stages/dp_train/clients/bank_a/adapter/adapter_model.safetensors").read_bytes()
+    for role in (["--role", "server"], ["--role", "client", "--client", "bank_b"], []):
+        assert run_in(bank_a, "run", spec, "--run-dir", "run", *role, "--exchange", exchange) == 2
+        assert "one run directory holds one party's part" in capsys.readouterr().err
+    assert (bank_a / "run/stages/dp_train/clients/bank_a/adapter/adapter_model.safetensors").read_bytes() == adapter
+    assert json.loads((bank_a / "run/spec.json").read_text())["role"]["client"] == "bank_a"
 
 
 def test_the_server_drives_the_client_stages_over_flower(federation, tmp_path):
