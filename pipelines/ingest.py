@@ -127,6 +127,12 @@ def refuse_unmakeable_ledger_directory(spec: PipelineSpec, base_dir: Path) -> No
         raise InputError(f"{f'${LEDGER_ENV}' if from_env else 'privacy.ledger_dir'} {directory}: {problem}")
 
 
+def file_states(paths: list[Path]) -> dict[Path, tuple[int, int]]:
+    """Size and modification time of every file under `paths`: whether a file changed since."""
+    files = [f for path in paths for f in (sorted(path.rglob("*")) if path.is_dir() else [path])]
+    return {f: (f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()}
+
+
 class Ingest(Stage):
     name = "ingest"
     uses = ("clients", "audit")
@@ -135,6 +141,7 @@ class Ingest(Stage):
     def __init__(self, params) -> None:
         super().__init__(params)
         self._loaded: dict[str, list[Record]] | None = None  # from preflight, for run
+        self._loaded_from: dict[Path, tuple[int, int]] = {}  # each data file's size and mtime when preflight read it
 
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
         return sorted({source_path(source, base_dir) for source in spec.clients.sources()})
@@ -150,9 +157,13 @@ class Ingest(Stage):
             if spec.privacy.delta is not None:
                 check_delta(spec.privacy.delta, training_units(trained, spec.privacy.unit), spec.privacy.unit, client_id)
         self._loaded = clients
+        self._loaded_from = file_states(self.external_inputs(spec, base_dir))
 
     def run(self, ctx: StageContext) -> None:
-        clients = self._loaded if self._loaded is not None else client_records(ctx.spec, ctx.base_dir)
+        # the fingerprint hashed the files after preflight read them (prepare_models may take
+        # minutes between): records from files edited since would not be the ones it names
+        unchanged = self._loaded is not None and file_states(self.external_inputs(ctx.spec, ctx.base_dir)) == self._loaded_from
+        clients = self._loaded if unchanged else client_records(ctx.spec, ctx.base_dir)
         audit = ctx.spec.audit
         sizes = {}
         for client_id, records in clients.items():

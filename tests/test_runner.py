@@ -308,3 +308,21 @@ def test_an_event_line_cut_short_is_skipped_and_the_next_event_kept(two_stage: P
     append_event(run_dir, stage="ingest", status="started")
     assert [s.state for s in _status(run_dir)] == ["done", "interrupted"]
     assert main(["status", str(run_dir)]) == 0
+
+
+def test_data_edited_while_the_models_are_prepared_is_the_data_ingested(two_stage: Path, workdir: Path, monkeypatch):
+    """ingest's preflight reads the data before prepare_models (minutes, converting a model);
+    the fingerprint hashes the files after it. Records from before an edit in between would be
+    kept under the digest of the edited file, and every resume would take them as current."""
+    real = PrepareModels.run
+
+    def prepare_then_edit(self, ctx):
+        real(self, ctx)
+        with open(workdir / "data.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"id": "late", "instruction": "What is the sentiment?", "input": "A late row.", "response": "neutral"}) + "\n")
+
+    monkeypatch.setattr(PrepareModels, "run", prepare_then_edit)
+    before = len((workdir / "data.jsonl").read_text().splitlines())
+    _run(two_stage, workdir / "run")
+    ingested = sum(len(p.read_text().splitlines()) for p in (workdir / "run/stages/ingest/clients").glob("*/records.jsonl"))
+    assert ingested == before + 1
