@@ -74,9 +74,19 @@ class EvalOptions(BaseModel):
         return value
 
 
-def check_task_files(options: EvalOptions, base_dir: Path) -> None:
-    """Read every test file once before any model loads: a bad file is one line, and nothing ran."""
-    for task in [t for t in options.tasks if is_task_file(t)] + [f for files in options.private_tasks.values() for f in files]:
+def public_task_files(options: EvalOptions) -> list[str | DataSource]:
+    return [t for t in options.tasks if is_task_file(t)]
+
+
+def private_task_files(options: EvalOptions) -> list[str | DataSource]:
+    return [f for files in options.private_tasks.values() for f in files]
+
+
+def check_task_files(options: EvalOptions, base_dir: Path, files: list[str | DataSource] | None = None) -> None:
+    """Read every test file once before any model loads: a bad file is one line, and nothing ran.
+    `files`: only these (the `evaluate` stage reads the public ones on the server, and a client's
+    private test set only where that client's data is); None: every public and private one."""
+    for task in (public_task_files(options) + private_task_files(options)) if files is None else files:
         load_task(task, None, options.seed, base_dir)
 
 

@@ -96,7 +96,14 @@ def _read_marker(directory: Path) -> dict | None:
 
 def _weights_sha(directory: Path) -> str:
     files = sorted(directory.rglob("*.safetensors"))
-    return sha256_file(files[0]) if len(files) == 1 else ",".join(sha256_file(f) for f in files)
+    return _weights_sha_of(tuple((str(f), stat.st_size, stat.st_mtime_ns) for f in files for stat in [f.stat()]))
+
+
+@functools.lru_cache(maxsize=16)
+def _weights_sha_of(files: tuple[tuple[str, int, int], ...]) -> str:
+    """By (path, size, mtime) of each weights file: every stage of a run checks a local model
+    directory's weights when it reads models.json (`local_model`), and they are hashed once."""
+    return sha256_file(Path(files[0][0])) if len(files) == 1 else ",".join(sha256_file(Path(f)) for f, _, _ in files)
 
 
 def _build_cached(name: str, cache: Path, build: Callable[[Path], str]) -> Path:
@@ -256,25 +263,38 @@ def build_tiny_random_embedder(out: Path, seed: int = 0) -> str:
 TINY_EMBEDDER = "tiny-random-embedder"
 
 
-def check_model_name(name: str) -> str:
+def model_dir(name: str, base_dir: Path | None = None) -> Path:
+    """Where a model name lies if it is a local directory: `~` expanded, and a relative path taken
+    from `base_dir`, the spec's directory, as the spec's data paths are (the same model whatever
+    the working directory of `ksg`); None: the working directory (a name from no spec)."""
+    path = Path(name).expanduser()
+    return path if base_dir is None or path.is_absolute() else base_dir / path
+
+
+def check_model_name(name: str, base_dir: Path | None = None) -> str:
     """What `resolve_model` will make of a name, checked without building or converting anything:
-    "packaged", "tiny", "local" or "hub"; the same one-line error for a name it would refuse."""
+    "packaged", "tiny", "local" or "hub"; the same one-line error for a name it would refuse.
+    `base_dir`: the spec's directory (see `model_dir`)."""
     if name in (TINY, TINY_EMBEDDER):
         return "tiny"
     if name in REGISTRY:
         return "packaged"
-    if Path(name).expanduser().is_dir():
-        if not (Path(name).expanduser() / "config.json").is_file():
-            raise InputError(f"model '{name}': directory has no config.json (not a saved Hugging Face model)")
+    directory = model_dir(name, base_dir)
+    if directory.is_dir():
+        if not (directory / "config.json").is_file():
+            raise InputError(f"model '{name}': directory has no config.json (not a saved Hugging Face model): {directory}")
         return "local"
     if "/" in name and not name.startswith((".", "/", "~")):
         return "hub"
+    if name.startswith((".", "/", "~")):  # a path, not a name: say where it was looked for
+        raise InputError(f"model '{name}': no model directory at {directory}")
     known = ", ".join([*REGISTRY, TINY, TINY_EMBEDDER])
     raise InputError(f"model '{name}': not a registered name ({known}), a local model directory, or a Hugging Face id (owner/name)")
 
 
-def resolve_model(name: str, cache_dir: Path | None = None) -> ResolvedModel:
-    """Turn a model name from the spec into something transformers can load offline."""
+def resolve_model(name: str, cache_dir: Path | None = None, base_dir: Path | None = None) -> ResolvedModel:
+    """Turn a model name from the spec into something transformers can load offline; a local
+    directory is taken from `base_dir`, the spec's directory (see `model_dir`)."""
     cache = cache_root(cache_dir)
     if name == TINY:
         path = _build_cached(TINY, cache, build_tiny_random_llama)
@@ -286,8 +306,8 @@ def resolve_model(name: str, cache_dir: Path | None = None) -> ResolvedModel:
         entry = REGISTRY[name]
         builder = _convert_gguf if entry.kind == "causal-lm" else _copy_embedder
         path = _build_cached(name, cache, lambda out: builder(entry, out))
-    elif check_model_name(name) == "local":
-        path = Path(name).expanduser().resolve()
+    elif check_model_name(name, base_dir) == "local":
+        path = model_dir(name, base_dir).resolve()
         kind = "embedder" if (path / "modules.json").is_file() else "causal-lm"
         return ResolvedModel(name, str(path), kind, _weights_sha(path) or None, f"local directory {path}")
     else:  # a Hugging Face id (check_model_name refused anything else)
@@ -314,9 +334,22 @@ def model_entry(model: ResolvedModel, cache_dir: Path | None) -> dict:
 def local_model(entry: dict, cache_dir: Path | None) -> dict:
     """A models.json entry with its path on this machine: a model named inside the cache is found
     in this machine's cache (built there again, from its package, if the cache moved or was
-    cleared), and refused if its weights differ from the ones the run used."""
+    cleared), and refused if its weights differ from the ones the run used. A local directory is
+    recorded by its absolute path: refused if it is gone or holds other weights than the run used
+    (it was moved, or saved over, since prepare_models ran)."""
     if not entry["path"].startswith(IN_CACHE):
-        return entry  # a local directory, a Hugging Face id, or a run from before cache-relative paths
+        path = Path(entry["path"])
+        if not path.is_absolute():
+            return entry  # a Hugging Face id, loaded by name
+        # a local directory (or, in a run from before cache-relative paths, a cache entry)
+        if not (path / "config.json").is_file():
+            raise InputError(f"model '{entry['name']}': {path}, where this run found it (prepare_models' models.json), holds no saved model now: "
+                             "put the model back there, or start a new run")
+        recorded = entry.get("weights_sha256")  # None: the directory held no safetensors to hash
+        if recorded is not None and (found := _weights_sha(path)) != recorded:
+            raise InputError(f"model '{entry['name']}': {path} holds other weights ({found[:12]}) than the run used ({recorded[:12]}): "
+                             "put the run's weights back, or start a new run")
+        return entry
     model = resolve_model(entry["name"], cache_dir)
     if model.weights_sha256 != entry["weights_sha256"]:
         raise InputError(f"model '{entry['name']}' in the model cache {cache_root(cache_dir)} has other weights ({model.weights_sha256[:12]}) than the run used "
@@ -411,8 +444,9 @@ def load_causal_lm(model: ResolvedModel, device: str = "cpu", dtype: str = "floa
     return lm, tokenizer
 
 
-def source_files(name: str) -> list[Path]:
-    """The files a model name is built from (for fingerprints), without building anything."""
+def source_files(name: str, base_dir: Path | None = None) -> list[Path]:
+    """The files a model name is built from (for fingerprints), without building anything;
+    `base_dir`: the spec's directory (see `model_dir`)."""
     if name in REGISTRY:
         entry = REGISTRY[name]
         if name == "gemma-3-270m":
@@ -424,6 +458,6 @@ def source_files(name: str) -> list[Path]:
             except ModuleNotFoundError as err:
                 raise InputError(f"gemma-3-270m: a chunk package is missing ({err}): {entry.install}") from None
         return [entry.source(Path("."))]
-    if Path(name).expanduser().is_dir():
-        return [Path(name).expanduser().resolve()]
+    if model_dir(name, base_dir).is_dir():
+        return [model_dir(name, base_dir).resolve()]
     return []  # the tiny model is built by our code (covered by the code hash); hub ids by name

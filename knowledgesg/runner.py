@@ -148,10 +148,12 @@ def where_things_lie_left_out(section: str, settings: dict, left_out: dict[str, 
     return {**settings, **{name: None for name in left_out.get(section, ())}}
 
 
-def stage_fingerprint(stage: Stage, spec: PipelineSpec, base_dir: Path, previous: str, hashes: HashCache, key: bytes | None) -> Fingerprint:
-    """`key`: the client key, for a stage whose external inputs are private (None: not known yet)."""
+def stage_fingerprint(stage: Stage, spec: PipelineSpec, base_dir: Path, previous: str, hashes: HashCache, key: bytes | None, role: Role = Role()) -> Fingerprint:
+    """`key`: the client key, for a stage whose external inputs are private (None: not known yet);
+    `role`: the party fingerprinting it (the server of a split run takes no client-side input)."""
     inputs = {}
-    for path in stage.external_inputs(spec, base_dir):
+    client_side = stage.client_side_inputs(spec, base_dir) if role.kind != "server" else []
+    for path in [*stage.external_inputs(spec, base_dir), *client_side]:
         if not path.exists():  # the stage's own checks name it; the fingerprint only notes it
             inputs[input_name(path, base_dir)] = "(missing)"
             continue
@@ -470,7 +472,7 @@ class Runner:
                     return index
                 chain.add(stage, manifest)
                 continue
-            fingerprint = stage_fingerprint(stage, self.spec, self.base_dir, chain.before(stage), hashes, key)
+            fingerprint = stage_fingerprint(stage, self.spec, self.base_dir, chain.before(stage), hashes, key, self.role)
             if manifest is None or fingerprint.full != manifest.fingerprint and not (stage.releases() and fingerprint.same_content(manifest.content_fingerprint)):
                 return index
             chain.add(stage, manifest)
@@ -491,7 +493,7 @@ class Runner:
                 append_event(self.run_dir, stage=stage.name, status="received" if new else "cached")
                 chain.add(stage, manifest)
                 continue
-            fingerprint = stage_fingerprint(stage, self.spec, self.base_dir, chain.before(stage), hashes, key)
+            fingerprint = stage_fingerprint(stage, self.spec, self.base_dir, chain.before(stage), hashes, key, self.role)
             hashes.save()
             stage_dir = self.run_dir / "stages" / stage.name
             manifest, status, reason = reusable_manifest(stage, stage_dir, fingerprint, key)

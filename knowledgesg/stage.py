@@ -80,6 +80,12 @@ class Stage:
         """Files outside the run directory that this stage reads; their hashes join the fingerprint."""
         return []
 
+    def client_side_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
+        """External inputs only the clients hold (a client's private test set): in the
+        fingerprint wherever the clients' data is, never on the server of a split run, which
+        neither holds nor may read them."""
+        return []
+
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
         """Checks that need the data, run before the run directory is touched (raise InputError)."""
 

@@ -75,7 +75,7 @@ def run_status(run_dir: Path, spec: PipelineSpec, base_dir: Path, stages: list[S
         # a stage that declares what it reads is judged by those stages alone, as `ksg run` judges it
         judged = current or (stage.reads is not None and all(name in chain.links for name in stage.reads))
         try:
-            fingerprint = stage_fingerprint(stage, spec, base_dir, chain.before(stage), hashes, key) if judged else None
+            fingerprint = stage_fingerprint(stage, spec, base_dir, chain.before(stage), hashes, key, role) if judged else None
         except InputError as err:  # an input gone since it ran (raw data deleted after training, say): a state, not a failure
             if manifest is None:
                 states.append(StageState(stage.name, "pending", None, None, None, str(err)))

@@ -53,10 +53,11 @@ MODEL_NOTES = {"packaged": "packaged: installed", "tiny": "built from a config",
                "hub": "a Hugging Face id: not checked offline (loaded at run time)"}
 
 
-def model_notes(spec: PipelineSpec) -> list[tuple[str, str, str]]:
-    """(role, name, what was checked) for each model of the spec; a missing package is an error."""
+def model_notes(spec: PipelineSpec, base_dir: Path) -> list[tuple[str, str, str]]:
+    """(role, name, what was checked) for each model of the spec (a local directory taken from
+    `base_dir`, the spec's directory); a missing package is an error."""
     notes = []
-    for role, kind in model_kinds(spec).items():
+    for role, kind in model_kinds(spec, base_dir).items():
         name = getattr(spec.models, role)
         if kind == "packaged":
             source_files(name)  # raises, naming the pip line, when a package is missing
@@ -68,7 +69,7 @@ def check_pipeline(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_
     for stage in stages:
         stage.preflight(spec, base_dir)
         stage.preflight_private(spec, base_dir)
-    notes = model_notes(spec)
+    notes = model_notes(spec, base_dir)
     if not any(isinstance(s, Ingest) for s in stages):
         return notes, []
     return notes, plan_privacy(spec, base_dir, releases_to_come(stages, run_dir), run_dir)

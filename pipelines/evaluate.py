@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval.benchmarks import is_task_file, task_source
-from eval.evaluate import EvalOptions, check_ready, check_task_files, evaluate_private, evaluate_run, fidelity_run
+from eval.benchmarks import task_source
+from eval.evaluate import (EvalOptions, check_ready, check_task_files, evaluate_private, evaluate_run, fidelity_run, private_task_files,
+                           public_task_files)
 from knowledgesg.console import console
 from knowledgesg.errors import InputError
 from knowledgesg.loaders import source_path
@@ -25,7 +26,9 @@ from pipelines.ingest import client_ids
 class Evaluate(Stage):
     name = "evaluate"
     Params = EvalOptions
-    private_inputs = True  # a client's private test set is among them: keyed digests only
+    # keyed digests of its external inputs (the user's own test files, a client's private test
+    # set), so a manifest cannot confirm a guess of them
+    private_inputs = True
 
     def requires(self) -> tuple[str, ...]:
         return ("prepare_models", "ingest")
@@ -34,22 +37,29 @@ class Evaluate(Stage):
         return "server"  # public benchmarks; a client's private test set and fidelity stay on its side
 
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
-        options: EvalOptions = self.params
-        files = [t for t in options.tasks if is_task_file(t)] + [f for files in options.private_tasks.values() for f in files]
-        return [source_path(task_source(f), base_dir) for f in files]
+        return [source_path(task_source(f), base_dir) for f in public_task_files(self.params)]
+
+    def client_side_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
+        return [source_path(task_source(f), base_dir) for f in private_task_files(self.params)]
 
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
-        for path in self.external_inputs(spec, base_dir):
-            if not path.exists():
-                raise InputError(f"{path}: test set not found (evaluate: tasks or private_tasks)")
-        check_task_files(self.params, base_dir)
-        if "professional" in self.params.models and spec.models.professional is None:
+        """What every party that runs the stage can check (the server of a split run included):
+        the public test files and the spec; a private test set is preflight_private's."""
+        options: EvalOptions = self.params
+        check_task_files(options, base_dir, public_task_files(options))
+        if "professional" in options.models and spec.models.professional is None:
             raise InputError("evaluate: models lists 'professional' but the spec names no models.professional")
-        if self.params.private_tasks:  # before the run starts, not after every public benchmark was scored
-            clients = client_ids(spec, base_dir)
-            unknown = [c for c in self.params.private_tasks if c not in clients]
+        if options.private_tasks:  # before the run starts, not after every public benchmark was scored
+            clients = client_ids(spec, base_dir)  # with members (any split run), the spec's names alone
+            unknown = [c for c in options.private_tasks if c not in clients]
             if unknown:
                 raise InputError(f"evaluate params.private_tasks: no client '{unknown[0]}' in the spec (clients: {', '.join(clients)})")
+
+    def preflight_private(self, spec: PipelineSpec, base_dir: Path) -> None:
+        """Each client's private test set, read where the clients' data is (the simulation, `ksg
+        check`), never by the server of a split run: it does not hold them, and must not read them."""
+        options: EvalOptions = self.params
+        check_task_files(options, base_dir, private_task_files(options))
 
     def run(self, ctx: StageContext) -> None:
         options: EvalOptions = self.params

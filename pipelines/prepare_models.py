@@ -23,12 +23,13 @@ def named_models(spec: PipelineSpec) -> dict[str, str]:
     return {role: getattr(spec.models, role) for role in ROLES if getattr(spec.models, role)}
 
 
-def model_kinds(spec: PipelineSpec) -> dict[str, str]:
-    """Each named model's kind (`check_model_name`), a name it would refuse naming its spec key."""
+def model_kinds(spec: PipelineSpec, base_dir: Path) -> dict[str, str]:
+    """Each named model's kind (`check_model_name`, a local directory taken from `base_dir`, the
+    spec's directory), a name it would refuse naming its spec key."""
     kinds = {}
     for role, name in named_models(spec).items():
         try:
-            kinds[role] = check_model_name(name)
+            kinds[role] = check_model_name(name, base_dir)
         except InputError as err:
             raise InputError(f"models.{role}: {err}") from None
     return kinds
@@ -42,10 +43,10 @@ class PrepareModels(Stage):
         return "both"  # every party resolves the same models (their hashes are in models.json)
 
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
-        return [file for name in named_models(spec).values() for file in source_files(name)]
+        return [file for name in named_models(spec).values() for file in source_files(name, base_dir)]
 
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
-        if not {"packaged", "tiny"} & set(model_kinds(spec).values()):
+        if not {"packaged", "tiny"} & set(model_kinds(spec, base_dir).values()):
             return  # local directories and Hugging Face ids are read where they are, not from the cache
         root = cache_root(spec.models.cache_dir)
         problem = unmakeable_directory(root)
@@ -54,4 +55,4 @@ class PrepareModels(Stage):
 
     def run(self, ctx: StageContext) -> None:
         cache_dir = ctx.spec.models.cache_dir
-        ctx.write_json("models.json", {role: model_entry(resolve_model(name, cache_dir), cache_dir) for role, name in named_models(ctx.spec).items()})
+        ctx.write_json("models.json", {role: model_entry(resolve_model(name, cache_dir, ctx.base_dir), cache_dir) for role, name in named_models(ctx.spec).items()})
