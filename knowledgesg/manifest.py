@@ -46,6 +46,9 @@ class Manifest(BaseModel):
     code_sha256: str
     fingerprint: str
     content_fingerprint: str | None = None  # the fingerprint without the code version
+    # a release kept across a change of how the fingerprint is taken: its content as the code now
+    # takes it (runner.Fingerprint.earlier_content), so later changes are judged against that
+    content_now: str | None = None
     params: dict[str, Any]
     seed: int
     inputs: dict[str, str]  # external input file -> sha256

@@ -113,6 +113,10 @@ class Fingerprint:
     def same_content(self, content: str | None) -> bool:
         return content is not None and (content == self.content or content in self.earlier_content)
 
+    def same_release(self, manifest: Manifest) -> bool:
+        """Whether a finished stage's manifest has this content, taken now or the earlier way."""
+        return self.same_content(manifest.content_fingerprint) or manifest.content_now == self.content
+
 
 PACKAGE_ROOT = Path(__file__).resolve().parent  # the built-in data sets are files under it
 # where installed packages lie (a packaged model's GGUF file is one of them)
@@ -189,7 +193,7 @@ def reusable_manifest(stage: Stage, stage_dir: Path, fingerprint: Fingerprint, k
         return None, "", ""
     if manifest.fingerprint == fingerprint.full:
         status = "cached"
-    elif stage.releases() and fingerprint.same_content(manifest.content_fingerprint):
+    elif stage.releases() and fingerprint.same_release(manifest):
         status = "kept"
     else:
         return None, "", "inputs, parameters or code changed since it last ran"
@@ -197,6 +201,15 @@ def reusable_manifest(stage: Stage, stage_dir: Path, fingerprint: Fingerprint, k
     if problem:
         return None, "", problem
     return manifest, status, ""
+
+
+def remember_content_now(stage_dir: Path, manifest: Manifest, fingerprint: Fingerprint) -> None:
+    """A release kept because its content matched as the earlier code took it: the manifest keeps
+    its content as taken now, so a later change this code leaves out of fingerprints (a tightened
+    cap, say) still finds the same release. Its own content fingerprint stays: the stages after
+    it are chained to that."""
+    if fingerprint.content not in (manifest.content_fingerprint, manifest.content_now):
+        write_manifest(stage_dir, manifest.model_copy(update={"content_now": fingerprint.content}))
 
 
 def refuse_a_silent_new_release(stage: Stage, stage_dir: Path, reason: str) -> None:
@@ -212,13 +225,27 @@ def refuse_a_silent_new_release(stage: Stage, stage_dir: Path, reason: str) -> N
 
 
 def finished_units(stage_dir: Path) -> list[str]:
-    """The units (one client's DP release, say) a stage without a manifest finished before it
-    stopped: each is in its client's ledger already."""
-    return sorted(p.stem for p in (stage_dir / "units").glob("*.json"))
+    """The clients a stage without a manifest released for before it stopped (its units: one
+    client's DP adapter, one client's label histogram): each release is in the client's ledger."""
+    return sorted({p.stem for p in (stage_dir / "units").rglob("*.json")})
 
 
 def started_with_text(fingerprint: Fingerprint) -> str:
     return json.dumps({"full": fingerprint.full, "content": fingerprint.content})
+
+
+def started_with(stage_dir: Path) -> dict:
+    """The fingerprints a stage directory was started with: {"full", "content"}; only "full" in
+    one started by code from before the content was kept beside it; {} if none."""
+    path = stage_dir / STARTED_WITH
+    if not path.is_file():
+        return {}
+    text = path.read_text()
+    try:
+        started = json.loads(text)
+    except json.JSONDecodeError:
+        started = None
+    return started if isinstance(started, dict) else {"full": text}
 
 
 def resumes(stage: Stage, stage_dir: Path, fingerprint: Fingerprint) -> bool:
@@ -226,28 +253,28 @@ def resumes(stage: Stage, stage_dir: Path, fingerprint: Fingerprint) -> bool:
     was started with the same fingerprint, or, for a stage that releases, the same content (only
     the code changed, as a finished release is kept: its units were released already, and
     running them again would spend budget on new releases)."""
-    path = stage_dir / STARTED_WITH
-    if not path.is_file() or (stage_dir / MANIFEST).exists():
+    if (stage_dir / MANIFEST).exists():
         return False
-    text = path.read_text()
-    try:
-        started = json.loads(text)
-    except json.JSONDecodeError:
-        started = None
-    if not isinstance(started, dict):
-        started = {"full": text}  # written before the content fingerprint was kept beside it
-    return started.get("full") == fingerprint.full or (stage.releases() and fingerprint.same_content(started.get("content")))
+    started = started_with(stage_dir)
+    return bool(started) and (started.get("full") == fingerprint.full or (stage.releases() and fingerprint.same_content(started.get("content"))))
 
 
-def refuse_dropping_partial_releases(stage: Stage, stage_dir: Path) -> None:
-    """A stage that releases and stopped part way, with inputs or parameters changed since, is not
-    started over unasked: its finished units are releases counted in the clients' ledgers, and
-    starting over would drop them and release again."""
-    units = finished_units(stage_dir) if stage.releases() and not (stage_dir / MANIFEST).exists() else []
-    if units:
-        raise InputError(f"{stage.name}: stopped part way after releasing for {', '.join(units)}, and its inputs or parameters changed since; starting it "
-                         f"over is a new release that spends privacy budget again. To make it, remove {stage_dir} (its ledger entries stay counted); "
-                         "to resume the release, restore what changed")
+def partial_release_problem(stage: Stage, stage_dir: Path, fingerprint: Fingerprint) -> str | None:
+    """Why a release stage that stopped part way cannot be resumed as it is (None if it can, or
+    if it released nothing): starting it over would drop releases counted in the clients'
+    ledgers and make them again."""
+    if not stage.releases() or (stage_dir / MANIFEST).exists() or resumes(stage, stage_dir, fingerprint):
+        return None
+    clients = finished_units(stage_dir)
+    if not clients:
+        return None
+    if "content" not in started_with(stage_dir):
+        why = "it was started by an earlier version of ksg, which kept too little to tell whether only the code changed since: finish it with that version"
+    else:
+        why = ("its parameters, its inputs or an earlier stage's outputs changed since (what changed need not be your choice: an upgrade may change "
+               "an earlier stage's outputs), so it cannot resume")
+    return (f"stopped part way after releasing for {', '.join(clients)}; {why}. Starting it over is a new release that spends privacy budget "
+            f"again: to make it, remove {stage_dir} (its ledger entries stay counted)")
 
 
 def chain_after(manifest: Manifest) -> str:
@@ -402,7 +429,6 @@ class Runner:
             problem = unmakeable_directory(directory) if directory is not None else None
             if problem:
                 raise InputError(f"{flag} {directory}: {problem}")
-        self.refuse_another_partys_run_directory()
         self.preflight()  # before the run directory is created or touched
         created = not self.run_dir.exists()
         try:
@@ -435,7 +461,10 @@ class Runner:
                              "party's part: give this one another --run-dir")
 
     def preflight(self) -> None:
-        """The data checks of every stage that will run here (the ones after the last cached stage)."""
+        """The data checks of every stage that will run here (the ones after the last cached stage).
+        First, that the run directory is this party's: the CLI calls this before a Flower server
+        asks the nodes to run their stages."""
+        self.refuse_another_partys_run_directory()
         for stage in self.stages[self._cached_prefix():]:
             if not self.role.receives(stage):
                 stage.preflight(self.spec, self.base_dir)
@@ -473,7 +502,7 @@ class Runner:
                 chain.add(stage, manifest)
                 continue
             fingerprint = stage_fingerprint(stage, self.spec, self.base_dir, chain.before(stage), hashes, key, self.role)
-            if manifest is None or fingerprint.full != manifest.fingerprint and not (stage.releases() and fingerprint.same_content(manifest.content_fingerprint)):
+            if manifest is None or fingerprint.full != manifest.fingerprint and not (stage.releases() and fingerprint.same_release(manifest)):
                 return index
             chain.add(stage, manifest)
         return len(self.stages)
@@ -499,6 +528,7 @@ class Runner:
             manifest, status, reason = reusable_manifest(stage, stage_dir, fingerprint, key)
             if manifest is not None:
                 if status == "kept":
+                    remember_content_now(stage_dir, manifest, fingerprint)
                     console.print(f"[cyan]{stage.name}[/]: the code changed since it ran; its privacy release is kept (running it again would spend budget "
                                   f"on a new release: remove {stage_dir} to do so)")
                 outcomes.append(StageOutcome(stage.name, status, manifest.duration_s, manifest.record_count(), peak_rss_mib=manifest.peak_rss_mib, warnings=manifest.warnings))
@@ -514,8 +544,9 @@ class Runner:
 
     def _execute(self, stage: Stage, stage_dir: Path, fingerprint: Fingerprint, key: bytes) -> Manifest:
         resumable = resumes(stage, stage_dir, fingerprint)
-        if not resumable:
-            refuse_dropping_partial_releases(stage, stage_dir)
+        problem = partial_release_problem(stage, stage_dir, fingerprint)
+        if problem:
+            raise InputError(f"{stage.name}: {problem}")
         # a stale stage is set aside, not deleted, until its rerun succeeds: a rerun refused (say,
         # by the privacy budget cap) leaves the earlier, complete outputs as they were
         previous = stage_dir.with_name(f".{stage.name}.previous.tmp")

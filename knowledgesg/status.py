@@ -10,7 +10,7 @@ from knowledgesg.client_key import existing_client_key
 from knowledgesg.errors import InputError
 from knowledgesg.manifest import read_manifest
 from knowledgesg.roles import Role, check_role
-from knowledgesg.runner import EVENTS, Chain, HashCache, reusable_manifest, run_in_progress, stage_fingerprint
+from knowledgesg.runner import EVENTS, Chain, HashCache, partial_release_problem, reusable_manifest, run_in_progress, stage_fingerprint
 from knowledgesg.spec import PipelineSpec
 from knowledgesg.stage import Stage
 
@@ -94,7 +94,7 @@ def run_status(run_dir: Path, spec: PipelineSpec, base_dir: Path, stages: list[S
             states.append(StageState(stage.name, "stale", manifest.duration_s, manifest.record_count(), manifest.finished_at, problem, manifest.peak_rss_mib))
             current = False
             continue
-        if manifest is not None and fingerprint is not None and fingerprint.same_content(manifest.content_fingerprint):
+        if manifest is not None and fingerprint is not None and fingerprint.same_release(manifest):
             # only the code changed: `ksg run` reruns it, and if its outputs come out the same the
             # stages after it are judged as before, so the chain goes on
             states.append(StageState(stage.name, "stale", manifest.duration_s, manifest.record_count(), manifest.finished_at,
@@ -102,7 +102,10 @@ def run_status(run_dir: Path, spec: PipelineSpec, base_dir: Path, stages: list[S
             chain.add(stage, manifest)
             continue
         current = False  # nothing after an incomplete stage can be current
-        if last.get("status") == "failed":
+        blocked = partial_release_problem(stage, stage_dir, fingerprint) if fingerprint is not None and stage.name != running else None
+        if blocked:  # `ksg run` stops before this stage: say why, whatever its last event was
+            states.append(StageState(stage.name, "stale", None, None, last.get("time"), f"`ksg run` stops here: {blocked}"))
+        elif last.get("status") == "failed":
             states.append(StageState(stage.name, "failed", None, None, last.get("time"), last.get("message", "")))
         elif manifest is not None:
             detail = "spec, inputs or code changed since it ran" + ("; `ksg run` keeps its release if only code changed, else stops before a new one (remove its directory to make it)"

@@ -22,7 +22,7 @@ from pipelines.dp_train import DPTrain
 from pipelines.fedtune import Fedtune
 from pipelines.ingest import Ingest, client_records, planning_records, training_records
 from pipelines.prepare_models import model_kinds
-from pipelines.synthesize import Synthesize
+from pipelines.synthesize import Synthesize, histogram_unit
 from privacy.accounting import default_delta
 from privacy.ledger import ClientLedger, LedgerEntry, check_budget, client_delta, compose, data_key, ledger_directory, unit_digests
 from privacy.units import UNIT_NAMES
@@ -100,7 +100,7 @@ def plan_privacy(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_di
             if not unit_done(run_dir, train.name, client_id):  # one released before a crash is in its ledger, reused
                 planned.append(plan.mechanism())
             check_budget(before, client_id, [], plan.delta, None, train.name, plan.units.kind)  # releases at another privacy unit: refused, as the run would
-        if synthesize is not None:
+        if synthesize is not None and not unit_done(run_dir, synthesize.name, histogram_unit(client_id)):  # as dp_train's above
             planned.append(synthesize.histogram_mechanism())
         # the delta the stages compose at: dp_train's, else the latest release's (the DP adapter's), else the spec's
         delta = plan.delta if plan else client_delta(before) if before else (spec.privacy.delta or default_delta(len(trained)))

@@ -148,6 +148,7 @@ class Ingest(Stage):
 
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
         refuse_unmakeable_ledger_directory(spec, base_dir)
+        self._loaded_from = file_states(self.external_inputs(spec, base_dir))  # before reading: an edit while it reads shows as a change
         clients = client_records(spec, base_dir)
         audit = spec.audit
         if audit.canaries is not None and audit.canaries.client not in clients:
@@ -157,7 +158,6 @@ class Ingest(Stage):
             if spec.privacy.delta is not None:
                 check_delta(spec.privacy.delta, training_units(trained, spec.privacy.unit), spec.privacy.unit, client_id)
         self._loaded = clients
-        self._loaded_from = file_states(self.external_inputs(spec, base_dir))
 
     def run(self, ctx: StageContext) -> None:
         # the fingerprint hashed the files after preflight read them (prepare_models may take

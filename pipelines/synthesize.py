@@ -119,7 +119,7 @@ class Passes:
 
 
 def histogram_unit(client_id: str) -> str:
-    return f"{client_id}.label_histogram"
+    return f"label_histogram/{client_id}"  # a unit file per client, as dp_train's are: units/label_histogram/<client>.json
 
 
 class Synthesize(Stage):

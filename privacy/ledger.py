@@ -47,6 +47,7 @@ from knowledgesg.manifest import read_manifest
 from privacy.accounting import Epsilons, Mechanism, epsilon_pld, epsilon_prv_or_none, epsilon_rdp
 
 LEDGER = "ledger.json"
+LEDGER_LOCK = ".lock"  # in a ledger directory: held while a release is checked against the cap and entered
 LEDGER_ENV = "KSG_LEDGER_DIR"
 
 NoiseUsed = Literal["os_entropy", "reproducible", "none"]
@@ -224,21 +225,26 @@ class ClientLedger:
         return entries
 
     def append(self, entry: LedgerEntry, check: Callable[[list[LedgerEntry]], None] | None = None) -> None:
-        """One line in one write, under an exclusive lock, fsynced before returning. `check` sees
-        the ledger's entries as they are under that lock, and refuses the entry by raising: two
-        runs releasing from the same data at once each checked the cap when they started, and
+        """One line in one write, fsynced before returning, under an exclusive lock of the whole
+        ledger directory. `check` sees the entries as they are under that lock (this data's and
+        the client's other versions of it) and refuses the entry by raising: two runs releasing
+        from the same person's records at once each checked the cap when they started, and
         without this both would be entered, past it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = (entry.model_dump_json() + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        lock = os.open(self.path.parent / LEDGER_LOCK, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(lock, fcntl.LOCK_EX)
             if check is not None:
                 check(self.entries())
-            os.write(fd, line)
-            os.fsync(fd)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
+            os.close(lock)  # releases the lock
 
 
 def _keyed(secret: bytes, digests: Iterable[str]) -> set[str]:

@@ -15,9 +15,11 @@ import pytest
 import knowledgesg.runner as runner
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import sha256_file
+from knowledgesg.status import run_status
+from pipelines import load_pipeline
 from pipelines.dp_train import DPTrain
 from privacy.accounting import epsilons
-from privacy.ledger import TRUST_CLIENT_NOISE, LedgerEntry, new_release_id, now
+from privacy.ledger import TRUST_CLIENT_NOISE, LedgerEntry, compose, new_release_id, now
 from pipelines.synthesize import Synthesize
 from tests.conftest import run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
 from tests.test_synthesize import SYNTH
@@ -77,6 +79,21 @@ def test_a_code_upgrade_resumes_a_partial_release_and_keeps_what_it_released(sto
     assert sha256_file(workdir / ADAPTER) == adapter
 
 
+def test_a_partial_release_started_by_older_code_says_so(stopped_after_client_0: Path, monkeypatch, capsys):
+    """A stage directory started by code that kept only the full fingerprint (plain text): after an
+    upgrade nothing tells whether only the code changed, and nothing the user changed can be
+    restored, so the message says what it is and what to do."""
+    workdir = stopped_after_client_0
+    started = workdir / "run/stages/dp_train/.started_with"
+    started.write_text(json.loads(started.read_text())["full"])
+    monkeypatch.setattr(runner, "code_sha256", lambda: "a newer version of the code")
+    capsys.readouterr()
+    assert run(workdir, ["prepare_models", "ingest", TRAIN]) == 2
+    err = capsys.readouterr().err
+    assert "stopped part way after releasing for client_0; it was started by an earlier version of ksg" in err, err
+    assert releases(workdir) == {"client_0": 1} and (workdir / ADAPTER).is_file()
+
+
 def test_a_partial_release_with_changed_parameters_is_not_started_over_unasked(stopped_after_client_0: Path, capsys):
     workdir = stopped_after_client_0
     adapter = sha256_file(workdir / ADAPTER)
@@ -84,9 +101,14 @@ def test_a_partial_release_with_changed_parameters_is_not_started_over_unasked(s
     capsys.readouterr()
     assert run(workdir, ["prepare_models", "ingest", changed]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert re.search(r"ksg: error: dp_train: stopped part way after releasing for client_0, and its inputs or parameters changed since; .* "
-                     r"To make it, remove .*stages/dp_train", err), err
+    assert re.search(r"ksg: error: dp_train: stopped part way after releasing for client_0; its parameters, its inputs or an earlier stage's "
+                     r"outputs changed since .* to make it, remove .*stages/dp_train", err), err
     assert sha256_file(workdir / ADAPTER) == adapter and releases(workdir) == {"client_0": 1}
+    # `ksg status` says so too (it had said the interrupted stage would resume)
+    write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest", changed], privacy=PRIVACY))
+    spec, base_dir, stages = load_pipeline(workdir / "spec.yaml")
+    state = next(s for s in run_status(workdir / "run", spec, base_dir, stages) if s.name == "dp_train")
+    assert state.state == "stale" and "`ksg run` stops here: stopped part way after releasing for client_0" in state.detail
     # with the parameters restored, the release resumes
     assert run(workdir, ["prepare_models", "ingest", TRAIN]) == 0
     assert releases(workdir) == {"client_0": 1, "client_1": 1} and sha256_file(workdir / ADAPTER) == adapter
@@ -120,7 +142,14 @@ def test_a_label_histogram_is_released_once_across_a_crash(tmp_path: Path, monke
             run(tmp_path, stages, privacy)
     counts = (tmp_path / "run/stages/synthesize/clients/client_0/label_histogram.json").read_text()
     assert releases(tmp_path, "dp_label_histogram") == {"client_0": 1}
-    assert run(tmp_path, stages, privacy) == 0
+    # a cap that holds the adapter and one histogram, not two: the resume's plan must not count
+    # client_0's histogram again on top of its ledger entry (the cap is in no fingerprint)
+    entries = [LedgerEntry.model_validate_json(line) for p in (tmp_path / "run/ledger").glob("*.jsonl") for line in p.read_text().splitlines()]
+    spent = [e.effective_mechanism() for e in entries if e.client_id == "client_0"]
+    histogram = next(e.mechanism for e in entries if e.release == "dp_label_histogram")
+    delta = entries[0].delta
+    cap = (compose(spent, delta).reported + compose(spent + [histogram], delta).reported) / 2
+    assert run(tmp_path, stages, dict(privacy, cap_epsilon=cap)) == 0
     assert releases(tmp_path, "dp_label_histogram") == {"client_0": 1, "client_1": 1}
     assert (tmp_path / "run/stages/synthesize/clients/client_0/label_histogram.json").read_text() == counts
 
@@ -153,6 +182,9 @@ def test_a_release_made_before_the_cap_left_the_fingerprint_is_kept(tmp_path: Pa
         assert run(tmp_path, stages) == 0
     capsys.readouterr()
     assert run(tmp_path, stages) == 0
+    assert re.search(r"dp_train\s+│ kept", capsys.readouterr().err)
+    # and stays the same release when the cap is tightened after (its earlier content held the cap)
+    assert run(tmp_path, stages, dict(PRIVACY, cap_epsilon=3.4)) == 0
     assert re.search(r"dp_train\s+│ kept", capsys.readouterr().err)
     assert releases(tmp_path) == {"client_0": 1, "client_1": 1}
 

@@ -45,11 +45,11 @@ def task_seed(task: ClientTask, purpose: str) -> int:
     return int(sha256_text(f"{task.seed}:fedtune:{task.client_id}:{task.round}:{purpose}")[:15], 16)
 
 
-
 def as_sent(release: LedgerEntry) -> dict:
     """A release's ledger entry as the server gets it: without the client's own paths (its own
     ledger keeps them)."""
     return release.model_copy(update={"run_dir": f"client:{release.client_id}"}).model_dump(mode="json")
+
 
 class LoraModel:
     """The base model with a LoRA adapter, loaded once per process and reused every round."""
