@@ -78,6 +78,7 @@ def write_dir(target: Path, build: Callable[[Path], None], before_publish: Calla
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         build(tmp)
+        fsync_tree(tmp)  # on disk before a ledger entry or a unit marker vouches for it
         if before_publish is not None:
             before_publish(tmp)
     except BaseException:
@@ -86,6 +87,24 @@ def write_dir(target: Path, build: Callable[[Path], None], before_publish: Calla
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
+    fsync_path(target.parent)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(directory: Path) -> None:
+    """Every file under `directory`, and the directories holding them, flushed to disk."""
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            fsync_path(path)
+    for path in sorted({p.parent for p in directory.rglob("*")} | {directory}):
+        fsync_path(path)
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -326,3 +326,31 @@ def test_data_edited_while_the_models_are_prepared_is_the_data_ingested(two_stag
     _run(two_stage, workdir / "run")
     ingested = sum(len(p.read_text().splitlines()) for p in (workdir / "run/stages/ingest/clients").glob("*/records.jsonl"))
     assert ingested == before + 1
+
+
+def test_a_directory_written_whole_is_on_disk_before_anything_vouches_for_it(tmp_path: Path, monkeypatch):
+    """write_dir's files are flushed before `before_publish` runs (dp_train enters the release in
+    the ledger there) and before the rename: a power loss must not leave a ledger entry or a
+    unit marker for an adapter whose bytes never reached the disk."""
+    import os
+
+    from knowledgesg import fileio
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def build(directory: Path) -> None:
+        (directory / "weights.bin").write_bytes(b"w" * 10)
+        (directory / "nested").mkdir()
+        (directory / "nested/config.json").write_text("{}")
+
+    def before_publish(directory: Path) -> None:
+        assert {Path(p).name for p in synced} >= {"weights.bin", "config.json", "nested", directory.name}
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    fileio.write_dir(tmp_path / "adapter", build, before_publish)
+    assert (tmp_path / "adapter/nested/config.json").is_file() and str(tmp_path) in synced
