@@ -99,12 +99,14 @@ def fsync_path(path: Path) -> None:
 
 
 def fsync_tree(directory: Path) -> None:
-    """Every file under `directory`, and the directories holding them, flushed to disk."""
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            fsync_path(path)
-    for path in sorted({p.parent for p in directory.rglob("*")} | {directory}):
+    """Every file and directory under `directory`, and `directory` itself, flushed to disk."""
+    for path in [*sorted(directory.rglob("*")), directory]:
         fsync_path(path)
+
+
+def files_under(path: Path) -> list[Path]:
+    """The files of a directory, recursively and sorted; a file path is itself."""
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
 
 
 def write_text(path: str | Path, text: str) -> None:

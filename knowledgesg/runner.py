@@ -30,7 +30,7 @@ from knowledgesg.client_key import client_key, existing_client_key
 from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.exchange import export_releases, receive_ledgers, receive_stage
-from knowledgesg.fileio import canonical_json, hmac_file, hmac_text, read_json, sha256_file, sha256_text, unmakeable_directory, write_json, write_text
+from knowledgesg.fileio import canonical_json, files_under, hmac_file, hmac_text, read_json, sha256_file, sha256_text, unmakeable_directory, write_json, write_text
 from knowledgesg.manifest import MANIFEST, Manifest, output_entry, read_manifest, verify_outputs, write_manifest
 from knowledgesg.memory import PeakMemory, release_freed_memory
 from knowledgesg.models import read_models
@@ -97,10 +97,6 @@ class HashCache:
             self.dirty = False
 
 
-def _files_under(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-
-
 @dataclass(frozen=True)
 class Fingerprint:
     full: str  # everything that shapes the stage's outputs, the code version included
@@ -161,7 +157,7 @@ def stage_fingerprint(stage: Stage, spec: PipelineSpec, base_dir: Path, previous
         if not path.exists():  # the stage's own checks name it; the fingerprint only notes it
             inputs[input_name(path, base_dir)] = "(missing)"
             continue
-        for file in _files_under(path):
+        for file in files_under(path):
             if stage.private_inputs and key is None:
                 inputs[input_name(file, base_dir)] = "(private, not keyed yet)"
             else:

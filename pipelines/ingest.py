@@ -26,7 +26,7 @@ from rich.table import Table
 from eval.canaries import canaries_json, make_canaries, planted_records
 from knowledgesg.console import console, track
 from knowledgesg.errors import InputError, SpecError
-from knowledgesg.fileio import unmakeable_directory
+from knowledgesg.fileio import files_under, unmakeable_directory
 from knowledgesg.loaders import load_source, source_name_of, source_path
 from knowledgesg.partition import partition
 from knowledgesg.records import InstructionRecord, Record
@@ -129,8 +129,7 @@ def refuse_unmakeable_ledger_directory(spec: PipelineSpec, base_dir: Path) -> No
 
 def file_states(paths: list[Path]) -> dict[Path, tuple[int, int]]:
     """Size and modification time of every file under `paths`: whether a file changed since."""
-    files = [f for path in paths for f in (sorted(path.rglob("*")) if path.is_dir() else [path])]
-    return {f: (f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()}
+    return {f: (stat.st_size, stat.st_mtime_ns) for path in paths for f in files_under(path) if f.is_file() for stat in [f.stat()]}
 
 
 class Ingest(Stage):
