@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from eval import metrics
 from eval.canaries import Canary, random_secret, rare_words, read_canaries, secret_budget_tokens, space_log2, space_size
@@ -52,7 +52,7 @@ from knowledgesg.prompts import Seed, user_message, user_turn_prefix
 from knowledgesg.records import InstructionRecord
 from knowledgesg.runner import load_run_spec, run_models
 from knowledgesg.scoring import continuation_logprobs, pad_id, prefixed_logprobs, token_statistics
-from knowledgesg.spec import CanarySpec, CanaryTemplate, PipelineSpec
+from knowledgesg.spec import CanarySpec, CanaryTemplate, PipelineSpec, StrictModel
 from privacy.accounting import group_epsilon
 from privacy.ledger import LedgerEntry, client_delta, composed_total, read_stage_ledgers
 
@@ -67,9 +67,7 @@ CANDIDATE_BATCH_TOKENS = 1024
 SAMPLING_ROWS = 128
 
 
-class AuditOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class AuditOptions(StrictModel):
     candidates: int = Field(default=100, ge=20, description="random candidate secrets per canary for the skew-normal fit")
     enumerate_limit: int = Field(default=2000, ge=10, description="enumerate every candidate when the space is at most this large")
     exposure_canaries: int = Field(default=4, ge=0, description="canaries of each kind whose exposure and extraction are measured (every canary is scored for the one-run audit)")

@@ -24,7 +24,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from eval.audit import Target, completed, load_target, of_kinds, pair_text, private_texts, professional_target, synthetic_texts, targets_of
 from eval.benchmarks import CALIBRATED, TASKS, LabelPrior, evaluate_model, is_task_file, load_task, task_name
@@ -35,7 +35,7 @@ from knowledgesg.fileio import read_json, write_json, write_text
 from knowledgesg.models import Precision, resolve_precision
 from knowledgesg.retrieval import embed, load_embedder
 from knowledgesg.runner import run_models
-from knowledgesg.spec import DataSource, format_validation_error
+from knowledgesg.spec import DataSource, StrictModel, format_validation_error
 
 EVAL_REPORT = "eval_report.json"
 EVAL_HTML = "eval_report.html"
@@ -43,9 +43,7 @@ SIDES = "sides.json"  # each output of `ksg eval` and its side, as a stage manif
 LABEL_PRIOR = "label_prior.json"  # the calibrate stage's output, shipped beside the final adapter by publish
 
 
-class EvalOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class EvalOptions(StrictModel):
     tasks: list[str | DataSource] = Field(default_factory=lambda: ["fpb", "fiqa", "tfns"], description="built-in benchmarks, or public test files (a path, or {path, fields, ...})")
     private_tasks: dict[str, list[str | DataSource]] = Field(default_factory=dict, description="client -> its private test files, scored on its side")
     modes: list[Literal["logprob", "generation"]] = Field(default_factory=lambda: ["logprob", "generation"], min_length=1)

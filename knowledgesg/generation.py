@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from knowledgesg.console import track
+from knowledgesg.spec import StrictModel
 
 
-class SamplingParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SamplingParams(StrictModel):
     max_new_tokens: int = Field(default=96, ge=1)
     do_sample: bool = True
     temperature: float = Field(default=0.9, gt=0)

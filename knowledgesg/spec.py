@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 import os
 import re
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo, field_validator, model_validator
 
 from knowledgesg.builtin_data import BUILTINS
 from knowledgesg.errors import InputError
@@ -54,8 +55,40 @@ def safe_identifier(value: str) -> str:
 SafeId = Annotated[str, AfterValidator(safe_identifier)]
 
 
+def _scalar_types(annotation: Any) -> set[type]:
+    """The plain types a field's annotation admits (through Optional, unions and Annotated)."""
+    if get_origin(annotation) is Annotated:
+        return _scalar_types(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):
+        return set().union(*(_scalar_types(arg) for arg in get_args(annotation)))
+    return {annotation} if isinstance(annotation, type) else set()
+
+
+def _bool_for_number(annotation: Any, value: Any) -> bool:
+    """A YAML true/false where only a number fits (pydantic reads it as 1 or 0: `epsilon: true`
+    would run at epsilon 1), at the top level or in a list or mapping of numbers."""
+    if isinstance(value, bool):
+        admitted = _scalar_types(annotation)
+        return bool(admitted & {int, float}) and bool not in admitted
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (list, tuple, set, frozenset) and args and isinstance(value, (list, tuple)):
+        return any(_bool_for_number(args[0], item) for item in value)
+    if origin is dict and len(args) == 2 and isinstance(value, dict):
+        return any(_bool_for_number(args[1], item) for item in value.values())
+    return False
+
+
 class StrictModel(BaseModel):
+    """A config mapping: unknown keys are errors, and so is true/false where a number goes."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name and _bool_for_number(cls.model_fields[info.field_name].annotation, value):
+            raise ValueError(f"should be a number, got {value!r}")
+        return value
 
 
 class DataSource(StrictModel):

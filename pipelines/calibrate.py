@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from eval.audit import load_target
 from eval.benchmarks import MAX_LABELS, Item, choice_logprobs, fit_label_prior
@@ -32,15 +32,13 @@ from knowledgesg.fileio import read_jsonl
 from knowledgesg.models import Precision, resolve_device, resolve_precision
 from knowledgesg.prompts import label_named, user_message
 from knowledgesg.records import InstructionRecord
-from knowledgesg.spec import PipelineSpec
+from knowledgesg.spec import PipelineSpec, StrictModel
 from knowledgesg.stage import Stage, StageContext
 from pipelines.fedtune import fedtune_params
 from pipelines.publish import SYNTHETIC_FILES
 
 
-class CalibrateParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class CalibrateParams(StrictModel):
     labels: list[str] | None = Field(default=None, min_length=2, max_length=MAX_LABELS,
                                      description="the answers to calibrate (default: the pairs' distinct responses, 2 to 20 of them); pairs answering otherwise are left out")
     batch_size: int = Field(default=8, ge=1)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from knowledgesg.adapters import ADAPTER_FILES, save_adapter, with_lora
 from knowledgesg.console import console, progress_bar
@@ -28,7 +28,7 @@ from knowledgesg.errors import InputError, KsgError
 from knowledgesg.fileio import read_jsonl, sha256_file
 from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_device, resolve_precision
 from knowledgesg.records import InstructionRecord
-from knowledgesg.spec import PipelineSpec, PrivacySpec
+from knowledgesg.spec import PipelineSpec, PrivacySpec, StrictModel
 from knowledgesg.stage import Stage, StageContext
 from pipelines.ingest import client_records, planning_records, training_records
 from privacy.accounting import Mechanism, RunningEpsilon, calibrate_noise, check_delta, default_delta, epsilons
@@ -43,9 +43,7 @@ NOISE_SOURCES = {
 }
 
 
-class DPTrainParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DPTrainParams(StrictModel):
     epochs: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=8, ge=1, description="expected Poisson batch, in privacy units")
     max_physical_batch: int = Field(default=8, ge=1, description="rows per forward pass (virtual steps beyond)")

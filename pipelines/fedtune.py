@@ -34,7 +34,7 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import Field, ValidationError, field_validator, model_serializer, model_validator
 
 from knowledgesg.adapters import ADAPTER_FILES, save_adapter
 from knowledgesg.console import console
@@ -49,7 +49,7 @@ from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, partici
 from knowledgesg.fileio import read_json, read_jsonl, write_dir, write_json
 from knowledgesg.loaders import load_labelled_pool, refuse_client_data, source_name_of, source_path
 from knowledgesg.models import cache_root, resolve_device, resolve_precision
-from knowledgesg.spec import DataSource, DeploySettings, PipelineSpec, format_validation_error
+from knowledgesg.spec import DataSource, DeploySettings, PipelineSpec, StrictModel, format_validation_error
 from knowledgesg.stage import Stage, StageContext
 from pipelines.ingest import client_ids, client_records, training_records
 from privacy.accounting import Mechanism, calibrate_noise, default_delta, epsilons
@@ -67,9 +67,7 @@ def client_level_trust(job: FedJob, noise_origin: str) -> str:
     return TRUST_SERVER_NOISE_SECURE_SUM if job.secure_aggregation else TRUST_SERVER_NOISE
 
 
-class LocalDPParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class LocalDPParams(StrictModel):
     target_epsilon: float | None = Field(default=None, gt=0, description="this stage's budget per client; the noise is calibrated to it")
     noise_multiplier: float | None = Field(default=None, gt=0, description="or a given noise multiplier")
     clip_norm: float = Field(default=1.0, gt=0)
@@ -81,9 +79,7 @@ class LocalDPParams(BaseModel):
         return self
 
 
-class FedtuneParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class FedtuneParams(StrictModel):
     engine: Literal["local", "flower-sim", "flower-deploy"] = "local"
     data: Literal["synthetic", "private"] = "synthetic"
     synthetic_stage: Literal["refine", "synthesize"] = Field(default="refine", description="where the synthetic shares come from")

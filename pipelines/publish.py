@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from eval.evaluate import LABEL_PRIOR
 from knowledgesg.adapters import ADAPTER_FILES
@@ -27,15 +27,14 @@ from knowledgesg.cards import dataset_card, model_card
 from knowledgesg.console import console
 from knowledgesg.fileio import read_jsonl, write_dir, write_text
 from knowledgesg.stage import Stage, StageContext
+from knowledgesg.spec import StrictModel
 from pipelines.fedtune import fedtune_params
 from privacy.ledger import LedgerEntry, read_stage_ledgers
 
 SYNTHETIC_FILES = {"refine": "refined.jsonl", "synthesize": "synthetic.jsonl"}
 
 
-class PublishParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class PublishParams(StrictModel):
     synthetic_stage: Literal["refine", "synthesize"] = Field(default="refine", description="whose synthetic pairs are published")
 
 

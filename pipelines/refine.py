@@ -29,7 +29,7 @@ from pathlib import Path
 from statistics import median
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from eval.audit import load_target
 from eval.benchmarks import choice_ids, context_ids
@@ -42,7 +42,7 @@ from knowledgesg.models import Precision, resolve_device, resolve_precision
 from knowledgesg.prompts import label_named, user_message
 from knowledgesg.records import InstructionRecord
 from knowledgesg.scoring import choice_logprobs, choice_logprobs_of_ids, continuation_logprobs, encode_context, encode_continuation, normalized_choice_probs, pad_id
-from knowledgesg.spec import DataSource, PipelineSpec
+from knowledgesg.spec import DataSource, PipelineSpec, StrictModel
 from knowledgesg.stage import Stage, StageContext
 from pipelines.tune_professional import tuned_professional_adapter
 
@@ -55,9 +55,7 @@ DEFAULT_BAD_EXAMPLES = [
 ]
 
 
-class RefineParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class RefineParams(StrictModel):
     pool: DataSource = Field(description="public examples for the few-shot prompts, e.g. {builtin: fiqa_train}")
     task: str = Field(description="what a good input is for, in words, e.g. 'financial news sentiment'")
     labels: list[str] | None = Field(default=None, description="a labelled task: the professional model assigns one of these")

@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from knowledgesg.chunking import chunk_text
 from knowledgesg.console import console
@@ -38,7 +38,7 @@ from knowledgesg.models import Precision, ResolvedModel, cache_root, load_causal
 from knowledgesg.prompts import parse_label, user_message
 from knowledgesg.records import InstructionRecord, TextRecord
 from knowledgesg.retrieval import build_or_load_index, embed, index_meta, load_embedder
-from knowledgesg.spec import DataSource, PipelineSpec
+from knowledgesg.spec import DataSource, PipelineSpec, StrictModel
 from knowledgesg.stage import Stage, StageContext
 
 STOPWORDS = frozenset("the a an and or of to in on for with by at from as is are was were be been this that these those it its their there which who what when how why not no".split())
@@ -46,9 +46,7 @@ NEAR_DUPLICATE_JACCARD = 0.7
 INSTRUCTION = "Write one question that this text answers, and answer it with a sentence copied from the text."
 
 
-class StructureParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class StructureParams(StrictModel):
     pool: DataSource = Field(description="the public example pool (instruction records), e.g. {builtin: medquad}")
     k: int = Field(default=3, ge=1, le=10)
     selection: Literal["retrieved", "random"] = Field(default="retrieved", description="'random' is the ablation baseline")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from eval.audit import load_target
 from knowledgesg.console import console
@@ -35,15 +35,14 @@ from knowledgesg.models import Precision, resolve_device, resolve_precision
 from knowledgesg.prompts import Seed, parse_label, user_turn_prefix
 from knowledgesg.records import InstructionRecord
 from knowledgesg.stage import Stage, StageContext
+from knowledgesg.spec import StrictModel
 from privacy.accounting import Mechanism, epsilons
 from privacy.ledger import LEDGER, LedgerEntry, check_budget, new_release_id, now, read_stage_ledgers, trust_line
 from privacy.noise import SecureRandom
 from privacy.units import Units, bounded_label_counts, privacy_units
 
 
-class SynthesizeParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SynthesizeParams(StrictModel):
     per_client: int = Field(default=60, ge=1, description="pairs to keep per client")
     oversample: float = Field(default=2.0, ge=1.0, description="candidates generated per kept pair")
     seeds: list[Seed] = Field(min_length=1)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from eval.benchmarks import choice_ids, context_ids
 from knowledgesg.adapters import ADAPTER_FILES, save_adapter, with_lora
@@ -27,15 +27,13 @@ from knowledgesg.loaders import load_labelled_pool, refuse_client_data, source_n
 from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_device, resolve_precision
 from knowledgesg.prompts import user_message
 from knowledgesg.records import InstructionRecord
-from knowledgesg.spec import DataSource, PipelineSpec
+from knowledgesg.spec import DataSource, PipelineSpec, StrictModel
 from knowledgesg.stage import Stage, StageContext
 
 ADAPTER = "adapter"
 
 
-class TuneProfessionalParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TuneProfessionalParams(StrictModel):
     data: DataSource = Field(description="public labelled instruction records, e.g. {builtin: fiqa_train}; never a client's data")
     epochs: float = Field(default=2.0, gt=0)
     batch_size: int = Field(default=8, ge=1)

@@ -121,6 +121,12 @@ SPEC_CASES = [
     ("model-directory-without-config", lambda s: s["models"].update(professional="."), r"models\.professional: model '\.': directory has no config\.json"),
     ("too-many-clients", lambda s: s["clients"]["partition"].update(num_clients=50, names=None), r"spec\.yaml: clients\.partition: client 'client_\d+' got 0 records"),
     ("section-not-a-mapping", lambda s: s.update(models=3), r"spec\.yaml: models: should be a mapping \(key: value\), got int"),
+    # YAML's true/false where a number goes: pydantic alone reads them as 1 and 0 (epsilon 1, one epoch)
+    ("bool-for-epsilon", lambda s: s.update(privacy={"target_epsilon": True}), r"spec\.yaml: privacy\.target_epsilon: should be a number, got True"),
+    ("bool-for-stage-param", lambda s: s.update(stages=[{"name": "ingest"}, {"name": "dp_train", "params": {"epochs": True}}]),
+     r"spec\.yaml: stages\[1\]\.params: epochs: should be a number, got True"),
+    ("bool-in-nested-stage-param", lambda s: s.update(stages=[{"name": "ingest"}, {"name": "fedtune", "params": {"data": "private", "training": {"steps": False}}}]),
+     r"stages\[1\]\.params: training\.steps: should be a number, got False"),
 ]
 
 

@@ -16,17 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from knowledgesg.fileio import atomic_open
 from knowledgesg.models import Precision
-from knowledgesg.spec import SafeId
+from knowledgesg.spec import SafeId, StrictModel
 
 Params = dict[str, np.ndarray]
 
 RULES = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "scaffold", "median", "trimmed_mean", "krum")
 
 
-class LocalTraining(BaseModel):
+class LocalTraining(StrictModel):
     """Each sampled client's work in a round."""
-
-    model_config = ConfigDict(extra="forbid")
 
     steps: int = Field(default=4, ge=1, description="local optimizer steps per round")
     batch_size: int = Field(default=8, ge=1)
@@ -40,9 +38,7 @@ class LocalTraining(BaseModel):
         "the adapter, the update sent and, with local DP, the clipped gradients stay float32")
 
 
-class LoraShape(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class LoraShape(StrictModel):
     r: int = Field(default=8, ge=1)
     alpha: int = Field(default=16, ge=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -54,12 +50,10 @@ class LoraShape(BaseModel):
     a_sha256: str | None = None  # set by the server: every party checks its A against it
 
 
-class LocalDP(BaseModel):
+class LocalDP(StrictModel):
     """DP-SGD local steps on private records: the mechanism the client runs (from the server's plan),
     and what the client needs to keep its own ledger. The client draws its own noise; it refuses
     to send an update that would take it past `cap_epsilon`."""
-
-    model_config = ConfigDict(extra="forbid")
 
     noise_multiplier: float = Field(gt=0)
     clip_norm: float = Field(gt=0)

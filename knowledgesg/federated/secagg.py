@@ -37,10 +37,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from knowledgesg.errors import KsgError
 from knowledgesg.federated.protocol import ClientTask, ClientUpdate, Params
+from knowledgesg.spec import StrictModel
 
 MODULUS = 2**32  # Flower's default mask modulus: the sum of the quantized values must stay below it
 DEFAULT_CLIPPING_RANGE = 8.0
@@ -50,10 +51,8 @@ NEEDS_SINGLE_UPDATES = ("scaffold", "median", "trimmed_mean", "krum")
 TASK, NAMES, WEIGHT = "task", "names", "weight"
 
 
-class SecureAggregation(BaseModel):
+class SecureAggregation(StrictModel):
     """SecAgg+ settings (`fedtune: secure_aggregation: {...}`, or `true` for these defaults)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     num_shares: int | None = Field(default=None, ge=3, description="each client's mask secrets are shared among this many clients, itself included (odd); default: every client asked in the round")
     reconstruction_threshold: int | None = Field(default=None, ge=2, description="shares that unmask a client; a round needs this many clients in the sum, and the server with fewer colluding clients learns nothing of one update; default: a majority of the shares")

@@ -37,13 +37,12 @@ from knowledgesg.federated.protocol import (RULES, ClientTask, ClientUpdate, Loc
                                             failure_reason, load_params, params_bytes, save_params)
 from knowledgesg.federated.secagg import SecAggPlan, SecureAggregation, SecureSum, conflicts, quantized_clip_norm, resolve
 from knowledgesg.fileio import named_crash_point, sha256_text
+from knowledgesg.spec import StrictModel
 from privacy.noise import SecureRandom
 
 
-class RuleSettings(BaseModel):
+class RuleSettings(StrictModel):
     """The aggregation rule and its hyperparameters (see knowledgesg.aggregation for the updates)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: Literal[RULES] = "fedavg"  # type: ignore[valid-type]
     server_lr: float = Field(default=1.0, gt=0, description="eta; the adaptive rules want about 1e-2")
@@ -55,10 +54,8 @@ class RuleSettings(BaseModel):
     byzantine: int = Field(default=0, ge=0, description="Krum: malicious clients tolerated")
 
 
-class ClientDP(BaseModel):
+class ClientDP(StrictModel):
     """Client-level DP-FedAvg: each client clips its update to `clip_norm`; the server adds N(0, (sigma clip)^2)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     clip_norm: float = Field(gt=0)
     noise_multiplier: float = Field(gt=0)
