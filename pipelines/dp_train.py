@@ -204,7 +204,7 @@ class DPTrain(Stage):
         history = dp.accounted_history()
         if plan.noised and (len(history) != 1 or history[0][2] != plan.steps):
             raise KsgError(f"client '{plan.client_id}': the accountant counted {history} but {plan.steps} steps ran; refusing to report an epsilon")
-        return self._save(ctx, plan, model, losses, {**base, "dtype": dtype})
+        return self._save(ctx, plan, model, losses, base, dtype)
 
     @staticmethod
     def _check_adapter_moved(model, before: dict) -> None:
@@ -212,9 +212,10 @@ class DPTrain(Stage):
         if not moved:
             raise KsgError("the LoRA weights did not change after the first DP-SGD step (optimizer not bound to the adapter's parameters)")
 
-    def _save(self, ctx: StageContext, plan: ClientPlan, model, losses: list[dict], base: dict) -> LedgerEntry:
+    def _save(self, ctx: StageContext, plan: ClientPlan, model, losses: list[dict], base: dict, dtype: str) -> LedgerEntry:
         client_dir = f"clients/{plan.client_id}"
         ctx.write_json(f"{client_dir}/loss.json", losses, side=f"client:{plan.client_id}")
+        ctx.write_json(f"{client_dir}/training.json", {"dtype": dtype}, side=f"client:{plan.client_id}")
         mechanism = plan.mechanism()
         eps = epsilons([mechanism], plan.delta)
         released: list[LedgerEntry] = []
@@ -231,7 +232,7 @@ class DPTrain(Stage):
             ctx.record_release(entry)
             released.append(entry)
 
-        save_adapter(model, ctx.path(f"{client_dir}/adapter"), before_publish=record_release)
+        save_adapter(model, base["name"], ctx.path(f"{client_dir}/adapter"), before_publish=record_release)
         entry = released[0]
         for name in ADAPTER_FILES:
             ctx.declare_output(f"{client_dir}/adapter/{name}")
@@ -271,6 +272,7 @@ class DPTrain(Stage):
             "assumptions": [f"Poisson sampling: each {UNIT_NAMES[units.kind]} joins each step with probability {plan.sample_rate:.4g}",
                             f"unit of privacy: {UNIT_NAMES[units.kind]}, at most {units.max_records} record(s) each",
                             f"N = {units.count} is treated as public (it sets the sampling rate)"],
-            "base_model": {"name": base["name"], "weights_sha256": base["weights_sha256"], "dtype": base["dtype"]},
+            # not the dtype it trained in: that tells the server whether the client's CPU has native bfloat16
+            "base_model": {"name": base["name"], "weights_sha256": base["weights_sha256"]},
             "adapter_sha256": entry.artifact_sha256,
         }

@@ -371,7 +371,7 @@ class Fedtune(Stage):
     def save(self, ctx: StageContext, job: FedJob, final) -> None:
         lora = LoraModel.get(job.base_model, job.lora, job.device)
         lora.set_params(final)
-        save_adapter(lora.model, ctx.path("adapter"))
+        save_adapter(lora.model, job.base_model["name"], ctx.path("adapter"))
         for name in ADAPTER_FILES:
             ctx.declare_output(f"adapter/{name}")
         if self.params.merge:

@@ -113,7 +113,7 @@ class TuneProfessional(Stage):
                 bar.update(task, advance=1)
         if not torch.isfinite(torch.tensor(losses[-1]["loss"])):
             raise KsgError(f"tune_professional: the loss diverged ({losses[-1]['loss']}); lower learning_rate")
-        save_adapter(model, ctx.path(ADAPTER))
+        save_adapter(model, professional["name"], ctx.path(ADAPTER))
         for name in ADAPTER_FILES:
             ctx.declare_output(f"{ADAPTER}/{name}")
         ctx.write_json("loss.json", losses)

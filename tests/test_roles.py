@@ -142,6 +142,11 @@ def test_the_server_holds_only_releases(federation):
         # nor where the bank keeps its runs (a path names its machine's user, its projects)
         home = str(federation["parties"][bank].resolve())
         assert not [p for p in (federation["exchange"] / bank).rglob("*") if p.is_file() and home in p.read_text(errors="replace")]
+        # nor where its model cache is: PEFT names the base model by the directory it was loaded from
+        configs = [json.loads(p.read_text()) for p in (federation["exchange"] / bank).rglob("adapter_config.json")]
+        assert configs and {c["base_model_name_or_path"] for c in configs} == {"tiny-random-llama"}
+        cache = os.environ["KSG_CACHE_DIR"]
+        assert not [p for p in (federation["exchange"] / bank).rglob("*") if p.is_file() and cache in p.read_text(errors="replace")]
     assert not [p for p in server.rglob("*") if p.is_file() and any(str(federation["parties"][b].resolve()) in p.read_text(errors="replace") for b in BANKS)]
 
 

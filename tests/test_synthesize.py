@@ -277,4 +277,4 @@ def test_a_bfloat16_client_trains_and_samples(workdir: Path):
         stats = json.loads((workdir / f"run/stages/synthesize/clients/{client}/filter_stats.json").read_text())
         assert stats["precision"] == "bfloat16"
         assert len(_jsonl(workdir / f"run/stages/synthesize/clients/{client}/prompts.jsonl")) >= 8  # every candidate was sampled
-        assert json.loads((workdir / f"run/stages/dp_train/clients/{client}/privacy.json").read_text())["base_model"]["dtype"] == "bfloat16"
+        assert json.loads((workdir / f"run/stages/dp_train/clients/{client}/training.json").read_text())["dtype"] == "bfloat16"
