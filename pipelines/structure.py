@@ -33,7 +33,7 @@ from knowledgesg.dedup import near_duplicates
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_jsonl
 from knowledgesg.generation import Generator, SamplingParams, chat_prompt_ids
-from knowledgesg.loaders import load_example_pool, source_path
+from knowledgesg.loaders import load_example_pool, refuse_client_data, source_path
 from knowledgesg.models import Precision, ResolvedModel, cache_root, load_causal_lm, resolve_device, resolve_precision
 from knowledgesg.prompts import parse_label, user_message
 from knowledgesg.records import InstructionRecord, TextRecord
@@ -119,6 +119,9 @@ class Structure(Stage):
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
         if spec.models.embedder is None:
             raise InputError("stage 'structure' needs models.embedder in the spec (e.g. minilm-l6-v2)")
+        # the pool is public by contract: its prompts stay on the client, but pool_index.json (a digest
+        # of the pool's texts) goes to the server, where it would confirm a guessed private record
+        refuse_client_data(self.params.pool, spec.clients.sources(), base_dir, "structure params.pool")
         load_example_pool(self.params.pool, base_dir, spec.seed, "structure params.pool", minimum=self.params.k)
 
     def run(self, ctx: StageContext) -> None:

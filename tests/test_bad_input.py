@@ -219,6 +219,9 @@ POOL_CASES = [
      r"^ksg: error: refine params\.pool: data\.jsonl is also a client's data source; it must be public data$"),
     ("refine-pool-malformed", [*REFINE_AFTER_RELEASE, {"name": "refine", "params": {"pool": {"path": "pool.jsonl"}, "task": "t"}}],
      GOOD + '{"id": "b", "instruction": \n', r"pool\.jsonl:2: malformed JSON"),
+    # structure's prompts stay on the client, but its pool's digest (pool_index.json) goes to the server
+    ("structure-pool-is-a-clients-data", ["prepare_models", "ingest", {"name": "structure", "params": {"pool": {"path": "./data.jsonl"}, "k": 1}}], None,
+     r"^ksg: error: structure params\.pool: data\.jsonl is also a client's data source; it must be public data$"),
     ("structure-pool-too-small", ["prepare_models", "ingest", {"name": "structure", "params": {"pool": {"path": "pool.jsonl"}, "k": 3}}], GOOD,
      r"structure params\.pool: the example pool pool\.jsonl has 1 instruction records, fewer than the 3 needed"),
 ]
