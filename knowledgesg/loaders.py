@@ -7,6 +7,7 @@ without lines) and the field, so that a data owner can fix it without reading ou
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import random
@@ -172,11 +173,37 @@ def rows_to_records(path: Path, rows: Iterator[Row], source: DataSource, source_
 
 
 def subsample(records: list[Record], size: int | None, seed: int, source_name: str) -> list[Record]:
-    """A seeded random subset, kept in file order so outputs diff cleanly."""
+    """A seeded random subset, kept in file order so outputs diff cleanly (public data, and the pool
+    a simulation partitions; a client's own files: `first_by_content`)."""
     if size is None or size >= len(records):
         return records
     keep = sorted(random.Random(f"{seed}:{source_name}").sample(range(len(records)), size))
     return [records[i] for i in keep]
+
+
+def content_order(record: Record, seed: int, purpose: str) -> bytes:
+    """A record's place in a seeded order that follows from its own content alone, not from its
+    position or line-number id in the file, nor from the other records."""
+    content = record.model_dump(exclude={"id", "client_id", "source"})
+    return hashlib.sha256(f"{seed}:{purpose}:{json.dumps(content, sort_keys=True)}".encode()).digest()
+
+
+def first_by_content(records: list[Record], size: int, seed: int, purpose: str) -> set[int]:
+    """The indices of the `size` records first in `content_order`. On a client's private records this
+    keeps neighbouring data sets neighbours: adding one record changes the selection by at most
+    that record and the one it displaces. (A seeded sample of positions does not: one record
+    inserted shifts every position after it, and the server, holding the seed and every other
+    record, would see a training set that differs by dozens of records.)"""
+    order = sorted(range(len(records)), key=lambda i: (content_order(records[i], seed, purpose), i))
+    return set(order[:size])
+
+
+def subsample_by_content(records: list[Record], size: int | None, seed: int, source_name: str) -> list[Record]:
+    """A client's own data source cut to `size` records (`first_by_content`), kept in file order."""
+    if size is None or size >= len(records):
+        return records
+    keep = first_by_content(records, size, seed, f"sample:{source_name}")
+    return [r for i, r in enumerate(records) if i in keep]
 
 
 def source_name_of(source: DataSource) -> str:
@@ -195,8 +222,9 @@ def source_path(source: DataSource, base_dir: Path) -> Path:
     return path
 
 
-def load_source(source: DataSource, base_dir: Path, seed: int) -> list[Record]:
-    """Load one data source of the spec into records (ids prefixed with the source name)."""
+def load_source(source: DataSource, base_dir: Path, seed: int, own_data: bool = False) -> list[Record]:
+    """Load one data source of the spec into records (ids prefixed with the source name); `own_data`:
+    a client member's own files, whose `sample` must keep neighbouring data sets neighbours."""
     name = source_name_of(source)
     if source.builtin is not None:
         records = load_builtin(source.builtin, source_name=name, expected_kind=source.kind)
@@ -204,7 +232,7 @@ def load_source(source: DataSource, base_dir: Path, seed: int) -> list[Record]:
         path = source_path(source, base_dir)
         fmt = detect_format(path) if source.format == "auto" else source.format
         records = rows_to_records(path, READERS[fmt](path), source, name, line_based=fmt in ("jsonl", "csv"))
-    return subsample(records, source.sample, seed, name)
+    return (subsample_by_content if own_data else subsample)(records, source.sample, seed, name)
 
 
 def load_example_pool(source: DataSource, base_dir: Path, seed: int, stage: str, minimum: int = 1) -> list[InstructionRecord]:

@@ -17,7 +17,6 @@ set aside in `holdout.jsonl`, never trained on: the non-members of membership in
 from __future__ import annotations
 
 import os
-import random
 from collections import Counter
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from eval.canaries import canaries_json, make_canaries, planted_records
 from knowledgesg.console import console, track
 from knowledgesg.errors import InputError, SpecError
 from knowledgesg.fileio import files_under, unmakeable_directory
-from knowledgesg.loaders import load_source, source_name_of, source_path
+from knowledgesg.loaders import first_by_content, load_source, source_name_of, source_path
 from knowledgesg.partition import partition
 from knowledgesg.records import InstructionRecord, Record
 from knowledgesg.spec import DataSource, PipelineSpec, repeated
@@ -39,14 +38,15 @@ from privacy.units import privacy_units
 MAX_HISTOGRAM_CLASSES = 20  # responses with more distinct values than this are not labels
 
 
-def _load_all(sources: list[DataSource], base_dir: Path, seed: int, key: str) -> list[Record]:
-    """The records of `sources`, the spec's `key` (its record ids name their source)."""
+def _load_all(sources: list[DataSource], base_dir: Path, seed: int, key: str, own_data: bool) -> list[Record]:
+    """The records of `sources`, the spec's `key` (its record ids name their source); `own_data`: one
+    client member's files (not a pool the spec partitions among simulated clients)."""
     twice = repeated([source_name_of(s) for s in sources])
     if twice:
         raise SpecError(f"{key}: two data sources are named '{twice[0]}'; give each a distinct 'name'")
     records: list[Record] = []
     for source in track(sources, "loading data", total=len(sources)):
-        records.extend(load_source(source, base_dir, seed))
+        records.extend(load_source(source, base_dir, seed, own_data))
     return records
 
 
@@ -60,11 +60,13 @@ def client_stats(records: list[Record]) -> dict:
 
 
 def hold_out(records: list[Record], count: int, seed: int, client_id: str) -> tuple[list[Record], list[Record]]:
-    """A seeded sample of instruction records set aside; the rest is trained on."""
+    """`count` instruction records set aside, chosen by their content (`first_by_content`): one
+    record added to the client's data changes what is trained on by one record, as DP's neighbours
+    must (a seeded sample of positions changed dozens); the rest is trained on."""
     candidates = [i for i, r in enumerate(records) if r.kind == "instruction"]
     if count >= len(candidates) - 1:
         raise SpecError(f"audit.holdout_per_client: {count} is too many for client '{client_id}' ({len(candidates)} instruction records)")
-    held = set(random.Random(f"{seed}:holdout:{client_id}").sample(candidates, count))
+    held = {candidates[i] for i in first_by_content([records[i] for i in candidates], count, seed, f"holdout:{client_id}")}
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
 
@@ -102,8 +104,8 @@ def client_records(spec: PipelineSpec, base_dir: Path) -> dict[str, list[Record]
     """Each client's records, loaded and (for pooled data) partitioned: pure, nothing written."""
     clients_spec = spec.clients
     if clients_spec.members:
-        return {member.id: _load_all(member.data, base_dir, spec.seed, f"clients.members (id {member.id}).data") for member in clients_spec.members}
-    return partition(_load_all(clients_spec.data, base_dir, spec.seed, "clients.data"), clients_spec.partition, spec.seed)
+        return {member.id: _load_all(member.data, base_dir, spec.seed, f"clients.members (id {member.id}).data", own_data=True) for member in clients_spec.members}
+    return partition(_load_all(clients_spec.data, base_dir, spec.seed, "clients.data", own_data=False), clients_spec.partition, spec.seed)
 
 
 def training_units(records: list[Record], unit: str) -> int:

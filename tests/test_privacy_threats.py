@@ -649,3 +649,51 @@ def test_keys_are_never_readable_by_others_not_even_before_a_chmod(tmp_path: Pat
     for key in (private, certificates.server_key):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def _sentences(count: int, prefix: str = "s") -> list[InstructionRecord]:
+    return [InstructionRecord(id=f"d/{i}", source="d", instruction=f"Classify: {prefix} number {i} moved the shares.", response="neutral") for i in range(count)]
+
+
+def _renumbered(records: list[InstructionRecord]) -> list[InstructionRecord]:
+    """Ids by line number, as a file without an id column gives them: a record inserted renumbers the rest."""
+    return [r.model_copy(update={"id": f"d/{k}"}) for k, r in enumerate(records)]
+
+
+def _contents(records) -> set[tuple[str, str]]:
+    return {(r.instruction, r.response) for r in records}
+
+
+@pytest.mark.parametrize("position", [0, 57, 200])
+def test_one_record_more_changes_what_is_trained_on_by_one_record(position: int):
+    """DP's neighbours are data sets one record apart; the server holds the seed and every other
+    record, so preprocessing that moves many records when one is added (a seeded sample of
+    positions moved 36 of 200 here) would let it tell the two training sets apart far beyond epsilon."""
+    from knowledgesg.loaders import subsample_by_content
+    from pipelines.ingest import hold_out
+
+    records = _sentences(200)
+    extra = InstructionRecord(id="d/x", source="d", instruction="Classify: the one record the attacker asks about.", response="positive")
+    neighbour = _renumbered(records[:position] + [extra] + records[position:])
+    trained, _ = hold_out(_renumbered(records), 20, 7, "bank_a")
+    trained_neighbour, _ = hold_out(neighbour, 20, 7, "bank_a")
+    assert len(_contents(trained) ^ _contents(trained_neighbour)) == 1  # the record itself, or the one it sent back to training
+    # a client's `sample:` keeps a fixed number: the record in and at most one other out
+    kept, kept_neighbour = subsample_by_content(_renumbered(records), 100, 7, "d"), subsample_by_content(neighbour, 100, 7, "d")
+    assert len(kept) == len(kept_neighbour) == 100 and len(_contents(kept) ^ _contents(kept_neighbour)) in (0, 2)
+
+
+def test_a_members_sample_is_chosen_by_content(tmp_path: Path):
+    """The wiring: a client member's own file is sampled by content, so inserting a line moves no other record."""
+    from knowledgesg.spec import load_spec
+    from pipelines.ingest import client_records
+
+    rows = [{"instruction": r.instruction, "response": r.response} for r in _sentences(60)]
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    write_jsonl(tmp_path / "b.jsonl", rows[:10])
+    members = [{"id": "bank_a", "data": [{"path": "a.jsonl", "sample": 30}]}, {"id": "bank_b", "data": [{"path": "b.jsonl"}]}]
+    path = write_spec(tmp_path, tiny_spec(clients={"members": members}))
+    before = _contents(client_records(*load_spec(path))["bank_a"])
+    write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Classify: one more line at the top.", "response": "negative"}, *rows])
+    after = _contents(client_records(*load_spec(path))["bank_a"])
+    assert len(before) == len(after) == 30 and len(before ^ after) in (0, 2)
