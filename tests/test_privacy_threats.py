@@ -668,7 +668,7 @@ def _contents(records) -> set[tuple[str, str]]:
 def test_one_record_more_changes_what_is_trained_on_by_one_record(position: int):
     """DP's neighbours are data sets one record apart; the server holds the seed and every other
     record, so preprocessing that moves many records when one is added (a seeded sample of
-    positions moved 36 of 200 here) would let it tell the two training sets apart far beyond epsilon."""
+    positions changed 27 to 39 of 200 here) would let it tell the two training sets apart far beyond epsilon."""
     from knowledgesg.loaders import subsample_by_content
     from pipelines.ingest import hold_out
 
