@@ -93,7 +93,7 @@ class AuditOptions(StrictModel):
     precision: Precision = Field(default="auto", description="weights of the scored and sampled models: bfloat16 "
         "(about 1.5-2x faster on a CPU with AVX512-BF16) or float32; auto: bfloat16 where it runs natively. Log-probabilities are taken in float32 either "
         "way, and any scores keep the bound valid (the one-run theorem holds for every guessing rule): precision changes power only")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def one_way_of_guessing(self) -> AuditOptions:

@@ -71,6 +71,8 @@ def run(
         raise InputError("--role client: say which member this machine is with --client ID")
     if client is not None and role != "client":
         raise InputError("--client goes with --role client")
+    if role == "all" and exchange is not None:
+        raise InputError("--exchange goes with --role client or --role server (a run with every role exchanges nothing)")
     if role != "all" and exchange is None:
         raise InputError(f"--role {role}: give --exchange DIR, the directory the releases cross through")
     party = Role(role, client, exchange)  # type: ignore[arg-type]

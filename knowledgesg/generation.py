@@ -20,7 +20,7 @@ from knowledgesg.spec import StrictModel
 
 
 class SamplingParams(StrictModel):
-    max_new_tokens: int = Field(default=96, ge=1)
+    max_new_tokens: int = Field(default=96, ge=1, le=8192)
     do_sample: bool = True
     temperature: float = Field(default=0.9, gt=0)
     top_p: float = Field(default=0.95, gt=0, le=1)

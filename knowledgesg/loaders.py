@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import random
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +38,10 @@ def detect_format(path: Path) -> str:
 
 
 def _decode(path: Path) -> str:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:  # permissions, a vanished file
+        raise data_error(path, f"cannot be read ({err.strerror or type(err).__name__})") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -53,16 +57,21 @@ def _rows_jsonl(path: Path) -> Iterator[Row]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise data_error(path, f"malformed JSON ({err.msg} at column {err.colno})", line=number) from None
+        except (ValueError, RecursionError) as err:  # an integer of over 4,300 digits, nesting deeper than the stack
+            raise data_error(path, f"unreadable JSON ({type(err).__name__})", line=number) from None
         if not isinstance(row, dict):
             raise data_error(path, f"expected a JSON object, got {type(row).__name__}", line=number)
         yield number, row
 
 
 def _rows_json(path: Path) -> Iterator[Row]:
+    text = _decode(path)
     try:
-        data = json.loads(_decode(path))
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise data_error(path, f"malformed JSON ({err.msg})", line=err.lineno) from None
+    except (ValueError, RecursionError) as err:
+        raise data_error(path, f"unreadable JSON ({type(err).__name__})") from None
     if not isinstance(data, list):
         raise data_error(path, f"expected a JSON list of objects, got {type(data).__name__}")
     for number, row in enumerate(data, start=1):
@@ -117,13 +126,27 @@ def _rows_hf_disk(path: Path) -> Iterator[Row]:
 READERS = {"jsonl": _rows_jsonl, "json": _rows_json, "csv": _rows_csv, "parquet": _rows_parquet, "hf_disk": _rows_hf_disk}
 
 
+FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
+
+
+def _field_names(row: dict[str, Any]) -> str:
+    """A record's field names for an error message, shown only where they look like names: the
+    "header" of a CSV file that has none is its first private record (a sentence, a patient's name
+    and number), which must not reach a console or log."""
+    if not row:
+        return "no fields"
+    if all(FIELD_NAME.fullmatch(str(name)) for name in row):
+        return ", ".join(map(str, row))
+    return f"{len(row)} fields, not shown as some are not names (a CSV file without a header row?)"
+
+
 def _field_value(path: Path, number: int, row: dict[str, Any], record_field: str, column: str, required: bool, line_based: bool) -> str | None:
     where = {"line": number} if line_based else {}
     prefix = "" if line_based else f"record {number}: "
     if column not in row:
         if required:
             hint = (f" (mapped to record field '{record_field}')" if column != record_field
-                    else f" (the record has {', '.join(map(str, row)) or 'no fields'}; map one with `fields: {{{record_field}: NAME}}` on the data source)")
+                    else f" (the record has {_field_names(row)}; map one with `fields: {{{record_field}: NAME}}` on the data source)")
             raise data_error(path, f"{prefix}missing{hint}", field=column, **where)
         return None
     value = row[column]
@@ -135,7 +158,8 @@ def _field_value(path: Path, number: int, row: dict[str, Any], record_field: str
         value = str(value)
     if not isinstance(value, str):
         raise data_error(path, f"{prefix}must be a string, got {type(value).__name__}", field=column, **where)
-    if required and not value.strip():
+    # an empty user id would make every record without one the same user (and cut them to its bound)
+    if (required or record_field in ("id", "user_id", "document_id")) and not value.strip():
         raise data_error(path, f"{prefix}is empty", field=column, **where)
     return value
 

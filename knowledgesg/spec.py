@@ -79,15 +79,20 @@ def _bool_for_number(annotation: Any, value: Any) -> bool:
 
 
 class StrictModel(BaseModel):
-    """A config mapping: unknown keys are errors, and so is true/false where a number goes."""
+    """A config mapping: unknown keys are errors, and so are true/false where a number goes and an
+    infinite or NaN number (`clip_norm: .inf` trained an adapter of NaNs and charged its epsilon)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
-        if info.field_name and _bool_for_number(cls.model_fields[info.field_name].annotation, value):
+        annotation = cls.model_fields[info.field_name].annotation if info.field_name else None
+        if _bool_for_number(annotation, value):
             raise ValueError(f"should be a number, got {value!r}")
+        # Path("") is the working directory: `ledger_dir: ""` made the data folder the ledger directory
+        if isinstance(value, str) and not value.strip() and Path in _scalar_types(annotation):
+            raise ValueError("an empty path; give a directory or file, or leave the key out")
         return value
 
 
@@ -105,6 +110,14 @@ class DataSource(StrictModel):
     name: SafeId | None = None
     sample: int | None = Field(default=None, gt=0, description="keep a seeded random subset of this size")
 
+    @field_validator("constants")
+    @classmethod
+    def _constants_not_empty(cls, constants: dict[str, str]) -> dict[str, str]:
+        empty = [name for name, value in constants.items() if not value.strip()]
+        if empty:
+            raise ValueError(f"constants: '{empty[0]}' is empty (a record field the data must not leave empty either)")
+        return constants
+
     @model_validator(mode="after")
     def _one_origin(self) -> DataSource:
         if (self.path is None) == (self.builtin is None):
@@ -118,7 +131,7 @@ class PartitionSpec(StrictModel):
     """How pooled private data is split into clients."""
 
     method: Literal["natural", "iid", "dirichlet"]
-    num_clients: int | None = Field(default=None, ge=1)
+    num_clients: int | None = Field(default=None, ge=1, le=100_000)
     field: str = "source"  # natural: the record field whose values are the clients
     alpha: float = Field(default=1.0, gt=0)  # dirichlet concentration; small = skewed
     label_field: str = "response"  # dirichlet: the labels the skew is over
@@ -278,7 +291,7 @@ class CanarySpec(StrictModel):
     detected, far more readily), no word in two canaries."""
 
     client: SafeId
-    count: int = Field(default=32, ge=2)  # per kind
+    count: int = Field(default=32, ge=2, le=100_000)  # per kind
     kinds: list[CanaryKind] = Field(default_factory=lambda: ["digits"], min_length=1)
     repeats: int = Field(default=4, ge=1)  # copies of each planted canary
     digits: int = Field(default=6, ge=1, le=12)  # the secret of a `digits` canary: a random digit string
@@ -313,7 +326,7 @@ class StageSpec(StrictModel):
 
 class PipelineSpec(StrictModel):
     name: SafeId
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     models: ModelsSpec
     clients: ClientsSpec
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)

@@ -31,7 +31,7 @@ from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import PipelineSpec, PrivacySpec, StrictModel
 from knowledgesg.stage import Stage, StageContext
 from pipelines.ingest import client_records, planning_records, training_records
-from privacy.accounting import Mechanism, RunningEpsilon, calibrate_noise, check_delta, default_delta, epsilons
+from privacy.accounting import NOISE_MULTIPLIER_RANGE, Mechanism, RunningEpsilon, calibrate_noise, check_delta, default_delta, epsilons
 from privacy.ledger import LEDGER, LedgerEntry, check_budget, new_release_id, now, trust_line
 from privacy.units import UNIT_NAMES, Units, privacy_units
 
@@ -44,14 +44,14 @@ NOISE_SOURCES = {
 
 
 class DPTrainParams(StrictModel):
-    epochs: float = Field(default=1.0, gt=0)
+    epochs: float = Field(default=1.0, gt=0, le=1000)
     batch_size: int = Field(default=8, ge=1, description="expected Poisson batch, in privacy units")
     max_physical_batch: int = Field(default=8, ge=1, description="rows per forward pass (virtual steps beyond)")
     max_length: int = Field(default=128, ge=16)
     learning_rate: float = Field(default=2e-3, gt=0)
     optimizer: Literal["adam", "sgd"] = "adam"
     clip_norm: float = Field(default=1.0, gt=0)
-    noise_multiplier: float | None = Field(default=None, gt=0, description="default: calibrated to privacy.target_epsilon")
+    noise_multiplier: float | None = Field(default=None, **NOISE_MULTIPLIER_RANGE, description="default: calibrated to privacy.target_epsilon")
     lora_r: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=16, ge=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])

@@ -52,7 +52,7 @@ from knowledgesg.models import cache_root, resolve_device, resolve_precision
 from knowledgesg.spec import DataSource, DeploySettings, PipelineSpec, StrictModel, format_validation_error
 from knowledgesg.stage import Stage, StageContext
 from pipelines.ingest import client_ids, client_records, training_records
-from privacy.accounting import Mechanism, calibrate_noise, default_delta, epsilons
+from privacy.accounting import NOISE_MULTIPLIER_RANGE, Mechanism, calibrate_noise, default_delta, epsilons
 from privacy.ledger import LEDGER, TRUST_REPRODUCIBLE, TRUST_SERVER_NOISE, LedgerEntry, check_budget, new_release_id, now, read_stage_ledgers, trust_line
 
 TRUST_SERVER_NOISE_SECURE_SUM = ("holders of the final model only: the server adds this noise; with secure aggregation it sees the sum of the "
@@ -69,7 +69,7 @@ def client_level_trust(job: FedJob, noise_origin: str) -> str:
 
 class LocalDPParams(StrictModel):
     target_epsilon: float | None = Field(default=None, gt=0, description="this stage's budget per client; the noise is calibrated to it")
-    noise_multiplier: float | None = Field(default=None, gt=0, description="or a given noise multiplier")
+    noise_multiplier: float | None = Field(default=None, **NOISE_MULTIPLIER_RANGE, description="or a given noise multiplier")
     clip_norm: float = Field(default=1.0, gt=0)
 
     @model_validator(mode="after")
@@ -83,7 +83,7 @@ class FedtuneParams(StrictModel):
     engine: Literal["local", "flower-sim", "flower-deploy"] = "local"
     data: Literal["synthetic", "private"] = "synthetic"
     synthetic_stage: Literal["refine", "synthesize"] = Field(default="refine", description="where the synthetic shares come from")
-    rounds: int = Field(default=3, ge=1)
+    rounds: int = Field(default=3, ge=1, le=100_000)
     clients_per_round: int | None = Field(default=None, ge=1, description="default: every client, every round")
     rule: RuleSettings = Field(default_factory=RuleSettings)
     training: LocalTraining = Field(default_factory=LocalTraining)

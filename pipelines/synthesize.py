@@ -36,7 +36,7 @@ from knowledgesg.prompts import Seed, parse_label, user_turn_prefix
 from knowledgesg.records import InstructionRecord
 from knowledgesg.stage import Stage, StageContext
 from knowledgesg.spec import StrictModel
-from privacy.accounting import Mechanism, epsilons
+from privacy.accounting import NOISE_MULTIPLIER_RANGE, Mechanism, epsilons
 from privacy.ledger import LEDGER, LedgerEntry, check_budget, new_release_id, now, read_stage_ledgers, trust_line
 from privacy.noise import SecureRandom
 from privacy.units import Units, bounded_label_counts, privacy_units
@@ -53,10 +53,10 @@ class SynthesizeParams(StrictModel):
     # teaches the final model that a third of the items are neutral where FPB's and TFNS's test
     # sets hold about 60%
     class_balance: Literal["uniform", "dp_histogram", "model"] = "uniform"
-    histogram_noise_multiplier: float = Field(default=20.0, gt=0, description="DP histogram: noise std / sensitivity")
+    histogram_noise_multiplier: float = Field(default=20.0, **NOISE_MULTIPLIER_RANGE, description="DP histogram: noise std / sensitivity")
     user_contribution_bound: int = Field(default=8, ge=1, description="user-level privacy: the most records one user adds to the histogram (the rest are not counted)")
     sampling: SamplingParams = Field(default_factory=SamplingParams)
-    response_max_new_tokens: int = Field(default=96, ge=1)
+    response_max_new_tokens: int = Field(default=96, ge=1, le=8192)
     batch_size: int = Field(default=64, ge=1, description="rows decoded together: on 2 cores the demo's two passes ran 1.77x faster at 64 than at 16 "
                             "(synthesize_batch.md), a decoding step of 64 rows costing far less than four of 16")
     precision: Precision = Field(
@@ -73,6 +73,19 @@ class SynthesizeParams(StrictModel):
     def _histogram_needs_labels(self) -> SynthesizeParams:
         if self.class_balance != "uniform" and not self.labels:
             raise ValueError(f"class_balance '{self.class_balance}' needs labels")
+        return self
+
+    @model_validator(mode="after")
+    def _possible(self) -> SynthesizeParams:
+        """Settings that would keep nothing are refused before dp_train spends the budget, not found after."""
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words {self.min_words} is above max_words {self.max_words}: no input could be kept")
+        if self.labels is not None:
+            if any(not label.strip() for label in self.labels):
+                raise ValueError("labels: a label is empty")
+            folded = [label.strip().lower() for label in self.labels]
+            if len(set(folded)) != len(folded):
+                raise ValueError(f"labels: {sorted({lb for lb in folded if folded.count(lb) > 1})[0]!r} appears more than once (letter case aside)")
         return self
 
 

@@ -20,6 +20,11 @@ from pydantic import BaseModel, ConfigDict
 from knowledgesg.errors import InputError, SpecError
 
 
+# A noise multiplier a spec may set. Below 0.3 the release is private in name only (epsilon about 70
+# at q 0.01 over 1,000 steps already) and the accountants' numerics give out (at 0.05 the PLD
+# accountant asked for 26 GiB; at 0.1 it ran for minutes); 1e300 overflowed them.
+NOISE_MULTIPLIER_RANGE = {"ge": 0.3, "le": 1e4}
+
 class Mechanism(BaseModel):
     """One released mechanism, composed `steps` times.
 

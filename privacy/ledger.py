@@ -152,6 +152,18 @@ RECEIVED = "received"  # on the server: RUN/received/<client>.jsonl, the ledger 
 UNIT_KEY = ".unit_key"  # in a ledger directory: the secret its ledgers' unit digests are keyed with
 
 
+def _read_units(path: Path) -> dict:
+    """A ledger's unit digests, `{"client_id": ..., "units": [...]}`; damaged, a one-line refusal (which
+    other ledgers count with this one is unknown without them)."""
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(kept, dict) and isinstance(kept.get("units"), list) and "client_id" in kept:
+            return kept
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    raise KsgError(f"{path}: unreadable unit digests of a ledger; refusing to compute a budget")
+
+
 class ClientLedger:
     """One client data set's append-only ledger file, and through the keyed unit digests beside
     it (written by ingest), the client's ledgers of other versions of that data."""
@@ -193,7 +205,7 @@ class ClientLedger:
         secret = _unit_secret(self.path.parent, create=False)
         mine = set()
         if self.units_path.is_file():
-            mine = set(json.loads(self.units_path.read_text())["units"])
+            mine = set(_read_units(self.units_path)["units"])
         elif secret is not None:
             mine = _keyed(secret, self.digests)
         found = []
@@ -202,7 +214,7 @@ class ClientLedger:
                 continue
             other = ClientLedger(ledger_path)
             if other.units_path.is_file():
-                kept = json.loads(other.units_path.read_text())
+                kept = _read_units(other.units_path)
                 if kept["client_id"] == self.client_id and mine.intersection(kept["units"]):
                     found.append(other)
             elif any(e.client_id == self.client_id for e in other._own_entries()):
@@ -213,15 +225,18 @@ class ClientLedger:
         if not self.path.is_file():
             return []
         entries = []
-        with open(self.path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    entries.append(LedgerEntry.model_validate_json(line))
-                except ValidationError as err:
-                    # never skip a line: a ledger we cannot read is no proof of what was spent
-                    raise KsgError(f"{self.path}:{number}: unreadable ledger entry ({err.errors()[0]['msg']}); refusing to compute a budget") from None
+        try:
+            lines = self.path.read_bytes().decode("utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise KsgError(f"{self.path}: unreadable ledger (not UTF-8 at byte {err.start}); refusing to compute a budget") from None
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(LedgerEntry.model_validate_json(line))
+            except ValidationError as err:
+                # never skip a line: a ledger we cannot read is no proof of what was spent
+                raise KsgError(f"{self.path}:{number}: unreadable ledger entry ({err.errors()[0]['msg']}); refusing to compute a budget") from None
         return entries
 
     def append(self, entry: LedgerEntry, check: Callable[[list[LedgerEntry]], None] | None = None) -> None:

@@ -44,6 +44,10 @@ DATA_CASES = [
     ("empty-file", {"path": "data.jsonl"}, _jsonl("\n\n"), r"data\.jsonl: no records"),
     ("json-not-list", {"path": "d.json"}, _bytes("d.json", b'{"instruction": "Q", "response": "A"}'), r"d\.json: expected a JSON list of objects, got dict"),
     ("json-record-missing-field", {"path": "d.json"}, _bytes("d.json", b'[{"instruction": "Q", "response": "A"}, {"instruction": "Q2"}]'), r"d\.json: field 'response': record 2: missing"),
+    ("jsonl-integer-too-long", {"path": "data.jsonl"}, _bytes("data.jsonl", b'{"instruction": "Q", "response": ' + b"9" * 5000 + b"}\n"), r"data\.jsonl:1: unreadable JSON \(ValueError\)"),
+    ("jsonl-nested-too-deep", {"path": "data.jsonl"}, _bytes("data.jsonl", b"[" * 100000 + b"]" * 100000 + b"\n"), r"data\.jsonl:1: unreadable JSON \(RecursionError\)"),
+    ("empty-user-id", {"path": "data.jsonl"}, _jsonl(GOOD + '{"id": "b", "instruction": "Q2", "response": "no", "user_id": "  "}\n'), r"data\.jsonl:2: field 'user_id': is empty"),
+    ("empty-constant", {"path": "data.jsonl", "constants": {"response": " "}}, _jsonl(GOOD), r"spec\.yaml: clients\.data\[0\]\.constants: constants: 'response' is empty"),
     ("csv-missing-column", {"path": "d.csv", "fields": {"instruction": "question"}}, _bytes("d.csv", b"instruction,response\nQ,A\n"), r"d\.csv:2: field 'question': missing \(mapped to record field 'instruction'\)"),
     ("csv-unmapped-columns", {"path": "d.csv"}, _bytes("d.csv", b"text,label\nhello,pos\n"),
      r"d\.csv:2: field 'instruction': missing \(the record has text, label; map one with `fields: \{instruction: NAME\}` on the data source\)"),
@@ -121,6 +125,18 @@ SPEC_CASES = [
     ("model-directory-without-config", lambda s: s["models"].update(professional="."), r"models\.professional: model '\.': directory has no config\.json"),
     ("too-many-clients", lambda s: s["clients"]["partition"].update(num_clients=50, names=None), r"spec\.yaml: clients\.partition: client 'client_\d+' got 0 records"),
     ("section-not-a-mapping", lambda s: s.update(models=3), r"spec\.yaml: models: should be a mapping \(key: value\), got int"),
+    # numbers no run can use: refused before anything is written, not found after dp_train spent the budget
+    ("clip-norm-infinite", lambda s: s.update(stages=[{"name": "ingest"}, {"name": "dp_train", "params": {"clip_norm": float("inf")}}]),
+     r"spec\.yaml: stages\[1\]\.params: clip_norm: Input should be a finite number"),
+    ("noise-multiplier-tiny", lambda s: s.update(stages=[{"name": "ingest"}, {"name": "dp_train", "params": {"noise_multiplier": 1e-300}}]),
+     r"stages\[1\]\.params: noise_multiplier: Input should be greater than or equal to 0\.3"),
+    ("epochs-huge", lambda s: s.update(stages=[{"name": "ingest"}, {"name": "dp_train", "params": {"epochs": 1e12}}]), r"params: epochs: Input should be less than or equal to 1000"),
+    ("synthesize-words-impossible", lambda s: s.update(stages=[{"name": "ingest"}, {"name": "dp_train"}, {"name": "synthesize", "params": {
+        "min_words": 50, "max_words": 5, "seeds": [{"instruction": "Q?"}]}}]), r"stages\[2\]\.params: min_words 50 is above max_words 5"),
+    ("synthesize-labels-twice", lambda s: s.update(stages=[{"name": "ingest"}, {"name": "dp_train"}, {"name": "synthesize", "params": {
+        "labels": ["pos", "Pos"], "seeds": [{"instruction": "Q?"}]}}]), r"stages\[2\]\.params: labels: 'pos' appears more than once"),
+    ("seed-negative", lambda s: s.update(seed=-5), r"spec\.yaml: seed: Input should be greater than or equal to 0"),
+    ("ledger-dir-empty", lambda s: s.update(privacy={"ledger_dir": ""}), r"spec\.yaml: privacy\.ledger_dir: an empty path"),
     # YAML's true/false where a number goes: pydantic alone reads them as 1 and 0 (epsilon 1, one epoch)
     ("bool-for-epsilon", lambda s: s.update(privacy={"target_epsilon": True}), r"spec\.yaml: privacy\.target_epsilon: should be a number, got True"),
     ("bool-for-stage-param", lambda s: s.update(stages=[{"name": "ingest"}, {"name": "dp_train", "params": {"epochs": True}}]),
@@ -282,3 +298,47 @@ def test_no_private_text_in_error_messages(tmp_path: Path, monkeypatch, capsys):
     assert main(["run", str(write_spec(tmp_path, tiny_spec())), "--run-dir", "run"]) == 2
     err = capsys.readouterr().err
     assert "must be a string" in err and secret not in err and "078-05" not in err
+
+
+def test_a_csv_without_a_header_row_is_not_echoed(tmp_path: Path, monkeypatch, capsys):
+    """Its "column names" are its first private record: the error counts them and shows none."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.csv").write_text("Patient Jane Roe SSN 078-05-1120 has diabetes,positive\nBob,negative\n", encoding="utf-8")
+    assert main(["run", str(write_spec(tmp_path, tiny_spec(data=[{"path": "d.csv"}]))), "--run-dir", "run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "d.csv:2: field 'instruction': missing (the record has 2 fields, not shown" in err and "078-05" not in err and "positive" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_ledger_is_a_one_line_refusal(tmp_path: Path):
+    """Never a traceback, never skipped: what was spent cannot be read, so no budget is computed."""
+    from knowledgesg.errors import KsgError
+    from privacy.ledger import ClientLedger
+
+    ledger = ClientLedger.of_data(tmp_path, "a" * 64, "bank_a", ["digest-1"])
+    ledger.keep_units()
+    ledger.path.write_bytes(b'{"release_id": "x"\xff}\n')
+    with pytest.raises(KsgError, match=r"a{32}\.jsonl: unreadable ledger \(not UTF-8 at byte 18\)"):
+        ledger.entries()
+    ledger.path.unlink()
+    ledger.units_path.write_text('{"client_id": "bank_a", "units": [', encoding="utf-8")
+    with pytest.raises(KsgError, match=r"a{32}\.units\.json: unreadable unit digests"):
+        ledger.entries()
+
+
+def test_an_unreadable_data_file_is_one_line(tmp_path: Path, monkeypatch, capsys):
+    """As a user without read permission sees it (the tests run as root, which reads anything)."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(20))
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self.name == "data.jsonl":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    assert main(["run", str(write_spec(tmp_path, tiny_spec())), "--run-dir", "run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(r"data\.jsonl: cannot be read \(Permission denied\)", err), err
+    assert not (tmp_path / "run").exists()

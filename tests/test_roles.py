@@ -269,6 +269,8 @@ def test_role_mistakes_are_one_line_errors(federation, tmp_path, capsys):
     assert "no member 'bank_z'" in capsys.readouterr().err
     assert run_in(tmp_path, "run", spec, "--role", "server") == 2
     assert "--exchange" in capsys.readouterr().err
+    assert run_in(tmp_path, "run", spec, "--exchange", exchange) == 2  # not silently ignored
+    assert "--exchange goes with --role client or --role server" in capsys.readouterr().err
     # the server before every client has sent: it says whom it waits for, and writes no stage
     assert run_in(tmp_path, "run", spec, "--run-dir", "early", "--role", "server", "--exchange", str(tmp_path / "empty")) == 1
     assert "waiting for client 'bank_a'" in capsys.readouterr().err
@@ -281,7 +283,7 @@ def test_role_mistakes_are_one_line_errors(federation, tmp_path, capsys):
     bank_a = federation["parties"]["bank_a"]
     adapter = (bank_a / "run/stages/dp_train/clients/bank_a/adapter/adapter_model.safetensors").read_bytes()
     for role in (["--role", "server"], ["--role", "client", "--client", "bank_b"], []):
-        assert run_in(bank_a, "run", spec, "--run-dir", "run", *role, "--exchange", exchange) == 2
+        assert run_in(bank_a, "run", spec, "--run-dir", "run", *role, *(["--exchange", exchange] if role else [])) == 2
         assert "one run directory holds one party's part" in capsys.readouterr().err
     assert (bank_a / "run/stages/dp_train/clients/bank_a/adapter/adapter_model.safetensors").read_bytes() == adapter
     assert json.loads((bank_a / "run/spec.json").read_text())["role"]["client"] == "bank_a"

@@ -26,7 +26,7 @@ RULES = ("fedavg", "fedprox", "fedavgm", "fedadagrad", "fedyogi", "fedadam", "sc
 class LocalTraining(StrictModel):
     """Each sampled client's work in a round."""
 
-    steps: int = Field(default=4, ge=1, description="local optimizer steps per round")
+    steps: int = Field(default=4, ge=1, le=1_000_000, description="local optimizer steps per round")
     batch_size: int = Field(default=8, ge=1)
     learning_rate: float = Field(default=2e-3, gt=0)
     optimizer: Literal["adam", "sgd"] = "adam"
@@ -55,7 +55,7 @@ class LocalDP(StrictModel):
     and what the client needs to keep its own ledger. The client draws its own noise; it refuses
     to send an update that would take it past `cap_epsilon`."""
 
-    noise_multiplier: float = Field(gt=0)
+    noise_multiplier: float = Field(gt=0)  # planned by the server (calibrated, or a spec's within NOISE_MULTIPLIER_RANGE)
     clip_norm: float = Field(gt=0)
     sample_rate: float = Field(gt=0, le=1)
     num_units: int = Field(ge=1, description="N as planned; the client checks it against its own data")

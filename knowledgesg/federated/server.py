@@ -38,6 +38,7 @@ from knowledgesg.federated.protocol import (RULES, ClientTask, ClientUpdate, Loc
 from knowledgesg.federated.secagg import SecAggPlan, SecureAggregation, SecureSum, conflicts, quantized_clip_norm, resolve
 from knowledgesg.fileio import named_crash_point, sha256_text
 from knowledgesg.spec import StrictModel
+from privacy.accounting import NOISE_MULTIPLIER_RANGE
 from privacy.noise import SecureRandom
 
 
@@ -58,7 +59,7 @@ class ClientDP(StrictModel):
     """Client-level DP-FedAvg: each client clips its update to `clip_norm`; the server adds N(0, (sigma clip)^2)."""
 
     clip_norm: float = Field(gt=0)
-    noise_multiplier: float = Field(gt=0)
+    noise_multiplier: float = Field(**NOISE_MULTIPLIER_RANGE)
 
 
 class FedJob(BaseModel):
