@@ -310,6 +310,11 @@ class CanarySpec(StrictModel):
     def _enough_rare_words(self) -> CanarySpec:
         if "rare_words" in self.kinds and self.count * self.words > RARE_WORDS:
             raise ValueError(f"{self.count} rare-word canaries of {self.words} words need {self.count * self.words} distinct words; the list has {RARE_WORDS}")
+        # digit secrets are drawn independently: in a space not well above the count, canaries share
+        # secrets (an unplanted canary would then be "memorised" through a planted one)
+        if "digits" in self.kinds and 10**self.digits < 4 * self.count:
+            raise ValueError(f"{self.count} digit canaries need secrets of at least {len(str(4 * self.count - 1))} digits "
+                             f"(10^digits at least 4 x count), not {self.digits}")
         return self
 
 

@@ -137,6 +137,8 @@ SPEC_CASES = [
         "labels": ["pos", "Pos"], "seeds": [{"instruction": "Q?"}]}}]), r"stages\[2\]\.params: labels: 'pos' appears more than once"),
     ("seed-negative", lambda s: s.update(seed=-5), r"spec\.yaml: seed: Input should be greater than or equal to 0"),
     ("ledger-dir-empty", lambda s: s.update(privacy={"ledger_dir": ""}), r"spec\.yaml: privacy\.ledger_dir: an empty path"),
+    ("canary-secrets-too-few", lambda s: s.update(audit={"canaries": {"client": "client_0", "count": 50, "digits": 1}}),
+     r"audit\.canaries: 50 digit canaries need secrets of at least 3 digits"),
     # YAML's true/false where a number goes: pydantic alone reads them as 1 and 0 (epsilon 1, one epoch)
     ("bool-for-epsilon", lambda s: s.update(privacy={"target_epsilon": True}), r"spec\.yaml: privacy\.target_epsilon: should be a number, got True"),
     ("bool-for-stage-param", lambda s: s.update(stages=[{"name": "ingest"}, {"name": "dp_train", "params": {"epochs": True}}]),
