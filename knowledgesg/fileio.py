@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from knowledgesg.errors import KsgError
+
 _crash_points_passed = 0
 
 
@@ -150,8 +152,22 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json_text(obj))
 
 
+class DamagedJSON(json.JSONDecodeError, KsgError):
+    """A JSON file the run wrote that cannot be read back (cut short, edited, not UTF-8): the CLI's
+    one line naming it, and still a JSONDecodeError for callers that take a damaged cache as absent."""
+
+
+def _decoded(path: Path, read: Callable[[], Any]) -> Any:
+    try:
+        return read()
+    except json.JSONDecodeError as err:
+        raise DamagedJSON(f"{path}: damaged JSON ({err.msg})", err.doc, err.pos) from None
+    except UnicodeDecodeError as err:
+        raise DamagedJSON(f"{path}: damaged JSON (not UTF-8 at byte {err.start})", "", 0) from None
+
+
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    return _decoded(Path(path), lambda: json.loads(Path(path).read_text(encoding="utf-8")))
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
@@ -165,8 +181,11 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    def read() -> list[dict[str, Any]]:
+        with open(path, encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+    return _decoded(Path(path), read)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import random
-import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,27 +125,25 @@ def _rows_hf_disk(path: Path) -> Iterator[Row]:
 READERS = {"jsonl": _rows_jsonl, "json": _rows_json, "csv": _rows_csv, "parquet": _rows_parquet, "hf_disk": _rows_hf_disk}
 
 
-FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,31}")
-
-
-def _field_names(row: dict[str, Any]) -> str:
-    """A record's field names for an error message, shown only where they look like names: the
-    "header" of a CSV file that has none is its first private record (a sentence, a patient's name
-    and number), which must not reach a console or log."""
+def _field_names(row: dict[str, Any], fmt: str) -> str:
+    """A record's field names for an error message. Not a CSV file's: its "header" is its first
+    private record when it has no header row (a sentence, a patient's name), and no rule tells a
+    name from a value ("JaneRoe"); a JSON object's keys are names."""
     if not row:
         return "no fields"
-    if all(FIELD_NAME.fullmatch(str(name)) for name in row):
-        return ", ".join(map(str, row))
-    return f"{len(row)} fields, not shown as some are not names (a CSV file without a header row?)"
+    if fmt == "csv":
+        return f"{len(row)} columns, their names not shown (without a header row they would be the first record; see it with `head -1 FILE`)"
+    return ", ".join(map(str, row))
 
 
-def _field_value(path: Path, number: int, row: dict[str, Any], record_field: str, column: str, required: bool, line_based: bool) -> str | None:
+def _field_value(path: Path, number: int, row: dict[str, Any], record_field: str, column: str, required: bool, fmt: str) -> str | None:
+    line_based = fmt in ("jsonl", "csv")
     where = {"line": number} if line_based else {}
     prefix = "" if line_based else f"record {number}: "
     if column not in row:
         if required:
             hint = (f" (mapped to record field '{record_field}')" if column != record_field
-                    else f" (the record has {_field_names(row)}; map one with `fields: {{{record_field}: NAME}}` on the data source)")
+                    else f" (the record has {_field_names(row, fmt)}; map one with `fields: {{{record_field}: NAME}}` on the data source)")
             raise data_error(path, f"{prefix}missing{hint}", field=column, **where)
         return None
     value = row[column]
@@ -158,13 +155,16 @@ def _field_value(path: Path, number: int, row: dict[str, Any], record_field: str
         value = str(value)
     if not isinstance(value, str):
         raise data_error(path, f"{prefix}must be a string, got {type(value).__name__}", field=column, **where)
-    # an empty user id would make every record without one the same user (and cut them to its bound)
-    if (required or record_field in ("id", "user_id", "document_id")) and not value.strip():
-        raise data_error(path, f"{prefix}is empty", field=column, **where)
+    if not value.strip():
+        if required:
+            raise data_error(path, f"{prefix}is empty", field=column, **where)
+        if record_field in ("id", "user_id", "document_id"):
+            return None  # a blank optional cell is absent: "" as a user id made every such record one user
     return value
 
 
-def rows_to_records(path: Path, rows: Iterator[Row], source: DataSource, source_name: str, line_based: bool) -> list[Record]:
+def rows_to_records(path: Path, rows: Iterator[Row], source: DataSource, source_name: str, fmt: str) -> list[Record]:
+    line_based = fmt in ("jsonl", "csv")
     kind = source.kind or "instruction"
     allowed = RECORD_FIELDS[kind]
     for mapping_name, mapping in (("fields", source.fields), ("constants", source.constants)):
@@ -182,7 +182,7 @@ def rows_to_records(path: Path, rows: Iterator[Row], source: DataSource, source_
                 continue
             column = source.fields.get(record_field, record_field)
             required = record_field in REQUIRED_FIELDS[kind] or record_field in source.fields
-            value = _field_value(path, number, row, record_field, column, required, line_based)
+            value = _field_value(path, number, row, record_field, column, required, fmt)
             if value is not None:
                 values[record_field] = value
         raw_id = values.pop("id", None) or str(number)
@@ -255,7 +255,7 @@ def load_source(source: DataSource, base_dir: Path, seed: int, own_data: bool = 
     else:
         path = source_path(source, base_dir)
         fmt = detect_format(path) if source.format == "auto" else source.format
-        records = rows_to_records(path, READERS[fmt](path), source, name, line_based=fmt in ("jsonl", "csv"))
+        records = rows_to_records(path, READERS[fmt](path), source, name, fmt)
     return (subsample_by_content if own_data else subsample)(records, source.sample, seed, name)
 
 

@@ -74,7 +74,10 @@ class HashCache:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.entries: dict[str, list] = read_json(path) if path.is_file() else {}
+        try:
+            self.entries: dict[str, list] = read_json(path) if path.is_file() else {}
+        except json.JSONDecodeError:  # a cache: damaged, it is made again
+            self.entries = {}
         self.dirty = False
 
     def digest(self, file: Path, key: bytes | None) -> str:

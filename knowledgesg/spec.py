@@ -113,9 +113,10 @@ class DataSource(StrictModel):
     @field_validator("constants")
     @classmethod
     def _constants_not_empty(cls, constants: dict[str, str]) -> dict[str, str]:
-        empty = [name for name, value in constants.items() if not value.strip()]
+        # `input: ""` is a record's default; a required field or an id may not be empty in the data either
+        empty = [name for name, value in constants.items() if not value.strip() and name in ("instruction", "response", "text", "id", "user_id", "document_id")]
         if empty:
-            raise ValueError(f"constants: '{empty[0]}' is empty (a record field the data must not leave empty either)")
+            raise ValueError(f"constants: '{empty[0]}' is empty (the data may not leave it empty either)")
         return constants
 
     @model_validator(mode="after")
@@ -210,7 +211,7 @@ class ModelsSpec(StrictModel):
 class PrivacySpec(StrictModel):
     """The privacy budget. `target_epsilon: .inf` is the non-private reference."""
 
-    target_epsilon: float = 8.0
+    target_epsilon: float = Field(default=8.0, allow_inf_nan=True)  # .inf: the non-private reference (NaN is refused below)
     delta: float | None = None  # default per client: at most 1e-5 and 1/(100 N), N its number of units
     unit: Literal["record", "user"] = "record"
     cap_epsilon: float | None = None  # per-client total, over every release ever made from its data

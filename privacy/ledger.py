@@ -157,9 +157,9 @@ def _read_units(path: Path) -> dict:
     other ledgers count with this one is unknown without them)."""
     try:
         kept = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(kept, dict) and isinstance(kept.get("units"), list) and "client_id" in kept:
+        if isinstance(kept, dict) and isinstance(kept.get("units"), list) and all(isinstance(u, str) for u in kept["units"]) and "client_id" in kept:
             return kept
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8 or not JSON, nested past the stack
         pass
     raise KsgError(f"{path}: unreadable unit digests of a ledger; refusing to compute a budget")
 

@@ -86,6 +86,7 @@ def test_audit_report_has_every_section(audited_run: Path):
     loss = mia["scores"]["loss"]
     assert {"tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "tpr_at_1pct_fpr_ci", "auc_ci"} <= set(loss) and not loss["tpr_at_1pct_fpr_measurable"]
     pii = report["pii"]
+    # 15 e-mails in 60 rows over two clients, a few held out: the holdout is chosen by content since 9dc2021 (9 here, 10 before)
     assert pii["by_type"].get("EMAIL_ADDRESS", 0) >= 8 and pii["attacked_spans"] > 0
     attacks = pii["models"]["dp_adapter:client_0"]["attacks"]
     assert attacks["inference"]["tried"] > 0 and 0 < attacks["inference"]["chance"] < 1

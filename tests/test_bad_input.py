@@ -46,11 +46,12 @@ DATA_CASES = [
     ("json-record-missing-field", {"path": "d.json"}, _bytes("d.json", b'[{"instruction": "Q", "response": "A"}, {"instruction": "Q2"}]'), r"d\.json: field 'response': record 2: missing"),
     ("jsonl-integer-too-long", {"path": "data.jsonl"}, _bytes("data.jsonl", b'{"instruction": "Q", "response": ' + b"9" * 5000 + b"}\n"), r"data\.jsonl:1: unreadable JSON \(ValueError\)"),
     ("jsonl-nested-too-deep", {"path": "data.jsonl"}, _bytes("data.jsonl", b"[" * 100000 + b"]" * 100000 + b"\n"), r"data\.jsonl:1: unreadable JSON \(RecursionError\)"),
-    ("empty-user-id", {"path": "data.jsonl"}, _jsonl(GOOD + '{"id": "b", "instruction": "Q2", "response": "no", "user_id": "  "}\n'), r"data\.jsonl:2: field 'user_id': is empty"),
     ("empty-constant", {"path": "data.jsonl", "constants": {"response": " "}}, _jsonl(GOOD), r"spec\.yaml: clients\.data\[0\]\.constants: constants: 'response' is empty"),
     ("csv-missing-column", {"path": "d.csv", "fields": {"instruction": "question"}}, _bytes("d.csv", b"instruction,response\nQ,A\n"), r"d\.csv:2: field 'question': missing \(mapped to record field 'instruction'\)"),
     ("csv-unmapped-columns", {"path": "d.csv"}, _bytes("d.csv", b"text,label\nhello,pos\n"),
-     r"d\.csv:2: field 'instruction': missing \(the record has text, label; map one with `fields: \{instruction: NAME\}` on the data source\)"),
+     r"d\.csv:2: field 'instruction': missing \(the record has 2 columns, their names not shown .*; map one with `fields: \{instruction: NAME\}` on the data source\)"),
+    ("jsonl-unmapped-fields", {"path": "data.jsonl"}, _jsonl('{"text": "hello", "label": "pos"}\n'),
+     r"data\.jsonl:1: field 'instruction': missing \(the record has text, label; map one with `fields: \{instruction: NAME\}` on the data source\)"),
     ("csv-extra-cells", {"path": "d.csv"}, _bytes("d.csv", b"instruction,response\nQ,A\nQ2,A2,surplus\n"), r"d\.csv:3: 2 columns in the header but more cells"),
     ("csv-repeated-column", {"path": "d.csv"}, _bytes("d.csv", b"instruction,response,response\nQ,A,x\n"), r"d\.csv:1: column 'response' appears more than once in the header"),
     ("csv-quote-never-closed", {"path": "d.csv"}, _bytes("d.csv", b'instruction,response\nQ,A\n"Q2,A2\nQ3,A3\n'), r"d\.csv:3: malformed CSV in the row that starts here \(.*a quote never closed\?\)"),
@@ -305,10 +306,10 @@ def test_no_private_text_in_error_messages(tmp_path: Path, monkeypatch, capsys):
 def test_a_csv_without_a_header_row_is_not_echoed(tmp_path: Path, monkeypatch, capsys):
     """Its "column names" are its first private record: the error counts them and shows none."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "d.csv").write_text("Patient Jane Roe SSN 078-05-1120 has diabetes,positive\nBob,negative\n", encoding="utf-8")
+    (tmp_path / "d.csv").write_text("JaneRoe,diabetes\nBob,flu\n", encoding="utf-8")
     assert main(["run", str(write_spec(tmp_path, tiny_spec(data=[{"path": "d.csv"}]))), "--run-dir", "run"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "d.csv:2: field 'instruction': missing (the record has 2 fields, not shown" in err and "078-05" not in err and "positive" not in err
+    assert "d.csv:2: field 'instruction': missing (the record has 2 columns, their names not shown" in err and "JaneRoe" not in err and "diabetes" not in err
     assert not (tmp_path / "run").exists()
 
 
@@ -323,9 +324,10 @@ def test_a_damaged_ledger_is_a_one_line_refusal(tmp_path: Path):
     with pytest.raises(KsgError, match=r"a{32}\.jsonl: unreadable ledger \(not UTF-8 at byte 18\)"):
         ledger.entries()
     ledger.path.unlink()
-    ledger.units_path.write_text('{"client_id": "bank_a", "units": [', encoding="utf-8")
-    with pytest.raises(KsgError, match=r"a{32}\.units\.json: unreadable unit digests"):
-        ledger.entries()
+    for damaged in ('{"client_id": "bank_a", "units": [', '{"client_id": "bank_a", "units": [[1]]}', "[" * 100000):
+        ledger.units_path.write_text(damaged, encoding="utf-8")
+        with pytest.raises(KsgError, match=r"a{32}\.units\.json: unreadable unit digests"):
+            ledger.entries()
 
 
 def test_an_unreadable_data_file_is_one_line(tmp_path: Path, monkeypatch, capsys):
@@ -343,4 +345,32 @@ def test_an_unreadable_data_file_is_one_line(tmp_path: Path, monkeypatch, capsys
     assert main(["run", str(write_spec(tmp_path, tiny_spec())), "--run-dir", "run"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(r"data\.jsonl: cannot be read \(Permission denied\)", err), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_run_file_is_named_in_one_line_and_a_damaged_cache_is_made_again(tmp_path: Path):
+    from knowledgesg.errors import KsgError
+    from knowledgesg.fileio import read_json, read_jsonl
+    from knowledgesg.runner import HashCache
+
+    (tmp_path / "partition.json").write_text('{"clients": {"bank_a": 1', encoding="utf-8")
+    (tmp_path / "records.jsonl").write_bytes(b'{"id": "a"}\n{"id": "\xff"}\n')
+    with pytest.raises(KsgError, match=r"partition\.json: damaged JSON \(Expecting"):
+        read_json(tmp_path / "partition.json")
+    with pytest.raises(KsgError, match=r"records\.jsonl: damaged JSON \(not UTF-8 at byte 20\)"):
+        read_jsonl(tmp_path / "records.jsonl")
+    (tmp_path / ".input_hashes.json").write_text("{", encoding="utf-8")
+    assert HashCache(tmp_path / ".input_hashes.json").entries == {}
+
+
+def test_a_blank_user_id_is_no_user_id(tmp_path: Path, monkeypatch, capsys):
+    """Not one user called "" holding every such record (cut to the contribution bound): under
+    unit: user it is refused like a missing one; the README's `constants: {input: ""}` stays valid."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", [{**row, "user_id": " " if k == 3 else f"u{k % 4}"} for k, row in enumerate(sentiment_rows(12))])
+    spec = tiny_spec(data=[{"path": "data.jsonl", "constants": {"input": ""}}], privacy={"target_epsilon": 8.0, "unit": "user"},
+                     stages=["prepare_models", "ingest", {"name": "dp_train", "params": {"batch_size": 2}}])
+    assert main(["run", str(write_spec(tmp_path, spec)), "--run-dir", "run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search(r"privacy\.unit is 'user' but record 'data/\S+' has no user_id", err), err
     assert not (tmp_path / "run").exists()
