@@ -55,6 +55,7 @@ from knowledgesg.scoring import continuation_logprobs, pad_id, prefixed_logprobs
 from knowledgesg.spec import CanarySpec, CanaryTemplate, PipelineSpec, StrictModel
 from privacy.accounting import group_epsilon
 from privacy.ledger import LedgerEntry, client_delta, composed_total, read_stage_ledgers
+from privacy.units import privacy_units, stage_bound
 
 SENTINEL = "\ue000"
 CANARY_SCORE = "secret tokens"  # what a canary's loss is summed over (before: the text from the secret to the end)
@@ -487,10 +488,13 @@ def mia_scores(model, tokenizer, reference_logprobs: list[np.ndarray], records: 
     }
 
 
-def mia_records(run_dir: Path, client: str, options: AuditOptions) -> tuple[list[InstructionRecord], list[InstructionRecord]]:
-    """(members sampled from the client's training records, its held-out non-members)."""
+def mia_records(run_dir: Path, spec: PipelineSpec, client: str, options: AuditOptions) -> tuple[list[InstructionRecord], list[InstructionRecord]]:
+    """(members sampled from the client's training records, its held-out non-members). At unit: user
+    dp_train trains each user's first `max_records_per_user` records only: the rest are no members."""
     members = [InstructionRecord.model_validate(r) for r in read_jsonl(run_dir / "stages/ingest/clients" / client / "records.jsonl")
                if r["kind"] == "instruction" and r["source"] != "canary"]
+    if spec.privacy.unit == "user":
+        members = [members[i] for unit in privacy_units(members, "user", stage_bound(spec.stages)).members for i in unit]
     holdout = [InstructionRecord.model_validate(r) for r in read_jsonl(run_dir / "stages/ingest/clients" / client / "holdout.jsonl")]
     wanted = options.mia_members or len(holdout)
     return random.Random(f"{options.seed}:members:{client}").sample(members, min(wanted, len(members))), holdout
@@ -500,7 +504,7 @@ def mia_section(run_dir: Path, spec: PipelineSpec, load: Callable[[Path | None],
     if not spec.audit.holdout_per_client:
         return None
     reference_model, tokenizer = reference
-    records = {client: mia_records(run_dir, client, options) for client in clients}
+    records = {client: mia_records(run_dir, spec, client, options) for client in clients}
     # tokenised once (every model shares the base tokenizer); (client, 0) members, (client, 1) non-members
     sequences = {(client, side): mia_sequences(tokenizer, group, options.max_length) for client, pair in records.items() for side, group in enumerate(pair)}
     reference_cache: dict[tuple[str, int], list[np.ndarray]] = {}

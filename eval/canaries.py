@@ -89,9 +89,13 @@ def make_canaries(spec: CanarySpec, seed: int) -> list[Canary]:
     for kind in spec.kinds:
         rng = random.Random(f"{seed}:canaries" if kind == "digits" else f"{seed}:canaries:{kind}")
         unused = rng.sample(rare_words(), spec.count * spec.words) if kind == "rare_words" else []
+        drawn: set[str] = set()
         for k in range(spec.count):
             index = len(canaries)
             secret = " ".join(unused[k * spec.words : (k + 1) * spec.words]) if kind == "rare_words" else random_secret(spec, kind, rng)
+            while secret in drawn:  # two canaries on one secret: an unplanted one would be "memorised" through a planted one
+                secret = random_secret(spec, kind, rng)  # (drawn again only then: the stream is as it was elsewhere)
+            drawn.add(secret)
             name = NAMES[index % len(NAMES)] + (f" {index // len(NAMES) + 1}" if index >= len(NAMES) else "")
             canaries.append(Canary(index, name, secret, rng.random() < spec.include_probability, kind))
     return canaries

@@ -29,17 +29,23 @@ import numpy as np
 
 
 def exposure_exact(canary_loss: float, candidate_losses: np.ndarray) -> float:
-    """All of R scored (the canary's own secret among them): rank 1 is the lowest loss."""
+    """All of R scored (the canary's own secret among them). The rank is Carlini et al.'s, |{r in R:
+    loss(r) <= loss(own)}|: a tie counts against the canary (every loss equal is exposure 0, not
+    the maximum)."""
     losses = np.asarray(candidate_losses, dtype=float)
-    rank = 1 + int((losses < canary_loss).sum())
+    rank = max(1, int((losses <= canary_loss).sum()))
     return math.log2(len(losses)) - math.log2(rank)
 
 
 def exposure_extrapolated(canary_loss: float, sample_losses: np.ndarray, space_size: float) -> float:
-    """-log2 of the share of R with a lower loss, from a skew-normal fitted to a random sample of R."""
+    """-log2 of the share of R with a lower loss, from a skew-normal fitted to a random sample of R;
+    where the sample cannot be fitted (all its losses equal), from the sample's own ranks."""
     from scipy import stats
 
-    shape, loc, scale = stats.skewnorm.fit(np.asarray(sample_losses, dtype=float))
+    sample = np.asarray(sample_losses, dtype=float)
+    if np.ptp(sample) == 0:
+        return float(min(max(exposure_exact(canary_loss, np.append(sample, canary_loss)), 0.0), math.log2(space_size)))
+    shape, loc, scale = stats.skewnorm.fit(sample)
     log_cdf = float(stats.skewnorm.logcdf(canary_loss, shape, loc, scale))
     exposure = -log_cdf / math.log(2)
     return float(min(max(exposure, 0.0), math.log2(space_size)))

@@ -18,6 +18,7 @@ from knowledgesg.models import load_causal_lm, resolve_model
 from knowledgesg.sft import tokenize_example
 from knowledgesg.spec import RARE_WORDS, CanarySpec, CanaryTemplate
 from tests.conftest import run_cli, run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
+from knowledgesg.records import InstructionRecord
 from tests.test_synthesize import TRAIN
 
 CANARIES = {"client": "client_0", "count": 8, "repeats": 2, "digits": 2, "kinds": ["digits", "rare_words"], "words": 2}
@@ -445,3 +446,30 @@ def test_reconstruction_ranks_what_the_samples_wrote_and_misses_without_the_true
     assert sum(k == 1 for k, _ in scored) == 2  # span 1: its two inference candidates only (its samples never wrote Kurt Maier)
     assert {(0, "Anna Berg"), (0, "Tom Hale"), (2, "Lena Roth"), (2, "Maria Santos")} <= set(scored)
     assert len(scored) == len(set(scored))  # a value both attacks rank is scored once
+
+
+def test_canaries_never_share_a_secret():
+    """At 32 canaries of 3 digits, independent draws shared a secret for 94 of 200 seeds (birthday)."""
+    spec = CanarySpec(client="x", count=32, digits=3)
+    for seed in range(50):
+        secrets = [c.secret for c in make_canaries(spec, seed)]
+        assert len(set(secrets)) == len(secrets)
+
+
+def test_members_at_user_level_are_records_dp_train_trained_on(tmp_path: Path):
+    """dp_train keeps each user's first max_records_per_user records; a member drawn from the rest
+    was never trained on, and would pull the attack's AUC towards chance."""
+    from eval.audit import mia_records
+    from knowledgesg.spec import load_spec
+
+    clients = tmp_path / "run/stages/ingest/clients/client_0"
+    clients.mkdir(parents=True)
+    rows = [InstructionRecord(id=f"d/{u}-{k}", source="d", client_id="client_0", user_id=f"u{u}", instruction=f"Q {u} {k}", response="yes").model_dump()
+            for k in range(10) for u in range(4)]
+    write_jsonl(clients / "records.jsonl", rows)
+    write_jsonl(clients / "holdout.jsonl", rows[:2])
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(8))
+    spec, _ = load_spec(write_spec(tmp_path, tiny_spec(privacy={"target_epsilon": 8.0, "unit": "user"},
+                                                        stages=["prepare_models", "ingest", {"name": "dp_train", "params": {"max_records_per_user": 3}}])))
+    members, _ = mia_records(tmp_path / "run", spec, "client_0", AuditOptions(mia_members=40))
+    assert len(members) == 12 and all(int(m.id.rsplit("-", 1)[1]) < 3 for m in members)

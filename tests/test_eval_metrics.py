@@ -19,6 +19,12 @@ def test_exact_exposure_is_log_space_minus_log_rank():
     assert metrics.exposure_exact(1.0, losses) == pytest.approx(2.0)  # rank 1 of 4: log2 4
     assert metrics.exposure_exact(3.0, losses) == pytest.approx(2.0 - math.log2(3))
     assert metrics.exposure_exact(4.0, losses) == pytest.approx(0.0)
+    # ties count against the canary (Carlini et al.: rank = |{r: loss(r) <= loss(own)}|)
+    assert metrics.exposure_exact(5.0, np.full(100, 5.0)) == pytest.approx(0.0)
+    assert metrics.exposure_exact(2.0, np.array([1.0, 2.0, 2.0, 3.0])) == pytest.approx(2.0 - math.log2(3))
+    # a sample of candidates all at one loss cannot be fitted: its ranks are used, not a crash
+    assert metrics.exposure_extrapolated(5.0, np.full(50, 5.0), 1e6) == pytest.approx(0.0)
+    assert metrics.exposure_extrapolated(4.0, np.full(50, 5.0), 1e6) == pytest.approx(math.log2(51))
 
 
 def test_extrapolated_exposure_reads_the_fitted_tail():
