@@ -16,7 +16,7 @@ from rich.table import Table
 
 from knowledgesg.console import console, quiet_dependencies
 from knowledgesg.errors import InputError, KsgError, SpecError
-from knowledgesg.fileio import read_json
+from knowledgesg.fileio import read_json, unmakeable_directory
 from knowledgesg.models import MARKER, REGISTRY, TINY, cache_root, resolve_device
 
 # Each command imports the runner, the stages, the accountant and the evaluation inside itself:
@@ -265,6 +265,13 @@ def split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def refuse_unwritable_output(directory: Path) -> None:
+    """Before the models are scored (minutes), not after: where the report goes must be a directory."""
+    problem = unmakeable_directory(directory)
+    if problem:
+        raise InputError(f"{directory}: {problem}; the report cannot be written there")
+
+
 @app.command("eval")
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run directory")],
@@ -301,6 +308,7 @@ def evaluate(
         raise InputError(format_validation_error("ksg eval", err)) from None
     spec, _ = load_run_spec(run_dir)
     check_ready(run_dir)
+    refuse_unwritable_output(run_dir / "eval")
     server_release = Published(published) if published is not None else None
     if server_release is not None:
         server_release.check(run_dir, load_run_role(run_dir).kind, list(read_json(run_dir / "stages/ingest/partition.json")["clients"]))
@@ -362,6 +370,7 @@ def audit(
 
     from eval.audit import AuditOptions, run_audit
     from eval.report import write_audit_report
+    from knowledgesg.runner import load_run_spec
     from knowledgesg.spec import format_validation_error
 
     try:
@@ -369,6 +378,8 @@ def audit(
                                mia_members=mia_members, pii_occurrences=pii_spans, pii_attack_samples=pii_attack_samples, pii_score=pii_score, bootstrap=bootstrap, models=split(models), precision=precision, seed=seed)
     except ValidationError as err:
         raise InputError(format_validation_error("ksg audit", err)) from None
+    load_run_spec(run_dir)  # a run directory at all, said first
+    refuse_unwritable_output(run_dir / "audit")
     report = run_audit(run_dir, options)
     _print_audit(report)
     json_path, html_path = write_audit_report(report, run_dir / "audit")

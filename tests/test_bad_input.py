@@ -374,3 +374,14 @@ def test_a_blank_user_id_is_no_user_id(tmp_path: Path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert re.search(r"privacy\.unit is 'user' but record 'data/\S+' has no user_id", err), err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_report_directory_that_is_a_file_is_refused_before_scoring(workdir: Path, capsys):
+    """Not after every model was scored (minutes), as it was."""
+    assert main(["run", str(write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest"]))), "--run-dir", "run"]) == 0
+    (workdir / "run/audit").write_text("keep me")
+    capsys.readouterr()
+    assert main(["audit", "run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "ksg: error: run/audit: exists and is not a directory; the report cannot be written there", err
+    assert (workdir / "run/audit").read_text() == "keep me"
