@@ -377,7 +377,12 @@ def audit(
         options = AuditOptions(candidates=candidates, exposure_canaries=exposure_canaries, guesses=guesses, in_guesses=in_guesses, extraction_samples=samples, pii_samples=4 * samples,
                                mia_members=mia_members, pii_occurrences=pii_spans, pii_attack_samples=pii_attack_samples, pii_score=pii_score, bootstrap=bootstrap, models=split(models), precision=precision, seed=seed)
     except ValidationError as err:
-        raise InputError(format_validation_error("ksg audit", err)) from None
+        # name the flag the user typed, not the option's field (--samples sets two of them)
+        flags = {"extraction_samples": "samples", "pii_samples": "samples", "pii_occurrences": "pii-spans"}
+        first = err.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else ""
+        flag = f"--{flags.get(name, name.replace('_', '-'))}"
+        raise InputError(f"ksg audit: {flag}: {first['msg'].removeprefix('Value error, ')} (got {first['input']!r})" if name else format_validation_error("ksg audit", err)) from None
     load_run_spec(run_dir)  # a run directory at all, said first
     refuse_unwritable_output(run_dir / "audit")
     report = run_audit(run_dir, options)

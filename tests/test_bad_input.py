@@ -385,3 +385,10 @@ def test_a_report_directory_that_is_a_file_is_refused_before_scoring(workdir: Pa
     err = capsys.readouterr().err.strip()
     assert err == "ksg: error: run/audit: exists and is not a directory; the report cannot be written there", err
     assert (workdir / "run/audit").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("flag,value", [("--samples", "-1"), ("--pii-spans", "-1"), ("--candidates", "-5")])
+def test_a_bad_audit_option_names_the_flag_typed(tmp_path: Path, capsys, flag, value):
+    assert main(["audit", str(tmp_path), flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ksg: error: ksg audit: {flag}: ") and f"(got {value})" in err and len(err.splitlines()) == 1, err
