@@ -55,7 +55,7 @@ from knowledgesg.scoring import continuation_logprobs, pad_id, prefixed_logprobs
 from knowledgesg.spec import CanarySpec, CanaryTemplate, PipelineSpec, StrictModel
 from privacy.accounting import group_epsilon
 from privacy.ledger import LedgerEntry, client_delta, composed_total, read_stage_ledgers
-from privacy.units import privacy_units, stage_bound
+from privacy.units import privacy_units
 
 SENTINEL = "\ue000"
 CANARY_SCORE = "secret tokens"  # what a canary's loss is summed over (before: the text from the secret to the end)
@@ -490,11 +490,13 @@ def mia_scores(model, tokenizer, reference_logprobs: list[np.ndarray], records: 
 
 def mia_records(run_dir: Path, spec: PipelineSpec, client: str, options: AuditOptions) -> tuple[list[InstructionRecord], list[InstructionRecord]]:
     """(members sampled from the client's training records, its held-out non-members). At unit: user
-    dp_train trains each user's first `max_records_per_user` records only: the rest are no members."""
+    dp_train trained each user's first records only, as many as its privacy.json's bound: the rest are no members."""
     members = [InstructionRecord.model_validate(r) for r in read_jsonl(run_dir / "stages/ingest/clients" / client / "records.jsonl")
                if r["kind"] == "instruction" and r["source"] != "canary"]
-    if spec.privacy.unit == "user":
-        members = [members[i] for unit in privacy_units(members, "user", stage_bound(spec.stages)).members for i in unit]
+    trained = run_dir / "stages/dp_train/clients" / client / "privacy.json"
+    if spec.privacy.unit == "user" and trained.is_file():
+        bound = read_json(trained)["max_records_per_unit"]
+        members = [members[i] for unit in privacy_units(members, "user", bound).members for i in unit]
     holdout = [InstructionRecord.model_validate(r) for r in read_jsonl(run_dir / "stages/ingest/clients" / client / "holdout.jsonl")]
     wanted = options.mia_members or len(holdout)
     return random.Random(f"{options.seed}:members:{client}").sample(members, min(wanted, len(members))), holdout

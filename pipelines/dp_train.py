@@ -33,7 +33,7 @@ from knowledgesg.stage import Stage, StageContext
 from pipelines.ingest import client_records, planning_records, training_records
 from privacy.accounting import NOISE_MULTIPLIER_RANGE, Mechanism, RunningEpsilon, calibrate_noise, check_delta, default_delta, epsilons
 from privacy.ledger import LEDGER, LedgerEntry, check_budget, new_release_id, now, trust_line
-from privacy.units import MAX_RECORDS_PER_USER, UNIT_NAMES, Units, privacy_units
+from privacy.units import UNIT_NAMES, Units, privacy_units
 
 NOT_PRIVATE = "NOT PRIVATE"
 NOISE_SOURCES = {
@@ -55,7 +55,7 @@ class DPTrainParams(StrictModel):
     lora_r: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=16, ge=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
-    max_records_per_user: int = Field(default=MAX_RECORDS_PER_USER, ge=1, description="records one user (or source document) contributes")
+    max_records_per_user: int = Field(default=8, ge=1, description="records one user (or source document) contributes")
     loss_on: Literal["response", "all"] = Field(default="response", description="'all' also learns the user turn, needed to synthesize inputs")
     source_stage: Literal["ingest", "structure"] = Field(default="ingest", description="the stage whose client records are trained on")
     precision: Precision = Field(

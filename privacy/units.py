@@ -44,14 +44,6 @@ class Units:
         return [len(m) for m in self.members]
 
 
-MAX_RECORDS_PER_USER = 8  # dp_train's default bound on one user's (or source document's) records
-
-
-def stage_bound(spec_stages, stage: str = "dp_train") -> int:
-    """The per-user bound a spec's `stage` trains with (its `max_records_per_user`, else the default)."""
-    params = next((s.params for s in spec_stages if s.name == stage), {})
-    return int(params.get("max_records_per_user", MAX_RECORDS_PER_USER))
-
 
 def privacy_units(records: list[InstructionRecord], unit: SpecUnit, max_records: int) -> Units:
     """Group records into units (in first-seen order), each truncated to `max_records` records."""

@@ -468,6 +468,9 @@ def test_members_at_user_level_are_records_dp_train_trained_on(tmp_path: Path):
             for k in range(10) for u in range(4)]
     write_jsonl(clients / "records.jsonl", rows)
     write_jsonl(clients / "holdout.jsonl", rows[:2])
+    trained = tmp_path / "run/stages/dp_train/clients/client_0"
+    trained.mkdir(parents=True)
+    (trained / "privacy.json").write_text(json.dumps({"unit": "user", "max_records_per_unit": 3}))
     write_jsonl(tmp_path / "data.jsonl", sentiment_rows(8))
     spec, _ = load_spec(write_spec(tmp_path, tiny_spec(privacy={"target_epsilon": 8.0, "unit": "user"},
                                                         stages=["prepare_models", "ingest", {"name": "dp_train", "params": {"max_records_per_user": 3}}])))
