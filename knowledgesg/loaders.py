@@ -19,7 +19,7 @@ from typing import Any
 from knowledgesg.builtin_data import VENDOR, load_builtin
 from knowledgesg.errors import InputError, data_error
 from knowledgesg.fileio import sha256_file
-from knowledgesg.records import RECORD_FIELDS, REQUIRED_FIELDS, InstructionRecord, Record, TextRecord
+from knowledgesg.records import ID_FIELDS, RECORD_FIELDS, REQUIRED_FIELDS, InstructionRecord, Record, TextRecord
 from knowledgesg.spec import DataSource
 
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -158,7 +158,7 @@ def _field_value(path: Path, number: int, row: dict[str, Any], record_field: str
     if not value.strip():
         if required:
             raise data_error(path, f"{prefix}is empty", field=column, **where)
-        if record_field in ("id", "user_id", "document_id"):
+        if record_field in ID_FIELDS:
             return None  # a blank optional cell is absent: "" as a user id made every such record one user
     return value
 

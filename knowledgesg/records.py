@@ -47,3 +47,6 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "instruction": ("instruction", "response"),
     "text": ("text",),
 }
+
+# The fields that name a record, its user or its document: never empty (a blank one is absent).
+ID_FIELDS = ("id", "user_id", "document_id")

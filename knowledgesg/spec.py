@@ -17,6 +17,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo, field_validator, model_validator
 
 from knowledgesg.builtin_data import BUILTINS
+from knowledgesg.records import ID_FIELDS, REQUIRED_FIELDS
 from knowledgesg.errors import InputError
 
 DataFormat = Literal["auto", "jsonl", "json", "csv", "parquet", "hf_disk"]
@@ -114,7 +115,8 @@ class DataSource(StrictModel):
     @classmethod
     def _constants_not_empty(cls, constants: dict[str, str]) -> dict[str, str]:
         # `input: ""` is a record's default; a required field or an id may not be empty in the data either
-        empty = [name for name, value in constants.items() if not value.strip() and name in ("instruction", "response", "text", "id", "user_id", "document_id")]
+        never_empty = {*ID_FIELDS, *(name for fields in REQUIRED_FIELDS.values() for name in fields)}
+        empty = [name for name, value in constants.items() if not value.strip() and name in never_empty]
         if empty:
             raise ValueError(f"constants: '{empty[0]}' is empty (the data may not leave it empty either)")
         return constants
