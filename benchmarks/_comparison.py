@@ -166,6 +166,13 @@ def copied_synthetic(run_a: Path, stage: str) -> str:
     return f"{copied} / {total}"
 
 
+def client_sizes(run_dir: Path) -> dict[str, int]:
+    """Each client's true number of training records, from its own side of the run (these benchmarks
+    simulate every party): partition.json holds the released, noised counts."""
+    clients = json.loads((run_dir / "stages/ingest/partition.json").read_text())["clients"]
+    return {c: json.loads((run_dir / f"stages/ingest/clients/{c}/stats.json").read_text())["records"] for c in clients}
+
+
 def count_lines(run_dir: Path, stage: str, file: str) -> int:
     return sum(len(path.read_text().splitlines()) for path in (run_dir / "stages" / stage / "clients").glob(f"*/{file}"))
 
@@ -190,7 +197,7 @@ def table(runs: dict[str, Path], tasks: list[str], first_client: str, epsilon: f
 def per_client_table(runs: dict[str, Path], tasks: list[str]) -> list[str]:
     """The DP and non-private rows are means over clients; each client's own adapter here, with
     the number of training records it held (ingest's partition)."""
-    sizes = json.loads((runs["A"] / "stages/ingest/partition.json").read_text())["clients"]
+    sizes = client_sizes(runs["A"])
     lines = ["| client | training records (planted canary copies included) | adapter | " + " | ".join(tasks) + " | mean |", "|---|---|---|" + "---|" * (len(tasks) + 1)]
     for client, size in sizes.items():
         for run, kind in (("C", "NOT PRIVATE"), ("A", "DP")):

@@ -51,7 +51,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, RunStore, code_version, command, machine, spec_digest, write_result  # noqa: E402
-from _comparison import client_epsilon, count_lines, ksg  # noqa: E402
+from _comparison import client_epsilon, client_sizes, count_lines, ksg  # noqa: E402
 
 from eval.benchmarks import CALIBRATED, load_task, score as score_items  # noqa: E402
 from eval.evaluate import EvalOptions  # noqa: E402
@@ -754,7 +754,7 @@ def details(run_dir: Path) -> list[str]:
     """What a pipeline run did: the banks' sizes and composed epsilons, synthetic pairs, refine and tune_professional."""
     lines = []
     if (run_dir / "stages/ingest/partition.json").is_file():
-        sizes = json.loads((run_dir / "stages/ingest/partition.json").read_text())["clients"]
+        sizes = client_sizes(run_dir)
         lines.append("Banks' records: " + ", ".join(f"{k} {v}" for k, v in sizes.items()) + ".")
         eps = ", ".join(f"{bank} {client_epsilon(run_dir, bank):.2f}" for bank in BANKS) if (run_dir / "stages/dp_train/ledger.json").is_file() else "dp_train not finished"
         lines.append(f"Composed epsilon per bank in run {run_dir.name} (every release in its ledger): {eps}.")

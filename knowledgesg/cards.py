@@ -8,6 +8,7 @@ import math
 import yaml
 
 from knowledgesg import __version__
+from privacy.count import COUNT_RELEASE
 from privacy.ledger import LedgerEntry, client_delta, composed_total
 from privacy.units import UNIT_NAMES
 
@@ -29,7 +30,8 @@ def privacy_statement(releases: dict[str, list[LedgerEntry]]) -> str:
         counted = [e for e in entries if e.costs_privacy]
         units = ", ".join(dict.fromkeys(UNIT_NAMES.get(e.unit, e.unit) for e in counted)) or "-"
         sizes = [e.num_units for e in counted if e.num_units is not None]
-        n = str(sizes[-1]) if sizes else "-"
+        count = next((e for e in entries if e.release == COUNT_RELEASE), None)
+        n = (f"{sizes[-1]} (noised count, sigma {count.mechanism.noise_multiplier:g})" if count else f"{sizes[-1]} (public)") if sizes else "-"
         n_delta = f"{sizes[-1] * delta:.1e}" if sizes else "-"
         trust = "; ".join(dict.fromkeys(e.trust for e in counted)) or "no release of private data"
         rows.append(f"| {client} | {units} | {n} | {_eps(composed_total(entries, delta).reported)} | {delta:.1e} | {n_delta} | "
@@ -44,7 +46,10 @@ def privacy_statement(releases: dict[str, list[LedgerEntry]]) -> str:
     reproducible = any(e.noise == "reproducible" for entries in releases.values() for e in entries)
     drawn = ("Noise came from the public spec seed (privacy.reproducible_noise), not OS entropy" if reproducible
              else "Noise was drawn on each client from OS entropy for every release" + (", but for client-level DP-FedAvg's, which the server draws" if client_level else ""))
-    lines += [f"{drawn}; N is treated as public. A client's own ledger may hold more "
+    noised = any(e.release == COUNT_RELEASE for entries in releases.values() for e in entries)
+    size = ("N is each client's noised count of its units (a Gaussian release in its ledger, composed above)" if noised
+            else "N is treated as public (privacy.count_noise: 0)")
+    lines += [f"{drawn}; {size}. A client's own ledger may hold more "
               "releases of its data than this run made (earlier runs, reruns); the full report, with the threat model: `ksg privacy-report RUN`."]
     if any(not e.private and e.mechanism.kind != "post_processing" for entries in releases.values() for e in entries):
         lines += ["", "**NOT PRIVATE**: at least one release had no noise, or noise anyone with the spec can regenerate (privacy.reproducible_noise)."]

@@ -192,10 +192,10 @@ def check(
         console.print(f"  model {role}: {name} ({note})")
     if checks:
         table = Table(title="planned privacy per client (dp_train calibration, and a DP histogram if synthesize makes one)")
-        for column in ("client", "records", "N", "unit", "q", "steps", "sigma", "delta", "planned eps", "spent before", "total", "cap", ""):
-            table.add_column(column, justify="left" if column in ("client", "unit", "") else "right")
+        for column in ("client", "records", "N", "N is", "unit", "q", "steps", "sigma", "delta", "planned eps", "spent before", "total", "cap", ""):
+            table.add_column(column, justify="left" if column in ("client", "N is", "unit", "") else "right")
         for c in checks:
-            table.add_row(c.client_id, str(c.records), str(c.units or "-"), c.unit or "-", f"{c.sample_rate:.4f}" if c.sample_rate else "-", str(c.steps or "-"),
+            table.add_row(c.client_id, str(c.records), str(c.units or "-"), c.count, c.unit or "-", f"{c.sample_rate:.4f}" if c.sample_rate else "-", str(c.steps or "-"),
                           f"{c.noise_multiplier:.3f}" if c.noise_multiplier is not None else "-", f"{c.delta:.1e}" if c.delta else "-",
                           _eps(c.planned_epsilon), f"{_eps(c.spent_epsilon)} ({c.releases_before})", _eps(c.total_epsilon),
                           "-" if c.cap is None else f"{c.cap:g}", "[green]ok[/]" if c.within_cap else "[bold red]over the cap[/]")
@@ -229,7 +229,7 @@ def status(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run di
 def privacy_report(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run directory")]) -> None:
     """Per client: every release ever made from its data, its mechanism, (epsilon, delta) by PRV,
     RDP and PLD and whom it holds against; the composed total; the threat model."""
-    from privacy.report import build_report, fmt, release_label, write_report
+    from privacy.report import build_report, fmt, release_label, size_origin, write_report
     from privacy.units import UNIT_NAMES
 
     report = build_report(run_dir)
@@ -245,7 +245,7 @@ def privacy_report(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="
         cap = "" if client.cap_epsilon is None else f", cap {client.cap_epsilon:g}"
         n = "" if client.num_units is None else f", N x delta {client.n_times_delta:.1e}"
         table.add_row(client.client_id, f"[bold]total (PLD){cap}[/]", ", ".join(client.units), "", "", "", f"{client.delta:.2e}", fmt(client.total.prv), fmt(client.total.rdp),
-                      f"[bold]{fmt(client.total.pld)}[/]", f"N = {client.num_units}{n}" if client.num_units else "", end_section=client.client_level is None)
+                      f"[bold]{fmt(client.total.pld)}[/]", f"N = {client.num_units} ({size_origin(client)}){n}" if client.num_units else "", end_section=client.client_level is None)
         if client.client_level is not None:
             table.add_row(client.client_id, "client-level DP-FedAvg (final-model holders only)", "client", "", "", "", f"{client.client_level.delta:.2e}",
                           fmt(client.client_level.prv), fmt(client.client_level.rdp), fmt(client.client_level.pld), "", end_section=True)

@@ -5,7 +5,7 @@
                                               no timings: its start and end are when it was sent)
     EXCHANGE/<client>/<stage>/<outputs>       those outputs: releases only (a DP adapter with its
                                               privacy statement and ledger entry, a DP histogram,
-                                              the client's record count, the public pool index)
+                                              the client's noised unit count, the public pool index)
     EXCHANGE/<client>/ledger.jsonl            the client's ledger: every release ever made from its
                                               data (run directories replaced by a label), so the
                                               server counts them all
@@ -13,8 +13,8 @@
 A client checks its ledger against its own budget cap before anything is sent and writes its part
 whole (a temporary directory, then a rename). The server checks every file against the client's
 manifest and the stage's parameters against its own spec; a client may write only under its own
-`clients/<id>/` or into the top-level files the stages share, and only about itself (its record
-count, its ledger entries). The server keeps every ledger entry it received
+`clients/<id>/` or into the top-level files the stages share, and only about itself (its noised
+unit count, its ledger entries). The server keeps every ledger entry it received
 (`privacy.ledger.received_ledger`).
 """
 
@@ -40,10 +40,13 @@ CLIENT_LEDGER = "ledger.jsonl"
 
 def _merge_partition(values: dict[str, Any]) -> Any:
     first = next(iter(values.values()))
-    merged = {key: value for key, value in first.items() if key != "clients"}
+    merged = {key: value for key, value in first.items() if key not in ("clients", "count")}
     merged["clients"] = {}
     for value in values.values():
         merged["clients"].update(value["clients"])
+    counts = [value["count"] for value in values.values() if isinstance(value.get("count"), dict)]
+    if counts:  # each client's noised count, with the sigma it was drawn at
+        merged["count"] = {"noised": True, "noise_multipliers": {c: sigma for count in counts for c, sigma in count["noise_multipliers"].items()}}
     return merged
 
 
@@ -54,7 +57,10 @@ def _concatenate(values: dict[str, Any]) -> Any:
 def _partition_about(value: Any) -> set[str]:
     if not isinstance(value, dict) or not isinstance(value.get("clients"), dict):
         raise ValueError("should be an object whose 'clients' is an object of client records")
-    return set(value["clients"])
+    count = value.get("count")
+    if count is not None and not (isinstance(count, dict) and isinstance(count.get("noise_multipliers"), dict)):
+        raise ValueError("its 'count' should be an object with the 'noise_multipliers' of its noised counts")
+    return set(value["clients"]) | set(count["noise_multipliers"] if count else ())
 
 
 def _ledger_about(value: Any) -> set[str]:

@@ -144,11 +144,15 @@ def input_name(path: Path, base_dir: Path) -> str:
 # tightened is the same run, and its releases are kept.
 NOT_WHAT_A_STAGE_COMPUTES = {"models": ("cache_dir",), "privacy": ("cap_epsilon", "ledger_dir")}
 EARLIER_LEFT_OUT = {"models": ("cache_dir",)}
+# Settings added later, left out of a fingerprint while they hold the value that means what the
+# code did before them: a run made before them resumes unchanged.
+ADDED_LATER = {"privacy": {"count_noise": 0.0}}
 
 
 def where_things_lie_left_out(section: str, settings: dict, left_out: dict[str, tuple[str, ...]] = NOT_WHAT_A_STAGE_COMPUTES) -> dict:
     """A spec section as a fingerprint takes it."""
-    return {**settings, **{name: None for name in left_out.get(section, ())}}
+    as_before = {name for name, value in ADDED_LATER.get(section, {}).items() if settings.get(name) == value}
+    return {**{k: v for k, v in settings.items() if k not in as_before}, **{name: None for name in left_out.get(section, ())}}
 
 
 def stage_fingerprint(stage: Stage, spec: PipelineSpec, base_dir: Path, previous: str, hashes: HashCache, key: bytes | None, role: Role = Role()) -> Fingerprint:
@@ -166,6 +170,7 @@ def stage_fingerprint(stage: Stage, spec: PipelineSpec, base_dir: Path, previous
             else:
                 inputs[input_name(file, base_dir)] = hashes.digest(file, key if stage.private_inputs else None)
     spec_dict = spec_to_dict(spec)
+    settings = stage.fingerprint_settings(spec)
 
     def content(left_out: dict[str, tuple[str, ...]]) -> dict:
         return {
@@ -173,6 +178,7 @@ def stage_fingerprint(stage: Stage, spec: PipelineSpec, base_dir: Path, previous
             "params": stage.params.model_dump(mode="json"),
             "seed": spec.seed,
             "sections": {section: where_things_lie_left_out(section, spec_dict[section], left_out) for section in stage.uses},
+            **({"settings": settings} if settings else {}),
             "inputs": inputs,
             "previous": previous,
         }
@@ -459,11 +465,25 @@ class Runner:
             raise InputError(f"--run-dir {self.run_dir}: made by the {made_by.label}, not the {self.role.label}; one run directory holds one "
                              "party's part: give this one another --run-dir")
 
+    def refuse_a_count_that_would_restart_releases(self) -> None:
+        """A run whose DP releases were planned with each client's exact N (made before counts were
+        noised, or at `count_noise: 0`) is refused before ingest releases a noised count: the count
+        would change every plan after it, and the releases could only be made again, spending budget."""
+        partition = self.run_dir / "stages/ingest/partition.json"
+        if not self.spec.privacy.count_noise or not partition.is_file() or "count" in read_json(partition):
+            return
+        released = [s.name for s in self.stages if s.releases() and read_manifest(self.run_dir / "stages" / s.name) is not None]
+        if released:
+            raise InputError(f"privacy.count_noise: {self.spec.privacy.count_noise:g}, but the releases of {', '.join(released)} in {self.run_dir} were planned "
+                             "with each client's exact N (privacy.count_noise: 0, the behaviour before noised counts); set privacy.count_noise: 0 "
+                             "to resume this run, or give a new --run-dir")
+
     def preflight(self) -> None:
         """The data checks of every stage that will run here (the ones after the last cached stage).
         First, that the run directory is this party's: the CLI calls this before a Flower server
         asks the nodes to run their stages."""
         self.refuse_another_partys_run_directory()
+        self.refuse_a_count_that_would_restart_releases()
         for stage in self.stages[self._cached_prefix():]:
             if not self.role.receives(stage):
                 stage.preflight(self.spec, self.base_dir)
@@ -576,7 +596,10 @@ class Runner:
             message = str(err) if isinstance(err, KsgError) else f"{type(err).__name__}: {err}"
             append_event(self.run_dir, stage=stage.name, status="failed", message=message)
             raise
-        outputs = {relative: output_entry(ctx.path(relative), records, side, key) for relative, (records, side) in sorted(ctx.declared.items())}
+        # a client-side file's record count is its N (or a function of it): kept only where N is public
+        n_public = not self.spec.privacy.count_noise
+        outputs = {relative: output_entry(ctx.path(relative), records if side == "server" or n_public else None, side, key)
+                   for relative, (records, side) in sorted(ctx.declared.items())}
         manifest = Manifest(
             stage=stage.name,
             package_version=__version__,

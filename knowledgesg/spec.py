@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from knowledgesg.builtin_data import BUILTINS
 from knowledgesg.records import ID_FIELDS, REQUIRED_FIELDS
 from knowledgesg.errors import InputError
+from privacy.accounting import NOISE_MULTIPLIER_RANGE
 
 DataFormat = Literal["auto", "jsonl", "json", "csv", "parquet", "hf_disk"]
 
@@ -214,8 +215,12 @@ class PrivacySpec(StrictModel):
     """The privacy budget. `target_epsilon: .inf` is the non-private reference."""
 
     target_epsilon: float = Field(default=8.0, allow_inf_nan=True)  # .inf: the non-private reference (NaN is refused below)
-    delta: float | None = None  # default per client: at most 1e-5 and 1/(100 N), N its number of units
+    delta: float | None = None  # default per client: at most 1e-5 and 1/(100 N), N its released (noised) count of units
     unit: Literal["record", "user"] = "record"
+    # Each client releases its number of units N once per data set as N + Gaussian noise of this
+    # standard deviation (sensitivity 1), a release in its ledger; q = B/N, the steps and the
+    # default delta are planned from that count. 0: N is treated as public (said so in every statement).
+    count_noise: float = Field(default=10.0, ge=0, le=1e4)
     cap_epsilon: float | None = None  # per-client total, over every release ever made from its data
     ledger_dir: Path | None = None  # the clients' append-only ledgers; default RUN/ledger ($KSG_LEDGER_DIR wins)
     # Noise from the public seed instead of OS entropy: anyone with the spec can cancel it, so
@@ -234,6 +239,13 @@ class PrivacySpec(StrictModel):
     def _delta_range(cls, value: float | None) -> float | None:
         if value is not None and not 0 < value < 1:
             raise ValueError(f"must be in (0, 1), got {value}")
+        return value
+
+    @field_validator("count_noise")
+    @classmethod
+    def _count_noise_range(cls, value: float) -> float:
+        if 0 < value < NOISE_MULTIPLIER_RANGE["ge"]:
+            raise ValueError(f"0 (N public) or at least {NOISE_MULTIPLIER_RANGE['ge']}, got {value}")
         return value
 
     @field_validator("cap_epsilon")

@@ -7,6 +7,7 @@ It reads other stages only through their artifacts (`ctx.artifact`), never their
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -65,6 +66,11 @@ class Stage:
     def requires(self) -> tuple[str, ...]:
         """Stages that must come before this one in a spec (checked before anything runs)."""
         return ()
+
+    def fingerprint_settings(self, spec: PipelineSpec) -> dict[str, Any]:
+        """Spec settings outside the `uses` sections that shape the outputs (part of the
+        fingerprint where there are any)."""
+        return {}
 
     def side(self) -> str:
         """Where the stage runs when each party runs its own part (`knowledgesg.roles`): "client"
@@ -147,17 +153,23 @@ class StageContext:
         own = read_received_ledger(self.run_dir, client_id) if self.role == "server" else self.client_ledger(client_id).entries()
         return merge_releases(own, copies)
 
-    def record_release(self, entry: LedgerEntry) -> None:
+    def record_release(self, entry: LedgerEntry, ledger: ClientLedger | None = None, same: Callable[[LedgerEntry], bool] | None = None) -> LedgerEntry:
         """Enter a release in its client's ledger (fsynced) before it is written where anyone
         reads it, the cap checked again under the ledger's lock: the stage checked it when it
-        began, but another run may have released from the same data since."""
+        began, but another run may have released from the same data since. `ledger`: the one to
+        enter it in (ingest's own, before its manifest names it); `same`: a release made once per
+        data set, whose earlier entry, where there is one, is returned instead (nothing new drawn)."""
         copies = [e for e in read_stage_ledgers(self.run_dir, self.completed_stages_before()) if e.client_id == entry.client_id]
         planned = [entry.effective_mechanism()] if entry.counts_against_budget else []
 
         def within_cap(own: list[LedgerEntry]) -> None:
             check_budget(merge_releases(own, copies), entry.client_id, planned, entry.delta, self.spec.privacy.cap_epsilon, self.stage_name, entry.unit)
 
-        self.client_ledger(entry.client_id).append(entry, within_cap)
+        ledger = ledger or self.client_ledger(entry.client_id)
+        if same is not None:
+            return ledger.append_once(entry, same, within_cap)
+        ledger.append(entry, within_cap)
+        return entry
 
     def warn(self, message: str) -> None:
         """A finding the user should act on: printed now, kept in the manifest, shown by `ksg

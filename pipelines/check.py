@@ -20,10 +20,11 @@ from knowledgesg.spec import PipelineSpec
 from knowledgesg.stage import Stage, releases_to_come, unit_done
 from pipelines.dp_train import DPTrain
 from pipelines.fedtune import Fedtune
-from pipelines.ingest import Ingest, client_records, planning_records, training_records
+from pipelines.ingest import Ingest, client_records, data_units, planned_units, planning_records, training_records
 from pipelines.prepare_models import model_kinds
 from pipelines.synthesize import Synthesize, histogram_unit
 from privacy.accounting import default_delta
+from privacy.count import ReleasedCount, count_mechanism, released_count
 from privacy.ledger import ClientLedger, LedgerEntry, check_budget, client_delta, compose, data_key, ledger_directory, unit_digests
 from privacy.units import UNIT_NAMES
 
@@ -43,6 +44,7 @@ class ClientCheck:
     total_epsilon: float
     cap: float | None
     releases_before: int
+    count: str  # how N is planned: "public", "released" (the noised count in the ledger) or "to be released (sigma s)"
 
     @property
     def within_cap(self) -> bool:
@@ -92,27 +94,38 @@ def plan_privacy(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_di
     loaded = client_records(spec, base_dir)
     for client_id, records in loaded.items():
         rows = [r.model_dump() for r in records]
-        before: list[LedgerEntry] = ClientLedger.of_data(ledger_dir, data_key(rows), client_id, unit_digests(rows)).entries()
+        ledger = ClientLedger.of_data(ledger_dir, data_key(rows), client_id, unit_digests(rows))
+        before: list[LedgerEntry] = ledger.entries()
         trained = training_records(spec, client_id, records)
-        planned, plan = [], None
+        planned, plan, count, how = [], None, None, "public"
+        if spec.privacy.count_noise:
+            released = released_count(ledger, client_id, data_units(records, spec.privacy.unit).kind)
+            if released is not None:  # the stages plan with it, as the run will
+                count, how = ReleasedCount(planned_units(spec, client_id, released.num_units), released.mechanism.noise_multiplier), "released"
+            else:  # ingest will release it: planned with the exact N on the owner's own console, its cost added
+                planned.append(count_mechanism(spec.privacy.count_noise))
+                how = f"to be released (sigma {spec.privacy.count_noise:g})"
+        size = count.planned if count else len(trained)
         if train is not None:
-            plan = train.plan(spec.privacy, client_id, planning_records(trained) if train.params.source_stage == "structure" else [r for r in trained if isinstance(r, InstructionRecord)])
+            trained_records = planning_records(trained) if train.params.source_stage == "structure" else [r for r in trained if isinstance(r, InstructionRecord)]
+            plan = train.plan(spec.privacy, client_id, trained_records, count)
             if not unit_done(run_dir, train.name, client_id):  # one released before a crash is in its ledger, reused
                 planned.append(plan.mechanism())
             check_budget(before, client_id, [], plan.delta, None, train.name, plan.units.kind)  # releases at another privacy unit: refused, as the run would
         if synthesize is not None and not unit_done(run_dir, synthesize.name, histogram_unit(client_id)):  # as dp_train's above
             planned.append(synthesize.histogram_mechanism())
         # the delta the stages compose at: dp_train's, else the latest release's (the DP adapter's), else the spec's
-        delta = plan.delta if plan else client_delta(before) if before else (spec.privacy.delta or default_delta(len(trained)))
+        delta = plan.delta if plan else client_delta(before) if before else (spec.privacy.delta or default_delta(size))
         if private_fedtune is not None and (private_fedtune.asks_every_round(len(loaded)) or not sure_only):
             rounds = private_fedtune.params.rounds
-            planned += private_fedtune.plan_mechanisms([client_id], {client_id: rounds}, {client_id: len(trained)}, {client_id: delta})[client_id]
+            planned += private_fedtune.plan_mechanisms([client_id], {client_id: rounds}, {client_id: size}, {client_id: delta})[client_id]
         counted = [e.effective_mechanism() for e in before if e.counts_against_budget]
         checks.append(ClientCheck(
-            client_id=client_id, records=len(trained), units=plan.units.count if plan else None, unit=UNIT_NAMES[plan.units.kind] if plan else None,
+            client_id=client_id, records=len(trained), units=plan.num_units if plan else None, unit=UNIT_NAMES[plan.units.kind] if plan else None,
             sample_rate=plan.sample_rate if plan else None, steps=plan.steps if plan else None, noise_multiplier=plan.noise_multiplier if plan else None,
             delta=plan.delta if plan else None, planned_epsilon=compose(planned, delta).reported, spent_epsilon=compose(counted, delta).reported,
             total_epsilon=compose(counted + planned, delta).reported, cap=spec.privacy.cap_epsilon, releases_before=sum(e.costs_privacy for e in before),
+            count=how,
         ))
     return checks
 

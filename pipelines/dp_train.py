@@ -32,6 +32,7 @@ from knowledgesg.spec import PipelineSpec, PrivacySpec, StrictModel
 from knowledgesg.stage import Stage, StageContext
 from pipelines.ingest import client_records, planning_records, training_records
 from privacy.accounting import NOISE_MULTIPLIER_RANGE, Mechanism, RunningEpsilon, calibrate_noise, check_delta, default_delta, epsilons
+from privacy.count import ReleasedCount, released_size
 from privacy.ledger import LEDGER, LedgerEntry, check_budget, new_release_id, now, trust_line
 from privacy.units import UNIT_NAMES, Units, privacy_units
 
@@ -67,7 +68,9 @@ class DPTrainParams(StrictModel):
 class ClientPlan:
     client_id: str
     records: list[InstructionRecord]
-    units: Units
+    units: Units  # the actual units, each flipping its coin at sample_rate
+    num_units: int  # the N planned with: the client's noised count, or its exact N where that is public
+    count_noise: float | None  # the noised count's sigma; None: N treated as public
     delta: float
     sample_rate: float
     steps: int
@@ -90,6 +93,18 @@ class ClientPlan:
         if self.private:
             return "DP"
         return NOT_PRIVATE if not self.noised else f"{NOT_PRIVATE} (reproducible noise)"
+
+    @property
+    def size_text(self) -> str:
+        return f"N = {self.num_units} (noised count)" if self.count_noise is not None else f"N = {self.num_units} (public)"
+
+    @property
+    def size_assumption(self) -> str:
+        if self.count_noise is not None:
+            return (f"N = {self.num_units} is the client's noised count of its units (Gaussian, sigma {self.count_noise:g}, a release in its ledger), "
+                    "less the audit's holdout and plus its canaries; the exact N is not published")
+        return (f"N = {self.num_units} is treated as public (privacy.count_noise: 0): it sets the sampling rate, and against an adversary "
+                "holding every other record it tells whether the last one is in")
 
     def mechanism(self) -> Mechanism:
         if not self.noised:
@@ -115,20 +130,29 @@ class DPTrain(Stage):
             trained = training_records(spec, client_id, records)
             self.plan(spec.privacy, client_id, planning_records(trained) if self.params.source_stage == "structure" else [r for r in trained if isinstance(r, InstructionRecord)])
 
-    def plan(self, privacy: PrivacySpec, client_id: str, records: list[InstructionRecord]) -> ClientPlan:
+    def plan(self, privacy: PrivacySpec, client_id: str, records: list[InstructionRecord], count: ReleasedCount | None = None) -> ClientPlan:
         """The mechanism one client will run: units, delta, sampling rate, steps and the calibrated
-        noise (also what `ksg check` shows before anything runs)."""
+        noise (also what `ksg check` shows before anything runs). `count`: the client's released
+        noised count, which q, the steps and delta are planned from (None: its exact N, public or
+        the owner's own check before the count exists)."""
         p: DPTrainParams = self.params
         units = privacy_units(records, privacy.unit, p.max_records_per_user)
         n, name = units.count, UNIT_NAMES[units.kind]
         if n < 2 or p.batch_size >= n:
-            raise InputError(f"client '{client_id}': {n} {name}{'s' if n != 1 else ''}, too few for dp_train params.batch_size {p.batch_size} (it needs more {name}s than the batch)")
+            held = f"{n} {name}{'s' if n != 1 else ''}, " if count is None else ""  # with a noised count, N is not stated
+            raise InputError(f"client '{client_id}': {held}too few for dp_train params.batch_size {p.batch_size} (it needs more {name}s than the batch)")
+        if count is not None:
+            n = count.planned
+            if p.batch_size >= n:
+                raise InputError(f"client '{client_id}': its released count of {name}s plans N = {n}, not above dp_train params.batch_size {p.batch_size} "
+                                 "(q = B/N must be below 1; a count is never drawn again for the same data): lower batch_size")
+        sigma_n = count.noise_multiplier if count is not None else None
         delta = privacy.delta if privacy.delta is not None else default_delta(n)
         check_delta(delta, n, name, client_id)
         sample_rate = p.batch_size / n
         steps = max(1, math.ceil(p.epochs / sample_rate))
         if math.isinf(privacy.target_epsilon):
-            return ClientPlan(client_id, records, units, delta, sample_rate, steps, 0.0, math.inf, "none", noise_origin="none")
+            return ClientPlan(client_id, records, units, n, sigma_n, delta, sample_rate, steps, 0.0, math.inf, "none", noise_origin="none")
         if p.noise_multiplier is not None:
             sigma, by = p.noise_multiplier, "given"
         else:
@@ -136,7 +160,7 @@ class DPTrain(Stage):
                 sigma, by = calibrate_noise(privacy.target_epsilon, delta, sample_rate, steps)
             except InputError as err:
                 raise InputError(f"client '{client_id}': {err}") from None
-        return ClientPlan(client_id, records, units, delta, sample_rate, steps, sigma, p.clip_norm, by,
+        return ClientPlan(client_id, records, units, n, sigma_n, delta, sample_rate, steps, sigma, p.clip_norm, by,
                           noise_origin="reproducible" if privacy.reproducible_noise else "os_entropy")
 
     def run(self, ctx: StageContext) -> None:
@@ -145,7 +169,7 @@ class DPTrain(Stage):
         for client_id in partition["clients"]:
             rows = read_jsonl(ctx.artifact(self.params.source_stage, f"clients/{client_id}/records.jsonl"))
             records = [InstructionRecord.model_validate(r) for r in rows if r["kind"] == "instruction"]
-            plan = self.plan(ctx.spec.privacy, client_id, records)
+            plan = self.plan(ctx.spec.privacy, client_id, records, released_size(partition, client_id))
             # Every client's budget, over everything ever released from its data, is checked
             # before any client trains: a refusal leaves nothing. A client released before a
             # crash is in its ledger already (its release is reused, not made again).
@@ -226,7 +250,7 @@ class DPTrain(Stage):
                 release_id=new_release_id(), client_id=plan.client_id, stage=self.name, release="dp_adapter",
                 artifact=f"stages/{self.name}/{client_dir}/adapter/adapter_model.safetensors",
                 artifact_sha256=sha256_file(directory / "adapter_model.safetensors"), run_dir=str(ctx.run_dir.resolve()), released_at=now(),
-                unit=plan.units.kind, num_units=plan.units.count, delta=plan.delta, mechanism=mechanism, epsilon=eps,
+                unit=plan.units.kind, num_units=plan.num_units, delta=plan.delta, mechanism=mechanism, epsilon=eps,
                 private=plan.private, noise=plan.noise_origin, trust=trust_line(plan.noise_origin, mechanism),
             )
             ctx.record_release(entry)
@@ -240,7 +264,7 @@ class DPTrain(Stage):
         shown = f"epsilon {eps.reported:.3f} ({eps.reported_by}) at delta {plan.delta:.2e}" if plan.private else plan.label
         # the loss is an un-noised figure of the private data: it stays in loss.json (client side), not in a log a server may hold
         console.print(f"dp_train {plan.client_id}: {plan.steps} steps, sigma {plan.noise_multiplier:.3f}, q {plan.sample_rate:.4f}, "
-                      f"N = {plan.units.count} ({UNIT_NAMES[plan.units.kind]} level), {shown}")
+                      f"{plan.size_text} ({UNIT_NAMES[plan.units.kind]} level), {shown}")
         outputs = [f"{client_dir}/adapter/{name}" for name in ADAPTER_FILES] + [f"{client_dir}/privacy.json", f"{client_dir}/loss.json"]
         ctx.mark_unit_done(plan.client_id, outputs, entry.model_dump(mode="json"))
         return entry
@@ -255,10 +279,11 @@ class DPTrain(Stage):
             "private": plan.private,
             "label": plan.label,
             "unit": units.kind,
-            "num_units": units.count,
+            "num_units": plan.num_units,
+            "count": {"noised": plan.count_noise is not None, "noise_multiplier": plan.count_noise or 0.0},
             "max_records_per_unit": units.max_records,
             "delta": plan.delta,
-            "n_times_delta": units.count * plan.delta,
+            "n_times_delta": plan.num_units * plan.delta,
             "target_epsilon": ctx.spec.privacy.target_epsilon,
             "mechanism": entry.mechanism.model_dump(),
             "clip_norm": plan.clip_norm,
@@ -271,7 +296,7 @@ class DPTrain(Stage):
             "release_id": entry.release_id,
             "assumptions": [f"Poisson sampling: each {UNIT_NAMES[units.kind]} joins each step with probability {plan.sample_rate:.4g}",
                             f"unit of privacy: {UNIT_NAMES[units.kind]}, at most {units.max_records} record(s) each",
-                            f"N = {units.count} is treated as public (it sets the sampling rate)"],
+                            plan.size_assumption],
             # not the dtype it trained in: that tells the server whether the client's CPU has native bfloat16
             "base_model": {"name": base["name"], "weights_sha256": base["weights_sha256"]},
             "adapter_sha256": entry.artifact_sha256,

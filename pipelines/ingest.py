@@ -2,8 +2,15 @@
 
 Outputs per client (client side: they never leave it): `clients/<id>/records.jsonl`,
 `clients/<id>/stats.json`, and `clients/<id>/ledger_key.json`, the fingerprint of the client's
-data that names its privacy ledger. Server side: `partition.json`, the client sizes only (the
-number of records per client is treated as public; the privacy report says so).
+data that names its privacy ledger. Server side: `partition.json`, each client's size as the
+stages plan with it, and `ledger.json`, the releases of those sizes.
+
+A client's size is private too: against an adversary holding every other record, an exact N
+says whether the last one is in. So each client releases its number of privacy units once per
+data set as a noised count (`privacy.count`, sigma `privacy.count_noise`), entered in its ledger
+before anything is written; `partition.json` holds that count, less the audit's holdout and plus
+its canaries (public arithmetic), and the true sizes stay in the client-side `stats.json`. With
+`privacy.count_noise: 0` the sizes are exact and every statement says N is treated as public.
 
 Before anything is written (`preflight`), the data is loaded and partitioned, and what can only
 be checked against it is checked: every client id is safe as a directory name and unique, the
@@ -31,9 +38,10 @@ from knowledgesg.partition import partition
 from knowledgesg.records import InstructionRecord, Record
 from knowledgesg.spec import DataSource, PipelineSpec, repeated
 from knowledgesg.stage import LEDGER_KEY, Stage, StageContext
-from privacy.accounting import check_delta
-from privacy.ledger import LEDGER_ENV, ClientLedger, data_key, ledger_directory, unit_digests
-from privacy.units import privacy_units
+from privacy.accounting import check_delta, default_delta, epsilons
+from privacy.count import COUNT_RELEASE, count_mechanism, is_count_of, noised_count, partition_count, released_count
+from privacy.ledger import LEDGER, LEDGER_ENV, ClientLedger, LedgerEntry, data_key, ledger_directory, new_release_id, now, trust_line, unit_digests
+from privacy.units import Units, privacy_units
 
 MAX_HISTOGRAM_CLASSES = 20  # responses with more distinct values than this are not labels
 
@@ -108,6 +116,26 @@ def client_records(spec: PipelineSpec, base_dir: Path) -> dict[str, list[Record]
     return partition(_load_all(clients_spec.data, base_dir, spec.seed, "clients.data", own_data=False), clients_spec.partition, spec.seed)
 
 
+def data_units(records: list[Record], unit: str) -> Units:
+    """The privacy units of a client's data as loaded (before the audit's holdout and canaries),
+    each text document one unit: what its noised count counts."""
+    return privacy_units(planning_records(records), unit, max_records=1)
+
+
+def planned_units(spec: PipelineSpec, client_id: str, released: int) -> int:
+    """The size the stages plan a client's releases with: its released count, less the audit's
+    holdout and plus the canaries planted in it. Public arithmetic on a release, so free; at
+    `unit: user` the holdout is not taken off (which users it empties is not public): q is a
+    public number either way, and the accounting holds whatever its error."""
+    planned = released
+    if spec.audit.holdout_per_client and spec.privacy.unit == "record":
+        planned -= spec.audit.holdout_per_client
+    if spec.audit.canaries is not None and spec.audit.canaries.client == client_id:
+        planted = planted_records(spec.audit.canaries, make_canaries(spec.audit.canaries, spec.seed), client_id)
+        planned += privacy_units(planted, spec.privacy.unit, max_records=1).count if planted else 0
+    return max(1, planned)
+
+
 def training_units(records: list[Record], unit: str) -> int:
     """N for DP training: units of the instruction records, each text document one unit (what
     `structure` makes of it stays one unit)."""
@@ -147,6 +175,12 @@ class Ingest(Stage):
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
         return sorted({source_path(source, base_dir) for source in spec.clients.sources()})
 
+    def fingerprint_settings(self, spec: PipelineSpec) -> dict:
+        """The count's settings, where a count is released (a run from before counts were noised resumes
+        unchanged at `count_noise: 0`)."""
+        privacy = spec.privacy
+        return {"count": {"unit": privacy.unit, "noise": privacy.count_noise, "reproducible": privacy.reproducible_noise}} if privacy.count_noise else {}
+
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
         refuse_unmakeable_ledger_directory(spec, base_dir)
         self._loaded_from = file_states(self.external_inputs(spec, base_dir))  # before reading: an edit while it reads shows as a change
@@ -156,6 +190,8 @@ class Ingest(Stage):
             raise SpecError(f"audit.canaries.client: no client '{audit.canaries.client}' (clients: {', '.join(clients)})")
         for client_id, records in clients.items():
             trained = training_records(spec, client_id, records)  # the holdout checked here too
+            if spec.privacy.count_noise:
+                data_units(records, spec.privacy.unit)  # a user-level unit without user ids refused before any count is released
             if spec.privacy.delta is not None:
                 check_delta(spec.privacy.delta, training_units(trained, spec.privacy.unit), spec.privacy.unit, client_id)
         self._loaded = clients
@@ -165,8 +201,8 @@ class Ingest(Stage):
         # minutes between): records from files edited since would not be the ones it names
         unchanged = self._loaded is not None and file_states(self.external_inputs(ctx.spec, ctx.base_dir)) == self._loaded_from
         clients = self._loaded if unchanged else client_records(ctx.spec, ctx.base_dir)
-        audit = ctx.spec.audit
-        sizes = {}
+        audit, privacy = ctx.spec.audit, ctx.spec.privacy
+        sizes, counts = {}, {}
         for client_id, records in clients.items():
             side = f"client:{client_id}"
             # the fingerprint of the client's own data, before the audit's holdout and canaries:
@@ -175,7 +211,10 @@ class Ingest(Stage):
             key = data_key(rows)
             ctx.write_json(f"clients/{client_id}/{LEDGER_KEY}", {"data_key": key}, side=side)
             # in the ledger directory, not among the outputs: a later version of this data finds its ledger by them
-            ClientLedger.of_data(ctx.ledger_dir, key, client_id, unit_digests(rows)).keep_units()
+            ledger = ClientLedger.of_data(ctx.ledger_dir, key, client_id, unit_digests(rows))
+            ledger.keep_units()
+            units = data_units(records, privacy.unit)
+            count = self.release_count(ctx, client_id, units, ledger) if privacy.count_noise else None
             if audit.holdout_per_client:
                 records, held = hold_out(records, audit.holdout_per_client, ctx.seed, client_id)
                 ctx.write_jsonl(f"clients/{client_id}/holdout.jsonl", [r.model_copy(update={"client_id": client_id}).model_dump() for r in held], side=side)
@@ -185,13 +224,45 @@ class Ingest(Stage):
                 ctx.write_json(f"clients/{client_id}/canaries.json", canaries_json(audit.canaries, canaries), side=side)
             rows = [r.model_copy(update={"client_id": client_id}).model_dump() for r in records]
             ctx.write_jsonl(f"clients/{client_id}/records.jsonl", rows, side=side)
-            ctx.write_json(f"clients/{client_id}/stats.json", client_stats(records), side=side)
-            sizes[client_id] = len(records)
+            stats = client_stats(records)
+            if count is not None:
+                sizes[client_id] = planned_units(ctx.spec, client_id, count.num_units)
+                stats["units"] = {"unit": units.kind, "count": units.count, "released": count.num_units, "planned": sizes[client_id],
+                                  "count_release_id": count.release_id, "noise_multiplier": count.mechanism.noise_multiplier}
+                counts[client_id] = count
+            else:
+                sizes[client_id] = len(records)
+            ctx.write_json(f"clients/{client_id}/stats.json", stats, side=side)
         method = ctx.spec.clients.partition.method if ctx.spec.clients.partition else "members"
-        ctx.write_json("partition.json", {"method": method, "seed": ctx.seed, "clients": sizes})
+        partition = {"method": method, "seed": ctx.seed, "clients": sizes}
+        if counts:
+            partition["count"] = partition_count(counts)
+            ctx.write_json(LEDGER, [entry.model_dump(mode="json") for entry in counts.values()])
+        ctx.write_json("partition.json", partition)
+        # a console may be a log the server holds: with a noised count it shows the count, not N
         table = Table(title=f"clients ({method})")
         table.add_column("client")
-        table.add_column("records", justify="right")
+        table.add_column("N̂ planned (noised count)" if counts else "records", justify="right")
         for client_id, size in sizes.items():
             table.add_row(client_id, str(size))
         console.print(table)
+
+    def release_count(self, ctx: StageContext, client_id: str, units: Units, ledger: ClientLedger) -> LedgerEntry:
+        """The client's noised count of its units: drawn on the client and entered in its ledger
+        once per data set and unit kind, before anything is written; a rerun, or another run on the
+        same data, finds that entry and reuses it (a second draw would be a second release)."""
+        earlier = released_count(ledger, client_id, units.kind)
+        if earlier is not None:
+            return earlier
+        privacy = ctx.spec.privacy
+        random = ctx.release_random(client_id, f"count:{units.kind}")
+        released = noised_count(units.count, privacy.count_noise, random)
+        mechanism = count_mechanism(privacy.count_noise)
+        # the delta the stages will plan with (from the planned size), so the client's ledger is kept at one delta
+        delta = privacy.delta if privacy.delta is not None else default_delta(planned_units(ctx.spec, client_id, released))
+        origin = ctx.noise_origin
+        entry = LedgerEntry(release_id=new_release_id(), client_id=client_id, stage=self.name, release=COUNT_RELEASE,
+                            artifact=f"stages/{self.name}/partition.json#client={client_id}", run_dir=str(ctx.run_dir.resolve()), released_at=now(),
+                            unit=units.kind, num_units=released, delta=delta, mechanism=mechanism, epsilon=epsilons([mechanism], delta),
+                            private=random.private, noise=origin, trust=trust_line(origin, mechanism))
+        return ctx.record_release(entry, ledger=ledger, same=lambda e: is_count_of(e, client_id, units.kind))

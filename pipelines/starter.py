@@ -200,7 +200,8 @@ def starter_spec(files: list[Path], domain: Domain, name: str, spec_path: Path) 
               f"  unit: {unit}  # " + ("records with a user_id: all of one user's records are protected together" if has_users
                                       else "each record (pairs structured from one document are protected together)"),
               "  cap_epsilon: 10.0  # no client may ever spend more, over every release its ledger holds",
-              "  # delta: default at most 1e-5 and 1/(100 N) per client", "", "stages:",
+              "  # delta: default at most 1e-5 and 1/(100 N) per client",
+              "  # count_noise: 10  # each client's N leaves it as N + Gaussian noise of this std, once per data set (0: N public)", "", "stages:",
               "  - prepare_models", "  - ingest"]
     if has_text:
         lines += ["  - name: structure  # text -> pairs, prompted with retrieved public examples",

@@ -166,7 +166,10 @@ class Structure(Stage):
             side = f"client:{client_id}"
             ctx.write_jsonl(f"clients/{client_id}/records.jsonl", own + pairs, side=side)
             ctx.write_json(f"clients/{client_id}/structure_stats.json", {**stats, "precision": dtype}, side=side)
-            console.print(f"structure {client_id}: {stats['kept']} pairs from {stats['chunks']} chunks; rejected {stats['rejected']}")
+            if ctx.spec.privacy.count_noise:  # counts that grow with the client's data: on its side only (a console may be a log the server holds)
+                console.print(f"structure {client_id}: done (its counts in clients/{client_id}/structure_stats.json, on its side)")
+            else:
+                console.print(f"structure {client_id}: {stats['kept']} pairs from {stats['chunks']} chunks; rejected {stats['rejected']}")
 
     @staticmethod
     def keep_labelled(client_id: str, chunks, sentences, instructions, completions, labels: list[str], users: dict[str, str | None]) -> tuple[list[dict], dict]:

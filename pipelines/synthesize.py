@@ -194,7 +194,7 @@ class Synthesize(Stage):
         text = json_text({"labels": noisy, "noise_std": p.histogram_noise_multiplier * units.max_records, "sensitivity": units.max_records, "unit": units.kind})
         origin = ctx.noise_origin
         entry = LedgerEntry(release_id=new_release_id(), client_id=client_id, stage=self.name, release="dp_label_histogram", artifact=f"stages/{self.name}/{relative}",
-                            artifact_sha256=sha256_text(text), run_dir=str(ctx.run_dir.resolve()), released_at=now(), unit=units.kind, num_units=units.count,
+                            artifact_sha256=sha256_text(text), run_dir=str(ctx.run_dir.resolve()), released_at=now(), unit=units.kind, num_units=adapter.num_units,
                             delta=adapter.delta, mechanism=mechanism, epsilon=epsilons([mechanism], adapter.delta), private=random.private, noise=origin,
                             trust=trust_line(origin, mechanism))
         ctx.record_release(entry)  # before the counts are written where the server reads them

@@ -28,6 +28,7 @@ belongs to the client and is never copied to the server.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import json
@@ -72,7 +73,7 @@ class LedgerEntry(BaseModel):
     run_dir: str  # the run that released it
     released_at: str
     unit: str  # record | source_document | user | client
-    num_units: int | None = None  # N, treated as public (it sets the sampling rate B/N)
+    num_units: int | None = None  # the N planned with: the client's noised count N̂ (privacy.count_noise), or N where it is 0 (public)
     delta: float
     mechanism: Mechanism
     epsilon: Epsilons
@@ -239,27 +240,51 @@ class ClientLedger:
                 raise KsgError(f"{self.path}:{number}: unreadable ledger entry ({err.errors()[0]['msg']}); refusing to compute a budget") from None
         return entries
 
+    def own_entries(self) -> list[LedgerEntry]:
+        """The releases of this data set alone (not of the client's other versions of it)."""
+        return self._own_entries()
+
     def append(self, entry: LedgerEntry, check: Callable[[list[LedgerEntry]], None] | None = None) -> None:
         """One line in one write, fsynced before returning, under an exclusive lock of the whole
         ledger directory. `check` sees the entries as they are under that lock (this data's and
         the client's other versions of it) and refuses the entry by raising: two runs releasing
         from the same person's records at once each checked the cap when they started, and
         without this both would be entered, past it."""
+        with self._locked():
+            if check is not None:
+                check(self.entries())
+            self._write(entry)
+
+    def append_once(self, entry: LedgerEntry, same: Callable[[LedgerEntry], bool], check: Callable[[list[LedgerEntry]], None] | None = None) -> LedgerEntry:
+        """`entry`, unless this data set's ledger already holds one that is `same`: then that one,
+        and nothing is written. Under the lock, so two runs on the same data never both enter one
+        (a release made once and reused, such as the noised count)."""
+        with self._locked():
+            found = next((e for e in self._own_entries() if same(e)), None)
+            if found is not None:
+                return found
+            if check is not None:
+                check(self.entries())
+            self._write(entry)
+            return entry
+
+    @contextlib.contextmanager
+    def _locked(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = (entry.model_dump_json() + "\n").encode("utf-8")
         lock = os.open(self.path.parent / LEDGER_LOCK, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if check is not None:
-                check(self.entries())
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, line)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            yield
         finally:
             os.close(lock)  # releases the lock
+
+    def _write(self, entry: LedgerEntry) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (entry.model_dump_json() + "\n").encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _keyed(secret: bytes, digests: Iterable[str]) -> set[str]:

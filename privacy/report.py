@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from knowledgesg.errors import InputError
-from knowledgesg.fileio import sha256_file, write_json, write_text
+from knowledgesg.fileio import read_json, sha256_file, write_json, write_text
 from knowledgesg.runner import load_run_spec
 from privacy.accounting import Epsilons, Mechanism, epsilon_pld, epsilon_prv_or_none, epsilon_rdp
 from privacy.ledger import LedgerEntry, client_delta, compose, composed_total, ledger_directory, run_releases
@@ -31,18 +31,19 @@ SERVER_SEES_SECURE_SUM = ("in fedtune with secure aggregation (SecAgg+), only th
                           "noise), never a single client's update unless it colludes with reconstruction_threshold clients")
 
 
-def threat_model(spec) -> list[dict[str, str]]:
+def threat_model(spec, noised_count: bool) -> list[dict[str, str]]:
     """Who sees what, for this run: what the server sees of the fedtune updates depends on whether
-    they went through secure aggregation."""
+    they went through secure aggregation, and of the clients' sizes on whether they were noised."""
     fedtune = next((stage.params for stage in spec.stages if stage.name == "fedtune"), {})
     updates = SERVER_SEES_UPDATES if fedtune.get("secure_aggregation") in (None, False) else SERVER_SEES_SECURE_SUM
+    sizes = "each client's noised unit count (partition.json)" if noised_count else "each client's exact record count (partition.json; privacy.count_noise: 0)"
     return [
         {"party": "data owner (each client)",
          "sees": "its own records, its ledger, its un-noised training logs (loss curves), its audit",
          "protected_by": "(it is the owner)"},
         {"party": "server operator (and anyone holding the spec, the server's files and every other record)",
          "sees": "the spec and seed; every server-side artifact: DP adapters, synthetic data, refine decisions, the final adapter, "
-                 "partition sizes, manifests (client-side files appear only as keyed digests); " + updates,
+                 f"{sizes}, manifests (client-side files appear only as keyed digests); " + updates,
          "protected_by": "the record-level epsilon of every release whose noise the client drew from OS entropy; NOT the client-level DP-FedAvg figure "
                          "(the server adds that noise itself)"},
         {"party": "anyone with the released models or synthetic data only",
@@ -51,12 +52,22 @@ def threat_model(spec) -> list[dict[str, str]]:
     ]
 
 
+N_NOISED = ("N, the number of privacy units per client, leaves the client only as its noised count N̂ (Gaussian, sensitivity 1, "
+            "privacy.count_noise), released once per data set and composed with the other releases; partition.json, q = B/N̂, the steps "
+            "and the default delta (at most 1e-5 and 1/(100 N̂), a power of ten) use it. The coins still run over the actual units, each at q.")
+N_PUBLIC = ("N, the number of records and privacy units per client, is treated as public (privacy.count_noise: 0): partition.json lists it, "
+            "it sets q = B/N, and the default delta (at most 1e-5 and 1/(100 N), a power of ten) depends on its order of magnitude; against "
+            "an adversary holding every other record it tells whether the last one is in.")
+
+
+def assumptions(noised_count: bool) -> list[str]:
+    return [ASSUMPTIONS[0], ASSUMPTIONS[1], N_NOISED if noised_count else N_PUBLIC, *ASSUMPTIONS[2:]]
+
+
 ASSUMPTIONS = [
     "Poisson sampling: each privacy unit joins each step independently with the stated probability q; the coins are drawn on the client.",
     "The unit of privacy is stated per release: a record, a source document (all pairs made from one transcript or abstract), or a user; "
     "neighbouring data sets differ in one unit, and a unit contributes at most the stated number of records.",
-    "N, the number of records and privacy units per client, is treated as public: partition.json lists it, it sets q = B/N, "
-    "and the default delta (at most 1e-5 and 1/(100 N), a power of ten) depends on its order of magnitude.",
     "delta is per client; N x delta is shown so that a delta near 1/N (which would allow publishing a whole unit) is visible.",
     "The noise and the sampling coins of every release come from AES-256-CTR keyed with 32 bytes of OS entropy on the client, drawn "
     "afresh for each release and never stored or sent; each Gaussian value sums four draws (Opacus's floating-point defence). "
@@ -90,6 +101,7 @@ class ClientReport(BaseModel):
     client_id: str
     units: list[str]
     num_units: int | None
+    count_noise: float | None = None  # sigma of the client's noised count; None: N treated as public
     delta: float
     n_times_delta: float | None
     private: bool
@@ -135,7 +147,8 @@ def release_status(entry: LedgerEntry, run_dir: Path) -> str:
     return "this run, since replaced or removed (still counted)"
 
 
-def client_report(client_id: str, entries: list[LedgerEntry], run_dir: Path, cap: float | None) -> ClientReport:
+def client_report(client_id: str, entries: list[LedgerEntry], run_dir: Path, cap: float | None, count_noise: float | None = None) -> ClientReport:
+    """`count_noise`: the sigma of the noised count this run planned the client's releases with (None: N public)."""
     delta = client_delta(entries)
     counted = [e for e in entries if e.counts_against_budget]
     client_level = [e.effective_mechanism() for e in entries if not e.counts_against_budget]
@@ -143,6 +156,7 @@ def client_report(client_id: str, entries: list[LedgerEntry], run_dir: Path, cap
     first_sgd = next((e for e in counted if e.mechanism.kind == "poisson_gaussian"), None)
     return ClientReport(
         client_id=client_id, units=list(dict.fromkeys(UNIT_NAMES.get(e.unit, e.unit) for e in counted)), num_units=sizes[-1] if sizes else None,
+        count_noise=count_noise,
         delta=delta, n_times_delta=sizes[-1] * delta if sizes else None, private=all(e.private for e in entries),
         releases=[ReleaseRow(entry=e, status=release_status(e, run_dir)) for e in entries], total=composed_total(entries, delta),
         client_level=compose(client_level, next(e.delta for e in entries if not e.counts_against_budget)) if client_level else None,
@@ -156,9 +170,16 @@ def build_report(run_dir: Path) -> PrivacyReport:
     releases = run_releases(run_dir, [s.name for s in spec.stages], ledger_dir)
     if not releases:
         raise InputError(f"{run_dir}: no releases in the ledger yet (run a stage such as dp_train first)")
-    clients = [client_report(client, entries, run_dir, spec.privacy.cap_epsilon) for client, entries in releases.items()]
+    # whether this run's sizes were noised is partition.json's to say (a shared ledger may hold a count another run drew)
+    partition = run_dir / "stages/ingest/partition.json"
+    noise = (read_json(partition).get("count") or {}).get("noise_multipliers", {}) if partition.is_file() else {}
+    clients = [client_report(client, entries, run_dir, spec.privacy.cap_epsilon, noise.get(client)) for client, entries in releases.items()]
     return PrivacyReport(run_dir=str(run_dir), spec_name=spec.name, target_epsilon=spec.privacy.target_epsilon, ledger_dir=str(ledger_dir),
-                         clients=clients, threat_model=threat_model(spec), assumptions=ASSUMPTIONS)
+                         clients=clients, threat_model=threat_model(spec, bool(noise)), assumptions=assumptions(bool(noise)))
+
+
+def size_origin(client: ClientReport) -> str:
+    return "public" if client.count_noise is None else f"noised count, sigma {client.count_noise:g}"
 
 
 def fmt(value: float | None) -> str:
@@ -216,7 +237,7 @@ def render_html(report: PrivacyReport) -> str:
                 f"<td>{esc(row.status)}</td><td>{esc(entry.trust)}</td></tr>"
             )
         cap = "" if client.cap_epsilon is None else f"; cap {client.cap_epsilon:g}"
-        n = "" if client.num_units is None else f"; N = {client.num_units}, N x delta = {client.n_times_delta:.2e}"
+        n = "" if client.num_units is None else f"; N = {client.num_units} ({size_origin(client)}), N x delta = {client.n_times_delta:.2e}"
         rows.append(f'<tr class="total"><td>{esc(client.client_id)}</td><td colspan="7">total over {sum(r.entry.costs_privacy for r in client.releases)} '
                     f"release(s) with a privacy cost, PLD composition; unit {esc(', '.join(client.units))}{n}{cap}</td>"
                     f"<td>{client.delta:.2e}</td><td>{fmt(client.total.prv)}</td><td>{fmt(client.total.rdp)}</td><td><b>{fmt(client.total.pld)}</b></td><td colspan=\"2\"></td></tr>")

@@ -44,7 +44,10 @@ def tiny_spec(data: list[dict] | None = None, **overrides) -> dict:
         },
         "stages": ["ingest"],
     }
+    # N public by default in tests: exact q, steps and totals to assert (a noised count is tested where it is the subject)
+    privacy = {"count_noise": 0, **overrides.pop("privacy", {})}
     spec.update(overrides)
+    spec["privacy"] = privacy
     return spec
 
 

@@ -138,6 +138,8 @@ SPEC_CASES = [
         "labels": ["pos", "Pos"], "seeds": [{"instruction": "Q?"}]}}]), r"stages\[2\]\.params: labels: 'pos' appears more than once"),
     ("seed-negative", lambda s: s.update(seed=-5), r"spec\.yaml: seed: Input should be greater than or equal to 0"),
     ("ledger-dir-empty", lambda s: s.update(privacy={"ledger_dir": ""}), r"spec\.yaml: privacy\.ledger_dir: an empty path"),
+    ("count-noise-tiny", lambda s: s.update(privacy={"count_noise": 0.1}), r"spec\.yaml: privacy\.count_noise: 0 \(N public\) or at least 0\.3, got 0\.1"),
+    ("count-noise-negative", lambda s: s.update(privacy={"count_noise": -1}), r"privacy\.count_noise: Input should be greater than or equal to 0"),
     ("canary-secrets-too-few", lambda s: s.update(audit={"canaries": {"client": "client_0", "count": 50, "digits": 1}}),
      r"audit\.canaries: 50 digit canaries need secrets of at least 3 digits"),
     # YAML's true/false where a number goes: pydantic alone reads them as 1 and 0 (epsilon 1, one epoch)

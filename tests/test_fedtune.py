@@ -244,7 +244,7 @@ def run_pipeline(workdir: Path, fedtune: dict, privacy: dict | None = None, cap:
     synth = dict(SYNTH, params=dict(SYNTH["params"], per_client=6, oversample=1.0, near_duplicate_jaccard=0.9))
     spec = tiny_spec(stages=["prepare_models", "ingest", TRAIN, synth, REFINE, {"name": "fedtune", "params": fedtune}, *(extra_stages or [])],
                      models={"base": "tiny-random-llama", "professional": "tiny-random-llama"})
-    spec["privacy"] = {"target_epsilon": 8.0, **(privacy or {}), **({"cap_epsilon": cap} if cap else {})}
+    spec["privacy"] = {"target_epsilon": 8.0, "count_noise": 0, **(privacy or {}), **({"cap_epsilon": cap} if cap else {})}
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(Generator, "generate", canned_generate)
     try:

@@ -36,7 +36,7 @@ ONE_STEP = {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48, "e
 # dp_train's privacy.json, but for release_id and adapter_sha256: each a function of the spec,
 # the base model and the record count (N, public: it sets q), none of the secret draw
 STATEMENT_FIELDS = {"client_id", "private", "label", "unit", "num_units", "max_records_per_unit", "delta", "n_times_delta", "target_epsilon",
-                    "mechanism", "clip_norm", "expected_batch_units", "epochs", "calibrated_by", "epsilon", "noise", "trust", "assumptions", "base_model"}
+                    "mechanism", "clip_norm", "expected_batch_units", "epochs", "calibrated_by", "epsilon", "noise", "trust", "assumptions", "base_model", "count"}
 HISTOGRAM = dict(SYNTH, params=dict(SYNTH["params"], class_balance="dp_histogram", histogram_noise_multiplier=1.0))
 
 
@@ -310,13 +310,14 @@ def test_a_ledger_counts_the_same_clients_overlapping_data_only(tmp_path: Path):
 def server_side_files(run_dir: Path) -> list[Path]:
     """Everything the server holds: stage outputs marked server, every manifest, the run's own
     files, the privacy report and `ksg eval`'s server-side report."""
-    files = [run_dir / name for name in ("spec.json", "events.jsonl", "privacy_report.json", "privacy_report.html", ".input_hashes.json")]
+    files = [run_dir / name for name in ("spec.json", "events.jsonl", "privacy_report.json", "privacy_report.html", ".input_hashes.json", "report.html")]
     for manifest_path in (run_dir / "stages").glob("*/manifest.json"):
         stage_dir = manifest_path.parent
         files += [manifest_path, stage_dir / ".started_with"]
         files += [stage_dir / rel for rel, out in read_json(manifest_path)["outputs"].items() if out["side"] == "server"]
-    sides = read_json(run_dir / "eval/sides.json")
-    files += [run_dir / "eval" / rel for rel, side in sides.items() if side == "server"]
+    if (run_dir / "eval/sides.json").is_file():
+        sides = read_json(run_dir / "eval/sides.json")
+        files += [run_dir / "eval" / rel for rel, side in sides.items() if side == "server"]
     return [f for f in files if f.is_file()]
 
 
@@ -697,3 +698,134 @@ def test_a_members_sample_is_chosen_by_content(tmp_path: Path):
     write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Classify: one more line at the top.", "response": "negative"}, *rows])
     after = _contents(client_records(*load_spec(path))["bank_a"])
     assert len(before) == len(after) == 30 and len(before ^ after) in (0, 2)
+
+
+# 13. N reaches the server only as the client's noised count ----------------------------------------
+
+SIZE = 60  # the client's records; the adversary holds 59 of them
+
+
+def sizes_stated(files: list[Path], batch_size: int) -> dict[str, set[int]]:
+    """Every figure the adversary reads as a client's N, by file: partition.json's sizes, a
+    manifest's record count of a client-side file, every num_units (but a count of clients),
+    N x delta over delta, B / q of a DP-SGD mechanism, and "N = k" in any text."""
+    stated: dict[str, set[int]] = {}
+
+    def walk(value, where: str) -> None:
+        add = stated.setdefault(where, set()).add
+        if isinstance(value, dict):
+            if where.endswith("partition.json") and isinstance(value.get("clients"), dict):
+                for n in value["clients"].values():
+                    add(int(n))
+            if str(value.get("side", "")).startswith("client:") and isinstance(value.get("records"), int):
+                add(value["records"])
+            if isinstance(value.get("num_units"), int) and value.get("unit") != "client":
+                add(value["num_units"])
+            if isinstance(value.get("n_times_delta"), (int, float)) and value.get("delta"):
+                add(round(value["n_times_delta"] / value["delta"]))
+            if value.get("kind") == "poisson_gaussian" and value.get("sample_rate"):
+                add(round(batch_size / value["sample_rate"]))
+            for item in value.values():
+                walk(item, where)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item, where)
+        elif isinstance(value, str):
+            for match in re.finditer(r"\bN\s*=\s*(\d+)", value):
+                add(int(match.group(1)))
+
+    for path in files:
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:  # weights: no figure in them reads as N
+            continue
+        try:
+            values = [json.loads(text)]
+        except ValueError:  # JSON lines, or text (html, markdown)
+            values = []
+            for line in text.splitlines():
+                try:
+                    values.append(json.loads(line))
+                except ValueError:
+                    values.append(line)
+        walk(values, str(path))
+    return {where: found for where, found in stated.items() if found}
+
+
+def one_bank(tmp_path: Path, privacy: dict, stages: list, audit: dict | None = None) -> Path:
+    """A spec of one client holding SIZE records; without `count_noise` in `privacy`, the product's default."""
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(SIZE))
+    spec = tiny_spec(clients={"members": [{"id": "bank", "data": [{"path": "data.jsonl"}]}]}, privacy=privacy, stages=stages, **({"audit": audit} if audit else {}))
+    if "count_noise" not in privacy:
+        del spec["privacy"]["count_noise"]  # not the tests' "N public"
+    return write_spec(tmp_path, spec)
+
+
+AUDITED = {"holdout_per_client": 5, "canaries": {"client": "bank", "count": 4, "repeats": 2, "kinds": ["digits"]}}
+
+
+@pytest.mark.parametrize("audit", [None, AUDITED], ids=["plain", "holdout-and-canaries"])
+def test_no_server_side_file_tells_whether_the_last_record_is_in(tmp_path: Path, monkeypatch, capsys, audit):
+    """The adversary holds the spec, the server's files and 59 of the client's 60 records. Any file
+    that states N (partition.json's size, a manifest's record count, num_units, N x delta, q = B/N,
+    "N = 60") tells it whether the 60th record is in, whatever noise the adapter carries: epsilon
+    infinite. Every figure it can read as N must be the client's noised count, drawn once on the
+    client and entered in its ledger as a Gaussian release (the product's default), or that count
+    less the audit's holdout and plus its canaries (public arithmetic)."""
+    import pipelines.ingest
+
+    monkeypatch.chdir(tmp_path)
+    real = pipelines.ingest.noised_count
+    shift = range(-5, 4) if audit else range(1)  # training N - N: the holdout out, 0 to 8 planted canary copies in
+
+    def never_n(n: int, sigma: float, random) -> int:
+        """The real draw, drawn again in this test only when it equals a size a leak would state:
+        the leak would hide behind such a count."""
+        while (drawn := real(n, sigma, random)) - n in shift:
+            pass
+        return drawn
+
+    monkeypatch.setattr(pipelines.ingest, "noised_count", never_n)
+    path = one_bank(tmp_path, {"target_epsilon": 8.0}, ["prepare_models", "ingest", ONE_STEP, HISTOGRAM], audit)
+    capsys.readouterr()
+    assert main(["run", str(path), "--run-dir", "run"]) == 0
+    console = capsys.readouterr().err
+    assert main(["privacy-report", "run"]) == 0
+    run_dir = tmp_path / "run"
+
+    own = [json.loads(line) for ledger in (run_dir / "ledger").glob("*.jsonl") for line in ledger.read_text().splitlines()]
+    counts = [e for e in own if e["stage"] == "ingest"]
+    assert len(counts) == 1, "no noised count in the client's ledger: N reached the server as it is"
+    count = counts[0]
+    assert count["mechanism"]["kind"] == "gaussian" and count["mechanism"]["steps"] == 1 and count["mechanism"]["noise_multiplier"] >= 1
+    assert count["private"] and count["noise"] == "os_entropy" and count["unit"] == "record"
+
+    stats = read_json(run_dir / "stages/ingest/clients/bank/stats.json")  # the client's side: the true sizes
+    trained = stats["records"]
+    planned = count["num_units"] + trained - SIZE  # the same holdout and canaries, on the count
+    assert stats["units"]["count"] == SIZE and stats["units"]["planned"] == planned and (trained != SIZE) == bool(audit)
+    stated = sizes_stated(server_side_files(run_dir), batch_size=ONE_STEP["params"]["batch_size"])
+    stated["the console"] = {int(n) for n in re.findall(r"\bN\s*=\s*(\d+)", console)}
+    assert {"partition.json", "privacy.json", "ledger.json", "privacy_report.json"} <= {Path(w).name for w in stated}, stated  # the channels exist
+    found = {n for values in stated.values() for n in values}
+    assert planned in found and found <= {count["num_units"], planned}, stated  # each states the count, none N
+    assert not {SIZE, trained} & found
+    # its cost is charged with the other releases
+    report = read_json(run_dir / "privacy_report.json")["clients"][0]
+    assert count["release_id"] in {r["entry"]["release_id"] for r in report["releases"]}
+
+
+def test_a_count_noised_from_the_spec_seed_gives_n_away(tmp_path: Path, monkeypatch):
+    """Control: with privacy.reproducible_noise the adversary regenerates the count's noise from the
+    spec, tries N = 59 and N = 60, and exactly the truth reproduces the released count. Such a
+    count is NOT PRIVATE, and marked so."""
+    from privacy.count import noised_count
+
+    monkeypatch.chdir(tmp_path)
+    path = one_bank(tmp_path, {"count_noise": 10, "reproducible_noise": True}, ["prepare_models", "ingest"])
+    assert main(["run", str(path), "--run-dir", "run"]) == 0
+    released = read_json(tmp_path / "run/stages/ingest/partition.json")["clients"]["bank"]
+    fits = [n for n in (SIZE - 1, SIZE) if noised_count(n, 10.0, SecureRandom.from_public_seed(7, "ingest", "bank", "count:record")) == released]
+    assert fits == [SIZE]
+    entry = read_json(tmp_path / "run/stages/ingest/ledger.json")[0]
+    assert not entry["private"] and entry["noise"] == "reproducible"

@@ -64,8 +64,9 @@ def federation(tmp_path_factory):
     refine = dict(REFINE, params=dict(REFINE["params"], pool={"path": "server/pool.jsonl"}))
     write_jsonl(parties["server"] / "pool.jsonl", pool)
     # reproducible noise (NOT PRIVATE, for this comparison only): the split run must then give
-    # the simulation's adapters and data byte for byte
-    spec = tiny_spec(clients={"members": members}, privacy={"target_epsilon": 8.0, "reproducible_noise": True},
+    # the simulation's adapters and data byte for byte, the banks' noised counts included (sigma 3: at
+    # 10 this seed's draw leaves bank_a's 24 records a count of 2, below the batch)
+    spec = tiny_spec(clients={"members": members}, privacy={"target_epsilon": 8.0, "reproducible_noise": True, "count_noise": 3},
                      stages=["prepare_models", "ingest", TRAIN, synth, refine, {"name": "fedtune", "params": FEDTUNE},
                             {"name": "calibrate", "params": {"labels": ["negative", "neutral", "positive"]}}, "publish"],
                      models={"base": "tiny-random-llama", "professional": "tiny-random-llama", "embedder": "tiny-random-embedder"})
@@ -100,7 +101,10 @@ def test_the_split_run_gives_the_simulations_releases_and_data(federation):
     for final in ("fedtune/adapter/adapter_model.safetensors", "calibrate/label_prior.json", "publish/final_adapter/label_prior.json"):
         assert (server / "stages" / final).read_bytes() == (simulation / "stages" / final).read_bytes(), final
     assert _entries(server / "stages/dp_train/ledger.json") == _entries(simulation / "stages/dp_train/ledger.json")
-    assert json.loads((server / "stages/ingest/partition.json").read_text())["clients"] == json.loads((simulation / "stages/ingest/partition.json").read_text())["clients"]
+    partition = json.loads((server / "stages/ingest/partition.json").read_text())
+    assert partition == json.loads((simulation / "stages/ingest/partition.json").read_text()) and set(partition["count"]["noise_multipliers"]) == set(BANKS)
+    counts = [sorted(_entries(run / "stages/ingest/ledger.json"), key=lambda e: e["client_id"]) for run in (server, simulation)]
+    assert counts[0] == counts[1] and [e["client_id"] for e in counts[0]] == sorted(BANKS)  # each bank's count, merged
     manifest = read_manifest(server / "stages/dp_train")
     assert set(manifest.received) == set(BANKS)
 
@@ -131,7 +135,7 @@ def test_the_server_holds_only_releases(federation):
         copy = [json.loads(line) for line in (server / "received" / f"{bank}.jsonl").read_text().splitlines()]
         own = [json.loads(line) for line in next((federation["parties"][bank] / "run/ledger").glob("*.jsonl")).read_text().splitlines()]
         assert {e["run_dir"] for e in copy} == {f"client:{bank}"}  # the bank's paths stay with it
-        assert [dict(e, run_dir="") for e in copy] == [dict(e, run_dir="") for e in own] and {e["release"] for e in copy} == {"dp_adapter"}
+        assert [dict(e, run_dir="") for e in copy] == [dict(e, run_dir="") for e in own] and {e["release"] for e in copy} == {"noised_unit_count", "dp_adapter"}
         # no stage's running time crosses, nor the start and end that give it by subtraction (dp_train's follows the
         # sampled records' lengths): every manifest the bank sent is stamped with the moment its part was sent
         sent = [read_manifest(d) for d in sorted((federation["exchange"] / bank).iterdir()) if d.is_dir()]

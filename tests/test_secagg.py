@@ -264,7 +264,7 @@ def test_the_privacy_report_says_what_the_server_sees_with_and_without_secure_ag
     def spec_with(fedtune: dict) -> SimpleNamespace:
         return SimpleNamespace(stages=[SimpleNamespace(name="ingest", params={}), SimpleNamespace(name="fedtune", params=fedtune)])
 
-    plain, secure = (threat_model(spec_with(p))[1]["sees"] for p in ({"client_dp": {}}, {"client_dp": {}, "secure_aggregation": True}))
+    plain, secure = (threat_model(spec_with(p), True)[1]["sees"] for p in ({"client_dp": {}}, {"client_dp": {}, "secure_aggregation": True}))
     assert "each client's clipped update" in plain and "each client clips, the server adds the noise" in plain
     assert "only the sum of each round's updates" in secure and "sum of the clients' clipped updates before the server adds its noise" in secure
     assert "each client's clipped update" not in secure and "each client clips, the server adds the noise" in secure

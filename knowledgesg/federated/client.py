@@ -238,6 +238,14 @@ class NodeSettings:
                            "(a mechanism may then publish a unit outright): refused")
 
 
+def planned_size(storage: Path, client_id: str) -> int | None:
+    """The size this client's ingest released for the server to plan with (its noised count, as
+    planned); None where its N is public or its ingest kept no count."""
+    path = storage / "stages" / "ingest" / "clients" / client_id / "stats.json"
+    units = read_json(path).get("units") if path.is_file() else None
+    return int(units["planned"]) if units else None
+
+
 class ClientRuntime:
     """One process's client side: runs tasks, keeps each client's SCAFFOLD control variate."""
 
@@ -251,7 +259,8 @@ class ClientRuntime:
         if node is not None:
             task = node.own_base_model(node.govern(task))
             if task.local_dp is not None:
-                node.check_delta(task, self._privacy_units(task, self._records_to_train(task)).count, self._ledger(task, node).entries())
+                self._privacy_units(task, self._records_to_train(task))  # the plan's N checked against the client's own
+                node.check_delta(task, task.local_dp.num_units, self._ledger(task, node).entries())
         if task.local_dp is not None and task.join_probability is not None:
             return self._fit_client_level(task, params, node)
         if not joins_round(task):
@@ -394,11 +403,15 @@ class ClientRuntime:
             self.controls[task.client_id] = new_c
         return float(np.mean(losses)), control_delta
 
-    @staticmethod
-    def _privacy_units(task: ClientTask, records: list[InstructionRecord]):
+    def _privacy_units(self, task: ClientTask, records: list[InstructionRecord]):
+        """The client's units, once the plan's N is found to be the one this client released (its
+        noised count as planned, or its exact N where that is public)."""
         dp = task.local_dp
         units = privacy_units(records, dp.unit, dp.max_records_per_user)
-        if units.count != dp.num_units:
+        released = planned_size(self.storage(task), task.client_id)
+        if released is not None and released != dp.num_units:
+            raise KsgError(f"client '{task.client_id}': the plan assumed {dp.num_units} privacy units, this client released {released}; refusing to train")
+        if released is None and units.count != dp.num_units:
             raise KsgError(f"client '{task.client_id}': the plan assumed {dp.num_units} privacy units, this client has {units.count}; refusing to train")
         return units
 
@@ -408,7 +421,9 @@ class ClientRuntime:
 
         t, dp = task.training, task.local_dp
         units = self._privacy_units(task, records)
-        expected = dp.sample_rate * units.count
+        # the update is divided by the expected batch the plan gives (about B), never by one the true N
+        # gives: that would scale every released update by a function of N
+        expected = dp.sample_rate * dp.num_units
         coins = SecureRandom.for_release(dp.reproducible_noise, task.seed, "fedtune", task.client_id, task.round, "sampler")
         noise = SecureRandom.for_release(dp.reproducible_noise, task.seed, "fedtune", task.client_id, task.round, "noise")
         lora.model.train()

@@ -58,7 +58,7 @@ class LocalDP(StrictModel):
     noise_multiplier: float = Field(gt=0)  # planned by the server (calibrated, or a spec's within NOISE_MULTIPLIER_RANGE)
     clip_norm: float = Field(gt=0)
     sample_rate: float = Field(gt=0, le=1)
-    num_units: int = Field(ge=1, description="N as planned; the client checks it against its own data")
+    num_units: int = Field(ge=1, description="N as planned: the client's released (noised) count, or its exact N where that is public; the client checks it against its own")
     delta: float = Field(gt=0, lt=1)
     unit: Literal["record", "user"] = "record"
     max_records_per_user: int = 8
