@@ -302,7 +302,7 @@ def evaluate(
             raise InputError(f"ksg eval: --private takes CLIENT=FILE, got {item!r}")
         private_tasks.setdefault(client, []).append(path)
     try:
-        options = EvalOptions(tasks=split(tasks), private_tasks=private_tasks, models=split(models or "base,dp,final"), modes=split(modes), limit=limit or None, seed=seed,
+        options = EvalOptions(tasks=split(tasks), private_tasks=private_tasks, models=split("base,dp,final" if models is None else models), modes=split(modes), limit=limit or None, seed=seed,
                               precision=precision, fidelity=fidelity)
     except ValidationError as err:
         raise InputError(format_validation_error("ksg eval", err)) from None

@@ -211,6 +211,8 @@ def test_eval_of_a_model_the_run_lacks_is_refused(workdir: Path, capsys):
         assert main(["eval", "run", "--models", kind, "--tasks", "fpb", "--limit", "2"]) == 2
         err = capsys.readouterr().err.strip()
         assert err == f"ksg: error: --models {kind}: run has no such model ({stage} has not completed there)", err
+    assert main(["eval", "run", "--models", "", "--tasks", "fpb", "--limit", "2"]) == 2  # had scored the default models
+    assert "models: List should have at least 1 item" in capsys.readouterr().err
     assert not (workdir / "run/eval").exists()
 
 
