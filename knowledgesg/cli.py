@@ -48,10 +48,17 @@ def _mib(value: float | None) -> str:
     return "" if value is None else (f"{value / 1024:.2f} GiB" if value >= 1024 else f"{value:.0f} MiB")
 
 
+def given_path(value: str | None, flag: str) -> Path | None:
+    """A path option as typed: an empty one is refused (as a Path it would be '.', the working directory)."""
+    if value is not None and not value.strip():
+        raise InputError(f"{flag}: an empty path (give a directory, or leave {flag} out for the default)")
+    return None if value is None else Path(value)
+
+
 @app.command()
 def run(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="pipeline spec (YAML)")],
-    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="default: runs/<spec name>")] = None,
+    run_dir: Annotated[str | None, typer.Option("--run-dir", help="default: runs/<spec name>")] = None,
     role: Annotated[str, typer.Option(help="all: every party in this process (the simulation); client: one client's stages on its own data, "
                                            "then its releases to --exchange; server: the clients' releases from --exchange, then the server's stages")] = "all",
     client: Annotated[str | None, typer.Option(help="with --role client: which member of the spec this machine is")] = None,
@@ -76,7 +83,7 @@ def run(
     if role != "all" and exchange is None:
         raise InputError(f"--role {role}: give --exchange DIR, the directory the releases cross through")
     party = Role(role, client, exchange)  # type: ignore[arg-type]
-    run_dir = run_dir or Path("runs") / (spec.name if role == "all" else f"{spec.name}-{client or 'server'}")
+    run_dir = given_path(run_dir, "--run-dir") or Path("runs") / (spec.name if role == "all" else f"{spec.name}-{client or 'server'}")
     # the plan's budgets are checked where the clients' data is (the server of a split run holds none)
     plan_check = partial(refuse_planned_over_cap, base_dir=base_dir, run_dir=run_dir) if role != "server" else None
     runner = Runner(spec, base_dir, run_dir, stages, party, plan_check)
@@ -176,7 +183,7 @@ def init(
 @app.command()
 def check(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="pipeline spec (YAML)")],
-    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="the run whose ledger counts (default: runs/<spec name>)")] = None,
+    run_dir: Annotated[str | None, typer.Option("--run-dir", help="the run whose ledger counts (default: runs/<spec name>)")] = None,
 ) -> None:
     """Check a spec without running it: the spec, every data file, the models, and each client's planned epsilon against the cap."""
     from pipelines import load_pipeline
@@ -184,7 +191,7 @@ def check(
 
     spec, base_dir, stages = load_pipeline(spec_path)
     try:
-        notes, checks = check_pipeline(spec, base_dir, stages, run_dir or Path("runs") / spec.name)
+        notes, checks = check_pipeline(spec, base_dir, stages, given_path(run_dir, "--run-dir") or Path("runs") / spec.name)
     except SpecError as err:
         raise err.in_file(spec_path) from None
     console.print(f"{spec_path}: the spec and its {len(stages)} stages are valid; the data loads and partitions")

@@ -203,6 +203,16 @@ def test_an_exchange_that_cannot_be_a_directory_is_refused_before_anything_is_wr
         assert not (workdir / "run").exists()
 
 
+def test_an_empty_run_directory_is_refused_not_the_working_directory(workdir: Path, capsys):
+    """`--run-dir ''` became '.' (a Path of ''): the run wrote its stages and ledger among the spec and the data."""
+    spec = write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest"]))
+    for command in (["run", str(spec), "--run-dir", ""], ["check", str(spec), "--run-dir", " "]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "ksg: error: --run-dir: an empty path (give a directory, or leave --run-dir out for the default)", err
+    assert not (workdir / "stages").exists() and not (workdir / "spec.json").exists()
+
+
 def test_eval_of_a_model_the_run_lacks_is_refused(workdir: Path, capsys):
     """`--models final` on a run without fedtune had written an empty report and exited 0."""
     assert main(["run", str(write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest"]))), "--run-dir", "run"]) == 0
