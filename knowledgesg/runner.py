@@ -408,7 +408,24 @@ def run_models(run_dir: Path, roles: Iterable[str] | None = None) -> dict[str, d
 def load_run_role(run_dir: Path) -> Role:
     """The role the run directory was made by (the simulation for runs from before roles)."""
     saved = _saved_run(run_dir).get("role") or {}
-    return Role(saved.get("kind", "all"), saved.get("client"), Path(saved["exchange"]) if saved.get("exchange") else None)
+    kind, client, exchange = saved.get("kind", "all"), saved.get("client"), saved.get("exchange")
+    if kind not in ("all", "client", "server") or not isinstance(client, (str, type(None))) or not isinstance(exchange, (str, type(None))):
+        raise InputError(f"{run_dir / SPEC_COPY}: not the run's spec copy (its role is not one of all, client, server with a client name); the run directory is damaged")
+    return Role(kind, client, Path(exchange) if exchange else None)
+
+
+# what a run directory holds at its top level, and of which kind: another kind there is damage
+RUN_LAYOUT = {".lock": "file", SPEC_COPY: "file", "events.jsonl": "file", "stages": "directory", "ledger": "directory", "eval": "directory"}
+
+
+def refuse_a_damaged_run_directory(run_dir: Path) -> None:
+    """One line, before anything is written, where a run directory's own entries are of the wrong
+    kind (`stages` a file, `.lock` a directory): each would otherwise fail midway with a traceback."""
+    for name, kind in RUN_LAYOUT.items():
+        path = run_dir / name
+        if path.exists() and path.is_dir() != (kind == "directory"):
+            found = "directory" if path.is_dir() else "file"
+            raise InputError(f"--run-dir {run_dir}: damaged: {name} is a {found}, not a {kind}; move it aside or give another --run-dir")
 
 
 class Runner:
@@ -434,6 +451,7 @@ class Runner:
             problem = unmakeable_directory(directory) if directory is not None else None
             if problem:
                 raise InputError(f"{flag} {directory}: {problem}")
+        refuse_a_damaged_run_directory(self.run_dir)
         self.preflight()  # before the run directory is created or touched
         created = not self.run_dir.exists()
         try:

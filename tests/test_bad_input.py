@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -211,6 +213,23 @@ def test_an_empty_run_directory_is_refused_not_the_working_directory(workdir: Pa
         err = capsys.readouterr().err.strip()
         assert err == "ksg: error: --run-dir: an empty path (give a directory, or leave --run-dir out for the default)", err
     assert not (workdir / "stages").exists() and not (workdir / "spec.json").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda run: (shutil.rmtree(run / "stages"), (run / "stages").write_text("")), r"--run-dir run: damaged: stages is a file, not a directory"),
+    (lambda run: ((run / ".lock").unlink(), (run / ".lock").mkdir()), r"--run-dir run: damaged: \.lock is a directory, not a file"),
+    (lambda run: (run / "spec.json").write_text(json.dumps({**json.loads((run / "spec.json").read_text()), "role": {"kind": "banana"}})),
+     r"run/spec\.json: not the run's spec copy \(its role is not one of all, client, server"),
+], ids=["stages-a-file", "lock-a-directory", "unknown-role"])
+def test_a_run_directory_damaged_in_shape_is_one_line(workdir: Path, capsys, damage, message):
+    """Each had been a traceback midway (NotADirectoryError, IsADirectoryError, KeyError)."""
+    spec = write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest"]))
+    assert main(["run", str(spec), "--run-dir", "run"]) == 0
+    damage(workdir / "run")
+    capsys.readouterr()
+    assert main(["run", str(spec), "--run-dir", "run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
 
 
 def test_eval_of_a_model_the_run_lacks_is_refused(workdir: Path, capsys):
