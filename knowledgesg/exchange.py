@@ -33,6 +33,7 @@ from knowledgesg.errors import InputError, KsgError
 from knowledgesg.fileio import canonical_json, read_json, sha256_file, sha256_text, write_json, write_jsonl
 from knowledgesg.manifest import MANIFEST, Manifest, OutputEntry, output_entry, read_manifest, write_manifest
 from knowledgesg.spec import format_validation_error
+from privacy.count import partition_count
 from privacy.ledger import LEDGER, LedgerEntry, client_delta, composed_total, now, received_ledger
 
 CLIENT_LEDGER = "ledger.jsonl"
@@ -45,8 +46,8 @@ def _merge_partition(values: dict[str, Any]) -> Any:
     for value in values.values():
         merged["clients"].update(value["clients"])
     counts = [value["count"] for value in values.values() if isinstance(value.get("count"), dict)]
-    if counts:  # each client's noised count, with the sigma it was drawn at
-        merged["count"] = {"noised": True, "noise_multipliers": {c: sigma for count in counts for c, sigma in count["noise_multipliers"].items()}}
+    if counts:
+        merged["count"] = partition_count({c: sigma for count in counts for c, sigma in count["noise_multipliers"].items()})
     return merged
 
 

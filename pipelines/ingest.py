@@ -213,8 +213,8 @@ class Ingest(Stage):
             # in the ledger directory, not among the outputs: a later version of this data finds its ledger by them
             ledger = ClientLedger.of_data(ctx.ledger_dir, key, client_id, unit_digests(rows))
             ledger.keep_units()
-            units = data_units(records, privacy.unit)
-            count = self.release_count(ctx, client_id, units, ledger) if privacy.count_noise else None
+            units = data_units(records, privacy.unit) if privacy.count_noise else None
+            count = self.release_count(ctx, client_id, units, ledger) if units else None
             if audit.holdout_per_client:
                 records, held = hold_out(records, audit.holdout_per_client, ctx.seed, client_id)
                 ctx.write_jsonl(f"clients/{client_id}/holdout.jsonl", [r.model_copy(update={"client_id": client_id}).model_dump() for r in held], side=side)
@@ -236,7 +236,7 @@ class Ingest(Stage):
         method = ctx.spec.clients.partition.method if ctx.spec.clients.partition else "members"
         partition = {"method": method, "seed": ctx.seed, "clients": sizes}
         if counts:
-            partition["count"] = partition_count(counts)
+            partition["count"] = partition_count({client_id: entry.mechanism.noise_multiplier for client_id, entry in counts.items()})
             ctx.write_json(LEDGER, [entry.model_dump(mode="json") for entry in counts.values()])
         ctx.write_json("partition.json", partition)
         # a console may be a log the server holds: with a noised count it shows the count, not N

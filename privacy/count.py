@@ -54,9 +54,10 @@ class ReleasedCount:
     noise_multiplier: float
 
 
-def partition_count(entries: dict[str, LedgerEntry]) -> dict:
-    """partition.json's note of how its sizes were released (a reused count keeps the sigma it was drawn with)."""
-    return {"noised": True, "noise_multipliers": {client_id: entry.mechanism.noise_multiplier for client_id, entry in entries.items()}}
+def partition_count(noise_multipliers: dict[str, float]) -> dict:
+    """partition.json's note of how its sizes were released: each client's count with the sigma it
+    was drawn at (a reused count keeps its own)."""
+    return {"noised": True, "noise_multipliers": noise_multipliers}
 
 
 def released_size(partition: dict, client_id: str) -> ReleasedCount | None:

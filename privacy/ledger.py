@@ -194,7 +194,7 @@ class ClientLedger:
     def entries(self) -> list[LedgerEntry]:
         """Every release of this data set and of the client's other data sets in the directory
         that share a person with it, each once, oldest first."""
-        merged = merge_releases(self._own_entries(), *(other._own_entries() for other in self._overlapping()))
+        merged = merge_releases(self.own_entries(), *(other.own_entries() for other in self._overlapping()))
         return sorted(merged, key=lambda e: e.released_at)
 
     def _overlapping(self) -> list[ClientLedger]:
@@ -218,11 +218,12 @@ class ClientLedger:
                 kept = _read_units(other.units_path)
                 if kept["client_id"] == self.client_id and mine.intersection(kept["units"]):
                     found.append(other)
-            elif any(e.client_id == self.client_id for e in other._own_entries()):
+            elif any(e.client_id == self.client_id for e in other.own_entries()):
                 found.append(other)
         return found
 
-    def _own_entries(self) -> list[LedgerEntry]:
+    def own_entries(self) -> list[LedgerEntry]:
+        """The releases of this data set alone (not of the client's other versions of it)."""
         if not self.path.is_file():
             return []
         entries = []
@@ -240,10 +241,6 @@ class ClientLedger:
                 raise KsgError(f"{self.path}:{number}: unreadable ledger entry ({err.errors()[0]['msg']}); refusing to compute a budget") from None
         return entries
 
-    def own_entries(self) -> list[LedgerEntry]:
-        """The releases of this data set alone (not of the client's other versions of it)."""
-        return self._own_entries()
-
     def append(self, entry: LedgerEntry, check: Callable[[list[LedgerEntry]], None] | None = None) -> None:
         """One line in one write, fsynced before returning, under an exclusive lock of the whole
         ledger directory. `check` sees the entries as they are under that lock (this data's and
@@ -260,7 +257,7 @@ class ClientLedger:
         and nothing is written. Under the lock, so two runs on the same data never both enter one
         (a release made once and reused, such as the noised count)."""
         with self._locked():
-            found = next((e for e in self._own_entries() if same(e)), None)
+            found = next((e for e in self.own_entries() if same(e)), None)
             if found is not None:
                 return found
             if check is not None:

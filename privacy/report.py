@@ -60,14 +60,12 @@ N_PUBLIC = ("N, the number of records and privacy units per client, is treated a
             "an adversary holding every other record it tells whether the last one is in.")
 
 
-def assumptions(noised_count: bool) -> list[str]:
-    return [ASSUMPTIONS[0], ASSUMPTIONS[1], N_NOISED if noised_count else N_PUBLIC, *ASSUMPTIONS[2:]]
-
-
-ASSUMPTIONS = [
+SAMPLING_AND_UNIT = [
     "Poisson sampling: each privacy unit joins each step independently with the stated probability q; the coins are drawn on the client.",
     "The unit of privacy is stated per release: a record, a source document (all pairs made from one transcript or abstract), or a user; "
     "neighbouring data sets differ in one unit, and a unit contributes at most the stated number of records.",
+]
+ASSUMPTIONS_AFTER_N = [
     "delta is per client; N x delta is shown so that a delta near 1/N (which would allow publishing a whole unit) is visible.",
     "The noise and the sampling coins of every release come from AES-256-CTR keyed with 32 bytes of OS entropy on the client, drawn "
     "afresh for each release and never stored or sent; each Gaussian value sums four draws (Opacus's floating-point defence). "
@@ -79,6 +77,11 @@ ASSUMPTIONS = [
     "one machine holds both sides. Split by role (--role client / --role server), each party holds only its own files; only the "
     "releases cross, checked by the server against the sender's manifest, and a client's failure reaches the server as its kind only.",
 ]
+
+
+def assumptions(noised_count: bool) -> list[str]:
+    """The report's assumptions; what it says of N depends on whether this run's sizes were noised."""
+    return [*SAMPLING_AND_UNIT, N_NOISED if noised_count else N_PUBLIC, *ASSUMPTIONS_AFTER_N]
 
 
 class CurvePoint(BaseModel):

@@ -44,7 +44,6 @@ class Units:
         return [len(m) for m in self.members]
 
 
-
 def privacy_units(records: list[InstructionRecord], unit: SpecUnit, max_records: int) -> Units:
     """Group records into units (in first-seen order), each truncated to `max_records` records."""
     groups: dict[str, list[int]] = defaultdict(list)
