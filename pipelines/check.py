@@ -97,16 +97,20 @@ def plan_privacy(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_di
         ledger = ClientLedger.of_data(ledger_dir, data_key(rows), client_id, unit_digests(rows))
         before: list[LedgerEntry] = ledger.entries()
         trained = training_records(spec, client_id, records)
-        planned, plan, count, how = [], None, None, "public"
+        planned, plan, count, how, count_to_come = [], None, None, "public", False
         if spec.privacy.count_noise:
             released = released_count(ledger, client_id, data_units(records, spec.privacy.unit).kind)
             if released is not None:  # the stages plan with it, as the run will
                 count, how = ReleasedCount(planned_units(spec, client_id, released.num_units), released.mechanism.noise_multiplier), "released"
             else:  # ingest will release it: planned with the exact N on the owner's own console, its cost added
                 planned.append(count_mechanism(spec.privacy.count_noise))
-                how = f"to be released (sigma {spec.privacy.count_noise:g})"
+                how, count_to_come = f"to be released (sigma {spec.privacy.count_noise:g})", True
+        # Refusing a run on the exact N would publish a function of it (whether the run went on): until
+        # the count exists, the run's own check counts only what needs no N; each stage checks the
+        # rest, with the count, when it runs. `ksg check` shows the owner the plan at its exact N.
+        sized_later = sure_only and count_to_come
         size = count.planned if count else len(trained)
-        if train is not None:
+        if train is not None and not sized_later:
             trained_records = planning_records(trained) if train.params.source_stage == "structure" else [r for r in trained if isinstance(r, InstructionRecord)]
             plan = train.plan(spec.privacy, client_id, trained_records, count)
             if not unit_done(run_dir, train.name, client_id):  # one released before a crash is in its ledger, reused
@@ -115,8 +119,10 @@ def plan_privacy(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_di
         if synthesize is not None and not unit_done(run_dir, synthesize.name, histogram_unit(client_id)):  # as dp_train's above
             planned.append(synthesize.histogram_mechanism())
         # the delta the stages compose at: dp_train's, else the latest release's (the DP adapter's), else the spec's
-        delta = plan.delta if plan else client_delta(before) if before else (spec.privacy.delta or default_delta(size))
-        if private_fedtune is not None and (private_fedtune.asks_every_round(len(loaded)) or not sure_only):
+        delta = plan.delta if plan else client_delta(before) if before else (spec.privacy.delta or (None if sized_later else default_delta(size)))
+        if delta is None:  # the default delta is the count's to set (a step in N): nothing to refuse before it exists
+            continue
+        if private_fedtune is not None and not sized_later and (private_fedtune.asks_every_round(len(loaded)) or not sure_only):
             rounds = private_fedtune.params.rounds
             planned += private_fedtune.plan_mechanisms([client_id], {client_id: rounds}, {client_id: size}, {client_id: delta})[client_id]
         counted = [e.effective_mechanism() for e in before if e.counts_against_budget]

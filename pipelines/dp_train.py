@@ -125,7 +125,11 @@ class DPTrain(Stage):
 
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
         """Every client's plan before the run starts, as `ksg check` shows it: too few records for
-        the batch, a delta too large, a budget no noise reaches are refused before anything runs."""
+        the batch, a delta too large, a budget no noise reaches are refused before anything runs.
+        Not where N is noised: the plan is made from the count ingest releases, and a refusal made
+        here from the exact N would publish a function of it (whether the run went on)."""
+        if spec.privacy.count_noise:
+            return
         for client_id, records in client_records(spec, base_dir).items():
             trained = training_records(spec, client_id, records)
             self.plan(spec.privacy, client_id, planning_records(trained) if self.params.source_stage == "structure" else [r for r in trained if isinstance(r, InstructionRecord)])
@@ -138,10 +142,9 @@ class DPTrain(Stage):
         p: DPTrainParams = self.params
         units = privacy_units(records, privacy.unit, p.max_records_per_user)
         n, name = units.count, UNIT_NAMES[units.kind]
-        if n < 2 or p.batch_size >= n:
-            held = f"{n} {name}{'s' if n != 1 else ''}, " if count is None else ""  # with a noised count, N is not stated
-            raise InputError(f"client '{client_id}': {held}too few for dp_train params.batch_size {p.batch_size} (it needs more {name}s than the batch)")
-        if count is not None:
+        if count is None and (n < 2 or p.batch_size >= n):
+            raise InputError(f"client '{client_id}': {n} {name}{'s' if n != 1 else ''}, too few for dp_train params.batch_size {p.batch_size} (it needs more {name}s than the batch)")
+        if count is not None:  # every decision from the count alone: Poisson sampling at q = B/N̂ is DP over the units there are, however many
             n = count.planned
             if p.batch_size >= n:
                 raise InputError(f"client '{client_id}': its released count of {name}s plans N = {n}, not above dp_train params.batch_size {p.batch_size} "

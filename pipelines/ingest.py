@@ -192,7 +192,7 @@ class Ingest(Stage):
             trained = training_records(spec, client_id, records)  # the holdout checked here too
             if spec.privacy.count_noise:
                 data_units(records, spec.privacy.unit)  # a user-level unit without user ids refused before any count is released
-            if spec.privacy.delta is not None:
+            if spec.privacy.delta is not None and not spec.privacy.count_noise:  # with a noised count, dp_train checks delta against it
                 check_delta(spec.privacy.delta, training_units(trained, spec.privacy.unit), spec.privacy.unit, client_id)
         self._loaded = clients
 

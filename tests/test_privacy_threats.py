@@ -829,3 +829,67 @@ def test_a_count_noised_from_the_spec_seed_gives_n_away(tmp_path: Path, monkeypa
     assert fits == [SIZE]
     entry = read_json(tmp_path / "run/stages/ingest/ledger.json")[0]
     assert not entry["private"] and entry["noise"] == "reproducible"
+
+
+def neighbours_outcome(tmp_path: Path, size: int, privacy: dict, train: dict, released: int, monkeypatch) -> tuple[int, dict | None]:
+    """What the adversary sees of one client holding `size` records whose count came out as
+    `released`: whether the run went on (its exit code) and the mechanism its adapter states."""
+    import pipelines.ingest
+
+    workdir = tmp_path / f"n{size}"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(pipelines.ingest, "noised_count", lambda n, sigma, random: released)
+    write_jsonl(workdir / "data.jsonl", sentiment_rows(size))
+    spec = tiny_spec(clients={"members": [{"id": "bank", "data": [{"path": "data.jsonl"}]}]}, privacy={"count_noise": 10, **privacy},
+                     stages=["prepare_models", "ingest", train])
+    code = main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"])
+    released_by = workdir / f"run/stages/{train['name']}/ledger.json"
+    return code, [e["mechanism"] for e in read_json(released_by)] if released_by.exists() else None
+
+
+def cap_between(lower: int, privacy: dict, train: dict, tmp_path: Path) -> float:
+    """A cap between the totals the owner's console plans at N = lower and N = lower + 1 (the exact N)."""
+    from pipelines import load_pipeline
+    from pipelines.check import plan_privacy
+
+    totals = []
+    for size in (lower, lower + 1):
+        workdir = tmp_path / f"plan{size}"
+        workdir.mkdir()
+        write_jsonl(workdir / "data.jsonl", sentiment_rows(size))
+        spec = tiny_spec(clients={"members": [{"id": "bank", "data": [{"path": "data.jsonl"}]}]}, privacy={"count_noise": 10, **privacy},
+                         stages=["prepare_models", "ingest", train])
+        loaded, base_dir, stages = load_pipeline(write_spec(workdir, spec))
+        totals.append(plan_privacy(loaded, base_dir, stages, workdir / "run")[0].total_epsilon)
+    assert totals[0] != totals[1]
+    return sum(totals) / 2
+
+
+GIVEN_NOISE = dict(ONE_STEP, params=dict(ONE_STEP["params"], noise_multiplier=1.0, epochs=1.0))
+LOCAL_DP = {"name": "fedtune", "params": {"data": "private", "local_dp": {"target_epsilon": 2.0}, "rounds": 1,
+                                          "training": {"steps": 1, "batch_size": 20, "max_length": 48}, "lora": {"r": 4}}}
+
+
+@pytest.mark.parametrize("boundary", ["batch", "delta", "cap", "fedtune-batch"])
+def test_whether_the_run_goes_on_does_not_tell_whether_the_last_record_is_in(tmp_path: Path, monkeypatch, boundary):
+    """The adversary holds the spec and every record but one, and watches whether the client's run
+    goes on. Any decision the pipeline makes from the exact N (the batch not below N, a delta not
+    below 1/N, the planned total over the cap at q = B/N) refuses one neighbour and not the other:
+    the refusal itself is the un-noised release. Given the same noised count, the neighbours at
+    the boundary (N = 20 and 21) must fare alike, and here both must go on."""
+    lower = 20
+    if boundary == "batch":  # B = 20: not below N = 20, below N = 21
+        privacy, train, released = {"target_epsilon": 8.0}, dict(ONE_STEP, params=dict(ONE_STEP["params"], batch_size=lower)), 40
+    elif boundary == "delta":  # delta between 1/21 and 1/20; the count 18 keeps it below 1/N-hat
+        privacy, train, released = {"target_epsilon": 8.0, "delta": 1 / (lower + 0.5)}, ONE_STEP, 18
+    elif boundary == "cap":  # noise given, so the total moves with q = 4/N; a cap between the totals at N = 20 and 21
+        privacy, train, released = {"target_epsilon": 8.0}, GIVEN_NOISE, 400
+        privacy["cap_epsilon"] = cap_between(lower, privacy, train, tmp_path)
+    else:  # DP-SGD local steps in federated rounds, a local batch of 20
+        privacy, train, released = {"target_epsilon": 8.0}, LOCAL_DP, 40
+    outcomes = [neighbours_outcome(tmp_path, size, privacy, train, released, monkeypatch) for size in (lower, lower + 1)]
+    assert outcomes[0] == outcomes[1], f"N = {lower}: {outcomes[0]}; N = {lower + 1}: {outcomes[1]}"
+    code, mechanisms = outcomes[0]
+    batch = train["params"].get("batch_size") or train["params"]["training"]["batch_size"]
+    assert code == 0 and mechanisms and all(m["sample_rate"] == pytest.approx(batch / released) for m in mechanisms)
