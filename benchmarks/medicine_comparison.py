@@ -64,7 +64,7 @@ def base_spec(args, private: Path, public: Path, name: str, epsilon: float) -> d
         "audit": {"canaries": {"client": "hospital_a", "count": 32, "repeats": 4, "digits": 6}, "holdout_per_client": 10},
         "stages": ["prepare_models", "ingest",
                    {"name": "structure", "params": {"pool": {"path": str(public), "name": "medquad_public"}, "k": 3, "chunk_tokens": 192, "overlap_tokens": 32,
-                                                    "max_chunks_per_client": 8, "sampling": {"do_sample": False, "max_new_tokens": 128}}},
+                                                    "max_chunks_per_document": 1, "sampling": {"do_sample": False, "max_new_tokens": 128}}},
                    {"name": "dp_train", "params": {"source_stage": "structure", "loss_on": "all", "epochs": args.epochs, "batch_size": 8, "max_length": 256,
                                                    "learning_rate": 0.002, "clip_norm": 1.0}}],
     }

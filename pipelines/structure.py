@@ -15,6 +15,12 @@ Its output is private: it stays on the client and feeds dp_train (`source_stage:
 together with the client's own instruction records, which pass through unchanged. Every pair
 carries the id of the text it came from as `document_id` (and that text's `user_id`): the pairs
 of one transcript are one privacy unit in dp_train, the "source document".
+
+So each document's pairs are a function of that document alone (and the public pool and spec):
+its chunks are capped per document, its examples, embeddings and generations are drawn in calls of
+its own with a seed of its own content, and near-duplicates are removed within it. A document
+added to a client's data then adds its own pairs and changes no other document's, so DP-SGD's
+neighbours (one unit apart) are still one unit apart after this stage.
 """
 
 from __future__ import annotations
@@ -22,17 +28,18 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from knowledgesg.chunking import chunk_text
 from knowledgesg.console import console
 from knowledgesg.dedup import near_duplicates
 from knowledgesg.errors import InputError
-from knowledgesg.fileio import read_jsonl
-from knowledgesg.generation import Generator, SamplingParams, chat_prompt_ids
+from knowledgesg.fileio import read_jsonl, sha256_text
+from knowledgesg.generation import Completion, Generator, SamplingParams, chat_prompt_ids
 from knowledgesg.loaders import load_example_pool, refuse_client_data, source_path
 from knowledgesg.models import Precision, ResolvedModel, cache_root, load_causal_lm, resolve_device, resolve_precision
 from knowledgesg.prompts import parse_label, user_message
@@ -52,13 +59,32 @@ class StructureParams(StrictModel):
     selection: Literal["retrieved", "random"] = Field(default="retrieved", description="'random' is the ablation baseline")
     chunk_tokens: int = Field(default=192, ge=16)
     overlap_tokens: int = Field(default=32, ge=0)
-    max_chunks_per_client: int | None = Field(default=None, ge=1)
+    max_chunks_per_document: int | None = Field(default=None, ge=1, description="the first chunks of each text, at most this many")
+    max_chunks_per_client: int | None = Field(default=None, ge=1, description="refused: use max_chunks_per_document")
     example_words: int = Field(default=25, ge=5, description="a pool example's answer is cut to this many words in the prompt")
     sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(do_sample=False, max_new_tokens=128))
     batch_size: int = Field(default=8, ge=1)
     min_grounding: float = Field(default=0.5, ge=0, le=1)
     labels: list[str] | None = Field(default=None, description="a labelled pool: the answer must be one of these, and the question is what must be grounded")
     precision: Precision = Field(default="float32", description="the base model's weights while it writes pairs (auto: bfloat16 where native)")
+
+    @model_validator(mode="after")
+    def _no_cap_across_documents(self) -> "StructureParams":
+        if self.max_chunks_per_client is not None:
+            raise ValueError("max_chunks_per_client: a cap over a client's documents lets one document push another's chunks out "
+                             "(DP-SGD's neighbours would differ in two documents); use max_chunks_per_document")
+        return self
+
+
+@dataclass
+class DocumentPairs:
+    """What one document gave: its kept pairs, why the rest were rejected, and the grounding
+    scores of the kept pairs (unlabelled pool)."""
+
+    chunks: int = 0
+    pairs: list[dict] = field(default_factory=list)
+    rejected: Counter = field(default_factory=Counter)
+    scores: list[float] = field(default_factory=list)
 
 
 def content_words(text: str) -> list[str]:
@@ -143,26 +169,9 @@ class Structure(Stage):
             own = [r for r in rows if r["kind"] == "instruction"]
             if not texts:
                 raise InputError(f"structure: client '{client_id}' has no text records to structure (give its corpus kind: text)")
-            users = {t.id: t.user_id for t in texts}
-            chunks = [c for t in texts for c in chunk_text(tokenizer, t.id, t.text, p.chunk_tokens, p.overlap_tokens)]
-            chunks = chunks[: p.max_chunks_per_client] if p.max_chunks_per_client else chunks
-            if p.selection == "retrieved":
-                _, neighbours = index.search(embed(embedder, [c.text for c in chunks]), p.k)
-            else:
-                rng = random.Random(ctx.derive_seed(client_id, "random-examples"))
-                neighbours = [rng.sample(range(len(pool)), p.k) for _ in chunks]
-            seed = ctx.derive_seed(client_id, "structure")
-            if p.labels:
-                sentences = [key_sentence(c.text) for c in chunks]
-                instructions = [pool[row[0]].instruction for row in neighbours]  # the nearest example's public task line
-                prompts = [chat_prompt_ids(tokenizer, labelled_prompt([pool[j] for j in row], instruction, sentence or ""), "Answer:")
-                           for row, instruction, sentence in zip(neighbours, instructions, sentences)]
-                completions = generator.generate(prompts, p.sampling.model_copy(update={"max_new_tokens": 8}), seed, f"structure {client_id}")
-                pairs, stats = self.keep_labelled(client_id, chunks, sentences, instructions, completions, p.labels, users)
-            else:
-                prompts = [chat_prompt_ids(tokenizer, few_shot_prompt([pool[j] for j in row], c.text, p.example_words), "Question:") for c, row in zip(chunks, neighbours)]
-                completions = generator.generate(prompts, p.sampling, seed, f"structure {client_id}")
-                pairs, stats = self.keep(client_id, chunks, completions, p.min_grounding, users)
+            documents = [self.structure_document(ctx, client_id, text, pool, index, embedder, tokenizer, generator) for text in texts]
+            pairs = [pair for document in documents for pair in document.pairs]
+            stats = client_stats(documents, pairs, labelled=bool(p.labels))
             side = f"client:{client_id}"
             ctx.write_jsonl(f"clients/{client_id}/records.jsonl", own + pairs, side=side)
             ctx.write_json(f"clients/{client_id}/structure_stats.json", {**stats, "precision": dtype}, side=side)
@@ -171,8 +180,36 @@ class Structure(Stage):
             else:
                 console.print(f"structure {client_id}: {stats['kept']} pairs from {stats['chunks']} chunks; rejected {stats['rejected']}")
 
+    def structure_document(self, ctx: StageContext, client_id: str, text: TextRecord, pool: list[InstructionRecord], index, embedder, tokenizer,
+                           generator: Generator) -> DocumentPairs:
+        """One document's pairs, from it alone: its own chunks, examples, embedding and generation
+        calls (batching across documents would let one change another's floats), and a seed of its
+        own content (a client-wide seed's draws would shift with every document before it)."""
+        p: StructureParams = self.params
+        chunks = chunk_text(tokenizer, text.id, text.text, p.chunk_tokens, p.overlap_tokens)[: p.max_chunks_per_document]
+        if not chunks:
+            return DocumentPairs()
+        own_seed = sha256_text(f"{text.id}\0{text.text}")
+        if p.selection == "retrieved":
+            _, neighbours = index.search(embed(embedder, [c.text for c in chunks]), p.k)
+        else:
+            rng = random.Random(ctx.derive_seed(client_id, "random-examples", own_seed))
+            neighbours = [rng.sample(range(len(pool)), p.k) for _ in chunks]
+        seed = ctx.derive_seed(client_id, "structure", own_seed)
+        if p.labels:
+            sentences = [key_sentence(c.text) for c in chunks]
+            instructions = [pool[row[0]].instruction for row in neighbours]  # the nearest example's public task line
+            prompts = [chat_prompt_ids(tokenizer, labelled_prompt([pool[j] for j in row], instruction, sentence or ""), "Answer:")
+                       for row, instruction, sentence in zip(neighbours, instructions, sentences)]
+            completions = generator.generate(prompts, p.sampling.model_copy(update={"max_new_tokens": 8}), seed, f"structure {client_id}")
+            return self.keep_labelled(client_id, chunks, sentences, instructions, completions, p.labels, text.user_id)
+        prompts = [chat_prompt_ids(tokenizer, few_shot_prompt([pool[j] for j in row], c.text, p.example_words), "Question:") for c, row in zip(chunks, neighbours)]
+        completions = generator.generate(prompts, p.sampling, seed, f"structure {client_id}")
+        return self.keep(client_id, chunks, completions, p.min_grounding, text.user_id)
+
     @staticmethod
-    def keep_labelled(client_id: str, chunks, sentences, instructions, completions, labels: list[str], users: dict[str, str | None]) -> tuple[list[dict], dict]:
+    def keep_labelled(client_id: str, chunks, sentences, instructions, completions: list[Completion], labels: list[str], user_id: str | None) -> DocumentPairs:
+        """One document's labelled pairs: a usable key sentence with a parsed label, near-duplicate sentences dropped."""
         rejected: Counter = Counter()
         candidates = []
         for chunk, sentence, instruction, completion in zip(chunks, sentences, instructions, completions):
@@ -188,13 +225,14 @@ class Structure(Stage):
         pairs = [
             InstructionRecord(id=f"structured/{client_id}/{chunk.record_id}/{chunk.index}", instruction=instruction, input=sentence, response=label,
                               client_id=client_id, source=f"structured:{chunk.record_id.split('/')[0]}",
-                              document_id=chunk.record_id, user_id=users[chunk.record_id]).model_dump()
+                              document_id=chunk.record_id, user_id=user_id).model_dump()
             for number, (chunk, instruction, sentence, label) in enumerate(candidates) if number not in duplicates
         ]
-        return pairs, {"chunks": len(chunks), "kept": len(pairs), "rejected": dict(rejected), "labels": dict(Counter(p["response"] for p in pairs))}
+        return DocumentPairs(len(chunks), pairs, rejected)
 
     @staticmethod
-    def keep(client_id: str, chunks, completions, min_grounding: float, users: dict[str, str | None]) -> tuple[list[dict], dict]:
+    def keep(client_id: str, chunks, completions: list[Completion], min_grounding: float, user_id: str | None) -> DocumentPairs:
+        """One document's pairs: parsed, grounded in their chunk, near-duplicate questions dropped."""
         rejected: Counter = Counter()
         candidates = []
         for chunk, completion in zip(chunks, completions):
@@ -209,14 +247,25 @@ class Structure(Stage):
             candidates.append((chunk, *parsed, score))
         duplicates = near_duplicates([question for _, question, _, _ in candidates], NEAR_DUPLICATE_JACCARD, seed=1)
         rejected["duplicate"] += len(duplicates)
-        pairs, scores = [], []
+        document = DocumentPairs(len(chunks), rejected=rejected)
         for number, (chunk, question, answer, score) in enumerate(candidates):
             if number in duplicates:
                 continue
-            scores.append(score)
+            document.scores.append(score)
             instruction, _, input_text = question.partition("\n")
-            pairs.append(InstructionRecord(id=f"structured/{client_id}/{chunk.record_id}/{chunk.index}", instruction=instruction.strip(), input=input_text.strip(), response=answer,
-                                           client_id=client_id, source=f"structured:{chunk.record_id.split('/')[0]}",
-                                           document_id=chunk.record_id, user_id=users[chunk.record_id]).model_dump())
-        stats = {"chunks": len(chunks), "kept": len(pairs), "rejected": dict(rejected), "mean_grounding": round(sum(scores) / len(scores), 4) if scores else None}
-        return pairs, stats
+            document.pairs.append(InstructionRecord(id=f"structured/{client_id}/{chunk.record_id}/{chunk.index}", instruction=instruction.strip(),
+                                                    input=input_text.strip(), response=answer, client_id=client_id,
+                                                    source=f"structured:{chunk.record_id.split('/')[0]}", document_id=chunk.record_id,
+                                                    user_id=user_id).model_dump())
+        return document
+
+
+def client_stats(documents: list[DocumentPairs], pairs: list[dict], labelled: bool) -> dict:
+    """A client's structure_stats.json (on its side): chunks, kept, why the rest were rejected,
+    and the label mix (labelled pool) or the mean grounding of what was kept."""
+    rejected = sum((d.rejected for d in documents), Counter())
+    stats = {"chunks": sum(d.chunks for d in documents), "kept": len(pairs), "rejected": dict(rejected)}
+    if labelled:
+        return {**stats, "labels": dict(Counter(p["response"] for p in pairs))}
+    scores = [score for d in documents for score in d.scores]
+    return {**stats, "mean_grounding": round(sum(scores) / len(scores), 4) if scores else None}

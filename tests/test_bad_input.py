@@ -145,6 +145,9 @@ SPEC_CASES = [
     ("canary-secrets-too-few", lambda s: s.update(audit={"canaries": {"client": "client_0", "count": 50, "digits": 1}}),
      r"audit\.canaries: 50 digit canaries need secrets of at least 3 digits"),
     # YAML's true/false where a number goes: pydantic alone reads them as 1 and 0 (epsilon 1, one epoch)
+    # a chunk cap over a client's documents would let one document push another's chunks out (two units apart)
+    ("structure-cap-per-client", lambda s: s.update(stages=[{"name": "ingest"}, {"name": "structure", "params": {"pool": {"builtin": "medquad"}, "max_chunks_per_client": 8}}]),
+     r"spec\.yaml: stages\[1\]\.params: max_chunks_per_client: a cap over a client's documents lets one document push another's chunks out .*use max_chunks_per_document"),
     ("bool-for-epsilon", lambda s: s.update(privacy={"target_epsilon": True}), r"spec\.yaml: privacy\.target_epsilon: should be a number, got True"),
     ("bool-for-stage-param", lambda s: s.update(stages=[{"name": "ingest"}, {"name": "dp_train", "params": {"epochs": True}}]),
      r"spec\.yaml: stages\[1\]\.params: epochs: should be a number, got True"),

@@ -426,6 +426,55 @@ def test_pairs_from_one_document_are_one_privacy_unit(tmp_path: Path, monkeypatc
     assert read_json(tmp_path / "run/privacy_report.json")["clients"][0]["units"] == ["source document"]
 
 
+def _document(name: str, seed: int) -> str:
+    return " ".join(f"Company {name} said revenue grew strongly this quarter, reaching {seed * 10 + k} million dollars in region {k}." for k in range(8))
+
+
+STRUCTURING = {
+    "labelled": {"pool": {"builtin": "fiqa_train", "sample": 30}, "labels": ["negative", "neutral", "positive"], "selection": "random"},
+    "open": {"pool": {"builtin": "medquad", "sample": 30}, "selection": "retrieved"},
+}
+
+
+@pytest.mark.parametrize("cap", [None, 2], ids=["no-cap", "cap-per-document"])
+@pytest.mark.parametrize("kind", sorted(STRUCTURING))
+def test_a_document_added_changes_no_other_documents_pairs(tmp_path: Path, monkeypatch, kind: str, cap: int | None):
+    """Each source document is one unit in dp_train, so the pairs `structure` makes from one
+    document must not depend on the others: else one transcript added changes another's pairs,
+    the training sets differ in two units, and the adapter's epsilon is a group's. The adversary
+    holds the seed and every other document; here it adds a document (a copy of the next one's
+    text, under its own id) in the middle and compares. Generation is a stand-in that, like
+    sampling, takes the next draws of a generator seeded with the call's seed."""
+    import random as stdlib_random
+
+    from knowledgesg.generation import Generator
+
+    def drawing(self, prompts, params, seed, progress=None):
+        draws = stdlib_random.Random(seed)
+        if kind == "labelled":
+            return [Completion(" " + draws.choice(["negative", "neutral", "positive"]), 1, True) for _ in prompts]
+        return [Completion(f" Which figure {draws.randrange(10**6)} did the company give?\nAnswer: Revenue grew strongly this quarter.", 9, True) for _ in prompts]
+
+    monkeypatch.setattr(Generator, "generate", drawing)
+    documents = [{"id": name, "text": _document(name, k)} for k, name in enumerate(["a", "b", "c", "d"])]
+    added = {"id": "x", "text": documents[1]["text"]}  # near-duplicates of b's sentences, before b
+    params = {**STRUCTURING[kind], "chunk_tokens": 48, "overlap_tokens": 8, "example_words": 8, "k": 2,
+              **({"max_chunks_per_document": cap} if cap else {})}
+    pairs = []
+    for name, texts in (("without", documents), ("with", documents[:1] + [added] + documents[1:])):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        write_jsonl(workdir / "docs.jsonl", texts)
+        spec = tiny_spec(stages=["prepare_models", "ingest", {"name": "structure", "params": params}],
+                         models={"base": "tiny-random-llama", "embedder": "tiny-random-embedder"},
+                         clients={"members": [{"id": "bank", "data": [{"path": "docs.jsonl", "kind": "text"}]}]})
+        assert run_in(workdir, "run", str(write_spec(workdir, spec)), "--run-dir", "run") == 0
+        made = [json.loads(line) for line in (workdir / "run/stages/structure/clients/bank/records.jsonl").read_text().splitlines()]
+        pairs.append([p for p in made if not p["document_id"].endswith("/x")])
+        assert len({p["document_id"] for p in made}) == len(texts)  # every document gave pairs
+    assert pairs[0] == pairs[1]
+
+
 # 6. A heavy user moves the histogram by at most its bound -----------------------------------------
 
 

@@ -164,7 +164,7 @@ def test_unfinished_text_is_cut_after_its_last_full_sentence():
 
 def _structure_spec(workdir: Path, pool: dict, members: list[dict] | None = None, precision: str = "float32") -> Path:
     spec = tiny_spec(stages=["prepare_models", "ingest", {"name": "structure", "params": {
-        "pool": pool, "chunk_tokens": 64, "overlap_tokens": 8, "max_chunks_per_client": 3, "example_words": 8,
+        "pool": pool, "chunk_tokens": 64, "overlap_tokens": 8, "max_chunks_per_document": 3, "example_words": 8,
         "sampling": {"do_sample": False, "max_new_tokens": 16}, "precision": precision}}])
     spec["models"]["embedder"] = "tiny-random-embedder"
     (workdir / "notes.jsonl").write_text("".join(json.dumps({"id": f"n{i}", "text": f"Patient {i} improved on therapy. " * 12}) + "\n" for i in range(4)))
@@ -176,7 +176,7 @@ def test_structure_chunks_retrieves_generates_and_passes_own_records_through(wor
     spec = _structure_spec(workdir, {"builtin": "medquad", "sample": 30})
     assert main(["run", str(spec), "--run-dir", "run"]) == 0
     stats = json.loads((workdir / "run/stages/structure/clients/hosp/structure_stats.json").read_text())
-    assert stats["chunks"] == 3 and stats["kept"] + sum(stats["rejected"].values()) == 3 and stats["precision"] == "float32"
+    assert stats["chunks"] == 12 and stats["kept"] + sum(stats["rejected"].values()) == 12 and stats["precision"] == "float32"  # 4 notes, 3 chunks each
     records = _jsonl(workdir / "run/stages/structure/clients/hosp/records.jsonl")
     assert len([r for r in records if r["source"] == "data"]) == 40  # the client's own pairs, unchanged
     manifest = json.loads((workdir / "run/stages/structure/manifest.json").read_text())
@@ -187,7 +187,7 @@ def test_structure_chunks_retrieves_generates_and_passes_own_records_through(wor
     assert main(["run", str(spec), "--run-dir", "run2"]) == 0
     assert "reused index" in capsys.readouterr().err
     stats = json.loads((workdir / "run2/stages/structure/clients/hosp/structure_stats.json").read_text())
-    assert stats["precision"] == "bfloat16" and stats["kept"] + sum(stats["rejected"].values()) == 3
+    assert stats["precision"] == "bfloat16" and stats["kept"] + sum(stats["rejected"].values()) == 12
 
 
 def test_structure_errors_for_an_empty_corpus_and_an_empty_pool(workdir: Path, capsys):
@@ -210,11 +210,12 @@ def test_structure_keep_rejects_ungrounded_unparseable_and_duplicates():
                    Completion(" What does metformin lower here?\nAnswer: Metformin lowers blood glucose.", 9, True),
                    Completion(" What cures cancer?\nAnswer: Chemotherapy always cures tumours.", 9, True),
                    Completion(" I cannot answer that.", 5, True)]
-    pairs, stats = Structure.keep("hosp", chunks, completions, min_grounding=0.5, users={"pm/1": "patient-7"})
+    document = Structure.keep("hosp", chunks, completions, min_grounding=0.5, user_id="patient-7")
+    pairs = document.pairs
     assert [p["instruction"] for p in pairs] == ["What does metformin lower?"]
     # the pair's privacy unit is its source document (and its user, when the text has one)
     assert pairs[0]["document_id"] == "pm/1" and pairs[0]["user_id"] == "patient-7"
-    assert stats["rejected"] == {"duplicate": 1, "not grounded": 1, "unparseable": 1}
+    assert document.rejected == {"duplicate": 1, "not grounded": 1, "unparseable": 1} and document.chunks == 4 and len(document.scores) == 1
 
 
 def test_structure_with_a_labelled_pool_labels_the_chunks_key_sentence():
@@ -228,9 +229,9 @@ def test_structure_with_a_labelled_pool_labels_the_chunks_key_sentence():
     chunks = [Chunk("ects/1", i, text, 0, 20) for i in range(3)]
     sentences = [key_sentence(text), key_sentence(text), None]
     completions = [Completion(" negative", 1, True), Completion(" I am not sure", 4, True), Completion(" positive", 1, True)]
-    pairs, stats = Structure.keep_labelled("bank", chunks, sentences, [instruction] * 3, completions, ["negative", "neutral", "positive"], users={"ects/1": None})
-    assert [(p["instruction"], p["input"], p["response"], p["document_id"]) for p in pairs] == [(instruction, sentences[0], "negative", "ects/1")]
-    assert stats["rejected"] == {"no label": 1, "no usable sentence": 1, "duplicate": 0}
+    document = Structure.keep_labelled("bank", chunks, sentences, [instruction] * 3, completions, ["negative", "neutral", "positive"], user_id=None)
+    assert [(p["instruction"], p["input"], p["response"], p["document_id"]) for p in document.pairs] == [(instruction, sentences[0], "negative", "ects/1")]
+    assert document.rejected == {"no label": 1, "no usable sentence": 1, "duplicate": 0}
 
 
 def test_dirichlet_deals_text_records_out_evenly():
