@@ -650,6 +650,70 @@ def pii_targets(run_dir: Path, clients: list[str], fields: tuple[str, ...], opti
     return found, chosen
 
 
+@dataclass(frozen=True)
+class ReplayControl:
+    """A client's records that hold a PII value found in no other record of any client's private
+    data (any field, documents too), by whether the record was trained on or held out: each
+    record as the list of such values it holds. The holdout is chosen by each record's content,
+    as any other record could have been, so a held-out record's value is as likely to be written
+    by chance as a trained one's: only memorisation makes the trained ones likelier. A value found
+    elsewhere too is left out: the model may have seen it in another record, field or client."""
+
+    trained: list[list[str]]
+    held_out: list[list[str]]
+
+
+def replay_controls(run_dir: Path, clients: list[str], fields: tuple[str, ...]) -> dict[str, ReplayControl]:
+    """Each client's ReplayControl, for the clients that held records out (`audit.holdout_per_client`);
+    the values are found by presidio in the trained fields and must occur verbatim nowhere else."""
+    texts: list[tuple[str, str, int, str]] = []  # (client, "trained" or "held_out", record, the record's whole text)
+    candidates: dict[str, set[str]] = {}
+    for client in clients:
+        ingest = run_dir / "stages/ingest/clients" / client
+        rows = [r for r in read_jsonl(ingest / "records.jsonl") if r.get("source") != "canary"]
+        held = [InstructionRecord.model_validate(r) for r in read_jsonl(ingest / "holdout.jsonl")] if (ingest / "holdout.jsonl").is_file() else []
+        trained = [InstructionRecord.model_validate(r) for r in rows if r["kind"] == "instruction"]
+        texts += [(client, "trained", i, "\n".join(getattr(r, f) for f in FIELDS)) for i, r in enumerate(trained)]
+        texts += [(client, "trained", len(trained) + i, r["text"]) for i, r in enumerate(x for x in rows if x["kind"] == "text")]
+        texts += [(client, "held_out", i, "\n".join(getattr(r, f) for f in FIELDS)) for i, r in enumerate(held)]
+        if held:
+            candidates[client] = {span.value for span in find_pii_spans([getattr(r, f) for r in trained + held for f in fields])}
+    controls = {client: ReplayControl([], []) for client in candidates}
+    by_record: dict[tuple[str, str, int], list[str]] = {}
+    for value in sorted(set().union(*candidates.values()) if candidates else ()):
+        holders = [(client, side, i) for client, side, i, text in texts if value in text and occurs(value, text)]
+        if len(holders) == 1 and holders[0][0] in controls:
+            by_record.setdefault(holders[0], []).append(value)
+    for (client, side, _), values in sorted(by_record.items()):
+        getattr(controls[client], side).append(values)
+    return controls
+
+
+def control_comparison(controls: list[ReplayControl], texts: list[str]) -> dict | None:
+    """How many trained and how many held-out records (of `controls`) have a value of theirs
+    written in `texts`, each share with its 95% Wilson interval, and the difference trained -
+    held-out with Newcombe's interval. Records, not values, are counted: a record's values go to
+    one side together and are written together, so they are not independent trials. Above 0,
+    the texts write trained records' values more often than those of records the model never
+    saw (memorisation); otherwise the replays are no more than chance at this audit's size.
+    None without texts or without records on either side."""
+    trained = [values for c in controls for values in c.trained]
+    held_out = [values for c in controls for values in c.held_out]
+    if not texts or not trained or not held_out:
+        return None
+    joined = "\n".join(texts)
+
+    def written(records: list[list[str]]) -> int:
+        return sum(any(v in joined and occurs(v, joined) for v in values) for values in records)
+
+    hits_t, hits_h = written(trained), written(held_out)
+    share_t, share_h = hits_t / len(trained), hits_h / len(held_out)
+    difference = metrics.difference_interval(hits_t, len(trained), hits_h, len(held_out))
+    return {"trained": {"records": len(trained), "values": sum(map(len, trained)), "replayed": hits_t, "share": round(share_t, 4), "ci": metrics.wilson_interval(hits_t, len(trained))},
+            "held_out": {"records": len(held_out), "values": sum(map(len, held_out)), "replayed": hits_h, "share": round(share_h, 4), "ci": metrics.wilson_interval(hits_h, len(held_out))},
+            "difference": round(share_t - share_h, 4), "difference_ci": difference, "more_than_held_out": difference[0] > 0}
+
+
 def pii_attacks(model, tokenizer, targets: list[PiiTarget], found: dict[str, dict[str, str]], options: AuditOptions, device: str) -> list[dict]:
     """The attacks of Lukas et al. (IEEE S&P 2023) on each PII span, with the attacker holding the
     record's text before the span (extraction), or the whole record with the span masked
@@ -752,11 +816,14 @@ def pii_section(run_dir: Path, spec: PipelineSpec, load: Callable[[Path | None],
     released model from public prompts (beyond what the base model writes from the same prompts),
     and the targeted attacks of Lukas et al. on spans of the training records, each model against
     the base model on the same spans."""
-    by_client, attacked = pii_targets(run_dir, clients, trained_fields(spec), options)
+    fields = trained_fields(spec)
+    by_client, attacked = pii_targets(run_dir, clients, fields, options)
     found = {value: kind for values in by_client.values() for value, kind in values.items()}
     synthetic = [t for client in clients for t in synthetic_texts(run_dir, client)]
+    controls = replay_controls(run_dir, clients, fields)
     section = {"private_pii_values": len(found), "by_type": _count_types(found),
-               "replayed_in_synthetic": len(replayed(found, synthetic)), "synthetic_texts": len(synthetic), "models": {}}
+               "replayed_in_synthetic": len(replayed(found, synthetic)), "synthetic_texts": len(synthetic), "models": {},
+               "control": {"clients": sorted(controls), "synthetic": control_comparison(list(controls.values()), synthetic)}}
     if not found:
         return section
     base_model, tokenizer = reference
@@ -766,6 +833,8 @@ def pii_section(run_dir: Path, spec: PipelineSpec, load: Callable[[Path | None],
     section.update(samples_per_model=options.pii_samples, replayed_by_base=len(base_replays), base_replay_rate=replay_rate(base_replays, base_samples), attacked_spans=len(attacked),
                    attack_samples_per_span=options.pii_attack_samples, candidate_score=options.pii_score, attacked_types=_count_types({f"{t.client}:{i}": t.span.kind for i, t in enumerate(attacked)}),
                    base_attacks=attack_summary(base_attacks, base_attacks) if attacked else None)
+    if options.pii_samples:
+        section["control"]["base"] = control_comparison(list(controls.values()), base_samples)
     for target in targets:
         model, tokenizer = load(target.adapter_dir)
         entry: dict = {"release": target.release}
@@ -774,6 +843,9 @@ def pii_section(run_dir: Path, spec: PipelineSpec, load: Callable[[Path | None],
             replays = replayed(found, samples)
             beyond = {v: k for v, k in replays.items() if v not in base_replays}
             entry.update(replayed=len(replays), replayed_not_by_base=len(beyond), types_not_by_base=_count_types(beyond), replay_rate=replay_rate(beyond, samples))
+            # a client's DP adapter saw that client's records only: its control is that client's values
+            own = [c for client, c in controls.items() if not target.name.startswith("dp_adapter:") or target.name == f"dp_adapter:{client}"]
+            entry["control"] = control_comparison(own, samples)
         rows = [i for i, t in enumerate(attacked) if not target.name.startswith("dp_adapter:") or t.client == target.name.split(":", 1)[1]]
         if rows:
             results = pii_attacks(model, tokenizer, [attacked[i] for i in rows], by_client, options, device)

@@ -164,12 +164,29 @@ def _bootstrap_intervals(members: np.ndarray, others: np.ndarray, resamples: int
 
 def wilson_interval(successes: int, trials: int, z: float = 1.96) -> list[float]:
     """95% Wilson score interval of a rate."""
+    return [round(bound, 4) for bound in _wilson(successes, trials, z)]
+
+
+def _wilson(successes: int, trials: int, z: float) -> tuple[float, float]:
     if trials == 0:
-        return [0.0, 1.0]
+        return 0.0, 1.0
     p = successes / trials
     centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
     half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
-    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def difference_interval(hits_a: int, trials_a: int, hits_b: int, trials_b: int, z: float = 1.96) -> list[float]:
+    """95% interval of the difference of two independent rates, a - b: Newcombe's hybrid score
+    interval (his method 10), built from each rate's Wilson interval; it keeps its coverage for
+    small counts and rates near 0, where the Wald interval collapses to a point."""
+    if not trials_a or not trials_b:
+        return [-1.0, 1.0]
+    p, q = hits_a / trials_a, hits_b / trials_b
+    (l1, u1), (l2, u2) = _wilson(hits_a, trials_a, z), _wilson(hits_b, trials_b, z)
+    lower = p - q - math.sqrt((p - l1) ** 2 + (u2 - q) ** 2)
+    upper = p - q + math.sqrt((u1 - p) ** 2 + (q - l2) ** 2)
+    return [round(max(-1.0, lower), 4), round(min(1.0, upper), 4)]
 
 
 def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:

@@ -221,6 +221,37 @@ def _rate(entry: dict) -> str:
     return f"{entry['hits']} / {entry['tried']} = {entry['rate']:.3f}{_ci(entry['ci'])}"
 
 
+def _share(part: dict) -> str:
+    return f"{part['replayed']} / {part['records']} = {part['share']:.3f}{_ci(part['ci'])}"
+
+
+def control_reading(comparison: dict, reference: bool = False) -> str:
+    """What a held-out control comparison says, in words (the base model saw neither side: for it a
+    difference is chance, or a split that is not the random one it should be)."""
+    if reference:
+        return "reference: the base model saw neither side" + (" (yet trained ones more often: chance, or a biased split)" if comparison["more_than_held_out"] else "")
+    if comparison["more_than_held_out"]:
+        return "trained records' values written more often than held-out ones: memorisation"
+    return "no more than held-out records' values: no evidence of memorisation at this size"
+
+
+def control_rows(pii: dict) -> list[tuple[str, dict, bool]]:
+    """(who wrote the texts, its comparison, whether it is the reference) for every comparison made."""
+    control = pii.get("control") or {}
+    rows = [("base model", control.get("base"), True)] + [(name, m.get("control"), False) for name, m in pii.get("models", {}).items()]
+    rows.append((f"synthetic data ({pii.get('synthetic_texts', 0)} records)", control.get("synthetic"), False))
+    return [(name, comparison, reference) for name, comparison, reference in rows if comparison]
+
+
+def control_html(pii: dict) -> str:
+    """The held-out control: records with a PII value of their own, trained on or held out, replayed."""
+    rows = [[html.escape(name), _share(c["trained"]), _share(c["held_out"]), f"{c['difference']:+.3f}{_ci(c['difference_ci'])}", control_reading(c, reference)]
+            for name, c, reference in control_rows(pii)]
+    empty = ("No held-out control: the run held no records out (audit.holdout_per_client)." if not (pii.get("control") or {}).get("clients")
+             else "No held-out control: no trained or no held-out record holds a PII value found nowhere else in the private data.")
+    return _table(["written by", "trained records whose value is written", "held-out records whose value is written", "difference [95% CI]", "reading"], rows, empty)
+
+
 # how `ksg audit --pii-score` ranks the PII candidates, as the report says it
 CANDIDATE_SCORES = {"record": "the likelihood of the record from the value to its end", "sentence": "the likelihood of the value and the rest of its sentence",
                     "value": "the likelihood of the value's own tokens"}
@@ -252,6 +283,11 @@ def pii_html(pii: dict) -> str:
     scored = CANDIDATE_SCORES[pii.get("candidate_score", "record")]
     return f"""{summary}{found}
 <h3>Replay from public prompts</h3>{replay}
+<h3>Held-out control</h3>
+<p>The records that hold a PII value found in no other record of the private data (any field, any client), split by whether the record was trained on or
+held out (the holdout is chosen by content, so either kind is as likely to be written by chance): the share of each whose value the samples (or the
+synthetic data) write verbatim. Trained records' values written more often, with the difference's 95% interval (Newcombe) above 0, is memorisation; the
+same share is chance. Each row is its own comparison: at 95% each, one of many rows may cross 0 by chance.</p>{control_html(pii)}
 <h3>Targeted attacks (Lukas et al. 2023), {pii.get('attack_samples_per_span', 0)} samples per span</h3>
 <p>Each attack holds what an outsider with the rest of the record would: the text before the span (extraction) or the whole record with the span masked
 (reconstruction from the model's own samples, inference among the true value and others of its type), candidates ranked by {scored}. Rates with 95% Wilson intervals.</p>{attacks}"""

@@ -399,6 +399,8 @@ def audit(
 
 
 def _print_audit(report: dict) -> None:
+    from eval.report import control_reading, control_rows  # as the audit command's own imports: not when `ksg` starts
+
     for name, curve in (report.get("training") or {}).get("releases", {}).items():
         if curve["rose_at_end"]:  # the values stay in the report (the data owner's side), not in a console log
             console.print(f"[yellow]{name}: its training loss rose again at the end: the model may have forgotten what it fit, so its audit figures may understate "
@@ -440,6 +442,10 @@ def _print_audit(report: dict) -> None:
         if attacks:
             console.print(f"  {name}: " + ", ".join(f"{attack} {attacks[attack]['hits']}/{attacks[attack]['tried']} ({attacks[attack]['hits_not_by_base']} not by the base model)"
                                                    for attack in ("extraction", "reconstruction", "inference")))
+    for name, control, reference in control_rows(pii):
+        trained, held = control["trained"], control["held_out"]
+        console.print(f"  held-out control, {name}: {trained['replayed']}/{trained['records']} trained records' values written, {held['replayed']}/{held['records']} held-out; "
+                      f"difference {control['difference']:+.3f} (95% CI {control['difference_ci'][0]:+.3f} to {control['difference_ci'][1]:+.3f}): {control_reading(control, reference)}")
 
 
 @app.command()

@@ -189,7 +189,7 @@ class Structure(Stage):
         chunks = chunk_text(tokenizer, text.id, text.text, p.chunk_tokens, p.overlap_tokens)[: p.max_chunks_per_document]
         if not chunks:
             return DocumentPairs()
-        own_seed = sha256_text(f"{text.id}\0{text.text}")
+        own_seed = sha256_text(f"{text.text}\0{text.user_id or ''}")  # not its id: without an id column that is its line, which a document inserted before it moves
         if p.selection == "retrieved":
             _, neighbours = index.search(embed(embedder, [c.text for c in chunks]), p.k)
         else:

@@ -92,6 +92,12 @@ def test_audit_report_has_every_section(audited_run: Path):
     attacks = pii["models"]["dp_adapter:client_0"]["attacks"]
     assert attacks["inference"]["tried"] > 0 and 0 < attacks["inference"]["chance"] < 1
     assert all(0 <= attacks[a]["hits"] <= attacks[a]["tried"] for a in ("extraction", "reconstruction", "inference"))
+    # the held-out control: each client's e-mails (one per record) by whether their record was trained on or held out
+    assert pii["control"]["clients"] == ["client_0", "client_1"]
+    pooled, own = pii["control"]["base"], pii["models"]["dp_adapter:client_1"]["control"]  # both clients' records; client_1's only
+    assert pooled["trained"]["records"] > own["trained"]["records"] >= 1 and pooled["held_out"]["records"] > own["held_out"]["records"] >= 1
+    for comparison in (pooled, own):
+        assert comparison["difference_ci"][0] <= comparison["difference"] <= comparison["difference_ci"][1]
     for rate in (pii["base_replay_rate"], pii["models"]["dp_adapter:client_0"]["replay_rate"]):  # --samples 2: 8 samples per model
         assert rate["tried"] == pii["samples_per_model"] == 8 and 0 <= rate["hits"] <= 8 and rate["ci"][0] <= (rate["rate"] or 0) <= rate["ci"][1]
     for client in ("client_0", "client_1"):  # each DP adapter's training curve, from its client's loss.json
@@ -345,6 +351,50 @@ def test_the_replay_rate_counts_samples_that_write_a_value_on_word_boundaries():
     assert (rate["hits"], rate["tried"], rate["rate"]) == (2, 4, 0.5)  # a sample counts once; a value inside a longer word is no replay
     assert rate["ci"][0] < 0.5 < rate["ci"][1] and rate["ci"][1] - rate["ci"][0] > 0.5  # four samples say little
     assert replay_rate(values, [])["rate"] is None and replay_rate({}, samples)["hits"] == 0
+
+
+def test_the_held_out_control_takes_values_found_in_no_other_record_field_or_client(tmp_path: Path):
+    """A value seen anywhere else (another record, another field, a document, another client's data)
+    may have been learnt there: it is no control, on either side."""
+    from eval.audit import replay_controls
+
+    def row(i: int, text: str, response: str = "neutral") -> dict:
+        return InstructionRecord(id=f"d/{i}", source="d", instruction="What is the sentiment?", input=text, response=response).model_dump()
+
+    def client(name: str, trained: list[dict], held: list[dict] | None = None) -> None:
+        directory = tmp_path / "stages/ingest/clients" / name
+        directory.mkdir(parents=True)
+        write_jsonl(directory / "records.jsonl", trained)
+        if held is not None:
+            write_jsonl(directory / "holdout.jsonl", held)
+
+    client("bank", [row(0, "Write to ada.7@example.com and bo.8@example.com today."), row(1, "Mail shared.1@example.com."),
+                    row(2, "Again twice.2@example.com here."), row(3, "And twice.2@example.com there."),
+                    row(4, "Nothing here.", response="fielded.3@example.com"),
+                    {"kind": "text", "id": "doc/0", "source": "doc", "text": "Transcript naming documented.4@example.com."}],
+           [row(5, "Reach cy.9@example.com now."), row(6, "Also shared.1@example.com."), row(7, "See fielded.3@example.com"),
+            row(8, "And documented.4@example.com."), row(9, "Then elsewhere.5@example.com.")])
+    client("other", [row(0, "Trained elsewhere.5@example.com here.")])  # trained at another client: no control for bank
+    control = replay_controls(tmp_path, ["bank", "other"], ("instruction", "input"))
+    assert list(control) == ["bank"]  # only a client that held records out has a control
+    assert control["bank"].trained == [["ada.7@example.com", "bo.8@example.com"]]  # one record: its values together
+    assert control["bank"].held_out == [["cy.9@example.com"]]
+
+
+def test_the_held_out_control_flags_memorisation_and_not_chance():
+    from eval.audit import ReplayControl, control_comparison
+
+    trained = [[f"t{i}.user@example.com", f"t{i}.alt@example.com"] for i in range(40)]
+    held = [[f"h{i}.user@example.com"] for i in range(20)]
+    controls = [ReplayControl(trained, held)]
+    memorised = [f"Contact {values[0]} or {values[1]} please." for values in trained[:20]] + ["nothing private"]
+    result = control_comparison(controls, memorised)
+    assert (result["trained"]["replayed"], result["trained"]["records"], result["trained"]["values"]) == (20, 40, 80)  # records count, not values
+    assert result["held_out"]["replayed"] == 0 and result["difference"] == 0.5 and result["more_than_held_out"] and result["difference_ci"][0] > 0
+    chance = [f"Contact {values[-1]} please." for values in trained[:10] + held[:5]]  # a quarter of each, as common values would be written
+    result = control_comparison(controls, chance)
+    assert result["difference"] == 0.0 and not result["more_than_held_out"] and result["difference_ci"][0] < 0 < result["difference_ci"][1]
+    assert control_comparison([ReplayControl(trained, [])], memorised) is None and control_comparison(controls, []) is None
 
 
 def test_the_audit_conclusion_tells_a_breach_a_measured_leak_and_an_audit_without_power_apart():

@@ -120,6 +120,14 @@ def test_tpr_at_low_fpr_with_intervals_and_rmia_by_hand():
     assert metrics.wilson_interval(0, 100)[0] == 0.0 and metrics.wilson_interval(50, 100) == pytest.approx([0.4038, 0.5962], abs=1e-4)
 
 
+def test_the_difference_of_two_rates_has_newcombes_hybrid_score_interval():
+    """Newcombe (Statistics in Medicine 1998, 17:873-890), table II, method 10, examples (a), (b) and (h)."""
+    assert metrics.difference_interval(56, 70, 48, 80) == pytest.approx([0.0524, 0.3339], abs=1e-4)
+    assert metrics.difference_interval(9, 10, 3, 10) == pytest.approx([0.1705, 0.8090], abs=1e-4)
+    assert metrics.difference_interval(0, 10, 0, 20) == pytest.approx([-0.1611, 0.2775], abs=1e-4)
+    assert metrics.difference_interval(3, 10, 9, 10) == pytest.approx([-0.8090, -0.1705], abs=1e-4)  # the other way round
+
+
 def test_fidelity_and_diversity_by_hand():
     rng = np.random.default_rng(1)
     a = rng.normal(size=(4000, 3))
