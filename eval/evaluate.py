@@ -27,11 +27,12 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 
 from eval.audit import Target, completed, load_target, of_kinds, pair_text, private_texts, professional_target, synthetic_texts, targets_of
-from eval.benchmarks import CALIBRATED, TASKS, LabelPrior, evaluate_model, is_task_file, load_task, task_name
+from eval.benchmarks import CALIBRATED, TASKS, LabelPrior, evaluate_model, is_task_file, load_task, task_name, task_source
 from eval.fidelity import fidelity_report
 from knowledgesg.console import console
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_json, write_json, write_text
+from knowledgesg.loaders import absolute, same_data
 from knowledgesg.models import Precision, resolve_precision
 from knowledgesg.retrieval import embed, load_embedder
 from knowledgesg.runner import run_models
@@ -86,6 +87,23 @@ def check_task_files(options: EvalOptions, base_dir: Path, files: list[str | Dat
     private test set only where that client's data is); None: every public and private one."""
     for task in (public_task_files(options) + private_task_files(options)) if files is None else files:
         load_task(task, None, options.seed, base_dir)
+
+
+def _anchored(source: DataSource, base_dir: Path) -> DataSource:
+    return source.model_copy(update={"path": absolute(source.path, base_dir)}) if source.path is not None else source
+
+
+def refuse_private_data_as_public_tasks(options: EvalOptions, clients: list[DataSource], spec_dir: Path, task_dir: Path, field: str) -> None:
+    """A public test file's scores go to the server (results.json, eval_report.json, the model
+    card), unnoised: a client's data source (its training records) or a private test set must not
+    be one. `spec_dir`: where the clients' paths are from; `task_dir`: where the test files' are."""
+    owned = [(_anchored(s, spec_dir), "a client's data source") for s in clients]
+    owned += [(_anchored(task_source(f), task_dir), "a private test set") for f in private_task_files(options)]
+    for task in public_task_files(options):
+        public = _anchored(task_source(task), task_dir)
+        what = next((what for source, what in owned if same_data(public, source, task_dir)), None)
+        if what is not None:
+            raise InputError(f"{field}: {public.builtin or task_source(task).path} is also {what}; a public test file's scores go to the server unnoised")
 
 
 @dataclass(frozen=True)

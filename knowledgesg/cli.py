@@ -298,7 +298,7 @@ def evaluate(
     from pydantic import ValidationError
 
     from eval.evaluate import (EvalOptions, Published, check_private_clients, check_ready, check_task_files, evaluate_private, evaluate_run, fidelity_run, refuse_missing_models,
-                               write_eval_outputs)
+                               refuse_private_data_as_public_tasks, write_eval_outputs)
     from knowledgesg.runner import load_run_role, load_run_spec
     from knowledgesg.spec import format_validation_error
 
@@ -313,13 +313,14 @@ def evaluate(
                               precision=precision, fidelity=fidelity)
     except ValidationError as err:
         raise InputError(format_validation_error("ksg eval", err)) from None
-    spec, _ = load_run_spec(run_dir)
+    spec, spec_dir = load_run_spec(run_dir)
     check_ready(run_dir)
     refuse_unwritable_output(run_dir / "eval")
     server_release = Published(published) if published is not None else None
     if server_release is not None:
         server_release.check(run_dir, load_run_role(run_dir).kind, list(read_json(run_dir / "stages/ingest/partition.json")["clients"]))
     check_task_files(options, Path("."))
+    refuse_private_data_as_public_tasks(options, spec.clients.sources(), spec_dir, Path("."), "ksg eval --tasks")
     check_private_clients(run_dir, options)  # before the public tasks are scored, not after
     if models is not None:
         refuse_missing_models(run_dir, options.models, server_release)
@@ -327,12 +328,14 @@ def evaluate(
     results = evaluate_run(run_dir, options, device, published=server_release, stages_before=[stage.name for stage in spec.stages])
     _print_eval(results)
     private_results = evaluate_private(run_dir, options, device, published=server_release, stages_before=[stage.name for stage in spec.stages])
-    for client, report in private_results.items():
-        console.print(f"{client}'s private test set (client side): " + ", ".join(f"{m} {e['mean_accuracy']}" for m, e in report["models"].items()))
     fidelity_reports = fidelity_run(run_dir, seed, device, server_release) if options.fidelity else {}
     paths = write_eval_outputs(run_dir / "eval", results, fidelity_reports, private_results)
-    for client, report in fidelity_reports.items():
-        console.print(f"synthetic data of {client} (client side, computed against its private data): {report}")
+    # figures of private data (accuracy on a private test set, distances to and sizes of the private
+    # records) stay in the client's files: a console may be a log the server holds
+    for client in private_results:
+        console.print(f"{client}'s private test set: scored, in {run_dir / 'eval/clients' / client / 'private_eval.json'} (its side)")
+    for client in fidelity_reports:
+        console.print(f"synthetic data of {client} against its private data: in {run_dir / 'eval/clients' / client / 'fidelity.json'} (its side)")
     console.print(f"wrote {', '.join(str(p) for p in paths)} (run report: {_refresh_run_report(run_dir)})")
 
 

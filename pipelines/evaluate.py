@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from eval.benchmarks import task_source
-from eval.evaluate import (EvalOptions, check_ready, check_task_files, evaluate_private, evaluate_run, fidelity_run, private_task_files,
+from eval.evaluate import (EvalOptions, check_ready, check_task_files, evaluate_private, evaluate_run, fidelity_run, private_task_files, refuse_private_data_as_public_tasks,
                            public_task_files)
 from knowledgesg.console import console
 from knowledgesg.errors import InputError
@@ -47,6 +47,7 @@ class Evaluate(Stage):
         the public test files and the spec; a private test set is preflight_private's."""
         options: EvalOptions = self.params
         check_task_files(options, base_dir, public_task_files(options))
+        refuse_private_data_as_public_tasks(options, spec.clients.sources(), base_dir, base_dir, "evaluate params.tasks")
         if "professional" in options.models and spec.models.professional is None:
             raise InputError("evaluate: models lists 'professional' but the spec names no models.professional")
         if options.private_tasks:  # before the run starts, not after every public benchmark was scored
@@ -75,8 +76,7 @@ class Evaluate(Stage):
             return
         for client, report in evaluate_private(ctx.run_dir, options, device, ctx.base_dir, stages_before=ctx.completed_stages_before()).items():
             ctx.write_json(f"clients/{client}/private_eval.json", report, side=f"client:{client}")
-            scores = ", ".join(f"{model}: {entry['mean_accuracy']}" for model, entry in report["models"].items())
-            console.print(f"evaluate {client} (its private test set, on its side): {scores}")
+            console.print(f"evaluate {client}: its private test set scored, in clients/{client}/private_eval.json (its side; a console may be a log the server holds)")
         if options.fidelity:
             for client, report in fidelity_run(ctx.run_dir, options.seed, device).items():
                 ctx.write_json(f"clients/{client}/fidelity.json", report, side=f"client:{client}")

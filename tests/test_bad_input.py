@@ -145,6 +145,9 @@ SPEC_CASES = [
     ("canary-secrets-too-few", lambda s: s.update(audit={"canaries": {"client": "client_0", "count": 50, "digits": 1}}),
      r"audit\.canaries: 50 digit canaries need secrets of at least 3 digits"),
     # YAML's true/false where a number goes: pydantic alone reads them as 1 and 0 (epsilon 1, one epoch)
+    # a public test file's scores go to the server unnoised: a client's own data must not be one
+    ("evaluate-task-is-client-data", lambda s: s.update(stages=["prepare_models", {"name": "ingest"}, {"name": "evaluate", "params": {"tasks": ["fpb", "./data.jsonl"], "models": ["base"]}}]),
+     r"evaluate params\.tasks: data\.jsonl is also a client's data source; a public test file's scores go to the server unnoised"),
     # a chunk cap over a client's documents would let one document push another's chunks out (two units apart)
     ("structure-cap-per-client", lambda s: s.update(stages=[{"name": "ingest"}, {"name": "structure", "params": {"pool": {"builtin": "medquad"}, "max_chunks_per_client": 8}}]),
      r"spec\.yaml: stages\[1\]\.params: max_chunks_per_client: a cap over a client's documents lets one document push another's chunks out .*use max_chunks_per_document"),

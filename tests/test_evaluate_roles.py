@@ -56,7 +56,7 @@ def test_the_server_evaluates_without_the_clients_private_test_sets(tmp_path, ca
     assert run_in(tmp_path, "run", spec, "--run-dir", "simulation") == 0
     simulated = json.loads((tmp_path / "simulation/stages/evaluate/manifest.json").read_text())
     assert sum(name.endswith("/test.jsonl") for name in simulated["inputs"]) == 2
-    write_jsonl(tmp_path / "bank_a/test.jsonl", sentiment_rows(6))
+    write_jsonl(tmp_path / "bank_a/test.jsonl", sentiment_rows(7))  # not 6: that is a copy of the public file, refused as one
     capsys.readouterr()
     assert run_in(tmp_path, "run", spec, "--run-dir", "simulation") == 0
     assert re.search(r"evaluate\s+│ ran", capsys.readouterr().err)

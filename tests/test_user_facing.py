@@ -107,7 +107,11 @@ def test_eval_scores_a_users_own_files_and_keeps_a_private_test_set_on_its_clien
     private = write_jsonl(tmp_path / "private.jsonl", sentiment_rows(5))
     code = main(["eval", str(published), "--tasks", f"fpb,{labelled},{tmp_path / 'mc.csv'}", "--private", f"client_0={private}",
                  "--models", "base", "--modes", "logprob,generation", "--limit", "4"])
-    assert code == 0, capsys.readouterr().err
+    console = capsys.readouterr().err
+    assert code == 0, console
+    # the private figures (its test accuracy, the fidelity distances and sizes) stay in the client's files, not on a console the server may log
+    assert "client_0's private test set: scored, in" in console and "synthetic data of client_0 against its private data: in" in console
+    assert not re.search(r"n_private|frechet|self_bleu|'mean_accuracy'", console), console
     report = read_json(published / "eval/eval_report.json")
     scores = report["models"]["base"]["tasks"]
     assert set(scores) == {"fpb", "my_test", "mc"} and scores["mc"]["logprob"]["n"] == 2 and scores["my_test"]["generation"]["n"] == 4
@@ -126,6 +130,23 @@ def test_eval_refuses_a_private_test_set_of_an_unknown_client_before_scoring_any
     monkeypatch.setattr(eval.evaluate, "evaluate_run", lambda *a, **k: pytest.fail("scored the public tasks first"))
     assert main(["eval", str(published), "--tasks", "fpb", "--private", f"bank_z={private}", "--models", "base", "--limit", "4"]) == 2
     assert capsys.readouterr().err.strip() == "ksg: error: --private: no client 'bank_z' in this run (clients: client_0, client_1)"
+
+
+def test_eval_refuses_a_clients_data_or_private_test_set_as_a_public_task(published: Path, tmp_path: Path, capsys, monkeypatch):
+    """Its scores would go to the server's eval_report.json unnoised: membership and label statistics of private records."""
+    import shutil
+
+    import eval.evaluate
+
+    monkeypatch.setattr(eval.evaluate, "evaluate_run", lambda *a, **k: pytest.fail("scored the public tasks"))
+    client_data = published.parent / "data.jsonl"
+    copy = shutil.copy(client_data, tmp_path / "renamed.jsonl")  # a copy is the same data
+    for task in (client_data, copy):
+        assert main(["eval", str(published), "--tasks", f"fpb,{task}", "--models", "base", "--limit", "4"]) == 2
+        assert "ksg eval --tasks: " in (err := capsys.readouterr().err) and "is also a client's data source" in err, err
+    private = write_jsonl(tmp_path / "private.jsonl", sentiment_rows(5))
+    assert main(["eval", str(published), "--tasks", str(private), "--private", f"client_0={private}", "--models", "base", "--limit", "4"]) == 2
+    assert "is also a private test set" in capsys.readouterr().err
 
 
 def test_eval_limit_0_scores_every_item_and_no_fidelity_skips_the_synthetic_data(published: Path, tmp_path: Path, capsys):
