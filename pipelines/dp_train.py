@@ -140,7 +140,8 @@ class DPTrain(Stage):
         noised count, which q, the steps and delta are planned from (None: its exact N, public or
         the owner's own check before the count exists)."""
         p: DPTrainParams = self.params
-        units = privacy_units(records, privacy.unit, p.max_records_per_user)
+        # trained on structure's pairs, the unit is the source document whether or not a document gave one
+        units = privacy_units(records, privacy.unit, p.max_records_per_user, derived=True if p.source_stage == "structure" else None)
         n, name = units.count, UNIT_NAMES[units.kind]
         if count is None and (n < 2 or p.batch_size >= n):
             raise InputError(f"client '{client_id}': {n} {name}{'s' if n != 1 else ''}, too few for dp_train params.batch_size {p.batch_size} (it needs more {name}s than the batch)")

@@ -44,8 +44,11 @@ class Units:
         return [len(m) for m in self.members]
 
 
-def privacy_units(records: list[InstructionRecord], unit: SpecUnit, max_records: int) -> Units:
-    """Group records into units (in first-seen order), each truncated to `max_records` records."""
+def privacy_units(records: list[InstructionRecord], unit: SpecUnit, max_records: int, derived: bool | None = None) -> Units:
+    """Group records into units (in first-seen order), each truncated to `max_records` records.
+    `derived`: whether the records may hold pairs derived from a source document, as the pipeline
+    (not the data) says; None: whether any record does. Stated by the pipeline, the unit kind and
+    its bound no longer tell whether a client's documents gave any pair."""
     groups: dict[str, list[int]] = defaultdict(list)
     for index, record in enumerate(records):
         if unit == "user":
@@ -54,7 +57,8 @@ def privacy_units(records: list[InstructionRecord], unit: SpecUnit, max_records:
             groups[f"user:{record.user_id}"].append(index)
         else:
             groups[f"document:{record.document_id}" if record.document_id else f"record:{index}"].append(index)
-    derived = any(r.document_id for r in records)
+    if derived is None:
+        derived = any(r.document_id for r in records)
     kind: UnitKind = "user" if unit == "user" else ("source_document" if derived else "record")
     bound = 1 if kind == "record" else max_records
     return Units(kind=kind, members=[indices[:bound] for indices in groups.values()], max_records=bound)

@@ -482,6 +482,31 @@ def test_a_document_added_changes_no_other_documents_pairs(tmp_path: Path, monke
     assert pairs[0] == pairs[1]
 
 
+@pytest.mark.parametrize("usable", [False, True], ids=["no-pair-kept", "pairs-kept"])
+def test_the_unit_an_adapter_states_does_not_tell_whether_a_document_gave_a_pair(tmp_path: Path, monkeypatch, usable: bool):
+    """Trained on structure's output, the privacy unit is the source document as the spec says, not
+    as the data turned out: had it been "record" (bound 1) when no document's pair was kept and
+    "source document" otherwise, privacy.json and the ledger would tell the server whether the
+    client's documents gave any pair (a function of their content)."""
+    from knowledgesg.generation import Generator
+
+    answer = " Which revenue figure did the company give?\nAnswer: Revenue grew strongly this quarter." if usable else " I cannot say."
+    monkeypatch.setattr(Generator, "generate", lambda self, prompts, params, seed, progress=None: [Completion(answer, 9, True) for _ in prompts])
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(20))
+    write_jsonl(tmp_path / "docs.jsonl", [{"id": f"d{k}", "text": _document(f"d{k}", k)} for k in range(2)])
+    structure = {"name": "structure", "params": {**STRUCTURING["open"], "chunk_tokens": 48, "overlap_tokens": 8, "example_words": 8, "k": 2}}
+    train = {"name": "dp_train", "params": {"batch_size": 2, "max_length": 48, "source_stage": "structure", "max_records_per_user": 3}}
+    spec = tiny_spec(stages=["prepare_models", "ingest", structure, train], models={"base": "tiny-random-llama", "embedder": "tiny-random-embedder"},
+                     clients={"members": [{"id": "bank", "data": [{"path": "data.jsonl"}, {"path": "docs.jsonl", "kind": "text"}]}]})
+    assert run_in(tmp_path, "run", str(write_spec(tmp_path, spec)), "--run-dir", "run") == 0
+    pairs = [json.loads(line) for line in (tmp_path / "run/stages/structure/clients/bank/records.jsonl").read_text().splitlines()]
+    assert any(p.get("document_id") for p in pairs) == usable
+    statement = read_json(tmp_path / "run/stages/dp_train/clients/bank/privacy.json")
+    assert (statement["unit"], statement["max_records_per_unit"]) == ("source_document", 3)
+    assert [e["unit"] for e in read_json(tmp_path / "run/stages/dp_train/ledger.json")] == ["source_document"]
+
+
 # 6. A heavy user moves the histogram by at most its bound -----------------------------------------
 
 
