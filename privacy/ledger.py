@@ -166,8 +166,9 @@ def _read_units(path: Path) -> dict:
 
 
 class ClientLedger:
-    """One client data set's append-only ledger file, and through the keyed unit digests beside
-    it (written by ingest), the client's ledgers of other versions of that data."""
+    """One client data set's append-only ledger file; its entries count with those of the client's
+    ledgers of its other data sets in the same directory (the file beside each, written by
+    ingest, names its client)."""
 
     def __init__(self, path: Path, client_id: str | None = None, digests: Iterable[str] = ()) -> None:
         self.path = path
@@ -192,31 +193,28 @@ class ClientLedger:
         write_text(self.units_path, json.dumps({"client_id": self.client_id, "units": units}))
 
     def entries(self) -> list[LedgerEntry]:
-        """Every release of this data set and of the client's other data sets in the directory
-        that share a person with it, each once, oldest first."""
-        merged = merge_releases(self.own_entries(), *(other.own_entries() for other in self._overlapping()))
+        """Every release of this data set and of the client's other data sets in the directory,
+        each once, oldest first."""
+        merged = merge_releases(self.own_entries(), *(other.own_entries() for other in self._client_ledgers()))
         return sorted(merged, key=lambda e: e.released_at)
 
-    def _overlapping(self) -> list[ClientLedger]:
-        """The client's ledgers of other data sets in the directory that share a unit with this
-        one; and, on the safe side, those of the client kept without unit digests (written before
-        they were kept, or by a run whose ingest has not written them): their overlap is unknown."""
+    def _client_ledgers(self) -> list[ClientLedger]:
+        """The client's ledgers of its other data sets in the directory, whether or not they share a
+        person with this one. Counting only those that did made what the client sends, and whether
+        the cap refused, a function of that overlap: whoever knows an earlier data set shared only
+        record x with this one would learn whether x is in. The directory is the budget's scope
+        (over-counting is safe); data with no person in common goes to a ledger directory of its own."""
         if self.client_id is None or not self.path.parent.is_dir():
             return []
-        secret = _unit_secret(self.path.parent, create=False)
-        mine = set()
         if self.units_path.is_file():
-            mine = set(_read_units(self.units_path)["units"])
-        elif secret is not None:
-            mine = _keyed(secret, self.digests)
+            _read_units(self.units_path)  # damaged, a refusal here too: the other ledgers' reads of it would be
         found = []
         for ledger_path in sorted(self.path.parent.glob("*.jsonl")):
             if ledger_path == self.path:
                 continue
             other = ClientLedger(ledger_path)
             if other.units_path.is_file():
-                kept = _read_units(other.units_path)
-                if kept["client_id"] == self.client_id and mine.intersection(kept["units"]):
+                if _read_units(other.units_path)["client_id"] == self.client_id:
                     found.append(other)
             elif any(e.client_id == self.client_id for e in other.own_entries()):
                 found.append(other)

@@ -226,7 +226,9 @@ def test_a_new_run_refused_after_a_release_keeps_its_ledger_and_releases(tmp_pat
 
 def test_another_version_of_the_data_does_not_start_a_fresh_budget(tmp_path: Path, monkeypatch, capsys):
     """The data owner adds a record and renames the file (so its fingerprint and ledger are new);
-    the people in both versions keep the budget they spent. Data sharing no record starts fresh."""
+    the people in both versions keep the budget they spent. Data sharing no record counts too in
+    the same ledger directory (whether it shares one must not decide what counts: see below); in
+    a directory of its own it starts fresh."""
     from privacy.accounting import Mechanism
     from privacy.ledger import compose
 
@@ -249,7 +251,9 @@ def test_another_version_of_the_data_does_not_start_a_fresh_budget(tmp_path: Pat
 
     fresh = [dict(r, id=f"o{i}", input=r["input"].replace("Company", "Firm")) for i, r in enumerate(rows[:40])]
     write_jsonl(tmp_path / "other.jsonl", fresh)
-    assert run(tmp_path, "c", privacy={**shared, "cap_epsilon": cap}, stages=stages, clients={"data": [{"path": "other.jsonl"}], "partition": {"method": "iid", "num_clients": 2}}) == 0
+    other = {"data": [{"path": "other.jsonl"}], "partition": {"method": "iid", "num_clients": 2}}
+    assert run(tmp_path, "c", privacy={**shared, "cap_epsilon": cap}, stages=stages, clients=other) == 2
+    assert run(tmp_path, "d", privacy={**shared, "cap_epsilon": cap, "ledger_dir": "other_ledger"}, stages=stages, clients=other) == 0
 
 
 def test_releases_at_another_privacy_unit_are_not_summed_as_if_alike(tmp_path: Path, monkeypatch, capsys):
@@ -269,9 +273,9 @@ def test_releases_at_another_privacy_unit_are_not_summed_as_if_alike(tmp_path: P
     assert run(tmp_path, "c", privacy={"target_epsilon": 3.0, "ledger_dir": "ledger"}, stages=stages) == 0  # the same unit composes as before
 
 
-def test_a_ledger_counts_the_same_clients_overlapping_data_only(tmp_path: Path):
-    """In one ledger directory (the simulation keeps every client's there): the client's ledger of
-    an overlapping data version counts; another client's, or a disjoint version's, does not."""
+def test_a_ledger_counts_every_data_set_of_the_same_client_and_no_other_clients(tmp_path: Path):
+    """In one ledger directory (the simulation keeps every client's there): the client's ledgers of
+    its other data sets count, overlapping or not; another client's does not."""
     from privacy.ledger import ClientLedger, unit_digests
 
     rows = sentiment_rows(6)
@@ -292,16 +296,40 @@ def test_a_ledger_counts_the_same_clients_overlapping_data_only(tmp_path: Path):
     # renamed, re-cased and re-spaced: the same records to a person
     changed = [dict(r, id=f"x{i}", source="renamed", input="  " + r["input"].upper().replace(" ", "   ")) for i, r in enumerate(rows[3:5])]
     later = ClientLedger.of_data(tmp_path, "k4", "bank", unit_digests(changed))
-    assert [e.release_id for e in later.entries()] == ["first"]  # before its ingest: from the digests
+    assert [e.release_id for e in later.entries()] == ["first", "disjoint"]  # before its ingest
     later.keep_units()
-    assert [e.release_id for e in later.entries()] == ["first"]
+    assert [e.release_id for e in later.entries()] == ["first", "disjoint"]
     assert ClientLedger.of_data(tmp_path, "k4", "bank").entries() == later.entries()  # after it: from the file beside the ledger
     kept = [path.read_text() for path in tmp_path.glob("*.json*")]
     assert len(kept) == 7 and not any(digest in text for text in kept for digest in unit_digests(rows))  # keyed, never the plain digests
     # a ledger of the client kept before unit digests were: its overlap is unknown, so it counts
     for client, release in (("bank", "from before"), ("other_bank", "theirs before")):
         ClientLedger.of_data(tmp_path, f"k0{client}", client).append(LedgerEntry.model_validate(dict(entry, release_id=release, client_id=client)))
-    assert [e.release_id for e in later.entries()] == ["from before", "first"]
+    assert [e.release_id for e in later.entries()] == ["from before", "first", "disjoint"]
+
+
+def test_which_earlier_releases_reach_the_server_does_not_tell_whether_a_record_is_in(tmp_path: Path):
+    """An earlier data set of the client (a pilot) shared only record x with today's. Counting only
+    the ledgers that share a person with the current data, the client's export (and whether its
+    cap refused) held the pilot's release exactly when x is in: x's membership, with certainty.
+    Today's data with x and without it must bring the same earlier releases."""
+    from privacy.ledger import ClientLedger, unit_digests
+
+    rows = sentiment_rows(12)
+    x, pilot, today = rows[0], rows[1:4], rows[4:]
+    entry = {"release_id": "pilot", "client_id": "bank", "stage": "dp_train", "release": "dp_adapter", "artifact": "a", "run_dir": "r",
+             "released_at": "2026-01-01T00:00:00+00:00", "unit": "record", "num_units": 4, "delta": 1e-5,
+             "mechanism": {"kind": "poisson_gaussian", "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 2},
+             "epsilon": {"delta": 1e-5, "prv": 1.0, "rdp": 1.0, "pld": 1.0, "reported": 1.0, "reported_by": "pld"}, "private": True, "noise": "os_entropy", "trust": "t"}
+    earlier = ClientLedger.of_data(tmp_path, "pilot", "bank", unit_digests([x] + pilot))
+    earlier.keep_units()
+    earlier.append(LedgerEntry.model_validate(entry))
+    sent = {}
+    for name, data in (("with x", [x] + today), ("without x", today)):
+        ledger = ClientLedger.of_data(tmp_path, name.replace(" ", "_"), "bank", unit_digests(data))
+        ledger.keep_units()
+        sent[name] = [e.release_id for e in ledger.entries()]
+    assert sent["with x"] == sent["without x"] == ["pilot"], sent
 
 
 # 4 and 10. Nothing un-noised about private data reaches a server-side file ------------------------
