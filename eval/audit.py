@@ -681,7 +681,7 @@ def replay_controls(run_dir: Path, clients: list[str], fields: tuple[str, ...]) 
     controls = {client: ReplayControl([], []) for client in candidates}
     by_record: dict[tuple[str, str, int], list[str]] = {}
     for value in sorted(set().union(*candidates.values()) if candidates else ()):
-        holders = [(client, side, i) for client, side, i, text in texts if value in text and occurs(value, text)]
+        holders = [(client, side, i) for client, side, i, text in texts if occurs(value, text)]
         if len(holders) == 1 and holders[0][0] in controls:
             by_record.setdefault(holders[0], []).append(value)
     for (client, side, _), values in sorted(by_record.items()):
@@ -704,7 +704,7 @@ def control_comparison(controls: list[ReplayControl], texts: list[str]) -> dict 
     joined = "\n".join(texts)
 
     def written(records: list[list[str]]) -> int:
-        return sum(any(v in joined and occurs(v, joined) for v in values) for values in records)
+        return sum(any(occurs(v, joined) for v in values) for values in records)
 
     hits_t, hits_h = written(trained), written(held_out)
     share_t, share_h = hits_t / len(trained), hits_h / len(held_out)

@@ -82,8 +82,9 @@ def find_pii(texts: list[str], min_score: float = 0.4) -> dict[str, str]:
 
 
 def occurs(value: str, text: str) -> bool:
-    """`value` verbatim in `text`, on word boundaries."""
-    return re.search(rf"(?<!\w){re.escape(value)}(?!\w)", text) is not None
+    """`value` verbatim in `text`, on word boundaries (the plain substring test first: most texts
+    hold no value, and it is far cheaper than the regular expression)."""
+    return value in text and re.search(rf"(?<!\w){re.escape(value)}(?!\w)", text) is not None
 
 
 def replayed(values: dict[str, str], texts: list[str]) -> dict[str, str]:

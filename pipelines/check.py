@@ -25,7 +25,7 @@ from pipelines.prepare_models import model_kinds
 from pipelines.synthesize import Synthesize, histogram_unit
 from privacy.accounting import default_delta
 from privacy.count import ReleasedCount, count_mechanism, released_count
-from privacy.ledger import ClientLedger, LedgerEntry, check_budget, client_delta, compose, data_key, ledger_directory, unit_digests
+from privacy.ledger import ClientLedger, LedgerEntry, check_budget, client_delta, compose, data_key, ledger_directory
 from privacy.units import UNIT_NAMES
 
 
@@ -94,7 +94,7 @@ def plan_privacy(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_di
     loaded = client_records(spec, base_dir)
     for client_id, records in loaded.items():
         rows = [r.model_dump() for r in records]
-        ledger = ClientLedger.of_data(ledger_dir, data_key(rows), client_id, unit_digests(rows))
+        ledger = ClientLedger.of_data(ledger_dir, data_key(rows), client_id)
         before: list[LedgerEntry] = ledger.entries()
         trained = training_records(spec, client_id, records)
         planned, plan, count, how, count_to_come = [], None, None, "public", False

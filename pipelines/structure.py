@@ -263,7 +263,9 @@ class Structure(Stage):
 def client_stats(documents: list[DocumentPairs], pairs: list[dict], labelled: bool) -> dict:
     """A client's structure_stats.json (on its side): chunks, kept, why the rest were rejected,
     and the label mix (labelled pool) or the mean grounding of what was kept."""
-    rejected = sum((d.rejected for d in documents), Counter())
+    rejected: Counter = Counter()
+    for document in documents:
+        rejected.update(document.rejected)  # not `+`: that drops a reason counted 0 ("duplicate": 0), which the stats always showed
     stats = {"chunks": sum(d.chunks for d in documents), "kept": len(pairs), "rejected": dict(rejected)}
     if labelled:
         return {**stats, "labels": dict(Counter(p["response"] for p in pairs))}

@@ -232,6 +232,10 @@ def test_structure_with_a_labelled_pool_labels_the_chunks_key_sentence():
     document = Structure.keep_labelled("bank", chunks, sentences, [instruction] * 3, completions, ["negative", "neutral", "positive"], user_id=None)
     assert [(p["instruction"], p["input"], p["response"], p["document_id"]) for p in document.pairs] == [(instruction, sentences[0], "negative", "ects/1")]
     assert document.rejected == {"no label": 1, "no usable sentence": 1, "duplicate": 0}
+    from pipelines.structure import client_stats
+
+    stats = client_stats([document, document], document.pairs * 2, labelled=True)  # a reason counted 0 stays shown, as before per-document structuring
+    assert stats["rejected"] == {"no label": 2, "no usable sentence": 2, "duplicate": 0} and stats["chunks"] == 6 and stats["labels"] == {"negative": 2}
 
 
 def test_dirichlet_deals_text_records_out_evenly():
