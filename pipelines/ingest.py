@@ -40,7 +40,7 @@ from knowledgesg.spec import DataSource, PipelineSpec, repeated
 from knowledgesg.stage import LEDGER_KEY, Stage, StageContext
 from privacy.accounting import check_delta, default_delta, epsilons
 from privacy.count import COUNT_RELEASE, count_mechanism, is_count_of, noised_count, partition_count, released_count
-from privacy.ledger import LEDGER, LEDGER_ENV, ClientLedger, LedgerEntry, data_key, ledger_directory, new_release_id, now, trust_line, unit_digests
+from privacy.ledger import LEDGER, LEDGER_ENV, ClientLedger, LedgerEntry, data_key, ledger_directory, new_release_id, now, trust_line
 from privacy.units import Units, privacy_units
 
 MAX_HISTOGRAM_CLASSES = 20  # responses with more distinct values than this are not labels
@@ -210,9 +210,7 @@ class Ingest(Stage):
             rows = [r.model_dump() for r in records]
             key = data_key(rows)
             ctx.write_json(f"clients/{client_id}/{LEDGER_KEY}", {"data_key": key}, side=side)
-            # in the ledger directory, not among the outputs: a later version of this data finds its ledger by them
-            ledger = ClientLedger.of_data(ctx.ledger_dir, key, client_id, unit_digests(rows))
-            ledger.keep_units()
+            ledger = ClientLedger.of_data(ctx.ledger_dir, key, client_id)
             units = data_units(records, privacy.unit) if privacy.count_noise else None
             count = self.release_count(ctx, client_id, units, ledger) if units else None
             if audit.holdout_per_client:

@@ -11,13 +11,13 @@ Each release is recorded twice:
 - in the stage's `ledger.json` among its artifacts: the server's copy of what it received.
 
 A data set that changes (a record added or edited, the file renamed, another sample of the same
-source) gets a ledger of its own, but its budget is not fresh: ingest keeps beside each ledger
-(`<name>.units.json`) keyed digests of the records' contents and user ids, and a client's spent
-budget counts every ledger of the same client in the directory that shares one of them with its
-data (a person in both data sets is in both releases). Composing all of them, not only the
-releases each record took part in, overstates what a record spent, on the safe side. Another
-client's ledger is never counted (the simulation keeps every client's ledgers in one directory,
-and its banks may hold equal sentences of one public data set).
+source) gets a ledger of its own, but its budget is not fresh: a client's spent budget counts
+every ledger in the directory whose entries name that client, whether or not the data sets share a
+person (counting only those that did would make the budget, hence what the client sends and
+whether its cap refuses, a function of that overlap, which tells whether a record is in). The
+ledger directory is the budget's scope: over-counting is safe, and data with no person in common
+goes to a ledger directory of its own. Another client's ledger is never counted (the simulation
+keeps every client's ledgers in one directory).
 
 A client's spent budget composes (PLD) every release found in either, each once (by its
 `release_id`); a stage that would push it past `privacy.cap_epsilon` refuses to start. The
@@ -31,11 +31,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import json
 import math
 import os
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -43,7 +42,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from knowledgesg.errors import InputError, KsgError
-from knowledgesg.fileio import canonical_json, hmac_text, read_json, sha256_text, write_text
+from knowledgesg.fileio import canonical_json, read_json, sha256_text
 from knowledgesg.manifest import read_manifest
 from privacy.accounting import Epsilons, Mechanism, epsilon_pld, epsilon_prv_or_none, epsilon_rdp
 
@@ -121,24 +120,6 @@ def data_key(rows: list[dict]) -> str:
     return sha256_text("\n".join(lines))
 
 
-# fields that name or place a record rather than say what it is: a renamed file or source changes them
-_NAMING_FIELDS = frozenset({"id", "source", "client_id", "user_id", "document_id"})
-
-
-def _normalized(value):
-    """A field's text as a person would read it: case and runs of blanks do not make another record."""
-    return " ".join(value.lower().split()) if isinstance(value, str) else value
-
-
-def unit_digests(rows: list[dict]) -> list[str]:
-    """What ties a data set to the people in it: a digest of each record's content and of each
-    user id, so that another version of the data (a record added, the file renamed, another
-    sample) is found to share people with this one."""
-    digests = {sha256_text("record:" + canonical_json({k: _normalized(v) for k, v in row.items() if k not in _NAMING_FIELDS})) for row in rows}
-    digests |= {sha256_text(f"user:{row['user_id']}") for row in rows if row.get("user_id") is not None}
-    return sorted(digests)
-
-
 def ledger_directory(configured: Path | None, base_dir: Path, run_dir: Path) -> Path:
     if os.environ.get(LEDGER_ENV):
         return Path(os.environ[LEDGER_ENV])
@@ -150,47 +131,18 @@ def ledger_directory(configured: Path | None, base_dir: Path, run_dir: Path) -> 
 RECEIVED = "received"  # on the server: RUN/received/<client>.jsonl, the ledger each client sent
 
 
-UNIT_KEY = ".unit_key"  # in a ledger directory: the secret its ledgers' unit digests are keyed with
-
-
-def _read_units(path: Path) -> dict:
-    """A ledger's unit digests, `{"client_id": ..., "units": [...]}`; damaged, a one-line refusal (which
-    other ledgers count with this one is unknown without them)."""
-    try:
-        kept = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(kept, dict) and isinstance(kept.get("units"), list) and all(isinstance(u, str) for u in kept["units"]) and "client_id" in kept:
-            return kept
-    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8 or not JSON, nested past the stack
-        pass
-    raise KsgError(f"{path}: unreadable unit digests of a ledger; refusing to compute a budget")
-
-
 class ClientLedger:
     """One client data set's append-only ledger file; its entries count with those of the client's
-    ledgers of its other data sets in the same directory (the file beside each, written by
-    ingest, names its client)."""
+    ledgers of its other data sets in the same directory (found by the client named in their entries)."""
 
-    def __init__(self, path: Path, client_id: str | None = None, digests: Iterable[str] = ()) -> None:
+    def __init__(self, path: Path, client_id: str | None = None) -> None:
         self.path = path
-        self.client_id = client_id
-        self.digests = tuple(digests)  # the data's `unit_digests`, where the caller has the data
+        self.client_id = client_id  # None: this file's entries alone (the server's received copy)
 
     @classmethod
-    def of_data(cls, directory: Path, key: str, client_id: str | None = None, digests: Iterable[str] = ()) -> ClientLedger:
+    def of_data(cls, directory: Path, key: str, client_id: str | None = None) -> ClientLedger:
         """The ledger of the client data set whose fingerprint is `key`, in `directory`."""
-        return cls(directory / f"{key[:32]}.jsonl", client_id, digests)
-
-    @property
-    def units_path(self) -> Path:
-        return self.path.with_name(self.path.name.removesuffix(".jsonl") + ".units.json")
-
-    def keep_units(self) -> None:
-        """Beside the ledger, once: the client's name and its data's unit digests, keyed with the
-        directory's own secret (ingest calls this, before any release of the data)."""
-        if self.client_id is None or not self.digests or self.units_path.is_file():
-            return
-        units = sorted(_keyed(_unit_secret(self.path.parent, create=True), self.digests))
-        write_text(self.units_path, json.dumps({"client_id": self.client_id, "units": units}))
+        return cls(directory / f"{key[:32]}.jsonl", client_id)
 
     def entries(self) -> list[LedgerEntry]:
         """Every release of this data set and of the client's other data sets in the directory,
@@ -206,19 +158,8 @@ class ClientLedger:
         (over-counting is safe); data with no person in common goes to a ledger directory of its own."""
         if self.client_id is None or not self.path.parent.is_dir():
             return []
-        if self.units_path.is_file():
-            _read_units(self.units_path)  # damaged, a refusal here too: the other ledgers' reads of it would be
-        found = []
-        for ledger_path in sorted(self.path.parent.glob("*.jsonl")):
-            if ledger_path == self.path:
-                continue
-            other = ClientLedger(ledger_path)
-            if other.units_path.is_file():
-                if _read_units(other.units_path)["client_id"] == self.client_id:
-                    found.append(other)
-            elif any(e.client_id == self.client_id for e in other.own_entries()):
-                found.append(other)
-        return found
+        others = (ClientLedger(path) for path in sorted(self.path.parent.glob("*.jsonl")) if path != self.path)
+        return [other for other in others if any(e.client_id == self.client_id for e in other.own_entries())]
 
     def own_entries(self) -> list[LedgerEntry]:
         """The releases of this data set alone (not of the client's other versions of it)."""
@@ -280,37 +221,6 @@ class ClientLedger:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _keyed(secret: bytes, digests: Iterable[str]) -> set[str]:
-    return {hmac_text(secret, digest)[:32] for digest in digests}
-
-
-def _unit_secret(directory: Path, create: bool) -> bytes | None:
-    """The ledger directory's own key for unit digests, made once from OS entropy (whole or not
-    at all: written to a temp file, then linked into place); None where there is none and `create` is False."""
-    path = directory / UNIT_KEY
-    if not path.is_file():
-        if not create:
-            return None
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".unit_key.{uuid.uuid4().hex}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, os.urandom(32))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)  # fails if another process made it first: theirs is kept
-        except FileExistsError:
-            pass
-        except OSError:  # a file system without hard links: a rename (last writer wins a race no one else can have begun using)
-            if not path.exists():
-                os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return path.read_bytes()
 
 
 def received_ledger(run_dir: Path, client_id: str) -> ClientLedger:

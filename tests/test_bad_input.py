@@ -357,16 +357,18 @@ def test_a_damaged_ledger_is_a_one_line_refusal(tmp_path: Path):
     from knowledgesg.errors import KsgError
     from privacy.ledger import ClientLedger
 
-    ledger = ClientLedger.of_data(tmp_path, "a" * 64, "bank_a", ["digest-1"])
-    ledger.keep_units()
+    ledger = ClientLedger.of_data(tmp_path, "a" * 64, "bank_a")
     ledger.path.write_bytes(b'{"release_id": "x"\xff}\n')
     with pytest.raises(KsgError, match=r"a{32}\.jsonl: unreadable ledger \(not UTF-8 at byte 18\)"):
         ledger.entries()
+    ledger.path.write_text('{"release_id": "x"}\n', encoding="utf-8")
+    with pytest.raises(KsgError, match=r"a{32}\.jsonl:1: unreadable ledger entry"):
+        ledger.entries()
+    # another data set's ledger in the directory is read too (to find the client's): damaged, the same refusal
     ledger.path.unlink()
-    for damaged in ('{"client_id": "bank_a", "units": [', '{"client_id": "bank_a", "units": [[1]]}', "[" * 100000):
-        ledger.units_path.write_text(damaged, encoding="utf-8")
-        with pytest.raises(KsgError, match=r"a{32}\.units\.json: unreadable unit digests"):
-            ledger.entries()
+    (tmp_path / f"{'b' * 32}.jsonl").write_text("[" * 100000 + "\n", encoding="utf-8")
+    with pytest.raises(KsgError, match=r"b{32}\.jsonl:1: unreadable ledger entry"):
+        ledger.entries()
 
 
 def test_an_unreadable_data_file_is_one_line(tmp_path: Path, monkeypatch, capsys):

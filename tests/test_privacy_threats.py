@@ -276,36 +276,26 @@ def test_releases_at_another_privacy_unit_are_not_summed_as_if_alike(tmp_path: P
 def test_a_ledger_counts_every_data_set_of_the_same_client_and_no_other_clients(tmp_path: Path):
     """In one ledger directory (the simulation keeps every client's there): the client's ledgers of
     its other data sets count, overlapping or not; another client's does not."""
-    from privacy.ledger import ClientLedger, unit_digests
+    from privacy.ledger import ClientLedger
 
-    rows = sentiment_rows(6)
     entry = {"release_id": "", "client_id": "", "stage": "dp_train", "release": "dp_adapter", "artifact": "a", "run_dir": "r",
                                    "released_at": "2026-01-01T00:00:00+00:00", "unit": "record", "num_units": 4, "delta": 1e-5,
                                    "mechanism": {"kind": "poisson_gaussian", "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 2},
                                    "epsilon": {"delta": 1e-5, "prv": 1.0, "rdp": 1.0, "pld": 1.0, "reported": 1.0, "reported_by": "pld"}, "private": True, "noise": "os_entropy", "trust": "t"}
 
-    def ledger(key: str, client: str, data: list[dict], release: str) -> ClientLedger:
-        book = ClientLedger.of_data(tmp_path, key, client, unit_digests(data))
-        book.keep_units()
+    def ledger(key: str, client: str, release: str) -> ClientLedger:
+        book = ClientLedger.of_data(tmp_path, key, client)
         book.append(LedgerEntry.model_validate(dict(entry, release_id=release, client_id=client)))
         return book
 
-    ledger("k1", "bank", rows[:4], "first")
-    ledger("k2", "other_bank", rows[2:5], "theirs")  # shares records with k1, another client
-    ledger("k3", "bank", rows[5:], "disjoint")
-    # renamed, re-cased and re-spaced: the same records to a person
-    changed = [dict(r, id=f"x{i}", source="renamed", input="  " + r["input"].upper().replace(" ", "   ")) for i, r in enumerate(rows[3:5])]
-    later = ClientLedger.of_data(tmp_path, "k4", "bank", unit_digests(changed))
-    assert [e.release_id for e in later.entries()] == ["first", "disjoint"]  # before its ingest
-    later.keep_units()
+    ledger("k1", "bank", "first")
+    ledger("k2", "other_bank", "theirs")
+    ledger("k3", "bank", "disjoint")
+    later = ClientLedger.of_data(tmp_path, "k4", "bank")
     assert [e.release_id for e in later.entries()] == ["first", "disjoint"]
-    assert ClientLedger.of_data(tmp_path, "k4", "bank").entries() == later.entries()  # after it: from the file beside the ledger
-    kept = [path.read_text() for path in tmp_path.glob("*.json*")]
-    assert len(kept) == 7 and not any(digest in text for text in kept for digest in unit_digests(rows))  # keyed, never the plain digests
-    # a ledger of the client kept before unit digests were: its overlap is unknown, so it counts
-    for client, release in (("bank", "from before"), ("other_bank", "theirs before")):
-        ClientLedger.of_data(tmp_path, f"k0{client}", client).append(LedgerEntry.model_validate(dict(entry, release_id=release, client_id=client)))
-    assert [e.release_id for e in later.entries()] == ["from before", "first", "disjoint"]
+    assert not later.path.exists()  # reading writes nothing
+    assert [e.release_id for e in ClientLedger.of_data(tmp_path, "k4", "other_bank").entries()] == ["theirs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "k1.jsonl", "k2.jsonl", "k3.jsonl"]  # nothing beside the ledgers
 
 
 def test_which_earlier_releases_reach_the_server_does_not_tell_whether_a_record_is_in(tmp_path: Path):
@@ -313,7 +303,7 @@ def test_which_earlier_releases_reach_the_server_does_not_tell_whether_a_record_
     the ledgers that share a person with the current data, the client's export (and whether its
     cap refused) held the pilot's release exactly when x is in: x's membership, with certainty.
     Today's data with x and without it must bring the same earlier releases."""
-    from privacy.ledger import ClientLedger, unit_digests
+    from privacy.ledger import ClientLedger, data_key
 
     rows = sentiment_rows(12)
     x, pilot, today = rows[0], rows[1:4], rows[4:]
@@ -321,14 +311,8 @@ def test_which_earlier_releases_reach_the_server_does_not_tell_whether_a_record_
              "released_at": "2026-01-01T00:00:00+00:00", "unit": "record", "num_units": 4, "delta": 1e-5,
              "mechanism": {"kind": "poisson_gaussian", "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 2},
              "epsilon": {"delta": 1e-5, "prv": 1.0, "rdp": 1.0, "pld": 1.0, "reported": 1.0, "reported_by": "pld"}, "private": True, "noise": "os_entropy", "trust": "t"}
-    earlier = ClientLedger.of_data(tmp_path, "pilot", "bank", unit_digests([x] + pilot))
-    earlier.keep_units()
-    earlier.append(LedgerEntry.model_validate(entry))
-    sent = {}
-    for name, data in (("with x", [x] + today), ("without x", today)):
-        ledger = ClientLedger.of_data(tmp_path, name.replace(" ", "_"), "bank", unit_digests(data))
-        ledger.keep_units()
-        sent[name] = [e.release_id for e in ledger.entries()]
+    ClientLedger.of_data(tmp_path, data_key([x] + pilot), "bank").append(LedgerEntry.model_validate(entry))
+    sent = {name: [e.release_id for e in ClientLedger.of_data(tmp_path, data_key(data), "bank").entries()] for name, data in (("with x", [x] + today), ("without x", today))}
     assert sent["with x"] == sent["without x"] == ["pilot"], sent
 
 
