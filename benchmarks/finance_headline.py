@@ -166,7 +166,7 @@ def parse_args() -> argparse.Namespace:
                              "was started or stored at")
     parser.add_argument("--full-eval", action="store_true", help="score each finished run here on the whole test sets in both answer modes (`ksg eval --limit 0 "
                         "--modes logprob,generation`, no new training) and keep those rows beside the run's in the store; then the report")
-    parser.add_argument("--only", default=None, help="comma-separated runs to do now (U, A8, B8, D8, C); default all")
+    parser.add_argument("--only", default=None, help="comma-separated runs to do now (U, P, A8, B8, D8, C); default all")
     parser.add_argument("--early-eval", default=None, help="a run (e.g. A8) whose base model and DP adapters to score now with `ksg eval`, "
                                                           "beside a benchmark still running it; then write the report and stop")
     parser.set_defaults(final_public=False, public_sample=None, final_stage="refine", class_balance="uniform", refine=True, centre_by_seed=False, fedtune_seed=None, final_learning_rate=0.002,
@@ -258,8 +258,11 @@ def plan(args) -> dict[str, dict]:
 
 def plan_at(args) -> dict[str, dict]:
     """Every run's spec by name at one training precision (`args.precision`)."""
-    runs = {"U": spec(args, "public", math.inf, {"data": [{"builtin": "fiqa_train"}], "partition": {"method": "iid", "names": ["public"]}},
-                      [dp_train(args), evaluate(args, ["dp"])])}
+    public = {"data": [{"builtin": "fiqa_train"}], "partition": {"method": "iid", "names": ["public"]}}
+    runs = {"U": spec(args, "public", math.inf, public, [dp_train(args), evaluate(args, ["dp"])]),
+            # rows 1 and 3 on their own (each A run scores them too): no private record, no epsilon,
+            # so one run gives them to the full test sets at every epsilon
+            "P": spec(args, "public-models", math.inf, public, [synthesis(args)[1], evaluate(args, ["base", "professional"])])}
     pooled = dict(private_data(args), partition={"method": "iid", "names": ["pooled"]})
     for i, epsilon in enumerate(float(e) for e in args.epsilons.split(",")):
         e = eps_name(epsilon)
@@ -534,6 +537,8 @@ def rows_of(name: str, models: dict, mode: str = "logprob") -> dict[str, RowScor
     picked: dict[str, dict | list[dict] | None]
     if name == "U":
         picked = {"2": models.get("dp_adapter:public")}
+    elif name == "P":
+        picked = {"1": models.get("base"), "3": models.get("professional")}
     elif name == "C":
         picked = {"7": models.get("dp_adapter:pooled")}
     elif name.startswith("D"):
@@ -595,7 +600,7 @@ def is_stored_measurement(args, name: str, spec_: dict, entry: dict) -> bool:
 
 def full_table(args, e: str, specs: dict[str, dict]) -> list[str]:
     """The rows scored on the full test sets, one table per answer mode; [] before any is."""
-    names = [n for n in ("U", f"A{e}", f"B{e}", f"D{e}", "C") if n in specs] + [n for n in specs if n.startswith(f"A{e}-")]
+    names = [n for n in ("P", "U", f"A{e}", f"B{e}", f"D{e}", "C") if n in specs] + [n for n in specs if n.startswith(f"A{e}-")]
     entries = {n: STORE.entry(n, specs[n]) for n in names}
     entries = {n: v for n, v in entries.items() if v and "full_rows" in v}
     if not entries:
@@ -614,7 +619,30 @@ def full_table(args, e: str, specs: dict[str, dict]) -> list[str]:
                 label += stale_mark(args, name, specs)
                 lines.append(f"| {number if number in ROW_LABELS else name} | {label} | {RowScore(**value).cells()} |")
         lines.append("")
-    return lines
+    return lines + full_gap_lines(entries)
+
+
+def full_gap_lines(entries: dict[str, dict]) -> list[str]:
+    """The share of the gap closed on the full test sets (log-probability), for row 6 and each
+    ablation scored there, over the best private alternative among rows 2-4 scored there too
+    (named, since a row not scored on the full sets yet cannot be the best)."""
+    means = {number: RowScore(**value).mean for entry in entries.values() for number, value in entry["full_rows"]["logprob"].items() if number in ROW_LABELS}
+    alternatives = {k: means[k] for k in ("2", "3", "4a", "4b") if k in means}
+    if "7" not in means or not alternatives:
+        return []
+    best = max(alternatives, key=alternatives.get)
+    lines = []
+    for name, entry in entries.items():
+        for number, value in entry["full_rows"]["logprob"].items():
+            if number in ("6", "final", "final_calibrated"):
+                mean = RowScore(**value).mean
+                which = "row 6" if number == "6" else name + (", answering with its label prior" if number == "final_calibrated" else "")
+                lines.append(f"- {which}: ({mean:.3f} - row {best} {alternatives[best]:.3f}) / (row 7 {means['7']:.3f} - row {best}) = **{(mean - alternatives[best]) / (means['7'] - alternatives[best]):.0%}**")
+    if not lines:
+        return []
+    missing = [k for k in ("2", "3", "4a", "4b") if k not in alternatives]
+    return ["Share of the gap closed on the full test sets (log-probability), over the best private alternative scored there"
+            + (f" (rows {', '.join(missing)} not scored on them yet)" if missing else "") + ":", *lines, ""]
 
 
 def run_rows(args, name: str, specs: dict[str, dict]) -> dict[str, RowScore]:
