@@ -498,7 +498,7 @@ def mia_records(run_dir: Path, spec: PipelineSpec, client: str, options: AuditOp
     trained = run_dir / "stages/dp_train/clients" / client / "privacy.json"
     if spec.privacy.unit == "user" and trained.is_file():
         bound = read_json(trained)["max_records_per_unit"]
-        members = [members[i] for unit in privacy_units(members, "user", bound).members for i in unit]
+        members = [members[i] for unit in privacy_units(members, "user", bound, documents=False).members for i in unit]
     holdout = [InstructionRecord.model_validate(r) for r in read_jsonl(run_dir / "stages/ingest/clients" / client / "holdout.jsonl")]
     wanted = options.mia_members or len(holdout)
     return random.Random(f"{options.seed}:members:{client}").sample(members, min(wanted, len(members))), holdout

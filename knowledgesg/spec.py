@@ -130,6 +130,15 @@ class DataSource(StrictModel):
             raise ValueError(f"unknown builtin data set '{self.builtin}' (known: {', '.join(sorted(BUILTINS))})")
         return self
 
+    @property
+    def holds_documents(self) -> bool:
+        """Whether the spec says this source's records come from source documents: text to be
+        structured, or records whose `document_id` the spec maps. The spec, not the data, decides:
+        a document id found in one record only would otherwise change the unit every release
+        states (and the histogram's noise), telling whether that record is in."""
+        kind = self.kind or (BUILTINS[self.builtin][0] if self.builtin else "instruction")
+        return kind == "text" or "document_id" in self.fields or "document_id" in self.constants
+
 
 class PartitionSpec(StrictModel):
     """How pooled private data is split into clients."""
@@ -196,6 +205,12 @@ class ClientsSpec(StrictModel):
     def sources(self) -> list[DataSource]:
         """Every data source a client reads, pooled or its own."""
         return self.data or [source for member in self.members for source in member.data]
+
+    def holds_documents(self, client_id: str) -> bool:
+        """Whether a client's records may come from source documents (`DataSource.holds_documents`),
+        so that its privacy unit is the source document: pooled data, any source; else its own."""
+        sources = self.data or next((member.data for member in self.members if member.id == client_id), [])
+        return any(source.holds_documents for source in sources)
 
 
 ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]

@@ -99,7 +99,7 @@ def plan_privacy(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_di
         trained = training_records(spec, client_id, records)
         planned, plan, count, how, count_to_come = [], None, None, "public", False
         if spec.privacy.count_noise:
-            released = released_count(ledger, client_id, data_units(records, spec.privacy.unit).kind)
+            released = released_count(ledger, client_id, data_units(records, spec.privacy.unit, spec.clients.holds_documents(client_id)).kind)
             if released is not None:  # the stages plan with it, as the run will
                 count, how = ReleasedCount(planned_units(spec, client_id, released.num_units), released.mechanism.noise_multiplier), "released"
             else:  # ingest will release it: planned with the exact N on the owner's own console, its cost added
@@ -112,7 +112,7 @@ def plan_privacy(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_di
         size = count.planned if count else len(trained)
         if train is not None and not sized_later:
             trained_records = planning_records(trained) if train.params.source_stage == "structure" else [r for r in trained if isinstance(r, InstructionRecord)]
-            plan = train.plan(spec.privacy, client_id, trained_records, count)
+            plan = train.plan(spec.privacy, client_id, trained_records, train.documents(spec, client_id), count)
             if not unit_done(run_dir, train.name, client_id):  # one released before a crash is in its ledger, reused
                 planned.append(plan.mechanism())
             check_budget(before, client_id, [], plan.delta, None, train.name, plan.units.kind)  # releases at another privacy unit: refused, as the run would

@@ -132,16 +132,21 @@ class DPTrain(Stage):
             return
         for client_id, records in client_records(spec, base_dir).items():
             trained = training_records(spec, client_id, records)
-            self.plan(spec.privacy, client_id, planning_records(trained) if self.params.source_stage == "structure" else [r for r in trained if isinstance(r, InstructionRecord)])
+            self.plan(spec.privacy, client_id, planning_records(trained) if self.params.source_stage == "structure" else [r for r in trained if isinstance(r, InstructionRecord)],
+                      self.documents(spec, client_id))
 
-    def plan(self, privacy: PrivacySpec, client_id: str, records: list[InstructionRecord], count: ReleasedCount | None = None) -> ClientPlan:
+    def documents(self, spec: PipelineSpec, client_id: str) -> bool:
+        """Whether the unit is the source document, as the spec says: trained on structure's pairs
+        (whether or not a document gave one), or on records the spec says come from documents."""
+        return self.params.source_stage == "structure" or spec.clients.holds_documents(client_id)
+
+    def plan(self, privacy: PrivacySpec, client_id: str, records: list[InstructionRecord], documents: bool, count: ReleasedCount | None = None) -> ClientPlan:
         """The mechanism one client will run: units, delta, sampling rate, steps and the calibrated
         noise (also what `ksg check` shows before anything runs). `count`: the client's released
         noised count, which q, the steps and delta are planned from (None: its exact N, public or
         the owner's own check before the count exists)."""
         p: DPTrainParams = self.params
-        # trained on structure's pairs, the unit is the source document whether or not a document gave one
-        units = privacy_units(records, privacy.unit, p.max_records_per_user, derived=True if p.source_stage == "structure" else None)
+        units = privacy_units(records, privacy.unit, p.max_records_per_user, documents)
         n, name = units.count, UNIT_NAMES[units.kind]
         if count is None and (n < 2 or p.batch_size >= n):
             raise InputError(f"client '{client_id}': {n} {name}{'s' if n != 1 else ''}, too few for dp_train params.batch_size {p.batch_size} (it needs more {name}s than the batch)")
@@ -173,7 +178,7 @@ class DPTrain(Stage):
         for client_id in partition["clients"]:
             rows = read_jsonl(ctx.artifact(self.params.source_stage, f"clients/{client_id}/records.jsonl"))
             records = [InstructionRecord.model_validate(r) for r in rows if r["kind"] == "instruction"]
-            plan = self.plan(ctx.spec.privacy, client_id, records, released_size(partition, client_id))
+            plan = self.plan(ctx.spec.privacy, client_id, records, self.documents(ctx.spec, client_id), released_size(partition, client_id))
             # Every client's budget, over everything ever released from its data, is checked
             # before any client trains: a refusal leaves nothing. A client released before a
             # crash is in its ledger already (its release is reused, not made again).

@@ -235,7 +235,7 @@ class Fedtune(Stage):
                          "record" if p.data == "private" else None)  # on private data: record level only (checked in its params)
         if p.data == "private":  # the mechanism each client runs, as planned; each keeps its own ledger
             job.local_dp = {c: LocalDP(noise_multiplier=planned[c][0].noise_multiplier, clip_norm=p.local_dp.clip_norm, sample_rate=planned[c][0].sample_rate,
-                                       num_units=partition["clients"][c], delta=deltas[c], cap_epsilon=ctx.spec.privacy.cap_epsilon,
+                                       num_units=partition["clients"][c], delta=deltas[c], documents=ctx.spec.clients.holds_documents(c), cap_epsilon=ctx.spec.privacy.cap_epsilon,
                                        ledger_dir=str(ctx.ledger_dir), reproducible_noise=ctx.spec.privacy.reproducible_noise) for c in clients}
 
         work = ctx.path("work")

@@ -116,10 +116,11 @@ def client_records(spec: PipelineSpec, base_dir: Path) -> dict[str, list[Record]
     return partition(_load_all(clients_spec.data, base_dir, spec.seed, "clients.data", own_data=False), clients_spec.partition, spec.seed)
 
 
-def data_units(records: list[Record], unit: str) -> Units:
+def data_units(records: list[Record], unit: str, documents: bool) -> Units:
     """The privacy units of a client's data as loaded (before the audit's holdout and canaries),
-    each text document one unit: what its noised count counts."""
-    return privacy_units(planning_records(records), unit, max_records=1)
+    each text document one unit: what its noised count counts. `documents`: the spec's
+    `ClientsSpec.holds_documents` for the client."""
+    return privacy_units(planning_records(records), unit, max_records=1, documents=documents)
 
 
 def planned_units(spec: PipelineSpec, client_id: str, released: int) -> int:
@@ -132,16 +133,16 @@ def planned_units(spec: PipelineSpec, client_id: str, released: int) -> int:
         planned -= spec.audit.holdout_per_client
     if spec.audit.canaries is not None and spec.audit.canaries.client == client_id:
         planted = planted_records(spec.audit.canaries, make_canaries(spec.audit.canaries, spec.seed), client_id)
-        planned += privacy_units(planted, spec.privacy.unit, max_records=1).count if planted else 0
+        planned += privacy_units(planted, spec.privacy.unit, max_records=1, documents=False).count if planted else 0
     return max(1, planned)
 
 
-def training_units(records: list[Record], unit: str) -> int:
+def training_units(records: list[Record], unit: str, documents: bool) -> int:
     """N for DP training: units of the instruction records, each text document one unit (what
     `structure` makes of it stays one unit)."""
     instructions = [r for r in records if isinstance(r, InstructionRecord)]
-    documents = {r.id for r in records if r.kind == "text"}
-    return privacy_units(instructions, unit, max_records=1).count + len(documents) if instructions or documents else 0
+    texts = {r.id for r in records if r.kind == "text"}
+    return privacy_units(instructions, unit, max_records=1, documents=documents).count + len(texts) if instructions or texts else 0
 
 
 def refuse_unmakeable_ledger_directory(spec: PipelineSpec, base_dir: Path) -> None:
@@ -190,10 +191,11 @@ class Ingest(Stage):
             raise SpecError(f"audit.canaries.client: no client '{audit.canaries.client}' (clients: {', '.join(clients)})")
         for client_id, records in clients.items():
             trained = training_records(spec, client_id, records)  # the holdout checked here too
+            documents = spec.clients.holds_documents(client_id)
             if spec.privacy.count_noise:
-                data_units(records, spec.privacy.unit)  # a user-level unit without user ids refused before any count is released
+                data_units(records, spec.privacy.unit, documents)  # a user-level unit without user ids refused before any count is released
             if spec.privacy.delta is not None and not spec.privacy.count_noise:  # with a noised count, dp_train checks delta against it
-                check_delta(spec.privacy.delta, training_units(trained, spec.privacy.unit), spec.privacy.unit, client_id)
+                check_delta(spec.privacy.delta, training_units(trained, spec.privacy.unit, documents), spec.privacy.unit, client_id)
         self._loaded = clients
 
     def run(self, ctx: StageContext) -> None:
@@ -211,7 +213,7 @@ class Ingest(Stage):
             key = data_key(rows)
             ctx.write_json(f"clients/{client_id}/{LEDGER_KEY}", {"data_key": key}, side=side)
             ledger = ClientLedger.of_data(ctx.ledger_dir, key, client_id)
-            units = data_units(records, privacy.unit) if privacy.count_noise else None
+            units = data_units(records, privacy.unit, ctx.spec.clients.holds_documents(client_id)) if privacy.count_noise else None
             count = self.release_count(ctx, client_id, units, ledger) if units else None
             if audit.holdout_per_client:
                 records, held = hold_out(records, audit.holdout_per_client, ctx.seed, client_id)

@@ -187,7 +187,7 @@ class Synthesize(Stage):
         mechanism = self.histogram_mechanism()
         rows = read_jsonl(ctx.artifact("ingest", f"clients/{client_id}/records.jsonl"))
         records = [InstructionRecord.model_validate(r) for r in rows if r["kind"] == "instruction"]
-        units = privacy_units(records, ctx.spec.privacy.unit, p.user_contribution_bound)
+        units = privacy_units(records, ctx.spec.privacy.unit, p.user_contribution_bound, documents=ctx.spec.clients.holds_documents(client_id))
         random = ctx.release_random(client_id, "histogram")
         noisy = dp_label_histogram(records, p.labels, units, p.histogram_noise_multiplier, random)
         relative = f"clients/{client_id}/label_histogram.json"

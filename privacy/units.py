@@ -2,11 +2,11 @@
 
 Neighbouring data sets differ in one unit, so the unit is what an epsilon is about:
 
-- `record`: each record is a unit, except that the records derived from one source document
-  (the pairs `structure` makes from one transcript or abstract carry its id as `document_id`)
-  form one unit together. A transcript turned into eight pairs is then protected as the one
-  thing its owner cares about, and the unit is named `source_document` (a record not derived
-  from a document is still a unit of its own).
+- `record`: each record is a unit, except that where the spec says a client's records come from
+  source documents (text that `structure` turns into pairs carrying its id as `document_id`, or a
+  `document_id` the spec maps), the records of one document form one unit together. A transcript
+  turned into eight pairs is then protected as the one thing its owner cares about, and the unit
+  is named `source_document` (a record with no document id is still a unit of its own).
 - `user`: all of one user's records (`user_id`) form a unit.
 
 A unit contributes at most `max_records` records (its first ones): bounded contribution is what
@@ -44,11 +44,14 @@ class Units:
         return [len(m) for m in self.members]
 
 
-def privacy_units(records: list[InstructionRecord], unit: SpecUnit, max_records: int, derived: bool | None = None) -> Units:
+def privacy_units(records: list[InstructionRecord], unit: SpecUnit, max_records: int, documents: bool) -> Units:
     """Group records into units (in first-seen order), each truncated to `max_records` records.
-    `derived`: whether the records may hold pairs derived from a source document, as the pipeline
-    (not the data) says; None: whether any record does. Stated by the pipeline, the unit kind and
-    its bound no longer tell whether a client's documents gave any pair."""
+    `documents`: whether the records may hold pairs derived from a source document, as the spec
+    says (`ClientsSpec.holds_documents`, or dp_train reading structure's pairs), never the data:
+    then the records of one `document_id` form one unit, and the unit is the source document.
+    Otherwise every record is its own unit, a document id or not. Decided from the data, the unit
+    kind and its bound (stated in every release, and the histogram's noise) would tell whether a
+    record carrying a document id is in, or whether any document gave a pair."""
     groups: dict[str, list[int]] = defaultdict(list)
     for index, record in enumerate(records):
         if unit == "user":
@@ -56,10 +59,8 @@ def privacy_units(records: list[InstructionRecord], unit: SpecUnit, max_records:
                 raise SpecError(f"privacy.unit is 'user' but record '{record.id}' has no user_id (map one with fields: {{user_id: ...}})")
             groups[f"user:{record.user_id}"].append(index)
         else:
-            groups[f"document:{record.document_id}" if record.document_id else f"record:{index}"].append(index)
-    if derived is None:
-        derived = any(r.document_id for r in records)
-    kind: UnitKind = "user" if unit == "user" else ("source_document" if derived else "record")
+            groups[f"document:{record.document_id}" if documents and record.document_id else f"record:{index}"].append(index)
+    kind: UnitKind = "user" if unit == "user" else ("source_document" if documents else "record")
     bound = 1 if kind == "record" else max_records
     return Units(kind=kind, members=[indices[:bound] for indices in groups.values()], max_records=bound)
 

@@ -174,7 +174,7 @@ def test_dp_label_histogram_noise_has_the_stated_scale():
     # a heavy user with 10 neutral records, of which the bound keeps 2, and 15 users of 2 records
     heavy = [InstructionRecord(id=f"h/{i}", instruction="Q", response="neutral", source="s", user_id="heavy") for i in range(10)]
     records = heavy + [InstructionRecord(id=f"s/{i}", instruction="Q", response=l, source="s", user_id=f"u{i // 2}") for i, l in enumerate(["neutral"] * 20 + ["positive"] * 10)]
-    units = privacy_units(records, "user", max_records=2)  # sensitivity 2
+    units = privacy_units(records, "user", max_records=2, documents=False)  # sensitivity 2
     # a fixed public seed: the distribution check gives the same answer every run (OS entropy would fail some runs)
     random = SecureRandom.from_public_seed("test", "dp_label_histogram")
     draws = [dp_label_histogram(records, ["negative", "neutral", "positive"], units, 4.0, random) for _ in range(2000)]

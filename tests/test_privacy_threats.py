@@ -519,6 +519,37 @@ def test_the_unit_an_adapter_states_does_not_tell_whether_a_document_gave_a_pair
     assert [e["unit"] for e in read_json(tmp_path / "run/stages/dp_train/ledger.json")] == ["source_document"]
 
 
+@pytest.mark.parametrize("maps_documents", [False, True], ids=["spec-silent", "spec-maps-document_id"])
+def test_a_document_id_in_the_data_does_not_set_the_unit_a_release_states(tmp_path: Path, maps_documents: bool):
+    """Neighbours: 20 records whose document_id column is blank, and the same with record x, the
+    only one carrying a document id. The unit decided from the data ("source document" once any
+    record has an id) made every release (the count, the adapter, the histogram: its
+    sensitivity and noise 3x larger) state whether x is in. The spec decides: both alike."""
+    # where the spec maps the column every record needs a value: then x's document is its own
+    rows = [dict(r, document_id=f"doc-{i // 2}" if maps_documents else "") for i, r in enumerate(sentiment_rows(21))]
+    rows[-1]["document_id"] = "memo-7"
+    histogram = dict(HISTOGRAM, params=dict(HISTOGRAM["params"], user_contribution_bound=3))
+    train = {"name": "dp_train", "params": {"batch_size": 2, "max_length": 48, "loss_on": "all", "max_records_per_user": 3}}
+    source = {"path": "data.jsonl", **({"fields": {"document_id": "document_id"}} if maps_documents else {})}
+    stated = {}
+    for name, data in (("without x", rows[:-1]), ("with x", rows)):
+        directory = tmp_path / name.replace(" ", "_")
+        directory.mkdir()
+        write_jsonl(directory / "data.jsonl", data)
+        spec = tiny_spec(stages=["prepare_models", "ingest", train, histogram], privacy={"target_epsilon": 8.0, "count_noise": 1.0})
+        spec["clients"] = {"members": [{"id": "bank", "data": [source]}]}
+        assert run_in(directory, "run", str(write_spec(directory, spec)), "--run-dir", "run") == 0
+        stage = directory / "run/stages"
+        released = read_json(stage / "synthesize/clients/bank/label_histogram.json")
+        statement = read_json(stage / "dp_train/clients/bank/privacy.json")
+        stated[name] = ([e["unit"] for s in ("ingest", "dp_train", "synthesize") for e in read_json(stage / s / "ledger.json")],
+                        statement["unit"], statement["max_records_per_unit"], released["unit"], released["sensitivity"], released["noise_std"])
+    assert stated["with x"] == stated["without x"], stated
+    unit = "source_document" if maps_documents else "record"
+    units, *statement = stated["with x"][:3]
+    assert set(units) == {unit} and statement == [unit, 3 if maps_documents else 1]
+
+
 # 6. A heavy user moves the histogram by at most its bound -----------------------------------------
 
 
@@ -526,12 +557,12 @@ def test_a_heavy_user_moves_the_histogram_by_at_most_the_bound():
     light = [InstructionRecord(id=f"r{i}", instruction="Q", response=LABELS[i % 3], source="s", user_id=f"u{i}") for i in range(30)]
     heavy = [InstructionRecord(id=f"h{i}", instruction="Q", response="positive", source="s", user_id="heavy") for i in range(50)]
     bound = 8
-    without = bounded_label_counts(light, LABELS, privacy_units(light, "user", bound))
-    units = privacy_units(light + heavy, "user", bound)
+    without = bounded_label_counts(light, LABELS, privacy_units(light, "user", bound, documents=False))
+    units = privacy_units(light + heavy, "user", bound, documents=False)
     with_heavy = bounded_label_counts(light + heavy, LABELS, units)
     assert sum(abs(with_heavy[label] - without[label]) for label in LABELS) == bound == units.max_records  # not 50
     # at record level every record is its own unit: sensitivity 1
-    assert privacy_units(light + heavy, "record", bound).max_records == 1
+    assert privacy_units(light + heavy, "record", bound, documents=False).max_records == 1
 
 
 def test_the_histogram_stage_counts_bounded_users(tmp_path: Path, monkeypatch):
@@ -551,7 +582,7 @@ def test_the_histogram_stage_counts_bounded_users(tmp_path: Path, monkeypatch):
 
     ingested = (tmp_path / "run/stages/ingest/clients/client_0/records.jsonl").read_text().splitlines()
     records = [InstructionRecord.model_validate(r) for r in map(json.loads, ingested) if r["kind"] == "instruction"]
-    bounded = bounded_label_counts(records, LABELS, privacy_units(records, "user", bound))
+    bounded = bounded_label_counts(records, LABELS, privacy_units(records, "user", bound, documents=False))
     # by hand as well: the heavy user's first `bound` records, and every other user's one record
     heavy = [r for r in records if r.user_id == "heavy"]
     assert len(heavy) == 20 and bounded == {label: sum(r.response == label for r in heavy[:bound] + [r for r in records if r.user_id != "heavy"]) for label in LABELS}

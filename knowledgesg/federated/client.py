@@ -407,7 +407,7 @@ class ClientRuntime:
         """The client's units, once the plan's N is found to be the one this client released (its
         noised count as planned, or its exact N where that is public)."""
         dp = task.local_dp
-        units = privacy_units(records, dp.unit, dp.max_records_per_user)
+        units = privacy_units(records, dp.unit, dp.max_records_per_user, dp.documents)
         released = planned_size(self.storage(task), task.client_id)
         if released is not None and released != dp.num_units:
             raise KsgError(f"client '{task.client_id}': the plan assumed {dp.num_units} privacy units, this client released {released}; refusing to train")

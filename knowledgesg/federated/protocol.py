@@ -62,6 +62,7 @@ class LocalDP(StrictModel):
     delta: float = Field(gt=0, lt=1)
     unit: Literal["record", "user"] = "record"
     max_records_per_user: int = 8
+    documents: bool = False  # the spec's ClientsSpec.holds_documents: the unit is the source document
     cap_epsilon: float | None = None
     ledger_dir: str | None = None  # default: <run_dir>/ledger; a SuperNode's `ledger-dir` wins
     reproducible_noise: bool = False  # NOT PRIVATE: noise from the public seed
