@@ -189,7 +189,9 @@ class StageContext:
         return self.path(relative)
 
     def write_jsonl(self, relative: str, rows: list[dict[str, Any]], side: str = "server", records: bool = True) -> Path:
-        """`records=False` for a log (e.g. prompts sent): its rows are not data records."""
+        """`records=False` where the manifest is not to count the rows: a log (e.g. prompts sent),
+        whose rows are not data records, or a client's file whose size is a function of its
+        records' content rather than of their number N (which the runner counts only where N is public)."""
         count = write_jsonl(self.path(relative), rows)
         return self.declare_output(relative, records=count if records else None, side=side)
 

@@ -173,12 +173,12 @@ class Structure(Stage):
             pairs = [pair for document in documents for pair in document.pairs]
             stats = client_stats(documents, pairs, labelled=bool(p.labels))
             side = f"client:{client_id}"
-            ctx.write_jsonl(f"clients/{client_id}/records.jsonl", own + pairs, side=side)
+            # how many pairs a document gives is a function of its content (its length, what the model
+            # wrote of it), not of N even where N is public: no count in the manifest or on the
+            # console (a log the server may hold), only in the client's own stats
+            ctx.write_jsonl(f"clients/{client_id}/records.jsonl", own + pairs, side=side, records=False)
             ctx.write_json(f"clients/{client_id}/structure_stats.json", {**stats, "precision": dtype}, side=side)
-            if ctx.spec.privacy.count_noise:  # counts that grow with the client's data: on its side only (a console may be a log the server holds)
-                console.print(f"structure {client_id}: done (its counts in clients/{client_id}/structure_stats.json, on its side)")
-            else:
-                console.print(f"structure {client_id}: {stats['kept']} pairs from {stats['chunks']} chunks; rejected {stats['rejected']}")
+            console.print(f"structure {client_id}: done (its counts in clients/{client_id}/structure_stats.json, on its side)")
 
     def structure_document(self, ctx: StageContext, client_id: str, text: TextRecord, pool: list[InstructionRecord], index, embedder, tokenizer,
                            generator: Generator) -> DocumentPairs:

@@ -495,7 +495,7 @@ def test_a_document_added_changes_no_other_documents_pairs(tmp_path: Path, monke
 
 
 @pytest.mark.parametrize("usable", [False, True], ids=["no-pair-kept", "pairs-kept"])
-def test_the_unit_an_adapter_states_does_not_tell_whether_a_document_gave_a_pair(tmp_path: Path, monkeypatch, usable: bool):
+def test_the_unit_an_adapter_states_does_not_tell_whether_a_document_gave_a_pair(tmp_path: Path, monkeypatch, capsys, usable: bool):
     """Trained on structure's output, the privacy unit is the source document as the spec says, not
     as the data turned out: had it been "record" (bound 1) when no document's pair was kept and
     "source document" otherwise, privacy.json and the ledger would tell the server whether the
@@ -517,6 +517,10 @@ def test_the_unit_an_adapter_states_does_not_tell_whether_a_document_gave_a_pair
     statement = read_json(tmp_path / "run/stages/dp_train/clients/bank/privacy.json")
     assert (statement["unit"], statement["max_records_per_unit"]) == ("source_document", 3)
     assert [e["unit"] for e in read_json(tmp_path / "run/stages/dp_train/ledger.json")] == ["source_document"]
+    # nor how many pairs they gave, N public or not: the manifest and the console count none
+    assert read_json(tmp_path / "run/stages/structure/manifest.json")["outputs"]["clients/bank/records.jsonl"]["records"] is None
+    console = capsys.readouterr().err
+    assert "structure bank: done (its counts in" in console and "pairs from" not in console
 
 
 @pytest.mark.parametrize("maps_documents", [False, True], ids=["spec-silent", "spec-maps-document_id"])
