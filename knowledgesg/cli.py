@@ -118,6 +118,17 @@ def run(
     console.print(f"finished in {time.perf_counter() - start:.1f}s")
 
 
+def _check_run_report_inputs(run_dir: Path) -> None:
+    """What `_refresh_run_report` reads besides the manifests, read now: its refusals (a spec copy
+    naming an unknown stage or role) come before a command writes anything."""
+    from knowledgesg.runner import SPEC_COPY, load_run_role, load_run_spec
+    from pipelines import build_stages
+
+    spec, _ = load_run_spec(run_dir)
+    build_stages(spec, str(run_dir / SPEC_COPY))
+    load_run_role(run_dir)
+
+
 def _refresh_run_report(run_dir: Path) -> Path:
     """RUN/report.html from what is on disk now: the stage table, privacy totals, report links."""
     from knowledgesg.run_report import write_run_report
@@ -240,6 +251,8 @@ def privacy_report(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="
     from privacy.units import UNIT_NAMES
 
     report = build_report(run_dir)
+    _check_run_report_inputs(run_dir)  # a damaged run directory refused before anything is printed or written
+    refuse_unwritable_output(run_dir)
     table = Table(title=f"privacy report: {report.spec_name} (target epsilon {fmt(report.target_epsilon)})")
     for column in ("client", "release", "unit", "q", "sigma", "steps", "delta", "eps PRV", "eps RDP", "eps PLD", "status"):
         table.add_column(column, justify="left" if column in ("client", "release", "unit", "status") else "right")

@@ -125,9 +125,11 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 def unmakeable_directory(path: Path) -> str | None:
     """Why `path` cannot be (or become) a directory this process writes in, or None: it is a
-    file, or its nearest existing ancestor is a file or not writable."""
+    file or a directory it cannot write in, or its nearest existing ancestor is a file or not writable."""
     if path.exists():
-        return None if path.is_dir() else "exists and is not a directory"
+        if not path.is_dir():
+            return "exists and is not a directory"
+        return None if os.access(path, os.W_OK | os.X_OK) else "is not writable"
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent

@@ -19,7 +19,7 @@ from typing import Any
 from knowledgesg.builtin_data import VENDOR, load_builtin
 from knowledgesg.errors import InputError, data_error
 from knowledgesg.fileio import sha256_file
-from knowledgesg.records import ID_FIELDS, RECORD_FIELDS, REQUIRED_FIELDS, InstructionRecord, Record, TextRecord
+from knowledgesg.records import ID_FIELDS, RECORD_FIELDS, REQUIRED_FIELDS, InstructionRecord, Record, TextRecord, unpaired_surrogate
 from knowledgesg.spec import DataSource
 
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -42,7 +42,7 @@ def _decode(path: Path) -> str:
     except OSError as err:  # permissions, a vanished file
         raise data_error(path, f"cannot be read ({err.strerror or type(err).__name__})") from None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark, as Windows tools write one
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise data_error(path, f"not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}); re-encode the file as UTF-8", line=line) from None
@@ -82,7 +82,7 @@ def _rows_json(path: Path) -> Iterator[Row]:
 def _rows_csv(path: Path) -> Iterator[Row]:
     # a byte-order mark (Excel's "CSV UTF-8") would otherwise be part of the first column's name;
     # strict: a quote never closed is an error, not the rest of the file read as one cell
-    reader = csv.DictReader(io.StringIO(_decode(path).removeprefix("\ufeff"), newline=""), strict=True)
+    reader = csv.DictReader(io.StringIO(_decode(path), newline=""), strict=True)
     starts = 1  # the line the row being read starts on (a quoted cell may span lines)
     try:
         repeated = [name for name, count in Counter(reader.fieldnames or []).items() if count > 1]
@@ -154,7 +154,11 @@ def _field_value(path: Path, number: int, row: dict[str, Any], record_field: str
     if record_field in ("id", "user_id") and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
-        raise data_error(path, f"{prefix}must be a string, got {type(value).__name__}", field=column, **where)
+        hint = " (labels given as numbers: write each as the word it stands for)" if record_field == "response" and isinstance(value, (int, float)) else ""
+        raise data_error(path, f"{prefix}must be a string, got {type(value).__name__}{hint}", field=column, **where)
+    unpaired = unpaired_surrogate(value)
+    if unpaired is not None:
+        raise data_error(path, f"{prefix}{unpaired}", field=column, **where)
     if not value.strip():
         if required:
             raise data_error(path, f"{prefix}is empty", field=column, **where)

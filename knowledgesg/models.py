@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Literal
 
 from knowledgesg.console import console
-from knowledgesg.errors import InputError
-from knowledgesg.fileio import sha256_file, write_json
+from knowledgesg.errors import InputError, KsgError
+from knowledgesg.fileio import read_json, sha256_file, write_json
 
 MARKER = "ksg_model.json"
 DEFAULT_CACHE = Path.home() / ".cache" / "knowledgesg"
@@ -360,7 +360,9 @@ def local_model(entry: dict, cache_dir: Path | None) -> dict:
 def read_models(path: Path, cache_dir: Path | None, roles: Iterable[str] | None = None) -> dict[str, dict]:
     """prepare_models' models.json (at `path`), each model's path where this machine holds it; only
     `roles` (default: every model), as finding a model may mean converting it into the cache."""
-    entries = json.loads(path.read_text())
+    entries = read_json(path)  # damaged JSON: one line naming it
+    if not isinstance(entries, dict) or not all(isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("path"), str) for e in entries.values()):
+        raise KsgError(f"{path}: damaged (not a model name and path for each role); remove stages/prepare_models and rerun the run to make it again")
     wanted = entries.keys() if roles is None else set(roles)
     return {role: local_model(entry, cache_dir) for role, entry in entries.items() if role in wanted}
 

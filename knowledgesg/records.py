@@ -50,3 +50,13 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
 
 # The fields that name a record, its user or its document: never empty (a blank one is absent).
 ID_FIELDS = ("id", "user_id", "document_id")
+
+
+def unpaired_surrogate(value: str) -> str | None:
+    """What is wrong with a string JSON could hold but UTF-8 cannot (an escape such as \\ud800 left
+    without its pair, as a tweet cut mid-emoji has), or None."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"holds an unpaired surrogate (\\u{ord(value[err.start]):04x} at character {err.start + 1}): not text UTF-8 can hold"
+    return None

@@ -408,6 +408,8 @@ def run_models(run_dir: Path, roles: Iterable[str] | None = None) -> dict[str, d
 def load_run_role(run_dir: Path) -> Role:
     """The role the run directory was made by (the simulation for runs from before roles)."""
     saved = _saved_run(run_dir).get("role") or {}
+    if not isinstance(saved, dict):
+        saved = {"kind": None}  # refused below, with the others
     kind, client, exchange = saved.get("kind", "all"), saved.get("client"), saved.get("exchange")
     if kind not in ("all", "client", "server") or not isinstance(client, (str, type(None))) or not isinstance(exchange, (str, type(None))):
         raise InputError(f"{run_dir / SPEC_COPY}: not the run's spec copy (its role is not one of all, client, server with a client name); the run directory is damaged")

@@ -17,7 +17,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, ValidationInfo, field_validator, model_validator
 
 from knowledgesg.builtin_data import BUILTINS
-from knowledgesg.records import ID_FIELDS, REQUIRED_FIELDS
+from knowledgesg.records import ID_FIELDS, REQUIRED_FIELDS, unpaired_surrogate
 from knowledgesg.errors import InputError
 from privacy.accounting import NOISE_MULTIPLIER_RANGE
 
@@ -120,6 +120,9 @@ class DataSource(StrictModel):
         empty = [name for name, value in constants.items() if not value.strip() and name in never_empty]
         if empty:
             raise ValueError(f"constants: '{empty[0]}' is empty (the data may not leave it empty either)")
+        for name, value in constants.items():
+            if unpaired_surrogate(value):
+                raise ValueError(f"constants: '{name}' {unpaired_surrogate(value)}")
         return constants
 
     @model_validator(mode="after")

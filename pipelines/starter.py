@@ -21,8 +21,8 @@ import yaml
 
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import unmakeable_directory, write_text
-from knowledgesg.loaders import READERS, detect_format
-from knowledgesg.spec import unsafe_identifier_reason
+from knowledgesg.loaders import READERS, detect_format, rows_to_records
+from knowledgesg.spec import DataSource, unsafe_identifier_reason
 from pipelines import parse_pipeline
 
 Domain = Literal["finance", "medicine"]
@@ -67,10 +67,11 @@ class FileGuess:
     notes: list[str] = field(default_factory=list)
 
 
-def sample_rows(path: Path, fmt: str) -> list[dict]:
+def sample_rows(path: Path, fmt: str) -> list[tuple[int, dict]]:
+    """The file's first rows, each with its line or record number."""
     rows = []
-    for _, row in READERS[fmt](path):
-        rows.append(row)
+    for number, row in READERS[fmt](path):
+        rows.append((number, row))
         if len(rows) >= SAMPLE_ROWS:
             break
     if not rows:
@@ -90,7 +91,8 @@ def mean_length(rows: list[dict], column: str) -> float:
 
 def guess_file(path: Path, domain: Domain) -> FileGuess:
     fmt = detect_format(path)
-    rows = sample_rows(path, fmt)
+    numbered = sample_rows(path, fmt)
+    rows = [row for _, row in numbered]
     columns = list(dict.fromkeys(c for row in rows for c in row))
     guess = FileGuess(path=path, format=fmt, kind="instruction", rows=len(rows))
     taken: set[str] = set()
@@ -110,7 +112,11 @@ def guess_file(path: Path, domain: Domain) -> FileGuess:
         guess.fields = {name: column for name, column in (("text", text), ("id", chosen.get("id")), ("user_id", chosen.get("user_id"))) if column and column != name}
         guess.notes.append(f"no response column: column '{text}' (about {mean_length(rows, text):.0f} characters) is unstructured text for `structure`")
         return guess
-    values = {str(r.get(chosen["response"]) or "").strip().lower() for r in rows}
+    # read as `ksg run` will read them (an integer label, a row without a response: named by file,
+    # line and field here, not as an empty label in the spec this would write)
+    placeholder = {} if "instruction" in chosen else {"instruction": "(to be chosen)"}
+    rows_to_records(path, iter(numbered), DataSource(path=path, fields={k: v for k, v in chosen.items() if k != v}, constants=placeholder), path.stem, fmt)
+    values = {r[chosen["response"]].strip().lower() for r in rows}
     if 2 <= len(values) <= MAX_LABELS:
         guess.labels = sorted(values)
         guess.notes.append(f"'{chosen['response']}' takes {len(values)} values in the first {len(rows)} rows: a labelled task")

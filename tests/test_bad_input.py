@@ -63,6 +63,14 @@ DATA_CASES = [
     ("unknown-record-field", {"path": "data.jsonl", "fields": {"question": "q"}}, _jsonl(GOOD), r"data\.jsonl: fields maps unknown record field 'question'"),
     ("unknown-builtin", {"builtin": "fpb_trian"}, None, r"spec\.yaml: clients\.data\[0\]: unknown builtin data set 'fpb_trian' \(known: .*fpb_train"),
     ("builtin-kind-mismatch", {"builtin": "pubmed_abstracts", "kind": "instruction"}, None, r"builtin data set 'pubmed_abstracts' holds text records, but the spec says kind: instruction"),
+    # a tweet cut mid-emoji: JSON holds the escape, UTF-8 cannot (it had been a pydantic traceback)
+    ("unpaired-surrogate", {"path": "data.jsonl"}, _jsonl(GOOD + '{"id": "b", "instruction": "a\\ud83db", "response": "no"}\n'),
+     r"data\.jsonl:2: field 'instruction': holds an unpaired surrogate \(\\ud83d at character 2\)"),
+    ("unpaired-surrogate-constant", {"path": "data.jsonl", "constants": {"input": "x\ud800"}}, _jsonl(GOOD), r"spec\.yaml: clients\.data\[0\]\.constants: constants: 'input' holds an unpaired surrogate"),
+    ("integer-labels", {"path": "data.jsonl"}, _jsonl('{"instruction": "Q", "response": 2}\n'), r"data\.jsonl:1: field 'response': must be a string, got int \(labels given as numbers"),
+    # the next after a byte-order mark, which Windows tools write: read as the CSV reader reads it
+    ("jsonl-byte-order-mark-then-bad-row", {"path": "data.jsonl"}, _bytes("data.jsonl", b"\xef\xbb\xbf" + GOOD.encode() + b'{"id": "b", "instruction": "Q"}\n'), r"data\.jsonl:2: field 'response': missing"),
+    ("json-byte-order-mark-then-bad-record", {"path": "d.json"}, _bytes("d.json", b'\xef\xbb\xbf[{"instruction": "Q", "response": "A"}, {"instruction": "Q2"}]'), r"d\.json: field 'response': record 2: missing"),
 ]
 
 
@@ -226,7 +234,9 @@ def test_an_empty_run_directory_is_refused_not_the_working_directory(workdir: Pa
     (lambda run: ((run / ".lock").unlink(), (run / ".lock").mkdir()), r"--run-dir run: damaged: \.lock is a directory, not a file"),
     (lambda run: (run / "spec.json").write_text(json.dumps({**json.loads((run / "spec.json").read_text()), "role": {"kind": "banana"}})),
      r"run/spec\.json: not the run's spec copy \(its role is not one of all, client, server"),
-], ids=["stages-a-file", "lock-a-directory", "unknown-role"])
+    (lambda run: (run / "spec.json").write_text(json.dumps({**json.loads((run / "spec.json").read_text()), "role": "x"})),
+     r"run/spec\.json: not the run's spec copy \(its role is not one of all, client, server"),
+], ids=["stages-a-file", "lock-a-directory", "unknown-role", "role-not-a-mapping"])
 def test_a_run_directory_damaged_in_shape_is_one_line(workdir: Path, capsys, damage, message):
     """Each had been a traceback midway (NotADirectoryError, IsADirectoryError, KeyError)."""
     spec = write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest"]))
@@ -433,3 +443,50 @@ def test_a_bad_audit_option_names_the_flag_typed(tmp_path: Path, capsys, flag, v
     assert main(["audit", str(tmp_path), flag, value]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"ksg: error: ksg audit: {flag}: ") and f"(got {value})" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_run_directory_this_process_cannot_write_is_one_line(workdir: Path, monkeypatch, capsys):
+    """An existing run directory that is read-only (or another user's) had been a traceback
+    (OSError on its .lock, or on the privacy report's temp file after the report was printed).
+    The tests run as root, who may write anywhere: os.access is made to say what a user would see."""
+    import os
+
+    spec = write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest"], privacy={"count_noise": 2.0}))  # the count: a release to report
+    assert main(["run", str(spec), "--run-dir", "run"]) == 0
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path).resolve() == (workdir / "run").resolve() and mode & os.W_OK else real(path, mode, **kw))
+    capsys.readouterr()
+    listed = sorted(p.name for p in (workdir / "run").iterdir())
+    for command, message in ((["run", str(spec), "--run-dir", "run"], "ksg: error: --run-dir run: is not writable"),
+                             (["privacy-report", "run"], "ksg: error: run: is not writable; the report cannot be written there")):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == message, err
+    assert sorted(p.name for p in (workdir / "run").iterdir()) == listed
+
+
+def test_a_damaged_models_record_is_one_line(workdir: Path, capsys):
+    """prepare_models' models.json cut short or edited: `ksg eval` and `ksg audit` had raised a
+    JSONDecodeError or TypeError traceback."""
+    spec = write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest"]))
+    assert main(["run", str(spec), "--run-dir", "run"]) == 0
+    models = workdir / "run/stages/prepare_models/models.json"
+    for damaged, message in (('{"base": ', r"models\.json: damaged JSON"), ('{"base": 5}', r"models\.json: damaged \(not a model name and path for each role\)")):
+        models.write_text(damaged, encoding="utf-8")
+        capsys.readouterr()
+        assert main(["eval", "run", "--models", "base", "--tasks", "fpb", "--limit", "2"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_init_reads_the_data_as_run_will(tmp_path: Path, monkeypatch, capsys):
+    """Integer labels, or a row without its label, had been refused as 'labels: a label is empty'
+    in the spec not yet written (or written, for labels 1, 2, 3, and refused by `ksg check`)."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "ints.jsonl", [{"text": "Shares rose", "label": 0}, {"text": "Profit fell", "label": 1}])
+    write_jsonl(tmp_path / "gap.jsonl", [{"text": "Shares rose", "label": "positive"}, {"text": "Profit fell", "label": "negative"}, {"text": "Flat"}])
+    for name, message in (("ints", "ints.jsonl:1: field 'label': must be a string, got int (labels given as numbers"), ("gap", "gap.jsonl:3: field 'label': missing")):
+        assert main(["init", f"{name}.jsonl", "--out", f"{name}.yaml"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / f"{name}.yaml").exists()
