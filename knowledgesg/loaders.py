@@ -247,6 +247,8 @@ def source_path(source: DataSource, base_dir: Path) -> Path:
     path = source.path if source.path.is_absolute() else base_dir / source.path  # type: ignore[union-attr]
     if not path.exists():
         raise InputError(f"{path}: data file not found")
+    if not (path.is_file() or path.is_dir()):  # a named pipe or a device: reading it may never end
+        raise InputError(f"{path}: not a regular file or a directory")
     return path
 
 

@@ -401,8 +401,8 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     first = error.errors()[0]
     loc = tuple(first["loc"])
     if first["type"] == "extra_forbidden":
-        parent = _where(loc[:-1]) if len(loc) > 1 else "the top level"
-        message = f"unknown key '{loc[-1]}' in {parent}"
+        # at the first level the source names the place (a spec file, or `stages[2].params`)
+        message = f"unknown key '{loc[-1]}'" + (f" in {_where(loc[:-1])}" if len(loc) > 1 else "")
     elif first["type"] == "missing":
         message = f"{_where(loc)}: required key is missing"
     elif first["type"] in ("model_type", "model_attributes_type", "dict_type"):  # pydantic names its class: say what the spec needs

@@ -243,6 +243,9 @@ def write_starter_spec(files: list[Path], domain: Domain, spec_path: Path, name:
     missing = [str(f) for f in files if not f.exists()]
     if missing:
         raise InputError(f"{missing[0]}: data file not found")
+    special = [str(f) for f in files if not (f.is_file() or f.is_dir())]
+    if special:  # a named pipe or a device: reading it may never end
+        raise InputError(f"{special[0]}: not a regular file or a directory")
     first: dict[Path, Path] = {}
     for f in files:
         if f.resolve() in first:  # each file is a client: one file twice puts its records in two clients' data
