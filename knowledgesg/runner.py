@@ -195,7 +195,7 @@ def reusable_manifest(stage: Stage, stage_dir: Path, fingerprint: Fingerprint, k
     release that spends budget; else (None, "", why it must run)."""
     manifest = read_manifest(stage_dir)
     if manifest is None:
-        return None, "", ""
+        return None, "", "its manifest.json cannot be read (damaged)" if (stage_dir / MANIFEST).is_file() else ""
     if manifest.fingerprint == fingerprint.full:
         status = "cached"
     elif stage.releases() and fingerprint.same_release(manifest):

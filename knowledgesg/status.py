@@ -90,6 +90,10 @@ def run_status(run_dir: Path, spec: PipelineSpec, base_dir: Path, stages: list[S
             states.append(StageState(stage.name, state, manifest.duration_s, manifest.record_count(), manifest.finished_at, detail, manifest.peak_rss_mib))
             chain.add(stage, manifest)
             continue
+        if manifest is None and problem:  # damaged: no proof of completion, so `ksg run` runs it again
+            states.append(StageState(stage.name, "stale", None, None, None, f"{problem}; `ksg run` runs it again"))
+            current = False
+            continue
         if manifest is not None and problem and "changed since" not in problem:
             states.append(StageState(stage.name, "stale", manifest.duration_s, manifest.record_count(), manifest.finished_at, problem, manifest.peak_rss_mib))
             current = False

@@ -145,6 +145,18 @@ def test_tampered_artifact_is_detected_and_rerun(two_stage: Path, workdir: Path,
     assert artifact.read_bytes() == original
 
 
+def test_a_damaged_manifest_is_said_and_its_stage_rerun(two_stage: Path, workdir: Path, capsys):
+    """A manifest cut short (a disk filled, a hand edit) is no proof of completion: the stage runs
+    again, as before, but `ksg status` and `ksg run` now say why (it had shown as plain pending)."""
+    _run(two_stage, workdir / "run")
+    (workdir / "run/stages/ingest/manifest.json").write_text('{"stage": "ingest", ', encoding="utf-8")
+    state = {s.name: (s.state, s.detail) for s in _status(workdir / "run")}["ingest"]
+    assert state == ("stale", "its manifest.json cannot be read (damaged); `ksg run` runs it again"), state
+    capsys.readouterr()
+    assert _run(two_stage, workdir / "run") == {"prepare_models": "cached", "ingest": "ran"}
+    assert "ingest: its manifest.json cannot be read (damaged); rerunning" in capsys.readouterr().err
+
+
 def test_deleted_artifact_is_detected_and_rerun(two_stage: Path, workdir: Path):
     _run(two_stage, workdir / "run")
     (workdir / "run/stages/ingest/partition.json").unlink()
