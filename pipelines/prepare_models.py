@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from knowledgesg.errors import InputError
+from knowledgesg.errors import InputError, SpecError
 from knowledgesg.fileio import unmakeable_directory
 from knowledgesg.models import cache_root, check_model_name, model_entry, resolve_model, source_files
 from knowledgesg.spec import PipelineSpec
@@ -31,7 +31,7 @@ def model_kinds(spec: PipelineSpec, base_dir: Path) -> dict[str, str]:
         try:
             kinds[role] = check_model_name(name, base_dir)
         except InputError as err:
-            raise InputError(f"models.{role}: {err}") from None
+            raise SpecError(f"models.{role}: {err}") from None  # the spec file's name goes before it
     return kinds
 
 
@@ -51,7 +51,7 @@ class PrepareModels(Stage):
         root = cache_root(spec.models.cache_dir)
         problem = unmakeable_directory(root)
         if problem:
-            raise InputError(f"models.cache_dir {root}: {problem}")
+            raise SpecError(f"models.cache_dir {root}: {problem}")
 
     def run(self, ctx: StageContext) -> None:
         cache_dir = ctx.spec.models.cache_dir

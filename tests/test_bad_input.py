@@ -311,7 +311,7 @@ def test_a_later_stages_bad_pool_is_refused_before_the_run_starts(workdir: Path,
 @pytest.mark.parametrize("where,pattern", [
     (["--run-dir", "afile"], r"^ksg: error: --run-dir afile: exists and is not a directory$"),
     (["--run-dir", "afile/run"], r"^ksg: error: --run-dir afile/run: afile is not a directory$"),
-    ([], r"^ksg: error: models\.cache_dir /\S+/afile/cache: /\S+/afile is not a directory$"),  # relative: from the spec's directory
+    ([], r"^ksg: error: /\S+/spec\.yaml: models\.cache_dir /\S+/afile/cache: /\S+/afile is not a directory$"),  # relative: from the spec's directory
 ], ids=["run-dir-is-a-file", "run-dir-under-a-file", "cache-dir-under-a-file"])
 def test_a_run_or_cache_directory_that_cannot_be_made_is_one_line(workdir: Path, capsys, where, pattern):
     (workdir / "afile").write_text("keep me")

@@ -43,7 +43,7 @@ def test_a_local_model_is_found_beside_the_spec_from_any_working_directory(tmp_p
     spec.write_text(spec.read_text().replace("./models/base", "./models/gone"))
     capsys.readouterr()
     assert run_in(tmp_path / "empty", "check", str(spec)) == 2
-    assert capsys.readouterr().err.strip() == f"ksg: error: models.base: model './models/gone': no model directory at {tmp_path / 'sub/models/gone'}"
+    assert capsys.readouterr().err.strip() == f"ksg: error: {spec}: models.base: model './models/gone': no model directory at {tmp_path / 'sub/models/gone'}"
 
 
 def test_a_recorded_local_model_is_checked_when_models_json_is_read(tmp_path: Path, capsys):
