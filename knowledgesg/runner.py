@@ -223,8 +223,9 @@ def refuse_a_silent_new_release(stage: Stage, stage_dir: Path, reason: str) -> N
     model cache or the checkout moved, a code upgrade changed an earlier stage's outputs). The user
     asks for the new release by removing the stage's directory; its ledger entries stay counted."""
     earlier = read_manifest(stage_dir)
-    if stage.releases() and earlier is not None:
-        raise InputError(f"{stage.name}: {reason or 'stale'} (its release of {earlier.finished_at}); running it again is a new release that "
+    if stage.releases() and (earlier is not None or (stage_dir / MANIFEST).is_file()):  # damaged, it still says the stage finished its release
+        when = f"its release of {earlier.finished_at}" if earlier is not None else "its release"
+        raise InputError(f"{stage.name}: {reason or 'stale'} ({when}); running it again is a new release that "
                          f"spends privacy budget again. To make it, remove {stage_dir} (its ledger entries stay counted); to keep the release, "
                          "restore what changed")
 

@@ -90,8 +90,9 @@ def run_status(run_dir: Path, spec: PipelineSpec, base_dir: Path, stages: list[S
             states.append(StageState(stage.name, state, manifest.duration_s, manifest.record_count(), manifest.finished_at, detail, manifest.peak_rss_mib))
             chain.add(stage, manifest)
             continue
-        if manifest is None and problem:  # damaged: no proof of completion, so `ksg run` runs it again
-            states.append(StageState(stage.name, "stale", None, None, None, f"{problem}; `ksg run` runs it again"))
+        if manifest is None and problem:  # damaged: no proof of completion, but a release stage's release was made
+            then = "`ksg run` stops before a new release (remove its directory to make one)" if stage.releases() else "`ksg run` runs it again"
+            states.append(StageState(stage.name, "stale", None, None, None, f"{problem}; {then}"))
             current = False
             continue
         if manifest is not None and problem and "changed since" not in problem:

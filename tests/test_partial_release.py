@@ -211,3 +211,20 @@ def test_a_release_made_elsewhere_while_training_is_counted_before_the_adapter_i
     assert "client 'client_0': stage 'dp_train' would exceed the privacy budget cap" in capsys.readouterr().err
     assert releases(tmp_path) == {"client_0": 1}  # the other run's, alone
     assert not (tmp_path / "run/stages/dp_train").exists()
+
+
+def test_a_release_stage_with_a_damaged_manifest_is_not_released_again_unasked(workdir: Path, capsys):
+    """A dp_train manifest cut short (or written by a newer ksg) had read as no stage at all: the
+    resume set the adapters aside and trained again, a second release nobody asked for. It is the
+    same refusal as for any finished release made stale: remove the directory to make a new one."""
+    stages = ["prepare_models", "ingest", TRAIN]
+    assert run(workdir, stages) == 0
+    (workdir / "run/stages/dp_train/manifest.json").write_text('{"stage": "dp_train", ', encoding="utf-8")
+    adapter = sha256_file(workdir / ADAPTER)
+    capsys.readouterr()
+    assert run(workdir, stages) == 2
+    assert re.search(r"dp_train: its manifest\.json cannot be read \(damaged\) \(its release\); running it again is a new release", capsys.readouterr().err)
+    assert releases(workdir) == {"client_0": 1, "client_1": 1} and sha256_file(workdir / ADAPTER) == adapter
+    spec, base_dir, built = load_pipeline(workdir / "spec.yaml")
+    state = {s.name: (s.state, s.detail) for s in run_status(workdir / "run", spec, base_dir, built)}["dp_train"]
+    assert state == ("stale", "its manifest.json cannot be read (damaged); `ksg run` stops before a new release (remove its directory to make one)"), state
