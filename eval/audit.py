@@ -490,15 +490,22 @@ def mia_scores(model, tokenizer, reference_logprobs: list[np.ndarray], records: 
     }
 
 
-def mia_records(run_dir: Path, spec: PipelineSpec, client: str, options: AuditOptions) -> tuple[list[InstructionRecord], list[InstructionRecord]]:
-    """(members sampled from the client's training records, its held-out non-members). At unit: user
-    dp_train trained each user's first records only, as many as its privacy.json's bound: the rest are no members."""
-    members = [InstructionRecord.model_validate(r) for r in read_jsonl(run_dir / "stages/ingest/clients" / client / "records.jsonl")
-               if r["kind"] == "instruction" and r["source"] != "canary"]
+def trained_indices(run_dir: Path, spec: PipelineSpec, client: str, records: list[InstructionRecord]) -> list[int]:
+    """Which of a client's ingested instruction records dp_train trained on: each unit's first
+    records only, as many as its privacy.json's bound (a user's, or a source document's where the
+    spec says the client's records come from documents); the rest were never trained."""
     trained = run_dir / "stages/dp_train/clients" / client / "privacy.json"
-    if spec.privacy.unit == "user" and trained.is_file():
-        bound = read_json(trained)["max_records_per_unit"]
-        members = [members[i] for unit in privacy_units(members, "user", bound, documents=False).members for i in unit]
+    if not trained.is_file():
+        return list(range(len(records)))
+    bound = read_json(trained)["max_records_per_unit"]
+    return sorted(i for unit in privacy_units(records, spec.privacy.unit, bound, documents=spec.clients.holds_documents(client)).members for i in unit)
+
+
+def mia_records(run_dir: Path, spec: PipelineSpec, client: str, options: AuditOptions) -> tuple[list[InstructionRecord], list[InstructionRecord]]:
+    """(members sampled from the records dp_train trained on, the client's held-out non-members)."""
+    records = [InstructionRecord.model_validate(r) for r in read_jsonl(run_dir / "stages/ingest/clients" / client / "records.jsonl")
+               if r["kind"] == "instruction" and r["source"] != "canary"]
+    members = [records[i] for i in trained_indices(run_dir, spec, client, records)]
     holdout = [InstructionRecord.model_validate(r) for r in read_jsonl(run_dir / "stages/ingest/clients" / client / "holdout.jsonl")]
     wanted = options.mia_members or len(holdout)
     return random.Random(f"{options.seed}:members:{client}").sample(members, min(wanted, len(members))), holdout
@@ -663,7 +670,7 @@ class ReplayControl:
     held_out: list[list[str]]
 
 
-def replay_controls(run_dir: Path, clients: list[str], fields: tuple[str, ...]) -> dict[str, ReplayControl]:
+def replay_controls(run_dir: Path, spec: PipelineSpec, clients: list[str], fields: tuple[str, ...]) -> dict[str, ReplayControl]:
     """Each client's ReplayControl, for the clients that held records out (`audit.holdout_per_client`);
     the values are found by presidio in the trained fields and must occur verbatim nowhere else."""
     texts: list[tuple[str, str, int, str]] = []  # (client, "trained" or "held_out", record, the record's whole text)
@@ -672,9 +679,12 @@ def replay_controls(run_dir: Path, clients: list[str], fields: tuple[str, ...]) 
         ingest = run_dir / "stages/ingest/clients" / client
         rows = [r for r in read_jsonl(ingest / "records.jsonl") if r.get("source") != "canary"]
         held = [InstructionRecord.model_validate(r) for r in read_jsonl(ingest / "holdout.jsonl")] if (ingest / "holdout.jsonl").is_file() else []
-        trained = [InstructionRecord.model_validate(r) for r in rows if r["kind"] == "instruction"]
-        texts += [(client, "trained", i, "\n".join(getattr(r, f) for f in FIELDS)) for i, r in enumerate(trained)]
-        texts += [(client, "trained", len(trained) + i, r["text"]) for i, r in enumerate(x for x in rows if x["kind"] == "text")]
+        instructions = [InstructionRecord.model_validate(r) for r in rows if r["kind"] == "instruction"]
+        kept = set(trained_indices(run_dir, spec, client, instructions))
+        trained = [r for i, r in enumerate(instructions) if i in kept]
+        # a record past its unit's bound was never trained, nor held out: its values only rule others out
+        texts += [(client, "trained" if i in kept else "untrained", i, "\n".join(getattr(r, f) for f in FIELDS)) for i, r in enumerate(instructions)]
+        texts += [(client, "trained", len(instructions) + i, r["text"]) for i, r in enumerate(x for x in rows if x["kind"] == "text")]
         texts += [(client, "held_out", i, "\n".join(getattr(r, f) for f in FIELDS)) for i, r in enumerate(held)]
         if held:
             candidates[client] = {span.value for span in find_pii_spans([getattr(r, f) for r in trained + held for f in fields])}
@@ -685,7 +695,8 @@ def replay_controls(run_dir: Path, clients: list[str], fields: tuple[str, ...]) 
         if len(holders) == 1 and holders[0][0] in controls:
             by_record.setdefault(holders[0], []).append(value)
     for (client, side, _), values in sorted(by_record.items()):
-        getattr(controls[client], side).append(values)
+        if side != "untrained":
+            getattr(controls[client], side).append(values)
     return controls
 
 
@@ -820,7 +831,7 @@ def pii_section(run_dir: Path, spec: PipelineSpec, load: Callable[[Path | None],
     by_client, attacked = pii_targets(run_dir, clients, fields, options)
     found = {value: kind for values in by_client.values() for value, kind in values.items()}
     synthetic = [t for client in clients for t in synthetic_texts(run_dir, client)]
-    controls = replay_controls(run_dir, clients, fields)
+    controls = replay_controls(run_dir, spec, clients, fields)
     section = {"private_pii_values": len(found), "by_type": _count_types(found),
                "replayed_in_synthetic": len(replayed(found, synthetic)), "synthetic_texts": len(synthetic), "models": {},
                "control": {"clients": sorted(controls), "synthetic": control_comparison(list(controls.values()), synthetic)}}

@@ -375,7 +375,11 @@ def test_the_held_out_control_takes_values_found_in_no_other_record_field_or_cli
            [row(5, "Reach cy.9@example.com now."), row(6, "Also shared.1@example.com."), row(7, "See fielded.3@example.com"),
             row(8, "And documented.4@example.com."), row(9, "Then elsewhere.5@example.com.")])
     client("other", [row(0, "Trained elsewhere.5@example.com here.")])  # trained at another client: no control for bank
-    control = replay_controls(tmp_path, ["bank", "other"], ("instruction", "input"))
+    from knowledgesg.spec import load_spec
+
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(8))
+    spec, _ = load_spec(write_spec(tmp_path, tiny_spec()))
+    control = replay_controls(tmp_path, spec, ["bank", "other"], ("instruction", "input"))
     assert list(control) == ["bank"]  # only a client that held records out has a control
     assert control["bank"].trained == [["ada.7@example.com", "bo.8@example.com"]]  # one record: its values together
     assert control["bank"].held_out == [["cy.9@example.com"]]
@@ -506,23 +510,29 @@ def test_canaries_never_share_a_secret():
         assert len(set(secrets)) == len(secrets)
 
 
-def test_members_at_user_level_are_records_dp_train_trained_on(tmp_path: Path):
-    """dp_train keeps each user's first max_records_per_user records; a member drawn from the rest
-    was never trained on, and would pull the attack's AUC towards chance."""
+@pytest.mark.parametrize("unit", ["user", "source_document"])
+def test_members_are_records_dp_train_trained_on(tmp_path: Path, unit: str):
+    """dp_train keeps each unit's first max_records_per_user records (a user's, or a source
+    document's where the spec says the records come from documents); a member drawn from the rest
+    was never trained on, and would pull the attack's AUC towards chance. At the document unit
+    every record had been taken as a member (a helper's review)."""
     from eval.audit import mia_records
     from knowledgesg.spec import load_spec
 
     clients = tmp_path / "run/stages/ingest/clients/client_0"
     clients.mkdir(parents=True)
-    rows = [InstructionRecord(id=f"d/{u}-{k}", source="d", client_id="client_0", user_id=f"u{u}", instruction=f"Q {u} {k}", response="yes").model_dump()
+    owner = {"user_id": "u{u}"} if unit == "user" else {"document_id": "doc{u}"}
+    rows = [InstructionRecord(id=f"d/{u}-{k}", source="d", client_id="client_0", instruction=f"Q {u} {k}", response="yes",
+                              **{field: value.format(u=u) for field, value in owner.items()}).model_dump()
             for k in range(10) for u in range(4)]
     write_jsonl(clients / "records.jsonl", rows)
     write_jsonl(clients / "holdout.jsonl", rows[:2])
     trained = tmp_path / "run/stages/dp_train/clients/client_0"
     trained.mkdir(parents=True)
-    (trained / "privacy.json").write_text(json.dumps({"unit": "user", "max_records_per_unit": 3}))
-    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(8))
-    spec, _ = load_spec(write_spec(tmp_path, tiny_spec(privacy={"target_epsilon": 8.0, "unit": "user"},
+    (trained / "privacy.json").write_text(json.dumps({"unit": unit, "max_records_per_unit": 3}))
+    write_jsonl(tmp_path / "data.jsonl", [dict(r, doc=f"doc{i}") for i, r in enumerate(sentiment_rows(8))])
+    data = [{"path": "data.jsonl", **({"fields": {"document_id": "doc"}} if unit == "source_document" else {})}]
+    spec, _ = load_spec(write_spec(tmp_path, tiny_spec(data=data, privacy={"target_epsilon": 8.0, "unit": "user" if unit == "user" else "record"},
                                                         stages=["prepare_models", "ingest", {"name": "dp_train", "params": {"max_records_per_user": 3}}])))
     members, _ = mia_records(tmp_path / "run", spec, "client_0", AuditOptions(mia_members=40))
     assert len(members) == 12 and all(int(m.id.rsplit("-", 1)[1]) < 3 for m in members)
