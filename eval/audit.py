@@ -473,13 +473,14 @@ def mia_sequences(tokenizer, records: list[InstructionRecord], max_length: int) 
     return [tokenize_example(tokenizer, r, max_length, "all").input_ids for r in records]
 
 
-def mia_scores(model, tokenizer, reference_logprobs: list[np.ndarray], records: list[InstructionRecord], sequences: list[list[int]], options: AuditOptions,
-               device: str) -> dict[str, list[float]]:
+def mia_scores(model, tokenizer, reference_logprobs: list[np.ndarray], sequences: list[list[int]], options: AuditOptions, device: str) -> dict[str, list[float]]:
     """Every membership score from one pass of the target over the records' token ids (the
     variants reuse its per-token statistics) and the reference model's per-token log-probabilities."""
 
     target = token_statistics(model, sequences, pad_id(tokenizer), options.batch_size, device, "audit: membership scores")
-    texts = [f"{user_message(r)}\n{r.response}" for r in records]
+    # zlib's entropy of the text the log-probabilities are over: the record as cut to max_length
+    # (the whole record's had divided a truncated sum by a longer text's entropy, adding length noise)
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in sequences]
     return {
         "loss": [metrics.score_loss(t["logprobs"]) for t in target],
         "zlib": [metrics.score_zlib(t["logprobs"], text) for t, text in zip(target, texts)],
@@ -535,8 +536,8 @@ def mia_section(run_dir: Path, spec: PipelineSpec, load: Callable[[Path | None],
         audited = [target.name.split(":", 1)[1]] if target.name.startswith("dp_adapter:") else clients
         for client in audited:
             members, holdout = records[client]
-            inside = mia_scores(model, tokenizer, reference_logprobs(client, 0), members, sequences[(client, 0)], options, device)
-            outside = mia_scores(model, tokenizer, reference_logprobs(client, 1), holdout, sequences[(client, 1)], options, device)
+            inside = mia_scores(model, tokenizer, reference_logprobs(client, 0), sequences[(client, 0)], options, device)
+            outside = mia_scores(model, tokenizer, reference_logprobs(client, 1), sequences[(client, 1)], options, device)
             section[f"{target.name}|{client}"] = {"release": target.release, "members": len(members), "non_members": len(holdout),
                                                   "scores": {name: metrics.roc(inside[name], outside[name], options.bootstrap, options.seed) for name in inside}}
     return section

@@ -284,11 +284,13 @@ def score(items: list[Item], predictions: list[int | None]) -> Score:
     from sklearn.metrics import f1_score
 
     truth = [item.answer for item in items]
-    k = len(items[0].choices)
     filled = [p if p is not None else -1 for p in predictions]  # unparsed: wrong for every class
     accuracy = sum(p == t for p, t in zip(filled, truth)) / len(items)
-    macro_f1 = float(f1_score(truth, filled, labels=list(range(k)), average="macro", zero_division=0))
-    choices = items[0].choices
+    # the classes that occur, as truth or as an answer: one in neither (absent from a seeded subset)
+    # is no class the model got wrong; unparsed answers (-1) are no class either
+    classes = sorted(set(truth) | {p for p in filled if p >= 0})
+    macro_f1 = float(f1_score(truth, filled, labels=classes, average="macro", zero_division=0))
+    choices = max((item.choices for item in items), key=len)  # a test file whose items offer more options later
     return Score(round(accuracy, 4), round(macro_f1, 4), len(items), sum(p is None for p in predictions),
                  predicted={c: sum(p == k for p in filled) for k, c in enumerate(choices)}, truth={c: truth.count(k) for k, c in enumerate(choices)})
 

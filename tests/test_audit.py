@@ -536,3 +536,19 @@ def test_members_are_records_dp_train_trained_on(tmp_path: Path, unit: str):
                                                         stages=["prepare_models", "ingest", {"name": "dp_train", "params": {"max_records_per_user": 3}}])))
     members, _ = mia_records(tmp_path / "run", spec, "client_0", AuditOptions(mia_members=40))
     assert len(members) == 12 and all(int(m.id.rsplit("-", 1)[1]) < 3 for m in members)
+
+
+def test_the_zlib_score_is_over_the_text_it_scores():
+    """Records cut to max_length are scored on the tokens kept (the last ones): two records alike
+    there, cut from beginnings of other lengths, have the same log-probabilities and so the same
+    zlib score (zlib's entropy had been the whole record's, adding the cut part's length)."""
+    from eval.audit import AuditOptions, mia_scores, mia_sequences
+
+    model, tokenizer = load_causal_lm(resolve_model("tiny-random-llama"))
+    tail = " Revenue of the company rose by eleven percent in the quarter, the report said." * 3
+    records = [InstructionRecord(id=f"d/{i}", source="d", instruction="Summarise.", input=head + tail, response="up")
+               for i, head in enumerate(["Short head.", "A much longer head that goes on and on about margins, costs and guidance. " * 4])]
+    sequences = mia_sequences(tokenizer, records, max_length=24)
+    assert sequences[0] == sequences[1] and len(sequences[0]) == 24
+    scores = mia_scores(model, tokenizer, [np.zeros(23)] * 2, sequences, AuditOptions(), "cpu")
+    assert scores["zlib"][0] == scores["zlib"][1] and scores["loss"][0] == scores["loss"][1]

@@ -145,6 +145,12 @@ def test_benchmark_scoring_by_hand():
     # class 0: P 1, R 1/2, F 2/3; class 1: P 1/2, R 1, F 2/3; class 2: F 0
     assert result.accuracy == 0.5 and result.macro_f1 == pytest.approx(4 / 9, abs=1e-4) and result.unparsed == 1
     assert result.predicted == {"negative": 1, "neutral": 2, "positive": 0} and result.truth == {"negative": 2, "neutral": 1, "positive": 1}
+    # a class absent from both truth and answers (a seeded subset without "neutral") is no class missed
+    perfect = score([Item("q", SENTIMENT, a) for a in (0, 2, 2)], [0, 2, 2])
+    assert perfect.accuracy == 1.0 and perfect.macro_f1 == 1.0  # it had been 2/3
+    # items offering more options later count them too (the first item had fixed k)
+    later = score([Item("q", LETTERS[:2], 0), Item("q", LETTERS[:4], 3)], [0, 3])
+    assert later.macro_f1 == 1.0 and later.truth == {"A": 1, "B": 0, "C": 0, "D": 1}
     assert parse_choice("The answer is B.", LETTERS) == 1
     assert parse_choice("positive, not negative", SENTIMENT) == 2
     assert parse_choice("Answer: about a dozen", LETTERS) is None  # 'a' inside words is not option A
