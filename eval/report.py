@@ -182,7 +182,8 @@ def canary_html(canaries: dict | None, training: dict | None = None) -> str:
     return f"""<p>{canaries['count']} canaries in client {esc(canaries['client'])}, each planted with probability {canaries.get('include_probability', 0.5):g} ({canaries['planted']} planted), {canaries['repeats']} cop{'y' if canaries['repeats'] == 1 else 'ies'} each.
 A canary's copies are a group of {canaries['group_size']} privacy unit(s): the lower bound certifies the epsilon of such a group at the client's delta, so it is compared with the claimed group
 epsilon (<code>privacy.accounting.group_epsilon</code>). Every canary is scored by how far training lowered the loss of its secret's own tokens below the base model's; the one-run bound
-(Steinke, Nasr and Jagielski 2023) {esc(canaries.get("guessing", DECLARED_GUESSING))}. The synthetic data is scored by the share of each secret it contains.</p>
+(Steinke, Nasr and Jagielski 2023) {esc(canaries.get("guessing", DECLARED_GUESSING))}. Each row's bound holds at 95% on its own: the verdict reads the "all" row only, and a
+row of one kind of canary is exploratory (no correction across the kinds; one of several rows above the claim at 95% each is weaker evidence than "all" above it). The synthetic data is scored by the share of each secret it contains.</p>
 <h3>Design</h3>{design}
 <h3>Results</h3>{table}
 <h3>What to conclude</h3>{_table(["release", "what it is", "conclusion (all canaries)"], verdicts, "")}
