@@ -42,7 +42,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from knowledgesg.errors import InputError, KsgError
-from knowledgesg.fileio import canonical_json, read_json, sha256_text
+from knowledgesg.fileio import canonical_json, fsync_path, read_json, sha256_text
 from knowledgesg.manifest import read_manifest
 from privacy.accounting import Epsilons, Mechanism, epsilon_pld, epsilon_prv_or_none, epsilon_rdp
 
@@ -166,8 +166,10 @@ class ClientLedger:
         if not self.path.is_file():
             return []
         entries = []
+        data = self.path.read_bytes()
+        data = data[: data.rfind(b"\n") + 1]  # past the last newline, an append cut short: never published (see _write)
         try:
-            lines = self.path.read_bytes().decode("utf-8").splitlines()
+            lines = data.decode("utf-8").split("\n")[:-1]
         except UnicodeDecodeError as err:
             raise KsgError(f"{self.path}: unreadable ledger (not UTF-8 at byte {err.start}); refusing to compute a budget") from None
         for number, line in enumerate(lines, start=1):
@@ -215,12 +217,23 @@ class ClientLedger:
             os.close(lock)  # releases the lock
 
     def _write(self, entry: LedgerEntry) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        """One line, fsynced (and the directory, when the file is new) before the caller publishes."""
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, (entry.model_dump_json() + "\n").encode("utf-8"))
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                # an append cut short (power lost mid-write): its fsync never returned, so its release
+                # was never published; cut it off rather than join this entry onto it
+                os.ftruncate(fd, os.pread(fd, size, 0).rfind(b"\n") + 1)
+            line = (entry.model_dump_json() + "\n").encode("utf-8")
+            if os.write(fd, line) != len(line):
+                raise KsgError(f"{self.path}: a ledger entry was written only in part (a full disk?); nothing was released")
             os.fsync(fd)
         finally:
             os.close(fd)
+        if created:
+            fsync_path(self.path.parent)  # the new file's name, on file systems that need its directory flushed
 
 
 def received_ledger(run_dir: Path, client_id: str) -> ClientLedger:

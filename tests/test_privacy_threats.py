@@ -1021,3 +1021,24 @@ def test_whether_the_run_goes_on_does_not_tell_whether_the_last_record_is_in(tmp
     code, mechanisms = outcomes[0]
     batch = train["params"].get("batch_size") or train["params"]["training"]["batch_size"]
     assert code == 0 and mechanisms and all(m["sample_rate"] == pytest.approx(batch / released) for m in mechanisms)
+
+
+def test_an_append_cut_short_is_dropped_not_joined(tmp_path: Path):
+    """Power lost mid-append leaves a last line without its newline. Its fsync never returned, so its
+    release was never published: it is read as absent, and the next entry is not written onto it
+    (which had made the whole ledger unreadable, refusing the client for good)."""
+    from privacy.ledger import ClientLedger
+
+    entry = {"release_id": "first", "client_id": "bank", "stage": "dp_train", "release": "dp_adapter", "artifact": "a", "run_dir": "r",
+             "released_at": "2026-01-01T00:00:00+00:00", "unit": "record", "num_units": 4, "delta": 1e-5,
+             "mechanism": {"kind": "poisson_gaussian", "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 2},
+             "epsilon": {"delta": 1e-5, "prv": 1.0, "rdp": 1.0, "pld": 1.0, "reported": 1.0, "reported_by": "pld"}, "private": True, "noise": "os_entropy", "trust": "t"}
+    ledger = ClientLedger.of_data(tmp_path, "k", "bank")
+    ledger.append(LedgerEntry.model_validate(entry))
+    whole = LedgerEntry.model_validate(dict(entry, release_id="torn", artifact="caf\u00e9")).model_dump_json().encode()
+    with ledger.path.open("ab") as handle:
+        handle.write(whole[: whole.index("\u00e9".encode()) + 1])  # cut inside a character, too
+    assert [e.release_id for e in ledger.entries()] == ["first"]
+    ledger.append(LedgerEntry.model_validate(dict(entry, release_id="second")))
+    assert [e.release_id for e in ledger.entries()] == ["first", "second"]
+    assert ledger.path.read_bytes().count(b"\n") == 2 and ledger.path.read_bytes().endswith(b"\n")
