@@ -30,8 +30,8 @@ from pydantic import ValidationError
 
 from knowledgesg import __version__
 from knowledgesg.errors import InputError, KsgError
-from knowledgesg.fileio import canonical_json, read_json, sha256_file, sha256_text, write_json, write_jsonl
-from knowledgesg.manifest import MANIFEST, Manifest, OutputEntry, output_entry, read_manifest, write_manifest
+from knowledgesg.fileio import canonical_json, fsync_tree, read_json, sha256_file, sha256_text, write_json, write_jsonl
+from knowledgesg.manifest import MANIFEST, Manifest, OutputEntry, output_entry, read_manifest, verify_outputs, write_manifest
 from knowledgesg.spec import format_validation_error
 from privacy.count import partition_count
 from privacy.ledger import LEDGER, LedgerEntry, client_delta, composed_total, now, received_ledger
@@ -233,7 +233,8 @@ def receive_stage(run_dir: Path, exchange: Path, stage: str, clients: list[str],
     fingerprint = sha256_text(canonical_json({c: [m.fingerprint, m.outputs_digest()] for c, m in received.items()}))
     stage_dir = run_dir / "stages" / stage
     existing = read_manifest(stage_dir)
-    if existing is not None and existing.fingerprint == fingerprint:
+    # received before: reused only as it was received (a file torn or edited since is received again)
+    if existing is not None and existing.fingerprint == fingerprint and verify_outputs(stage_dir, existing, None) is None:
         return existing, False
     building = stage_dir.with_name(f".{stage}.received.tmp")
     shutil.rmtree(building, ignore_errors=True)
@@ -243,6 +244,7 @@ def receive_stage(run_dir: Path, exchange: Path, stage: str, clients: list[str],
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
+    fsync_tree(building)  # whole on disk before it takes the stage's place
     shutil.rmtree(stage_dir, ignore_errors=True)  # what was received before stays until the new one is whole
     building.rename(stage_dir)
     manifest = read_manifest(stage_dir)

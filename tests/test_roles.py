@@ -159,6 +159,12 @@ def test_a_rerun_receives_nothing_new_and_a_tampered_release_is_refused(federati
     assert run_in(parties["server"], "run", spec, "--run-dir", "run", "--role", "server", "--exchange", str(exchange)) == 0
     events = [json.loads(line) for line in (parties["server"] / "run/events.jsonl").read_text().splitlines()]
     assert [e["status"] for e in events[-7:]] == ["cached"] * 7
+    # a received file torn or edited on the server since is received again, not trusted as it is
+    received = parties["server"] / "run/stages/dp_train/clients/bank_a/adapter/adapter_model.safetensors"
+    original = received.read_bytes()
+    received.write_bytes(original[:-8])
+    assert run_in(parties["server"], "run", spec, "--run-dir", "run", "--role", "server", "--exchange", str(exchange)) == 0
+    assert received.read_bytes() == original
     tampered = exchange.parent / "tampered"
     shutil.copytree(exchange, tampered)
     adapter = tampered / "bank_a/dp_train/clients/bank_a/adapter/adapter_model.safetensors"
