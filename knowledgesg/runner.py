@@ -37,7 +37,7 @@ from knowledgesg.models import read_models
 from knowledgesg.roles import Role, check_role, narrow_to_client
 from knowledgesg.spec import PipelineSpec, parse_spec, spec_to_dict, with_model_cache_under
 from knowledgesg.stage import LEDGER_KEY, Stage, StageContext, releases_to_come
-from privacy.ledger import ClientLedger, ledger_directory
+from privacy.ledger import ClientLedger, LedgerEntry, ledger_directory, read_stage_ledgers
 
 SPEC_COPY = "spec.json"
 STARTED_WITH = ".started_with"  # the fingerprint a stage directory was started with
@@ -228,6 +228,34 @@ def refuse_a_silent_new_release(stage: Stage, stage_dir: Path, reason: str) -> N
         raise InputError(f"{stage.name}: {reason or 'stale'} ({when}); running it again is a new release that "
                          f"spends privacy budget again. To make it, remove {stage_dir} (its ledger entries stay counted); to keep the release, "
                          "restore what changed")
+
+
+def run_releases_made(run_dir: Path) -> dict[str, str]:
+    """{release id: client} of every release this run directory made that spends budget: those of
+    its finished stages (their ledger.json) and of the clients a stage released for before it stopped."""
+    entries = read_stage_ledgers(run_dir, sorted(p.name for p in (run_dir / "stages").iterdir() if p.is_dir())) if (run_dir / "stages").is_dir() else []
+    for marker in sorted((run_dir / "stages").glob("*/units/*.json")):
+        payload = read_json(marker).get("payload")
+        entry = payload.get("entry", payload) if isinstance(payload, dict) else None
+        if isinstance(entry, dict) and "release_id" in entry:
+            entries.append(LedgerEntry.model_validate(entry))
+    return {e.release_id: e.client_id for e in entries if e.costs_privacy}
+
+
+def refuse_a_ledger_without_this_runs_releases(run_dir: Path, ledger_dir: Path) -> None:
+    """A run resumed with another ledger directory ($KSG_LEDGER_DIR or privacy.ledger_dir changed
+    since it released, the files not moved along) would count its earlier releases apart from its
+    new ones: a redrawn count beside the first, two budgets where there is one. Refused until the
+    ledger that holds them is the one in use (moving its files with it is fine)."""
+    made = run_releases_made(run_dir)
+    if not made:
+        return
+    held = {e.release_id for path in sorted(ledger_dir.glob("*.jsonl")) for e in ClientLedger(path).own_entries()} if ledger_dir.is_dir() else set()
+    missing = sorted(set(made) - held)
+    if missing:
+        raise InputError(f"privacy ledger {ledger_dir}: {len(missing)} of this run's {len(made)} releases are not in it (one of client '{made[missing[0]]}' among them): "
+                         "they were entered in another ledger directory. Point $KSG_LEDGER_DIR or privacy.ledger_dir back to it (or move its files here), "
+                         "or start a new run")
 
 
 def finished_units(stage_dir: Path) -> list[str]:
@@ -466,6 +494,8 @@ class Runner:
                 sweep_orphans(self.run_dir)
                 role = {"kind": self.role.kind, "client": self.role.client, "exchange": str(self.role.exchange) if self.role.exchange else None}
                 write_json(self.run_dir / SPEC_COPY, {"spec": spec_to_dict(self.spec), "base_dir": str(self.base_dir), "role": role})
+                if self.role.kind != "server":  # the party holding the clients' ledgers
+                    refuse_a_ledger_without_this_runs_releases(self.run_dir, ledger_directory(self.spec.privacy.ledger_dir, self.base_dir, self.run_dir))
                 outcomes = self._run_stages(client_key(self.run_dir, self.spec))
                 if self.role.kind == "client":
                     self._send()

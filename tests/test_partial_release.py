@@ -170,6 +170,25 @@ def test_tightening_the_cap_or_moving_the_ledger_keeps_a_finished_release(tmp_pa
     assert sha256_file(tmp_path / ADAPTER) == adapter and sum(1 for p in (tmp_path / "ledgers").glob("*.jsonl") for _ in p.read_text().splitlines()) == 2
 
 
+def test_a_resume_with_another_ledger_directory_is_refused(tmp_path: Path, monkeypatch, capsys):
+    """The ledger pointed elsewhere without its entries (another $KSG_LEDGER_DIR in the shell that
+    resumes): the run's releases would be counted apart from its next ones, and a stage that
+    reruns (ingest, after a code change) would draw a second count in a ledger without the first.
+    Refused before any stage runs, until the ledger holding them is the one in use."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    stages = ["prepare_models", "ingest", TRAIN]
+    assert run(tmp_path, stages) == 0
+    adapter = sha256_file(tmp_path / ADAPTER)
+    monkeypatch.setenv("KSG_LEDGER_DIR", str(tmp_path / "elsewhere"))
+    capsys.readouterr()
+    assert run(tmp_path, stages) == 2
+    assert re.search(r"privacy ledger \S+/elsewhere: 2 of this run's 2 releases are not in it \(one of client 'client_\d' among them\): they were entered in another", capsys.readouterr().err)
+    assert sha256_file(tmp_path / ADAPTER) == adapter and not (tmp_path / "elsewhere").exists()
+    monkeypatch.delenv("KSG_LEDGER_DIR")
+    assert run(tmp_path, stages) == 0  # the ledger that holds them: the run goes on
+
+
 def test_a_release_made_before_the_cap_left_the_fingerprint_is_kept(tmp_path: Path, monkeypatch, capsys):
     """A dp_train finished by the code before, whose content fingerprint held the cap, is still
     the same release for the code now (kept, not refused as changed)."""
