@@ -258,11 +258,6 @@ def refuse_a_ledger_without_this_runs_releases(run_dir: Path, ledger_dir: Path) 
                          "or start a new run")
 
 
-def finished_units(stage_dir: Path) -> list[str]:
-    """The clients a stage without a manifest released for before it stopped (its units: one
-    client's DP adapter, one client's label histogram): each release is in the client's ledger."""
-    return sorted({p.stem for p in (stage_dir / "units").rglob("*.json")})
-
 
 def started_with_text(fingerprint: Fingerprint) -> str:
     return json.dumps({"full": fingerprint.full, "content": fingerprint.content})
@@ -299,7 +294,7 @@ def partial_release_problem(stage: Stage, stage_dir: Path, fingerprint: Fingerpr
     ledgers and make them again."""
     if not stage.releases() or (stage_dir / MANIFEST).exists() or resumes(stage, stage_dir, fingerprint):
         return None
-    clients = finished_units(stage_dir)
+    clients = stage.released_part(stage_dir)
     if not clients:
         return None
     if "content" not in started_with(stage_dir):
@@ -640,7 +635,7 @@ class Runner:
             # refused: leave nothing behind, but for the units a release stage released (they are in
             # the clients' ledgers; the resume reuses them). A bug or an interrupt leaves completed
             # units for the resume too; without a manifest the stage is never taken as complete.
-            if isinstance(err, KsgError) and not (stage.releases() and finished_units(stage_dir)):
+            if isinstance(err, KsgError) and not (stage.releases() and stage.released_part(stage_dir)):
                 shutil.rmtree(stage_dir, ignore_errors=True)
                 if previous.exists():
                     previous.rename(stage_dir)
@@ -668,6 +663,8 @@ class Runner:
             warnings=ctx.warnings,
         )
         write_manifest(stage_dir, manifest)
+        for scratch in ctx.scratch:  # kept until now: killed before the manifest, the resume needed them
+            shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(previous, ignore_errors=True)
         append_event(self.run_dir, stage=stage.name, status="done", duration_s=manifest.duration_s)
         return manifest

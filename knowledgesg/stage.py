@@ -82,6 +82,11 @@ class Stage:
         spends privacy budget): such a stage is not rerun for a code upgrade alone."""
         return False
 
+    def released_part(self, stage_dir: Path) -> list[str]:
+        """What this stage, stopped without a manifest, had released already (each in the clients'
+        ledgers): kept for the resume, never wiped by a refusal. Its finished units by default."""
+        return finished_units(stage_dir)
+
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
         """Files outside the run directory that this stage reads; their hashes join the fingerprint."""
         return []
@@ -103,6 +108,12 @@ class Stage:
         raise NotImplementedError
 
 
+def finished_units(stage_dir: Path) -> list[str]:
+    """The clients a stage without a manifest released for before it stopped (its units: one
+    client's DP adapter, one client's label histogram): each release is in the client's ledger."""
+    return sorted({p.stem for p in (stage_dir / "units").rglob("*.json")})
+
+
 @dataclass
 class StageContext:
     spec: PipelineSpec
@@ -115,6 +126,8 @@ class StageContext:
     reads: tuple[str, ...] | None = None  # the stage's `reads`: the only earlier stages it may read
     declared: dict[str, tuple[int | None, str]] = field(default_factory=dict)  # path -> (records, side)
     warnings: list[str] = field(default_factory=list)  # the manifest keeps them
+    # working files a resume needs until the stage is complete: removed once its manifest is written
+    scratch: list[Path] = field(default_factory=list)
 
     @property
     def seed(self) -> int:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import random
-import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -41,7 +40,7 @@ from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.federated.client import LOCAL_LOG, LoraModel, frozen_a_digest, initial_params
 from knowledgesg.federated.deploy import deploy_settings_here, node_config, run_deployed
-from knowledgesg.federated.engines import FINAL, INITIAL, JOB, ROUNDS, run_local
+from knowledgesg.federated.engines import CHECKPOINT, FINAL, INITIAL, JOB, ROUNDS, run_local
 from knowledgesg.federated.flower import run_simulation
 from knowledgesg.federated.protocol import LocalDP, LocalTraining, LoraShape, UpdateEncoding, load_params, save_params
 from knowledgesg.federated.secagg import SecureAggregation, conflicts
@@ -174,6 +173,10 @@ class Fedtune(Stage):
     def releases(self) -> bool:
         return self.params.data == "private"
 
+    def released_part(self, stage_dir: Path) -> list[str]:
+        """On private data the rounds are releases, kept in the checkpoint a refusal must not wipe."""
+        return super().released_part(stage_dir) + (["its federated rounds so far"] if (stage_dir / "work" / CHECKPOINT).is_file() else [])
+
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
         return [source_path(self.params.public, base_dir)] if self.params.public else []
 
@@ -257,7 +260,9 @@ class Fedtune(Stage):
         ledger.sort(key=lambda e: clients.index(e.client_id))
         ctx.write_json("privacy.json", self.privacy_record(ctx, job, rounds, ledger, len(public)))
         ctx.write_json(LEDGER, [e.model_dump(mode="json") for e in ledger])
-        shutil.rmtree(work)  # the job carries the synthetic shares and the working parameters
+        # the job carries the synthetic shares and the working parameters; its checkpoint holds the
+        # rounds released so far, which a process killed before the manifest resumes from
+        ctx.scratch.append(work)
 
     def synthetic_shares(self, ctx: StageContext, clients: list[str]) -> dict[str, list[dict]]:
         p: FedtuneParams = self.params

@@ -716,3 +716,47 @@ def test_bfloat16_base_weights_train_a_float32_adapter_under_local_dp(tmp_path: 
     assert len(ledger) == 4 and all(e["mechanism"]["kind"] == "poisson_gaussian" for e in ledger)
     assert json.loads((tmp_path / "run/stages/fedtune/training.json").read_text()) == {"precision": {"asked": "bfloat16", "ran": "bfloat16"},
                                                                                                       "final_adapter": "the global adapter after round 2"}
+
+
+def test_a_refused_round_on_private_data_keeps_the_rounds_released_before_it(tmp_path: Path, monkeypatch):
+    """On private data each round is a release, kept in the checkpoint. A round refused (too few
+    replies, say) had wiped the stage, checkpoint and all, so the resume ran every round again:
+    round 1 released twice. Now the resume goes on after round 1: one release per round."""
+    import knowledgesg.federated.server as server
+    from knowledgesg.errors import KsgError
+
+    real = server.collect_round
+
+    def refused_once(job, transport, asked, round_number, *args, **kwargs):
+        if round_number == 2 and not (tmp_path / "refused").exists():
+            (tmp_path / "refused").touch()
+            raise KsgError("round 2: 0 of 2 clients answered after 1 try, fewer than the 2 needed (min_clients)")
+        return real(job, transport, asked, round_number, *args, **kwargs)
+
+    monkeypatch.setattr(server, "collect_round", refused_once)
+    params = dict(FEDTUNE, data="private", local_dp={"target_epsilon": 2.0})
+    assert run_pipeline(tmp_path, params) == 1
+    assert (tmp_path / "run/stages/fedtune/work/checkpoint.npz").is_file()
+    assert run_pipeline(tmp_path, params) == 0
+    entries = [json.loads(line) for path in (tmp_path / "run/ledger").glob("*.jsonl") for line in path.read_text().splitlines()]
+    rounds = sorted((e["client_id"], e["release"]) for e in entries if e["stage"] == "fedtune")
+    assert rounds == sorted((c, f"fedtune round {r} update: DP-SGD local steps on private data") for c in ("client_0", "client_1") for r in (1, 2)), rounds
+    assert not (tmp_path / "run/stages/fedtune/work").exists()  # removed once the manifest is written
+
+
+def test_a_checkpoint_resumes_whatever_the_settings_that_do_not_change_the_rounds():
+    """Where the run, the model cache and the ledgers are, the device and the cap change nothing a
+    round computes: a checkpoint made under other ones is resumed (they had started every round
+    again, on private data a release made anew); a change of what the rounds compute is not."""
+    from knowledgesg.federated.protocol import LocalDP
+    from knowledgesg.federated.server import resume_digest
+
+    dp = LocalDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.2, num_units=20, delta=1e-5, cap_epsilon=8.0, ledger_dir="/a/ledger")
+    job = scripted_job("fedavg").model_copy(update={"base_model": {"name": "m", "path": "/cache/a/m", "weights_sha256": "w"}, "run_dir": "/a/run",
+                                                   "local_dp": {c: dp for c in CLIENTS}})
+    moved = job.model_copy(update={"base_model": {"name": "m", "path": "/cache/b/m", "weights_sha256": "w"}, "run_dir": "/b/run", "device": "cuda",
+                                   "local_dp": {c: dp.model_copy(update={"cap_epsilon": 9.0, "ledger_dir": "/b/ledger"}) for c in CLIENTS}})
+    assert resume_digest(moved) == resume_digest(job)
+    for changed in ({"rounds": 3}, {"base_model": {"name": "m", "path": "/cache/a/m", "weights_sha256": "other"}},
+                    {"local_dp": {c: dp.model_copy(update={"noise_multiplier": 2.0}) for c in CLIENTS}}):
+        assert resume_digest(job.model_copy(update=changed)) != resume_digest(job), changed

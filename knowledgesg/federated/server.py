@@ -36,7 +36,7 @@ from knowledgesg.console import console
 from knowledgesg.federated.protocol import (RULES, ClientTask, ClientUpdate, LocalDP, LocalTraining, LoraShape, Params, RoundRecord, UpdateEncoding, decode_update,
                                             failure_reason, load_params, params_bytes, save_params)
 from knowledgesg.federated.secagg import SecAggPlan, SecureAggregation, SecureSum, conflicts, quantized_clip_norm, resolve
-from knowledgesg.fileio import named_crash_point, sha256_text
+from knowledgesg.fileio import canonical_json, named_crash_point, sha256_text
 from knowledgesg.spec import StrictModel
 from privacy.accounting import NOISE_MULTIPLIER_RANGE
 from privacy.noise import SecureRandom
@@ -310,7 +310,7 @@ def run_federation(job: FedJob, x: Params, transport: Transport, on_round: Calla
     state = agg.ServerState()
     history: list[RoundRecord] = []
     tail: Params = {}  # the sum of the global adapters after the rounds the final adapter averages
-    digest = sha256_text(job.model_dump_json())
+    digest = resume_digest(job)
     if checkpoint is not None and checkpoint.is_file() and job.rule.name == "scaffold" and not transport.holds_client_state:
         console.print("fedtune: not resuming: the clients' SCAFFOLD control variates were theirs and are gone; starting from round 1")
     elif checkpoint is not None and checkpoint.is_file():
@@ -363,6 +363,16 @@ def run_federation(job: FedJob, x: Params, transport: Transport, on_round: Calla
         # tail's adapters lie on one trajectory, close enough for the product of means to stand in
         x = {n: (v / job.average_last).astype(np.float32) for n, v in tail.items()}
     return x, history
+
+
+def resume_digest(job: FedJob) -> str:
+    """What a checkpoint must match to be resumed: the job less what does not change what its rounds
+    compute (where the run, the model cache and the clients' ledgers are, the device, the cap). A
+    change of those had started the rounds again: on private data, each a release made anew."""
+    local = {c: {"cap_epsilon", "ledger_dir"} for c in job.local_dp or {}}
+    kept = job.model_dump(mode="json", exclude={"device": True, "run_dir": True, **({"local_dp": local} if local else {})})
+    kept["base_model"] = {k: v for k, v in job.base_model.items() if k != "path"}  # its weights' digest stays
+    return sha256_text(canonical_json(kept))
 
 
 def save_checkpoint(path: Path, digest: str, x: Params, state: agg.ServerState, history: list[RoundRecord], clients: dict[str, Params],
