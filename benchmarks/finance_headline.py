@@ -578,13 +578,26 @@ def full_eval(args, name: str, spec_: dict) -> None:
         return
     run_dir = args.workdir / name
     models = next(stage["params"]["models"] for stage in spec_["stages"] if isinstance(stage, dict) and stage["name"] == "evaluate")
-    print(f"[{time.strftime('%H:%M:%S')}] run {name}: its models on the full test sets", flush=True)
-    seconds = ksg("eval", str(run_dir), "--models", ",".join(models), "--tasks", ",".join(TASKS), "--modes", ",".join(FULL_MODES), "--limit", "0",
-                  "--no-fidelity")
-    report = json.loads((run_dir / "eval/eval_report.json").read_text())["models"]
-    scored = next(iter(report.values()))["tasks"]
+    report_path = run_dir / "eval/eval_report.json"
+    if full_report_here(report_path, models):  # made by an invocation stopped before it stored the rows: not scored again
+        print(f"run {name}: its models' scores on the full test sets are in {report_path} already", flush=True)
+        seconds = None
+    else:
+        print(f"[{time.strftime('%H:%M:%S')}] run {name}: its models on the full test sets", flush=True)
+        seconds = ksg("eval", str(run_dir), "--models", ",".join(models), "--tasks", ",".join(TASKS), "--modes", ",".join(FULL_MODES), "--limit", "0",
+                      "--no-fidelity")
+    report = json.loads(report_path.read_text())["models"]
+    scored = next(entry["tasks"] for entry in report.values() if "tasks" in entry)  # not a mean over clients' entry
     STORE.add(name, spec_, entry, full_rows={mode: {k: asdict(v) for k, v in rows_of(name, report, mode).items()} for mode in FULL_MODES},
-              full_items={t: scored[t]["logprob"]["n"] for t in TASKS}, full_eval_seconds=round(seconds, 1))
+              full_items={t: scored[t]["logprob"]["n"] for t in TASKS}, full_eval_seconds=None if seconds is None else round(seconds, 1))
+
+
+def full_report_here(path: Path, models: list[str]) -> bool:
+    """Whether `ksg eval` left there the full-test-set scores `full_eval` asks for."""
+    if not path.is_file():
+        return False
+    options = json.loads(path.read_text()).get("options", {})
+    return options.get("limit") is None and options.get("modes") == FULL_MODES and options.get("tasks") == TASKS and options.get("models") == models and not options.get("fidelity")
 
 
 def measured_rows(rows: dict[str, RowScore]) -> dict[str, tuple]:

@@ -120,6 +120,31 @@ def test_full_eval_scores_a_finished_runs_models_on_every_item_and_keeps_the_row
     table = "\n".join(finance_headline.full_table(args, "8", specs))
     assert "fpb 10, fiqa 10, tfns 10" in table and "| 4b | DP-FedAvg" in table and "**0.300** +- " in table and "**0.500** +- " in table
 
+
+def test_full_eval_stopped_after_its_scoring_stores_the_report_it_left_without_scoring_again(tmp_path, monkeypatch):
+    """`ksg eval` over the full sets takes most of an hour: an invocation stopped after it (before
+    the rows were stored) leaves its report, which the next reads rather than scoring again; a
+    report of other options (the early 400-item one) is scored again. A report whose first entry is
+    a mean over clients (no tasks of its own) is read from the model entries."""
+    args, specs, store = headline(tmp_path, monkeypatch)
+    calls = []
+    monkeypatch.setattr(finance_headline, "ksg", lambda *argv: calls.append(argv) or 5.0)
+    evaluated = {"dp_adapter:public": {"tasks": {t: {"logprob": {"accuracy": 0.6, "macro_f1": 0.5, "n": 400}} for t in finance_headline.TASKS}}}
+    (tmp_path / "U/stages/evaluate").mkdir(parents=True)
+    (tmp_path / "U/stages/evaluate/results.json").write_text(json.dumps({"models": evaluated}))
+    (tmp_path / "U.done").write_text(spec_digest(specs["U"]))
+    store.save("U", specs["U"], 100.0, rows={k: asdict(v) for k, v in finance_headline.rows_of("U", evaluated).items()})
+    scores = {"logprob": {"accuracy": 0.5, "macro_f1": 0.4, "n": 10}, "generation": {"accuracy": 0.3, "macro_f1": 0.2, "n": 10}}
+    left = {"dp (mean over clients)": {"mean_accuracy": {}}, "dp_adapter:public": {"tasks": {t: scores for t in finance_headline.TASKS}}}
+    (tmp_path / "U/eval").mkdir()
+    options = {"limit": None, "modes": ["logprob", "generation"], "tasks": finance_headline.TASKS, "models": ["dp"], "fidelity": False}
+    (tmp_path / "U/eval/eval_report.json").write_text(json.dumps({"options": dict(options, limit=400, modes=["logprob"]), "models": left}))
+    assert not finance_headline.full_report_here(tmp_path / "U/eval/eval_report.json", ["dp"])
+    (tmp_path / "U/eval/eval_report.json").write_text(json.dumps({"options": options, "models": left}))
+    finance_headline.full_eval(args, "U", specs["U"])
+    entry = store.entry("U", specs["U"])
+    assert calls == [] and entry["full_rows"]["generation"]["2"]["mean"] == 0.3 and entry["full_eval_seconds"] is None
+
 def test_the_ablation_table_counts_the_pairs_the_final_tuning_reads_here_and_from_the_store(tmp_path, monkeypatch):
     args, specs, store = headline(tmp_path, monkeypatch, "--ablations", "public,unrefined_public")
     assert finance_headline.final_stage(specs["A8"]) == "refine" and finance_headline.final_stage(specs["A8-unrefined_public"]) == "synthesize"
