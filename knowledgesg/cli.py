@@ -488,7 +488,13 @@ def command_named_in(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code. Known errors print as one line on stderr."""
     try:
-        app(args=argv, prog_name="ksg", standalone_mode=False)
+        code = app(args=argv, prog_name="ksg", standalone_mode=False)
+        # click 8.2 and later return an Abort's exit code (Ctrl-C: 130) rather than raise it: the run
+        # had exited 0 on an interrupt, as if it had finished
+        if code == 130:
+            print("ksg: aborted", file=sys.stderr)
+        if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+            return code
     except KsgError as err:
         print(f"ksg: error: {err}", file=sys.stderr)
         return err.exit_code

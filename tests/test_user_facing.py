@@ -348,3 +348,19 @@ def test_the_run_report_page_renders_with_its_tables_and_figures(published: Path
     assert 'href="privacy_report.html"' in dom and 'href="stages/publish/final_adapter/README.md"' in dom
     privacy = chromium_dom(published / "privacy_report.html", tmp_path / "profile")
     assert 'data-loaded="true"' in privacy and 'data-loaded="false"' not in privacy and "Threat model" in privacy
+
+
+def test_an_interrupted_run_exits_130_not_0(tmp_path: Path, monkeypatch, capsys):
+    """Ctrl-C during `ksg run`: click 8.2 and later return the Abort's code instead of raising it,
+    and `ksg` had exited 0, as if the run had finished."""
+    import knowledgesg.runner as runner
+    from knowledgesg.cli import main
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(20))
+    monkeypatch.setattr(runner.Runner, "run", interrupted)
+    assert main(["run", str(write_spec(tmp_path, tiny_spec())), "--run-dir", "run"]) == 130
+    assert "ksg: aborted" in capsys.readouterr().err
