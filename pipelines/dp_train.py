@@ -182,16 +182,44 @@ class DPTrain(Stage):
             # Every client's budget, over everything ever released from its data, is checked
             # before any client trains: a refusal leaves nothing. A client released before a
             # crash is in its ledger already (its release is reused, not made again).
-            planned = [] if ctx.unit_done(client_id) else [plan.mechanism()]
+            planned = [] if ctx.unit_done(client_id) or self.published_unmarked(ctx, plan) else [plan.mechanism()]
             check_budget(ctx.spent(client_id), client_id, planned, plan.delta, ctx.spec.privacy.cap_epsilon, self.name, plan.units.kind)
             plans.append(plan)
         models = ctx.models()
         ledger = []
         for plan in plans:
             done = ctx.completed_unit(plan.client_id)  # released before a crash: reused, never redrawn
-            entry = LedgerEntry.model_validate(done) if done else self.train_client(ctx, plan, models["base"])
+            if done:
+                entry = LedgerEntry.model_validate(done)
+            else:
+                published = self.published_unmarked(ctx, plan)
+                entry = self.finish_client(ctx, plan, published, models["base"]) if published else self.train_client(ctx, plan, models["base"])
             ledger.append(entry)
         ctx.write_json(LEDGER, [entry.model_dump(mode="json") for entry in ledger])
+
+    def published_unmarked(self, ctx: StageContext, plan: ClientPlan) -> LedgerEntry | None:
+        """The ledger entry of an adapter this run published for the client (entered and fsynced
+        first) by a process killed before it marked the client done: that release, to be adopted,
+        not drawn again (a second release of the same data, counted, but never asked for)."""
+        adapter = ctx.path(f"clients/{plan.client_id}/adapter/adapter_model.safetensors")
+        if not adapter.is_file():
+            return None
+        digest, run_dir = sha256_file(adapter), str(ctx.run_dir.resolve())
+        return next((e for e in ctx.client_ledger(plan.client_id).own_entries()
+                     if e.stage == self.name and e.release == "dp_adapter" and e.run_dir == run_dir and e.artifact_sha256 == digest), None)
+
+    def finish_client(self, ctx: StageContext, plan: ClientPlan, entry: LedgerEntry, base: dict) -> LedgerEntry:
+        """What train_client does after the adapter is published, for one found published."""
+        client_dir, side = f"clients/{plan.client_id}", f"client:{plan.client_id}"
+        for name in ADAPTER_FILES:
+            ctx.declare_output(f"{client_dir}/adapter/{name}")
+        for name in ("loss.json", "training.json"):  # written before the adapter was published
+            ctx.declare_output(f"{client_dir}/{name}", side=side)
+        ctx.write_json(f"{client_dir}/privacy.json", self.privacy_record(ctx, plan, entry, base))
+        console.print(f"dp_train {plan.client_id}: its adapter was published before the process stopped: that release kept, not drawn again")
+        ctx.mark_unit_done(plan.client_id, [f"{client_dir}/adapter/{name}" for name in ADAPTER_FILES] + [f"{client_dir}/privacy.json", f"{client_dir}/loss.json"],
+                           entry.model_dump(mode="json"))
+        return entry
 
     def train_client(self, ctx: StageContext, plan: ClientPlan, base: dict) -> LedgerEntry:
         import torch

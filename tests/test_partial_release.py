@@ -247,3 +247,35 @@ def test_a_release_stage_with_a_damaged_manifest_is_not_released_again_unasked(w
     spec, base_dir, built = load_pipeline(workdir / "spec.yaml")
     state = {s.name: (s.state, s.detail) for s in run_status(workdir / "run", spec, base_dir, built)}["dp_train"]
     assert state == ("stale", "its manifest.json cannot be read (damaged); `ksg run` stops before a new release (remove its directory to make one)"), state
+
+
+def test_an_adapter_published_before_the_process_stopped_is_kept_not_drawn_again(tmp_path: Path, monkeypatch, capsys):
+    """Killed between publishing client_0's adapter (its ledger entry fsynced first) and marking
+    the client done: the resume had trained client_0 again, a second release of its data. It adopts
+    the published one: one release per client, the adapter unchanged."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    stages = ["prepare_models", "ingest", TRAIN]
+    from knowledgesg.stage import StageContext
+
+    real = StageContext.mark_unit_done
+
+    class Killed(BaseException):
+        """What SIGKILL leaves on disk: no marker, no manifest (nothing catches it on the way out)."""
+
+    def killed(self, unit, outputs, payload):
+        if unit == "client_0":
+            raise Killed
+        return real(self, unit, outputs, payload)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StageContext, "mark_unit_done", killed)
+        with pytest.raises(Killed):
+            run(tmp_path, stages, {"target_epsilon": 3.0})
+    adapter = sha256_file(tmp_path / ADAPTER)
+    assert releases(tmp_path) == {"client_0": 1}
+    capsys.readouterr()
+    assert run(tmp_path, stages, {"target_epsilon": 3.0}) == 0
+    assert "dp_train client_0: its adapter was published before the process stopped: that release kept" in capsys.readouterr().err
+    assert releases(tmp_path) == {"client_0": 1, "client_1": 1} and sha256_file(tmp_path / ADAPTER) == adapter
+    assert json.loads((tmp_path / "run/stages/dp_train/clients/client_0/privacy.json").read_text())["unit"] == "record"
