@@ -29,7 +29,7 @@ from eval.audit import load_target
 from knowledgesg.console import console
 from knowledgesg.dedup import near_duplicates, normalized, words
 from knowledgesg.errors import InputError
-from knowledgesg.fileio import json_text, read_jsonl, sha256_file, sha256_text, write_text
+from knowledgesg.fileio import json_text, read_json, read_jsonl, sha256_file, sha256_text, write_text
 from knowledgesg.generation import Generator, SamplingParams, chat_prompt_ids
 from knowledgesg.models import Precision, resolve_device, resolve_precision
 from knowledgesg.prompts import Seed, parse_label, user_turn_prefix
@@ -184,13 +184,19 @@ class Synthesize(Stage):
         done = ctx.completed_unit(histogram_unit(client_id))
         if done:
             return LedgerEntry.model_validate(done["entry"]), done["weights"]
+        relative = f"clients/{client_id}/label_histogram.json"
+        published = self.published_unmarked(ctx, client_id, relative)
+        if published is not None:  # written (its entry fsynced first) by a process killed before it marked it: that release, not a new draw
+            ctx.declare_output(relative)
+            weights = [read_json(ctx.path(relative))["labels"][label] for label in p.labels]
+            ctx.mark_unit_done(histogram_unit(client_id), [relative], {"entry": published.model_dump(mode="json"), "weights": weights})
+            return published, weights
         mechanism = self.histogram_mechanism()
         rows = read_jsonl(ctx.artifact("ingest", f"clients/{client_id}/records.jsonl"))
         records = [InstructionRecord.model_validate(r) for r in rows if r["kind"] == "instruction"]
         units = privacy_units(records, ctx.spec.privacy.unit, p.user_contribution_bound, documents=ctx.spec.clients.holds_documents(client_id))
         random = ctx.release_random(client_id, "histogram")
         noisy = dp_label_histogram(records, p.labels, units, p.histogram_noise_multiplier, random)
-        relative = f"clients/{client_id}/label_histogram.json"
         text = json_text({"labels": noisy, "noise_std": p.histogram_noise_multiplier * units.max_records, "sensitivity": units.max_records, "unit": units.kind})
         origin = ctx.noise_origin
         entry = LedgerEntry(release_id=new_release_id(), client_id=client_id, stage=self.name, release="dp_label_histogram", artifact=f"stages/{self.name}/{relative}",
@@ -203,6 +209,15 @@ class Synthesize(Stage):
         weights = [noisy[label] for label in p.labels]
         ctx.mark_unit_done(histogram_unit(client_id), [relative], {"entry": entry.model_dump(mode="json"), "weights": weights})
         return entry, weights
+
+    def published_unmarked(self, ctx: StageContext, client_id: str, relative: str) -> LedgerEntry | None:
+        """The ledger entry of the histogram this run wrote at `relative` for the client, if it is there unmarked."""
+        path = ctx.path(relative)
+        if not path.is_file():
+            return None
+        digest, run_dir = sha256_file(path), str(ctx.run_dir.resolve())
+        return next((e for e in ctx.client_ledger(client_id).own_entries()
+                     if e.stage == self.name and e.release == "dp_label_histogram" and e.run_dir == run_dir and e.artifact_sha256 == digest), None)
 
     def synthesize_client(self, ctx: StageContext, client_id: str, adapter: LedgerEntry, base: dict, weights: list[float]) -> LedgerEntry:
         p: SynthesizeParams = self.params

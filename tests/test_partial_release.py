@@ -279,3 +279,32 @@ def test_an_adapter_published_before_the_process_stopped_is_kept_not_drawn_again
     assert "dp_train client_0: its adapter was published before the process stopped: that release kept" in capsys.readouterr().err
     assert releases(tmp_path) == {"client_0": 1, "client_1": 1} and sha256_file(tmp_path / ADAPTER) == adapter
     assert json.loads((tmp_path / "run/stages/dp_train/clients/client_0/privacy.json").read_text())["unit"] == "record"
+
+
+def test_a_label_histogram_written_before_the_process_stopped_is_kept_not_drawn_again(tmp_path: Path, monkeypatch):
+    """Killed between writing client_0's label counts (their ledger entry fsynced first) and marking
+    them done: the resume had drawn them again. It adopts the written ones."""
+    from knowledgesg.stage import StageContext
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    histogram = dict(SYNTH, params=dict(SYNTH["params"], class_balance="dp_histogram", histogram_noise_multiplier=1.0))
+    stages = ["prepare_models", "ingest", dict(TRAIN, params=dict(TRAIN["params"], epochs=0.2)), histogram]
+    real = StageContext.mark_unit_done
+
+    class Killed(BaseException):
+        """What SIGKILL leaves on disk: no marker, no manifest."""
+
+    def killed(self, unit, outputs, payload):
+        if self.stage_name == "synthesize" and "client_0" in unit:
+            raise Killed
+        return real(self, unit, outputs, payload)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StageContext, "mark_unit_done", killed)
+        with pytest.raises(Killed):
+            run(tmp_path, stages, {"target_epsilon": 8.0})
+    counts = (tmp_path / "run/stages/synthesize/clients/client_0/label_histogram.json").read_text()
+    assert run(tmp_path, stages, {"target_epsilon": 8.0}) == 0
+    assert releases(tmp_path, "dp_label_histogram") == {"client_0": 1, "client_1": 1}
+    assert (tmp_path / "run/stages/synthesize/clients/client_0/label_histogram.json").read_text() == counts
