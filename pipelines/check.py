@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from knowledgesg.errors import InputError
+from knowledgesg.federated.engines import CHECKPOINT
+from knowledgesg.federated.server import rounds_checkpointed
 from knowledgesg.models import source_files
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import PipelineSpec
@@ -123,8 +125,14 @@ def plan_privacy(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_di
         if delta is None:  # the default delta is the count's to set (a step in N): nothing to refuse before it exists
             continue
         if private_fedtune is not None and not sized_later and (private_fedtune.asks_every_round(len(loaded)) or not sure_only):
+            # rounds a stopped attempt released are in the ledger (spent): the rest are to come; the
+            # noise is calibrated to every round, the budget counts those to come (the stage checks
+            # again with its job, whose checkpoint it resumes only if it is this job's)
             rounds = private_fedtune.params.rounds
-            planned += private_fedtune.plan_mechanisms([client_id], {client_id: rounds}, {client_id: size}, {client_id: delta})[client_id]
+            left = rounds - rounds_checkpointed(run_dir / "stages" / private_fedtune.name / "work" / CHECKPOINT)
+            if left > 0:
+                mechanisms = private_fedtune.plan_mechanisms([client_id], {client_id: rounds}, {client_id: size}, {client_id: delta})[client_id]
+                planned += [m.model_copy(update={"steps": m.steps * left // rounds}) for m in mechanisms]
         counted = [e.effective_mechanism() for e in before if e.counts_against_budget]
         checks.append(ClientCheck(
             client_id=client_id, records=len(trained), units=plan.num_units if plan else None, unit=UNIT_NAMES[plan.units.kind] if plan else None,

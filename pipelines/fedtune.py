@@ -44,7 +44,7 @@ from knowledgesg.federated.engines import CHECKPOINT, FINAL, INITIAL, JOB, ROUND
 from knowledgesg.federated.flower import run_simulation
 from knowledgesg.federated.protocol import LocalDP, LocalTraining, LoraShape, UpdateEncoding, load_params, save_params
 from knowledgesg.federated.secagg import SecureAggregation, conflicts
-from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, participation
+from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, participation, rounds_checkpointed
 from knowledgesg.fileio import read_json, read_jsonl, write_dir, write_json
 from knowledgesg.loaders import load_labelled_pool, refuse_client_data, source_name_of, source_path
 from knowledgesg.models import cache_root, resolve_device, resolve_precision
@@ -233,15 +233,18 @@ class Fedtune(Stage):
         # the delta a client's ledger is kept at: its DP adapter's, else the spec's or the default
         deltas = {c: adapters[c].delta if c in adapters else ctx.spec.privacy.delta or default_delta(partition["clients"][c]) for c in clients}
         planned = self.plan_mechanisms(clients, rounds, partition["clients"], deltas)
-        for client_id, mechanisms in planned.items():  # every budget, over all releases ever, before any training
-            check_budget(ctx.spent(client_id), client_id, mechanisms, deltas[client_id], ctx.spec.privacy.cap_epsilon, self.name,
-                         "record" if p.data == "private" else None)  # on private data: record level only (checked in its params)
         if p.data == "private":  # the mechanism each client runs, as planned; each keeps its own ledger
             job.local_dp = {c: LocalDP(noise_multiplier=planned[c][0].noise_multiplier, clip_norm=p.local_dp.clip_norm, sample_rate=planned[c][0].sample_rate,
                                        num_units=partition["clients"][c], delta=deltas[c], documents=ctx.spec.clients.holds_documents(c), cap_epsilon=ctx.spec.privacy.cap_epsilon,
                                        ledger_dir=str(ctx.ledger_dir), reproducible_noise=ctx.spec.privacy.reproducible_noise) for c in clients}
-
         work = ctx.path("work")
+        # rounds a stopped attempt released are in the clients' ledgers already (spent): only those
+        # still to come are planned on top (the noise stays calibrated to every round)
+        left = participation(job, after=rounds_checkpointed(work / CHECKPOINT, job))
+        for client_id, mechanisms in planned.items():  # every budget, over all releases ever, before any training
+            to_come = [m.model_copy(update={"steps": left[client_id] * p.training.steps}) for m in mechanisms if left[client_id]]
+            check_budget(ctx.spent(client_id), client_id, to_come, deltas[client_id], ctx.spec.privacy.cap_epsilon, self.name,
+                         "record" if p.data == "private" else None)  # on private data: record level only (checked in its params)
         work.mkdir(parents=True, exist_ok=True)
         final, history = self.run_engine(ctx, job, work)
         received = [LedgerEntry.model_validate(e) for record in history for e in record.pop("releases")]

@@ -733,11 +733,19 @@ def test_a_refused_round_on_private_data_keeps_the_rounds_released_before_it(tmp
             raise KsgError("round 2: 0 of 2 clients answered after 1 try, fewer than the 2 needed (min_clients)")
         return real(job, transport, asked, round_number, *args, **kwargs)
 
-    monkeypatch.setattr(server, "collect_round", refused_once)
+    from privacy.ledger import LedgerEntry, compose
+
     params = dict(FEDTUNE, data="private", local_dp={"target_epsilon": 2.0})
-    assert run_pipeline(tmp_path, params) == 1
+    # a cap that holds the whole run once, as it spends it uninterrupted: the resume must plan
+    # only the rounds still to come on top of round 1 (it had planned every round again: refused)
+    (tmp_path / "whole").mkdir()
+    assert run_pipeline(tmp_path / "whole", params) == 0
+    spent = [LedgerEntry.model_validate_json(line) for path in (tmp_path / "whole/run/ledger").glob("*.jsonl") for line in path.read_text().splitlines()]
+    cap = max(compose([e.effective_mechanism() for e in spent if e.client_id == c], spent[0].delta).reported for c in ("client_0", "client_1")) + 0.01
+    monkeypatch.setattr(server, "collect_round", refused_once)
+    assert run_pipeline(tmp_path, params, cap=cap) == 1
     assert (tmp_path / "run/stages/fedtune/work/checkpoint.npz").is_file()
-    assert run_pipeline(tmp_path, params) == 0
+    assert run_pipeline(tmp_path, params, cap=cap) == 0
     entries = [json.loads(line) for path in (tmp_path / "run/ledger").glob("*.jsonl") for line in path.read_text().splitlines()]
     rounds = sorted((e["client_id"], e["release"]) for e in entries if e["stage"] == "fedtune")
     assert rounds == sorted((c, f"fedtune round {r} update: DP-SGD local steps on private data") for c in ("client_0", "client_1") for r in (1, 2)), rounds

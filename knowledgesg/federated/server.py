@@ -146,11 +146,12 @@ def sample_clients(job: FedJob, round_number: int) -> list[str]:
     return [job.clients[i] for i in sorted(chosen)]
 
 
-def participation(job: FedJob) -> dict[str, int]:
-    """Rounds each client will be asked in: known before training, so budgets are checked first
-    (with client-level DP an upper bound: a client joins only when its coin says so)."""
+def participation(job: FedJob, after: int = 0) -> dict[str, int]:
+    """Rounds each client will be asked in (those after round `after`): known before training, so
+    budgets are checked first (with client-level DP an upper bound: a client joins only when its
+    coin says so)."""
     counts = dict.fromkeys(job.clients, 0)
-    for r in range(1, job.rounds + 1):
+    for r in range(after + 1, job.rounds + 1):
         for c in sample_clients(job, r):
             counts[c] += 1
     return counts
@@ -389,6 +390,15 @@ def save_checkpoint(path: Path, digest: str, x: Params, state: agg.ServerState, 
     meta = json.dumps({"job": digest, "history": [asdict(r) for r in history]})
     arrays["meta"] = np.frombuffer(meta.encode("utf-8"), dtype=np.uint8)
     save_params(path, arrays)
+
+
+def rounds_checkpointed(path: Path, job: FedJob | None = None) -> int:
+    """How many rounds a checkpoint at `path` saved for this job (0: none, or another job's); for
+    whichever job saved it where `job` is None (`ksg run`'s check before the job is built)."""
+    if not path.is_file():
+        return 0
+    meta = json.loads(load_params(path)["meta"].tobytes().decode("utf-8"))
+    return len(meta["history"]) if job is None or meta["job"] == resume_digest(job) else 0
 
 
 def load_checkpoint(path: Path, digest: str) -> tuple[Params, agg.ServerState, list[RoundRecord], dict[str, Params], Params] | None:
