@@ -123,13 +123,14 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         handle.write(data)
 
 
-def unmakeable_directory(path: Path) -> str | None:
+def unmakeable_directory(path: Path, must_write: bool = True) -> str | None:
     """Why `path` cannot be (or become) a directory this process writes in, or None: it is a
-    file or a directory it cannot write in, or its nearest existing ancestor is a file or not writable."""
+    file or (`must_write`) a directory it cannot write in, or its nearest existing ancestor is a
+    file or not writable."""
     if path.exists():
         if not path.is_dir():
             return "exists and is not a directory"
-        return None if os.access(path, os.W_OK | os.X_OK) else "is not writable"
+        return None if not must_write or os.access(path, os.W_OK | os.X_OK) else "is not writable"
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent

@@ -25,6 +25,8 @@ from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from knowledgesg import __version__
 from knowledgesg.client_key import client_key, existing_client_key
 from knowledgesg.console import console
@@ -37,7 +39,7 @@ from knowledgesg.models import read_models
 from knowledgesg.roles import Role, check_role, narrow_to_client
 from knowledgesg.spec import PipelineSpec, parse_spec, spec_to_dict, with_model_cache_under
 from knowledgesg.stage import LEDGER_KEY, Stage, StageContext, releases_to_come
-from privacy.ledger import ClientLedger, LedgerEntry, ledger_directory, read_stage_ledgers
+from privacy.ledger import ClientLedger, ledger_directory, read_stage_ledgers
 
 SPEC_COPY = "spec.json"
 STARTED_WITH = ".started_with"  # the fingerprint a stage directory was started with
@@ -230,24 +232,29 @@ def refuse_a_silent_new_release(stage: Stage, stage_dir: Path, reason: str) -> N
                          "restore what changed")
 
 
-def run_releases_made(run_dir: Path) -> dict[str, str]:
-    """{release id: client} of every release this run directory made that spends budget: those of
-    its finished stages (their ledger.json) and of the clients a stage released for before it stopped."""
-    entries = read_stage_ledgers(run_dir, sorted(p.name for p in (run_dir / "stages").iterdir() if p.is_dir())) if (run_dir / "stages").is_dir() else []
-    for marker in sorted((run_dir / "stages").glob("*/units/*.json")):
-        payload = read_json(marker).get("payload")
-        entry = payload.get("entry", payload) if isinstance(payload, dict) else None
-        if isinstance(entry, dict) and "release_id" in entry:
-            entries.append(LedgerEntry.model_validate(entry))
+def run_releases_made(run_dir: Path, stages: list[Stage]) -> dict[str, str]:
+    """{release id: client} of every release this run directory made that spends budget and that
+    its clients entered in the run's ledger directory: those of its finished stages (their
+    ledger.json) and those a stage made before it stopped (`Stage.unfinished_releases`). Rounds on
+    deployed nodes (`launch: none`) are entered in the nodes' own ledgers, elsewhere: not counted."""
+    elsewhere = {s.name for s in stages if getattr(getattr(s.params, "deploy", None), "launch", None) == "none"}
+    ours = [s for s in stages if s.name not in elsewhere and (run_dir / "stages" / s.name).is_dir()]
+    try:
+        entries = read_stage_ledgers(run_dir, [s.name for s in ours])
+        for stage in ours:
+            if read_manifest(run_dir / "stages" / stage.name) is None:
+                entries += stage.unfinished_releases(run_dir / "stages" / stage.name)
+    except ValidationError as err:  # a ledger.json or unit marker edited or cut short
+        raise KsgError(f"{run_dir}: a stage's record of its releases cannot be read ({err.errors()[0]['msg']}); refusing to resume") from None
     return {e.release_id: e.client_id for e in entries if e.costs_privacy}
 
 
-def refuse_a_ledger_without_this_runs_releases(run_dir: Path, ledger_dir: Path) -> None:
+def refuse_a_ledger_without_this_runs_releases(run_dir: Path, stages: list[Stage], ledger_dir: Path) -> None:
     """A run resumed with another ledger directory ($KSG_LEDGER_DIR or privacy.ledger_dir changed
     since it released, the files not moved along) would count its earlier releases apart from its
     new ones: a redrawn count beside the first, two budgets where there is one. Refused until the
     ledger that holds them is the one in use (moving its files with it is fine)."""
-    made = run_releases_made(run_dir)
+    made = run_releases_made(run_dir, stages)
     if not made:
         return
     held = {e.release_id for path in sorted(ledger_dir.glob("*.jsonl")) for e in ClientLedger(path).own_entries()} if ledger_dir.is_dir() else set()
@@ -398,7 +405,7 @@ def holds_work(run_dir: Path) -> bool:
     adapter, an hour of work that resuming keeps)."""
     ledgers = [*(run_dir / "ledger").glob("*.jsonl"), *(run_dir / "stages").glob("*/ledger.json")]
     finished = [m for m in (run_dir / "stages").glob("*/manifest.json") if m.parent.name not in PREPARATION]
-    return any(path.stat().st_size for path in ledgers) or bool(finished) or any((run_dir / "stages").glob("*/units/*.json"))
+    return any(path.stat().st_size for path in ledgers) or bool(finished) or any((run_dir / "stages").glob("*/units/**/*.json"))
 
 
 def _saved_run(run_dir: Path) -> dict:
@@ -474,7 +481,8 @@ class Runner:
 
     def run(self) -> list[StageOutcome]:
         for flag, directory in (("--run-dir", self.run_dir), ("--exchange", self.role.exchange)):
-            problem = unmakeable_directory(directory) if directory is not None else None
+            # a server reading a file exchange may have it read-only; where the exchange is written, the writer says so
+            problem = unmakeable_directory(directory, must_write=flag == "--run-dir") if directory is not None else None
             if problem:
                 raise InputError(f"{flag} {directory}: {problem}")
         refuse_a_damaged_run_directory(self.run_dir)
@@ -488,9 +496,9 @@ class Runner:
             with run_lock(self.run_dir):
                 sweep_orphans(self.run_dir)
                 role = {"kind": self.role.kind, "client": self.role.client, "exchange": str(self.role.exchange) if self.role.exchange else None}
+                if self.role.kind != "server":  # the party holding the clients' ledgers; before the spec copy names the new ledger
+                    refuse_a_ledger_without_this_runs_releases(self.run_dir, self.stages, ledger_directory(self.spec.privacy.ledger_dir, self.base_dir, self.run_dir))
                 write_json(self.run_dir / SPEC_COPY, {"spec": spec_to_dict(self.spec), "base_dir": str(self.base_dir), "role": role})
-                if self.role.kind != "server":  # the party holding the clients' ledgers
-                    refuse_a_ledger_without_this_runs_releases(self.run_dir, ledger_directory(self.spec.privacy.ledger_dir, self.base_dir, self.run_dir))
                 outcomes = self._run_stages(client_key(self.run_dir, self.spec))
                 if self.role.kind == "client":
                     self._send()

@@ -87,6 +87,17 @@ class Stage:
         ledgers): kept for the resume, never wiped by a refusal. Its finished units by default."""
         return finished_units(stage_dir)
 
+    def unfinished_releases(self, stage_dir: Path) -> list[LedgerEntry]:
+        """The ledger entries of what this stage, stopped without a manifest, had released: those
+        its unit markers hold by default (one client's DP adapter, its label histogram)."""
+        entries = []
+        for marker in sorted((stage_dir / "units").glob("**/*.json")):  # synthesize's under units/label_histogram/
+            payload = read_json(marker).get("payload")
+            entry = payload.get("entry", payload) if isinstance(payload, dict) else None
+            if isinstance(entry, dict) and "release_id" in entry:
+                entries.append(LedgerEntry.model_validate(entry))
+        return entries
+
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
         """Files outside the run directory that this stage reads; their hashes join the fingerprint."""
         return []

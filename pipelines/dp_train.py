@@ -197,6 +197,12 @@ class DPTrain(Stage):
             ledger.append(entry)
         ctx.write_json(LEDGER, [entry.model_dump(mode="json") for entry in ledger])
 
+    def released_part(self, stage_dir: Path) -> list[str]:
+        """Its finished units, and the clients whose adapter it published before the process
+        stopped (their ledger entries fsynced first): a refusal must not wipe what the resume adopts."""
+        published = [p.parent.parent.name for p in sorted((stage_dir / "clients").glob("*/adapter/adapter_model.safetensors"))]
+        return sorted(set(super().released_part(stage_dir)) | set(published))
+
     def published_unmarked(self, ctx: StageContext, plan: ClientPlan) -> LedgerEntry | None:
         """The ledger entry of an adapter this run published for the client (entered and fsynced
         first) by a process killed before it marked the client done: that release, to be adopted,

@@ -44,7 +44,7 @@ from knowledgesg.federated.engines import CHECKPOINT, FINAL, INITIAL, JOB, ROUND
 from knowledgesg.federated.flower import run_simulation
 from knowledgesg.federated.protocol import LocalDP, LocalTraining, LoraShape, UpdateEncoding, load_params, save_params
 from knowledgesg.federated.secagg import SecureAggregation, conflicts
-from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, participation, rounds_checkpointed
+from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, checkpoint_history, participation, rounds_checkpointed
 from knowledgesg.fileio import read_json, read_jsonl, write_dir, write_json
 from knowledgesg.loaders import load_labelled_pool, refuse_client_data, source_name_of, source_path
 from knowledgesg.models import cache_root, resolve_device, resolve_precision
@@ -172,6 +172,12 @@ class Fedtune(Stage):
 
     def releases(self) -> bool:
         return self.params.data == "private"
+
+    def unfinished_releases(self, stage_dir: Path) -> list[LedgerEntry]:
+        """The rounds' releases its checkpoint holds (the clients' entries, as they sent them)."""
+        checkpoint = stage_dir / "work" / CHECKPOINT
+        history = checkpoint_history(checkpoint) if checkpoint.is_file() else []
+        return super().unfinished_releases(stage_dir) + [LedgerEntry.model_validate(e) for record in history for e in record.get("releases", [])]
 
     def released_part(self, stage_dir: Path) -> list[str]:
         """On private data the rounds are releases, kept in the checkpoint a refusal must not wipe."""

@@ -41,7 +41,7 @@ from knowledgesg.stage import LEDGER_KEY, Stage, StageContext
 from privacy.accounting import check_delta, default_delta, epsilons
 from privacy.count import COUNT_RELEASE, count_mechanism, is_count_of, noised_count, partition_count, released_count
 from privacy.ledger import LEDGER, LEDGER_ENV, ClientLedger, LedgerEntry, data_key, ledger_directory, new_release_id, now, trust_line
-from privacy.units import Units, privacy_units
+from privacy.units import UNIT_NAMES, Units, privacy_units
 
 MAX_HISTOGRAM_CLASSES = 20  # responses with more distinct values than this are not labels
 
@@ -254,6 +254,11 @@ class Ingest(Stage):
         earlier = released_count(ledger, client_id, units.kind)
         if earlier is not None:
             return earlier
+        other = next((e for e in ledger.own_entries() if e.client_id == client_id and e.release == COUNT_RELEASE), None)
+        if other is not None:  # releases at another unit are never composed: a second count would be refused downstream, after it was drawn
+            raise InputError(f"client '{client_id}': its ledger holds this data's count per {UNIT_NAMES.get(other.unit, other.unit)}, the spec now counts per "
+                             f"{UNIT_NAMES[units.kind]} (whether records form source documents is the spec's: a document_id it maps); keep the unit, or use "
+                             "another ledger directory")
         privacy = ctx.spec.privacy
         random = ctx.release_random(client_id, f"count:{units.kind}")
         released = noised_count(units.count, privacy.count_noise, random)

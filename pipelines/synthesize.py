@@ -161,7 +161,8 @@ class Synthesize(Stage):
         if p.class_balance == "dp_histogram":  # refuse before any client's work, not midway
             for client_id in partition["clients"]:
                 # a histogram released before a crash is in the client's ledger already, and is reused
-                planned = [] if ctx.unit_done(histogram_unit(client_id)) else [self.histogram_mechanism()]
+                published = ctx.unit_done(histogram_unit(client_id)) or self.published_unmarked(ctx, client_id, f"clients/{client_id}/label_histogram.json")
+                planned = [] if published else [self.histogram_mechanism()]
                 check_budget(ctx.spent(client_id), client_id, planned, adapters[client_id].delta, ctx.spec.privacy.cap_epsilon, self.name, ctx.spec.privacy.unit)
         models = ctx.models()
         ledger: list[LedgerEntry] = []
@@ -209,6 +210,12 @@ class Synthesize(Stage):
         weights = [noisy[label] for label in p.labels]
         ctx.mark_unit_done(histogram_unit(client_id), [relative], {"entry": entry.model_dump(mode="json"), "weights": weights})
         return entry, weights
+
+    def released_part(self, stage_dir: Path) -> list[str]:
+        """Its finished units, and the clients whose counts it wrote before the process stopped
+        (their ledger entries fsynced first): a refusal must not wipe what the resume adopts."""
+        written = [p.parent.name for p in sorted((stage_dir / "clients").glob("*/label_histogram.json"))]
+        return sorted(set(super().released_part(stage_dir)) | set(written))
 
     def published_unmarked(self, ctx: StageContext, client_id: str, relative: str) -> LedgerEntry | None:
         """The ledger entry of the histogram this run wrote at `relative` for the client, if it is there unmarked."""

@@ -162,6 +162,26 @@ def test_a_client_refuses_a_plan_made_from_another_count_than_it_released(tmp_pa
     assert ClientRuntime()._privacy_units(task, records).count == 20  # the count it released: trains on its 20 actual units
 
 
+def test_a_client_takes_its_privacy_unit_from_its_own_spec_not_the_servers_plan(tmp_path: Path):
+    """Whether a client's records form source-document units is its spec's to say: a server's task
+    saying otherwise (records where the owner's spec maps document_id) is refused, never obeyed."""
+    from knowledgesg.errors import KsgError
+    from knowledgesg.federated.client import ClientRuntime
+    from knowledgesg.federated.protocol import LocalDP
+    from knowledgesg.records import InstructionRecord
+
+    spec = tiny_spec(clients={"members": [{"id": "bank", "data": [{"path": "data.jsonl", "fields": {"document_id": "doc"}}]}]})
+    (tmp_path / "spec.json").write_text(json.dumps({"spec": spec, "base_dir": str(tmp_path), "role": {"kind": "client", "client": "bank"}}))
+    task = type("Task", (), {"client_id": "bank", "run_dir": str(tmp_path),
+                             "local_dp": LocalDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.2, num_units=10, delta=1e-5, documents=False)})()
+    records = [InstructionRecord(id=f"r{i}", source="d", instruction="Classify.", response="positive", document_id=f"d{i // 2}") for i in range(20)]
+    with pytest.raises(KsgError, match="the server's plan counts privacy per record, this client's spec per source document: refused"):
+        ClientRuntime()._privacy_units(task, records)
+    task.local_dp = task.local_dp.model_copy(update={"documents": True})
+    units = ClientRuntime()._privacy_units(task, records)
+    assert units.kind == "source_document" and units.count == 10
+
+
 def test_a_ledger_enters_a_once_only_release_once(tmp_path: Path):
     from privacy.ledger import new_release_id, now
 
@@ -217,3 +237,22 @@ def spec_model(tmp_path: Path, count_noise: float):
     from knowledgesg.spec import load_spec
 
     return load_spec(write_spec(tmp_path, tiny_spec(privacy={"count_noise": count_noise}), "model.yaml"))[0]
+
+
+def test_a_count_at_another_unit_is_refused_before_it_is_drawn(tmp_path: Path, capsys):
+    """The spec stops mapping document_id (or an upgrade reads an unmapped column no more): the
+    unit goes from source document to record. A second count would be drawn, then refused
+    downstream (releases at another unit are never composed): refused before it is drawn."""
+    # a column named document_id is read mapped or not: the same records, the same data set's ledger
+    write_jsonl(tmp_path / "data.jsonl", [dict(r, document_id=f"d{i // 2}") for i, r in enumerate(sentiment_rows(20))])
+
+    def spec(maps: bool) -> dict:
+        source = {"path": "data.jsonl", **({"fields": {"document_id": "document_id"}} if maps else {})}
+        return tiny_spec(clients={"members": [{"id": "bank", "data": [source]}]}, privacy={"target_epsilon": 8.0, "count_noise": 1.0})
+
+    assert run_in(tmp_path, "run", str(write_spec(tmp_path, spec(True))), "--run-dir", "run") == 0
+    capsys.readouterr()
+    assert run_in(tmp_path, "run", str(write_spec(tmp_path, spec(False))), "--run-dir", "run") == 2
+    assert "client 'bank': its ledger holds this data's count per source document, the spec now counts per record" in capsys.readouterr().err
+    counts = [json.loads(line) for path in (tmp_path / "run/ledger").glob("*.jsonl") for line in path.read_text().splitlines()]
+    assert [e["unit"] for e in counts] == ["source_document"]

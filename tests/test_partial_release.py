@@ -189,6 +189,32 @@ def test_a_resume_with_another_ledger_directory_is_refused(tmp_path: Path, monke
     assert run(tmp_path, stages) == 0  # the ledger that holds them: the run goes on
 
 
+def test_a_resume_with_another_ledger_is_refused_for_a_stage_stopped_part_way_and_keeps_the_spec_copy(tmp_path: Path, monkeypatch, capsys):
+    """The releases a stopped stage made (synthesize's label histogram: its marker under
+    units/label_histogram/, which the check had not looked in) count too; and the refusal leaves
+    the run's spec copy naming the ledger that holds them (ksg status and privacy-report read it)."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    histogram = dict(SYNTH, params=dict(SYNTH["params"], class_balance="dp_histogram", histogram_noise_multiplier=1.0))
+    stages = ["prepare_models", "ingest", dict(TRAIN, params=dict(TRAIN["params"], epochs=0.2)), histogram]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Synthesize, "synthesize_client", stop_before("client_0", RuntimeError("killed"), "synthesize_client", Synthesize))
+        with pytest.raises(RuntimeError, match="killed"):
+            run(tmp_path, stages, {"target_epsilon": 8.0})
+    ledgers = tmp_path / "run/ledger"
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for path in ledgers.glob("*.jsonl"):  # the ledger without the histogram's entry: the dp_train entries alone
+        lines = [line for line in path.read_text().splitlines() if '"dp_label_histogram"' not in line]
+        (kept / path.name).write_text("".join(line + "\n" for line in lines))
+    copy = (tmp_path / "run/spec.json").read_text()
+    monkeypatch.setenv("KSG_LEDGER_DIR", str(kept))
+    capsys.readouterr()
+    assert run(tmp_path, stages, {"target_epsilon": 8.0}) == 2
+    assert re.search(r"privacy ledger \S+/kept: 1 of this run's 3 releases are not in it \(one of client 'client_0' among them\)", capsys.readouterr().err)
+    assert (tmp_path / "run/spec.json").read_text() == copy
+
+
 def test_a_release_made_before_the_cap_left_the_fingerprint_is_kept(tmp_path: Path, monkeypatch, capsys):
     """A dp_train finished by the code before, whose content fingerprint held the cap, is still
     the same release for the code now (kept, not refused as changed)."""

@@ -32,7 +32,7 @@ from knowledgesg.federated.protocol import ClientTask, ClientUpdate, LocalDP, Lo
 from knowledgesg.fileio import read_json, read_jsonl, sha256_text
 from knowledgesg.models import REGISTRY, TINY, Precision, ResolvedModel, load_causal_lm, resolve_model, resolve_precision
 from knowledgesg.records import InstructionRecord
-from knowledgesg.spec import load_spec
+from knowledgesg.spec import load_spec, parse_spec
 from privacy.accounting import Mechanism, default_delta, epsilons
 from privacy.ledger import LEDGER_ENV, ClientLedger, LedgerEntry, check_budget, client_delta, ledger_directory, new_release_id, now, trust_line
 from privacy.noise import SecureRandom
@@ -332,6 +332,18 @@ class ClientRuntime:
     def storage(task: ClientTask) -> Path:
         return Path(task.run_dir or ".")
 
+    def _documents(self, task: ClientTask) -> bool:
+        """Whether this client's records form source-document units, as its own run's spec says
+        (the server's plan does not decide a data owner's unit: a task that disagrees is refused)."""
+        copy = self.storage(task) / "spec.json"  # the run directory's spec copy (knowledgesg.runner.SPEC_COPY)
+        if not copy.is_file():
+            return task.local_dp.documents
+        own = parse_spec(read_json(copy)["spec"], str(copy)).clients.holds_documents(task.client_id)
+        if own != task.local_dp.documents:
+            raise KsgError(f"client '{task.client_id}': the server's plan counts privacy per {'source document' if task.local_dp.documents else 'record'}, "
+                           f"this client's spec per {'source document' if own else 'record'}: refused")
+        return own
+
     def _ledger(self, task: ClientTask, node: NodeSettings | None) -> ClientLedger:
         storage = self.storage(task)
         key = read_json(storage / "stages" / "ingest" / "clients" / task.client_id / "ledger_key.json")["data_key"]
@@ -407,7 +419,7 @@ class ClientRuntime:
         """The client's units, once the plan's N is found to be the one this client released (its
         noised count as planned, or its exact N where that is public)."""
         dp = task.local_dp
-        units = privacy_units(records, dp.unit, dp.max_records_per_user, dp.documents)
+        units = privacy_units(records, dp.unit, dp.max_records_per_user, self._documents(task))
         released = planned_size(self.storage(task), task.client_id)
         if released is not None and released != dp.num_units:
             raise KsgError(f"client '{task.client_id}': the plan assumed {dp.num_units} privacy units, this client released {released}; refusing to train")

@@ -392,12 +392,21 @@ def save_checkpoint(path: Path, digest: str, x: Params, state: agg.ServerState, 
     save_params(path, arrays)
 
 
+def checkpoint_meta(path: Path) -> dict:
+    return json.loads(load_params(path)["meta"].tobytes().decode("utf-8"))
+
+
+def checkpoint_history(path: Path) -> list[dict]:
+    """The rounds a checkpoint saved, as RoundRecord dicts (each with the releases its clients sent)."""
+    return checkpoint_meta(path)["history"]
+
+
 def rounds_checkpointed(path: Path, job: FedJob | None = None) -> int:
     """How many rounds a checkpoint at `path` saved for this job (0: none, or another job's); for
     whichever job saved it where `job` is None (`ksg run`'s check before the job is built)."""
     if not path.is_file():
         return 0
-    meta = json.loads(load_params(path)["meta"].tobytes().decode("utf-8"))
+    meta = checkpoint_meta(path)
     return len(meta["history"]) if job is None or meta["job"] == resume_digest(job) else 0
 
 
