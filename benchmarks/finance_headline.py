@@ -644,6 +644,8 @@ def full_gap_lines(entries: dict[str, dict]) -> list[str]:
     if "7" not in means or not alternatives:
         return []
     best = max(alternatives, key=alternatives.get)
+    if means["7"] <= alternatives[best]:
+        return [f"Share of the gap closed on the full test sets: none to close (row {best} {alternatives[best]:.3f} is at or above NOT PRIVATE's {means['7']:.3f}).", ""]
     lines = []
     for name, entry in entries.items():
         for number, value in entry["full_rows"]["logprob"].items():

@@ -498,8 +498,10 @@ def trained_indices(run_dir: Path, spec: PipelineSpec, client: str, records: lis
     trained = run_dir / "stages/dp_train/clients" / client / "privacy.json"
     if not trained.is_file():
         return list(range(len(records)))
-    bound = read_json(trained)["max_records_per_unit"]
-    return sorted(i for unit in privacy_units(records, spec.privacy.unit, bound, documents=spec.clients.holds_documents(client)).members for i in unit)
+    statement = read_json(trained)
+    # the unit dp_train stated: a source document also where it trained on structure's pairs
+    documents = statement.get("unit") == "source_document" or spec.clients.holds_documents(client)
+    return sorted(i for unit in privacy_units(records, spec.privacy.unit, statement["max_records_per_unit"], documents=documents).members for i in unit)
 
 
 def mia_records(run_dir: Path, spec: PipelineSpec, client: str, options: AuditOptions) -> tuple[list[InstructionRecord], list[InstructionRecord]]:
