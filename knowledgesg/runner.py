@@ -237,7 +237,7 @@ def run_releases_made(run_dir: Path, stages: list[Stage]) -> dict[str, str]:
     its clients entered in the run's ledger directory: those of its finished stages (their
     ledger.json) and those a stage made before it stopped (`Stage.unfinished_releases`). Rounds on
     deployed nodes (`launch: none`) are entered in the nodes' own ledgers, elsewhere: not counted."""
-    elsewhere = {s.name for s in stages if getattr(getattr(s.params, "deploy", None), "launch", None) == "none"}
+    elsewhere = {s.name for s in stages if getattr(s.params, "engine", None) == "flower-deploy" and getattr(getattr(s.params, "deploy", None), "launch", None) == "none"}
     ours = [s for s in stages if s.name not in elsewhere and (run_dir / "stages" / s.name).is_dir()]
     try:
         entries = read_stage_ledgers(run_dir, [s.name for s in ours])
@@ -482,7 +482,7 @@ class Runner:
     def run(self) -> list[StageOutcome]:
         for flag, directory in (("--run-dir", self.run_dir), ("--exchange", self.role.exchange)):
             # a server reading a file exchange may have it read-only; where the exchange is written, the writer says so
-            problem = unmakeable_directory(directory, must_write=flag == "--run-dir") if directory is not None else None
+            problem = unmakeable_directory(directory, must_write=flag == "--run-dir" or self.role.kind == "client") if directory is not None else None
             if problem:
                 raise InputError(f"{flag} {directory}: {problem}")
         refuse_a_damaged_run_directory(self.run_dir)

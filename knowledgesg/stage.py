@@ -92,7 +92,8 @@ class Stage:
         its unit markers hold by default (one client's DP adapter, its label histogram)."""
         entries = []
         for marker in sorted((stage_dir / "units").glob("**/*.json")):  # synthesize's under units/label_histogram/
-            payload = read_json(marker).get("payload")
+            saved = read_json(marker)
+            payload = saved.get("payload") if isinstance(saved, dict) else None
             entry = payload.get("entry", payload) if isinstance(payload, dict) else None
             if isinstance(entry, dict) and "release_id" in entry:
                 entries.append(LedgerEntry.model_validate(entry))

@@ -20,14 +20,14 @@ from knowledgesg.models import source_files
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import PipelineSpec
 from knowledgesg.stage import Stage, releases_to_come, unit_done
-from pipelines.dp_train import DPTrain
+from pipelines.dp_train import DPTrain, published_adapter
 from pipelines.fedtune import Fedtune
 from pipelines.ingest import Ingest, client_records, data_units, planned_units, planning_records, training_records
 from pipelines.prepare_models import model_kinds
 from pipelines.synthesize import Synthesize, histogram_unit
 from privacy.accounting import default_delta
 from privacy.count import ReleasedCount, count_mechanism, released_count
-from privacy.ledger import ClientLedger, LedgerEntry, check_budget, client_delta, compose, data_key, ledger_directory
+from privacy.ledger import ClientLedger, LedgerEntry, check_budget, client_delta, compose, data_key, ledger_directory, published_release
 from privacy.units import UNIT_NAMES
 
 
@@ -115,10 +115,13 @@ def plan_privacy(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_di
         if train is not None and not sized_later:
             trained_records = planning_records(trained) if train.params.source_stage == "structure" else [r for r in trained if isinstance(r, InstructionRecord)]
             plan = train.plan(spec.privacy, client_id, trained_records, train.documents(spec, client_id), count)
-            if not unit_done(run_dir, train.name, client_id):  # one released before a crash is in its ledger, reused
+            # one released before a crash is in its ledger, reused (marked done, or published and adopted)
+            if not unit_done(run_dir, train.name, client_id) and not published_release(run_dir / "stages" / train.name / published_adapter(client_id), ledger, client_id, train.name, "dp_adapter"):
                 planned.append(plan.mechanism())
             check_budget(before, client_id, [], plan.delta, None, train.name, plan.units.kind)  # releases at another privacy unit: refused, as the run would
-        if synthesize is not None and not unit_done(run_dir, synthesize.name, histogram_unit(client_id)):  # as dp_train's above
+        histogram = run_dir / "stages" / (synthesize.name if synthesize else "") / f"clients/{client_id}/label_histogram.json"
+        if synthesize is not None and not unit_done(run_dir, synthesize.name, histogram_unit(client_id)) and not published_release(
+                histogram, ledger, client_id, synthesize.name, "dp_label_histogram"):  # as dp_train's above
             planned.append(synthesize.histogram_mechanism())
         # the delta the stages compose at: dp_train's, else the latest release's (the DP adapter's), else the spec's
         delta = plan.delta if plan else client_delta(before) if before else (spec.privacy.delta or (None if sized_later else default_delta(size)))

@@ -33,7 +33,7 @@ from knowledgesg.stage import Stage, StageContext
 from pipelines.ingest import client_records, planning_records, training_records
 from privacy.accounting import NOISE_MULTIPLIER_RANGE, Mechanism, RunningEpsilon, calibrate_noise, check_delta, default_delta, epsilons
 from privacy.count import ReleasedCount, released_size
-from privacy.ledger import LEDGER, LedgerEntry, check_budget, new_release_id, now, trust_line
+from privacy.ledger import LEDGER, LedgerEntry, check_budget, new_release_id, now, published_release, trust_line
 from privacy.units import UNIT_NAMES, Units, privacy_units
 
 NOT_PRIVATE = "NOT PRIVATE"
@@ -110,6 +110,11 @@ class ClientPlan:
         if not self.noised:
             return Mechanism(kind="non_private", steps=self.steps)
         return Mechanism(kind="poisson_gaussian", noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=self.steps)
+
+
+def published_adapter(client_id: str) -> str:
+    """Where dp_train publishes a client's adapter weights, in its stage directory."""
+    return f"clients/{client_id}/adapter/adapter_model.safetensors"
 
 
 class DPTrain(Stage):
@@ -207,12 +212,7 @@ class DPTrain(Stage):
         """The ledger entry of an adapter this run published for the client (entered and fsynced
         first) by a process killed before it marked the client done: that release, to be adopted,
         not drawn again (a second release of the same data, counted, but never asked for)."""
-        adapter = ctx.path(f"clients/{plan.client_id}/adapter/adapter_model.safetensors")
-        if not adapter.is_file():
-            return None
-        digest, run_dir = sha256_file(adapter), str(ctx.run_dir.resolve())
-        return next((e for e in ctx.client_ledger(plan.client_id).own_entries()
-                     if e.stage == self.name and e.release == "dp_adapter" and e.run_dir == run_dir and e.artifact_sha256 == digest), None)
+        return published_release(ctx.path(published_adapter(plan.client_id)), ctx.client_ledger(plan.client_id), plan.client_id, self.name, "dp_adapter")
 
     def finish_client(self, ctx: StageContext, plan: ClientPlan, entry: LedgerEntry, base: dict) -> LedgerEntry:
         """What train_client does after the adapter is published, for one found published."""
@@ -223,7 +223,7 @@ class DPTrain(Stage):
             ctx.declare_output(f"{client_dir}/{name}", side=side)
         ctx.write_json(f"{client_dir}/privacy.json", self.privacy_record(ctx, plan, entry, base))
         console.print(f"dp_train {plan.client_id}: its adapter was published before the process stopped: that release kept, not drawn again")
-        ctx.mark_unit_done(plan.client_id, [f"{client_dir}/adapter/{name}" for name in ADAPTER_FILES] + [f"{client_dir}/privacy.json", f"{client_dir}/loss.json"],
+        ctx.mark_unit_done(plan.client_id, [f"{client_dir}/adapter/{name}" for name in ADAPTER_FILES] + [f"{client_dir}/{name}" for name in ("privacy.json", "loss.json", "training.json")],
                            entry.model_dump(mode="json"))
         return entry
 
@@ -308,7 +308,7 @@ class DPTrain(Stage):
         # the loss is an un-noised figure of the private data: it stays in loss.json (client side), not in a log a server may hold
         console.print(f"dp_train {plan.client_id}: {plan.steps} steps, sigma {plan.noise_multiplier:.3f}, q {plan.sample_rate:.4f}, "
                       f"{plan.size_text} ({UNIT_NAMES[plan.units.kind]} level), {shown}")
-        outputs = [f"{client_dir}/adapter/{name}" for name in ADAPTER_FILES] + [f"{client_dir}/privacy.json", f"{client_dir}/loss.json"]
+        outputs = [f"{client_dir}/adapter/{name}" for name in ADAPTER_FILES] + [f"{client_dir}/{name}" for name in ("privacy.json", "loss.json", "training.json")]
         ctx.mark_unit_done(plan.client_id, outputs, entry.model_dump(mode="json"))
         return entry
 

@@ -52,7 +52,7 @@ from knowledgesg.spec import DataSource, DeploySettings, PipelineSpec, StrictMod
 from knowledgesg.stage import Stage, StageContext
 from pipelines.ingest import client_ids, client_records, training_records
 from privacy.accounting import NOISE_MULTIPLIER_RANGE, Mechanism, calibrate_noise, default_delta, epsilons
-from privacy.ledger import LEDGER, TRUST_REPRODUCIBLE, TRUST_SERVER_NOISE, LedgerEntry, check_budget, new_release_id, now, read_stage_ledgers, trust_line
+from privacy.ledger import LEDGER, TRUST_REPRODUCIBLE, TRUST_SERVER_NOISE, LedgerEntry, check_budget, merge_releases, new_release_id, now, read_stage_ledgers, trust_line
 
 TRUST_SERVER_NOISE_SECURE_SUM = ("holders of the final model only: the server adds this noise; with secure aggregation it sees the sum of the "
                                  "clients' clipped updates (before its noise), not each one")
@@ -246,10 +246,15 @@ class Fedtune(Stage):
         work = ctx.path("work")
         # rounds a stopped attempt released are in the clients' ledgers already (spent): only those
         # still to come are planned on top (the noise stays calibrated to every round)
-        left = participation(job, after=rounds_checkpointed(work / CHECKPOINT, job))
+        done = rounds_checkpointed(work / CHECKPOINT, job)
+        left = participation(job, after=done)
+        # the rounds released come from the checkpoint too: on the server, or with nodes elsewhere,
+        # the spent releases read here predate them (a release is counted once, by its id)
+        released = [LedgerEntry.model_validate(e) for record in checkpoint_history(work / CHECKPOINT) for e in record.get("releases", [])] if done else []
         for client_id, mechanisms in planned.items():  # every budget, over all releases ever, before any training
             to_come = [m.model_copy(update={"steps": left[client_id] * p.training.steps}) for m in mechanisms if left[client_id]]
-            check_budget(ctx.spent(client_id), client_id, to_come, deltas[client_id], ctx.spec.privacy.cap_epsilon, self.name,
+            spent = merge_releases(ctx.spent(client_id), [e for e in released if e.client_id == client_id])
+            check_budget(spent, client_id, to_come, deltas[client_id], ctx.spec.privacy.cap_epsilon, self.name,
                          "record" if p.data == "private" else None)  # on private data: record level only (checked in its params)
         work.mkdir(parents=True, exist_ok=True)
         final, history = self.run_engine(ctx, job, work)

@@ -37,7 +37,7 @@ from knowledgesg.records import InstructionRecord
 from knowledgesg.stage import Stage, StageContext
 from knowledgesg.spec import StrictModel
 from privacy.accounting import NOISE_MULTIPLIER_RANGE, Mechanism, epsilons
-from privacy.ledger import LEDGER, LedgerEntry, check_budget, new_release_id, now, read_stage_ledgers, trust_line
+from privacy.ledger import LEDGER, LedgerEntry, check_budget, new_release_id, now, published_release, read_stage_ledgers, trust_line
 from privacy.noise import SecureRandom
 from privacy.units import Units, bounded_label_counts, privacy_units
 
@@ -219,12 +219,7 @@ class Synthesize(Stage):
 
     def published_unmarked(self, ctx: StageContext, client_id: str, relative: str) -> LedgerEntry | None:
         """The ledger entry of the histogram this run wrote at `relative` for the client, if it is there unmarked."""
-        path = ctx.path(relative)
-        if not path.is_file():
-            return None
-        digest, run_dir = sha256_file(path), str(ctx.run_dir.resolve())
-        return next((e for e in ctx.client_ledger(client_id).own_entries()
-                     if e.stage == self.name and e.release == "dp_label_histogram" and e.run_dir == run_dir and e.artifact_sha256 == digest), None)
+        return published_release(ctx.path(relative), ctx.client_ledger(client_id), client_id, self.name, "dp_label_histogram")
 
     def synthesize_client(self, ctx: StageContext, client_id: str, adapter: LedgerEntry, base: dict, weights: list[float]) -> LedgerEntry:
         p: SynthesizeParams = self.params

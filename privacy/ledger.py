@@ -42,7 +42,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from knowledgesg.errors import InputError, KsgError
-from knowledgesg.fileio import canonical_json, fsync_path, read_json, sha256_text
+from knowledgesg.fileio import canonical_json, fsync_path, read_json, sha256_file, sha256_text
 from knowledgesg.manifest import read_manifest
 from privacy.accounting import Epsilons, Mechanism, epsilon_pld, epsilon_prv_or_none, epsilon_rdp
 
@@ -234,6 +234,22 @@ class ClientLedger:
             os.close(fd)
         if created:
             fsync_path(self.path.parent)  # the new file's name, on file systems that need its directory flushed
+
+
+def published_release(path: Path, ledger: ClientLedger, client_id: str, stage: str, release: str) -> LedgerEntry | None:
+    """The ledger entry of a release found written at `path` by a process killed before it marked it
+    done (the entry is fsynced before the file is written): that release, to be adopted rather than
+    drawn again. None where there is no file. A file that no entry of this data set's ledger names
+    is refused: the ledger directory is not the one it was entered in, and drawing it again would
+    count the two releases in two ledgers."""
+    if not path.is_file():
+        return None
+    digest = sha256_file(path)
+    found = next((e for e in ledger.own_entries() if e.client_id == client_id and e.stage == stage and e.release == release and e.artifact_sha256 == digest), None)
+    if found is None:
+        raise InputError(f"{stage}: {path} was released for client '{client_id}', but no entry of the ledger in {ledger.path.parent} names it: it was entered "
+                         "in another ledger directory (point $KSG_LEDGER_DIR or privacy.ledger_dir back to it), or the file was changed since")
+    return found
 
 
 def received_ledger(run_dir: Path, client_id: str) -> ClientLedger:

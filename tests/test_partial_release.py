@@ -297,11 +297,17 @@ def test_an_adapter_published_before_the_process_stopped_is_kept_not_drawn_again
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(StageContext, "mark_unit_done", killed)
         with pytest.raises(Killed):
-            run(tmp_path, stages, {"target_epsilon": 3.0})
+            run(tmp_path, stages)
     adapter = sha256_file(tmp_path / ADAPTER)
     assert releases(tmp_path) == {"client_0": 1}
+    # resumed with a ledger that does not hold it: refused (drawn again, the two would sit in two ledgers)
+    monkeypatch.setenv("KSG_LEDGER_DIR", str(tmp_path / "elsewhere"))
     capsys.readouterr()
-    assert run(tmp_path, stages, {"target_epsilon": 3.0}) == 0
+    assert run(tmp_path, stages) == 2
+    assert "was released for client 'client_0', but no entry of the ledger in" in capsys.readouterr().err
+    monkeypatch.delenv("KSG_LEDGER_DIR")
+    # under the cap that holds one release per client: ksg run's check must not plan client_0's again
+    assert run(tmp_path, stages) == 0
     assert "dp_train client_0: its adapter was published before the process stopped: that release kept" in capsys.readouterr().err
     assert releases(tmp_path) == {"client_0": 1, "client_1": 1} and sha256_file(tmp_path / ADAPTER) == adapter
     assert json.loads((tmp_path / "run/stages/dp_train/clients/client_0/privacy.json").read_text())["unit"] == "record"

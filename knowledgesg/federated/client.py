@@ -338,7 +338,10 @@ class ClientRuntime:
         copy = self.storage(task) / "spec.json"  # the run directory's spec copy (knowledgesg.runner.SPEC_COPY)
         if not copy.is_file():
             return task.local_dp.documents
-        own = parse_spec(read_json(copy)["spec"], str(copy)).clients.holds_documents(task.client_id)
+        clients = parse_spec(read_json(copy)["spec"], str(copy)).clients
+        if clients.members and task.client_id not in [m.id for m in clients.members]:
+            raise KsgError(f"client '{task.client_id}': not a client of the run in {self.storage(task)} (its spec names {', '.join(m.id for m in clients.members)}): refused")
+        own = clients.holds_documents(task.client_id)
         if own != task.local_dp.documents:
             raise KsgError(f"client '{task.client_id}': the server's plan counts privacy per {'source document' if task.local_dp.documents else 'record'}, "
                            f"this client's spec per {'source document' if own else 'record'}: refused")

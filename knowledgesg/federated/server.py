@@ -20,6 +20,7 @@ sees that sum only (before its noise), never a single clipped update.
 from __future__ import annotations
 
 import json
+import zipfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -393,7 +394,10 @@ def save_checkpoint(path: Path, digest: str, x: Params, state: agg.ServerState, 
 
 
 def checkpoint_meta(path: Path) -> dict:
-    return json.loads(load_params(path)["meta"].tobytes().decode("utf-8"))
+    try:
+        return json.loads(load_params(path)["meta"].tobytes().decode("utf-8"))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:  # cut short or edited: never a traceback
+        raise KsgError(f"{path}: a damaged fedtune checkpoint ({type(err).__name__}); remove it to start the rounds again (those released stay counted)") from None
 
 
 def checkpoint_history(path: Path) -> list[dict]:
