@@ -116,12 +116,11 @@ def plan_privacy(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_di
             trained_records = planning_records(trained) if train.params.source_stage == "structure" else [r for r in trained if isinstance(r, InstructionRecord)]
             plan = train.plan(spec.privacy, client_id, trained_records, train.documents(spec, client_id), count)
             # one released before a crash is in its ledger, reused (marked done, or published and adopted)
-            if not unit_done(run_dir, train.name, client_id) and not published_release(run_dir / "stages" / train.name / published_adapter(client_id), ledger, client_id, train.name, "dp_adapter"):
+            if not unit_done(run_dir, train.name, client_id) and not adoptable(run_dir / "stages" / train.name / published_adapter(client_id), ledger, client_id, train.name, "dp_adapter"):
                 planned.append(plan.mechanism())
             check_budget(before, client_id, [], plan.delta, None, train.name, plan.units.kind)  # releases at another privacy unit: refused, as the run would
-        histogram = run_dir / "stages" / (synthesize.name if synthesize else "") / f"clients/{client_id}/label_histogram.json"
-        if synthesize is not None and not unit_done(run_dir, synthesize.name, histogram_unit(client_id)) and not published_release(
-                histogram, ledger, client_id, synthesize.name, "dp_label_histogram"):  # as dp_train's above
+        if synthesize is not None and not unit_done(run_dir, synthesize.name, histogram_unit(client_id)) and not adoptable(
+                run_dir / "stages" / synthesize.name / f"clients/{client_id}/label_histogram.json", ledger, client_id, synthesize.name, "dp_label_histogram"):  # as dp_train's above
             planned.append(synthesize.histogram_mechanism())
         # the delta the stages compose at: dp_train's, else the latest release's (the DP adapter's), else the spec's
         delta = plan.delta if plan else client_delta(before) if before else (spec.privacy.delta or (None if sized_later else default_delta(size)))
@@ -145,6 +144,16 @@ def plan_privacy(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_di
             count=how,
         ))
     return checks
+
+
+def adoptable(path: Path, ledger: ClientLedger, client_id: str, stage: str, release: str) -> bool:
+    """Whether the stage will adopt a release it published before a crash (so plans none): where it
+    will refuse instead (the data changed since, so this data set's ledger does not name it), the
+    plan counts a new one, on the safe side, and the stage's own refusal says why."""
+    try:
+        return published_release(path, ledger, client_id, stage, release) is not None
+    except InputError:
+        return False
 
 
 def refuse_over_cap(checks: list[ClientCheck]) -> None:

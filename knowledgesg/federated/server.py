@@ -395,7 +395,10 @@ def save_checkpoint(path: Path, digest: str, x: Params, state: agg.ServerState, 
 
 def checkpoint_meta(path: Path) -> dict:
     try:
-        return json.loads(load_params(path)["meta"].tobytes().decode("utf-8"))
+        meta = json.loads(load_params(path)["meta"].tobytes().decode("utf-8"))
+        if not isinstance(meta, dict) or not isinstance(meta.get("history"), list) or "job" not in meta:
+            raise ValueError("no job digest and round history")
+        return meta
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:  # cut short or edited: never a traceback
         raise KsgError(f"{path}: a damaged fedtune checkpoint ({type(err).__name__}); remove it to start the rounds again (those released stay counted)") from None
 
