@@ -260,9 +260,12 @@ def plan_at(args) -> dict[str, dict]:
     """Every run's spec by name at one training precision (`args.precision`)."""
     public = {"data": [{"builtin": "fiqa_train"}], "partition": {"method": "iid", "names": ["public"]}}
     runs = {"U": spec(args, "public", math.inf, public, [dp_train(args), evaluate(args, ["dp"])]),
-            # rows 1 and 3 on their own (each A run scores them too): no private record, no epsilon,
-            # so one run gives them to the full test sets at every epsilon
-            "P": spec(args, "public-models", math.inf, public, [synthesis(args)[1], evaluate(args, ["base", "professional"])])}
+            # rows 1 and 3 on their own (each A run scores them too): nothing trained on a client's
+            # records, no epsilon, so one run gives them to the full test sets at every epsilon. The
+            # stages need a client; not FiQA's training set, the professional's public data (refused as
+            # a client's): twenty public TFNS sentences nothing reads past ingest
+            "P": spec(args, "public-models", math.inf, {"data": [{"builtin": "tfns_train", "sample": 20}], "partition": {"method": "iid", "names": ["placeholder"]}},
+                      [synthesis(args)[1], evaluate(args, ["base", "professional"])])}
     pooled = dict(private_data(args), partition={"method": "iid", "names": ["pooled"]})
     for i, epsilon in enumerate(float(e) for e in args.epsilons.split(",")):
         e = eps_name(epsilon)
