@@ -15,7 +15,7 @@ from pathlib import Path
 
 from knowledgesg.errors import InputError
 from knowledgesg.federated.engines import CHECKPOINT
-from knowledgesg.federated.server import rounds_checkpointed
+from knowledgesg.federated.server import resumed_history
 from knowledgesg.models import source_files
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import PipelineSpec
@@ -24,7 +24,7 @@ from pipelines.dp_train import DPTrain, published_adapter
 from pipelines.fedtune import Fedtune
 from pipelines.ingest import Ingest, client_records, data_units, planned_units, planning_records, training_records
 from pipelines.prepare_models import model_kinds
-from pipelines.synthesize import Synthesize, histogram_unit
+from pipelines.synthesize import Synthesize, histogram_path, histogram_unit
 from privacy.accounting import default_delta
 from privacy.count import ReleasedCount, count_mechanism, released_count
 from privacy.ledger import ClientLedger, LedgerEntry, check_budget, client_delta, compose, data_key, ledger_directory, published_release
@@ -120,7 +120,7 @@ def plan_privacy(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_di
                 planned.append(plan.mechanism())
             check_budget(before, client_id, [], plan.delta, None, train.name, plan.units.kind)  # releases at another privacy unit: refused, as the run would
         if synthesize is not None and not unit_done(run_dir, synthesize.name, histogram_unit(client_id)) and not adoptable(
-                run_dir / "stages" / synthesize.name / f"clients/{client_id}/label_histogram.json", ledger, client_id, synthesize.name, "dp_label_histogram"):  # as dp_train's above
+                run_dir / "stages" / synthesize.name / histogram_path(client_id), ledger, client_id, synthesize.name, "dp_label_histogram"):  # as dp_train's above
             planned.append(synthesize.histogram_mechanism())
         # the delta the stages compose at: dp_train's, else the latest release's (the DP adapter's), else the spec's
         delta = plan.delta if plan else client_delta(before) if before else (spec.privacy.delta or (None if sized_later else default_delta(size)))
@@ -131,7 +131,7 @@ def plan_privacy(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_di
             # noise is calibrated to every round, the budget counts those to come (the stage checks
             # again with its job, whose checkpoint it resumes only if it is this job's)
             rounds = private_fedtune.params.rounds
-            left = rounds - rounds_checkpointed(run_dir / "stages" / private_fedtune.name / "work" / CHECKPOINT)
+            left = rounds - len(resumed_history(run_dir / "stages" / private_fedtune.name / "work" / CHECKPOINT))
             if left > 0:
                 mechanisms = private_fedtune.plan_mechanisms([client_id], {client_id: rounds}, {client_id: size}, {client_id: delta})[client_id]
                 planned += [m.model_copy(update={"steps": m.steps * left // rounds}) for m in mechanisms]

@@ -117,6 +117,11 @@ def published_adapter(client_id: str) -> str:
     return f"clients/{client_id}/adapter/adapter_model.safetensors"
 
 
+def unit_outputs(client_dir: str) -> list[str]:
+    """A client's files that its unit marker restores on a resume."""
+    return [f"{client_dir}/adapter/{name}" for name in ADAPTER_FILES] + [f"{client_dir}/{name}" for name in ("privacy.json", "loss.json", "training.json")]
+
+
 class DPTrain(Stage):
     name = "dp_train"
     Params = DPTrainParams
@@ -205,7 +210,7 @@ class DPTrain(Stage):
     def released_part(self, stage_dir: Path) -> list[str]:
         """Its finished units, and the clients whose adapter it published before the process
         stopped (their ledger entries fsynced first): a refusal must not wipe what the resume adopts."""
-        published = [p.parent.parent.name for p in sorted((stage_dir / "clients").glob("*/adapter/adapter_model.safetensors"))]
+        published = [p.parent.parent.name for p in sorted(stage_dir.glob(published_adapter("*")))]
         return sorted(set(super().released_part(stage_dir)) | set(published))
 
     def published_unmarked(self, ctx: StageContext, plan: ClientPlan) -> LedgerEntry | None:
@@ -223,8 +228,7 @@ class DPTrain(Stage):
             ctx.declare_output(f"{client_dir}/{name}", side=side)
         ctx.write_json(f"{client_dir}/privacy.json", self.privacy_record(ctx, plan, entry, base))
         console.print(f"dp_train {plan.client_id}: its adapter was published before the process stopped: that release kept, not drawn again")
-        ctx.mark_unit_done(plan.client_id, [f"{client_dir}/adapter/{name}" for name in ADAPTER_FILES] + [f"{client_dir}/{name}" for name in ("privacy.json", "loss.json", "training.json")],
-                           entry.model_dump(mode="json"))
+        ctx.mark_unit_done(plan.client_id, unit_outputs(client_dir), entry.model_dump(mode="json"))
         return entry
 
     def train_client(self, ctx: StageContext, plan: ClientPlan, base: dict) -> LedgerEntry:
@@ -308,8 +312,7 @@ class DPTrain(Stage):
         # the loss is an un-noised figure of the private data: it stays in loss.json (client side), not in a log a server may hold
         console.print(f"dp_train {plan.client_id}: {plan.steps} steps, sigma {plan.noise_multiplier:.3f}, q {plan.sample_rate:.4f}, "
                       f"{plan.size_text} ({UNIT_NAMES[plan.units.kind]} level), {shown}")
-        outputs = [f"{client_dir}/adapter/{name}" for name in ADAPTER_FILES] + [f"{client_dir}/{name}" for name in ("privacy.json", "loss.json", "training.json")]
-        ctx.mark_unit_done(plan.client_id, outputs, entry.model_dump(mode="json"))
+        ctx.mark_unit_done(plan.client_id, unit_outputs(client_dir), entry.model_dump(mode="json"))
         return entry
 
     def privacy_record(self, ctx: StageContext, plan: ClientPlan, entry: LedgerEntry, base: dict) -> dict:

@@ -44,7 +44,7 @@ from knowledgesg.federated.engines import CHECKPOINT, FINAL, INITIAL, JOB, ROUND
 from knowledgesg.federated.flower import run_simulation
 from knowledgesg.federated.protocol import LocalDP, LocalTraining, LoraShape, UpdateEncoding, load_params, save_params
 from knowledgesg.federated.secagg import SecureAggregation, conflicts
-from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, checkpoint_history, participation, rounds_checkpointed
+from knowledgesg.federated.server import ClientDP, FedJob, RuleSettings, participation, resumed_history, round_releases
 from knowledgesg.fileio import read_json, read_jsonl, write_dir, write_json
 from knowledgesg.loaders import load_labelled_pool, refuse_client_data, source_name_of, source_path
 from knowledgesg.models import cache_root, resolve_device, resolve_precision
@@ -175,9 +175,7 @@ class Fedtune(Stage):
 
     def unfinished_releases(self, stage_dir: Path) -> list[LedgerEntry]:
         """The rounds' releases its checkpoint holds (the clients' entries, as they sent them)."""
-        checkpoint = stage_dir / "work" / CHECKPOINT
-        history = checkpoint_history(checkpoint) if checkpoint.is_file() else []
-        return super().unfinished_releases(stage_dir) + [LedgerEntry.model_validate(e) for record in history for e in record.get("releases", [])]
+        return super().unfinished_releases(stage_dir) + round_releases(resumed_history(stage_dir / "work" / CHECKPOINT))
 
     def released_part(self, stage_dir: Path) -> list[str]:
         """On private data the rounds are releases, kept in the checkpoint a refusal must not wipe."""
@@ -246,11 +244,11 @@ class Fedtune(Stage):
         work = ctx.path("work")
         # rounds a stopped attempt released are in the clients' ledgers already (spent): only those
         # still to come are planned on top (the noise stays calibrated to every round)
-        done = rounds_checkpointed(work / CHECKPOINT, job)
-        left = participation(job, after=done)
+        resumed = resumed_history(work / CHECKPOINT, job)
+        left = participation(job, after=len(resumed))
         # the rounds released come from the checkpoint too: on the server, or with nodes elsewhere,
         # the spent releases read here predate them (a release is counted once, by its id)
-        released = [LedgerEntry.model_validate(e) for record in checkpoint_history(work / CHECKPOINT) for e in record.get("releases", [])] if done else []
+        released = round_releases(resumed)
         for client_id, mechanisms in planned.items():  # every budget, over all releases ever, before any training
             to_come = [m.model_copy(update={"steps": left[client_id] * p.training.steps}) for m in mechanisms if left[client_id]]
             spent = merge_releases(ctx.spent(client_id), [e for e in released if e.client_id == client_id])

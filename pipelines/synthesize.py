@@ -134,6 +134,11 @@ def histogram_unit(client_id: str) -> str:
     return f"label_histogram/{client_id}"  # a unit file per client, as dp_train's are: units/label_histogram/<client>.json
 
 
+def histogram_path(client_id: str) -> str:
+    """Where synthesize writes a client's noised label counts, in its stage directory."""
+    return f"clients/{client_id}/label_histogram.json"
+
+
 class Synthesize(Stage):
     name = "synthesize"
     Params = SynthesizeParams
@@ -161,7 +166,7 @@ class Synthesize(Stage):
         if p.class_balance == "dp_histogram":  # refuse before any client's work, not midway
             for client_id in partition["clients"]:
                 # a histogram released before a crash is in the client's ledger already, and is reused
-                published = ctx.unit_done(histogram_unit(client_id)) or self.published_unmarked(ctx, client_id, f"clients/{client_id}/label_histogram.json")
+                published = ctx.unit_done(histogram_unit(client_id)) or self.published_unmarked(ctx, client_id)
                 planned = [] if published else [self.histogram_mechanism()]
                 check_budget(ctx.spent(client_id), client_id, planned, adapters[client_id].delta, ctx.spec.privacy.cap_epsilon, self.name, ctx.spec.privacy.unit)
         models = ctx.models()
@@ -185,8 +190,8 @@ class Synthesize(Stage):
         done = ctx.completed_unit(histogram_unit(client_id))
         if done:
             return LedgerEntry.model_validate(done["entry"]), done["weights"]
-        relative = f"clients/{client_id}/label_histogram.json"
-        published = self.published_unmarked(ctx, client_id, relative)
+        relative = histogram_path(client_id)
+        published = self.published_unmarked(ctx, client_id)
         if published is not None:  # written (its entry fsynced first) by a process killed before it marked it: that release, not a new draw
             ctx.declare_output(relative)
             weights = [read_json(ctx.path(relative))["labels"][label] for label in p.labels]
@@ -214,12 +219,12 @@ class Synthesize(Stage):
     def released_part(self, stage_dir: Path) -> list[str]:
         """Its finished units, and the clients whose counts it wrote before the process stopped
         (their ledger entries fsynced first): a refusal must not wipe what the resume adopts."""
-        written = [p.parent.name for p in sorted((stage_dir / "clients").glob("*/label_histogram.json"))]
+        written = [p.parent.name for p in sorted(stage_dir.glob(histogram_path("*")))]
         return sorted(set(super().released_part(stage_dir)) | set(written))
 
-    def published_unmarked(self, ctx: StageContext, client_id: str, relative: str) -> LedgerEntry | None:
-        """The ledger entry of the histogram this run wrote at `relative` for the client, if it is there unmarked."""
-        return published_release(ctx.path(relative), ctx.client_ledger(client_id), client_id, self.name, "dp_label_histogram")
+    def published_unmarked(self, ctx: StageContext, client_id: str) -> LedgerEntry | None:
+        """The ledger entry of the client's histogram this run wrote, if it is there unmarked."""
+        return published_release(ctx.path(histogram_path(client_id)), ctx.client_ledger(client_id), client_id, self.name, "dp_label_histogram")
 
     def synthesize_client(self, ctx: StageContext, client_id: str, adapter: LedgerEntry, base: dict, weights: list[float]) -> LedgerEntry:
         p: SynthesizeParams = self.params

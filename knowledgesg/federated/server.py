@@ -40,6 +40,7 @@ from knowledgesg.federated.secagg import SecAggPlan, SecureAggregation, SecureSu
 from knowledgesg.fileio import canonical_json, named_crash_point, sha256_text
 from knowledgesg.spec import StrictModel
 from privacy.accounting import NOISE_MULTIPLIER_RANGE
+from privacy.ledger import LedgerEntry
 from privacy.noise import SecureRandom
 
 
@@ -403,18 +404,18 @@ def checkpoint_meta(path: Path) -> dict:
         raise KsgError(f"{path}: a damaged fedtune checkpoint ({type(err).__name__}); remove it to start the rounds again (those released stay counted)") from None
 
 
-def checkpoint_history(path: Path) -> list[dict]:
-    """The rounds a checkpoint saved, as RoundRecord dicts (each with the releases its clients sent)."""
-    return checkpoint_meta(path)["history"]
-
-
-def rounds_checkpointed(path: Path, job: FedJob | None = None) -> int:
-    """How many rounds a checkpoint at `path` saved for this job (0: none, or another job's); for
+def resumed_history(path: Path, job: FedJob | None = None) -> list[dict]:
+    """The rounds a checkpoint at `path` saved for this job ([]: none, or another job's); for
     whichever job saved it where `job` is None (`ksg run`'s check before the job is built)."""
     if not path.is_file():
-        return 0
+        return []
     meta = checkpoint_meta(path)
-    return len(meta["history"]) if job is None or meta["job"] == resume_digest(job) else 0
+    return meta["history"] if job is None or meta["job"] == resume_digest(job) else []
+
+
+def round_releases(history: list[dict]) -> list[LedgerEntry]:
+    """The ledger entries the clients sent with the rounds of a checkpoint's history."""
+    return [LedgerEntry.model_validate(e) for record in history for e in record.get("releases", [])]
 
 
 def load_checkpoint(path: Path, digest: str) -> tuple[Params, agg.ServerState, list[RoundRecord], dict[str, Params], Params] | None:
