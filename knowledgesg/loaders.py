@@ -45,7 +45,8 @@ def _decode(path: Path) -> str:
         return data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark, as Windows tools write one
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
-        raise data_error(path, f"not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}); re-encode the file as UTF-8", line=line) from None
+        # The line says where; the byte and its offset are the record's content, kept off the console.
+        raise data_error(path, "not valid UTF-8; re-encode the file as UTF-8", line=line) from None
 
 
 def _rows_jsonl(path: Path) -> Iterator[Row]:
@@ -192,7 +193,10 @@ def rows_to_records(path: Path, rows: Iterator[Row], source: DataSource, source_
         raw_id = values.pop("id", None) or str(number)
         if raw_id in first_seen:
             where = "line" if line_based else "record"
-            raise data_error(path, f"duplicate id '{raw_id}' (first at {where} {first_seen[raw_id]})", field=source.fields.get("id", "id"), **({"line": number} if line_based else {}))
+            # Named by position, not by value: an id may itself be private (a patient number).
+            prefix = "" if line_based else f"record {number}: "
+            raise data_error(path, f"{prefix}duplicate id (the same as at {where} {first_seen[raw_id]})", field=source.fields.get("id", "id"),
+                             **({"line": number} if line_based else {}))
         first_seen[raw_id] = number
         records.append(record_type(id=f"{source_name}/{raw_id}", source=source_name, **values))
     if not records:

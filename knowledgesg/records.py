@@ -57,6 +57,8 @@ def unpaired_surrogate(value: str) -> str | None:
     without its pair, as a tweet cut mid-emoji has), or None."""
     try:
         value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        return f"holds an unpaired surrogate (\\u{ord(value[err.start]):04x} at character {err.start + 1}): not text UTF-8 can hold"
+    except UnicodeEncodeError:
+        # Neither the code unit nor its position is named: the value may be a private record's, and an
+        # error line reaches consoles and logs the server may read (file, line and field say where).
+        return "holds an unpaired surrogate (half of a UTF-16 pair, as text cut mid-emoji has): not text UTF-8 can hold"
     return None

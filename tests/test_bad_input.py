@@ -39,7 +39,7 @@ DATA_CASES = [
     ("empty-field", {"path": "data.jsonl"}, _jsonl(GOOD + '{"id": "b", "instruction": "  ", "response": "no"}\n'), r"data\.jsonl:2: field 'instruction': is empty"),
     ("null-field", {"path": "data.jsonl"}, _jsonl(GOOD + '{"id": "b", "instruction": "Q", "response": null}\n'), r"data\.jsonl:2: field 'response': is null"),
     ("wrong-type", {"path": "data.jsonl"}, _jsonl(GOOD + '{"id": "b", "instruction": 42, "response": "no"}\n'), r"data\.jsonl:2: field 'instruction': must be a string, got int"),
-    ("duplicate-id", {"path": "data.jsonl"}, _jsonl(GOOD + GOOD), r"data\.jsonl:2: field 'id': duplicate id 'a' \(first at line 1\)"),
+    ("duplicate-id", {"path": "data.jsonl"}, _jsonl(GOOD + GOOD), r"data\.jsonl:2: field 'id': duplicate id \(the same as at line 1\)$"),
     ("non-utf8-jsonl", {"path": "data.jsonl"}, _bytes("data.jsonl", GOOD.encode() + b'{"id": "b", "instruction": "caf\xe9", "response": "x"}\n'), r"data\.jsonl:2: not valid UTF-8"),
     ("non-utf8-csv", {"path": "d.csv"}, _bytes("d.csv", b"instruction,response\nok,yes\nna\xefve,no\n"), r"d\.csv:3: not valid UTF-8"),
     ("unknown-format", {"path": "d.xlsx"}, _bytes("d.xlsx", b"PK\x03\x04"), r"d\.xlsx: unknown data format '\.xlsx'"),
@@ -66,7 +66,7 @@ DATA_CASES = [
     ("builtin-kind-mismatch", {"builtin": "pubmed_abstracts", "kind": "instruction"}, None, r"builtin data set 'pubmed_abstracts' holds text records, but the spec says kind: instruction"),
     # a tweet cut mid-emoji: JSON holds the escape, UTF-8 cannot (it had been a pydantic traceback)
     ("unpaired-surrogate", {"path": "data.jsonl"}, _jsonl(GOOD + '{"id": "b", "instruction": "a\\ud83db", "response": "no"}\n'),
-     r"data\.jsonl:2: field 'instruction': holds an unpaired surrogate \(\\ud83d at character 2\)"),
+     r"data\.jsonl:2: field 'instruction': holds an unpaired surrogate \(half of a UTF-16 pair"),
     ("unpaired-surrogate-constant", {"path": "data.jsonl", "constants": {"input": "x\ud800"}}, _jsonl(GOOD), r"spec\.yaml: clients\.data\[0\]\.constants: constants: 'input' holds an unpaired surrogate"),
     ("integer-labels", {"path": "data.jsonl"}, _jsonl('{"instruction": "Q", "response": 2}\n'), r"data\.jsonl:1: field 'response': must be a string, got int \(labels given as numbers"),
     # the next after a byte-order mark, which Windows tools write: read as the CSV reader reads it
@@ -166,6 +166,21 @@ SPEC_CASES = [
     ("bool-in-nested-stage-param", lambda s: s.update(stages=[{"name": "ingest"}, {"name": "fedtune", "params": {"data": "private", "training": {"steps": False}}}]),
      r"stages\[1\]\.params: training\.steps: should be a number, got False"),
 ]
+
+
+def test_a_data_error_says_where_never_what_the_record_holds(tmp_path: Path, monkeypatch, capsys):
+    # The error line reaches a console and logs the server may read: file, line and field say where the
+    # fault is; the record's content (here the surrogate's code unit and where it stands) stays out.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.jsonl").write_text(GOOD + '{"id": "b", "instruction": "pin 4\\udc17 9", "response": "no"}\n')
+    (tmp_path / "latin.jsonl").write_bytes(GOOD.encode() + b'{"id": "b", "instruction": "pin 4\xe9 9", "response": "no"}\n')
+    for name, where, content in (("data.jsonl", "data.jsonl:2: field 'instruction'", ("dc17", "character 6")),
+                                 ("latin.jsonl", "latin.jsonl:2: not valid UTF-8", ("0xe9", "offset"))):
+        spec = write_spec(tmp_path, tiny_spec(data=[{"path": name}]))
+        assert main(["run", str(spec), "--run-dir", "run"]) == 2
+        err = capsys.readouterr().err
+        assert where in err, err
+        assert not any(part in err.lower() for part in content), err
 
 
 @pytest.mark.parametrize("case_id,mutate,pattern", SPEC_CASES, ids=[c[0] for c in SPEC_CASES])
