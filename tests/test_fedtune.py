@@ -500,8 +500,8 @@ def test_on_a_data_owners_node_its_own_ledger_cap_and_noise_hold_not_the_servers
     # a node config naming the node's spec: its privacy section, as the node's own ingest and dp_train read it
     (tmp_path / "node.yaml").write_text(yaml.safe_dump(tiny_spec(privacy={"target_epsilon": 8.0, "ledger_dir": "owner-ledger", "cap_epsilon": 9.0})))
     settings = NodeSettings.of({"run-dir": str(node_run), "spec": str(tmp_path / "node.yaml")})
-    assert settings == NodeSettings(str(owner), 9.0, False, unit="record")
-    assert NodeSettings.of({"run-dir": str(node_run), "spec": str(tmp_path / "node.yaml"), "cap-epsilon": 2.0, "ledger-dir": "elsewhere"}) == NodeSettings("elsewhere", 2.0, False, unit="record")
+    assert settings == NodeSettings(str(owner), 9.0, False, unit="record", clients=settings.clients) and settings.clients is not None
+    assert NodeSettings.of({"run-dir": str(node_run), "spec": str(tmp_path / "node.yaml"), "cap-epsilon": 2.0, "ledger-dir": "elsewhere"}) == NodeSettings("elsewhere", 2.0, False, unit="record", clients=settings.clients)
     # a deployed node with no settings of its own (no run-dir) would obey the task's: refused on private data
     from knowledgesg.federated.flower import node_settings
 

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 import pipelines.ingest
 from knowledgesg.cli import main
@@ -166,8 +167,8 @@ def test_a_client_takes_its_privacy_unit_from_its_own_spec_not_the_servers_plan(
     """Whether a client's records form source-document units is its spec's to say: a server's task
     saying otherwise (records where the owner's spec maps document_id) is refused, never obeyed."""
     from knowledgesg.errors import KsgError
-    from knowledgesg.federated.client import ClientRuntime
-    from knowledgesg.federated.protocol import LocalDP
+    from knowledgesg.federated.client import ClientRuntime, NodeSettings
+    from knowledgesg.federated.protocol import ClientTask, LocalDP
     from knowledgesg.records import InstructionRecord
 
     spec = tiny_spec(clients={"members": [{"id": "bank", "data": [{"path": "data.jsonl", "fields": {"document_id": "doc"}}]}]})
@@ -175,11 +176,24 @@ def test_a_client_takes_its_privacy_unit_from_its_own_spec_not_the_servers_plan(
     task = type("Task", (), {"client_id": "bank", "run_dir": str(tmp_path),
                              "local_dp": LocalDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.2, num_units=10, delta=1e-5, documents=False)})()
     records = [InstructionRecord(id=f"r{i}", source="d", instruction="Classify.", response="positive", document_id=f"d{i // 2}") for i in range(20)]
-    with pytest.raises(KsgError, match="the server's plan counts privacy per record, this client's spec per source document: refused"):
+    with pytest.raises(KsgError, match=r"the server's plan counts privacy per record, the run in .* per source document: refused"):
         ClientRuntime()._privacy_units(task, records)
-    task.local_dp = task.local_dp.model_copy(update={"documents": True})
+    agreeing = task.local_dp.model_copy(update={"documents": True})
+    task.local_dp = agreeing
     units = ClientRuntime()._privacy_units(task, records)
     assert units.kind == "source_document" and units.count == 10
+
+    # a data owner's node whose storage holds no spec copy: its node config's own spec decides, not the task
+    (tmp_path / "spec.json").unlink()
+    (tmp_path / "node.yaml").write_text(yaml.safe_dump(spec))
+    node = NodeSettings.of({"run-dir": str(tmp_path), "spec": str(tmp_path / "node.yaml"), "client-id": "bank"})
+    planned = LocalDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.2, num_units=20, delta=1e-5, documents=False)
+    with pytest.raises(KsgError, match="the server's plan counts privacy per record, this node's spec per source document: refused"):
+        node.govern(ClientTask.model_construct(client_id="bank", local_dp=planned, reproducible_coins=False))
+    assert node.govern(ClientTask.model_construct(client_id="bank", local_dp=agreeing, reproducible_coins=False)).local_dp.documents
+    with pytest.raises(KsgError, match="not a client of this node's spec"):
+        NodeSettings.of({"run-dir": str(tmp_path), "spec": str(tmp_path / "node.yaml")}).govern(
+            ClientTask.model_construct(client_id="other", local_dp=agreeing, reproducible_coins=False))
 
 
 def test_a_ledger_enters_a_once_only_release_once(tmp_path: Path):

@@ -32,7 +32,7 @@ from knowledgesg.federated.protocol import ClientTask, ClientUpdate, LocalDP, Lo
 from knowledgesg.fileio import read_json, read_jsonl, sha256_text
 from knowledgesg.models import REGISTRY, TINY, Precision, ResolvedModel, load_causal_lm, resolve_model, resolve_precision
 from knowledgesg.records import InstructionRecord
-from knowledgesg.spec import load_spec, parse_spec
+from knowledgesg.spec import ClientsSpec, load_spec, parse_spec
 from privacy.accounting import Mechanism, default_delta, epsilons
 from privacy.ledger import LEDGER_ENV, ClientLedger, LedgerEntry, check_budget, client_delta, ledger_directory, new_release_id, now, trust_line
 from privacy.noise import SecureRandom
@@ -145,6 +145,18 @@ def update_digest(update: Params) -> str:
     return digest.hexdigest()
 
 
+def check_document_units(task: ClientTask, clients: ClientsSpec, whose: str) -> bool:
+    """Whether the client's records form source-document units as a spec of its own says; a task
+    naming a client that spec does not have, or planning the other unit, is refused."""
+    if clients.members and task.client_id not in [m.id for m in clients.members]:
+        raise KsgError(f"client '{task.client_id}': not a client of {whose} (it names {', '.join(m.id for m in clients.members)}): refused")
+    own = clients.holds_documents(task.client_id)
+    if own != task.local_dp.documents:
+        raise KsgError(f"client '{task.client_id}': the server's plan counts privacy per {'source document' if task.local_dp.documents else 'record'}, "
+                       f"{whose} per {'source document' if own else 'record'}: refused")
+    return own
+
+
 @dataclass(frozen=True)
 class NodeSettings:
     """What a data owner's SuperNode decides for itself, whatever a task from the server says (its
@@ -167,6 +179,9 @@ class NodeSettings:
     # the node's own model cache (node config `model-cache`, else its spec's models.cache_dir, else
     # $KSG_CACHE_DIR or ~/.cache/knowledgesg): the server's task names a path on the server's machine
     model_cache: str | None = None
+    # the node's own spec's clients section (node config `spec`): the privacy unit its data is
+    # counted in, source document or record, which a server's task may not change
+    clients: ClientsSpec | None = None
 
     @classmethod
     def of(cls, node_config: dict) -> NodeSettings:
@@ -175,10 +190,10 @@ class NodeSettings:
         its ingest and dp_train read it: the same ledger), else $KSG_LEDGER_DIR or RUN/ledger in
         the node's `run-dir`, no cap, noise from OS entropy."""
         run_dir = Path(str(node_config["run-dir"]))
-        privacy, base_dir, spec_cache = None, run_dir, None
+        privacy, base_dir, spec_cache, clients = None, run_dir, None, None
         if node_config.get("spec"):
             spec, base_dir = load_spec(str(node_config["spec"]))
-            privacy, base_dir, spec_cache = spec.privacy, Path(str(node_config.get("base-dir", base_dir))), spec.models.cache_dir
+            privacy, base_dir, spec_cache, clients = spec.privacy, Path(str(node_config.get("base-dir", base_dir))), spec.models.cache_dir, spec.clients
         ledger = node_config.get("ledger-dir") or ledger_directory(privacy.ledger_dir if privacy else None, base_dir, run_dir)
         cap = node_config.get("cap-epsilon", privacy.cap_epsilon if privacy else None)
         reproducible = str(node_config.get("reproducible-noise", False)).lower() == "true" or bool(privacy and privacy.reproducible_noise)
@@ -187,7 +202,7 @@ class NodeSettings:
         unit = node_config.get("unit", privacy.unit if privacy else None)
         cache = node_config.get("model-cache") or spec_cache
         return cls(str(ledger), float(cap) if cap is not None else None, reproducible, str(client) if client is not None else None,
-                   float(delta) if delta is not None else None, str(unit) if unit is not None else None, str(cache) if cache is not None else None)
+                   float(delta) if delta is not None else None, str(unit) if unit is not None else None, str(cache) if cache is not None else None, clients)
 
     def govern(self, task: ClientTask) -> ClientTask:
         """The task with the node's own settings; refused if the server asks for reproducible noise
@@ -201,6 +216,8 @@ class NodeSettings:
             return task
         if self.unit is not None and task.local_dp.unit != self.unit:
             raise KsgError(f"client '{task.client_id}': the server's plan counts privacy per {task.local_dp.unit}, this node's privacy unit is the {self.unit} (unit): refused")
+        if self.clients is not None:
+            check_document_units(task, self.clients, "this node's spec")
         caps = [c for c in (self.cap_epsilon, task.local_dp.cap_epsilon) if c is not None]
         local_dp = task.local_dp.model_copy(update={"ledger_dir": self.ledger_dir, "cap_epsilon": min(caps) if caps else None, "reproducible_noise": self.reproducible_noise})
         return task.model_copy(update={"local_dp": local_dp, "reproducible_coins": self.reproducible_noise and task.reproducible_coins})
@@ -334,18 +351,12 @@ class ClientRuntime:
 
     def _documents(self, task: ClientTask) -> bool:
         """Whether this client's records form source-document units, as its own run's spec says
-        (the server's plan does not decide a data owner's unit: a task that disagrees is refused)."""
+        (the server's plan does not decide a data owner's unit: a task that disagrees is refused).
+        Without a spec copy in its storage, the task's, which a node's own spec (`govern`) checked."""
         copy = self.storage(task) / "spec.json"  # the run directory's spec copy (knowledgesg.runner.SPEC_COPY)
         if not copy.is_file():
             return task.local_dp.documents
-        clients = parse_spec(read_json(copy)["spec"], str(copy)).clients
-        if clients.members and task.client_id not in [m.id for m in clients.members]:
-            raise KsgError(f"client '{task.client_id}': not a client of the run in {self.storage(task)} (its spec names {', '.join(m.id for m in clients.members)}): refused")
-        own = clients.holds_documents(task.client_id)
-        if own != task.local_dp.documents:
-            raise KsgError(f"client '{task.client_id}': the server's plan counts privacy per {'source document' if task.local_dp.documents else 'record'}, "
-                           f"this client's spec per {'source document' if own else 'record'}: refused")
-        return own
+        return check_document_units(task, parse_spec(read_json(copy)["spec"], str(copy)).clients, f"the run in {self.storage(task)}")
 
     def _ledger(self, task: ClientTask, node: NodeSettings | None) -> ClientLedger:
         storage = self.storage(task)
