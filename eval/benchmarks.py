@@ -136,7 +136,8 @@ def multiple_choice_item(path: Path, number: int, row: dict) -> Item:
         raise InputError(f"{path}: record {number}: field 'question': a non-empty question with at least 2 options is needed")
     index = answer_index(str(answer).strip(), letters, texts)
     if index is None:
-        raise InputError(f"{path}: record {number}: field 'answer': {answer!r} is neither an option letter, an index nor an option's text")
+        # the answer not quoted: a private test set's item reaches a console the server may keep
+        raise InputError(f"{path}: record {number}: field 'answer': is neither an option letter, an index nor an option's text")
     listing = "\n".join(f"{letter}. {text}" for letter, text in zip(letters, texts))
     return Item(f"{question}\n{listing}\nAnswer with the letter of the correct option.", letters, index)
 

@@ -157,16 +157,28 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 class DamagedJSON(json.JSONDecodeError, KsgError):
     """A JSON file the run wrote that cannot be read back (cut short, edited, not UTF-8): the CLI's
-    one line naming it, and still a JSONDecodeError for callers that take a damaged cache as absent."""
+    one line naming it, and still a JSONDecodeError for callers that take a damaged cache as absent.
+    It keeps neither the document nor a position in it: the file may be a client's records, and a
+    position may fall inside a value."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "", 0)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):  # JSONDecodeError's takes (msg, doc, pos)
+        return type(self), (self.message,)
 
 
 def _decoded(path: Path, read: Callable[[], Any]) -> Any:
     try:
         return read()
     except json.JSONDecodeError as err:
-        raise DamagedJSON(f"{path}: damaged JSON ({err.msg})", err.doc, err.pos) from None
-    except UnicodeDecodeError as err:
-        raise DamagedJSON(f"{path}: damaged JSON (not UTF-8 at byte {err.start})", "", 0) from None
+        raise DamagedJSON(f"{path}: damaged JSON ({err.msg})") from None
+    except UnicodeDecodeError:
+        raise DamagedJSON(f"{path}: damaged JSON (not UTF-8)") from None
 
 
 def read_json(path: str | Path) -> Any:

@@ -56,7 +56,8 @@ def _rows_jsonl(path: Path) -> Iterator[Row]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise data_error(path, f"malformed JSON ({err.msg} at column {err.colno})", line=number) from None
+            # no column: in an unterminated string or a bad escape it is a position inside a value
+            raise data_error(path, f"malformed JSON ({err.msg})", line=number) from None
         except (ValueError, RecursionError) as err:  # an integer of over 4,300 digits, nesting deeper than the stack
             raise data_error(path, f"unreadable JSON ({type(err).__name__})", line=number) from None
         if not isinstance(row, dict):
@@ -86,9 +87,12 @@ def _rows_csv(path: Path) -> Iterator[Row]:
     reader = csv.DictReader(io.StringIO(_decode(path), newline=""), strict=True)
     starts = 1  # the line the row being read starts on (a quoted cell may span lines)
     try:
-        repeated = [name for name, count in Counter(reader.fieldnames or []).items() if count > 1]
+        names = reader.fieldnames or []
+        repeated = [name for name, count in Counter(names).items() if count > 1]
         if repeated:  # DictReader would keep the last column of that name and drop the others
-            raise data_error(path, f"column '{repeated[0]}' appears more than once in the header", line=1)
+            # by position, not name: without a header row the "header" is a private record (`field_names`)
+            first, second = [k + 1 for k, name in enumerate(names) if name == repeated[0]][:2]
+            raise data_error(path, f"columns {first} and {second} have the same name in the header", line=1)
         starts = reader.line_num + 1
         for row in reader:
             if None in row:  # more cells than header columns
@@ -106,7 +110,11 @@ def _rows_parquet(path: Path) -> Iterator[Row]:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises several unrelated types for a corrupt file
         raise data_error(path, f"not a readable Parquet file ({type(err).__name__}: {err})") from None
-    yield from enumerate(table.to_pylist(), start=1)
+    try:
+        rows = table.to_pylist()
+    except UnicodeDecodeError:  # its text names the byte and where it stands in a value
+        raise data_error(path, "holds text that is not valid UTF-8") from None
+    yield from enumerate(rows, start=1)
 
 
 def _rows_hf_disk(path: Path) -> Iterator[Row]:
@@ -120,13 +128,23 @@ def _rows_hf_disk(path: Path) -> Iterator[Row]:
         if len(loaded) != 1:
             raise data_error(path, f"holds several splits ({', '.join(loaded)}); point 'path' at one split's directory")
         loaded = next(iter(loaded.values()))
-    yield from enumerate(loaded, start=1)
+    rows = iter(loaded)  # its strings are decoded as each row is read
+    number = 0
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except UnicodeDecodeError:  # its text names the byte and where it stands in a value
+            raise data_error(path, f"record {number + 1}: holds text that is not valid UTF-8") from None
+        number += 1
+        yield number, row
 
 
 READERS = {"jsonl": _rows_jsonl, "json": _rows_json, "csv": _rows_csv, "parquet": _rows_parquet, "hf_disk": _rows_hf_disk}
 
 
-def _field_names(row: dict[str, Any], fmt: str) -> str:
+def field_names(row: dict[str, Any], fmt: str) -> str:
     """A record's field names for an error message. Not a CSV file's: its "header" is its first
     private record when it has no header row (a sentence, a patient's name), and no rule tells a
     name from a value ("JaneRoe"); a JSON object's keys are names."""
@@ -144,7 +162,7 @@ def _field_value(path: Path, number: int, row: dict[str, Any], record_field: str
     if column not in row:
         if required:
             hint = (f" (mapped to record field '{record_field}')" if column != record_field
-                    else f" (the record has {_field_names(row, fmt)}; map one with `fields: {{{record_field}: NAME}}` on the data source)")
+                    else f" (the record has {field_names(row, fmt)}; map one with `fields: {{{record_field}: NAME}}` on the data source)")
             raise data_error(path, f"{prefix}missing{hint}", field=column, **where)
         return None
     value = row[column]

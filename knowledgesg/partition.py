@@ -21,7 +21,9 @@ def _field(record: Record, name: str, key: str) -> str:
     """The record's value in field `name`, which the spec's `clients.partition.<key>` named."""
     value = getattr(record, name, None)
     if value is None or value == "":
-        raise SpecError(f"clients.partition.{key}: record '{record.id}' has no value in field '{name}' to partition by")
+        # the record named by its source, not its id: an id may itself be private (a patient number),
+        # and this line reaches the run's event log
+        raise SpecError(f"clients.partition.{key}: a record of source '{record.source}' has no value in field '{name}' to partition by")
     return str(value)
 
 
@@ -31,12 +33,13 @@ def partition_natural(records: list[Record], spec: PartitionSpec) -> dict[str, l
         value = _field(record, spec.field, "field")
         reason = unsafe_identifier_reason(value) if not spec.names else None
         if reason:  # the value becomes a client id, and so a directory name
-            raise SpecError(f"clients.partition.field: record '{record.id}' field '{spec.field}': value {value!r} cannot name a client ({reason}); give clients.partition.names")
+            raise SpecError(f"clients.partition.field: a record of source '{record.source}' holds in field '{spec.field}' a value that cannot name a client "
+                            f"({reason}); give clients.partition.names")
         groups[value].append(record)
     values = sorted(groups)
     expected = spec.num_clients or (len(spec.names) if spec.names else None)
     if expected is not None and expected != len(values):
-        raise SpecError(f"clients.partition: field '{spec.field}' has {len(values)} distinct values ({', '.join(values[:5])}), but {expected} clients were asked for")
+        raise SpecError(f"clients.partition: field '{spec.field}' has {len(values)} distinct values, but {expected} clients were asked for")
     if spec.names:
         return {name: groups[value] for name, value in zip(spec.names, values)}
     return {value: groups[value] for value in values}

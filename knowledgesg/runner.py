@@ -647,7 +647,9 @@ class Runner:
                 shutil.rmtree(stage_dir, ignore_errors=True)
                 if previous.exists():
                     previous.rename(stage_dir)
-            message = str(err) if isinstance(err, KsgError) else f"{type(err).__name__}: {err}"
+            # a bug's or a library's text may quote a record (a decoder's bytes, a validator's input
+            # value): the run's event log, which `ksg status` and the report show, keeps its kind only
+            message = str(err) if isinstance(err, KsgError) else f"{type(err).__name__} (its message is on the console, not kept here)"
             append_event(self.run_dir, stage=stage.name, status="failed", message=message)
             raise
         # a client-side file's record count is its N (or a function of it): kept only where N is public

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,13 +22,18 @@ import yaml
 
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import unmakeable_directory, write_text
-from knowledgesg.loaders import READERS, detect_format, rows_to_records
+from knowledgesg.loaders import READERS, detect_format, field_names, rows_to_records
 from knowledgesg.spec import DataSource, unsafe_identifier_reason
 from pipelines import parse_pipeline
 
 Domain = Literal["finance", "medicine"]
 SAMPLE_ROWS = 500
 MAX_LABELS = 20
+# A response column is proposed as labels (written into the spec, which the server holds) only if
+# its values look like labels: short, and each seen several times; a free-text answer never is.
+LABEL_CHARACTERS = 40
+LABEL_REPEATS = 3
+HEADER_CELL = 64  # characters: a longer "column name" is a record, in a CSV file without a header row
 LONG_TEXT = 300  # characters: a column this long on average is a document, not a field
 
 CANDIDATES = {  # record field -> column names that usually hold it, most likely first
@@ -63,7 +69,6 @@ class FileGuess:
     constants: dict[str, str] = field(default_factory=dict)
     labels: list[str] | None = None
     users: bool = False  # a user_id column: user-level privacy is possible
-    rows: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -94,7 +99,10 @@ def guess_file(path: Path, domain: Domain) -> FileGuess:
     numbered = sample_rows(path, fmt)
     rows = [row for _, row in numbered]
     columns = list(dict.fromkeys(c for row in rows for c in row))
-    guess = FileGuess(path=path, format=fmt, kind="instruction", rows=len(rows))
+    if fmt == "csv" and any(len(c) > HEADER_CELL or "\n" in c for c in columns):
+        # its first line would be written into the spec as column names: a private record
+        raise InputError(f"{path}: line 1 does not look like a header row (a cell of more than {HEADER_CELL} characters); add one naming the columns")
+    guess = FileGuess(path=path, format=fmt, kind="instruction")
     taken: set[str] = set()
     chosen = {}
     for record_field in ("id", "response", "instruction", "input", "user_id"):
@@ -107,22 +115,23 @@ def guess_file(path: Path, domain: Domain) -> FileGuess:
         text = pick(columns, TEXT_COLUMNS, set()) or max(columns, key=lambda c: mean_length(rows, c))
         if mean_length(rows, text) < LONG_TEXT / 3:
             raise InputError(f"{path}: no column looks like a response ({', '.join(CANDIDATES['response'])}) or a document ({', '.join(TEXT_COLUMNS)}); "
-                             f"columns: {', '.join(columns)}")
+                             f"the records have {field_names(rows[0], fmt)}")
         guess.kind = "text"
         guess.fields = {name: column for name, column in (("text", text), ("id", chosen.get("id")), ("user_id", chosen.get("user_id"))) if column and column != name}
-        guess.notes.append(f"no response column: column '{text}' (about {mean_length(rows, text):.0f} characters) is unstructured text for `structure`")
+        guess.notes.append(f"no response column: column '{text}', the longest, is unstructured text for `structure`")
         return guess
     # read as `ksg run` will read them (an integer label, a row without a response: named by file,
     # line and field here, not as an empty label in the spec this would write)
     placeholder = {} if "instruction" in chosen else {"instruction": "(to be chosen)"}
     rows_to_records(path, iter(numbered), DataSource(path=path, fields={k: v for k, v in chosen.items() if k != v}, constants=placeholder), path.stem, fmt)
-    values = {r[chosen["response"]].strip().lower() for r in rows}
-    if 2 <= len(values) <= MAX_LABELS:
-        guess.labels = sorted(values)
-        guess.notes.append(f"'{chosen['response']}' takes {len(values)} values in the first {len(rows)} rows: a labelled task")
+    # counts and lengths of the data stay out of the notes: they become comments of the spec
+    seen = Counter(r[chosen["response"]].strip().lower() for r in rows)
+    if 2 <= len(seen) <= MAX_LABELS and all(len(v) <= LABEL_CHARACTERS and n >= LABEL_REPEATS for v, n in seen.items()):
+        guess.labels = sorted(seen)
+        guess.notes.append(f"'{chosen['response']}' takes a few short values, each repeated: a labelled task")
     if "instruction" not in chosen:
         if "input" not in chosen:
-            raise InputError(f"{path}: found a response column '{chosen['response']}' but no text to go with it (columns: {', '.join(columns)})")
+            raise InputError(f"{path}: found a response column '{chosen['response']}' but no text to go with it (the records have {field_names(rows[0], fmt)})")
         default = DOMAINS[domain]["instruction"]
         if guess.labels and not set(guess.labels) <= SENTIMENT:
             default = f"Classify the text. Answer with one of: {', '.join(guess.labels)}."
@@ -156,7 +165,7 @@ def _value(value) -> str:
 
 def _source(guess: FileGuess, spec_dir: Path, indent: str) -> list[str]:
     path = Path(_relative(guess.path, spec_dir))
-    lines = [f"{indent}- path: {_value(str(path))}  # {guess.format}, {guess.rows}{'+' if guess.rows >= SAMPLE_ROWS else ''} rows read"]
+    lines = [f"{indent}- path: {_value(str(path))}  # {guess.format}"]  # not its size: N is the noised count's to tell
     if guess.kind == "text":
         lines.append(f"{indent}  kind: text  # unstructured documents: `structure` turns them into pairs on the client")
     if guess.fields:

@@ -56,7 +56,8 @@ def privacy_units(records: list[InstructionRecord], unit: SpecUnit, max_records:
     for index, record in enumerate(records):
         if unit == "user":
             if record.user_id is None:
-                raise SpecError(f"privacy.unit is 'user' but record '{record.id}' has no user_id (map one with fields: {{user_id: ...}})")
+                # by its source, not its id: an id may itself be private, and this line reaches the event log
+                raise SpecError(f"privacy.unit is 'user' but a record of source '{record.source}' has no user_id (map one with fields: {{user_id: ...}})")
             groups[f"user:{record.user_id}"].append(index)
         else:
             groups[f"document:{record.document_id}" if documents and record.document_id else f"record:{index}"].append(index)

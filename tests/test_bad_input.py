@@ -55,7 +55,7 @@ DATA_CASES = [
     ("jsonl-unmapped-fields", {"path": "data.jsonl"}, _jsonl('{"text": "hello", "label": "pos"}\n'),
      r"data\.jsonl:1: field 'instruction': missing \(the record has text, label; map one with `fields: \{instruction: NAME\}` on the data source\)"),
     ("csv-extra-cells", {"path": "d.csv"}, _bytes("d.csv", b"instruction,response\nQ,A\nQ2,A2,surplus\n"), r"d\.csv:3: 2 columns in the header but more cells"),
-    ("csv-repeated-column", {"path": "d.csv"}, _bytes("d.csv", b"instruction,response,response\nQ,A,x\n"), r"d\.csv:1: column 'response' appears more than once in the header"),
+    ("csv-repeated-column", {"path": "d.csv"}, _bytes("d.csv", b"instruction,response,response\nQ,A,x\n"), r"d\.csv:1: columns 2 and 3 have the same name in the header"),
     ("csv-quote-never-closed", {"path": "d.csv"}, _bytes("d.csv", b'instruction,response\nQ,A\n"Q2,A2\nQ3,A3\n'), r"d\.csv:3: malformed CSV in the row that starts here \(.*a quote never closed\?\)"),
     ("csv-byte-order-mark-then-bad-row", {"path": "d.csv"}, _bytes("d.csv", b"\xef\xbb\xbfinstruction,response\nQ,A\nQ2, \n"), r"d\.csv:3: field 'response': is empty"),
     ("corrupt-parquet", {"path": "d.parquet"}, _bytes("d.parquet", b"PAR1 this is not parquet"), r"d\.parquet: not a readable Parquet file"),
@@ -110,7 +110,7 @@ SPEC_CASES = [
     # spec settings found impossible once the data is read name the spec file and key too
     ("holdout-too-large", lambda s: s.update(audit={"holdout_per_client": 30}), r"spec\.yaml: audit\.holdout_per_client: 30 is too many for client 'client_0'"),
     ("natural-field-missing", lambda s: s["clients"].update(partition={"method": "natural", "field": "bank"}),
-     r"spec\.yaml: clients\.partition\.field: record 'data/r0' has no value in field 'bank' to partition by"),
+     r"spec\.yaml: clients\.partition\.field: a record of source 'data' has no value in field 'bank' to partition by$"),
     ("dirichlet-unreachable", lambda s: s["clients"].update(partition={"method": "dirichlet", "num_clients": 2, "min_client_records": 25}),
      r"spec\.yaml: clients\.partition: Dirichlet\(alpha=1\.0\) left a client with fewer than 25 records"),
     ("two-sources-one-name", lambda s: (_copies("more/data.jsonl"), s["clients"].update(data=[{"path": "data.jsonl"}, {"path": "more/data.jsonl"}])),
@@ -174,8 +174,21 @@ def test_a_data_error_says_where_never_what_the_record_holds(tmp_path: Path, mon
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data.jsonl").write_text(GOOD + '{"id": "b", "instruction": "pin 4\\udc17 9", "response": "no"}\n')
     (tmp_path / "latin.jsonl").write_bytes(GOOD.encode() + b'{"id": "b", "instruction": "pin 4\xe9 9", "response": "no"}\n')
+    (tmp_path / "escape.jsonl").write_text(GOOD + '{"id": "b", "instruction": "pin 4\\q 9", "response": "no"}\n')
+    (tmp_path / "headerless.csv").write_text("Jane Roe,Jane Roe,positive\nJohn Doe,x,negative\n")  # the "header" is a record
+    (tmp_path / "ids.jsonl").write_text(GOOD + GOOD.replace('"a"', '"MRN-443322"') * 2)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    offsets = pa.py_buffer(bytes([0, 0, 0, 0, 2, 0, 0, 0, 8, 0, 0, 0]))  # a string column whose second value is not UTF-8
+    column = pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(b"okpin 4\xe9 9")])
+    pq.write_table(pa.table({"instruction": column, "response": ["yes", "no"]}), tmp_path / "latin.parquet")
     for name, where, content in (("data.jsonl", "data.jsonl:2: field 'instruction'", ("dc17", "character 6")),
-                                 ("latin.jsonl", "latin.jsonl:2: not valid UTF-8", ("0xe9", "offset"))):
+                                 ("latin.jsonl", "latin.jsonl:2: not valid UTF-8", ("0xe9", "offset")),
+                                 ("escape.jsonl", "escape.jsonl:2: malformed JSON (Invalid \\escape)", ("column",)),
+                                 ("headerless.csv", "headerless.csv:1: columns 1 and 2 have the same name", ("jane",)),
+                                 ("ids.jsonl", "ids.jsonl:3: field 'id': duplicate id (the same as at line 2)", ("mrn",)),
+                                 ("latin.parquet", "latin.parquet: holds text that is not valid UTF-8", ("0xe9", "position"))):
         spec = write_spec(tmp_path, tiny_spec(data=[{"path": name}]))
         assert main(["run", str(spec), "--run-dir", "run"]) == 2
         err = capsys.readouterr().err
@@ -422,9 +435,9 @@ def test_a_damaged_run_file_is_named_in_one_line_and_a_damaged_cache_is_made_aga
 
     (tmp_path / "partition.json").write_text('{"clients": {"bank_a": 1', encoding="utf-8")
     (tmp_path / "records.jsonl").write_bytes(b'{"id": "a"}\n{"id": "\xff"}\n')
-    with pytest.raises(KsgError, match=r"partition\.json: damaged JSON \(Expecting"):
+    with pytest.raises(KsgError, match=r"partition\.json: damaged JSON \(Expecting ',' delimiter\)$"):  # no position: it may fall in a value
         read_json(tmp_path / "partition.json")
-    with pytest.raises(KsgError, match=r"records\.jsonl: damaged JSON \(not UTF-8 at byte 20\)"):
+    with pytest.raises(KsgError, match=r"records\.jsonl: damaged JSON \(not UTF-8\)$"):
         read_jsonl(tmp_path / "records.jsonl")
     (tmp_path / ".input_hashes.json").write_text("{", encoding="utf-8")
     assert HashCache(tmp_path / ".input_hashes.json").entries == {}
@@ -439,7 +452,7 @@ def test_a_blank_user_id_is_no_user_id(tmp_path: Path, monkeypatch, capsys):
                      stages=["prepare_models", "ingest", {"name": "dp_train", "params": {"batch_size": 2}}])
     assert main(["run", str(write_spec(tmp_path, spec)), "--run-dir", "run"]) == 2
     err = capsys.readouterr().err.strip()
-    assert re.search(r"privacy\.unit is 'user' but record 'data/\S+' has no user_id", err), err
+    assert re.search(r"privacy\.unit is 'user' but a record of source 'data' has no user_id", err), err
     assert not (tmp_path / "run").exists()
 
 

@@ -130,7 +130,7 @@ def test_user_level_privacy_samples_users(workdir: Path):
     ({"target_epsilon": 8.0, "delta": 0.06}, None, r"spec\.yaml: privacy\.delta: 0\.06 is not below 1/N = 0\.05 for the N = 20 records of client 'client_0'"),
     ({"target_epsilon": 8.0, "cap_epsilon": 5.0}, None, r"spec.yaml: privacy.target_epsilon = 8 is above privacy.cap_epsilon = 5: dp_train alone would exceed the cap"),
     ({"target_epsilon": float("inf"), "cap_epsilon": 5.0}, None, r"privacy.cap_epsilon = 5 cannot hold: target_epsilon .inf trains without noise"),
-    ({"target_epsilon": 8.0, "unit": "user"}, None, r"privacy.unit is 'user' but record 'data/r0' has no user_id"),
+    ({"target_epsilon": 8.0, "unit": "user"}, None, r"privacy.unit is 'user' but a record of source 'data' has no user_id"),
     ({"target_epsilon": 8.0}, {"name": "dp_train", "params": {"batch_size": 20}}, r"client 'client_0': 20 records, too few for dp_train params.batch_size 20"),
     ({"target_epsilon": 1e-4}, None, r"cannot be reached .* the budget is too low"),
 ], ids=["delta-too-large", "cap-below-target", "cap-with-no-noise", "user-without-id", "batch-too-large", "epsilon-unreachable"])

@@ -211,6 +211,24 @@ def test_status_shows_failed_stage(workdir: Path, monkeypatch):
     assert [s.state for s in states] == ["cached", "cached", "failed"] and "the disk filled up" in states[2].detail
 
 
+def test_a_bugs_message_stays_out_of_the_runs_event_log(workdir: Path, monkeypatch):
+    """A library's or a bug's text may quote a record (a validator's input value): the event log,
+    which `ksg status` and the report show, keeps the exception's kind only."""
+    from pipelines.dp_train import DPTrain
+
+    spec = write_spec(workdir, tiny_spec(stages=["prepare_models", "ingest", {"name": "dp_train", "params": {"batch_size": 4}}]))
+
+    def fails(self, ctx):
+        raise ValueError("input_value='Jane Roe, MRN 443322'")
+
+    monkeypatch.setattr(DPTrain, "run", fails)
+    with pytest.raises(ValueError):
+        _run(spec, workdir / "run")
+    events = (workdir / "run" / "events.jsonl").read_text()
+    assert "ValueError" in events and "Jane" not in events and "443322" not in events
+    assert _status(workdir / "run")[-1].state == "failed"
+
+
 def test_status_tells_a_running_stage_from_an_interrupted_one(two_stage: Path, workdir: Path):
     run_dir = workdir / "run"
     _run(two_stage, run_dir)

@@ -159,7 +159,7 @@ def test_eval_limit_0_scores_every_item_and_no_fidelity_skips_the_synthetic_data
 
 @pytest.mark.parametrize("content,pattern", [
     ('{"instruction": "Q", "response": "same"}\n{"instruction": "Q2", "response": "same"}\n', r"needs 2 to 20 distinct responses to choose between, found 1"),
-    ('{"question": "Q?", "options": ["a", "b"], "answer": "C"}\n', r"record 1: field 'answer': 'C' is neither an option letter"),
+    ('{"question": "Q?", "options": ["a", "b"], "answer": "C"}\n', r"record 1: field 'answer': is neither an option letter"),
 ], ids=["one-label", "bad-answer"])
 def test_a_bad_test_file_is_one_line_and_exit_2(published: Path, tmp_path: Path, capsys, content, pattern):
     (tmp_path / "bad.jsonl").write_text(content)
@@ -215,7 +215,7 @@ def test_init_writes_a_commented_spec_that_check_and_run_accept(tmp_path: Path, 
         writer.writerows(rows)
     assert main(["init", "bank.csv", "--out", "spec.yaml"]) == 0
     text = (tmp_path / "spec.yaml").read_text()
-    assert text.startswith("# Run: ksg run spec.yaml") and "'sentiment' takes 3 values" in text
+    assert text.startswith("# Run: ksg run spec.yaml") and "'sentiment' takes a few short values" in text and "90" not in text  # no count of the data in a spec the server holds
     spec = yaml.safe_load(text)
     assert spec["clients"]["data"][0]["fields"] == {"id": "uid", "response": "sentiment", "input": "sentence"}
     assert spec["clients"]["partition"]["method"] == "dirichlet" and [s if isinstance(s, str) else s["name"] for s in spec["stages"]][-2:] == ["calibrate", "publish"]
@@ -229,6 +229,23 @@ def test_init_writes_a_commented_spec_that_check_and_run_accept(tmp_path: Path, 
     out = capsys.readouterr().err
     assert "planned privacy per client" in out and "nothing was written" in out and re.search(r"client_0 .* to be released \(sigma 10\) .* (7\.9\d\d|8\.0[01]\d) .* ok", out), out  # epsilon 8 and the count's 0.012
     assert not (tmp_path / "runs").exists()
+
+
+def test_init_writes_nothing_of_a_record_into_the_spec(tmp_path: Path, monkeypatch, capsys):
+    """The spec `ksg init` writes goes to the server: a headerless CSV's first record is not taken
+    for column names, and free-text answers, however few, are not proposed as labels."""
+    monkeypatch.chdir(tmp_path)
+    note = "Patient Jane Roe, born 1970-01-02, MRN 443322, reports chest pain after the new dose"
+    (tmp_path / "notes.csv").write_text(f'"{note}",urgent\n' + "".join(f'"Patient {i} is stable on the current therapy plan, seen weekly",routine\n' for i in range(9)))
+    assert main(["init", "notes.csv", "--out", "notes.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "notes.csv: line 1 does not look like a header row" in err and "Jane" not in err and not (tmp_path / "notes.yaml").exists()
+    answers = ["take 5mg warfarin, patient jane roe", "see the cardiologist, patient john doe"]  # two distinct answers, each a private record's
+    write_jsonl(tmp_path / "qa.jsonl", [{"question": f"What now for case {i}?", "answer": answers[i % 2]} for i in range(4)])
+    assert main(["init", "qa.jsonl", "--out", "qa.yaml"]) == 0
+    text = (tmp_path / "qa.yaml").read_text()
+    params = [s["params"] for s in yaml.safe_load(text)["stages"] if isinstance(s, dict)]
+    assert "warfarin" not in text and "jane" not in text.lower() and not any("labels" in p for p in params)
 
 
 def test_init_never_writes_its_spec_over_the_data_or_under_a_file(tmp_path: Path, monkeypatch, capsys):
