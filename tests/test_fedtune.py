@@ -14,7 +14,7 @@ import yaml
 
 from knowledgesg import aggregation as agg
 from knowledgesg.cli import main
-from knowledgesg.errors import KsgError
+from knowledgesg.errors import InputError, KsgError
 from knowledgesg.federated.client import initial_params
 from knowledgesg.federated.engines import FINAL, INITIAL, JOB, run_local
 from knowledgesg.federated.protocol import ClientUpdate, LocalTraining, LoraShape, load_params, save_params
@@ -413,14 +413,20 @@ def test_client_level_dp_fedavg_on_private_data_is_listed_apart_from_the_record_
     assert report["clients"][0]["client_level"]["pld"] == pytest.approx(client_level[0]["epsilon"]["pld"], rel=1e-6)
 
 
-def test_with_client_level_dp_the_servers_files_do_not_show_whom_the_coins_chose(tmp_path: Path):
-    """Each client's coin (q = 1/2) decides whether it trains in a round, and the server must not
+def test_with_client_level_dp_the_servers_files_do_not_show_whom_the_coins_chose(tmp_path: Path, monkeypatch):
+    """Each client's coin (q = 1/2) decides whether its update joins a round, and the server must not
     learn the outcome: rounds.json has no `joined`, and the ledger entries the clients send (kept
     by the server) are one per client and round, alike whether the coin said yes or no, with no
-    digest of the update (a digest of zeros would give a client that sat out away)."""
+    digest of the update (a digest of zeros would give a client that sat out away). A client trains
+    either way: one that sat out and answered at once would show the coin by the reply's time."""
+    from knowledgesg.federated.client import ClientRuntime
+
+    trainings, train = [], ClientRuntime._train
+    monkeypatch.setattr(ClientRuntime, "_train", lambda self, task, *args: trainings.append((task.client_id, task.round)) or train(self, task, *args))
     params = dict(FEDTUNE, data="private", local_dp={"target_epsilon": 2.0}, clients_per_round=1, rounds=4,
                   client_dp={"clip_norm": 0.5, "noise_multiplier": 1.0})
     assert run_pipeline(tmp_path, params, privacy={"reproducible_noise": True}) == 0  # coins from the seed: the same draws every run
+    assert sorted(trainings) == sorted((c, r) for c in ("client_0", "client_1") for r in range(1, 5))  # joined or not
     stage = tmp_path / "run/stages/fedtune"
     record_level = [e for e in json.loads((stage / "ledger.json").read_text()) if e["unit"] != "client"]
     by_round = {(e["client_id"], int(e["artifact"].rsplit("=", 1)[1])): e for e in record_level}
@@ -500,16 +506,85 @@ def test_on_a_data_owners_node_its_own_ledger_cap_and_noise_hold_not_the_servers
     # a node config naming the node's spec: its privacy section, as the node's own ingest and dp_train read it
     (tmp_path / "node.yaml").write_text(yaml.safe_dump(tiny_spec(privacy={"target_epsilon": 8.0, "ledger_dir": "owner-ledger", "cap_epsilon": 9.0})))
     settings = NodeSettings.of({"run-dir": str(node_run), "spec": str(tmp_path / "node.yaml")})
-    assert settings == NodeSettings(str(owner), 9.0, False, unit="record", clients=settings.clients) and settings.clients is not None
-    assert NodeSettings.of({"run-dir": str(node_run), "spec": str(tmp_path / "node.yaml"), "cap-epsilon": 2.0, "ledger-dir": "elsewhere"}) == NodeSettings("elsewhere", 2.0, False, unit="record", clients=settings.clients)
+    assert settings == NodeSettings(str(owner), 9.0, False, unit="record", clients=settings.clients, base_model="tiny-random-llama") and settings.clients is not None
+    assert NodeSettings.of({"run-dir": str(node_run), "spec": str(tmp_path / "node.yaml"), "cap-epsilon": 2.0, "ledger-dir": "elsewhere"}) == NodeSettings("elsewhere", 2.0, False, unit="record", clients=settings.clients, base_model="tiny-random-llama")
     # a deployed node with no settings of its own (no run-dir) would obey the task's: refused on private data
-    from knowledgesg.federated.flower import node_settings
+    from knowledgesg.federated.flower import SIMULATION_FLAG, node_settings
 
     with pytest.raises(KsgError, match="no run-dir in its node config"):
         node_settings({"client-id": "a"}, replayable)
-    assert node_settings({"partition-id": 0, "num-partitions": 1}, replayable) is None  # a simulation's virtual node
+    # `partition-id` in a deployed node's config (a Flower habit) does not make it a simulation's node
+    with pytest.raises(KsgError, match="no run-dir in its node config"):
+        node_settings({"client-id": "a", "partition-id": 0, "num-partitions": 1}, replayable)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(SIMULATION_FLAG, "1")  # set by run_simulation in the process that starts it
+        assert node_settings({"partition-id": 0, "num-partitions": 1}, replayable) is None  # a simulation's virtual node
     assert node_settings({"client-id": "a"}, task.model_copy(update={"local_dp": None})) is None  # synthetic data: nothing private to protect
     assert node_settings({"run-dir": str(node_run), "spec": str(tmp_path / "node.yaml")}, replayable) == settings
+
+
+def test_a_node_without_a_spec_in_its_config_keeps_its_run_specs_cap_and_refuses_before_training(tmp_path: Path, monkeypatch):
+    """A node started with only run-dir and client-id (as the README shows) holds the cap its run's
+    spec copy sets, whatever the task says; a round the cap refuses is refused before any training
+    (a refusal after it would let the server time work on the private data, for free)."""
+    from knowledgesg.federated.client import ClientRuntime, NodeSettings
+    from knowledgesg.federated.protocol import LocalDP
+    from knowledgesg.federated.server import task_for
+
+    records = records_for("a", 10)
+    node_run = tmp_path / "node-run"
+    (node_run / "stages/ingest/clients/a").mkdir(parents=True)
+    (node_run / "stages/ingest/clients/a/ledger_key.json").write_text(json.dumps({"data_key": "d" * 64}))
+    (node_run / "spec.json").write_text(json.dumps({"spec": tiny_spec(privacy={"target_epsilon": 8.0, "cap_epsilon": 0.5}), "base_dir": str(tmp_path),
+                                                    "role": {"kind": "client", "client": "a"}}))
+    node = NodeSettings.of({"run-dir": str(node_run), "client-id": "a"})
+    assert node.cap_epsilon == 0.5 and node.base_model == "tiny-random-llama"
+    dp = LocalDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.3, num_units=len(records), delta=1e-5)  # the server sends no cap
+    job = FedJob(seed=2, rounds=1, clients=["a"], clients_per_round=1, rule=RuleSettings(name="fedavg"), training=LocalTraining(steps=2, batch_size=4, max_length=48),
+                 lora=LoraShape(r=4), base_model=tiny_base(), records={"a": records}, local_dp={"a": dp}, run_dir=str(node_run))
+    trained = []
+    monkeypatch.setattr(ClientRuntime, "_train", lambda self, *args: trained.append(1) or pytest.fail("trained before the cap refused"))
+    with pytest.raises(InputError, match=r"cap 0\.5"):
+        ClientRuntime().fit(task_for(job, "a", 1), initial_params(job.base_model, job.lora, 5), node=node)
+    assert not trained and not list((node_run / "ledger").glob("*.jsonl"))
+
+
+def test_flower_sim_trains_private_data_with_the_specs_settings(tmp_path: Path):
+    """A simulation's virtual nodes (Ray actors this process starts) are the server's own process,
+    where the spec's ledger, cap and noise hold: they train on private data, while a deployed node
+    whose config merely says partition-id is refused (test above)."""
+    params = dict(FEDTUNE, engine="flower-sim", data="private", local_dp={"target_epsilon": 2.0}, rounds=1)
+    assert run_pipeline(tmp_path, params) == 0
+    ledger = [json.loads(line) for path in (tmp_path / "run/ledger").glob("*.jsonl") for line in path.read_text().splitlines()]
+    assert sorted(e["client_id"] for e in ledger if e["stage"] == "fedtune") == ["client_0", "client_1"]
+
+
+def test_a_bound_below_one_record_per_unit_is_not_a_task(tmp_path: Path):
+    """A server's bound of 0 or -k records per unit would empty small units, and the error that
+    followed would say whether any unit is that small: the task is refused where it is read."""
+    from pydantic import ValidationError
+
+    from knowledgesg.federated.protocol import LocalDP
+
+    for bound in (0, -1):
+        with pytest.raises(ValidationError, match="max_records_per_user"):
+            LocalDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.3, num_units=10, delta=1e-5, unit="user", max_records_per_user=bound)
+
+
+def test_a_node_trains_no_base_model_outside_the_registry_its_spec_does_not_name(tmp_path: Path):
+    """A model the server chose could break what DP-SGD assumes (one unit per row: a model that
+    turns the batch sequence-first mixes units in each clipped gradient): a node trains a base model
+    outside the registry only where its own spec names it."""
+    from knowledgesg.federated.client import NodeSettings
+    from knowledgesg.federated.server import task_for
+
+    job = FedJob(seed=2, rounds=1, clients=["a"], clients_per_round=1, rule=RuleSettings(name="fedavg"), training=LocalTraining(steps=2, batch_size=4, max_length=48),
+                 lora=LoraShape(r=4), base_model=dict(tiny_base(), name="someone/xlnet-chat", path="someone/xlnet-chat"), records={"a": records_for("a", 4)})
+    task = task_for(job, "a", 1)
+    for node in (NodeSettings(str(tmp_path / "ledger")), NodeSettings(str(tmp_path / "ledger"), base_model="smollm2-135m-instruct")):
+        with pytest.raises(KsgError, match="not a packaged model nor the one this node's spec names"):
+            node.own_base_model(task)
+    assert NodeSettings(str(tmp_path / "ledger"), base_model="someone/xlnet-chat").own_base_model(task) == task
 
 
 def test_a_node_loads_the_base_model_from_its_own_cache_and_refuses_other_weights(tmp_path: Path):
@@ -529,7 +604,8 @@ def test_a_node_loads_the_base_model_from_its_own_cache_and_refuses_other_weight
         with pytest.raises(KsgError, match="weights .* are not the server's"):
             node.own_base_model(task_for(other, "a", 1))
     hub = job.model_copy(update={"base_model": dict(here, name="owner/model", path="owner/model", weights_sha256=None)})
-    assert node.own_base_model(task_for(hub, "a", 1)).base_model["path"] == "owner/model"  # not a packaged name: as the server names it
+    named = NodeSettings(str(tmp_path / "ledger"), base_model="owner/model")  # the node's own spec names it
+    assert named.own_base_model(task_for(hub, "a", 1)).base_model["path"] == "owner/model"  # not a packaged name: as the server names it
     assert NodeSettings.of({"run-dir": str(tmp_path), "model-cache": "/node/cache"}).model_cache == "/node/cache"
 
 

@@ -145,6 +145,10 @@ def update_digest(update: Params) -> str:
     return digest.hexdigest()
 
 
+def round_mechanism(dp: LocalDP, steps: int) -> Mechanism:
+    return Mechanism(kind="poisson_gaussian", noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=steps)
+
+
 def check_document_units(task: ClientTask, clients: ClientsSpec, whose: str) -> bool:
     """Whether the client's records form source-document units as a spec of its own says; a task
     naming a client that spec does not have, or planning the other unit, is refused."""
@@ -182,18 +186,27 @@ class NodeSettings:
     # the node's own spec's clients section (node config `spec`): the privacy unit its data is
     # counted in, source document or record, which a server's task may not change
     clients: ClientsSpec | None = None
+    # the base model its spec names: the only model outside the registry this node will train, since
+    # a model the server chose could break what DP-SGD assumes (one unit per row of the batch)
+    base_model: str | None = None
 
     @classmethod
     def of(cls, node_config: dict) -> NodeSettings:
         """From the node config: `ledger-dir`, `cap-epsilon`, `reproducible-noise` (true only for
         trials: NOT PRIVATE); where one is not set, the node's own `spec` (its privacy section, as
         its ingest and dp_train read it: the same ledger), else $KSG_LEDGER_DIR or RUN/ledger in
-        the node's `run-dir`, no cap, noise from OS entropy."""
+        the node's `run-dir`, no cap, noise from OS entropy. Without a `spec`, the spec copy its
+        run directory holds (the one its own ingest and dp_train ran with) stands for it."""
         run_dir = Path(str(node_config["run-dir"]))
-        privacy, base_dir, spec_cache, clients = None, run_dir, None, None
+        spec, base_dir = None, run_dir
+        copy = run_dir / "spec.json"  # knowledgesg.runner.SPEC_COPY
         if node_config.get("spec"):
             spec, base_dir = load_spec(str(node_config["spec"]))
-            privacy, base_dir, spec_cache, clients = spec.privacy, Path(str(node_config.get("base-dir", base_dir))), spec.models.cache_dir, spec.clients
+        elif copy.is_file():
+            saved = read_json(copy)
+            spec, base_dir = parse_spec(saved["spec"], str(copy)), Path(str(saved["base_dir"]))
+        base_dir = Path(str(node_config.get("base-dir", base_dir)))
+        privacy, spec_cache = (spec.privacy, spec.models.cache_dir) if spec else (None, None)
         ledger = node_config.get("ledger-dir") or ledger_directory(privacy.ledger_dir if privacy else None, base_dir, run_dir)
         cap = node_config.get("cap-epsilon", privacy.cap_epsilon if privacy else None)
         reproducible = str(node_config.get("reproducible-noise", False)).lower() == "true" or bool(privacy and privacy.reproducible_noise)
@@ -202,7 +215,8 @@ class NodeSettings:
         unit = node_config.get("unit", privacy.unit if privacy else None)
         cache = node_config.get("model-cache") or spec_cache
         return cls(str(ledger), float(cap) if cap is not None else None, reproducible, str(client) if client is not None else None,
-                   float(delta) if delta is not None else None, str(unit) if unit is not None else None, str(cache) if cache is not None else None, clients)
+                   float(delta) if delta is not None else None, str(unit) if unit is not None else None, str(cache) if cache is not None else None,
+                   spec.clients if spec else None, spec.models.base if spec else None)
 
     def govern(self, task: ClientTask) -> ClientTask:
         """The task with the node's own settings; refused if the server asks for reproducible noise
@@ -229,6 +243,9 @@ class NodeSettings:
         A local directory or a Hugging Face id is loaded as the server names it."""
         server = task.base_model
         if server["name"] not in REGISTRY and server["name"] != TINY:
+            if server["name"] != self.base_model:
+                raise KsgError(f"client '{task.client_id}': the server's base model '{server['name']}' is not a packaged model nor the one this node's spec names "
+                               f"({self.base_model or 'no spec'}): refused (a model the data owner has not chosen may break per-unit clipping)")
             return task
         own = resolve_model(server["name"], Path(self.model_cache) if self.model_cache else None)
         if own.weights_sha256 != server.get("weights_sha256"):  # the server's own copy of a packaged model always has its digest
@@ -283,6 +300,10 @@ class ClientRuntime:
         if not joins_round(task):
             return ClientUpdate(task.client_id, None, None, None)
         records = self._records_to_train(task)
+        if task.local_dp is not None:
+            # refused before any training: a round refused after it would cost the client time the
+            # server can measure (a function of N and of the records' lengths), and nothing in its ledger
+            self._check_cap(task, node)
         update, loss, control_delta, dp_steps = self._train(task, params, records, server_control, client_control)
         if task.local_dp is None:
             return ClientUpdate(task.client_id, encode_update(update, task.update_encoding), len(records), loss, control_delta, dp_steps)
@@ -296,14 +317,17 @@ class ClientRuntime:
         round's ledger entry come first, for either outcome: the entry is charged as if the client
         joined, holds no digest of its update, and is written before any training (an entry only for
         the rounds a client joined, or a later one, would show the server whom the coins chose).
-        Then the coin; a client that sits out sends no update (zeros under secure aggregation)."""
+        Then the coin, and the training either way: a client that sat out and answered at once would
+        show whom the coins chose by the reply's time, secure aggregation or not. One that sits out
+        sends no update (zeros under secure aggregation)."""
         records = self._records_to_train(task)
         self._privacy_units(task, records)
         release = self._record_release(task, None, task.training.steps, node)
-        if not joins_round(task):
+        joined = joins_round(task)
+        update, loss, _, dp_steps = self._train(task, params, records, None, None)
+        if not joined:
             self._log(task, {"round": task.round, "joined": False, "release_id": release.release_id})
             return ClientUpdate(task.client_id, None, None, None, None, task.training.steps, as_sent(release))
-        update, loss, _, dp_steps = self._train(task, params, records, None, None)
         self._log(task, {"round": task.round, "joined": True, "examples": len(records), "mean_loss": loss, "dp_steps": dp_steps, "release_id": release.release_id})
         return ClientUpdate(task.client_id, encode_update(update, task.update_encoding), None, None, None, dp_steps, as_sent(release))
 
@@ -371,7 +395,7 @@ class ClientRuntime:
         the digest which clients sent zeros."""
         dp: LocalDP = task.local_dp
         origin = "reproducible" if dp.reproducible_noise else "os_entropy"
-        mechanism = Mechanism(kind="poisson_gaussian", noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=dp_steps)
+        mechanism = round_mechanism(dp, dp_steps)
         entry = LedgerEntry(release_id=new_release_id(), client_id=task.client_id, stage="fedtune",
                             release=f"fedtune round {task.round} update: DP-SGD local steps on private data",
                             artifact=f"stages/fedtune/rounds.json#round={task.round}", artifact_sha256=update_digest(update) if task.join_probability is None else None,
@@ -382,6 +406,12 @@ class ClientRuntime:
         self._ledger(task, node).append(entry, lambda before: check_budget(before, task.client_id, [mechanism], dp.delta, dp.cap_epsilon,
                                                                            f"fedtune round {task.round}", dp.unit))
         return entry
+
+    def _check_cap(self, task: ClientTask, node: NodeSettings | None) -> None:
+        """The cap over everything this client's data released, with the round's planned steps."""
+        dp = task.local_dp
+        check_budget(self._ledger(task, node).entries(), task.client_id, [round_mechanism(dp, task.training.steps)], dp.delta, dp.cap_epsilon,
+                     f"fedtune round {task.round}", dp.unit)
 
     def _log(self, task: ClientTask, row: dict) -> None:
         """Un-noised figures of the client's own training: kept on the client only."""

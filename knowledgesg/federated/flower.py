@@ -39,6 +39,10 @@ from knowledgesg.fileio import named_crash_point, read_tree, sha256_bytes, write
 
 QUERY = "query"
 NODE_WAIT_S = 120.0
+# Set by this process before it starts Flower's simulation runtime: a virtual node (its partition-id)
+# is then the server's own process, where the spec's settings hold. A node config is the node
+# operator's, and `partition-id` in it (a common Flower habit) makes no deployed node a simulation.
+SIMULATION_FLAG = "KSG_FLOWER_SIMULATION"
 
 
 def _quiet_flower() -> None:
@@ -226,13 +230,14 @@ def client_identity(node_config: dict, clients: list[str]) -> str:
 
 def node_settings(node_config: dict, task: ClientTask) -> NodeSettings | None:
     """The data owner's own settings on its SuperNode (`run-dir` in its node config), or None on
-    a simulation's virtual node (`partition-id`: the server's process, the spec's settings). A
+    a simulation's virtual node (`partition-id` where this process started the simulation: the
+    server's process, the spec's settings). A
     deployed node without them would take its ledger, cap and noise source from the server's task:
     a server asking for reproducible noise could then regenerate the noise and subtract it, so a
     task on private data is refused there."""
     if "run-dir" in node_config:
         return NodeSettings.of(node_config)
-    if task.local_dp is not None and "partition-id" not in node_config:
+    if task.local_dp is not None and not (SIMULATION_FLAG in os.environ and "partition-id" in node_config):
         raise KsgError(f"client '{task.client_id}': this node has no run-dir in its node config, so no ledger, cap or noise settings of its own; "
                        "it trains on private data only with them (flower-supernode --node-config \"run-dir=... client-id=...\")")
     return None
@@ -339,7 +344,11 @@ def run_simulation(job_path: Path, num_clients: int) -> None:
     from flwr.simulation import run_simulation as flower_run_simulation
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        flower_run_simulation(make_server_app(job_path), make_client_app(), num_supernodes=num_clients,
-                              backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": max(1, min(num_clients, os.cpu_count() or 1))}})
+    os.environ[SIMULATION_FLAG] = "1"  # inherited by the Ray actors this process starts; this simulation's only
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            flower_run_simulation(make_server_app(job_path), make_client_app(), num_supernodes=num_clients,
+                                  backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": max(1, min(num_clients, os.cpu_count() or 1))}})
+    finally:
+        os.environ.pop(SIMULATION_FLAG, None)

@@ -61,7 +61,9 @@ class LocalDP(StrictModel):
     num_units: int = Field(ge=1, description="N as planned: the client's released (noised) count, or its exact N where that is public; the client checks it against its own")
     delta: float = Field(gt=0, lt=1)
     unit: Literal["record", "user"] = "record"
-    max_records_per_user: int = 8
+    # at least 1: a bound of 0 or below would empty small units, and the error that follows would
+    # tell the server whether any unit is that small (a membership test)
+    max_records_per_user: int = Field(8, ge=1)
     documents: bool = False  # the spec's ClientsSpec.holds_documents: the unit is the source document
     cap_epsilon: float | None = None
     ledger_dir: str | None = None  # default: <run_dir>/ledger; a SuperNode's `ledger-dir` wins
