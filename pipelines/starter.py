@@ -112,8 +112,10 @@ def guess_file(path: Path, domain: Domain) -> FileGuess:
             taken.add(column)
     guess.users = "user_id" in chosen
     if "response" not in chosen:
-        text = pick(columns, TEXT_COLUMNS, set()) or max(columns, key=lambda c: mean_length(rows, c))
-        if mean_length(rows, text) < LONG_TEXT / 3:
+        # a CSV column it does not know by name is never written into the spec: in a file without a
+        # header row its "name" is the first record's cell
+        text = pick(columns, TEXT_COLUMNS, set()) or (None if fmt == "csv" else max(columns, key=lambda c: mean_length(rows, c)))
+        if text is None or mean_length(rows, text) < LONG_TEXT / 3:
             raise InputError(f"{path}: no column looks like a response ({', '.join(CANDIDATES['response'])}) or a document ({', '.join(TEXT_COLUMNS)}); "
                              f"the records have {field_names(rows[0], fmt)}")
         guess.kind = "text"

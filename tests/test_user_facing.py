@@ -240,8 +240,14 @@ def test_init_writes_nothing_of_a_record_into_the_spec(tmp_path: Path, monkeypat
     assert main(["init", "notes.csv", "--out", "notes.yaml"]) == 2
     err = capsys.readouterr().err
     assert "notes.csv: line 1 does not look like a header row" in err and "Jane" not in err and not (tmp_path / "notes.yaml").exists()
-    answers = ["take 5mg warfarin, patient jane roe", "see the cardiologist, patient john doe"]  # two distinct answers, each a private record's
-    write_jsonl(tmp_path / "qa.jsonl", [{"question": f"What now for case {i}?", "answer": answers[i % 2]} for i in range(4)])
+    # a headerless CSV of short cells: no name it knows, so nothing of its first line becomes a column name
+    (tmp_path / "short.csv").write_text("17,Jane Roe admitted 2023-04-01 chest pain\n" + "".join(f"{i},{'Patient seen, notes follow. ' * 15}\n" for i in range(5)))
+    assert main(["init", "short.csv", "--out", "short.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "Jane" not in err and not (tmp_path / "short.yaml").exists(), err
+    # free-text answers, each repeated (so only their length tells them from labels)
+    answers = ["take 5mg warfarin, patient jane roe", "see the cardiologist, patient john doe as soon as possible"]
+    write_jsonl(tmp_path / "qa.jsonl", [{"question": f"What now for case {i}?", "answer": answers[i % 2]} for i in range(12)])
     assert main(["init", "qa.jsonl", "--out", "qa.yaml"]) == 0
     text = (tmp_path / "qa.yaml").read_text()
     params = [s["params"] for s in yaml.safe_load(text)["stages"] if isinstance(s, dict)]

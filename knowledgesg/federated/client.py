@@ -32,7 +32,8 @@ from knowledgesg.federated.protocol import ClientTask, ClientUpdate, LocalDP, Lo
 from knowledgesg.fileio import read_json, read_jsonl, sha256_text
 from knowledgesg.models import REGISTRY, TINY, Precision, ResolvedModel, load_causal_lm, resolve_model, resolve_precision
 from knowledgesg.records import InstructionRecord
-from knowledgesg.spec import ClientsSpec, load_spec, parse_spec
+from knowledgesg.runner import SPEC_COPY, load_run_spec
+from knowledgesg.spec import ClientsSpec, load_spec
 from privacy.accounting import Mechanism, default_delta, epsilons
 from privacy.ledger import LEDGER_ENV, ClientLedger, LedgerEntry, check_budget, client_delta, ledger_directory, new_release_id, now, trust_line
 from privacy.noise import SecureRandom
@@ -186,37 +187,40 @@ class NodeSettings:
     # the node's own spec's clients section (node config `spec`): the privacy unit its data is
     # counted in, source document or record, which a server's task may not change
     clients: ClientsSpec | None = None
-    # the base model its spec names: the only model outside the registry this node will train, since
-    # a model the server chose could break what DP-SGD assumes (one unit per row of the batch)
-    base_model: str | None = None
+    # the base model its spec names, where outside the registry, as this node has it (a local
+    # directory of its own, or a Hugging Face id): the only such model it trains on private data,
+    # since a model the server chose could break what DP-SGD assumes (one unit per row of the batch)
+    base_model: dict | None = None
 
     @classmethod
     def of(cls, node_config: dict) -> NodeSettings:
         """From the node config: `ledger-dir`, `cap-epsilon`, `reproducible-noise` (true only for
-        trials: NOT PRIVATE); where one is not set, the node's own `spec` (its privacy section, as
-        its ingest and dp_train read it: the same ledger), else $KSG_LEDGER_DIR or RUN/ledger in
-        the node's `run-dir`, no cap, noise from OS entropy. Without a `spec`, the spec copy its
-        run directory holds (the one its own ingest and dp_train ran with) stands for it."""
+        trials: NOT PRIVATE); where one is not set, the node's own spec (its privacy section, as
+        its ingest and dp_train read it: the same ledger): the config's `spec`, else the spec copy
+        its `run-dir` holds (the one its ingest ran with); without either, $KSG_LEDGER_DIR or
+        RUN/ledger, no cap, noise from OS entropy."""
         run_dir = Path(str(node_config["run-dir"]))
         spec, base_dir = None, run_dir
-        copy = run_dir / "spec.json"  # knowledgesg.runner.SPEC_COPY
         if node_config.get("spec"):
             spec, base_dir = load_spec(str(node_config["spec"]))
-        elif copy.is_file():
-            saved = read_json(copy)
-            spec, base_dir = parse_spec(saved["spec"], str(copy)), Path(str(saved["base_dir"]))
+        elif (run_dir / SPEC_COPY).is_file():
+            spec, base_dir = load_run_spec(run_dir)
         base_dir = Path(str(node_config.get("base-dir", base_dir)))
         privacy, spec_cache = (spec.privacy, spec.models.cache_dir) if spec else (None, None)
         ledger = node_config.get("ledger-dir") or ledger_directory(privacy.ledger_dir if privacy else None, base_dir, run_dir)
         cap = node_config.get("cap-epsilon", privacy.cap_epsilon if privacy else None)
-        reproducible = str(node_config.get("reproducible-noise", False)).lower() == "true" or bool(privacy and privacy.reproducible_noise)
+        # the node config's own word wins either way: `reproducible-noise=false` overrules a spec's true
+        reproducible = str(node_config["reproducible-noise"]).lower() == "true" if "reproducible-noise" in node_config else bool(privacy and privacy.reproducible_noise)
         client = node_config.get("client-id")
         delta = node_config.get("delta", privacy.delta if privacy else None)
         unit = node_config.get("unit", privacy.unit if privacy else None)
         cache = node_config.get("model-cache") or spec_cache
+        own_model = None
+        if spec and spec.models.base not in REGISTRY and spec.models.base != TINY:
+            own_model = asdict(resolve_model(spec.models.base, Path(str(cache)) if cache else None, base_dir))
         return cls(str(ledger), float(cap) if cap is not None else None, reproducible, str(client) if client is not None else None,
                    float(delta) if delta is not None else None, str(unit) if unit is not None else None, str(cache) if cache is not None else None,
-                   spec.clients if spec else None, spec.models.base if spec else None)
+                   spec.clients if spec else None, own_model)
 
     def govern(self, task: ClientTask) -> ClientTask:
         """The task with the node's own settings; refused if the server asks for reproducible noise
@@ -226,6 +230,8 @@ class NodeSettings:
             raise KsgError(f"this node is client '{self.client_id}', and the server's task names '{task.client_id}': refused")
         if (task.reproducible_coins or (task.local_dp is not None and task.local_dp.reproducible_noise)) and not self.reproducible_noise:
             raise KsgError(f"client '{task.client_id}': the server asks for noise from the public seed (NOT PRIVATE), which this node's config does not allow (reproducible-noise)")
+        if task.private_source not in (None, "ingest"):  # fedtune reads ingest's records; nothing else is the server's to name
+            raise KsgError(f"client '{task.client_id}': the server asks for records of stage '{task.private_source}'; a fedtune client reads ingest's: refused")
         if task.local_dp is None:
             return task
         if self.unit is not None and task.local_dp.unit != self.unit:
@@ -240,13 +246,20 @@ class NodeSettings:
         """The task with the base model as this node has it: a packaged model from the node's own
         model cache by its name (the server's path is a place on the server's machine), refused if
         its weights are not the ones the server trains (updates of other weights would not average).
-        A local directory or a Hugging Face id is loaded as the server names it."""
+        Any other model (a local directory, a Hugging Face id) it trains on private data only where
+        its own spec names it, and then as this node has it; on public data, as the server names it."""
         server = task.base_model
         if server["name"] not in REGISTRY and server["name"] != TINY:
-            if server["name"] != self.base_model:
+            if task.local_dp is None:
+                return task
+            own = self.base_model
+            if own is None or own["name"] != server["name"]:
                 raise KsgError(f"client '{task.client_id}': the server's base model '{server['name']}' is not a packaged model nor the one this node's spec names "
-                               f"({self.base_model or 'no spec'}): refused (a model the data owner has not chosen may break per-unit clipping)")
-            return task
+                               f"({own['name'] if own else 'no spec'}): refused (a model the data owner has not chosen may break per-unit clipping)")
+            if server.get("weights_sha256") and own["weights_sha256"] and server["weights_sha256"] != own["weights_sha256"]:
+                raise KsgError(f"client '{task.client_id}': this node's {own['name']} weights (sha256 {own['weights_sha256'][:12]}) are not the server's "
+                               f"({server['weights_sha256'][:12]}): refused")
+            return task.model_copy(update={"base_model": own})
         own = resolve_model(server["name"], Path(self.model_cache) if self.model_cache else None)
         if own.weights_sha256 != server.get("weights_sha256"):  # the server's own copy of a packaged model always has its digest
             raise KsgError(f"client '{task.client_id}': this node's {own.name} weights (sha256 {own.weights_sha256[:12]}) are not the server's "
@@ -377,10 +390,9 @@ class ClientRuntime:
         """Whether this client's records form source-document units, as its own run's spec says
         (the server's plan does not decide a data owner's unit: a task that disagrees is refused).
         Without a spec copy in its storage, the task's, which a node's own spec (`govern`) checked."""
-        copy = self.storage(task) / "spec.json"  # the run directory's spec copy (knowledgesg.runner.SPEC_COPY)
-        if not copy.is_file():
+        if not (self.storage(task) / SPEC_COPY).is_file():
             return task.local_dp.documents
-        return check_document_units(task, parse_spec(read_json(copy)["spec"], str(copy)).clients, f"the run in {self.storage(task)}")
+        return check_document_units(task, load_run_spec(self.storage(task))[0].clients, f"the run in {self.storage(task)}")
 
     def _ledger(self, task: ClientTask, node: NodeSettings | None) -> ClientLedger:
         storage = self.storage(task)
