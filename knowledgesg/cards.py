@@ -70,6 +70,16 @@ def evaluation_table(results: dict | None) -> str:
                                "`logprob_calibrated`: the most likely choice after the label prior below.")
 
 
+def training_data(job: dict, data_rows: str) -> str:
+    """What the final tuning read: the clients' synthetic pairs, or (`fedtune data: private`) their
+    private records, with local DP-SGD (its epsilon in the privacy section above)."""
+    if job.get("data") == "private":
+        return ("Each client trained on its own private records with DP-SGD local steps (`fedtune data: private`, DP-FedAvg): "
+                "they never left the client, and each round's update is a release in its ledger, composed above.")
+    return ("Each client trained on the synthetic pairs its own DP adapter produced from public prompts, as filtered and relabelled on the server;\n"
+            "no private record was trained on in this stage and none entered a prompt.\n\n| client | synthetic pairs |\n|---|---|\n" + data_rows)
+
+
 def model_card(spec_name: str, base: dict, job: dict, synthetic: dict[str, int], stages: list[str], releases: dict[str, list[LedgerEntry]], results: dict | None,
                label_prior: dict | None = None) -> str:
     matter = front_matter({"library_name": "peft", "base_model": base["name"], "tags": ["knowledgesg", "lora", "differential-privacy", "federated-learning", "synthetic-data"],
@@ -88,12 +98,7 @@ A LoRA adapter (r={job['lora']['r']}, alpha={job['lora']['alpha']}, on {', '.joi
 
 ## Training data
 
-Each client trained on the synthetic pairs its own DP adapter produced from public prompts, as filtered and relabelled on the server;
-no private record was trained on in this stage and none entered a prompt.
-
-| client | synthetic pairs |
-|---|---|
-{data_rows}
+{training_data(job, data_rows)}
 
 ## Stages
 

@@ -39,7 +39,8 @@ def partition_natural(records: list[Record], spec: PartitionSpec) -> dict[str, l
     values = sorted(groups)
     expected = spec.num_clients or (len(spec.names) if spec.names else None)
     if expected is not None and expected != len(values):
-        raise SpecError(f"clients.partition: field '{spec.field}' has {len(values)} distinct values, but {expected} clients were asked for")
+        # no count of the data's values: this line may reach the run's event log
+        raise SpecError(f"clients.partition: field '{spec.field}' does not have {expected} distinct values, one for each client asked for")
     if spec.names:
         return {name: groups[value] for name, value in zip(spec.names, values)}
     return {value: groups[value] for value in values}
@@ -93,5 +94,6 @@ def partition(records: list[Record], spec: PartitionSpec, seed: int) -> dict[str
         clients = partition_dirichlet(records, spec, rng)
     for name, part in clients.items():
         if len(part) < spec.min_client_records:
-            raise SpecError(f"clients.partition: client '{name}' got {len(part)} records (at least {spec.min_client_records} needed) from {len(records)} records; use fewer clients or more data")
+            raise SpecError(f"clients.partition: client '{name}' got {'no' if spec.min_client_records == 1 else f'fewer than {spec.min_client_records}'} records; "
+                           "use fewer clients or more data")
     return clients

@@ -158,6 +158,10 @@ class PartitionSpec(StrictModel):
     def _needs_count(self) -> PartitionSpec:
         if self.method in ("iid", "dirichlet") and self.num_clients is None and self.names is None:
             raise ValueError(f"partition method '{self.method}' needs num_clients or names")
+        if self.method == "natural" and self.field != "source" and self.names is None:
+            # a data field's values would name the clients, in every file, path and ledger the server holds
+            raise ValueError(f"partition by field '{self.field}' needs names (the clients' names, in the order of the field's sorted values): "
+                             "its values are the data's, and would otherwise name the clients in everything the server holds")
         if self.names is not None and self.num_clients is not None and len(self.names) != self.num_clients:
             raise ValueError(f"names has {len(self.names)} entries but num_clients is {self.num_clients}")
         if self.names is not None and repeated_as_directories(self.names):

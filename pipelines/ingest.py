@@ -73,7 +73,7 @@ def hold_out(records: list[Record], count: int, seed: int, client_id: str) -> tu
     must (a seeded sample of positions changed dozens); the rest is trained on."""
     candidates = [i for i, r in enumerate(records) if r.kind == "instruction"]
     if count >= len(candidates) - 1:
-        raise SpecError(f"audit.holdout_per_client: {count} is too many for client '{client_id}' ({len(candidates)} instruction records)")
+        raise SpecError(f"audit.holdout_per_client: {count} is too many for client '{client_id}' (it would leave fewer than 2 instruction records to train on)")
     held = {candidates[i] for i in first_by_content([records[i] for i in candidates], count, seed, f"holdout:{client_id}")}
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 

@@ -61,7 +61,7 @@ class Publish(Stage):
         base = ctx.models()["base"]
         rounds = ctx.read_artifact_json("fedtune", "rounds.json")
         params = fedtune_params(ctx.spec)
-        job = {"lora": params.lora.model_dump(), "rule": params.rule.model_dump(), "clients": clients, "rounds": len(rounds)}
+        job = {"lora": params.lora.model_dump(), "rule": params.rule.model_dump(), "clients": clients, "rounds": len(rounds), "data": params.data}
         completed = ctx.completed_stages_before()
         results = ctx.read_artifact_json("evaluate", "results.json") if "evaluate" in completed else None
         prior = ctx.read_artifact_json("calibrate", LABEL_PRIOR) if "calibrate" in completed else None

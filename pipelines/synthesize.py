@@ -240,7 +240,7 @@ class Synthesize(Stage):
         kept, stats = self.filter(ctx, client_id, seeds, passes.user_texts, passes.complete, passes.answer_of, sha256_file(ctx.run_dir / adapter.artifact), weights,
                                   passes.cut_inputs)
         ctx.write_jsonl(f"clients/{client_id}/synthetic.jsonl", kept)
-        ctx.write_json(f"clients/{client_id}/filter_stats.json", {**stats, "precision": dtype})
+        ctx.write_json(f"clients/{client_id}/filter_stats.json", stats)  # not the precision: whether the client's CPU runs bfloat16 is its own
         console.print(f"synthesize {client_id}: kept {len(kept)} of {count} candidates; rejected {dict(sorted(stats['rejected'].items()))}")
         mechanism = Mechanism(kind="post_processing")
         artifact = f"stages/{self.name}/clients/{client_id}/synthetic.jsonl"

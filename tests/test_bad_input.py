@@ -109,7 +109,7 @@ SPEC_CASES = [
     ("canary-client-unknown", lambda s: s.update(audit={"canaries": {"client": "zz"}}), r"spec\.yaml: audit\.canaries\.client: no client 'zz' \(clients: client_0, client_1\)"),
     # spec settings found impossible once the data is read name the spec file and key too
     ("holdout-too-large", lambda s: s.update(audit={"holdout_per_client": 30}), r"spec\.yaml: audit\.holdout_per_client: 30 is too many for client 'client_0'"),
-    ("natural-field-missing", lambda s: s["clients"].update(partition={"method": "natural", "field": "bank"}),
+    ("natural-field-missing", lambda s: s["clients"].update(partition={"method": "natural", "field": "bank", "names": ["a", "b"]}),
      r"spec\.yaml: clients\.partition\.field: a record of source 'data' has no value in field 'bank' to partition by$"),
     ("dirichlet-unreachable", lambda s: s["clients"].update(partition={"method": "dirichlet", "num_clients": 2, "min_client_records": 25}),
      r"spec\.yaml: clients\.partition: Dirichlet\(alpha=1\.0\) left a client with fewer than 25 records"),
@@ -135,7 +135,7 @@ SPEC_CASES = [
     ("duplicate-stage", lambda s: s.update(stages=["ingest", "ingest"]), r"stages: stage 'ingest' appears more than once"),
     ("unknown-model", lambda s: s["models"].update(base="smollm3"), r"models\.base: model 'smollm3': not a registered name"),
     ("model-directory-without-config", lambda s: s["models"].update(professional="."), r"models\.professional: model '\.': directory has no config\.json"),
-    ("too-many-clients", lambda s: s["clients"]["partition"].update(num_clients=50, names=None), r"spec\.yaml: clients\.partition: client 'client_\d+' got 0 records"),
+    ("too-many-clients", lambda s: s["clients"]["partition"].update(num_clients=50, names=None), r"spec\.yaml: clients\.partition: client 'client_\d+' got no records"),
     ("section-not-a-mapping", lambda s: s.update(models=3), r"spec\.yaml: models: should be a mapping \(key: value\), got int"),
     # numbers no run can use: refused before anything is written, not found after dp_train spent the budget
     ("clip-norm-infinite", lambda s: s.update(stages=[{"name": "ingest"}, {"name": "dp_train", "params": {"clip_norm": float("inf")}}]),

@@ -101,7 +101,7 @@ def test_iid_partition_sizes_and_coverage():
 def test_natural_partition_by_field():
     clients = partition(_records(["a"] * 10), PartitionSpec(method="natural", field="source", names=["even", "odd"]), seed=0)
     assert {k: {r.source for r in v} for k, v in clients.items()} == {"even": {"s"}, "odd": {"t"}}
-    with pytest.raises(InputError, match="has 2 distinct values, but 3 clients"):
+    with pytest.raises(InputError, match="does not have 3 distinct values, one for each client"):
         partition(_records(["a"] * 10), PartitionSpec(method="natural", field="source", num_clients=3), seed=0)
 
 

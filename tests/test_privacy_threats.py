@@ -643,16 +643,23 @@ def test_unsafe_or_duplicate_client_names_are_refused_before_anything_is_written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "spec.yaml"] and sorted(p.name for p in tmp_path.parent.iterdir()) == before
 
 
-def test_a_natural_partition_value_that_is_a_path_is_refused(tmp_path: Path, monkeypatch, capsys):
+def test_a_natural_partition_by_a_data_field_takes_its_client_names_from_the_spec(tmp_path: Path, monkeypatch, capsys):
+    """A data field's values (a user id, a bank's name in the records, a path) would name the clients in
+    every file, path and ledger the server holds: partitioning by one needs `names`, and then no
+    value becomes a name or a directory."""
     monkeypatch.chdir(tmp_path)
-    write_jsonl(tmp_path / "data.jsonl", [dict(r, bank="../../elsewhere" if i == 7 else "bank_a") for i, r in enumerate(sentiment_rows(20))])
+    write_jsonl(tmp_path / "data.jsonl", [dict(r, bank="../../elsewhere" if i % 2 else "bank_a") for i, r in enumerate(sentiment_rows(20))])
     spec = tiny_spec()
     spec["clients"] = {"data": [{"path": "data.jsonl", "fields": {"user_id": "bank"}}], "partition": {"method": "natural", "field": "user_id"}}
     assert main(["run", str(write_spec(tmp_path, spec)), "--run-dir", "run"]) == 2
     err = capsys.readouterr().err
-    assert "spec.yaml: clients.partition.field: a record of source 'data' holds in field 'user_id' a value that cannot name a client" in err
-    assert "elsewhere" not in err and "r7" not in err  # neither the value nor the record's id: either may be private
+    assert "clients.partition" in err and "needs names" in err and "elsewhere" not in err, err
     assert not (tmp_path / "run").exists() and not (tmp_path.parent / "elsewhere").exists()
+    spec["clients"]["partition"]["names"] = ["north", "south"]
+    spec["stages"] = ["prepare_models", "ingest"]
+    assert main(["run", str(write_spec(tmp_path, spec)), "--run-dir", "run"]) == 0
+    assert sorted(p.name for p in (tmp_path / "run/stages/ingest/clients").iterdir()) == ["north", "south"]
+    assert not (tmp_path.parent / "elsewhere").exists() and "elsewhere" not in (tmp_path / "run/stages/ingest/partition.json").read_text()
 
 
 # 12. delta far below 1/N, shown as N x delta ----------------------------------------------------------

@@ -135,13 +135,16 @@ def test_the_server_holds_only_releases(federation):
         copy = [json.loads(line) for line in (server / "received" / f"{bank}.jsonl").read_text().splitlines()]
         own = [json.loads(line) for line in next((federation["parties"][bank] / "run/ledger").glob("*.jsonl")).read_text().splitlines()]
         assert {e["run_dir"] for e in copy} == {f"client:{bank}"}  # the bank's paths stay with it
-        assert [dict(e, run_dir="") for e in copy] == [dict(e, run_dir="") for e in own] and {e["release"] for e in copy} == {"noised_unit_count", "dp_adapter"}
+        assert [dict(e, run_dir="", released_at="") for e in copy] == [dict(e, run_dir="", released_at="") for e in own]
+        assert {e["release"] for e in copy} == {"noised_unit_count", "dp_adapter"}
         # no stage's running time crosses, nor the start and end that give it by subtraction (dp_train's follows the
         # sampled records' lengths): every manifest the bank sent is stamped with the moment its part was sent
         sent = [read_manifest(d) for d in sorted((federation["exchange"] / bank).iterdir()) if d.is_dir()]
         kept = {m.stage: m for m in (read_manifest(d) for d in (federation["parties"][bank] / "run/stages").iterdir() if (d / "manifest.json").is_file())}
         assert {m.stage for m in sent} >= {"ingest", "dp_train"} and len({(m.started_at, m.finished_at) for m in sent}) == 1
         assert all(m.duration_s == 0 and m.peak_rss_mib is None and m.started_at == m.finished_at for m in sent)
+        # nor when each release was made (the count's time to the adapter's is how long dp_train ran): stamped as sent
+        assert {e["released_at"] for e in copy} == {sent[0].started_at}
         assert kept["dp_train"].duration_s > 0  # the bank's own manifest keeps its times
         # nor where the bank keeps its runs (a path names its machine's user, its projects)
         home = str(federation["parties"][bank].resolve())

@@ -387,3 +387,13 @@ def test_an_interrupted_run_exits_130_not_0(tmp_path: Path, monkeypatch, capsys)
     monkeypatch.setattr(runner.Runner, "run", interrupted)
     assert main(["run", str(write_spec(tmp_path, tiny_spec())), "--run-dir", "run"]) == 130
     assert "ksg: aborted" in capsys.readouterr().err
+
+
+def test_the_model_card_says_what_the_final_tuning_read():
+    """The card had said "no private record was trained on" for every run, DP-FedAvg on the
+    clients' private records (`fedtune data: private`) too."""
+    from knowledgesg.cards import training_data
+
+    assert "no private record was trained on" in training_data({"data": "synthetic"}, "| a | 3 |")
+    private = training_data({"data": "private"}, "")
+    assert "private records with DP-SGD local steps" in private and "no private record" not in private
