@@ -34,7 +34,7 @@ from knowledgesg.fileio import canonical_json, fsync_tree, read_json, sha256_fil
 from knowledgesg.manifest import MANIFEST, Manifest, OutputEntry, output_entry, read_manifest, verify_outputs, write_manifest
 from knowledgesg.spec import format_validation_error
 from privacy.count import partition_count
-from privacy.ledger import LEDGER, LedgerEntry, client_delta, composed_total, now, received_ledger
+from privacy.ledger import LEDGER, LedgerEntry, as_sent, client_delta, composed_total, now, received_ledger
 
 CLIENT_LEDGER = "ledger.jsonl"
 
@@ -134,11 +134,6 @@ def export_releases(run_dir: Path, stage_names: list[str], client_id: str, excha
     """Put the server-side outputs of this client's stages, and its ledger, in EXCHANGE/<client>."""
     check_sendable(client_id, ledger, cap)
     sent_at = now()
-    # what an entry says as the server receives it: not where on the client it was made (its paths),
-    # nor when (one release's time less another's is how long a client stage ran: the count's to the
-    # adapter's is structure and dp_train, which follows the sampled records' lengths); the ledger's
-    # order stays the order of its entries
-    sent_fields = {"run_dir": f"client:{client_id}", "released_at": sent_at}
 
     def fill(staging: Path) -> None:
         for name in stage_names:
@@ -152,7 +147,7 @@ def export_releases(run_dir: Path, stage_names: list[str], client_id: str, excha
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if PurePosixPath(relative).name == LEDGER:
                     # the stage's copy of its ledger entries, as the ledger sent below
-                    write_json(target, [dict(entry, **sent_fields) for entry in read_json(run_dir / "stages" / name / relative)])
+                    write_json(target, [as_sent(LedgerEntry.model_validate(entry)) for entry in read_json(run_dir / "stages" / name / relative)])
                     sent[relative] = output_entry(target, sent[relative].records, "server", b"")
                 else:
                     shutil.copyfile(run_dir / "stages" / name / relative, target)
@@ -163,7 +158,7 @@ def export_releases(run_dir: Path, stage_names: list[str], client_id: str, excha
             # StageContext.warn)
             write_manifest(staging / name, manifest.model_copy(update={"outputs": sent, "inputs": {}, "duration_s": 0.0, "peak_rss_mib": None, "warnings": [],
                                                                        "started_at": sent_at, "finished_at": sent_at}))
-        write_jsonl(staging / CLIENT_LEDGER, [e.model_copy(update=sent_fields).model_dump(mode="json") for e in ledger])
+        write_jsonl(staging / CLIENT_LEDGER, [as_sent(e) for e in ledger])
 
     return replace_part(exchange, client_id, fill)
 

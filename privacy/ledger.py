@@ -114,6 +114,15 @@ def trust_line(noise: NoiseUsed, mechanism: Mechanism) -> str:
     return TRUST_REPRODUCIBLE if noise == "reproducible" else TRUST_CLIENT_NOISE
 
 
+def as_sent(entry: LedgerEntry) -> dict:
+    """A ledger entry as the server receives it (the client's own ledger keeps it whole): not where
+    on the client it was made (its paths), nor when to the second (one release's time less
+    another's is how long a client stage ran: the count's to the adapter's is structure and
+    dp_train, which follows the sampled records' lengths), only the day. The same release reads
+    the same in every send, so a resend is no new release; the order of entries is kept."""
+    return entry.model_copy(update={"run_dir": f"client:{entry.client_id}", "released_at": f"{entry.released_at[:10]}T00:00:00+00:00"}).model_dump(mode="json")
+
+
 def data_key(rows: list[dict]) -> str:
     """A fingerprint of a client's data: its records by id, whatever their order or owner name."""
     lines = sorted(canonical_json({k: v for k, v in row.items() if k != "client_id"}) for row in rows)

@@ -184,17 +184,24 @@ def test_rdp_is_reported_when_prv_fails(monkeypatch):
     assert eps.prv is None and eps.reported_by == "rdp" and eps.reported == pytest.approx(2.335, rel=0.02)
 
 
-def test_a_sent_ledger_says_neither_where_nor_when_each_release_was_made(tmp_path: Path):
+def test_a_sent_ledger_says_neither_where_nor_when_each_release_was_made(tmp_path: Path, monkeypatch):
     """The times of a client's releases, one less another, say how long its stages ran (the count's
     to the adapter's is dp_train, which follows the sampled records' lengths): the ledger a client
-    sends is stamped with the moment it was sent, in the order its entries were made."""
+    sends gives each release's day only, in the order its entries were made; and the same releases
+    read the same in every send (a resend stamped anew had been a new release to the server, and
+    every stage after it ran again)."""
+    import knowledgesg.exchange
     from knowledgesg.exchange import CLIENT_LEDGER, export_releases
 
     mechanism = Mechanism(kind="poisson_gaussian", noise_multiplier=1.0, sample_rate=0.1, steps=10)
     entries = [_entry("bank", mechanism).model_copy(update={"released_at": at, "run_dir": "/home/owner/runs/x"})
                for at in ("2026-01-01T10:00:00+00:00", "2026-01-01T10:41:07+00:00")]
-    part = export_releases(tmp_path / "run", [], "bank", tmp_path / "exchange", entries, None)
-    sent = [json.loads(line) for line in (part / CLIENT_LEDGER).read_text().splitlines()]
+    sends = []
+    for clock in ("2026-01-02T09:00:00+00:00", "2026-01-03T17:30:12+00:00"):  # two sends, days apart
+        monkeypatch.setattr(knowledgesg.exchange, "now", lambda: clock)
+        part = export_releases(tmp_path / "run", [], "bank", tmp_path / "exchange", entries, None)
+        sends.append((part / CLIENT_LEDGER).read_bytes())
+    sent = [json.loads(line) for line in sends[0].decode().splitlines()]
     assert [e["release_id"] for e in sent] == [e.release_id for e in entries]
-    assert len({e["released_at"] for e in sent}) == 1 and not {e["released_at"] for e in sent} & {e.released_at for e in entries}
-    assert {e["run_dir"] for e in sent} == {"client:bank"}
+    assert {e["released_at"] for e in sent} == {"2026-01-01T00:00:00+00:00"} and {e["run_dir"] for e in sent} == {"client:bank"}
+    assert sends[0] == sends[1]

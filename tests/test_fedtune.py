@@ -507,8 +507,8 @@ def test_on_a_data_owners_node_its_own_ledger_cap_and_noise_hold_not_the_servers
     # a node config naming the node's spec: its privacy section, as the node's own ingest and dp_train read it
     (tmp_path / "node.yaml").write_text(yaml.safe_dump(tiny_spec(privacy={"target_epsilon": 8.0, "ledger_dir": "owner-ledger", "cap_epsilon": 9.0})))
     settings = NodeSettings.of({"run-dir": str(node_run), "spec": str(tmp_path / "node.yaml")})
-    assert settings == NodeSettings(str(owner), 9.0, False, unit="record", clients=settings.clients) and settings.clients == load_spec(str(tmp_path / "node.yaml"))[0].clients
-    assert NodeSettings.of({"run-dir": str(node_run), "spec": str(tmp_path / "node.yaml"), "cap-epsilon": 2.0, "ledger-dir": "elsewhere"}) == NodeSettings("elsewhere", 2.0, False, unit="record", clients=settings.clients)
+    assert settings == NodeSettings(str(owner), 9.0, False, unit="record", clients=settings.clients, base_model="tiny-random-llama", base_dir=str(tmp_path)) and settings.clients == load_spec(str(tmp_path / "node.yaml"))[0].clients
+    assert NodeSettings.of({"run-dir": str(node_run), "spec": str(tmp_path / "node.yaml"), "cap-epsilon": 2.0, "ledger-dir": "elsewhere"}) == NodeSettings("elsewhere", 2.0, False, unit="record", clients=settings.clients, base_model="tiny-random-llama", base_dir=str(tmp_path))
     # a deployed node with no settings of its own (no run-dir) would obey the task's: refused on private data
     from knowledgesg.federated.flower import SIMULATION_FLAG, node_settings
 
@@ -539,7 +539,7 @@ def test_a_node_without_a_spec_in_its_config_keeps_its_run_specs_cap_and_refuses
     (node_run / "spec.json").write_text(json.dumps({"spec": tiny_spec(privacy={"target_epsilon": 8.0, "cap_epsilon": 0.5}), "base_dir": str(tmp_path),
                                                     "role": {"kind": "client", "client": "a"}}))
     node = NodeSettings.of({"run-dir": str(node_run), "client-id": "a"})
-    assert node.cap_epsilon == 0.5 and node.base_model is None  # a packaged model: taken from the node's own cache
+    assert node.cap_epsilon == 0.5 and node.base_model == "tiny-random-llama" and node.base_dir == str(tmp_path)  # the spec copy's
     dp = LocalDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.3, num_units=len(records), delta=1e-5)  # the server sends no cap
     job = FedJob(seed=2, rounds=1, clients=["a"], clients_per_round=1, rule=RuleSettings(name="fedavg"), training=LocalTraining(steps=2, batch_size=4, max_length=48),
                  lora=LoraShape(r=4), base_model=tiny_base(), records={"a": records}, local_dp={"a": dp}, run_dir=str(node_run))
@@ -583,21 +583,28 @@ def test_a_node_trains_no_base_model_outside_the_registry_its_spec_does_not_name
 
     from knowledgesg.federated.protocol import LocalDP
 
+    import shutil
+
     dp = LocalDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.3, num_units=4, delta=1e-5)
-    server = dict(tiny_base(), name="someone/xlnet-chat", path="/srv/server/chosen-model", weights_sha256=None)
+    shutil.copytree(tiny_base()["path"], tmp_path / "models/mine")  # the data owner's own local model
+    server = dict(tiny_base(), name="models/mine", path="/srv/server/chosen-model", weights_sha256=None)
     job = FedJob(seed=2, rounds=1, clients=["a"], clients_per_round=1, rule=RuleSettings(name="fedavg"), training=LocalTraining(steps=2, batch_size=4, max_length=48),
                  lora=LoraShape(r=4), base_model=server, records={"a": records_for("a", 4)}, local_dp={"a": dp})
-    task = task_for(job, "a", 1)
-    own = dict(server, path="/node/own/model", weights_sha256="1" * 64)
-    for node in (NodeSettings(str(tmp_path / "ledger")), NodeSettings(str(tmp_path / "ledger"), base_model=dict(own, name="someone/other"))):
+    task, ledger = task_for(job, "a", 1), str(tmp_path / "ledger")
+    for node in (NodeSettings(ledger), NodeSettings(ledger, base_model="someone/other", base_dir=str(tmp_path))):
         with pytest.raises(KsgError, match="not a packaged model nor the one this node's spec names"):
             node.own_base_model(task)
-    named = NodeSettings(str(tmp_path / "ledger"), base_model=own)
-    assert named.own_base_model(task).base_model == own  # the node's own copy, never the path the server names
+    named = NodeSettings(ledger, base_model="models/mine", base_dir=str(tmp_path))
+    own = named.own_base_model(task).base_model
+    assert own["path"] == str((tmp_path / "models/mine").resolve()) and own["weights_sha256"]  # the node's own copy, never the server's path
     with pytest.raises(KsgError, match="weights .* are not the server's"):
         named.own_base_model(task_for(job.model_copy(update={"base_model": dict(server, weights_sha256="2" * 64)}), "a", 1))
+    # its spec's directory gone: the name would be taken for a Hugging Face id, with no weights to check: refused
+    with pytest.raises(KsgError, match="weights .* none found"):
+        NodeSettings(ledger, base_model="models/mine", base_dir=str(tmp_path / "elsewhere")).own_base_model(
+            task_for(job.model_copy(update={"base_model": dict(server, weights_sha256=own["weights_sha256"])}), "a", 1))
     public = task.model_copy(update={"local_dp": None, "private_source": None})
-    assert NodeSettings(str(tmp_path / "ledger")).own_base_model(public) == public  # public data: no unit to protect
+    assert NodeSettings(ledger).own_base_model(public) == public  # public data: no unit to protect
 
 
 def test_a_node_loads_the_base_model_from_its_own_cache_and_refuses_other_weights(tmp_path: Path):

@@ -241,7 +241,7 @@ def test_init_writes_nothing_of_a_record_into_the_spec(tmp_path: Path, monkeypat
     err = capsys.readouterr().err
     assert "notes.csv: line 1 does not look like a header row" in err and "Jane" not in err and not (tmp_path / "notes.yaml").exists()
     # a headerless CSV of short cells: no name it knows, so nothing of its first line becomes a column name
-    (tmp_path / "short.csv").write_text("17,Jane Roe admitted 2023-04-01 chest pain\n" + "".join(f"{i},{'Patient seen, notes follow. ' * 15}\n" for i in range(5)))
+    (tmp_path / "short.csv").write_text("17,Jane Roe admitted 2023-04-01 chest pain\n" + "".join(f"{i},{'Patient seen and notes follow. ' * 15}\n" for i in range(5)))
     assert main(["init", "short.csv", "--out", "short.yaml"]) == 2
     err = capsys.readouterr().err
     assert "Jane" not in err and not (tmp_path / "short.yaml").exists(), err

@@ -35,7 +35,7 @@ from knowledgesg.records import InstructionRecord
 from knowledgesg.runner import SPEC_COPY, load_run_spec
 from knowledgesg.spec import ClientsSpec, load_spec
 from privacy.accounting import Mechanism, default_delta, epsilons
-from privacy.ledger import LEDGER_ENV, ClientLedger, LedgerEntry, check_budget, client_delta, ledger_directory, new_release_id, now, trust_line
+from privacy.ledger import LEDGER_ENV, ClientLedger, LedgerEntry, as_sent, check_budget, client_delta, ledger_directory, new_release_id, now, trust_line
 from privacy.noise import SecureRandom
 from privacy.units import privacy_units
 
@@ -44,12 +44,6 @@ LOCAL_LOG = "local_log.jsonl"
 
 def task_seed(task: ClientTask, purpose: str) -> int:
     return int(sha256_text(f"{task.seed}:fedtune:{task.client_id}:{task.round}:{purpose}")[:15], 16)
-
-
-def as_sent(release: LedgerEntry) -> dict:
-    """A release's ledger entry as the server gets it: without the client's own paths (its own
-    ledger keeps them)."""
-    return release.model_copy(update={"run_dir": f"client:{release.client_id}"}).model_dump(mode="json")
 
 
 class LoraModel:
@@ -187,10 +181,11 @@ class NodeSettings:
     # the node's own spec's clients section (node config `spec`): the privacy unit its data is
     # counted in, source document or record, which a server's task may not change
     clients: ClientsSpec | None = None
-    # the base model its spec names, where outside the registry, as this node has it (a local
-    # directory of its own, or a Hugging Face id): the only such model it trains on private data,
-    # since a model the server chose could break what DP-SGD assumes (one unit per row of the batch)
-    base_model: dict | None = None
+    # the base model its spec names and the directory its relative paths resolve from: outside the
+    # registry, the only model it trains on private data (its own copy), since a model the server
+    # chose could break what DP-SGD assumes (one unit per row of the batch)
+    base_model: str | None = None
+    base_dir: str | None = None
 
     @classmethod
     def of(cls, node_config: dict) -> NodeSettings:
@@ -215,12 +210,9 @@ class NodeSettings:
         delta = node_config.get("delta", privacy.delta if privacy else None)
         unit = node_config.get("unit", privacy.unit if privacy else None)
         cache = node_config.get("model-cache") or spec_cache
-        own_model = None
-        if spec and spec.models.base not in REGISTRY and spec.models.base != TINY:
-            own_model = asdict(resolve_model(spec.models.base, Path(str(cache)) if cache else None, base_dir))
         return cls(str(ledger), float(cap) if cap is not None else None, reproducible, str(client) if client is not None else None,
                    float(delta) if delta is not None else None, str(unit) if unit is not None else None, str(cache) if cache is not None else None,
-                   spec.clients if spec else None, own_model)
+                   spec.clients if spec else None, spec.models.base if spec else None, str(base_dir) if spec else None)
 
     def govern(self, task: ClientTask) -> ClientTask:
         """The task with the node's own settings; refused if the server asks for reproducible noise
@@ -252,14 +244,14 @@ class NodeSettings:
         if server["name"] not in REGISTRY and server["name"] != TINY:
             if task.local_dp is None:
                 return task
-            own = self.base_model
-            if own is None or own["name"] != server["name"]:
+            if self.base_model != server["name"]:
                 raise KsgError(f"client '{task.client_id}': the server's base model '{server['name']}' is not a packaged model nor the one this node's spec names "
-                               f"({own['name'] if own else 'no spec'}): refused (a model the data owner has not chosen may break per-unit clipping)")
-            if server.get("weights_sha256") and own["weights_sha256"] and server["weights_sha256"] != own["weights_sha256"]:
-                raise KsgError(f"client '{task.client_id}': this node's {own['name']} weights (sha256 {own['weights_sha256'][:12]}) are not the server's "
+                               f"({self.base_model or 'no spec'}): refused (a model the data owner has not chosen may break per-unit clipping)")
+            own = resolve_model(self.base_model, Path(self.model_cache) if self.model_cache else None, Path(self.base_dir) if self.base_dir else None)
+            if server.get("weights_sha256") and own.weights_sha256 != server["weights_sha256"]:  # none: not the weights the server has
+                raise KsgError(f"client '{task.client_id}': this node's {own.name} weights (sha256 {(own.weights_sha256 or 'none found')[:12]}) are not the server's "
                                f"({server['weights_sha256'][:12]}): refused")
-            return task.model_copy(update={"base_model": own})
+            return task.model_copy(update={"base_model": asdict(own)})
         own = resolve_model(server["name"], Path(self.model_cache) if self.model_cache else None)
         if own.weights_sha256 != server.get("weights_sha256"):  # the server's own copy of a packaged model always has its digest
             raise KsgError(f"client '{task.client_id}': this node's {own.name} weights (sha256 {own.weights_sha256[:12]}) are not the server's "
