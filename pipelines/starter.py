@@ -117,7 +117,7 @@ def guess_file(path: Path, domain: Domain) -> FileGuess:
         text = pick(columns, TEXT_COLUMNS, set()) or (None if fmt == "csv" else max(columns, key=lambda c: mean_length(rows, c)))
         if text is None or mean_length(rows, text) < LONG_TEXT / 3:
             raise InputError(f"{path}: no column looks like a response ({', '.join(CANDIDATES['response'])}) or a document ({', '.join(TEXT_COLUMNS)}); "
-                             f"the records have {field_names(rows[0], fmt)}")
+                             f"the records have {field_names(rows[0], fmt)}; rename a column to one of those, or map it in a spec by hand (fields: ...)")
         guess.kind = "text"
         guess.fields = {name: column for name, column in (("text", text), ("id", chosen.get("id")), ("user_id", chosen.get("user_id"))) if column and column != name}
         guess.notes.append(f"no response column: column '{text}', the longest, is unstructured text for `structure`")
