@@ -218,6 +218,8 @@ def check(
                           _eps(c.planned_epsilon), f"{_eps(c.spent_epsilon)} ({c.releases_before})", _eps(c.total_epsilon),
                           "-" if c.cap is None else f"{c.cap:g}", "[green]ok[/]" if c.within_cap else "[bold red]over the cap[/]")
         console.print(table)
+    else:
+        console.print("no release planned for any client (all made already, or planned once a client's noised count exists); `ksg privacy-report RUN` shows what was spent")
     refuse_over_cap(checks)
     console.print("nothing was written")
 
@@ -245,8 +247,10 @@ def status(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run di
 
 @app.command("privacy-report")
 def privacy_report(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run directory")]) -> None:
-    """Per client: every release ever made from its data, its mechanism, (epsilon, delta) by PRV,
-    RDP and PLD and whom it holds against; the composed total; the threat model."""
+    """Per client: every release made from its data, at what (epsilon, delta), and the total.
+
+    Each release with its mechanism, (epsilon, delta) by PRV, RDP and PLD and whom it holds
+    against; the composed total; the threat model. Writes RUN/privacy_report.json and .html."""
     from privacy.report import build_report, fmt, release_label, size_origin, write_report
     from privacy.units import UNIT_NAMES
 
@@ -301,7 +305,7 @@ def evaluate(
                                                       "a kind named here that the run lacks is an error)")] = None,
     modes: Annotated[str, typer.Option(help="comma-separated: logprob, generation")] = "logprob,generation",
     limit: Annotated[int, typer.Option(min=0, help="items per task (a seeded subset, the same for every model); 0: every item")] = 200,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the test items' subset (the same items for every model)")] = 0,
     precision: Annotated[str, typer.Option(help="weights of the scored models: float32, bfloat16, or auto (bfloat16 where it runs natively)")] = "float32",
     fidelity: Annotated[bool, typer.Option(help="also score each client's synthetic data against its private records (on its side)")] = True,
     published: Annotated[Path | None, typer.Option(help="on a client's run (--role client): the server's stages/publish directory, copied here; "
@@ -384,11 +388,12 @@ def audit(
     bootstrap: Annotated[int, typer.Option(help="bootstrap resamples for the intervals of AUC and TPR at low FPR")] = 1000,
     models: Annotated[str, typer.Option(help="comma-separated released models to audit: dp, final (the base model is always the reference)")] = "dp,final",
     precision: Annotated[str, typer.Option(help="model weights while scoring and sampling: auto (bfloat16 where it runs natively), float32, bfloat16")] = "auto",
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(help="seed of the audit's own draws (candidates, shadow items)")] = 0,
 ) -> None:
-    """Memorization audit of a run's released models and synthetic data: canaries (random and
-    designed) with the one-run epsilon lower bound, membership inference with TPR at low FPR,
-    synthetic-data overlap, PII replay and attacks."""
+    """Memorization audit of a run's released models and synthetic data.
+
+    Canaries (random and designed) with the one-run epsilon lower bound, membership inference
+    with TPR at low FPR, synthetic-data overlap, PII replay and attacks."""
     from pydantic import ValidationError
 
     from eval.audit import AuditOptions, run_audit

@@ -161,14 +161,18 @@ def _field_value(path: Path, number: int, row: dict[str, Any], record_field: str
     prefix = "" if line_based else f"record {number}: "
     if column not in row:
         if required:
-            hint = (f" (mapped to record field '{record_field}')" if column != record_field
-                    else f" (the record has {field_names(row, fmt)}; map one with `fields: {{{record_field}: NAME}}` on the data source)")
+            mapped = f" (mapped to record field '{record_field}')" if column != record_field else ""
+            if fmt == "csv":  # every row has the header's columns: the header lacks it, not this line
+                hint = "" if mapped else f"; map one with `fields: {{{record_field}: NAME}}` on the data source"
+                raise data_error(path, f"no column '{column}' in the header{mapped}: it has {field_names(row, fmt)}{hint}", line=1)
+            hint = mapped or f" (the record has {field_names(row, fmt)}; map one with `fields: {{{record_field}: NAME}}` on the data source)"
             raise data_error(path, f"{prefix}missing{hint}", field=column, **where)
         return None
     value = row[column]
     if value is None:
         if required:
-            raise data_error(path, f"{prefix}is null", field=column, **where)
+            # a CSV row with fewer cells than the header leaves the rest None
+            raise data_error(path, "fewer cells on this line than columns in the header" if fmt == "csv" else f"{prefix}is null", field=column, **where)
         return None
     if record_field in ("id", "user_id") and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)

@@ -49,9 +49,10 @@ DATA_CASES = [
     ("jsonl-integer-too-long", {"path": "data.jsonl"}, _bytes("data.jsonl", b'{"instruction": "Q", "response": ' + b"9" * 5000 + b"}\n"), r"data\.jsonl:1: unreadable JSON \(ValueError\)"),
     ("jsonl-nested-too-deep", {"path": "data.jsonl"}, _bytes("data.jsonl", b"[" * 100000 + b"]" * 100000 + b"\n"), r"data\.jsonl:1: unreadable JSON \(RecursionError\)"),
     ("empty-constant", {"path": "data.jsonl", "constants": {"response": " "}}, _jsonl(GOOD), r"spec\.yaml: clients\.data\[0\]\.constants: constants: 'response' is empty"),
-    ("csv-missing-column", {"path": "d.csv", "fields": {"instruction": "question"}}, _bytes("d.csv", b"instruction,response\nQ,A\n"), r"d\.csv:2: field 'question': missing \(mapped to record field 'instruction'\)"),
+    ("csv-short-row", {"path": "d.csv"}, _bytes("d.csv", b"instruction,response\nQ,A\nQ2\n"), r"d\.csv:3: field 'response': fewer cells on this line than columns in the header$"),
+    ("csv-missing-column", {"path": "d.csv", "fields": {"instruction": "question"}}, _bytes("d.csv", b"instruction,response\nQ,A\n"), r"d\.csv:1: no column 'question' in the header \(mapped to record field 'instruction'\): it has 2 columns"),
     ("csv-unmapped-columns", {"path": "d.csv"}, _bytes("d.csv", b"text,label\nhello,pos\n"),
-     r"d\.csv:2: field 'instruction': missing \(the record has 2 columns, their names not shown .*; map one with `fields: \{instruction: NAME\}` on the data source\)"),
+     r"d\.csv:1: no column 'instruction' in the header: it has 2 columns, their names not shown .*; map one with `fields: \{instruction: NAME\}` on the data source$"),
     ("jsonl-unmapped-fields", {"path": "data.jsonl"}, _jsonl('{"text": "hello", "label": "pos"}\n'),
      r"data\.jsonl:1: field 'instruction': missing \(the record has text, label; map one with `fields: \{instruction: NAME\}` on the data source\)"),
     ("csv-extra-cells", {"path": "d.csv"}, _bytes("d.csv", b"instruction,response\nQ,A\nQ2,A2,surplus\n"), r"d\.csv:3: 2 columns in the header but more cells"),
@@ -387,7 +388,7 @@ def test_a_csv_without_a_header_row_is_not_echoed(tmp_path: Path, monkeypatch, c
     (tmp_path / "d.csv").write_text("JaneRoe,diabetes\nBob,flu\n", encoding="utf-8")
     assert main(["run", str(write_spec(tmp_path, tiny_spec(data=[{"path": "d.csv"}]))), "--run-dir", "run"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "d.csv:2: field 'instruction': missing (the record has 2 columns, their names not shown" in err and "JaneRoe" not in err and "diabetes" not in err
+    assert "d.csv:1: no column 'instruction' in the header: it has 2 columns, their names not shown" in err and "JaneRoe" not in err and "diabetes" not in err
     assert not (tmp_path / "run").exists()
 
 

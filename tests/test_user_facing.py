@@ -397,3 +397,12 @@ def test_the_model_card_says_what_the_final_tuning_read():
     assert "no private record was trained on" in training_data({"data": "synthetic"}, "| a | 3 |")
     private = training_data({"data": "private"}, "")
     assert "private records with DP-SGD local steps" in private and "no private record" not in private
+
+
+def test_every_commands_help_describes_its_arguments(capsys):
+    """`ksg status --help` had shown RUN with no word of what it is (typer 0.20 under click 8.5 drops
+    an argument's help)."""
+    for command, described in (("status", "a run directory"), ("check", "pipeline spec (YAML)"), ("run", "pipeline spec (YAML)"), ("init", "your data files")):
+        assert main([command, "--help"]) == 0
+        out = capsys.readouterr()
+        assert described in out.out + out.err, (command, out.out)
