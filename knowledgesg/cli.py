@@ -218,8 +218,10 @@ def check(
                           _eps(c.planned_epsilon), f"{_eps(c.spent_epsilon)} ({c.releases_before})", _eps(c.total_epsilon),
                           "-" if c.cap is None else f"{c.cap:g}", "[green]ok[/]" if c.within_cap else "[bold red]over the cap[/]")
         console.print(table)
+    elif any(stage.releases() for stage in stages):
+        console.print(f"no release left to plan: every release stage has finished in {run_dir or Path('runs') / spec.name}; `ksg privacy-report` there shows what was spent")
     else:
-        console.print("no release planned for any client (all made already, or planned once a client's noised count exists); `ksg privacy-report RUN` shows what was spent")
+        console.print("no release planned: the spec has no stage that releases something of the private data (dp_train, a DP histogram, fedtune on private data)")
     refuse_over_cap(checks)
     console.print("nothing was written")
 

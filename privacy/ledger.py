@@ -157,6 +157,10 @@ class ClientLedger:
         """Every release of this data set and of the client's other data sets in the directory,
         each once, oldest first."""
         merged = merge_releases(self.own_entries(), *(other.own_entries() for other in self._client_ledgers()))
+        if self.client_id is None:
+            # the server's received copy, appended in the client's order: its entries give their day
+            # only (as_sent), and copies received before that their send time, so a sort could reorder
+            return merged
         return sorted(merged, key=lambda e: e.released_at)
 
     def _client_ledgers(self) -> list[ClientLedger]:

@@ -205,3 +205,18 @@ def test_a_sent_ledger_says_neither_where_nor_when_each_release_was_made(tmp_pat
     assert [e["release_id"] for e in sent] == [e.release_id for e in entries]
     assert {e["released_at"] for e in sent} == {"2026-01-01T00:00:00+00:00"} and {e["run_dir"] for e in sent} == {"client:bank"}
     assert sends[0] == sends[1]
+
+
+def test_the_servers_received_copy_keeps_the_clients_order(tmp_path: Path):
+    """A received copy mixes entries sent before sent entries gave their day only (the send time to
+    the second) with later ones (the day): sorted by time, a newer release would come first, and its
+    delta would no longer be the client's latest."""
+    from privacy.ledger import ClientLedger
+
+    mechanism = Mechanism(kind="poisson_gaussian", noise_multiplier=1.0, sample_rate=0.1, steps=10)
+    older = _entry("bank", mechanism).model_copy(update={"released_at": "2026-01-03T17:30:12+00:00", "delta": 1e-5})
+    newer = _entry("bank", mechanism).model_copy(update={"released_at": "2026-01-03T00:00:00+00:00", "delta": 1e-6})
+    path = tmp_path / "received" / "bank.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(e.model_dump_json() + "\n" for e in (older, newer)))
+    assert [e.release_id for e in ClientLedger(path).entries()] == [older.release_id, newer.release_id]

@@ -406,3 +406,11 @@ def test_every_commands_help_describes_its_arguments(capsys):
         assert main([command, "--help"]) == 0
         out = capsys.readouterr()
         assert described in out.out + out.err, (command, out.out)
+
+
+def test_check_says_why_it_plans_no_release(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(20))
+    assert main(["check", str(write_spec(tmp_path, tiny_spec(stages=["prepare_models"])))]) == 0
+    err = capsys.readouterr().err
+    assert "no release planned: the spec has no stage that releases something of the private data" in err and "nothing was written" in err
