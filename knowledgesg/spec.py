@@ -6,6 +6,7 @@ setting must never be silently ignored.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -400,13 +401,36 @@ def _where(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def format_validation_error(source: str, error: ValidationError) -> str:
-    """The first problem, as `file: key.path: message` (pydantic's own text, made one line)."""
+def _model_within(annotation: Any) -> type[BaseModel] | None:
+    """The model an annotation holds (itself, or inside Optional, list, dict or a union), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((found for arg in get_args(annotation) if (found := _model_within(arg)) is not None), None)
+
+
+def _keys_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys the model allows at a place in it (a list's index skipped), or none if unknown."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        inner = _model_within(field.annotation) if field is not None else None
+        if inner is None:
+            return []
+        model = inner
+    return list(model.model_fields)
+
+
+def format_validation_error(source: str, error: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """The first problem, as `file: key.path: message` (pydantic's own text, made one line); an
+    unknown key of `model` with the known key it is closest to."""
     first = error.errors()[0]
     loc = tuple(first["loc"])
     if first["type"] == "extra_forbidden":
         # at the first level the source names the place (a spec file, or `stages[2].params`)
         message = f"unknown key '{loc[-1]}'" + (f" in {_where(loc[:-1])}" if len(loc) > 1 else "")
+        close = difflib.get_close_matches(str(loc[-1]), _keys_at(model, loc[:-1]), n=1) if model is not None else []
+        message += f" (did you mean '{close[0]}'?)" if close else ""
     elif first["type"] == "missing":
         message = f"{_where(loc)}: required key is missing"
     elif first["type"] in ("model_type", "model_attributes_type", "dict_type"):  # pydantic names its class: say what the spec needs
@@ -475,7 +499,7 @@ def parse_spec(raw: dict[str, Any], source: str) -> PipelineSpec:
     try:
         return PipelineSpec.model_validate(raw)
     except ValidationError as err:
-        raise InputError(format_validation_error(source, err)) from None
+        raise InputError(format_validation_error(source, err, PipelineSpec)) from None
 
 
 def spec_to_dict(spec: PipelineSpec) -> dict[str, Any]:

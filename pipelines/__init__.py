@@ -40,7 +40,7 @@ def build_stages(spec: PipelineSpec, source: str = "spec") -> list[Stage]:
         try:
             stages.append(stage_class(stage_class.Params.model_validate(stage_spec.params)))
         except ValidationError as err:
-            raise InputError(format_validation_error(f"{where}.params", err)) from None
+            raise InputError(format_validation_error(f"{where}.params", err, stage_class.Params)) from None
     return stages
 
 

@@ -91,8 +91,10 @@ def test_bad_data_is_one_line_exit_2_and_no_run_dir(tmp_path: Path, monkeypatch,
 
 
 SPEC_CASES = [
-    ("unknown-top-key", lambda s: s.update(stagez=[]), r"spec\.yaml: unknown key 'stagez'$"),
-    ("unknown-nested-key", lambda s: s["clients"]["partition"].update(alpah=0.5), r"spec\.yaml: unknown key 'alpah' in clients\.partition"),
+    ("unknown-top-key", lambda s: s.update(stagez=[]), r"spec\.yaml: unknown key 'stagez' \(did you mean 'stages'\?\)$"),
+    ("unknown-nested-key", lambda s: s["clients"]["partition"].update(alpah=0.5), r"spec\.yaml: unknown key 'alpah' in clients\.partition \(did you mean 'alpha'\?\)$"),
+    ("unknown-list-item-key", lambda s: s["clients"]["data"][0].update(feilds={}), r"spec\.yaml: unknown key 'feilds' in clients\.data\[0\] \(did you mean 'fields'\?\)$"),
+    ("misspelt-stage-param", lambda s: s.update(stages=[{"name": "dp_train", "params": {"epochz": 1}}]), r"stages\[0\]\.params: unknown key 'epochz' \(did you mean 'epochs'\?\)$"),
     ("wrong-type", lambda s: s.update(seed="abc"), r"spec\.yaml: seed: Input should be a valid integer"),
     ("missing-models", lambda s: s.pop("models"), r"spec\.yaml: models: required key is missing"),
     ("unknown-stage", lambda s: s.update(stages=["ingest", "dp_trian"]), r"spec\.yaml: stages\[1\]: unknown stage 'dp_trian'"),
