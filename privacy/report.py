@@ -21,7 +21,7 @@ from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_json, sha256_file, write_json, write_text
 from knowledgesg.runner import load_run_spec
 from privacy.accounting import Epsilons, Mechanism, epsilon_pld, epsilon_prv_or_none, epsilon_rdp
-from privacy.ledger import LedgerEntry, client_delta, compose, composed_total, ledger_directory, run_releases
+from privacy.ledger import LedgerEntry, client_delta, compose, composed_total, ledger_directory, read_stage_ledgers, run_releases
 from privacy.units import UNIT_NAMES
 
 SERVER_SEES_UPDATES = ("each client's noised DP-SGD updates in fedtune; under client-level DP-FedAvg, each client's clipped update "
@@ -139,8 +139,10 @@ def epsilon_curve(mechanism: Mechanism, delta: float, points: int = 5) -> list[C
     return curve
 
 
-def release_status(entry: LedgerEntry, run_dir: Path) -> str:
-    if Path(entry.run_dir) != run_dir.resolve():
+def release_status(entry: LedgerEntry, run_dir: Path, ours: set[str]) -> str:
+    """`ours`: the release ids this run's stages entered (their ledger.json), whichever path the run
+    had then: a run directory moved or copied still knows its own releases."""
+    if entry.release_id not in ours and Path(entry.run_dir) != run_dir.resolve():
         return f"released by another run ({entry.run_dir})"
     artifact = run_dir / entry.artifact.split("#", 1)[0]
     if entry.artifact_sha256 is None or "#" in entry.artifact:
@@ -150,7 +152,8 @@ def release_status(entry: LedgerEntry, run_dir: Path) -> str:
     return "this run, since replaced or removed (still counted)"
 
 
-def client_report(client_id: str, entries: list[LedgerEntry], run_dir: Path, cap: float | None, count_noise: float | None = None) -> ClientReport:
+def client_report(client_id: str, entries: list[LedgerEntry], run_dir: Path, cap: float | None, count_noise: float | None = None,
+                  ours: set[str] = frozenset()) -> ClientReport:
     """`count_noise`: the sigma of the noised count this run planned the client's releases with (None: N public)."""
     delta = client_delta(entries)
     counted = [e for e in entries if e.counts_against_budget]
@@ -161,7 +164,7 @@ def client_report(client_id: str, entries: list[LedgerEntry], run_dir: Path, cap
         client_id=client_id, units=list(dict.fromkeys(UNIT_NAMES.get(e.unit, e.unit) for e in counted)), num_units=sizes[-1] if sizes else None,
         count_noise=count_noise,
         delta=delta, n_times_delta=sizes[-1] * delta if sizes else None, private=all(e.private for e in entries),
-        releases=[ReleaseRow(entry=e, status=release_status(e, run_dir)) for e in entries], total=composed_total(entries, delta),
+        releases=[ReleaseRow(entry=e, status=release_status(e, run_dir, ours)) for e in entries], total=composed_total(entries, delta),
         client_level=compose(client_level, next(e.delta for e in entries if not e.counts_against_budget)) if client_level else None,
         cap_epsilon=cap, curve=epsilon_curve(first_sgd.mechanism, delta) if first_sgd else [],
     )
@@ -170,13 +173,15 @@ def client_report(client_id: str, entries: list[LedgerEntry], run_dir: Path, cap
 def build_report(run_dir: Path) -> PrivacyReport:
     spec, base_dir = load_run_spec(run_dir)
     ledger_dir = ledger_directory(spec.privacy.ledger_dir, base_dir, run_dir)
-    releases = run_releases(run_dir, [s.name for s in spec.stages], ledger_dir)
+    stages = [s.name for s in spec.stages]
+    releases = run_releases(run_dir, stages, ledger_dir)
+    ours = {e.release_id for e in read_stage_ledgers(run_dir, stages)}
     if not releases:
         raise InputError(f"{run_dir}: no releases in the ledger yet (run a stage such as dp_train first)")
     # whether this run's sizes were noised is partition.json's to say (a shared ledger may hold a count another run drew)
     partition = run_dir / "stages/ingest/partition.json"
     noise = (read_json(partition).get("count") or {}).get("noise_multipliers", {}) if partition.is_file() else {}
-    clients = [client_report(client, entries, run_dir, spec.privacy.cap_epsilon, noise.get(client)) for client, entries in releases.items()]
+    clients = [client_report(client, entries, run_dir, spec.privacy.cap_epsilon, noise.get(client), ours) for client, entries in releases.items()]
     return PrivacyReport(run_dir=str(run_dir), spec_name=spec.name, target_epsilon=spec.privacy.target_epsilon, ledger_dir=str(ledger_dir),
                          clients=clients, threat_model=threat_model(spec, bool(noise)), assumptions=assumptions(bool(noise)))
 

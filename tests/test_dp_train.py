@@ -84,6 +84,14 @@ def test_privacy_report_command(dp_run: Path, capsys):
     assert client["total"]["pld"] == pytest.approx(client["releases"][0]["entry"]["epsilon"]["pld"], rel=1e-6)
     assert client["units"] == ["record"] and client["num_units"] == 20 and client["n_times_delta"] == pytest.approx(2e-4)
     assert client["releases"][0]["status"] == "this run, current"
+    # a run directory copied elsewhere (with its ledger) still knows its releases by their ids, not by its old path
+    import shutil
+
+    moved = dp_run.parent / "moved-run"
+    shutil.copytree(dp_run, moved)
+    assert main(["privacy-report", str(moved)]) == 0
+    assert _json(moved / "privacy_report.json")["clients"][0]["releases"][0]["status"] == "this run, current"
+    capsys.readouterr()
     assert client["curve"][-1]["steps"] == 5 and client["curve"][0]["prv"] < client["curve"][-1]["prv"]
     html = (dp_run / "privacy_report.html").read_text()
     assert "<img" in html and "data:image/png;base64," in html and "Poisson sampling" in html and "Threat model" in html
