@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_json, sha256_file, write_json, write_text
+from knowledgesg.manifest import read_manifest
 from knowledgesg.runner import load_run_spec
 from privacy.accounting import Epsilons, Mechanism, epsilon_pld, epsilon_prv_or_none, epsilon_rdp
 from privacy.ledger import LedgerEntry, client_delta, compose, composed_total, ledger_directory, read_stage_ledgers, run_releases
@@ -170,12 +171,24 @@ def client_report(client_id: str, entries: list[LedgerEntry], run_dir: Path, cap
     )
 
 
+def releases_made_here(run_dir: Path, stages: list[str]) -> set[str]:
+    """Ids of the releases this run's stages made while they ran: a moved or copied run still knows
+    them. A stage's ledger.json may also hold one made before it started (a noised count another run
+    of the same data drew, reused): that one is not this run's."""
+    ours = set()
+    for stage in stages:
+        manifest = read_manifest(run_dir / "stages" / stage)
+        if manifest is not None:
+            ours |= {e.release_id for e in read_stage_ledgers(run_dir, [stage]) if e.released_at >= manifest.started_at}
+    return ours
+
+
 def build_report(run_dir: Path) -> PrivacyReport:
     spec, base_dir = load_run_spec(run_dir)
     ledger_dir = ledger_directory(spec.privacy.ledger_dir, base_dir, run_dir)
     stages = [s.name for s in spec.stages]
     releases = run_releases(run_dir, stages, ledger_dir)
-    ours = {e.release_id for e in read_stage_ledgers(run_dir, stages)}
+    ours = releases_made_here(run_dir, stages)
     if not releases:
         raise InputError(f"{run_dir}: no releases in the ledger yet (run a stage such as dp_train first)")
     # whether this run's sizes were noised is partition.json's to say (a shared ledger may hold a count another run drew)

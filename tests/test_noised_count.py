@@ -86,6 +86,8 @@ def test_the_count_is_drawn_once_per_data_set_planned_with_and_reused(tmp_path: 
     report = read_json(tmp_path / "b/privacy_report.json")["clients"][0]
     releases = [r["entry"] for r in report["releases"]]
     assert [e["release"] for e in releases] == ["noised_unit_count", "dp_adapter", "dp_adapter"]
+    # the count b reused and a's adapter are a's releases, though b's ingest ledger.json holds the count too
+    assert [r["status"].split(" (")[0] for r in report["releases"]] == ["released by another run", "released by another run", "this run, current"]
     mechanisms = [Mechanism.model_validate(e["mechanism"]) for e in releases]
     assert report["total"]["pld"] == pytest.approx(compose(mechanisms, report["delta"]).pld, rel=1e-6)
     assert report["total"]["pld"] > compose(mechanisms[1:], report["delta"]).pld
