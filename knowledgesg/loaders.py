@@ -128,17 +128,12 @@ def _rows_hf_disk(path: Path) -> Iterator[Row]:
         if len(loaded) != 1:
             raise data_error(path, f"holds several splits ({', '.join(loaded)}); point 'path' at one split's directory")
         loaded = next(iter(loaded.values()))
-    rows = iter(loaded)  # its strings are decoded as each row is read
     number = 0
-    while True:
-        try:
-            row = next(rows)
-        except StopIteration:
-            return
-        except UnicodeDecodeError:  # its text names the byte and where it stands in a value
-            raise data_error(path, f"record {number + 1}: holds text that is not valid UTF-8") from None
-        number += 1
-        yield number, row
+    try:
+        for number, row in enumerate(loaded, start=1):  # its strings are decoded as each row is read
+            yield number, row
+    except UnicodeDecodeError:  # its text names the byte and where it stands in a value
+        raise data_error(path, f"record {number + 1}: holds text that is not valid UTF-8") from None
 
 
 READERS = {"jsonl": _rows_jsonl, "json": _rows_json, "csv": _rows_csv, "parquet": _rows_parquet, "hf_disk": _rows_hf_disk}

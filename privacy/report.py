@@ -141,7 +141,7 @@ def epsilon_curve(mechanism: Mechanism, delta: float, points: int = 5) -> list[C
 
 
 def release_status(entry: LedgerEntry, run_dir: Path, ours: set[str]) -> str:
-    """`ours`: the release ids this run's stages entered (their ledger.json), whichever path the run
+    """`ours`: the releases this run's stages made (`releases_made_here`), whichever path the run
     had then: a run directory moved or copied still knows its own releases."""
     if entry.release_id not in ours and Path(entry.run_dir) != run_dir.resolve():
         return f"released by another run ({entry.run_dir})"
@@ -153,8 +153,7 @@ def release_status(entry: LedgerEntry, run_dir: Path, ours: set[str]) -> str:
     return "this run, since replaced or removed (still counted)"
 
 
-def client_report(client_id: str, entries: list[LedgerEntry], run_dir: Path, cap: float | None, count_noise: float | None = None,
-                  ours: set[str] = frozenset()) -> ClientReport:
+def client_report(client_id: str, entries: list[LedgerEntry], run_dir: Path, cap: float | None, count_noise: float | None, ours: set[str]) -> ClientReport:
     """`count_noise`: the sigma of the noised count this run planned the client's releases with (None: N public)."""
     delta = client_delta(entries)
     counted = [e for e in entries if e.counts_against_budget]

@@ -144,6 +144,12 @@ def round_mechanism(dp: LocalDP, steps: int) -> Mechanism:
     return Mechanism(kind="poisson_gaussian", noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate, steps=steps)
 
 
+def within_cap(task: ClientTask, mechanism: Mechanism, before: list[LedgerEntry]) -> None:
+    """The client's cap over every release its data made (`before`) and this round's."""
+    dp = task.local_dp
+    check_budget(before, task.client_id, [mechanism], dp.delta, dp.cap_epsilon, f"fedtune round {task.round}", dp.unit)
+
+
 def check_document_units(task: ClientTask, clients: ClientsSpec, whose: str) -> bool:
     """Whether the client's records form source-document units as a spec of its own says; a task
     naming a client that spec does not have, or planning the other unit, is refused."""
@@ -407,15 +413,12 @@ class ClientRuntime:
                             mechanism=mechanism, epsilon=epsilons([mechanism], dp.delta), private=origin == "os_entropy", noise=origin,
                             trust=trust_line(origin, mechanism))
         # the cap checked under the ledger's lock: another run may be releasing from the same data
-        self._ledger(task, node).append(entry, lambda before: check_budget(before, task.client_id, [mechanism], dp.delta, dp.cap_epsilon,
-                                                                           f"fedtune round {task.round}", dp.unit))
+        self._ledger(task, node).append(entry, lambda before: within_cap(task, mechanism, before))
         return entry
 
     def _check_cap(self, task: ClientTask, node: NodeSettings | None) -> None:
         """The cap over everything this client's data released, with the round's planned steps."""
-        dp = task.local_dp
-        check_budget(self._ledger(task, node).entries(), task.client_id, [round_mechanism(dp, task.training.steps)], dp.delta, dp.cap_epsilon,
-                     f"fedtune round {task.round}", dp.unit)
+        within_cap(task, round_mechanism(task.local_dp, task.training.steps), self._ledger(task, node).entries())
 
     def _log(self, task: ClientTask, row: dict) -> None:
         """Un-noised figures of the client's own training: kept on the client only."""

@@ -231,10 +231,9 @@ def client_identity(node_config: dict, clients: list[str]) -> str:
 def node_settings(node_config: dict, task: ClientTask) -> NodeSettings | None:
     """The data owner's own settings on its SuperNode (`run-dir` in its node config), or None on
     a simulation's virtual node (`partition-id` where this process started the simulation: the
-    server's process, the spec's settings). A
-    deployed node without them would take its ledger, cap and noise source from the server's task:
-    a server asking for reproducible noise could then regenerate the noise and subtract it, so a
-    task on private data is refused there."""
+    server's process, the spec's settings). A deployed node without them would take its ledger,
+    cap and noise source from the server's task: a server asking for reproducible noise could then
+    regenerate the noise and subtract it, so a task on private data is refused there."""
     if "run-dir" in node_config:
         return NodeSettings.of(node_config)
     if task.local_dp is not None and not (SIMULATION_FLAG in os.environ and "partition-id" in node_config):
