@@ -96,7 +96,7 @@ def main() -> None:
         f"Goal (issue 13): at most 1.05x time and 1.3x memory. Time: {'met' if time_ratio <= 1.05 else 'NOT met'}; memory: {'met' if mem_ratio <= 1.3 else 'NOT met'}.",
         "Peak RSS is the whole process (model weights included), read with getrusage in a fresh process per mode.",
     ]
-    out_path = ROOT / "benchmarks" / "results" / ("dp_overhead.md" if args.targets == "qv" and args.r == 8 else f"dp_overhead_{args.targets}_r{args.r}.md")
+    out_path = ROOT / "benchmarks" / "results" / ("dp_overhead.md" if args.targets == "qv" and args.r == 8 else f"dp_overhead_{args.targets}_r{args.r}{'' if args.batch == 8 else f'_b{args.batch}'}.md")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

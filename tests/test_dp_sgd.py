@@ -292,6 +292,19 @@ def test_secure_gaussian_is_box_muller_over_the_keystream_uniforms_and_normal():
     assert (steps == steps.round()).all() and steps.min() >= 0 and steps.max() < 2.0**52 and len(set(steps.tolist())) == 8 * n
 
 
+def test_a_draw_longer_than_one_pass_is_the_same_construction_pass_by_pass():
+    """Large draws (DP-SGD's noise for every parameter at once) run the sampler in passes of
+    `_CHUNK` values: each pass is the construction over the next uniforms."""
+    from privacy.noise import _CHUNK
+
+    key, n, std = b"c" * 32, _CHUNK + 1000, 1.3
+    got = SecureRandom(key, "reproducible").normal((n,), std, dtype=torch.float64)
+    u = torch.from_numpy(SecureRandom(key, "reproducible").uniform(4 * n))
+    expected = torch.cat([_box_muller(u[: 4 * _CHUNK], _CHUNK, std), _box_muller(u[4 * _CHUNK :], n - _CHUNK, std)])
+    assert torch.allclose(got, expected, atol=1e-12, rtol=0)
+    assert float(got.std()) == pytest.approx(std, rel=0.01)
+
+
 def _bfloat16_base(setup):
     """The fixture's model with its frozen weights in bfloat16 (the adapter stays float32)."""
     model = copy.deepcopy(setup[0])
@@ -322,3 +335,21 @@ def test_dp_sgd_refuses_parameters_below_float32(setup):
     low = copy.deepcopy(setup[0]).to(torch.bfloat16)
     with pytest.raises(KsgError, match="float32 parameters only"):
         DPSGD(low, lambda ps: torch.optim.SGD(ps, lr=1.0), DPSGDSettings(1.0, 1.0, 0.5, 1), SecureRandom.from_public_seed("test", 0))
+
+
+def test_a_dp_trained_linear_layer_gets_per_unit_gradients_and_no_summed_one(setup):
+    """autograd's summed gradient of a weight DP-SGD trains is never read (the update is the
+    clipped sum of per-unit gradients), so it is not computed; once closed, the layers are
+    ordinary linear layers again and backward gives the summed gradient."""
+    model, tokenizer, examples = setup
+    model = copy.deepcopy(model)
+    dp = DPSGD(model, lambda ps: torch.optim.SGD(ps, lr=1.0), DPSGDSettings(0.0, 1.0, 0.5, 2), SecureRandom.from_public_seed("test", 0))
+    batch = collate(examples[:2], tokenizer.pad_token_id)
+    unit_loss(dp.module, batch, torch.arange(2), 2).sum().backward()
+    lora = [p for n, p in dp.module.named_parameters() if "lora_" in n]
+    assert lora and all(p.grad is None and p.grad_sample.shape == (2, *p.shape) for p in lora)
+    summed = torch.cat([p.grad_sample.sum(0).flatten() for p in lora])
+    dp.optimizer.zero_grad(set_to_none=True)
+    dp.close()
+    unit_loss(model, batch, torch.arange(2), 2).sum().backward()
+    assert torch.allclose(torch.cat([p.grad.flatten() for p in lora]), summed, atol=1e-6, rtol=1e-4)

@@ -501,7 +501,7 @@ class ClientRuntime:
                 if loss is not None:
                     losses.append(loss)
         finally:
-            engine.module._close()  # unwrap: the cached model is reused next round without hooks
+            engine.close()  # unwrap: the cached model is reused next round without hooks
             lora.model.eval()
         history = engine.accounted_history()
         counted = sum(n for _, _, n in history)
