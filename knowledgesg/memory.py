@@ -41,20 +41,23 @@ _LARGEST_MMAP_THRESHOLD = 32 * MIB  # glibc's ceiling on 64-bit systems; a large
 _KEEP_UP_TO = 2**31 - 1  # the largest int mallopt takes: about 2 GiB of freed heap kept resident
 
 
-def keep_freed_memory() -> None:
+def keep_freed_memory(keep: bool = True) -> None:
     """Let glibc reuse freed pages instead of handing them back to the OS after every free. DP-SGD
     allocates and frees its per-unit gradients (156 MB a step at r=16 on every linear layer) each
     step; with glibc's defaults those pages went back to the OS and were faulted in again, about
     100,000 page faults a step, where a non-DP step had none (`benchmarks/results/dp_overhead_all_r16.md`).
     Both settings are needed: a fixed trim threshold alone freezes the mmap threshold at 128 KiB,
     and every larger tensor is then a fresh mmap (two million faults a step). `release_freed_memory`
-    still returns everything when a stage ends. A no-op where there is no glibc."""
+    still returns everything when a stage ends. `keep=False`, once training is over: freed memory
+    above 64 MiB at the heap's top goes back to the OS again (twice the mmap threshold, where
+    glibc's own rule settles once it has raised that threshold to its ceiling; mallopt cannot turn
+    the rule itself back on). A no-op where there is no glibc."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return
     mallopt(_M_MMAP_THRESHOLD, _LARGEST_MMAP_THRESHOLD)
-    mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO)
+    mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO if keep else 2 * _LARGEST_MMAP_THRESHOLD)
 
 
 class PeakMemory:

@@ -15,6 +15,7 @@ On structured data (`source_stage: structure`) the pairs made from one document 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,7 +260,7 @@ class DPTrain(Stage):
         losses, checked = [], False
         label = "" if plan.private else f" [{plan.label}]"
         running = RunningEpsilon(plan.noise_multiplier, plan.sample_rate, plan.delta) if plan.noised else None
-        with progress_bar() as bar:
+        with progress_bar() as bar, contextlib.closing(dp):  # closed: the model is saved unwrapped, its kept memory handed back
             task = bar.add_task(f"dp_train {plan.client_id}{label}", total=plan.steps)
             for step, chosen in enumerate(poisson_batches(len(units), plan.sample_rate, plan.steps, coins)):
                 loss = dp.step([unit_batch(examples, units, mb, tokenizer.pad_token_id) for mb in micro_batches(chosen, rows_per_unit, widths, p.max_physical_batch)], unit_loss)

@@ -33,7 +33,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from knowledgesg.errors import KsgError
-from knowledgesg.memory import keep_freed_memory
+from knowledgesg.memory import keep_freed_memory, release_freed_memory
 from privacy.noise import SecureRandom
 
 
@@ -61,12 +61,12 @@ class _LinearPerUnitOnly(torch.autograd.Function):
 
 
 def _per_unit_only_forward(module: torch.nn.Linear, sampler: GradSampleModule):
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def forward(input: torch.Tensor) -> torch.Tensor:  # nn.Linear.forward's own parameter name
         # the condition under which Opacus records the layer's input for per-unit gradients; in
         # eval, under no_grad, or once the hooks are off, the layer is an ordinary linear layer
         if sampler.hooks_enabled and module.training and torch.is_grad_enabled():
-            return _LinearPerUnitOnly.apply(x, module.weight, module.bias)
-        return F.linear(x, module.weight, module.bias)
+            return _LinearPerUnitOnly.apply(input, module.weight, module.bias)
+        return F.linear(input, module.weight, module.bias)
 
     return forward
 
@@ -84,10 +84,10 @@ class SecureDPOptimizer(DPOptimizer):
         sizes = [p.summed_grad.numel() for p in self.params]
         # one draw for every parameter: the same independent values, without the cost of 420
         # small draws (LoRA r=16 on every linear layer) each paying its own per-call overheads
-        noise = self.noise.normal((sum(sizes),), std, self.params[0].summed_grad.dtype, self.params[0].summed_grad.device)
+        noise = self.noise.normal((sum(sizes),), std, self.params[0].summed_grad.dtype)
         for p, values in zip(self.params, noise.split(sizes)):
             _check_processed_flag(p.summed_grad)
-            p.grad = (p.summed_grad + values.view_as(p.summed_grad)).view_as(p)
+            p.grad = (p.summed_grad + values.view_as(p.summed_grad).to(p.summed_grad.device)).view_as(p)
             _mark_as_processed(p.summed_grad)
 
     def scale_grad(self) -> None:
@@ -145,20 +145,17 @@ class DPSGD:
 
     def __init__(self, model: torch.nn.Module, make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], settings: DPSGDSettings, noise: SecureRandom) -> None:
         self.settings = settings
-        keep_freed_memory()  # per-unit gradients are allocated and freed every step
-        self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
         # Built from the trainable parameters only, after the model is on its device: an
         # optimizer made earlier holds stale tensors and silently never updates the adapter.
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self._per_unit_only = [m for m in model.modules() if type(m) is torch.nn.Linear and all(p.requires_grad for p in m.parameters())]
-        for layer in self._per_unit_only:
-            layer.forward = _per_unit_only_forward(layer, self.module)
+        self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise KsgError("the model has no trainable parameters (LoRA was not applied?)")
         if any(p.dtype != torch.float32 for p in self.params):
             # per-unit gradients take the dtype of their parameter: with a bfloat16 adapter a
             # clipped unit's norm came out up to 0.9% above C, and the noise is calibrated to C
             raise KsgError(f"DP-SGD trains float32 parameters only (found {sorted({str(p.dtype) for p in self.params})}): a lower precision would clip inexactly")
+        keep_freed_memory()  # per-unit gradients are allocated and freed every step
+        self.module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
         self.optimizer = SecureDPOptimizer(
             make_optimizer(self.params),
             noise_multiplier=settings.noise_multiplier,
@@ -173,6 +170,12 @@ class DPSGD:
         self.optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=settings.sample_rate))
         self.steps = 0
         self.empty_steps = 0
+        self._closed = False
+        # last, so that a refusal above leaves every layer as it was; a layer with a forward of its
+        # own (another library's hook) keeps it, and its summed gradient
+        self._per_unit_only = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m) and all(p.requires_grad for p in m.parameters())]
+        for layer in self._per_unit_only:
+            layer.forward = _per_unit_only_forward(layer, self.module)
 
     @property
     def private(self) -> bool:
@@ -213,10 +216,16 @@ class DPSGD:
         return total / units
 
     def close(self) -> None:
-        """Unwrap the model (hooks off, linear layers as they were), for a model used again later."""
+        """Unwrap the model (hooks off, linear layers as they were: a copy or a later non-DP backward
+        of a model left wrapped would get no summed gradients) and hand the kept memory back."""
+        if self._closed:
+            return
         self.module._close()
         for layer in self._per_unit_only:
-            del layer.forward
+            vars(layer).pop("forward", None)
+        self._closed = True
+        keep_freed_memory(False)
+        release_freed_memory()
 
     def accounted_history(self) -> list[tuple[float, float, int]]:
         """What the accountant saw, merged: [(sigma, q, steps)]."""

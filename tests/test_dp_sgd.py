@@ -353,3 +353,14 @@ def test_a_dp_trained_linear_layer_gets_per_unit_gradients_and_no_summed_one(set
     dp.close()
     unit_loss(model, batch, torch.arange(2), 2).sum().backward()
     assert torch.allclose(torch.cat([p.grad.flatten() for p in lora]), summed, atol=1e-6, rtol=1e-4)
+    dp.close()  # a second close changes nothing
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_a_refused_dp_sgd_leaves_the_model_as_it_was(setup):
+    """A refusal (here a bfloat16 adapter) must not leave layers that give no summed gradient: the
+    same model object may then be trained another way."""
+    model = copy.deepcopy(setup[0]).to(torch.bfloat16)
+    with pytest.raises(KsgError, match="float32 parameters only"):
+        DPSGD(model, lambda ps: torch.optim.SGD(ps, lr=1.0), DPSGDSettings(0.0, 1.0, 0.5, 2), SecureRandom.from_public_seed("test", 0))
+    assert not any("forward" in vars(m) for m in model.modules())

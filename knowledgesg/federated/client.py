@@ -489,19 +489,20 @@ class ClientRuntime:
         expected = dp.sample_rate * dp.num_units
         coins = SecureRandom.for_release(dp.reproducible_noise, task.seed, "fedtune", task.client_id, task.round, "sampler")
         noise = SecureRandom.for_release(dp.reproducible_noise, task.seed, "fedtune", task.client_id, task.round, "noise")
-        lora.model.train()
-        engine = DPSGD(lora.model, make_optimizer(t.optimizer, t.learning_rate), DPSGDSettings(dp.noise_multiplier, dp.clip_norm, dp.sample_rate, expected), noise)
         unit_loss = unit_loss_on(lora.device)
         widths = unit_widths(examples, units.members)
 
-        losses = []
+        losses, engine = [], None
         try:
+            lora.model.train()
+            engine = DPSGD(lora.model, make_optimizer(t.optimizer, t.learning_rate), DPSGDSettings(dp.noise_multiplier, dp.clip_norm, dp.sample_rate, expected), noise)
             for batch_units in poisson_batches(units.count, dp.sample_rate, t.steps, coins):
                 loss = engine.step([unit_batch(examples, units.members, mb, lora.tokenizer.pad_token_id) for mb in micro_batches(batch_units, units.rows_per_unit, widths, t.batch_size)], unit_loss)
                 if loss is not None:
                     losses.append(loss)
         finally:
-            engine.close()  # unwrap: the cached model is reused next round without hooks
+            if engine is not None:
+                engine.close()  # unwrap: the cached model is reused next round without hooks
             lora.model.eval()
         history = engine.accounted_history()
         counted = sum(n for _, _, n in history)
