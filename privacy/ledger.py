@@ -3,8 +3,10 @@
 Each release is recorded twice:
 
 - in the client's own ledger (`ClientLedger`): one append-only JSONL file per client data set in
-  the ledger directory, named by a fingerprint of the client's data, so that a rerun, or another
-  run over the same data pointed at the same directory, keeps counting. An entry is appended
+  the ledger directory, named by a fingerprint of the client's data keyed with a secret kept in
+  that directory (`.name_key`), so that a rerun, or another run over the same data pointed at the
+  same directory, keeps counting, and the name, which error lines print, tells nothing to whoever
+  holds all the data but one record (an unkeyed digest did: hash each candidate for it, compare). An entry is appended
   and fsynced *before* the release is published (renamed into the stage's outputs, or sent to
   the server), and it is never rewritten or deleted: a rerun is a new release that adds to the
   total, and a release that a crash may have let out is counted even if it is redone.
@@ -31,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hmac
 import math
 import os
 import uuid
@@ -42,13 +45,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from knowledgesg.errors import InputError, KsgError
-from knowledgesg.fileio import canonical_json, fsync_path, read_json, sha256_file, sha256_text
+from knowledgesg.fileio import atomic_open, canonical_json, fsync_path, read_json, sha256_file, sha256_text
 from knowledgesg.manifest import read_manifest
 from privacy.accounting import Epsilons, Mechanism, epsilon_pld, epsilon_prv_or_none, epsilon_rdp
 
 LEDGER = "ledger.json"
 LEDGER_LOCK = ".lock"  # in a ledger directory: held while a release is checked against the cap and entered
 LEDGER_ENV = "KSG_LEDGER_DIR"
+NAME_KEY = ".name_key"  # in a ledger directory: the secret that keys its ledger files' names
+NAME_KEY_BYTES = 32
 
 NoiseUsed = Literal["os_entropy", "reproducible", "none"]
 
@@ -150,8 +155,15 @@ class ClientLedger:
 
     @classmethod
     def of_data(cls, directory: Path, key: str, client_id: str | None = None) -> ClientLedger:
-        """The ledger of the client data set whose fingerprint is `key`, in `directory`."""
-        return cls(directory / f"{key[:32]}.jsonl", client_id)
+        """The ledger of the client data set whose fingerprint is `key`, in `directory`. Reading
+        writes nothing: before the directory's first write under this scheme, a ledger named by
+        the unkeyed fingerprint (as earlier versions named it) is read where it is, and the first
+        entry written moves it to its keyed name."""
+        ledger = cls(_ledger_file(directory, key, _name_key(directory)), client_id)
+        ledger._data_key = key
+        return ledger
+
+    _data_key: str | None = None  # set by of_data; a received copy (a plain path) has none
 
     def entries(self) -> list[LedgerEntry]:
         """Every release of this data set and of the client's other data sets in the directory,
@@ -225,9 +237,22 @@ class ClientLedger:
         lock = os.open(self.path.parent / LEDGER_LOCK, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            if self._data_key is not None:
+                self._move_to_keyed_name()
             yield
         finally:
             os.close(lock)  # releases the lock
+
+    def _move_to_keyed_name(self) -> None:
+        """Under the lock, before a write: the directory's name key (made the first time) and this
+        data set's keyed file, into which a ledger under the unkeyed name is renamed, entries whole."""
+        directory = self.path.parent
+        keyed = _keyed_file(directory, self._data_key, _name_key(directory, create=True))
+        unkeyed = _unkeyed_file(directory, self._data_key)
+        if unkeyed.is_file() and not keyed.exists():
+            os.rename(unkeyed, keyed)
+            fsync_path(directory)
+        self.path = keyed
 
     def _write(self, entry: LedgerEntry) -> None:
         """One line, fsynced (and the directory, when the file is new) before the caller publishes."""
@@ -247,6 +272,42 @@ class ClientLedger:
             os.close(fd)
         if created:
             fsync_path(self.path.parent)  # the new file's name, on file systems that need its directory flushed
+
+
+def _name_key(directory: Path, create: bool = False) -> bytes | None:
+    """The ledger directory's name key; None where it has none yet and `create` is false. Losing it
+    loses no budget (a client's total counts every ledger in the directory that names it), only
+    the reuse of this data's earlier noised count."""
+    path = directory / NAME_KEY
+    key = path.read_bytes() if path.is_file() else b""
+    if len(key) == NAME_KEY_BYTES:
+        return key
+    if key:
+        raise KsgError(f"{path}: damaged (not {NAME_KEY_BYTES} bytes); it names this directory's ledgers, refusing to make another")
+    if not create:
+        return None
+    key = os.urandom(NAME_KEY_BYTES)
+    with atomic_open(path, "wb", encoding=None) as handle:  # mkstemp: mode 0600
+        handle.write(key)
+    return key
+
+
+def _unkeyed_file(directory: Path, data_key: str) -> Path:
+    return directory / f"{data_key[:32]}.jsonl"
+
+
+def _keyed_file(directory: Path, data_key: str, name_key: bytes) -> Path:
+    return directory / f"{hmac.new(name_key, data_key.encode(), 'sha256').hexdigest()[:32]}.jsonl"
+
+
+def _ledger_file(directory: Path, data_key: str, name_key: bytes | None) -> Path:
+    """Where a data set's ledger is read: its keyed file, or the unkeyed name earlier versions wrote
+    while no entry was written since (no name key yet, or only another data set's)."""
+    unkeyed = _unkeyed_file(directory, data_key)
+    if name_key is None:
+        return unkeyed
+    keyed = _keyed_file(directory, data_key, name_key)
+    return unkeyed if unkeyed.is_file() and not keyed.exists() else keyed
 
 
 def published_release(path: Path, ledger: ClientLedger, client_id: str, stage: str, release: str) -> LedgerEntry | None:

@@ -220,3 +220,39 @@ def test_the_servers_received_copy_keeps_the_clients_order(tmp_path: Path):
     path.parent.mkdir()
     path.write_text("".join(e.model_dump_json() + "\n" for e in (older, newer)))
     assert [e.release_id for e in ClientLedger(path).entries()] == [older.release_id, newer.release_id]
+
+
+def test_a_ledgers_file_name_does_not_confirm_a_guess_of_the_data(tmp_path: Path):
+    """Whoever holds every record but one hashes each candidate data set: with ledger files named by
+    the unkeyed fingerprint, the name an error line prints (a damaged ledger) told which one is in."""
+    from privacy.ledger import NAME_KEY, ClientLedger, data_key
+
+    rows = [{"id": f"r{i}", "text": f"record {i}", "label": "positive"} for i in range(5)]
+    candidates = [[*rows[:4], {**rows[4], "label": label}] for label in ("positive", "negative", "neutral")]
+    first = _entry("bank_a", REFERENCE)
+    ClientLedger.of_data(tmp_path, data_key(candidates[1]), "bank_a").append(first)
+    names = {p.name for p in tmp_path.glob("*.jsonl")}
+    assert len(names) == 1 and not names & {f"{data_key(c)[:32]}.jsonl" for c in candidates}
+    assert (tmp_path / NAME_KEY).stat().st_mode & 0o077 == 0
+    # the same data finds its ledger again in the same directory, and has another name in another
+    again = ClientLedger.of_data(tmp_path, data_key(candidates[1]), "bank_a")
+    assert [e.release_id for e in again.own_entries()] == [first.release_id] and again.path.name in names
+    elsewhere = ClientLedger.of_data(tmp_path / "other", data_key(candidates[1]), "bank_a")
+    elsewhere.append(_entry("bank_a", REFERENCE))
+    assert elsewhere.path.name not in names
+
+
+def test_a_ledger_under_its_unkeyed_name_is_read_then_moved_whole(tmp_path: Path):
+    """Ledgers written by earlier versions, named by the unkeyed fingerprint: read where they are
+    (reading writes nothing), renamed to the keyed name by the next entry, none lost."""
+    from privacy.ledger import NAME_KEY, ClientLedger, data_key
+
+    key = data_key([{"id": "r1", "text": "x"}])
+    old = _entry("bank_a", REFERENCE)
+    (tmp_path / f"{key[:32]}.jsonl").write_text(old.model_dump_json() + "\n", encoding="utf-8")
+    ledger = ClientLedger.of_data(tmp_path, key, "bank_a")
+    assert [e.release_id for e in ledger.entries()] == [old.release_id] and not (tmp_path / NAME_KEY).exists()
+    new = _entry("bank_a", REFERENCE)
+    ledger.append(new)
+    assert not (tmp_path / f"{key[:32]}.jsonl").exists() and ledger.path.name != f"{key[:32]}.jsonl"
+    assert [e.release_id for e in ClientLedger.of_data(tmp_path, key, "bank_a").own_entries()] == [old.release_id, new.release_id]
