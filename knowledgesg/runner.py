@@ -261,7 +261,7 @@ def refuse_a_ledger_without_this_runs_releases(run_dir: Path, stages: list[Stage
     missing = sorted(set(made) - held)
     if missing:
         raise InputError(f"privacy ledger {ledger_dir}: {len(missing)} of this run's {len(made)} releases are not in it (one of client '{made[missing[0]]}' among them): "
-                         "they were entered in another ledger directory. Point $KSG_LEDGER_DIR or privacy.ledger_dir back to it (or move its files here), "
+                         "they were entered in another ledger directory. Point $KSG_LEDGER_DIR or privacy.ledger_dir back to it (or move its files here, .name_key with them), "
                          "or start a new run")
 
 

@@ -6,7 +6,9 @@ Each release is recorded twice:
   the ledger directory, named by a fingerprint of the client's data keyed with a secret kept in
   that directory (`.name_key`), so that a rerun, or another run over the same data pointed at the
   same directory, keeps counting, and the name, which error lines print, tells nothing to whoever
-  holds all the data but one record (an unkeyed digest did: hash each candidate for it, compare). An entry is appended
+  holds all the data but one record (an unkeyed digest did: hash each candidate for it, compare).
+  Ledgers that earlier versions named by the unkeyed digest keep their names (a file renamed
+  would vanish from under a process listing the directory); the name key moves with the ledgers. An entry is appended
   and fsynced *before* the release is published (renamed into the stage's outputs, or sent to
   the server), and it is never rewritten or deleted: a rerun is a new release that adds to the
   total, and a release that a crash may have let out is counted even if it is redone.
@@ -155,11 +157,9 @@ class ClientLedger:
 
     @classmethod
     def of_data(cls, directory: Path, key: str, client_id: str | None = None) -> ClientLedger:
-        """The ledger of the client data set whose fingerprint is `key`, in `directory`. Reading
-        writes nothing: before the directory's first write under this scheme, a ledger named by
-        the unkeyed fingerprint (as earlier versions named it) is read where it is, and the first
-        entry written moves it to its keyed name."""
-        ledger = cls(_ledger_file(directory, key, _name_key(directory)), client_id)
+        """The ledger of the client data set whose fingerprint is `key`, in `directory` (reading
+        writes nothing: the name key is made by the first entry written)."""
+        ledger = cls(_ledger_file(directory, key), client_id)
         ledger._data_key = key
         return ledger
 
@@ -188,6 +188,8 @@ class ClientLedger:
 
     def own_entries(self) -> list[LedgerEntry]:
         """The releases of this data set alone (not of the client's other versions of it)."""
+        if not self.path.is_file() and self._data_key is not None:
+            self.path = _ledger_file(self.path.parent, self._data_key)  # another process made it since
         if not self.path.is_file():
             return []
         entries = []
@@ -238,21 +240,10 @@ class ClientLedger:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if self._data_key is not None:
-                self._move_to_keyed_name()
+                self.path = _ledger_file(self.path.parent, self._data_key, create=True)
             yield
         finally:
             os.close(lock)  # releases the lock
-
-    def _move_to_keyed_name(self) -> None:
-        """Under the lock, before a write: the directory's name key (made the first time) and this
-        data set's keyed file, into which a ledger under the unkeyed name is renamed, entries whole."""
-        directory = self.path.parent
-        keyed = _keyed_file(directory, self._data_key, _name_key(directory, create=True))
-        unkeyed = _unkeyed_file(directory, self._data_key)
-        if unkeyed.is_file() and not keyed.exists():
-            os.rename(unkeyed, keyed)
-            fsync_path(directory)
-        self.path = keyed
 
     def _write(self, entry: LedgerEntry) -> None:
         """One line, fsynced (and the directory, when the file is new) before the caller publishes."""
@@ -275,15 +266,17 @@ class ClientLedger:
 
 
 def _name_key(directory: Path, create: bool = False) -> bytes | None:
-    """The ledger directory's name key; None where it has none yet and `create` is false. Losing it
-    loses no budget (a client's total counts every ledger in the directory that names it), only
-    the reuse of this data's earlier noised count."""
+    """The ledger directory's name key; None where it has none yet and `create` is false. It moves
+    with the ledgers: without it a data set's ledger is not found by name, and a new one is begun
+    (its budget is still whole: a client's total counts every ledger in the directory that names
+    it; but its noised count is drawn again, and a release published before a crash is refused, not
+    adopted)."""
     path = directory / NAME_KEY
-    key = path.read_bytes() if path.is_file() else b""
-    if len(key) == NAME_KEY_BYTES:
+    if path.is_file():
+        key = path.read_bytes()
+        if len(key) != NAME_KEY_BYTES:
+            raise KsgError(f"{path}: damaged (not {NAME_KEY_BYTES} bytes); it names this directory's ledgers, refusing to make another")
         return key
-    if key:
-        raise KsgError(f"{path}: damaged (not {NAME_KEY_BYTES} bytes); it names this directory's ledgers, refusing to make another")
     if not create:
         return None
     key = os.urandom(NAME_KEY_BYTES)
@@ -292,22 +285,14 @@ def _name_key(directory: Path, create: bool = False) -> bytes | None:
     return key
 
 
-def _unkeyed_file(directory: Path, data_key: str) -> Path:
-    return directory / f"{data_key[:32]}.jsonl"
-
-
-def _keyed_file(directory: Path, data_key: str, name_key: bytes) -> Path:
-    return directory / f"{hmac.new(name_key, data_key.encode(), 'sha256').hexdigest()[:32]}.jsonl"
-
-
-def _ledger_file(directory: Path, data_key: str, name_key: bytes | None) -> Path:
-    """Where a data set's ledger is read: its keyed file, or the unkeyed name earlier versions wrote
-    while no entry was written since (no name key yet, or only another data set's)."""
-    unkeyed = _unkeyed_file(directory, data_key)
-    if name_key is None:
-        return unkeyed
-    keyed = _keyed_file(directory, data_key, name_key)
-    return unkeyed if unkeyed.is_file() and not keyed.exists() else keyed
+def _ledger_file(directory: Path, data_key: str, create: bool = False) -> Path:
+    """A data set's ledger file: its fingerprint keyed with the directory's name key. A ledger that
+    earlier versions named by the unkeyed fingerprint stays where it is (renamed, it would vanish
+    from under a reader listing the directory), and so does a data set's ledger path before the
+    directory has a name key (no file is there: reading writes nothing)."""
+    unkeyed = directory / f"{data_key[:32]}.jsonl"
+    name_key = None if unkeyed.is_file() else _name_key(directory, create)
+    return unkeyed if name_key is None else directory / f"{hmac.new(name_key, data_key.encode(), 'sha256').hexdigest()[:32]}.jsonl"
 
 
 def published_release(path: Path, ledger: ClientLedger, client_id: str, stage: str, release: str) -> LedgerEntry | None:

@@ -242,17 +242,39 @@ def test_a_ledgers_file_name_does_not_confirm_a_guess_of_the_data(tmp_path: Path
     assert elsewhere.path.name not in names
 
 
-def test_a_ledger_under_its_unkeyed_name_is_read_then_moved_whole(tmp_path: Path):
-    """Ledgers written by earlier versions, named by the unkeyed fingerprint: read where they are
-    (reading writes nothing), renamed to the keyed name by the next entry, none lost."""
+def test_a_ledger_under_its_unkeyed_name_stays_where_it_is(tmp_path: Path):
+    """Ledgers written by earlier versions, named by the unkeyed fingerprint, keep their name and
+    their entries: renamed, a file would vanish from under a process listing the directory."""
     from privacy.ledger import NAME_KEY, ClientLedger, data_key
 
     key = data_key([{"id": "r1", "text": "x"}])
-    old = _entry("bank_a", REFERENCE)
+    old, new = _entry("bank_a", REFERENCE), _entry("bank_a", REFERENCE)
     (tmp_path / f"{key[:32]}.jsonl").write_text(old.model_dump_json() + "\n", encoding="utf-8")
-    ledger = ClientLedger.of_data(tmp_path, key, "bank_a")
-    assert [e.release_id for e in ledger.entries()] == [old.release_id] and not (tmp_path / NAME_KEY).exists()
-    new = _entry("bank_a", REFERENCE)
-    ledger.append(new)
-    assert not (tmp_path / f"{key[:32]}.jsonl").exists() and ledger.path.name != f"{key[:32]}.jsonl"
-    assert [e.release_id for e in ClientLedger.of_data(tmp_path, key, "bank_a").own_entries()] == [old.release_id, new.release_id]
+    ClientLedger.of_data(tmp_path, key, "bank_a").append(new)
+    assert [e.release_id for e in ClientLedger(tmp_path / f"{key[:32]}.jsonl").own_entries()] == [old.release_id, new.release_id]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", f"{key[:32]}.jsonl"] and not (tmp_path / NAME_KEY).exists()
+
+
+def test_a_reader_made_before_the_first_entry_finds_it(tmp_path: Path):
+    """A ledger object made while the directory had no name key (another run then wrote this data's
+    first entry) reads that entry: it was made under the keyed name."""
+    from privacy.ledger import ClientLedger, data_key
+
+    key = data_key([{"id": "r1", "text": "x"}])
+    early = ClientLedger.of_data(tmp_path, key, "bank_a")
+    entry = _entry("bank_a", REFERENCE)
+    ClientLedger.of_data(tmp_path, key, "bank_a").append(entry)
+    assert [e.release_id for e in early.own_entries()] == [entry.release_id]
+
+
+@pytest.mark.parametrize("damage", [b"", b"short"])
+def test_a_damaged_name_key_is_refused_not_replaced(tmp_path: Path, damage: bytes):
+    """A new key would leave the directory's ledgers unfound by name: each data set's noised count
+    drawn again, a release published before a crash refused rather than adopted."""
+    from knowledgesg.errors import KsgError
+    from privacy.ledger import NAME_KEY, ClientLedger
+
+    (tmp_path / NAME_KEY).write_bytes(damage)
+    with pytest.raises(KsgError, match=r"\.name_key: damaged"):
+        ClientLedger.of_data(tmp_path, "a" * 64, "bank_a").append(_entry("bank_a", REFERENCE))
+    assert (tmp_path / NAME_KEY).read_bytes() == damage and not list(tmp_path.glob("*.jsonl"))
