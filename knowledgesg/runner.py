@@ -253,7 +253,7 @@ def refuse_a_ledger_without_this_runs_releases(run_dir: Path, stages: list[Stage
     """A run resumed with another ledger directory ($KSG_LEDGER_DIR or privacy.ledger_dir changed
     since it released, the files not moved along) would count its earlier releases apart from its
     new ones: a redrawn count beside the first, two budgets where there is one. Refused until the
-    ledger that holds them is the one in use (moving its files with it is fine)."""
+    ledger that holds them is the one in use (moving its files with it is fine, `.name_key` included)."""
     made = run_releases_made(run_dir, stages)
     if not made:
         return

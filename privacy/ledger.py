@@ -56,6 +56,7 @@ LEDGER_LOCK = ".lock"  # in a ledger directory: held while a release is checked 
 LEDGER_ENV = "KSG_LEDGER_DIR"
 NAME_KEY = ".name_key"  # in a ledger directory: the secret that keys its ledger files' names
 NAME_KEY_BYTES = 32
+KEYED = "k-"  # the names made with the key begin so; the unkeyed names earlier versions made are bare hex
 
 NoiseUsed = Literal["os_entropy", "reproducible", "none"]
 
@@ -267,16 +268,18 @@ class ClientLedger:
 
 def _name_key(directory: Path, create: bool = False) -> bytes | None:
     """The ledger directory's name key; None where it has none yet and `create` is false. It moves
-    with the ledgers: without it a data set's ledger is not found by name, and a new one is begun
-    (its budget is still whole: a client's total counts every ledger in the directory that names
-    it; but its noised count is drawn again, and a release published before a crash is refused, not
-    adopted)."""
+    with the ledgers, and ledgers named with a key but without it are refused: a new key would not
+    find a data set's ledger by name and begin another (the budget would still be whole, every
+    ledger naming the client counts, but the noised count would be drawn again and a release
+    published before a crash refused rather than adopted)."""
     path = directory / NAME_KEY
     if path.is_file():
         key = path.read_bytes()
         if len(key) != NAME_KEY_BYTES:
             raise KsgError(f"{path}: damaged (not {NAME_KEY_BYTES} bytes); it names this directory's ledgers, refusing to make another")
         return key
+    if any(directory.glob(f"{KEYED}*.jsonl")):
+        raise KsgError(f"{directory}: holds ledgers named with a key but not the key ({NAME_KEY}: moved without it?); restore it, refusing to make another")
     if not create:
         return None
     key = os.urandom(NAME_KEY_BYTES)
@@ -292,7 +295,7 @@ def _ledger_file(directory: Path, data_key: str, create: bool = False) -> Path:
     directory has a name key (no file is there: reading writes nothing)."""
     unkeyed = directory / f"{data_key[:32]}.jsonl"
     name_key = None if unkeyed.is_file() else _name_key(directory, create)
-    return unkeyed if name_key is None else directory / f"{hmac.new(name_key, data_key.encode(), 'sha256').hexdigest()[:32]}.jsonl"
+    return unkeyed if name_key is None else directory / f"{KEYED}{hmac.new(name_key, data_key.encode(), 'sha256').hexdigest()[:32]}.jsonl"
 
 
 def published_release(path: Path, ledger: ClientLedger, client_id: str, stage: str, release: str) -> LedgerEntry | None:

@@ -225,7 +225,8 @@ def test_the_servers_received_copy_keeps_the_clients_order(tmp_path: Path):
 def test_a_ledgers_file_name_does_not_confirm_a_guess_of_the_data(tmp_path: Path):
     """Whoever holds every record but one hashes each candidate data set: with ledger files named by
     the unkeyed fingerprint, the name an error line prints (a damaged ledger) told which one is in."""
-    from privacy.ledger import NAME_KEY, ClientLedger, data_key
+    from privacy import ledger as ledgers
+    from privacy.ledger import ClientLedger, data_key
 
     rows = [{"id": f"r{i}", "text": f"record {i}", "label": "positive"} for i in range(5)]
     candidates = [[*rows[:4], {**rows[4], "label": label}] for label in ("positive", "negative", "neutral")]
@@ -233,7 +234,7 @@ def test_a_ledgers_file_name_does_not_confirm_a_guess_of_the_data(tmp_path: Path
     ClientLedger.of_data(tmp_path, data_key(candidates[1]), "bank_a").append(first)
     names = {p.name for p in tmp_path.glob("*.jsonl")}
     assert len(names) == 1 and not names & {f"{data_key(c)[:32]}.jsonl" for c in candidates}
-    assert (tmp_path / NAME_KEY).stat().st_mode & 0o077 == 0
+    assert (tmp_path / ledgers.NAME_KEY).stat().st_mode & 0o077 == 0
     # the same data finds its ledger again in the same directory, and has another name in another
     again = ClientLedger.of_data(tmp_path, data_key(candidates[1]), "bank_a")
     assert [e.release_id for e in again.own_entries()] == [first.release_id] and again.path.name in names
@@ -257,7 +258,8 @@ def test_a_ledger_under_its_unkeyed_name_stays_where_it_is(tmp_path: Path):
 
 def test_a_reader_made_before_the_first_entry_finds_it(tmp_path: Path):
     """A ledger object made while the directory had no name key (another run then wrote this data's
-    first entry) reads that entry: it was made under the keyed name."""
+    first entry) reads that entry: it was made under the keyed name. (A guard of the keyed naming
+    itself: with unkeyed names the path never changed.)"""
     from privacy.ledger import ClientLedger, data_key
 
     key = data_key([{"id": "r1", "text": "x"}])
@@ -278,3 +280,19 @@ def test_a_damaged_name_key_is_refused_not_replaced(tmp_path: Path, damage: byte
     with pytest.raises(KsgError, match=r"\.name_key: damaged"):
         ClientLedger.of_data(tmp_path, "a" * 64, "bank_a").append(_entry("bank_a", REFERENCE))
     assert (tmp_path / NAME_KEY).read_bytes() == damage and not list(tmp_path.glob("*.jsonl"))
+
+
+def test_ledgers_moved_without_their_name_key_are_refused_not_begun_again(tmp_path: Path):
+    """`mv old/* new/` leaves the dotfile behind: a new key would find no data set's ledger by name,
+    begin a second one, and draw its noised count again."""
+    from knowledgesg.errors import KsgError
+    from privacy.ledger import ClientLedger, data_key
+
+    key = data_key([{"id": "r1", "text": "x"}])
+    ClientLedger.of_data(tmp_path / "old", key, "bank_a").append(_entry("bank_a", REFERENCE))
+    (tmp_path / "new").mkdir()
+    for path in (tmp_path / "old").glob("*.jsonl"):
+        path.rename(tmp_path / "new" / path.name)
+    with pytest.raises(KsgError, match=r"new: holds ledgers named with a key but not the key \(\.name_key"):
+        ClientLedger.of_data(tmp_path / "new", key, "bank_a").append(_entry("bank_a", REFERENCE))
+    assert len(list((tmp_path / "new").glob("*.jsonl"))) == 1
