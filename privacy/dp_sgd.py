@@ -12,7 +12,8 @@ scales them. What we add around it:
   on the client), never from torch's seeded generator (`SecureDPOptimizer`);
 - a trainable linear layer's backward gives its input's gradient only (`_LinearPerUnitOnly`):
   its weight's update is the clipped sum of the per-unit gradients, and autograd's own summed
-  gradient of the same weight, computed by default and never read, was a tenth of a DP step.
+  gradient of the same weight, computed by default and never read, took about 0.1 s of a 3.3 s
+  step (LoRA r=16 on every linear layer, batch 8 x 128 tokens).
 The non-private reference runs through this same code with noise 0 and no clipping.
 """
 
