@@ -8,9 +8,9 @@ Each release is recorded twice:
   same directory, keeps counting, and the name, which error lines print, tells nothing to whoever
   holds all the data but one record (an unkeyed digest did: hash each candidate for it, compare).
   Ledgers that earlier versions named by the unkeyed digest keep their names (a file renamed
-  would vanish from under a process listing the directory); the name key moves with the ledgers. An entry is appended
-  and fsynced *before* the release is published (renamed into the stage's outputs, or sent to
-  the server), and it is never rewritten or deleted: a rerun is a new release that adds to the
+  would vanish from under a process listing the directory); the name key moves with the ledgers.
+  An entry is appended and fsynced *before* the release is published (renamed into the stage's
+  outputs, or sent to the server), and it is never rewritten or deleted: a rerun is a new release that adds to the
   total, and a release that a crash may have let out is counted even if it is redone.
 - in the stage's `ledger.json` among its artifacts: the server's copy of what it received.
 
