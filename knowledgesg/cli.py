@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from knowledgesg.console import console, quiet_dependencies
+from knowledgesg.console import console, output, quiet_dependencies
 from knowledgesg.errors import InputError, KsgError, SpecError
 from knowledgesg.fileio import read_json, unmakeable_directory
 from knowledgesg.models import MARKER, REGISTRY, TINY, cache_root, resolve_device
@@ -205,9 +205,9 @@ def check(
         notes, checks = check_pipeline(spec, base_dir, stages, given_path(run_dir, "--run-dir") or Path("runs") / spec.name)
     except SpecError as err:
         raise err.in_file(spec_path) from None
-    console.print(f"{spec_path}: the spec and its {len(stages)} stages are valid; the data loads and partitions")
+    output.print(f"{spec_path}: the spec and its {len(stages)} stages are valid; the data loads and partitions")
     for role, name, note in notes:
-        console.print(f"  model {role}: {name} ({note})")
+        output.print(f"  model {role}: {name} ({note})")
     if checks:
         table = Table(title="planned privacy per client (dp_train calibration, and a DP histogram if synthesize makes one)")
         for column in ("client", "records", "N", "N is", "unit", "q", "steps", "sigma", "delta", "planned eps", "spent before", "total", "cap", ""):
@@ -217,11 +217,11 @@ def check(
                           f"{c.noise_multiplier:.3f}" if c.noise_multiplier is not None else "-", f"{c.delta:.1e}" if c.delta else "-",
                           _eps(c.planned_epsilon), f"{_eps(c.spent_epsilon)} ({c.releases_before})", _eps(c.total_epsilon),
                           "-" if c.cap is None else f"{c.cap:g}", "[green]ok[/]" if c.within_cap else "[bold red]over the cap[/]")
-        console.print(table)
+        output.print(table)
     elif any(stage.releases() for stage in stages):
-        console.print(f"no release left to plan: every release stage has finished in {run_dir or Path('runs') / spec.name}; `ksg privacy-report` there shows what was spent")
+        output.print(f"no release left to plan: every release stage has finished in {run_dir or Path('runs') / spec.name}; `ksg privacy-report` there shows what was spent")
     else:
-        console.print("no release planned: the spec has no stage that releases something of the private data (dp_train, a DP histogram, fedtune on private data)")
+        output.print("no release planned: the spec has no stage that releases something of the private data (dp_train, a DP histogram, fedtune on private data)")
     refuse_over_cap(checks)
     console.print("nothing was written")
 
@@ -244,7 +244,7 @@ def status(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a run di
     for state in run_status(run_dir, spec, base_dir, build_stages(spec, str(run_dir / SPEC_COPY)), load_run_role(run_dir)):
         style = STATE_STYLES.get(state.state, "")
         table.add_row(state.name, f"[{style}]{state.state}[/]", _seconds(state.duration_s), "-" if state.records is None else str(state.records), state.finished_at or "", state.detail)
-    console.print(table)
+    output.print(table)
 
 
 @app.command("privacy-report")
@@ -275,13 +275,13 @@ def privacy_report(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="
         if client.client_level is not None:
             table.add_row(client.client_id, "client-level DP-FedAvg (final-model holders only)", "client", "", "", "", f"{client.client_level.delta:.2e}",
                           fmt(client.client_level.prv), fmt(client.client_level.rdp), fmt(client.client_level.pld), "", end_section=True)
-    console.print(table)
-    console.print("whom each figure protects against:")
+    output.print(table)
+    output.print("whom each figure protects against:")
     for party in report.threat_model[1:]:
-        console.print(f"- {party['party']}: {party['protected_by']}")
-    console.print("assumptions:")
+        output.print(f"- {party['party']}: {party['protected_by']}")
+    output.print("assumptions:")
     for assumption in report.assumptions:
-        console.print(f"- {assumption}")
+        output.print(f"- {assumption}")
     json_path, html_path = write_report(report, run_dir)
     console.print(f"wrote {json_path} and {html_path} (run report: {_refresh_run_report(run_dir)})")
 
@@ -372,7 +372,7 @@ def _print_eval(results: dict) -> None:
             scores = entry.get("tasks", {}).get(task, {})
             cells.append("; ".join(f"{s['accuracy']:.3f} / {s['macro_f1']:.3f}" for s in scores.values()) or "")
         table.add_row(name, *cells, "; ".join("n/a" if v is None else f"{v:.3f}" for v in entry["mean_accuracy"].values()))
-    console.print(table)
+    output.print(table)
 
 
 @app.command()
@@ -441,7 +441,7 @@ def _print_audit(report: dict) -> None:
                 bound = [f"{run['correct']}/{run['guesses']}{' in' if run.get('in_only') else ''}", f"{run['epsilon_lower_bound']:.3f}"] if run else ["n/a", "n/a"]
                 tpr = "n/a" if not member else f"{member['tpr_at_1pct_fpr']:.3f}" + ("" if member["tpr_at_1pct_fpr_measurable"] else " (at 0 FPR)")
                 table.add_row(name, kind, *bound, "n/a" if claimed is None else f"{claimed:.3f}", f"{run['largest_certifiable']:.3f}" if run else "n/a", tpr, exposure)
-        console.print(table)
+        output.print(table)
     mia = report.get("membership_inference")
     if mia:
         table = Table(title="membership inference: AUC / TPR at 1% FPR / TPR at 0.1% FPR")
@@ -450,24 +450,24 @@ def _print_audit(report: dict) -> None:
             table.add_column(column, justify="left" if column == "model | client" else "right")
         for key, entry in mia.items():
             table.add_row(key, f"{entry['members']}/{entry['non_members']}", *(f"{r['auc']:.3f} / {r['tpr_at_1pct_fpr']:.3f} / {r['tpr_at_0_1pct_fpr']:.3f}" for r in entry["scores"].values()))
-        console.print(table)
+        output.print(table)
     for client, overlap in report["synthetic_overlap"].items():
         copied = next(v for k, v in overlap.items() if k.startswith("with_a_private"))
-        console.print(f"synthetic data of {client}: {overlap['synthetic']} records, {copied} sharing a long word span with its private data")
+        output.print(f"synthetic data of {client}: {overlap['synthetic']} records, {copied} sharing a long word span with its private data")
     pii = report["pii"]
-    console.print(f"PII: {pii['private_pii_values']} values in the private data, {pii['replayed_in_synthetic']} replayed in the synthetic data")
+    output.print(f"PII: {pii['private_pii_values']} values in the private data, {pii['replayed_in_synthetic']} replayed in the synthetic data")
     for name, entry in pii["models"].items():
         rate = entry.get("replay_rate")
         if rate and rate["tried"]:
-            console.print(f"  {name}: {rate['hits']}/{rate['tried']} samples from public prompts write a private value the base model's did not "
+            output.print(f"  {name}: {rate['hits']}/{rate['tried']} samples from public prompts write a private value the base model's did not "
                           f"(95% CI {rate['ci'][0]:.3f}-{rate['ci'][1]:.3f})")
         attacks = entry.get("attacks")
         if attacks:
-            console.print(f"  {name}: " + ", ".join(f"{attack} {attacks[attack]['hits']}/{attacks[attack]['tried']} ({attacks[attack]['hits_not_by_base']} not by the base model)"
+            output.print(f"  {name}: " + ", ".join(f"{attack} {attacks[attack]['hits']}/{attacks[attack]['tried']} ({attacks[attack]['hits_not_by_base']} not by the base model)"
                                                    for attack in ("extraction", "reconstruction", "inference")))
     for name, control, reference in control_rows(pii):
         trained, held = control["trained"], control["held_out"]
-        console.print(f"  held-out control, {name}: {trained['replayed']}/{trained['records']} trained records' values written, {held['replayed']}/{held['records']} held-out; "
+        output.print(f"  held-out control, {name}: {trained['replayed']}/{trained['records']} trained records' values written, {held['replayed']}/{held['records']} held-out; "
                       f"difference {control['difference']:+.3f} (95% CI {control['difference_ci'][0]:+.3f} to {control['difference_ci'][1]:+.3f}): {control_reading(control, reference)}")
 
 
@@ -482,7 +482,7 @@ def models() -> None:
     for name, entry in REGISTRY.items():
         table.add_row(name, entry.kind, "yes" if (cache / "models" / name / MARKER).is_file() else "no", entry.install)
     table.add_row(TINY, "causal-lm", "yes" if (cache / "models" / TINY / MARKER).is_file() else "no", "(built from a config, for tests)")
-    console.print(table)
+    output.print(table)
 
 
 def command_named_in(argv: list[str]) -> str:

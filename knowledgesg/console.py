@@ -1,4 +1,8 @@
-"""One console for the whole program (on stderr, so stdout stays clean for data) and progress bars."""
+"""The program's two consoles and its progress bars.
+
+`console` (stderr) carries progress, warnings and notes on what was written; `output` (stdout)
+carries what a command was asked to show (a status table, a privacy report, scores), so that it can
+be piped or saved without the rest."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 T = TypeVar("T")
 # Off a terminal (CI logs, pipes) rich assumes 80 columns and truncates tables; logs can be wider.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+output = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def progress_bar() -> Progress:

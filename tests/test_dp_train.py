@@ -77,8 +77,9 @@ def test_sides_ledger_and_loss_curve(dp_run: Path):
 
 def test_privacy_report_command(dp_run: Path, capsys):
     assert main(["privacy-report", str(dp_run)]) == 0
-    out = capsys.readouterr().err
+    out, err = capsys.readouterr()  # the report on stdout, where it can be piped; the files written on stderr
     assert "client_0" in out and "total (PLD)" in out and "OS entropy" in out and "server operator" in out
+    assert "client_0" not in err and "privacy_report.json" in err and "privacy_report.json" not in out
     report = _json(dp_run / "privacy_report.json")
     client = report["clients"][0]
     assert client["total"]["pld"] == pytest.approx(client["releases"][0]["entry"]["epsilon"]["pld"], rel=1e-6)
@@ -116,8 +117,9 @@ def test_non_private_reference_is_marked_everywhere(workdir: Path, capsys):
     privacy = _json(workdir / "run/stages/dp_train/clients/client_0/privacy.json")
     assert privacy["label"] == "NOT PRIVATE" and not privacy["private"]
     assert privacy["mechanism"]["kind"] == "non_private" and math.isinf(privacy["epsilon"]["reported"])
+    capsys.readouterr()
     assert main(["privacy-report", "run"]) == 0
-    assert "NOT PRIVATE" in capsys.readouterr().err
+    assert "NOT PRIVATE" in capsys.readouterr().out
     assert "NOT PRIVATE" in (workdir / "run/privacy_report.html").read_text()
 
 

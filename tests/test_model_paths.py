@@ -33,7 +33,7 @@ def test_a_local_model_is_found_beside_the_spec_from_any_working_directory(tmp_p
     assert models._weights_sha(beside) != models._weights_sha(decoy)
     (tmp_path / "empty").mkdir()
     assert run_in(tmp_path / "empty", "check", str(spec)) == 0, capsys.readouterr().err
-    assert "model base: ./models/base (local directory: found)" in capsys.readouterr().err
+    assert "model base: ./models/base (local directory: found)" in capsys.readouterr().out
     assert run_in(elsewhere, "run", str(spec), "--run-dir", "run") == 0, capsys.readouterr().err
     entry = json.loads((elsewhere / "run/stages/prepare_models/models.json").read_text())["base"]
     assert entry["name"] == "./models/base" and entry["path"] == str(beside) and entry["weights_sha256"] == models._weights_sha(beside)

@@ -73,7 +73,7 @@ def test_the_count_is_drawn_once_per_data_set_planned_with_and_reused(tmp_path: 
     copies = read_json(tmp_path / "a/stages/ingest/ledger.json")  # the server's copy
     assert sorted(e["release_id"] for e in copies) == sorted(e["release_id"] for e in counts)
     # the console (a log the server may hold) states the count, never N
-    assert set(re.findall(r"\bN = (\d+)", capsys.readouterr().err)) == {"23"}
+    assert set(re.findall(r"\bN = (\d+)", "".join(capsys.readouterr()))) == {"23"}
 
     shutil.rmtree(tmp_path / "a/stages/ingest")  # ingest again, in the same run and in another: the count is reused
     assert run_in(tmp_path, "run", str(path), "--run-dir", "a") == 0

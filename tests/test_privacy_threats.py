@@ -367,7 +367,7 @@ def test_no_server_side_file_holds_an_unnoised_private_statistic(tmp_path: Path,
     files = server_side_files(run_dir)
     assert len(files) > 20 and any(f.name == "rounds.json" for f in files) and any(f.name == "eval_report.json" for f in files)
     leaks = [(f.relative_to(run_dir), what) for f in files for text, what in taints.items() if text in f.read_text(errors="replace")]
-    logged = capsys.readouterr().err  # the console: a log the server operator may hold (a SuperNode's, the simulation's)
+    logged = "".join(capsys.readouterr())  # the console, both streams: a log the server operator may hold (a SuperNode's, the simulation's)
     leaks += [("the console", what) for text, what in taints.items() if text in logged]
     assert leaks == []
     rounds = read_json(run_dir / "stages/fedtune/rounds.json")
@@ -520,7 +520,7 @@ def test_the_unit_an_adapter_states_does_not_tell_whether_a_document_gave_a_pair
     assert [e["unit"] for e in read_json(tmp_path / "run/stages/dp_train/ledger.json")] == ["source_document"]
     # nor how many pairs they gave, N public or not: the manifest and the console count none
     assert read_json(tmp_path / "run/stages/structure/manifest.json")["outputs"]["clients/bank/records.jsonl"]["records"] is None
-    console = capsys.readouterr().err
+    console = "".join(capsys.readouterr())
     assert "structure bank: done (its counts in" in console and "pairs from" not in console
 
 
@@ -927,8 +927,8 @@ def test_no_server_side_file_tells_whether_the_last_record_is_in(tmp_path: Path,
     path = one_bank(tmp_path, {"target_epsilon": 8.0}, ["prepare_models", "ingest", ONE_STEP, HISTOGRAM], audit)
     capsys.readouterr()
     assert main(["run", str(path), "--run-dir", "run"]) == 0
-    console = capsys.readouterr().err
     assert main(["privacy-report", "run"]) == 0
+    console = "".join(capsys.readouterr())  # the run's lines and the report's table, both streams: logs the server may hold
     run_dir = tmp_path / "run"
 
     own = [json.loads(line) for ledger in (run_dir / "ledger").glob("*.jsonl") for line in ledger.read_text().splitlines()]

@@ -107,7 +107,7 @@ def test_eval_scores_a_users_own_files_and_keeps_a_private_test_set_on_its_clien
     private = write_jsonl(tmp_path / "private.jsonl", sentiment_rows(5))
     code = main(["eval", str(published), "--tasks", f"fpb,{labelled},{tmp_path / 'mc.csv'}", "--private", f"client_0={private}",
                  "--models", "base", "--modes", "logprob,generation", "--limit", "4"])
-    console = capsys.readouterr().err
+    console = "".join(capsys.readouterr())  # both streams: the scores on stdout, the notes on stderr
     assert code == 0, console
     # the private figures (its test accuracy, the fidelity distances and sizes) stay in the client's files, not on a console the server may log
     assert "client_0's private test set: scored, in" in console and "synthetic data of client_0 against its private data: in" in console
@@ -226,8 +226,8 @@ def test_init_writes_a_commented_spec_that_check_and_run_accept(tmp_path: Path, 
     assert main(["init", "bank.csv", "--out", "spec.yaml"]) == 2  # never overwrites
     capsys.readouterr()
     assert main(["check", "spec.yaml"]) == 0
-    out = capsys.readouterr().err
-    assert "planned privacy per client" in out and "nothing was written" in out and re.search(r"client_0 .* to be released \(sigma 10\) .* (7\.9\d\d|8\.0[01]\d) .* ok", out), out  # epsilon 8 and the count's 0.012
+    out, err = capsys.readouterr()
+    assert "planned privacy per client" in out and "nothing was written" in err and re.search(r"client_0 .* to be released \(sigma 10\) .* (7\.9\d\d|8\.0[01]\d) .* ok", out), out  # epsilon 8 and the count's 0.012
     assert not (tmp_path / "runs").exists()
 
 
@@ -305,8 +305,8 @@ def test_check_refuses_a_plan_past_the_cap_and_counts_the_ledger(tmp_path: Path,
     shutil.rmtree(tmp_path / "runs/t/stages/dp_train")  # asking for a new release
     capsys.readouterr()
     assert main(["check", str(spec)]) == 2  # the same again would compose past 7
-    err = capsys.readouterr().err
-    assert "spent before" in err and "over the cap" in err
+    out, err = capsys.readouterr()
+    assert "spent before" in out and "over the cap" in out
     assert [l for l in err.splitlines() if l.startswith("ksg: error:")][0].startswith("ksg: error: client 'client_0': the planned releases would exceed the privacy budget cap")
 
 
@@ -319,7 +319,7 @@ def test_check_plans_dp_fedavg_on_private_data(tmp_path: Path, monkeypatch, caps
                                              "training": {"steps": 2, "batch_size": 4, "max_length": 48}}}
     spec = tiny_spec(stages=["prepare_models", "ingest", fedtune], privacy={"cap_epsilon": 4.0})
     assert main(["check", str(write_spec(tmp_path, spec))]) == 0
-    out = capsys.readouterr().err
+    out = capsys.readouterr().out
     assert re.search(r"client_0 .* 2\.9\d\d .* ok", out), out
     spec["privacy"]["cap_epsilon"] = 2.0
     assert main(["check", str(write_spec(tmp_path, spec))]) == 2
@@ -412,5 +412,5 @@ def test_check_says_why_it_plans_no_release(tmp_path: Path, monkeypatch, capsys)
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "data.jsonl", sentiment_rows(20))
     assert main(["check", str(write_spec(tmp_path, tiny_spec(stages=["prepare_models"])))]) == 0
-    err = capsys.readouterr().err
-    assert "no release planned: the spec has no stage that releases something of the private data" in err and "nothing was written" in err
+    out, err = capsys.readouterr()
+    assert "no release planned: the spec has no stage that releases something of the private data" in out and "nothing was written" in err
