@@ -22,17 +22,24 @@ def resident_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _glibc_function(name: str):
+    """glibc's `name` (malloc_trim, mallopt), or None where there is no glibc (macOS, musl; a
+    libc.so.6 shim without it)."""
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def release_freed_memory() -> None:
     """Hand the pages of freed objects back to the OS. glibc's allocator keeps a process's freed heap
     resident: after a stage's tensors were freed, 1.6 of SmolLM2's 2.2 GiB stayed until
     `malloc_trim`, and the next stage's peak stood on them (the demo's refine measured 3.99 GiB after
     a bfloat16 dp_train; 2.9 GiB after a float32 one). A no-op where there is no glibc."""
     gc.collect()  # tensors in reference cycles are freed only by the collector
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # no glibc (macOS, musl; a libc.so.6 shim without malloc_trim)
-        return
-    trim(0)
+    trim = _glibc_function("malloc_trim")
+    if trim is not None:
+        trim(0)
 
 
 # mallopt's parameter numbers (glibc's malloc.h)
@@ -52,9 +59,8 @@ def keep_freed_memory(keep: bool = True) -> None:
     above 64 MiB at the heap's top goes back to the OS again (twice the mmap threshold, where
     glibc's own rule settles once it has raised that threshold to its ceiling; mallopt cannot turn
     the rule itself back on). A no-op where there is no glibc."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
         return
     mallopt(_M_MMAP_THRESHOLD, _LARGEST_MMAP_THRESHOLD)
     mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO if keep else 2 * _LARGEST_MMAP_THRESHOLD)

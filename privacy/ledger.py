@@ -152,19 +152,18 @@ class ClientLedger:
     """One client data set's append-only ledger file; its entries count with those of the client's
     ledgers of its other data sets in the same directory (found by the client named in their entries)."""
 
-    def __init__(self, path: Path, client_id: str | None = None) -> None:
+    def __init__(self, path: Path, client_id: str | None = None, data_key: str | None = None) -> None:
         self.path = path
         self.client_id = client_id  # None: this file's entries alone (the server's received copy)
+        # the data set's fingerprint, which names its file once the directory's name key exists; a
+        # received copy or another data set's file (a plain path) has none
+        self._data_key = data_key
 
     @classmethod
     def of_data(cls, directory: Path, key: str, client_id: str | None = None) -> ClientLedger:
         """The ledger of the client data set whose fingerprint is `key`, in `directory` (reading
         writes nothing: the name key is made by the first entry written)."""
-        ledger = cls(_ledger_file(directory, key), client_id)
-        ledger._data_key = key
-        return ledger
-
-    _data_key: str | None = None  # set by of_data; a received copy (a plain path) has none
+        return cls(_ledger_file(directory, key), client_id, data_key=key)
 
     def entries(self) -> list[LedgerEntry]:
         """Every release of this data set and of the client's other data sets in the directory,
