@@ -259,6 +259,7 @@ def privacy_report(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="
     report = build_report(run_dir)
     _check_run_report_inputs(run_dir)  # a damaged run directory refused before anything is printed or written
     refuse_unwritable_output(run_dir)
+    json_path, html_path = write_report(report, run_dir)  # before it is shown, as eval's
     table = Table(title=f"privacy report: {report.spec_name} (target epsilon {fmt(report.target_epsilon)})")
     for column in ("client", "release", "unit", "q", "sigma", "steps", "delta", "eps PRV", "eps RDP", "eps PLD", "status"):
         table.add_column(column, justify="left" if column in ("client", "release", "unit", "status") else "right")
@@ -282,7 +283,6 @@ def privacy_report(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="
     output.print("assumptions:")
     for assumption in report.assumptions:
         output.print(f"- {assumption}")
-    json_path, html_path = write_report(report, run_dir)
     console.print(f"wrote {json_path} and {html_path} (run report: {_refresh_run_report(run_dir)})")
 
 
@@ -345,10 +345,12 @@ def evaluate(
         refuse_missing_models(run_dir, options.models, server_release)
     device = resolve_device(spec.models.device)
     results = evaluate_run(run_dir, options, device, published=server_release, stages_before=[stage.name for stage in spec.stages])
-    _print_eval(results)
     private_results = evaluate_private(run_dir, options, device, published=server_release, stages_before=[stage.name for stage in spec.stages])
     fidelity_reports = fidelity_run(run_dir, seed, device, server_release) if options.fidelity else {}
+    # written before anything is shown: stdout may be a pipe that closes early (`| head`), and rich
+    # then exits; the scores must be on disk by then
     paths = write_eval_outputs(run_dir / "eval", results, fidelity_reports, private_results)
+    _print_eval(results)
     # figures of private data (accuracy on a private test set, distances to and sizes of the private
     # records) stay in the client's files: a console may be a log the server holds
     for client in private_results:
@@ -416,8 +418,8 @@ def audit(
     load_run_spec(run_dir)  # a run directory at all, said first
     refuse_unwritable_output(run_dir / "audit")
     report = run_audit(run_dir, options)
+    json_path, html_path = write_audit_report(report, run_dir / "audit")  # before it is shown, as eval's
     _print_audit(report)
-    json_path, html_path = write_audit_report(report, run_dir / "audit")
     console.print(f"wrote {json_path} and {html_path} (run report: {_refresh_run_report(run_dir)})")
 
 

@@ -4,6 +4,7 @@ tell a later stage's smaller peak from an earlier stage's larger one."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import os
 import resource
@@ -22,6 +23,7 @@ def resident_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+@functools.cache
 def _glibc_function(name: str):
     """glibc's `name` (malloc_trim, mallopt), or None where there is no glibc (macOS, musl; a
     libc.so.6 shim without it)."""

@@ -359,8 +359,10 @@ def test_a_damaged_spec_copy_in_a_run_directory_is_one_line(tmp_path: Path, caps
     (tmp_path / "run").mkdir()
     (tmp_path / "run/spec.json").write_bytes(content)
     assert main([command[0], str(tmp_path / "run"), *command[1:]]) == 2
-    err = capsys.readouterr().err.strip()
+    out, err = capsys.readouterr()
+    err = err.strip()
     assert len(err.splitlines()) == 1 and "spec.json: not the run's spec copy" in err, err
+    assert out == ""  # no part of a report shown before the refusal
 
 
 def test_in_a_log_the_error_is_the_only_line(tmp_path: Path):
@@ -507,8 +509,9 @@ def test_a_damaged_models_record_is_one_line(workdir: Path, capsys):
         models.write_text(damaged, encoding="utf-8")
         capsys.readouterr()
         assert main(["eval", "run", "--models", "base", "--tasks", "fpb", "--limit", "2"]) == 1
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and re.search(message, err), err
+        out, err = capsys.readouterr()
+        err = err.strip()
+        assert len(err.splitlines()) == 1 and re.search(message, err) and out == "", (out, err)
 
 
 def test_init_reads_the_data_as_run_will(tmp_path: Path, monkeypatch, capsys):

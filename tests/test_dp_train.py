@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,18 @@ def dp_run(tmp_path_factory):
     finally:
         os.chdir(cwd)
     return workdir / "run"
+
+
+def test_a_report_piped_into_a_reader_that_stops_early_is_written_first(dp_run: Path):
+    """`ksg privacy-report RUN | head`: once the reader has gone, the first write to stdout fails and
+    rich exits; the report files were written before anything was shown (they were written after)."""
+    (dp_run / "privacy_report.json").unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", "from knowledgesg.cli import entry; entry()", "privacy-report", str(dp_run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    assert _json(dp_run / "privacy_report.json")["clients"][0]["client_id"] == "client_0"
 
 
 def test_privacy_json_reports_the_mechanism_run_at_the_target(dp_run: Path):
