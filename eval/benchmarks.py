@@ -234,6 +234,9 @@ class LabelPrior(BaseModel):
     model_mean: list[float]  # the model's mean probability of each label on the data's inputs
     bias: list[float]
     pairs: int = Field(ge=1, description="labelled items the prior was fitted on")
+    # the weights it was fitted for: a prior left from an earlier final adapter (a rerun stopped
+    # between fedtune and calibrate, or a calibrate whose rerun failed) is not applied to a new one
+    adapter_sha256: str | None = Field(default=None, description="sha256 of the adapter weights it was fitted for (None: a file written before it was recorded)")
 
     @model_validator(mode="after")
     def _one_figure_per_label(self) -> LabelPrior:

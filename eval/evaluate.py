@@ -31,7 +31,7 @@ from eval.benchmarks import CALIBRATED, TASKS, LabelPrior, evaluate_model, is_ta
 from eval.fidelity import fidelity_report
 from knowledgesg.console import console
 from knowledgesg.errors import InputError
-from knowledgesg.fileio import read_json, write_json, write_text
+from knowledgesg.fileio import read_json, sha256_file, write_json, write_text
 from knowledgesg.loaders import absolute, same_data
 from knowledgesg.models import Precision, resolve_precision
 from knowledgesg.retrieval import embed, load_embedder
@@ -42,6 +42,7 @@ EVAL_REPORT = "eval_report.json"
 EVAL_HTML = "eval_report.html"
 SIDES = "sides.json"  # each output of `ksg eval` and its side, as a stage manifest would say
 LABEL_PRIOR = "label_prior.json"  # the calibrate stage's output, shipped beside the final adapter by publish
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file name for an adapter's weights
 
 
 class EvalOptions(StrictModel):
@@ -126,7 +127,7 @@ class Published:
         if role != "client":
             raise InputError(f"{run_dir}: --published is for a client's run (ksg run --role client); this run was made by the {role} role "
                              "(the simulation and the server score their own final adapter)")
-        for path in (self.final_adapter / "adapter_config.json", self.final_adapter / "adapter_model.safetensors", self.synthetic_data / "dataset_info.json"):
+        for path in (self.final_adapter / "adapter_config.json", self.final_adapter / ADAPTER_WEIGHTS, self.synthetic_data / "dataset_info.json"):
             if not path.is_file():
                 raise InputError(f"{path}: not found (--published takes the server's stages/publish directory, with final_adapter/ and synthetic_data/)")
         try:
@@ -182,12 +183,19 @@ def final_label_prior(run_dir: Path, stages_before: list[str] = (), published: P
     """The final adapter's label prior: shipped beside a published adapter, or fitted by a
     `calibrate` stage among `stages_before` (one after this evaluation leaves its scores raw)."""
     if published is not None:
-        path = published.final_adapter / LABEL_PRIOR
+        path, adapter = published.final_adapter / LABEL_PRIOR, published.final_adapter / ADAPTER_WEIGHTS
     elif "calibrate" in stages_before and completed(run_dir, "calibrate"):
-        path = run_dir / "stages/calibrate" / LABEL_PRIOR
+        path, adapter = run_dir / "stages/calibrate" / LABEL_PRIOR, run_dir / "stages/fedtune/adapter" / ADAPTER_WEIGHTS
     else:
         return None
-    return read_label_prior(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    prior = read_label_prior(path)
+    if prior.adapter_sha256 is not None and adapter.is_file() and sha256_file(adapter) != prior.adapter_sha256:
+        console.print(f"[yellow]warning[/] {path}: fitted for another final adapter than {adapter} (fedtune ran again since, and calibrate did not): "
+                      "the final adapter's scores are left raw; run the pipeline again to fit its label prior")
+        return None
+    return prior
 
 
 def read_label_prior(path: Path) -> LabelPrior:

@@ -1,4 +1,6 @@
-"""Stage `calibrate` (server): the final adapter's label prior, fitted to the synthetic pairs it was tuned on.
+"""Stage `calibrate` (server): the final adapter's label prior, fitted to the synthetic pairs it was tuned on
+(not to the public records fedtune may deal in beside them: the prior is meant to carry the label
+shares the DP models wrote).
 
 A model tuned on a few hundred pairs over a handful of labels (sentiment: negative, neutral,
 positive) drifts in how often it gives each label: replicates of the same final tuning differ
@@ -21,14 +23,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from eval.audit import load_target
 from eval.benchmarks import MAX_LABELS, Item, choice_logprobs, fit_label_prior
-from eval.evaluate import LABEL_PRIOR
+from eval.evaluate import ADAPTER_WEIGHTS, LABEL_PRIOR
 from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
-from knowledgesg.fileio import read_jsonl
+from knowledgesg.fileio import read_jsonl, sha256_file
 from knowledgesg.models import Precision, resolve_device, resolve_precision
 from knowledgesg.prompts import label_named, user_message
 from knowledgesg.records import InstructionRecord
@@ -36,12 +38,20 @@ from knowledgesg.spec import PipelineSpec, StrictModel
 from knowledgesg.stage import Stage, StageContext
 from pipelines.fedtune import fedtune_params
 from pipelines.publish import SYNTHETIC_FILES
+from pipelines.synthesize import SynthesizeParams
 
 
 class CalibrateParams(StrictModel):
     labels: list[str] | None = Field(default=None, min_length=2, max_length=MAX_LABELS,
                                      description="the answers to calibrate (default: the pairs' distinct responses, 2 to 20 of them); pairs answering otherwise are left out")
     batch_size: int = Field(default=8, ge=1)
+
+    @field_validator("labels")
+    @classmethod
+    def _each_label_once(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is not None and len({label.strip().lower() for label in labels}) != len(labels):
+            raise ValueError("a label is named twice")
+        return labels
     precision: Precision = Field(default="float32", description="weights while scoring (as evaluate's default: the adapter is merged in float32)")
 
 
@@ -71,6 +81,13 @@ class Calibrate(Stage):
         if fedtune_params(spec).data != "synthetic":
             raise InputError("calibrate: fedtune trains on private data (data: private); the label prior is fitted to synthetic pairs, "
                              "and private labels would need noise: leave calibrate out")
+        synthesize = next((stage for stage in spec.stages if stage.name == "synthesize"), None)
+        written = SynthesizeParams.model_validate(synthesize.params).labels if synthesize is not None else None
+        if self.params.labels and written and sorted(label.strip().lower() for label in self.params.labels) != sorted(label.strip().lower() for label in written):
+            # the pairs answer with synthesize's labels: with others the prior counts some labels as
+            # never given and all but forbids them (it had only warned)
+            raise InputError(f"calibrate params.labels: {', '.join(self.params.labels)} are not the labels synthesize writes ({', '.join(written)}); "
+                             "name the same labels, or leave params.labels out to read them off the pairs")
 
     def run(self, ctx: StageContext) -> None:
         p: CalibrateParams = self.params
@@ -81,10 +98,10 @@ class Calibrate(Stage):
         if not items:
             raise KsgError(f"calibrate: none of the {len(rows)} {stage} pairs answers with one of {', '.join(labels)}")
         device = resolve_device(ctx.spec.models.device)
-        model, tokenizer = load_target(ctx.models()["base"], ctx.artifact("fedtune", "adapter/adapter_config.json").parent, device,
-                                       resolve_precision(p.precision, device))
+        adapter = ctx.artifact("fedtune", "adapter/adapter_config.json").parent
+        model, tokenizer = load_target(ctx.models()["base"], adapter, device, resolve_precision(p.precision, device))
         scores = choice_logprobs(model, tokenizer, items, p.batch_size, device)
-        prior = fit_label_prior(scores, [item.answer for item in items], labels)
+        prior = fit_label_prior(scores, [item.answer for item in items], labels).model_copy(update={"adapter_sha256": sha256_file(adapter / ADAPTER_WEIGHTS)})
         ctx.write_json(LABEL_PRIOR, prior.model_dump())
         shown = ", ".join(f"{label} {share:.0%} (model {mean:.0%}, bias {bias:+.2f})" for label, share, mean, bias in zip(labels, prior.shares, prior.model_mean, prior.bias))
         console.print(f"calibrate: the final adapter on {len(items)} {stage} pairs" + (f" ({skipped} answering with none of the labels left out)" if skipped else "")

@@ -278,6 +278,8 @@ def _name_key(directory: Path, create: bool = False) -> bytes | None:
             raise KsgError(f"{path}: damaged (not {NAME_KEY_BYTES} bytes); it names this directory's ledgers, refusing to make another")
         return key
     if any(directory.glob(f"{KEYED}*.jsonl")):
+        if path.is_file():  # another process made the key (before any keyed ledger) since the look above
+            return _name_key(directory, create)
         raise KsgError(f"{directory}: holds ledgers named with a key but not the key ({NAME_KEY}: moved without it?); restore it, refusing to make another")
     if not create:
         return None

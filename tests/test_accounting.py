@@ -296,3 +296,26 @@ def test_ledgers_moved_without_their_name_key_are_refused_not_begun_again(tmp_pa
     with pytest.raises(KsgError, match=r"new: holds ledgers named with a key but not the key \(\.name_key"):
         ClientLedger.of_data(tmp_path / "new", key, "bank_a").append(_entry("bank_a", REFERENCE))
     assert len(list((tmp_path / "new").glob("*.jsonl"))) == 1
+
+
+def test_a_reader_that_looked_just_before_another_process_made_the_key_is_not_refused(tmp_path: Path, monkeypatch):
+    """Readers look for the name key outside the directory lock: one that found no key, then (after
+    another process made the key and the directory's first keyed ledger) found a keyed ledger, took
+    the directory for one moved without its key and refused a sound ledger."""
+    from privacy import ledger as ledgers
+    from privacy.ledger import ClientLedger, data_key
+
+    key = data_key([{"id": "r1", "text": "x"}])
+    entry = _entry("bank_a", REFERENCE)
+    ClientLedger.of_data(tmp_path, key, "bank_a").append(entry)
+    real_is_file, looked = Path.is_file, []
+
+    def key_not_there_yet(path: Path) -> bool:  # the reader's first look comes before the writer's key
+        if path.name == ledgers.NAME_KEY and not looked:
+            looked.append(path)
+            return False
+        return real_is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", key_not_there_yet)
+    assert [e.release_id for e in ClientLedger.of_data(tmp_path, key, "bank_a").own_entries()] == [entry.release_id]
+    assert looked

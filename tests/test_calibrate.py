@@ -14,6 +14,7 @@ from eval.audit import load_target
 from eval.benchmarks import CALIBRATED, LabelPrior, argmax, choice_logprobs, fit_label_prior, load_task, score
 from knowledgesg.cli import main
 from knowledgesg.errors import KsgError
+from knowledgesg.fileio import sha256_file
 from knowledgesg.runner import run_models
 from pipelines.calibrate import labelled_items
 from tests.conftest import run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
@@ -55,7 +56,7 @@ def test_pairs_answering_with_no_label_are_left_out_and_free_text_is_refused():
         labelled_items(free, None)
 
 
-def test_calibrate_fits_on_the_pairs_fedtune_read_and_evaluate_and_publish_apply_it(tmp_path: Path):
+def test_calibrate_fits_on_the_pairs_fedtune_read_and_evaluate_and_publish_apply_it(tmp_path: Path, capsys):
     write_jsonl(tmp_path / "test.jsonl", [dict(r, id=f"t{i}", input=f"Test headline {i}: the stock fell sharply.") for i, r in enumerate(sentiment_rows(12))])
     evaluate = {"name": "evaluate", "params": {"tasks": ["test.jsonl"], "modes": ["logprob"], "models": ["dp", "final"], "limit": None, "fidelity": False}}
     assert run_pipeline(tmp_path, FEDTUNE, extra_stages=[{"name": "calibrate", "params": {"labels": LABELS}}, evaluate, "publish"]) == 0
@@ -87,6 +88,16 @@ def test_calibrate_fits_on_the_pairs_fedtune_read_and_evaluate_and_publish_apply
     shipped = run / "publish/final_adapter"
     assert json.loads((shipped / "label_prior.json").read_text()) == prior.model_dump()
     assert "## Label prior" in (shipped / "README.md").read_text()
+    assert prior.adapter_sha256 == sha256_file(run / "fedtune/adapter/adapter_model.safetensors")
+
+    # a prior left from another final adapter (fedtune ran again and calibrate did not: a rerun
+    # stopped between them, or calibrate's rerun failed and its old directory was put back) is not
+    # added to the new adapter's scores: `ksg eval` had applied it without a word
+    (run / "calibrate/label_prior.json").write_text(prior.model_copy(update={"adapter_sha256": "0" * 64}).model_dump_json())
+    assert run_in(tmp_path, "eval", "run", "--models", "final", "--tasks", str(tmp_path / "test.jsonl"), "--modes", "logprob", "--limit", "0", "--no-fidelity") == 0
+    rescored = json.loads((tmp_path / "run/eval/eval_report.json").read_text())["models"]["final"]
+    assert set(rescored["tasks"]["test"]) == {"logprob"} and "label_prior" not in rescored
+    assert "fitted for another final adapter" in capsys.readouterr().err
 
 
 def test_calibrate_is_refused_before_anything_is_written_without_fedtune_or_on_private_data(tmp_path: Path, capsys):
@@ -101,6 +112,17 @@ def test_calibrate_is_refused_before_anything_is_written_without_fedtune_or_on_p
     assert "calibrate: fedtune trains on private data" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
     assert main(["check", str(write_spec(tmp_path, private))]) == 2
+
+
+@pytest.mark.parametrize("labels, message", [(["bearish", "neutral", "bullish"], "are not the labels synthesize writes (negative, neutral, positive)"),
+                                             (["negative", "Negative", "positive"], "a label is named twice")], ids=["other-labels", "twice"])
+def test_calibrate_labels_other_than_synthesizes_are_refused_before_anything_is_written(tmp_path: Path, capsys, labels, message):
+    """With other labels than the pairs answer with, the prior counted some as never given and all
+    but forbade them: the published adapter answered "neutral" to everything, after a warning."""
+    assert run_pipeline(tmp_path, FEDTUNE, extra_stages=[{"name": "calibrate", "params": {"labels": labels}}]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_task_whose_choices_are_not_the_priors_labels_keeps_its_raw_answer_in_the_calibrated_mode(monkeypatch):
