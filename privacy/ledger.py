@@ -38,6 +38,7 @@ import functools
 import hmac
 import math
 import os
+import re
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -57,6 +58,7 @@ LEDGER_ENV = "KSG_LEDGER_DIR"
 NAME_KEY = ".name_key"  # in a ledger directory: the secret that keys its ledger files' names
 NAME_KEY_BYTES = 32
 KEYED = "k-"  # the names made with the key begin so; the unkeyed names earlier versions made are bare hex
+_UNKEYED_NAME = re.compile(r"[0-9a-f]{32}\.jsonl")
 
 NoiseUsed = Literal["os_entropy", "reproducible", "none"]
 
@@ -198,7 +200,7 @@ class ClientLedger:
         try:
             lines = data.decode("utf-8").split("\n")[:-1]
         except UnicodeDecodeError as err:
-            raise KsgError(f"{self.path}: unreadable ledger (not UTF-8 at byte {err.start}); refusing to compute a budget") from None
+            raise KsgError(f"{shown_path(self.path)}: unreadable ledger (not UTF-8 at byte {err.start}); refusing to compute a budget") from None
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -206,7 +208,7 @@ class ClientLedger:
                 entries.append(LedgerEntry.model_validate_json(line))
             except ValidationError as err:
                 # never skip a line: a ledger we cannot read is no proof of what was spent
-                raise KsgError(f"{self.path}:{number}: unreadable ledger entry ({err.errors()[0]['msg']}); refusing to compute a budget") from None
+                raise KsgError(f"{shown_path(self.path)}:{number}: unreadable ledger entry ({err.errors()[0]['msg']}); refusing to compute a budget") from None
         return entries
 
     def append(self, entry: LedgerEntry, check: Callable[[list[LedgerEntry]], None] | None = None) -> None:
@@ -257,7 +259,7 @@ class ClientLedger:
                 os.ftruncate(fd, os.pread(fd, size, 0).rfind(b"\n") + 1)
             line = (entry.model_dump_json() + "\n").encode("utf-8")
             if os.write(fd, line) != len(line):
-                raise KsgError(f"{self.path}: a ledger entry was written only in part (a full disk?); nothing was released")
+                raise KsgError(f"{shown_path(self.path)}: a ledger entry was written only in part (a full disk?); nothing was released")
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -287,6 +289,20 @@ def _name_key(directory: Path, create: bool = False) -> bytes | None:
     with atomic_open(path, "wb", encoding=None) as handle:  # mkstemp: mode 0600
         handle.write(key)
     return key
+
+
+def shown_path(path: Path) -> str:
+    """A ledger file as an error line names it. A ledger an earlier version named by its data's
+    unkeyed fingerprint (it keeps that name: see `_ledger_file`) is named by its inode instead:
+    whoever reads the line (a console the server may log) could hash candidate data sets against
+    the name and learn which one is in."""
+    if not _UNKEYED_NAME.fullmatch(path.name):
+        return str(path)
+    try:
+        inode = f"inode {path.stat().st_ino}"
+    except OSError:
+        inode = "gone since"
+    return f"{path.parent}/<ledger named by an earlier version, {inode}: `ls -i` finds it>"
 
 
 def _ledger_file(directory: Path, data_key: str, create: bool = False) -> Path:

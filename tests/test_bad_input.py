@@ -400,19 +400,26 @@ def test_a_damaged_ledger_is_a_one_line_refusal(tmp_path: Path):
     """Never a traceback, never skipped: what was spent cannot be read, so no budget is computed."""
     from knowledgesg.errors import KsgError
     from privacy.ledger import ClientLedger
+    from tests.test_accounting import REFERENCE, _entry
 
     ledger = ClientLedger.of_data(tmp_path, "a" * 64, "bank_a")
+    ledger.append(_entry("bank_a", REFERENCE))  # the first entry makes the directory's name key: the file has a keyed name
+    assert ledger.path.name.startswith("k-")
     ledger.path.write_bytes(b'{"release_id": "x"\xff}\n')
-    with pytest.raises(KsgError, match=r"a{32}\.jsonl: unreadable ledger \(not UTF-8 at byte 18\)"):
+    with pytest.raises(KsgError, match=rf"{ledger.path.name}: unreadable ledger \(not UTF-8 at byte 18\)"):
         ledger.entries()
     ledger.path.write_text('{"release_id": "x"}\n', encoding="utf-8")
-    with pytest.raises(KsgError, match=r"a{32}\.jsonl:1: unreadable ledger entry"):
+    with pytest.raises(KsgError, match=rf"{ledger.path.name}:1: unreadable ledger entry"):
         ledger.entries()
-    # another data set's ledger in the directory is read too (to find the client's): damaged, the same refusal
+    # another data set's ledger in the directory is read too (to find the client's): damaged, the same
+    # refusal. One an earlier version named by its data's unkeyed fingerprint is named by its inode:
+    # its name would confirm a guess of the data to whoever reads the line
     ledger.path.unlink()
-    (tmp_path / f"{'b' * 32}.jsonl").write_text("[" * 100000 + "\n", encoding="utf-8")
-    with pytest.raises(KsgError, match=r"b{32}\.jsonl:1: unreadable ledger entry"):
+    legacy = tmp_path / f"{'b' * 32}.jsonl"
+    legacy.write_text("[" * 100000 + "\n", encoding="utf-8")
+    with pytest.raises(KsgError, match=rf"<ledger named by an earlier version, inode {legacy.stat().st_ino}: `ls -i` finds it>:1: unreadable ledger entry") as refused:
         ledger.entries()
+    assert "b" * 32 not in str(refused.value)
 
 
 def test_an_unreadable_data_file_is_one_line(tmp_path: Path, monkeypatch, capsys):
