@@ -338,8 +338,9 @@ def canary_group_size(spec: PipelineSpec) -> int:
 def claimed_for_canaries(entries: list[LedgerEntry], target: str, client: str, group: int) -> dict:
     """The epsilon the audited release claims for one canary (a group of `group` units): for a DP
     adapter, its own release (the client's noised count, which its q and steps are planned from,
-    is drawn before the canaries are planted and plans with all of them: it does not depend on
-    which are in); for the final adapter and the synthetic data, everything this run released from
+    is drawn before the canaries are planted and plans with all of them, planted or not: it depends
+    neither on which are in nor on how many; with `count_noise: 0` the exact N, taken as public,
+    counts those planted); for the final adapter and the synthetic data, everything this run released from
     the client's data (they are computed from all of it)."""
     mine = [e for e in entries if e.client_id == client and e.counts_against_budget]
     if target.startswith("dp_adapter:"):

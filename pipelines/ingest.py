@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from rich.table import Table
@@ -125,15 +126,17 @@ def data_units(records: list[Record], unit: str, documents: bool) -> Units:
 
 def planned_units(spec: PipelineSpec, client_id: str, released: int) -> int:
     """The size the stages plan a client's releases with: its released count, less the audit's
-    holdout and plus the canaries planted in it. Public arithmetic on a release, so free; at
+    holdout and plus every canary the spec makes for it (about half are planted). Public arithmetic on a release, so free; at
     `unit: user` the holdout is not taken off (which users it empties is not public): q is a
     public number either way, and the accounting holds whatever its error."""
     planned = released
     if spec.audit.holdout_per_client and spec.privacy.unit == "record":
         planned -= spec.audit.holdout_per_client
     if spec.audit.canaries is not None and spec.audit.canaries.client == client_id:
-        planted = planted_records(spec.audit.canaries, make_canaries(spec.audit.canaries, spec.seed), client_id)
-        planned += privacy_units(planted, spec.privacy.unit, max_records=1, documents=False).count if planted else 0
+        # every canary, planted or not: the one-run audit's theorem needs the same mechanism (the
+        # same q and steps) whichever canaries are in, and how many are in is a function of which
+        every = [replace(c, included=True) for c in make_canaries(spec.audit.canaries, spec.seed)]
+        planned += privacy_units(planted_records(spec.audit.canaries, every, client_id), spec.privacy.unit, max_records=1, documents=False).count if every else 0
     return max(1, planned)
 
 

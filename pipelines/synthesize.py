@@ -35,11 +35,12 @@ from knowledgesg.models import Precision, resolve_device, resolve_precision
 from knowledgesg.prompts import Seed, parse_label, user_turn_prefix
 from knowledgesg.records import InstructionRecord
 from knowledgesg.stage import Stage, StageContext
-from knowledgesg.spec import StrictModel
+from knowledgesg.spec import PipelineSpec, StrictModel
 from privacy.accounting import NOISE_MULTIPLIER_RANGE, Mechanism, epsilons
 from privacy.ledger import LEDGER, LedgerEntry, check_budget, new_release_id, now, published_release, read_stage_ledgers, trust_line
 from privacy.noise import SecureRandom
 from privacy.units import Units, bounded_label_counts, privacy_units
+from pipelines.dp_train import DPTrainParams
 
 
 class SynthesizeParams(StrictModel):
@@ -154,6 +155,15 @@ class Synthesize(Stage):
         # generating from a released DP adapter is post-processing: the server can do it; a DP
         # histogram of the labels needs the client's records
         return "client" if self.params.class_balance == "dp_histogram" else "server"
+
+    def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
+        train = next((stage for stage in spec.stages if stage.name == "dp_train"), None)
+        if self.params.class_balance == "dp_histogram" and train is not None and DPTrainParams.model_validate(train.params).source_stage == "structure":
+            # the histogram counts the labels of ingest's instruction records: a client whose
+            # training pairs structure made from its text has none, and its histogram would be
+            # noise alone, an epsilon spent for nothing
+            raise InputError("synthesize params.class_balance: dp_histogram counts the labels of the clients' instruction records, and dp_train trains on "
+                             "structure's pairs (source_stage: structure): use class_balance model or uniform")
 
     def run(self, ctx: StageContext) -> None:
         p: SynthesizeParams = self.params

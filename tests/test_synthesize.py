@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
 from knowledgesg.cli import main
 from knowledgesg.generation import Completion
@@ -199,6 +200,18 @@ def test_structure_errors_for_an_empty_corpus_and_an_empty_pool(workdir: Path, c
     assert "pool.jsonl: no records" in capsys.readouterr().err
     assert main(["run", str(_structure_spec(workdir, {"builtin": "pubmed_abstracts"})), "--run-dir", "run"]) == 2
     assert "structure params.pool: the example pool pubmed_abstracts has 0 instruction records, fewer than the 3 needed" in capsys.readouterr().err
+
+
+def test_a_dp_histogram_over_structures_pairs_is_refused_before_anything_is_written(workdir: Path, capsys):
+    """The histogram counts ingest's labelled records: a client whose training pairs structure made
+    from its text has none, so its histogram was noise alone, an epsilon spent for nothing."""
+    spec = yaml.safe_load(_structure_spec(workdir, {"builtin": "medquad", "sample": 30}).read_text())
+    spec["stages"] += [{"name": "dp_train", "params": {"source_stage": "structure", "batch_size": 4, "max_length": 48}},
+                       {"name": "synthesize", "params": dict(SYNTH["params"], class_balance="dp_histogram")}]
+    assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 2
+    err = capsys.readouterr().err
+    assert "synthesize params.class_balance: dp_histogram counts the labels of the clients' instruction records" in err and len(err.strip().splitlines()) == 1, err
+    assert not (workdir / "run").exists()
 
 
 def test_structure_keep_rejects_ungrounded_unparseable_and_duplicates():
