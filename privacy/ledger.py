@@ -192,24 +192,22 @@ class ClientLedger:
         """The releases of this data set alone (not of the client's other versions of it)."""
         if not self.path.is_file() and self._data_key is not None:
             self.path = _ledger_file(self.path.parent, self._data_key)  # another process made it since
-        if not self.path.is_file():
-            return []
-        entries = []
-        data = self.path.read_bytes()
-        data = data[: data.rfind(b"\n") + 1]  # past the last newline, an append cut short: never published (see _write)
-        try:
-            lines = data.decode("utf-8").split("\n")[:-1]
-        except UnicodeDecodeError as err:
-            raise KsgError(f"{shown_path(self.path)}: unreadable ledger (not UTF-8 at byte {err.start}); refusing to compute a budget") from None
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                entries.append(LedgerEntry.model_validate_json(line))
-            except ValidationError as err:
-                # never skip a line: a ledger we cannot read is no proof of what was spent
-                raise KsgError(f"{shown_path(self.path)}:{number}: unreadable ledger entry ({err.errors()[0]['msg']}); refusing to compute a budget") from None
-        return entries
+        entries = _read_ledger(self.path) if self.path.is_file() else []
+        twin = self._keyed_twin()
+        return merge_releases(entries, _read_ledger(twin)) if twin is not None else entries
+
+    def _keyed_twin(self) -> Path | None:
+        """This data set's keyed file where its ledger kept an earlier version's unkeyed name and the
+        directory has a keyed one too (an old ledger moved in beside newer ones of the same data):
+        both hold its releases, and read alone the old one had the noised count drawn again and a
+        release published before a crash refused rather than adopted."""
+        if self._data_key is None or not _UNKEYED_NAME.fullmatch(self.path.name):
+            return None
+        name_key = _name_key(self.path.parent)
+        if name_key is None:
+            return None
+        twin = self.path.parent / _keyed_name(name_key, self._data_key)
+        return twin if twin.is_file() else None
 
     def append(self, entry: LedgerEntry, check: Callable[[list[LedgerEntry]], None] | None = None) -> None:
         """One line in one write, fsynced before returning, under an exclusive lock of the whole
@@ -291,6 +289,30 @@ def _name_key(directory: Path, create: bool = False) -> bytes | None:
     return key
 
 
+def _read_ledger(path: Path) -> list[LedgerEntry]:
+    """A ledger file's entries; a damaged one is refused, never skipped in part."""
+    data = path.read_bytes()
+    data = data[: data.rfind(b"\n") + 1]  # past the last newline, an append cut short: never published (see _write)
+    try:
+        lines = data.decode("utf-8").split("\n")[:-1]
+    except UnicodeDecodeError as err:
+        raise KsgError(f"{shown_path(path)}: unreadable ledger (not UTF-8 at byte {err.start}); refusing to compute a budget") from None
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(LedgerEntry.model_validate_json(line))
+        except ValidationError as err:
+            # never skip a line: a ledger we cannot read is no proof of what was spent
+            raise KsgError(f"{shown_path(path)}:{number}: unreadable ledger entry ({err.errors()[0]['msg']}); refusing to compute a budget") from None
+    return entries
+
+
+def _keyed_name(name_key: bytes, data_key: str) -> str:
+    return f"{KEYED}{hmac.new(name_key, data_key.encode(), 'sha256').hexdigest()[:32]}.jsonl"
+
+
 def shown_path(path: Path) -> str:
     """A ledger file as an error line names it. A ledger an earlier version named by its data's
     unkeyed fingerprint (it keeps that name: see `_ledger_file`) is named by its inode instead:
@@ -312,7 +334,7 @@ def _ledger_file(directory: Path, data_key: str, create: bool = False) -> Path:
     directory has a name key (no file is there: reading writes nothing)."""
     unkeyed = directory / f"{data_key[:32]}.jsonl"
     name_key = None if unkeyed.is_file() else _name_key(directory, create)
-    return unkeyed if name_key is None else directory / f"{KEYED}{hmac.new(name_key, data_key.encode(), 'sha256').hexdigest()[:32]}.jsonl"
+    return unkeyed if name_key is None else directory / _keyed_name(name_key, data_key)
 
 
 def published_release(path: Path, ledger: ClientLedger, client_id: str, stage: str, release: str) -> LedgerEntry | None:

@@ -319,3 +319,21 @@ def test_a_reader_that_looked_just_before_another_process_made_the_key_is_not_re
     monkeypatch.setattr(Path, "is_file", key_not_there_yet)
     assert [e.release_id for e in ClientLedger.of_data(tmp_path, key, "bank_a").own_entries()] == [entry.release_id]
     assert looked
+
+
+def test_an_old_ledger_moved_in_beside_a_keyed_one_of_the_same_data_is_read_with_it(tmp_path: Path):
+    """A ledger an earlier version named by the unkeyed fingerprint, moved into a directory that
+    already keeps this data set's keyed ledger: read alone, the old file hid the keyed one's
+    releases from this data set (its noised count drawn again, a release published before a crash
+    refused rather than adopted); the budget, which reads every ledger naming the client, was whole."""
+    from privacy.ledger import ClientLedger, data_key
+
+    key = data_key([{"id": "r1", "text": "x"}])
+    newer = _entry("bank_a", REFERENCE)
+    ClientLedger.of_data(tmp_path, key, "bank_a").append(newer)  # keyed: the directory's first entry made its name key
+    older = _entry("bank_a", REFERENCE)
+    (tmp_path / f"{key[:32]}.jsonl").write_text(older.model_dump_json() + "\n", encoding="utf-8")  # moved in from elsewhere
+    ledger = ClientLedger.of_data(tmp_path, key, "bank_a")
+    assert ledger.path.name == f"{key[:32]}.jsonl"  # it keeps writing where it did
+    assert sorted(e.release_id for e in ledger.own_entries()) == sorted([older.release_id, newer.release_id])
+    assert sorted(e.release_id for e in ledger.entries()) == sorted([older.release_id, newer.release_id])
