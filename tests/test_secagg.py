@@ -223,6 +223,35 @@ def test_the_client_mod_sends_zeros_and_no_training_figures_when_its_coin_says_n
         secagg.secure_aggregation_mod(plain, strict, handler)
 
 
+def test_the_ledger_entry_sent_beside_a_masked_update_holds_no_digest_of_it():
+    """With record-level DP and no client-level DP each round's ledger entry names the update by its
+    SHA-256; beside a masked update, in the clear, that let a server holding a candidate for one
+    client's update (from the others' and the sum) confirm it. The client's own ledger keeps it."""
+    import time
+
+    from flwr.app import ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    job = FedJob(seed=3, rounds=1, clients=CLIENTS, clients_per_round=3, rule=RuleSettings(), training=LocalTraining(), lora=LoraShape(),
+                 base_model={"path": "unused"}, records={c: [] for c in CLIENTS}, secure_aggregation=SecureAggregation())
+    params = {"w": np.ones((2, 3), dtype=np.float32)}
+    fit_ins = FitIns(ndarrays_to_parameters([params["w"]]), {"task": task_for(job, "a", 1).model_dump_json(), "names": '["w"]', "weight": 1})
+    msg = Message(content=compat.fitins_to_recorddict(fit_ins, True),
+                  metadata=Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1", created_at=time.time(),
+                                    ttl=60.0, message_type="train"))
+    context = Context(run_id=0, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    release = {"release_id": "r1", "artifact_sha256": "ab" * 32, "stage": "fedtune"}
+
+    def handler(inner, ctx):  # our train handler's reply on private data: the update and its ledger entry
+        return Message(RecordDict({"arrays": inner.content["arrays"], "config": ConfigRecord({"client-id": "a", "release": json.dumps(release)}),
+                                   "metrics": MetricRecord({"dp-steps": 2})}), reply_to=inner)
+
+    fit_res = compat.recorddict_to_fitres(secagg.as_legacy_fit(msg, context, handler).content, True)
+    sent = json.loads(str(fit_res.metrics["release"]))
+    assert sent == {**release, "artifact_sha256": None} and "ab" * 32 not in str(fit_res.metrics)
+
+
 REFUSED = [
     ({"rule": RuleSettings(name="median")}, "rule median needs each update"),
     ({"rule": RuleSettings(name="krum")}, "rule krum needs each update"),

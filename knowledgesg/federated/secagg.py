@@ -324,6 +324,12 @@ def as_legacy_fit(msg, context, call_next):
     metadata = dict(content["config"].items()) | dict(content["metrics"].items())
     if ClientTask.model_validate_json(task_json).join_probability is not None:
         metadata = {k: v for k, v in metadata.items() if k not in ("num-examples", "loss", "dp-steps")}
+    if "release" in metadata:
+        # the ledger entry travels in the clear beside the masked update: without the digest of this
+        # client's own update, which would let a server holding a candidate for it (the other
+        # clients' updates, and the sum) confirm it; the client's own ledger keeps the digest
+        release = json.loads(str(metadata["release"]))
+        metadata["release"] = json.dumps({**release, "artifact_sha256": None})
     # float64: Flower quantizes in the dtype it is given, and in float32 its shift and scale alone move a coordinate by
     # more than the one quantum quantized_clip_norm allows for (32 quanta at 2^30 levels)
     fit_res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([update[n].astype(np.float64) for n in names]), int(fit_ins.config[WEIGHT]), metadata)
