@@ -388,11 +388,8 @@ def merge_releases(*sources: list[LedgerEntry]) -> list[LedgerEntry]:
 
 def composed_total(entries: list[LedgerEntry], delta: float) -> Epsilons:
     """A client's total over its releases that count against its budget: PLD composition, with
-    PRV and RDP beside it. A release without a guarantee makes the total infinite."""
-    costing = [e for e in entries if e.costs_privacy]
-    if len(costing) == 1 and costing[0].private and costing[0].delta == delta:  # one release: its own figures
-        own = costing[0].epsilon
-        return own.model_copy(update={"reported": own.pld, "reported_by": "pld"})
+    PRV and RDP beside it. A release without a guarantee makes the total infinite. Computed from
+    the mechanisms, even for one release: its stored figures are, on the server, the client's word."""
     return compose([e.effective_mechanism() for e in entries if e.counts_against_budget], delta)
 
 

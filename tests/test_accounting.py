@@ -30,6 +30,24 @@ def test_calibration_hits_the_target_within_1_percent(target, q, steps, delta):
     assert accountant == "prv"
     assert achieved.prv <= target * 1.001  # never above the target (PRV's own error aside)
     assert achieved.prv == pytest.approx(target, rel=0.01)
+    assert achieved.pld <= target  # the accountant the report and the cap use: not above it either
+
+
+def _exact_gaussian_epsilon(sigma: float, delta: float) -> float:
+    """The exact epsilon of the Gaussian mechanism at sensitivity 1 (Balle and Wang 2018, Theorem 8)."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    return brentq(lambda eps: norm.cdf(1 / (2 * sigma) - eps * sigma) - math.exp(eps) * norm.cdf(-1 / (2 * sigma) - eps * sigma) - delta, 0.0, 200.0)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 4.0, 10.0])
+def test_a_gaussian_releases_epsilon_is_an_upper_bound_close_to_the_exact_one(sigma):
+    """The noised count and the label histogram are Gaussian mechanisms: their PLD epsilon is
+    checked against the closed form, from above (a figure below it would overstate the privacy)."""
+    exact = _exact_gaussian_epsilon(sigma, 1e-5)
+    stated = epsilons([Mechanism(kind="gaussian", noise_multiplier=sigma)], 1e-5)
+    assert exact <= stated.pld <= exact + 0.01, (exact, stated)
 
 
 @pytest.mark.parametrize("target", [0.05, 1.0, 8.0, 30.0, 200.0])
