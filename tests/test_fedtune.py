@@ -182,8 +182,10 @@ def test_the_final_adapter_averages_the_last_rounds_globals_and_resumes_with_the
     checkpoint = tmp_path / "checkpoint.npz"
     with pytest.raises(KsgError, match="round 4"):
         run_federation(job, x0, DownInRoundFour(UPDATES, EXAMPLES), checkpoint=checkpoint)
-    resumed, history = run_federation(job, x0, ScriptedTransport(UPDATES, EXAMPLES), checkpoint=checkpoint)
+    after_restart = ScriptedTransport(UPDATES, EXAMPLES)
+    resumed, history = run_federation(job, x0, after_restart, checkpoint=checkpoint)
     assert np.allclose(resumed["w"], final["w"]) and [r.round for r in history] == [1, 2, 3, 4, 5]
+    assert len(after_restart.seen) == 2  # rounds 4 and 5 only: the first three came from the checkpoint (the same result either way)
     with pytest.raises(ValueError, match="average_last 6 exceeds the 5 rounds"):
         FedJob.model_validate({**job.model_dump(), "average_last": 6})
 
