@@ -410,7 +410,7 @@ def test_the_held_out_control_flags_memorisation_and_not_chance():
 
 def test_the_audit_conclusion_tells_a_breach_a_measured_leak_and_an_audit_without_power_apart():
     def run(bound: float, ceiling: float) -> dict:
-        return {"epsilon_lower_bound": bound, "largest_certifiable": ceiling}
+        return {"epsilon_lower_bound": bound, "largest_certifiable": ceiling, "confidence": 0.95}
 
     assert conclusion(run(3.1, 3.66), 2.0).startswith("VIOLATION")
     assert conclusion(run(0.5, 3.66), 2.0).startswith("Consistent with the claim: leakage measured") and "could not" not in conclusion(run(0.5, 3.66), 2.0)
