@@ -140,8 +140,12 @@ class DataSource(StrictModel):
         structured, or records whose `document_id` the spec maps. The spec, not the data, decides:
         a document id found in one record only would otherwise change the unit every release
         states (and the histogram's noise), telling whether that record is in."""
-        kind = self.kind or (BUILTINS[self.builtin][0] if self.builtin else "instruction")
-        return kind == "text" or "document_id" in self.fields or "document_id" in self.constants
+        return self.record_kind == "text" or "document_id" in self.fields or "document_id" in self.constants
+
+    @property
+    def record_kind(self) -> str:
+        """What its records are: the spec's `kind`, else a builtin's own, else instruction."""
+        return self.kind or (BUILTINS[self.builtin][0] if self.builtin else "instruction")
 
 
 class PartitionSpec(StrictModel):

@@ -158,12 +158,16 @@ class Synthesize(Stage):
 
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
         train = next((stage for stage in spec.stages if stage.name == "dp_train"), None)
-        if self.params.class_balance == "dp_histogram" and train is not None and DPTrainParams.model_validate(train.params).source_stage == "structure":
-            # the histogram counts the labels of ingest's instruction records: a client whose
-            # training pairs structure made from its text has none, and its histogram would be
-            # noise alone, an epsilon spent for nothing
-            raise InputError("synthesize params.class_balance: dp_histogram counts the labels of the clients' instruction records, and dp_train trains on "
-                             "structure's pairs (source_stage: structure): use class_balance model or uniform")
+        if self.params.class_balance != "dp_histogram" or train is None or DPTrainParams.model_validate(train.params).source_stage != "structure":
+            return
+        # the histogram counts the labels of ingest's instruction records: a client that holds
+        # text only, whose training pairs structure made from it, has none, and its histogram would
+        # be noise alone, an epsilon spent for nothing (labelled records beside the text are counted)
+        holdings = {"pooled data": spec.clients.data} if spec.clients.data else {f"client '{m.id}'": m.data for m in spec.clients.members}
+        text_only = next((who for who, sources in holdings.items() if all(source.record_kind == "text" for source in sources)), None)
+        if text_only is not None:
+            raise InputError(f"synthesize params.class_balance: dp_histogram counts the labels of a client's instruction records, and {text_only} holds text only "
+                             "(dp_train trains on structure's pairs from it): use class_balance model or uniform")
 
     def run(self, ctx: StageContext) -> None:
         p: SynthesizeParams = self.params

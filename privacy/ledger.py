@@ -124,13 +124,21 @@ def trust_line(noise: NoiseUsed, mechanism: Mechanism) -> str:
     return TRUST_REPRODUCIBLE if noise == "reproducible" else TRUST_CLIENT_NOISE
 
 
+ROUND_ARTIFACT = "#round="  # a federated round's update: stages/fedtune/rounds.json#round=<n>
+
+
 def as_sent(entry: LedgerEntry) -> dict:
     """A ledger entry as the server receives it (the client's own ledger keeps it whole): not where
     on the client it was made (its paths), nor when to the second (one release's time less
     another's is how long a client stage ran: the count's to the adapter's is structure and
-    dp_train, which follows the sampled records' lengths), only the day. The same release reads
-    the same in every send, so a resend is no new release; the order of entries is kept."""
-    return entry.model_copy(update={"run_dir": f"client:{entry.client_id}", "released_at": f"{entry.released_at[:10]}T00:00:00+00:00"}).model_dump(mode="json")
+    dp_train, which follows the sampled records' lengths), only the day; nor the digest of a
+    federated round's update (under secure aggregation the server never sees that update, and the
+    digest would confirm a guess of it, in this send or any later export of the ledger). The same
+    release reads the same in every send, so a resend is no new release; the order of entries is kept."""
+    update = {"run_dir": f"client:{entry.client_id}", "released_at": f"{entry.released_at[:10]}T00:00:00+00:00"}
+    if ROUND_ARTIFACT in entry.artifact:
+        update["artifact_sha256"] = None
+    return entry.model_copy(update=update).model_dump(mode="json")
 
 
 def data_key(rows: list[dict]) -> str:
@@ -248,7 +256,10 @@ class ClientLedger:
     def _write(self, entry: LedgerEntry) -> None:
         """One line, fsynced (and the directory, when the file is new) before the caller publishes."""
         created = not self.path.exists()
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as err:
+            raise KsgError(f"{shown_path(self.path)}: cannot write the ledger ({err.strerror}); nothing was released") from None
         try:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
@@ -291,7 +302,10 @@ def _name_key(directory: Path, create: bool = False) -> bytes | None:
 
 def _read_ledger(path: Path) -> list[LedgerEntry]:
     """A ledger file's entries; a damaged one is refused, never skipped in part."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:  # one line naming the file as `shown_path` does, not a traceback with its name
+        raise KsgError(f"{shown_path(path)}: unreadable ledger ({err.strerror}); refusing to compute a budget") from None
     data = data[: data.rfind(b"\n") + 1]  # past the last newline, an append cut short: never published (see _write)
     try:
         lines = data.decode("utf-8").split("\n")[:-1]

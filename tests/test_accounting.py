@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -355,3 +356,37 @@ def test_an_old_ledger_moved_in_beside_a_keyed_one_of_the_same_data_is_read_with
     assert ledger.path.name == f"{key[:32]}.jsonl"  # it keeps writing where it did
     assert sorted(e.release_id for e in ledger.own_entries()) == sorted([older.release_id, newer.release_id])
     assert sorted(e.release_id for e in ledger.entries()) == sorted([older.release_id, newer.release_id])
+
+
+def test_a_federated_rounds_entry_leaves_the_client_without_the_digest_of_its_update():
+    """The client's ledger names each round's update by its SHA-256; sent (beside the update, or in
+    a later export of the ledger) that digest let a server that never saw the update, under secure
+    aggregation, confirm a guess of it. A DP adapter's digest, of a file the server receives, stays."""
+    from privacy.ledger import as_sent
+
+    round_entry = _entry("bank_a", REFERENCE).model_copy(update={"stage": "fedtune", "artifact": "stages/fedtune/rounds.json#round=3", "artifact_sha256": "ab" * 32})
+    adapter_entry = _entry("bank_a", REFERENCE).model_copy(update={"artifact_sha256": "cd" * 32})
+    assert as_sent(round_entry)["artifact_sha256"] is None and as_sent(round_entry)["release_id"] == round_entry.release_id
+    assert as_sent(adapter_entry)["artifact_sha256"] == "cd" * 32
+
+
+def test_a_ledger_that_cannot_be_opened_is_one_line_without_an_old_unkeyed_name(tmp_path: Path, monkeypatch):
+    """A ledger file the process may not read or write had raised an OSError whose traceback
+    printed the path: for a ledger an earlier version named by its data's unkeyed fingerprint, the
+    name that confirms a guess of the data. (The tests run as root, which reads anything: the
+    refusals are the operating system's, simulated.)"""
+    from knowledgesg.errors import KsgError
+    from privacy import ledger as ledgers
+    from privacy.ledger import ClientLedger
+
+    legacy = tmp_path / f"{'c' * 32}.jsonl"
+    legacy.write_text(_entry("bank_a", REFERENCE).model_dump_json() + "\n", encoding="utf-8")
+    denied = PermissionError(13, "Permission denied")
+    real_read, real_open = Path.read_bytes, os.open
+    monkeypatch.setattr(Path, "read_bytes", lambda path: (_ for _ in ()).throw(denied) if path == legacy else real_read(path))
+    monkeypatch.setattr(ledgers.os, "open", lambda path, *args: (_ for _ in ()).throw(denied) if Path(path) == legacy else real_open(path, *args))
+    ledger = ClientLedger.of_data(tmp_path, "c" * 64, "bank_a")
+    for attempt, what in ((ledger.own_entries, "unreadable ledger"), (lambda: ledger._write(_entry("bank_a", REFERENCE)), "cannot write the ledger")):
+        with pytest.raises(KsgError, match=rf"<ledger named by an earlier version, inode \d+: `ls -i` finds it>: {what} \(Permission denied\)") as refused:
+            attempt()
+        assert "c" * 32 not in str(refused.value)

@@ -203,15 +203,20 @@ def test_structure_errors_for_an_empty_corpus_and_an_empty_pool(workdir: Path, c
 
 
 def test_a_dp_histogram_over_structures_pairs_is_refused_before_anything_is_written(workdir: Path, capsys):
-    """The histogram counts ingest's labelled records: a client whose training pairs structure made
-    from its text has none, so its histogram was noise alone, an epsilon spent for nothing."""
-    spec = yaml.safe_load(_structure_spec(workdir, {"builtin": "medquad", "sample": 30}).read_text())
-    spec["stages"] += [{"name": "dp_train", "params": {"source_stage": "structure", "batch_size": 4, "max_length": 48}},
-                       {"name": "synthesize", "params": dict(SYNTH["params"], class_balance="dp_histogram")}]
-    assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 2
+    """The histogram counts ingest's labelled records: a client that holds text only, whose training
+    pairs structure made from it, has none, so its histogram was noise alone, an epsilon spent for
+    nothing. Labelled records beside the text are counted: that spec is accepted."""
+    stages = [{"name": "dp_train", "params": {"source_stage": "structure", "batch_size": 2, "max_length": 48}},
+              {"name": "synthesize", "params": dict(SYNTH["params"], class_balance="dp_histogram")}]
+    text_only = yaml.safe_load(_structure_spec(workdir, {"builtin": "medquad", "sample": 30}, members=[{"id": "hosp", "data": [{"path": "notes.jsonl", "kind": "text"}]}]).read_text())
+    text_only["stages"] += stages
+    assert main(["run", str(write_spec(workdir, text_only)), "--run-dir", "run"]) == 2
     err = capsys.readouterr().err
-    assert "synthesize params.class_balance: dp_histogram counts the labels of the clients' instruction records" in err and len(err.strip().splitlines()) == 1, err
-    assert not (workdir / "run").exists()
+    assert "synthesize params.class_balance: dp_histogram counts the labels of a client's instruction records, and client 'hosp' holds text only" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (workdir / "run").exists()
+    both = yaml.safe_load(_structure_spec(workdir, {"builtin": "medquad", "sample": 30}).read_text())  # the notes and labelled records
+    both["stages"] += stages
+    assert main(["check", str(write_spec(workdir, both))]) == 0, capsys.readouterr().err
 
 
 def test_structure_keep_rejects_ungrounded_unparseable_and_duplicates():

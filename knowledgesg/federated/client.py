@@ -35,7 +35,7 @@ from knowledgesg.records import InstructionRecord
 from knowledgesg.runner import SPEC_COPY, load_run_spec
 from knowledgesg.spec import ClientsSpec, load_spec
 from privacy.accounting import Mechanism, default_delta, epsilons
-from privacy.ledger import LEDGER_ENV, ClientLedger, LedgerEntry, as_sent, check_budget, client_delta, ledger_directory, new_release_id, now, trust_line
+from privacy.ledger import LEDGER_ENV, ROUND_ARTIFACT, ClientLedger, LedgerEntry, as_sent, check_budget, client_delta, ledger_directory, new_release_id, now, trust_line
 from privacy.noise import SecureRandom
 from privacy.units import privacy_units
 
@@ -408,7 +408,7 @@ class ClientRuntime:
         mechanism = round_mechanism(dp, dp_steps)
         entry = LedgerEntry(release_id=new_release_id(), client_id=task.client_id, stage="fedtune",
                             release=f"fedtune round {task.round} update: DP-SGD local steps on private data",
-                            artifact=f"stages/fedtune/rounds.json#round={task.round}", artifact_sha256=update_digest(update) if task.join_probability is None else None,
+                            artifact=f"stages/fedtune/rounds.json{ROUND_ARTIFACT}{task.round}", artifact_sha256=update_digest(update) if task.join_probability is None else None,
                             run_dir=str(self.storage(task).resolve()), released_at=now(), unit=dp.unit, num_units=dp.num_units, delta=dp.delta,
                             mechanism=mechanism, epsilon=epsilons([mechanism], dp.delta), private=origin == "os_entropy", noise=origin,
                             trust=trust_line(origin, mechanism))
