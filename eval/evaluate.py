@@ -179,6 +179,9 @@ def mean_accuracy(results: dict, mode: str) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
 
+_STALE_PRIORS_SHOWN: set[Path] = set()
+
+
 def final_label_prior(run_dir: Path, stages_before: list[str] = (), published: Published | None = None) -> LabelPrior | None:
     """The final adapter's label prior: shipped beside a published adapter, or fitted by a
     `calibrate` stage among `stages_before` (one after this evaluation leaves its scores raw)."""
@@ -192,8 +195,10 @@ def final_label_prior(run_dir: Path, stages_before: list[str] = (), published: P
         return None
     prior = read_label_prior(path)
     if prior.adapter_sha256 is not None and adapter.is_file() and sha256_file(adapter) != prior.adapter_sha256:
-        console.print(f"[yellow]warning[/] {path}: fitted for another final adapter than {adapter} (fedtune ran again since, and calibrate did not): "
-                      "the final adapter's scores are left raw; run the pipeline again to fit its label prior")
+        if path not in _STALE_PRIORS_SHOWN:  # the public and the private scoring both ask: one line
+            _STALE_PRIORS_SHOWN.add(path)
+            console.print(f"[yellow]warning[/] {path}: fitted for another final adapter than {adapter} (fedtune ran again since, and calibrate did not): "
+                          "the final adapter's scores are left raw; run the pipeline again to fit its label prior")
         return None
     return prior
 
