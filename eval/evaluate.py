@@ -29,6 +29,7 @@ from pydantic import Field, ValidationError, field_validator
 from eval.audit import Target, completed, load_target, of_kinds, pair_text, private_texts, professional_target, synthetic_texts, targets_of
 from eval.benchmarks import CALIBRATED, TASKS, LabelPrior, evaluate_model, is_task_file, load_task, task_name, task_source
 from eval.fidelity import fidelity_report
+from knowledgesg.adapters import ADAPTER_WEIGHTS
 from knowledgesg.console import console
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_json, sha256_file, write_json, write_text
@@ -42,7 +43,6 @@ EVAL_REPORT = "eval_report.json"
 EVAL_HTML = "eval_report.html"
 SIDES = "sides.json"  # each output of `ksg eval` and its side, as a stage manifest would say
 LABEL_PRIOR = "label_prior.json"  # the calibrate stage's output, shipped beside the final adapter by publish
-ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file name for an adapter's weights
 
 
 class EvalOptions(StrictModel):

@@ -10,7 +10,8 @@ from pathlib import Path
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import write_dir, write_json
 
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file name for an adapter's weights
+ADAPTER_FILES = (ADAPTER_WEIGHTS, "adapter_config.json")
 
 
 def with_lora(model, r: int, alpha: float, target_modules: list[str], setting: str):

@@ -27,7 +27,8 @@ from pydantic import Field, field_validator
 
 from eval.audit import load_target
 from eval.benchmarks import MAX_LABELS, Item, choice_logprobs, fit_label_prior
-from eval.evaluate import ADAPTER_WEIGHTS, LABEL_PRIOR
+from eval.evaluate import LABEL_PRIOR
+from knowledgesg.adapters import ADAPTER_WEIGHTS
 from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.fileio import read_jsonl, sha256_file
@@ -45,6 +46,7 @@ class CalibrateParams(StrictModel):
     labels: list[str] | None = Field(default=None, min_length=2, max_length=MAX_LABELS,
                                      description="the answers to calibrate (default: the pairs' distinct responses, 2 to 20 of them); pairs answering otherwise are left out")
     batch_size: int = Field(default=8, ge=1)
+    precision: Precision = Field(default="float32", description="weights while scoring (as evaluate's default: the adapter is merged in float32)")
 
     @field_validator("labels")
     @classmethod
@@ -52,7 +54,6 @@ class CalibrateParams(StrictModel):
         if labels is not None and len({label.strip().lower() for label in labels}) != len(labels):
             raise ValueError("a label is named twice")
         return labels
-    precision: Precision = Field(default="float32", description="weights while scoring (as evaluate's default: the adapter is merged in float32)")
 
 
 def labelled_items(rows: list[dict], labels: list[str] | None) -> tuple[list[Item], list[str], int]:

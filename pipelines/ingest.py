@@ -136,7 +136,7 @@ def planned_units(spec: PipelineSpec, client_id: str, released: int) -> int:
         # every canary, planted or not: the one-run audit's theorem needs the same mechanism (the
         # same q and steps) whichever canaries are in, and how many are in is a function of which
         every = [replace(c, included=True) for c in make_canaries(spec.audit.canaries, spec.seed)]
-        planned += privacy_units(planted_records(spec.audit.canaries, every, client_id), spec.privacy.unit, max_records=1, documents=False).count if every else 0
+        planned += privacy_units(planted_records(spec.audit.canaries, every, client_id), spec.privacy.unit, max_records=1, documents=False).count
     return max(1, planned)
 
 
