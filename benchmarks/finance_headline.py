@@ -65,7 +65,10 @@ SEEDS = [
     {"instruction": "What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}.", "domain": "finance", "task": "sentiment"},
     {"instruction": "What is the sentiment of this tweet? Please choose an answer from {negative/neutral/positive}.", "domain": "finance", "task": "sentiment"},
 ]
-PRECISIONS = ("float32", "auto")  # training precisions a run's spec may name (float32: no key, as before the flag)
+# the precisions a run's spec may name (float32: no key, as before the flag). auto: bfloat16 where
+# native in the stages that train (dp_train, fedtune); auto-all: in every stage that loads a model
+# but evaluate (synthesize, tune_professional, refine and calibrate too), for the time goal
+PRECISIONS = ("float32", "auto", "auto-all")
 MODELS = {"base": "smollm2-135m-instruct", "professional": "gemma-3-270m", "embedder": "minilm-l6-v2"}
 # one change each to the pipeline's arguments, and what it asks
 ABLATIONS_BEFORE_REPLICATES = {
@@ -162,7 +165,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--precision", default=None, choices=PRECISIONS,
                         help="with --only: dp_train's and fedtune's base weights in the runs it names that are not copies (auto: bfloat16 where the CPU runs "
-                             "it natively, 1.7x faster dp_train there: demo_precision.md); a copy runs at its A's, every other run at the precision it "
+                             "it natively, 1.7x faster dp_train there: demo_precision.md; auto-all: also synthesize, tune_professional, refine and calibrate); a copy runs at its A's, every other run at the precision it "
                              "was started or stored at")
     parser.add_argument("--full-eval", action="store_true", help="score each finished run here on the whole test sets in both answer modes (`ksg eval --limit 0 "
                         "--modes logprob,generation`, no new training) and keep those rows beside the run's in the store; then the report")
@@ -182,7 +185,13 @@ def private_data(args) -> dict:
 def precision(args) -> dict:
     """The training precision's spec key: none for float32, so the specs (and digests) of the runs
     stored before the flag existed stay what they were."""
-    return {} if args.precision in (None, "float32") else {"precision": args.precision}
+    return {} if args.precision in (None, "float32") else {"precision": "auto"}
+
+
+def model_precision(args) -> dict:
+    """The precision key of the stages that sample, judge or score with a model (and of the
+    professional's tuning): bfloat16 where native with auto-all only, so auto's runs stay as stored."""
+    return {"precision": "auto"} if args.precision == "auto-all" else {}
 
 
 def dp_train(args) -> dict:
@@ -214,11 +223,11 @@ def synthesis(args) -> list[dict]:
     stages = [
         {"name": "synthesize", "params": {"per_client": args.synthetic, "oversample": 2.0, "labels": LABELS, "class_balance": args.class_balance, "seeds": SEEDS,
                                           "sampling": {"max_new_tokens": 48, "temperature": 0.9, "top_p": 0.95}, "response_max_new_tokens": 8,
-                                          "min_words": 5, "max_words": 60, "batch_size": 32}},
-        {"name": "tune_professional", "params": {"data": {"builtin": "fiqa_train"}, "epochs": 2, "batch_size": 8, "learning_rate": 0.001, "max_length": 128}},
+                                          "min_words": 5, "max_words": 60, "batch_size": 32, **model_precision(args)}},
+        {"name": "tune_professional", "params": {"data": {"builtin": "fiqa_train"}, "epochs": 2, "batch_size": 8, "learning_rate": 0.001, "max_length": 128, **model_precision(args)}},
         {"name": "refine", "params": {"pool": {"builtin": "fiqa_train"}, "labels": LABELS, "shots": 6, "threshold": 0.5, "min_fluency": -6.5, "label_source": args.label_source,
                                       "task": "financial sentiment analysis: a single news headline or tweet about markets or companies",
-                                      **({"centre_by_seed": True} if args.centre_by_seed else {})}},
+                                      **({"centre_by_seed": True} if args.centre_by_seed else {}), **model_precision(args)}},
     ]
     return stages if args.refine else stages[:1]
 
@@ -226,7 +235,7 @@ def synthesis(args) -> list[dict]:
 def calibration(args) -> list[dict]:
     """The calibrate stage where the run asks for it: the final adapter's label prior, fitted to the
     synthetic pairs the final tuning read; evaluate then scores both answers."""
-    return [{"name": "calibrate", "params": {"labels": LABELS}}] if args.calibrate else []
+    return [{"name": "calibrate", "params": {"labels": LABELS, **model_precision(args)}}] if args.calibrate else []
 
 
 def eps_name(epsilon: float) -> str:

@@ -301,6 +301,8 @@ def test_precision_auto_goes_to_the_runs_only_names_and_their_copies_and_other_r
 
     args, specs, store = headline(tmp_path, monkeypatch, "--epsilons", "8", "--ablations", "unrefined_model_prior", "--only", "A8", "--precision", "auto")
     assert precision(specs["A8"]) == ("auto", "auto")
+    # auto leaves the stages that sample, judge or score as stored before auto-all
+    assert all("precision" not in finance_headline.stage_entry(specs["A8"], stage)["params"] for stage in ("synthesize", "tune_professional", "refine"))
     assert precision(specs["A8-unrefined_model_prior"]) == precision(specs["B8"]) == ("auto", "auto")  # copies run on A8's directory
     assert finance_headline.stage_entry(specs["D8"], "fedtune")["params"]["training"].get("precision") is None  # float32: no key, as stored before the flag
     assert "precision" not in finance_headline.stage_entry(specs["C"], "dp_train")["params"]
@@ -313,6 +315,21 @@ def test_precision_auto_goes_to_the_runs_only_names_and_their_copies_and_other_r
     # a run started in the work directory (its spec written there) and not stored: planned as it started
     (tmp_path / "D8.yaml").write_text(yaml.safe_dump(finance_headline.plan_at(argparse.Namespace(**{**vars(args), "precision": "auto"}))["D8"], sort_keys=False))
     assert finance_headline.stage_entry(headline(tmp_path, monkeypatch, "--epsilons", "8")[1]["D8"], "fedtune")["params"]["training"]["precision"] == "auto"
+
+
+def test_precision_auto_all_goes_to_every_stage_that_loads_a_model_but_evaluate_in_the_runs_only_names(tmp_path, monkeypatch):
+    _, specs, _ = headline(tmp_path, monkeypatch, "--epsilons", "8", "--ablations", "unrefined_public300_model_prior_calibrated", "--only", "U,P,A8,C,D8", "--precision", "auto-all")
+    calibrated = specs["A8-unrefined_public300_model_prior_calibrated"]
+    for spec_, stage in [(specs["A8"], "synthesize"), (specs["A8"], "tune_professional"), (specs["A8"], "refine"), (specs["P"], "tune_professional"),
+                         (specs["A8"], "dp_train"), (specs["U"], "dp_train"), (specs["C"], "dp_train"), (calibrated, "calibrate"), (calibrated, "synthesize")]:
+        assert finance_headline.stage_entry(spec_, stage)["params"]["precision"] == "auto", (spec_["name"], stage)
+    assert finance_headline.stage_entry(specs["D8"], "fedtune")["params"]["training"]["precision"] == "auto"
+    assert "precision" not in finance_headline.stage_entry(specs["A8"], "evaluate")["params"]  # scores stay float32, comparable across runs
+    # the same plan later, without --only: each run as it was started in the work directory
+    for name in ("P", "A8"):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(specs[name], sort_keys=False))
+    _, later, _ = headline(tmp_path, monkeypatch, "--epsilons", "8")
+    assert later["P"] == specs["P"] and later["A8"] == specs["A8"]
 
 
 def test_an_ablation_copies_a_finished_ablation_with_the_same_synthetic_pairs_on_the_same_adapters_else_its_a(tmp_path, monkeypatch):
