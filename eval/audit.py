@@ -340,7 +340,7 @@ def claimed_for_canaries(entries: list[LedgerEntry], target: str, client: str, g
     adapter, its own release (the client's noised count, which its q and steps are planned from,
     is drawn before the canaries are planted and plans with all of them, planted or not: it depends
     neither on which are in nor on how many; with `count_noise: 0` the exact N, taken as public,
-    counts those planted); for the final adapter and the synthetic data, everything this run released from
+    is planned with every canary too, `unplanted_canary_units`); for the final adapter and the synthetic data, everything this run released from
     the client's data (they are computed from all of it)."""
     mine = [e for e in entries if e.client_id == client and e.counts_against_budget]
     if target.startswith("dp_adapter:"):

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 from knowledgesg.records import InstructionRecord
-from knowledgesg.spec import CanaryKind, CanarySpec, CanaryTemplate
+from knowledgesg.spec import CanaryKind, CanarySpec, CanaryTemplate, PipelineSpec
+from privacy.units import privacy_units
 
 NAMES = ["Avery", "Blake", "Casey", "Dana", "Ellis", "Finley", "Gray", "Harper", "Jordan", "Kendall", "Logan", "Morgan", "Parker", "Quinn", "Reese", "Sawyer"]
 RARE_WORDS_FILE = Path(__file__).resolve().parent.parent / "knowledgesg" / "vendor" / "rare_words.txt"
@@ -103,6 +104,26 @@ def make_canaries(spec: CanarySpec, seed: int) -> list[Canary]:
 
 def planted_records(spec: CanarySpec, canaries: list[Canary], client_id: str) -> list[InstructionRecord]:
     return [c.record(spec.template, copy=k, client_id=client_id) for c in canaries if c.included for k in range(spec.repeats)]
+
+
+def canary_units(spec: PipelineSpec, client_id: str, every: bool) -> int:
+    """The units of the canaries the spec makes for a client: the ones drawn in, or `every` one,
+    planted or not. N is planned with every canary: the one-run audit's theorem needs the same
+    mechanism (the same q and steps) whichever canaries are in, and how many are in is a function
+    of which."""
+    if spec.audit.canaries is None or spec.audit.canaries.client != client_id:
+        return 0
+    canaries = make_canaries(spec.audit.canaries, spec.seed)
+    if every:
+        canaries = [replace(c, included=True) for c in canaries]
+    return privacy_units(planted_records(spec.audit.canaries, canaries, client_id), spec.privacy.unit, max_records=1, documents=False).count
+
+
+def unplanted_canary_units(spec: PipelineSpec, client_id: str) -> int:
+    """What a public N (`count_noise: 0`, counted from the records trained on, the planted
+    canaries among them) is planned with on top: the canaries' units left out, as `planned_units`
+    plans a noised count with every canary."""
+    return canary_units(spec, client_id, every=True) - canary_units(spec, client_id, every=False)
 
 
 def canaries_json(spec: CanarySpec, canaries: list[Canary]) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from knowledgesg.builtin_data import VENDOR, load_builtin
-from knowledgesg.errors import InputError, data_error
+from knowledgesg.errors import InputError, SpecError, data_error
 from knowledgesg.fileio import sha256_file
 from knowledgesg.records import ID_FIELDS, RECORD_FIELDS, REQUIRED_FIELDS, InstructionRecord, Record, TextRecord, unpaired_surrogate
 from knowledgesg.spec import DataSource
@@ -261,34 +261,38 @@ def source_name_of(source: DataSource) -> str:
     return source.builtin if source.builtin else Path(source.path).stem  # type: ignore[arg-type]
 
 
-def source_path(source: DataSource, base_dir: Path) -> Path:
-    """The file or directory a data source reads (the vendored data for a builtin)."""
+def source_path(source: DataSource, base_dir: Path, key: str | None = None) -> Path:
+    """The file or directory a data source reads (the vendored data for a builtin). `key`: where
+    the spec names the source (`clients.data[0]`), put in the error of a path that is not there."""
     if source.builtin is not None:
         return VENDOR
     path = source.path if source.path.is_absolute() else base_dir / source.path  # type: ignore[union-attr]
-    if not path.exists():
-        raise InputError(f"{path}: data file not found")
-    if not (path.is_file() or path.is_dir()):  # a named pipe or a device: reading it may never end
-        raise InputError(f"{path}: not a regular file or a directory")
+    problem = None if path.exists() else "data file not found"
+    if problem is None and not (path.is_file() or path.is_dir()):  # a named pipe or a device: reading it may never end
+        problem = "not a regular file or a directory"
+    if problem is not None:
+        raise SpecError(f"{key}.path: {path}: {problem}") if key else InputError(f"{path}: {problem}")
     return path
 
 
-def load_source(source: DataSource, base_dir: Path, seed: int, own_data: bool = False) -> list[Record]:
+def load_source(source: DataSource, base_dir: Path, seed: int, own_data: bool = False, key: str | None = None) -> list[Record]:
     """Load one data source of the spec into records (ids prefixed with the source name); `own_data`:
-    a client member's own files, whose `sample` must keep neighbouring data sets neighbours."""
+    a client member's own files, whose `sample` must keep neighbouring data sets neighbours; `key`:
+    where the spec names it (see `source_path`)."""
     name = source_name_of(source)
     if source.builtin is not None:
         records = load_builtin(source.builtin, source_name=name, expected_kind=source.kind)
     else:
-        path = source_path(source, base_dir)
+        path = source_path(source, base_dir, key)
         fmt = detect_format(path) if source.format == "auto" else source.format
         records = rows_to_records(path, READERS[fmt](path), source, name, fmt)
     return (subsample_by_content if own_data else subsample)(records, source.sample, seed, name)
 
 
 def load_example_pool(source: DataSource, base_dir: Path, seed: int, stage: str, minimum: int = 1) -> list[InstructionRecord]:
-    """A public pool of instruction records (few-shot examples), refused if it has too few."""
-    pool = [r for r in load_source(source, base_dir, seed) if isinstance(r, InstructionRecord)]
+    """A public pool of instruction records (few-shot examples), refused if it has too few.
+    `stage`: the spec key that names the pool ("refine params.pool")."""
+    pool = [r for r in load_source(source, base_dir, seed, key=stage) if isinstance(r, InstructionRecord)]
     if len(pool) < minimum:
         raise InputError(f"{stage}: the example pool {source.builtin or source.path} has {len(pool)} instruction records, fewer than the {minimum} needed")
     return pool

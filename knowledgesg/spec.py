@@ -216,7 +216,13 @@ class ClientsSpec(StrictModel):
 
     def sources(self) -> list[DataSource]:
         """Every data source a client reads, pooled or its own."""
-        return self.data or [source for member in self.members for source in member.data]
+        return [source for _, source in self.keyed_sources()]
+
+    def keyed_sources(self) -> list[tuple[str, DataSource]]:
+        """Every data source a client reads, each with its place in the spec (`clients.data[0]`)."""
+        if self.data:
+            return [(f"clients.data[{i}]", source) for i, source in enumerate(self.data)]
+        return [(f"clients.members (id {member.id}).data[{i}]", source) for member in self.members for i, source in enumerate(member.data)]
 
     def holds_documents(self, client_id: str) -> bool:
         """Whether a client's records may come from source documents (`DataSource.holds_documents`),

@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from knowledgesg.adapters import ADAPTER_FILES, save_adapter, with_lora
+from knowledgesg.adapters import ADAPTER_FILES, ADAPTER_WEIGHTS, save_adapter, with_lora
 from knowledgesg.console import console, progress_bar
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.fileio import read_jsonl, sha256_file
@@ -31,6 +31,7 @@ from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve
 from knowledgesg.records import InstructionRecord
 from knowledgesg.spec import PipelineSpec, PrivacySpec, StrictModel
 from knowledgesg.stage import Stage, StageContext
+from eval.canaries import unplanted_canary_units
 from pipelines.ingest import client_records, planning_records, training_records
 from privacy.accounting import NOISE_MULTIPLIER_RANGE, Mechanism, RunningEpsilon, calibrate_noise, check_delta, default_delta, epsilons
 from privacy.count import ReleasedCount, released_size
@@ -104,7 +105,7 @@ class ClientPlan:
         if self.count_noise is not None:
             return (f"N = {self.num_units} is the client's noised count of its units (Gaussian, sigma {self.count_noise:g}, a release in its ledger), "
                     "less the audit's holdout and plus its canaries; the exact N is not published")
-        return (f"N = {self.num_units} is treated as public (privacy.count_noise: 0): it sets the sampling rate, and against an adversary "
+        return (f"N = {self.num_units} is treated as public (privacy.count_noise: 0; with every canary the audit makes, planted or not): it sets the sampling rate, and against an adversary "
                 "holding every other record it tells whether the last one is in")
 
     def mechanism(self) -> Mechanism:
@@ -115,7 +116,7 @@ class ClientPlan:
 
 def published_adapter(client_id: str) -> str:
     """Where dp_train publishes a client's adapter weights, in its stage directory."""
-    return f"clients/{client_id}/adapter/adapter_model.safetensors"
+    return f"clients/{client_id}/adapter/{ADAPTER_WEIGHTS}"
 
 
 def unit_outputs(client_dir: str) -> list[str]:
@@ -144,24 +145,28 @@ class DPTrain(Stage):
         for client_id, records in client_records(spec, base_dir).items():
             trained = training_records(spec, client_id, records)
             self.plan(spec.privacy, client_id, planning_records(trained) if self.params.source_stage == "structure" else [r for r in trained if isinstance(r, InstructionRecord)],
-                      self.documents(spec, client_id))
+                      self.documents(spec, client_id), unplanted_canaries=unplanted_canary_units(spec, client_id))
 
     def documents(self, spec: PipelineSpec, client_id: str) -> bool:
         """Whether the unit is the source document, as the spec says: trained on structure's pairs
         (whether or not a document gave one), or on records the spec says come from documents."""
         return self.params.source_stage == "structure" or spec.clients.holds_documents(client_id)
 
-    def plan(self, privacy: PrivacySpec, client_id: str, records: list[InstructionRecord], documents: bool, count: ReleasedCount | None = None) -> ClientPlan:
+    def plan(self, privacy: PrivacySpec, client_id: str, records: list[InstructionRecord], documents: bool, count: ReleasedCount | None = None,
+             unplanted_canaries: int = 0) -> ClientPlan:
         """The mechanism one client will run: units, delta, sampling rate, steps and the calibrated
         noise (also what `ksg check` shows before anything runs). `count`: the client's released
         noised count, which q, the steps and delta are planned from (None: its exact N, public or
-        the owner's own check before the count exists)."""
+        the owner's own check before the count exists; the audit's canaries that were not planted
+        are added to it, `unplanted_canaries`, so that N counts every canary either way)."""
         p: DPTrainParams = self.params
         units = privacy_units(records, privacy.unit, p.max_records_per_user, documents)
         n, name = units.count, UNIT_NAMES[units.kind]
         if count is None and (n < 2 or p.batch_size >= n):
             raise InputError(f"client '{client_id}': {n} {name}{'s' if n != 1 else ''}, too few for dp_train params.batch_size {p.batch_size} (it needs more {name}s than the batch)")
-        if count is not None:  # every decision from the count alone: Poisson sampling at q = B/N̂ is DP over the units there are, however many
+        if count is None:
+            n += unplanted_canaries
+        else:  # every decision from the count alone: Poisson sampling at q = B/N̂ is DP over the units there are, however many
             n = count.planned
             if p.batch_size >= n:
                 raise InputError(f"client '{client_id}': its released count of {name}s plans N = {n}, not above dp_train params.batch_size {p.batch_size} "
@@ -189,7 +194,8 @@ class DPTrain(Stage):
         for client_id in partition["clients"]:
             rows = read_jsonl(ctx.artifact(self.params.source_stage, f"clients/{client_id}/records.jsonl"))
             records = [InstructionRecord.model_validate(r) for r in rows if r["kind"] == "instruction"]
-            plan = self.plan(ctx.spec.privacy, client_id, records, self.documents(ctx.spec, client_id), released_size(partition, client_id))
+            plan = self.plan(ctx.spec.privacy, client_id, records, self.documents(ctx.spec, client_id), released_size(partition, client_id),
+                             unplanted_canaries=unplanted_canary_units(ctx.spec, client_id))
             # Every client's budget, over everything ever released from its data, is checked
             # before any client trains: a refusal leaves nothing. A client released before a
             # crash is in its ledger already (its release is reused, not made again).
@@ -296,8 +302,8 @@ class DPTrain(Stage):
             # entered in the client's ledger (fsynced) before the adapter is renamed into the outputs
             entry = LedgerEntry(
                 release_id=new_release_id(), client_id=plan.client_id, stage=self.name, release="dp_adapter",
-                artifact=f"stages/{self.name}/{client_dir}/adapter/adapter_model.safetensors",
-                artifact_sha256=sha256_file(directory / "adapter_model.safetensors"), run_dir=str(ctx.run_dir.resolve()), released_at=now(),
+                artifact=f"stages/{self.name}/{client_dir}/adapter/{ADAPTER_WEIGHTS}",
+                artifact_sha256=sha256_file(directory / ADAPTER_WEIGHTS), run_dir=str(ctx.run_dir.resolve()), released_at=now(),
                 unit=plan.units.kind, num_units=plan.num_units, delta=plan.delta, mechanism=mechanism, epsilon=eps,
                 private=plan.private, noise=plan.noise_origin, trust=trust_line(plan.noise_origin, mechanism),
             )

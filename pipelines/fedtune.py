@@ -35,7 +35,8 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_serializer, model_validator
 
-from knowledgesg.adapters import ADAPTER_FILES, save_adapter
+from eval.canaries import unplanted_canary_units
+from knowledgesg.adapters import ADAPTER_FILES, ADAPTER_WEIGHTS, save_adapter
 from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.federated.client import LOCAL_LOG, LoraModel, frozen_a_digest, initial_params
@@ -182,7 +183,7 @@ class Fedtune(Stage):
         return super().released_part(stage_dir) + (["its federated rounds so far"] if (stage_dir / "work" / CHECKPOINT).is_file() else [])
 
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
-        return [source_path(self.params.public, base_dir)] if self.params.public else []
+        return [source_path(self.params.public, base_dir, f"{self.name} params.public")] if self.params.public else []
 
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
         """Before the run starts, not after dp_train, synthesize and refine: the public pool, and
@@ -206,7 +207,7 @@ class Fedtune(Stage):
         rounds the seed gives)."""
         loaded = client_records(spec, base_dir)
         for client_id, records in loaded.items():
-            n = len(training_records(spec, client_id, records))
+            n = len(training_records(spec, client_id, records)) + unplanted_canary_units(spec, client_id)  # as ingest plans a public N
             delta = spec.privacy.delta or default_delta(n)
             self.plan_mechanisms([client_id], {client_id: self.params.rounds if self.asks_every_round(len(loaded)) else 1}, {client_id: n}, {client_id: delta})
 
@@ -291,7 +292,7 @@ class Fedtune(Stage):
 
     def public_pool(self, ctx: StageContext) -> list[dict]:
         """The public records with a response, shuffled by the stage's seed (a replicate's own)."""
-        pool = [r.model_dump(mode="json") for r in load_labelled_pool(self.params.public, ctx.base_dir, ctx.seed, self.name)]
+        pool = [r.model_dump(mode="json") for r in load_labelled_pool(self.params.public, ctx.base_dir, ctx.seed, "fedtune params.public")]
         random.Random(self.derive_seed(ctx, "public")).shuffle(pool)
         return pool
 
@@ -407,7 +408,7 @@ class Fedtune(Stage):
         client-level guarantee (unit client, which does not count against the record-level budget
         and holds against fewer parties)."""
         p: FedtuneParams = self.params
-        common = {"release_id": new_release_id(), "client_id": client_id, "stage": self.name, "artifact": f"stages/{self.name}/adapter/adapter_model.safetensors",
+        common = {"release_id": new_release_id(), "client_id": client_id, "stage": self.name, "artifact": f"stages/{self.name}/adapter/{ADAPTER_WEIGHTS}",
                   "artifact_sha256": None, "run_dir": str(ctx.run_dir.resolve()), "released_at": now()}
         if p.data == "synthetic":
             mechanism = Mechanism(kind="post_processing")

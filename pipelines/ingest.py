@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 from rich.table import Table
 
-from eval.canaries import canaries_json, make_canaries, planted_records
+from eval.canaries import canaries_json, canary_units, make_canaries, planted_records, unplanted_canary_units
 from knowledgesg.console import console, track
 from knowledgesg.errors import InputError, SpecError
 from knowledgesg.fileio import files_under, unmakeable_directory
@@ -54,8 +53,8 @@ def _load_all(sources: list[DataSource], base_dir: Path, seed: int, key: str, ow
     if twice:
         raise SpecError(f"{key}: two data sources are named '{twice[0]}'; give each a distinct 'name'")
     records: list[Record] = []
-    for source in track(sources, "loading data", total=len(sources)):
-        records.extend(load_source(source, base_dir, seed, own_data))
+    for i, source in enumerate(track(sources, "loading data", total=len(sources))):
+        records.extend(load_source(source, base_dir, seed, own_data, key=f"{key}[{i}]"))
     return records
 
 
@@ -132,12 +131,7 @@ def planned_units(spec: PipelineSpec, client_id: str, released: int) -> int:
     planned = released
     if spec.audit.holdout_per_client and spec.privacy.unit == "record":
         planned -= spec.audit.holdout_per_client
-    if spec.audit.canaries is not None and spec.audit.canaries.client == client_id:
-        # every canary, planted or not: the one-run audit's theorem needs the same mechanism (the
-        # same q and steps) whichever canaries are in, and how many are in is a function of which
-        every = [replace(c, included=True) for c in make_canaries(spec.audit.canaries, spec.seed)]
-        planned += privacy_units(planted_records(spec.audit.canaries, every, client_id), spec.privacy.unit, max_records=1, documents=False).count
-    return max(1, planned)
+    return max(1, planned + canary_units(spec, client_id, every=True))
 
 
 def training_units(records: list[Record], unit: str, documents: bool) -> int:
@@ -177,7 +171,7 @@ class Ingest(Stage):
         self._loaded_from: dict[Path, tuple[int, int]] = {}  # each data file's size and mtime when preflight read it
 
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
-        return sorted({source_path(source, base_dir) for source in spec.clients.sources()})
+        return sorted({source_path(source, base_dir, key) for key, source in spec.clients.keyed_sources()})
 
     def fingerprint_settings(self, spec: PipelineSpec) -> dict:
         """The count's settings, where a count is released (a run from before counts were noised resumes
@@ -233,8 +227,8 @@ class Ingest(Stage):
                 stats["units"] = {"unit": units.kind, "count": units.count, "released": count.num_units, "planned": sizes[client_id],
                                   "count_release_id": count.release_id, "noise_multiplier": count.mechanism.noise_multiplier}
                 counts[client_id] = count
-            else:
-                sizes[client_id] = len(records)
+            else:  # N public: the records trained on, and the canaries not planted (see `unplanted_canary_units`)
+                sizes[client_id] = len(records) + unplanted_canary_units(ctx.spec, client_id)
             ctx.write_json(f"clients/{client_id}/stats.json", stats, side=side)
         method = ctx.spec.clients.partition.method if ctx.spec.clients.partition else "members"
         partition = {"method": method, "seed": ctx.seed, "clients": sizes}

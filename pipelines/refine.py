@@ -233,7 +233,7 @@ class Refine(Stage):
         return ("prepare_models", "ingest", "synthesize")
 
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
-        return [source_path(self.params.pool, base_dir)]
+        return [source_path(self.params.pool, base_dir, f"{self.name} params.pool")]
 
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
         """Before the run starts, not after dp_train has spent the budget. The pool's examples go
@@ -246,7 +246,7 @@ class Refine(Stage):
     def run(self, ctx: StageContext) -> None:
         p: RefineParams = self.params
         models = ctx.models()
-        pool = load_example_pool(p.pool, ctx.base_dir, ctx.seed, "refine")
+        pool = load_example_pool(p.pool, ctx.base_dir, ctx.seed, "refine params.pool")
         shots = balanced_shots(pool, p.labels, p.shots)
         good = [clip_words(candidate_text(r), p.example_words) for r in shots]
         partition = ctx.read_artifact_json("ingest", "partition.json")

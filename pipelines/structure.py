@@ -140,7 +140,7 @@ class Structure(Stage):
         return ("prepare_models", "ingest")
 
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
-        return [source_path(self.params.pool, base_dir)]  # editing the pool reruns the stage
+        return [source_path(self.params.pool, base_dir, f"{self.name} params.pool")]  # editing the pool reruns the stage
 
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
         if spec.models.embedder is None:
@@ -153,7 +153,7 @@ class Structure(Stage):
     def run(self, ctx: StageContext) -> None:
         p: StructureParams = self.params
         models = ctx.models()  # with an embedder: preflight refused a spec without
-        pool = load_example_pool(p.pool, ctx.base_dir, ctx.seed, "structure", minimum=p.k)
+        pool = load_example_pool(p.pool, ctx.base_dir, ctx.seed, "structure params.pool", minimum=p.k)
         device = resolve_device(ctx.spec.models.device)
         embedder = load_embedder(models["embedder"]["path"], device)
         index = build_or_load_index([user_message(r) for r in pool], embedder, models["embedder"]["weights_sha256"], cache_root(ctx.spec.models.cache_dir))

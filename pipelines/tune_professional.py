@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import Field
 
 from eval.benchmarks import choice_ids, context_ids
-from knowledgesg.adapters import ADAPTER_FILES, save_adapter, with_lora
+from knowledgesg.adapters import ADAPTER_FILES, ADAPTER_WEIGHTS, save_adapter, with_lora
 from knowledgesg.console import console, progress_bar
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.loaders import load_labelled_pool, refuse_client_data, source_name_of, source_path
@@ -67,7 +67,7 @@ class TuneProfessional(Stage):
         return ("prepare_models",)
 
     def external_inputs(self, spec: PipelineSpec, base_dir: Path) -> list[Path]:
-        return [source_path(self.params.data, base_dir)]
+        return [source_path(self.params.data, base_dir, f"{self.name} params.data")]
 
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
         if spec.models.professional is None:
@@ -141,4 +141,4 @@ def tuned_professional_adapter(ctx: StageContext) -> Path | None:
     """The adapter a completed `tune_professional` before this stage made, or None."""
     if TuneProfessional.name not in ctx.completed_stages_before():
         return None
-    return ctx.artifact(TuneProfessional.name, f"{ADAPTER}/adapter_model.safetensors").parent
+    return ctx.artifact(TuneProfessional.name, f"{ADAPTER}/{ADAPTER_WEIGHTS}").parent

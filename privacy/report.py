@@ -56,8 +56,8 @@ def threat_model(spec, noised_count: bool) -> list[dict[str, str]]:
 N_NOISED = ("N, the number of privacy units per client, leaves the client only as its noised count N̂ (Gaussian, sensitivity 1, "
             "privacy.count_noise), released once per data set and composed with the other releases; partition.json, q = B/N̂, the steps "
             "and the default delta (at most 1e-5 and 1/(100 N̂), a power of ten) use it. The coins still run over the actual units, each at q.")
-N_PUBLIC = ("N, the number of records and privacy units per client, is treated as public (privacy.count_noise: 0): partition.json lists it, "
-            "it sets q = B/N, and the default delta (at most 1e-5 and 1/(100 N), a power of ten) depends on its order of magnitude; against "
+N_PUBLIC = ("N, the number of records and privacy units per client, is treated as public (privacy.count_noise: 0): partition.json lists it "
+            "(for the client the audit plants canaries in, with the canaries not planted: the mechanism is the same whichever are in), it sets q = B/N, and the default delta (at most 1e-5 and 1/(100 N), a power of ten) depends on its order of magnitude; against "
             "an adversary holding every other record it tells whether the last one is in.")
 
 

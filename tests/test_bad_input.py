@@ -32,7 +32,7 @@ GOOD = '{"id": "a", "instruction": "Q?", "response": "yes"}\n'
 
 # (case id, spec overrides for the data source, how to make the file(s), expected stderr pattern)
 DATA_CASES = [
-    ("missing-file", {"path": "nope.jsonl"}, None, r"nope\.jsonl: data file not found"),
+    ("missing-file", {"path": "nope.jsonl"}, None, r"spec\.yaml: clients\.data\[0\]\.path: \S*nope\.jsonl: data file not found$"),
     ("malformed-json-line", {"path": "data.jsonl"}, _jsonl(GOOD + '{"id": "b", "instruction": \n'), r"data\.jsonl:2: malformed JSON"),
     ("json-line-not-object", {"path": "data.jsonl"}, _jsonl(GOOD + '["a", "b"]\n'), r"data\.jsonl:2: expected a JSON object, got list"),
     ("missing-field", {"path": "data.jsonl"}, _jsonl(GOOD + '{"id": "b", "instruction": "Q?"}\n'), r"data\.jsonl:2: field 'response': missing"),
@@ -124,6 +124,11 @@ SPEC_CASES = [
     # one file in two clients: each client's ledger would count only its own releases of a record both released
     ("one-file-two-members", lambda s: s.update(clients={"members": [{"id": "a", "data": [{"path": "data.jsonl"}]}, {"id": "b", "data": [{"path": "./data.jsonl"}]}]}),
      r"spec\.yaml: clients: members\[1\]\.data\[0\] names the same data as members\[0\]\.data\[0\] \(data\.jsonl\)"),
+    ("member-file-missing", lambda s: s.update(clients={"members": [{"id": "a", "data": [{"path": "data.jsonl"}]}, {"id": "b", "data": [{"path": "gone.jsonl"}]}]}),
+     r"spec\.yaml: clients\.members \(id b\)\.data\[0\]\.path: /\S+/gone\.jsonl: data file not found$"),
+    ("pool-file-missing", lambda s: (s["models"].update(professional="tiny-random-llama"),
+                                     s.update(stages=["prepare_models", "ingest", {"name": "tune_professional", "params": {"data": {"path": "gone.jsonl"}}}])),
+     r"spec\.yaml: tune_professional params\.data\.path: /\S+/gone\.jsonl: data file not found$"),
     ("one-builtin-twice", lambda s: s["clients"].update(data=[{"builtin": "fpb_train", "sample": 20}, {"builtin": "fpb_train", "sample": 30, "name": "more"}]),
      r"spec\.yaml: clients: data\[1\] names the same data as data\[0\] \(fpb_train\)"),
     ("empty-model-name", lambda s: s["models"].update(base=" "), r"spec\.yaml: models\.base: String should have at least 1 character"),

@@ -17,6 +17,8 @@ import yaml
 import pipelines.ingest
 from knowledgesg.cli import main
 from knowledgesg.fileio import read_json
+from pipelines import load_pipeline
+from pipelines.check import plan_privacy
 from privacy.accounting import Mechanism
 from privacy.count import count_mechanism, is_count_of
 from privacy.ledger import ClientLedger, LedgerEntry, compose
@@ -95,9 +97,6 @@ def test_the_count_is_drawn_once_per_data_set_planned_with_and_reused(tmp_path: 
 
 
 def test_ksg_check_plans_the_count_before_ingest_and_finds_it_after(tmp_path: Path, draw: PlusThree):
-    from pipelines import load_pipeline
-    from pipelines.check import plan_privacy
-
     path = spec_path(tmp_path, ["prepare_models", "ingest", TRAIN])
     spec, base_dir, stages = load_pipeline(path)
     before = {c.client_id: c for c in plan_privacy(spec, base_dir, stages, tmp_path / "run")}
@@ -140,6 +139,38 @@ def test_the_audit_holdout_and_canaries_move_the_planned_size_by_public_amounts(
     # every canary, planted or not, is planned: q and the steps are the same whichever (and however
     # many) are in, as the one-run audit's theorem needs; they had counted the planted ones
     assert read_json(tmp_path / "run/stages/ingest/partition.json")["clients"] == {"client_0": 23 - 5 + 8 * 2, "client_1": 23 - 5}
+
+
+def test_a_public_n_counts_every_canary_too(tmp_path: Path):
+    """With `count_noise: 0` N is counted from the records trained on, among them the planted
+    canaries: q and the steps are planned with every canary, as for a noised count."""
+    audit = {"canaries": {"client": "client_0", "count": 8, "repeats": 2, "kinds": ["digits"]}}
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    path = write_spec(tmp_path, tiny_spec(stages=["prepare_models", "ingest", TRAIN], privacy={"target_epsilon": 8.0, "count_noise": 0, "ledger_dir": "ledger"}, audit=audit))
+    spec, base_dir, stages = load_pipeline(path)
+    checked = {c.client_id: c.units for c in plan_privacy(spec, base_dir, stages, tmp_path / "run")}
+    assert run_in(tmp_path, "run", str(path), "--run-dir", "run") == 0
+    canaries = read_json(tmp_path / "run/stages/ingest/clients/client_0/canaries.json")["canaries"]
+    planted = sum(c["included"] for c in canaries)
+    assert 0 < planted < 8  # some planted, some not: the case is exercised
+    trained = {e["client_id"]: e for e in read_json(tmp_path / "run/stages/dp_train/ledger.json")}
+    assert trained["client_0"]["num_units"] == 20 + 8 * 2 and trained["client_1"]["num_units"] == 20  # had been 20 + planted * 2
+    assert trained["client_0"]["mechanism"]["sample_rate"] == pytest.approx(4 / 36)
+    assert checked == {"client_0": 36, "client_1": 20}  # `ksg check` plans as the run does
+
+
+def test_dp_fedavg_with_a_public_n_counts_every_canary_too(tmp_path: Path):
+    """The same for federated DP-SGD on the private data: the server plans each round with the size
+    ingest lists, and the client checks it against its own units and unplanted canaries."""
+    audit = {"canaries": {"client": "client_0", "count": 8, "repeats": 2, "kinds": ["digits"]}}
+    fedtune = {"name": "fedtune", "params": {"data": "private", "rounds": 1, "local_dp": {"target_epsilon": 4.0}, "training": {"steps": 2, "batch_size": 4, "max_length": 48}, "lora": {"r": 4}}}
+    write_jsonl(tmp_path / "data.jsonl", sentiment_rows(40))
+    path = write_spec(tmp_path, tiny_spec(stages=["prepare_models", "ingest", fedtune], privacy={"target_epsilon": 8.0, "count_noise": 0, "ledger_dir": "ledger"}, audit=audit))
+    assert run_in(tmp_path, "run", str(path), "--run-dir", "run") == 0
+    assert 0 < sum(c["included"] for c in read_json(tmp_path / "run/stages/ingest/clients/client_0/canaries.json")["canaries"]) < 8
+    assert read_json(tmp_path / "run/stages/ingest/partition.json")["clients"] == {"client_0": 36, "client_1": 20}
+    rounds = {e["client_id"]: e for e in read_json(tmp_path / "run/stages/fedtune/ledger.json")}
+    assert rounds["client_0"]["num_units"] == 36 and rounds["client_0"]["mechanism"]["sample_rate"] == pytest.approx(4 / 36)
 
 
 def test_fedtune_on_private_data_plans_from_the_released_count(tmp_path: Path, draw: PlusThree):

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.canaries import unplanted_canary_units
 from knowledgesg.adapters import with_lora
 from knowledgesg.aggregation import clip_update
 from knowledgesg.errors import InputError, KsgError
@@ -474,9 +475,17 @@ class ClientRuntime:
         released = planned_size(self.storage(task), task.client_id)
         if released is not None and released != dp.num_units:
             raise KsgError(f"client '{task.client_id}': the plan assumed {dp.num_units} privacy units, this client released {released}; refusing to train")
-        if released is None and units.count != dp.num_units:
-            raise KsgError(f"client '{task.client_id}': the plan assumed {dp.num_units} privacy units, this client has {units.count}; refusing to train")
+        planned = units.count + self._unplanted_canaries(task)  # a public N: the units, and the audit's canaries not planted
+        if released is None and planned != dp.num_units:
+            raise KsgError(f"client '{task.client_id}': the plan assumed {dp.num_units} privacy units, this client has {planned}; refusing to train")
         return units
+
+    def _unplanted_canaries(self, task: ClientTask) -> int:
+        """The audit's canaries not planted in this client's data, which a public N is planned with
+        (`unplanted_canary_units`), as its own run's spec makes them; none without a spec copy."""
+        if not (self.storage(task) / SPEC_COPY).is_file():
+            return 0
+        return unplanted_canary_units(load_run_spec(self.storage(task))[0], task.client_id)
 
     def _fit_dp(self, task: ClientTask, lora: LoraModel, examples, records: list[InstructionRecord]) -> tuple[float | None, int]:
         from knowledgesg.sft import make_optimizer, unit_batch, unit_loss_on, unit_widths  # imports torch and opacus: not when `ksg` starts
