@@ -28,7 +28,7 @@ from knowledgesg.console import console, progress_bar
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.fileio import read_jsonl, sha256_file
 from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_device, resolve_precision
-from knowledgesg.records import InstructionRecord
+from knowledgesg.records import InstructionRecord, TextRecord
 from knowledgesg.spec import PipelineSpec, PrivacySpec, StrictModel
 from knowledgesg.stage import Stage, StageContext
 from eval.canaries import unplanted_canary_units
@@ -153,15 +153,16 @@ class DPTrain(Stage):
         return self.params.source_stage == "structure" or spec.clients.holds_documents(client_id)
 
     def plan(self, privacy: PrivacySpec, client_id: str, records: list[InstructionRecord], documents: bool, count: ReleasedCount | None = None,
-             unplanted_canaries: int = 0) -> ClientPlan:
+             unplanted_canaries: int = 0, public_units: int | None = None) -> ClientPlan:
         """The mechanism one client will run: units, delta, sampling rate, steps and the calibrated
         noise (also what `ksg check` shows before anything runs). `count`: the client's released
         noised count, which q, the steps and delta are planned from (None: its exact N, public or
         the owner's own check before the count exists; the audit's canaries that were not planted
-        are added to it, `unplanted_canaries`, so that N counts every canary either way)."""
+        are added to it, `unplanted_canaries`, so that N counts every canary either way).
+        `public_units`: that exact N where `records` (structure's pairs) are not what it counts."""
         p: DPTrainParams = self.params
         units = privacy_units(records, privacy.unit, p.max_records_per_user, documents)
-        n, name = units.count, UNIT_NAMES[units.kind]
+        n, name = units.count if public_units is None else public_units, UNIT_NAMES[units.kind]
         if count is None and (n < 2 or p.batch_size >= n):
             raise InputError(f"client '{client_id}': {n} {name}{'s' if n != 1 else ''}, too few for dp_train params.batch_size {p.batch_size} (it needs more {name}s than the batch)")
         if count is None:
@@ -195,7 +196,7 @@ class DPTrain(Stage):
             rows = read_jsonl(ctx.artifact(self.params.source_stage, f"clients/{client_id}/records.jsonl"))
             records = [InstructionRecord.model_validate(r) for r in rows if r["kind"] == "instruction"]
             plan = self.plan(ctx.spec.privacy, client_id, records, self.documents(ctx.spec, client_id), released_size(partition, client_id),
-                             unplanted_canaries=unplanted_canary_units(ctx.spec, client_id))
+                             unplanted_canaries=unplanted_canary_units(ctx.spec, client_id), public_units=self.ingested_units(ctx, client_id))
             # Every client's budget, over everything ever released from its data, is checked
             # before any client trains: a refusal leaves nothing. A client released before a
             # crash is in its ledger already (its release is reused, not made again).
@@ -213,6 +214,17 @@ class DPTrain(Stage):
                 entry = self.finish_client(ctx, plan, published, models["base"]) if published else self.train_client(ctx, plan, models["base"])
             ledger.append(entry)
         ctx.write_json(LEDGER, [entry.model_dump(mode="json") for entry in ledger])
+
+    def ingested_units(self, ctx: StageContext, client_id: str) -> int | None:
+        """Where N is public and dp_train trains on structure's pairs: the units of the records ingest
+        left, each document one, as the preflight and `ksg check` plan. Counted from the pairs, N
+        would leave out the documents that gave none, and how many did is a function of what they
+        say (q, the steps, delta and whether the run goes on would state it). None otherwise."""
+        if self.params.source_stage != "structure" or ctx.spec.privacy.count_noise:
+            return None
+        rows = read_jsonl(ctx.artifact("ingest", f"clients/{client_id}/records.jsonl"))
+        ingested = [TextRecord.model_validate(r) if r["kind"] == "text" else InstructionRecord.model_validate(r) for r in rows]
+        return privacy_units(planning_records(ingested), ctx.spec.privacy.unit, self.params.max_records_per_user, documents=True).count
 
     def released_part(self, stage_dir: Path) -> list[str]:
         """Its finished units, and the clients whose adapter it published before the process

@@ -518,6 +518,10 @@ def test_the_unit_an_adapter_states_does_not_tell_whether_a_document_gave_a_pair
     statement = read_json(tmp_path / "run/stages/dp_train/clients/bank/privacy.json")
     assert (statement["unit"], statement["max_records_per_unit"]) == ("source_document", 3)
     assert [e["unit"] for e in read_json(tmp_path / "run/stages/dp_train/ledger.json")] == ["source_document"]
+    # with N public, N is the 20 records and the 2 documents whether or not a document gave a pair:
+    # counted from the pairs it was 20 where none did, and q, the steps and delta told the server
+    assert statement["num_units"] == 22 and statement["mechanism"]["sample_rate"] == pytest.approx(2 / 22)
+    assert [e["num_units"] for e in read_json(tmp_path / "run/stages/dp_train/ledger.json")] == [22]
     # nor how many pairs they gave, N public or not: the manifest and the console count none
     assert read_json(tmp_path / "run/stages/structure/manifest.json")["outputs"]["clients/bank/records.jsonl"]["records"] is None
     console = "".join(capsys.readouterr())
