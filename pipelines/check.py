@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from eval.canaries import unplanted_canary_units
 from knowledgesg.errors import InputError
 from knowledgesg.federated.engines import CHECKPOINT
 from knowledgesg.federated.server import resumed_history
@@ -23,7 +22,7 @@ from knowledgesg.spec import PipelineSpec
 from knowledgesg.stage import Stage, releases_to_come, unit_done
 from pipelines.dp_train import DPTrain, published_adapter
 from pipelines.fedtune import Fedtune
-from pipelines.ingest import Ingest, client_records, data_units, planned_units, planning_records, training_records
+from pipelines.ingest import Ingest, client_records, data_units, planned_units, planning_records, public_size, training_records
 from pipelines.prepare_models import model_kinds
 from pipelines.synthesize import Synthesize, histogram_path, histogram_unit
 from privacy.accounting import default_delta
@@ -112,10 +111,10 @@ def plan_privacy(spec: PipelineSpec, base_dir: Path, stages: list[Stage], run_di
         # the count exists, the run's own check counts only what needs no N; each stage checks the
         # rest, with the count, when it runs. `ksg check` shows the owner the plan at its exact N.
         sized_later = sure_only and count_to_come
-        size = count.planned if count else len(trained) + unplanted_canary_units(spec, client_id)
+        size = count.planned if count else public_size(spec, client_id, trained)
         if train is not None and not sized_later:
             trained_records = planning_records(trained) if train.params.source_stage == "structure" else [r for r in trained if isinstance(r, InstructionRecord)]
-            plan = train.plan(spec.privacy, client_id, trained_records, train.documents(spec, client_id), count, unplanted_canaries=unplanted_canary_units(spec, client_id))
+            plan = train.plan(spec, client_id, trained_records, count)
             # one released before a crash is in its ledger, reused (marked done, or published and adopted)
             if not unit_done(run_dir, train.name, client_id) and not adoptable(run_dir / "stages" / train.name / published_adapter(client_id), ledger, client_id, train.name, "dp_adapter"):
                 planned.append(plan.mechanism())

@@ -23,15 +23,15 @@ from typing import Literal
 
 from pydantic import Field
 
+from eval.canaries import unplanted_canary_units
 from knowledgesg.adapters import ADAPTER_FILES, ADAPTER_WEIGHTS, save_adapter, with_lora
 from knowledgesg.console import console, progress_bar
 from knowledgesg.errors import InputError, KsgError
 from knowledgesg.fileio import read_jsonl, sha256_file
 from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_device, resolve_precision
 from knowledgesg.records import InstructionRecord, TextRecord
-from knowledgesg.spec import PipelineSpec, PrivacySpec, StrictModel
+from knowledgesg.spec import PipelineSpec, StrictModel
 from knowledgesg.stage import Stage, StageContext
-from eval.canaries import unplanted_canary_units
 from pipelines.ingest import client_records, planning_records, training_records
 from privacy.accounting import NOISE_MULTIPLIER_RANGE, Mechanism, RunningEpsilon, calibrate_noise, check_delta, default_delta, epsilons
 from privacy.count import ReleasedCount, released_size
@@ -144,29 +144,29 @@ class DPTrain(Stage):
             return
         for client_id, records in client_records(spec, base_dir).items():
             trained = training_records(spec, client_id, records)
-            self.plan(spec.privacy, client_id, planning_records(trained) if self.params.source_stage == "structure" else [r for r in trained if isinstance(r, InstructionRecord)],
-                      self.documents(spec, client_id), unplanted_canaries=unplanted_canary_units(spec, client_id))
+            self.plan(spec, client_id, planning_records(trained) if self.params.source_stage == "structure" else [r for r in trained if isinstance(r, InstructionRecord)])
 
     def documents(self, spec: PipelineSpec, client_id: str) -> bool:
         """Whether the unit is the source document, as the spec says: trained on structure's pairs
         (whether or not a document gave one), or on records the spec says come from documents."""
         return self.params.source_stage == "structure" or spec.clients.holds_documents(client_id)
 
-    def plan(self, privacy: PrivacySpec, client_id: str, records: list[InstructionRecord], documents: bool, count: ReleasedCount | None = None,
-             unplanted_canaries: int = 0, public_units: int | None = None) -> ClientPlan:
+    def plan(self, spec: PipelineSpec, client_id: str, records: list[InstructionRecord], count: ReleasedCount | None = None,
+             public_units: int | None = None) -> ClientPlan:
         """The mechanism one client will run: units, delta, sampling rate, steps and the calibrated
         noise (also what `ksg check` shows before anything runs). `count`: the client's released
         noised count, which q, the steps and delta are planned from (None: its exact N, public or
         the owner's own check before the count exists; the audit's canaries that were not planted
-        are added to it, `unplanted_canaries`, so that N counts every canary either way).
-        `public_units`: that exact N where `records` (structure's pairs) are not what it counts."""
+        are added to it, so that N counts every canary either way). `public_units`: that exact N
+        where `records` (structure's pairs) are not what it counts."""
         p: DPTrainParams = self.params
-        units = privacy_units(records, privacy.unit, p.max_records_per_user, documents)
+        privacy = spec.privacy
+        units = privacy_units(records, privacy.unit, p.max_records_per_user, self.documents(spec, client_id))
         n, name = units.count if public_units is None else public_units, UNIT_NAMES[units.kind]
         if count is None and (n < 2 or p.batch_size >= n):
             raise InputError(f"client '{client_id}': {n} {name}{'s' if n != 1 else ''}, too few for dp_train params.batch_size {p.batch_size} (it needs more {name}s than the batch)")
         if count is None:
-            n += unplanted_canaries
+            n += unplanted_canary_units(spec, client_id)
         else:  # every decision from the count alone: Poisson sampling at q = B/N̂ is DP over the units there are, however many
             n = count.planned
             if p.batch_size >= n:
@@ -195,8 +195,7 @@ class DPTrain(Stage):
         for client_id in partition["clients"]:
             rows = read_jsonl(ctx.artifact(self.params.source_stage, f"clients/{client_id}/records.jsonl"))
             records = [InstructionRecord.model_validate(r) for r in rows if r["kind"] == "instruction"]
-            plan = self.plan(ctx.spec.privacy, client_id, records, self.documents(ctx.spec, client_id), released_size(partition, client_id),
-                             unplanted_canaries=unplanted_canary_units(ctx.spec, client_id), public_units=self.ingested_units(ctx, client_id))
+            plan = self.plan(ctx.spec, client_id, records, released_size(partition, client_id), public_units=self.ingested_units(ctx, client_id))
             # Every client's budget, over everything ever released from its data, is checked
             # before any client trains: a refusal leaves nothing. A client released before a
             # crash is in its ledger already (its release is reused, not made again).

@@ -35,7 +35,6 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_serializer, model_validator
 
-from eval.canaries import unplanted_canary_units
 from knowledgesg.adapters import ADAPTER_FILES, ADAPTER_WEIGHTS, save_adapter
 from knowledgesg.console import console
 from knowledgesg.errors import InputError, KsgError
@@ -51,7 +50,7 @@ from knowledgesg.loaders import load_labelled_pool, refuse_client_data, source_n
 from knowledgesg.models import cache_root, resolve_device, resolve_precision
 from knowledgesg.spec import DataSource, DeploySettings, PipelineSpec, StrictModel, format_validation_error
 from knowledgesg.stage import Stage, StageContext
-from pipelines.ingest import client_ids, client_records, training_records
+from pipelines.ingest import client_ids, client_records, public_size, training_records
 from privacy.accounting import NOISE_MULTIPLIER_RANGE, Mechanism, calibrate_noise, default_delta, epsilons
 from privacy.ledger import LEDGER, TRUST_REPRODUCIBLE, TRUST_SERVER_NOISE, LedgerEntry, check_budget, merge_releases, new_release_id, now, read_stage_ledgers, trust_line
 
@@ -207,7 +206,7 @@ class Fedtune(Stage):
         rounds the seed gives)."""
         loaded = client_records(spec, base_dir)
         for client_id, records in loaded.items():
-            n = len(training_records(spec, client_id, records)) + unplanted_canary_units(spec, client_id)  # as ingest plans a public N
+            n = public_size(spec, client_id, training_records(spec, client_id, records))
             delta = spec.privacy.delta or default_delta(n)
             self.plan_mechanisms([client_id], {client_id: self.params.rounds if self.asks_every_round(len(loaded)) else 1}, {client_id: n}, {client_id: delta})
 

@@ -134,6 +134,13 @@ def planned_units(spec: PipelineSpec, client_id: str, released: int) -> int:
     return max(1, planned + canary_units(spec, client_id, every=True))
 
 
+def public_size(spec: PipelineSpec, client_id: str, trained: list[Record]) -> int:
+    """The size the stages plan a client's releases with where N is public (`count_noise: 0`):
+    the records it trains on (the planted canaries among them) and the canaries not planted, as
+    `planned_units` plans a noised count with every canary."""
+    return len(trained) + unplanted_canary_units(spec, client_id)
+
+
 def training_units(records: list[Record], unit: str, documents: bool) -> int:
     """N for DP training: units of the instruction records, each text document one unit (what
     `structure` makes of it stays one unit)."""
@@ -227,8 +234,8 @@ class Ingest(Stage):
                 stats["units"] = {"unit": units.kind, "count": units.count, "released": count.num_units, "planned": sizes[client_id],
                                   "count_release_id": count.release_id, "noise_multiplier": count.mechanism.noise_multiplier}
                 counts[client_id] = count
-            else:  # N public: the records trained on, and the canaries not planted (see `unplanted_canary_units`)
-                sizes[client_id] = len(records) + unplanted_canary_units(ctx.spec, client_id)
+            else:
+                sizes[client_id] = public_size(ctx.spec, client_id, records)
             ctx.write_json(f"clients/{client_id}/stats.json", stats, side=side)
         method = ctx.spec.clients.partition.method if ctx.spec.clients.partition else "members"
         partition = {"method": method, "seed": ctx.seed, "clients": sizes}
