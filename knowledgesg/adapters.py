@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from knowledgesg.errors import InputError
+from knowledgesg.errors import SpecError
 from knowledgesg.fileio import write_dir, write_json
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file name for an adapter's weights
@@ -23,7 +23,7 @@ def with_lora(model, r: int, alpha: float, target_modules: list[str], setting: s
     missing = [name for name in target_modules if not any(module == name or module.endswith("." + name) for module, _ in model.named_modules())]
     if missing:
         linear = sorted({module.rsplit(".", 1)[-1] for module, layer in model.named_modules() if isinstance(layer, torch.nn.Linear)})
-        raise InputError(f"{setting}: no module named {missing[0]!r} in the model (its linear layers: {', '.join(linear)})")
+        raise SpecError(f"{setting}: no module named {missing[0]!r} in the model (its linear layers: {', '.join(linear)})")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations inside peft
         return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, task_type="CAUSAL_LM"))

@@ -294,7 +294,7 @@ def load_example_pool(source: DataSource, base_dir: Path, seed: int, stage: str,
     `stage`: the spec key that names the pool ("refine params.pool")."""
     pool = [r for r in load_source(source, base_dir, seed, key=stage) if isinstance(r, InstructionRecord)]
     if len(pool) < minimum:
-        raise InputError(f"{stage}: the example pool {source.builtin or source.path} has {len(pool)} instruction records, fewer than the {minimum} needed")
+        raise SpecError(f"{stage}: the example pool {source.builtin or source.path} has {len(pool)} instruction records, fewer than the {minimum} needed")
     return pool
 
 
@@ -303,7 +303,7 @@ def load_labelled_pool(source: DataSource, base_dir: Path, seed: int, stage: str
     refused if there are none."""
     pool = [r for r in load_example_pool(source, base_dir, seed, stage) if r.response.strip()]
     if not pool:
-        raise InputError(f"{stage}: the pool {source.builtin or source.path} has no instruction records with a response")
+        raise SpecError(f"{stage}: the pool {source.builtin or source.path} has no instruction records with a response")
     return pool
 
 
@@ -328,7 +328,7 @@ def same_data(public: DataSource, client: DataSource, base_dir: Path) -> bool:
 def refuse_client_data(public: DataSource, clients: list[DataSource], base_dir: Path, field: str) -> None:
     """A server stage's public data (`field` names it in the spec) must not be a client's."""
     if any(same_data(public, source, base_dir) for source in clients):
-        raise InputError(f"{field}: {public.builtin or public.path} is also a client's data source; it must be public data")
+        raise SpecError(f"{field}: {public.builtin or public.path} is also a client's data source; it must be public data")
 
 
 def absolute(path: Path | None, base_dir: Path) -> Path:

@@ -30,7 +30,7 @@ from eval.benchmarks import MAX_LABELS, Item, choice_logprobs, fit_label_prior
 from eval.evaluate import LABEL_PRIOR
 from knowledgesg.adapters import ADAPTER_WEIGHTS
 from knowledgesg.console import console
-from knowledgesg.errors import InputError, KsgError
+from knowledgesg.errors import KsgError, SpecError
 from knowledgesg.fileio import read_jsonl, sha256_file
 from knowledgesg.models import Precision, resolve_device, resolve_precision
 from knowledgesg.prompts import label_named, user_message
@@ -80,15 +80,15 @@ class Calibrate(Stage):
 
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
         if fedtune_params(spec).data != "synthetic":
-            raise InputError("calibrate: fedtune trains on private data (data: private); the label prior is fitted to synthetic pairs, "
-                             "and private labels would need noise: leave calibrate out")
+            raise SpecError("fedtune params.data: private, but calibrate fits its label prior to synthetic pairs "
+                          "(private labels would need noise): leave calibrate out")
         synthesize = next((stage for stage in spec.stages if stage.name == "synthesize"), None)
         written = SynthesizeParams.model_validate(synthesize.params).labels if synthesize is not None else None
         if self.params.labels and written and sorted(label.strip().lower() for label in self.params.labels) != sorted(label.strip().lower() for label in written):
             # the pairs answer with synthesize's labels: with others the prior counts some labels as
             # never given and all but forbids them (it had only warned)
-            raise InputError(f"calibrate params.labels: {', '.join(self.params.labels)} are not the labels synthesize writes ({', '.join(written)}); "
-                             "name the same labels, or leave params.labels out to read them off the pairs")
+            raise SpecError(f"calibrate params.labels: {', '.join(self.params.labels)} are not the labels synthesize writes ({', '.join(written)}); "
+                            "name the same labels, or leave params.labels out to read them off the pairs")
 
     def run(self, ctx: StageContext) -> None:
         p: CalibrateParams = self.params

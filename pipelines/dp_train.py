@@ -26,7 +26,7 @@ from pydantic import Field
 from eval.canaries import unplanted_canary_units
 from knowledgesg.adapters import ADAPTER_FILES, ADAPTER_WEIGHTS, save_adapter, with_lora
 from knowledgesg.console import console, progress_bar
-from knowledgesg.errors import InputError, KsgError
+from knowledgesg.errors import InputError, KsgError, SpecError
 from knowledgesg.fileio import read_jsonl, sha256_file
 from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_device, resolve_precision
 from knowledgesg.records import InstructionRecord, TextRecord
@@ -164,14 +164,14 @@ class DPTrain(Stage):
         units = privacy_units(records, privacy.unit, p.max_records_per_user, self.documents(spec, client_id))
         n, name = units.count if public_units is None else public_units, UNIT_NAMES[units.kind]
         if count is None and (n < 2 or p.batch_size >= n):
-            raise InputError(f"client '{client_id}': {n} {name}{'s' if n != 1 else ''}, too few for dp_train params.batch_size {p.batch_size} (it needs more {name}s than the batch)")
+            raise SpecError(f"dp_train params.batch_size: {p.batch_size}, not below the {n} {name}{'s' if n != 1 else ''} of client '{client_id}' (it needs more {name}s than the batch)")
         if count is None:
             n += unplanted_canary_units(spec, client_id)
         else:  # every decision from the count alone: Poisson sampling at q = B/N̂ is DP over the units there are, however many
             n = count.planned
             if p.batch_size >= n:
-                raise InputError(f"client '{client_id}': its released count of {name}s plans N = {n}, not above dp_train params.batch_size {p.batch_size} "
-                                 "(q = B/N must be below 1; a count is never drawn again for the same data): lower batch_size")
+                raise SpecError(f"dp_train params.batch_size: {p.batch_size}, not below N = {n}, planned from the released count of {name}s of client '{client_id}' "
+                                "(q = B/N must be below 1; a count is never drawn again for the same data): lower batch_size")
         sigma_n = count.noise_multiplier if count is not None else None
         delta = privacy.delta if privacy.delta is not None else default_delta(n)
         check_delta(delta, n, name, client_id)

@@ -15,7 +15,7 @@ from eval.benchmarks import task_source
 from eval.evaluate import (EvalOptions, check_ready, check_task_files, evaluate_private, evaluate_run, fidelity_run, private_task_files, refuse_private_data_as_public_tasks,
                            public_task_files)
 from knowledgesg.console import console
-from knowledgesg.errors import InputError
+from knowledgesg.errors import SpecError
 from knowledgesg.loaders import source_path
 from knowledgesg.models import resolve_device
 from knowledgesg.spec import PipelineSpec
@@ -49,12 +49,12 @@ class Evaluate(Stage):
         check_task_files(options, base_dir, public_task_files(options))
         refuse_private_data_as_public_tasks(options, spec.clients.sources(), base_dir, base_dir, "evaluate params.tasks")
         if "professional" in options.models and spec.models.professional is None:
-            raise InputError("evaluate: models lists 'professional' but the spec names no models.professional")
+            raise SpecError("evaluate params.models: lists 'professional' but the spec names no models.professional")
         if options.private_tasks:  # before the run starts, not after every public benchmark was scored
             clients = client_ids(spec, base_dir)  # with members (any split run), the spec's names alone
             unknown = [c for c in options.private_tasks if c not in clients]
             if unknown:
-                raise InputError(f"evaluate params.private_tasks: no client '{unknown[0]}' in the spec (clients: {', '.join(clients)})")
+                raise SpecError(f"evaluate params.private_tasks: no client '{unknown[0]}' in the spec (clients: {', '.join(clients)})")
 
     def preflight_private(self, spec: PipelineSpec, base_dir: Path) -> None:
         """Each client's private test set, read where the clients' data is (the simulation, `ksg

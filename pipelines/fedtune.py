@@ -37,7 +37,7 @@ from pydantic import Field, ValidationError, field_validator, model_serializer, 
 
 from knowledgesg.adapters import ADAPTER_FILES, ADAPTER_WEIGHTS, save_adapter
 from knowledgesg.console import console
-from knowledgesg.errors import InputError, KsgError
+from knowledgesg.errors import InputError, KsgError, SpecError
 from knowledgesg.federated.client import LOCAL_LOG, LoraModel, frozen_a_digest, initial_params
 from knowledgesg.federated.deploy import deploy_settings_here, node_config, run_deployed
 from knowledgesg.federated.engines import CHECKPOINT, FINAL, INITIAL, JOB, ROUNDS, run_local
@@ -303,7 +303,7 @@ class Fedtune(Stage):
         """The server loop's job, its settings checked against the clients (one line naming fedtune)."""
         p: FedtuneParams = self.params
         if p.data == "private" and spec.privacy.unit != "record":
-            raise InputError("fedtune on private data supports privacy.unit: record (the server plans the sampling rate from record counts)")
+            raise SpecError(f"privacy.unit: {spec.privacy.unit}, but fedtune on private data supports privacy.unit: record (the server plans the sampling rate from record counts)")
         try:
             return FedJob(seed=seed, rounds=p.rounds, clients=clients, clients_per_round=p.clients_per_round or len(clients),
                           rule=p.rule, client_dp=p.client_dp, training=p.training, lora=p.lora, base_model=base, device=device,
@@ -318,7 +318,7 @@ class Fedtune(Stage):
         n = records[client_id]
         batch = self.params.training.batch_size
         if batch >= n:
-            raise InputError(f"client '{client_id}': {n} record{'s' if n != 1 else ''}, too few for DP-SGD local steps with fedtune params.training.batch_size {batch}")
+            raise SpecError(f"fedtune params.training.batch_size: {batch}, not below the {n} record{'s' if n != 1 else ''} of client '{client_id}' (DP-SGD local steps need more records than the batch)")
         return batch / n
 
     def plan_mechanisms(self, clients: list[str], rounds: dict[str, int], records: dict[str, int], deltas: dict[str, float]) -> dict[str, list[Mechanism]]:

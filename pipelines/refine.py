@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 from eval.audit import load_target
 from eval.benchmarks import choice_ids, context_ids
 from knowledgesg.console import console
-from knowledgesg.errors import InputError
+from knowledgesg.errors import SpecError
 from knowledgesg.fileio import read_jsonl
 from knowledgesg.generation import Generator, SamplingParams
 from knowledgesg.loaders import load_example_pool, refuse_client_data, source_path
@@ -239,7 +239,7 @@ class Refine(Stage):
         """Before the run starts, not after dp_train has spent the budget. The pool's examples go
         into the server's prompts: a client's data there would put private records in them."""
         if spec.models.professional is None:
-            raise InputError("refine needs models.professional in the spec (e.g. gemma-3-270m)")
+            raise SpecError("models.professional: missing, and refine needs it (e.g. gemma-3-270m)")
         refuse_client_data(self.params.pool, spec.clients.sources(), base_dir, "refine params.pool")
         load_example_pool(self.params.pool, base_dir, spec.seed, "refine params.pool")
 

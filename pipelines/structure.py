@@ -37,7 +37,7 @@ from pydantic import Field, model_validator
 from knowledgesg.chunking import chunk_text
 from knowledgesg.console import console
 from knowledgesg.dedup import near_duplicates
-from knowledgesg.errors import InputError
+from knowledgesg.errors import InputError, SpecError
 from knowledgesg.fileio import read_jsonl, sha256_text
 from knowledgesg.generation import Completion, Generator, SamplingParams, chat_prompt_ids
 from knowledgesg.loaders import load_example_pool, refuse_client_data, source_path
@@ -144,7 +144,7 @@ class Structure(Stage):
 
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
         if spec.models.embedder is None:
-            raise InputError("stage 'structure' needs models.embedder in the spec (e.g. minilm-l6-v2)")
+            raise SpecError("models.embedder: missing, and stage 'structure' needs it (e.g. minilm-l6-v2)")
         # the pool is public by contract: its prompts stay on the client, but pool_index.json (a digest
         # of the pool's texts) goes to the server, where it would confirm a guessed private record
         refuse_client_data(self.params.pool, spec.clients.sources(), base_dir, "structure params.pool")

@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 from eval.audit import load_target
 from knowledgesg.console import console
 from knowledgesg.dedup import near_duplicates, normalized, words
-from knowledgesg.errors import InputError
+from knowledgesg.errors import InputError, SpecError
 from knowledgesg.fileio import json_text, read_json, read_jsonl, sha256_file, sha256_text, write_text
 from knowledgesg.generation import Generator, SamplingParams, chat_prompt_ids
 from knowledgesg.models import Precision, resolve_device, resolve_precision
@@ -166,8 +166,8 @@ class Synthesize(Stage):
         holdings = {"pooled data": spec.clients.data} if spec.clients.data else {f"client '{m.id}'": m.data for m in spec.clients.members}
         text_only = next((who for who, sources in holdings.items() if all(source.record_kind == "text" for source in sources)), None)
         if text_only is not None:
-            raise InputError(f"synthesize params.class_balance: dp_histogram counts the labels of a client's instruction records, and {text_only} holds text only "
-                             "(dp_train trains on structure's pairs from it): use class_balance model or uniform")
+            raise SpecError(f"synthesize params.class_balance: dp_histogram counts the labels of a client's instruction records, and {text_only} holds text only "
+                            "(dp_train trains on structure's pairs from it): use class_balance model or uniform")
 
     def run(self, ctx: StageContext) -> None:
         p: SynthesizeParams = self.params

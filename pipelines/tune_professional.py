@@ -22,7 +22,7 @@ from pydantic import Field
 from eval.benchmarks import choice_ids, context_ids
 from knowledgesg.adapters import ADAPTER_FILES, ADAPTER_WEIGHTS, save_adapter, with_lora
 from knowledgesg.console import console, progress_bar
-from knowledgesg.errors import InputError, KsgError
+from knowledgesg.errors import KsgError, SpecError
 from knowledgesg.loaders import load_labelled_pool, refuse_client_data, source_name_of, source_path
 from knowledgesg.models import Precision, ResolvedModel, load_causal_lm, resolve_device, resolve_precision
 from knowledgesg.prompts import user_message
@@ -71,7 +71,7 @@ class TuneProfessional(Stage):
 
     def preflight(self, spec: PipelineSpec, base_dir: Path) -> None:
         if spec.models.professional is None:
-            raise InputError("tune_professional needs models.professional in the spec (the model it tunes, e.g. gemma-3-270m)")
+            raise SpecError("models.professional: missing, and tune_professional needs it (the model it tunes, e.g. gemma-3-270m)")
         refuse_client_data(self.params.data, spec.clients.sources(), base_dir, "tune_professional params.data")
         self.public_records(base_dir, spec.seed)  # before the run starts: the stage may come after dp_train
 
@@ -79,7 +79,7 @@ class TuneProfessional(Stage):
         p: TuneProfessionalParams = self.params
         records = load_labelled_pool(p.data, base_dir, seed, "tune_professional params.data")
         if len(records) < p.batch_size:
-            raise InputError(f"tune_professional params.data: {p.data.builtin or p.data.path} has {len(records)} records with a response, fewer than batch_size {p.batch_size}")
+            raise SpecError(f"tune_professional params.batch_size: {p.batch_size}, more than the {len(records)} records with a response in params.data ({p.data.builtin or p.data.path})")
         return records
 
     def run(self, ctx: StageContext) -> None:

@@ -321,14 +321,14 @@ REFINE_AFTER_RELEASE = ["prepare_models", "ingest", {"name": "dp_train", "params
                         {"name": "synthesize", "params": {"per_client": 4, "labels": ["negative", "neutral", "positive"], "seeds": [{"instruction": "Q?"}]}}]
 POOL_CASES = [
     ("refine-pool-is-a-clients-data", [*REFINE_AFTER_RELEASE, {"name": "refine", "params": {"pool": {"path": "data.jsonl"}, "task": "t"}}], None,
-     r"^ksg: error: refine params\.pool: data\.jsonl is also a client's data source; it must be public data$"),
+     r"^ksg: error: /\S+/spec\.yaml: refine params\.pool: data\.jsonl is also a client's data source; it must be public data$"),
     ("refine-pool-malformed", [*REFINE_AFTER_RELEASE, {"name": "refine", "params": {"pool": {"path": "pool.jsonl"}, "task": "t"}}],
      GOOD + '{"id": "b", "instruction": \n', r"pool\.jsonl:2: malformed JSON"),
     # structure's prompts stay on the client, but its pool's digest (pool_index.json) goes to the server
     ("structure-pool-is-a-clients-data", ["prepare_models", "ingest", {"name": "structure", "params": {"pool": {"path": "./data.jsonl"}, "k": 1}}], None,
-     r"^ksg: error: structure params\.pool: data\.jsonl is also a client's data source; it must be public data$"),
+     r"^ksg: error: /\S+/spec\.yaml: structure params\.pool: data\.jsonl is also a client's data source; it must be public data$"),
     ("structure-pool-too-small", ["prepare_models", "ingest", {"name": "structure", "params": {"pool": {"path": "pool.jsonl"}, "k": 3}}], GOOD,
-     r"structure params\.pool: the example pool pool\.jsonl has 1 instruction records, fewer than the 3 needed"),
+     r"^ksg: error: /\S+/spec\.yaml: structure params\.pool: the example pool pool\.jsonl has 1 instruction records, fewer than the 3 needed"),
 ]
 
 

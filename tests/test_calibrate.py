@@ -108,8 +108,9 @@ def test_calibrate_is_refused_before_anything_is_written_without_fedtune_or_on_p
     private = tiny_spec(stages=["prepare_models", "ingest", {"name": "fedtune", "params": {"data": "private", "local_dp": {"target_epsilon": 4.0},
                                                                                           "rounds": 1, "training": {"steps": 1, "batch_size": 4}}},
                                 "calibrate"], privacy={"target_epsilon": 8.0})
-    assert run_in(tmp_path, "run", str(write_spec(tmp_path, private)), "--run-dir", "run") == 2
-    assert "calibrate: fedtune trains on private data" in capsys.readouterr().err
+    spec_file = write_spec(tmp_path, private)
+    assert run_in(tmp_path, "run", str(spec_file), "--run-dir", "run") == 2
+    assert f"{spec_file}: fedtune params.data: private, but calibrate fits its label prior to synthetic pairs" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
     assert main(["check", str(write_spec(tmp_path, private))]) == 2
 

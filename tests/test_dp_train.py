@@ -155,7 +155,7 @@ def test_user_level_privacy_samples_users(workdir: Path):
     ({"target_epsilon": 8.0, "cap_epsilon": 5.0}, None, r"spec.yaml: privacy.target_epsilon = 8 is above privacy.cap_epsilon = 5: dp_train alone would exceed the cap"),
     ({"target_epsilon": float("inf"), "cap_epsilon": 5.0}, None, r"privacy.cap_epsilon = 5 cannot hold: target_epsilon .inf trains without noise"),
     ({"target_epsilon": 8.0, "unit": "user"}, None, r"privacy.unit is 'user' but a record of source 'data' has no user_id"),
-    ({"target_epsilon": 8.0}, {"name": "dp_train", "params": {"batch_size": 20}}, r"client 'client_0': 20 records, too few for dp_train params.batch_size 20"),
+    ({"target_epsilon": 8.0}, {"name": "dp_train", "params": {"batch_size": 20}}, r"spec\.yaml: dp_train params\.batch_size: 20, not below the 20 records of client 'client_0'"),
     ({"target_epsilon": 1e-4}, None, r"cannot be reached .* the budget is too low"),
 ], ids=["delta-too-large", "cap-below-target", "cap-with-no-noise", "user-without-id", "batch-too-large", "epsilon-unreachable"])
 def test_impossible_budgets_fail_cleanly(workdir: Path, capsys, privacy, train, pattern):
@@ -198,8 +198,9 @@ def test_bfloat16_base_trains_a_float32_adapter(workdir: Path):
 def test_a_target_module_the_model_lacks_is_one_line_naming_the_setting(workdir: Path, capsys):
     """peft's own error was a traceback (exit 1); the line names the key and the model's linear layers."""
     train = {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48, "target_modules": ["q_proj", "query"]}}
-    assert main(["run", str(_spec(workdir, train=train)), "--run-dir", "run"]) == 2
+    spec_file = _spec(workdir, train=train)
+    assert main(["run", str(spec_file), "--run-dir", "run"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ksg: error:")]
-    assert errors == ["ksg: error: dp_train params.target_modules: no module named 'query' in the model "
+    assert errors == [f"ksg: error: {spec_file}: dp_train params.target_modules: no module named 'query' in the model "
                       "(its linear layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)"]
     assert not list((workdir / "run").glob("ledger/*.jsonl")) and not (workdir / "run/stages/dp_train/manifest.json").exists()

@@ -303,7 +303,7 @@ def test_a_replicate_seed_trains_again_on_the_same_data_and_nothing_before_it_re
 def test_a_public_pool_that_is_a_clients_data_is_refused_before_anything_is_written(tmp_path: Path, capsys):
     assert run_pipeline(tmp_path, dict(FEDTUNE, public={"path": "data.jsonl"})) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["ksg: error: fedtune params.public: data.jsonl is also a client's data source; it must be public data"] and not (tmp_path / "run").exists()
+    assert err == [f"ksg: error: {tmp_path / 'spec.yaml'}: fedtune params.public: data.jsonl is also a client's data source; it must be public data"] and not (tmp_path / "run").exists()
     # and on private data there is nothing to mix it into (the DP-SGD noise is calibrated to the private records)
     write_jsonl(tmp_path / "public.jsonl", public_records(7))
     assert run_pipeline(tmp_path, dict(FEDTUNE, data="private", local_dp={"target_epsilon": 4.0}, public={"path": "public.jsonl"})) == 2
@@ -341,7 +341,7 @@ def test_a_private_test_set_of_a_client_not_in_the_spec_is_refused_before_the_ru
     evaluate = {"name": "evaluate", "params": {"tasks": ["fpb"], "private_tasks": {"client_9": ["held_out.jsonl"]}, "models": ["final"], "limit": 4}}
     assert run_pipeline(tmp_path, FEDTUNE, extra_stages=[evaluate]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert err == ["ksg: error: evaluate params.private_tasks: no client 'client_9' in the spec (clients: client_0, client_1)"] and not (tmp_path / "run").exists()
+    assert err == [f"ksg: error: {tmp_path / 'spec.yaml'}: evaluate params.private_tasks: no client 'client_9' in the spec (clients: client_0, client_1)"] and not (tmp_path / "run").exists()
 
 
 def test_a_running_federation_without_its_ca_certificate_is_refused_before_the_run_starts(tmp_path: Path, capsys):
@@ -370,6 +370,16 @@ def test_an_unreachable_local_dp_budget_names_its_own_key_and_client(tmp_path: P
     assert len(err) == 1 and "client 'client_0': fedtune: local_dp.target_epsilon = 0.0001 cannot be reached" in err[0], "\n".join(err)
     assert "privacy.target_epsilon" not in err[0]
     assert not (tmp_path / "run").exists()  # refused before dp_train spent its budget
+
+
+def test_a_local_batch_not_below_a_clients_records_names_the_spec_file_and_key(tmp_path: Path, capsys):
+    """A stage plan's refusal names the spec file, as the spec's own checks do (it named the key only)."""
+    params = dict(FEDTUNE, data="private", local_dp={"target_epsilon": 4.0}, training=dict(FEDTUNE["training"], batch_size=40))
+    assert run_pipeline(tmp_path, params) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ksg: error: {tmp_path / 'spec.yaml'}: fedtune params.training.batch_size: 40, not below the 20 records of client 'client_0' "
+                   "(DP-SGD local steps need more records than the batch)"], err
+    assert not (tmp_path / "run").exists()
 
 
 def test_stage_on_private_data_enters_its_dp_sgd_cost(tmp_path: Path):

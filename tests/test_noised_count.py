@@ -118,7 +118,7 @@ def test_a_released_count_not_above_the_batch_refuses_dp_train_and_is_kept(tmp_p
     capsys.readouterr()
     assert run_in(tmp_path, "run", str(path), "--run-dir", "run") == 2
     err = capsys.readouterr().err
-    assert re.search(r"released count of records plans N = 3, not above dp_train params\.batch_size 4", err), err
+    assert re.search(rf"{re.escape(str(path))}: dp_train params\.batch_size: 4, not below N = 3, planned from the released count of records of client '[^']+'", err), err
     assert not (tmp_path / "run/stages/dp_train/manifest.json").exists()
     counts = [e for e in ledger_lines(tmp_path) if e["stage"] == "ingest"]
     assert len(counts) == 2  # released, so kept: a rerun reuses it rather than drawing until one fits

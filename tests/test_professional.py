@@ -111,16 +111,19 @@ def test_a_public_set_too_small_for_the_batch_is_refused_before_the_run_starts(w
     write_jsonl(workdir / "public.jsonl", public_rows()[:3])
     spec = tiny_spec(stages=["prepare_models", "ingest", {"name": "dp_train", "params": {"batch_size": 4, "max_length": 48}}, TUNE], models=MODELS,
                      privacy={"target_epsilon": 8.0})
-    assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 2
+    spec_file = write_spec(workdir, spec)
+    assert main(["run", str(spec_file), "--run-dir", "run"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert err == ["ksg: error: tune_professional params.data: public.jsonl has 3 records with a response, fewer than batch_size 4"] and not (workdir / "run").exists()
+    assert err == [f"ksg: error: {spec_file}: tune_professional params.batch_size: 4, more than the 3 records with a response in params.data (public.jsonl)"]
+    assert not (workdir / "run").exists()
 
 
 def test_tune_professional_needs_a_professional_model(workdir: Path, capsys):
     write_jsonl(workdir / "public.jsonl", public_rows())
     spec = tiny_spec(stages=["prepare_models", "ingest", TUNE])
-    assert main(["run", str(write_spec(workdir, spec)), "--run-dir", "run"]) == 2
-    assert "tune_professional needs models.professional" in capsys.readouterr().err
+    spec_file = write_spec(workdir, spec)
+    assert main(["run", str(spec_file), "--run-dir", "run"]) == 2
+    assert f"{spec_file}: models.professional: missing, and tune_professional needs it" in capsys.readouterr().err
     assert not (workdir / "run").exists()
 
 

@@ -210,9 +210,10 @@ def test_a_dp_histogram_over_structures_pairs_is_refused_before_anything_is_writ
               {"name": "synthesize", "params": dict(SYNTH["params"], class_balance="dp_histogram")}]
     text_only = yaml.safe_load(_structure_spec(workdir, {"builtin": "medquad", "sample": 30}, members=[{"id": "hosp", "data": [{"path": "notes.jsonl", "kind": "text"}]}]).read_text())
     text_only["stages"] += stages
-    assert main(["run", str(write_spec(workdir, text_only)), "--run-dir", "run"]) == 2
+    spec_file = write_spec(workdir, text_only)
+    assert main(["run", str(spec_file), "--run-dir", "run"]) == 2
     err = capsys.readouterr().err
-    assert "synthesize params.class_balance: dp_histogram counts the labels of a client's instruction records, and client 'hosp' holds text only" in err, err
+    assert f"{spec_file}: synthesize params.class_balance: dp_histogram counts the labels of a client's instruction records, and client 'hosp' holds text only" in err, err
     assert len(err.strip().splitlines()) == 1 and not (workdir / "run").exists()
     both = yaml.safe_load(_structure_spec(workdir, {"builtin": "medquad", "sample": 30}).read_text())  # the notes and labelled records
     both["stages"] += stages
