@@ -136,9 +136,11 @@ def planned_units(spec: PipelineSpec, client_id: str, released: int) -> int:
 
 def public_size(spec: PipelineSpec, client_id: str, trained: list[Record]) -> int:
     """The size the stages plan a client's releases with where N is public (`count_noise: 0`):
-    the records it trains on (the planted canaries among them) and the canaries not planted, as
-    `planned_units` plans a noised count with every canary."""
-    return len(trained) + unplanted_canary_units(spec, client_id)
+    the privacy units of the records it trains on (the planted canaries among them), as dp_train
+    counts them, and the canaries not planted, as `planned_units` plans a noised count with every
+    canary. Units, not records: at `unit: user` the public N is the number of users, and how many
+    records they hold is not public (it had been written to the server's `partition.json`)."""
+    return data_units(trained, spec.privacy.unit, spec.clients.holds_documents(client_id)).count + unplanted_canary_units(spec, client_id)
 
 
 def training_units(records: list[Record], unit: str, documents: bool) -> int:
@@ -246,7 +248,7 @@ class Ingest(Stage):
         # a console may be a log the server holds: with a noised count it shows the count, not N
         table = Table(title=f"clients ({method})")
         table.add_column("client")
-        table.add_column("N̂ planned (noised count)" if counts else "records", justify="right")
+        table.add_column("N̂ planned (noised count)" if counts else f"N ({UNIT_NAMES[privacy.unit]}s, public)", justify="right")
         for client_id, size in sizes.items():
             table.add_row(client_id, str(size))
         console.print(table)

@@ -602,6 +602,22 @@ def test_the_histogram_stage_counts_bounded_users(tmp_path: Path, monkeypatch):
     assert denoised == pytest.approx(bounded, abs=1e-9), (denoised, bounded, unbounded)
 
 
+def test_a_public_n_at_user_level_does_not_tell_how_many_records_a_user_holds(tmp_path: Path, monkeypatch):
+    """With `count_noise: 0` the number of privacy units is declared public; at `unit: user` that
+    is the number of users. The server's partition.json held the number of records, which one
+    user's extra record changes: an un-noised function of private data beyond the declared N."""
+    monkeypatch.chdir(tmp_path)
+    rows = [dict(r, user="heavy" if i < 20 else f"u{i}") for i, r in enumerate(sentiment_rows(41))]
+    spec = tiny_spec(stages=["prepare_models", "ingest"], privacy={"target_epsilon": 8.0, "unit": "user", "count_noise": 0})
+    spec["clients"] = {"data": [{"path": "data.jsonl", "fields": {"user_id": "user"}}], "partition": {"method": "iid", "num_clients": 1}}
+    partitions = []
+    for name, data in (("fewer", rows[:40]), ("more", rows[:40] + [dict(rows[40], user="heavy")])):
+        write_jsonl(tmp_path / "data.jsonl", data)
+        assert run_in(tmp_path, "run", str(write_spec(tmp_path, spec)), "--run-dir", name) == 0
+        partitions.append(read_json(tmp_path / name / "stages/ingest/partition.json"))
+    assert partitions[0] == partitions[1] and partitions[0]["clients"] == {"client_0": 21}  # heavy and u20..u39
+
+
 # 7. Client-level DP-FedAvg: the clients' own coins, clipping on the client -------------------------
 
 
