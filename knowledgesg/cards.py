@@ -23,7 +23,7 @@ def _eps(value: float) -> str:
 
 def privacy_statement(releases: dict[str, list[LedgerEntry]]) -> str:
     """Per client: its unit, N, the composed epsilon at its delta, and whom it holds against."""
-    rows = ["| client | unit of privacy | N | epsilon (PLD, composed over this run's releases) | delta | N x delta | releases with a cost | holds against |",
+    rows = ["| client | unit of privacy | N | epsilon (PLD, composed over every release of its data) | delta | N x delta | releases with a cost | holds against |",
             "|---|---|---|---|---|---|---|---|"]
     for client, entries in releases.items():
         delta = client_delta(entries)
@@ -49,8 +49,8 @@ def privacy_statement(releases: dict[str, list[LedgerEntry]]) -> str:
     noised = any(e.release == COUNT_RELEASE for entries in releases.values() for e in entries)
     size = ("N is each client's noised count of its units (a Gaussian release in its ledger, composed above)" if noised
             else "N is treated as public (privacy.count_noise: 0)")
-    lines += [f"{drawn}; {size}. A client's own ledger may hold more "
-              "releases of its data than this run made (earlier runs, reruns); the full report, with the threat model: `ksg privacy-report RUN`."]
+    lines += [f"{drawn}; {size}. Every release of a client's data is composed, this run's and any its ledger holds from reruns and "
+              "earlier runs; the full report, with the threat model: `ksg privacy-report RUN`."]
     if any(not e.private and e.mechanism.kind != "post_processing" for entries in releases.values() for e in entries):
         lines += ["", "**NOT PRIVATE**: at least one release had no noise, or noise anyone with the spec can regenerate (privacy.reproducible_noise)."]
     return "\n".join(lines)

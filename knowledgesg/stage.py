@@ -21,7 +21,7 @@ from knowledgesg.fileio import read_json, sha256_text, write_json, write_jsonl
 from knowledgesg.manifest import read_manifest
 from knowledgesg.models import read_models
 from knowledgesg.spec import PipelineSpec
-from privacy.ledger import ClientLedger, LedgerEntry, check_budget, ledger_directory, merge_releases, read_received_ledger, read_stage_ledgers
+from privacy.ledger import ClientLedger, LedgerEntry, check_budget, client_entries, ledger_directory, merge_releases, read_received_ledger, read_stage_ledgers
 from privacy.noise import SecureRandom
 
 LEDGER_KEY = "ledger_key.json"  # ingest writes one per client (client side): its data's fingerprint
@@ -176,6 +176,14 @@ class StageContext:
         copy the client sent with its releases) and this run's stage copies."""
         copies = [e for e in read_stage_ledgers(self.run_dir, self.completed_stages_before()) if e.client_id == client_id]
         own = read_received_ledger(self.run_dir, client_id) if self.role == "server" else self.client_ledger(client_id).entries()
+        return merge_releases(own, copies)
+
+    def sent_ledger(self, client_id: str) -> list[LedgerEntry]:
+        """Every release of this client's data as the server knows them, for a server stage: the
+        ledger the client sends with its releases (on the server the received copy; in a
+        simulation its entries in the ledger directory, the same ones) and this run's stage copies."""
+        copies = [e for e in read_stage_ledgers(self.run_dir, self.completed_stages_before()) if e.client_id == client_id]
+        own = read_received_ledger(self.run_dir, client_id) if self.role == "server" else client_entries(self.ledger_dir, client_id)
         return merge_releases(own, copies)
 
     def record_release(self, entry: LedgerEntry, ledger: ClientLedger | None = None, same: Callable[[LedgerEntry], bool] | None = None) -> LedgerEntry:

@@ -29,7 +29,7 @@ from knowledgesg.fileio import read_jsonl, write_dir, write_text
 from knowledgesg.stage import Stage, StageContext
 from knowledgesg.spec import StrictModel
 from pipelines.fedtune import fedtune_params
-from privacy.ledger import LedgerEntry, read_stage_ledgers
+from privacy.ledger import LedgerEntry
 
 SYNTHETIC_FILES = {"refine": "refined.jsonl", "synthesize": "synthetic.jsonl"}
 
@@ -54,8 +54,10 @@ class Publish(Stage):
         console.print(f"publish: {ctx.path('final_adapter')} (model card) and {ctx.path('synthetic_data')} (datasets directory with its card)")
 
     def releases_by_client(self, ctx: StageContext, clients: list[str]) -> dict[str, list[LedgerEntry]]:
-        entries = read_stage_ledgers(ctx.run_dir, ctx.completed_stages_before())
-        return {c: [e for e in entries if e.client_id == c] for c in clients}
+        """Every release of each client's data, as its ledger holds them (on the server, the copy
+        the client sent) with this run's stage copies: a stage run again in this run replaces its
+        copy, and an earlier run's adapter is out there too, so the card composes them all."""
+        return {c: ctx.sent_ledger(c) for c in clients}
 
     def publish_adapter(self, ctx: StageContext, clients: list[str], releases: dict, synthetic: dict[str, int]) -> None:
         base = ctx.models()["base"]

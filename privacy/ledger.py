@@ -391,6 +391,15 @@ def read_stage_ledgers(run_dir: Path, stages: list[str]) -> list[LedgerEntry]:
     return entries
 
 
+def client_entries(directory: Path, client_id: str) -> list[LedgerEntry]:
+    """Every release of the client's data sets in a ledger directory (each file holding one of
+    its entries), each once, oldest first: what the client sends with its releases, found without
+    its data's fingerprint, which names its own file and stays on the client."""
+    files = [ClientLedger(path) for path in sorted(directory.glob("*.jsonl"))] if directory.is_dir() else []
+    held = [entries for entries in (f.own_entries() for f in files) if any(e.client_id == client_id for e in entries)]
+    return sorted(merge_releases(*held), key=lambda e: e.released_at)
+
+
 def merge_releases(*sources: list[LedgerEntry]) -> list[LedgerEntry]:
     """Every release once, in order of first appearance."""
     seen: dict[str, LedgerEntry] = {}

@@ -17,7 +17,7 @@ import yaml
 
 from knowledgesg.cli import main
 from knowledgesg.fileio import read_json
-from tests.conftest import run_cli, sentiment_rows, tiny_spec, write_jsonl, write_spec
+from tests.conftest import run_cli, run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
 from tests.test_fedtune import run_pipeline
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -414,3 +414,27 @@ def test_check_says_why_it_plans_no_release(tmp_path: Path, monkeypatch, capsys)
     assert main(["check", str(write_spec(tmp_path, tiny_spec(stages=["prepare_models"])))]) == 0
     out, err = capsys.readouterr()
     assert "no release planned: the spec has no stage that releases something of the private data" in out and "nothing was written" in err
+
+
+def test_the_model_card_composes_every_release_of_a_clients_data(tmp_path: Path):
+    """The card composed this run's stage copies alone: a stage run again replaces its copy, and an
+    adapter released before (a rerun, an earlier run on the same data) was left out of the epsilon
+    the card states, though whoever holds both adapters faces their composition."""
+    from privacy.ledger import ClientLedger, client_delta, composed_total, new_release_id, read_stage_ledgers
+
+    fedtune = {"rounds": 1, "training": {"steps": 1, "batch_size": 4, "max_length": 48}, "lora": {"r": 4}}
+    assert run_pipeline(tmp_path, fedtune, extra_stages=["publish"]) == 0
+    run = tmp_path / "run"
+    released = next(e for e in read_stage_ledgers(run, ["dp_train"]) if e.client_id == "client_0")
+    ledger = next(path for path in (run / "ledger").glob("*.jsonl") if released.release_id in path.read_text())
+    with ledger.open("a") as file:  # an adapter of the same data released before, its stage copy since replaced
+        file.write(released.model_copy(update={"release_id": new_release_id()}).model_dump_json() + "\n")
+    shutil.rmtree(run / "stages/publish")
+    assert run_in(tmp_path, "run", str(tmp_path / "spec.yaml"), "--run-dir", "run") == 0
+
+    entries = ClientLedger(ledger, "client_0").entries()
+    assert len([e for e in entries if e.stage == "dp_train"]) == 2
+    both, one = composed_total(entries, client_delta(entries)).reported, released.epsilon.reported
+    assert both > one * 1.2
+    row = next(line for line in (run / "stages/publish/final_adapter/README.md").read_text().splitlines() if line.startswith("| client_0 |"))
+    assert f"| {both:.3f} |" in row, (row, both, one)
