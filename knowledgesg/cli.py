@@ -402,7 +402,7 @@ def audit(
 
     from eval.audit import AuditOptions, run_audit
     from eval.report import write_audit_report
-    from knowledgesg.runner import load_run_spec
+    from knowledgesg.runner import load_run_role, load_run_spec
     from knowledgesg.spec import format_validation_error
 
     try:
@@ -416,6 +416,9 @@ def audit(
         flag = f"--{flags.get(name, name.replace('_', '-'))}"
         raise InputError(f"ksg audit: {flag}: {first['msg'].removeprefix('Value error, ')} (got {first['input']!r})" if name else format_validation_error("ksg audit", err)) from None
     load_run_spec(run_dir)  # a run directory at all, said first
+    if load_run_role(run_dir).kind == "server":  # it had loaded the base model, then stopped on a missing client file with a traceback
+        raise InputError(f"ksg audit: {run_dir} was made by the server of a split run, which holds no client's records: "
+                         "audit a client's run directory (the canaries' client for the canary audit), or a simulation's")
     refuse_unwritable_output(run_dir / "audit")
     report = run_audit(run_dir, options)
     json_path, html_path = write_audit_report(report, run_dir / "audit")  # before it is shown, as eval's

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from knowledgesg.cli import main
 from knowledgesg.manifest import read_manifest
 from tests.conftest import run_in, sentiment_rows, tiny_spec, write_jsonl, write_spec
 from tests.test_fedtune import FEDTUNE
@@ -342,3 +343,14 @@ def test_the_server_drives_the_client_stages_over_flower(federation, tmp_path):
         assert "skipped" not in fidelity and fidelity == json.loads(json.dumps(expected[bank]))
         assert json.loads((node_run / "eval/sides.json").read_text()) == {f"clients/{bank}/fidelity.json": f"client:{bank}"}
     assert not [p for p in server.rglob("fidelity.json") if "nodes" not in p.parts]  # the figures stay on the nodes
+
+
+def test_the_audit_of_a_server_run_is_refused_in_one_line(federation, capsys):
+    """The server holds no client's records: the audit had loaded the base model, then stopped on a
+    missing client file with a traceback (exit 1)."""
+    server = federation["parties"]["server"] / "run"
+    capsys.readouterr()
+    assert main(["audit", str(server)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and f"ksg audit: {server} was made by the server of a split run" in err[0], err
+    assert not (server / "audit").exists()
