@@ -268,7 +268,7 @@ def privacy_report(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="
             e, m = row.entry, row.entry.mechanism
             steps = "-" if m.kind == "post_processing" else str(m.steps)
             table.add_row(client.client_id, release_label(e).replace("NOT PRIVATE", "[bold red]NOT PRIVATE[/]"), UNIT_NAMES.get(e.unit, e.unit), fmt(m.sample_rate),
-                          fmt(m.noise_multiplier), steps, f"{e.delta:.2e}", fmt(e.epsilon.prv), fmt(e.epsilon.rdp), fmt(e.epsilon.pld), row.status)
+                          fmt(m.noise_multiplier), steps, f"{e.delta:.2e}", fmt(row.epsilon.prv), fmt(row.epsilon.rdp), fmt(row.epsilon.pld), row.status)
         cap = "" if client.cap_epsilon is None else f", cap {client.cap_epsilon:g}"
         n = "" if client.num_units is None else f", N x delta {client.n_times_delta:.1e}"
         table.add_row(client.client_id, f"[bold]total (PLD){cap}[/]", ", ".join(client.units), "", "", "", f"{client.delta:.2e}", fmt(client.total.prv), fmt(client.total.rdp),

@@ -97,6 +97,9 @@ class ReleaseRow(BaseModel):
 
     entry: LedgerEntry
     status: str  # where the release stands as seen from this run
+    # recomputed from the entry's mechanism (none without a guarantee): the figures an entry
+    # stores are, on the server, the client's word
+    epsilon: Epsilons
 
 
 class ClientReport(BaseModel):
@@ -164,9 +167,10 @@ def client_report(client_id: str, entries: list[LedgerEntry], run_dir: Path, cap
         client_id=client_id, units=list(dict.fromkeys(UNIT_NAMES.get(e.unit, e.unit) for e in counted)), num_units=sizes[-1] if sizes else None,
         count_noise=count_noise,
         delta=delta, n_times_delta=sizes[-1] * delta if sizes else None, private=all(e.private for e in entries),
-        releases=[ReleaseRow(entry=e, status=release_status(e, run_dir, ours)) for e in entries], total=composed_total(entries, delta),
+        releases=[ReleaseRow(entry=e, status=release_status(e, run_dir, ours), epsilon=compose([e.effective_mechanism()], e.delta)) for e in entries],
+        total=composed_total(entries, delta),
         client_level=compose(client_level, next(e.delta for e in entries if not e.counts_against_budget)) if client_level else None,
-        cap_epsilon=cap, curve=epsilon_curve(first_sgd.mechanism, delta) if first_sgd else [],
+        cap_epsilon=cap, curve=epsilon_curve(first_sgd.effective_mechanism(), delta) if first_sgd else [],
     )
 
 
@@ -253,7 +257,7 @@ def render_html(report: PrivacyReport) -> str:
             rows.append(
                 f"<tr><td>{esc(client.client_id)}</td><td>{esc(entry.stage)}</td><td>{label}</td><td>{esc(UNIT_NAMES.get(entry.unit, entry.unit))}</td>"
                 f"<td>{m.kind}</td><td>{fmt(m.sample_rate)}</td><td>{fmt(m.noise_multiplier)}</td><td>{'-' if m.kind == 'post_processing' else m.steps}</td>"
-                f"<td>{entry.delta:.2e}</td><td>{fmt(entry.epsilon.prv)}</td><td>{fmt(entry.epsilon.rdp)}</td><td>{fmt(entry.epsilon.pld)}</td>"
+                f"<td>{entry.delta:.2e}</td><td>{fmt(row.epsilon.prv)}</td><td>{fmt(row.epsilon.rdp)}</td><td>{fmt(row.epsilon.pld)}</td>"
                 f"<td>{esc(row.status)}</td><td>{esc(entry.trust)}</td></tr>"
             )
         cap = "" if client.cap_epsilon is None else f"; cap {client.cap_epsilon:g}"

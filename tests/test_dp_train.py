@@ -112,6 +112,18 @@ def test_privacy_report_command(dp_run: Path, capsys):
     assert "<img" in html and "data:image/png;base64," in html and "Poisson sampling" in html and "Threat model" in html
 
 
+def test_the_report_recomputes_each_release_from_its_mechanism(dp_run: Path):
+    """On the server a ledger entry's stored epsilon is the client's word: the report says every
+    figure is recomputed, but each release's row showed the stored one."""
+    from privacy.ledger import LedgerEntry, compose
+    from privacy.report import client_report
+
+    entry = LedgerEntry.model_validate(_json(dp_run / "stages/dp_train/ledger.json")[0])
+    understated = entry.model_copy(update={"epsilon": entry.epsilon.model_copy(update={"prv": 0.1, "rdp": 0.1, "pld": 0.1, "reported": 0.1})})
+    row = client_report("client_0", [understated], dp_run, None, None, set()).releases[0]
+    assert row.epsilon.pld == pytest.approx(compose([entry.mechanism], entry.delta).pld) and row.epsilon.pld > 1
+
+
 def test_reproducible_noise_replays_byte_for_byte_and_is_marked_not_private(workdir: Path, capsys):
     spec = _spec(workdir, privacy={"target_epsilon": 8.0, "reproducible_noise": True})
     assert main(["run", str(spec), "--run-dir", "one"]) == 0 and main(["run", str(spec), "--run-dir", "two"]) == 0
@@ -124,6 +136,8 @@ def test_reproducible_noise_replays_byte_for_byte_and_is_marked_not_private(work
     assert main(["privacy-report", str(workdir / "one")]) == 0
     report = _json(workdir / "one/privacy_report.json")
     assert math.isinf(report["clients"][0]["total"]["pld"]) and "NOT PRIVATE" in (workdir / "one/privacy_report.html").read_text()
+    # each row and the epsilon-against-steps curve say what the release is against the threat model: no guarantee
+    assert math.isinf(report["clients"][0]["releases"][0]["epsilon"]["pld"]) and report["clients"][0]["curve"] == []
 
 
 def test_non_private_reference_is_marked_everywhere(workdir: Path, capsys):
