@@ -120,13 +120,17 @@ def run(
 
 def _check_run_report_inputs(run_dir: Path) -> None:
     """What `_refresh_run_report` reads besides the manifests, read now: its refusals (a spec copy
-    naming an unknown stage or role) come before a command writes anything."""
-    from knowledgesg.runner import SPEC_COPY, load_run_role, load_run_spec
+    naming an unknown stage or role) come before a command writes anything. And the ledger, as
+    `ksg run` checks it: in another ledger directory than the one the run released into ($KSG_LEDGER_DIR
+    unset or changed in a new shell), the run's releases were silently missing from the totals."""
+    from knowledgesg.runner import SPEC_COPY, load_run_role, load_run_spec, refuse_a_ledger_without_this_runs_releases
     from pipelines import build_stages
+    from privacy.ledger import ledger_directory
 
-    spec, _ = load_run_spec(run_dir)
-    build_stages(spec, str(run_dir / SPEC_COPY))
-    load_run_role(run_dir)
+    spec, base_dir = load_run_spec(run_dir)
+    stages = build_stages(spec, str(run_dir / SPEC_COPY))
+    if load_run_role(run_dir).kind != "server":  # the server's copies of the clients' ledgers are in the run directory
+        refuse_a_ledger_without_this_runs_releases(run_dir, stages, ledger_directory(spec.privacy.ledger_dir, base_dir, run_dir))
 
 
 def _refresh_run_report(run_dir: Path) -> Path:
@@ -256,8 +260,8 @@ def privacy_report(run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="
     from privacy.report import build_report, fmt, release_label, size_origin, write_report
     from privacy.units import UNIT_NAMES
 
+    _check_run_report_inputs(run_dir)  # a damaged run directory, or another ledger, refused before anything is printed or written
     report = build_report(run_dir)
-    _check_run_report_inputs(run_dir)  # a damaged run directory refused before anything is printed or written
     refuse_unwritable_output(run_dir)
     json_path, html_path = write_report(report, run_dir)  # before it is shown, as eval's
     table = Table(title=f"privacy report: {report.spec_name} (target epsilon {fmt(report.target_epsilon)})")
@@ -334,6 +338,7 @@ def evaluate(
         raise InputError(format_validation_error("ksg eval", err)) from None
     spec, spec_dir = load_run_spec(run_dir)
     check_ready(run_dir)
+    _check_run_report_inputs(run_dir)  # the run report is refreshed at the end
     refuse_unwritable_output(run_dir / "eval")
     server_release = Published(published) if published is not None else None
     if server_release is not None:
@@ -419,6 +424,7 @@ def audit(
     if load_run_role(run_dir).kind == "server":  # it had loaded the base model, then stopped on a missing client file with a traceback
         raise InputError(f"ksg audit: {run_dir} was made by the server of a split run, which holds no client's records: "
                          "audit a client's run directory (the canaries' client for the canary audit), or a simulation's")
+    _check_run_report_inputs(run_dir)  # the run report is refreshed at the end
     refuse_unwritable_output(run_dir / "audit")
     report = run_audit(run_dir, options)
     json_path, html_path = write_audit_report(report, run_dir / "audit")  # before it is shown, as eval's

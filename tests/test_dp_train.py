@@ -112,6 +112,22 @@ def test_privacy_report_command(dp_run: Path, capsys):
     assert "<img" in html and "data:image/png;base64," in html and "Poisson sampling" in html and "Threat model" in html
 
 
+def test_a_report_from_another_ledger_directory_is_refused_not_short(workdir: Path, monkeypatch, capsys):
+    """A run that released into $KSG_LEDGER_DIR, reported from a shell without it: the report found
+    no ledger there and left the run's releases out of "every release ever made" (exit 0), where
+    `ksg run` refuses that ledger."""
+    monkeypatch.setenv("KSG_LEDGER_DIR", str(workdir / "owner-ledger"))
+    assert main(["run", str(_spec(workdir)), "--run-dir", "run"]) == 0
+    monkeypatch.delenv("KSG_LEDGER_DIR")
+    capsys.readouterr()
+    assert main(["privacy-report", "run"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "privacy ledger run/ledger: 2 of this run's 2 releases are not in it" in err[0], err
+    assert not (workdir / "run/privacy_report.json").exists()
+    monkeypatch.setenv("KSG_LEDGER_DIR", str(workdir / "owner-ledger"))
+    assert main(["privacy-report", "run"]) == 0
+
+
 def test_the_report_recomputes_each_release_from_its_mechanism(dp_run: Path):
     """On the server a ledger entry's stored epsilon is the client's word: the report says every
     figure is recomputed, but each release's row showed the stored one."""
