@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from knowledgesg.errors import InputError
 from knowledgesg.fileio import read_json, sha256_file, write_json, write_text
 from knowledgesg.manifest import read_manifest
-from knowledgesg.runner import load_run_spec
+from knowledgesg.runner import load_run_role, load_run_spec
 from privacy.accounting import Epsilons, Mechanism, epsilon_pld, epsilon_prv_or_none, epsilon_rdp
 from privacy.ledger import LedgerEntry, client_delta, compose, composed_total, ledger_directory, read_stage_ledgers, run_releases
 from privacy.units import UNIT_NAMES
@@ -174,15 +174,17 @@ def client_report(client_id: str, entries: list[LedgerEntry], run_dir: Path, cap
     )
 
 
-def releases_made_here(run_dir: Path, stages: list[str]) -> set[str]:
+def releases_made_here(run_dir: Path, stages: list[str], server: bool = False) -> set[str]:
     """Ids of the releases this run's stages made while they ran: a moved or copied run still knows
     them. A stage's ledger.json may also hold one made before it started (a noised count another run
-    of the same data drew, reused): that one is not this run's."""
+    of the same data drew, reused): that one is not this run's. On a split run's server every
+    release in a stage's copy is one this run received: an entry as sent gives its day only, which
+    is before the manifest's start, so every one had read "released by another run"."""
     ours = set()
     for stage in stages:
         manifest = read_manifest(run_dir / "stages" / stage)
         if manifest is not None:
-            ours |= {e.release_id for e in read_stage_ledgers(run_dir, [stage]) if e.released_at >= manifest.started_at}
+            ours |= {e.release_id for e in read_stage_ledgers(run_dir, [stage]) if server or e.released_at >= manifest.started_at}
     return ours
 
 
@@ -191,7 +193,7 @@ def build_report(run_dir: Path) -> PrivacyReport:
     ledger_dir = ledger_directory(spec.privacy.ledger_dir, base_dir, run_dir)
     stages = [s.name for s in spec.stages]
     releases = run_releases(run_dir, stages, ledger_dir)
-    ours = releases_made_here(run_dir, stages)
+    ours = releases_made_here(run_dir, stages, server=load_run_role(run_dir).kind == "server")
     if not releases:
         raise InputError(f"{run_dir}: no releases in the ledger yet (run a stage such as dp_train first)")
     # whether this run's sizes were noised is partition.json's to say (a shared ledger may hold a count another run drew)

@@ -354,3 +354,14 @@ def test_the_audit_of_a_server_run_is_refused_in_one_line(federation, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and f"ksg audit: {server} was made by the server of a split run" in err[0], err
     assert not (server / "audit").exists()
+
+
+def test_the_servers_privacy_report_knows_the_releases_it_received(federation, capsys):
+    """An entry as sent gives its day only, before the server stage's start: every release had read
+    "released by another run (client:bank_a)" in the server's report."""
+    server = federation["parties"]["server"] / "run"
+    assert main(["privacy-report", str(server)]) == 0
+    report = json.loads((server / "privacy_report.json").read_text())
+    for client in report["clients"]:
+        adapter = next(row for row in client["releases"] if row["entry"]["release"] == "dp_adapter")
+        assert adapter["status"] == "this run, current", (client["client_id"], adapter["status"])
