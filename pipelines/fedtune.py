@@ -55,7 +55,7 @@ from privacy.accounting import NOISE_MULTIPLIER_RANGE, Mechanism, calibrate_nois
 from privacy.ledger import LEDGER, TRUST_REPRODUCIBLE, TRUST_SERVER_NOISE, LedgerEntry, check_budget, merge_releases, new_release_id, now, read_stage_ledgers, trust_line
 
 TRUST_SERVER_NOISE_SECURE_SUM = ("holders of the final model only: the server adds this noise; with secure aggregation it sees the sum of the "
-                                 "clients' clipped updates (before its noise), not each one")
+                                 "clients' clipped updates (before its noise), not each one, while it follows the protocol")
 
 
 def client_level_trust(job: FedJob, noise_origin: str) -> str:

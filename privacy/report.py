@@ -29,7 +29,9 @@ SERVER_SEES_UPDATES = ("each client's noised DP-SGD updates in fedtune; under cl
                        "(each client clips, the server adds the noise)")
 SERVER_SEES_SECURE_SUM = ("in fedtune with secure aggregation (SecAgg+), only the sum of each round's updates: under client-level DP-FedAvg "
                           "the sum of the clients' clipped updates before the server adds its noise (each client clips, the server adds the "
-                          "noise), never a single client's update unless it colludes with reconstruction_threshold clients")
+                          "noise), never a single client's update while it follows the protocol: a server that does not (its own nodes as a "
+                          "client's neighbours, dropouts told to some neighbours and not others) can unmask one, and with fewer than "
+                          "reconstruction_threshold colluding clients it cannot")
 
 
 def threat_model(spec, noised_count: bool) -> list[dict[str, str]]:

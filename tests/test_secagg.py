@@ -189,6 +189,14 @@ def test_client_level_dp_adds_noise_to_the_sum_of_updates_clipped_for_the_roundi
     assert history[0].joined is None and history[0].extra["secure_aggregation"] == {"in_sum": CLIENTS, "answered": {}}
 
 
+def setup_state(max_weight: float):
+    """A node's state after SecAgg+'s setup stage, as secaggplus_mod keeps it: the largest weight the server sent."""
+    from flwr.app import ConfigRecord, RecordDict
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    return RecordDict({RECORD_KEY_STATE: ConfigRecord({"max_weight": max_weight})})
+
+
 def test_the_client_mod_sends_zeros_and_no_training_figures_when_its_coin_says_no():
     import time
 
@@ -207,7 +215,7 @@ def test_the_client_mod_sends_zeros_and_no_training_figures_when_its_coin_says_n
                                                           group_id="1", created_at=time.time(), ttl=60.0, message_type="train"))
 
     msg = arriving(compat.fitins_to_recorddict(fit_ins, True))
-    context = Context(run_id=0, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    context = Context(run_id=0, node_id=1, node_config={}, state=setup_state(1.0), run_config={})
 
     def handler(inner, ctx):  # our train handler's reply when the coin says no: no arrays
         assert np.array_equal(inner.content["arrays"]["w"].numpy(), params["w"])
@@ -221,6 +229,29 @@ def test_the_client_mod_sends_zeros_and_no_training_figures_when_its_coin_says_n
     strict = Context(run_id=0, node_id=1, node_config={"secure-aggregation": "required"}, state=RecordDict(), run_config={})
     with pytest.raises(Exception, match="secure aggregation only"):
         secagg.secure_aggregation_mod(plain, strict, handler)
+
+
+@pytest.mark.parametrize("weight, max_weight", [(0, 1.0), (1, 1e6)], ids=["weight-0", "huge-max-weight"])
+def test_a_client_refuses_weights_that_would_leave_its_update_alone_in_the_sum(weight, max_weight):
+    """Private updates weigh 1 each. A server that sends every other client weight 0 (or a largest
+    weight that rounds theirs to nothing) unmasks one client's update as the "sum": refused before
+    the task runs."""
+    import time
+
+    from flwr.app import Context, Message, Metadata
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    job = FedJob(seed=3, rounds=1, clients=CLIENTS, clients_per_round=3, rule=RuleSettings(), training=LocalTraining(), lora=LoraShape(),
+                 base_model={"path": "unused"}, records={c: [] for c in CLIENTS}, client_dp=ClientDP(clip_norm=1.0, noise_multiplier=0.5),
+                 secure_aggregation=SecureAggregation())
+    fit_ins = FitIns(ndarrays_to_parameters([np.ones((2, 3), dtype=np.float32)]), {"task": task_for(job, "a", 1).model_dump_json(), "names": '["w"]', "weight": weight})
+    msg = Message(content=compat.fitins_to_recorddict(fit_ins, True),
+                  metadata=Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1", created_at=time.time(),
+                                    ttl=60.0, message_type="train"))
+    context = Context(run_id=0, node_id=1, node_config={}, state=setup_state(max_weight), run_config={})
+    with pytest.raises(secagg.KsgError, match="weighs every client 1"):
+        secagg.as_legacy_fit(msg, context, lambda inner, ctx: pytest.fail("the task ran"))
 
 
 def test_the_ledger_entry_sent_beside_a_masked_update_holds_no_digest_of_it():

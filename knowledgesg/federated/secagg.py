@@ -298,6 +298,16 @@ def refuse_weak_protocol(configs, minimum: int) -> None:
         raise KsgError(f"secure aggregation: the server named {named} clients to share keys with; this node requires at least {minimum}")
 
 
+def refuse_unequal_weights(task: ClientTask, weight: int, max_weight: float) -> None:
+    """On private data and under client-level DP every client weighs 1 in the sum (`secure_weights`).
+    The weight and the largest weight are the server's to send, to each node its own: weight 0, or a
+    huge largest weight, for every client but one would round the others' updates to nothing, and
+    the unmasked "sum" would be that one client's update. Refused before the task runs."""
+    if weight != 1 or max_weight != 1.0:
+        raise KsgError(f"client '{task.client_id}': secure aggregation of private updates weighs every client 1; the server sent weight {weight} "
+                       f"of at most {max_weight:g}: refused")
+
+
 def as_legacy_fit(msg, context, call_next):
     """Between SecAgg+ (legacy FitIns in, FitRes out) and our train handler: the handler gets its
     usual message; its update goes back as the FitRes parameters (which secaggplus_mod masks and
@@ -306,9 +316,13 @@ def as_legacy_fit(msg, context, call_next):
     client-level DP no loss, example count or step count, which would tell who joined."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
     from flwr.compat.common import recorddict_compat as compat
 
     fit_ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    task = ClientTask.model_validate_json(str(fit_ins.config[TASK]))
+    if task.local_dp is not None or task.join_probability is not None:  # the largest weight, as secaggplus_mod kept it from the setup
+        refuse_unequal_weights(task, int(fit_ins.config[WEIGHT]), float(context.state.config_records[RECORD_KEY_STATE]["max_weight"]))
     names = json.loads(str(fit_ins.config[NAMES]))
     params = dict(zip(names, parameters_to_ndarrays(fit_ins.parameters)))
     task_json = str(fit_ins.config[TASK])
@@ -322,7 +336,7 @@ def as_legacy_fit(msg, context, call_next):
     if set(update) != set(names) or any(update[n].dtype != np.float32 for n in names):
         raise KsgError("secure aggregation sums float32 updates with the adapter's names only")
     metadata = dict(content["config"].items()) | dict(content["metrics"].items())
-    if ClientTask.model_validate_json(task_json).join_probability is not None:
+    if task.join_probability is not None:
         metadata = {k: v for k, v in metadata.items() if k not in ("num-examples", "loss", "dp-steps")}
     if "release" in metadata:
         # the ledger entry travels in the clear beside the masked update: without the digest of this
