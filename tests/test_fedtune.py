@@ -564,6 +564,33 @@ def test_a_node_without_a_spec_in_its_config_keeps_its_run_specs_cap_and_refuses
         node.govern(task_for(job, "a", 1).model_copy(update={"private_source": "structure"}))
 
 
+def test_a_node_refuses_a_private_round_with_more_work_than_its_spec_plans(tmp_path: Path):
+    """The server planned the mechanism, and the node checked only its noise origin, unit and cap:
+    asked for q = 1 with huge noise, a round cost almost no epsilon but read every record every
+    step, and the time it took told the server N (or whether a record is in). The node's own spec's
+    fedtune training bounds the work; within it, the round goes on."""
+    from knowledgesg.federated.client import NodeSettings
+    from knowledgesg.federated.protocol import LocalDP
+    from knowledgesg.federated.server import task_for
+
+    records = records_for("a", 10)
+    training = {"steps": 2, "batch_size": 4, "max_length": 48}
+    (tmp_path / "node.yaml").write_text(yaml.safe_dump(tiny_spec(stages=["prepare_models", "ingest", {"name": "fedtune", "params": {"training": training}}],
+                                                                 privacy={"target_epsilon": 8.0})))
+    node = NodeSettings.of({"run-dir": str(tmp_path / "node-run"), "spec": str(tmp_path / "node.yaml"), "client-id": "a"})
+    assert node.training == LocalTraining(**training)
+    dp = LocalDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.3, num_units=len(records), delta=1e-5)
+    job = FedJob(seed=2, rounds=1, clients=["a"], clients_per_round=1, rule=RuleSettings(name="fedavg"), training=LocalTraining(**training),
+                 lora=LoraShape(r=4), base_model=tiny_base(), records={"a": records}, local_dp={"a": dp})
+    task = task_for(job, "a", 1)
+    assert node.govern(task).training == task.training  # the spec's own plan (q N = 3 of a batch of 4)
+    every_record = task.model_copy(update={"local_dp": dp.model_copy(update={"sample_rate": 1.0, "noise_multiplier": 1000.0})})
+    longer = task.model_copy(update={"training": task.training.model_copy(update={"steps": 200})})
+    for asked in (every_record, longer):
+        with pytest.raises(KsgError, match="more work on the private records than this node's spec plans"):
+            node.govern(asked)
+
+
 def test_flower_sim_trains_private_data_with_the_specs_settings(tmp_path: Path):
     """A simulation's virtual nodes (Ray actors this process starts) are the server's own process,
     where the spec's ledger, cap and noise hold: they train on private data, while a deployed node

@@ -29,7 +29,7 @@ from eval.canaries import unplanted_canary_units
 from knowledgesg.adapters import with_lora
 from knowledgesg.aggregation import clip_update
 from knowledgesg.errors import InputError, KsgError
-from knowledgesg.federated.protocol import ClientTask, ClientUpdate, LocalDP, LoraShape, Params, encode_update
+from knowledgesg.federated.protocol import ClientTask, ClientUpdate, LocalDP, LocalTraining, LoraShape, Params, encode_update
 from knowledgesg.fileio import read_json, read_jsonl, sha256_text
 from knowledgesg.models import REGISTRY, TINY, Precision, ResolvedModel, load_causal_lm, resolve_model, resolve_precision
 from knowledgesg.records import InstructionRecord
@@ -193,6 +193,11 @@ class NodeSettings:
     # chose could break what DP-SGD assumes (one unit per row of the batch)
     base_model: str | None = None
     base_dir: str | None = None
+    # the local training its own spec's fedtune stage plans: a private round may not do more work
+    # (steps, expected batch, tokens per row). How long a round takes depends on the records it
+    # reads, and the server sees that time; a server free to ask for q = 1 and huge noise would
+    # pay almost no epsilon and time every record, every step, to learn N or a record's presence
+    training: LocalTraining | None = None
 
     @classmethod
     def of(cls, node_config: dict) -> NodeSettings:
@@ -217,9 +222,11 @@ class NodeSettings:
         delta = node_config.get("delta", privacy.delta if privacy else None)
         unit = node_config.get("unit", privacy.unit if privacy else None)
         cache = node_config.get("model-cache") or spec_cache
+        fedtune = next((stage for stage in spec.stages if stage.name == "fedtune"), None) if spec else None
+        training = LocalTraining.model_validate(fedtune.params.get("training") or {}) if fedtune else None
         return cls(str(ledger), float(cap) if cap is not None else None, reproducible, str(client) if client is not None else None,
                    float(delta) if delta is not None else None, str(unit) if unit is not None else None, str(cache) if cache is not None else None,
-                   spec.clients if spec else None, spec.models.base if spec else None, str(base_dir) if spec else None)
+                   spec.clients if spec else None, spec.models.base if spec else None, str(base_dir) if spec else None, training)
 
     def govern(self, task: ClientTask) -> ClientTask:
         """The task with the node's own settings; refused if the server asks for reproducible noise
@@ -237,9 +244,22 @@ class NodeSettings:
             raise KsgError(f"client '{task.client_id}': the server's plan counts privacy per {task.local_dp.unit}, this node's privacy unit is the {self.unit} (unit): refused")
         if self.clients is not None:
             check_document_units(task, self.clients, "this node's spec")
+        if self.training is not None:
+            self.refuse_more_work(task)
         caps = [c for c in (self.cap_epsilon, task.local_dp.cap_epsilon) if c is not None]
         local_dp = task.local_dp.model_copy(update={"ledger_dir": self.ledger_dir, "cap_epsilon": min(caps) if caps else None, "reproducible_noise": self.reproducible_noise})
         return task.model_copy(update={"local_dp": local_dp, "reproducible_coins": self.reproducible_noise and task.reproducible_coins})
+
+    def refuse_more_work(self, task: ClientTask) -> None:
+        """A private round with more steps, a larger expected Poisson batch (q N) or longer rows than
+        this node's spec plans is refused before it reads a record (see `training`)."""
+        own, asked, dp = self.training, task.training, task.local_dp
+        assert own is not None and dp is not None
+        expected = dp.sample_rate * dp.num_units
+        if asked.steps > own.steps or asked.max_length > own.max_length or asked.batch_size > own.batch_size or expected > own.batch_size * (1 + 1e-9):
+            raise KsgError(f"client '{task.client_id}': the server asks for {asked.steps} local steps over {expected:.4g} units expected a step (q {dp.sample_rate:.4g}) "
+                           f"of up to {asked.max_length} tokens, more work on the private records than this node's spec plans ({own.steps} steps, "
+                           f"batch {own.batch_size}, max_length {own.max_length}): refused (the time a round takes depends on the records it reads)")
 
     def own_base_model(self, task: ClientTask) -> ClientTask:
         """The task with the base model as this node has it: a packaged model from the node's own
