@@ -552,6 +552,8 @@ def test_a_node_without_a_spec_in_its_config_keeps_its_run_specs_cap_and_refuses
                                                     "role": {"kind": "client", "client": "a"}}))
     node = NodeSettings.of({"run-dir": str(node_run), "client-id": "a"})
     assert node.cap_epsilon == 0.5 and node.base_model == "tiny-random-llama" and node.base_dir == str(tmp_path)  # the spec copy's
+    # without client-id the node is the client its run directory was made for, not whichever the server names
+    assert NodeSettings.of({"run-dir": str(node_run)}).client_id == "a"
     dp = LocalDP(noise_multiplier=1.0, clip_norm=1.0, sample_rate=0.3, num_units=len(records), delta=1e-5)  # the server sends no cap
     job = FedJob(seed=2, rounds=1, clients=["a"], clients_per_round=1, rule=RuleSettings(name="fedavg"), training=LocalTraining(steps=2, batch_size=4, max_length=48),
                  lora=LoraShape(r=4), base_model=tiny_base(), records={"a": records}, local_dp={"a": dp}, run_dir=str(node_run))

@@ -33,7 +33,7 @@ from knowledgesg.federated.protocol import ClientTask, ClientUpdate, LocalDP, Lo
 from knowledgesg.fileio import read_json, read_jsonl, sha256_text
 from knowledgesg.models import REGISTRY, TINY, Precision, ResolvedModel, load_causal_lm, resolve_model, resolve_precision
 from knowledgesg.records import InstructionRecord
-from knowledgesg.runner import SPEC_COPY, load_run_spec
+from knowledgesg.runner import SPEC_COPY, load_run_role, load_run_spec
 from knowledgesg.spec import ClientsSpec, load_spec
 from privacy.accounting import Mechanism, default_delta, epsilons
 from privacy.ledger import LEDGER_ENV, ROUND_ARTIFACT, ClientLedger, LedgerEntry, as_sent, check_budget, client_delta, ledger_directory, new_release_id, now, trust_line
@@ -218,7 +218,9 @@ class NodeSettings:
         cap = node_config.get("cap-epsilon", privacy.cap_epsilon if privacy else None)
         # the node config's own word wins either way: `reproducible-noise=false` overrules a spec's true
         reproducible = str(node_config["reproducible-noise"]).lower() == "true" if "reproducible-noise" in node_config else bool(privacy and privacy.reproducible_noise)
-        client = node_config.get("client-id")
+        # else the client its run directory was made for (`ksg run --role client --client ID`): a
+        # node with neither took the server's word for whose ledger a round counts in
+        client = node_config.get("client-id") or (load_run_role(run_dir).client if (run_dir / SPEC_COPY).is_file() else None)
         delta = node_config.get("delta", privacy.delta if privacy else None)
         unit = node_config.get("unit", privacy.unit if privacy else None)
         cache = node_config.get("model-cache") or spec_cache
