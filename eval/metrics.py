@@ -245,10 +245,18 @@ def one_run_audit(scores: list[float], included: list[bool], guesses: int, confi
     inside = guesses if in_only else guesses // 2
     guessed_in, guessed_out = order[:inside], order[len(order) - (guesses - inside):]
     correct = sum(included[i] for i in guessed_in) + sum(not included[i] for i in guessed_out)
-    m = len(scores)
-    return {"canaries": m, "guesses": guesses, "in_only": in_only, "correct": correct, "delta": delta,
-            "epsilon_lower_bound": round(epsilon_lower_bound(guesses, correct, confidence, m, delta), 4),
-            "largest_certifiable": round(epsilon_lower_bound(guesses, guesses, confidence, m, delta), 4), "confidence": confidence}
+    m, planted = len(scores), sum(included)
+    # the most guesses this design can get right with the canaries drawn in: "in" is right at most
+    # `planted` times and "out" at most m - planted (all `guesses` right only at an even split)
+    best = min(inside, planted) + min(guesses - inside, m - planted)
+    return {"canaries": m, "planted": planted, "guesses": guesses, "in_only": in_only, "correct": correct, "max_correct": best, "delta": delta,
+            "epsilon_lower_bound": _floor4(epsilon_lower_bound(guesses, correct, confidence, m, delta)),
+            "largest_certifiable": _floor4(epsilon_lower_bound(guesses, best, confidence, m, delta)), "confidence": confidence}
+
+
+def _floor4(bound: float) -> float:
+    """A lower bound to 4 decimals, rounded down: rounding to nearest could raise it past the claim."""
+    return math.floor(bound * 1e4) / 1e4
 
 
 IN_ONLY_SHARES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5)

@@ -86,8 +86,10 @@ def test_audit_report_has_every_section(audited_run: Path):
         # could not fail: the positive control below is where a bound is seen to rise)
         bound = epsilon_lower_bound(run["guesses"], run["correct"], run["confidence_each"], m, run["delta"])
         assert run["epsilon_lower_bound"] == pytest.approx(bound, abs=1e-4) and run["confidence"] == 0.95
-        assert run["largest_certifiable"] == pytest.approx(max(epsilon_lower_bound(t["guesses"], t["guesses"], run["confidence_each"], m, run["delta"])
-                                                             for t in run["tried"]), abs=1e-4)
+        planted = run["planted"]
+        ceiling = [min(r if in_only else r // 2, planted) + min(0 if in_only else r - r // 2, m - planted) for r, in_only in ((t["guesses"], t["in_only"]) for t in run["tried"])]
+        assert run["largest_certifiable"] == pytest.approx(max(epsilon_lower_bound(t["guesses"], c, run["confidence_each"], m, run["delta"])
+                                                             for t, c in zip(run["tried"], ceiling)), abs=1e-4)
     mia = report["membership_inference"]["dp_adapter:client_0|client_0"]
     assert set(mia["scores"]) == {"loss", "zlib", "reference", "min_k", "min_k_plus_plus", "rmia"} and mia["non_members"] == 6
     assert mia["members"] == 6  # by default as many members as non-members

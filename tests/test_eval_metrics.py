@@ -67,6 +67,11 @@ def test_one_run_lower_bound_by_hand():
     audit = metrics.one_run_audit([4.0, 3.0, 2.0, 1.0], [True, True, False, False], guesses=4)
     assert audit["correct"] == 4 and audit["largest_certifiable"] == pytest.approx(metrics.epsilon_lower_bound(4, 4), abs=1e-4)
     assert metrics.one_run_audit([1.0, 2.0, 3.0, 4.0], [True, True, False, False], guesses=4)["correct"] == 0
+    # with one canary of four planted, half "in" and half "out" gets at most 3 right: the design's
+    # ceiling is that, not all four (it had overstated what the audit could certify)
+    one_planted = metrics.one_run_audit([4.0, 3.0, 2.0, 1.0], [True, False, False, False], guesses=4)
+    assert one_planted["max_correct"] == 3 and one_planted["largest_certifiable"] == pytest.approx(metrics.epsilon_lower_bound(4, 3), abs=1e-4)
+    assert metrics.one_run_audit([4.0, 3.0, 2.0, 1.0], [True, False, False, False], guesses=2, in_only=True)["max_correct"] == 1
 
 
 def test_declared_guesses_are_bonferroni_corrected():
