@@ -826,6 +826,15 @@ def attack_summary(results: list[dict], baseline: list[dict]) -> dict:
     return summary
 
 
+def values_trained_on(target: str, by_client: dict[str, dict[str, str]], found: dict[str, str]) -> dict[str, str]:
+    """The private PII values a released model could have learned: a client's DP adapter saw its own
+    client's records only (a value only another client holds, written by it, is no replay of
+    training data); a model of the synthetic data, every client's."""
+    if target.startswith("dp_adapter:"):
+        return by_client.get(target.split(":", 1)[1], {})
+    return found
+
+
 def pii_section(run_dir: Path, spec: PipelineSpec, load: Callable[[Path | None], tuple], reference, targets: list[Target], clients: list[str], options: AuditOptions, device: str) -> dict:
     """PII of the private data: replayed verbatim in the synthetic data and in samples from each
     released model from public prompts (beyond what the base model writes from the same prompts),
@@ -855,7 +864,7 @@ def pii_section(run_dir: Path, spec: PipelineSpec, load: Callable[[Path | None],
         entry: dict = {"release": target.release}
         if options.pii_samples:
             samples = generations(model, tokenizer, spec, options.pii_samples, options.seed, device)
-            replays = replayed(found, samples)
+            replays = replayed(values_trained_on(target.name, by_client, found), samples)
             beyond = {v: k for v, k in replays.items() if v not in base_replays}
             entry.update(replayed=len(replays), replayed_not_by_base=len(beyond), types_not_by_base=_count_types(beyond), replay_rate=replay_rate(beyond, samples))
             # a client's DP adapter saw that client's records only: its control is that client's values

@@ -561,3 +561,14 @@ def test_the_zlib_score_is_over_the_text_it_scores():
     assert sequences[0] == sequences[1] and len(sequences[0]) == 24
     scores = mia_scores(model, tokenizer, [np.zeros(23)] * 2, sequences, AuditOptions(), "cpu")
     assert scores["zlib"][0] == scores["zlib"][1] and scores["loss"][0] == scores["loss"][1]
+
+
+def test_a_clients_dp_adapter_is_charged_with_its_own_clients_pii_only():
+    """A value only client B holds cannot leak through A's adapter, which never saw B's records: the
+    replay count had been taken against every client's values for every adapter."""
+    from eval.audit import values_trained_on
+
+    by_client = {"A": {"ann@example.com": "EMAIL"}, "B": {"Zebulon Quartz": "PERSON"}}
+    found = {value: kind for values in by_client.values() for value, kind in values.items()}
+    assert values_trained_on("dp_adapter:A", by_client, found) == {"ann@example.com": "EMAIL"}
+    assert values_trained_on("final", by_client, found) == found
