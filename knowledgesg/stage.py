@@ -174,17 +174,19 @@ class StageContext:
     def spent(self, client_id: str) -> list[LedgerEntry]:
         """Every release ever made from this client's data: its own ledger (on the server: the
         copy the client sent with its releases) and this run's stage copies."""
-        copies = [e for e in read_stage_ledgers(self.run_dir, self.completed_stages_before()) if e.client_id == client_id]
         own = read_received_ledger(self.run_dir, client_id) if self.role == "server" else self.client_ledger(client_id).entries()
-        return merge_releases(own, copies)
+        return merge_releases(own, self.stage_copies(client_id))
 
     def sent_ledger(self, client_id: str) -> list[LedgerEntry]:
         """Every release of this client's data as the server knows them, for a server stage: the
         ledger the client sends with its releases (on the server the received copy; in a
         simulation its entries in the ledger directory, the same ones) and this run's stage copies."""
-        copies = [e for e in read_stage_ledgers(self.run_dir, self.completed_stages_before()) if e.client_id == client_id]
         own = read_received_ledger(self.run_dir, client_id) if self.role == "server" else client_entries(self.ledger_dir, client_id)
-        return merge_releases(own, copies)
+        return merge_releases(own, self.stage_copies(client_id))
+
+    def stage_copies(self, client_id: str) -> list[LedgerEntry]:
+        """The client's releases in the `ledger.json` of this run's stages completed before this one."""
+        return [e for e in read_stage_ledgers(self.run_dir, self.completed_stages_before()) if e.client_id == client_id]
 
     def record_release(self, entry: LedgerEntry, ledger: ClientLedger | None = None, same: Callable[[LedgerEntry], bool] | None = None) -> LedgerEntry:
         """Enter a release in its client's ledger (fsynced) before it is written where anyone
@@ -192,7 +194,7 @@ class StageContext:
         began, but another run may have released from the same data since. `ledger`: the one to
         enter it in (ingest's own, before its manifest names it); `same`: a release made once per
         data set, whose earlier entry, where there is one, is returned instead (nothing new drawn)."""
-        copies = [e for e in read_stage_ledgers(self.run_dir, self.completed_stages_before()) if e.client_id == entry.client_id]
+        copies = self.stage_copies(entry.client_id)
         planned = [entry.effective_mechanism()] if entry.counts_against_budget else []
 
         def within_cap(own: list[LedgerEntry]) -> None:

@@ -178,23 +178,13 @@ class ClientLedger:
     def entries(self) -> list[LedgerEntry]:
         """Every release of this data set and of the client's other data sets in the directory,
         each once, oldest first."""
-        merged = merge_releases(self.own_entries(), *(other.own_entries() for other in self._client_ledgers()))
+        others = _client_data_sets(self.path.parent, self.client_id, skip=self.path) if self.client_id is not None else []
+        merged = merge_releases(self.own_entries(), *others)
         if self.client_id is None:
             # the server's received copy, appended in the client's order: its entries give their day
             # only (as_sent), and copies received before that their send time, so a sort could reorder
             return merged
         return sorted(merged, key=lambda e: e.released_at)
-
-    def _client_ledgers(self) -> list[ClientLedger]:
-        """The client's ledgers of its other data sets in the directory, whether or not they share a
-        person with this one. Counting only those that did made what the client sends, and whether
-        the cap refused, a function of that overlap: whoever knows an earlier data set shared only
-        record x with this one would learn whether x is in. The directory is the budget's scope
-        (over-counting is safe); data with no person in common goes to a ledger directory of its own."""
-        if self.client_id is None or not self.path.parent.is_dir():
-            return []
-        others = (ClientLedger(path) for path in sorted(self.path.parent.glob("*.jsonl")) if path != self.path)
-        return [other for other in others if any(e.client_id == self.client_id for e in other.own_entries())]
 
     def own_entries(self) -> list[LedgerEntry]:
         """The releases of this data set alone (not of the client's other versions of it)."""
@@ -391,13 +381,24 @@ def read_stage_ledgers(run_dir: Path, stages: list[str]) -> list[LedgerEntry]:
     return entries
 
 
+def _client_data_sets(directory: Path, client_id: str, skip: Path | None = None) -> list[list[LedgerEntry]]:
+    """The entries of each ledger file in the directory (but `skip`) that holds one of the client's:
+    its data sets, whether or not they share a person with each other. Counting only those that did
+    made what the client sends, and whether the cap refused, a function of that overlap: whoever
+    knows an earlier data set shared only record x with this one would learn whether x is in. The
+    directory is the budget's scope (over-counting is safe); data with no person in common goes to
+    a ledger directory of its own."""
+    if not directory.is_dir():
+        return []
+    files = (ClientLedger(path).own_entries() for path in sorted(directory.glob("*.jsonl")) if path != skip)
+    return [entries for entries in files if any(e.client_id == client_id for e in entries)]
+
+
 def client_entries(directory: Path, client_id: str) -> list[LedgerEntry]:
-    """Every release of the client's data sets in a ledger directory (each file holding one of
-    its entries), each once, oldest first: what the client sends with its releases, found without
-    its data's fingerprint, which names its own file and stays on the client."""
-    files = [ClientLedger(path) for path in sorted(directory.glob("*.jsonl"))] if directory.is_dir() else []
-    held = [entries for entries in (f.own_entries() for f in files) if any(e.client_id == client_id for e in entries)]
-    return sorted(merge_releases(*held), key=lambda e: e.released_at)
+    """Every release of the client's data sets in a ledger directory, each once, oldest first: what
+    the client sends with its releases, found without its data's fingerprint, which names its own
+    file and stays on the client."""
+    return sorted(merge_releases(*_client_data_sets(directory, client_id)), key=lambda e: e.released_at)
 
 
 def merge_releases(*sources: list[LedgerEntry]) -> list[LedgerEntry]:

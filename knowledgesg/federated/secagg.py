@@ -320,12 +320,12 @@ def as_legacy_fit(msg, context, call_next):
     from flwr.compat.common import recorddict_compat as compat
 
     fit_ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    task = ClientTask.model_validate_json(str(fit_ins.config[TASK]))
+    task_json = str(fit_ins.config[TASK])
+    task = ClientTask.model_validate_json(task_json)
     if task.local_dp is not None or task.join_probability is not None:  # the largest weight, as secaggplus_mod kept it from the setup
         refuse_unequal_weights(task, int(fit_ins.config[WEIGHT]), float(context.state.config_records[RECORD_KEY_STATE]["max_weight"]))
     names = json.loads(str(fit_ins.config[NAMES]))
     params = dict(zip(names, parameters_to_ndarrays(fit_ins.parameters)))
-    task_json = str(fit_ins.config[TASK])
     inner = Message(content=RecordDict({"arrays": ArrayRecord({n: Array(params[n]) for n in names}), "config": ConfigRecord({TASK: task_json})}),
                     metadata=msg.metadata)
     reply = call_next(inner, context)
